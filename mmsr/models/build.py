@@ -26,7 +26,8 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 
 from mmsr.models.policy import Policy
 from mmsr.models.tokenizer import train_bpe_tokenizer
-from mmsr.prompt.render import TEMPLATES
+from mmsr.prompt.render import TEMPLATES, ChatFormat
+from mmsr.tools import format as fmt
 
 DType = Literal["float32", "bfloat16", "float16"]
 
@@ -50,15 +51,38 @@ def _strings(obj) -> Iterator[str]:
 # vocabulary of an existing run (its reference model and checkpoints are rebuilt from it).
 TOKENIZER_TEMPLATES = ("round1.txt", "after_image_search.txt", "after_text_search.txt", "demo_round1.txt",
                        "demo_after_image_search.txt", "demo_after_text_search.txt")  # fmt: skip
+# Text that every episode carries (chat frame, observation wrapper and headers, templates) counts this
+# many times in BPE training: a few hundred merges then go to whole scaffold words first, which
+# shortens every sequence (a 512-token BPE trained on the world's pages alone spells the prompt
+# letter by letter: ~1.8x longer episodes).
+SCAFFOLD_WEIGHT = 50
+
+
+def scaffold_texts() -> list[str]:
+    """The texts weighted by ``SCAFFOLD_WEIGHT`` in tiny-tokenizer training."""
+    chat = ChatFormat()
+    texts = [chat.first_prompt("") + chat.observation(""), "Searched results: <information></information>",
+             fmt.IMAGE_HEADER, fmt.IMAGE_NONE, fmt.TEXT_HEADER, fmt.WEB_TEXT_HEADER, fmt.TEXT_NONE, "1. image: \ntitle: "]  # fmt: skip
+    return texts + [(TEMPLATES / name).read_text(encoding="utf-8") for name in TOKENIZER_TEMPLATES]
+
+
+def _file_texts(path: str) -> list[str]:
+    """Strings of a jsonl/text file, or the user messages of a question parquet (MMSearch-R1 schema)."""
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        prompts = pq.read_table(path, columns=["prompt"]).column("prompt").to_pylist()
+        return [m["content"] for p in prompts for m in p if isinstance(m.get("content"), str)]
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    if path.endswith(".jsonl"):
+        return [t for line in lines for t in _strings(json.loads(line))]
+    return lines
 
 
 def corpus_texts(paths: list[str]) -> list[str]:
-    """Tokenizer training text: the policy templates plus every string in ``paths`` (jsonl or text)."""
-    texts = [(TEMPLATES / name).read_text(encoding="utf-8") for name in TOKENIZER_TEMPLATES]
-    for path in paths:
-        for line in Path(path).read_text(encoding="utf-8").splitlines():
-            texts.extend(_strings(json.loads(line)) if path.endswith(".jsonl") else [line])
-    return texts
+    """Tokenizer training text: the weighted scaffold plus every string in ``paths`` (jsonl, text or
+    question parquet)."""
+    return scaffold_texts() * SCAFFOLD_WEIGHT + [t for path in paths for t in _file_texts(path)]
 
 
 def mrope_sections(head_dim: int) -> list[int]:
