@@ -28,10 +28,11 @@ from PIL import Image, ImageDraw
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 210, 40),
           "purple": (140, 50, 180), "orange": (245, 140, 30)}  # fmt: skip
 SHAPES = ("circle", "square", "triangle", "diamond")
-# A name is a first and a second syllable ("Ka Zu"): every syllable recurs across many landmarks, so a
-# held-out name is a new combination of familiar tokens, and the two lists keep names unambiguous.
-FIRST = ("Ka", "Lo", "Ve", "Ni", "Ru", "Ta", "Mo", "Si", "De", "Fa", "Ko", "Bu", "Ha", "Je", "Wi", "Yo")
-SECOND = ("Go", "Pe", "Zu", "Ri", "Ba", "No", "Le", "Mi", "Su", "Da", "Tu", "Re", "Xo", "Vi", "Ga", "Lu")
+# A name is two syllables ("Ka Zu") from 83 consonant-vowel syllables (English stopwords, which the
+# text search drops, left out): 3,486 names, so over a thousand landmarks keep them unique while every
+# syllable recurs across many landmarks: a held-out name is a new combination of familiar tokens, and
+# recalling a name from the picture alone (memorizing) is much harder than reading it from the results.
+SYLLABLES = tuple(c + v for c in "BDFGHJKLMNPRSTVWYZ" for v in "aeiou" if c + v not in ("Be", "Do", "Go", "Me", "No", "So", "To"))
 CITIES = ("Arvon", "Belmar", "Corvia", "Dunhal", "Estren", "Farrow", "Gilden", "Harlow", "Ismere", "Jorvik")
 QUESTIONS = {
     "color": "What color is the shape in this picture?",
@@ -56,16 +57,22 @@ class Landmark:
         return {"color": self.color, "shape": self.shape, "name": self.name, "city": self.city}[kind]
 
 
-def make_landmarks(n: int, seed: int) -> list[Landmark]:
-    """``n`` landmarks with unique names and unique (colour, shape, texture) looks."""
+def make_landmarks(n: int, seed: int, exclude: set[str] = frozenset()) -> list[Landmark]:
+    """``n`` landmarks with unique names (none in ``exclude``) and unique (colour, shape, texture) looks.
+
+    Names are unique as sets of syllables: the text search ranks by bag of words (BM25), so "Ka Zu"
+    and "Zu Ka" would find each other's page.
+    """
     rng = random.Random(seed)
-    names: set[str] = set()
+    taken = {frozenset(name.split()) for name in exclude}
+    if len(taken) + n > len(SYLLABLES) * (len(SYLLABLES) + 1) // 2:
+        raise ValueError(f"cannot draw {n} more unique names: {len(taken)} of the names are taken")
     out = []
     while len(out) < n:
-        name = f"{rng.choice(FIRST)} {rng.choice(SECOND)}"
-        if name in names:
+        name = f"{rng.choice(SYLLABLES)} {rng.choice(SYLLABLES)}"
+        if frozenset(name.split()) in taken:
             continue
-        names.add(name)
+        taken.add(frozenset(name.split()))
         texture = tuple(rng.randrange(60, 200) for _ in range(16))
         out.append(Landmark(len(out), name, rng.choice(list(COLORS)), rng.choice(SHAPES), rng.choice(CITIES), texture))
     return out
@@ -75,7 +82,7 @@ def draw(landmark: Landmark, size: int = 112, jitter: random.Random | None = Non
     """The landmark's picture; ``jitter`` shifts the shape and adds noise (a different photo of it)."""
     ground = np.array(landmark.texture, dtype=np.uint8).reshape(4, 4)
     image = Image.fromarray(ground).resize((size, size), Image.NEAREST).convert("RGB")
-    dx, dy = (jitter.randint(-6, 6), jitter.randint(-6, 6)) if jitter else (0, 0)
+    dx, dy = (jitter.randint(-3, 3), jitter.randint(-3, 3)) if jitter else (0, 0)
     c, r = size // 2, size // 3
     box = (c - r + dx, c - r + dy, c + r + dx, c + r + dy)
     pen, fill = ImageDraw.Draw(image), COLORS[landmark.color]
@@ -88,7 +95,7 @@ def draw(landmark: Landmark, size: int = 112, jitter: random.Random | None = Non
     else:
         pen.polygon([(c + dx, c - r + dy), (c + r + dx, c + dy), (c + dx, c + r + dy), (c - r + dx, c + dy)], fill=fill)
     if jitter:
-        noise = np.random.default_rng(jitter.randrange(2**31)).integers(-12, 13, (size, size, 3))
+        noise = np.random.default_rng(jitter.randrange(2**31)).integers(-8, 9, (size, size, 3))
         image = Image.fromarray(np.clip(np.asarray(image, dtype=np.int16) + noise, 0, 255).astype(np.uint8))
     return image
 
@@ -125,6 +132,18 @@ def question_rows(landmarks: list[Landmark], mix: dict[str, int], seed: int, spl
     return rows
 
 
+def write_reading_corpus(landmarks: list[Landmark], n: int, seed: int, out: Path) -> None:
+    """``reading.jsonl``: pages (search-corpus schema) about ``n`` other landmarks, none of the world's.
+
+    A random-weight model cannot read yet; real VLMs learned to on web text. These pages are the tiny
+    model's stand-in for that pretraining (``mmsr.reading``): they teach copying a name from a title into
+    the text, and, holding no world landmark, leak no answer.
+    """
+    others = make_landmarks(n, seed, exclude={lm.name for lm in landmarks})
+    rows = [{"id": f"r{lm.id}", "title": f"{lm.name} - photo gallery", "text": page_text(lm)} for lm in others]
+    (out / "reading.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+
 def write_search_backends(landmarks: list[Landmark], out: Path) -> None:
     """Image index (one canonical picture per landmark, titled with its name) and text corpus."""
     (out / "pages").mkdir(parents=True, exist_ok=True)
@@ -137,13 +156,15 @@ def write_search_backends(landmarks: list[Landmark], out: Path) -> None:
         (out / name).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
 
 
-def build_world(out: str | Path, seed: int = 0, train_landmarks: int = 160, eval_landmarks: int = 24,
-                train_mix: dict[str, int] | None = None, eval_mix: dict[str, int] | None = None) -> Path:  # fmt: skip
+def build_world(out: str | Path, seed: int = 0, train_landmarks: int = 1200, eval_landmarks: int = 40,
+                train_mix: dict[str, int] | None = None, eval_mix: dict[str, int] | None = None,
+                reading_pages: int = 1500) -> Path:  # fmt: skip
     """Write a world to ``out`` (deterministic for a seed); returns ``out``.
 
     Files: ``train.parquet``, ``eval.parquet`` (held-out landmarks), ``image_index.jsonl`` +
-    ``pages/``, ``corpus.jsonl`` (every landmark, train and held-out, is searchable) and
-    ``world.json`` (the landmarks, for inspection).
+    ``pages/``, ``corpus.jsonl`` (every landmark, train and held-out, is searchable), ``reading.jsonl``
+    (``reading_pages`` pages about other landmarks, to pretrain reading) and ``world.json`` (the
+    landmarks, for inspection).
     Default mix is search-balanced: per landmark 2 search-free, 1 image-search and 1 text-search
     question in training; 1 of each kind in evaluation. Many landmarks make recalling a name from
     the picture alone (memorizing) harder than reading it from the search results.
@@ -157,6 +178,7 @@ def build_world(out: str | Path, seed: int = 0, train_landmarks: int = 160, eval
     pq.write_table(pa.Table.from_pylist(question_rows(train, train_mix, seed + 1, "train")), out / "train.parquet")
     pq.write_table(pa.Table.from_pylist(question_rows(held_out, eval_mix, seed + 2, "eval")), out / "eval.parquet")
     write_search_backends(landmarks, out)
+    write_reading_corpus(landmarks, reading_pages, seed + 3, out)
     world = [{**lm.__dict__, "split": "train" if lm in train else "eval"} for lm in landmarks]
     (out / "world.json").write_text(json.dumps(world, indent=1), encoding="utf-8")
     return out

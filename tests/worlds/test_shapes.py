@@ -12,22 +12,24 @@ from mmsr.tools.base import ToolRequest
 from mmsr.tools.local import LocalImageSearch, LocalTextSearch
 from mmsr.worlds.shapes import COLORS, build_world
 
+SMALL = {"train_landmarks": 300, "eval_landmarks": 20, "reading_pages": 200}  # the default is 1,200 + 40
+
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    out = build_world(tmp_path_factory.mktemp("w") / "world", seed=3)
+    out = build_world(tmp_path_factory.mktemp("w") / "world", seed=3, **SMALL)
     train, held_out = load_samples(out / "train.parquet"), load_samples(out / "eval.parquet")
     return out, train, held_out
 
 
 def test_deterministic_for_a_seed(world, tmp_path):
     out, train, _ = world
-    again = build_world(tmp_path / "again", seed=3)
+    again = build_world(tmp_path / "again", seed=3, **SMALL)
     assert (again / "world.json").read_text() == (out / "world.json").read_text()
     twin = load_samples(again / "train.parquet")
     assert [(s.id, s.question, s.ground_truth) for s in twin] == [(s.id, s.question, s.ground_truth) for s in train]
     assert all(np.array_equal(np.asarray(a.image), np.asarray(b.image)) for a, b in zip(twin, train))
-    other = build_world(tmp_path / "other", seed=4)
+    other = build_world(tmp_path / "other", seed=4, **SMALL)
     assert (other / "world.json").read_text() != (out / "world.json").read_text()
 
 
@@ -63,3 +65,12 @@ def test_names_need_image_search_and_cities_need_text_search(world):
     # a different photo of the landmark (shifted, noisy) is found first almost always -- like a real
     # reverse image search, it sometimes ranks a look-alike first
     assert found / len(train + held_out) >= 0.95
+
+
+def test_reading_pages_are_about_other_landmarks(world):
+    out, _, _ = world
+    names = {lm["name"] for lm in json.loads((out / "world.json").read_text())}
+    pages = [json.loads(line) for line in (out / "reading.jsonl").read_text().splitlines()]
+    assert len(pages) == SMALL["reading_pages"]
+    assert len({p["title"] for p in pages}) == len(pages)
+    assert not any(n in p["title"] or n in p["text"] for p in pages for n in names)  # no world answer leaks
