@@ -3,7 +3,9 @@
 The teacher (``RAGTeacher``) drives the real ``RolloutLoop`` through a ``ScriptedEngine`` with the
 real tools, so the trajectories carry the same contexts, observations, images and loss masks as GRPO
 rollouts. The loss is the token-mean negative log-likelihood of the teacher's turns (mask 1);
-prompts, observations and image tokens (mask 0) are context only.
+prompts, observations and image tokens (mask 0) are context only. A random-weight model can first
+spend ``reading_steps`` on language modelling over a ``ReadingCorpus`` (``mmsr.reading``), so that
+it can copy names out of search results before it imitates the teacher.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from mmsr.data.sample import Sample
 from mmsr.models.build import PolicyBuilder, save_policy
 from mmsr.optim import Schedule, adamw_with_schedule
 from mmsr.prompt.render import PromptBuilder
+from mmsr.reading import ReadingCorpus, lm_loss
 from mmsr.rollout.collate import collate, pack_by_tokens
 from mmsr.rollout.engine import GenerationRequest, SamplingParams, ScriptedEngine
 from mmsr.rollout.loop import RolloutLoop, RolloutSettings
@@ -32,6 +35,8 @@ class SFTModule(L.LightningModule):
         image_search, text_search, prompts, rollout: as in ``GRPOModule`` (the same episode machinery).
         lr, weight_decay, grad_clip, lr_schedule, warmup_steps, total_steps: optimization.
         micro_batch_tokens: padded-token budget of one forward/backward.
+        reading, reading_steps: the first ``reading_steps`` optimizer steps train next-token prediction
+            on ``reading``'s packed documents instead of teacher episodes (same optimizer).
         export_dir: when set, the trained policy is written there as a Hugging Face directory at the
             end of training (``PretrainedPolicy(path=export_dir)`` loads it for GRPO).
     """
@@ -40,9 +45,13 @@ class SFTModule(L.LightningModule):
                  text_search: SearchTool | None = None, prompts: PromptBuilder | None = None,
                  rollout: RolloutSettings = RolloutSettings(), lr: float = 1e-3, weight_decay: float = 0.0,
                  grad_clip: float = 1.0, lr_schedule: Schedule = "constant", warmup_steps: int = 0,
-                 total_steps: int = 1000, micro_batch_tokens: int = 8192, export_dir: str | None = None) -> None:  # fmt: skip
+                 total_steps: int = 1000, micro_batch_tokens: int = 8192, export_dir: str | None = None,
+                 reading: ReadingCorpus | None = None, reading_steps: int = 0) -> None:  # fmt: skip
         super().__init__()
-        self.save_hyperparameters(ignore=["policy", "teacher", "image_search", "text_search", "prompts"])
+        self.save_hyperparameters(ignore=["policy", "teacher", "image_search", "text_search", "prompts", "reading"])
+        if reading_steps and reading is None:
+            raise ValueError("reading_steps > 0 needs a reading corpus")
+        self.reading = reading
         self.automatic_optimization = False
         self.policy = policy.build()
         self.model = self.policy.model
@@ -65,6 +74,8 @@ class SFTModule(L.LightningModule):
         return batch
 
     def training_step(self, batch: list[Sample], batch_idx: int) -> None:
+        if self.global_step < self.hparams.reading_steps:
+            return self._reading_step()
         self._turns = {s.id: self.teacher.turns(s) for s in batch}
         trajs = self.loop.run(batch, 1, SamplingParams(max_tokens=self.loop.settings.max_tokens_per_turn))
         total = sum(t.num_sampled_tokens for t in trajs)
@@ -78,13 +89,28 @@ class SFTModule(L.LightningModule):
             loss = -(logp * mb.loss_mask).sum() / max(total, 1)
             self.manual_backward(loss)
             loss_sum += float(loss.detach())
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.hparams.grad_clip)
-        opt.step()
-        self.lr_schedulers().step()
+        grad_norm = self._step(opt)
         metrics = {"sft/loss": loss_sum, "sft/tokens": float(total), "train/grad_norm": float(grad_norm),
                    "rollout/turns": sum(len(t.turns) for t in trajs) / len(trajs)}  # fmt: skip
         self.log_dict(metrics, batch_size=len(batch))
         self.log("loss", loss_sum, prog_bar=True, batch_size=len(batch))
+
+    def _reading_step(self) -> None:
+        texts = self.reading.batch(self.global_step)
+        opt = self.optimizers()
+        opt.zero_grad()
+        loss = lm_loss(self.policy, texts, self.device)
+        self.manual_backward(loss)
+        grad_norm = self._step(opt)
+        self.log_dict({"reading/loss": float(loss.detach()), "train/grad_norm": float(grad_norm)}, batch_size=len(texts))
+        self.log("loss", float(loss.detach()), prog_bar=True, batch_size=len(texts))
+
+    def _step(self, opt) -> torch.Tensor:
+        """Clip, step the optimizer and the schedule; returns the pre-clip gradient norm."""
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.hparams.grad_clip)
+        opt.step()
+        self.lr_schedulers().step()
+        return grad_norm
 
     def on_train_end(self) -> None:
         if self.hparams.export_dir and self.trainer.is_global_zero:

@@ -23,7 +23,10 @@ class RAGTeacher:
         direct_answer_rate: probability of answering at once without any search (0 = always search).
         seed: seeds the direct-answer draws.
     The entity name used as the text query comes from ``sample.extra["entity"]`` when present, else
-    from the question.
+    from the question. Answers and queries start with a space: byte-level BPE gives a word after a
+    space (" Ka", as in "title: Ka Zu") another id than the same word after a tag ("<answer>Ka"), and
+    a small model copies a name from the results far more easily when the ids are the same. Rewards
+    and tools strip the space.
     """
 
     def __init__(self, text_search_categories: list[str] | None = None, direct_answer_rate: float = 0.0,
@@ -33,11 +36,11 @@ class RAGTeacher:
         self.rng = random.Random(seed)
 
     def turns(self, sample: Sample) -> list[str]:
-        answer = f"<answer>{sample.ground_truth}</answer>"
+        answer = f"<answer> {sample.ground_truth}</answer>"
         if self.rng.random() < self.direct_answer_rate:
             return [f"<reason>I can answer this from the image.</reason>{answer}"]
         if sample.category not in self.text_categories:
             return [IMAGE_TURN, f"<reason>The results show what it is.</reason>{answer}"]
         entity = sample.extra.get("entity") or sample.question
-        query = f"<reason>It is {entity}. I search the web for the fact.</reason><text_search>{entity}</text_search>"
+        query = f"<reason>It is {entity}. I search the web for the fact.</reason><text_search> {entity}</text_search>"
         return [IMAGE_TURN, query, f"<reason>The page states it.</reason>{answer}"]
