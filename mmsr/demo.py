@@ -20,6 +20,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+import yaml
+
 from mmsr.data.loaders import load_samples
 from mmsr.metrics import search_ratios
 from mmsr.rollout.engine import SamplingParams
@@ -35,6 +37,34 @@ def overrides(out: Path, seed: int, steps: int | None) -> list[str]:
             "--model.init_args.image_search.init_args.index", str(world / "image_index.jsonl"),
             "--model.init_args.text_search.init_args.corpus", str(world / "corpus.jsonl")]  # fmt: skip
     return args + (["--trainer.max_steps", str(steps)] if steps else [])
+
+
+def sft_overrides(out: Path, reading_steps: int | None, sft_steps: int | None) -> list[str]:
+    """Stage-1 overrides: world files for the tokenizer and reading corpus, and the step counts
+    (``trainer.max_steps`` counts reading and imitation steps together)."""
+    world, sft = out / "world", out / "sft"
+    args = ["--trainer.default_root_dir", str(sft), "--trainer.logger.init_args.save_dir", str(sft),
+            "--model.init_args.export_dir", str(sft / "policy"), "--model.init_args.policy.init_args.tokenizer_texts",
+            f"[{world / 'corpus.jsonl'}, {world / 'image_index.jsonl'}, {world / 'train.parquet'}]",
+            "--model.init_args.reading.init_args.files", f"[{world / 'reading.jsonl'}]"]  # fmt: skip
+    if reading_steps is None and sft_steps is None:
+        return args
+    cfg = yaml.safe_load((CONFIGS / "sft.yaml").read_text())
+    default_reading = cfg["model"]["init_args"]["reading_steps"]
+    reading = default_reading if reading_steps is None else reading_steps
+    imitation = cfg["trainer"]["max_steps"] - default_reading if sft_steps is None else sft_steps
+    total = str(reading + imitation)
+    return args + ["--model.init_args.reading_steps", str(reading), "--trainer.max_steps", total,
+                   "--model.init_args.total_steps", total]  # fmt: skip
+
+
+def first_of_each_kind(samples: list, limit: int | None) -> list:
+    """The first ``limit`` samples taking the kinds in turn (every kind stays measured); all if None."""
+    if limit is None:
+        return samples
+    queues = [[s for s in samples if s.category == kind] for kind in KINDS]
+    turns = [q[i] for i in range(max(map(len, queues))) for q in queues if i < len(q)]
+    return turns[:limit]
 
 
 def evaluate(module, samples, max_tokens: int) -> dict[str, dict[str, float]]:
@@ -56,23 +86,21 @@ def evaluate(module, samples, max_tokens: int) -> dict[str, dict[str, float]]:
     return result
 
 
-def run(out: Path, seed: int, sft_steps: int | None, grpo_steps: int | None, eval_limit: int | None = None) -> dict:
+def run(out: Path, seed: int, sft_steps: int | None, grpo_steps: int | None, eval_limit: int | None = None,
+        reading_steps: int | None = None) -> dict:  # fmt: skip
     from mmsr.cli import lightning_cli
     from mmsr.worlds.shapes import build_world
 
     t0 = time.perf_counter()
     world = build_world(out / "world", seed=seed)
     sft = out / "sft"
-    lightning_cli(["fit", "-c", str(CONFIGS / "sft.yaml"), *overrides(out, seed, sft_steps),
-                   "--trainer.default_root_dir", str(sft), "--trainer.logger.init_args.save_dir", str(sft),
-                   "--model.init_args.export_dir", str(sft / "policy"), "--model.init_args.policy.init_args.tokenizer_texts",
-                   f"[{world / 'corpus.jsonl'}, {world / 'image_index.jsonl'}]"])  # fmt: skip
+    lightning_cli(["fit", "-c", str(CONFIGS / "sft.yaml"), *overrides(out, seed, None), *sft_overrides(out, reading_steps, sft_steps)])
     t_sft = time.perf_counter()
     grpo = out / "grpo"
     cli = lightning_cli(["-c", str(CONFIGS / "grpo.yaml"), *overrides(out, seed, grpo_steps),
                          "--trainer.default_root_dir", str(grpo), "--trainer.logger.init_args.save_dir", str(grpo),
                          "--model.init_args.policy.init_args.path", str(sft / "policy")], run=False)  # fmt: skip
-    held_out = load_samples(world / "eval.parquet")[:eval_limit]
+    held_out = first_of_each_kind(load_samples(world / "eval.parquet"), eval_limit)
     max_tokens = cli.model.loop.settings.max_tokens_per_turn
     warm = evaluate(cli.model, held_out, max_tokens)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
@@ -126,11 +154,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="mmsr demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("runs/demo"), help="run directory")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--sft-steps", type=int, default=None, help="override configs/demo/sft.yaml max_steps")
+    ap.add_argument("--reading-steps", type=int, default=None, help="override configs/demo/sft.yaml reading_steps")
+    ap.add_argument("--sft-steps", type=int, default=None, help="imitation steps after reading (default: from configs/demo/sft.yaml)")
     ap.add_argument("--grpo-steps", type=int, default=None, help="override configs/demo/grpo.yaml max_steps")
     ap.add_argument("--eval-limit", type=int, default=None, help="evaluate only the first N held-out questions")
     args = ap.parse_args(argv)
-    summary = run(args.out, args.seed, args.sft_steps, args.grpo_steps, args.eval_limit)
+    summary = run(args.out, args.seed, args.sft_steps, args.grpo_steps, args.eval_limit, args.reading_steps)
     write_outputs(args.out, summary)
     print(table(summary))
     print(f"\nseconds: {summary['seconds']}; outputs in {args.out}/ (metrics.csv, demo.png, summary.json)")

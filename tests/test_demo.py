@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_short_demo_run(tmp_path):
-    cmd = [sys.executable, "-m", "mmsr", "demo", "--out", str(tmp_path / "demo"), "--sft-steps", "3",
+    cmd = [sys.executable, "-m", "mmsr", "demo", "--out", str(tmp_path / "demo"), "--reading-steps", "2", "--sft-steps", "3",
            "--grpo-steps", "2", "--eval-limit", "6"]  # fmt: skip
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
@@ -29,6 +29,11 @@ def test_short_demo_run(tmp_path):
     assert {r["stage"] for r in rows} == {"warm_start", "grpo"}
     assert (out / "demo.png").stat().st_size > 10_000
     assert (out / "sft" / "policy" / "model.safetensors").is_file()
+    sft_rows = list(csv.DictReader((out / "sft" / "csv" / "metrics.csv").open()))
+    imitate = [r for r in sft_rows if r["sft/loss"]]
+    read = [r for r in sft_rows if r["reading/loss"] and not r["sft/loss"]]
+    assert len(read) == 2 and len(imitate) == 3  # reading steps first, then imitation
+    assert max(int(r["step"]) for r in read) < min(int(r["step"]) for r in imitate)
     assert "| claim | met | measured |" in proc.stdout and "search-free search ratio drops" in proc.stdout
     grpo_rows = list(csv.DictReader((out / "grpo" / "csv" / "metrics.csv").open()))
     assert len(grpo_rows) == 2 and "rollout/search_ratio/any/search_free" in grpo_rows[0]
