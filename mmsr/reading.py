@@ -11,7 +11,6 @@ warm start then learned to read names from results (``mmsr demo --reading-steps 
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import torch
 
 from mmsr.algo import logprobs_and_entropy
 from mmsr.models.policy import Policy
+from mmsr.tools.local import read_jsonl, required_field
 
 
 class ReadingCorpus:
@@ -47,21 +47,10 @@ class ReadingCorpus:
 
 
 def _read_documents(path: Path) -> list[str]:
-    if not path.is_file():
-        raise ValueError(f"{path}: file not found")
     docs = []
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{line_no}: invalid JSON ({exc.msg})") from None
-        if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("title", "text")):
-            raise ValueError(f"{path}:{line_no}: expected an object with string fields 'title' and 'text'")
-        docs.append(f"title: {row['title']}\n{row['text']}\n")
-    if not docs:
-        raise ValueError(f"{path}: no documents")
+    for line_no, row in read_jsonl(path):
+        where = f"{path}:{line_no}"
+        docs.append(f"title: {required_field(row, 'title', where)}\n{required_field(row, 'text', where)}\n")
     return docs
 
 

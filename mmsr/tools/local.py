@@ -23,7 +23,7 @@ from mmsr.tools.base import ToolRequest, ToolResult, failure
 from mmsr.tools.format import IMAGE_NONE, TEXT_NONE, image_results, one_line, text_results
 
 
-def _read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
+def read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
     """(line number, object) for each non-blank line; ValueError naming file and line otherwise."""
     if not path.is_file():
         raise ValueError(f"{path}: file not found")
@@ -44,7 +44,7 @@ def _read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
     return rows
 
 
-def _field(row: dict[str, Any], key: str, where: str, types: type | tuple[type, ...] = str) -> Any:
+def required_field(row: dict[str, Any], key: str, where: str, types: type | tuple[type, ...] = str) -> Any:
     """``row[key]``, checked for presence and type."""
     if key not in row:
         raise ValueError(f"{where}: missing field {key!r}")
@@ -97,17 +97,17 @@ class LocalImageSearch:
         self.top_k, self.hash_size, self.thumbnail_size = top_k, hash_size, thumbnail_size
         self.max_distance, self.expand_titles = max_distance, expand_titles
         self._entries: list[_ImageEntry] = []
-        rows = _read_jsonl(self.index)
+        rows = read_jsonl(self.index)
         hashes = [self._load_row(row_id, line_no, row) for row_id, (line_no, row) in enumerate(rows)]
         self._hashes = np.stack(hashes)  # [N, hash_size**2] bool, N = index rows
 
     def _load_row(self, row_id: int, line_no: int, row: dict[str, Any]) -> np.ndarray:
         """Validate one index row, append its entries and return its hash bits."""
         where = f"{self.index}:{line_no}"
-        path = self.index.parent / _field(row, "image", where)
-        titles = [_field(row, "title", where)]
+        path = self.index.parent / required_field(row, "image", where)
+        titles = [required_field(row, "title", where)]
         if self.expand_titles and "titles" in row:
-            titles = _field(row, "titles", where, list) or titles
+            titles = required_field(row, "titles", where, list) or titles
             if not all(isinstance(t, str) for t in titles):
                 raise ValueError(f"{where}: field 'titles' must be a list of strings")
         try:
@@ -165,11 +165,11 @@ class Passage:
 
 def _parse_passage(row: dict[str, Any], where: str) -> Passage:
     """Our ``{"id","title","text"}`` row, or FlashRAG's ``{"id","contents": '"Title"\\ntext'}``."""
-    pid = str(_field(row, "id", where, (str, int)))
+    pid = str(required_field(row, "id", where, (str, int)))
     if "contents" in row and "text" not in row:
-        title, _, text = _field(row, "contents", where).partition("\n")
+        title, _, text = required_field(row, "contents", where).partition("\n")
         return Passage(pid, title.strip().strip('"'), text) if text else Passage(pid, "", title)
-    return Passage(pid, _field(row, "title", where), _field(row, "text", where))
+    return Passage(pid, required_field(row, "title", where), required_field(row, "text", where))
 
 
 class LocalTextSearch:
@@ -187,7 +187,7 @@ class LocalTextSearch:
 
         _positive(top_k=top_k, max_chars=max_chars)
         self.corpus, self.top_k, self.max_chars = Path(corpus).resolve(), top_k, max_chars
-        self.passages = [_parse_passage(row, f"{self.corpus}:{n}") for n, row in _read_jsonl(self.corpus)]
+        self.passages = [_parse_passage(row, f"{self.corpus}:{n}") for n, row in read_jsonl(self.corpus)]
         self._tokenizer = bm25s.tokenization.Tokenizer(stopwords="en", stemmer=None)
         ids = self._tokenizer.tokenize(
             [f"{p.title}\n{p.text}" for p in self.passages], update_vocab=True, return_as="ids", show_progress=False
