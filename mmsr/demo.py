@@ -2,7 +2,8 @@
 
 1. build the shapes world (``mmsr.worlds.shapes``): landmarks, images, image-search index, corpus,
    a search-balanced train mix and held-out questions on unseen landmarks;
-2. warm start: ``SFTModule`` on a scripted teacher that always searches (``configs/demo/sft.yaml``);
+2. warm start (``SFTModule``, ``configs/demo/sft.yaml``): next-token prediction on pages about other
+   landmarks (``mmsr.reading``), then imitation of a scripted teacher that always searches;
 3. evaluate the warm start greedily on the held-out questions;
 4. GRPO with the MMSearch-R1 reward (``configs/demo/grpo.yaml``);
 5. evaluate again; write ``metrics.csv``, ``demo.png``, ``summary.json`` and print a summary table.

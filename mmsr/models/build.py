@@ -97,7 +97,8 @@ class TinyQwen2_5_VL:
     """A random-weight Qwen2.5-VL with a small BPE tokenizer trained on ``tokenizer_texts``.
 
     Args:
-        tokenizer_texts: jsonl/text files whose strings train the tokenizer (with the prompts).
+        tokenizer_texts: jsonl/text files whose strings, or question parquets whose prompts, train the
+            tokenizer (with the weighted scaffold, ``corpus_texts``).
         vocab_size: BPE target size (the model's vocabulary is the tokenizer's real length).
         hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size: language model shape.
         vision_depth, vision_hidden_size: vision tower shape (patch 14, merge 2 as in Qwen2.5-VL).

@@ -20,7 +20,8 @@ class TinyQwen2:
     """A random-weight ``Qwen2ForCausalLM`` with a small BPE tokenizer trained on ``tokenizer_texts``.
 
     Args:
-        tokenizer_texts: jsonl/text files whose strings train the tokenizer (with the prompts).
+        tokenizer_texts: jsonl/text files whose strings, or question parquets whose prompts, train the
+            tokenizer (with the weighted scaffold, ``corpus_texts``).
         vocab_size: BPE target size (the model's vocabulary is the tokenizer's real length).
         hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size: model shape; the head
             size ``hidden_size // num_heads`` must be a multiple of 32 for vLLM on CPU.
