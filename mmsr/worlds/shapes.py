@@ -69,10 +69,11 @@ def make_landmarks(n: int, seed: int, exclude: set[str] = frozenset()) -> list[L
         raise ValueError(f"cannot draw {n} more unique names: {len(taken)} of the names are taken")
     out = []
     while len(out) < n:
-        name = f"{rng.choice(SYLLABLES)} {rng.choice(SYLLABLES)}"
-        if frozenset(name.split()) in taken:
+        syllables = (rng.choice(SYLLABLES), rng.choice(SYLLABLES))
+        if frozenset(syllables) in taken:
             continue
-        taken.add(frozenset(name.split()))
+        taken.add(frozenset(syllables))
+        name = " ".join(syllables)
         texture = tuple(rng.randrange(60, 200) for _ in range(16))
         out.append(Landmark(len(out), name, rng.choice(list(COLORS)), rng.choice(SHAPES), rng.choice(CITIES), texture))
     return out
@@ -132,6 +133,10 @@ def question_rows(landmarks: list[Landmark], mix: dict[str, int], seed: int, spl
     return rows
 
 
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+
 def write_reading_corpus(landmarks: list[Landmark], n: int, seed: int, out: Path) -> None:
     """``reading.jsonl``: pages (search-corpus schema) about ``n`` other landmarks, none of the world's.
 
@@ -141,7 +146,7 @@ def write_reading_corpus(landmarks: list[Landmark], n: int, seed: int, out: Path
     """
     others = make_landmarks(n, seed, exclude={lm.name for lm in landmarks})
     rows = [{"id": f"r{lm.id}", "title": f"{lm.name} - photo gallery", "text": page_text(lm)} for lm in others]
-    (out / "reading.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    _write_jsonl(out / "reading.jsonl", rows)
 
 
 def write_search_backends(landmarks: list[Landmark], out: Path) -> None:
@@ -153,7 +158,7 @@ def write_search_backends(landmarks: list[Landmark], out: Path) -> None:
         index.append({"image": f"pages/{lm.id}.png", "title": f"{lm.name} - photo gallery"})
         corpus.append({"id": str(lm.id), "title": lm.name, "text": page_text(lm)})
     for name, rows in (("image_index.jsonl", index), ("corpus.jsonl", corpus)):
-        (out / name).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        _write_jsonl(out / name, rows)
 
 
 def build_world(out: str | Path, seed: int = 0, train_landmarks: int = 1200, eval_landmarks: int = 40,
