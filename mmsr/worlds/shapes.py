@@ -33,12 +33,19 @@ SHAPES = ("circle", "square", "triangle", "diamond")
 # syllable recurs across many landmarks: a held-out name is a new combination of familiar tokens, and
 # recalling a name from the picture alone (memorizing) is much harder than reading it from the results.
 SYLLABLES = tuple(c + v for c in "BDFGHJKLMNPRSTVWYZ" for v in "aeiou" if c + v not in ("Be", "Do", "Go", "Me", "No", "So", "To"))
+# Sentences without a name that put a varying distance between a reading page's title and the first
+# mention of its name: copying at a fixed offset (easy, but useless in an episode) does not pay there.
+FILLER = ("The photos on this page were taken by visitors.", "Many people come here every year.",
+          "The view is best in the early morning.", "There is a small park next to it.",
+          "Guides tell old stories about the place.", "It was built a long time ago.",
+          "You can reach it on foot from the station.", "Entry is free on most days.")  # fmt: skip
 CITIES = ("Arvon", "Belmar", "Corvia", "Dunhal", "Estren", "Farrow", "Gilden", "Harlow", "Ismere", "Jorvik")
 QUESTIONS = {
     "color": "What color is the shape in this picture?",
     "name": "What is the name of the landmark in this picture?",
     "city": "In which city is the landmark in this picture?",
 }
+FAQ = {"name": "What is the name of this landmark?", "city": "In which city is this landmark?"}
 CATEGORY = {"color": "search_free", "name": "image_search", "city": "text_search"}
 
 
@@ -102,7 +109,7 @@ def draw(landmark: Landmark, size: int = 112, jitter: random.Random | None = Non
 
 
 def page_text(landmark: Landmark) -> str:
-    return (f"{landmark.name} is a {landmark.shape} shaped {landmark.color} landmark. "
+    return (f"This is {landmark.name}, a {landmark.shape} shaped {landmark.color} landmark. "
             f"{landmark.name} stands in the city of {landmark.city}.")  # fmt: skip
 
 
@@ -137,15 +144,30 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
 
 
+def _reading_text(landmark: Landmark, rng: random.Random) -> str:
+    """``page_text`` between filler sentences, closing on a visitor's question and its answer (the
+    name or the city): which fact to look up depends on the question, and both sit at a varying
+    distance, as in an episode's results. The page's title names the city too, so that "city of"
+    is followed by a city the model can find, never by one it can only guess."""
+    n_before, n_after = rng.randint(0, 5), rng.randint(0, 2)
+    filler = rng.sample(FILLER, n_before + n_after)  # no sentence twice on a page
+    before, after = filler[:n_before], filler[n_before:]
+    kind = rng.choice(("name", "city"))
+    faq = f"Question: {FAQ[kind]} Answer: {landmark.answer(kind)}."
+    return " ".join([*before, page_text(landmark), *after, faq])
+
+
 def write_reading_corpus(landmarks: list[Landmark], n: int, seed: int, out: Path) -> None:
     """``reading.jsonl``: pages (search-corpus schema) about ``n`` other landmarks, none of the world's.
 
     A random-weight model cannot read yet; real VLMs learned to on web text. These pages are the tiny
-    model's stand-in for that pretraining (``mmsr.reading``): they teach copying a name from a title into
-    the text, and, holding no world landmark, leak no answer.
+    model's stand-in for that pretraining (``mmsr.reading``): they teach finding a name or a city in a
+    page and copying it, and, holding no world landmark, leak no answer.
     """
     others = make_landmarks(n, seed, exclude={lm.name for lm in landmarks})
-    rows = [{"id": f"r{lm.id}", "title": f"{lm.name} - photo gallery", "text": page_text(lm)} for lm in others]
+    rng = random.Random(seed)
+    rows = [{"id": f"r{lm.id}", "title": f"{lm.name} ({lm.city}) - photo gallery",
+             "text": _reading_text(lm, rng)} for lm in others]  # fmt: skip
     _write_jsonl(out / "reading.jsonl", rows)
 
 

@@ -3,6 +3,7 @@ source (pixels, image search, image search then text search)."""
 
 import asyncio
 import json
+import re
 
 import numpy as np
 import pytest
@@ -74,3 +75,20 @@ def test_reading_pages_are_about_other_landmarks(world):
     assert len(pages) == SMALL["reading_pages"]
     assert len({p["title"] for p in pages}) == len(pages)
     assert not any(n in p["title"] or n in p["text"] for p in pages for n in names)  # no world answer leaks
+
+
+def test_reading_pages_ask_for_the_name_or_the_city_at_varying_distances(world):
+    """Copying must be a lookup by content: at a fixed offset a model could copy by position, which
+    does not carry over to an episode's answer slot."""
+    out, _, _ = world
+    pages = [json.loads(line) for line in (out / "reading.jsonl").read_text().splitlines()]
+    offsets = set()
+    for p in pages:
+        name, city = re.fullmatch(r"(.*) \((\w+)\) - photo gallery", p["title"]).groups()
+        text = p["text"]
+        assert f"city of {city}." in text
+        assert f" {name}," in text  # after a space: the token ids the name has in a title and an answer
+        asked = re.search(r"Question: (.*) Answer: (.*)\.$", text)
+        assert asked.group(2) == (name if "name" in asked.group(1) else city)
+        offsets.add(text.index(name))
+    assert len(offsets) >= 5
