@@ -12,6 +12,7 @@ import random
 
 from mmsr.data.sample import Sample
 
+DEFAULT_REASONS = ("The results show what it is.", "The page states it.")  # after image / text search
 IMAGE_TURN = "<reason>I do not know this for sure, so I search the image.</reason><search><img></search>"
 
 
@@ -22,6 +23,10 @@ class RAGTeacher:
         text_search_categories: categories whose answer needs a text search after the image search.
         direct_answer_rate: probability of answering at once without any search (0 = always search).
         seed: seeds the direct-answer draws.
+        answer_reasons: per category, the reasoning of the answering turn after a search, with
+            ``{answer}`` for the ground truth (default: ``DEFAULT_REASONS``). Stating the evidence
+            before the answer ("...stands in the city of Harlow.") lets a small model copy the fact
+            out of the results with the context it has there (induction), then repeat it.
     The entity name used as the text query comes from ``sample.extra["entity"]`` when present, else
     from the question. Answers and queries start with a space: byte-level BPE gives a word after a
     space (" Ka", as in "title: Ka Zu") another id than the same word after a tag ("<answer>Ka"), and
@@ -30,8 +35,9 @@ class RAGTeacher:
     """
 
     def __init__(self, text_search_categories: list[str] | None = None, direct_answer_rate: float = 0.0,
-                 seed: int = 0) -> None:  # fmt: skip
+                 seed: int = 0, answer_reasons: dict[str, str] | None = None) -> None:  # fmt: skip
         self.text_categories = set(text_search_categories or ["text_search"])
+        self.answer_reasons = answer_reasons or {}
         self.direct_answer_rate = direct_answer_rate
         self.rng = random.Random(seed)
 
@@ -39,8 +45,11 @@ class RAGTeacher:
         answer = f"<answer> {sample.ground_truth}</answer>"
         if self.rng.random() < self.direct_answer_rate:
             return [f"<reason>I can answer this from the image.</reason>{answer}"]
+        default = DEFAULT_REASONS[sample.category in self.text_categories]
+        reason = self.answer_reasons.get(sample.category, default).format(answer=sample.ground_truth)
+        final = f"<reason>{reason}</reason>{answer}"
         if sample.category not in self.text_categories:
-            return [IMAGE_TURN, f"<reason>The results show what it is.</reason>{answer}"]
+            return [IMAGE_TURN, final]
         entity = sample.extra.get("entity") or sample.question
         query = f"<reason>It is {entity}. I search the web for the fact.</reason><text_search> {entity}</text_search>"
-        return [IMAGE_TURN, query, f"<reason>The page states it.</reason>{answer}"]
+        return [IMAGE_TURN, query, final]

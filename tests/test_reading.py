@@ -66,3 +66,10 @@ def test_teacher_searches_as_the_question_needs():
     assert RAGTeacher(direct_answer_rate=1.0).turns(_sample("image_search"))[0].endswith("<answer> Ka Zu</answer>")
     rates = [len(RAGTeacher(direct_answer_rate=0.3, seed=s).turns(_sample("text_search"))) == 1 for s in range(200)]
     assert 0.2 < sum(rates) / len(rates) < 0.4
+
+
+def test_teacher_states_the_evidence_before_the_answer_when_configured():
+    teacher = RAGTeacher(answer_reasons={"text_search": "It stands in the city of {answer}."})
+    city = teacher.turns(_sample("text_search", truth="Harlow"))[-1]
+    assert city == "<reason>It stands in the city of Harlow.</reason><answer> Harlow</answer>"
+    assert teacher.turns(_sample("image_search"))[-1] == "<reason>The results show what it is.</reason><answer> Ka Zu</answer>"
