@@ -46,7 +46,7 @@ def sft_overrides(out: Path, reading_steps: int | None, sft_steps: int | None) -
     world, sft = out / "world", out / "sft"
     args = ["--trainer.default_root_dir", str(sft), "--trainer.logger.init_args.save_dir", str(sft),
             "--model.init_args.export_dir", str(sft / "policy"), "--model.init_args.policy.init_args.tokenizer_texts",
-            f"[{world / 'corpus.jsonl'}, {world / 'image_index.jsonl'}, {world / 'train.parquet'}]",
+            f"[{world / 'corpus.jsonl'}, {world / 'image_index.jsonl'}, {world / 'train.parquet'}, {world / 'reading.jsonl'}]",
             "--model.init_args.reading.init_args.files", f"[{world / 'reading.jsonl'}]"]  # fmt: skip
     if reading_steps is None and sft_steps is None:
         return args
