@@ -39,13 +39,20 @@ FILLER = ("The photos on this page were taken by visitors.", "Many people come h
           "The view is best in the early morning.", "There is a small park next to it.",
           "Guides tell old stories about the place.", "It was built a long time ago.",
           "You can reach it on foot from the station.", "Entry is free on most days.")  # fmt: skip
-CITIES = ("Arvon", "Belmar", "Corvia", "Dunhal", "Estren", "Farrow", "Gilden", "Harlow", "Ismere", "Jorvik")
+# A city is one word ("Kazuton"): two syllables and an ending. A world draws ``cities`` of them, so
+# that, like a name, a city cannot be guessed. With 10 cities the tiny model settled on the 10-way
+# prior (its city distribution was the same whatever the page said) and never learned to read the
+# city (chance after reading and imitation); with 400, a reading page's city answer is copied right in
+# 92% of probes after the 500 reading steps, and held-out cities teacher-forced in 95% of episodes
+# after 300 imitation steps (seed 0).
+CITY_ENDINGS = ("ton", "ford", "burg", "dale", "mere", "wick", "port", "field")
 QUESTIONS = {
     "color": "What color is the shape in this picture?",
     "name": "What is the name of the landmark in this picture?",
     "city": "In which city is the landmark in this picture?",
 }
 FAQ = {"name": "What is the name of this landmark?", "city": "In which city is this landmark?"}
+CITY_ANSWER = "It stands in the city of {city}"  # a reading page's answer to the city question
 CATEGORY = {"color": "search_free", "name": "image_search", "city": "text_search"}
 
 
@@ -64,8 +71,19 @@ class Landmark:
         return {"color": self.color, "shape": self.shape, "name": self.name, "city": self.city}[kind]
 
 
-def make_landmarks(n: int, seed: int, exclude: set[str] = frozenset()) -> list[Landmark]:
-    """``n`` landmarks with unique names (none in ``exclude``) and unique (colour, shape, texture) looks.
+def make_cities(n: int, seed: int) -> list[str]:
+    """``n`` distinct city names."""
+    rng = random.Random(seed)
+    cities: dict[str, None] = {}
+    while len(cities) < n:
+        a, b = rng.choice(SYLLABLES), rng.choice(SYLLABLES)
+        cities[a + b.lower() + rng.choice(CITY_ENDINGS)] = None
+    return list(cities)
+
+
+def make_landmarks(n: int, seed: int, cities: list[str], exclude: set[str] = frozenset()) -> list[Landmark]:
+    """``n`` landmarks with unique names (none in ``exclude``) and unique (colour, shape, texture) looks,
+    each in one of ``cities``.
 
     Names are unique as sets of syllables: the text search ranks by bag of words (BM25), so "Ka Zu"
     and "Zu Ka" would find each other's page.
@@ -82,7 +100,7 @@ def make_landmarks(n: int, seed: int, exclude: set[str] = frozenset()) -> list[L
         taken.add(frozenset(syllables))
         name = " ".join(syllables)
         texture = tuple(rng.randrange(60, 200) for _ in range(16))
-        out.append(Landmark(len(out), name, rng.choice(list(COLORS)), rng.choice(SHAPES), rng.choice(CITIES), texture))
+        out.append(Landmark(len(out), name, rng.choice(list(COLORS)), rng.choice(SHAPES), rng.choice(cities), texture))
     return out
 
 
@@ -147,26 +165,29 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 def _reading_text(landmark: Landmark, rng: random.Random) -> str:
     """``page_text`` between filler sentences, closing on a visitor's question and its answer (the
     name or the city): which fact to look up depends on the question, and both sit at a varying
-    distance, as in an episode's results. The page's title names the city too, so that "city of"
-    is followed by a city the model can find, never by one it can only guess."""
+    distance, as in an episode's results. A city is answered as ``CITY_ANSWER`` (the demo teacher's
+    words), so it can only be predicted by finding the page's own "city of <city>" (induction): the
+    title does not name the city, because a copy from the title (where an episode's page has no
+    city) solved every city slot of the pages and never carried over (cities at chance)."""
     n_before, n_after = rng.randint(0, 5), rng.randint(0, 2)
     filler = rng.sample(FILLER, n_before + n_after)  # no sentence twice on a page
     before, after = filler[:n_before], filler[n_before:]
     kind = rng.choice(("name", "city"))
-    faq = f"Question: {FAQ[kind]} Answer: {landmark.answer(kind)}."
+    answer = CITY_ANSWER.format(city=landmark.city) if kind == "city" else landmark.name
+    faq = f"Question: {FAQ[kind]} Answer: {answer}."
     return " ".join([*before, page_text(landmark), *after, faq])
 
 
-def write_reading_corpus(landmarks: list[Landmark], n: int, seed: int, out: Path) -> None:
+def write_reading_corpus(landmarks: list[Landmark], n: int, seed: int, cities: list[str], out: Path) -> None:
     """``reading.jsonl``: pages (search-corpus schema) about ``n`` other landmarks, none of the world's.
 
     A random-weight model cannot read yet; real VLMs learned to on web text. These pages are the tiny
     model's stand-in for that pretraining (``mmsr.reading``): they teach finding a name or a city in a
     page and copying it, and, holding no world landmark, leak no answer.
     """
-    others = make_landmarks(n, seed, exclude={lm.name for lm in landmarks})
+    others = make_landmarks(n, seed, cities, exclude={lm.name for lm in landmarks})
     rng = random.Random(seed)
-    rows = [{"id": f"r{lm.id}", "title": f"{lm.name} ({lm.city}) - photo gallery",
+    rows = [{"id": f"r{lm.id}", "title": f"{lm.name} - photo gallery",
              "text": _reading_text(lm, rng)} for lm in others]  # fmt: skip
     _write_jsonl(out / "reading.jsonl", rows)
 
@@ -185,7 +206,7 @@ def write_search_backends(landmarks: list[Landmark], out: Path) -> None:
 
 def build_world(out: str | Path, seed: int = 0, train_landmarks: int = 1200, eval_landmarks: int = 40,
                 train_mix: dict[str, int] | None = None, eval_mix: dict[str, int] | None = None,
-                reading_pages: int = 1500) -> Path:  # fmt: skip
+                reading_pages: int = 1500, cities: int = 400) -> Path:  # fmt: skip
     """Write a world to ``out`` (deterministic for a seed); returns ``out``.
 
     Files: ``train.parquet``, ``eval.parquet`` (held-out landmarks), ``image_index.jsonl`` +
@@ -198,14 +219,15 @@ def build_world(out: str | Path, seed: int = 0, train_landmarks: int = 1200, eva
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    landmarks = make_landmarks(train_landmarks + eval_landmarks, seed)
+    city_names = make_cities(cities, seed + 4)
+    landmarks = make_landmarks(train_landmarks + eval_landmarks, seed, city_names)
     train, held_out = landmarks[:train_landmarks], landmarks[train_landmarks:]
     train_mix = train_mix or {"color": 2, "name": 1, "city": 1}
     eval_mix = eval_mix or {"color": 1, "name": 1, "city": 1}
     pq.write_table(pa.Table.from_pylist(question_rows(train, train_mix, seed + 1, "train")), out / "train.parquet")
     pq.write_table(pa.Table.from_pylist(question_rows(held_out, eval_mix, seed + 2, "eval")), out / "eval.parquet")
     write_search_backends(landmarks, out)
-    write_reading_corpus(landmarks, reading_pages, seed + 3, out)
+    write_reading_corpus(landmarks, reading_pages, seed + 3, city_names, out)
     world = [{**lm.__dict__, "split": "train" if lm in train else "eval"} for lm in landmarks]
     (out / "world.json").write_text(json.dumps(world, indent=1), encoding="utf-8")
     return out
