@@ -13,7 +13,8 @@ import random
 from mmsr.data.sample import Sample
 
 DEFAULT_REASONS = ("The results show what it is.", "The page states it.")  # after image / text search
-IMAGE_TURN = "<reason>I do not know this for sure, so I search the image.</reason><search><img></search>"
+SEARCH_DECISION = "I do not know this for sure, so I search the image."
+DIRECT_DECISION = "I can answer this from the image."
 
 
 class RAGTeacher:
@@ -27,6 +28,12 @@ class RAGTeacher:
             ``{answer}`` for the ground truth (default: ``DEFAULT_REASONS``). Stating the evidence
             before the answer ("...stands in the city of Harlow.") lets a small model copy the fact
             out of the results with the context it has there (induction), then repeat it.
+        question_notes: per category, a sentence the first turn's reasoning opens with, saying what
+            the question asks for ("It asks for a colour."), before the decision to search or answer.
+            The teacher decides alike for every category; the note only puts what the question needs
+            right before the decision, where a small policy can learn under RL to decide by it (without
+            it, the search rewards of name questions and the direct-answer rewards of colour questions
+            pulled on one shared decision, and GRPO made the demo's policy search everywhere).
     The entity name used as the text query comes from ``sample.extra["entity"]`` when present, else
     from the question. Answers and queries start with a space: byte-level BPE gives a word after a
     space (" Ka", as in "title: Ka Zu") another id than the same word after a tag ("<answer>Ka"), and
@@ -35,21 +42,26 @@ class RAGTeacher:
     """
 
     def __init__(self, text_search_categories: list[str] | None = None, direct_answer_rate: float = 0.0,
-                 seed: int = 0, answer_reasons: dict[str, str] | None = None) -> None:  # fmt: skip
+                 seed: int = 0, answer_reasons: dict[str, str] | None = None,
+                 question_notes: dict[str, str] | None = None) -> None:  # fmt: skip
         self.text_categories = set(text_search_categories or ["text_search"])
         self.answer_reasons = answer_reasons or {}
+        self.question_notes = question_notes or {}
         self.direct_answer_rate = direct_answer_rate
         self.rng = random.Random(seed)
 
     def turns(self, sample: Sample) -> list[str]:
         answer = f"<answer> {sample.ground_truth}</answer>"
+        note = self.question_notes.get(sample.category)
+        opening = f"{note} " if note else ""
         if self.rng.random() < self.direct_answer_rate:
-            return [f"<reason>I can answer this from the image.</reason>{answer}"]
+            return [f"<reason>{opening}{DIRECT_DECISION}</reason>{answer}"]
         default = DEFAULT_REASONS[sample.category in self.text_categories]
         reason = self.answer_reasons.get(sample.category, default).format(answer=sample.ground_truth)
         final = f"<reason>{reason}</reason>{answer}"
+        image_turn = f"<reason>{opening}{SEARCH_DECISION}</reason><search><img></search>"
         if sample.category not in self.text_categories:
-            return [IMAGE_TURN, final]
+            return [image_turn, final]
         entity = sample.extra.get("entity") or sample.question
         query = f"<reason>It is {entity}. I search the web for the fact.</reason><text_search> {entity}</text_search>"
-        return [IMAGE_TURN, query, final]
+        return [image_turn, query, final]

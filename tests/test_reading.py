@@ -73,3 +73,13 @@ def test_teacher_states_the_evidence_before_the_answer_when_configured():
     city = teacher.turns(_sample("text_search", truth="Harlow"))[-1]
     assert city == "<reason>It stands in the city of Harlow.</reason><answer> Harlow</answer>"
     assert teacher.turns(_sample("image_search"))[-1] == "<reason>The results show what it is.</reason><answer> Ka Zu</answer>"
+
+
+def test_teacher_opens_its_first_turn_with_the_question_note():
+    notes = {"search_free": "It asks for a colour.", "image_search": "It asks for a name."}
+    teacher = RAGTeacher(question_notes=notes)
+    assert teacher.turns(_sample("search_free"))[0] == (
+        "<reason>It asks for a colour. I do not know this for sure, so I search the image.</reason><search><img></search>")
+    assert teacher.turns(_sample("text_search"))[0].startswith("<reason>I do not know")  # no note: as before
+    direct = RAGTeacher(question_notes=notes, direct_answer_rate=1.0).turns(_sample("image_search"))
+    assert direct == ["<reason>It asks for a name. I can answer this from the image.</reason><answer> Ka Zu</answer>"]
