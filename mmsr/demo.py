@@ -18,6 +18,7 @@ import argparse
 import csv
 import json
 import time
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
@@ -160,6 +161,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--grpo-steps", type=int, default=None, help="override configs/demo/grpo.yaml max_steps")
     ap.add_argument("--eval-limit", type=int, default=None, help="evaluate only the first N held-out questions")
     args = ap.parse_args(argv)
+    # the demo hands LightningCLI its own arguments on purpose; its warning about sys.argv is noise here
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
     summary = run(args.out, args.seed, args.sft_steps, args.grpo_steps, args.eval_limit, args.reading_steps)
     write_outputs(args.out, summary)
     print(table(summary))

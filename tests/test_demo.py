@@ -20,6 +20,7 @@ def test_short_demo_run(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "LightningCLI's args parameter" not in proc.stderr  # the demo passes its own arguments
     out = tmp_path / "demo"
     summary = json.loads((out / "summary.json").read_text())
     for stage in ("warm_start", "grpo"):
