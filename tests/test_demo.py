@@ -13,13 +13,24 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
-def test_short_demo_run(tmp_path):
-    cmd = [sys.executable, "-m", "mmsr", "demo", "--out", str(tmp_path / "demo"), "--reading-steps", "2", "--sft-steps", "3",
+def _short_demo(out: Path) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "mmsr", "demo", "--out", str(out), "--reading-steps", "2", "--sft-steps", "3",
            "--grpo-steps", "2", "--eval-limit", "6"]  # fmt: skip
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def _learning_metrics(out: Path) -> list[dict]:
+    """The GRPO metrics rows without wall-clock measurements (timings, throughput)."""
+    rows = list(csv.DictReader((out / "grpo" / "csv" / "metrics.csv").open()))
+    return [{k: v for k, v in r.items() if not k.startswith(("timing/", "tools/")) and "per_s" not in k and not k.endswith("seconds")} for r in rows]
+
+
+@pytest.mark.slow
+def test_short_demo_run(tmp_path):
+    proc = _short_demo(tmp_path / "demo")
     assert "LightningCLI's args parameter" not in proc.stderr  # the demo passes its own arguments
     out = tmp_path / "demo"
     summary = json.loads((out / "summary.json").read_text())
@@ -38,3 +49,14 @@ def test_short_demo_run(tmp_path):
     assert "| claim | met | measured |" in proc.stdout and "search-free search ratio drops" in proc.stdout
     grpo_rows = list(csv.DictReader((out / "grpo" / "csv" / "metrics.csv").open()))
     assert len(grpo_rows) == 2 and "rollout/search_ratio/any/search_free" in grpo_rows[0]
+
+
+@pytest.mark.slow
+def test_demo_is_deterministic_for_a_seed(tmp_path):
+    """Same seed, same world and same metrics (on one machine): rewards, losses, KL, search ratios."""
+    _short_demo(tmp_path / "a")
+    _short_demo(tmp_path / "b")
+    a, b = (json.loads((tmp_path / d / "summary.json").read_text()) for d in "ab")
+    assert (a["warm_start"], a["grpo"]) == (b["warm_start"], b["grpo"])
+    first, second = _learning_metrics(tmp_path / "a"), _learning_metrics(tmp_path / "b")
+    assert len(first) == 2 and "reward/mean" in first[0] and first == second
