@@ -166,9 +166,9 @@ def _reading_text(landmark: Landmark, rng: random.Random) -> str:
     """``page_text`` between filler sentences, closing on a visitor's question and its answer (the
     name or the city): which fact to look up depends on the question, and both sit at a varying
     distance, as in an episode's results. A city is answered as ``CITY_ANSWER`` (the demo teacher's
-    words), so it can only be predicted by finding the page's own "city of <city>" (induction): the
-    title does not name the city, because a copy from the title (where an episode's page has no
-    city) solved every city slot of the pages and never carried over (cities at chance)."""
+    words), so it can only be predicted by finding the page's own "city of <city>" (induction). The
+    title does not name the city: as on an episode's text-search page, the sentence is the only
+    source."""
     n_before, n_after = rng.randint(0, 5), rng.randint(0, 2)
     filler = rng.sample(FILLER, n_before + n_after)  # no sentence twice on a page
     before, after = filler[:n_before], filler[n_before:]
