@@ -28,11 +28,17 @@ def _learning_metrics(out: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if not k.startswith(("timing/", "tools/")) and "per_s" not in k and not k.endswith("seconds")} for r in rows]
 
 
+@pytest.fixture(scope="module")
+def short_demo(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """One short run shared by the tests below (each run costs ~30 s)."""
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    return out, _short_demo(out)
+
+
 @pytest.mark.slow
-def test_short_demo_run(tmp_path):
-    proc = _short_demo(tmp_path / "demo")
+def test_short_demo_run(short_demo):
+    out, proc = short_demo
     assert "LightningCLI's args parameter" not in proc.stderr  # the demo passes its own arguments
-    out = tmp_path / "demo"
     summary = json.loads((out / "summary.json").read_text())
     for stage in ("warm_start", "grpo"):
         assert summary[stage]["all"]["n"] == 6
@@ -52,11 +58,11 @@ def test_short_demo_run(tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_is_deterministic_for_a_seed(tmp_path):
+def test_demo_is_deterministic_for_a_seed(short_demo, tmp_path):
     """Same seed, same world and same metrics (on one machine): rewards, losses, KL, search ratios."""
-    _short_demo(tmp_path / "a")
-    _short_demo(tmp_path / "b")
-    a, b = (json.loads((tmp_path / d / "summary.json").read_text()) for d in "ab")
+    first_out, _ = short_demo
+    _short_demo(tmp_path / "again")
+    a, b = (json.loads((d / "summary.json").read_text()) for d in (first_out, tmp_path / "again"))
     assert (a["warm_start"], a["grpo"]) == (b["warm_start"], b["grpo"])
-    first, second = _learning_metrics(tmp_path / "a"), _learning_metrics(tmp_path / "b")
+    first, second = _learning_metrics(first_out), _learning_metrics(tmp_path / "again")
     assert len(first) == 2 and "reward/mean" in first[0] and first == second
