@@ -104,6 +104,7 @@ def run(out: Path, seed: int, sft_steps: int | None, grpo_steps: int | None, eva
                          "--model.init_args.policy.init_args.path", str(sft / "policy")], run=False)  # fmt: skip
     held_out = first_of_each_kind(load_samples(world / "eval.parquet"), eval_limit)
     max_tokens = cli.model.loop.settings.max_tokens_per_turn
+    cli.model.start_engine()  # evaluated before fit, whose setup hook would start it
     warm = evaluate(cli.model, held_out, max_tokens)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     final = evaluate(cli.model, held_out, max_tokens)

@@ -10,11 +10,18 @@ Algorithm (MMSearch-R1 defaults; every choice is an ``__init__`` argument):
 - ``ppo_epochs`` x ``mini_batches`` optimizer updates per step, each accumulated over micro-batches
   packed by ``micro_batch_tokens``. Old log-probs are recomputed only when more than one update
   uses the same rollouts; with one update the ratio is exactly 1 (on-policy).
+- parameters and optimizer state in ``param_dtype`` (fp32 master weights), matmuls in
+  ``compute_dtype`` (e.g. bf16 under ``trainer.precision: bf16-mixed``; ``mmsr.parallel``).
+
+Where things happen (Lightning hooks): ``setup`` fixes the compute dtype and starts the engine (the
+process group and this rank's device exist by then); ``configure_model`` casts the master weights,
+builds the reference model and, under ``ModelParallelStrategy``, shards policy and reference with
+FSDP2; before every step ``RolloutCallback`` syncs the weights into the engine (verified by a probe
+every ``weight_sync.verify_every`` syncs) and rolls out; ``training_step`` scores and updates.
 """
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -31,9 +38,11 @@ from mmsr.callbacks.rollout import RolloutCallback
 from mmsr.checkpoint import gather_per_rank, rng_state, set_rng_state
 from mmsr.data.sample import Sample
 from mmsr.metrics import rollout_metrics, tool_metrics
-from mmsr.models.build import PolicyBuilder, save_policy
+from mmsr.models.build import DType, PolicyBuilder, save_policy
 from mmsr.optim import Schedule, adamw_with_schedule
+from mmsr.parallel import compute_dtype, copy_to, local_bytes, mixed_precision, shard
 from mmsr.prompt.render import PromptBuilder
+from mmsr.reference import ReferenceModel
 from mmsr.reward import MMSearchR1Reward, Reward
 from mmsr.rollout.collate import TrainBatch, collate, pack_by_tokens
 from mmsr.rollout.engine import Engine, SamplingParams
@@ -85,7 +94,12 @@ class GRPOModule(L.LightningModule):
         lr_schedule, warmup_steps, total_steps: ``constant``, ``cosine`` (warmup then cosine to 0 at
             ``total_steps``) or ``sigmoid`` (the upstream decay around step 45).
         gradient_checkpointing: trade compute for activation memory.
-        ref_offload: keep the reference model in CPU memory, on the device only while it scores.
+        param_dtype: dtype of the parameters, gradients and AdamW state (the master weights); a policy
+            loaded in bf16 is upcast. Keep float32 for RL learning rates (see ``mmsr.parallel``).
+        compute_dtype: dtype of the matmuls (FSDP2 ``MixedPrecisionPolicy`` or autocast); ``None``
+            follows ``trainer.precision`` (``bf16-mixed`` -> bfloat16), else ``param_dtype``.
+        ref_offload: keep the reference model in host memory, on the device only while it scores
+            (under FSDP2: CPU-offloaded shards).
         weight_sync: trainer -> engine sync (bucket size, how often a probe proves it landed).
         is_correction, is_cap: importance-sampling correction of the engine/trainer log-prob mismatch
             (per-token ratio truncated or masked at ``is_cap``); off by default, the mismatch is
@@ -124,6 +138,8 @@ class GRPOModule(L.LightningModule):
         warmup_steps: int = 0,
         total_steps: int = 1000,
         gradient_checkpointing: bool = False,
+        param_dtype: Literal["float32", "bfloat16"] = "float32",
+        compute_dtype: DType | None = None,
         ref_offload: bool = False,
         weight_sync: WeightSync | None = None,
         is_correction: Literal["none", "truncate", "mask"] = "none",
@@ -140,12 +156,9 @@ class GRPOModule(L.LightningModule):
         self.model = self.policy.model
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
-        # The reference model is frozen and rebuilt from the same builder on resume, so it is kept
-        # out of the module's state dict (a list hides it from nn.Module registration).
-        self._ref = [copy.deepcopy(self.model).eval().requires_grad_(False)] if kl_coef > 0 else []
-        self.engine = engine if engine is not None else HFEngine()
-        if hasattr(self.engine, "bind"):
-            self.engine.bind(self.policy)
+        self.param_dtype = getattr(torch, param_dtype)
+        self._ref: ReferenceModel | None = None  # built by configure_model, outside the state dict
+        self.engine = engine if engine is not None else HFEngine()  # started by setup
         self.reward = reward if reward is not None else MMSearchR1Reward()
         self.weight_sync = weight_sync if weight_sync is not None else WeightSync()
         self.loop = RolloutLoop(self.engine, self.policy, prompts or PromptBuilder(),
@@ -155,7 +168,7 @@ class GRPOModule(L.LightningModule):
         self.last_rollout: StepRollout | None = None  # for observers (loggers, trajectory dumps)
         self._timings: dict[str, float] = {}
         self.stage: str | None = None  # the step's current stage, read live by StageProgressBar
-        self._sharded = False
+        self._sharded = self._configured = self._engine_started = False
 
     # -- Lightning hooks ----------------------------------------------------------------------
     def configure_callbacks(self):
@@ -165,23 +178,50 @@ class GRPOModule(L.LightningModule):
         hp = self.hparams
         return adamw_with_schedule(self.model.parameters(), hp.lr, hp.weight_decay, hp.lr_schedule, hp.warmup_steps, hp.total_steps)
 
-    def configure_model(self) -> None:
-        """Under ``ModelParallelStrategy``: FSDP2 ``fully_shard`` on every transformer block and the
-        whole model, over the ``data_parallel`` mesh. A colocated ``HFEngine`` then generates with an
-        unsharded copy that ``sync_weights`` refreshes (gathering each parameter) before every rollout.
-        """
-        if self._sharded or self.device_mesh is None:
-            return
-        from torch.distributed.fsdp import fully_shard
+    def setup(self, stage: str) -> None:
+        """The process group and this rank's device exist: fix the compute dtype, start the engine."""
+        precision = str(self.trainer.precision) if self._trainer is not None else None
+        self.policy.compute_dtype = compute_dtype(self.hparams.compute_dtype, self.param_dtype, precision)
+        self.start_engine()
 
-        if isinstance(self.engine, HFEngine) and self.engine.policy.model is self.model:
-            self.engine.bind(replace(self.policy, model=copy.deepcopy(self.model)))
-        mesh = self.device_mesh["data_parallel"]
-        blocks = set(getattr(self.model, "_no_split_modules", None) or [])
-        for module in self.model.modules():
-            if type(module).__name__ in blocks:
-                fully_shard(module, mesh=mesh)
-        fully_shard(self.model, mesh=mesh)
+    def start_engine(self) -> None:
+        """Bind the engine to the policy (vLLM starts here, on this rank's device), once.
+
+        vLLM seeds the process's global generators when it starts; they are put back, so a run draws
+        the same numbers whatever engine it uses, and a resumed run what the interrupted one would.
+        """
+        if self._engine_started:
+            return
+        state = rng_state()
+        try:
+            if hasattr(self.engine, "bind"):
+                self.engine.bind(self.policy)
+        finally:
+            set_rng_state(state)
+        self._engine_started = True
+
+    def configure_model(self) -> None:
+        """Master weights in ``param_dtype``, the reference model (``mmsr.reference``), and under
+        ``ModelParallelStrategy`` FSDP2 ``fully_shard`` on every transformer block and the root over
+        the ``data_parallel`` mesh, gathering in ``compute_dtype``. A colocated ``HFEngine`` then
+        generates with an unsharded copy on this rank's device that every sync refreshes.
+        Runs once, after ``setup`` and before a checkpoint is restored.
+        """
+        if self._configured:
+            return
+        self._configured = True
+        device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
+        compute, kl, offload = self.policy.compute_dtype or self.param_dtype, self.hparams.kl_coef > 0, self.hparams.ref_offload
+        if self.device_mesh is None:
+            self._ref = ReferenceModel.copy_of(self.model, compute, device, offload) if kl else None
+            self.model.to(self.param_dtype)
+            return
+        if isinstance(self.engine, HFEngine) and self.engine.policy is not None and self.engine.policy.model is self.model:
+            self.engine.bind(replace(self.policy, model=copy_to(self.model, compute, device)))
+        mesh, architecture = self.device_mesh["data_parallel"], type(self.model)
+        shard(self.model, mesh, self.param_dtype, mp_policy=mixed_precision(compute, self.param_dtype))
+        if kl:
+            self._ref = ReferenceModel.sharded_like(self.model, architecture, mesh, compute, device, offload)
         self._sharded = True
 
     def on_train_end(self) -> None:
@@ -201,18 +241,17 @@ class GRPOModule(L.LightningModule):
             model.load_state_dict(full)
             save_policy(replace(self.policy, model=model), self.hparams.export_dir)
 
-    def on_fit_start(self) -> None:
-        for ref in self._ref:
-            ref.to("cpu" if self.hparams.ref_offload else self.device)
-
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
         return batch  # list[Sample] holds PIL images; tensors are made after the rollout
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         engine = self.engine.state_dict() if hasattr(self.engine, "state_dict") else None
         checkpoint["mmsr_ranks"] = gather_per_rank({"rng": rng_state(), "engine": engine})
+        checkpoint["mmsr_rollout"] = self.loop.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "mmsr_rollout" in checkpoint:
+            self.loop.load_state_dict(checkpoint["mmsr_rollout"])
         ranks = checkpoint.get("mmsr_ranks")
         if not ranks:
             return
@@ -266,11 +305,22 @@ class GRPOModule(L.LightningModule):
         details = [self.reward.details(t, samples[t.group_id]) if hasattr(self.reward, "details") else {} for t in trajs]
         self.last_rollout = StepRollout(trajs, samples, rewards, advantages, details)
         metrics = rollout_metrics(trajs, samples, rewards.tolist(), details, self.loop.settings)
-        metrics |= tool_metrics(self.loop.stats, self.loop.tools) | train_metrics | self._timings
+        metrics |= tool_metrics(self.loop.stats, self.loop.tools) | train_metrics | self._timings | self.memory_metrics()
         metrics["train/lr"] = self.optimizers().param_groups[0]["lr"]
         metrics = mean_over_ranks(metrics)
         self.log_dict(metrics, batch_size=len(samples), prog_bar=False)
         self.log("reward", metrics["reward/mean"], prog_bar=True, batch_size=len(samples))
+
+    def memory_metrics(self) -> dict[str, float]:
+        """``memory/``, the largest over ranks: MB of policy and reference weights a rank holds (its
+        shards under FSDP2), and on CUDA the step's peak allocated GB (compare with ``mmsr plan``)."""
+        out = {"memory/policy_mb": local_bytes(self.model) / 2**20}
+        if self._ref is not None:
+            out["memory/reference_mb"] = local_bytes(self._ref.model) / 2**20
+        if torch.cuda.is_available() and self.device.type == "cuda":
+            out["memory/cuda_peak_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            torch.cuda.reset_peak_memory_stats(self.device)
+        return {k: self._all_reduce(v, "max") for k, v in out.items()}
 
     def compute_rewards(self, trajectories: Sequence[Trajectory], samples: Sequence[Sample]) -> torch.Tensor:
         """Override point for rewards: ``[N]`` float rewards, ``samples[t.group_id]`` is t's prompt."""
@@ -287,7 +337,9 @@ class GRPOModule(L.LightningModule):
         hp = self.hparams
         multi = hp.ppo_epochs * hp.mini_batches > 1
         old = self.score(trajs, self.model) if multi else None
-        ref = self._reference_scores(trajs) if self._ref else None
+        if hp.kl_coef > 0 and self._ref is None:
+            raise RuntimeError("kl_coef > 0 but there is no reference model: configure_model() did not run")
+        ref = self._reference_scores(trajs) if self._ref is not None else None
         totals: dict[str, float] = {}
         for _ in range(hp.ppo_epochs):
             for chunk in torch.arange(len(trajs)).chunk(hp.mini_batches):
@@ -323,6 +375,7 @@ class GRPOModule(L.LightningModule):
         params = [p for p in self.model.parameters() if p.requires_grad]
         metrics["train/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, hp.grad_clip))
         opt.step()
+        opt.zero_grad(set_to_none=True)  # gradients need no memory while the engine rolls out
         return metrics
 
     def _micro_batches(self, lengths: list[int]) -> list[list[int] | None]:
@@ -369,14 +422,8 @@ class GRPOModule(L.LightningModule):
         return logprobs_and_entropy(out.logits[:, :-1], batch.labels, temperature=temperature, with_entropy=with_entropy)
 
     def _reference_scores(self, trajs: list[Trajectory]) -> list[torch.Tensor]:
-        ref = self._ref[0]
-        if self.hparams.ref_offload:
-            ref.to(self.device)
-        try:
+        with self._ref.on_device() as ref:
             return self.score(trajs, ref)
-        finally:
-            if self.hparams.ref_offload:
-                ref.to("cpu")
 
     @torch.no_grad()
     def score(self, trajs: list[Trajectory], model: torch.nn.Module) -> list[torch.Tensor]:

@@ -33,12 +33,30 @@ def make_module(**kw) -> GRPOModule:
     return GRPOModule(**(args | kw))
 
 
-def fit_one_step(module, samples, max_steps=1):
+class Gradients(L.Callback):
+    """The (clipped) gradients each optimizer step applies, by parameter name (the module frees them
+    after the step)."""
+
+    def __init__(self):
+        self.steps: list[dict[str, torch.Tensor]] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.steps.append({n: p.grad.clone() for n, p in pl_module.model.named_parameters() if p.grad is not None})
+
+
+def fit_one_step(module, samples, max_steps=1, callbacks=()):
     loader = torch.utils.data.DataLoader(samples, batch_size=len(samples), collate_fn=list)
     trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=list(callbacks))  # fmt: skip
     trainer.fit(module, loader)
     return trainer
+
+
+def assert_same_gradients(a: Gradients, b: Gradients) -> None:
+    (ga,), (gb,) = a.steps, b.steps
+    assert ga.keys() == gb.keys() and len(ga) > 10
+    for name in ga:
+        torch.testing.assert_close(gb[name], ga[name], atol=1e-7, rtol=1e-4, msg=name)
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +72,7 @@ def sampled_logprob(module, traj):
 
 def test_step_raises_rewarded_and_lowers_punished_trajectories(sample):
     module = make_module()
+    module.start_engine()  # Lightning's setup hook does this in a run
     trajs = module.loop.run([sample], 4, module.sampling)
     rewards = module.compute_rewards(trajs, [sample])
     assert rewards.tolist() == pytest.approx([1.0, 0.1, 0.91, 0.0])
@@ -76,23 +95,26 @@ def test_step_raises_rewarded_and_lowers_punished_trajectories(sample):
 def test_micro_batching_does_not_change_the_update(sample):
     a, b = make_module(micro_batch_tokens=1), make_module(micro_batch_tokens=100_000)
     b.model.load_state_dict(a.model.state_dict())
-    fit_one_step(a, [sample])
-    fit_one_step(b, [sample])
+    grads_a, grads_b = Gradients(), Gradients()
+    fit_one_step(a, [sample], callbacks=[grads_a])
+    fit_one_step(b, [sample], callbacks=[grads_b])
     # Adam hides a uniform gradient scale, so compare the accumulated (clipped) gradients themselves.
-    for (name, pa), pb in zip(a.model.named_parameters(), b.model.parameters()):
-        torch.testing.assert_close(pa.grad, pb.grad, atol=1e-7, rtol=1e-4, msg=name)
+    assert_same_gradients(grads_a, grads_b)
+    assert all(p.grad is None for p in a.model.parameters())  # freed after the step
 
 
 def test_multiple_updates_use_old_logprobs_and_kl_reference(sample):
     module = make_module(ppo_epochs=2, mini_batches=2, kl_coef=0.1, clip_low=0.01, clip_high=0.01, ref_offload=True)
-    ref_before = copy.deepcopy(module._ref[0].state_dict())
+    initial = copy.deepcopy(module.model.state_dict())
     fit_one_step(module, [sample], max_steps=4)  # 4 optimizer updates = one training step
     metrics = module.trainer.callback_metrics
     assert metrics["train/kl"] > 0 and metrics["train/clip_frac"] > 0  # later updates are off-policy
-    assert all(p.device.type == "cpu" for p in module._ref[0].parameters())  # offloaded between uses
-    for k, v in module._ref[0].state_dict().items():  # the reference never trains
-        assert torch.equal(v, ref_before[k])
-    assert "_ref" not in str(list(module.state_dict())[:3]) and not any("_ref" in k for k in module.state_dict())
+    ref = module._ref.model
+    assert all(p.device.type == "cpu" for p in ref.parameters())  # offloaded between uses
+    for k, v in ref.state_dict().items():  # the reference is the initial policy and never trains
+        assert torch.equal(v, initial[k])
+    assert any(not torch.equal(v, initial[k]) for k, v in module.model.state_dict().items())
+    assert not any("_ref" in k or "reference" in k for k in module.state_dict())
 
 
 def test_training_step_without_rollouts_fails_loudly(sample):
@@ -110,8 +132,34 @@ def test_configure_callbacks_returns_rollout_callback():
 def test_gradient_checkpointing_gives_the_same_update(sample):
     a, b = make_module(), make_module(gradient_checkpointing=True)
     b.model.load_state_dict(a.model.state_dict())
-    fit_one_step(a, [sample])
-    fit_one_step(b, [sample])
+    grads_a, grads_b = Gradients(), Gradients()
+    fit_one_step(a, [sample], callbacks=[grads_a])
+    fit_one_step(b, [sample], callbacks=[grads_b])
     assert b.model.is_gradient_checkpointing
-    for (name, pa), pb in zip(a.model.named_parameters(), b.model.parameters()):
-        torch.testing.assert_close(pa.grad, pb.grad, atol=1e-7, rtol=1e-4, msg=name)
+    assert_same_gradients(grads_a, grads_b)
+
+
+class SeedingEngine(ScriptedEngine):
+    """Binds like vLLM does: it seeds the process's global generators when it starts."""
+
+    binds = 0
+
+    def bind(self, policy):
+        SeedingEngine.binds += 1
+        torch.manual_seed(1234)
+        super().bind(policy)
+
+
+def test_the_engine_starts_in_setup_and_leaves_the_rng_alone(sample):
+    SeedingEngine.binds = 0
+    module = make_module(engine=SeedingEngine(script))
+    assert SeedingEngine.binds == 0  # nothing starts in __init__ (before Lightning set up devices)
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    module.start_engine()
+    module.start_engine()  # once
+    assert SeedingEngine.binds == 1 and torch.equal(torch.rand(3), expected)
+    fresh = make_module(engine=SeedingEngine(script))
+    fit_one_step(fresh, [sample])  # Lightning's setup hook starts it
+    assert SeedingEngine.binds == 2

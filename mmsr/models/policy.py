@@ -9,6 +9,7 @@ positions, spec §2.6).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -35,12 +36,19 @@ class Policy:
         tokenizer: its tokenizer.
         image_processor: a PIL-based Qwen2-VL image processor, ``None`` for text-only models.
         chat: the chat-format pieces used to build multi-turn contexts.
+        tool_image_processor: the processor of images returned by tools (thumbnails), with pixel
+            bounds of their own; ``None``: the question images' processor.
+        compute_dtype: the dtype matmuls run in when it is lower than the parameters' (fp32 master
+            weights, bf16 compute): every forward of the trainer, the HF engine and the sync probe runs
+            under ``autocast()``. ``None``: the parameters' dtype.
     """
 
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     image_processor: object | None = None
     chat: ChatFormat = field(default_factory=ChatFormat)
+    tool_image_processor: object | None = None
+    compute_dtype: torch.dtype | None = None
     _banned: torch.Tensor | None = field(default=None, repr=False)
     _banned_vocab: int = field(default=0, repr=False)
 
@@ -61,14 +69,23 @@ class Policy:
         ids = {self.tokenizer.convert_tokens_to_ids(self.chat.end_of_turn), self.tokenizer.eos_token_id}
         return {int(i) for i in ids if i is not None}
 
-    def process_image(self, image: Image.Image) -> VisionInput:
-        """Patchify one image. ``pixel_values``: ``[P, D]``; it occupies ``P // merge**2`` tokens."""
+    def process_image(self, image: Image.Image, tool: bool = False) -> VisionInput:
+        """Patchify one image (``tool``: an image a tool returned, resized within the tool bounds).
+        ``pixel_values``: ``[P, D]``; it occupies ``P // merge**2`` tokens."""
         if self.image_processor is None:
             raise ValueError("a text-only policy cannot take images")
-        out = self.image_processor(images=[image.convert("RGB")], return_tensors="pt")
+        processor = self.tool_image_processor if tool and self.tool_image_processor is not None else self.image_processor
+        out = processor(images=[image.convert("RGB")], return_tensors="pt")
         grid = tuple(int(x) for x in out["image_grid_thw"][0])
-        merge = self.image_processor.merge_size
+        merge = processor.merge_size
         return VisionInput(image, out["pixel_values"], grid, grid[0] * grid[1] * grid[2] // merge**2)
+
+    def autocast(self) -> AbstractContextManager:
+        """Autocast to ``compute_dtype`` when it is lower than the parameters' dtype, else nothing."""
+        param = next(self.model.parameters())
+        if self.compute_dtype is None or self.compute_dtype == param.dtype:
+            return nullcontext()
+        return torch.autocast(param.device.type, dtype=self.compute_dtype)
 
     def position_ids(self, input_ids: torch.Tensor, vision: Sequence[VisionInput]) -> torch.Tensor:
         """Positions of one unpadded sequence ``[L]``: ``[3, L]`` M-RoPE ids, or ``[L]`` text-only."""
@@ -103,7 +120,8 @@ class Policy:
             dev = input_ids.device
             kwargs["pixel_values"] = torch.cat([v.pixel_values for v in vision]).to(dev, model.dtype)
             kwargs["image_grid_thw"] = torch.tensor([v.grid_thw for v in vision], device=dev)
-        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
+        with self.autocast():
+            out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
         return self.mask_banned(out)
 
     def mask_banned(self, out):

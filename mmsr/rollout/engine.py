@@ -42,9 +42,11 @@ class GenerationRequest:
     Attributes:
         input_ids: ``[L]`` the whole context with image tokens expanded.
         vision: the context's images in order.
-        key: the trajectory's id (``sample_id#k``), for scripted engines and logs.
+        key: the trajectory's id (``sample_id#k``), for scripted engines, logs and sampling streams.
         turn: index of the assistant turn being generated (0-based).
         max_tokens: a per-request cap (remaining context budget), below ``SamplingParams.max_tokens``.
+        stream: the rollout this request belongs to (``RolloutLoop`` counts its runs); with ``key`` and
+            ``turn`` it picks the request's sampling stream (``mmsr.rollout.sampling``).
     """
 
     input_ids: Sequence[int]
@@ -52,6 +54,7 @@ class GenerationRequest:
     key: str = ""
     turn: int = 0
     max_tokens: int | None = None
+    stream: int = 0
 
 
 @dataclass(frozen=True)

@@ -13,13 +13,15 @@ import torch
 
 from mmsr.models.policy import Policy
 from mmsr.rollout.engine import GenerationOutput, GenerationRequest, SamplingParams, first_stop
+from mmsr.rollout.sampling import gumbel_sample, request_seed
 
 
-def sample_tokens(logits: torch.Tensor, sampling: SamplingParams, generator: torch.Generator | None):
-    """Draw one token per row.
+def sample_tokens(logits: torch.Tensor, sampling: SamplingParams, seeds: torch.Tensor, positions: torch.Tensor):
+    """Draw one token per row from its own stream (``mmsr.rollout.sampling``).
 
     Args:
         logits: ``[B, V]`` float logits of the next token.
+        seeds: ``[B]`` int64 request seeds; positions: ``[B]`` int64 index of the token in its turn.
     Returns:
         tokens ``[B]`` and their log-probs ``[B]`` under ``softmax(logits / T)`` (T = 1 if greedy).
     """
@@ -38,32 +40,42 @@ def sample_tokens(logits: torch.Tensor, sampling: SamplingParams, generator: tor
         cum = torch.softmax(sorted_logits, -1).cumsum(-1)
         drop = cum - torch.softmax(sorted_logits, -1) >= sampling.top_p  # keep the token crossing top_p
         filtered.scatter_(-1, idx, sorted_logits.masked_fill(drop, float("-inf")))
-    tokens = torch.multinomial(torch.softmax(filtered, -1), 1, generator=generator)[:, 0]
+    tokens = gumbel_sample(filtered, seeds, positions)
     return tokens, logp.gather(-1, tokens[:, None])[:, 0]
 
 
 class HFEngine:
     """Batched, KV-cached sampling with transformers; finished rows leave the batch.
 
+    Every request is sampled from its own stream (``mmsr.rollout.sampling``), seeded by ``seed``, the
+    request's rollout index (``stream``), episode key and turn: an episode's tokens do not depend on
+    which other episodes share its batch, rank or micro-batch.
+
     Args:
         max_batch_size: most contexts per forward pass.
-        seed: seed of the sampling generator (rollouts are reproducible for a fixed seed).
+        seed: the sampling seed (rollouts are reproducible for a fixed seed).
     """
 
     def __init__(self, max_batch_size: int = 64, seed: int = 0) -> None:
-        self.max_batch_size = max_batch_size
-        self.generator = torch.Generator().manual_seed(seed)
+        self.max_batch_size, self.seed = max_batch_size, seed
+        self.calls = 0  # generate() calls: the stream of requests that carry no episode key
         self.policy: Policy | None = None
 
     def bind(self, policy: Policy) -> None:
+        """Generate with ``policy`` (colocated: no weights are copied, nothing starts)."""
         self.policy = policy
 
     def state_dict(self) -> dict:
-        """The sampler's RNG state (saved in checkpoints so a resumed run draws the same tokens)."""
-        return {"generator": self.generator.get_state()}
+        """The sampler's state (saved in checkpoints so a resumed run draws the same tokens)."""
+        return {"seed": self.seed, "calls": self.calls}
 
     def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
+        self.seed, self.calls = state["seed"], state["calls"]
+
+    def request_seeds(self, requests: Sequence[GenerationRequest]) -> list[int]:
+        """One seed per request; requests without an episode key are told apart by call and index."""
+        self.calls += 1
+        return [request_seed(self.seed, r.stream, r.key or f"call{self.calls}/{i}", r.turn) for i, r in enumerate(requests)]
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load the trainer's (full, gathered by ``mmsr.sync``) tensors. Colocated on the trainer's
@@ -77,13 +89,15 @@ class HFEngine:
     def generate(self, requests: Sequence[GenerationRequest], sampling: SamplingParams) -> list[GenerationOutput]:
         if self.policy is None:
             raise RuntimeError("HFEngine.bind(policy) must be called before generate()")
-        model = self.policy.model
+        model, seeds = self.policy.model, self.request_seeds(requests)
         was_training = model.training
         model.eval()
         try:
             outs: list[GenerationOutput] = []
-            for i in range(0, len(requests), self.max_batch_size):
-                outs += self._batch(requests[i : i + self.max_batch_size], sampling)
+            with self.policy.autocast():
+                for i in range(0, len(requests), self.max_batch_size):
+                    window = slice(i, i + self.max_batch_size)
+                    outs += self._batch(requests[window], seeds[window], sampling)
             return outs
         finally:
             model.train(was_training)
@@ -104,8 +118,9 @@ class HFEngine:
         return ids.to(device), attn.to(device), pos.to(device)
 
     @torch.no_grad()
-    def _batch(self, requests: Sequence[GenerationRequest], sampling: SamplingParams) -> list[GenerationOutput]:
+    def _batch(self, requests: Sequence[GenerationRequest], seeds: Sequence[int], sampling: SamplingParams) -> list[GenerationOutput]:
         ids, attn, pos = self._left_pad(requests)
+        seed_t = torch.tensor(list(seeds), dtype=torch.long)
         vision = [v for r in requests for v in r.vision]
         out = self.policy.forward(ids, attn, pos, vision, use_cache=True, logits_to_keep=1)
         cache, logits, next_pos = out.past_key_values, out.logits[:, -1], pos.amax(-1) + 1
@@ -115,8 +130,10 @@ class HFEngine:
         lps: list[list[float]] = [[] for _ in requests]
         finish: list[str | None] = [None] * len(requests)
         rows = list(range(len(requests)))  # batch row -> request index
+        step = 0  # rows decode in lockstep: every live row is drawing its token number ``step``
         while rows:
-            tokens, logprobs = sample_tokens(logits, sampling, self.generator)
+            tokens, logprobs = sample_tokens(logits, sampling, seed_t[rows], torch.full((len(rows),), step))
+            step += 1
             for b, i in enumerate(rows):
                 gen[i].append(int(tokens[b]))
                 lps[i].append(float(logprobs[b]))

@@ -99,6 +99,14 @@ class RolloutLoop:
         self.encoder = policy.encoder()
         self.eot_ids = self.encoder.text(policy.chat.end_of_turn)
         self.stats = RolloutStats()
+        self.runs = 0  # rollouts so far: each one's requests sample from streams of their own
+
+    def state_dict(self) -> dict[str, int]:
+        """What a resumed run needs to draw the same tokens (checkpointed by ``GRPOModule``)."""
+        return {"runs": self.runs}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.runs = state["runs"]
 
     def run(self, samples: Sequence[Sample], n: int, sampling: SamplingParams) -> list[Trajectory]:
         """``n`` episodes per sample; trajectory ``i*n + k`` is sample ``i``'s k-th (group ``i``)."""
@@ -106,6 +114,7 @@ class RolloutLoop:
 
     async def arun(self, samples: Sequence[Sample], n: int, sampling: SamplingParams) -> list[Trajectory]:
         self.stats = RolloutStats()
+        self.runs += 1
         episodes = [self._start(s, i, k) for i, s in enumerate(samples) for k in range(n)]
         semaphore = asyncio.Semaphore(self.settings.tool_concurrency)
         while active := [e for e in episodes if e.phase is Phase.GENERATE]:
@@ -140,7 +149,7 @@ class RolloutLoop:
     def _request(self, e: Episode) -> GenerationRequest:
         room = self.settings.max_context_tokens - len(e.traj)
         budget = min(self.settings.max_tokens_per_turn, room)
-        return GenerationRequest(tuple(e.traj.input_ids), tuple(e.traj.vision), e.key, len(e.traj.turns), budget)
+        return GenerationRequest(tuple(e.traj.input_ids), tuple(e.traj.vision), e.key, len(e.traj.turns), budget, self.runs)
 
     def _on_generated(self, e: Episode, out: GenerationOutput) -> None:
         traj, start = e.traj, len(e.traj)
@@ -198,7 +207,7 @@ class RolloutLoop:
     def _observe(self, e: Episode, result: ToolResult) -> None:
         request, traj = e.pending, e.traj
         traj.turns[-1].tool_call = ToolCall(request.kind, request.query, result)
-        vision = [self.policy.process_image(im) for im in result.images] if self.policy.is_vision else []
+        vision = [self.policy.process_image(im, tool=True) for im in result.images] if self.policy.is_vision else []
         text = self.policy.chat.observation(self.prompts.observation_text(e.sample, request.kind, result))
         ids = (self.eot_ids if e.needs_end_of_turn else []) + self.encoder.encode(text, [v.num_tokens for v in vision])
         e.pending = None

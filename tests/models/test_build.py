@@ -40,3 +40,35 @@ def test_text_only_lm_rolls_out_and_scores(tmp_path, fvqa_samples):
     loop.engine = engine
     trajs = loop.run(fvqa_samples[:2], 2, SamplingParams(max_tokens=8))
     assert all(t.num_sampled_tokens > 0 for t in trajs)
+
+
+def test_tool_images_have_their_own_pixel_bounds(tiny_policy, tmp_path, fvqa_samples):
+    """With the 7B recipe's question-image bounds (512x512 .. 903,168 pixels), thumbnails keep the
+    tool bounds (56x56 .. 224x224): the images of a 5-thumbnail image search take at most 320 tokens
+    (with the question bounds each would take >= 334)."""
+    from PIL import Image
+
+    from mmsr.rollout.vllm_inputs import pixel_bounds
+    from mmsr.tools.base import IMAGE_MARKER, ToolResult
+    from tests.rollout.test_loop import IMG
+
+    save_policy(tiny_policy, tmp_path)
+    policy = PretrainedPolicy(str(tmp_path), min_pixels=262144, max_pixels=903168).build()
+    assert policy.process_image(fvqa_samples[0].image).num_tokens >= 334  # the question image, upscaled
+    thumbs = tuple(Image.new("RGB", size, "gray") for size in [(200, 150), (150, 200), (300, 300), (1200, 900), (40, 30)])
+    tokens = [policy.process_image(t, tool=True).num_tokens for t in thumbs]
+    assert max(tokens) <= 64 and min(tokens) >= 4  # 224x224 at most, 56x56 at least
+
+    class FiveThumbnails:
+        async def __call__(self, request):
+            text = "[Image Search Results]\n" + "".join(f"{i}. image: {IMAGE_MARKER}\ntitle: t{i}\n" for i in range(5))
+            return ToolResult(text, thumbs)
+
+    loop, _ = make_loop(policy, lambda r: IMG if r.turn == 0 else ANS, image=FiveThumbnails())
+    (traj,) = loop.run(fvqa_samples[:1], 1, SamplingParams())
+    observation = traj.input_ids[traj.turns[0].span[1] : traj.turns[1].span[0]]
+    pads = sum(t == policy.model.config.image_token_id for t in observation)
+    assert [v.num_tokens for v in traj.vision[1:]] == tokens and pads == sum(tokens) <= 5 * 64
+    assert pixel_bounds(policy.image_processor, policy.tool_image_processor) == {"min_pixels": 56 * 56, "max_pixels": 903168}
+    same = PretrainedPolicy(str(tmp_path), tool_image_min_pixels=None, tool_image_max_pixels=None).build()
+    assert same.tool_image_processor is None  # None: thumbnails take the question image's bounds

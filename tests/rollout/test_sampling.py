@@ -1,0 +1,83 @@
+"""Per-episode sampling streams: the right distribution, and draws that do not depend on the batch."""
+
+import math
+
+import pytest
+import torch
+
+from mmsr.rollout.engine import GenerationRequest, SamplingParams
+from mmsr.rollout.hf_engine import HFEngine, sample_tokens
+from mmsr.rollout.sampling import gumbel_sample, request_seed, splitmix64, stream_uniform
+
+
+def test_request_seeds_are_stable_and_distinct():
+    a = request_seed(0, 3, "q1#0", 1)
+    assert a == request_seed(0, 3, "q1#0", 1) and 0 <= a < 2**63
+    others = {request_seed(0, 3, "q1#1", 1), request_seed(0, 4, "q1#0", 1), request_seed(1, 3, "q1#0", 1),
+              request_seed(0, 3, "q1#0", 2)}  # fmt: skip
+    assert a not in others and len(others) == 4
+
+
+def test_splitmix_matches_the_reference_values():
+    # SplitMix64 of state 0, 1, 2 (the finalizer applied to 0 + k*golden, as the C reference does);
+    # values from the reference implementation, written as signed int64
+    ref = [0xE220A8397B1DCDAF, 0x6E789E6AA1B965F4, 0x06C45D188009454F]
+    seeds = torch.tensor([0, -7046029254386353131, 4354685564936845354], dtype=torch.long)  # (k - 1) * golden
+    got = splitmix64(seeds).tolist()
+    assert [g & (2**64 - 1) for g in got] == ref
+
+
+def test_uniform_noise_is_uniform_and_depends_only_on_its_counters():
+    seeds, pos = torch.arange(64, dtype=torch.long) * 7919, torch.arange(64, dtype=torch.long) % 5
+    u = stream_uniform(seeds, pos, 4096)
+    assert u.min() > 0 and u.max() < 1 and abs(float(u.mean()) - 0.5) < 0.01 and abs(float(u.var()) - 1 / 12) < 0.005
+    assert torch.equal(stream_uniform(seeds[3:4], pos[3:4], 4096)[0], u[3])  # row 3 alone: the same noise
+
+
+def test_gumbel_draws_follow_the_softmax():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    n = 20000
+    logits = probs.log().expand(n, 4)
+    tokens = gumbel_sample(logits, torch.arange(n, dtype=torch.long) * 104729, torch.zeros(n, dtype=torch.long))
+    freq = torch.bincount(tokens, minlength=4).double() / n
+    chi2 = float(((freq - probs) ** 2 / probs).sum() * n)
+    assert chi2 < 16.3, (freq, chi2)  # p = 0.001 for 3 degrees of freedom
+
+
+def test_filtered_tokens_are_never_drawn():
+    logits = torch.zeros(512, 6)
+    sampling = SamplingParams(temperature=1.0, top_k=2)
+    logits[:, 4], logits[:, 1] = 3.0, 2.0
+    tokens, logp = sample_tokens(logits, sampling, torch.arange(512, dtype=torch.long), torch.zeros(512, dtype=torch.long))
+    assert set(tokens.tolist()) == {1, 4}
+    full = torch.log_softmax(logits, -1)
+    torch.testing.assert_close(logp, full.gather(-1, tokens[:, None])[:, 0])  # unfiltered log-probs, as the trainer scores
+
+
+def test_hf_engine_draws_do_not_depend_on_the_batch(tiny_policy):
+    engine = HFEngine(seed=5)
+    engine.bind(tiny_policy)
+    prompt = tiny_policy.encoder().encode("<|im_start|>user\nWhat is this?<|im_end|>\n<|im_start|>assistant\n")
+    other = tiny_policy.encoder().encode("<|im_start|>user\nAnd where?<|im_end|>\n<|im_start|>assistant\n")
+    sampling = SamplingParams(max_tokens=12, stop=())
+    a = GenerationRequest(tuple(prompt), key="s1#0", stream=1)
+    together = engine.generate([GenerationRequest(tuple(other), key="s2#0", stream=1), a, a.__class__(a.input_ids, key="s1#1", stream=1)], sampling)
+    alone = engine.generate([a], sampling)
+    assert together[1].token_ids == alone[0].token_ids and together[1].logprobs == pytest.approx(alone[0].logprobs, abs=1e-5)
+    assert together[2].token_ids != together[1].token_ids  # another episode of the same prompt: its own stream
+    later = engine.generate([GenerationRequest(tuple(prompt), key="s1#0", stream=2)], sampling)
+    assert later[0].token_ids != alone[0].token_ids  # the next rollout draws anew
+
+
+def test_hf_engine_state_resumes_keyless_streams(tiny_policy):
+    engine = HFEngine(seed=1)
+    engine.bind(tiny_policy)
+    request = GenerationRequest(tuple(tiny_policy.encoder().encode("<|im_start|>user\nhi<|im_end|>\n")))
+    sampling = SamplingParams(max_tokens=8, stop=())
+    engine.generate([request], sampling)
+    state = engine.state_dict()
+    first = engine.generate([request, request], sampling)
+    assert first[0].token_ids != first[1].token_ids or math.isclose(sum(first[0].logprobs), 0.0)
+    engine.load_state_dict(state)
+    again = engine.generate([request, request], sampling)
+    assert [o.token_ids for o in again] == [o.token_ids for o in first]
