@@ -3,12 +3,13 @@ run writes its metrics CSV, plot and summary (the learning claims are checked by
 
 import csv
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -16,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _short_demo(out: Path) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "mmsr", "demo", "--out", str(out), "--reading-steps", "2", "--sft-steps", "3",
            "--grpo-steps", "2", "--eval-limit", "6"]  # fmt: skip
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = subprocess_env()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc

