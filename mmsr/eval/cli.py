@@ -5,7 +5,9 @@
     mmsr eval --model-dir Qwen2.5-VL-7B-Instruct --tools configs/tools.yaml --data fvqa_test.parquet \\
         --workflow rag --judge-url https://api.openai.com/v1 --judge-model gpt-4o-2024-11-20
 
-Heavy imports (transformers, torch; Lightning only for ``--ckpt``) happen after argument parsing.
+Heavy imports (transformers, torch; Lightning only for ``--ckpt`` and ``--weights``) happen after
+argument parsing. Whatever the source, the loaded weights are synced into the engine and checked with
+the probe before the first question (``mmsr.eval.load``).
 """
 
 from __future__ import annotations
@@ -18,11 +20,12 @@ from pathlib import Path
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """The policy source, tools and episode-limit arguments shared by ``eval`` and ``curate``."""
     src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--ckpt", help="Lightning checkpoint of GRPOModule (rebuilt from the run's config.yaml)")
+    src.add_argument("--ckpt", help="checkpoint of GRPOModule, a .ckpt file or a distributed checkpoint directory "
+                     "(rebuilt from the run's config.yaml)")  # fmt: skip
     src.add_argument("--model-dir", help="Hugging Face model directory (PretrainedPolicy)")
     src.add_argument("--policy", help="YAML with a policy class_path entry (e.g. TinyQwen2_5_VL)")
     parser.add_argument("--run-config", help="the run's config.yaml (default: found next to --ckpt)")
-    parser.add_argument("--weights", help="with --policy: a .ckpt or state-dict file to load")
+    parser.add_argument("--weights", help="with --policy: a checkpoint (file or distributed directory) or state-dict file")
     parser.add_argument("--tools", help="YAML with image_search / text_search class_path entries")
     parser.add_argument("--min-pixels", type=int, help="with --model-dir: image processor lower bound")
     parser.add_argument("--max-pixels", type=int, help="with --model-dir: image processor upper bound")

@@ -1,20 +1,27 @@
 """What ``mmsr eval`` / ``mmsr curate`` evaluate: a policy with its engine, tools and episode limits.
 
 Three sources:
-- a Lightning checkpoint of ``GRPOModule``: the module is rebuilt from the run's ``config.yaml``
-  (LightningCLI writes it to the log directory; looked up next to the checkpoint and one level up)
-  with the reference model left out, then the checkpoint's weights are loaded. Only this path
-  imports Lightning. Checkpoints are unpickled: load only your own.
+- a Lightning checkpoint of ``GRPOModule``, a single file or a ``ModelParallelStrategy`` distributed
+  checkpoint directory (``mmsr.checkpoint.load_weights``): the module is rebuilt from the run's
+  ``config.yaml`` (LightningCLI writes it to the log directory; looked up next to the checkpoint and
+  one level up) with the reference model left out, then the checkpoint's weights are loaded, in the
+  checkpoint's dtype. Only this path and ``--weights`` import Lightning. Checkpoint files are
+  unpickled: load only your own.
 - a Hugging Face model directory (``PretrainedPolicy``), generated with ``HFEngine``;
 - a YAML with a policy ``class_path`` entry (e.g. ``TinyQwen2_5_VL``), optionally with weights.
+Every source ends by binding the engine to the policy and syncing the policy's weights into it with a
+probe check (``WeightSync(verify_every=1)``): an engine that holds its own weights (vLLM starts from
+the base model) evaluates the loaded weights, or ``StaleWeightsError`` says it does not.
 Tools come from a YAML with ``image_search`` / ``text_search`` ``class_path`` entries; with a
 checkpoint and no tools file, the run's own tools are used.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
@@ -22,7 +29,11 @@ from mmsr.models.policy import Policy
 from mmsr.prompt.render import PromptBuilder
 from mmsr.rollout.engine import Engine
 from mmsr.rollout.loop import RolloutSettings
+from mmsr.sync import WeightSync
 from mmsr.tools.base import SearchTool
+
+if TYPE_CHECKING:
+    from mmsr.module import GRPOModule
 
 
 @dataclass
@@ -63,9 +74,16 @@ def load_tools(path: str | Path) -> dict[str, SearchTool | None]:
     return {"image_search": built.image_search, "text_search": built.text_search}
 
 
-def _bound(policy: Policy, engine: Engine) -> Engine:
+def _synced(policy: Policy, engine: Engine, weight_sync: WeightSync | None = None) -> Engine:
+    """Bind ``engine`` to ``policy`` and load the policy's weights into it, checked with the probe:
+    ``weight_sync`` (the run's: its tolerance, buckets, dtype; the defaults otherwise) verifying now."""
     if hasattr(engine, "bind"):
         engine.bind(policy)
+    if hasattr(engine, "wake"):
+        engine.wake()
+    sync = copy.copy(weight_sync) if weight_sync is not None else WeightSync()
+    sync.verify_every, sync.syncs = 1, 0
+    sync(policy, engine)
     return engine
 
 
@@ -74,27 +92,34 @@ def load_model_dir(path: str, min_pixels: int | None = None, max_pixels: int | N
     from mmsr.rollout.hf_engine import HFEngine
 
     policy = PretrainedPolicy(path, min_pixels=min_pixels, max_pixels=max_pixels).build()
-    return Loaded(policy, _bound(policy, HFEngine()))
+    return Loaded(policy, _synced(policy, HFEngine()))
 
 
 def load_policy_yaml(path: str | Path, weights: str | None = None) -> Loaded:
-    """A YAML ``policy:`` entry (or a bare ``class_path`` entry); ``weights``: a ``.ckpt`` or state dict."""
-    import torch
-
+    """A YAML ``policy:`` entry (or a bare ``class_path`` entry); ``weights``: a checkpoint (file or
+    distributed directory) of ``GRPOModule``, or a state-dict file of the policy's model."""
     from mmsr.models.build import PolicyBuilder
     from mmsr.rollout.hf_engine import HFEngine
 
     data = _read_yaml(path)
     policy = _parse({"policy": PolicyBuilder}, data if "policy" in data else {"policy": data}, Path(path)).policy.build()
     if weights:
-        state = torch.load(weights, map_location="cpu", weights_only=False)
-        if "state_dict" in state:  # a GRPOModule checkpoint: the policy is its ``model`` attribute
-            state = {k.removeprefix("model."): v for k, v in state["state_dict"].items() if k.startswith("model.")}
+        from mmsr.checkpoint import adopt_dtypes, load_weights
+
+        state = load_weights(weights)
+        keys = policy.model.state_dict().keys()
+        inner = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+        if len(keys & inner.keys()) > len(keys & state.keys()):  # a GRPOModule checkpoint: the policy is ``model``
+            state = inner
+        adopt_dtypes(policy.model, state)
         policy.model.load_state_dict(state)
-    return Loaded(policy, _bound(policy, HFEngine()))
+    return Loaded(policy, _synced(policy, HFEngine()))
 
 
 def find_run_config(ckpt: Path) -> Path:
+    """``config.yaml`` next to the checkpoint (file or directory) or one level up: a run's checkpoints
+    are in ``<log dir>/checkpoints/`` unless ``ModelCheckpoint(dirpath=...)`` put them elsewhere."""
+    ckpt = Path(ckpt).resolve()
     for candidate in (ckpt.parent / "config.yaml", ckpt.parent.parent / "config.yaml"):
         if candidate.is_file():
             return candidate
@@ -104,14 +129,14 @@ def find_run_config(ckpt: Path) -> Path:
     )
 
 
-def load_checkpoint(ckpt: str | Path, run_config: str | Path | None = None) -> Loaded:
-    """Rebuild the run's ``GRPOModule`` (no reference model) and load the checkpoint's weights."""
-    import torch
-
+def load_module(ckpt: str | Path, run_config: str | Path | None = None) -> GRPOModule:
+    """The run's ``GRPOModule`` (no reference model) rebuilt from its config, with the checkpoint's
+    weights in the checkpoint's dtypes; its engine is not synced (``mmsr export`` needs no engine)."""
+    from mmsr.checkpoint import adopt_dtypes, load_weights
     from mmsr.module import GRPOModule  # imports Lightning, only on this path
 
-    ckpt = Path(ckpt)
-    config_path = Path(run_config) if run_config else find_run_config(ckpt)
+    weights = load_weights(ckpt)  # first: a wrong path fails before the module is built
+    config_path = Path(run_config) if run_config else find_run_config(Path(ckpt))
     model_cfg = _read_yaml(config_path).get("model")
     if not isinstance(model_cfg, dict):
         raise ValueError(f"{config_path}: no 'model' section (is it a LightningCLI config of mmsr fit?)")
@@ -120,7 +145,14 @@ def load_checkpoint(ckpt: str | Path, run_config: str | Path | None = None) -> L
     else:  # the module's init args at the top level
         model_cfg = {"class_path": "mmsr.module.GRPOModule", "init_args": {**model_cfg, "kl_coef": 0.0}}
     module = _parse({"model": GRPOModule}, {"model": model_cfg}, config_path).model
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
-    module.load_state_dict(state["state_dict"])
+    adopt_dtypes(module, weights)
+    module.load_state_dict(weights)
+    return module
+
+
+def load_checkpoint(ckpt: str | Path, run_config: str | Path | None = None) -> Loaded:
+    """The checkpoint's policy (``load_module``) with the run's engine, synced to it, tools and limits."""
+    module = load_module(ckpt, run_config)
     loop = module.loop
-    return Loaded(module.policy, module.engine, dict(loop.tools), loop.settings, loop.prompts)
+    engine = _synced(module.policy, module.engine, getattr(module, "weight_sync", None))
+    return Loaded(module.policy, engine, dict(loop.tools), loop.settings, loop.prompts)

@@ -1,9 +1,9 @@
 """Two CPU processes (gloo) under DDP and under ModelParallelStrategy (FSDP2) compute the same
-updates as one process on the same data: same per-step loss, same final weights."""
+updates as one process on the same data: same per-step loss, same final weights. The sharded
+checkpoints of a 2-rank FSDP2 run resume on one rank and export / evaluate in one process."""
 
 import csv
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +14,7 @@ import yaml
 from safetensors.torch import load_file
 
 from mmsr.data.loaders import load_samples
+from tests.conftest import subprocess_env
 
 ROOT = Path(__file__).resolve().parents[2]
 FVQA = ROOT / "data" / "fvqa_dev_20"
@@ -38,7 +39,8 @@ def run(tmp: Path, devices: int, strategy, checkpoint: bool = False, max_steps: 
                                                     "init_args": {"every_n_steps": 1, "max_trajectories": 16}}])  # fmt: skip
     if checkpoint:
         cfg["trainer"]["callbacks"].append({"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {
-            "dirpath": str(tmp / "ckpt"), "every_n_train_steps": 1, "save_top_k": -1, "filename": "{step}"}})  # fmt: skip
+            "dirpath": str(tmp / "ckpt"), "every_n_train_steps": 1, "save_top_k": -1, "filename": "{step}",
+            "save_last": True}})  # fmt: skip
     cfg["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp)
     init = cfg["model"]["init_args"]
     init["engine"] = {"class_path": "mmsr.rollout.engine.ScriptedEngine", "init_args": {"script": script()}}
@@ -47,7 +49,7 @@ def run(tmp: Path, devices: int, strategy, checkpoint: bool = False, max_steps: 
     tmp.mkdir(parents=True, exist_ok=True)
     path = tmp / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = subprocess_env()
     proc = subprocess.run([sys.executable, "-m", "mmsr", "fit", "-c", str(path), *extra], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -73,15 +75,51 @@ def test_two_ranks_equal_one(tmp_path, strategy):
         torch.testing.assert_close(b[k], a[k], atol=2e-5, rtol=1e-4, msg=k)
 
 
+def fsdp(n: int, strategy: str = "lightning.pytorch.strategies.ModelParallelStrategy") -> dict:
+    return {"class_path": strategy, "init_args": {"data_parallel_size": n, "tensor_parallel_size": 1}}
+
+
+@pytest.fixture(scope="module")
+def sharded_run(tmp_path_factory) -> Path:
+    """A 2-rank FSDP2 run with the recipes' atomic strategy: a sharded checkpoint after every step,
+    and ``last.ckpt`` saved again every step (the old directory replaced by the new one)."""
+    return run(tmp_path_factory.mktemp("two"), 2, fsdp(2, "mmsr.checkpoint.AtomicModelParallelStrategy"), checkpoint=True)
+
+
 @pytest.mark.slow
-def test_sharded_checkpoint_resumes_on_one_rank(tmp_path):
+def test_sharded_checkpoint_resumes_on_one_rank(tmp_path, sharded_run):
     """An FSDP2 run on 2 ranks writes a sharded (distributed) checkpoint; a 1-rank run resumes from it."""
-    fsdp = lambda n: {"class_path": "lightning.pytorch.strategies.ModelParallelStrategy",  # noqa: E731
-                      "init_args": {"data_parallel_size": n, "tensor_parallel_size": 1}}  # fmt: skip
-    two = run(tmp_path / "two", 2, fsdp(2), checkpoint=True)
+    two = sharded_run
     (ckpt,) = (two / "ckpt").glob("step=2*")
     assert ckpt.is_dir()  # a distributed checkpoint: one shard file per rank plus metadata
     one = run(tmp_path / "one", 1, fsdp(1), max_steps=3, extra=["--ckpt_path", str(ckpt)])
     assert len(losses(one)) == 1  # resumed at step 2, trained step 3 only
     a, b = load_file(two / "hf" / "model.safetensors"), load_file(one / "hf" / "model.safetensors")
     assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)  # it went on training
+
+
+@pytest.mark.slow
+def test_sharded_checkpoint_exports_and_evaluates_in_one_process(tmp_path, sharded_run, monkeypatch):
+    """``mmsr export`` reads the 2-rank sharded ``last.ckpt`` directory without a process group: the
+    exported policy's weights and log-probs equal those of the run's own export at train end (the
+    same weights, gathered by FSDP2 there); ``mmsr eval --ckpt DIR`` runs on it."""
+    from mmsr.eval.cli import main as evaluate
+    from mmsr.models.build import PretrainedPolicy
+
+    ckpt = sharded_run / "ckpt" / "last.ckpt"
+    names = sorted(p.name for p in ckpt.parent.iterdir())  # last.ckpt replaced whole, no temporaries left
+    assert (ckpt / "meta.pt").is_file() and names == ["last.ckpt", "step=1.ckpt", "step=2.ckpt"]
+    proc = subprocess.run([sys.executable, "-m", "mmsr", "export", "--ckpt", str(ckpt), "--out", str(tmp_path / "hf")],
+                          cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    mine, theirs = load_file(tmp_path / "hf" / "model.safetensors"), load_file(sharded_run / "hf" / "model.safetensors")
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    a, b = PretrainedPolicy(str(tmp_path / "hf")).build(), PretrainedPolicy(str(sharded_run / "hf")).build()
+    ids = torch.tensor([a.tokenizer.encode("<|im_start|>user\nWhere is this?<|im_end|>\n<|im_start|>assistant\n")])
+    with torch.no_grad():
+        la, lb = (torch.log_softmax(p.forward(ids, torch.ones_like(ids), p.position_ids(ids[0], [])[:, None], []).logits, -1)
+                  for p in (a, b))  # fmt: skip
+    torch.testing.assert_close(la, lb, atol=1e-6, rtol=0)
+    monkeypatch.chdir(ROOT)  # the run's config names data and tokenizer texts relative to the repository
+    summary = evaluate(["--ckpt", str(ckpt), "--data", str(FVQA / "fvqa_dev.jsonl"), "--limit", "2", "--out", str(tmp_path / "eval")])
+    assert summary["fvqa_dev"]["on-demand"]["all"]["n"] == 2

@@ -1,14 +1,23 @@
 """``mmsr eval`` from a Hugging Face directory (in a fresh process: Lightning is never imported), from
-a Lightning checkpoint rebuilt from its run's config.yaml, and from a policy YAML."""
+a Lightning checkpoint rebuilt from its run's config.yaml, and from a policy YAML; the loaded weights
+are synced into an engine that holds its own (as vLLM does); ``mmsr export`` keeps the checkpoint's
+dtype."""
+
+from __future__ import annotations  # jsonargparse matches BaseWeightsEngine to the Engine protocol's resolved hints
 
 import json
 import subprocess
 import sys
+from collections.abc import Iterable
 
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 
+from mmsr.models.build import PolicyBuilder
+from mmsr.rollout.hf_engine import HFEngine
+from mmsr.sync import StaleWeightsError, trainer_logprobs
 from tests.conftest import FVQA, ROOT
 
 SEARCH = FVQA / "search"
@@ -36,13 +45,38 @@ def test_model_dir_eval_in_a_fresh_process_without_lightning(tmp_path, tiny_poli
     assert [(r["workflow"], r["image_searches"]) for r in rows] == [("direct", 0)] * 2 + [("rag", 1)] * 2
 
 
-def _run_dir(tmp_path):
-    """A run directory as ``mmsr fit`` leaves it: config.yaml, checkpoints/last.ckpt (perturbed weights)."""
+class BaseWeightsEngine(HFEngine):
+    """Like vLLM: generates and scores with its own copy of the weights, which it loads from the base
+    model (``base``) when bound, so it evaluates a checkpoint only if the checkpoint is synced into it.
+    ``drop_updates``: receive synced weights but keep the base ones (a broken sync)."""
+
+    def __init__(self, base: PolicyBuilder, drop_updates: bool = False) -> None:
+        super().__init__()
+        self.base, self.drop_updates, self.own = base, drop_updates, None
+
+    def bind(self, policy) -> None:
+        self.own = self.own or self.base.build()
+        super().bind(self.own)
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        if self.drop_updates:
+            for _ in named_tensors:  # received (every bucket is gathered and sent), not loaded
+                pass
+            return
+        super().update_weights(named_tensors)
+
+    def score(self, input_ids, vision=()):
+        return trainer_logprobs(self.own, input_ids, vision).tolist()
+
+
+def _run_dir(tmp_path, **extra):
+    """A run directory as ``mmsr fit`` leaves it: config.yaml, checkpoints/last.ckpt (perturbed weights);
+    ``extra``: more module init args (an engine, a weight sync)."""
     from mmsr.eval.load import _parse
     from mmsr.module import GRPOModule
 
     init = {"policy": TINY, **TOOLS, "num_generations": 2, "kl_coef": 0.001,
-            "rollout": {"max_rounds": 2, "max_tokens_per_turn": 5, "max_context_tokens": 1500}}  # fmt: skip
+            "rollout": {"max_rounds": 2, "max_tokens_per_turn": 5, "max_context_tokens": 1500}, **extra}  # fmt: skip
     config = {"seed_everything": 0, "model": {"class_path": "mmsr.module.GRPOModule", "init_args": init}}
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(config))
@@ -56,7 +90,7 @@ def _run_dir(tmp_path):
 
 def test_checkpoint_is_rebuilt_from_the_run_config(tmp_path):
     from mmsr.eval.cli import main
-    from mmsr.eval.load import load_checkpoint
+    from mmsr.eval.load import load_checkpoint, load_policy_yaml
 
     ckpt, trained = _run_dir(tmp_path)
     loaded = load_checkpoint(ckpt)
@@ -64,8 +98,56 @@ def test_checkpoint_is_rebuilt_from_the_run_config(tmp_path):
     assert loaded.settings.max_rounds == 2 and type(loaded.tools["text_search"]).__name__ == "LocalTextSearch"
     summary = main(["--ckpt", str(ckpt), "--data", str(FVQA / "fvqa_dev.jsonl"), "--limit", "1", "--out", str(tmp_path / "o")])
     assert summary["fvqa_dev"]["on-demand"]["all"]["n"] == 1
+    with pytest.raises(FileNotFoundError, match="elsewhere.ckpt does not exist"):
+        load_checkpoint(tmp_path / "elsewhere.ckpt")
+    (tmp_path / "elsewhere.ckpt").write_bytes(ckpt.read_bytes())
     with pytest.raises(FileNotFoundError, match="no config.yaml next to"):
         load_checkpoint(tmp_path / "elsewhere.ckpt")
+    (tmp_path / "policy.yaml").write_text(yaml.safe_dump({"policy": TINY}))
+    from_yaml = load_policy_yaml(tmp_path / "policy.yaml", str(ckpt))  # --policy with --weights: the module's ``model.``
+    assert torch.equal(from_yaml.policy.model.lm_head.weight, trained.model.lm_head.weight)
+
+
+def test_checkpoint_weights_are_synced_into_an_engine_with_its_own(tmp_path):
+    from mmsr.eval.load import load_checkpoint
+
+    engine = {"class_path": "tests.eval.test_cli.BaseWeightsEngine", "init_args": {"base": TINY}}
+    ckpt, trained = _run_dir(tmp_path, engine=engine)
+    loaded = load_checkpoint(ckpt)
+    own = loaded.engine.own.model
+    assert own is not loaded.policy.model
+    base = loaded.engine.base.build().model.lm_head.weight
+    assert not torch.equal(base, trained.model.lm_head.weight)  # without the sync it would evaluate the base
+    for name, value in trained.model.state_dict().items():
+        assert torch.equal(own.state_dict()[name], value), name
+    config = yaml.safe_load((ckpt.parents[1] / "config.yaml").read_text())
+    config["model"]["init_args"]["engine"]["init_args"]["drop_updates"] = True
+    (tmp_path / "dropping.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(StaleWeightsError):
+        load_checkpoint(ckpt, tmp_path / "dropping.yaml")
+    # The probe's tolerance is the run's (weight_sync in its config): a huge one lets the stale engine pass.
+    config["model"]["init_args"]["weight_sync"] = {"class_path": "mmsr.sync.WeightSync", "init_args": {"tolerance": 1e3}}
+    (tmp_path / "lenient.yaml").write_text(yaml.safe_dump(config))
+    assert not torch.equal(load_checkpoint(ckpt, tmp_path / "lenient.yaml").engine.own.model.lm_head.weight,
+                           trained.model.lm_head.weight)  # fmt: skip
+
+
+def test_export_keeps_the_checkpoint_dtype(tmp_path):
+    """A bf16 checkpoint of a module that builds its policy in fp32: loaded exactly, exported in bf16
+    unless ``--dtype`` asks for another."""
+    from mmsr.eval.load import load_checkpoint
+    from mmsr.export import main
+
+    ckpt, trained = _run_dir(tmp_path)
+    state = torch.load(ckpt, weights_only=False)
+    state["state_dict"] = {k: v.to(torch.bfloat16) for k, v in state["state_dict"].items()}
+    torch.save(state, ckpt)
+    loaded = load_checkpoint(ckpt)
+    assert loaded.policy.model.lm_head.weight.dtype == torch.bfloat16
+    assert torch.equal(loaded.policy.model.lm_head.weight, state["state_dict"]["model.lm_head.weight"])
+    kept = load_file(main(["--ckpt", str(ckpt), "--out", str(tmp_path / "bf16")]) / "model.safetensors")
+    cast = load_file(main(["--ckpt", str(ckpt), "--out", str(tmp_path / "fp32"), "--dtype", "float32"]) / "model.safetensors")
+    assert {t.dtype for t in kept.values()} == {torch.bfloat16} and {t.dtype for t in cast.values()} == {torch.float32}
 
 
 def test_policy_yaml_with_weights(tmp_path, tiny_policy):
