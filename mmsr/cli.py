@@ -20,6 +20,7 @@ COMMANDS["curate"] = "mmsr.eval.curate:main"
 COMMANDS["report"] = "mmsr.report.cli:main"
 COMMANDS["sweep"] = "mmsr.sweep:main"
 COMMANDS["serve-search"] = "mmsr.tools.server:main"
+COMMANDS["plan"] = "mmsr.plan:main"
 
 
 def lightning_cli(args: list[str] | None = None, parse_only: bool = False, **kwargs):

@@ -1,0 +1,246 @@
+"""The arithmetic of ``mmsr plan``: bytes per GPU of every term, in two phases, and the token budget.
+
+A step has two phases that never overlap on a GPU:
+- rollout: sharded params + AdamW state (grads are freed after each optimizer step) + the reference model
+  when it stays on the GPU + the engine (vLLM takes ``gpu_memory_utilization`` of the GPU; an HF engine
+  under FSDP2 keeps a full compute-dtype copy of the policy) + the weight-sync buffer + overhead;
+- training: params + grads + AdamW + reference + what FSDP2 gathers (root params and two blocks in flight,
+  in compute dtype) and the unsharded grads of the root and one block (compute dtype) + activations of
+  one micro-batch + its logits + the engine while asleep (0 with vLLM sleep mode) + overhead.
+
+Not counted: FSDP2's padding of dim 0 to a multiple of W (0.004% of the 7B), DDP's gradient buckets,
+the float32 copy of the root grads FSDP2 reduce-scatters at the very end of the backward (after the
+activations are freed), the vision merger / patch embedding activations, and allocator fragmentation
+beyond ``overhead``. Every number is an upper bound for episodes at the rollout limits.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+from mmsr.algo.logprobs import DEFAULT_CHUNK_SIZE
+from mmsr.plan.config import GiB, ModelShape, RunSpec
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+NORM_BYTES = 4  # Qwen2 RMSNorm computes in float32 and saves its float32 input
+
+
+def nbytes(dtype: str) -> int:
+    """Bytes per element of a dtype named as in the configs."""
+    return DTYPE_BYTES[dtype]
+
+
+def shard(total: int, spec: RunSpec) -> int:
+    """Bytes per GPU of ``total`` bytes sharded over the ranks under FSDP2 (replicated otherwise)."""
+    return math.ceil(total / spec.world_size) if spec.fsdp else total
+
+
+def training_state(shape: ModelShape, spec: RunSpec) -> dict[str, int]:
+    """params, grads and AdamW ``exp_avg`` + ``exp_avg_sq``, all in param dtype."""
+    per = shard(shape.params * nbytes(spec.param_dtype), spec)
+    return {"params": per, "grads": per, "adamw": 2 * per}
+
+
+def reference(shape: ModelShape, spec: RunSpec) -> dict[str, int]:
+    """The frozen reference model (compute dtype): ``resident`` on the GPU, or ``transient`` while it scores.
+
+    FSDP2 shards it like the policy; offloaded (FSDP2 CPU offload) it only gathers blocks while it scores,
+    no more than the policy's gathered term. Without FSDP2 it is a full copy, moved whole to the GPU to
+    score when offloaded.
+    """
+    if not spec.kl:
+        return {"resident": 0, "transient": 0}
+    full = shape.params * nbytes(spec.compute_dtype)
+    if spec.fsdp:
+        return {"resident": 0 if spec.ref_offload else shard(full, spec), "transient": 0}
+    return {"resident": 0, "transient": full} if spec.ref_offload else {"resident": full, "transient": 0}
+
+
+def gathered(shape: ModelShape, spec: RunSpec) -> dict[str, int]:
+    """Unsharded copies in compute dtype during forward/backward.
+
+    FSDP2: the root params stay gathered from the forward to the end of the backward, plus two blocks in
+    flight (the current one and the prefetched one); the root's and one block's unsharded grads wait to
+    be reduce-scattered. Without FSDP2, mixed precision caches a compute-dtype copy of every weight
+    (autocast) for the forward and backward.
+    """
+    c = nbytes(spec.compute_dtype)
+    if spec.fsdp:
+        root, block = shape.root_params, shape.block_params
+        return {"params": (root + 2 * block) * c, "grads": (root + block) * c}
+    return {"params": shape.params * c if spec.compute_dtype != spec.param_dtype else 0, "grads": 0}
+
+
+def layer_bytes(hidden: int, kv_dim: int, intermediate: int, c: int) -> int:
+    """Bytes per token one Qwen2 decoder (or vision) block saves for backward, flash/sdpa attention.
+
+    In compute dtype (``c`` bytes): per RMSNorm its normalized input and its output, which feeds q/k/v
+    (or the MLP) (4h); q (h), k and v (2 kv_dim); the attention output (h) and o_proj's contiguous input
+    (h); MLP gate, up, act(gate), act(gate) * up (4 intermediate): ``c * (7h + 2 kv_dim + 4 I)``. Each
+    RMSNorm also saves its float32 input (2 x 4h). For 7B in bf16: 232,448 bytes per token and layer.
+    """
+    return c * (7 * hidden + 2 * kv_dim + 4 * intermediate) + 2 * NORM_BYTES * hidden
+
+
+def activations(shape: ModelShape, spec: RunSpec) -> int:
+    """Language-model activations of one micro-batch of ``micro_batch_tokens`` padded tokens.
+
+    Without checkpointing every layer's saved tensors; with it, each layer's input (``layers x h x c``)
+    plus one layer's saved tensors while it is recomputed in backward. The final norm adds its float32
+    input, its normalized input and lm_head's input: ``(4 + 2c) h``.
+    """
+    c, t = nbytes(spec.compute_dtype), spec.micro_batch_tokens
+    layer = layer_bytes(shape.hidden, shape.kv_heads * shape.head_dim, shape.intermediate, c) * t
+    final_norm = (NORM_BYTES + 2 * c) * shape.hidden * t
+    if spec.gradient_checkpointing:
+        return shape.layers * shape.hidden * c * t + layer + final_norm
+    return shape.layers * layer + final_norm
+
+
+def episodes_per_micro_batch(spec: RunSpec) -> int:
+    """Episodes at the context bound that one micro-batch packs (a longer one goes alone)."""
+    return max(1, spec.micro_batch_tokens // spec.max_context_tokens)
+
+
+def vision_activations(shape: ModelShape, spec: RunSpec) -> int:
+    """Vision tower activations of one micro-batch: ``images_per_episode`` images at ``max_pixels`` per
+    episode (merge² patches per LM image token), each vision block saving ``layer_bytes`` per patch
+    (q, k and v all ``vision_hidden`` wide); with checkpointing, block inputs plus one block. Tool
+    thumbnails (tens of tokens each) are left to ``images_per_episode``."""
+    if not shape.vision_layers:
+        return 0
+    tokens = min(spec.max_pixels // shape.patch_pixels, spec.max_context_tokens)
+    patches = episodes_per_micro_batch(spec) * spec.images_per_episode * tokens * shape.patches_per_token
+    c, h = nbytes(spec.compute_dtype), shape.vision_hidden
+    block = layer_bytes(h, h, shape.vision_intermediate, c) * patches
+    if spec.gradient_checkpointing:
+        return shape.vision_layers * h * c * patches + block
+    return shape.vision_layers * block
+
+
+def logits(shape: ModelShape, spec: RunSpec) -> int:
+    """The ``[T, V]`` logits in compute dtype, kept by the chunked log-softmax for its backward, plus
+    their gradient (``empty_like(logits)``, allocated in backward while the logits are alive), plus at
+    most three float32 ``[512, V]`` chunk temporaries (scaled logits, log p and p; the softmax is
+    recomputed per chunk, never stored whole)."""
+    t = spec.micro_batch_tokens
+    return 2 * nbytes(spec.compute_dtype) * t * shape.vocab + 3 * 4 * min(DEFAULT_CHUNK_SIZE, t) * shape.vocab
+
+
+def kv_bytes_per_token(shape: ModelShape, dtype: str, tp: int = 1) -> int:
+    """K and V of every layer for one token, of the KV heads one GPU holds (heads split over ``tp``)."""
+    return 2 * shape.layers * math.ceil(shape.kv_heads / tp) * shape.head_dim * nbytes(dtype)
+
+
+def vllm(shape: ModelShape, spec: RunSpec, gpu: int, allowance: int) -> dict[str, int]:
+    """vLLM takes ``gpu_memory_utilization x GPU`` for weights (``P x bytes / tp``), its profiled
+    activations, CUDA graphs and non-torch memory (``allowance``, stated, not derived) and the KV cache
+    (the rest). With sleep mode (level 1) it holds ~0 during the training phase."""
+    budget = int(spec.gpu_memory_utilization * gpu)
+    weights = math.ceil(shape.params * nbytes(spec.engine_dtype) / spec.tp)
+    kv = budget - weights - allowance
+    per_token = kv_bytes_per_token(shape, spec.engine_dtype, spec.tp)
+    tokens = max(kv, 0) // per_token
+    return dict(rollout=budget, training=0 if spec.sleep_mode else budget, weights=weights, allowance=allowance,
+                kv_cache=kv, kv_bytes_per_token=per_token, kv_tokens=tokens,
+                contexts=tokens // spec.max_model_len)  # fmt: skip
+
+
+def hf_engine(shape: ModelShape, spec: RunSpec) -> dict[str, int]:
+    """HFEngine: under FSDP2 a full unsharded copy of the policy in compute dtype, resident in both
+    phases; otherwise the trainer's own module, whose weights autocast caches in compute dtype while it
+    generates (if that differs from the param dtype). Its KV cache holds ``max_batch_size`` contexts of
+    ``max_context_tokens`` in compute dtype."""
+    c = nbytes(spec.compute_dtype)
+    copy = shape.params * c if spec.fsdp else 0
+    cast = shape.params * c if not spec.fsdp and spec.compute_dtype != spec.param_dtype else 0
+    kv = spec.hf_batch * spec.max_context_tokens * kv_bytes_per_token(shape, spec.compute_dtype)
+    return dict(rollout=copy + cast + kv, training=copy, weights=copy + cast, kv_cache=kv)
+
+
+def sync_buffer(shape: ModelShape, spec: RunSpec) -> int:
+    """Full tensors of one bucket, cast to the sync dtype, alive while the engine loads them (a tensor
+    bigger than ``bucket_mb`` goes alone). An HF engine on the trainer's own module needs none."""
+    if spec.engine == "hf" and not spec.fsdp:
+        return 0
+    return max(int(spec.bucket_mb * 2**20), shape.largest_param * nbytes(spec.sync_dtype))
+
+
+def weight_sync(shape: ModelShape, spec: RunSpec) -> dict[str, int]:
+    """Per step: bytes each rank hands the engine (P x sync bytes) and, under FSDP2, the all-gather
+    traffic it receives for them ((W-1)/W of it)."""
+    handed = shape.params * nbytes(spec.sync_dtype)
+    received = handed * (spec.world_size - 1) // spec.world_size if spec.fsdp else 0
+    return {"bytes_per_step": handed, "all_gather_received_per_rank": received}
+
+
+def tokens(spec: RunSpec) -> dict[str, dict[str, int] | int]:
+    """Tokens per step implied by the rollout limits, per rank and in total (upper bounds), and the
+    micro-batches of one optimizer update if every episode were at the context bound."""
+    per_rank = {"prompts": spec.prompts_per_rank, "episodes": spec.prompts_per_rank * spec.num_generations}
+    sampled = min(spec.max_rounds * spec.max_tokens_per_turn, spec.max_context_tokens)
+    per_rank["context_tokens"] = per_rank["episodes"] * spec.max_context_tokens
+    per_rank["sampled_tokens"] = per_rank["episodes"] * sampled
+    per_update = math.ceil(per_rank["episodes"] / spec.mini_batches)  # torch.chunk: the largest mini-batch
+    return dict(per_rank=per_rank, total={k: v * spec.world_size for k, v in per_rank.items()},
+                sampled_tokens_per_episode=sampled, updates_per_step=spec.ppo_epochs * spec.mini_batches,
+                episodes_per_update=per_update, episodes_per_micro_batch=episodes_per_micro_batch(spec),
+                micro_batches_per_update=math.ceil(per_update / episodes_per_micro_batch(spec)))  # fmt: skip
+
+
+def phases(shape: ModelShape, spec: RunSpec, engine: dict[str, int], overhead: int) -> dict[str, dict[str, int]]:
+    """Bytes per GPU of every term in the rollout and the training phase, and each phase's total."""
+    state, ref, full = training_state(shape, spec), reference(shape, spec), gathered(shape, spec)
+    common = dict(params=state["params"], adamw=state["adamw"], reference=ref["resident"])
+    rollout = common | dict(engine=engine["rollout"], sync_buffer=sync_buffer(shape, spec), overhead=overhead)
+    training = common | dict(grads=state["grads"], reference_scoring=ref["transient"], gathered_params=full["params"],
+                             unsharded_grads=full["grads"], activations=activations(shape, spec),
+                             vision_activations=vision_activations(shape, spec), logits=logits(shape, spec),
+                             engine=engine["training"], overhead=overhead)  # fmt: skip
+    return {"rollout": rollout | {"total": sum(rollout.values())},
+            "training": training | {"total": sum(training.values())}}
+
+
+def activations_both_ways(shape: ModelShape, spec: RunSpec) -> dict[str, int]:
+    """Language-model + vision activations of one micro-batch with and without gradient checkpointing."""
+    both = {}
+    for key, on in (("checkpointed", True), ("not_checkpointed", False)):
+        s = replace(spec, gradient_checkpointing=on)
+        both[key] = activations(shape, s) + vision_activations(shape, s)
+    return both
+
+
+def problems(spec: RunSpec, engine: dict[str, int]) -> list[str]:
+    """What keeps the run from starting besides the peak (empty when nothing does)."""
+    if spec.engine == "vllm" and engine["kv_tokens"] < spec.max_model_len:
+        return [f"vLLM's KV cache ({engine['kv_cache'] / GiB:.1f} GiB = {engine['kv_tokens']} tokens) cannot hold "
+                f"one max_model_len context ({spec.max_model_len} tokens): raise gpu_memory_utilization"]  # fmt: skip
+    return []
+
+
+def plan(shape: ModelShape, spec: RunSpec, gpu_gib: float = 80.0, overhead_gib: float = 2.0,
+         vllm_allowance_gib: float = 4.0) -> dict:  # fmt: skip
+    """Everything ``mmsr plan`` reports, in bytes (the JSON of ``--json``); ``fits`` is the verdict."""
+    gpu = int(gpu_gib * GiB)
+    engine = vllm(shape, spec, gpu, int(vllm_allowance_gib * GiB)) if spec.engine == "vllm" else hf_engine(shape, spec)
+    memory = phases(shape, spec, engine, int(overhead_gib * GiB))
+    peak = max(memory["rollout"]["total"], memory["training"]["total"])
+    why = problems(spec, engine)
+    return dict(
+        gpu_bytes=gpu,
+        world_size=spec.world_size,
+        strategy="fsdp2" if spec.fsdp else "replicated",
+        dtypes={k: getattr(spec, f"{k}_dtype") for k in ("param", "compute", "engine", "sync")},
+        params={"total": shape.params, "vision": shape.vision_params, "root": shape.root_params,
+                "largest_block": shape.block_params},  # fmt: skip
+        memory=memory,
+        peak=peak,
+        margin=gpu - peak,
+        fits=peak <= gpu and not why,
+        problems=why,
+        engine={"kind": spec.engine} | engine,
+        activations=activations_both_ways(shape, spec),
+        weight_sync=weight_sync(shape, spec),
+        tokens=tokens(spec),
+    )
