@@ -9,6 +9,7 @@ import torch
 import torch.multiprocessing as mp
 
 from mmsr.models.policy import Policy
+from mmsr.rollout.hf_engine import HFEngine
 from mmsr.sync import (
     PROBE_TEXT,
     StaleWeightsError,
@@ -24,11 +25,16 @@ from mmsr.sync import (
 
 
 class CopyEngine:
-    """An engine with its own copy of the weights (like vLLM), scoring with that copy."""
+    """An engine with its own copy of the weights (like vLLM), generating and scoring with that copy."""
 
     def __init__(self, policy: Policy, drop_updates: bool = False):
         self.copy = Policy(copy.deepcopy(policy.model), policy.tokenizer, policy.image_processor)
         self.drop_updates, self.calls, self.received = drop_updates, 0, []
+        self.hf = HFEngine()
+        self.hf.bind(self.copy)
+
+    def generate(self, requests, sampling):
+        return self.hf.generate(requests, sampling)
 
     def update_weights(self, named_tensors):
         params = dict(self.copy.model.named_parameters())
@@ -54,6 +60,9 @@ class SkipVision:
 
     def score(self, input_ids, vision=()):
         return self.engine.score(input_ids, vision)
+
+    def generate(self, requests, sampling):
+        return self.engine.generate(requests, sampling)
 
 
 @pytest.fixture

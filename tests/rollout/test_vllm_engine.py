@@ -29,7 +29,7 @@ from mmsr.rollout.engine import GenerationRequest, SamplingParams, ScriptedEngin
 from mmsr.rollout.hf_engine import HFEngine
 from mmsr.rollout.loop import RolloutLoop
 from mmsr.rollout.vllm_engine import VLLMEngine
-from mmsr.sync import StaleWeightsError, WeightSync, sync_weights
+from mmsr.sync import StaleWeightsError, WeightSync, probe_inputs, sampling_probe, sync_weights, verify_sync
 from tests.conftest import FVQA
 from tests.rollout.test_loop import ANS, TXT, FakeImageSearch, FakeTextSearch, spans
 
@@ -202,10 +202,29 @@ def test_verification_catches_a_skipped_sync(policy, engine, initial, taught):
     check(policy, engine)  # synced and verified
     assert check.last_check.max_abs_diff < 1e-4
     load(policy, initial)  # an update whose sync is skipped (e.g. weights pushed to a sleeping engine)
-    skipping = type("Skip", (), {"update_weights": lambda self, it: list(it), "score": lambda self, ids: engine.score(ids)})()
+    skipping = type("Skip", (), {"update_weights": lambda self, it: list(it), "score": lambda self, ids: engine.score(ids),
+                                 "generate": lambda self, reqs, sampling: engine.generate(reqs, sampling)})()  # fmt: skip
     with pytest.raises(StaleWeightsError, match="stale"):
         check(policy, skipping)
     check(policy, engine)  # a real sync repairs it
+
+
+def test_verification_catches_a_sync_that_keeps_the_prefix_cache(policy, engine, initial, taught, monkeypatch):
+    """vLLM's prompt log-probs bypass its prefix cache, so scoring alone misses a sync that keeps the
+    cached KV of the old weights; the greedy continuation of the cached probe prefix catches it."""
+    load(policy, initial)
+    check = WeightSync(verify_every=1, tolerance=1e-3)
+    check(policy, engine)
+    assert check.last_sampling_check.max_abs_diff < 1e-4
+    ids, _ = sampling_probe(policy)
+    assert cached_tokens(engine, GenerationRequest(tuple(ids))) >= 256  # the probe's prefix is served from the cache
+    load(policy, taught[0])
+    monkeypatch.setattr(engine.llm, "reset_prefix_cache", lambda *a, **k: True)  # the bug: the cache survives
+    with pytest.raises(StaleWeightsError, match="cached probe prefix"):
+        check(policy, engine)
+    assert check.syncs == 2 and verify_sync(policy, engine, probe_inputs(policy)[0], 1e-3).max_abs_diff < 1e-4
+    monkeypatch.undo()
+    check(policy, engine)  # a sync that drops the cache passes
 
 
 def test_sleep_and_wake_are_no_ops_on_cpu(policy, engine, initial, prompts, fvqa_samples):

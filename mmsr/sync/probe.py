@@ -1,0 +1,180 @@
+"""Proof that a sync landed: the engine and the trainer must agree on a fixed probe.
+
+Two checks, run together every ``WeightSync.verify_every`` syncs:
+- scoring: the engine's log-probs of the probe's tokens (its prompt log-probs) against the trainer's;
+  for a vision-language policy the probe holds a generated image, so a vision tower that did not
+  sync fails it too;
+- sampling: the engine's greedy continuation of the probe against the trainer's log-probs and argmax
+  of the same tokens. The probe is generated once right before the sync, so after it the engine
+  serves the probe's prefix from its prefix cache: KV computed with the old weights if a sync forgot
+  to drop the cache. vLLM computes prompt log-probs without the prefix cache, so the scoring check
+  alone cannot see that.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from mmsr.models.policy import BANNED_LOGIT, Policy
+from mmsr.rollout.engine import Engine, GenerationRequest, SamplingParams
+from mmsr.rollout.trajectory import VisionInput
+from mmsr.tools.base import IMAGE_MARKER
+
+# One image (``probe_image``) for vision-language policies; text-only policies get the text alone.
+PROBE_TEXT = (
+    f"<|im_start|>user\n{IMAGE_MARKER}What is the name of the river that flows past the building in this "
+    "picture?<|im_end|>\n<|im_start|>assistant\n<reason>I do not recognize the building, so I search the image."
+    "</reason><search><img></search><|im_end|>\n"
+)
+PROBE_KEY = "mmsr-sync-probe"
+PROBE_TOKENS = 8  # greedy tokens the sampling check draws
+# The sampling check's prefix spans several KV blocks: vLLM caches whole blocks only (16 tokens on
+# GPU, 128 on CPU), and never the last token of a prompt.
+SAMPLING_PROBE_MIN_TOKENS = 512
+
+
+class StaleWeightsError(RuntimeError):
+    """The engine's log-probs of the probe differ from the trainer's: its weights are not current."""
+
+
+@dataclass(frozen=True)
+class SyncCheck:
+    """Engine vs trainer log-probs of the probe's ``tokens`` predicted tokens."""
+
+    mean_abs_diff: float
+    max_abs_diff: float
+    tokens: int
+
+
+def probe_image(index: int = 0) -> Image.Image:
+    """A deterministic 112x84 test image: colour gradients over a 14-pixel checkerboard (one patch per
+    square), shifted by ``index`` so several probe images differ."""
+    y, x = np.mgrid[0:84, 0:112]
+    checker = ((x // 14 + y // 14 + index) % 2) * 255
+    pixels = np.stack([x * 255 // 111, y * 255 // 83, checker], axis=-1).astype(np.uint8)
+    return Image.fromarray(pixels)
+
+
+def probe_inputs(policy: Policy, text: str = PROBE_TEXT) -> tuple[list[int], tuple[VisionInput, ...]]:
+    """The probe's ``[L]`` token ids and its images, encoded as the rollout encodes a context.
+
+    For a vision-language policy the i-th ``IMAGE_MARKER`` is ``probe_image(i)``, processed by the
+    policy and expanded to its pads; a text-only policy gets the text with the markers removed.
+    """
+    if not policy.is_vision:
+        return policy.encoder().encode(text.replace(IMAGE_MARKER, "")), ()
+    vision = tuple(policy.process_image(probe_image(i)) for i in range(text.count(IMAGE_MARKER)))
+    return policy.encoder().encode(text, [v.num_tokens for v in vision]), vision
+
+
+def sampling_probe(policy: Policy, text: str = PROBE_TEXT) -> tuple[list[int], tuple[VisionInput, ...]]:
+    """``probe_inputs`` followed by the probe's text (without images) repeated up to at least
+    ``SAMPLING_PROBE_MIN_TOKENS`` tokens: a prefix long enough for the engine to cache."""
+    ids, vision = probe_inputs(policy, text)
+    filler, _ = probe_inputs(policy, text.replace(IMAGE_MARKER, ""))
+    while len(ids) < SAMPLING_PROBE_MIN_TOKENS:
+        ids = ids + filler
+    return ids, vision
+
+
+@torch.no_grad()
+def trainer_logits(policy: Policy, input_ids: Sequence[int], vision: Sequence[VisionInput] = (),
+                   banned: bool = False) -> torch.Tensor:  # fmt: skip
+    """``[L, V]`` float32 next-token logits of one sequence (images expanded) under the trainer.
+
+    The inputs are the training forward's (``Policy.position_ids``, the images' patches through the
+    vision tower, ``Policy.autocast``); ``banned`` applies the policy's banned-token mask, as the
+    engine does when it samples (vLLM reports prompt log-probs without it).
+    """
+    model, dev = policy.model, policy.model.device
+    ids = torch.tensor(list(input_ids), dtype=torch.long)
+    pos = policy.position_ids(ids, vision)
+    images = {}
+    if vision:
+        images = dict(pixel_values=torch.cat([v.pixel_values for v in vision]).to(dev, model.dtype),
+                      image_grid_thw=torch.tensor([v.grid_thw for v in vision], device=dev))  # fmt: skip
+    was_training = model.training
+    model.eval()
+    try:
+        with policy.autocast():
+            logits = model(input_ids=ids[None].to(dev), position_ids=pos[..., None, :].to(dev), **images).logits
+    finally:
+        model.train(was_training)
+    logits = logits[0].float()
+    if banned:
+        logits = logits.index_fill(-1, policy.banned_token_ids(logits.shape[-1]).to(logits.device), BANNED_LOGIT)
+    return logits.cpu()
+
+
+def trainer_logprobs(policy: Policy, input_ids: Sequence[int], vision: Sequence[VisionInput] = ()) -> torch.Tensor:
+    """``[L-1]`` log-probs of tokens 1.. of one sequence under the raw model (temperature 1, no
+    banned-token mask: what vLLM reports for prompt tokens)."""
+    logp = torch.log_softmax(trainer_logits(policy, input_ids, vision)[:-1], -1)
+    return logp.gather(-1, torch.tensor(list(input_ids)[1:])[:, None])[:, 0]
+
+
+def _stale(what: str, check: SyncCheck, tolerance: float) -> StaleWeightsError:
+    return StaleWeightsError(
+        f"engine and trainer disagree on the probe after a weight sync ({what}): mean |dlogp| "
+        f"{check.mean_abs_diff:.3g} (max {check.max_abs_diff:.3g}) over {check.tokens} tokens > "
+        f"tolerance {tolerance:g}; the engine is generating with stale or wrongly loaded weights"
+    )
+
+
+def verify_sync(policy: Policy, engine, input_ids: Sequence[int], tolerance: float,
+                vision: Sequence[VisionInput] = ()) -> SyncCheck:  # fmt: skip
+    """Compare ``engine.score(input_ids, vision)`` with the trainer's at the tokens that are not image
+    pads; raise ``StaleWeightsError`` if the mean absolute difference exceeds ``tolerance``.
+
+    Pads are left out because training never scores one (off the loss mask, and banned); the vision
+    tower still reaches every compared token after an image (first ``<|vision_end|>``, predicted from
+    the last image token).
+    """
+    mine = trainer_logprobs(policy, input_ids, vision)
+    scored = engine.score(input_ids, tuple(vision)) if vision else engine.score(input_ids)
+    theirs = torch.tensor(scored, dtype=torch.float32)
+    if theirs.shape != mine.shape:
+        raise ValueError(f"engine scored {theirs.numel()} tokens of the probe, trainer {mine.numel()}")
+    pad = getattr(policy.model.config, "image_token_id", None) if vision else None
+    compared = torch.tensor(list(input_ids)[1:]) != pad if pad is not None else slice(None)
+    diff = (mine - theirs).abs()[compared]
+    check = SyncCheck(float(diff.mean()), float(diff.max()), diff.numel())
+    if check.mean_abs_diff > tolerance:
+        raise _stale("scoring", check, tolerance)
+    return check
+
+
+def _probe_request(input_ids: Sequence[int], vision: Sequence[VisionInput], tokens: int):
+    request = GenerationRequest(tuple(input_ids), tuple(vision), key=PROBE_KEY)
+    return request, SamplingParams(temperature=0.0, max_tokens=tokens, stop=())
+
+
+def warm_probe(engine: Engine, input_ids: Sequence[int], vision: Sequence[VisionInput] = ()) -> None:
+    """Generate one token of the probe, so the engine caches its prefix (with the weights it has now)."""
+    request, sampling = _probe_request(input_ids, vision, 1)
+    engine.generate([request], sampling)
+
+
+def verify_sampling(policy: Policy, engine: Engine, input_ids: Sequence[int], tolerance: float,
+                    vision: Sequence[VisionInput] = (), tokens: int = PROBE_TOKENS) -> SyncCheck:  # fmt: skip
+    """The engine's greedy continuation of the probe against the trainer: the log-probs it reports for
+    its ``tokens`` tokens (banned tokens masked, as it samples) must match the trainer's within
+    ``tolerance``, and each token must be the trainer's argmax up to ``tolerance`` (a near-tie may
+    flip in lower precision). Raises ``StaleWeightsError`` otherwise."""
+    request, sampling = _probe_request(input_ids, vision, tokens)
+    (out,) = engine.generate([request], sampling)
+    logp = torch.log_softmax(trainer_logits(policy, list(input_ids) + out.token_ids, vision, banned=True), -1)
+    rows = logp[len(input_ids) - 1 : len(input_ids) - 1 + len(out.token_ids)]  # [K, V] predicting the K tokens
+    mine = rows.gather(-1, torch.tensor(out.token_ids)[:, None])[:, 0]
+    diff = (mine - torch.tensor(out.logprobs, dtype=torch.float32)).abs()
+    check = SyncCheck(float(diff.mean()), float(diff.max()), diff.numel())
+    worse_than_argmax = float((rows.max(-1).values - mine).max())
+    if check.mean_abs_diff > tolerance or worse_than_argmax > tolerance:
+        raise _stale(f"greedy sampling from the cached probe prefix, tokens {worse_than_argmax:.3g} below "
+                     "the trainer's argmax", check, tolerance)  # fmt: skip
+    return check
