@@ -51,6 +51,7 @@ from mmsr.rollout.loop import RolloutLoop, RolloutSettings
 from mmsr.rollout.trajectory import Trajectory
 from mmsr.sync import WeightSync
 from mmsr.tools.base import SearchTool
+from mmsr.tools.budget import check_budgets
 
 @dataclass
 class StepRollout:
@@ -147,6 +148,7 @@ class GRPOModule(L.LightningModule):
         export_dir: str | None = None,
     ) -> None:
         super().__init__()
+        check_budgets({"image_search": image_search, "text_search": text_search}, rollout.tool_timeout_s)  # fail fast
         # Loggers cannot take the frozen RolloutSettings: they get its fields as a dict.
         self.save_hyperparameters(ignore=["policy", "engine", "image_search", "text_search", "reward", "prompts",
                                           "rollout", "weight_sync"])  # fmt: skip

@@ -18,6 +18,7 @@ import lightning as L
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 
 from mmsr.report.records import TrajectoryRecord, trajectory_record
+from mmsr.tools.secrets import redact_all
 
 if TYPE_CHECKING:  # mmsr.module imports mmsr.callbacks
     from mmsr.module import StepRollout
@@ -63,7 +64,7 @@ class TrajectoryLogger(L.Callback):
         rollout = getattr(pl_module, "last_rollout", None)
         if rollout is None or step % self.every_n_steps or not trainer.is_global_zero:
             return
-        records = self.records(rollout, step, trainer.global_step)
+        records = redact_all(self.records(rollout, step, trainer.global_step))  # no API key in files or tables
         path = self.run_dir(trainer) / self.filename
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a", encoding="utf-8") as f:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import aiohttp
 
 from mmsr.prompt.render import TEMPLATES
+from mmsr.tools.secrets import redact, register_secret_env
 
 _VERDICT = re.compile(r"<judge>\s*(yes|no)\s*</judge>", re.IGNORECASE)
 
@@ -63,6 +64,7 @@ class OpenAIJudge:
                  retries: int = 2) -> None:  # fmt: skip
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model, self.api_key_env = model, api_key_env
+        register_secret_env(api_key_env)  # an error body quoting the key must not reach eval outputs
         self.params = {"temperature": temperature, "top_p": top_p, "max_tokens": max_tokens}
         self.concurrency, self.timeout_s, self.retries = concurrency, timeout_s, retries
         self.system = (TEMPLATES / "judge_system.txt").read_text(encoding="utf-8").strip()
@@ -101,4 +103,4 @@ class OpenAIJudge:
                 return Verdict(parse_verdict(reply), reply)
             except (aiohttp.ClientError, asyncio.TimeoutError, KeyError, IndexError, TypeError, ValueError) as exc:
                 error = f"{type(exc).__name__}: {exc}"
-        return Verdict(None, f"judge request failed after {self.retries + 1} attempts ({error})")
+        return Verdict(None, redact(f"judge request failed after {self.retries + 1} attempts ({error})"))

@@ -36,7 +36,9 @@ class RolloutSettings:
         max_tokens_per_turn: most tokens sampled per turn.
         max_context_tokens: most tokens of the whole episode (images expanded).
         tool_concurrency: most tool calls in flight at once.
-        tool_timeout_s: per-call timeout; a timed-out call becomes a failure observation.
+        tool_timeout_s: per-call cap; a timed-out call becomes a failure observation. Tools get it as
+            ``ToolRequest.budget_s`` and plan their nested steps within it (``mmsr.tools.budget``);
+            ``GRPOModule`` refuses tools whose nested timeouts cannot fit it.
     """
 
     max_rounds: int = 3
@@ -180,7 +182,7 @@ class RolloutLoop:
         query = action.query if isinstance(action, TextSearch) else ""
         s = e.sample
         image = s.image if kind == "image_search" else None
-        e.pending = ToolRequest(kind, query, image, s.image_url, s.id, s.question)
+        e.pending = ToolRequest(kind, query, image, s.image_url, s.id, s.question, self.settings.tool_timeout_s)
         e.phase = Phase.CALL_TOOL
 
     async def _call_tool(self, e: Episode, semaphore: asyncio.Semaphore) -> ToolResult:

@@ -7,6 +7,8 @@ from typing import Literal, Protocol, runtime_checkable
 
 from PIL import Image
 
+from mmsr.tools.secrets import redact
+
 # Marks where each returned image sits in ``ToolResult.text``; the prompt stage replaces every marker
 # with the policy's vision tokens, in order. A tool returns exactly one marker per image.
 IMAGE_MARKER = "<image>"
@@ -23,6 +25,8 @@ class ToolRequest:
         image_url: the row's image URL if it has one (web image search needs a public URL).
         sample_id: the row's id (replay backends key recorded results on it).
         question: the user's question (summarizers focus page summaries on it, spec §5).
+        budget_s: seconds the caller waits for the answer (the rollout's ``tool_timeout_s``); a web tool
+            skips stages that would not finish in time and answers with what it has. ``None``: no limit.
     """
 
     kind: Literal["image_search", "text_search"]
@@ -31,11 +35,15 @@ class ToolRequest:
     image_url: str | None = None
     sample_id: str = ""
     question: str = ""
+    budget_s: float | None = None
 
 
 @dataclass(frozen=True)
 class ToolResult:
     """What a tool returns. Failures are results too (``ok=False``), never exceptions.
+
+    Text and titles are redacted on construction (``mmsr.tools.secrets``): whatever a provider echoed, no
+    configured key reaches the model, the trajectory records or the server's answers.
 
     Attributes:
         text: the observation text shown to the model; contains one ``IMAGE_MARKER`` per image.
@@ -54,6 +62,8 @@ class ToolResult:
     titles: tuple[str, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "text", redact(self.text))  # frozen: the one sanctioned way to clean a field
+        object.__setattr__(self, "titles", tuple(redact(t) for t in self.titles))
         if self.text.count(IMAGE_MARKER) != len(self.images):
             raise ValueError(
                 f"ToolResult has {len(self.images)} images but {self.text.count(IMAGE_MARKER)} "

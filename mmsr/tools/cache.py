@@ -31,6 +31,7 @@ from typing import Literal
 from PIL import Image
 
 from mmsr.tools.base import FatalToolError, SearchTool, ToolRequest, ToolResult, failure
+from mmsr.tools.budget import with_budget_left
 
 CacheMode = Literal["off", "read_write", "replay_only"]
 # Processes of one run share a budget only if they share a run_id; by default a process is its own run.
@@ -204,6 +205,11 @@ class CachedTool:
         self._cache: ToolCache | None = None  # opened on first use: building a config touches no file
         self.counts: Counter[str] = Counter()
 
+    def check_budget(self, cap_s: float) -> None:
+        """The wrapped tool's check (a hit costs milliseconds; a miss is the tool's call)."""
+        if hasattr(self.tool, "check_budget"):
+            self.tool.check_budget(cap_s)
+
     @property
     def cache(self) -> ToolCache:
         if self._cache is None:
@@ -228,7 +234,7 @@ class CachedTool:
         if refusal is not None:
             self.counts[f"{request.kind}/budget_refusals"] += 1
             return failure(request.kind, refusal, time.perf_counter() - start)
-        result = await self.tool(request)
+        result = await self.tool(with_budget_left(request, start))  # the lookup and a busy lock took their share
         await asyncio.to_thread(self.cache.spend, self.run_id, result.cost)
         if result.ok and self.mode == "read_write":
             await asyncio.to_thread(self.cache.put, key, result)

@@ -9,6 +9,10 @@ as base64 PNG); ``GET /v1/metrics`` -> the backends' counters; ``GET /health`` (
 (replay-only miss). Binds 127.0.0.1 by default; with ``token_env`` set in the environment every request but
 ``/health`` needs ``Authorization: Bearer <token>``. SIGINT/SIGTERM stop accepting connections and let
 requests in flight finish (up to ``shutdown_timeout_s``).
+
+A request carries the client's time budget (``budget_s``, the rollout's cap less the client's ``reserve_s``
+for the round trip), so the backends answer before the trainer gives up. Every answer is redacted of the
+server's keys (``mmsr.tools.secrets``): results at construction, error messages here, logs by the filter.
 """
 
 from __future__ import annotations
@@ -20,13 +24,16 @@ import io
 import logging
 import os
 import signal
+from dataclasses import replace
 from typing import Any
 
 from aiohttp import web
 from PIL import Image
 
 from mmsr.tools.base import SearchTool, ToolRequest, ToolResult, failure
+from mmsr.tools.budget import BudgetError
 from mmsr.tools.cache import ReplayMiss
+from mmsr.tools.secrets import install_log_redaction, redact, register_secret_env
 from mmsr.tools.web.http import HTTPClient, Limits, ToolError
 
 log = logging.getLogger(__name__)
@@ -49,7 +56,12 @@ def _image64(data: str, field: str) -> Image.Image:
 def request_to_json(request: ToolRequest) -> dict[str, Any]:
     image = _png64(request.image) if request.image is not None else None
     return {"kind": request.kind, "query": request.query, "image": image, "image_url": request.image_url,
-            "sample_id": request.sample_id}  # fmt: skip
+            "sample_id": request.sample_id, "question": request.question,
+            "budget_s": request.budget_s}  # fmt: skip
+
+
+def _error(message: str, status: int) -> web.Response:
+    return web.json_response({"error": redact(message)}, status=status)
 
 
 def request_from_json(body: Any) -> ToolRequest:
@@ -58,16 +70,20 @@ def request_from_json(body: Any) -> ToolRequest:
         raise ValueError("the body must be a JSON object")
     if body.get("kind") not in KINDS:
         raise ValueError(f"field 'kind': must be one of {KINDS}, got {body.get('kind')!r:.40}")
-    for field in ("query", "sample_id"):
+    for field in ("query", "sample_id", "question"):
         if not isinstance(body.get(field, ""), str):
             raise ValueError(f"field {field!r}: must be a string")
+    budget = body.get("budget_s")
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int | float) or budget <= 0):
+        raise ValueError("field 'budget_s': must be a positive number or null")
     if body.get("image_url") is not None and not isinstance(body["image_url"], str):
         raise ValueError("field 'image_url': must be a string or null")
     image = body.get("image")
     if image is not None and not isinstance(image, str):
         raise ValueError("field 'image': must be a base64 string or null")
     return ToolRequest(body["kind"], body.get("query", ""), _image64(image, "image") if image else None,
-                       body.get("image_url"), body.get("sample_id", ""))  # fmt: skip
+                       body.get("image_url"), body.get("sample_id", ""), body.get("question", ""),
+                       None if budget is None else float(budget))  # fmt: skip
 
 
 def result_to_json(result: ToolResult) -> dict[str, Any]:
@@ -105,8 +121,11 @@ class SearchServer:
         self.host, self.port, self.shutdown_timeout_s = host, port, shutdown_timeout_s
         self.max_request_bytes = int(max_request_mb * 2**20)
         self._token = os.environ.get(token_env, "").strip() if token_env else ""
+        register_secret_env(token_env)
+        install_log_redaction()
         self._runner: web.AppRunner | None = None
         self.requests = 0
+        self._budget_warned: set[tuple[str, int]] = set()
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.max_request_bytes, middlewares=[self._auth])
@@ -120,7 +139,7 @@ class SearchServer:
         if self._token and request.path != "/health":
             given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
             if not hmac.compare_digest(given.encode(), self._token.encode()):
-                return web.json_response({"error": "missing or wrong bearer token"}, status=401)
+                return _error("missing or wrong bearer token", 401)
         return await handler(request)
 
     async def _health(self, request: web.Request) -> web.Response:
@@ -137,18 +156,29 @@ class SearchServer:
         try:
             tool_request = request_from_json(await request.json())
         except ValueError as exc:  # also malformed JSON (json.JSONDecodeError is a ValueError)
-            return web.json_response({"error": f"bad request: {exc}"}, status=400)
+            return _error(f"bad request: {exc}", 400)
         tool = self.tools.get(tool_request.kind)
         if tool is None:
-            return web.json_response({"error": f"no {tool_request.kind} backend is configured"}, status=404)
+            return _error(f"no {tool_request.kind} backend is configured", 404)
+        self._check_budget(tool_request.kind, tool, tool_request.budget_s)
         try:
             result = await tool(tool_request)
         except ReplayMiss as exc:
-            return web.json_response({"error": str(exc)}, status=409)
+            return _error(str(exc), 409)
         except Exception as exc:  # a backend bug answers as a failed search, as in the rollout loop
             log.exception("search backend %s failed", tool_request.kind)
             result = failure(tool_request.kind, f"{type(exc).__name__}: {exc}")
         return web.json_response(result_to_json(result))
+
+    def _check_budget(self, kind: str, tool: SearchTool, budget_s: float | None) -> None:
+        """Warn once per budget that the clients' cap cannot fit this backend (it still does what it can)."""
+        if budget_s is None or not hasattr(tool, "check_budget") or (kind, round(budget_s)) in self._budget_warned:
+            return
+        try:
+            tool.check_budget(budget_s)
+        except BudgetError as exc:
+            self._budget_warned.add((kind, round(budget_s)))
+            log.warning("%s: a client's budget is too small, calls will fail or come back short: %s", kind, exc)
 
     async def start(self) -> int:
         """Start listening; returns the bound port."""
@@ -190,18 +220,29 @@ class HTTPSearchTool:
         url: the server's root URL.
         token_env: environment variable with the bearer token (unset: none sent).
         limits: timeout (a text search reads and summarizes pages: allow minutes), retries, concurrency.
+        reserve_s: seconds of the request's budget kept for the round trip; the server gets the rest.
     """
 
     def __init__(self, url: str = "http://127.0.0.1:8765", token_env: str | None = "MMSR_SEARCH_TOKEN",
-                 limits: Limits = Limits(timeout_s=300.0, retries=2, concurrency=64,
-                                         max_bytes=64_000_000)) -> None:  # fmt: skip
-        self.url, self.token_env = url.rstrip("/"), token_env
+                 limits: Limits = Limits(timeout_s=300.0, retries=2, concurrency=64, max_bytes=64_000_000),
+                 reserve_s: float = 1.0) -> None:  # fmt: skip
+        self.url, self.token_env, self.reserve_s = url.rstrip("/"), token_env, reserve_s
         self.provider_name = f"server:{self.url}"
         self.client = HTTPClient("search_server", limits)
+        register_secret_env(token_env)
+
+    def check_budget(self, cap_s: float) -> None:
+        """Only the round trip's reserve is known here; the server's backends answer within the rest (their
+        own limits live in the server's config, checked there against the budget each request brings)."""
+        if cap_s <= self.reserve_s:
+            raise BudgetError(f"HTTPSearchTool: rollout.tool_timeout_s={cap_s:g} s leaves the search server "
+                              f"nothing after the {self.reserve_s:g} s round-trip reserve")  # fmt: skip
 
     async def __call__(self, request: ToolRequest) -> ToolResult:
         token = os.environ.get(self.token_env, "").strip() if self.token_env else ""
         headers = {"Authorization": f"Bearer {token}"} if token else {}
+        if request.budget_s is not None:
+            request = replace(request, budget_s=max(request.budget_s - self.reserve_s, 0.001))
         try:
             body = await self.client.request(
                 "POST", f"{self.url}/v1/search", json=request_to_json(request), headers=headers

@@ -92,6 +92,7 @@ def test_image_search_gets_the_question_image_and_text_search_the_query(tiny_pol
     loop.run([sample], 1, SamplingParams())
     assert image.requests[0].image is sample.image and image.requests[0].sample_id == sample.id
     assert text.requests[0].query == "capital of France" and text.requests[0].image is None
+    assert text.requests[0].budget_s == image.requests[0].budget_s == RolloutSettings().tool_timeout_s  # the cap
 
 
 @pytest.mark.parametrize(

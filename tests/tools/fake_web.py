@@ -11,6 +11,7 @@ import io
 import json
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
+from urllib.parse import quote
 
 from aiohttp import web
 from PIL import Image
@@ -31,7 +32,7 @@ async def serve(routes: list[tuple[str, str, Handler]]):
     app = web.Application()
     for method, path, handler in routes:
         app.router.add_route(method, path, _coroutine(handler))
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.2)  # hung fake handlers: do not wait
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
@@ -113,3 +114,44 @@ def chat_completion(content: str, total_tokens: int = 100) -> dict:
         "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
         "usage": {"prompt_tokens": total_tokens - 20, "completion_tokens": 20, "total_tokens": total_tokens},
     }  # fmt: skip
+
+
+# --- providers that quote the credentials they were sent (issue #18) ------------------------------------------
+def sent_key(request: web.Request) -> str:
+    """The key a request carried: SerpAPI's ``api_key`` parameter, Serper's header, or a bearer token."""
+    bearer = request.headers.get("Authorization", "").removeprefix("Bearer ")
+    return request.query.get("api_key") or request.headers.get("X-API-KEY") or bearer
+
+
+async def echo_401(request: web.Request) -> web.Response:
+    """A 401 whose body quotes the key, as some APIs answer a key they refuse."""
+    return web.json_response({"error": f"Invalid API key {sent_key(request)}, check your dashboard"}, status=401)
+
+
+async def echo_200_error(request: web.Request) -> web.Response:
+    """A 200 with an ``error`` field that quotes the key, cut short, and again URL-encoded."""
+    key = sent_key(request)
+    return web.json_response({"error": f"Account {key[:14]}... out of searches (key={quote(key, safe='')})"})
+
+
+def echo_results(n: int) -> Handler:
+    """Serper/SerpAPI results whose titles and links quote the key the search was sent with."""
+
+    async def handle(request: web.Request) -> web.Response:
+        key = sent_key(request)
+        results = [(f"Page {i} for {key}", f"http://127.0.0.1:1/p{i}?k={key}", "") for i in range(1, n + 1)]
+        return web.json_response(serper(results) | serpapi_google(results))
+
+    return handle
+
+
+async def echo_page(request: web.Request) -> web.Response:
+    """A Jina answer whose page text quotes the bearer key the reader sent (a page echoing its request)."""
+    url = (await request.json())["url"]
+    return web.json_response(jina(f"Title {sent_key(request)}", url, f"Debug: you sent {sent_key(request)}. " * 5))
+
+
+async def echo_summary(request: web.Request) -> web.Response:
+    """A chat completion that quotes the page it got and the summarizer's own bearer key."""
+    page = (await request.json())["messages"][1]["content"].split("Web page:\n", 1)[1]
+    return web.json_response(chat_completion(f"Summary of {page[:80]} (auth {sent_key(request)})"))

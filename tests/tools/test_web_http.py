@@ -9,7 +9,7 @@ import pytest
 from aiohttp import web
 
 from mmsr.tools.web import guard
-from mmsr.tools.web.http import HTTPClient, Limits, ToolError
+from mmsr.tools.web.http import HTTPClient, Limits, Retryable, ToolError, parse_json
 from mmsr.tools.web.reader import DirectReader
 
 from .fake_web import Script, serve
@@ -58,10 +58,30 @@ def test_timeout_is_retried_then_reported():
 
 
 @pytest.mark.parametrize("body", ["{not json", "<html>rate limited</html>", ""])
-def test_malformed_json_is_a_bad_response_and_not_retried(body):
+def test_malformed_json_is_retried_then_reported_as_a_bad_response(body):
     script = Script((200, body))
-    error, _ = call(script)
-    assert error.kind == "bad_response" and "malformed JSON" in error.reason and len(script.requests) == 1
+    error, client = call(script)
+    assert error.kind == "bad_response" and "malformed JSON" in error.reason
+    assert len(script.requests) == FAST.retries + 1  # bounded by the same retries as a 5xx
+    assert client.counts["bad_response"] == 1 and client.counts["retry_bad_response"] == FAST.retries
+
+
+def test_broken_json_then_a_good_answer_succeeds_after_a_retry():
+    script = Script((200, "{broken"), (200, "<html>busy</html>"), (200, {"ok": 1}))
+    result, client = call(script)
+    assert result == {"ok": 1} and len(script.requests) == 3
+    assert client.counts["retry_bad_response"] == 2 and client.counts["bad_response"] == 0
+
+
+def test_a_parse_that_rejects_the_shape_is_retried():
+    def needs_items(body: bytes):  # JSON, but not the answer asked for: as providers' parsers do
+        payload = parse_json(body)
+        if "items" not in payload:
+            raise Retryable("no items", "bad_response")
+        return payload["items"]
+
+    result, client = call(Script((200, {"oops": 1}), (200, {"items": [1]})), parse=needs_items)
+    assert result == [1] and client.counts["retry_bad_response"] == 1
 
 
 def test_4xx_is_not_retried_and_carries_the_apis_message():

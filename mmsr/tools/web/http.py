@@ -3,8 +3,11 @@
 Every call of a provider goes through one ``HTTPClient``: a per-call timeout; retries on 429, 5xx, timeouts
 and connection errors with exponential backoff and full jitter (``tenacity``), honouring ``Retry-After``; a
 concurrency cap and a rate limit (``aiolimiter``) per provider; and a circuit breaker that fails fast after
-repeated failures, so a dead provider costs the rollout milliseconds, not minutes. Failures surface as
-``ToolError`` (a reason the model can read, and a metric kind), which the tools turn into observations.
+repeated failures, so a dead provider costs the rollout milliseconds, not minutes. A malformed answer (broken
+JSON, an HTML error page sent with status 200, JSON without the expected fields: ``parse`` decides) is
+retried like a 5xx: providers send those under load, and the next attempt usually succeeds. Failures surface
+as ``ToolError`` (a reason the model can read, redacted of any key the provider quoted, and a metric kind),
+which the tools turn into observations.
 
 Sessions are opened per call: the rollout runs each step in a fresh event loop (``asyncio.run``), and an
 aiohttp session or an asyncio primitive must not outlive its loop. Limits therefore hold per event loop;
@@ -27,21 +30,26 @@ from aiolimiter import AsyncLimiter
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 from yarl import URL
 
+from mmsr.tools.secrets import install_log_redaction, redact
 from mmsr.tools.web.guard import BlockedAddress, BlockedURL
 
 MAX_REDIRECTS = 5
 
 
 class ToolError(Exception):
-    """A failed provider call. ``reason`` is shown to the model; ``kind`` is the metric it is counted under."""
+    """A failed provider call. ``reason`` is shown to the model; ``kind`` is the metric it is counted under.
+
+    The reason is redacted here, once, because error bodies are where providers quote the key they got.
+    """
 
     def __init__(self, reason: str, kind: str = "error", retry_after: float | None = None, status: int | None = None):
+        reason = redact(reason)
         super().__init__(reason)
         self.reason, self.kind, self.retry_after, self.status = reason, kind, retry_after, status
 
 
 class Retryable(ToolError):
-    """A failure worth retrying: 429, 5xx, timeout, connection error."""
+    """A failure worth retrying: 429, 5xx, timeout, connection error, malformed answer."""
 
 
 @dataclass(frozen=True)
@@ -69,6 +77,14 @@ class Limits:
     breaker_failures: int = 5
     breaker_reset_s: float = 30.0
     max_bytes: int = 5_000_000
+
+    def backoff_total_s(self) -> float:
+        """The longest total wait between attempts (each wait: exponential plus jitter, capped)."""
+        return sum(min(self.backoff_s * 2**i + self.backoff_s, self.backoff_max_s) for i in range(self.retries))
+
+    def worst_case_s(self) -> float:
+        """The longest one call can take: every attempt times out, every backoff is the longest."""
+        return self.timeout_s * (self.retries + 1) + self.backoff_total_s()
 
 
 class CircuitBreaker:
@@ -103,10 +119,11 @@ async def read_capped(response: aiohttp.ClientResponse, max_bytes: int) -> bytes
 
 
 def parse_json(body: bytes) -> Any:
+    """The JSON body; ``Retryable`` (``bad_response``) when it is not JSON, e.g. an HTML error page."""
     try:
         return json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ToolError(f"malformed JSON response ({exc.__class__.__name__})", "bad_response") from None
+        raise Retryable(f"malformed JSON response ({exc.__class__.__name__})", "bad_response") from None
 
 
 def _retry_after(response: aiohttp.ClientResponse) -> float | None:
@@ -129,8 +146,9 @@ async def _error_detail(response: aiohttp.ClientResponse) -> str:
 
 
 class HTTPClient:
-    """One provider's calls, with ``Limits``; counts every outcome in ``counts`` (``calls``, ``retries``,
-    ``timeout``, ``http_429``, ``http_5xx``, ``http_4xx``, ``bad_response``, ``circuit_open`` ...)."""
+    """One provider's calls, with ``Limits``; counts every outcome in ``counts``: ``calls``, ``retries``, the
+    failed calls by kind (``timeout``, ``http_429``, ``http_5xx``, ``http_4xx``, ``bad_response``,
+    ``circuit_open`` ...), and the failed attempts that were retried by kind (``retry_bad_response`` ...)."""
 
     def __init__(
         self, name: str, limits: Limits = Limits(), connector: Callable[[], aiohttp.BaseConnector] | None = None
@@ -138,6 +156,7 @@ class HTTPClient:
         self.name, self.limits, self._connector = name, limits, connector
         self.breaker = CircuitBreaker(limits.breaker_failures, limits.breaker_reset_s)
         self.counts: Counter[str] = Counter()
+        install_log_redaction()  # a process that calls providers logs their errors: keep keys out of them
         self._gates: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # event loop -> (semaphore, limiter)
         exponential = wait_exponential_jitter(
             multiplier=limits.backoff_s, max=limits.backoff_max_s, jitter=limits.backoff_s
@@ -166,6 +185,8 @@ class HTTPClient:
     ) -> Any:
         """One call with retries; ``parse(body)`` turns the body into the result. Raises ``ToolError``.
 
+        ``parse`` runs inside each attempt: a ``Retryable`` from it (a malformed answer) is retried.
+
         ``check(url)`` (an SSRF guard) vets ``url`` and every redirect target before it is requested; with
         it, redirects are followed here (at most ``MAX_REDIRECTS``) rather than by aiohttp.
         """
@@ -179,7 +200,7 @@ class HTTPClient:
             stop=stop_after_attempt(self.limits.retries + 1),
             wait=self._wait,
             retry=retry_if_exception_type(Retryable),
-            before_sleep=lambda _: self.counts.update(["retries"]),
+            before_sleep=self._count_retry,
             reraise=True,
         )
         try:
@@ -193,6 +214,9 @@ class HTTPClient:
             raise
         self.breaker.record(True)
         return result
+
+    def _count_retry(self, state) -> None:
+        self.counts.update(["retries", f"retry_{getattr(state.outcome.exception(), 'kind', 'error')}"])
 
     async def _attempt(self, method: str, url: str, check, **kwargs: Any) -> bytes:
         semaphore, limiter = self._gate()

@@ -3,7 +3,9 @@
 Lens needs a public URL of the question's image: the row's ``image_url`` when it has one, else an
 ``ImageHost`` hook that returns one (FVQA rows have none, spec §8). Thumbnails come from third-party URLs,
 so they are fetched through the SSRF guard with byte and pixel caps; a match whose thumbnail fails is
-skipped and the next one takes its place (as upstream: up to k *valid* pairs, spec §6).
+skipped and the next one takes its place (as upstream: up to k *valid* pairs, spec §6). The call runs against
+the caller's deadline (``ToolRequest.budget_s``, see ``mmsr.tools.budget``): the Lens call may use what is
+left after one thumbnail attempt, and the thumbnails not loaded by the deadline are skipped.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Protocol
 from PIL import Image
 
 from mmsr.tools.base import ToolRequest, ToolResult, failure
+from mmsr.tools.budget import Deadline, Stage, check_stages
 from mmsr.tools.format import image_results
 from mmsr.tools.web import guard
 from mmsr.tools.web.http import HTTPClient, Limits, ToolError
@@ -71,32 +74,46 @@ class WebImageSearch:
         max_side: thumbnails are shrunk to this longest side (aspect kept).
         allow_private: let thumbnail URLs point at loopback/private addresses (tests only).
         thumbnail_limits: timeouts, retries, concurrency and byte cap of thumbnail downloads.
+        reserve_s: seconds of the caller's budget kept back to build the answer and return it in time.
     """
 
     def __init__(self, provider: SerpAPILens, image_host: ImageHost | None = None, top_k: int = 5,
                  max_candidates: int = 10, max_pixels: int = 4_000_000, max_side: int = 512,
                  allow_private: bool = False,
                  thumbnail_limits: Limits = Limits(timeout_s=15.0, retries=1, concurrency=16, breaker_failures=0,
-                                                   max_bytes=2_000_000)) -> None:  # fmt: skip
+                                                   max_bytes=2_000_000),
+                 reserve_s: float = 1.0) -> None:  # fmt: skip
         if top_k < 1 or max_candidates < top_k:
             raise ValueError(f"need 1 <= top_k <= max_candidates, got top_k={top_k}, max_candidates={max_candidates}")
         self.provider, self.image_host, self.top_k, self.max_candidates = provider, image_host, top_k, max_candidates
         self.max_pixels, self.max_side, self.allow_private = max_pixels, max_side, allow_private
-        self.provider_name = provider.name
+        self.provider_name, self.reserve_s = provider.name, reserve_s
         self.thumbnails = HTTPClient("thumbnails", thumbnail_limits, connector=partial(guard.connector, allow_private))
         self.counts: Counter[str] = Counter()
 
+    def stages(self) -> list[Stage]:
+        """The nested steps of one call, in order, with their limits."""
+        return [Stage(self.provider.name, self.provider.client.limits), Stage("thumbnails", self.thumbnails.limits)]
+
+    def check_budget(self, cap_s: float) -> None:
+        """``BudgetError`` unless one Lens attempt and one thumbnail attempt fit in ``cap_s``."""
+        check_stages("WebImageSearch", self.stages(), self.reserve_s, cap_s)
+
     async def __call__(self, request: ToolRequest) -> ToolResult:
         start = time.perf_counter()
+        deadline = Deadline.after(request.budget_s, self.reserve_s)
         url = request.image_url or (await self.image_host(request) if self.image_host is not None else None)
         if not url:
             return failure("image_search", "the image has no public URL to search with", time.perf_counter() - start)
         try:
-            matches = (await self.provider.search(url))[: self.max_candidates]
+            found = await deadline.run(self.provider.search(url), "the search", keep_s=self.thumbnails.limits.timeout_s)
+            matches = found[: self.max_candidates]
         except ToolError as exc:
             self.counts["search_failed"] += 1
+            if exc.kind == "deadline":
+                self.counts["search_deadline"] += 1
             return self._failed(exc.reason, start)
-        fetched = await asyncio.gather(*(self._thumbnail(m) for m in matches))
+        fetched = await asyncio.gather(*(self._thumbnail(m, deadline) for m in matches))
         kept = [(m, im) for m, im in zip(matches, fetched) if im is not None][: self.top_k]
         if matches and not kept:
             return self._failed(f"none of the {len(matches)} result images could be loaded", start)
@@ -114,10 +131,11 @@ class WebImageSearch:
             failure("image_search", reason).text, ok=False, cost=self.provider.cost_per_call, latency_s=latency
         )
 
-    async def _thumbnail(self, match: VisualMatch) -> Image.Image | None:
+    async def _thumbnail(self, match: VisualMatch, deadline: Deadline) -> Image.Image | None:
         check = partial(guard.check_url, allow_private=self.allow_private)
         try:
-            data = await self.thumbnails.request("GET", match.thumbnail, parse=bytes, check=check)
+            fetch = self.thumbnails.request("GET", match.thumbnail, parse=bytes, check=check)
+            data = await deadline.run(fetch, "the thumbnail")
             return await asyncio.to_thread(decode_thumbnail, data, self.max_pixels, self.max_side)
         except ToolError as exc:
             self.counts[f"thumbnail_{exc.kind}"] += 1

@@ -4,20 +4,24 @@ Each provider reads its API key from an environment variable named in its config
 appears in a config, a log or an error message) and calls its endpoint through an ``HTTPClient``. The
 endpoints are init args so tests (and self-hosted proxies) can point them elsewhere. Response formats:
 SerpAPI returns ``visual_matches`` (Lens) / ``organic_results`` (Google) and an ``error`` string on failure;
-Serper returns ``organic``.
+Serper returns ``organic``. An answer of the wrong shape is checked inside the HTTP attempt, so it is retried
+like a server error; an ``error`` field is not (a bad key or an empty account does not heal in a second).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from mmsr.tools.web.http import HTTPClient, Limits, ToolError
+from mmsr.tools.secrets import redact, register_secret_env
+from mmsr.tools.web.http import HTTPClient, Limits, Retryable, ToolError, parse_json
 
 
 def api_key(env_var: str, who: str) -> str:
-    """The key from ``env_var``; a clear error naming the variable (not a value) when it is unset."""
+    """The key from ``env_var`` (registered as a secret); a clear error naming the variable when it is unset."""
+    register_secret_env(env_var)
     key = os.environ.get(env_var, "").strip()
     if not key:
         raise ValueError(f"{who} needs an API key in the environment variable {env_var} (unset or empty)")
@@ -47,6 +51,7 @@ class TextSearchProvider(Protocol):
 
     name: str
     cost_per_call: float
+    client: HTTPClient
 
     async def search(self, query: str) -> list[WebResult]: ...
 
@@ -56,7 +61,7 @@ class TextSearchProvider(Protocol):
 def _items(payload: Any, field: str, who: str) -> list[dict[str, Any]]:
     """``payload[field]`` as a list of objects; absent means no results; anything else is a bad response."""
     if not isinstance(payload, dict):
-        raise ToolError(f"{who} returned {type(payload).__name__}, not a JSON object", "bad_response")
+        raise Retryable(f"{who} returned {type(payload).__name__}, not a JSON object", "bad_response")
     error = payload.get("error")
     if error and "hasn't returned any results" in str(error):  # SerpAPI's way of saying "empty"
         return []
@@ -64,16 +69,22 @@ def _items(payload: Any, field: str, who: str) -> list[dict[str, Any]]:
         raise ToolError(f"{who} error: {str(error)[:200]}", "api_error")
     items = payload.get(field, [])
     if not isinstance(items, list):
-        raise ToolError(f"{who} returned {field!r} as {type(items).__name__}, not a list", "bad_response")
+        raise Retryable(f"{who} returned {field!r} as {type(items).__name__}, not a list", "bad_response")
     return [item for item in items if isinstance(item, dict)]
 
 
+def items_parser(field: str, who: str) -> Callable[[bytes], list[dict[str, Any]]]:
+    """A ``parse`` for ``HTTPClient.request``: body -> ``_items``, so a malformed answer is retried."""
+    return lambda body: _items(parse_json(body), field, who)
+
+
 def _web_results(items: list[dict[str, Any]]) -> list[WebResult]:
+    """Results with a link and a title, redacted: a key the API echoed must not travel on to the page reader."""
     out = []
     for item in items:
         url, title = item.get("link"), item.get("title")
         if isinstance(url, str) and url and isinstance(title, str):
-            out.append(WebResult(title, url, str(item.get("snippet") or "")))
+            out.append(WebResult(redact(title), redact(url), redact(str(item.get("snippet") or ""))))
     return out
 
 
@@ -106,8 +117,9 @@ class SerpAPIGoogle:
             "gl": self.gl,
             "api_key": self._key,
         }
-        payload = await self.client.request("GET", self.endpoint, params=params)
-        return _web_results(_items(payload, "organic_results", "SerpAPI"))
+        parse = items_parser("organic_results", "SerpAPI")
+        items = await self.client.request("GET", self.endpoint, params=params, parse=parse)
+        return _web_results(items)
 
     def metrics(self) -> dict[str, float]:
         return self.client.metrics()
@@ -129,8 +141,10 @@ class Serper:
 
     async def search(self, query: str) -> list[WebResult]:
         body = {"q": query, "num": self.num, "hl": self.hl, "gl": self.gl}
-        payload = await self.client.request("POST", self.endpoint, json=body, headers={"X-API-KEY": self._key})
-        return _web_results(_items(payload, "organic", "Serper"))
+        headers = {"X-API-KEY": self._key}
+        items = await self.client.request("POST", self.endpoint, json=body, headers=headers,
+                                          parse=items_parser("organic", "Serper"))  # fmt: skip
+        return _web_results(items)
 
     def metrics(self) -> dict[str, float]:
         return self.client.metrics()
@@ -160,12 +174,12 @@ class SerpAPILens:
             "country": self.country,
             "api_key": self._key,
         }
-        payload = await self.client.request("GET", self.endpoint, params=params)
+        parse = items_parser("visual_matches", "SerpAPI Lens")
         out = []
-        for item in _items(payload, "visual_matches", "SerpAPI Lens"):
+        for item in await self.client.request("GET", self.endpoint, params=params, parse=parse):
             title, thumbnail = item.get("title"), item.get("thumbnail")
             if isinstance(title, str) and title.strip() and isinstance(thumbnail, str) and thumbnail:
-                out.append(VisualMatch(title, thumbnail, str(item.get("link") or "")))
+                out.append(VisualMatch(redact(title), redact(thumbnail), redact(str(item.get("link") or ""))))
         return out
 
     def metrics(self) -> dict[str, float]:

@@ -3,7 +3,9 @@
 ``JinaReader`` asks a Jina-Reader-compatible service (hosted ``r.jina.ai`` or a self-hosted one) for the
 page as Markdown; ``DirectReader`` fetches the page itself and extracts the main text with ``trafilatura``.
 Both refuse URLs the SSRF guard refuses (a self-hosted reader inside the network would otherwise fetch
-internal pages for the model), cap bytes and time, and raise ``ToolError`` on failure.
+internal pages for the model), cap bytes and time, and raise ``ToolError`` on failure. Page text is
+redacted of configured keys before anyone sees it: a page may echo the URL or headers it was asked with,
+and the text goes on to a (possibly third-party) summarizer.
 """
 
 from __future__ import annotations
@@ -12,10 +14,11 @@ import asyncio
 import os
 from dataclasses import dataclass
 from functools import partial
-from typing import Protocol
+from typing import Any, Protocol
 
+from mmsr.tools.secrets import redact, register_secret_env
 from mmsr.tools.web import guard
-from mmsr.tools.web.http import HTTPClient, Limits, ToolError
+from mmsr.tools.web.http import HTTPClient, Limits, Retryable, ToolError, parse_json
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,7 @@ class Page:
 class PageReader(Protocol):
     name: str
     cost_per_call: float
+    client: HTTPClient
 
     async def read(self, url: str) -> Page: ...
 
@@ -39,7 +43,16 @@ class PageReader(Protocol):
 def _usable(page: Page, min_chars: int) -> Page:
     if len(page.text.strip()) < min_chars:
         raise ToolError(f"the page has no readable text ({len(page.text.strip())} characters)", "empty_page")
-    return page
+    return Page(page.url, redact(page.title), redact(page.text))
+
+
+def jina_data(body: bytes) -> dict[str, Any]:
+    """The ``data`` object of a Jina answer (a ``parse`` for ``HTTPClient``: a malformed answer is retried)."""
+    payload = parse_json(body)
+    data = payload.get("data") if isinstance(payload, dict) else None
+    if not isinstance(data, dict) or not isinstance(data.get("content"), str):
+        raise Retryable("the reader's answer has no data.content", "bad_response")
+    return data
 
 
 # Readers see arbitrary sites: one site failing says nothing about the next, so no breaker by default.
@@ -62,12 +75,13 @@ class JinaReader:
 
     def __init__(self, endpoint: str = "https://r.jina.ai/", api_key_env: str = "JINA_API_KEY",
                  return_format: str = "markdown", allow_private: bool = False, min_chars: int = 50,
-                 limits: Limits = Limits(timeout_s=60.0, retries=2, concurrency=8, max_bytes=3_000_000),
+                 limits: Limits = Limits(timeout_s=30.0, retries=2, concurrency=8, max_bytes=3_000_000),
                  cost_per_call: float = 0.0) -> None:  # fmt: skip
         self.endpoint, self.api_key_env, self.return_format = endpoint, api_key_env, return_format
         self.allow_private, self.min_chars = allow_private, min_chars
         self.name, self.cost_per_call = "jina_reader", cost_per_call
         self.client = HTTPClient(self.name, limits)
+        register_secret_env(api_key_env)
 
     async def read(self, url: str) -> Page:
         try:
@@ -77,10 +91,7 @@ class JinaReader:
         headers = {"Accept": "application/json", "X-Return-Format": self.return_format}
         if key := os.environ.get(self.api_key_env, "").strip():
             headers["Authorization"] = f"Bearer {key}"
-        payload = await self.client.request("POST", self.endpoint, json={"url": url}, headers=headers)
-        data = payload.get("data") if isinstance(payload, dict) else None
-        if not isinstance(data, dict) or not isinstance(data.get("content"), str):
-            raise ToolError("the reader's answer has no data.content", "bad_response")
+        data = await self.client.request("POST", self.endpoint, json={"url": url}, headers=headers, parse=jina_data)
         return _usable(Page(url, str(data.get("title") or ""), data["content"]), self.min_chars)
 
     def metrics(self) -> dict[str, float]:

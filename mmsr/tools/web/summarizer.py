@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import os
 import re
+from typing import Any
 
-from mmsr.tools.web.http import HTTPClient, Limits, ToolError
+from mmsr.tools.secrets import register_secret_env
+from mmsr.tools.web.http import HTTPClient, Limits, Retryable, ToolError, parse_json
 
 SYSTEM_PROMPT = (
     "You summarize web pages. Write a summary of at most {max_sentences} sentences that covers the main "
@@ -20,6 +22,17 @@ USER_PROMPT = (
     "Question: {question}\n\nSummarize the web page below. Make sure that everything on the page that helps "
     "answer the question is in your summary.\n\nWeb page:\n{page}"
 )
+
+
+def completion(body: bytes) -> tuple[Any, Any]:
+    """(``choices[0].message.content``, ``usage``) of a chat completion; a ``parse`` for ``HTTPClient``, so an
+    answer without them (an overloaded server's error page or empty ``choices``) is retried."""
+    payload = parse_json(body)
+    try:
+        content = payload["choices"][0]["message"]["content"]
+    except (KeyError, IndexError, TypeError):
+        raise Retryable("the summarizer's answer has no choices[0].message.content", "bad_response") from None
+    return content, payload.get("usage")
 
 
 class OpenAISummarizer:
@@ -41,7 +54,7 @@ class OpenAISummarizer:
     def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", max_chars: int = 30_000,
                  max_sentences: int = 5, max_tokens: int = 512, temperature: float = 0.0,
                  system_prompt: str = SYSTEM_PROMPT, user_prompt: str = USER_PROMPT,
-                 limits: Limits = Limits(timeout_s=120.0, retries=3, concurrency=32),
+                 limits: Limits = Limits(timeout_s=60.0, retries=3, concurrency=32),
                  cost_per_million_tokens: float = 0.0) -> None:  # fmt: skip
         if "{question}" not in user_prompt or "{page}" not in user_prompt:
             raise ValueError("user_prompt must contain '{question}' and '{page}'")
@@ -52,6 +65,7 @@ class OpenAISummarizer:
         self.user_prompt = user_prompt
         self.name = "summarizer"
         self.client = HTTPClient(self.name, limits)
+        register_secret_env(api_key_env)
 
     def _body(self, page: str, question: str) -> dict:
         user = self.user_prompt.replace("{question}", question).replace("{page}", page[: self.max_chars])
@@ -68,16 +82,13 @@ class OpenAISummarizer:
         headers = {}
         if key := os.environ.get(self.api_key_env, "").strip():
             headers["Authorization"] = f"Bearer {key}"
-        payload = await self.client.request("POST", self.url, json=self._body(page, question), headers=headers)
-        try:
-            content = payload["choices"][0]["message"]["content"]
-        except (KeyError, IndexError, TypeError):
-            raise ToolError("the summarizer's answer has no choices[0].message.content", "bad_response") from None
+        body = self._body(page, question)
+        content, usage = await self.client.request("POST", self.url, json=body, headers=headers, parse=completion)
         if isinstance(content, str):  # reasoning models served without a reasoning parser think in the content
             content = re.sub(r"<think>.*?</think>", "", content, flags=re.DOTALL)
         if not isinstance(content, str) or not content.strip():
             raise ToolError("the summarizer returned an empty summary", "empty_summary")
-        usage = payload.get("usage") if isinstance(payload.get("usage"), dict) else {}
+        usage = usage if isinstance(usage, dict) else {}
         tokens = usage.get("total_tokens", 0) if isinstance(usage.get("total_tokens", 0), int) else 0
         return content.strip(), tokens * self.cost_per_million_tokens / 1e6
 

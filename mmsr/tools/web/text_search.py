@@ -1,9 +1,14 @@
 """Web text search: query -> top results -> read each page -> summarize it -> k summaries (spec §6).
 
 Pages are processed concurrently, at most ``top_k`` at a time. When a page fails (unreadable, refused, empty,
-summarizer error) the next result in the list takes its place, until ``top_k`` summaries exist or the list
-runs out; the summaries keep the search ranking. Every failure is counted; the model only sees the
-summaries, or one failure observation when there are none.
+summarizer error, too slow) the next result in the list takes its place, until ``top_k`` summaries exist, the
+list runs out or the call's deadline comes; the summaries keep the search ranking. Every failure is counted;
+the model only sees the summaries, or one failure observation when there are none.
+
+The call runs against the deadline the caller sets (``ToolRequest.budget_s``, see ``mmsr.tools.budget``): the
+search may use what is left after one reader and one summarizer attempt, a page read what is left after one
+summarizer attempt, a summary the rest. A slow page is thus dropped while there is still time to summarize
+another, and the tool answers with what it has before the caller gives up.
 """
 
 from __future__ import annotations
@@ -13,11 +18,14 @@ import time
 from collections import Counter
 
 from mmsr.tools.base import ToolRequest, ToolResult, failure
+from mmsr.tools.budget import Deadline, Stage, check_stages
 from mmsr.tools.format import WEB_TEXT_HEADER, page_entry, text_results
 from mmsr.tools.web.http import ToolError
 from mmsr.tools.web.providers import TextSearchProvider, WebResult
 from mmsr.tools.web.reader import PageReader
 from mmsr.tools.web.summarizer import OpenAISummarizer
+
+Summaries = list[tuple[WebResult, str]]
 
 
 class WebTextSearch:
@@ -30,36 +38,51 @@ class WebTextSearch:
         top_k: summaries wanted (MMSearch-R1: 5).
         max_candidates: results tried at most (the provider may return more).
         max_chars: each summary is cut to this many characters in the observation.
+        reserve_s: seconds of the caller's budget kept back to build the answer and return it in time.
     """
 
     def __init__(self, provider: TextSearchProvider, reader: PageReader, summarizer: OpenAISummarizer,
-                 top_k: int = 5, max_candidates: int = 10, max_chars: int = 1500) -> None:  # fmt: skip
+                 top_k: int = 5, max_candidates: int = 10, max_chars: int = 1500,
+                 reserve_s: float = 1.0) -> None:  # fmt: skip
         if top_k < 1 or max_candidates < top_k:
             raise ValueError(f"need 1 <= top_k <= max_candidates, got top_k={top_k}, max_candidates={max_candidates}")
         self.provider, self.reader, self.summarizer = provider, reader, summarizer
-        self.top_k, self.max_candidates, self.max_chars = top_k, max_candidates, max_chars
+        self.top_k, self.max_candidates, self.max_chars, self.reserve_s = top_k, max_candidates, max_chars, reserve_s
         self.provider_name = f"{provider.name}+{reader.name}+{summarizer.model}"
         self.counts: Counter[str] = Counter()
 
+    def stages(self) -> list[Stage]:
+        """The nested steps of one call, in order, with their limits."""
+        return [Stage(c.name, c.client.limits) for c in (self.provider, self.reader, self.summarizer)]
+
+    def check_budget(self, cap_s: float) -> None:
+        """``BudgetError`` unless one search, one page read and one summary attempt fit in ``cap_s``."""
+        check_stages("WebTextSearch", self.stages(), self.reserve_s, cap_s)
+
     async def __call__(self, request: ToolRequest) -> ToolResult:
         start = time.perf_counter()
+        deadline = Deadline.after(request.budget_s, self.reserve_s)
         query = " ".join(request.query.split())
         if not query:
             return failure("text_search", "the query was empty")
+        read_s, summary_s = (s.limits.timeout_s for s in self.stages()[1:])
         try:
-            results = (await self.provider.search(query))[: self.max_candidates]
+            found = await deadline.run(self.provider.search(query), "the search", keep_s=read_s + summary_s)
         except ToolError as exc:
             self.counts["search_failed"] += 1
+            if exc.kind == "deadline":
+                self.counts["search_deadline"] += 1
             return self._failed(exc.reason, self.provider.cost_per_call, start)
-        cost = self.provider.cost_per_call
+        results, cost = found[: self.max_candidates], self.provider.cost_per_call
         if not results:  # an answer, not a failure: the web has nothing for this query
             return ToolResult(text_results([]), cost=cost, latency_s=time.perf_counter() - start)
         # The summarizer focuses on the user's question (spec §5); the query says what "this" refers to.
         focus = f"{request.question} (search query: {query})" if request.question else query
-        summaries, page_cost = await self._summaries(results, focus)
+        summaries, page_cost, late = await self._summaries(results, focus, deadline)
         cost += page_cost
         if not summaries:
-            return self._failed(f"none of the {len(results)} result pages could be read", cost, start)
+            within = f" within the {request.budget_s:g} s time limit" if late else ""
+            return self._failed(f"none of the {len(results)} result pages could be read{within}", cost, start)
         entries = [page_entry(r.title, r.url, s, self.max_chars) for r, s in summaries]
         return ToolResult(
             text=text_results(entries, WEB_TEXT_HEADER),
@@ -72,38 +95,53 @@ class WebTextSearch:
         result = failure("text_search", reason, time.perf_counter() - start)
         return ToolResult(result.text, ok=False, cost=cost, latency_s=result.latency_s)
 
-    async def _summaries(self, results: list[WebResult], query: str) -> tuple[list[tuple[WebResult, str]], float]:
-        """Up to ``top_k`` (result, summary) in ranking order, refilling from the list as pages fail."""
+    async def _summaries(
+        self, results: list[WebResult], query: str, deadline: Deadline
+    ) -> tuple[Summaries, float, int]:
+        """Up to ``top_k`` (result, summary) in ranking order, refilling from the list as pages fail, while a
+        page still has time; also the cost and how many pages the deadline cut or never started."""
         done: dict[int, str] = {}
-        cost = 0.0
+        cost, late = 0.0, 0
         queue = iter(enumerate(results))
         running: set[asyncio.Task] = set()
+        summary_s = self.summarizer.client.limits.timeout_s
 
         def refill() -> None:
-            while len(done) + len(running) < self.top_k and (nxt := next(queue, None)) is not None:
-                running.add(asyncio.create_task(self._one(*nxt, query)))
+            while len(done) + len(running) < self.top_k and deadline.left(summary_s) > 0:
+                if (nxt := next(queue, None)) is None:
+                    return
+                running.add(asyncio.create_task(self._one(*nxt, query, deadline)))
 
-        refill()
-        while running:
-            finished, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
-            for task in finished:
-                rank, summary, spent = task.result()
-                cost += spent
-                if summary is not None:
-                    done[rank] = summary
+        try:
             refill()
-        return [(results[rank], done[rank]) for rank in sorted(done)], cost
+            while running:
+                finished, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                for task in finished:
+                    rank, summary, spent, cut = task.result()
+                    cost, late = cost + spent, late + cut
+                    if summary is not None:
+                        done[rank] = summary
+                refill()
+        finally:  # the caller gave up (cancelled): stop the pages too
+            for task in running:
+                task.cancel()
+        late += len(done) < self.top_k and next(queue, None) is not None  # pages left untried for lack of time
+        return [(results[rank], done[rank]) for rank in sorted(done)], cost, late
 
-    async def _one(self, rank: int, result: WebResult, query: str) -> tuple[int, str | None, float]:
-        """(rank, summary or None, cost) of one result page; failures are counted, never raised."""
+    async def _one(
+        self, rank: int, result: WebResult, query: str, deadline: Deadline
+    ) -> tuple[int, str | None, float, bool]:
+        """(rank, summary or None, cost, cut by the deadline) of one result page; failures are counted, never
+        raised. The read must end while one summary attempt still fits; the summary may use the rest."""
         cost = self.reader.cost_per_call
         try:
-            page = await self.reader.read(result.url)
-            summary, spent = await self.summarizer.summarize(page.text, query)
-            return rank, summary, cost + spent
+            summary_s = self.summarizer.client.limits.timeout_s
+            page = await deadline.run(self.reader.read(result.url), "the page read", keep_s=summary_s)
+            summary, spent = await deadline.run(self.summarizer.summarize(page.text, query), "the summary")
+            return rank, summary, cost + spent, False
         except ToolError as exc:
             self.counts[f"page_{exc.kind}"] += 1
-            return rank, None, cost
+            return rank, None, cost, exc.kind == "deadline"
 
     def metrics(self) -> dict[str, float]:
         """The pipeline's own failure counts and those of its provider, reader and summarizer."""
