@@ -1,19 +1,17 @@
 """GRPOModule: one real training step on a tiny Qwen2.5-VL with scripted rollouts."""
 
 import copy
-import os
 
 import lightning as L
 import pytest
 import torch
 
-from mmsr.data.sample import Sample
 from mmsr.models.build import TinyQwen2_5_VL
 from mmsr.module import GRPOModule
 from mmsr.rollout.engine import ScriptedEngine
 from mmsr.rollout.loop import RolloutSettings
 from tests.conftest import FVQA
-from tests.rollout.test_loop import ANS, FakeImageSearch, IMG
+from tests.rollout.test_loop import FakeImageSearch, IMG
 
 RIGHT = "<reason>a</reason><answer>musketeers</answer>"
 WRONG = "<reason>b</reason><answer>pirates</answer>"

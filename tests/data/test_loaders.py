@@ -1,6 +1,5 @@
 """Loaders read the shipped samples unchanged and name the file, row and field of bad input."""
 
-import io
 import json
 import shutil
 

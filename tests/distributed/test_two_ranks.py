@@ -3,7 +3,6 @@ updates as one process on the same data: same per-step loss, same final weights.
 checkpoints of a 2-rank FSDP2 run resume on one rank and export / evaluate in one process."""
 
 import csv
-import json
 import subprocess
 import sys
 from pathlib import Path

@@ -1,10 +1,8 @@
 """The LLM judge against a local OpenAI-compatible server on 127.0.0.1 (no internet)."""
 
 import asyncio
-import json
 import threading
 
-import pytest
 from aiohttp import web
 
 from mmsr.eval.judge import JudgeInput, OpenAIJudge, parse_verdict

@@ -4,7 +4,6 @@ import importlib.util
 from pathlib import Path
 
 import pytest
-from PIL import Image
 from transformers import AutoTokenizer
 
 from mmsr.models.policy import Policy

@@ -24,7 +24,7 @@ from mmsr.tools import ToolRequest, ToolResult
 from mmsr.tools import secrets
 from mmsr.tools.secrets import install_log_redaction, redact, redact_all, register_secret_env
 from mmsr.tools.server import HTTPSearchTool, SearchServer
-from mmsr.tools.web.http import HTTPClient, Limits, ToolError
+from mmsr.tools.web.http import Limits, ToolError
 from mmsr.tools.web.providers import SerpAPIGoogle, Serper
 from mmsr.tools.web.reader import JinaReader
 from mmsr.tools.web.summarizer import OpenAISummarizer
