@@ -26,13 +26,33 @@ COMMANDS["plan"] = "mmsr.plan:main"
 def lightning_cli(args: list[str] | None = None, parse_only: bool = False, **kwargs):
     """LightningCLI over the module and data; ``parse_only`` validates a config without building it."""
     from lightning.pytorch.cli import LightningCLI
+    from lightning.pytorch.loggers import CSVLogger
 
+    from mmsr.callbacks.run_dir import RunDirectory, checkpoint_runs, continue_metrics, repoint_loggers
     from mmsr.data.datamodule import MMSRDataModule
 
     class MMSRCLI(LightningCLI):
+        def before_instantiate_classes(self) -> None:
+            # `fit --ckpt_path` continues the checkpoint's run directory and wandb run (callbacks/run_dir.py).
+            ckpt = self.config.fit.get("ckpt_path") if self.subcommand == "fit" else None
+            if ckpt and (runs := checkpoint_runs(ckpt)):
+                repoint_loggers(self.config.fit.trainer.logger, runs)
+
         def instantiate_classes(self) -> None:
             if not parse_only:
                 super().instantiate_classes()
+
+        def instantiate_trainer(self, **kwargs):
+            trainer = super().instantiate_trainer(**kwargs)
+            if not any(isinstance(c, RunDirectory) for c in trainer.callbacks):
+                trainer.callbacks.append(RunDirectory())  # every checkpoint records its run directory
+            return trainer
+
+        def before_fit(self) -> None:
+            if self.config.fit.get("ckpt_path"):  # before the CSV logger opens (and empties) its directory
+                for logger in self.trainer.loggers:
+                    if isinstance(logger, CSVLogger):
+                        continue_metrics(logger)
 
     # Any LightningModule (GRPOModule, SFTModule, a user's subclass) by class_path.
     return MMSRCLI(

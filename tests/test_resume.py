@@ -1,7 +1,10 @@
 """Never lose work: kill -9 a training run, resume from its last complete checkpoint, and the next
-batches and updates equal an uninterrupted run's; a crash during a save leaves no torn checkpoint."""
+batches and updates equal an uninterrupted run's, logged into the same run directory; a crash during a
+save leaves no torn checkpoint."""
 
+import csv
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -13,6 +16,7 @@ import torch
 import yaml
 
 from mmsr.checkpoint import AtomicCheckpointIO
+from mmsr.report.cli import write_report
 from tests.conftest import subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,14 +47,26 @@ def fit(cfg: Path, *extra: str, wait: bool = True):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+def run_dir(run: Path) -> Path:
+    """The run's one CSV version directory (a resume continues it, it does not add a version)."""
+    (version,) = (run / "csv").iterdir()
+    return version
+
+
 def per_step(run: Path) -> dict[int, list]:
-    """step -> the sampled trajectories (sample id, turn texts, reward), from every logger version."""
+    """step -> the sampled trajectories (sample id, turn texts, reward) of the run directory."""
     out: dict[int, list] = {}
-    for f in sorted(run.glob("csv/version_*/trajectories.jsonl")):
-        for line in f.read_text().splitlines():
-            r = json.loads(line)
-            out.setdefault(r["step"], []).append((r["sample_id"], [t["text"] for t in r["turns"]], r["reward"]))
+    for line in (run_dir(run) / "trajectories.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        out.setdefault(r["step"], []).append((r["sample_id"], [t["text"] for t in r["turns"]], r["reward"]))
     return out
+
+
+def metrics(run: Path) -> list[dict[str, str]]:
+    """The rows of ``metrics.csv`` without the wall-clock columns (timings, rates)."""
+    timing = re.compile(r"^timing/|seconds$|_per_s$|latency_s$")
+    with (run_dir(run) / "metrics.csv").open(newline="") as f:
+        return [{k: v for k, v in row.items() if not timing.search(k)} for row in csv.DictReader(f)]
 
 
 @pytest.mark.slow
@@ -68,8 +84,12 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
     assert done and done[-1] < STEPS, "the run finished before it could be killed"
     fit(config(b), "--ckpt_path", str(b / "ckpt" / f"step={done[-1]}.ckpt"))
     steps_a, steps_b = per_step(a), per_step(b)
-    resumed = [s for s in steps_a if s >= done[-1]]
-    assert resumed and all(steps_a[s] == steps_b[s] for s in resumed)  # same batches, same samples drawn
+    assert list(steps_b) == list(range(STEPS)) and all(len(v) == 8 for v in steps_b.values())  # each step once
+    assert steps_a == steps_b  # same batches, same samples drawn, before and after the kill
+    assert [r["step"] for r in metrics(b)] == [str(s) for s in range(STEPS)]  # each step once, in order
+    assert metrics(a) == metrics(b)
+    page = write_report(run_dir(b)).read_text()
+    assert re.findall(r'<h2 class="step">Step (\d+)</h2>', page) == [str(s) for s in range(STEPS)]
     final_a = torch.load(a / "ckpt" / f"step={STEPS}.ckpt", map_location="cpu", weights_only=False)
     final_b = torch.load(b / "ckpt" / f"step={STEPS}.ckpt", map_location="cpu", weights_only=False)
     for k, v in final_a["state_dict"].items():

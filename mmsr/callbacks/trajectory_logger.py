@@ -11,6 +11,8 @@ wandb is imported only in that case, so CSV / TensorBoard runs work without it.
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -50,6 +52,7 @@ class TrajectoryLogger(L.Callback):
         self.every_n_steps, self.max_trajectories = every_n_steps, max_trajectories
         self.thumbnail_px, self.filename, self.wandb_key = thumbnail_px, filename, wandb_key
         self.steps = 0  # training steps seen; checkpointed so "every N" survives a resume
+        self.resumed = False  # set by load_state_dict: the file is cut back to `steps` on train start
 
     def run_dir(self, trainer: L.Trainer) -> Path:
         # The first logger's directory, read without `trainer.log_dir`: that one broadcasts, and only
@@ -58,6 +61,13 @@ class TrajectoryLogger(L.Callback):
         if logger is None:
             return Path(trainer.default_root_dir)
         return Path(logger.log_dir if isinstance(logger, CSVLogger | TensorBoardLogger) else logger.save_dir)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # A resumed run logs steps `self.steps`.. again: drop the killed run's records of those steps
+        # (the rule of mmsr/callbacks/run_dir.py for metrics.csv).
+        if self.resumed and trainer.is_global_zero:
+            drop_records_from(self.run_dir(trainer) / self.filename, self.steps)
+        self.resumed = False
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
         step, self.steps = self.steps, self.steps + 1
@@ -91,4 +101,24 @@ class TrajectoryLogger(L.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.steps = state_dict["steps"]
+        self.resumed = True
+
+
+def drop_records_from(path: Path, step: int) -> None:
+    """Remove the records of training step ``step`` and later from a JSONL file (atomically), and a
+    line torn by a kill mid-write (it would glue onto the next record appended)."""
+    if not path.is_file():
+        return
+    lines = [line for line in path.read_bytes().split(b"\n") if line.strip()]  # records hold no raw "\n"
+    kept = [line for line in lines if (s := _step_of(line)) is not None and s < step]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(b"".join(line + b"\n" for line in kept))
+    os.replace(tmp, path)
+
+
+def _step_of(line: bytes) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
 

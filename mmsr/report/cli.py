@@ -31,7 +31,8 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, max_tra
         raise FileNotFoundError(f"{run_dir} has neither {TRAJECTORIES_FILE} nor metrics.csv{hint}")
     out = Path(out_dir) if out_dir is not None else run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
-    records = list(read_records(traj_file)) if traj_file.exists() else []
+    # A record logged twice for one step and position keeps its later version (see plots.read_metrics).
+    records = list({(r.step, r.index): r for r in read_records(traj_file)}.values()) if traj_file.exists() else []
     shown = records[-max_trajectories:] if max_trajectories > 0 else []
     plots = plot_run(metrics, out) if metrics.exists() else {}
     text = config.read_text(encoding="utf-8") if config.exists() else None

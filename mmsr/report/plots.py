@@ -50,20 +50,24 @@ PLOTS: tuple[PlotSpec, ...] = (
 
 
 def read_metrics(path: str | Path) -> dict[str, Curve]:
-    """Every numeric column of a CSVLogger ``metrics.csv`` as a curve over its ``step`` column."""
+    """Every numeric column of a CSVLogger ``metrics.csv`` as a curve over its ``step`` column.
+
+    A metric logged twice at one step keeps its later value: resumed runs cut the file back to the
+    resumed step (``mmsr.callbacks.run_dir``), but a file written otherwise may repeat steps.
+    """
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         if reader.fieldnames is None or "step" not in reader.fieldnames:
             raise ValueError(f"{path}: not a CSVLogger metrics file (no 'step' column)")
-        points: dict[str, list[tuple[int, float]]] = {k: [] for k in reader.fieldnames if k not in ("step", "epoch")}
+        points: dict[str, dict[int, float]] = {k: {} for k in reader.fieldnames if k not in ("step", "epoch")}
         for lineno, row in enumerate(reader, 2):
             for key, cell in row.items():
                 if key in points and cell not in ("", None):
                     try:
-                        points[key].append((int(float(row["step"])), float(cell)))
+                        points[key][int(float(row["step"]))] = float(cell)
                     except ValueError:
                         raise ValueError(f"{path}:{lineno}: column {key!r} holds {cell!r}, not a number") from None
-    return {k: Curve(k, [s for s, _ in p], [v for _, v in p]) for k, p in points.items() if p}
+    return {k: Curve(k, sorted(p), [p[s] for s in sorted(p)]) for k, p in points.items() if p}
 
 
 def curves_for(spec: PlotSpec, curves: dict[str, Curve]) -> list[Curve]:

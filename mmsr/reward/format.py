@@ -11,6 +11,11 @@ warning with no ``<answer>``, ...) has format 0.
 This is stricter than the rollout parser (``mmsr.rollout.parse``) on purpose: the image-search tag
 must be the literal ``<search><img></search>`` and every tag must end its turn (after stripping,
 so only whitespace may follow ``</answer>`` / ``</search>`` / ``</text_search>``).
+
+A turn holds each counted tag (reason, answer, search and text-search, opening and closing) exactly
+as often as its kind says, once or never, as upstream counts them for most tags. Upstream lets a
+stray ``<search>`` or ``</search>`` (not the image-search tag) into any turn; here an unbalanced tag
+is a malformed turn, whatever the kind.
 """
 
 from __future__ import annotations
@@ -26,7 +31,14 @@ _IMAGE_SEARCH_TURN = re.compile(r"^<reason>.*</reason>.*<search><img></search>$"
 _TEXT_SEARCH_TURN = re.compile(r"^<reason>.*</reason>.*<text_search>.*</text_search>$", re.DOTALL)
 # Lenient on purpose: counts every search the rollout may have executed (whitespace inside the tag).
 _SEARCH_TAG = re.compile(r"<search>\s*<img>\s*</search>|<text_search>")
-_SEARCH_TAG_PARTS = ("<search>", "</search>", "<text_search>", "</text_search>")
+_COUNTED = ("<reason>", "</reason>", "<answer>", "</answer>", "<search>", "</search>", "<text_search>", "</text_search>")
+# kind -> (its pattern, how often each of _COUNTED occurs in it). The counts come first: with each
+# tag at most once the patterns' `.*` cannot backtrack more than linearly on a huge turn.
+_KINDS: dict[TurnKind, tuple[re.Pattern[str], tuple[int, ...]]] = {
+    "answer": (_ANSWER_TURN, (1, 1, 1, 1, 0, 0, 0, 0)),
+    "image_search": (_IMAGE_SEARCH_TURN, (1, 1, 0, 0, 1, 1, 0, 0)),
+    "text_search": (_TEXT_SEARCH_TURN, (1, 1, 0, 0, 0, 0, 1, 1)),
+}
 
 VALID_SHAPES: frozenset[tuple[TurnKind, ...]] = frozenset(
     {
@@ -41,24 +53,11 @@ VALID_SHAPES: frozenset[tuple[TurnKind, ...]] = frozenset(
 def turn_kind(turn: str) -> TurnKind | None:
     """The kind of a well-formed turn, or None if the turn is malformed."""
     t = turn.strip()
-    if t.count("<reason>") != 1 or t.count("</reason>") != 1:
-        return None
-    if _is_answer_turn(t):
-        return "answer"
-    if "<answer>" in t or "</answer>" in t:
-        return None
-    if t.count(IMAGE_SEARCH_TAG) + t.count("<text_search>") != 1:
-        return None
-    if _IMAGE_SEARCH_TURN.match(t):
-        return "image_search"
-    return "text_search" if _TEXT_SEARCH_TURN.match(t) else None
-
-
-def _is_answer_turn(t: str) -> bool:
-    """One ``<answer>``/``</answer>`` pair after the reason pair, ending the turn; no search tag."""
-    if t.count("<answer>") != 1 or t.count("</answer>") != 1:
-        return False
-    return not any(tag in t for tag in _SEARCH_TAG_PARTS) and bool(_ANSWER_TURN.match(t))
+    counts = tuple(t.count(tag) for tag in _COUNTED)
+    for kind, (pattern, expected) in _KINDS.items():
+        if counts == expected and pattern.match(t):
+            return kind
+    return None
 
 
 def format_ok(turns: list[str]) -> bool:

@@ -40,3 +40,10 @@ def test_bad_metrics_files_name_the_problem(tmp_path):
     (tmp_path / "b.csv").write_text("step,reward/mean\n0,0.5\n1,oops\n")
     with pytest.raises(ValueError, match=r"b.csv:3: column 'reward/mean' holds 'oops'"):
         read_metrics(tmp_path / "b.csv")
+
+
+def test_a_step_logged_twice_keeps_its_later_value(tmp_path):
+    # E.g. a run directory continued by something other than mmsr's resume, which drops such rows.
+    (tmp_path / "metrics.csv").write_text("reward/mean,step\n0.1,0\n0.2,1\n0.9,1\n0.3,2\n")
+    curve = read_metrics(tmp_path / "metrics.csv")["reward/mean"]
+    assert (curve.steps, curve.values) == ([0, 1, 2], [0.1, 0.9, 0.3])

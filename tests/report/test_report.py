@@ -74,6 +74,16 @@ def test_model_text_is_escaped_not_rendered(run_dir, tmp_path):
     assert "No metrics.csv" in html
 
 
+def test_a_record_logged_twice_is_shown_once(run_dir, tmp_path):
+    # A step logged again (a run directory continued other than by mmsr's resume): the later one wins.
+    lines = (run_dir / "trajectories.jsonl").read_text().splitlines()
+    again = [json.dumps({**json.loads(line), "reward": -1.0}) for line in lines[-2:]]
+    (tmp_path / "trajectories.jsonl").write_text("\n".join(lines + again) + "\n")
+    shown = Page(write_report(tmp_path).read_text()).trajectories
+    assert [a["id"] for a in shown] == [f"step{r.step}-traj{r.index}" for r in read_records(run_dir / "trajectories.jsonl")]
+    assert [float(a["data-reward"]) for a in shown[-2:]] == [-1.0, -1.0]
+
+
 def test_bad_run_directories_are_reported_clearly(tmp_path, capsys):
     (tmp_path / "csv" / "version_0").mkdir(parents=True)
     (tmp_path / "csv" / "version_0" / "trajectories.jsonl").write_text('{"step": 0}\n')

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import re
+import string
+import time
+
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mmsr.reward.answer import (
@@ -84,7 +88,35 @@ def test_sub_exact_match() -> None:
         ("[1, 2]", ["1", "2"]),
         ('"solo"', ["solo"]),
         ("not json", ["not json"]),
+        ("[" * 100_000, ["[" * 100_000]),  # too deep for the JSON parser: one candidate, no RecursionError
     ],
 )
 def test_parse_candidate_answers(raw: object, expected: list[str]) -> None:
     assert parse_candidate_answers(raw) == expected
+
+
+# Upstream's definitions (mmsearch_r1_score.py): the fast versions above must agree with them.
+_UPSTREAM_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+_tag_soup = st.lists(st.one_of(st.text(max_size=6), st.sampled_from(["<answer>", "</answer>", "<", "answer>", " "])), max_size=30)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(_tag_soup.map("".join))
+def test_extract_answer_finds_the_upstream_regex_match(text: str) -> None:
+    matches = _UPSTREAM_ANSWER.findall(text)
+    assert extract_answer(text) == (matches[-1].strip() if matches else None)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(st.text())
+def test_normalize_answer_drops_the_punctuation_upstream_drops(text: str) -> None:
+    kept = "".join(ch for ch in text.lower() if ch not in string.punctuation)
+    assert normalize_answer(text) == " ".join(re.sub(r"\b(a|an|the)\b", " ", kept).split())
+
+
+def test_open_answer_tags_without_a_close_are_linear() -> None:
+    # Regression: the lazy regex retried every later <answer> to the end (minutes for 1 MB).
+    start = time.perf_counter()
+    assert extract_answer("<answer>" * 125_000) is None
+    assert extract_answer("<answer>a</answer>" + "<answer>" * 125_000) == "a"
+    assert time.perf_counter() - start < 0.5

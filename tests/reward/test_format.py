@@ -87,6 +87,13 @@ def test_malformed_answer_turn(turn: str) -> None:
         ("<reason>r</reason><answer>x</answer><search><img></search>", None),  # answer in search turn
         ("<reason>r</reason><answer><text_search>q</text_search>", None),
         ("<reason>r</reason><reason>s</reason><search><img></search>", None),
+        # Found by tests/test_adversarial_outputs.py: a search turn holds its own tags exactly once.
+        ("<reason>r</reason></text_search><search><img></search>", None),  # upstream: 0 too
+        ("<reason>r</reason><text_search>a</text_search>b</text_search>", None),  # upstream: 0 too
+        ("<reason>r</reason><search> <search><img></search>", None),  # unbalanced (upstream lets it pass)
+        ("<reason>r </search></reason><search><img></search>", None),
+        ("<reason>r <search></reason><text_search>q</text_search>", None),
+        ("<reason>the <img> and <|image_pad|></reason><search><img></search>", "image_search"),  # not tags
     ],
 )
 def test_turn_kind(turn: str, kind: str | None) -> None:

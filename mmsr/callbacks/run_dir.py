@@ -1,0 +1,170 @@
+"""One run, one directory: a resumed ``mmsr fit`` writes into the run directory it was checkpointed
+from, so its metrics, trajectories and wandb run continue instead of starting a new version.
+
+Lightning's loggers pick a fresh ``version_N`` (and a fresh wandb id) on every start, so without
+this a run killed and resumed twice lives in three directories and ``mmsr report`` sees a third of
+it. The pieces, in the order a resume runs them:
+1. ``RunDirectory`` (added to every trainer by ``mmsr.cli``) stores in each checkpoint which logger
+   versions the run uses: the CSV / TensorBoard version and its directory, the wandb run id.
+2. ``repoint_loggers`` (``MMSRCLI.before_instantiate_classes``, given ``--ckpt_path``) reads that
+   back and sets ``version`` in the logger configs before the loggers exist (wandb: the same run
+   id, with ``resume="allow"``). A logger whose directory moved (another ``save_dir``) starts a new
+   version, as before.
+3. ``continue_metrics`` (``MMSRCLI.before_fit``) keeps ``metrics.csv``, which the CSV logger would
+   delete when it opens the directory, and appends to it (a header change rewrites it with every row).
+4. On the first training batch ``RunDirectory`` drops the rows of steps >= the first step the
+   resumed run logs: a run killed after logging step 5 and resumed from step 4's checkpoint logs 5
+   again, and a resumed run may stop earlier than the killed one got, so the killed run's rows from
+   that step on are not this run's history. ``TrajectoryLogger`` applies the same rule.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from jsonargparse import Namespace
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities import rank_zero_only
+
+METRICS_FILE = "metrics.csv"
+
+
+class RunDirectory(L.Callback):
+    """Stores the run's logger versions in checkpoints; cuts ``metrics.csv`` back on resume."""
+
+    def __init__(self) -> None:
+        self.loggers: list[dict[str, Any]] = []  # one entry per trainer logger, in order
+        self.resuming = False
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # The loggers created their experiments just before this hook: versions and ids are known.
+        if trainer.is_global_zero:
+            self.loggers = [logger_run(logger) for logger in trainer.loggers]
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        self.resuming = trainer.state.fn == "fit"  # resuming a fit (not validating from a checkpoint)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        if not self.resuming:
+            return
+        self.resuming = False
+        if not trainer.is_global_zero:
+            return
+        # The step Lightning logs this batch's metrics at; read here, after the loop restored it.
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        for logger in trainer.loggers:
+            if isinstance(logger, CSVLogger):
+                drop_rows_from(Path(logger.log_dir) / METRICS_FILE, step)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"loggers": self.loggers}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.loggers = list(state_dict.get("loggers", []))
+
+
+def logger_run(logger: Any) -> dict[str, Any]:
+    """What identifies ``logger``'s run: its class name, version (wandb: run id) and, for loggers
+    with version directories, the absolute directory holding them (``None`` otherwise)."""
+    root = getattr(logger, "root_dir", None)
+    return {"logger": type(logger).__name__, "version": logger.version, "root_dir": os.path.abspath(root) if root else None}
+
+
+def checkpoint_runs(ckpt_path: str | os.PathLike) -> list[dict[str, Any]] | None:
+    """The ``RunDirectory`` state of a checkpoint file or sharded checkpoint directory (Lightning keeps
+    a directory's non-tensor state in ``meta.pt``); None if it has none or cannot be read."""
+    path = Path(ckpt_path)
+    path = path / "meta.pt" if path.is_dir() else path
+    if not path.is_file():
+        return None
+    try:  # memory-mapped: only the small callback state is read, not the weights
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 - Lightning reports an unreadable checkpoint itself, next
+        warnings.warn(f"could not read the run directory from {path} ({type(e).__name__}); logging to a new one")
+        return None
+    state = ckpt.get("callbacks", {}).get(RunDirectory.__qualname__) if isinstance(ckpt, dict) else None
+    return state.get("loggers") if isinstance(state, dict) else None
+
+
+def repoint_loggers(logger_config: Any, runs: list[dict[str, Any]]) -> None:
+    """Set ``version`` of each configured logger (a ``class_path`` / ``init_args`` entry, or a list
+    of them) to the checkpoint's, matched by position and class; a version or id set in the config
+    wins. A versioned logger is re-pointed only if its directory is the checkpoint's."""
+    entries = logger_config if isinstance(logger_config, list) else [logger_config]
+    entries = [e for e in entries if isinstance(e, Namespace) and "class_path" in e]
+    for entry, run in zip(entries, runs):
+        args = entry.get("init_args")
+        if entry.class_path.rsplit(".", 1)[-1] != run.get("logger") or run.get("version") is None or args is None:
+            continue
+        if "version" not in args or args.get("version") is not None or args.get("id") is not None:
+            continue
+        if run.get("root_dir") and not same_root(args, run["root_dir"]):
+            warnings.warn(f"the checkpoint's run directory {run['root_dir']} is not where this config logs; "
+                          "logging to a new version")  # fmt: skip
+            continue
+        args.version = run["version"]
+        if "resume" in args and args.get("resume") is None:  # WandbLogger: continue the same run
+            args.resume = "allow"
+
+
+def same_root(init_args: Namespace, root_dir: str) -> bool:
+    """Whether a logger configured with ``init_args`` keeps its versions in ``root_dir``."""
+    save_dir = init_args.get("save_dir") or init_args.get("root_dir")
+    return save_dir is not None and os.path.abspath(os.path.join(save_dir, init_args.get("name") or "")) == root_dir
+
+
+@rank_zero_only
+def continue_metrics(logger: CSVLogger) -> None:
+    """Open ``logger``'s experiment without losing its ``metrics.csv``, and append to it from now on.
+
+    The CSV writer deletes an existing ``metrics.csv`` when it is created and only knows the header
+    it wrote itself (lightning/fabric/loggers/csv_logs.py): the file is moved aside while the writer
+    is created and then told the header, so new rows append and new keys rewrite the file with the
+    old rows kept. A copy left aside by a crash in between is put back by the next resume.
+    """
+    path = Path(logger.log_dir) / METRICS_FILE
+    aside = path.with_name(f".{METRICS_FILE}.resuming")
+    if path.is_file():
+        os.replace(path, aside)
+    if not aside.is_file():
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
+        writer = logger.experiment
+    os.replace(aside, path)
+    with path.open(newline="", encoding="utf-8") as f:
+        writer.metrics_keys = list(csv.DictReader(f).fieldnames or [])
+
+
+def drop_rows_from(path: Path, step: int) -> None:
+    """Remove the rows of ``step`` and later from a CSVLogger ``metrics.csv`` (atomically), and a row
+    torn by a kill mid-write."""
+    if not path.is_file():
+        return
+    with path.open(newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+        header = list(reader.fieldnames or [])
+    kept = [r for r in rows if (s := _step_of(r)) is not None and s < step]
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=header)
+        writer.writeheader()
+        writer.writerows(kept)
+    os.replace(tmp, path)
+
+
+def _step_of(row: dict[str | None, Any]) -> int | None:
+    """The row's step; None for a torn row (fewer or more cells than the header)."""
+    if None in row or None in row.values():
+        return None
+    try:
+        return int(float(row["step"]))
+    except (KeyError, ValueError):
+        return None

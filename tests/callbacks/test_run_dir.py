@@ -1,0 +1,123 @@
+"""A resumed run keeps its run directory: logger versions stored in checkpoints, loggers re-pointed
+from them, ``metrics.csv`` / ``trajectories.jsonl`` continued without repeated steps, wandb resumed.
+(The kill -9 version, through the ``mmsr fit`` subprocess, is ``tests/test_resume.py``.)"""
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from jsonargparse import Namespace
+from lightning.pytorch.loggers import CSVLogger
+
+from mmsr.callbacks.run_dir import RunDirectory, checkpoint_runs, continue_metrics, drop_rows_from, repoint_loggers
+from mmsr.callbacks.trajectory_logger import drop_records_from
+from mmsr.report.records import read_records
+
+
+def rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_metrics_continue_across_a_header_change_and_drop_repeated_steps(tmp_path):
+    logger = CSVLogger(tmp_path, name="csv", version=0)
+    path = Path(logger.log_dir) / "metrics.csv"
+    path.parent.mkdir(parents=True)
+    # The killed run logged steps 0..4, the last row torn by the kill.
+    path.write_text("a,step\n" + "".join(f"{s / 10},{s}\n" for s in range(5)) + "0.5")
+    continue_metrics(logger)  # Lightning's writer would have deleted the file here
+    drop_rows_from(path, 3)  # resumed at step 3: the killed run's rows 3, 4 (and the torn one) go
+    assert [r["step"] for r in rows(path)] == ["0", "1", "2"]
+    logger.log_metrics({"a": 0.33, "b": 1.0}, step=3)  # a new key: the writer rewrites the header
+    logger.save()
+    logger.log_metrics({"a": 0.44}, step=4)
+    logger.save()
+    got = rows(path)
+    assert [(r["step"], r["a"], r["b"]) for r in got] == [("0", "0.0", ""), ("1", "0.1", ""), ("2", "0.2", ""), ("3", "0.33", "1.0"), ("4", "0.44", "")]
+
+
+def test_metrics_left_aside_by_a_crash_are_put_back(tmp_path):
+    logger = CSVLogger(tmp_path, name="csv", version=0)
+    Path(logger.log_dir).mkdir(parents=True)
+    (Path(logger.log_dir) / ".metrics.csv.resuming").write_text("a,step\n1,0\n")
+    continue_metrics(logger)
+    assert rows(Path(logger.log_dir) / "metrics.csv") == [{"a": "1", "step": "0"}]
+
+
+def test_trajectories_drop_resumed_steps_and_torn_lines(tmp_path):
+    path = tmp_path / "t.jsonl"
+    records = [json.dumps({"step": s, "text": "line\u2028separator"}, ensure_ascii=False) for s in (0, 0, 1, 2)]
+    path.write_text("\n".join(records) + '\n{"step": 3, "te', encoding="utf-8")
+    drop_records_from(path, 2)
+    assert [json.loads(line)["step"] for line in path.read_text(encoding="utf-8").split("\n") if line] == [0, 0, 1]
+    assert path.read_text(encoding="utf-8").endswith("separator\"}\n")
+
+
+def csv_entry(save_dir, **init_args) -> Namespace:
+    args = Namespace(save_dir=str(save_dir), name="csv", version=None, prefix="", **init_args)
+    return Namespace(class_path="lightning.pytorch.loggers.CSVLogger", init_args=args)
+
+
+def test_loggers_are_repointed_only_to_their_own_directory(tmp_path):
+    wandb = Namespace(class_path="lightning.pytorch.loggers.WandbLogger",
+                      init_args=Namespace(save_dir=str(tmp_path), version=None, id=None, resume=None))  # fmt: skip
+    runs = [{"logger": "CSVLogger", "version": 3, "root_dir": str(tmp_path / "csv")},
+            {"logger": "WandbLogger", "version": "abc123", "root_dir": None}]  # fmt: skip
+    config = [csv_entry(tmp_path), wandb]
+    repoint_loggers(config, runs)
+    assert config[0].init_args.version == 3
+    assert (wandb.init_args.version, wandb.init_args.resume) == ("abc123", "allow")
+    moved = csv_entry(tmp_path / "elsewhere")
+    with pytest.warns(UserWarning, match="not where this config logs"):
+        repoint_loggers(moved, runs)
+    assert moved.init_args.version is None  # another save_dir: a new version there, as before
+    pinned = csv_entry(tmp_path)
+    pinned.init_args.version = "mine"
+    repoint_loggers([pinned, True], runs)
+    assert pinned.init_args.version == "mine"  # a version set in the config wins
+
+
+def test_run_state_is_read_from_files_and_sharded_directories(tmp_path):
+    state = {"callbacks": {"RunDirectory": {"loggers": [{"logger": "CSVLogger", "version": 0, "root_dir": None}]}}}
+    torch.save(state, tmp_path / "a.ckpt")
+    (tmp_path / "sharded.ckpt").mkdir()
+    torch.save(state, tmp_path / "sharded.ckpt" / "meta.pt")
+    torch.save({"callbacks": {}}, tmp_path / "old.ckpt")
+    expected = state["callbacks"]["RunDirectory"]["loggers"]
+    assert checkpoint_runs(tmp_path / "a.ckpt") == expected == checkpoint_runs(tmp_path / "sharded.ckpt")
+    assert checkpoint_runs(tmp_path / "old.ckpt") is None and checkpoint_runs(tmp_path / "missing.ckpt") is None
+    assert RunDirectory().state_key == "RunDirectory"
+
+
+def scripted(root: Path, steps: int, *extra: str):
+    """The scripted run (tests/callbacks/scripted_run.py) with CSV + offline wandb, a checkpoint per
+    step kept outside the run directory, and a TrajectoryLogger."""
+    import wandb
+
+    from tests.callbacks.scripted_run import run
+
+    callbacks = [
+        {"class_path": "mmsr.callbacks.trajectory_logger.TrajectoryLogger", "init_args": {"max_trajectories": 4}},
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+         "init_args": {"dirpath": str(root / "ckpt"), "every_n_train_steps": 1, "save_top_k": -1, "filename": "{step}"}},
+    ]  # fmt: skip
+    args = ["--trainer.max_steps", str(steps), "--trainer.enable_checkpointing", "true", "--trainer.callbacks", json.dumps(callbacks)]
+    try:
+        return run(root, *args, *extra, wandb=True)
+    finally:
+        wandb.finish()  # as at the end of a training process
+
+
+def test_resume_continues_the_run_directory_and_the_wandb_run(tmp_path, offline_wandb):
+    first = scripted(tmp_path, 2)
+    run_id = first.trainer.loggers[1].version
+    # Resumed from the first step's checkpoint: step 1 is logged again, and must be there once.
+    resumed = scripted(tmp_path, 2, "--ckpt_path", str(tmp_path / "ckpt" / "step=1.ckpt"))
+    assert resumed.trainer.loggers[1].version == run_id  # the same wandb run, resumed
+    assert [p.name for p in (tmp_path / "csv").iterdir()] == ["version_0"]
+    run_dir = tmp_path / "csv" / "version_0"
+    assert [r["step"] for r in rows(run_dir / "metrics.csv") if r["reward/mean"]] == ["0", "1"]
+    assert [r.step for r in read_records(run_dir / "trajectories.jsonl")] == [0] * 4 + [1] * 4
+    assert {p.name.rsplit("-", 1)[-1] for p in (tmp_path / "wandb").glob("offline-run-*")} == {run_id}
