@@ -1,4 +1,4 @@
-from mmsr.cli import main
+from mmsr.cli import console
 
 if __name__ == "__main__":
-    main()
+    console()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import traceback
 
 # command -> "module:function" taking the remaining argv
 COMMANDS: dict[str, str] = {}
@@ -75,6 +76,26 @@ def main(args: list[str] | None = None):
 
 
 def console() -> None:
-    """The ``mmsr`` console script: ``main`` returns its result (tests use it), but a script's return
-    value becomes its exit status, so the script discards it (exit 0 unless an error was raised)."""
-    main()
+    """The ``mmsr`` console script (and ``python -m mmsr``): ``main`` returns its result (tests use it),
+    but a script's return value becomes its exit status, so the script discards it.
+
+    A failure ends with the traceback and then one line naming the cause: the innermost exception of
+    the chain (jsonargparse wraps a constructor's error in several screens of namespace dumps).
+    """
+    try:
+        main()
+    except Exception as exc:  # noqa: BLE001 - the last line a user sees must name the cause
+        traceback.print_exc()
+        command = next((a for a in sys.argv[1:] if not a.startswith("-")), "fit")
+        print(f"mmsr {command}: error: {cause(exc)}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def cause(exc: BaseException) -> str:
+    """``Type: message`` of the innermost exception in ``exc``'s chain (its first line only)."""
+    seen = set()
+    while (inner := exc.__cause__ or exc.__context__) is not None and id(inner) not in seen:
+        seen.add(id(exc))
+        exc = inner
+    lines = str(exc).strip().splitlines() or [""]
+    return f"{type(exc).__name__}: {lines[0]}"

@@ -1,9 +1,15 @@
 """The installed ``mmsr`` script exits 0 after a command that returns a value (a script's return
-value is its exit status: returning the CLI object used to exit 1 after a successful run)."""
+value is its exit status: returning the CLI object used to exit 1 after a successful run), and a
+failed command ends with one line naming the cause."""
 
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
+
 import mmsr.cli as cli
+from tests.conftest import subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -12,3 +18,31 @@ def test_console_script_discards_the_result(monkeypatch):
     monkeypatch.setattr(cli, "main", lambda args=None: object())  # e.g. the LightningCLI object
     assert cli.console() is None
     assert "mmsr = mmsr.cli:console" in (ROOT / "setup.cfg").read_text()
+
+
+def test_the_last_line_names_the_innermost_cause(monkeypatch, capsys):
+    def fail(args=None):
+        try:
+            raise FileNotFoundError("corpus x.jsonl not found\nmore detail")
+        except FileNotFoundError as exc:
+            raise ValueError("Does not validate against any of the Union subtypes\nNamespace(...)") from exc
+
+    monkeypatch.setattr(cli, "main", fail)
+    monkeypatch.setattr(cli.sys, "argv", ["mmsr", "eval", "--data", "x"])
+    with pytest.raises(SystemExit) as exit_:
+        cli.console()
+    assert exit_.value.code == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == "mmsr eval: error: FileNotFoundError: corpus x.jsonl not found"
+
+
+@pytest.mark.slow
+def test_fit_from_another_directory_says_where_relative_paths_resolve(tmp_path):
+    """The smoke config names its data relative to the repository root; run elsewhere, the run ends
+    with one line naming the missing file and the directory it was looked for in."""
+    proc = subprocess.run([sys.executable, "-m", "mmsr", "fit", "-c", str(ROOT / "configs" / "smoke.yaml")],
+                          cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == (f"mmsr fit: error: FileNotFoundError: image search index data/fvqa_dev_20/search/image_index.jsonl "
+                    f"not found (a relative path: resolved against the working directory {tmp_path})")  # fmt: skip

@@ -34,7 +34,7 @@ def test_bad_rows_name_file_and_line(tmp_path, corpus_file):
     bad.write_text('{"title": "a", "text": "b"}\n{"title": "a"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:2: .*'text'"):
         ReadingCorpus([str(corpus_file), str(bad)])
-    with pytest.raises(ValueError, match="file not found"):
+    with pytest.raises(FileNotFoundError, match="missing.jsonl not found"):
         ReadingCorpus([str(tmp_path / "missing.jsonl")])
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from mmsr.data.paths import require_file
 from mmsr.data.sample import Sample
 
 
@@ -152,8 +153,7 @@ def load_samples(path: str | Path, skip_invalid: bool = False) -> list[Sample]:
         from mmsr.data.hf import load_dataset_dir
 
         return load_dataset_dir(path, skip_invalid)
-    if not path.is_file():
-        raise FileNotFoundError(f"data file {path} does not exist")
+    require_file(path, "data file")
     rows, make = _reader(path)
     return collect(rows, make, path, skip_invalid)
 

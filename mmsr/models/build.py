@@ -24,6 +24,7 @@ from transformers import (
 )
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+from mmsr.data.paths import require_file
 from mmsr.models.policy import Policy
 from mmsr.models.tokenizer import train_bpe_tokenizer
 from mmsr.prompt.render import TEMPLATES, ChatFormat
@@ -71,9 +72,9 @@ def _file_texts(path: str) -> list[str]:
     if path.endswith(".parquet"):
         import pyarrow.parquet as pq
 
-        prompts = pq.read_table(path, columns=["prompt"]).column("prompt").to_pylist()
+        prompts = pq.read_table(require_file(path, "tokenizer text file"), columns=["prompt"]).column("prompt").to_pylist()
         return [m["content"] for p in prompts for m in p if isinstance(m.get("content"), str)]
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    lines = require_file(path, "tokenizer text file").read_text(encoding="utf-8").splitlines()
     if path.endswith(".jsonl"):
         return [t for line in lines for t in _strings(json.loads(line))]
     return lines

@@ -19,14 +19,14 @@ import imagehash
 import numpy as np
 from PIL import Image
 
+from mmsr.data.paths import require_file
 from mmsr.tools.base import ToolRequest, ToolResult, failure
 from mmsr.tools.format import IMAGE_NONE, TEXT_NONE, image_results, one_line, text_results
 
 
 def read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
     """(line number, object) for each non-blank line; ValueError naming file and line otherwise."""
-    if not path.is_file():
-        raise ValueError(f"{path}: file not found")
+    require_file(path, "JSON-lines file")
     rows = []
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, start=1):
@@ -93,7 +93,7 @@ class LocalImageSearch:
         expand_titles: bool = False,
     ) -> None:
         _positive(top_k=top_k, hash_size=hash_size, thumbnail_size=thumbnail_size)
-        self.index = Path(index).resolve()
+        self.index = require_file(index, "image search index").resolve()
         self.top_k, self.hash_size, self.thumbnail_size = top_k, hash_size, thumbnail_size
         self.max_distance, self.expand_titles = max_distance, expand_titles
         self._entries: list[_ImageEntry] = []
@@ -186,7 +186,7 @@ class LocalTextSearch:
         import bm25s  # ~0.1 s to import; only paid by runs that use text search
 
         _positive(top_k=top_k, max_chars=max_chars)
-        self.corpus, self.top_k, self.max_chars = Path(corpus).resolve(), top_k, max_chars
+        self.corpus, self.top_k, self.max_chars = require_file(corpus, "text search corpus").resolve(), top_k, max_chars
         self.passages = [_parse_passage(row, f"{self.corpus}:{n}") for n, row in read_jsonl(self.corpus)]
         self._tokenizer = bm25s.tokenization.Tokenizer(stopwords="en", stemmer=None)
         ids = self._tokenizer.tokenize(

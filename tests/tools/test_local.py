@@ -118,7 +118,7 @@ def test_bad_image_index_names_file_and_line(tmp_path: Path) -> None:
         index = _write(tmp_path / name, rows)
         with pytest.raises(ValueError, match=f"{name}{message}"):
             LocalImageSearch(index=str(index))
-    with pytest.raises(ValueError, match="absent.jsonl"):
+    with pytest.raises(FileNotFoundError, match="image search index .*absent.jsonl not found"):
         LocalImageSearch(index=str(tmp_path / "absent.jsonl"))
 
 
