@@ -155,7 +155,9 @@ class GRPOModule(L.LightningModule):
         self.hparams["rollout"] = asdict(rollout)
         self.automatic_optimization = False
         self.policy = policy.build()
-        self.model = self.policy.model
+        # from_pretrained returns a model in eval mode, where Hugging Face turns gradient checkpointing
+        # off; Lightning no longer switches modes at fit start (it warned: "N modules in eval mode").
+        self.model = self.policy.model.train()
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
         self.param_dtype = getattr(torch, param_dtype)

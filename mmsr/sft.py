@@ -54,7 +54,9 @@ class SFTModule(L.LightningModule):
         self.reading = reading
         self.automatic_optimization = False
         self.policy = policy.build()
-        self.model = self.policy.model
+        # from_pretrained returns a model in eval mode, where Hugging Face turns gradient checkpointing
+        # off; Lightning no longer switches modes at fit start (it warned: "N modules in eval mode").
+        self.model = self.policy.model.train()
         self.teacher = teacher or RAGTeacher()
         self.engine = ScriptedEngine(self._script)
         self.engine.bind(self.policy)

@@ -109,3 +109,13 @@ def test_compute_dtype_follows_the_trainer_unless_set(requested, precision, expe
 def test_true_bf16_precision_is_refused_for_fp32_masters():
     with pytest.raises(ValueError, match="bf16-mixed"):
         compute_dtype(None, torch.float32, "bf16-true")
+
+
+def test_a_pretrained_policy_trains_in_train_mode_with_checkpointing_on(tmp_path, tiny_policy):
+    """from_pretrained returns eval mode, where transformers skips gradient checkpointing: the module
+    puts the policy in train mode (the 7B recipe's activations need checkpointing to fit)."""
+    save_policy(tiny_policy, tmp_path)
+    module = GRPOModule(policy=PretrainedPolicy(str(tmp_path)), engine=ScriptedEngine(script), kl_coef=0.0,
+                        gradient_checkpointing=True)  # fmt: skip
+    assert all(m.training for m in module.model.modules())
+    assert module.model.is_gradient_checkpointing
