@@ -10,15 +10,24 @@ calls in flight, read from the module:
 - tokens/s and calls in flight from the live ``RolloutLoop.stats`` (a call is in flight from when it
   is counted until its latency is recorded, waiting for the concurrency limit included).
 The thread only reads plain attributes and writes through tqdm, which locks its own refreshes.
+
+The bar counts optimizer steps against ``trainer.max_steps`` under the run's name (``grpo 12/60``),
+not Lightning's epochs of an endless resumable loader. When stdout is not a terminal (a log file, CI)
+a bar is only drawn at the end, so the callback prints plain lines instead, every ``plain_every_s``
+seconds at most and at the last step: name, step/total, rate, ETA, the stage and the progress-bar
+metrics (``reward`` for GRPO, ``loss`` for the warm start).
 """
 
 from __future__ import annotations
 
+import sys
 import threading
+import time
 from dataclasses import dataclass
 
 import lightning as L
 from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 
 
 @dataclass(frozen=True)
@@ -59,15 +68,34 @@ class StageProgressBar(TQDMProgressBar):
         refresh_rate: update the bar every this many steps (0 disables it).
         poll_s: seconds between live refreshes during a step.
         leave: keep the finished bar on screen.
+        name: the run's name in the bar and lines (default: the module's, ``GRPOModule`` -> ``grpo``).
+        plain: print plain lines instead of a bar; ``None``: when stdout is not a terminal.
+        plain_every_s: least seconds between two plain lines (the last step is always printed).
     """
 
-    def __init__(self, refresh_rate: int = 1, poll_s: float = 0.5, leave: bool = False) -> None:
+    def __init__(self, refresh_rate: int = 1, poll_s: float = 0.5, leave: bool = False, name: str | None = None,
+                 plain: bool | None = None, plain_every_s: float = 30.0) -> None:  # fmt: skip
         super().__init__(refresh_rate=refresh_rate, leave=leave)
-        self.poll_s = poll_s
+        self.poll_s, self.name, self.plain_every_s = poll_s, name, plain_every_s
+        self.plain = not sys.stdout.isatty() if plain is None else plain
+        self._lines = PlainLines(plain_every_s)
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
         self._metrics: dict[str, int | str | float] = {}  # last batch-end metrics, reused live
         self._hook_stage = "idle"
+
+    def init_train_tqdm(self) -> Tqdm:
+        return Tqdm(disable=True) if self.plain else super().init_train_tqdm()  # plain lines replace the bar
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *args) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        if trainer.max_steps > 0:  # steps of the run, not batches of a (resumable, endless) epoch
+            self.train_progress_bar.total = trainer.max_steps
+            self.train_progress_bar.initial = self.train_progress_bar.n = trainer.global_step
+        self.train_progress_bar.set_description(self.run_name(trainer.lightning_module))
+
+    def run_name(self, pl_module: L.LightningModule) -> str:
+        return self.name or type(pl_module).__name__.removesuffix("Module").lower() or "train"
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, int | str | float]:
         self._metrics = dict(super().get_metrics(trainer, pl_module))
@@ -84,10 +112,19 @@ class StageProgressBar(TQDMProgressBar):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         self._hook_stage = "idle"
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        bar = self.train_progress_bar
+        if bar is not None and trainer.max_steps > 0 and not self.plain:
+            bar.n = trainer.global_step
+            bar.set_postfix(self.get_metrics(trainer, pl_module))
+        elif trainer.max_steps <= 0:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self.plain and self.is_enabled:
+            self.get_metrics(trainer, pl_module)  # refreshes the step's metrics
+            self._lines.step(trainer, self.run_name(pl_module), self._metrics)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
+        self._lines.start(trainer.global_step)
         if self.is_enabled and self.poll_s > 0:
             self._stop.clear()
             self._watcher = threading.Thread(target=self._watch, args=(pl_module,), daemon=True, name="mmsr-progress")
@@ -96,8 +133,11 @@ class StageProgressBar(TQDMProgressBar):
     def _watch(self, pl_module: L.LightningModule) -> None:
         while not self._stop.wait(self.poll_s):
             bar = self._train_progress_bar
+            live = self._metrics | step_status(pl_module, self._hook_stage).postfix()
             if bar is not None and not bar.disable:
-                bar.set_postfix(self._metrics | step_status(pl_module, self._hook_stage).postfix(), refresh=True)
+                bar.set_postfix(live, refresh=True)
+            elif self.plain:  # a long step: say what it is doing
+                self._lines.status(pl_module.trainer, self.run_name(pl_module), live)
 
     def _stop_watching(self) -> None:
         self._stop.set()
@@ -115,3 +155,38 @@ class StageProgressBar(TQDMProgressBar):
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._stop_watching()
         super().teardown(trainer, pl_module, stage)
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{secs:02d}s"
+
+
+class PlainLines:
+    """Progress as plain lines, at most one every ``every_s`` seconds (and always the last step)."""
+
+    def __init__(self, every_s: float) -> None:
+        self.every_s, self.t0, self.step0, self.last = every_s, time.monotonic(), 0, float("-inf")
+        self.lock = threading.Lock()
+
+    def start(self, step: int) -> None:
+        self.t0, self.step0, self.last = time.monotonic(), step, float("-inf")
+
+    def line(self, trainer: L.Trainer, name: str, metrics: dict) -> str:
+        step, total = trainer.global_step, trainer.max_steps
+        rate = (step - self.step0) / max(time.monotonic() - self.t0, 1e-9)
+        eta = f" | ETA {_duration((total - step) / rate)}" if rate > 0 and total > 0 else ""
+        shown = " | ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items() if k != "v_num")
+        return f"{name} step {step}/{total if total > 0 else '?'} | {rate:.2g} steps/s{eta} | {shown}"
+
+    def step(self, trainer: L.Trainer, name: str, metrics: dict) -> None:
+        self._print(self.line(trainer, name, metrics), force=trainer.global_step >= trainer.max_steps > 0)
+
+    def status(self, trainer: L.Trainer, name: str, metrics: dict) -> None:
+        self._print(self.line(trainer, name, metrics) + " (in the step)")
+
+    def _print(self, text: str, force: bool = False) -> None:
+        with self.lock:
+            if force or time.monotonic() - self.last >= self.every_s:
+                self.last = time.monotonic()
+                print(text, flush=True)

@@ -56,7 +56,7 @@ def test_status_reads_stage_tokens_per_second_and_calls_in_flight(module, monkey
 def test_bar_shows_live_stages_during_a_step(module, capfd, tmp_path):
     trainer = L.Trainer(
         accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False, enable_model_summary=False,
-        default_root_dir=tmp_path, callbacks=[StageProgressBar(poll_s=0.02)],
+        default_root_dir=tmp_path, callbacks=[StageProgressBar(poll_s=0.02, plain=False)],
     )  # fmt: skip
     trainer.fit(module, datamodule=MMSRDataModule(train_files=[str(FVQA / "fvqa_dev.jsonl")], prompts_per_step=2))
     out = capfd.readouterr()
@@ -66,3 +66,29 @@ def test_bar_shows_live_stages_during_a_step(module, capfd, tmp_path):
     # While the slow text searches run, the two episodes that searched have a call in flight each,
     # and the first generation round has already been timed.
     assert {(int(tps) > 0, n) for s, tps, n in postfixes if s == "tools"} == {(True, "2")}
+
+
+def fit(module, tmp_path, bar, steps=2):
+    trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
+                        enable_model_summary=False, default_root_dir=tmp_path, callbacks=[bar])  # fmt: skip
+    trainer.fit(module, datamodule=MMSRDataModule(train_files=[str(FVQA / "fvqa_dev.jsonl")], prompts_per_step=2))
+    return trainer
+
+
+def test_plain_lines_when_stdout_is_not_a_terminal(module, capsys, tmp_path):
+    bar = StageProgressBar(poll_s=0)
+    assert bar.plain  # pytest captures stdout: not a terminal
+    bar.plain_every_s = bar._lines.every_s = 0.0
+    fit(module, tmp_path, bar)
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("grpo step")]
+    assert "Training" not in out  # no bar drawn
+    assert [line.split(" | ")[0] for line in lines] == ["grpo step 1/2", "grpo step 2/2"]
+    assert all(re.search(r"steps/s \| (ETA \d+m\d\ds \| )?reward [\d.]+$", line) for line in lines), lines
+
+
+def test_bar_counts_steps_of_the_run_under_its_name(module, tmp_path):
+    bar = StageProgressBar(poll_s=0, plain=False, name="warm start")
+    fit(module, tmp_path, bar, steps=3)
+    tqdm = bar.train_progress_bar
+    assert tqdm.desc.startswith("warm start") and (tqdm.n, tqdm.total) == (3, 3)  # not "Epoch 0", n of -1
