@@ -161,6 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--sft-steps", type=int, default=None, help="imitation steps after reading (default: from configs/demo/sft.yaml)")
     ap.add_argument("--grpo-steps", type=int, default=None, help="override configs/demo/grpo.yaml max_steps")
     ap.add_argument("--eval-limit", type=int, default=None, help="evaluate only the first N held-out questions")
+    ap.add_argument("--check", action="store_true", help="exit with status 1, naming them, when claims are not met")
     args = ap.parse_args(argv)
     # the demo hands LightningCLI its own arguments on purpose; its warning about sys.argv is noise here
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
@@ -168,4 +169,7 @@ def main(argv: list[str] | None = None) -> dict:
     write_outputs(args.out, summary)
     print(table(summary))
     print(f"\nseconds: {summary['seconds']}; outputs in {args.out}/ (metrics.csv, demo.png, summary.json)")
+    unmet = [f"{name} (measured {value})" for name, ok, value in checks(summary) if not ok]
+    if args.check and unmet:
+        raise SystemExit("mmsr demo --check: claims not met: " + "; ".join(unmet))
     return summary

@@ -67,3 +67,29 @@ def test_demo_is_deterministic_for_a_seed(short_demo, tmp_path):
     assert (a["warm_start"], a["grpo"]) == (b["warm_start"], b["grpo"])
     first, second = _learning_metrics(first_out), _learning_metrics(tmp_path / "again")
     assert len(first) == 2 and "reward/mean" in first[0] and first == second
+
+
+def _summary(after_accuracy: float, search_free_after: float) -> dict:
+    kinds = {k: {"accuracy": 1.0, "search_ratio": 1.0, "image_search_ratio": 1.0, "text_search_ratio": 1.0, "n": 40}
+             for k in ("all", "search_free", "image_search", "text_search")}  # fmt: skip
+    grpo = {k: dict(v) for k, v in kinds.items()}
+    grpo["all"]["accuracy"], grpo["search_free"]["search_ratio"] = after_accuracy, search_free_after
+    return {"warm_start": kinds, "grpo": grpo, "seconds": {}, "grpo_metrics": ""}
+
+
+@pytest.mark.parametrize(("accuracy", "search_free", "unmet"), [
+    (0.97, 0.0, []), (0.97, 0.8, ["search-free search ratio drops"]), (0.7, 0.0, ["accuracy after GRPO >= 80%", "within 5 points"]),
+])  # fmt: skip
+def test_check_exits_naming_the_unmet_claims(monkeypatch, tmp_path, accuracy, search_free, unmet):
+    import mmsr.demo as demo
+
+    monkeypatch.setattr(demo, "run", lambda *a: _summary(accuracy, search_free))
+    monkeypatch.setattr(demo, "write_outputs", lambda *a: None)
+    argv = ["--out", str(tmp_path), "--check"]
+    if not unmet:
+        demo.main(argv)
+        return
+    with pytest.raises(SystemExit, match="claims not met") as exc:
+        demo.main(argv)
+    assert all(name in str(exc.value) for name in unmet)
+    demo.main(argv[:-1])  # without --check the claims are reported, not enforced
