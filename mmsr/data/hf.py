@@ -3,7 +3,7 @@
 Either schema works: MMSearch-R1 / verl (``prompt``, ``images``, ``reward_model``, ...) or the flat
 jsonl one (``question``, ``ground_truth``, ``image``, ...). ``datasets`` usually decodes image columns
 to PIL images; undecoded ``{"bytes", "path"}`` dicts are read too. Validation and error messages are
-the loaders' (file, row, field), with the dataset's name standing in for the file.
+those of ``mmsr.data.rows`` (file, row, field), with the dataset's name standing in for the file.
 
     import datasets
     from mmsr.data.hf import samples_from_dataset
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mmsr.data.loaders import _jsonl_sample, _parquet_sample, collect
+from mmsr.data.rows import collect, jsonl_sample, parquet_sample
 from mmsr.data.sample import Sample
 
 
@@ -41,9 +41,9 @@ def samples_from_dataset(dataset, name: str | None = None, skip_invalid: bool = 
         raise TypeError(f"expected a datasets.Dataset, got {type(dataset).__name__}")
     columns = set(dataset.column_names)
     if "prompt" in columns and "reward_model" in columns:
-        make = _parquet_sample
+        make = parquet_sample
     elif "question" in columns and "ground_truth" in columns:
-        make = _jsonl_sample
+        make = jsonl_sample
     else:
         raise ValueError(
             f"dataset {name or 'dataset'} has columns {sorted(columns)}: expected the MMSearch-R1 schema "

@@ -8,49 +8,19 @@ requests in a worker thread so the rollout's event loop never blocks. Result tex
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import imagehash
 import numpy as np
 from PIL import Image
 
+from mmsr.data.jsonl import read_jsonl, required_field
 from mmsr.data.paths import require_file
 from mmsr.tools.base import ToolRequest, ToolResult, failure
 from mmsr.tools.format import IMAGE_NONE, TEXT_NONE, image_results, one_line, text_results
-
-
-def read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    """(line number, object) for each non-blank line; ValueError naming file and line otherwise."""
-    require_file(path, "JSON-lines file")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{line_no}: invalid JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{line_no}: expected a JSON object")
-            rows.append((line_no, row))
-    if not rows:
-        raise ValueError(f"{path}: no entries")
-    return rows
-
-
-def required_field(row: dict[str, Any], key: str, where: str, types: type | tuple[type, ...] = str) -> Any:
-    """``row[key]``, checked for presence and type."""
-    if key not in row:
-        raise ValueError(f"{where}: missing field {key!r}")
-    if not isinstance(row[key], types):
-        raise ValueError(f"{where}: field {key!r} has type {type(row[key]).__name__}")
-    return row[key]
 
 
 def _positive(**values: int) -> None:
