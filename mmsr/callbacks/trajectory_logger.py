@@ -19,13 +19,11 @@ from typing import TYPE_CHECKING, Any
 import lightning as L
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 
-from mmsr.report.records import TrajectoryRecord, trajectory_record
+from mmsr.report.records import TRAJECTORIES_FILE, TrajectoryRecord, trajectory_record
 from mmsr.tools.secrets import redact_all
 
 if TYPE_CHECKING:  # mmsr.module imports mmsr.callbacks
     from mmsr.module import StepRollout
-
-TRAJECTORIES_FILE = "trajectories.jsonl"
 
 
 class TrajectoryLogger(L.Callback):

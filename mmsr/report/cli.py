@@ -11,10 +11,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mmsr.callbacks.trajectory_logger import TRAJECTORIES_FILE
 from mmsr.report.html import render_html
 from mmsr.report.plots import plot_run
-from mmsr.report.records import read_records
+from mmsr.report.records import TRAJECTORIES_FILE, read_records
 
 
 def write_report(run_dir: str | Path, out_dir: str | Path | None = None, max_trajectories: int = 200) -> Path:

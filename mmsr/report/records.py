@@ -24,6 +24,7 @@ from mmsr.data.sample import Sample
 from mmsr.rollout.actions import Action, Answer, ImageSearch, TextSearch
 from mmsr.rollout.trajectory import ToolCall, Trajectory, Turn
 
+TRAJECTORIES_FILE = "trajectories.jsonl"  # in the run directory
 ActionKind = Literal["answer", "image_search", "text_search", "invalid"]
 _DATA_URI = re.compile(r"data:image/(?:jpeg|png);base64,")
 
