@@ -1,0 +1,185 @@
+"""One GRPO workload, TRL's ``GRPOTrainer`` and mmsr's ``GRPOModule`` back to back, seconds per step.
+
+    pip install -e ".[bench]"        # trl, pinned
+    python benchmarks/vs_trl.py [--steps 6]
+
+The workload (the same for both): a tiny random Qwen2 (2 layers, hidden 128, 4 heads, 2 KV heads,
+FFN 512) with a ~2,048-token BPE, 8 prompts x 4 generations x up to 64 sampled tokens, one turn, no
+tools, a toy reward (the fraction of digits in the completion), no KL (beta 0), lr 1e-4, one optimizer
+update per step, fp32 on the CPU. Both start from the same weights and see the same prompt strings
+(mmsr's chat-formatted first turn, given to TRL as plain text prompts).
+
+Prints one JSON object: the median seconds per step of each (steps after the first, which warms
+caches up), their ratio, mmsr's stage breakdown (``timing/*``) and the arithmetic lower bound of a
+step: its matmul FLOPs (2 per parameter and token to generate, 6 to train) over this machine's
+measured fp32 matmul rate. Timings on shared CPUs are noisy: compare numbers of one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from mmsr.data.loaders import load_samples
+from mmsr.data.sample import Sample
+from mmsr.models.tiny_text import TinyQwen2
+from mmsr.prompt.render import PromptBuilder
+
+ROOT = Path(__file__).resolve().parents[1]
+FVQA = ROOT / "data" / "fvqa_dev_20"
+PROMPTS, GENERATIONS, MAX_TOKENS, LR = 8, 4, 64, 1e-4
+
+
+def digit_fraction(text: str) -> float:
+    """The toy reward: the share of digits among the completion's characters."""
+    return sum(c.isdigit() for c in text) / max(len(text), 1)
+
+
+class DigitReward:
+    """``digit_fraction`` of the episode's sampled text, as an mmsr reward."""
+
+    def __call__(self, trajectory, sample) -> float:
+        return digit_fraction("".join(trajectory.assistant_texts))
+
+
+class Prebuilt:
+    """A policy builder that hands out a copy of an already built policy (same weights for both)."""
+
+    def __init__(self, policy) -> None:
+        self.policy = policy
+
+    def build(self):
+        return copy.deepcopy(self.policy)
+
+
+def workload(templates: Path):
+    """The policy, the prompt builder and the text-only samples (the FVQA dev questions)."""
+    texts = [str(FVQA / "fvqa_dev.jsonl"), str(FVQA / "search" / "corpus.jsonl")]
+    policy = TinyQwen2(tokenizer_texts=texts, vocab_size=2048, hidden_size=128, num_layers=2, num_heads=4,
+                       num_kv_heads=2, intermediate_size=512).build()  # fmt: skip
+    (templates / "r1.txt").write_text("<image>{question}")
+    (templates / "after.txt").write_text("")
+    prompts = PromptBuilder(str(templates / "r1.txt"), str(templates / "after.txt"), str(templates / "after.txt"))
+    samples = [Sample(s.id, s.question, None, s.ground_truth) for s in load_samples(FVQA / "fvqa_dev.jsonl")]
+    return policy, prompts, samples
+
+
+def batches(samples: list[Sample], steps: int) -> list[Sample]:
+    """``steps x PROMPTS`` samples, cycling through the questions."""
+    return [samples[i % len(samples)] for i in range(steps * PROMPTS)]
+
+
+def run_trl(policy, prompt_texts: list[str], steps: int, out: Path) -> list[float]:
+    """Seconds of each ``GRPOTrainer`` step."""
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    marks: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, *args, **kwargs):
+            marks.append(time.perf_counter())
+
+        def on_step_end(self, *args, **kwargs):
+            marks.append(time.perf_counter())
+
+    config = GRPOConfig(output_dir=str(out), per_device_train_batch_size=PROMPTS * GENERATIONS,
+                        num_generations=GENERATIONS, max_completion_length=MAX_TOKENS, beta=0.0, learning_rate=LR,
+                        max_steps=steps, logging_steps=1, report_to="none", use_cpu=True, save_strategy="no",
+                        temperature=1.0, seed=0)  # fmt: skip
+    reward = lambda completions, **_: [digit_fraction(c) for c in completions]  # noqa: E731
+    trainer = GRPOTrainer(model=copy.deepcopy(policy.model), reward_funcs=[reward], args=config,
+                          train_dataset=Dataset.from_list([{"prompt": t} for t in prompt_texts]),
+                          processing_class=policy.tokenizer, callbacks=[Clock()])  # fmt: skip
+    trainer.train()
+    return [end - begin for begin, end in zip(marks[::2], marks[1::2])]
+
+
+def run_mmsr(policy, prompts: PromptBuilder, samples: list[Sample], steps: int) -> tuple[list[float], list[dict]]:
+    """Seconds of each ``GRPOModule`` step (rollout included) and its logged metrics."""
+    import lightning as L
+
+    from mmsr.module import GRPOModule
+    from mmsr.rollout.hf_engine import HFEngine
+    from mmsr.rollout.loop import RolloutSettings
+
+    module = GRPOModule(policy=Prebuilt(policy), engine=HFEngine(seed=0), prompts=prompts, reward=DigitReward(),
+                        rollout=RolloutSettings(max_rounds=1, max_tokens_per_turn=MAX_TOKENS),
+                        num_generations=GENERATIONS, kl_coef=0.0, lr=LR)  # fmt: skip
+    seconds, metrics = [], []
+
+    class Clock(L.Callback):
+        def on_train_batch_start(self, *args):
+            seconds.append(-time.perf_counter())
+
+        def on_train_batch_end(self, trainer, *args):
+            seconds[-1] += time.perf_counter()
+            metrics.append({k: float(v) for k, v in trainer.callback_metrics.items()})
+
+    loader = torch.utils.data.DataLoader(batches(samples, steps), batch_size=PROMPTS, collate_fn=list)
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[Clock()])  # fmt: skip
+    trainer.fit(module, loader)
+    return seconds, metrics
+
+
+def matmul_flops_per_s(n: int = 1024, repeats: int = 5) -> float:
+    """This machine's fp32 matmul rate (the best of ``repeats``)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(repeats))
+    return 2 * n**3 / best
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def lower_bound_s(policy, metrics: list[dict], rate: float) -> dict[str, float]:
+    """Matmul FLOPs of a step (2 per parameter and token to generate, 6 to train) over ``rate``."""
+    params = sum(p.numel() for p in policy.model.parameters())
+    tokens = statistics.median(m["rollout/length"] for m in metrics) * PROMPTS * GENERATIONS
+    flops = 2 * params * tokens + 6 * params * tokens
+    return {"params": params, "tokens_per_step": tokens, "step_flops": flops, "matmul_flops_per_s": rate,
+            "seconds": flops / rate}  # fmt: skip
+
+
+def median_after_first(values: list[float]) -> float:
+    return statistics.median(values[1:] if len(values) > 1 else values)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=6)
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        policy, prompts, samples = workload(Path(tmp))
+        texts = [policy.chat.first_prompt(prompts.first_user_text(s)) for s in batches(samples, args.steps)]
+        trl_s = run_trl(policy, texts, args.steps, Path(tmp) / "trl")
+        mmsr_s, metrics = run_mmsr(policy, prompts, samples, args.steps)
+    stages = ("rollout", "generate", "reward", "train", "sync")
+    out = {
+        "workload": {"prompts": PROMPTS, "generations": GENERATIONS, "max_tokens": MAX_TOKENS, "steps": args.steps},
+        "trl_s_per_step": median_after_first(trl_s),
+        "mmsr_s_per_step": median_after_first(mmsr_s),
+        "mmsr_stages_s": {s: median_after_first([m.get(f"timing/{s}", 0.0) for m in metrics]) for s in stages},
+        "lower_bound": lower_bound_s(policy, metrics, matmul_flops_per_s()),
+    }
+    out["trl_over_mmsr"] = out["trl_s_per_step"] / out["mmsr_s_per_step"]
+    print(json.dumps(out, indent=2))
+    return out
+
+
+if __name__ == "__main__":
+    main()
