@@ -16,9 +16,9 @@ import torch
 from PIL import Image
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from mmsr.models.vision import VisionInput
 from mmsr.prompt.encode import Encoder
 from mmsr.prompt.render import ChatFormat
-from mmsr.rollout.trajectory import VisionInput
 
 # Tokens the policy must never sample: a sampled image pad breaks the image-token/image count of every
 # later forward pass (upstream issue #20). Ids past the tokenizer (padded vocab rows) are banned too.

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import torch
 
 from mmsr.models.policy import Policy, check_image_tokens
-from mmsr.rollout.trajectory import Trajectory, VisionInput
+from mmsr.models.vision import VisionInput
+from mmsr.rollout.trajectory import Trajectory
 
 
 @dataclass

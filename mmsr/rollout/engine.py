@@ -12,8 +12,8 @@ from typing import Literal, Protocol
 
 import torch
 
+from mmsr.models.vision import VisionInput
 from mmsr.rollout.actions import STOP_STRINGS
-from mmsr.rollout.trajectory import VisionInput
 
 
 @dataclass(frozen=True)

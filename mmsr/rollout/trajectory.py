@@ -5,30 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-import torch
-from PIL import Image
-
+from mmsr.models.vision import VisionInput
 from mmsr.rollout.actions import Action, Answer, ImageSearch, TextSearch
 from mmsr.tools.base import ToolResult
 
+__all__ = ["FinishReason", "ToolCall", "Trajectory", "Turn", "VisionInput"]
+
 FinishReason = Literal["answer", "no_action", "max_rounds", "search_limit", "truncated"]
-
-
-@dataclass(frozen=True)
-class VisionInput:
-    """One image as the policy sees it.
-
-    Attributes:
-        image: the PIL image (for logs and for engines that process images themselves).
-        pixel_values: ``[P, D]`` flattened patches (P = grid_t * grid_h * grid_w).
-        grid_thw: ``(t, h, w)`` patch grid; the image occupies ``t*h*w // merge**2`` tokens.
-        num_tokens: number of image-pad tokens it expands to in the sequence.
-    """
-
-    image: Image.Image
-    pixel_values: torch.Tensor
-    grid_thw: tuple[int, int, int]
-    num_tokens: int
 
 
 @dataclass

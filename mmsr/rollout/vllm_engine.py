@@ -39,11 +39,11 @@ from typing import Literal
 
 import torch
 
-from mmsr.models.policy import Policy
 from mmsr.models.build import save_policy
+from mmsr.models.policy import Policy
+from mmsr.models.vision import VisionInput
 from mmsr.rollout.engine import GenerationOutput, GenerationRequest, SamplingParams
 from mmsr.rollout.sampling import request_seed
-from mmsr.rollout.trajectory import VisionInput
 from mmsr.rollout.vllm_inputs import ImageTokenIds, ImageTokenMismatch, engine_input, pixel_bounds
 
 # vLLM clamps logit biases to [-100, 100]; e^-100 relative to the other tokens is below float32

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-from mmsr.rollout.trajectory import VisionInput
+from mmsr.models.vision import VisionInput
 
 
 class ImageTokenMismatch(ValueError):

@@ -21,8 +21,8 @@ import torch
 from PIL import Image
 
 from mmsr.models.policy import BANNED_LOGIT, Policy
+from mmsr.models.vision import VisionInput
 from mmsr.rollout.engine import Engine, GenerationRequest, SamplingParams
-from mmsr.rollout.trajectory import VisionInput
 from mmsr.tools.base import IMAGE_MARKER
 
 # One image (``probe_image``) for vision-language policies; text-only policies get the text alone.
