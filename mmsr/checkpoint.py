@@ -2,7 +2,7 @@
 continue exactly where the interrupted one stopped, and reading the weights back for eval / export.
 
 Lightning saves weights, optimizer, LR schedule, step and (with ``ResumableDataLoader``) the data
-position. ``GRPOModule`` adds, per rank: the torch, numpy, python and (when CUDA is in use) CUDA RNG
+position. ``GRPOModule`` adds, per rank (``rank_states``): the torch, numpy, python and (when CUDA is in use) CUDA RNG
 states and the rollout engine's sampler state, so the next batch is rolled out with the same random
 draws. The search cache is a SQLite file on disk (``CachedTool``) and keeps its own state, budget
 counters included.
@@ -21,6 +21,8 @@ import shutil
 import tempfile
 import uuid
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ import numpy as np
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.utilities import rank_zero_warn
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -187,6 +190,18 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
+@contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Put this process's RNG states back after the block (``set_rng_state(rng_state())``), e.g. around
+    starting vLLM, which seeds the global generators: a run then draws the same numbers whatever engine
+    it uses, and a resumed run what the interrupted one would."""
+    state = rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(state)
+
+
 def gather_per_rank(obj: Any) -> list[Any]:
     """``obj`` of every rank, in rank order (a one-element list outside distributed runs)."""
     import torch.distributed as dist
@@ -196,3 +211,24 @@ def gather_per_rank(obj: Any) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def rank_states(engine: Any) -> list[dict[str, Any]]:
+    """Every rank's RNG state and engine sampler state (``engine.state_dict()`` if it has one), in rank
+    order: what a checkpoint keeps so that a resumed run draws what the interrupted one would have."""
+    own = engine.state_dict() if hasattr(engine, "state_dict") else None
+    return gather_per_rank({"rng": rng_state(), "engine": own})
+
+
+def restore_rank_state(ranks: list[dict[str, Any]] | None, rank: int, world_size: int, engine: Any) -> None:
+    """Put back this rank's entry of ``rank_states``. A checkpoint of another number of ranks restores
+    weights and optimizer only (warned); one without the states (older mmsr), nothing."""
+    if not ranks:
+        return
+    if len(ranks) != world_size:
+        rank_zero_warn(f"checkpoint has RNG states of {len(ranks)} ranks, this run has a different number: "
+                       "weights and optimizer are restored, random draws will differ")  # fmt: skip
+        return
+    set_rng_state(ranks[rank]["rng"])
+    if ranks[rank]["engine"] is not None and hasattr(engine, "load_state_dict"):
+        engine.load_state_dict(ranks[rank]["engine"])

@@ -1,4 +1,5 @@
-"""Rollout-side metrics, named by stage (``rollout/``, ``reward/``, ``tools/``) in one place.
+"""Rollout-side metrics, named by stage (``rollout/``, ``reward/``, ``tools/``) in one place, and their
+mean over ranks.
 
 Per-``data_source`` numbers are computed over that source's own rows (upstream computes every
 source's search ratio over the whole batch, spec §9).
@@ -9,6 +10,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 
+from mmsr.checkpoint import gather_per_rank
 from mmsr.data.sample import Sample
 from mmsr.rollout.loop import RolloutStats, RolloutSettings
 from mmsr.rollout.trajectory import Trajectory
@@ -77,3 +79,12 @@ def tool_metrics(stats: RolloutStats, tools: dict | None = None) -> dict[str, fl
         "timing/tools": stats.tools_s,
         "rollout/tokens_per_s": stats.sampled_tokens / stats.generate_s if stats.generate_s else 0.0,
     }
+
+
+def mean_over_ranks(metrics: dict[str, float]) -> dict[str, float]:
+    """Each key's mean over the ranks that logged it. Ranks roll out different prompts, so their key
+    sets can differ (per-source / per-category metrics); Lightning's ``sync_dist`` would pair the
+    reductions of different keys across ranks."""
+    per_rank = gather_per_rank({k: float(v) for k, v in metrics.items()})
+    keys = sorted({k for m in per_rank for k in m})
+    return {k: sum(m[k] for m in per_rank if k in m) / sum(k in m for m in per_rank) for k in keys}

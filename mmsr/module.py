@@ -17,7 +17,8 @@ Where things happen (Lightning hooks): ``setup`` fixes the compute dtype and sta
 process group and this rank's device exist by then); ``configure_model`` casts the master weights,
 builds the reference model and, under ``ModelParallelStrategy``, shards policy and reference with
 FSDP2; before every step ``RolloutCallback`` syncs the weights into the engine (verified by a probe
-every ``weight_sync.verify_every`` syncs) and rolls out; ``training_step`` scores and updates.
+every ``weight_sync.verify_every`` syncs) and rolls out; ``training_step`` rewards, computes the
+advantages and updates (``mmsr.train.update``: micro-batches, loss, optimizer steps).
 """
 
 from __future__ import annotations
@@ -25,26 +26,24 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from typing import Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 
-from mmsr.algo import aggregate, group_advantages, kl_penalty, logprobs_and_entropy, policy_loss
-from mmsr.algo.correction import corrected_advantages, is_weights, logprob_mismatch
+from mmsr.algo import group_advantages
+from mmsr.algo.loss import AggMode
 from mmsr.callbacks.rollout import RolloutCallback
-from mmsr.checkpoint import gather_per_rank, rng_state, set_rng_state
+from mmsr.checkpoint import preserved_rng, rank_states, restore_rank_state
 from mmsr.data.sample import Sample
-from mmsr.metrics import rollout_metrics, tool_metrics
+from mmsr.metrics import mean_over_ranks, rollout_metrics, tool_metrics
 from mmsr.models.build import DType, PolicyBuilder, save_policy
 from mmsr.optim import Schedule, adamw_with_schedule
-from mmsr.parallel import compute_dtype, copy_to, local_bytes, mixed_precision, shard
+from mmsr.parallel import compute_dtype, copy_to, gather_full, memory_metrics, mixed_precision, shard
 from mmsr.prompt.render import PromptBuilder
 from mmsr.reference import ReferenceModel
 from mmsr.reward import MMSearchR1Reward, Reward
-from mmsr.rollout.collate import TrainBatch, collate, pack_by_tokens
 from mmsr.rollout.engine import Engine, SamplingParams
 from mmsr.rollout.hf_engine import HFEngine
 from mmsr.rollout.loop import RolloutLoop, RolloutSettings
@@ -52,24 +51,9 @@ from mmsr.rollout.trajectory import Trajectory
 from mmsr.sync import WeightSync
 from mmsr.tools.base import SearchTool
 from mmsr.tools.budget import check_budgets
-
-@dataclass
-class StepRollout:
-    """What one training step rolled out and how it was scored (read by logging callbacks).
-
-    Attributes:
-        trajectories: N episodes; ``samples[t.group_id]`` is each one's prompt.
-        rewards: ``[N]``; advantages: ``[N]``; details: per-trajectory reward terms.
-    """
-
-    trajectories: list[Trajectory]
-    samples: list[Sample]
-    rewards: torch.Tensor
-    advantages: torch.Tensor
-    details: list[dict[str, float]]
-
-
-AggMode = Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
+from mmsr.train.batch import TrainBatch
+from mmsr.train.step import StepRollout
+from mmsr.train.update import Backprop, PolicyUpdate, UpdateSettings
 
 
 class GRPOModule(L.LightningModule):
@@ -119,34 +103,23 @@ class GRPOModule(L.LightningModule):
         prompts: PromptBuilder | None = None,
         rollout: RolloutSettings = RolloutSettings(),
         num_generations: int = 4,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
+        temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
         advantage_estimator: Literal["grpo", "drgrpo", "rloo"] = "grpo",
-        kl_coef: float = 0.001,
-        kl_kind: Literal["k1", "k2", "k3", "low_var_kl"] = "low_var_kl",
-        clip_low: float = 0.2,
-        clip_high: float = 0.2,
+        kl_coef: float = 0.001, kl_kind: Literal["k1", "k2", "k3", "low_var_kl"] = "low_var_kl",
+        clip_low: float = 0.2, clip_high: float = 0.2,
         loss_agg: AggMode = "token-mean",
         entropy_coef: float = 0.0,
-        ppo_epochs: int = 1,
-        mini_batches: int = 1,
+        ppo_epochs: int = 1, mini_batches: int = 1,
         micro_batch_tokens: int = 8192,
-        lr: float = 2e-6,
-        weight_decay: float = 0.0,
-        grad_clip: float = 1.0,
-        lr_schedule: Schedule = "constant",
-        warmup_steps: int = 0,
-        total_steps: int = 1000,
+        lr: float = 2e-6, weight_decay: float = 0.0, grad_clip: float = 1.0,
+        lr_schedule: Schedule = "constant", warmup_steps: int = 0, total_steps: int = 1000,
         gradient_checkpointing: bool = False,
-        param_dtype: Literal["float32", "bfloat16"] = "float32",
-        compute_dtype: DType | None = None,
+        param_dtype: Literal["float32", "bfloat16"] = "float32", compute_dtype: DType | None = None,
         ref_offload: bool = False,
         weight_sync: WeightSync | None = None,
-        is_correction: Literal["none", "truncate", "mask"] = "none",
-        is_cap: float = 2.0,
+        is_correction: Literal["none", "truncate", "mask"] = "none", is_cap: float = 2.0,
         export_dir: str | None = None,
-    ) -> None:
+    ) -> None:  # fmt: skip
         super().__init__()
         check_budgets({"image_search": image_search, "text_search": text_search}, rollout.tool_timeout_s)  # fail fast
         # Loggers cannot take the frozen RolloutSettings: they get its fields as a dict.
@@ -168,6 +141,7 @@ class GRPOModule(L.LightningModule):
         self.loop = RolloutLoop(self.engine, self.policy, prompts or PromptBuilder(),
                                 {"image_search": image_search, "text_search": text_search}, rollout)  # fmt: skip
         self.sampling = SamplingParams(temperature, top_p, top_k, rollout.max_tokens_per_turn)
+        self.policy_update = PolicyUpdate(self.policy, UpdateSettings.of(self.hparams, max_context_tokens=rollout.max_context_tokens))
         self._pending: tuple[list[Trajectory], list[Sample]] | None = None
         self.last_rollout: StepRollout | None = None  # for observers (loggers, trajectory dumps)
         self._timings: dict[str, float] = {}
@@ -189,19 +163,11 @@ class GRPOModule(L.LightningModule):
         self.start_engine()
 
     def start_engine(self) -> None:
-        """Bind the engine to the policy (vLLM starts here, on this rank's device), once.
-
-        vLLM seeds the process's global generators when it starts; they are put back, so a run draws
-        the same numbers whatever engine it uses, and a resumed run what the interrupted one would.
-        """
-        if self._engine_started:
-            return
-        state = rng_state()
-        try:
-            if hasattr(self.engine, "bind"):
+        """Bind the engine to the policy (vLLM starts here, on this rank's device), once. vLLM seeds the
+        global generators when it starts: ``preserved_rng`` puts them back."""
+        if not self._engine_started and hasattr(self.engine, "bind"):
+            with preserved_rng():
                 self.engine.bind(self.policy)
-        finally:
-            set_rng_state(state)
         self._engine_started = True
 
     def configure_model(self) -> None:
@@ -231,43 +197,24 @@ class GRPOModule(L.LightningModule):
     def on_train_end(self) -> None:
         if not self.hparams.export_dir:
             return
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        if not self._sharded:
-            if self.trainer.is_global_zero:
-                save_policy(self.policy, self.hparams.export_dir)
-            return
-        # FSDP2: every rank gathers (a collective); rank 0 loads the full weights into an unsharded
-        # copy, so the directory has the same layout as an unsharded run's.
-        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if self.trainer.is_global_zero:
-            model = type(self.model)(self.model.config)
-            model.load_state_dict(full)
-            save_policy(replace(self.policy, model=model), self.hparams.export_dir)
+        # FSDP2: every rank gathers, rank 0 writes an unsharded copy (the layout of an unsharded run's)
+        rank0 = self.trainer.is_global_zero
+        policy = replace(self.policy, model=gather_full(self.model, rank0)) if self._sharded else self.policy
+        if rank0:
+            save_policy(policy, self.hparams.export_dir)
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
         return batch  # list[Sample] holds PIL images; tensors are made after the rollout
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        engine = self.engine.state_dict() if hasattr(self.engine, "state_dict") else None
-        checkpoint["mmsr_ranks"] = gather_per_rank({"rng": rng_state(), "engine": engine})
+        checkpoint["mmsr_ranks"] = rank_states(self.engine)
         checkpoint["mmsr_rollout"] = self.loop.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "mmsr_rollout" in checkpoint:
             self.loop.load_state_dict(checkpoint["mmsr_rollout"])
-        ranks = checkpoint.get("mmsr_ranks")
-        if not ranks:
-            return
         world = self.trainer.world_size if self._trainer is not None else 1
-        if len(ranks) != world:
-            rank_zero_warn(f"checkpoint has RNG states of {len(ranks)} ranks, this run has a different number: "
-                           "weights and optimizer are restored, random draws will differ")  # fmt: skip
-            return
-        mine = ranks[self.global_rank]
-        set_rng_state(mine["rng"])
-        if mine["engine"] is not None and hasattr(self.engine, "load_state_dict"):
-            self.engine.load_state_dict(mine["engine"])
+        restore_rank_state(checkpoint.get("mmsr_ranks"), self.global_rank, world, self.engine)
 
     # -- the step -----------------------------------------------------------------------------
     @contextmanager
@@ -309,150 +256,30 @@ class GRPOModule(L.LightningModule):
         details = [self.reward.details(t, samples[t.group_id]) if hasattr(self.reward, "details") else {} for t in trajs]
         self.last_rollout = StepRollout(trajs, samples, rewards, advantages, details)
         metrics = rollout_metrics(trajs, samples, rewards.tolist(), details, self.loop.settings)
-        metrics |= tool_metrics(self.loop.stats, self.loop.tools) | train_metrics | self._timings | self.memory_metrics()
+        memory = memory_metrics(self.model, self._ref.model if self._ref is not None else None, self.device)
+        metrics |= tool_metrics(self.loop.stats, self.loop.tools) | train_metrics | self._timings | memory
         metrics["train/lr"] = self.optimizers().param_groups[0]["lr"]
         metrics = mean_over_ranks(metrics)
         self.log_dict(metrics, batch_size=len(samples), prog_bar=False)
         self.log("reward", metrics["reward/mean"], prog_bar=True, batch_size=len(samples))
 
-    def memory_metrics(self) -> dict[str, float]:
-        """``memory/``, the largest over ranks: MB of policy and reference weights a rank holds (its
-        shards under FSDP2), and on CUDA the step's peak allocated GB (compare with ``mmsr plan``)."""
-        out = {"memory/policy_mb": local_bytes(self.model) / 2**20}
-        if self._ref is not None:
-            out["memory/reference_mb"] = local_bytes(self._ref.model) / 2**20
-        if torch.cuda.is_available() and self.device.type == "cuda":
-            out["memory/cuda_peak_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-            torch.cuda.reset_peak_memory_stats(self.device)
-        return {k: self._all_reduce(v, "max") for k, v in out.items()}
-
     def compute_rewards(self, trajectories: Sequence[Trajectory], samples: Sequence[Sample]) -> torch.Tensor:
         """Override point for rewards: ``[N]`` float rewards, ``samples[t.group_id]`` is t's prompt."""
         return torch.tensor([float(self.reward(t, samples[t.group_id])) for t in trajectories])
 
-    # -- the policy update --------------------------------------------------------------------
+    # -- the policy update (mmsr.train.update) -----------------------------------------------
     def update_policy(self, trajs: list[Trajectory], advantages: torch.Tensor) -> dict[str, float]:
-        """``ppo_epochs`` x ``mini_batches`` optimizer updates on one step's trajectories.
-
-        Args:
-            advantages: ``[N]`` one per trajectory, broadcast over its sampled tokens.
-        Returns: ``train/`` metrics averaged over updates.
-        """
-        hp = self.hparams
-        multi = hp.ppo_epochs * hp.mini_batches > 1
-        old = self.score(trajs, self.model) if multi else None
-        if hp.kl_coef > 0 and self._ref is None:
-            raise RuntimeError("kl_coef > 0 but there is no reference model: configure_model() did not run")
-        ref = self._reference_scores(trajs) if self._ref is not None else None
-        totals: dict[str, float] = {}
-        for _ in range(hp.ppo_epochs):
-            for chunk in torch.arange(len(trajs)).chunk(hp.mini_batches):
-                metrics = self._update(trajs, chunk.tolist(), advantages, old, ref)
-                for k, v in metrics.items():
-                    totals[k] = totals.get(k, 0.0) + v / (hp.ppo_epochs * hp.mini_batches)
+        """``ppo_epochs`` x ``mini_batches`` optimizer updates (``PolicyUpdate.update``), then the LR
+        schedule's step. ``advantages``: ``[N]``; returns ``train/`` metrics averaged over updates."""
+        step = Backprop(self.model, self.optimizers(), self.manual_backward, self.device, self.trainer.world_size)
+        metrics = self.policy_update.update(trajs, advantages, self._ref, step)
         self.lr_schedulers().step()
-        return totals
-
-    def _update(self, trajs, idx: list[int], advantages, old, ref) -> dict[str, float]:
-        """One optimizer step over trajectories ``idx``, accumulated over packed micro-batches.
-
-        Under DDP / FSDP2 the token-mean denominator is the global one and every rank runs the same
-        number of backward passes, so N ranks compute exactly the update one process would.
-        """
-        hp, opt = self.hparams, self.optimizers()
-        by_tokens = hp.loss_agg == "token-mean"
-        count = (lambda ids: sum(trajs[i].num_sampled_tokens for i in ids)) if by_tokens else len
-        denom = self._all_reduce(count(idx), "sum")
-        if denom == 0:
-            return {}
-        opt.zero_grad()
-        metrics: dict[str, float] = {}
-        for micro in self._micro_batches([len(trajs[i]) for i in idx]):
-            micro_idx = [idx[j] for j in (micro or [0])]
-            # gradients are averaged over ranks, so each rank's share is scaled by the world size
-            share = count(micro_idx) / denom * self.trainer.world_size if micro else 0.0
-            batch = collate([trajs[i] for i in micro_idx], micro_idx, self.policy, self.device)
-            loss, m = self._loss(batch, advantages[micro_idx].to(self.device), old, ref)
-            self.manual_backward(loss * share)
-            for k, v in m.items():  # x world size: the rank mean taken by sync_dist is the global mean
-                metrics[k] = metrics.get(k, 0.0) + float(v) * share
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        metrics["train/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, hp.grad_clip))
-        opt.step()
-        opt.zero_grad(set_to_none=True)  # gradients need no memory while the engine rolls out
         return metrics
 
-    def _micro_batches(self, lengths: list[int]) -> list[list[int] | None]:
-        """Token-budget micro-batches, padded with ``None`` (a zero-weight rerun of the first one) to
-        the most any rank has: DDP and FSDP2 hang unless every rank runs as many passes."""
-        micros: list[list[int] | None] = pack_by_tokens(lengths, self.hparams.micro_batch_tokens)
-        return micros + [None] * (int(self._all_reduce(len(micros), "max")) - len(micros))
-
-    def _all_reduce(self, value: float, op: Literal["sum", "max"]) -> float:
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()):
-            return float(value)
-        t = torch.tensor(float(value), device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
-        return float(t)
-
-    def _loss(self, batch: TrainBatch, adv: torch.Tensor, old, ref) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Clipped surrogate + KL + entropy terms of one micro-batch (``adv``: ``[n]``)."""
-        hp, mask = self.hparams, batch.loss_mask
-        max_len = self.loop.settings.max_context_tokens
-        logp, entropy = self.token_logprobs(batch, self.model, with_entropy=True)
-        old_lp = _pad_rows(old, batch) if old is not None else logp.detach()
-        if hp.is_correction != "none":  # the rollout came from the engine's distribution, not old_lp's
-            adv = corrected_advantages(adv, is_weights(old_lp, batch.engine_logprobs, mask, hp.is_cap, hp.is_correction))
-        loss, m = policy_loss(logp, old_lp, adv, mask, hp.clip_low, hp.clip_high, hp.loss_agg, max_len)
-        out = {f"train/{k}": v for k, v in m.items()}
-        out |= logprob_mismatch(old_lp, batch.engine_logprobs, mask, hp.is_cap).metrics("train/mismatch_")
-        out["train/policy_loss"] = loss.detach()
-        out["train/entropy"] = aggregate(entropy.detach(), mask, "token-mean")
-        if ref is not None:
-            kl = aggregate(kl_penalty(logp, _pad_rows(ref, batch), hp.kl_kind), mask, hp.loss_agg, max_len)
-            loss = loss + hp.kl_coef * kl
-            out["train/kl"] = kl.detach()
-        if hp.entropy_coef:
-            loss = loss - hp.entropy_coef * aggregate(entropy, mask, hp.loss_agg, max_len)
-        out["train/loss"] = loss.detach()
-        return loss, out
-
-    def token_logprobs(self, batch: TrainBatch, model: torch.nn.Module, with_entropy: bool = False):
-        """Log-probs ``[n, T-1]`` of every next token (and entropies ``[n, T-1]``) under ``model``."""
-        out = self.policy.forward(batch.input_ids, batch.attention_mask, batch.position_ids, batch.vision, model=model)
-        temperature = self.hparams.temperature if self.hparams.temperature > 0 else 1.0
-        return logprobs_and_entropy(out.logits[:, :-1], batch.labels, temperature=temperature, with_entropy=with_entropy)
-
-    def _reference_scores(self, trajs: list[Trajectory]) -> list[torch.Tensor]:
-        with self._ref.on_device() as ref:
-            return self.score(trajs, ref)
-
-    @torch.no_grad()
     def score(self, trajs: list[Trajectory], model: torch.nn.Module) -> list[torch.Tensor]:
         """Per-trajectory log-probs ``[len_i - 1]`` under ``model`` (old policy or reference)."""
-        scores: list[torch.Tensor] = [torch.empty(0)] * len(trajs)
-        for micro in self._micro_batches([len(t) for t in trajs]):
-            batch = collate([trajs[i] for i in micro or [0]], micro or [0], self.policy, self.device)
-            logp, _ = self.token_logprobs(batch, model)
-            for row, i in enumerate(micro or []):
-                scores[i] = logp[row, : len(trajs[i]) - 1]
-        return scores
+        return self.policy_update.score(trajs, model, self.device)
 
-
-def mean_over_ranks(metrics: dict[str, float]) -> dict[str, float]:
-    """Each key's mean over the ranks that logged it. Ranks roll out different prompts, so their key
-    sets can differ (per-source / per-category metrics); Lightning's ``sync_dist`` would pair the
-    reductions of different keys across ranks."""
-    per_rank = gather_per_rank({k: float(v) for k, v in metrics.items()})
-    keys = sorted({k for m in per_rank for k in m})
-    return {k: sum(m[k] for m in per_rank if k in m) / sum(k in m for m in per_rank) for k in keys}
-
-
-def _pad_rows(per_traj: list[torch.Tensor], batch: TrainBatch) -> torch.Tensor:
-    """Stack the trajectories' 1-D scores into the micro-batch's ``[n, T-1]`` layout."""
-    out = torch.zeros_like(batch.engine_logprobs)
-    for row, i in enumerate(batch.index.tolist()):
-        out[row, : per_traj[i].numel()] = per_traj[i]
-    return out
+    def token_logprobs(self, batch: TrainBatch, model: torch.nn.Module, with_entropy: bool = False):
+        """Log-probs ``[n, T-1]`` of every next token (and entropies) under ``model``."""
+        return self.policy_update.token_logprobs(batch, model, with_entropy)

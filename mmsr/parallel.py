@@ -12,6 +12,7 @@ reduced in fp32), on one device through ``torch.autocast`` (``Policy.autocast``)
 from __future__ import annotations
 
 import copy
+from typing import Literal
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -86,3 +87,39 @@ def local_bytes(model: torch.nn.Module) -> int:
 def copy_to(model: torch.nn.Module, dtype: torch.dtype, device: torch.device | str) -> torch.nn.Module:
     """A frozen, unsharded copy of ``model`` in ``dtype`` on ``device`` (eval mode, no grads)."""
     return copy.deepcopy(model).to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def gather_full(model: torch.nn.Module, keep: bool) -> torch.nn.Module | None:
+    """An unsharded copy of the FSDP2-sharded ``model`` holding its full weights, on the ranks that
+    ``keep`` it (rank 0), ``None`` elsewhere. A collective: every rank calls it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not keep:
+        return None
+    unsharded = type(model)(model.config)
+    unsharded.load_state_dict(full)
+    return unsharded
+
+
+def all_reduce(value: float, op: Literal["sum", "max"], device: torch.device) -> float:
+    """``value`` summed or maxed over ranks (itself outside distributed runs)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return float(value)
+    t = torch.tensor(float(value), device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return float(t)
+
+
+def memory_metrics(model: torch.nn.Module, reference: torch.nn.Module | None, device: torch.device) -> dict[str, float]:
+    """``memory/``, the largest over ranks: MB of policy and reference weights a rank holds (its
+    shards under FSDP2), and on CUDA the step's peak allocated GB (compare with ``mmsr plan``)."""
+    out = {"memory/policy_mb": local_bytes(model) / 2**20}
+    if reference is not None:
+        out["memory/reference_mb"] = local_bytes(reference) / 2**20
+    if torch.cuda.is_available() and device.type == "cuda":
+        out["memory/cuda_peak_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+        torch.cuda.reset_peak_memory_stats(device)
+    return {k: all_reduce(v, "max", device) for k, v in out.items()}

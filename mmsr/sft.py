@@ -19,11 +19,11 @@ from mmsr.models.build import PolicyBuilder, save_policy
 from mmsr.optim import Schedule, adamw_with_schedule
 from mmsr.prompt.render import PromptBuilder
 from mmsr.reading import ReadingCorpus, lm_loss
-from mmsr.rollout.collate import collate, pack_by_tokens
 from mmsr.rollout.engine import GenerationRequest, SamplingParams, ScriptedEngine
 from mmsr.rollout.loop import RolloutLoop, RolloutSettings
 from mmsr.teacher import RAGTeacher
 from mmsr.tools.base import SearchTool
+from mmsr.train.batch import collate, pack_by_tokens
 
 
 class SFTModule(L.LightningModule):

@@ -22,8 +22,8 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from mmsr.report.records import TRAJECTORIES_FILE, TrajectoryRecord, trajectory_record
 from mmsr.tools.secrets import redact_all
 
-if TYPE_CHECKING:  # mmsr.module imports mmsr.callbacks
-    from mmsr.module import StepRollout
+if TYPE_CHECKING:
+    from mmsr.train.step import StepRollout
 
 
 class TrajectoryLogger(L.Callback):

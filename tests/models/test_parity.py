@@ -4,10 +4,10 @@ multi-turn contexts holding the question image and images returned by a tool (3-
 import torch
 
 from mmsr.algo import logprobs_and_entropy
-from mmsr.rollout.collate import collate
 from mmsr.rollout.engine import GenerationRequest, SamplingParams
 from mmsr.rollout.hf_engine import HFEngine
 from mmsr.rollout.loop import RolloutSettings
+from mmsr.train.batch import collate
 from tests.rollout.test_loop import ANS, IMG, TXT, make_loop
 
 

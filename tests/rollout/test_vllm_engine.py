@@ -22,12 +22,12 @@ from mmsr.algo import logprobs_and_entropy
 from mmsr.models.tiny_text import TinyQwen2
 from mmsr.prompt.render import PromptBuilder
 from mmsr.rollout.actions import Answer, TextSearch
-from mmsr.rollout.collate import collate
 from mmsr.rollout.engine import GenerationRequest, SamplingParams, ScriptedEngine
 from mmsr.rollout.hf_engine import HFEngine
 from mmsr.rollout.loop import RolloutLoop
 from mmsr.rollout.vllm_engine import VLLMEngine
 from mmsr.sync import StaleWeightsError, WeightSync, probe_inputs, sampling_probe, sync_weights, verify_sync
+from mmsr.train.batch import collate
 from tests.conftest import FVQA
 from tests.rollout.test_loop import ANS, TXT, FakeImageSearch, FakeTextSearch, spans
 

@@ -9,7 +9,6 @@ import torch
 from PIL import Image
 
 from mmsr.models.policy import check_image_tokens
-from mmsr.rollout.collate import collate
 from mmsr.rollout.engine import SamplingParams
 from mmsr.rollout.loop import RolloutSettings
 from mmsr.rollout.vllm_inputs import (
@@ -21,6 +20,7 @@ from mmsr.rollout.vllm_inputs import (
     image_runs,
     pixel_bounds,
 )
+from mmsr.train.batch import collate
 from tests.rollout.test_loop import ANS, IMG, TXT, make_loop
 
 

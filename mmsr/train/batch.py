@@ -1,4 +1,5 @@
-"""Trajectories -> padded training tensors, and token-budget packing of micro-batches."""
+"""Training-side batching: trajectories -> padded training tensors (``collate``), and token-budget packing
+of micro-batches (``pack_by_tokens``). Used by the GRPO update (``mmsr.train.update``) and ``SFTModule``."""
 
 from __future__ import annotations
 

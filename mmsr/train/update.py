@@ -1,0 +1,192 @@
+"""The policy update of a GRPO step: PPO epochs x mini-batches, each one optimizer step accumulated
+over micro-batches packed by a token budget.
+
+``GRPOModule.update_policy`` calls ``PolicyUpdate.update`` once per training step, with the step's
+trajectories and advantages. The maths (clipped surrogate, KL estimators, entropy, importance-sampling
+correction, aggregation) is pure torch in ``mmsr.algo``; this module batches the trajectories
+(``mmsr.train.batch``), scores them under the old policy and the reference model, and runs the
+backward passes and optimizer steps through the trainer's hooks (``Backprop``).
+
+Under DDP / FSDP2 the token-mean denominator is the global one and every rank runs the same number of
+backward passes, so N ranks compute exactly the update one process would.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any, Literal
+
+import torch
+
+from mmsr.algo import aggregate, kl_penalty, logprobs_and_entropy, policy_loss
+from mmsr.algo.correction import corrected_advantages, is_weights, logprob_mismatch
+from mmsr.algo.loss import AggMode
+from mmsr.models.policy import Policy
+from mmsr.parallel import all_reduce
+from mmsr.reference import ReferenceModel
+from mmsr.rollout.trajectory import Trajectory
+from mmsr.train.batch import TrainBatch, collate, pack_by_tokens
+
+
+@dataclass(frozen=True)
+class UpdateSettings:
+    """The update's choices: the ``GRPOModule`` arguments of the same names (documented there), plus
+    ``max_context_tokens``, the length ``seq-mean-token-sum-norm`` normalizes by."""
+
+    ppo_epochs: int = 1
+    mini_batches: int = 1
+    micro_batch_tokens: int = 8192
+    temperature: float = 1.0
+    kl_coef: float = 0.001
+    kl_kind: Literal["k1", "k2", "k3", "low_var_kl"] = "low_var_kl"
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    loss_agg: AggMode = "token-mean"
+    entropy_coef: float = 0.0
+    grad_clip: float = 1.0
+    is_correction: Literal["none", "truncate", "mask"] = "none"
+    is_cap: float = 2.0
+    max_context_tokens: int = 8192
+
+    @classmethod
+    def of(cls, args: Mapping[str, Any], **more: Any) -> UpdateSettings:
+        """The settings named in ``args`` (e.g. a module's ``hparams``), with ``more`` on top."""
+        return cls(**{f.name: args[f.name] for f in fields(cls) if f.name in args} | more)
+
+
+@dataclass
+class Backprop:
+    """What an optimizer step needs from the trainer (Lightning's, for ``GRPOModule``).
+
+    Attributes:
+        model: the trained module (FSDP2-sharded or not).
+        optimizer: has ``zero_grad(set_to_none=...)`` and ``step()`` (Lightning's wrapper runs the
+            ``on_before_optimizer_step`` hooks).
+        backward: ``manual_backward`` (precision plugins, DDP gradient sync).
+        device: where micro-batches go.
+        world_size: number of ranks; gradients are averaged over them.
+    """
+
+    model: torch.nn.Module
+    optimizer: Any
+    backward: Callable[[torch.Tensor], None]
+    device: torch.device
+    world_size: int = 1
+
+
+class PolicyUpdate:
+    """Scores and updates ``policy`` on a step's trajectories.
+
+    Args:
+        policy: the policy bundle (tokenizer, image processing, ``forward``).
+        settings: the update's choices.
+    """
+
+    def __init__(self, policy: Policy, settings: UpdateSettings) -> None:
+        self.policy, self.settings = policy, settings
+
+    def update(self, trajs: list[Trajectory], advantages: torch.Tensor, ref: ReferenceModel | None,
+               step: Backprop) -> dict[str, float]:  # fmt: skip
+        """``ppo_epochs`` x ``mini_batches`` optimizer updates on one step's trajectories.
+
+        Args:
+            advantages: ``[N]`` one per trajectory, broadcast over its sampled tokens.
+            ref: the frozen reference model (``None``: no KL term).
+        Returns: ``train/`` metrics averaged over updates.
+        """
+        s = self.settings
+        if s.kl_coef > 0 and ref is None:
+            raise RuntimeError("kl_coef > 0 but there is no reference model: configure_model() did not run")
+        multi = s.ppo_epochs * s.mini_batches > 1
+        old = self.score(trajs, step.model, step.device) if multi else None
+        ref_scores = self.reference_scores(trajs, ref, step.device) if ref is not None else None
+        totals: dict[str, float] = {}
+        for _ in range(s.ppo_epochs):
+            for chunk in torch.arange(len(trajs)).chunk(s.mini_batches):
+                metrics = self._optimizer_step(trajs, chunk.tolist(), advantages, old, ref_scores, step)
+                for k, v in metrics.items():
+                    totals[k] = totals.get(k, 0.0) + v / (s.ppo_epochs * s.mini_batches)
+        return totals
+
+    def _optimizer_step(self, trajs, idx: list[int], advantages, old, ref, step: Backprop) -> dict[str, float]:
+        """One optimizer step over trajectories ``idx``, accumulated over packed micro-batches."""
+        s, opt = self.settings, step.optimizer
+        by_tokens = s.loss_agg == "token-mean"
+        count = (lambda ids: sum(trajs[i].num_sampled_tokens for i in ids)) if by_tokens else len
+        denom = all_reduce(count(idx), "sum", step.device)
+        if denom == 0:
+            return {}
+        opt.zero_grad()
+        metrics: dict[str, float] = {}
+        for micro in self.micro_batches([len(trajs[i]) for i in idx], step.device):
+            micro_idx = [idx[j] for j in (micro or [0])]
+            # gradients are averaged over ranks, so each rank's share is scaled by the world size
+            share = count(micro_idx) / denom * step.world_size if micro else 0.0
+            batch = collate([trajs[i] for i in micro_idx], micro_idx, self.policy, step.device)
+            loss, m = self.loss(batch, advantages[micro_idx].to(step.device), step.model, old, ref)
+            step.backward(loss * share)
+            for k, v in m.items():  # x world size: the rank mean taken by sync_dist is the global mean
+                metrics[k] = metrics.get(k, 0.0) + float(v) * share
+        params = [p for p in step.model.parameters() if p.requires_grad]
+        metrics["train/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, s.grad_clip))
+        opt.step()
+        opt.zero_grad(set_to_none=True)  # gradients need no memory while the engine rolls out
+        return metrics
+
+    def micro_batches(self, lengths: list[int], device: torch.device) -> list[list[int] | None]:
+        """Token-budget micro-batches, padded with ``None`` (a zero-weight rerun of the first one) to
+        the most any rank has: DDP and FSDP2 hang unless every rank runs as many passes."""
+        micros: list[list[int] | None] = pack_by_tokens(lengths, self.settings.micro_batch_tokens)
+        return micros + [None] * (int(all_reduce(len(micros), "max", device)) - len(micros))
+
+    def loss(self, batch: TrainBatch, adv: torch.Tensor, model: torch.nn.Module, old, ref) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Clipped surrogate + KL + entropy terms of one micro-batch (``adv``: ``[n]``)."""
+        s, mask = self.settings, batch.loss_mask
+        max_len = s.max_context_tokens
+        logp, entropy = self.token_logprobs(batch, model, with_entropy=True)
+        old_lp = pad_rows(old, batch) if old is not None else logp.detach()
+        if s.is_correction != "none":  # the rollout came from the engine's distribution, not old_lp's
+            adv = corrected_advantages(adv, is_weights(old_lp, batch.engine_logprobs, mask, s.is_cap, s.is_correction))
+        loss, m = policy_loss(logp, old_lp, adv, mask, s.clip_low, s.clip_high, s.loss_agg, max_len)
+        out = {f"train/{k}": v for k, v in m.items()}
+        out |= logprob_mismatch(old_lp, batch.engine_logprobs, mask, s.is_cap).metrics("train/mismatch_")
+        out["train/policy_loss"] = loss.detach()
+        out["train/entropy"] = aggregate(entropy.detach(), mask, "token-mean")
+        if ref is not None:
+            kl = aggregate(kl_penalty(logp, pad_rows(ref, batch), s.kl_kind), mask, s.loss_agg, max_len)
+            loss = loss + s.kl_coef * kl
+            out["train/kl"] = kl.detach()
+        if s.entropy_coef:
+            loss = loss - s.entropy_coef * aggregate(entropy, mask, s.loss_agg, max_len)
+        out["train/loss"] = loss.detach()
+        return loss, out
+
+    def token_logprobs(self, batch: TrainBatch, model: torch.nn.Module, with_entropy: bool = False):
+        """Log-probs ``[n, T-1]`` of every next token (and entropies ``[n, T-1]``) under ``model``."""
+        out = self.policy.forward(batch.input_ids, batch.attention_mask, batch.position_ids, batch.vision, model=model)
+        temperature = self.settings.temperature if self.settings.temperature > 0 else 1.0
+        return logprobs_and_entropy(out.logits[:, :-1], batch.labels, temperature=temperature, with_entropy=with_entropy)
+
+    def reference_scores(self, trajs: list[Trajectory], ref: ReferenceModel, device: torch.device) -> list[torch.Tensor]:
+        with ref.on_device() as model:
+            return self.score(trajs, model, device)
+
+    @torch.no_grad()
+    def score(self, trajs: list[Trajectory], model: torch.nn.Module, device: torch.device) -> list[torch.Tensor]:
+        """Per-trajectory log-probs ``[len_i - 1]`` under ``model`` (old policy or reference)."""
+        scores: list[torch.Tensor] = [torch.empty(0)] * len(trajs)
+        for micro in self.micro_batches([len(t) for t in trajs], device):
+            batch = collate([trajs[i] for i in micro or [0]], micro or [0], self.policy, device)
+            logp, _ = self.token_logprobs(batch, model)
+            for row, i in enumerate(micro or []):
+                scores[i] = logp[row, : len(trajs[i]) - 1]
+        return scores
+
+
+def pad_rows(per_traj: list[torch.Tensor], batch: TrainBatch) -> torch.Tensor:
+    """Stack the trajectories' 1-D scores into the micro-batch's ``[n, T-1]`` layout."""
+    out = torch.zeros_like(batch.engine_logprobs)
+    for row, i in enumerate(batch.index.tolist()):
+        out[row, : per_traj[i].numel()] = per_traj[i]
+    return out
