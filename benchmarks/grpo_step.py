@@ -17,6 +17,7 @@ import lightning as L
 import torch
 
 from mmsr.data.loaders import load_samples
+from mmsr.demo.tokenizer import Scaffold
 from mmsr.models.build import TinyQwen2_5_VL
 from mmsr.module import GRPOModule
 from mmsr.rollout.loop import RolloutSettings
@@ -35,7 +36,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     module = GRPOModule(
-        policy=TinyQwen2_5_VL(tokenizer_texts=[str(FVQA / "fvqa_dev.jsonl")]),
+        policy=TinyQwen2_5_VL(tokenizer_texts=[str(FVQA / "fvqa_dev.jsonl")], scaffold=Scaffold()),
         image_search=LocalImageSearch(str(FVQA / "search" / "image_index.jsonl")),
         text_search=LocalTextSearch(str(FVQA / "search" / "corpus.jsonl")),
         rollout=RolloutSettings(max_tokens_per_turn=args.max_tokens),

@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mmsr.data.loaders import load_samples
+from mmsr.demo.tokenizer import Scaffold
 from mmsr.models.tiny_text import TinyQwen2
 from mmsr.prompt.render import PromptBuilder
 from mmsr.rollout.engine import GenerationRequest, SamplingParams
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args(argv)
     texts = [str(FVQA / "fvqa_dev.jsonl"), str(FVQA / "search" / "corpus.jsonl")]
-    policy = TinyQwen2(tokenizer_texts=texts, hidden_size=args.hidden, num_layers=args.layers,
+    policy = TinyQwen2(tokenizer_texts=texts, scaffold=Scaffold(), hidden_size=args.hidden, num_layers=args.layers,
                        num_heads=args.hidden // 64, num_kv_heads=max(1, args.hidden // 128),
                        intermediate_size=4 * args.hidden).build()  # fmt: skip
     requests = workload(policy, args.prompts, args.n)

@@ -29,6 +29,7 @@ import torch
 
 from mmsr.data.loaders import load_samples
 from mmsr.data.sample import Sample
+from mmsr.demo.tokenizer import Scaffold
 from mmsr.models.tiny_text import TinyQwen2
 from mmsr.prompt.render import PromptBuilder
 
@@ -62,7 +63,7 @@ class Prebuilt:
 def workload(templates: Path):
     """The policy, the prompt builder and the text-only samples (the FVQA dev questions)."""
     texts = [str(FVQA / "fvqa_dev.jsonl"), str(FVQA / "search" / "corpus.jsonl")]
-    policy = TinyQwen2(tokenizer_texts=texts, vocab_size=2048, hidden_size=128, num_layers=2, num_heads=4,
+    policy = TinyQwen2(tokenizer_texts=texts, scaffold=Scaffold(), vocab_size=2048, hidden_size=128, num_layers=2, num_heads=4,
                        num_kv_heads=2, intermediate_size=512).build()  # fmt: skip
     (templates / "r1.txt").write_text("<image>{question}")
     (templates / "after.txt").write_text("")

@@ -14,7 +14,7 @@ import traceback
 
 # command -> "module:function" taking the remaining argv
 COMMANDS: dict[str, str] = {}
-COMMANDS["demo"] = "mmsr.demo:main"
+COMMANDS["demo"] = "mmsr.demo.run:main"
 COMMANDS["export"] = "mmsr.export:main"
 COMMANDS["eval"] = "mmsr.eval.cli:main"
 COMMANDS["curate"] = "mmsr.eval.curate:main"

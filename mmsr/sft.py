@@ -1,14 +1,19 @@
 """``SFTModule``: supervised warm start on a scripted teacher's episodes.
 
-The teacher (``RAGTeacher``) drives the real ``RolloutLoop`` through a ``ScriptedEngine`` with the
+The injected teacher drives the real ``RolloutLoop`` through a ``ScriptedEngine`` with the
 real tools, so the trajectories carry the same contexts, observations, images and loss masks as GRPO
 rollouts. The loss is the token-mean negative log-likelihood of the teacher's turns (mask 1);
 prompts, observations and image tokens (mask 0) are context only. A random-weight model can first
-spend ``reading_steps`` on language modelling over a ``ReadingCorpus`` (``mmsr.reading``), so that
-it can copy names out of search results before it imitates the teacher.
+spend ``reading_steps`` on language modelling over packed documents (``reading``), so that it can copy
+names out of search results before it imitates the teacher.
+
+Teacher and documents are injected (``class_path`` entries): the CPU demo's are
+``mmsr.demo.teacher.RAGTeacher`` and ``mmsr.demo.reading.ReadingCorpus``.
 """
 
 from __future__ import annotations
+
+from typing import Protocol
 
 import lightning as L
 import torch
@@ -16,14 +21,26 @@ import torch
 from mmsr.algo import logprobs_and_entropy
 from mmsr.data.sample import Sample
 from mmsr.models.build import PolicyBuilder, save_policy
+from mmsr.models.policy import Policy
 from mmsr.optim import Schedule, adamw_with_schedule
 from mmsr.prompt.render import PromptBuilder
-from mmsr.reading import ReadingCorpus, lm_loss
 from mmsr.rollout.engine import GenerationRequest, SamplingParams, ScriptedEngine
 from mmsr.rollout.loop import RolloutLoop, RolloutSettings
-from mmsr.teacher import RAGTeacher
 from mmsr.tools.base import SearchTool
 from mmsr.train.batch import collate, pack_by_tokens
+
+
+class Teacher(Protocol):
+    """Writes the assistant turns of one scripted episode for a sample (e.g. ``mmsr.demo.teacher.RAGTeacher``)."""
+
+    def turns(self, sample: Sample) -> list[str]: ...
+
+
+class TextBatches(Protocol):
+    """Texts for next-token prediction, the same batch for the same step (e.g.
+    ``mmsr.demo.reading.ReadingCorpus``)."""
+
+    def batch(self, step: int) -> list[str]: ...
 
 
 class SFTModule(L.LightningModule):
@@ -31,22 +48,22 @@ class SFTModule(L.LightningModule):
 
     Args:
         policy: builds the policy to train.
-        teacher: writes the scripted turns (default ``RAGTeacher()``: always search).
+        teacher: writes the scripted turns.
         image_search, text_search, prompts, rollout: as in ``GRPOModule`` (the same episode machinery).
         lr, weight_decay, grad_clip, lr_schedule, warmup_steps, total_steps: optimization.
         micro_batch_tokens: padded-token budget of one forward/backward.
         reading, reading_steps: the first ``reading_steps`` optimizer steps train next-token prediction
-            on ``reading``'s packed documents instead of teacher episodes (same optimizer).
+            on ``reading``'s batches instead of teacher episodes (same optimizer).
         export_dir: when set, the trained policy is written there as a Hugging Face directory at the
             end of training (``PretrainedPolicy(path=export_dir)`` loads it for GRPO).
     """
 
-    def __init__(self, policy: PolicyBuilder, teacher: RAGTeacher | None = None, image_search: SearchTool | None = None,
+    def __init__(self, policy: PolicyBuilder, teacher: Teacher, image_search: SearchTool | None = None,
                  text_search: SearchTool | None = None, prompts: PromptBuilder | None = None,
                  rollout: RolloutSettings = RolloutSettings(), lr: float = 1e-3, weight_decay: float = 0.0,
                  grad_clip: float = 1.0, lr_schedule: Schedule = "constant", warmup_steps: int = 0,
                  total_steps: int = 1000, micro_batch_tokens: int = 8192, export_dir: str | None = None,
-                 reading: ReadingCorpus | None = None, reading_steps: int = 0) -> None:  # fmt: skip
+                 reading: TextBatches | None = None, reading_steps: int = 0) -> None:  # fmt: skip
         super().__init__()
         self.save_hyperparameters(ignore=["policy", "teacher", "image_search", "text_search", "prompts", "reading"])
         if reading_steps and reading is None:
@@ -57,7 +74,7 @@ class SFTModule(L.LightningModule):
         # from_pretrained returns a model in eval mode, where Hugging Face turns gradient checkpointing
         # off; Lightning no longer switches modes at fit start (it warned: "N modules in eval mode").
         self.model = self.policy.model.train()
-        self.teacher = teacher or RAGTeacher()
+        self.teacher = teacher
         self.engine = ScriptedEngine(self._script)
         self.engine.bind(self.policy)
         tools = {"image_search": image_search, "text_search": text_search}
@@ -117,3 +134,19 @@ class SFTModule(L.LightningModule):
     def on_train_end(self) -> None:
         if self.hparams.export_dir and self.trainer.is_global_zero:
             save_policy(self.policy, self.hparams.export_dir)
+
+
+def lm_loss(policy: Policy, texts: list[str], device: torch.device | str) -> torch.Tensor:
+    """Token-mean next-token negative log-likelihood of ``texts`` (text only, right-padded).
+
+    Returns: a scalar tensor; padding (``attention_mask`` 0) is excluded.
+    """
+    enc = policy.tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=False)
+    ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)  # [N, T] each
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [N, T]
+    if policy.is_vision:
+        positions = positions[None].expand(3, -1, -1)  # M-RoPE: text tokens share t = h = w
+    out = policy.forward(ids, mask, positions, [])
+    logp, _ = logprobs_and_entropy(out.logits[:, :-1], ids[:, 1:], with_entropy=False)  # [N, T-1]
+    target = mask[:, 1:].to(logp.dtype)
+    return -(logp * target).sum() / target.sum().clamp(min=1)

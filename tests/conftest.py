@@ -13,6 +13,8 @@ import pytest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 FVQA = ROOT / "data" / "fvqa_dev_20"
+# The tiny tokenizers' weighted scaffold, as the smoke config gives it (keeps their tokenization).
+SCAFFOLD = {"class_path": "mmsr.demo.tokenizer.Scaffold"}
 
 # The CPU-only torchvision shim (see its docstring): run it here, before anything imports
 # transformers or torchvision, and put its folder first on PYTHONPATH so that every subprocess a
@@ -52,10 +54,11 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def tiny_policy():
     """A random-weight Qwen2.5-VL of the real architecture with a small BPE tokenizer (fp32)."""
+    from mmsr.demo.tokenizer import Scaffold
     from mmsr.models.build import TinyQwen2_5_VL
 
     texts = [str(FVQA / "fvqa_dev.jsonl"), str(FVQA / "search" / "corpus.jsonl")]
-    return TinyQwen2_5_VL(tokenizer_texts=texts, seed=0).build()
+    return TinyQwen2_5_VL(tokenizer_texts=texts, scaffold=Scaffold(), seed=0).build()
 
 
 @pytest.fixture(scope="session")

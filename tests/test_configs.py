@@ -7,14 +7,16 @@ import pytest
 from mmsr.cli import lightning_cli
 
 ROOT = Path(__file__).resolve().parents[1]
-# configs/tools/ holds tool snippets (init_args of one class) and configs/sweeps/ wandb sweeps.
+# configs/tools/ holds tool snippets (init_args of one class) and configs/sweeps/ wandb sweeps; the demo's
+# configs are package data in mmsr/demo/configs/.
 CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if not {"tools", "sweeps"} & set(p.parts))
+CONFIGS += sorted((ROOT / "mmsr" / "demo" / "configs").glob("*.yaml"))
 
 
 @pytest.fixture(scope="module")
 def demo_world(tmp_path_factory):
     """The demo configs read runs/demo/world (``mmsr demo`` writes it first): a world in a temp cwd."""
-    from mmsr.worlds.shapes import build_world
+    from mmsr.demo.world import build_world
 
     cwd = tmp_path_factory.mktemp("demo")
     build_world(cwd / "runs" / "demo" / "world")
@@ -34,3 +36,4 @@ def test_config_parses(path, monkeypatch, demo_world):
 
 def test_configs_exist():
     assert any(p.name == "smoke.yaml" for p in CONFIGS)
+    assert {"sft.yaml", "grpo.yaml"} <= {p.name for p in CONFIGS if "demo" in p.parts}

@@ -6,6 +6,7 @@ import lightning as L
 import pytest
 import torch
 
+from mmsr.demo.tokenizer import Scaffold
 from mmsr.models.build import TinyQwen2_5_VL
 from mmsr.module import GRPOModule
 from mmsr.rollout.engine import ScriptedEngine
@@ -25,7 +26,7 @@ def script(request):
 
 def make_module(**kw) -> GRPOModule:
     texts = [str(FVQA / "fvqa_dev.jsonl")]
-    args = dict(policy=TinyQwen2_5_VL(tokenizer_texts=texts, seed=0), engine=ScriptedEngine(script),
+    args = dict(policy=TinyQwen2_5_VL(tokenizer_texts=texts, scaffold=Scaffold(), seed=0), engine=ScriptedEngine(script),
                 image_search=FakeImageSearch(), num_generations=4, lr=1e-3, kl_coef=0.0,
                 rollout=RolloutSettings(max_tokens_per_turn=64))  # fmt: skip
     return GRPOModule(**(args | kw))

@@ -29,7 +29,7 @@ model:
   init_args:
     policy:
       class_path: mmsr.models.build.TinyQwen2_5_VL
-      init_args: {{tokenizer_texts: {json.dumps(TEXTS)}}}
+      init_args: {{tokenizer_texts: {json.dumps(TEXTS)}, scaffold: {{class_path: mmsr.demo.tokenizer.Scaffold}}}}
     engine:
       class_path: mmsr.rollout.vllm_engine.VLLMEngine
       init_args: {{dtype: bfloat16, max_model_len: 1024, gpu_memory_utilization: 0.5, enable_sleep_mode: true}}
@@ -56,13 +56,13 @@ def run(capsys, *argv: str) -> dict:
 
 
 def test_tiny_fsdp2_plan_is_the_hand_worked_arithmetic(tmp_path, capsys):
-    from mmsr.models.build import corpus_texts
-    from mmsr.models.tokenizer import train_bpe_tokenizer
+    from mmsr.demo.tokenizer import Scaffold
+    from mmsr.models.build import TinyQwen2_5_VL
 
     (tmp_path / "tiny.yaml").write_text(TINY)
     out = run(capsys, "-c", str(tmp_path / "tiny.yaml"), "--gpu-gb", "2", "--overhead-gb", "0.5",
               "--vllm-overhead-gb", "0.25")  # fmt: skip
-    V = len(train_bpe_tokenizer(corpus_texts(TEXTS), 512))  # the vocabulary is the trained tokenizer's
+    V = len(TinyQwen2_5_VL(TEXTS, Scaffold()).train_tokenizer())  # the vocabulary is the trained tokenizer's
     # decoder layer: q 64*64+64, k and v 64*32+32 each, o 64*64, MLP 3*64*128, 2 norms of 64
     layer = 4160 + 2 * 2080 + 4096 + 24576 + 128  # = 37120
     # vision: patch conv 3*2*14*14*32; block: 2 norms 32, qkv 32*96+96, proj 32*32+32, gate and up 32*64+64

@@ -33,10 +33,11 @@ def test_smoke_fit_subprocess(tmp_path):
     assert ckpt["global_step"] == 4 and ckpt["optimizer_states"]
     # Parameters changed: compare with the identically seeded initial model.
     sys.path.insert(0, str(ROOT))
+    from mmsr.demo.tokenizer import Scaffold
     from mmsr.models.build import TinyQwen2_5_VL
 
     texts = [str(ROOT / "data/fvqa_dev_20/fvqa_dev.jsonl"), str(ROOT / "data/fvqa_dev_20/search/corpus.jsonl")]
-    initial = TinyQwen2_5_VL(tokenizer_texts=texts, seed=0).build().model.state_dict()
+    initial = TinyQwen2_5_VL(tokenizer_texts=texts, scaffold=Scaffold(), seed=0).build().model.state_dict()
     trained = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     assert set(trained) == set(initial)
     changed = [k for k in initial if not torch.equal(initial[k], trained[k])]
@@ -49,7 +50,7 @@ def test_smoke_fit_subprocess(tmp_path):
     assert {"config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json"} <= {p.name for p in out.iterdir()}
     assert "chat_template" in (out / "tokenizer_config.json").read_text() or (out / "chat_template.jinja").is_file()
     reloaded = PretrainedPolicy(str(out)).build()
-    policy = TinyQwen2_5_VL(tokenizer_texts=texts, seed=0).build()
+    policy = TinyQwen2_5_VL(tokenizer_texts=texts, scaffold=Scaffold(), seed=0).build()
     policy.model.load_state_dict(trained)
     ids = torch.tensor([reloaded.tokenizer.encode("<|im_start|>user\nWhat is this?<|im_end|>")])
     with torch.no_grad():

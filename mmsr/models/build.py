@@ -26,9 +26,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 
 from mmsr.data.paths import require_file
 from mmsr.models.policy import Policy
-from mmsr.models.tokenizer import train_bpe_tokenizer
-from mmsr.prompt.render import TEMPLATES, ChatFormat
-from mmsr.tools import format as fmt
+from mmsr.models.tokenizer import TokenizerCorpus, train_bpe_tokenizer
 
 DType = Literal["float32", "bfloat16", "float16"]
 
@@ -48,25 +46,6 @@ def _strings(obj) -> Iterator[str]:
             yield from _strings(v)
 
 
-# The templates a tiny tokenizer trains on: a fixed list, so adding a template never changes the
-# vocabulary of an existing run (its reference model and checkpoints are rebuilt from it).
-TOKENIZER_TEMPLATES = ("round1.txt", "after_image_search.txt", "after_text_search.txt", "demo_round1.txt",
-                       "demo_after_image_search.txt", "demo_after_text_search.txt")  # fmt: skip
-# Text that every episode carries (chat frame, observation wrapper and headers, templates) counts this
-# many times in BPE training: a few hundred merges then go to whole scaffold words first, which
-# shortens every sequence (a 512-token BPE trained on the world's pages alone spells the prompt
-# letter by letter: ~1.8x longer episodes).
-SCAFFOLD_WEIGHT = 50
-
-
-def scaffold_texts() -> list[str]:
-    """The texts weighted by ``SCAFFOLD_WEIGHT`` in tiny-tokenizer training."""
-    chat = ChatFormat()
-    texts = [chat.first_prompt("") + chat.observation(""), "Searched results: <information></information>",
-             fmt.IMAGE_HEADER, fmt.IMAGE_NONE, fmt.TEXT_HEADER, fmt.WEB_TEXT_HEADER, fmt.TEXT_NONE, "1. image: \ntitle: "]  # fmt: skip
-    return texts + [(TEMPLATES / name).read_text(encoding="utf-8") for name in TOKENIZER_TEMPLATES]
-
-
 def _file_texts(path: str) -> list[str]:
     """Strings of a jsonl/text file, or the user messages of a question parquet (MMSearch-R1 schema)."""
     if path.endswith(".parquet"):
@@ -80,10 +59,10 @@ def _file_texts(path: str) -> list[str]:
     return lines
 
 
-def corpus_texts(paths: list[str]) -> list[str]:
-    """Tokenizer training text: the weighted scaffold plus every string in ``paths`` (jsonl, text or
+def corpus_texts(paths: list[str], scaffold: TokenizerCorpus | None = None) -> list[str]:
+    """Tokenizer training text: ``scaffold``'s texts, then every string in ``paths`` (jsonl, text or
     question parquet)."""
-    return scaffold_texts() * SCAFFOLD_WEIGHT + [t for path in paths for t in _file_texts(path)]
+    return (scaffold.texts() if scaffold is not None else []) + [t for path in paths for t in _file_texts(path)]
 
 
 def mrope_sections(head_dim: int) -> list[int]:
@@ -99,7 +78,10 @@ class TinyQwen2_5_VL:
 
     Args:
         tokenizer_texts: jsonl/text files whose strings, or question parquets whose prompts, train the
-            tokenizer (with the weighted scaffold, ``corpus_texts``).
+            tokenizer (after ``scaffold``'s texts, ``corpus_texts``).
+        scaffold: extra tokenizer training text, e.g. ``mmsr.demo.tokenizer.Scaffold`` (the chat frame,
+            observation headers and prompt templates, weighted: the smoke and demo configs and the
+            tests use it); ``None``: the files alone.
         vocab_size: BPE target size (the model's vocabulary is the tokenizer's real length).
         hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size: language model shape.
         vision_depth, vision_hidden_size: vision tower shape (patch 14, merge 2 as in Qwen2.5-VL).
@@ -112,6 +94,7 @@ class TinyQwen2_5_VL:
     def __init__(
         self,
         tokenizer_texts: list[str] | None = None,
+        scaffold: TokenizerCorpus | None = None,
         vocab_size: int = 512,
         hidden_size: int = 64,
         num_layers: int = 2,
@@ -126,7 +109,7 @@ class TinyQwen2_5_VL:
         tool_image_max_pixels: int | None = None,
         seed: int = 0,
     ) -> None:
-        self.tokenizer_texts = tokenizer_texts or []
+        self.tokenizer_texts, self.scaffold = tokenizer_texts or [], scaffold
         self.vocab_size = vocab_size
         self.text = dict(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
                          num_key_value_heads=num_kv_heads, intermediate_size=intermediate_size)  # fmt: skip
@@ -150,8 +133,12 @@ class TinyQwen2_5_VL:
             vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=True,
         )  # fmt: skip
 
+    def train_tokenizer(self):
+        """The small BPE tokenizer (deterministic for the same texts)."""
+        return train_bpe_tokenizer(corpus_texts(self.tokenizer_texts, self.scaffold), self.vocab_size)
+
     def build(self) -> Policy:
-        tokenizer = train_bpe_tokenizer(corpus_texts(self.tokenizer_texts), self.vocab_size)
+        tokenizer = self.train_tokenizer()
         with torch.random.fork_rng():
             torch.manual_seed(self.seed)
             model = Qwen2_5_VLForConditionalGeneration(self.config(tokenizer))

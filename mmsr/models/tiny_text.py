@@ -12,7 +12,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from mmsr.models.build import corpus_texts
 from mmsr.models.policy import Policy
-from mmsr.models.tokenizer import train_bpe_tokenizer
+from mmsr.models.tokenizer import TokenizerCorpus, train_bpe_tokenizer
 
 
 class TinyQwen2:
@@ -20,7 +20,8 @@ class TinyQwen2:
 
     Args:
         tokenizer_texts: jsonl/text files whose strings, or question parquets whose prompts, train the
-            tokenizer (with the weighted scaffold, ``corpus_texts``).
+            tokenizer (after ``scaffold``'s texts, ``corpus_texts``).
+        scaffold: extra tokenizer training text, as for ``TinyQwen2_5_VL``.
         vocab_size: BPE target size (the model's vocabulary is the tokenizer's real length).
         hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size: model shape; the head
             size ``hidden_size // num_heads`` must be a multiple of 32 for vLLM on CPU.
@@ -30,6 +31,7 @@ class TinyQwen2:
     def __init__(
         self,
         tokenizer_texts: list[str] | None = None,
+        scaffold: TokenizerCorpus | None = None,
         vocab_size: int = 512,
         hidden_size: int = 128,
         num_layers: int = 2,
@@ -40,7 +42,7 @@ class TinyQwen2:
     ) -> None:
         if hidden_size % num_heads or (hidden_size // num_heads) % 32:
             raise ValueError(f"head size hidden_size/num_heads = {hidden_size}/{num_heads} must be a multiple of 32")
-        self.tokenizer_texts = tokenizer_texts or []
+        self.tokenizer_texts, self.scaffold = tokenizer_texts or [], scaffold
         self.vocab_size = vocab_size
         self.shape = dict(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
                           num_key_value_heads=num_kv_heads, intermediate_size=intermediate_size)  # fmt: skip
@@ -54,7 +56,7 @@ class TinyQwen2:
         )  # fmt: skip
 
     def build(self) -> Policy:
-        tokenizer = train_bpe_tokenizer(corpus_texts(self.tokenizer_texts), self.vocab_size)
+        tokenizer = train_bpe_tokenizer(corpus_texts(self.tokenizer_texts, self.scaffold), self.vocab_size)
         with torch.random.fork_rng():
             torch.manual_seed(self.seed)
             model = Qwen2ForCausalLM(self.config(tokenizer))

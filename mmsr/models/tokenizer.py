@@ -8,6 +8,7 @@ special tokens and template that real Qwen2.5-VL uses, so the same code path run
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Protocol
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
@@ -38,6 +39,13 @@ QWEN2_5_VL_CHAT_TEMPLATE = (
     "{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+
+
+class TokenizerCorpus(Protocol):
+    """Extra training text for a small tokenizer, e.g. text every episode carries, repeated so that BPE
+    merges it first (``mmsr.demo.tokenizer.Scaffold``)."""
+
+    def texts(self) -> list[str]: ...
 
 
 def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:

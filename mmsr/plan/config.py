@@ -71,8 +71,10 @@ def import_object(path: str) -> Any:
 
 
 def instantiate(entry: dict[str, Any]) -> Any:
-    """A ``class_path`` / ``init_args`` entry as an object (only for cheap constructors: builders)."""
-    return import_object(entry["class_path"])(**(entry.get("init_args") or {}))
+    """A ``class_path`` / ``init_args`` entry as an object, nested entries too (only for cheap
+    constructors: builders, a tokenizer scaffold)."""
+    args = {k: instantiate(v) if isinstance(v, dict) and "class_path" in v else v for k, v in (entry.get("init_args") or {}).items()}
+    return import_object(entry["class_path"])(**args)
 
 
 def pretrained_config(path: str, gguf_file: str | None = None):
@@ -94,11 +96,10 @@ def pretrained_config(path: str, gguf_file: str | None = None):
 
 def policy_config(builder: Any):
     """The transformers config of a policy builder (a tiny policy trains its small tokenizer first)."""
-    from mmsr.models.build import PretrainedPolicy, TinyQwen2_5_VL, corpus_texts
-    from mmsr.models.tokenizer import train_bpe_tokenizer
+    from mmsr.models.build import PretrainedPolicy, TinyQwen2_5_VL
 
     if isinstance(builder, TinyQwen2_5_VL):
-        return builder.config(train_bpe_tokenizer(corpus_texts(builder.tokenizer_texts), builder.vocab_size))
+        return builder.config(builder.train_tokenizer())
     if isinstance(builder, PretrainedPolicy):
         return pretrained_config(builder.path, builder.gguf_file)
     raise TypeError(f"mmsr plan knows TinyQwen2_5_VL and PretrainedPolicy, not {type(builder).__name__}")

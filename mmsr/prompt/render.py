@@ -5,6 +5,7 @@ Every text this module returns may contain ``IMAGE_MARKER`` once per image, in c
 
 from __future__ import annotations
 
+import importlib.resources
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,13 +36,26 @@ class ChatFormat:
         return f"\n<|im_start|>user\n{user_text}<|im_end|>\n<|im_start|>assistant\n"
 
 
+def template_path(name: str) -> Path:
+    """Where template ``name`` is: a file path, a file under ``mmsr/prompt/templates``, or
+    ``package:relative/path`` for a template shipped inside another package (found wherever that package
+    is installed, e.g. ``mmsr.demo:templates/round1.txt``)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    package, sep, inner = name.partition(":")
+    try:
+        path = Path(str(importlib.resources.files(package).joinpath(inner))) if sep else TEMPLATES / name
+    except ModuleNotFoundError:
+        path = TEMPLATES / name
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt template {name!r} not found ({path}); a template inside another package is "
+                                "written 'package:path', e.g. 'mmsr.demo:templates/round1.txt'")  # fmt: skip
+    return path
+
+
 def _read(name_or_path: str) -> str:
-    path = Path(name_or_path)
-    if not path.is_file():
-        path = TEMPLATES / name_or_path
-    if not path.is_file():
-        raise FileNotFoundError(f"prompt template {name_or_path!r} not found (nor in {TEMPLATES})")
-    return path.read_text(encoding="utf-8").rstrip("\n")
+    return template_path(name_or_path).read_text(encoding="utf-8").rstrip("\n")
 
 
 class PromptBuilder:
@@ -52,7 +66,7 @@ class PromptBuilder:
         after_image_search: instruction appended after image-search results.
         after_text_search: instruction appended after text-search results.
         repeat_question: restate the user's question after the results (MMSearch-R1 does).
-    Templates are file names under ``mmsr/prompt/templates`` or paths.
+    Templates are file names under ``mmsr/prompt/templates``, paths, or ``package:path`` (``template_path``).
     """
 
     def __init__(

@@ -8,6 +8,7 @@ import pytest
 
 from mmsr.callbacks.progress import StageProgressBar, StepStatus, step_status
 from mmsr.data.datamodule import MMSRDataModule
+from mmsr.demo.tokenizer import Scaffold
 from mmsr.models.build import TinyQwen2_5_VL
 from mmsr.module import GRPOModule
 from mmsr.rollout.engine import ScriptedEngine
@@ -29,7 +30,7 @@ class SlowTextSearch(LocalTextSearch):
 def module() -> GRPOModule:
     texts = [str(FVQA / "fvqa_dev.jsonl"), str(FVQA / "search" / "corpus.jsonl")]
     return GRPOModule(
-        policy=TinyQwen2_5_VL(tokenizer_texts=texts, vocab_size=512, hidden_size=64, num_layers=2, seed=0),
+        policy=TinyQwen2_5_VL(tokenizer_texts=texts, scaffold=Scaffold(), vocab_size=512, hidden_size=64, num_layers=2, seed=0),
         engine=ScriptedEngine(turn_text),
         image_search=LocalImageSearch(index=str(FVQA / "search" / "image_index.jsonl"), top_k=2),
         text_search=SlowTextSearch(corpus=str(FVQA / "search" / "corpus.jsonl"), top_k=2),

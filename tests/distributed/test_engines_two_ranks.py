@@ -17,7 +17,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from tests.conftest import import_optional, subprocess_env
+from tests.conftest import SCAFFOLD, import_optional, subprocess_env
 from tests.distributed.test_two_ranks import FVQA, ROOT, losses
 
 FSDP2 = {"class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
@@ -27,7 +27,7 @@ VLLM = {"class_path": "mmsr.rollout.vllm_engine.VLLMEngine",
         "init_args": {"max_model_len": 2048, "max_num_seqs": 16, "cpu_kv_cache_gb": 0.0625, "enforce_eager": True}}  # fmt: skip
 # vLLM's CPU attention needs a head size that is a multiple of 32
 TEXT_POLICY = {"class_path": "mmsr.models.tiny_text.TinyQwen2",
-               "init_args": {"tokenizer_texts": [str(FVQA / "fvqa_dev.jsonl"), str(FVQA / "search" / "corpus.jsonl")],
+               "init_args": {"tokenizer_texts": [str(FVQA / "fvqa_dev.jsonl"), str(FVQA / "search" / "corpus.jsonl")], "scaffold": SCAFFOLD,
                              "hidden_size": 64, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 128}}  # fmt: skip
 
 

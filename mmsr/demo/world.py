@@ -182,7 +182,7 @@ def write_reading_corpus(landmarks: list[Landmark], n: int, seed: int, cities: l
     """``reading.jsonl``: pages (search-corpus schema) about ``n`` other landmarks, none of the world's.
 
     A random-weight model cannot read yet; real VLMs learned to on web text. These pages are the tiny
-    model's stand-in for that pretraining (``mmsr.reading``): they teach finding a name or a city in a
+    model's stand-in for that pretraining (``mmsr.demo.reading``): they teach finding a name or a city in a
     page and copying it, and, holding no world landmark, leak no answer.
     """
     others = make_landmarks(n, seed, cities, exclude={lm.name for lm in landmarks})

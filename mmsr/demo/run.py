@@ -1,11 +1,11 @@
 """``mmsr demo``: the CPU demo -- a tiny VLM learns on-demand search in an offline world.
 
-1. build the shapes world (``mmsr.worlds.shapes``): landmarks, images, image-search index, corpus,
+1. build the shapes world (``mmsr.demo.world``): landmarks, images, image-search index, corpus,
    a search-balanced train mix and held-out questions on unseen landmarks;
-2. warm start (``SFTModule``, ``configs/demo/sft.yaml``): next-token prediction on pages about other
-   landmarks (``mmsr.reading``), then imitation of a scripted teacher that always searches;
+2. warm start (``SFTModule``, ``mmsr/demo/configs/sft.yaml``): next-token prediction on pages about other
+   landmarks (``mmsr.demo.reading``), then imitation of a scripted teacher (``mmsr.demo.teacher``);
 3. evaluate the warm start greedily on the held-out questions;
-4. GRPO with the MMSearch-R1 reward (``configs/demo/grpo.yaml``);
+4. GRPO with the MMSearch-R1 reward (``mmsr/demo/configs/grpo.yaml``);
 5. evaluate again; write ``metrics.csv``, ``demo.png``, ``summary.json`` and print a summary table.
 
 The claim under test (the paper's central finding in miniature): GRPO keeps accuracy while the
@@ -28,7 +28,7 @@ from mmsr.data.loaders import load_samples
 from mmsr.metrics import search_ratios
 from mmsr.rollout.engine import SamplingParams
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "demo"
+CONFIGS = Path(__file__).resolve().parent / "configs"  # package data, found wherever mmsr is installed
 KINDS = ("search_free", "image_search", "text_search")
 
 
@@ -91,7 +91,7 @@ def evaluate(module, samples, max_tokens: int) -> dict[str, dict[str, float]]:
 def run(out: Path, seed: int, sft_steps: int | None, grpo_steps: int | None, eval_limit: int | None = None,
         reading_steps: int | None = None) -> dict:  # fmt: skip
     from mmsr.cli import lightning_cli
-    from mmsr.worlds.shapes import build_world
+    from mmsr.demo.world import build_world
 
     t0 = time.perf_counter()
     world = build_world(out / "world", seed=seed)
@@ -157,9 +157,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="mmsr demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("runs/demo"), help="run directory")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--reading-steps", type=int, default=None, help="override configs/demo/sft.yaml reading_steps")
-    ap.add_argument("--sft-steps", type=int, default=None, help="imitation steps after reading (default: from configs/demo/sft.yaml)")
-    ap.add_argument("--grpo-steps", type=int, default=None, help="override configs/demo/grpo.yaml max_steps")
+    ap.add_argument("--reading-steps", type=int, default=None, help="override the warm start config's reading_steps")
+    ap.add_argument("--sft-steps", type=int, default=None, help="imitation steps after reading (default: from the warm start config)")
+    ap.add_argument("--grpo-steps", type=int, default=None, help="override the GRPO config's max_steps")
     ap.add_argument("--eval-limit", type=int, default=None, help="evaluate only the first N held-out questions")
     ap.add_argument("--check", action="store_true", help="exit with status 1, naming them, when claims are not met")
     args = ap.parse_args(argv)

@@ -1,4 +1,5 @@
-"""Reading pretraining: language modelling on packed documents, before the supervised warm start.
+"""Reading pretraining: packed documents for language modelling (``SFTModule(reading=...)``, whose
+``lm_loss`` trains on them), before the supervised warm start.
 
 Real VLMs learned to read on web text before anyone taught them to search: they copy a name they
 see in a search result into an answer or a query. A random-weight tiny model cannot, and learning it
@@ -7,7 +8,7 @@ from warm-start episodes alone is slow, because only a few answer tokens per epi
 held-out landmarks was still 0%). Next-token prediction over packed pages is a dense copying signal,
 provided the copy has to be a lookup by content: when every page put its name at the same distance
 from its title, copying did not carry over to episodes (held-out names stayed at 0% in 6 of 7 runs;
-presumably the model copied by position). With the distance varied (``mmsr.worlds.shapes`` pads pages with
+presumably the model copied by position). With the distance varied (``mmsr.demo.world`` pads pages with
 filler sentences), held-out teacher-forced name accuracy reached 90-100% within 100 imitation steps
 in each of 4 runs (``mmsr demo --reading-steps 0`` is the ablation).
 """
@@ -17,11 +18,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-import torch
-
-from mmsr.algo import logprobs_and_entropy
-from mmsr.models.policy import Policy
-from mmsr.tools.local import read_jsonl, required_field
+from mmsr.data.jsonl import read_jsonl, required_field
 
 
 class ReadingCorpus:
@@ -55,19 +52,3 @@ def _read_documents(path: Path) -> list[str]:
         where = f"{path}:{line_no}"
         docs.append(f"title: {required_field(row, 'title', where)}\n{required_field(row, 'text', where)}\n")
     return docs
-
-
-def lm_loss(policy: Policy, texts: list[str], device: torch.device | str) -> torch.Tensor:
-    """Token-mean next-token negative log-likelihood of ``texts`` (text only, right-padded).
-
-    Returns: a scalar tensor; padding (``attention_mask`` 0) is excluded.
-    """
-    enc = policy.tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=False)
-    ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)  # [N, T] each
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [N, T]
-    if policy.is_vision:
-        positions = positions[None].expand(3, -1, -1)  # M-RoPE: text tokens share t = h = w
-    out = policy.forward(ids, mask, positions, [])
-    logp, _ = logprobs_and_entropy(out.logits[:, :-1], ids[:, 1:], with_entropy=False)  # [N, T-1]
-    target = mask[:, 1:].to(logp.dtype)
-    return -(logp * target).sum() / target.sum().clamp(min=1)

@@ -1,1 +1,0 @@
-"""Procedural, fully offline search worlds for CPU demos and tests."""
