@@ -110,7 +110,11 @@ def scripted(root: Path, steps: int, *extra: str):
         wandb.finish()  # as at the end of a training process
 
 
-def test_resume_continues_the_run_directory_and_the_wandb_run(tmp_path, offline_wandb):
+def test_resume_continues_the_run_directory_and_the_wandb_run(tmp_path, offline_wandb, monkeypatch):
+    # wandb stages tables under these: this run's own, apart from the session's scripted run, whose
+    # tables test_trajectory_logger counts
+    for var in ("WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_ARTIFACT_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / "wandb_home" / var.lower()))
     first = scripted(tmp_path, 2)
     run_id = first.trainer.loggers[1].version
     # Resumed from the first step's checkpoint: step 1 is logged again, and must be there once.
