@@ -20,6 +20,7 @@ from mmsr.tools.budget import BudgetError, Deadline, check_budgets
 from mmsr.tools.cache import CachedTool
 from mmsr.tools.format import TEXT_NONE
 from mmsr.tools.server import HTTPSearchTool, SearchServer
+from mmsr.tools.web.fake import chat_completion, jina, png, serpapi_lens, serper, serve
 from mmsr.tools.web.http import Limits, ToolError
 from mmsr.tools.web.image_search import WebImageSearch
 from mmsr.tools.web.providers import SerpAPILens, Serper
@@ -27,7 +28,7 @@ from mmsr.tools.web.reader import JinaReader
 from mmsr.tools.web.summarizer import OpenAISummarizer
 from mmsr.tools.web.text_search import WebTextSearch
 
-from .fake_web import Script, chat_completion, jina, png, serpapi_lens, serper, serve
+from .fake_web import Script
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -24,13 +24,12 @@ from mmsr.tools import ToolRequest, ToolResult
 from mmsr.tools import secrets
 from mmsr.tools.secrets import install_log_redaction, redact, redact_all, register_secret_env
 from mmsr.tools.server import HTTPSearchTool, SearchServer
+from mmsr.tools.web.fake import echo_200_error, echo_401, echo_page, echo_results, echo_summary, serve
 from mmsr.tools.web.http import Limits, ToolError
 from mmsr.tools.web.providers import SerpAPIGoogle, Serper
 from mmsr.tools.web.reader import JinaReader
 from mmsr.tools.web.summarizer import OpenAISummarizer
 from mmsr.tools.web.text_search import WebTextSearch
-
-from .fake_web import echo_200_error, echo_401, echo_page, echo_results, echo_summary, serve
 
 FAST = Limits(timeout_s=2.0, retries=1, backoff_s=0.01, backoff_max_s=0.02, breaker_failures=0)
 KEYS = {  # each provider its own key, so a leak names the variable it came from

@@ -9,10 +9,11 @@ import pytest
 from aiohttp import web
 
 from mmsr.tools.web import guard
+from mmsr.tools.web.fake import serve
 from mmsr.tools.web.http import HTTPClient, Limits, Retryable, ToolError, parse_json
 from mmsr.tools.web.reader import DirectReader
 
-from .fake_web import Script, serve
+from .fake_web import Script
 
 FAST = Limits(timeout_s=2.0, retries=2, backoff_s=0.01, backoff_max_s=0.05, breaker_failures=0)
 

@@ -10,6 +10,7 @@ from PIL import Image
 
 from mmsr.tools import IMAGE_MARKER, ToolRequest
 from mmsr.tools.format import TEXT_NONE
+from mmsr.tools.web.fake import chat_completion, jina, png, serpapi_google, serpapi_lens, serper, serve
 from mmsr.tools.web.http import Limits
 from mmsr.tools.web.image_search import URLTemplateHost, WebImageSearch
 from mmsr.tools.web.providers import SerpAPIGoogle, SerpAPILens, Serper
@@ -17,7 +18,7 @@ from mmsr.tools.web.reader import DirectReader, JinaReader
 from mmsr.tools.web.summarizer import OpenAISummarizer
 from mmsr.tools.web.text_search import WebTextSearch
 
-from .fake_web import Script, chat_completion, jina, png, serpapi_google, serpapi_lens, serper, serve
+from .fake_web import Script
 
 FAST = Limits(timeout_s=2.0, retries=1, backoff_s=0.01, backoff_max_s=0.02, breaker_failures=0)
 KEY = "sk-test-secret-123"
