@@ -141,7 +141,8 @@ class GRPOModule(L.LightningModule):
         self.loop = RolloutLoop(self.engine, self.policy, prompts or PromptBuilder(),
                                 {"image_search": image_search, "text_search": text_search}, rollout)  # fmt: skip
         self.sampling = SamplingParams(temperature, top_p, top_k, rollout.max_tokens_per_turn)
-        self.policy_update = PolicyUpdate(self.policy, UpdateSettings.of(self.hparams, max_context_tokens=rollout.max_context_tokens))
+        update = UpdateSettings.of(self.hparams, max_context_tokens=rollout.max_context_tokens)
+        self.policy_update = PolicyUpdate(self.policy, update)  # mmsr.train.update
         self._pending: tuple[list[Trajectory], list[Sample]] | None = None
         self.last_rollout: StepRollout | None = None  # for observers (loggers, trajectory dumps)
         self._timings: dict[str, float] = {}

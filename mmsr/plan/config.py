@@ -73,7 +73,8 @@ def import_object(path: str) -> Any:
 def instantiate(entry: dict[str, Any]) -> Any:
     """A ``class_path`` / ``init_args`` entry as an object, nested entries too (only for cheap
     constructors: builders, a tokenizer scaffold)."""
-    args = {k: instantiate(v) if isinstance(v, dict) and "class_path" in v else v for k, v in (entry.get("init_args") or {}).items()}
+    args = dict(entry.get("init_args") or {})
+    args = {k: instantiate(v) if isinstance(v, dict) and "class_path" in v else v for k, v in args.items()}
     return import_object(entry["class_path"])(**args)
 
 

@@ -140,7 +140,8 @@ class PolicyUpdate:
         micros: list[list[int] | None] = pack_by_tokens(lengths, self.settings.micro_batch_tokens)
         return micros + [None] * (int(all_reduce(len(micros), "max", device)) - len(micros))
 
-    def loss(self, batch: TrainBatch, adv: torch.Tensor, model: torch.nn.Module, old, ref) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(self, batch: TrainBatch, adv: torch.Tensor, model: torch.nn.Module, old, ref
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
         """Clipped surrogate + KL + entropy terms of one micro-batch (``adv``: ``[n]``)."""
         s, mask = self.settings, batch.loss_mask
         max_len = s.max_context_tokens
