@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from mmsr.tools import IMAGE_MARKER, LocalImageSearch, LocalTextSearch, SearchTool, ToolRequest, ToolResult
-from mmsr.tools.build_fvqa_index import CORPUS, IMAGE_INDEX, load_rows, render
+from tools.build_fvqa_index import CORPUS, IMAGE_INDEX, load_rows, render  # a script of the top-level tools/
 
 DATA = Path(__file__).resolve().parents[2] / "data" / "fvqa_dev_20"
 SEARCH = DATA / "search"

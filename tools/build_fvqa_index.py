@@ -23,7 +23,7 @@ result::
 
 Output is deterministic: rows follow the source file order and JSON is written with fixed key order.
 
-Usage: ``python -m mmsr.tools.build_fvqa_index --src data/fvqa_dev_20 --out data/fvqa_dev_20/search``
+Usage: ``python tools/build_fvqa_index.py --src data/fvqa_dev_20 --out data/fvqa_dev_20/search``
 """
 
 from __future__ import annotations
