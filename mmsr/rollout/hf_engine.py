@@ -8,6 +8,7 @@ positions and vision inputs), so engine and trainer log-probs agree to float pre
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
@@ -60,10 +61,11 @@ class HFEngine:
         self.max_batch_size, self.seed = max_batch_size, seed
         self.calls = 0  # generate() calls: the stream of requests that carry no episode key
         self.policy: Policy | None = None
+        self._candidates: dict[tuple[str, ...], frozenset[int]] = {}
 
     def bind(self, policy: Policy) -> None:
         """Generate with ``policy`` (colocated: no weights are copied, nothing starts)."""
-        self.policy = policy
+        self.policy, self._candidates = policy, {}
 
     def state_dict(self) -> dict:
         """The sampler's state (saved in checkpoints so a resumed run draws the same tokens)."""
@@ -124,21 +126,16 @@ class HFEngine:
         vision = [v for r in requests for v in r.vision]
         out = self.policy.forward(ids, attn, pos, vision, use_cache=True, logits_to_keep=1)
         cache, logits, next_pos = out.past_key_values, out.logits[:, -1], pos.amax(-1) + 1
-        budgets = [min(sampling.max_tokens, r.max_tokens or sampling.max_tokens) for r in requests]
-        stops = self.policy.stop_token_ids()
-        gen: list[list[int]] = [[] for _ in requests]
-        lps: list[list[float]] = [[] for _ in requests]
-        finish: list[str | None] = [None] * len(requests)
+        turns = [_Turn(min(sampling.max_tokens, r.max_tokens or sampling.max_tokens)) for r in requests]
+        eos, candidates = self.policy.stop_token_ids(), self._stop_candidates(sampling.stop)
         rows = list(range(len(requests)))  # batch row -> request index
         step = 0  # rows decode in lockstep: every live row is drawing its token number ``step``
         while rows:
             tokens, logprobs = sample_tokens(logits, sampling, seed_t[rows], torch.full((len(rows),), step))
             step += 1
-            for b, i in enumerate(rows):
-                gen[i].append(int(tokens[b]))
-                lps[i].append(float(logprobs[b]))
-                finish[i] = self._finished(gen[i], budgets[i], sampling, stops)
-            keep = [b for b, i in enumerate(rows) if finish[i] is None]
+            for i, token, logprob in zip(rows, tokens.tolist(), logprobs.tolist()):
+                turns[i].add(token, logprob, self._finish(turns[i], token, eos, candidates, sampling.stop))
+            keep = [b for b, i in enumerate(rows) if turns[i].finish is None]
             if not keep:
                 break
             if len(keep) < len(rows):
@@ -151,12 +148,40 @@ class HFEngine:
                 input_ids=tokens[:, None], attention_mask=attn, position_ids=next_pos[..., None],
                 past_key_values=cache, use_cache=True))  # fmt: skip
             logits, next_pos = out.logits[:, -1], next_pos + 1
-        return [GenerationOutput(g, lp, f) for g, lp, f in zip(gen, lps, finish)]
+        return [GenerationOutput(t.tokens, t.logprobs, t.finish) for t in turns]
 
-    def _finished(self, gen: list[int], budget: int, sampling: SamplingParams, stops: set[int]) -> str | None:
-        if gen[-1] in stops:
+    def _finish(self, turn: _Turn, token: int, eos: set[int], candidates: frozenset[int], stop: Sequence[str]) -> str | None:
+        """Why the turn ends with ``token`` (appended next), or None. A stop string can only be
+        completed by a token whose text holds its last character, so only those tokens are decoded."""
+        if token in eos:
             return "eos"
-        window = max((len(s) for s in sampling.stop), default=0) + 2
-        if sampling.stop and first_stop(self.policy.tokenizer.decode(gen[-window:]), sampling.stop) is not None:
-            return "stop"
-        return "length" if len(gen) >= budget else None
+        if token in candidates:
+            window = max(len(s) for s in stop) + 2
+            if first_stop(self.policy.tokenizer.decode([*turn.tokens[-window + 1 :], token]), stop) is not None:
+                return "stop"
+        return "length" if len(turn.tokens) + 1 >= turn.budget else None
+
+    def _stop_candidates(self, stop: Sequence[str]) -> frozenset[int]:
+        """Ids whose decoded text contains the last character of a stop string (cached per stops)."""
+        key = tuple(stop)
+        if key not in self._candidates:
+            ends = {s[-1] for s in stop}
+            vocab = range(len(self.policy.tokenizer))
+            texts = self.policy.tokenizer.batch_decode([[i] for i in vocab])
+            self._candidates[key] = frozenset(i for i, t in zip(vocab, texts) if ends & set(t))
+        return self._candidates[key]
+
+
+@dataclass
+class _Turn:
+    """The tokens sampled so far for one request."""
+
+    budget: int
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finish: str | None = None
+
+    def add(self, token: int, logprob: float, finish: str | None) -> None:
+        self.tokens.append(token)
+        self.logprobs.append(logprob)
+        self.finish = finish
