@@ -81,3 +81,20 @@ def test_hf_engine_state_resumes_keyless_streams(tiny_policy):
     engine.load_state_dict(state)
     again = engine.generate([request, request], sampling)
     assert [o.token_ids for o in again] == [o.token_ids for o in first]
+
+
+def test_hf_engine_finishes_on_eos_stop_strings_and_budget(tiny_policy):
+    from mmsr.rollout.hf_engine import _Turn
+
+    engine = HFEngine()
+    engine.bind(tiny_policy)
+    stop = SamplingParams().stop
+    encode = lambda text: tiny_policy.tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    eos, candidates = tiny_policy.stop_token_ids(), engine._stop_candidates(stop)
+    ids = encode("<reason>look</reason><answer>Paris</answer>")
+    last, turn = ids[-1], _Turn(budget=100, tokens=ids[:-1])
+    assert last in candidates and engine._finish(turn, last, eos, candidates, stop) == "stop"
+    assert engine._finish(_Turn(100, ids[:-3]), ids[-3], eos, candidates, stop) is None  # not completed yet
+    assert engine._finish(turn, next(iter(eos)), eos, candidates, stop) == "eos"
+    assert engine._finish(_Turn(len(ids) - 2, ids[:-3]), ids[-3], eos, candidates, stop) == "length"
+    assert all(">" in tiny_policy.tokenizer.decode([i]) for i in candidates)  # every stop string ends with ">"
