@@ -1,0 +1,23 @@
+"""The benchmarks keep working: each runs once on its smallest setting (timings are not tested)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT, import_optional, subprocess_env
+
+
+@pytest.mark.slow
+def test_vs_trl_runs_both_trainers_for_one_step():
+    import_optional("trl", 'pip install -e ".[bench]" to run the TRL comparison')
+    proc = subprocess.run([sys.executable, "benchmarks/vs_trl.py", "--steps", "1"], cwd=ROOT, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout[proc.stdout.rindex("{\n  \"workload\""):])  # after the trainers' own logs
+    assert out["trl_s_per_step"] > 0 and out["mmsr_s_per_step"] > 0
+    assert out["trl_over_mmsr"] == pytest.approx(out["trl_s_per_step"] / out["mmsr_s_per_step"])
+    assert set(out["mmsr_stages_s"]) == {"rollout", "generate", "reward", "train", "sync"}
+    bound = out["lower_bound"]
+    assert 0 < bound["seconds"] < out["mmsr_s_per_step"] and bound["params"] > 500_000
