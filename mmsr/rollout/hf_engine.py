@@ -120,12 +120,29 @@ class HFEngine:
         return ids.to(device), attn.to(device), pos.to(device)
 
     @torch.no_grad()
-    def _batch(self, requests: Sequence[GenerationRequest], seeds: Sequence[int], sampling: SamplingParams) -> list[GenerationOutput]:
-        ids, attn, pos = self._left_pad(requests)
-        seed_t = torch.tensor(list(seeds), dtype=torch.long)
-        vision = [v for r in requests for v in r.vision]
+    def prefill(self, requests: Sequence[GenerationRequest]):
+        """One forward over each distinct context (the ``n`` episodes of a GRPO group start from the
+        same prompt and images), its KV cache then fanned out to every request that shares it.
+
+        Returns: the cache, next-token logits ``[B, V]``, attention ``[B, T]``, next positions
+        ``[3, B]`` or ``[B]``.
+        """
+        keys = [(tuple(r.input_ids), tuple(id(v.image) for v in r.vision)) for r in requests]
+        slots: dict[tuple, int] = {}
+        fan_out = [slots.setdefault(key, len(slots)) for key in keys]  # request -> distinct context
+        distinct = [requests[fan_out.index(j)] for j in range(len(slots))]
+        ids, attn, pos = self._left_pad(distinct)
+        vision = [v for r in distinct for v in r.vision]
         out = self.policy.forward(ids, attn, pos, vision, use_cache=True, logits_to_keep=1)
-        cache, logits, next_pos = out.past_key_values, out.logits[:, -1], pos.amax(-1) + 1
+        index = torch.tensor(fan_out, device=ids.device)
+        if len(distinct) < len(requests):
+            out.past_key_values.batch_select_indices(index)
+        return out.past_key_values, out.logits[index, -1], attn[index], pos.amax(-1)[..., index] + 1
+
+    @torch.no_grad()
+    def _batch(self, requests: Sequence[GenerationRequest], seeds: Sequence[int], sampling: SamplingParams) -> list[GenerationOutput]:
+        cache, logits, attn, next_pos = self.prefill(requests)
+        seed_t = torch.tensor(list(seeds), dtype=torch.long)
         turns = [_Turn(min(sampling.max_tokens, r.max_tokens or sampling.max_tokens)) for r in requests]
         eos, candidates = self.policy.stop_token_ids(), self._stop_candidates(sampling.stop)
         rows = list(range(len(requests)))  # batch row -> request index
@@ -139,7 +156,7 @@ class HFEngine:
             if not keep:
                 break
             if len(keep) < len(rows):
-                index = torch.tensor(keep, device=ids.device)
+                index = torch.tensor(keep, device=attn.device)
                 cache.batch_select_indices(index)
                 attn, next_pos, tokens = attn[index], next_pos[..., index], tokens[index]
                 rows = [rows[b] for b in keep]

@@ -98,3 +98,23 @@ def test_hf_engine_finishes_on_eos_stop_strings_and_budget(tiny_policy):
     assert engine._finish(turn, next(iter(eos)), eos, candidates, stop) == "eos"
     assert engine._finish(_Turn(len(ids) - 2, ids[:-3]), ids[-3], eos, candidates, stop) == "length"
     assert all(">" in tiny_policy.tokenizer.decode([i]) for i in candidates)  # every stop string ends with ">"
+
+
+def test_hf_engine_prefills_each_distinct_context_once(tiny_policy, fvqa_samples, monkeypatch):
+    """A GRPO group's episodes share their prompt and image: one prefill row per distinct context,
+    its KV cache fanned out; every episode still samples its own tokens, as if prefilled alone."""
+    from tests.rollout.test_loop import make_loop
+
+    loop, _ = make_loop(tiny_policy, lambda r: "")
+    starts = [loop._start(s, i, k) for i, s in enumerate(fvqa_samples[:2]) for k in range(3)]
+    requests = [GenerationRequest(tuple(e.traj.input_ids), tuple(e.traj.vision), e.key, 0, None, 1) for e in starts]
+    engine = HFEngine(seed=3)
+    engine.bind(tiny_policy)
+    rows, forward = [], tiny_policy.forward
+    monkeypatch.setattr(tiny_policy, "forward", lambda ids, *a, **k: rows.append(len(ids)) or forward(ids, *a, **k))
+    sampling = SamplingParams(max_tokens=6, stop=())
+    together = engine.generate(requests, sampling)
+    assert rows == [2]  # 6 episodes of 2 prompts: 2 prefill rows
+    alone = [engine.generate([r], sampling)[0] for r in requests]
+    assert [o.token_ids for o in together] == [o.token_ids for o in alone]
+    assert len({tuple(o.token_ids) for o in together}) > 2  # the episodes of a prompt differ
