@@ -78,6 +78,7 @@ def tool_metrics(stats: RolloutStats, tools: dict | None = None) -> dict[str, fl
         "timing/generate": stats.generate_s,
         "timing/tools": stats.tools_s,
         "rollout/tokens_per_s": stats.sampled_tokens / stats.generate_s if stats.generate_s else 0.0,
+        "rollout/overlap": stats.overlap,  # share of tool time the rollout did not wait for
     }
 
 

@@ -1,10 +1,14 @@
 """The multi-turn rollout: an explicit, engine-agnostic state machine that owns the loss mask.
 
-Each episode moves GENERATE -> (CALL_TOOL -> GENERATE)* -> DONE. One batched ``engine.generate``
-per round covers every episode in GENERATE; then the tool calls of every episode in CALL_TOOL run
-concurrently (bounded, each with a timeout). Tokens the policy sampled get mask 1; everything the
-loop inserts (prompt, end-of-turn scaffolding, observations, image tokens) gets mask 0. Sampled
-tokens are never overwritten: a turn that runs out of budget is kept as sampled and marked truncated.
+Each episode moves GENERATE -> (CALL_TOOL -> GENERATE)* -> DONE, on its own: a tool call starts the
+moment its episode asks for it (on the tools' event loop, ``ToolRunner``, bounded and each with a
+timeout) and the episode re-enters generation as soon as its result is in, batched with whatever
+else is ready, while other episodes generate or wait. Tool latency is hidden behind generation
+instead of adding up round by round (``rollout/overlap``), and since every episode samples from its
+own stream (``mmsr.rollout.sampling``), which episodes share a batch does not change what they sample.
+Tokens the policy sampled get mask 1; everything the loop inserts (prompt, end-of-turn scaffolding,
+observations, image tokens) gets mask 0. Sampled tokens are never overwritten: a turn that runs out of
+budget is kept as sampled and marked truncated.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -21,6 +26,7 @@ from mmsr.prompt.render import PromptBuilder
 from mmsr.rollout.actions import Answer, ImageSearch, Invalid, TextSearch
 from mmsr.rollout.engine import Engine, GenerationOutput, GenerationRequest, SamplingParams
 from mmsr.rollout.parse import parse_action
+from mmsr.rollout.tool_runner import ToolRunner
 from mmsr.rollout.trajectory import FinishReason, ToolCall, Trajectory, Turn
 from mmsr.tools.base import FatalToolError, SearchTool, ToolRequest, ToolResult, failure
 
@@ -73,14 +79,36 @@ class Episode:
 
 @dataclass
 class RolloutStats:
-    """Seconds and counts of one ``RolloutLoop.run`` call."""
+    """Seconds and counts of one ``RolloutLoop.run`` call.
+
+    Attributes:
+        generate_s: seconds in ``engine.generate``.
+        tools_s: seconds the rollout waited for tool calls with nothing to generate.
+        tool_busy_s: seconds during which at least one tool call was running.
+    """
 
     generate_s: float = 0.0
     tools_s: float = 0.0
+    tool_busy_s: float = 0.0
     tool_calls: dict[str, int] = field(default_factory=lambda: {"image_search": 0, "text_search": 0})
     tool_failures: int = 0
     tool_latency_s: list[float] = field(default_factory=list)
+    tool_spans: list[tuple[float, float]] = field(default_factory=list)
     sampled_tokens: int = 0
+
+    @property
+    def overlap(self) -> float:
+        """The share of tool time hidden behind generation (1: the rollout never waited for a tool)."""
+        return 1.0 - self.tools_s / self.tool_busy_s if self.tool_busy_s > 0 else 1.0
+
+
+def covered_seconds(spans: Sequence[tuple[float, float]]) -> float:
+    """Seconds covered by the union of ``(start, end)`` spans."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(spans):
+        total += max(0.0, end - max(start, reach))
+        reach = max(reach, end)
+    return total
 
 
 class RolloutLoop:
@@ -112,22 +140,39 @@ class RolloutLoop:
 
     def run(self, samples: Sequence[Sample], n: int, sampling: SamplingParams) -> list[Trajectory]:
         """``n`` episodes per sample; trajectory ``i*n + k`` is sample ``i``'s k-th (group ``i``)."""
-        return asyncio.run(self.arun(samples, n, sampling))
-
-    async def arun(self, samples: Sequence[Sample], n: int, sampling: SamplingParams) -> list[Trajectory]:
         self.stats = RolloutStats()
         self.runs += 1
         episodes = [self._start(s, i, k) for i, s in enumerate(samples) for k in range(n)]
-        semaphore = asyncio.Semaphore(self.settings.tool_concurrency)
-        while active := [e for e in episodes if e.phase is Phase.GENERATE]:
-            self._generate(active, sampling)
-            calling = [e for e in episodes if e.phase is Phase.CALL_TOOL]
-            start = time.perf_counter()
-            results = await asyncio.gather(*(self._call_tool(e, semaphore) for e in calling))
-            self.stats.tools_s += time.perf_counter() - start
-            for episode, result in zip(calling, results):
-                self._observe(episode, result)
+        with ToolRunner() as runner:
+            self._advance(episodes, sampling, runner, asyncio.Semaphore(self.settings.tool_concurrency))
+        self.stats.tool_busy_s = covered_seconds(self.stats.tool_spans)
         return [e.traj for e in episodes]
+
+    def _advance(self, episodes: list[Episode], sampling: SamplingParams, runner: ToolRunner,
+                 semaphore: asyncio.Semaphore) -> None:  # fmt: skip
+        """Generate for every ready episode, start their tool calls, take back the episodes whose calls
+        are done, until every episode is done."""
+        ready = [e for e in episodes if e.phase is Phase.GENERATE]
+        calls: dict[Future, Episode] = {}
+        while ready or calls:
+            if ready:
+                self._generate(ready, sampling)
+                calls |= {runner.submit(self._call_tool(e, semaphore)): e for e in ready if e.phase is Phase.CALL_TOOL}
+            ready = self._collect(calls) if calls else []
+
+    def _collect(self, calls: dict[Future, Episode]) -> list[Episode]:
+        """Observe every finished call (waiting for one if none is), and return the episodes that
+        generate next. A ``FatalToolError`` propagates (the runner cancels the other calls)."""
+        start = time.perf_counter()
+        done, _ = wait(calls, return_when=FIRST_COMPLETED)
+        self.stats.tools_s += time.perf_counter() - start
+        ready = []
+        for future in done:
+            episode = calls.pop(future)
+            self._observe(episode, future.result())
+            if episode.phase is Phase.GENERATE:
+                ready.append(episode)
+        return sorted(ready, key=lambda e: e.key)  # a batch order that does not depend on timing
 
     # -- states ------------------------------------------------------------------------------
     def _start(self, sample: Sample, group: int, k: int) -> Episode:
@@ -204,6 +249,7 @@ class RolloutLoop:
         latency = time.perf_counter() - start
         self.stats.tool_failures += not result.ok
         self.stats.tool_latency_s.append(latency)
+        self.stats.tool_spans.append((start, start + latency))
         return result if result.latency_s else ToolResult(result.text, result.images, result.ok, latency, result.cost, result.titles)
 
     def _observe(self, e: Episode, result: ToolResult) -> None:

@@ -186,3 +186,27 @@ def test_fatal_tool_errors_are_not_hidden_and_requests_carry_the_question(tiny_p
     loop, _ = make_loop(tiny_policy, {f"{sample.id}#0": [TXT, ANS]}, text=Misconfigured())
     with pytest.raises(FatalToolError, match="replay-only"):
         loop.run([sample], 1, SamplingParams())
+
+
+def test_episodes_advance_independently_of_slow_tool_calls(tiny_policy, fvqa_samples):
+    """An episode whose tool answers quickly generates its next turn while another episode's call is
+    still running: the rollout waits for the slow call once, not once per round."""
+    fast, slow = fvqa_samples[0], fvqa_samples[1]
+
+    class Latency:
+        def __init__(self):
+            self.requests = []
+
+        async def __call__(self, request):
+            self.requests.append(request)
+            await asyncio.sleep(1.5 if request.sample_id == slow.id else 0.01)
+            return ToolResult("[Text Search Results]\n1. a page")
+
+    script = {f"{fast.id}#0": [TXT, TXT, ANS], f"{slow.id}#0": [TXT, ANS]}
+    loop, engine = make_loop(tiny_policy, script, text=Latency())
+    trajs = loop.run([fast, slow], 1, SamplingParams())
+    assert [t.answer for t in trajs] == ["Paris", "Paris"] and [len(t.turns) for t in trajs] == [3, 2]
+    order = [(r.key.split("#")[0], r.turn) for r in engine.requests]
+    # round by round, the fast episode's third turn would wait for the slow episode's second
+    assert order.index((fast.id, 2)) < order.index((slow.id, 1)), order
+    assert loop.stats.tool_busy_s >= 1.5 and 0.0 < loop.stats.overlap < 1.0

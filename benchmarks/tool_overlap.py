@@ -1,0 +1,103 @@
+"""How much tool latency a rollout hides behind generation: wall time vs the same rollout with
+instant tools, for tool latencies L of 0.1, 0.5 and 2 s.
+
+    python benchmarks/tool_overlap.py [--prompts 8] [--generations 4]
+
+The workload: the tiny Qwen2 of ``vs_trl.py``, HFEngine sampling every turn for real (64 tokens), a fake
+text search that answers after L seconds jittered uniformly in [0.5 L, 1.5 L], 3 rounds at most. The
+actions are forced (a random-weight policy never searches): half the episodes search at turn 0, half
+of those search again at turn 1, the others answer; the rest answer at once. An episode that searches
+twice cannot finish before two of its own calls, so the floor is ``no-tool wall + 2 x 0.5 L`` for it.
+
+Prints one JSON object per L: wall, no-tool wall, the excess over it in units of L, and the logged
+``rollout/overlap`` (the share of tool time the rollout did not wait for).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from vs_trl import workload  # noqa: E402 - the same tiny model and prompts
+
+from mmsr.rollout.engine import GenerationOutput, GenerationRequest, SamplingParams  # noqa: E402
+from mmsr.rollout.hf_engine import HFEngine  # noqa: E402
+from mmsr.rollout.loop import RolloutLoop, RolloutSettings  # noqa: E402
+from mmsr.tools.base import ToolRequest, ToolResult  # noqa: E402
+
+
+def plan(key: str) -> int:
+    """How many times the episode searches: 0 (half of them), 1 or 2 (a quarter each)."""
+    draw = hashlib.blake2b(key.encode(), digest_size=2).digest()[0] % 4
+    return {0: 0, 1: 0, 2: 1, 3: 2}[draw]
+
+
+class ForcedActions(HFEngine):
+    """Samples every turn for real (the compute is the workload's), then replaces its text by the
+    planned action: a text search for the first ``plan(key)`` turns, an answer after."""
+
+    def generate(self, requests, sampling):
+        sampled = super().generate(requests, sampling)
+        return [self._action(r, o) for r, o in zip(requests, sampled)]
+
+    def _action(self, request: GenerationRequest, sampled: GenerationOutput) -> GenerationOutput:
+        search = request.turn < plan(request.key)
+        text = "<reason>r</reason><text_search>q</text_search>" if search else "<reason>r</reason><answer>a</answer>"
+        ids = self.policy.tokenizer.encode(text, add_special_tokens=False)
+        return GenerationOutput(ids, [0.0] * len(ids), "stop")
+
+
+class SlowSearch:
+    """Answers after a latency drawn uniformly in [0.5 L, 1.5 L] (seeded per request)."""
+
+    def __init__(self, latency_s: float) -> None:
+        self.latency_s = latency_s
+
+    async def __call__(self, request: ToolRequest) -> ToolResult:
+        jitter = random.Random(f"{request.sample_id}/{request.query}/{time.monotonic_ns()}").uniform(0.5, 1.5)
+        await asyncio.sleep(self.latency_s * jitter)
+        return ToolResult("[Text Search Results]\n1. a page")
+
+
+def rollout_wall(latency_s: float, prompts: int, generations: int, tmp: Path) -> tuple[float, float]:
+    """Wall seconds of one rollout and its ``overlap``."""
+    policy, builder, samples = workload(tmp)
+    engine = ForcedActions(seed=0)
+    engine.bind(policy)
+    settings = RolloutSettings(max_rounds=3, text_search_limit=2, max_tokens_per_turn=64, tool_timeout_s=60)
+    loop = RolloutLoop(engine, policy, builder, {"text_search": SlowSearch(latency_s), "image_search": None}, settings)
+    real = SamplingParams(max_tokens=64, stop=())  # 64 sampled tokens per turn, as in vs_trl.py
+    loop.run(samples[:prompts], generations, real)  # warm-up
+    start = time.perf_counter()
+    loop.run(samples[:prompts], generations, real)
+    return time.perf_counter() - start, loop.stats.overlap
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--generations", type=int, default=4)
+    ap.add_argument("--latencies", type=float, nargs="+", default=[0.1, 0.5, 2.0])
+    args = ap.parse_args(argv)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        base, _ = rollout_wall(0.0, args.prompts, args.generations, Path(tmp))
+        for latency in args.latencies:
+            wall, overlap = rollout_wall(latency, args.prompts, args.generations, Path(tmp))
+            rows.append({"latency_s": latency, "wall_s": wall, "no_tool_wall_s": base,
+                         "excess_in_L": (wall - base) / latency, "overlap": overlap})  # fmt: skip
+            print(json.dumps(rows[-1]))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
