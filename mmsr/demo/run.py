@@ -5,8 +5,11 @@
 2. warm start (``SFTModule``, ``mmsr/demo/configs/sft.yaml``): next-token prediction on pages about other
    landmarks (``mmsr.demo.reading``), then imitation of a scripted teacher (``mmsr.demo.teacher``);
 3. evaluate the warm start greedily on the held-out questions;
-4. GRPO with the MMSearch-R1 reward (``mmsr/demo/configs/grpo.yaml``);
-5. evaluate again; write ``metrics.csv``, ``demo.png``, ``summary.json`` and print a summary table.
+4. GRPO with the MMSearch-R1 reward (``mmsr/demo/configs/grpo.yaml``), logging sampled trajectories;
+5. evaluate again; write ``metrics.csv``, ``demo.png``, ``summary.json``, print a summary table, and
+   write ``report.html``: the ``mmsr report`` page of the GRPO run, with a few held-out episodes per
+   question kind before and after GRPO (``held_out.jsonl`` in the GRPO run directory), so the demo
+   shows what the policy does, not only curves.
 
 The claim under test (the paper's central finding in miniature): GRPO keeps accuracy while the
 policy stops searching when the image alone answers the question.
@@ -26,10 +29,18 @@ import yaml
 
 from mmsr.data.loaders import load_samples
 from mmsr.metrics import search_ratios
+from mmsr.report.records import (
+    HELD_OUT_FILE,
+    TrajectoryRecord,
+    trajectory_record,
+    write_records,
+)
 from mmsr.rollout.engine import SamplingParams
+from mmsr.rollout.trajectory import Trajectory
 
 CONFIGS = Path(__file__).resolve().parent / "configs"  # package data, found wherever mmsr is installed
 KINDS = ("search_free", "image_search", "text_search")
+EPISODES_PER_KIND = 3  # held-out episodes of each kind shown in report.html, before and after GRPO
 
 
 def overrides(out: Path, seed: int, steps: int | None) -> list[str]:
@@ -69,8 +80,9 @@ def first_of_each_kind(samples: list, limit: int | None) -> list:
     return turns[:limit]
 
 
-def evaluate(module, samples, max_tokens: int) -> dict[str, dict[str, float]]:
-    """Greedy, one episode per question; accuracy and search ratio per question kind and overall."""
+def evaluate(module, samples, max_tokens: int) -> tuple[dict[str, dict[str, float]], list[Trajectory]]:
+    """Greedy, one episode per question; accuracy and search ratio per question kind and overall,
+    and the episodes (``samples[t.group_id]`` is each one's question)."""
     was = module.model.training
     module.model.eval()
     trajs = module.loop.run(samples, 1, SamplingParams(temperature=0.0, max_tokens=max_tokens))
@@ -85,7 +97,22 @@ def evaluate(module, samples, max_tokens: int) -> dict[str, dict[str, float]]:
         ratios = search_ratios([trajs[i] for i in idx], module.loop.settings)
         result[kind] = {"accuracy": sum(d["correct"] for d in details) / len(idx), "search_ratio": ratios["any"],
                         "image_search_ratio": ratios["image"], "text_search_ratio": ratios["text"], "n": len(idx)}  # fmt: skip
-    return result
+    return result, trajs
+
+
+def held_out_records(module, samples: list, trajs: list[Trajectory], step: int, global_step: int) -> list[TrajectoryRecord]:
+    """The first ``EPISODES_PER_KIND`` episodes of each question kind as report records, scored by the
+    module's reward (advantage 0: no group); the same questions at every evaluation, so the report
+    can put each question's episodes before and after GRPO side by side."""
+    kind_of = [samples[t.group_id].category for t in trajs]
+    chosen = [i for kind in KINDS for i in [i for i, k in enumerate(kind_of) if k == kind][:EPISODES_PER_KIND]]
+    rewards = module.compute_rewards([trajs[i] for i in chosen], samples).tolist()  # [len(chosen)]
+    records = []
+    for i, reward in zip(chosen, rewards):
+        t, sample = trajs[i], samples[trajs[i].group_id]
+        records.append(trajectory_record(t, sample, step=step, global_step=global_step, index=i, reward=reward,
+                                         advantage=0.0, reward_terms=module.reward.details(t, sample)))  # fmt: skip
+    return records
 
 
 def run(out: Path, seed: int, sft_steps: int | None, grpo_steps: int | None, eval_limit: int | None = None,
@@ -105,9 +132,13 @@ def run(out: Path, seed: int, sft_steps: int | None, grpo_steps: int | None, eva
     held_out = first_of_each_kind(load_samples(world / "eval.parquet"), eval_limit)
     max_tokens = cli.model.loop.settings.max_tokens_per_turn
     cli.model.start_engine()  # evaluated before fit, whose setup hook would start it
-    warm = evaluate(cli.model, held_out, max_tokens)
+    warm, warm_trajs = evaluate(cli.model, held_out, max_tokens)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    final = evaluate(cli.model, held_out, max_tokens)
+    final, final_trajs = evaluate(cli.model, held_out, max_tokens)
+    steps = cli.trainer.fit_loop.total_batch_idx + 1  # training steps (global_step counts optimizer updates)
+    episodes = held_out_records(cli.model, held_out, warm_trajs, 0, 0)
+    episodes += held_out_records(cli.model, held_out, final_trajs, steps, cli.trainer.global_step)
+    write_records(Path(cli.trainer.logger.log_dir) / HELD_OUT_FILE, episodes)  # beside trajectories.jsonl
     seconds = {"sft": t_sft - t0, "grpo_and_eval": time.perf_counter() - t_sft, "total": time.perf_counter() - t0}
     return {"warm_start": warm, "grpo": final, "seconds": seconds, "grpo_metrics": str(grpo / "csv" / "metrics.csv")}
 
@@ -140,6 +171,8 @@ def table(summary: dict) -> str:
 
 
 def write_outputs(out: Path, summary: dict) -> None:
+    """The summary files, ``demo.png`` and ``report.html`` (the GRPO run's ``mmsr report`` page)."""
+    from mmsr.report.cli import write_report
     from mmsr.report.plots import plot_panels
 
     with open(out / "metrics.csv", "w", newline="") as f:
@@ -151,6 +184,7 @@ def write_outputs(out: Path, summary: dict) -> None:
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     (out / "summary.md").write_text(table(summary) + "\n")
     plot_panels(summary["grpo_metrics"], out / "demo.png", KINDS)
+    write_report(Path(summary["grpo_metrics"]).parent, page=out / "report.html")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -168,7 +202,7 @@ def main(argv: list[str] | None = None) -> dict:
     summary = run(args.out, args.seed, args.sft_steps, args.grpo_steps, args.eval_limit, args.reading_steps)
     write_outputs(args.out, summary)
     print(table(summary))
-    print(f"\nseconds: {summary['seconds']}; outputs in {args.out}/ (metrics.csv, demo.png, summary.json)")
+    print(f"\nseconds: {summary['seconds']}; outputs in {args.out}/ (metrics.csv, demo.png, summary.json, report.html)")
     unmet = [f"{name} (measured {value})" for name, ok, value in checks(summary) if not ok]
     if args.check and unmet:
         raise SystemExit("mmsr demo --check: claims not met: " + "; ".join(unmet))

@@ -1,7 +1,9 @@
 """``mmsr report RUN_DIR``: an offline HTML report of a run, with PNG plots of its main curves.
 
 RUN_DIR is a run directory as the CSV logger makes it (``runs/smoke/csv/version_0``): it holds
-``trajectories.jsonl`` (written by ``TrajectoryLogger``), ``metrics.csv`` and ``config.yaml``.
+``trajectories.jsonl`` (written by ``TrajectoryLogger``), ``metrics.csv`` and ``config.yaml``, and
+may hold ``held_out.jsonl`` (greedy episodes on held-out questions at evaluation points: ``mmsr demo``
+writes it before and after GRPO), shown side by side per question kind.
 The report goes to ``RUN_DIR/report/``: ``index.html`` (self-contained: images and plots inline,
 so it can be mailed or opened from anywhere) and the plots as PNG files.
 """
@@ -13,14 +15,18 @@ from pathlib import Path
 
 from mmsr.report.html import render_html
 from mmsr.report.plots import plot_run
-from mmsr.report.records import TRAJECTORIES_FILE, read_records
+from mmsr.report.records import HELD_OUT_FILE, TRAJECTORIES_FILE, read_records
 
 
-def write_report(run_dir: str | Path, out_dir: str | Path | None = None, max_trajectories: int = 200) -> Path:
-    """Writes the report of ``run_dir``; returns the path of ``index.html``.
+def write_report(
+    run_dir: str | Path, out_dir: str | Path | None = None, max_trajectories: int = 200, page: str | Path | None = None
+) -> Path:
+    """Writes the report of ``run_dir``; returns the path of the page.
 
     Args:
+        out_dir: where the plots go (default ``RUN_DIR/report``).
         max_trajectories: keep the last this many records (the most recent training).
+        page: the page's path (default ``OUT_DIR/index.html``); it needs none of the files beside it.
     """
     run_dir = Path(run_dir)
     traj_file, metrics, config = run_dir / TRAJECTORIES_FILE, run_dir / "metrics.csv", run_dir / "config.yaml"
@@ -35,9 +41,10 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, max_tra
     shown = records[-max_trajectories:] if max_trajectories > 0 else []
     plots = plot_run(metrics, out) if metrics.exists() else {}
     text = config.read_text(encoding="utf-8") if config.exists() else None
-    page = render_html(str(run_dir), shown, plots, text, omitted=len(records) - len(shown))
-    index = out / "index.html"
-    index.write_text(page, encoding="utf-8")
+    held_out = list(read_records(run_dir / HELD_OUT_FILE)) if (run_dir / HELD_OUT_FILE).exists() else []
+    html = render_html(str(run_dir), shown, plots, text, omitted=len(records) - len(shown), held_out=held_out)
+    index = Path(page) if page is not None else out / "index.html"
+    index.write_text(html, encoding="utf-8")
     return index
 
 

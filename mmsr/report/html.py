@@ -2,7 +2,9 @@
 
 The page is rendered with Jinja2 (autoescaped: model text is untrusted and must never become
 markup) from ``templates/report.html``. A tool observation is shown as the policy read it: its
-text with each image marker replaced by the returned thumbnail.
+text with each image marker replaced by the returned thumbnail. Held-out episodes (the same
+questions evaluated at several steps, e.g. before and after GRPO) are laid out per question kind,
+one row per question and one column per step, with the same renderer as the sampled ones.
 """
 
 from __future__ import annotations
@@ -31,6 +33,27 @@ def observation(tool: ToolCallRecord) -> list[tuple[str, str]]:
     return parts
 
 
+HeldOutRows = dict[str, list[list[TrajectoryRecord | None]]]
+
+
+def held_out_rows(records: Sequence[TrajectoryRecord]) -> tuple[list[int], HeldOutRows]:
+    """The evaluated steps, and per question kind one row per question: its episode at each step
+    (``None`` where it was not evaluated then), kinds and questions in the order first seen."""
+    steps = sorted({r.step for r in records})
+    by_kind: dict[str, dict[str, dict[int, TrajectoryRecord]]] = {}
+    for r in records:
+        by_kind.setdefault(r.category or "none", {}).setdefault(r.sample_id, {})[r.step] = r
+    return steps, {kind: [[eps.get(s) for s in steps] for eps in qs.values()] for kind, qs in by_kind.items()}
+
+
+def stage_names(steps: Sequence[int]) -> list[str]:
+    """Column headings of the held-out steps: the first is before GRPO, the last after it."""
+    names = [f"step {s}" for s in steps]
+    if len(names) > 1:
+        names[0], names[-1] = "before GRPO", "after GRPO"
+    return names
+
+
 def png_data_uri(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
 
@@ -41,6 +64,7 @@ def render_html(
     plots: dict[str, Path],
     config: str | None = None,
     omitted: int = 0,
+    held_out: Sequence[TrajectoryRecord] = (),
 ) -> str:
     """The report page.
 
@@ -50,12 +74,15 @@ def render_html(
         plots: PNG files by plot name, inlined as data URIs.
         config: the run's resolved config text, shown collapsed.
         omitted: how many earlier records were left out (said on the page).
+        held_out: episodes on held-out questions (``HELD_OUT_FILE``); their section appears when given.
     """
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True, undefined=jinja2.StrictUndefined
     )
     steps = sorted({r.step for r in records})
+    held_steps, held_rows = held_out_rows(held_out)
     return env.get_template("report.html").render(
         title=title, records=records, steps=steps, omitted=omitted, config=config,
         plots={name: png_data_uri(p) for name, p in plots.items()}, observation=observation,
+        held_out=held_rows, held_steps=held_steps, held_stages=stage_names(held_steps), n_held_out=len(held_out),
     )  # fmt: skip

@@ -92,12 +92,21 @@ def plot(spec: PlotSpec, curves: list[Curve], out: Path) -> Path:
     return out
 
 
+def kinds_in(curves: dict[str, Curve]) -> tuple[str, ...]:
+    """The groups a run logged accuracy for (``reward/accuracy/<kind>``: question kinds, or data
+    sources when a run mixes them; ``mmsr.metrics.rollout_metrics``), in the file's column order."""
+    return tuple(k.removeprefix("reward/accuracy/") for k in curves if k.startswith("reward/accuracy/"))
+
+
 def plot_run(metrics_csv: str | Path, out_dir: str | Path) -> dict[str, Path]:
-    """The PNGs of ``PLOTS`` whose metrics the run logged, by plot name."""
+    """The PNGs of ``PLOTS`` whose metrics the run logged, by plot name; first ``kinds``, the panels
+    per question kind (``draw_panels``), when the run logged metrics per kind."""
     curves = read_metrics(metrics_csv)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     pngs = {}
+    if kinds := kinds_in(curves):
+        pngs["kinds"] = draw_panels(curves, out_dir / "kinds.png", kinds)
     for spec in PLOTS:
         if chosen := curves_for(spec, curves):
             pngs[spec.name] = plot(spec, chosen, out_dir / f"{spec.name}.png")
@@ -105,17 +114,22 @@ def plot_run(metrics_csv: str | Path, out_dir: str | Path) -> dict[str, Path]:
 
 
 def plot_panels(metrics_csv: str | Path, out_png: str | Path, kinds: tuple[str, ...]) -> Path:
+    """``draw_panels`` of a ``metrics.csv`` (the CPU demo's summary plot, ``demo.png``)."""
+    return draw_panels(read_metrics(metrics_csv), out_png, kinds)
+
+
+def draw_panels(curves: dict[str, Curve], out_png: str | Path, kinds: tuple[str, ...]) -> Path:
     """One figure of three panels against the step: reward, accuracy per question kind and search
-    ratio per question kind (the CPU demo's summary plot)."""
-    curves = read_metrics(metrics_csv)
+    ratio per question kind."""
     panels = [("reward", ["reward/mean"]), ("accuracy", [f"reward/accuracy/{k}" for k in kinds]),
               ("search ratio", [f"rollout/search_ratio/any/{k}" for k in kinds])]  # fmt: skip
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for ax, (title, keys) in zip(axes, panels):
         for c in (curves[k] for k in keys if k in curves):
-            ax.plot(c.steps, c.values, label=c.name.rsplit("/", 1)[-1])
+            ax.plot(c.steps, c.values, marker="o" if len(c.steps) < 20 else None, label=c.name.rsplit("/", 1)[-1])
         ax.set_title(title)
         ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylim(-0.05, 1.05)
         ax.legend(fontsize=8)
     fig.tight_layout()

@@ -13,7 +13,7 @@ import base64
 import io
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -25,6 +25,9 @@ from mmsr.rollout.actions import Action, Answer, ImageSearch, TextSearch
 from mmsr.rollout.trajectory import ToolCall, Trajectory, Turn
 
 TRAJECTORIES_FILE = "trajectories.jsonl"  # in the run directory
+# Greedy episodes on held-out questions at evaluation points of a run (the demo's before / after GRPO),
+# in the run directory; ``mmsr report`` shows them side by side per question kind.
+HELD_OUT_FILE = "held_out.jsonl"
 ActionKind = Literal["answer", "image_search", "text_search", "invalid"]
 _DATA_URI = re.compile(r"data:image/(?:jpeg|png);base64,")
 
@@ -88,6 +91,8 @@ class TrajectoryRecord:
         image: the question image as a JPEG data URI (``None`` for text-only rows).
         correct: the reward's ``correct`` term (``None`` when the reward reports no details).
         length, sampled_tokens: tokens in the episode, and those sampled by the policy (loss mask 1).
+        category: the question's kind (``Sample.category``), which the report groups episodes by;
+            ``None`` for rows without one (and in files written before it was recorded).
     """
 
     step: int
@@ -108,6 +113,7 @@ class TrajectoryRecord:
     length: int
     sampled_tokens: int
     turns: list[TurnRecord]
+    category: str | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), ensure_ascii=False)
@@ -165,8 +171,13 @@ def trajectory_record(
         step, global_step, index, traj.sample_id, traj.group_id, sample.data_source, sample.question,
         list(sample.answers), image, float(reward), float(advantage), correct,
         {k: float(v) for k, v in reward_terms.items()}, traj.finish_reason, traj.answer, len(traj),
-        traj.num_sampled_tokens, [_turn(i, t, max_px) for i, t in enumerate(traj.turns)],
+        traj.num_sampled_tokens, [_turn(i, t, max_px) for i, t in enumerate(traj.turns)], sample.category,
     )  # fmt: skip
+
+
+def write_records(path: str | Path, records: Iterable[TrajectoryRecord]) -> None:
+    """The records as a JSON-lines file (replacing it), as ``read_records`` reads them back."""
+    Path(path).write_text("".join(r.to_json() + "\n" for r in records), encoding="utf-8")
 
 
 def read_records(path: str | Path) -> Iterator[TrajectoryRecord]:

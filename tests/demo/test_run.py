@@ -1,5 +1,6 @@
 """A short `mmsr demo` in a subprocess: world, warm start, GRPO and both evaluations run, and the
-run writes its metrics CSV, plot and summary (the learning claims are checked by the full demo)."""
+run writes its metrics CSV, plot, summary and report page (the learning claims are checked by the
+full demo)."""
 
 import csv
 import json
@@ -9,7 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from mmsr.demo.run import KINDS
+from mmsr.report.records import read_records
 from tests.conftest import subprocess_env
+from tests.report.browser import Page, find_browser, headless
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -46,7 +50,7 @@ def test_short_demo_run(short_demo):
         assert 0.0 <= summary[stage]["all"]["accuracy"] <= 1.0
     rows = list(csv.DictReader((out / "metrics.csv").open()))
     assert {r["stage"] for r in rows} == {"warm_start", "grpo"}
-    assert (out / "demo.png").stat().st_size > 10_000
+    assert (out / "demo.png").stat().st_size > 10_000 and (out / "report.html").is_file()
     assert (out / "sft" / "policy" / "model.safetensors").is_file()
     sft_rows = list(csv.DictReader((out / "sft" / "csv" / "metrics.csv").open()))
     imitate = [r for r in sft_rows if r["sft/loss"]]
@@ -67,6 +71,30 @@ def test_demo_is_deterministic_for_a_seed(short_demo, tmp_path):
     assert (a["warm_start"], a["grpo"]) == (b["warm_start"], b["grpo"])
     first, second = _learning_metrics(first_out), _learning_metrics(tmp_path / "again")
     assert len(first) == 2 and "reward/mean" in first[0] and first == second
+
+
+@pytest.mark.slow
+def test_short_demo_report_shows_held_out_episodes_before_and_after(short_demo, tmp_path):
+    """report.html in headless Chromium: the curves per kind, and for each question kind its held-out
+    episodes before and after GRPO (turns, reward, question image, and any search call with the
+    thumbnails it returned; the 3-step warm start of this short run seldom searches, so the rendering
+    of search calls in this section is pinned by tests/report/test_report.py on a scripted run)."""
+    out, _ = short_demo
+    held = list(read_records(out / "grpo" / "csv" / "held_out.jsonl"))
+    assert sorted({(r.category, r.step) for r in held}) == sorted((k, s) for k in KINDS for s in (0, 2))
+    assert len(list(read_records(out / "grpo" / "csv" / "trajectories.jsonl"))) == 8  # step 0: one group
+    page = Page(headless(find_browser(), tmp_path / "profile", "--dump-dom", (out / "report.html").as_uri()).stdout)
+    assert any(i.get("id") == "plot-kinds" for i in page.images)
+    episodes = {(e.attrs["data-sample-id"], int(e.attrs["data-step"])): e for e in page.episodes if e.held_out}
+    assert len(episodes) == len(held) == 12  # 2 questions per kind, before and after
+    for kind in KINDS:
+        stages = [e.attrs["data-stage"] for e in page.episodes if e.held_out and e.attrs["data-kind"] == kind]
+        assert stages == ["before GRPO", "after GRPO"] * 2
+    for r in held:
+        e = episodes[(r.sample_id, r.step)]
+        assert len(e.turn_classes) == len(r.turns) >= 1 and f"{r.reward:.3f}" in e.text and r.question in e.text
+        assert any(i.get("class") == "question-image" and i["src"].startswith("data:image/jpeg") for i in e.images)
+        assert sum(i.get("class") == "thumbnail" for i in e.images) == sum(len(t.tool.images) for t in r.turns if t.tool)
 
 
 def _summary(after_accuracy: float, search_free_after: float) -> dict:

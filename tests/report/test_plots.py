@@ -3,7 +3,7 @@
 import pytest
 from PIL import Image
 
-from mmsr.report.plots import PLOTS, curves_for, plot_run, read_metrics
+from mmsr.report.plots import PLOTS, curves_for, kinds_in, plot_run, read_metrics
 
 # Sparse like CSVLogger output: each row holds only the metrics logged in that call.
 CSV = """epoch,reward/mean,reward/accuracy,rollout/search_ratio/any,rollout/search_ratio/any/fvqa,step,train/loss
@@ -31,6 +31,19 @@ def test_plot_run_writes_only_plots_with_data(tmp_path):
     for path in pngs.values():
         with Image.open(path) as im:
             assert im.format == "PNG" and im.size == (640, 360)
+
+
+def test_a_run_with_metrics_per_kind_gets_the_panels_first(tmp_path):
+    # The CPU demo's kinds (reward/accuracy/<kind>, rollout/search_ratio/any/<kind>): demo.png's panels.
+    (tmp_path / "metrics.csv").write_text(
+        "reward/mean,reward/accuracy/search_free,reward/accuracy/text_search,rollout/search_ratio/any/search_free,step\n"
+        "0.5,1.0,0.0,1.0,0\n0.7,1.0,0.5,0.0,1\n"
+    )
+    assert kinds_in(read_metrics(tmp_path / "metrics.csv")) == ("search_free", "text_search")
+    pngs = plot_run(tmp_path / "metrics.csv", tmp_path / "out")
+    assert list(pngs)[:2] == ["kinds", "reward"]
+    with Image.open(pngs["kinds"]) as im:
+        assert im.format == "PNG" and im.size == (1430, 396)  # three panels, 13 x 3.6 in at 110 dpi
 
 
 def test_bad_metrics_files_name_the_problem(tmp_path):

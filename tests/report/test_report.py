@@ -2,8 +2,7 @@
 
 import json
 import shutil
-import subprocess
-from html.parser import HTMLParser
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -11,33 +10,8 @@ from PIL import Image
 
 from mmsr.cli import main
 from mmsr.report.cli import write_report
-from mmsr.report.records import read_records
-from tests.conftest import optional_missing
-
-BROWSERS = ("chromium", "chromium-browser", "google-chrome")
-
-
-class Page(HTMLParser):
-    """The parts of the report page the tests look at."""
-
-    def __init__(self, html: str) -> None:
-        super().__init__()
-        self.trajectories: list[dict[str, str]] = []
-        self.images: list[dict[str, str]] = []
-        self.urls: list[str] = []
-        self.text: list[str] = []
-        self.feed(html)
-
-    def handle_starttag(self, tag, attrs):
-        a = {k: v or "" for k, v in attrs}
-        if "trajectory" in a.get("class", "").split():
-            self.trajectories.append(a)
-        if tag == "img":
-            self.images.append(a)
-        self.urls += [v for k, v in a.items() if k in ("src", "href")]
-
-    def handle_data(self, data):
-        self.text.append(data)
+from mmsr.report.records import HELD_OUT_FILE, read_records, write_records
+from tests.report.browser import Page, find_browser, headless
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +22,7 @@ def report(run_dir) -> Path:
 
 def test_report_command_writes_the_page_and_the_plots(report):
     assert report.exists()
-    for name in ("reward", "accuracy", "search_ratio", "response_length"):
+    for name in ("kinds", "reward", "accuracy", "search_ratio", "response_length"):
         with Image.open(report.parent / f"{name}.png") as im:
             assert im.format == "PNG"
 
@@ -59,9 +33,10 @@ def test_page_is_self_contained_and_holds_every_trajectory(report, run_dir):
     assert [(a["id"], a["data-sample-id"]) for a in page.trajectories] == [(f"step{r.step}-traj{r.index}", r.sample_id) for r in records]
     assert all(u.startswith("data:image/") for u in page.urls)  # nothing to fetch: works offline
     thumbnails = sum(len(t.tool.images) for r in records for t in r.turns if t.tool)
-    assert len(page.images) == 4 + len(records) + thumbnails  # plots, question images, tool results
+    assert len(page.images) == 5 + len(records) + thumbnails  # plots, question images, tool results
     text = "".join(page.text)
     assert all(r.question in text and r.turns[-1].text in text for r in records)
+    assert "Held-out episodes" not in text  # the section needs held_out.jsonl
 
 
 def test_model_text_is_escaped_not_rendered(run_dir, tmp_path):
@@ -95,19 +70,8 @@ def test_bad_run_directories_are_reported_clearly(tmp_path, capsys):
         write_report(tmp_path / "csv" / "version_0")
 
 
-def headless(browser: str, profile: Path, *args: str) -> subprocess.CompletedProcess:
-    flags = [
-        "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        f"--user-data-dir={profile}",
-    ]  # fmt: skip
-    return subprocess.run([browser, *flags, *args], capture_output=True, text=True, timeout=120, check=True)
-
-
 def test_headless_browser_shows_the_trajectories(report, run_dir, tmp_path):
-    browser = next((b for b in map(shutil.which, BROWSERS) if b), None)
-    if browser is None:
-        optional_missing("no chromium on PATH (apt-get install -y chromium); CI installs it")
+    browser = find_browser()
     records = list(read_records(run_dir / "trajectories.jsonl"))
     dom = headless(browser, tmp_path / "profile", "--dump-dom", report.as_uri()).stdout
     page = Page(dom)
@@ -120,3 +84,39 @@ def test_headless_browser_shows_the_trajectories(report, run_dir, tmp_path):
     headless(browser, tmp_path / "profile", f"--screenshot={shot}", "--window-size=1200,2000", report.as_uri())
     with Image.open(shot) as im:  # the rendered page, not a blank or error page: plots and photos
         assert im.size == (1200, 2000) and len(im.convert("RGB").getcolors(1 << 24)) > 1000
+
+
+def held_out_run(run_dir: Path, out: Path) -> list:
+    """A copy of ``run_dir`` with ``held_out.jsonl``: its step-0 episodes as held-out questions of two
+    kinds, evaluated before (step 0) and after (step 3, reward 0.5); the last question only before."""
+    for name in ("metrics.csv", "trajectories.jsonl"):
+        shutil.copy(run_dir / name, out / name)
+    first = [r for r in read_records(run_dir / "trajectories.jsonl") if r.step == 0]
+    before = [replace(r, sample_id=f"q{i}", category=("search_free", "image_search")[i % 2]) for i, r in enumerate(first)]
+    after = [replace(r, step=3, reward=0.5) for r in before[:-1]]
+    write_records(out / HELD_OUT_FILE, before + after)
+    return before + after
+
+
+def test_headless_browser_shows_held_out_episodes_before_and_after(run_dir, tmp_path):
+    """Each kind gets a heading and a grid, one row per question: its episode before GRPO, then after
+    (or a placeholder), each with its turns, search calls, result thumbnails and reward."""
+    records = held_out_run(run_dir, tmp_path)
+    dom = headless(find_browser(), tmp_path / "profile", "--dump-dom", write_report(tmp_path).as_uri()).stdout
+    page = Page(dom)
+    held = [e for e in page.episodes if e.held_out]
+    stages = [(e.attrs["data-kind"], e.attrs["data-sample-id"], e.attrs["data-stage"]) for e in held]
+    assert stages == [("search_free", "q0", "before GRPO"), ("search_free", "q0", "after GRPO"),
+                      ("search_free", "q2", "before GRPO"), ("search_free", "q2", "after GRPO"),
+                      ("image_search", "q1", "before GRPO"), ("image_search", "q1", "after GRPO"),
+                      ("image_search", "q3", "before GRPO")]  # fmt: skip
+    assert "not evaluated at this step" in "".join(page.text)  # q3 after GRPO
+    by_key = {(r.sample_id, r.step): r for r in records}
+    for e in held:
+        r = by_key[(e.attrs["data-sample-id"], int(e.attrs["data-step"]))]
+        assert len(e.turn_classes) == len(r.turns) and f"{r.reward:.3f}" in e.text
+        assert sum(i.get("class") == "thumbnail" for i in e.images) == sum(len(t.tool.images) for t in r.turns if t.tool)
+        assert all(i["src"].startswith("data:image/") for i in e.images)
+    searched = [e for e in held if any("action-image_search" in c for c in e.turn_classes)]
+    assert searched and all(any(i.get("class") == "thumbnail" for i in e.images) for e in searched)
+    assert "7 held-out episodes at steps 0, 3" in " ".join(page.text)
