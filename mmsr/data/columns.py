@@ -1,0 +1,211 @@
+"""Evaluation sets whose rows name their fields differently: ``ColumnMapping`` reads a parquet file (or a
+folder of parquet shards, as Hugging Face publishes them), a jsonl file or a JSON list, and builds
+``Sample`` records from the columns a config names:
+
+    class_path: mmsr.data.columns.ColumnMapping
+    init_args: {path: my_set.parquet, question: prompt_text, answer: label, aliases: synonyms, image: picture}
+
+A cell's image may be image bytes, a ``{"bytes", "path"}`` dict (a ``datasets`` Image column), a PIL
+image, a base64 string (with or without a ``data:image/...;base64,`` prefix) or a file path relative to
+``image_root`` (default: the data file's folder). URLs are refused: no published set of the suite holds
+its question images only as URLs, and fetching them would make an evaluation depend on the web.
+Answer cells may be a string, a list, a JSON string of a list, or InfoSeek's numeric ``{"wikidata": x,
+"range": [lo, hi]}`` entries (the value is used). Bad rows raise ``DataError`` naming the loader, file,
+row and field.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+from PIL import Image
+
+from mmsr.data.paths import missing
+from mmsr.data.rows import DataError, collect, decode_image, row_error
+from mmsr.data.sample import Sample
+
+__all__ = ["ColumnMapping", "DataError", "EvalSet", "answer_list", "read_rows"]
+
+
+class EvalSet(ABC):
+    """One evaluation set on disk; ``load`` reads and validates it into ``Sample`` records.
+
+    Attributes:
+        skip_invalid: drop bad rows (one warning with the count) instead of raising; ``mmsr eval
+            --skip-invalid`` sets it on every set of a suite.
+    """
+
+    skip_invalid: bool = False
+
+    @abstractmethod
+    def load(self) -> list[Sample]:
+        """Every valid row as a ``Sample``; a bad row raises ``DataError`` naming the row and field."""
+
+
+def _json_rows(path: Path) -> list[dict]:
+    """A JSON list of objects, or an object holding one under ``data`` / ``samples`` / ``qa``."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if isinstance(data, dict):
+        data = next((data[k] for k in ("data", "samples", "qa") if isinstance(data.get(k), list)), None)
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of rows (or an object with a 'data' list)")
+    return data
+
+
+def _jsonl_rows(path: Path) -> list[dict]:
+    rows = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise row_error(path, i, "<line>", f"invalid JSON ({exc.msg})") from None
+    return rows
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The rows of a parquet file, a folder of parquet shards (sorted by name), a jsonl or a JSON file."""
+    import pyarrow.parquet as pq
+
+    if path.is_dir():
+        shards = sorted(path.rglob("*.parquet"))
+        if not shards:
+            raise FileNotFoundError(f"{path} is a folder without .parquet files")
+        return [row for shard in shards for row in pq.read_table(shard).to_pylist()]
+    if not path.is_file():
+        raise missing(path, "data file")
+    if path.suffix in (".parquet", ".pq"):
+        return pq.read_table(path).to_pylist()
+    if path.suffix == ".jsonl":
+        return _jsonl_rows(path)
+    if path.suffix == ".json":
+        return _json_rows(path)
+    raise ValueError(f"{path}: unknown data format {path.suffix!r} (use .parquet, .pq, .jsonl, .json or a folder)")
+
+
+def _one_answer(item, where, row, field) -> str:
+    if isinstance(item, dict) and "wikidata" in item:  # InfoSeek numeric answers: value plus a tolerance range
+        item = item["wikidata"]
+    if isinstance(item, bool) or not isinstance(item, str | int | float):
+        raise row_error(where, row, field, f"expected answer strings, got {item!r:.80}")
+    return str(item).strip()
+
+
+def answer_list(value, where, row, field) -> list[str]:
+    """The non-empty answers a cell holds, in order, without repeats."""
+    if value is None:
+        return []
+    if isinstance(value, str) and value.strip().startswith("["):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            pass  # an answer that happens to start with '[' is still an answer
+    items = value if isinstance(value, list | tuple) else [value]
+    answers = [_one_answer(item, where, row, field) for item in items]
+    return list(dict.fromkeys(a for a in answers if a))
+
+
+def _base64_image(text: str) -> bytes | None:
+    payload = text.split(",", 1)[1] if text.startswith("data:image") else text
+    if len(payload) < 64:  # too short to be an image; a missing file name, more likely
+        return None
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+
+
+class ColumnMapping(EvalSet):
+    """Rows -> ``Sample`` records through the columns named here (see the module docstring).
+
+    Args:
+        path: a parquet file, a folder of parquet shards, a jsonl file or a JSON list.
+        question: the column with the question text.
+        answer: the reference answer's column; a list cell gives the ground truth first, then aliases.
+        aliases: the column with other accepted answers, if any.
+        image: the image's column; ``None`` for a text-only set.
+        id: the row id's column (default: ``<file stem>-<row>``).
+        category: the column used as the per-category slice of the report, if any.
+        data_source: the records' ``data_source`` (default: the loader's class name, lower case).
+        image_root: the folder relative image paths resolve against (default: the data file's folder).
+        where: keep only rows whose ``column`` value, as text and ignoring case, is one of those listed.
+        skip_no_image: drop rows without an image (a set's text-only questions) instead of raising.
+        skip_invalid: drop rows that fail validation (one warning with the count) instead of raising.
+    """
+
+    def __init__(self, path: str, question: str = "question", answer: str = "answer", aliases: str | None = None,
+                 image: str | None = "image", id: str | None = None, category: str | None = None,
+                 data_source: str | None = None, image_root: str | None = None,
+                 where: dict[str, list[str]] | None = None, skip_no_image: bool = False,
+                 skip_invalid: bool = False) -> None:  # fmt: skip
+        self.path, self.question, self.answer, self.aliases = Path(path), question, answer, aliases
+        self.image, self.id, self.category = image, id, category
+        self.data_source = data_source or type(self).__name__.lower()
+        self.image_root = Path(image_root) if image_root else None
+        self.where = {k: {str(v).lower() for v in vs} for k, vs in (where or {}).items()}
+        self.skip_no_image, self.skip_invalid = skip_no_image, skip_invalid
+        self.label = f"{type(self).__name__} {self.path}"
+
+    def load(self) -> list[Sample]:
+        rows = list(enumerate(read_rows(self.path)))
+        for column, accepted in self.where.items():
+            rows = [(i, r) for i, r in rows if str(r.get(column, "")).lower() in accepted]
+        if self.skip_no_image and self.image is not None:
+            rows = [(i, r) for i, r in rows if not _empty(r.get(self.image))]
+        return collect(rows, lambda pair, _where, _i: self.sample(pair[1], pair[0]), self.label, self.skip_invalid)
+
+    def sample(self, r: dict, i: int) -> Sample:
+        """One row (``i``: its index in the file, for error messages) as a ``Sample``."""
+        if not isinstance(r, dict):
+            raise row_error(self.label, i, "<row>", f"expected an object, got {type(r).__name__}")
+        question = r.get(self.question)
+        if not isinstance(question, str) or not question.strip():
+            raise row_error(self.label, i, self.question, f"missing or empty ({question!r:.40})")
+        answers = answer_list(r.get(self.answer), self.label, i, self.answer)
+        if not answers:
+            raise row_error(self.label, i, self.answer, f"no answer ({r.get(self.answer)!r:.40})")
+        extra = answer_list(r.get(self.aliases), self.label, i, self.aliases) if self.aliases else []
+        category = r.get(self.category) if self.category else None
+        return Sample(
+            id=str(r[self.id]) if self.id and r.get(self.id) not in (None, "") else f"{self.path.stem}-{i}",
+            question=question.strip(),
+            image=self.cell_image(r.get(self.image), i) if self.image else None,
+            ground_truth=answers[0],
+            candidate_answers=tuple(a for a in dict.fromkeys(answers[1:] + extra) if a != answers[0]),
+            data_source=self.data_source,
+            category=None if category in (None, "") else str(category),
+        )
+
+    def cell_image(self, value, i: int) -> Image.Image:
+        """The image a cell holds (bytes, ``{"bytes", "path"}``, PIL, base64 or a file path)."""
+        if isinstance(value, dict):
+            value = value.get("bytes") or value.get("path")
+        if isinstance(value, Image.Image | bytes) and value:
+            return decode_image(value, self.label, i, self.image)
+        if not isinstance(value, str) or not value.strip():
+            raise row_error(self.label, i, self.image, f"no image ({value!r:.40})")
+        if value.startswith(("http://", "https://")):
+            raise row_error(self.label, i, self.image, f"is a URL ({value:.80}); download the images and name the files")
+        files = self.image_files(value.strip()) if len(value) < 1024 else []  # longer: base64, not a name
+        found = next((f for f in files if f.is_file()), None)
+        if found is not None:
+            return decode_image(found, self.label, i, self.image)
+        data = _base64_image(value)
+        if data is not None:
+            return decode_image(data, self.label, i, self.image)
+        where = f"file {files[0]} does not exist" if files else "neither a file name nor base64 image data"
+        raise row_error(self.label, i, self.image, where)
+
+    def image_files(self, name: str) -> list[Path]:
+        """Where an image cell's file may be, first the path as written (relative to ``image_root``)."""
+        return [(self.image_root or self.path.parent) / name]
+
+
+def _empty(cell) -> bool:
+    if isinstance(cell, dict):
+        return not (cell.get("bytes") or cell.get("path"))
+    return cell is None or (isinstance(cell, str | bytes) and not cell.strip())
