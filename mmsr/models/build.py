@@ -27,6 +27,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 from mmsr.data.paths import require_file
 from mmsr.models.policy import Policy
 from mmsr.models.tokenizer import TokenizerCorpus, train_bpe_tokenizer
+from mmsr.prompt.chat_template import chat_format
 
 DType = Literal["float32", "bfloat16", "float16"]
 
@@ -116,7 +117,7 @@ class TinyQwen2_5_VL:
         self.vision = dict(depth=vision_depth, hidden_size=vision_hidden_size, num_heads=2,
                            intermediate_size=2 * vision_hidden_size, out_hidden_size=hidden_size)  # fmt: skip
         self.pixels = dict(min_pixels=min_pixels, max_pixels=max_pixels)
-        self.tool_pixels = _tool_bounds(tool_image_min_pixels, tool_image_max_pixels)
+        self.tool_pixels = tool_bounds(tool_image_min_pixels, tool_image_max_pixels)
         self.seed = seed
 
     def config(self, tokenizer) -> Qwen2_5_VLConfig:
@@ -150,7 +151,8 @@ class TinyQwen2_5_VL:
 
 
 class PretrainedPolicy:
-    """A Hugging Face model directory or hub id (Qwen2.5-VL family, or any causal LM).
+    """A Hugging Face model directory or hub id (Qwen2.5-VL or Qwen3-VL, or any causal LM with a
+    ChatML template). The chat pieces come from the tokenizer's own template (``chat_format``).
 
     Args:
         path: directory or hub id.
@@ -179,7 +181,7 @@ class PretrainedPolicy:
     ) -> None:
         self.path, self.dtype, self.attn, self.gguf_file = path, dtype, attn_implementation, gguf_file
         self.pixels = {k: v for k, v in dict(min_pixels=min_pixels, max_pixels=max_pixels).items() if v}
-        self.tool_pixels = _tool_bounds(tool_image_min_pixels, tool_image_max_pixels)
+        self.tool_pixels = tool_bounds(tool_image_min_pixels, tool_image_max_pixels)
 
     def image_processor(self, tool: bool = False) -> Qwen2VLImageProcessorPil:
         # The stock Qwen2.5-VL processor needs torchvision; the PIL one computes the same patches.
@@ -208,12 +210,12 @@ class PretrainedPolicy:
         tok_kw = {"gguf_file": self.gguf_file} if self.gguf_file else {}
         tokenizer = AutoTokenizer.from_pretrained(self.path, **tok_kw)
         if not is_vision:
-            return Policy(model, tokenizer)
+            return Policy(model, tokenizer, chat=chat_format(tokenizer))
         tools = self.image_processor(tool=True) if self.tool_pixels else None
-        return Policy(model, tokenizer, self.image_processor(), tool_image_processor=tools)
+        return Policy(model, tokenizer, self.image_processor(), chat=chat_format(tokenizer), tool_image_processor=tools)
 
 
-def _tool_bounds(low: int | None, high: int | None) -> dict[str, int]:
+def tool_bounds(low: int | None, high: int | None) -> dict[str, int]:
     """The processor overrides for tool images (empty: use the question images' bounds)."""
     if low is not None and high is not None and low > high:
         raise ValueError(f"tool_image_min_pixels {low} > tool_image_max_pixels {high}")

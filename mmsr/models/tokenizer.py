@@ -1,4 +1,4 @@
-"""Small BPE tokenizers trained offline, carrying Qwen2.5-VL's special tokens and chat template.
+"""Small BPE tokenizers trained offline, carrying Qwen's special tokens and a real chat template.
 
 Vocabulary size dominates CPU cost (a 152k-row embedding and LM head make a tiny model 14-40x
 slower), so tests and the demo train a few-hundred-token BPE in ~0.1 s while keeping the exact
@@ -8,6 +8,7 @@ special tokens and template that real Qwen2.5-VL uses, so the same code path run
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Protocol
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -41,6 +42,10 @@ QWEN2_5_VL_CHAT_TEMPLATE = (
 )
 
 
+# Qwen3-VL-Instruct's chat template, verbatim (no default system message; source in known_configs/SOURCE.md).
+QWEN3_VL_CHAT_TEMPLATE = (Path(__file__).parent / "known_configs" / "Qwen3-VL-8B-Instruct.chat_template.jinja").read_text(encoding="utf-8")
+
+
 class TokenizerCorpus(Protocol):
     """Extra training text for a small tokenizer, e.g. text every episode carries, repeated so that BPE
     merges it first (``mmsr.demo.tokenizer.Scaffold``)."""
@@ -48,11 +53,13 @@ class TokenizerCorpus(Protocol):
     def texts(self) -> list[str]: ...
 
 
-def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
+def train_bpe_tokenizer(
+    texts: Iterable[str], vocab_size: int = 512, chat_template: str = QWEN2_5_VL_CHAT_TEMPLATE
+) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE on ``texts`` (deterministic for the same input).
 
     Returns a ``PreTrainedTokenizerFast`` with ``<|im_end|>`` as EOS, ``<|endoftext|>`` as pad,
-    Qwen's special tokens (ids 0..13), the tag tokens and the Qwen2.5-VL chat template.
+    Qwen's special tokens (ids 0..13), the tag tokens and ``chat_template`` (default Qwen2.5-VL's).
     """
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -69,7 +76,7 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> PreTrain
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         additional_special_tokens=list(QWEN_SPECIAL_TOKENS[1:]),
-        chat_template=QWEN2_5_VL_CHAT_TEMPLATE,
+        chat_template=chat_template,
         clean_up_tokenization_spaces=False,
     )
     fast.add_tokens(list(TAG_TOKENS))
