@@ -4,6 +4,8 @@
         --workflow on-demand direct rag --out runs/eval
     mmsr eval --model-dir Qwen2.5-VL-7B-Instruct --tools configs/tools.yaml --data fvqa_test.parquet \\
         --workflow rag --judge-url https://api.openai.com/v1 --judge-model gpt-4o-2024-11-20
+    mmsr eval --model-dir Qwen2.5-VL-7B-Instruct --tools configs/tools.yaml --suite configs/eval/suite.yaml \\
+        --workflow direct rag on-demand --out runs/suite     # one Table-1 table over the suite's sets
 
 Heavy imports (transformers, torch; Lightning only for ``--ckpt`` and ``--weights``) happen after
 argument parsing. Whatever the source, the loaded weights are synced into the engine and checked with
@@ -65,28 +67,54 @@ def eval_sets(specs: list[str]) -> list[tuple[str, str]]:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmsr eval", description=__doc__.split("\n\n")[0])
     add_model_args(p)
-    p.add_argument("--data", nargs="+", required=True, help="eval sets: path or name=path (parquet, jsonl, datasets dir)")
+    sets = p.add_mutually_exclusive_group(required=True)
+    sets.add_argument("--data", nargs="+", help="eval sets: path or name=path (parquet, jsonl, datasets dir)")
+    sets.add_argument("--suite", help="YAML naming eval sets by loader (configs/eval/suite.yaml): one Table-1 table")
     p.add_argument("--workflow", nargs="+", default=["on-demand"], choices=["on-demand", "direct", "rag"])
     p.add_argument("--out", default="runs/eval", help="output directory")
     p.add_argument("--limit", type=int, help="evaluate only the first N questions of each set")
     p.add_argument("--judge-url", help="OpenAI-compatible API root for the LLM judge (e.g. .../v1)")
     p.add_argument("--judge-model", default="gpt-4o-2024-11-20")
     p.add_argument("--judge-key-env", default="OPENAI_API_KEY", help="environment variable with the judge's API key")
+    p.add_argument("--accuracy", choices=["judge", "em", "subem"], help="--suite's accuracy (default: judge with --judge-url, else em)")
     return p
+
+
+def build_evaluator(args: argparse.Namespace):
+    """The ``Evaluator`` of the loaded policy, with the judge if one is configured."""
+    from mmsr.eval.judge import OpenAIJudge
+    from mmsr.eval.run import Evaluator
+
+    loaded = load_from_args(args)
+    judge = OpenAIJudge(args.judge_url, args.judge_model, args.judge_key_env) if args.judge_url else None
+    return Evaluator(loaded.policy, loaded.engine, loaded.tools, loaded.settings, loaded.prompts, judge,
+                     batch_size=args.batch_size)  # fmt: skip
+
+
+def run_suite_args(args: argparse.Namespace) -> dict:
+    """``--suite``: the sets are built (config errors stop here) before the model is loaded."""
+    from mmsr.eval.suite import read_suite, run_suite
+
+    sets = read_suite(args.suite)
+    if args.skip_invalid:
+        for evalset in sets.values():
+            evalset.skip_invalid = True
+    accuracy = args.accuracy or ("judge" if args.judge_url else "em")
+    table = run_suite(build_evaluator(args), sets, args.workflow, args.out, args.limit, accuracy)
+    print((Path(args.out) / "suite.md").read_text(encoding="utf-8"))
+    return table
 
 
 def main(argv: list[str]) -> dict:
     args = parser().parse_args(argv)
+    if args.suite:
+        return run_suite_args(args)
     sets = eval_sets(args.data)
     from mmsr.data.loaders import load_samples
-    from mmsr.eval.judge import OpenAIJudge
-    from mmsr.eval.run import Evaluator, write_outputs
+    from mmsr.eval.run import write_outputs
 
     data = {name: load_samples(path, args.skip_invalid)[: args.limit] for name, path in sets}
-    loaded = load_from_args(args)
-    judge = OpenAIJudge(args.judge_url, args.judge_model, args.judge_key_env) if args.judge_url else None
-    evaluator = Evaluator(loaded.policy, loaded.engine, loaded.tools, loaded.settings, loaded.prompts, judge,
-                          batch_size=args.batch_size)  # fmt: skip
+    evaluator = build_evaluator(args)
     records = [r for name, samples in data.items() for wf in args.workflow for r in evaluator.run(samples, wf, name)]
     summary = write_outputs(records, args.out)
     print((Path(args.out) / "summary.md").read_text(encoding="utf-8"))

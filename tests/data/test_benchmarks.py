@@ -4,6 +4,7 @@ loader, file, row and field of bad input."""
 import base64
 import io
 import json
+from dataclasses import replace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -18,7 +19,7 @@ from mmsr.data.benchmarks import (
     SimpleVQA,
 )
 from mmsr.data.columns import ColumnMapping, DataError
-from tests.conftest import ROOT
+from tests.conftest import FVQA, ROOT
 
 MINI = ROOT / "data" / "mmsearch_r1_mini" / "mini_data.pq"
 
@@ -146,3 +147,13 @@ def test_a_folder_of_parquet_shards(tmp_path):
     write_parquet(tmp_path / "data" / "end2end-00000-of-00002.parquet", rows[:2])
     write_parquet(tmp_path / "data" / "end2end-00001-of-00002.parquet", rows[2:])
     assert [s.id for s in MMSearch(str(tmp_path / "data")).load()] == ["0", "2"]
+
+
+def test_column_mapping_of_the_project_jsonl_equals_its_loader(fvqa_samples):
+    mapped = ColumnMapping(str(FVQA / "fvqa_dev.jsonl"), answer="ground_truth", aliases="candidate_answers", id="data_id",
+                           category="category", data_source="mmsearch_r1/fvqa_train").load()  # fmt: skip
+    def bare(s):  # the loader keeps a ground truth repeated among the candidates; the mapping drops the repeat
+        return replace(s, image=None, image_url=None, candidate_answers=()), set(s.answers)
+
+    assert [bare(s) for s in mapped] == [bare(s) for s in fvqa_samples]
+    assert all(x.image.tobytes() == y.image.tobytes() for x, y in zip(mapped, fvqa_samples))

@@ -1,0 +1,139 @@
+"""``mmsr eval --suite``: one policy over several evaluation sets in turn, summarized in one table in the
+shape of the MMSearch-R1 paper's Table 1 (per workflow, accuracy and search ratio per set, and their
+average over the sets).
+
+The suite file names the sets, each a loader ``class_path`` entry (``mmsr.data.benchmarks``,
+``mmsr.data.columns.ColumnMapping`` or any ``EvalSet``):
+
+    sets:
+      fvqa_test: {class_path: mmsr.data.benchmarks.MMSearchR1Parquet, init_args: {path: fvqa_test.parquet}}
+      mmsearch: {class_path: mmsr.data.benchmarks.MMSearch, init_args: {path: end2end.parquet}}
+
+Every set's episodes are written as ``mmsr eval`` writes them (``<out>/<set>/trajectories.jsonl``,
+``summary.json``, ``summary.md``) as soon as the set is done, and the suite table (``suite.md``,
+``suite.csv``, ``suite.json``) is rewritten after each set, so a crash later loses nothing computed. A
+set that cannot be loaded (missing file, bad row) is a row marked as an error; the others still run.
+Accuracy is one metric for the whole table (``judge``: the LLM judge, as the paper; ``em`` / ``subem``
+without one). SR is the share of responses that searched (paper §4.1); ``call_ratio`` (calls / allowed,
+Table 1's caption) is in the CSV and JSON.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from mmsr.data.columns import EvalSet
+from mmsr.eval.load import _parse, _read_yaml
+from mmsr.eval.run import Evaluator, write_outputs
+
+ACCURACY = ("judge", "em", "subem")
+_CSV = ("workflow", "set", "n", "accuracy_metric", "accuracy", "search_ratio", "call_ratio", "em", "subem", "judge", "error")
+
+
+def read_suite(path: str | Path) -> dict[str, EvalSet]:
+    """The suite file's ``sets`` (name -> loader, built now, read later): a config error stops here,
+    before any model is loaded."""
+    data = _read_yaml(path)
+    if set(data) != {"sets"} or not isinstance(data["sets"], dict) or not data["sets"]:
+        raise ValueError(f"{path}: expected one key 'sets' mapping set names to loader entries, got {sorted(data)}")
+    sets = {}
+    for name, entry in data["sets"].items():
+        try:
+            sets[str(name)] = _parse({"set": EvalSet}, {"set": entry}, Path(path)).set
+        except Exception as exc:  # jsonargparse raises its own types: say which set's entry is wrong
+            raise ValueError(f"{path}: set {name!r}: {exc}") from exc
+    return sets
+
+
+def _load(evalset: EvalSet, limit: int | None) -> tuple[list, str | None]:
+    """The set's samples, or the reason it could not be read."""
+    try:
+        samples = evalset.load()[:limit]
+    except Exception as exc:  # noqa: BLE001 - whatever the cause (file, format, row), the set is reported, the suite goes on
+        return [], f"{type(exc).__name__}: {exc}"
+    return samples, None if samples else "no rows"
+
+
+def run_suite(evaluator: Evaluator, sets: Mapping[str, EvalSet], workflows: Sequence[str], out: str | Path,
+              limit: int | None = None, accuracy: str = "em") -> dict:  # fmt: skip
+    """Evaluate every set under every workflow; returns the suite table (``suite_table``)."""
+    out = Path(out)
+    results: dict[str, dict] = {}
+    for name, evalset in sets.items():
+        samples, error = _load(evalset, limit)
+        if error is not None:
+            results[name] = {"error": error}
+        else:
+            records = [r for wf in workflows for r in evaluator.run(samples, wf, name)]
+            summary = write_outputs(records, out / name)
+            results[name] = {wf: parts["all"] for wf, parts in summary[name].items()}
+        table = suite_table(results, workflows, accuracy)
+        write_table(table, out)
+    return table
+
+
+def _row(workflow: str, name: str, result: dict, accuracy: str) -> dict:
+    m = result.get(workflow)
+    if m is None:
+        return {"workflow": workflow, "set": name, "n": 0, "accuracy_metric": accuracy, "accuracy": None,
+                "search_ratio": None, "call_ratio": None, "em": None, "subem": None, "judge": None,
+                "error": result.get("error", "not run")}  # fmt: skip
+    return {"workflow": workflow, "set": name, "n": m["n"], "accuracy_metric": accuracy, "accuracy": m[accuracy],
+            "search_ratio": m["search_ratio"], "call_ratio": m["call_ratio"], "em": m["em"], "subem": m["subem"],
+            "judge": m["judge"], "error": None}  # fmt: skip
+
+
+def _mean(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def suite_table(results: Mapping[str, dict], workflows: Sequence[str], accuracy: str = "em") -> dict:
+    """``{"accuracy", "rows": [one per workflow x set], "average": {workflow: {...}}}``; the average is
+    the unweighted mean over the sets that ran (as the paper's Avg column), with their count."""
+    if accuracy not in ACCURACY:
+        raise ValueError(f"accuracy must be one of {ACCURACY}, got {accuracy!r}")
+    rows = [_row(wf, name, result, accuracy) for wf in workflows for name, result in results.items()]
+    average = {}
+    for wf in workflows:
+        ran = [r for r in rows if r["workflow"] == wf and r["error"] is None]
+        average[wf] = {k: _mean([r[k] for r in ran]) for k in ("accuracy", "search_ratio", "call_ratio")}
+        average[wf]["sets"] = len(ran)
+    return {"accuracy": accuracy, "sets": list(results), "rows": rows, "average": average}
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f}"
+
+
+def markdown_table(table: dict) -> str:
+    """Two lines per workflow (Acc, SR), one column per set and the average, in percent."""
+    names, rows = table["sets"], {(r["workflow"], r["set"]): r for r in table["rows"]}
+    n = {name: max((r["n"] for r in table["rows"] if r["set"] == name), default=0) for name in names}
+    head = ["workflow", "metric", "Avg", *[f"{name} (n={n[name]})" for name in names]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for wf, avg in table["average"].items():
+        for label, key in (("Acc", "accuracy"), ("SR", "search_ratio")):
+            cells = ["error" if rows[(wf, s)]["error"] else _pct(rows[(wf, s)][key]) for s in names]
+            lines.append("| " + " | ".join([wf, label, _pct(avg[key]), *cells]) + " |")
+    notes = [f"\nAcc: {table['accuracy']} (%). SR: share of responses that searched (%). Avg: mean over the sets that ran."]
+    notes += [f"- {r['set']}: {r['error']}" for r in table["rows"] if r["error"] and r["workflow"] == next(iter(table["average"]))]
+    return "\n".join(lines + notes) + "\n"
+
+
+def write_table(table: dict, out: str | Path) -> None:
+    """``suite.md``, ``suite.csv`` (one line per workflow x set, then the averages) and ``suite.json``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "suite.md").write_text(markdown_table(table), encoding="utf-8")
+    (out / "suite.json").write_text(json.dumps(table, indent=2) + "\n", encoding="utf-8")
+    with (out / "suite.csv").open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=_CSV)
+        writer.writeheader()
+        writer.writerows(table["rows"])
+        for wf, avg in table["average"].items():
+            writer.writerow({"workflow": wf, "set": "average", "n": avg["sets"], "accuracy_metric": table["accuracy"],
+                             **{k: avg[k] for k in ("accuracy", "search_ratio", "call_ratio")}})  # fmt: skip

@@ -1,0 +1,99 @@
+"""``mmsr eval --suite``: the Table-1 table worked by hand on scripted episodes, a set that fails to load
+as an error row, and the command end to end on the tiny model."""
+
+import csv
+import json
+
+import pytest
+import yaml
+
+from mmsr.data.columns import EvalSet
+from mmsr.eval.run import Evaluator
+from mmsr.eval.suite import read_suite, run_suite
+from mmsr.rollout.engine import ScriptedEngine
+from tests.conftest import FVQA
+from tests.eval.test_cli import TINY, TOOLS
+
+R = "<reason>r</reason>"
+
+
+class Given(EvalSet):
+    """A set held in memory (``samples``), or one whose loading fails with ``error``."""
+
+    def __init__(self, samples=(), error: str | None = None) -> None:
+        self.samples, self.error = list(samples), error
+
+    def load(self):
+        if self.error:
+            raise FileNotFoundError(self.error)
+        return self.samples
+
+
+def test_table_by_hand_and_a_set_that_does_not_load(tmp_path, tiny_policy, fvqa_samples):
+    a, b = fvqa_samples[:2], fvqa_samples[2:5]
+    answer = {s.id: f"{R}<answer>{s.ground_truth}</answer>" for s in fvqa_samples}
+    script = {a[0].id: [answer[a[0].id]],  # a: 1 of 2 right, 1 of 2 searched
+              a[1].id: [f"{R}<search><img></search>", f"{R}<answer>no</answer>"],
+              b[0].id: [f"{R}<text_search>q</text_search>", answer[b[0].id]],  # b: 3 of 3 right, 1 of 3 searched
+              b[1].id: [answer[b[1].id]], b[2].id: [answer[b[2].id]]}  # fmt: skip
+    evaluator = Evaluator(tiny_policy, ScriptedEngine(script, tiny_policy.tokenizer), {})
+    sets = {"a": Given(a), "gone": Given(error="gone.parquet not found"), "b": Given(b)}
+    table = run_suite(evaluator, sets, ["on-demand"], tmp_path, accuracy="em")
+    rows = {r["set"]: r for r in table["rows"]}
+    assert (rows["a"]["accuracy"], rows["a"]["search_ratio"], rows["b"]["accuracy"]) == (0.5, 0.5, 1.0)
+    assert rows["b"]["search_ratio"] == pytest.approx(1 / 3) and rows["gone"]["error"] == "FileNotFoundError: gone.parquet not found"
+    avg = table["average"]["on-demand"]
+    assert avg["sets"] == 2 and avg["accuracy"] == 0.75 and avg["search_ratio"] == pytest.approx((0.5 + 1 / 3) / 2)
+    md = (tmp_path / "suite.md").read_text()
+    assert "| workflow | metric | Avg | a (n=2) | gone (n=0) | b (n=3) |" in md
+    assert "| on-demand | Acc | 75.0 | 50.0 | error | 100.0 |" in md and "| on-demand | SR | 41.7 | 50.0 | error | 33.3 |" in md
+    assert "- gone: FileNotFoundError: gone.parquet not found" in md
+    lines = list(csv.DictReader((tmp_path / "suite.csv").open()))
+    assert [(r["set"], r["accuracy"]) for r in lines] == [("a", "0.5"), ("gone", ""), ("b", "1.0"), ("average", "0.75")]
+    assert json.loads((tmp_path / "suite.json").read_text())["rows"][1]["error"].startswith("FileNotFoundError")
+    per_set = json.loads((tmp_path / "b" / "summary.json").read_text())  # each set's outputs as mmsr eval writes them
+    assert per_set["b"]["on-demand"]["all"]["n"] == 3 and len((tmp_path / "a" / "trajectories.jsonl").read_text().splitlines()) == 2
+    assert not (tmp_path / "gone").exists()
+
+
+def test_suite_file_errors_name_the_set(tmp_path):
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump({"sets": {"x": {"class_path": "mmsr.data.benchmarks.NoSuchSet"}}}))
+    with pytest.raises(ValueError, match="s.yaml: set 'x'"):
+        read_suite(tmp_path / "s.yaml")
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump({"data": ["x.parquet"]}))
+    with pytest.raises(ValueError, match="expected one key 'sets'"):
+        read_suite(tmp_path / "s.yaml")
+
+
+def test_the_shipped_suite_config_names_real_loaders():
+    from tests.conftest import ROOT
+
+    sets = read_suite(ROOT / "configs" / "eval" / "suite.yaml")
+    assert list(sets) == ["fvqa_test", "infoseek", "mmsearch", "simplevqa", "livevqa"]
+    assert [type(s).__name__ for s in sets.values()] == ["MMSearchR1Parquet", "MMSearchR1Parquet", "MMSearch", "SimpleVQA", "LiveVQA"]
+
+
+def test_mmsr_eval_suite_end_to_end_on_the_tiny_model(tmp_path):
+    from mmsr.eval.cli import main
+
+    (tmp_path / "policy.yaml").write_text(yaml.safe_dump({"policy": TINY}))
+    (tmp_path / "tools.yaml").write_text(yaml.safe_dump(TOOLS))
+    dev = str(FVQA / "fvqa_dev.jsonl")
+    suite = {"sets": {
+        "fvqa_dev": {"class_path": "mmsr.data.benchmarks.MMSearchR1Parquet", "init_args": {"path": dev}},
+        "mapped": {"class_path": "mmsr.data.columns.ColumnMapping",
+                   "init_args": {"path": dev, "answer": "ground_truth", "aliases": "candidate_answers", "id": "data_id"}},
+        "missing": {"class_path": "mmsr.data.benchmarks.MMSearch", "init_args": {"path": str(tmp_path / "end2end.parquet")}},
+    }}  # fmt: skip
+    (tmp_path / "suite.yaml").write_text(yaml.safe_dump(suite))
+    table = main(["--policy", str(tmp_path / "policy.yaml"), "--tools", str(tmp_path / "tools.yaml"), "--suite",
+                  str(tmp_path / "suite.yaml"), "--limit", "2", "--workflow", "direct", "rag", "--max-tokens-per-turn", "3",
+                  "--out", str(tmp_path / "out")])  # fmt: skip
+    rows = {(r["workflow"], r["set"]): r for r in table["rows"]}
+    assert rows[("rag", "mapped")]["search_ratio"] == 1.0 and rows[("direct", "fvqa_dev")]["search_ratio"] == 0.0
+    assert rows[("direct", "mapped")]["n"] == 2 and "end2end.parquet not found" in rows[("rag", "missing")]["error"]
+    assert table["average"]["rag"]["sets"] == 2
+    md = (tmp_path / "out" / "suite.md").read_text()
+    assert "| rag | SR | 100.0 |" in md and "missing (n=0)" in md
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {"fvqa_dev", "mapped", "suite.md", "suite.csv", "suite.json"}
+
