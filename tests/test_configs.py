@@ -7,9 +7,9 @@ import pytest
 from mmsr.cli import lightning_cli
 
 ROOT = Path(__file__).resolve().parents[1]
-# configs/tools/ holds tool snippets (init_args of one class) and configs/sweeps/ wandb sweeps; the demo's
-# configs are package data in mmsr/demo/configs/.
-CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if not {"tools", "sweeps"} & set(p.parts))
+# configs/tools/ holds tool snippets (init_args of one class), configs/sweeps/ wandb sweeps and configs/eval/
+# eval suites (tests/eval/test_suite.py reads them); the demo's configs are package data in mmsr/demo/configs/.
+CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if not {"tools", "sweeps", "eval"} & set(p.parts))
 CONFIGS += sorted((ROOT / "mmsr" / "demo" / "configs").glob("*.yaml"))
 
 
