@@ -136,6 +136,13 @@ def test_7b_recipes_fit_80gb(recipe, capsys):
     assert out["strategy"] == "fsdp2" and (out["dtypes"]["param"], out["dtypes"]["compute"]) == ("float32", "bfloat16")
 
 
+def test_qwen3_vl_8b_recipe_fits_80gb(capsys):
+    """Sized from the known Qwen3-VL-8B-Instruct config: the published 8.77B parameters."""
+    out = run(capsys, "-c", str(ROOT / "configs" / "mmsearch_r1" / "qwen3_vl_8b_1x8.yaml"), "--gpu-gb", "80")
+    assert out["params"]["total"] == 8_767_123_696 and out["params"]["vision"] == 576_388_336
+    assert out["fits"] and out["peak"] <= 80 * GiB and out["engine"]["contexts"] >= 1 and out["strategy"] == "fsdp2"
+
+
 def test_7b_without_checkpointing_or_on_24gb_does_not_fit(capsys):
     recipe = str(RECIPES[0])
     with pytest.raises(SystemExit) as e:

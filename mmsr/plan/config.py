@@ -2,8 +2,8 @@
 is built) and the policy's shape from the policy built on the meta device (no weights, no download).
 
 A pretrained policy's ``config.json`` comes from ``path`` when it is a directory, else from the local
-Hugging Face cache, else from ``mmsr/models/known_configs/<name>.json`` (Qwen2.5-VL-7B-Instruct ships
-there, so the 7B recipes can be planned offline).
+Hugging Face cache, else from ``mmsr/models/known_configs/<name>.json`` (Qwen2.5-VL-7B-Instruct and
+Qwen3-VL-8B-Instruct ship there, so the 7B and 8B recipes can be planned offline).
 """
 
 from __future__ import annotations
@@ -98,12 +98,13 @@ def pretrained_config(path: str, gguf_file: str | None = None):
 def policy_config(builder: Any):
     """The transformers config of a policy builder (a tiny policy trains its small tokenizer first)."""
     from mmsr.models.build import PretrainedPolicy, TinyQwen2_5_VL
+    from mmsr.models.tiny_qwen3_vl import TinyQwen3VL
 
-    if isinstance(builder, TinyQwen2_5_VL):
+    if isinstance(builder, (TinyQwen2_5_VL, TinyQwen3VL)):
         return builder.config(builder.train_tokenizer())
     if isinstance(builder, PretrainedPolicy):
         return pretrained_config(builder.path, builder.gguf_file)
-    raise TypeError(f"mmsr plan knows TinyQwen2_5_VL and PretrainedPolicy, not {type(builder).__name__}")
+    raise TypeError(f"mmsr plan knows TinyQwen2_5_VL, TinyQwen3VL and PretrainedPolicy, not {type(builder).__name__}")
 
 
 def meta_model(config):
