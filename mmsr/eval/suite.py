@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -41,6 +42,8 @@ def read_suite(path: str | Path) -> dict[str, EvalSet]:
         raise ValueError(f"{path}: expected one key 'sets' mapping set names to loader entries, got {sorted(data)}")
     sets = {}
     for name, entry in data["sets"].items():
+        if not re.fullmatch(r"[\w.-]+", str(name)) or str(name).startswith("suite."):
+            raise ValueError(f"{path}: set name {name!r} is a folder of the output: use letters, digits, '_', '-', '.'")
         try:
             sets[str(name)] = _parse({"set": EvalSet}, {"set": entry}, Path(path)).set
         except Exception as exc:  # jsonargparse raises its own types: say which set's entry is wrong

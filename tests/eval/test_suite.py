@@ -63,6 +63,9 @@ def test_suite_file_errors_name_the_set(tmp_path):
     (tmp_path / "s.yaml").write_text(yaml.safe_dump({"data": ["x.parquet"]}))
     with pytest.raises(ValueError, match="expected one key 'sets'"):
         read_suite(tmp_path / "s.yaml")
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump({"sets": {"../up": {"class_path": "mmsr.data.benchmarks.MMSearch"}}}))
+    with pytest.raises(ValueError, match="set name '../up' is a folder of the output"):
+        read_suite(tmp_path / "s.yaml")
 
 
 def test_the_shipped_suite_config_names_real_loaders():
