@@ -1,0 +1,231 @@
+"""The FVQA image-search cache backend, on small pickles written here in the released layout (``data_id ->
+{tool_returned_web_title_list, tool_returned_images_urls}``, URL strings and pickled Pillow images), URL
+thumbnails served by a local server; and the restricted unpickler refusing what the layout does not need."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+from mmsr.tools import IMAGE_MARKER, ToolRequest
+from mmsr.tools.budget import BudgetError
+from mmsr.tools.fvqa_cache import DeadThumbnail, FVQACacheSearch
+from mmsr.tools.fvqa_pickle import UnsafePickle, safe_load
+from mmsr.tools.web.fake import png, serve
+from mmsr.tools.web.http import Limits
+from tools.check_fvqa_cache import main as check_main  # a script of the top-level tools/
+
+from .fake_web import Script
+
+FAST = Limits(timeout_s=2.0, retries=0, breaker_failures=0)
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def jpeg_file(color: str, size: tuple[int, int] = (30, 20)) -> Image.Image:
+    """A decoded ``JpegImageFile``: what the released pickles hold for an inline thumbnail."""
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, format="JPEG", quality=95)
+    image = Image.open(io.BytesIO(buffer.getvalue()))
+    image.load()
+    return image
+
+
+def write_cache(path: Path, url: str, protocol: int = pickle.HIGHEST_PROTOCOL) -> Path:
+    rows = {
+        "fvqa_train_1": {
+            "tool_returned_web_title_list": ["Red page", "Blue page", "Dead page", "Green page"],
+            "tool_returned_images_urls": [f"{url}/red.png", jpeg_file("blue"), f"{url}/gone.png", f"{url}/green.png"],
+        },
+        "fvqa_train_2": {"tool_returned_web_title_list": ["Only inline"],
+                         "tool_returned_images_urls": [jpeg_file("white", (600, 300))]},  # fmt: skip
+        "fvqa_train_3": {"tool_returned_web_title_list": ["Dead 1", "Dead 2"],
+                         "tool_returned_images_urls": [f"{url}/gone.png", f"{url}/gone.png"]},  # fmt: skip
+    }
+    path.write_bytes(pickle.dumps(rows, protocol=protocol))
+    return path
+
+
+def thumbnail_server():
+    scripts = {"/red.png": Script((200, png("red"))), "/green.png": Script((200, png("green"))),
+               "/gone.png": Script((404, "Not Found"))}  # fmt: skip
+    return scripts, serve([("GET", p, s) for p, s in scripts.items()])
+
+
+def tool_for(path: Path, tool_cache: Path | None, **kwargs) -> FVQACacheSearch:
+    return FVQACacheSearch(str(path), tool_cache=str(tool_cache) if tool_cache else None, allow_private=True,
+                           thumbnail_limits=FAST, max_side=64, **kwargs)  # fmt: skip
+
+
+def request(data_id: str) -> ToolRequest:
+    return ToolRequest("image_search", image=Image.new("RGB", (8, 8)), sample_id=data_id, budget_s=30.0)
+
+
+def fetched(scripts: dict[str, Script]) -> int:
+    return sum(len(s.requests) for s in scripts.values())
+
+
+@pytest.mark.parametrize("protocol", [2, pickle.HIGHEST_PROTOCOL])
+def test_row_results_in_rank_order_with_dead_thumbnails_reported_and_cached(tmp_path, protocol):
+    scripts, server = thumbnail_server()
+
+    async def main():
+        async with server as url:
+            path = write_cache(tmp_path / "cache.pkl", url, protocol)
+            tool = tool_for(path, tmp_path / "tools.sqlite")
+            first = await tool(request("fvqa_train_1"))
+            after_first = fetched(scripts)
+            again = await tool(request("fvqa_train_1"))
+            other_process = tool_for(path, tmp_path / "tools.sqlite")  # same SQLite file, fresh tool
+            third = await other_process(request("fvqa_train_1"))
+            return url, tool, other_process, first, again, third, after_first
+
+    url, tool, other_process, first, again, third, after_first = asyncio.run(main())
+    assert first.ok and first.titles == ("Red page", "Blue page", "Green page")  # the 404 is skipped, order kept
+    assert first.text.startswith("[Image Search Results]") and first.text.count(IMAGE_MARKER) == 3
+    assert "Dead page" not in first.text
+    assert [im.getpixel((0, 0)) for im in (first.images[0], first.images[2])] == [(255, 0, 0), (0, 128, 0)]
+    assert all(abs(a - b) <= 3 for a, b in zip(first.images[1].getpixel((5, 5)), (0, 0, 255)))  # the JPEG, inline
+    assert [im.size for im in first.images] == [(40, 30), (30, 20), (40, 30)]
+    [dead] = tool.dead_thumbnails()["fvqa_train_1"]
+    assert dead == DeadThumbnail(3, f"{url}/gone.png", dead.reason) and "404" in dead.reason
+    assert list(tool.dead_thumbnails()) == ["fvqa_train_1"]
+    assert after_first == 3 and fetched(scripts) == 3  # the second call and the other tool hit the SQLite cache
+    for hit in (again, third):
+        assert hit.titles == first.titles and hit.text == first.text
+        assert [im.tobytes() for im in hit.images] == [im.tobytes() for im in first.images]
+    metrics = tool.metrics()
+    assert metrics["tools/fvqa_cache/rows_with_dead_thumbnails"] == 1
+    assert metrics["tools/fvqa_cache/thumbnail_http_4xx"] == 1 and metrics["tools/fvqa_cache/tool_cache_hits"] == 1
+    assert other_process.metrics()["tools/fvqa_cache/tool_cache_hits"] == 1
+
+
+def test_inline_rows_missing_ids_and_all_dead_rows_are_observations(tmp_path):
+    scripts, server = thumbnail_server()
+
+    async def main():
+        async with server as url:
+            tool = tool_for(write_cache(tmp_path / "cache.pkl", url), None)
+            calls = [tool(request(d)) for d in ("fvqa_train_2", "fvqa_test_9", "fvqa_train_3")]
+            return tool, await asyncio.gather(*calls)
+
+    tool, (inline, missing, dead) = asyncio.run(main())
+    assert inline.ok and inline.titles == ("Only inline",) and inline.images[0].size == (64, 32)  # shrunk
+    assert not missing.ok and "no cached image search" in missing.text and not missing.images
+    assert not dead.ok and "none of the 2 result images could be loaded" in dead.text
+    assert [d.rank for d in tool.dead_thumbnails()["fvqa_train_3"]] == [1, 2]
+    assert tool.metrics()["tools/fvqa_cache/missing_rows"] == 1
+
+
+def test_top_k_cuts_after_skipping(tmp_path):
+    scripts, server = thumbnail_server()
+
+    async def main():
+        async with server as url:
+            tool = tool_for(write_cache(tmp_path / "cache.pkl", url), None, top_k=2)
+            return await tool(request("fvqa_train_1"))
+
+    assert asyncio.run(main()).titles == ("Red page", "Blue page")
+
+
+class RunsCommand:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+class CallsEval:
+    def __reduce__(self):
+        return eval, ("1 + 1",)
+
+
+@pytest.mark.parametrize("payload", ["os.system", "builtins.eval", "class"])
+def test_a_malicious_pickle_is_refused_naming_file_and_class_without_running_it(tmp_path, payload):
+    marker = tmp_path / "pwned"
+    evil = {"os.system": RunsCommand(marker), "builtins.eval": CallsEval(), "class": Script()}[payload]
+    rows = {"fvqa_train_1": {"tool_returned_web_title_list": ["x"], "tool_returned_images_urls": [evil]}}
+    path = tmp_path / "evil.pkl"
+    path.write_bytes(pickle.dumps(rows))
+    with pytest.raises(UnsafePickle) as caught:
+        FVQACacheSearch(str(path), tool_cache=None)
+    message = str(caught.value)
+    assert str(path) in message
+    named = {"os.system": "system", "builtins.eval": "builtins.eval", "class": "fake_web.Script"}[payload]
+    assert named in message and "refusing" in message
+    assert not marker.exists()
+    with pytest.raises(UnsafePickle):
+        safe_load(path)
+
+
+def tampered_jpeg() -> Image.Image:
+    """A ``JpegImageFile`` that pickles as Pillow's own (NEWOBJ + BUILD) but whose state claims 1000 x 1000
+    pixels and holds 12 bytes."""
+    image = jpeg_file("red")
+    image.__getstate__ = lambda: [{}, "RGB", (1000, 1000), None, b"\0" * 12, None, [], 0]
+    return image
+
+
+def test_a_tampered_pickled_image_is_a_dead_thumbnail_not_a_crash(tmp_path):
+    rows = {"fvqa_train_1": {"tool_returned_web_title_list": ["bad", "good"],
+                             "tool_returned_images_urls": [tampered_jpeg(), jpeg_file("red")]}}  # fmt: skip
+    path = tmp_path / "cache.pkl"
+    path.write_bytes(pickle.dumps(rows))
+    tool = tool_for(path, None)
+    result = asyncio.run(tool(request("fvqa_train_1")))
+    assert result.ok and result.titles == ("good",)
+    assert "pickled image is unreadable" in tool.dead_thumbnails()["fvqa_train_1"][0].reason
+    assert tool.metrics()["tools/fvqa_cache/thumbnail_bad_pickled_image"] == 1
+
+
+def test_missing_file_and_bad_rows_are_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="hf download lmms-lab/FVQA fvqa_train_image_search_results_cache"):
+        FVQACacheSearch(str(tmp_path / "fvqa_train_image_search_results_cache.pkl"))
+    path = tmp_path / "bad.pkl"
+    path.write_bytes(pickle.dumps({"fvqa_train_5": {"tool_returned_web_title_list": "not a list",
+                                                    "tool_returned_images_urls": []}}))  # fmt: skip
+    with pytest.raises(ValueError, match=r"bad.pkl: row 'fvqa_train_5': tool_returned_web_title_list"):
+        FVQACacheSearch(str(path))
+
+
+def test_check_script_lists_rows_with_dead_thumbnails(tmp_path):
+    scripts, server = thumbnail_server()
+    out = tmp_path / "dead.jsonl"
+
+    async def main():
+        async with server as url:
+            path = write_cache(tmp_path / "cache.pkl", url)
+            return await asyncio.to_thread(check_main, [str(path), "--allow-private", "--out", str(out)])
+
+    summary = asyncio.run(main())
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert summary == lines[-1] == {"rows": 3, "rows_with_dead_thumbnails": 2, "dead_thumbnails": 3, "rows_empty": 1}
+    assert [(r["data_id"], [d["rank"] for d in r["dead"]], r["kept"]) for r in lines[:-1]] == [
+        ("fvqa_train_1", [3], 3), ("fvqa_train_3", [1, 2], 0)]  # fmt: skip
+
+
+@pytest.mark.parametrize("recipe", ["qwen2_5_vl_7b_1x8", "qwen2_5_vl_7b_4x8"])
+def test_7b_recipes_search_images_in_the_fvqa_cache(recipe, tmp_path, monkeypatch):
+    """The recipe's entry builds this backend, and a recipe run without the download says what to fetch (the
+    full CLI parse of the recipes is tests/test_configs.py's)."""
+    config = yaml.safe_load((ROOT / "configs" / "mmsearch_r1" / f"{recipe}.yaml").read_text())["model"]["init_args"]
+    entry = config["image_search"]
+    assert entry["class_path"] == "mmsr.tools.fvqa_cache.FVQACacheSearch" and "text_search" not in config
+    monkeypatch.chdir(tmp_path)  # the recipe's relative path, where nothing was downloaded
+    with pytest.raises(FileNotFoundError, match="data/fvqa/fvqa_train_image_search_results_cache.pkl not found"):
+        FVQACacheSearch(**entry["init_args"])
+    (tmp_path / "data" / "fvqa").mkdir(parents=True)
+    write_cache(tmp_path / entry["init_args"]["path"], "http://127.0.0.1:9")
+    tool = FVQACacheSearch(**entry["init_args"])
+    assert set(tool.rows) == {"fvqa_train_1", "fvqa_train_2", "fvqa_train_3"} and tool.top_k == 5
+    tool.check_budget(120.0)  # the recipes' rollout.tool_timeout_s: one thumbnail attempt (15 s) + 1 s reserve
+    with pytest.raises(BudgetError, match="FVQACacheSearch cannot fit"):
+        tool.check_budget(10.0)
