@@ -14,8 +14,8 @@ images itself). Not confirmed: whether a row may hold an empty list, other image
 those are accepted if they fit the layout and refused with the row named if they do not. Some thumbnail
 URLs now answer 404 (known since the files were released).
 
-``FVQACacheSearch`` reads the files through ``fvqa_pickle.safe_load`` (never ``pickle.load``: the files
-hold pickled objects). A request is looked up by ``ToolRequest.sample_id`` (``Sample.id``, the parquet's
+``FVQACacheSearch`` reads the files on first use through ``fvqa_pickle.safe_load`` (never ``pickle.load``:
+the files hold pickled objects); a missing or refused file is fatal (``FVQACacheError``), not an observation. A request is looked up by ``ToolRequest.sample_id`` (``Sample.id``, the parquet's
 ``data_id``). URL thumbnails are fetched as the web image search fetches them (``HTTPClient`` behind the
 SSRF guard, byte and pixel caps, against the call's deadline); pickled images are used as they are. A
 thumbnail that cannot be had is skipped and its row is recorded in ``dead`` (metrics count them;
@@ -27,6 +27,8 @@ the row's id, so a row's URLs are fetched once per cache file, whatever process 
 from __future__ import annotations
 
 import asyncio
+import pickle
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -35,7 +37,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from mmsr.tools.base import ToolRequest, ToolResult, failure
+from mmsr.tools.base import FatalToolError, ToolRequest, ToolResult, failure
 from mmsr.tools.budget import Deadline, Stage, check_stages
 from mmsr.tools.cache import CacheKey, ToolCache
 from mmsr.tools.format import image_results
@@ -51,6 +53,11 @@ DOWNLOAD = (
     "--local-dir {folder}"
 )
 Thumbnail = str | Image.Image | PickledImage
+
+
+class FVQACacheError(FatalToolError):
+    """The cache file is missing or unreadable. Fatal (the rollout re-raises it): every image search of the
+    run would fail otherwise, and the run would train on failed searches without saying why."""
 
 
 @dataclass(frozen=True)
@@ -110,7 +117,9 @@ class FVQACacheSearch:
     """``SearchTool`` for ``<search><img></search>`` from the released FVQA cache (see the module docstring).
 
     Args:
-        path: the cache pickle(s), e.g. ``data/fvqa/fvqa_train_image_search_results_cache.pkl`` (read at once).
+        path: the cache pickle(s), e.g. ``data/fvqa/fvqa_train_image_search_results_cache.pkl``. Read on first
+            use (building a config touches no file): a missing or refused file then stops the run
+            (``FVQACacheError``), naming the file and how to download it.
         tool_cache: the SQLite tool cache that keeps fetched results (``None``: fetch on every call).
         version: part of the tool-cache key; bump it when ``top_k``/``max_side`` change.
         top_k: results shown at most (MMSearch-R1: 5); later ranks stand in for skipped thumbnails, as live.
@@ -130,7 +139,7 @@ class FVQACacheSearch:
                  reserve_s: float = 1.0) -> None:  # fmt: skip
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
-        self.rows = load_rows(path)
+        self.path, self._rows, self._load_lock = path, None, threading.Lock()
         self.top_k, self.version, self.max_pixels, self.max_side = top_k, version, max_pixels, max_side
         self.allow_private, self.reserve_s, self.tool_cache_path = allow_private, reserve_s, tool_cache
         self.thumbnails = HTTPClient("thumbnails", thumbnail_limits, connector=partial(guard.connector, allow_private))
@@ -143,6 +152,17 @@ class FVQACacheSearch:
         check_stages("FVQACacheSearch", [Stage("thumbnails", self.thumbnails.limits)], self.reserve_s, cap_s)
 
     @property
+    def rows(self) -> dict[str, CachedRow]:
+        """``data_id -> CachedRow``, read from ``path`` the first time (``FVQACacheError`` if it cannot be)."""
+        with self._load_lock:
+            if self._rows is None:
+                try:
+                    self._rows = load_rows(self.path)
+                except (OSError, pickle.UnpicklingError, ValueError) as exc:
+                    raise FVQACacheError(str(exc)) from exc
+        return self._rows
+
+    @property
     def store(self) -> ToolCache | None:
         if self._store is None and self.tool_cache_path is not None:
             self._store = ToolCache(self.tool_cache_path)
@@ -153,7 +173,8 @@ class FVQACacheSearch:
 
     async def __call__(self, request: ToolRequest) -> ToolResult:
         start = time.perf_counter()
-        row = self.rows.get(request.sample_id)
+        rows = self._rows if self._rows is not None else await asyncio.to_thread(lambda: self.rows)
+        row = rows.get(request.sample_id)
         if row is None:
             self.counts["missing_rows"] += 1
             return failure("image_search", "no cached image search for this image", time.perf_counter() - start)

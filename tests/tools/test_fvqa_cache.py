@@ -16,8 +16,9 @@ import yaml
 from PIL import Image
 
 from mmsr.tools import IMAGE_MARKER, ToolRequest
+from mmsr.tools.base import FatalToolError
 from mmsr.tools.budget import BudgetError
-from mmsr.tools.fvqa_cache import DeadThumbnail, FVQACacheSearch
+from mmsr.tools.fvqa_cache import DeadThumbnail, FVQACacheError, FVQACacheSearch
 from mmsr.tools.fvqa_pickle import UnsafePickle, safe_load
 from mmsr.tools.web.fake import png, serve
 from mmsr.tools.web.http import Limits
@@ -44,10 +45,14 @@ def write_cache(path: Path, url: str, protocol: int = pickle.HIGHEST_PROTOCOL) -
             "tool_returned_web_title_list": ["Red page", "Blue page", "Dead page", "Green page"],
             "tool_returned_images_urls": [f"{url}/red.png", jpeg_file("blue"), f"{url}/gone.png", f"{url}/green.png"],
         },
-        "fvqa_train_2": {"tool_returned_web_title_list": ["Only inline"],
-                         "tool_returned_images_urls": [jpeg_file("white", (600, 300))]},  # fmt: skip
-        "fvqa_train_3": {"tool_returned_web_title_list": ["Dead 1", "Dead 2"],
-                         "tool_returned_images_urls": [f"{url}/gone.png", f"{url}/gone.png"]},  # fmt: skip
+        "fvqa_train_2": {
+            "tool_returned_web_title_list": ["Only inline"],
+            "tool_returned_images_urls": [jpeg_file("white", (600, 300))],
+        },  # fmt: skip
+        "fvqa_train_3": {
+            "tool_returned_web_title_list": ["Dead 1", "Dead 2"],
+            "tool_returned_images_urls": [f"{url}/gone.png", f"{url}/gone.png"],
+        },  # fmt: skip
     }
     path.write_bytes(pickle.dumps(rows, protocol=protocol))
     return path
@@ -155,8 +160,10 @@ def test_a_malicious_pickle_is_refused_naming_file_and_class_without_running_it(
     rows = {"fvqa_train_1": {"tool_returned_web_title_list": ["x"], "tool_returned_images_urls": [evil]}}
     path = tmp_path / "evil.pkl"
     path.write_bytes(pickle.dumps(rows))
-    with pytest.raises(UnsafePickle) as caught:
-        FVQACacheSearch(str(path), tool_cache=None)
+    tool = FVQACacheSearch(str(path), tool_cache=None)  # building reads nothing
+    with pytest.raises(FVQACacheError) as caught:
+        asyncio.run(tool(request("fvqa_train_1")))  # fatal: the rollout re-raises it, the run stops
+    assert isinstance(caught.value.__cause__, UnsafePickle)
     message = str(caught.value)
     assert str(path) in message
     named = {"os.system": "system", "builtins.eval": "builtins.eval", "class": "fake_web.Script"}[payload]
@@ -186,14 +193,16 @@ def test_a_tampered_pickled_image_is_a_dead_thumbnail_not_a_crash(tmp_path):
     assert tool.metrics()["tools/fvqa_cache/thumbnail_bad_pickled_image"] == 1
 
 
-def test_missing_file_and_bad_rows_are_clear_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="hf download lmms-lab/FVQA fvqa_train_image_search_results_cache"):
-        FVQACacheSearch(str(tmp_path / "fvqa_train_image_search_results_cache.pkl"))
+def test_missing_file_and_bad_rows_are_fatal_clear_errors(tmp_path):
+    missing = FVQACacheSearch(str(tmp_path / "fvqa_train_image_search_results_cache.pkl"))
+    with pytest.raises(FVQACacheError, match="hf download lmms-lab/FVQA fvqa_train_image_search_results_cache"):
+        asyncio.run(missing(request("fvqa_train_1")))
+    assert isinstance(FVQACacheError("x"), FatalToolError)
     path = tmp_path / "bad.pkl"
     path.write_bytes(pickle.dumps({"fvqa_train_5": {"tool_returned_web_title_list": "not a list",
                                                     "tool_returned_images_urls": []}}))  # fmt: skip
-    with pytest.raises(ValueError, match=r"bad.pkl: row 'fvqa_train_5': tool_returned_web_title_list"):
-        FVQACacheSearch(str(path))
+    with pytest.raises(FVQACacheError, match=r"bad.pkl: row 'fvqa_train_5': tool_returned_web_title_list"):
+        FVQACacheSearch(str(path)).rows
 
 
 def test_check_script_lists_rows_with_dead_thumbnails(tmp_path):
@@ -220,8 +229,8 @@ def test_7b_recipes_search_images_in_the_fvqa_cache(recipe, tmp_path, monkeypatc
     entry = config["image_search"]
     assert entry["class_path"] == "mmsr.tools.fvqa_cache.FVQACacheSearch" and "text_search" not in config
     monkeypatch.chdir(tmp_path)  # the recipe's relative path, where nothing was downloaded
-    with pytest.raises(FileNotFoundError, match="data/fvqa/fvqa_train_image_search_results_cache.pkl not found"):
-        FVQACacheSearch(**entry["init_args"])
+    with pytest.raises(FVQACacheError, match="data/fvqa/fvqa_train_image_search_results_cache.pkl not found"):
+        FVQACacheSearch(**entry["init_args"]).rows
     (tmp_path / "data" / "fvqa").mkdir(parents=True)
     write_cache(tmp_path / entry["init_args"]["path"], "http://127.0.0.1:9")
     tool = FVQACacheSearch(**entry["init_args"])
