@@ -16,6 +16,10 @@ it. The pieces, in the order a resume runs them:
    resumed run logs: a run killed after logging step 5 and resumed from step 4's checkpoint logs 5
    again, and a resumed run may stop earlier than the killed one got, so the killed run's rows from
    that step on are not this run's history. ``TrajectoryLogger`` applies the same rule.
+5. Lightning saves a step's checkpoint (``ModelCheckpoint.on_train_batch_end``) before it writes that
+   step's metrics row, and the resumed run starts at the next step: a kill in between would lose the
+   row for good. A checkpoint saved in that window carries the row (``on_save_checkpoint``), and the
+   resumed run appends it after step 4 unless ``metrics.csv`` already has that step.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from typing import Any
 import lightning as L
 import torch
 from jsonargparse import Namespace
+from lightning.fabric.utilities.apply_func import convert_tensors_to_scalars
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_only
 
@@ -36,16 +41,23 @@ METRICS_FILE = "metrics.csv"
 
 
 class RunDirectory(L.Callback):
-    """Stores the run's logger versions in checkpoints; cuts ``metrics.csv`` back on resume."""
+    """Stores the run's logger versions (and a step row not yet written) in checkpoints; on resume cuts
+    ``metrics.csv`` back to the resumed step and puts back the checkpoint's row if it is missing."""
 
     def __init__(self) -> None:
         self.loggers: list[dict[str, Any]] = []  # one entry per trainer logger, in order
         self.resuming = False
+        self.unlogged_row: dict[str, Any] | None = None  # the loaded checkpoint's step row, if not yet written
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # The loggers created their experiments just before this hook: versions and ids are known.
         if trainer.is_global_zero:
             self.loggers = [logger_run(logger) for logger in trainer.loggers]
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        row = unlogged_row(trainer)  # on every rank: reading the metrics may sync them across ranks
+        if row is not None and trainer.is_global_zero:
+            checkpoint.setdefault("callbacks", {}).setdefault(self.state_key, {})["unlogged_row"] = row
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         self.resuming = trainer.state.fn == "fit"  # resuming a fit (not validating from a checkpoint)
@@ -61,12 +73,48 @@ class RunDirectory(L.Callback):
         for logger in trainer.loggers:
             if isinstance(logger, CSVLogger):
                 drop_rows_from(Path(logger.log_dir) / METRICS_FILE, step)
+                if self.unlogged_row is not None and self.unlogged_row["step"] < step:
+                    append_missing_row(logger, self.unlogged_row)
 
     def state_dict(self) -> dict[str, Any]:
         return {"loggers": self.loggers}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.loggers = list(state_dict.get("loggers", []))
+        self.unlogged_row = state_dict.get("unlogged_row")
+
+
+def unlogged_row(trainer: L.Trainer) -> dict[str, Any] | None:
+    """The metrics row Lightning will log for the current training step, while a checkpoint is saved
+    between the step's end and that row being written (``{"step": s, "metrics": {...}}``); else None.
+
+    Inside that window the batch is processed but not yet counted completed
+    (lightning/pytorch/loops/training_epoch_loop.py ``advance``); the row is what
+    ``update_train_step_metrics`` would log there: the step's logged metrics plus ``epoch``.
+    """
+    loop = trainer.fit_loop.epoch_loop
+    progress = loop.batch_progress.current
+    if not trainer.training or progress.processed != progress.completed + 1:
+        return None
+    connector = trainer._logger_connector
+    if loop._should_accumulate() and trainer.lightning_module.automatic_optimization:
+        return None  # no row is logged mid-accumulation
+    if not connector.should_update_logs:
+        return None
+    metrics = convert_tensors_to_scalars(connector.metrics["log"])
+    metrics.setdefault("epoch", trainer.current_epoch)
+    return {"step": loop._batches_that_stepped, "metrics": metrics}
+
+
+def append_missing_row(logger: CSVLogger, row: dict[str, Any]) -> None:
+    """Append ``row`` (see ``unlogged_row``) through ``logger`` unless its ``metrics.csv`` has that step."""
+    path = Path(logger.log_dir) / METRICS_FILE
+    if path.is_file():
+        with path.open(newline="", encoding="utf-8") as f:
+            if any(_step_of(r) == row["step"] for r in csv.DictReader(f)):
+                return
+    logger.log_metrics(row["metrics"], step=row["step"])
+    logger.save()
 
 
 def logger_run(logger: Any) -> dict[str, Any]:

@@ -9,9 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 from jsonargparse import Namespace
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
-from mmsr.callbacks.run_dir import RunDirectory, checkpoint_runs, continue_metrics, drop_rows_from, repoint_loggers
+from mmsr.callbacks.run_dir import (
+    RunDirectory,
+    checkpoint_runs,
+    continue_metrics,
+    drop_rows_from,
+    repoint_loggers,
+)
 from mmsr.callbacks.trajectory_logger import drop_records_from
 from mmsr.report.records import read_records
 
@@ -125,3 +132,57 @@ def test_resume_continues_the_run_directory_and_the_wandb_run(tmp_path, offline_
     assert [r["step"] for r in rows(run_dir / "metrics.csv") if r["reward/mean"]] == ["0", "1"]
     assert [r.step for r in read_records(run_dir / "trajectories.jsonl")] == [0] * 4 + [1] * 4
     assert {p.name.rsplit("-", 1)[-1] for p in (tmp_path / "wandb").glob("offline-run-*")} == {run_id}
+
+
+class Killed(Exception):
+    """The test's SIGKILL: raised where a kill would leave the process."""
+
+
+class KillAfterSave(ModelCheckpoint):
+    """Saves like ``ModelCheckpoint``, then dies after writing the checkpoint of optimizer step
+    ``kill_at``: before Lightning writes that step's ``metrics.csv`` row (the row follows the
+    ``on_train_batch_end`` hooks, and checkpoint callbacks run last among them)."""
+
+    def __init__(self, kill_at: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.kill_at = kill_at
+
+    def _save_checkpoint(self, trainer, filepath: str) -> None:
+        super()._save_checkpoint(trainer, filepath)
+        if trainer.global_step == self.kill_at:
+            raise Killed(filepath)
+
+
+def checkpointed(root: Path, steps: int, checkpoint: str = "lightning.pytorch.callbacks.ModelCheckpoint", *extra: str, **init):
+    """The scripted run (CSV logger only) with a checkpoint after every step in ``root/ckpt``."""
+    from tests.callbacks.scripted_run import run
+
+    args = {"dirpath": str(root / "ckpt"), "every_n_train_steps": 1, "save_top_k": -1, "filename": "{step}", **init}
+    callbacks = [{"class_path": checkpoint, "init_args": args}]
+    return run(root, "--trainer.max_steps", str(steps), "--trainer.enable_checkpointing", "true",
+               "--trainer.callbacks", json.dumps(callbacks), *extra)  # fmt: skip
+
+
+CLOCK = ("timing/", "sync/seconds", "rollout/overlap", "rollout/tokens_per_s", "tools/latency_s")
+
+
+def untimed(row: dict[str, str]) -> dict[str, str]:
+    """A metrics row's filled cells, less those read from the clock (they differ between runs); a
+    column only later steps log is empty in a row."""
+    return {k: v for k, v in row.items() if v and not k.startswith(CLOCK)}
+
+
+def test_a_kill_between_checkpoint_and_metrics_row_loses_no_row(tmp_path):
+    checkpointed(tmp_path / "whole", 2)
+    expected = rows(tmp_path / "whole" / "csv" / "version_0" / "metrics.csv")
+    with pytest.raises(Killed):  # killed with step 1's checkpoint written and its row not
+        checkpointed(tmp_path, 3, f"{__name__}.KillAfterSave", kill_at=2)
+    path = tmp_path / "csv" / "version_0" / "metrics.csv"
+    assert [r["step"] for r in rows(path)] == ["0"]
+    checkpointed(tmp_path, 3, "lightning.pytorch.callbacks.ModelCheckpoint", "--ckpt_path", str(tmp_path / "ckpt" / "step=2.ckpt"))
+    got = rows(path)
+    assert [r["step"] for r in got] == ["0", "1", "2"]  # the lost row is back, once, in order
+    assert [untimed(r) for r in got[:2]] == [untimed(r) for r in expected[:2]]  # the killed run's values
+    # Resuming again from the same checkpoint (its row now written) does not repeat the row.
+    checkpointed(tmp_path, 3, "lightning.pytorch.callbacks.ModelCheckpoint", "--ckpt_path", str(tmp_path / "ckpt" / "step=2.ckpt"))
+    assert [r["step"] for r in rows(path)] == ["0", "1", "2"]
