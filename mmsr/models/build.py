@@ -74,6 +74,19 @@ def mrope_sections(head_dim: int) -> list[int]:
     return [t, h, half - t - h]
 
 
+def text_config(shape: dict, tokenizer, rope: dict) -> dict:
+    """A tiny language model's config: ``shape`` with the tokenizer's vocabulary and ids, and ``rope``."""
+    return dict(shape, vocab_size=len(tokenizer), max_position_embeddings=8192, rope_parameters=rope,
+                bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+
+
+def vision_token_ids(tokenizer) -> dict[str, int]:
+    """The vision special tokens' ids as a Qwen-VL config names them."""
+    names = {"image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>",
+             "vision_start_token_id": "<|vision_start|>", "vision_end_token_id": "<|vision_end|>"}  # fmt: skip
+    return {key: tokenizer.convert_tokens_to_ids(token) for key, token in names.items()}
+
+
 class TinyQwen2_5_VL:
     """A random-weight Qwen2.5-VL with a small BPE tokenizer trained on ``tokenizer_texts``.
 
@@ -121,18 +134,12 @@ class TinyQwen2_5_VL:
         self.seed = seed
 
     def config(self, tokenizer) -> Qwen2_5_VLConfig:
-        ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")}
         head_dim = self.text["hidden_size"] // self.text["num_attention_heads"]
         rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope_sections(head_dim)}
-        text = dict(self.text, vocab_size=len(tokenizer), max_position_embeddings=8192, rope_parameters=rope,
-                    bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
         vision = dict(self.vision, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
                       window_size=56, fullatt_block_indexes=list(range(self.vision["depth"])))  # fmt: skip
-        return Qwen2_5_VLConfig(
-            text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
-            video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
-            vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=True,
-        )  # fmt: skip
+        return Qwen2_5_VLConfig(text_config=text_config(self.text, tokenizer, rope), vision_config=vision,
+                                tie_word_embeddings=True, **vision_token_ids(tokenizer))  # fmt: skip
 
     def train_tokenizer(self):
         """The small BPE tokenizer (deterministic for the same texts)."""

@@ -13,7 +13,7 @@ import torch
 from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from mmsr.models.build import corpus_texts, tool_bounds
+from mmsr.models.build import corpus_texts, text_config, tool_bounds, vision_token_ids
 from mmsr.models.policy import Policy
 from mmsr.models.tokenizer import QWEN3_VL_CHAT_TEMPLATE, TokenizerCorpus, train_bpe_tokenizer
 from mmsr.prompt.chat_template import chat_format
@@ -84,19 +84,13 @@ class TinyQwen3VL:
         self.seed = seed
 
     def config(self, tokenizer) -> Qwen3VLConfig:
-        ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")}
         rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_interleaved": True,
                 "mrope_section": interleaved_mrope_sections(self.text["head_dim"])}  # fmt: skip
-        text = dict(self.text, vocab_size=len(tokenizer), max_position_embeddings=8192, rope_parameters=rope,
-                    bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
         # An 8x8 learned position grid (the real one is 48x48), interpolated to each image's patch grid.
         vision = dict(self.vision, patch_size=GRID["patch_size"], spatial_merge_size=GRID["merge_size"],
                       temporal_patch_size=GRID["temporal_patch_size"], num_position_embeddings=64)  # fmt: skip
-        return Qwen3VLConfig(
-            text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
-            video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
-            vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=True,
-        )  # fmt: skip
+        return Qwen3VLConfig(text_config=text_config(self.text, tokenizer, rope), vision_config=vision,
+                             tie_word_embeddings=True, **vision_token_ids(tokenizer))  # fmt: skip
 
     def train_tokenizer(self):
         """The small BPE tokenizer with Qwen3-VL's chat template (deterministic for the same texts)."""

@@ -97,14 +97,14 @@ def pretrained_config(path: str, gguf_file: str | None = None):
 
 def policy_config(builder: Any):
     """The transformers config of a policy builder (a tiny policy trains its small tokenizer first)."""
-    from mmsr.models.build import PretrainedPolicy, TinyQwen2_5_VL
-    from mmsr.models.tiny_qwen3_vl import TinyQwen3VL
+    from mmsr.models.build import PretrainedPolicy
 
-    if isinstance(builder, (TinyQwen2_5_VL, TinyQwen3VL)):
-        return builder.config(builder.train_tokenizer())
     if isinstance(builder, PretrainedPolicy):
         return pretrained_config(builder.path, builder.gguf_file)
-    raise TypeError(f"mmsr plan knows TinyQwen2_5_VL, TinyQwen3VL and PretrainedPolicy, not {type(builder).__name__}")
+    if hasattr(builder, "config") and hasattr(builder, "train_tokenizer"):  # TinyQwen2_5_VL, TinyQwen3VL
+        return builder.config(builder.train_tokenizer())
+    raise TypeError(f"mmsr plan knows PretrainedPolicy and the tiny builders (config + train_tokenizer), "
+                    f"not {type(builder).__name__}")  # fmt: skip
 
 
 def meta_model(config):

@@ -7,11 +7,12 @@ import hashlib
 import pytest
 import torch
 from PIL import Image
-from transformers import Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration
+from transformers import Qwen2_5_VLForConditionalGeneration, Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
 from mmsr.models.build import PretrainedPolicy, save_policy
 from mmsr.models.tiny_qwen3_vl import TinyQwen3VL, interleaved_mrope_sections
 from mmsr.models.tokenizer import QWEN3_VL_CHAT_TEMPLATE
+from mmsr.plan.config import policy_config
 from mmsr.prompt.chat_template import chat_format, pieces
 from mmsr.prompt.render import ChatFormat
 from tests.models.test_parity import multi_turn_contexts
@@ -32,6 +33,7 @@ def test_tiny_qwen3_vl_is_the_qwen3_vl_architecture(tiny_qwen3_vl):
     assert tiny_qwen3_vl.chat == ChatFormat(system=None)
     with pytest.raises(ValueError, match="deepstack_layers"):
         TinyQwen3VL(deepstack_layers=(0, 1, 2), num_layers=2, vision_depth=4)
+    assert isinstance(policy_config(TinyQwen3VL()), Qwen3VLConfig)  # mmsr plan sizes it too
 
 
 def reference_positions(ids: list[int], vision, image_id: int) -> torch.Tensor:
