@@ -29,13 +29,14 @@ BANNED_LOGIT = -1.0e4
 
 @dataclass
 class Policy:
-    """A causal LM, vision-language (Qwen2.5-VL family) or text-only, with its processors.
+    """A causal LM, vision-language (Qwen2.5-VL or Qwen3-VL) or text-only, with its processors.
 
     Attributes:
         model: the transformers model.
         tokenizer: its tokenizer.
         image_processor: a PIL-based Qwen2-VL image processor, ``None`` for text-only models.
-        chat: the chat-format pieces used to build multi-turn contexts.
+        chat: the chat-format pieces used to build multi-turn contexts (the builders read them from
+            the tokenizer's chat template, ``mmsr.prompt.chat_template.chat_format``).
         tool_image_processor: the processor of images returned by tools (thumbnails), with pixel
             bounds of their own; ``None``: the question images' processor.
         compute_dtype: the dtype matmuls run in when it is lower than the parameters' (fp32 master
@@ -88,7 +89,8 @@ class Policy:
         return torch.autocast(param.device.type, dtype=self.compute_dtype)
 
     def position_ids(self, input_ids: torch.Tensor, vision: Sequence[VisionInput]) -> torch.Tensor:
-        """Positions of one unpadded sequence ``[L]``: ``[3, L]`` M-RoPE ids, or ``[L]`` text-only."""
+        """Positions of one unpadded sequence ``[L]``: ``[3, L]`` M-RoPE ids from the model's own
+        ``get_rope_index`` (each family's: Qwen2.5-VL, Qwen3-VL), or ``[L]`` text-only."""
         if not self.is_vision:
             return torch.arange(input_ids.numel())
         image_id = self.model.config.image_token_id
