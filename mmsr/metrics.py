@@ -14,21 +14,24 @@ from mmsr.checkpoint import gather_per_rank
 from mmsr.data.sample import Sample
 from mmsr.rollout.loop import RolloutStats, RolloutSettings
 from mmsr.rollout.trajectory import Trajectory
+from mmsr.tools.spec import MMSEARCH_R1_TOOLS, ToolSpec
 
 
 def _mean(xs: Sequence[float]) -> float:
     return float(sum(xs) / len(xs)) if xs else 0.0
 
 
-def search_ratios(trajs: Sequence[Trajectory], settings: RolloutSettings) -> dict[str, float]:
-    """Both of the paper's definitions: share of responses that search (``any``/``image``/``text``),
-    and calls made over the maximum allowed (``calls``)."""
-    allowed = min(settings.max_rounds - 1, settings.image_search_limit + settings.text_search_limit)
+def search_ratios(trajs: Sequence[Trajectory], settings: RolloutSettings,
+                  tools: Sequence[ToolSpec] = MMSEARCH_R1_TOOLS) -> dict[str, float]:  # fmt: skip
+    """Both of the paper's definitions: share of responses that call a tool (``any``, and per tool under
+    its metric name: ``image``/``text`` for MMSearch-R1's pair), and calls made over the maximum allowed
+    (``calls``)."""
+    allowed = min(settings.max_rounds - 1, sum(settings.limit(spec) for spec in tools))
+    per_tool = {spec.metric: _mean([t.num_calls(spec.name) > 0 for t in trajs]) for spec in tools}
     return {
-        "any": _mean([t.num_image_searches + t.num_text_searches > 0 for t in trajs]),
-        "image": _mean([t.num_image_searches > 0 for t in trajs]),
-        "text": _mean([t.num_text_searches > 0 for t in trajs]),
-        "calls": _mean([(t.num_image_searches + t.num_text_searches) / max(allowed, 1) for t in trajs]),
+        "any": _mean([t.num_tool_calls > 0 for t in trajs]),
+        **per_tool,
+        "calls": _mean([t.num_tool_calls / max(allowed, 1) for t in trajs]),
     }
 
 
@@ -39,7 +42,9 @@ def rollout_metrics(
     details: Sequence[dict[str, float]],
     settings: RolloutSettings,
 ) -> dict[str, float]:
-    """Scalar metrics of one step's trajectories; ``samples[t.group_id]`` is each one's prompt."""
+    """Scalar metrics of one step's trajectories; ``samples[t.group_id]`` is each one's prompt (the tools
+    are the trajectories' own)."""
+    tools = trajs[0].tools if trajs else MMSEARCH_R1_TOOLS
     out = {
         "reward/mean": _mean(rewards),
         "reward/accuracy": _mean([d.get("correct", 0.0) for d in details]),
@@ -49,7 +54,7 @@ def rollout_metrics(
         "rollout/length": _mean([len(t) for t in trajs]),
         "rollout/truncated": _mean([t.finish_reason == "truncated" for t in trajs]),
     }
-    out |= {f"rollout/search_ratio/{k}": v for k, v in search_ratios(trajs, settings).items()}
+    out |= {f"rollout/search_ratio/{k}": v for k, v in search_ratios(trajs, settings, tools).items()}
     for field in ("data_source", "category"):
         groups: dict[str, list[int]] = defaultdict(list)
         for i, t in enumerate(trajs):
@@ -57,7 +62,7 @@ def rollout_metrics(
         if len(groups) < 2:
             continue
         for name, idx in sorted(groups.items()):
-            out[f"rollout/search_ratio/any/{name}"] = search_ratios([trajs[i] for i in idx], settings)["any"]
+            out[f"rollout/search_ratio/any/{name}"] = search_ratios([trajs[i] for i in idx], settings, tools)["any"]
             out[f"reward/accuracy/{name}"] = _mean([details[i].get("correct", 0.0) for i in idx])
     return out
 
@@ -70,9 +75,8 @@ def tool_metrics(stats: RolloutStats, tools: dict | None = None) -> dict[str, fl
     for kind, tool in (tools or {}).items():
         if hasattr(tool, "metrics"):
             own |= {f"tools/{kind}/{k.removeprefix('tools/')}": float(v) for k, v in tool.metrics().items()}
-    return own | {
-        "tools/image_search_calls": float(stats.tool_calls["image_search"]),
-        "tools/text_search_calls": float(stats.tool_calls["text_search"]),
+    counts = {f"tools/{name}_calls": float(n) for name, n in stats.tool_calls.items()}
+    return own | counts | {
         "tools/failure_rate": stats.tool_failures / calls if calls else 0.0,
         "tools/latency_s": _mean(stats.tool_latency_s),
         "timing/generate": stats.generate_s,

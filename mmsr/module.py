@@ -51,6 +51,7 @@ from mmsr.rollout.trajectory import Trajectory
 from mmsr.sync import WeightSync
 from mmsr.tools.base import SearchTool
 from mmsr.tools.budget import check_budgets
+from mmsr.tools.spec import Tool, configured
 from mmsr.train.batch import TrainBatch
 from mmsr.train.step import StepRollout
 from mmsr.train.update import Backprop, PolicyUpdate, UpdateSettings
@@ -62,7 +63,9 @@ class GRPOModule(L.LightningModule):
     Args:
         policy: builds the policy model, tokenizer and image processor.
         engine: rollout engine (default: ``HFEngine`` on the policy itself).
-        image_search, text_search: the tools (``None``: a call gets a failure observation).
+        image_search, text_search: MMSearch-R1's search backends (``None``: a call gets a failure observation).
+        tools: tools as data (``mmsr.tools.spec.Tool`` entries, each declaring its tag, argument, limit and
+            prompt); when set, only these tools (plus the two above if given) are declared to the policy.
         reward: scores a trajectory (override ``compute_rewards`` for batch-level rewards).
         prompts: the prompt templates.
         rollout: episode limits (rounds, per-tool limits, token budgets, tool timeout).
@@ -99,6 +102,7 @@ class GRPOModule(L.LightningModule):
         engine: Engine | None = None,
         image_search: SearchTool | None = None,
         text_search: SearchTool | None = None,
+        tools: list[Tool] | None = None,
         reward: Reward | None = None,
         prompts: PromptBuilder | None = None,
         rollout: RolloutSettings = RolloutSettings(),
@@ -121,9 +125,10 @@ class GRPOModule(L.LightningModule):
         export_dir: str | None = None,
     ) -> None:  # fmt: skip
         super().__init__()
-        check_budgets({"image_search": image_search, "text_search": text_search}, rollout.tool_timeout_s)  # fail fast
+        tool_map = configured(tools, image_search, text_search)
+        check_budgets(tool_map, rollout.tool_timeout_s)  # fail fast
         # Loggers cannot take the frozen RolloutSettings: they get its fields as a dict.
-        self.save_hyperparameters(ignore=["policy", "engine", "image_search", "text_search", "reward", "prompts",
+        self.save_hyperparameters(ignore=["policy", "engine", "image_search", "text_search", "tools", "reward", "prompts",
                                           "rollout", "weight_sync"])  # fmt: skip
         self.hparams["rollout"] = asdict(rollout)
         self.automatic_optimization = False
@@ -138,8 +143,7 @@ class GRPOModule(L.LightningModule):
         self.engine = engine if engine is not None else HFEngine()  # started by setup
         self.reward = reward if reward is not None else MMSearchR1Reward()
         self.weight_sync = weight_sync if weight_sync is not None else WeightSync()
-        self.loop = RolloutLoop(self.engine, self.policy, prompts or PromptBuilder(),
-                                {"image_search": image_search, "text_search": text_search}, rollout)  # fmt: skip
+        self.loop = RolloutLoop(self.engine, self.policy, prompts or PromptBuilder(), tool_map, rollout)
         self.sampling = SamplingParams(temperature, top_p, top_k, rollout.max_tokens_per_turn)
         update = UpdateSettings.of(self.hparams, max_context_tokens=rollout.max_context_tokens)
         self.policy_update = PolicyUpdate(self.policy, update)  # mmsr.train.update

@@ -33,10 +33,10 @@ def strip(images: list[Image.Image], gap: int = 4) -> Image.Image:
 
 
 def tool_args(tool: ToolCallRecord | None) -> str:
-    """The call's arguments as JSON (image search searches the question image, so has none)."""
+    """The call's arguments as JSON (a tool with an image argument, image search, has no query)."""
     if tool is None:
         return ""
-    return json.dumps({"query": tool.query} if tool.kind == "text_search" else {"image": "question image"})
+    return json.dumps({"query": tool.query} if tool.query else {"image": "question image"})
 
 
 def turn_rows(records: list[TrajectoryRecord]) -> list[list]:

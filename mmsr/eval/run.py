@@ -22,7 +22,6 @@ from mmsr.prompt.render import PromptBuilder
 from mmsr.reward.answer import exact_match, sub_exact_match
 from mmsr.reward.format import format_ok
 from mmsr.reward.mmsearch_r1 import MMSearchR1Reward
-from mmsr.rollout.actions import TextSearch
 from mmsr.rollout.engine import Engine, SamplingParams
 from mmsr.rollout.loop import RolloutLoop, RolloutSettings
 from mmsr.rollout.trajectory import Trajectory
@@ -34,7 +33,7 @@ def turn_record(turn) -> dict:
     return {
         "text": turn.text,
         "action": type(turn.action).__name__,
-        "query": turn.action.query if isinstance(turn.action, TextSearch) else None,
+        "query": getattr(turn.action, "arg", "") or None,  # a tool call's text argument
         "tool_ok": call.result.ok if call else None,
         "titles": list(call.result.titles) if call else [],
     }
@@ -91,7 +90,7 @@ class Evaluator:
             candidate_answers=list(sample.candidate_answers), answer=answer,
             em=answer is not None and exact_match(answer, sample.answers),
             subem=answer is not None and sub_exact_match(answer, sample.answers),
-            reward=float(self.reward(traj, sample)), format_ok=format_ok(traj.assistant_texts),
+            reward=float(self.reward(traj, sample)), format_ok=format_ok(traj.assistant_texts, traj.tools),
             image_searches=traj.num_image_searches, text_searches=traj.num_text_searches, allowed_calls=allowed,
             finish_reason=traj.finish_reason, num_tokens=len(traj), turns=[turn_record(t) for t in traj.turns],
         )  # fmt: skip

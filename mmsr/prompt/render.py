@@ -11,6 +11,7 @@ from pathlib import Path
 
 from mmsr.data.sample import Sample
 from mmsr.tools.base import IMAGE_MARKER, ToolResult
+from mmsr.tools.spec import ToolSpec
 
 TEMPLATES = Path(__file__).parent / "templates"
 
@@ -82,17 +83,26 @@ class PromptBuilder:
             raise ValueError(f"round-1 template {round1!r} needs one '{{question}}' and one {IMAGE_MARKER!r}")
         self.after = {"image_search": _read(after_image_search), "text_search": _read(after_text_search)}
 
+    def instruction(self, spec: ToolSpec) -> str:
+        """The instruction after ``spec``'s results: this builder's own for the MMSearch-R1 pair (its
+        ``after_*`` templates), else the tool's declared template (read once)."""
+        if spec.name not in self.after:
+            self.after[spec.name] = _read(spec.instruction) if spec.instruction else ""
+        return self.after[spec.name]
+
     def first_user_text(self, sample: Sample) -> str:
         """The question message; the image marker is dropped when the sample has no image."""
         text = self.round1.replace("{question}", sample.question.strip())
         return text if sample.image is not None else text.replace(IMAGE_MARKER, "")
 
-    def observation_text(self, sample: Sample, kind: str, result: ToolResult) -> str:
-        """The user message carrying a tool result back to the model.
+    def observation_text(self, sample: Sample, kind: str | ToolSpec, result: ToolResult) -> str:
+        """The user message carrying a tool result back to the model (``kind``: the tool's spec, or the name
+        of one of the MMSearch-R1 pair).
 
         A failed call shows the failure text alone, so the model answers on its own.
         """
         if not result.ok:
             return f"<information>{result.text}</information>"
+        after = self.instruction(kind) if isinstance(kind, ToolSpec) else self.after[kind]
         question = f"Original user's question: {sample.question.strip()}\n" if self.repeat_question else ""
-        return f"Searched results: <information>{result.text}</information>\n{question}{self.after[kind]}"
+        return f"Searched results: <information>{result.text}</information>\n{question}{after}"

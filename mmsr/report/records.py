@@ -16,19 +16,18 @@ import re
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
 
 from PIL import Image
 
 from mmsr.data.sample import Sample
-from mmsr.rollout.actions import Action, Answer, ImageSearch, TextSearch
+from mmsr.rollout.actions import Action, Answer, Invalid
 from mmsr.rollout.trajectory import ToolCall, Trajectory, Turn
 
 TRAJECTORIES_FILE = "trajectories.jsonl"  # in the run directory
 # Greedy episodes on held-out questions at evaluation points of a run (the demo's before / after GRPO),
 # in the run directory; ``mmsr report`` shows them side by side per question kind.
 HELD_OUT_FILE = "held_out.jsonl"
-ActionKind = Literal["answer", "image_search", "text_search", "invalid"]
+ActionKind = str  # "answer", "invalid" or a tool's name ("image_search", "text_search", ...)
 _DATA_URI = re.compile(r"data:image/(?:jpeg|png);base64,")
 
 
@@ -53,7 +52,7 @@ def data_uri_to_image(uri: str) -> Image.Image:
 class ToolCallRecord:
     """One executed search: the request, and what came back (``text`` keeps its image markers)."""
 
-    kind: Literal["image_search", "text_search"]
+    kind: str  # the tool's name
     query: str
     ok: bool
     latency_s: float
@@ -132,11 +131,9 @@ def _turn_from_dict(row: dict) -> TurnRecord:
 def _action(action: Action) -> tuple[ActionKind, str]:
     if isinstance(action, Answer):
         return "answer", action.text
-    if isinstance(action, TextSearch):
-        return "text_search", action.query
-    if isinstance(action, ImageSearch):
-        return "image_search", ""
-    return "invalid", action.reason
+    if isinstance(action, Invalid):
+        return "invalid", action.reason
+    return action.tool, action.arg
 
 
 def _tool(call: ToolCall | None, max_px: int) -> ToolCallRecord | None:

@@ -1,6 +1,8 @@
-"""The format score: a trajectory must have one of exactly four shapes (upstream MMSearch-R1).
+"""The format score: a trajectory must have one of the shapes upstream MMSearch-R1 allows, read off the
+configured tools (``mmsr.tools.spec``; the default tools are MMSearch-R1's pair).
 
-Valid shapes (each turn stripped first):
+Valid shapes (each turn stripped first): tool turns in the order the tools are declared, each tool at
+most once, then the answer. For MMSearch-R1's pair that is exactly four:
   * answer
   * image search -> answer
   * text search -> answer
@@ -8,11 +10,11 @@ Valid shapes (each turn stripped first):
 Anything else (text -> text -> answer, text -> image -> answer, 4 turns, the "Unable to answer ..."
 warning with no ``<answer>``, ...) has format 0.
 
-This is stricter than the rollout parser (``mmsr.rollout.parse``) on purpose: the image-search tag
+This is stricter than the rollout parser (``mmsr.rollout.parse``) on purpose: an image-argument tag
 must be the literal ``<search><img></search>`` and every tag must end its turn (after stripping,
 so only whitespace may follow ``</answer>`` / ``</search>`` / ``</text_search>``).
 
-A turn holds each counted tag (reason, answer, search and text-search, opening and closing) exactly
+A turn holds each counted tag (reason, answer and every tool's tag, opening and closing) exactly
 as often as its kind says, once or never, as upstream counts them for most tags. Upstream lets a
 stray ``<search>`` or ``</search>`` (not the image-search tag) into any turn; here an unbalanced tag
 is a malformed turn, whatever the kind.
@@ -20,25 +22,15 @@ is a malformed turn, whatever the kind.
 
 from __future__ import annotations
 
+import functools
 import re
-from typing import Literal
+from collections.abc import Sequence
 
-TurnKind = Literal["answer", "image_search", "text_search"]
+from mmsr.tools.spec import MMSEARCH_R1_TOOLS, ToolSpec
+
+TurnKind = str  # "answer" or a tool's name
 
 IMAGE_SEARCH_TAG = "<search><img></search>"
-_ANSWER_TURN = re.compile(r"^<reason>.*</reason>.*<answer>.*</answer>$", re.DOTALL)
-_IMAGE_SEARCH_TURN = re.compile(r"^<reason>.*</reason>.*<search><img></search>$", re.DOTALL)
-_TEXT_SEARCH_TURN = re.compile(r"^<reason>.*</reason>.*<text_search>.*</text_search>$", re.DOTALL)
-# Lenient on purpose: counts every search the rollout may have executed (whitespace inside the tag).
-_SEARCH_TAG = re.compile(r"<search>\s*<img>\s*</search>|<text_search>")
-_COUNTED = ("<reason>", "</reason>", "<answer>", "</answer>", "<search>", "</search>", "<text_search>", "</text_search>")
-# kind -> (its pattern, how often each of _COUNTED occurs in it). The counts come first: with each
-# tag at most once the patterns' `.*` cannot backtrack more than linearly on a huge turn.
-_KINDS: dict[TurnKind, tuple[re.Pattern[str], tuple[int, ...]]] = {
-    "answer": (_ANSWER_TURN, (1, 1, 1, 1, 0, 0, 0, 0)),
-    "image_search": (_IMAGE_SEARCH_TURN, (1, 1, 0, 0, 1, 1, 0, 0)),
-    "text_search": (_TEXT_SEARCH_TURN, (1, 1, 0, 0, 0, 0, 1, 1)),
-}
 
 VALID_SHAPES: frozenset[tuple[TurnKind, ...]] = frozenset(
     {
@@ -50,21 +42,69 @@ VALID_SHAPES: frozenset[tuple[TurnKind, ...]] = frozenset(
 )
 
 
-def turn_kind(turn: str) -> TurnKind | None:
-    """The kind of a well-formed turn, or None if the turn is malformed."""
-    t = turn.strip()
-    counts = tuple(t.count(tag) for tag in _COUNTED)
-    for kind, (pattern, expected) in _KINDS.items():
-        if counts == expected and pattern.match(t):
-            return kind
-    return None
+class FormatRules:
+    """The turn kinds and valid shapes of a set of tools."""
+
+    def __init__(self, tools: Sequence[ToolSpec]) -> None:
+        self.tools = tuple(tools)
+        tags = [tag for t in self.tools for tag in (f"<{t.tag}>", f"</{t.tag}>")]
+        self.counted = ("<reason>", "</reason>", "<answer>", "</answer>", *tags)
+        # kind -> (its pattern, how often each counted tag occurs in it). The counts come first: with each
+        # tag at most once the patterns' `.*` cannot backtrack more than linearly on a huge turn.
+        self.kinds: dict[TurnKind, tuple[re.Pattern[str], tuple[int, ...]]] = {
+            "answer": (re.compile(r"^<reason>.*</reason>.*<answer>.*</answer>$", re.DOTALL), self._counts(["answer"])),
+        }
+        for t in self.tools:
+            tag, body = re.escape(t.tag), "<img>" if t.argument == "image" else ".*"
+            pattern = re.compile(rf"^<reason>.*</reason>.*<{tag}>{body}</{tag}>$", re.DOTALL)
+            self.kinds[t.name] = (pattern, self._counts([t.tag]))
+        # Lenient on purpose: counts every call the rollout may have executed (whitespace inside an image tag).
+        self.call_tag = re.compile("|".join(_lenient_tag(t) for t in self.tools) or r"(?!)")
+
+    def _counts(self, tags: list[str]) -> tuple[int, ...]:
+        wanted = {"<reason>", "</reason>", *(f"<{t}>" for t in tags), *(f"</{t}>" for t in tags)}
+        return tuple(int(tag in wanted) for tag in self.counted)
+
+    def turn_kind(self, turn: str) -> TurnKind | None:
+        t = turn.strip()
+        counts = tuple(t.count(tag) for tag in self.counted)
+        for kind, (pattern, expected) in self.kinds.items():
+            if counts == expected and pattern.match(t):
+                return kind
+        return None
+
+    def valid(self, kinds: Sequence[TurnKind | None]) -> bool:
+        """Tool turns in declaration order, each tool at most once, then the answer."""
+        if not kinds or kinds[-1] != "answer":
+            return False
+        order = [t.name for t in self.tools]
+        positions = [order.index(k) if k in order else -1 for k in kinds[:-1]]
+        return all(p >= 0 for p in positions) and all(a < b for a, b in zip(positions, positions[1:]))
 
 
-def format_ok(turns: list[str]) -> bool:
-    """Whether the assistant turns form one of the four valid shapes."""
-    return tuple(turn_kind(t) for t in turns) in VALID_SHAPES
+def _lenient_tag(t: ToolSpec) -> str:
+    tag = re.escape(t.tag)
+    return rf"<{tag}>\s*<img>\s*</{tag}>" if t.argument == "image" else rf"<{tag}>"
 
 
-def search_count(turns: list[str]) -> int:
-    """Number of NON-final turns containing a search tag (the final turn should be the answer)."""
-    return sum(_SEARCH_TAG.search(t) is not None for t in turns[:-1])
+@functools.lru_cache(maxsize=32)
+def rules(tools: tuple[ToolSpec, ...] = MMSEARCH_R1_TOOLS) -> FormatRules:
+    """The (cached) format rules of a set of tools."""
+    return FormatRules(tools)
+
+
+def turn_kind(turn: str, tools: Sequence[ToolSpec] = MMSEARCH_R1_TOOLS) -> TurnKind | None:
+    """The kind of a well-formed turn (``"answer"`` or a tool's name), or None if the turn is malformed."""
+    return rules(tuple(tools)).turn_kind(turn)
+
+
+def format_ok(turns: list[str], tools: Sequence[ToolSpec] = MMSEARCH_R1_TOOLS) -> bool:
+    """Whether the assistant turns form a valid shape (for the default tools, one of ``VALID_SHAPES``)."""
+    r = rules(tuple(tools))
+    return r.valid([r.turn_kind(t) for t in turns])
+
+
+def search_count(turns: list[str], tools: Sequence[ToolSpec] = MMSEARCH_R1_TOOLS) -> int:
+    """Number of NON-final turns containing a tool's tag (the final turn should be the answer)."""
+    call_tag = rules(tuple(tools)).call_tag
+    return sum(call_tag.search(t) is not None for t in turns[:-1])

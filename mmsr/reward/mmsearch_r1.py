@@ -9,6 +9,7 @@ from mmsr.data.sample import Sample
 from mmsr.reward.answer import exact_match, extract_answer, parse_candidate_answers, sub_exact_match
 from mmsr.reward.format import format_ok, search_count
 from mmsr.rollout.trajectory import Trajectory
+from mmsr.tools.spec import MMSEARCH_R1_TOOLS, ToolSpec
 
 Mode = Literal["EM", "SubEM"]
 _MATCHERS = {"EM": exact_match, "SubEM": sub_exact_match}
@@ -38,21 +39,28 @@ def mmsearch_r1_reward(
     format_weight: float = 0.1,
     mode: Mode = "EM",
     per_search_penalty: bool = False,
+    tools: Sequence[ToolSpec] = MMSEARCH_R1_TOOLS,
 ) -> float:
     """Reward of one trajectory given its decoded assistant turns (spec section 4).
 
     score = 1 if the last turn's answer is correct else 0; a correct answer reached after searching
     is multiplied by ``1 - search_penalty`` (once, or once per search if ``per_search_penalty``);
     reward = ``(1 - format_weight) * score + format_weight * format_ok(turns)``.
-    ``candidate_answers`` may be a JSON string list, as in the upstream parquet data.
+    ``candidate_answers`` may be a JSON string list, as in the upstream parquet data. ``tools``: the
+    configured tools, whose tags count as searches and decide the valid shapes (``mmsr.reward.format``).
     """
     if not turns:
         return 0.0
     score = float(is_correct(turns, ground_truth, candidate_answers, mode))
-    num_searches = search_count(turns)
+    num_searches = search_count(turns, tools)
     if score > 0.99 and num_searches > 0:
         score *= (1.0 - search_penalty) ** (num_searches if per_search_penalty else 1)
-    return (1.0 - format_weight) * score + format_weight * float(format_ok(turns))
+    return (1.0 - format_weight) * score + format_weight * float(format_ok(turns, tools))
+
+
+def _tools(trajectory: Trajectory) -> tuple[ToolSpec, ...]:
+    """The tools the trajectory was rolled out with (a record without them: MMSearch-R1's pair)."""
+    return getattr(trajectory, "tools", MMSEARCH_R1_TOOLS)
 
 
 class MMSearchR1Reward:
@@ -81,6 +89,7 @@ class MMSearchR1Reward:
             format_weight=self.format_weight,
             mode=self.mode,
             per_search_penalty=self.per_search_penalty,
+            tools=_tools(trajectory),
         )
 
     def details(self, trajectory: Trajectory, sample: Sample) -> dict[str, float]:
@@ -89,6 +98,6 @@ class MMSearchR1Reward:
         correct = is_correct(turns, sample.ground_truth, sample.candidate_answers, self.mode)
         return {
             "correct": float(correct),
-            "format": float(format_ok(turns)),
-            "searched": float(search_count(turns) > 0),
+            "format": float(format_ok(turns, _tools(trajectory))),
+            "searched": float(search_count(turns, _tools(trajectory)) > 0),
         }

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
+
+from mmsr.tools.spec import MMSEARCH_R1_TOOLS, ToolSpec
 
 # Generation stops right after one of these, so no tokens are sampled after an action.
 STOP_STRINGS: tuple[str, ...] = ("</search>", "</text_search>", "</answer>")
+
+
+def stop_strings(tools: Sequence[ToolSpec] = MMSEARCH_R1_TOOLS) -> tuple[str, ...]:
+    """Every configured tool's closing tag, then ``</answer>`` (the default tools give ``STOP_STRINGS``)."""
+    return (*dict.fromkeys(t.stop for t in tools), "</answer>")
 
 
 @dataclass(frozen=True)
@@ -16,8 +25,19 @@ class Answer:
 
 
 @dataclass(frozen=True)
+class ToolUse:
+    """``<tag>arg</tag>`` of a configured tool: call tool ``tool`` with ``arg`` (empty for an image argument)."""
+
+    tool: str
+    arg: str = ""
+
+
+@dataclass(frozen=True)
 class ImageSearch:
     """``<search><img></search>``: reverse image search of the question's image."""
+
+    tool: ClassVar[str] = "image_search"
+    arg: ClassVar[str] = ""
 
 
 @dataclass(frozen=True)
@@ -25,6 +45,11 @@ class TextSearch:
     """``<text_search>query</text_search>``: web search for ``query`` (non-empty, stripped)."""
 
     query: str
+    tool: ClassVar[str] = "text_search"
+
+    @property
+    def arg(self) -> str:
+        return self.query
 
 
 @dataclass(frozen=True)
@@ -34,4 +59,15 @@ class Invalid:
     reason: str
 
 
-Action = Answer | ImageSearch | TextSearch | Invalid
+Call = ToolUse | ImageSearch | TextSearch
+"""A tool call: ``.tool`` (the tool's name) and ``.arg``. The MMSearch-R1 pair keep their own classes."""
+Action = Answer | Call | Invalid
+
+
+def tool_use(spec: ToolSpec, arg: str) -> Call:
+    """The action calling ``spec`` with ``arg``."""
+    if spec.name == "image_search" and spec.argument == "image":
+        return ImageSearch()
+    if spec.name == "text_search" and spec.argument == "text":
+        return TextSearch(arg)
+    return ToolUse(spec.name, arg)

@@ -17,18 +17,19 @@ import asyncio
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 
 from mmsr.data.sample import Sample
 from mmsr.models.policy import Policy
 from mmsr.prompt.render import PromptBuilder
-from mmsr.rollout.actions import Answer, ImageSearch, Invalid, TextSearch
+from mmsr.rollout.actions import Answer, Invalid, stop_strings
 from mmsr.rollout.engine import Engine, GenerationOutput, GenerationRequest, SamplingParams
-from mmsr.rollout.parse import parse_action
+from mmsr.rollout.parse import parser_for
 from mmsr.rollout.tool_runner import ToolRunner
 from mmsr.rollout.trajectory import FinishReason, ToolCall, Trajectory, Turn
 from mmsr.tools.base import FatalToolError, SearchTool, ToolRequest, ToolResult, failure
+from mmsr.tools.spec import ToolSpec, declared
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,8 @@ class RolloutSettings:
         max_rounds: most assistant turns; a search requested in the last round ends the episode.
         image_search_limit: most image searches per episode.
         text_search_limit: most text searches per episode.
+        tool_limits: most calls per episode of the named tools (over their specs' ``limit``; for the
+            MMSearch-R1 pair over the two fields above).
         max_tokens_per_turn: most tokens sampled per turn.
         max_context_tokens: most tokens of the whole episode (images expanded).
         tool_concurrency: most tool calls in flight at once.
@@ -54,6 +57,12 @@ class RolloutSettings:
     max_context_tokens: int = 4096
     tool_concurrency: int = 16
     tool_timeout_s: float = 30.0
+    tool_limits: dict[str, int] = field(default_factory=dict)
+
+    def limit(self, spec: ToolSpec) -> int:
+        """Most calls per episode of tool ``spec``."""
+        pair = {"image_search": self.image_search_limit, "text_search": self.text_search_limit}
+        return self.tool_limits.get(spec.name, pair.get(spec.name, spec.limit))
 
 
 class Phase(Enum):
@@ -90,7 +99,7 @@ class RolloutStats:
     generate_s: float = 0.0
     tools_s: float = 0.0
     tool_busy_s: float = 0.0
-    tool_calls: dict[str, int] = field(default_factory=lambda: {"image_search": 0, "text_search": 0})
+    tool_calls: dict[str, int] = field(default_factory=lambda: {"image_search": 0, "text_search": 0})  # by tool name
     tool_failures: int = 0
     tool_latency_s: list[float] = field(default_factory=list)
     tool_spans: list[tuple[float, float]] = field(default_factory=list)
@@ -118,7 +127,9 @@ class RolloutLoop:
         engine: generates tokens (``HFEngine``, ``VLLMEngine``, ``ScriptedEngine``).
         policy: tokenizer, chat format and image processing of the policy.
         prompts: the user-side texts.
-        tools: ``{"image_search": tool, "text_search": tool}``; a missing tool answers with a failure.
+        tools: ``{name: tool}``: ``Tool`` objects (``mmsr.tools.spec``), whose specs declare the action grammar,
+            or plain backends for ``image_search`` / ``text_search`` (MMSearch-R1's pair, both declared); a
+            declared tool that is ``None`` answers with a failure.
         settings: episode limits.
     """
 
@@ -126,6 +137,10 @@ class RolloutLoop:
                  tools: Mapping[str, SearchTool | None], settings: RolloutSettings = RolloutSettings()) -> None:  # fmt: skip
         self.engine, self.policy, self.prompts, self.settings = engine, policy, prompts, settings
         self.tools = dict(tools)
+        self.specs = declared(self.tools)
+        self._by_name = {spec.name: spec for spec in self.specs}
+        self.parse = parser_for(self.specs)
+        self.stops = stop_strings(self.specs)
         self.encoder = policy.encoder()
         self.eot_ids = self.encoder.text(policy.chat.end_of_turn)
         self.stats = RolloutStats()
@@ -140,7 +155,7 @@ class RolloutLoop:
 
     def run(self, samples: Sequence[Sample], n: int, sampling: SamplingParams) -> list[Trajectory]:
         """``n`` episodes per sample; trajectory ``i*n + k`` is sample ``i``'s k-th (group ``i``)."""
-        self.stats = RolloutStats()
+        self.stats = RolloutStats(tool_calls=dict.fromkeys(self._by_name, 0))
         self.runs += 1
         episodes = [self._start(s, i, k) for i, s in enumerate(samples) for k in range(n)]
         with ToolRunner() as runner:
@@ -179,7 +194,7 @@ class RolloutLoop:
         vision = [self.policy.process_image(sample.image)] if sample.image is not None and self.policy.is_vision else []
         text = self.policy.chat.first_prompt(self.prompts.first_user_text(sample))
         ids = self.encoder.encode(text, [v.num_tokens for v in vision])
-        traj = Trajectory(sample.id, group, ids, [0] * len(ids), [0.0] * len(ids), vision, len(ids))
+        traj = Trajectory(sample.id, group, ids, [0] * len(ids), [0.0] * len(ids), vision, len(ids), tools=self.specs)
         episode = Episode(sample, f"{sample.id}#{k}", traj)
         if len(ids) >= self.settings.max_context_tokens:
             episode.finish("truncated")
@@ -188,7 +203,8 @@ class RolloutLoop:
     def _generate(self, active: list[Episode], sampling: SamplingParams) -> None:
         requests = [self._request(e) for e in active]
         start = time.perf_counter()
-        outputs = self.engine.generate(requests, sampling)
+        stop = sampling.stop + tuple(s for s in self.stops if s not in sampling.stop)
+        outputs = self.engine.generate(requests, sampling if stop == sampling.stop else replace(sampling, stop=stop))
         self.stats.generate_s += time.perf_counter() - start
         for episode, output in zip(active, outputs):
             self._on_generated(episode, output)
@@ -205,7 +221,7 @@ class RolloutLoop:
         traj.logprobs += out.logprobs
         self.stats.sampled_tokens += len(out.token_ids)
         text = self.encoder.decode(out.token_ids)
-        action = parse_action(text) if out.finish != "length" else Invalid("turn truncated")
+        action = self.parse(text) if out.finish != "length" else Invalid("turn truncated")
         traj.turns.append(Turn(text, action, (start, len(traj)), truncated=out.finish == "length"))
         e.needs_end_of_turn = out.finish != "eos"
         self._transition(e, action, out)
@@ -219,15 +235,12 @@ class RolloutLoop:
             return e.finish("no_action")
         if len(e.traj.turns) >= self.settings.max_rounds:
             return e.finish("max_rounds")
-        kind = "image_search" if isinstance(action, ImageSearch) else "text_search"
-        done = e.traj.num_image_searches if kind == "image_search" else e.traj.num_text_searches
-        limit = self.settings.image_search_limit if kind == "image_search" else self.settings.text_search_limit
-        if done >= limit:
+        spec = self._by_name[action.tool]
+        if e.traj.num_calls(spec.name) >= self.settings.limit(spec):
             return e.finish("search_limit")
-        query = action.query if isinstance(action, TextSearch) else ""
         s = e.sample
-        image = s.image if kind == "image_search" else None
-        e.pending = ToolRequest(kind, query, image, s.image_url, s.id, s.question, self.settings.tool_timeout_s)
+        image = s.image if spec.argument == "image" else None
+        e.pending = ToolRequest(spec.name, action.arg, image, s.image_url, s.id, s.question, self.settings.tool_timeout_s)
         e.phase = Phase.CALL_TOOL
 
     async def _call_tool(self, e: Episode, semaphore: asyncio.Semaphore) -> ToolResult:
@@ -256,7 +269,7 @@ class RolloutLoop:
         request, traj = e.pending, e.traj
         traj.turns[-1].tool_call = ToolCall(request.kind, request.query, result)
         vision = [self.policy.process_image(im, tool=True) for im in result.images] if self.policy.is_vision else []
-        text = self.policy.chat.observation(self.prompts.observation_text(e.sample, request.kind, result))
+        text = self.policy.chat.observation(self.prompts.observation_text(e.sample, self._by_name[request.kind], result))
         ids = (self.eot_ids if e.needs_end_of_turn else []) + self.encoder.encode(text, [v.num_tokens for v in vision])
         e.pending = None
         if len(traj) + len(ids) >= self.settings.max_context_tokens:

@@ -6,8 +6,9 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from mmsr.models.vision import VisionInput
-from mmsr.rollout.actions import Action, Answer, ImageSearch, TextSearch
+from mmsr.rollout.actions import Action, Answer
 from mmsr.tools.base import ToolResult
+from mmsr.tools.spec import MMSEARCH_R1_TOOLS, ToolSpec
 
 __all__ = ["FinishReason", "ToolCall", "Trajectory", "Turn", "VisionInput"]
 
@@ -18,7 +19,7 @@ FinishReason = Literal["answer", "no_action", "max_rounds", "search_limit", "tru
 class ToolCall:
     """One executed tool call: what was asked and what came back."""
 
-    kind: Literal["image_search", "text_search"]
+    kind: str  # the tool's name
     query: str
     result: ToolResult
 
@@ -60,6 +61,7 @@ class Trajectory:
         prompt_len: number of tokens of the first prompt.
         turns: the assistant turns in order.
         finish_reason: why the episode ended.
+        tools: the tools the episode was rolled out with (their grammar; the format reward reads it).
     """
 
     sample_id: str
@@ -71,6 +73,7 @@ class Trajectory:
     prompt_len: int
     turns: list[Turn] = field(default_factory=list)
     finish_reason: FinishReason = "no_action"
+    tools: tuple[ToolSpec, ...] = MMSEARCH_R1_TOOLS
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -80,13 +83,22 @@ class Trajectory:
         """The assistant turns' texts in order (what the reward reads)."""
         return [t.text for t in self.turns]
 
+    def num_calls(self, tool: str) -> int:
+        """Calls of tool ``tool`` that ran."""
+        return sum(getattr(t.action, "tool", None) == tool and t.tool_call is not None for t in self.turns)
+
+    @property
+    def num_tool_calls(self) -> int:
+        """Calls of any tool that ran."""
+        return sum(t.tool_call is not None for t in self.turns)
+
     @property
     def num_image_searches(self) -> int:
-        return sum(isinstance(t.action, ImageSearch) and t.tool_call is not None for t in self.turns)
+        return self.num_calls("image_search")
 
     @property
     def num_text_searches(self) -> int:
-        return sum(isinstance(t.action, TextSearch) and t.tool_call is not None for t in self.turns)
+        return self.num_calls("text_search")
 
     @property
     def answer(self) -> str | None:

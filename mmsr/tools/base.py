@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 from PIL import Image
 
@@ -19,8 +19,9 @@ class ToolRequest:
     """One search request, with everything a backend may key on.
 
     Attributes:
-        kind: ``"image_search"`` (search the question's image) or ``"text_search"`` (search ``query``).
-        query: the text query (text search); empty for image search.
+        kind: the tool's name (``ToolSpec.name``), e.g. ``"image_search"`` (search the question's image) or
+            ``"text_search"`` (search ``query``).
+        query: the text argument (text search); empty for a tool whose argument is the image.
         image: the question's image (image search).
         image_url: the row's image URL if it has one (web image search needs a public URL).
         sample_id: the row's id (replay backends key recorded results on it).
@@ -29,7 +30,7 @@ class ToolRequest:
             skips stages that would not finish in time and answers with what it has. ``None``: no limit.
     """
 
-    kind: Literal["image_search", "text_search"]
+    kind: str
     query: str = ""
     image: Image.Image | None = None
     image_url: str | None = None
@@ -85,7 +86,7 @@ class SearchTool(Protocol):
 
 def failure(kind: str, reason: str, latency_s: float = 0.0) -> ToolResult:
     """The observation for a failed call: the model is told and may answer on its own."""
-    header = "[Image Search Results]" if kind == "image_search" else "[Text Search Results]"
+    header = f"[{kind.replace('_', ' ').title()} Results]"  # image_search -> [Image Search Results]
     return ToolResult(
         text=f"{header} The search failed ({reason}). Please answer with your own knowledge.",
         ok=False,

@@ -1,0 +1,147 @@
+"""Tools as data: what a tool declares (``ToolSpec``) and the configurable ``Tool`` that carries it.
+
+The rollout parser, the loop, the prompt, the format reward and the metrics read these declarations
+instead of fixed tool names, so a new tool is one ``Tool`` subclass and one YAML entry under the
+module's ``tools``. MMSearch-R1's image and text search are two such declarations
+(``MMSEARCH_R1_TOOLS``), and their old module arguments (``image_search:`` / ``text_search:``) still
+name their backends.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import ClassVar, Literal
+
+from mmsr.tools.base import SearchTool, ToolRequest, ToolResult, failure
+
+Argument = Literal["image", "text"]
+
+
+@dataclass(frozen=True)
+class ToolSpec:
+    """One tool's declaration.
+
+    Attributes:
+        name: the tool's name: ``ToolRequest.kind``, trajectory and metric keys (``tools/<name>_calls``).
+        tag: its action tag: the policy writes ``<tag>argument</tag>``; generation stops at ``</tag>``.
+        argument: ``"image"``: the tag holds exactly ``<img>`` (whitespace allowed) and the request carries the
+            question's image; ``"text"``: the tag holds a non-empty text (stripped, whitespace runs collapsed),
+            sent as ``ToolRequest.query``.
+        limit: most calls per episode (``RolloutSettings.tool_limits`` overrides it by name).
+        instruction: prompt template appended after a successful result (``mmsr.prompt.render.template_path``);
+            ``None``: none.
+        metric: short name in the search-ratio metrics (``rollout/search_ratio/<metric>``).
+    """
+
+    name: str
+    tag: str
+    argument: Argument = "text"
+    limit: int = 1
+    instruction: str | None = None
+    metric: str = ""
+
+    def __post_init__(self) -> None:
+        if self.argument not in ("image", "text"):
+            raise ValueError(f"tool {self.name!r}: argument must be 'image' or 'text', got {self.argument!r}")
+        if not self.tag.replace("_", "").isalnum() or self.tag in ("answer", "reason", "img", "information"):
+            raise ValueError(f"tool {self.name!r}: tag {self.tag!r} must be a word that is not answer/reason/img/information")
+        if not self.metric:
+            object.__setattr__(self, "metric", self.name)  # frozen: default the metric to the name
+
+    @property
+    def stop(self) -> str:
+        """The string generation stops at."""
+        return f"</{self.tag}>"
+
+
+IMAGE_SEARCH = ToolSpec("image_search", "search", "image", 1, "after_image_search.txt", "image")
+TEXT_SEARCH = ToolSpec("text_search", "text_search", "text", 2, "after_text_search.txt", "text")
+MMSEARCH_R1_TOOLS: tuple[ToolSpec, ...] = (IMAGE_SEARCH, TEXT_SEARCH)
+
+
+class Tool:
+    """A configured tool: its ``spec`` (a class attribute a subclass sets) and how it answers.
+
+    Subclasses either override ``__call__`` (a tool that computes its own result) or get a ``backend``
+    (any ``SearchTool``). Calls must not raise for ordinary failures: return ``failure(...)``.
+
+    Args:
+        backend: the ``SearchTool`` that answers (``None``: the subclass's own ``__call__``, or a failure).
+        limit: overrides the spec's per-episode limit.
+    """
+
+    spec: ClassVar[ToolSpec]
+
+    def __init__(self, backend: SearchTool | None = None, limit: int | None = None) -> None:
+        self.backend = backend
+        if limit is not None:
+            self.spec = replace(type(self).spec, limit=limit)  # instance attribute shadows the class's
+
+    async def __call__(self, request: ToolRequest) -> ToolResult:
+        if self.backend is None:
+            return failure(request.kind, f"no {request.kind} backend is configured")
+        return await self.backend(request)
+
+    def metrics(self) -> dict[str, float]:
+        """The backend's own counters (API calls, cache hits), when it keeps some."""
+        return self.backend.metrics() if hasattr(self.backend, "metrics") else {}
+
+    def check_budget(self, cap_s: float) -> None:
+        """The backend's own check that its nested timeouts fit ``cap_s`` (``mmsr.tools.budget``)."""
+        check = getattr(self.backend, "check_budget", None)
+        if check is not None:
+            check(cap_s)
+
+
+class ImageSearchTool(Tool):
+    """MMSearch-R1's image search, ``<search><img></search>``, answered by ``backend``."""
+
+    spec = IMAGE_SEARCH
+
+
+class TextSearchTool(Tool):
+    """MMSearch-R1's text search, ``<text_search>query</text_search>``, answered by ``backend``."""
+
+    spec = TEXT_SEARCH
+
+
+def declared(tools: dict[str, object]) -> tuple[ToolSpec, ...]:
+    """The specs of a ``{name: tool}`` mapping: a ``Tool``'s own, else the MMSearch-R1 spec of that name.
+
+    A mapping of plain backends (no ``Tool``) declares both MMSearch-R1 tools, configured or not, so a call
+    of a missing one is a failure observation as before.
+    """
+    if not any(isinstance(t, Tool) for t in tools.values()):
+        unknown = sorted(set(tools) - {s.name for s in MMSEARCH_R1_TOOLS})
+        if unknown:
+            raise ValueError(f"tools {unknown} are not declared: configure them as Tool subclasses (mmsr.tools.spec.Tool) "
+                             "with a spec, or use the names image_search / text_search")  # fmt: skip
+        return MMSEARCH_R1_TOOLS
+    specs = []
+    for name, tool in tools.items():
+        if not isinstance(tool, Tool):
+            raise ValueError(f"tool {name!r} is a plain backend among Tool entries: wrap it, e.g. "
+                             f"{{class_path: mmsr.tools.spec.ImageSearchTool, init_args: {{backend: ...}}}}")  # fmt: skip
+        if tool.spec.name != name:
+            raise ValueError(f"tool entry {name!r} holds a tool whose spec is named {tool.spec.name!r}")
+        specs.append(tool.spec)
+    return tuple(specs)
+
+
+def configured(tools: Sequence[Tool] | None, image_search: SearchTool | None = None,
+               text_search: SearchTool | None = None) -> dict[str, SearchTool | None]:  # fmt: skip
+    """The ``{name: tool}`` mapping of a module's arguments: without ``tools``, MMSearch-R1's pair from the
+    old ``image_search`` / ``text_search`` arguments (backends, as before); with ``tools``, those (in order),
+    after the pair's backends wrapped as ``ImageSearchTool`` / ``TextSearchTool`` when they are given."""
+    if tools is None:
+        return {"image_search": image_search, "text_search": text_search}
+    pair = [cls(backend) for cls, backend in ((ImageSearchTool, image_search), (TextSearchTool, text_search)) if backend is not None]
+    out: dict[str, SearchTool | None] = {}
+    for tool in [*pair, *tools]:
+        if not isinstance(tool, Tool):
+            raise TypeError(f"tools entries must be mmsr.tools.spec.Tool subclasses, got {type(tool).__name__}")
+        if tool.spec.name in out:
+            raise ValueError(f"tool {tool.spec.name!r} is configured twice (in tools and as its own argument?)")
+        out[tool.spec.name] = tool
+    return out
