@@ -123,3 +123,28 @@ def test_pretrained_qwen3_vl_directory_round_trip(tiny_qwen3_vl, tmp_path, fvqa_
         b = loaded.forward(ids, torch.ones_like(ids), pos, again).logits
     torch.testing.assert_close(a, b)
     assert not isinstance(loaded.model, Qwen2_5_VLForConditionalGeneration)
+
+
+def test_real_qwen_vocabulary_with_the_qwen3_vl_template(fvqa_samples):
+    """Qwen3-VL keeps Qwen's vocabulary and vision ids: with the real tokenizer and the Qwen3-VL
+    template, an episode built piece by piece (question image + two thumbnails) opens on the user
+    turn and is exactly the tokenization of its own text."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from mmsr.models.policy import Policy
+    from mmsr.models.tiny_qwen3_vl import GRID, NORMALIZE
+    from mmsr.rollout.engine import SamplingParams
+    from tests.prompt.test_chat import qwen_tokenizer
+    from tests.rollout.test_loop import ANS, IMG, TXT, make_loop
+
+    tok = qwen_tokenizer()
+    tok.chat_template = QWEN3_VL_CHAT_TEMPLATE
+    processor = Qwen2VLImageProcessorPil(**GRID, **NORMALIZE, min_pixels=64 * 64, max_pixels=128 * 128)
+    policy = Policy(model=None, tokenizer=tok, image_processor=processor, chat=chat_format(tok))
+    sample = fvqa_samples[0]
+    loop, _ = make_loop(policy, {f"{sample.id}#0": [IMG, TXT, ANS]})
+    (traj,) = loop.run([sample], 1, SamplingParams())
+    text = tok.decode(traj.input_ids, skip_special_tokens=False)
+    assert policy.chat == ChatFormat(system=None) and text.startswith("<|im_start|>user\n")
+    assert tok.encode(text, add_special_tokens=False) == traj.input_ids
+    assert traj.input_ids.count(151655) == sum(v.num_tokens for v in traj.vision) and len(traj.vision) == 3
