@@ -239,9 +239,18 @@ class RolloutLoop:
         if e.traj.num_calls(spec.name) >= self.settings.limit(spec):
             return e.finish("search_limit")
         s = e.sample
-        image = s.image if spec.argument == "image" else None
-        e.pending = ToolRequest(spec.name, action.arg, image, s.image_url, s.id, s.question, self.settings.tool_timeout_s)
+        image = s.image if spec.with_image else None
+        e.pending = ToolRequest(spec.name, action.arg, image, s.image_url, s.id, s.question, self.settings.tool_timeout_s,
+                                self._seen_size(e.traj) if image is not None else None)  # fmt: skip
         e.phase = Phase.CALL_TOOL
+
+    def _seen_size(self, traj: Trajectory) -> tuple[int, int] | None:
+        """``(width, height)`` of the question image as the policy sees it: its patch grid times the patch size."""
+        patch = getattr(self.policy.image_processor, "patch_size", None) if self.policy.is_vision else None
+        if not traj.vision or patch is None:
+            return None
+        _, h, w = traj.vision[0].grid_thw
+        return w * patch, h * patch
 
     async def _call_tool(self, e: Episode, semaphore: asyncio.Semaphore) -> ToolResult:
         request, tool = e.pending, self.tools.get(e.pending.kind)

@@ -28,6 +28,8 @@ class ToolRequest:
         question: the user's question (summarizers focus page summaries on it, spec §5).
         budget_s: seconds the caller waits for the answer (the rollout's ``tool_timeout_s``); a web tool
             skips stages that would not finish in time and answers with what it has. ``None``: no limit.
+        image_size: ``(width, height)`` of ``image`` as the policy sees it (after its processor's resize):
+            the pixel space of coordinates the policy writes. ``None``: the image's own size.
     """
 
     kind: str
@@ -37,6 +39,7 @@ class ToolRequest:
     sample_id: str = ""
     question: str = ""
     budget_s: float | None = None
+    image_size: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)

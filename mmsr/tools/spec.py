@@ -32,6 +32,8 @@ class ToolSpec:
         instruction: prompt template appended after a successful result (``mmsr.prompt.render.template_path``);
             ``None``: none.
         metric: short name in the search-ratio metrics (``rollout/search_ratio/<metric>``).
+        with_image: the request carries the question's image and its size as the policy sees it (a text
+            argument may then address it, e.g. a crop box); ``None``: only for an ``"image"`` argument.
     """
 
     name: str
@@ -40,6 +42,7 @@ class ToolSpec:
     limit: int = 1
     instruction: str | None = None
     metric: str = ""
+    with_image: bool | None = None
 
     def __post_init__(self) -> None:
         if self.argument not in ("image", "text"):
@@ -48,6 +51,8 @@ class ToolSpec:
             raise ValueError(f"tool {self.name!r}: tag {self.tag!r} must be a word that is not answer/reason/img/information")
         if not self.metric:
             object.__setattr__(self, "metric", self.name)  # frozen: default the metric to the name
+        if self.with_image is None:
+            object.__setattr__(self, "with_image", self.argument == "image")
 
     @property
     def stop(self) -> str:

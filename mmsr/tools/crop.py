@@ -1,0 +1,66 @@
+"""Crop: the policy zooms into a region of the question image, which comes back as a new image in context
+(DeepMMSearch-R1 crops before searching; OpenSearch-VL trains a crop tool)."""
+
+from __future__ import annotations
+
+import re
+
+from PIL import Image
+
+from mmsr.tools.base import IMAGE_MARKER, ToolRequest, ToolResult, failure
+from mmsr.tools.spec import Tool, ToolSpec
+
+_NUMBER = r"\s*(-?\d+(?:\.\d+)?)\s*"
+_BOX = re.compile(rf"\[?{_NUMBER},{_NUMBER},{_NUMBER},{_NUMBER}\]?")
+
+
+class Crop(Tool):
+    """``<crop>[x1, y1, x2, y2]</crop>``: the box of the question image, in pixels of the image as the
+    policy sees it (``ToolRequest.image_size``: Qwen-VL models point in the resized image's pixels), comes
+    back as a new image. A box that does not parse, is empty, leaves the image or is smaller than
+    ``min_size`` on a side is a failure observation saying why.
+
+    Args:
+        limit: overrides the spec's per-episode limit (2).
+        min_size: smallest side of a box, in the policy's pixels (a vision patch is 14 or 16).
+    """
+
+    spec = ToolSpec("crop", "crop", "text", limit=2, instruction="after_crop.txt", metric="crop", with_image=True)
+
+    def __init__(self, limit: int | None = None, min_size: int = 14) -> None:
+        super().__init__(None, limit)
+        self.min_size = min_size
+
+    async def __call__(self, request: ToolRequest) -> ToolResult:
+        if request.image is None:
+            return failure(request.kind, "the question has no image to crop")
+        size = request.image_size or request.image.size
+        try:
+            box = self.box(request.query, size)
+        except ValueError as exc:
+            return failure(request.kind, str(exc))
+        region = crop(request.image, box, size)
+        text = f"[Crop Results] region [{', '.join(f'{v:g}' for v in box)}]: {IMAGE_MARKER}"
+        return ToolResult(text, (region,), titles=("crop",))
+
+    def box(self, query: str, size: tuple[int, int]) -> tuple[float, float, float, float]:
+        """The validated box ``(x1, y1, x2, y2)`` in a ``size = (width, height)`` image; ValueError says why not."""
+        match = _BOX.fullmatch(query.strip())
+        if match is None:
+            raise ValueError(f"the box {query!r} is not [x1, y1, x2, y2]")
+        x1, y1, x2, y2 = (float(v) for v in match.groups())
+        w, h = size
+        if not (0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h):
+            raise ValueError(f"the box [{x1:g}, {y1:g}, {x2:g}, {y2:g}] is not inside the {w}x{h} image with x1 < x2, y1 < y2")
+        if min(x2 - x1, y2 - y1) < self.min_size:
+            raise ValueError(f"the box [{x1:g}, {y1:g}, {x2:g}, {y2:g}] is smaller than {self.min_size} pixels on a side")
+        return x1, y1, x2, y2
+
+
+def crop(image: Image.Image, box: tuple[float, float, float, float], size: tuple[int, int]) -> Image.Image:
+    """The region ``box`` (in a ``size`` image's pixels) of ``image``, cut from its own, larger or smaller,
+    pixels."""
+    sx, sy = image.width / size[0], image.height / size[1]
+    x1, y1, x2, y2 = box
+    pixels = (round(x1 * sx), round(y1 * sy), max(round(x2 * sx), round(x1 * sx) + 1), max(round(y2 * sy), round(y1 * sy) + 1))
+    return image.convert("RGB").crop(pixels)

@@ -1,0 +1,89 @@
+"""The crop tool: a box in the pixels of the image as the policy sees it comes back as a new image in
+context; a bad box is a failure observation. Scripted episodes check the image tokens and the loss mask."""
+
+import asyncio
+
+import pytest
+from PIL import Image
+
+from mmsr.prompt.render import PromptBuilder
+from mmsr.rollout.actions import ToolUse
+from mmsr.rollout.engine import SamplingParams, ScriptedEngine
+from mmsr.rollout.loop import RolloutLoop, RolloutSettings
+from mmsr.tools.base import ToolRequest
+from mmsr.tools.crop import Crop
+from mmsr.tools.spec import configured
+
+R = "<reason>zoom</reason>"
+ANS = f"{R}<answer>a sign</answer>"
+
+
+def episode(policy, sample, script, limit=None):
+    loop = RolloutLoop(ScriptedEngine({f"{sample.id}#0": script}, policy.tokenizer), policy,
+                       PromptBuilder(round1="round1_crop.txt"), configured([Crop(limit)]), RolloutSettings(max_rounds=4))  # fmt: skip
+    (traj,) = loop.run([sample], 1, SamplingParams())
+    return traj
+
+
+def seen_size(policy, image):
+    """(width, height) of ``image`` as the policy sees it: its patch grid times the patch size."""
+    _, h, w = policy.process_image(image).grid_thw
+    return w * policy.image_processor.patch_size, h * policy.image_processor.patch_size
+
+
+def test_a_crop_is_a_new_image_with_its_tokens_masked_out(tiny_policy, fvqa_samples):
+    sample = fvqa_samples[0]
+    w, h = seen_size(tiny_policy, sample.image)
+    turn = f"{R}<crop>[0, 0, {w // 2}, {h // 2}]</crop>"
+    traj = episode(tiny_policy, sample, [turn, ANS])
+    assert traj.turns[0].action == ToolUse("crop", f"[0, 0, {w // 2}, {h // 2}]") and traj.finish_reason == "answer"
+    # The region is the top-left quarter of the ORIGINAL image (the box was in the policy's pixels).
+    region = traj.vision[1].image
+    assert region.size == (round(w // 2 * sample.image.width / w), round(h // 2 * sample.image.height / h))
+    assert list(region.getdata()) == list(sample.image.convert("RGB").crop((0, 0, *region.size)).getdata())
+    # Image tokens: the question image's and the crop's, each expanded to its own count, all mask 0.
+    image_id = tiny_policy.model.config.image_token_id
+    assert len(traj.vision) == 2 and traj.input_ids.count(image_id) == sum(v.num_tokens for v in traj.vision)
+    # The loss mask is exactly 1 on the two sampled turns and 0 everywhere else.
+    expected = [0] * len(traj)
+    for t in traj.turns:
+        expected[t.span[0] : t.span[1]] = [1] * (t.span[1] - t.span[0])
+    assert traj.loss_mask == expected
+    for t, text in zip(traj.turns, [turn, ANS]):
+        assert traj.input_ids[t.span[0] : t.span[1]] == tiny_policy.tokenizer.encode(text, add_special_tokens=False)
+    between = tiny_policy.tokenizer.decode(traj.input_ids[traj.turns[0].span[1] : traj.turns[1].span[0]])
+    assert f"[Crop Results] region [0, 0, {w // 2}, {h // 2}]:" in between and "cropped region" in between
+
+
+def test_a_bad_box_is_a_failure_observation_without_an_image(tiny_policy, fvqa_samples):
+    sample = fvqa_samples[0]
+    w, h = seen_size(tiny_policy, sample.image)
+    traj = episode(tiny_policy, sample, [f"{R}<crop>[0, 0, {w + 1}, 10]</crop>", ANS])
+    result = traj.turns[0].tool_call.result
+    assert not result.ok and f"is not inside the {w}x{h} image" in result.text
+    assert len(traj.vision) == 1 and traj.finish_reason == "answer"
+
+
+@pytest.mark.parametrize(
+    ("query", "reason"),
+    [
+        ("top left", r"is not \[x1, y1, x2, y2\]"),
+        ("[10, 10, 5, 20]", "is not inside the 200x100 image"),
+        ("[-1, 0, 50, 50]", "is not inside"),
+        ("[0, 0, 10, 50]", "smaller than 14 pixels"),
+    ],
+)
+def test_box_validation(query, reason):
+    with pytest.raises(ValueError, match=reason):
+        Crop().box(query, (200, 100))
+
+
+def test_the_box_is_read_in_the_policys_pixels():
+    """A 400x200 image the policy sees at 200x100: the box scales by 2 into the image's own pixels."""
+    image = Image.new("RGB", (400, 200), "white")
+    image.paste((255, 0, 0), (100, 50, 300, 150))
+    request = ToolRequest("crop", "50, 25, 150, 75", image, image_size=(200, 100))
+    result = asyncio.run(Crop()(request))
+    (region,) = result.images
+    assert result.ok and region.size == (200, 100) and region.getcolors() == [(200 * 100, (255, 0, 0))]
+    assert not asyncio.run(Crop()(ToolRequest("crop", "0, 0, 50, 50"))).ok  # no image: a failure, not a crash
