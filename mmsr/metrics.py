@@ -53,6 +53,7 @@ def rollout_metrics(
         "rollout/response_tokens": _mean([t.num_sampled_tokens for t in trajs]),
         "rollout/length": _mean([len(t) for t in trajs]),
         "rollout/truncated": _mean([t.finish_reason == "truncated" for t in trajs]),
+        "rollout/context_cut": _mean([bool(getattr(t, "context", ())) for t in trajs]),  # the budget cut something
     }
     out |= {f"rollout/search_ratio/{k}": v for k, v in search_ratios(trajs, settings, tools).items()}
     for field in ("data_source", "category"):

@@ -18,6 +18,7 @@ from typing import Literal
 from mmsr.eval.forced import ForcedTurn
 from mmsr.prompt.render import PromptBuilder
 from mmsr.rollout.loop import RolloutSettings
+from mmsr.tools.spec import MMSEARCH_R1_TOOLS
 
 Workflow = Literal["on-demand", "direct", "rag"]
 WORKFLOWS: tuple[Workflow, ...] = ("on-demand", "direct", "rag")
@@ -45,7 +46,7 @@ class WorkflowSetup:
 def setup(workflow: Workflow, settings: RolloutSettings, prompts: PromptBuilder | None = None) -> WorkflowSetup:
     """The prompts, limits and forced turns of ``workflow``; ``settings``/``prompts`` are on-demand's."""
     if workflow == "on-demand":
-        allowed = min(settings.max_rounds - 1, settings.image_search_limit + settings.text_search_limit)
+        allowed = min(settings.max_rounds - 1, sum(settings.limit(spec) for spec in MMSEARCH_R1_TOOLS))
         return WorkflowSetup(prompts or PromptBuilder(), settings, {}, True, max(allowed, 0))
     if workflow == "direct":
         one_turn = replace(settings, max_rounds=1, image_search_limit=0, text_search_limit=0)

@@ -14,7 +14,7 @@ import io
 import json
 import re
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from PIL import Image
@@ -92,6 +92,7 @@ class TrajectoryRecord:
         length, sampled_tokens: tokens in the episode, and those sampled by the policy (loss mask 1).
         category: the question's kind (``Sample.category``), which the report groups episodes by;
             ``None`` for rows without one (and in files written before it was recorded).
+        context: what the context budget cut or dropped (``Trajectory.context``), one line each.
     """
 
     step: int
@@ -113,6 +114,7 @@ class TrajectoryRecord:
     sampled_tokens: int
     turns: list[TurnRecord]
     category: str | None = None
+    context: list[str] = field(default_factory=list)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), ensure_ascii=False)
@@ -169,6 +171,7 @@ def trajectory_record(
         list(sample.answers), image, float(reward), float(advantage), correct,
         {k: float(v) for k, v in reward_terms.items()}, traj.finish_reason, traj.answer, len(traj),
         traj.num_sampled_tokens, [_turn(i, t, max_px) for i, t in enumerate(traj.turns)], sample.category,
+        list(traj.context),
     )  # fmt: skip
 
 

@@ -2,7 +2,7 @@
 configured tools (``mmsr.tools.spec``; the default tools are MMSearch-R1's pair).
 
 Valid shapes (each turn stripped first): tool turns in the order the tools are declared, each tool at
-most once, then the answer. For MMSearch-R1's pair that is exactly four:
+most ``format_max`` times (once for MMSearch-R1's pair), then the answer. For MMSearch-R1's pair that is exactly four:
   * answer
   * image search -> answer
   * text search -> answer
@@ -74,12 +74,13 @@ class FormatRules:
         return None
 
     def valid(self, kinds: Sequence[TurnKind | None]) -> bool:
-        """Tool turns in declaration order, each tool at most once, then the answer."""
+        """Tool turns in declaration order, each tool at most its ``format_max`` times, then the answer."""
         if not kinds or kinds[-1] != "answer":
             return False
         order = [t.name for t in self.tools]
         positions = [order.index(k) if k in order else -1 for k in kinds[:-1]]
-        return all(p >= 0 for p in positions) and all(a < b for a, b in zip(positions, positions[1:]))
+        in_order = all(p >= 0 for p in positions) and positions == sorted(positions)
+        return in_order and all(positions.count(i) <= t.format_max for i, t in enumerate(self.tools))
 
 
 def _lenient_tag(t: ToolSpec) -> str:

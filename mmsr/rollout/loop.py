@@ -24,6 +24,7 @@ from mmsr.data.sample import Sample
 from mmsr.models.policy import Policy
 from mmsr.prompt.render import PromptBuilder
 from mmsr.rollout.actions import Answer, Invalid, stop_strings
+from mmsr.rollout.context import describe, fit
 from mmsr.rollout.engine import Engine, GenerationOutput, GenerationRequest, SamplingParams
 from mmsr.rollout.parse import parser_for
 from mmsr.rollout.tool_runner import ToolRunner
@@ -38,31 +39,37 @@ class RolloutSettings:
 
     Attributes:
         max_rounds: most assistant turns; a search requested in the last round ends the episode.
-        image_search_limit: most image searches per episode.
-        text_search_limit: most text searches per episode.
-        tool_limits: most calls per episode of the named tools (over their specs' ``limit``; for the
-            MMSearch-R1 pair over the two fields above).
+        image_search_limit: most image searches per episode (``None``: the tool's declared limit, 1).
+        text_search_limit: most text searches per episode (``None``: the tool's declared limit, 2).
+        tool_limits: most calls per episode of the named tools, over the fields above and the tools'
+            declared limits (``ToolSpec.limit``, ``limit:`` of a ``tools:`` entry).
         max_tokens_per_turn: most tokens sampled per turn.
         max_context_tokens: most tokens of the whole episode (images expanded).
         tool_concurrency: most tool calls in flight at once.
+        fit_observations: an observation that does not fit the context is cut to leave room for a full turn
+            after it (its images dropped, then its text shortened; ``mmsr.rollout.context``) instead of
+            ending the episode. Either way ``Trajectory.context`` says what was cut or dropped.
         tool_timeout_s: per-call cap; a timed-out call becomes a failure observation. Tools get it as
             ``ToolRequest.budget_s`` and plan their nested steps within it (``mmsr.tools.budget``);
             ``GRPOModule`` refuses tools whose nested timeouts cannot fit it.
     """
 
     max_rounds: int = 3
-    image_search_limit: int = 1
-    text_search_limit: int = 2
+    image_search_limit: int | None = None
+    text_search_limit: int | None = None
     max_tokens_per_turn: int = 256
     max_context_tokens: int = 4096
     tool_concurrency: int = 16
     tool_timeout_s: float = 30.0
     tool_limits: dict[str, int] = field(default_factory=dict)
+    fit_observations: bool = False
 
     def limit(self, spec: ToolSpec) -> int:
         """Most calls per episode of tool ``spec``."""
         pair = {"image_search": self.image_search_limit, "text_search": self.text_search_limit}
-        return self.tool_limits.get(spec.name, pair.get(spec.name, spec.limit))
+        if spec.name in self.tool_limits:
+            return self.tool_limits[spec.name]
+        return spec.limit if pair.get(spec.name) is None else pair[spec.name]
 
 
 class Phase(Enum):
@@ -224,6 +231,8 @@ class RolloutLoop:
         action = self.parse(text) if out.finish != "length" else Invalid("turn truncated")
         traj.turns.append(Turn(text, action, (start, len(traj)), truncated=out.finish == "length"))
         e.needs_end_of_turn = out.finish != "eos"
+        if out.finish == "length" and self.settings.max_context_tokens - start < self.settings.max_tokens_per_turn:
+            traj.context.append(f"turn {len(traj.turns)}: cut at the context limit after {len(out.token_ids)} tokens")
         self._transition(e, action, out)
 
     def _transition(self, e: Episode, action, out: GenerationOutput) -> None:
@@ -243,6 +252,27 @@ class RolloutLoop:
         e.pending = ToolRequest(spec.name, action.arg, image, s.image_url, s.id, s.question, self.settings.tool_timeout_s,
                                 self._seen_size(e.traj) if image is not None else None)  # fmt: skip
         e.phase = Phase.CALL_TOOL
+
+    def _encode_observation(self, e: Episode, kind: str, result: ToolResult) -> tuple[list[int], list]:
+        """The observation's token ids (``[n]``, images expanded) and its images' vision inputs."""
+        vision = [self.policy.process_image(im, tool=True) for im in result.images] if self.policy.is_vision else []
+        text = self.policy.chat.observation(self.prompts.observation_text(e.sample, self._by_name[kind], result))
+        ids = (self.eot_ids if e.needs_end_of_turn else []) + self.encoder.encode(text, [v.num_tokens for v in vision])
+        return ids, vision
+
+    def _fit(self, e: Episode, kind: str, result: ToolResult) -> tuple[ToolResult, list[int], list] | None:
+        """``(shown, ids, vision)``: ``result`` as the context budget lets it in, whole if it fits, else
+        (``fit_observations``) cut so a full turn still fits after it; None: the episode ends. A cut or a
+        drop is noted in ``Trajectory.context``."""
+        room = self.settings.max_context_tokens - len(e.traj)
+        ids, vision = self._encode_observation(e, kind, result)
+        if len(ids) < room:
+            return result, ids, vision
+        fitting = self.settings.fit_observations and room > self.settings.max_tokens_per_turn
+        limit = room - self.settings.max_tokens_per_turn if fitting else room - 1
+        shown = fit(result, lambda r: len(self._encode_observation(e, kind, r)[0]), limit) if fitting else None
+        e.traj.context.append(describe(len(e.traj.turns), kind, len(ids), limit, result, shown))
+        return None if shown is None else (shown, *self._encode_observation(e, kind, shown))
 
     def _seen_size(self, traj: Trajectory) -> tuple[int, int] | None:
         """``(width, height)`` of the question image as the policy sees it: its patch grid times the patch size."""
@@ -276,13 +306,12 @@ class RolloutLoop:
 
     def _observe(self, e: Episode, result: ToolResult) -> None:
         request, traj = e.pending, e.traj
-        traj.turns[-1].tool_call = ToolCall(request.kind, request.query, result)
-        vision = [self.policy.process_image(im, tool=True) for im in result.images] if self.policy.is_vision else []
-        text = self.policy.chat.observation(self.prompts.observation_text(e.sample, self._by_name[request.kind], result))
-        ids = (self.eot_ids if e.needs_end_of_turn else []) + self.encoder.encode(text, [v.num_tokens for v in vision])
         e.pending = None
-        if len(traj) + len(ids) >= self.settings.max_context_tokens:
+        fitted = self._fit(e, request.kind, result)
+        traj.turns[-1].tool_call = ToolCall(request.kind, request.query, fitted[0] if fitted else result)
+        if fitted is None:
             return e.finish("truncated")
+        _, ids, vision = fitted
         traj.input_ids += ids
         traj.loss_mask += [0] * len(ids)
         traj.logprobs += [0.0] * len(ids)

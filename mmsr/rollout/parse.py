@@ -33,11 +33,9 @@ class ActionParser:
 
     def __call__(self, text: str) -> Action:
         """Parse the action one assistant turn ends in. Pure; never raises (see ``parse_action``)."""
-        found = [(m, None) for m in self.answer.finditer(text)]
-        found += [(m, name) for name, p in self.patterns.items() for m in p.finditer(text)]
-        if not found:
+        match, name = self._last_complete_tag(text)
+        if match is None:
             return self._invalid_without_tag(text)
-        match, name = max(found, key=lambda f: f[0].end())
         if name is None:
             return Answer(match.group(1).strip())
         spec = self.tools[name]
@@ -45,6 +43,17 @@ class ActionParser:
             return tool_use(spec, "")
         arg = " ".join(match.group(1).split())
         return tool_use(spec, arg) if arg else Invalid(f"empty {spec.tag} query")
+
+    def _last_complete_tag(self, text: str) -> tuple[re.Match[str] | None, str | None]:
+        """The complete action tag that ends last and its tool's name (None: the answer), or (None, None)."""
+        best, best_name = None, None
+        for name, pattern in ((None, self.answer), *self.patterns.items()):
+            last = None
+            for last in pattern.finditer(text):  # noqa: B007 - only the last match is kept (no list of them all)
+                pass
+            if last is not None and (best is None or last.end() > best.end()):
+                best, best_name = last, name
+        return best, best_name
 
     def _invalid_without_tag(self, text: str) -> Invalid:
         """Why a text with no complete action tag is invalid (judged by its last opening tag)."""

@@ -62,6 +62,7 @@ class Trajectory:
         turns: the assistant turns in order.
         finish_reason: why the episode ended.
         tools: the tools the episode was rolled out with (their grammar; the format reward reads it).
+        context: what the context budget cut or dropped, one line each (``mmsr.rollout.context``).
     """
 
     sample_id: str
@@ -74,6 +75,7 @@ class Trajectory:
     turns: list[Turn] = field(default_factory=list)
     finish_reason: FinishReason = "no_action"
     tools: tuple[ToolSpec, ...] = MMSEARCH_R1_TOOLS
+    context: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.input_ids)

@@ -32,6 +32,8 @@ class ToolSpec:
         instruction: prompt template appended after a successful result (``mmsr.prompt.render.template_path``);
             ``None``: none.
         metric: short name in the search-ratio metrics (``rollout/search_ratio/<metric>``).
+        format_max: most calls a well-formed trajectory makes (the format reward; MMSearch-R1 allows each
+            search once, whatever the rollout's limit).
         with_image: the request carries the question's image and its size as the policy sees it (a text
             argument may then address it, e.g. a crop box); ``None``: only for an ``"image"`` argument.
     """
@@ -43,6 +45,7 @@ class ToolSpec:
     instruction: str | None = None
     metric: str = ""
     with_image: bool | None = None
+    format_max: int = 1
 
     def __post_init__(self) -> None:
         if self.argument not in ("image", "text"):
@@ -74,14 +77,17 @@ class Tool:
     Args:
         backend: the ``SearchTool`` that answers (``None``: the subclass's own ``__call__``, or a failure).
         limit: overrides the spec's per-episode limit.
+        format_max: overrides the spec's most calls in a well-formed trajectory (long horizons).
     """
 
     spec: ClassVar[ToolSpec]
 
-    def __init__(self, backend: SearchTool | None = None, limit: int | None = None) -> None:
+    def __init__(self, backend: SearchTool | None = None, limit: int | None = None,
+                 format_max: int | None = None) -> None:  # fmt: skip
         self.backend = backend
-        if limit is not None:
-            self.spec = replace(type(self).spec, limit=limit)  # instance attribute shadows the class's
+        given = {k: v for k, v in (("limit", limit), ("format_max", format_max)) if v is not None}
+        if given:
+            self.spec = replace(type(self).spec, **given)  # instance attribute shadows the class's
 
     async def __call__(self, request: ToolRequest) -> ToolResult:
         if self.backend is None:

@@ -1,0 +1,93 @@
+"""Long horizons: per-tool limits from the tools' YAML, a dozen rounds, and a context budget that is
+enforced (observations cut to fit, or the episode ends) and logged in the trajectory."""
+
+import asyncio
+import json
+
+from PIL import Image
+
+from mmsr.metrics import rollout_metrics
+from mmsr.prompt.render import PromptBuilder
+from mmsr.report.records import TrajectoryRecord, trajectory_record
+from mmsr.reward.format import format_ok
+from mmsr.rollout.context import CUT, DROPPED_IMAGE, fit
+from mmsr.rollout.engine import SamplingParams, ScriptedEngine
+from mmsr.rollout.loop import RolloutLoop, RolloutSettings
+from mmsr.tools.base import IMAGE_MARKER, ToolRequest, ToolResult
+from mmsr.tools.spec import ImageSearchTool, TextSearchTool, configured
+
+R = "<reason>more</reason>"
+ANS = f"{R}<answer>Paris</answer>"
+
+
+class Pages:
+    """A text search whose pages are ``chars`` long."""
+
+    def __init__(self, chars: int = 60):
+        self.chars = chars
+
+    async def __call__(self, request: ToolRequest) -> ToolResult:
+        return ToolResult(f"[Text Search Results] {request.query}: " + "Paris is the capital. " * (self.chars // 22))
+
+
+class Thumbnails:
+    async def __call__(self, request: ToolRequest) -> ToolResult:
+        images = tuple(Image.new("RGB", (56, 56), c) for c in ("red", "blue"))
+        return ToolResult(f"[Image Search Results] 1. {IMAGE_MARKER} Eiffel 2. {IMAGE_MARKER} Louvre", images)
+
+
+def run(policy, sample, script, tools, settings):
+    loop = RolloutLoop(ScriptedEngine({f"{sample.id}#0": script}, policy.tokenizer), policy, PromptBuilder(),
+                       configured(tools), settings)  # fmt: skip
+    (traj,) = loop.run([sample], 1, SamplingParams())
+    return traj
+
+
+def sampled_only(traj) -> bool:
+    return [i for i, m in enumerate(traj.loss_mask) if m] == [i for t in traj.turns for i in range(*t.span)]
+
+
+def test_ten_text_searches_in_twelve_rounds(tiny_policy, fvqa_samples):
+    tools = [TextSearchTool(Pages(), limit=10, format_max=10)]  # what `init_args: {limit: 10, format_max: 10}` builds
+    searches = [f"{R}<text_search>fact {k}</text_search>" for k in range(11)]
+    settings = RolloutSettings(max_rounds=12, max_tokens_per_turn=32, max_context_tokens=16384)
+    traj = run(tiny_policy, fvqa_samples[0], [*searches[:10], ANS], tools, settings)
+    assert traj.finish_reason == "answer" and traj.num_calls("text_search") == 10 and len(traj.turns) == 11
+    assert format_ok(traj.assistant_texts, traj.tools) and sampled_only(traj) and traj.context == []
+    assert not format_ok(traj.assistant_texts)  # MMSearch-R1's pair allows one text search
+    refused = run(tiny_policy, fvqa_samples[0], [*searches, ANS], tools, settings)
+    assert refused.finish_reason == "search_limit" and refused.num_calls("text_search") == 10
+
+
+def test_an_observation_that_does_not_fit_is_cut_and_logged(tiny_policy, fvqa_samples):
+    sample = fvqa_samples[0]
+    tools = [ImageSearchTool(Thumbnails()), TextSearchTool(Pages(4000))]
+    script = [f"{R}<search><img></search>", f"{R}<text_search>capital</text_search>", ANS]
+    whole = run(tiny_policy, sample, script, tools, RolloutSettings(max_context_tokens=100_000))
+    budget = len(whole) - 200  # the long page no longer fits whole
+    settings = RolloutSettings(max_tokens_per_turn=32, max_context_tokens=budget, fit_observations=True)
+    traj = run(tiny_policy, sample, script, tools, settings)
+    assert traj.finish_reason == "answer" and len(traj) <= budget and sampled_only(traj)
+    shown = traj.turns[1].tool_call.result.text
+    assert shown.endswith(CUT) and len(shown) < len(whole.turns[1].tool_call.result.text)
+    assert tiny_policy.tokenizer.decode(traj.input_ids).count(CUT.strip()) == 1
+    (note,) = traj.context
+    assert note.startswith("turn 2: text_search observation of") and "text cut from" in note
+    # Without fitting the same observation ends the episode, and the log says so.
+    ended = run(tiny_policy, sample, script, tools, RolloutSettings(max_tokens_per_turn=32, max_context_tokens=budget))
+    assert ended.finish_reason == "truncated" and ended.context[0].endswith("dropped, the episode ends (truncated)")
+    # The trajectory log and the metrics carry it.
+    record = trajectory_record(traj, sample, step=0, global_step=0, index=0, reward=1.0, advantage=0.0, reward_terms={})
+    assert TrajectoryRecord.from_dict(json.loads(record.to_json())).context == [note]
+    assert rollout_metrics([traj, whole], [sample], [0.0, 0.0], [{}, {}], settings)["rollout/context_cut"] == 0.5
+
+
+def test_fit_drops_images_before_cutting_text():
+    thumbs = asyncio.run(Thumbnails()(ToolRequest("image_search")))
+    tokens = lambda r: len(r.text) // 4 + 50 * len(r.images)  # noqa: E731
+    assert fit(thumbs, tokens, 1000) is thumbs
+    bare = fit(thumbs, tokens, 40)
+    assert bare.images == () and bare.text.count(DROPPED_IMAGE) == 2 and not bare.text.endswith(CUT)
+    cut = fit(thumbs, tokens, 20)
+    assert cut.text.endswith(CUT) and tokens(cut) <= 20 and tokens(ToolResult(cut.text[:-len(CUT)] + "xxxx" + CUT)) > 20
+    assert fit(thumbs, tokens, 3) is None
