@@ -45,6 +45,12 @@ class EvalRecord:
     turns: list[dict] = field(default_factory=list)
     judge: bool | None = None
     judge_reply: str | None = None
+    tool_calls: dict[str, int] = field(default_factory=dict)  # calls of every configured tool, by name
+
+    @property
+    def calls(self) -> int:
+        """Calls of any tool (records written before ``tool_calls``: the two searches)."""
+        return sum(self.tool_calls.values()) if self.tool_calls else self.image_searches + self.text_searches
 
 
 def _mean(xs: Sequence[float]) -> float:
@@ -66,8 +72,8 @@ def metrics(records: Sequence[EvalRecord]) -> dict[str, float | int | None]:
         "judge_unparsed": len(records) - len(judged) if wants_judge else 0,
         "reward": _mean([r.reward for r in records]),
         "format": _mean([r.format_ok for r in records]),
-        "search_ratio": _mean([i or t for i, t in zip(img, txt)]),
-        "call_ratio": _mean([(r.image_searches + r.text_searches) / r.allowed_calls if r.allowed_calls else 0.0 for r in records]),
+        "search_ratio": _mean([r.calls > 0 for r in records]),
+        "call_ratio": _mean([r.calls / r.allowed_calls if r.allowed_calls else 0.0 for r in records]),
         "image_only": _mean([i and not t for i, t in zip(img, txt)]),
         "text_only": _mean([t and not i for i, t in zip(img, txt)]),
         "mixed": _mean([i and t for i, t in zip(img, txt)]),

@@ -93,6 +93,7 @@ class Evaluator:
             reward=float(self.reward(traj, sample)), format_ok=format_ok(traj.assistant_texts, traj.tools),
             image_searches=traj.num_image_searches, text_searches=traj.num_text_searches, allowed_calls=allowed,
             finish_reason=traj.finish_reason, num_tokens=len(traj), turns=[turn_record(t) for t in traj.turns],
+            tool_calls={spec.name: traj.num_calls(spec.name) for spec in traj.tools},
         )  # fmt: skip
 
     def add_verdicts(self, records: list[EvalRecord]) -> None:

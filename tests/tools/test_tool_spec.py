@@ -116,3 +116,17 @@ def test_a_config_with_tools_parses_through_the_cli(tmp_path, calculator):
     cli = lightning_cli(["-c", str(ROOT / "configs" / "smoke.yaml"), "-c", str(extra)], run=False, parse_only=True)
     tools = cli.config["model"]["init_args"]["tools"]
     assert [t["class_path"] for t in tools] == ["calc_tool.Calculator", "mmsr.tools.spec.TextSearchTool"]
+
+
+def test_eval_counts_calls_of_every_configured_tool():
+    from mmsr.eval.report import EvalRecord, metrics
+
+    fields = dict(set="s", workflow="on-demand", sample_id="1", data_source="d", category=None, question="q",
+                  ground_truth="a", candidate_answers=[], answer="a", em=True, subem=True, reward=1.0,
+                  format_ok=True, image_searches=0, text_searches=0, allowed_calls=2, finish_reason="answer",
+                  num_tokens=10)  # fmt: skip
+    crop_only = EvalRecord(**fields, tool_calls={"crop": 1, "image_search": 0, "text_search": 0})
+    old = EvalRecord(**{**fields, "text_searches": 2})  # a record written before tool_calls
+    m = metrics([crop_only, EvalRecord(**fields)])
+    assert m["search_ratio"] == 0.5 and m["call_ratio"] == 0.25 and m["image_only"] == m["text_only"] == 0.0
+    assert metrics([old])["call_ratio"] == 1.0
