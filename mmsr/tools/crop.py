@@ -4,10 +4,11 @@
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 from PIL import Image
 
-from mmsr.tools.base import IMAGE_MARKER, ToolRequest, ToolResult, failure
+from mmsr.tools.base import IMAGE_MARKER, FatalToolError, SearchTool, ToolRequest, ToolResult, failure
 from mmsr.tools.spec import Tool, ToolSpec
 
 _NUMBER = r"\s*(-?\d+(?:\.\d+)?)\s*"
@@ -32,16 +33,20 @@ class Crop(Tool):
         self.min_size = min_size
 
     async def __call__(self, request: ToolRequest) -> ToolResult:
-        if request.image is None:
-            return failure(request.kind, "the question has no image to crop")
-        size = request.image_size or request.image.size
         try:
-            box = self.box(request.query, size)
+            box, region = self.region(request)
         except ValueError as exc:
             return failure(request.kind, str(exc))
-        region = crop(request.image, box, size)
         text = f"[Crop Results] region [{', '.join(f'{v:g}' for v in box)}]: {IMAGE_MARKER}"
         return ToolResult(text, (region,), titles=("crop",))
+
+    def region(self, request: ToolRequest) -> tuple[tuple[float, float, float, float], Image.Image]:
+        """The request's box and that region of its image; ValueError says why there is none."""
+        if request.image is None:
+            raise ValueError("the question has no image to crop")
+        size = request.image_size or request.image.size
+        box = self.box(request.query, size)
+        return box, crop(request.image, box, size)
 
     def box(self, query: str, size: tuple[int, int]) -> tuple[float, float, float, float]:
         """The validated box ``(x1, y1, x2, y2)`` in a ``size = (width, height)`` image; ValueError says why not."""
@@ -64,3 +69,37 @@ def crop(image: Image.Image, box: tuple[float, float, float, float], size: tuple
     x1, y1, x2, y2 = box
     pixels = (round(x1 * sx), round(y1 * sy), max(round(x2 * sx), round(x1 * sx) + 1), max(round(y2 * sy), round(y1 * sy) + 1))
     return image.convert("RGB").crop(pixels)
+
+
+class CropSearch(Crop):
+    """``<crop_search>[x1, y1, x2, y2]</crop_search>``: image search on a region of the question image
+    (DeepMMSearch-R1's crop-then-search), the box read and checked as ``Crop``'s.
+
+    ``backend`` gets an ``image_search`` request whose image is the region, with no row id and no image URL,
+    so nothing keyed on the row answers for the whole image: local search matches the region, caches key on
+    its pixels, replay answers only regions it recorded (a miss is a failure observation here, not an error),
+    and web search needs an ``image_host`` that publishes ``request.image`` (without one it is a failure).
+
+    Args:
+        backend: the image search (``LocalImageSearch``, ``CachedTool``, ``ReplaySearch``, ``WebImageSearch``).
+        limit, min_size: as ``Crop``'s.
+    """
+
+    spec = ToolSpec("crop_search", "crop_search", "text", limit=1, instruction="after_image_search.txt",
+                    metric="crop_search", with_image=True)  # fmt: skip
+
+    def __init__(self, backend: SearchTool, limit: int | None = None, min_size: int = 14) -> None:
+        super().__init__(limit, min_size)
+        self.backend = backend
+
+    async def __call__(self, request: ToolRequest) -> ToolResult:
+        try:
+            _, region = self.region(request)
+        except ValueError as exc:
+            return failure(request.kind, str(exc))
+        search = replace(request, kind="image_search", query="", image=region, image_url=None, sample_id="",
+                         image_size=None)  # fmt: skip
+        try:
+            return await self.backend(search)
+        except FatalToolError as exc:  # e.g. a replay that recorded no search of this region
+            return failure(request.kind, f"no results for this region ({exc})")

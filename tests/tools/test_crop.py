@@ -2,6 +2,7 @@
 context; a bad box is a failure observation. Scripted episodes check the image tokens and the loss mask."""
 
 import asyncio
+from dataclasses import replace
 
 import pytest
 from PIL import Image
@@ -10,9 +11,11 @@ from mmsr.prompt.render import PromptBuilder
 from mmsr.rollout.actions import ToolUse
 from mmsr.rollout.engine import SamplingParams, ScriptedEngine
 from mmsr.rollout.loop import RolloutLoop, RolloutSettings
-from mmsr.tools.base import ToolRequest
-from mmsr.tools.crop import Crop
+from mmsr.tools.base import IMAGE_MARKER, FatalToolError, ToolRequest, ToolResult
+from mmsr.tools.crop import Crop, CropSearch
+from mmsr.tools.local import LocalImageSearch
 from mmsr.tools.spec import configured
+from tests.conftest import FVQA
 
 R = "<reason>zoom</reason>"
 ANS = f"{R}<answer>a sign</answer>"
@@ -87,3 +90,45 @@ def test_the_box_is_read_in_the_policys_pixels():
     (region,) = result.images
     assert result.ok and region.size == (200, 100) and region.getcolors() == [(200 * 100, (255, 0, 0))]
     assert not asyncio.run(Crop()(ToolRequest("crop", "0, 0, 50, 50"))).ok  # no image: a failure, not a crash
+
+
+class Recording:
+    """An image search that records its requests; ``fatal``: it raises like a replay miss."""
+
+    def __init__(self, fatal: bool = False):
+        self.fatal, self.requests = fatal, []
+
+    async def __call__(self, request: ToolRequest):
+        self.requests.append(request)
+        if self.fatal:
+            raise FatalToolError("replay has no recorded image_search")
+        return ToolResult(f"[Image Search Results] 1. {IMAGE_MARKER} a sign", (Image.new("RGB", (28, 28)),))
+
+
+def test_crop_search_searches_the_region_and_nothing_keyed_on_the_row():
+    image = Image.new("RGB", (400, 200), "white")
+    backend = Recording()
+    request = ToolRequest("crop_search", "[50, 25, 150, 75]", image, "https://x/1.jpg", "row1", "q", 30.0, (200, 100))
+    result = asyncio.run(CropSearch(backend)(request))
+    (sent,) = backend.requests
+    assert result.ok and result.text.startswith("[Image Search Results]") and len(result.images) == 1
+    assert sent.kind == "image_search" and sent.image.size == (200, 100) and sent.budget_s == 30.0
+    assert (sent.sample_id, sent.image_url, sent.query) == ("", None, "")
+    missed = asyncio.run(CropSearch(Recording(fatal=True))(request))
+    assert not missed.ok and "no results for this region (replay has no recorded image_search)" in missed.text
+    assert not asyncio.run(CropSearch(backend)(replace(request, query="[0, 0, 300, 10]"))).ok and len(backend.requests) == 1
+
+
+def test_crop_search_of_the_whole_image_finds_what_image_search_finds(tiny_policy, fvqa_samples):
+    """With the offline pHash index: the whole image as a crop is the question image, so the same top hit."""
+    sample = fvqa_samples[0]
+    local = LocalImageSearch(index=str(FVQA / "search" / "image_index.jsonl"), top_k=1)
+    w, h = seen_size(tiny_policy, sample.image)
+    loop = RolloutLoop(ScriptedEngine({f"{sample.id}#0": [f"{R}<crop_search>[0, 0, {w}, {h}]</crop_search>", ANS]},
+                                      tiny_policy.tokenizer), tiny_policy, PromptBuilder(),
+                       configured([CropSearch(local)]), RolloutSettings())  # fmt: skip
+    (traj,) = loop.run([sample], 1, SamplingParams())
+    direct = asyncio.run(local(ToolRequest("image_search", image=sample.image, sample_id=sample.id)))
+    call = traj.turns[0].tool_call
+    assert call.kind == "crop_search" and call.result.ok and call.result.titles == direct.titles
+    assert len(traj.vision) == 1 + len(direct.images) and traj.finish_reason == "answer"
