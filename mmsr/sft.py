@@ -27,6 +27,7 @@ from mmsr.prompt.render import PromptBuilder
 from mmsr.rollout.engine import GenerationRequest, SamplingParams, ScriptedEngine
 from mmsr.rollout.loop import RolloutLoop, RolloutSettings
 from mmsr.tools.base import SearchTool
+from mmsr.tools.spec import Tool, configured
 from mmsr.train.batch import collate, pack_by_tokens
 
 
@@ -49,7 +50,7 @@ class SFTModule(L.LightningModule):
     Args:
         policy: builds the policy to train.
         teacher: writes the scripted turns.
-        image_search, text_search, prompts, rollout: as in ``GRPOModule`` (the same episode machinery).
+        image_search, text_search, tools, prompts, rollout: as in ``GRPOModule`` (the same episode machinery).
         lr, weight_decay, grad_clip, lr_schedule, warmup_steps, total_steps: optimization.
         micro_batch_tokens: padded-token budget of one forward/backward.
         reading, reading_steps: the first ``reading_steps`` optimizer steps train next-token prediction
@@ -59,13 +60,14 @@ class SFTModule(L.LightningModule):
     """
 
     def __init__(self, policy: PolicyBuilder, teacher: Teacher, image_search: SearchTool | None = None,
-                 text_search: SearchTool | None = None, prompts: PromptBuilder | None = None,
+                 text_search: SearchTool | None = None, tools: list[Tool] | None = None,
+                 prompts: PromptBuilder | None = None,
                  rollout: RolloutSettings = RolloutSettings(), lr: float = 1e-3, weight_decay: float = 0.0,
                  grad_clip: float = 1.0, lr_schedule: Schedule = "constant", warmup_steps: int = 0,
                  total_steps: int = 1000, micro_batch_tokens: int = 8192, export_dir: str | None = None,
                  reading: TextBatches | None = None, reading_steps: int = 0) -> None:  # fmt: skip
         super().__init__()
-        self.save_hyperparameters(ignore=["policy", "teacher", "image_search", "text_search", "prompts", "reading"])
+        self.save_hyperparameters(ignore=["policy", "teacher", "image_search", "text_search", "tools", "prompts", "reading"])
         if reading_steps and reading is None:
             raise ValueError("reading_steps > 0 needs a reading corpus")
         self.reading = reading
@@ -77,8 +79,8 @@ class SFTModule(L.LightningModule):
         self.teacher = teacher
         self.engine = ScriptedEngine(self._script)
         self.engine.bind(self.policy)
-        tools = {"image_search": image_search, "text_search": text_search}
-        self.loop = RolloutLoop(self.engine, self.policy, prompts or PromptBuilder(), tools, rollout)
+        self.loop = RolloutLoop(self.engine, self.policy, prompts or PromptBuilder(),
+                                configured(tools, image_search, text_search), rollout)  # fmt: skip
         self._turns: dict[str, list[str]] = {}
 
     def _script(self, request: GenerationRequest) -> str:
