@@ -5,16 +5,19 @@ import asyncio
 from dataclasses import replace
 
 import pytest
+import torch
 from PIL import Image
 
 from mmsr.prompt.render import PromptBuilder
 from mmsr.rollout.actions import ToolUse
 from mmsr.rollout.engine import SamplingParams, ScriptedEngine
+from mmsr.rollout.hf_engine import HFEngine
 from mmsr.rollout.loop import RolloutLoop, RolloutSettings
 from mmsr.tools.base import IMAGE_MARKER, FatalToolError, ToolRequest, ToolResult
 from mmsr.tools.crop import Crop, CropSearch
 from mmsr.tools.local import LocalImageSearch
 from mmsr.tools.spec import configured
+from mmsr.train.update import PolicyUpdate, UpdateSettings
 from tests.conftest import FVQA
 
 R = "<reason>zoom</reason>"
@@ -132,3 +135,34 @@ def test_crop_search_of_the_whole_image_finds_what_image_search_finds(tiny_polic
     call = traj.turns[0].tool_call
     assert call.kind == "crop_search" and call.result.ok and call.result.titles == direct.titles
     assert len(traj.vision) == 1 + len(direct.images) and traj.finish_reason == "answer"
+
+
+class CropThenSample:
+    """Turn 0 is a scripted crop; every later turn is the HF engine's own sample, in the context that now
+    holds the cropped image."""
+
+    def __init__(self, policy, key: str, crop_turn: str):
+        self.scripted, self.hf = ScriptedEngine({key: [crop_turn]}, policy.tokenizer), HFEngine(seed=0)
+        self.hf.bind(policy)
+
+    def generate(self, requests, sampling):
+        return (self.scripted if requests[0].turn == 0 else self.hf).generate(requests, sampling)
+
+
+def test_engine_and_trainer_log_probs_agree_with_the_crop_in_context(tiny_policy, fvqa_samples):
+    sample = fvqa_samples[0]
+    w, h = seen_size(tiny_policy, sample.image)
+    engine = CropThenSample(tiny_policy, f"{sample.id}#0", f"{R}<crop>[{w // 4}, 0, {w}, {h // 2}]</crop>")
+    loop = RolloutLoop(engine, tiny_policy, PromptBuilder(round1="round1_crop.txt"), configured([Crop()]),
+                       RolloutSettings(max_rounds=2, max_tokens_per_turn=48, max_context_tokens=8192))  # fmt: skip
+    (traj,) = loop.run([sample], 1, SamplingParams(max_tokens=48))
+    assert len(traj.vision) == 2 and traj.turns[0].tool_call.result.ok and len(traj.turns) == 2
+    start, end = traj.turns[1].span
+    (trainer,) = PolicyUpdate(tiny_policy, UpdateSettings()).score([traj], tiny_policy.model, torch.device("cpu"))
+    engine_lp = torch.tensor(traj.logprobs[start:end])
+    assert end > start and (trainer[start - 1 : end - 1] - engine_lp).abs().max() < 1e-4
+    # The crop's pixels matter: the mirrored region (same size, same tokens) scores the turn differently.
+    mirrored = tiny_policy.process_image(traj.vision[1].image.transpose(Image.Transpose.FLIP_LEFT_RIGHT), tool=True)
+    traj.vision[1] = mirrored
+    (other,) = PolicyUpdate(tiny_policy, UpdateSettings()).score([traj], tiny_policy.model, torch.device("cpu"))
+    assert (other[start - 1 : end - 1] - engine_lp).abs().max() > 1e-3
