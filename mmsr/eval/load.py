@@ -31,6 +31,7 @@ from mmsr.rollout.engine import Engine
 from mmsr.rollout.loop import RolloutSettings
 from mmsr.sync import WeightSync
 from mmsr.tools.base import SearchTool
+from mmsr.tools.spec import Tool, configured
 
 if TYPE_CHECKING:
     from mmsr.module import GRPOModule
@@ -69,9 +70,11 @@ def _read_yaml(path: str | Path) -> dict:
 
 
 def load_tools(path: str | Path) -> dict[str, SearchTool | None]:
-    """``image_search`` / ``text_search`` entries (``class_path`` + ``init_args``) of a YAML file."""
-    built = _parse({"image_search": SearchTool | None, "text_search": SearchTool | None}, _read_yaml(path), Path(path))
-    return {"image_search": built.image_search, "text_search": built.text_search}
+    """``image_search`` / ``text_search`` entries (``class_path`` + ``init_args``) of a YAML file, and a
+    ``tools`` list of ``Tool`` entries as the module's (``mmsr.tools.spec.configured``)."""
+    kinds = {"image_search": SearchTool | None, "text_search": SearchTool | None, "tools": list[Tool] | None}
+    built = _parse(kinds, _read_yaml(path), Path(path))
+    return configured(built.tools, built.image_search, built.text_search)
 
 
 def _synced(policy: Policy, engine: Engine, weight_sync: WeightSync | None = None) -> Engine:

@@ -130,3 +130,15 @@ def test_eval_counts_calls_of_every_configured_tool():
     m = metrics([crop_only, EvalRecord(**fields)])
     assert m["search_ratio"] == 0.5 and m["call_ratio"] == 0.25 and m["image_only"] == m["text_only"] == 0.0
     assert metrics([old])["call_ratio"] == 1.0
+
+
+def test_eval_tools_file_takes_tools_entries(tmp_path, calculator):
+    from mmsr.eval.load import load_tools
+
+    path = tmp_path / "tools.yaml"
+    path.write_text(yaml.safe_dump({"image_search": {"class_path": "mmsr.tools.local.LocalImageSearch", "init_args": {
+        "index": str(ROOT / "data" / "fvqa_dev_20" / "search" / "image_index.jsonl")}},
+        "tools": [{"class_path": "calc_tool.Calculator"}]}))  # fmt: skip
+    tools = load_tools(path)
+    assert list(tools) == ["image_search", "calculator"] and isinstance(tools["image_search"], ImageSearchTool)
+    assert declared(tools) == (MMSEARCH_R1_TOOLS[0], type(calculator).spec)
