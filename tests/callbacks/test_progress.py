@@ -64,9 +64,10 @@ def test_bar_shows_live_stages_during_a_step(module, capfd, tmp_path):
     postfixes = re.findall(r"stage=(\w+), tok/s=(\d+), tools=(\d+)", out.out + out.err)
     stages = {s for s, _, _ in postfixes}
     assert {"rollout", "tools", "train"} <= stages, stages
-    # While the slow text searches run, the two episodes that searched have a call in flight each,
-    # and the first generation round has already been timed.
-    assert {(int(tps) > 0, n) for s, tps, n in postfixes if s == "tools"} == {(True, "2")}
+    # Episodes advance independently, so a poll may fall between one episode's call starting and the
+    # other's: 1 or 2 calls in flight, both at some point; a call starts only after a timed generation.
+    in_flight = {(int(tps) > 0, n) for s, tps, n in postfixes if s == "tools"}
+    assert (True, "2") in in_flight and in_flight <= {(True, "1"), (True, "2")}, in_flight
 
 
 def fit(module, tmp_path, bar, steps=2):
