@@ -48,6 +48,7 @@ class RunDirectory(L.Callback):
         self.loggers: list[dict[str, Any]] = []  # one entry per trainer logger, in order
         self.resuming = False
         self.unlogged_row: dict[str, Any] | None = None  # the loaded checkpoint's step row, if not yet written
+        self.resumed_from: list[dict[str, Any]] = []  # the loaded checkpoint's loggers
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # The loggers created their experiments just before this hook: versions and ids are known.
@@ -73,14 +74,17 @@ class RunDirectory(L.Callback):
         for logger in trainer.loggers:
             if isinstance(logger, CSVLogger):
                 drop_rows_from(Path(logger.log_dir) / METRICS_FILE, step)
-                if self.unlogged_row is not None and self.unlogged_row["step"] < step:
+                # The row belongs to the checkpoint's run: a resume that logs to a new directory does not get it.
+                continues = logger_run(logger) in self.resumed_from
+                if self.unlogged_row is not None and self.unlogged_row["step"] < step and continues:
                     append_missing_row(logger, self.unlogged_row)
 
     def state_dict(self) -> dict[str, Any]:
         return {"loggers": self.loggers}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.loggers = list(state_dict.get("loggers", []))
+        # ``self.loggers`` stays this run's (from ``setup``): later checkpoints name where this run logs.
+        self.resumed_from = list(state_dict.get("loggers", []))
         self.unlogged_row = state_dict.get("unlogged_row")
 
 
