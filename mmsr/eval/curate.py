@@ -2,10 +2,11 @@
 
 1. ``k`` on-demand rollouts per question with the current model (sampled, default temperature 1);
 2. questions never answered correctly are dropped;
-3. a question with a correct rollout that did not search is ``search_free``; otherwise it is
-   labelled by the search types the correct rollouts used, taken together: only image search ->
+3. a question with a correct rollout that called no tool is ``search_free``; otherwise it is
+   labelled by the tools the correct rollouts used, taken together: only image search ->
    ``image_search_required``, only text search -> ``text_search_required``, both ->
-   ``mixed_search_required``;
+   ``mixed_search_required``; with other configured tools (crop, ...) among them, their names and the
+   searches', sorted and joined by ``+``, then ``_required`` (``crop+image_search_required``);
 4. a subset is sampled (seeded) at the target search-free share: the largest one the pools allow,
    or ``size`` rows;
 5. it is written in the MMSearch-R1 parquet schema (readable by ``load_samples``); the label is the
@@ -26,21 +27,28 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from mmsr.data.sample import Sample
 from mmsr.rollout.loop import RolloutLoop
+from mmsr.rollout.trajectory import Trajectory
 
-Label = Literal["search_free", "image_search_required", "text_search_required", "mixed_search_required"]
+Label = str  # one of PAIR_LABELS, or the "<tool>+<tool>_required" label of other configured tools
+PAIR_LABELS = ("search_free", "image_search_required", "text_search_required", "mixed_search_required")
 
 
 @dataclass(frozen=True)
 class Outcome:
-    """One rollout of a question: answered correctly, and which searches it made."""
+    """One rollout of a question: answered correctly, which searches it made, and which other configured
+    tools it called (names, sorted)."""
 
     correct: bool
     image: bool
     text: bool
+    others: tuple[str, ...] = ()
+
+    @property
+    def used(self) -> set[str]:
+        return {*self.others} | {n for n, u in (("image_search", self.image), ("text_search", self.text)) if u}
 
 
 def label(outcomes: Sequence[Outcome]) -> Label | None:
@@ -48,10 +56,12 @@ def label(outcomes: Sequence[Outcome]) -> Label | None:
     correct = [o for o in outcomes if o.correct]
     if not correct:
         return None
-    if any(not (o.image or o.text) for o in correct):
+    if any(not o.used for o in correct):
         return "search_free"
-    image, text = any(o.image for o in correct), any(o.text for o in correct)
-    return "mixed_search_required" if image and text else ("image_search_required" if image else "text_search_required")
+    used = set().union(*(o.used for o in correct))
+    if used == {"image_search", "text_search"}:
+        return "mixed_search_required"
+    return "+".join(sorted(used)) + "_required"
 
 
 def read_work(path: Path) -> dict[str, list[Outcome]]:
@@ -64,7 +74,7 @@ def read_work(path: Path) -> dict[str, list[Outcome]]:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            done[row["id"]] = [Outcome(*o) for o in row["outcomes"]]
+            done[row["id"]] = [Outcome(*o[:3], tuple(o[3]) if len(o) > 3 else ()) for o in row["outcomes"]]
     return done
 
 
@@ -84,11 +94,17 @@ def roll_out(loop: RolloutLoop, samples: Sequence[Sample], k: int, temperature: 
         with work.open("a", encoding="utf-8") as f:
             for i, s in enumerate(batch):
                 group = [t for t in trajs if t.group_id == i]
-                outs = [Outcome(is_correct(t.assistant_texts, s.ground_truth, s.candidate_answers, mode),
-                                t.num_image_searches > 0, t.num_text_searches > 0) for t in group]  # fmt: skip
+                outs = [outcome(t, is_correct(t.assistant_texts, s.ground_truth, s.candidate_answers, mode)) for t in group]
                 done[s.id] = outs
-                f.write(json.dumps({"id": s.id, "outcomes": [[o.correct, o.image, o.text] for o in outs]}) + "\n")
+                f.write(json.dumps({"id": s.id, "outcomes": [[o.correct, o.image, o.text, list(o.others)] for o in outs]}) + "\n")
     return done
+
+
+def outcome(t: Trajectory, correct: bool) -> Outcome:
+    """``t``'s outcome: the searches it made, and the other declared tools it called."""
+    others = tuple(sorted(spec.name for spec in t.tools
+                          if spec.name not in ("image_search", "text_search") and t.num_calls(spec.name)))  # fmt: skip
+    return Outcome(correct, t.num_image_searches > 0, t.num_text_searches > 0, others)
 
 
 def select(labels: dict[str, Label], search_free_ratio: float, size: int | None = None, seed: int = 0) -> list[str]:
@@ -157,7 +173,7 @@ def curate(samples: Sequence[Sample], loop: RolloutLoop, out: str | Path, k: int
     labels = {s.id: lab for s in samples if (lab := label(outcomes[s.id])) is not None}
     chosen = set(select(labels, search_free_ratio, size, seed))
     write_parquet([s for s in samples if s.id in chosen], labels, outcomes, out)
-    counts = {name: sum(v == name for v in labels.values()) for name in Label.__args__}
+    counts = {name: sum(v == name for v in labels.values()) for name in PAIR_LABELS + tuple(sorted(set(labels.values())))}
     return counts | {"dropped": len(samples) - len(labels), "selected": len(chosen)}
 
 

@@ -91,3 +91,30 @@ def test_curate_resumes_after_a_crash(tmp_path, tiny_policy, fvqa_samples):
     assert again == whole
     a, b = load_samples(tmp_path / "a.parquet"), load_samples(tmp_path / "b.parquet")
     assert [(s.id, s.category) for s in a] == [(s.id, s.category) for s in b]
+
+
+def test_labels_name_other_configured_tools(tmp_path, tiny_policy, fvqa_samples):
+    """With a crop tool configured beside the searches, a question answered only after a crop is labelled by
+    the tools its correct rollouts used; the work file keeps them, and old three-field rows still read."""
+    from mmsr.eval.curate import read_work
+    from mmsr.tools.crop import Crop
+    from mmsr.tools.spec import ImageSearchTool, TextSearchTool, configured
+
+    assert label([Outcome(True, True, False, ("crop",)), Outcome(True, False, True)]) == "crop+image_search+text_search_required"
+    assert label([Outcome(True, False, False, ("crop",))]) == "crop_required"
+    assert label([Outcome(True, False, False, ("crop",)), Outcome(True, False, False)]) == "search_free"
+    samples = fvqa_samples[:3]
+    crop = f"{R}<crop>[0, 0, 20, 20]</crop>"
+    ans = lambda s: f"{R}<answer>{s.ground_truth}</answer>"  # noqa: E731
+    script = {samples[0].id: [[crop, ans(samples[0])]], samples[1].id: [[crop, IMG, ans(samples[1])]],
+              samples[2].id: [[ans(samples[2])]]}  # fmt: skip
+    tools = configured([ImageSearchTool(FakeImageSearch()), TextSearchTool(FakeTextSearch()), Crop()])
+    loop = RolloutLoop(Engine(tiny_policy, script), tiny_policy, PromptBuilder(), tools)
+    out = tmp_path / "c.parquet"
+    counts = curate(samples, loop, out, k=1, search_free_ratio=1 / 3)
+    assert counts["crop_required"] == counts["crop+image_search_required"] == counts["search_free"] == 1
+    assert counts["image_search_required"] == 0 and counts["selected"] == 3
+    work = out.with_name(out.name + ".rollouts.jsonl")
+    assert read_work(work)[samples[1].id] == [Outcome(True, True, False, ("crop",))]
+    work.write_text('{"id": "old", "outcomes": [[true, false, true]]}\n')
+    assert read_work(work) == {"old": [Outcome(True, False, True)]}
