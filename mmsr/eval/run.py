@@ -26,6 +26,7 @@ from mmsr.rollout.engine import Engine, SamplingParams
 from mmsr.rollout.loop import RolloutLoop, RolloutSettings
 from mmsr.rollout.trajectory import Trajectory
 from mmsr.tools.base import SearchTool
+from mmsr.tools.spec import declared
 
 
 def turn_record(turn) -> dict:
@@ -70,7 +71,7 @@ class Evaluator:
 
     def run(self, samples: Sequence[Sample], workflow: Workflow, name: str) -> list[EvalRecord]:
         """One greedy episode per sample; records in sample order."""
-        flow = setup(workflow, self.settings, self.prompts)
+        flow = setup(workflow, self.settings, self.prompts, declared(self.tools))
         loop = self.loop(flow)
         greedy = SamplingParams(temperature=0.0, top_p=1.0, top_k=0, max_tokens=flow.settings.max_tokens_per_turn)
         records = []

@@ -18,7 +18,7 @@ from typing import Literal
 from mmsr.eval.forced import ForcedTurn
 from mmsr.prompt.render import PromptBuilder
 from mmsr.rollout.loop import RolloutSettings
-from mmsr.tools.spec import MMSEARCH_R1_TOOLS
+from mmsr.tools.spec import MMSEARCH_R1_TOOLS, ToolSpec
 
 Workflow = Literal["on-demand", "direct", "rag"]
 WORKFLOWS: tuple[Workflow, ...] = ("on-demand", "direct", "rag")
@@ -43,10 +43,12 @@ class WorkflowSetup:
     allowed_calls: int
 
 
-def setup(workflow: Workflow, settings: RolloutSettings, prompts: PromptBuilder | None = None) -> WorkflowSetup:
-    """The prompts, limits and forced turns of ``workflow``; ``settings``/``prompts`` are on-demand's."""
+def setup(workflow: Workflow, settings: RolloutSettings, prompts: PromptBuilder | None = None,
+          specs: tuple[ToolSpec, ...] = MMSEARCH_R1_TOOLS) -> WorkflowSetup:  # fmt: skip
+    """The prompts, limits and forced turns of ``workflow``; ``settings``/``prompts`` are on-demand's, ``specs``
+    the tools on-demand may call (its allowed calls add up their limits)."""
     if workflow == "on-demand":
-        allowed = min(settings.max_rounds - 1, sum(settings.limit(spec) for spec in MMSEARCH_R1_TOOLS))
+        allowed = min(settings.max_rounds - 1, sum(settings.limit(spec) for spec in specs))
         return WorkflowSetup(prompts or PromptBuilder(), settings, {}, True, max(allowed, 0))
     if workflow == "direct":
         one_turn = replace(settings, max_rounds=1, image_search_limit=0, text_search_limit=0)

@@ -110,3 +110,19 @@ def test_rag_forces_searches_and_the_model_writes_query_and_answer(tiny_policy, 
     assert rec.em and (rec.image_searches, rec.text_searches, rec.allowed_calls) == (1, 1, 2)
     assert [r.turn for r in engine.requests] == [1, 2]  # the model is never asked for turn 0
     assert tiny_policy.tokenizer.decode(engine.requests[0].input_ids).endswith("<text_search>")
+
+
+def test_on_demand_allows_the_calls_of_every_configured_tool(tiny_policy, fvqa_samples):
+    """The calls ratio's denominator adds up the limits of the tools configured, not only the two searches."""
+    from mmsr.tools.crop import Crop
+    from mmsr.tools.spec import ImageSearchTool, TextSearchTool, configured
+
+    sample = fvqa_samples[0]
+    engine = ScriptedEngine({f"{sample.id}#0": [f"{R}<answer>x</answer>"]}, tiny_policy.tokenizer)
+    settings = RolloutSettings(max_rounds=8)
+    pair = {"image_search": None, "text_search": None}
+    (rec,) = Evaluator(tiny_policy, engine, pair, settings).run([sample], "on-demand", "dev")
+    assert rec.allowed_calls == 1 + 2  # image search once, text search twice
+    tools = configured([ImageSearchTool(), TextSearchTool(), Crop()])
+    (rec,) = Evaluator(tiny_policy, engine, tools, settings).run([sample], "on-demand", "dev")
+    assert rec.allowed_calls == 1 + 2 + Crop.spec.limit
