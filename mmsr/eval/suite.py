@@ -12,7 +12,8 @@ The suite file names the sets, each a loader ``class_path`` entry (``mmsr.data.b
 Every set's episodes are written as ``mmsr eval`` writes them (``<out>/<set>/trajectories.jsonl``,
 ``summary.json``, ``summary.md``) as soon as the set is done, and the suite table (``suite.md``,
 ``suite.csv``, ``suite.json``) is rewritten after each set, so a crash later loses nothing computed. A
-set that cannot be loaded (missing file, bad row) is a row marked as an error; the others still run.
+set that cannot be loaded (missing file, bad row), or whose evaluation raises, is a row marked as an error
+(the workflows it finished before are kept); the others still run.
 Accuracy is one metric for the whole table (``judge``: the LLM judge, as the paper; ``em`` / ``subem``
 without one). SR is the share of responses that searched (paper §4.1); ``call_ratio`` (calls / allowed,
 Table 1's caption) is in the CSV and JSON.
@@ -23,6 +24,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import traceback
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -67,15 +69,27 @@ def run_suite(evaluator: Evaluator, sets: Mapping[str, EvalSet], workflows: Sequ
     results: dict[str, dict] = {}
     for name, evalset in sets.items():
         samples, error = _load(evalset, limit)
-        if error is not None:
-            results[name] = {"error": error}
-        else:
-            records = [r for wf in workflows for r in evaluator.run(samples, wf, name)]
-            summary = write_outputs(records, out / name)
-            results[name] = {wf: parts["all"] for wf, parts in summary[name].items()}
+        results[name] = {"error": error} if error is not None else _evaluate(evaluator, samples, workflows, name, out)
         table = suite_table(results, workflows, accuracy)
         write_table(table, out)
     return table
+
+
+def _evaluate(evaluator: Evaluator, samples: list, workflows: Sequence[str], name: str, out: Path) -> dict:
+    """``{workflow: metrics}`` of the workflows that ran on one set; a workflow that raises ends the set with
+    ``"error"`` (its traceback on stderr), the ones before it are kept and written, and the suite goes on."""
+    records, result = [], {}
+    for wf in workflows:
+        try:
+            records += evaluator.run(samples, wf, name)
+        except Exception as exc:  # noqa: BLE001 - one broken set (a row, a tool, the judge) must not end the suite
+            traceback.print_exc()
+            result["error"] = f"evaluation failed in {wf}: {type(exc).__name__}: {exc}"
+            break
+    if records:
+        summary = write_outputs(records, out / name)
+        result |= {wf: parts["all"] for wf, parts in summary[name].items()}
+    return result
 
 
 def _row(workflow: str, name: str, result: dict, accuracy: str) -> dict:

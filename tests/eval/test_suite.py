@@ -56,6 +56,33 @@ def test_table_by_hand_and_a_set_that_does_not_load(tmp_path, tiny_policy, fvqa_
     assert not (tmp_path / "gone").exists()
 
 
+class BreaksOn(Evaluator):
+    """Raises when ``workflow`` runs on set ``name`` (say, a tool or the judge failing for good)."""
+
+    def __init__(self, *args, breaks=("", ""), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.breaks = breaks
+
+    def run(self, samples, workflow, name):
+        if (name, workflow) == self.breaks:
+            raise RuntimeError("judge unreachable")
+        return super().run(samples, workflow, name)
+
+
+def test_a_set_whose_evaluation_fails_is_an_error_row_and_the_suite_goes_on(tmp_path, tiny_policy, fvqa_samples, capfd):
+    a, b = fvqa_samples[:2], fvqa_samples[2:4]
+    script = {s.id: [f"{R}<answer>{s.ground_truth}</answer>"] for s in fvqa_samples}
+    evaluator = BreaksOn(tiny_policy, ScriptedEngine(script, tiny_policy.tokenizer), {}, breaks=("a", "rag"))
+    table = run_suite(evaluator, {"a": Given(a), "b": Given(b)}, ["direct", "rag"], tmp_path, accuracy="em")
+    rows = {(r["set"], r["workflow"]): r for r in table["rows"]}
+    assert rows["a", "direct"]["error"] is None and rows["a", "direct"]["n"] == 2  # finished before: kept
+    assert rows["a", "rag"]["error"] == "evaluation failed in rag: RuntimeError: judge unreachable"
+    assert rows["b", "rag"]["error"] is None and rows["b", "rag"]["n"] == 2  # the next set still ran
+    assert table["average"]["rag"]["sets"] == 1 and table["average"]["direct"]["sets"] == 2
+    assert len((tmp_path / "a" / "trajectories.jsonl").read_text().splitlines()) == 2
+    assert "RuntimeError: judge unreachable" in capfd.readouterr().err  # the traceback is not lost
+
+
 def test_suite_file_errors_name_the_set(tmp_path):
     (tmp_path / "s.yaml").write_text(yaml.safe_dump({"sets": {"x": {"class_path": "mmsr.data.benchmarks.NoSuchSet"}}}))
     with pytest.raises(ValueError, match="s.yaml: set 'x'"):
