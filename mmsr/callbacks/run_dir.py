@@ -18,8 +18,9 @@ it. The pieces, in the order a resume runs them:
    that step on are not this run's history. ``TrajectoryLogger`` applies the same rule.
 5. Lightning saves a step's checkpoint (``ModelCheckpoint.on_train_batch_end``) before it writes that
    step's metrics row, and the resumed run starts at the next step: a kill in between would lose the
-   row for good. A checkpoint saved in that window carries the row (``on_save_checkpoint``), and the
-   resumed run appends it after step 4 unless ``metrics.csv`` already has that step.
+   row for good. A checkpoint saved in that window carries the row (``on_save_checkpoint``), and a
+   resumed run that logs to the checkpoint's own directory appends it after step 4 unless
+   ``metrics.csv`` already has that step (a resume into a new directory starts without it).
 """
 
 from __future__ import annotations
