@@ -39,7 +39,11 @@ PIL_IMAGE_CLASSES = frozenset({
     ("PIL.WebPImagePlugin", "WebPImageFile"), ("PIL.GifImagePlugin", "GifImageFile"),
     ("PIL.BmpImagePlugin", "BmpImageFile"), ("PIL.TiffImagePlugin", "TiffImageFile"),
 })  # fmt: skip
-MODES = frozenset({"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "I", "F", "I;16"})
+# bits per pixel of the raw data Pillow pickles, per mode
+MODE_BITS = {"1": 1, "L": 8, "P": 8, "LA": 16, "PA": 16, "I;16": 16, "RGB": 24, "YCbCr": 24, "RGBA": 32, "RGBX": 32,
+             "CMYK": 32, "I": 32, "F": 32}  # fmt: skip
+MODES = frozenset(MODE_BITS)
+MAX_PIXELS = 64_000_000  # far above any search thumbnail; a pickled size beyond it is refused before allocating
 
 
 class UnsafePickle(pickle.UnpicklingError):
@@ -70,6 +74,12 @@ def image_from_state(state: Any) -> Image.Image:
         raise ValueError(f"bad image size {size!r:.40}")
     if not isinstance(data, bytes | bytearray):
         raise TypeError(f"image data is {type(data).__name__}, not bytes")
+    # checked before Image.frombytes, which allocates the full size first: a pickle must not choose the allocation
+    width, height = size
+    expected = (width * MODE_BITS[mode] + 7) // 8 * height
+    if width * height > MAX_PIXELS or len(data) < expected:
+        raise ValueError(f"image of {width}x{height} {mode} needs {expected} bytes, the pickle holds {len(data)} "
+                         f"(at most {MAX_PIXELS} pixels)")  # fmt: skip
     image = Image.frombytes(mode, tuple(size), bytes(data))
     if mode in ("P", "PA", "L", "LA") and palette:
         image.putpalette(palette)

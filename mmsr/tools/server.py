@@ -6,7 +6,8 @@ Many trainer and evaluation processes then share one cache, one rate limit and o
 API (JSON): ``POST /v1/search`` with a ``ToolRequest`` (image as base64 PNG) -> a ``ToolResult`` (thumbnails
 as base64 PNG); ``GET /v1/metrics`` -> the backends' counters; ``GET /health`` (no token needed). Errors are
 ``{"error": message}`` with 400 (bad request, naming the field), 401 (token), 404 (no such backend) or 409
-(replay-only miss). Binds 127.0.0.1 by default; with ``token_env`` set in the environment every request but
+(a backend's ``FatalToolError``: a replay-only miss, an unreadable FVQA cache file; the client raises it again, so a
+misconfigured server stops the trainer as a local backend would instead of training on failed searches). Binds 127.0.0.1 by default; with ``token_env`` set in the environment every request but
 ``/health`` needs ``Authorization: Bearer <token>``. SIGINT/SIGTERM stop accepting connections and let
 requests in flight finish (up to ``shutdown_timeout_s``).
 
@@ -30,7 +31,7 @@ from typing import Any
 from aiohttp import web
 from PIL import Image
 
-from mmsr.tools.base import SearchTool, ToolRequest, ToolResult, failure
+from mmsr.tools.base import FatalToolError, SearchTool, ToolRequest, ToolResult, failure
 from mmsr.tools.budget import BudgetError
 from mmsr.tools.cache import ReplayMiss
 from mmsr.tools.secrets import install_log_redaction, redact, register_secret_env
@@ -163,8 +164,8 @@ class SearchServer:
         self._check_budget(tool_request.kind, tool, tool_request.budget_s)
         try:
             result = await tool(tool_request)
-        except ReplayMiss as exc:
-            return _error(str(exc), 409)
+        except FatalToolError as exc:
+            return _error(f"{type(exc).__name__}: {exc}", 409)
         except Exception as exc:  # a backend bug answers as a failed search, as in the rollout loop
             log.exception("search backend %s failed", tool_request.kind)
             result = failure(tool_request.kind, f"{type(exc).__name__}: {exc}")
@@ -213,6 +214,10 @@ class SearchServer:
         print("mmsr search server stopped", flush=True)
 
 
+class RemoteFatalError(FatalToolError):
+    """A search server's backend raised a ``FatalToolError`` other than a replay miss (its message says which)."""
+
+
 class HTTPSearchTool:
     """``SearchTool`` that asks a ``SearchServer``.
 
@@ -250,7 +255,7 @@ class HTTPSearchTool:
             return result_from_json(body)
         except ToolError as exc:
             if exc.status == 409:
-                raise ReplayMiss(exc.reason) from None
+                raise (ReplayMiss if "ReplayMiss" in exc.reason else RemoteFatalError)(exc.reason) from None
             return failure(request.kind, exc.reason)
 
     def metrics(self) -> dict[str, float]:

@@ -193,6 +193,18 @@ def test_a_tampered_pickled_image_is_a_dead_thumbnail_not_a_crash(tmp_path):
     assert tool.metrics()["tools/fvqa_cache/thumbnail_bad_pickled_image"] == 1
 
 
+@pytest.mark.parametrize("size, data, says", [
+    ((100_000, 100_000), b"\0" * 12, "at most 64000000 pixels"),  # would ask Pillow for 30 GB
+    ((1000, 1000), b"\0" * 12, "needs 3000000 bytes, the pickle holds 12"),
+])
+def test_a_pickled_size_is_checked_against_its_data_before_anything_is_allocated(size, data, says):
+    from mmsr.tools.fvqa_pickle import image_from_state
+
+    with pytest.raises(ValueError, match=says):
+        image_from_state([{}, "RGB", size, None, data])
+    assert image_from_state([{}, "L", (3, 2), None, bytes(range(6))]).size == (3, 2)
+
+
 def test_missing_file_and_bad_rows_are_fatal_clear_errors(tmp_path):
     missing = FVQACacheSearch(str(tmp_path / "fvqa_train_image_search_results_cache.pkl"))
     with pytest.raises(FVQACacheError, match="hf download lmms-lab/FVQA fvqa_train_image_search_results_cache"):

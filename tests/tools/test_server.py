@@ -180,3 +180,18 @@ def test_config_snippets_build(path: Path, monkeypatch):
         parser.add_argument("--tool", type=SearchTool)
         tool = parser.instantiate(parser.parse_object({"tool": tool_config})).tool
         assert kind in ("image_search", "text_search") and isinstance(tool, SearchTool)
+
+
+def test_a_fatal_backend_error_stops_the_client_not_a_failed_search(tmp_path):
+    """An unreadable FVQA cache behind the server is as fatal to the trainer as it is locally (409, re-raised)."""
+    from mmsr.tools.fvqa_cache import FVQACacheSearch
+    from mmsr.tools.server import RemoteFatalError
+
+    missing = tmp_path / "fvqa_train_image_search_results_cache.pkl"
+    server = SearchServer(image_search=FVQACacheSearch(str(missing), tool_cache=None), port=0)
+
+    async def body(url):
+        with pytest.raises(RemoteFatalError, match="FVQACacheError.*fvqa_train_image_search_results_cache.pkl"):
+            await HTTPSearchTool(url, limits=FAST)(ToolRequest("image_search", image=Image.new("RGB", (4, 4)), sample_id="r0"))
+
+    asyncio.run(_with_server(server, body))
