@@ -165,7 +165,7 @@ def test_config_snippets_build(path: Path, monkeypatch):
     """Every snippet under configs/tools builds its tools (no file or network is touched while building)."""
     from jsonargparse import ArgumentParser
 
-    for var in ("SERPAPI_API_KEY", "SERPER_API_KEY"):
+    for var in ("SERPAPI_API_KEY", "SERPER_API_KEY", "IMAGE_HOST_TOKEN"):
         monkeypatch.setenv(var, "test-key")
     monkeypatch.chdir(ROOT)
     config = yaml.safe_load(path.read_text(encoding="utf-8"))

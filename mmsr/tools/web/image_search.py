@@ -1,9 +1,12 @@
 """Web reverse image search: SerpAPI Google Lens -> top-k (thumbnail, title), thumbnails fetched concurrently.
 
 Lens needs a public URL of the question's image: the row's ``image_url`` when it has one, else an
-``ImageHost`` hook that returns one (FVQA rows have none, spec §8). Thumbnails come from third-party URLs,
-so they are fetched through the SSRF guard with byte and pixel caps; a match whose thumbnail fails is
-skipped and the next one takes its place (as upstream: up to k *valid* pairs, spec §6). The call runs against
+``ImageHost`` hook that returns one (FVQA rows have none, spec §8; a cropped region never has one):
+``URLTemplateHost`` for images already published under their row id, ``mmsr.tools.web.host.UploadHost`` to
+upload the image (or region) itself. A host that fails is a failure observation, like a failed search.
+Thumbnails come from third-party URLs, so they are fetched through the SSRF guard with byte and pixel caps;
+a match whose thumbnail fails is skipped and the next one takes its place (as upstream: up to k *valid*
+pairs, spec §6). The call runs against
 the caller's deadline (``ToolRequest.budget_s``, see ``mmsr.tools.budget``): the Lens call may use what is
 left after one thumbnail attempt, and the thumbnails not loaded by the deadline are skipped.
 """
@@ -28,7 +31,9 @@ from mmsr.tools.web.providers import SerpAPILens, VisualMatch
 
 
 class ImageHost(Protocol):
-    """Gives the question's image a public URL (upload, or a known location); ``None`` if it cannot."""
+    """Gives the question's image a public URL (upload, or a known location); ``None`` if it has none,
+    ``ToolError`` if publishing failed. Optional: ``stages()`` (its HTTP stage, for the time budget) and
+    ``metrics()``."""
 
     async def __call__(self, request: ToolRequest) -> str | None: ...
 
@@ -93,7 +98,9 @@ class WebImageSearch:
 
     def stages(self) -> list[Stage]:
         """The nested steps of one call, in order, with their limits."""
-        return [Stage(self.provider.name, self.provider.client.limits), Stage("thumbnails", self.thumbnails.limits)]
+        host = self.image_host.stages() if hasattr(self.image_host, "stages") else []
+        lens = Stage(self.provider.name, self.provider.client.limits)
+        return [*host, lens, Stage("thumbnails", self.thumbnails.limits)]
 
     def check_budget(self, cap_s: float) -> None:
         """``BudgetError`` unless one Lens attempt and one thumbnail attempt fit in ``cap_s``."""
@@ -102,7 +109,12 @@ class WebImageSearch:
     async def __call__(self, request: ToolRequest) -> ToolResult:
         start = time.perf_counter()
         deadline = Deadline.after(request.budget_s, self.reserve_s)
-        url = request.image_url or (await self.image_host(request) if self.image_host is not None else None)
+        try:
+            url = request.image_url or await self._publish(request, deadline)
+        except ToolError as exc:
+            self.counts["publish_failed"] += 1
+            reason = f"the image could not be published: {exc.reason}"
+            return failure("image_search", reason, time.perf_counter() - start)
         if not url:
             return failure("image_search", "the image has no public URL to search with", time.perf_counter() - start)
         try:
@@ -125,6 +137,13 @@ class WebImageSearch:
             latency_s=time.perf_counter() - start,
         )
 
+    async def _publish(self, request: ToolRequest, deadline: Deadline) -> str | None:
+        """The image host's URL for the request's image, leaving one Lens and one thumbnail attempt their time."""
+        if self.image_host is None:
+            return None
+        keep = self.provider.client.limits.timeout_s + self.thumbnails.limits.timeout_s
+        return await deadline.run(self.image_host(request), "the image upload", keep_s=keep)
+
     def _failed(self, reason: str, start: float) -> ToolResult:
         latency = time.perf_counter() - start
         return ToolResult(
@@ -143,4 +162,5 @@ class WebImageSearch:
 
     def metrics(self) -> dict[str, float]:
         own = {f"tools/image_search/{k}": float(v) for k, v in sorted(self.counts.items())}
-        return own | self.provider.metrics() | self.thumbnails.metrics()
+        host = self.image_host.metrics() if hasattr(self.image_host, "metrics") else {}
+        return own | self.provider.metrics() | self.thumbnails.metrics() | host
