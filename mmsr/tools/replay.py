@@ -11,6 +11,12 @@ gone). A replayed image search returns the question's own image, shrunk to ``thu
 recorded title. Lens matches are look-alikes of that image, so it is the closest stand-in we have; no image
 is invented, and the observation keeps the recorded layout (one image per title, recorded titles in
 recorded order). Titles whose thumbnails failed at recording time were never shown and are not replayed.
+
+Crop-then-search (``mmsr.tools.crop.CropSearch``) is recorded as a round ``{"action": "crop_search", "tool":
+{"box": [x1, y1, x2, y2], "image_size": [w, h], "titles": [...]}}``: the box in the pixels of the image as
+the policy saw it (``image_size``, the request's ``image_size``; default the image's own size). The region is
+cut from the row's image as ``CropSearch`` cuts it and keyed by its pixels, so the same box replays and any
+other region is a miss; its thumbnails are the region, shrunk, for the reason above.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from PIL import Image
 from mmsr.data.loaders import load_samples
 from mmsr.tools.base import ToolRequest, ToolResult, failure
 from mmsr.tools.cache import CacheKey, ReplayMiss, ToolCache, image_key, request_key
+from mmsr.tools.crop import Crop, crop
 from mmsr.tools.format import WEB_TEXT_HEADER, image_results, page_entry, text_results
 
 PROVIDER = "fvqa_recorded"
@@ -38,6 +45,17 @@ def _image_result(tool: dict[str, Any], image: Image.Image, thumbnail_size: int,
     thumbnail = image.copy()
     thumbnail.thumbnail((thumbnail_size, thumbnail_size))
     return ToolResult(image_results(titles), tuple(thumbnail.copy() for _ in titles), titles=tuple(titles))
+
+
+def _region(tool: dict[str, Any], image: Image.Image, where: str) -> Image.Image:
+    """The recorded box's region of the row's ``image``, cut as ``CropSearch`` cuts it (module docstring)."""
+    box, size = tool.get("box"), tool.get("image_size") or image.size
+    try:
+        w, h = (int(v) for v in size)
+        text = ", ".join(str(v) for v in box) if isinstance(box, list | tuple) else str(box)
+        return crop(image, Crop(min_size=0).box(text, (w, h)), (w, h))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{where}: tool.box {box!r} / tool.image_size {size!r}: {exc}") from None
 
 
 def _text_result(tool: dict[str, Any], where: str) -> ToolResult:
@@ -78,6 +96,9 @@ def recorded_results(path: str | Path, thumbnail_size: int = 64,
             if r.get("action") == "image_search" and tool:
                 key = ("image_search", image_key(images[row["data_id"]]))
                 out.setdefault(key, _image_result(tool, images[row["data_id"]], thumbnail_size, where))
+            elif r.get("action") == "crop_search" and tool:  # CropSearch asks image search about the region
+                region = _region(tool, images[row["data_id"]], where)
+                out.setdefault(("image_search", image_key(region)), _image_result(tool, region, thumbnail_size, where))
             elif r.get("action") == "text_search" and tool:
                 query = ToolRequest("text_search", str(tool.get("query", "")))
                 out.setdefault(("text_search", request_key(query)), _text_result(tool, where))
