@@ -6,6 +6,12 @@ names are those of the cited source; every one can be overridden in ``init_args`
 confirmed or a mirror renames a column. The paper's set sizes (spec §9, App. E): FVQA-test 1,800;
 InfoSeek 2,000 test rows; MMSearch the 171 of 300 questions with an image; SimpleVQA the 1,013 English of
 2,025; LiveVQA ``ONE-Lab/LiveVQA-Research-Preview``.
+
+Images: the published files hold them as bytes, ``datasets`` Image cells, base64 or file names; a copy that
+holds URLs instead (a mirror, a converted export) loads with ``download`` (``ColumnMapping``'s: an
+``mmsr.tools.web.download.ImageDownloader``), on ``MMSearch``, ``SimpleVQA``, ``LiveVQA`` and
+``ColumnMapping``. ``InfoSeek`` names OVEN image ids and ``MMSearchR1Parquet`` holds image bytes (its
+``image_urls`` are empty for FVQA), so they take none.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from mmsr.data.columns import ColumnMapping, EvalSet
+from mmsr.data.columns import ColumnMapping, EvalSet, ImageFetcher
 from mmsr.data.loaders import load_samples
 from mmsr.data.sample import Sample
 
@@ -86,9 +92,10 @@ class MMSearch(ColumnMapping):
     def __init__(self, path: str, question: str = "query", answer: str = "gt_answer",
                  aliases: str | None = "alternative_gt_answers", image: str = "query_image",
                  id: str | None = "sample_id", category: str | None = "area", data_source: str | None = "mmsearch",
-                 image_root: str | None = None, skip_no_image: bool = True, skip_invalid: bool = False) -> None:  # fmt: skip
+                 image_root: str | None = None, skip_no_image: bool = True, skip_invalid: bool = False,
+                 download: ImageFetcher | None = None) -> None:  # fmt: skip
         super().__init__(path, question, answer, aliases, image, id, category, data_source, image_root,
-                         skip_no_image=skip_no_image, skip_invalid=skip_invalid)  # fmt: skip
+                         skip_no_image=skip_no_image, skip_invalid=skip_invalid, download=download)  # fmt: skip
 
 
 class SimpleVQA(ColumnMapping):
@@ -106,10 +113,11 @@ class SimpleVQA(ColumnMapping):
     def __init__(self, path: str, languages: tuple[str, ...] | None = ("en", "english"), question: str = "question",
                  answer: str = "answer", image: str = "image", id: str | None = "data_id",
                  category: str | None = "vqa_category", language: str = "language",
-                 data_source: str | None = "simplevqa", image_root: str | None = None, skip_invalid: bool = False) -> None:  # fmt: skip
+                 data_source: str | None = "simplevqa", image_root: str | None = None, skip_invalid: bool = False,
+                 download: ImageFetcher | None = None) -> None:  # fmt: skip
         where = {language: list(languages)} if languages is not None else None
         super().__init__(path, question, answer, None, image, id, category, data_source, image_root, where,
-                         skip_invalid=skip_invalid)  # fmt: skip
+                         skip_invalid=skip_invalid, download=download)  # fmt: skip
 
 
 class LiveVQA(ColumnMapping):
@@ -125,9 +133,10 @@ class LiveVQA(ColumnMapping):
 
     def __init__(self, path: str, question: str = "query", answer: str = "gt_answer", aliases: str | None = None,
                  image: str = "query_image", id: str | None = "sample_id", category: str | None = None,
-                 data_source: str | None = "livevqa", image_root: str | None = None, skip_invalid: bool = False) -> None:  # fmt: skip
+                 data_source: str | None = "livevqa", image_root: str | None = None, skip_invalid: bool = False,
+                 download: ImageFetcher | None = None) -> None:  # fmt: skip
         super().__init__(path, question, answer, aliases, image, id, category, data_source, image_root,
-                         skip_invalid=skip_invalid)  # fmt: skip
+                         skip_invalid=skip_invalid, download=download)  # fmt: skip
 
     def image_files(self, name: str) -> list[Path]:
         root = self.image_root or self.path.parent

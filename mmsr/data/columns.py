@@ -7,8 +7,13 @@ folder of parquet shards, as Hugging Face publishes them), a jsonl file or a JSO
 
 A cell's image may be image bytes, a ``{"bytes", "path"}`` dict (a ``datasets`` Image column), a PIL
 image, a base64 string (with or without a ``data:image/...;base64,`` prefix) or a file path relative to
-``image_root`` (default: the data file's folder). URLs are refused: no published set of the suite holds
-its question images only as URLs, and fetching them would make an evaluation depend on the web.
+``image_root`` (default: the data file's folder), or an http(s) URL. URLs are downloaded only when the loader
+is given a ``download`` fetcher (``mmsr.tools.web.download.ImageDownloader``: retries, a byte cap, a SQLite
+cache); without one they are refused. Downloading is opt-in because a score should not silently depend on
+which URLs answer today: with the cache, the first run fetches each image once and every later run reads
+the same pictures offline. A downloaded row keeps its URL as ``Sample.image_url`` (web image search then
+needs no image host). A URL that cannot be had, after the fetcher's retries, is a ``DataError`` naming the
+row, field and URL.
 Answer cells may be a string, a list, a JSON string of a list, or InfoSeek's numeric ``{"wikidata": x,
 "range": [lo, hi]}`` entries (the value is used). Bad rows raise ``DataError`` naming the loader, file,
 row and field.
@@ -20,7 +25,10 @@ import base64
 import binascii
 import json
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from PIL import Image
 
@@ -28,7 +36,22 @@ from mmsr.data.paths import missing
 from mmsr.data.rows import DataError, collect, decode_image, row_error
 from mmsr.data.sample import Sample
 
-__all__ = ["ColumnMapping", "DataError", "EvalSet", "answer_list", "read_rows"]
+__all__ = ["ColumnMapping", "DataError", "EvalSet", "Fetched", "ImageFetcher", "answer_list", "read_rows"]
+URL_PREFIXES = ("http://", "https://")
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """One downloaded image (RGB), or why there is none (``error``, naming the cause)."""
+
+    image: Image.Image | None = None
+    error: str = ""
+
+
+class ImageFetcher(Protocol):
+    """Downloads images by URL; a failed URL is a ``Fetched`` with its ``error``, never an exception."""
+
+    def fetch(self, urls: Sequence[str]) -> dict[str, Fetched]: ...
 
 
 class EvalSet(ABC):
@@ -135,20 +158,23 @@ class ColumnMapping(EvalSet):
         where: keep only rows whose ``column`` value, as text and ignoring case, is one of those listed.
         skip_no_image: drop rows without an image (a set's text-only questions) instead of raising.
         skip_invalid: drop rows that fail validation (one warning with the count) instead of raising.
+        download: fetches image cells that are URLs (all of a set's at once, on ``load``); ``None``: such
+            rows are refused (see the module docstring for why this is opt-in).
     """
 
     def __init__(self, path: str, question: str = "question", answer: str = "answer", aliases: str | None = None,
                  image: str | None = "image", id: str | None = None, category: str | None = None,
                  data_source: str | None = None, image_root: str | None = None,
                  where: dict[str, list[str]] | None = None, skip_no_image: bool = False,
-                 skip_invalid: bool = False) -> None:  # fmt: skip
+                 skip_invalid: bool = False, download: ImageFetcher | None = None) -> None:  # fmt: skip
         self.path, self.question, self.answer, self.aliases = Path(path), question, answer, aliases
         self.image, self.id, self.category = image, id, category
         self.data_source = data_source or type(self).__name__.lower()
         self.image_root = Path(image_root) if image_root else None
         self.where = {k: {str(v).lower() for v in vs} for k, vs in (where or {}).items()}
-        self.skip_no_image, self.skip_invalid = skip_no_image, skip_invalid
+        self.skip_no_image, self.skip_invalid, self.download = skip_no_image, skip_invalid, download
         self.label = f"{type(self).__name__} {self.path}"
+        self._fetched: dict[str, Fetched] = {}  # this load's downloads, by URL
 
     def load(self) -> list[Sample]:
         rows = list(enumerate(read_rows(self.path)))
@@ -156,6 +182,9 @@ class ColumnMapping(EvalSet):
             rows = [(i, r) for i, r in rows if str(r.get(column, "")).lower() in accepted]
         if self.skip_no_image and self.image is not None:
             rows = [(i, r) for i, r in rows if not _empty(r.get(self.image))]
+        if self.download is not None and self.image is not None:  # one batch: downloads run concurrently
+            urls = [u for _, r in rows if isinstance(r, dict) and (u := image_url(r.get(self.image)))]
+            self._fetched = self.download.fetch(list(dict.fromkeys(urls))) if urls else {}
         return collect(rows, lambda pair, _where, _i: self.sample(pair[1], pair[0]), self.label, self.skip_invalid)
 
     def sample(self, r: dict, i: int) -> Sample:
@@ -170,6 +199,7 @@ class ColumnMapping(EvalSet):
             raise row_error(self.label, i, self.answer, f"no answer ({r.get(self.answer)!r:.40})")
         extra = answer_list(r.get(self.aliases), self.label, i, self.aliases) if self.aliases else []
         category = r.get(self.category) if self.category else None
+        url = image_url(r.get(self.image)) if self.image else None
         return Sample(
             id=str(r[self.id]) if self.id and r.get(self.id) not in (None, "") else f"{self.path.stem}-{i}",
             question=question.strip(),
@@ -177,19 +207,20 @@ class ColumnMapping(EvalSet):
             ground_truth=answers[0],
             candidate_answers=tuple(a for a in dict.fromkeys(answers[1:] + extra) if a != answers[0]),
             data_source=self.data_source,
+            image_url=url,
             category=None if category in (None, "") else str(category),
         )
 
     def cell_image(self, value, i: int) -> Image.Image:
-        """The image a cell holds (bytes, ``{"bytes", "path"}``, PIL, base64 or a file path)."""
+        """The image a cell holds (bytes, ``{"bytes", "path"}``, PIL, base64, a file path or a URL)."""
         if isinstance(value, dict):
             value = value.get("bytes") or value.get("path")
         if isinstance(value, Image.Image | bytes) and value:
             return decode_image(value, self.label, i, self.image)
         if not isinstance(value, str) or not value.strip():
             raise row_error(self.label, i, self.image, f"no image ({value!r:.40})")
-        if value.startswith(("http://", "https://")):
-            raise row_error(self.label, i, self.image, f"is a URL ({value:.80}); download the images and name the files")
+        if image_url(value):
+            return self.url_image(value.strip(), i)
         files = self.image_files(value.strip()) if len(value) < 1024 else []  # longer: base64, not a name
         found = next((f for f in files if f.is_file()), None)
         if found is not None:
@@ -200,9 +231,26 @@ class ColumnMapping(EvalSet):
         where = f"file {files[0]} does not exist" if files else "neither a file name nor base64 image data"
         raise row_error(self.label, i, self.image, where)
 
+    def url_image(self, url: str, i: int) -> Image.Image:
+        """The downloaded image at ``url`` (row ``i``), or a ``DataError`` naming the row, field and URL."""
+        if self.download is None:
+            raise row_error(self.label, i, self.image, f"is a URL ({url:.80}); give the loader a download fetcher "
+                            "(mmsr.tools.web.download.ImageDownloader) or download the images and name the files")  # fmt: skip
+        got = self._fetched.get(url) or self.download.fetch([url])[url]
+        if got.image is None:
+            raise row_error(self.label, i, self.image, f"download of {url} failed: {got.error}")
+        return got.image
+
     def image_files(self, name: str) -> list[Path]:
         """Where an image cell's file may be, first the path as written (relative to ``image_root``)."""
         return [(self.image_root or self.path.parent) / name]
+
+
+def image_url(cell) -> str | None:
+    """The http(s) URL an image cell holds (read as ``cell_image`` reads it), else ``None``."""
+    if isinstance(cell, dict):
+        cell = cell.get("bytes") or cell.get("path")
+    return cell.strip() if isinstance(cell, str) and cell.strip().startswith(URL_PREFIXES) else None
 
 
 def _empty(cell) -> bool:
