@@ -4,7 +4,6 @@ row, field and URL; without a fetcher URLs are refused, as before."""
 
 from __future__ import annotations
 
-import io
 import json
 import threading
 from collections import Counter
@@ -12,20 +11,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from jsonargparse import ArgumentParser
-from PIL import Image
 
 from mmsr.data.benchmarks import MMSearch
 from mmsr.data.columns import ColumnMapping, DataError, EvalSet
 from mmsr.tools.web.download import ImageDownloader
+from mmsr.tools.web.fake import png
 from mmsr.tools.web.http import Limits
 
 FAST = Limits(timeout_s=2.0, retries=2, backoff_s=0.01, backoff_max_s=0.02, breaker_failures=0)
-
-
-def png(color: str, size=(6, 4)) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", size, color).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 class Images(BaseHTTPRequestHandler):
@@ -35,7 +28,7 @@ class Images(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:  # noqa: N802 (the http.server name)
         self.hits[self.path] += 1
-        files = {"/red.png": png("red"), "/big.png": png("blue", (60, 40)), "/flaky.png": png("green")}
+        files = {"/red.png": png("red", (6, 4)), "/big.png": png("blue", (60, 40)), "/flaky.png": png("green", (6, 4))}
         if self.path not in files or (self.path == "/flaky.png" and self.hits[self.path] == 1):
             self.send_response(404 if self.path not in files else 503)
             self.end_headers()
