@@ -5,7 +5,9 @@ Every text this module returns may contain ``IMAGE_MARKER`` once per image, in c
 
 from __future__ import annotations
 
+import copy
 import importlib.resources
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +16,7 @@ from mmsr.tools.base import IMAGE_MARKER, ToolResult
 from mmsr.tools.spec import ToolSpec
 
 TEMPLATES = Path(__file__).parent / "templates"
+TOOLS_SLOT = "{tools}"  # a round-1 template line that becomes the configured tools' descriptions
 
 
 @dataclass(frozen=True)
@@ -59,11 +62,40 @@ def _read(name_or_path: str) -> str:
     return template_path(name_or_path).read_text(encoding="utf-8").rstrip("\n")
 
 
+def describe(spec: ToolSpec) -> str:
+    """``spec``'s round-1 description (its ``description`` template); ValueError names the tool."""
+    if spec.description is None:
+        raise ValueError(f"tool {spec.name!r} has no round-1 description: set its ToolSpec.description to a template "
+                         f"telling the policy when and how to write <{spec.tag}>...</{spec.tag}>")  # fmt: skip
+    try:
+        text = _read(spec.description)
+    except FileNotFoundError as exc:
+        raise ValueError(f"tool {spec.name!r}: description template not found: {exc}") from None
+    if IMAGE_MARKER in text or "{question}" in text or TOOLS_SLOT in text:
+        raise ValueError(f"tool {spec.name!r}: description {spec.description!r} may not contain {IMAGE_MARKER!r}, "
+                         f"'{{question}}' or {TOOLS_SLOT!r}")  # fmt: skip
+    return text
+
+
+def fill_tools(template: str, specs: Sequence[ToolSpec]) -> str:
+    """``template`` with its ``{tools}`` line replaced by the descriptions of the ``specs`` whose ``<tag>`` it
+    does not mention (a template that writes out a tool's call describes it itself), one after another;
+    with none left the line goes, newline and all. A template without the line is returned as written."""
+    if TOOLS_SLOT not in template:
+        return template
+    lines = [describe(s) for s in specs if f"<{s.tag}>" not in template]
+    return "\n".join(line for row in template.split("\n") for line in (lines if row == TOOLS_SLOT else [row]))
+
+
 class PromptBuilder:
     """Writes the user-side texts of an MMSearch-R1 episode from plain-text templates.
 
     Args:
-        round1: template of the first user message; must contain ``{question}`` and one ``<image>``.
+        round1: template of the first user message; must contain ``{question}`` and one ``<image>``, and may
+            hold a line ``{tools}`` that ``for_tools`` fills with the configured tools' descriptions (with no
+            tools bound the line is dropped). The default is MMSearch-R1's ``round1.txt`` with that line:
+            ``round1.txt`` itself stays byte-for-byte as it was, since the tiny tokenizers' BPE trains on it
+            (``mmsr.demo.tokenizer``), and a test keeps the two equal but for the line.
         after_image_search: instruction appended after image-search results.
         after_text_search: instruction appended after text-search results.
         repeat_question: restate the user's question after the results (MMSearch-R1 does).
@@ -72,16 +104,26 @@ class PromptBuilder:
 
     def __init__(
         self,
-        round1: str = "round1.txt",
+        round1: str = "round1_tools.txt",
         after_image_search: str = "after_image_search.txt",
         after_text_search: str = "after_text_search.txt",
         repeat_question: bool = True,
     ) -> None:
         self.repeat_question = repeat_question
-        self.round1 = _read(round1)
-        if "{question}" not in self.round1 or self.round1.count(IMAGE_MARKER) != 1:
+        self.template = _read(round1)
+        if "{question}" not in self.template or self.template.count(IMAGE_MARKER) != 1:
             raise ValueError(f"round-1 template {round1!r} needs one '{{question}}' and one {IMAGE_MARKER!r}")
+        if self.template.count(TOOLS_SLOT) > (TOOLS_SLOT in self.template.split("\n")):
+            raise ValueError(f"round-1 template {round1!r}: {TOOLS_SLOT!r} must be a line of its own, at most once")
+        self.round1 = fill_tools(self.template, ())
         self.after = {"image_search": _read(after_image_search), "text_search": _read(after_text_search)}
+
+    def for_tools(self, specs: Sequence[ToolSpec]) -> PromptBuilder:
+        """A copy whose round-1 text describes ``specs`` (the loop's configured tools) in its ``{tools}`` line.
+        ValueError names a tool that needs a description and has none, or whose template is missing."""
+        bound = copy.copy(self)
+        bound.round1, bound.after = fill_tools(self.template, specs), dict(self.after)
+        return bound
 
     def instruction(self, spec: ToolSpec) -> str:
         """The instruction after ``spec``'s results: this builder's own for the MMSearch-R1 pair (its

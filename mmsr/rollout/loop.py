@@ -133,7 +133,7 @@ class RolloutLoop:
     Args:
         engine: generates tokens (``HFEngine``, ``VLLMEngine``, ``ScriptedEngine``).
         policy: tokenizer, chat format and image processing of the policy.
-        prompts: the user-side texts.
+        prompts: the user-side texts; the loop keeps a copy bound to the declared tools (``for_tools``).
         tools: ``{name: tool}``: ``Tool`` objects (``mmsr.tools.spec``), whose specs declare the action grammar,
             or plain backends for ``image_search`` / ``text_search`` (MMSearch-R1's pair, both declared); a
             declared tool that is ``None`` answers with a failure.
@@ -142,9 +142,10 @@ class RolloutLoop:
 
     def __init__(self, engine: Engine, policy: Policy, prompts: PromptBuilder,
                  tools: Mapping[str, SearchTool | None], settings: RolloutSettings = RolloutSettings()) -> None:  # fmt: skip
-        self.engine, self.policy, self.prompts, self.settings = engine, policy, prompts, settings
+        self.engine, self.policy, self.settings = engine, policy, settings
         self.tools = dict(tools)
         self.specs = declared(self.tools)
+        self.prompts = prompts.for_tools(self.specs)  # round 1 describes the configured tools
         self._by_name = {spec.name: spec for spec in self.specs}
         self.parse = parser_for(self.specs)
         self.stops = stop_strings(self.specs)

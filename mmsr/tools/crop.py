@@ -26,7 +26,8 @@ class Crop(Tool):
         min_size: smallest side of a box, in the policy's pixels (a vision patch is 14 or 16).
     """
 
-    spec = ToolSpec("crop", "crop", "text", limit=2, instruction="after_crop.txt", metric="crop", with_image=True)
+    spec = ToolSpec("crop", "crop", "text", limit=2, instruction="after_crop.txt", metric="crop", with_image=True,
+                    description="describe_crop.txt")  # fmt: skip
 
     def __init__(self, limit: int | None = None, min_size: int = 14) -> None:
         super().__init__(None, limit)
@@ -86,7 +87,7 @@ class CropSearch(Crop):
     """
 
     spec = ToolSpec("crop_search", "crop_search", "text", limit=1, instruction="after_image_search.txt",
-                    metric="crop_search", with_image=True)  # fmt: skip
+                    metric="crop_search", with_image=True, description="describe_crop_search.txt")  # fmt: skip
 
     def __init__(self, backend: SearchTool, limit: int | None = None, min_size: int = 14) -> None:
         super().__init__(limit, min_size)

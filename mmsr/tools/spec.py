@@ -31,6 +31,10 @@ class ToolSpec:
         limit: most calls per episode (``RolloutSettings.tool_limits`` overrides it by name).
         instruction: prompt template appended after a successful result (``mmsr.prompt.render.template_path``);
             ``None``: none.
+        description: prompt template telling the policy about the tool in the first user message (one
+            bullet line, say when to call it and how to write the call): a round-1 template's ``{tools}`` line
+            becomes the descriptions of the configured tools whose ``<tag>`` it does not mention itself
+            (``mmsr.prompt.render.PromptBuilder.for_tools``); ``None``: the tool is undescribed, an error there.
         metric: short name in the search-ratio metrics (``rollout/search_ratio/<metric>``).
         format_max: most calls a well-formed trajectory makes (the format reward; MMSearch-R1 allows each
             search once, whatever the rollout's limit).
@@ -46,6 +50,7 @@ class ToolSpec:
     metric: str = ""
     with_image: bool | None = None
     format_max: int = 1
+    description: str | None = None
 
     def __post_init__(self) -> None:
         if self.argument not in ("image", "text"):
@@ -63,8 +68,10 @@ class ToolSpec:
         return f"</{self.tag}>"
 
 
-IMAGE_SEARCH = ToolSpec("image_search", "search", "image", 1, "after_image_search.txt", "image")
-TEXT_SEARCH = ToolSpec("text_search", "text_search", "text", 2, "after_text_search.txt", "text")
+IMAGE_SEARCH = ToolSpec("image_search", "search", "image", 1, "after_image_search.txt", "image",
+                        description="describe_image_search.txt")  # fmt: skip
+TEXT_SEARCH = ToolSpec("text_search", "text_search", "text", 2, "after_text_search.txt", "text",
+                       description="describe_text_search.txt")  # fmt: skip
 MMSEARCH_R1_TOOLS: tuple[ToolSpec, ...] = (IMAGE_SEARCH, TEXT_SEARCH)
 
 

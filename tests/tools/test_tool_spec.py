@@ -33,8 +33,10 @@ def readme_block(lang: str, first_line: str) -> str:
 
 @pytest.fixture
 def calculator(tmp_path, monkeypatch) -> Tool:
-    """The README's ``calc_tool.py`` as a module of its own, built from the README's YAML entry."""
+    """The README's ``calc_tool.py`` as a module of its own, its description beside it, built from the
+    README's YAML entry."""
     (tmp_path / "calc_tool.py").write_text(readme_block("python", "# calc_tool.py"))
+    (tmp_path / "calc_tool.txt").write_text(readme_block("text", "- If the question needs arithmetic"))
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "calc_tool", raising=False)
     entry = yaml.safe_load(readme_block("yaml", "model:\n  init_args:\n    tools:"))["model"]["init_args"]
@@ -58,6 +60,10 @@ def test_readme_calculator_runs_a_scripted_episode(tiny_policy, fvqa_samples, ca
     loop, traj = run(tiny_policy, sample, calculator, turns)
     assert [t.action for t in traj.turns] == [ToolUse("calculator", "2 * (3 + 4)"), Answer("14")]
     assert traj.turns[0].text == f"{R}<calc>2 * (3 + 4)</calc>"
+    # The round-1 prompt describes the calculator with its own template, in the template's tools line.
+    prompt = tiny_policy.tokenizer.decode(traj.input_ids[: traj.prompt_len])
+    described = readme_block("text", "- If the question needs arithmetic").strip()
+    assert described in prompt and "{tools}" not in prompt and prompt.index(described) < prompt.index("Rules:")
     assert traj.turns[0].tool_call.result.text == "[Calculator Results] 2 * (3 + 4) = 14"
     # The observation is in context with mask 0; the mask's 1-runs are exactly the two sampled turns.
     between = tiny_policy.tokenizer.decode(traj.input_ids[traj.turns[0].span[1] : traj.turns[1].span[0]])

@@ -1,0 +1,119 @@
+"""The round-1 prompt describes the configured tools: each tool's ``description`` template fills the
+template's ``{tools}`` line unless the template writes the tool's call itself. MMSearch-R1's prompts
+(the pair configured, the demo's) stay byte-for-byte what they were before tools could describe themselves."""
+
+import hashlib
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from mmsr.cli import lightning_cli
+from mmsr.prompt.render import TEMPLATES, PromptBuilder, template_path
+from mmsr.rollout.engine import SamplingParams, ScriptedEngine
+from mmsr.rollout.loop import RolloutLoop
+from mmsr.tools.crop import Crop, CropSearch
+from mmsr.tools.spec import IMAGE_SEARCH, MMSEARCH_R1_TOOLS, ImageSearchTool, TextSearchTool, Tool, configured
+from tests.rollout.test_loop import ANS, FakeImageSearch, FakeTextSearch
+
+ROOT = Path(__file__).resolve().parents[2]
+# sha256 of the 20 FVQA dev rows' round-1 user texts joined by NUL, as rendered before this change
+# (commit b2e332e): what every existing run, recorded transcript and demo checkpoint was made with.
+PAIR = "fbefb34b28e6f3c4b69b2c0adca357064926c23b2fb3e7c6066740f19236c777"
+DEMO = "0e48a21e5d0bb98abb92f0a025b966cd91fafafa2d54a7298b224ef3faf5e90f"
+
+
+def loop(policy, tools, prompts=None, script=None):
+    engine = ScriptedEngine(script or {}, policy.tokenizer)
+    return RolloutLoop(engine, policy, prompts or PromptBuilder(), tools)
+
+
+def digest(builder: PromptBuilder, samples) -> str:
+    return hashlib.sha256("\x00".join(builder.first_user_text(s) for s in samples).encode()).hexdigest()
+
+
+def description(name: str) -> str:
+    return template_path(name).read_text(encoding="utf-8").strip()
+
+
+@pytest.mark.parametrize("form", ["backends", "tools"])
+def test_the_pairs_round1_prompt_is_unchanged(tiny_policy, fvqa_samples, form):
+    backends = {"image_search": FakeImageSearch(), "text_search": FakeTextSearch()}
+    tools = backends if form == "backends" else configured([ImageSearchTool(backends["image_search"]),
+                                                            TextSearchTool(backends["text_search"])])  # fmt: skip
+    assert digest(loop(tiny_policy, tools).prompts, fvqa_samples) == PAIR
+    demo = PromptBuilder(round1="mmsr.demo:templates/round1.txt")
+    assert digest(loop(tiny_policy, tools, demo).prompts, fvqa_samples) == DEMO
+
+
+def test_the_default_template_is_round1_with_a_tools_line():
+    """round1.txt stays as it was (the tiny tokenizers train on it); the default adds only the line."""
+    with_line = (TEMPLATES / "round1_tools.txt").read_text(encoding="utf-8")
+    assert with_line.count("{tools}\n") == 1
+    assert with_line.replace("{tools}\n", "") == (TEMPLATES / "round1.txt").read_text(encoding="utf-8")
+
+
+def test_configured_crop_tools_are_described_in_the_prompt_text_and_tokens(tiny_policy, fvqa_samples):
+    sample = fvqa_samples[0]
+    tools = configured([Crop(), CropSearch(FakeImageSearch()), ImageSearchTool(FakeImageSearch())])
+    rollout = loop(tiny_policy, tools, script={f"{sample.id}#0": [ANS]})
+    (traj,) = rollout.run([sample], 1, SamplingParams())
+    prompt = tiny_policy.tokenizer.decode(traj.input_ids[: traj.prompt_len])
+    crop, crop_search = description("describe_crop.txt"), description("describe_crop_search.txt")
+    assert crop in prompt and crop_search in prompt and "{tools}" not in prompt
+    # In the tools line: after the template's own actions, before its rules, in the tools' order.
+    assert prompt.index("<text_search>your query") < prompt.index(crop) < prompt.index(crop_search) < prompt.index("Rules:")
+    # The prompt's tokens are the tokenization of that text (encoded once, not re-tokenized).
+    text = tiny_policy.chat.first_prompt(rollout.prompts.first_user_text(sample))
+    assert traj.input_ids[: traj.prompt_len] == rollout.encoder.encode(text, [traj.vision[0].num_tokens])
+    # The pair's own descriptions are not repeated: round1 writes their calls out.
+    assert prompt.count("<search><img></search> to run") == 1
+
+
+def test_a_template_that_writes_the_call_describes_the_tool_itself(tmp_path):
+    (tmp_path / "r1.txt").write_text("Zoom with <crop>[x1, y1, x2, y2]</crop>.\n{tools}\n<image>{question}\n")
+    bound = PromptBuilder(round1=str(tmp_path / "r1.txt")).for_tools((Crop.spec, CropSearch.spec))
+    assert bound.round1.split("\n") == ["Zoom with <crop>[x1, y1, x2, y2]</crop>.", description("describe_crop_search.txt"),
+                                         "<image>{question}"]  # fmt: skip
+    # round1_crop.txt writes every call out and has no tools line: it is used as written.
+    assert PromptBuilder(round1="round1_crop.txt").for_tools((Crop.spec,)).round1 == PromptBuilder(round1="round1_crop.txt").round1
+
+
+def test_a_template_of_only_a_tools_line_gets_the_pairs_own_lines(tmp_path):
+    """The pair's descriptions are round1.txt's own bullets: a new template can list them by the line alone."""
+    (tmp_path / "r1.txt").write_text("Tools:\n{tools}\n<image>{question}\n")
+    bound = PromptBuilder(round1=str(tmp_path / "r1.txt")).for_tools(MMSEARCH_R1_TOOLS)
+    lines = (TEMPLATES / "round1.txt").read_text(encoding="utf-8").splitlines()[4:6]
+    assert bound.round1 == "\n".join(["Tools:", *lines, "<image>{question}"])
+
+
+class Undescribed(Tool):
+    spec = replace(IMAGE_SEARCH, name="lens", tag="lens", description=None)
+
+
+class MissingDescription(Tool):
+    spec = replace(IMAGE_SEARCH, name="lens", tag="lens", description="no_such_description.txt")
+
+
+def test_a_missing_description_is_an_error_naming_the_tool(tiny_policy):
+    with pytest.raises(ValueError, match=r"tool 'lens': description template not found.*no_such_description\.txt"):
+        loop(tiny_policy, configured([MissingDescription()]))
+    with pytest.raises(ValueError, match=r"tool 'lens' has no round-1 description.*<lens>"):
+        loop(tiny_policy, configured([Undescribed()]))
+    # A template without a tools line is used as written: the demo's, the direct-answer workflow's.
+    loop(tiny_policy, configured([Undescribed()]), PromptBuilder(round1="direct_answer.txt"))
+
+
+def test_the_tools_line_is_a_line_of_its_own_at_most_once(tmp_path):
+    for bad in ("Tools: {tools}\n<image>{question}", "{tools}\n{tools}\n<image>{question}"):
+        (tmp_path / "bad.txt").write_text(bad)
+        with pytest.raises(ValueError, match="must be a line of its own, at most once"):
+            PromptBuilder(round1=str(tmp_path / "bad.txt"))
+
+
+def test_the_crop_search_example_describes_its_tools(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    cli = lightning_cli(["-c", "configs/examples/crop_search.yaml"], run=False)
+    round1 = cli.model.loop.prompts.round1
+    assert [s.name for s in cli.model.loop.specs] == ["crop", "crop_search", "image_search", "text_search"]
+    assert description("describe_crop.txt") in round1 and description("describe_crop_search.txt") in round1
