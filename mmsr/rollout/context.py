@@ -1,6 +1,11 @@
 """The context budget of long episodes: an observation that does not fit is cut to fit (its images dropped,
 then its text shortened to the longest prefix that fits), and every cut is written down in words for the
-trajectory log (``Trajectory.context``)."""
+trajectory log (``Trajectory.context``).
+
+Only the newest observation is ever cut; earlier turns are never rewritten or dropped. An episode trains as
+one sequence whose sampled tokens are scored in exactly the context they were sampled in; dropping an old
+observation to make room would give later turns a context the trainer's forward never sees (their log-probs
+and the loss would then belong to different sequences), or force one training sequence per turn."""
 
 from __future__ import annotations
 
