@@ -82,6 +82,58 @@ class Engine(Protocol):
         ...
 
 
+class IncrementalEngine(Protocol):
+    """An engine that takes requests while others are generating and hands each one back the moment its
+    turn ends (vLLM's continuous batching): no turn waits for the slowest of a batch, and a request
+    submitted between two steps joins the running batch at the next one."""
+
+    def submit(self, requests: Sequence[GenerationRequest], sampling: SamplingParams) -> list[str]:
+        """Queue ``requests``; returns one ticket per request, unique among those in flight."""
+        ...
+
+    def step(self) -> list[tuple[str, GenerationOutput]]:
+        """Advance the queued requests (at least one decode step) and return the ``(ticket, output)``
+        of every request that finished."""
+        ...
+
+    def cancel(self, tickets: Iterable[str]) -> None:
+        """Drop submitted requests that have not finished (a rollout that failed part way)."""
+        ...
+
+
+class WholeBatches:
+    """``IncrementalEngine`` over an engine that only has ``generate`` (``HFEngine``, ``ScriptedEngine``):
+    a step generates everything submitted since the last step as one batch, in submission order."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.queue: list[tuple[list[str], Sequence[GenerationRequest], SamplingParams]] = []
+        self.submitted = 0
+
+    def submit(self, requests: Sequence[GenerationRequest], sampling: SamplingParams) -> list[str]:
+        tickets = [str(self.submitted + i) for i in range(len(requests))]
+        self.submitted += len(requests)
+        self.queue.append((tickets, requests, sampling))
+        return tickets
+
+    def step(self) -> list[tuple[str, GenerationOutput]]:
+        queued, self.queue = [q for q in self.queue if q[1]], []
+        return [pair for tickets, requests, sampling in queued
+                for pair in zip(tickets, self.engine.generate(requests, sampling), strict=True)]  # fmt: skip
+
+    def cancel(self, tickets: Iterable[str]) -> None:
+        drop = set(tickets)
+        self.queue = [([t for t in ts if t not in drop], [r for t, r in zip(ts, rs) if t not in drop], sampling)
+                      for ts, rs, sampling in self.queue]  # fmt: skip
+
+
+def incremental(engine: Engine | IncrementalEngine) -> IncrementalEngine:
+    """``engine`` itself when it takes requests one by one (``submit``, ``step``, ``cancel``), else ``WholeBatches``."""
+    if all(callable(getattr(engine, method, None)) for method in ("submit", "step", "cancel")):
+        return engine
+    return WholeBatches(engine)
+
+
 def first_stop(text: str, stops: Sequence[str]) -> int | None:
     """End index of the earliest completed stop string in ``text``, or None."""
     ends = [text.find(s) + len(s) for s in stops if s in text]

@@ -25,7 +25,7 @@ from mmsr.models.policy import Policy
 from mmsr.prompt.render import PromptBuilder
 from mmsr.rollout.actions import Answer, Invalid, stop_strings
 from mmsr.rollout.context import describe, fit
-from mmsr.rollout.engine import Engine, GenerationOutput, GenerationRequest, SamplingParams
+from mmsr.rollout.engine import Engine, GenerationOutput, GenerationRequest, IncrementalEngine, SamplingParams, incremental
 from mmsr.rollout.parse import parser_for
 from mmsr.rollout.tool_runner import ToolRunner
 from mmsr.rollout.trajectory import FinishReason, ToolCall, Trajectory, Turn
@@ -173,22 +173,49 @@ class RolloutLoop:
 
     def _advance(self, episodes: list[Episode], sampling: SamplingParams, runner: ToolRunner,
                  semaphore: asyncio.Semaphore) -> None:  # fmt: skip
-        """Generate for every ready episode, start their tool calls, take back the episodes whose calls
-        are done, until every episode is done."""
+        """Submit every ready episode's turn, step the engine, start the tool calls of the turns that
+        ended, take back the episodes whose calls are done, until every episode is done. An engine that
+        steps (``IncrementalEngine``) hands each turn back as it ends, so its tool call starts while
+        other turns still generate; any other engine generates each submission as one batch."""
+        engine, sampling = incremental(self.engine), self._with_tool_stops(sampling)
         ready = [e for e in episodes if e.phase is Phase.GENERATE]
+        turns: dict[str, Episode] = {}
         calls: dict[Future, Episode] = {}
-        while ready or calls:
-            if ready:
-                self._generate(ready, sampling)
-                calls |= {runner.submit(self._call_tool(e, semaphore)): e for e in ready if e.phase is Phase.CALL_TOOL}
-            ready = self._collect(calls) if calls else []
+        try:
+            while ready or turns or calls:
+                if ready:
+                    turns |= zip(engine.submit([self._request(e) for e in ready], sampling), ready, strict=True)
+                ended = self._step(engine, turns) if turns else []
+                calls |= {runner.submit(self._call_tool(e, semaphore)): e for e in ended if e.phase is Phase.CALL_TOOL}
+                ready = self._collect(calls, block=not turns) if calls else []
+        except BaseException:
+            engine.cancel(list(turns))  # the engine must not keep generating for a rollout that failed
+            raise
 
-    def _collect(self, calls: dict[Future, Episode]) -> list[Episode]:
-        """Observe every finished call (waiting for one if none is), and return the episodes that
-        generate next. A ``FatalToolError`` propagates (the runner cancels the other calls)."""
+    def _with_tool_stops(self, sampling: SamplingParams) -> SamplingParams:
+        """``sampling`` whose stop strings include the declared tools' closing tags."""
+        stop = sampling.stop + tuple(s for s in self.stops if s not in sampling.stop)
+        return sampling if stop == sampling.stop else replace(sampling, stop=stop)
+
+    def _step(self, engine: IncrementalEngine, turns: dict[str, Episode]) -> list[Episode]:
+        """One engine step: the episodes whose turn ended, each moved to its next phase."""
         start = time.perf_counter()
-        done, _ = wait(calls, return_when=FIRST_COMPLETED)
-        self.stats.tools_s += time.perf_counter() - start
+        finished = engine.step()
+        self.stats.generate_s += time.perf_counter() - start
+        ended = []
+        for ticket, output in finished:
+            ended.append(turns.pop(ticket))
+            self._on_generated(ended[-1], output)
+        return ended
+
+    def _collect(self, calls: dict[Future, Episode], block: bool) -> list[Episode]:
+        """Observe every finished call (with ``block``, waiting for one if none is: nothing is
+        generating), and return the episodes that generate next. A ``FatalToolError`` propagates (the
+        runner cancels the other calls)."""
+        start = time.perf_counter()
+        done, _ = wait(calls, timeout=None if block else 0, return_when=FIRST_COMPLETED)
+        if block:
+            self.stats.tools_s += time.perf_counter() - start
         ready = []
         for future in done:
             episode = calls.pop(future)
@@ -207,15 +234,6 @@ class RolloutLoop:
         if len(ids) >= self.settings.max_context_tokens:
             episode.finish("truncated")
         return episode
-
-    def _generate(self, active: list[Episode], sampling: SamplingParams) -> None:
-        requests = [self._request(e) for e in active]
-        start = time.perf_counter()
-        stop = sampling.stop + tuple(s for s in self.stops if s not in sampling.stop)
-        outputs = self.engine.generate(requests, sampling if stop == sampling.stop else replace(sampling, stop=stop))
-        self.stats.generate_s += time.perf_counter() - start
-        for episode, output in zip(active, outputs):
-            self._on_generated(episode, output)
 
     def _request(self, e: Episode) -> GenerationRequest:
         room = self.settings.max_context_tokens - len(e.traj)
