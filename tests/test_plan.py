@@ -136,11 +136,16 @@ def test_7b_recipes_fit_80gb(recipe, capsys):
     assert out["strategy"] == "fsdp2" and (out["dtypes"]["param"], out["dtypes"]["compute"]) == ("float32", "bfloat16")
 
 
-def test_qwen3_vl_8b_recipe_fits_80gb(capsys):
+@pytest.mark.parametrize("nodes", ["1x8", "4x8"])
+def test_qwen3_vl_8b_recipes_fit_80gb(nodes, capsys):
     """Sized from the known Qwen3-VL-8B-Instruct config: the published 8.77B parameters."""
-    out = run(capsys, "-c", str(ROOT / "configs" / "mmsearch_r1" / "qwen3_vl_8b_1x8.yaml"), "--gpu-gb", "80")
+    out = run(capsys, "-c", str(ROOT / "configs" / "mmsearch_r1" / f"qwen3_vl_8b_{nodes}.yaml"), "--gpu-gb", "80")
     assert out["params"]["total"] == 8_767_123_696 and out["params"]["vision"] == 576_388_336
     assert out["fits"] and out["peak"] <= 80 * GiB and out["engine"]["contexts"] >= 1 and out["strategy"] == "fsdp2"
+    if nodes == "4x8":  # the paper's batch, as the 7B 4x8 recipe: 512 prompts x 8 samples, 4 updates per step
+        t = out["tokens"]
+        assert out["world_size"] == 32 and t["total"]["prompts"] == 512 and t["total"]["episodes"] == 4096
+        assert t["updates_per_step"] == 4
 
 
 def test_7b_without_checkpointing_or_on_24gb_does_not_fit(capsys):
@@ -163,10 +168,11 @@ def test_world_size_must_match_fsdp2_data_parallel_size():
         world({"devices": 8, "num_nodes": 4, "strategy": strategy})
 
 
-def test_mmsr_plan_command_prints_the_readme_table():
-    """The command line, run as users run it; the README shows exactly what it prints for the 4x8 recipe."""
-    shown = "$ mmsr plan -c configs/mmsearch_r1/qwen2_5_vl_7b_4x8.yaml --gpu-gb 80\n"
-    cmd = [sys.executable, "-m", "mmsr", "plan", "-c", "configs/mmsearch_r1/qwen2_5_vl_7b_4x8.yaml", "--gpu-gb", "80"]
+@pytest.mark.parametrize("recipe", ["qwen2_5_vl_7b_4x8", "qwen3_vl_8b_4x8"])
+def test_mmsr_plan_command_prints_the_readme_table(recipe):
+    """The command line, run as users run it; the README shows exactly what it prints for the 4x8 recipes."""
+    shown = f"$ mmsr plan -c configs/mmsearch_r1/{recipe}.yaml --gpu-gb 80\n"
+    cmd = [sys.executable, "-m", "mmsr", "plan", "-c", f"configs/mmsearch_r1/{recipe}.yaml", "--gpu-gb", "80"]
     env = subprocess_env(OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
