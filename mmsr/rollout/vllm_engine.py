@@ -23,6 +23,17 @@ contexts with their images and gets sampled ids with their log-probs back. What 
   ``external_launcher`` executor on its own device, inside the trainer's process group.
 - sampling streams: each request is seeded from the engine seed, its rollout index, episode key
   and turn (``mmsr.rollout.sampling.request_seed``), so its draws do not depend on its batch.
+- incremental generation (``IncrementalEngine``): ``submit`` adds requests to vLLM's scheduler and
+  ``step`` runs one engine step, returning the requests that finished, so the loop hands each turn to
+  its tool the moment it ends and its next turn joins the running batch (continuous batching). The
+  same engine, inputs, parameters and seeds as ``generate``: the same tokens and log-probs.
+
+vLLM's ``AsyncLLM`` is not used: it always runs the engine core in a separate process (vLLM 0.32 builds
+its client with ``make_async_mp_client`` whatever ``VLLM_ENABLE_V1_MULTIPROCESSING`` says, and an
+in-process asyncio core raises NotImplementedError), so weights could only reach it serialized
+("Object of type <class 'list_iterator'> is not serializable", from its ``collective_rpc``), and
+``external_launcher`` ranks could not share the trainer's process group. Stepping the in-process
+``LLMEngine`` is the same scheduler without the process boundary.
 
 The engine must run in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, set by ``bind``): weights are
 handed over as live tensors, never serialized.
@@ -94,7 +105,9 @@ class VLLMEngine:
     ) -> None:
         self.model, self.dtype, self.seed = model, dtype, seed
         self.tensor_parallel_size = tensor_parallel_size
-        self.calls = 0  # generate() calls: the stream of requests that carry no episode key
+        self.calls = 0  # generate() and submit() calls: the streams of requests that carry no episode key
+        self.submitted = 0  # requests submitted for stepping: their tickets
+        self.in_flight: set[str] = set()  # tickets submitted and not yet finished or cancelled
         self._config_dir: tempfile.TemporaryDirectory | None = None
         self.max_model_len, self.max_num_seqs = max_model_len, max_num_seqs
         self.gpu_memory_utilization, self.cpu_kv_cache_gb = gpu_memory_utilization, cpu_kv_cache_gb
@@ -155,33 +168,68 @@ class VLLMEngine:
     def sleep_enabled(self) -> bool:
         return self.enable_sleep_mode and torch.cuda.is_available()
 
-    def _require(self):
+    def _require(self, idle: bool = True):
+        """The ``vllm.LLM``; with ``idle``, none of the submitted requests may be in flight (a batched
+        call would run them to the end and take their outputs)."""
         if self.llm is None:
             raise RuntimeError("VLLMEngine.bind(policy) must be called first")
         if self.asleep:
             raise RuntimeError("VLLMEngine is asleep: call wake() before generating or syncing")
+        if idle and self.in_flight:
+            raise RuntimeError(f"VLLMEngine has {len(self.in_flight)} submitted requests in flight: step() until "
+                               "they finish, or cancel() them, before generating, scoring or syncing")  # fmt: skip
         return self.llm
 
     # -- generation -----------------------------------------------------------------------------
     def sampling_params(self, sampling: SamplingParams, budget: int, seed: int | None = None):
         from vllm import SamplingParams as VSamplingParams
+        from vllm.sampling_params import RequestOutputKind
 
         return VSamplingParams(
             n=1, temperature=max(sampling.temperature, 0.0), top_p=sampling.top_p, top_k=sampling.top_k,
             max_tokens=max(budget, 1), stop=list(sampling.stop) or None, include_stop_str_in_output=True,
             stop_token_ids=self.stop_ids, logprobs=0, logit_bias=self.logit_bias or None,
-            skip_special_tokens=True, seed=seed,
+            skip_special_tokens=True, seed=seed, output_kind=RequestOutputKind.FINAL_ONLY,
         )  # fmt: skip
+
+    def _inputs(self, requests: Sequence[GenerationRequest], sampling: SamplingParams) -> list[tuple[dict, object]]:
+        """``(prompt, vllm.SamplingParams)`` of each request; requests without a key are seeded by call."""
+        self.calls += 1
+        return [(engine_input(r.input_ids, r.vision, self.image_ids, self.patch_size).prompt(self.mm_kwargs),
+                 self.sampling_params(sampling, min(sampling.max_tokens, r.max_tokens or sampling.max_tokens),
+                                      request_seed(self.seed, r.stream, r.key or f"call{self.calls}/{i}", r.turn)))
+                for i, r in enumerate(requests)]  # fmt: skip
 
     def generate(self, requests: Sequence[GenerationRequest], sampling: SamplingParams) -> list[GenerationOutput]:
         llm = self._require()
-        self.calls += 1
-        prompts = [engine_input(r.input_ids, r.vision, self.image_ids, self.patch_size).prompt(self.mm_kwargs) for r in requests]
-        params = [self.sampling_params(sampling, min(sampling.max_tokens, r.max_tokens or sampling.max_tokens),
-                                       request_seed(self.seed, r.stream, r.key or f"call{self.calls}/{i}", r.turn))
-                  for i, r in enumerate(requests)]  # fmt: skip
-        outs = llm.generate(prompts, params, use_tqdm=False)
+        prompts, params = zip(*self._inputs(requests, sampling)) if requests else ((), ())
+        outs = llm.generate(list(prompts), list(params), use_tqdm=False)
         return [to_output(o.outputs[0]) for o in outs]
+
+    def submit(self, requests: Sequence[GenerationRequest], sampling: SamplingParams) -> list[str]:
+        """Add ``requests`` to vLLM's scheduler; they start at the next ``step``, beside those running."""
+        engine, tickets = self._require(idle=False).llm_engine, []
+        for prompt, params in self._inputs(requests, sampling):
+            tickets.append(f"mmsr-{self.submitted}")
+            self.submitted += 1
+            engine.add_request(tickets[-1], prompt, params)
+            self.in_flight.add(tickets[-1])
+        return tickets
+
+    def step(self) -> list[tuple[str, GenerationOutput]]:
+        """One vLLM engine step (a decode step of every running request, prefill of new ones); returns
+        ``(ticket, output)`` of the requests that finished in it."""
+        outs = self._require(idle=False).llm_engine.step()
+        done = [(o.request_id, to_output(o.outputs[0])) for o in outs if o.finished and o.request_id in self.in_flight]
+        self.in_flight.difference_update(ticket for ticket, _ in done)
+        return done
+
+    def cancel(self, tickets: Iterable[str]) -> None:
+        """Abort submitted requests still in flight (a rollout that failed part way)."""
+        drop = self.in_flight.intersection(tickets)
+        if drop:
+            self._require(idle=False).llm_engine.abort_request(sorted(drop))
+            self.in_flight -= drop
 
     def state_dict(self) -> dict:
         """The sampler's state (saved in checkpoints so a resumed run draws the same tokens)."""

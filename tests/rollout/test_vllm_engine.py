@@ -6,6 +6,7 @@ are taught in a few dozen Adam steps to answer one question with a text search, 
 """
 
 import gc
+import time
 
 import pytest
 import torch
@@ -23,13 +24,14 @@ from mmsr.demo.tokenizer import Scaffold
 from mmsr.models.tiny_text import TinyQwen2
 from mmsr.prompt.render import PromptBuilder
 from mmsr.rollout.actions import Answer, TextSearch
-from mmsr.rollout.engine import GenerationRequest, SamplingParams, ScriptedEngine
+from mmsr.rollout.engine import GenerationRequest, SamplingParams, ScriptedEngine, WholeBatches, incremental
 from mmsr.rollout.hf_engine import HFEngine
 from mmsr.rollout.loop import RolloutLoop
 from mmsr.rollout.vllm_engine import VLLMEngine
 from mmsr.sync import StaleWeightsError, WeightSync, probe_inputs, sampling_probe, sync_weights, verify_sync
 from mmsr.train.batch import collate
 from tests.conftest import FVQA
+from tests.rollout.test_incremental import Recording
 from tests.rollout.test_loop import ANS, TXT, FakeImageSearch, FakeTextSearch, spans
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=40)
@@ -234,3 +236,63 @@ def test_sleep_and_wake_are_no_ops_on_cpu(policy, engine, initial, prompts, fvqa
     assert not engine.asleep  # nothing to free on CPU: the KV cache is host memory of fixed size
     engine.wake()
     assert engine.generate([request], GREEDY)[0].token_ids == before.token_ids
+
+
+
+class BatchOnly:
+    """The engine seen through ``generate`` alone: the loop batches each round's turns (``WholeBatches``)."""
+
+    def __init__(self, engine):
+        self.generate, self.update_weights = engine.generate, engine.update_weights
+
+
+class Clocked:
+    """The engine's stepping, recording when each episode's turn came back (by sample id and turn)."""
+
+    def __init__(self, engine):
+        self.engine, self.keys, self.finished = engine, {}, {}
+
+    def submit(self, requests, sampling):
+        tickets = self.engine.submit(requests, sampling)
+        self.keys |= {t: (r.key.split("#")[0], r.turn) for t, r in zip(tickets, requests)}
+        return tickets
+
+    def step(self):
+        done = self.engine.step()
+        self.finished |= {self.keys[t]: time.perf_counter() for t, _ in done}
+        return done
+
+    def cancel(self, tickets):
+        self.engine.cancel(tickets)
+
+
+def test_stepped_rollout_draws_what_the_batched_one_draws(policy, engine, taught, prompts, fvqa_samples):
+    """Same seeds, same tokens and log-probs, whether turns come back step by step or batch by batch."""
+    use(policy, engine, taught[0])
+    assert incremental(engine) is engine and isinstance(incremental(BatchOnly(engine)), WholeBatches)
+    sampling = SamplingParams(temperature=1.0, max_tokens=40)
+    batched = make_loop(BatchOnly(engine), policy, prompts).run(fvqa_samples[:3], 2, sampling)
+    stepped = make_loop(engine, policy, prompts).run(fvqa_samples[:3], 2, sampling)
+    assert sorted(len(t.turns) for t in stepped) == [1, 1, 1, 1, 1, 2], [len(t.turns) for t in stepped]  # a search
+    for b, s in zip(batched, stepped, strict=True):
+        assert s.input_ids == b.input_ids and s.loss_mask == b.loss_mask
+        assert s.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+    assert not engine.in_flight
+    with pytest.raises(RuntimeError, match="in flight"):  # a batched call would swallow stepped requests
+        engine.submit([first_request(policy, prompts, fvqa_samples[0])], GREEDY)
+        engine.generate([first_request(policy, prompts, fvqa_samples[0])], GREEDY)
+    engine.cancel(list(engine.in_flight))
+    assert not engine.in_flight and engine.generate([first_request(policy, prompts, fvqa_samples[0])], GREEDY)
+
+
+def test_a_turn_that_ends_early_starts_its_tool_call_before_a_long_turn_ends(policy, engine, taught, prompts, fvqa_samples):
+    """With the taught weights, sample 0 asks for a text search in 19 greedy tokens while sample 6 runs on
+    past 40: the search starts, and sample 0's answer turn ends, while sample 6's first turn still generates."""
+    use(policy, engine, taught[0])
+    fast, slow = fvqa_samples[0], fvqa_samples[6]
+    clocked, text = Clocked(engine), Recording()
+    trajs = make_loop(clocked, policy, prompts, text).run([fast, slow], 1, SamplingParams(temperature=0.0, max_tokens=120))
+    (start, end), = [t.span for t in trajs[1].turns]
+    assert trajs[0].finish_reason == "answer" and end - start > 40, (trajs[0].finish_reason, end - start)
+    assert text.started[fast.id] < clocked.finished[(slow.id, 0)]
+    assert clocked.finished[(fast.id, 1)] < clocked.finished[(slow.id, 0)]

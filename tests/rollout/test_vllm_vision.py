@@ -142,6 +142,18 @@ def test_image_episodes_with_tool_thumbnails(policy, engine, taught, prompts, fv
     assert (mine - theirs).abs().max() < PARITY
 
 
+def test_stepped_image_episodes_equal_the_batched_ones(policy, engine, taught, prompts, fvqa_samples):
+    """The loop steps the engine itself (``submit`` / ``step``): images and thumbnails reach vLLM as
+    through ``generate`` (``Recording`` hides the stepping), and the same tokens come back."""
+    use(policy, engine, taught[0])
+    batched = loop_with(Recording(engine), policy, prompts).run(fvqa_samples[:1], 2, GREEDY)
+    stepped = loop_with(engine, policy, prompts).run(fvqa_samples[:1], 2, GREEDY)
+    for b, s in zip(batched, stepped, strict=True):
+        assert len(s.vision) == 3 and s.input_ids == b.input_ids and s.loss_mask == b.loss_mask
+        assert s.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+    assert not engine.in_flight
+
+
 def test_vllm_expands_the_collapsed_pads_to_the_training_ids(policy, engine, initial, prompts, fvqa_samples):
     """vLLM gets one pad per image and expands it from its own processing of the image: its prompt
     is then the training sequence, token for token, for every image of a multi-search context."""
