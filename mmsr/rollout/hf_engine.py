@@ -7,6 +7,7 @@ positions and vision inputs), so engine and trainer log-probs agree to float pre
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -14,6 +15,7 @@ import torch
 
 from mmsr.models.policy import Policy
 from mmsr.rollout.engine import GenerationOutput, GenerationRequest, SamplingParams, first_stop
+from mmsr.rollout.hf_decode import DecodeBatch, additive_mask, decode_attention_for, slab_cache
 from mmsr.rollout.sampling import gumbel_sample, request_seed
 
 
@@ -30,9 +32,9 @@ def sample_tokens(logits: torch.Tensor, sampling: SamplingParams, seeds: torch.T
     if sampling.temperature <= 0:
         tokens = logits.argmax(-1)
         return tokens, torch.log_softmax(logits, -1).gather(-1, tokens[:, None])[:, 0]
-    scaled = logits / sampling.temperature
+    scaled = logits / sampling.temperature if sampling.temperature != 1 else logits  # x / 1 is x: a pass saved
     logp = torch.log_softmax(scaled, -1)
-    filtered = scaled.clone()
+    filtered = scaled.clone() if sampling.top_k > 0 or sampling.top_p < 1.0 else scaled
     if sampling.top_k > 0:
         kth = torch.topk(scaled, min(sampling.top_k, scaled.shape[-1]), -1).values[:, -1:]
         filtered[scaled < kth] = float("-inf")
@@ -120,52 +122,59 @@ class HFEngine:
         return ids.to(device), attn.to(device), pos.to(device)
 
     @torch.no_grad()
-    def prefill(self, requests: Sequence[GenerationRequest]):
+    def prefill(self, requests: Sequence[GenerationRequest], budget: int, additive: bool):
         """One forward over each distinct context (the ``n`` episodes of a GRPO group start from the
         same prompt and images), its KV cache then fanned out to every request that shares it.
 
-        Returns: the cache, next-token logits ``[B, V]``, attention ``[B, T]``, next positions
-        ``[3, B]`` or ``[B]``.
+        Args:
+            budget: most tokens any request samples (the cache holds the padded prompt and these).
+            additive: build the 4-D additive mask ``decode_attention`` takes (else the 2-D one).
+        Returns: the ``DecodeBatch`` and next-token logits ``[B, V]``.
         """
         keys = [(tuple(r.input_ids), tuple(id(v.image) for v in r.vision)) for r in requests]
         slots: dict[tuple, int] = {}
         fan_out = [slots.setdefault(key, len(slots)) for key in keys]  # request -> distinct context
         distinct = [requests[fan_out.index(j)] for j in range(len(slots))]
         ids, attn, pos = self._left_pad(distinct)
+        capacity = ids.shape[1] + budget
+        cache = slab_cache(self.policy.model, capacity)
         vision = [v for r in distinct for v in r.vision]
-        out = self.policy.forward(ids, attn, pos, vision, use_cache=True, logits_to_keep=1)
+        out = self.policy.forward(ids, attn, pos, vision, past_key_values=cache, use_cache=True, logits_to_keep=1)
         index = torch.tensor(fan_out, device=ids.device)
         if len(distinct) < len(requests):
-            out.past_key_values.batch_select_indices(index)
-        return out.past_key_values, out.logits[index, -1], attn[index], pos.amax(-1)[..., index] + 1
+            cache.batch_select_indices(index)
+        if additive:
+            mask = additive_mask(attn, capacity, out.logits.dtype)
+        else:
+            mask = torch.cat([attn, attn.new_ones(len(distinct), budget)], 1)
+        batch = DecodeBatch(cache, mask[index], pos.amax(-1)[..., index] + 1, ids.shape[1])
+        return batch, out.logits[index, -1]
 
     @torch.no_grad()
     def _batch(self, requests: Sequence[GenerationRequest], seeds: Sequence[int], sampling: SamplingParams) -> list[GenerationOutput]:
-        cache, logits, attn, next_pos = self.prefill(requests)
-        seed_t = torch.tensor(list(seeds), dtype=torch.long)
         turns = [_Turn(min(sampling.max_tokens, r.max_tokens or sampling.max_tokens)) for r in requests]
+        with decode_attention_for(self.policy.model) as additive:
+            batch, logits = self.prefill(requests, max(t.budget for t in turns), additive)
+            self._decode(batch, logits, turns, seeds, sampling)
+        return [GenerationOutput(t.tokens, t.logprobs, t.finish) for t in turns]
+
+    def _decode(self, batch: DecodeBatch, logits: torch.Tensor, turns: list[_Turn], seeds: Sequence[int], sampling: SamplingParams) -> None:
+        """Sample every turn to its end; rows decode in lockstep, each drawing its token number ``step``."""
+        seed_t = torch.tensor(list(seeds), dtype=torch.long)
         eos, candidates = self.policy.stop_token_ids(), self._stop_candidates(sampling.stop)
-        rows = list(range(len(requests)))  # batch row -> request index
-        step = 0  # rows decode in lockstep: every live row is drawing its token number ``step``
-        while rows:
+        rows = list(range(len(turns)))  # batch row -> request index
+        for step in itertools.count():
             tokens, logprobs = sample_tokens(logits, sampling, seed_t[rows], torch.full((len(rows),), step))
-            step += 1
             for i, token, logprob in zip(rows, tokens.tolist(), logprobs.tolist()):
                 turns[i].add(token, logprob, self._finish(turns[i], token, eos, candidates, sampling.stop))
             keep = [b for b, i in enumerate(rows) if turns[i].finish is None]
             if not keep:
-                break
+                return
             if len(keep) < len(rows):
-                index = torch.tensor(keep, device=attn.device)
-                cache.batch_select_indices(index)
-                attn, next_pos, tokens = attn[index], next_pos[..., index], tokens[index]
-                rows = [rows[b] for b in keep]
-            attn = torch.cat([attn, attn.new_ones(len(rows), 1)], 1)
-            out = self.policy.mask_banned(self.policy.model(
-                input_ids=tokens[:, None], attention_mask=attn, position_ids=next_pos[..., None],
-                past_key_values=cache, use_cache=True))  # fmt: skip
-            logits, next_pos = out.logits[:, -1], next_pos + 1
-        return [GenerationOutput(t.tokens, t.logprobs, t.finish) for t in turns]
+                index = torch.tensor(keep, device=tokens.device)
+                batch.select(index)
+                tokens, rows = tokens[index], [rows[b] for b in keep]
+            logits = self.policy.mask_banned(batch.step(self.policy.model, tokens)).logits[:, -1]
 
     def _finish(self, turn: _Turn, token: int, eos: set[int], candidates: frozenset[int], stop: Sequence[str]) -> str | None:
         """Why the turn ends with ``token`` (appended next), or None. A stop string can only be

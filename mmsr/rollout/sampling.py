@@ -47,6 +47,42 @@ def splitmix64(x: torch.Tensor) -> torch.Tensor:
     return z ^ _shr(z, 31)
 
 
+def _shr_(x: torch.Tensor, s: int, out: torch.Tensor) -> torch.Tensor:
+    """``_shr`` into the preallocated ``out`` (the hash of a ``[B, V]`` batch allocates two tensors, not twenty)."""
+    torch.bitwise_right_shift(x, s, out=out)
+    return out.bitwise_and_((1 << (64 - s)) - 1)
+
+
+def _vocab_keys(vocab: int, device: torch.device) -> torch.Tensor:
+    """``[V]`` int64 ``id * golden + golden``: the per-id offset of ``stream_uniform``'s hash, with the first
+    addition of ``splitmix64`` folded in (wrapping addition is associative, so the bits are the same)."""
+    key = (vocab, str(device))
+    if key not in _VOCAB_KEYS:
+        _VOCAB_KEYS[key] = torch.arange(vocab, device=device, dtype=torch.long) * _GOLDEN + _GOLDEN
+    return _VOCAB_KEYS[key]
+
+
+_VOCAB_KEYS: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def stream_bits(seeds: torch.Tensor, positions: torch.Tensor, vocab: int) -> torch.Tensor:
+    """53 random bits per (row, vocabulary id): ``splitmix64(row + id * golden) >> 11`` with
+    ``row = splitmix64(seed + splitmix64(position))``, computed in place.
+
+    Args:
+        seeds: ``[B]`` int64 request seeds; positions: ``[B]`` int64 index of the token being drawn.
+    Returns:
+        ``[B, V]`` int64 in ``[0, 2**53)``.
+    """
+    row = splitmix64(seeds + splitmix64(positions))  # [B]
+    z = row[:, None] + _vocab_keys(vocab, seeds.device)  # [B, V]: splitmix64's ``x + golden``
+    tmp = torch.empty_like(z)
+    z.bitwise_xor_(_shr_(z, 30, tmp)).mul_(_MIX1)
+    z.bitwise_xor_(_shr_(z, 27, tmp)).mul_(_MIX2)
+    z.bitwise_xor_(_shr_(z, 31, tmp))
+    return _shr_(z, 11, tmp)
+
+
 def stream_uniform(seeds: torch.Tensor, positions: torch.Tensor, vocab: int) -> torch.Tensor:
     """Uniform noise in (0, 1), a pure function of (seed, position, vocabulary id).
 
@@ -55,14 +91,12 @@ def stream_uniform(seeds: torch.Tensor, positions: torch.Tensor, vocab: int) -> 
     Returns:
         ``[B, V]`` float64.
     """
-    row = splitmix64(seeds + splitmix64(positions))  # [B]
-    ids = torch.arange(vocab, device=seeds.device, dtype=torch.long) * _GOLDEN
-    bits = _shr(splitmix64(row[:, None] + ids), 11)  # [B, V], 53 random bits
-    return (bits.double() + 0.5) / float(1 << 53)
+    return stream_bits(seeds, positions, vocab).double().add_(0.5).mul_(1.0 / (1 << 53))  # exact: a power of 2
 
 
 def gumbel_sample(filtered: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """One draw per row from ``softmax(filtered)``.
+    """One draw per row from ``softmax(filtered)``: ``argmax(filtered + g)``, ``g = -log(-log u)``
+    (subtracting ``log(-log u)`` is the same IEEE operation, one op fewer).
 
     Args:
         filtered: ``[B, V]`` scaled logits, ``-inf`` where filtered out.
@@ -71,5 +105,4 @@ def gumbel_sample(filtered: torch.Tensor, seeds: torch.Tensor, positions: torch.
         ``[B]`` token ids.
     """
     u = stream_uniform(seeds.to(filtered.device), positions.to(filtered.device), filtered.shape[-1])
-    gumbel = -torch.log(-torch.log(u))
-    return (filtered.double() + gumbel).argmax(-1)
+    return torch.sub(filtered, u.log_().neg_().log_()).argmax(-1)  # float64: ``filtered`` is promoted exactly

@@ -118,3 +118,19 @@ def test_hf_engine_prefills_each_distinct_context_once(tiny_policy, fvqa_samples
     alone = [engine.generate([r], sampling)[0] for r in requests]
     assert [o.token_ids for o in together] == [o.token_ids for o in alone]
     assert len({tuple(o.token_ids) for o in together}) > 2  # the episodes of a prompt differ
+
+
+def test_in_place_noise_equals_the_formula_bit_for_bit():
+    """``stream_uniform``/``gumbel_sample`` compute in place and fold constants; the bits are those of
+    the formula written out (so the tokens of a seed do not change with the implementation)."""
+
+    def shr(x, s):
+        return (x >> s) & ((1 << (64 - s)) - 1)
+
+    seeds, pos = torch.randint(0, 2**62, (16,)), torch.randint(0, 1000, (16,))
+    row = splitmix64(seeds + splitmix64(pos))
+    ids = torch.arange(3001, dtype=torch.long) * -7046029254386353131  # golden ratio constant, signed
+    u = (shr(splitmix64(row[:, None] + ids), 11).double() + 0.5) / float(1 << 53)
+    assert torch.equal(stream_uniform(seeds, pos, 3001), u)
+    logits = torch.randn(16, 3001)
+    assert torch.equal(gumbel_sample(logits, seeds, pos), (logits.double() - torch.log(-torch.log(u))).argmax(-1))

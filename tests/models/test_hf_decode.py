@@ -1,0 +1,105 @@
+"""HFEngine's decode state (in-place KV slabs, a mask built once, grouped-head attention) changes the
+work per token, not the numbers: tokens equal those of transformers' own decode (``DynamicCache``, a
+2-D mask grown each step, SDPA over repeated KV heads), log-probs to float rounding (the reference runs
+every row to the end, so its matmuls see other batch shapes), for the text model and both
+vision-language families (M-RoPE, images from tools), with left padding, GRPO fan-out and rows leaving
+the batch as they finish."""
+
+import pytest
+import torch
+
+from mmsr.rollout.engine import GenerationRequest, SamplingParams
+from mmsr.rollout.hf_decode import DECODE_ATTENTION, SlabLayer, additive_mask, decode_attention_for
+from mmsr.rollout.hf_engine import HFEngine, sample_tokens
+from mmsr.rollout.sampling import request_seed
+from tests.conftest import FVQA
+from tests.models.test_parity import multi_turn_contexts
+
+
+@torch.no_grad()
+def dynamic_decode(engine: HFEngine, requests, sampling: SamplingParams, budget: int):
+    """The engine's loop as it was: one prefill per request, transformers' default cache and masks.
+    Returns tokens and log-probs ``[B, budget]`` (every row runs the whole budget)."""
+    policy = engine.policy
+    seeds = torch.tensor([request_seed(engine.seed, r.stream, r.key, r.turn) for r in requests])
+    ids, attn, pos = engine._left_pad(requests)
+    out = policy.forward(ids, attn, pos, [v for r in requests for v in r.vision], use_cache=True, logits_to_keep=1)
+    cache, logits, next_pos = out.past_key_values, out.logits[:, -1], pos.amax(-1) + 1
+    tokens, logps = [], []
+    for step in range(budget):
+        token, logp = sample_tokens(logits, sampling, seeds, torch.full((len(requests),), step))
+        tokens.append(token), logps.append(logp)
+        attn = torch.cat([attn, attn.new_ones(len(requests), 1)], 1)
+        out = policy.mask_banned(policy.model(input_ids=token[:, None], attention_mask=attn,
+                                              position_ids=next_pos[..., None], past_key_values=cache, use_cache=True))  # fmt: skip
+        logits, next_pos = out.logits[:, -1], next_pos + 1
+    return torch.stack(tokens, 1), torch.stack(logps, 1)
+
+
+def assert_same_as_dynamic(policy, contexts, sampling: SamplingParams) -> list:
+    """Generate each context twice (a GRPO group of 2 sharing one prefill) and compare to ``dynamic_decode``."""
+    engine = HFEngine(seed=3)
+    engine.bind(policy)
+    policy.model.eval()
+    requests = [GenerationRequest(ids, vision, key=f"q{i}#{k}") for i, (ids, vision) in enumerate(contexts) for k in range(2)]
+    outs = engine.generate(requests, sampling)
+    tokens, logps = dynamic_decode(engine, requests, sampling, sampling.max_tokens)
+    for o, t, lp in zip(outs, tokens, logps):
+        n = len(o.token_ids)
+        assert o.token_ids == t[:n].tolist()
+        assert torch.allclose(torch.tensor(o.logprobs), lp[:n], rtol=0, atol=1e-5)
+    return outs
+
+
+def test_text_model_decodes_as_transformers_does():
+    from mmsr.demo.tokenizer import Scaffold
+    from mmsr.models.tiny_text import TinyQwen2
+
+    texts = [str(FVQA / "fvqa_dev.jsonl"), str(FVQA / "search" / "corpus.jsonl")]
+    policy = TinyQwen2(tokenizer_texts=texts, scaffold=Scaffold(), vocab_size=512, hidden_size=128).build()
+    prompts = ["What is the capital of France?", "Name it.", "Which river flows through the city in the picture?"]
+    contexts = [(tuple(policy.tokenizer(p)["input_ids"]), ()) for p in prompts]  # three lengths: left padding
+    outs = assert_same_as_dynamic(policy, contexts, SamplingParams(temperature=1.0, max_tokens=24, stop=("e",)))
+    assert {o.finish for o in outs} == {"stop"} and len({len(o.token_ids) for o in outs}) > 2  # rows left one by one
+
+
+def test_vision_language_models_decode_as_transformers_does(vl_policy, fvqa_samples):
+    trajs, cuts = multi_turn_contexts(vl_policy, fvqa_samples[:2])
+    contexts = [(tuple(t.input_ids[:c]), tuple(t.vision)) for t, c in zip(trajs, cuts)]
+    assert_same_as_dynamic(vl_policy, contexts, SamplingParams(temperature=1.0, max_tokens=10, stop=()))
+
+
+def test_slab_layer_writes_in_place_and_keeps_selected_rows():
+    layer = SlabLayer(capacity=5)
+    k, v = torch.randn(3, 2, 2, 4), torch.randn(3, 2, 2, 4)
+    keys, _ = layer.update(k, v)
+    slab = layer.key_slab
+    keys, values = layer.update(k[:, :, :1] + 1, v[:, :, :1])
+    assert layer.key_slab is slab and keys.shape == (3, 2, 3, 4) and layer.get_seq_length() == 3
+    assert torch.equal(keys[:, :, :2], k) and torch.equal(keys[:, :, 2], k[:, :, 0] + 1)
+    layer.batch_select_indices(torch.tensor([2, 2, 0]))
+    assert torch.equal(layer.keys[0], keys[2]) and torch.equal(layer.keys[1], keys[2]) and torch.equal(layer.values[2], values[0])
+    with pytest.raises(ValueError, match="KV cache full: 6 tokens for a capacity of 5"):
+        layer.update(torch.randn(3, 2, 3, 4), torch.randn(3, 2, 3, 4))
+
+
+def test_additive_mask_hides_padding_only():
+    attention = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    mask = additive_mask(attention, 5, torch.float32)
+    assert mask.shape == (2, 1, 1, 5)
+    assert mask[0, 0, 0].tolist() == [float("-inf"), 0, 0, 0, 0] and not mask[1].any()
+
+
+def test_decode_attention_is_scoped_to_sdpa_models(tiny_policy):
+    config = tiny_policy.model.config.get_text_config()
+    assert config._attn_implementation == "sdpa"
+    with pytest.raises(RuntimeError), decode_attention_for(tiny_policy.model) as additive:
+        assert additive and config._attn_implementation == DECODE_ATTENTION
+        raise RuntimeError("a failed step")
+    assert config._attn_implementation == "sdpa"  # restored, even after an error
+    config._attn_implementation = "eager"
+    try:
+        with decode_attention_for(tiny_policy.model) as additive:
+            assert not additive and config._attn_implementation == "eager"
+    finally:
+        config._attn_implementation = "sdpa"
