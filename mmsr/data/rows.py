@@ -17,7 +17,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from mmsr.data.sample import Sample
+from mmsr.data.sample import EncodedImage, Sample
 
 RowMaker = Callable[[dict, Path, int], Sample]
 
@@ -39,6 +39,20 @@ def decode_image(data: bytes | str | Path | Image.Image, path, row, field="image
         return image.convert("RGB")
     except (OSError, ValueError) as exc:
         raise row_error(path, row, field, f"cannot decode image ({exc})") from None
+
+
+def encoded_image(data: bytes | str | Path | Image.Image, path, row, field="image") -> EncodedImage | Image.Image:
+    """Image bytes or a file, checked by decoding them once and kept encoded (``EncodedImage``: decoded
+    again when read); a ``PIL`` image (a decoded ``datasets`` column) is kept as RGB. A bad image raises
+    a ``DataError`` naming the row."""
+    if isinstance(data, Image.Image):
+        return decode_image(data, path, row, field)
+    try:
+        raw = data if isinstance(data, bytes) else Path(data).read_bytes()
+    except OSError as exc:
+        raise row_error(path, row, field, f"cannot read image ({exc})") from None
+    decode_image(raw, path, row, field)
+    return EncodedImage(raw)
 
 
 def candidate_list(value, path, row) -> tuple[str, ...]:
@@ -69,15 +83,15 @@ def _parquet_question(prompt, path, row) -> str:
     return _text(users[-1] if users else None, path, row, "prompt")
 
 
-def _parquet_image(images, path, row) -> Image.Image:
+def _parquet_image(images, path, row) -> EncodedImage | Image.Image:
     """The first entry of ``images``: ``{"bytes": ...}`` / ``{"path": ...}`` (parquet) or a PIL image (datasets)."""
     first = images[0] if isinstance(images, list | tuple) and len(images) else None
     if isinstance(first, Image.Image):
-        return decode_image(first, path, row, "images")
+        return encoded_image(first, path, row, "images")
     data = (first.get("bytes") or first.get("path")) if isinstance(first, dict) else None
     if not data:
         raise row_error(path, row, "images", f"no image bytes (got {images!r:.60})")
-    return decode_image(data, path, row, "images")
+    return encoded_image(data, path, row, "images")
 
 
 def parquet_sample(r: dict, path: Path, i: int) -> Sample:
@@ -104,12 +118,12 @@ def jsonl_sample(r: dict, path: Path, i: int) -> Sample:
     image = None
     if isinstance(image_rel, Image.Image | bytes | dict):  # a datasets Image feature, decoded or not
         raw = image_rel.get("bytes") or image_rel.get("path") if isinstance(image_rel, dict) else image_rel
-        image = decode_image(raw, path, i) if raw else None
+        image = encoded_image(raw, path, i) if raw else None
     elif image_rel is not None:
         file = path.parent / image_rel
         if not file.is_file():
             raise row_error(path, i, "image", f"file {file} does not exist")
-        image = decode_image(file, path, i)
+        image = encoded_image(file, path, i)
     return Sample(
         id=str(r.get("data_id") or r.get("id") or f"{path.stem}-{i}"),
         question=_text(r.get("question"), path, i, "question"),

@@ -224,8 +224,11 @@ def build_world(out: str | Path, seed: int = 0, train_landmarks: int = 1200, eva
     train, held_out = landmarks[:train_landmarks], landmarks[train_landmarks:]
     train_mix = train_mix or {"color": 2, "name": 1, "city": 1}
     eval_mix = eval_mix or {"color": 1, "name": 1, "city": 1}
-    pq.write_table(pa.Table.from_pylist(question_rows(train, train_mix, seed + 1, "train")), out / "train.parquet")
-    pq.write_table(pa.Table.from_pylist(question_rows(held_out, eval_mix, seed + 2, "eval")), out / "eval.parquet")
+    for split, lms, mix, offset in (("train", train, train_mix, 1), ("eval", held_out, eval_mix, 2)):
+        # row groups of 256 rows: a reader holds one group's images at a time, not the file's
+        pq.write_table(pa.Table.from_pylist(question_rows(lms, mix, seed + offset, split)), out / f"{split}.parquet",
+                       row_group_size=256)  # fmt: skip
+    pa.default_memory_pool().release_unused()  # Arrow's allocator would keep the tables' ~200 MB
     write_search_backends(landmarks, out)
     write_reading_corpus(landmarks, reading_pages, seed + 3, city_names, out)
     world = [{**lm.__dict__, "split": "train" if lm in train else "eval"} for lm in landmarks]
