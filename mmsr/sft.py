@@ -77,7 +77,7 @@ class SFTModule(L.LightningModule):
         # off; Lightning no longer switches modes at fit start (it warned: "N modules in eval mode").
         self.model = self.policy.model.train()
         self.teacher = teacher
-        self.engine = ScriptedEngine(self._script)
+        self.engine = ScriptedEngine(self._script, record=False)
         self.engine.bind(self.policy)
         self.loop = RolloutLoop(self.engine, self.policy, prompts or PromptBuilder(),
                                 configured(tools, image_search, text_search), rollout)  # fmt: skip

@@ -9,7 +9,8 @@
 5. evaluate again; write ``metrics.csv``, ``demo.png``, ``summary.json``, print a summary table, and
    write ``report.html``: the ``mmsr report`` page of the GRPO run, with a few held-out episodes per
    question kind before and after GRPO (``held_out.jsonl`` in the GRPO run directory), so the demo
-   shows what the policy does, not only curves.
+   shows what the policy does, not only curves. ``summary.json`` also holds each stage's peak
+   resident memory (``memory``, ``mmsr.demo.memory``).
 
 The claim under test (the paper's central finding in miniature): GRPO keeps accuracy while the
 policy stops searching when the image alone answers the question.
@@ -28,6 +29,7 @@ from pathlib import Path
 import yaml
 
 from mmsr.data.loaders import load_samples
+from mmsr.demo.memory import StageMemory
 from mmsr.metrics import search_ratios
 from mmsr.report.records import (
     HELD_OUT_FILE,
@@ -120,27 +122,34 @@ def run(out: Path, seed: int, sft_steps: int | None, grpo_steps: int | None, eva
     from mmsr.cli import lightning_cli
     from mmsr.demo.world import build_world
 
-    t0 = time.perf_counter()
-    world = build_world(out / "world", seed=seed)
+    t0, memory = time.perf_counter(), StageMemory()
+    with memory.stage("world"):
+        world = build_world(out / "world", seed=seed)
     sft = out / "sft"
-    lightning_cli(["fit", "-c", str(CONFIGS / "sft.yaml"), *overrides(out, seed, None), *sft_overrides(out, reading_steps, sft_steps)])
+    with memory.stage("warm_start"):
+        lightning_cli(["fit", "-c", str(CONFIGS / "sft.yaml"), *overrides(out, seed, None), *sft_overrides(out, reading_steps, sft_steps)])
     t_sft = time.perf_counter()
     grpo = out / "grpo"
-    cli = lightning_cli(["-c", str(CONFIGS / "grpo.yaml"), *overrides(out, seed, grpo_steps),
-                         "--trainer.default_root_dir", str(grpo), "--trainer.logger.init_args.save_dir", str(grpo),
-                         "--model.init_args.policy.init_args.path", str(sft / "policy")], run=False)  # fmt: skip
-    held_out = first_of_each_kind(load_samples(world / "eval.parquet"), eval_limit)
-    max_tokens = cli.model.loop.settings.max_tokens_per_turn
-    cli.model.start_engine()  # evaluated before fit, whose setup hook would start it
-    warm, warm_trajs = evaluate(cli.model, held_out, max_tokens)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    final, final_trajs = evaluate(cli.model, held_out, max_tokens)
+    with memory.stage("grpo_setup"):
+        cli = lightning_cli(["-c", str(CONFIGS / "grpo.yaml"), *overrides(out, seed, grpo_steps),
+                             "--trainer.default_root_dir", str(grpo), "--trainer.logger.init_args.save_dir", str(grpo),
+                             "--model.init_args.policy.init_args.path", str(sft / "policy")], run=False)  # fmt: skip
+        held_out = first_of_each_kind(load_samples(world / "eval.parquet"), eval_limit)
+        max_tokens = cli.model.loop.settings.max_tokens_per_turn
+        cli.model.start_engine()  # evaluated before fit, whose setup hook would start it
+    with memory.stage("warm_start_eval"):
+        warm, warm_trajs = evaluate(cli.model, held_out, max_tokens)
+    with memory.stage("grpo"):
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    with memory.stage("grpo_eval"):
+        final, final_trajs = evaluate(cli.model, held_out, max_tokens)
     steps = cli.trainer.fit_loop.total_batch_idx + 1  # training steps (global_step counts optimizer updates)
     episodes = held_out_records(cli.model, held_out, warm_trajs, 0, 0)
     episodes += held_out_records(cli.model, held_out, final_trajs, steps, cli.trainer.global_step)
     write_records(Path(cli.trainer.logger.log_dir) / HELD_OUT_FILE, episodes)  # beside trajectories.jsonl
     seconds = {"sft": t_sft - t0, "grpo_and_eval": time.perf_counter() - t_sft, "total": time.perf_counter() - t0}
-    return {"warm_start": warm, "grpo": final, "seconds": seconds, "grpo_metrics": str(grpo / "csv" / "metrics.csv")}
+    return {"warm_start": warm, "grpo": final, "seconds": seconds, "grpo_metrics": str(grpo / "csv" / "metrics.csv"),
+            "memory": {"peak_rss_mb": memory.peak_mb(), "stages": memory.stages}}  # fmt: skip
 
 
 def checks(summary: dict) -> list[tuple[str, bool, str]]:
