@@ -2,6 +2,7 @@
 
     pip install -e ".[bench]"        # trl, pinned
     python benchmarks/vs_trl.py [--steps 6]
+    python benchmarks/vs_trl.py --generation 15   # HFEngine alone (no TRL): A/B between commits
 
 The workload (the same for both): a tiny random Qwen2 (2 layers, hidden 128, 4 heads, 2 KV heads,
 FFN 512) with a ~2,048-token BPE, 8 prompts x 4 generations x up to 64 sampled tokens, one turn, no
@@ -13,12 +14,17 @@ Prints one JSON object: the median seconds per step of each (steps after the fir
 caches up), their ratio, mmsr's stage breakdown (``timing/*``) and the arithmetic lower bound of a
 step: its matmul FLOPs (2 per parameter and token to generate, 6 to train) over this machine's
 measured fp32 matmul rate. Timings on shared CPUs are noisy: compare numbers of one run.
+
+``--generation N`` times ``HFEngine.generate`` alone on the first step's 8 x 4 requests, N times:
+median and best wall and CPU seconds, sampled tokens, and a digest of every token and log-prob (the
+same digest at two commits: the same outputs, bit for bit).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import statistics
 import tempfile
@@ -159,13 +165,42 @@ def median_after_first(values: list[float]) -> float:
     return statistics.median(values[1:] if len(values) > 1 else values)
 
 
+def time_generation(policy, prompts: PromptBuilder, samples: list[Sample], repeats: int) -> dict:
+    """Seconds of ``HFEngine.generate`` on one step's requests (after one warm-up call) and a digest
+    of its outputs (tokens and log-probs, exact)."""
+    from mmsr.rollout.engine import GenerationRequest, SamplingParams
+    from mmsr.rollout.hf_engine import HFEngine
+
+    engine = HFEngine(seed=0)
+    engine.bind(policy)
+    ids = [policy.tokenizer(policy.chat.first_prompt(prompts.first_user_text(s)))["input_ids"] for s in samples[:PROMPTS]]
+    requests = [GenerationRequest(tuple(i), key=f"{j}#{k}") for j, i in enumerate(ids) for k in range(GENERATIONS)]
+    sampling = SamplingParams(temperature=1.0, max_tokens=MAX_TOKENS)
+    engine.generate(requests, sampling)
+    wall, cpu = [], []
+    for _ in range(repeats):
+        start, start_cpu = time.perf_counter(), time.process_time()
+        outs = engine.generate(requests, sampling)
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    digest = hashlib.sha256(repr([(o.token_ids, o.logprobs) for o in outs]).encode()).hexdigest()[:16]
+    return {"requests": len(requests), "tokens": sum(len(o.token_ids) for o in outs), "threads": torch.get_num_threads(),
+            "wall_s": {"median": statistics.median(wall), "min": min(wall)},
+            "cpu_s": {"median": statistics.median(cpu), "min": min(cpu)}, "digest": digest}  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--generation", type=int, default=0, metavar="N", help="time HFEngine.generate N times instead")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         policy, prompts, samples = workload(Path(tmp))
+        if args.generation:
+            out = time_generation(policy, prompts, samples, args.generation)
+            print(json.dumps(out, indent=2))
+            return out
         texts = [policy.chat.first_prompt(prompts.first_user_text(s)) for s in batches(samples, args.steps)]
         trl_s = run_trl(policy, texts, args.steps, Path(tmp) / "trl")
         mmsr_s, metrics = run_mmsr(policy, prompts, samples, args.steps)

@@ -21,3 +21,12 @@ def test_vs_trl_runs_both_trainers_for_one_step():
     assert set(out["mmsr_stages_s"]) == {"rollout", "generate", "reward", "train", "sync"}
     bound = out["lower_bound"]
     assert 0 < bound["seconds"] < out["mmsr_s_per_step"] and bound["params"] > 500_000
+
+
+def test_vs_trl_times_generation_alone_without_trl():
+    proc = subprocess.run([sys.executable, "benchmarks/vs_trl.py", "--generation", "1"], cwd=ROOT, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    assert out["requests"] == 32 and 32 <= out["tokens"] <= 32 * 64
+    assert 0 < out["wall_s"]["min"] <= out["wall_s"]["median"] and len(out["digest"]) == 16

@@ -36,8 +36,6 @@ def decode_attention(module, query, key, value, attention_mask, scaling=None, dr
     """
     if query.shape[2] != 1 or dropout:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-    if attention_mask is not None and attention_mask.is_floating_point() and attention_mask.dtype != query.dtype:
-        attention_mask = attention_mask.to(query.dtype)  # autocast may leave q in another dtype than the mask
     grouped = query.shape[1] != key.shape[1]
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling, enable_gqa=grouped)
     return out.transpose(1, 2).contiguous(), None

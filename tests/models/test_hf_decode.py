@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mmsr.rollout.engine import GenerationRequest, SamplingParams
-from mmsr.rollout.hf_decode import DECODE_ATTENTION, SlabLayer, additive_mask, decode_attention_for
+from mmsr.rollout.hf_decode import DECODE_ATTENTION, SlabLayer, additive_mask, decode_attention, decode_attention_for
 from mmsr.rollout.hf_engine import HFEngine, sample_tokens
 from mmsr.rollout.sampling import request_seed
 from tests.conftest import FVQA
@@ -23,6 +23,11 @@ def dynamic_decode(engine: HFEngine, requests, sampling: SamplingParams, budget:
     policy = engine.policy
     seeds = torch.tensor([request_seed(engine.seed, r.stream, r.key, r.turn) for r in requests])
     ids, attn, pos = engine._left_pad(requests)
+    with policy.autocast():
+        return _dynamic_steps(policy, requests, seeds, ids, attn, pos, sampling, budget)
+
+
+def _dynamic_steps(policy, requests, seeds, ids, attn, pos, sampling: SamplingParams, budget: int):
     out = policy.forward(ids, attn, pos, [v for r in requests for v in r.vision], use_cache=True, logits_to_keep=1)
     cache, logits, next_pos = out.past_key_values, out.logits[:, -1], pos.amax(-1) + 1
     tokens, logps = [], []
@@ -51,16 +56,32 @@ def assert_same_as_dynamic(policy, contexts, sampling: SamplingParams) -> list:
     return outs
 
 
-def test_text_model_decodes_as_transformers_does():
+@pytest.fixture(scope="module")
+def text_policy():
     from mmsr.demo.tokenizer import Scaffold
     from mmsr.models.tiny_text import TinyQwen2
 
     texts = [str(FVQA / "fvqa_dev.jsonl"), str(FVQA / "search" / "corpus.jsonl")]
-    policy = TinyQwen2(tokenizer_texts=texts, scaffold=Scaffold(), vocab_size=512, hidden_size=128).build()
+    return TinyQwen2(tokenizer_texts=texts, scaffold=Scaffold(), vocab_size=512, hidden_size=128).build()
+
+
+def text_contexts(policy):
     prompts = ["What is the capital of France?", "Name it.", "Which river flows through the city in the picture?"]
-    contexts = [(tuple(policy.tokenizer(p)["input_ids"]), ()) for p in prompts]  # three lengths: left padding
-    outs = assert_same_as_dynamic(policy, contexts, SamplingParams(temperature=1.0, max_tokens=24, stop=("e",)))
+    return [(tuple(policy.tokenizer(p)["input_ids"]), ()) for p in prompts]  # three lengths: left padding
+
+
+def test_text_model_decodes_as_transformers_does(text_policy):
+    sampling = SamplingParams(temperature=1.0, max_tokens=24, stop=("e",))
+    outs = assert_same_as_dynamic(text_policy, text_contexts(text_policy), sampling)
     assert {o.finish for o in outs} == {"stop"} and len({len(o.token_ids) for o in outs}) > 2  # rows left one by one
+
+
+def test_bf16_autocast_decodes_as_transformers_does(text_policy):
+    text_policy.compute_dtype = torch.bfloat16
+    try:
+        assert_same_as_dynamic(text_policy, text_contexts(text_policy), SamplingParams(temperature=1.0, max_tokens=8, stop=()))
+    finally:
+        text_policy.compute_dtype = None
 
 
 def test_vision_language_models_decode_as_transformers_does(vl_policy, fvqa_samples):
@@ -103,3 +124,14 @@ def test_decode_attention_is_scoped_to_sdpa_models(tiny_policy):
             assert not additive and config._attn_implementation == "eager"
     finally:
         config._attn_implementation = "sdpa"
+
+
+def test_one_token_attention_groups_heads():
+    """Grouped KV heads give what repeated heads give (bf16 queries, the float32 mask of a bf16-autocast run)."""
+    q, k, v = torch.randn(2, 4, 1, 8).bfloat16(), torch.randn(2, 2, 5, 8).bfloat16(), torch.randn(2, 2, 5, 8).bfloat16()
+    attention = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    out, _ = decode_attention(None, q, k, v, additive_mask(attention, 5, torch.float32), scaling=0.5)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+                                                           attn_mask=attention.bool()[:, None, None], scale=0.5)  # fmt: skip
+    assert out.dtype == torch.bfloat16 and out.shape == (2, 1, 4, 8)
+    assert torch.allclose(out.float(), ref.transpose(1, 2).float(), atol=1e-2)
