@@ -47,11 +47,12 @@ AttentionMaskInterface.register(DECODE_ATTENTION, sdpa_mask)
 
 @contextmanager
 def decode_attention_for(model) -> Iterator[bool]:
-    """Run the language model's attention through ``decode_attention`` while inside (only when it uses
-    SDPA: flash-attention and eager keep their own). Yields whether it does (then masks may be 4-D)."""
+    """Run the language model's attention through ``decode_attention`` while inside, when it uses SDPA
+    and full attention in every layer (flash-attention and eager keep their own; sliding-window layers
+    need the masks transformers builds per layer type). Yields whether it does (then masks may be 4-D)."""
     config = model.config.get_text_config()
     before = config._attn_implementation
-    if before != "sdpa":
+    if before != "sdpa" or any(t != "full_attention" for t in getattr(config, "layer_types", None) or ()):
         yield False
         return
     config._attn_implementation = DECODE_ATTENTION

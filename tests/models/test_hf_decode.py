@@ -84,6 +84,16 @@ def test_bf16_autocast_decodes_as_transformers_does(text_policy):
         text_policy.compute_dtype = None
 
 
+def test_other_attention_decodes_with_2d_masks(text_policy):
+    """Eager attention (as flash-attention) keeps its own masks: the slabs then take the 2-D mask."""
+    config = text_policy.model.config.get_text_config()
+    config._attn_implementation = "eager"
+    try:
+        assert_same_as_dynamic(text_policy, text_contexts(text_policy), SamplingParams(temperature=1.0, max_tokens=8, stop=("e",)))
+    finally:
+        config._attn_implementation = "sdpa"
+
+
 def test_vision_language_models_decode_as_transformers_does(vl_policy, fvqa_samples):
     trajs, cuts = multi_turn_contexts(vl_policy, fvqa_samples[:2])
     contexts = [(tuple(t.input_ids[:c]), tuple(t.vision)) for t, c in zip(trajs, cuts)]
@@ -124,6 +134,13 @@ def test_decode_attention_is_scoped_to_sdpa_models(tiny_policy):
             assert not additive and config._attn_implementation == "eager"
     finally:
         config._attn_implementation = "sdpa"
+    types = config.layer_types
+    config.layer_types = ["sliding_attention", *types[1:]]
+    try:
+        with decode_attention_for(tiny_policy.model) as additive:
+            assert not additive and config._attn_implementation == "sdpa"
+    finally:
+        config.layer_types = types
 
 
 def test_one_token_attention_groups_heads():
