@@ -189,12 +189,14 @@ def test_sampled_logprobs_match_the_trainer_after_tool_images(policy, engine, in
     requests = [GenerationRequest(tuple(t.input_ids[:c]), tuple(t.vision)) for t, c in zip(trajs, cuts)]
     outs = engine.generate(requests, SamplingParams(temperature=temperature, max_tokens=12, stop=()))
     for t, c, o in zip(trajs, cuts, outs):
-        assert len(t.vision) == 3 and len(o.token_ids) == 12
+        # random weights put ~1/V on the end-of-turn token at every draw: a turn may end early, as sampled
+        assert len(t.vision) == 3 and (len(o.token_ids) == 12 or o.finish == "eos")
         t.input_ids = t.input_ids[:c] + o.token_ids
         t.loss_mask = [0] * c + [1] * len(o.token_ids)
         t.logprobs = [0.0] * c + o.logprobs
     mine, theirs = trainer_sampled_logprobs(policy, trajs, temperature)
-    assert mine.numel() == 36 and theirs.max() < -1.0  # not a peaked distribution
+    sampled = sum(len(o.token_ids) for o in outs)
+    assert mine.numel() == sampled >= 12 and theirs.max() < -1.0  # not a peaked distribution
     assert (mine - theirs).abs().max() < PARITY
 
 
