@@ -44,7 +44,7 @@ from mmsr.tools.format import image_results
 from mmsr.tools.fvqa_pickle import PickledImage, safe_load
 from mmsr.tools.web import guard
 from mmsr.tools.web.http import HTTPClient, Limits, ToolError
-from mmsr.tools.web.image_search import decode_thumbnail
+from mmsr.tools.web.images import fetch_image
 
 PROVIDER = "fvqa_cache"
 TITLES, THUMBNAILS = "tool_returned_web_title_list", "tool_returned_images_urls"
@@ -214,18 +214,15 @@ class FVQACacheSearch:
                 image = thumbnail.convert("RGB")
                 image.thumbnail((self.max_side, self.max_side))
                 return image
-            return await self._fetch(thumbnail, deadline)
+            image = await fetch_image(self.thumbnails, thumbnail, self.max_pixels, self.allow_private, deadline,
+                                      self.max_side)  # fmt: skip
+            self.counts["thumbnails_fetched"] += 1
+            return image
         except ToolError as exc:
             self.counts[f"thumbnail_{exc.kind}"] += 1
             url = thumbnail if isinstance(thumbnail, str) else ""
             self.dead.setdefault(data_id, {})[rank] = DeadThumbnail(rank, url, exc.reason)
             return None
-
-    async def _fetch(self, url: str, deadline: Deadline) -> Image.Image:
-        check = partial(guard.check_url, allow_private=self.allow_private)
-        data = await deadline.run(self.thumbnails.request("GET", url, parse=bytes, check=check), "the thumbnail")
-        self.counts["thumbnails_fetched"] += 1
-        return await asyncio.to_thread(decode_thumbnail, data, self.max_pixels, self.max_side)
 
     def dead_thumbnails(self) -> dict[str, list[DeadThumbnail]]:
         """``data_id -> thumbnails that could not be had`` for the rows looked up so far (tool-cache hits are

@@ -11,31 +11,18 @@ cache file, and reruns read them offline. Failures are not cached (a server may 
 from __future__ import annotations
 
 import asyncio
-import io
 from collections import Counter
 from collections.abc import Sequence
 from functools import partial
-
-from PIL import Image
 
 from mmsr.data.columns import Fetched
 from mmsr.tools.base import IMAGE_MARKER, ToolResult
 from mmsr.tools.cache import CacheKey, ToolCache
 from mmsr.tools.web import guard
 from mmsr.tools.web.http import HTTPClient, Limits, ToolError
+from mmsr.tools.web.images import fetch_image
 
 KIND, PROVIDER = "image_download", "http"
-
-
-def decode(data: bytes, max_pixels: int) -> Image.Image:
-    """RGB image from bytes, refusing more than ``max_pixels`` before decoding; ``ToolError`` if unreadable."""
-    try:
-        image = Image.open(io.BytesIO(data))
-        if image.width * image.height > max_pixels:  # the header only so far: nothing big was decoded
-            raise ToolError(f"the image is {image.width}x{image.height}, over {max_pixels} pixels", "too_large")
-        return image.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise ToolError(f"not a readable image ({type(exc).__name__})", "bad_image") from None
 
 
 class ImageDownloader:
@@ -88,10 +75,8 @@ class ImageDownloader:
         return list(await asyncio.gather(*(self._download(url) for url in urls)))
 
     async def _download(self, url: str) -> Fetched:
-        check = partial(guard.check_url, allow_private=self.allow_private)
         try:
-            data = await self.client.request("GET", url, parse=bytes, check=check)
-            image = await asyncio.to_thread(decode, data, self.max_pixels)
+            image = await fetch_image(self.client, url, self.max_pixels, self.allow_private)
         except ToolError as exc:
             self.counts["failed"] += 1
             return Fetched(error=exc.reason)

@@ -14,7 +14,6 @@ left after one thumbnail attempt, and the thumbnails not loaded by the deadline 
 from __future__ import annotations
 
 import asyncio
-import io
 import time
 from collections import Counter
 from functools import partial
@@ -27,6 +26,7 @@ from mmsr.tools.budget import Deadline, Stage, check_stages
 from mmsr.tools.format import image_results
 from mmsr.tools.web import guard
 from mmsr.tools.web.http import HTTPClient, Limits, ToolError
+from mmsr.tools.web.images import fetch_image
 from mmsr.tools.web.providers import SerpAPILens, VisualMatch
 
 
@@ -52,19 +52,6 @@ class URLTemplateHost:
 
     async def __call__(self, request: ToolRequest) -> str | None:
         return self.template.replace("{sample_id}", request.sample_id) if request.sample_id else None
-
-
-def decode_thumbnail(data: bytes, max_pixels: int, max_side: int) -> Image.Image:
-    """RGB image from bytes, refusing more than ``max_pixels`` before decoding, shrunk to ``max_side``."""
-    try:
-        image = Image.open(io.BytesIO(data))
-        if image.width * image.height > max_pixels:  # header only so far: nothing big was decoded
-            raise ToolError(f"thumbnail of {image.width}x{image.height} is over {max_pixels} pixels", "too_large")
-        image = image.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise ToolError(f"thumbnail is not a readable image ({type(exc).__name__})", "bad_image") from None
-    image.thumbnail((max_side, max_side))
-    return image
 
 
 class WebImageSearch:
@@ -151,11 +138,9 @@ class WebImageSearch:
         )
 
     async def _thumbnail(self, match: VisualMatch, deadline: Deadline) -> Image.Image | None:
-        check = partial(guard.check_url, allow_private=self.allow_private)
         try:
-            fetch = self.thumbnails.request("GET", match.thumbnail, parse=bytes, check=check)
-            data = await deadline.run(fetch, "the thumbnail")
-            return await asyncio.to_thread(decode_thumbnail, data, self.max_pixels, self.max_side)
+            return await fetch_image(self.thumbnails, match.thumbnail, self.max_pixels, self.allow_private, deadline,
+                                     self.max_side)  # fmt: skip
         except ToolError as exc:
             self.counts[f"thumbnail_{exc.kind}"] += 1
             return None

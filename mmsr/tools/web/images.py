@@ -1,0 +1,53 @@
+"""Images from third-party URLs, fetched and decoded one way for every caller: web image search's and the FVQA
+cache's thumbnails, and the URL images of evaluation sets (``mmsr.tools.web.download``).
+
+The URL and every redirect pass the SSRF guard, the bytes come through an ``HTTPClient`` (its timeouts,
+retries and byte cap), and the image's header is read before anything is decoded, so a small file that
+would decode to a huge bitmap is refused cheaply. Decoding runs in a thread: it is CPU work the event loop
+must not wait on. Every failure is a ``ToolError``, which callers turn into observations or per-row errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from functools import partial
+
+from PIL import Image
+
+from mmsr.tools.budget import Deadline
+from mmsr.tools.web import guard
+from mmsr.tools.web.http import HTTPClient, ToolError
+
+
+def decode_checked(data: bytes, max_pixels: int) -> Image.Image:
+    """RGB image from bytes, refusing more than ``max_pixels`` before decoding; ``ToolError`` (kind
+    ``too_large`` or ``bad_image``) otherwise."""
+    try:
+        image = Image.open(io.BytesIO(data))
+        if image.width * image.height > max_pixels:  # the header only so far: nothing big was decoded
+            raise ToolError(f"the image is {image.width}x{image.height}, over {max_pixels} pixels", "too_large")
+        return image.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise ToolError(f"not a readable image ({type(exc).__name__})", "bad_image") from None
+
+
+def decode_thumbnail(data: bytes, max_pixels: int, max_side: int) -> Image.Image:
+    """``decode_checked``, shrunk to ``max_side`` on its longest side (aspect kept)."""
+    image = decode_checked(data, max_pixels)
+    image.thumbnail((max_side, max_side))
+    return image
+
+
+async def fetch_image(client: HTTPClient, url: str, max_pixels: int, allow_private: bool,
+                      deadline: Deadline = Deadline(), max_side: int | None = None) -> Image.Image:  # fmt: skip
+    """The image at ``url``: GET through ``client`` behind the SSRF guard, cancelled at ``deadline`` (none by
+    default), then decoded in a thread (``decode_checked``; shrunk to ``max_side`` when given).
+
+    Raises ``ToolError`` for a refused URL, a failed or late download and an image over ``max_pixels`` or
+    unreadable."""
+    check = partial(guard.check_url, allow_private=allow_private)
+    data = await deadline.run(client.request("GET", url, parse=bytes, check=check), "the image download")
+    if max_side is None:
+        return await asyncio.to_thread(decode_checked, data, max_pixels)
+    return await asyncio.to_thread(decode_thumbnail, data, max_pixels, max_side)
