@@ -1,5 +1,5 @@
 """The demo's memory: per-stage peak RSS is measured (and reset between stages), the warm start's
-scripted engine keeps no requests (each holds its context's pixels: ~5 MB a step), GRPO's gradient
+scripted engine keeps no requests (each holds its context's pixels: ~5 MB a step), gradient
 checkpointing changes no gradient, and a short demo run in a subprocess stays under a bound."""
 
 import json
@@ -8,11 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from mmsr.data.sample import Sample
 from mmsr.demo.memory import StageMemory, status_mb
-from mmsr.demo.run import CONFIGS
 from mmsr.demo.teacher import RAGTeacher
 from mmsr.demo.tokenizer import Scaffold
 from mmsr.models.build import TinyQwen2_5_VL
@@ -78,10 +76,8 @@ def _count_runs(module: torch.nn.Module, runs: list[int]) -> None:
 
 
 def test_gradient_checkpointing_leaves_the_gradients_unchanged():
-    """The demo's GRPO config recomputes activations in backward to lower its peak; the gradients must
-    be the very same, or the demo would learn something else."""
-    config = yaml.safe_load((CONFIGS / "grpo.yaml").read_text())
-    assert config["model"]["init_args"]["gradient_checkpointing"] is True
+    """``gradient_checkpointing: true`` (a memory knob of ``GRPOModule``) recomputes activations in
+    backward; the gradients must be the very same, or turning it on would change what a run learns."""
     texts = [str(FVQA / "fvqa_dev.jsonl")]
     grads, runs = [], []
     for checkpointing in (False, True):
