@@ -157,8 +157,10 @@ def checks(summary: dict) -> list[tuple[str, bool, str]]:
     w, g = summary["warm_start"], summary["grpo"]
     sf_drop = w["search_free"]["search_ratio"] - g["search_free"]["search_ratio"]
     req = min(g[k]["search_ratio"] for k in ("image_search", "text_search"))
+    weakest = min(KINDS, key=lambda k: g[k]["accuracy"])
     return [
         ("accuracy after GRPO >= 80%", g["all"]["accuracy"] >= 0.8, f"{g['all']['accuracy']:.1%}"),
+        ("every question kind >= 75% after GRPO", g[weakest]["accuracy"] >= 0.75, f"{weakest} {g[weakest]['accuracy']:.1%}"),
         ("accuracy within 5 points of the warm start", g["all"]["accuracy"] >= w["all"]["accuracy"] - 0.05,
          f"{g['all']['accuracy']:.1%} vs {w['all']['accuracy']:.1%}"),
         ("search-free search ratio drops >= 50 points", sf_drop >= 0.5, f"{sf_drop * 100:+.1f} points"),
