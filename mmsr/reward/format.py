@@ -59,7 +59,8 @@ class FormatRules:
             pattern = re.compile(rf"^<reason>.*</reason>.*<{tag}>{body}</{tag}>$", re.DOTALL)
             self.kinds[t.name] = (pattern, self._counts([t.tag]))
         # Lenient on purpose: counts every call the rollout may have executed (whitespace inside an image tag).
-        self.call_tag = re.compile("|".join(_lenient_tag(t) for t in self.tools) or r"(?!)")
+        self.call_tag = _any_tag(self.tools)
+        self.penalized_tag = _any_tag([t for t in self.tools if t.penalized])
 
     def _counts(self, tags: list[str]) -> tuple[int, ...]:
         wanted = {"<reason>", "</reason>", *(f"<{t}>" for t in tags), *(f"</{t}>" for t in tags)}
@@ -81,6 +82,11 @@ class FormatRules:
         positions = [order.index(k) if k in order else -1 for k in kinds[:-1]]
         in_order = all(p >= 0 for p in positions) and positions == sorted(positions)
         return in_order and all(positions.count(i) <= t.format_max for i, t in enumerate(self.tools))
+
+
+def _any_tag(tools: Sequence[ToolSpec]) -> re.Pattern[str]:
+    """A pattern finding any of ``tools``' call tags (none: a pattern that never matches)."""
+    return re.compile("|".join(_lenient_tag(t) for t in tools) or r"(?!)")
 
 
 def _lenient_tag(t: ToolSpec) -> str:
@@ -109,3 +115,11 @@ def search_count(turns: list[str], tools: Sequence[ToolSpec] = MMSEARCH_R1_TOOLS
     """Number of NON-final turns containing a tool's tag (the final turn should be the answer)."""
     call_tag = rules(tuple(tools)).call_tag
     return sum(call_tag.search(t) is not None for t in turns[:-1])
+
+
+def penalized_count(turns: list[str], tools: Sequence[ToolSpec] = MMSEARCH_R1_TOOLS) -> int:
+    """Number of NON-final turns containing the tag of a tool whose calls the search penalty counts
+    (``ToolSpec.penalized``). A malformed turn holding a penalized tag and a free one counts: the doubt goes
+    against the policy."""
+    penalized_tag = rules(tuple(tools)).penalized_tag
+    return sum(penalized_tag.search(t) is not None for t in turns[:-1])

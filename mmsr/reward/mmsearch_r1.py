@@ -7,7 +7,7 @@ from typing import Literal
 
 from mmsr.data.sample import Sample
 from mmsr.reward.answer import exact_match, extract_answer, parse_candidate_answers, sub_exact_match
-from mmsr.reward.format import format_ok, search_count
+from mmsr.reward.format import format_ok, penalized_count, search_count
 from mmsr.rollout.trajectory import Trajectory
 from mmsr.tools.spec import MMSEARCH_R1_TOOLS, ToolSpec
 
@@ -47,12 +47,13 @@ def mmsearch_r1_reward(
     is multiplied by ``1 - search_penalty`` (once, or once per search if ``per_search_penalty``);
     reward = ``(1 - format_weight) * score + format_weight * format_ok(turns)``.
     ``candidate_answers`` may be a JSON string list, as in the upstream parquet data. ``tools``: the
-    configured tools, whose tags count as searches and decide the valid shapes (``mmsr.reward.format``).
+    configured tools: those declared ``penalized`` count as searches (``ToolSpec.penalized``; a free crop
+    need not), and all decide the valid shapes (``mmsr.reward.format``).
     """
     if not turns:
         return 0.0
     score = float(is_correct(turns, ground_truth, candidate_answers, mode))
-    num_searches = search_count(turns, tools)
+    num_searches = penalized_count(turns, tools)
     if score > 0.99 and num_searches > 0:
         score *= (1.0 - search_penalty) ** (num_searches if per_search_penalty else 1)
     return (1.0 - format_weight) * score + format_weight * float(format_ok(turns, tools))
@@ -93,7 +94,8 @@ class MMSearchR1Reward:
         )
 
     def details(self, trajectory: Trajectory, sample: Sample) -> dict[str, float]:
-        """Per-trajectory 0/1 metrics: answer correctness, format, and whether it searched."""
+        """Per-trajectory 0/1 metrics: answer correctness, format, and whether it searched: called any
+        tool, penalized or not, as ``rollout/search_ratio/any`` counts it."""
         turns = trajectory.assistant_texts
         correct = is_correct(turns, sample.ground_truth, sample.candidate_answers, self.mode)
         return {

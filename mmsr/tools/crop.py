@@ -24,14 +24,22 @@ class Crop(Tool):
     Args:
         limit: overrides the spec's per-episode limit (2).
         min_size: smallest side of a box, in the policy's pixels (a vision patch is 14 or 16).
+        penalized: whether a crop counts as a search for the reward's search penalty (``ToolSpec.penalized``).
     """
 
     spec = ToolSpec("crop", "crop", "text", limit=2, instruction="after_crop.txt", metric="crop", with_image=True,
                     description="describe_crop.txt")  # fmt: skip
 
-    def __init__(self, limit: int | None = None, min_size: int = 14) -> None:
+    # Penalized by default: crops were penalized before this flag existed, and none of the successors we
+    # follow (DeepMMSearch-R1's crop-then-search, SenseNova-MARS and OpenSearch-VL's crop tools) is recorded
+    # exempting them. The penalty prices API calls (MMSearch-R1 #8) and a crop makes none, but it also stops
+    # calls made by habit (without it MMSearch-R1's search ratio went to ~100%) and a crop still costs a
+    # round and an image's tokens: `penalized: false` is the researcher's choice.
+    def __init__(self, limit: int | None = None, min_size: int = 14, penalized: bool = True) -> None:
         super().__init__(None, limit)
         self.min_size = min_size
+        if not penalized:
+            self.spec = replace(self.spec, penalized=False)
 
     async def __call__(self, request: ToolRequest) -> ToolResult:
         try:
@@ -83,7 +91,8 @@ class CropSearch(Crop):
 
     Args:
         backend: the image search (``LocalImageSearch``, ``CachedTool``, ``ReplaySearch``, ``WebImageSearch``).
-        limit, min_size: as ``Crop``'s.
+        limit, min_size: as ``Crop``'s. It takes no ``penalized``: a crop that searches is a search, penalized
+            as image search is.
     """
 
     spec = ToolSpec("crop_search", "crop_search", "text", limit=1, instruction="after_image_search.txt",

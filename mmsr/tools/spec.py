@@ -40,6 +40,10 @@ class ToolSpec:
             search once, whatever the rollout's limit).
         with_image: the request carries the question's image and its size as the policy sees it (a text
             argument may then address it, e.g. a crop box); ``None``: only for an ``"image"`` argument.
+        penalized: a call counts as a search for the reward's search penalty (``mmsr.reward.format.penalized_count``):
+            MMSearch-R1 penalizes a correct answer reached by searching, to price search (each call an API fee)
+            and keep the policy from searching when it need not. A local, free call (a crop) may set it
+            ``False``; the search-ratio metrics count every tool whatever it says.
     """
 
     name: str
@@ -51,6 +55,7 @@ class ToolSpec:
     with_image: bool | None = None
     format_max: int = 1
     description: str | None = None
+    penalized: bool = True
 
     def __post_init__(self) -> None:
         if self.argument not in ("image", "text"):
