@@ -60,7 +60,6 @@ class FormatRules:
             self.kinds[t.name] = (pattern, self._counts([t.tag]))
         # Lenient on purpose: counts every call the rollout may have executed (whitespace inside an image tag).
         self.call_tag = _any_tag(self.tools)
-        self.penalized_tag = _any_tag([t for t in self.tools if t.penalized])
 
     def _counts(self, tags: list[str]) -> tuple[int, ...]:
         wanted = {"<reason>", "</reason>", *(f"<{t}>" for t in tags), *(f"</{t}>" for t in tags)}
@@ -121,5 +120,4 @@ def penalized_count(turns: list[str], tools: Sequence[ToolSpec] = MMSEARCH_R1_TO
     """Number of NON-final turns containing the tag of a tool whose calls the search penalty counts
     (``ToolSpec.penalized``). A malformed turn holding a penalized tag and a free one counts: the doubt goes
     against the policy."""
-    penalized_tag = rules(tuple(tools)).penalized_tag
-    return sum(penalized_tag.search(t) is not None for t in turns[:-1])
+    return search_count(turns, tuple(t for t in tools if t.penalized))
