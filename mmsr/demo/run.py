@@ -54,6 +54,12 @@ def overrides(out: Path, seed: int, steps: int | None) -> list[str]:
     return args + (["--trainer.max_steps", str(steps)] if steps else [])
 
 
+def updates_per_step() -> int:
+    """Optimizer updates the demo's GRPO makes per training step (``trainer.max_steps`` counts updates)."""
+    args = yaml.safe_load((CONFIGS / "grpo.yaml").read_text())["model"]["init_args"]
+    return args.get("ppo_epochs", 1) * args.get("mini_batches", 1)
+
+
 def sft_overrides(out: Path, reading_steps: int | None, sft_steps: int | None) -> list[str]:
     """Stage-1 overrides: world files for the tokenizer and reading corpus, and the step counts
     (``trainer.max_steps`` counts reading and imitation steps together)."""
@@ -131,7 +137,8 @@ def run(out: Path, seed: int, sft_steps: int | None, grpo_steps: int | None, eva
     t_sft = time.perf_counter()
     grpo = out / "grpo"
     with memory.stage("grpo_setup"):
-        cli = lightning_cli(["-c", str(CONFIGS / "grpo.yaml"), *overrides(out, seed, grpo_steps),
+        updates = grpo_steps * updates_per_step() if grpo_steps else None
+        cli = lightning_cli(["-c", str(CONFIGS / "grpo.yaml"), *overrides(out, seed, updates),
                              "--trainer.default_root_dir", str(grpo), "--trainer.logger.init_args.save_dir", str(grpo),
                              "--model.init_args.policy.init_args.path", str(sft / "policy")], run=False)  # fmt: skip
         held_out = first_of_each_kind(load_samples(world / "eval.parquet"), eval_limit)
@@ -204,7 +211,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--reading-steps", type=int, default=None, help="override the warm start config's reading_steps")
     ap.add_argument("--sft-steps", type=int, default=None, help="imitation steps after reading (default: from the warm start config)")
-    ap.add_argument("--grpo-steps", type=int, default=None, help="override the GRPO config's max_steps")
+    ap.add_argument("--grpo-steps", type=int, default=None, help="GRPO training steps (default: the GRPO config's)")
     ap.add_argument("--eval-limit", type=int, default=None, help="evaluate only the first N held-out questions")
     ap.add_argument("--check", action="store_true", help="exit with status 1, naming them, when claims are not met")
     args = ap.parse_args(argv)
