@@ -89,6 +89,12 @@ class GRPOModule(L.LightningModule):
         ref_offload: keep the reference model in host memory, on the device only while it scores
             (under FSDP2: CPU-offloaded shards).
         weight_sync: trainer -> engine sync (bucket size, how often a probe proves it landed).
+        old_logprobs: the PPO ratio's denominator. ``recompute``: the trainer's log-probs before the
+            step's first update (with several updates a step, a scoring forward pass over the rollouts).
+            ``engine``: the log-probs the engine sampled with; no scoring pass, and the clip also bounds
+            the engine/trainer mismatch; needs ``top_p=1`` and ``top_k=0`` (the engine's log-probs would
+            include their truncation) and ``is_correction="none"``. With several updates a step the
+            ``train/mismatch_`` metrics then include the policy's drift over the step's earlier updates.
         is_correction, is_cap: importance-sampling correction of the engine/trainer log-prob mismatch
             (per-token ratio truncated or masked at ``is_cap``); off by default, the mismatch is
             logged every step (``train/mismatch_*``).
@@ -121,12 +127,16 @@ class GRPOModule(L.LightningModule):
         param_dtype: Literal["float32", "bfloat16"] = "float32", compute_dtype: DType | None = None,
         ref_offload: bool = False,
         weight_sync: WeightSync | None = None,
+        old_logprobs: Literal["recompute", "engine"] = "recompute",
         is_correction: Literal["none", "truncate", "mask"] = "none", is_cap: float = 2.0,
         export_dir: str | None = None,
     ) -> None:  # fmt: skip
         super().__init__()
         tool_map = configured(tools, image_search, text_search)
         check_budgets(tool_map, rollout.tool_timeout_s)  # fail fast
+        if old_logprobs == "engine" and (top_p < 1 or top_k > 0):
+            raise ValueError(f"old_logprobs='engine' needs top_p=1 and top_k=0 (got top_p={top_p}, top_k={top_k}): "
+                             "the engine's log-probs are of the truncated distribution, the trainer's are not")
         # Loggers cannot take the frozen RolloutSettings: they get its fields as a dict.
         self.save_hyperparameters(ignore=["policy", "engine", "image_search", "text_search", "tools", "reward", "prompts",
                                           "rollout", "weight_sync"])  # fmt: skip

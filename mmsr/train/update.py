@@ -47,7 +47,13 @@ class UpdateSettings:
     grad_clip: float = 1.0
     is_correction: Literal["none", "truncate", "mask"] = "none"
     is_cap: float = 2.0
+    old_logprobs: Literal["recompute", "engine"] = "recompute"
     max_context_tokens: int = 8192
+
+    def __post_init__(self) -> None:
+        if self.old_logprobs == "engine" and self.is_correction != "none":
+            raise ValueError("old_logprobs='engine' already takes the PPO ratio against the engine's log-probs: "
+                             "is_correction must be 'none' with it")
 
     @classmethod
     def of(cls, args: Mapping[str, Any], **more: Any) -> UpdateSettings:
@@ -98,8 +104,10 @@ class PolicyUpdate:
         s = self.settings
         if s.kl_coef > 0 and ref is None:
             raise RuntimeError("kl_coef > 0 but there is no reference model: configure_model() did not run")
+        # one update: the old policy is the current one (ratio 1); more: score it before the first update
+        # changes it, unless the engine's log-probs stand in for it (no scoring pass)
         multi = s.ppo_epochs * s.mini_batches > 1
-        old = self.score(trajs, step.model, step.device) if multi else None
+        old = self.score(trajs, step.model, step.device) if multi and s.old_logprobs == "recompute" else None
         ref_scores = self.reference_scores(trajs, ref, step.device) if ref is not None else None
         totals: dict[str, float] = {}
         for _ in range(s.ppo_epochs):
@@ -146,12 +154,13 @@ class PolicyUpdate:
         s, mask = self.settings, batch.loss_mask
         max_len = s.max_context_tokens
         logp, entropy = self.token_logprobs(batch, model, with_entropy=True)
-        old_lp = pad_rows(old, batch) if old is not None else logp.detach()
+        trainer_lp = pad_rows(old, batch) if old is not None else logp.detach()
+        old_lp = batch.engine_logprobs if s.old_logprobs == "engine" else trainer_lp
         if s.is_correction != "none":  # the rollout came from the engine's distribution, not old_lp's
             adv = corrected_advantages(adv, is_weights(old_lp, batch.engine_logprobs, mask, s.is_cap, s.is_correction))
         loss, m = policy_loss(logp, old_lp, adv, mask, s.clip_low, s.clip_high, s.loss_agg, max_len)
         out = {f"train/{k}": v for k, v in m.items()}
-        out |= logprob_mismatch(old_lp, batch.engine_logprobs, mask, s.is_cap).metrics("train/mismatch_")
+        out |= logprob_mismatch(trainer_lp, batch.engine_logprobs, mask, s.is_cap).metrics("train/mismatch_")
         out["train/policy_loss"] = loss.detach()
         out["train/entropy"] = aggregate(entropy.detach(), mask, "token-mean")
         if ref is not None:
