@@ -8,7 +8,12 @@ import torch
 
 from mmsr.rollout.engine import ScriptedEngine
 from mmsr.rollout.hf_engine import HFEngine
-from tests.test_module import Gradients, fit_one_step, make_module, sample, script  # noqa: F401 - sample: fixture
+from tests.test_module import Gradients, fit_one_step, make_module, script
+
+
+@pytest.fixture(scope="module")
+def sample(fvqa_samples):
+    return next(s for s in fvqa_samples if s.ground_truth == "musketeers")
 
 
 def count_scoring_passes(module) -> list[int]:
