@@ -23,7 +23,6 @@ def count_scoring_passes(module) -> list[int]:
     return calls
 
 
-@pytest.mark.slow
 def test_engine_logprobs_skip_the_scoring_pass_and_give_the_same_updates(sample):
     """With a real HFEngine on the policy, the engine's log-probs are the trainer's (to ~1e-6 on CPU), so
     both denominators give the same two updates; only ``recompute`` scores the rollouts first."""
