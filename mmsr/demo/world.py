@@ -81,15 +81,6 @@ def make_cities(n: int, seed: int) -> list[str]:
     return list(cities)
 
 
-def other_cities(n: int, seed: int, taken: list[str]) -> list[str]:
-    """``n`` distinct city names, none of them in ``taken``."""
-    taken_set = set(taken)
-    cities = [c for c in make_cities(2 * n, seed) if c not in taken_set][:n]
-    if len(cities) < n:
-        raise ValueError(f"could not draw {n} city names apart from the {len(taken)} taken")
-    return cities
-
-
 def make_landmarks(n: int, seed: int, cities: list[str], exclude: set[str] = frozenset()) -> list[Landmark]:
     """``n`` landmarks with unique names (none in ``exclude``) and unique (colour, shape, texture) looks,
     each in one of ``cities``.
@@ -188,15 +179,11 @@ def _reading_text(landmark: Landmark, rng: random.Random) -> str:
 
 
 def write_reading_corpus(landmarks: list[Landmark], n: int, seed: int, cities: list[str], out: Path) -> None:
-    """``reading.jsonl``: pages (search-corpus schema) about ``n`` other landmarks, none of the world's,
-    in ``cities`` (``build_world`` passes cities that are not the world's).
+    """``reading.jsonl``: pages (search-corpus schema) about ``n`` other landmarks, none of the world's.
 
     A random-weight model cannot read yet; real VLMs learned to on web text. These pages are the tiny
     model's stand-in for that pretraining (``mmsr.demo.reading``): they teach finding a name or a city in a
-    page and copying it, and, holding no world landmark, leak no answer. Their cities are not the world's,
-    so no city is predictable from memory on them: with the world's 400, seed 2's warm start copied a
-    city's first token and finished it as another world city (Pepaport -> Pedaford; held-out cities 25%),
-    with other cities it copied them (97.5%).
+    page and copying it, and, holding no world landmark, leak no answer.
     """
     others = make_landmarks(n, seed, cities, exclude={lm.name for lm in landmarks})
     rng = random.Random(seed)
@@ -224,7 +211,7 @@ def build_world(out: str | Path, seed: int = 0, train_landmarks: int = 1200, eva
 
     Files: ``train.parquet``, ``eval.parquet`` (held-out landmarks), ``image_index.jsonl`` +
     ``pages/``, ``corpus.jsonl`` (every landmark, train and held-out, is searchable), ``reading.jsonl``
-    (``reading_pages`` pages about other landmarks in other cities, to pretrain reading) and ``world.json`` (the
+    (``reading_pages`` pages about other landmarks, to pretrain reading) and ``world.json`` (the
     landmarks, for inspection).
     Default mix is search-balanced: per landmark 2 search-free, 1 image-search and 1 text-search
     question in training; 1 of each kind in evaluation. Many landmarks make recalling a name from
@@ -243,7 +230,7 @@ def build_world(out: str | Path, seed: int = 0, train_landmarks: int = 1200, eva
                        row_group_size=256)  # fmt: skip
     pa.default_memory_pool().release_unused()  # Arrow's allocator would keep the tables' ~200 MB
     write_search_backends(landmarks, out)
-    write_reading_corpus(landmarks, reading_pages, seed + 3, other_cities(cities, seed + 5, city_names), out)
+    write_reading_corpus(landmarks, reading_pages, seed + 3, city_names, out)
     world = [{**lm.__dict__, "split": "train" if lm in train else "eval"} for lm in landmarks]
     (out / "world.json").write_text(json.dumps(world, indent=1), encoding="utf-8")
     return out
