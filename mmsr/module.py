@@ -163,6 +163,11 @@ class GRPOModule(L.LightningModule):
         self.stage: str | None = None  # the step's current stage, read live by StageProgressBar
         self._sharded = self._configured = self._engine_started = False
 
+    @property
+    def updates_per_step(self) -> int:
+        """Optimizer updates per training step: ``trainer.max_steps`` and ``global_step`` count these."""
+        return self.hparams.ppo_epochs * self.hparams.mini_batches
+
     # -- Lightning hooks ----------------------------------------------------------------------
     def configure_callbacks(self):
         return [RolloutCallback()]

@@ -11,8 +11,9 @@ calls in flight, read from the module:
   is counted until its latency is recorded, waiting for the concurrency limit included).
 The thread only reads plain attributes and writes through tqdm, which locks its own refreshes.
 
-The bar counts optimizer steps against ``trainer.max_steps`` under the run's name (``grpo 12/60``),
-not Lightning's epochs of an endless resumable loader. When stdout is not a terminal (a log file, CI)
+The bar counts training steps of the run under its name (``grpo 12/60``), not Lightning's epochs of
+an endless resumable loader: ``trainer.global_step`` / ``max_steps`` count optimizer updates, divided
+by the module's ``updates_per_step`` when it makes several a step (PPO epochs x mini-batches). When stdout is not a terminal (a log file, CI)
 a bar is only drawn at the end, so the callback prints plain lines instead, every ``plain_every_s``
 seconds at most and at the last step: name, step/total, rate, ETA, the stage and the progress-bar
 metrics (``reward`` for GRPO, ``loss`` for the warm start).
@@ -46,6 +47,13 @@ class StepStatus:
 
     def postfix(self) -> dict[str, str]:
         return {"stage": self.stage, "tok/s": f"{self.tokens_per_s:.0f}", "tools": str(self.tools_in_flight)}
+
+
+def training_steps(trainer: L.Trainer) -> tuple[int, int]:
+    """Training steps done and in the run (0: unbounded): Lightning's optimizer-update counts over the
+    module's ``updates_per_step`` (1 when it has none)."""
+    per_step = max(int(getattr(trainer.lightning_module, "updates_per_step", 1)), 1)
+    return trainer.global_step // per_step, max(trainer.max_steps, 0) // per_step
 
 
 def step_status(pl_module: L.LightningModule, fallback_stage: str = "idle") -> StepStatus:
@@ -90,8 +98,8 @@ class StageProgressBar(TQDMProgressBar):
     def on_train_epoch_start(self, trainer: L.Trainer, *args) -> None:
         super().on_train_epoch_start(trainer, *args)
         if trainer.max_steps > 0:  # steps of the run, not batches of a (resumable, endless) epoch
-            self.train_progress_bar.total = trainer.max_steps
-            self.train_progress_bar.initial = self.train_progress_bar.n = trainer.global_step
+            step, self.train_progress_bar.total = training_steps(trainer)
+            self.train_progress_bar.initial = self.train_progress_bar.n = step
         self.train_progress_bar.set_description(self.run_name(trainer.lightning_module))
 
     def run_name(self, pl_module: L.LightningModule) -> str:
@@ -114,7 +122,7 @@ class StageProgressBar(TQDMProgressBar):
         self._hook_stage = "idle"
         bar = self.train_progress_bar
         if bar is not None and trainer.max_steps > 0 and not self.plain:
-            bar.n = trainer.global_step
+            bar.n = training_steps(trainer)[0]
             bar.set_postfix(self.get_metrics(trainer, pl_module))
         elif trainer.max_steps <= 0:
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
@@ -124,7 +132,7 @@ class StageProgressBar(TQDMProgressBar):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
-        self._lines.start(trainer.global_step)
+        self._lines.start(training_steps(trainer)[0])
         if self.is_enabled and self.poll_s > 0:
             self._stop.clear()
             self._watcher = threading.Thread(target=self._watch, args=(pl_module,), daemon=True, name="mmsr-progress")
@@ -173,14 +181,15 @@ class PlainLines:
         self.t0, self.step0, self.last = time.monotonic(), step, float("-inf")
 
     def line(self, trainer: L.Trainer, name: str, metrics: dict) -> str:
-        step, total = trainer.global_step, trainer.max_steps
+        step, total = training_steps(trainer)
         rate = (step - self.step0) / max(time.monotonic() - self.t0, 1e-9)
         eta = f" | ETA {_duration((total - step) / rate)}" if rate > 0 and total > 0 else ""
         shown = " | ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items() if k != "v_num")
         return f"{name} step {step}/{total if total > 0 else '?'} | {rate:.2g} steps/s{eta} | {shown}"
 
     def step(self, trainer: L.Trainer, name: str, metrics: dict) -> None:
-        self._print(self.line(trainer, name, metrics), force=trainer.global_step >= trainer.max_steps > 0)
+        step, total = training_steps(trainer)
+        self._print(self.line(trainer, name, metrics), force=step >= total > 0)
 
     def status(self, trainer: L.Trainer, name: str, metrics: dict) -> None:
         self._print(self.line(trainer, name, metrics) + " (in the step)")

@@ -26,8 +26,7 @@ class SlowTextSearch(LocalTextSearch):
         return await super().__call__(request)
 
 
-@pytest.fixture(scope="module")
-def module() -> GRPOModule:
+def scripted_module(**kwargs) -> GRPOModule:
     texts = [str(FVQA / "fvqa_dev.jsonl"), str(FVQA / "search" / "corpus.jsonl")]
     return GRPOModule(
         policy=TinyQwen2_5_VL(tokenizer_texts=texts, scaffold=Scaffold(), vocab_size=512, hidden_size=64, num_layers=2, seed=0),
@@ -36,7 +35,13 @@ def module() -> GRPOModule:
         text_search=SlowTextSearch(corpus=str(FVQA / "search" / "corpus.jsonl"), top_k=2),
         num_generations=2,
         kl_coef=0.0,
+        **kwargs,
     )
+
+
+@pytest.fixture(scope="module")
+def module() -> GRPOModule:
+    return scripted_module()
 
 
 def test_status_reads_stage_tokens_per_second_and_calls_in_flight(module, monkeypatch):
@@ -87,6 +92,15 @@ def test_plain_lines_when_stdout_is_not_a_terminal(module, capsys, tmp_path):
     assert "Training" not in out  # no bar drawn
     assert [line.split(" | ")[0] for line in lines] == ["grpo step 1/2", "grpo step 2/2"]
     assert all(re.search(r"steps/s \| (ETA \d+m\d\ds \| )?reward [\d.]+$", line) for line in lines), lines
+
+
+def test_lines_count_training_steps_when_a_step_makes_several_updates(capsys, tmp_path):
+    """``max_steps`` counts optimizer updates (2 a step here): 4 updates are 2 training steps."""
+    bar = StageProgressBar(poll_s=0)
+    bar.plain_every_s = bar._lines.every_s = 0.0
+    trainer = fit(scripted_module(mini_batches=2), tmp_path, bar, steps=4)
+    lines = [line.split(" | ")[0] for line in capsys.readouterr().out.splitlines() if line.startswith("grpo step")]
+    assert trainer.global_step == 4 and lines == ["grpo step 1/2", "grpo step 2/2"]
 
 
 def test_bar_counts_steps_of_the_run_under_its_name(module, tmp_path):
