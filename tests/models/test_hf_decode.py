@@ -5,11 +5,13 @@ every row to the end, so its matmuls see other batch shapes), for the text model
 vision-language families (M-RoPE, images from tools), with left padding, GRPO fan-out and rows leaving
 the batch as they finish."""
 
+import copy
+
 import pytest
 import torch
 
 from mmsr.rollout.engine import GenerationRequest, SamplingParams
-from mmsr.rollout.hf_decode import DECODE_ATTENTION, SlabLayer, additive_mask, decode_attention, decode_attention_for
+from mmsr.rollout.hf_decode import DECODE_ATTENTION, LAYER_STEP_MODELS, SlabLayer, additive_mask, decode_attention, decode_attention_for
 from mmsr.rollout.hf_engine import HFEngine, sample_tokens
 from mmsr.rollout.sampling import request_seed
 from tests.conftest import FVQA
@@ -98,6 +100,34 @@ def test_vision_language_models_decode_as_transformers_does(vl_policy, fvqa_samp
     trajs, cuts = multi_turn_contexts(vl_policy, fvqa_samples[:2])
     contexts = [(tuple(t.input_ids[:c]), tuple(t.vision)) for t, c in zip(trajs, cuts)]
     assert_same_as_dynamic(vl_policy, contexts, SamplingParams(temperature=1.0, max_tokens=10, stop=()))
+
+
+def one_step_both_ways(engine: HFEngine, requests) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits ``[B, 1, V]`` of the first decode step from one prefill: through ``layer_step`` (what
+    ``DecodeBatch.step`` runs) and through the model's own forward on a copy of the same cache."""
+    model = engine.policy.model
+    with torch.no_grad(), decode_attention_for(model) as additive:
+        assert additive
+        batch, logits = engine.prefill(requests, budget=4, additive=True)
+        tokens = logits.argmax(-1)
+        twin = copy.deepcopy(batch.cache)
+        direct = batch.step(model, tokens).logits
+        full = model(input_ids=tokens[:, None], attention_mask=batch.mask[..., : batch.length], position_ids=batch.next_pos[..., None] - 1,
+                     past_key_values=twin, use_cache=True).logits  # fmt: skip
+    return direct, full
+
+
+def test_layer_step_is_the_models_forward_bit_for_bit(text_policy, vl_policy, fvqa_samples):
+    """The decode step skips the forward's wrappers, not its arithmetic: the same logits, exactly."""
+    trajs, cuts = multi_turn_contexts(vl_policy, fvqa_samples[:2])
+    for policy, contexts in ((text_policy, text_contexts(text_policy)),
+                             (vl_policy, [(tuple(t.input_ids[:c]), tuple(t.vision)) for t, c in zip(trajs, cuts)])):  # fmt: skip
+        assert policy.model.config.model_type in LAYER_STEP_MODELS  # the step runs ``layer_step``
+        engine = HFEngine(seed=0)
+        engine.bind(policy)
+        policy.model.eval()
+        direct, full = one_step_both_ways(engine, [GenerationRequest(ids, vision, key=f"q{i}") for i, (ids, vision) in enumerate(contexts)])
+        assert direct.shape == full.shape and torch.equal(direct, full)
 
 
 def test_slab_layer_writes_in_place_and_keeps_selected_rows():
