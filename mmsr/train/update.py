@@ -104,6 +104,9 @@ class PolicyUpdate:
         s = self.settings
         if s.kl_coef > 0 and ref is None:
             raise RuntimeError("kl_coef > 0 but there is no reference model: configure_model() did not run")
+        if len(trajs) < s.mini_batches:
+            raise ValueError(f"mini_batches={s.mini_batches} needs at least as many episodes a step on each rank; this "
+                             f"step has {len(trajs)} (lower mini_batches, or raise prompts_per_step x num_generations)")
         # one update: the old policy is the current one (ratio 1); more: score it before the first update
         # changes it, unless the engine's log-probs stand in for it (no scoring pass)
         multi = s.ppo_epochs * s.mini_batches > 1
@@ -111,7 +114,9 @@ class PolicyUpdate:
         ref_scores = self.reference_scores(trajs, ref, step.device) if ref is not None else None
         totals: dict[str, float] = {}
         for _ in range(s.ppo_epochs):
-            for chunk in torch.arange(len(trajs)).chunk(s.mini_batches):
+            # exactly mini_batches parts (``chunk`` makes fewer when they do not divide: 6 episodes in 4 gave 3
+            # updates, while trainer.max_steps and the progress count mini_batches a step)
+            for chunk in torch.tensor_split(torch.arange(len(trajs)), s.mini_batches):
                 metrics = self._optimizer_step(trajs, chunk.tolist(), advantages, old, ref_scores, step)
                 for k, v in metrics.items():
                     totals[k] = totals.get(k, 0.0) + v / (s.ppo_epochs * s.mini_batches)
