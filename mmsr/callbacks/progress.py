@@ -13,10 +13,10 @@ The thread only reads plain attributes and writes through tqdm, which locks its 
 
 The bar counts training steps of the run under its name (``grpo 12/60``), not Lightning's epochs of
 an endless resumable loader: ``trainer.global_step`` / ``max_steps`` count optimizer updates, divided
-by the module's ``updates_per_step`` when it makes several a step (PPO epochs x mini-batches). When stdout is not a terminal (a log file, CI)
-a bar is only drawn at the end, so the callback prints plain lines instead, every ``plain_every_s``
-seconds at most and at the last step: name, step/total, rate, ETA, the stage and the progress-bar
-metrics (``reward`` for GRPO, ``loss`` for the warm start).
+by the module's ``updates_per_step`` when it makes several a step (PPO epochs x mini-batches). When
+stdout is not a terminal (a log file, CI) a bar is only drawn at the end, so the callback prints plain
+lines instead, every ``plain_every_s`` seconds at most and at the last step: name, step/total, rate,
+ETA, the stage and the progress-bar metrics (``reward`` for GRPO, ``loss`` for the warm start).
 """
 
 from __future__ import annotations
