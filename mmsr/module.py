@@ -166,7 +166,7 @@ class GRPOModule(L.LightningModule):
     @property
     def updates_per_step(self) -> int:
         """Optimizer updates per training step: ``trainer.max_steps`` and ``global_step`` count these."""
-        return self.hparams.ppo_epochs * self.hparams.mini_batches
+        return self.policy_update.settings.updates_per_step
 
     # -- Lightning hooks ----------------------------------------------------------------------
     def configure_callbacks(self):

@@ -39,6 +39,7 @@ from mmsr.report.records import (
 )
 from mmsr.rollout.engine import SamplingParams
 from mmsr.rollout.trajectory import Trajectory
+from mmsr.train.update import UpdateSettings
 
 CONFIGS = Path(__file__).resolve().parent / "configs"  # package data, found wherever mmsr is installed
 KINDS = ("search_free", "image_search", "text_search")
@@ -57,7 +58,7 @@ def overrides(out: Path, seed: int, steps: int | None) -> list[str]:
 def updates_per_step() -> int:
     """Optimizer updates the demo's GRPO makes per training step (``trainer.max_steps`` counts updates)."""
     args = yaml.safe_load((CONFIGS / "grpo.yaml").read_text())["model"]["init_args"]
-    return args.get("ppo_epochs", 1) * args.get("mini_batches", 1)
+    return UpdateSettings.of(args).updates_per_step
 
 
 def sft_overrides(out: Path, reading_steps: int | None, sft_steps: int | None) -> list[str]:

@@ -55,6 +55,11 @@ class UpdateSettings:
             raise ValueError("old_logprobs='engine' already takes the PPO ratio against the engine's log-probs: "
                              "is_correction must be 'none' with it")
 
+    @property
+    def updates_per_step(self) -> int:
+        """Optimizer updates per training step (what ``trainer.max_steps`` and ``global_step`` count)."""
+        return self.ppo_epochs * self.mini_batches
+
     @classmethod
     def of(cls, args: Mapping[str, Any], **more: Any) -> UpdateSettings:
         """The settings named in ``args`` (e.g. a module's ``hparams``), with ``more`` on top."""
@@ -109,7 +114,7 @@ class PolicyUpdate:
                              f"step has {len(trajs)} (lower mini_batches, or raise prompts_per_step x num_generations)")
         # one update: the old policy is the current one (ratio 1); more: score it before the first update
         # changes it, unless the engine's log-probs stand in for it (no scoring pass)
-        multi = s.ppo_epochs * s.mini_batches > 1
+        multi = s.updates_per_step > 1
         old = self.score(trajs, step.model, step.device) if multi and s.old_logprobs == "recompute" else None
         ref_scores = self.reference_scores(trajs, ref, step.device) if ref is not None else None
         totals: dict[str, float] = {}
@@ -119,7 +124,7 @@ class PolicyUpdate:
             for chunk in torch.tensor_split(torch.arange(len(trajs)), s.mini_batches):
                 metrics = self._optimizer_step(trajs, chunk.tolist(), advantages, old, ref_scores, step)
                 for k, v in metrics.items():
-                    totals[k] = totals.get(k, 0.0) + v / (s.ppo_epochs * s.mini_batches)
+                    totals[k] = totals.get(k, 0.0) + v / s.updates_per_step
         return totals
 
     def _optimizer_step(self, trajs, idx: list[int], advantages, old, ref, step: Backprop) -> dict[str, float]:
