@@ -52,6 +52,14 @@ class RolloutSettings:
         tool_timeout_s: per-call cap; a timed-out call becomes a failure observation. Tools get it as
             ``ToolRequest.budget_s`` and plan their nested steps within it (``mmsr.tools.budget``);
             ``GRPOModule`` refuses tools whose nested timeouts cannot fit it.
+        tool_rejoin_steps: when an episode whose tool call is done generates again. ``None``: at once,
+            batched with whatever else is ready (tool latency hidden behind generation; but which episodes
+            share a batch then depends on timing, and a batch's composition changes its logits in the last
+            bits, so two runs can sample differently once such a difference decides a draw). ``k``: a call
+            started after the engine's step ``s`` rejoins after step ``s + k`` (when nothing generates, the
+            earliest due calls rejoin), waiting for it if it is late: batches are a function of the episodes
+            alone, and two runs on ``HFEngine`` draw the same tokens bit for bit. With ``HFEngine``, whose step
+            generates a whole submission, every ``k`` waits for each round's calls before it generates.
     """
 
     max_rounds: int = 3
@@ -63,6 +71,11 @@ class RolloutSettings:
     tool_timeout_s: float = 30.0
     tool_limits: dict[str, int] = field(default_factory=dict)
     fit_observations: bool = False
+    tool_rejoin_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.tool_rejoin_steps is not None and self.tool_rejoin_steps < 0:
+            raise ValueError(f"tool_rejoin_steps must be None or >= 0, got {self.tool_rejoin_steps}")
 
     def limit(self, spec: ToolSpec) -> int:
         """Most calls per episode of tool ``spec``."""
@@ -181,13 +194,17 @@ class RolloutLoop:
         ready = [e for e in episodes if e.phase is Phase.GENERATE]
         turns: dict[str, Episode] = {}
         calls: dict[Future, Episode] = {}
+        due: dict[Future, int] = {}  # the engine step after which a call's episode rejoins (tool_rejoin_steps)
+        steps, lag = 0, self.settings.tool_rejoin_steps
         try:
             while ready or turns or calls:
                 if ready:
                     turns |= zip(engine.submit([self._request(e) for e in ready], sampling), ready, strict=True)
-                ended = self._step(engine, turns) if turns else []
-                calls |= {runner.submit(self._call_tool(e, semaphore)): e for e in ended if e.phase is Phase.CALL_TOOL}
-                ready = self._collect(calls, block=not turns) if calls else []
+                ended, steps = (self._step(engine, turns), steps + 1) if turns else ([], steps)
+                started = {runner.submit(self._call_tool(e, semaphore)): e for e in ended if e.phase is Phase.CALL_TOOL}
+                calls |= started
+                due |= dict.fromkeys(started, steps + (lag or 0))
+                ready = self._collect(calls, due if lag is not None else None, steps, block=not turns) if calls else []
         except BaseException:
             engine.cancel(list(turns))  # the engine must not keep generating for a rollout that failed
             raise
@@ -208,17 +225,25 @@ class RolloutLoop:
             self._on_generated(ended[-1], output)
         return ended
 
-    def _collect(self, calls: dict[Future, Episode], block: bool) -> list[Episode]:
-        """Observe every finished call (with ``block``, waiting for one if none is: nothing is
-        generating), and return the episodes that generate next. A ``FatalToolError`` propagates (the
-        runner cancels the other calls)."""
+    def _collect(self, calls: dict[Future, Episode], due: dict[Future, int] | None, step: int, block: bool) -> list[Episode]:
+        """The episodes that generate next, their calls observed. Without ``due``: every finished call
+        (with ``block``, waiting for one if none is: nothing is generating). With ``due`` (engine step
+        after which each call rejoins): the calls due by ``step``, or when nothing is generating
+        (``block``) by the earliest due one, each waited for. A ``FatalToolError`` propagates (the runner
+        cancels the other calls)."""
         start = time.perf_counter()
-        done, _ = wait(calls, timeout=None if block else 0, return_when=FIRST_COMPLETED)
-        if block:
+        if due is None:
+            done, _ = wait(calls, timeout=None if block else 0, return_when=FIRST_COMPLETED)
+        else:
+            now = max(step, min(due[f] for f in calls)) if block else step
+            done, _ = wait([f for f in calls if due[f] <= now])
+        if block or due is not None:
             self.stats.tools_s += time.perf_counter() - start
         ready = []
         for future in done:
             episode = calls.pop(future)
+            if due is not None:
+                del due[future]
             self._observe(episode, future.result())
             if episode.phase is Phase.GENERATE:
                 ready.append(episode)
