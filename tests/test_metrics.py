@@ -6,7 +6,8 @@ import pytest
 from mmsr.data.sample import Sample
 from mmsr.metrics import rollout_metrics, search_ratios, tool_metrics
 from mmsr.rollout.actions import Answer, ImageSearch, TextSearch
-from mmsr.rollout.loop import RolloutSettings, RolloutStats
+from mmsr.rollout.loop import RolloutSettings
+from mmsr.rollout.stats import RolloutStats
 from mmsr.rollout.trajectory import ToolCall, Trajectory, Turn
 from mmsr.tools.base import ToolResult
 

@@ -1,4 +1,5 @@
-"""benchmarks/tool_overlap.py keeps working with the stepped vLLM engine (timings are not tested)."""
+"""benchmarks/tool_overlap.py keeps working with the stepped vLLM engine and with repeatable batches (timings
+are not tested)."""
 
 import json
 import subprocess
@@ -18,4 +19,16 @@ def test_tool_overlap_runs_with_the_stepped_vllm_engine():
     assert proc.returncode == 0, proc.stderr[-3000:]
     (row,) = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert row["engine"] == "vllm" and row["latency_s"] == 0.1 and 0.0 <= row["overlap"] <= 1.0
+    assert row["wall_s"] > 0.1  # at least one call of 0.05-0.15 s ran in the rollout it timed
+
+
+@pytest.mark.slow
+def test_tool_overlap_runs_with_repeatable_batches():
+    """``--rejoin-steps``: the rollout the benchmark times is the one ``tool_rejoin_steps`` makes repeatable."""
+    cmd = [sys.executable, "benchmarks/tool_overlap.py", "--engine", "hf", "--prompts", "2", "--generations", "2",
+           "--latencies", "0.1", "--rejoin-steps", "0"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert row["engine"] == "hf" and row["rejoin_steps"] == 0 and 0.0 <= row["overlap"] <= 1.0
     assert row["wall_s"] > 0.1  # at least one call of 0.05-0.15 s ran in the rollout it timed

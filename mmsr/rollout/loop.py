@@ -5,7 +5,10 @@ moment its episode asks for it (on the tools' event loop, ``ToolRunner``, bounde
 timeout) and the episode re-enters generation as soon as its result is in, batched with whatever
 else is ready, while other episodes generate or wait. Tool latency is hidden behind generation
 instead of adding up round by round (``rollout/overlap``), and since every episode samples from its
-own stream (``mmsr.rollout.sampling``), which episodes share a batch does not change what they sample.
+own stream (``mmsr.rollout.sampling``), which episodes share a batch does not change its noise; the
+logits it is added to still move in their last bits with the batch, so for runs that repeat bit for
+bit an episode can instead rejoin a fixed number of engine steps after its call started
+(``RolloutSettings.tool_rejoin_steps``).
 Tokens the policy sampled get mask 1; everything the loop inserts (prompt, end-of-turn scaffolding,
 observations, image tokens) gets mask 0. Sampled tokens are never overwritten: a turn that runs out of
 budget is kept as sampled and marked truncated.
@@ -27,6 +30,7 @@ from mmsr.rollout.actions import Answer, Invalid, stop_strings
 from mmsr.rollout.context import describe, fit
 from mmsr.rollout.engine import Engine, GenerationOutput, GenerationRequest, IncrementalEngine, SamplingParams, incremental
 from mmsr.rollout.parse import parser_for
+from mmsr.rollout.stats import RolloutStats, covered_seconds
 from mmsr.rollout.tool_runner import ToolRunner
 from mmsr.rollout.trajectory import FinishReason, ToolCall, Trajectory, Turn
 from mmsr.tools.base import FatalToolError, SearchTool, ToolRequest, ToolResult, failure
@@ -106,40 +110,6 @@ class Episode:
         self.phase, self.traj.finish_reason = Phase.DONE, reason
 
 
-@dataclass
-class RolloutStats:
-    """Seconds and counts of one ``RolloutLoop.run`` call.
-
-    Attributes:
-        generate_s: seconds in ``engine.generate``.
-        tools_s: seconds the rollout waited for tool calls with nothing to generate.
-        tool_busy_s: seconds during which at least one tool call was running.
-    """
-
-    generate_s: float = 0.0
-    tools_s: float = 0.0
-    tool_busy_s: float = 0.0
-    tool_calls: dict[str, int] = field(default_factory=lambda: {"image_search": 0, "text_search": 0})  # by tool name
-    tool_failures: int = 0
-    tool_latency_s: list[float] = field(default_factory=list)
-    tool_spans: list[tuple[float, float]] = field(default_factory=list)
-    sampled_tokens: int = 0
-
-    @property
-    def overlap(self) -> float:
-        """The share of tool time hidden behind generation (1: the rollout never waited for a tool)."""
-        return 1.0 - self.tools_s / self.tool_busy_s if self.tool_busy_s > 0 else 1.0
-
-
-def covered_seconds(spans: Sequence[tuple[float, float]]) -> float:
-    """Seconds covered by the union of ``(start, end)`` spans."""
-    total, reach = 0.0, float("-inf")
-    for start, end in sorted(spans):
-        total += max(0.0, end - max(start, reach))
-        reach = max(reach, end)
-    return total
-
-
 class RolloutLoop:
     """Runs episodes for a batch of samples.
 
@@ -187,7 +157,8 @@ class RolloutLoop:
     def _advance(self, episodes: list[Episode], sampling: SamplingParams, runner: ToolRunner,
                  semaphore: asyncio.Semaphore) -> None:  # fmt: skip
         """Submit every ready episode's turn, step the engine, start the tool calls of the turns that
-        ended, take back the episodes whose calls are done, until every episode is done. An engine that
+        ended, take back the episodes whose calls are done (or due: ``tool_rejoin_steps``), until every
+        episode is done. An engine that
         steps (``IncrementalEngine``) hands each turn back as it ends, so its tool call starts while
         other turns still generate; any other engine generates each submission as one batch."""
         engine, sampling = incremental(self.engine), self._with_tool_stops(sampling)

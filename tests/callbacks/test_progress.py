@@ -12,7 +12,7 @@ from mmsr.demo.tokenizer import Scaffold
 from mmsr.models.build import TinyQwen2_5_VL
 from mmsr.module import GRPOModule
 from mmsr.rollout.engine import ScriptedEngine
-from mmsr.rollout.loop import RolloutStats
+from mmsr.rollout.stats import RolloutStats
 from mmsr.tools.local import LocalImageSearch, LocalTextSearch
 from tests.callbacks.scripted_run import turn_text
 from tests.conftest import FVQA
