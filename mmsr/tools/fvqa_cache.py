@@ -44,7 +44,7 @@ from mmsr.tools.format import image_results
 from mmsr.tools.fvqa_pickle import PickledImage, safe_load
 from mmsr.tools.web import guard
 from mmsr.tools.web.http import HTTPClient, Limits, ToolError
-from mmsr.tools.web.images import fetch_image
+from mmsr.tools.web.images import fetch_image, shrunk
 
 PROVIDER = "fvqa_cache"
 TITLES, THUMBNAILS = "tool_returned_web_title_list", "tool_returned_images_urls"
@@ -211,9 +211,7 @@ class FVQACacheSearch:
                     raise ToolError(thumbnail.error, "bad_pickled_image")
                 thumbnail = thumbnail.image
             if isinstance(thumbnail, Image.Image):
-                image = thumbnail.convert("RGB")
-                image.thumbnail((self.max_side, self.max_side))
-                return image
+                return shrunk(thumbnail, self.max_side)
             image = await fetch_image(self.thumbnails, thumbnail, self.max_pixels, self.allow_private, deadline,
                                       self.max_side)  # fmt: skip
             self.counts["thumbnails_fetched"] += 1

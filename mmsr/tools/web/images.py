@@ -32,11 +32,16 @@ def decode_checked(data: bytes, max_pixels: int) -> Image.Image:
         raise ToolError(f"not a readable image ({type(exc).__name__})", "bad_image") from None
 
 
-def decode_thumbnail(data: bytes, max_pixels: int, max_side: int) -> Image.Image:
-    """``decode_checked``, shrunk to ``max_side`` on its longest side (aspect kept)."""
-    image = decode_checked(data, max_pixels)
+def shrunk(image: Image.Image, max_side: int) -> Image.Image:
+    """An RGB copy of ``image``, shrunk to ``max_side`` on its longest side (aspect kept)."""
+    image = image.convert("RGB")
     image.thumbnail((max_side, max_side))
     return image
+
+
+def decode_thumbnail(data: bytes, max_pixels: int, max_side: int) -> Image.Image:
+    """``decode_checked``, ``shrunk`` to ``max_side``."""
+    return shrunk(decode_checked(data, max_pixels), max_side)
 
 
 async def fetch_image(client: HTTPClient, url: str, max_pixels: int, allow_private: bool,
