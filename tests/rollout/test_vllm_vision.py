@@ -181,10 +181,15 @@ def test_vllm_expands_the_collapsed_pads_to_the_training_ids(policy, engine, ini
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_sampled_logprobs_match_the_trainer_after_tool_images(policy, engine, initial, prompts, fvqa_samples,
                                                               temperature):  # fmt: skip
-    """Random weights (flat distributions, log-probs ~ -6): vLLM samples the third turn of contexts
-    that hold the question image and two thumbnails; the training forward scores the same tokens."""
+    """Random weights (flat distributions, log-probs ~ -6)."""
     use(policy, engine, initial)
-    trajs = scripted(policy, prompts, fvqa_samples[:3], [IMG, TXT, ANS])
+    assert_third_turn_parity(policy, engine, prompts, fvqa_samples[:3], temperature)
+
+
+def assert_third_turn_parity(policy, engine, prompts, samples, temperature: float = 1.0) -> None:
+    """vLLM samples the third turn of contexts that hold the question image and two thumbnails; the
+    training forward scores the same tokens, within ``PARITY``."""
+    trajs = scripted(policy, prompts, samples, [IMG, TXT, ANS])
     cuts = [t.turns[-1].span[0] for t in trajs]
     requests = [GenerationRequest(tuple(t.input_ids[:c]), tuple(t.vision)) for t, c in zip(trajs, cuts)]
     outs = engine.generate(requests, SamplingParams(temperature=temperature, max_tokens=12, stop=()))
