@@ -30,7 +30,8 @@ class RolloutStats:
     @property
     def overlap(self) -> float:
         """The share of tool time hidden behind generation (1: the rollout never waited for a tool)."""
-        return 1.0 - self.tools_s / self.tool_busy_s if self.tool_busy_s > 0 else 1.0
+        # waiting for a call is timed around it, so with nothing hidden it can exceed the call's own span
+        return max(0.0, 1.0 - self.tools_s / self.tool_busy_s) if self.tool_busy_s > 0 else 1.0
 
 
 def covered_seconds(spans: Sequence[tuple[float, float]]) -> float:

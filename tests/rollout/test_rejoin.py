@@ -10,6 +10,7 @@ from mmsr.prompt.render import PromptBuilder
 from mmsr.rollout.engine import GenerationOutput, SamplingParams
 from mmsr.rollout.hf_engine import HFEngine
 from mmsr.rollout.loop import RolloutLoop, RolloutSettings
+from mmsr.rollout.stats import RolloutStats
 from mmsr.tools.base import ToolResult
 from tests.rollout.test_incremental import LONG, Stepping
 from tests.rollout.test_loop import ANS, TXT, FakeImageSearch
@@ -78,6 +79,11 @@ def test_rejoining_after_fixed_steps_makes_the_same_batches_whatever_the_latency
         assert stats_a.tools_s < 0.05
     else:  # the loop waited for the late call
         assert stats_a.tools_s > 0.2 and stats_b.tools_s > 0.2
+
+
+def test_overlap_is_a_share_even_when_the_wait_outlasts_the_call():
+    assert RolloutStats(tools_s=1.0001, tool_busy_s=1.0).overlap == 0.0  # the wait is timed around the call
+    assert RolloutStats(tools_s=0.25, tool_busy_s=1.0).overlap == 0.75
 
 
 class FirstTurnScripted(HFEngine):
