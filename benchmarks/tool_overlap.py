@@ -146,8 +146,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         base, _ = rollout_wall(engine, policy, builder, samples, 0.0, args.generations)
         for latency in args.latencies:
             wall, overlap = rollout_wall(engine, policy, builder, samples, latency, args.generations, args.rejoin_steps)
-            rows.append({"engine": args.engine, "rejoin_steps": args.rejoin_steps, "latency_s": latency, "wall_s": wall, "no_tool_wall_s": base,
-                         "excess_in_L": (wall - base) / latency, "overlap": overlap})  # fmt: skip
+            rows.append({"engine": args.engine, "rejoin_steps": args.rejoin_steps, "latency_s": latency, "wall_s": wall,
+                         "no_tool_wall_s": base, "excess_in_L": (wall - base) / latency, "overlap": overlap})  # fmt: skip
             print(json.dumps(rows[-1]))
     return rows
 

@@ -158,9 +158,9 @@ class RolloutLoop:
                  semaphore: asyncio.Semaphore) -> None:  # fmt: skip
         """Submit every ready episode's turn, step the engine, start the tool calls of the turns that
         ended, take back the episodes whose calls are done (or due: ``tool_rejoin_steps``), until every
-        episode is done. An engine that
-        steps (``IncrementalEngine``) hands each turn back as it ends, so its tool call starts while
-        other turns still generate; any other engine generates each submission as one batch."""
+        episode is done. An engine that steps (``IncrementalEngine``) hands each turn back as it ends, so
+        its tool call starts while other turns still generate; any other engine generates each submission
+        as one batch."""
         engine, sampling = incremental(self.engine), self._with_tool_stops(sampling)
         ready = [e for e in episodes if e.phase is Phase.GENERATE]
         turns: dict[str, Episode] = {}
@@ -205,10 +205,13 @@ class RolloutLoop:
         start = time.perf_counter()
         if due is None:
             done, _ = wait(calls, timeout=None if block else 0, return_when=FIRST_COMPLETED)
+            waited = block
         else:
             now = max(step, min(due[f] for f in calls)) if block else step
-            done, _ = wait([f for f in calls if due[f] <= now])
-        if block or due is not None:
+            due_now = [f for f in calls if due[f] <= now]
+            done, _ = wait(due_now)
+            waited = bool(due_now)
+        if waited:
             self.stats.tools_s += time.perf_counter() - start
         ready = []
         for future in done:
