@@ -78,17 +78,19 @@ def make_loop(engine, policy, prompts, text=None):
     return RolloutLoop(engine, policy, prompts, tools)
 
 
-@pytest.fixture(scope="module")
-def taught(policy, initial, prompts, fvqa_samples):
-    """Weights that answer sample 0 with TXT, then ANS and <|im_end|>; the trainer is reset after."""
-    loop = make_loop(ScriptedEngine({fvqa_samples[0].id: [TXT, ANS]}, policy.tokenizer), policy, prompts)
-    (traj,) = loop.run(fvqa_samples[:1], 1, SamplingParams())
-    traj.input_ids.append(policy.tokenizer.convert_tokens_to_ids("<|im_end|>"))
-    traj.loss_mask.append(1)
-    traj.logprobs.append(0.0)
-    batch = collate([traj], [0], policy, torch.device("cpu"))
+def teach(policy, initial, prompts, samples, scripts: dict[str, list[str]], text=None):
+    """Weights that play ``scripts`` (sample id -> turns, each episode closed by <|im_end|>) on ``samples``
+    with the observations of ``text`` (default ``FakeTextSearch``), and the taught trajectories; the
+    trainer is reset after."""
+    loop = make_loop(ScriptedEngine(scripts, policy.tokenizer), policy, prompts, text)
+    trajs = loop.run(samples, 1, SamplingParams())
+    for traj in trajs:
+        traj.input_ids.append(policy.tokenizer.convert_tokens_to_ids("<|im_end|>"))
+        traj.loss_mask.append(1)
+        traj.logprobs.append(0.0)
+    batch = collate(trajs, range(len(trajs)), policy, torch.device("cpu"))
     opt = torch.optim.Adam(policy.model.parameters(), lr=1e-2)
-    for _ in range(300):
+    for _ in range(600):  # until the loss is under 0.02: greedy decoding then plays the scripts
         logits = policy.forward(batch.input_ids, batch.attention_mask, batch.position_ids, []).logits
         logp, _ = logprobs_and_entropy(logits[:, :-1], batch.labels, with_entropy=False)
         loss = -(logp * batch.loss_mask).sum() / batch.loss_mask.sum()
@@ -97,9 +99,21 @@ def taught(policy, initial, prompts, fvqa_samples):
         opt.step()
         if loss.item() < 0.02:
             break
+    assert loss.item() < 0.02, f"the scripts were not learned in 600 steps (loss {loss.item():.3f})"
     weights = state(policy)
     load(policy, initial)
+    return weights, trajs
+
+
+@pytest.fixture(scope="module")
+def taught(policy, initial, prompts, fvqa_samples):
+    """Weights that answer sample 0 with TXT, then ANS and <|im_end|>, and that trajectory."""
+    weights, (traj,) = teach(policy, initial, prompts, fvqa_samples[:1], {fvqa_samples[0].id: [TXT, ANS]})
     return weights, traj
+
+
+# one answer turn of 40+ tokens, no repeats to count (a random policy's greedy turn may end at any length)
+LONG = "<reason>The photo shows a tall stone tower over a river; the question asks which city it is in.</reason><answer>Paris</answer>"
 
 
 def use(policy, engine, weights):
@@ -285,11 +299,12 @@ def test_stepped_rollout_draws_what_the_batched_one_draws(policy, engine, taught
     assert not engine.in_flight and engine.generate([first_request(policy, prompts, fvqa_samples[0])], GREEDY)
 
 
-def test_a_turn_that_ends_early_starts_its_tool_call_before_a_long_turn_ends(policy, engine, taught, prompts, fvqa_samples):
-    """With the taught weights, sample 0 asks for a text search in 19 greedy tokens while sample 6 runs on
-    past 40: the search starts, and sample 0's answer turn ends, while sample 6's first turn still generates."""
-    use(policy, engine, taught[0])
+def test_a_turn_that_ends_early_starts_its_tool_call_before_a_long_turn_ends(policy, engine, initial, prompts, fvqa_samples):
+    """Taught weights: sample 0 asks for a text search in 19 greedy tokens while sample 6 answers in one long
+    turn: the search starts, and sample 0's answer turn ends, while sample 6's first turn still generates."""
     fast, slow = fvqa_samples[0], fvqa_samples[6]
+    weights, _ = teach(policy, initial, prompts, [fast, slow], {fast.id: [TXT, ANS], slow.id: [LONG]}, Recording())
+    use(policy, engine, weights)
     clocked, text = Clocked(engine), Recording()
     trajs = make_loop(clocked, policy, prompts, text).run([fast, slow], 1, SamplingParams(temperature=0.0, max_tokens=120))
     (start, end), = [t.span for t in trajs[1].turns]
