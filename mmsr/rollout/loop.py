@@ -174,7 +174,8 @@ class RolloutLoop:
                 ended, steps = (self._step(engine, turns), steps + 1) if turns else ([], steps)
                 started = {runner.submit(self._call_tool(e, semaphore)): e for e in ended if e.phase is Phase.CALL_TOOL}
                 calls |= started
-                due |= dict.fromkeys(started, steps + (lag or 0))
+                if lag is not None:
+                    due |= dict.fromkeys(started, steps + lag)
                 ready = self._collect(calls, due if lag is not None else None, steps, block=not turns) if calls else []
         except BaseException:
             engine.cancel(list(turns))  # the engine must not keep generating for a rollout that failed
