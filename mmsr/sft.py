@@ -3,9 +3,10 @@
 The injected teacher drives the real ``RolloutLoop`` through a ``ScriptedEngine`` with the
 real tools, so the trajectories carry the same contexts, observations, images and loss masks as GRPO
 rollouts. The loss is the token-mean negative log-likelihood of the teacher's turns (mask 1);
-prompts, observations and image tokens (mask 0) are context only. A random-weight model can first
-spend ``reading_steps`` on language modelling over packed documents (``reading``), so that it can copy
-names out of search results before it imitates the teacher.
+prompts, observations and image tokens (mask 0) are context only, and the LM head runs only where a
+teacher's token is next (``mmsr.train.batch.sampled_logprobs``, as in the GRPO update). A random-weight
+model can first spend ``reading_steps`` on language modelling over packed documents (``reading``), so
+that it can copy names out of search results before it imitates the teacher.
 
 Teacher and documents are injected (``class_path`` entries): the CPU demo's are
 ``mmsr.demo.teacher.RAGTeacher`` and ``mmsr.demo.reading.ReadingCorpus``.
@@ -13,6 +14,7 @@ Teacher and documents are injected (``class_path`` entries): the CPU demo's are
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Protocol
 
 import lightning as L
@@ -28,7 +30,7 @@ from mmsr.rollout.engine import GenerationRequest, SamplingParams, ScriptedEngin
 from mmsr.rollout.loop import RolloutLoop, RolloutSettings
 from mmsr.tools.base import SearchTool
 from mmsr.tools.spec import Tool, configured
-from mmsr.train.batch import collate, pack_by_tokens
+from mmsr.train.batch import collate, pack_by_tokens, sampled_logprobs
 
 
 class Teacher(Protocol):
@@ -67,7 +69,10 @@ class SFTModule(L.LightningModule):
                  total_steps: int = 1000, micro_batch_tokens: int = 8192, export_dir: str | None = None,
                  reading: TextBatches | None = None, reading_steps: int = 0) -> None:  # fmt: skip
         super().__init__()
-        self.save_hyperparameters(ignore=["policy", "teacher", "image_search", "text_search", "tools", "prompts", "reading"])
+        # Loggers cannot take the frozen RolloutSettings (a CSV logger raised): they get its fields as a dict.
+        self.save_hyperparameters(ignore=["policy", "teacher", "image_search", "text_search", "tools", "prompts", "reading",
+                                          "rollout"])  # fmt: skip
+        self.hparams["rollout"] = asdict(rollout)
         if reading_steps and reading is None:
             raise ValueError("reading_steps > 0 needs a reading corpus")
         self.reading = reading
@@ -105,8 +110,7 @@ class SFTModule(L.LightningModule):
         loss_sum = 0.0
         for micro in pack_by_tokens([len(t) for t in trajs], self.hparams.micro_batch_tokens):
             mb = collate([trajs[i] for i in micro], micro, self.policy, self.device)
-            out = self.policy.forward(mb.input_ids, mb.attention_mask, mb.position_ids, mb.vision)
-            logp, _ = logprobs_and_entropy(out.logits[:, :-1], mb.labels, with_entropy=False)
+            logp, _ = sampled_logprobs(self.policy, mb)  # [n, T-1], the LM head only where the teacher wrote
             loss = -(logp * mb.loss_mask).sum() / max(total, 1)
             self.manual_backward(loss)
             loss_sum += float(loss.detach())

@@ -1,5 +1,6 @@
-"""Training-side batching: trajectories -> padded training tensors (``collate``), and token-budget packing
-of micro-batches (``pack_by_tokens``). Used by the GRPO update (``mmsr.train.update``) and ``SFTModule``."""
+"""Training-side batching: trajectories -> padded training tensors (``collate``), token-budget packing
+of micro-batches (``pack_by_tokens``) and the log-probs of their sampled tokens (``sampled_logprobs``).
+Used by the GRPO update (``mmsr.train.update``) and ``SFTModule``."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mmsr.algo import logprobs_and_entropy
 from mmsr.models.policy import Policy, check_image_tokens
 from mmsr.models.vision import VisionInput
 from mmsr.rollout.trajectory import Trajectory
@@ -79,3 +81,21 @@ def pack_by_tokens(lengths: Sequence[int], budget: int) -> list[list[int]]:
         else:
             batches.append([i])
     return batches
+
+
+def sampled_logprobs(policy: Policy, batch: TrainBatch, model: torch.nn.Module | None = None, temperature: float = 1.0,
+                     with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    """Log-probs ``[n, T-1]`` of the next tokens (and entropies ``[n, T-1]``) under ``model`` (default: the
+    policy), where some row of the micro-batch sampled its label (loss mask 1), 0 elsewhere: nothing reads them.
+
+    The LM head only runs at those ``K`` positions (``logits_to_keep``): the logits are ``[n, K, V]``, not
+    ``[n, T, V]`` (prompts, tool results and image tokens are most of a multi-turn sequence), and the
+    log-softmax is chunked over them (``mmsr.algo.logprobs``).
+    """
+    keep = batch.loss_mask.any(0).nonzero()[:, 0]  # [K] positions t whose label t+1 was sampled
+    out = policy.forward(batch.input_ids, batch.attention_mask, batch.position_ids, batch.vision, model=model,
+                         logits_to_keep=keep)  # fmt: skip
+    logp, entropy = logprobs_and_entropy(out.logits, batch.labels[:, keep], temperature=temperature,
+                                         with_entropy=with_entropy)  # fmt: skip
+    spread = lambda x: x.new_zeros(batch.labels.shape).index_copy(1, keep, x)  # noqa: E731 - [n, K] -> [n, T-1]
+    return spread(logp), spread(entropy) if entropy is not None else None

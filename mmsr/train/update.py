@@ -19,14 +19,14 @@ from typing import Any, Literal
 
 import torch
 
-from mmsr.algo import aggregate, kl_penalty, logprobs_and_entropy, policy_loss
+from mmsr.algo import aggregate, kl_penalty, policy_loss
 from mmsr.algo.correction import corrected_advantages, is_weights, logprob_mismatch
 from mmsr.algo.loss import AggMode
 from mmsr.models.policy import Policy
 from mmsr.parallel import all_reduce
 from mmsr.reference import ReferenceModel
 from mmsr.rollout.trajectory import Trajectory
-from mmsr.train.batch import TrainBatch, collate, pack_by_tokens
+from mmsr.train.batch import TrainBatch, collate, pack_by_tokens, sampled_logprobs
 
 
 @dataclass(frozen=True)
@@ -183,21 +183,9 @@ class PolicyUpdate:
         return loss, out
 
     def token_logprobs(self, batch: TrainBatch, model: torch.nn.Module, with_entropy: bool = False):
-        """Log-probs ``[n, T-1]`` of the next tokens (and entropies ``[n, T-1]``) under ``model``, where
-        some row of the micro-batch sampled its label (loss mask 1), 0 elsewhere: nothing reads them.
-
-        The LM head only runs at those ``K`` positions (``logits_to_keep``): the logits are
-        ``[n, K, V]``, not ``[n, T, V]`` (prompts, tool results and image tokens are most of a
-        multi-turn sequence), and the log-softmax is chunked over them (``mmsr.algo.logprobs``).
-        """
-        keep = batch.loss_mask.any(0).nonzero()[:, 0]  # [K] positions t whose label t+1 was sampled
-        out = self.policy.forward(batch.input_ids, batch.attention_mask, batch.position_ids, batch.vision, model=model,
-                                  logits_to_keep=keep)  # fmt: skip
+        """``sampled_logprobs`` of ``batch`` under ``model`` at the sampling temperature (1 if greedy)."""
         temperature = self.settings.temperature if self.settings.temperature > 0 else 1.0
-        logp, entropy = logprobs_and_entropy(out.logits, batch.labels[:, keep], temperature=temperature,
-                                             with_entropy=with_entropy)  # fmt: skip
-        spread = lambda x: x.new_zeros(batch.labels.shape).index_copy(1, keep, x)  # noqa: E731 - [n, K] -> [n, T-1]
-        return spread(logp), spread(entropy) if entropy is not None else None
+        return sampled_logprobs(self.policy, batch, model, temperature, with_entropy)
 
     def reference_scores(self, trajs: list[Trajectory], ref: ReferenceModel, device: torch.device) -> list[torch.Tensor]:
         with ref.on_device() as model:

@@ -1,0 +1,58 @@
+"""The warm start's loss is the token-mean NLL of the teacher's turns, though the LM head runs only at
+the positions whose next token the teacher wrote (``sampled_logprobs``, shared with the GRPO update)."""
+
+import csv
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from mmsr.algo import logprobs_and_entropy
+from mmsr.data.sample import Sample
+from mmsr.demo.tokenizer import Scaffold
+from mmsr.models.build import TinyQwen2_5_VL
+from mmsr.rollout.engine import SamplingParams
+from mmsr.sft import SFTModule
+from mmsr.train.batch import collate, sampled_logprobs
+from tests.conftest import FVQA
+
+ANSWERS = ["Ka Zu", "the old stone tower by the river", "Zu"]  # unequal turns: ragged masks and padding
+
+
+class Answers:
+    """A teacher that answers at once, a different length per sample."""
+
+    def turns(self, sample: Sample) -> list[str]:
+        return [f"<reason>It is known.</reason><answer>{sample.ground_truth}</answer>"]
+
+
+def full_logit_logprobs(policy, batch) -> torch.Tensor:
+    """``[n, T-1]`` next-token log-probs from the LM head at every position."""
+    out = policy.forward(batch.input_ids, batch.attention_mask, batch.position_ids, batch.vision)
+    return logprobs_and_entropy(out.logits[:, :-1], batch.labels, with_entropy=False)[0]
+
+
+def test_warm_start_loss_is_the_nll_of_the_teacher_turns(fvqa_samples, tmp_path):
+    policy = TinyQwen2_5_VL(tokenizer_texts=[str(FVQA / "fvqa_dev.jsonl")], scaffold=Scaffold(), hidden_size=32,
+                            num_layers=1, vision_depth=1, seed=0)  # fmt: skip
+    module = SFTModule(policy, Answers(), lr=1e-3)
+    samples = [Sample(s.id, s.question, s.image, truth, category="search_free") for s, truth in zip(fvqa_samples, ANSWERS)]
+    module._turns = {s.id: Answers().turns(s) for s in samples}
+    trajs = module.loop.run(samples, 1, SamplingParams(max_tokens=32))
+    batch = collate(trajs, range(len(trajs)), module.policy, "cpu")
+    assert len({len(t) for t in trajs}) == 3 and batch.vision  # padded rows, images in the context
+    with torch.no_grad():
+        full, kept = full_logit_logprobs(module.policy, batch), sampled_logprobs(module.policy, batch)[0]
+    where = batch.loss_mask.bool()
+    torch.testing.assert_close(kept[where], full[where], rtol=1e-5, atol=1e-5)
+    unused = ~where.any(0)  # positions where no row's next token is the teacher's: no logits computed
+    assert unused.sum() > where.shape[1] / 2 and not kept[:, unused].any()
+    expected = float(-(full * batch.loss_mask).sum() / batch.loss_mask.sum())
+
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=L.pytorch.loggers.CSVLogger(tmp_path, name="", version=""),
+                        log_every_n_steps=1, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)  # fmt: skip
+    trainer.fit(module, DataLoader(samples, batch_size=len(samples), collate_fn=list))
+    rows = [r for r in csv.DictReader((tmp_path / "metrics.csv").open()) if r.get("sft/loss")]
+    assert abs(float(rows[0]["sft/loss"]) - expected) < 1e-5 * max(1.0, abs(expected))
+    assert float(rows[0]["sft/tokens"]) == batch.loss_mask.sum()
