@@ -78,28 +78,34 @@ def make_loop(engine, policy, prompts, text=None):
     return RolloutLoop(engine, policy, prompts, tools)
 
 
-def teach(policy, initial, prompts, samples, scripts: dict[str, list[str]], text=None):
-    """Weights that play ``scripts`` (sample id -> turns, each episode closed by <|im_end|>) on ``samples``
-    with the observations of ``text`` (default ``FakeTextSearch``), and the taught trajectories; the
-    trainer is reset after."""
-    loop = make_loop(ScriptedEngine(scripts, policy.tokenizer), policy, prompts, text)
-    trajs = loop.run(samples, 1, SamplingParams())
+def learn(policy, trajs, lr: float, steps: int) -> None:
+    """Train ``policy`` on ``trajs`` (each closed by <|im_end|> first) until the loss of the sampled tokens
+    is under 0.02: greedy decoding then plays them. Fails naming the loss if ``steps`` do not get there."""
     for traj in trajs:
         traj.input_ids.append(policy.tokenizer.convert_tokens_to_ids("<|im_end|>"))
         traj.loss_mask.append(1)
         traj.logprobs.append(0.0)
     batch = collate(trajs, range(len(trajs)), policy, torch.device("cpu"))
-    opt = torch.optim.Adam(policy.model.parameters(), lr=1e-2)
-    for _ in range(600):  # until the loss is under 0.02: greedy decoding then plays the scripts
-        logits = policy.forward(batch.input_ids, batch.attention_mask, batch.position_ids, []).logits
+    opt = torch.optim.Adam(policy.model.parameters(), lr=lr)
+    for _ in range(steps):
+        logits = policy.forward(batch.input_ids, batch.attention_mask, batch.position_ids, batch.vision).logits
         logp, _ = logprobs_and_entropy(logits[:, :-1], batch.labels, with_entropy=False)
         loss = -(logp * batch.loss_mask).sum() / batch.loss_mask.sum()
         opt.zero_grad()
         loss.backward()
         opt.step()
         if loss.item() < 0.02:
-            break
-    assert loss.item() < 0.02, f"the scripts were not learned in 600 steps (loss {loss.item():.3f})"
+            return
+    raise AssertionError(f"the scripts were not learned in {steps} steps (loss {loss.item():.3f})")
+
+
+def teach(policy, initial, prompts, samples, scripts: dict[str, list[str]], text=None):
+    """Weights that play ``scripts`` (sample id -> turns, each episode closed by <|im_end|>) on ``samples``
+    with the observations of ``text`` (default ``FakeTextSearch``), and the taught trajectories; the
+    trainer is reset after."""
+    loop = make_loop(ScriptedEngine(scripts, policy.tokenizer), policy, prompts, text)
+    trajs = loop.run(samples, 1, SamplingParams())
+    learn(policy, trajs, lr=1e-2, steps=600)
     weights = state(policy)
     load(policy, initial)
     return weights, trajs

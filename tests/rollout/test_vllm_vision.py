@@ -33,7 +33,7 @@ from mmsr.sync import StaleWeightsError, WeightSync, probe_inputs, sync_weights,
 from mmsr.train.batch import collate
 from tests.conftest import FVQA
 from tests.rollout.test_loop import ANS, IMG, TXT, FakeImageSearch, FakeTextSearch, spans
-from tests.rollout.test_vllm_engine import prompts, state  # noqa: F401 - prompts is a fixture
+from tests.rollout.test_vllm_engine import learn, prompts, state  # noqa: F401 - prompts is a fixture
 from tests.test_sync import SkipVision, perturb
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=40)
@@ -83,20 +83,7 @@ def taught(policy, initial, prompts, fvqa_samples):
     """Weights that answer sample 0 with an image search, a text search, then ANS and <|im_end|>;
     the trainer is reset after."""
     (traj,) = scripted(policy, prompts, fvqa_samples[:1], [IMG, TXT, ANS])
-    traj.input_ids.append(policy.tokenizer.convert_tokens_to_ids("<|im_end|>"))
-    traj.loss_mask.append(1)
-    traj.logprobs.append(0.0)
-    batch = collate([traj], [0], policy, torch.device("cpu"))
-    opt = torch.optim.Adam(policy.model.parameters(), lr=3e-3)
-    for _ in range(300):  # ~100 steps
-        logits = policy.forward(batch.input_ids, batch.attention_mask, batch.position_ids, batch.vision).logits
-        logp, _ = logprobs_and_entropy(logits[:, :-1], batch.labels, with_entropy=False)
-        loss = -(logp * batch.loss_mask).sum() / batch.loss_mask.sum()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if loss.item() < 0.02:
-            break
+    learn(policy, [traj], lr=3e-3, steps=300)  # ~100 steps
     weights = state(policy)
     policy.model.load_state_dict(initial)
     return weights, traj
