@@ -62,8 +62,9 @@ class RolloutSettings:
             bits, so two runs can sample differently once such a difference decides a draw). ``k``: a call
             started after the engine's step ``s`` rejoins after step ``s + k`` (when nothing generates, the
             earliest due calls rejoin), waiting for it if it is late: batches are a function of the episodes
-            alone, and two runs on ``HFEngine`` draw the same tokens bit for bit. With ``HFEngine``, whose step
-            generates a whole submission, every ``k`` waits for each round's calls before it generates.
+            alone, and two runs on ``HFEngine`` or ``VLLMEngine`` draw the same tokens bit for bit (tested
+            with k = 0). With ``HFEngine``, whose step generates a whole submission, every ``k`` waits for each
+            round's calls before it generates.
     """
 
     max_rounds: int = 3

