@@ -25,12 +25,13 @@ from mmsr.data.sample import Sample
 from mmsr.models.build import PolicyBuilder, save_policy
 from mmsr.models.policy import Policy
 from mmsr.optim import Schedule, adamw_with_schedule
+from mmsr.parallel import all_reduce
 from mmsr.prompt.render import PromptBuilder
 from mmsr.rollout.engine import GenerationRequest, SamplingParams, ScriptedEngine
 from mmsr.rollout.loop import RolloutLoop, RolloutSettings
 from mmsr.tools.base import SearchTool
 from mmsr.tools.spec import Tool, configured
-from mmsr.train.batch import collate, pack_by_tokens, sampled_logprobs
+from mmsr.train.batch import collate, rank_micro_batches, sampled_logprobs
 
 
 class Teacher(Protocol):
@@ -104,21 +105,29 @@ class SFTModule(L.LightningModule):
             return self._reading_step()
         self._turns = {s.id: self.teacher.turns(s) for s in batch}
         trajs = self.loop.run(batch, 1, SamplingParams(max_tokens=self.loop.settings.max_tokens_per_turn))
-        total = sum(t.num_sampled_tokens for t in trajs)
         opt = self.optimizers()
         opt.zero_grad()
-        loss_sum = 0.0
-        for micro in pack_by_tokens([len(t) for t in trajs], self.hparams.micro_batch_tokens):
-            mb = collate([trajs[i] for i in micro], micro, self.policy, self.device)
-            logp, _ = sampled_logprobs(self.policy, mb)  # [n, T-1], the LM head only where the teacher wrote
-            loss = -(logp * mb.loss_mask).sum() / max(total, 1)
-            self.manual_backward(loss)
-            loss_sum += float(loss.detach())
+        loss, total = self._imitate(trajs)
         grad_norm = self._step(opt)
-        metrics = {"sft/loss": loss_sum, "sft/tokens": float(total), "train/grad_norm": float(grad_norm),
+        metrics = {"sft/loss": loss, "sft/tokens": total, "train/grad_norm": float(grad_norm),
                    "rollout/turns": sum(len(t.turns) for t in trajs) / len(trajs)}  # fmt: skip
         self.log_dict(metrics, batch_size=len(batch))
-        self.log("loss", loss_sum, prog_bar=True, batch_size=len(batch))
+        self.log("loss", loss, prog_bar=True, batch_size=len(batch))
+
+    def _imitate(self, trajs: list) -> tuple[float, float]:
+        """Backward passes of the token-mean NLL of the teacher's turns over every rank's tokens; returns that
+        loss and the token count. DDP averages the ranks' gradients, so a rank's share is scaled by the world
+        size, and every rank runs as many passes (``None``: a zero-weight rerun) or the all-reduces hang."""
+        world = self.trainer.world_size
+        total = all_reduce(sum(t.num_sampled_tokens for t in trajs), "sum", self.device)
+        loss_sum = 0.0
+        for micro in rank_micro_batches([len(t) for t in trajs], self.hparams.micro_batch_tokens, self.device):
+            mb = collate([trajs[i] for i in micro or [0]], micro or [0], self.policy, self.device)
+            logp, _ = sampled_logprobs(self.policy, mb)  # [n, T-1], the LM head only where the teacher wrote
+            loss = -(logp * mb.loss_mask).sum() / max(total, 1) * (world if micro else 0)
+            self.manual_backward(loss)
+            loss_sum += float(loss.detach())
+        return all_reduce(loss_sum, "sum", self.device) / world, total
 
     def _reading_step(self) -> None:
         texts = self.reading.batch(self.global_step)

@@ -1,6 +1,7 @@
 """Training-side batching: trajectories -> padded training tensors (``collate``), token-budget packing
-of micro-batches (``pack_by_tokens``) and the log-probs of their sampled tokens (``sampled_logprobs``).
-Used by the GRPO update (``mmsr.train.update``) and ``SFTModule``."""
+of micro-batches (``pack_by_tokens``; as many on every rank: ``rank_micro_batches``) and the log-probs
+of their sampled tokens (``sampled_logprobs``). Used by the GRPO update (``mmsr.train.update``) and
+``SFTModule``."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 from mmsr.algo import logprobs_and_entropy
 from mmsr.models.policy import Policy, check_image_tokens
 from mmsr.models.vision import VisionInput
+from mmsr.parallel import all_reduce
 from mmsr.rollout.trajectory import Trajectory
 
 
@@ -97,6 +99,13 @@ def pack_by_tokens(lengths: Sequence[int], budget: int) -> list[list[int]]:
         batches.append(order[cut[j] : j])
         j = cut[j]
     return batches[::-1]
+
+
+def rank_micro_batches(lengths: Sequence[int], budget: int, device: torch.device) -> list[list[int] | None]:
+    """``pack_by_tokens``, padded with ``None`` (run as a zero-weight pass) to the most any rank has:
+    DDP and FSDP2 hang unless every rank runs as many forward/backward passes."""
+    micros: list[list[int] | None] = pack_by_tokens(lengths, budget)
+    return micros + [None] * (int(all_reduce(len(micros), "max", device)) - len(micros))
 
 
 def sampled_logprobs(policy: Policy, batch: TrainBatch, model: torch.nn.Module | None = None, temperature: float = 1.0,

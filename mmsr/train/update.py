@@ -26,7 +26,7 @@ from mmsr.models.policy import Policy
 from mmsr.parallel import all_reduce
 from mmsr.reference import ReferenceModel
 from mmsr.rollout.trajectory import Trajectory
-from mmsr.train.batch import TrainBatch, collate, pack_by_tokens, sampled_logprobs
+from mmsr.train.batch import TrainBatch, collate, rank_micro_batches, sampled_logprobs
 
 
 @dataclass(frozen=True)
@@ -153,10 +153,8 @@ class PolicyUpdate:
         return metrics
 
     def micro_batches(self, lengths: list[int], device: torch.device) -> list[list[int] | None]:
-        """Token-budget micro-batches, padded with ``None`` (a zero-weight rerun of the first one) to
-        the most any rank has: DDP and FSDP2 hang unless every rank runs as many passes."""
-        micros: list[list[int] | None] = pack_by_tokens(lengths, self.settings.micro_batch_tokens)
-        return micros + [None] * (int(all_reduce(len(micros), "max", device)) - len(micros))
+        """``rank_micro_batches`` within ``micro_batch_tokens`` (``None``: a zero-weight rerun of the first)."""
+        return rank_micro_batches(lengths, self.settings.micro_batch_tokens, device)
 
     def loss(self, batch: TrainBatch, adv: torch.Tensor, model: torch.nn.Module, old, ref
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip

@@ -1,0 +1,74 @@
+"""The warm start on two CPU processes (gloo, DDP) trains what one process trains on the same prompts:
+the token-mean over both ranks' teacher tokens, and as many passes on each rank although one rank's
+episodes pack into more micro-batches than the other's (unequal passes hang DDP's all-reduce)."""
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from mmsr.data.loaders import load_samples
+from mmsr.data.sample import Sample
+from tests.conftest import subprocess_env
+
+ROOT = Path(__file__).resolve().parents[2]
+DATA = "data/fvqa_dev_20/fvqa_dev.jsonl"
+
+
+class LongFor:
+    """A teacher that answers at once, with a ~300-token reason for the samples ``long_ids``."""
+
+    def __init__(self, long_ids: list[str]) -> None:
+        self.long_ids = set(long_ids)
+
+    def turns(self, sample: Sample) -> list[str]:
+        reason = " ".join(["the photo shows it"] * 75) if sample.id in self.long_ids else "It is known."
+        return [f"<reason>{reason}</reason><answer>{sample.ground_truth}</answer>"]
+
+
+def run(tmp: Path, devices: int) -> Path:
+    # unshuffled, rank r takes prompts r, r + 2, ...: step 1 gives rank 0 prompts 0 and 2 (short: one
+    # micro-batch), rank 1 prompts 1 and 3 (3 long: two); one process takes all four
+    long_id = load_samples(ROOT / DATA)[3].id
+    policy = {"class_path": "mmsr.models.build.TinyQwen2_5_VL", "init_args": {
+        "tokenizer_texts": [DATA], "scaffold": {"class_path": "mmsr.demo.tokenizer.Scaffold"}, "hidden_size": 32,
+        "num_layers": 1, "vision_depth": 1, "seed": 0}}  # fmt: skip
+    cfg = {
+        "seed_everything": 0,
+        "trainer": {"accelerator": "cpu", "devices": devices, "strategy": "ddp" if devices > 1 else "auto", "max_steps": 2,
+                    "log_every_n_steps": 1, "enable_model_summary": False, "enable_checkpointing": False,
+                    "enable_progress_bar": False, "use_distributed_sampler": False, "default_root_dir": str(tmp),
+                    "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                               "init_args": {"save_dir": str(tmp), "name": "csv", "version": ""}}},
+        "model": {"class_path": "mmsr.sft.SFTModule", "init_args": {
+            "policy": policy, "teacher": {"class_path": f"{__name__}.LongFor", "init_args": {"long_ids": [long_id]}},
+            "rollout": {"max_tokens_per_turn": 1024, "max_context_tokens": 4096}, "micro_batch_tokens": 4096,
+            "lr": 1e-3, "export_dir": str(tmp / "hf")}},
+        "data": {"train_files": [DATA], "prompts_per_step": 4 // devices, "shuffle": False},
+    }  # fmt: skip
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "config.yaml").write_text(yaml.safe_dump(cfg))
+    proc = subprocess.run([sys.executable, "-m", "mmsr", "fit", "-c", str(tmp / "config.yaml")], cwd=ROOT,
+                          env=subprocess_env(), capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return tmp
+
+
+def logged(run_dir: Path, key: str) -> list[float]:
+    return [float(r[key]) for r in csv.DictReader((run_dir / "csv" / "metrics.csv").open()) if r.get(key)]
+
+
+@pytest.mark.slow
+def test_two_rank_warm_start_equals_one(tmp_path):
+    one, two = run(tmp_path / "one", 1), run(tmp_path / "two", 2)
+    assert logged(two, "sft/tokens") == logged(one, "sft/tokens")  # every rank's tokens in the mean
+    assert logged(two, "sft/loss") == pytest.approx(logged(one, "sft/loss"), abs=1e-5)
+    a, b = load_file(one / "hf" / "model.safetensors"), load_file(two / "hf" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=2e-5, rtol=1e-4, msg=k)
