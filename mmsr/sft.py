@@ -29,6 +29,7 @@ from mmsr.parallel import all_reduce
 from mmsr.prompt.render import PromptBuilder
 from mmsr.rollout.engine import GenerationRequest, SamplingParams, ScriptedEngine
 from mmsr.rollout.loop import RolloutLoop, RolloutSettings
+from mmsr.rollout.trajectory import Trajectory
 from mmsr.tools.base import SearchTool
 from mmsr.tools.spec import Tool, configured
 from mmsr.train.batch import collate, rank_micro_batches, sampled_logprobs
@@ -114,7 +115,7 @@ class SFTModule(L.LightningModule):
         self.log_dict(metrics, batch_size=len(batch))
         self.log("loss", loss, prog_bar=True, batch_size=len(batch))
 
-    def _imitate(self, trajs: list) -> tuple[float, float]:
+    def _imitate(self, trajs: list[Trajectory]) -> tuple[float, float]:
         """Backward passes of the token-mean NLL of the teacher's turns over every rank's tokens; returns that
         loss and the token count. DDP averages the ranks' gradients, so a rank's share is scaled by the world
         size, and every rank runs as many passes (``None``: a zero-weight rerun) or the all-reduces hang."""

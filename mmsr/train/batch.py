@@ -86,7 +86,8 @@ def pack_by_tokens(lengths: Sequence[int], budget: int) -> list[list[int]]:
     """
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     n = len(order)
-    cost, cut = [0.0] + [math.inf] * n, [0] * (n + 1)  # cost[j]: the best packing of order[:j]; its last run starts at cut[j]
+    # cost[j]: the cheapest packing of order[:j]; its last run starts at cut[j]
+    cost, cut = [0.0] + [math.inf] * n, [0] * (n + 1)
     for j in range(1, n + 1):
         for i in range(j - 1, -1, -1):  # the last run is order[i:j], padded to its first (longest) length
             padded = (j - i) * lengths[order[i]]
