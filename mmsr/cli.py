@@ -38,6 +38,9 @@ def lightning_cli(args: list[str] | None = None, parse_only: bool = False, **kwa
             ckpt = self.config.fit.get("ckpt_path") if self.subcommand == "fit" else None
             if ckpt and (runs := checkpoint_runs(ckpt)):
                 repoint_loggers(self.config.fit.trainer.logger, runs)
+            if not parse_only:
+                config = self.config[self.subcommand] if self.subcommand else self.config  # run=False: not nested
+                check_tools_ready(config.model, config.get("config"))
 
         def instantiate_classes(self) -> None:
             if not parse_only:
@@ -65,6 +68,19 @@ def lightning_cli(args: list[str] | None = None, parse_only: bool = False, **kwa
         args=args,
         **kwargs,
     )
+
+
+def check_tools_ready(model, config) -> None:
+    """The start-up check of the model's tools (``mmsr.tools.base.check_ready``: a file a tool reads on first
+    use is there), before the model loads and the engine starts. The tools are built once more for it:
+    building one touches no file."""
+    from mmsr.eval.load import TOOL_ARGS, build_tools
+    from mmsr.tools.base import check_ready
+
+    init = model.get("init_args") or {}
+    values = {k: v.as_dict() if hasattr(v, "as_dict") else v for k in TOOL_ARGS if (v := init.get(k)) is not None}
+    if values:
+        check_ready(build_tools(values, str(config[-1]) if config else "the command line"))
 
 
 def main(args: list[str] | None = None):

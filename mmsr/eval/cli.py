@@ -41,15 +41,21 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 def load_from_args(args: argparse.Namespace):
     """The ``Loaded`` policy/engine/tools/settings the arguments describe."""
     from mmsr.eval import load
+    from mmsr.tools.base import check_ready
 
+    tools = load.load_tools(args.tools) if args.tools else None
+    if tools:
+        check_ready(tools)  # before the policy loads
     if args.ckpt:
         loaded = load.load_checkpoint(args.ckpt, args.run_config)
     elif args.model_dir:
         loaded = load.load_model_dir(args.model_dir, args.min_pixels, args.max_pixels)
     else:
         loaded = load.load_policy_yaml(args.policy, args.weights)
-    if args.tools:
-        loaded.tools = load.load_tools(args.tools)
+    if tools:
+        loaded.tools = tools
+    else:
+        check_ready(loaded.tools)
     overrides = {k: getattr(args, k) for k in ("max_rounds", "max_tokens_per_turn", "max_context_tokens")}
     loaded.settings = replace(loaded.settings, **{k: v for k, v in overrides.items() if v is not None})
     return loaded

@@ -69,12 +69,19 @@ def _read_yaml(path: str | Path) -> dict:
     return data
 
 
-def load_tools(path: str | Path) -> dict[str, SearchTool | None]:
-    """``image_search`` / ``text_search`` entries (``class_path`` + ``init_args``) of a YAML file, and a
-    ``tools`` list of ``Tool`` entries as the module's (``mmsr.tools.spec.configured``)."""
-    kinds = {"image_search": SearchTool | None, "text_search": SearchTool | None, "tools": list[Tool] | None}
-    built = _parse(kinds, _read_yaml(path), Path(path))
+TOOL_ARGS = {"image_search": SearchTool | None, "text_search": SearchTool | None, "tools": list[Tool] | None}
+
+
+def build_tools(values: dict, where: str | Path) -> dict[str, SearchTool | None]:
+    """The tools of ``image_search`` / ``text_search`` entries (``class_path`` + ``init_args``) and a ``tools``
+    list of ``Tool`` entries, as the module builds them (``mmsr.tools.spec.configured``)."""
+    built = _parse(TOOL_ARGS, values, Path(where))
     return configured(built.tools, built.image_search, built.text_search)
+
+
+def load_tools(path: str | Path) -> dict[str, SearchTool | None]:
+    """The tools of a YAML file's ``image_search`` / ``text_search`` / ``tools`` entries (``build_tools``)."""
+    return build_tools(_read_yaml(path), path)
 
 
 def _synced(policy: Policy, engine: Engine, weight_sync: WeightSync | None = None) -> Engine:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -78,6 +79,19 @@ class ToolResult:
 class FatalToolError(Exception):
     """A misconfiguration the rollout must not hide as an observation (e.g. a replay-only cache
     miss): the loop re-raises it instead of showing the model a failed search."""
+
+
+def check_ready(tools: Mapping[str, object | None]) -> None:
+    """Call ``check_ready()`` of each configured tool that has one (the files it reads on first use are there).
+
+    Building a config touches no file, so a tool finds a missing file at its first call; a run checks at
+    start-up instead, before its model loads and its engine starts, and stops with the tool's own error
+    (naming the file and how to get it).
+    """
+    for tool in tools.values():
+        check = getattr(tool, "check_ready", None)
+        if check is not None:
+            check()
 
 
 @runtime_checkable

@@ -210,6 +210,14 @@ class CachedTool:
         if hasattr(self.tool, "check_budget"):
             self.tool.check_budget(cap_s)
 
+    def check_ready(self) -> None:
+        """A ``replay_only`` cache must exist (opening a missing one would create it empty, and the run
+        would stop at its first search); then the wrapped tool's own check."""
+        if self.mode == "replay_only" and not Path(self.path).is_file():
+            raise ReplayMiss(f"replay-only cache {self.path} does not exist: record it first or set its path")
+        if hasattr(self.tool, "check_ready"):
+            self.tool.check_ready()
+
     @property
     def cache(self) -> ToolCache:
         if self._cache is None:

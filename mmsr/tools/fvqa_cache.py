@@ -92,17 +92,23 @@ def _row(data_id: object, entry: object, source: Path) -> CachedRow:
     return CachedRow(tuple(titles), tuple(thumbnails))
 
 
+def _paths(paths: str | Path | list[str] | list[Path]) -> list[Path]:
+    return [Path(p) for p in (paths if isinstance(paths, list) else [paths])]
+
+
+def _not_found(path: Path) -> str:
+    download = DOWNLOAD.format(name=path.name, folder=path.parent)
+    return (f"FVQA image-search cache {path} not found. Download it ({download}) or set the tool's path "
+            f"(model.init_args.image_search.init_args.path).")  # fmt: skip
+
+
 def load_rows(paths: str | Path | list[str] | list[Path]) -> dict[str, CachedRow]:
     """``data_id -> CachedRow`` from one or more cache pickles (a clear error for a missing file, a bad row or
     a ``data_id`` in two files)."""
     rows: dict[str, CachedRow] = {}
-    for path in [Path(p) for p in (paths if isinstance(paths, list) else [paths])]:
+    for path in _paths(paths):
         if not path.is_file():
-            download = DOWNLOAD.format(name=path.name, folder=path.parent)
-            raise FileNotFoundError(
-                f"FVQA image-search cache {path} not found. Download it ({download}) or set the tool's path "
-                f"(model.init_args.image_search.init_args.path)."
-            )
+            raise FileNotFoundError(_not_found(path))
         data = safe_load(path)
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a dict keyed by data_id, got {type(data).__name__}")
@@ -118,8 +124,9 @@ class FVQACacheSearch:
 
     Args:
         path: the cache pickle(s), e.g. ``data/fvqa/fvqa_train_image_search_results_cache.pkl``. Read on first
-            use (building a config touches no file): a missing or refused file then stops the run
-            (``FVQACacheError``), naming the file and how to download it.
+            use (building a config touches no file); runs check at start-up that they are there
+            (``check_ready``). A missing or refused file stops the run (``FVQACacheError``), naming the file
+            and how to download it.
         tool_cache: the SQLite tool cache that keeps fetched results (``None``: fetch on every call).
         version: part of the tool-cache key; bump it when ``top_k``/``max_side`` change.
         top_k: results shown at most (MMSearch-R1: 5); later ranks stand in for skipped thumbnails, as live.
@@ -150,6 +157,13 @@ class FVQACacheSearch:
     def check_budget(self, cap_s: float) -> None:
         """``BudgetError`` unless one thumbnail attempt and the reserve fit in ``cap_s``."""
         check_stages("FVQACacheSearch", [Stage("thumbnails", self.thumbnails.limits)], self.reserve_s, cap_s)
+
+    def check_ready(self) -> None:
+        """``FVQACacheError`` naming the first cache file that is not there (the start-up check,
+        ``mmsr.tools.base.check_ready``; the files themselves are read on first use)."""
+        missing = [p for p in _paths(self.path) if not p.is_file()]
+        if missing:
+            raise FVQACacheError(_not_found(missing[0]))
 
     @property
     def rows(self) -> dict[str, CachedRow]:

@@ -31,7 +31,7 @@ from typing import Any
 from aiohttp import web
 from PIL import Image
 
-from mmsr.tools.base import FatalToolError, SearchTool, ToolRequest, ToolResult, failure
+from mmsr.tools.base import FatalToolError, SearchTool, ToolRequest, ToolResult, check_ready, failure
 from mmsr.tools.budget import BudgetError
 from mmsr.tools.cache import ReplayMiss
 from mmsr.tools.secrets import install_log_redaction, redact, register_secret_env
@@ -182,7 +182,8 @@ class SearchServer:
             log.warning("%s: a client's budget is too small, calls will fail or come back short: %s", kind, exc)
 
     async def start(self) -> int:
-        """Start listening; returns the bound port."""
+        """Start listening; returns the bound port (after the backends' start-up check, ``check_ready``)."""
+        check_ready(self.tools)
         if not self._token and self.host not in ("127.0.0.1", "localhost", "::1"):
             log.warning("search server on %s without a bearer token: anyone who can reach it can spend your API budget",
                         self.host)  # fmt: skip

@@ -116,6 +116,11 @@ class Tool:
         if check is not None:
             check(cap_s)
 
+    def check_ready(self) -> None:
+        """The backend's own start-up check (``mmsr.tools.base.check_ready``)."""
+        if hasattr(self.backend, "check_ready"):
+            self.backend.check_ready()
+
 
 class ImageSearchTool(Tool):
     """MMSearch-R1's image search, ``<search><img></search>``, answered by ``backend``."""

@@ -5,6 +5,7 @@ thumbnails served by a local server; and the restricted unpickler refusing what 
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import json
 import os
@@ -250,3 +251,58 @@ def test_7b_recipes_search_images_in_the_fvqa_cache(recipe, tmp_path, monkeypatc
     tool.check_budget(120.0)  # the recipes' rollout.tool_timeout_s: one thumbnail attempt (15 s) + 1 s reserve
     with pytest.raises(BudgetError, match="FVQACacheSearch cannot fit"):
         tool.check_budget(10.0)
+
+
+# --- the start-up check: a missing file stops a run before its model loads ----------------------------------------
+
+
+def test_start_up_check_names_a_missing_file_without_reading_any(tmp_path):
+    from mmsr.tools.base import check_ready
+    from mmsr.tools.cache import CachedTool, ReplayMiss
+    from mmsr.tools.spec import ImageSearchTool
+
+    missing = tmp_path / "data" / "fvqa_test_image_search_results_cache.pkl"
+    present = write_cache(tmp_path / "train.pkl", "http://127.0.0.1:9")
+    tool = FVQACacheSearch([str(present), str(missing)])
+    for wrapped in (tool, ImageSearchTool(tool), CachedTool(tool, str(tmp_path / "cache.sqlite"))):
+        with pytest.raises(FVQACacheError, match=r"fvqa_test_image_search_results_cache.pkl not found. Download it "
+                                                 r"\(hf download lmms-lab/FVQA fvqa_test_"):  # fmt: skip
+            check_ready({"image_search": wrapped, "text_search": None})
+    assert tool._rows is None and not (tmp_path / "cache.sqlite").exists()  # checked, nothing read or opened
+    check_ready({"image_search": FVQACacheSearch(str(present))})
+    replay = CachedTool(None, str(tmp_path / "recorded.sqlite"), mode="replay_only")
+    with pytest.raises(ReplayMiss, match="replay-only cache .*recorded.sqlite does not exist"):
+        check_ready({"text_search": replay})
+    assert not (tmp_path / "recorded.sqlite").exists()
+
+
+def test_fit_eval_and_the_search_server_check_the_cache_before_anything_loads(tmp_path, monkeypatch):
+    """``mmsr fit`` stops before the policy is built, ``mmsr eval --tools`` before the policy loads, the search
+    server before it listens."""
+    from mmsr.cli import lightning_cli
+    from mmsr.eval.cli import load_from_args, parser
+    from mmsr.models.build import TinyQwen2_5_VL
+    from mmsr.tools.server import SearchServer
+
+    @functools.wraps(TinyQwen2_5_VL.build)  # its signature: the config's protocol check reads it
+    def no_policy(self):
+        raise AssertionError("the policy was built before the tools were checked")
+
+    monkeypatch.setattr(TinyQwen2_5_VL, "build", no_policy)
+    monkeypatch.chdir(ROOT)
+    missing = str(tmp_path / "fvqa_train_image_search_results_cache.pkl")
+    fvqa = ["--model.init_args.image_search.class_path", "mmsr.tools.fvqa_cache.FVQACacheSearch",
+            "--model.init_args.image_search.init_args.path", missing]  # fmt: skip
+    with pytest.raises(FVQACacheError, match="fvqa_train_image_search_results_cache.pkl not found"):
+        lightning_cli(["fit", "-c", "configs/smoke.yaml", *fvqa])
+    tools = tmp_path / "tools.yaml"
+    tools.write_text(yaml.safe_dump({"image_search": {"class_path": "mmsr.tools.fvqa_cache.FVQACacheSearch",
+                                                      "init_args": {"path": missing}}}))  # fmt: skip
+    args = parser().parse_args(["--policy", str(tmp_path / "no_policy.yaml"), "--tools", str(tools),
+                                "--data", str(tmp_path / "no_data.parquet")])  # fmt: skip
+    with pytest.raises(FVQACacheError, match="not found"):  # not the policy file's FileNotFoundError
+        load_from_args(args)
+    server = SearchServer(image_search=FVQACacheSearch(missing), port=0)
+    with pytest.raises(FVQACacheError, match="not found"):
+        asyncio.run(server.start())
+    assert server._runner is None

@@ -183,15 +183,19 @@ def test_config_snippets_build(path: Path, monkeypatch):
 
 
 def test_a_fatal_backend_error_stops_the_client_not_a_failed_search(tmp_path):
-    """An unreadable FVQA cache behind the server is as fatal to the trainer as it is locally (409, re-raised)."""
+    """An unreadable FVQA cache behind the server is as fatal to the trainer as it is locally (409, re-raised).
+    (A missing one stops the server at start, ``tests/tools/test_fvqa_cache.py``.)"""
+    import pickle
+
     from mmsr.tools.fvqa_cache import FVQACacheSearch
     from mmsr.tools.server import RemoteFatalError
 
-    missing = tmp_path / "fvqa_train_image_search_results_cache.pkl"
-    server = SearchServer(image_search=FVQACacheSearch(str(missing), tool_cache=None), port=0)
+    refused = tmp_path / "fvqa_train_image_search_results_cache.pkl"
+    refused.write_bytes(pickle.dumps(["not", "a", "dict"]))
+    server = SearchServer(image_search=FVQACacheSearch(str(refused), tool_cache=None), port=0)
 
     async def body(url):
-        with pytest.raises(RemoteFatalError, match="FVQACacheError.*fvqa_train_image_search_results_cache.pkl"):
+        with pytest.raises(RemoteFatalError, match="FVQACacheError.*fvqa_train_image_search_results_cache.pkl: expected a dict"):
             await HTTPSearchTool(url, limits=FAST)(ToolRequest("image_search", image=Image.new("RGB", (4, 4)), sample_id="r0"))
 
     asyncio.run(_with_server(server, body))
