@@ -131,14 +131,21 @@ class SFTModule(L.LightningModule):
         return all_reduce(loss_sum, "sum", self.device) / world, total
 
     def _reading_step(self) -> None:
-        texts = self.reading.batch(self.global_step)
+        """One step of next-token prediction on the step's texts, split over the ranks (rank r reads texts r,
+        r + world, ...): the token mean over all of them, as one process computes it. A rank left without a
+        text reruns the first at zero weight (every rank must run a backward pass, or DDP's all-reduce hangs)."""
+        texts, world = self.reading.batch(self.global_step), self.trainer.world_size
+        mine = texts[self.global_rank :: world]
         opt = self.optimizers()
         opt.zero_grad()
-        loss = lm_loss(self.policy, texts, self.device)
+        nll, count = lm_nll(self.policy, mine or texts[:1], self.device)
+        total = all_reduce(float(count) if mine else 0.0, "sum", self.device)
+        loss = nll / max(total, 1.0) * (world if mine else 0)  # DDP averages the ranks' gradients
         self.manual_backward(loss)
         grad_norm = self._step(opt)
-        self.log_dict({"reading/loss": float(loss.detach()), "train/grad_norm": float(grad_norm)}, batch_size=len(texts))
-        self.log("loss", float(loss.detach()), prog_bar=True, batch_size=len(texts))
+        loss = all_reduce(float(loss.detach()), "sum", self.device) / world
+        self.log_dict({"reading/loss": loss, "train/grad_norm": float(grad_norm)}, batch_size=len(texts))
+        self.log("loss", loss, prog_bar=True, batch_size=len(texts))
 
     def _step(self, opt) -> torch.Tensor:
         """Clip, step the optimizer and the schedule; returns the pre-clip gradient norm."""
@@ -146,6 +153,15 @@ class SFTModule(L.LightningModule):
         opt.step()
         self.lr_schedulers().step()
         return grad_norm
+
+    def on_fit_start(self) -> None:
+        # DDP's reducer expects a gradient for every parameter unless told otherwise; a reading step
+        # trains the language model alone, so the vision tower gets none and the next step's forward fails
+        # with a message that names neither reading nor the config key.
+        if self.hparams.reading_steps and self.policy.is_vision and not getattr(self.trainer.strategy.model,
+                                                                                "find_unused_parameters", True):  # fmt: skip
+            raise ValueError("reading_steps > 0 under DDP: the reading steps leave the vision tower without "
+                             "gradients; set trainer.strategy: ddp_find_unused_parameters_true")
 
     def on_train_end(self) -> None:
         if self.hparams.export_dir and self.trainer.is_global_zero:
@@ -157,6 +173,15 @@ def lm_loss(policy: Policy, texts: list[str], device: torch.device | str) -> tor
 
     Returns: a scalar tensor; padding (``attention_mask`` 0) is excluded.
     """
+    nll, count = lm_nll(policy, texts, device)
+    return nll / count.clamp(min=1)
+
+
+def lm_nll(policy: Policy, texts: list[str], device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token negative log-likelihood of ``texts`` (text only, right-padded) and its token count.
+
+    Returns: two scalar tensors; padding (``attention_mask`` 0) is excluded.
+    """
     enc = policy.tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=False)
     ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)  # [N, T] each
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [N, T]
@@ -165,4 +190,4 @@ def lm_loss(policy: Policy, texts: list[str], device: torch.device | str) -> tor
     out = policy.forward(ids, mask, positions, [])
     logp, _ = logprobs_and_entropy(out.logits[:, :-1], ids[:, 1:], with_entropy=False)  # [N, T-1]
     target = mask[:, 1:].to(logp.dtype)
-    return -(logp * target).sum() / target.sum().clamp(min=1)
+    return -(logp * target).sum(), target.sum()

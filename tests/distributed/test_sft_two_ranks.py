@@ -1,6 +1,7 @@
 """The warm start on two CPU processes (gloo, DDP) trains what one process trains on the same prompts:
-the token-mean over both ranks' teacher tokens, and as many passes on each rank although one rank's
-episodes pack into more micro-batches than the other's (unequal passes hang DDP's all-reduce)."""
+a reading step split over the ranks (3 texts: one rank reads two, the other one), then the token-mean over
+both ranks' teacher tokens, with as many passes on each rank although one rank's episodes pack into more
+micro-batches than the other's (unequal passes hang DDP's all-reduce)."""
 
 import csv
 import subprocess
@@ -18,6 +19,7 @@ from tests.conftest import subprocess_env
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = "data/fvqa_dev_20/fvqa_dev.jsonl"
+CORPUS = "data/fvqa_dev_20/search/corpus.jsonl"
 
 
 class LongFor:
@@ -31,16 +33,16 @@ class LongFor:
         return [f"<reason>{reason}</reason><answer>{sample.ground_truth}</answer>"]
 
 
-def run(tmp: Path, devices: int) -> Path:
-    # unshuffled, rank r takes prompts r, r + 2, ...: step 1 gives rank 0 prompts 0 and 2 (short: one
-    # micro-batch), rank 1 prompts 1 and 3 (3 long: two); one process takes all four
-    long_id = load_samples(ROOT / DATA)[3].id
+def run(tmp: Path, devices: int, strategy: str = "ddp_find_unused_parameters_true") -> subprocess.CompletedProcess:
+    # step 0 reads; unshuffled, rank r takes prompts r, r + 2, ...: step 1 gives rank 0 prompts 4 and 6 (short:
+    # one micro-batch), rank 1 prompts 5 and 7 (7 long: two); one process takes all four
+    long_id = load_samples(ROOT / DATA)[7].id
     policy = {"class_path": "mmsr.models.build.TinyQwen2_5_VL", "init_args": {
         "tokenizer_texts": [DATA], "scaffold": {"class_path": "mmsr.demo.tokenizer.Scaffold"}, "hidden_size": 32,
         "num_layers": 1, "vision_depth": 1, "seed": 0}}  # fmt: skip
     cfg = {
         "seed_everything": 0,
-        "trainer": {"accelerator": "cpu", "devices": devices, "strategy": "ddp" if devices > 1 else "auto", "max_steps": 2,
+        "trainer": {"accelerator": "cpu", "devices": devices, "strategy": strategy if devices > 1 else "auto", "max_steps": 2,
                     "log_every_n_steps": 1, "enable_model_summary": False, "enable_checkpointing": False,
                     "enable_progress_bar": False, "use_distributed_sampler": False, "default_root_dir": str(tmp),
                     "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
@@ -48,13 +50,19 @@ def run(tmp: Path, devices: int) -> Path:
         "model": {"class_path": "mmsr.sft.SFTModule", "init_args": {
             "policy": policy, "teacher": {"class_path": f"{__name__}.LongFor", "init_args": {"long_ids": [long_id]}},
             "rollout": {"max_tokens_per_turn": 1024, "max_context_tokens": 4096}, "micro_batch_tokens": 4096,
-            "lr": 1e-3, "export_dir": str(tmp / "hf")}},
+            "lr": 1e-3, "export_dir": str(tmp / "hf"), "reading_steps": 1, "reading": {
+                "class_path": "mmsr.demo.reading.ReadingCorpus",
+                "init_args": {"files": [CORPUS], "docs_per_sequence": 1, "sequences_per_step": 3}}}},
         "data": {"train_files": [DATA], "prompts_per_step": 4 // devices, "shuffle": False},
     }  # fmt: skip
     tmp.mkdir(parents=True, exist_ok=True)
     (tmp / "config.yaml").write_text(yaml.safe_dump(cfg))
-    proc = subprocess.run([sys.executable, "-m", "mmsr", "fit", "-c", str(tmp / "config.yaml")], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "mmsr", "fit", "-c", str(tmp / "config.yaml")], cwd=ROOT,
                           env=subprocess_env(), capture_output=True, text=True, timeout=300)  # fmt: skip
+
+
+def trained(tmp: Path, devices: int) -> Path:
+    proc = run(tmp, devices)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return tmp
 
@@ -65,10 +73,21 @@ def logged(run_dir: Path, key: str) -> list[float]:
 
 @pytest.mark.slow
 def test_two_rank_warm_start_equals_one(tmp_path):
-    one, two = run(tmp_path / "one", 1), run(tmp_path / "two", 2)
+    one, two = trained(tmp_path / "one", 1), trained(tmp_path / "two", 2)
+    assert logged(two, "reading/loss") == pytest.approx(logged(one, "reading/loss"), abs=1e-5)
     assert logged(two, "sft/tokens") == logged(one, "sft/tokens")  # every rank's tokens in the mean
     assert logged(two, "sft/loss") == pytest.approx(logged(one, "sft/loss"), abs=1e-5)
     a, b = load_file(one / "hf" / "model.safetensors"), load_file(two / "hf" / "model.safetensors")
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=2e-5, rtol=1e-4, msg=k)
+
+
+@pytest.mark.slow
+def test_reading_under_ddp_without_unused_parameters_is_refused_at_start(tmp_path):
+    """Reading trains the language model alone: plain DDP would fail at the next step's forward with a message
+    naming neither; the warm start refuses it before its first step, naming the strategy to set."""
+    proc = run(tmp_path, 2, strategy="ddp")
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1].endswith("set trainer.strategy: ddp_find_unused_parameters_true")
+    assert not (tmp_path / "csv" / "metrics.csv").exists() or not logged(tmp_path, "reading/loss")
