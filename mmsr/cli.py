@@ -72,15 +72,31 @@ def lightning_cli(args: list[str] | None = None, parse_only: bool = False, **kwa
 
 def check_tools_ready(model, config) -> None:
     """The start-up check of the model's tools (``mmsr.tools.base.check_ready``: a file a tool reads on first
-    use is there), before the model loads and the engine starts. The tools are built once more for it:
-    building one touches no file."""
+    use is there), before the model loads and the engine starts. The tools are built once more for it when a
+    class of theirs checks anything itself (not only forwarding to what it wraps): building one touches no
+    file, but some take seconds (``LocalImageSearch`` makes its thumbnails)."""
     from mmsr.eval.load import TOOL_ARGS, build_tools
     from mmsr.tools.base import check_ready
+    from mmsr.tools.spec import Tool
 
     init = model.get("init_args") or {}
     values = {k: v.as_dict() if hasattr(v, "as_dict") else v for k in TOOL_ARGS if (v := init.get(k)) is not None}
-    if values:
+    checking = [c for c in map(_imported, _class_paths(values)) if "check_ready" in vars(c) and not issubclass(c, Tool)]
+    if checking:
         check_ready(build_tools(values, str(config[-1]) if config else "the command line"))
+
+
+def _class_paths(value) -> list[str]:
+    """Every ``class_path`` in a nested config (dicts and lists)."""
+    if isinstance(value, dict):
+        own = [value["class_path"]] if isinstance(value.get("class_path"), str) else []
+        return own + [p for v in value.values() for p in _class_paths(v)]
+    return [p for v in value for p in _class_paths(v)] if isinstance(value, list) else []
+
+
+def _imported(class_path: str) -> type:
+    module, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
 
 
 def main(args: list[str] | None = None):

@@ -306,3 +306,16 @@ def test_fit_eval_and_the_search_server_check_the_cache_before_anything_loads(tm
     with pytest.raises(FVQACacheError, match="not found"):
         asyncio.run(server.start())
     assert server._runner is None
+
+
+def test_tools_that_check_nothing_themselves_are_not_built_twice(tmp_path):
+    """``LocalTextSearch`` reads its corpus when built (seconds for the demo's image index): a config of such
+    tools only is not built for the start-up check; one with a checking class is (the FVQA cache, in a list)."""
+    from mmsr.cli import check_tools_ready
+
+    local = {"class_path": "mmsr.tools.local.LocalTextSearch", "init_args": {"corpus": str(tmp_path / "none.jsonl")}}
+    check_tools_ready({"init_args": {"text_search": local}}, None)  # built, it would raise FileNotFoundError
+    fvqa = {"class_path": "mmsr.tools.spec.ImageSearchTool", "init_args": {"backend": {
+        "class_path": "mmsr.tools.fvqa_cache.FVQACacheSearch", "init_args": {"path": str(tmp_path / "x.pkl")}}}}
+    with pytest.raises(FVQACacheError, match="x.pkl not found"):
+        check_tools_ready({"init_args": {"tools": [fvqa]}}, None)
