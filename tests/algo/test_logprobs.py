@@ -89,6 +89,7 @@ def test_bf16_logits_computed_in_float32():
     assert logp.dtype == ent.dtype == torch.float32
     ref_logp, ref_ent = _reference(logits.detach(), labels)
     torch.testing.assert_close(logp, ref_logp, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ent, ref_ent, atol=1e-5, rtol=0)
     logp.sum().backward()
     assert logits.grad.dtype == torch.bfloat16
 

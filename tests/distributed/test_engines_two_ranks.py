@@ -8,17 +8,14 @@ the probe verifies it before the first rollout; no checkpoint is written for the
 """
 
 import csv
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
-from safetensors.torch import load_file
 
 from tests.conftest import SCAFFOLD, import_optional, subprocess_env
-from tests.distributed.test_two_ranks import FVQA, ROOT, losses
+from tests.distributed.runs import ROOT, assert_same_weights, fitted
+from tests.distributed.test_two_ranks import FVQA, losses
 
 FSDP2 = {"class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
          "init_args": {"data_parallel_size": 2, "tensor_parallel_size": 1}}  # fmt: skip
@@ -44,12 +41,7 @@ def fit(tmp: Path, devices: int, strategy, engine: dict, policy: dict | None = N
         init["policy"] = policy
     cfg["data"]["prompts_per_step"] = 4 // devices
     (tmp / "tmp").mkdir(parents=True, exist_ok=True)
-    (tmp / "config.yaml").write_text(yaml.safe_dump(cfg))
-    env = subprocess_env() | {"TMPDIR": str(tmp / "tmp")}
-    proc = subprocess.run([sys.executable, "-m", "mmsr", "fit", "-c", str(tmp / "config.yaml")], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=900)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return tmp
+    return fitted(tmp, cfg, env=subprocess_env() | {"TMPDIR": str(tmp / "tmp")})
 
 
 def metrics(run: Path) -> list[dict[str, str]]:
@@ -59,10 +51,7 @@ def metrics(run: Path) -> list[dict[str, str]]:
 
 def assert_same_run(one: Path, two: Path) -> None:
     assert losses(two) == pytest.approx(losses(one), abs=1e-5)
-    a, b = load_file(one / "hf" / "model.safetensors"), load_file(two / "hf" / "model.safetensors")
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], atol=2e-5, rtol=1e-4, msg=k)
+    assert_same_weights(one, two)
     for key in ("rollout/response_tokens", "reward/mean"):  # the same episodes were sampled
         assert [float(r[key]) for r in metrics(two)] == pytest.approx([float(r[key]) for r in metrics(one)])
 

@@ -5,19 +5,14 @@ micro-batches than the other's (unequal passes hang DDP's all-reduce)."""
 
 import csv
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import torch
-import yaml
-from safetensors.torch import load_file
 
 from mmsr.data.loaders import load_samples
 from mmsr.data.sample import Sample
-from tests.conftest import subprocess_env
+from tests.distributed.runs import ROOT, assert_same_weights, fit
 
-ROOT = Path(__file__).resolve().parents[2]
 DATA = "data/fvqa_dev_20/fvqa_dev.jsonl"
 CORPUS = "data/fvqa_dev_20/search/corpus.jsonl"
 
@@ -55,10 +50,7 @@ def run(tmp: Path, devices: int, strategy: str = "ddp_find_unused_parameters_tru
                 "init_args": {"files": [CORPUS], "docs_per_sequence": 1, "sequences_per_step": 3}}}},
         "data": {"train_files": [DATA], "prompts_per_step": 4 // devices, "shuffle": False},
     }  # fmt: skip
-    tmp.mkdir(parents=True, exist_ok=True)
-    (tmp / "config.yaml").write_text(yaml.safe_dump(cfg))
-    return subprocess.run([sys.executable, "-m", "mmsr", "fit", "-c", str(tmp / "config.yaml")], cwd=ROOT,
-                          env=subprocess_env(), capture_output=True, text=True, timeout=300)  # fmt: skip
+    return fit(tmp, cfg, timeout=300)
 
 
 def trained(tmp: Path, devices: int) -> Path:
@@ -77,10 +69,7 @@ def test_two_rank_warm_start_equals_one(tmp_path):
     assert logged(two, "reading/loss") == pytest.approx(logged(one, "reading/loss"), abs=1e-5)
     assert logged(two, "sft/tokens") == logged(one, "sft/tokens")  # every rank's tokens in the mean
     assert logged(two, "sft/loss") == pytest.approx(logged(one, "sft/loss"), abs=1e-5)
-    a, b = load_file(one / "hf" / "model.safetensors"), load_file(two / "hf" / "model.safetensors")
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], atol=2e-5, rtol=1e-4, msg=k)
+    assert_same_weights(one, two)
 
 
 @pytest.mark.slow

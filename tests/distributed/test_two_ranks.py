@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 
 from mmsr.data.loaders import load_samples
 from tests.conftest import subprocess_env
+from tests.distributed.runs import ROOT, assert_same_weights, fitted
 
-ROOT = Path(__file__).resolve().parents[2]
 FVQA = ROOT / "data" / "fvqa_dev_20"
 R = "<reason>r</reason>"
 
@@ -45,14 +45,7 @@ def run(tmp: Path, devices: int, strategy, checkpoint: bool = False, max_steps: 
     init["engine"] = {"class_path": "mmsr.rollout.engine.ScriptedEngine", "init_args": {"script": script()}}
     init.update(export_dir=str(tmp / "hf"), entropy_coef=0.0, lr=1e-3)
     cfg["data"]["prompts_per_step"] = 4 // devices
-    tmp.mkdir(parents=True, exist_ok=True)
-    path = tmp / "config.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    env = subprocess_env()
-    proc = subprocess.run([sys.executable, "-m", "mmsr", "fit", "-c", str(path), *extra], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=900)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return tmp
+    return fitted(tmp, cfg, extra=extra)
 
 
 def losses(run_dir: Path) -> list[float]:
@@ -68,10 +61,7 @@ def test_two_ranks_equal_one(tmp_path, strategy):
     one = run(tmp_path / "one", 1, "auto")
     two = run(tmp_path / "two", 2, strategy)
     assert losses(two) == pytest.approx(losses(one), abs=1e-5)
-    a, b = load_file(one / "hf" / "model.safetensors"), load_file(two / "hf" / "model.safetensors")
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], atol=2e-5, rtol=1e-4, msg=k)
+    assert_same_weights(one, two)
 
 
 def fsdp(n: int, strategy: str = "lightning.pytorch.strategies.ModelParallelStrategy") -> dict:
