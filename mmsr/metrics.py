@@ -95,3 +95,15 @@ def mean_over_ranks(metrics: dict[str, float]) -> dict[str, float]:
     per_rank = gather_per_rank({k: float(v) for k, v in metrics.items()})
     keys = sorted({k for m in per_rank for k in m})
     return {k: sum(m[k] for m in per_rank if k in m) / sum(k in m for m in per_rank) for k in keys}
+
+
+def forget_step_metrics(trainer) -> None:
+    """Drop the values of step-level metrics logged at earlier steps, so a step's row holds only what that
+    step measured. Lightning keeps a metric's last value until the epoch ends and writes it into every
+    later row of the epoch: a step without a text-search question repeated the previous step's
+    ``reward/accuracy/text_search``, the warm start's imitation rows its last reading loss. Epoch-level
+    metrics are left to accumulate. Call before the step logs (``on_train_batch_start``)."""
+    results = trainer._results  # Lightning's collection of logged values (private; tests/test_metrics.py)
+    for metric in results.values() if results is not None else ():
+        if metric.meta.on_step and not metric.meta.on_epoch:
+            metric.reset()

@@ -37,7 +37,7 @@ from mmsr.algo.loss import AggMode
 from mmsr.callbacks.rollout import RolloutCallback
 from mmsr.checkpoint import preserved_rng, rank_states, restore_rank_state
 from mmsr.data.sample import Sample
-from mmsr.metrics import mean_over_ranks, rollout_metrics, tool_metrics
+from mmsr.metrics import forget_step_metrics, mean_over_ranks, rollout_metrics, tool_metrics
 from mmsr.models.build import DType, PolicyBuilder, save_policy
 from mmsr.optim import Schedule, adamw_with_schedule
 from mmsr.parallel import compute_dtype, copy_to, gather_full, memory_metrics, mixed_precision, shard
@@ -261,6 +261,9 @@ class GRPOModule(L.LightningModule):
         if hasattr(self.engine, "sleep"):  # free the engine's GPU memory for the update
             self.engine.sleep()
         self._pending = (trajs, samples)
+
+    def on_train_batch_start(self, batch: list[Sample], batch_idx: int) -> None:
+        forget_step_metrics(self.trainer)  # per-category metrics are absent on a step without the category
 
     def training_step(self, batch: list[Sample], batch_idx: int):
         if self._pending is None or self._pending[1] is not batch:

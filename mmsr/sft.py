@@ -23,6 +23,7 @@ import torch
 from mmsr.algo import logprobs_and_entropy
 from mmsr.data.sample import Sample
 from mmsr.models.build import PolicyBuilder, save_policy
+from mmsr.metrics import forget_step_metrics
 from mmsr.models.policy import Policy
 from mmsr.optim import Schedule, adamw_with_schedule
 from mmsr.parallel import all_reduce
@@ -100,6 +101,9 @@ class SFTModule(L.LightningModule):
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
         return batch
+
+    def on_train_batch_start(self, batch: list[Sample], batch_idx: int) -> None:
+        forget_step_metrics(self.trainer)  # an imitation step's row has no reading loss, and vice versa
 
     def training_step(self, batch: list[Sample], batch_idx: int) -> None:
         if self.global_step < self.hparams.reading_steps:

@@ -1,6 +1,8 @@
 """GRPOModule: one real training step on a tiny Qwen2.5-VL with scripted rollouts."""
 
 import copy
+import csv
+from dataclasses import replace
 
 import lightning as L
 import pytest
@@ -162,3 +164,19 @@ def test_the_engine_starts_in_setup_and_leaves_the_rng_alone(sample):
     fresh = make_module(engine=SeedingEngine(script))
     fit_one_step(fresh, [sample])  # Lightning's setup hook starts it
     assert SeedingEngine.binds == 2
+
+
+def test_a_step_row_holds_only_the_metrics_its_step_measured(fvqa_samples, tmp_path):
+    """Per-category metrics exist only for the categories in a step's batch: the second step has no
+    ``text_search`` question, so its row has no ``reward/accuracy/text_search`` (Lightning would repeat the
+    first step's value until the epoch ends)."""
+    samples = [replace(s, category=c) for s, c in zip(fvqa_samples, ("text_search", "search_free", "image_search", "search_free"))]
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", log_every_n_steps=1, enable_checkpointing=False,
+                        logger=L.pytorch.loggers.CSVLogger(tmp_path, name="", version=""),
+                        enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(make_module(), torch.utils.data.DataLoader(samples, batch_size=2, collate_fn=list))
+    first, second = csv.DictReader((tmp_path / "metrics.csv").open())
+    assert (first["step"], second["step"], first["epoch"], second["epoch"]) == ("0", "1", "0", "0")
+    assert first["reward/accuracy/text_search"] and not first["reward/accuracy/image_search"]
+    assert second["reward/accuracy/image_search"] and not second["reward/accuracy/text_search"]
+    assert first["reward/mean"] and second["reward/mean"]

@@ -56,3 +56,27 @@ def test_warm_start_loss_is_the_nll_of_the_teacher_turns(fvqa_samples, tmp_path)
     rows = [r for r in csv.DictReader((tmp_path / "metrics.csv").open()) if r.get("sft/loss")]
     assert abs(float(rows[0]["sft/loss"]) - expected) < 1e-5 * max(1.0, abs(expected))
     assert float(rows[0]["sft/tokens"]) == batch.loss_mask.sum()
+
+
+class Pages:
+    """One short page a reading step."""
+
+    def batch(self, step: int) -> list[str]:
+        return [f"title: Ka Zu\nThis is Ka Zu, page {step}.\n"]
+
+
+def test_reading_and_imitation_rows_hold_only_their_own_loss(fvqa_samples, tmp_path):
+    """Two reading steps, then two imitation steps, all in one epoch: an imitation step's row has no reading
+    loss (Lightning would repeat the last one until the epoch ends), a reading step's row no imitation loss."""
+    policy = TinyQwen2_5_VL(tokenizer_texts=[str(FVQA / "fvqa_dev.jsonl")], scaffold=Scaffold(), hidden_size=32,
+                            num_layers=1, vision_depth=1, seed=0)  # fmt: skip
+    module = SFTModule(policy, Answers(), lr=1e-3, reading=Pages(), reading_steps=2)
+    samples = [Sample(s.id, s.question, s.image, "Zu", category="search_free") for s in fvqa_samples[:4]]
+    trainer = L.Trainer(accelerator="cpu", max_steps=4, logger=L.pytorch.loggers.CSVLogger(tmp_path, name="", version=""),
+                        log_every_n_steps=1, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)  # fmt: skip
+    trainer.fit(module, DataLoader(samples, batch_size=1, collate_fn=list))
+    rows = list(csv.DictReader((tmp_path / "metrics.csv").open()))
+    assert [(r["step"], r["epoch"]) for r in rows] == [(str(i), "0") for i in range(4)]
+    assert all(r["reading/loss"] and not r["sft/loss"] for r in rows[:2])
+    assert all(r["sft/loss"] and not r["reading/loss"] for r in rows[2:])
