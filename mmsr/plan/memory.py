@@ -182,7 +182,7 @@ def tokens(spec: RunSpec) -> dict[str, dict[str, int] | int]:
     sampled = min(spec.max_rounds * spec.max_tokens_per_turn, spec.max_context_tokens)
     per_rank["context_tokens"] = per_rank["episodes"] * spec.max_context_tokens
     per_rank["sampled_tokens"] = per_rank["episodes"] * sampled
-    per_update = math.ceil(per_rank["episodes"] / spec.mini_batches)  # torch.chunk: the largest mini-batch
+    per_update = math.ceil(per_rank["episodes"] / spec.mini_batches)  # the largest part of the update.py split (tensor_split)
     return dict(per_rank=per_rank, total={k: v * spec.world_size for k, v in per_rank.items()},
                 sampled_tokens_per_episode=sampled, updates_per_step=spec.ppo_epochs * spec.mini_batches,
                 episodes_per_update=per_update, episodes_per_micro_batch=episodes_per_micro_batch(spec),
