@@ -48,7 +48,8 @@ class MMSearchR1Parquet(EvalSet):
         samples = load_samples(self.path, self.skip_invalid)
         if self.data_source is None:
             return samples
-        return [replace(s, data_source=self.data_source) for s in samples]
+        # image=stored_image: replace() would read Sample.image and so decode every image of the file
+        return [replace(s, image=s.stored_image, data_source=self.data_source) for s in samples]
 
 
 class InfoSeek(ColumnMapping):

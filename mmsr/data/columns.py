@@ -33,8 +33,8 @@ from typing import Protocol
 from PIL import Image
 
 from mmsr.data.paths import missing
-from mmsr.data.rows import DataError, collect, decode_image, row_error
-from mmsr.data.sample import Sample
+from mmsr.data.rows import DataError, collect, encoded_image, row_error
+from mmsr.data.sample import EncodedImage, Sample
 
 __all__ = ["ColumnMapping", "DataError", "EvalSet", "Fetched", "ImageFetcher", "answer_list", "read_rows"]
 URL_PREFIXES = ("http://", "https://")
@@ -211,12 +211,14 @@ class ColumnMapping(EvalSet):
             category=None if category in (None, "") else str(category),
         )
 
-    def cell_image(self, value, i: int) -> Image.Image:
-        """The image a cell holds (bytes, ``{"bytes", "path"}``, PIL, base64, a file path or a URL)."""
+    def cell_image(self, value, i: int) -> Image.Image | EncodedImage:
+        """The image a cell holds (bytes, ``{"bytes", "path"}``, PIL, base64, a file path or a URL). Bytes,
+        files and base64 are checked once and kept encoded (decoded when ``Sample.image`` is read: a set of
+        thousands of images is not held decoded); a PIL cell or a download is kept as RGB."""
         if isinstance(value, dict):
             value = value.get("bytes") or value.get("path")
         if isinstance(value, Image.Image | bytes) and value:
-            return decode_image(value, self.label, i, self.image)
+            return encoded_image(value, self.label, i, self.image)
         if not isinstance(value, str) or not value.strip():
             raise row_error(self.label, i, self.image, f"no image ({value!r:.40})")
         if image_url(value):
@@ -224,10 +226,10 @@ class ColumnMapping(EvalSet):
         files = self.image_files(value.strip()) if len(value) < 1024 else []  # longer: base64, not a name
         found = next((f for f in files if f.is_file()), None)
         if found is not None:
-            return decode_image(found, self.label, i, self.image)
+            return encoded_image(found, self.label, i, self.image)
         data = _base64_image(value)
         if data is not None:
-            return decode_image(data, self.label, i, self.image)
+            return encoded_image(data, self.label, i, self.image)
         where = f"file {files[0]} does not exist" if files else "neither a file name nor base64 image data"
         raise row_error(self.label, i, self.image, where)
 

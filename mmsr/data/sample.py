@@ -74,7 +74,8 @@ class Sample:
         id: stable row identifier (``data_id`` / parquet index), used for replay caches and logs.
         question: the bare question text (the round-1 instruction is added by the prompt stage).
         image: the question's image, RGB. ``None`` only for text-only data. An ``EncodedImage`` may be
-            passed; reading ``image`` then decodes it (``stored_image`` is what is kept).
+            passed; reading ``image`` then decodes it (``stored_image`` is what is kept; so
+            ``dataclasses.replace`` keeps it encoded only when given ``image=s.stored_image``).
         ground_truth: the reference answer.
         candidate_answers: other accepted answers (aliases).
         data_source: the source name, the key of per-source metrics (e.g. ``mmsearch_r1/fvqa``).

@@ -1,8 +1,10 @@
 """Question images stay encoded until read: the loaders keep each image's file bytes (checked once at
 load), ``Sample.image`` decodes them on access, and a parquet file is read a row batch at a time."""
 
+import base64
 import gc
 import io
+import json
 import pickle
 
 import numpy as np
@@ -11,6 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from mmsr.data.benchmarks import MMSearchR1Parquet
+from mmsr.data.columns import ColumnMapping
 from mmsr.data.loaders import DataError, load_samples
 from mmsr.data.sample import EncodedImage, Sample
 from tests.conftest import FVQA
@@ -50,6 +54,32 @@ def test_parquet_images_are_not_decoded_until_read(tmp_path):
     assert _live_pil_images() == before  # freed once nothing holds it; the next read decodes again
     assert samples[3].image.tobytes() == Image.open(io.BytesIO(pngs[3])).tobytes()
 
+
+
+def test_a_data_source_override_keeps_the_images_encoded(tmp_path):
+    """``MMSearchR1Parquet(data_source=...)`` rewrites every sample; ``dataclasses.replace`` alone would
+    read ``Sample.image`` and so decode (and keep) every image of the file."""
+    pngs = [_png(i) for i in range(6)]
+    before = _live_pil_images()
+    samples = MMSearchR1Parquet(str(_parquet(tmp_path / "q.parquet", pngs)), data_source="fvqa_test").load()
+    assert _live_pil_images() == before
+    assert [s.stored_image.data for s in samples] == pngs and {s.data_source for s in samples} == {"fvqa_test"}
+
+
+def test_a_column_mapping_keeps_bytes_files_and_base64_encoded(tmp_path):
+    pngs = [_png(i) for i in range(4)]
+    (tmp_path / "pic.png").write_bytes(pngs[1])
+    rows = [{"q": "What is it?", "a": "x", "img": "pic.png"},
+            {"q": "What is it?", "a": "x", "img": "data:image/png;base64," + base64.b64encode(pngs[2]).decode()}]
+    (tmp_path / "set.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pq.write_table(pa.Table.from_pylist([{"q": "What is it?", "a": "x", "img": {"bytes": pngs[3], "path": None}}]),
+                   tmp_path / "set.parquet")  # fmt: skip
+    before = _live_pil_images()
+    samples = [s for name in ("set.jsonl", "set.parquet")
+               for s in ColumnMapping(str(tmp_path / name), question="q", answer="a", image="img").load()]  # fmt: skip
+    assert _live_pil_images() == before
+    assert [s.stored_image.data for s in samples] == pngs[1:]
+    assert samples[1].image.tobytes() == Image.open(io.BytesIO(pngs[2])).convert("RGB").tobytes()
 
 def test_a_corrupt_image_still_fails_at_load_naming_the_row(tmp_path):
     pngs = [_png(0), _png(1)[:60]]
