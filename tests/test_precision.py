@@ -10,14 +10,18 @@ Three runs of 10 updates on the same scripted rollouts (lr 2e-6, KL 0.001 as in 
 import lightning as L
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
-from mmsr.models.build import PretrainedPolicy, save_policy
+from mmsr.models.build import PretrainedPolicy, TinyQwen2_5_VL, save_policy
 from mmsr.module import GRPOModule
 from mmsr.parallel import compute_dtype
 from mmsr.rollout.engine import ScriptedEngine
 from mmsr.rollout.loop import RolloutSettings
+from mmsr.sft import SFTModule
+from tests.conftest import FVQA
 from tests.rollout.test_loop import FakeImageSearch
 from tests.test_module import script
+from tests.train.test_sft_loss import Answers
 
 UPDATES = 10
 
@@ -106,9 +110,28 @@ def test_compute_dtype_follows_the_trainer_unless_set(requested, precision, expe
     assert compute_dtype(requested, torch.float32, precision) == expected
 
 
-def test_true_bf16_precision_is_refused_for_fp32_masters():
-    with pytest.raises(ValueError, match="bf16-mixed"):
-        compute_dtype(None, torch.float32, "bf16-true")
+@pytest.mark.parametrize(("precision", "params", "why"), [
+    ("bf16-true", torch.float32, "casts the master weights"), ("16-true", torch.float32, "casts the master weights"),
+    ("bf16-true", torch.bfloat16, "frozen Sample records"),
+])  # fmt: skip
+def test_true_half_precision_is_refused(precision, params, why):
+    with pytest.raises(ValueError, match=f"{why}.*'bf16-mixed'.*param_dtype: bfloat16"):
+        compute_dtype(None, params, precision)
+
+
+@pytest.mark.parametrize("module", ["grpo", "sft"])
+def test_fit_under_bf16_true_stops_before_the_first_step_saying_what_to_use(module, tmp_path, fvqa_samples):
+    """Lightning's ``bf16-true`` rebuilt every batch and failed on the frozen samples at the first step,
+    with its own "frozen dataclass" error, even with bf16 weights on purpose."""
+    model = GRPOModule(policy=TinyQwen2_5_VL(tokenizer_texts=[str(FVQA / "fvqa_dev.jsonl")], hidden_size=32, num_layers=1,
+                                             vision_depth=1, seed=0),
+                       engine=ScriptedEngine(script), kl_coef=0.0, param_dtype="bfloat16") if module == "grpo" else \
+        SFTModule(TinyQwen2_5_VL(tokenizer_texts=[str(FVQA / "fvqa_dev.jsonl")], hidden_size=32, num_layers=1,
+                                 vision_depth=1, seed=0), Answers(), lr=1e-3)  # fmt: skip
+    trainer = L.Trainer(accelerator="cpu", precision="bf16-true", max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
+    with pytest.raises(ValueError, match="trainer.precision 'bf16-true'.*'32-true'"):
+        trainer.fit(model, DataLoader(fvqa_samples[:2], batch_size=2, collate_fn=list))
 
 
 def test_a_pretrained_policy_trains_in_train_mode_with_checkpointing_on(tmp_path, tiny_policy):
