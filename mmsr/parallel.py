@@ -23,23 +23,27 @@ PRECISION_COMPUTE = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 def compute_dtype(requested: str | None, param_dtype: torch.dtype, trainer_precision: str | None) -> torch.dtype:
     """The matmul dtype: the module's ``compute_dtype`` if set, else Lightning's mixed precision
     (``bf16-mixed`` -> bf16, ``16-mixed`` -> fp16), else the parameters' dtype. ``bf16-true`` /
-    ``16-true`` are refused (``refuse_true_half``)."""
-    refuse_true_half(trainer_precision, param_dtype)
+    ``16-true`` / ``64-true`` are refused (``refuse_true_precision``)."""
+    refuse_true_precision(trainer_precision, param_dtype)
     if requested:
         return getattr(torch, requested)
     return PRECISION_COMPUTE.get(str(trainer_precision), param_dtype)
 
 
-def refuse_true_half(trainer_precision: str | None, param_dtype: torch.dtype = torch.float32) -> None:
-    """Refuse Lightning's ``bf16-true`` / ``16-true`` before the first step, saying what to use instead.
+def refuse_true_precision(trainer_precision: str | None, param_dtype: torch.dtype = torch.float32) -> None:
+    """Refuse Lightning's ``bf16-true`` / ``16-true`` / ``64-true`` before the first step, saying what
+    to use instead.
 
-    With fp32 master weights they would cast them (AdamW updates at RL learning rates are lost to bf16
-    rounding). Whatever the weights, Lightning's ``-true`` plugins also convert every batch (a step's
-    batch is frozen ``Sample`` records, which it cannot rebuild: the first step failed with Lightning's
-    "frozen dataclass" error) and make the low precision the default dtype of every tensor a step
+    With fp32 master weights the half ones would cast them (AdamW updates at RL learning rates are lost
+    to bf16 rounding). Whatever the weights, Lightning's ``-true`` plugins also convert every batch (a
+    step's batch is frozen ``Sample`` records, which it cannot rebuild: the first step failed with
+    Lightning's "frozen dataclass" error) and make their dtype the default of every tensor a step
     creates (rewards, advantages, loss normalizers). Low-precision weights on purpose are the policy's
     own dtype (``GRPOModule``'s ``param_dtype: bfloat16``) under ``32-true``.
     """
+    if trainer_precision == "64-true":
+        raise ValueError("trainer.precision '64-true' casts the policy to float64 and converts every batch (frozen "
+                         "Sample records it cannot rebuild): use '32-true' or 'bf16-mixed'")  # fmt: skip
     if trainer_precision not in ("bf16-true", "16-true"):
         return
     why = ("casts the master weights, and AdamW updates at RL learning rates are lost to bf16 rounding"

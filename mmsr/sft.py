@@ -26,7 +26,7 @@ from mmsr.models.build import PolicyBuilder, save_policy
 from mmsr.metrics import forget_step_metrics
 from mmsr.models.policy import Policy
 from mmsr.optim import Schedule, adamw_with_schedule
-from mmsr.parallel import all_reduce, refuse_true_half
+from mmsr.parallel import all_reduce, refuse_true_precision
 from mmsr.prompt.render import PromptBuilder
 from mmsr.rollout.engine import GenerationRequest, SamplingParams, ScriptedEngine
 from mmsr.rollout.loop import RolloutLoop, RolloutSettings
@@ -159,7 +159,7 @@ class SFTModule(L.LightningModule):
         return grad_norm
 
     def setup(self, stage: str) -> None:
-        refuse_true_half(str(self.trainer.precision))  # before Lightning casts the policy or a batch
+        refuse_true_precision(str(self.trainer.precision))  # before Lightning casts the policy or a batch
 
     def on_fit_start(self) -> None:
         # DDP's reducer expects a gradient for every parameter unless told otherwise; a reading step

@@ -112,25 +112,26 @@ def test_compute_dtype_follows_the_trainer_unless_set(requested, precision, expe
 
 @pytest.mark.parametrize(("precision", "params", "why"), [
     ("bf16-true", torch.float32, "casts the master weights"), ("16-true", torch.float32, "casts the master weights"),
-    ("bf16-true", torch.bfloat16, "frozen Sample records"),
+    ("bf16-true", torch.bfloat16, "frozen Sample records"), ("64-true", torch.float32, "float64"),
 ])  # fmt: skip
-def test_true_half_precision_is_refused(precision, params, why):
-    with pytest.raises(ValueError, match=f"{why}.*'bf16-mixed'.*param_dtype: bfloat16"):
+def test_true_precisions_are_refused(precision, params, why):
+    with pytest.raises(ValueError, match=f"{why}.*'bf16-mixed'"):
         compute_dtype(None, params, precision)
 
 
 @pytest.mark.parametrize("module", ["grpo", "sft"])
-def test_fit_under_bf16_true_stops_before_the_first_step_saying_what_to_use(module, tmp_path, fvqa_samples):
-    """Lightning's ``bf16-true`` rebuilt every batch and failed on the frozen samples at the first step,
-    with its own "frozen dataclass" error, even with bf16 weights on purpose."""
+@pytest.mark.parametrize("precision", ["bf16-true", "64-true"])
+def test_fit_under_a_true_precision_stops_before_the_first_step_saying_what_to_use(module, precision, tmp_path, fvqa_samples):
+    """Lightning's ``bf16-true`` and ``64-true`` rebuilt every batch and failed on the frozen samples at the
+    first step, with its own "frozen dataclass" error, even with bf16 weights on purpose."""
     model = GRPOModule(policy=TinyQwen2_5_VL(tokenizer_texts=[str(FVQA / "fvqa_dev.jsonl")], hidden_size=32, num_layers=1,
                                              vision_depth=1, seed=0),
                        engine=ScriptedEngine(script), kl_coef=0.0, param_dtype="bfloat16") if module == "grpo" else \
         SFTModule(TinyQwen2_5_VL(tokenizer_texts=[str(FVQA / "fvqa_dev.jsonl")], hidden_size=32, num_layers=1,
                                  vision_depth=1, seed=0), Answers(), lr=1e-3)  # fmt: skip
-    trainer = L.Trainer(accelerator="cpu", precision="bf16-true", max_steps=1, logger=False, enable_checkpointing=False,
+    trainer = L.Trainer(accelerator="cpu", precision=precision, max_steps=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
-    with pytest.raises(ValueError, match="trainer.precision 'bf16-true'.*'32-true'"):
+    with pytest.raises(ValueError, match=f"trainer.precision '{precision}'.*'32-true'"):
         trainer.fit(model, DataLoader(fvqa_samples[:2], batch_size=2, collate_fn=list))
 
 
