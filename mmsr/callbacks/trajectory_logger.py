@@ -55,10 +55,10 @@ class TrajectoryLogger(L.Callback):
     def run_dir(self, trainer: L.Trainer) -> Path:
         # The first logger's directory, read without `trainer.log_dir`: that one broadcasts, and only
         # rank 0 gets here (a collective on one rank hangs DDP / FSDP runs).
+        # No logger, or one without a directory (fast_dev_run's DummyLogger): the run's root directory.
         logger = trainer.loggers[0] if trainer.loggers else None
-        if logger is None:
-            return Path(trainer.default_root_dir)
-        return Path(logger.log_dir if isinstance(logger, CSVLogger | TensorBoardLogger) else logger.save_dir)
+        directory = logger and (logger.log_dir if isinstance(logger, CSVLogger | TensorBoardLogger) else logger.save_dir)
+        return Path(directory or trainer.default_root_dir)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # A resumed run logs steps `self.steps`.. again: drop the killed run's records of those steps

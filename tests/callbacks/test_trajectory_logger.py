@@ -110,3 +110,12 @@ def test_wandb_run_gets_the_stage_prefixed_scalars(scripted_run):
     data = run_file.read_bytes()  # protobuf records: metric names are stored as plain strings
     for key in ("reward/mean", "reward/accuracy", "rollout/search_ratio/image", "tools/latency_s", "train/loss", "timing/rollout"):
         assert key.encode() in data, key
+
+
+def test_a_fast_dev_run_writes_its_trajectories_into_the_root_directory(tmp_path):
+    """``trainer.fast_dev_run`` swaps the loggers for one without a directory: the callback crashed at
+    the first step on ``Path(None)``; with no logger directory it writes where ``logger: false`` does."""
+    from tests.callbacks.scripted_run import run
+
+    run(tmp_path, "--trainer.fast_dev_run", "true")
+    assert {r.step for r in read_records(tmp_path / "trajectories.jsonl")} == {0}
