@@ -69,6 +69,32 @@ def rollout_metrics(
     return out
 
 
+def episode_metrics(traj: Trajectory, samples: Sequence[Sample], reward: float, detail: dict[str, float],
+                    settings: RolloutSettings) -> dict:
+    """One held-out episode's ``rollout_metrics`` values with its prompt's ``data_source`` and ``category``
+    (``samples[traj.group_id]``): what ``held_out_metrics`` pools over episodes and ranks."""
+    sample = samples[traj.group_id]
+    metrics = rollout_metrics([traj], samples, [reward], [detail], settings)
+    return {"metrics": metrics, "data_source": sample.data_source, "category": sample.category}
+
+
+def held_out_metrics(episodes: Sequence[dict]) -> dict[str, float]:
+    """``val/`` metrics of held-out episodes (``episode_metrics`` of each, every rank's): each key's mean
+    over the episodes, and accuracy and search ratio per data source and per category where there are
+    several, computed over that group's own episodes (as ``rollout_metrics`` does for a step)."""
+    out = {f"val/{k}": _mean([e["metrics"][k] for e in episodes]) for k in episodes[0]["metrics"]}
+    for field in ("data_source", "category"):
+        groups: dict[str, list[dict]] = defaultdict(list)
+        for e in episodes:
+            groups[e[field] or "none"].append(e["metrics"])
+        if len(groups) < 2:
+            continue
+        for name, group in sorted(groups.items()):
+            out[f"val/reward/accuracy/{name}"] = _mean([m["reward/accuracy"] for m in group])
+            out[f"val/rollout/search_ratio/any/{name}"] = _mean([m["rollout/search_ratio/any"] for m in group])
+    return out | {"val/episodes": float(len(episodes))}
+
+
 def tool_metrics(stats: RolloutStats, tools: dict | None = None) -> dict[str, float]:
     """Call counts, failures, latency and timing of one rollout, plus each tool's own counters
     (API calls, cost, cache hits of cached/web tools) under ``tools/<kind>/``."""

@@ -35,9 +35,16 @@ import torch
 from mmsr.algo import group_advantages
 from mmsr.algo.loss import AggMode
 from mmsr.callbacks.rollout import RolloutCallback
-from mmsr.checkpoint import preserved_rng, rank_states, restore_rank_state
+from mmsr.checkpoint import gather_per_rank, preserved_rng, rank_states, restore_rank_state
 from mmsr.data.sample import Sample
-from mmsr.metrics import forget_step_metrics, mean_over_ranks, rollout_metrics, tool_metrics
+from mmsr.metrics import (
+    episode_metrics,
+    forget_step_metrics,
+    held_out_metrics,
+    mean_over_ranks,
+    rollout_metrics,
+    tool_metrics,
+)
 from mmsr.models.build import DType, PolicyBuilder, save_policy
 from mmsr.optim import Schedule, adamw_with_schedule
 from mmsr.parallel import compute_dtype, copy_to, gather_full, memory_metrics, mixed_precision, shard
@@ -285,6 +292,26 @@ class GRPOModule(L.LightningModule):
         metrics = mean_over_ranks(metrics)
         self.log_dict(metrics, batch_size=len(samples), prog_bar=False)
         self.log("reward", metrics["reward/mean"], prog_bar=True, batch_size=len(samples))
+
+    # -- held-out evaluation: data.val_files in Lightning's validation loop -----------------------
+    def on_validation_epoch_start(self) -> None:
+        self.sync_weights()  # the engine holds the last rollout's weights, from before that step's updates
+        self._val_episodes: list[dict] = []
+
+    def validation_step(self, batch: list[Sample], batch_idx: int) -> None:
+        """One greedy episode per held-out prompt (``mmsr eval``'s protocol), scored by the reward."""
+        trajs = self.loop.run(batch, 1, replace(self.sampling, temperature=0.0))
+        rewards = self.compute_rewards(trajs, batch).tolist()
+        for t, reward in zip(trajs, rewards):
+            detail = self.reward.details(t, batch[t.group_id]) if hasattr(self.reward, "details") else {}
+            self._val_episodes.append(episode_metrics(t, batch, reward, detail, self.loop.settings))
+
+    def on_validation_epoch_end(self) -> None:
+        if hasattr(self.engine, "sleep"):
+            self.engine.sleep()
+        episodes = [e for rank in gather_per_rank(self._val_episodes) for e in rank]
+        if episodes:  # the same values on every rank (pooled before the means)
+            self.log_dict(held_out_metrics(episodes), batch_size=len(episodes), sync_dist=True)
 
     def compute_rewards(self, trajectories: Sequence[Trajectory], samples: Sequence[Sample]) -> torch.Tensor:
         """Override point for rewards: ``[N]`` float rewards, ``samples[t.group_id]`` is t's prompt."""

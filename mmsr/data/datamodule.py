@@ -37,7 +37,8 @@ class MMSRDataModule(L.LightningDataModule):
     Args:
         train_files: parquet / jsonl files or saved ``datasets`` directories (see ``mmsr.data.loaders``),
             concatenated.
-        val_files: held-out files (served by ``val_dataloader`` in order; used by evaluation).
+        val_files: held-out files: ``GRPOModule`` rolls them out greedily in Lightning's validation loop
+            (``trainer.val_check_interval``) and logs ``val/`` metrics; split over the ranks, in order.
         prompts_per_step: prompts per training step (each is rolled out ``num_generations`` times).
         shuffle: reshuffle every epoch (seeded by ``seed`` and the epoch).
         seed: shuffling seed.
@@ -79,4 +80,8 @@ class MMSRDataModule(L.LightningDataModule):
                                    collate_fn=collate_samples, drop_last=False)  # fmt: skip
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(SampleDataset(self.val), batch_size=self.prompts_per_step, collate_fn=collate_samples)
+        """This rank's share of the held-out rows (rank r: rows r, r + world, ...), in order."""
+        trainer = self.trainer
+        replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        return DataLoader(SampleDataset(self.val[rank::replicas]), batch_size=self.prompts_per_step,
+                          collate_fn=collate_samples)  # fmt: skip

@@ -1,0 +1,61 @@
+"""Held-out evaluation during training: ``data.val_files`` rolled out greedily, one episode per prompt,
+in Lightning's validation loop; ``val/`` metrics are means over the episodes of every rank."""
+
+import csv
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from mmsr.metrics import held_out_metrics
+from mmsr.rollout.engine import GenerationOutput, GenerationRequest, SamplingParams, ScriptedEngine
+from tests.callbacks.scripted_run import run
+
+
+class RecordingEngine(ScriptedEngine):
+    """The scripted engine, keeping each call's sampling temperature."""
+
+    temperatures: list[float] = []
+
+    def generate(self, requests: Sequence[GenerationRequest], sampling: SamplingParams) -> list[GenerationOutput]:
+        self.temperatures = [*self.temperatures, sampling.temperature]
+        return super().generate(requests, sampling)
+
+
+def episode(correct: float, searched: float, source: str, category: str) -> dict:
+    return {"metrics": {"reward/accuracy": correct, "rollout/search_ratio/any": searched, "rollout/turns": 1 + 2 * searched},
+            "data_source": source, "category": category}  # fmt: skip
+
+
+def test_held_out_metrics_are_means_over_episodes_and_over_each_group():
+    got = held_out_metrics([episode(1, 1, "a", "x"), episode(0, 0, "a", "y"), episode(1, 1, "b", "y"), episode(1, 0, "a", "y")])
+    assert got == pytest.approx({
+        "val/reward/accuracy": 3 / 4, "val/rollout/search_ratio/any": 2 / 4, "val/rollout/turns": 8 / 4,
+        "val/reward/accuracy/a": 2 / 3, "val/reward/accuracy/b": 1.0,
+        "val/rollout/search_ratio/any/a": 1 / 3, "val/rollout/search_ratio/any/b": 1.0,
+        "val/reward/accuracy/x": 1.0, "val/reward/accuracy/y": 2 / 3,
+        "val/rollout/search_ratio/any/x": 1.0, "val/rollout/search_ratio/any/y": 1 / 3,
+        "val/episodes": 4.0,
+    })  # fmt: skip
+    one_source = held_out_metrics([episode(1, 1, "a", "x"), episode(0, 0, "a", "x")])
+    assert set(one_source) == {"val/reward/accuracy", "val/rollout/search_ratio/any", "val/rollout/turns", "val/episodes"}
+
+
+def test_a_run_with_val_files_logs_greedy_held_out_metrics_on_synced_weights(tmp_path):
+    """The scripted run's first generation of a prompt searches the image, then the web, then answers
+    right: every held-out episode (greedy, one per prompt) does so."""
+    engine = {"class_path": "tests.test_validation.RecordingEngine", "init_args": {"script": "tests.callbacks.scripted_run.turn_text"}}
+    cli = run(tmp_path, "--data.val_files", "[data/fvqa_dev_20/fvqa_dev.jsonl]", "--trainer.val_check_interval", "1",
+              "--trainer.check_val_every_n_epoch", "null", "--trainer.num_sanity_val_steps", "0",
+              "--model.init_args.engine", json.dumps(engine))  # fmt: skip
+    rows = [r for r in csv.DictReader((Path(cli.trainer.log_dir) / "metrics.csv").open()) if r.get("val/episodes")]
+    assert len(rows) == 2  # after each of the 2 training steps
+    for row in rows:
+        assert float(row["val/episodes"]) == 20
+        for key in ("reward/accuracy", "reward/accuracy/search_free", "reward/accuracy/search_required",
+                    "rollout/search_ratio/image", "rollout/search_ratio/text", "reward/format"):  # fmt: skip
+            assert float(row[f"val/{key}"]) == 1.0, key
+        assert float(row["val/rollout/turns"]) == 3.0
+    assert cli.model.engine.weight_updates == 4  # synced before each step's rollout and each validation
+    assert set(cli.model.engine.temperatures) == {0.0, cli.model.sampling.temperature} and cli.model.sampling.temperature > 0
