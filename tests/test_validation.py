@@ -11,6 +11,7 @@ import pytest
 from mmsr.metrics import held_out_metrics
 from mmsr.rollout.engine import GenerationOutput, GenerationRequest, SamplingParams, ScriptedEngine
 from tests.callbacks.scripted_run import run
+from tests.conftest import ROOT
 
 
 class RecordingEngine(ScriptedEngine):
@@ -59,3 +60,15 @@ def test_a_run_with_val_files_logs_greedy_held_out_metrics_on_synced_weights(tmp
         assert float(row["val/rollout/turns"]) == 3.0
     assert cli.model.engine.weight_updates == 4  # synced before each step's rollout and each validation
     assert set(cli.model.engine.temperatures) == {0.0, cli.model.sampling.temperature} and cli.model.sampling.temperature > 0
+
+
+def test_mmsr_validate_evaluates_the_val_files(tmp_path, monkeypatch):
+    """``mmsr validate -c <config>`` (add ``--ckpt_path`` for a checkpoint): the same ``val/`` metrics."""
+    from mmsr.cli import lightning_cli
+    from tests.callbacks.scripted_run import CONFIG
+
+    monkeypatch.chdir(ROOT)  # the config's paths are relative to the repository
+    cli = lightning_cli(["validate", "-c", str(CONFIG), "--trainer.default_root_dir", str(tmp_path), "--trainer.logger",
+                         "false", "--data.val_files", "[data/fvqa_dev_20/fvqa_dev.jsonl]"])  # fmt: skip
+    got = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
+    assert got["val/episodes"] == 20 and got["val/reward/accuracy"] == 1.0 and got["val/rollout/turns"] == 3.0
