@@ -53,6 +53,7 @@ def lightning_cli(args: list[str] | None = None, parse_only: bool = False, **kwa
             return trainer
 
         def before_fit(self) -> None:
+            check_manual_optimization(self.trainer, self.model)
             if self.config.fit.get("ckpt_path"):  # before the CSV logger opens (and empties) its directory
                 for logger in self.trainer.loggers:
                     if isinstance(logger, CSVLogger):
@@ -68,6 +69,20 @@ def lightning_cli(args: list[str] | None = None, parse_only: bool = False, **kwa
         args=args,
         **kwargs,
     )
+
+
+def check_manual_optimization(trainer, module) -> None:
+    """mmsr's modules step their optimizers themselves, and Lightning refuses its automatic gradient
+    accumulation and clipping for such modules: say which settings do that instead."""
+    if module.automatic_optimization:  # a user's own LightningModule: Lightning's settings apply
+        return
+    if trainer.accumulate_grad_batches != 1:
+        raise ValueError("trainer.accumulate_grad_batches: the modules already accumulate a step's gradients over "
+                         "micro-batches of model.micro_batch_tokens padded tokens; for more prompts per update raise "
+                         "data.prompts_per_step (GRPO: model.mini_batches updates a step, each on a share of them)")
+    if trainer.gradient_clip_val is not None:
+        raise ValueError("trainer.gradient_clip_val: the modules clip the gradient norm themselves; set "
+                         "model.grad_clip (default 1.0)")
 
 
 def check_tools_ready(model, config) -> None:

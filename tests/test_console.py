@@ -46,3 +46,14 @@ def test_fit_from_another_directory_says_where_relative_paths_resolve(tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert last == (f"mmsr fit: error: FileNotFoundError: image search index data/fvqa_dev_20/search/image_index.jsonl "
                     f"not found (a relative path: resolved against the working directory {tmp_path})")  # fmt: skip
+
+
+@pytest.mark.parametrize(("flag", "names"), [("--trainer.gradient_clip_val=1.0", "model.grad_clip"),
+                                             ("--trainer.accumulate_grad_batches=2", "model.micro_batch_tokens")])
+def test_lightnings_automatic_clipping_and_accumulation_point_at_the_modules_own(flag, names, tmp_path, monkeypatch):
+    """Lightning refuses both for modules that step their own optimizers, without saying what to set."""
+    from tests.callbacks.scripted_run import CONFIG
+
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(ValueError, match=f"{flag.split('=')[0][2:]}: .*{names}"):
+        cli.lightning_cli(["fit", "-c", str(CONFIG), "--trainer.default_root_dir", str(tmp_path), flag])
