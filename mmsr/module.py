@@ -300,7 +300,9 @@ class GRPOModule(L.LightningModule):
 
     def validation_step(self, batch: list[Sample], batch_idx: int) -> None:
         """One greedy episode per held-out prompt (``mmsr eval``'s protocol), scored by the reward."""
+        runs = self.loop.runs  # greedy draws no noise: training's sampling streams stay as without validation,
         trajs = self.loop.run(batch, 1, replace(self.sampling, temperature=0.0))
+        self.loop.runs = runs  # so a run resumed from a checkpoint saved before it samples the same episodes
         rewards = self.compute_rewards(trajs, batch).tolist()
         for t, reward in zip(trajs, rewards):
             detail = self.reward.details(t, batch[t.group_id]) if hasattr(self.reward, "details") else {}

@@ -72,3 +72,25 @@ def test_mmsr_validate_evaluates_the_val_files(tmp_path, monkeypatch):
                          "false", "--data.val_files", "[data/fvqa_dev_20/fvqa_dev.jsonl]"])  # fmt: skip
     got = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
     assert got["val/episodes"] == 20 and got["val/reward/accuracy"] == 1.0 and got["val/rollout/turns"] == 3.0
+
+
+def test_validating_leaves_the_training_episodes_as_they_were(tmp_path, monkeypatch):
+    """The HF engine samples each episode from its own stream, numbered by the rollouts before it: held-out
+    rollouts must not take numbers, or a run resumed from a checkpoint saved before a validation (Lightning
+    saves at the step's end, then validates) would sample other episodes than the run it continues."""
+    from mmsr.cli import lightning_cli
+    from mmsr.report.records import read_records
+
+    monkeypatch.chdir(ROOT)
+
+    def episodes(root: Path, *extra: str) -> list:
+        cli = lightning_cli(["fit", "-c", "configs/smoke.yaml", "--trainer.max_steps", "2", "--trainer.default_root_dir",
+                             str(root), "--trainer.logger.init_args.save_dir", str(root), "--trainer.enable_checkpointing",
+                             "false", "--trainer.callbacks", json.dumps([{"class_path": "mmsr.callbacks.trajectory_logger.TrajectoryLogger",
+                             "init_args": {"max_trajectories": 8}}]), *extra])  # fmt: skip
+        return [(r.step, r.sample_id, [t.text for t in r.turns]) for r in read_records(Path(cli.trainer.log_dir) / "trajectories.jsonl")]
+
+    plain = episodes(tmp_path / "plain")
+    validated = episodes(tmp_path / "val", "--data.val_files", "[data/fvqa_dev_20/fvqa_dev.jsonl]", "--trainer.val_check_interval",
+                         "1", "--trainer.check_val_every_n_epoch", "null", "--trainer.num_sanity_val_steps", "0")  # fmt: skip
+    assert {step for step, *_ in plain} == {0, 1} and validated == plain
