@@ -283,7 +283,7 @@ class GRPOModule(L.LightningModule):
             advantages = group_advantages(rewards, group_ids, self.hparams.advantage_estimator)
         with self.timed("train"):
             train_metrics = self.update_policy(trajs, advantages)
-        details = [self.reward.details(t, samples[t.group_id]) if hasattr(self.reward, "details") else {} for t in trajs]
+        details = self.reward_details(trajs, samples)
         self.last_rollout = StepRollout(trajs, samples, rewards, advantages, details)
         metrics = rollout_metrics(trajs, samples, rewards.tolist(), details, self.loop.settings)
         memory = memory_metrics(self.model, self._ref.model if self._ref is not None else None, self.device)
@@ -304,8 +304,7 @@ class GRPOModule(L.LightningModule):
         trajs = self.loop.run(batch, 1, replace(self.sampling, temperature=0.0))
         self.loop.runs = runs  # so a run resumed from a checkpoint saved before it samples the same episodes
         rewards = self.compute_rewards(trajs, batch).tolist()
-        for t, reward in zip(trajs, rewards):
-            detail = self.reward.details(t, batch[t.group_id]) if hasattr(self.reward, "details") else {}
+        for t, reward, detail in zip(trajs, rewards, self.reward_details(trajs, batch)):
             self._val_episodes.append(episode_metrics(t, batch, reward, detail, self.loop.settings))
 
     def on_validation_epoch_end(self) -> None:
@@ -318,6 +317,12 @@ class GRPOModule(L.LightningModule):
     def compute_rewards(self, trajectories: Sequence[Trajectory], samples: Sequence[Sample]) -> torch.Tensor:
         """Override point for rewards: ``[N]`` float rewards, ``samples[t.group_id]`` is t's prompt."""
         return torch.tensor([float(self.reward(t, samples[t.group_id])) for t in trajectories])
+
+    def reward_details(self, trajectories: Sequence[Trajectory], samples: Sequence[Sample]) -> list[dict[str, float]]:
+        """Each trajectory's reward terms (``correct``, ``format``, ...; empty if the reward gives none)."""
+        if not hasattr(self.reward, "details"):
+            return [{} for _ in trajectories]
+        return [self.reward.details(t, samples[t.group_id]) for t in trajectories]
 
     # -- the policy update (mmsr.train.update) -----------------------------------------------
     def update_policy(self, trajs: list[Trajectory], advantages: torch.Tensor) -> dict[str, float]:

@@ -69,9 +69,8 @@ class MMSRDataModule(L.LightningDataModule):
             raise ValueError(f"no training samples in {self.train_files}")
 
     def train_dataloader(self) -> DataLoader:
-        trainer = self.trainer
-        replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        connector = getattr(trainer, "_accelerator_connector", None)
+        replicas, rank = self._ranks()
+        connector = getattr(self.trainer, "_accelerator_connector", None)
         if replicas > 1 and getattr(connector, "use_distributed_sampler", False):
             raise ValueError("multi-process training needs `trainer.use_distributed_sampler: false`: the data "
                              "module splits prompts over ranks itself (and resumes mid-epoch)")  # fmt: skip
@@ -81,7 +80,11 @@ class MMSRDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         """This rank's share of the held-out rows (rank r: rows r, r + world, ...), in order."""
-        trainer = self.trainer
-        replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        replicas, rank = self._ranks()
         return DataLoader(SampleDataset(self.val[rank::replicas]), batch_size=self.prompts_per_step,
                           collate_fn=collate_samples)  # fmt: skip
+
+    def _ranks(self) -> tuple[int, int]:
+        """(world size, this rank) of the trainer; (1, 0) outside one."""
+        trainer = self.trainer
+        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)

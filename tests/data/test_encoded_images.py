@@ -55,7 +55,6 @@ def test_parquet_images_are_not_decoded_until_read(tmp_path):
     assert samples[3].image.tobytes() == Image.open(io.BytesIO(pngs[3])).tobytes()
 
 
-
 def test_a_data_source_override_keeps_the_images_encoded(tmp_path):
     """``MMSearchR1Parquet(data_source=...)`` rewrites every sample; ``dataclasses.replace`` alone would
     read ``Sample.image`` and so decode (and keep) every image of the file."""
@@ -80,6 +79,7 @@ def test_a_column_mapping_keeps_bytes_files_and_base64_encoded(tmp_path):
     assert _live_pil_images() == before
     assert [s.stored_image.data for s in samples] == pngs[1:]
     assert samples[1].image.tobytes() == Image.open(io.BytesIO(pngs[2])).convert("RGB").tobytes()
+
 
 def test_a_corrupt_image_still_fails_at_load_naming_the_row(tmp_path):
     pngs = [_png(0), _png(1)[:60]]

@@ -28,8 +28,10 @@ TEXT_POLICY = {"class_path": "mmsr.models.tiny_text.TinyQwen2",
                              "hidden_size": 64, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 128}}  # fmt: skip
 
 
-def fit(tmp: Path, devices: int, strategy, engine: dict, policy: dict | None = None, max_steps: int = 2) -> Path:
-    """``mmsr fit`` on the smoke config with a real engine, sampling at temperature 1."""
+def fit(tmp: Path, devices: int, strategy, engine: dict, policy: dict | None = None, max_steps: int = 2,
+        extra: list[str] = ()) -> Path:  # fmt: skip
+    """``mmsr fit`` on the smoke config with a real engine, sampling at temperature 1 (``extra``: more
+    command-line overrides)."""
     cfg = yaml.safe_load((ROOT / "configs" / "smoke.yaml").read_text())
     cfg["trainer"].update(max_steps=max_steps, devices=devices, strategy=strategy, default_root_dir=str(tmp),
                           use_distributed_sampler=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -41,7 +43,7 @@ def fit(tmp: Path, devices: int, strategy, engine: dict, policy: dict | None = N
         init["policy"] = policy
     cfg["data"]["prompts_per_step"] = 4 // devices
     (tmp / "tmp").mkdir(parents=True, exist_ok=True)
-    return fitted(tmp, cfg, env=subprocess_env() | {"TMPDIR": str(tmp / "tmp")})
+    return fitted(tmp, cfg, extra=extra, env=subprocess_env() | {"TMPDIR": str(tmp / "tmp")})
 
 
 def metrics(run: Path) -> list[dict[str, str]]:
