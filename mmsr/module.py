@@ -85,6 +85,9 @@ class GRPOModule(L.LightningModule):
         entropy_coef: entropy bonus weight.
         ppo_epochs, mini_batches: passes over a step's rollouts and optimizer updates per pass.
         micro_batch_tokens: padded-token budget of one forward/backward.
+        share_prefix: a prompt the samples of a group share (and the start every episode shares) runs once
+            per micro-batch, its KV cache fanned out to the rows (``mmsr.train.prefix``); the same log-probs
+            up to float rounding. Skipped under FSDP2 and with gradient checkpointing.
         lr, weight_decay, grad_clip: AdamW and gradient-norm clipping.
         lr_schedule, warmup_steps, total_steps: ``constant``, ``cosine`` (warmup then cosine to 0 at
             ``total_steps``) or ``sigmoid`` (the upstream decay around step 45).
@@ -127,7 +130,7 @@ class GRPOModule(L.LightningModule):
         loss_agg: AggMode = "token-mean",
         entropy_coef: float = 0.0,
         ppo_epochs: int = 1, mini_batches: int = 1,
-        micro_batch_tokens: int = 8192,
+        micro_batch_tokens: int = 8192, share_prefix: bool = True,
         lr: float = 2e-6, weight_decay: float = 0.0, grad_clip: float = 1.0,
         lr_schedule: Schedule = "constant", warmup_steps: int = 0, total_steps: int = 1000,
         gradient_checkpointing: bool = False,

@@ -58,6 +58,7 @@ class SFTModule(L.LightningModule):
         image_search, text_search, tools, prompts, rollout: as in ``GRPOModule`` (the same episode machinery).
         lr, weight_decay, grad_clip, lr_schedule, warmup_steps, total_steps: optimization.
         micro_batch_tokens: padded-token budget of one forward/backward.
+        share_prefix: the start the micro-batch's episodes share runs once (as ``GRPOModule``'s).
         reading, reading_steps: the first ``reading_steps`` optimizer steps train next-token prediction
             on ``reading``'s batches instead of teacher episodes (same optimizer).
         export_dir: when set, the trained policy is written there as a Hugging Face directory at the
@@ -70,7 +71,7 @@ class SFTModule(L.LightningModule):
                  rollout: RolloutSettings = RolloutSettings(), lr: float = 1e-3, weight_decay: float = 0.0,
                  grad_clip: float = 1.0, lr_schedule: Schedule = "constant", warmup_steps: int = 0,
                  total_steps: int = 1000, micro_batch_tokens: int = 8192, export_dir: str | None = None,
-                 reading: TextBatches | None = None, reading_steps: int = 0) -> None:  # fmt: skip
+                 reading: TextBatches | None = None, reading_steps: int = 0, share_prefix: bool = True) -> None:  # fmt: skip
         super().__init__()
         # Loggers cannot take the frozen RolloutSettings (a CSV logger raised): they get its fields as a dict.
         self.save_hyperparameters(ignore=["policy", "teacher", "image_search", "text_search", "tools", "prompts", "reading",
@@ -128,7 +129,8 @@ class SFTModule(L.LightningModule):
         loss_sum = 0.0
         for micro in rank_micro_batches([len(t) for t in trajs], self.hparams.micro_batch_tokens, self.device):
             mb = collate([trajs[i] for i in micro or [0]], micro or [0], self.policy, self.device)
-            logp, _ = sampled_logprobs(self.policy, mb)  # [n, T-1], the LM head only where the teacher wrote
+            # [n, T-1], the LM head only where the teacher wrote
+            logp, _ = sampled_logprobs(self.policy, mb, self.model, share_prefix=self.hparams.share_prefix)
             loss = -(logp * mb.loss_mask).sum() / max(total, 1) * (world if micro else 0)
             self.manual_backward(loss)
             loss_sum += float(loss.detach())

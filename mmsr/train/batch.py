@@ -16,6 +16,7 @@ from mmsr.models.policy import Policy, check_image_tokens
 from mmsr.models.vision import VisionInput
 from mmsr.parallel import all_reduce
 from mmsr.rollout.trajectory import Trajectory
+from mmsr.train.prefix import can_share, plan_prefixes, shared_logprobs
 
 
 @dataclass
@@ -110,14 +111,19 @@ def rank_micro_batches(lengths: Sequence[int], budget: int, device: torch.device
 
 
 def sampled_logprobs(policy: Policy, batch: TrainBatch, model: torch.nn.Module | None = None, temperature: float = 1.0,
-                     with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+                     with_entropy: bool = False, share_prefix: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
     """Log-probs ``[n, T-1]`` of the next tokens (and entropies ``[n, T-1]``) under ``model`` (default: the
     policy), where some row of the micro-batch sampled its label (loss mask 1), 0 elsewhere: nothing reads them.
 
     The LM head only runs at those ``K`` positions (``logits_to_keep``): the logits are ``[n, K, V]``, not
     ``[n, T, V]`` (prompts, tool results and image tokens are most of a multi-turn sequence), and the
-    log-softmax is chunked over them (``mmsr.algo.logprobs``).
+    log-softmax is chunked over them (``mmsr.algo.logprobs``). ``share_prefix``: rows that share a prefix
+    run it once (``mmsr.train.prefix``) when ``model`` allows it and that saves enough tokens.
     """
+    if share_prefix and can_share(model if model is not None else policy.model):
+        split = plan_prefixes(batch, getattr(policy.model.config, "image_token_id", None))
+        if split is not None:
+            return shared_logprobs(policy, batch, split, model, temperature, with_entropy)
     keep = batch.loss_mask.any(0).nonzero()[:, 0]  # [K] positions t whose label t+1 was sampled
     out = policy.forward(batch.input_ids, batch.attention_mask, batch.position_ids, batch.vision, model=model,
                          logits_to_keep=keep)  # fmt: skip

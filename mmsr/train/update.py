@@ -49,6 +49,7 @@ class UpdateSettings:
     is_cap: float = 2.0
     old_logprobs: Literal["recompute", "engine"] = "recompute"
     max_context_tokens: int = 8192
+    share_prefix: bool = True
 
     def __post_init__(self) -> None:
         if self.old_logprobs == "engine" and self.is_correction != "none":
@@ -183,7 +184,7 @@ class PolicyUpdate:
     def token_logprobs(self, batch: TrainBatch, model: torch.nn.Module, with_entropy: bool = False):
         """``sampled_logprobs`` of ``batch`` under ``model`` at the sampling temperature (1 if greedy)."""
         temperature = self.settings.temperature if self.settings.temperature > 0 else 1.0
-        return sampled_logprobs(self.policy, batch, model, temperature, with_entropy)
+        return sampled_logprobs(self.policy, batch, model, temperature, with_entropy, self.settings.share_prefix)
 
     def reference_scores(self, trajs: list[Trajectory], ref: ReferenceModel, device: torch.device) -> list[torch.Tensor]:
         with ref.on_device() as model:
