@@ -91,19 +91,21 @@ def plan_prefixes(batch: TrainBatch, image_token_id: int | None, min_saved: int 
 
 def _token_keys(ids: list[list[int]], images: list[list[tuple[int, VisionInput]]]) -> list[list]:
     """The rows' tokens, an image's pad tokens paired with the image: two rows with different images of
-    one size have the same ids but not the same prefix. Images are one when made from the same picture
-    to the same grid and their pixels are equal (the ``n`` episodes of a group process one picture each)."""
+    one size have the same ids but not the same prefix. Images are one when their grids and pixels are
+    equal (compared by content, never by object: which episodes hold one decoded picture depends on
+    when garbage was collected, and the split must not, or runs would differ in the last bits)."""
     keys: list[list] = [list(row) for row in ids]
     seen: dict[tuple, list[VisionInput]] = {}
     for row, row_images in zip(keys, images):
         for start, v in row_images:
-            same = seen.setdefault((id(v.image), v.grid_thw), [])
-            k = next((k for k, u in enumerate(same) if u.pixel_values is v.pixel_values
-                      or torch.equal(u.pixel_values, v.pixel_values)), None)  # fmt: skip
+            bucket = (v.grid_thw, tuple(v.pixel_values.flatten()[::997].tolist()))  # exact values (a float sum
+            # would depend on the memory's alignment: the same picture in two buckets, run by run)
+            same = seen.setdefault(bucket, [])
+            k = next((k for k, u in enumerate(same) if torch.equal(u.pixel_values, v.pixel_values)), None)
             if k is None:
                 k = len(same)
                 same.append(v)
-            image = (id(v.image), v.grid_thw, k)
+            image = (*bucket, k)
             row[start : start + v.num_tokens] = [(tok, image) for tok in row[start : start + v.num_tokens]]
     return keys
 
@@ -140,7 +142,7 @@ def shared_logprobs(policy: Policy, batch: TrainBatch, split: PrefixSplit, model
     starts = torch.tensor([split.lengths[g] for g in split.group], device=dev)  # [n] each row's prefix length
     images = _images_by_row(batch, getattr(policy.model.config, "image_token_id", None))
     cache, prefix_mask = _run_prefixes(policy, batch, split, images, model, pad_id)
-    cache.batch_select_indices(torch.tensor(split.group, device=dev))  # [G, ...] -> [n, ...], differentiable
+    _fan_out(cache, torch.tensor(split.group, device=dev))
     lengths = batch.attention_mask.sum(1)
     cols = torch.arange(int((lengths - starts).max()), device=dev)  # [W] suffix columns
     where = (starts[:, None] + cols).clamp(max=width - 1)  # [n, W] their positions in the whole row
@@ -169,6 +171,17 @@ def _run_prefixes(policy, batch, split, images, model, pad_id: int):
     vision = [v for g, row in enumerate(split.first) for start, v in images[row] if start < split.lengths[g]]
     out = policy.forward(ids, mask.long(), pos, vision, model=model, use_cache=True, logits_to_keep=1)
     return out.past_key_values, mask.long()
+
+
+def _fan_out(cache, rows: torch.Tensor) -> None:
+    """Each layer's prefix keys and values ``[G, heads, P, head_dim]`` -> the rows' ``[n, heads, P, head_dim]``.
+
+    ``index_select``, whose backward (``index_add_``) sums a prefix's row gradients in order; indexing
+    (``Cache.batch_select_indices``) sums them with atomic adds on the CPU, in an order that varied from
+    run to run, and so did the gradients' last bits.
+    """
+    for layer in cache.layers:
+        layer.keys, layer.values = layer.keys.index_select(0, rows), layer.values.index_select(0, rows)
 
 
 def _images_by_row(batch: TrainBatch, image_token_id: int | None) -> list[list[tuple[int, VisionInput]]]:

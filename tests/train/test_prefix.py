@@ -100,6 +100,21 @@ def test_text_only_policy(text_policy, fvqa_samples):
     assert_same_scores(text_policy, group_batch(text_policy, fvqa_samples))
 
 
+def test_the_gradients_are_the_same_bits_every_time(tiny_policy, fvqa_samples):
+    """Eight lone rows fan out of one prefix: its gradient sums theirs in a fixed order (indexing's backward
+    summed them with atomic adds, and the last bits changed from run to run)."""
+    trajs = rollouts(tiny_policy, fvqa_samples[:8], [[[ANS]]] * 8, 1)
+    batch = collate(trajs, range(8), tiny_policy, "cpu")
+    split = plan_prefixes(batch, tiny_policy.model.config.image_token_id)
+    assert split.group == [0] * 8
+    grads = set()
+    for _ in range(6):
+        tiny_policy.model.zero_grad()
+        (shared_logprobs(tiny_policy, batch, split)[0] * batch.loss_mask).sum().backward()
+        grads.add(torch.cat([p.grad.flatten() for p in tiny_policy.model.parameters() if p.grad is not None]).numpy().tobytes())
+    assert len(grads) == 1
+
+
 def test_a_prefix_never_cuts_an_image():
     pad = 7
     row = [1, 2, 3, pad, pad, pad, 4, 5]
