@@ -30,3 +30,14 @@ def test_vs_trl_times_generation_alone_without_trl():
     out = json.loads(proc.stdout)
     assert out["requests"] == 32 and 32 <= out["tokens"] <= 32 * 64
     assert 0 < out["wall_s"]["min"] <= out["wall_s"]["median"] and len(out["digest"]) == 16
+
+
+def test_shared_prefix_benchmark_runs_both_ways_and_they_agree():
+    cmd = [sys.executable, "benchmarks/shared_prefix.py", "--repeats", "1", "--groups", "2", "--generations", "3"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    tokens = out["tokens"]
+    assert out["episodes"] == 6 and tokens["shared"] < tokens["real"] <= tokens["whole"]
+    assert out["max_logprob_diff"] < 1e-4 and out["whole_s"] > 0 and out["shared_s"] > 0
+    assert out["whole_over_shared"] == pytest.approx(out["whole_s"] / out["shared_s"])

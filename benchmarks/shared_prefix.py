@@ -1,0 +1,125 @@
+"""Shared-prefix training against whole rows: the forward and backward passes of one GRPO update's
+micro-batches, both ways, alternated in one run.
+
+    python benchmarks/shared_prefix.py [--repeats 5] [--groups 4] [--generations 8]
+
+The workload: the CPU demo's policy shape (a random tiny Qwen2.5-VL: hidden 128, 4 layers, 4 heads,
+FFN 256, vision depth 2, a ~1,024-token BPE), ``groups`` FVQA dev questions with their images and the
+default MMSearch-R1 prompt, ``generations`` scripted episodes each (answers at once, image search with
+two thumbnails then an answer, text search then an answer, in turn), packed into micro-batches as the
+update packs them (``micro_batch_tokens`` 4096). The loss is the log-probs' masked sum with a weight
+per row, like advantages.
+
+Prints one JSON object: tokens each way (whole rows: their padded widths; shared: the prefixes' and the
+suffixes'), the median seconds of all passes each way, whole / shared, and the largest log-prob
+difference between the ways (float rounding: the same numbers, summed in another order).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from mmsr.data.loaders import load_samples
+from mmsr.demo.tokenizer import Scaffold
+from mmsr.models.build import TinyQwen2_5_VL
+from mmsr.prompt.render import PromptBuilder
+from mmsr.rollout.engine import SamplingParams, ScriptedEngine
+from mmsr.rollout.loop import RolloutLoop, RolloutSettings
+from mmsr.tools.base import IMAGE_MARKER, ToolRequest, ToolResult
+from mmsr.train.batch import collate, pack_by_tokens, sampled_logprobs
+from mmsr.train.prefix import plan_prefixes, shared_logprobs
+
+ROOT = Path(__file__).resolve().parents[1]
+FVQA = ROOT / "data" / "fvqa_dev_20"
+REASON = "<reason>I am not sure what this shows, so I look it up before I answer.</reason>"
+SCRIPTS = [[f"{REASON}<answer>the old stone tower</answer>"],
+           [f"{REASON}<search><img></search>", "<reason>The first result names it.</reason><answer>Eiffel</answer>"],
+           [f"{REASON}<text_search>where is the tower</text_search>", "<reason>The page says.</reason><answer>Paris</answer>"]]  # fmt: skip
+
+
+class Thumbnails:
+    """An image search answering with two thumbnails and their titles."""
+
+    async def __call__(self, request: ToolRequest) -> ToolResult:
+        thumbs = (Image.new("RGB", (56, 56), "red"), Image.new("RGB", (84, 56), "blue"))
+        return ToolResult(f"1. image: {IMAGE_MARKER}\ntitle: Eiffel\n2. image: {IMAGE_MARKER}\ntitle: Louvre\n", thumbs)
+
+
+class Pages:
+    """A text search answering with one page's text."""
+
+    async def __call__(self, request: ToolRequest) -> ToolResult:
+        return ToolResult("1. The tower stands in Paris, on the left bank of the river, since 1889.")
+
+
+def micro_batches(groups: int, generations: int):
+    """The policy and the update's micro-batches of ``groups`` x ``generations`` scripted episodes."""
+    texts = [str(FVQA / "fvqa_dev.jsonl"), str(FVQA / "search" / "corpus.jsonl")]
+    policy = TinyQwen2_5_VL(tokenizer_texts=texts, scaffold=Scaffold(), vocab_size=1024, hidden_size=128, num_layers=4,
+                            num_heads=4, num_kv_heads=2, intermediate_size=256, vision_depth=2, vision_hidden_size=64,
+                            seed=0).build()  # fmt: skip
+    samples = load_samples(FVQA / "fvqa_dev.jsonl")[:groups]
+    script = {f"{s.id}#{k}": SCRIPTS[k % len(SCRIPTS)] for s in samples for k in range(generations)}
+    tools = {"image_search": Thumbnails(), "text_search": Pages()}
+    loop = RolloutLoop(ScriptedEngine(script, policy.tokenizer), policy, PromptBuilder(), tools, RolloutSettings())
+    trajs = loop.run(samples, generations, SamplingParams())
+    packed = pack_by_tokens([len(t) for t in trajs], 4096)
+    return policy, [collate([trajs[i] for i in micro], micro, policy, "cpu") for micro in packed]
+
+
+def passes(policy, batches, shared: bool) -> tuple[float, list[torch.Tensor]]:
+    """Seconds of every micro-batch's forward and backward, and the masked log-probs."""
+    image_id, out = policy.model.config.image_token_id, []
+    start = time.perf_counter()
+    for batch in batches:
+        split = plan_prefixes(batch, image_id) if shared else None
+        logp = (shared_logprobs(policy, batch, split) if split else sampled_logprobs(policy, batch))[0] * batch.loss_mask
+        weights = torch.linspace(-1.0, 1.0, len(batch.index))[:, None]
+        (logp * weights).sum().backward()
+        out.append(logp.detach())
+    policy.model.zero_grad(set_to_none=True)
+    return time.perf_counter() - start, out
+
+
+def tokens(policy, batches) -> dict[str, int]:
+    whole = sum(b.input_ids.numel() for b in batches)
+    shared = 0
+    for b in batches:
+        split = plan_prefixes(b, policy.model.config.image_token_id)
+        shared += b.input_ids.numel() if split is None else (int(b.attention_mask.sum()) - split.saved)
+    return {"whole": whole, "shared": shared, "real": sum(int(b.attention_mask.sum()) for b in batches)}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--groups", type=int, default=4)
+    ap.add_argument("--generations", type=int, default=8)
+    args = ap.parse_args(argv)
+    policy, batches = micro_batches(args.groups, args.generations)
+    policy.model.train()
+    passes(policy, batches, True)  # warm-up (allocator, first-call paths)
+    times: dict[bool, list[float]] = {False: [], True: []}
+    diff = 0.0
+    for _ in range(args.repeats):
+        seconds, whole_logp = passes(policy, batches, False)
+        times[False].append(seconds)
+        seconds, shared_logp = passes(policy, batches, True)
+        times[True].append(seconds)
+        diff = max([diff] + [float((a - b).abs().max()) for a, b in zip(whole_logp, shared_logp)])
+    whole, shared = statistics.median(times[False]), statistics.median(times[True])
+    result = {"episodes": args.groups * args.generations, "micro_batches": len(batches), "tokens": tokens(policy, batches),
+              "whole_s": whole, "shared_s": shared, "whole_over_shared": whole / shared, "max_logprob_diff": diff}  # fmt: skip
+    print(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
