@@ -29,6 +29,7 @@ from mmsr.prompt.render import PromptBuilder
 from mmsr.rollout.actions import Answer, Invalid, stop_strings
 from mmsr.rollout.context import describe, fit
 from mmsr.rollout.engine import Engine, GenerationOutput, GenerationRequest, IncrementalEngine, SamplingParams, incremental
+from mmsr.rollout.images import ProcessedImages
 from mmsr.rollout.parse import parser_for
 from mmsr.rollout.stats import RolloutStats, covered_seconds
 from mmsr.rollout.tool_runner import ToolRunner
@@ -137,6 +138,8 @@ class RolloutLoop:
         self.eot_ids = self.encoder.text(policy.chat.end_of_turn)
         self.stats = RolloutStats()
         self.runs = 0  # rollouts so far: each one's requests sample from streams of their own
+        self._images = ProcessedImages(policy)
+        self._first: dict[int, tuple[Sample, list[int], list]] = {}  # id(sample) -> (sample, ids, vision)
 
     def state_dict(self) -> dict[str, int]:
         """What a resumed run needs to draw the same tokens (checkpointed by ``GRPOModule``)."""
@@ -149,9 +152,13 @@ class RolloutLoop:
         """``n`` episodes per sample; trajectory ``i*n + k`` is sample ``i``'s k-th (group ``i``)."""
         self.stats = RolloutStats(tool_calls=dict.fromkeys(self._by_name, 0))
         self.runs += 1
+        self._images, self._first = ProcessedImages(self.policy), {}  # a group's episodes share its inputs
         episodes = [self._start(s, i, k) for i, s in enumerate(samples) for k in range(n)]
-        with ToolRunner() as runner:
-            self._advance(episodes, sampling, runner, asyncio.Semaphore(self.settings.tool_concurrency))
+        try:
+            with ToolRunner() as runner:
+                self._advance(episodes, sampling, runner, asyncio.Semaphore(self.settings.tool_concurrency))
+        finally:
+            self._images, self._first = ProcessedImages(self.policy), {}  # the images go with the trajectories
         self.stats.tool_busy_s = covered_seconds(self.stats.tool_spans)
         return [e.traj for e in episodes]
 
@@ -227,14 +234,22 @@ class RolloutLoop:
 
     # -- states ------------------------------------------------------------------------------
     def _start(self, sample: Sample, group: int, k: int) -> Episode:
-        vision = [self.policy.process_image(sample.image)] if sample.image is not None and self.policy.is_vision else []
-        text = self.policy.chat.first_prompt(self.prompts.first_user_text(sample))
-        ids = self.encoder.encode(text, [v.num_tokens for v in vision])
-        traj = Trajectory(sample.id, group, ids, [0] * len(ids), [0.0] * len(ids), vision, len(ids), tools=self.specs)
+        ids, vision = self._first_context(sample)
+        traj = Trajectory(sample.id, group, list(ids), [0] * len(ids), [0.0] * len(ids), list(vision), len(ids),
+                          tools=self.specs)  # fmt: skip
         episode = Episode(sample, f"{sample.id}#{k}", traj)
         if len(ids) >= self.settings.max_context_tokens:
             episode.finish("truncated")
         return episode
+
+    def _first_context(self, sample: Sample) -> tuple[list[int], list]:
+        """The first prompt's ids and the question image's input, made once per sample in a rollout."""
+        if id(sample) not in self._first:
+            image = sample.image if self.policy.is_vision else None
+            vision = [self._images(image)] if image is not None else []
+            text = self.policy.chat.first_prompt(self.prompts.first_user_text(sample))
+            self._first[id(sample)] = (sample, self.encoder.encode(text, [v.num_tokens for v in vision]), vision)
+        return self._first[id(sample)][1:]
 
     def _request(self, e: Episode) -> GenerationRequest:
         room = self.settings.max_context_tokens - len(e.traj)
@@ -275,7 +290,7 @@ class RolloutLoop:
 
     def _encode_observation(self, e: Episode, kind: str, result: ToolResult) -> tuple[list[int], list]:
         """The observation's token ids (``[n]``, images expanded) and its images' vision inputs."""
-        vision = [self.policy.process_image(im, tool=True) for im in result.images] if self.policy.is_vision else []
+        vision = [self._images(im, tool=True) for im in result.images] if self.policy.is_vision else []
         text = self.policy.chat.observation(self.prompts.observation_text(e.sample, self._by_name[kind], result))
         ids = (self.eot_ids if e.needs_end_of_turn else []) + self.encoder.encode(text, [v.num_tokens for v in vision])
         return ids, vision

@@ -4,6 +4,7 @@ import asyncio
 import time
 
 import pytest
+import torch
 from PIL import Image
 
 from mmsr.prompt.render import PromptBuilder
@@ -149,6 +150,37 @@ def test_groups_and_batched_generation(tiny_policy, fvqa_samples):
     # round 1: all 6 episodes in one generate call; round 2: only the 3 that searched
     assert len(engine.requests) == 9 and [r.turn for r in engine.requests[6:]] == [1, 1, 1]
     assert loop.stats.tool_calls == {"image_search": 3, "text_search": 0}
+
+
+class IndexedImageSearch(FakeImageSearch):
+    """Hands every caller the same thumbnail objects, as a local index does."""
+
+    def __init__(self):
+        super().__init__()
+        self.thumbs = (Image.new("RGB", (56, 56), "red"), Image.new("RGB", (84, 56), "blue"))
+
+    async def __call__(self, request: ToolRequest) -> ToolResult:
+        result = await super().__call__(request)
+        return ToolResult(result.text, self.thumbs, titles=result.titles)
+
+
+def test_a_group_processes_its_images_once(tiny_policy, fvqa_samples, monkeypatch):
+    calls = []
+    process = tiny_policy.process_image
+    monkeypatch.setattr(tiny_policy, "process_image", lambda im, tool=False: calls.append((im, tool)) or process(im, tool))
+    samples = fvqa_samples[:2]
+    loop, _ = make_loop(tiny_policy, lambda r: [IMG, ANS][r.turn], image=IndexedImageSearch())
+    trajs = loop.run(samples, 4, SamplingParams())
+    # 2 question images + 2 thumbnails, not 8 + 16 (every episode searched)
+    assert loop.stats.tool_calls["image_search"] == 8 and sorted(t for _, t in calls) == [False, False, True, True]
+    for g, sample in enumerate(samples):
+        group = trajs[4 * g : 4 * g + 4]
+        alone = process(sample.image)
+        assert all(t.vision[0] is group[0].vision[0] for t in group)  # one input, one copy of its pixels
+        assert torch.equal(group[0].vision[0].pixel_values, alone.pixel_values) and group[0].vision[0].grid_thw == alone.grid_thw
+        assert all(t.input_ids == group[0].input_ids and len(t.vision) == 3 for t in group)
+        assert len({id(t.input_ids) for t in group} | {id(t.vision) for t in group}) == 8  # each episode's own lists
+    assert len(loop._images) == 0 and not loop._first  # the memo does not outlive the rollout
 
 
 def test_tool_calls_run_concurrently(tiny_policy, fvqa_samples):
