@@ -8,15 +8,15 @@ positions, spec §2.6).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from mmsr.models.vision import VisionInput
+from mmsr.models.vision import VisionInput, distinct_images
 from mmsr.prompt.encode import Encoder
 from mmsr.prompt.render import ChatFormat
 
@@ -118,11 +118,13 @@ class Policy:
         Returns: the model output (``.logits`` ``[N, T', V]``).
         """
         model = model if model is not None else self.model
+        distinct, which = distinct_images(vision)
         if vision:
             dev = input_ids.device
-            kwargs["pixel_values"] = torch.cat([v.pixel_values for v in vision]).to(dev, model.dtype)
+            kwargs["pixel_values"] = torch.cat([v.pixel_values for v in distinct]).to(dev, model.dtype)
             kwargs["image_grid_thw"] = torch.tensor([v.grid_thw for v in vision], device=dev)
-        with self.autocast():
+        repeat = repeated_image_features(model, distinct, which) if len(distinct) < len(vision) else nullcontext()
+        with self.autocast(), repeat:
             out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
         return self.mask_banned(out)
 
@@ -134,6 +136,35 @@ class Policy:
         if self._banned.numel():
             out.logits = out.logits.index_fill(-1, self._banned, BANNED_LOGIT)
         return out
+
+
+@contextmanager
+def repeated_image_features(model: PreTrainedModel, distinct: Sequence[VisionInput], which: Sequence[int]) -> Iterator[None]:
+    """While inside, ``model``'s vision tower encodes each distinct image once and its features stand
+    for every copy (the ``n`` episodes of a GRPO group in one micro-batch hold one question image: the
+    tower ran ``n`` times on it). A copy's features are the same tensor, so its gradients sum into the
+    one encoding. The forward is given the distinct images' ``pixel_values`` and every image's grid.
+
+    Qwen VL models compute image features in their forward through ``get_image_features`` (per-image
+    ``pooler_output``, and Qwen3-VL's per-layer ``deepstack_features``); the call stays inside the root
+    forward, so FSDP2's hooks and gradient checkpointing see what they always do.
+    """
+    inner = model.model
+    encode = inner.get_image_features
+    grid = torch.tensor([v.grid_thw for v in distinct])
+
+    def repeated(pixel_values: torch.Tensor, image_grid_thw: torch.Tensor, **kwargs):
+        out = encode(pixel_values, grid.to(image_grid_thw.device), **kwargs)
+        out.pooler_output = tuple(out.pooler_output[k] for k in which)
+        if getattr(out, "deepstack_features", None) is not None:
+            out.deepstack_features = [tuple(layer[k] for k in which) for layer in out.deepstack_features]
+        return out
+
+    inner.get_image_features = repeated
+    try:
+        yield
+    finally:
+        del inner.get_image_features
 
 
 def check_image_tokens(input_ids: Sequence[int], vision: Sequence[VisionInput], image_token_id: int) -> None:

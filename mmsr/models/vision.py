@@ -3,6 +3,7 @@ trajectories, fed back to the model by the trainer and the engines)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -24,3 +25,23 @@ class VisionInput:
     pixel_values: torch.Tensor
     grid_thw: tuple[int, int, int]
     num_tokens: int
+
+
+def distinct_images(vision: Sequence[VisionInput]) -> tuple[list[VisionInput], list[int]]:
+    """The distinct images of ``vision`` in order of first appearance, and for each image the index of
+    its distinct one. Images are one when their grids and pixels are equal: compared by content, not by
+    object, so the answer does not depend on which copies a run happened to share (runs repeat bit for
+    bit)."""
+    distinct: list[VisionInput] = []
+    which: list[int] = []
+    seen: dict[tuple, list[int]] = {}
+    for v in vision:
+        # exact sampled values (a float sum would depend on the memory's alignment)
+        bucket = seen.setdefault((v.grid_thw, tuple(v.pixel_values.flatten()[::997].tolist())), [])
+        k = next((k for k in bucket if distinct[k] is v or torch.equal(distinct[k].pixel_values, v.pixel_values)), None)
+        if k is None:
+            k = len(distinct)
+            bucket.append(k)
+            distinct.append(v)
+        which.append(k)
+    return distinct, which

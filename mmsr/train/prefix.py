@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from mmsr.algo import logprobs_and_entropy
-from mmsr.models.vision import VisionInput
+from mmsr.models.vision import VisionInput, distinct_images
 
 if TYPE_CHECKING:
     from mmsr.models.policy import Policy
@@ -92,21 +92,15 @@ def plan_prefixes(batch: TrainBatch, image_token_id: int | None, min_saved: int 
 def _token_keys(ids: list[list[int]], images: list[list[tuple[int, VisionInput]]]) -> list[list]:
     """The rows' tokens, an image's pad tokens paired with the image: two rows with different images of
     one size have the same ids but not the same prefix. Images are one when their grids and pixels are
-    equal (compared by content, never by object: which episodes hold one decoded picture depends on
-    when garbage was collected, and the split must not, or runs would differ in the last bits)."""
+    equal (``distinct_images``: by content, never by object, as the split must not depend on which
+    episodes happened to hold one decoded picture, or runs would differ in the last bits)."""
     keys: list[list] = [list(row) for row in ids]
-    seen: dict[tuple, list[VisionInput]] = {}
+    _, which = distinct_images([v for row_images in images for _, v in row_images])
+    image = iter(which)
     for row, row_images in zip(keys, images):
         for start, v in row_images:
-            bucket = (v.grid_thw, tuple(v.pixel_values.flatten()[::997].tolist()))  # exact values (a float sum
-            # would depend on the memory's alignment: the same picture in two buckets, run by run)
-            same = seen.setdefault(bucket, [])
-            k = next((k for k, u in enumerate(same) if torch.equal(u.pixel_values, v.pixel_values)), None)
-            if k is None:
-                k = len(same)
-                same.append(v)
-            image = (*bucket, k)
-            row[start : start + v.num_tokens] = [(tok, image) for tok in row[start : start + v.num_tokens]]
+            k = next(image)
+            row[start : start + v.num_tokens] = [(tok, k) for tok in row[start : start + v.num_tokens]]
     return keys
 
 
