@@ -5,9 +5,9 @@ In a GRPO step the ``n`` samples of a group start from one prompt (system text, 
 question's image), and in a warm-start batch every episode starts with the same instructions; trained
 whole, each row runs its prompt (and its image through the vision tower) again. Here the rows that
 start from the same prompt share it, and the rows left on their own share their longest common prefix:
-the prefix runs once (images included) with a KV cache, the cache is indexed out to the rows (a gather,
-so gradients from every row sum into the prefix), and the suffixes attend to it with their own
-positions. The log-probs are those of the whole rows up to float rounding (``tests/train/test_prefix.py``).
+the prefix runs once (images included) with a KV cache, the cache is copied out to the rows
+(``index_select``: gradients from every row sum into the prefix, in order), and the suffixes attend to it
+with their own positions. The log-probs are those of the whole rows up to float rounding (``tests/train/test_prefix.py``).
 
 Not used where the cache cannot carry gradients: with gradient checkpointing (the recomputation would
 append to the cache again) or under FSDP2 (a second forward of the sharded root on one rank only, and
@@ -43,11 +43,13 @@ class PrefixSplit:
         lengths: ``G`` prefix lengths in tokens, each >= 1 and short of the first position whose
             next token the row sampled (that position's logits are the suffix's).
         first: ``G`` entries, a row that holds each prefix.
+        images: ``n`` entries, each row's images with the position of their first token.
     """
 
     group: list[int]
     lengths: list[int]
     first: list[int]
+    images: list[list[tuple[int, VisionInput]]]
 
     @property
     def saved(self) -> int:
@@ -67,7 +69,8 @@ def plan_prefixes(batch: TrainBatch, image_token_id: int | None, min_saved: int 
     pixels) share it; the other rows share their longest common prefix. ``None``: it would save fewer than
     ``min_saved`` tokens, or a set of rows has no common first token."""
     ids, lengths = batch.input_ids.tolist(), batch.attention_mask.sum(1).tolist()
-    keys = _token_keys(ids, _images_by_row(batch, image_token_id))
+    images = _images_by_row(batch, image_token_id)
+    keys = _token_keys(ids, images)
     needed = [_first_needed(row, n) for row, n in zip(batch.loss_mask.tolist(), lengths)]
     by_prompt: dict[tuple, list[int]] = {}
     for i, (row, k) in enumerate(zip(keys, needed)):
@@ -85,7 +88,7 @@ def plan_prefixes(batch: TrainBatch, image_token_id: int | None, min_saved: int 
         first.append(rows[0])
         for i in rows:
             group[i] = g
-    split = PrefixSplit(group, plen, first)
+    split = PrefixSplit(group, plen, first, images)
     return split if split.saved >= min_saved else None
 
 
@@ -134,7 +137,7 @@ def shared_logprobs(policy: Policy, batch: TrainBatch, split: PrefixSplit, model
     n, width = batch.input_ids.shape
     dev, pad_id = batch.input_ids.device, policy.tokenizer.pad_token_id or 0
     starts = torch.tensor([split.lengths[g] for g in split.group], device=dev)  # [n] each row's prefix length
-    images = _images_by_row(batch, getattr(policy.model.config, "image_token_id", None))
+    images = split.images
     cache, prefix_mask = _run_prefixes(policy, batch, split, images, model, pad_id)
     _fan_out(cache, torch.tensor(split.group, device=dev))
     lengths = batch.attention_mask.sum(1)
