@@ -59,12 +59,13 @@ class Pages:
         return ToolResult("1. The tower stands in Paris, on the left bank of the river, since 1889.")
 
 
-def micro_batches(groups: int, generations: int):
-    """The policy and the update's micro-batches of ``groups`` x ``generations`` scripted episodes."""
+def micro_batches(groups: int, generations: int, **policy_args):
+    """The policy (the demo's shape, ``policy_args`` on top) and the update's micro-batches of ``groups`` x
+    ``generations`` scripted episodes."""
     texts = [str(FVQA / "fvqa_dev.jsonl"), str(FVQA / "search" / "corpus.jsonl")]
-    policy = TinyQwen2_5_VL(tokenizer_texts=texts, scaffold=Scaffold(), vocab_size=1024, hidden_size=128, num_layers=4,
-                            num_heads=4, num_kv_heads=2, intermediate_size=256, vision_depth=2, vision_hidden_size=64,
-                            seed=0).build()  # fmt: skip
+    shape = dict(vocab_size=1024, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=256,
+                 vision_depth=2, vision_hidden_size=64, seed=0)  # fmt: skip
+    policy = TinyQwen2_5_VL(tokenizer_texts=texts, scaffold=Scaffold(), **shape | policy_args).build()
     samples = load_samples(FVQA / "fvqa_dev.jsonl")[:groups]
     script = {f"{s.id}#{k}": SCRIPTS[k % len(SCRIPTS)] for s in samples for k in range(generations)}
     tools = {"image_search": Thumbnails(), "text_search": Pages()}

@@ -41,3 +41,13 @@ def test_shared_prefix_benchmark_runs_both_ways_and_they_agree():
     assert out["episodes"] == 6 and tokens["shared"] < tokens["real"] <= tokens["whole"]
     assert out["max_logprob_diff"] < 1e-4 and out["whole_s"] > 0 and out["shared_s"] > 0
     assert out["whole_over_shared"] == pytest.approx(out["whole_s"] / out["shared_s"])
+
+
+def test_distinct_images_benchmark_runs_both_ways_and_they_agree():
+    cmd = [sys.executable, "benchmarks/distinct_images.py", "--repeats", "1", "--groups", "2", "--generations", "3"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    assert out["episodes"] == 6 and 0 < out["patches_distinct"] < out["patches_every_copy"] and 0 < out["vision_share"] < 1
+    assert out["max_logprob_diff"] < 1e-4 and out["every_copy_s"] > 0 and out["distinct_s"] > 0
+    assert out["every_over_distinct"] == pytest.approx(out["every_copy_s"] / out["distinct_s"])
