@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 
 import torch
 
 from mmsr.algo import logprobs_and_entropy
 from mmsr.models.vision import distinct_images
-from shared_prefix import micro_batches  # benchmarks/ is the script's directory
+from shared_prefix import alternated, micro_batches  # benchmarks/ is the script's directory
 
 # Question images of 168 x 168 (36 tokens, 144 patches; the demo's are at most 112 x 112): the vision
 # tower's share of the arithmetic is then about Qwen2.5-VL-7B's under the recipes' bounds.
@@ -77,16 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     policy, batches = micro_batches(args.groups, args.generations, min_pixels=args.pixels, max_pixels=args.pixels)
     policy.model.train()
-    passes(policy, batches, False)  # warm-up (allocator, first-call paths)
-    times: dict[bool, list[float]] = {False: [], True: []}
-    diff = 0.0
-    for _ in range(args.repeats):
-        seconds, every = passes(policy, batches, True)
-        times[True].append(seconds)
-        seconds, once = passes(policy, batches, False)
-        times[False].append(seconds)
-        diff = max([diff] + [float((a - b).abs().max()) for a, b in zip(every, once)])
-    every_s, once_s = statistics.median(times[True]), statistics.median(times[False])
+    once_s, every_s, diff = alternated(passes, policy, batches, args.repeats)
     result = {"episodes": args.groups * args.generations, "micro_batches": len(batches), **arithmetic(policy, batches),
               "every_copy_s": every_s, "distinct_s": once_s, "every_over_distinct": every_s / once_s,
               "max_logprob_diff": diff}  # fmt: skip

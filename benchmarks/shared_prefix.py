@@ -98,6 +98,22 @@ def tokens(policy, batches) -> dict[str, int]:
     return {"whole": whole, "shared": shared, "real": sum(int(b.attention_mask.sum()) for b in batches)}
 
 
+def alternated(passes, policy, batches, repeats: int) -> tuple[float, float, float]:
+    """Median seconds of ``passes(policy, batches, False)`` and of ``passes(policy, batches, True)``, run in
+    turn ``repeats`` times after a warm-up, and the largest log-prob difference between the two ways."""
+    passes(policy, batches, True)  # warm-up (allocator, first-call paths)
+    times: dict[bool, list[float]] = {False: [], True: []}
+    diff = 0.0
+    for _ in range(repeats):
+        outs = []
+        for way in (False, True):
+            seconds, logp = passes(policy, batches, way)
+            times[way].append(seconds)
+            outs.append(logp)
+        diff = max([diff] + [float((a - b).abs().max()) for a, b in zip(*outs)])
+    return statistics.median(times[False]), statistics.median(times[True]), diff
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=5)
@@ -106,16 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     policy, batches = micro_batches(args.groups, args.generations)
     policy.model.train()
-    passes(policy, batches, True)  # warm-up (allocator, first-call paths)
-    times: dict[bool, list[float]] = {False: [], True: []}
-    diff = 0.0
-    for _ in range(args.repeats):
-        seconds, whole_logp = passes(policy, batches, False)
-        times[False].append(seconds)
-        seconds, shared_logp = passes(policy, batches, True)
-        times[True].append(seconds)
-        diff = max([diff] + [float((a - b).abs().max()) for a, b in zip(whole_logp, shared_logp)])
-    whole, shared = statistics.median(times[False]), statistics.median(times[True])
+    whole, shared, diff = alternated(passes, policy, batches, args.repeats)
     result = {"episodes": args.groups * args.generations, "micro_batches": len(batches), "tokens": tokens(policy, batches),
               "whole_s": whole, "shared_s": shared, "whole_over_shared": whole / shared, "max_logprob_diff": diff}  # fmt: skip
     print(json.dumps(result, indent=2))
