@@ -138,6 +138,7 @@ class RolloutLoop:
         self.eot_ids = self.encoder.text(policy.chat.end_of_turn)
         self.stats = RolloutStats()
         self.runs = 0  # rollouts so far: each one's requests sample from streams of their own
+        # a rollout's group shares its inputs (emptied when the rollout ends)
         self._images = ProcessedImages(policy)
         self._first: dict[int, tuple[Sample, list[int], list]] = {}  # id(sample) -> (sample, ids, vision)
 
@@ -152,7 +153,6 @@ class RolloutLoop:
         """``n`` episodes per sample; trajectory ``i*n + k`` is sample ``i``'s k-th (group ``i``)."""
         self.stats = RolloutStats(tool_calls=dict.fromkeys(self._by_name, 0))
         self.runs += 1
-        self._images, self._first = ProcessedImages(self.policy), {}  # a group's episodes share its inputs
         episodes = [self._start(s, i, k) for i, s in enumerate(samples) for k in range(n)]
         try:
             with ToolRunner() as runner:
