@@ -54,7 +54,7 @@ from mmsr.models.policy import Policy
 from mmsr.models.vision import VisionInput
 from mmsr.rollout.engine import GenerationOutput, GenerationRequest, SamplingParams
 from mmsr.rollout.sampling import request_seed
-from mmsr.rollout.vllm_inputs import ImageTokenIds, ImageTokenMismatch, engine_input, pixel_bounds
+from mmsr.rollout.vllm_inputs import GridImages, ImageTokenIds, ImageTokenMismatch, engine_input, pixel_bounds
 from mmsr.rollout.vllm_startup import launcher_env, repack_cpu_lm_head, tolerant_kernel_scan
 
 # vLLM clamps logit biases to [-100, 100]; e^-100 relative to the other tokens is below float32
@@ -148,6 +148,7 @@ class VLLMEngine:
         self.policy = policy
         self.image_ids = ImageTokenIds.from_tokenizer(policy.tokenizer) if policy.is_vision else None
         self.patch_size = getattr(policy.image_processor, "patch_size", 14)
+        self.grid_images = GridImages(self.patch_size)
         vocab = policy.model.get_output_embeddings().weight.shape[0]
         self.logit_bias = {int(i): BANNED_BIAS for i in policy.banned_token_ids(vocab)}
         self.stop_ids = sorted(policy.stop_token_ids())
@@ -195,7 +196,7 @@ class VLLMEngine:
     def _inputs(self, requests: Sequence[GenerationRequest], sampling: SamplingParams) -> list[tuple[dict, object]]:
         """``(prompt, vllm.SamplingParams)`` of each request; requests without a key are seeded by call."""
         self.calls += 1
-        return [(engine_input(r.input_ids, r.vision, self.image_ids, self.patch_size).prompt(self.mm_kwargs),
+        return [(engine_input(r.input_ids, r.vision, self.image_ids, grids=self.grid_images).prompt(self.mm_kwargs),
                  self.sampling_params(sampling, min(sampling.max_tokens, r.max_tokens or sampling.max_tokens),
                                       request_seed(self.seed, r.stream, r.key or f"call{self.calls}/{i}", r.turn)))
                 for i, r in enumerate(requests)]  # fmt: skip
@@ -256,7 +257,7 @@ class VLLMEngine:
         from vllm import SamplingParams as VSamplingParams
 
         llm = self._require()
-        prompt = engine_input(input_ids, vision, self.image_ids, self.patch_size).prompt(self.mm_kwargs)
+        prompt = engine_input(input_ids, vision, self.image_ids, grids=self.grid_images).prompt(self.mm_kwargs)
         params = VSamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
         (out,) = llm.generate([prompt], params, use_tqdm=False)
         return expanded_prompt_logprobs(out, input_ids)

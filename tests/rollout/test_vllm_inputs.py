@@ -4,15 +4,19 @@ Regression for MMSearch-R1 issue #20, "Image features and image tokens do not ma
 searched images: the inputs built for vLLM and for training must describe the same images.
 """
 
+import gc
+
 import pytest
 import torch
 from PIL import Image
 
 from mmsr.models.policy import check_image_tokens
+from mmsr.models.vision import VisionInput
 from mmsr.rollout.engine import SamplingParams
 from mmsr.rollout.loop import RolloutSettings
 from mmsr.rollout.vllm_inputs import (
     ImageTokenIds,
+    GridImages,
     ImageTokenMismatch,
     collapse_image_tokens,
     engine_input,
@@ -64,6 +68,30 @@ def test_images_given_to_vllm_process_to_the_training_grid(tiny_policy, searched
     # The training batch built from the same trajectories passes its own image-token check.
     batch = collate(searched, range(len(searched)), tiny_policy, torch.device("cpu"))
     assert len(batch.vision) == 10
+
+
+def test_each_image_is_resized_once_while_it_lives(tiny_policy, searched, monkeypatch):
+    """A group's requests, every turn, share their images' resized copies; a freed image's entry goes."""
+    ids, patch = ImageTokenIds.from_tokenizer(tiny_policy.tokenizer), tiny_policy.image_processor.patch_size
+    resized = []
+    real_resize = Image.Image.resize
+    monkeypatch.setattr(Image.Image, "resize", lambda im, *a, **k: resized.append(im.size) or real_resize(im, *a, **k))
+    traj = searched[0]
+    fresh = [engine_input(traj.input_ids, traj.vision, ids, patch) for _ in range(3)]
+    per_call = len(resized) // 3
+    assert per_call > 0  # the question image is not already on its grid
+    grids = GridImages(patch)
+    shared = [engine_input(traj.input_ids, traj.vision, ids, grids=grids) for _ in range(3)]
+    assert len(resized) == 3 * per_call + per_call and len(grids) == 5
+    for a, b in zip(fresh[0].images, shared[2].images):  # the same pictures as resizing every time
+        assert a.size == b.size and a.tobytes() == b.tobytes()
+    assert all(x is y for x, y in zip(shared[0].images, shared[2].images))
+    copy = VisionInput(*(getattr(traj.vision[0], f) for f in ("image", "pixel_values", "grid_thw", "num_tokens")))
+    grids(copy)
+    assert len(grids) == 6  # keyed by the object: a copy is resized on its own (the loop shares objects)
+    del copy
+    gc.collect()
+    assert len(grids) == 5
 
 
 def test_upstream_issue_20_shapes_fail_loudly(tiny_policy, searched):
