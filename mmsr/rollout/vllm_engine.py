@@ -54,8 +54,18 @@ from mmsr.models.policy import Policy
 from mmsr.models.vision import VisionInput
 from mmsr.rollout.engine import GenerationOutput, GenerationRequest, SamplingParams
 from mmsr.rollout.sampling import request_seed
-from mmsr.rollout.vllm_inputs import GridImages, ImageTokenIds, ImageTokenMismatch, engine_input, pixel_bounds
-from mmsr.rollout.vllm_startup import launcher_env, repack_cpu_lm_head, tolerant_kernel_scan
+from mmsr.rollout.vllm_inputs import (
+    GridImages,
+    ImageTokenIds,
+    ImageTokenMismatch,
+    engine_input,
+    pixel_bounds,
+)
+from mmsr.rollout.vllm_startup import (
+    launcher_env,
+    repack_cpu_lm_head,
+    tolerant_kernel_scan,
+)
 
 # vLLM clamps logit biases to [-100, 100]; e^-100 relative to the other tokens is below float32
 # resolution, so this equals the trainer's mask (Policy.mask_banned) to float precision.

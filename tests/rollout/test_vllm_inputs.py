@@ -15,8 +15,8 @@ from mmsr.models.vision import VisionInput
 from mmsr.rollout.engine import SamplingParams
 from mmsr.rollout.loop import RolloutSettings
 from mmsr.rollout.vllm_inputs import (
-    ImageTokenIds,
     GridImages,
+    ImageTokenIds,
     ImageTokenMismatch,
     collapse_image_tokens,
     engine_input,
