@@ -16,7 +16,7 @@ from mmsr.models.policy import Policy, check_image_tokens
 from mmsr.models.vision import VisionInput
 from mmsr.parallel import all_reduce
 from mmsr.rollout.trajectory import Trajectory
-from mmsr.train.prefix import can_share, plan_prefixes, shared_logprobs
+from mmsr.train.prefix import PASS_COST_TOKENS, can_share, plan_prefixes, shared_logprobs
 
 
 @dataclass
@@ -69,12 +69,6 @@ def collate(trajs: Sequence[Trajectory], index: Sequence[int], policy: Policy, d
     vision = [v for t in trajs for v in t.vision]
     return TrainBatch(ids.to(device), attn.to(device), pos.to(device), mask[:, 1:].to(device),
                       lps[:, 1:].to(device), vision, torch.tensor(list(index)))  # fmt: skip
-
-
-# What one more forward/backward costs beyond its tokens, in padded tokens. On the CPU demo's warm start
-# (10 episodes of 234 tokens, 6 of 326-329) two micro-batches by length trained in 0.29-0.39 s where one
-# padded to 329 took 0.41-0.49 s; a pass of a few tokens is not worth its fixed cost.
-PASS_COST_TOKENS = 256
 
 
 def pack_by_tokens(lengths: Sequence[int], budget: int) -> list[list[int]]:
