@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import sys
 import traceback
+import warnings
 
 # command -> "module:function" taking the remaining argv
 COMMANDS: dict[str, str] = {}
@@ -24,6 +25,20 @@ COMMANDS["serve-search"] = "mmsr.tools.server:main"
 COMMANDS["plan"] = "mmsr.plan:main"
 
 
+# Lightning warnings that never apply to mmsr's modules, silenced so that the ones left are worth reading:
+NOT_APPLICABLE = (
+    # Lightning's own call into torch's pytree (nothing a user can change)
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+    # no ``val_files``: validation is off, as meant (an empty training set is refused before this)
+    r"Total length of `\w+` across ranks is zero",
+    r"You defined a `validation_step` but have no `val_dataloader`",
+    # the modules keep samples (PIL images, text) on the host: their own ``transfer_batch_to_device`` on purpose
+    r"You have overridden `transfer_batch_to_device` in `LightningModule` but have passed in a `LightningDataModule`",
+    # a step's checkpoint is meant to hold the weights after its update (it prints a screen of example code)
+    r"Using ModelCheckpoint with manual optimization and every_n_train_steps",
+)
+
+
 def lightning_cli(args: list[str] | None = None, parse_only: bool = False, **kwargs):
     """LightningCLI over the module and data; ``parse_only`` validates a config without building it."""
     from lightning.pytorch.cli import LightningCLI
@@ -31,6 +46,9 @@ def lightning_cli(args: list[str] | None = None, parse_only: bool = False, **kwa
 
     from mmsr.callbacks.run_dir import RunDirectory, checkpoint_runs, continue_metrics, repoint_loggers
     from mmsr.data.datamodule import MMSRDataModule
+
+    for message in NOT_APPLICABLE:
+        warnings.filterwarnings("ignore", message=message)
 
     class MMSRCLI(LightningCLI):
         def before_instantiate_classes(self) -> None:
