@@ -69,6 +69,17 @@ def rollout_metrics(
     return out
 
 
+def zero_std_groups(rewards: Sequence[float], group_ids: Sequence[int]) -> float:
+    """Share of the step's groups whose rewards are all equal (a group of one included): every estimator
+    gives them advantage 0, so the policy loss learns nothing from them (only a KL or entropy term moves
+    them). Near 1 the step is wasted: prompts too easy or too hard for the policy, or a reward that does
+    not tell its samples apart."""
+    groups: dict[int, set[float]] = defaultdict(set)
+    for g, r in zip(group_ids, rewards):
+        groups[g].add(r)
+    return _mean([len(values) == 1 for values in groups.values()])
+
+
 def episode_metrics(traj: Trajectory, samples: Sequence[Sample], reward: float, detail: dict[str, float],
                     settings: RolloutSettings) -> dict:
     """One held-out episode's ``rollout_metrics`` values with its prompt's ``data_source`` and ``category``

@@ -44,6 +44,7 @@ from mmsr.metrics import (
     mean_over_ranks,
     rollout_metrics,
     tool_metrics,
+    zero_std_groups,
 )
 from mmsr.models.build import DType, PolicyBuilder, save_policy
 from mmsr.optim import Schedule, adamw_with_schedule
@@ -289,6 +290,7 @@ class GRPOModule(L.LightningModule):
         details = self.reward_details(trajs, samples)
         self.last_rollout = StepRollout(trajs, samples, rewards, advantages, details)
         metrics = rollout_metrics(trajs, samples, rewards.tolist(), details, self.loop.settings)
+        metrics["reward/zero_std_groups"] = zero_std_groups(rewards.tolist(), group_ids.tolist())
         memory = memory_metrics(self.model, self._ref.model if self._ref is not None else None, self.device)
         metrics |= tool_metrics(self.loop.stats, self.loop.tools) | train_metrics | self._timings | memory
         metrics["train/lr"] = self.optimizers().param_groups[0]["lr"]

@@ -4,7 +4,7 @@ their own rows (upstream computes them over the whole batch), and tools' own cou
 import pytest
 
 from mmsr.data.sample import Sample
-from mmsr.metrics import rollout_metrics, search_ratios, tool_metrics
+from mmsr.metrics import rollout_metrics, search_ratios, tool_metrics, zero_std_groups
 from mmsr.rollout.actions import Answer, ImageSearch, TextSearch
 from mmsr.rollout.loop import RolloutSettings
 from mmsr.rollout.stats import RolloutStats
@@ -50,3 +50,11 @@ def test_tool_metrics_include_each_tools_counters():
     m = tool_metrics(stats, {"text_search": Counted(), "image_search": None})
     assert m["tools/text_search/api_calls"] == 3.0 and m["tools/text_search/cache_hits"] == 2.0
     assert m["tools/failure_rate"] == 0.5 and m["tools/latency_s"] == 1.0 and m["rollout/tokens_per_s"] == 50.0
+
+
+def test_zero_std_groups_counts_groups_without_a_learning_signal():
+    # groups 0 (all 1.0) and 2 (alone) teach nothing; 1 has two rewards; 3 repeats 0.5 but differs once
+    rewards = [1.0, 1.0, 0.0, 1.0, 0.7, 0.5, 0.5, 0.4]
+    groups = [0, 0, 1, 1, 2, 3, 3, 3]
+    assert zero_std_groups(rewards, groups) == 2 / 4
+    assert zero_std_groups([0.0, 0.0], [5, 5]) == 1.0 and zero_std_groups([], []) == 0.0

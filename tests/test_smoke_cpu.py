@@ -28,7 +28,8 @@ def test_smoke_fit_subprocess(tmp_path):
     rows = list(csv.DictReader(metrics_file.open()))
     assert len(rows) == 4
     for key in ["reward/mean", "reward/format", "rollout/search_ratio/any", "train/grad_norm", "train/kl",
-                "train/entropy", "timing/rollout", "timing/train", "timing/sync", "rollout/tokens_per_s", "train/lr"]:  # fmt: skip
+                "train/entropy", "timing/rollout", "timing/train", "timing/sync", "rollout/tokens_per_s", "train/lr",
+                "reward/zero_std_groups"]:  # fmt: skip
         assert rows[-1][key] != "", key
     run_dir = metrics_file.parent
     assert (run_dir / "config.yaml").is_file()
