@@ -89,6 +89,11 @@ class GRPOModule(L.LightningModule):
         share_prefix: a prompt the samples of a group share (and the start every episode shares) runs once
             per micro-batch, its KV cache fanned out to the rows (``mmsr.train.prefix``); the same log-probs
             up to float rounding. Skipped under FSDP2 and with gradient checkpointing.
+        skip_zero_advantage: leave the episodes whose advantage is 0 (a group whose samples all got one
+            reward: ``reward/zero_std_groups``) out of the update's forward and backward passes. With
+            ``kl_coef=0`` and ``entropy_coef=0`` (required) their loss and gradients are exactly 0, so the
+            update is the same, up to float rounding, for less compute; ``train/`` metrics are then means
+            over the episodes run, and ``train/episodes_run`` is their share.
         lr, weight_decay, grad_clip: AdamW and gradient-norm clipping.
         lr_schedule, warmup_steps, total_steps: ``constant``, ``cosine`` (warmup then cosine to 0 at
             ``total_steps``) or ``sigmoid`` (the upstream decay around step 45).
@@ -131,7 +136,7 @@ class GRPOModule(L.LightningModule):
         loss_agg: AggMode = "token-mean",
         entropy_coef: float = 0.0,
         ppo_epochs: int = 1, mini_batches: int = 1,
-        micro_batch_tokens: int = 8192, share_prefix: bool = True,
+        micro_batch_tokens: int = 8192, share_prefix: bool = True, skip_zero_advantage: bool = False,
         lr: float = 2e-6, weight_decay: float = 0.0, grad_clip: float = 1.0,
         lr_schedule: Schedule = "constant", warmup_steps: int = 0, total_steps: int = 1000,
         gradient_checkpointing: bool = False,

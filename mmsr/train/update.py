@@ -50,11 +50,16 @@ class UpdateSettings:
     old_logprobs: Literal["recompute", "engine"] = "recompute"
     max_context_tokens: int = 8192
     share_prefix: bool = True
+    skip_zero_advantage: bool = False
 
     def __post_init__(self) -> None:
         if self.old_logprobs == "engine" and self.is_correction != "none":
             raise ValueError("old_logprobs='engine' already takes the PPO ratio against the engine's log-probs: "
                              "is_correction must be 'none' with it")
+        if self.skip_zero_advantage and (self.kl_coef > 0 or self.entropy_coef != 0):
+            raise ValueError(f"skip_zero_advantage leaves out the episodes whose advantage is 0, which changes the update "
+                             f"only if they carry a loss: it needs kl_coef=0 and entropy_coef=0 (got {self.kl_coef} and "
+                             f"{self.entropy_coef})")  # fmt: skip
 
     @property
     def updates_per_step(self) -> int:
@@ -133,25 +138,37 @@ class PolicyUpdate:
         s, opt = self.settings, step.optimizer
         by_tokens = s.loss_agg == "token-mean"
         count = (lambda ids: sum(trajs[i].num_sampled_tokens for i in ids)) if by_tokens else len
-        denom = all_reduce(count(idx), "sum", step.device)
+        denom = all_reduce(count(idx), "sum", step.device)  # the loss's normalizer: every episode, run or not
         if denom == 0:
             return {}
+        run = self.episodes_to_run(idx, advantages)
+        ran = all_reduce(count(run), "sum", step.device) if run is not idx else denom
         opt.zero_grad()
-        metrics: dict[str, float] = {}
-        for micro in self.micro_batches([len(trajs[i]) for i in idx], step.device):
-            micro_idx = [idx[j] for j in (micro or [0])]
+        metrics: dict[str, float] = {"train/episodes_run": len(run) / len(idx)} if run is not idx else {}
+        for micro in self.micro_batches([len(trajs[i]) for i in run], step.device):
+            micro_idx = [run[j] for j in (micro or [0])]
+            n = count(micro_idx) if micro else 0
             # gradients are averaged over ranks, so each rank's share is scaled by the world size
-            share = count(micro_idx) / denom * step.world_size if micro else 0.0
+            share = n / denom * step.world_size
             batch = collate([trajs[i] for i in micro_idx], micro_idx, self.policy, step.device)
             loss, m = self.loss(batch, advantages[micro_idx].to(step.device), step.model, old, ref)
             step.backward(loss * share)
+            weight = n / ran * step.world_size if ran else 0.0  # metrics: the mean over the episodes run
             for k, v in m.items():  # x world size: the rank mean taken by sync_dist is the global mean
-                metrics[k] = metrics.get(k, 0.0) + float(v) * share
+                metrics[k] = metrics.get(k, 0.0) + float(v) * weight
         params = [p for p in step.model.parameters() if p.requires_grad]
         metrics["train/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, s.grad_clip))
         opt.step()
         opt.zero_grad(set_to_none=True)  # gradients need no memory while the engine rolls out
         return metrics
+
+    def episodes_to_run(self, idx: list[int], advantages: torch.Tensor) -> list[int]:
+        """``idx``, less the episodes whose advantage is 0 under ``skip_zero_advantage`` (with no KL or
+        entropy term their loss and gradient are exactly 0, so running them changes nothing); one is
+        kept if none is left, so the optimizer still steps on (zero) gradients as it would have."""
+        if not self.settings.skip_zero_advantage:
+            return idx
+        return [i for i in idx if advantages[i] != 0] or idx[:1]
 
     def micro_batches(self, lengths: list[int], device: torch.device) -> list[list[int] | None]:
         """``rank_micro_batches`` within ``micro_batch_tokens`` (``None``: a zero-weight rerun of the first)."""

@@ -1,0 +1,61 @@
+"""``skip_zero_advantage``: episodes whose advantage is 0 (a group whose samples all got one reward) are
+left out of the update's passes; without a KL or entropy term that changes nothing but the compute."""
+
+import pytest
+import torch
+
+from mmsr.rollout.engine import ScriptedEngine
+from tests.test_module import WRONG, Gradients, fit_one_step, make_module, script
+
+
+@pytest.fixture(scope="module")
+def samples(fvqa_samples):
+    """A prompt whose 4 episodes get 4 rewards, and one whose episodes all answer alike (advantage 0)."""
+    mixed = next(s for s in fvqa_samples if s.ground_truth == "musketeers")
+    return [mixed, next(s for s in fvqa_samples if s.id != mixed.id)]
+
+
+def alike_for(sample_id: str):
+    """``script``, except that every episode of ``sample_id`` answers the same wrong answer."""
+    return lambda request: WRONG if request.key.startswith(f"{sample_id}#") else script(request)
+
+
+def rows_run(module) -> list[int]:
+    """Wraps the update's loss; the returned list gets each micro-batch's row count."""
+    rows, loss = [], module.policy_update.loss
+    module.policy_update.loss = lambda batch, *a: rows.append(batch.input_ids.shape[0]) or loss(batch, *a)
+    return rows
+
+
+def test_skipping_runs_half_the_episodes_for_the_same_update(samples):
+    modules = [make_module(engine=ScriptedEngine(alike_for(samples[1].id)), skip_zero_advantage=skip) for skip in (False, True)]
+    modules[1].model.load_state_dict(modules[0].model.state_dict())
+    grads, rows = [Gradients(), Gradients()], [rows_run(m) for m in modules]
+    trainers = [fit_one_step(m, samples, callbacks=[g]) for m, g in zip(modules, grads)]
+    advantages = modules[1].last_rollout.advantages
+    assert (advantages[4:] == 0).all() and (advantages[:4] != 0).all()  # the second group teaches nothing
+    assert (sum(rows[0]), sum(rows[1])) == (8, 4)
+    (a,), (b,) = grads[0].steps, grads[1].steps
+    assert a.keys() == b.keys() and len(a) > 10 and any(g.abs().sum() > 0 for g in a.values())
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], atol=1e-7, rtol=1e-4, msg=name)
+    metrics = [t.callback_metrics for t in trainers]
+    assert metrics[1]["train/episodes_run"].item() == 0.5 and "train/episodes_run" not in metrics[0]
+    assert metrics[0]["reward/zero_std_groups"].item() == metrics[1]["reward/zero_std_groups"].item() == 0.5
+
+
+def test_a_step_with_nothing_to_learn_still_steps_on_zero_gradients(samples):
+    everyone_alike = lambda request: WRONG  # noqa: E731
+    module = make_module(engine=ScriptedEngine(everyone_alike), skip_zero_advantage=True)
+    grads, rows = Gradients(), rows_run(module)
+    trainer = fit_one_step(module, samples, callbacks=[grads])
+    assert rows == [1] and trainer.callback_metrics["train/episodes_run"].item() == 1 / 8
+    (step,) = grads.steps
+    assert len(step) > 10 and all((g == 0).all() for g in step.values())
+
+
+def test_skipping_is_refused_where_the_episodes_carry_a_loss():
+    with pytest.raises(ValueError, match="kl_coef=0 and entropy_coef=0"):
+        make_module(skip_zero_advantage=True, kl_coef=0.001)
+    with pytest.raises(ValueError, match="kl_coef=0 and entropy_coef=0"):
+        make_module(skip_zero_advantage=True, entropy_coef=0.01)
