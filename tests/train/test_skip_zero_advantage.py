@@ -45,8 +45,7 @@ def test_skipping_runs_half_the_episodes_for_the_same_update(samples):
 
 
 def test_a_step_with_nothing_to_learn_still_steps_on_zero_gradients(samples):
-    everyone_alike = lambda request: WRONG  # noqa: E731
-    module = make_module(engine=ScriptedEngine(everyone_alike), skip_zero_advantage=True)
+    module = make_module(engine=ScriptedEngine(lambda request: WRONG), skip_zero_advantage=True)
     grads, rows = Gradients(), rows_run(module)
     trainer = fit_one_step(module, samples, callbacks=[grads])
     assert rows == [1] and trainer.callback_metrics["train/episodes_run"].item() == 1 / 8
