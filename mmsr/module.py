@@ -90,7 +90,8 @@ class GRPOModule(L.LightningModule):
             per micro-batch, its KV cache fanned out to the rows (``mmsr.train.prefix``); the same log-probs
             up to float rounding. Skipped under FSDP2 and with gradient checkpointing.
         skip_zero_advantage: leave the episodes whose advantage is 0 (a group whose samples all got one
-            reward: ``reward/zero_std_groups``) out of the update's forward and backward passes. With
+            reward: ``reward/zero_std_groups``) out of the update's passes (and out of the scoring pass
+            that precedes several updates a step). With
             ``kl_coef=0`` and ``entropy_coef=0`` (required) their loss and gradients are exactly 0, so the
             update is the same, up to float rounding, for less compute; ``train/`` metrics are then means
             over the episodes run, and ``train/episodes_run`` is their share.

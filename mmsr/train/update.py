@@ -120,15 +120,17 @@ class PolicyUpdate:
                              f"step has {len(trajs)} (lower mini_batches, or raise prompts_per_step x num_generations)")
         # one update: the old policy is the current one (ratio 1); more: score it before the first update
         # changes it, unless the engine's log-probs stand in for it (no scoring pass)
+        # exactly mini_batches parts (``chunk`` makes fewer when they do not divide: 6 episodes in 4 gave 3
+        # updates, while trainer.max_steps and the progress count mini_batches a step)
+        parts = [part.tolist() for part in torch.tensor_split(torch.arange(len(trajs)), s.mini_batches)]
         multi = s.updates_per_step > 1
-        old = self.score(trajs, step.model, step.device) if multi and s.old_logprobs == "recompute" else None
+        run = sorted(i for part in parts for i in self.episodes_to_run(part, advantages))  # all but skipped ones
+        old = self.score(trajs, step.model, step.device, run) if multi and s.old_logprobs == "recompute" else None
         ref_scores = self.reference_scores(trajs, ref, step.device) if ref is not None else None
         totals: dict[str, float] = {}
         for _ in range(s.ppo_epochs):
-            # exactly mini_batches parts (``chunk`` makes fewer when they do not divide: 6 episodes in 4 gave 3
-            # updates, while trainer.max_steps and the progress count mini_batches a step)
-            for chunk in torch.tensor_split(torch.arange(len(trajs)), s.mini_batches):
-                metrics = self._optimizer_step(trajs, chunk.tolist(), advantages, old, ref_scores, step)
+            for part in parts:
+                metrics = self._optimizer_step(trajs, part, advantages, old, ref_scores, step)
                 for k, v in metrics.items():
                     totals[k] = totals.get(k, 0.0) + v / s.updates_per_step
         return totals
@@ -208,13 +210,17 @@ class PolicyUpdate:
             return self.score(trajs, model, device)
 
     @torch.no_grad()
-    def score(self, trajs: list[Trajectory], model: torch.nn.Module, device: torch.device) -> list[torch.Tensor]:
-        """Per-trajectory log-probs ``[len_i - 1]`` under ``model`` (old policy or reference)."""
+    def score(self, trajs: list[Trajectory], model: torch.nn.Module, device: torch.device,
+              only: list[int] | None = None) -> list[torch.Tensor]:  # fmt: skip
+        """Per-trajectory log-probs ``[len_i - 1]`` under ``model`` (old policy or reference); with ``only``,
+        of those trajectories alone (the others get empty tensors)."""
         scores: list[torch.Tensor] = [torch.empty(0)] * len(trajs)
-        for micro in self.micro_batches([len(t) for t in trajs], device):
-            batch = collate([trajs[i] for i in micro or [0]], micro or [0], self.policy, device)
+        rows = list(range(len(trajs))) if only is None else only
+        for micro in self.micro_batches([len(trajs[i]) for i in rows], device):
+            picked = [rows[j] for j in micro or [0]]
+            batch = collate([trajs[i] for i in picked], picked, self.policy, device)
             logp, _ = self.token_logprobs(batch, model)
-            for row, i in enumerate(micro or []):
+            for row, i in enumerate(picked if micro else []):
                 scores[i] = logp[row, : len(trajs[i]) - 1]
         return scores
 

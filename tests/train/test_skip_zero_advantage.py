@@ -58,3 +58,30 @@ def test_skipping_is_refused_where_the_episodes_carry_a_loss():
         make_module(skip_zero_advantage=True, kl_coef=0.001)
     with pytest.raises(ValueError, match="kl_coef=0 and entropy_coef=0"):
         make_module(skip_zero_advantage=True, entropy_coef=0.01)
+
+
+def test_the_scoring_pass_before_several_updates_skips_them_too(samples):
+    """Two updates a step score the rollouts first (``old_logprobs: recompute``): only the episodes that
+    will run are scored, and both updates are as without skipping."""
+    modules = [make_module(engine=ScriptedEngine(alike_for(samples[1].id)), mini_batches=2, skip_zero_advantage=skip)
+               for skip in (False, True)]  # fmt: skip
+    modules[1].model.load_state_dict(modules[0].model.state_dict())
+    grads, scored = [Gradients(), Gradients()], [[], []]
+    for module, rows in zip(modules, scored):
+        logprobs = module.policy_update.token_logprobs
+
+        def counted(batch, *a, _logprobs=logprobs, _rows=rows, **kw):
+            if not torch.is_grad_enabled():  # the scoring pass (the update's passes take gradients)
+                _rows.append(batch.input_ids.shape[0])
+            return _logprobs(batch, *a, **kw)
+
+        module.policy_update.token_logprobs = counted
+    for module, g in zip(modules, grads):
+        fit_one_step(module, samples, max_steps=2, callbacks=[g])  # 2 updates = one training step
+    advantages = modules[1].last_rollout.advantages
+    assert (advantages[4:] == 0).all() and (advantages[:4] != 0).all()
+    assert (sum(scored[0]), sum(scored[1])) == (8, 4 + 1)  # the second half keeps one episode to step on
+    for a, b in zip(grads[0].steps, grads[1].steps, strict=True):
+        assert a.keys() == b.keys() and len(a) > 10
+        for name in a:
+            torch.testing.assert_close(b[name], a[name], atol=1e-7, rtol=1e-4, msg=name)
