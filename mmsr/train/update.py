@@ -118,11 +118,11 @@ class PolicyUpdate:
         if len(trajs) < s.mini_batches:
             raise ValueError(f"mini_batches={s.mini_batches} needs at least as many episodes a step on each rank; this "
                              f"step has {len(trajs)} (lower mini_batches, or raise prompts_per_step x num_generations)")
-        # one update: the old policy is the current one (ratio 1); more: score it before the first update
-        # changes it, unless the engine's log-probs stand in for it (no scoring pass)
         # exactly mini_batches parts (``chunk`` makes fewer when they do not divide: 6 episodes in 4 gave 3
         # updates, while trainer.max_steps and the progress count mini_batches a step)
         parts = [part.tolist() for part in torch.tensor_split(torch.arange(len(trajs)), s.mini_batches)]
+        # one update: the old policy is the current one (ratio 1); more: score it before the first update
+        # changes it, unless the engine's log-probs stand in for it (no scoring pass)
         multi = s.updates_per_step > 1
         run = sorted(i for part in parts for i in self.episodes_to_run(part, advantages))  # all but skipped ones
         old = self.score(trajs, step.model, step.device, run) if multi and s.old_logprobs == "recompute" else None
