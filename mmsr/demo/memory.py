@@ -22,13 +22,18 @@ CLEAR_REFS = Path("/proc/self/clear_refs")
 
 def status_mb(key: str) -> float | None:
     """A ``/proc/self/status`` size in MB (``VmRSS``: now, ``VmHWM``: the peak); None off Linux."""
+    return status_values(key)[0]
+
+
+def status_values(*keys: str) -> tuple[float | None, ...]:
+    """``status_mb`` of each key, all from one read of the file (so a peak is never below the RSS read
+    with it, whatever another thread allocates meanwhile)."""
     try:
-        for line in STATUS.read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024 / MB
+        lines = STATUS.read_text().splitlines()
     except OSError:
-        return None
-    return None
+        lines = []
+    return tuple(next((int(line.split()[1]) * 1024 / MB for line in lines if line.startswith(k + ":")), None)
+                 for k in keys)  # fmt: skip
 
 
 def reset_peak() -> bool:
@@ -69,7 +74,8 @@ class StageMemory:
         try:
             yield
         finally:
-            peak, end = status_mb("VmHWM"), status_mb("VmRSS")
+            # one read: two reads let a thread's allocation in between put the end above the peak
+            peak, end = status_values("VmHWM", "VmRSS")
             self.stages[name] = {"peak_rss_mb": _round(peak), "end_rss_mb": _round(end),
                                  "seconds": round(time.perf_counter() - start, 1), "peak_from_start": not was_reset}  # fmt: skip
 
