@@ -208,5 +208,5 @@ def engine_input(input_ids: Sequence[int], vision: Sequence[VisionInput], ids: I
     counts = [v.num_tokens for v in vision]
     if expand_image_tokens(raw, counts, ids.pad) != list(input_ids):  # the round trip vLLM will make
         raise ImageTokenMismatch("raw prompt ids do not expand back to the training ids")
-    grids = GridImages(patch_size) if grids is None else grids
-    return EngineInput(raw, [grids(v) for v in vision], counts)
+    images = [grid_image(v, patch_size) for v in vision] if grids is None else [grids(v) for v in vision]
+    return EngineInput(raw, images, counts)

@@ -121,32 +121,35 @@ class PolicyUpdate:
         # exactly mini_batches parts (``chunk`` makes fewer when they do not divide: 6 episodes in 4 gave 3
         # updates, while trainer.max_steps and the progress count mini_batches a step)
         parts = [part.tolist() for part in torch.tensor_split(torch.arange(len(trajs)), s.mini_batches)]
+        runs = [self.episodes_to_run(part, advantages) for part in parts]  # each part's, less skipped ones
         # one update: the old policy is the current one (ratio 1); more: score it before the first update
         # changes it, unless the engine's log-probs stand in for it (no scoring pass)
         multi = s.updates_per_step > 1
-        run = sorted(i for part in parts for i in self.episodes_to_run(part, advantages))  # all but skipped ones
-        old = self.score(trajs, step.model, step.device, run) if multi and s.old_logprobs == "recompute" else None
+        scored = sorted(i for run in runs for i in run)
+        old = self.score(trajs, step.model, step.device, scored) if multi and s.old_logprobs == "recompute" else None
         ref_scores = self.reference_scores(trajs, ref, step.device) if ref is not None else None
         totals: dict[str, float] = {}
         for _ in range(s.ppo_epochs):
-            for part in parts:
-                metrics = self._optimizer_step(trajs, part, advantages, old, ref_scores, step)
+            for part, run in zip(parts, runs):
+                metrics = self._optimizer_step(trajs, part, run, advantages, old, ref_scores, step)
                 for k, v in metrics.items():
                     totals[k] = totals.get(k, 0.0) + v / s.updates_per_step
         return totals
 
-    def _optimizer_step(self, trajs, idx: list[int], advantages, old, ref, step: Backprop) -> dict[str, float]:
-        """One optimizer step over trajectories ``idx``, accumulated over packed micro-batches."""
+    def _optimizer_step(self, trajs, idx: list[int], run: list[int], advantages, old, ref, step: Backprop
+                        ) -> dict[str, float]:  # fmt: skip
+        """One optimizer step over trajectories ``idx``, accumulated over packed micro-batches of those of
+        them that run (``episodes_to_run``)."""
         s, opt = self.settings, step.optimizer
         by_tokens = s.loss_agg == "token-mean"
         count = (lambda ids: sum(trajs[i].num_sampled_tokens for i in ids)) if by_tokens else len
         denom = all_reduce(count(idx), "sum", step.device)  # the loss's normalizer: every episode, run or not
         if denom == 0:
             return {}
-        run = self.episodes_to_run(idx, advantages)
-        ran = all_reduce(count(run), "sum", step.device) if run is not idx else denom
+        skipping = s.skip_zero_advantage
+        ran = all_reduce(count(run), "sum", step.device) if skipping else denom
         opt.zero_grad()
-        metrics: dict[str, float] = {"train/episodes_run": len(run) / len(idx)} if run is not idx else {}
+        metrics: dict[str, float] = {"train/episodes_run": len(run) / len(idx)} if skipping else {}
         for micro in self.micro_batches([len(trajs[i]) for i in run], step.device):
             micro_idx = [run[j] for j in (micro or [0])]
             n = count(micro_idx) if micro else 0

@@ -5,7 +5,14 @@ import pytest
 import torch
 
 from mmsr.rollout.engine import ScriptedEngine
-from tests.test_module import WRONG, Gradients, fit_one_step, make_module, script
+from tests.test_module import (
+    WRONG,
+    Gradients,
+    assert_same_gradients,
+    fit_one_step,
+    make_module,
+    script,
+)
 
 
 @pytest.fixture(scope="module")
@@ -35,10 +42,8 @@ def test_skipping_runs_half_the_episodes_for_the_same_update(samples):
     advantages = modules[1].last_rollout.advantages
     assert (advantages[4:] == 0).all() and (advantages[:4] != 0).all()  # the second group teaches nothing
     assert (sum(rows[0]), sum(rows[1])) == (8, 4)
-    (a,), (b,) = grads[0].steps, grads[1].steps
-    assert a.keys() == b.keys() and len(a) > 10 and any(g.abs().sum() > 0 for g in a.values())
-    for name in a:
-        torch.testing.assert_close(b[name], a[name], atol=1e-7, rtol=1e-4, msg=name)
+    assert any(g.abs().sum() > 0 for g in grads[0].steps[0].values())
+    assert_same_gradients(*grads)
     metrics = [t.callback_metrics for t in trainers]
     assert metrics[1]["train/episodes_run"].item() == 0.5 and "train/episodes_run" not in metrics[0]
     assert metrics[0]["reward/zero_std_groups"].item() == metrics[1]["reward/zero_std_groups"].item() == 0.5
