@@ -1,14 +1,18 @@
 """Shared-prefix training against whole rows: the forward and backward passes of one GRPO update's
 micro-batches, both ways, alternated in one run.
 
-    python benchmarks/shared_prefix.py [--repeats 5] [--groups 4] [--generations 8]
+    python benchmarks/shared_prefix.py [--repeats 5] [--groups 4] [--generations 8] [--route cache|packed]
+                                       [--checkpointed]
 
 The workload: the CPU demo's policy shape (a random tiny Qwen2.5-VL: hidden 128, 4 layers, 4 heads,
 FFN 256, vision depth 2, a ~1,024-token BPE), ``groups`` FVQA dev questions with their images and the
 default MMSearch-R1 prompt, ``generations`` scripted episodes each (answers at once, image search with
 two thumbnails then an answer, text search then an answer, in turn), packed into micro-batches as the
 update packs them (``micro_batch_tokens`` 4096). The loss is the log-probs' masked sum with a weight
-per row, like advantages.
+per row, like advantages. ``--route``: the shared prefixes run through a KV cache (``mmsr.train.prefix``,
+what a single process without checkpointing takes) or in packed rows under a 4-D mask
+(``mmsr.train.packed``, what gradient checkpointing and FSDP2 take: the 7B recipes); ``--checkpointed``
+checkpoints the layers both ways (as the recipes; packed rows only).
 
 Prints one JSON object: tokens each way (whole rows: their padded widths; shared: the prefixes' and the
 suffixes'), the median seconds of all passes each way, whole / shared, and the largest log-prob
@@ -21,6 +25,7 @@ import argparse
 import json
 import statistics
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -34,7 +39,10 @@ from mmsr.rollout.engine import SamplingParams, ScriptedEngine
 from mmsr.rollout.loop import RolloutLoop, RolloutSettings
 from mmsr.tools.base import IMAGE_MARKER, ToolRequest, ToolResult
 from mmsr.train.batch import collate, pack_by_tokens, sampled_logprobs
+from mmsr.train.packed import packed_logprobs
 from mmsr.train.prefix import plan_prefixes, shared_logprobs
+
+ROUTES = {"cache": shared_logprobs, "packed": packed_logprobs}
 
 ROOT = Path(__file__).resolve().parents[1]
 FVQA = ROOT / "data" / "fvqa_dev_20"
@@ -75,13 +83,13 @@ def micro_batches(groups: int, generations: int, **policy_args):
     return policy, [collate([trajs[i] for i in micro], micro, policy, "cpu") for micro in packed]
 
 
-def passes(policy, batches, shared: bool) -> tuple[float, list[torch.Tensor]]:
+def passes(policy, batches, shared: bool, route: str = "cache") -> tuple[float, list[torch.Tensor]]:
     """Seconds of every micro-batch's forward and backward, and the masked log-probs."""
     image_id, out = policy.model.config.image_token_id, []
     start = time.perf_counter()
     for batch in batches:
         split = plan_prefixes(batch, image_id) if shared else None
-        logp = (shared_logprobs(policy, batch, split) if split else sampled_logprobs(policy, batch))[0] * batch.loss_mask
+        logp = (ROUTES[route](policy, batch, split) if split else sampled_logprobs(policy, batch))[0] * batch.loss_mask
         weights = torch.linspace(-1.0, 1.0, len(batch.index))[:, None]
         (logp * weights).sum().backward()
         out.append(logp.detach())
@@ -119,12 +127,19 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--groups", type=int, default=4)
     ap.add_argument("--generations", type=int, default=8)
+    ap.add_argument("--route", choices=sorted(ROUTES), default="cache")
+    ap.add_argument("--checkpointed", action="store_true", help="checkpoint the layers both ways (packed rows only)")
     args = ap.parse_args(argv)
+    if args.checkpointed and args.route == "cache":
+        ap.error("--checkpointed: the KV cache route cannot run under gradient checkpointing; add --route packed")
     policy, batches = micro_batches(args.groups, args.generations)
     policy.model.train()
-    whole, shared, diff = alternated(passes, policy, batches, args.repeats)
-    result = {"episodes": args.groups * args.generations, "micro_batches": len(batches), "tokens": tokens(policy, batches),
-              "whole_s": whole, "shared_s": shared, "whole_over_shared": whole / shared, "max_logprob_diff": diff}  # fmt: skip
+    if args.checkpointed:
+        policy.model.gradient_checkpointing_enable()
+    whole, shared, diff = alternated(partial(passes, route=args.route), policy, batches, args.repeats)
+    result = {"route": args.route, "checkpointed": args.checkpointed, "episodes": args.groups * args.generations,
+              "micro_batches": len(batches), "tokens": tokens(policy, batches), "whole_s": whole, "shared_s": shared,
+              "whole_over_shared": whole / shared, "max_logprob_diff": diff}  # fmt: skip
     print(json.dumps(result, indent=2))
     return result
 

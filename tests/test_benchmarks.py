@@ -32,8 +32,9 @@ def test_vs_trl_times_generation_alone_without_trl():
     assert 0 < out["wall_s"]["min"] <= out["wall_s"]["median"] and len(out["digest"]) == 16
 
 
-def test_shared_prefix_benchmark_runs_both_ways_and_they_agree():
-    cmd = [sys.executable, "benchmarks/shared_prefix.py", "--repeats", "1", "--groups", "2", "--generations", "3"]
+@pytest.mark.parametrize("route", [[], ["--route", "packed", "--checkpointed"]], ids=["cache", "packed"])
+def test_shared_prefix_benchmark_runs_both_ways_and_they_agree(route):
+    cmd = [sys.executable, "benchmarks/shared_prefix.py", "--repeats", "1", "--groups", "2", "--generations", "3", *route]
     proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout)
@@ -41,6 +42,7 @@ def test_shared_prefix_benchmark_runs_both_ways_and_they_agree():
     assert out["episodes"] == 6 and tokens["shared"] < tokens["real"] <= tokens["whole"]
     assert out["max_logprob_diff"] < 1e-4 and out["whole_s"] > 0 and out["shared_s"] > 0
     assert out["whole_over_shared"] == pytest.approx(out["whole_s"] / out["shared_s"])
+    assert (out["route"], out["checkpointed"]) == (("packed", True) if route else ("cache", False))
 
 
 def test_distinct_images_benchmark_runs_both_ways_and_they_agree():

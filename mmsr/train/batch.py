@@ -16,6 +16,7 @@ from mmsr.models.policy import Policy, check_image_tokens
 from mmsr.models.vision import VisionInput
 from mmsr.parallel import all_reduce
 from mmsr.rollout.trajectory import Trajectory
+from mmsr.train.packed import can_pack, packed_logprobs
 from mmsr.train.prefix import PASS_COST_TOKENS, can_share, plan_prefixes, shared_logprobs
 
 
@@ -112,12 +113,15 @@ def sampled_logprobs(policy: Policy, batch: TrainBatch, model: torch.nn.Module |
     The LM head only runs at those ``K`` positions (``logits_to_keep``): the logits are ``[n, K, V]``, not
     ``[n, T, V]`` (prompts, tool results and image tokens are most of a multi-turn sequence), and the
     log-softmax is chunked over them (``mmsr.algo.logprobs``). ``share_prefix``: rows that share a prefix
-    run it once (``mmsr.train.prefix``) when ``model`` allows it and that saves enough tokens.
+    run it once where that saves enough tokens: through a KV cache (``mmsr.train.prefix``) when ``model``
+    allows it, else in packed rows (``mmsr.train.packed``: gradient checkpointing, FSDP2) when its attention
+    takes a 4-D mask; whole rows otherwise (flash-attention 2 under either).
     """
-    if share_prefix and can_share(model if model is not None else policy.model):
+    shared = _sharing(model if model is not None else policy.model) if share_prefix else None
+    if shared is not None:
         split = plan_prefixes(batch, getattr(policy.model.config, "image_token_id", None))
         if split is not None:
-            return shared_logprobs(policy, batch, split, model, temperature, with_entropy)
+            return shared(policy, batch, split, model, temperature, with_entropy)
     keep = batch.loss_mask.any(0).nonzero()[:, 0]  # [K] positions t whose label t+1 was sampled
     out = policy.forward(batch.input_ids, batch.attention_mask, batch.position_ids, batch.vision, model=model,
                          logits_to_keep=keep)  # fmt: skip
@@ -125,3 +129,8 @@ def sampled_logprobs(policy: Policy, batch: TrainBatch, model: torch.nn.Module |
                                          with_entropy=with_entropy)  # fmt: skip
     spread = lambda x: x.new_zeros(batch.labels.shape).index_copy(1, keep, x)  # noqa: E731 - [n, K] -> [n, T-1]
     return spread(logp), spread(entropy) if entropy is not None else None
+
+
+def _sharing(model: torch.nn.Module):
+    """How ``model`` trains on shared prefixes: ``shared_logprobs``, ``packed_logprobs`` or ``None`` (whole rows)."""
+    return shared_logprobs if can_share(model) else packed_logprobs if can_pack(model) else None

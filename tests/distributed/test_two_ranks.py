@@ -3,6 +3,7 @@ updates as one process on the same data: same per-step loss, same final weights.
 checkpoints of a 2-rank FSDP2 run resume on one rank and export / evaluate in one process."""
 
 import csv
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -10,8 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from lightning.pytorch import Callback
 from safetensors.torch import load_file
 
+import mmsr.train.batch
 from mmsr.data.loaders import load_samples
 from tests.conftest import subprocess_env
 from tests.distributed.runs import ROOT, assert_same_weights, fitted
@@ -30,12 +33,41 @@ def script() -> dict[str, list[str]]:
     return out
 
 
-def run(tmp: Path, devices: int, strategy, checkpoint: bool = False, max_steps: int = 2, extra: list[str] = ()) -> Path:
+class CountRoutes(Callback):
+    """Counts this rank's passes that share prefixes through the KV cache and through packed rows
+    (``mmsr.train.batch``'s two routes) and writes them to ``out/routes_<rank>.json`` when the fit ends."""
+
+    def __init__(self, out: str) -> None:
+        self.out, self.counts = Path(out), {"cache": 0, "packed": 0}
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        for route, name in (("cache", "shared_logprobs"), ("packed", "packed_logprobs")):
+            setattr(mmsr.train.batch, name, self._counted(route, getattr(mmsr.train.batch, name)))
+
+    def _counted(self, route: str, fn):
+        def counted(*args, **kwargs):
+            self.counts[route] += 1
+            return fn(*args, **kwargs)
+
+        return counted
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        (self.out / f"routes_{trainer.global_rank}.json").write_text(json.dumps(self.counts))
+
+
+def routes(run_dir: Path, devices: int) -> list[dict[str, int]]:
+    return [json.loads((run_dir / f"routes_{r}.json").read_text()) for r in range(devices)]
+
+
+def run(tmp: Path, devices: int, strategy, checkpoint: bool = False, max_steps: int = 2, extra: list[str] = (),
+        count_routes: bool = False) -> Path:  # fmt: skip
     cfg = yaml.safe_load((ROOT / "configs" / "smoke.yaml").read_text())
     cfg["trainer"].update(max_steps=max_steps, devices=devices, strategy=strategy, default_root_dir=str(tmp),
                           use_distributed_sampler=False, enable_checkpointing=checkpoint, enable_progress_bar=False,
                           plugins=None, callbacks=[{"class_path": "mmsr.callbacks.trajectory_logger.TrajectoryLogger",
                                                     "init_args": {"every_n_steps": 1, "max_trajectories": 16}}])  # fmt: skip
+    if count_routes:
+        cfg["trainer"]["callbacks"].append({"class_path": f"{__name__}.CountRoutes", "init_args": {"out": str(tmp)}})
     if checkpoint:
         cfg["trainer"]["callbacks"].append({"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {
             "dirpath": str(tmp / "ckpt"), "every_n_train_steps": 1, "save_top_k": -1, "filename": "{step}",
@@ -58,10 +90,16 @@ def losses(run_dir: Path) -> list[float]:
                                               "init_args": {"data_parallel_size": 2, "tensor_parallel_size": 1}}],
                          ids=["ddp", "fsdp2"])  # fmt: skip
 def test_two_ranks_equal_one(tmp_path, strategy):
-    one = run(tmp_path / "one", 1, "auto")
-    two = run(tmp_path / "two", 2, strategy)
+    """One process shares each group's prompt through the KV cache; FSDP2 ranks, where the cache cannot carry
+    gradients, share it in packed rows (``mmsr.train.packed``), DDP ranks through the cache."""
+    one = run(tmp_path / "one", 1, "auto", count_routes=True)
+    two = run(tmp_path / "two", 2, strategy, count_routes=True)
     assert losses(two) == pytest.approx(losses(one), abs=1e-5)
     assert_same_weights(one, two)
+    (alone,) = routes(one, 1)
+    assert alone["cache"] > 0 and alone["packed"] == 0
+    route = "cache" if strategy == "ddp" else "packed"
+    assert all(r[route] > 0 and sum(r.values()) == r[route] for r in routes(two, 2))
 
 
 def fsdp(n: int, strategy: str = "lightning.pytorch.strategies.ModelParallelStrategy") -> dict:

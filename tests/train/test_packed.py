@@ -1,0 +1,102 @@
+"""Shared prefixes in packed rows (``mmsr.train.packed``): the route taken under gradient checkpointing and
+FSDP2, where the KV cache cannot carry gradients. A prefix laid out once, followed by the suffixes that continue
+it under a 4-D mask, gives the log-probs, entropies and gradients of the whole rows, for each model family."""
+
+import pytest
+import torch
+
+import mmsr.train.batch
+from mmsr.train.batch import sampled_logprobs
+from mmsr.train.packed import can_pack, pack_rows, packed_logprobs
+from mmsr.train.prefix import plan_prefixes
+from tests.models.conftest import tiny_qwen3_vl  # noqa: F401 - fixture
+from tests.train.test_prefix import group_batch, text_policy  # noqa: F401 - fixture
+
+
+def scores(policy, batch, packed: bool):
+    """Masked log-probs and entropies ``[n, T-1]`` and the gradient of a loss of both."""
+    policy.model.zero_grad()
+    if packed:
+        split = plan_prefixes(batch, getattr(policy.model.config, "image_token_id", None), min_saved=0)
+        logp, ent = packed_logprobs(policy, batch, split, with_entropy=True)
+    else:
+        logp, ent = sampled_logprobs(policy, batch, with_entropy=True)
+    mask = batch.loss_mask
+    weights = torch.linspace(-1.0, 2.0, mask.shape[0])[:, None]  # rows weigh differently, like advantages
+    ((logp * mask * weights).sum() + 0.3 * (ent * mask).sum()).backward()
+    grad = torch.cat([p.grad.flatten() for p in policy.model.parameters() if p.grad is not None])
+    return (logp * mask).detach(), (ent * mask).detach(), grad
+
+
+def assert_same_scores(policy, batch):
+    whole, packed = scores(policy, batch, packed=False), scores(policy, batch, packed=True)
+    for a, b in zip(whole, packed):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    assert whole[2].abs().max() > 1.0  # the gradient is not trivially zero
+
+
+@pytest.fixture(params=["tiny_policy", "tiny_qwen3_vl", "text_policy"], ids=["qwen2_5_vl", "qwen3_vl", "text"])
+def checkpointed(request):
+    """Each family's policy with its layers checkpointed (the 7B recipes' setting) for the test's duration."""
+    policy = request.getfixturevalue(request.param)
+    training = policy.model.training
+    policy.model.train().gradient_checkpointing_enable()
+    yield policy
+    policy.model.gradient_checkpointing_disable()
+    policy.model.train(training)
+
+
+def test_packed_rows_score_as_the_whole_rows_under_gradient_checkpointing(checkpointed, fvqa_samples, monkeypatch):
+    batch = group_batch(checkpointed, fvqa_samples)
+    calls = []
+    monkeypatch.setattr(mmsr.train.batch, "packed_logprobs", lambda *a, **k: calls.append(1) or packed_logprobs(*a, **k))
+    monkeypatch.setattr(mmsr.train.batch, "shared_logprobs", None)  # the KV cache route must not be taken
+    routed = sampled_logprobs(checkpointed, batch, with_entropy=True, share_prefix=True)
+    assert calls == [1]
+    assert_same_scores(checkpointed, batch)
+    whole = sampled_logprobs(checkpointed, batch)[0]  # (whole rows also fill in positions other rows sampled)
+    torch.testing.assert_close(routed[0], whole * batch.loss_mask, rtol=1e-4, atol=1e-5)
+
+
+def test_the_layout_runs_each_prefix_once_and_each_suffix_after_it(tiny_policy, fvqa_samples):
+    batch = group_batch(tiny_policy, fvqa_samples)
+    split = plan_prefixes(batch, tiny_policy.model.config.image_token_id, min_saved=0)
+    packed = pack_rows(batch, split, pad_id=0)
+    lengths = batch.attention_mask.sum(1).tolist()
+    assert packed.input_ids.shape[0] == len(split.lengths)
+    assert int((packed.segment >= 0).sum()) == sum(lengths) - split.saved  # every token once, a prefix once
+    for i, g in enumerate(split.group):  # each whole-row token sits where column says, at its own position
+        cols = packed.column[i, : lengths[i]]
+        assert torch.equal(packed.input_ids[g, cols], batch.input_ids[i, : lengths[i]])
+        assert torch.equal(packed.position_ids[..., g, cols], batch.position_ids[..., i, : lengths[i]])
+    mask = packed.attention_mask()[:, 0]
+    a, b = ((packed.segment[0] == k).nonzero()[:, 0] for k in (1, 2))  # group 0's first two suffixes
+    assert mask[0][b[:, None], a[None, :]].sum() == 0 and mask[0][b[-1], : split.lengths[0]].all()  # not a, all the prefix
+    assert image_tokens(packed, tiny_policy) == sum(v.num_tokens for v in packed.vision) < image_tokens(batch, tiny_policy)
+
+
+def image_tokens(rows, policy) -> int:
+    return int((rows.input_ids == policy.model.config.image_token_id).sum())
+
+
+def test_eager_attention_takes_the_additive_mask(text_policy, fvqa_samples):
+    batch = group_batch(text_policy, fvqa_samples)
+    text_policy.model.set_attn_implementation("eager")
+    try:
+        assert can_pack(text_policy.model)
+        assert_same_scores(text_policy, batch)
+    finally:
+        text_policy.model.set_attn_implementation("sdpa")
+
+
+def test_flash_attention_under_checkpointing_trains_whole_rows(text_policy):
+    """Flash-attention 2 takes no arbitrary mask: neither route is open, the rows stay whole."""
+    model, attn = text_policy.model, text_policy.model.config._attn_implementation
+    model.gradient_checkpointing_enable()
+    try:
+        assert mmsr.train.batch._sharing(model) is mmsr.train.batch.packed_logprobs
+        model.config._attn_implementation = "flash_attention_2"
+        assert not can_pack(model) and mmsr.train.batch._sharing(model) is None
+    finally:
+        model.config._attn_implementation = attn
+        model.gradient_checkpointing_disable()
