@@ -8,15 +8,18 @@ The workload: the CPU demo's policy shape (a random tiny Qwen2.5-VL: hidden 128,
 FFN 256, vision depth 2, a ~1,024-token BPE), ``groups`` FVQA dev questions with their images and the
 default MMSearch-R1 prompt, ``generations`` scripted episodes each (answers at once, image search with
 two thumbnails then an answer, text search then an answer, in turn), packed into micro-batches as the
-update packs them (``micro_batch_tokens`` 4096). The loss is the log-probs' masked sum with a weight
+update packs them (``micro_batch_tokens`` 4096: by length, and for packed rows a group's episodes
+together). The loss is the log-probs' masked sum with a weight
 per row, like advantages. ``--route``: the shared prefixes run through a KV cache (``mmsr.train.prefix``,
 what a single process without checkpointing takes) or in packed rows under a 4-D mask
 (``mmsr.train.packed``, what gradient checkpointing and FSDP2 take: the 7B recipes); ``--checkpointed``
 checkpoints the layers both ways (as the recipes; packed rows only).
 
 Prints one JSON object: tokens each way (whole rows: their padded widths; shared: the prefixes' and the
-suffixes'), the median seconds of all passes each way, whole / shared, and the largest log-prob
-difference between the ways (float rounding: the same numbers, summed in another order).
+suffixes'), the median seconds of all passes each way, whole / shared, the largest log-prob difference
+between the ways (float rounding: the same numbers, summed in another order), and on paper the forward's
+TFLOPs each way at Qwen2.5-VL-7B's decoder sizes over the same tokens (``paper_tflops``: at hidden 128
+attention is a large part of a pass; at 3,584 the projections and MLP are most of it).
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from mmsr.rollout.engine import SamplingParams, ScriptedEngine
 from mmsr.rollout.loop import RolloutLoop, RolloutSettings
 from mmsr.tools.base import IMAGE_MARKER, ToolRequest, ToolResult
 from mmsr.train.batch import collate, pack_by_tokens, sampled_logprobs
-from mmsr.train.packed import packed_logprobs
+from mmsr.train.packed import pack_rows, packed_logprobs
 from mmsr.train.prefix import plan_prefixes, shared_logprobs
 
 ROUTES = {"cache": shared_logprobs, "packed": packed_logprobs}
@@ -67,9 +70,8 @@ class Pages:
         return ToolResult("1. The tower stands in Paris, on the left bank of the river, since 1889.")
 
 
-def micro_batches(groups: int, generations: int, **policy_args):
-    """The policy (the demo's shape, ``policy_args`` on top) and the update's micro-batches of ``groups`` x
-    ``generations`` scripted episodes."""
+def episodes(groups: int, generations: int, **policy_args):
+    """The policy (the demo's shape, ``policy_args`` on top) and ``groups`` x ``generations`` scripted episodes."""
     texts = [str(FVQA / "fvqa_dev.jsonl"), str(FVQA / "search" / "corpus.jsonl")]
     shape = dict(vocab_size=1024, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=256,
                  vision_depth=2, vision_hidden_size=64, seed=0)  # fmt: skip
@@ -78,32 +80,73 @@ def micro_batches(groups: int, generations: int, **policy_args):
     script = {f"{s.id}#{k}": SCRIPTS[k % len(SCRIPTS)] for s in samples for k in range(generations)}
     tools = {"image_search": Thumbnails(), "text_search": Pages()}
     loop = RolloutLoop(ScriptedEngine(script, policy.tokenizer), policy, PromptBuilder(), tools, RolloutSettings())
-    trajs = loop.run(samples, generations, SamplingParams())
-    packed = pack_by_tokens([len(t) for t in trajs], 4096)
-    return policy, [collate([trajs[i] for i in micro], micro, policy, "cpu") for micro in packed]
+    return policy, loop.run(samples, generations, SamplingParams())
 
 
-def passes(policy, batches, shared: bool, route: str = "cache") -> tuple[float, list[torch.Tensor]]:
-    """Seconds of every micro-batch's forward and backward, and the masked log-probs."""
-    image_id, out = policy.model.config.image_token_id, []
+def packed_as_the_update(policy, trajs, groups_together: bool) -> list:
+    """The micro-batches the update makes (``micro_batch_tokens`` 4096): by length, or a group's episodes
+    together (packed rows)."""
+    prompts = [(t.group_id, t.prompt_len) for t in trajs] if groups_together else None
+    micros = pack_by_tokens([len(t) for t in trajs], 4096, prompts)
+    return [collate([trajs[i] for i in micro], micro, policy, "cpu") for micro in micros]
+
+
+def micro_batches(groups: int, generations: int, **policy_args):
+    """The policy and the update's whole-row micro-batches of ``groups`` x ``generations`` scripted episodes."""
+    policy, trajs = episodes(groups, generations, **policy_args)
+    return policy, packed_as_the_update(policy, trajs, groups_together=False)
+
+
+def passes(policy, batches: dict, shared: bool, route: str = "cache") -> tuple[float, list[torch.Tensor]]:
+    """Seconds of every micro-batch's forward and backward (``batches[shared]``), and each episode's masked
+    log-probs ``[len - 1]`` in episode order."""
+    image_id, out = policy.model.config.image_token_id, {}
     start = time.perf_counter()
-    for batch in batches:
+    for batch in batches[shared]:
         split = plan_prefixes(batch, image_id) if shared else None
         logp = (ROUTES[route](policy, batch, split) if split else sampled_logprobs(policy, batch))[0] * batch.loss_mask
         weights = torch.linspace(-1.0, 1.0, len(batch.index))[:, None]
         (logp * weights).sum().backward()
-        out.append(logp.detach())
+        for row, (i, n) in enumerate(zip(batch.index.tolist(), batch.attention_mask.sum(1).tolist())):
+            out[i] = logp[row, : n - 1].detach()
     policy.model.zero_grad(set_to_none=True)
-    return time.perf_counter() - start, out
+    return time.perf_counter() - start, [out[i] for i in sorted(out)]
 
 
-def tokens(policy, batches) -> dict[str, int]:
-    whole = sum(b.input_ids.numel() for b in batches)
+def tokens(policy, batches: dict) -> dict[str, int]:
+    whole = sum(b.input_ids.numel() for b in batches[False])
     shared = 0
-    for b in batches:
+    for b in batches[True]:
         split = plan_prefixes(b, policy.model.config.image_token_id)
         shared += b.input_ids.numel() if split is None else (int(b.attention_mask.sum()) - split.saved)
-    return {"whole": whole, "shared": shared, "real": sum(int(b.attention_mask.sum()) for b in batches)}
+    return {"whole": whole, "shared": shared, "real": sum(int(b.attention_mask.sum()) for b in batches[False])}
+
+
+# Qwen2.5-VL-7B's decoder on paper: FLOPs of a token's projections and MLP (forward, 2 per weight), and of a
+# query-key pair's scores and weighted values (4 per head dimension), over its 28 layers
+HIDDEN, KV, FFN, LAYERS = 3584, 512, 18944, 28
+PER_TOKEN = 2 * (2 * HIDDEN * HIDDEN + 2 * HIDDEN * KV + 3 * HIDDEN * FFN) * LAYERS
+PER_PAIR = 4 * HIDDEN * LAYERS
+
+
+def paper_tflops(policy, batches: list, route: str | None) -> float:
+    """A forward's TFLOPs at Qwen2.5-VL-7B's decoder sizes over ``batches`` (vision tower left out): whole rows
+    (``route`` ``None``) attend causally (flash-attention), a packed row over every pair (its dense mask), a
+    cached prefix causally and each suffix to the prefix and itself."""
+    flops = 0.0
+    for b in batches:
+        split = plan_prefixes(b, policy.model.config.image_token_id) if route else None
+        lengths = b.attention_mask.sum(1).tolist()
+        if split is None:
+            flops += sum(n * PER_TOKEN + n * n / 2 * PER_PAIR for n in lengths)
+        elif route == "packed":
+            packed = pack_rows(b, split, 0)
+            flops += sum(n * PER_TOKEN + n * n * PER_PAIR for n in (packed.segment >= 0).sum(1).tolist())
+        else:
+            flops += sum(p * PER_TOKEN + p * p / 2 * PER_PAIR for p in split.lengths)
+            suffixes = [(n - split.lengths[g], split.lengths[g]) for n, g in zip(lengths, split.group)]
+            flops += sum(w * PER_TOKEN + w * (p + w / 2) * PER_PAIR for w, p in suffixes)
+    return flops / 1e12
 
 
 def alternated(passes, policy, batches, repeats: int) -> tuple[float, float, float]:
@@ -132,14 +175,17 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     if args.checkpointed and args.route == "cache":
         ap.error("--checkpointed: the KV cache route cannot run under gradient checkpointing; add --route packed")
-    policy, batches = micro_batches(args.groups, args.generations)
+    policy, trajs = episodes(args.groups, args.generations)
+    batches = {False: packed_as_the_update(policy, trajs, False), True: packed_as_the_update(policy, trajs, args.route == "packed")}
     policy.model.train()
     if args.checkpointed:
         policy.model.gradient_checkpointing_enable()
     whole, shared, diff = alternated(partial(passes, route=args.route), policy, batches, args.repeats)
     result = {"route": args.route, "checkpointed": args.checkpointed, "episodes": args.groups * args.generations,
-              "micro_batches": len(batches), "tokens": tokens(policy, batches), "whole_s": whole, "shared_s": shared,
-              "whole_over_shared": whole / shared, "max_logprob_diff": diff}  # fmt: skip
+              "micro_batches": {"whole": len(batches[False]), "shared": len(batches[True])},
+              "tokens": tokens(policy, batches), "whole_s": whole, "shared_s": shared, "whole_over_shared": whole / shared,
+              "max_logprob_diff": diff, "paper_7b_tflops": {"whole": paper_tflops(policy, batches[False], None),
+                                                            "shared": paper_tflops(policy, batches[True], args.route)}}  # fmt: skip
     print(json.dumps(result, indent=2))
     return result
 

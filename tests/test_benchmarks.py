@@ -43,6 +43,7 @@ def test_shared_prefix_benchmark_runs_both_ways_and_they_agree(route):
     assert out["max_logprob_diff"] < 1e-4 and out["whole_s"] > 0 and out["shared_s"] > 0
     assert out["whole_over_shared"] == pytest.approx(out["whole_s"] / out["shared_s"])
     assert (out["route"], out["checkpointed"]) == (("packed", True) if route else ("cache", False))
+    assert 0 < out["paper_7b_tflops"]["shared"] < out["paper_7b_tflops"]["whole"]
 
 
 def test_distinct_images_benchmark_runs_both_ways_and_they_agree():

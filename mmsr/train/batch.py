@@ -72,21 +72,25 @@ def collate(trajs: Sequence[Trajectory], index: Sequence[int], policy: Policy, d
                       lps[:, 1:].to(device), vision, torch.tensor(list(index)))  # fmt: skip
 
 
-def pack_by_tokens(lengths: Sequence[int], budget: int) -> list[list[int]]:
-    """Group indices into micro-batches whose padded size (rows x longest) stays within ``budget``, with
-    the least padded tokens plus ``PASS_COST_TOKENS`` per micro-batch.
+def pack_by_tokens(lengths: Sequence[int], budget: int, prompts: Sequence[tuple[int, int]] | None = None) -> list[list[int]]:
+    """Group indices into micro-batches whose padded size stays within ``budget``, with the least padded
+    tokens plus ``PASS_COST_TOKENS`` per micro-batch.
 
-    Indices are taken longest first and cut into runs (similar lengths share a batch: less padding);
-    the cuts are the cheapest (dynamic programming over the sorted lengths). Equal lengths give the
-    fewest micro-batches the budget allows; a sequence longer than the budget gets one of its own.
+    Whole rows (``prompts`` ``None``): a micro-batch costs rows x longest; indices are taken longest first and
+    cut into runs (similar lengths share a batch: less padding). Shared prefixes (``prompts``: each index's
+    GRPO group and prompt length, ``Trajectory.group_id`` and ``prompt_len``): a micro-batch costs its groups'
+    packed rows (each group's prompt once, then its rows' turns: ``mmsr.train.packed``) x the longest, so a
+    group's episodes stay together where the budget allows (split, each part runs the prompt again); groups
+    are taken by packed length, longest first, each group's rows longest first. The cuts are the cheapest
+    (dynamic programming over that order). Equal lengths give the fewest micro-batches the budget allows; a
+    sequence longer than the budget gets one of its own.
     """
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    order, runs = _whole_rows(lengths) if prompts is None else _groups_together(lengths, prompts)
     n = len(order)
     # cost[j]: the cheapest packing of order[:j]; its last run starts at cut[j]
     cost, cut = [0.0] + [math.inf] * n, [0] * (n + 1)
     for j in range(1, n + 1):
-        for i in range(j - 1, -1, -1):  # the last run is order[i:j], padded to its first (longest) length
-            padded = (j - i) * lengths[order[i]]
+        for i, padded in runs(j):  # the last run is order[i:j]; its size never shrinks as it grows
             if padded > budget and i < j - 1:
                 break
             if cost[i] + padded + PASS_COST_TOKENS <= cost[j]:  # ties: the longer run
@@ -98,10 +102,44 @@ def pack_by_tokens(lengths: Sequence[int], budget: int) -> list[list[int]]:
     return batches[::-1]
 
 
-def rank_micro_batches(lengths: Sequence[int], budget: int, device: torch.device) -> list[list[int] | None]:
+def _whole_rows(lengths: Sequence[int]):
+    """Longest first; ``runs(j)`` yields ``(i, rows x longest of order[i:j])`` for i = j-1 down to 0."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+
+    def runs(j: int):
+        for i in range(j - 1, -1, -1):
+            yield i, (j - i) * lengths[order[i]]
+
+    return order, runs
+
+
+def _groups_together(lengths: Sequence[int], prompts: Sequence[tuple[int, int]]):
+    """Groups by packed length, longest first, each group's rows longest first; ``runs(j)`` yields
+    ``(i, groups x longest packed row of order[i:j])`` for i = j-1 down to 0 (a group's rows are adjacent)."""
+    members: dict[int, list[int]] = {}
+    for i, (group, _) in enumerate(prompts):
+        members.setdefault(group, []).append(i)
+    packed = {g: lengths[rows[0]] + sum(lengths[i] - prompts[i][1] for i in rows[1:]) for g, rows in members.items()}
+    order = [i for g in sorted(members, key=lambda g: -packed[g]) for i in sorted(members[g], key=lambda i: -lengths[i])]
+
+    def runs(j: int):
+        longest = current = count = 0
+        for i in range(j - 1, -1, -1):
+            row = order[i]
+            if i < j - 1 and prompts[order[i + 1]][0] == prompts[row][0]:  # the group the run starts with
+                current += lengths[row] - prompts[row][1]
+            else:
+                longest, current, count = max(longest, current), lengths[row], count + 1
+            yield i, count * max(longest, current)
+
+    return order, runs
+
+
+def rank_micro_batches(lengths: Sequence[int], budget: int, device: torch.device,
+                       prompts: Sequence[tuple[int, int]] | None = None) -> list[list[int] | None]:  # fmt: skip
     """``pack_by_tokens``, padded with ``None`` (run as a zero-weight pass) to the most any rank has:
     DDP and FSDP2 hang unless every rank runs as many forward/backward passes."""
-    micros: list[list[int] | None] = pack_by_tokens(lengths, budget)
+    micros: list[list[int] | None] = pack_by_tokens(lengths, budget, prompts)
     return micros + [None] * (int(all_reduce(len(micros), "max", device)) - len(micros))
 
 
@@ -131,6 +169,12 @@ def sampled_logprobs(policy: Policy, batch: TrainBatch, model: torch.nn.Module |
     return spread(logp), spread(entropy) if entropy is not None else None
 
 
+def packs_rows(model: torch.nn.Module) -> bool:
+    """Whether ``model`` shares prefixes in packed rows (``mmsr.train.packed``): its KV cache cannot carry
+    gradients, its attention takes a 4-D mask."""
+    return not can_share(model) and can_pack(model)
+
+
 def _sharing(model: torch.nn.Module):
     """How ``model`` trains on shared prefixes: ``shared_logprobs``, ``packed_logprobs`` or ``None`` (whole rows)."""
-    return shared_logprobs if can_share(model) else packed_logprobs if can_pack(model) else None
+    return shared_logprobs if can_share(model) else packed_logprobs if packs_rows(model) else None

@@ -26,7 +26,7 @@ from mmsr.models.policy import Policy
 from mmsr.parallel import all_reduce
 from mmsr.reference import ReferenceModel
 from mmsr.rollout.trajectory import Trajectory
-from mmsr.train.batch import TrainBatch, collate, rank_micro_batches, sampled_logprobs
+from mmsr.train.batch import TrainBatch, collate, packs_rows, rank_micro_batches, sampled_logprobs
 
 
 @dataclass(frozen=True)
@@ -150,7 +150,7 @@ class PolicyUpdate:
         ran = all_reduce(count(run), "sum", step.device) if skipping else denom
         opt.zero_grad()
         metrics: dict[str, float] = {"train/episodes_run": len(run) / len(idx)} if skipping else {}
-        for micro in self.micro_batches([len(trajs[i]) for i in run], step.device):
+        for micro in self.micro_batches(trajs, run, step.model, step.device):
             micro_idx = [run[j] for j in (micro or [0])]
             n = count(micro_idx) if micro else 0
             # gradients are averaged over ranks, so each rank's share is scaled by the world size
@@ -175,9 +175,14 @@ class PolicyUpdate:
             return idx
         return [i for i in idx if advantages[i] != 0] or idx[:1]
 
-    def micro_batches(self, lengths: list[int], device: torch.device) -> list[list[int] | None]:
-        """``rank_micro_batches`` within ``micro_batch_tokens`` (``None``: a zero-weight rerun of the first)."""
-        return rank_micro_batches(lengths, self.settings.micro_batch_tokens, device)
+    def micro_batches(self, trajs: list[Trajectory], rows: list[int], model: torch.nn.Module, device: torch.device
+                      ) -> list[list[int] | None]:  # fmt: skip
+        """``rank_micro_batches`` of ``trajs[rows]`` within ``micro_batch_tokens`` (positions in ``rows``; ``None``:
+        a zero-weight rerun of the first). Where ``model`` shares prefixes in packed rows, a GRPO group's
+        episodes go together (their prompt runs once per micro-batch it is in)."""
+        together = self.settings.share_prefix and packs_rows(model)
+        prompts = [(trajs[i].group_id, trajs[i].prompt_len) for i in rows] if together else None
+        return rank_micro_batches([len(trajs[i]) for i in rows], self.settings.micro_batch_tokens, device, prompts)
 
     def loss(self, batch: TrainBatch, adv: torch.Tensor, model: torch.nn.Module, old, ref
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
@@ -219,7 +224,7 @@ class PolicyUpdate:
         of those trajectories alone (the others get empty tensors)."""
         scores: list[torch.Tensor] = [torch.empty(0)] * len(trajs)
         rows = list(range(len(trajs))) if only is None else only
-        for micro in self.micro_batches([len(trajs[i]) for i in rows], device):
+        for micro in self.micro_batches(trajs, rows, model, device):
             picked = [rows[j] for j in micro or [0]]
             batch = collate([trajs[i] for i in picked], picked, self.policy, device)
             logp, _ = self.token_logprobs(batch, model)

@@ -2,15 +2,20 @@
 FSDP2, where the KV cache cannot carry gradients. A prefix laid out once, followed by the suffixes that continue
 it under a 4-D mask, gives the log-probs, entropies and gradients of the whole rows, for each model family."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 import mmsr.train.batch
+from mmsr.demo.tokenizer import Scaffold
+from mmsr.models.build import TinyQwen2_5_VL
 from mmsr.train.batch import sampled_logprobs
 from mmsr.train.packed import can_pack, pack_rows, packed_logprobs
 from mmsr.train.prefix import plan_prefixes
 from tests.models.conftest import tiny_qwen3_vl  # noqa: F401 - fixture
-from tests.train.test_prefix import group_batch, text_policy  # noqa: F401 - fixture
+from mmsr.train.update import Backprop, PolicyUpdate, UpdateSettings
+from tests.train.test_prefix import GROUPS, TEXTS, group_batch, rollouts, text_policy  # noqa: F401 - fixture
 
 
 def scores(policy, batch, packed: bool):
@@ -100,3 +105,34 @@ def test_flash_attention_under_checkpointing_trains_whole_rows(text_policy):
     finally:
         model.config._attn_implementation = attn
         model.gradient_checkpointing_disable()
+
+
+def test_a_checkpointed_grpo_update_packs_each_group_together_and_equals_whole_rows(tiny_policy, fvqa_samples):
+    """Two PPO epochs (a scoring pass, two optimizer steps) over two groups of three episodes, the layers
+    checkpointed: with shared prefixes each micro-batch holds one whole group (by length, the budget would
+    split both), and the weights and metrics are those of whole rows."""
+    trajs = rollouts(tiny_policy, fvqa_samples[:2], GROUPS, 3)
+    advantages = torch.tensor([1.0, -0.5, -0.5, 0.8, 0.2, -1.0])
+    budget = max(pack_rows_size(trajs, g) for g in (0, 1))
+    results = []
+    for share in (False, True):
+        model = TinyQwen2_5_VL(tokenizer_texts=TEXTS, scaffold=Scaffold(), seed=0).build().model.train()
+        model.gradient_checkpointing_enable()
+        settings = UpdateSettings(ppo_epochs=2, kl_coef=0.0, share_prefix=share, micro_batch_tokens=budget)
+        update = PolicyUpdate(replace(tiny_policy, model=model), settings)
+        micros = update.micro_batches(trajs, list(range(6)), model, torch.device("cpu"))
+        groups = sorted(sorted(trajs[i].group_id for i in m) for m in micros)
+        assert (groups == [[0, 0, 0], [1, 1, 1]]) == share
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        metrics = update.update(trajs, advantages, None, Backprop(model, opt, lambda loss: loss.backward(), torch.device("cpu")))
+        results.append((metrics, torch.cat([p.detach().flatten() for p in model.parameters()])))
+    (whole, w_whole), (shared, w_shared) = results
+    torch.testing.assert_close(w_shared, w_whole, rtol=1e-4, atol=1e-6)
+    for key in ("train/policy_loss", "train/entropy", "train/grad_norm"):
+        assert shared[key] == pytest.approx(whole[key], rel=1e-4, abs=1e-6)
+
+
+def pack_rows_size(trajs, group: int) -> int:
+    """Tokens of a group's packed row: its prompt once, then each episode's turns."""
+    rows = [t for t in trajs if t.group_id == group]
+    return rows[0].prompt_len + sum(len(t) - t.prompt_len for t in rows)

@@ -45,3 +45,70 @@ def test_packings_are_complete_within_budget_and_the_cheapest_cut():
         assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
         assert all(len(b) == 1 or len(b) * max(lengths[i] for i in b) <= budget for b in batches)
         assert cost(batches, lengths) == cheapest_cut(lengths, budget), (lengths, budget)
+
+
+def packed_cost(batches: list[list[int]], lengths: list[int], prompts: list[tuple[int, int]]) -> int:
+    """Each micro-batch: its groups' packed rows (a group's prompt once, then its rows' turns) x the longest."""
+    total = 0
+    for b in batches:
+        rows: dict[int, list[int]] = {}
+        for i in b:
+            rows.setdefault(prompts[i][0], []).append(i)
+        packed = [prompts[r[0]][1] + sum(lengths[i] - prompts[i][1] for i in r) for r in rows.values()]
+        total += len(packed) * max(packed) + PASS_COST_TOKENS
+    return total
+
+
+def random_groups(rng: random.Random) -> tuple[list[int], list[tuple[int, int]]]:
+    """GRPO groups of 1-4 episodes: one prompt length per group, each episode its own turns after it."""
+    lengths, prompts = [], []
+    for g in range(rng.randint(1, 4)):
+        prompt = rng.randint(50, 400)
+        for _ in range(rng.randint(1, 4)):
+            lengths.append(prompt + rng.choice([rng.randint(5, 40), rng.randint(100, 600)]))
+            prompts.append((g, prompt))
+    order = list(range(len(lengths)))
+    rng.shuffle(order)  # episodes arrive in any order
+    return [lengths[i] for i in order], [prompts[i] for i in order]
+
+
+def test_with_packed_rows_a_group_stays_together_and_the_cuts_are_the_cheapest():
+    rng = random.Random(1)
+    for _ in range(150):
+        lengths, prompts = random_groups(rng)
+        budget = rng.randint(400, 4000)
+        batches = pack_by_tokens(lengths, budget, prompts)
+        assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+        assert all(len(b) == 1 or packed_cost([b], lengths, prompts) - PASS_COST_TOKENS <= budget for b in batches)
+        # the order the packing cuts: groups by packed length, each group's rows longest first
+        whole = {g: [i for i in range(len(lengths)) if prompts[i][0] == g] for g, _ in prompts}
+        key = {g: packed_cost([rows], lengths, prompts) for g, rows in whole.items()}
+        order = [i for g in sorted(whole, key=lambda g: -key[g]) for i in sorted(whole[g], key=lambda i: -lengths[i])]
+        best = None
+        for cuts in itertools.product([False, True], repeat=len(order) - 1):
+            runs, run = [], [order[0]]
+            for i, cut in zip(order[1:], cuts):
+                runs, run = (runs + [run], [i]) if cut else (runs, run + [i])
+            runs.append(run)
+            if all(len(r) == 1 or packed_cost([r], lengths, prompts) - PASS_COST_TOKENS <= budget for r in runs):
+                best = min(best or packed_cost(runs, lengths, prompts), packed_cost(runs, lengths, prompts))
+        assert packed_cost(batches, lengths, prompts) == best, (lengths, prompts, budget)
+
+
+def test_groups_that_length_would_split_stay_together():
+    """Two groups of a 300-token prompt, two direct answers and two searches each: by length, each
+    micro-batch holds half of each group (and runs both prompts); packed, a group's rows go together."""
+    lengths = [310, 500, 310, 500, 500, 310, 500, 310]
+    prompts = [(0, 300), (0, 300), (1, 300), (1, 300), (0, 300), (0, 300), (1, 300), (1, 300)]
+    assert [sorted({prompts[i][0] for i in b}) for b in pack_by_tokens(lengths, 2048)] == [[0, 1], [0, 1]]
+    assert pack_by_tokens(lengths, 2048, prompts) == [[1, 4, 0, 5, 3, 6, 2, 7]]  # 2 packed rows of 720 tokens
+    assert pack_by_tokens(lengths, 1000, prompts) == [[1, 4, 0, 5], [3, 6, 2, 7]]
+
+
+def test_one_episode_a_group_packs_as_whole_rows():
+    rng = random.Random(2)
+    for _ in range(100):
+        lengths = [rng.randint(10, 900) for _ in range(rng.randint(1, 12))]
+        prompts = [(i, rng.randint(1, n)) for i, n in enumerate(lengths)]
+        budget = rng.randint(300, 3000)
+        assert pack_by_tokens(lengths, budget, prompts) == pack_by_tokens(lengths, budget)
