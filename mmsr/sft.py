@@ -14,6 +14,7 @@ Teacher and documents are injected (``class_path`` entries): the CPU demo's are
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict
 from typing import Protocol
 
@@ -33,7 +34,7 @@ from mmsr.rollout.loop import RolloutLoop, RolloutSettings
 from mmsr.rollout.trajectory import Trajectory
 from mmsr.tools.base import SearchTool
 from mmsr.tools.spec import Tool, configured
-from mmsr.train.batch import collate, rank_micro_batches, sampled_logprobs
+from mmsr.train.batch import collate, pack_by_tokens, rank_micro_batches, sampled_logprobs
 
 
 class Teacher(Protocol):
@@ -50,7 +51,8 @@ class TextBatches(Protocol):
 
 
 class SFTModule(L.LightningModule):
-    """Warm-starts a policy by imitating ``teacher`` episodes.
+    """Warm-starts a policy by imitating ``teacher`` episodes; with ``data.val_files``, logs the token-mean
+    NLL of the teacher's turns on the held-out prompts (``val/sft_loss``, ``trainer.val_check_interval``).
 
     Args:
         policy: builds the policy to train.
@@ -91,6 +93,9 @@ class SFTModule(L.LightningModule):
         self.loop = RolloutLoop(self.engine, self.policy, prompts or PromptBuilder(),
                                 configured(tools, image_search, text_search), rollout)  # fmt: skip
         self._turns: dict[str, list[str]] = {}
+        self._val_turns: dict[str, list[str]] = {}  # the held-out prompts' turns, drawn once
+        self._val_teacher: Teacher | None = None
+        self._val_trajs: list[Trajectory] = []
 
     def _script(self, request: GenerationRequest) -> str:
         turns = self._turns[request.key.rsplit("#", 1)[0]]
@@ -109,8 +114,7 @@ class SFTModule(L.LightningModule):
     def training_step(self, batch: list[Sample], batch_idx: int) -> None:
         if self.global_step < self.hparams.reading_steps:
             return self._reading_step()
-        self._turns = {s.id: self.teacher.turns(s) for s in batch}
-        trajs = self.loop.run(batch, 1, SamplingParams(max_tokens=self.loop.settings.max_tokens_per_turn))
+        trajs = self._episodes(batch, {s.id: self.teacher.turns(s) for s in batch})
         opt = self.optimizers()
         opt.zero_grad()
         loss, total = self._imitate(trajs)
@@ -119,6 +123,45 @@ class SFTModule(L.LightningModule):
                    "rollout/turns": sum(len(t.turns) for t in trajs) / len(trajs)}  # fmt: skip
         self.log_dict(metrics, batch_size=len(batch))
         self.log("loss", loss, prog_bar=True, batch_size=len(batch))
+
+    def _episodes(self, samples: list[Sample], turns: dict[str, list[str]]) -> list[Trajectory]:
+        """One episode per sample with the teacher's ``turns`` (by sample id), through the real loop and tools."""
+        self._turns = turns
+        return self.loop.run(samples, 1, SamplingParams(max_tokens=self.loop.settings.max_tokens_per_turn))
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_trajs = []
+
+    def validation_step(self, batch: list[Sample], batch_idx: int) -> None:
+        """The teacher's episodes on held-out prompts, scored when the epoch ends (``on_validation_epoch_end``).
+
+        Their turns are drawn once, by a copy of the teacher: every validation scores the same targets (a
+        curve of one quantity), and the training teacher's draws stay as without validation.
+        """
+        self._val_teacher = self._val_teacher or copy.deepcopy(self.teacher)
+        for s in batch:
+            if s.id not in self._val_turns:
+                self._val_turns[s.id] = self._val_teacher.turns(s)
+        runs = self.loop.runs  # training's episodes keep their keys whether or not validation ran
+        self._val_trajs += self._episodes(batch, {s.id: self._val_turns[s.id] for s in batch})
+        self.loop.runs = runs
+
+    def on_validation_epoch_end(self) -> None:
+        """``val/sft_loss``: the token-mean NLL of the teacher's turns over every rank's held-out episodes, as
+        one process computes it (``val/sft_tokens``: their count). Forward passes only, outside DDP's wrapper:
+        ranks may hold different numbers of episodes."""
+        nll = 0.0
+        trajs, budget = self._val_trajs, self.hparams.micro_batch_tokens
+        with torch.no_grad():
+            for micro in pack_by_tokens([len(t) for t in trajs], budget):
+                mb = collate([trajs[i] for i in micro], micro, self.policy, self.device)
+                logp, _ = sampled_logprobs(self.policy, mb, self.model, share_prefix=self.hparams.share_prefix)
+                nll -= float((logp * mb.loss_mask).sum())
+        total = all_reduce(sum(t.num_sampled_tokens for t in trajs), "sum", self.device)
+        nll = all_reduce(nll, "sum", self.device)
+        self._val_trajs = []
+        if total:  # the same values on every rank
+            self.log_dict({"val/sft_loss": nll / total, "val/sft_tokens": total}, batch_size=1, sync_dist=True)
 
     def _imitate(self, trajs: list[Trajectory]) -> tuple[float, float]:
         """Backward passes of the token-mean NLL of the teacher's turns over every rank's tokens; returns that

@@ -38,7 +38,8 @@ class MMSRDataModule(L.LightningDataModule):
         train_files: parquet / jsonl files or saved ``datasets`` directories (see ``mmsr.data.loaders``),
             concatenated.
         val_files: held-out files: ``GRPOModule`` rolls them out greedily in Lightning's validation loop
-            (``trainer.val_check_interval``) and logs ``val/`` metrics; split over the ranks, in order.
+            (``trainer.val_check_interval``) and logs ``val/`` metrics, ``SFTModule`` scores its teacher's
+            turns on them (``val/sft_loss``); split over the ranks, in order.
         prompts_per_step: prompts per training step (each is rolled out ``num_generations`` times).
         shuffle: reshuffle every epoch (seeded by ``seed`` and the epoch).
         seed: shuffling seed.

@@ -4,6 +4,7 @@ at zero weight), then the token-mean over both ranks' teacher tokens, with as ma
 micro-batches than the other's (unequal passes hang DDP's all-reduce)."""
 
 import csv
+import json
 import subprocess
 from pathlib import Path
 
@@ -39,9 +40,21 @@ class Pages:
         return self.pages[:3] if step == 0 else self.pages[3:4]
 
 
+def held_out(tmp: Path, rows: int = 5) -> Path:
+    """The last ``rows`` dev prompts as a held-out file (images by absolute path): 5 split 3 / 2 over two
+    ranks, so one rank validates two batches, the other one."""
+    lines = (ROOT / DATA).read_text().splitlines()[-rows:]
+    records = [json.loads(line) | {"image": str((ROOT / DATA).parent / json.loads(line)["image"])} for line in lines]
+    path = tmp / "held_out.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
 def run(tmp: Path, devices: int, strategy: str = "ddp_find_unused_parameters_true") -> subprocess.CompletedProcess:
     # steps 0 and 1 read; unshuffled, rank r takes prompts r, r + 2, ...: step 2 gives rank 0 prompts 8 and 10
-    # (short: one micro-batch), rank 1 prompts 9 and 11 (11 long: two); one process takes all four
+    # (short: one micro-batch), rank 1 prompts 9 and 11 (11 long: two); one process takes all four. Held-out
+    # prompts are validated after step 2 (and in the sanity check before step 0).
     long_id = load_samples(ROOT / DATA)[11].id
     policy = {"class_path": "mmsr.models.build.TinyQwen2_5_VL", "init_args": {
         "tokenizer_texts": [DATA], "scaffold": {"class_path": "mmsr.demo.tokenizer.Scaffold"}, "hidden_size": 32,
@@ -51,6 +64,7 @@ def run(tmp: Path, devices: int, strategy: str = "ddp_find_unused_parameters_tru
         "trainer": {"accelerator": "cpu", "devices": devices, "strategy": strategy if devices > 1 else "auto", "max_steps": 3,
                     "log_every_n_steps": 1, "enable_model_summary": False, "enable_checkpointing": False,
                     "enable_progress_bar": False, "use_distributed_sampler": False, "default_root_dir": str(tmp),
+                    "val_check_interval": 3,
                     "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
                                "init_args": {"save_dir": str(tmp), "name": "csv", "version": ""}}},
         "model": {"class_path": "mmsr.sft.SFTModule", "init_args": {
@@ -58,7 +72,7 @@ def run(tmp: Path, devices: int, strategy: str = "ddp_find_unused_parameters_tru
             "rollout": {"max_tokens_per_turn": 1024, "max_context_tokens": 4096}, "micro_batch_tokens": 4096,
             "lr": 1e-3, "export_dir": str(tmp / "hf"), "reading_steps": 2,
             "reading": {"class_path": f"{__name__}.Pages", "init_args": {"files": [CORPUS]}}}},
-        "data": {"train_files": [DATA], "prompts_per_step": 4 // devices, "shuffle": False},
+        "data": {"train_files": [DATA], "val_files": [str(held_out(tmp))], "prompts_per_step": 4 // devices, "shuffle": False},
     }  # fmt: skip
     return fit(tmp, cfg, timeout=300)
 
@@ -81,6 +95,9 @@ def test_two_rank_warm_start_equals_one(tmp_path):
     assert logged(two, "sft/tokens") == logged(one, "sft/tokens")  # every rank's tokens in the mean
     assert logged(two, "sft/loss") == pytest.approx(logged(one, "sft/loss"), abs=1e-5)
     assert_same_weights(one, two)
+    # the held-out NLL of both ranks' episodes after step 2, as one process computes it
+    assert len(logged(one, "val/sft_loss")) == 1 and logged(two, "val/sft_tokens") == logged(one, "val/sft_tokens")
+    assert logged(two, "val/sft_loss") == pytest.approx(logged(one, "val/sft_loss"), abs=1e-5)
 
 
 @pytest.mark.slow

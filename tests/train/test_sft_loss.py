@@ -80,3 +80,40 @@ def test_reading_and_imitation_rows_hold_only_their_own_loss(fvqa_samples, tmp_p
     assert [(r["step"], r["epoch"]) for r in rows] == [(str(i), "0") for i in range(4)]
     assert all(r["reading/loss"] and not r["sft/loss"] for r in rows[:2])
     assert all(r["sft/loss"] and not r["reading/loss"] for r in rows[2:])
+
+
+class CountedAnswers(Answers):
+    """``Answers`` that counts its draws (a stateful teacher, as the demo's seeded ``RAGTeacher``)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def turns(self, sample: Sample) -> list[str]:
+        self.calls += 1
+        return super().turns(sample)
+
+
+def test_validation_logs_the_nll_of_the_teacher_turns_on_held_out_prompts(fvqa_samples, tmp_path):
+    """``val/sft_loss`` is the token-mean NLL of the teacher's turns on the held-out prompts under the weights
+    of that moment; the turns are drawn once, by a copy of the teacher (the training teacher draws only for
+    training prompts, and every validation scores the same targets)."""
+    policy = TinyQwen2_5_VL(tokenizer_texts=[str(FVQA / "fvqa_dev.jsonl")], scaffold=Scaffold(), hidden_size=32,
+                            num_layers=1, vision_depth=1, seed=0)  # fmt: skip
+    module = SFTModule(policy, CountedAnswers(), lr=1e-3, micro_batch_tokens=256)  # a micro-batch per episode
+    train = [Sample(s.id, s.question, s.image, "Zu", category="search_free") for s in fvqa_samples[:2]]
+    held_out = [Sample(s.id, s.question, s.image, truth, category="search_free") for s, truth in zip(fvqa_samples[2:], ANSWERS)]
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=L.pytorch.loggers.CSVLogger(tmp_path, name="", version=""),
+                        log_every_n_steps=1, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, val_check_interval=1, num_sanity_val_steps=1)  # fmt: skip
+    trainer.fit(module, DataLoader(train, batch_size=1, collate_fn=list), DataLoader(held_out, batch_size=2, collate_fn=list))
+    assert module.teacher.calls == len(train) * 1 and module._val_teacher.calls == len(held_out)
+    rows = [r for r in csv.DictReader((tmp_path / "metrics.csv").open()) if r.get("val/sft_loss")]
+    assert [r["step"] for r in rows] == ["0", "1"]  # after each of the two steps, none from the sanity check
+
+    trajs = module._episodes(held_out, module._val_turns)  # the turns validation drew
+    batch = collate(trajs, range(len(trajs)), module.policy, "cpu")
+    with torch.no_grad():
+        full = full_logit_logprobs(module.policy, batch)  # the weights after the last step
+    expected = float(-(full * batch.loss_mask).sum() / batch.loss_mask.sum())
+    assert abs(float(rows[-1]["val/sft_loss"]) - expected) < 1e-5 * max(1.0, abs(expected))
+    assert float(rows[-1]["val/sft_tokens"]) == batch.loss_mask.sum() and rows[0]["val/sft_loss"] != rows[1]["val/sft_loss"]
