@@ -4,7 +4,6 @@ checkpointing changes no gradient, and a short demo run in a subprocess stays un
 
 import json
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -49,19 +48,16 @@ def test_the_warm_start_engine_keeps_no_requests():
 
 
 @pytest.mark.slow
-def test_a_short_demo_stays_under_its_memory_bound(tmp_path):
+def test_a_short_demo_stays_under_its_memory_bound(measured_short_demo):
     """Each stage's peak is in the run's summary, and the whole process (sampled from outside) stays
     under 1.7 GB: measured 1.32 GB (GRPO's 4,096-token micro-batches); 1.30 GB with one 16k micro-batch
     checkpointed, 1.56 GB unchecked; 2.42 GB before images were kept encoded and Arrow's buffers released."""
-    from benchmarks.demo_memory import main
-
-    result = main(["--out", str(tmp_path / "demo"), "--", "--reading-steps", "2", "--sft-steps", "3",
-                   "--grpo-steps", "2", "--eval-limit", "6"])  # fmt: skip
+    out, result = measured_short_demo
     stages = result["stages"]
     assert list(stages) == ["world", "warm_start", "grpo_setup", "warm_start_eval", "grpo", "grpo_eval"]
     assert all(s["peak_rss_mb"] > 200 and not s["peak_from_start"] for s in stages.values())
     assert result["sampled_peak_rss_mb"] < 1700, json.dumps(stages)
-    assert json.loads((Path(tmp_path / "demo") / "summary.json").read_text())["memory"]["stages"] == stages
+    assert json.loads((out / "summary.json").read_text())["memory"]["stages"] == stages
 
 
 def _count_runs(module: torch.nn.Module, runs: list[int]) -> None:

@@ -13,14 +13,14 @@ import pytest
 from mmsr.demo.run import KINDS
 from mmsr.report.records import read_records
 from tests.conftest import subprocess_env
+from tests.demo.conftest import SHORT
 from tests.report.browser import Page, find_browser, headless
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _short_demo(out: Path) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "mmsr", "demo", "--out", str(out), "--reading-steps", "2", "--sft-steps", "3",
-           "--grpo-steps", "2", "--eval-limit", "6"]  # fmt: skip
+    cmd = [sys.executable, "-m", "mmsr", "demo", "--out", str(out), *SHORT]
     env = subprocess_env()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -63,13 +63,13 @@ def test_short_demo_run(short_demo):
 
 
 @pytest.mark.slow
-def test_demo_is_deterministic_for_a_seed(short_demo, tmp_path):
-    """Same seed, same world and same metrics (on one machine): rewards, losses, KL, search ratios."""
-    first_out, _ = short_demo
-    _short_demo(tmp_path / "again")
-    a, b = (json.loads((d / "summary.json").read_text()) for d in (first_out, tmp_path / "again"))
+def test_demo_is_deterministic_for_a_seed(short_demo, measured_short_demo):
+    """Same seed, same world and same metrics (on one machine): rewards, losses, KL, search ratios. The
+    other run is the memory test's (the same arguments, another process)."""
+    (first_out, _), (again, _) = short_demo, measured_short_demo
+    a, b = (json.loads((d / "summary.json").read_text()) for d in (first_out, again))
     assert (a["warm_start"], a["grpo"]) == (b["warm_start"], b["grpo"])
-    first, second = _learning_metrics(first_out), _learning_metrics(tmp_path / "again")
+    first, second = _learning_metrics(first_out), _learning_metrics(again)
     assert len(first) == 2 and "reward/mean" in first[0] and first == second
 
 
