@@ -13,31 +13,9 @@ from mmsr.models.build import TinyQwen2_5_VL
 from mmsr.train.batch import sampled_logprobs
 from mmsr.train.packed import can_pack, pack_rows, packed_logprobs
 from mmsr.train.prefix import plan_prefixes
-from tests.models.conftest import tiny_qwen3_vl  # noqa: F401 - fixture
 from mmsr.train.update import Backprop, PolicyUpdate, UpdateSettings
-from tests.train.test_prefix import GROUPS, TEXTS, group_batch, rollouts, text_policy  # noqa: F401 - fixture
-
-
-def scores(policy, batch, packed: bool):
-    """Masked log-probs and entropies ``[n, T-1]`` and the gradient of a loss of both."""
-    policy.model.zero_grad()
-    if packed:
-        split = plan_prefixes(batch, getattr(policy.model.config, "image_token_id", None), min_saved=0)
-        logp, ent = packed_logprobs(policy, batch, split, with_entropy=True)
-    else:
-        logp, ent = sampled_logprobs(policy, batch, with_entropy=True)
-    mask = batch.loss_mask
-    weights = torch.linspace(-1.0, 2.0, mask.shape[0])[:, None]  # rows weigh differently, like advantages
-    ((logp * mask * weights).sum() + 0.3 * (ent * mask).sum()).backward()
-    grad = torch.cat([p.grad.flatten() for p in policy.model.parameters() if p.grad is not None])
-    return (logp * mask).detach(), (ent * mask).detach(), grad
-
-
-def assert_same_scores(policy, batch):
-    whole, packed = scores(policy, batch, packed=False), scores(policy, batch, packed=True)
-    for a, b in zip(whole, packed):
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
-    assert whole[2].abs().max() > 1.0  # the gradient is not trivially zero
+from tests.models.conftest import tiny_qwen3_vl  # noqa: F401 - fixture
+from tests.train.test_prefix import GROUPS, TEXTS, assert_same_scores, group_batch, rollouts, text_policy  # noqa: F401 - fixture
 
 
 @pytest.fixture(params=["tiny_policy", "tiny_qwen3_vl", "text_policy"], ids=["qwen2_5_vl", "qwen3_vl", "text"])
@@ -58,7 +36,7 @@ def test_packed_rows_score_as_the_whole_rows_under_gradient_checkpointing(checkp
     monkeypatch.setattr(mmsr.train.batch, "shared_logprobs", None)  # the KV cache route must not be taken
     routed = sampled_logprobs(checkpointed, batch, with_entropy=True, share_prefix=True)
     assert calls == [1]
-    assert_same_scores(checkpointed, batch)
+    assert_same_scores(checkpointed, batch, packed_logprobs)
     whole = sampled_logprobs(checkpointed, batch)[0]  # (whole rows also fill in positions other rows sampled)
     torch.testing.assert_close(routed[0], whole * batch.loss_mask, rtol=1e-4, atol=1e-5)
 
@@ -89,7 +67,7 @@ def test_eager_attention_takes_the_additive_mask(text_policy, fvqa_samples):
     text_policy.model.set_attn_implementation("eager")
     try:
         assert can_pack(text_policy.model)
-        assert_same_scores(text_policy, batch)
+        assert_same_scores(text_policy, batch, packed_logprobs)
     finally:
         text_policy.model.set_attn_implementation("sdpa")
 

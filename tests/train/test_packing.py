@@ -11,17 +11,17 @@ def cost(batches: list[list[int]], lengths: list[int]) -> int:
     return sum(len(b) * max(lengths[i] for i in b) + PASS_COST_TOKENS for b in batches)
 
 
-def cheapest_cut(lengths: list[int], budget: int) -> int:
-    """The least cost of any packing into runs of the longest-first order, by trying every set of cuts."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+def cheapest_cut(order: list[int], budget: int, cost) -> int:
+    """The least ``cost`` of any packing into runs of ``order`` (a run over ``budget`` only alone), by trying
+    every set of cuts."""
     best = None
     for cuts in itertools.product([False, True], repeat=len(order) - 1):
         runs, run = [], [order[0]]
         for i, cut in zip(order[1:], cuts):
             runs, run = (runs + [run], [i]) if cut else (runs, run + [i])
         runs.append(run)
-        if all(len(r) == 1 or len(r) * lengths[r[0]] <= budget for r in runs):
-            best = min(best or cost(runs, lengths), cost(runs, lengths))
+        if all(len(r) == 1 or cost([r]) - PASS_COST_TOKENS <= budget for r in runs):
+            best = min(best or cost(runs), cost(runs))
     return best
 
 
@@ -44,7 +44,8 @@ def test_packings_are_complete_within_budget_and_the_cheapest_cut():
         batches = pack_by_tokens(lengths, budget)
         assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
         assert all(len(b) == 1 or len(b) * max(lengths[i] for i in b) <= budget for b in batches)
-        assert cost(batches, lengths) == cheapest_cut(lengths, budget), (lengths, budget)
+        longest_first = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+        assert cost(batches, lengths) == cheapest_cut(longest_first, budget, lambda b: cost(b, lengths)), (lengths, budget)
 
 
 def packed_cost(batches: list[list[int]], lengths: list[int], prompts: list[tuple[int, int]]) -> int:
@@ -84,14 +85,7 @@ def test_with_packed_rows_a_group_stays_together_and_the_cuts_are_the_cheapest()
         whole = {g: [i for i in range(len(lengths)) if prompts[i][0] == g] for g, _ in prompts}
         key = {g: packed_cost([rows], lengths, prompts) for g, rows in whole.items()}
         order = [i for g in sorted(whole, key=lambda g: -key[g]) for i in sorted(whole[g], key=lambda i: -lengths[i])]
-        best = None
-        for cuts in itertools.product([False, True], repeat=len(order) - 1):
-            runs, run = [], [order[0]]
-            for i, cut in zip(order[1:], cuts):
-                runs, run = (runs + [run], [i]) if cut else (runs, run + [i])
-            runs.append(run)
-            if all(len(r) == 1 or packed_cost([r], lengths, prompts) - PASS_COST_TOKENS <= budget for r in runs):
-                best = min(best or packed_cost(runs, lengths, prompts), packed_cost(runs, lengths, prompts))
+        best = cheapest_cut(order, budget, lambda b: packed_cost(b, lengths, prompts))
         assert packed_cost(batches, lengths, prompts) == best, (lengths, prompts, budget)
 
 

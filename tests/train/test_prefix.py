@@ -43,12 +43,13 @@ def group_batch(policy, fvqa_samples):
     return collate(trajs, range(len(trajs)), policy, "cpu")
 
 
-def scores(policy, batch, shared: bool):
-    """Masked log-probs and entropies ``[n, T-1]`` and the gradient of a loss of both."""
+def scores(policy, batch, shared: bool, route=None):
+    """Masked log-probs and entropies ``[n, T-1]`` and the gradient of a loss of both (``route``: how shared
+    prefixes run, ``shared_logprobs`` by default)."""
     policy.model.zero_grad()
     if shared:
         split = plan_prefixes(batch, getattr(policy.model.config, "image_token_id", None), min_saved=0)
-        logp, ent = shared_logprobs(policy, batch, split, with_entropy=True)
+        logp, ent = (route or shared_logprobs)(policy, batch, split, with_entropy=True)
     else:
         logp, ent = sampled_logprobs(policy, batch, with_entropy=True)
     mask = batch.loss_mask
@@ -58,8 +59,8 @@ def scores(policy, batch, shared: bool):
     return (logp * mask).detach(), (ent * mask).detach(), grad
 
 
-def assert_same_scores(policy, batch):
-    whole, shared = scores(policy, batch, shared=False), scores(policy, batch, shared=True)
+def assert_same_scores(policy, batch, route=None):
+    whole, shared = scores(policy, batch, shared=False), scores(policy, batch, shared=True, route=route)
     for a, b in zip(whole, shared):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
     assert whole[2].abs().max() > 1.0  # the gradient is not trivially zero
