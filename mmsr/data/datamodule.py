@@ -80,8 +80,13 @@ class MMSRDataModule(L.LightningDataModule):
                                    collate_fn=collate_samples, drop_last=False)  # fmt: skip
 
     def val_dataloader(self) -> DataLoader:
-        """This rank's share of the held-out rows (rank r: rows r, r + world, ...), in order."""
+        """This rank's share of the held-out rows (rank r: rows r, r + world, ...), in order. Fewer rows than
+        ranks are refused: a rank without one skips validation while the others wait for it in a collective
+        (on 2 gloo ranks with 1 row the run died of "Connection closed by peer")."""
         replicas, rank = self._ranks()
+        if 0 < len(self.val) < replicas:
+            raise ValueError(f"data.val_files {self.val_files}: {len(self.val)} held-out row(s) for {replicas} ranks; "
+                             f"every rank validates its share and needs at least one: add rows or drop val_files")  # fmt: skip
         return DataLoader(SampleDataset(self.val[rank::replicas]), batch_size=self.prompts_per_step,
                           collate_fn=collate_samples)  # fmt: skip
 

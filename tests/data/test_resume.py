@@ -69,3 +69,20 @@ def test_lightning_resumes_mid_epoch(tmp_path):
         tail = _fit(tmp_path / f"b{stop}", 12, ckpt=str(tmp_path / f"a{stop}" / f"epoch={stop // 7}-step={stop}.ckpt"))
         assert head + tail == reference
     assert sorted(sum(reference[:7], [])) == sorted({i for b in reference for i in b})  # epoch 1 = all 20
+
+
+def test_fewer_held_out_rows_than_ranks_are_refused_naming_the_files():
+    """A rank without a held-out row would skip validation while the others wait for it in a collective."""
+    from types import SimpleNamespace
+
+    from mmsr.data.datamodule import MMSRDataModule
+
+    files = [str(FVQA / "fvqa_dev.jsonl")]
+    dm = MMSRDataModule(train_files=files, val_files=files, prompts_per_step=2)
+    dm.setup("fit")
+    dm.val = dm.val[:3]
+    dm.trainer = SimpleNamespace(world_size=4, global_rank=1)
+    with pytest.raises(ValueError, match=r"fvqa_dev.jsonl'\]: 3 held-out row\(s\) for 4 ranks; every rank .* at least one"):
+        dm.val_dataloader()
+    dm.trainer = SimpleNamespace(world_size=3, global_rank=2)  # one row each
+    assert [s.id for batch in dm.val_dataloader() for s in batch] == [dm.val[2].id]
