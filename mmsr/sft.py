@@ -154,9 +154,7 @@ class SFTModule(L.LightningModule):
         trajs, budget = self._val_trajs, self.hparams.micro_batch_tokens
         with torch.no_grad():
             for micro in pack_by_tokens([len(t) for t in trajs], budget):
-                mb = collate([trajs[i] for i in micro], micro, self.policy, self.device)
-                logp, _ = sampled_logprobs(self.policy, mb, self.model, share_prefix=self.hparams.share_prefix)
-                nll -= float((logp * mb.loss_mask).sum())
+                nll += float(self._teacher_nll(trajs, micro))
         total = all_reduce(sum(t.num_sampled_tokens for t in trajs), "sum", self.device)
         nll = all_reduce(nll, "sum", self.device)
         self._val_trajs = []
@@ -171,13 +169,17 @@ class SFTModule(L.LightningModule):
         total = all_reduce(sum(t.num_sampled_tokens for t in trajs), "sum", self.device)
         loss_sum = 0.0
         for micro in rank_micro_batches([len(t) for t in trajs], self.hparams.micro_batch_tokens, self.device):
-            mb = collate([trajs[i] for i in micro or [0]], micro or [0], self.policy, self.device)
-            # [n, T-1], the LM head only where the teacher wrote
-            logp, _ = sampled_logprobs(self.policy, mb, self.model, share_prefix=self.hparams.share_prefix)
-            loss = -(logp * mb.loss_mask).sum() / max(total, 1) * (world if micro else 0)
+            loss = self._teacher_nll(trajs, micro or [0]) / max(total, 1) * (world if micro else 0)
             self.manual_backward(loss)
             loss_sum += float(loss.detach())
         return all_reduce(loss_sum, "sum", self.device) / world, total
+
+    def _teacher_nll(self, trajs: list[Trajectory], micro: list[int]) -> torch.Tensor:
+        """The summed NLL (a scalar) of the teacher's tokens in micro-batch ``trajs[micro]``."""
+        mb = collate([trajs[i] for i in micro], micro, self.policy, self.device)
+        # [n, T-1], the LM head only where the teacher wrote
+        logp, _ = sampled_logprobs(self.policy, mb, self.model, share_prefix=self.hparams.share_prefix)
+        return -(logp * mb.loss_mask).sum()
 
     def _reading_step(self) -> None:
         """One step of next-token prediction on the step's texts, split over the ranks (rank r reads texts r,
