@@ -103,7 +103,7 @@ def passes(policy, batches: dict, shared: bool, route: str = "cache") -> tuple[f
     image_id, out = policy.model.config.image_token_id, {}
     start = time.perf_counter()
     for batch in batches[shared]:
-        split = plan_prefixes(batch, image_id) if shared else None
+        split = plan_prefixes(batch, image_id, merge_alone=route == "cache") if shared else None
         logp = (ROUTES[route](policy, batch, split) if split else sampled_logprobs(policy, batch))[0] * batch.loss_mask
         weights = torch.linspace(-1.0, 1.0, len(batch.index))[:, None]
         (logp * weights).sum().backward()
@@ -113,11 +113,11 @@ def passes(policy, batches: dict, shared: bool, route: str = "cache") -> tuple[f
     return time.perf_counter() - start, [out[i] for i in sorted(out)]
 
 
-def tokens(policy, batches: dict) -> dict[str, int]:
+def tokens(policy, batches: dict, route: str) -> dict[str, int]:
     whole = sum(b.input_ids.numel() for b in batches[False])
     shared = 0
     for b in batches[True]:
-        split = plan_prefixes(b, policy.model.config.image_token_id)
+        split = plan_prefixes(b, policy.model.config.image_token_id, merge_alone=route == "cache")
         shared += b.input_ids.numel() if split is None else (int(b.attention_mask.sum()) - split.saved)
     return {"whole": whole, "shared": shared, "real": sum(int(b.attention_mask.sum()) for b in batches[False])}
 
@@ -135,7 +135,7 @@ def paper_tflops(policy, batches: list, route: str | None) -> float:
     cached prefix causally and each suffix to the prefix and itself."""
     flops = 0.0
     for b in batches:
-        split = plan_prefixes(b, policy.model.config.image_token_id) if route else None
+        split = plan_prefixes(b, policy.model.config.image_token_id, merge_alone=route == "cache") if route else None
         lengths = b.attention_mask.sum(1).tolist()
         if split is None:
             flops += sum(n * PER_TOKEN + n * n / 2 * PER_PAIR for n in lengths)
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> dict:
     whole, shared, diff = alternated(partial(passes, route=args.route), policy, batches, args.repeats)
     result = {"route": args.route, "checkpointed": args.checkpointed, "episodes": args.groups * args.generations,
               "micro_batches": {"whole": len(batches[False]), "shared": len(batches[True])},
-              "tokens": tokens(policy, batches), "whole_s": whole, "shared_s": shared, "whole_over_shared": whole / shared,
+              "tokens": tokens(policy, batches, args.route), "whole_s": whole, "shared_s": shared, "whole_over_shared": whole / shared,
               "max_logprob_diff": diff, "paper_7b_tflops": {"whole": paper_tflops(policy, batches[False], None),
                                                             "shared": paper_tflops(policy, batches[True], args.route)}}  # fmt: skip
     print(json.dumps(result, indent=2))

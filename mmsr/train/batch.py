@@ -157,7 +157,8 @@ def sampled_logprobs(policy: Policy, batch: TrainBatch, model: torch.nn.Module |
     """
     shared = _sharing(model if model is not None else policy.model) if share_prefix else None
     if shared is not None:
-        split = plan_prefixes(batch, getattr(policy.model.config, "image_token_id", None))
+        image_token_id = getattr(policy.model.config, "image_token_id", None)
+        split = plan_prefixes(batch, image_token_id, merge_alone=shared is shared_logprobs)
         if split is not None:
             return shared(policy, batch, split, model, temperature, with_entropy)
     keep = batch.loss_mask.any(0).nonzero()[:, 0]  # [K] positions t whose label t+1 was sampled

@@ -18,7 +18,9 @@ flash-attention 2 the rows are trained whole.
 The mask is dense (``[G, 1, L, L]`` booleans, ``L`` the longest packed row): attention computes every
 pair of a packed row, so a group's attention costs ``(P + n S)^2`` instead of ``n (P + S)^2`` while its
 projections and MLPs run on ``P + n S`` tokens instead of ``n (P + S)``; ``plan_prefixes`` shares only
-where that saves at least ``PASS_COST_TOKENS`` tokens.
+where that saves at least ``PASS_COST_TOKENS`` tokens, and a row that shares its prompt with no other row
+is a packed row of its own (``merge_alone=False``: rows alike only in their instructions would attend over
+every pair of each other's tokens).
 """
 
 from __future__ import annotations

@@ -67,10 +67,13 @@ def can_share(model: torch.nn.Module) -> bool:
     return not getattr(model, "is_gradient_checkpointing", False) and not isinstance(model, FSDPModule)
 
 
-def plan_prefixes(batch: TrainBatch, image_token_id: int | None, min_saved: int = PASS_COST_TOKENS) -> PrefixSplit | None:
+def plan_prefixes(batch: TrainBatch, image_token_id: int | None, min_saved: int = PASS_COST_TOKENS,
+                  merge_alone: bool = True) -> PrefixSplit | None:  # fmt: skip
     """The rows that start from one prompt (up to their first sampled token; images compared by their
-    pixels) share it; the other rows share their longest common prefix. ``None``: it would save fewer than
-    ``min_saved`` tokens, or a set of rows has no common first token."""
+    pixels) share it; the other rows share their longest common prefix (``merge_alone``), or each stands
+    alone, its prompt a prefix of its own (packed rows, ``mmsr.train.packed``: rows that share a system
+    prompt and nothing else would make one packed row whose dense mask spans every pair of their tokens).
+    ``None``: it would save fewer than ``min_saved`` tokens, or a set of rows has no common first token."""
     ids, lengths = batch.input_ids.tolist(), batch.attention_mask.sum(1).tolist()
     images = _images_by_row(batch, image_token_id)
     keys = _token_keys(ids, images)
@@ -80,7 +83,7 @@ def plan_prefixes(batch: TrainBatch, image_token_id: int | None, min_saved: int 
         by_prompt.setdefault(tuple(row[:k]), []).append(i)
     sets = [rows for rows in by_prompt.values() if len(rows) > 1]
     alone = [rows[0] for rows in by_prompt.values() if len(rows) == 1]
-    sets += [alone] if alone else []
+    sets += ([alone] if alone else []) if merge_alone else [[i] for i in alone]
     group, plen, first = [0] * len(ids), [], []
     for g, rows in enumerate(sets):
         p = _common_length([keys[i] for i in rows], min(needed[i] for i in rows))

@@ -181,7 +181,8 @@ class PolicyUpdate:
         a zero-weight rerun of the first). Where ``model`` shares prefixes in packed rows, a GRPO group's
         episodes go together (their prompt runs once per micro-batch it is in)."""
         together = self.settings.share_prefix and packs_rows(model)
-        prompts = [(trajs[i].group_id, trajs[i].prompt_len) for i in rows] if together else None
+        # a packed row shares the prompt but its last token, whose logits score the first sampled token
+        prompts = [(trajs[i].group_id, trajs[i].prompt_len - 1) for i in rows] if together else None
         return rank_micro_batches([len(trajs[i]) for i in rows], self.settings.micro_batch_tokens, device, prompts)
 
     def loss(self, batch: TrainBatch, adv: torch.Tensor, model: torch.nn.Module, old, ref

@@ -10,11 +10,12 @@ import torch
 import mmsr.train.batch
 from mmsr.demo.tokenizer import Scaffold
 from mmsr.models.build import TinyQwen2_5_VL
-from mmsr.train.batch import sampled_logprobs
+from mmsr.train.batch import collate, sampled_logprobs
 from mmsr.train.packed import can_pack, pack_rows, packed_logprobs
 from mmsr.train.prefix import plan_prefixes
 from mmsr.train.update import Backprop, PolicyUpdate, UpdateSettings
 from tests.models.conftest import tiny_qwen3_vl  # noqa: F401 - fixture
+from tests.rollout.test_loop import ANS, IMG
 from tests.train.test_prefix import GROUPS, TEXTS, assert_same_scores, group_batch, rollouts, text_policy  # noqa: F401 - fixture
 
 
@@ -56,6 +57,33 @@ def test_the_layout_runs_each_prefix_once_and_each_suffix_after_it(tiny_policy, 
     a, b = ((packed.segment[0] == k).nonzero()[:, 0] for k in (1, 2))  # group 0's first two suffixes
     assert mask[0][b[:, None], a[None, :]].sum() == 0 and mask[0][b[-1], : split.lengths[0]].all()  # not a, all the prefix
     assert image_tokens(packed, tiny_policy) == sum(v.num_tokens for v in packed.vision) < image_tokens(batch, tiny_policy)
+
+
+def test_lone_rows_are_packed_rows_of_their_own(tiny_policy, fvqa_samples, monkeypatch):
+    """Two rows that share no prompt with another (other questions) are two packed rows, each its whole row, as
+    the update's micro-batch cost counts them: the KV cache route shares their common instructions, but as one
+    packed row they would attend over every pair of both episodes' tokens (a dense mask)."""
+    batch = group_batch(tiny_policy, fvqa_samples)
+    image_id, lengths = tiny_policy.model.config.image_token_id, batch.attention_mask.sum(1).tolist()
+    split = plan_prefixes(batch, image_id, merge_alone=False)
+    assert split.group == [0, 0, 0, 1, 1, 1, 2, 3] and split.first == [0, 3, 6, 7]
+    assert split.saved == 2 * (split.lengths[0] + split.lengths[1])  # only the groups' prompts run once
+    packed = pack_rows(batch, split, pad_id=0)
+    for g, i in ((2, 6), (3, 7)):  # the row, whole, and causal: a prefix and the one suffix after it
+        assert torch.equal(packed.input_ids[g, : lengths[i]], batch.input_ids[i, : lengths[i]])
+        assert int((packed.segment[g] >= 0).sum()) == lengths[i]
+        mask = packed.attention_mask()[g, 0, : lengths[i], : lengths[i]]
+        assert torch.equal(mask, torch.ones_like(mask).tril())
+    splits = []
+    monkeypatch.setattr(mmsr.train.batch, "packed_logprobs", lambda p, b, s, *a, **k: splits.append(s) or packed_logprobs(p, b, s, *a, **k))
+    tiny_policy.model.gradient_checkpointing_enable()
+    try:
+        routed = sampled_logprobs(tiny_policy, batch, share_prefix=True)[0]
+        whole = sampled_logprobs(tiny_policy, batch)[0]
+    finally:
+        tiny_policy.model.gradient_checkpointing_disable()
+    assert [s.group for s in splits] == [split.group]  # the update's route keeps them apart
+    torch.testing.assert_close(routed, whole * batch.loss_mask, rtol=1e-4, atol=1e-5)
 
 
 def image_tokens(rows, policy) -> int:
@@ -110,7 +138,30 @@ def test_a_checkpointed_grpo_update_packs_each_group_together_and_equals_whole_r
         assert shared[key] == pytest.approx(whole[key], rel=1e-4, abs=1e-6)
 
 
+def test_packed_micro_batches_stay_within_the_token_budget(tiny_policy, fvqa_samples):
+    """What ``mmsr plan`` bounds the dense mask by: at every budget, a micro-batch's packed rows (rows x the
+    longest) hold at most ``micro_batch_tokens``, unless one episode is longer and goes alone."""
+    lone = rollouts(tiny_policy, fvqa_samples[2:4], [[[ANS]], [[IMG, ANS]]], 1)
+    trajs = rollouts(tiny_policy, fvqa_samples[:2], GROUPS, 3) + [replace(t, group_id=t.group_id + 2) for t in lone]
+    update = PolicyUpdate(tiny_policy, UpdateSettings(share_prefix=True))
+    image_id, fitted = tiny_policy.model.config.image_token_id, set()
+    tiny_policy.model.gradient_checkpointing_enable()
+    try:
+        longest, top = max(len(t) for t in trajs), 4 * max(pack_rows_size(trajs, g) for g in range(4))  # 4 groups
+        for budget in [*range(longest - 10, 2 * longest, 3), *range(2 * longest, top, 41), top]:
+            update.settings = replace(update.settings, micro_batch_tokens=budget)
+            for micro in update.micro_batches(trajs, list(range(len(trajs))), tiny_policy.model, torch.device("cpu")):
+                batch = collate([trajs[i] for i in micro], range(len(micro)), tiny_policy, "cpu")
+                split = plan_prefixes(batch, image_id, merge_alone=False)
+                rows = pack_rows(batch, split, 0).input_ids if split else batch.input_ids
+                assert rows.numel() <= budget or len(micro) == 1, (budget, micro)
+                fitted.add(len(micro))
+    finally:
+        tiny_policy.model.gradient_checkpointing_disable()
+    assert {1, 2, 3, 4} <= fitted  # from one episode per micro-batch to a group with a lone episode beside it
+
+
 def pack_rows_size(trajs, group: int) -> int:
-    """Tokens of a group's packed row: its prompt once, then each episode's turns."""
+    """Tokens of a group's packed row: its prompt but the last token once, then the rest of each episode."""
     rows = [t for t in trajs if t.group_id == group]
-    return rows[0].prompt_len + sum(len(t) - t.prompt_len for t in rows)
+    return rows[0].prompt_len - 1 + sum(len(t) - rows[0].prompt_len + 1 for t in rows)
