@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from mmsr.plan import main
 from mmsr.plan.config import ModelShape, RunSpec, world
@@ -85,6 +86,9 @@ def test_tiny_fsdp2_plan_is_the_hand_worked_arithmetic(tmp_path, capsys):
     assert m["vision_activations"] == 256 * (64 + 1344)
     # bf16 logits and their grad, [4096, V] each, + three fp32 [512, V] chunks
     assert m["logits"] == 2 * 2 * 4096 * V + 3 * 4 * 512 * V
+    # shared prefixes in packed rows (FSDP2, sdpa): the bool mask of at most 4096^2 pairs and the recomputed
+    # layer's bf16 additive bias
+    assert m["packed_mask"] == 4096**2 * (1 + 2)
     assert m["engine"] == 0  # vLLM asleep
     assert m["overhead"] == GiB // 2
     r = out["memory"]["rollout"]
@@ -123,6 +127,7 @@ def test_unsharded_plan_counts_full_copies():
     # 2 layers x 10 tokens x (2 x (7*8 + 2*4 + 4*16) + 2*4*8) + final norm (4 + 4) * 8 * 10
     assert m["activations"] == 2 * 10 * (256 + 64) + 640
     assert m["logits"] == 2 * 2 * 10 * 50 + 3 * 4 * 10 * 50
+    assert m["packed_mask"] == 0  # one process, no checkpointing: shared prefixes go through the KV cache
     # HF engine: the trainer's module (no copy), autocast cache 2000 + KV 2 contexts x 32 tokens x (2*2*1*4*2 bytes)
     assert out["memory"]["rollout"]["engine"] == 2000 + 2 * 32 * 32 and out["memory"]["rollout"]["sync_buffer"] == 0
     assert out["weight_sync"]["all_gather_received_per_rank"] == 0
@@ -157,6 +162,40 @@ def test_7b_without_checkpointing_or_on_24gb_does_not_fit(capsys):
     assert out["memory"]["training"]["activations"] > 80 * GiB  # every layer's activations for 16384 tokens
     out = run(capsys, "-c", recipe, "--gpu-gb", "24")
     assert not out["fits"] and out["engine"]["kv_tokens"] == 0  # 0.6 x 24 GiB cannot even hold the bf16 weights
+
+
+@pytest.mark.parametrize("override, packed", [([], True), (["--model.init_args.share_prefix", "false"], False),
+    (["--model.init_args.policy.init_args.attn_implementation", "flash_attention_2"], False)],
+    ids=["auto", "whole_rows", "flash_attention_2"])  # fmt: skip
+def test_the_7b_recipe_counts_the_packed_rows_mask_where_it_packs(override, packed, capsys):
+    """16384-token micro-batches under checkpointing: a 16384^2 bool mask and one layer's bf16 bias (0.75 GiB)
+    where shared prefixes run as packed rows; none where the rows train whole (flash-attention 2 or no sharing)."""
+    out = run(capsys, "-c", str(RECIPES[0]), *override)
+    assert out["memory"]["training"]["packed_mask"] == (16384**2 * 3 if packed else 0)
+
+
+def test_sdpa_saves_each_layers_bias_of_the_packed_mask_unless_checkpointed(tiny_policy, fvqa_samples):
+    """What ``packed_mask`` counts, measured: packed rows' forward saves for backward one additive bias of the
+    mask per layer in compute dtype (the bool mask converted), and none under checkpointing (a layer's is
+    made again when the backward recomputes it)."""
+    from mmsr.train.packed import pack_rows
+    from mmsr.train.prefix import plan_prefixes
+    from tests.train.test_prefix import group_batch
+
+    batch = group_batch(tiny_policy, fvqa_samples)
+    packed = pack_rows(batch, plan_prefixes(batch, tiny_policy.model.config.image_token_id, merge_alone=False), 0)
+    G, L = packed.input_ids.shape
+    model, layers = tiny_policy.model, tiny_policy.model.config.get_text_config().num_hidden_layers
+    saved = {}
+    for checkpointed in (False, True):
+        model.train().gradient_checkpointing_enable() if checkpointed else model.gradient_checkpointing_disable()
+        pairs = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: pairs.append(t) or t, lambda t: t):
+            tiny_policy.forward(packed.input_ids, packed.attention_mask(), packed.position_ids, packed.vision, model=model)
+        masks = {t.data_ptr(): t for t in pairs if t.shape[-2:] == (L, L)}.values()
+        saved[checkpointed] = sum(t.numel() * t.element_size() for t in masks)
+    model.gradient_checkpointing_disable()
+    assert saved == {False: layers * 4 * G * L * L, True: 0}  # float32 on the CPU
 
 
 def test_world_size_must_match_fsdp2_data_parallel_size():

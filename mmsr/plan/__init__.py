@@ -30,6 +30,7 @@ ROWS = (
     ("unsharded_grads", "unsharded grads (root + 1 block)"),
     ("activations", "activations ({micro_batch_tokens} tokens, {ckpt})"),
     ("vision_activations", "vision activations"),
+    ("packed_mask", "packed rows' mask ({attention}{flash})"),
     ("logits", "logits + their grad"),
     ("engine", "{engine}"),
     ("sync_buffer", "weight-sync buffer"),
@@ -60,7 +61,8 @@ def labels(spec: RunSpec) -> dict[str, str]:
                                engine=engine if spec.engine == "vllm" else "HF engine (weights + KV cache)",
                                ref="offloaded" if spec.ref_offload else "on GPU",
                                gathered="gathered params" if spec.fsdp else "autocast weight cache",
-                               ckpt="checkpointed" if spec.gradient_checkpointing else "no checkpointing")  # fmt: skip
+                               ckpt="checkpointed" if spec.gradient_checkpointing else "no checkpointing",
+                               flash="; 0 with flash-attn" if spec.attention == "auto" else "")  # fmt: skip
     return {key: label.format(**fields) for key, label in ROWS}
 
 

@@ -154,6 +154,9 @@ class RunSpec:
         sync_dtype: dtype the weights are cast to before they are gathered and streamed to the engine.
         max_pixels: the policy's image resize bound; images_per_episode: images at that bound per episode
             whose vision activations count (``mmsr plan --images-per-episode``).
+        attention: the policy's ``attn_implementation`` (``auto``: flash-attention 2 where flash-attn is
+            installed, else ``sdpa``); packed_rows: shared prefixes train in packed rows under a dense 4-D
+            mask (``share_prefix`` under gradient checkpointing or FSDP2, an attention that takes the mask).
     """
 
     world_size: int
@@ -182,6 +185,8 @@ class RunSpec:
     ppo_epochs: int
     max_pixels: int
     images_per_episode: int = 1
+    attention: str = "sdpa"
+    packed_rows: bool = False
 
 
 def device_count(trainer: dict[str, Any]) -> tuple[int, int]:
@@ -252,10 +257,13 @@ def run_spec(config: dict[str, Any]) -> RunSpec:
     trainer, model = config["trainer"], config["model"]["init_args"]
     size, fsdp = world(trainer)
     rollout, policy = model.get("rollout") or {}, model["policy"].get("init_args") or {}
+    attention = policy.get("attn_implementation") or "sdpa"  # the tiny builders take transformers' default
+    checkpointed = bool(model.get("gradient_checkpointing"))
     return RunSpec(
         world_size=size, fsdp=fsdp, **dtypes(model, trainer), **engine_settings(model),
         kl=model.get("kl_coef", 0.001) > 0, ref_offload=bool(model.get("ref_offload")),
-        gradient_checkpointing=bool(model.get("gradient_checkpointing")),
+        gradient_checkpointing=checkpointed, attention=attention,
+        packed_rows=model.get("share_prefix", True) and (fsdp or checkpointed) and attention != "flash_attention_2",
         micro_batch_tokens=model["micro_batch_tokens"],
         prompts_per_rank=config["data"]["prompts_per_step"], num_generations=model["num_generations"],
         max_rounds=rollout.get("max_rounds", 3), max_tokens_per_turn=rollout.get("max_tokens_per_turn", 256),

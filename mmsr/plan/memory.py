@@ -6,7 +6,8 @@ A step has two phases that never overlap on a GPU:
   under FSDP2 keeps a full compute-dtype copy of the policy) + the weight-sync buffer + overhead;
 - training: params + grads + AdamW + reference + what FSDP2 gathers (root params and two blocks in flight,
   in compute dtype) and the unsharded grads of the root and one block (compute dtype) + activations of
-  one micro-batch + its logits + the engine while asleep (0 with vLLM sleep mode) + overhead.
+  one micro-batch + its logits + the dense mask of shared prefixes in packed rows + the engine while
+  asleep (0 with vLLM sleep mode) + overhead.
 
 Not counted: FSDP2's padding of dim 0 to a multiple of W (0.004% of the 7B), DDP's gradient buckets,
 the float32 copy of the root grads FSDP2 reduce-scatters at the very end of the backward (after the
@@ -128,6 +129,21 @@ def logits(shape: ModelShape, spec: RunSpec) -> int:
     return 2 * nbytes(spec.compute_dtype) * t * shape.vocab + 3 * 4 * min(DEFAULT_CHUNK_SIZE, t) * shape.vocab
 
 
+def packed_mask(shape: ModelShape, spec: RunSpec) -> int:
+    """The dense ``[G, 1, L, L]`` boolean mask of shared prefixes in packed rows (``mmsr.train.packed``), and the
+    additive bias in compute dtype that SDPA makes of it and saves for backward: every layer's without
+    checkpointing, only the recomputed layer's with it (counted on CPU in ``tests/test_plan.py``). A
+    micro-batch's packed rows hold at most ``micro_batch_tokens`` B (``G x L <= B``) unless one longer episode
+    goes alone, so ``G x L^2 <= max(B, max_context_tokens)^2``. ``eager`` takes a float32 additive mask as it is
+    (its attention probabilities, like any eager run's, are not counted)."""
+    if not spec.packed_rows:
+        return 0
+    pairs = max(spec.micro_batch_tokens, spec.max_context_tokens) ** 2
+    if spec.attention == "eager":
+        return 4 * pairs
+    return pairs * (1 + (1 if spec.gradient_checkpointing else shape.layers) * nbytes(spec.compute_dtype))
+
+
 def kv_bytes_per_token(shape: ModelShape, dtype: str, tp: int = 1) -> int:
     """K and V of every layer for one token, of the KV heads one GPU holds (heads split over ``tp``)."""
     return 2 * shape.layers * math.ceil(shape.kv_heads / tp) * shape.head_dim * nbytes(dtype)
@@ -196,7 +212,8 @@ def phases(shape: ModelShape, spec: RunSpec, engine: dict[str, int], overhead: i
     rollout = common | dict(engine=engine["rollout"], sync_buffer=sync_buffer(shape, spec), overhead=overhead)
     training = common | dict(grads=state["grads"], reference_scoring=ref["transient"], gathered_params=full["params"],
                              unsharded_grads=full["grads"], activations=activations(shape, spec),
-                             vision_activations=vision_activations(shape, spec), logits=logits(shape, spec),
+                             vision_activations=vision_activations(shape, spec), packed_mask=packed_mask(shape, spec),
+                             logits=logits(shape, spec),
                              engine=engine["training"], overhead=overhead)  # fmt: skip
     return {"rollout": rollout | {"total": sum(rollout.values())},
             "training": training | {"total": sum(training.values())}}
