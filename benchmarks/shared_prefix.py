@@ -41,8 +41,8 @@ from mmsr.prompt.render import PromptBuilder
 from mmsr.rollout.engine import SamplingParams, ScriptedEngine
 from mmsr.rollout.loop import RolloutLoop, RolloutSettings
 from mmsr.tools.base import IMAGE_MARKER, ToolRequest, ToolResult
-from mmsr.train.batch import collate, pack_by_tokens, sampled_logprobs
-from mmsr.train.packed import pack_rows, packed_logprobs
+from mmsr.train.batch import collate, group_prompts, pack_by_tokens, sampled_logprobs
+from mmsr.train.packed import pack_rows, packed_logprobs, packing_pays, pair_cost
 from mmsr.train.prefix import plan_prefixes, shared_logprobs
 
 ROUTES = {"cache": shared_logprobs, "packed": packed_logprobs}
@@ -86,8 +86,8 @@ def episodes(groups: int, generations: int, **policy_args):
 def packed_as_the_update(policy, trajs, groups_together: bool) -> list:
     """The micro-batches the update makes (``micro_batch_tokens`` 4096): by length, or a group's episodes
     together (packed rows)."""
-    prompts = [(t.group_id, t.prompt_len) for t in trajs] if groups_together else None
-    micros = pack_by_tokens([len(t) for t in trajs], 4096, prompts)
+    prompts = group_prompts(trajs) if groups_together else None
+    micros = pack_by_tokens([len(t) for t in trajs], 4096, prompts, pair_cost(policy.model.config))
     return [collate([trajs[i] for i in micro], micro, policy, "cpu") for micro in micros]
 
 
@@ -97,13 +97,22 @@ def micro_batches(groups: int, generations: int, **policy_args):
     return policy, packed_as_the_update(policy, trajs, groups_together=False)
 
 
+def route_split(batch, image_id: int, route: str, pairs_per_token: float):
+    """The prefix split the update takes on ``route`` (``None``: whole rows): packed rows only where they
+    cost less than whole rows at ``pairs_per_token`` (``mmsr.train.packed.packing_pays``)."""
+    split = plan_prefixes(batch, image_id, merge_alone=route == "cache")
+    if split is None or route == "cache":
+        return split
+    return split if packing_pays(batch.attention_mask.sum(1).tolist(), split, pairs_per_token) else None
+
+
 def passes(policy, batches: dict, shared: bool, route: str = "cache") -> tuple[float, list[torch.Tensor]]:
     """Seconds of every micro-batch's forward and backward (``batches[shared]``), and each episode's masked
     log-probs ``[len - 1]`` in episode order."""
     image_id, out = policy.model.config.image_token_id, {}
     start = time.perf_counter()
     for batch in batches[shared]:
-        split = plan_prefixes(batch, image_id, merge_alone=route == "cache") if shared else None
+        split = route_split(batch, image_id, route, pair_cost(policy.model.config)) if shared else None
         logp = (ROUTES[route](policy, batch, split) if split else sampled_logprobs(policy, batch))[0] * batch.loss_mask
         weights = torch.linspace(-1.0, 1.0, len(batch.index))[:, None]
         (logp * weights).sum().backward()
@@ -117,7 +126,7 @@ def tokens(policy, batches: dict, route: str) -> dict[str, int]:
     whole = sum(b.input_ids.numel() for b in batches[False])
     shared = 0
     for b in batches[True]:
-        split = plan_prefixes(b, policy.model.config.image_token_id, merge_alone=route == "cache")
+        split = route_split(b, policy.model.config.image_token_id, route, pair_cost(policy.model.config))
         shared += b.input_ids.numel() if split is None else (int(b.attention_mask.sum()) - split.saved)
     return {"whole": whole, "shared": shared, "real": sum(int(b.attention_mask.sum()) for b in batches[False])}
 
@@ -135,7 +144,7 @@ def paper_tflops(policy, batches: list, route: str | None) -> float:
     cached prefix causally and each suffix to the prefix and itself."""
     flops = 0.0
     for b in batches:
-        split = plan_prefixes(b, policy.model.config.image_token_id, merge_alone=route == "cache") if route else None
+        split = route_split(b, policy.model.config.image_token_id, route, PER_PAIR / PER_TOKEN) if route else None
         lengths = b.attention_mask.sum(1).tolist()
         if split is None:
             flops += sum(n * PER_TOKEN + n * n / 2 * PER_PAIR for n in lengths)

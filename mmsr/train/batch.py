@@ -16,7 +16,7 @@ from mmsr.models.policy import Policy, check_image_tokens
 from mmsr.models.vision import VisionInput
 from mmsr.parallel import all_reduce
 from mmsr.rollout.trajectory import Trajectory
-from mmsr.train.packed import can_pack, packed_logprobs
+from mmsr.train.packed import can_pack, packed_logprobs, packed_pays, packing_pays, pair_cost
 from mmsr.train.prefix import PASS_COST_TOKENS, can_share, plan_prefixes, shared_logprobs
 
 
@@ -72,27 +72,31 @@ def collate(trajs: Sequence[Trajectory], index: Sequence[int], policy: Policy, d
                       lps[:, 1:].to(device), vision, torch.tensor(list(index)))  # fmt: skip
 
 
-def pack_by_tokens(lengths: Sequence[int], budget: int, prompts: Sequence[tuple[int, int]] | None = None) -> list[list[int]]:
+def pack_by_tokens(lengths: Sequence[int], budget: int, prompts: Sequence[tuple[int, int]] | None = None,
+                   pairs_per_token: float = 0.0) -> list[list[int]]:  # fmt: skip
     """Group indices into micro-batches whose padded size stays within ``budget``, with the least padded
     tokens plus ``PASS_COST_TOKENS`` per micro-batch.
 
     Whole rows (``prompts`` ``None``): a micro-batch costs rows x longest; indices are taken longest first and
-    cut into runs (similar lengths share a batch: less padding). Shared prefixes (``prompts``: each index's
-    GRPO group and prompt length, ``Trajectory.group_id`` and ``prompt_len``): a micro-batch costs its groups'
-    packed rows (each group's prompt once, then its rows' turns: ``mmsr.train.packed``) x the longest, so a
-    group's episodes stay together where the budget allows (split, each part runs the prompt again); groups
-    are taken by packed length, longest first, each group's rows longest first. The cuts are the cheapest
-    (dynamic programming over that order). Equal lengths give the fewest micro-batches the budget allows; a
-    sequence longer than the budget gets one of its own.
+    cut into runs (similar lengths share a batch: less padding). Shared prefixes in packed rows (``prompts``:
+    each index's GRPO group and shared prompt length, ``group_prompts``): a micro-batch costs its groups'
+    packed rows (each group's prompt once, then its rows' turns: ``mmsr.train.packed``) x the longest where
+    packing pays (``packed_pays`` at ``pairs_per_token``, as ``sampled_logprobs`` decides), its whole rows
+    otherwise; a group's episodes stay together where the budget allows (split, each part runs the prompt
+    again); groups are taken by packed length, longest first, each group's rows longest first. The cuts are
+    the cheapest (dynamic programming over that order). Equal lengths give the fewest micro-batches the
+    budget allows; a sequence longer than the budget gets one of its own.
     """
-    order, runs = _whole_rows(lengths) if prompts is None else _groups_together(lengths, prompts)
+    order, runs = _whole_rows(lengths) if prompts is None else _groups_together(lengths, prompts, pairs_per_token)
     n = len(order)
     # cost[j]: the cheapest packing of order[:j]; its last run starts at cut[j]
     cost, cut = [0.0] + [math.inf] * n, [0] * (n + 1)
     for j in range(1, n + 1):
-        for i, padded in runs(j):  # the last run is order[i:j]; its size never shrinks as it grows
-            if padded > budget and i < j - 1:
+        for i, padded, floor in runs(j):  # the last run is order[i:j]; floor never shrinks as it grows
+            if floor > budget and i < j - 1:
                 break
+            if padded > budget and i < j - 1:
+                continue
             if cost[i] + padded + PASS_COST_TOKENS <= cost[j]:  # ties: the longer run
                 cost[j], cut[j] = cost[i] + padded + PASS_COST_TOKENS, i
     batches, j = [], len(order)
@@ -102,20 +106,28 @@ def pack_by_tokens(lengths: Sequence[int], budget: int, prompts: Sequence[tuple[
     return batches[::-1]
 
 
+def group_prompts(trajs: Sequence[Trajectory]) -> list[tuple[int, int]]:
+    """Each episode's GRPO group and the tokens a packed row shares: the prompt but its last token, whose
+    logits score the first sampled token (``plan_prefixes``)."""
+    return [(t.group_id, t.prompt_len - 1) for t in trajs]
+
+
 def _whole_rows(lengths: Sequence[int]):
-    """Longest first; ``runs(j)`` yields ``(i, rows x longest of order[i:j])`` for i = j-1 down to 0."""
+    """Longest first; ``runs(j)`` yields ``(i, size, size)``, size = rows x longest of ``order[i:j]``, for
+    i = j-1 down to 0."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
 
     def runs(j: int):
         for i in range(j - 1, -1, -1):
-            yield i, (j - i) * lengths[order[i]]
+            yield i, (j - i) * lengths[order[i]], (j - i) * lengths[order[i]]
 
     return order, runs
 
 
-def _groups_together(lengths: Sequence[int], prompts: Sequence[tuple[int, int]]):
-    """Groups by packed length, longest first, each group's rows longest first; ``runs(j)`` yields
-    ``(i, groups x longest packed row of order[i:j])`` for i = j-1 down to 0 (a group's rows are adjacent)."""
+def _groups_together(lengths: Sequence[int], prompts: Sequence[tuple[int, int]], pairs_per_token: float):
+    """Groups by packed length, longest first, each group's rows longest first; ``runs(j)`` yields ``(i, size,
+    floor)`` for i = j-1 down to 0 (a group's rows are adjacent): ``order[i:j]``'s size as it will run (packed
+    rows: groups x the longest packed row, or rows x the longest row) and the smaller of the two."""
     members: dict[int, list[int]] = {}
     for i, (group, _) in enumerate(prompts):
         members.setdefault(group, []).append(i)
@@ -123,23 +135,27 @@ def _groups_together(lengths: Sequence[int], prompts: Sequence[tuple[int, int]])
     order = [i for g in sorted(members, key=lambda g: -packed[g]) for i in sorted(members[g], key=lambda i: -lengths[i])]
 
     def runs(j: int):
-        longest = current = count = 0
+        longest = current = count = widest = saved = 0
         for i in range(j - 1, -1, -1):
             row = order[i]
             if i < j - 1 and prompts[order[i + 1]][0] == prompts[row][0]:  # the group the run starts with
-                current += lengths[row] - prompts[row][1]
+                current, saved = current + lengths[row] - prompts[row][1], saved + prompts[row][1]
             else:
                 longest, current, count = max(longest, current), lengths[row], count + 1
-            yield i, count * max(longest, current)
+            widest, width = max(widest, lengths[row]), max(longest, current)
+            whole = (j - i) * widest
+            pays = saved >= PASS_COST_TOKENS and packed_pays(j - i, widest, count, width, pairs_per_token)
+            yield i, count * width if pays else whole, min(count * width, whole)
 
     return order, runs
 
 
 def rank_micro_batches(lengths: Sequence[int], budget: int, device: torch.device,
-                       prompts: Sequence[tuple[int, int]] | None = None) -> list[list[int] | None]:  # fmt: skip
+                       prompts: Sequence[tuple[int, int]] | None = None, pairs_per_token: float = 0.0
+                       ) -> list[list[int] | None]:  # fmt: skip
     """``pack_by_tokens``, padded with ``None`` (run as a zero-weight pass) to the most any rank has:
     DDP and FSDP2 hang unless every rank runs as many forward/backward passes."""
-    micros: list[list[int] | None] = pack_by_tokens(lengths, budget, prompts)
+    micros: list[list[int] | None] = pack_by_tokens(lengths, budget, prompts, pairs_per_token)
     return micros + [None] * (int(all_reduce(len(micros), "max", device)) - len(micros))
 
 
@@ -153,13 +169,14 @@ def sampled_logprobs(policy: Policy, batch: TrainBatch, model: torch.nn.Module |
     log-softmax is chunked over them (``mmsr.algo.logprobs``). ``share_prefix``: rows that share a prefix
     run it once where that saves enough tokens: through a KV cache (``mmsr.train.prefix``) when ``model``
     allows it, else in packed rows (``mmsr.train.packed``: gradient checkpointing, FSDP2) when its attention
-    takes a 4-D mask; whole rows otherwise (flash-attention 2 under either).
+    takes a 4-D mask and their dense attention costs less than the tokens saved (``packing_pays``); whole
+    rows otherwise (flash-attention 2 under either).
     """
     shared = _sharing(model if model is not None else policy.model) if share_prefix else None
     if shared is not None:
         image_token_id = getattr(policy.model.config, "image_token_id", None)
         split = plan_prefixes(batch, image_token_id, merge_alone=shared is shared_logprobs)
-        if split is not None:
+        if split is not None and (shared is shared_logprobs or _packing_pays(batch, split, policy.model.config)):
             return shared(policy, batch, split, model, temperature, with_entropy)
     keep = batch.loss_mask.any(0).nonzero()[:, 0]  # [K] positions t whose label t+1 was sampled
     out = policy.forward(batch.input_ids, batch.attention_mask, batch.position_ids, batch.vision, model=model,
@@ -168,6 +185,10 @@ def sampled_logprobs(policy: Policy, batch: TrainBatch, model: torch.nn.Module |
                                          with_entropy=with_entropy)  # fmt: skip
     spread = lambda x: x.new_zeros(batch.labels.shape).index_copy(1, keep, x)  # noqa: E731 - [n, K] -> [n, T-1]
     return spread(logp), spread(entropy) if entropy is not None else None
+
+
+def _packing_pays(batch: TrainBatch, split, config) -> bool:
+    return packing_pays(batch.attention_mask.sum(1).tolist(), split, pair_cost(config))
 
 
 def packs_rows(model: torch.nn.Module) -> bool:

@@ -80,13 +80,47 @@ class PackedRows:
         return torch.zeros(mask.shape, dtype=dtype, device=seg.device).masked_fill(~mask, torch.finfo(dtype).min)
 
 
+def pair_cost(config) -> float:
+    """Forward FLOPs of attending one query to one key, in tokens through a layer's projections and MLP:
+    ``4 q / (2 W)``, ``q`` the query width (heads x head dim), ``W`` a decoder layer's weights (q, k, v, o and
+    the gated MLP). Qwen2.5-VL-7B: 3.1e-5 (a token costs as much as ~33,000 pairs); the CPU demo's policy 1.7e-3."""
+    t = config.get_text_config()
+    head = getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
+    q, kv = t.num_attention_heads * head, t.num_key_value_heads * head
+    weights = 2 * t.hidden_size * q + 2 * t.hidden_size * kv + 3 * t.hidden_size * t.intermediate_size
+    return 2 * q / weights
+
+
+def packed_sizes(lengths: list[int], split: PrefixSplit) -> list[int]:
+    """Tokens of each packed row: its prefix once, then the rest of each row that continues it."""
+    sizes = list(split.lengths)
+    for i, g in enumerate(split.group):
+        sizes[g] += lengths[i] - split.lengths[g]
+    return sizes
+
+
+def packed_pays(rows: int, width: int, packed_rows: int, packed_width: int, pairs_per_token: float) -> bool:
+    """Whether ``packed_rows`` of ``packed_width`` tokens cost less than ``rows`` whole rows of ``width``: each
+    way its padded tokens plus every pair of each padded row (SDPA attends over all of them under a mask, the
+    packed rows' dense one or whole rows' padding) times ``pairs_per_token`` (``pair_cost``). At 7B sizes a
+    group whose turns are long against its prompt trains cheaper whole: ``(P + n S)^2`` pairs outgrow the
+    ``(n - 1) P`` tokens saved."""
+    packed = packed_rows * packed_width * (1 + pairs_per_token * packed_width)
+    return packed < rows * width * (1 + pairs_per_token * width)
+
+
+def packing_pays(lengths: list[int], split: PrefixSplit, pairs_per_token: float) -> bool:
+    """``packed_pays`` for ``split``'s packed rows against the whole rows of ``lengths``."""
+    sizes = packed_sizes(lengths, split)
+    return packed_pays(len(lengths), max(lengths), len(sizes), max(sizes), pairs_per_token)
+
+
 def pack_rows(batch: TrainBatch, split: PrefixSplit, pad_id: int) -> PackedRows:
     """Lay out ``batch``'s rows as ``split``'s prefixes, each followed by the suffixes that continue it."""
     n, width = batch.input_ids.shape
     lengths = batch.attention_mask.sum(1).tolist()
     members = [[i for i in range(n) if split.group[i] == g] for g in range(len(split.lengths))]
-    sizes = [p + sum(lengths[i] - p for i in rows) for p, rows in zip(split.lengths, members)]
-    ids = batch.input_ids.new_full((len(members), max(sizes)), pad_id)
+    ids = batch.input_ids.new_full((len(members), max(packed_sizes(lengths, split))), pad_id)
     pos = batch.position_ids.new_zeros(*batch.position_ids.shape[:-2], *ids.shape)
     segment = torch.full_like(ids, -1)
     column = torch.full_like(batch.input_ids, -1)

@@ -26,7 +26,8 @@ from mmsr.models.policy import Policy
 from mmsr.parallel import all_reduce
 from mmsr.reference import ReferenceModel
 from mmsr.rollout.trajectory import Trajectory
-from mmsr.train.batch import TrainBatch, collate, packs_rows, rank_micro_batches, sampled_logprobs
+from mmsr.train.batch import TrainBatch, collate, group_prompts, packs_rows, rank_micro_batches, sampled_logprobs
+from mmsr.train.packed import pair_cost
 
 
 @dataclass(frozen=True)
@@ -181,9 +182,9 @@ class PolicyUpdate:
         a zero-weight rerun of the first). Where ``model`` shares prefixes in packed rows, a GRPO group's
         episodes go together (their prompt runs once per micro-batch it is in)."""
         together = self.settings.share_prefix and packs_rows(model)
-        # a packed row shares the prompt but its last token, whose logits score the first sampled token
-        prompts = [(trajs[i].group_id, trajs[i].prompt_len - 1) for i in rows] if together else None
-        return rank_micro_batches([len(trajs[i]) for i in rows], self.settings.micro_batch_tokens, device, prompts)
+        prompts = group_prompts([trajs[i] for i in rows]) if together else None
+        return rank_micro_batches([len(trajs[i]) for i in rows], self.settings.micro_batch_tokens, device, prompts,
+                                  pair_cost(self.policy.model.config))  # fmt: skip
 
     def loss(self, batch: TrainBatch, adv: torch.Tensor, model: torch.nn.Module, old, ref
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip

@@ -11,8 +11,8 @@ import mmsr.train.batch
 from mmsr.demo.tokenizer import Scaffold
 from mmsr.models.build import TinyQwen2_5_VL
 from mmsr.train.batch import collate, sampled_logprobs
-from mmsr.train.packed import can_pack, pack_rows, packed_logprobs
-from mmsr.train.prefix import plan_prefixes
+from mmsr.train.packed import can_pack, pack_rows, packed_logprobs, packing_pays, pair_cost
+from mmsr.train.prefix import PrefixSplit, plan_prefixes
 from mmsr.train.update import Backprop, PolicyUpdate, UpdateSettings
 from tests.models.conftest import tiny_qwen3_vl  # noqa: F401 - fixture
 from tests.rollout.test_loop import ANS, IMG
@@ -86,6 +86,36 @@ def test_lone_rows_are_packed_rows_of_their_own(tiny_policy, fvqa_samples, monke
     torch.testing.assert_close(routed, whole * batch.loss_mask, rtol=1e-4, atol=1e-5)
 
 
+def test_pair_cost_of_qwen2_5_vl_7b_is_the_hand_worked_ratio():
+    from mmsr.plan.config import pretrained_config
+
+    # a layer's weights: q and o 3584 x 3584, k and v 3584 x 512, gate, up and down 3584 x 18944
+    weights = 2 * 3584 * 3584 + 2 * 3584 * 512 + 3 * 3584 * 18944
+    assert pair_cost(pretrained_config("Qwen2.5-VL-7B-Instruct")) == pytest.approx(4 * 3584 / (2 * weights))  # 3.08e-5
+
+
+@pytest.mark.parametrize("suffix, rows, pays", [(1500, 8, True), (3000, 4, False)])
+def test_packing_pays_where_the_prompt_saved_outweighs_the_dense_pairs(suffix, rows, pays):
+    """At 7B sizes (3.08e-5 tokens a pair), a 1,000-token prompt: 8 turns of 1,500 tokens packed cost
+    13,000 x (1 + 0.40) = 18,199 against whole rows 20,000 x (1 + 0.077) = 21,538; 4 turns of 3,000 packed
+    cost the same 18,199 against 16,000 x (1 + 0.123) = 17,968, so they train whole."""
+    split = PrefixSplit(group=[0] * rows, lengths=[1000], first=[0], images=[[] for _ in range(rows)])
+    assert packing_pays([1000 + suffix] * rows, split, 3.0758e-5) is pays
+
+
+def test_rows_train_whole_where_packing_does_not_pay(tiny_policy, fvqa_samples, monkeypatch):
+    batch = group_batch(tiny_policy, fvqa_samples)
+    monkeypatch.setattr(mmsr.train.batch, "packed_logprobs", None)  # would fail if called
+    monkeypatch.setattr(mmsr.train.batch, "pair_cost", lambda config: 1.0)  # attention dearer than any prompt
+    tiny_policy.model.gradient_checkpointing_enable()
+    try:
+        routed = sampled_logprobs(tiny_policy, batch, share_prefix=True)[0]
+        whole = sampled_logprobs(tiny_policy, batch)[0]
+    finally:
+        tiny_policy.model.gradient_checkpointing_disable()
+    assert torch.equal(routed, whole)
+
+
 def image_tokens(rows, policy) -> int:
     return int((rows.input_ids == policy.model.config.image_token_id).sum())
 
@@ -139,26 +169,30 @@ def test_a_checkpointed_grpo_update_packs_each_group_together_and_equals_whole_r
 
 
 def test_packed_micro_batches_stay_within_the_token_budget(tiny_policy, fvqa_samples):
-    """What ``mmsr plan`` bounds the dense mask by: at every budget, a micro-batch's packed rows (rows x the
-    longest) hold at most ``micro_batch_tokens``, unless one episode is longer and goes alone."""
+    """What ``mmsr plan`` bounds the dense mask by: at budgets over a range, each forward of the update's
+    micro-batches (packed rows where packing pays, whole rows where not) holds at most
+    ``micro_batch_tokens``, unless one episode is longer and goes alone."""
     lone = rollouts(tiny_policy, fvqa_samples[2:4], [[[ANS]], [[IMG, ANS]]], 1)
     trajs = rollouts(tiny_policy, fvqa_samples[:2], GROUPS, 3) + [replace(t, group_id=t.group_id + 2) for t in lone]
-    update = PolicyUpdate(tiny_policy, UpdateSettings(share_prefix=True))
-    image_id, fitted = tiny_policy.model.config.image_token_id, set()
+    update, fitted, sizes = PolicyUpdate(tiny_policy, UpdateSettings(share_prefix=True)), set(), []
+    hook = tiny_policy.model.register_forward_pre_hook(lambda m, a, kw: sizes.append(kw["input_ids"].shape), with_kwargs=True)
     tiny_policy.model.gradient_checkpointing_enable()
     try:
         longest, top = max(len(t) for t in trajs), 4 * max(pack_rows_size(trajs, g) for g in range(4))  # 4 groups
-        for budget in [*range(longest - 10, 2 * longest, 3), *range(2 * longest, top, 41), top]:
+        for budget in [*range(longest - 10, top, (top - longest) // 15), top]:
             update.settings = replace(update.settings, micro_batch_tokens=budget)
             for micro in update.micro_batches(trajs, list(range(len(trajs))), tiny_policy.model, torch.device("cpu")):
                 batch = collate([trajs[i] for i in micro], range(len(micro)), tiny_policy, "cpu")
-                split = plan_prefixes(batch, image_id, merge_alone=False)
-                rows = pack_rows(batch, split, 0).input_ids if split else batch.input_ids
-                assert rows.numel() <= budget or len(micro) == 1, (budget, micro)
-                fitted.add(len(micro))
+                with torch.no_grad():
+                    sampled_logprobs(tiny_policy, batch, share_prefix=True)
+                rows, width = sizes.pop()
+                assert rows * width <= budget or len(micro) == 1, (budget, micro, rows, width)
+                fitted.add((len(micro), rows < len(micro)))
     finally:
         tiny_policy.model.gradient_checkpointing_disable()
-    assert {1, 2, 3, 4} <= fitted  # from one episode per micro-batch to a group with a lone episode beside it
+        hook.remove()
+    assert {n for n, _ in fitted} >= {1, 2, 3, 4}  # from one episode per micro-batch to a group and a lone one
+    assert any(packed for _, packed in fitted)
 
 
 def pack_rows_size(trajs, group: int) -> int:

@@ -4,6 +4,8 @@ padded tokens plus a fixed cost per pass are least (checked against every possib
 import itertools
 import random
 
+import pytest
+
 from mmsr.train.batch import PASS_COST_TOKENS, pack_by_tokens
 
 
@@ -48,15 +50,20 @@ def test_packings_are_complete_within_budget_and_the_cheapest_cut():
         assert cost(batches, lengths) == cheapest_cut(longest_first, budget, lambda b: cost(b, lengths)), (lengths, budget)
 
 
-def packed_cost(batches: list[list[int]], lengths: list[int], prompts: list[tuple[int, int]]) -> int:
-    """Each micro-batch: its groups' packed rows (a group's prompt once, then its rows' turns) x the longest."""
+def packed_cost(batches: list[list[int]], lengths: list[int], prompts: list[tuple[int, int]], pairs_per_token: float = 0.0) -> int:
+    """Each micro-batch as it runs: its groups' packed rows (a group's prompt once, then its rows' turns) x the
+    longest where that saves at least ``PASS_COST_TOKENS`` tokens and costs less than its rows x the longest
+    (each way plus its padded rows' pairs x ``pairs_per_token``), else its rows x the longest."""
     total = 0
     for b in batches:
         rows: dict[int, list[int]] = {}
         for i in b:
             rows.setdefault(prompts[i][0], []).append(i)
         packed = [prompts[r[0]][1] + sum(lengths[i] - prompts[i][1] for i in r) for r in rows.values()]
-        total += len(packed) * max(packed) + PASS_COST_TOKENS
+        saved = sum((len(r) - 1) * prompts[r[0]][1] for r in rows.values())
+        (n, width), (g, packed_width) = (len(b), max(lengths[i] for i in b)), (len(packed), max(packed))
+        pays = saved >= PASS_COST_TOKENS and g * packed_width * (1 + pairs_per_token * packed_width) < n * width * (1 + pairs_per_token * width)
+        total += (g * packed_width if pays else n * width) + PASS_COST_TOKENS
     return total
 
 
@@ -73,20 +80,31 @@ def random_groups(rng: random.Random) -> tuple[list[int], list[tuple[int, int]]]
     return [lengths[i] for i in order], [prompts[i] for i in order]
 
 
-def test_with_packed_rows_a_group_stays_together_and_the_cuts_are_the_cheapest():
+@pytest.mark.parametrize("pairs_per_token", [0.0, 2e-3])
+def test_with_packed_rows_a_group_stays_together_and_the_cuts_are_the_cheapest(pairs_per_token):
     rng = random.Random(1)
     for _ in range(150):
         lengths, prompts = random_groups(rng)
         budget = rng.randint(400, 4000)
-        batches = pack_by_tokens(lengths, budget, prompts)
+        batches = pack_by_tokens(lengths, budget, prompts, pairs_per_token)
+        cost = lambda b: packed_cost(b, lengths, prompts, pairs_per_token)  # noqa: E731
         assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
-        assert all(len(b) == 1 or packed_cost([b], lengths, prompts) - PASS_COST_TOKENS <= budget for b in batches)
+        assert all(len(b) == 1 or cost([b]) - PASS_COST_TOKENS <= budget for b in batches)
         # the order the packing cuts: groups by packed length, each group's rows longest first
         whole = {g: [i for i in range(len(lengths)) if prompts[i][0] == g] for g, _ in prompts}
-        key = {g: packed_cost([rows], lengths, prompts) for g, rows in whole.items()}
+        key = {g: prompts[rows[0]][1] + sum(lengths[i] - prompts[i][1] for i in rows) for g, rows in whole.items()}
         order = [i for g in sorted(whole, key=lambda g: -key[g]) for i in sorted(whole[g], key=lambda i: -lengths[i])]
-        best = cheapest_cut(order, budget, lambda b: packed_cost(b, lengths, prompts))
-        assert packed_cost(batches, lengths, prompts) == best, (lengths, prompts, budget)
+        assert cost(batches) == cheapest_cut(order, budget, cost), (lengths, prompts, budget)
+
+
+def test_a_group_that_trains_whole_is_budgeted_whole():
+    """4 episodes of 4,000 tokens after a 999-token shared prompt: packed, 13,003 tokens fit a 15,000 budget,
+    but at 7B sizes (3.08e-5 tokens a pair) they cost 18,207 against 17,968 as whole rows, so they would run
+    whole, 16,000 tokens, over the budget: one alone (4,000) and three packed (10,002 tokens: 13,079 against
+    13,476), as cheap as two pairs (7,001 each; a tie goes to the longer run)."""
+    lengths, prompts = [4000] * 4, [(0, 999)] * 4
+    assert pack_by_tokens(lengths, 15000, prompts) == [[0, 1, 2, 3]]  # tokens alone: packing pays
+    assert pack_by_tokens(lengths, 15000, prompts, 3.0758e-5) == [[0], [1, 2, 3]]
 
 
 def test_groups_that_length_would_split_stay_together():
