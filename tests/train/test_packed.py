@@ -76,12 +76,7 @@ def test_lone_rows_are_packed_rows_of_their_own(tiny_policy, fvqa_samples, monke
         assert torch.equal(mask, torch.ones_like(mask).tril())
     splits = []
     monkeypatch.setattr(mmsr.train.batch, "packed_logprobs", lambda p, b, s, *a, **k: splits.append(s) or packed_logprobs(p, b, s, *a, **k))
-    tiny_policy.model.gradient_checkpointing_enable()
-    try:
-        routed = sampled_logprobs(tiny_policy, batch, share_prefix=True)[0]
-        whole = sampled_logprobs(tiny_policy, batch)[0]
-    finally:
-        tiny_policy.model.gradient_checkpointing_disable()
+    routed, whole = routed_and_whole(tiny_policy, batch)
     assert [s.group for s in splits] == [split.group]  # the update's route keeps them apart
     torch.testing.assert_close(routed, whole * batch.loss_mask, rtol=1e-4, atol=1e-5)
 
@@ -107,13 +102,17 @@ def test_rows_train_whole_where_packing_does_not_pay(tiny_policy, fvqa_samples, 
     batch = group_batch(tiny_policy, fvqa_samples)
     monkeypatch.setattr(mmsr.train.batch, "packed_logprobs", None)  # would fail if called
     monkeypatch.setattr(mmsr.train.batch, "pair_cost", lambda config: 1.0)  # attention dearer than any prompt
-    tiny_policy.model.gradient_checkpointing_enable()
-    try:
-        routed = sampled_logprobs(tiny_policy, batch, share_prefix=True)[0]
-        whole = sampled_logprobs(tiny_policy, batch)[0]
-    finally:
-        tiny_policy.model.gradient_checkpointing_disable()
+    routed, whole = routed_and_whole(tiny_policy, batch)
     assert torch.equal(routed, whole)
+
+
+def routed_and_whole(policy, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sampled_logprobs`` ``[n, T-1]`` with shared prefixes and of the whole rows, the layers checkpointed."""
+    policy.model.gradient_checkpointing_enable()
+    try:
+        return sampled_logprobs(policy, batch, share_prefix=True)[0], sampled_logprobs(policy, batch)[0]
+    finally:
+        policy.model.gradient_checkpointing_disable()
 
 
 def image_tokens(rows, policy) -> int:
