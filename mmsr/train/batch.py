@@ -75,14 +75,15 @@ def collate(trajs: Sequence[Trajectory], index: Sequence[int], policy: Policy, d
 def pack_by_tokens(lengths: Sequence[int], budget: int, prompts: Sequence[tuple[int, int]] | None = None,
                    pairs_per_token: float = 0.0) -> list[list[int]]:  # fmt: skip
     """Group indices into micro-batches whose padded size stays within ``budget``, with the least padded
-    tokens plus ``PASS_COST_TOKENS`` per micro-batch.
+    tokens plus ``PASS_COST_TOKENS`` per micro-batch (packed rows: their attention pairs weighed too).
 
     Whole rows (``prompts`` ``None``): a micro-batch costs rows x longest; indices are taken longest first and
     cut into runs (similar lengths share a batch: less padding). Shared prefixes in packed rows (``prompts``:
     each index's GRPO group and shared prompt length, ``group_prompts``): a micro-batch costs its groups'
     packed rows (each group's prompt once, then its rows' turns: ``mmsr.train.packed``) x the longest where
     packing pays (``packed_pays`` at ``pairs_per_token``, as ``sampled_logprobs`` decides), its whole rows
-    otherwise; a group's episodes stay together where the budget allows (split, each part runs the prompt
+    otherwise, and its cost counts each padded row's pairs x ``pairs_per_token`` (at 7B sizes a 16k-token
+    packed row spends a third of its compute on them); a group's episodes stay together where the budget allows (split, each part runs the prompt
     again); groups are taken by packed length, longest first, each group's rows longest first. The cuts are
     the cheapest (dynamic programming over that order). Equal lengths give the fewest micro-batches the
     budget allows; a sequence longer than the budget gets one of its own.
@@ -92,13 +93,13 @@ def pack_by_tokens(lengths: Sequence[int], budget: int, prompts: Sequence[tuple[
     # cost[j]: the cheapest packing of order[:j]; its last run starts at cut[j]
     cost, cut = [0.0] + [math.inf] * n, [0] * (n + 1)
     for j in range(1, n + 1):
-        for i, padded, floor in runs(j):  # the last run is order[i:j]; floor never shrinks as it grows
+        for i, padded, floor, spent in runs(j):  # the last run is order[i:j]; floor never shrinks as it grows
             if floor > budget and i < j - 1:
                 break
             if padded > budget and i < j - 1:
                 continue
-            if cost[i] + padded + PASS_COST_TOKENS <= cost[j]:  # ties: the longer run
-                cost[j], cut[j] = cost[i] + padded + PASS_COST_TOKENS, i
+            if cost[i] + spent + PASS_COST_TOKENS <= cost[j]:  # ties: the longer run
+                cost[j], cut[j] = cost[i] + spent + PASS_COST_TOKENS, i
     batches, j = [], len(order)
     while j:
         batches.append(order[cut[j] : j])
@@ -113,21 +114,23 @@ def group_prompts(trajs: Sequence[Trajectory]) -> list[tuple[int, int]]:
 
 
 def _whole_rows(lengths: Sequence[int]):
-    """Longest first; ``runs(j)`` yields ``(i, size, size)``, size = rows x longest of ``order[i:j]``, for
-    i = j-1 down to 0."""
+    """Longest first; ``runs(j)`` yields ``(i, size, size, size)``, size = rows x longest of ``order[i:j]``,
+    for i = j-1 down to 0."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
 
     def runs(j: int):
         for i in range(j - 1, -1, -1):
-            yield i, (j - i) * lengths[order[i]], (j - i) * lengths[order[i]]
+            size = (j - i) * lengths[order[i]]
+            yield i, size, size, size
 
     return order, runs
 
 
 def _groups_together(lengths: Sequence[int], prompts: Sequence[tuple[int, int]], pairs_per_token: float):
     """Groups by packed length, longest first, each group's rows longest first; ``runs(j)`` yields ``(i, size,
-    floor)`` for i = j-1 down to 0 (a group's rows are adjacent): ``order[i:j]``'s size as it will run (packed
-    rows: groups x the longest packed row, or rows x the longest row) and the smaller of the two."""
+    floor, cost)`` for i = j-1 down to 0 (a group's rows are adjacent): ``order[i:j]``'s size as it will run
+    (packed rows: groups x the longest packed row, or rows x the longest row), the smaller of the two, and
+    the size plus its rows' pairs x ``pairs_per_token``."""
     members: dict[int, list[int]] = {}
     for i, (group, _) in enumerate(prompts):
         members.setdefault(group, []).append(i)
@@ -143,9 +146,9 @@ def _groups_together(lengths: Sequence[int], prompts: Sequence[tuple[int, int]],
             else:
                 longest, current, count = max(longest, current), lengths[row], count + 1
             widest, width = max(widest, lengths[row]), max(longest, current)
-            whole = (j - i) * widest
-            pays = saved >= PASS_COST_TOKENS and packed_pays(j - i, widest, count, width, pairs_per_token)
-            yield i, count * width if pays else whole, min(count * width, whole)
+            rows, wide = (count, width) if saved >= PASS_COST_TOKENS and packed_pays(j - i, widest, count, width,
+                                                                                     pairs_per_token) else (j - i, widest)  # fmt: skip
+            yield i, rows * wide, min(count * width, (j - i) * widest), rows * wide * (1 + pairs_per_token * wide)
 
     return order, runs
 

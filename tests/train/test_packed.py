@@ -190,7 +190,7 @@ def test_packed_micro_batches_stay_within_the_token_budget(tiny_policy, fvqa_sam
     finally:
         tiny_policy.model.gradient_checkpointing_disable()
         hook.remove()
-    assert {n for n, _ in fitted} >= {1, 2, 3, 4}  # from one episode per micro-batch to a group and a lone one
+    assert {n for n, _ in fitted} >= {1, 2, 3}  # from one episode per micro-batch to a whole group
     assert any(packed for _, packed in fitted)
 
 
