@@ -83,10 +83,11 @@ def pack_by_tokens(lengths: Sequence[int], budget: int, prompts: Sequence[tuple[
     packed rows (each group's prompt once, then its rows' turns: ``mmsr.train.packed``) x the longest where
     packing pays (``packed_pays`` at ``pairs_per_token``, as ``sampled_logprobs`` decides), its whole rows
     otherwise, and its cost counts each padded row's pairs x ``pairs_per_token`` (at 7B sizes a 16k-token
-    packed row spends a third of its compute on them); a group's episodes stay together where the budget allows (split, each part runs the prompt
-    again); groups are taken by packed length, longest first, each group's rows longest first. The cuts are
-    the cheapest (dynamic programming over that order). Equal lengths give the fewest micro-batches the
-    budget allows; a sequence longer than the budget gets one of its own.
+    packed row spends a third of its compute on them); a group's episodes stay together where the budget
+    allows (split, each part runs the prompt again); groups are taken by packed length, longest first, each
+    group's rows longest first. The cuts are the cheapest (dynamic programming over that order). Equal
+    lengths give the fewest micro-batches the budget allows; a sequence longer than the budget gets one of
+    its own.
     """
     order, runs = _whole_rows(lengths) if prompts is None else _groups_together(lengths, prompts, pairs_per_token)
     n = len(order)
