@@ -32,6 +32,7 @@ class TrainBatch:
         engine_logprobs: ``[n, T-1]`` the engine's log-prob of each label token (0 off-mask).
         vision: every image, row-major in order of appearance.
         index: ``[n]`` positions of these trajectories in the step's list.
+        group: ``[n]`` each row's GRPO group (``Trajectory.group_id``); ``None`` when unknown.
     """
 
     input_ids: torch.Tensor
@@ -41,6 +42,7 @@ class TrainBatch:
     engine_logprobs: torch.Tensor
     vision: list[VisionInput]
     index: torch.Tensor
+    group: torch.Tensor | None = None
 
     @property
     def labels(self) -> torch.Tensor:
@@ -69,7 +71,7 @@ def collate(trajs: Sequence[Trajectory], index: Sequence[int], policy: Policy, d
         lps[b, : len(t)] = torch.tensor(t.logprobs)
     vision = [v for t in trajs for v in t.vision]
     return TrainBatch(ids.to(device), attn.to(device), pos.to(device), mask[:, 1:].to(device),
-                      lps[:, 1:].to(device), vision, torch.tensor(list(index)))  # fmt: skip
+                      lps[:, 1:].to(device), vision, torch.tensor(list(index)), torch.tensor([t.group_id for t in trajs]))  # fmt: skip
 
 
 def pack_by_tokens(lengths: Sequence[int], budget: int, prompts: Sequence[tuple[int, int]] | None = None,

@@ -71,16 +71,19 @@ def plan_prefixes(batch: TrainBatch, image_token_id: int | None, min_saved: int 
                   merge_alone: bool = True) -> PrefixSplit | None:  # fmt: skip
     """The rows that start from one prompt (up to their first sampled token; images compared by their
     pixels) share it; the other rows share their longest common prefix (``merge_alone``), or each stands
-    alone, its prompt a prefix of its own (packed rows, ``mmsr.train.packed``: rows that share a system
-    prompt and nothing else would make one packed row whose dense mask spans every pair of their tokens).
-    ``None``: it would save fewer than ``min_saved`` tokens, or a set of rows has no common first token."""
+    alone, its prompt a prefix of its own, and rows of two GRPO groups never share (packed rows,
+    ``mmsr.train.packed``: rows alike in their instructions only, or two groups of a question drawn twice,
+    would make one packed row whose dense mask spans every pair of their tokens, longer than the update's
+    micro-batch cost counts one group's). ``None``: it would save fewer than ``min_saved`` tokens, or a set of
+    rows has no common first token."""
     ids, lengths = batch.input_ids.tolist(), batch.attention_mask.sum(1).tolist()
     images = _images_by_row(batch, image_token_id)
     keys = _token_keys(ids, images)
     needed = [_first_needed(row, n) for row, n in zip(batch.loss_mask.tolist(), lengths)]
+    groups = batch.group.tolist() if batch.group is not None and not merge_alone else [None] * len(ids)
     by_prompt: dict[tuple, list[int]] = {}
     for i, (row, k) in enumerate(zip(keys, needed)):
-        by_prompt.setdefault(tuple(row[:k]), []).append(i)
+        by_prompt.setdefault((groups[i], *row[:k]), []).append(i)
     sets = [rows for rows in by_prompt.values() if len(rows) > 1]
     alone = [rows[0] for rows in by_prompt.values() if len(rows) == 1]
     sets += ([alone] if alone else []) if merge_alone else [[i] for i in alone]

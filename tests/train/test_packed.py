@@ -11,7 +11,7 @@ import mmsr.train.batch
 from mmsr.demo.tokenizer import Scaffold
 from mmsr.models.build import TinyQwen2_5_VL
 from mmsr.train.batch import collate, sampled_logprobs
-from mmsr.train.packed import can_pack, pack_rows, packed_logprobs, packing_pays, pair_cost
+from mmsr.train.packed import can_pack, pack_rows, packed_logprobs, packed_sizes, packing_pays, pair_cost
 from mmsr.train.prefix import PrefixSplit, plan_prefixes
 from mmsr.train.update import Backprop, PolicyUpdate, UpdateSettings
 from tests.models.conftest import tiny_qwen3_vl  # noqa: F401 - fixture
@@ -79,6 +79,19 @@ def test_lone_rows_are_packed_rows_of_their_own(tiny_policy, fvqa_samples, monke
     routed, whole = routed_and_whole(tiny_policy, batch)
     assert [s.group for s in splits] == [split.group]  # the update's route keeps them apart
     torch.testing.assert_close(routed, whole * batch.loss_mask, rtol=1e-4, atol=1e-5)
+
+
+def test_two_groups_of_one_question_are_two_packed_rows(tiny_policy, fvqa_samples):
+    """A question drawn twice in a step: two GRPO groups with one prompt. The KV cache route runs the prompt
+    once for both; packed, each group is a row of its own, as long as the update's micro-batch cost counts."""
+    trajs = rollouts(tiny_policy, [fvqa_samples[0]] * 2, [GROUPS[0]] * 2, 3)
+    batch = collate(trajs, range(len(trajs)), tiny_policy, "cpu")
+    assert batch.group.tolist() == [0, 0, 0, 1, 1, 1]
+    image_id, lengths = tiny_policy.model.config.image_token_id, batch.attention_mask.sum(1).tolist()
+    assert plan_prefixes(batch, image_id).group == [0] * 6
+    split = plan_prefixes(batch, image_id, merge_alone=False)
+    assert split.group == [0, 0, 0, 1, 1, 1]
+    assert packed_sizes(lengths, split) == [pack_rows_size(trajs, 0), pack_rows_size(trajs, 1)]
 
 
 def test_pair_cost_of_qwen2_5_vl_7b_is_the_hand_worked_ratio():
