@@ -10,10 +10,11 @@ default MMSearch-R1 prompt, ``generations`` scripted episodes each (answers at o
 two thumbnails then an answer, text search then an answer, in turn), packed into micro-batches as the
 update packs them (``micro_batch_tokens`` 4096: by length, and for packed rows a group's episodes
 together, their attention pairs weighed as the policy's ``pair_cost``). The loss is the log-probs'
-masked sum with a weight per row, like advantages. ``--route``: the shared prefixes run through a KV cache (``mmsr.train.prefix``,
-what a single process without checkpointing takes) or in packed rows under a 4-D mask
-(``mmsr.train.packed``, what gradient checkpointing and FSDP2 take: the 7B recipes); ``--checkpointed``
-checkpoints the layers both ways (as the recipes; packed rows only).
+masked sum with a weight per row, like advantages. ``--route``: the shared prefixes (``shared_split``, as
+the update splits them) run through a KV cache (``mmsr.train.prefix``, what a single process without
+checkpointing takes) or in packed rows under a 4-D mask (``mmsr.train.packed``, what gradient
+checkpointing and FSDP2 take: the 7B recipes); ``--checkpointed`` checkpoints the layers both ways (as the
+recipes; packed rows only).
 
 Prints one JSON object: tokens each way (whole rows: their padded widths; shared: the prefixes' and the
 suffixes'), the median seconds of all passes each way, whole / shared, the largest log-prob difference
@@ -42,9 +43,9 @@ from mmsr.prompt.render import PromptBuilder
 from mmsr.rollout.engine import SamplingParams, ScriptedEngine
 from mmsr.rollout.loop import RolloutLoop, RolloutSettings
 from mmsr.tools.base import IMAGE_MARKER, ToolRequest, ToolResult
-from mmsr.train.batch import collate, group_prompts, pack_by_tokens, sampled_logprobs
-from mmsr.train.packed import pack_rows, packed_logprobs, packing_pays, pair_cost
-from mmsr.train.prefix import plan_prefixes, shared_logprobs
+from mmsr.train.batch import collate, group_prompts, pack_by_tokens, sampled_logprobs, shared_split
+from mmsr.train.packed import pack_rows, packed_logprobs, pair_cost
+from mmsr.train.prefix import shared_logprobs
 
 ROUTES = {"cache": shared_logprobs, "packed": packed_logprobs}
 
@@ -99,22 +100,13 @@ def micro_batches(groups: int, generations: int, **policy_args):
     return policy, packed_as_the_update(policy, trajs, groups_together=False)
 
 
-def route_split(batch, image_id: int, route: str, pairs_per_token: float):
-    """The prefix split the update takes on ``route`` (``None``: whole rows): packed rows only where they
-    cost less than whole rows at ``pairs_per_token`` (``mmsr.train.packed.packing_pays``)."""
-    split = plan_prefixes(batch, image_id, merge_alone=route == "cache")
-    if split is None or route == "cache":
-        return split
-    return split if packing_pays(batch.attention_mask.sum(1).tolist(), split, pairs_per_token) else None
-
-
 def passes(policy, batches: dict, shared: bool, route: str = "cache") -> tuple[float, list[torch.Tensor]]:
     """Seconds of every micro-batch's forward and backward (``batches[shared]``), and each episode's masked
     log-probs ``[len - 1]`` in episode order."""
     image_id, out = policy.model.config.image_token_id, {}
     start = time.perf_counter()
     for batch in batches[shared]:
-        split = route_split(batch, image_id, route, pair_cost(policy.model.config)) if shared else None
+        split = shared_split(batch, image_id, route == "cache", pair_cost(policy.model.config)) if shared else None
         logp = (ROUTES[route](policy, batch, split) if split else sampled_logprobs(policy, batch))[0] * batch.loss_mask
         weights = torch.linspace(-1.0, 1.0, len(batch.index))[:, None]
         (logp * weights).sum().backward()
@@ -128,7 +120,7 @@ def tokens(policy, batches: dict, route: str) -> dict[str, int]:
     whole = sum(b.input_ids.numel() for b in batches[False])
     shared = 0
     for b in batches[True]:
-        split = route_split(b, policy.model.config.image_token_id, route, pair_cost(policy.model.config))
+        split = shared_split(b, policy.model.config.image_token_id, route == "cache", pair_cost(policy.model.config))
         shared += b.input_ids.numel() if split is None else (int(b.attention_mask.sum()) - split.saved)
     return {"whole": whole, "shared": shared, "real": sum(int(b.attention_mask.sum()) for b in batches[False])}
 
@@ -146,7 +138,7 @@ def paper_tflops(policy, batches: list, route: str | None) -> float:
     cached prefix causally and each suffix to the prefix and itself."""
     flops = 0.0
     for b in batches:
-        split = route_split(b, policy.model.config.image_token_id, route, PER_PAIR / PER_TOKEN) if route else None
+        split = shared_split(b, policy.model.config.image_token_id, route == "cache", PER_PAIR / PER_TOKEN) if route else None
         lengths = b.attention_mask.sum(1).tolist()
         if split is None:
             flops += sum(n * PER_TOKEN + n * n / 2 * PER_PAIR for n in lengths)

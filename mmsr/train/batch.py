@@ -71,7 +71,8 @@ def collate(trajs: Sequence[Trajectory], index: Sequence[int], policy: Policy, d
         lps[b, : len(t)] = torch.tensor(t.logprobs)
     vision = [v for t in trajs for v in t.vision]
     return TrainBatch(ids.to(device), attn.to(device), pos.to(device), mask[:, 1:].to(device),
-                      lps[:, 1:].to(device), vision, torch.tensor(list(index)), torch.tensor([t.group_id for t in trajs]))  # fmt: skip
+                      lps[:, 1:].to(device), vision, torch.tensor(list(index)),
+                      torch.tensor([t.group_id for t in trajs]))  # fmt: skip
 
 
 def pack_by_tokens(lengths: Sequence[int], budget: int, prompts: Sequence[tuple[int, int]] | None = None,
@@ -181,8 +182,8 @@ def sampled_logprobs(policy: Policy, batch: TrainBatch, model: torch.nn.Module |
     shared = _sharing(model if model is not None else policy.model) if share_prefix else None
     if shared is not None:
         image_token_id = getattr(policy.model.config, "image_token_id", None)
-        split = plan_prefixes(batch, image_token_id, merge_alone=shared is shared_logprobs)
-        if split is not None and (shared is shared_logprobs or _packing_pays(batch, split, policy.model.config)):
+        split = shared_split(batch, image_token_id, shared is shared_logprobs, pair_cost(policy.model.config))
+        if split is not None:
             return shared(policy, batch, split, model, temperature, with_entropy)
     keep = batch.loss_mask.any(0).nonzero()[:, 0]  # [K] positions t whose label t+1 was sampled
     out = policy.forward(batch.input_ids, batch.attention_mask, batch.position_ids, batch.vision, model=model,
@@ -193,8 +194,14 @@ def sampled_logprobs(policy: Policy, batch: TrainBatch, model: torch.nn.Module |
     return spread(logp), spread(entropy) if entropy is not None else None
 
 
-def _packing_pays(batch: TrainBatch, split, config) -> bool:
-    return packing_pays(batch.attention_mask.sum(1).tolist(), split, pair_cost(config))
+def shared_split(batch: TrainBatch, image_token_id: int | None, cached: bool, pairs_per_token: float):
+    """The prefixes ``batch`` trains on (a ``PrefixSplit``; ``None``: whole rows): through the KV cache
+    (``cached``) as ``plan_prefixes`` shares them, in packed rows each row apart from the rows it shares no
+    prompt with, and only where that costs less than whole rows (``packing_pays`` at ``pairs_per_token``)."""
+    split = plan_prefixes(batch, image_token_id, merge_alone=cached)
+    if split is None or cached or packing_pays(batch.attention_mask.sum(1).tolist(), split, pairs_per_token):
+        return split
+    return None
 
 
 def packs_rows(model: torch.nn.Module) -> bool:
