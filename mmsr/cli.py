@@ -3,7 +3,7 @@
 ``fit`` / ``validate`` are LightningCLI over ``GRPOModule`` and ``MMSRDataModule``: engines, tools,
 rewards and policies are ``class_path`` / ``init_args`` entries (the config is the registry), and any
 ``__init__`` argument can be overridden with its dotted key (``--model.kl_coef 0``). The other
-commands are plain argparse programs, looked up in ``COMMANDS``.
+commands are plain argparse programs, looked up in ``COMMANDS``; ``mmsr --help`` lists them all.
 """
 
 from __future__ import annotations
@@ -13,16 +13,20 @@ import sys
 import traceback
 import warnings
 
-# command -> "module:function" taking the remaining argv
-COMMANDS: dict[str, str] = {}
-COMMANDS["demo"] = "mmsr.demo.run:main"
-COMMANDS["export"] = "mmsr.export:main"
-COMMANDS["eval"] = "mmsr.eval.cli:main"
-COMMANDS["curate"] = "mmsr.eval.curate:main"
-COMMANDS["report"] = "mmsr.report.cli:main"
-COMMANDS["sweep"] = "mmsr.sweep:main"
-COMMANDS["serve-search"] = "mmsr.tools.server:main"
-COMMANDS["plan"] = "mmsr.plan:main"
+# command -> ("module:function" taking the remaining argv, what it does: ``mmsr --help``)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("mmsr.demo.run:main", "the CPU demo: a tiny VLM learns when to search, end to end on 2 cores"),
+    "export": ("mmsr.export:main", "a training checkpoint -> a Hugging Face model directory"),
+    "eval": ("mmsr.eval.cli:main", "greedy evaluation of a checkpoint or a model over eval sets"),
+    "curate": ("mmsr.eval.curate:main", "the paper's search-balancing of training data"),
+    "report": ("mmsr.report.cli:main", "an offline HTML report of a run directory"),
+    "sweep": ("mmsr.sweep:main", "run a wandb sweep file locally, without the wandb server"),
+    "serve-search": ("mmsr.tools.server:main", "the configured search backends and their cache behind a JSON API"),
+    "plan": ("mmsr.plan:main", "does a run fit on its GPUs? its memory, term by term"),
+}
+# LightningCLI's subcommands over the config's module and data
+TRAINER_COMMANDS = {"fit": "train (GRPO, or the module the config names)", "validate": "one validation pass",
+                    "test": "one test pass", "predict": "one prediction pass"}  # fmt: skip
 
 
 # Lightning warnings that never apply to mmsr's modules, silenced so that the ones left are worth reading:
@@ -132,10 +136,25 @@ def _imported(class_path: str) -> type:
     return getattr(importlib.import_module(module), name)
 
 
+def usage() -> str:
+    """``mmsr --help``: every command, LightningCLI's and mmsr's own (each takes ``--help`` too)."""
+    width = max(map(len, [*TRAINER_COMMANDS, *COMMANDS]))
+    lines = ["usage: mmsr COMMAND [--help] ...", "", "training (LightningCLI: mmsr fit -c CONFIG.yaml [--model.KEY VALUE ...]):"]
+    lines += [f"  {name:<{width}}  {text}" for name, text in TRAINER_COMMANDS.items()]
+    lines += ["", "tools:"] + [f"  {name:<{width}}  {summary}" for name, (_, summary) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
 def main(args: list[str] | None = None):
     argv = sys.argv[1:] if args is None else args
-    if argv and argv[0] in COMMANDS:
-        module, func = COMMANDS[argv[0]].split(":")
+    if not argv:
+        print(usage(), file=sys.stderr)
+        raise SystemExit(2)
+    if argv[0] in ("-h", "--help"):  # Lightning's own help would list its four subcommands only
+        print(usage())
+        return None
+    if argv[0] in COMMANDS:
+        module, func = COMMANDS[argv[0]][0].split(":")
         return getattr(importlib.import_module(module), func)(argv[1:])
     return lightning_cli(args)
 

@@ -36,6 +36,25 @@ def test_the_last_line_names_the_innermost_cause(monkeypatch, capsys):
     assert last == "mmsr eval: error: FileNotFoundError: corpus x.jsonl not found"
 
 
+def test_help_lists_every_command_and_each_answers_its_own_help(capsys):
+    assert cli.main(["--help"]) is None
+    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.startswith("  ")]
+    assert listed == [*cli.TRAINER_COMMANDS, *cli.COMMANDS]
+    for name in cli.COMMANDS:  # each entry points at a program that exists, under its own name
+        with pytest.raises(SystemExit) as exit_:
+            cli.main([name, "--help"])
+        assert exit_.value.code == 0
+        assert capsys.readouterr().out.startswith(f"usage: mmsr {name} ")
+
+
+def test_help_is_fast_and_no_command_is_a_usage_error():
+    code = "import sys; from mmsr.cli import main; main(['--help']); assert 'lightning' not in sys.modules"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env(), cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    bare = subprocess.run([sys.executable, "-m", "mmsr"], capture_output=True, text=True, env=subprocess_env(), cwd=ROOT)
+    assert bare.returncode == 2 and bare.stderr.startswith("usage: mmsr COMMAND") and "plan" in bare.stderr
+
+
 @pytest.mark.slow
 def test_fit_from_another_directory_says_where_relative_paths_resolve(tmp_path):
     """The smoke config names its data relative to the repository root; run elsewhere, the run ends
