@@ -9,6 +9,8 @@ commands are plain argparse programs, looked up in ``COMMANDS``; ``mmsr --help``
 from __future__ import annotations
 
 import importlib
+import logging
+import re
 import sys
 import traceback
 import warnings
@@ -42,6 +44,13 @@ NOT_APPLICABLE = (
     r"Using ModelCheckpoint with manual optimization and every_n_train_steps",
 )
 
+# Lightning's advertisement for its hosted logger, printed by every Trainer (an info record, not a warning)
+ADVERTS = (r"💡 Tip: For seamless cloud logging",)
+
+
+def _not_an_advert(record) -> bool:
+    return not any(re.match(pattern, str(record.msg)) for pattern in ADVERTS)
+
 
 def lightning_cli(args: list[str] | None = None, parse_only: bool = False, **kwargs):
     """LightningCLI over the module and data; ``parse_only`` validates a config without building it."""
@@ -53,6 +62,9 @@ def lightning_cli(args: list[str] | None = None, parse_only: bool = False, **kwa
 
     for message in NOT_APPLICABLE:
         warnings.filterwarnings("ignore", message=message)
+    rank_zero_log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if _not_an_advert not in rank_zero_log.filters:
+        rank_zero_log.addFilter(_not_an_advert)
 
     class MMSRCLI(LightningCLI):
         def before_instantiate_classes(self) -> None:

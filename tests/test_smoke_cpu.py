@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmsr.cli import NOT_APPLICABLE
+from mmsr.cli import ADVERTS, NOT_APPLICABLE
 from tests.conftest import subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,6 +24,7 @@ def test_smoke_fit_subprocess(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     # none of the Lightning warnings that do not apply to mmsr (all but one are raised here unless silenced)
     assert not [line for line in proc.stderr.splitlines() if any(re.search(m, line) for m in NOT_APPLICABLE)]
+    assert not [line for line in (proc.stdout + proc.stderr).splitlines() if any(re.search(m, line) for m in ADVERTS)]
     (metrics_file,) = tmp_path.glob("csv/version_*/metrics.csv")
     rows = list(csv.DictReader(metrics_file.open()))
     assert len(rows) == 4
