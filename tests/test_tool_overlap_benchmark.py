@@ -19,6 +19,7 @@ def benchmark_row(*args: str) -> dict:
     (row,) = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert row["latency_s"] == 0.1 and 0.0 <= row["overlap"] <= 1.0
     assert row["wall_s"] > 0.1  # at least one call of 0.05-0.15 s ran in the rollout it timed
+    assert 0.05 <= row["chain_s"] <= 2 * 0.15  # one episode's own calls: one or two of 0.05-0.15 s
     return row
 
 
