@@ -1,7 +1,7 @@
 """One GRPO workload, TRL's ``GRPOTrainer`` and mmsr's ``GRPOModule`` back to back, seconds per step.
 
     pip install -e ".[bench]"        # trl, pinned
-    python benchmarks/vs_trl.py [--steps 6]
+    python benchmarks/vs_trl.py [--steps 6] [--rounds 3]
     python benchmarks/vs_trl.py --generation 15   # HFEngine alone (no TRL): A/B between commits
 
 The workload (the same for both): a tiny random Qwen2 (2 layers, hidden 128, 4 heads, 2 KV heads,
@@ -10,10 +10,12 @@ tools, a toy reward (the fraction of digits in the completion), no KL (beta 0), 
 update per step, fp32 on the CPU. Both start from the same weights and see the same prompt strings
 (mmsr's chat-formatted first turn, given to TRL as plain text prompts).
 
-Prints one JSON object: the median seconds per step of each (steps after the first, which warms
-caches up), their ratio, mmsr's stage breakdown (``timing/*``) and the arithmetic lower bound of a
+Prints one JSON object: the median seconds per step of each (steps after the first of each round, which
+warms caches up), their ratio, mmsr's stage breakdown (``timing/*``) and the arithmetic lower bound of a
 step: its matmul FLOPs (2 per parameter and token to generate, 6 to train) over this machine's
-measured fp32 matmul rate. Timings on shared CPUs are noisy: compare numbers of one run.
+measured fp32 matmul rate. Timings on shared CPUs are noisy, and drift over a minute: ``--rounds R``
+alternates the two R times (TRL, mmsr, TRL, mmsr, ...; each round from the same weights and prompts),
+so a slow spell of the machine weighs on both.
 
 ``--generation N`` times ``HFEngine.generate`` alone on the first step's 8 x 4 requests, N times:
 median and best wall and CPU seconds, sampled tokens, and a digest of every token and log-prob (the
@@ -161,8 +163,9 @@ def lower_bound_s(policy, metrics: list[dict], rate: float) -> dict[str, float]:
             "seconds": flops / rate}  # fmt: skip
 
 
-def median_after_first(values: list[float]) -> float:
-    return statistics.median(values[1:] if len(values) > 1 else values)
+def after_first(values: list) -> list:
+    """A round's steps after its first (which warms caches up); the one step of a 1-step round."""
+    return values[1:] if len(values) > 1 else values
 
 
 def time_generation(policy, prompts: PromptBuilder, samples: list[Sample], repeats: int) -> dict:
@@ -191,7 +194,8 @@ def time_generation(policy, prompts: PromptBuilder, samples: list[Sample], repea
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=6, help="steps of each trainer in each round")
+    ap.add_argument("--rounds", type=int, default=1, help="TRL then mmsr, this many times (alternated)")
     ap.add_argument("--generation", type=int, default=0, metavar="N", help="time HFEngine.generate N times instead")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
@@ -202,15 +206,22 @@ def main(argv: list[str] | None = None) -> dict:
             print(json.dumps(out, indent=2))
             return out
         texts = [policy.chat.first_prompt(prompts.first_user_text(s)) for s in batches(samples, args.steps)]
-        trl_s = run_trl(policy, texts, args.steps, Path(tmp) / "trl")
-        mmsr_s, metrics = run_mmsr(policy, prompts, samples, args.steps)
+        trl_s, mmsr_s, metrics = [], [], []
+        for r in range(args.rounds):  # alternated: a drift of the machine's speed weighs on both
+            trl_s.append(run_trl(policy, texts, args.steps, Path(tmp) / f"trl{r}"))
+            seconds, logged = run_mmsr(policy, prompts, samples, args.steps)
+            mmsr_s.append(seconds)
+            metrics.append(logged)
     stages = ("rollout", "generate", "reward", "train", "sync")
+    steady = [m for logged in metrics for m in after_first(logged)]
     out = {
-        "workload": {"prompts": PROMPTS, "generations": GENERATIONS, "max_tokens": MAX_TOKENS, "steps": args.steps},
-        "trl_s_per_step": median_after_first(trl_s),
-        "mmsr_s_per_step": median_after_first(mmsr_s),
-        "mmsr_stages_s": {s: median_after_first([m.get(f"timing/{s}", 0.0) for m in metrics]) for s in stages},
-        "lower_bound": lower_bound_s(policy, metrics, matmul_flops_per_s()),
+        "workload": {"prompts": PROMPTS, "generations": GENERATIONS, "max_tokens": MAX_TOKENS, "steps": args.steps,
+                     "rounds": args.rounds},  # fmt: skip
+        "trl_s_per_step": statistics.median(t for run in trl_s for t in after_first(run)),
+        "mmsr_s_per_step": statistics.median(t for run in mmsr_s for t in after_first(run)),
+        "steps_timed": {"trl": sum(len(after_first(run)) for run in trl_s), "mmsr": len(steady)},
+        "mmsr_stages_s": {s: statistics.median(m.get(f"timing/{s}", 0.0) for m in steady) for s in stages},
+        "lower_bound": lower_bound_s(policy, steady, matmul_flops_per_s()),
     }
     out["trl_over_mmsr"] = out["trl_s_per_step"] / out["mmsr_s_per_step"]
     print(json.dumps(out, indent=2))

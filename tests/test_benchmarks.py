@@ -10,13 +10,14 @@ from tests.conftest import ROOT, import_optional, subprocess_env
 
 
 @pytest.mark.slow
-def test_vs_trl_runs_both_trainers_for_one_step():
+def test_vs_trl_runs_both_trainers_for_one_step_alternated_twice():
     import_optional("trl", 'pip install -e ".[bench]" to run the TRL comparison')
-    proc = subprocess.run([sys.executable, "benchmarks/vs_trl.py", "--steps", "1"], cwd=ROOT, env=subprocess_env(),
-                          capture_output=True, text=True, timeout=900)  # fmt: skip
+    proc = subprocess.run([sys.executable, "benchmarks/vs_trl.py", "--steps", "1", "--rounds", "2"], cwd=ROOT,
+                          env=subprocess_env(), capture_output=True, text=True, timeout=900)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout[proc.stdout.rindex("{\n  \"workload\""):])  # after the trainers' own logs
     assert out["trl_s_per_step"] > 0 and out["mmsr_s_per_step"] > 0
+    assert out["steps_timed"] == {"trl": 2, "mmsr": 2}  # one step of each in each of the two rounds
     assert out["trl_over_mmsr"] == pytest.approx(out["trl_s_per_step"] / out["mmsr_s_per_step"])
     assert set(out["mmsr_stages_s"]) == {"rollout", "generate", "reward", "train", "sync"}
     bound = out["lower_bound"]
