@@ -134,7 +134,8 @@ def pack_rows(batch: TrainBatch, split: PrefixSplit, pad_id: int) -> PackedRows:
             end = at + lengths[i] - p
             ids[g, at:end], pos[..., g, at:end] = batch.input_ids[i, p : lengths[i]], batch.position_ids[..., i, p : lengths[i]]
             segment[g, at:end] = k + 1
-            column[i, :p], column[i, p : lengths[i]] = torch.arange(p), torch.arange(at, end)
+            column[i, :p] = torch.arange(p, device=column.device)  # made where it goes: no host copy per row
+            column[i, p : lengths[i]] = torch.arange(at, end, device=column.device)
             vision += [v for start, v in split.images[i] if start >= p]
             at = end
     return PackedRows(ids, pos, segment, column, vision)
