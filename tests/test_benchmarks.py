@@ -55,3 +55,28 @@ def test_distinct_images_benchmark_runs_both_ways_and_they_agree():
     assert out["episodes"] == 6 and 0 < out["patches_distinct"] < out["patches_every_copy"] and 0 < out["vision_share"] < 1
     assert out["max_logprob_diff"] < 1e-4 and out["every_copy_s"] > 0 and out["distinct_s"] > 0
     assert out["every_over_distinct"] == pytest.approx(out["every_copy_s"] / out["distinct_s"])
+
+
+def device_check_rows(*args: str) -> tuple[int, dict[str, dict]]:
+    proc = subprocess.run([sys.executable, "benchmarks/device_checks.py", "--device", "cpu", *args], cwd=ROOT,
+                          env=subprocess_env(), capture_output=True, text=True, timeout=600)  # fmt: skip
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    return proc.returncode, {r["check"]: r for r in rows}
+
+
+def test_the_prepared_gpu_checks_pass_on_the_cpu():
+    code, rows = device_check_rows("--steps", "2")
+    assert code == 0 and list(rows) == ["environment", "engine_parity", "bf16_mixed", "plan"]
+    assert rows["engine_parity"]["tokens"] > 0 and rows["engine_parity"]["max_abs_diff"] < 1e-5
+    bf16 = rows["bf16_mixed"]
+    assert bf16["param_dtypes"] == ["torch.float32"] and bf16["matmul_outputs"] == ["torch.bfloat16"]
+    assert bf16["steps"] == 2 and bf16["share_of_weights_moved"] > 0.5
+    assert rows["plan"]["peak"] >= rows["plan"]["training"] > 0 and rows["plan"]["measured_peak_allocated"] is None
+
+
+def test_a_failing_gpu_check_is_reported_and_the_others_still_run():
+    # 60 / 4 heads: a head size of 15, which the model's M-RoPE cannot split (the plan, on paper, runs)
+    code, rows = device_check_rows("--hidden", "60", "--checks", "environment", "engine_parity", "plan")
+    assert code == 1 and list(rows) == ["environment", "engine_parity", "plan"]
+    assert rows["environment"]["ok"] and rows["plan"]["ok"] and rows["plan"]["peak"] > 0
+    assert not rows["engine_parity"]["ok"] and "split_sizes" in rows["engine_parity"]["error"]
