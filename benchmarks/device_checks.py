@@ -126,8 +126,9 @@ def plan(device: torch.device, args) -> dict:
 
     with contextlib.redirect_stdout(io.StringIO()):  # its own JSON line: the numbers are returned here
         result = plan_main([*run_args(device, args, args.tmp / "plan"), "--overhead-gb", "0", "--json"])
-    planned = {"peak": result["peak"], "training": result["memory"]["training"]["total"],
-               "rollout": result["memory"]["rollout"]["total"], "measured_peak_allocated": args.peak_allocated}  # fmt: skip
+    memory = result["memory"]
+    planned = {"peak": result["peak"], "training": memory["training"]["total"], "rollout": memory["rollout"]["total"],
+               "measured_peak_allocated": args.peak_allocated}  # fmt: skip
     if args.peak_allocated is not None and args.peak_allocated > result["peak"]:
         raise AssertionError(f"the run allocated more than mmsr plan bounds: {planned}")
     return planned

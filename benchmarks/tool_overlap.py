@@ -57,7 +57,8 @@ def plan(key: str) -> int:
 def forced(tokenizer, request: GenerationRequest) -> GenerationOutput:
     """The planned action of a turn: a text search for the first ``plan(key)`` turns, an answer after."""
     search = request.turn < plan(request.key)  # the query names the episode: ``SlowSearch`` sums its chain
-    text = f"<reason>r</reason><text_search>{request.key}</text_search>" if search else "<reason>r</reason><answer>a</answer>"
+    action = f"<text_search>{request.key}</text_search>" if search else "<answer>a</answer>"
+    text = f"<reason>r</reason>{action}"
     ids = tokenizer.encode(text, add_special_tokens=False)
     return GenerationOutput(ids, [0.0] * len(ids), "stop")
 

@@ -151,7 +151,8 @@ def _imported(class_path: str) -> type:
 def usage() -> str:
     """``mmsr --help``: every command, LightningCLI's and mmsr's own (each takes ``--help`` too)."""
     width = max(map(len, [*TRAINER_COMMANDS, *COMMANDS]))
-    lines = ["usage: mmsr COMMAND [--help] ...", "", "training (LightningCLI: mmsr fit -c CONFIG.yaml [--model.KEY VALUE ...]):"]
+    lines = ["usage: mmsr COMMAND [--help] ...", "",
+             "training (LightningCLI: mmsr fit -c CONFIG.yaml [--model.KEY VALUE ...]):"]  # fmt: skip
     lines += [f"  {name:<{width}}  {text}" for name, text in TRAINER_COMMANDS.items()]
     lines += ["", "tools:"] + [f"  {name:<{width}}  {summary}" for name, (_, summary) in COMMANDS.items()]
     return "\n".join(lines)

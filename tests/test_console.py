@@ -51,7 +51,8 @@ def test_help_is_fast_and_no_command_is_a_usage_error():
     code = "import sys; from mmsr.cli import main; main(['--help']); assert 'lightning' not in sys.modules"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env(), cwd=ROOT)
     assert done.returncode == 0, done.stderr
-    bare = subprocess.run([sys.executable, "-m", "mmsr"], capture_output=True, text=True, env=subprocess_env(), cwd=ROOT)
+    bare = subprocess.run([sys.executable, "-m", "mmsr"], capture_output=True, text=True, env=subprocess_env(),
+                          cwd=ROOT)  # fmt: skip
     assert bare.returncode == 2 and bare.stderr.startswith("usage: mmsr COMMAND") and "plan" in bare.stderr
 
 
