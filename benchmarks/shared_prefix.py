@@ -2,7 +2,7 @@
 micro-batches, both ways, alternated in one run.
 
     python benchmarks/shared_prefix.py [--repeats 5] [--groups 4] [--generations 8] [--route cache|packed]
-                                       [--checkpointed]
+                                       [--checkpointed] [--device cuda] [--hidden 2048 --layers 16]
 
 The workload: the CPU demo's policy shape (a random tiny Qwen2.5-VL: hidden 128, 4 layers, 4 heads,
 FFN 256, vision depth 2, a ~1,024-token BPE), ``groups`` FVQA dev questions with their images and the
@@ -14,7 +14,9 @@ masked sum with a weight per row, like advantages. ``--route``: the shared prefi
 the update splits them) run through a KV cache (``mmsr.train.prefix``, what a single process without
 checkpointing takes) or in packed rows under a 4-D mask (``mmsr.train.packed``, what gradient
 checkpointing and FSDP2 take: the 7B recipes); ``--checkpointed`` checkpoints the layers both ways (as the
-recipes; packed rows only).
+recipes; packed rows only). ``--device``: where the passes run (the episodes are scripted on the CPU);
+``--hidden``/``--layers`` size the decoder up (heads of 128, FFN twice the width), for a GPU, where the
+demo's shape measures kernel launches more than arithmetic.
 
 Prints one JSON object: tokens each way (whole rows: their padded widths; shared: the prefixes' and the
 suffixes'), the median seconds of all passes each way, whole / shared, the largest log-prob difference
@@ -85,13 +87,23 @@ def episodes(groups: int, generations: int, **policy_args):
     return policy, loop.run(samples, generations, SamplingParams())
 
 
-def packed_as_the_update(policy, trajs, groups_together: bool, pairs_per_token: float | None = None) -> list:
-    """The micro-batches the update makes (``micro_batch_tokens`` 4096): by length, or a group's episodes
-    together (packed rows), a pair weighed as ``pairs_per_token`` tokens (default: the policy's ``pair_cost``)."""
+def packed_as_the_update(policy, trajs, groups_together: bool, pairs_per_token: float | None = None,
+                         device: str = "cpu") -> list:  # fmt: skip
+    """The micro-batches the update makes (``micro_batch_tokens`` 4096) on ``device``: by length, or a group's
+    episodes together (packed rows), a pair weighed as ``pairs_per_token`` tokens (default: ``pair_cost``)."""
     prompts = group_prompts(trajs) if groups_together else None
     pairs = pair_cost(policy.model.config) if pairs_per_token is None else pairs_per_token
     micros = pack_by_tokens([len(t) for t in trajs], 4096, prompts, pairs)
-    return [collate([trajs[i] for i in micro], micro, policy, "cpu") for micro in micros]
+    return [collate([trajs[i] for i in micro], micro, policy, device) for micro in micros]
+
+
+def decoder_size(hidden: int | None, layers: int | None) -> dict[str, int]:
+    """``TinyQwen2_5_VL`` arguments of a decoder ``hidden`` wide and ``layers`` deep (none: the demo's shape)."""
+    size = {"num_layers": layers} if layers else {}
+    if hidden:
+        heads = max(4, hidden // 128)
+        size |= dict(hidden_size=hidden, num_heads=heads, num_kv_heads=heads // 2, intermediate_size=2 * hidden)
+    return size
 
 
 def micro_batches(groups: int, generations: int, **policy_args):
@@ -104,16 +116,23 @@ def passes(policy, batches: dict, shared: bool, route: str = "cache") -> tuple[f
     """Seconds of every micro-batch's forward and backward (``batches[shared]``), and each episode's masked
     log-probs ``[len - 1]`` in episode order."""
     image_id, out = policy.model.config.image_token_id, {}
+    synchronize(policy.model.device)
     start = time.perf_counter()
     for batch in batches[shared]:
         split = shared_split(batch, image_id, route == "cache", pair_cost(policy.model.config)) if shared else None
         logp = (ROUTES[route](policy, batch, split) if split else sampled_logprobs(policy, batch))[0] * batch.loss_mask
-        weights = torch.linspace(-1.0, 1.0, len(batch.index))[:, None]
+        weights = torch.linspace(-1.0, 1.0, len(batch.index), device=logp.device)[:, None]
         (logp * weights).sum().backward()
         for row, (i, n) in enumerate(zip(batch.index.tolist(), batch.attention_mask.sum(1).tolist())):
             out[i] = logp[row, : n - 1].detach()
     policy.model.zero_grad(set_to_none=True)
-    return time.perf_counter() - start, [out[i] for i in sorted(out)]
+    synchronize(policy.model.device)  # a GPU runs the passes asynchronously: the clock waits for them
+    return time.perf_counter() - start, [out[i].cpu() for i in sorted(out)]
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def tokens(policy, batches: dict, route: str) -> dict[str, int]:
@@ -182,16 +201,23 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--generations", type=int, default=8)
     ap.add_argument("--route", choices=sorted(ROUTES), default="cache")
     ap.add_argument("--checkpointed", action="store_true", help="checkpoint the layers both ways (packed rows only)")
+    ap.add_argument("--device", default="cpu", help="where the passes run (e.g. cuda)")
+    ap.add_argument("--hidden", type=int, default=None, help="the decoder's width (default: the demo's, 128)")
+    ap.add_argument("--layers", type=int, default=None, help="the decoder's layers (default: the demo's, 4)")
     args = ap.parse_args(argv)
     if args.checkpointed and args.route == "cache":
         ap.error("--checkpointed: the KV cache route cannot run under gradient checkpointing; add --route packed")
-    policy, trajs = episodes(args.groups, args.generations)
-    batches = {False: packed_as_the_update(policy, trajs, False), True: packed_as_the_update(policy, trajs, args.route == "packed")}
-    policy.model.train()
+    policy, trajs = episodes(args.groups, args.generations, **decoder_size(args.hidden, args.layers))
+    batches = {way: packed_as_the_update(policy, trajs, way and args.route == "packed", device=args.device)
+               for way in (False, True)}  # fmt: skip
+    policy.model.to(args.device).train()
     if args.checkpointed:
         policy.model.gradient_checkpointing_enable()
     whole, shared, diff = alternated(partial(passes, route=args.route), policy, batches, args.repeats)
-    result = {"route": args.route, "checkpointed": args.checkpointed, "episodes": args.groups * args.generations,
+    text = policy.model.config.get_text_config()
+    result = {"route": args.route, "checkpointed": args.checkpointed, "device": args.device,
+              "decoder": {"hidden": text.hidden_size, "layers": text.num_hidden_layers},
+              "episodes": args.groups * args.generations,
               "micro_batches": {"whole": len(batches[False]), "shared": len(batches[True])},
               "tokens": tokens(policy, batches, args.route), "whole_s": whole, "shared_s": shared, "whole_over_shared": whole / shared,
               "max_logprob_diff": diff, "paper_7b_tflops": paper(policy, trajs, batches, args.route)}  # fmt: skip

@@ -33,7 +33,10 @@ def test_vs_trl_times_generation_alone_without_trl():
     assert 0 < out["wall_s"]["min"] <= out["wall_s"]["median"] and len(out["digest"]) == 16
 
 
-@pytest.mark.parametrize("route", [[], ["--route", "packed", "--checkpointed"]], ids=["cache", "packed"])
+PACKED = ["--route", "packed", "--checkpointed", "--device", "cpu", "--hidden", "256", "--layers", "2"]
+
+
+@pytest.mark.parametrize("route", [[], PACKED], ids=["cache", "packed"])
 def test_shared_prefix_benchmark_runs_both_ways_and_they_agree(route):
     cmd = [sys.executable, "benchmarks/shared_prefix.py", "--repeats", "1", "--groups", "2", "--generations", "3", *route]
     proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
@@ -44,6 +47,8 @@ def test_shared_prefix_benchmark_runs_both_ways_and_they_agree(route):
     assert out["max_logprob_diff"] < 1e-4 and out["whole_s"] > 0 and out["shared_s"] > 0
     assert out["whole_over_shared"] == pytest.approx(out["whole_s"] / out["shared_s"])
     assert (out["route"], out["checkpointed"]) == (("packed", True) if route else ("cache", False))
+    assert out["device"] == "cpu"  # --device (cuda where a GPU is lent) moves the passes, not the scripting
+    assert out["decoder"] == ({"hidden": 256, "layers": 2} if route else {"hidden": 128, "layers": 4})
     assert 0 < out["paper_7b_tflops"]["shared"] < out["paper_7b_tflops"]["whole"]
 
 
