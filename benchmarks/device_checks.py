@@ -40,14 +40,15 @@ PARITY_TOLERANCE = 1e-3  # mean |dlogp| of fp32 engine vs trainer (the same kern
 
 
 def tiny_policy(hidden: int, layers: int):
-    """The random Qwen2.5-VL (fp32, on the CPU): heads of 128 at size (16 at the default 64)."""
+    """The random Qwen2.5-VL (fp32, on the CPU), sized as ``shared_prefix.py`` sizes it up (heads of 128;
+    16 at the default 64)."""
+    from shared_prefix import decoder_size  # benchmarks/ is the script's directory
+
     from mmsr.demo.tokenizer import Scaffold
     from mmsr.models.build import TinyQwen2_5_VL
 
-    heads = max(4, hidden // 128)
     return TinyQwen2_5_VL(tokenizer_texts=[str(FVQA / "fvqa_dev.jsonl"), str(FVQA / "search" / "corpus.jsonl")],
-                          scaffold=Scaffold(), vocab_size=512, hidden_size=hidden, num_layers=layers, num_heads=heads,
-                          num_kv_heads=heads // 2, intermediate_size=2 * hidden, seed=0).build()  # fmt: skip
+                          scaffold=Scaffold(), vocab_size=512, seed=0, **decoder_size(hidden, layers)).build()  # fmt: skip
 
 
 def environment(device: torch.device, args) -> dict:
