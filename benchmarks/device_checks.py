@@ -48,7 +48,8 @@ def tiny_policy(hidden: int, layers: int):
     from mmsr.models.build import TinyQwen2_5_VL
 
     return TinyQwen2_5_VL(tokenizer_texts=[str(FVQA / "fvqa_dev.jsonl"), str(FVQA / "search" / "corpus.jsonl")],
-                          scaffold=Scaffold(), vocab_size=512, seed=0, **decoder_size(hidden, layers)).build()  # fmt: skip
+                          scaffold=Scaffold(), vocab_size=512, seed=0,
+                          **decoder_size(hidden, layers)).build()  # fmt: skip
 
 
 def environment(device: torch.device, args) -> dict:
