@@ -88,7 +88,7 @@ def parser() -> argparse.ArgumentParser:
 
 def build_evaluator(args: argparse.Namespace):
     """The ``Evaluator`` of the loaded policy, with the judge if one is configured."""
-    from mmsr.eval.judge import OpenAIJudge
+    from mmsr.reward.judge import OpenAIJudge
     from mmsr.eval.run import Evaluator
 
     loaded = load_from_args(args)

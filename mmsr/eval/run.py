@@ -14,7 +14,7 @@ from pathlib import Path
 
 from mmsr.data.sample import Sample
 from mmsr.eval.forced import ForcedTurnsEngine
-from mmsr.eval.judge import JudgeInput, OpenAIJudge
+from mmsr.reward.judge import JudgeInput, OpenAIJudge
 from mmsr.eval.report import EvalRecord, markdown, summarize
 from mmsr.eval.workflows import Workflow, WorkflowSetup, setup
 from mmsr.models.policy import Policy

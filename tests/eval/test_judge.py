@@ -5,7 +5,7 @@ import threading
 
 from aiohttp import web
 
-from mmsr.eval.judge import JudgeInput, OpenAIJudge, parse_verdict
+from mmsr.reward.judge import JudgeInput, OpenAIJudge, parse_verdict
 
 
 class FakeOpenAI:

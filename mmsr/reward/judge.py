@@ -1,10 +1,11 @@
-"""LLM-as-judge accuracy through any OpenAI-compatible ``/chat/completions`` endpoint (spec §5, §9).
+"""LLM-as-judge correctness through any OpenAI-compatible ``/chat/completions`` endpoint (spec §5, §9):
+the evaluation's accuracy (``mmsr eval --judge-url``) and a training reward's (``mmsr.reward.judged``).
 
 The rules are the paper's (Table 7), in our own words, in ``prompt/templates/judge_system.txt``. The
 paper's judge is GPT-4o with temperature 0 and top_p 0.1, the defaults here. The verdict is the last
 ``<judge>Yes|No</judge>`` in the reply; a reply without one, or a request that keeps failing, gives
-``None`` (counted as wrong and reported as unparsed). The API key is read from an environment
-variable, sent only as the ``Authorization`` header and never logged or written out.
+``None`` (the evaluation counts it wrong and reports it as unparsed). The API key is read from an
+environment variable, sent only as the ``Authorization`` header and never logged or written out.
 """
 
 from __future__ import annotations
