@@ -56,6 +56,9 @@ def rollout_metrics(
         "rollout/truncated": _mean([t.finish_reason == "truncated" for t in trajs]),
         "rollout/context_cut": _mean([bool(getattr(t, "context", ())) for t in trajs]),  # the budget cut something
     }
+    # a reward's own terms beyond these (``JudgedReward``'s ``judge_failed``): their step means
+    extra = sorted({k for d in details for k in d} - {"correct", "format", "searched"})
+    out |= {f"reward/{k}": _mean([d.get(k, 0.0) for d in details]) for k in extra}
     out |= {f"rollout/search_ratio/{k}": v for k, v in search_ratios(trajs, settings, tools).items()}
     for field in ("data_source", "category"):
         groups: dict[str, list[int]] = defaultdict(list)

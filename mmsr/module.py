@@ -326,8 +326,13 @@ class GRPOModule(L.LightningModule):
             self.log_dict(held_out_metrics(episodes), batch_size=len(episodes), sync_dist=True)
 
     def compute_rewards(self, trajectories: Sequence[Trajectory], samples: Sequence[Sample]) -> torch.Tensor:
-        """Override point for rewards: ``[N]`` float rewards, ``samples[t.group_id]`` is t's prompt."""
-        return torch.tensor([float(self.reward(t, samples[t.group_id])) for t in trajectories])
+        """Override point for rewards: ``[N]`` float rewards, ``samples[t.group_id]`` is t's prompt. A reward
+        with a ``batch(trajectories, samples)`` method scores the step's episodes in one call (an LLM judge's
+        requests run concurrently: ``mmsr.reward.judged``)."""
+        prompts = [samples[t.group_id] for t in trajectories]
+        if hasattr(self.reward, "batch"):
+            return torch.tensor([float(r) for r in self.reward.batch(trajectories, prompts)])
+        return torch.tensor([float(self.reward(t, s)) for t, s in zip(trajectories, prompts)])
 
     def reward_details(self, trajectories: Sequence[Trajectory], samples: Sequence[Sample]) -> list[dict[str, float]]:
         """Each trajectory's reward terms (``correct``, ``format``, ...; empty if the reward gives none)."""

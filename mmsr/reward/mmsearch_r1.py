@@ -50,16 +50,25 @@ def mmsearch_r1_reward(
     configured tools: those declared ``penalized`` count as searches (``ToolSpec.penalized``; a free crop
     need not), and all decide the valid shapes (``mmsr.reward.format``).
     """
+    correct = bool(turns) and is_correct(turns, ground_truth, candidate_answers, mode)
+    return shaped_reward(turns, correct, search_penalty=search_penalty, format_weight=format_weight,
+                         per_search_penalty=per_search_penalty, tools=tools)  # fmt: skip
+
+
+def shaped_reward(turns: list[str], correct: bool, *, search_penalty: float = 0.1, format_weight: float = 0.1,
+                  per_search_penalty: bool = False, tools: Sequence[ToolSpec] = MMSEARCH_R1_TOOLS) -> float:  # fmt: skip
+    """``mmsearch_r1_reward`` given whether the answer is correct, however that was decided (exact match,
+    an LLM judge: ``mmsr.reward.judged``); 0.0 for an episode without turns."""
     if not turns:
         return 0.0
-    score = float(is_correct(turns, ground_truth, candidate_answers, mode))
+    score = float(correct)
     num_searches = penalized_count(turns, tools)
     if score > 0.99 and num_searches > 0:
         score *= (1.0 - search_penalty) ** (num_searches if per_search_penalty else 1)
     return (1.0 - format_weight) * score + format_weight * float(format_ok(turns, tools))
 
 
-def _tools(trajectory: Trajectory) -> tuple[ToolSpec, ...]:
+def trajectory_tools(trajectory: Trajectory) -> tuple[ToolSpec, ...]:
     """The tools the trajectory was rolled out with (a record without them: MMSearch-R1's pair)."""
     return getattr(trajectory, "tools", MMSEARCH_R1_TOOLS)
 
@@ -90,7 +99,7 @@ class MMSearchR1Reward:
             format_weight=self.format_weight,
             mode=self.mode,
             per_search_penalty=self.per_search_penalty,
-            tools=_tools(trajectory),
+            tools=trajectory_tools(trajectory),
         )
 
     def details(self, trajectory: Trajectory, sample: Sample) -> dict[str, float]:
@@ -100,6 +109,6 @@ class MMSearchR1Reward:
         correct = is_correct(turns, sample.ground_truth, sample.candidate_answers, self.mode)
         return {
             "correct": float(correct),
-            "format": float(format_ok(turns, _tools(trajectory))),
-            "searched": float(search_count(turns, _tools(trajectory)) > 0),
+            "format": float(format_ok(turns, trajectory_tools(trajectory))),
+            "searched": float(search_count(turns, trajectory_tools(trajectory)) > 0),
         }

@@ -1,0 +1,137 @@
+"""JudgedReward: the MMSearch-R1 reward table with an LLM judge's verdicts (a local OpenAI-compatible server)."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from mmsr.metrics import rollout_metrics
+from mmsr.module import GRPOModule
+from mmsr.reward import mmsearch_r1_reward
+from mmsr.reward.judge import OpenAIJudge
+from mmsr.reward.judged import JudgedReward
+from mmsr.rollout.loop import RolloutSettings
+from tests.conftest import subprocess_env
+from tests.eval.test_judge import FakeOpenAI
+from tests.reward.test_mmsearch_r1 import GT, IMG, TXT, WRONG, _sample, _trajectory
+
+ROOT = Path(__file__).resolve().parents[2]
+VERBOSE = "<reason>The page names him.</reason>\n<answer>It was Gustave Eiffel, the engineer</answer>"
+
+
+def _judge(server: FakeOpenAI, **kw) -> OpenAIJudge:
+    return OpenAIJudge(f"http://127.0.0.1:{server.port}/v1", "judge-model", api_key_env="MMSR_TEST_NO_KEY",
+                       timeout_s=10, **kw)  # fmt: skip
+
+
+def test_reward_table_with_verdicts():
+    trajs = [_trajectory(VERBOSE), _trajectory(IMG, VERBOSE), _trajectory(WRONG), _trajectory(IMG, TXT),
+             _trajectory(IMG, TXT, VERBOSE)]  # fmt: skip
+    samples = [_sample()] * len(trajs)
+    with FakeOpenAI() as server:
+        reward = JudgedReward(_judge(server))
+        rewards = reward.batch(trajs, samples)
+        details = [reward.details(t, s) for t, s in zip(trajs, samples)]
+    # exact match calls the verbose answer wrong (0.1); the judge does not
+    assert mmsearch_r1_reward([VERBOSE], GT) == pytest.approx(0.1)
+    assert rewards == pytest.approx([1.0, 0.91, 0.1, 0.0, 0.91])
+    # one request per distinct answer (the verbose one three times, the wrong one); none without an answer;
+    # ``details`` reuses the batch's verdicts
+    asked = sorted(b["messages"][1]["content"].split("Model response: ")[1] for b in server.bodies)
+    assert asked == ["It was Gustave Eiffel, the engineer", "Victor Hugo"]
+    assert [d["correct"] for d in details] == [1.0, 1.0, 0.0, 0.0, 1.0]
+    assert [d["judge_failed"] for d in details] == [0.0] * 5
+    assert [d["searched"] for d in details] == [0.0, 1.0, 0.0, 1.0, 1.0]
+    assert reward(_trajectory(VERBOSE), _sample(ground_truth="Victor Hugo")) == pytest.approx(0.1)  # one episode
+
+
+def test_judge_outage_falls_back_to_exact_match():
+    trajs = [_trajectory("<reason>r</reason><answer>Gustave Eiffel</answer>"), _trajectory(IMG, VERBOSE)]
+    samples = [_sample(), _sample()]
+    with FakeOpenAI({"Eiffel": 503}) as server:  # every request fails
+        reward = JudgedReward(_judge(server, retries=0))
+        rewards = reward.batch(trajs, samples)
+        details = [reward.details(t, s) for t, s in zip(trajs, samples)]
+    assert rewards == pytest.approx([1.0, 0.1])  # exact match decided: right, then wrong
+    assert [d["judge_failed"] for d in details] == [1.0, 1.0]
+    metrics = rollout_metrics(trajs, samples, rewards, details, RolloutSettings())
+    assert metrics["reward/judge_failed"] == 1.0 and metrics["reward/accuracy"] == 0.5
+    with FakeOpenAI({"Eiffel": 503}) as server:
+        subem = JudgedReward(_judge(server, retries=0), fallback="SubEM")
+        assert subem.batch(trajs[1:], samples[1:]) == pytest.approx([0.91])  # the name is in the answer
+
+
+class SlowOpenAI(FakeOpenAI):
+    """FakeOpenAI that holds each request for ``delay_s`` and records the most requests in flight at once."""
+
+    def __init__(self, delay_s: float):
+        super().__init__()
+        self.delay_s, self.in_flight, self.most = delay_s, 0, 0
+
+    async def chat(self, request):
+        self.in_flight += 1
+        self.most = max(self.most, self.in_flight)
+        try:
+            await asyncio.sleep(self.delay_s)
+            return await super().chat(request)
+        finally:
+            self.in_flight -= 1
+
+
+def test_a_steps_requests_run_concurrently():
+    trajs = [_trajectory(f"<reason>r</reason><answer>guess {i}</answer>") for i in range(8)]
+    with SlowOpenAI(delay_s=1.0) as server:
+        rewards = JudgedReward(_judge(server, concurrency=4)).batch(trajs, [_sample()] * 8)
+    assert rewards == pytest.approx([0.1] * 8) and len(server.bodies) == 8
+    assert server.most == 4  # the judge's concurrency, not one request at a time
+
+
+def test_module_scores_a_step_in_one_batch():
+    class Counting(JudgedReward):
+        def __init__(self):
+            self.calls = []
+
+        def batch(self, trajectories, samples):
+            self.calls.append([s.id for s in samples])
+            return [0.5 + t.group_id for t in trajectories]
+
+    reward = Counting()
+    trajs = [_trajectory(WRONG), _trajectory(WRONG)]
+    trajs[1].group_id = 1
+    samples = [_sample(), SimpleNamespace(id="y")]
+    out = GRPOModule.compute_rewards(SimpleNamespace(reward=reward), trajs, samples)
+    assert out.tolist() == [0.5, 1.5] and reward.calls == [["x", "y"]]  # each episode's own prompt, one call
+
+
+@pytest.mark.slow
+def test_fit_with_a_judged_reward(tmp_path):
+    """``mmsr fit`` takes the reward and its judge from the config (class_path) and logs ``reward/judge_failed``."""
+    with FakeOpenAI() as server:
+        reward = {"class_path": "mmsr.reward.judged.JudgedReward",
+                  "init_args": {"judge": {"class_path": "mmsr.reward.judge.OpenAIJudge",
+                                          "init_args": {"base_url": f"http://127.0.0.1:{server.port}/v1",
+                                                        "model": "judge-model", "api_key_env": "MMSR_TEST_NO_KEY"}}}}  # fmt: skip
+        cmd = [sys.executable, "-m", "mmsr", "fit", "-c", "configs/smoke.yaml", "--trainer.max_steps", "2",
+               "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path),
+               "--model.init_args.reward", json.dumps(reward)]  # fmt: skip
+        proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (metrics_file,) = tmp_path.glob("csv/version_*/metrics.csv")
+    rows = list(csv.DictReader(metrics_file.open()))
+    assert len(rows) == 2 and all(r["reward/judge_failed"] == "0.0" for r in rows)
+
+
+def test_details_of_an_episode_the_batch_did_not_score():
+    with FakeOpenAI() as server:
+        reward = JudgedReward(_judge(server))
+        reward.batch([_trajectory(WRONG)], [_sample()])
+        alone = reward.details(_trajectory(VERBOSE), _sample())  # judged on its own, kept beside the batch's
+        again = reward.details(_trajectory(WRONG), _sample())
+    assert alone["correct"] == 1.0 and again["correct"] == 0.0 and len(server.bodies) == 2
