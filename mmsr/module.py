@@ -171,6 +171,8 @@ class GRPOModule(L.LightningModule):
         self.reward = reward if reward is not None else MMSearchR1Reward()
         self.weight_sync = weight_sync if weight_sync is not None else WeightSync()
         self.loop = RolloutLoop(self.engine, self.policy, prompts or PromptBuilder(), tool_map, rollout)
+        # a reward that starts on an episode as it ends (an LLM judge's request) overlaps the rest of the rollout
+        self.loop.on_episode_end = getattr(self.reward, "submit", None)
         self.sampling = SamplingParams(temperature, top_p, top_k, rollout.max_tokens_per_turn)
         update = UpdateSettings.of(self.hparams, max_context_tokens=rollout.max_context_tokens)
         self.policy_update = PolicyUpdate(self.policy, update)  # mmsr.train.update

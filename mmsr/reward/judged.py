@@ -4,14 +4,19 @@ Exact match scores "the Eiffel Tower in Paris" wrong against "Eiffel Tower"; a j
 evaluation protocol, ``mmsr.reward.judge``) does not. The reward's shape stays the paper's: 1.0 for a
 correct answer without search, ``1 - search_penalty`` after searching, the format term for a wrong one.
 
-A judge is a network call of a second or more, so the episodes of a step are scored together
-(``batch``, which ``GRPOModule.compute_rewards`` calls): their requests run concurrently (the judge's
-``concurrency``), and a question answered the same way by several episodes of its group is asked once.
+A judge is a network call of a second or more. ``GRPOModule`` hands each episode to ``submit`` as it
+ends (``RolloutLoop.on_episode_end``), so its request runs while the rest of the step still generates
+or searches; ``batch`` (``GRPOModule.compute_rewards``) then waits for those verdicts and asks the rest.
+Requests run concurrently (at most the judge's ``concurrency`` in flight), and a question answered the
+same way by several episodes of its group is asked once.
 """
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from collections.abc import Sequence
+from concurrent.futures import Future
 
 from mmsr.data.sample import Sample
 from mmsr.reward.answer import extract_answer
@@ -41,11 +46,28 @@ class JudgedReward:
         self.judge = judge
         self.table = MMSearchR1Reward(search_penalty, format_weight, fallback, per_search_penalty)
         self._verdicts: dict[Key, bool | None] = {}  # the last batch's, for ``details``
+        self._pending: dict[Key, Future] = {}  # submitted, not yet taken by a batch
+        self._worker: tuple[asyncio.AbstractEventLoop, asyncio.Semaphore] | None = None
+
+    def __getstate__(self) -> dict:
+        # a copy (checkpoint hyper-parameters, a deepcopy) gets no requests in flight and no worker thread
+        return self.__dict__ | {"_pending": {}, "_worker": None}
+
+    def submit(self, trajectory: Trajectory, sample: Sample) -> None:
+        """Start judging a finished episode's answer in the background; ``batch`` takes the verdict."""
+        key = _key(trajectory, sample)
+        if key is None or key in self._pending:
+            return
+        loop, limit = self._worker = self._worker or _start_worker(self.judge.concurrency)
+        item = JudgeInput(sample.question, sample.ground_truth, tuple(sample.candidate_answers), key[1])
+        self._pending[key] = asyncio.run_coroutine_threadsafe(_limited(self.judge, limit, item), loop)
 
     def batch(self, trajectories: Sequence[Trajectory], samples: Sequence[Sample]) -> list[float]:
         """Rewards of ``trajectories[i]`` answering ``samples[i]``, the judge asked once per distinct answer."""
         keys = [_key(t, s) for t, s in zip(trajectories, samples)]
-        self._verdicts = self._ask(keys, samples)
+        pending, self._pending = self._pending, {}  # what this batch does not take is dropped
+        known = {k: pending[k].result() for k in keys if k in pending}
+        self._verdicts = known | self._ask([k if k not in known else None for k in keys], samples)
         return [self._reward(t, s, k) for t, s, k in zip(trajectories, samples, keys)]
 
     def __call__(self, trajectory: Trajectory, sample: Sample) -> float:
@@ -87,3 +109,16 @@ def _key(trajectory: Trajectory, sample: Sample) -> Key | None:
     turns = trajectory.assistant_texts
     answer = extract_answer(turns[-1]) if turns else None
     return None if answer is None else (sample.id, answer)
+
+
+async def _limited(judge: OpenAIJudge, limit: asyncio.Semaphore, item: JudgeInput) -> bool | None:
+    async with limit:
+        (verdict,) = await judge.ajudge([item])
+    return verdict.correct
+
+
+def _start_worker(concurrency: int) -> tuple[asyncio.AbstractEventLoop, asyncio.Semaphore]:
+    """An event loop on a daemon thread for submitted requests, and the semaphore that caps them."""
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, name="judged-reward", daemon=True).start()
+    return loop, asyncio.Semaphore(concurrency)

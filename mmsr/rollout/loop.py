@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field, replace
 from enum import Enum
@@ -123,6 +123,10 @@ class RolloutLoop:
             or plain backends for ``image_search`` / ``text_search`` (MMSearch-R1's pair, both declared); a
             declared tool that is ``None`` answers with a failure.
         settings: episode limits.
+
+    ``on_episode_end(trajectory, sample)``, when set, is called as each episode ends, while the others may
+    still generate or wait on tools (``GRPOModule`` sets a reward's ``submit`` there: an LLM judge starts
+    on an answer at once, ``mmsr.reward.judged``).
     """
 
     def __init__(self, engine: Engine, policy: Policy, prompts: PromptBuilder,
@@ -137,6 +141,7 @@ class RolloutLoop:
         self.encoder = policy.encoder()
         self.eot_ids = self.encoder.text(policy.chat.end_of_turn)
         self.stats = RolloutStats()
+        self.on_episode_end: Callable[[Trajectory, Sample], None] | None = None
         self.runs = 0  # rollouts so far: each one's requests sample from streams of their own
         # a rollout's group shares its inputs (emptied when the rollout ends)
         self._images = ProcessedImages(policy)
@@ -154,6 +159,8 @@ class RolloutLoop:
         self.stats = RolloutStats(tool_calls=dict.fromkeys(self._by_name, 0))
         self.runs += 1
         episodes = [self._start(s, i, k) for i, s in enumerate(samples) for k in range(n)]
+        for e in episodes:
+            self._report_if_done(e)
         try:
             with ToolRunner() as runner:
                 self._advance(episodes, sampling, runner, asyncio.Semaphore(self.settings.tool_concurrency))
@@ -203,6 +210,7 @@ class RolloutLoop:
         for ticket, output in finished:
             ended.append(turns.pop(ticket))
             self._on_generated(ended[-1], output)
+            self._report_if_done(ended[-1])
         return ended
 
     def _collect(self, calls: dict[Future, Episode], due: dict[Future, int] | None, step: int, block: bool) -> list[Episode]:
@@ -228,9 +236,14 @@ class RolloutLoop:
             if due is not None:
                 del due[future]
             self._observe(episode, future.result())
+            self._report_if_done(episode)
             if episode.phase is Phase.GENERATE:
                 ready.append(episode)
         return sorted(ready, key=lambda e: e.key)  # a batch order that does not depend on timing
+
+    def _report_if_done(self, e: Episode) -> None:
+        if e.phase is Phase.DONE and self.on_episode_end is not None:
+            self.on_episode_end(e.traj, e.sample)
 
     # -- states ------------------------------------------------------------------------------
     def _start(self, sample: Sample, group: int, k: int) -> Episode:

@@ -6,6 +6,7 @@ import asyncio
 import csv
 import json
 import subprocess
+import time
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -135,3 +136,37 @@ def test_details_of_an_episode_the_batch_did_not_score():
         alone = reward.details(_trajectory(VERBOSE), _sample())  # judged on its own, kept beside the batch's
         again = reward.details(_trajectory(WRONG), _sample())
     assert alone["correct"] == 1.0 and again["correct"] == 0.0 and len(server.bodies) == 2
+
+
+def test_submitted_episodes_are_judged_while_the_rollout_goes_on():
+    trajs = [_trajectory(f"<reason>r</reason><answer>guess {i}</answer>") for i in range(4)] + [_trajectory(IMG, TXT)]
+    with SlowOpenAI(delay_s=0.5) as server:
+        reward = JudgedReward(_judge(server, concurrency=2))
+        for t in trajs:
+            reward.submit(t, _sample())  # as RolloutLoop.on_episode_end calls it
+        reward.submit(trajs[0], _sample())  # the same answer again: not asked twice
+        deadline = time.monotonic() + 10
+        while server.most < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert server.most == 2  # in flight before any batch asked, capped by the judge's concurrency
+        extra = _trajectory(VERBOSE)  # not submitted: asked by the batch
+        rewards = reward.batch([*trajs, extra], [_sample()] * 6)
+        assert rewards == pytest.approx([0.1] * 4 + [0.0, 1.0]) and len(server.bodies) == 5
+        assert reward.batch([trajs[0]], [_sample()]) == pytest.approx([0.1]) and len(server.bodies) == 6
+    assert server.most == 2 and not reward._pending
+
+
+def test_the_loop_reports_each_episode_as_it_ends(tiny_policy, fvqa_samples):
+    from mmsr.rollout.engine import SamplingParams
+    from tests.rollout.test_loop import ANS, IMG as IMG_TURN, TXT as TXT_TURN, make_loop
+
+    samples = fvqa_samples[:2]
+    script = {f"{samples[0].id}#0": [ANS], f"{samples[0].id}#1": [IMG_TURN, TXT_TURN, ANS],
+              f"{samples[1].id}#0": [TXT_TURN, ANS], f"{samples[1].id}#1": ["no action"]}  # fmt: skip
+    loop, engine = make_loop(tiny_policy, script)
+    seen = []
+    loop.on_episode_end = lambda t, s: seen.append((t.sample_id, s.id, list(t.assistant_texts), len(engine.requests)))
+    trajs = loop.run(samples, 2, SamplingParams())
+    assert sorted(x[:3] for x in seen) == sorted((t.sample_id, t.sample_id, list(t.assistant_texts)) for t in trajs)
+    # the direct answer and the episode without an action end in round 1, before the 2 rounds that follow
+    assert sorted(x[3] for x in seen) == [4, 4, 6, 7]
