@@ -170,3 +170,26 @@ def test_the_loop_reports_each_episode_as_it_ends(tiny_policy, fvqa_samples):
     assert sorted(x[:3] for x in seen) == sorted((t.sample_id, t.sample_id, list(t.assistant_texts)) for t in trajs)
     # the direct answer and the episode without an action end in round 1, before the 2 rounds that follow
     assert sorted(x[3] for x in seen) == [4, 4, 6, 7]
+
+
+def test_a_training_step_judges_its_episodes_as_they_end(fvqa_samples):
+    from tests.test_module import fit_one_step, make_module
+
+    class Recording(JudgedReward):
+        def __init__(self, judge):
+            super().__init__(judge)
+            self.submitted = []
+
+        def submit(self, trajectory, sample):
+            self.submitted.append(trajectory.assistant_texts[-1])
+            super().submit(trajectory, sample)
+
+    sample = next(s for s in fvqa_samples if s.ground_truth == "musketeers")
+    with FakeOpenAI() as server:
+        reward = Recording(_judge(server))
+        module = make_module(reward=reward)  # episodes: right, wrong, search then right, no answer
+        fit_one_step(module, [sample])
+    assert len(reward.submitted) == 4  # every episode, from the rollout loop
+    assert module.last_rollout.rewards.tolist() == pytest.approx([1.0, 0.1, 0.91, 0.0])
+    assert sorted(b["messages"][1]["content"].split("Model response: ")[1] for b in server.bodies) == ["musketeers", "pirates"]
+    assert module.trainer.callback_metrics["reward/judge_failed"] == 0.0
