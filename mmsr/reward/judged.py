@@ -7,14 +7,16 @@ correct answer without search, ``1 - search_penalty`` after searching, the forma
 A judge is a network call of a second or more. ``GRPOModule`` hands each episode to ``submit`` as it
 ends (``RolloutLoop.on_episode_end``), so its request runs while the rest of the step still generates
 or searches; ``batch`` (``GRPOModule.compute_rewards``) then waits for those verdicts and asks the rest.
-Requests run concurrently (at most the judge's ``concurrency`` in flight), and a question answered the
-same way by several episodes of its group is asked once.
+Requests run concurrently (at most the judge's ``concurrency`` in flight), a question answered the
+same way by several episodes of its group is asked once, and verdicts are remembered across steps (the
+same answer to the same question in a later epoch is not paid for again).
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import Future
 
@@ -24,7 +26,7 @@ from mmsr.reward.judge import JudgeInput, OpenAIJudge
 from mmsr.reward.mmsearch_r1 import MMSearchR1Reward, Mode, is_correct, shaped_reward, trajectory_tools
 from mmsr.rollout.trajectory import Trajectory
 
-Key = tuple[str, str]  # (sample id, extracted answer)
+Key = JudgeInput  # what the judge is asked: the question, its answers and the episode's extracted answer
 
 
 class JudgedReward:
@@ -39,11 +41,14 @@ class JudgedReward:
         judge: the judge (``class_path: mmsr.reward.judge.OpenAIJudge``; its API key from an env var).
         search_penalty, format_weight, per_search_penalty: as ``MMSearchR1Reward``.
         fallback: "EM" or "SubEM", used where the judge gave no verdict.
+        cache_size: verdicts remembered (least recently used dropped first; 0: none). A missing verdict
+            is not remembered: the next step asks again.
     """
 
     def __init__(self, judge: OpenAIJudge, search_penalty: float = 0.1, format_weight: float = 0.1,
-                 per_search_penalty: bool = False, fallback: Mode = "EM") -> None:  # fmt: skip
-        self.judge = judge
+                 per_search_penalty: bool = False, fallback: Mode = "EM", cache_size: int = 100_000) -> None:  # fmt: skip
+        self.judge, self.cache_size = judge, cache_size
+        self._cache: OrderedDict[Key, bool] = OrderedDict()
         self.table = MMSearchR1Reward(search_penalty, format_weight, fallback, per_search_penalty)
         self._verdicts: dict[Key, bool | None] = {}  # the last batch's, for ``details``
         self._pending: dict[Key, Future] = {}  # submitted, not yet taken by a batch
@@ -56,18 +61,20 @@ class JudgedReward:
     def submit(self, trajectory: Trajectory, sample: Sample) -> None:
         """Start judging a finished episode's answer in the background; ``batch`` takes the verdict."""
         key = _key(trajectory, sample)
-        if key is None or key in self._pending:
+        if key is None or key in self._pending or key in self._cache:
             return
         loop, limit = self._worker = self._worker or _start_worker(self.judge.concurrency)
-        item = JudgeInput(sample.question, sample.ground_truth, tuple(sample.candidate_answers), key[1])
-        self._pending[key] = asyncio.run_coroutine_threadsafe(_limited(self.judge, limit, item), loop)
+        self._pending[key] = asyncio.run_coroutine_threadsafe(_limited(self.judge, limit, key), loop)
 
     def batch(self, trajectories: Sequence[Trajectory], samples: Sequence[Sample]) -> list[float]:
         """Rewards of ``trajectories[i]`` answering ``samples[i]``, the judge asked once per distinct answer."""
         keys = [_key(t, s) for t, s in zip(trajectories, samples)]
+        wanted = {k for k in keys if k is not None}
         pending, self._pending = self._pending, {}  # what this batch does not take is dropped
-        known = {k: pending[k].result() for k in keys if k in pending}
-        self._verdicts = known | self._ask([k if k not in known else None for k in keys], samples)
+        taken = {k: future.result() for k, future in pending.items() if k in wanted}
+        self._remember(taken)
+        known = {k: self._cache[k] for k in wanted if k in self._cache} | taken
+        self._verdicts = known | self._ask([k if k not in known else None for k in keys])
         return [self._reward(t, s, k) for t, s, k in zip(trajectories, samples, keys)]
 
     def __call__(self, trajectory: Trajectory, sample: Sample) -> float:
@@ -78,16 +85,26 @@ class JudgedReward:
         the verdicts are the last ``batch``'s (an episode it did not score is judged on its own)."""
         key = _key(trajectory, sample)
         if key is not None and key not in self._verdicts:
-            self._verdicts |= self._ask([key], [sample])
+            self._verdicts |= self._ask([key])
         failed = key is not None and self._verdicts[key] is None
         return self.table.details(trajectory, sample) | {"correct": float(self._correct(trajectory, sample, key)),
                                                          "judge_failed": float(failed)}  # fmt: skip
 
-    def _ask(self, keys: Sequence[Key | None], samples: Sequence[Sample]) -> dict[Key, bool | None]:
-        """The judge's verdict for each distinct answer in ``keys`` (None: an episode without one, not asked)."""
-        asked = {k: s for k, s in zip(keys, samples) if k is not None}
-        items = [JudgeInput(s.question, s.ground_truth, tuple(s.candidate_answers), k[1]) for k, s in asked.items()]
-        return {k: v.correct for k, v in zip(asked, self.judge.judge(items) if items else [])}
+    def _ask(self, keys: Sequence[Key | None]) -> dict[Key, bool | None]:
+        """The judge's verdict on each distinct item of ``keys`` (None: an episode without an answer, not
+        asked), each definite one remembered."""
+        items = list(dict.fromkeys(k for k in keys if k is not None))
+        verdicts = {k: v.correct for k, v in zip(items, self.judge.judge(items) if items else [])}
+        self._remember(verdicts)
+        return verdicts
+
+    def _remember(self, verdicts: dict[Key, bool | None]) -> None:
+        for key, verdict in verdicts.items():
+            if verdict is not None and self.cache_size > 0:
+                self._cache[key] = verdict
+                self._cache.move_to_end(key)
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
 
     def _correct(self, trajectory: Trajectory, sample: Sample, key: Key | None) -> bool:
         if key is None:
@@ -108,7 +125,7 @@ def _key(trajectory: Trajectory, sample: Sample) -> Key | None:
     """What the judge is asked about: the last turn's answer to the sample; None without an answer."""
     turns = trajectory.assistant_texts
     answer = extract_answer(turns[-1]) if turns else None
-    return None if answer is None else (sample.id, answer)
+    return None if answer is None else JudgeInput(sample.question, sample.ground_truth, tuple(sample.candidate_answers), answer)
 
 
 async def _limited(judge: OpenAIJudge, limit: asyncio.Semaphore, item: JudgeInput) -> bool | None:

@@ -24,7 +24,8 @@ from tests.eval.test_judge import FakeOpenAI
 from tests.reward.test_mmsearch_r1 import GT, IMG, TXT, WRONG, _sample, _trajectory
 
 ROOT = Path(__file__).resolve().parents[2]
-VERBOSE = "<reason>The page names him.</reason>\n<answer>It was Gustave Eiffel, the engineer</answer>"
+VERBOSE_ANSWER = "It was Gustave Eiffel, the engineer"
+VERBOSE = f"<reason>The page names him.</reason>\n<answer>{VERBOSE_ANSWER}</answer>"
 
 
 def _judge(server: FakeOpenAI, **kw) -> OpenAIJudge:
@@ -152,7 +153,7 @@ def test_submitted_episodes_are_judged_while_the_rollout_goes_on():
         extra = _trajectory(VERBOSE)  # not submitted: asked by the batch
         rewards = reward.batch([*trajs, extra], [_sample()] * 6)
         assert rewards == pytest.approx([0.1] * 4 + [0.0, 1.0]) and len(server.bodies) == 5
-        assert reward.batch([trajs[0]], [_sample()]) == pytest.approx([0.1]) and len(server.bodies) == 6
+        assert reward.batch([trajs[0]], [_sample()]) == pytest.approx([0.1]) and len(server.bodies) == 5  # remembered
     assert server.most == 2 and not reward._pending
 
 
@@ -193,3 +194,20 @@ def test_a_training_step_judges_its_episodes_as_they_end(fvqa_samples):
     assert module.last_rollout.rewards.tolist() == pytest.approx([1.0, 0.1, 0.91, 0.0])
     assert sorted(b["messages"][1]["content"].split("Model response: ")[1] for b in server.bodies) == ["musketeers", "pirates"]
     assert module.trainer.callback_metrics["reward/judge_failed"] == 0.0
+
+
+def test_verdicts_are_remembered_across_steps():
+    right, wrong = _trajectory(VERBOSE), _trajectory(WRONG)
+    with FakeOpenAI({"Victor": 503}) as server:  # the wrong answer's requests fail: not remembered
+        reward = JudgedReward(_judge(server, retries=0))
+        assert reward.batch([right, wrong], [_sample()] * 2) == pytest.approx([1.0, 0.1])
+        reward.submit(right, _sample())  # known: nothing sent
+        assert reward.batch([right, wrong], [_sample()] * 2) == pytest.approx([1.0, 0.1])
+        # another question with the same answer is another item
+        assert reward.batch([right], [_sample(ground_truth="Victor Hugo")]) == pytest.approx([0.1])
+        responses = [b["messages"][1]["content"].split("Model response: ")[1] for b in server.bodies]
+        small = JudgedReward(_judge(server), cache_size=1)
+        small.batch([right, _trajectory(IMG, VERBOSE)], [_sample(), _sample(ground_truth="Victor Hugo")])
+        small.batch([right], [_sample()])  # dropped for the newer verdict: asked again
+    assert responses == [VERBOSE_ANSWER, "Victor Hugo", "Victor Hugo", VERBOSE_ANSWER]
+    assert len(server.bodies) == 7
