@@ -46,7 +46,8 @@ class JudgedReward:
     """
 
     def __init__(self, judge: OpenAIJudge, search_penalty: float = 0.1, format_weight: float = 0.1,
-                 per_search_penalty: bool = False, fallback: Mode = "EM", cache_size: int = 100_000) -> None:  # fmt: skip
+                 per_search_penalty: bool = False, fallback: Mode = "EM",
+                 cache_size: int = 100_000) -> None:  # fmt: skip
         self.judge, self.cache_size = judge, cache_size
         self._cache: OrderedDict[Key, bool] = OrderedDict()
         self.table = MMSearchR1Reward(search_penalty, format_weight, fallback, per_search_penalty)
@@ -111,7 +112,8 @@ class JudgedReward:
             return False
         verdict = self._verdicts[key]
         if verdict is None:
-            return is_correct(trajectory.assistant_texts, sample.ground_truth, sample.candidate_answers, self.table.mode)
+            turns = trajectory.assistant_texts
+            return is_correct(turns, sample.ground_truth, sample.candidate_answers, self.table.mode)
         return verdict
 
     def _reward(self, trajectory: Trajectory, sample: Sample, key: Key | None) -> float:
@@ -125,7 +127,9 @@ def _key(trajectory: Trajectory, sample: Sample) -> Key | None:
     """What the judge is asked about: the last turn's answer to the sample; None without an answer."""
     turns = trajectory.assistant_texts
     answer = extract_answer(turns[-1]) if turns else None
-    return None if answer is None else JudgeInput(sample.question, sample.ground_truth, tuple(sample.candidate_answers), answer)
+    if answer is None:
+        return None
+    return JudgeInput(sample.question, sample.ground_truth, tuple(sample.candidate_answers), answer)
 
 
 async def _limited(judge: OpenAIJudge, limit: asyncio.Semaphore, item: JudgeInput) -> bool | None:

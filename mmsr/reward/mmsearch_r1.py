@@ -56,7 +56,8 @@ def mmsearch_r1_reward(
 
 
 def shaped_reward(turns: list[str], correct: bool, *, search_penalty: float = 0.1, format_weight: float = 0.1,
-                  per_search_penalty: bool = False, tools: Sequence[ToolSpec] = MMSEARCH_R1_TOOLS) -> float:  # fmt: skip
+                  per_search_penalty: bool = False,
+                  tools: Sequence[ToolSpec] = MMSEARCH_R1_TOOLS) -> float:  # fmt: skip
     """``mmsearch_r1_reward`` given whether the answer is correct, however that was decided (exact match,
     an LLM judge: ``mmsr.reward.judged``); 0.0 for an episode without turns."""
     if not turns:

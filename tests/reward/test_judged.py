@@ -33,6 +33,11 @@ def _judge(server: FakeOpenAI, **kw) -> OpenAIJudge:
                        timeout_s=10, **kw)  # fmt: skip
 
 
+def _responses(server: FakeOpenAI) -> list[str]:
+    """The model responses the judge was asked about, in the order the requests came."""
+    return [b["messages"][1]["content"].split("Model response: ")[1] for b in server.bodies]
+
+
 def test_reward_table_with_verdicts():
     trajs = [_trajectory(VERBOSE), _trajectory(IMG, VERBOSE), _trajectory(WRONG), _trajectory(IMG, TXT),
              _trajectory(IMG, TXT, VERBOSE)]  # fmt: skip
@@ -46,8 +51,8 @@ def test_reward_table_with_verdicts():
     assert rewards == pytest.approx([1.0, 0.91, 0.1, 0.0, 0.91])
     # one request per distinct answer (the verbose one three times, the wrong one); none without an answer;
     # ``details`` reuses the batch's verdicts
-    asked = sorted(b["messages"][1]["content"].split("Model response: ")[1] for b in server.bodies)
-    assert asked == ["It was Gustave Eiffel, the engineer", "Victor Hugo"]
+    asked = sorted(_responses(server))
+    assert asked == [VERBOSE_ANSWER, "Victor Hugo"]
     assert [d["correct"] for d in details] == [1.0, 1.0, 0.0, 0.0, 1.0]
     assert [d["judge_failed"] for d in details] == [0.0] * 5
     assert [d["searched"] for d in details] == [0.0, 1.0, 0.0, 1.0, 1.0]
@@ -116,10 +121,10 @@ def test_module_scores_a_step_in_one_batch():
 def test_fit_with_a_judged_reward(tmp_path):
     """``mmsr fit`` takes the reward and its judge from the config (class_path) and logs ``reward/judge_failed``."""
     with FakeOpenAI() as server:
-        reward = {"class_path": "mmsr.reward.judged.JudgedReward",
-                  "init_args": {"judge": {"class_path": "mmsr.reward.judge.OpenAIJudge",
-                                          "init_args": {"base_url": f"http://127.0.0.1:{server.port}/v1",
-                                                        "model": "judge-model", "api_key_env": "MMSR_TEST_NO_KEY"}}}}  # fmt: skip
+        judge = {"class_path": "mmsr.reward.judge.OpenAIJudge",
+                 "init_args": {"base_url": f"http://127.0.0.1:{server.port}/v1", "model": "judge-model",
+                               "api_key_env": "MMSR_TEST_NO_KEY"}}  # fmt: skip
+        reward = {"class_path": "mmsr.reward.judged.JudgedReward", "init_args": {"judge": judge}}
         cmd = [sys.executable, "-m", "mmsr", "fit", "-c", "configs/smoke.yaml", "--trainer.max_steps", "2",
                "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path),
                "--model.init_args.reward", json.dumps(reward)]  # fmt: skip
@@ -192,7 +197,7 @@ def test_a_training_step_judges_its_episodes_as_they_end(fvqa_samples):
         fit_one_step(module, [sample])
     assert len(reward.submitted) == 4  # every episode, from the rollout loop
     assert module.last_rollout.rewards.tolist() == pytest.approx([1.0, 0.1, 0.91, 0.0])
-    assert sorted(b["messages"][1]["content"].split("Model response: ")[1] for b in server.bodies) == ["musketeers", "pirates"]
+    assert sorted(_responses(server)) == ["musketeers", "pirates"]
     assert module.trainer.callback_metrics["reward/judge_failed"] == 0.0
 
 
@@ -205,7 +210,7 @@ def test_verdicts_are_remembered_across_steps():
         assert reward.batch([right, wrong], [_sample()] * 2) == pytest.approx([1.0, 0.1])
         # another question with the same answer is another item
         assert reward.batch([right], [_sample(ground_truth="Victor Hugo")]) == pytest.approx([0.1])
-        responses = [b["messages"][1]["content"].split("Model response: ")[1] for b in server.bodies]
+        responses = _responses(server)
         small = JudgedReward(_judge(server), cache_size=1)
         small.batch([right, _trajectory(IMG, VERBOSE)], [_sample(), _sample(ground_truth="Victor Hugo")])
         small.batch([right], [_sample()])  # dropped for the newer verdict: asked again
