@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 from mmsr.data.sample import Sample
@@ -30,3 +31,17 @@ class WeightedRewards:
 
     def __call__(self, trajectory: Trajectory, sample: Sample) -> float:
         return float(sum(w * r(trajectory, sample) for r, w in zip(self.rewards, self.weights)))
+
+    def batch(self, trajectories: Sequence[Trajectory], samples: Sequence[Sample]) -> list[float]:
+        """The sums for ``trajectories[i]`` answering ``samples[i]``: a reward with a ``batch`` of its own (an
+        LLM judge, ``mmsr.reward.judged``) scores them all in one call, any other one by one."""
+        pairs = list(zip(trajectories, samples))
+        columns = [r.batch(trajectories, samples) if hasattr(r, "batch") else [r(t, s) for t, s in pairs]
+                   for r in self.rewards]  # fmt: skip
+        return [float(sum(w * column[i] for column, w in zip(columns, self.weights))) for i in range(len(pairs))]
+
+    def submit(self, trajectory: Trajectory, sample: Sample) -> None:
+        """An ended episode, handed on to the rewards that start on it early (``JudgedReward.submit``)."""
+        for reward in self.rewards:
+            if hasattr(reward, "submit"):
+                reward.submit(trajectory, sample)
