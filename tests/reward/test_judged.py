@@ -6,8 +6,8 @@ import asyncio
 import csv
 import json
 import subprocess
-import time
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
