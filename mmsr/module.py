@@ -171,8 +171,7 @@ class GRPOModule(L.LightningModule):
         self.reward = reward if reward is not None else MMSearchR1Reward()
         self.weight_sync = weight_sync if weight_sync is not None else WeightSync()
         self.loop = RolloutLoop(self.engine, self.policy, prompts or PromptBuilder(), tool_map, rollout)
-        # a reward that starts on an episode as it ends (an LLM judge's request) overlaps the rest of the rollout
-        self.loop.on_episode_end = getattr(self.reward, "submit", None)
+        self.loop.on_episode_end = self._episode_ended
         self.sampling = SamplingParams(temperature, top_p, top_k, rollout.max_tokens_per_turn)
         update = UpdateSettings.of(self.hparams, max_context_tokens=rollout.max_context_tokens)
         self.policy_update = PolicyUpdate(self.policy, update)  # mmsr.train.update
@@ -335,6 +334,13 @@ class GRPOModule(L.LightningModule):
         if hasattr(self.reward, "batch"):
             return torch.tensor([float(r) for r in self.reward.batch(trajectories, prompts)])
         return torch.tensor([float(self.reward(t, s)) for t, s in zip(trajectories, prompts)])
+
+    def _episode_ended(self, trajectory: Trajectory, sample: Sample) -> None:
+        """Hands an ended episode to a reward that starts on it early (an LLM judge's request then overlaps
+        the rest of the rollout); looked up per episode, so a reward swapped in after ``__init__`` is told."""
+        submit = getattr(self.reward, "submit", None)
+        if submit is not None:
+            submit(trajectory, sample)
 
     def reward_details(self, trajectories: Sequence[Trajectory], samples: Sequence[Sample]) -> list[dict[str, float]]:
         """Each trajectory's reward terms (``correct``, ``format``, ...; empty if the reward gives none)."""

@@ -81,14 +81,20 @@ class OpenAIJudge:
         return asyncio.run(self.ajudge(items))
 
     async def ajudge(self, items: Sequence[JudgeInput]) -> list[Verdict]:
+        semaphore = asyncio.Semaphore(self.concurrency)
+        async with self.session() as session:
+            return list(await asyncio.gather(*(self.ajudge_one(session, semaphore, item) for item in items)))
+
+    def session(self) -> aiohttp.ClientSession:
+        """An HTTP session with the key's header and the timeout; made inside the event loop that uses it,
+        and shared by its requests so they reuse connections (``JudgedReward`` keeps one open)."""
         key = os.environ.get(self.api_key_env)
         headers = {"Authorization": f"Bearer {key}"} if key else {}
-        semaphore = asyncio.Semaphore(self.concurrency)
-        timeout = aiohttp.ClientTimeout(total=self.timeout_s)
-        async with aiohttp.ClientSession(headers=headers, timeout=timeout) as session:
-            return list(await asyncio.gather(*(self._one(session, semaphore, item) for item in items)))
+        return aiohttp.ClientSession(headers=headers, timeout=aiohttp.ClientTimeout(total=self.timeout_s))
 
-    async def _one(self, session: aiohttp.ClientSession, semaphore: asyncio.Semaphore, item: JudgeInput) -> Verdict:
+    async def ajudge_one(self, session: aiohttp.ClientSession, semaphore: asyncio.Semaphore,
+                         item: JudgeInput) -> Verdict:  # fmt: skip
+        """One item's verdict, retried; ``semaphore`` caps the requests in flight across its callers."""
         body = {"model": self.model, "messages": self.messages(item), **self.params}
         error = ""
         for attempt in range(self.retries + 1):

@@ -16,14 +16,18 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import Future
 
+import aiohttp
+
 from mmsr.data.sample import Sample
 from mmsr.reward.answer import extract_answer
 from mmsr.reward.judge import JudgeInput, OpenAIJudge
-from mmsr.reward.mmsearch_r1 import MMSearchR1Reward, Mode, is_correct, shaped_reward, trajectory_tools
+from mmsr.reward.mmsearch_r1 import (MMSearchR1Reward, Mode, is_correct, shape_details, shaped_reward,
+                                     trajectory_tools)
 from mmsr.rollout.trajectory import Trajectory
 
 Key = JudgeInput  # what the judge is asked: the question, its answers and the episode's extracted answer
@@ -53,7 +57,7 @@ class JudgedReward:
         self.table = MMSearchR1Reward(search_penalty, format_weight, fallback, per_search_penalty)
         self._verdicts: dict[Key, bool | None] = {}  # the last batch's, for ``details``
         self._pending: dict[Key, Future] = {}  # submitted, not yet taken by a batch
-        self._worker: tuple[asyncio.AbstractEventLoop, asyncio.Semaphore] | None = None
+        self._worker: _Worker | None = None
 
     def __getstate__(self) -> dict:
         # a copy (checkpoint hyper-parameters, a deepcopy) gets no requests in flight and no worker thread
@@ -64,8 +68,8 @@ class JudgedReward:
         key = _key(trajectory, sample)
         if key is None or key in self._pending or key in self._cache:
             return
-        loop, limit = self._worker = self._worker or _start_worker(self.judge.concurrency)
-        self._pending[key] = asyncio.run_coroutine_threadsafe(_limited(self.judge, limit, key), loop)
+        self._worker = self._worker or _Worker(self.judge)
+        self._pending[key] = self._worker.submit(key)
 
     def batch(self, trajectories: Sequence[Trajectory], samples: Sequence[Sample]) -> list[float]:
         """Rewards of ``trajectories[i]`` answering ``samples[i]``, the judge asked once per distinct answer."""
@@ -88,8 +92,8 @@ class JudgedReward:
         if key is not None and key not in self._verdicts:
             self._verdicts |= self._ask([key])
         failed = key is not None and self._verdicts[key] is None
-        return self.table.details(trajectory, sample) | {"correct": float(self._correct(trajectory, sample, key)),
-                                                         "judge_failed": float(failed)}  # fmt: skip
+        correct = self._correct(trajectory, sample, key)
+        return {"correct": float(correct), **shape_details(trajectory), "judge_failed": float(failed)}
 
     def _ask(self, keys: Sequence[Key | None]) -> dict[Key, bool | None]:
         """The judge's verdict on each distinct item of ``keys`` (None: an episode without an answer, not
@@ -132,14 +136,36 @@ def _key(trajectory: Trajectory, sample: Sample) -> Key | None:
     return JudgeInput(sample.question, sample.ground_truth, tuple(sample.candidate_answers), answer)
 
 
-async def _limited(judge: OpenAIJudge, limit: asyncio.Semaphore, item: JudgeInput) -> bool | None:
-    async with limit:
-        (verdict,) = await judge.ajudge([item])
-    return verdict.correct
+class _Worker:
+    """Submitted requests' event loop on a daemon thread, with one HTTP session (connections reused across
+    requests and steps) and one semaphore capping them at the judge's ``concurrency``. The session is
+    closed and the loop stopped when the worker is collected, or at exit."""
+
+    def __init__(self, judge: OpenAIJudge) -> None:
+        self.judge, self.loop = judge, asyncio.new_event_loop()
+        self.semaphore = asyncio.Semaphore(judge.concurrency)
+        self.sessions: list[aiohttp.ClientSession] = []  # one, made on the loop's thread by the first request
+        threading.Thread(target=_serve, args=(self.loop,), name="judged-reward", daemon=True).start()
+        weakref.finalize(self, _shut, self.loop, self.sessions)
+
+    def submit(self, item: JudgeInput) -> Future:
+        return asyncio.run_coroutine_threadsafe(self._correct(item), self.loop)
+
+    async def _correct(self, item: JudgeInput) -> bool | None:
+        if not self.sessions:  # only the loop's thread runs this, so no second session races in
+            self.sessions.append(self.judge.session())
+        return (await self.judge.ajudge_one(self.sessions[0], self.semaphore, item)).correct
 
 
-def _start_worker(concurrency: int) -> tuple[asyncio.AbstractEventLoop, asyncio.Semaphore]:
-    """An event loop on a daemon thread for submitted requests, and the semaphore that caps them."""
-    loop = asyncio.new_event_loop()
-    threading.Thread(target=loop.run_forever, name="judged-reward", daemon=True).start()
-    return loop, asyncio.Semaphore(concurrency)
+def _serve(loop: asyncio.AbstractEventLoop) -> None:
+    loop.run_forever()
+    loop.close()
+
+
+def _shut(loop: asyncio.AbstractEventLoop, sessions: list[aiohttp.ClientSession]) -> None:
+    if sessions:
+        try:  # an unclosed session warns at exit; a loop stuck past the wait is left to the daemon thread's end
+            asyncio.run_coroutine_threadsafe(sessions[0].close(), loop).result(timeout=5.0)
+        except (TimeoutError, RuntimeError):
+            pass
+    loop.call_soon_threadsafe(loop.stop)

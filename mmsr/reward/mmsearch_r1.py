@@ -50,7 +50,7 @@ def mmsearch_r1_reward(
     configured tools: those declared ``penalized`` count as searches (``ToolSpec.penalized``; a free crop
     need not), and all decide the valid shapes (``mmsr.reward.format``).
     """
-    correct = bool(turns) and is_correct(turns, ground_truth, candidate_answers, mode)
+    correct = is_correct(turns, ground_truth, candidate_answers, mode)
     return shaped_reward(turns, correct, search_penalty=search_penalty, format_weight=format_weight,
                          per_search_penalty=per_search_penalty, tools=tools)  # fmt: skip
 
@@ -106,10 +106,11 @@ class MMSearchR1Reward:
     def details(self, trajectory: Trajectory, sample: Sample) -> dict[str, float]:
         """Per-trajectory 0/1 metrics: answer correctness, format, and whether it searched: called any
         tool, penalized or not, as ``rollout/search_ratio/any`` counts it."""
-        turns = trajectory.assistant_texts
-        correct = is_correct(turns, sample.ground_truth, sample.candidate_answers, self.mode)
-        return {
-            "correct": float(correct),
-            "format": float(format_ok(turns, trajectory_tools(trajectory))),
-            "searched": float(search_count(turns, trajectory_tools(trajectory)) > 0),
-        }
+        correct = is_correct(trajectory.assistant_texts, sample.ground_truth, sample.candidate_answers, self.mode)
+        return {"correct": float(correct), **shape_details(trajectory)}
+
+
+def shape_details(trajectory: Trajectory) -> dict[str, float]:
+    """The reward's 0/1 terms besides correctness: ``format`` and ``searched`` (any tool called)."""
+    turns, tools = trajectory.assistant_texts, trajectory_tools(trajectory)
+    return {"format": float(format_ok(turns, tools)), "searched": float(search_count(turns, tools) > 0)}

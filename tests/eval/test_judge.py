@@ -15,7 +15,7 @@ class FakeOpenAI:
     """
 
     def __init__(self, script=None):
-        self.script, self.bodies, self.auth = script or {}, [], []
+        self.script, self.bodies, self.auth, self.peers = script or {}, [], [], []
         self.loop = asyncio.new_event_loop()
         self.ready = threading.Event()
 
@@ -23,6 +23,7 @@ class FakeOpenAI:
         body = await request.json()
         self.bodies.append(body)
         self.auth.append(request.headers.get("Authorization"))
+        self.peers.append(request.transport.get_extra_info("peername"))  # the client's connection
         user = body["messages"][1]["content"]
         truth = user.split("Ground truth: ")[1].split("\n")[0]
         response = user.split("Model response: ")[1]
@@ -57,6 +58,7 @@ class FakeOpenAI:
         asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
+        self.loop.close()
 
 
 def test_verdict_parsing():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import gc
 import json
 import subprocess
 import sys
@@ -131,7 +132,7 @@ def test_fit_with_a_judged_reward(tmp_path):
         proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (metrics_file,) = tmp_path.glob("csv/version_*/metrics.csv")
-    rows = list(csv.DictReader(metrics_file.open()))
+    rows = list(csv.DictReader(metrics_file.read_text().splitlines()))
     assert len(rows) == 2 and all(r["reward/judge_failed"] == "0.0" for r in rows)
 
 
@@ -160,6 +161,25 @@ def test_submitted_episodes_are_judged_while_the_rollout_goes_on():
         assert rewards == pytest.approx([0.1] * 4 + [0.0, 1.0]) and len(server.bodies) == 5
         assert reward.batch([trajs[0]], [_sample()]) == pytest.approx([0.1]) and len(server.bodies) == 5  # remembered
     assert server.most == 2 and not reward._pending
+    assert len(set(server.peers[:4])) == 2  # the four submitted requests: two connections, each used twice
+
+
+def test_the_worker_closes_its_session_when_the_reward_goes():
+    with FakeOpenAI() as server:
+        reward = JudgedReward(_judge(server))
+        reward.submit(_trajectory(VERBOSE), _sample())
+        assert reward.batch([_trajectory(VERBOSE)], [_sample()]) == pytest.approx([1.0])
+        loop, sessions = reward._worker.loop, reward._worker.sessions
+        del reward
+        gc.collect()
+        deadline = time.monotonic() + 10
+        while loop.is_running() and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert not loop.is_running() and len(sessions) == 1 and sessions[0].closed
+    deadline = time.monotonic() + 10
+    while not loop.is_closed() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert loop.is_closed()
 
 
 def test_the_loop_reports_each_episode_as_it_ends(tiny_policy, fvqa_samples):
@@ -195,7 +215,8 @@ def test_a_training_step_judges_its_episodes_as_they_end(fvqa_samples):
     sample = next(s for s in fvqa_samples if s.ground_truth == "musketeers")
     with FakeOpenAI() as server:
         reward = Recording(_judge(server))
-        module = make_module(reward=reward)  # episodes: right, wrong, search then right, no answer
+        module = make_module()  # episodes: right, wrong, search then right, no answer
+        module.reward = reward  # swapped in after the rollout loop was built: still told of each episode
         fit_one_step(module, [sample])
     assert len(reward.submitted) == 4  # every episode, from the rollout loop
     assert module.last_rollout.rewards.tolist() == pytest.approx([1.0, 0.1, 0.91, 0.0])
