@@ -56,7 +56,7 @@ class JudgedReward:
         self._cache: OrderedDict[Key, bool] = OrderedDict()
         self.table = MMSearchR1Reward(search_penalty, format_weight, fallback, per_search_penalty)
         self._verdicts: dict[Key, bool | None] = {}  # the last batch's, for ``details``
-        self._pending: dict[Key, Future] = {}  # submitted, not yet taken by a batch
+        self._pending: dict[Key, Future] = {}  # submitted, not yet taken by a batch or harvested
         self._worker: _Worker | None = None
 
     def __getstate__(self) -> dict:
@@ -66,6 +66,7 @@ class JudgedReward:
     def submit(self, trajectory: Trajectory, sample: Sample) -> None:
         """Start judging a finished episode's answer in the background; ``batch`` takes the verdict."""
         key = _key(trajectory, sample)
+        self._harvest()
         if key is None or key in self._pending or key in self._cache:
             return
         self._worker = self._worker or _Worker(self.judge)
@@ -75,8 +76,7 @@ class JudgedReward:
         """Rewards of ``trajectories[i]`` answering ``samples[i]``, the judge asked once per distinct answer."""
         keys = [_key(t, s) for t, s in zip(trajectories, samples)]
         wanted = {k for k in keys if k is not None}
-        pending, self._pending = self._pending, {}  # what this batch does not take is dropped
-        taken = {k: future.result() for k, future in pending.items() if k in wanted}
+        taken = {k: self._pending.pop(k).result() for k in wanted if k in self._pending}
         self._remember(taken)
         known = {k: self._cache[k] for k in wanted if k in self._cache} | taken
         self._verdicts = known | self._ask([k if k not in known else None for k in keys])
@@ -94,6 +94,12 @@ class JudgedReward:
         failed = key is not None and self._verdicts[key] is None
         correct = self._correct(trajectory, sample, key)
         return {"correct": float(correct), **shape_details(trajectory), "judge_failed": float(failed)}
+
+    def _harvest(self) -> None:
+        """Moves the verdicts that came in to the cache, so ``_pending`` holds only requests in flight, even
+        when no ``batch`` takes them (a ``compute_rewards`` override that scores episodes one by one)."""
+        done = [k for k, future in self._pending.items() if future.done()]
+        self._remember({k: self._pending.pop(k).result() for k in done})
 
     def _ask(self, keys: Sequence[Key | None]) -> dict[Key, bool | None]:
         """The judge's verdict on each distinct item of ``keys`` (None: an episode without an answer, not

@@ -18,7 +18,7 @@ from mmsr.metrics import rollout_metrics
 from mmsr.module import GRPOModule
 from mmsr.reward import mmsearch_r1_reward
 from mmsr.reward.judge import OpenAIJudge
-from mmsr.reward.judged import JudgedReward
+from mmsr.reward.judged import JudgedReward, _key
 from mmsr.rollout.loop import RolloutSettings
 from tests.conftest import subprocess_env
 from tests.eval.test_judge import FakeOpenAI
@@ -162,6 +162,21 @@ def test_submitted_episodes_are_judged_while_the_rollout_goes_on():
         assert reward.batch([trajs[0]], [_sample()]) == pytest.approx([0.1]) and len(server.bodies) == 5  # remembered
     assert server.most == 2 and not reward._pending
     assert len(set(server.peers[:4])) == 2  # the four submitted requests: two connections, each used twice
+
+
+def test_verdicts_no_batch_takes_are_kept_not_piled_up():
+    trajs = [_trajectory(f"<reason>r</reason><answer>guess {i}</answer>") for i in range(6)]
+    with FakeOpenAI() as server:
+        reward = JudgedReward(_judge(server))
+        for t in trajs[:5]:
+            reward.submit(t, _sample())  # as with a compute_rewards override that never calls batch
+        deadline = time.monotonic() + 10
+        while not all(f.done() for f in reward._pending.values()) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        reward.submit(trajs[5], _sample())
+        assert list(reward._pending) == [_key(trajs[5], _sample())]  # the five answered moved to the cache
+        assert reward.batch(trajs, [_sample()] * 6) == pytest.approx([0.1] * 6)
+    assert len(server.bodies) == 6 and not reward._pending  # none asked twice
 
 
 def test_the_worker_closes_its_session_when_the_reward_goes():
