@@ -20,6 +20,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 
 import aiohttp
 
@@ -172,6 +173,6 @@ def _shut(loop: asyncio.AbstractEventLoop, sessions: list[aiohttp.ClientSession]
     if sessions:
         try:  # an unclosed session warns at exit; a loop stuck past the wait is left to the daemon thread's end
             asyncio.run_coroutine_threadsafe(sessions[0].close(), loop).result(timeout=5.0)
-        except (TimeoutError, RuntimeError):
+        except (FutureTimeout, RuntimeError):
             pass
     loop.call_soon_threadsafe(loop.stop)
