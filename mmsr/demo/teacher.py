@@ -23,6 +23,10 @@ class RAGTeacher:
     Args:
         text_search_categories: categories whose answer needs a text search after the image search.
         direct_answer_rate: probability of answering at once without any search (0 = always search).
+        direct_answer_rates: per category, a probability replacing ``direct_answer_rate`` (the shipped demo
+            sets none: its teacher decides alike for every kind; README, Performance, records a shorter
+            recipe that answered colours at once twice as often). Each sample draws once whatever its
+            rate, so the categories left alone get the episodes of ``direct_answer_rate`` alone.
         seed: seeds the direct-answer draws.
         answer_reasons: per category, the reasoning of the answering turn after a search, with
             ``{answer}`` for the ground truth (default: ``DEFAULT_REASONS``). Stating the evidence
@@ -43,7 +47,14 @@ class RAGTeacher:
 
     def __init__(self, text_search_categories: list[str] | None = None, direct_answer_rate: float = 0.0,
                  seed: int = 0, answer_reasons: dict[str, str] | None = None,
-                 question_notes: dict[str, str] | None = None) -> None:  # fmt: skip
+                 question_notes: dict[str, str] | None = None,
+                 direct_answer_rates: dict[str, float] | None = None) -> None:  # fmt: skip
+        rates = {"direct_answer_rate": direct_answer_rate} | {
+            f"direct_answer_rates[{c!r}]": r for c, r in (direct_answer_rates or {}).items()}
+        for name, rate in rates.items():
+            if not 0.0 <= rate <= 1.0:
+                raise ValueError(f"RAGTeacher {name} = {rate} must be a probability in [0, 1]")
+        self.direct_answer_rates = direct_answer_rates or {}
         self.text_categories = set(text_search_categories or ["text_search"])
         self.answer_reasons = answer_reasons or {}
         self.question_notes = question_notes or {}
@@ -54,7 +65,7 @@ class RAGTeacher:
         answer = f"<answer> {sample.ground_truth}</answer>"
         note = self.question_notes.get(sample.category)
         opening = f"{note} " if note else ""
-        if self.rng.random() < self.direct_answer_rate:
+        if self.rng.random() < self.direct_answer_rates.get(sample.category, self.direct_answer_rate):
             return [f"<reason>{opening}{DIRECT_DECISION}</reason>{answer}"]
         default = DEFAULT_REASONS[sample.category in self.text_categories]
         reason = self.answer_reasons.get(sample.category, default).format(answer=sample.ground_truth)

@@ -70,6 +70,25 @@ def test_teacher_searches_as_the_question_needs():
     assert 0.2 < sum(rates) / len(rates) < 0.4
 
 
+def test_teacher_direct_answer_rates_per_category():
+    def direct(category, seed, **kw):
+        return len(RAGTeacher(seed=seed, **kw).turns(_sample(category))) == 1
+
+    rates = {"direct_answer_rate": 0.2, "direct_answer_rates": {"search_free": 0.4}}
+    colour = [direct("search_free", s, **rates) for s in range(400)]
+    city = [direct("text_search", s, **rates) for s in range(400)]
+    assert 0.33 < sum(colour) / 400 < 0.47 and 0.14 < sum(city) / 400 < 0.26
+    # one draw per sample whatever its rate: the categories left alone keep a single rate's episodes
+    mixed = RAGTeacher(direct_answer_rate=0.2, direct_answer_rates={"search_free": 1.0}, seed=3)
+    plain = RAGTeacher(direct_answer_rate=0.2, seed=3)
+    kinds = ["text_search", "search_free", "image_search"] * 30
+    pairs = [(mixed.turns(_sample(k)), plain.turns(_sample(k))) for k in kinds]
+    assert all(len(m) == 1 for (m, _), k in zip(pairs, kinds) if k == "search_free")
+    assert all(m == p for (m, p), k in zip(pairs, kinds) if k != "search_free")
+    with pytest.raises(ValueError, match=r"direct_answer_rates\['search_free'\] = 1.5"):
+        RAGTeacher(direct_answer_rates={"search_free": 1.5})
+
+
 def test_teacher_states_the_evidence_before_the_answer_when_configured():
     teacher = RAGTeacher(answer_reasons={"text_search": "It stands in the city of {answer}."})
     city = teacher.turns(_sample("text_search", truth="Harlow"))[-1]
