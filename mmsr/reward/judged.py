@@ -27,8 +27,7 @@ import aiohttp
 from mmsr.data.sample import Sample
 from mmsr.reward.answer import extract_answer
 from mmsr.reward.judge import JudgeInput, OpenAIJudge
-from mmsr.reward.mmsearch_r1 import (MMSearchR1Reward, Mode, is_correct, shape_details, shaped_reward,
-                                     trajectory_tools)
+from mmsr.reward.mmsearch_r1 import MMSearchR1Reward, Mode, is_correct, shape_details
 from mmsr.rollout.trajectory import Trajectory
 
 Key = JudgeInput  # what the judge is asked: the question, its answers and the episode's extracted answer
@@ -128,10 +127,7 @@ class JudgedReward:
         return verdict
 
     def _reward(self, trajectory: Trajectory, sample: Sample, key: Key | None) -> float:
-        t = self.table
-        return shaped_reward(trajectory.assistant_texts, self._correct(trajectory, sample, key),
-                             search_penalty=t.search_penalty, format_weight=t.format_weight,
-                             per_search_penalty=t.per_search_penalty, tools=trajectory_tools(trajectory))  # fmt: skip
+        return self.table.shaped(trajectory, self._correct(trajectory, sample, key))
 
 
 def _key(trajectory: Trajectory, sample: Sample) -> Key | None:

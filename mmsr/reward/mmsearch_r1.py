@@ -92,16 +92,15 @@ class MMSearchR1Reward:
         self.per_search_penalty = per_search_penalty
 
     def __call__(self, trajectory: Trajectory, sample: Sample) -> float:
-        return mmsearch_r1_reward(
-            trajectory.assistant_texts,
-            sample.ground_truth,
-            sample.candidate_answers,
-            search_penalty=self.search_penalty,
-            format_weight=self.format_weight,
-            mode=self.mode,
-            per_search_penalty=self.per_search_penalty,
-            tools=trajectory_tools(trajectory),
-        )
+        correct = is_correct(trajectory.assistant_texts, sample.ground_truth, sample.candidate_answers, self.mode)
+        return self.shaped(trajectory, correct)
+
+    def shaped(self, trajectory: Trajectory, correct: bool) -> float:
+        """This table's reward of ``trajectory`` given whether its answer is correct, however that was
+        decided (exact match here, an LLM judge in ``mmsr.reward.judged``)."""
+        return shaped_reward(trajectory.assistant_texts, correct, search_penalty=self.search_penalty,
+                             format_weight=self.format_weight, per_search_penalty=self.per_search_penalty,
+                             tools=trajectory_tools(trajectory))  # fmt: skip
 
     def details(self, trajectory: Trajectory, sample: Sample) -> dict[str, float]:
         """Per-trajectory 0/1 metrics: answer correctness, format, and whether it searched: called any
