@@ -2,7 +2,7 @@
 micro-batches, both ways, alternated in one run.
 
     python benchmarks/shared_prefix.py [--repeats 5] [--groups 4] [--generations 8] [--route cache|packed]
-                                       [--checkpointed] [--device cuda] [--hidden 2048 --layers 16]
+                                       [--checkpointed] [--device cuda] [--hidden 2048 --layers 16] [--bf16]
 
 The workload: the CPU demo's policy shape (a random tiny Qwen2.5-VL: hidden 128, 4 layers, 4 heads,
 FFN 256, vision depth 2, a ~1,024-token BPE), ``groups`` FVQA dev questions with their images and the
@@ -16,7 +16,8 @@ checkpointing takes) or in packed rows under a 4-D mask (``mmsr.train.packed``, 
 checkpointing and FSDP2 take: the 7B recipes); ``--checkpointed`` checkpoints the layers both ways (as the
 recipes; packed rows only). ``--device``: where the passes run (the episodes are scripted on the CPU);
 ``--hidden``/``--layers`` size the decoder up (heads of 128, FFN twice the width), for a GPU, where the
-demo's shape measures kernel launches more than arithmetic.
+demo's shape measures kernel launches more than arithmetic; ``--bf16`` runs the forwards under bf16 autocast
+(fp32 weights, bf16 matmuls: the recipes' ``bf16-mixed``).
 
 Prints one JSON object: tokens each way (whole rows: their padded widths; shared: the prefixes' and the
 suffixes'), the median seconds of all passes each way, whole / shared, the largest log-prob difference
@@ -112,15 +113,19 @@ def micro_batches(groups: int, generations: int, **policy_args):
     return policy, packed_as_the_update(policy, trajs, groups_together=False)
 
 
-def passes(policy, batches: dict, shared: bool, route: str = "cache") -> tuple[float, list[torch.Tensor]]:
+def passes(policy, batches: dict, shared: bool, route: str = "cache",
+           bf16: bool = False) -> tuple[float, list[torch.Tensor]]:
     """Seconds of every micro-batch's forward and backward (``batches[shared]``), and each episode's masked
-    log-probs ``[len - 1]`` in episode order."""
+    log-probs ``[len - 1]`` in episode order. ``bf16``: the forward under bf16 autocast (the recipes'
+    ``bf16-mixed``: fp32 weights, bf16 matmuls)."""
     image_id, out = policy.model.config.image_token_id, {}
     synchronize(policy.model.device)
     start = time.perf_counter()
     for batch in batches[shared]:
         split = shared_split(batch, image_id, route == "cache", pair_cost(policy.model.config)) if shared else None
-        logp = (ROUTES[route](policy, batch, split) if split else sampled_logprobs(policy, batch))[0] * batch.loss_mask
+        with torch.autocast(policy.model.device.type, torch.bfloat16, enabled=bf16):
+            logp = ROUTES[route](policy, batch, split) if split else sampled_logprobs(policy, batch)
+        logp = logp[0] * batch.loss_mask
         weights = torch.linspace(-1.0, 1.0, len(batch.index), device=logp.device)[:, None]
         (logp * weights).sum().backward()
         for row, (i, n) in enumerate(zip(batch.index.tolist(), batch.attention_mask.sum(1).tolist())):
@@ -204,6 +209,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--device", default="cpu", help="where the passes run (e.g. cuda)")
     ap.add_argument("--hidden", type=int, default=None, help="the decoder's width (default: the demo's, 128)")
     ap.add_argument("--layers", type=int, default=None, help="the decoder's layers (default: the demo's, 4)")
+    ap.add_argument("--bf16", action="store_true", help="forwards under bf16 autocast, as the recipes' bf16-mixed")
     args = ap.parse_args(argv)
     if args.checkpointed and args.route == "cache":
         ap.error("--checkpointed: the KV cache route cannot run under gradient checkpointing; add --route packed")
@@ -213,9 +219,9 @@ def main(argv: list[str] | None = None) -> dict:
     policy.model.to(args.device).train()
     if args.checkpointed:
         policy.model.gradient_checkpointing_enable()
-    whole, shared, diff = alternated(partial(passes, route=args.route), policy, batches, args.repeats)
+    whole, shared, diff = alternated(partial(passes, route=args.route, bf16=args.bf16), policy, batches, args.repeats)
     text = policy.model.config.get_text_config()
-    result = {"route": args.route, "checkpointed": args.checkpointed, "device": args.device,
+    result = {"route": args.route, "checkpointed": args.checkpointed, "bf16": args.bf16, "device": args.device,
               "decoder": {"hidden": text.hidden_size, "layers": text.num_hidden_layers},
               "episodes": args.groups * args.generations,
               "micro_batches": {"whole": len(batches[False]), "shared": len(batches[True])},

@@ -52,6 +52,17 @@ def test_shared_prefix_benchmark_runs_both_ways_and_they_agree(route):
     assert 0 < out["paper_7b_tflops"]["shared"] < out["paper_7b_tflops"]["whole"]
 
 
+def test_shared_prefix_benchmark_bf16_runs_the_forwards_in_bf16():
+    """``--bf16`` (the recipes' bf16-mixed, as timed on the GPU): the two ways then round differently, by bf16's
+    steps rather than fp32's (~1e-6 above)."""
+    cmd = [sys.executable, "benchmarks/shared_prefix.py", "--repeats", "1", "--groups", "1", "--generations", "3",
+           "--route", "packed", "--checkpointed", "--bf16", "--hidden", "128", "--layers", "1"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    assert out["bf16"] is True and 1e-5 < out["max_logprob_diff"] < 0.1
+
+
 def test_distinct_images_benchmark_runs_both_ways_and_they_agree():
     cmd = [sys.executable, "benchmarks/distinct_images.py", "--repeats", "1", "--groups", "2", "--generations", "3"]
     proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
