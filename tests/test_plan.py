@@ -174,6 +174,15 @@ def test_the_7b_recipe_counts_the_packed_rows_mask_where_it_packs(override, pack
     assert out["memory"]["training"]["packed_mask"] == (16384**2 * 3 if packed else 0)
 
 
+@pytest.mark.parametrize("accelerator, packed", [("gpu", True), ("cpu", False)])
+def test_an_uncheckpointed_single_process_run_packs_on_a_gpu_only(accelerator, packed, capsys):
+    """Without checkpointing or FSDP2 shared prefixes go through the KV cache on the CPU alone; on a GPU they
+    train as packed rows (``prefix_route``), whose sdpa bias every layer saves: 8192^2 x (1 + 2 layers x 2 bytes)."""
+    out = run(capsys, "-c", str(ROOT / "configs" / "smoke.yaml"), "--trainer.accelerator", accelerator,
+              "--trainer.precision", "bf16-mixed")  # fmt: skip
+    assert out["memory"]["training"]["packed_mask"] == (8192**2 * 5 if packed else 0)
+
+
 def test_sdpa_saves_each_layers_bias_of_the_packed_mask_unless_checkpointed(tiny_policy, fvqa_samples):
     """What ``packed_mask`` counts, measured: packed rows' forward saves for backward one additive bias of the
     mask per layer in compute dtype (the bool mask converted), and none under checkpointing (a layer's is

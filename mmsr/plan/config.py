@@ -156,7 +156,8 @@ class RunSpec:
             whose vision activations count (``mmsr plan --images-per-episode``).
         attention: the policy's ``attn_implementation`` (``auto``: flash-attention 2 where flash-attn is
             installed, else ``sdpa``); packed_rows: shared prefixes train in packed rows under a dense 4-D
-            mask (``share_prefix`` under gradient checkpointing or FSDP2, an attention that takes the mask).
+            mask (``share_prefix`` on a GPU, or under gradient checkpointing or FSDP2, with an attention that
+            takes the mask; ``mmsr.train.batch.prefix_route``).
     """
 
     world_size: int
@@ -263,7 +264,8 @@ def run_spec(config: dict[str, Any]) -> RunSpec:
         world_size=size, fsdp=fsdp, **dtypes(model, trainer), **engine_settings(model),
         kl=model.get("kl_coef", 0.001) > 0, ref_offload=bool(model.get("ref_offload")),
         gradient_checkpointing=checkpointed, attention=attention,
-        packed_rows=model.get("share_prefix", True) and (fsdp or checkpointed) and attention != "flash_attention_2",
+        packed_rows=model.get("share_prefix", True) and attention != "flash_attention_2"
+        and (fsdp or checkpointed or trainer.get("accelerator") != "cpu"),  # the KV cache route: the CPU's alone
         micro_batch_tokens=model["micro_batch_tokens"],
         prompts_per_rank=config["data"]["prompts_per_step"], num_generations=model["num_generations"],
         max_rounds=rollout.get("max_rounds", 3), max_tokens_per_turn=rollout.get("max_tokens_per_turn", 256),

@@ -179,9 +179,9 @@ class PolicyUpdate:
     def micro_batches(self, trajs: list[Trajectory], rows: list[int], model: torch.nn.Module, device: torch.device
                       ) -> list[list[int] | None]:  # fmt: skip
         """``rank_micro_batches`` of ``trajs[rows]`` within ``micro_batch_tokens`` (positions in ``rows``; ``None``:
-        a zero-weight rerun of the first). Where ``model`` shares prefixes in packed rows, a GRPO group's
-        episodes go together (their prompt runs once per micro-batch it is in)."""
-        together = self.settings.share_prefix and packs_rows(model)
+        a zero-weight rerun of the first). Where ``model`` shares prefixes in packed rows on ``device``, a GRPO
+        group's episodes go together (their prompt runs once per micro-batch it is in)."""
+        together = self.settings.share_prefix and packs_rows(model, device)
         prompts = group_prompts([trajs[i] for i in rows]) if together else None
         return rank_micro_batches([len(trajs[i]) for i in rows], self.settings.micro_batch_tokens, device, prompts,
                                   pair_cost(self.policy.model.config))  # fmt: skip

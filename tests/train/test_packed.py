@@ -10,7 +10,7 @@ import torch
 import mmsr.train.batch
 from mmsr.demo.tokenizer import Scaffold
 from mmsr.models.build import TinyQwen2_5_VL
-from mmsr.train.batch import collate, sampled_logprobs
+from mmsr.train.batch import collate, packs_rows, prefix_route, sampled_logprobs
 from mmsr.train.packed import can_pack, pack_rows, packed_logprobs, packed_sizes, packing_pays, pair_cost
 from mmsr.train.prefix import PrefixSplit, plan_prefixes
 from mmsr.train.update import Backprop, PolicyUpdate, UpdateSettings
@@ -147,12 +147,28 @@ def test_flash_attention_under_checkpointing_trains_whole_rows(text_policy):
     model, attn = text_policy.model, text_policy.model.config._attn_implementation
     model.gradient_checkpointing_enable()
     try:
-        assert mmsr.train.batch._sharing(model) is mmsr.train.batch.packed_logprobs
+        assert prefix_route(model, torch.device("cpu")) is mmsr.train.batch.packed_logprobs
         model.config._attn_implementation = "flash_attention_2"
-        assert not can_pack(model) and mmsr.train.batch._sharing(model) is None
+        assert not can_pack(model) and prefix_route(model, torch.device("cpu")) is None
     finally:
         model.config._attn_implementation = attn
         model.gradient_checkpointing_disable()
+
+
+def test_on_a_gpu_packed_rows_take_the_kv_caches_place(text_policy):
+    """A model that could carry gradients through a KV cache does so on the CPU only: on a GPU (an H200, bf16)
+    that route ran slower than whole rows and packed rows twice as fast, so there it packs, and the update
+    keeps each group in one micro-batch. (The route is chosen, not run: no GPU here.)"""
+    model, cpu, gpu = text_policy.model, torch.device("cpu"), torch.device("cuda")
+    assert not model.is_gradient_checkpointing
+    assert prefix_route(model, cpu) is mmsr.train.batch.shared_logprobs and not packs_rows(model, cpu)
+    assert prefix_route(model, gpu) is mmsr.train.batch.packed_logprobs and packs_rows(model, gpu)
+    attn = model.config._attn_implementation
+    model.config._attn_implementation = "flash_attention_2"
+    try:
+        assert prefix_route(model, gpu) is None and not packs_rows(model, gpu)
+    finally:
+        model.config._attn_implementation = attn
 
 
 def test_a_checkpointed_grpo_update_packs_each_group_together_and_equals_whole_rows(tiny_policy, fvqa_samples):
