@@ -12,8 +12,8 @@ update packs them (``micro_batch_tokens`` 4096: by length, and for packed rows a
 together, their attention pairs weighed as the policy's ``pair_cost``). The loss is the log-probs'
 masked sum with a weight per row, like advantages. ``--route``: the shared prefixes (``shared_split``, as
 the update splits them) run through a KV cache (``mmsr.train.prefix``, what a single process without
-checkpointing takes) or in packed rows under a 4-D mask (``mmsr.train.packed``, what gradient
-checkpointing and FSDP2 take: the 7B recipes); ``--checkpointed`` checkpoints the layers both ways (as the
+checkpointing takes on the CPU) or in packed rows under a 4-D mask (``mmsr.train.packed``, what a GPU,
+gradient checkpointing and FSDP2 take: the 7B recipes); ``--checkpointed`` checkpoints the layers both ways (as the
 recipes; packed rows only). ``--device``: where the passes run (the episodes are scripted on the CPU);
 ``--hidden``/``--layers`` size the decoder up (heads of 128, FFN twice the width), for a GPU, where the
 demo's shape measures kernel launches more than arithmetic; ``--bf16`` runs the forwards under bf16 autocast
