@@ -127,7 +127,7 @@ def test_unsharded_plan_counts_full_copies():
     # 2 layers x 10 tokens x (2 x (7*8 + 2*4 + 4*16) + 2*4*8) + final norm (4 + 4) * 8 * 10
     assert m["activations"] == 2 * 10 * (256 + 64) + 640
     assert m["logits"] == 2 * 2 * 10 * 50 + 3 * 4 * 10 * 50
-    assert m["packed_mask"] == 0  # one process, no checkpointing: shared prefixes go through the KV cache
+    assert m["packed_mask"] == 0  # packed_rows unset (run_spec sets it on a GPU, checkpointed or under FSDP2)
     # HF engine: the trainer's module (no copy), autocast cache 2000 + KV 2 contexts x 32 tokens x (2*2*1*4*2 bytes)
     assert out["memory"]["rollout"]["engine"] == 2000 + 2 * 32 * 32 and out["memory"]["rollout"]["sync_buffer"] == 0
     assert out["weight_sync"]["all_gather_received_per_rank"] == 0
@@ -181,6 +181,16 @@ def test_an_uncheckpointed_single_process_run_packs_on_a_gpu_only(accelerator, p
     out = run(capsys, "-c", str(ROOT / "configs" / "smoke.yaml"), "--trainer.accelerator", accelerator,
               "--trainer.precision", "bf16-mixed")  # fmt: skip
     assert out["memory"]["training"]["packed_mask"] == (8192**2 * 5 if packed else 0)
+
+
+@pytest.mark.parametrize("max_batch_size, contexts", [(64, 8), (4, 4)])
+def test_the_hf_engine_holds_a_context_for_each_episode_it_generates_at_once(max_batch_size, contexts, capsys):
+    """smoke.yaml rolls out 2 prompts x 4 generations a step: its HF engine never holds more than 8 contexts,
+    nor more than ``max_batch_size`` (its generate runs windows of that many requests)."""
+    out = run(capsys, "-c", str(ROOT / "configs" / "smoke.yaml"), "--trainer.accelerator", "gpu",
+              "--model.init_args.engine.init_args.max_batch_size", str(max_batch_size))  # fmt: skip
+    e = out["engine"]
+    assert e["contexts"] == contexts and e["kv_cache"] == contexts * 2048 * (2 * 2 * 2 * 16 * 4)  # fp32 K, V
 
 
 def test_sdpa_saves_each_layers_bias_of_the_packed_mask_unless_checkpointed(tiny_policy, fvqa_samples):

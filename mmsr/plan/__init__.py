@@ -92,7 +92,7 @@ def verdict(result: dict) -> str:
 def engine_lines(spec: RunSpec, e: dict) -> list[str]:
     if e["kind"] == "hf":
         return [f"HF engine: weights {e['weights'] / GiB:.1f} GiB, KV cache {e['kv_cache'] / GiB:.1f} GiB "
-                f"({spec.hf_batch} contexts of {spec.max_context_tokens})"]  # fmt: skip
+                f"({e['contexts']} contexts of {spec.max_context_tokens})"]  # fmt: skip
     return [f"vLLM per GPU: weights {e['weights'] / GiB:.1f} GiB ({spec.engine_dtype}, tp {spec.tp}), allowance "
             f"{e['allowance'] / GiB:.1f} GiB, KV cache {e['kv_cache'] / GiB:.1f} GiB",
             f"  = {e['kv_tokens']:,} tokens of {e['kv_bytes_per_token'] / 1024:.1f} KiB = {e['contexts']} contexts "

@@ -166,13 +166,15 @@ def vllm(shape: ModelShape, spec: RunSpec, gpu: int, allowance: int) -> dict[str
 def hf_engine(shape: ModelShape, spec: RunSpec) -> dict[str, int]:
     """HFEngine: under FSDP2 a full unsharded copy of the policy in compute dtype, resident in both
     phases; otherwise the trainer's own module, whose weights autocast caches in compute dtype while it
-    generates (if that differs from the param dtype). Its KV cache holds ``max_batch_size`` contexts of
-    ``max_context_tokens`` in compute dtype."""
+    generates (if that differs from the param dtype). Its KV cache holds a context of ``max_context_tokens``
+    in compute dtype for each episode it generates at once: at most ``max_batch_size``, and at most the
+    ``prompts_per_step x num_generations`` a step rolls out (validation: ``prompts_per_step``, one each)."""
     c = nbytes(spec.compute_dtype)
     copy = shape.params * c if spec.fsdp else 0
     cast = shape.params * c if not spec.fsdp and spec.compute_dtype != spec.param_dtype else 0
-    kv = spec.hf_batch * spec.max_context_tokens * kv_bytes_per_token(shape, spec.compute_dtype)
-    return dict(rollout=copy + cast + kv, training=copy, weights=copy + cast, kv_cache=kv)
+    contexts = min(spec.hf_batch, spec.prompts_per_rank * spec.num_generations)
+    kv = contexts * spec.max_context_tokens * kv_bytes_per_token(shape, spec.compute_dtype)
+    return dict(rollout=copy + cast + kv, training=copy, weights=copy + cast, kv_cache=kv, contexts=contexts)
 
 
 def sync_buffer(shape: ModelShape, spec: RunSpec) -> int:
