@@ -16,13 +16,16 @@ measured at scale):
   reach them (rounded to bf16 weights they would mostly vanish), the decoder's matmuls return bf16, the
   losses are finite;
 - ``plan``: ``mmsr plan`` for that same run (without its CUDA-context allowance) against the peak memory
-  PyTorch allocated in it: the plan must bound it (CUDA only; on the CPU the plan alone is computed).
+  PyTorch allocated in it: the plan must bound it (CUDA only; on the CPU the plan alone is computed). The
+  module reads and resets CUDA's peak every step (``memory/cuda_peak_gb``), so the run's peak is the largest
+  its CSV logger recorded, or the peak since the last reset if larger.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
 import importlib.util
 import io
 import json
@@ -110,7 +113,8 @@ def bf16_mixed(device: torch.device, args) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     hook.remove()
-    args.peak_allocated = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    if device.type == "cuda":
+        args.peak_allocated = max(torch.cuda.max_memory_allocated(device), logged_peak(args.tmp / "run"))
     dtypes = sorted({str(p.dtype) for p in model.parameters()})
     moved = [(p.detach().float() != initial[k].float()).float().mean().item() for k, p in model.named_parameters()]
     loss = float(cli.trainer.callback_metrics["train/loss"])
@@ -121,6 +125,15 @@ def bf16_mixed(device: torch.device, args) -> dict:
     if result["share_of_weights_moved"] < 0.5 or not math.isfinite(loss):
         raise AssertionError(f"expected the lr 2e-6 updates in most weights and a finite loss: {result}")
     return result
+
+
+def logged_peak(run_dir: Path) -> int:
+    """The largest per-step CUDA peak, in bytes, that the run's CSV logger recorded under ``run_dir`` (0: none).
+    ``memory_metrics`` resets the peak after reading it every step: after ``fit``, ``max_memory_allocated``
+    covers only what followed the last step's reading (weights, optimizer state and reference resident)."""
+    peaks = [float(row["memory/cuda_peak_gb"]) for path in sorted(run_dir.rglob("metrics.csv"))
+             for row in csv.DictReader(path.open()) if row.get("memory/cuda_peak_gb")]  # fmt: skip
+    return round(max(peaks, default=0.0) * 2**30)
 
 
 def plan(device: torch.device, args) -> dict:

@@ -90,6 +90,25 @@ def test_the_prepared_gpu_checks_pass_on_the_cpu():
     assert rows["plan"]["peak"] >= rows["plan"]["training"] > 0 and rows["plan"]["measured_peak_allocated"] is None
 
 
+def test_the_gpu_checks_take_the_largest_peak_the_run_logged(tmp_path):
+    """The module resets CUDA's peak at each step's reading: the plan check compares the largest logged one
+    (here as Lightning's CSVLogger writes it, beside rows without it), not what followed the last reset."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from device_checks import logged_peak
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    assert logged_peak(tmp_path) == 0
+    logger = CSVLogger(tmp_path / "run", name="csv")
+    for step, metrics in enumerate([{"memory/cuda_peak_gb": 1.5}, {"train/loss": 0.1}, {"memory/cuda_peak_gb": 7.25},
+                                    {"memory/cuda_peak_gb": 2.0}]):  # fmt: skip
+        logger.log_metrics(metrics, step=step)
+    logger.save()
+    assert logged_peak(tmp_path / "run") == 7.25 * 2**30
+
+
 def test_a_failing_gpu_check_is_reported_and_the_others_still_run():
     # 60 / 4 heads: a head size of 15, which the model's M-RoPE cannot split (the plan, on paper, runs)
     code, rows = device_check_rows("--hidden", "60", "--checks", "environment", "engine_parity", "plan")
