@@ -24,6 +24,7 @@ import json
 import time
 import warnings
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 
 import yaml
@@ -125,24 +126,24 @@ def held_out_records(module, samples: list, trajs: list[Trajectory], step: int, 
 
 
 def run(out: Path, seed: int, sft_steps: int | None, grpo_steps: int | None, eval_limit: int | None = None,
-        reading_steps: int | None = None) -> dict:  # fmt: skip
+        reading_steps: int | None = None, warm_start: Path | None = None, grpo_args: Sequence[str] = ()) -> dict:  # fmt: skip
+    """The demo into ``out``; with ``warm_start`` (an earlier run's ``--out``) its world and warm-start policy are
+    reused and only GRPO and the evaluations run. ``grpo_args``: more LightningCLI arguments for the GRPO stage."""
     from mmsr.cli import lightning_cli
-    from mmsr.demo.world import build_world
 
     t0, memory = time.perf_counter(), StageMemory()
-    with memory.stage("world"):
-        world = build_world(out / "world", seed=seed)
-    sft = out / "sft"
-    with memory.stage("warm_start"):
-        lightning_cli(["fit", "-c", str(CONFIGS / "sft.yaml"), *overrides(out, seed, None), *sft_overrides(out, reading_steps, sft_steps)])
+    if warm_start is not None:
+        source = reused(warm_start)
+    else:
+        source = warm_start_stage(out, seed, memory, reading_steps, sft_steps)
     t_sft = time.perf_counter()
     grpo = out / "grpo"
     with memory.stage("grpo_setup"):
         updates = grpo_steps * updates_per_step() if grpo_steps else None
-        cli = lightning_cli(["-c", str(CONFIGS / "grpo.yaml"), *overrides(out, seed, updates),
+        cli = lightning_cli(["-c", str(CONFIGS / "grpo.yaml"), *overrides(source, seed, updates),
                              "--trainer.default_root_dir", str(grpo), "--trainer.logger.init_args.save_dir", str(grpo),
-                             "--model.init_args.policy.init_args.path", str(sft / "policy")], run=False)  # fmt: skip
-        held_out = first_of_each_kind(load_samples(world / "eval.parquet"), eval_limit)
+                             "--model.init_args.policy.init_args.path", str(source / "sft" / "policy"), *grpo_args], run=False)  # fmt: skip
+        held_out = first_of_each_kind(load_samples(source / "world" / "eval.parquet"), eval_limit)
         max_tokens = cli.model.loop.settings.max_tokens_per_turn
         cli.model.start_engine()  # evaluated before fit, whose setup hook would start it
     with memory.stage("warm_start_eval"):
@@ -158,6 +159,36 @@ def run(out: Path, seed: int, sft_steps: int | None, grpo_steps: int | None, eva
     seconds = {"sft": t_sft - t0, "grpo_and_eval": time.perf_counter() - t_sft, "total": time.perf_counter() - t0}
     return {"warm_start": warm, "grpo": final, "seconds": seconds, "grpo_metrics": str(grpo / "csv" / "metrics.csv"),
             "memory": {"peak_rss_mb": memory.peak_mb(), "stages": memory.stages}}  # fmt: skip
+
+
+def warm_start_stage(out: Path, seed: int, memory: StageMemory, reading_steps: int | None, sft_steps: int | None) -> Path:
+    """Build the world in ``out/world`` and train the warm start into ``out/sft``; returns ``out``."""
+    from mmsr.cli import lightning_cli
+    from mmsr.demo.world import build_world
+
+    with memory.stage("world"):
+        build_world(out / "world", seed=seed)
+    with memory.stage("warm_start"):
+        lightning_cli(["fit", "-c", str(CONFIGS / "sft.yaml"), *overrides(out, seed, None), *sft_overrides(out, reading_steps, sft_steps)])
+    return out
+
+
+def reused(source: Path) -> Path:
+    """``source``, an earlier demo's run directory, once it is known to hold the world and the warm start
+    GRPO starts from (a missing one is named, with the command that makes it)."""
+    world, policy = source / "world", source / "sft" / "policy"
+    for need in (world / "train.parquet", world / "eval.parquet", policy / "config.json", policy / "model.safetensors"):
+        if not need.is_file():
+            raise FileNotFoundError(f"--warm-start {source}: {need} is missing (`mmsr demo --out {source}` makes it)")
+    return source
+
+
+def warm_start_seed(source: Path) -> int:
+    """The seed the warm start in ``source`` was trained with (its LightningCLI config); the world is built from it."""
+    config = source / "sft" / "csv" / "config.yaml"
+    if not config.is_file():
+        raise FileNotFoundError(f"--warm-start {source}: {config} is missing (it names the seed); pass --seed")
+    return int(yaml.safe_load(config.read_text())["seed_everything"])
 
 
 def checks(summary: dict) -> list[tuple[str, bool, str]]:
@@ -209,16 +240,24 @@ def write_outputs(out: Path, summary: dict) -> None:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="mmsr demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("runs/demo"), help="run directory")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=None, help="default: 0, or the --warm-start run's seed")
     ap.add_argument("--reading-steps", type=int, default=None, help="override the warm start config's reading_steps")
     ap.add_argument("--sft-steps", type=int, default=None, help="imitation steps after reading (default: from the warm start config)")
     ap.add_argument("--grpo-steps", type=int, default=None, help="GRPO training steps (default: the GRPO config's)")
     ap.add_argument("--eval-limit", type=int, default=None, help="evaluate only the first N held-out questions")
+    ap.add_argument("--warm-start", type=Path, default=None, metavar="DIR",
+                    help="reuse the world and warm start of an earlier run's --out DIR: only GRPO and the evaluations run")
     ap.add_argument("--check", action="store_true", help="exit with status 1, naming them, when claims are not met")
+    ap.add_argument("grpo_args", nargs="*", metavar="-- GRPO_ARG",
+                    help="after --: LightningCLI arguments for the GRPO stage (e.g. -- --model.init_args.lr 5e-5)")
     args = ap.parse_args(argv)
+    if args.warm_start is not None and (args.reading_steps is not None or args.sft_steps is not None):
+        ap.error("--reading-steps and --sft-steps shape the warm start, which --warm-start reuses")
+    seed = args.seed if args.seed is not None else warm_start_seed(args.warm_start) if args.warm_start else 0
     # the demo hands LightningCLI its own arguments on purpose; its warning about sys.argv is noise here
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-    summary = run(args.out, args.seed, args.sft_steps, args.grpo_steps, args.eval_limit, args.reading_steps)
+    summary = run(args.out, seed, args.sft_steps, args.grpo_steps, args.eval_limit, args.reading_steps, args.warm_start,
+                  args.grpo_args)  # fmt: skip
     write_outputs(args.out, summary)
     print(table(summary))
     print(f"\nseconds: {summary['seconds']}; outputs in {args.out}/ (metrics.csv, demo.png, summary.json, report.html)")
