@@ -12,6 +12,9 @@
    shows what the policy does, not only curves. ``summary.json`` also holds each stage's peak
    resident memory (``memory``, ``mmsr.demo.memory``).
 
+``--warm-start DIR`` skips 1 and 2: DIR (an earlier run's ``--out``) gives the world and the warm start, and
+steps 3-5 run, GRPO with any LightningCLI arguments given after ``--``.
+
 The claim under test (the paper's central finding in miniature): GRPO keeps accuracy while the
 policy stops searching when the image alone answers the question.
 """
