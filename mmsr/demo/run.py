@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import shutil
 import time
 import warnings
 from collections import defaultdict
@@ -141,6 +142,7 @@ def run(out: Path, seed: int, sft_steps: int | None, grpo_steps: int | None, eva
         source = warm_start_stage(out, seed, memory, reading_steps, sft_steps)
     t_sft = time.perf_counter()
     grpo = out / "grpo"
+    shutil.rmtree(grpo, ignore_errors=True)  # a rerun into the same --out: trajectories.jsonl would get both runs'
     with memory.stage("grpo_setup"):
         updates = grpo_steps * updates_per_step() if grpo_steps else None
         cli = lightning_cli(["-c", str(CONFIGS / "grpo.yaml"), *overrides(source, seed, updates),

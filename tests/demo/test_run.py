@@ -94,7 +94,8 @@ def test_warm_start_reruns_grpo_as_the_run_did(short_demo, tmp_path):
 
 def test_warm_start_arguments(monkeypatch, tmp_path):
     """What reaches the GRPO stage: the warm start's files and seed, and the LightningCLI arguments after
-    ``--``; a missing file is named; options that shape the warm start are refused beside ``--warm-start``."""
+    ``--``; a missing file is named; options that shape the warm start are refused beside ``--warm-start``; the
+    GRPO directory of an earlier run into the same ``--out`` goes (its trajectories would mix with the new)."""
     import mmsr.cli
     import mmsr.demo.run as demo
 
@@ -115,13 +116,16 @@ def test_warm_start_arguments(monkeypatch, tmp_path):
         raise KeyboardInterrupt  # stop before building anything
 
     monkeypatch.setattr(mmsr.cli, "lightning_cli", cli)
+    earlier = tmp_path / "out" / "grpo" / "csv" / "trajectories.jsonl"  # a run into the same --out before
+    earlier.parent.mkdir(parents=True)
+    earlier.write_text("{}\n")
     with pytest.raises(KeyboardInterrupt):
         demo.main(["--out", str(tmp_path / "out"), "--warm-start", str(source), "--", "--model.init_args.lr", "5e-5"])
     (args,) = calls
     assert args[-2:] == ["--model.init_args.lr", "5e-5"] and args[args.index("--seed_everything") + 1] == "3"
     assert args[args.index("--model.init_args.policy.init_args.path") + 1] == str(source / "sft" / "policy")
     assert args[args.index("--data.train_files") + 1] == f"[{source / 'world' / 'train.parquet'}]"
-    assert not (tmp_path / "out" / "world").exists()
+    assert not (tmp_path / "out" / "world").exists() and not earlier.exists()  # GRPO starts a fresh directory
     with pytest.raises(SystemExit):
         demo.main(["--warm-start", str(source), "--sft-steps", "3"])
 
