@@ -161,9 +161,12 @@ def run(out: Path, seed: int, sft_steps: int | None, grpo_steps: int | None, eva
     episodes = held_out_records(cli.model, held_out, warm_trajs, 0, 0)
     episodes += held_out_records(cli.model, held_out, final_trajs, steps, cli.trainer.global_step)
     write_records(Path(cli.trainer.logger.log_dir) / HELD_OUT_FILE, episodes)  # beside trajectories.jsonl
-    seconds = {"sft": t_sft - t0, "grpo_and_eval": time.perf_counter() - t_sft, "total": time.perf_counter() - t0}
+    # a reused warm start took no time here: its seconds are the earlier run's (its summary.json)
+    trained = {"sft": t_sft - t0} if warm_start is None else {}
+    seconds = trained | {"grpo_and_eval": time.perf_counter() - t_sft, "total": time.perf_counter() - t0}
+    reuse = {} if warm_start is None else {"warm_start_from": str(warm_start)}
     return {"warm_start": warm, "grpo": final, "seconds": seconds, "grpo_metrics": str(grpo / "csv" / "metrics.csv"),
-            "memory": {"peak_rss_mb": memory.peak_mb(), "stages": memory.stages}}  # fmt: skip
+            "memory": {"peak_rss_mb": memory.peak_mb(), "stages": memory.stages}, **reuse}  # fmt: skip
 
 
 def warm_start_stage(out: Path, seed: int, memory: StageMemory, reading_steps: int | None, sft_steps: int | None) -> Path:

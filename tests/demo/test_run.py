@@ -88,6 +88,8 @@ def test_warm_start_reruns_grpo_as_the_run_did(short_demo, tmp_path):
     a, b = (json.loads((d / "summary.json").read_text()) for d in (first, out))
     assert (a["warm_start"], a["grpo"]) == (b["warm_start"], b["grpo"])
     assert set(b["memory"]["stages"]) == {"grpo_setup", "warm_start_eval", "grpo", "grpo_eval"}
+    assert b["warm_start_from"] == str(first) and "warm_start_from" not in a
+    assert set(b["seconds"]) == {"grpo_and_eval", "total"} and a["seconds"]["sft"] > 0  # no ~0 s warm start
     assert _learning_metrics(first) == _learning_metrics(out) and len(_learning_metrics(out)) == 2
     assert (out / "report.html").is_file() and (out / "grpo" / "csv" / "held_out.jsonl").is_file()
 
