@@ -163,19 +163,21 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def _reading_text(landmark: Landmark, rng: random.Random) -> str:
-    """``page_text`` between filler sentences, closing on a visitor's question and its answer (the
-    name or the city): which fact to look up depends on the question, and both sit at a varying
-    distance, as in an episode's results. A city is answered as ``CITY_ANSWER`` (the demo teacher's
-    words), so it can only be predicted by finding the page's own "city of <city>" (induction). The
-    title does not name the city: as on an episode's text-search page, the sentence is the only
-    source."""
+    """``page_text`` between filler sentences, closing on two visitors' questions and their answers, the
+    name and the city in a random order: which fact to look up depends on the question, and both sit at a
+    varying distance, as in an episode's results. A city is answered as ``CITY_ANSWER`` (the demo
+    teacher's words), so it can only be predicted by finding the page's own "city of <city>" (induction).
+    The title does not name the city: as on an episode's text-search page, the sentence is the only
+    source. Every page asks for its city: with one question a page (the name or the city), the warm start
+    of seed 2 copied the first piece of a held-out city and continued it as a training city's
+    ("Pepaport" -> "Pedaford"), reading 50% of them."""
     n_before, n_after = rng.randint(0, 5), rng.randint(0, 2)
     filler = rng.sample(FILLER, n_before + n_after)  # no sentence twice on a page
     before, after = filler[:n_before], filler[n_before:]
-    kind = rng.choice(("name", "city"))
-    answer = CITY_ANSWER.format(city=landmark.city) if kind == "city" else landmark.name
-    faq = f"Question: {FAQ[kind]} Answer: {answer}."
-    return " ".join([*before, page_text(landmark), *after, faq])
+    kinds = rng.sample(("name", "city"), 2)
+    answers = {"name": landmark.name, "city": CITY_ANSWER.format(city=landmark.city)}
+    faq = [f"Question: {FAQ[kind]} Answer: {answers[kind]}." for kind in kinds]
+    return " ".join([*before, page_text(landmark), *after, *faq])
 
 
 def write_reading_corpus(landmarks: list[Landmark], n: int, seed: int, cities: list[str], out: Path) -> None:
