@@ -294,7 +294,9 @@ def test_stepped_rollout_draws_what_the_batched_one_draws(policy, engine, taught
     sampling = SamplingParams(temperature=1.0, max_tokens=40)
     batched = make_loop(BatchOnly(engine), policy, prompts).run(fvqa_samples[:3], 2, sampling)
     stepped = make_loop(engine, policy, prompts).run(fvqa_samples[:3], 2, sampling)
-    assert sorted(len(t.turns) for t in stepped) == [1, 1, 1, 1, 1, 2], [len(t.turns) for t in stepped]  # a search
+    # both paths taken: an episode answering at once and one searching (whose next turn joins the running
+    # batch); which episodes search depends on the CPU's last bits (1 of 6 on an AVX-512 EPYC, 3 on an AVX2 one)
+    assert {len(t.turns) for t in stepped} == {1, 2}, [len(t.turns) for t in stepped]
     for b, s in zip(batched, stepped, strict=True):
         assert s.input_ids == b.input_ids and s.loss_mask == b.loss_mask
         assert s.logprobs == pytest.approx(b.logprobs, abs=1e-5)
