@@ -7,7 +7,8 @@
 The workload (the same for both): a tiny random Qwen2 (2 layers, hidden 128, 4 heads, 2 KV heads,
 FFN 512) with a ~2,048-token BPE, 8 prompts x 4 generations x up to 64 sampled tokens, one turn, no
 tools, a toy reward (the fraction of digits in the completion), no KL (beta 0), lr 1e-4, one optimizer
-update per step, fp32 on the CPU. Both start from the same weights and see the same prompt strings
+update per step, fp32 on the CPU (TRL's configs default to bf16 mixed precision, even on a CPU: it is
+turned off here, and the JSON reports what TRL's accelerator ran). Both start from the same weights and see the same prompt strings
 (mmsr's chat-formatted first turn, given to TRL as plain text prompts).
 
 Prints one JSON object: the median seconds per step of each (steps after the first of each round, which
@@ -85,8 +86,8 @@ def batches(samples: list[Sample], steps: int) -> list[Sample]:
     return [samples[i % len(samples)] for i in range(steps * PROMPTS)]
 
 
-def run_trl(policy, prompt_texts: list[str], steps: int, out: Path) -> list[float]:
-    """Seconds of each ``GRPOTrainer`` step."""
+def run_trl(policy, prompt_texts: list[str], steps: int, out: Path) -> tuple[list[float], str]:
+    """Seconds of each ``GRPOTrainer`` step, and the mixed precision its accelerator ran (``no``: fp32)."""
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -103,13 +104,13 @@ def run_trl(policy, prompt_texts: list[str], steps: int, out: Path) -> list[floa
     config = GRPOConfig(output_dir=str(out), per_device_train_batch_size=PROMPTS * GENERATIONS,
                         num_generations=GENERATIONS, max_completion_length=MAX_TOKENS, beta=0.0, learning_rate=LR,
                         max_steps=steps, logging_steps=1, report_to="none", use_cpu=True, save_strategy="no",
-                        temperature=1.0, seed=0)  # fmt: skip
+                        temperature=1.0, seed=0, bf16=False)  # fmt: skip
     reward = lambda completions, **_: [digit_fraction(c) for c in completions]  # noqa: E731
     trainer = GRPOTrainer(model=copy.deepcopy(policy.model), reward_funcs=[reward], args=config,
                           train_dataset=Dataset.from_list([{"prompt": t} for t in prompt_texts]),
                           processing_class=policy.tokenizer, callbacks=[Clock()])  # fmt: skip
     trainer.train()
-    return [end - begin for begin, end in zip(marks[::2], marks[1::2])]
+    return [end - begin for begin, end in zip(marks[::2], marks[1::2])], str(trainer.accelerator.mixed_precision)
 
 
 def run_mmsr(policy, prompts: PromptBuilder, samples: list[Sample], steps: int) -> tuple[list[float], list[dict]]:
@@ -208,7 +209,8 @@ def main(argv: list[str] | None = None) -> dict:
         texts = [policy.chat.first_prompt(prompts.first_user_text(s)) for s in batches(samples, args.steps)]
         trl_s, mmsr_s, metrics = [], [], []
         for r in range(args.rounds):  # alternated: a drift of the machine's speed weighs on both
-            trl_s.append(run_trl(policy, texts, args.steps, Path(tmp) / f"trl{r}"))
+            seconds, precision = run_trl(policy, texts, args.steps, Path(tmp) / f"trl{r}")
+            trl_s.append(seconds)
             seconds, logged = run_mmsr(policy, prompts, samples, args.steps)
             mmsr_s.append(seconds)
             metrics.append(logged)
@@ -219,6 +221,7 @@ def main(argv: list[str] | None = None) -> dict:
                      "rounds": args.rounds},  # fmt: skip
         "trl_s_per_step": statistics.median(t for run in trl_s for t in after_first(run)),
         "mmsr_s_per_step": statistics.median(t for run in mmsr_s for t in after_first(run)),
+        "trl_mixed_precision": precision,
         "steps_timed": {"trl": sum(len(after_first(run)) for run in trl_s), "mmsr": len(steady)},
         "mmsr_stages_s": {s: statistics.median(m.get(f"timing/{s}", 0.0) for m in steady) for s in stages},
         "lower_bound": lower_bound_s(policy, steady, matmul_flops_per_s()),

@@ -18,6 +18,8 @@ def test_vs_trl_runs_both_trainers_for_one_step_alternated_twice():
     out = json.loads(proc.stdout[proc.stdout.rindex("{\n  \"workload\""):])  # after the trainers' own logs
     assert out["trl_s_per_step"] > 0 and out["mmsr_s_per_step"] > 0
     assert out["steps_timed"] == {"trl": 2, "mmsr": 2}  # one step of each in each of the two rounds
+    # the same fp32 workload for both: TRL's configs default to bf16 autocast (5x slower a step on an AVX2-only CPU)
+    assert out["trl_mixed_precision"] == "no"
     assert out["trl_over_mmsr"] == pytest.approx(out["trl_s_per_step"] / out["mmsr_s_per_step"])
     assert set(out["mmsr_stages_s"]) == {"rollout", "generate", "reward", "train", "sync"}
     bound = out["lower_bound"]
