@@ -8,8 +8,8 @@ The workload (the same for both): a tiny random Qwen2 (2 layers, hidden 128, 4 h
 FFN 512) with a ~2,048-token BPE, 8 prompts x 4 generations x up to 64 sampled tokens, one turn, no
 tools, a toy reward (the fraction of digits in the completion), no KL (beta 0), lr 1e-4, one optimizer
 update per step, fp32 on the CPU (TRL's configs default to bf16 mixed precision, even on a CPU: it is
-turned off here, and the JSON reports what TRL's accelerator ran). Both start from the same weights and see the same prompt strings
-(mmsr's chat-formatted first turn, given to TRL as plain text prompts).
+turned off here, and the JSON reports what TRL's accelerator ran). Both start from the same weights and
+see the same prompt strings (mmsr's chat-formatted first turn, given to TRL as plain text prompts).
 
 Prints one JSON object: the median seconds per step of each (steps after the first of each round, which
 warms caches up), their ratio, mmsr's stage breakdown (``timing/*``) and the arithmetic lower bound of a

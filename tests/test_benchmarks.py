@@ -117,3 +117,20 @@ def test_a_failing_gpu_check_is_reported_and_the_others_still_run():
     assert code == 1 and list(rows) == ["environment", "engine_parity", "plan"]
     assert rows["environment"]["ok"] and rows["plan"]["ok"] and rows["plan"]["peak"] > 0
     assert not rows["engine_parity"]["ok"] and "split_sizes" in rows["engine_parity"]["error"]
+
+
+def test_generation_ab_times_a_revision_and_this_checkout_on_one_workload():
+    """HEAD against this checkout (the same code in a CI clone): the same sampled work, both timed."""
+    def worktrees() -> str:
+        return subprocess.run(["git", "worktree", "list"], cwd=ROOT, capture_output=True, text=True).stdout
+
+    there = worktrees()
+    cmd = [sys.executable, "benchmarks/generation_ab.py", "--before", "HEAD", "--rounds", "1", "--steps", "2"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    before, after = out["before_s"], out["after_s"]
+    assert before["length"] == after["length"] > 32 and before["first_step"] == after["first_step"]
+    assert all(before[k] > 0 and after[k] > 0 for k in ("step", "generate", "train"))
+    assert out["before_over_after"]["generate"] == pytest.approx(before["generate"] / after["generate"])
+    assert worktrees() == there  # the temporary one is gone
