@@ -85,14 +85,20 @@ def losses(run_dir: Path) -> list[float]:
     return [float(r["train/policy_loss"]) for r in csv.DictReader(f.open())]
 
 
+@pytest.fixture(scope="module")
+def one_rank(tmp_path_factory) -> Path:
+    """The 1-rank run both strategies are compared with (the same for each: run once)."""
+    return run(tmp_path_factory.mktemp("one"), 1, "auto", count_routes=True)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", {"class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
                                               "init_args": {"data_parallel_size": 2, "tensor_parallel_size": 1}}],
                          ids=["ddp", "fsdp2"])  # fmt: skip
-def test_two_ranks_equal_one(tmp_path, strategy):
+def test_two_ranks_equal_one(tmp_path, one_rank, strategy):
     """One process shares each group's prompt through the KV cache; FSDP2 ranks, where the cache cannot carry
     gradients, share it in packed rows (``mmsr.train.packed``), DDP ranks through the cache."""
-    one = run(tmp_path / "one", 1, "auto", count_routes=True)
+    one = one_rank
     two = run(tmp_path / "two", 2, strategy, count_routes=True)
     assert losses(two) == pytest.approx(losses(one), abs=1e-5)
     assert_same_weights(one, two)
