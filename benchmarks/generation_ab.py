@@ -11,8 +11,8 @@ added that benchmark, before issue #15's speed work).
 
 Prints one JSON object: per tree the median seconds of a step, of ``timing/generate`` and of
 ``timing/train`` (steps after the first of each round), the median episode length (equal lengths: both
-trees sampled the same amount of work) and a digest of the run's first-step lengths and rewards; and the
-before/after ratios.
+trees sampled the same amount of work) and a digest of each round's first-step mean length and mean reward
+(one digest for both trees: they drew the same first step); and the before/after ratios.
 """
 
 from __future__ import annotations
