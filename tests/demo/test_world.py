@@ -3,6 +3,7 @@ source (pixels, image search, image search then text search)."""
 
 import asyncio
 import json
+import random
 import re
 
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 from mmsr.data.loaders import load_samples
 from mmsr.tools.base import ToolRequest
 from mmsr.tools.local import LocalImageSearch, LocalTextSearch
-from mmsr.demo.world import COLORS, build_world
+from mmsr.demo.world import COLORS, _png, build_world, draw, encode_pngs, make_cities, make_landmarks, question_rows
 
 SMALL = {"train_landmarks": 300, "eval_landmarks": 20, "reading_pages": 200}  # the default is 1,200 + 40
 
@@ -32,6 +33,23 @@ def test_deterministic_for_a_seed(world, tmp_path):
     assert all(np.array_equal(np.asarray(a.image), np.asarray(b.image)) for a, b in zip(twin, train))
     other = build_world(tmp_path / "other", seed=4, **SMALL)
     assert (other / "world.json").read_text() != (out / "world.json").read_text()
+
+
+def test_rows_are_the_row_by_row_draws_encoded_on_several_threads():
+    """Encoding on a thread pool keeps the seeded draws in sequence and the bytes in row order: the rows
+    equal those drawn and encoded one after the other (``rng`` shuffles them after the last draw)."""
+    landmarks = make_landmarks(12, 5, make_cities(8, 9))
+    mix = {"color": 2, "name": 1}
+    rng, expected = random.Random(7), []
+    for lm in landmarks:
+        for kind, count in mix.items():
+            for _ in range(count):
+                expected.append((f"train-{lm.id}-{kind}-{len(expected)}", _png(draw(lm, jitter=rng))))
+    rng.shuffle(expected)
+    rows = question_rows(landmarks, mix, 7, "train")
+    assert [(r["data_id"], r["images"][0]["bytes"]) for r in rows] == expected
+    images = [draw(lm) for lm in landmarks]
+    assert list(encode_pngs(iter(images), window=3)) == [_png(im) for im in images]  # a window smaller than the pool's work
 
 
 def test_search_balanced_mix_and_unseen_held_out_landmarks(world):
