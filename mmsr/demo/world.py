@@ -16,11 +16,8 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import random
-from collections import deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +25,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
+
+from mmsr.data.threads import in_order
 
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 210, 40),
           "purple": (140, 50, 180), "orange": (245, 140, 30)}  # fmt: skip
@@ -141,18 +140,10 @@ def _png(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def encode_pngs(images: Iterable[Image.Image], window: int = 64) -> Iterator[bytes]:
-    """The PNG bytes of ``images``, in order, encoded on every core (Pillow's encoder releases the GIL:
-    zlib was ~2/3 of building a world on one). ``images`` is drawn lazily, in order, in the calling
-    thread (seeded draws stay in sequence), at most ``window`` ahead of what was taken."""
-    with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
-        pending: deque = deque()
-        for image in images:
-            pending.append(pool.submit(_png, image))
-            if len(pending) >= window:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
+def encode_pngs(images: Iterable[Image.Image]) -> Iterator[bytes]:
+    """The PNG bytes of ``images``, in order, encoded on every core (zlib was ~2/3 of building a world on
+    one); ``images`` is drawn lazily and in order, so seeded draws stay in sequence."""
+    return (png.result() for png in in_order(_png, images))
 
 
 def question_rows(landmarks: list[Landmark], mix: dict[str, int], seed: int, split: str) -> list[dict]:

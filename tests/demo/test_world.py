@@ -49,7 +49,7 @@ def test_rows_are_the_row_by_row_draws_encoded_on_several_threads():
     rows = question_rows(landmarks, mix, 7, "train")
     assert [(r["data_id"], r["images"][0]["bytes"]) for r in rows] == expected
     images = [draw(lm) for lm in landmarks]
-    assert list(encode_pngs(iter(images), window=3)) == [_png(im) for im in images]  # a window smaller than the pool's work
+    assert list(encode_pngs(iter(images))) == [_png(im) for im in images]
 
 
 def test_search_balanced_mix_and_unseen_held_out_landmarks(world):
