@@ -150,7 +150,7 @@ def question_rows(landmarks: list[Landmark], mix: dict[str, int], seed: int, spl
     """Parquet rows in the MMSearch-R1 schema; ``mix`` gives questions per landmark for each kind."""
     rng = random.Random(seed)
     asked = [(lm, kind) for lm in landmarks for kind, count in mix.items() for _ in range(count)]
-    pngs = encode_pngs(draw(lm, jitter=rng) for lm, _ in asked)
+    pngs = encode_pngs(draw(lm, jitter=rng) for lm, _ in asked)  # zipped first: its pool closes as it ends
     rows = [{
         "data_id": f"{split}-{lm.id}-{kind}-{i}",
         "prompt": [{"role": "user", "content": QUESTIONS[kind]}],
@@ -160,7 +160,7 @@ def question_rows(landmarks: list[Landmark], mix: dict[str, int], seed: int, spl
         "image_urls": None,
         "category": CATEGORY[kind],
         "extra_info": {"index": i, "entity": lm.name, "kind": kind},
-    } for i, ((lm, kind), png) in enumerate(zip(asked, pngs))]  # fmt: skip
+    } for i, (png, (lm, kind)) in enumerate(zip(pngs, asked))]  # fmt: skip
     rng.shuffle(rows)  # after every draw: the same state as drawing row by row
     return rows
 
@@ -205,7 +205,7 @@ def write_search_backends(landmarks: list[Landmark], out: Path) -> None:
     """Image index (one canonical picture per landmark, titled with its name) and text corpus."""
     (out / "pages").mkdir(parents=True, exist_ok=True)
     index, corpus = [], []
-    for lm, png in zip(landmarks, encode_pngs(draw(lm) for lm in landmarks)):
+    for png, lm in zip(encode_pngs(draw(lm) for lm in landmarks), landmarks):  # the encoder first, as above
         (out / "pages" / f"{lm.id}.png").write_bytes(png)
         index.append({"image": f"pages/{lm.id}.png", "title": f"{lm.name} - photo gallery"})
         corpus.append({"id": str(lm.id), "title": lm.name, "text": page_text(lm)})
