@@ -2,7 +2,7 @@
 encodes images without it), so a machine's cores share it while the results keep their order.
 
 Checking every image of a 4,800-row parquet file by decoding it took 2.4 s on one core of a 2-core
-machine and 1.55 s on both; writing the CPU demo's world (~6,100 PNGs) 17.9 s and 10.4 s.
+machine and 1.55 s on both; building the CPU demo's world (~6,100 PNGs) 17.9 s and 10.4 s.
 """
 
 from __future__ import annotations
