@@ -18,9 +18,10 @@ def demo_world(tmp_path_factory):
     """The demo configs read runs/demo/world (``mmsr demo`` writes it first): a world in a temp cwd, smaller
     than the demo's (the configs only need its files)."""
     from mmsr.demo.world import build_world
+    from tests.demo.conftest import SMALL
 
     cwd = tmp_path_factory.mktemp("demo")
-    build_world(cwd / "runs" / "demo" / "world", train_landmarks=200, eval_landmarks=20, reading_pages=200)
+    build_world(cwd / "runs" / "demo" / "world", **SMALL)
     return cwd
 
 

@@ -13,8 +13,7 @@ from mmsr.data.loaders import load_samples
 from mmsr.tools.base import ToolRequest
 from mmsr.tools.local import LocalImageSearch, LocalTextSearch
 from mmsr.demo.world import COLORS, _png, build_world, draw, encode_pngs, make_cities, make_landmarks, question_rows
-
-SMALL = {"train_landmarks": 300, "eval_landmarks": 20, "reading_pages": 200}  # the default is 1,200 + 40
+from tests.demo.conftest import SMALL
 
 
 @pytest.fixture(scope="module")
