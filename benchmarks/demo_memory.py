@@ -21,6 +21,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,20 +42,39 @@ def sample_peak(pid: int, peak: list[float], every_s: float = 0.05) -> None:
         time.sleep(every_s)
 
 
-def run_demo(out: Path, seed: int, demo_args: list[str]) -> tuple[int, float, float]:
-    """Run ``mmsr demo`` in a child process: (exit status, its sampled peak RSS in MB, wall seconds)."""
+class DemoRun(NamedTuple):
+    """One ``mmsr demo`` child: its exit status, sampled peak RSS (MB), wall seconds and output."""
+
+    status: int
+    peak_mb: float
+    wall_s: float
+    stdout: str
+    stderr: str
+
+
+def run_demo(out: Path, seed: int, demo_args: list[str]) -> DemoRun:
+    """Run ``mmsr demo`` in a child process, its RSS sampled from outside."""
     cmd = [sys.executable, "-m", "mmsr", "demo", "--out", str(out), "--seed", str(seed), *demo_args]
     start, peak = time.perf_counter(), [0.0]
-    with tempfile.TemporaryFile("w+") as stderr:
-        child = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+    with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
+        child = subprocess.Popen(cmd, cwd=ROOT, stdout=stdout, stderr=stderr, text=True)
         sampler = threading.Thread(target=sample_peak, args=(child.pid, peak), daemon=True)
         sampler.start()
         child.wait()
         sampler.join()
-        if child.returncode:
-            stderr.seek(0)
-            sys.stderr.write(stderr.read()[-4000:])
-    return child.returncode, peak[0], time.perf_counter() - start
+        wall = time.perf_counter() - start
+        stdout.seek(0)
+        stderr.seek(0)
+        return DemoRun(child.returncode, peak[0], wall, stdout.read(), stderr.read())
+
+
+def report(out: Path, seed: int, demo_args: list[str], run: DemoRun) -> dict:
+    """The JSON object this prints: the sampled peak and each stage's, from the run's ``summary.json``."""
+    # a demo from before per-stage accounting has no "memory": only the sampled peak is known
+    memory = json.loads((out / "summary.json").read_text()).get("memory", {"peak_rss_mb": None, "stages": {}})
+    return {"demo_args": demo_args, "seed": seed, "sampled_peak_rss_mb": round(run.peak_mb, 1),
+            "stage_peak_rss_mb": memory["peak_rss_mb"], "stages": memory["stages"], "wall_s": round(run.wall_s, 1),
+            "malloc_arena_max": os.environ.get("MALLOC_ARENA_MAX")}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -64,14 +84,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "demo_memory", help="the demo's run directory")
     p.add_argument("--seed", type=int, default=0)
     o = p.parse_args(ours)
-    status, peak_mb, wall = run_demo(o.out.resolve(), o.seed, demo_args)
-    if status:
-        raise SystemExit(f"mmsr demo exited with status {status}")
-    # a demo from before per-stage accounting has no "memory": only the sampled peak is known
-    memory = json.loads((o.out / "summary.json").read_text()).get("memory", {"peak_rss_mb": None, "stages": {}})
-    result = {"demo_args": demo_args, "seed": o.seed, "sampled_peak_rss_mb": round(peak_mb, 1),
-              "stage_peak_rss_mb": memory["peak_rss_mb"], "stages": memory["stages"], "wall_s": round(wall, 1),
-              "malloc_arena_max": os.environ.get("MALLOC_ARENA_MAX")}  # fmt: skip
+    out = o.out.resolve()
+    run = run_demo(out, o.seed, demo_args)
+    if run.status:
+        sys.stderr.write(run.stderr[-4000:])
+        raise SystemExit(f"mmsr demo exited with status {run.status}")
+    result = report(out, o.seed, demo_args, run)
     print(json.dumps(result, indent=1))
     return result
 

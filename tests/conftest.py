@@ -66,3 +66,17 @@ def fvqa_samples():
     from mmsr.data.loaders import load_samples
 
     return load_samples(FVQA / "fvqa_dev.jsonl")
+
+
+@pytest.fixture(scope="session")
+def short_demo(tmp_path_factory):
+    """One short ``mmsr demo`` (seed 0, ``tests.short_demo.SHORT``) in a subprocess whose RSS is sampled from
+    outside (``benchmarks/demo_memory.py``), shared by the demo, memory and install tests (a run costs
+    ~30-50 s): its run directory, the ``DemoRun`` (exit status, peak, output) and the benchmark's result."""
+    from benchmarks.demo_memory import report, run_demo
+    from tests.short_demo import SHORT
+
+    out = tmp_path_factory.mktemp("short") / "demo"
+    run = run_demo(out, 0, SHORT)
+    assert run.status == 0, run.stderr[-4000:]
+    return out, run, report(out, 0, SHORT, run)

@@ -36,6 +36,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import CPU_SHIM, ROOT
+from tests.short_demo import SHORT, learning_metrics
 
 pytestmark = pytest.mark.slow
 SOURCES = ("setup.cfg", "pyproject.toml", "README.md")  # what setup.cfg reads besides the package
@@ -112,15 +113,31 @@ def test_the_fresh_venv_imports_the_wheel_not_the_checkout(fresh_venv, tmp_path)
     assert where["editable"] == [] and str(ROOT) not in where["path"]
 
 
-def test_mmsr_demo_runs_from_an_empty_directory(fresh_venv, tmp_path):
+@pytest.fixture(scope="module")
+def installed_demo(fresh_venv, tmp_path_factory) -> tuple[Path, str]:
+    """The short demo (``SHORT``, seed 0 by default) run by the installed ``mmsr`` from an empty directory:
+    that directory and the command's stdout."""
+    cwd = tmp_path_factory.mktemp("empty")
+    return cwd, run([str(fresh_venv / "bin" / "mmsr"), "demo", "--out", "out", *SHORT], cwd=cwd, env=env(), timeout=900)
+
+
+def test_mmsr_demo_runs_from_an_empty_directory(installed_demo):
     """The short demo (about 30 s alone): world, warm start, GRPO, both evaluations, the report page."""
-    cmd = [str(fresh_venv / "bin" / "mmsr"), "demo", "--out", "out", "--reading-steps", "2", "--sft-steps", "3",
-           "--grpo-steps", "2", "--eval-limit", "6"]  # fmt: skip
-    stdout = run(cmd, cwd=tmp_path, env=env(), timeout=900)
+    cwd, stdout = installed_demo
     assert "| claim | met | measured |" in stdout
-    out = tmp_path / "out"
+    out = cwd / "out"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["grpo"]["all"]["n"] == 6
     for name in ("metrics.csv", "demo.png", "report.html", "grpo/csv/held_out.jsonl", "sft/policy/model.safetensors"):
         assert (out / name).is_file(), name
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # nothing written beside its run directory
+    assert sorted(p.name for p in cwd.iterdir()) == ["out"]  # nothing written beside its run directory
+
+
+def test_the_installed_demo_repeats_the_checkouts(installed_demo, short_demo):
+    """Same seed, same world and same metrics (on one machine), from the wheel in one process and the
+    checkout in another (``short_demo``): evaluations, rewards, losses, KL, search ratios."""
+    (cwd, _), (checkout, _, _) = installed_demo, short_demo
+    a, b = (json.loads((d / "summary.json").read_text()) for d in (checkout, cwd / "out"))
+    assert (a["warm_start"], a["grpo"]) == (b["warm_start"], b["grpo"])
+    first, second = learning_metrics(checkout), learning_metrics(cwd / "out")
+    assert len(first) == 2 and "reward/mean" in first[0] and first == second

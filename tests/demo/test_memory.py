@@ -48,11 +48,11 @@ def test_the_warm_start_engine_keeps_no_requests():
 
 
 @pytest.mark.slow
-def test_a_short_demo_stays_under_its_memory_bound(measured_short_demo):
+def test_a_short_demo_stays_under_its_memory_bound(short_demo):
     """Each stage's peak is in the run's summary, and the whole process (sampled from outside) stays
     under 1.7 GB: measured 1.32 GB (GRPO's 4,096-token micro-batches); 1.30 GB with one 16k micro-batch
     checkpointed, 1.56 GB unchecked; 2.42 GB before images were kept encoded and Arrow's buffers released."""
-    out, result = measured_short_demo
+    out, _, result = short_demo
     stages = result["stages"]
     assert list(stages) == ["world", "warm_start", "grpo_setup", "warm_start_eval", "grpo", "grpo_eval"]
     assert all(s["peak_rss_mb"] > 200 and not s["peak_from_start"] for s in stages.values())

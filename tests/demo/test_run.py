@@ -1,4 +1,4 @@
-"""A short `mmsr demo` in a subprocess: world, warm start, GRPO and both evaluations run, and the
+"""A short `mmsr demo` in a subprocess (``short_demo``): world, warm start, GRPO and both evaluations run, and the
 run writes its metrics CSV, plot, summary and report page (the learning claims are checked by the
 full demo)."""
 
@@ -13,38 +13,16 @@ import pytest
 from mmsr.demo.run import KINDS
 from mmsr.report.records import read_records
 from tests.conftest import subprocess_env
-from tests.demo.conftest import SHORT
 from tests.report.browser import Page, find_browser, headless
+from tests.short_demo import learning_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _short_demo(out: Path) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "mmsr", "demo", "--out", str(out), *SHORT]
-    env = subprocess_env()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc
-
-
-def _learning_metrics(out: Path) -> list[dict]:
-    """The GRPO metrics rows without wall-clock measurements (timings, throughput)."""
-    rows = list(csv.DictReader((out / "grpo" / "csv" / "metrics.csv").open()))
-    clock = ("timing/", "tools/", "rollout/overlap")  # overlap: the share of tool time generation hid, a timing
-    return [{k: v for k, v in r.items() if not k.startswith(clock) and "per_s" not in k and not k.endswith("seconds")} for r in rows]
-
-
-@pytest.fixture(scope="module")
-def short_demo(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    """One short run shared by the tests below (each run costs ~30 s)."""
-    out = tmp_path_factory.mktemp("demo") / "demo"
-    return out, _short_demo(out)
-
-
 @pytest.mark.slow
 def test_short_demo_run(short_demo):
-    out, proc = short_demo
-    assert "LightningCLI's args parameter" not in proc.stderr  # the demo passes its own arguments
+    out, run, _ = short_demo
+    assert "LightningCLI's args parameter" not in run.stderr  # the demo passes its own arguments
     summary = json.loads((out / "summary.json").read_text())
     for stage in ("warm_start", "grpo"):
         assert summary[stage]["all"]["n"] == 6
@@ -58,27 +36,16 @@ def test_short_demo_run(short_demo):
     read = [r for r in sft_rows if r["reading/loss"] and not r["sft/loss"]]
     assert len(read) == 2 and len(imitate) == 3  # reading steps first, then imitation
     assert max(int(r["step"]) for r in read) < min(int(r["step"]) for r in imitate)
-    assert "| claim | met | measured |" in proc.stdout and "search-free search ratio drops" in proc.stdout
+    assert "| claim | met | measured |" in run.stdout and "search-free search ratio drops" in run.stdout
     grpo_rows = list(csv.DictReader((out / "grpo" / "csv" / "metrics.csv").open()))
     assert len(grpo_rows) == 2 and "rollout/search_ratio/any/search_free" in grpo_rows[0]
-
-
-@pytest.mark.slow
-def test_demo_is_deterministic_for_a_seed(short_demo, measured_short_demo):
-    """Same seed, same world and same metrics (on one machine): rewards, losses, KL, search ratios. The
-    other run is the memory test's (the same arguments, another process)."""
-    (first_out, _), (again, _) = short_demo, measured_short_demo
-    a, b = (json.loads((d / "summary.json").read_text()) for d in (first_out, again))
-    assert (a["warm_start"], a["grpo"]) == (b["warm_start"], b["grpo"])
-    first, second = _learning_metrics(first_out), _learning_metrics(again)
-    assert len(first) == 2 and "reward/mean" in first[0] and first == second
 
 
 @pytest.mark.slow
 def test_warm_start_reruns_grpo_as_the_run_did(short_demo, tmp_path):
     """``--warm-start DIR``: GRPO and the evaluations from an earlier run's world and warm start, nothing
     rebuilt; the seed is read from that run, and its GRPO repeats metric for metric."""
-    first, _ = short_demo
+    first = short_demo[0]
     out = tmp_path / "again"
     cmd = [sys.executable, "-m", "mmsr", "demo", "--out", str(out), "--warm-start", str(first), "--grpo-steps", "2",
            "--eval-limit", "6"]  # fmt: skip
@@ -90,7 +57,7 @@ def test_warm_start_reruns_grpo_as_the_run_did(short_demo, tmp_path):
     assert set(b["memory"]["stages"]) == {"grpo_setup", "warm_start_eval", "grpo", "grpo_eval"}
     assert b["warm_start_from"] == str(first) and "warm_start_from" not in a
     assert set(b["seconds"]) == {"grpo_and_eval", "total"} and a["seconds"]["sft"] > 0  # no ~0 s warm start
-    assert _learning_metrics(first) == _learning_metrics(out) and len(_learning_metrics(out)) == 2
+    assert learning_metrics(first) == learning_metrics(out) and len(learning_metrics(out)) == 2
     assert (out / "report.html").is_file() and (out / "grpo" / "csv" / "held_out.jsonl").is_file()
 
 
@@ -138,7 +105,7 @@ def test_short_demo_report_shows_held_out_episodes_before_and_after(short_demo, 
     episodes before and after GRPO (turns, reward, question image, and any search call with the
     thumbnails it returned; the 3-step warm start of this short run seldom searches, so the rendering
     of search calls in this section is pinned by tests/report/test_report.py on a scripted run)."""
-    out, _ = short_demo
+    out = short_demo[0]
     held = list(read_records(out / "grpo" / "csv" / "held_out.jsonl"))
     assert sorted({(r.category, r.step) for r in held}) == sorted((k, s) for k in KINDS for s in (0, 2))
     assert len(list(read_records(out / "grpo" / "csv" / "trajectories.jsonl"))) == 8  # step 0: one group
