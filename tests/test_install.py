@@ -1,5 +1,6 @@
 """A non-editable install works: the wheel holds everything a command reads at run time, and
-``mmsr demo`` from that install, started in an empty directory, runs and writes its outputs.
+``mmsr demo`` from that install, started in an empty directory, runs, writes its outputs and repeats
+the checkout's run of the same seed metric for metric.
 
 How the fresh install stays apart from this checkout, without downloading anything:
 
