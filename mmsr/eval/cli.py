@@ -7,9 +7,11 @@
     mmsr eval --model-dir Qwen2.5-VL-7B-Instruct --tools configs/tools.yaml --suite configs/eval/suite.yaml \\
         --workflow direct rag on-demand --out runs/suite     # one Table-1 table over the suite's sets
 
-Heavy imports (transformers, torch; Lightning only for ``--ckpt`` and ``--weights``) happen after
-argument parsing. Whatever the source, the loaded weights are synced into the engine and checked with
-the probe before the first question (``mmsr.eval.load``).
+A crashed or killed evaluation resumes: the same command again takes the batches it finished from
+``<out>/episodes.partial.jsonl`` (``mmsr.eval.work``). Heavy imports (transformers, torch; Lightning
+only for ``--ckpt`` and ``--weights``) happen after argument parsing. Whatever the source, the loaded
+weights are synced into the engine and checked with the probe before the first question
+(``mmsr.eval.load``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 from pathlib import Path
+
+from mmsr.eval.work import WORK_FILE, EvalWork
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -97,6 +101,12 @@ def build_evaluator(args: argparse.Namespace):
                      batch_size=args.batch_size)  # fmt: skip
 
 
+def run_arguments(args: argparse.Namespace) -> dict:
+    """The arguments that decide an evaluation's episodes (``EvalWork``'s run): all but where it is written,
+    which workflows run and how many questions (a batch is the same slice of a set whatever the limit)."""
+    return {k: v for k, v in sorted(vars(args).items()) if k not in ("out", "workflow", "limit")}
+
+
 def run_suite_args(args: argparse.Namespace) -> dict:
     """``--suite``: the sets are built (config errors stop here) before the model is loaded."""
     from mmsr.eval.suite import read_suite, run_suite
@@ -106,7 +116,8 @@ def run_suite_args(args: argparse.Namespace) -> dict:
         for evalset in sets.values():
             evalset.skip_invalid = True
     accuracy = args.accuracy or ("judge" if args.judge_url else "em")
-    table = run_suite(build_evaluator(args), sets, args.workflow, args.out, args.limit, accuracy)
+    work = EvalWork(Path(args.out) / WORK_FILE, run_arguments(args))
+    table = run_suite(build_evaluator(args), sets, args.workflow, args.out, args.limit, accuracy, work)
     print((Path(args.out) / "suite.md").read_text(encoding="utf-8"))
     return table
 
@@ -120,8 +131,10 @@ def main(argv: list[str]) -> dict:
     from mmsr.eval.run import write_outputs
 
     data = {name: load_samples(path, args.skip_invalid)[: args.limit] for name, path in sets}
+    work = EvalWork(Path(args.out) / WORK_FILE, run_arguments(args))  # refused here, before the model loads
     evaluator = build_evaluator(args)
-    records = [r for name, samples in data.items() for wf in args.workflow for r in evaluator.run(samples, wf, name)]
+    records = [r for name, samples in data.items() for wf in args.workflow for r in evaluator.run(samples, wf, name, work)]
     summary = write_outputs(records, args.out)
+    work.finish()
     print((Path(args.out) / "summary.md").read_text(encoding="utf-8"))
     return summary

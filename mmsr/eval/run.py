@@ -14,8 +14,9 @@ from pathlib import Path
 
 from mmsr.data.sample import Sample
 from mmsr.eval.forced import ForcedTurnsEngine
-from mmsr.reward.judge import JudgeInput, OpenAIJudge
+from mmsr.reward.judge import JudgeInput, OpenAIJudge, request_failed
 from mmsr.eval.report import EvalRecord, markdown, summarize
+from mmsr.eval.work import EvalWork
 from mmsr.eval.workflows import Workflow, WorkflowSetup, setup
 from mmsr.models.policy import Policy
 from mmsr.prompt.render import PromptBuilder
@@ -69,18 +70,26 @@ class Evaluator:
         tools = self.tools if flow.use_tools else {}
         return RolloutLoop(engine, self.policy, flow.prompts, tools, flow.settings)
 
-    def run(self, samples: Sequence[Sample], workflow: Workflow, name: str) -> list[EvalRecord]:
-        """One greedy episode per sample; records in sample order."""
+    def run(self, samples: Sequence[Sample], workflow: Workflow, name: str, work: EvalWork | None = None) -> list[EvalRecord]:
+        """One greedy episode per sample; records in sample order. With ``work``, the batches it holds are taken
+        from it, and every batch run (and judged) is added to it as soon as it finishes."""
         flow = setup(workflow, self.settings, self.prompts, declared(self.tools))
         loop = self.loop(flow)
         greedy = SamplingParams(temperature=0.0, top_p=1.0, top_k=0, max_tokens=flow.settings.max_tokens_per_turn)
         records = []
         for start in range(0, len(samples), self.batch_size):
             batch = samples[start : start + self.batch_size]
-            for traj in loop.run(batch, 1, greedy):
-                records.append(self.record(traj, batch[traj.group_id], workflow, name, flow.allowed_calls))
-        if self.judge is not None:
-            self.add_verdicts(records)
+            key, ids = (name, workflow, start), [s.id for s in batch]
+            done = work.done(key, ids) if work is not None else None
+            if done is None:
+                done = new = [self.record(t, batch[t.group_id], workflow, name, flow.allowed_calls) for t in loop.run(batch, 1, greedy)]
+            else:  # from the work file: the verdicts a judge that never replied did not give are asked for again
+                new = [r for r in done if request_failed(r.judge_reply)]
+            if new and self.judge is not None:
+                self.add_verdicts(new)
+            if new and work is not None:
+                work.add(key, ids, done)
+            records += done
         return records
 
     def record(self, traj: Trajectory, sample: Sample, workflow: str, name: str, allowed: int) -> EvalRecord:

@@ -11,9 +11,10 @@ The suite file names the sets, each a loader ``class_path`` entry (``mmsr.data.b
 
 Every set's episodes are written as ``mmsr eval`` writes them (``<out>/<set>/trajectories.jsonl``,
 ``summary.json``, ``summary.md``) as soon as the set is done, and the suite table (``suite.md``,
-``suite.csv``, ``suite.json``) is rewritten after each set, so a crash later loses nothing computed. A
-set that cannot be loaded (missing file, bad row), or whose evaluation raises, is a row marked as an error
-(the workflows it finished before are kept); the others still run.
+``suite.csv``, ``suite.json``) is rewritten after each set; within a set, each finished batch goes to the
+work file (``mmsr.eval.work``), so a crash loses nothing computed. A set that cannot be loaded (missing
+file, bad row), or whose evaluation raises, is a row marked as an error (the workflows it finished before
+are kept); the others still run, and the work file stays for the rerun.
 Accuracy is one metric for the whole table (``judge``: the LLM judge, as the paper; ``em`` / ``subem``
 without one). SR is the share of responses that searched (paper §4.1); ``call_ratio`` (calls / allowed,
 Table 1's caption) is in the CSV and JSON.
@@ -31,6 +32,7 @@ from pathlib import Path
 from mmsr.data.columns import EvalSet
 from mmsr.eval.load import _parse, _read_yaml
 from mmsr.eval.run import Evaluator, write_outputs
+from mmsr.eval.work import EvalWork
 
 ACCURACY = ("judge", "em", "subem")
 _CSV = ("workflow", "set", "n", "accuracy_metric", "accuracy", "search_ratio", "call_ratio", "em", "subem", "judge", "error")
@@ -63,25 +65,29 @@ def _load(evalset: EvalSet, limit: int | None) -> tuple[list, str | None]:
 
 
 def run_suite(evaluator: Evaluator, sets: Mapping[str, EvalSet], workflows: Sequence[str], out: str | Path,
-              limit: int | None = None, accuracy: str = "em") -> dict:  # fmt: skip
-    """Evaluate every set under every workflow; returns the suite table (``suite_table``)."""
+              limit: int | None = None, accuracy: str = "em", work: EvalWork | None = None) -> dict:  # fmt: skip
+    """Evaluate every set under every workflow; returns the suite table (``suite_table``). With ``work``,
+    finished batches resume from it, and it goes when every set ran without an error."""
     out = Path(out)
     results: dict[str, dict] = {}
     for name, evalset in sets.items():
         samples, error = _load(evalset, limit)
-        results[name] = {"error": error} if error is not None else _evaluate(evaluator, samples, workflows, name, out)
+        results[name] = {"error": error} if error is not None else _evaluate(evaluator, samples, workflows, name, out, work)
         table = suite_table(results, workflows, accuracy)
         write_table(table, out)
+    if work is not None and not any("error" in r for r in results.values()):
+        work.finish()
     return table
 
 
-def _evaluate(evaluator: Evaluator, samples: list, workflows: Sequence[str], name: str, out: Path) -> dict:
+def _evaluate(evaluator: Evaluator, samples: list, workflows: Sequence[str], name: str, out: Path,
+              work: EvalWork | None = None) -> dict:  # fmt: skip
     """``{workflow: metrics}`` of the workflows that ran on one set; a workflow that raises ends the set with
     ``"error"`` (its traceback on stderr), the ones before it are kept and written, and the suite goes on."""
     records, result = [], {}
     for wf in workflows:
         try:
-            records += evaluator.run(samples, wf, name)
+            records += evaluator.run(samples, wf, name, work)
         except Exception as exc:  # noqa: BLE001 - one broken set (a row, a tool, the judge) must not end the suite
             traceback.print_exc()
             result["error"] = f"evaluation failed in {wf}: {type(exc).__name__}: {exc}"

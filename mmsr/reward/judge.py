@@ -23,6 +23,12 @@ from mmsr.prompt.render import TEMPLATES
 from mmsr.tools.secrets import redact, register_secret_env
 
 _VERDICT = re.compile(r"<judge>\s*(yes|no)\s*</judge>", re.IGNORECASE)
+REQUEST_FAILED = "judge request failed"  # how a verdict's reply starts when no reply came
+
+
+def request_failed(reply: str | None) -> bool:
+    """The judge never replied (the endpoint was down, every retry failed): asking again may give a verdict."""
+    return reply is not None and reply.startswith(REQUEST_FAILED)
 
 
 @dataclass(frozen=True)
@@ -110,4 +116,4 @@ class OpenAIJudge:
                 return Verdict(parse_verdict(reply), reply)
             except (aiohttp.ClientError, asyncio.TimeoutError, KeyError, IndexError, TypeError, ValueError) as exc:
                 error = f"{type(exc).__name__}: {exc}"
-        return Verdict(None, redact(f"judge request failed after {self.retries + 1} attempts ({error})"))
+        return Verdict(None, redact(f"{REQUEST_FAILED} after {self.retries + 1} attempts ({error})"))

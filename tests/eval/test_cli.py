@@ -43,6 +43,7 @@ def test_model_dir_eval_in_a_fresh_process_without_lightning(tmp_path, tiny_poli
     assert "| dev | rag | all | 2 |" in proc.stdout
     rows = [json.loads(x) for x in (tmp_path / "out" / "trajectories.jsonl").read_text().splitlines()]
     assert [(r["workflow"], r["image_searches"]) for r in rows] == [("direct", 0)] * 2 + [("rag", 1)] * 2
+    assert not (tmp_path / "out" / "episodes.partial.jsonl").exists()  # complete: the resumable work file went
 
 
 class BaseWeightsEngine(HFEngine):

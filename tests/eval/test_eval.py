@@ -1,12 +1,13 @@
 """``mmsr eval``: metrics on scripted episodes, and end to end on the tiny model with local tools."""
 
 import json
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import pytest
 
 from mmsr.eval.report import markdown, summarize
 from mmsr.eval.run import Evaluator, write_outputs
+from mmsr.eval.work import WORK_FILE, EvalWork
 from mmsr.rollout.engine import ScriptedEngine
 from mmsr.rollout.hf_engine import HFEngine
 from mmsr.rollout.loop import RolloutSettings
@@ -126,3 +127,57 @@ def test_on_demand_allows_the_calls_of_every_configured_tool(tiny_policy, fvqa_s
     tools = configured([ImageSearchTool(), TextSearchTool(), Crop()])
     (rec,) = Evaluator(tiny_policy, engine, tools, settings).run([sample], "on-demand", "dev")
     assert rec.allowed_calls == 1 + 2 + Crop.spec.limit
+
+
+class CrashingEngine(HFEngine):
+    """HFEngine that dies on the episodes of sample ``crash_on`` (a kill, an OOM) and notes every episode
+    it generates for."""
+
+    def __init__(self, crash_on: str | None = None):
+        super().__init__()
+        self.crash_on, self.generated = crash_on, []
+
+    def generate(self, requests, sampling):
+        keys = {r.key.rsplit("#", 1)[0] for r in requests}
+        if self.crash_on in keys:
+            raise RuntimeError("killed")
+        self.generated.append(keys)
+        return super().generate(requests, sampling)
+
+
+def _evaluate(policy, tools, samples, engine, work=None):
+    engine.bind(policy)
+    ev = Evaluator(policy, engine, tools, RolloutSettings(max_tokens_per_turn=6, max_context_tokens=1024), batch_size=2)
+    return [asdict(r) for wf in ("on-demand", "rag") for r in ev.run(samples, wf, "fvqa", work)]
+
+
+def test_a_crashed_evaluation_resumes_from_its_finished_batches_and_equals_an_uninterrupted_one(
+    tmp_path, tiny_policy, fvqa_samples, local_tools
+):
+    samples, path, run = fvqa_samples[:5], tmp_path / WORK_FILE, {"model_dir": "m", "batch_size": 2}
+    whole = _evaluate(tiny_policy, local_tools, samples, CrashingEngine())
+    with pytest.raises(RuntimeError, match="killed"):  # dies in on-demand's second batch (questions 2-3)
+        _evaluate(tiny_policy, local_tools, samples, CrashingEngine(crash_on=samples[2].id), EvalWork(path, run))
+    assert len(path.read_text().splitlines()) == 2  # the run's arguments and the first batch
+    engine = CrashingEngine()
+    assert _evaluate(tiny_policy, local_tools, samples, engine, EvalWork(path, run)) == whole
+    assert engine.generated[0] == {samples[2].id, samples[3].id}  # on-demand's first batch was not run again
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:-1] + [lines[-1][:100]]))  # killed while writing rag's last batch
+    engine = CrashingEngine()
+    assert _evaluate(tiny_policy, local_tools, samples, engine, EvalWork(path, run)) == whole
+    assert set().union(*engine.generated) == {samples[4].id}  # only the batch whose line was cut
+    assert [json.loads(line)["start"] for line in path.read_text().splitlines()[1:]] == [0, 2, 4, 0, 2, 4]
+    EvalWork(path, run).finish()
+    assert not path.exists()
+
+
+def test_a_work_file_of_other_arguments_is_refused_naming_it(tmp_path, tiny_policy, fvqa_samples):
+    sample = fvqa_samples[0]
+    engine = ScriptedEngine({f"{sample.id}#0": [f"{R}<answer>x</answer>"]}, tiny_policy.tokenizer)
+    path = tmp_path / WORK_FILE
+    Evaluator(tiny_policy, engine, {}).run([sample], "direct", "dev", EvalWork(path, {"ckpt": "a.ckpt", "limit": None}))
+    with pytest.raises(ValueError, match=rf"{WORK_FILE} holds the episodes of another evaluation \(--ckpt was 'a.ckpt', now 'b.ckpt'\)"):
+        EvalWork(path, {"ckpt": "b.ckpt", "limit": None})
+    path.write_text('{"ru')  # its first line cut: nothing in it counts, and it goes
+    assert EvalWork(path, {"ckpt": "b.ckpt"}).done(("dev", "direct", 0), [sample.id]) is None and not path.exists()

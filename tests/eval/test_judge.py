@@ -105,3 +105,27 @@ def test_judge_in_eval_summary(monkeypatch, tiny_policy, fvqa_samples):
     assert server.auth == [None, None]  # no key in the environment: no Authorization header
     assert [r.judge for r in records] == [True, False] and [r.em for r in records] == [False, False]
     assert summarize(records)["d"]["on-demand"]["all"]["judge"] == 0.5
+
+
+def test_a_resumed_evaluation_asks_again_only_for_the_verdicts_the_judge_never_gave(monkeypatch, tmp_path, tiny_policy, fvqa_samples):
+    from mmsr.eval.run import Evaluator
+    from mmsr.eval.work import EvalWork
+    from mmsr.rollout.engine import ScriptedEngine
+
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    s = fvqa_samples[:3]
+    script = {s[0].id: [f"<reason>r</reason><answer>It is {s[0].ground_truth}</answer>"],
+              s[1].id: ["<reason>r</reason><answer>nothing</answer>"],
+              s[2].id: [f"<reason>r</reason><answer>down {s[2].ground_truth}</answer>"]}  # fmt: skip
+    runs = []
+    for outage in ({"down": 503}, {}):  # the endpoint fails on the third question, then is back
+        engine = ScriptedEngine(script, tiny_policy.tokenizer)
+        with FakeOpenAI(outage) as server:
+            judge = OpenAIJudge(f"http://127.0.0.1:{server.port}/v1", "m", retries=0, timeout_s=10)
+            evaluator = Evaluator(tiny_policy, engine, {}, judge=judge, batch_size=2)
+            runs.append(evaluator.run(s, "on-demand", "d", EvalWork(tmp_path / "work.jsonl", {"judge_url": "x"})))
+        runs[-1] = ([r.judge for r in runs[-1]], len(server.bodies), len(engine.requests))
+    assert runs[0] == ([True, False, None], 3, 3)
+    assert runs[1] == ([True, False, True], 1, 0)  # no episode again; one request, for the missing verdict
+    kept = EvalWork(tmp_path / "work.jsonl", {"judge_url": "x"}).done(("d", "on-demand", 2), [s[2].id])
+    assert [r.judge for r in kept] == [True]  # the work file has it now

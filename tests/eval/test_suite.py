@@ -9,6 +9,7 @@ import yaml
 
 from mmsr.data.columns import EvalSet
 from mmsr.eval.run import Evaluator
+from mmsr.eval.work import WORK_FILE, EvalWork
 from mmsr.eval.suite import read_suite, run_suite
 from mmsr.rollout.engine import ScriptedEngine
 from tests.conftest import FVQA
@@ -63,17 +64,18 @@ class BreaksOn(Evaluator):
         super().__init__(*args, **kwargs)
         self.breaks = breaks
 
-    def run(self, samples, workflow, name):
+    def run(self, samples, workflow, name, work=None):
         if (name, workflow) == self.breaks:
             raise RuntimeError("judge unreachable")
-        return super().run(samples, workflow, name)
+        return super().run(samples, workflow, name, work)
 
 
 def test_a_set_whose_evaluation_fails_is_an_error_row_and_the_suite_goes_on(tmp_path, tiny_policy, fvqa_samples, capfd):
     a, b = fvqa_samples[:2], fvqa_samples[2:4]
     script = {s.id: [f"{R}<answer>{s.ground_truth}</answer>"] for s in fvqa_samples}
     evaluator = BreaksOn(tiny_policy, ScriptedEngine(script, tiny_policy.tokenizer), {}, breaks=("a", "rag"))
-    table = run_suite(evaluator, {"a": Given(a), "b": Given(b)}, ["direct", "rag"], tmp_path, accuracy="em")
+    sets, work = {"a": Given(a), "b": Given(b)}, EvalWork(tmp_path / WORK_FILE, {"suite": "s.yaml"})
+    table = run_suite(evaluator, sets, ["direct", "rag"], tmp_path, accuracy="em", work=work)
     rows = {(r["set"], r["workflow"]): r for r in table["rows"]}
     assert rows["a", "direct"]["error"] is None and rows["a", "direct"]["n"] == 2  # finished before: kept
     assert rows["a", "rag"]["error"] == "evaluation failed in rag: RuntimeError: judge unreachable"
@@ -81,6 +83,13 @@ def test_a_set_whose_evaluation_fails_is_an_error_row_and_the_suite_goes_on(tmp_
     assert table["average"]["rag"]["sets"] == 1 and table["average"]["direct"]["sets"] == 2
     assert len((tmp_path / "a" / "trajectories.jsonl").read_text().splitlines()) == 2
     assert "RuntimeError: judge unreachable" in capfd.readouterr().err  # the traceback is not lost
+    # a rerun once the judge is back runs only what is missing (a's rag), and the work file then goes
+    engine = ScriptedEngine(script, tiny_policy.tokenizer)
+    table = run_suite(Evaluator(tiny_policy, engine, {}), sets, ["direct", "rag"], tmp_path, accuracy="em",
+                      work=EvalWork(tmp_path / WORK_FILE, {"suite": "s.yaml"}))  # fmt: skip
+    assert all(r["error"] is None for r in table["rows"]) and table["average"]["rag"]["sets"] == 2
+    assert sorted({r.key.split("#")[0] for r in engine.requests}) == sorted(s.id for s in a)
+    assert not (tmp_path / WORK_FILE).exists()
 
 
 def test_suite_file_errors_name_the_set(tmp_path):
@@ -116,14 +125,58 @@ def test_mmsr_eval_suite_end_to_end_on_the_tiny_model(tmp_path):
         "missing": {"class_path": "mmsr.data.benchmarks.MMSearch", "init_args": {"path": str(tmp_path / "end2end.parquet")}},
     }}  # fmt: skip
     (tmp_path / "suite.yaml").write_text(yaml.safe_dump(suite))
-    table = main(["--policy", str(tmp_path / "policy.yaml"), "--tools", str(tmp_path / "tools.yaml"), "--suite",
-                  str(tmp_path / "suite.yaml"), "--limit", "2", "--workflow", "direct", "rag", "--max-tokens-per-turn", "3",
-                  "--out", str(tmp_path / "out")])  # fmt: skip
+    argv = ["--policy", str(tmp_path / "policy.yaml"), "--tools", str(tmp_path / "tools.yaml"), "--suite",
+            str(tmp_path / "suite.yaml"), "--limit", "2", "--workflow", "direct", "rag", "--max-tokens-per-turn", "3",
+            "--out", str(tmp_path / "out")]  # fmt: skip
+    table = main(argv)
     rows = {(r["workflow"], r["set"]): r for r in table["rows"]}
     assert rows[("rag", "mapped")]["search_ratio"] == 1.0 and rows[("direct", "fvqa_dev")]["search_ratio"] == 0.0
     assert rows[("direct", "mapped")]["n"] == 2 and "end2end.parquet not found" in rows[("rag", "missing")]["error"]
     assert table["average"]["rag"]["sets"] == 2
     md = (tmp_path / "out" / "suite.md").read_text()
     assert "| rag | SR | 100.0 |" in md and "missing (n=0)" in md
-    assert {p.name for p in (tmp_path / "out").iterdir()} == {"fvqa_dev", "mapped", "suite.md", "suite.csv", "suite.json"}
+    # a set was missing: the work file stays, and a rerun takes the other sets' episodes from it
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {"fvqa_dev", "mapped", "suite.md", "suite.csv", "suite.json", WORK_FILE}
+    _tamper(tmp_path / "out" / WORK_FILE, "from the work file")
+    main(argv)
+    assert json.loads((tmp_path / "out" / "fvqa_dev" / "trajectories.jsonl").read_text().splitlines()[0])["answer"] == "from the work file"
+
+
+def _tamper(path, answer):
+    """Rewrite the first record's answer in work file ``path`` (a rerun that reads it shows it)."""
+    lines = path.read_text().splitlines()
+    row = json.loads(lines[1])
+    row["records"][0]["answer"] = answer
+    path.write_text("\n".join([lines[0], json.dumps(row), *lines[2:]]) + "\n")
+
+
+def test_mmsr_eval_resumes_a_crashed_run_from_its_work_file(tmp_path, monkeypatch):
+    from mmsr.eval.cli import main
+    from mmsr.eval.run import Evaluator
+
+    (tmp_path / "policy.yaml").write_text(yaml.safe_dump({"policy": TINY}))
+    argv = ["--policy", str(tmp_path / "policy.yaml"), "--data", f"dev={FVQA / 'fvqa_dev.jsonl'}", "--limit", "3",
+            "--workflow", "direct", "--max-tokens-per-turn", "3", "--out", str(tmp_path / "out"), "--batch-size", "2"]  # fmt: skip
+    record = Evaluator.record
+
+    def dies_on_the_third(self, traj, sample, *args):  # in the second batch
+        if sample.id == "fvqa_train_881":
+            raise RuntimeError("killed")
+        return record(self, traj, sample, *args)
+
+    monkeypatch.setattr(Evaluator, "record", dies_on_the_third)
+    with pytest.raises(RuntimeError, match="killed"):
+        main(argv)
+    monkeypatch.undo()
+    _tamper(tmp_path / "out" / WORK_FILE, "from the work file")
+    main(argv)
+    rows = [json.loads(line) for line in (tmp_path / "out" / "trajectories.jsonl").read_text().splitlines()]
+    assert [r["answer"] == "from the work file" for r in rows] == [True, False, False]
+    assert not (tmp_path / "out" / WORK_FILE).exists()
+    monkeypatch.setattr(Evaluator, "record", dies_on_the_third)
+    with pytest.raises(RuntimeError, match="killed"):
+        main(argv)
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match=r"--batch-size was 2, now 3"):  # the crashed run's file is not mixed in
+        main([*argv[:-1], "3"])
 
