@@ -60,12 +60,16 @@ def run_both(tokenizer_dir: str) -> dict[str, dict]:
     env = subprocess_env(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     procs = {way: subprocess.Popen([sys.executable, "-c", SCRIPT, way, tokenizer_dir], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                    stderr=subprocess.PIPE, text=True) for way in ("everywhere", "kept")}  # fmt: skip
-    out = {}
-    for way, proc in procs.items():
-        stdout, stderr = proc.communicate(timeout=600)
-        assert proc.returncode == 0, stderr[-3000:]
-        out[way] = json.loads(stdout.strip().splitlines()[-1])
-    return out
+    try:
+        done = {way: (*proc.communicate(timeout=600), proc.returncode) for way, proc in procs.items()}
+    finally:  # one that failed or hung must not leave the other running after the test
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    for way, (_, stderr, code) in done.items():
+        assert code == 0, f"{way}: {stderr[-3000:]}"
+    return {way: json.loads(stdout.strip().splitlines()[-1]) for way, (stdout, _, _) in done.items()}
 
 
 def test_logits_only_where_sampled_halve_the_peak_with_the_real_vocabulary(tmp_path):
