@@ -300,7 +300,6 @@ class GRPOModule(L.LightningModule):
         metrics["reward/zero_std_groups"] = zero_std_groups(rewards.tolist(), group_ids.tolist())
         memory = memory_metrics(self.model, self._ref.model if self._ref is not None else None, self.device)
         metrics |= tool_metrics(self.loop.stats, self.loop.tools) | train_metrics | self._timings | memory
-        metrics["train/lr"] = self.optimizers().param_groups[0]["lr"]
         metrics = mean_over_ranks(metrics)
         self.log_dict(metrics, batch_size=len(samples), prog_bar=False)
         self.log("reward", metrics["reward/mean"], prog_bar=True, batch_size=len(samples))
@@ -351,9 +350,11 @@ class GRPOModule(L.LightningModule):
     # -- the policy update (mmsr.train.update) -----------------------------------------------
     def update_policy(self, trajs: list[Trajectory], advantages: torch.Tensor) -> dict[str, float]:
         """``ppo_epochs`` x ``mini_batches`` optimizer updates (``PolicyUpdate.update``), then the LR
-        schedule's step. ``advantages``: ``[N]``; returns ``train/`` metrics averaged over updates."""
+        schedule's step. ``advantages``: ``[N]``; returns ``train/`` metrics averaged over updates, and
+        ``train/lr``, the rate these updates used (read before the schedule moves on to the next step's)."""
         step = Backprop(self.model, self.optimizers(), self.manual_backward, self.device, self.trainer.world_size)
         metrics = self.policy_update.update(trajs, advantages, self._ref, step)
+        metrics["train/lr"] = self.optimizers().param_groups[0]["lr"]
         self.lr_schedulers().step()
         return metrics
 

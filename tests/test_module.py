@@ -180,3 +180,27 @@ def test_a_step_row_holds_only_the_metrics_its_step_measured(fvqa_samples, tmp_p
     assert first["reward/accuracy/text_search"] and not first["reward/accuracy/image_search"]
     assert second["reward/accuracy/image_search"] and not second["reward/accuracy/text_search"]
     assert first["reward/mean"] and second["reward/mean"]
+
+
+class UsedRates(L.Callback):
+    """The learning rate of every optimizer step, as the optimizer applies it."""
+
+    def __init__(self):
+        self.rates: list[float] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.rates.append(optimizer.param_groups[0]["lr"])
+
+
+def test_the_logged_learning_rate_is_the_one_the_step_used(sample, tmp_path):
+    """With a warmup, the rate moves every step: each row's ``train/lr`` is its own step's (the schedule steps
+    after the update; reading it afterwards logged the next step's rate)."""
+    used = UsedRates()
+    trainer = L.Trainer(max_steps=3, accelerator="cpu", log_every_n_steps=1, enable_checkpointing=False,
+                        logger=L.pytorch.loggers.CSVLogger(tmp_path, name="", version=""), callbacks=[used],
+                        enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    module = make_module(lr_schedule="cosine", warmup_steps=4, total_steps=10)
+    trainer.fit(module, torch.utils.data.DataLoader([sample] * 3, batch_size=1, collate_fn=list))
+    logged = [float(r["train/lr"]) for r in csv.DictReader((tmp_path / "metrics.csv").open())]
+    assert used.rates == pytest.approx([1e-3 / 4, 2e-3 / 4, 3e-3 / 4])  # linear warmup over 4 steps
+    assert logged == pytest.approx(used.rates)
