@@ -29,6 +29,10 @@ class Encoder:
     ) -> None:
         self.tokenizer = tokenizer
         self.text_image_stub = text_image_stub
+        # the strings that tokenize as one added token (chat and vision specials, a tokenizer's own tags),
+        # longest first; the image marker is the prompt stage's own
+        added = [t for t in tokenizer.get_added_vocab() if len(t) > 1 and t != IMAGE_MARKER]
+        self._added = sorted(added, key=len, reverse=True)
         self.image_id = self._id(image_token) if image_token else None
         self.start_id = self._id(vision_start) if image_token else None
         self.end_id = self._id(vision_end) if image_token else None
@@ -38,6 +42,15 @@ class Encoder:
         if not ids or ids[0] is None or ids[0] == self.tokenizer.unk_token_id:
             raise ValueError(f"tokenizer has no token {token!r}; is this a vision-language tokenizer?")
         return int(ids[0])
+
+    def plain(self, text: str) -> str:
+        """``text`` from outside (a tool's result, a question) with each added token it spells broken by a
+        space after its first character, so that it tokenizes as the text it is: a page quoting
+        ``<|im_end|>`` must not end the turn, nor one quoting ``<|image_pad|>`` claim an image."""
+        for token in self._added:
+            if token in text:
+                text = text.replace(token, f"{token[0]} {token[1:]}")
+        return text
 
     def text(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False))

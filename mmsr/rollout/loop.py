@@ -34,7 +34,7 @@ from mmsr.rollout.parse import parser_for
 from mmsr.rollout.stats import RolloutStats, covered_seconds
 from mmsr.rollout.tool_runner import ToolRunner
 from mmsr.rollout.trajectory import FinishReason, ToolCall, Trajectory, Turn
-from mmsr.tools.base import FatalToolError, SearchTool, ToolRequest, ToolResult, failure
+from mmsr.tools.base import FatalToolError, SearchTool, ToolRequest, ToolResult, failure, quoted
 from mmsr.tools.spec import ToolSpec, declared
 
 
@@ -260,7 +260,7 @@ class RolloutLoop:
         if id(sample) not in self._first:
             image = sample.image if self.policy.is_vision else None
             vision = [self._images(image)] if image is not None else []
-            text = self.policy.chat.first_prompt(self.prompts.first_user_text(sample))
+            text = self.policy.chat.first_prompt(self.prompts.first_user_text(self._seen(sample)))
             self._first[id(sample)] = (sample, self.encoder.encode(text, [v.num_tokens for v in vision]), vision)
         return self._first[id(sample)][1:]
 
@@ -301,10 +301,28 @@ class RolloutLoop:
                                 self._seen_size(e.traj) if image is not None else None)  # fmt: skip
         e.phase = Phase.CALL_TOOL
 
+    def _seen(self, sample: Sample) -> Sample:
+        """``sample`` as the prompts show it: its question is data, so a marker or a chat token it spells stays text."""
+        question = self.encoder.plain(quoted(sample.question))
+        return sample if question == sample.question else replace(sample, question=question, image=sample.stored_image)
+
+    def _readable(self, kind: str, result: ToolResult) -> ToolResult:
+        """``result``, or a failure saying why the image processor refused one of its images (an aspect ratio
+        over 200, a truncated file): a tool's bad image must not end the rollout."""
+        try:
+            for image in result.images if self.policy.is_vision else ():
+                self._images(image, tool=True)  # remembered: the observation's encoding reuses it
+        except Exception as exc:  # noqa: BLE001 - whatever the processor raises, the model sees a failed call
+            self.stats.tool_failures += result.ok
+            return failure(kind, f"a returned image could not be read: {type(exc).__name__}: {exc}", result.latency_s)
+        return result
+
     def _encode_observation(self, e: Episode, kind: str, result: ToolResult) -> tuple[list[int], list]:
-        """The observation's token ids (``[n]``, images expanded) and its images' vision inputs."""
+        """The observation's token ids (``[n]``, images expanded) and its images' vision inputs. The result's
+        text is from outside: a chat token it spells stays text (``Encoder.plain``)."""
         vision = [self._images(im, tool=True) for im in result.images] if self.policy.is_vision else []
-        text = self.policy.chat.observation(self.prompts.observation_text(e.sample, self._by_name[kind], result))
+        shown = replace(result, text=self.encoder.plain(result.text))
+        text = self.policy.chat.observation(self.prompts.observation_text(self._seen(e.sample), self._by_name[kind], shown))
         ids = (self.eot_ids if e.needs_end_of_turn else []) + self.encoder.encode(text, [v.num_tokens for v in vision])
         return ids, vision
 
@@ -355,6 +373,7 @@ class RolloutLoop:
     def _observe(self, e: Episode, result: ToolResult) -> None:
         request, traj = e.pending, e.traj
         e.pending = None
+        result = self._readable(request.kind, result)
         fitted = self._fit(e, request.kind, result)
         traj.turns[-1].tool_call = ToolCall(request.kind, request.query, fitted[0] if fitted else result)
         if fitted is None:

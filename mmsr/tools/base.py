@@ -101,11 +101,17 @@ class SearchTool(Protocol):
     async def __call__(self, request: ToolRequest) -> ToolResult: ...
 
 
+def quoted(text: str) -> str:
+    """``text`` from outside (a page, a title, an error that echoes a query) as a result shows it: an
+    ``IMAGE_MARKER`` in it would claim an image that is not there, so it reads ``(image)``."""
+    return text.replace(IMAGE_MARKER, "(image)")
+
+
 def failure(kind: str, reason: str, latency_s: float = 0.0) -> ToolResult:
     """The observation for a failed call: the model is told and may answer on its own."""
     header = f"[{kind.replace('_', ' ').title()} Results]"  # image_search -> [Image Search Results]
     return ToolResult(
-        text=f"{header} The search failed ({reason}). Please answer with your own knowledge.",
+        text=f"{header} The search failed ({quoted(reason)}). Please answer with your own knowledge.",
         ok=False,
         latency_s=latency_s,
     )

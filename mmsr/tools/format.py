@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from mmsr.tools.base import IMAGE_MARKER
+from mmsr.tools.base import IMAGE_MARKER, quoted
 
 IMAGE_HEADER = (
     "[Image Search Results] The results below come from a reverse image search of the question's image. "
@@ -34,18 +34,20 @@ def one_line(text: str, max_chars: int | None = None) -> str:
 
 
 def image_results(titles: Sequence[str]) -> str:
-    """Header plus one ``i. image: <marker>`` / ``title:`` entry per result; ``IMAGE_NONE`` when empty."""
+    """Header plus one ``i. image: <marker>`` / ``title:`` entry per result; ``IMAGE_NONE`` when empty. A
+    marker is written only for each thumbnail (a title quoting one is ``quoted``)."""
     if not titles:
         return IMAGE_NONE
-    lines = [f"{i}. image: {IMAGE_MARKER}\ntitle: {one_line(t)}\n" for i, t in enumerate(titles, start=1)]
+    lines = [f"{i}. image: {IMAGE_MARKER}\ntitle: {quoted(one_line(t))}\n" for i, t in enumerate(titles, start=1)]
     return IMAGE_HEADER + "\n" + "".join(lines)
 
 
 def text_results(entries: Sequence[tuple[str, str]], header: str = TEXT_HEADER) -> str:
-    """Header plus one ``i. (label) body`` line per ``(label, body)`` entry; ``TEXT_NONE`` when empty."""
+    """Header plus one ``i. (label) body`` line per ``(label, body)`` entry (``quoted``: text results carry no
+    image); ``TEXT_NONE`` when empty."""
     if not entries:
         return TEXT_NONE
-    lines = [f"{i}. ({label}) {body}\n" for i, (label, body) in enumerate(entries, start=1)]
+    lines = [f"{i}. ({quoted(label)}) {quoted(body)}\n" for i, (label, body) in enumerate(entries, start=1)]
     return header + "\n" + "".join(lines)
 
 
