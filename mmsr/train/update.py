@@ -142,8 +142,7 @@ class PolicyUpdate:
         """One optimizer step over trajectories ``idx``, accumulated over packed micro-batches of those of
         them that run (``episodes_to_run``)."""
         s, opt = self.settings, step.optimizer
-        by_tokens = s.loss_agg == "token-mean"
-        count = (lambda ids: sum(trajs[i].num_sampled_tokens for i in ids)) if by_tokens else len
+        count = self._counter(trajs)
         denom = all_reduce(count(idx), "sum", step.device)  # the loss's normalizer: every episode, run or not
         if denom == 0:
             return {}
@@ -167,6 +166,18 @@ class PolicyUpdate:
         opt.step()
         opt.zero_grad(set_to_none=True)  # gradients need no memory while the engine rolls out
         return metrics
+
+    def _counter(self, trajs: list[Trajectory]):
+        """What the loss averages over, counted in episodes ``ids``: their sampled tokens (``token-mean``), the
+        episodes that sampled any (``seq-mean-token-*``: ``aggregate`` leaves a row without one out, so it must
+        not count here either, or its weight goes to whichever episodes share its micro-batch), or every
+        episode (``seq-mean-token-sum-norm``, whose normalizer counts every row)."""
+        agg = self.settings.loss_agg
+        if agg == "token-mean":
+            return lambda ids: sum(trajs[i].num_sampled_tokens for i in ids)
+        if agg in ("seq-mean-token-mean", "seq-mean-token-sum"):
+            return lambda ids: sum(trajs[i].num_sampled_tokens > 0 for i in ids)
+        return len
 
     def episodes_to_run(self, idx: list[int], advantages: torch.Tensor) -> list[int]:
         """``idx``, less the episodes whose advantage is 0 under ``skip_zero_advantage`` (with no KL or
