@@ -42,9 +42,12 @@ def rollout_metrics(
     rewards: Sequence[float],
     details: Sequence[dict[str, float]],
     settings: RolloutSettings,
+    by_group: bool = True,
 ) -> dict[str, float]:
     """Scalar metrics of one step's trajectories; ``samples[t.group_id]`` is each one's prompt (the tools
-    are the trajectories' own)."""
+    are the trajectories' own). ``by_group``: with accuracy and search ratio per data source and per
+    category (``group_metrics``) of these trajectories alone; a run on several ranks computes those from
+    every rank's episodes instead (``summed_over_ranks``)."""
     tools = trajs[0].tools if trajs else MMSEARCH_R1_TOOLS
     out = {
         "reward/mean": _mean(rewards),
@@ -60,15 +63,45 @@ def rollout_metrics(
     extra = sorted({k for d in details for k in d} - {"correct", "format", "searched"})
     out |= {f"reward/{k}": _mean([d.get(k, 0.0) for d in details]) for k in extra}
     out |= {f"rollout/search_ratio/{k}": v for k, v in search_ratios(trajs, settings, tools).items()}
+    return out | group_metrics(group_sums(trajs, samples, details)) if by_group else out
+
+
+GroupSums = dict[tuple[str, str], tuple[int, float, int]]  # (field, name) -> (episodes, summed correctness, searched)
+
+
+def group_sums(trajs: Sequence[Trajectory], samples: Sequence[Sample], details: Sequence[dict[str, float]]) -> GroupSums:
+    """Per ``data_source`` and per ``category`` (``"none"`` when unset): the episodes, their summed correctness
+    and how many called a tool."""
+    sums: GroupSums = {}
     for field in ("data_source", "category"):
-        groups: dict[str, list[int]] = defaultdict(list)
-        for i, t in enumerate(trajs):
-            groups[getattr(samples[t.group_id], field) or "none"].append(i)
-        if len(groups) < 2:
-            continue
-        for name, idx in sorted(groups.items()):
-            out[f"rollout/search_ratio/any/{name}"] = search_ratios([trajs[i] for i in idx], settings, tools)["any"]
-            out[f"reward/accuracy/{name}"] = _mean([details[i].get("correct", 0.0) for i in idx])
+        for t, detail in zip(trajs, details):
+            key = (field, getattr(samples[t.group_id], field) or "none")
+            n, correct, searched = sums.get(key, (0, 0.0, 0))
+            sums[key] = (n + 1, correct + detail.get("correct", 0.0), searched + (t.num_tool_calls > 0))
+    return sums
+
+
+def summed_over_ranks(sums: GroupSums) -> GroupSums:
+    """Every rank's ``group_sums`` added up: a group's accuracy is then over its episodes on all ranks (a mean of
+    per-rank means would weigh a rank's two episodes like another's ten, and miss a rank's group when that
+    rank saw only one)."""
+    total: GroupSums = {}
+    for rank in gather_per_rank(sums):
+        for key, values in rank.items():
+            total[key] = tuple(a + b for a, b in zip(total.get(key, (0, 0.0, 0)), values))  # type: ignore[assignment]
+    return total
+
+
+def group_metrics(sums: GroupSums) -> dict[str, float]:
+    """``reward/accuracy/<name>`` and ``rollout/search_ratio/any/<name>`` of each group over its own episodes,
+    for the fields with several groups (one group would repeat the overall numbers)."""
+    out = {}
+    for field in ("data_source", "category"):
+        names = sorted(name for f, name in sums if f == field)
+        for name in names if len(names) > 1 else ():
+            n, correct, searched = sums[field, name]
+            out[f"rollout/search_ratio/any/{name}"] = searched / n
+            out[f"reward/accuracy/{name}"] = float(correct / n)
     return out
 
 

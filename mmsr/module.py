@@ -40,9 +40,12 @@ from mmsr.data.sample import Sample
 from mmsr.metrics import (
     episode_metrics,
     forget_step_metrics,
+    group_metrics,
+    group_sums,
     held_out_metrics,
     mean_over_ranks,
     rollout_metrics,
+    summed_over_ranks,
     tool_metrics,
     zero_std_groups,
 )
@@ -296,11 +299,11 @@ class GRPOModule(L.LightningModule):
             train_metrics = self.update_policy(trajs, advantages)
         details = self.reward_details(trajs, samples)
         self.last_rollout = StepRollout(trajs, samples, rewards, advantages, details)
-        metrics = rollout_metrics(trajs, samples, rewards.tolist(), details, self.loop.settings)
+        metrics = rollout_metrics(trajs, samples, rewards.tolist(), details, self.loop.settings, by_group=False)
         metrics["reward/zero_std_groups"] = zero_std_groups(rewards.tolist(), group_ids.tolist())
         memory = memory_metrics(self.model, self._ref.model if self._ref is not None else None, self.device)
         metrics |= tool_metrics(self.loop.stats, self.loop.tools) | train_metrics | self._timings | memory
-        metrics = mean_over_ranks(metrics)
+        metrics = mean_over_ranks(metrics) | group_metrics(summed_over_ranks(group_sums(trajs, samples, details)))
         self.log_dict(metrics, batch_size=len(samples), prog_bar=False)
         self.log("reward", metrics["reward/mean"], prog_bar=True, batch_size=len(samples))
 

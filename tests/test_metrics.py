@@ -58,3 +58,19 @@ def test_zero_std_groups_counts_groups_without_a_learning_signal():
     groups = [0, 0, 1, 1, 2, 3, 3, 3]
     assert zero_std_groups(rewards, groups) == 2 / 4
     assert zero_std_groups([0.0, 0.0], [5, 5]) == 1.0 and zero_std_groups([], []) == 0.0
+
+
+def test_per_source_metrics_of_several_ranks_are_over_every_ranks_episodes(monkeypatch):
+    """Rank 0 holds 4 episodes of source A (right), rank 1 two of A (wrong) and two of B: A is 4 of 6 right.
+    Per-rank means gave 0 (rank 0, one source, logged no per-source key; rank 1's A was 0 of 2)."""
+    import mmsr.metrics as metrics
+
+    samples = [Sample("a", "q", None, "x", data_source="A"), Sample("b", "q", None, "x", data_source="B")]
+    ranks = [([traj(0, [Answer("a")])] * 4, [{"correct": 1.0}] * 4),
+             ([traj(0, [Answer("a")])] * 2 + [traj(1, [ImageSearch(), Answer("a")])] * 2, [{"correct": 0.0}] * 2 + [{"correct": 1.0}] * 2)]  # fmt: skip
+    per_rank = [metrics.group_sums(trajs, samples, details) for trajs, details in ranks]
+    monkeypatch.setattr(metrics, "gather_per_rank", lambda obj: per_rank)
+    m = metrics.group_metrics(metrics.summed_over_ranks(per_rank[0]))
+    assert m["reward/accuracy/A"] == pytest.approx(4 / 6) and m["reward/accuracy/B"] == 1.0
+    assert m["rollout/search_ratio/any/A"] == 0.0 and m["rollout/search_ratio/any/B"] == 1.0
+    assert "reward/accuracy/A" not in rollout_metrics(*ranks[0][:1], samples, [1.0] * 4, ranks[0][1], RolloutSettings())
