@@ -227,7 +227,7 @@ class GRPOModule(L.LightningModule):
             self._ref = ReferenceModel.copy_of(self.model, compute, device, offload) if kl else None
             self.model.to(self.param_dtype)
             return
-        if isinstance(self.engine, HFEngine) and self.engine.policy is not None and self.engine.policy.model is self.model:
+        if isinstance(self.engine, HFEngine) and self.engine.generates_with(self.model):
             self.engine.bind(replace(self.policy, model=copy_to(self.model, compute, device)))
         mesh, architecture = self.device_mesh["data_parallel"], type(self.model)
         shard(self.model, mesh, self.param_dtype, mp_policy=mixed_precision(compute, self.param_dtype))

@@ -212,3 +212,23 @@ def test_a_sync_that_skips_the_vision_tower_is_caught_by_the_probe_image(trainer
     ids, vision = probe_inputs(trainer)
     assert sync.last_check.max_abs_diff < 1e-5
     assert sync.last_check.tokens == len(ids) - 1 - vision[0].num_tokens  # every prediction but the pads
+
+
+def test_a_bf16_sync_leaves_the_fp32_weights_of_an_engine_colocated_on_them(tiny_policy):
+    """A colocated ``HFEngine`` generates with the trainer's own module: the sync sends nothing, where a bf16
+    cast written back rounded the master weights (an lr-2e-6 update vanished); a separate copy still gets them."""
+    from mmsr.rollout.hf_engine import HFEngine
+    from mmsr.sync import WeightSync
+
+    trainer = Policy(copy.deepcopy(tiny_policy.model), tiny_policy.tokenizer, tiny_policy.image_processor)
+    perturb(trainer.model, scale=1e-6)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    colocated, separate = HFEngine(), HFEngine()
+    colocated.bind(trainer)
+    separate.bind(Policy(copy.deepcopy(tiny_policy.model), tiny_policy.tokenizer, tiny_policy.image_processor))
+    sync = WeightSync(dtype="bfloat16", verify_every=0)
+    assert sync(trainer, colocated).bytes == 0
+    assert all(torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())
+    assert sync(trainer, separate).bytes > 0
+    for name, p in separate.policy.model.named_parameters():
+        assert torch.equal(p, before[name].to(torch.bfloat16).float())

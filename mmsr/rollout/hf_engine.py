@@ -81,6 +81,12 @@ class HFEngine:
         self.calls += 1
         return [request_seed(self.seed, r.stream, r.key or f"call{self.calls}/{i}", r.turn) for i, r in enumerate(requests)]
 
+    def generates_with(self, model: torch.nn.Module) -> bool:
+        """Whether this engine samples from ``model`` itself (colocated on the trainer's module): there is then
+        nothing to sync, and a copy cast for the sync (``weight_sync.dtype: bfloat16``) written back would
+        round the trainer's fp32 master weights."""
+        return self.policy is not None and self.policy.model is model
+
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load the trainer's (full, gathered by ``mmsr.sync``) tensors. Colocated on the trainer's
         own module this copies nothing; with a separate copy (FSDP2-sharded trainer) it copies."""

@@ -149,8 +149,11 @@ def stream_weights(model: torch.nn.Module, bucket_bytes: int, counter: _Counter 
 
 def sync_weights(model: torch.nn.Module, engine: Engine, bucket_mb: float = DEFAULT_BUCKET_MB,
                  dtype: torch.dtype | None = None) -> SyncStats:  # fmt: skip
-    """Stream ``model``'s parameters into ``engine.update_weights`` in ``bucket_mb`` buckets."""
+    """Stream ``model``'s parameters into ``engine.update_weights`` in ``bucket_mb`` buckets; nothing to an
+    engine that generates with ``model`` itself (``generates_with``)."""
     start, counter = time.perf_counter(), _Counter()
+    if getattr(engine, "generates_with", lambda _: False)(model):
+        return SyncStats(time.perf_counter() - start, 0, 0, 0)
     engine.update_weights(stream_weights(model, int(bucket_mb * 2**20), counter, dtype))
     return SyncStats(time.perf_counter() - start, counter.bytes, counter.buckets, counter.tensors)
 
