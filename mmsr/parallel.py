@@ -17,6 +17,8 @@ from typing import Literal
 import torch
 from torch.distributed.tensor import DTensor
 
+from mmsr.checkpoint import adopt_dtypes
+
 PRECISION_COMPUTE = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
 
@@ -115,7 +117,8 @@ def gather_full(model: torch.nn.Module, keep: bool) -> torch.nn.Module | None:
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not keep:
         return None
-    unsharded = type(model)(model.config)
+    unsharded = type(model)(model.config)  # built in the default dtype: given the trainer's, as a 1-rank run saves
+    adopt_dtypes(unsharded, full)
     unsharded.load_state_dict(full)
     return unsharded
 
