@@ -80,13 +80,16 @@ def _json_rows(path: Path) -> list[dict]:
 
 
 def _jsonl_rows(path: Path) -> list[dict]:
+    """The objects of the non-blank lines. A line that is not JSON is named by the row index its row would
+    have had, the numbering every other error of this loader uses (blank lines are not rows), and by its
+    1-based line."""
     rows = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if line.strip():
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as exc:
-                raise row_error(path, i, "<line>", f"invalid JSON ({exc.msg})") from None
+                raise row_error(path, len(rows), "<line>", f"invalid JSON at line {line_no} ({exc.msg})") from None
     return rows
 
 
@@ -178,10 +181,12 @@ class ColumnMapping(EvalSet):
 
     def load(self) -> list[Sample]:
         rows = list(enumerate(read_rows(self.path)))
+        # The filters keep a row that is not an object: ``sample`` rejects it with an error naming the row,
+        # which ``skip_invalid`` can skip (``.get`` here would fail with an AttributeError naming nothing).
         for column, accepted in self.where.items():
-            rows = [(i, r) for i, r in rows if str(r.get(column, "")).lower() in accepted]
+            rows = [(i, r) for i, r in rows if not isinstance(r, dict) or str(r.get(column, "")).lower() in accepted]
         if self.skip_no_image and self.image is not None:
-            rows = [(i, r) for i, r in rows if not _empty(r.get(self.image))]
+            rows = [(i, r) for i, r in rows if not isinstance(r, dict) or not _empty(r.get(self.image))]
         if self.download is not None and self.image is not None:  # one batch: downloads run concurrently
             urls = [u for _, r in rows if isinstance(r, dict) and (u := image_url(r.get(self.image)))]
             self._fetched = self.download.fetch(list(dict.fromkeys(urls))) if urls else {}

@@ -39,14 +39,23 @@ def _parquet_rows(path: Path, batch_rows: int = 256) -> Iterator[dict]:
     pa.default_memory_pool().release_unused()
 
 
-def _jsonl_rows(path: Path) -> Iterator[dict]:
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:
+    """(1-based line number, object) for each non-blank line. Errors name the line, as an editor numbers
+    it: a row index would skip blank lines, and two numberings in one file's messages mislead."""
+    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            yield json.loads(line)
+            yield line_no, json.loads(line)
         except json.JSONDecodeError as exc:
-            raise row_error(path, i, "<line>", f"invalid JSON ({exc.msg})") from None
+            raise row_error(path, f"line {line_no}", "<line>", f"invalid JSON ({exc.msg})") from None
+
+
+def _jsonl_line_sample(numbered: tuple[int, dict], path: Path, i: int) -> Sample:
+    """``jsonl_sample`` of a (line number, object) pair: errors name the line, the default id keeps the
+    row index ``i``."""
+    line_no, r = numbered
+    return jsonl_sample(r, path, i, line_no)
 
 
 def load_samples(path: str | Path, skip_invalid: bool = False) -> list[Sample]:
@@ -65,9 +74,9 @@ def load_samples(path: str | Path, skip_invalid: bool = False) -> list[Sample]:
     return collect(rows, make, path, skip_invalid)
 
 
-def _reader(path: Path) -> tuple[Iterator[dict], RowMaker]:
+def _reader(path: Path) -> tuple[Iterator, RowMaker]:
     if path.suffix in (".parquet", ".pq"):
         return _parquet_rows(path), parquet_sample
     if path.suffix == ".jsonl":
-        return _jsonl_rows(path), jsonl_sample
+        return _jsonl_rows(path), _jsonl_line_sample
     raise ValueError(f"{path}: unknown data format {path.suffix!r} (use .parquet, .pq or .jsonl)")

@@ -27,9 +27,11 @@ class DataError(ValueError):
     """A row that cannot become a ``Sample``; the message names file, row and field."""
 
 
-def row_error(path, row, field, problem) -> DataError:
-    """The error for ``field`` of row ``row`` of ``path``."""
-    return DataError(f"{path}: row {row}, field {field!r}: {problem}")
+def row_error(path, row: int | str, field, problem) -> DataError:
+    """The error for ``field`` of row ``row`` of ``path``: ``row`` is the 0-based row index, or a ready
+    label such as ``"line 4"`` (jsonl files, whose readers number lines as editors do)."""
+    where = row if isinstance(row, str) else f"row {row}"
+    return DataError(f"{path}: {where}, field {field!r}: {problem}")
 
 
 def decode_image(data: bytes | str | Path | Image.Image, path, row, field="image") -> Image.Image:
@@ -57,7 +59,9 @@ def encoded_image(data: bytes | str | Path | Image.Image, path, row, field="imag
 
 
 def candidate_list(value, path, row) -> tuple[str, ...]:
-    """Candidate answers come as a list or as a JSON string of a list (upstream data)."""
+    """Candidate answers come as a list or as a JSON string of a list (upstream data). Numbers (upstream
+    JSON holds ints, e.g. years) are stringified, as the reward's ``parse_candidate_answers`` does: this
+    layer may not import ``mmsr.reward``, so the rule (``str(v)``) is repeated here and must stay the same."""
     if value is None or value == "":
         return ()
     if isinstance(value, str):
@@ -65,9 +69,14 @@ def candidate_list(value, path, row) -> tuple[str, ...]:
             value = json.loads(value)
         except json.JSONDecodeError as exc:
             raise row_error(path, row, "candidate_answers", f"not a JSON list ({exc.msg})") from None
-    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
-        raise row_error(path, row, "candidate_answers", f"expected a list of strings, got {value!r:.80}")
-    return tuple(value)
+    if not isinstance(value, list | tuple) or not all(_is_candidate(v) for v in value):
+        raise row_error(path, row, "candidate_answers", f"expected a list of strings (or numbers), got {value!r:.80}")
+    return tuple(v if isinstance(v, str) else str(v) for v in value)
+
+
+def _is_candidate(value) -> bool:
+    """A string or a number; a bool is a number to Python but no answer (a broken export, more likely)."""
+    return isinstance(value, str) or (isinstance(value, int | float) and not isinstance(value, bool))
 
 
 def _text(value, path, row, field) -> str:
@@ -84,15 +93,43 @@ def _parquet_question(prompt, path, row) -> str:
     return _text(users[-1] if users else None, path, row, "prompt")
 
 
+def _dict_image(cell: dict, path, row, field) -> EncodedImage:
+    """A ``{"bytes", "path"}`` cell (a ``datasets`` Image column, undecoded): the bytes, else the file, a
+    relative name read against the data file's folder as a plain path cell is (not the working directory,
+    which would make the result depend on where ``mmsr`` runs). Neither is a ``DataError``: a row that
+    names an image it does not have is broken, not a text-only question."""
+    if cell.get("bytes"):
+        return encoded_image(cell["bytes"], path, row, field)
+    if cell.get("path"):
+        return encoded_image(Path(path).parent / cell["path"], path, row, field)  # an absolute path is kept
+    raise row_error(path, row, field, f"no image bytes or path (got {cell!r:.60})")
+
+
 def _parquet_image(images, path, row) -> EncodedImage | Image.Image:
     """The first entry of ``images``: ``{"bytes": ...}`` / ``{"path": ...}`` (parquet) or a PIL image (datasets)."""
     first = images[0] if isinstance(images, list | tuple) and len(images) else None
     if isinstance(first, Image.Image):
         return encoded_image(first, path, row, "images")
-    data = (first.get("bytes") or first.get("path")) if isinstance(first, dict) else None
-    if not data:
+    if not isinstance(first, dict):
         raise row_error(path, row, "images", f"no image bytes (got {images!r:.60})")
-    return encoded_image(data, path, row, "images")
+    return _dict_image(first, path, row, "images")
+
+
+def _sample_id(values, default: str) -> str:
+    """The first id of ``values`` that is set: ``None`` (a null in a struct column such as verl's
+    ``extra_info``) and ``""`` are unset, ``0`` is an id. Ids key caches, so unset ones must not become
+    ``"None"`` and collide."""
+    return str(next((v for v in values if v is not None and v != ""), default))
+
+
+def _extra_info(extra, path, row) -> dict:
+    """verl's ``extra_info`` object, ``{}`` where unset. Anything else (e.g. JSON text) is a row error:
+    ``.get`` on it would be an AttributeError naming no row, which ``skip_invalid`` cannot skip."""
+    if not extra:  # None, and the empty values read as unset before
+        return {}
+    if not isinstance(extra, dict):
+        raise row_error(path, row, "extra_info", f"expected an object, got {type(extra).__name__} ({extra!r:.60})")
+    return extra
 
 
 def parquet_sample(r: dict, path: Path, i: int) -> Sample:
@@ -100,9 +137,9 @@ def parquet_sample(r: dict, path: Path, i: int) -> Sample:
     reward = r.get("reward_model")
     if not isinstance(reward, dict):
         raise row_error(path, i, "reward_model", f"expected a dict with 'ground_truth', got {reward!r:.60}")
-    extra = r.get("extra_info") or {}
+    extra = _extra_info(r.get("extra_info"), path, i)
     return Sample(
-        id=str(r.get("data_id") or extra.get("index", f"{path.stem}-{i}")),
+        id=_sample_id((r.get("data_id"), extra.get("index")), f"{path.stem}-{i}"),
         question=question,
         image=_parquet_image(r.get("images"), path, i),
         ground_truth=_text(reward.get("ground_truth"), path, i, "reward_model.ground_truth"),
@@ -114,23 +151,29 @@ def parquet_sample(r: dict, path: Path, i: int) -> Sample:
     )
 
 
-def jsonl_sample(r: dict, path: Path, i: int) -> Sample:
+def jsonl_sample(r: dict, path: Path, i: int, line: int | None = None) -> Sample:
+    """A flat-schema row; ``i`` is its row index (the default id's suffix), ``line`` its 1-based line in a
+    jsonl file, which errors then name instead."""
+    at = i if line is None else f"line {line}"
+    if not isinstance(r, dict):  # a jsonl line such as [1, 2]: a bad row, skippable like any other
+        raise row_error(path, at, "<row>", f"expected an object, got {type(r).__name__}")
     image_rel = r.get("image")
     image = None
-    if isinstance(image_rel, Image.Image | bytes | dict):  # a datasets Image feature, decoded or not
-        raw = image_rel.get("bytes") or image_rel.get("path") if isinstance(image_rel, dict) else image_rel
-        image = encoded_image(raw, path, i) if raw else None
+    if isinstance(image_rel, dict):  # a datasets Image feature, undecoded
+        image = _dict_image(image_rel, path, at, "image")
+    elif isinstance(image_rel, Image.Image | bytes):  # decoded, or raw bytes
+        image = encoded_image(image_rel, path, at) if image_rel else None
     elif image_rel is not None:
         file = path.parent / image_rel
         if not file.is_file():
-            raise row_error(path, i, "image", f"file {file} does not exist")
-        image = encoded_image(file, path, i)
+            raise row_error(path, at, "image", f"file {file} does not exist")
+        image = encoded_image(file, path, at)
     return Sample(
-        id=str(r.get("data_id") or r.get("id") or f"{path.stem}-{i}"),
-        question=_text(r.get("question"), path, i, "question"),
+        id=_sample_id((r.get("data_id"), r.get("id")), f"{path.stem}-{i}"),
+        question=_text(r.get("question"), path, at, "question"),
         image=image,
-        ground_truth=_text(r.get("ground_truth"), path, i, "ground_truth"),
-        candidate_answers=candidate_list(r.get("candidate_answers"), path, i),
+        ground_truth=_text(r.get("ground_truth"), path, at, "ground_truth"),
+        candidate_answers=candidate_list(r.get("candidate_answers"), path, at),
         data_source=r.get("data_source") or "mmsearch_r1",
         image_url=r.get("image_url") or None,
         category=r.get("category"),

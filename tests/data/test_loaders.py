@@ -41,11 +41,13 @@ def _copy_fvqa(tmp_path, edit):
 @pytest.mark.parametrize(
     ("edit", "words"),
     [
-        (lambda rows: rows[3].update(question="  "), "row 3, field 'question'"),
-        (lambda rows: rows[4].pop("ground_truth"), "row 4, field 'ground_truth'"),
-        (lambda rows: rows[5].update(image="images/missing.jpg"), "row 5, field 'image'"),
-        (lambda rows: rows[6].update(candidate_answers="[not json"), "row 6, field 'candidate_answers'"),
-        (lambda rows: rows[7].update(candidate_answers=[1, 2]), "row 7, field 'candidate_answers'"),
+        (lambda rows: rows[3].update(question="  "), "line 4, field 'question'"),  # jsonl: 1-based lines
+        (lambda rows: rows[4].pop("ground_truth"), "line 5, field 'ground_truth'"),
+        (lambda rows: rows[5].update(image="images/missing.jpg"), "line 6, field 'image'"),
+        (lambda rows: rows[6].update(candidate_answers="[not json"), "line 7, field 'candidate_answers'"),
+        (lambda rows: rows[7].update(candidate_answers=[None, "x"]), "line 8, field 'candidate_answers'"),
+        (lambda rows: rows[8].update(candidate_answers=[True]), "line 9, field 'candidate_answers'"),
+        (lambda rows: rows[9].update(image={"bytes": None, "path": None}), "line 10, field 'image': no image bytes"),
     ],
 )
 def test_bad_rows_name_file_row_and_field(tmp_path, edit, words):
@@ -60,7 +62,7 @@ def test_bad_rows_name_file_row_and_field(tmp_path, edit, words):
 def test_corrupt_image_is_named(tmp_path):
     path = _copy_fvqa(tmp_path, lambda rows: None)
     (tmp_path / "images" / "fvqa_train_1078.jpg").write_bytes(b"not a jpeg")
-    with pytest.raises(DataError, match="row 0, field 'image': cannot decode image"):
+    with pytest.raises(DataError, match="line 1, field 'image': cannot decode image"):
         load_samples(path)
 
 

@@ -49,14 +49,14 @@ def test_an_error_of_the_items_comes_after_the_work_before_it():
 
 
 def test_the_first_bad_row_is_named_when_a_later_line_is_not_json(tmp_path):
-    """Row 2's image is missing and line 6 is not JSON: row by row the image error comes first, and it
-    still does with the rows made ahead on the pool."""
+    """Row 2's image is missing (line 3) and line 7 is not JSON: row by row the image error comes first,
+    and it still does with the rows made ahead on the pool."""
     path = _copy_fvqa(tmp_path, lambda rows: rows[2].update(image="images/missing.jpg"))
     lines = path.read_text().splitlines()
     lines[6] = "{not json"
     path.write_text("\n".join(lines) + "\n")
-    with pytest.raises(DataError, match="row 2, field 'image'"):
+    with pytest.raises(DataError, match="line 3, field 'image'"):
         load_samples(path)
-    with pytest.raises(DataError, match="row 6, field '<line>': invalid JSON"):
+    with pytest.raises(DataError, match="line 7, field '<line>': invalid JSON"):
         load_samples(path, skip_invalid=True)  # a line that is not JSON is not a row to skip
     assert json.loads(lines[5])  # the rows before it were fine
