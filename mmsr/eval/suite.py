@@ -143,7 +143,8 @@ def markdown_table(table: dict) -> str:
             cells = ["error" if rows[(wf, s)]["error"] else _pct(rows[(wf, s)][key]) for s in names]
             lines.append("| " + " | ".join([wf, label, _pct(avg[key]), *cells]) + " |")
     notes = [f"\nAcc: {table['accuracy']} (%). SR: share of responses that searched (%). Avg: mean over the sets that ran."]
-    notes += [f"- {r['set']}: {r['error']}" for r in table["rows"] if r["error"] and r["workflow"] == next(iter(table["average"]))]
+    # each set's error once, whichever workflow it stopped in (a set can fail after its first workflow ran)
+    notes += [f"- {s}: {e}" for s, e in dict.fromkeys((r["set"], r["error"]) for r in table["rows"] if r["error"])]
     return "\n".join(lines + notes) + "\n"
 
 

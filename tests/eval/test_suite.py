@@ -82,6 +82,7 @@ def test_a_set_whose_evaluation_fails_is_an_error_row_and_the_suite_goes_on(tmp_
     assert rows["b", "rag"]["error"] is None and rows["b", "rag"]["n"] == 2  # the next set still ran
     assert table["average"]["rag"]["sets"] == 1 and table["average"]["direct"]["sets"] == 2
     assert len((tmp_path / "a" / "trajectories.jsonl").read_text().splitlines()) == 2
+    assert "- a: evaluation failed in rag: RuntimeError: judge unreachable" in (tmp_path / "suite.md").read_text()
     assert "RuntimeError: judge unreachable" in capfd.readouterr().err  # the traceback is not lost
     # a rerun once the judge is back runs only what is missing (a's rag), and the work file then goes
     engine = ScriptedEngine(script, tiny_policy.tokenizer)
