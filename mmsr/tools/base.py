@@ -57,6 +57,8 @@ class ToolResult:
         latency_s: wall-clock seconds the call took.
         cost: money spent (API backends), 0 for local ones.
         titles: titles of the returned items, for logs and tables.
+        partial: a transient failure (the call's deadline, a timeout, 429/5xx, the network) cut the result
+            short: it is shown, but never cached, so the next call may get the whole answer.
     """
 
     text: str
@@ -65,6 +67,7 @@ class ToolResult:
     latency_s: float = 0.0
     cost: float = 0.0
     titles: tuple[str, ...] = field(default_factory=tuple)
+    partial: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "text", redact(self.text))  # frozen: the one sanctioned way to clean a field

@@ -65,7 +65,7 @@ class Deadline:
         left = self.left(keep_s)
         if left <= 0:
             getattr(step, "close", lambda: None)()  # never started: no "coroutine was never awaited" warning
-            raise ToolError(f"no time left for {what}", "deadline")
+            raise ToolError(f"no time left for {what}", "deadline", sent=False)
         try:
             async with asyncio.timeout(None if math.isinf(left) else left):
                 return await step

@@ -3,11 +3,14 @@
 Results live in one SQLite file (WAL journal, busy timeout: several trainer, evaluation and server processes
 can share it), keyed by (tool kind, provider, request key, backend version). The request key is the
 normalized query for text search and a SHA-256 of the image's pixels for image search (so the same image
-re-read from disk hits, whatever its file name), else its URL. Reruns, evaluations and resumed runs then cost
-no API calls (spec §11 #8: SerpAPI is about $75 per 5k requests).
+re-read from disk hits, whatever its file name), else its URL. Any other tool (a custom text tool, a crop
+search) is keyed on both its normalized query and its image (or URL, and the size the query's coordinates
+refer to) when it has one: either may change the answer. Reruns, evaluations and resumed runs then cost no
+API calls (spec §11 #8: SerpAPI is about $75 per 5k requests).
 
 ``CachedTool`` wraps any ``SearchTool``. Modes: ``off`` (always call), ``read_write`` (hit -> cached result;
-miss -> call, store successes), ``replay_only`` (hit -> cached result; miss -> ``ReplayMiss``, never a call).
+miss -> call, store successes not cut short by a transient failure, ``ToolResult.partial``), ``replay_only``
+(hit -> cached result; miss -> ``ReplayMiss``, never a call).
 The budget counts the calls and dollars of one run in the same file, so every process of a run (same
 ``run_id``) shares it; past it, a miss returns a failure observation saying so instead of calling.
 """
@@ -53,15 +56,33 @@ def normalize_query(query: str) -> str:
     return " ".join(query.lower().split())
 
 
-def request_key(request: ToolRequest) -> str:
-    """The cache key of a request (see the module docstring)."""
-    if request.kind == "text_search":
-        return "q:" + normalize_query(request.query)
+def _image_part(request: ToolRequest) -> str | None:
     if request.image is not None:
         return image_key(request.image)
     if request.image_url:
         return "url:" + request.image_url
-    raise ValueError(f"image_search request for row {request.sample_id!r} has neither an image nor an image_url")
+    return None
+
+
+def request_key(request: ToolRequest) -> str:
+    """The cache key of a request (see the module docstring). The formats of ``text_search`` and
+    ``image_search`` keys never change: caches recorded with them must keep hitting."""
+    if request.kind == "text_search":
+        return "q:" + normalize_query(request.query)
+    image = _image_part(request)
+    if request.kind == "image_search":
+        if image is None:
+            raise ValueError(
+                f"image_search request for row {request.sample_id!r} has neither an image nor an image_url"
+            )
+        return image
+    # Any other tool may read both: one key per (query, image), else every query of a row gets the first answer.
+    parts = ["q:" + normalize_query(request.query)] if request.query.strip() or image is None else []
+    if image is not None:
+        parts.append(image)
+    if image is not None and request.image_size is not None:  # a crop's box is in these pixels
+        parts.append("size:{}x{}".format(*request.image_size))
+    return "|".join(parts)
 
 
 @dataclass(frozen=True)
@@ -242,11 +263,21 @@ class CachedTool:
         if refusal is not None:
             self.counts[f"{request.kind}/budget_refusals"] += 1
             return failure(request.kind, refusal, time.perf_counter() - start)
-        result = await self.tool(with_budget_left(request, start))  # the lookup and a busy lock took their share
-        await asyncio.to_thread(self.cache.spend, self.run_id, result.cost)
-        if result.ok and self.mode == "read_write":
+        cost = self._cost_if_raised()
+        try:
+            result = await self.tool(with_budget_left(request, start))  # the lookup and a busy lock took their share
+            cost = result.cost
+        finally:  # a call that raised (or was cancelled) may have been paid: it is never free in the budget
+            await asyncio.shield(asyncio.to_thread(self.cache.spend, self.run_id, cost))
+        if result.ok and not result.partial and self.mode == "read_write":
             await asyncio.to_thread(self.cache.put, key, result)
         return result
+
+    def _cost_if_raised(self) -> float:
+        """What a call that raised is charged: its search provider's price per call (a search that raised may
+        have been paid for; the budget is a cap, so it errs on the side of spending), else nothing."""
+        provider = getattr(self.tool, "provider", None)
+        return float(getattr(provider, "cost_per_call", 0.0) or 0.0)
 
     def metrics(self) -> dict[str, float]:
         """Cache hits/misses, budget refusals, this run's API calls and dollars, and the backend's own metrics."""

@@ -21,7 +21,9 @@ SSRF guard, byte and pixel caps, against the call's deadline); pickled images ar
 thumbnail that cannot be had is skipped and its row is recorded in ``dead`` (metrics count them;
 ``tools/check_fvqa_cache.py`` lists them for a whole file). An unknown ``data_id`` is a failure observation.
 Results with fetched thumbnails are stored in the tool cache (SQLite, ``mmsr.tools.cache.ToolCache``) under
-the row's id, so a row's URLs are fetched once per cache file, whatever process asks.
+the row's id, so a row's URLs are fetched once per cache file, whatever process asks; a result cut short by a
+transient failure (the call's deadline, a timeout, 429/5xx) is shown but not stored, so a later call tries the
+thumbnail again.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from mmsr.tools.format import image_results
 from mmsr.tools.fvqa_pickle import PickledImage, safe_load
 from mmsr.tools.web import guard
 from mmsr.tools.web.http import HTTPClient, Limits, ToolError
-from mmsr.tools.web.images import fetch_image, shrunk
+from mmsr.tools.web.images import cut_short, fetch_image, shrunk
 
 PROVIDER = "fvqa_cache"
 TITLES, THUMBNAILS = "tool_returned_web_title_list", "tool_returned_images_urls"
@@ -199,7 +201,7 @@ class FVQACacheSearch:
             if hit is not None:
                 return ToolResult(hit.text, hit.images, True, time.perf_counter() - start, 0.0, hit.titles)
         result = await self.lookup(request.sample_id, row, Deadline.after(request.budget_s, self.reserve_s), start)
-        if fetches and result.ok and self.store is not None:
+        if fetches and result.ok and not result.partial and self.store is not None:
             await asyncio.to_thread(self.store.put, self._key(request.sample_id), result)
         return result
 
@@ -208,17 +210,18 @@ class FVQACacheSearch:
         pairs = list(zip(row.titles, row.thumbnails))  # as the upstream readers: extra titles or images are unused
         images = await asyncio.gather(*(self._thumbnail(data_id, rank, t, deadline)
                                         for rank, (_, t) in enumerate(pairs, start=1)))  # fmt: skip
-        kept = [(title, im) for (title, _), im in zip(pairs, images) if im is not None][: self.top_k]
+        kept = [(title, im) for (title, _), im in zip(pairs, images) if isinstance(im, Image.Image)][: self.top_k]
         self.counts["rows_served"] += 1
         if pairs and not kept:
             reason = f"none of the {len(pairs)} result images could be loaded"
             return failure("image_search", reason, time.perf_counter() - start)
         titles = tuple(title for title, _ in kept)
         return ToolResult(image_results(titles), tuple(im for _, im in kept), True, time.perf_counter() - start,
-                          0.0, titles)  # fmt: skip
+                          0.0, titles, partial=cut_short(images, self.top_k))  # fmt: skip
 
     async def _thumbnail(self, data_id: str, rank: int, thumbnail: Thumbnail,
-                         deadline: Deadline) -> Image.Image | None:  # fmt: skip
+                         deadline: Deadline) -> Image.Image | ToolError:  # fmt: skip
+        """The thumbnail, or why it was skipped (recorded in ``dead``; the caller needs the why for caching)."""
         try:
             if isinstance(thumbnail, PickledImage):
                 if thumbnail.image is None:
@@ -234,7 +237,7 @@ class FVQACacheSearch:
             self.counts[f"thumbnail_{exc.kind}"] += 1
             url = thumbnail if isinstance(thumbnail, str) else ""
             self.dead.setdefault(data_id, {})[rank] = DeadThumbnail(rank, url, exc.reason)
-            return None
+            return exc
 
     def dead_thumbnails(self) -> dict[str, list[DeadThumbnail]]:
         """``data_id -> thumbnails that could not be had`` for the rows looked up so far (tool-cache hits are

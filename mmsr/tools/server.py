@@ -50,7 +50,7 @@ def _png64(image: Image.Image) -> str:
 def _image64(data: str, field: str) -> Image.Image:
     try:
         return Image.open(io.BytesIO(base64.b64decode(data, validate=True))).convert("RGB")
-    except (ValueError, OSError) as exc:
+    except Exception as exc:  # a corrupt image makes Pillow raise SyntaxError, EOFError ...: a bad request all the same
         raise ValueError(f"field {field!r}: not a base64-encoded image ({type(exc).__name__})") from None
 
 
@@ -88,8 +88,11 @@ def request_from_json(body: Any) -> ToolRequest:
 
 
 def result_to_json(result: ToolResult) -> dict[str, Any]:
-    return {"text": result.text, "images": [_png64(i) for i in result.images], "ok": result.ok,
+    body = {"text": result.text, "images": [_png64(i) for i in result.images], "ok": result.ok,
             "latency_s": result.latency_s, "cost": result.cost, "titles": list(result.titles)}  # fmt: skip
+    if result.partial:  # only then: a client's own cache must not keep it either; other answers stay as they were
+        body["partial"] = True
+    return body
 
 
 def result_from_json(body: Any) -> ToolResult:
@@ -97,7 +100,7 @@ def result_from_json(body: Any) -> ToolResult:
     try:
         images = tuple(_image64(d, "images") for d in body["images"])
         return ToolResult(str(body["text"]), images, bool(body["ok"]), float(body["latency_s"]), float(body["cost"]),
-                          tuple(str(t) for t in body["titles"]))  # fmt: skip
+                          tuple(str(t) for t in body["titles"]), bool(body.get("partial", False)))  # fmt: skip
     except (KeyError, TypeError, ValueError) as exc:
         raise ToolError(f"the search server's answer is not a tool result ({exc})", "bad_response") from None
 

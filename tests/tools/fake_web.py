@@ -38,3 +38,13 @@ class Script:
             return web.json_response(payload, status=status, headers=self.headers)
         return web.Response(body=payload.encode() if isinstance(payload, str) else payload, status=status,
                             headers=self.headers, content_type="text/html")  # fmt: skip
+
+
+def broken_png() -> bytes:
+    """A PNG whose IDAT chunk claims 5 bytes: Pillow then reads garbage as the next chunk and raises
+    ``SyntaxError`` ("broken PNG file"), not ``OSError``: the kind of corrupt thumbnail the web serves."""
+    from mmsr.tools.web.fake import png
+
+    data = png("red", (17, 13))
+    at = data.index(b"IDAT") - 4
+    return data[:at] + (5).to_bytes(4, "big") + data[at + 4 :]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+from types import SimpleNamespace
 
 import pytest
 from PIL import Image
@@ -11,6 +12,7 @@ from PIL import Image
 from mmsr.tools import IMAGE_MARKER, ToolRequest, ToolResult
 from mmsr.tools.base import failure
 from mmsr.tools.cache import CachedTool, ReplayMiss, ToolCache, image_key, request_key
+from mmsr.tools.crop import CropSearch
 
 
 class CountingTool:
@@ -140,3 +142,67 @@ def test_cache_file_is_wal_and_shared_between_connections(tmp_path):
     run(CachedTool(CountingTool(), str(path)), text("q"))
     other = ToolCache(path)
     assert other._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal" and len(other) == 1
+
+
+class EchoTool:
+    """Answers with what it was asked: the query, or the size of the image (a crop's region)."""
+
+    provider_name = "echo"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def __call__(self, request: ToolRequest) -> ToolResult:
+        self.calls += 1
+        if request.image is not None and not request.query:
+            return ToolResult(f"[Image Search Results] region {request.image.width}x{request.image.height}")
+        return ToolResult(f"[Wiki Search Results] {request.query}")
+
+
+def test_other_tool_kinds_key_on_their_query_and_image(tmp_path):
+    backend = EchoTool()
+    wiki = CachedTool(backend, str(tmp_path / "c.sqlite"))
+    url = "https://img.example/row1.jpg"
+    asked = [run(wiki, ToolRequest("wiki_search", q, image_url=url, sample_id="row1")).text
+             for q in ("capital of France", "height of Everest", "Capital  of france")]  # fmt: skip
+    assert asked == ["[Wiki Search Results] capital of France", "[Wiki Search Results] height of Everest",
+                     "[Wiki Search Results] capital of France"] and backend.calls == 2  # fmt: skip
+    assert run(wiki, ToolRequest("wiki_search", "no image", sample_id="row2")).ok  # a row without an image
+    crop = CachedTool(CropSearch(backend), str(tmp_path / "c.sqlite"), provider="crop")
+    image = Image.new("RGB", (400, 300), "red")
+    regions = [run(crop, ToolRequest("crop_search", box, image=image, image_size=(400, 300))).text
+               for box in ("[0, 0, 100, 100]", "[0, 0, 400, 300]")]  # fmt: skip
+    assert regions == ["[Image Search Results] region 100x100", "[Image Search Results] region 400x300"]
+    # the same box in another pixel space is another region
+    assert run(crop, ToolRequest("crop_search", "[0, 0, 100, 100]", image=image, image_size=(200, 150))).text.endswith(
+        "region 200x200"
+    )
+    # the keys caches were recorded with do not change
+    assert request_key(text(" Eiffel  TOWER ")) == "q:eiffel tower"
+    assert request_key(ToolRequest("image_search", "ignored", image=image, image_url=url)) == image_key(image)
+    assert request_key(ToolRequest("image_search", "ignored", image_url=url)) == "url:" + url
+
+
+def test_a_partial_result_is_returned_but_not_stored(tmp_path):
+    class Partial(CountingTool):
+        async def __call__(self, request: ToolRequest) -> ToolResult:
+            result = await super().__call__(request)
+            return ToolResult(result.text, result.images, cost=result.cost, titles=result.titles, partial=True)
+
+    backend = Partial()
+    tool = CachedTool(backend, str(tmp_path / "c.sqlite"))
+    assert run(tool, text("q")).partial and run(tool, text("q")).ok
+    assert backend.calls == 2 and len(tool.cache) == 0
+
+
+def test_a_call_that_raises_is_still_charged(tmp_path):
+    class Crashing:
+        provider = SimpleNamespace(cost_per_call=0.25)  # the search it made before it crashed was paid
+
+        async def __call__(self, request: ToolRequest) -> ToolResult:
+            raise SyntaxError("broken PNG file")
+
+    tool = CachedTool(Crashing(), str(tmp_path / "c.sqlite"), run_id="r")
+    with pytest.raises(SyntaxError):
+        run(tool, text("q"))
+    assert tool.cache.spent("r") == (1, 0.25)

@@ -141,6 +141,25 @@ def test_top_k_cuts_after_skipping(tmp_path):
     assert asyncio.run(main()).titles == ("Red page", "Blue page")
 
 
+def test_a_row_cut_short_by_a_transient_failure_is_not_stored(tmp_path):
+    busy = Script((503, "busy"), (200, png("blue")))  # busy once, then fine
+    gone = Script((404, "Not Found"))  # a permanent failure: a complete answer without it
+
+    async def main():
+        async with serve([("GET", "/red.png", Script((200, png("red")))), ("GET", "/busy.png", busy),
+                          ("GET", "/gone.png", gone)]) as url:  # fmt: skip
+            rows = {"row": {"tool_returned_web_title_list": ["Red", "Busy", "Gone"],
+                            "tool_returned_images_urls": [f"{url}/red.png", f"{url}/busy.png", f"{url}/gone.png"]}}
+            (tmp_path / "c.pkl").write_bytes(pickle.dumps(rows))
+            tool = tool_for(tmp_path / "c.pkl", tmp_path / "tools.sqlite")
+            return [await tool(request("row")) for _ in range(3)]
+
+    short, whole, hit = asyncio.run(main())
+    assert short.ok and short.partial and short.titles == ("Red",)
+    assert whole.titles == hit.titles == ("Red", "Busy") and not whole.partial
+    assert len(busy.requests) == 2 and len(gone.requests) == 2  # the third call was served from the tool cache
+
+
 class RunsCommand:
     def __init__(self, marker: Path) -> None:
         self.marker = marker

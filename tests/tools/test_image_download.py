@@ -18,6 +18,8 @@ from mmsr.tools.web.download import ImageDownloader
 from mmsr.tools.web.fake import png
 from mmsr.tools.web.http import Limits
 
+from .fake_web import broken_png
+
 FAST = Limits(timeout_s=2.0, retries=2, backoff_s=0.01, backoff_max_s=0.02, breaker_failures=0)
 
 
@@ -28,7 +30,8 @@ class Images(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:  # noqa: N802 (the http.server name)
         self.hits[self.path] += 1
-        files = {"/red.png": png("red", (6, 4)), "/big.png": png("blue", (60, 40)), "/flaky.png": png("green", (6, 4))}
+        files = {"/red.png": png("red", (6, 4)), "/big.png": png("blue", (60, 40)), "/flaky.png": png("green", (6, 4)),
+                 "/broken.png": broken_png()}  # fmt: skip
         if self.path not in files or (self.path == "/flaky.png" and self.hits[self.path] == 1):
             self.send_response(404 if self.path not in files else 503)
             self.end_headers()
@@ -89,6 +92,17 @@ def test_a_dead_or_oversized_url_names_the_row_field_and_url(server, tmp_path):
     big = loader(rows_file(tmp_path, [f"{server}/big.png"]), tmp_path / "other.sqlite", max_pixels=1000)
     with pytest.raises(DataError, match=rf"row 0, field 'pic': download of {server}/big.png failed: the image is 60x40, over 1000"):
         big.load()
+
+
+def test_a_malformed_url_or_a_corrupt_image_is_that_urls_error_not_an_exception(server, tmp_path):
+    # ImageFetcher's promise: a failed URL is a Fetched with its error; the good images still come back, cached.
+    downloader = ImageDownloader(cache=str(tmp_path / "images.sqlite"), limits=FAST, allow_private=True)
+    urls = [f"{server}/red.png", "http://[::1/x.png", f"{server}/broken.png"]
+    out = downloader.fetch(urls)
+    assert out[urls[0]].image is not None and out[urls[0]].error == ""
+    assert out[urls[1]].image is None and "the URL is malformed" in out[urls[1]].error
+    assert out[urls[2]].image is None and "not a readable image (SyntaxError)" in out[urls[2]].error
+    assert downloader.fetch(urls[:1])[urls[0]].image is not None and Images.hits["/red.png"] == 1  # it was cached
 
 
 def test_without_a_fetcher_urls_are_refused(tmp_path):

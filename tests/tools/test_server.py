@@ -22,10 +22,11 @@ from mmsr.tools import ToolRequest, ToolResult
 from mmsr.tools.base import SearchTool
 from mmsr.tools.cache import ReplayMiss
 from mmsr.tools.replay import ReplaySearch
-from mmsr.tools.server import HTTPSearchTool, SearchServer
+from mmsr.tools.server import HTTPSearchTool, SearchServer, request_from_json, result_from_json, result_to_json
 from mmsr.tools.web.http import Limits
 
 from ..conftest import FVQA, ROOT
+from .fake_web import broken_png
 
 JSONL = str(FVQA / "fvqa_dev.jsonl")
 ROWS = [json.loads(line) for line in (FVQA / "fvqa_dev.jsonl").read_text(encoding="utf-8").splitlines()]
@@ -199,3 +200,23 @@ def test_a_fatal_backend_error_stops_the_client_not_a_failed_search(tmp_path):
             await HTTPSearchTool(url, limits=FAST)(ToolRequest("image_search", image=Image.new("RGB", (4, 4)), sample_id="r0"))
 
     asyncio.run(_with_server(server, body))
+
+
+def test_a_corrupt_image_in_a_request_is_a_bad_request(monkeypatch):
+    """Pillow raises SyntaxError on a broken PNG: the server must answer 400 naming the field, not 500."""
+    import base64
+
+    monkeypatch.delenv("MMSR_SEARCH_TOKEN", raising=False)
+    body = {"kind": "image_search", "image": base64.b64encode(broken_png()).decode("ascii")}
+    with pytest.raises(ValueError, match=r"field 'image': not a base64-encoded image \(SyntaxError\)"):
+        request_from_json(body)
+
+    async def post(url):
+        async with aiohttp.ClientSession() as session, session.post(url + "/v1/search", json=body) as response:
+            return response.status, await response.json()
+
+    status, answer = asyncio.run(_with_server(SearchServer(image_search=SlowTool(0.0), port=0), post))
+    assert status == 400 and "field 'image'" in answer["error"]
+    # a partial result says so over the wire (and only then: other answers are unchanged)
+    partial = ToolResult("[Text Search Results] short", partial=True)
+    assert result_from_json(result_to_json(partial)).partial and "partial" not in result_to_json(ToolResult("x"))

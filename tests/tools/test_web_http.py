@@ -219,3 +219,32 @@ def test_each_redirect_hop_is_checked():
 
 async def _check_scheme_async(url: str):  # lets any http(s) URL through
     return guard.check_scheme(url)
+
+
+@pytest.mark.parametrize("url", ["http://[::1/x", "http://a:99999/", "http://a.com:abc/", "http://user@:80/",
+                                 "http://a..b/", "http://xn--zz.com/", "http://" + "a" * 70 + ".com/"])  # fmt: skip
+def test_guard_refuses_malformed_urls_instead_of_raising(url):
+    # Result URLs come from third parties: a parse or IDNA error must be a refusal its caller skips, not a crash.
+    with pytest.raises(guard.BlockedURL, match="the URL is malformed"):
+        asyncio.run(guard.check_url(url))
+    if ".." not in url and "a" * 70 not in url:  # these two fail only when the name is IDNA-encoded
+        with pytest.raises(guard.BlockedURL, match="the URL is malformed"):
+            asyncio.run(guard.check_url(url, allow_private=True))
+
+
+def test_a_malformed_redirect_or_request_url_is_a_tool_error():
+    async def redirect(request):
+        return web.Response(status=302, headers={"Location": "http://[::1/x"})
+
+    async def main():
+        async with serve([("GET", "/r", redirect)]) as url:
+            with pytest.raises(ToolError, match="the redirect's Location is malformed") as bad_redirect:
+                await DirectReader(allow_private=True).read(url + "/r")
+            client = HTTPClient("fake", FAST)
+            with pytest.raises(ToolError, match=r"could not be made \(UnicodeError\)") as bad_request:
+                await client.request("GET", "http://a..b/x")  # IDNA fails inside aiohttp
+            return bad_redirect.value, bad_request.value, client
+
+    bad_redirect, bad_request, client = asyncio.run(main())
+    assert bad_redirect.kind == "bad_redirect" and bad_request.kind == "bad_request"
+    assert client.counts["retries"] == 0  # a URL that cannot be sent does not heal on a retry

@@ -17,6 +17,8 @@ from mmsr.tools.web.fake import png
 from mmsr.tools.web.http import HTTPClient, Limits, ToolError
 from mmsr.tools.web.images import decode_checked, decode_thumbnail, fetch_image
 
+from .fake_web import broken_png
+
 
 def chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
@@ -61,3 +63,21 @@ def test_refused_url_and_spent_deadline_are_tool_errors() -> None:
         asyncio.run(fetch_image(client, "http://127.0.0.1:9/x.png", 1_000_000, True, Deadline(at=0.0), 512))
     assert info.value.kind == "deadline"
     assert client.metrics()["tools/images/calls"] == 1.0  # the late request was never started
+
+
+def test_a_corrupt_png_is_bad_image_though_pillow_raises_syntax_error() -> None:
+    with pytest.raises(ToolError, match=r"not a readable image \(SyntaxError\)") as info:
+        decode_checked(broken_png(), max_pixels=1_000_000)
+    assert info.value.kind == "bad_image"
+
+
+@pytest.mark.parametrize("error", [EOFError("truncated"), struct.error("unpack"), IndexError("tile"), SyntaxError("x")])
+def test_whatever_a_decoder_raises_on_untrusted_bytes_is_bad_image(monkeypatch, error) -> None:
+    # Pillow's plugins raise all of these on corrupt files (found by fuzzing); none may escape a search.
+    def corrupt(self, *args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(Image.Image, "convert", corrupt)
+    with pytest.raises(ToolError, match=rf"not a readable image \({type(error).__name__}\)") as info:
+        decode_checked(png("red"), max_pixels=1_000_000)
+    assert info.value.kind == "bad_image"

@@ -9,16 +9,17 @@ from aiohttp import web
 from PIL import Image
 
 from mmsr.tools import IMAGE_MARKER, ToolRequest
+from mmsr.tools.cache import CachedTool
 from mmsr.tools.format import TEXT_NONE
 from mmsr.tools.web.fake import chat_completion, jina, png, serpapi_google, serpapi_lens, serper, serve
 from mmsr.tools.web.http import Limits
 from mmsr.tools.web.image_search import URLTemplateHost, WebImageSearch
 from mmsr.tools.web.providers import SerpAPIGoogle, SerpAPILens, Serper
 from mmsr.tools.web.reader import DirectReader, JinaReader
-from mmsr.tools.web.summarizer import OpenAISummarizer
+from mmsr.tools.web.summarizer import USER_PROMPT, OpenAISummarizer
 from mmsr.tools.web.text_search import WebTextSearch
 
-from .fake_web import Script
+from .fake_web import Script, broken_png
 
 FAST = Limits(timeout_s=2.0, retries=1, backoff_s=0.01, backoff_max_s=0.02, breaker_failures=0)
 KEY = "sk-test-secret-123"
@@ -202,3 +203,113 @@ def test_image_search_needs_a_public_url_and_reports_provider_failures():
     assert not no_url.ok and "no public URL" in no_url.text
     assert not down.ok and "HTTP 500" in down.text and down.text.startswith("[Image Search Results]")
     assert lens.requests[0]["query"]["url"] == "https://cdn.example/row1.jpg"
+
+
+# --- one bad result, failures that cost nothing, results cut short, the summary prompt -----------------------
+
+BAD_URL = "http://[::1/page"  # does not parse: a provider returned it, or a page was garbled on the way
+
+
+def test_one_malformed_url_or_corrupt_thumbnail_skips_only_itself():
+    results = [("Page 1", "http://127.0.0.1:1/p1", ""), ("Bad", BAD_URL, ""), ("Page 3", "http://127.0.0.1:1/p3", "")]
+    lens = Script()
+
+    async def main():
+        routes = [("*", "/search", Script((200, serper(results)))), ("POST", "/jina", jina_reader),
+                  ("POST", "/v1/chat/completions", summarizer), ("GET", "/lens", lens),
+                  ("GET", "/good", Script((200, png("red")))),
+                  ("GET", "/broken", Script((200, broken_png())))]  # fmt: skip
+        async with serve(routes) as url:
+            lens.responses = [(200, serpapi_lens([("M1", url + "/good"), ("Bad URL", BAD_URL),
+                                                  ("Broken", url + "/broken"), ("M4", url + "/good")]))]  # fmt: skip
+            text = await _pipeline(url, Serper(endpoint=url + "/search", limits=FAST))(ToolRequest("text_search", "q"))
+            tool = WebImageSearch(SerpAPILens(endpoint=url + "/lens", limits=FAST), allow_private=True,
+                                  thumbnail_limits=FAST)  # fmt: skip
+            question = ToolRequest("image_search", image=Image.new("RGB", (8, 8)), image_url="https://x.example/q.jpg")
+            image = await tool(question)
+            return text, image, tool.metrics()
+
+    text, image, metrics = asyncio.run(main())
+    assert text.ok and text.titles == ("Page 1", "Page 3")
+    assert image.ok and image.titles == ("M1", "M4")
+    assert metrics["tools/image_search/thumbnail_refused"] == 1  # the malformed URL
+    assert metrics["tools/image_search/thumbnail_bad_image"] == 1  # the corrupt PNG
+
+
+def test_searches_that_never_went_out_are_not_charged():
+    # A dead provider opens the circuit; from then on calls fail at once and cost nothing, as do calls with no
+    # time left. Only the call that reached the provider (and may be billed) is charged.
+    limits = Limits(timeout_s=2.0, retries=0, breaker_failures=1, breaker_reset_s=600)
+    search, lens = Script((500, "down")), Script((500, "down"))
+    question = Image.new("RGB", (8, 8))
+
+    async def main():
+        async with serve([("*", "/search", search), ("GET", "/lens", lens)]) as url:
+            costs = {}
+            for kind in ("text", "image"):
+                def tool():
+                    if kind == "text":
+                        return _pipeline(url, Serper(endpoint=url + "/search", limits=limits, cost_per_call=0.5))
+                    return WebImageSearch(SerpAPILens(endpoint=url + "/lens", limits=limits, cost_per_call=0.5))
+
+                def request(budget_s=None):
+                    if kind == "text":
+                        return ToolRequest("text_search", "q", budget_s=budget_s)
+                    return ToolRequest("image_search", image=question, image_url="https://x.example/q.jpg",
+                                       budget_s=budget_s)  # fmt: skip
+
+                dead = tool()
+                down, circuit_open = await dead(request()), await dead(request())
+                no_time = await tool()(request(budget_s=0.5))  # less than the tool's 1 s reserve
+                costs[kind] = [r.cost for r in (down, circuit_open, no_time)]
+                assert not any(r.ok for r in (down, circuit_open, no_time))
+                assert "circuit open" in circuit_open.text and "no time left" in no_time.text
+            return costs
+
+    assert asyncio.run(main()) == {"text": [0.5, 0.0, 0.0], "image": [0.5, 0.0, 0.0]}
+    assert len(search.requests) == 1 and len(lens.requests) == 1
+
+
+def test_results_cut_short_by_a_transient_failure_are_shown_but_not_cached(tmp_path):
+    flaky = Script((503, "busy"), (200, png("blue")))  # busy once: the next call gets it
+    lens = Script()
+    thumbs = {"/t1": Script((200, png("red"))), "/t2": flaky, "/t3": Script((404, "gone")),
+              "/t4": Script((200, png("green")))}  # fmt: skip
+    request = ToolRequest("image_search", image=Image.new("RGB", (8, 8)), image_url="https://x.example/q.jpg")
+    once = Limits(timeout_s=2.0, retries=0, breaker_failures=0)
+
+    async def main():
+        async with serve([("GET", "/lens", lens)] + [("GET", p, s) for p, s in thumbs.items()]) as url:
+            lens.responses = [(200, serpapi_lens([(f"M{i}", f"{url}/t{i}") for i in range(1, 5)]))]
+            tool = WebImageSearch(SerpAPILens(endpoint=url + "/lens", limits=FAST), top_k=3, allow_private=True,
+                                  thumbnail_limits=once)  # fmt: skip
+            cached = CachedTool(tool, str(tmp_path / "c.sqlite"))
+            return [await cached(request) for _ in range(3)]
+
+    short, whole, hit = asyncio.run(main())
+    assert short.ok and short.partial and short.titles == ("M1", "M4")  # shown to the model all the same
+    assert whole.titles == ("M1", "M2", "M4") and not whole.partial  # the 404 is permanent: a complete answer
+    assert hit.titles == whole.titles and len(lens.requests) == 2  # stored once complete, served from then on
+
+
+@pytest.mark.parametrize("skipped, partial", [("/p2", True), ("/p5", False)])  # a 500 is transient, an empty page not
+def test_text_results_with_a_page_lost_to_a_transient_failure_are_partial(skipped, partial):
+    results = [(f"Page {p}", f"http://127.0.0.1:1{p}", "") for p in ("/p1", skipped, "/p3")]
+
+    async def main():
+        routes = [("*", "/search", Script((200, serper(results)))), ("POST", "/jina", jina_reader),
+                  ("POST", "/v1/chat/completions", summarizer)]  # fmt: skip
+        async with serve(routes) as url:
+            return await _pipeline(url, Serper(endpoint=url + "/search", limits=FAST))(ToolRequest("text_search", "q"))
+
+    result = asyncio.run(main())
+    assert result.ok and result.titles == ("Page /p1", "Page /p3") and result.partial is partial
+
+
+def test_the_summary_prompt_fills_each_field_once():
+    llm = OpenAISummarizer("http://127.0.0.1:1/v1", "m")
+    page, question = "P" * 1000, "Who built it? (search query: tower {page} {question})"
+    prompt = llm._body(page, question)["messages"][1]["content"]
+    before, after = USER_PROMPT.split("{question}")
+    assert prompt == before + question + after.replace("{page}", page)  # the question's "{page}" stays text
+    assert prompt.count(page) == 1

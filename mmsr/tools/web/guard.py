@@ -36,12 +36,23 @@ def _blocked_ip(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     return not ip.is_global or ip.is_multicast or ip.is_reserved or ip.is_unspecified
 
 
+def _malformed(exc: ValueError) -> BlockedURL:
+    # The parser's message may quote the URL (and a key in its query): name the error type only.
+    return BlockedURL(f"the URL is malformed ({type(exc).__name__})")
+
+
 def check_scheme(url: str) -> URL:
-    """The parsed URL if it is absolute http(s) with a host; ``BlockedURL`` otherwise."""
-    parsed = URL(url)
-    if parsed.scheme not in ("http", "https"):
-        raise BlockedURL(f"only http(s) URLs are fetched, not {parsed.scheme or 'a relative URL'!r}")
-    if not parsed.host:
+    """The parsed URL if it is absolute http(s) with a host and a valid port; ``BlockedURL`` otherwise (also
+    for a URL that does not parse: result URLs come from third parties, and one bad URL must cost only its
+    own page, not the whole search)."""
+    try:
+        parsed = URL(url)
+        scheme, host, _ = parsed.scheme, parsed.host, parsed.port  # host and port are parsed lazily
+    except ValueError as exc:  # also UnicodeError (IDNA): a subclass
+        raise _malformed(exc) from None
+    if scheme not in ("http", "https"):
+        raise BlockedURL(f"only http(s) URLs are fetched, not {scheme or 'a relative URL'!r}")
+    if not host:
         raise BlockedURL("the URL has no host")
     return parsed
 
@@ -59,6 +70,8 @@ async def check_url(url: str, allow_private: bool = False) -> URL:
             infos = await asyncio.get_running_loop().getaddrinfo(host, parsed.port, type=socket.SOCK_STREAM)
         except OSError as exc:
             raise BlockedURL(f"cannot resolve {host!r} ({exc.strerror or exc})") from None
+        except ValueError as exc:  # a name IDNA cannot encode (an empty or over-long label ...)
+            raise _malformed(exc) from None
         addresses = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
     blocked = [str(a) for a in addresses if _blocked_ip(a)]
     if blocked:

@@ -40,16 +40,25 @@ class ToolError(Exception):
     """A failed provider call. ``reason`` is shown to the model; ``kind`` is the metric it is counted under.
 
     The reason is redacted here, once, because error bodies are where providers quote the key they got.
+    ``sent`` is False only where the call certainly never reached the provider (an open circuit, no time left,
+    a refused URL), so it cannot have been billed; anything else may have been, and is charged.
     """
 
-    def __init__(self, reason: str, kind: str = "error", retry_after: float | None = None, status: int | None = None):
+    def __init__(self, reason: str, kind: str = "error", retry_after: float | None = None, status: int | None = None,
+                 sent: bool = True):  # fmt: skip
         reason = redact(reason)
         super().__init__(reason)
-        self.reason, self.kind, self.retry_after, self.status = reason, kind, retry_after, status
+        self.reason, self.kind, self.retry_after, self.status, self.sent = reason, kind, retry_after, status, sent
 
 
 class Retryable(ToolError):
     """A failure worth retrying: 429, 5xx, timeout, connection error, malformed answer."""
+
+
+def transient(exc: ToolError) -> bool:
+    """Whether the failure may well not happen on the next call (service trouble, the call's deadline, an open
+    circuit): a result it cut short must not be cached, or it would be served short forever."""
+    return isinstance(exc, Retryable) or exc.kind in ("deadline", "circuit_open")
 
 
 @dataclass(frozen=True)
@@ -98,7 +107,7 @@ class CircuitBreaker:
     def check(self, name: str) -> None:
         if self.failures and time.monotonic() < self.open_until:
             wait = self.open_until - time.monotonic()
-            raise ToolError(f"{name} is unavailable (circuit open for {wait:.0f} more s)", "circuit_open")
+            raise ToolError(f"{name} is unavailable (circuit open for {wait:.0f} more s)", "circuit_open", sent=False)
 
     def record(self, ok: bool) -> None:
         self.consecutive = 0 if ok else self.consecutive + 1
@@ -143,6 +152,15 @@ async def _error_detail(response: aiohttp.ClientResponse) -> str:
     if isinstance(error, dict):  # OpenAI: {"error": {"message": ...}}
         error = error.get("message")
     return f": {str(error)[:300]}" if error else ""
+
+
+def _redirect_target(name: str, base: URL, location: str) -> str:
+    """The absolute URL a redirect points at; ``ToolError`` (``bad_redirect``) for a Location that does not parse."""
+    try:
+        return str(base.join(URL(location)))
+    except ValueError as exc:  # the server's header may quote a key we sent: name the error type only
+        reason = f"{name}: the redirect's Location is malformed ({type(exc).__name__})"
+        raise ToolError(reason, "bad_redirect") from None
 
 
 class HTTPClient:
@@ -208,6 +226,8 @@ class HTTPClient:
                 with attempt:
                     result = parse(await self._attempt(method, url, check, **kwargs))
         except ToolError as exc:
+            if retrying.statistics.get("attempt_number", 1) > 1:
+                exc.sent = True  # whatever stopped the last attempt, an earlier one went out
             self.counts[exc.kind] += 1
             # Only service trouble opens the circuit; a 404 or an unreadable page says nothing about it.
             self.breaker.record(not isinstance(exc, Retryable))
@@ -238,22 +258,27 @@ class HTTPClient:
                 if isinstance(exc.os_error, BlockedAddress):  # the guarded resolver refused: do not retry
                     raise ToolError(f"{self.name}: {exc.os_error}", "refused") from None
                 raise Retryable(f"{self.name} connection failed ({type(exc).__name__})", "network") from None
+            except ValueError as exc:
+                # A URL or header aiohttp cannot send (InvalidURL, IDNA's UnicodeError ...): it will not heal on
+                # a retry, and it must be an observation, not a crash. Type only: the text may quote the URL.
+                raise ToolError(f"{self.name}: the request could not be made ({type(exc).__name__})",
+                                "bad_request") from None  # fmt: skip
             except aiohttp.ClientError as exc:
                 # The exception text may hold the URL (and with it an API key in the query): name the type only.
                 raise Retryable(f"{self.name} connection failed ({type(exc).__name__})", "network") from None
 
     async def _follow(self, session: aiohttp.ClientSession, method: str, url: str, check, **kwargs: Any) -> bytes:
-        for _ in range(MAX_REDIRECTS + 1):
+        for hop in range(MAX_REDIRECTS + 1):
             try:
                 await check(url)
             except BlockedURL as exc:
-                raise ToolError(f"{self.name}: {exc}", "refused") from None
+                raise ToolError(f"{self.name}: {exc}", "refused", sent=hop > 0) from None
             async with session.request(method, url, allow_redirects=False, **kwargs) as response:
                 location = response.headers.get("Location")
                 if response.status not in (301, 302, 303, 307, 308) or not location:
                     await self._check_status(response)
                     return await read_capped(response, self.limits.max_bytes)
-                url = str(response.url.join(URL(location)))
+                url = _redirect_target(self.name, response.url, location)
         raise ToolError(f"{self.name}: more than {MAX_REDIRECTS} redirects", "too_many_redirects")
 
     async def _check_status(self, response: aiohttp.ClientResponse) -> None:

@@ -26,7 +26,7 @@ from mmsr.tools.budget import Deadline, Stage, check_stages
 from mmsr.tools.format import image_results
 from mmsr.tools.web import guard
 from mmsr.tools.web.http import HTTPClient, Limits, ToolError
-from mmsr.tools.web.images import fetch_image
+from mmsr.tools.web.images import cut_short, fetch_image
 from mmsr.tools.web.providers import SerpAPILens, VisualMatch
 
 
@@ -111,17 +111,21 @@ class WebImageSearch:
             self.counts["search_failed"] += 1
             if exc.kind == "deadline":
                 self.counts["search_deadline"] += 1
-            return self._failed(exc.reason, start)
+            # A call that never went out (open circuit, no time left) was not billed: charging it would let a
+            # dead provider use up the run's dollar budget.
+            return self._failed(exc.reason, start, self.provider.cost_per_call if exc.sent else 0.0)
         fetched = await asyncio.gather(*(self._thumbnail(m, deadline) for m in matches))
-        kept = [(m, im) for m, im in zip(matches, fetched) if im is not None][: self.top_k]
+        kept = [(m, im) for m, im in zip(matches, fetched) if isinstance(im, Image.Image)][: self.top_k]
         if matches and not kept:
-            return self._failed(f"none of the {len(matches)} result images could be loaded", start)
+            reason = f"none of the {len(matches)} result images could be loaded"
+            return self._failed(reason, start, self.provider.cost_per_call)
         return ToolResult(
             text=image_results([m.title for m, _ in kept]),
             images=tuple(im for _, im in kept),
             titles=tuple(m.title for m, _ in kept),
             cost=self.provider.cost_per_call,
             latency_s=time.perf_counter() - start,
+            partial=cut_short(fetched, self.top_k),
         )
 
     async def _publish(self, request: ToolRequest, deadline: Deadline) -> str | None:
@@ -131,19 +135,18 @@ class WebImageSearch:
         keep = self.provider.client.limits.timeout_s + self.thumbnails.limits.timeout_s
         return await deadline.run(self.image_host(request), "the image upload", keep_s=keep)
 
-    def _failed(self, reason: str, start: float) -> ToolResult:
+    def _failed(self, reason: str, start: float, cost: float) -> ToolResult:
         latency = time.perf_counter() - start
-        return ToolResult(
-            failure("image_search", reason).text, ok=False, cost=self.provider.cost_per_call, latency_s=latency
-        )
+        return ToolResult(failure("image_search", reason).text, ok=False, cost=cost, latency_s=latency)
 
-    async def _thumbnail(self, match: VisualMatch, deadline: Deadline) -> Image.Image | None:
+    async def _thumbnail(self, match: VisualMatch, deadline: Deadline) -> Image.Image | ToolError:
+        """The match's thumbnail, or why it was skipped (counted; the caller needs the why for caching)."""
         try:
             return await fetch_image(self.thumbnails, match.thumbnail, self.max_pixels, self.allow_private, deadline,
                                      self.max_side)  # fmt: skip
         except ToolError as exc:
             self.counts[f"thumbnail_{exc.kind}"] += 1
-            return None
+            return exc
 
     def metrics(self) -> dict[str, float]:
         own = {f"tools/image_search/{k}": float(v) for k, v in sorted(self.counts.items())}

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import io
+from collections.abc import Sequence
 from functools import partial
 
 from PIL import Image
 
 from mmsr.tools.budget import Deadline
 from mmsr.tools.web import guard
-from mmsr.tools.web.http import HTTPClient, ToolError
+from mmsr.tools.web.http import HTTPClient, ToolError, transient
 
 
 def decode_checked(data: bytes, max_pixels: int) -> Image.Image:
@@ -28,8 +29,27 @@ def decode_checked(data: bytes, max_pixels: int) -> Image.Image:
         if image.width * image.height > max_pixels:  # the header only so far: nothing big was decoded
             raise ToolError(f"the image is {image.width}x{image.height}, over {max_pixels} pixels", "too_large")
         return image.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+    except ToolError:
+        raise
+    except Exception as exc:
+        # The bytes are a third party's: Pillow's decoders raise more than OSError on corrupt files
+        # (SyntaxError, EOFError, struct.error ...); every one of them means "unreadable", never a crash.
         raise ToolError(f"not a readable image ({type(exc).__name__})", "bad_image") from None
+
+
+def cut_short(outcomes: Sequence[Image.Image | ToolError], top_k: int) -> bool:
+    """Whether a transient failure (``transient``) took the place of a thumbnail that would have been among the
+    ``top_k`` shown, in rank order: such a result is shown but not cached. Later ranks stand in for skipped
+    ones, so a failure after the ``top_k``-th shown thumbnail changes nothing."""
+    shown = 0
+    for outcome in outcomes:
+        if shown == top_k:
+            return False
+        if not isinstance(outcome, ToolError):
+            shown += 1
+        elif transient(outcome):
+            return True
+    return False
 
 
 def shrunk(image: Image.Image, max_side: int) -> Image.Image:

@@ -87,7 +87,7 @@ class JinaReader:
         try:
             await guard.check_url(url, self.allow_private)
         except guard.BlockedURL as exc:
-            raise ToolError(str(exc), "refused") from None
+            raise ToolError(str(exc), "refused", sent=False) from None  # refused before asking the reader
         headers = {"Accept": "application/json", "X-Return-Format": self.return_format}
         if key := os.environ.get(self.api_key_env, "").strip():
             headers["Authorization"] = f"Bearer {key}"

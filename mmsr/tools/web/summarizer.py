@@ -23,6 +23,8 @@ USER_PROMPT = (
     "answer the question is in your summary.\n\nWeb page:\n{page}"
 )
 
+_FIELDS = re.compile(r"\{question\}|\{page\}")
+
 
 def completion(body: bytes) -> tuple[Any, Any]:
     """(``choices[0].message.content``, ``usage``) of a chat completion; a ``parse`` for ``HTTPClient``, so an
@@ -68,7 +70,10 @@ class OpenAISummarizer:
         register_secret_env(api_key_env)
 
     def _body(self, page: str, question: str) -> dict:
-        user = self.user_prompt.replace("{question}", question).replace("{page}", page[: self.max_chars])
+        # One pass: a question (or the model's query in it) that contains "{page}" must stay text, not paste
+        # the page in a second time.
+        fields = {"{question}": question, "{page}": page[: self.max_chars]}
+        user = _FIELDS.sub(lambda m: fields[m.group(0)], self.user_prompt)
         messages = [{"role": "system", "content": self.system}, {"role": "user", "content": user}]
         return {
             "model": self.model,

@@ -20,7 +20,7 @@ from collections import Counter
 from mmsr.tools.base import ToolRequest, ToolResult, failure
 from mmsr.tools.budget import Deadline, Stage, check_stages
 from mmsr.tools.format import WEB_TEXT_HEADER, page_entry, text_results
-from mmsr.tools.web.http import ToolError
+from mmsr.tools.web.http import ToolError, transient
 from mmsr.tools.web.providers import TextSearchProvider, WebResult
 from mmsr.tools.web.reader import PageReader
 from mmsr.tools.web.summarizer import OpenAISummarizer
@@ -72,13 +72,15 @@ class WebTextSearch:
             self.counts["search_failed"] += 1
             if exc.kind == "deadline":
                 self.counts["search_deadline"] += 1
-            return self._failed(exc.reason, self.provider.cost_per_call, start)
+            # A call that never went out (open circuit, no time left) was not billed: charging it would let a
+            # dead provider use up the run's dollar budget.
+            return self._failed(exc.reason, self.provider.cost_per_call if exc.sent else 0.0, start)
         results, cost = found[: self.max_candidates], self.provider.cost_per_call
         if not results:  # an answer, not a failure: the web has nothing for this query
             return ToolResult(text_results([]), cost=cost, latency_s=time.perf_counter() - start)
         # The summarizer focuses on the user's question (spec §5); the query says what "this" refers to.
         focus = f"{request.question} (search query: {query})" if request.question else query
-        summaries, page_cost, late = await self._summaries(results, focus, deadline)
+        summaries, page_cost, late, partial = await self._summaries(results, focus, deadline)
         cost += page_cost
         if not summaries:
             within = f" within the {request.budget_s:g} s time limit" if late else ""
@@ -89,6 +91,7 @@ class WebTextSearch:
             titles=tuple(r.title for r, _ in summaries),
             cost=cost,
             latency_s=time.perf_counter() - start,
+            partial=partial,
         )
 
     def _failed(self, reason: str, cost: float, start: float) -> ToolResult:
@@ -97,11 +100,12 @@ class WebTextSearch:
 
     async def _summaries(
         self, results: list[WebResult], query: str, deadline: Deadline
-    ) -> tuple[Summaries, float, int]:
+    ) -> tuple[Summaries, float, int, bool]:
         """Up to ``top_k`` (result, summary) in ranking order, refilling from the list as pages fail, while a
-        page still has time; also the cost and how many pages the deadline cut or never started."""
+        page still has time; also the cost, how many pages the deadline cut or never started, and whether a
+        transient failure cut the answer short (a page it skipped would have been shown: not to be cached)."""
         done: dict[int, str] = {}
-        cost, late = 0.0, 0
+        cost, late, partial = 0.0, 0, False
         queue = iter(enumerate(results))
         running: set[asyncio.Task] = set()
         summary_s = self.summarizer.client.limits.timeout_s
@@ -117,31 +121,35 @@ class WebTextSearch:
             while running:
                 finished, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
                 for task in finished:
-                    rank, summary, spent, cut = task.result()
-                    cost, late = cost + spent, late + cut
+                    rank, summary, spent, error = task.result()
+                    cost += spent
+                    if error is not None:
+                        late, partial = late + (error.kind == "deadline"), partial or transient(error)
                     if summary is not None:
                         done[rank] = summary
                 refill()
         finally:  # the caller gave up (cancelled): stop the pages too
             for task in running:
                 task.cancel()
-        late += len(done) < self.top_k and next(queue, None) is not None  # pages left untried for lack of time
-        return [(results[rank], done[rank]) for rank in sorted(done)], cost, late
+        untried = len(done) < self.top_k and next(queue, None) is not None  # pages left untried for lack of time
+        late += untried
+        return [(results[rank], done[rank]) for rank in sorted(done)], cost, late, partial or untried
 
     async def _one(
         self, rank: int, result: WebResult, query: str, deadline: Deadline
-    ) -> tuple[int, str | None, float, bool]:
-        """(rank, summary or None, cost, cut by the deadline) of one result page; failures are counted, never
-        raised. The read must end while one summary attempt still fits; the summary may use the rest."""
-        cost = self.reader.cost_per_call
+    ) -> tuple[int, str | None, float, ToolError | None]:
+        """(rank, summary or None, cost, why it failed) of one result page; failures are counted, never raised.
+        The read must end while one summary attempt still fits; the summary may use the rest."""
+        cost, page = self.reader.cost_per_call, None
         try:
             summary_s = self.summarizer.client.limits.timeout_s
             page = await deadline.run(self.reader.read(result.url), "the page read", keep_s=summary_s)
             summary, spent = await deadline.run(self.summarizer.summarize(page.text, query), "the summary")
-            return rank, summary, cost + spent, False
+            return rank, summary, cost + spent, None
         except ToolError as exc:
             self.counts[f"page_{exc.kind}"] += 1
-            return rank, None, cost, exc.kind == "deadline"
+            paid = page is not None or exc.sent  # a read refused or never started was not billed
+            return rank, None, cost if paid else 0.0, exc
 
     def metrics(self) -> dict[str, float]:
         """The pipeline's own failure counts and those of its provider, reader and summarizer."""
