@@ -50,7 +50,7 @@ from mmsr.metrics import (
     zero_std_groups,
 )
 from mmsr.models.build import DType, PolicyBuilder, save_policy
-from mmsr.optim import Schedule, adamw_with_schedule
+from mmsr.optim import Schedule, adamw_with_schedule, check_schedule
 from mmsr.parallel import compute_dtype, copy_to, gather_full, memory_metrics, mixed_precision, shard
 from mmsr.prompt.render import PromptBuilder
 from mmsr.reference import ReferenceModel
@@ -157,6 +157,7 @@ class GRPOModule(L.LightningModule):
         if old_logprobs == "engine" and (top_p < 1 or top_k > 0):
             raise ValueError(f"old_logprobs='engine' needs top_p=1 and top_k=0 (got top_p={top_p}, top_k={top_k}): "
                              "the engine's log-probs are of the truncated distribution, the trainer's are not")
+        check_schedule(lr_schedule, warmup_steps)
         # Loggers cannot take the frozen RolloutSettings: they get its fields as a dict.
         self.save_hyperparameters(ignore=["policy", "engine", "image_search", "text_search", "tools", "reward", "prompts",
                                           "rollout", "weight_sync"])  # fmt: skip

@@ -105,8 +105,13 @@ def local_bytes(model: torch.nn.Module) -> int:
 
 
 def copy_to(model: torch.nn.Module, dtype: torch.dtype, device: torch.device | str) -> torch.nn.Module:
-    """A frozen, unsharded copy of ``model`` in ``dtype`` on ``device`` (eval mode, no grads)."""
-    return copy.deepcopy(model).to(device=device, dtype=dtype).eval().requires_grad_(False)
+    """A frozen, unsharded copy of ``model`` with its parameters in ``dtype`` on ``device`` (eval mode, no
+    grads). Buffers keep their dtype, as in ``model``: ``Module.to(bf16)`` would round the rotary ``inv_freq``
+    tables too, and the copy's positions would drift from the model's (cos off by 0.15 at position 1,000)."""
+    twin = copy.deepcopy(model)
+    for p in twin.parameters():
+        p.data = p.data.to(dtype)
+    return twin.to(device).eval().requires_grad_(False)
 
 
 def gather_full(model: torch.nn.Module, keep: bool) -> torch.nn.Module | None:

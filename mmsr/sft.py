@@ -26,7 +26,7 @@ from mmsr.data.sample import Sample
 from mmsr.models.build import PolicyBuilder, save_policy
 from mmsr.metrics import forget_step_metrics
 from mmsr.models.policy import Policy
-from mmsr.optim import Schedule, adamw_with_schedule
+from mmsr.optim import Schedule, adamw_with_schedule, check_schedule
 from mmsr.parallel import all_reduce, refuse_true_precision
 from mmsr.prompt.render import PromptBuilder
 from mmsr.rollout.engine import GenerationRequest, SamplingParams, ScriptedEngine
@@ -75,6 +75,7 @@ class SFTModule(L.LightningModule):
                  total_steps: int = 1000, micro_batch_tokens: int = 8192, export_dir: str | None = None,
                  reading: TextBatches | None = None, reading_steps: int = 0, share_prefix: bool = True) -> None:  # fmt: skip
         super().__init__()
+        check_schedule(lr_schedule, warmup_steps)
         # Loggers cannot take the frozen RolloutSettings (a CSV logger raised): they get its fields as a dict.
         self.save_hyperparameters(ignore=["policy", "teacher", "image_search", "text_search", "tools", "prompts", "reading",
                                           "rollout"])  # fmt: skip
@@ -236,7 +237,8 @@ def lm_nll(policy: Policy, texts: list[str], device: torch.device | str) -> tupl
 
     Returns: two scalar tensors; padding (``attention_mask`` 0) is excluded.
     """
-    enc = policy.tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=False)
+    # right-padded whatever the tokenizer's default: the targets and positions below count from the left
+    enc = policy.tokenizer(texts, padding=True, padding_side="right", return_tensors="pt", add_special_tokens=False)
     ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)  # [N, T] each
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [N, T]
     if policy.is_vision:

@@ -32,3 +32,14 @@ def test_adamw_steps_as_the_per_tensor_update_bit_for_bit_and_skips_frozen_param
     assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
     assert lrs[0] < lrs[1] > lrs[-1]  # the cosine schedule's warm-up, then its decay
     assert not torch.equal(ours[0], params(0)[0]) and torch.equal(ours[1], params(0)[1])
+
+
+def test_a_warmup_the_schedule_would_ignore_is_refused():
+    """Only ``cosine`` warms up: ``warmup_steps`` with ``constant`` or ``sigmoid`` did nothing, silently (the
+    demo's warm start set 10 and ran at full rate from step 0)."""
+    import pytest
+
+    for schedule in ("constant", "sigmoid"):
+        with pytest.raises(ValueError, match=f"warmup_steps=10 needs lr_schedule: cosine; the '{schedule}' schedule"):
+            adamw_with_schedule(params(0), 1e-3, 0.0, schedule, 10, 100)
+    adamw_with_schedule(params(0), 1e-3, 0.0, "constant", 0, 100)  # no warmup: fine

@@ -80,6 +80,12 @@ def test_mixed_precision_keeps_fp32_master_weights_and_bf16_compute(runs):
     assert all(s["exp_avg"].dtype == torch.float32 for s in state.values())
     assert module.policy.compute_dtype == torch.bfloat16
     assert {p.dtype for p in module._ref.model.parameters()} == {torch.bfloat16}  # the reference computes in bf16
+    # ... at the policy's positions: its rotary tables are the policy's (Module.to(bf16) rounded them, and
+    # the reference's cos at position 1,000 was off by 0.15, its KL non-zero at step 0)
+    policy_buffers = dict(module.model.named_buffers())
+    for name, buffer in module._ref.model.named_buffers():
+        assert buffer.dtype == policy_buffers[name].dtype and torch.equal(buffer, policy_buffers[name]), name
+    assert any("inv_freq" in name for name in policy_buffers)
 
 
 def test_lr_2e6_updates_reach_the_weights_only_with_fp32_masters(runs):

@@ -117,3 +117,19 @@ def test_validation_logs_the_nll_of_the_teacher_turns_on_held_out_prompts(fvqa_s
     expected = float(-(full * batch.loss_mask).sum() / batch.loss_mask.sum())
     assert abs(float(rows[-1]["val/sft_loss"]) - expected) < 1e-5 * max(1.0, abs(expected))
     assert float(rows[-1]["val/sft_tokens"]) == batch.loss_mask.sum() and rows[0]["val/sft_loss"] != rows[1]["val/sft_loss"]
+
+
+def test_the_reading_loss_counts_each_texts_own_targets_whatever_the_padding_side(tiny_policy):
+    """A left-padding tokenizer made each padded row also score its first token as predicted from a pad."""
+    from mmsr.sft import lm_nll
+
+    texts = ["Paris is the capital of France and its largest city.", "Paris"]
+    alone = [lm_nll(tiny_policy, [t], "cpu") for t in texts]
+    side = tiny_policy.tokenizer.padding_side
+    try:
+        for tiny_policy.tokenizer.padding_side in ("right", "left"):
+            nll, count = lm_nll(tiny_policy, texts, "cpu")
+            assert count == sum(c for _, c in alone)
+            torch.testing.assert_close(nll, sum(n for n, _ in alone), rtol=1e-5, atol=1e-4)
+    finally:
+        tiny_policy.tokenizer.padding_side = side
