@@ -192,12 +192,19 @@ class PretrainedPolicy:
 
     def image_processor(self, tool: bool = False) -> Qwen2VLImageProcessorPil:
         # The stock Qwen2.5-VL processor needs torchvision; the PIL one computes the same patches.
-        cfg_path = Path(self.path) / "preprocessor_config.json"
-        cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        cfg = self.preprocessor_config()
         # Older Qwen configs give min/max_pixels, transformers 5 writes them as size.shortest/longest_edge.
         keep = ("size", "min_pixels", "max_pixels", "patch_size", "merge_size", "temporal_patch_size", "image_mean", "image_std")
         pixels = self.pixels | self.tool_pixels if tool else self.pixels
-        return Qwen2VLImageProcessorPil(**{k: cfg[k] for k in keep if k in cfg}, **pixels)
+        return Qwen2VLImageProcessorPil(**({k: cfg[k] for k in keep if k in cfg} | pixels))  # the overrides win
+
+    def preprocessor_config(self) -> dict:
+        """The checkpoint's ``preprocessor_config.json`` from its directory or, for a hub id, the hub (cache);
+        ``{}`` if it has none. A hub id's used to be skipped: Qwen3-VL then got Qwen2-VL's patch 14 and mean."""
+        from transformers.utils import cached_file
+
+        file = cached_file(self.path, "preprocessor_config.json", _raise_exceptions_for_missing_entries=False)
+        return json.loads(Path(file).read_text()) if file else {}
 
     def attention(self) -> str:
         if self.attn != "auto":
@@ -218,8 +225,12 @@ class PretrainedPolicy:
         tokenizer = AutoTokenizer.from_pretrained(self.path, **tok_kw)
         if not is_vision:
             return Policy(model, tokenizer, chat=chat_format(tokenizer))
-        tools = self.image_processor(tool=True) if self.tool_pixels else None
-        return Policy(model, tokenizer, self.image_processor(), chat=chat_format(tokenizer), tool_image_processor=tools)
+        processor, tools = self.image_processor(), self.image_processor(tool=True) if self.tool_pixels else None
+        patch = model.config.vision_config.patch_size
+        if processor.patch_size != patch:  # patches of the wrong size would not fit the vision tower's embedding
+            raise ValueError(f"{self.path}: the image processor cuts {processor.patch_size}-pixel patches, the model's "
+                             f"vision tower takes {patch} (is its preprocessor_config.json the model's?)")  # fmt: skip
+        return Policy(model, tokenizer, processor, chat=chat_format(tokenizer), tool_image_processor=tools)
 
 
 def tool_bounds(low: int | None, high: int | None) -> dict[str, int]:

@@ -73,3 +73,47 @@ def test_tool_images_have_their_own_pixel_bounds(tiny_policy, tmp_path, fvqa_sam
     assert pixel_bounds(policy.image_processor, policy.tool_image_processor) == {"min_pixels": 56 * 56, "max_pixels": 903168}
     same = PretrainedPolicy(str(tmp_path), tool_image_min_pixels=None, tool_image_max_pixels=None).build()
     assert same.tool_image_processor is None  # None: thumbnails take the question image's bounds
+
+
+def test_a_published_style_preprocessor_config_takes_the_pixel_overrides(tiny_policy, tmp_path):
+    """Qwen2.5-VL-7B-Instruct's own preprocessor_config.json names min_pixels / max_pixels: passing the recipe's
+    bounds as well raised TypeError ('multiple values for keyword argument'); the overrides win."""
+    import json
+
+    from mmsr.rollout.vllm_inputs import pixel_bounds
+
+    save_policy(tiny_policy, tmp_path)
+    cfg_file = tmp_path / "preprocessor_config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg.pop("size", None)
+    cfg_file.write_text(json.dumps(cfg | {"min_pixels": 3136, "max_pixels": 12845056}))
+    policy = PretrainedPolicy(str(tmp_path), min_pixels=262144, max_pixels=903168).build()
+    assert pixel_bounds(policy.image_processor) == {"min_pixels": 262144, "max_pixels": 903168}
+    assert pixel_bounds(policy.image_processor, policy.tool_image_processor) == {"min_pixels": 56 * 56, "max_pixels": 903168}
+    assert pixel_bounds(PretrainedPolicy(str(tmp_path)).build().image_processor) == {"min_pixels": 3136, "max_pixels": 12845056}
+
+
+def test_a_hub_id_reads_the_checkpoints_preprocessor_config_and_a_wrong_patch_size_is_refused(tiny_qwen3_vl, tmp_path):
+    """By hub id (here from an offline hub cache) the processor config was skipped: a Qwen3-VL got Qwen2-VL's
+    14-pixel patches and mean. A processor whose patches do not fit the vision tower is refused, naming both."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, subprocess_env
+
+    snapshot = tmp_path / "hub" / "models--acme--tiny-qwen3-vl" / "snapshots" / ("0" * 40)
+    save_policy(tiny_qwen3_vl, snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    code = "from mmsr.models.build import PretrainedPolicy; print(PretrainedPolicy('acme/tiny-qwen3-vl').build().image_processor.patch_size)"
+    env = subprocess_env(HF_HUB_CACHE=str(tmp_path / "hub"), HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split()[-1] == "16"
+    cfg_file = snapshot / "preprocessor_config.json"
+    cfg_file.write_text(json.dumps(json.loads(cfg_file.read_text()) | {"patch_size": 14}))
+    import pytest
+
+    with pytest.raises(ValueError, match="cuts 14-pixel patches, the model's vision tower takes 16"):
+        PretrainedPolicy(str(snapshot)).build()
