@@ -220,11 +220,15 @@ class VLLMEngine:
     def submit(self, requests: Sequence[GenerationRequest], sampling: SamplingParams) -> list[str]:
         """Add ``requests`` to vLLM's scheduler; they start at the next ``step``, beside those running."""
         engine, tickets = self._require(idle=False).llm_engine, []
-        for prompt, params in self._inputs(requests, sampling):
-            tickets.append(f"mmsr-{self.submitted}")
-            self.submitted += 1
-            engine.add_request(tickets[-1], prompt, params)
-            self.in_flight.add(tickets[-1])
+        try:
+            for prompt, params in self._inputs(requests, sampling):
+                tickets.append(f"mmsr-{self.submitted}")
+                self.submitted += 1
+                engine.add_request(tickets[-1], prompt, params)
+                self.in_flight.add(tickets[-1])
+        except BaseException:  # all or none: the caller never gets the tickets of those added, so cannot cancel them
+            self.cancel(tickets)
+            raise
         return tickets
 
     def step(self) -> list[tuple[str, GenerationOutput]]:

@@ -130,3 +130,34 @@ def test_text_only_policy_passes_ids_and_refuses_images():
     fake = type("V", (), {"image": Image.new("RGB", (4, 4))})()
     with pytest.raises(ImageTokenMismatch, match="text-only"):
         engine_input([1, 2], [fake], None)
+
+
+def test_a_submit_that_fails_part_way_leaves_nothing_in_flight():
+    """vLLM's add_request rejects a prompt over max_model_len inside the call: the requests of that submit
+    already added were left queued and in flight, with tickets the caller never got (it could not cancel
+    them), and every later generate, score or sync refused to run."""
+    from types import SimpleNamespace
+
+    from mmsr.rollout.engine import GenerationRequest, SamplingParams
+    from mmsr.rollout.vllm_engine import VLLMEngine
+    from mmsr.rollout.vllm_inputs import GridImages
+
+    class Scheduler:  # vLLM's LLMEngine, as far as submit and cancel use it
+        def __init__(self):
+            self.queued = []
+
+        def add_request(self, rid, prompt, params):
+            if len(prompt["prompt_token_ids"]) > 8:
+                raise ValueError("The decoder prompt is longer than the maximum model length of 8.")
+            self.queued.append(rid)
+
+        def abort_request(self, ids):
+            self.queued = [r for r in self.queued if r not in ids]
+
+    engine = VLLMEngine()
+    engine.llm = SimpleNamespace(llm_engine=Scheduler())
+    engine.image_ids, engine.grid_images, engine.mm_kwargs, engine.stop_ids, engine.logit_bias = None, GridImages(), {}, [1], {}
+    with pytest.raises(ValueError, match="longer than the maximum model length"):
+        engine.submit([GenerationRequest((1, 2, 3), key="a"), GenerationRequest(tuple(range(20)), key="b")], SamplingParams())
+    assert engine.in_flight == set() and engine.llm.llm_engine.queued == []
+    assert engine.submit([GenerationRequest((1, 2), key="c")], SamplingParams()) == ["mmsr-2"]
