@@ -129,7 +129,10 @@ def held_out_metrics(episodes: Sequence[dict]) -> dict[str, float]:
     """``val/`` metrics of held-out episodes (``episode_metrics`` of each, every rank's): each key's mean
     over the episodes, and accuracy and search ratio per data source and per category where there are
     several, computed over that group's own episodes (as ``rollout_metrics`` does for a step)."""
-    out = {f"val/{k}": _mean([e["metrics"][k] for e in episodes]) for k in episodes[0]["metrics"]}
+    # every episode's keys: a reward's own terms may be in some episodes' details only (a step's metrics count
+    # them 0 where absent, as here; taking the first episode's keys dropped some and raised on others)
+    keys = dict.fromkeys(k for e in episodes for k in e["metrics"])
+    out = {f"val/{k}": _mean([e["metrics"].get(k, 0.0) for e in episodes]) for k in keys}
     for field in ("data_source", "category"):
         groups: dict[str, list[dict]] = defaultdict(list)
         for e in episodes:

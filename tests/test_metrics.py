@@ -74,3 +74,15 @@ def test_per_source_metrics_of_several_ranks_are_over_every_ranks_episodes(monke
     assert m["reward/accuracy/A"] == pytest.approx(4 / 6) and m["reward/accuracy/B"] == 1.0
     assert m["rollout/search_ratio/any/A"] == 0.0 and m["rollout/search_ratio/any/B"] == 1.0
     assert "reward/accuracy/A" not in rollout_metrics(*ranks[0][:1], samples, [1.0] * 4, ranks[0][1], RolloutSettings())
+
+
+def test_held_out_metrics_take_every_episodes_keys():
+    """A reward whose details name a term in some episodes only: absent counts 0, as in a step's metrics (the
+    first episode's keys were taken: a term missing there was dropped, one missing later raised KeyError)."""
+    from mmsr.metrics import held_out_metrics
+
+    episodes = [{"metrics": {"reward/mean": 1.0}, "data_source": "a", "category": None},
+                {"metrics": {"reward/mean": 0.0, "reward/judge_failed": 1.0}, "data_source": "a", "category": None},
+                {"metrics": {"reward/mean": 0.5}, "data_source": "a", "category": None}]  # fmt: skip
+    m = held_out_metrics(episodes)
+    assert m["val/reward/mean"] == 0.5 and m["val/reward/judge_failed"] == pytest.approx(1 / 3) and m["val/episodes"] == 3
