@@ -44,6 +44,9 @@ NOT_APPLICABLE = (
     r"Using ModelCheckpoint with manual optimization and every_n_train_steps",
 )
 
+# Lightning's names for a checkpoint it looks up itself (``--ckpt_path last``)
+LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")
+
 # Lightning's advertisement for its hosted logger, printed by every Trainer (an info record, not a warning)
 ADVERTS = (r"💡 Tip: For seamless cloud logging",)
 
@@ -70,6 +73,9 @@ def lightning_cli(args: list[str] | None = None, parse_only: bool = False, **kwa
         def before_instantiate_classes(self) -> None:
             # `fit --ckpt_path` continues the checkpoint's run directory and wandb run (callbacks/run_dir.py).
             ckpt = self.config.fit.get("ckpt_path") if self.subcommand == "fit" else None
+            if ckpt in LIGHTNING_CKPT_NAMES:  # Lightning would find the file, but only after the loggers exist
+                raise ValueError(f"--ckpt_path {ckpt}: give the checkpoint file (e.g. runs/x/csv/version_0/checkpoints/"
+                                 "last.ckpt): a resumed run continues its run directory and metrics, read from that file")  # fmt: skip
             if ckpt and (runs := checkpoint_runs(ckpt)):
                 repoint_loggers(self.config.fit.trainer.logger, runs)
             if not parse_only:

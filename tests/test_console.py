@@ -77,3 +77,13 @@ def test_lightnings_automatic_clipping_and_accumulation_point_at_the_modules_own
     monkeypatch.chdir(ROOT)
     with pytest.raises(ValueError, match=f"{flag.split('=')[0][2:]}: .*{names}"):
         cli.lightning_cli(["fit", "-c", str(CONFIG), "--trainer.default_root_dir", str(tmp_path), flag])
+
+
+def test_a_checkpoint_lightning_would_look_up_is_refused_before_the_run_starts(tmp_path, monkeypatch):
+    """``--ckpt_path last`` resumed training in a new run directory: mmsr reads the run directory from the
+    checkpoint file before Lightning builds the loggers, and Lightning finds 'last' only after."""
+    from tests.callbacks.scripted_run import CONFIG
+
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(ValueError, match="--ckpt_path last: give the checkpoint file"):
+        cli.lightning_cli(["fit", "-c", str(CONFIG), "--trainer.default_root_dir", str(tmp_path), "--ckpt_path", "last"])
