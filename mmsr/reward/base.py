@@ -40,6 +40,16 @@ class WeightedRewards:
                    for r in self.rewards]  # fmt: skip
         return [float(sum(w * column[i] for column, w in zip(columns, self.weights))) for i in range(len(pairs))]
 
+    def details(self, trajectory: Trajectory, sample: Sample) -> dict[str, float]:
+        """The terms of the rewards that report them (``MMSearchR1Reward.details``, ``JudgedReward``'s
+        ``judge_failed``), merged, the first reward's value of a term shared by several kept: without them a
+        step logged ``reward/accuracy`` 0 and no ``reward/judge_failed``."""
+        merged: dict[str, float] = {}
+        for reward in self.rewards:
+            if hasattr(reward, "details"):
+                merged = reward.details(trajectory, sample) | merged
+        return merged
+
     def submit(self, trajectory: Trajectory, sample: Sample) -> None:
         """An ended episode, handed on to the rewards that start on it early (``JudgedReward.submit``)."""
         for reward in self.rewards:

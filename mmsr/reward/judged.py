@@ -67,6 +67,8 @@ class JudgedReward:
         """Start judging a finished episode's answer in the background; ``batch`` takes the verdict."""
         key = _key(trajectory, sample)
         self._harvest()
+        if key is not None and key in self._cache:
+            self._hit(key)  # used again: kept longer
         if key is None or key in self._pending or key in self._cache:
             return
         self._worker = self._worker or _Worker(self.judge)
@@ -78,7 +80,7 @@ class JudgedReward:
         wanted = {k for k in keys if k is not None}
         taken = {k: self._pending.pop(k).result() for k in wanted if k in self._pending}
         self._remember(taken)
-        known = {k: self._cache[k] for k in wanted if k in self._cache} | taken
+        known = {k: self._hit(k) for k in wanted if k in self._cache} | taken
         self._verdicts = known | self._ask([k if k not in known else None for k in keys])
         return [self._reward(t, s, k) for t, s, k in zip(trajectories, samples, keys)]
 
@@ -108,6 +110,11 @@ class JudgedReward:
         verdicts = {k: v.correct for k, v in zip(items, self.judge.judge(items) if items else [])}
         self._remember(verdicts)
         return verdicts
+
+    def _hit(self, key: Key) -> bool:
+        """A remembered verdict, now the most recently used (the cache drops the least recently used first)."""
+        self._cache.move_to_end(key)
+        return self._cache[key]
 
     def _remember(self, verdicts: dict[Key, bool | None]) -> None:
         for key, verdict in verdicts.items():

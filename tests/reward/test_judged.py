@@ -271,3 +271,30 @@ def test_weighted_rewards_pass_batches_and_submissions_on():
         assert rewards == pytest.approx([1.0 + 0.5 * 0.1, 0.1 + 0.5 * 0.1])  # exact match: the verbose answer is wrong
         assert rewards == pytest.approx([combined(t, s) for t, s in zip(trajs, samples)])
     assert sorted(_responses(server)) == [VERBOSE_ANSWER, "Victor Hugo"]
+
+
+def test_the_verdict_cache_drops_the_least_recently_used():
+    """Answers A, B, A, C, A with room for 2: the reuse of A keeps it, so C drops B and A is asked once (the
+    cache dropped in insertion order: A went at C and was paid for again)."""
+    a, b, c = (_trajectory(f"<reason>r</reason><answer>{x}</answer>") for x in ("alpha", "beta", "gamma"))
+    with FakeOpenAI() as server:
+        reward = JudgedReward(_judge(server), cache_size=2)
+        for t in (a, b, a, c, a):
+            reward.batch([t], [_sample()])
+    assert _responses(server) == ["alpha", "beta", "gamma"]
+
+
+def test_weighted_rewards_report_the_judged_terms():
+    """``WeightedRewards([JudgedReward, ...])`` had no ``details``: a step logged ``reward/accuracy`` 0 and no
+    ``reward/judge_failed`` through a judge outage (the README's counter)."""
+    from mmsr.reward.base import WeightedRewards
+    from mmsr.reward.mmsearch_r1 import MMSearchR1Reward
+
+    with FakeOpenAI({VERBOSE_ANSWER: 503}) as server:
+        weighted = WeightedRewards([JudgedReward(_judge(server, retries=0)), MMSearchR1Reward()], [1.0, 0.0])
+        trajs = [_trajectory(VERBOSE), _trajectory(f"<reason>r</reason><answer>{GT}</answer>")]
+        weighted.batch(trajs, [_sample()] * 2)
+        details = [weighted.details(t, _sample()) for t in trajs]
+    assert [d["judge_failed"] for d in details] == [1.0, 0.0] and [d["correct"] for d in details] == [0.0, 1.0]
+    m = rollout_metrics(trajs, [_sample()], [0.1, 1.0], details, RolloutSettings())
+    assert m["reward/accuracy"] == 0.5 and m["reward/judge_failed"] == 0.5
