@@ -124,9 +124,10 @@ def test_unsharded_plan_counts_full_copies():
     assert (m["params"], m["grads"], m["adamw"]) == (4000, 4000, 8000)  # unsharded fp32
     assert (m["reference"], m["reference_scoring"]) == (0, 2000)  # host memory; a full bf16 copy while it scores
     assert (m["gathered_params"], m["unsharded_grads"]) == (2000, 0)  # autocast's bf16 weight cache
-    # 2 layers x 10 tokens x (2 x (7*8 + 2*4 + 4*16) + 2*4*8) + final norm (4 + 4) * 8 * 10
-    assert m["activations"] == 2 * 10 * (256 + 64) + 640
-    assert m["logits"] == 2 * 2 * 10 * 50 + 3 * 4 * 10 * 50
+    # an episode at the context bound (32 tokens) goes alone in a micro-batch (budget 10): T = 32
+    # 2 layers x 32 tokens x (2 x (7*8 + 2*4 + 4*16) + 2*4*8) + final norm (4 + 4) * 8 * 32
+    assert m["activations"] == 2 * 32 * (256 + 64) + 2048
+    assert m["logits"] == 2 * 2 * 32 * 50 + 3 * 4 * 32 * 50
     assert m["packed_mask"] == 0  # packed_rows unset (run_spec sets it on a GPU, checkpointed or under FSDP2)
     # HF engine: the trainer's module (no copy), autocast cache 2000 + KV 2 contexts x 32 tokens x (2*2*1*4*2 bytes)
     assert out["memory"]["rollout"]["engine"] == 2000 + 2 * 32 * 32 and out["memory"]["rollout"]["sync_buffer"] == 0
@@ -237,3 +238,14 @@ def test_mmsr_plan_command_prints_the_readme_table(recipe):
     assert "GiB per GPU: fits" in proc.stdout and "AdamW state" in proc.stdout and "tokens per step" in proc.stdout
     readme = (ROOT / "README.md").read_text()
     assert readme.split(shown, 1)[1].split("```", 1)[0] == proc.stdout, "README: paste the new output of the command"
+
+
+def test_an_episode_longer_than_a_micro_batch_is_planned_alone(capsys):
+    """``micro_batch_tokens`` below ``max_context_tokens`` (8192): an episode at the context bound still trains
+    whole, in a micro-batch of its own (``pack_by_tokens``), so activations and logits are those of 8192 tokens,
+    not 4096 (the plan said a run fit that did not)."""
+    tokens = {n: run(capsys, "-c", str(RECIPES[0]), "--model.init_args.micro_batch_tokens", str(n))["memory"]["training"]
+              for n in (4096, 8192)}  # fmt: skip
+    assert tokens[4096]["activations"] == tokens[8192]["activations"] and tokens[4096]["logits"] == tokens[8192]["logits"]
+    main(["-c", str(RECIPES[0]), "--model.init_args.micro_batch_tokens", "4096"])
+    assert "activations (8192 tokens, checkpointed)" in capsys.readouterr().out

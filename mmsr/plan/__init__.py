@@ -28,7 +28,7 @@ ROWS = (
     ("reference_scoring", "reference, on the GPU to score"),
     ("gathered_params", "{gathered} ({compute_dtype})"),
     ("unsharded_grads", "unsharded grads (root + 1 block)"),
-    ("activations", "activations ({micro_batch_tokens} tokens, {ckpt})"),
+    ("activations", "activations ({micro_tokens} tokens, {ckpt})"),
     ("vision_activations", "vision activations"),
     ("packed_mask", "packed rows' mask ({attention}{flash})"),
     ("logits", "logits + their grad"),
@@ -55,6 +55,8 @@ def parser() -> argparse.ArgumentParser:
 
 def labels(spec: RunSpec) -> dict[str, str]:
     """The table's row labels, filled from the run's settings."""
+    from mmsr.plan.memory import micro_batch_tokens
+
     sleep = "asleep" if spec.sleep_mode else "awake"
     engine = f"vLLM ({spec.gpu_memory_utilization:.2f} x GPU, {sleep} in training)"
     fields = vars(spec) | dict(shard=f", 1/{spec.world_size}" if spec.fsdp else "",
@@ -62,6 +64,7 @@ def labels(spec: RunSpec) -> dict[str, str]:
                                ref="offloaded" if spec.ref_offload else "on GPU",
                                gathered="gathered params" if spec.fsdp else "autocast weight cache",
                                ckpt="checkpointed" if spec.gradient_checkpointing else "no checkpointing",
+                               micro_tokens=micro_batch_tokens(spec),
                                flash="; 0 with flash-attn" if spec.attention == "auto" else "")  # fmt: skip
     return {key: label.format(**fields) for key, label in ROWS}
 

@@ -85,18 +85,24 @@ def layer_bytes(hidden: int, kv_dim: int, intermediate: int, c: int) -> int:
 
 
 def activations(shape: ModelShape, spec: RunSpec) -> int:
-    """Language-model activations of one micro-batch of ``micro_batch_tokens`` padded tokens.
+    """Language-model activations of one micro-batch of ``micro_batch_tokens(spec)`` padded tokens.
 
     Without checkpointing every layer's saved tensors; with it, each layer's input (``layers x h x c``)
     plus one layer's saved tensors while it is recomputed in backward. The final norm adds its float32
     input, its normalized input and lm_head's input: ``(4 + 2c) h``.
     """
-    c, t = nbytes(spec.compute_dtype), spec.micro_batch_tokens
+    c, t = nbytes(spec.compute_dtype), micro_batch_tokens(spec)
     layer = layer_bytes(shape.hidden, shape.kv_heads * shape.head_dim, shape.intermediate, c) * t
     final_norm = (NORM_BYTES + 2 * c) * shape.hidden * t
     if spec.gradient_checkpointing:
         return shape.layers * shape.hidden * c * t + layer + final_norm
     return shape.layers * layer + final_norm
+
+
+def micro_batch_tokens(spec: RunSpec) -> int:
+    """The most tokens one micro-batch holds: ``micro_batch_tokens``, or an episode at the context bound that is
+    longer and goes alone (``pack_by_tokens``)."""
+    return max(spec.micro_batch_tokens, spec.max_context_tokens)
 
 
 def episodes_per_micro_batch(spec: RunSpec) -> int:
@@ -125,7 +131,7 @@ def logits(shape: ModelShape, spec: RunSpec) -> int:
     their gradient (``empty_like(logits)``, allocated in backward while the logits are alive), plus at
     most three float32 ``[512, V]`` chunk temporaries (scaled logits, log p and p; the softmax is
     recomputed per chunk, never stored whole)."""
-    t = spec.micro_batch_tokens
+    t = micro_batch_tokens(spec)
     return 2 * nbytes(spec.compute_dtype) * t * shape.vocab + 3 * 4 * min(DEFAULT_CHUNK_SIZE, t) * shape.vocab
 
 
@@ -138,7 +144,7 @@ def packed_mask(shape: ModelShape, spec: RunSpec) -> int:
     (its attention probabilities, like any eager run's, are not counted)."""
     if not spec.packed_rows:
         return 0
-    pairs = max(spec.micro_batch_tokens, spec.max_context_tokens) ** 2
+    pairs = micro_batch_tokens(spec) ** 2
     if spec.attention == "eager":
         return 4 * pairs
     return pairs * (1 + (1 if spec.gradient_checkpointing else shape.layers) * nbytes(spec.compute_dtype))
