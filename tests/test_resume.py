@@ -4,6 +4,7 @@ save leaves no torn checkpoint."""
 
 import csv
 import json
+import os
 import re
 import signal
 import subprocess
@@ -112,3 +113,18 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert torch.load(path, weights_only=False) == {"step": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary left behind
+
+
+def test_an_atomic_checkpoint_has_the_permissions_a_plain_save_gets(tmp_path):
+    """mkstemp makes the temporary 0600 and the rename kept it: other users' eval or export jobs on a shared
+    cluster could not read the checkpoint. It now follows the umask, as Lightning's own save does."""
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+    old = os.umask(0o022)
+    try:
+        AtomicCheckpointIO().save_checkpoint({"step": 1}, tmp_path / "atomic.ckpt")
+        TorchCheckpointIO().save_checkpoint({"step": 1}, tmp_path / "plain.ckpt")
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes == {"atomic.ckpt": 0o644, "plain.ckpt": 0o644}
