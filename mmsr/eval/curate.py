@@ -13,7 +13,10 @@
    ``category`` column (per-category metrics) and ``extra_info.search_label``.
 
 Resumable: each question's outcomes are appended to a work file (``<out>.rollouts.jsonl``) as soon
-as its batch finishes; a rerun skips the questions already there. Steps 2-5 are deterministic.
+as its batch finishes; a rerun skips the questions already there. The file's first line records the
+settings that decide the outcomes (k, temperature, the model and its tools and limits): a rerun with other
+ones is refused, naming the file. Steps 2-5 are deterministic. Questions need an image (the rows written
+carry it): one without is refused before any rollout.
 
     mmsr curate --ckpt runs/x/checkpoints/last.ckpt --data fvqa_train.parquet --k 8 --size 5000 --out curated.parquet
 """
@@ -24,13 +27,18 @@ import argparse
 import io
 import json
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from mmsr.data.sample import Sample
+from mmsr.eval.work import difference
 from mmsr.rollout.loop import RolloutLoop
 from mmsr.rollout.trajectory import Trajectory
+
+# ``add_model_args``' arguments that decide a rollout's outcome (the work file records them)
+MODEL_ARGS = ("ckpt", "model_dir", "policy", "run_config", "weights", "tools", "min_pixels", "max_pixels", "max_rounds",
+              "max_tokens_per_turn", "max_context_tokens")
 
 Label = str  # one of PAIR_LABELS, or the "<tool>+<tool>_required" label of other configured tools
 PAIR_LABELS = ("search_free", "image_search_required", "text_search_required", "mixed_search_required")
@@ -64,7 +72,9 @@ def label(outcomes: Sequence[Outcome]) -> Label | None:
     return "+".join(sorted(used)) + "_required"
 
 
-def read_work(path: Path) -> dict[str, list[Outcome]]:
+def read_work(path: Path, run: Mapping[str, object] | None = None) -> dict[str, list[Outcome]]:
+    """The outcomes ``path`` holds, by question id. Its ``{"run": ...}`` line names the settings that decided
+    them (``k``, temperature, the model): another ``run`` is refused rather than its outcomes reused."""
     if not path.is_file():
         return {}
     done = {}
@@ -74,20 +84,29 @@ def read_work(path: Path) -> dict[str, list[Outcome]]:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 continue
+            if "run" in row:
+                if run is not None and row["run"] != json.loads(json.dumps(dict(run))):
+                    raise ValueError(f"{path} holds the rollouts of another curation ({difference(row['run'], run)}): "
+                                     "delete it to start over, or give another --work")  # fmt: skip
+                continue
             done[row["id"]] = [Outcome(*o[:3], tuple(o[3]) if len(o) > 3 else ()) for o in row["outcomes"]]
     return done
 
 
 def roll_out(loop: RolloutLoop, samples: Sequence[Sample], k: int, temperature: float, work: Path,
-             batch_size: int = 8, mode: str = "EM") -> dict[str, list[Outcome]]:  # fmt: skip
-    """``k`` rollouts of every question not yet in ``work``; appends each finished batch to it."""
+             batch_size: int = 8, mode: str = "EM", run: Mapping[str, object] | None = None) -> dict[str, list[Outcome]]:  # fmt: skip
+    """``k`` rollouts of every question not yet in ``work``; appends each finished batch to it. ``run``: the
+    settings that decide the outcomes besides ``k`` and ``temperature`` (the model, tools, limits)."""
     from mmsr.reward.mmsearch_r1 import is_correct
     from mmsr.rollout.engine import SamplingParams
 
-    done = read_work(work)
+    run = {"k": k, "temperature": temperature, "mode": mode} | dict(run or {})
+    done = read_work(work, run)
     todo = [s for s in samples if s.id not in done]
     sampling = SamplingParams(temperature=temperature, max_tokens=loop.settings.max_tokens_per_turn)
     work.parent.mkdir(parents=True, exist_ok=True)
+    if not work.is_file() or work.stat().st_size == 0:
+        work.write_text(json.dumps({"run": run}) + "\n", encoding="utf-8")
     for start in range(0, len(todo), batch_size):
         batch = todo[start : start + batch_size]
         trajs = loop.run(batch, k, sampling)
@@ -162,14 +181,19 @@ def write_parquet(samples: Sequence[Sample], labels: dict[str, Label], outcomes:
 
 def curate(samples: Sequence[Sample], loop: RolloutLoop, out: str | Path, k: int = 8, temperature: float = 1.0,
            search_free_ratio: float = 0.32, size: int | None = None, seed: int = 0, batch_size: int = 8,
-           work: str | Path | None = None) -> dict[str, int]:  # fmt: skip
-    """Steps 1-5 of the module docstring; returns the count of each label, ``dropped`` and ``selected``."""
+           work: str | Path | None = None, run: Mapping[str, object] | None = None) -> dict[str, int]:  # fmt: skip
+    """Steps 1-5 of the module docstring; returns the count of each label, ``dropped`` and ``selected``. ``run``:
+    what else decides the outcomes, recorded in the work file (``mmsr curate`` passes its model arguments)."""
     ids = [s.id for s in samples]
     if len(set(ids)) != len(ids):
         raise ValueError("sample ids repeat; curation keys its resumable work file on Sample.id")
+    imageless = [s.id for s in samples if s.stored_image is None]
+    if imageless:  # before any rollout: the rows written carry the question's image (spec §8)
+        raise ValueError(f"curate writes MMSearch-R1 rows, which carry the question's image: {len(imageless)} questions "
+                         f"have none (first: {imageless[0]!r})")  # fmt: skip
     out = Path(out)
     work = Path(work) if work else out.with_name(out.name + ".rollouts.jsonl")
-    outcomes = roll_out(loop, samples, k, temperature, work, batch_size)
+    outcomes = roll_out(loop, samples, k, temperature, work, batch_size, run=run)
     labels = {s.id: lab for s in samples if (lab := label(outcomes[s.id])) is not None}
     chosen = set(select(labels, search_free_ratio, size, seed))
     write_parquet([s for s in samples if s.id in chosen], labels, outcomes, out)
@@ -196,8 +220,10 @@ def main(argv: list[str]) -> dict[str, int]:
     samples = [s for path in args.data for s in load_samples(path, args.skip_invalid)]
     loaded = load_from_args(args)
     loop = RolloutLoop(loaded.engine, loaded.policy, loaded.prompts or _default_prompts(), loaded.tools, loaded.settings)
+    # what decides the outcomes besides k and the temperature: the model, tools and episode limits
+    run = {k: v for k, v in sorted(vars(args).items()) if k in MODEL_ARGS}
     report = curate(samples, loop, args.out, args.k, args.temperature, args.search_free_ratio, args.size, args.seed,
-                    args.batch_size, args.work)  # fmt: skip
+                    args.batch_size, args.work, run)  # fmt: skip
     print(json.dumps(report))
     return report
 

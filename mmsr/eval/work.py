@@ -45,7 +45,7 @@ class EvalWork:
             self.path.unlink()
             return
         if header["run"] != self.run:
-            raise ValueError(f"{self.path} holds the episodes of another evaluation ({_difference(header['run'], self.run)}): "
+            raise ValueError(f"{self.path} holds the episodes of another evaluation ({difference(header['run'], self.run)}): "
                              "delete it to start over, or choose another --out")  # fmt: skip
         kept = [lines[0]]
         for line in lines[1:]:
@@ -88,7 +88,7 @@ def _parse(line: str) -> dict | None:
     return row if isinstance(row, dict) else None
 
 
-def _difference(before: Mapping[str, object], now: Mapping[str, object]) -> str:
+def difference(before: Mapping[str, object], now: Mapping[str, object]) -> str:
     """The first argument whose value differs, in words."""
     for name in sorted(set(before) | set(now)):
         if before.get(name) != now.get(name):

@@ -84,7 +84,7 @@ def test_curate_resumes_after_a_crash(tmp_path, tiny_policy, fvqa_samples):
     crashing = Engine(tiny_policy, script, fail_after=3)  # the first batch of 3 finishes (3 rounds), then a crash
     with pytest.raises(RuntimeError, match="preempted"):
         curate(samples, _loop(tiny_policy, crashing), tmp_path / "b.parquet", k=2, search_free_ratio=0.4, batch_size=3)
-    assert len((tmp_path / "b.parquet.rollouts.jsonl").read_text().splitlines()) == 3
+    assert len((tmp_path / "b.parquet.rollouts.jsonl").read_text().splitlines()) == 1 + 3  # the settings, 3 questions
     resumed = Engine(tiny_policy, script)
     again = curate(samples, _loop(tiny_policy, resumed), tmp_path / "b.parquet", k=2, search_free_ratio=0.4, batch_size=3)
     assert {r.key.split("#")[0] for r in resumed.requests} == {s.id for s in samples[3:]}  # only the rest
@@ -118,3 +118,23 @@ def test_labels_name_other_configured_tools(tmp_path, tiny_policy, fvqa_samples)
     assert read_work(work)[samples[1].id] == [Outcome(True, True, False, ("crop",))]
     work.write_text('{"id": "old", "outcomes": [[true, false, true]]}\n')
     assert read_work(work) == {"old": [Outcome(True, False, True)]}
+
+
+def test_a_work_file_of_other_settings_is_refused_and_imageless_questions_before_any_rollout(tmp_path, tiny_policy,
+                                                                                              fvqa_samples):  # fmt: skip
+    """A rerun with another --k reused the first run's outcomes (labels from k=1 in a k=3 curation), and a
+    text-only question crashed the parquet write after every rollout had run."""
+    from dataclasses import replace
+
+    samples, script = fvqa_samples[:3], _script(fvqa_samples[:7])
+    curate(samples, _loop(tiny_policy, Engine(tiny_policy, script)), tmp_path / "c.parquet", k=1,
+           search_free_ratio=0.4, run={"ckpt": "a.ckpt"})  # fmt: skip
+    engine = Engine(tiny_policy, script)
+    with pytest.raises(ValueError, match=r"c.parquet.rollouts.jsonl holds the rollouts of another curation \(--k was 1, now 3\)"):
+        curate(samples, _loop(tiny_policy, engine), tmp_path / "c.parquet", k=3, search_free_ratio=0.4, run={"ckpt": "a.ckpt"})
+    with pytest.raises(ValueError, match=r"--ckpt was 'a.ckpt', now 'b.ckpt'"):
+        curate(samples, _loop(tiny_policy, engine), tmp_path / "c.parquet", k=1, search_free_ratio=0.4, run={"ckpt": "b.ckpt"})
+    text_only = [samples[0], replace(samples[1], image=None)]
+    with pytest.raises(ValueError, match=f"1 questions have none \\(first: '{samples[1].id}'\\)"):
+        curate(text_only, _loop(tiny_policy, engine), tmp_path / "d.parquet", k=1)
+    assert engine.requests == []  # refused before any rollout
