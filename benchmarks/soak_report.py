@@ -206,14 +206,15 @@ def memory(samples: list[dict], warmup_steps: int, seconds_per_step: float) -> d
 
 
 def text_queries(records: list[dict]) -> tuple[set[str], set[str]]:
-    """The text queries the recorded episodes asked, and those answered (normalized as the cache keys them)."""
+    """The text queries the recorded episodes asked, and those answered whole (normalized as the cache keys
+    them): a result a transient failure cut short is shown but not cached (``partial``)."""
     asked, answered = set(), set()
     for rec in records:
         for turn in rec["turns"]:
             if (tool := turn.get("tool")) and tool["kind"] == "text_search":
                 query = " ".join(tool["query"].lower().split())
                 asked.add(query)
-                if tool["ok"]:
+                if tool["ok"] and not tool.get("partial", False):
                     answered.add(query)
     return asked, answered
 

@@ -60,6 +60,7 @@ class ToolCallRecord:
     titles: list[str]
     text: str
     images: list[str]
+    partial: bool = False  # a transient failure cut the result short (``ToolResult.partial``: not cached)
 
 
 @dataclass(frozen=True)
@@ -143,7 +144,7 @@ def _tool(call: ToolCall | None, max_px: int) -> ToolCallRecord | None:
         return None
     r = call.result
     images = [image_to_data_uri(im, max_px) for im in r.images]
-    return ToolCallRecord(call.kind, call.query, r.ok, r.latency_s, r.cost, list(r.titles), r.text, images)
+    return ToolCallRecord(call.kind, call.query, r.ok, r.latency_s, r.cost, list(r.titles), r.text, images, r.partial)
 
 
 def _turn(i: int, turn: Turn, max_px: int) -> TurnRecord:

@@ -10,6 +10,7 @@ and the loss would then belong to different sequences), or force one training se
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 from mmsr.tools.base import IMAGE_MARKER, ToolResult
 
@@ -18,7 +19,7 @@ CUT = " [cut: context budget]"
 
 
 def _with_text(result: ToolResult, text: str, images: tuple = ()) -> ToolResult:
-    return ToolResult(text, images, result.ok, result.latency_s, result.cost, result.titles)
+    return replace(result, text=text, images=images)
 
 
 def fit(result: ToolResult, tokens: Callable[[ToolResult], int], limit: int) -> ToolResult | None:

@@ -368,7 +368,7 @@ class RolloutLoop:
         self.stats.tool_failures += not result.ok
         self.stats.tool_latency_s.append(latency)
         self.stats.tool_spans.append((start, start + latency))
-        return result if result.latency_s else ToolResult(result.text, result.images, result.ok, latency, result.cost, result.titles)
+        return result if result.latency_s else replace(result, latency_s=latency)
 
     def _observe(self, e: Episode, result: ToolResult) -> None:
         request, traj = e.pending, e.traj

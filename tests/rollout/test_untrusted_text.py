@@ -89,3 +89,28 @@ def test_a_tool_image_the_processor_refuses_is_a_failed_call(tiny_policy, fvqa_s
     assert traj.finish_reason == "answer" and loop.stats.tool_failures == 1
     assert not call.result.ok and "a returned image could not be read: ValueError" in call.result.text
     assert len(traj.vision) == 1  # the question's image only
+
+
+class CutShortTextSearch:
+    """A text search whose answer a transient failure cut short (a page lost to a 503)."""
+
+    async def __call__(self, request):
+        return ToolResult(text_results([("title: one", "the page that came in time. " * 60)]), partial=True)
+
+
+def test_a_result_cut_short_stays_marked_through_the_loop_and_the_records(tiny_policy, fvqa_samples):
+    """``ToolResult.partial`` (not cached) survives the loop's latency stamp and a context cut, and the trajectory
+    record says so: the soak's accounting of cached answers reads it."""
+    from mmsr.report.records import trajectory_record
+
+    sample, script = fvqa_samples[0], {f"{fvqa_samples[0].id}#0": [TXT, ANS]}
+    whole = RolloutSettings()
+    (first,) = make_loop(tiny_policy, script, whole, text=CutShortTextSearch())[0].run([sample], 1, SamplingParams())
+    # room for a full turn and 20 tokens of the (longer) observation: it is cut to fit
+    cut = RolloutSettings(max_context_tokens=first.turns[0].span[1] + whole.max_tokens_per_turn + 20, fit_observations=True)
+    (second,) = make_loop(tiny_policy, script, cut, text=CutShortTextSearch())[0].run([sample], 1, SamplingParams())
+    assert not first.context and second.context
+    for traj in (first, second):
+        assert traj.turns[0].tool_call.result.partial and traj.turns[0].tool_call.result.latency_s > 0
+        record = trajectory_record(traj, sample, step=0, global_step=0, index=0, reward=1.0, advantage=0.0, reward_terms={})
+        assert record.turns[0].tool.partial
