@@ -8,7 +8,7 @@ source's search ratio over the whole batch, spec §9).
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from mmsr.checkpoint import gather_per_rank
 from mmsr.data.sample import Sample
@@ -72,12 +72,18 @@ GroupSums = dict[tuple[str, str], tuple[int, float, int]]  # (field, name) -> (e
 def group_sums(trajs: Sequence[Trajectory], samples: Sequence[Sample], details: Sequence[dict[str, float]]) -> GroupSums:
     """Per ``data_source`` and per ``category`` (``"none"`` when unset): the episodes, their summed correctness
     and how many called a tool."""
+    fields = [{"data_source": s.data_source, "category": s.category} for s in samples]
+    return _summed((fields[t.group_id], d.get("correct", 0.0), t.num_tool_calls > 0) for t, d in zip(trajs, details))
+
+
+def _summed(episodes: Iterable[tuple[Mapping, float, float]]) -> GroupSums:
+    """``GroupSums`` of ``(the episode's data_source and category, its correctness, whether it searched)``."""
     sums: GroupSums = {}
-    for field in ("data_source", "category"):
-        for t, detail in zip(trajs, details):
-            key = (field, getattr(samples[t.group_id], field) or "none")
-            n, correct, searched = sums.get(key, (0, 0.0, 0))
-            sums[key] = (n + 1, correct + detail.get("correct", 0.0), searched + (t.num_tool_calls > 0))
+    for fields, correct, searched in episodes:
+        for field in ("data_source", "category"):
+            key = (field, fields[field] or "none")
+            n, total, searches = sums.get(key, (0, 0.0, 0))
+            sums[key] = (n + 1, total + correct, searches + searched)
     return sums
 
 
@@ -133,16 +139,9 @@ def held_out_metrics(episodes: Sequence[dict]) -> dict[str, float]:
     # them 0 where absent, as here; taking the first episode's keys dropped some and raised on others)
     keys = dict.fromkeys(k for e in episodes for k in e["metrics"])
     out = {f"val/{k}": _mean([e["metrics"].get(k, 0.0) for e in episodes]) for k in keys}
-    for field in ("data_source", "category"):
-        groups: dict[str, list[dict]] = defaultdict(list)
-        for e in episodes:
-            groups[e[field] or "none"].append(e["metrics"])
-        if len(groups) < 2:
-            continue
-        for name, group in sorted(groups.items()):
-            out[f"val/reward/accuracy/{name}"] = _mean([m["reward/accuracy"] for m in group])
-            out[f"val/rollout/search_ratio/any/{name}"] = _mean([m["rollout/search_ratio/any"] for m in group])
-    return out | {"val/episodes": float(len(episodes))}
+    sums = _summed((e, e["metrics"].get("reward/accuracy", 0.0), e["metrics"].get("rollout/search_ratio/any", 0.0))
+                   for e in episodes)  # fmt: skip
+    return out | {f"val/{k}": v for k, v in group_metrics(sums).items()} | {"val/episodes": float(len(episodes))}
 
 
 def tool_metrics(stats: RolloutStats, tools: dict | None = None) -> dict[str, float]:
