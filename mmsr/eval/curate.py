@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mmsr.data.sample import Sample
-from mmsr.eval.work import difference
+from mmsr.eval.work import parse_line, same_run
 from mmsr.rollout.loop import RolloutLoop
 from mmsr.rollout.trajectory import Trajectory
 
@@ -79,17 +79,13 @@ def read_work(path: Path, run: Mapping[str, object] | None = None) -> dict[str, 
         return {}
     done = {}
     for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():  # a line cut by a crash is not valid JSON: that question is redone
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if "run" in row:
-                if run is not None and row["run"] != json.loads(json.dumps(dict(run))):
-                    raise ValueError(f"{path} holds the rollouts of another curation ({difference(row['run'], run)}): "
-                                     "delete it to start over, or give another --work")  # fmt: skip
-                continue
-            done[row["id"]] = [Outcome(*o[:3], tuple(o[3]) if len(o) > 3 else ()) for o in row["outcomes"]]
+        if (row := parse_line(line)) is None:  # a line cut by a crash: that question is redone
+            continue
+        if "run" in row:
+            if run is not None:
+                same_run(path, row["run"], run, "the rollouts of another curation", "give another --work")
+            continue
+        done[row["id"]] = [Outcome(*o[:3], tuple(o[3]) if len(o) > 3 else ()) for o in row["outcomes"]]
     return done
 
 

@@ -32,7 +32,7 @@ class EvalWork:
     """
 
     def __init__(self, path: str | Path, run: Mapping[str, object]) -> None:
-        self.path, self.run = Path(path), json.loads(json.dumps(dict(run)))
+        self.path, self.run = Path(path), as_json(run)
         self._done: dict[BatchKey, tuple[list[str], list[EvalRecord]]] = {}
         if self.path.is_file():
             self._read()
@@ -40,16 +40,14 @@ class EvalWork:
     def _read(self) -> None:
         text = self.path.read_text(encoding="utf-8")
         lines = text.splitlines()
-        header = _parse(lines[0]) if lines else None
+        header = parse_line(lines[0]) if lines else None
         if header is None or "run" not in header:  # the header itself was cut: nothing in the file counts
             self.path.unlink()
             return
-        if header["run"] != self.run:
-            raise ValueError(f"{self.path} holds the episodes of another evaluation ({difference(header['run'], self.run)}): "
-                             "delete it to start over, or choose another --out")  # fmt: skip
+        same_run(self.path, header["run"], self.run, "the episodes of another evaluation", "choose another --out")
         kept = [lines[0]]
         for line in lines[1:]:
-            if (row := _parse(line)) is not None:
+            if (row := parse_line(line)) is not None:
                 kept.append(line)
                 self._done[(row["set"], row["workflow"], row["start"])] = (row["ids"], [EvalRecord(**r) for r in row["records"]])
         if len(kept) < len(lines) or not text.endswith("\n"):  # a cut line: the next batch must start a line of its own
@@ -80,7 +78,23 @@ class EvalWork:
         self.path.unlink(missing_ok=True)
 
 
-def _parse(line: str) -> dict | None:
+def as_json(run: Mapping[str, object]) -> dict:
+    """``run`` as it reads back from a work file (tuples become lists), so the two compare equal."""
+    return json.loads(json.dumps(dict(run)))
+
+
+def same_run(path: Path, before: Mapping[str, object], now: Mapping[str, object], holds: str, other: str) -> None:
+    """Refuse a work file written with other arguments (``holds``: what it holds; ``other``: the way out).
+
+    Raises:
+        ValueError: naming the file and the first argument that differs.
+    """
+    if before != as_json(now):
+        raise ValueError(f"{path} holds {holds} ({difference(before, now)}): delete it to start over, or {other}")
+
+
+def parse_line(line: str) -> dict | None:
+    """A work file's line as an object; None for a line cut by a crash (not JSON) or not an object."""
     try:
         row = json.loads(line)
     except json.JSONDecodeError:
