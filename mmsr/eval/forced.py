@@ -6,7 +6,9 @@ text into the assistant turn itself instead of asking the model:
   model is not called, and the loop executes the action as if the model had written it;
 - an *opening* (``close`` set), e.g. ``<text_search>``, is followed by the model's own tokens,
   sampled with ``close`` as the only stop string; if the model ends its turn without writing
-  ``close``, its end-of-turn token is replaced by ``close`` so the loop can parse the action.
+  ``close``, its end-of-turn token is replaced by ``close`` so the loop can parse the action. A model
+  that writes the opening again itself (the direct-answer prompt asks for ``<answer>`` tags) has it kept
+  once: ``<answer><answer>x</answer>`` would grade as ``<answer>x`` (spec extraction), not ``x``.
 Turns without a spec are the model's alone. Forced tokens get log-prob 0; evaluation never trains on
 them (they would carry loss-mask 1 in a ``Trajectory``, so this engine is not for training).
 """
@@ -40,7 +42,7 @@ class ForcedTurnsEngine:
     """
 
     def __init__(self, inner: Engine, tokenizer, turns: Mapping[int, ForcedTurn], eos_ids: Iterable[int]) -> None:
-        self.inner, self.turns, self.eos_ids = inner, dict(turns), set(eos_ids)
+        self.inner, self.turns, self.eos_ids, self.tokenizer = inner, dict(turns), set(eos_ids), tokenizer
         self.ids = {t: tokenizer.encode(f.text, add_special_tokens=False) for t, f in self.turns.items()}
         self.close_ids = {t: tokenizer.encode(f.close, add_special_tokens=False) for t, f in self.turns.items() if f.close}
 
@@ -72,10 +74,15 @@ class ForcedTurnsEngine:
         return replace(r, input_ids=tuple(r.input_ids) + tuple(prefix), max_tokens=max(budget, 1))
 
     def _finish(self, turn: int, out: GenerationOutput) -> GenerationOutput:
-        prefix = self.ids.get(turn, [])
+        prefix = [] if self._repeats_opening(turn, out.token_ids) else self.ids.get(turn, [])
         ids, lps, finish = prefix + list(out.token_ids), [0.0] * len(prefix) + list(out.logprobs), out.finish
         if turn in self.close_ids and finish == "eos":
             if ids and ids[-1] in self.eos_ids:
                 ids, lps = ids[:-1], lps[:-1]
             ids, lps, finish = ids + self.close_ids[turn], lps + [0.0] * len(self.close_ids[turn]), "stop"
         return GenerationOutput(ids, lps, finish)
+
+    def _repeats_opening(self, turn: int, ids: Sequence[int]) -> bool:
+        """Whether the model's own tokens begin (after whitespace) with the turn's forced opening."""
+        spec = self.turns.get(turn)
+        return spec is not None and self.tokenizer.decode(list(ids)).lstrip().startswith(spec.text)

@@ -20,7 +20,7 @@ from mmsr.eval.work import EvalWork
 from mmsr.eval.workflows import Workflow, WorkflowSetup, setup
 from mmsr.models.policy import Policy
 from mmsr.prompt.render import PromptBuilder
-from mmsr.reward.answer import exact_match, sub_exact_match
+from mmsr.reward.answer import episode_answer, exact_match, sub_exact_match
 from mmsr.reward.format import format_ok
 from mmsr.reward.mmsearch_r1 import MMSearchR1Reward
 from mmsr.rollout.engine import Engine, SamplingParams
@@ -93,7 +93,7 @@ class Evaluator:
         return records
 
     def record(self, traj: Trajectory, sample: Sample, workflow: str, name: str, allowed: int) -> EvalRecord:
-        answer = traj.answer
+        answer = episode_answer(traj.assistant_texts)  # what the reward column grades, too
         return EvalRecord(
             set=name, workflow=workflow, sample_id=sample.id, data_source=sample.data_source,
             category=sample.category, question=sample.question, ground_truth=sample.ground_truth,

@@ -20,6 +20,7 @@ from pathlib import Path
 from PIL import Image
 
 from mmsr.data.sample import Sample
+from mmsr.reward.answer import episode_answer
 from mmsr.rollout.actions import Action, Answer, Invalid
 from mmsr.rollout.trajectory import ToolCall, Trajectory, Turn
 
@@ -170,7 +171,7 @@ def trajectory_record(
     return TrajectoryRecord(
         step, global_step, index, traj.sample_id, traj.group_id, sample.data_source, sample.question,
         list(sample.answers), image, float(reward), float(advantage), correct,
-        {k: float(v) for k, v in reward_terms.items()}, traj.finish_reason, traj.answer, len(traj),
+        {k: float(v) for k, v in reward_terms.items()}, traj.finish_reason, episode_answer(traj.assistant_texts), len(traj),
         traj.num_sampled_tokens, [_turn(i, t, max_px) for i, t in enumerate(traj.turns)], sample.category,
         list(traj.context),
     )  # fmt: skip

@@ -34,10 +34,37 @@ def extract_answer(turn_text: str) -> str | None:
     return last.strip() if last is not None else None
 
 
+def episode_answer(turns: Sequence[str]) -> str | None:
+    """The answer an episode is graded on: ``extract_answer`` of its last assistant turn (spec section 4).
+
+    The one rule for the reward, the judge, evaluation's EM/SubEM and the logged records. The rollout
+    parser's ``Answer`` (what ends an episode) takes the innermost tag instead, so for text such as
+    ``<answer><answer>x</answer>`` the two differ, and evaluation had counted as right what the reward
+    counted as wrong.
+    """
+    return extract_answer(turns[-1]) if turns else None
+
+
 def exact_match(pred: str, answers: str | Sequence[str]) -> bool:
-    """The normalized prediction equals some normalized answer."""
+    """The normalized prediction equals some normalized answer.
+
+    An answer that normalization erases ("A", "The The", "", "?") is compared without dropping articles
+    (lowercase, no punctuation, whitespace collapsed) and never matches an empty prediction: else
+    ``<answer></answer>`` or ``<answer>the</answer>`` would be right for it (SubEM skips such answers).
+    """
     norm_pred = normalize_answer(pred)
-    return any(normalize_answer(a) == norm_pred for a in _as_list(answers))
+    return any(_equal(pred, norm_pred, a) for a in _as_list(answers))
+
+
+def _equal(pred: str, norm_pred: str, answer: str) -> bool:
+    if norm := normalize_answer(answer):
+        return norm == norm_pred
+    kept = _with_articles(answer)
+    return bool(kept) and kept == _with_articles(pred)
+
+
+def _with_articles(s: str) -> str:
+    return " ".join(s.lower().translate(_NO_PUNCTUATION).split())
 
 
 def sub_exact_match(pred: str, answers: str | Sequence[str]) -> bool:

@@ -25,7 +25,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 import aiohttp
 
 from mmsr.data.sample import Sample
-from mmsr.reward.answer import extract_answer
+from mmsr.reward.answer import episode_answer
 from mmsr.reward.judge import JudgeInput, OpenAIJudge
 from mmsr.reward.mmsearch_r1 import MMSearchR1Reward, Mode, is_correct, shape_details
 from mmsr.rollout.trajectory import Trajectory
@@ -139,8 +139,7 @@ class JudgedReward:
 
 def _key(trajectory: Trajectory, sample: Sample) -> Key | None:
     """What the judge is asked about: the last turn's answer to the sample; None without an answer."""
-    turns = trajectory.assistant_texts
-    answer = extract_answer(turns[-1]) if turns else None
+    answer = episode_answer(trajectory.assistant_texts)
     if answer is None:
         return None
     return JudgeInput(sample.question, sample.ground_truth, tuple(sample.candidate_answers), answer)

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import Literal
 
 from mmsr.data.sample import Sample
-from mmsr.reward.answer import exact_match, extract_answer, parse_candidate_answers, sub_exact_match
+from mmsr.reward.answer import episode_answer, exact_match, parse_candidate_answers, sub_exact_match
 from mmsr.reward.format import format_ok, penalized_count, search_count
 from mmsr.rollout.trajectory import Trajectory
 from mmsr.tools.spec import MMSEARCH_R1_TOOLS, ToolSpec
@@ -24,7 +24,7 @@ def is_correct(
     """Whether the last turn's ``<answer>`` matches the ground truth or a candidate answer."""
     if mode not in _MATCHERS:
         raise ValueError(f"unknown reward mode {mode!r}; expected one of {sorted(_MATCHERS)}")
-    answer = extract_answer(turns[-1]) if turns else None
+    answer = episode_answer(turns)
     if answer is None:
         return False
     return _MATCHERS[mode](answer, [ground_truth, *parse_candidate_answers(candidate_answers)])

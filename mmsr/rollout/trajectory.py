@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from mmsr.models.vision import VisionInput
-from mmsr.rollout.actions import Action, Answer
+from mmsr.rollout.actions import Action
 from mmsr.tools.base import ToolResult
 from mmsr.tools.spec import MMSEARCH_R1_TOOLS, ToolSpec
 
@@ -101,11 +101,6 @@ class Trajectory:
     @property
     def num_text_searches(self) -> int:
         return self.num_calls("text_search")
-
-    @property
-    def answer(self) -> str | None:
-        last = self.turns[-1].action if self.turns else None
-        return last.text if isinstance(last, Answer) else None
 
     @property
     def num_sampled_tokens(self) -> int:

@@ -181,3 +181,25 @@ def test_a_work_file_of_other_arguments_is_refused_naming_it(tmp_path, tiny_poli
         EvalWork(path, {"ckpt": "b.ckpt", "limit": None})
     path.write_text('{"ru')  # its first line cut: nothing in it counts, and it goes
     assert EvalWork(path, {"ckpt": "b.ckpt"}).done(("dev", "direct", 0), [sample.id]) is None and not path.exists()
+
+
+def test_em_the_reward_and_the_record_grade_one_answer_the_specs(tiny_policy, fvqa_samples, local_tools):
+    sample = fvqa_samples[0]
+    text = f"<reason>I write <answer> tags</reason><answer>{sample.ground_truth}</answer>"  # the parser: innermost
+    engine = ScriptedEngine({sample.id: [text]}, tiny_policy.tokenizer)
+    (rec,) = Evaluator(tiny_policy, engine, local_tools).run([sample], "on-demand", "dev")
+    assert rec.answer == f"tags</reason><answer>{sample.ground_truth}"  # the spec's last <answer>(.*?)</answer>
+    assert (rec.em, rec.subem, rec.reward) == (False, True, 0.0)
+
+
+@pytest.mark.parametrize("workflow", ["direct", "rag"])
+def test_a_forced_opening_the_model_writes_again_is_kept_once(tiny_policy, fvqa_samples, local_tools, workflow):
+    sample = fvqa_samples[2]
+    turns = {0: f" <answer>{sample.ground_truth}</answer>", 1: f"<text_search>{sample.ground_truth}</text_search>",
+             2: f"<answer>{sample.ground_truth}</answer>"}  # fmt: skip
+    engine = ScriptedEngine(lambda r: turns[r.turn], tiny_policy.tokenizer)
+    (rec,) = Evaluator(tiny_policy, engine, local_tools).run([sample], workflow, "dev")
+    assert rec.turns[-1]["text"].strip() == f"<answer>{sample.ground_truth}</answer>"
+    assert rec.em and rec.answer == sample.ground_truth
+    if workflow == "rag":
+        assert rec.turns[1]["text"] == f"<text_search>{sample.ground_truth}</text_search>" and rec.text_searches == 1

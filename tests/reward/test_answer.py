@@ -68,6 +68,17 @@ def test_exact_match() -> None:
     assert not exact_match("Paris", [])
 
 
+@pytest.mark.parametrize("answers", [["A"], ["The The"], ["musketeers", ""], ["?"]])
+def test_an_answer_normalization_erases_is_not_matched_by_an_empty_or_article_answer(answers) -> None:
+    # normalize_answer("A") == "" == normalize_answer(""): plain SQuAD EM rewards <answer></answer> here
+    assert not any(exact_match(pred, answers) for pred in ("", " ", "the", ".", "an a"))
+
+
+def test_an_answer_normalization_erases_still_matches_itself() -> None:
+    assert exact_match("a.", ["A"]) and exact_match(" THE the ", ["The The"]) and not exact_match("b", ["A"])
+    assert exact_match("musketeers", ["musketeers", ""]) and not exact_match("?", ["?"])
+
+
 def test_sub_exact_match() -> None:
     assert sub_exact_match("It is the Eiffel Tower in Paris.", ["eiffel tower"])
     assert sub_exact_match("paris", ["Lyon", "Paris"])

@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from mmsr.reward.answer import episode_answer
 from mmsr.prompt.render import PromptBuilder
 from mmsr.rollout.engine import GenerationRequest, SamplingParams, ScriptedEngine, WholeBatches, incremental
 from mmsr.rollout.loop import RolloutLoop, RolloutSettings
@@ -76,7 +77,7 @@ def test_a_turn_that_ends_early_starts_its_tool_call_while_a_long_turn_generates
     engine, text = Stepping({fast.id: [TXT, ANS], slow.id: [LONG]}, tiny_policy.tokenizer), Recording()
     assert incremental(engine) is engine
     loop, trajs = rollout(engine, tiny_policy, [fast, slow], text)
-    assert [t.answer for t in trajs] == ["Paris", "Paris"] and [len(t.turns) for t in trajs] == [2, 1]
+    assert [episode_answer(t.assistant_texts) for t in trajs] == ["Paris", "Paris"] and [len(t.turns) for t in trajs] == [2, 1]
     assert text.started[fast.id] < engine.finished[(slow.id, 0)]  # the call ran while the long turn generated
     assert engine.finished[(fast.id, 1)] < engine.finished[(slow.id, 0)]  # and the next turn joined the batch
     assert loop.stats.tools_s == 0.0 and loop.stats.overlap == 1.0  # the rollout never waited for the tool

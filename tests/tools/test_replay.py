@@ -8,6 +8,7 @@ import json
 import pytest
 from PIL import Image
 
+from mmsr.reward.answer import episode_answer
 from mmsr.prompt.render import PromptBuilder
 from mmsr.rollout.engine import SamplingParams, ScriptedEngine
 from mmsr.rollout.loop import RolloutLoop, RolloutSettings
@@ -56,7 +57,7 @@ def test_rollout_replay_reproduces_the_recorded_observations(tiny_policy, fvqa_s
         row = rows[traj.sample_id]
         for turn, recorded in zip(traj.turns, _rounds(row)):
             if recorded["action"] == "answer":
-                assert turn.tool_call is None and traj.answer == row["mmsearch_r1_7b_run"]["final_answer"]
+                assert turn.tool_call is None and episode_answer(traj.assistant_texts) == row["mmsearch_r1_7b_run"]["final_answer"]
                 continue
             assert turn.tool_call.kind == recorded["action"]
             _check_observation(recorded["action"], recorded["tool"], turn.tool_call.result)
