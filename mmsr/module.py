@@ -163,6 +163,7 @@ class GRPOModule(L.LightningModule):
                                           "rollout", "weight_sync"])  # fmt: skip
         self.hparams["rollout"] = asdict(rollout)
         self.automatic_optimization = False
+        self.sampling = SamplingParams(temperature, top_p, top_k, rollout.max_tokens_per_turn)  # refused before the build
         self.policy = policy.build()
         # from_pretrained returns a model in eval mode, where Hugging Face turns gradient checkpointing
         # off; Lightning no longer switches modes at fit start (it warned: "N modules in eval mode").
@@ -176,7 +177,6 @@ class GRPOModule(L.LightningModule):
         self.weight_sync = weight_sync if weight_sync is not None else WeightSync()
         self.loop = RolloutLoop(self.engine, self.policy, prompts or PromptBuilder(), tool_map, rollout)
         self.loop.on_episode_end = self._episode_ended
-        self.sampling = SamplingParams(temperature, top_p, top_k, rollout.max_tokens_per_turn)
         update = UpdateSettings.of(self.hparams, max_context_tokens=rollout.max_context_tokens)
         self.policy_update = PolicyUpdate(self.policy, update)  # mmsr.train.update
         self._pending: tuple[list[Trajectory], list[Sample]] | None = None

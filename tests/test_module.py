@@ -204,3 +204,13 @@ def test_the_logged_learning_rate_is_the_one_the_step_used(sample, tmp_path):
     logged = [float(r["train/lr"]) for r in csv.DictReader((tmp_path / "metrics.csv").open())]
     assert used.rates == pytest.approx([1e-3 / 4, 2e-3 / 4, 3e-3 / 4])  # linear warmup over 4 steps
     assert logged == pytest.approx(used.rates)
+
+
+class Unbuildable:
+    def build(self):
+        raise AssertionError("the policy was built before the settings were checked")
+
+
+def test_sampling_settings_out_of_range_are_refused_before_the_policy_is_built():
+    with pytest.raises(ValueError, match=r"top_p=0"):
+        make_module(policy=Unbuildable(), top_p=0.0)

@@ -130,7 +130,8 @@ class Policy:
 
     def mask_banned(self, out):
         """Set banned logits to ``BANNED_LOGIT`` (out of place, so gradients stay correct)."""
-        if self._banned is None or self._banned_vocab != out.logits.shape[-1]:
+        # Rebuilt on a new device too: a policy first run on CPU, then moved to the GPU, would index with a CPU tensor.
+        if self._banned is None or self._banned_vocab != out.logits.shape[-1] or self._banned.device != out.logits.device:
             self._banned_vocab = out.logits.shape[-1]
             self._banned = self.banned_token_ids(self._banned_vocab).to(out.logits.device)
         if self._banned.numel():

@@ -34,6 +34,17 @@ class SamplingParams:
     max_tokens: int = 256
     stop: tuple[str, ...] = STOP_STRINGS
 
+    def __post_init__(self) -> None:
+        # Out of range the engines disagree (vLLM refuses top_p=0, HFEngine filtered every token out and
+        # drew id 0), so none of them sees such a value. A NaN fails every comparison: refused too.
+        limits = [("top_p", self.top_p, 0 < self.top_p <= 1, "in (0, 1]"),
+                  ("top_k", self.top_k, self.top_k >= 0, ">= 0 (0 disables it)"),
+                  ("temperature", self.temperature, self.temperature >= 0, ">= 0 (0 is greedy)"),
+                  ("max_tokens", self.max_tokens, self.max_tokens >= 1, ">= 1")]  # fmt: skip
+        bad = [f"{name}={value!r} (must be {rule})" for name, value, ok, rule in limits if not ok]
+        if bad:
+            raise ValueError(f"SamplingParams: {'; '.join(bad)}")
+
 
 @dataclass(frozen=True)
 class GenerationRequest:
@@ -44,7 +55,8 @@ class GenerationRequest:
         vision: the context's images in order.
         key: the trajectory's id (``sample_id#k``), for scripted engines, logs and sampling streams.
         turn: index of the assistant turn being generated (0-based).
-        max_tokens: a per-request cap (remaining context budget), below ``SamplingParams.max_tokens``.
+        max_tokens: a per-request cap (remaining context budget), below ``SamplingParams.max_tokens``;
+            ``None``: none. At least 1 (``turn_budget``): the loop always leaves room for a token.
         stream: the rollout this request belongs to (``RolloutLoop`` counts its runs); with ``key`` and
             ``turn`` it picks the request's sampling stream (``mmsr.rollout.sampling``).
     """
@@ -134,6 +146,22 @@ def incremental(engine: Engine | IncrementalEngine) -> IncrementalEngine:
     return WholeBatches(engine)
 
 
+def turn_budget(request: GenerationRequest, sampling: SamplingParams) -> int:
+    """Most tokens ``request`` may sample: ``sampling.max_tokens`` under the request's own cap.
+
+    Every engine checks its requests with this before any work. An empty context has nothing to continue
+    (batched, its row would attend only to padding), and a cap below 1 is refused as vLLM refuses
+    ``max_tokens < 1`` (0 is a cap, not "unset": it must not become ``sampling.max_tokens``).
+    """
+    if not len(request.input_ids):
+        raise ValueError(f"request {request.key!r}: empty prompt (input_ids has no token to continue)")
+    if request.max_tokens is None:
+        return sampling.max_tokens
+    if request.max_tokens < 1:
+        raise ValueError(f"request {request.key!r}: max_tokens={request.max_tokens}, must be >= 1 (or None: no cap)")
+    return min(sampling.max_tokens, request.max_tokens)
+
+
 def first_stop(text: str, stops: Sequence[str]) -> int | None:
     """End index of the earliest completed stop string in ``text``, or None."""
     ends = [text.find(s) + len(s) for s in stops if s in text]
@@ -186,12 +214,14 @@ class ScriptedEngine:
         finish = "stop" if cut else "eos"
         if not cut:
             ids = ids + [self.eos_id]
-        budget = min(sampling.max_tokens, request.max_tokens or sampling.max_tokens)
+        budget = turn_budget(request, sampling)
         if len(ids) > budget:
             ids, finish = ids[:budget], "length"
         return GenerationOutput(ids, [self.logprob] * len(ids), finish)
 
     def generate(self, requests: Sequence[GenerationRequest], sampling: SamplingParams) -> list[GenerationOutput]:
+        for r in requests:
+            turn_budget(r, sampling)  # refuse the whole call, as the other engines do, before recording any
         if self.record:
             self.requests.extend(requests)
         return [self._one(r, sampling) for r in requests]

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mmsr.models.policy import Policy
-from mmsr.rollout.engine import GenerationOutput, GenerationRequest, SamplingParams, first_stop
+from mmsr.rollout.engine import GenerationOutput, GenerationRequest, SamplingParams, first_stop, turn_budget
 from mmsr.rollout.hf_decode import DecodeBatch, additive_mask, decode_attention_for, slab_cache
 from mmsr.rollout.sampling import gumbel_sample, request_seed
 
@@ -42,6 +42,7 @@ def sample_tokens(logits: torch.Tensor, sampling: SamplingParams, seeds: torch.T
         sorted_logits, idx = torch.sort(filtered, descending=True)
         cum = torch.softmax(sorted_logits, -1).cumsum(-1)
         drop = cum - torch.softmax(sorted_logits, -1) >= sampling.top_p  # keep the token crossing top_p
+        drop[:, 0] = False  # the most likely token always stays: a row all -inf would draw id 0
         filtered.scatter_(-1, idx, sorted_logits.masked_fill(drop, float("-inf")))
     tokens = gumbel_sample(filtered, seeds, positions)
     return tokens, logp.gather(-1, tokens[:, None])[:, 0]
@@ -99,6 +100,7 @@ class HFEngine:
     def generate(self, requests: Sequence[GenerationRequest], sampling: SamplingParams) -> list[GenerationOutput]:
         if self.policy is None:
             raise RuntimeError("HFEngine.bind(policy) must be called before generate()")
+        budgets = [turn_budget(r, sampling) for r in requests]  # before any work, or a draw of a sampling stream
         model, seeds = self.policy.model, self.request_seeds(requests)
         was_training = model.training
         model.eval()
@@ -107,7 +109,7 @@ class HFEngine:
             with self.policy.autocast():
                 for i in range(0, len(requests), self.max_batch_size):
                     window = slice(i, i + self.max_batch_size)
-                    outs += self._batch(requests[window], seeds[window], sampling)
+                    outs += self._batch(requests[window], seeds[window], budgets[window], sampling)
             return outs
         finally:
             model.train(was_training)
@@ -157,8 +159,9 @@ class HFEngine:
         return batch, out.logits[index, -1]
 
     @torch.no_grad()
-    def _batch(self, requests: Sequence[GenerationRequest], seeds: Sequence[int], sampling: SamplingParams) -> list[GenerationOutput]:
-        turns = [_Turn(min(sampling.max_tokens, r.max_tokens or sampling.max_tokens)) for r in requests]
+    def _batch(self, requests: Sequence[GenerationRequest], seeds: Sequence[int], budgets: Sequence[int],
+               sampling: SamplingParams) -> list[GenerationOutput]:  # fmt: skip
+        turns = [_Turn(budget) for budget in budgets]
         with decode_attention_for(self.policy.model) as additive:
             batch, logits = self.prefill(requests, max(t.budget for t in turns), additive)
             self._decode(batch, logits, turns, seeds, sampling)

@@ -52,7 +52,7 @@ import torch
 from mmsr.models.build import save_policy
 from mmsr.models.policy import Policy
 from mmsr.models.vision import VisionInput
-from mmsr.rollout.engine import GenerationOutput, GenerationRequest, SamplingParams
+from mmsr.rollout.engine import GenerationOutput, GenerationRequest, SamplingParams, turn_budget
 from mmsr.rollout.sampling import request_seed
 from mmsr.rollout.vllm_inputs import (
     GridImages,
@@ -205,11 +205,12 @@ class VLLMEngine:
 
     def _inputs(self, requests: Sequence[GenerationRequest], sampling: SamplingParams) -> list[tuple[dict, object]]:
         """``(prompt, vllm.SamplingParams)`` of each request; requests without a key are seeded by call."""
+        budgets = [turn_budget(r, sampling) for r in requests]  # all checked before any is submitted
         self.calls += 1
         return [(engine_input(r.input_ids, r.vision, self.image_ids, grids=self.grid_images).prompt(self.mm_kwargs),
-                 self.sampling_params(sampling, min(sampling.max_tokens, r.max_tokens or sampling.max_tokens),
+                 self.sampling_params(sampling, budget,
                                       request_seed(self.seed, r.stream, r.key or f"call{self.calls}/{i}", r.turn)))
-                for i, r in enumerate(requests)]  # fmt: skip
+                for i, (r, budget) in enumerate(zip(requests, budgets))]  # fmt: skip
 
     def generate(self, requests: Sequence[GenerationRequest], sampling: SamplingParams) -> list[GenerationOutput]:
         llm = self._require()
