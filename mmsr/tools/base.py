@@ -47,8 +47,10 @@ class ToolRequest:
 class ToolResult:
     """What a tool returns. Failures are results too (``ok=False``), never exceptions.
 
-    Text and titles are redacted on construction (``mmsr.tools.secrets``): whatever a provider echoed, no
-    configured key reaches the model, the trajectory records or the server's answers.
+    Text and titles are cleaned on construction: a lone UTF-16 surrogate (what ``json.loads`` makes of a
+    snippet cut mid-emoji) becomes U+FFFD, since the tokenizer and SQLite refuse it; and they are redacted
+    (``mmsr.tools.secrets``): whatever a provider echoed, no configured key reaches the model, the trajectory
+    records or the server's answers.
 
     Attributes:
         text: the observation text shown to the model; contains one ``IMAGE_MARKER`` per image.
@@ -59,6 +61,8 @@ class ToolResult:
         titles: titles of the returned items, for logs and tables.
         partial: a transient failure (the call's deadline, a timeout, 429/5xx, the network) cut the result
             short: it is shown, but never cached, so the next call may get the whole answer.
+        sent: False only where the search certainly never went out (an open circuit, no time left, nothing to
+            search with), so it cannot have been billed: a budget gives back the call it reserved for it.
     """
 
     text: str
@@ -68,15 +72,26 @@ class ToolResult:
     cost: float = 0.0
     titles: tuple[str, ...] = field(default_factory=tuple)
     partial: bool = False
+    sent: bool = True
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "text", redact(self.text))  # frozen: the one sanctioned way to clean a field
-        object.__setattr__(self, "titles", tuple(redact(t) for t in self.titles))
+        # frozen: the one sanctioned way to clean a field
+        object.__setattr__(self, "text", redact(_valid_utf8(self.text)))
+        object.__setattr__(self, "titles", tuple(redact(_valid_utf8(t)) for t in self.titles))
         if self.text.count(IMAGE_MARKER) != len(self.images):
             raise ValueError(
                 f"ToolResult has {len(self.images)} images but {self.text.count(IMAGE_MARKER)} "
                 f"{IMAGE_MARKER!r} markers in its text"
             )
+
+
+def _valid_utf8(text: str) -> str:
+    """``text`` with each lone surrogate replaced by U+FFFD (a pair left as two code points is joined)."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:  # a round trip through UTF-16 pairs what pairs and marks the rest
+        return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
 
 
 class FatalToolError(Exception):
@@ -110,11 +125,13 @@ def quoted(text: str) -> str:
     return text.replace(IMAGE_MARKER, "(image)")
 
 
-def failure(kind: str, reason: str, latency_s: float = 0.0) -> ToolResult:
-    """The observation for a failed call: the model is told and may answer on its own."""
+def failure(kind: str, reason: str, latency_s: float = 0.0, sent: bool = True) -> ToolResult:
+    """The observation for a failed call: the model is told and may answer on its own (``sent``: as
+    ``ToolResult.sent``)."""
     header = f"[{kind.replace('_', ' ').title()} Results]"  # image_search -> [Image Search Results]
     return ToolResult(
         text=f"{header} The search failed ({quoted(reason)}). Please answer with your own knowledge.",
         ok=False,
         latency_s=latency_s,
+        sent=sent,
     )

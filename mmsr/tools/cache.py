@@ -11,8 +11,12 @@ API calls (spec §11 #8: SerpAPI is about $75 per 5k requests).
 ``CachedTool`` wraps any ``SearchTool``. Modes: ``off`` (always call), ``read_write`` (hit -> cached result;
 miss -> call, store successes not cut short by a transient failure, ``ToolResult.partial``), ``replay_only``
 (hit -> cached result; miss -> ``ReplayMiss``, never a call).
-The budget counts the calls and dollars of one run in the same file, so every process of a run (same
-``run_id``) shares it; past it, a miss returns a failure observation saying so instead of calling.
+The budget counts the calls and dollars of one run in the same file, per tool kind and provider (image and
+text search have caps of their own), so every process of a run (same ``run_id``) shares it; past it, a miss
+returns a failure observation saying so instead of calling. A call is reserved with its provider's price
+(``provider.cost_per_call``) before it runs, so calls in flight count against ``max_cost`` too, and settled at
+its real cost after; a search that never went out (``ToolResult.sent`` False, or a ``ToolError`` with ``sent``
+False) gives its call back.
 """
 
 from __future__ import annotations
@@ -93,6 +97,15 @@ class CacheKey:
     version: str
 
 
+@dataclass(frozen=True)
+class BudgetKey:
+    """One budget counter: a run's calls to one tool kind of one provider."""
+
+    run: str
+    tool: str
+    provider: str
+
+
 def _png(image: Image.Image) -> str:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
@@ -108,8 +121,12 @@ CREATE TABLE IF NOT EXISTS results (
     tool TEXT, provider TEXT, key TEXT, version TEXT,
     text TEXT NOT NULL, titles TEXT NOT NULL, images TEXT NOT NULL, cost REAL NOT NULL, created REAL NOT NULL,
     PRIMARY KEY (tool, provider, key, version));
-CREATE TABLE IF NOT EXISTS budget (run TEXT PRIMARY KEY, calls INTEGER NOT NULL, cost REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS tool_budget (
+    run TEXT, tool TEXT, provider TEXT, calls INTEGER NOT NULL, cost REAL NOT NULL,
+    PRIMARY KEY (run, tool, provider));
 """
+# Files written before budgets were per tool keep their ``budget (run, calls, cost)`` table, unread: its
+# counts cannot be split between the tools that made them.
 
 
 class ToolCache:
@@ -159,40 +176,48 @@ class ToolCache:
         with self._lock:
             return self._db.execute("SELECT COUNT(*) FROM results").fetchone()[0]
 
-    def reserve(self, run: str, max_calls: int | None, max_cost: float | None) -> str | None:
-        """Count one call against ``run``'s budget; the reason it is refused (nothing counted) or None.
+    def reserve(self, budget: BudgetKey, max_calls: int | None, max_cost: float | None,
+                hold: float = 0.0) -> str | None:  # fmt: skip
+        """Count one call, and ``hold`` dollars (its expected price), against ``budget``; the reason it is
+        refused (nothing counted) or None. ``spend`` settles the call at its real cost.
 
         One ``BEGIN IMMEDIATE`` transaction, so concurrent processes cannot both take the last call.
         """
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                calls, cost = self._spent(run)
+                calls, cost = self._spent(budget)
                 if max_calls is not None and calls >= max_calls:
                     return f"the run's search budget is used up ({calls} of {max_calls} API calls)"
                 if max_cost is not None and cost >= max_cost:
                     return f"the run's search budget is used up (${cost:.2f} of ${max_cost:.2f})"
-                self._db.execute(
-                    "INSERT INTO budget VALUES (?, 1, 0) ON CONFLICT(run) DO UPDATE SET calls = calls + 1", (run,)
-                )
+                self._add(budget, 1, hold)
                 return None
             finally:
                 self._db.execute("COMMIT")
 
-    def spend(self, run: str, cost: float) -> None:
+    def spend(self, budget: BudgetKey, cost: float, calls: int = 0) -> None:
+        """Add ``cost`` dollars and ``calls`` calls (-1 gives a reserved call back) to ``budget``."""
         with self._lock:
-            self._db.execute(
-                "INSERT INTO budget VALUES (?, 0, ?) ON CONFLICT(run) DO UPDATE SET cost = cost + excluded.cost",
-                (run, cost),
-            )
+            self._add(budget, calls, cost)
 
-    def spent(self, run: str) -> tuple[int, float]:
-        """(API calls, dollars) counted for ``run``."""
+    def spent(self, budget: BudgetKey) -> tuple[int, float]:
+        """(API calls, dollars) counted for ``budget``, calls in flight included."""
         with self._lock:
-            return self._spent(run)
+            return self._spent(budget)
 
-    def _spent(self, run: str) -> tuple[int, float]:
-        row = self._db.execute("SELECT calls, cost FROM budget WHERE run=?", (run,)).fetchone()
+    def _add(self, budget: BudgetKey, calls: int, cost: float) -> None:
+        self._db.execute(
+            "INSERT INTO tool_budget VALUES (?, ?, ?, ?, ?) ON CONFLICT(run, tool, provider) "
+            "DO UPDATE SET calls = calls + excluded.calls, cost = cost + excluded.cost",
+            (budget.run, budget.tool, budget.provider, calls, cost),
+        )
+
+    def _spent(self, budget: BudgetKey) -> tuple[int, float]:
+        row = self._db.execute(
+            "SELECT calls, cost FROM tool_budget WHERE run=? AND tool=? AND provider=?",
+            (budget.run, budget.tool, budget.provider),
+        ).fetchone()
         return (row[0], row[1]) if row else (0, 0.0)
 
     def close(self) -> None:
@@ -209,7 +234,8 @@ class CachedTool:
         mode: ``off``, ``read_write`` or ``replay_only`` (see the module docstring).
         provider: part of the key; defaults to the tool's ``provider_name`` attribute, else its class name.
         version: part of the key; bump it when the backend's output changes (prompt, model, format).
-        max_calls, max_cost: the run's budget of API calls and dollars (``None``: unlimited).
+        max_calls, max_cost: the run's budget of API calls and dollars for this tool kind and provider
+            (``None``: unlimited).
         run_id: processes with the same id share one budget; default: this process.
     """
 
@@ -225,6 +251,7 @@ class CachedTool:
         self.path = path
         self._cache: ToolCache | None = None  # opened on first use: building a config touches no file
         self.counts: Counter[str] = Counter()
+        self._kinds: set[str] = set()  # the tool kinds asked of it: its budget counters, for ``metrics``
 
     def check_budget(self, cap_s: float) -> None:
         """The wrapped tool's check (a hit costs milliseconds; a miss is the tool's call)."""
@@ -248,6 +275,7 @@ class CachedTool:
     async def __call__(self, request: ToolRequest) -> ToolResult:
         start = time.perf_counter()
         key = CacheKey(request.kind, self.provider, request_key(request), self.version)
+        self._kinds.add(request.kind)
         if self.mode != "off":
             hit = await asyncio.to_thread(self.cache.get, key)
             self.counts[f"{request.kind}/cache_{'hits' if hit else 'misses'}"] += 1
@@ -259,29 +287,41 @@ class CachedTool:
                     f"{request.sample_id!r} (provider {self.provider!r}, key {key.key[:80]!r}, "
                     f"version {self.version!r})"
                 )
-        refusal = await asyncio.to_thread(self.cache.reserve, self.run_id, self.max_calls, self.max_cost)
-        if refusal is not None:
-            self.counts[f"{request.kind}/budget_refusals"] += 1
-            return failure(request.kind, refusal, time.perf_counter() - start)
-        cost = self._cost_if_raised()
-        try:
-            result = await self.tool(with_budget_left(request, start))  # the lookup and a busy lock took their share
-            cost = result.cost
-        finally:  # a call that raised (or was cancelled) may have been paid: it is never free in the budget
-            await asyncio.shield(asyncio.to_thread(self.cache.spend, self.run_id, cost))
+        result = await self._call_within_budget(request, start)
         if result.ok and not result.partial and self.mode == "read_write":
             await asyncio.to_thread(self.cache.put, key, result)
         return result
 
-    def _cost_if_raised(self) -> float:
-        """What a call that raised is charged: its search provider's price per call (a search that raised may
-        have been paid for; the budget is a cap, so it errs on the side of spending), else nothing."""
+    async def _call_within_budget(self, request: ToolRequest, start: float) -> ToolResult:
+        """The backend's answer to a miss, with its call reserved in the budget first and settled after."""
+        budget, price = BudgetKey(self.run_id, request.kind, self.provider), self._price()
+        refusal = await asyncio.to_thread(self.cache.reserve, budget, self.max_calls, self.max_cost, price)
+        if refusal is not None:
+            self.counts[f"{request.kind}/budget_refusals"] += 1
+            return failure(request.kind, refusal, time.perf_counter() - start, sent=False)
+        calls, cost = 0, price  # a call that raised (or was cancelled) may have been paid: never free
+        try:
+            result = await self.tool(with_budget_left(request, start))  # the lookup and a busy lock took their share
+            calls, cost = (0 if result.sent else -1), result.cost
+        except Exception as exc:
+            if getattr(exc, "sent", True) is False:  # a ``ToolError`` that certainly never went out
+                calls, cost = -1, 0.0
+            raise
+        finally:
+            await asyncio.shield(asyncio.to_thread(self.cache.spend, budget, cost - price, calls))
+        return result
+
+    def _price(self) -> float:
+        """The backend's search provider's price per call (reserved before the call, so calls in flight count
+        against ``max_cost``; also what a call that raised is charged), else nothing."""
         provider = getattr(self.tool, "provider", None)
         return float(getattr(provider, "cost_per_call", 0.0) or 0.0)
 
     def metrics(self) -> dict[str, float]:
-        """Cache hits/misses, budget refusals, this run's API calls and dollars, and the backend's own metrics."""
-        calls, cost = self.cache.spent(self.run_id)
+        """Cache hits/misses, budget refusals, this run's API calls and dollars with this tool, and the
+        backend's own metrics."""
+        spent = [self.cache.spent(BudgetKey(self.run_id, kind, self.provider)) for kind in sorted(self._kinds)]
+        calls, cost = sum(c for c, _ in spent), sum(d for _, d in spent)
         out = {f"tools/{k}": float(v) for k, v in sorted(self.counts.items())}
         out |= {"tools/api_calls": float(calls), "tools/api_cost": cost}
         return out | (self.tool.metrics() if hasattr(self.tool, "metrics") else {})

@@ -113,11 +113,12 @@ class SafeUnpickler(pickle.Unpickler):
 
 
 def safe_load(path: str | Path) -> Any:
-    """The object pickled in ``path``, read with ``SafeUnpickler`` (``UnsafePickle`` on a refused global)."""
+    """The object pickled in ``path``, read with ``SafeUnpickler`` (``UnsafePickle`` on a refused global,
+    ``pickle.UnpicklingError`` naming the file on any other failure to load)."""
     with open(path, "rb") as f:
         try:
             return SafeUnpickler(f, str(path)).load()
         except UnsafePickle:
             raise
-        except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError) as exc:
+        except Exception as exc:  # a corrupt file can raise almost anything (LookupError, MemoryError ...)
             raise pickle.UnpicklingError(f"{path}: not a readable pickle ({type(exc).__name__}: {exc})") from None

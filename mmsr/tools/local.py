@@ -84,8 +84,8 @@ class LocalImageSearch:
             with Image.open(path) as image:
                 bits = self._hash(image)
                 thumbnail = image.convert("RGB")
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"{where}: cannot read image {path} ({exc})") from None
+        except Exception as exc:  # a corrupt image makes Pillow raise SyntaxError, DecompressionBombError ...
+            raise ValueError(f"{where}: cannot read image {path} ({type(exc).__name__}: {exc})") from None
         thumbnail.thumbnail((self.thumbnail_size, self.thumbnail_size))
         # One line per result in the observation, whatever the page title held.
         self._entries += [_ImageEntry(" ".join(t.split()), thumbnail, row_id) for t in titles]

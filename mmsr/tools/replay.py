@@ -86,23 +86,39 @@ def recorded_results(path: str | Path, thumbnail_size: int = 64,
     path = Path(path)
     images = images if images is not None else {s.id: s.image for s in load_samples(path)}
     out: dict[tuple[str, str], ToolResult] = {}
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        row = json.loads(line)
-        rounds = (row.get("mmsearch_r1_7b_run") or {}).get("rounds") or []
-        for r in rounds:
-            tool, where = r.get("tool"), f"{path}:{line_no} round {r.get('round')}"
-            if r.get("action") == "image_search" and tool:
-                key = ("image_search", image_key(images[row["data_id"]]))
-                out.setdefault(key, _image_result(tool, images[row["data_id"]], thumbnail_size, where))
-            elif r.get("action") == "crop_search" and tool:  # CropSearch asks image search about the region
-                region = _region(tool, images[row["data_id"]], where)
-                out.setdefault(("image_search", image_key(region)), _image_result(tool, region, thumbnail_size, where))
-            elif r.get("action") == "text_search" and tool:
-                query = ToolRequest("text_search", str(tool.get("query", "")))
-                out.setdefault(("text_search", request_key(query)), _text_result(tool, where))
+    lines = [(n, line) for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1) if line.strip()]
+    for index, (line_no, line) in enumerate(lines):
+        try:
+            row = json.loads(line)
+            image = images.get(_row_id(row, index, path))
+            _record_row(row, image, thumbnail_size, f"{path}:{line_no}", out)
+        except (json.JSONDecodeError, AttributeError, KeyError, TypeError) as exc:  # name the row, not a bare key
+            raise ValueError(f"{path}:{line_no}: malformed recording ({type(exc).__name__}: {exc})") from None
     return out
+
+
+def _row_id(row: dict[str, Any], index: int, path: Path) -> str:
+    """The row's id as ``load_samples`` gives it (``mmsr.data.rows``): ``data_id``, else ``id``, as a string
+    (``None`` and ``""`` unset), else the file's stem and the row's index among the non-blank lines."""
+    set_ids = (v for v in (row.get("data_id"), row.get("id")) if v is not None and v != "")
+    return str(next(set_ids, f"{path.stem}-{index}"))
+
+
+def _record_row(row: dict[str, Any], image: Image.Image | None, thumbnail_size: int, where: str,
+                out: dict[tuple[str, str], ToolResult]) -> None:  # fmt: skip
+    """Add the recorded tool calls of ``row`` (its image: ``image``) to ``out``; a repeat keeps the first."""
+    for r in (row.get("mmsearch_r1_7b_run") or {}).get("rounds") or []:
+        tool, action, at = r.get("tool"), r.get("action"), f"{where} round {r.get('round')}"
+        if action in ("image_search", "crop_search") and tool and image is None:
+            raise ValueError(f"{at}: a recorded {action} but the row has no image")
+        if action == "image_search" and tool:
+            out.setdefault(("image_search", image_key(image)), _image_result(tool, image, thumbnail_size, at))
+        elif action == "crop_search" and tool:  # CropSearch asks image search about the region
+            region = _region(tool, image, at)
+            out.setdefault(("image_search", image_key(region)), _image_result(tool, region, thumbnail_size, at))
+        elif action == "text_search" and tool:
+            query = ToolRequest("text_search", str(tool.get("query", "")))
+            out.setdefault(("text_search", request_key(query)), _text_result(tool, at))
 
 
 class ReplaySearch:

@@ -4,7 +4,8 @@ Many trainer and evaluation processes then share one cache, one rate limit and o
 ``HTTPSearchTool`` (a ``SearchTool``) pointed at the server instead of calling the providers themselves.
 
 API (JSON): ``POST /v1/search`` with a ``ToolRequest`` (image as base64 PNG) -> a ``ToolResult`` (thumbnails
-as base64 PNG); ``GET /v1/metrics`` -> the backends' counters; ``GET /health`` (no token needed). Errors are
+as base64 PNG); ``GET /v1/metrics`` -> the backends' counters (``tools/<kind>/...``, as the trainer logs
+them); ``GET /health`` (no token needed). Errors are
 ``{"error": message}`` with 400 (bad request, naming the field), 401 (token), 404 (no such backend) or 409
 (a backend's ``FatalToolError``: a replay-only miss, an unreadable FVQA cache file; the client raises it again, so a
 misconfigured server stops the trainer as a local backend would instead of training on failed searches). Binds 127.0.0.1 by default; with ``token_env`` set in the environment every request but
@@ -23,6 +24,7 @@ import base64
 import hmac
 import io
 import logging
+import math
 import os
 import signal
 from dataclasses import replace
@@ -56,9 +58,10 @@ def _image64(data: str, field: str) -> Image.Image:
 
 def request_to_json(request: ToolRequest) -> dict[str, Any]:
     image = _png64(request.image) if request.image is not None else None
+    budget = request.budget_s  # an infinite budget (tool_timeout_s: .inf) is no cap; JSON has no infinity
     return {"kind": request.kind, "query": request.query, "image": image, "image_url": request.image_url,
             "sample_id": request.sample_id, "question": request.question,
-            "budget_s": request.budget_s}  # fmt: skip
+            "budget_s": None if budget is None or math.isinf(budget) else budget}  # fmt: skip
 
 
 def _error(message: str, status: int) -> web.Response:
@@ -75,8 +78,10 @@ def request_from_json(body: Any) -> ToolRequest:
         if not isinstance(body.get(field, ""), str):
             raise ValueError(f"field {field!r}: must be a string")
     budget = body.get("budget_s")
-    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int | float) or budget <= 0):
-        raise ValueError("field 'budget_s': must be a positive number or null")
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int | float) or not budget > 0):
+        raise ValueError("field 'budget_s': must be a positive number or null")  # NaN included
+    if budget == math.inf:  # Python's json reads Infinity (and 1e400) as inf: no cap, as null
+        budget = None
     if body.get("image_url") is not None and not isinstance(body["image_url"], str):
         raise ValueError("field 'image_url': must be a string or null")
     image = body.get("image")
@@ -92,6 +97,8 @@ def result_to_json(result: ToolResult) -> dict[str, Any]:
             "latency_s": result.latency_s, "cost": result.cost, "titles": list(result.titles)}  # fmt: skip
     if result.partial:  # only then: a client's own cache must not keep it either; other answers stay as they were
         body["partial"] = True
+    if not result.sent:  # likewise: a client's own budget gives the call back
+        body["sent"] = False
     return body
 
 
@@ -100,7 +107,8 @@ def result_from_json(body: Any) -> ToolResult:
     try:
         images = tuple(_image64(d, "images") for d in body["images"])
         return ToolResult(str(body["text"]), images, bool(body["ok"]), float(body["latency_s"]), float(body["cost"]),
-                          tuple(str(t) for t in body["titles"]), bool(body.get("partial", False)))  # fmt: skip
+                          tuple(str(t) for t in body["titles"]), bool(body.get("partial", False)),
+                          bool(body.get("sent", True)))  # fmt: skip
     except (KeyError, TypeError, ValueError) as exc:
         raise ToolError(f"the search server's answer is not a tool result ({exc})", "bad_response") from None
 
@@ -141,8 +149,10 @@ class SearchServer:
     @web.middleware
     async def _auth(self, request: web.Request, handler):
         if self._token and request.path != "/health":
-            given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-            if not hmac.compare_digest(given.encode(), self._token.encode()):
+            scheme, _, given = request.headers.get("Authorization", "").strip().partition(" ")
+            # aiohttp keeps undecodable header bytes as surrogates: encoded back, they compare (unequal), not raise
+            given = given.strip().encode("utf-8", "surrogateescape")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given, self._token.encode()):
                 return _error("missing or wrong bearer token", 401)
         return await handler(request)
 
@@ -151,8 +161,9 @@ class SearchServer:
 
     async def _metrics(self, request: web.Request) -> web.Response:
         out: dict[str, float] = {"server/requests": float(self.requests)}
-        for tool in self.tools.values():
-            out |= tool.metrics() if hasattr(tool, "metrics") else {}
+        for kind, tool in self.tools.items():  # per kind, as the trainer logs them: both have tools/api_calls
+            if hasattr(tool, "metrics"):
+                out |= {f"tools/{kind}/{k.removeprefix('tools/')}": v for k, v in tool.metrics().items()}
         return web.json_response(out)
 
     async def _search(self, request: web.Request) -> web.Response:
@@ -260,7 +271,7 @@ class HTTPSearchTool:
         except ToolError as exc:
             if exc.status == 409:
                 raise (ReplayMiss if "ReplayMiss" in exc.reason else RemoteFatalError)(exc.reason) from None
-            return failure(request.kind, exc.reason)
+            return failure(request.kind, exc.reason, sent=exc.sent)
 
     def metrics(self) -> dict[str, float]:
         return self.client.metrics()

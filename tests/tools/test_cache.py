@@ -11,8 +11,14 @@ from PIL import Image
 
 from mmsr.tools import IMAGE_MARKER, ToolRequest, ToolResult
 from mmsr.tools.base import failure
-from mmsr.tools.cache import CachedTool, ReplayMiss, ToolCache, image_key, request_key
+from mmsr.tools.cache import BudgetKey, CachedTool, ReplayMiss, ToolCache, image_key, request_key
 from mmsr.tools.crop import CropSearch
+from mmsr.tools.web.fake import serve
+from mmsr.tools.web.http import Limits, ToolError
+from mmsr.tools.web.image_search import WebImageSearch
+from mmsr.tools.web.providers import SerpAPILens
+
+from .fake_web import Script
 
 
 class CountingTool:
@@ -117,9 +123,12 @@ def test_budget_in_calls_and_dollars(tmp_path):
     assert run(CachedTool(backend, str(tmp_path / "c.sqlite"), max_calls=1, run_id="run-c"), text("g")).ok
 
 
+SHARED = BudgetKey("shared", "text_search", "counting")
+
+
 def _reserve_many(path: str, n: int, queue) -> None:
     cache = ToolCache(path)
-    granted = sum(cache.reserve("shared", 25, None) is None for _ in range(n))
+    granted = sum(cache.reserve(SHARED, 25, None) is None for _ in range(n))
     queue.put(granted)
 
 
@@ -134,7 +143,7 @@ def test_budget_is_shared_safely_by_processes(tmp_path):
     granted = [queue.get(timeout=60) for _ in workers]
     for w in workers:
         w.join(timeout=60)
-    assert sum(granted) == 25 and ToolCache(path).spent("shared") == (25, 0.0)
+    assert sum(granted) == 25 and ToolCache(path).spent(SHARED) == (25, 0.0)
 
 
 def test_cache_file_is_wal_and_shared_between_connections(tmp_path):
@@ -205,4 +214,107 @@ def test_a_call_that_raises_is_still_charged(tmp_path):
     tool = CachedTool(Crashing(), str(tmp_path / "c.sqlite"), run_id="r")
     with pytest.raises(SyntaxError):
         run(tool, text("q"))
-    assert tool.cache.spent("r") == (1, 0.25)
+    assert tool.cache.spent(BudgetKey("r", "text_search", "Crashing")) == (1, 0.25)
+
+
+def test_a_result_with_a_lone_surrogate_is_stored_and_served(tmp_path):
+    class Cut(CountingTool):  # a JSON snippet cut mid-emoji: json.loads leaves half a surrogate pair
+        async def __call__(self, request: ToolRequest) -> ToolResult:
+            self.calls += 1
+            return ToolResult("[Text Search Results]\n1. Paris \ud83d", cost=self.cost)
+
+    backend = Cut()
+    tool = CachedTool(backend, str(tmp_path / "c.sqlite"))
+    first, again = run(tool, text("q")), run(tool, text("q"))  # sqlite cannot store a lone surrogate
+    assert first.ok and again.ok and again.text == first.text.replace("\ud83d", "\ufffd") == first.text
+    assert backend.calls == 1
+
+
+def test_each_tool_kind_and_provider_has_its_own_budget(tmp_path):
+    # The image and text tools of one trainer share the cache file and the default run_id, with caps of their
+    # own: image search using up its calls must not refuse the first text search.
+    path = str(tmp_path / "c.sqlite")
+    lens, serper = CountingTool(cost=0.015), CountingTool(cost=0.001)
+    image = CachedTool(lens, path, provider="serpapi_lens", max_calls=2, max_cost=75.0)
+    words = CachedTool(serper, path, provider="serper", max_calls=2, max_cost=50.0)
+    for shade in range(3):
+        run(image, ToolRequest("image_search", image=Image.new("RGB", (8, 8), (shade, 0, 0))))
+    assert lens.calls == 2 and image.metrics()["tools/image_search/budget_refusals"] == 1
+    assert run(words, text("capital of france")).ok and serper.calls == 1
+    assert image.metrics()["tools/api_calls"] == 2 and image.metrics()["tools/api_cost"] == pytest.approx(0.03)
+    assert words.metrics()["tools/api_calls"] == 1 and words.metrics()["tools/api_cost"] == pytest.approx(0.001)
+
+
+def test_a_cache_file_from_before_per_tool_budgets_still_opens(tmp_path):
+    path = tmp_path / "old.sqlite"
+    run(CachedTool(CountingTool(), str(path)), text("recorded"))
+    old = ToolCache(path)._db  # as the old schema left it: a per-run budget table, no per-tool one
+    old.execute("DROP TABLE tool_budget")
+    old.execute("CREATE TABLE budget (run TEXT PRIMARY KEY, calls INTEGER NOT NULL, cost REAL NOT NULL)")
+    old.execute("INSERT INTO budget VALUES ('r', 7, 1.5)")
+    backend = CountingTool()
+    tool = CachedTool(backend, str(path), max_calls=1, run_id="r")
+    assert run(tool, text("recorded")).ok and run(tool, text("new")).ok and backend.calls == 1
+
+
+class NeverSent(CountingTool):
+    """Fails before its search goes out: as a result (``sent=False``) or as a ``ToolError(sent=False)``."""
+
+    def __init__(self, raises: bool) -> None:
+        super().__init__()
+        self.raises = raises
+
+    async def __call__(self, request: ToolRequest) -> ToolResult:
+        self.calls += 1
+        if self.raises:
+            raise ToolError("no time left for the search", "deadline", sent=False)
+        return failure(request.kind, "circuit open", sent=False)
+
+
+@pytest.mark.parametrize("raises", [False, True])
+def test_a_search_that_never_went_out_gives_its_call_back(tmp_path, raises):
+    tool = CachedTool(NeverSent(raises), str(tmp_path / "c.sqlite"), max_calls=1, run_id="r")
+    for query in ("a", "b", "c"):
+        if raises:
+            with pytest.raises(ToolError):
+                run(tool, text(query))
+        else:
+            assert "circuit open" in run(tool, text(query)).text  # never "budget is used up"
+    assert tool.cache.spent(BudgetKey("r", "text_search", "counting")) == (0, 0.0)
+
+
+def test_an_open_circuit_does_not_use_up_max_calls(tmp_path, monkeypatch):
+    monkeypatch.setenv("SERPAPI_API_KEY", "sk-test")
+    lens = Script((500, "down"))
+    limits = Limits(timeout_s=2.0, retries=0, breaker_failures=1, breaker_reset_s=600)
+
+    async def main():
+        async with serve([("GET", "/lens", lens)]) as url:
+            backend = WebImageSearch(SerpAPILens(endpoint=url + "/lens", limits=limits, cost_per_call=0.5))
+            tool = CachedTool(backend, str(tmp_path / "c.sqlite"), max_calls=2, run_id="r")
+            return tool, [await tool(ToolRequest("image_search", image=Image.new("RGB", (8, 8), (i, 0, 0)),
+                                                 image_url=f"https://x.example/{i}.jpg")) for i in range(4)]  # fmt: skip
+
+    tool, results = asyncio.run(main())
+    assert len(lens.requests) == 1 and all("circuit open" in r.text for r in results[1:])
+    assert tool.cache.spent(BudgetKey("r", "image_search", "serpapi_lens")) == (1, 0.5)
+
+
+def test_calls_in_flight_hold_their_price_against_max_cost(tmp_path):
+    class Paid(CountingTool):  # a web tool: its provider's price is known before the call
+        provider = SimpleNamespace(cost_per_call=0.4)
+
+        async def __call__(self, request: ToolRequest) -> ToolResult:
+            await asyncio.sleep(0.01)
+            return await super().__call__(request)
+
+    backend = Paid(cost=0.4)
+    tool = CachedTool(backend, str(tmp_path / "c.sqlite"), max_cost=1.0, run_id="r")
+
+    async def main():
+        return await asyncio.gather(*(tool(text(f"q{i}")) for i in range(16)))
+
+    answered = sum(r.ok for r in asyncio.run(main()))
+    # $0, $0.40, $0.80 held when each of the first 3 starts (under $1); the 4th sees $1.20 held
+    assert answered == backend.calls == 3
+    assert tool.cache.spent(BudgetKey("r", "text_search", "counting")) == (3, pytest.approx(1.2))

@@ -237,6 +237,20 @@ def test_missing_file_and_bad_rows_are_fatal_clear_errors(tmp_path):
         FVQACacheSearch(str(path)).rows
 
 
+def test_a_corrupt_pickle_is_fatal_and_names_the_file_whatever_it_raises(tmp_path):
+    # Protocol 2 stores bytes as _codecs.encode(str, "latin1"): one flipped byte in the codec's name makes
+    # loading raise LookupError, which escaped as a failed search on every call instead of stopping the run.
+    path = tmp_path / "fvqa_train_image_search_results_cache.pkl"
+    data = {"fvqa_train_1": {"tool_returned_web_title_list": ["t"], "tool_returned_images_urls": [b"\xff"]}}
+    good = pickle.dumps(data, protocol=2)
+    assert b"latin1" in good
+    path.write_bytes(good.replace(b"latin1", b"latxn1"))
+    with pytest.raises(pickle.UnpicklingError, match=f"{path}: not a readable pickle \\(LookupError"):
+        safe_load(path)
+    with pytest.raises(FVQACacheError, match="fvqa_train_image_search_results_cache.pkl: not a readable pickle"):
+        asyncio.run(FVQACacheSearch(str(path), tool_cache=None)(request("fvqa_train_1")))
+
+
 def test_check_script_lists_rows_with_dead_thumbnails(tmp_path):
     scripts, server = thumbnail_server()
     out = tmp_path / "dead.jsonl"

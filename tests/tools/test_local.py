@@ -13,6 +13,8 @@ from PIL import Image
 from mmsr.tools import IMAGE_MARKER, LocalImageSearch, LocalTextSearch, SearchTool, ToolRequest, ToolResult
 from tools.build_fvqa_index import CORPUS, IMAGE_INDEX, load_rows, render  # a script of the top-level tools/
 
+from .fake_web import broken_png
+
 DATA = Path(__file__).resolve().parents[2] / "data" / "fvqa_dev_20"
 SEARCH = DATA / "search"
 INDEX_ROWS = [json.loads(line) for line in (SEARCH / IMAGE_INDEX).read_text(encoding="utf-8").splitlines()]
@@ -108,7 +110,10 @@ def _write(path: Path, rows: list) -> Path:
 def test_bad_image_index_names_file_and_line(tmp_path: Path) -> None:
     Image.new("RGB", (20, 10), "red").save(tmp_path / "ok.png")
     (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
+    (tmp_path / "broken.png").write_bytes(broken_png())  # Pillow raises SyntaxError, not OSError
     cases = {
+        "broken_png.jsonl": ([{"image": "ok.png", "title": "a"}, {"image": "broken.png", "title": "b"}],
+                             ":2: cannot read image .*broken.png \\(SyntaxError"),
         "missing_title.jsonl": ([{"image": "ok.png", "title": "a"}, {"image": "ok.png"}], ":2: missing field 'title'"),
         "broken_image.jsonl": ([{"image": "broken.jpg", "title": "a"}], ":1: cannot read image"),
         "missing_image.jsonl": ([{"image": "ok.png", "title": "a"}, {"image": "nope.png", "title": "b"}], ":2:"),

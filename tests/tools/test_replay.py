@@ -103,3 +103,30 @@ def test_recordings_load_into_the_cache_for_replay_only_runs(tmp_path, replay, c
     assert asyncio.run(cached(ToolRequest("image_search", image=image))).titles == tuple(
         _rounds(row)[0]["tool"]["titles"]
     )
+
+
+def _recording(path, rows: list[dict]) -> str:
+    """``rows`` as a jsonl at ``path``, their image paths made absolute (the images stay in the FVQA folder)."""
+    absolute = [dict(r, image=str(FVQA / r["image"]) if r.get("image") else None) for r in rows]
+    path.write_text("".join(json.dumps(r) + "\n" for r in absolute), encoding="utf-8")
+    return str(path)
+
+
+@pytest.mark.parametrize("ids", ["numeric data_id", "id instead of data_id"])
+def test_rows_are_identified_as_the_loader_identifies_them(tmp_path, ids):
+    # load_samples ids a row by data_id, else id, as a string: the replay looked up row["data_id"] as it was
+    row = next(r for r in ROWS if _rounds(r)[0]["action"] == "image_search")
+    if ids == "numeric data_id":
+        changed, sample_id = dict(row, data_id=1000), "1000"
+    else:
+        changed, sample_id = {("id" if k == "data_id" else k): v for k, v in row.items()}, row["data_id"]
+    replay = ReplaySearch(_recording(tmp_path / "rec.jsonl", [changed]))
+    by_id = asyncio.run(replay(ToolRequest("image_search", sample_id=sample_id)))
+    assert list(by_id.titles) == _rounds(row)[0]["tool"]["titles"]
+
+
+def test_a_recorded_image_search_without_an_image_names_the_line(tmp_path):
+    first, second = [r for r in ROWS if _rounds(r)[0]["action"] == "image_search"][:2]
+    path = _recording(tmp_path / "rec.jsonl", [first, dict(second, image=None)])
+    with pytest.raises(ValueError, match=r"rec.jsonl:2 round \S+: a recorded image_search but the row has no image"):
+        ReplaySearch(path)

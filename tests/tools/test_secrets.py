@@ -184,7 +184,7 @@ def test_search_server_answers_carry_no_key(caplog):
     text, crashed, bad, metrics = (json.loads(b) for b in bodies)
     assert text["ok"] and "[redacted SERPER_API_KEY]" in text["titles"][0]
     assert not crashed["ok"] and "RuntimeError: backend broke with [redacted SERPER_API_KEY]" in crashed["text"]
-    assert "[redacted SERPAPI_API_KEY]" in bad["error"] and "tools/serper/calls" in str(metrics)
+    assert "[redacted SERPAPI_API_KEY]" in bad["error"] and "tools/text_search/serper/calls" in str(metrics)
     assert via_client.ok and "backend broke" in caplog.text
     assert_clean(bodies, via_client.text, via_client.titles, caplog.text)
 

@@ -22,7 +22,14 @@ from mmsr.tools import ToolRequest, ToolResult
 from mmsr.tools.base import SearchTool
 from mmsr.tools.cache import ReplayMiss
 from mmsr.tools.replay import ReplaySearch
-from mmsr.tools.server import HTTPSearchTool, SearchServer, request_from_json, result_from_json, result_to_json
+from mmsr.tools.server import (
+    HTTPSearchTool,
+    SearchServer,
+    request_from_json,
+    request_to_json,
+    result_from_json,
+    result_to_json,
+)
 from mmsr.tools.web.http import Limits
 
 from ..conftest import FVQA, ROOT
@@ -220,3 +227,90 @@ def test_a_corrupt_image_in_a_request_is_a_bad_request(monkeypatch):
     # a partial result says so over the wire (and only then: other answers are unchanged)
     partial = ToolResult("[Text Search Results] short", partial=True)
     assert result_from_json(result_to_json(partial)).partial and "partial" not in result_to_json(ToolResult("x"))
+
+
+class BudgetEcho(SlowTool):
+    """Answers with the budget it was given, and has a ``check_budget`` (as ``CachedTool`` and web tools do)."""
+
+    def __init__(self) -> None:
+        super().__init__(0.0)
+
+    async def __call__(self, request: ToolRequest) -> ToolResult:
+        return ToolResult(f"[Text Search Results] budget {request.budget_s}")
+
+    def check_budget(self, cap_s: float) -> None:
+        pass
+
+
+def test_an_infinite_budget_is_no_cap_and_nan_is_a_bad_request(monkeypatch):
+    # Python's json reads Infinity and 1e400 as inf: round(inf) in the budget check was a 500 on every search
+    # with rollout.tool_timeout_s: .inf
+    monkeypatch.delenv("MMSR_SEARCH_TOKEN", raising=False)
+
+    async def body(url):
+        statuses = {}
+        async with aiohttp.ClientSession() as session:
+            for value in ("Infinity", "1e400", "NaN", "-Infinity"):
+                data = f'{{"kind": "text_search", "query": "q", "budget_s": {value}}}'
+                async with session.post(url + "/v1/search", data=data) as r:
+                    statuses[value] = (r.status, await r.json())
+        client = await HTTPSearchTool(url, limits=FAST)(ToolRequest("text_search", "q", budget_s=float("inf")))
+        return statuses, client
+
+    statuses, client = asyncio.run(_with_server(SearchServer(text_search=BudgetEcho(), port=0), body))
+    assert statuses["Infinity"] == statuses["1e400"] and statuses["Infinity"][0] == 200
+    assert statuses["Infinity"][1]["text"].endswith("budget None")
+    for bad in ("NaN", "-Infinity"):
+        assert statuses[bad][0] == 400 and "field 'budget_s'" in statuses[bad][1]["error"]
+    assert client.ok and client.text.endswith("budget None")
+    assert request_to_json(ToolRequest("text_search", budget_s=float("inf")))["budget_s"] is None
+
+
+def _status_with(port: int, authorization: bytes) -> str:
+    """The status line of a search sent with raw ``Authorization`` header bytes (aiohttp's client refuses some)."""
+    body = b'{"kind": "text_search", "query": "q"}'
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(b"POST /v1/search HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nAuthorization: "
+                  + authorization + b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n"
+                  + body)  # fmt: skip
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    return answer.split(b"\r\n", 1)[0].decode().split(" ", 2)[1]
+
+
+@pytest.mark.parametrize(
+    "authorization, status",
+    [(b"Bearer s3cret", "200"), (b"bearer s3cret", "200"), (b"BEARER  s3cret", "200"), (b"s3cret", "401"),
+     (b"Basic s3cret", "401"), (b"Bearer", "401"), (b"Bearer \xff\xfe", "401")],
+)  # fmt: skip
+def test_the_bearer_scheme_is_required_and_matched_case_insensitively(monkeypatch, authorization, status):
+    monkeypatch.setenv("MMSR_SEARCH_TOKEN", "s3cret")
+    server = SearchServer(text_search=SlowTool(0.0), port=0)
+
+    async def body(url):
+        return await asyncio.to_thread(_status_with, int(url.rsplit(":", 1)[1]), authorization)
+
+    assert asyncio.run(_with_server(server, body)) == status
+
+
+def test_server_metrics_are_per_backend_and_never_sent_travels(monkeypatch, tmp_path):
+    from mmsr.tools.base import failure
+    from mmsr.tools.cache import CachedTool
+
+    monkeypatch.delenv("MMSR_SEARCH_TOKEN", raising=False)
+    path = str(tmp_path / "c.sqlite")
+    image, text = CachedTool(SlowTool(0.0), path, provider="a"), CachedTool(SlowTool(0.0), path, provider="b")
+    server = SearchServer(image_search=image, text_search=text, port=0)
+
+    async def body(url):
+        client = HTTPSearchTool(url, limits=FAST)
+        await client(ToolRequest("text_search", "q1"))
+        await client(ToolRequest("text_search", "q2"))
+        async with aiohttp.ClientSession() as session, session.get(url + "/v1/metrics") as r:
+            return await r.json()
+
+    metrics = asyncio.run(_with_server(server, body))
+    assert metrics["tools/text_search/api_calls"] == 2 and metrics["tools/image_search/api_calls"] == 0
+    assert not result_from_json(result_to_json(failure("text_search", "circuit open", sent=False))).sent
+    assert "sent" not in result_to_json(ToolResult("x"))

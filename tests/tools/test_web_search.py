@@ -200,7 +200,7 @@ def test_image_search_needs_a_public_url_and_reports_provider_failures():
             return no_url, down
 
     no_url, down = asyncio.run(main())
-    assert not no_url.ok and "no public URL" in no_url.text
+    assert not no_url.ok and "no public URL" in no_url.text and not no_url.sent  # Lens was never asked
     assert not down.ok and "HTTP 500" in down.text and down.text.startswith("[Image Search Results]")
     assert lens.requests[0]["query"]["url"] == "https://cdn.example/row1.jpg"
 
@@ -261,12 +261,13 @@ def test_searches_that_never_went_out_are_not_charged():
                 dead = tool()
                 down, circuit_open = await dead(request()), await dead(request())
                 no_time = await tool()(request(budget_s=0.5))  # less than the tool's 1 s reserve
-                costs[kind] = [r.cost for r in (down, circuit_open, no_time)]
+                costs[kind] = [(r.cost, r.sent) for r in (down, circuit_open, no_time)]
                 assert not any(r.ok for r in (down, circuit_open, no_time))
                 assert "circuit open" in circuit_open.text and "no time left" in no_time.text
             return costs
 
-    assert asyncio.run(main()) == {"text": [0.5, 0.0, 0.0], "image": [0.5, 0.0, 0.0]}
+    never_went_out = [(0.5, True), (0.0, False), (0.0, False)]  # sent=False: a budget gives the call back
+    assert asyncio.run(main()) == {"text": never_went_out, "image": never_went_out}
     assert len(search.requests) == 1 and len(lens.requests) == 1
 
 

@@ -101,9 +101,10 @@ class WebImageSearch:
         except ToolError as exc:
             self.counts["publish_failed"] += 1
             reason = f"the image could not be published: {exc.reason}"
-            return failure("image_search", reason, time.perf_counter() - start)
+            return failure("image_search", reason, time.perf_counter() - start, sent=False)
         if not url:
-            return failure("image_search", "the image has no public URL to search with", time.perf_counter() - start)
+            reason = "the image has no public URL to search with"
+            return failure("image_search", reason, time.perf_counter() - start, sent=False)
         try:
             found = await deadline.run(self.provider.search(url), "the search", keep_s=self.thumbnails.limits.timeout_s)
             matches = found[: self.max_candidates]
@@ -113,7 +114,7 @@ class WebImageSearch:
                 self.counts["search_deadline"] += 1
             # A call that never went out (open circuit, no time left) was not billed: charging it would let a
             # dead provider use up the run's dollar budget.
-            return self._failed(exc.reason, start, self.provider.cost_per_call if exc.sent else 0.0)
+            return self._failed(exc.reason, start, self.provider.cost_per_call if exc.sent else 0.0, exc.sent)
         fetched = await asyncio.gather(*(self._thumbnail(m, deadline) for m in matches))
         kept = [(m, im) for m, im in zip(matches, fetched) if isinstance(im, Image.Image)][: self.top_k]
         if matches and not kept:
@@ -135,9 +136,9 @@ class WebImageSearch:
         keep = self.provider.client.limits.timeout_s + self.thumbnails.limits.timeout_s
         return await deadline.run(self.image_host(request), "the image upload", keep_s=keep)
 
-    def _failed(self, reason: str, start: float, cost: float) -> ToolResult:
+    def _failed(self, reason: str, start: float, cost: float, sent: bool = True) -> ToolResult:
         latency = time.perf_counter() - start
-        return ToolResult(failure("image_search", reason).text, ok=False, cost=cost, latency_s=latency)
+        return ToolResult(failure("image_search", reason).text, ok=False, cost=cost, latency_s=latency, sent=sent)
 
     async def _thumbnail(self, match: VisualMatch, deadline: Deadline) -> Image.Image | ToolError:
         """The match's thumbnail, or why it was skipped (counted; the caller needs the why for caching)."""

@@ -64,7 +64,7 @@ class WebTextSearch:
         deadline = Deadline.after(request.budget_s, self.reserve_s)
         query = " ".join(request.query.split())
         if not query:
-            return failure("text_search", "the query was empty")
+            return failure("text_search", "the query was empty", sent=False)
         read_s, summary_s = (s.limits.timeout_s for s in self.stages()[1:])
         try:
             found = await deadline.run(self.provider.search(query), "the search", keep_s=read_s + summary_s)
@@ -74,7 +74,7 @@ class WebTextSearch:
                 self.counts["search_deadline"] += 1
             # A call that never went out (open circuit, no time left) was not billed: charging it would let a
             # dead provider use up the run's dollar budget.
-            return self._failed(exc.reason, self.provider.cost_per_call if exc.sent else 0.0, start)
+            return self._failed(exc.reason, self.provider.cost_per_call if exc.sent else 0.0, start, exc.sent)
         results, cost = found[: self.max_candidates], self.provider.cost_per_call
         if not results:  # an answer, not a failure: the web has nothing for this query
             return ToolResult(text_results([]), cost=cost, latency_s=time.perf_counter() - start)
@@ -94,9 +94,9 @@ class WebTextSearch:
             partial=partial,
         )
 
-    def _failed(self, reason: str, cost: float, start: float) -> ToolResult:
+    def _failed(self, reason: str, cost: float, start: float, sent: bool = True) -> ToolResult:
         result = failure("text_search", reason, time.perf_counter() - start)
-        return ToolResult(result.text, ok=False, cost=cost, latency_s=result.latency_s)
+        return ToolResult(result.text, ok=False, cost=cost, latency_s=result.latency_s, sent=sent)
 
     async def _summaries(
         self, results: list[WebResult], query: str, deadline: Deadline
