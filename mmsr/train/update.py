@@ -129,50 +129,50 @@ class PolicyUpdate:
         scored = sorted(i for run in runs for i in run)
         old = self.score(trajs, step.model, step.device, scored) if multi and s.old_logprobs == "recompute" else None
         ref_scores = self.reference_scores(trajs, ref, step.device) if ref is not None else None
-        totals: dict[str, float] = {}
+        reported: dict[str, list[float]] = {}
         for _ in range(s.ppo_epochs):
             for part, run in zip(parts, runs):
-                metrics = self._optimizer_step(trajs, part, run, advantages, old, ref_scores, step)
-                for k, v in metrics.items():
-                    totals[k] = totals.get(k, 0.0) + v / s.updates_per_step
-        return totals
+                for k, v in self._optimizer_step(trajs, part, run, advantages, old, ref_scores, step).items():
+                    reported.setdefault(k, []).append(v)
+        # each over the updates that have it: one whose episodes sampled nothing has no token means (not 0s)
+        return {k: _mean(values) for k, values in reported.items()}
 
     def _optimizer_step(self, trajs, idx: list[int], run: list[int], advantages, old, ref, step: Backprop
                         ) -> dict[str, float]:  # fmt: skip
         """One optimizer step over trajectories ``idx``, accumulated over packed micro-batches of those of
         them that run (``episodes_to_run``)."""
         s, opt = self.settings, step.optimizer
-        count = self._counter(trajs)
+        count, tokens = self._counter(trajs), self._counter(trajs, "token-mean")
         denom = all_reduce(count(idx), "sum", step.device)  # the loss's normalizer: every episode, run or not
-        if denom == 0:
-            return {}
         skipping = s.skip_zero_advantage
         ran = all_reduce(count(run), "sum", step.device) if skipping else denom
+        sampled = ran if s.loss_agg == "token-mean" else all_reduce(tokens(run), "sum", step.device)
         opt.zero_grad()
         metrics: dict[str, float] = {"train/episodes_run": len(run) / len(idx)} if skipping else {}
         for micro in self.micro_batches(trajs, run, step.model, step.device):
             micro_idx = [run[j] for j in (micro or [0])]
-            n = count(micro_idx) if micro else 0
-            # gradients are averaged over ranks, so each rank's share is scaled by the world size
-            share = n / denom * step.world_size
+            n, t = (count(micro_idx), tokens(micro_idx)) if micro else (0, 0)
+            # gradients are averaged over ranks, so each rank's share is scaled by the world size; nothing
+            # sampled (denom 0): zero gradients, and the optimizer still steps as updates_per_step counts
+            share = n / denom * step.world_size if denom else 0.0
             batch = collate([trajs[i] for i in micro_idx], micro_idx, self.policy, step.device)
             loss, m = self.loss(batch, advantages[micro_idx].to(step.device), step.model, old, ref)
             step.backward(loss * share)
-            weight = n / ran * step.world_size if ran else 0.0  # metrics: the mean over the episodes run
-            for k, v in m.items():  # x world size: the rank mean taken by sync_dist is the global mean
-                metrics[k] = metrics.get(k, 0.0) + float(v) * weight
+            # x world size: the rank mean taken by sync_dist is the global mean
+            per_episode = n / ran * step.world_size if ran else None
+            _add_weighted(metrics, m, per_episode, t / sampled * step.world_size if sampled else None)
         params = [p for p in step.model.parameters() if p.requires_grad]
         metrics["train/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, s.grad_clip))
         opt.step()
         opt.zero_grad(set_to_none=True)  # gradients need no memory while the engine rolls out
         return metrics
 
-    def _counter(self, trajs: list[Trajectory]):
-        """What the loss averages over, counted in episodes ``ids``: their sampled tokens (``token-mean``), the
-        episodes that sampled any (``seq-mean-token-*``: ``aggregate`` leaves a row without one out, so it must
-        not count here either, or its weight goes to whichever episodes share its micro-batch), or every
-        episode (``seq-mean-token-sum-norm``, whose normalizer counts every row)."""
-        agg = self.settings.loss_agg
+    def _counter(self, trajs: list[Trajectory], agg: AggMode | None = None):
+        """What the loss averages over (under ``agg``, default ``loss_agg``), counted in episodes ``ids``: their
+        sampled tokens (``token-mean``), the episodes that sampled any (``seq-mean-token-*``: ``aggregate`` leaves a
+        row without one out, so it must not count here either, or its weight goes to whichever episodes share its
+        micro-batch), or every episode (``seq-mean-token-sum-norm``, whose normalizer counts every row)."""
+        agg = agg or self.settings.loss_agg
         if agg == "token-mean":
             return lambda ids: sum(trajs[i].num_sampled_tokens for i in ids)
         if agg in ("seq-mean-token-mean", "seq-mean-token-sum"):
@@ -244,6 +244,31 @@ class PolicyUpdate:
             for row, i in enumerate(picked if micro else []):
                 scores[i] = logp[row, : len(trajs[i]) - 1]
         return scores
+
+
+# averaged as loss_agg weighs the micro-batches; every other metric of ``PolicyUpdate.loss`` is a mean over the
+# micro-batch's sampled tokens whatever loss_agg is, so it is weighted by those (by episodes, the logged
+# ratio_mean of an on-policy update read 0.75 under seq-mean-token-sum-norm and changed with the micro-batch cut)
+LOSS_TERMS = ("train/policy_loss", "train/kl", "train/loss")
+
+
+def _add_weighted(metrics: dict[str, float], micro: Mapping[str, Any], per_episode: float | None,
+                  per_token: float | None) -> None:  # fmt: skip
+    """Adds a micro-batch's metrics to the update's: the ``LOSS_TERMS`` times ``per_episode`` (its share of what
+    loss_agg averages over), the others times ``per_token`` (its share of the sampled tokens). ``None``: the update
+    has nothing to average them over and logs none (not 0, which would pull the step's mean down)."""
+    for k, v in micro.items():
+        weight = per_episode if k in LOSS_TERMS else per_token
+        if weight is not None:
+            metrics[k] = metrics.get(k, 0.0) + float(v) * weight
+
+
+def _mean(values: list[float]) -> float:
+    """The mean of ``values`` as the logs always took it (a sum of ``v / n`` in order, the same bits)."""
+    total = 0.0
+    for v in values:
+        total += v / len(values)
+    return total
 
 
 def pad_rows(per_traj: list[torch.Tensor], batch: TrainBatch) -> torch.Tensor:

@@ -1,0 +1,81 @@
+"""What an update logs and how many optimizer steps it makes when some episodes sampled nothing (their prompt
+filled the context): the token-mean diagnostics (entropy, ratio, clip fraction, mismatch) are means over the
+sampled tokens whatever ``loss_agg`` and the micro-batch cut, and every mini-batch makes its optimizer step."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from mmsr.train.update import Backprop, PolicyUpdate, UpdateSettings
+from tests.test_module import make_module
+
+DIAGNOSTICS = ("train/ratio_mean", "train/entropy", "train/clip_frac", "train/mismatch_kl", "train/mismatch_ratio_mean")
+
+
+class KeepGradients:
+    """An optimizer that changes nothing (every update stays on-policy: PPO ratio 1) and keeps each step's
+    gradients, zeros where a parameter has none."""
+
+    def __init__(self, params):
+        self.params, self.steps = list(params), []
+
+    def zero_grad(self, set_to_none=False):
+        for p in self.params:
+            p.grad = None
+
+    def step(self):
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        self.steps.append(torch.cat([g.flatten() for g in grads]))
+
+
+def emptied(traj):
+    """``traj`` as if its prompt had filled the context: it ends before a turn, with the question's image only."""
+    cut = traj.prompt_len
+    return replace(traj, input_ids=traj.input_ids[:cut], loss_mask=traj.loss_mask[:cut], logprobs=traj.logprobs[:cut],
+                   turns=[], vision=traj.vision[:1])  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def rollout(fvqa_samples):
+    """A module's policy and 8 episodes of 2 questions; the second question's 4 sampled nothing."""
+    module = make_module()
+    module.start_engine()
+    trajs = module.loop.run(fvqa_samples[:2], 4, module.sampling)
+    return module.policy, trajs[:4] + [emptied(t) for t in trajs[4:]]
+
+
+def update(rollout, episodes: list[int], **settings) -> tuple[dict[str, float], KeepGradients]:
+    policy, trajs = rollout
+    opt = KeepGradients(policy.model.parameters())
+    settings = UpdateSettings(**{"kl_coef": 0.0, "share_prefix": False, "grad_clip": 1e9} | settings)
+    advantages = torch.tensor([1.0, -0.5, 0.3, -0.8, 0.0, 0.0, 0.0, 0.0])[episodes]
+    step = Backprop(policy.model, opt, torch.Tensor.backward, torch.device("cpu"), 1)
+    return PolicyUpdate(policy, settings).update([trajs[i] for i in episodes], advantages, None, step), opt
+
+
+EPISODES = [0, 1, 2, 4]  # one that sampled nothing among them
+
+
+@pytest.fixture(scope="module")
+def token_mean(rollout):
+    metrics, _ = update(rollout, EPISODES, loss_agg="token-mean")
+    assert metrics["train/ratio_mean"] == pytest.approx(1.0)  # on-policy
+    return metrics
+
+
+@pytest.mark.parametrize("budget", [1, 100_000])  # 1: one episode a micro-batch
+@pytest.mark.parametrize("agg", ["seq-mean-token-sum-norm", "seq-mean-token-mean"])
+def test_token_diagnostics_do_not_depend_on_loss_agg_or_the_cut(rollout, token_mean, agg, budget):
+    metrics, _ = update(rollout, EPISODES, loss_agg=agg, micro_batch_tokens=budget)
+    for k in DIAGNOSTICS:  # before: ratio_mean 0.75 (sum-norm, one episode a pass); mismatch_kl 1e-3 off
+        assert metrics[k] == pytest.approx(token_mean[k], rel=1e-5, abs=1e-7), k
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_a_mini_batch_that_sampled_nothing_still_steps(rollout, agg):
+    metrics, opt = update(rollout, [0, 1, 4, 5], loss_agg=agg, mini_batches=2)  # the second part sampled nothing
+    assert len(opt.steps) == 2  # as updates_per_step, which global_step and max_steps count (before: 1)
+    assert opt.steps[0].abs().sum() > 0 and (opt.steps[1] == 0).all()
+    assert metrics["train/ratio_mean"] == pytest.approx(1.0)  # the second update has no token to average: before 0.5
+    assert metrics["train/grad_norm"] == pytest.approx(float(opt.steps[0].norm()) / 2, rel=1e-4)
