@@ -26,7 +26,7 @@ from mmsr.eval.work import WORK_FILE, EvalWork
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """The policy source, tools and episode-limit arguments shared by ``eval`` and ``curate``."""
     src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--ckpt", help="checkpoint of GRPOModule, a .ckpt file or a distributed checkpoint directory "
+    src.add_argument("--ckpt", help="checkpoint of a GRPOModule or SFTModule run, a .ckpt file or a distributed checkpoint directory "
                      "(rebuilt from the run's config.yaml)")  # fmt: skip
     src.add_argument("--model-dir", help="Hugging Face model directory (PretrainedPolicy)")
     src.add_argument("--policy", help="YAML with a policy class_path entry (e.g. TinyQwen2_5_VL)")

@@ -1,12 +1,12 @@
 """What ``mmsr eval`` / ``mmsr curate`` evaluate: a policy with its engine, tools and episode limits.
 
 Three sources:
-- a Lightning checkpoint of ``GRPOModule``, a single file or a ``ModelParallelStrategy`` distributed
-  checkpoint directory (``mmsr.checkpoint.load_weights``): the module is rebuilt from the run's
-  ``config.yaml`` (LightningCLI writes it to the log directory; looked up next to the checkpoint and
-  one level up) with the reference model left out, then the checkpoint's weights are loaded, in the
-  checkpoint's dtype. Only this path and ``--weights`` import Lightning. Checkpoint files are
-  unpickled: load only your own.
+- a Lightning checkpoint of ``GRPOModule`` or ``SFTModule`` (the warm start), a single file or a
+  ``ModelParallelStrategy`` distributed checkpoint directory (``mmsr.checkpoint.load_weights``): the
+  module is rebuilt from the run's ``config.yaml`` (LightningCLI writes it to the log directory; looked
+  up next to the checkpoint and one level up) with the reference model left out, then the checkpoint's
+  weights are loaded, in the checkpoint's dtype; an ``SFTModule``'s policy generates with ``HFEngine``.
+  Only this path and ``--weights`` import Lightning. Checkpoint files are unpickled: load only your own.
 - a Hugging Face model directory (``PretrainedPolicy``), generated with ``HFEngine``;
 - a YAML with a policy ``class_path`` entry (e.g. ``TinyQwen2_5_VL``), optionally with weights.
 Every source ends by binding the engine to the policy and syncing the policy's weights into it with a
@@ -34,7 +34,7 @@ from mmsr.tools.base import SearchTool
 from mmsr.tools.spec import Tool, configured
 
 if TYPE_CHECKING:
-    from mmsr.module import GRPOModule
+    from lightning.pytorch import LightningModule
 
 
 @dataclass
@@ -48,6 +48,13 @@ class Loaded:
 
 def _parse(arguments: dict[str, object], values: dict, where: Path):
     """Instantiate ``class_path`` entries of ``values`` with jsonargparse, typed by ``arguments``."""
+    parser, parsed = _parsed(arguments, values, where)
+    return parser.instantiate(parsed)
+
+
+def _parsed(arguments: dict[str, object], values: dict, where: Path):
+    """The parser typed by ``arguments`` and ``values`` parsed (classes resolved, defaults filled), not
+    instantiated."""
     from jsonargparse import ArgumentParser
 
     parser = ArgumentParser(exit_on_error=False)
@@ -56,7 +63,7 @@ def _parse(arguments: dict[str, object], values: dict, where: Path):
     unknown = set(values) - set(arguments)
     if unknown:
         raise ValueError(f"{where}: unknown keys {sorted(unknown)}; expected {sorted(arguments)}")
-    return parser.instantiate(parser.parse_object(values))
+    return parser, parser.parse_object(values)
 
 
 def _read_yaml(path: str | Path) -> dict:
@@ -107,7 +114,7 @@ def load_model_dir(path: str, min_pixels: int | None = None, max_pixels: int | N
 
 def load_policy_yaml(path: str | Path, weights: str | None = None) -> Loaded:
     """A YAML ``policy:`` entry (or a bare ``class_path`` entry); ``weights``: a checkpoint (file or
-    distributed directory) of ``GRPOModule``, or a state-dict file of the policy's model."""
+    distributed directory) of ``GRPOModule`` or ``SFTModule``, or a state-dict file of the policy's model."""
     from mmsr.models.build import PolicyBuilder
     from mmsr.rollout.hf_engine import HFEngine
 
@@ -119,7 +126,7 @@ def load_policy_yaml(path: str | Path, weights: str | None = None) -> Loaded:
         state = load_weights(weights)
         keys = policy.model.state_dict().keys()
         inner = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
-        if len(keys & inner.keys()) > len(keys & state.keys()):  # a GRPOModule checkpoint: the policy is ``model``
+        if len(keys & inner.keys()) > len(keys & state.keys()):  # a module checkpoint: the policy is ``model``
             state = inner
         adopt_dtypes(policy.model, state)
         policy.model.load_state_dict(state)
@@ -139,30 +146,43 @@ def find_run_config(ckpt: Path) -> Path:
     )
 
 
-def load_module(ckpt: str | Path, run_config: str | Path | None = None) -> GRPOModule:
-    """The run's ``GRPOModule`` (no reference model) rebuilt from its config, with the checkpoint's
-    weights in the checkpoint's dtypes; its engine is not synced (``mmsr export`` needs no engine)."""
+def load_module(ckpt: str | Path, run_config: str | Path | None = None) -> LightningModule:
+    """The run's module (``GRPOModule``, ``SFTModule`` or a subclass; no reference model) rebuilt from its
+    config, with the checkpoint's weights in the checkpoint's dtypes; its engine is not synced (``mmsr export``
+    needs no engine)."""
+    from lightning.pytorch import LightningModule  # only on this path
+
+    import mmsr.module  # noqa: F401  a short class_path ("GRPOModule") names only an imported subclass
     from mmsr.checkpoint import adopt_dtypes, load_weights
-    from mmsr.module import GRPOModule  # imports Lightning, only on this path
 
     weights = load_weights(ckpt)  # first: a wrong path fails before the module is built
     config_path = Path(run_config) if run_config else find_run_config(Path(ckpt))
     model_cfg = _read_yaml(config_path).get("model")
     if not isinstance(model_cfg, dict):
         raise ValueError(f"{config_path}: no 'model' section (is it a LightningCLI config of mmsr fit?)")
-    if "class_path" in model_cfg:
-        model_cfg = {**model_cfg, "init_args": {**(model_cfg.get("init_args") or {}), "kl_coef": 0.0}}
-    else:  # the module's init args at the top level
-        model_cfg = {"class_path": "mmsr.module.GRPOModule", "init_args": {**model_cfg, "kl_coef": 0.0}}
-    module = _parse({"model": GRPOModule}, {"model": model_cfg}, config_path).model
+    if "class_path" not in model_cfg:  # the module's init args at the top level
+        model_cfg = {"class_path": "mmsr.module.GRPOModule", "init_args": model_cfg}
+    parser, parsed = _parsed({"model": LightningModule}, {"model": model_cfg}, config_path)
+    if "kl_coef" in parsed.model.init_args:  # GRPO's: 0 leaves the reference model out; SFT has none
+        parsed.model.init_args.kl_coef = 0.0
+    module = parser.instantiate(parsed).model
+    if not hasattr(module, "policy"):
+        raise ValueError(f"{config_path}: model {parsed.model.class_path} has no policy to load "
+                         "(expected mmsr.module.GRPOModule or mmsr.sft.SFTModule)")  # fmt: skip
     adopt_dtypes(module, weights)
     module.load_state_dict(weights)
     return module
 
 
 def load_checkpoint(ckpt: str | Path, run_config: str | Path | None = None) -> Loaded:
-    """The checkpoint's policy (``load_module``) with the run's engine, synced to it, tools and limits."""
+    """The checkpoint's policy (``load_module``) with the run's engine (``HFEngine`` for an ``SFTModule`` run),
+    synced to it, tools and limits."""
+    from mmsr.module import GRPOModule
+    from mmsr.rollout.hf_engine import HFEngine
+
     module = load_module(ckpt, run_config)
     loop = module.loop
-    engine = _synced(module.policy, module.engine, getattr(module, "weight_sync", None))
+    # SFTModule's engine replays its teacher's turns: the warm-started policy generates with HFEngine.
+    engine = module.engine if isinstance(module, GRPOModule) else HFEngine()
+    engine = _synced(module.policy, engine, getattr(module, "weight_sync", None))
     return Loaded(module.policy, engine, dict(loop.tools), loop.settings, loop.prompts)

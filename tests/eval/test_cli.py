@@ -73,15 +73,22 @@ class BaseWeightsEngine(HFEngine):
 def _run_dir(tmp_path, **extra):
     """A run directory as ``mmsr fit`` leaves it: config.yaml, checkpoints/last.ckpt (perturbed weights);
     ``extra``: more module init args (an engine, a weight sync)."""
-    from mmsr.eval.load import _parse
-    from mmsr.module import GRPOModule
-
     init = {"policy": TINY, **TOOLS, "num_generations": 2, "kl_coef": 0.001,
             "rollout": {"max_rounds": 2, "max_tokens_per_turn": 5, "max_context_tokens": 1500}, **extra}  # fmt: skip
-    config = {"seed_everything": 0, "model": {"class_path": "mmsr.module.GRPOModule", "init_args": init}}
+    return _checkpointed(tmp_path, {"class_path": "mmsr.module.GRPOModule", "init_args": init})
+
+
+def _checkpointed(tmp_path, model: dict):
+    """``tmp_path/run`` with the config.yaml of ``model`` (a LightningModule entry) and its checkpoint, the
+    LM head moved off the built weights."""
+    from lightning.pytorch import LightningModule
+
+    from mmsr.eval.load import _parse
+
+    config = {"seed_everything": 0, "model": model}
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(config))
-    module = _parse({"model": GRPOModule}, {"model": config["model"]}, tmp_path).model
+    module = _parse({"model": LightningModule}, {"model": model}, tmp_path).model
     with torch.no_grad():
         module.model.lm_head.weight.add_(0.5)
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
@@ -149,6 +156,26 @@ def test_export_keeps_the_checkpoint_dtype(tmp_path):
     kept = load_file(main(["--ckpt", str(ckpt), "--out", str(tmp_path / "bf16")]) / "model.safetensors")
     cast = load_file(main(["--ckpt", str(ckpt), "--out", str(tmp_path / "fp32"), "--dtype", "float32"]) / "model.safetensors")
     assert {t.dtype for t in kept.values()} == {torch.bfloat16} and {t.dtype for t in cast.values()} == {torch.float32}
+
+
+def test_sft_checkpoint_is_exported_and_evaluated(tmp_path):
+    """The warm start's checkpoint (``SFTModule``: no ``kl_coef``, an engine that replays its teacher) is
+    rebuilt from its run config like a GRPO run's; its policy is evaluated with ``HFEngine``."""
+    from mmsr.eval.cli import main as evaluate
+    from mmsr.eval.load import load_checkpoint
+    from mmsr.export import main as export
+
+    init = {"policy": TINY, **TOOLS, "teacher": {"class_path": "mmsr.demo.teacher.RAGTeacher"},
+            "rollout": {"max_rounds": 2, "max_tokens_per_turn": 5, "max_context_tokens": 1500}}  # fmt: skip
+    ckpt, trained = _checkpointed(tmp_path, {"class_path": "mmsr.sft.SFTModule", "init_args": init})
+    loaded = load_checkpoint(ckpt)
+    assert type(loaded.engine) is HFEngine and loaded.settings.max_rounds == 2
+    assert torch.equal(loaded.policy.model.lm_head.weight, trained.model.lm_head.weight)
+    exported = load_file(export(["--ckpt", str(ckpt), "--out", str(tmp_path / "hf")]) / "model.safetensors")
+    assert any(torch.equal(t, trained.model.lm_head.weight) for t in exported.values())  # the trained weights
+    summary = evaluate(["--ckpt", str(ckpt), "--data", str(FVQA / "fvqa_dev.jsonl"), "--limit", "1",
+                        "--out", str(tmp_path / "o")])  # fmt: skip
+    assert summary["fvqa_dev"]["on-demand"]["all"]["n"] == 1
 
 
 def test_policy_yaml_with_weights(tmp_path, tiny_policy):

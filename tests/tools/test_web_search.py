@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+import yaml
 from aiohttp import web
 from PIL import Image
 
@@ -12,12 +13,14 @@ from mmsr.tools import IMAGE_MARKER, ToolRequest
 from mmsr.tools.cache import CachedTool
 from mmsr.tools.format import TEXT_NONE
 from mmsr.tools.web.fake import chat_completion, jina, png, serpapi_google, serpapi_lens, serper, serve
-from mmsr.tools.web.http import Limits
+from mmsr.tools.web.http import Limits, ToolError
 from mmsr.tools.web.image_search import URLTemplateHost, WebImageSearch
 from mmsr.tools.web.providers import SerpAPIGoogle, SerpAPILens, Serper
 from mmsr.tools.web.reader import DirectReader, JinaReader
 from mmsr.tools.web.summarizer import USER_PROMPT, OpenAISummarizer
 from mmsr.tools.web.text_search import WebTextSearch
+
+from ..conftest import ROOT
 
 from .fake_web import Script, broken_png
 
@@ -314,3 +317,72 @@ def test_the_summary_prompt_fills_each_field_once():
     before, after = USER_PROMPT.split("{question}")
     assert prompt == before + question + after.replace("{page}", page)  # the question's "{page}" stays text
     assert prompt.count(page) == 1
+
+
+# --- reasoning summarizers (Qwen3 thinks before it answers by default) -------------------------------------
+
+
+def _reply(content: str, finish_reason: str) -> dict:
+    reply = chat_completion(content)
+    reply["choices"][0]["finish_reason"] = finish_reason
+    return reply
+
+
+@pytest.mark.parametrize("content, finish_reason, summary", [
+    ("<think>\nOkay, the page says the tower was", "length", "summary_cut"),  # cut while thinking
+    ("<think>The page is about towers.</think>\n", "length", "summary_cut"),
+    ("<think>\nOkay, the page", "stop", "empty_summary"),
+    ("<think>a</think>Summary: built by Eiffel's", "length", "Summary: built by Eiffel's"),  # cut, but something
+    ("The template opened the block.</think>\nSummary: Paris.", "stop", "Summary: Paris."),
+])  # fmt: skip
+def test_a_summary_has_no_reasoning_and_a_page_cut_while_thinking_fails(content, finish_reason, summary):
+    async def main():
+        async with serve([("POST", "/v1/chat/completions", Script((200, _reply(content, finish_reason))))]) as url:
+            return await OpenAISummarizer(base_url=url + "/v1", model="qwen", limits=FAST).summarize("page", "q")
+
+    if summary in ("summary_cut", "empty_summary"):
+        with pytest.raises(ToolError) as failed:
+            asyncio.run(main())
+        assert failed.value.kind == summary and (summary != "summary_cut" or "max_tokens=512" in failed.value.reason)
+    else:
+        assert asyncio.run(main())[0] == summary
+
+
+def test_a_page_cut_while_thinking_is_skipped_and_counted():
+    results = [("Page /p1", "http://127.0.0.1:1/p1", ""), ("Page /p3", "http://127.0.0.1:1/p3", "")]
+    thinking = Script((200, _reply("<think>\nOkay, the page", "length")), (200, _reply("Summary: Paris.", "stop")))
+
+    async def main():
+        routes = [("*", "/search", Script((200, serper(results)))), ("POST", "/jina", jina_reader),
+                  ("POST", "/v1/chat/completions", thinking)]  # fmt: skip
+        async with serve(routes) as url:
+            tool = _pipeline(url, Serper(endpoint=url + "/search", limits=FAST))
+            tool.top_k = 1
+            return await tool(ToolRequest("text_search", "q")), tool.metrics()
+
+    result, metrics = asyncio.run(main())
+    assert result.ok and "<think>" not in result.text and "Summary: Paris." in result.text
+    assert metrics["tools/text_search/page_summary_cut"] == 1 and not result.partial  # cut again if asked again
+
+
+@pytest.mark.parametrize("snippet", ["web_text_search.yaml", "server.yaml"])
+def test_the_qwen3_snippets_ask_the_summarizer_not_to_think(snippet):
+    """The snippet's ``extra_body`` (a nested mapping, parsed as LightningCLI parses the snippet) reaches the
+    server in the request body."""
+    from jsonargparse import ArgumentParser
+
+    config = yaml.safe_load((ROOT / "configs" / "tools" / snippet).read_text(encoding="utf-8"))
+    tools = config["server"] if "server" in config else config["model"]["init_args"]
+    entry = tools["text_search"]["init_args"]["tool"]["init_args"]["summarizer"]
+    entry["init_args"]["base_url"] = "http://127.0.0.1:1/v1"
+    parser = ArgumentParser()
+    parser.add_argument("--summarizer", type=OpenAISummarizer)
+    llm = parser.instantiate(parser.parse_object({"summarizer": entry})).summarizer
+    body = llm._body("page", "q")
+    assert llm.model == "Qwen/Qwen3-32B" and body["chat_template_kwargs"] == {"enable_thinking": False}
+    assert body["max_tokens"] == 512 and body["messages"][1]["content"].endswith("page")
+
+
+def test_extra_body_cannot_override_the_summarizers_own_fields():
+    with pytest.raises(ValueError, match=r"extra_body sets \['max_tokens'\]"):
+        OpenAISummarizer("http://127.0.0.1:1/v1", "m", extra_body={"max_tokens": 4096, "top_k": 20})

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any
+from typing import Any, NamedTuple
 
 from mmsr.tools.secrets import register_secret_env
 from mmsr.tools.web.http import HTTPClient, Limits, Retryable, ToolError, parse_json
@@ -24,17 +24,37 @@ USER_PROMPT = (
 )
 
 _FIELDS = re.compile(r"\{question\}|\{page\}")
+_THINK = re.compile(r"<think>.*?</think>", re.DOTALL)
+_OWN_FIELDS = ("model", "messages", "max_tokens", "temperature")  # set by the summarizer's own arguments
 
 
-def completion(body: bytes) -> tuple[Any, Any]:
-    """(``choices[0].message.content``, ``usage``) of a chat completion; a ``parse`` for ``HTTPClient``, so an
-    answer without them (an overloaded server's error page or empty ``choices``) is retried."""
+class Completion(NamedTuple):
+    """What the summarizer reads of a chat completion: ``choices[0]``'s ``message.content`` and
+    ``finish_reason`` (``"length"``: cut by ``max_tokens``), and ``usage``."""
+
+    content: Any
+    usage: Any
+    finish_reason: Any
+
+
+def completion(body: bytes) -> Completion:
+    """The ``Completion`` of a chat completion's body; a ``parse`` for ``HTTPClient``, so an answer without
+    ``choices[0].message.content`` (an overloaded server's error page or empty ``choices``) is retried."""
     payload = parse_json(body)
     try:
-        content = payload["choices"][0]["message"]["content"]
+        choice = payload["choices"][0]
+        content = choice["message"]["content"]
     except (KeyError, IndexError, TypeError):
         raise Retryable("the summarizer's answer has no choices[0].message.content", "bad_response") from None
-    return content, payload.get("usage")
+    return Completion(content, payload.get("usage"), choice.get("finish_reason"))
+
+
+def strip_thinking(content: str) -> str:
+    """``content`` without the reasoning a model served without a reasoning parser writes in it: closed
+    ``<think>...</think>`` blocks, reasoning up to a lone ``</think>`` (a chat template that opens the block in
+    the prompt) and a block that ``max_tokens`` cut before its ``</think>``."""
+    content = _THINK.sub("", content).rsplit("</think>", 1)[-1]
+    return content.split("<think>", 1)[0]
 
 
 class OpenAISummarizer:
@@ -51,15 +71,21 @@ class OpenAISummarizer:
         system_prompt, user_prompt: templates (``{max_sentences}``; ``{question}`` and ``{page}``).
         limits: timeouts, retries, concurrency, rate and breaker.
         cost_per_million_tokens: dollars per million prompt + completion tokens (``usage``), for budgets.
+        extra_body: more fields of the request body, for the server, e.g. ``{"chat_template_kwargs":
+            {"enable_thinking": False}}`` so that vLLM's Qwen3 answers without thinking first (its thinking
+            would take the ``max_tokens`` the summary needs).
     """
 
     def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", max_chars: int = 30_000,
                  max_sentences: int = 5, max_tokens: int = 512, temperature: float = 0.0,
                  system_prompt: str = SYSTEM_PROMPT, user_prompt: str = USER_PROMPT,
                  limits: Limits = Limits(timeout_s=60.0, retries=3, concurrency=32),
-                 cost_per_million_tokens: float = 0.0) -> None:  # fmt: skip
+                 cost_per_million_tokens: float = 0.0, extra_body: dict[str, Any] | None = None) -> None:  # fmt: skip
         if "{question}" not in user_prompt or "{page}" not in user_prompt:
             raise ValueError("user_prompt must contain '{question}' and '{page}'")
+        if own := sorted(set(extra_body or {}) & set(_OWN_FIELDS)):
+            raise ValueError(f"extra_body sets {own}: set them with the summarizer's own arguments")
+        self.extra_body = dict(extra_body or {})
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model, self.api_key_env, self.max_chars, self.max_tokens = model, api_key_env, max_chars, max_tokens
         self.temperature, self.cost_per_million_tokens = temperature, cost_per_million_tokens
@@ -80,6 +106,7 @@ class OpenAISummarizer:
             "messages": messages,
             "max_tokens": self.max_tokens,
             "temperature": self.temperature,
+            **self.extra_body,
         }
 
     async def summarize(self, page: str, question: str) -> tuple[str, float]:
@@ -88,9 +115,14 @@ class OpenAISummarizer:
         if key := os.environ.get(self.api_key_env, "").strip():
             headers["Authorization"] = f"Bearer {key}"
         body = self._body(page, question)
-        content, usage = await self.client.request("POST", self.url, json=body, headers=headers, parse=completion)
-        if isinstance(content, str):  # reasoning models served without a reasoning parser think in the content
-            content = re.sub(r"<think>.*?</think>", "", content, flags=re.DOTALL)
+        content, usage, finish_reason = await self.client.request("POST", self.url, json=body, headers=headers,
+                                                                  parse=completion)  # fmt: skip
+        if isinstance(content, str):
+            content = strip_thinking(content)
+        if finish_reason == "length" and not (isinstance(content, str) and content.strip()):
+            raise ToolError(f"the summarizer reached max_tokens={self.max_tokens} before writing a summary "
+                            "(still thinking? raise max_tokens or turn thinking off with extra_body)",
+                            "summary_cut")  # fmt: skip
         if not isinstance(content, str) or not content.strip():
             raise ToolError("the summarizer returned an empty summary", "empty_summary")
         usage = usage if isinstance(usage, dict) else {}
