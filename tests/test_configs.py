@@ -39,3 +39,12 @@ def test_config_parses(path, monkeypatch, demo_world):
 def test_configs_exist():
     assert any(p.name == "smoke.yaml" for p in CONFIGS)
     assert {"sft.yaml", "grpo.yaml"} <= {p.name for p in CONFIGS if "demo" in p.parts}
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "mmsearch_r1").glob("*.yaml")), ids=lambda p: p.stem)
+def test_mmsearch_r1_recipes_bound_the_context_as_upstream(path):
+    """Spec §2.7: vLLM's ``max_model_len`` = prompt 4096 + response 2048 = 6144 tokens bounds the whole growing
+    episode, images expanded; the recipes said 8192, letting episodes run a third longer than MMSearch-R1's."""
+    init = lightning_cli(["-c", str(path)], run=False, parse_only=True).config["model"]["init_args"]
+    assert init["engine"]["init_args"]["max_model_len"] == init["rollout"]["max_context_tokens"] == 4096 + 2048
+    assert init["rollout"]["max_tokens_per_turn"] == 2048

@@ -241,11 +241,11 @@ def test_mmsr_plan_command_prints_the_readme_table(recipe):
 
 
 def test_an_episode_longer_than_a_micro_batch_is_planned_alone(capsys):
-    """``micro_batch_tokens`` below ``max_context_tokens`` (8192): an episode at the context bound still trains
-    whole, in a micro-batch of its own (``pack_by_tokens``), so activations and logits are those of 8192 tokens,
+    """``micro_batch_tokens`` below ``max_context_tokens`` (6144): an episode at the context bound still trains
+    whole, in a micro-batch of its own (``pack_by_tokens``), so activations and logits are those of 6144 tokens,
     not 4096 (the plan said a run fit that did not)."""
     tokens = {n: run(capsys, "-c", str(RECIPES[0]), "--model.init_args.micro_batch_tokens", str(n))["memory"]["training"]
-              for n in (4096, 8192)}  # fmt: skip
-    assert tokens[4096]["activations"] == tokens[8192]["activations"] and tokens[4096]["logits"] == tokens[8192]["logits"]
+              for n in (4096, 6144)}  # fmt: skip
+    assert tokens[4096]["activations"] == tokens[6144]["activations"] and tokens[4096]["logits"] == tokens[6144]["logits"]
     main(["-c", str(RECIPES[0]), "--model.init_args.micro_batch_tokens", "4096"])
-    assert "activations (8192 tokens, checkpointed)" in capsys.readouterr().out
+    assert "activations (6144 tokens, checkpointed)" in capsys.readouterr().out

@@ -31,6 +31,23 @@ def collate_samples(samples: list[Sample]) -> list[Sample]:
     return list(samples)
 
 
+class WholeBatchSampler(ResumableSampler):
+    """A ``ResumableSampler`` whose share of each epoch is cut to whole batches of ``batch_size``: the
+    permutation's tail past ``world x batch_size x (share // batch_size)`` is left out (verl's ``drop_last``).
+
+    Not the ``DataLoader``'s ``drop_last``: Lightning ends an epoch after ``len(loader)`` batches without
+    exhausting the iterator, so the cut tail would stay in the sampler, and the next ``iter()`` would hand
+    out only those indices, all dropped: an empty Lightning epoch every other epoch.
+    """
+
+    def __init__(self, batch_size: int, size: int, shuffle: bool, seed: int, num_replicas: int, rank: int) -> None:
+        super().__init__(size, shuffle, seed, num_replicas, rank)
+        self.batch_size = batch_size
+
+    def __len__(self) -> int:
+        return super().__len__() // self.batch_size * self.batch_size
+
+
 class MMSRDataModule(L.LightningDataModule):
     """Serves the training prompts.
 
@@ -41,6 +58,11 @@ class MMSRDataModule(L.LightningDataModule):
             (``trainer.val_check_interval``) and logs ``val/`` metrics, ``SFTModule`` scores its teacher's
             turns on them (``val/sft_loss``); split over the ranks, in order.
         prompts_per_step: prompts per training step (each is rolled out ``num_generations`` times).
+        drop_last: train on whole steps only, as upstream verl (``drop_last=True``): each epoch leaves out the
+            rows past the last whole step of every rank (FVQA-train's 4,856 rows on 32 ranks x 16: 248 rows,
+            a different 248 each epoch when shuffled). ``False`` trains them in a short last step (7 prompts
+            a rank there), which also makes that step's mini-batches smaller. The held-out loader keeps
+            every row either way.
         shuffle: reshuffle every epoch (seeded by ``seed`` and the epoch).
         seed: shuffling seed.
         skip_invalid: drop invalid rows with a warning instead of failing.
@@ -54,10 +76,12 @@ class MMSRDataModule(L.LightningDataModule):
         shuffle: bool = True,
         seed: int = 0,
         skip_invalid: bool = False,
+        drop_last: bool = True,
     ) -> None:
         super().__init__()
         self.train_files, self.val_files = train_files, val_files or []
         self.prompts_per_step, self.shuffle, self.seed = prompts_per_step, shuffle, seed
+        self.drop_last = drop_last
         self.skip_invalid = skip_invalid
         self.train: list[Sample] = []
         self.val: list[Sample] = []
@@ -75,9 +99,19 @@ class MMSRDataModule(L.LightningDataModule):
         if replicas > 1 and getattr(connector, "use_distributed_sampler", False):
             raise ValueError("multi-process training needs `trainer.use_distributed_sampler: false`: the data "
                              "module splits prompts over ranks itself (and resumes mid-epoch)")  # fmt: skip
-        sampler = ResumableSampler(len(self.train), self.shuffle, self.seed, replicas, rank)
+        sampler = self._sampler(replicas, rank)
         return ResumableDataLoader(SampleDataset(self.train), sampler, batch_size=self.prompts_per_step,
                                    collate_fn=collate_samples, drop_last=False)  # fmt: skip
+
+    def _sampler(self, replicas: int, rank: int) -> ResumableSampler:
+        if not self.drop_last:
+            return ResumableSampler(len(self.train), self.shuffle, self.seed, replicas, rank)
+        sampler = WholeBatchSampler(self.prompts_per_step, len(self.train), self.shuffle, self.seed, replicas, rank)
+        if len(sampler) == 0:
+            raise ValueError(f"data.train_files {self.train_files}: {len(self.train)} row(s) for {replicas} rank(s) x "
+                             f"{self.prompts_per_step} prompts_per_step make no whole step: add rows, lower "
+                             f"data.prompts_per_step, or set data.drop_last: false")  # fmt: skip
+        return sampler
 
     def val_dataloader(self) -> DataLoader:
         """This rank's share of the held-out rows (rank r: rows r, r + world, ...), in order. Fewer rows than

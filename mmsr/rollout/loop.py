@@ -40,7 +40,9 @@ from mmsr.tools.spec import ToolSpec, declared
 
 @dataclass(frozen=True)
 class RolloutSettings:
-    """Limits of one episode (defaults: MMSearch-R1's).
+    """Limits of one episode. The rounds and search limits default to MMSearch-R1's (3 rounds, 1 image search,
+    2 text searches); the token limits do not: 256 a turn and 4096 an episode keep CPU runs small, where
+    MMSearch-R1 samples up to 2048 a turn within 6144 an episode (``configs/mmsearch_r1/`` sets those).
 
     Attributes:
         max_rounds: most assistant turns; a search requested in the last round ends the episode.
