@@ -3,6 +3,7 @@ repository root for the shipped configs); a missing file is an error that says w
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 
@@ -20,3 +21,12 @@ def require_file(path: str | Path, what: str = "file") -> Path:
     if not path.is_file():
         raise missing(path, what)
     return path
+
+
+def shared_mode() -> int:
+    """The mode ``open()`` gives a new file under this process's umask (0644 under 022), for files written
+    otherwise (``mkstemp``, safetensors: 0600) that other users' jobs must read. The umask is read by setting
+    it, so it is set back at once."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask

@@ -24,7 +24,7 @@ from transformers import (
 )
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from mmsr.data.paths import require_file
+from mmsr.data.paths import require_file, shared_mode
 from mmsr.models.policy import Policy
 from mmsr.models.tokenizer import TokenizerCorpus, train_bpe_tokenizer
 from mmsr.prompt.chat_template import chat_format
@@ -248,6 +248,8 @@ def save_policy(policy: Policy, directory: str | Path, weights: bool = True) -> 
     directory.mkdir(parents=True, exist_ok=True)
     if weights:
         policy.model.save_pretrained(directory)
+        for shard in directory.glob("*.safetensors"):  # safetensors writes 0600: others' vLLM and eval jobs could not read it
+            shard.chmod(shared_mode())
     else:  # ``save_pretrained`` records the class; without it vLLM takes a VL model for a base model
         policy.model.config.architectures = [type(policy.model).__name__]
         policy.model.config.save_pretrained(directory)

@@ -1,5 +1,7 @@
 """Loading real checkpoints (a tiny model saved locally) and text-only causal LMs."""
 
+import os
+
 import torch
 
 from mmsr.demo.tokenizer import Scaffold
@@ -117,3 +119,13 @@ def test_a_hub_id_reads_the_checkpoints_preprocessor_config_and_a_wrong_patch_si
 
     with pytest.raises(ValueError, match="cuts 14-pixel patches, the model's vision tower takes 16"):
         PretrainedPolicy(str(snapshot)).build()
+
+
+def test_saved_weights_follow_the_umask_so_other_users_jobs_read_them(tiny_policy, tmp_path):
+    """safetensors writes its file 0600: an export another user's vLLM or eval job loads was unreadable."""
+    old = os.umask(0o022)
+    try:
+        save_policy(tiny_policy, tmp_path)
+    finally:
+        os.umask(old)
+    assert {p.name: p.stat().st_mode & 0o777 for p in tmp_path.glob("*.safetensors")} == {"model.safetensors": 0o644}
