@@ -14,6 +14,9 @@ import re
 import sys
 import traceback
 import warnings
+from pathlib import Path
+
+from mmsr.data.paths import missing
 
 # command -> ("module:function" taking the remaining argv, what it does: ``mmsr --help``)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -60,7 +63,8 @@ def lightning_cli(args: list[str] | None = None, parse_only: bool = False, **kwa
     from lightning.pytorch.cli import LightningCLI
     from lightning.pytorch.loggers import CSVLogger
 
-    from mmsr.callbacks.run_dir import RunDirectory, checkpoint_runs, continue_metrics, repoint_loggers
+    from mmsr.callbacks.run_dir import (LoggedConfig, RunDirectory, checkpoint_runs, continue_metrics,
+                                        explicit_default_logger, repoint_loggers)
     from mmsr.data.datamodule import MMSRDataModule
 
     for message in NOT_APPLICABLE:
@@ -76,11 +80,19 @@ def lightning_cli(args: list[str] | None = None, parse_only: bool = False, **kwa
             if ckpt in LIGHTNING_CKPT_NAMES:  # Lightning would find the file, but only after the loggers exist
                 raise ValueError(f"--ckpt_path {ckpt}: give the checkpoint file (e.g. runs/x/csv/version_0/checkpoints/"
                                  "last.ckpt): a resumed run continues its run directory and metrics, read from that file")  # fmt: skip
-            if ckpt and (runs := checkpoint_runs(ckpt)):
-                repoint_loggers(self.config.fit.trainer.logger, runs)
+            config = self.config[self.subcommand] if self.subcommand else self.config  # run=False: not nested
             if not parse_only:
-                config = self.config[self.subcommand] if self.subcommand else self.config  # run=False: not nested
+                check_inputs_exist(config)
+            if ckpt and (runs := checkpoint_runs(ckpt)):
+                explicit_default_logger(config.trainer)
+                repoint_loggers(config.trainer.logger, runs)
+            if not parse_only:
                 check_tools_ready(config.model, config.get("config"))
+
+        def _parse_ckpt_path(self) -> None:
+            """Nothing: the config wins on resume. Lightning merges a checkpoint file's hyper-parameters over it
+            (not a sharded directory's), so a run resumed with another lr, kl_coef or export_dir ran with the first
+            run's while its config.yaml said otherwise, and it loaded the whole checkpoint on the CPU to read them."""
 
         def instantiate_classes(self) -> None:
             if not parse_only:
@@ -107,7 +119,7 @@ def lightning_cli(args: list[str] | None = None, parse_only: bool = False, **kwa
         parser_kwargs={"parser_mode": "omegaconf"},
         save_config_kwargs={"overwrite": True},
         args=args,
-        **kwargs,
+        **{"save_config_callback": LoggedConfig, **kwargs},
     )
 
 
@@ -123,6 +135,24 @@ def check_manual_optimization(trainer, module) -> None:
     if trainer.gradient_clip_val is not None:
         raise ValueError("trainer.gradient_clip_val: the modules clip the gradient norm themselves; set "
                          "model.grad_clip (default 1.0)")
+
+
+def check_inputs_exist(config) -> None:
+    """The data files and the checkpoint a command reads exist, checked before anything is built: Lightning
+    looks for them only after the policy loads (data) or even the engine starts and FSDP shards the model
+    (``ckpt_path``), minutes into a 7B run. Lightning's own checkpoint names and remote paths are left to it."""
+    from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
+    from lightning.pytorch.utilities.model_registry import _is_registry
+
+    for key in ("data.train_files", "data.val_files"):
+        for i, path in enumerate(config.get(key) or []):
+            if not Path(path).exists():  # a file, or a saved ``datasets`` directory
+                raise missing(path, f"{key}[{i}]: data file")
+    ckpt = config.get("ckpt_path")
+    if not ckpt or str(ckpt) in LIGHTNING_CKPT_NAMES or _is_registry(ckpt) or not _is_local_file_protocol(ckpt):
+        return
+    if not Path(ckpt).exists():  # a file, or a sharded checkpoint's directory
+        raise missing(ckpt, "ckpt_path: checkpoint")
 
 
 def check_tools_ready(model, config) -> None:

@@ -64,7 +64,7 @@ def test_fit_from_another_directory_says_where_relative_paths_resolve(tmp_path):
                           cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 1
     last = proc.stderr.strip().splitlines()[-1]
-    assert last == (f"mmsr fit: error: FileNotFoundError: image search index data/fvqa_dev_20/search/image_index.jsonl "
+    assert last == (f"mmsr fit: error: FileNotFoundError: data.train_files[0]: data file data/fvqa_dev_20/fvqa_dev.jsonl "
                     f"not found (a relative path: resolved against the working directory {tmp_path})")  # fmt: skip
 
 

@@ -8,7 +8,8 @@ it. The pieces, in the order a resume runs them:
    versions the run uses: the CSV / TensorBoard version and its directory, the wandb run id.
 2. ``repoint_loggers`` (``MMSRCLI.before_instantiate_classes``, given ``--ckpt_path``) reads that
    back and sets ``version`` in the logger configs before the loggers exist (wandb: the same run
-   id, with ``resume="allow"``). A logger whose directory moved (another ``save_dir``) starts a new
+   id, with ``resume="allow"``); Lightning's default logger is first written out as such an entry
+   (``explicit_default_logger``). A logger whose directory moved (another ``save_dir``) starts a new
    version, as before.
 3. ``continue_metrics`` (``MMSRCLI.before_fit``) keeps ``metrics.csv``, which the CSV logger would
    delete when it opens the directory, and appends to it (a header change rewrites it with every row).
@@ -21,6 +22,9 @@ it. The pieces, in the order a resume runs them:
    row for good. A checkpoint saved in that window carries the row (``on_save_checkpoint``), and a
    resumed run that logs to the checkpoint's own directory appends it after step 4 unless
    ``metrics.csv`` already has that step (a resume into a new directory starts without it).
+
+The run's config goes with it: ``LoggedConfig`` (``mmsr.cli``'s ``SaveConfigCallback``) saves
+``config.yaml`` in the run directory and logs the whole config to every logger (the wandb run's config).
 """
 
 from __future__ import annotations
@@ -33,10 +37,16 @@ from typing import Any
 
 import lightning as L
 import torch
+import yaml
 from jsonargparse import Namespace
+from lightning.fabric.loggers.tensorboard import _TENSORBOARD_AVAILABLE, _TENSORBOARDX_AVAILABLE
 from lightning.fabric.utilities.apply_func import convert_tensors_to_scalars
+from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
+from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_only
+
+from mmsr.tools.secrets import redact_all
 
 METRICS_FILE = "metrics.csv"
 
@@ -87,6 +97,36 @@ class RunDirectory(L.Callback):
         # ``self.loggers`` stays this run's (from ``setup``): later checkpoints name where this run logs.
         self.resumed_from = list(state_dict.get("loggers", []))
         self.unlogged_row = state_dict.get("unlogged_row")
+
+
+class LoggedConfig(SaveConfigCallback):
+    """Saves ``config.yaml`` to the run directory, as Lightning does, and logs the whole config to every
+    logger under the dotted keys the command line and sweep files take (``cli_keys``).
+
+    Lightning logs only the module's and data module's ``hparams``, and ``GRPOModule`` keeps its components
+    (policy, engine, tools, reward) out of them: a sweep's runs could not be grouped in wandb by the
+    ``model.reward.search_penalty`` they swept."""
+
+    def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Rank 0 only. Keys are configured by environment variable name (``api_key_env``); a value written
+        # into the config anyway (a header, a URL) is masked, as in the tools' results.
+        params = redact_all(cli_keys(yaml.safe_load(self.parser.dump(self.config, skip_unset=False))))
+        for logger in trainer.loggers:
+            logger.log_hyperparams(params)
+
+
+def cli_keys(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``config`` flattened to the command line's dotted keys: ``model.reward.search_penalty`` for
+    model.init_args.reward.init_args.search_penalty, ``model.reward.class_path`` for its class. A list
+    (of callbacks, of loggers) stays one value."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        path = prefix if key == "init_args" else f"{prefix}.{key}" if prefix else key
+        if isinstance(value, dict):
+            flat.update(cli_keys(value, path))
+        else:
+            flat[path] = value
+    return flat
 
 
 def unlogged_row(trainer: L.Trainer) -> dict[str, Any] | None:
@@ -164,6 +204,26 @@ def repoint_loggers(logger_config: Any, runs: list[dict[str, Any]]) -> None:
         args.version = run["version"]
         if "resume" in args and args.get("resume") is None:  # WandbLogger: continue the same run
             args.resume = "allow"
+
+
+def explicit_default_logger(trainer_config: Namespace) -> None:
+    """Write Lightning's default logger (``trainer.logger`` true, or left out) into ``trainer_config`` as the
+    ``class_path`` entry the Trainer would build, so that ``repoint_loggers`` can continue its version: the
+    default is made inside the Trainer, too late for that. ``false`` (and ``barebones``) stay without one.
+
+    As lightning/pytorch/trainer/connectors/logger_connector/logger_connector.py ``configure_logger``:
+    ``TensorBoardLogger`` if tensorboard(X) is installed, else ``CSVLogger``, in ``default_root_dir`` (else
+    the working directory) under ``lightning_logs``. ``mmsr.cli`` calls it on resume only, so the version is
+    the checkpoint's (Lightning's TensorBoard default would take a SLURM job's id)."""
+    logger = trainer_config.get("logger")
+    if logger is not True and (logger is not None or trainer_config.get("barebones")):
+        return
+    name = "TensorBoardLogger" if _TENSORBOARD_AVAILABLE or _TENSORBOARDX_AVAILABLE else "CSVLogger"
+    root = trainer_config.get("default_root_dir") or os.getcwd()
+    if _is_local_file_protocol(root):  # as ``Trainer.default_root_dir``
+        root = os.path.normpath(os.path.expanduser(root))
+    args = Namespace(save_dir=root, name="lightning_logs", version=None)
+    trainer_config.logger = Namespace(class_path=f"lightning.pytorch.loggers.{name}", init_args=args)
 
 
 def same_root(init_args: Namespace, root_dir: str) -> bool:

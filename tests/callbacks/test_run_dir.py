@@ -5,22 +5,29 @@ from them, ``metrics.csv`` / ``trajectories.jsonl`` continued without repeated s
 import csv
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 
+from mmsr.callbacks import run_dir
 from mmsr.callbacks.run_dir import (
+    LoggedConfig,
     RunDirectory,
     checkpoint_runs,
     continue_metrics,
     drop_rows_from,
+    explicit_default_logger,
     repoint_loggers,
 )
 from mmsr.callbacks.trajectory_logger import drop_records_from
+from mmsr.cli import lightning_cli
 from mmsr.report.records import read_records
+from tests.conftest import ROOT
 
 
 def rows(path: Path) -> list[dict[str, str]]:
@@ -84,6 +91,81 @@ def test_loggers_are_repointed_only_to_their_own_directory(tmp_path):
     pinned.init_args.version = "mine"
     repoint_loggers([pinned, True], runs)
     assert pinned.init_args.version == "mine"  # a version set in the config wins
+
+
+def test_lightnings_default_logger_is_written_out_so_that_it_can_be_repointed(tmp_path, monkeypatch):
+    """``trainer.logger`` true or left out: Lightning builds the logger inside the Trainer, after the configs
+    are re-pointed, and a resumed run opened lightning_logs/version_1."""
+    monkeypatch.setattr(run_dir, "_TENSORBOARDX_AVAILABLE", False)
+    for tensorboard, name in ((False, "CSVLogger"), (True, "TensorBoardLogger")):  # Lightning's choice
+        monkeypatch.setattr(run_dir, "_TENSORBOARD_AVAILABLE", tensorboard)
+        runs = [{"logger": name, "version": 3, "root_dir": str(tmp_path / "lightning_logs")}]
+        for left_out in (None, True):
+            trainer = Namespace(logger=left_out, default_root_dir=str(tmp_path), barebones=False)
+            explicit_default_logger(trainer)
+            repoint_loggers(trainer.logger, runs)
+            assert (trainer.logger.class_path, trainer.logger.init_args.version) == (f"lightning.pytorch.loggers.{name}", 3)
+    for off in (Namespace(logger=False, barebones=False), Namespace(logger=None, barebones=True)):
+        explicit_default_logger(off)
+        assert not off.logger  # no logger stays no logger
+
+
+class Built(Exception):
+    """Raised where the CLI would build the model: carries the config it would build from."""
+
+
+def test_a_resume_with_lightnings_default_logger_continues_its_version(tmp_path, monkeypatch):
+    from tests.callbacks.scripted_run import CONFIG
+
+    def stop(cli):
+        raise Built(cli.config.fit.trainer.logger)
+
+    monkeypatch.setattr(LightningCLI, "instantiate_classes", stop)
+    monkeypatch.setattr(run_dir, "_TENSORBOARD_AVAILABLE", False)
+    monkeypatch.setattr(run_dir, "_TENSORBOARDX_AVAILABLE", False)
+    monkeypatch.chdir(ROOT)
+    run = {"logger": "CSVLogger", "version": 0, "root_dir": str(tmp_path / "lightning_logs")}
+    torch.save({"callbacks": {"RunDirectory": {"loggers": [run]}}}, tmp_path / "last.ckpt")
+    with pytest.raises(Built) as built:
+        lightning_cli(["fit", "-c", str(CONFIG), "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "true",
+                       "--ckpt_path", str(tmp_path / "last.ckpt")])  # fmt: skip
+    (logger,) = built.value.args
+    assert (logger.class_path, logger.init_args.save_dir, logger.init_args.version) == (
+        "lightning.pytorch.loggers.CSVLogger", str(tmp_path), 0)  # fmt: skip
+
+
+def test_a_resumed_run_takes_its_config_not_the_checkpoints_hyperparameters(tmp_path, monkeypatch):
+    """Lightning merged a checkpoint file's hparams over the config: the resumed run trained at the old lr."""
+    from tests.callbacks.scripted_run import CONFIG
+
+    def stop(cli):
+        raise Built(cli.config.fit.model.init_args.lr)
+
+    monkeypatch.setattr(LightningCLI, "instantiate_classes", stop)
+    monkeypatch.chdir(ROOT)
+    torch.save({"hyper_parameters": {"lr": 0.5}}, tmp_path / "last.ckpt")
+    with pytest.raises(Built) as built:
+        lightning_cli(["fit", "-c", str(CONFIG), "--model.init_args.lr", "0.002", "--ckpt_path", str(tmp_path / "last.ckpt")])
+    assert built.value.args == (0.002,)
+
+
+def test_the_whole_config_goes_to_the_loggers_under_its_cli_keys(monkeypatch):
+    """Lightning logged only the module's hparams: no policy, engine, tools or reward (not even the
+    ``model.reward.search_penalty`` a sweep varies). A secret written into the config is masked."""
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("MMSR_TEST_API_KEY", "sk-test-0123456789abcdef")
+    cli = lightning_cli(["-c", "configs/smoke_wandb.yaml", "--model.reward.search_penalty=0.2",
+                         "--trainer.default_root_dir", "runs/sk-test-0123456789abcdef"], run=False, parse_only=True)  # fmt: skip
+    assert cli.save_config_callback is LoggedConfig
+    logged = []
+    logger = SimpleNamespace(log_hyperparams=logged.append)
+    LoggedConfig(cli.parser, cli.config).save_config(SimpleNamespace(loggers=[logger, logger]), None, "fit")
+    assert len(logged) == 2 and logged[0] == logged[1]
+    params = logged[0]
+    assert (params["model.reward.class_path"], params["model.reward.search_penalty"]) == ("mmsr.reward.MMSearchR1Reward", 0.2)
+    assert params["model.policy.class_path"] == "mmsr.models.build.TinyQwen2_5_VL" and params["model.lr"] == 1e-3
+    assert {"model.engine.class_path", "model.image_search.top_k", "model.text_search.corpus", "data.train_files"} <= params.keys()
+    assert params["trainer.default_root_dir"] == "runs/[redacted MMSR_TEST_API_KEY]"
 
 
 def test_run_state_is_read_from_files_and_sharded_directories(tmp_path):
