@@ -50,7 +50,7 @@ from mmsr.metrics import (
     zero_std_groups,
 )
 from mmsr.models.build import DType, PolicyBuilder, save_policy
-from mmsr.optim import Schedule, adamw_with_schedule, check_schedule
+from mmsr.optim import Schedule, adamw_with_schedule, check_schedule, optimizer_limits, refuse_out_of_range
 from mmsr.parallel import compute_dtype, copy_to, gather_full, memory_metrics, mixed_precision, shard
 from mmsr.prompt.render import PromptBuilder
 from mmsr.reference import ReferenceModel
@@ -158,12 +158,20 @@ class GRPOModule(L.LightningModule):
             raise ValueError(f"old_logprobs='engine' needs top_p=1 and top_k=0 (got top_p={top_p}, top_k={top_k}): "
                              "the engine's log-probs are of the truncated distribution, the trainer's are not")
         check_schedule(lr_schedule, warmup_steps)
+        # A group of one gets advantage 0 whatever its reward (every estimator), and greedy rollouts make a group's
+        # episodes identical: either way the policy never moves. Validation is greedy on its own (validation_step).
+        refuse_out_of_range("GRPOModule", [
+            ("num_generations", num_generations, num_generations >= 2, ">= 2, the GRPO group size"),
+            ("temperature", temperature, temperature > 0, "> 0 for training rollouts; 0 is greedy"),
+            *optimizer_limits(lr, weight_decay, warmup_steps, total_steps)])  # fmt: skip
         # Loggers cannot take the frozen RolloutSettings: they get its fields as a dict.
         self.save_hyperparameters(ignore=["policy", "engine", "image_search", "text_search", "tools", "reward", "prompts",
                                           "rollout", "weight_sync"])  # fmt: skip
         self.hparams["rollout"] = asdict(rollout)
         self.automatic_optimization = False
-        self.sampling = SamplingParams(temperature, top_p, top_k, rollout.max_tokens_per_turn)  # refused before the build
+        # both refuse values out of range, before the (slow) build
+        self.sampling = SamplingParams(temperature, top_p, top_k, rollout.max_tokens_per_turn)
+        update = UpdateSettings.of(self.hparams, max_context_tokens=rollout.max_context_tokens)
         self.policy = policy.build()
         # from_pretrained returns a model in eval mode, where Hugging Face turns gradient checkpointing
         # off; Lightning no longer switches modes at fit start (it warned: "N modules in eval mode").
@@ -177,7 +185,6 @@ class GRPOModule(L.LightningModule):
         self.weight_sync = weight_sync if weight_sync is not None else WeightSync()
         self.loop = RolloutLoop(self.engine, self.policy, prompts or PromptBuilder(), tool_map, rollout)
         self.loop.on_episode_end = self._episode_ended
-        update = UpdateSettings.of(self.hparams, max_context_tokens=rollout.max_context_tokens)
         self.policy_update = PolicyUpdate(self.policy, update)  # mmsr.train.update
         self._pending: tuple[list[Trajectory], list[Sample]] | None = None
         self.last_rollout: StepRollout | None = None  # for observers (loggers, trajectory dumps)

@@ -19,6 +19,27 @@ def check_schedule(schedule: Schedule, warmup_steps: int) -> None:
         raise ValueError(f"warmup_steps={warmup_steps} needs lr_schedule: cosine; the {schedule!r} schedule has no warmup")
 
 
+Limit = tuple[str, object, bool, str]  # (field, value, within range, the rule in words)
+
+
+def refuse_out_of_range(owner: str, limits: Iterable[Limit]) -> None:
+    """Raise one error naming every field out of range (a NaN fails every comparison, so it is refused too).
+
+    Raises:
+        ValueError: ``"<owner>: lr=0.0 (must be > 0); ..."``.
+    """
+    bad = [f"{name}={value!r} (must be {rule})" for name, value, ok, rule in limits if not ok]
+    if bad:
+        raise ValueError(f"{owner}: {'; '.join(bad)}")
+
+
+def optimizer_limits(lr: float, weight_decay: float, warmup_steps: int, total_steps: int) -> list[Limit]:
+    """The ranges of ``adamw_with_schedule``'s arguments, checked by the modules before the policy is built."""
+    return [("lr", lr, lr > 0, "> 0"), ("weight_decay", weight_decay, weight_decay >= 0, ">= 0"),
+            ("warmup_steps", warmup_steps, warmup_steps >= 0, ">= 0"),
+            ("total_steps", total_steps, total_steps >= 1, ">= 1")]  # fmt: skip
+
+
 def adamw_with_schedule(params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float, schedule: Schedule,
                         warmup_steps: int, total_steps: int):  # fmt: skip
     """Lightning's ``configure_optimizers`` return value; the schedule steps once per training step."""

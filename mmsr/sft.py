@@ -26,7 +26,7 @@ from mmsr.data.sample import Sample
 from mmsr.models.build import PolicyBuilder, save_policy
 from mmsr.metrics import forget_step_metrics
 from mmsr.models.policy import Policy
-from mmsr.optim import Schedule, adamw_with_schedule, check_schedule
+from mmsr.optim import Schedule, adamw_with_schedule, check_schedule, optimizer_limits, refuse_out_of_range
 from mmsr.parallel import all_reduce, refuse_true_precision
 from mmsr.prompt.render import PromptBuilder
 from mmsr.rollout.engine import GenerationRequest, SamplingParams, ScriptedEngine
@@ -76,6 +76,12 @@ class SFTModule(L.LightningModule):
                  reading: TextBatches | None = None, reading_steps: int = 0, share_prefix: bool = True) -> None:  # fmt: skip
         super().__init__()
         check_schedule(lr_schedule, warmup_steps)
+        # as in GRPOModule: clip_grad_norm_ with max_norm < 0 flips every gradient (the loss climbs), 0 zeroes it
+        refuse_out_of_range("SFTModule", [
+            *optimizer_limits(lr, weight_decay, warmup_steps, total_steps),
+            ("grad_clip", grad_clip, grad_clip > 0, "> 0, the cap on the gradient norm; .inf: no clipping"),
+            ("micro_batch_tokens", micro_batch_tokens, micro_batch_tokens >= 1, ">= 1"),
+            ("reading_steps", reading_steps, reading_steps >= 0, ">= 0")])  # fmt: skip
         # Loggers cannot take the frozen RolloutSettings (a CSV logger raised): they get its fields as a dict.
         self.save_hyperparameters(ignore=["policy", "teacher", "image_search", "text_search", "tools", "prompts", "reading",
                                           "rollout"])  # fmt: skip

@@ -2,6 +2,7 @@
 
 import copy
 import csv
+import re
 from dataclasses import replace
 
 import lightning as L
@@ -214,3 +215,19 @@ class Unbuildable:
 def test_sampling_settings_out_of_range_are_refused_before_the_policy_is_built():
     with pytest.raises(ValueError, match=r"top_p=0"):
         make_module(policy=Unbuildable(), top_p=0.0)
+
+
+@pytest.mark.parametrize(("setting", "named"), [
+    ({"num_generations": 1}, "num_generations=1 (must be >= 2"),  # a group of one: advantage 0, whatever the reward
+    ({"num_generations": 0}, "num_generations=0"),
+    ({"temperature": 0.0}, "temperature=0.0 (must be > 0"),  # greedy: a group's episodes are identical
+    ({"lr": 0.0}, "lr=0.0"), ({"lr": -1e-3}, "lr=-0.001"), ({"weight_decay": -0.1}, "weight_decay=-0.1"),
+    ({"warmup_steps": -1}, "warmup_steps=-1"), ({"total_steps": 0}, "total_steps=0"),
+    ({"ppo_epochs": 0}, "ppo_epochs=0 (must be >= 1"),  # no update: global_step never reached max_steps
+    ({"mini_batches": 0}, "mini_batches=0"), ({"micro_batch_tokens": 0}, "micro_batch_tokens=0"),
+    ({"grad_clip": -1.0}, "grad_clip=-1.0 (must be > 0"),  # every gradient flipped: the loss climbed
+    ({"grad_clip": 0.0}, "grad_clip=0.0"), ({"kl_coef": -0.001}, "kl_coef=-0.001"),
+    ({"clip_low": -1.0}, "clip_low=-1.0"), ({"clip_high": -1.0}, "clip_high=-1.0")])  # fmt: skip
+def test_settings_that_stall_or_reverse_training_are_refused_before_the_policy_is_built(setting, named):
+    with pytest.raises(ValueError, match=re.escape(named)):
+        make_module(policy=Unbuildable(), **setting)

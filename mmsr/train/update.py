@@ -24,6 +24,7 @@ from mmsr.algo.correction import corrected_advantages, is_weights, logprob_misma
 from mmsr.algo.loss import AggMode
 from mmsr.models.policy import Policy
 from mmsr.parallel import all_reduce
+from mmsr.optim import refuse_out_of_range
 from mmsr.reference import ReferenceModel
 from mmsr.rollout.trajectory import Trajectory
 from mmsr.train.batch import TrainBatch, collate, group_prompts, packs_rows, rank_micro_batches, sampled_logprobs
@@ -54,6 +55,21 @@ class UpdateSettings:
     skip_zero_advantage: bool = False
 
     def __post_init__(self) -> None:
+        # Out of range, these fail late or never: ppo_epochs=0 makes no update (global_step never reaches max_steps
+        # while rollouts go on), clip_grad_norm_ with max_norm < 0 flips every gradient (0 zeroes it), a negative KL
+        # weight pushes away from the reference. Refused here, before the policy is built; a NaN fails every test.
+        s = self
+        refuse_out_of_range("UpdateSettings", [
+            ("ppo_epochs", s.ppo_epochs, s.ppo_epochs >= 1, ">= 1"),
+            ("mini_batches", s.mini_batches, s.mini_batches >= 1, ">= 1"),
+            ("micro_batch_tokens", s.micro_batch_tokens, s.micro_batch_tokens >= 1, ">= 1"),
+            ("max_context_tokens", s.max_context_tokens, s.max_context_tokens >= 1, ">= 1"),
+            ("grad_clip", s.grad_clip, s.grad_clip > 0, "> 0, the cap on the gradient norm; .inf: no clipping"),
+            ("kl_coef", s.kl_coef, s.kl_coef >= 0, ">= 0 (0 drops the KL term)"),
+            ("clip_low", s.clip_low, s.clip_low >= 0, ">= 0"),
+            ("clip_high", s.clip_high, s.clip_high >= 0, ">= 0"),
+            ("entropy_coef", s.entropy_coef, s.entropy_coef == s.entropy_coef, "a number (< 0 minimizes entropy)"),
+            ("is_cap", s.is_cap, s.is_cap > 0, "> 0")])  # fmt: skip
         if self.old_logprobs == "engine" and self.is_correction != "none":
             raise ValueError("old_logprobs='engine' already takes the PPO ratio against the engine's log-probs: "
                              "is_correction must be 'none' with it")

@@ -1,0 +1,35 @@
+"""Update settings that would stall or reverse training are refused when the settings are made, naming the field
+(before, ppo_epochs=0 rolled out forever without an update and grad_clip=-1 climbed the loss)."""
+
+import math
+
+import pytest
+import torch
+
+from mmsr.train.update import UpdateSettings
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("ppo_epochs", 0), ("mini_batches", 0), ("micro_batch_tokens", 0), ("max_context_tokens", 0),
+    ("grad_clip", -1.0), ("grad_clip", 0.0), ("grad_clip", math.nan), ("kl_coef", -0.001), ("clip_low", -0.2),
+    ("clip_high", -0.2), ("entropy_coef", math.nan), ("is_cap", 0.0)])  # fmt: skip
+def test_a_setting_out_of_range_is_refused_naming_it(field, value):
+    with pytest.raises(ValueError, match=rf"UpdateSettings: {field}={value!r} \(must be"):
+        UpdateSettings(**{field: value})
+
+
+def test_a_negative_entropy_coef_minimizes_entropy_on_purpose():
+    assert UpdateSettings(entropy_coef=-0.001).entropy_coef == -0.001
+
+
+def test_every_field_out_of_range_is_named_at_once():
+    with pytest.raises(ValueError, match=r"ppo_epochs=0 .*; mini_batches=0 .*; grad_clip=-1.0 \(must be > 0"):
+        UpdateSettings(ppo_epochs=0, mini_batches=0, grad_clip=-1.0)
+
+
+def test_an_infinite_grad_clip_turns_clipping_off():
+    assert UpdateSettings(grad_clip=math.inf).updates_per_step == 1
+    p = torch.nn.Parameter(torch.zeros(2))
+    p.grad = torch.tensor([30.0, -40.0])
+    assert float(torch.nn.utils.clip_grad_norm_([p], math.inf)) == 50.0  # the norm is still logged
+    assert p.grad.tolist() == [30.0, -40.0]
