@@ -49,10 +49,13 @@ def rollout_metrics(
     category (``group_metrics``) of these trajectories alone; a run on several ranks computes those from
     every rank's episodes instead (``summed_over_ranks``)."""
     tools = trajs[0].tools if trajs else MMSEARCH_R1_TOOLS
-    out = {
-        "reward/mean": _mean(rewards),
-        "reward/accuracy": _mean([d.get("correct", 0.0) for d in details]),
-        "reward/format": _mean([d.get("format", 0.0) for d in details]),
+    terms = {k for d in details for k in d}
+    # a term no episode's details hold is not logged: a reward without details measured no accuracy, and a
+    # constant 0 read as a policy never right; where some episodes hold it, the others count 0
+    named = {"correct": "accuracy", "format": "format"}
+    out = {"reward/mean": _mean(rewards)}
+    out |= {f"reward/{named[k]}": _mean([d.get(k, 0.0) for d in details]) for k in named if k in terms}
+    out |= {
         "rollout/turns": _mean([len(t.turns) for t in trajs]),
         "rollout/response_tokens": _mean([t.num_sampled_tokens for t in trajs]),
         "rollout/length": _mean([len(t) for t in trajs]),
@@ -60,30 +63,33 @@ def rollout_metrics(
         "rollout/context_cut": _mean([bool(getattr(t, "context", ())) for t in trajs]),  # the budget cut something
     }
     # a reward's own terms beyond these (``JudgedReward``'s ``judge_failed``): their step means
-    extra = sorted({k for d in details for k in d} - {"correct", "format", "searched"})
+    extra = sorted(terms - {"correct", "format", "searched"})
     out |= {f"reward/{k}": _mean([d.get(k, 0.0) for d in details]) for k in extra}
     out |= {f"rollout/search_ratio/{k}": v for k, v in search_ratios(trajs, settings, tools).items()}
     return out | group_metrics(group_sums(trajs, samples, details)) if by_group else out
 
 
-GroupSums = dict[tuple[str, str], tuple[int, float, int]]  # (field, name) -> (episodes, summed correctness, searched)
+# (field, name) -> (episodes, summed correctness, searched, graded: episodes whose reward reported correctness)
+GroupSums = dict[tuple[str, str], tuple[int, float, int, int]]
 
 
 def group_sums(trajs: Sequence[Trajectory], samples: Sequence[Sample], details: Sequence[dict[str, float]]) -> GroupSums:
-    """Per ``data_source`` and per ``category`` (``"none"`` when unset): the episodes, their summed correctness
-    and how many called a tool."""
+    """Per ``data_source`` and per ``category`` (``"none"`` when unset): the episodes, their summed correctness,
+    how many called a tool and how many have a ``correct`` term."""
     fields = [{"data_source": s.data_source, "category": s.category} for s in samples]
-    return _summed((fields[t.group_id], d.get("correct", 0.0), t.num_tool_calls > 0) for t, d in zip(trajs, details))
+    return _summed((fields[t.group_id], d.get("correct"), t.num_tool_calls > 0) for t, d in zip(trajs, details))
 
 
-def _summed(episodes: Iterable[tuple[Mapping, float, float]]) -> GroupSums:
-    """``GroupSums`` of ``(the episode's data_source and category, its correctness, whether it searched)``."""
+def _summed(episodes: Iterable[tuple[Mapping, float | None, float]]) -> GroupSums:
+    """``GroupSums`` of ``(the episode's data_source and category, its correctness or None, whether it searched)``."""
     sums: GroupSums = {}
     for fields, correct, searched in episodes:
         for field in ("data_source", "category"):
             key = (field, fields[field] or "none")
-            n, total, searches = sums.get(key, (0, 0.0, 0))
-            sums[key] = (n + 1, total + correct, searches + searched)
+            n, total, searches, graded = sums.get(key, (0, 0.0, 0, 0))
+            if correct is not None:
+                total, graded = total + correct, graded + 1
+            sums[key] = (n + 1, total, searches + searched, graded)
     return sums
 
 
@@ -94,20 +100,23 @@ def summed_over_ranks(sums: GroupSums) -> GroupSums:
     total: GroupSums = {}
     for rank in gather_per_rank(sums):
         for key, values in rank.items():
-            total[key] = tuple(a + b for a, b in zip(total.get(key, (0, 0.0, 0)), values))  # type: ignore[assignment]
+            total[key] = tuple(a + b for a, b in zip(total.get(key, (0, 0.0, 0, 0)), values))  # type: ignore[assignment]
     return total
 
 
 def group_metrics(sums: GroupSums) -> dict[str, float]:
     """``reward/accuracy/<name>`` and ``rollout/search_ratio/any/<name>`` of each group over its own episodes,
-    for the fields with several groups (one group would repeat the overall numbers)."""
+    for the fields with several groups (one group would repeat the overall numbers). Accuracies only when
+    some episode was graded (as ``reward/accuracy``); after ``summed_over_ranks`` every rank decides alike."""
     out = {}
+    graded = any(n_graded for *_, n_graded in sums.values())
     for field in ("data_source", "category"):
         names = sorted(name for f, name in sums if f == field)
         for name in names if len(names) > 1 else ():
-            n, correct, searched = sums[field, name]
+            n, correct, searched, _ = sums[field, name]
             out[f"rollout/search_ratio/any/{name}"] = searched / n
-            out[f"reward/accuracy/{name}"] = float(correct / n)
+            if graded:
+                out[f"reward/accuracy/{name}"] = float(correct / n)
     return out
 
 
@@ -139,7 +148,7 @@ def held_out_metrics(episodes: Sequence[dict]) -> dict[str, float]:
     # them 0 where absent, as here; taking the first episode's keys dropped some and raised on others)
     keys = dict.fromkeys(k for e in episodes for k in e["metrics"])
     out = {f"val/{k}": _mean([e["metrics"].get(k, 0.0) for e in episodes]) for k in keys}
-    sums = _summed((e, e["metrics"].get("reward/accuracy", 0.0), e["metrics"].get("rollout/search_ratio/any", 0.0))
+    sums = _summed((e, e["metrics"].get("reward/accuracy"), e["metrics"].get("rollout/search_ratio/any", 0.0))
                    for e in episodes)  # fmt: skip
     return out | {f"val/{k}": v for k, v in group_metrics(sums).items()} | {"val/episodes": float(len(episodes))}
 
@@ -147,20 +156,45 @@ def held_out_metrics(episodes: Sequence[dict]) -> dict[str, float]:
 def tool_metrics(stats: RolloutStats, tools: dict | None = None) -> dict[str, float]:
     """Call counts, failures, latency and timing of one rollout, plus each tool's own counters
     (API calls, cost, cache hits of cached/web tools) under ``tools/<kind>/``."""
-    calls = sum(stats.tool_calls.values())
     own = {}
     for kind, tool in (tools or {}).items():
         if hasattr(tool, "metrics"):
             own |= {f"tools/{kind}/{k.removeprefix('tools/')}": float(v) for k, v in tool.metrics().items()}
-    counts = {f"tools/{name}_calls": float(n) for name, n in stats.tool_calls.items()}
-    return own | counts | {
-        "tools/failure_rate": stats.tool_failures / calls if calls else 0.0,
-        "tools/latency_s": _mean(stats.tool_latency_s),
+    return own | tool_rates(tool_sums(stats)) | {
         "timing/generate": stats.generate_s,
         "timing/tools": stats.tools_s,
         "rollout/tokens_per_s": stats.sampled_tokens / stats.generate_s if stats.generate_s else 0.0,
-        "rollout/overlap": stats.overlap,  # share of tool time the rollout did not wait for
     }
+
+
+def tool_sums(stats: RolloutStats) -> dict[str, float]:
+    """What ``tool_rates`` are made of, as sums that add up over ranks (``totals_over_ranks``): the calls per
+    tool (``tools/<name>_calls``), failures, summed latency and its calls, seconds waited for and run by tools."""
+    calls = {f"tools/{name}_calls": float(n) for name, n in stats.tool_calls.items()}
+    return calls | {"failures": float(stats.tool_failures), "latency_s": sum(stats.tool_latency_s),
+                    "timed_calls": float(len(stats.tool_latency_s)), "tools_s": stats.tools_s,
+                    "tool_busy_s": stats.tool_busy_s}  # fmt: skip
+
+
+def tool_rates(sums: dict[str, float]) -> dict[str, float]:
+    """Calls per tool, ``tools/failure_rate``, ``tools/latency_s`` and ``rollout/overlap`` of ``tool_sums``:
+    ratios of the sums, so that every call weighs the same whichever rank made it."""
+    counts = {k: v for k, v in sums.items() if k.startswith("tools/")}
+    calls, waits = sum(counts.values()), RolloutStats(tools_s=sums["tools_s"], tool_busy_s=sums["tool_busy_s"])
+    return counts | {
+        "tools/failure_rate": sums["failures"] / calls if calls else 0.0,
+        "tools/latency_s": sums["latency_s"] / sums["timed_calls"] if sums["timed_calls"] else 0.0,
+        "rollout/overlap": waits.overlap,  # share of tool time the rollout did not wait for
+    }
+
+
+def totals_over_ranks(sums: dict[str, float]) -> dict[str, float]:
+    """Each key's sum over the ranks that have it (``sums`` itself on one process)."""
+    total: dict[str, float] = {}
+    for rank in gather_per_rank(sums):
+        for key, value in rank.items():
+            total[key] = total[key] + value if key in total else value
+    return total
 
 
 def mean_over_ranks(metrics: dict[str, float]) -> dict[str, float]:

@@ -47,6 +47,9 @@ from mmsr.metrics import (
     rollout_metrics,
     summed_over_ranks,
     tool_metrics,
+    tool_rates,
+    tool_sums,
+    totals_over_ranks,
     zero_std_groups,
 )
 from mmsr.models.build import DType, PolicyBuilder, save_policy
@@ -280,6 +283,9 @@ class GRPOModule(L.LightningModule):
         """Wake the engine (GPU sleep mode) and load the current weights into it, provably."""
         if hasattr(self.engine, "wake"):
             self.engine.wake()
+        # a step starts with its sync (RolloutCallback): what an earlier step or validation measured is not
+        # this step's (a probe runs every verify_every syncs: its diff was logged again at every step after it)
+        self._timings = {}
         with self.timed("sync"):
             stats = self.weight_sync(self.policy, self.engine)
         self._timings |= self.weight_sync.metrics(stats)
@@ -311,7 +317,10 @@ class GRPOModule(L.LightningModule):
         metrics["reward/zero_std_groups"] = zero_std_groups(rewards.tolist(), group_ids.tolist())
         memory = memory_metrics(self.model, self._ref.model if self._ref is not None else None, self.device)
         metrics |= tool_metrics(self.loop.stats, self.loop.tools) | train_metrics | self._timings | memory
-        metrics = mean_over_ranks(metrics) | group_metrics(summed_over_ranks(group_sums(trajs, samples, details)))
+        # counts and ratios of tool calls and of groups over every rank's calls and episodes (a mean of per-rank
+        # ratios weighed a rank's one failed call like another's nine good ones)
+        tools = tool_rates(totals_over_ranks(tool_sums(self.loop.stats)))
+        metrics = mean_over_ranks(metrics) | tools | group_metrics(summed_over_ranks(group_sums(trajs, samples, details)))
         self.log_dict(metrics, batch_size=len(samples), prog_bar=False)
         self.log("reward", metrics["reward/mean"], prog_bar=True, batch_size=len(samples))
 

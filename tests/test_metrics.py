@@ -86,3 +86,64 @@ def test_held_out_metrics_take_every_episodes_keys():
                 {"metrics": {"reward/mean": 0.5}, "data_source": "a", "category": None}]  # fmt: skip
     m = held_out_metrics(episodes)
     assert m["val/reward/mean"] == 0.5 and m["val/reward/judge_failed"] == pytest.approx(1 / 3) and m["val/episodes"] == 3
+
+
+def test_tool_rates_of_several_ranks_are_over_every_ranks_calls(monkeypatch):
+    """Rank 0's one call failed after 20 s, rank 1's nine took 1 s each: 1 failure in 10 calls, 2.9 s a call
+    (a mean of the ranks' ratios logged 0.5 and 10.5 s); counts are the step's totals."""
+    import mmsr.metrics as metrics
+
+    r0 = RolloutStats(tools_s=20.0, tool_busy_s=20.0, tool_failures=1, tool_latency_s=[20.0])
+    r1 = RolloutStats(tools_s=0.0, tool_busy_s=9.0, tool_latency_s=[1.0] * 9)
+    r0.tool_calls["text_search"], r1.tool_calls["text_search"] = 1, 9
+    per_rank = [metrics.tool_sums(r0), metrics.tool_sums(r1)]
+    monkeypatch.setattr(metrics, "gather_per_rank", lambda obj: per_rank)
+    m = metrics.tool_rates(metrics.totals_over_ranks(per_rank[0]))
+    assert m["tools/failure_rate"] == pytest.approx(0.1) and m["tools/latency_s"] == pytest.approx(2.9)
+    assert m["tools/text_search_calls"] == 10 and m["tools/image_search_calls"] == 0
+    assert m["rollout/overlap"] == pytest.approx(1 - 20 / 29)  # 20 s waited of the 29 s tools ran
+
+
+def test_tool_rates_of_one_process_are_its_own_ratios_bit_for_bit():
+    stats = RolloutStats(generate_s=3.0, tools_s=0.7, tool_busy_s=2.3, tool_failures=1, tool_latency_s=[0.1, 0.7, 0.35])
+    stats.tool_calls |= {"image_search": 1, "text_search": 2}
+    m = tool_metrics(stats)
+    assert m["tools/failure_rate"] == 1 / 3 and m["tools/latency_s"] == float(sum(stats.tool_latency_s) / 3)
+    assert m["rollout/overlap"] == stats.overlap and m["tools/text_search_calls"] == 2.0
+    from mmsr.metrics import tool_rates, tool_sums, totals_over_ranks
+
+    assert tool_rates(totals_over_ranks(tool_sums(stats))).items() <= m.items()  # what training_step logs
+
+
+def test_a_reward_without_details_logs_no_accuracy_or_format():
+    """The README's reward with ``__call__`` alone: no term measures correctness, so no ``reward/accuracy`` (nor
+    per source, nor held-out) rather than a constant 0 that reads "never right"; search ratios stay."""
+    from mmsr.metrics import episode_metrics, held_out_metrics
+
+    samples = [Sample("a", "q", None, "x", data_source="A"), Sample("b", "q", None, "x", data_source="B")]
+    trajs = [traj(0, [Answer("a")]), traj(0, [ImageSearch(), Answer("a")]), traj(1, [Answer("a")]), traj(1, [Answer("a")])]
+    m = rollout_metrics(trajs, samples, [1.0] * 4, [{}] * 4, RolloutSettings())
+    assert not [k for k in m if k.startswith(("reward/accuracy", "reward/format"))]
+    assert m["reward/mean"] == 1.0 and m["rollout/search_ratio/any/A"] == 0.5
+    val = held_out_metrics([episode_metrics(t, samples, 1.0, {}, RolloutSettings()) for t in trajs])
+    assert not [k for k in val if "accuracy" in k or "format" in k] and val["val/rollout/search_ratio/any/A"] == 0.5
+    # where some episodes hold a term, the others count 0 (as for a reward's own terms)
+    m = rollout_metrics(trajs, samples, [1.0] * 4, [{"correct": 1.0}, {}, {}, {}], RolloutSettings())
+    assert m["reward/accuracy"] == 0.25 and m["reward/accuracy/A"] == 0.5 and m["reward/accuracy/B"] == 0.0
+    assert "reward/format" not in m
+
+
+def test_group_accuracies_are_decided_alike_on_every_rank(monkeypatch):
+    """Rank 1 graded none of its episodes, rank 0 graded its own: both log the accuracy per source (the keys of
+    a step must match across ranks), from the sums of all."""
+    import mmsr.metrics as metrics
+
+    samples = [Sample("a", "q", None, "x", data_source="A"), Sample("b", "q", None, "x", data_source="B")]
+    ranks = [([traj(0, [Answer("a")]), traj(1, [Answer("a")])], [{"correct": 1.0}] * 2),
+             ([traj(0, [Answer("a")]), traj(1, [Answer("a")])], [{}] * 2)]  # fmt: skip
+    per_rank = [metrics.group_sums(trajs, samples, details) for trajs, details in ranks]
+    monkeypatch.setattr(metrics, "gather_per_rank", lambda obj: per_rank)
+    on_each = [metrics.group_metrics(metrics.summed_over_ranks(own)) for own in per_rank]
+    assert on_each[0] == on_each[1] and on_each[0]["reward/accuracy/A"] == 0.5
+    monkeypatch.setattr(metrics, "gather_per_rank", lambda obj: [per_rank[1], per_rank[1]])
+    assert "reward/accuracy/A" not in metrics.group_metrics(metrics.summed_over_ranks(per_rank[1]))

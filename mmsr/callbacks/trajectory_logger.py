@@ -81,7 +81,10 @@ class TrajectoryLogger(L.Callback):
             if isinstance(logger, WandbLogger):
                 from mmsr.callbacks.wandb_table import COLUMNS, turn_rows
 
-                logger.log_table(self.wandb_key, columns=COLUMNS, data=turn_rows(records), step=trainer.global_step)
+                # at the step Lightning logs this step's scalars at (its logger connector): global_step counts
+                # optimizer updates, already past this step's and several a step with mini_batches > 1
+                step = trainer.fit_loop.epoch_loop._batches_that_stepped
+                logger.log_table(self.wandb_key, columns=COLUMNS, data=turn_rows(records), step=step)
 
     def records(self, rollout: StepRollout, step: int, global_step: int) -> list[TrajectoryRecord]:
         """The records of the step's first ``max_trajectories`` trajectories."""

@@ -7,7 +7,9 @@ each metric becomes its own ``Curve`` of the rows where it has a value.
 from __future__ import annotations
 
 import csv
+import io
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,21 +55,39 @@ def read_metrics(path: str | Path) -> dict[str, Curve]:
     """Every numeric column of a CSVLogger ``metrics.csv`` as a curve over its ``step`` column.
 
     A metric logged twice at one step keeps its later value: resumed runs cut the file back to the
-    resumed step (``mmsr.callbacks.run_dir``), but a file written otherwise may repeat steps.
+    resumed step (``mmsr.callbacks.run_dir``), but a file written otherwise may repeat steps. What a kill
+    mid-write leaves is skipped with a warning: a last line without its newline, a row that ends before its
+    ``step`` cell, an empty file (no curves).
     """
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames is None or "step" not in reader.fieldnames:
-            raise ValueError(f"{path}: not a CSVLogger metrics file (no 'step' column)")
-        points: dict[str, dict[int, float]] = {k: {} for k in reader.fieldnames if k not in ("step", "epoch")}
-        for lineno, row in enumerate(reader, 2):
-            for key, cell in row.items():
-                if key in points and cell not in ("", None):
-                    try:
-                        points[key][int(float(row["step"]))] = float(cell)
-                    except ValueError:
-                        raise ValueError(f"{path}:{lineno}: column {key!r} holds {cell!r}, not a number") from None
+    text = _complete_lines(Path(path))
+    if not text:
+        warnings.warn(f"{path}: no complete line (a run killed before its first row?): no curves", stacklevel=2)
+        return {}
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    if reader.fieldnames is None or "step" not in reader.fieldnames:
+        raise ValueError(f"{path}: not a CSVLogger metrics file (no 'step' column)")
+    points: dict[str, dict[int, float]] = {k: {} for k in reader.fieldnames if k not in ("step", "epoch")}
+    for lineno, row in enumerate(reader, 2):
+        if row["step"] is None:
+            warnings.warn(f"{path}:{lineno}: skipped a row that ends before its 'step' cell (torn)", stacklevel=2)
+            continue
+        for key, cell in row.items():
+            if key in points and cell not in ("", None):
+                try:
+                    points[key][int(float(row["step"]))] = float(cell)
+                except ValueError:
+                    raise ValueError(f"{path}:{lineno}: column {key!r} holds {cell!r}, not a number") from None
     return {k: Curve(k, sorted(p), [p[s] for s in sorted(p)]) for k, p in points.items() if p}
+
+
+def _complete_lines(path: Path) -> str:
+    """The file up to its last newline: a kill mid-write leaves a last line whose cells may be cut short."""
+    data = path.read_bytes()
+    cut = data.rfind(b"\n") + 1
+    whole, torn = data[:cut], data[cut:]
+    if torn:
+        warnings.warn(f"{path}: skipped its last line, torn by a kill mid-write: {torn[:60]!r}", stacklevel=3)
+    return whole.decode("utf-8")
 
 
 def curves_for(spec: PlotSpec, curves: dict[str, Curve]) -> list[Curve]:

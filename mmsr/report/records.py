@@ -13,6 +13,7 @@ import base64
 import io
 import json
 import re
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -183,12 +184,17 @@ def write_records(path: str | Path, records: Iterable[TrajectoryRecord]) -> None
 
 
 def read_records(path: str | Path) -> Iterator[TrajectoryRecord]:
-    """The records of a ``trajectories.jsonl`` file; a bad line raises naming the file and line."""
-    with open(path, encoding="utf-8") as f:
+    """The records of a ``trajectories.jsonl`` file; a bad line raises naming the file and line, except a bad
+    last line without its newline: a kill mid-write tore it, it is skipped with a warning."""
+    with open(path, "rb") as f:  # bytes: a kill can also cut a character short
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                yield TrajectoryRecord.from_dict(json.loads(line))
+                record = TrajectoryRecord.from_dict(json.loads(line))
             except (ValueError, TypeError, KeyError) as exc:
-                raise ValueError(f"{path}:{lineno}: not a trajectory record ({type(exc).__name__}: {exc})") from exc
+                if line.endswith(b"\n"):
+                    raise ValueError(f"{path}:{lineno}: not a trajectory record ({type(exc).__name__}: {exc})") from exc
+                warnings.warn(f"{path}:{lineno}: skipped its last line, torn by a kill mid-write", stacklevel=2)
+                return
+            yield record

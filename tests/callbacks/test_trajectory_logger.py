@@ -5,8 +5,10 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import lightning as L
+import torch
 import yaml
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
 from mmsr.callbacks.trajectory_logger import TrajectoryLogger
 from mmsr.callbacks.wandb_table import COLUMNS
@@ -119,3 +121,45 @@ def test_a_fast_dev_run_writes_its_trajectories_into_the_root_directory(tmp_path
 
     run(tmp_path, "--trainer.fast_dev_run", "true")
     assert {r.step for r in read_records(tmp_path / "trajectories.jsonl")} == {0}
+
+
+class StepsOfWandb(WandbLogger):
+    """A WandbLogger keeping the ``trainer/global_step`` of each call instead of sending it."""
+
+    def __init__(self, save_dir: str) -> None:
+        super().__init__(save_dir=save_dir, offline=True)
+        self.calls: list[tuple[str, int]] = []
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self.calls.append(("table" if "rollout/trajectories" in metrics else "scalars", step))
+
+    def log_hyperparams(self, params) -> None:
+        pass
+
+
+class TwoUpdatesAStep(L.LightningModule):
+    """Two optimizer updates per training step (``mini_batches: 2``), one scalar logged, the scripted run's rollout."""
+
+    def __init__(self, rollout) -> None:
+        super().__init__()
+        self.automatic_optimization, self.last_rollout, self.layer = False, rollout, torch.nn.Linear(1, 1)
+
+    def training_step(self, batch, batch_idx):
+        for _ in range(2):
+            self.optimizers().step()
+        self.log("reward/mean", 1.0)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def test_the_wandb_table_sits_at_the_step_of_its_scalars(scripted_run, tmp_path):
+    """Lightning logs a step's scalars at the training steps done before it; the table went to ``global_step``
+    (optimizer updates, already counting this step's): step 1's table sat at 4, its curves at 1."""
+    logger = StepsOfWandb(str(tmp_path))
+    trainer = L.Trainer(max_steps=6, accelerator="cpu", logger=logger, log_every_n_steps=1, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[TrajectoryLogger(max_trajectories=1)])  # fmt: skip
+    trainer.fit(TwoUpdatesAStep(scripted_run.model.last_rollout), torch.utils.data.DataLoader(torch.zeros(3, 1)))
+    tables, scalars = ([s for kind, s in logger.calls if kind == k] for k in ("table", "scalars"))
+    assert tables == scalars == [0, 1, 2]

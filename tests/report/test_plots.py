@@ -60,3 +60,21 @@ def test_a_step_logged_twice_keeps_its_later_value(tmp_path):
     (tmp_path / "metrics.csv").write_text("reward/mean,step\n0.1,0\n0.2,1\n0.9,1\n0.3,2\n")
     curve = read_metrics(tmp_path / "metrics.csv")["reward/mean"]
     assert (curve.steps, curve.values) == ([0, 1, 2], [0.1, 0.9, 0.3])
+
+
+def test_what_a_kill_mid_write_leaves_is_skipped_with_a_warning(tmp_path):
+    """A run killed while CSVLogger wrote: its last line has no newline (here cut before the ``step`` cell, and
+    after it, mid-number), or the file is empty. The report read the torn row's ``step`` as float(None)."""
+    path = tmp_path / "metrics.csv"
+    for torn in ("0,0.9", "0.9,7,0.0"):  # columns: reward/mean, step, train/loss
+        path.write_text("reward/mean,step,train/loss\r\n0.1,0,0.3\r\n0.2,1,0.25\r\n" + torn)
+        with pytest.warns(UserWarning, match=r"metrics.csv: skipped its last line, torn by a kill"):
+            curves = read_metrics(path)
+        assert (curves["reward/mean"].steps, curves["reward/mean"].values) == ([0, 1], [0.1, 0.2])
+        assert curves["train/loss"].values == [0.3, 0.25]
+    path.write_text("reward/mean,step,train/loss\n0.1,0,0.3\n0.9\n0.2,1,0.25\n")  # a row without its step cell
+    with pytest.warns(UserWarning, match=r"metrics.csv:3: skipped a row that ends before its 'step' cell"):
+        assert read_metrics(path)["reward/mean"].values == [0.1, 0.2]
+    path.write_text("")
+    with pytest.warns(UserWarning, match="no complete line"):
+        assert read_metrics(path) == {} and plot_run(path, tmp_path / "out") == {}

@@ -120,3 +120,20 @@ def test_headless_browser_shows_held_out_episodes_before_and_after(run_dir, tmp_
     searched = [e for e in held if any("action-image_search" in c for c in e.turn_classes)]
     assert searched and all(any(i.get("class") == "thumbnail" for i in e.images) for e in searched)
     assert "7 held-out episodes at steps 0, 3" in " ".join(page.text)
+
+
+def test_a_run_killed_mid_write_gets_its_report(run_dir, tmp_path, recwarn):
+    """A kill tears the last line of ``trajectories.jsonl`` and of ``metrics.csv``: the report shows the complete
+    records and curves (it refused the whole run directory); a bad line with its newline is still refused."""
+    lines = (run_dir / "trajectories.jsonl").read_text(encoding="utf-8").splitlines()
+    (tmp_path / "trajectories.jsonl").write_text("\n".join(lines) + "\n" + lines[0][:100], encoding="utf-8")
+    metrics = (run_dir / "metrics.csv").read_text()
+    (tmp_path / "metrics.csv").write_text(metrics + metrics.splitlines()[-1][:7])
+    assert main(["report", str(tmp_path)]) is None
+    assert len(Page((tmp_path / "report" / "index.html").read_text()).trajectories) == len(lines)
+    assert (tmp_path / "report" / "reward.png").exists()
+    torn = sorted(str(w.message).split(":", 1)[0] for w in recwarn if "torn by a kill" in str(w.message))
+    assert torn == [str(tmp_path / "metrics.csv"), str(tmp_path / "trajectories.jsonl")]
+    (tmp_path / "trajectories.jsonl").write_text("\n".join([lines[0], lines[0][:100], lines[1]]) + "\n")
+    with pytest.raises(ValueError, match=r"trajectories.jsonl:2: not a trajectory record"):
+        write_report(tmp_path)
