@@ -44,8 +44,8 @@ class WholeBatchSampler(ResumableSampler):
         super().__init__(size, shuffle, seed, num_replicas, rank)
         self.batch_size = batch_size
 
-    def __len__(self) -> int:
-        return super().__len__() // self.batch_size * self.batch_size
+    def share(self, count: int) -> int:
+        return super().share(count) // self.batch_size * self.batch_size
 
 
 class MMSRDataModule(L.LightningDataModule):
@@ -104,6 +104,9 @@ class MMSRDataModule(L.LightningDataModule):
                                    collate_fn=collate_samples, drop_last=False)  # fmt: skip
 
     def _sampler(self, replicas: int, rank: int) -> ResumableSampler:
+        if len(self.train) < replicas:  # every rank's share was empty: the run trained nothing and exited 0
+            raise ValueError(f"data.train_files {self.train_files}: {len(self.train)} training row(s) for {replicas} "
+                             f"ranks; every rank trains its share and needs at least one: add rows")  # fmt: skip
         if not self.drop_last:
             return ResumableSampler(len(self.train), self.shuffle, self.seed, replicas, rank)
         sampler = WholeBatchSampler(self.prompts_per_step, len(self.train), self.shuffle, self.seed, replicas, rank)

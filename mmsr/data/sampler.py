@@ -4,7 +4,8 @@ Lightning saves ``state_dict()`` of every train dataloader that has ``state_dict
 in the checkpoint (``loops.fit_loop.combined_loader``) and loads it before the first ``iter()`` on
 resume. A sized loader is not prefetched by Lightning, so when a checkpoint is written after batch
 ``b`` the sampler has handed out exactly the indices of batches ``0..b``: the resumed run continues
-with batch ``b + 1`` of the same permutation, never repeating or skipping a prompt.
+with batch ``b + 1`` of the same permutation, never repeating or skipping a prompt, on any number of
+ranks.
 """
 
 from __future__ import annotations
@@ -20,10 +21,17 @@ class ResumableSampler(Sampler[int]):
     """A per-epoch permutation (seeded by ``seed + epoch``) that remembers how far it got.
 
     With ``num_replicas > 1`` each rank takes every ``num_replicas``-th index of the permutation,
-    starting at ``rank`` (the tail is cut so all ranks get the same count).
+    starting at ``rank`` (the tail is cut so all ranks get the same count): ranks that have each handed
+    out ``position`` indices have together handed out the permutation's first ``position x num_replicas``.
 
-    State: ``epoch`` and ``position`` (indices of this rank's share handed out in that epoch). A new
-    ``iter()`` after a finished epoch starts the next one.
+    State: ``epoch``, ``position`` (indices of this rank's share handed out in that epoch), ``offset``
+    (where in the permutation that share starts: 0 but in an epoch resumed on another number of ranks)
+    and ``num_replicas``. A checkpoint of another number of ranks goes on from the indices all its ranks
+    handed out: the rest of that epoch's permutation is split over this run's ranks, so no prompt of the
+    epoch is repeated or skipped (but the cut tail). Lightning still counts that epoch's batches as the old
+    ranks did, so when the split leaves more batches than it expects, the extra ones make a short next
+    Lightning epoch. Checkpoints without ``num_replicas`` (older mmsr) are taken to be of this many ranks.
+    A new ``iter()`` after a finished epoch starts the next one.
     """
 
     def __init__(self, size: int, shuffle: bool = True, seed: int = 0, num_replicas: int = 1, rank: int = 0) -> None:
@@ -33,22 +41,29 @@ class ResumableSampler(Sampler[int]):
         self.num_replicas, self.rank = num_replicas, rank
         self.epoch = 0
         self.position = 0
+        self.offset = 0
 
     def __len__(self) -> int:
-        return self.size // self.num_replicas
+        return self.share(self.size)
+
+    def share(self, count: int) -> int:
+        """How many of ``count`` indices each rank takes (the rest is the cut tail)."""
+        return count // self.num_replicas
 
     def order(self, epoch: int) -> list[int]:
-        """This rank's indices of ``epoch``, in order."""
+        """This rank's indices of ``epoch``, in order (the current epoch's from ``offset`` on)."""
         if self.shuffle:
             generator = torch.Generator().manual_seed(self.seed + epoch)
             perm = torch.randperm(self.size, generator=generator).tolist()
         else:
             perm = list(range(self.size))
-        return perm[self.rank : len(self) * self.num_replicas : self.num_replicas]
+        start = self.offset if epoch == self.epoch else 0
+        stop = start + self.share(self.size - start) * self.num_replicas
+        return perm[start + self.rank : stop : self.num_replicas]
 
     def __iter__(self) -> Iterator[int]:
-        if self.position >= len(self):  # the previous epoch was used up
-            self.epoch, self.position = self.epoch + 1, 0
+        if self.position >= self.share(self.size - self.offset):  # the previous epoch was used up
+            self.epoch, self.position, self.offset = self.epoch + 1, 0, 0
         order = self.order(self.epoch)
         while self.position < len(order):
             # counted before the yield: the index is handed out once it is yielded
@@ -56,7 +71,9 @@ class ResumableSampler(Sampler[int]):
             yield order[self.position - 1]
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position, "size": self.size, "seed": self.seed}
+        return {"epoch": self.epoch, "position": self.position, "size": self.size, "seed": self.seed,
+                "offset": self.offset, "num_replicas": self.num_replicas,
+                "share": self.share(self.size - self.offset)}  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("size") != self.size or state.get("seed") != self.seed:
@@ -65,6 +82,18 @@ class ResumableSampler(Sampler[int]):
                 f"{state.get('seed')}, this run has {self.size} and {self.seed} (the training data changed?)"
             )
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self.offset = int(state.get("offset", 0))
+        replicas = int(state.get("num_replicas", self.num_replicas))
+        if replicas != self.num_replicas:
+            self._split_rest(replicas, int(state["share"]))
+
+    def _split_rest(self, replicas: int, share: int) -> None:
+        """Go on from a state of ``replicas`` ranks, each ``position`` into its ``share`` of the epoch: its
+        position counts that rank's indices only, which are not this run's."""
+        if self.position >= share:  # they finished the epoch: the next iter() starts the next one
+            self.offset, self.position = 0, len(self)
+        else:
+            self.offset, self.position = self.offset + self.position * replicas, 0
 
 
 class ResumableDataLoader(DataLoader):

@@ -29,6 +29,49 @@ def test_sampler_shards_by_rank_and_refuses_other_data():
     assert list(ResumableSampler(4, shuffle=False)) == [0, 1, 2, 3]
 
 
+def _ranks(world: int, batch: int, state: dict | None = None) -> list:
+    """The 19-row ``WholeBatchSampler`` of each of ``world`` ranks (``batch`` prompts a rank), loaded from ``state``."""
+    from mmsr.data.datamodule import WholeBatchSampler
+
+    samplers = [WholeBatchSampler(batch, 19, True, 5, world, r) for r in range(world)]
+    for s in samplers if state is not None else ():
+        s.load_state_dict(state)
+    return samplers
+
+
+def _steps(samplers: list, batch: int, steps: int) -> tuple[list[int], dict]:
+    """The indices all ranks hand out in ``steps`` steps, and the state a checkpoint then keeps (rank 0's)."""
+    its = [iter(s) for s in samplers]
+    return [next(it) for _ in range(steps) for it in its for _ in range(batch)], samplers[0].state_dict()
+
+
+def test_a_checkpoint_resumes_on_another_number_of_ranks_without_repeating_a_prompt():
+    """2 ranks x 2 (an epoch of 19 rows: 4 steps), resumed on 1 rank x 4 after one step (on the other 15 rows:
+    3 steps), that resumed after one step on 3 ranks x 1 (11 rows left: 3 steps): epoch 0 hands out its
+    permutation's first 17 indices once each; the next epoch is the 3 ranks' own. Each rank's ``position``
+    counted its own share: 1 rank x 4 went on from index 2 of its order, repeating indices 2 and 3."""
+    perm = ResumableSampler(19, seed=5).order(0)
+    first, state = _steps(_ranks(2, 2), 2, 1)
+    second, state = _steps(_ranks(1, 4, state), 4, 1)
+    three = _ranks(3, 1, state)
+    third, state = _steps(three, 1, 3)
+    epoch = first + second + third
+    assert sorted(epoch) == sorted(perm[:17]) and state["epoch"] == 0
+    fresh = _ranks(3, 1)
+    _steps(fresh, 1, 6)
+    assert _steps(three, 1, 6)[0] == _steps(fresh, 1, 6)[0]
+    # a finished epoch goes on with the next one, as the new ranks would have
+    ended = _steps(_ranks(2, 2), 2, 4)[1]
+    assert _steps(_ranks(1, 4, ended), 4, 4)[0] == ResumableSampler(19, seed=5).order(1)[:16]
+
+
+def test_an_older_checkpoint_without_the_number_of_ranks_resumes_as_before():
+    full = _steps(_ranks(2, 2), 2, 4)[0]
+    first, state = _steps(_ranks(2, 2), 2, 1)
+    old = {k: state[k] for k in ("epoch", "position", "size", "seed")}
+    assert first + _steps(_ranks(2, 2, old), 2, 3)[0] == full
+
+
 def _fit(root, max_steps, ckpt=None, drop_last=True):
     """Train a do-nothing module on ``MMSRDataModule``; returns the sample ids and the Lightning epoch of every step."""
     import lightning as L
@@ -117,3 +160,19 @@ def test_fewer_held_out_rows_than_ranks_are_refused_naming_the_files():
         dm.val_dataloader()
     dm.trainer = SimpleNamespace(world_size=3, global_rank=2)  # one row each
     assert [s.id for batch in dm.val_dataloader() for s in batch] == [dm.val[2].id]
+
+
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_fewer_training_rows_than_ranks_are_refused_naming_the_files(drop_last):
+    """Every rank's share was empty: the run trained nothing and exited 0 (``drop_last: false``; with it the
+    error asked to turn it off)."""
+    from types import SimpleNamespace
+
+    from mmsr.data.datamodule import MMSRDataModule
+
+    dm = MMSRDataModule(["f.jsonl"], prompts_per_step=1, drop_last=drop_last)
+    dm.train, dm.trainer = list(range(3)), SimpleNamespace(world_size=4, global_rank=0)
+    with pytest.raises(ValueError, match=r"f.jsonl'\]: 3 training row\(s\) for 4 ranks; every rank .* at least one"):
+        dm.train_dataloader()
+    dm.trainer = SimpleNamespace(world_size=3, global_rank=2)  # one row each
+    assert [len(b) for b in dm.train_dataloader()] == [1]

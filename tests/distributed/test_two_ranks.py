@@ -80,9 +80,9 @@ def run(tmp: Path, devices: int, strategy, checkpoint: bool = False, max_steps: 
     return fitted(tmp, cfg, extra=extra)
 
 
-def losses(run_dir: Path) -> list[float]:
+def losses(run_dir: Path, key: str = "train/policy_loss") -> list[float]:
     (f,) = run_dir.glob("csv/version_*/metrics.csv")
-    return [float(r["train/policy_loss"]) for r in csv.DictReader(f.open())]
+    return [float(r[key]) for r in csv.DictReader(f.open())]
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +100,9 @@ def test_two_ranks_equal_one(tmp_path, one_rank, strategy, request):
     one = one_rank
     two = run(tmp_path / "two", 2, "ddp", count_routes=True) if strategy == "ddp" else request.getfixturevalue("sharded_run")
     assert losses(two) == pytest.approx(losses(one), abs=1e-5)
+    # counts are the step's totals and ratios over every rank's calls (a mean over ranks halved the counts)
+    for key in ("tools/image_search_calls", "tools/text_search_calls", "tools/failure_rate", "reward/accuracy"):
+        assert losses(two, key) == pytest.approx(losses(one, key)), key
     assert_same_weights(one, two)
     (alone,) = routes(one, 1)
     assert alone["cache"] > 0 and alone["packed"] == 0
@@ -127,6 +130,11 @@ def test_sharded_checkpoint_resumes_on_one_rank(tmp_path, sharded_run):
     assert ckpt.is_dir()  # a distributed checkpoint: one shard file per rank plus metadata
     one = run(tmp_path / "one", 1, fsdp(1), max_steps=3, extra=["--ckpt_path", str(ckpt)])
     assert len(losses(one)) == 1  # resumed at step 2, trained step 3 only
+    # rank 0's prompts of steps 1-2 (only rank 0 logs): the sampler's position counted one rank's share, and
+    # the one rank went on from the 5th index of its own order, rolling out 4 prompts trained in this epoch
+    seen, resumed = ({json.loads(line)["sample_id"] for line in next(d.glob("csv/version_*/trajectories.jsonl")).open()}
+                     for d in (two, one))  # fmt: skip
+    assert len(seen) == len(resumed) == 4 and not seen & resumed
     a, b = load_file(two / "hf" / "model.safetensors"), load_file(one / "hf" / "model.safetensors")
     assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)  # it went on training
 
