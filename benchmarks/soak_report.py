@@ -70,8 +70,21 @@ def fault_table(stats: dict[str, Any], served: dict[str, float]) -> list[dict[st
     return [{"route": r, "kind": k, "injected": n, "seen": seen(served, r, k)} for (r, k), n in sorted(expected.items())]
 
 
+def per_route(served: dict[str, float]) -> dict[str, float]:
+    """The server's counters without their tool kind (``tools/text_search/jina_reader/timeout`` ->
+    ``tools/jina_reader/timeout``): it files each backend's under ``tools/<kind>/`` as the trainer does, and a
+    route belongs to one kind."""
+    out: dict[str, float] = {}
+    for key, value in served.items():
+        _, _, rest = key.removeprefix("tools/").partition("/")
+        name = f"tools/{rest}" if key.startswith("tools/") and "/" in rest else key
+        out[name] = out.get(name, 0.0) + value
+    return out
+
+
 def fault_accounting(stats: dict[str, Any], served: dict[str, float]) -> dict[str, Any]:
     """The two identities of the module docstring, with the figures behind them."""
+    served = per_route(served)
     rows, requests = fault_table(stats, served), stats["requests"]
     attempts = {r: int(served.get(f"tools/{r}/calls", 0) + served.get(f"tools/{r}/retries", 0)) for r in requests}
     injected: Counter[str] = Counter()
