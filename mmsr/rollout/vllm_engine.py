@@ -193,12 +193,14 @@ class VLLMEngine:
 
     # -- generation -----------------------------------------------------------------------------
     def sampling_params(self, sampling: SamplingParams, budget: int, seed: int | None = None):
+        """vLLM's settings of one request; ``budget`` is ``turn_budget``'s (>= 1) and ``SamplingParams`` refuses a
+        negative temperature, so neither needs clamping here."""
         from vllm import SamplingParams as VSamplingParams
         from vllm.sampling_params import RequestOutputKind
 
         return VSamplingParams(
-            n=1, temperature=max(sampling.temperature, 0.0), top_p=sampling.top_p, top_k=sampling.top_k,
-            max_tokens=max(budget, 1), stop=list(sampling.stop) or None, include_stop_str_in_output=True,
+            n=1, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
+            max_tokens=budget, stop=list(sampling.stop) or None, include_stop_str_in_output=True,
             stop_token_ids=self.stop_ids, logprobs=0, logit_bias=self.logit_bias or None,
             skip_special_tokens=True, seed=seed, output_kind=RequestOutputKind.FINAL_ONLY,
         )  # fmt: skip
