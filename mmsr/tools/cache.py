@@ -125,8 +125,10 @@ CREATE TABLE IF NOT EXISTS tool_budget (
     run TEXT, tool TEXT, provider TEXT, calls INTEGER NOT NULL, cost REAL NOT NULL,
     PRIMARY KEY (run, tool, provider));
 """
-# Files written before budgets were per tool keep their ``budget (run, calls, cost)`` table, unread: its
-# counts cannot be split between the tools that made them.
+# Files written before budgets were per tool (ae48d8b) keep their ``budget (run, calls, cost)`` table. Its counts
+# cannot be split between the tools that made them, so each tool counter of that run starts from all of them
+# (``_spent``): a resumed run never spends its budget again, at worst it stops a little early.
+LEGACY_SPENT = "SELECT calls, cost FROM budget WHERE run=?"
 
 
 class ToolCache:
@@ -146,6 +148,8 @@ class ToolCache:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(SCHEMA)
+            legacy = "SELECT 1 FROM sqlite_master WHERE type='table' AND name='budget'"
+            self._legacy = self._db.execute(legacy).fetchone() is not None
 
     def get(self, key: CacheKey) -> ToolResult | None:
         with self._lock:
@@ -214,11 +218,13 @@ class ToolCache:
         )
 
     def _spent(self, budget: BudgetKey) -> tuple[int, float]:
-        row = self._db.execute(
-            "SELECT calls, cost FROM tool_budget WHERE run=? AND tool=? AND provider=?",
-            (budget.run, budget.tool, budget.provider),
-        ).fetchone()
-        return (row[0], row[1]) if row else (0, 0.0)
+        """(calls, dollars) of ``budget``, plus its run's shared count in a file of the old format."""
+        rows = "SELECT calls, cost FROM tool_budget WHERE run=? AND tool=? AND provider=?"
+        args: tuple[str, ...] = (budget.run, budget.tool, budget.provider)
+        if self._legacy:
+            rows, args = f"{rows} UNION ALL {LEGACY_SPENT}", (*args, budget.run)
+        calls, cost = self._db.execute(f"SELECT TOTAL(calls), TOTAL(cost) FROM ({rows})", args).fetchone()
+        return int(calls), cost
 
     def close(self) -> None:
         with self._lock:

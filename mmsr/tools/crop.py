@@ -8,7 +8,8 @@ from dataclasses import replace
 
 from PIL import Image
 
-from mmsr.tools.base import IMAGE_MARKER, FatalToolError, SearchTool, ToolRequest, ToolResult, failure
+from mmsr.tools.base import IMAGE_MARKER, SearchTool, ToolRequest, ToolResult, failure
+from mmsr.tools.cache import ReplayMiss
 from mmsr.tools.spec import Tool, ToolSpec
 
 _NUMBER = r"\s*(-?\d+(?:\.\d+)?)\s*"
@@ -86,8 +87,10 @@ class CropSearch(Crop):
 
     ``backend`` gets an ``image_search`` request whose image is the region, with no row id and no image URL,
     so nothing keyed on the row answers for the whole image: local search matches the region, caches key on
-    its pixels, replay answers only regions it recorded (a miss is a failure observation here, not an error),
-    and web search needs an ``image_host`` that publishes ``request.image`` (without one it is a failure).
+    its pixels, replay answers only regions it recorded (a miss, ``ReplayMiss``, is a failure observation here,
+    not an error), and web search needs an ``image_host`` that publishes ``request.image`` (without one it is a
+    failure). Any other ``FatalToolError`` of the backend (an unreadable cache file, a refused server) stops
+    the run as it would for image search.
 
     Args:
         backend: the image search (``LocalImageSearch``, ``CachedTool``, ``ReplaySearch``, ``WebImageSearch``).
@@ -111,5 +114,5 @@ class CropSearch(Crop):
                          image_size=None)  # fmt: skip
         try:
             return await self.backend(search)
-        except FatalToolError as exc:  # e.g. a replay that recorded no search of this region
+        except ReplayMiss as exc:  # a box nobody recorded (the policy picks them freely); other fatal errors stop
             return failure(request.kind, f"no results for this region ({exc})")

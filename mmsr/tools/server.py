@@ -8,9 +8,11 @@ as base64 PNG); ``GET /v1/metrics`` -> the backends' counters (``tools/<kind>/..
 them); ``GET /health`` (no token needed). Errors are
 ``{"error": message}`` with 400 (bad request, naming the field), 401 (token), 404 (no such backend) or 409
 (a backend's ``FatalToolError``: a replay-only miss, an unreadable FVQA cache file; the client raises it again, so a
-misconfigured server stops the trainer as a local backend would instead of training on failed searches). Binds 127.0.0.1 by default; with ``token_env`` set in the environment every request but
-``/health`` needs ``Authorization: Bearer <token>``. SIGINT/SIGTERM stop accepting connections and let
-requests in flight finish (up to ``shutdown_timeout_s``).
+misconfigured server stops the trainer as a local backend would instead of training on failed searches). A 401,
+403 or 404 stops the trainer too (``ServerRefused``: the client's token, URL or backend is wrong). Binds
+127.0.0.1 by default; with ``token_env`` set in the environment every request but ``/health`` needs
+``Authorization: Bearer <token>``. SIGINT/SIGTERM stop accepting connections and let requests in flight finish
+(up to ``shutdown_timeout_s``).
 
 A request carries the client's time budget (``budget_s``, the rollout's cap less the client's ``reserve_s``
 for the round trip), so the backends answer before the trainer gives up. Every answer is redacted of the
@@ -233,6 +235,12 @@ class RemoteFatalError(FatalToolError):
     """A search server's backend raised a ``FatalToolError`` other than a replay miss (its message says which)."""
 
 
+class ServerRefused(FatalToolError):
+    """The search server refused the client itself: a wrong or missing token (401/403) or a wrong URL or
+    backend (404). Every call would fail the same way, so the run stops instead of teaching the model that
+    search never works."""
+
+
 class HTTPSearchTool:
     """``SearchTool`` that asks a ``SearchServer``.
 
@@ -271,7 +279,19 @@ class HTTPSearchTool:
         except ToolError as exc:
             if exc.status == 409:
                 raise (ReplayMiss if "ReplayMiss" in exc.reason else RemoteFatalError)(exc.reason) from None
+            if exc.status in (401, 403, 404):
+                raise ServerRefused(self._refusal(exc, request.kind)) from None
             return failure(request.kind, exc.reason, sent=exc.sent)
+
+    def _refusal(self, exc: ToolError, kind: str) -> str:
+        """What to fix for a 401/403/404 (``exc.reason`` is already redacted; the token is never named)."""
+        if exc.status == 404:
+            fix = f"check HTTPSearchTool.url and that the server configures a {kind} backend"
+        elif self.token_env:
+            fix = f"check the bearer token in the environment variable {self.token_env} (unset: none is sent)"
+        else:
+            fix = "the server wants a bearer token: set HTTPSearchTool.token_env"
+        return f"search server {self.url} refused the {kind} request ({exc.reason}): {fix}"
 
     def metrics(self) -> dict[str, float]:
         return self.client.metrics()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import sqlite3
 from types import SimpleNamespace
 
 import pytest
@@ -245,16 +246,34 @@ def test_each_tool_kind_and_provider_has_its_own_budget(tmp_path):
     assert words.metrics()["tools/api_calls"] == 1 and words.metrics()["tools/api_cost"] == pytest.approx(0.001)
 
 
-def test_a_cache_file_from_before_per_tool_budgets_still_opens(tmp_path):
+# The schema before ae48d8b: one budget row per run, shared by every tool that used the file.
+OLD_SCHEMA = """
+CREATE TABLE results (
+    tool TEXT, provider TEXT, key TEXT, version TEXT,
+    text TEXT NOT NULL, titles TEXT NOT NULL, images TEXT NOT NULL, cost REAL NOT NULL, created REAL NOT NULL,
+    PRIMARY KEY (tool, provider, key, version));
+CREATE TABLE budget (run TEXT PRIMARY KEY, calls INTEGER NOT NULL, cost REAL NOT NULL);
+INSERT INTO results VALUES
+    ('text_search', 'counting', 'q:recorded', '1', '[Text Search Results] old', '[]', '[]', 0.1, 0);
+INSERT INTO budget VALUES ('r', 7, 1.5);
+"""
+
+
+def test_a_cache_file_from_before_per_tool_budgets_carries_its_spent_calls_over(tmp_path):
     path = tmp_path / "old.sqlite"
-    run(CachedTool(CountingTool(), str(path)), text("recorded"))
-    old = ToolCache(path)._db  # as the old schema left it: a per-run budget table, no per-tool one
-    old.execute("DROP TABLE tool_budget")
-    old.execute("CREATE TABLE budget (run TEXT PRIMARY KEY, calls INTEGER NOT NULL, cost REAL NOT NULL)")
-    old.execute("INSERT INTO budget VALUES ('r', 7, 1.5)")
-    backend = CountingTool()
-    tool = CachedTool(backend, str(path), max_calls=1, run_id="r")
-    assert run(tool, text("recorded")).ok and run(tool, text("new")).ok and backend.calls == 1
+    with sqlite3.connect(path) as old:
+        old.executescript(OLD_SCHEMA)
+    backend = CountingTool(cost=0.0)
+    words, image = (CachedTool(backend, str(path), max_calls=8, run_id="r", provider=p) for p in ("counting", "lens"))
+    assert run(words, text("recorded")).text == "[Text Search Results] old" and backend.calls == 0
+    # The shared 7 calls cannot be split: each tool has 1 of its 8 left, not 8.
+    assert run(words, text("new")).ok and not run(words, text("newer")).ok
+    assert run(image, ToolRequest("image_search", image=Image.new("RGB", (8, 8)))).ok and backend.calls == 2
+    assert "(8 of 8 API calls)" in run(image, ToolRequest("image_search", image=Image.new("RGB", (9, 9)))).text
+    assert words.metrics()["tools/api_calls"] == 8 and words.metrics()["tools/api_cost"] == pytest.approx(1.5)
+    dollars = CachedTool(backend, str(path), max_cost=1.5, run_id="r", provider="other")
+    assert "$1.50 of $1.50" in run(dollars, text("dear")).text  # its dollars count too
+    assert run(CachedTool(backend, str(path), max_calls=1, run_id="another"), text("else")).ok  # only run r's
 
 
 class NeverSent(CountingTool):

@@ -14,8 +14,11 @@ from mmsr.rollout.engine import SamplingParams, ScriptedEngine
 from mmsr.rollout.hf_engine import HFEngine
 from mmsr.rollout.loop import RolloutLoop, RolloutSettings
 from mmsr.tools.base import IMAGE_MARKER, FatalToolError, ToolRequest, ToolResult
+from mmsr.tools.cache import ReplayMiss
 from mmsr.tools.crop import Crop, CropSearch
+from mmsr.tools.fvqa_cache import FVQACacheError
 from mmsr.tools.local import LocalImageSearch
+from mmsr.tools.server import RemoteFatalError, ServerRefused
 from mmsr.tools.spec import configured
 from mmsr.train.update import PolicyUpdate, UpdateSettings
 from tests.conftest import FVQA
@@ -96,15 +99,16 @@ def test_the_box_is_read_in_the_policys_pixels():
 
 
 class Recording:
-    """An image search that records its requests; ``fatal``: it raises like a replay miss."""
+    """An image search that records its requests; ``fatal``: it raises that, e.g. ``ReplayMiss`` as a replay
+    of another region does."""
 
-    def __init__(self, fatal: bool = False):
+    def __init__(self, fatal: type[FatalToolError] | None = None):
         self.fatal, self.requests = fatal, []
 
     async def __call__(self, request: ToolRequest):
         self.requests.append(request)
-        if self.fatal:
-            raise FatalToolError("replay has no recorded image_search")
+        if self.fatal is not None:
+            raise self.fatal("replay has no recorded image_search")
         return ToolResult(f"[Image Search Results] 1. {IMAGE_MARKER} a sign", (Image.new("RGB", (28, 28)),))
 
 
@@ -117,9 +121,18 @@ def test_crop_search_searches_the_region_and_nothing_keyed_on_the_row():
     assert result.ok and result.text.startswith("[Image Search Results]") and len(result.images) == 1
     assert sent.kind == "image_search" and sent.image.size == (200, 100) and sent.budget_s == 30.0
     assert (sent.sample_id, sent.image_url, sent.query) == ("", None, "")
-    missed = asyncio.run(CropSearch(Recording(fatal=True))(request))
+    missed = asyncio.run(CropSearch(Recording(fatal=ReplayMiss))(request))
     assert not missed.ok and "no results for this region (replay has no recorded image_search)" in missed.text
     assert not asyncio.run(CropSearch(backend)(replace(request, query="[0, 0, 300, 10]"))).ok and len(backend.requests) == 1
+
+
+@pytest.mark.parametrize("fatal", [FatalToolError, FVQACacheError, RemoteFatalError, ServerRefused])
+def test_crop_search_lets_its_backends_configuration_errors_through(fatal):
+    request = ToolRequest("crop_search", "[50, 25, 150, 75]", Image.new("RGB", (400, 200)))
+    with pytest.raises(fatal, match="replay has no recorded image_search"):
+        asyncio.run(CropSearch(Recording(fatal=fatal))(request))
+    bad_box = asyncio.run(CropSearch(Recording(fatal=fatal))(replace(request, query="[0, 0, 500, 10]")))
+    assert not bad_box.ok and "is not inside the 400x200 image" in bad_box.text  # its own failure: an observation
 
 
 def test_crop_search_of_the_whole_image_finds_what_image_search_finds(tiny_policy, fvqa_samples):

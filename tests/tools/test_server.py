@@ -19,21 +19,23 @@ import yaml
 from PIL import Image
 
 from mmsr.tools import ToolRequest, ToolResult
-from mmsr.tools.base import SearchTool
+from mmsr.tools.base import FatalToolError, SearchTool
 from mmsr.tools.cache import ReplayMiss
 from mmsr.tools.replay import ReplaySearch
 from mmsr.tools.server import (
     HTTPSearchTool,
     SearchServer,
+    ServerRefused,
     request_from_json,
     request_to_json,
     result_from_json,
     result_to_json,
 )
+from mmsr.tools.web.fake import serve
 from mmsr.tools.web.http import Limits
 
 from ..conftest import FVQA, ROOT
-from .fake_web import broken_png
+from .fake_web import Script, broken_png
 
 JSONL = str(FVQA / "fvqa_dev.jsonl")
 ROWS = [json.loads(line) for line in (FVQA / "fvqa_dev.jsonl").read_text(encoding="utf-8").splitlines()]
@@ -92,20 +94,56 @@ def test_bearer_token_and_missing_backends(monkeypatch):
     monkeypatch.setenv("MMSR_SEARCH_TOKEN", "s3cret")
     server = SearchServer(text_search=SlowTool(0.0), port=0)
 
+    async def refusal(url, request):
+        try:
+            await HTTPSearchTool(url, limits=FAST)(request)
+        except ServerRefused as exc:
+            return str(exc)
+        raise AssertionError("a refused client must stop the run, not fail one search")
+
     async def body(url):
         good = await HTTPSearchTool(url, limits=FAST)(ToolRequest("text_search", "q"))
-        monkeypatch.setenv("MMSR_SEARCH_TOKEN", "wrong")
-        bad = await HTTPSearchTool(url, limits=FAST)(ToolRequest("text_search", "q"))
+        monkeypatch.setenv("MMSR_SEARCH_TOKEN", "wr0ng-t0ken")
+        bad = await refusal(url, ToolRequest("text_search", "q"))
         monkeypatch.setenv("MMSR_SEARCH_TOKEN", "s3cret")
-        missing = await HTTPSearchTool(url, limits=FAST)(ToolRequest("image_search", image=Image.new("RGB", (4, 4))))
+        missing = await refusal(url, ToolRequest("image_search", image=Image.new("RGB", (4, 4))))
         async with aiohttp.ClientSession() as session, session.get(url + "/health") as r:
             assert r.status == 200  # health needs no token
-        return good, bad, missing
+        return url, good, bad, missing
 
-    good, bad, missing = asyncio.run(_with_server(server, body))
+    url, good, bad, missing = asyncio.run(_with_server(server, body))
     assert good.ok and good.titles == ("slow",)
-    assert not bad.ok and "HTTP 401" in bad.text and "s3cret" not in bad.text
-    assert not missing.ok and "no image_search backend is configured" in missing.text
+    assert f"search server {url} refused the text_search request" in bad and "HTTP 401" in bad
+    assert "environment variable MMSR_SEARCH_TOKEN" in bad and "s3cret" not in bad and "wr0ng" not in bad
+    assert "no image_search backend is configured" in missing and "check HTTPSearchTool.url" in missing
+
+
+@pytest.mark.parametrize("status", [401, 403, 404])
+def test_a_refused_client_stops_the_run_naming_the_url_and_token_variable(monkeypatch, status):
+    monkeypatch.setenv("MMSR_SEARCH_TOKEN", "t0ken-value")
+    script = Script((status, {"error": "refused"}))
+
+    async def main():
+        async with serve([("POST", "/v1/search", script)]) as url:
+            with pytest.raises(ServerRefused, match=f"search server {url} refused.*HTTP {status}") as caught:
+                await HTTPSearchTool(url, limits=FAST)(ToolRequest("text_search", "q"))
+            return str(caught.value)
+
+    message = asyncio.run(main())
+    assert isinstance(ServerRefused(""), FatalToolError) and len(script.requests) == 1  # not retried
+    assert ("MMSR_SEARCH_TOKEN" in message) == (status != 404) and "t0ken-value" not in message
+
+
+@pytest.mark.parametrize("status", [429, 503, 400])
+def test_service_trouble_and_a_bad_request_stay_failed_searches(monkeypatch, status):
+    monkeypatch.delenv("MMSR_SEARCH_TOKEN", raising=False)
+
+    async def main():
+        async with serve([("POST", "/v1/search", Script((status, {"error": "busy"})))]) as url:
+            return await HTTPSearchTool(url, limits=FAST)(ToolRequest("text_search", "q"))
+
+    result = asyncio.run(main())
+    assert not result.ok and f"HTTP {status}" in result.text
 
 
 def test_shutdown_lets_requests_in_flight_finish(monkeypatch):

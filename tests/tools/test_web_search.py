@@ -365,6 +365,28 @@ def test_a_page_cut_while_thinking_is_skipped_and_counted():
     assert metrics["tools/text_search/page_summary_cut"] == 1 and not result.partial  # cut again if asked again
 
 
+@pytest.mark.parametrize("answers, dollars", [
+    ([(200, _reply("<think>\nOkay, the page", "length")), (200, _reply("Summary: Paris.", "stop"))], 0.221),
+    ([(200, _reply("<think>\nOkay", "stop")), (200, _reply("<think>\nOkay", "length"))], 0.221),
+    ([(503, {"error": "overloaded"})], 0.021),
+])  # fmt: skip
+def test_an_unusable_summary_is_charged_its_tokens_and_an_unanswered_one_nothing(answers, dollars):
+    # search $0.001 + 2 page reads at $0.01 + each answered summary's 100 tokens at $1000 per million = $0.1
+    results = [("Page /p1", "http://127.0.0.1:1/p1", ""), ("Page /p3", "http://127.0.0.1:1/p3", "")]
+
+    async def main():
+        routes = [("*", "/search", Script((200, serper(results)))), ("POST", "/jina", jina_reader),
+                  ("POST", "/v1/chat/completions", Script(*answers))]  # fmt: skip
+        async with serve(routes) as url:
+            tool = _pipeline(url, Serper(endpoint=url + "/search", limits=FAST))
+            tool.top_k, tool.summarizer.cost_per_million_tokens = 1, 1000.0
+            tool.summarizer.client.limits = Limits(timeout_s=2.0, retries=0, breaker_failures=0)
+            return await tool(ToolRequest("text_search", "q"))
+
+    result = asyncio.run(main())
+    assert result.cost == pytest.approx(dollars) and result.ok == ("Summary: Paris." in result.text)
+
+
 @pytest.mark.parametrize("snippet", ["web_text_search.yaml", "server.yaml"])
 def test_the_qwen3_snippets_ask_the_summarizer_not_to_think(snippet):
     """The snippet's ``extra_body`` (a nested mapping, parsed as LightningCLI parses the snippet) reaches the

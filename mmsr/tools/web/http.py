@@ -41,14 +41,16 @@ class ToolError(Exception):
 
     The reason is redacted here, once, because error bodies are where providers quote the key they got.
     ``sent`` is False only where the call certainly never reached the provider (an open circuit, no time left,
-    a refused URL), so it cannot have been billed; anything else may have been, and is charged.
+    a refused URL), so it cannot have been billed; anything else may have been, and is charged. ``cost``: the
+    dollars a failed call is known to have spent (a summary that came back unusable still used its tokens).
     """
 
     def __init__(self, reason: str, kind: str = "error", retry_after: float | None = None, status: int | None = None,
-                 sent: bool = True):  # fmt: skip
+                 sent: bool = True, cost: float = 0.0):  # fmt: skip
         reason = redact(reason)
         super().__init__(reason)
         self.reason, self.kind, self.retry_after, self.status, self.sent = reason, kind, retry_after, status, sent
+        self.cost = cost
 
 
 class Retryable(ToolError):

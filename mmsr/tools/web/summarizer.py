@@ -110,24 +110,30 @@ class OpenAISummarizer:
         }
 
     async def summarize(self, page: str, question: str) -> tuple[str, float]:
-        """(summary, cost in dollars); ``ToolError`` on failure or an empty answer."""
+        """(summary, cost in dollars); ``ToolError`` on failure or an empty answer, carrying the cost of the
+        tokens an unusable answer still used (``ToolError.cost``)."""
         headers = {}
         if key := os.environ.get(self.api_key_env, "").strip():
             headers["Authorization"] = f"Bearer {key}"
         body = self._body(page, question)
         content, usage, finish_reason = await self.client.request("POST", self.url, json=body, headers=headers,
                                                                   parse=completion)  # fmt: skip
+        cost = self._cost(usage)
         if isinstance(content, str):
             content = strip_thinking(content)
         if finish_reason == "length" and not (isinstance(content, str) and content.strip()):
             raise ToolError(f"the summarizer reached max_tokens={self.max_tokens} before writing a summary "
                             "(still thinking? raise max_tokens or turn thinking off with extra_body)",
-                            "summary_cut")  # fmt: skip
+                            "summary_cut", cost=cost)  # fmt: skip
         if not isinstance(content, str) or not content.strip():
-            raise ToolError("the summarizer returned an empty summary", "empty_summary")
+            raise ToolError("the summarizer returned an empty summary", "empty_summary", cost=cost)
+        return content.strip(), cost
+
+    def _cost(self, usage: Any) -> float:
+        """Dollars of a completion's ``usage.total_tokens`` (0 when the server sent no usable count)."""
         usage = usage if isinstance(usage, dict) else {}
         tokens = usage.get("total_tokens", 0) if isinstance(usage.get("total_tokens", 0), int) else 0
-        return content.strip(), tokens * self.cost_per_million_tokens / 1e6
+        return tokens * self.cost_per_million_tokens / 1e6
 
     def metrics(self) -> dict[str, float]:
         return self.client.metrics()

@@ -149,7 +149,7 @@ class WebTextSearch:
         except ToolError as exc:
             self.counts[f"page_{exc.kind}"] += 1
             paid = page is not None or exc.sent  # a read refused or never started was not billed
-            return rank, None, cost if paid else 0.0, exc
+            return rank, None, (cost if paid else 0.0) + exc.cost, exc  # exc.cost: an unusable summary's tokens
 
     def metrics(self) -> dict[str, float]:
         """The pipeline's own failure counts and those of its provider, reader and summarizer."""
