@@ -17,6 +17,7 @@ from mmsr.models.policy import Policy
 from mmsr.rollout.engine import GenerationOutput, GenerationRequest, SamplingParams, first_stop, turn_budget
 from mmsr.rollout.hf_decode import DecodeBatch, additive_mask, decode_attention_for, slab_cache
 from mmsr.rollout.sampling import gumbel_sample, request_seed
+from mmsr.rollout.vllm_inputs import ImageTokenIds, ImageTokenMismatch, collapse_image_tokens
 
 
 def sample_tokens(logits: torch.Tensor, sampling: SamplingParams, seeds: torch.Tensor, positions: torch.Tensor):
@@ -48,6 +49,15 @@ def sample_tokens(logits: torch.Tensor, sampling: SamplingParams, seeds: torch.T
     return tokens, logp.gather(-1, tokens[:, None])[:, 0]
 
 
+def stop_token_ids(policy: Policy) -> set[int]:
+    """The ids that end a turn (finish "eos"): the policy's end-of-turn and end-of-text ids, and the eos ids of
+    the model's generation config (an int or a list: Qwen2.5-VL-Instruct's holds ``<|endoftext|>`` beside
+    ``<|im_end|>``), on which vLLM stops too (``SamplingParams.update_from_generation_config``)."""
+    eos = getattr(getattr(policy.model, "generation_config", None), "eos_token_id", None)
+    extra = [] if eos is None else [eos] if isinstance(eos, int) else eos
+    return policy.stop_token_ids() | {int(i) for i in extra}
+
+
 class HFEngine:
     """Batched, KV-cached sampling with transformers; finished rows leave the batch.
 
@@ -64,11 +74,13 @@ class HFEngine:
         self.max_batch_size, self.seed = max_batch_size, seed
         self.calls = 0  # generate() calls: the stream of requests that carry no episode key
         self.policy: Policy | None = None
+        self.image_ids: ImageTokenIds | None = None  # None: a text-only policy
         self._candidates: dict[tuple[str, ...], frozenset[int]] = {}
 
     def bind(self, policy: Policy) -> None:
         """Generate with ``policy`` (colocated: no weights are copied, nothing starts)."""
         self.policy, self._candidates = policy, {}
+        self.image_ids = ImageTokenIds.from_tokenizer(policy.tokenizer) if policy.is_vision else None
 
     def state_dict(self) -> dict:
         """The sampler's state (saved in checkpoints so a resumed run draws the same tokens)."""
@@ -100,7 +112,7 @@ class HFEngine:
     def generate(self, requests: Sequence[GenerationRequest], sampling: SamplingParams) -> list[GenerationOutput]:
         if self.policy is None:
             raise RuntimeError("HFEngine.bind(policy) must be called before generate()")
-        budgets = [turn_budget(r, sampling) for r in requests]  # before any work, or a draw of a sampling stream
+        budgets = [self.request_budget(r, sampling) for r in requests]  # before any work, or a draw of a sampling stream
         model, seeds = self.policy.model, self.request_seeds(requests)
         was_training = model.training
         model.eval()
@@ -113,6 +125,37 @@ class HFEngine:
             return outs
         finally:
             model.train(was_training)
+
+    def request_budget(self, request: GenerationRequest, sampling: SamplingParams) -> int:
+        """``turn_budget`` of a request whose image pads agree with its images, within the model's context.
+
+        What vLLM refuses is refused here, naming the request, before any work: pads that disagree with the
+        images (the model fails on them deep inside with an unexplained TypeError or shape error, or, for images
+        in the wrong order, attends to the wrong image silently) and a prompt that leaves no room for a token in
+        the context (``max_position_embeddings``, vLLM's ``max_model_len``). As in vLLM, a turn ends
+        ("length") when its context reaches that length.
+        """
+        budget = turn_budget(request, sampling)
+        self._check_images(request)
+        limit = getattr(self.policy.model.config.get_text_config(), "max_position_embeddings", None)
+        length = len(request.input_ids)
+        if limit is None:
+            return budget
+        if length >= limit:
+            raise ValueError(f"request {request.key!r}: its prompt of {length} tokens leaves no room for a token in "
+                             f"the model's context of {limit} (max_position_embeddings)")  # fmt: skip
+        return min(budget, limit - length)
+
+    def _check_images(self, request: GenerationRequest) -> None:
+        """Refuse images that disagree with the request's ``<|image_pad|>`` runs (VLLMEngine's check,
+        ``collapse_image_tokens``: count, framing and length of every run), or given to a text-only policy."""
+        try:
+            if self.image_ids is not None:
+                collapse_image_tokens(request.input_ids, request.vision, self.image_ids)
+            elif request.vision:
+                raise ImageTokenMismatch(f"a text-only policy got a context with {len(request.vision)} images")
+        except ImageTokenMismatch as e:
+            raise ImageTokenMismatch(f"request {request.key!r}: {e}") from None
 
     def _left_pad(self, requests: Sequence[GenerationRequest]):
         """ids ``[B, T]``, attention ``[B, T]``, positions ``[3, B, T]`` or ``[B, T]``, left-padded."""
@@ -170,7 +213,7 @@ class HFEngine:
     def _decode(self, batch: DecodeBatch, logits: torch.Tensor, turns: list[_Turn], seeds: Sequence[int], sampling: SamplingParams) -> None:
         """Sample every turn to its end; rows decode in lockstep, each drawing its token number ``step``."""
         seed_t = torch.tensor(list(seeds), dtype=torch.long)
-        eos, candidates = self.policy.stop_token_ids(), self._stop_candidates(sampling.stop)
+        eos, candidates = stop_token_ids(self.policy), self._stop_candidates(sampling.stop)
         rows = list(range(len(turns)))  # batch row -> request index
         for step in itertools.count():
             tokens, logprobs = sample_tokens(logits, sampling, seed_t[rows], torch.full((len(rows),), step))
