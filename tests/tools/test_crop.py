@@ -20,6 +20,7 @@ from mmsr.tools.fvqa_cache import FVQACacheError
 from mmsr.tools.local import LocalImageSearch
 from mmsr.tools.server import RemoteFatalError, ServerRefused
 from mmsr.tools.spec import configured
+from mmsr.tools.web.http import ProviderRefused
 from mmsr.train.update import PolicyUpdate, UpdateSettings
 from tests.conftest import FVQA
 
@@ -126,7 +127,7 @@ def test_crop_search_searches_the_region_and_nothing_keyed_on_the_row():
     assert not asyncio.run(CropSearch(backend)(replace(request, query="[0, 0, 300, 10]"))).ok and len(backend.requests) == 1
 
 
-@pytest.mark.parametrize("fatal", [FatalToolError, FVQACacheError, RemoteFatalError, ServerRefused])
+@pytest.mark.parametrize("fatal", [FatalToolError, FVQACacheError, RemoteFatalError, ServerRefused, ProviderRefused])
 def test_crop_search_lets_its_backends_configuration_errors_through(fatal):
     request = ToolRequest("crop_search", "[50, 25, 150, 75]", Image.new("RGB", (400, 200)))
     with pytest.raises(fatal, match="replay has no recorded image_search"):

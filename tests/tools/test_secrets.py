@@ -25,7 +25,7 @@ from mmsr.tools import secrets
 from mmsr.tools.secrets import install_log_redaction, redact, redact_all, register_secret_env
 from mmsr.tools.server import HTTPSearchTool, SearchServer
 from mmsr.tools.web.fake import echo_200_error, echo_401, echo_page, echo_results, echo_summary, serve
-from mmsr.tools.web.http import Limits, ToolError
+from mmsr.tools.web.http import Limits, ProviderRefused, ToolError
 from mmsr.tools.web.providers import SerpAPIGoogle, Serper
 from mmsr.tools.web.reader import JinaReader
 from mmsr.tools.web.summarizer import OpenAISummarizer
@@ -130,26 +130,37 @@ def test_web_text_search_never_returns_a_key(caplog):
         urls_seen.append((await request.json())["url"])
         return await echo_page(request)
 
+    answers = [echo_results(3)]  # the search API answers once, then refuses its key (revoked mid-run)
+
+    async def answered_then_401(request: web.Request) -> web.Response:
+        return await (answers.pop() if answers else echo_401)(request)
+
     async def main():
         routes = [("GET", "/401", echo_401), ("GET", "/err", echo_200_error), ("POST", "/ok", echo_results(3)),
-                  ("POST", "/jina", reader), ("POST", "/v1/chat/completions", summarizer)]  # fmt: skip
+                  ("GET", "/later401", answered_then_401), ("POST", "/jina", reader),
+                  ("POST", "/v1/chat/completions", summarizer)]  # fmt: skip
         async with serve(routes) as url:
-            refused = _tool(url, SerpAPIGoogle(endpoint=url + "/401", limits=FAST))
+            with pytest.raises(ProviderRefused) as never_answered:  # a wrong key: the run stops
+                await _tool(url, SerpAPIGoogle(endpoint=url + "/401", limits=FAST))(ToolRequest("text_search", "q"))
+            refused = _tool(url, SerpAPIGoogle(endpoint=url + "/later401", limits=FAST))
             out_of_searches = _tool(url, SerpAPIGoogle(endpoint=url + "/err", limits=FAST))
             ok = _tool(url, Serper(endpoint=url + "/ok", limits=FAST))
             request = ToolRequest("text_search", "eiffel tower", question="where?", budget_s=10.0)
+            assert (await refused(request)).ok
             results = [await t(request) for t in (refused, out_of_searches, ok)]
-            return results, [t.metrics() for t in (refused, out_of_searches, ok)]
+            return results, [t.metrics() for t in (refused, out_of_searches, ok)], str(never_answered.value)
 
     with caplog.at_level(logging.DEBUG):
-        (refused, out_of_searches, ok), metrics = asyncio.run(main())
+        (refused, out_of_searches, ok), metrics, never_answered = asyncio.run(main())
+    assert "HTTP 401: Invalid API key [redacted SERPAPI_API_KEY]" in never_answered
+    assert "environment variable SERPAPI_API_KEY" in never_answered
     assert not refused.ok and "HTTP 401: Invalid API key [redacted SERPAPI_API_KEY]" in refused.text
     assert not out_of_searches.ok and "[redacted SERPAPI_API_KEY]" in out_of_searches.text
     assert ok.ok and len(ok.titles) == 2 and "[redacted SERPER_API_KEY]" in ok.titles[0]
     assert "[redacted OPENAI_API_KEY]" in ok.text  # the summarizer quoted its own key
-    assert_clean(refused.text, out_of_searches.text, ok.text, ok.titles, metrics, caplog.text)
+    assert_clean(never_answered, refused.text, out_of_searches.text, ok.text, ok.titles, metrics, caplog.text)
     assert pages_seen and "[redacted JINA_API_KEY]" in pages_seen[0]  # redacted before the summarizer saw it
-    assert urls_seen and "[redacted SERPER_API_KEY]" in urls_seen[0]
+    assert urls_seen and "[redacted SERPER_API_KEY]" in urls_seen[-1]
     assert_clean(pages_seen, urls_seen)
 
 

@@ -9,7 +9,9 @@ summarizer and an image host for Lens thumbnails. Nothing here reaches the inter
 sane per-attempt timeout), truncated JSON, HTML error pages sent with 200, bodies too large to read, and
 answers that quote the API key the request carried (a 401 body, a 200 ``error`` field, or a good answer
 whose titles, page text or summary hold the key). The image host has no key to echo, so it draws only
-among the first six. ``FakeWeb`` counts the requests and the faults it injected per route and serves the
+among the first six. A route sends no 401 before it has given ``refuse_after`` good answers: a provider that
+refuses its key before it has ever answered stops the run (``ProviderRefused``), and the fake's 401s stand
+for one refused mid-run. ``FakeWeb`` counts the requests and the faults it injected per route and serves the
 counts at ``GET /_stats``: a soak checks them against what the clients saw (``benchmarks/soak.py``).
 
 ``python -m mmsr.tools.web.fake --port 0 --fault-rate 0.3`` serves it until SIGTERM; point the tools at
@@ -173,15 +175,20 @@ class FakeWeb:
         huge_bytes: size of a too-large body (streamed without a length; make it larger than their caps).
         results: results per search (and matches per Lens search).
         seed: seeds the fault draws.
+        refuse_after: good answers a route gives before it may draw ``echo_401``. A client has at most its
+            ``Limits.concurrency`` calls in flight, so with at least that many one of them has come back (and
+            the provider has answered) before the first 401 does; the default covers the repository's configs.
     """
 
     def __init__(self, fault_rate: float = 0.3, faults: Sequence[str] = FAULTS, hang_s: float = 30.0,
-                 huge_bytes: int = 8_000_000, results: int = 5, seed: int = 0) -> None:  # fmt: skip
+                 huge_bytes: int = 8_000_000, results: int = 5, seed: int = 0,
+                 refuse_after: int = 64) -> None:  # fmt: skip
         if unknown := set(faults) - set(FAULTS):
             raise ValueError(f"unknown fault kinds {sorted(unknown)}; known: {FAULTS}")
         self.fault_rate, self.faults, self.hang_s, self.huge_bytes = fault_rate, tuple(faults), hang_s, huge_bytes
-        self.results, self.rng = results, random.Random(seed)
+        self.results, self.rng, self.refuse_after = results, random.Random(seed), refuse_after
         self.requests: Counter[str] = Counter()
+        self.good: Counter[str] = Counter()  # answers sent without a fault, per route
         self.injected: defaultdict[str, Counter[str]] = defaultdict(Counter)
 
     def app(self) -> web.Application:
@@ -204,7 +211,10 @@ class FakeWeb:
         """Count a request on ``route``; the fault to inject into it, or None."""
         self.requests[route] += 1
         kinds = [k for k in self.faults if k in KEYLESS_FAULTS] if keyless else self.faults
+        if self.good[route] < self.refuse_after:  # a 401 before any answer would stop the run (module docstring)
+            kinds = [k for k in kinds if k != "echo_401"]
         if not kinds or self.rng.random() >= self.fault_rate:
+            self.good[route] += 1
             return None
         fault = self.rng.choice(kinds)
         self.injected[route][fault] += 1
@@ -311,8 +321,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--huge-bytes", type=int, default=8_000_000)
     parser.add_argument("--results", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--refuse-after", type=int, default=64, help="good answers per route before a 401")
     a = parser.parse_args(argv)
-    fake = FakeWeb(a.fault_rate, [f for f in a.faults.split(",") if f], a.hang_s, a.huge_bytes, a.results, a.seed)
+    faults = [f for f in a.faults.split(",") if f]
+    fake = FakeWeb(a.fault_rate, faults, a.hang_s, a.huge_bytes, a.results, a.seed, a.refuse_after)
     asyncio.run(_serve_forever(fake, a.host, a.port))
 
 

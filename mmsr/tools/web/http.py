@@ -7,7 +7,8 @@ repeated failures, so a dead provider costs the rollout milliseconds, not minute
 JSON, an HTML error page sent with status 200, JSON without the expected fields: ``parse`` decides) is
 retried like a 5xx: providers send those under load, and the next attempt usually succeeds. Failures surface
 as ``ToolError`` (a reason the model can read, redacted of any key the provider quoted, and a metric kind),
-which the tools turn into observations.
+which the tools turn into observations. One exception: a provider's own API endpoint that refuses the key
+(401/403) or is not there (404) before it has ever answered stops the run (``ProviderRefused``).
 
 Sessions are opened per call: the rollout runs each step in a fresh event loop (``asyncio.run``), and an
 aiohttp session or an asyncio primitive must not outlive its loop. Limits therefore hold per event loop;
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 import weakref
 from collections import Counter
@@ -30,10 +32,12 @@ from aiolimiter import AsyncLimiter
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 from yarl import URL
 
+from mmsr.tools.base import FatalToolError
 from mmsr.tools.secrets import install_log_redaction, redact
 from mmsr.tools.web.guard import BlockedAddress, BlockedURL
 
 MAX_REDIRECTS = 5
+REFUSALS = (401, 403, 404)  # the key (401/403) or the endpoint's URL (404) is wrong
 
 
 class ToolError(Exception):
@@ -55,6 +59,25 @@ class ToolError(Exception):
 
 class Retryable(ToolError):
     """A failure worth retrying: 429, 5xx, timeout, connection error, malformed answer."""
+
+
+class ProviderRefused(FatalToolError):
+    """A provider's API endpoint refused its key (401/403) or was not found (404) before it had ever answered in
+    this process: the key or the URL is wrong, every call of the run would fail the same way, and the model
+    would learn that search never works. Once the endpoint has answered, the same statuses are ordinary failures
+    (a key revoked or a proxy's hiccup mid-run must not stop a multi-day run)."""
+
+
+def _refusal(name: str, url: str, key_env: str, exc: ToolError) -> str:
+    """What to fix: names the provider, its URL without user info or query (where keys go) and the key's
+    variable, never the key (``exc.reason`` is redacted already)."""
+    shown = redact(str(URL(url).with_user(None).with_query(None).with_fragment(None)))
+    sent = "set" if os.environ.get(key_env, "").strip() else "unset, so no key was sent"
+    if exc.status == 404:  # vLLM and OpenAI also answer 404 for a model they do not serve
+        what = f"was not found ({exc.reason}): check the URL and the model name; its key is in {key_env}"
+    else:
+        what = f"refused the key ({exc.reason}): check the key in the environment variable {key_env}"
+    return f"{name} at {shown} {what} ({sent}). It had never answered in this process, so every call would fail."
 
 
 def transient(exc: ToolError) -> bool:
@@ -176,6 +199,7 @@ class HTTPClient:
         self.name, self.limits, self._connector = name, limits, connector
         self.breaker = CircuitBreaker(limits.breaker_failures, limits.breaker_reset_s)
         self.counts: Counter[str] = Counter()
+        self.answered = False  # a call has succeeded: from then on a refusal is an ordinary failure
         install_log_redaction()  # a process that calls providers logs their errors: keep keys out of them
         self._gates: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # event loop -> (semaphore, limiter)
         exponential = wait_exponential_jitter(
@@ -235,7 +259,18 @@ class HTTPClient:
             self.breaker.record(not isinstance(exc, Retryable))
             raise
         self.breaker.record(True)
+        self.answered = True
         return result
+
+    async def request_endpoint(self, method: str, url: str, key_env: str, **kwargs: Any) -> Any:
+        """``request`` to the provider's own API (not a page it fetches for someone): a 401/403/404 before any
+        call of this client has succeeded raises ``ProviderRefused``, naming ``key_env`` (the key's variable)."""
+        try:
+            return await self.request(method, url, **kwargs)
+        except ToolError as exc:
+            if exc.status in REFUSALS and not self.answered:
+                raise ProviderRefused(_refusal(self.name, url, key_env, exc)) from None
+            raise
 
     def _count_retry(self, state) -> None:
         self.counts.update(["retries", f"retry_{getattr(state.outcome.exception(), 'kind', 'error')}"])

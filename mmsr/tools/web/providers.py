@@ -6,6 +6,7 @@ endpoints are init args so tests (and self-hosted proxies) can point them elsewh
 SerpAPI returns ``visual_matches`` (Lens) / ``organic_results`` (Google) and an ``error`` string on failure;
 Serper returns ``organic``. An answer of the wrong shape is checked inside the HTTP attempt, so it is retried
 like a server error; an ``error`` field is not (a bad key or an empty account does not heal in a second).
+A 401/403/404 before the endpoint has ever answered stops the run (``ProviderRefused``, naming ``api_key_env``).
 """
 
 from __future__ import annotations
@@ -118,7 +119,7 @@ class SerpAPIGoogle:
             "api_key": self._key,
         }
         parse = items_parser("organic_results", "SerpAPI")
-        items = await self.client.request("GET", self.endpoint, params=params, parse=parse)
+        items = await self.client.request_endpoint("GET", self.endpoint, self.api_key_env, params=params, parse=parse)
         return _web_results(items)
 
     def metrics(self) -> dict[str, float]:
@@ -142,8 +143,9 @@ class Serper:
     async def search(self, query: str) -> list[WebResult]:
         body = {"q": query, "num": self.num, "hl": self.hl, "gl": self.gl}
         headers = {"X-API-KEY": self._key}
-        items = await self.client.request("POST", self.endpoint, json=body, headers=headers,
-                                          parse=items_parser("organic", "Serper"))  # fmt: skip
+        parse = items_parser("organic", "Serper")
+        items = await self.client.request_endpoint("POST", self.endpoint, self.api_key_env, json=body,
+                                                   headers=headers, parse=parse)  # fmt: skip
         return _web_results(items)
 
     def metrics(self) -> dict[str, float]:
@@ -176,7 +178,8 @@ class SerpAPILens:
         }
         parse = items_parser("visual_matches", "SerpAPI Lens")
         out = []
-        for item in await self.client.request("GET", self.endpoint, params=params, parse=parse):
+        for item in await self.client.request_endpoint("GET", self.endpoint, self.api_key_env, params=params,
+                                                       parse=parse):  # fmt: skip
             title, thumbnail = item.get("title"), item.get("thumbnail")
             if isinstance(title, str) and title.strip() and isinstance(thumbnail, str) and thumbnail:
                 out.append(VisualMatch(redact(title), redact(thumbnail), redact(str(item.get("link") or ""))))

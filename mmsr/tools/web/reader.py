@@ -3,7 +3,9 @@
 ``JinaReader`` asks a Jina-Reader-compatible service (hosted ``r.jina.ai`` or a self-hosted one) for the
 page as Markdown; ``DirectReader`` fetches the page itself and extracts the main text with ``trafilatura``.
 Both refuse URLs the SSRF guard refuses (a self-hosted reader inside the network would otherwise fetch
-internal pages for the model), cap bytes and time, and raise ``ToolError`` on failure. Page text is
+internal pages for the model), cap bytes and time, and raise ``ToolError`` on failure (a site's 403 or 404 is
+one failed page; the Jina service itself refusing its key or not found before it ever answered stops the run,
+``ProviderRefused``: Jina answers 200 for a page its site refused). Page text is
 redacted of configured keys before anyone sees it: a page may echo the URL or headers it was asked with,
 and the text goes on to a (possibly third-party) summarizer.
 """
@@ -91,7 +93,8 @@ class JinaReader:
         headers = {"Accept": "application/json", "X-Return-Format": self.return_format}
         if key := os.environ.get(self.api_key_env, "").strip():
             headers["Authorization"] = f"Bearer {key}"
-        data = await self.client.request("POST", self.endpoint, json={"url": url}, headers=headers, parse=jina_data)
+        data = await self.client.request_endpoint("POST", self.endpoint, self.api_key_env, json={"url": url},
+                                                  headers=headers, parse=jina_data)  # fmt: skip
         return _usable(Page(url, str(data.get("title") or ""), data["content"]), self.min_chars)
 
     def metrics(self) -> dict[str, float]:

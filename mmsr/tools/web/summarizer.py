@@ -111,13 +111,15 @@ class OpenAISummarizer:
 
     async def summarize(self, page: str, question: str) -> tuple[str, float]:
         """(summary, cost in dollars); ``ToolError`` on failure or an empty answer, carrying the cost of the
-        tokens an unusable answer still used (``ToolError.cost``)."""
+        tokens an unusable answer still used (``ToolError.cost``); ``ProviderRefused`` for a 401/403/404 before
+        the server ever answered (a wrong key, ``base_url`` or ``model``)."""
         headers = {}
         if key := os.environ.get(self.api_key_env, "").strip():
             headers["Authorization"] = f"Bearer {key}"
         body = self._body(page, question)
-        content, usage, finish_reason = await self.client.request("POST", self.url, json=body, headers=headers,
-                                                                  parse=completion)  # fmt: skip
+        content, usage, finish_reason = await self.client.request_endpoint(
+            "POST", self.url, self.api_key_env, json=body, headers=headers, parse=completion
+        )
         cost = self._cost(usage)
         if isinstance(content, str):
             content = strip_thinking(content)
