@@ -102,12 +102,25 @@ class HFEngine:
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load the trainer's (full, gathered by ``mmsr.sync``) tensors. Colocated on the trainer's
-        own module this copies nothing; with a separate copy (FSDP2-sharded trainer) it copies."""
-        params = dict(self.policy.model.named_parameters())
+        own module this copies nothing; with a separate copy (FSDP2-sharded trainer) it copies.
+
+        A name the engine's model lacks is refused (``ValueError`` naming them): skipped, it would leave a
+        separate copy generating with that parameter stale, unseen (the sync's probe needs ``score``). A tied
+        parameter answers to each of its names. The whole stream is read first: under FSDP2 every rank
+        gathers every bucket, so no rank may stop part way.
+        """
+        params = dict(self.policy.model.named_parameters(remove_duplicate=False))
+        unknown = []
         with torch.no_grad():
             for name, tensor in named_tensors:
-                if name in params and params[name].data_ptr() != tensor.data_ptr():
+                if name not in params:
+                    unknown.append(name)
+                elif params[name].data_ptr() != tensor.data_ptr():
                     params[name].copy_(tensor)
+        if unknown:
+            raise ValueError(f"HFEngine.update_weights: the engine's model has no parameter named {unknown[:5]} "
+                             f"({len(unknown)} of the names sent); their weights would stay stale (a renamed parameter, "
+                             "or another architecture)")  # fmt: skip
 
     def generate(self, requests: Sequence[GenerationRequest], sampling: SamplingParams) -> list[GenerationOutput]:
         if self.policy is None:
@@ -230,12 +243,15 @@ class HFEngine:
 
     def _finish(self, turn: _Turn, token: int, eos: set[int], candidates: frozenset[int], stop: Sequence[str]) -> str | None:
         """Why the turn ends with ``token`` (appended next), or None. A stop string can only be
-        completed by a token whose text holds its last character, so only those tokens are decoded."""
+        completed by a token whose text holds its last character, so only those tokens are decoded.
+        Special tokens decode to nothing, as in vLLM (``skip_special_tokens``) and the loop's parser, so a tag
+        split by one stops the turn here too (it ran on past a tag that vLLM stops at and the loop executes)."""
         if token in eos:
             return "eos"
         if token in candidates:
             window = max(len(s) for s in stop) + 2
-            if first_stop(self.policy.tokenizer.decode([*turn.tokens[-window + 1 :], token]), stop) is not None:
+            text = self.policy.tokenizer.decode([*turn.tokens[-window + 1 :], token], skip_special_tokens=True)
+            if first_stop(text, stop) is not None:
                 return "stop"
         return "length" if len(turn.tokens) + 1 >= turn.budget else None
 

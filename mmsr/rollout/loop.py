@@ -280,7 +280,9 @@ class RolloutLoop:
         text = self.encoder.decode(out.token_ids)
         action = self.parse(text) if out.finish != "length" else Invalid("turn truncated")
         traj.turns.append(Turn(text, action, (start, len(traj)), truncated=out.finish == "length"))
-        e.needs_end_of_turn = out.finish != "eos"
+        # Not "finish != eos": a turn can end on an eos id other than the chat's end of turn (Qwen2.5-VL's
+        # generation config adds <|endoftext|>), and the next user turn must still follow <|im_end|>.
+        e.needs_end_of_turn = list(out.token_ids[-len(self.eot_ids) :]) != self.eot_ids
         if out.finish == "length" and self.settings.max_context_tokens - start < self.settings.max_tokens_per_turn:
             traj.context.append(f"turn {len(traj.turns)}: cut at the context limit after {len(out.token_ids)} tokens")
         self._transition(e, action, out)

@@ -208,11 +208,20 @@ class VLLMEngine:
     def _inputs(self, requests: Sequence[GenerationRequest], sampling: SamplingParams) -> list[tuple[dict, object]]:
         """``(prompt, vllm.SamplingParams)`` of each request; requests without a key are seeded by call."""
         budgets = [turn_budget(r, sampling) for r in requests]  # all checked before any is submitted
+        prompts = [self._prompt(r) for r in requests]
         self.calls += 1
-        return [(engine_input(r.input_ids, r.vision, self.image_ids, grids=self.grid_images).prompt(self.mm_kwargs),
-                 self.sampling_params(sampling, budget,
-                                      request_seed(self.seed, r.stream, r.key or f"call{self.calls}/{i}", r.turn)))
-                for i, (r, budget) in enumerate(zip(requests, budgets))]  # fmt: skip
+        seeds = [request_seed(self.seed, r.stream, r.key or f"call{self.calls}/{i}", r.turn) for i, r in enumerate(requests)]
+        return [(prompt, self.sampling_params(sampling, budget, seed)) for prompt, budget, seed in zip(prompts, budgets, seeds)]
+
+    def _prompt(self, request: GenerationRequest) -> dict:
+        """vLLM's prompt of one request, its image pads checked against its images (``engine_input``); a
+        mismatch names the request, as ``HFEngine`` and ``turn_budget`` do (in a batch of a whole rollout's
+        turns the bare message would not say whose context was wrong)."""
+        try:
+            checked = engine_input(request.input_ids, request.vision, self.image_ids, grids=self.grid_images)
+        except ImageTokenMismatch as e:
+            raise ImageTokenMismatch(f"request {request.key!r}: {e}") from None
+        return checked.prompt(self.mm_kwargs)
 
     def generate(self, requests: Sequence[GenerationRequest], sampling: SamplingParams) -> list[GenerationOutput]:
         llm = self._require()

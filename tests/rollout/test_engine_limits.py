@@ -11,7 +11,7 @@ from mmsr.models.policy import Policy
 from mmsr.rollout.engine import GenerationRequest, SamplingParams, ScriptedEngine, turn_budget
 from mmsr.rollout.hf_engine import HFEngine, sample_tokens
 from mmsr.rollout.vllm_engine import VLLMEngine
-from mmsr.rollout.vllm_inputs import ImageTokenMismatch
+from mmsr.rollout.vllm_inputs import GridImages, ImageTokenIds, ImageTokenMismatch
 
 PROMPT = (5, 6, 7, 8)
 
@@ -158,3 +158,21 @@ def test_hf_engine_stops_on_the_generation_config_eos_ids(tiny_policy, monkeypat
     monkeypatch.setattr(tiny_policy.model.generation_config, "eos_token_id", eos)
     (cut,) = engine.generate([request], sampling)
     assert cut.finish == "eos" and cut.token_ids == free.token_ids[: k + 1] and cut.logprobs == free.logprobs[: k + 1]
+
+
+def test_vllm_engine_names_the_request_whose_image_pads_disagree(tiny_policy, images):
+    """As HFEngine: ``engine_input``'s check names the request (a bare message says nothing of whose context,
+    among a rollout's), and is made before any request is submitted or a call's sampling stream is drawn."""
+    tok, added = tiny_policy.tokenizer, []
+    engine = VLLMEngine()  # bind() needs vLLM: set what it would
+    engine.llm = SimpleNamespace(llm_engine=SimpleNamespace(add_request=lambda *a: added.append(a)))
+    engine.image_ids, engine.grid_images, engine.mm_kwargs = ImageTokenIds.from_tokenizer(tok), GridImages(14), {}
+    bad = GenerationRequest(framed(tok, 15), images[:1], key="img#0")
+    good = GenerationRequest(framed(tok, 16, 4), images, key="ok#0")
+    for batch in ([bad], [good, bad]):
+        with pytest.raises(ImageTokenMismatch, match=r"request 'img#0': image 0 .* needs 16 <\|image_pad\|> tokens"):
+            engine.submit(batch, SamplingParams())
+    engine.image_ids = None  # a text-only policy
+    with pytest.raises(ImageTokenMismatch, match=r"request 'img#0': a text-only policy got a context with 1 images"):
+        engine.submit([GenerationRequest(framed(tok, 16), images[:1], key="img#0")], SamplingParams())
+    assert added == [] and not engine.in_flight and engine.calls == 0

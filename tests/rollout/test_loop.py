@@ -10,7 +10,7 @@ from PIL import Image
 from mmsr.reward.answer import episode_answer
 from mmsr.prompt.render import PromptBuilder
 from mmsr.rollout.actions import Answer, ImageSearch, TextSearch
-from mmsr.rollout.engine import SamplingParams, ScriptedEngine
+from mmsr.rollout.engine import GenerationOutput, SamplingParams, ScriptedEngine
 from mmsr.rollout.loop import RolloutLoop, RolloutSettings
 from mmsr.tools.base import IMAGE_MARKER, ToolRequest, ToolResult
 
@@ -254,3 +254,32 @@ def test_episodes_advance_independently_of_slow_tool_calls(tiny_policy, fvqa_sam
     # round by round, the fast episode's third turn would wait for the slow episode's second
     assert order.index((fast.id, 2)) < order.index((slow.id, 1)), order
     assert loop.stats.tool_busy_s >= 1.5 and 0.05 < loop.stats.overlap < 1.0, loop.stats
+
+
+class EndsOnEos(ScriptedEngine):
+    """Each scripted turn runs whole and ends on ``eos_token``, past its action tag: as a turn whose tag an
+    engine's stop check missed (e.g. split by a special token, which the loop's decoding skips) ends."""
+
+    def _one(self, request, sampling):
+        ids = self.tokenizer.encode(self.script(request), add_special_tokens=False) + [self.eos_id]
+        return GenerationOutput(ids, [self.logprob] * len(ids), "eos")
+
+
+def test_a_turn_ended_on_another_eos_id_is_closed_before_the_next_user_turn(tiny_policy, fvqa_samples):
+    """A real Qwen2.5-VL checkpoint's generation config also stops on <|endoftext|>: a turn that ends there
+    and calls a tool was followed by the observation's user turn without <|im_end|> (only an "eos" finish
+    was taken for one). Now <|im_end|> follows any turn that does not end on it, with mask 0."""
+    sample, tok = fvqa_samples[0], tiny_policy.tokenizer
+    other = tok.convert_tokens_to_ids("<|endoftext|>")
+    trajs = {}
+    for eos in ("<|im_end|>", "<|endoftext|>"):
+        engine = EndsOnEos({sample.id: [f"{TXT} then", ANS]}, tok, eos_token=eos)
+        loop = RolloutLoop(engine, tiny_policy, PromptBuilder(), {"image_search": None, "text_search": FakeTextSearch()})
+        (trajs[eos],) = loop.run([sample], 1, SamplingParams())
+        assert trajs[eos].finish_reason == "answer" and spans(trajs[eos].loss_mask) == [t.span for t in trajs[eos].turns]
+    closed, other_eos = trajs["<|im_end|>"], trajs["<|endoftext|>"]
+    end = other_eos.turns[0].span[1]
+    assert other_eos.input_ids[end - 1 : end + 1] == [other, tok.convert_tokens_to_ids("<|im_end|>")]
+    # the same chat as the turns ended on <|im_end|> themselves, but for each sampled <|endoftext|> (the
+    # last turn ends the episode: nothing follows it)
+    assert [t for t in other_eos.input_ids if t != other] == closed.input_ids[:-1]

@@ -134,3 +134,19 @@ def test_in_place_noise_equals_the_formula_bit_for_bit():
     assert torch.equal(stream_uniform(seeds, pos, 3001), u)
     logits = torch.randn(16, 3001)
     assert torch.equal(gumbel_sample(logits, seeds, pos), (logits.double() - torch.log(-torch.log(u))).argmax(-1))
+
+
+def test_hf_engine_stops_at_a_tag_split_by_a_special_token(tiny_policy):
+    """vLLM checks stop strings on text without special tokens (``skip_special_tokens``), and the loop parses
+    such text: ``</text_<|box_start|>search>`` closes the tag for both. HFEngine decoded the special token
+    and sampled on past the tag, which the loop then executed."""
+    from mmsr.rollout.hf_engine import _Turn
+
+    engine = HFEngine()
+    engine.bind(tiny_policy)
+    tok, stop = tiny_policy.tokenizer, SamplingParams().stop
+    split = [*tok.encode("<text_search>Paris</text_", add_special_tokens=False), tok.convert_tokens_to_ids("<|box_start|>")]
+    split += tok.encode("search>", add_special_tokens=False)
+    assert tok.decode(split, skip_special_tokens=True) == "<text_search>Paris</text_search>"
+    eos, candidates = tiny_policy.stop_token_ids(), engine._stop_candidates(stop)
+    assert engine._finish(_Turn(100, split[:-1]), split[-1], eos, candidates, stop) == "stop"
