@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 import tempfile
 import uuid
@@ -37,13 +38,16 @@ from mmsr.data.paths import shared_mode
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes a local checkpoint to a temporary file in the same folder, fsyncs it, then renames it
-    over the target: a kill during a save leaves the previous checkpoint intact, never a torn file."""
+    over the target and fsyncs the folder: a kill during a save leaves the previous checkpoint intact,
+    never a torn file. Temporaries of killed saves (``.NAME.<random>.tmp``) are deleted by the next
+    save into the same folder (only rank 0 writes through ``CheckpointIO``)."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         if "://" in str(path):  # remote storage: fsspec's own transaction
             return super().save_checkpoint(checkpoint, path, storage_options)
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
+        _remove_killed_temporaries(target.parent)
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
         try:
             os.fchmod(fd, shared_mode())  # mkstemp makes it 0600: others' eval jobs could not read the checkpoint
@@ -52,9 +56,22 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, target)
+            _fsync(target.parent)  # the rename itself survives a power loss
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+
+# What ``tempfile.mkstemp(prefix=".NAME.", suffix=".tmp")`` names: 8 random characters.
+_TEMPORARY = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
+
+
+def _remove_killed_temporaries(folder: Path) -> None:
+    """Delete ``AtomicCheckpointIO``'s temporaries in ``folder``: a save killed with SIGKILL never
+    reaches its ``except`` and leaves a checkpoint-sized hidden file for good."""
+    for stale in folder.glob(".*.tmp"):
+        if _TEMPORARY.fullmatch(stale.name) and stale.is_file():
+            stale.unlink(missing_ok=True)
 
 
 class AtomicModelParallelStrategy(ModelParallelStrategy):

@@ -1,12 +1,20 @@
 """``mmsr.checkpoint``: reading weights back (single file, distributed directory, clear errors), atomic
-distributed saves, and CUDA RNG state in the per-rank RNG record."""
+single-file and distributed saves, and CUDA RNG state in the per-rank RNG record."""
 
 import warnings
 
 import pytest
 import torch
 
-from mmsr.checkpoint import AtomicModelParallelStrategy, adopt_dtypes, load_weights, rng_state, set_rng_state
+import mmsr.checkpoint
+from mmsr.checkpoint import (
+    AtomicCheckpointIO,
+    AtomicModelParallelStrategy,
+    adopt_dtypes,
+    load_weights,
+    rng_state,
+    set_rng_state,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")  # DCP in one process
 
@@ -92,6 +100,21 @@ def test_distributed_save_replaces_the_previous_one_and_a_failed_save_keeps_it(t
     (tmp_path / ".step=9.ckpt.tmp-deadbeef").mkdir()  # what a kill -9 during a save leaves
     _save_dir(tmp_path / "step=10.ckpt", 4.0)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "step=10.ckpt"]
+
+
+def test_file_save_removes_temporaries_of_killed_saves_and_syncs_the_folder(tmp_path, monkeypatch):
+    killed = [tmp_path / ".last.ckpt.k1ll3d_0.tmp", tmp_path / ".step=9.ckpt.x9y8z7w6.tmp"]  # what SIGKILL leaves
+    for f in killed:
+        f.write_bytes(b"x" * 1024)
+    others = [tmp_path / ".notes.tmp", tmp_path / "data.k1ll3d_0.tmp"]  # not named as a temporary of ours
+    for f in others:
+        f.write_text("keep")
+    synced = []
+    monkeypatch.setattr(mmsr.checkpoint, "_fsync", lambda path: synced.append(path))
+    AtomicCheckpointIO().save_checkpoint({"global_step": 3}, tmp_path / "last.ckpt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["last.ckpt", *(f.name for f in others)])
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True) == {"global_step": 3}
+    assert synced == [tmp_path]  # the rename is made durable
 
 
 class FakeCuda:

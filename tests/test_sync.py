@@ -232,3 +232,28 @@ def test_a_bf16_sync_leaves_the_fp32_weights_of_an_engine_colocated_on_them(tiny
     assert sync(trainer, separate).bytes > 0
     for name, p in separate.policy.model.named_parameters():
         assert torch.equal(p, before[name].to(torch.bfloat16).float())
+
+
+def _one_stale_rank(rank: int, world: int, port: int, trainer: Policy) -> None:
+    import datetime
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)  # a forked child: no OpenMP pool inherited half-started
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    try:
+        engine = CopyEngine(trainer, drop_updates=rank == 1)  # rank 1's engine misses the sync
+        perturb(trainer.model)
+        with pytest.raises(StaleWeightsError, match="stale" if rank == 1 else r"failed on rank\(s\) \[1\]"):
+            WeightSync(verify_every=1)(trainer, engine)
+        dist.barrier()  # both ranks got here: neither is left waiting for the other
+    finally:
+        dist.destroy_process_group()
+    os._exit(0)  # as _sharded_sync: no interpreter teardown under gloo's threads
+
+
+def test_a_probe_that_fails_on_one_rank_stops_every_rank(trainer):
+    """Two CPU ranks (gloo), forked: rank 1's engine is stale, rank 0's is current; both raise, where
+    rank 0 used to return and wait in its next collective until the timeout."""
+    mp.start_processes(_one_stale_rank, args=(2, _free_port(), trainer), nprocs=2, start_method="fork")

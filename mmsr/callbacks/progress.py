@@ -16,7 +16,9 @@ an endless resumable loader: ``trainer.global_step`` / ``max_steps`` count optim
 by the module's ``updates_per_step`` when it makes several a step (PPO epochs x mini-batches). When
 stdout is not a terminal (a log file, CI) a bar is only drawn at the end, so the callback prints plain
 lines instead, every ``plain_every_s`` seconds at most and at the last step: name, step/total, rate,
-ETA, the stage and the progress-bar metrics (``reward`` for GRPO, ``loss`` for the warm start).
+ETA, the stage and the progress-bar metrics (``reward`` for GRPO, ``loss`` for the warm start); and one
+line when a validation ends, with its duration. No tqdm bar is drawn then, the sanity check's,
+validation's, test's and predict's included.
 """
 
 from __future__ import annotations
@@ -91,9 +93,24 @@ class StageProgressBar(TQDMProgressBar):
         self._watcher: threading.Thread | None = None
         self._metrics: dict[str, int | str | float] = {}  # last batch-end metrics, reused live
         self._hook_stage = "idle"
+        self._validation_t0 = time.monotonic()
 
+    # Plain mode draws no bar at all: a log file would get every redraw, cursor-up escapes included,
+    # glued to the plain lines.
     def init_train_tqdm(self) -> Tqdm:
-        return Tqdm(disable=True) if self.plain else super().init_train_tqdm()  # plain lines replace the bar
+        return Tqdm(disable=True) if self.plain else super().init_train_tqdm()
+
+    def init_sanity_tqdm(self) -> Tqdm:
+        return Tqdm(disable=True) if self.plain else super().init_sanity_tqdm()
+
+    def init_validation_tqdm(self) -> Tqdm:
+        return Tqdm(disable=True) if self.plain else super().init_validation_tqdm()
+
+    def init_test_tqdm(self) -> Tqdm:
+        return Tqdm(disable=True) if self.plain else super().init_test_tqdm()
+
+    def init_predict_tqdm(self) -> Tqdm:
+        return Tqdm(disable=True) if self.plain else super().init_predict_tqdm()
 
     def on_train_epoch_start(self, trainer: L.Trainer, *args) -> None:
         super().on_train_epoch_start(trainer, *args)
@@ -129,6 +146,16 @@ class StageProgressBar(TQDMProgressBar):
         if self.plain and self.is_enabled:
             self.get_metrics(trainer, pl_module)  # refreshes the step's metrics
             self._lines.step(trainer, self.run_name(pl_module), self._metrics)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_start(trainer, pl_module)
+        self._validation_t0 = time.monotonic()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if self.plain and self.is_enabled and not trainer.sanity_checking:  # the bar no longer shows it
+            seconds = time.monotonic() - self._validation_t0
+            self._lines.validation(trainer, self.run_name(pl_module), seconds)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
@@ -193,6 +220,11 @@ class PlainLines:
 
     def status(self, trainer: L.Trainer, name: str, metrics: dict) -> None:
         self._print(self.line(trainer, name, metrics) + " (in the step)")
+
+    def validation(self, trainer: L.Trainer, name: str, seconds: float) -> None:
+        step, total = training_steps(trainer)
+        at = f"{step}/{total if total > 0 else '?'}"
+        self._print(f"{name} validation at step {at} | {_duration(seconds)}", force=True)
 
     def _print(self, text: str, force: bool = False) -> None:
         with self.lock:

@@ -5,7 +5,7 @@ Without it GRPO silently trains on rollouts of stale weights (peers' users hit e
 moves the weights (a bucket of FSDP2 shards per collective); ``WeightSync`` adds, every
 ``verify_every`` syncs, the checks of ``mmsr.sync.probe``: the engine scores a fixed probe and
 continues it greedily from its prefix cache, and both must equal the trainer's within ``tolerance``,
-or ``StaleWeightsError`` stops the run.
+or ``StaleWeightsError`` stops the run: on every rank, when the probe failed on any.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from mmsr.sync.probe import (
     PROBE_TEXT,
     StaleWeightsError,
     SyncCheck,
+    agree,
     probe_image,
     probe_inputs,
     sampling_probe,
@@ -39,7 +40,7 @@ from mmsr.sync.stream import (
     weight_buckets,
 )
 
-__all__ = ["DEFAULT_BUCKET_MB", "PROBE_TEXT", "StaleWeightsError", "SyncCheck", "SyncStats", "WeightSync",
+__all__ = ["DEFAULT_BUCKET_MB", "PROBE_TEXT", "StaleWeightsError", "SyncCheck", "SyncStats", "WeightSync", "agree",
            "engine_name", "full_nbytes", "gather", "gather_bucket", "probe_image", "probe_inputs", "sampling_probe", "stream_weights",
            "sync_weights", "trainer_logprobs", "verify_sampling", "verify_sync", "warm_probe", "weight_buckets"]  # fmt: skip
 
@@ -79,10 +80,23 @@ class WeightSync:
         self.syncs += 1
         self.last_check = self.last_sampling_check = None
         if cached is not None:
-            ids, vision = probe_inputs(policy, self.probe_text)
-            self.last_check = verify_sync(policy, engine, ids, self.tolerance, vision)
-            self.last_sampling_check = verify_sampling(policy, engine, cached[0], self.tolerance, cached[1])
+            self._verify(policy, engine, cached)
         return stats
+
+    def _verify(self, policy: Policy, engine: Engine, cached: tuple[list[int], tuple]) -> None:
+        """Both checks, then one verdict over ranks (``agree``). Every rank runs both whatever the first
+        found: under FSDP2 the trainer's forward of each is a sequence of collectives."""
+        error = None
+        ids, vision = probe_inputs(policy, self.probe_text)
+        try:
+            self.last_check = verify_sync(policy, engine, ids, self.tolerance, vision)
+        except StaleWeightsError as e:
+            error = e
+        try:
+            self.last_sampling_check = verify_sampling(policy, engine, cached[0], self.tolerance, cached[1])
+        except StaleWeightsError as e:
+            error = error or e
+        agree(error, policy.model.device)
 
     def metrics(self, stats: SyncStats) -> dict[str, float]:
         """``sync/`` metrics of the last call (``sync/probe_diff`` and ``sync/sampling_diff`` only

@@ -126,6 +126,25 @@ def _stale(what: str, check: SyncCheck, tolerance: float) -> StaleWeightsError:
     )
 
 
+def agree(error: StaleWeightsError | None, device: torch.device) -> None:
+    """Raise on every rank if the probe failed on any: ``error`` where it failed, a ``StaleWeightsError``
+    naming those ranks elsewhere (every rank must call). An engine may be stale on one rank only (each
+    rank syncs its own), and a rank that raised alone left the others waiting in their next collective
+    until its timeout, with the cause in one rank's log."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        failed = torch.zeros(dist.get_world_size(), device=device)
+        failed[dist.get_rank()] = float(error is not None)
+        dist.all_reduce(failed)
+        ranks = failed.nonzero().flatten().tolist()
+        if error is None and ranks:
+            raise StaleWeightsError(f"the weight-sync probe failed on rank(s) {ranks} (their logs say how): every "
+                                    "rank stops")  # fmt: skip
+    if error is not None:
+        raise error
+
+
 def verify_sync(policy: Policy, engine, input_ids: Sequence[int], tolerance: float,
                 vision: Sequence[VisionInput] = ()) -> SyncCheck:  # fmt: skip
     """Compare ``engine.score(input_ids, vision)`` with the trainer's at the tokens that are not image

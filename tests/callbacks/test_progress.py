@@ -5,6 +5,7 @@ import re
 
 import lightning as L
 import pytest
+import torch
 
 from mmsr.callbacks.progress import StageProgressBar, StepStatus, step_status
 from mmsr.data.datamodule import MMSRDataModule
@@ -108,3 +109,42 @@ def test_bar_counts_steps_of_the_run_under_its_name(module, tmp_path):
     fit(module, tmp_path, bar, steps=3)
     tqdm = bar.train_progress_bar
     assert tqdm.desc.startswith("warm start") and (tqdm.n, tqdm.total) == (3, 3)  # not "Epoch 0", n of -1
+
+
+
+class LinearModule(L.LightningModule):
+    """One linear layer on random data: a fit with validation in about a second."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(2, 1)
+
+    def training_step(self, batch, batch_idx):
+        return self.layer(batch).pow(2).mean()
+
+    def validation_step(self, batch, batch_idx) -> None:
+        self.log("val/loss", self.layer(batch).pow(2).mean())
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.randn(8, 2), batch_size=2)
+
+    val_dataloader = train_dataloader
+
+
+def test_plain_mode_draws_no_validation_bar_and_prints_a_line_per_validation(capsys, tmp_path):
+    """Sanity check and validation write no tqdm bar into the log (redraws, cursor-up escapes), only
+    one plain line when a validation ends."""
+    bar = StageProgressBar(poll_s=0)
+    bar.plain_every_s = bar._lines.every_s = 0.0
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
+                        enable_model_summary=False, default_root_dir=tmp_path, callbacks=[bar], limit_val_batches=2,
+                        val_check_interval=1, check_val_every_n_epoch=None)  # fmt: skip
+    trainer.fit(LinearModule())
+    out = capsys.readouterr().out
+    assert "Sanity Checking" not in out and "Validation" not in out and "\x1b[" not in out, out
+    lines = [line.split(" | ")[0] for line in out.splitlines() if line.strip()]
+    steps = ["linear step 1/2", "linear step 2/2"]
+    assert lines == [steps[0], "linear validation at step 1/2", steps[1], "linear validation at step 2/2"]
