@@ -83,6 +83,8 @@ def lightning_cli(args: list[str] | None = None, parse_only: bool = False, **kwa
             config = self.config[self.subcommand] if self.subcommand else self.config  # run=False: not nested
             if not parse_only:
                 check_inputs_exist(config)
+            if not parse_only and self.subcommand == "fit":
+                check_step_settings(config)
             if ckpt and (runs := checkpoint_runs(ckpt)):
                 explicit_default_logger(config.trainer)
                 repoint_loggers(config.trainer.logger, runs)
@@ -153,6 +155,38 @@ def check_inputs_exist(config) -> None:
         return
     if not Path(ckpt).exists():  # a file, or a sharded checkpoint's directory
         raise missing(ckpt, "ckpt_path: checkpoint")
+
+
+def check_step_settings(config) -> None:
+    """Step settings that only conflict once training runs, checked before the policy and engine are built."""
+    init, data = config.model.get("init_args") or {}, config.get("data") or {}
+    mini, prompts, group = init.get("mini_batches"), data.get("prompts_per_step"), init.get("num_generations")
+    if None not in (mini, prompts, group) and mini > prompts * group:  # else refused at the first step
+        raise ValueError(f"model.mini_batches={mini} splits each step's episodes into {mini} updates, but a step has "
+                         f"data.prompts_per_step x model.num_generations = {prompts} x {group} = {prompts * group} "
+                         "episodes on each rank: lower model.mini_batches or raise the others")  # fmt: skip
+    check_schedule_length(init, config.trainer.get("max_steps"))
+
+
+def check_schedule_length(init, max_steps: int | None) -> None:
+    """A cosine schedule ends where training does. It steps once a training step and holds its floor, lr 0, after
+    ``total_steps``: a shorter one trains the last steps with lr 0 (refused), a longer one stops mid-decay (warned).
+    ``trainer.max_steps`` counts optimizer updates, ``ppo_epochs x mini_batches`` a GRPO step."""
+    total = init.get("total_steps")
+    if init.get("lr_schedule") != "cosine" or total is None or not max_steps or max_steps < 0:
+        return
+    updates = (init.get("ppo_epochs") or 1) * (init.get("mini_batches") or 1)
+    steps = -(-max_steps // updates)  # Lightning ends a step's updates before it stops
+    per_step = f"{updates} a step" + (": model.ppo_epochs x model.mini_batches" if "mini_batches" in init else "")
+    run = f"{steps} training steps (trainer.max_steps={max_steps} optimizer updates, {per_step})"
+    if total < steps:
+        raise ValueError(f"model.total_steps={total} < {run}: the cosine lr schedule is 0 from step {total} on, so the "
+                         f"last {steps - total} steps would not train; set model.total_steps: {steps}")  # fmt: skip
+    if total > steps:
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        rank_zero_warn(f"model.total_steps={total} > {run}: the cosine lr schedule stops part way, its lr never "
+                       f"decays to 0; model.total_steps: {steps} decays it over the run")  # fmt: skip
 
 
 def check_tools_ready(model, config) -> None:

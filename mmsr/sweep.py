@@ -10,7 +10,9 @@ there), so offline this runner plays both parts: it expands ``grid`` or ``random
 and runs the file's ``command`` once per parameter set, with wandb's command macros filled the way
 the agent fills them. Differences: ``${interpreter}`` is this Python (the agent uses ``python`` on
 PATH), ``bayes`` search and early termination need the server and are refused, and every run of one
-invocation shares ``WANDB_RUN_GROUP`` so offline runs can be compared once synced.
+invocation shares ``WANDB_RUN_GROUP`` so offline runs can be compared once synced. Each command is
+printed with ``${envvar:NAME}`` as written, so a key the command takes from the environment stays out of
+the console and its logs.
 
     mmsr sweep configs/sweeps/smoke.yaml --count 2 -- --trainer.max_steps 1
 
@@ -145,8 +147,9 @@ def parameter_sets(sweep: Sweep, count: int | None = None, seed: int = 0) -> lis
     return [{p.name: draw(p, rng) for p in sweep.parameters} for _ in range(n)]
 
 
-def command_for(sweep: Sweep, params: dict[str, Any], extra: list[str] = ()) -> list[str]:
-    """The command of one run, with wandb's macros filled as its agent fills them."""
+def command_for(sweep: Sweep, params: dict[str, Any], extra: list[str] = (), expand_env: bool = True) -> list[str]:
+    """The command of one run, with wandb's macros filled as its agent fills them; ``expand_env=False`` leaves
+    ``${envvar:NAME}`` as written (the command as printed: a key passed through the environment stays out of logs)."""
     macros = {
         "env": ["/usr/bin/env"] if os.name == "posix" else [],
         "interpreter": [sys.executable],
@@ -159,8 +162,9 @@ def command_for(sweep: Sweep, params: dict[str, Any], extra: list[str] = ()) -> 
     }
     out: list[str] = []
     for chunk in sweep.command:
-        chunk = _ENVVAR.sub(lambda m: os.environ.get(m.group(1), m.group(1)), chunk)
-        if chunk.startswith("${") and chunk.endswith("}"):
+        if expand_env:
+            chunk = _ENVVAR.sub(lambda m: os.environ.get(m.group(1), m.group(1)), chunk)
+        if chunk.startswith("${") and chunk.endswith("}") and not _ENVVAR.fullmatch(chunk):
             if chunk[2:-1] not in macros:
                 raise ValueError(f"sweep {sweep.name!r}: unknown command macro {chunk} (known: {', '.join(macros)})")
             out += macros[chunk[2:-1]]
@@ -180,13 +184,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
     try:
         sweep = load_sweep(args.sweep)
-        runs = [command_for(sweep, p, extra) for p in parameter_sets(sweep, args.count, args.seed)]
+        runs = [(command_for(sweep, p, extra), command_for(sweep, p, extra, expand_env=False))
+                for p in parameter_sets(sweep, args.count, args.seed)]  # fmt: skip
     except (OSError, ValueError, yaml.YAMLError) as exc:
         parser.exit(2, f"mmsr sweep: error: {exc}\n")
     env = os.environ | {"WANDB_RUN_GROUP": f"sweep-{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}"}
     failed = 0
-    for i, cmd in enumerate(runs, 1):
-        print(f"[{i}/{len(runs)}] {' '.join(cmd)}", flush=True)
+    for i, (cmd, shown) in enumerate(runs, 1):
+        print(f"[{i}/{len(runs)}] {' '.join(shown)}", flush=True)
         if not args.dry_run:
             code = subprocess.run(cmd, env=env, check=False).returncode
             failed += code != 0

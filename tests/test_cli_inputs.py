@@ -3,6 +3,7 @@ them only after the policy loaded (data), or even after the engine started and F
 (``--ckpt_path``), minutes into a 7B run."""
 
 import functools
+import warnings
 from pathlib import Path
 
 import pytest
@@ -39,3 +40,46 @@ def test_directories_and_checkpoints_lightning_finds_itself_pass(tmp_path):
     data = Namespace(train_files=[str(tmp_path / "saved_dataset")], val_files=None)
     for ckpt in (None, str(tmp_path / "sharded.ckpt"), "best", "registry:model:v1", "s3://bucket/last.ckpt"):
         check_inputs_exist(Namespace(data=data, ckpt_path=ckpt))
+
+
+BUILT = "the policy is built"  # every check before the build passed (jsonargparse wraps what the build raises)
+
+
+@pytest.fixture
+def fit(monkeypatch):
+    """``mmsr fit`` on the smoke config with extra flags, stopped where the policy would be built."""
+
+    @functools.wraps(TinyQwen2_5_VL.build)
+    def no_policy(self):
+        raise RuntimeError(BUILT)
+
+    monkeypatch.setattr(TinyQwen2_5_VL, "build", no_policy)
+    monkeypatch.chdir(ROOT)
+    return lambda *flags: lightning_cli(["fit", "-c", "configs/smoke.yaml", "--trainer.logger", "false", *flags])
+
+
+COSINE = ("--model.init_args.lr_schedule", "cosine", "--trainer.max_steps", "4")
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    # 2 prompts x 4 generations: 9 updates a step had 8 episodes to split, refused at the first step
+    (("--model.init_args.mini_batches", "9"), r"model.mini_batches=9 .* 2 x 4 = 8 episodes on each rank"),
+    # the schedule steps once a training step: lr 0 from step 3 on
+    ((*COSINE, "--model.init_args.total_steps", "3"), r"model.total_steps=3 < 4 training steps .* last 1 steps would not"),
+    # 4 updates in 2 training steps of 2
+    ((*COSINE, "--model.init_args.mini_batches", "2", "--model.init_args.total_steps", "1"),
+     r"model.total_steps=1 < 2 training steps \(trainer.max_steps=4 optimizer updates, 2 a step"),
+])  # fmt: skip
+def test_step_settings_that_cannot_train_are_refused_before_the_policy_loads(fit, flags, message):
+    with pytest.raises(ValueError, match=message):
+        fit(*flags)
+
+
+def test_a_cosine_schedule_longer_than_the_run_is_warned_and_one_as_long_passes(fit):
+    with pytest.warns(UserWarning, match=r"model.total_steps=4 > 2 training steps .* model.total_steps: 2 decays"):
+        with pytest.raises(ValueError, match=BUILT):  # max_steps counts updates: 4 of them are 2 steps of 2 updates
+            fit(*COSINE, "--model.init_args.mini_batches", "2", "--model.init_args.total_steps", "4")
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(ValueError, match=BUILT):
+        warnings.simplefilter("always")
+        fit(*COSINE, "--model.init_args.mini_batches", "2", "--model.init_args.total_steps", "2")
+    assert not [str(w.message) for w in caught if "model.total_steps=" in str(w.message)]

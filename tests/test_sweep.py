@@ -14,7 +14,7 @@ import yaml
 
 from mmsr.cli import lightning_cli
 from mmsr.report.records import read_records
-from mmsr.sweep import command_for, load_sweep, parameter_sets
+from mmsr.sweep import command_for, load_sweep, main, parameter_sets
 from tests.conftest import ROOT, subprocess_env
 
 SWEEPS = sorted((ROOT / "configs" / "sweeps").glob("*.yaml"))
@@ -74,6 +74,20 @@ def test_command_macros_match_wandbs_agent(tmp_path, monkeypatch):
     expected = create_sweep_command_args({"args": {k: {"value": v} for k, v in params.items()}})
     head = ["/usr/bin/env", sys.executable, "train.py", "--tag=from-env"]
     assert command_for(sweep, params, ["--extra", "1"]) == head + [x for m in macros for x in expected[m]] + ["--extra", "1"]
+
+
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_a_secret_from_the_environment_reaches_the_run_but_is_not_printed(tmp_path, monkeypatch, capfd, dry_run):
+    monkeypatch.setenv("MMSR_TEST_SECRET", "sk-secret-123")
+    script = "import sys; open(sys.argv[1], 'w').write(' '.join(sys.argv[2:4]))"  # what the run was given
+    secret = ["--token=${envvar:MMSR_TEST_SECRET}", "${envvar:MMSR_TEST_SECRET}"]
+    command = [sys.executable, "-c", script, str(tmp_path / "given"), *secret, "${args}"]
+    path = write(tmp_path, f"method: grid\nparameters: {{a: {{value: 1}}}}\ncommand: {json.dumps(command)}")
+    assert main([str(path), *(["--dry-run"] if dry_run else [])]) == 0
+    printed = capfd.readouterr().out
+    assert " ".join(secret) in printed and "sk-secret" not in printed
+    if not dry_run:
+        assert (tmp_path / "given").read_text() == "--token=sk-secret-123 sk-secret-123"
 
 
 def dotted(config, key: str):

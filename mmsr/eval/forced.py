@@ -6,21 +6,28 @@ text into the assistant turn itself instead of asking the model:
   model is not called, and the loop executes the action as if the model had written it;
 - an *opening* (``close`` set), e.g. ``<text_search>``, is followed by the model's own tokens,
   sampled with ``close`` as the only stop string; if the model ends its turn without writing
-  ``close``, its end-of-turn token is replaced by ``close`` so the loop can parse the action. A model
-  that writes the opening again itself (the direct-answer prompt asks for ``<answer>`` tags) has it kept
-  once: ``<answer><answer>x</answer>`` would grade as ``<answer>x`` (spec extraction), not ``x``.
-Turns without a spec are the model's alone. Forced tokens get log-prob 0; evaluation never trains on
-them (they would carry loss-mask 1 in a ``Trajectory``, so this engine is not for training).
+  ``close``, its end-of-turn token is replaced by ``close`` so the loop can parse the action. The
+  model's tokens are the forced tag's content, so the action tags it writes itself are dropped and the
+  turn's action is the forced one: a query turn answered with ``<answer>x</answer>`` searches ``x`` (it
+  had ended RAG's episode after one call, where the workflow always makes both searches), and a forced
+  ``<answer>`` the model writes again (the direct-answer prompt asks for the tags) is kept once:
+  ``<answer><answer>x</answer>`` would grade as ``<answer>x`` (spec extraction), not ``x``. A turn
+  edited so is re-tokenized.
+The forced tokens count against the turn's budget (``turn_budget``): an opening that leaves the model no
+token is the whole turn, cut to the budget and truncated. Turns without a spec are the model's alone.
+Forced and re-tokenized tokens get log-prob 0; evaluation never trains on them (they would carry
+loss-mask 1 in a ``Trajectory``, so this engine is not for training).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import torch
 
-from mmsr.rollout.engine import Engine, GenerationOutput, GenerationRequest, SamplingParams
+from mmsr.rollout.engine import Engine, GenerationOutput, GenerationRequest, SamplingParams, turn_budget
 
 
 @dataclass(frozen=True)
@@ -39,12 +46,17 @@ class ForcedTurnsEngine:
         tokenizer: the policy's tokenizer (forced text is tokenized once with it).
         turns: ``turn index -> ForcedTurn``.
         eos_ids: end-of-turn token ids the inner engine may end a turn with.
+        tags: the action tags the loop parses (``answer`` and the tools'); the model's part of a forced
+            turn loses them.
     """
 
-    def __init__(self, inner: Engine, tokenizer, turns: Mapping[int, ForcedTurn], eos_ids: Iterable[int]) -> None:
+    def __init__(self, inner: Engine, tokenizer, turns: Mapping[int, ForcedTurn], eos_ids: Iterable[int],
+                 tags: Iterable[str] = ("answer", "search", "text_search")) -> None:  # fmt: skip
         self.inner, self.turns, self.eos_ids, self.tokenizer = inner, dict(turns), set(eos_ids), tokenizer
         self.ids = {t: tokenizer.encode(f.text, add_special_tokens=False) for t, f in self.turns.items()}
         self.close_ids = {t: tokenizer.encode(f.close, add_special_tokens=False) for t, f in self.turns.items() if f.close}
+        names = sorted({re.escape(tag) for tag in tags}, key=len, reverse=True)
+        self.action_tag = re.compile(rf"</?(?:{'|'.join(names)})>")
 
     def bind(self, policy) -> None:
         if hasattr(self.inner, "bind"):
@@ -57,9 +69,10 @@ class ForcedTurnsEngine:
         outputs: list[GenerationOutput | None] = [None] * len(requests)
         by_stop: dict[tuple[str, ...], list[int]] = {}  # requests sampled together share stop strings
         for i, r in enumerate(requests):
-            spec = self.turns.get(r.turn)
-            if spec is not None and spec.close is None:
-                outputs[i] = GenerationOutput(list(self.ids[r.turn]), [0.0] * len(self.ids[r.turn]), "stop")
+            spec, budget, forced = self.turns.get(r.turn), turn_budget(r, sampling), self.ids.get(r.turn, [])
+            if spec is not None and (spec.close is None or len(forced) >= budget):  # the model has no token to add
+                cut, whole = forced[:budget], spec.close is None and len(forced) <= budget
+                outputs[i] = GenerationOutput(cut, [0.0] * len(cut), "stop" if whole else "length")
             else:
                 by_stop.setdefault((spec.close,) if spec else sampling.stop, []).append(i)
         for stop, idx in by_stop.items():
@@ -69,20 +82,27 @@ class ForcedTurnsEngine:
         return outputs  # type: ignore[return-value]
 
     def _continue(self, r: GenerationRequest, sampling: SamplingParams) -> GenerationRequest:
+        """``r`` after the turn's opening, capped at what the opening leaves of the turn's budget (at least 1)."""
         prefix = self.ids.get(r.turn, [])
-        budget = (r.max_tokens or sampling.max_tokens) - len(prefix)
-        return replace(r, input_ids=tuple(r.input_ids) + tuple(prefix), max_tokens=max(budget, 1))
+        return replace(r, input_ids=tuple(r.input_ids) + tuple(prefix), max_tokens=turn_budget(r, sampling) - len(prefix))
 
     def _finish(self, turn: int, out: GenerationOutput) -> GenerationOutput:
-        prefix = [] if self._repeats_opening(turn, out.token_ids) else self.ids.get(turn, [])
-        ids, lps, finish = prefix + list(out.token_ids), [0.0] * len(prefix) + list(out.logprobs), out.finish
-        if turn in self.close_ids and finish == "eos":
-            if ids and ids[-1] in self.eos_ids:
-                ids, lps = ids[:-1], lps[:-1]
-            ids, lps, finish = ids + self.close_ids[turn], lps + [0.0] * len(self.close_ids[turn]), "stop"
-        return GenerationOutput(ids, lps, finish)
-
-    def _repeats_opening(self, turn: int, ids: Sequence[int]) -> bool:
-        """Whether the model's own tokens begin (after whitespace) with the turn's forced opening."""
+        """The whole turn: the opening, the model's tokens without action tags, then ``close`` unless truncated."""
         spec = self.turns.get(turn)
-        return spec is not None and self.tokenizer.decode(list(ids)).lstrip().startswith(spec.text)
+        if spec is None:
+            return out
+        ids, lps = list(out.token_ids), list(out.logprobs)
+        if out.finish == "eos" and ids and ids[-1] in self.eos_ids:
+            ids, lps = ids[:-1], lps[:-1]
+        text = self.tokenizer.decode(ids)
+        content = text.split(spec.close, 1)[0] if out.finish == "stop" else text  # a token may run past the stop
+        body = self.action_tag.sub("", content)
+        closing = self.close_ids[turn] if out.finish != "length" else []
+        if out.finish == "stop" and text == body + spec.close:
+            closing = []  # closed by the model, with no other tag: its tokens stay as sampled
+        elif text != body:
+            ids = self.tokenizer.encode(body, add_special_tokens=False)
+            lps = [0.0] * len(ids)
+        prefix = self.ids[turn]
+        finish = "length" if out.finish == "length" else "stop"
+        return GenerationOutput(prefix + ids + closing, [0.0] * len(prefix) + lps + [0.0] * len(closing), finish)

@@ -20,8 +20,9 @@ class EvalRecord:
 
     Attributes:
         turns: per assistant turn ``{"text", "action", "query", "tool_ok", "titles"}``.
-        judge: the LLM judge's verdict; ``None`` without a judge or when its reply had no verdict.
-        judge_reply: the judge's raw reply (or the error that prevented one).
+        judge: the LLM judge's verdict; ``None`` without a judge or when its reply had no verdict; ``False``
+            without asking for an episode without an answer.
+        judge_reply: the judge's raw reply (or the error that prevented one; ``run.NOT_ASKED`` when not asked).
     """
 
     set: str

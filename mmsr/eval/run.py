@@ -29,6 +29,8 @@ from mmsr.rollout.trajectory import Trajectory
 from mmsr.tools.base import SearchTool
 from mmsr.tools.spec import declared
 
+NOT_ASKED = "not asked: the episode has no <answer> (wrong, as the reward counts it)"  # a judge_reply
+
 
 def turn_record(turn) -> dict:
     call = turn.tool_call
@@ -64,10 +66,10 @@ class Evaluator:
         self.batch_size = batch_size
 
     def loop(self, flow: WorkflowSetup) -> RolloutLoop:
-        engine = self.engine
+        engine, tools = self.engine, self.tools if flow.use_tools else {}
         if flow.forced:
-            engine = ForcedTurnsEngine(engine, self.policy.tokenizer, flow.forced, self.policy.stop_token_ids())
-        tools = self.tools if flow.use_tools else {}
+            tags = ("answer", *(spec.tag for spec in declared(tools)))  # the loop's action grammar
+            engine = ForcedTurnsEngine(engine, self.policy.tokenizer, flow.forced, self.policy.stop_token_ids(), tags)
         return RolloutLoop(engine, self.policy, flow.prompts, tools, flow.settings)
 
     def run(self, samples: Sequence[Sample], workflow: Workflow, name: str, work: EvalWork | None = None) -> list[EvalRecord]:
@@ -107,11 +109,14 @@ class Evaluator:
         )  # fmt: skip
 
     def add_verdicts(self, records: list[EvalRecord]) -> None:
-        """The judge sees the extracted answer, or the last turn's text when there is no answer."""
-        items = [JudgeInput(r.question, r.ground_truth, tuple(r.candidate_answers),
-                            r.answer if r.answer is not None else (r.turns[-1]["text"] if r.turns else ""))
-                 for r in records]  # fmt: skip
-        for record, verdict in zip(records, self.judge.judge(items)):
+        """The judge grades the answer the reward grades (``episode_answer``). An episode without one is wrong
+        without asking, as for ``JudgedReward``: shown the last turn, the judge had passed answers the reward failed."""
+        asked = [r for r in records if r.answer is not None]
+        for record in records:
+            if record.answer is None:
+                record.judge, record.judge_reply = False, NOT_ASKED
+        items = [JudgeInput(r.question, r.ground_truth, tuple(r.candidate_answers), r.answer) for r in asked]
+        for record, verdict in zip(asked, self.judge.judge(items) if items else []):
             record.judge, record.judge_reply = verdict.correct, verdict.reply
 
 

@@ -113,6 +113,24 @@ def test_rag_forces_searches_and_the_model_writes_query_and_answer(tiny_policy, 
     assert tiny_policy.tokenizer.decode(engine.requests[0].input_ids).endswith("<text_search>")
 
 
+@pytest.mark.parametrize(("query_turn", "answer_turn"), [
+    ("<answer>{gt}</answer>", "{gt}</answer>"),  # answers where the query goes: it had ended the episode
+    ("{gt}</text_search>", "<text_search>{gt}</text_search>"),  # searches again where the answer goes
+])  # fmt: skip
+def test_rag_forced_turns_take_the_forced_action_whatever_tags_the_model_writes(tiny_policy, fvqa_samples, local_tools,
+                                                                                query_turn, answer_turn):  # fmt: skip
+    sample = fvqa_samples[2]
+    turns = {1: query_turn.format(gt=sample.ground_truth), 2: answer_turn.format(gt=sample.ground_truth)}
+    engine = ScriptedEngine(lambda r: turns[r.turn], tiny_policy.tokenizer)
+    text = RecordingText(str(FVQA / "search" / "corpus.jsonl"), top_k=2)
+    tools = {"image_search": local_tools["image_search"], "text_search": text}
+    (rec,) = Evaluator(tiny_policy, engine, tools).run([sample], "rag", "dev")
+    assert [t["action"] for t in rec.turns] == ["ImageSearch", "TextSearch", "Answer"] and rec.finish_reason == "answer"
+    assert text.queries == [sample.ground_truth] and (rec.image_searches, rec.text_searches) == (1, 1)
+    assert rec.turns[1]["text"] == f"<text_search>{sample.ground_truth}</text_search>"
+    assert rec.turns[2]["text"] == f"<answer>{sample.ground_truth}</answer>" and rec.em
+
+
 def test_on_demand_allows_the_calls_of_every_configured_tool(tiny_policy, fvqa_samples):
     """The calls ratio's denominator adds up the limits of the tools configured, not only the two searches."""
     from mmsr.tools.crop import Crop
@@ -199,7 +217,8 @@ def test_a_forced_opening_the_model_writes_again_is_kept_once(tiny_policy, fvqa_
              2: f"<answer>{sample.ground_truth}</answer>"}  # fmt: skip
     engine = ScriptedEngine(lambda r: turns[r.turn], tiny_policy.tokenizer)
     (rec,) = Evaluator(tiny_policy, engine, local_tools).run([sample], workflow, "dev")
-    assert rec.turns[-1]["text"].strip() == f"<answer>{sample.ground_truth}</answer>"
+    space = " " if workflow == "direct" else ""  # the model's text, its own tags dropped, after the forced one
+    assert rec.turns[-1]["text"] == f"<answer>{space}{sample.ground_truth}</answer>"
     assert rec.em and rec.answer == sample.ground_truth
     if workflow == "rag":
         assert rec.turns[1]["text"] == f"<text_search>{sample.ground_truth}</text_search>" and rec.text_searches == 1

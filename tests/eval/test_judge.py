@@ -129,3 +129,23 @@ def test_a_resumed_evaluation_asks_again_only_for_the_verdicts_the_judge_never_g
     assert runs[1] == ([True, False, True], 1, 0)  # no episode again; one request, for the missing verdict
     kept = EvalWork(tmp_path / "work.jsonl", {"judge_url": "x"}).done(("d", "on-demand", 2), [s[2].id])
     assert [r.judge for r in kept] == [True]  # the work file has it now
+
+
+def test_an_episode_without_an_answer_is_wrong_without_asking_the_judge(monkeypatch, tiny_policy, fvqa_samples):
+    """The judge grades the reward's answer (``episode_answer``): shown the last turn instead, it passed a
+    ground truth the model wrote outside ``<answer>`` tags, which the reward counts wrong."""
+    from mmsr.eval.report import summarize
+    from mmsr.eval.run import Evaluator
+    from mmsr.rollout.engine import ScriptedEngine
+
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    s = fvqa_samples[:2]
+    script = {s[0].id: [f"<reason>r</reason>It is {s[0].ground_truth}."],  # no <answer>
+              s[1].id: [f"<reason>r</reason><answer>{s[1].ground_truth}</answer>"]}  # fmt: skip
+    with FakeOpenAI() as server:
+        judge = OpenAIJudge(f"http://127.0.0.1:{server.port}/v1", "m", timeout_s=10)
+        records = Evaluator(tiny_policy, ScriptedEngine(script, tiny_policy.tokenizer), {}, judge=judge).run(s, "on-demand", "d")
+    assert [r.answer for r in records] == [None, s[1].ground_truth] and records[0].reward == 0.0
+    assert [r.judge for r in records] == [False, True] and "not asked: the episode has no <answer>" in records[0].judge_reply
+    assert len(server.bodies) == 1 and s[0].ground_truth not in server.bodies[0]["messages"][1]["content"]
+    assert summarize(records)["d"]["on-demand"]["all"]["judge_unparsed"] == 0

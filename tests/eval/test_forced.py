@@ -1,0 +1,44 @@
+"""``ForcedTurnsEngine``: the forced tokens count against the turn's budget, under the rule every engine applies
+(``turn_budget``: the request's cap under ``SamplingParams.max_tokens``, a cap below 1 refused)."""
+
+import pytest
+
+from mmsr.eval.forced import ForcedTurn, ForcedTurnsEngine
+from mmsr.rollout.engine import GenerationOutput, GenerationRequest, SamplingParams, turn_budget
+
+
+class FillingEngine:
+    """Samples token 5 until the turn's budget is spent; records the requests."""
+
+    def __init__(self):
+        self.requests = []
+
+    def generate(self, requests, sampling):
+        self.requests += requests
+        return [GenerationOutput([5] * turn_budget(r, sampling), [-1.0] * turn_budget(r, sampling), "length") for r in requests]
+
+
+@pytest.fixture
+def forced(tiny_policy):
+    turns = {0: ForcedTurn("<answer>", "</answer>"), 1: ForcedTurn("<search><img></search>")}
+    return ForcedTurnsEngine(FillingEngine(), tiny_policy.tokenizer, turns, tiny_policy.stop_token_ids())
+
+
+def test_the_forced_opening_and_the_models_tokens_fit_the_turns_budget(forced):
+    opening = len(forced.ids[0])
+    sampling = SamplingParams(max_tokens=8)
+    for cap in (None, 100, 8, 3):  # no cap and a cap above sampling's: 8 tokens ("or" took the request's 100)
+        (out,) = forced.generate([GenerationRequest((1, 2), turn=0, max_tokens=cap)], sampling)
+        assert len(out.token_ids) == min(cap or 8, 8) and out.token_ids[:opening] == forced.ids[0]
+    with pytest.raises(ValueError, match="max_tokens=0, must be >= 1"):  # "or" read 0 as no cap
+        forced.generate([GenerationRequest((1, 2), turn=0, max_tokens=0)], sampling)
+
+
+def test_a_forced_turn_longer_than_the_budget_is_cut_and_truncated_without_asking_the_model(forced):
+    whole = forced.ids[1]
+    assert len(whole) > 1 and len(forced.ids[0]) == 1
+    requests = [GenerationRequest((1, 2), turn=0, max_tokens=1), GenerationRequest((1, 2), turn=1, max_tokens=len(whole) - 1),
+                GenerationRequest((1, 2), turn=1, max_tokens=len(whole))]  # fmt: skip
+    outs = forced.generate(requests, SamplingParams(max_tokens=64))
+    assert [(o.token_ids, o.finish) for o in outs] == [(forced.ids[0], "length"), (whole[:-1], "length"), (whole, "stop")]
+    assert forced.inner.requests == []  # no room left for a token of the model's
