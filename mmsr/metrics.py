@@ -1,14 +1,15 @@
 """Rollout-side metrics, named by stage (``rollout/``, ``reward/``, ``tools/``) in one place, and their
-mean over ranks.
+reduction over ranks.
 
 Per-``data_source`` numbers are computed over that source's own rows (upstream computes every
-source's search ratio over the whole batch, spec §9).
+source's search ratio over the whole batch, spec §9). Over ranks, counts are summed, ratios are of the
+summed counts, maxima are maxima (``extreme``) and everything else is a mean.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from mmsr.checkpoint import gather_per_rank
 from mmsr.data.sample import Sample
@@ -74,8 +75,8 @@ GroupSums = dict[tuple[str, str], tuple[int, float, int, int]]
 
 
 def group_sums(trajs: Sequence[Trajectory], samples: Sequence[Sample], details: Sequence[dict[str, float]]) -> GroupSums:
-    """Per ``data_source`` and per ``category`` (``"none"`` when unset): the episodes, their summed correctness,
-    how many called a tool and how many have a ``correct`` term."""
+    """Per ``data_source`` and per ``category`` (an episode whose prompt has none is in no category): the
+    episodes, their summed correctness, how many called a tool and how many have a ``correct`` term."""
     fields = [{"data_source": s.data_source, "category": s.category} for s in samples]
     return _summed((fields[t.group_id], d.get("correct"), t.num_tool_calls > 0) for t, d in zip(trajs, details))
 
@@ -85,7 +86,9 @@ def _summed(episodes: Iterable[tuple[Mapping, float | None, float]]) -> GroupSum
     sums: GroupSums = {}
     for fields, correct, searched in episodes:
         for field in ("data_source", "category"):
-            key = (field, fields[field] or "none")
+            if not fields[field]:
+                continue
+            key = (field, fields[field])
             n, total, searches, graded = sums.get(key, (0, 0.0, 0, 0))
             if correct is not None:
                 total, graded = total + correct, graded + 1
@@ -104,19 +107,24 @@ def summed_over_ranks(sums: GroupSums) -> GroupSums:
     return total
 
 
+# A category's metrics are under its name (the question kinds ``mmsr report`` and the demo plot), a data source's
+# under ``data_source/``: a source and a category of one name shared a key, the category's value overwriting.
+GROUP_KEYS = {"data_source": "data_source/{}", "category": "{}"}
+
+
 def group_metrics(sums: GroupSums) -> dict[str, float]:
-    """``reward/accuracy/<name>`` and ``rollout/search_ratio/any/<name>`` of each group over its own episodes,
-    for the fields with several groups (one group would repeat the overall numbers). Accuracies only when
-    some episode was graded (as ``reward/accuracy``); after ``summed_over_ranks`` every rank decides alike."""
+    """``reward/accuracy/<category>`` and ``rollout/search_ratio/any/<category>`` of each category over its own
+    episodes, and ``.../data_source/<name>`` of each data source; also for a step whose prompts share one (a step
+    without one left a hole in its curve). Accuracies only when some episode was graded (as ``reward/accuracy``);
+    after ``summed_over_ranks`` every rank decides alike."""
     out = {}
     graded = any(n_graded for *_, n_graded in sums.values())
-    for field in ("data_source", "category"):
-        names = sorted(name for f, name in sums if f == field)
-        for name in names if len(names) > 1 else ():
+    for field, key in GROUP_KEYS.items():
+        for name in sorted(name for f, name in sums if f == field):
             n, correct, searched, _ = sums[field, name]
-            out[f"rollout/search_ratio/any/{name}"] = searched / n
+            out[f"rollout/search_ratio/any/{key.format(name)}"] = searched / n
             if graded:
-                out[f"reward/accuracy/{name}"] = float(correct / n)
+                out[f"reward/accuracy/{key.format(name)}"] = float(correct / n)
     return out
 
 
@@ -136,14 +144,14 @@ def episode_metrics(traj: Trajectory, samples: Sequence[Sample], reward: float, 
     """One held-out episode's ``rollout_metrics`` values with its prompt's ``data_source`` and ``category``
     (``samples[traj.group_id]``): what ``held_out_metrics`` pools over episodes and ranks."""
     sample = samples[traj.group_id]
-    metrics = rollout_metrics([traj], samples, [reward], [detail], settings)
+    metrics = rollout_metrics([traj], samples, [reward], [detail], settings, by_group=False)  # pooled later
     return {"metrics": metrics, "data_source": sample.data_source, "category": sample.category}
 
 
 def held_out_metrics(episodes: Sequence[dict]) -> dict[str, float]:
     """``val/`` metrics of held-out episodes (``episode_metrics`` of each, every rank's): each key's mean
-    over the episodes, and accuracy and search ratio per data source and per category where there are
-    several, computed over that group's own episodes (as ``rollout_metrics`` does for a step)."""
+    over the episodes, and accuracy and search ratio per data source and per category, computed over that
+    group's own episodes (``group_metrics``, as for a step)."""
     # every episode's keys: a reward's own terms may be in some episodes' details only (a step's metrics count
     # them 0 where absent, as here; taking the first episode's keys dropped some and raised on others)
     keys = dict.fromkeys(k for e in episodes for k in e["metrics"])
@@ -154,13 +162,25 @@ def held_out_metrics(episodes: Sequence[dict]) -> dict[str, float]:
 
 
 def tool_metrics(stats: RolloutStats, tools: dict | None = None) -> dict[str, float]:
-    """Call counts, failures, latency and timing of one rollout, plus each tool's own counters
-    (API calls, cost, cache hits of cached/web tools) under ``tools/<kind>/``."""
+    """The tool calls of every rank's rollout (a collective; on one process its own): calls per tool, failure
+    rate, latency and overlap (``tool_rates`` of the summed ``tool_sums``), and each tool's own counters (API
+    calls, cost, cache hits of cached/web tools) under ``tools/<kind>/``, summed: a step's totals."""
+    ranks = gather_per_rank((tool_counters(tools), tool_sums(stats)))  # one collective for both
+    return _added(own for own, _ in ranks) | tool_rates(_added(sums for _, sums in ranks))
+
+
+def tool_counters(tools: dict | None) -> dict[str, float]:
+    """Each tool's own counters (``tool.metrics()``, since the tool was built) under ``tools/<kind>/``."""
     own = {}
     for kind, tool in (tools or {}).items():
         if hasattr(tool, "metrics"):
             own |= {f"tools/{kind}/{k.removeprefix('tools/')}": float(v) for k, v in tool.metrics().items()}
-    return own | tool_rates(tool_sums(stats)) | {
+    return own
+
+
+def rollout_timings(stats: RolloutStats) -> dict[str, float]:
+    """This rank's seconds generating and waiting for tools, and its sampled tokens a second of generation."""
+    return {
         "timing/generate": stats.generate_s,
         "timing/tools": stats.tools_s,
         "rollout/tokens_per_s": stats.sampled_tokens / stats.generate_s if stats.generate_s else 0.0,
@@ -190,20 +210,34 @@ def tool_rates(sums: dict[str, float]) -> dict[str, float]:
 
 def totals_over_ranks(sums: dict[str, float]) -> dict[str, float]:
     """Each key's sum over the ranks that have it (``sums`` itself on one process)."""
+    return _added(gather_per_rank(sums))
+
+
+def _added(per_rank: Iterable[dict[str, float]]) -> dict[str, float]:
+    """Each key's sum over the dicts that have it (the first one's value itself, bit for bit, where one has it)."""
     total: dict[str, float] = {}
-    for rank in gather_per_rank(sums):
+    for rank in per_rank:
         for key, value in rank.items():
             total[key] = total[key] + value if key in total else value
     return total
 
 
-def mean_over_ranks(metrics: dict[str, float]) -> dict[str, float]:
-    """Each key's mean over the ranks that logged it. Ranks roll out different prompts, so their key
-    sets can differ (per-source / per-category metrics); Lightning's ``sync_dist`` would pair the
-    reductions of different keys across ranks."""
+def extreme(key: str) -> Callable[[Iterable[float]], float] | None:
+    """``max`` for a metric that is a maximum (``max`` a word of its last part: ``train/ratio_max``,
+    ``train/mismatch_max_abs_diff``), ``min`` for a minimum, ``None`` for the others: a mean of maxima is
+    no maximum, so these are reduced (over micro-batches, updates and ranks) by what they are."""
+    words = key.rsplit("/", 1)[-1].split("_")
+    return max if "max" in words else min if "min" in words else None
+
+
+def reduced_over_ranks(metrics: dict[str, float]) -> dict[str, float]:
+    """Each key's mean over the ranks that logged it, or for a maximum (minimum) the largest (smallest) value
+    (``extreme``). Ranks roll out different prompts, so their key sets can differ (a rank whose episodes
+    sampled nothing has no ``train/ratio_max``); Lightning's ``sync_dist`` would pair the reductions of
+    different keys across ranks."""
     per_rank = gather_per_rank({k: float(v) for k, v in metrics.items()})
-    keys = sorted({k for m in per_rank for k in m})
-    return {k: sum(m[k] for m in per_rank if k in m) / sum(k in m for m in per_rank) for k in keys}
+    values = {k: [m[k] for m in per_rank if k in m] for k in sorted({k for m in per_rank for k in m})}
+    return {k: (extreme(k) or _mean)(v) for k, v in values.items()}
 
 
 def forget_step_metrics(trainer) -> None:

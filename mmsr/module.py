@@ -43,13 +43,11 @@ from mmsr.metrics import (
     group_metrics,
     group_sums,
     held_out_metrics,
-    mean_over_ranks,
+    reduced_over_ranks,
     rollout_metrics,
+    rollout_timings,
     summed_over_ranks,
     tool_metrics,
-    tool_rates,
-    tool_sums,
-    totals_over_ranks,
     zero_std_groups,
 )
 from mmsr.models.build import DType, PolicyBuilder, save_policy
@@ -316,11 +314,11 @@ class GRPOModule(L.LightningModule):
         metrics = rollout_metrics(trajs, samples, rewards.tolist(), details, self.loop.settings, by_group=False)
         metrics["reward/zero_std_groups"] = zero_std_groups(rewards.tolist(), group_ids.tolist())
         memory = memory_metrics(self.model, self._ref.model if self._ref is not None else None, self.device)
-        metrics |= tool_metrics(self.loop.stats, self.loop.tools) | train_metrics | self._timings | memory
+        metrics |= rollout_timings(self.loop.stats) | train_metrics | self._timings | memory
         # counts and ratios of tool calls and of groups over every rank's calls and episodes (a mean of per-rank
         # ratios weighed a rank's one failed call like another's nine good ones)
-        tools = tool_rates(totals_over_ranks(tool_sums(self.loop.stats)))
-        metrics = mean_over_ranks(metrics) | tools | group_metrics(summed_over_ranks(group_sums(trajs, samples, details)))
+        tools, groups = tool_metrics(self.loop.stats, self.loop.tools), group_sums(trajs, samples, details)
+        metrics = reduced_over_ranks(metrics) | tools | group_metrics(summed_over_ranks(groups))
         self.log_dict(metrics, batch_size=len(samples), prog_bar=False)
         self.log("reward", metrics["reward/mean"], prog_bar=True, batch_size=len(samples))
 
@@ -370,8 +368,9 @@ class GRPOModule(L.LightningModule):
     # -- the policy update (mmsr.train.update) -----------------------------------------------
     def update_policy(self, trajs: list[Trajectory], advantages: torch.Tensor) -> dict[str, float]:
         """``ppo_epochs`` x ``mini_batches`` optimizer updates (``PolicyUpdate.update``), then the LR
-        schedule's step. ``advantages``: ``[N]``; returns ``train/`` metrics averaged over updates, and
-        ``train/lr``, the rate these updates used (read before the schedule moves on to the next step's)."""
+        schedule's step. ``advantages``: ``[N]``; returns ``train/`` metrics averaged over updates (a maximum:
+        the largest), and ``train/lr``, the rate these updates used (read before the schedule moves on to the
+        next step's)."""
         step = Backprop(self.model, self.optimizers(), self.manual_backward, self.device, self.trainer.world_size)
         metrics = self.policy_update.update(trajs, advantages, self._ref, step)
         metrics["train/lr"] = self.optimizers().param_groups[0]["lr"]

@@ -1,10 +1,11 @@
 """Rollout metrics by hand: search ratios under both definitions, per source and category over
-their own rows (upstream computes them over the whole batch), and tools' own counters."""
+their own rows (upstream computes them over the whole batch), tools' own counters, and how each
+kind of metric is reduced over ranks (counts summed, maxima maxed, the others averaged)."""
 
 import pytest
 
 from mmsr.data.sample import Sample
-from mmsr.metrics import rollout_metrics, search_ratios, tool_metrics, zero_std_groups
+from mmsr.metrics import rollout_metrics, rollout_timings, search_ratios, tool_metrics, zero_std_groups
 from mmsr.rollout.actions import Answer, ImageSearch, TextSearch
 from mmsr.rollout.loop import RolloutSettings
 from mmsr.rollout.stats import RolloutStats
@@ -35,7 +36,7 @@ def test_per_source_and_category_use_their_own_rows():
     details = [{"correct": 1.0}, {"correct": 0.0}, {"correct": 1.0}, {"correct": 1.0}]
     m = rollout_metrics(trajs, samples, [1, 0, 0.91, 1], details, RolloutSettings())
     assert m["rollout/search_ratio/any"] == 0.25
-    assert m["rollout/search_ratio/any/src1"] == 0.0 and m["rollout/search_ratio/any/src2"] == 0.5
+    assert m["rollout/search_ratio/any/data_source/src1"] == 0.0 and m["rollout/search_ratio/any/data_source/src2"] == 0.5
     assert m["reward/accuracy/search_free"] == 0.5 and m["reward/accuracy/image_search"] == 1.0
     assert m["reward/mean"] == pytest.approx(2.91 / 4)
 
@@ -49,7 +50,8 @@ def test_tool_metrics_include_each_tools_counters():
     stats.tool_calls["text_search"] = 2
     m = tool_metrics(stats, {"text_search": Counted(), "image_search": None})
     assert m["tools/text_search/api_calls"] == 3.0 and m["tools/text_search/cache_hits"] == 2.0
-    assert m["tools/failure_rate"] == 0.5 and m["tools/latency_s"] == 1.0 and m["rollout/tokens_per_s"] == 50.0
+    assert m["tools/failure_rate"] == 0.5 and m["tools/latency_s"] == 1.0
+    assert rollout_timings(stats) == {"timing/generate": 2.0, "timing/tools": 0.0, "rollout/tokens_per_s": 50.0}
 
 
 def test_zero_std_groups_counts_groups_without_a_learning_signal():
@@ -62,7 +64,7 @@ def test_zero_std_groups_counts_groups_without_a_learning_signal():
 
 def test_per_source_metrics_of_several_ranks_are_over_every_ranks_episodes(monkeypatch):
     """Rank 0 holds 4 episodes of source A (right), rank 1 two of A (wrong) and two of B: A is 4 of 6 right.
-    Per-rank means gave 0 (rank 0, one source, logged no per-source key; rank 1's A was 0 of 2)."""
+    Per-rank means gave 0 (rank 0, one source, logged no per-source key then; rank 1's A was 0 of 2)."""
     import mmsr.metrics as metrics
 
     samples = [Sample("a", "q", None, "x", data_source="A"), Sample("b", "q", None, "x", data_source="B")]
@@ -71,9 +73,8 @@ def test_per_source_metrics_of_several_ranks_are_over_every_ranks_episodes(monke
     per_rank = [metrics.group_sums(trajs, samples, details) for trajs, details in ranks]
     monkeypatch.setattr(metrics, "gather_per_rank", lambda obj: per_rank)
     m = metrics.group_metrics(metrics.summed_over_ranks(per_rank[0]))
-    assert m["reward/accuracy/A"] == pytest.approx(4 / 6) and m["reward/accuracy/B"] == 1.0
-    assert m["rollout/search_ratio/any/A"] == 0.0 and m["rollout/search_ratio/any/B"] == 1.0
-    assert "reward/accuracy/A" not in rollout_metrics(*ranks[0][:1], samples, [1.0] * 4, ranks[0][1], RolloutSettings())
+    assert m["reward/accuracy/data_source/A"] == pytest.approx(4 / 6) and m["reward/accuracy/data_source/B"] == 1.0
+    assert m["rollout/search_ratio/any/data_source/A"] == 0.0 and m["rollout/search_ratio/any/data_source/B"] == 1.0
 
 
 def test_held_out_metrics_take_every_episodes_keys():
@@ -124,12 +125,13 @@ def test_a_reward_without_details_logs_no_accuracy_or_format():
     trajs = [traj(0, [Answer("a")]), traj(0, [ImageSearch(), Answer("a")]), traj(1, [Answer("a")]), traj(1, [Answer("a")])]
     m = rollout_metrics(trajs, samples, [1.0] * 4, [{}] * 4, RolloutSettings())
     assert not [k for k in m if k.startswith(("reward/accuracy", "reward/format"))]
-    assert m["reward/mean"] == 1.0 and m["rollout/search_ratio/any/A"] == 0.5
+    assert m["reward/mean"] == 1.0 and m["rollout/search_ratio/any/data_source/A"] == 0.5
     val = held_out_metrics([episode_metrics(t, samples, 1.0, {}, RolloutSettings()) for t in trajs])
-    assert not [k for k in val if "accuracy" in k or "format" in k] and val["val/rollout/search_ratio/any/A"] == 0.5
+    assert not [k for k in val if "accuracy" in k or "format" in k] and val["val/rollout/search_ratio/any/data_source/A"] == 0.5
     # where some episodes hold a term, the others count 0 (as for a reward's own terms)
     m = rollout_metrics(trajs, samples, [1.0] * 4, [{"correct": 1.0}, {}, {}, {}], RolloutSettings())
-    assert m["reward/accuracy"] == 0.25 and m["reward/accuracy/A"] == 0.5 and m["reward/accuracy/B"] == 0.0
+    assert m["reward/accuracy"] == 0.25 and m["reward/accuracy/data_source/A"] == 0.5
+    assert m["reward/accuracy/data_source/B"] == 0.0
     assert "reward/format" not in m
 
 
@@ -144,6 +146,67 @@ def test_group_accuracies_are_decided_alike_on_every_rank(monkeypatch):
     per_rank = [metrics.group_sums(trajs, samples, details) for trajs, details in ranks]
     monkeypatch.setattr(metrics, "gather_per_rank", lambda obj: per_rank)
     on_each = [metrics.group_metrics(metrics.summed_over_ranks(own)) for own in per_rank]
-    assert on_each[0] == on_each[1] and on_each[0]["reward/accuracy/A"] == 0.5
+    assert on_each[0] == on_each[1] and on_each[0]["reward/accuracy/data_source/A"] == 0.5
     monkeypatch.setattr(metrics, "gather_per_rank", lambda obj: [per_rank[1], per_rank[1]])
-    assert "reward/accuracy/A" not in metrics.group_metrics(metrics.summed_over_ranks(per_rank[1]))
+    assert "reward/accuracy/data_source/A" not in metrics.group_metrics(metrics.summed_over_ranks(per_rank[1]))
+
+
+def test_a_step_of_one_category_and_one_source_still_logs_them():
+    """Every prompt of the step is a ``search_free`` one from ``src``: its curves get this step's point (a field
+    with one group logged nothing, a hole at every such step); a prompt without a category is in none."""
+    samples = [Sample("a", "q", None, "x", data_source="src", category="search_free"),
+               Sample("b", "q", None, "x", data_source="src", category="search_free")]  # fmt: skip
+    trajs = [traj(0, [Answer("a")]), traj(1, [ImageSearch(), Answer("a")])]
+    m = rollout_metrics(trajs, samples, [1.0, 0.0], [{"correct": 1.0}, {"correct": 0.0}], RolloutSettings())
+    assert m["reward/accuracy/search_free"] == 0.5 and m["rollout/search_ratio/any/search_free"] == 0.5
+    assert m["reward/accuracy/data_source/src"] == 0.5 and m["rollout/search_ratio/any/data_source/src"] == 0.5
+    uncategorized = [Sample("a", "q", None, "x", data_source="src")]
+    m = rollout_metrics(trajs[:1], uncategorized, [1.0], [{"correct": 1.0}], RolloutSettings())
+    assert sorted(k for k in m if k.startswith("reward/accuracy/")) == ["reward/accuracy/data_source/src"]
+
+
+def test_a_source_and_a_category_of_one_name_have_their_own_keys():
+    """Source ``x`` is right, category ``x`` (of the other prompt) wrong: they shared ``reward/accuracy/x``, where
+    the category's 0 overwrote the source's 1."""
+    samples = [Sample("a", "q", None, "x", data_source="x", category="y"),
+               Sample("b", "q", None, "x", data_source="y", category="x")]  # fmt: skip
+    trajs = [traj(0, [Answer("a")]), traj(1, [Answer("a")])]
+    m = rollout_metrics(trajs, samples, [1.0, 0.0], [{"correct": 1.0}, {"correct": 0.0}], RolloutSettings())
+    assert m["reward/accuracy/data_source/x"] == 1.0 and m["reward/accuracy/x"] == 0.0
+    assert m["reward/accuracy/data_source/y"] == 0.0 and m["reward/accuracy/y"] == 1.0
+
+
+def test_maxima_are_the_largest_over_ranks_and_the_others_means(monkeypatch):
+    """Rank 0's largest PPO ratio is 3, rank 1's 1: the step's is 3 (the mean of the ranks' maxima logged 2); a key
+    one rank lacks (its episodes sampled nothing) is reduced over the ranks that have it."""
+    import mmsr.metrics as metrics
+
+    per_rank = [{"train/ratio_max": 3.0, "train/mismatch_max_abs_diff": 0.5, "train/ratio_mean": 1.5, "x/y_min": 2.0},
+                {"train/ratio_max": 1.0, "train/ratio_mean": 0.5, "x/y_min": -1.0}]  # fmt: skip
+    monkeypatch.setattr(metrics, "gather_per_rank", lambda obj: per_rank)
+    assert metrics.reduced_over_ranks(per_rank[0]) == {
+        "train/mismatch_max_abs_diff": 0.5, "train/ratio_max": 3.0, "train/ratio_mean": 1.0, "x/y_min": -1.0}
+
+
+def test_tools_own_counters_are_summed_over_ranks(monkeypatch):
+    """Rank 0's web tool made 3 API calls, rank 1's 5: the step's total is 8 (averaged, it read 4); the calls'
+    ratios are of the summed counts."""
+    import mmsr.metrics as metrics
+
+    class Counted:
+        def __init__(self, calls):
+            self.calls = calls
+
+        def metrics(self):
+            return {"tools/api_calls": self.calls}
+
+    stats = [RolloutStats(tool_failures=1, tool_latency_s=[4.0]), RolloutStats(tool_latency_s=[1.0] * 3)]
+    stats[0].tool_calls["text_search"], stats[1].tool_calls["text_search"] = 1, 3
+    tools = [{"text_search": Counted(3.0)}, {"text_search": Counted(5.0)}]
+    sent = []  # what rank 1 hands the collectives, then what rank 0 gets back from them
+    monkeypatch.setattr(metrics, "gather_per_rank", lambda obj: sent.append(obj) or [obj])
+    metrics.tool_metrics(stats[1], tools[1])
+    monkeypatch.setattr(metrics, "gather_per_rank", lambda obj: [obj, sent.pop(0)])
+    m = metrics.tool_metrics(stats[0], tools[0])
+    assert m["tools/text_search/api_calls"] == 8.0 and m["tools/text_search_calls"] == 4.0
+    assert m["tools/failure_rate"] == 0.25 and m["tools/latency_s"] == pytest.approx(7 / 4)

@@ -1,9 +1,12 @@
-"""What GRPOModule logs at a step: only what that step measured."""
+"""What GRPOModule logs at a step: only what that step measured, and over ranks counts summed, ratios of sums."""
 
+import mmsr.metrics
 import mmsr.sync
+from mmsr.metrics import tool_rates, tool_sums
 from mmsr.rollout.engine import ScriptedEngine
 from mmsr.sync import SyncCheck, WeightSync
-from tests.test_module import make_module, script
+from tests.rollout.test_loop import FakeImageSearch
+from tests.test_module import fit_one_step, make_module, script
 
 
 class ProbedEngine(ScriptedEngine):
@@ -32,3 +35,32 @@ def test_a_sync_probe_is_logged_at_the_step_that_ran_it_only(monkeypatch, fvqa_s
     assert [s.get("sync/probe_diff") for s in steps] == [0.25, None, 0.5]
     assert [s.get("sync/sampling_diff") for s in steps] == [0.125, None, 0.125]
     assert all({"timing/sync", "timing/rollout", "sync/seconds"} <= s.keys() for s in steps)  # the step's own
+
+
+class CountedImageSearch(FakeImageSearch):
+    """The fake image search with an API-call counter, as a web tool keeps one (``tools/image_search/api_calls``)."""
+
+    def metrics(self):
+        return {"tools/api_calls": 3.0}
+
+
+def test_two_ranks_log_summed_counts_and_ratios_of_the_summed_counts(monkeypatch, fvqa_samples):
+    """Two ranks that rolled out alike (every gather gets this rank's values twice): the tool's own counter and the
+    calls are the step's totals (the counter was averaged over ranks); the ratios are those of one rank, bit for bit,
+    and the ranks exchange counts, never ratios (each rank computed the tool rates, all-reduced them, and the pooled
+    ones overwrote them); a step of one category and one source logs both."""
+    sent, logged = [], {}
+    monkeypatch.setattr(mmsr.metrics, "gather_per_rank", lambda obj: sent.append(repr(obj)) or [obj, obj])
+    module = make_module(image_search=CountedImageSearch())
+    log_dict = module.log_dict
+    monkeypatch.setattr(module, "log_dict", lambda metrics, **kw: logged.update(metrics) or log_dict(metrics, **kw))
+    fit_one_step(module, fvqa_samples[:1])
+    stats = module.loop.stats
+    assert logged["tools/image_search/api_calls"] == 6.0
+    assert logged["tools/image_search_calls"] == 2 * stats.tool_calls["image_search"] > 0
+    one_rank = tool_rates(tool_sums(stats))
+    assert {k: logged[k] for k in ("tools/failure_rate", "tools/latency_s", "rollout/overlap")} == {
+        k: one_rank[k] for k in ("tools/failure_rate", "tools/latency_s", "rollout/overlap")}
+    assert not [s for s in sent if "tools/failure_rate" in s or "tools/latency_s" in s or "rollout/overlap" in s]
+    category, source = fvqa_samples[0].category, fvqa_samples[0].data_source
+    assert f"reward/accuracy/{category}" in logged and f"reward/accuracy/data_source/{source}" in logged

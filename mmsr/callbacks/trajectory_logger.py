@@ -7,6 +7,9 @@ groups come first and their answers can be compared) from ``GRPOModule.last_roll
   next to the resolved ``config.yaml`` and the CSV logger's ``metrics.csv``);
 - when a ``WandbLogger`` is attached, logs a ``wandb.Table`` with one row per turn.
 wandb is imported only in that case, so CSV / TensorBoard runs work without it.
+
+On several ranks the trajectories are rank 0's (the first of its share of the step's prompts): the other
+ranks' are not gathered, which would send every rank's thumbnails through a collective at each logged step.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ if TYPE_CHECKING:
 
 
 class TrajectoryLogger(L.Callback):
-    """Dumps sampled trajectories every ``every_n_steps`` training steps.
+    """Dumps sampled trajectories every ``every_n_steps`` training steps (rank 0's on several ranks).
 
     Args:
         every_n_steps: log on training steps 0, N, 2N, ... (steps, not optimizer updates).

@@ -22,6 +22,7 @@ import torch
 from mmsr.algo import aggregate, kl_penalty, policy_loss
 from mmsr.algo.correction import corrected_advantages, is_weights, logprob_mismatch
 from mmsr.algo.loss import AggMode
+from mmsr.metrics import extreme
 from mmsr.models.policy import Policy
 from mmsr.parallel import all_reduce
 from mmsr.optim import refuse_out_of_range
@@ -127,7 +128,8 @@ class PolicyUpdate:
         Args:
             advantages: ``[N]`` one per trajectory, broadcast over its sampled tokens.
             ref: the frozen reference model (``None``: no KL term).
-        Returns: ``train/`` metrics averaged over updates.
+        Returns: ``train/`` metrics averaged over updates; a maximum (``train/ratio_max``,
+            ``train/mismatch_max_abs_diff``) is the largest over them.
         """
         s = self.settings
         if s.kl_coef > 0 and ref is None:
@@ -151,7 +153,7 @@ class PolicyUpdate:
                 for k, v in self._optimizer_step(trajs, part, run, advantages, old, ref_scores, step).items():
                     reported.setdefault(k, []).append(v)
         # each over the updates that have it: one whose episodes sampled nothing has no token means (not 0s)
-        return {k: _mean(values) for k, values in reported.items()}
+        return {k: (extreme(k) or _mean)(values) for k, values in reported.items()}
 
     def _optimizer_step(self, trajs, idx: list[int], run: list[int], advantages, old, ref, step: Backprop
                         ) -> dict[str, float]:  # fmt: skip
@@ -272,10 +274,14 @@ def _add_weighted(metrics: dict[str, float], micro: Mapping[str, Any], per_episo
                   per_token: float | None) -> None:  # fmt: skip
     """Adds a micro-batch's metrics to the update's: the ``LOSS_TERMS`` times ``per_episode`` (its share of what
     loss_agg averages over), the others times ``per_token`` (its share of the sampled tokens). ``None``: the update
-    has nothing to average them over and logs none (not 0, which would pull the step's mean down)."""
+    has nothing to average them over and logs none (not 0, which would pull the step's mean down). A maximum or
+    minimum (``extreme``) is the largest or smallest of the micro-batches that sampled a token, unweighted."""
     for k, v in micro.items():
         weight = per_episode if k in LOSS_TERMS else per_token
-        if weight is not None:
+        pick = extreme(k)
+        if pick is not None and weight:  # a micro-batch without sampled tokens has no maximum (its 0 is a fill)
+            metrics[k] = pick(metrics[k], float(v)) if k in metrics else float(v)
+        elif pick is None and weight is not None:
             metrics[k] = metrics.get(k, 0.0) + float(v) * weight
 
 

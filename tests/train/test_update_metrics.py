@@ -1,6 +1,7 @@
 """What an update logs and how many optimizer steps it makes when some episodes sampled nothing (their prompt
 filled the context): the token-mean diagnostics (entropy, ratio, clip fraction, mismatch) are means over the
-sampled tokens whatever ``loss_agg`` and the micro-batch cut, and every mini-batch makes its optimizer step."""
+sampled tokens whatever ``loss_agg`` and the micro-batch cut, their maxima the largest, and every mini-batch
+makes its optimizer step."""
 
 from dataclasses import replace
 
@@ -79,3 +80,14 @@ def test_a_mini_batch_that_sampled_nothing_still_steps(rollout, agg):
     assert opt.steps[0].abs().sum() > 0 and (opt.steps[1] == 0).all()
     assert metrics["train/ratio_mean"] == pytest.approx(1.0)  # the second update has no token to average: before 0.5
     assert metrics["train/grad_norm"] == pytest.approx(float(opt.steps[0].norm()) / 2, rel=1e-4)
+
+
+def test_maxima_are_the_largest_over_micro_batches_and_updates(rollout):
+    """The PPO ratio against the engine's log-probs (the scripted engine's, not the policy's) and the mismatch: their
+    maxima over the step's tokens are those of one update of one micro-batch, whatever the cut (here 2 updates of
+    one episode a micro-batch: a token-weighted mean of the micro-batches' maxima, then a mean over updates, read
+    less)."""
+    whole, _ = update(rollout, EPISODES, old_logprobs="engine", micro_batch_tokens=100_000)
+    cut, _ = update(rollout, EPISODES, old_logprobs="engine", micro_batch_tokens=1, mini_batches=2)
+    for k in ("train/ratio_max", "train/mismatch_max_abs_diff"):
+        assert cut[k] == pytest.approx(whole[k], rel=1e-5), k
