@@ -234,7 +234,8 @@ class GRPOModule(L.LightningModule):
         compute, kl, offload = self.policy.compute_dtype or self.param_dtype, self.hparams.kl_coef > 0, self.hparams.ref_offload
         if self.device_mesh is None:
             self._ref = ReferenceModel.copy_of(self.model, compute, device, offload) if kl else None
-            self.model.to(self.param_dtype)
+            for p in self.model.parameters():  # not Module.to: it rounds the rotary inv_freq buffers too (as copy_to)
+                p.data = p.data.to(self.param_dtype)
             return
         if isinstance(self.engine, HFEngine) and self.engine.generates_with(self.model):
             self.engine.bind(replace(self.policy, model=copy_to(self.model, compute, device)))
