@@ -15,7 +15,7 @@ Teacher and documents are injected (``class_path`` entries): the CPU demo's are
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Protocol
 
 import lightning as L
@@ -121,7 +121,7 @@ class SFTModule(L.LightningModule):
     def training_step(self, batch: list[Sample], batch_idx: int) -> None:
         if self.global_step < self.hparams.reading_steps:
             return self._reading_step()
-        trajs = self._episodes(batch, {s.id: self.teacher.turns(s) for s in batch})
+        trajs = self._episodes(batch, {s.id: self._written(self.teacher, s) for s in batch})
         opt = self.optimizers()
         opt.zero_grad()
         loss, total = self._imitate(trajs)
@@ -130,6 +130,16 @@ class SFTModule(L.LightningModule):
                    "rollout/turns": sum(len(t.turns) for t in trajs) / len(trajs)}  # fmt: skip
         self.log_dict(metrics, batch_size=len(batch))
         self.log("loss", loss, prog_bar=True, batch_size=len(batch))
+
+    def _written(self, teacher: Teacher, sample: Sample) -> list[str]:
+        """``teacher``'s turns for ``sample``, written from the sample's text as the prompt shows it (``Encoder.plain``):
+        an answer or question from the data set that spells ``<|im_end|>`` or ``<|image_pad|>`` must be trained on as
+        text, not as a special token among the targets. The teacher's own tags stay as it writes them."""
+        plain = self.loop.encoder.plain
+        extra = {k: plain(v) if isinstance(v, str) else v for k, v in sample.extra.items()}
+        return teacher.turns(replace(sample, image=sample.stored_image, question=plain(sample.question),
+                                     ground_truth=plain(sample.ground_truth), extra=extra,
+                                     candidate_answers=tuple(map(plain, sample.candidate_answers))))  # fmt: skip
 
     def _episodes(self, samples: list[Sample], turns: dict[str, list[str]]) -> list[Trajectory]:
         """One episode per sample with the teacher's ``turns`` (by sample id), through the real loop and tools."""
@@ -148,7 +158,7 @@ class SFTModule(L.LightningModule):
         self._val_teacher = self._val_teacher or copy.deepcopy(self.teacher)
         for s in batch:
             if s.id not in self._val_turns:
-                self._val_turns[s.id] = self._val_teacher.turns(s)
+                self._val_turns[s.id] = self._written(self._val_teacher, s)
         runs = self.loop.runs  # training's episodes keep their keys whether or not validation ran
         self._val_trajs += self._episodes(batch, {s.id: self._val_turns[s.id] for s in batch})
         self.loop.runs = runs
@@ -243,6 +253,8 @@ def lm_nll(policy: Policy, texts: list[str], device: torch.device | str) -> tupl
 
     Returns: two scalar tensors; padding (``attention_mask`` 0) is excluded.
     """
+    # pages are text from outside: one that quotes ``<|im_end|>`` or ``<|image_pad|>`` must not train a special token
+    texts = list(map(policy.encoder().plain, texts))
     # right-padded whatever the tokenizer's default: the targets and positions below count from the left
     enc = policy.tokenizer(texts, padding=True, padding_side="right", return_tensors="pt", add_special_tokens=False)
     ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)  # [N, T] each

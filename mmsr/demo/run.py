@@ -57,13 +57,17 @@ def overrides(out: Path, seed: int, steps: int | None) -> list[str]:
     args = ["--seed_everything", str(seed), "--data.seed", str(seed), "--data.train_files", f"[{world / 'train.parquet'}]",
             "--model.init_args.image_search.init_args.index", str(world / "image_index.jsonl"),
             "--model.init_args.text_search.init_args.corpus", str(world / "corpus.jsonl")]  # fmt: skip
-    return args + (["--trainer.max_steps", str(steps)] if steps else [])
+    return args + (["--trainer.max_steps", str(steps)] if steps is not None else [])
 
 
-def updates_per_step() -> int:
-    """Optimizer updates the demo's GRPO makes per training step (``trainer.max_steps`` counts updates)."""
-    args = yaml.safe_load((CONFIGS / "grpo.yaml").read_text())["model"]["init_args"]
-    return UpdateSettings.of(args).updates_per_step
+def updates_per_step(args: Sequence[str]) -> int:
+    """Optimizer updates per GRPO training step under the LightningCLI arguments ``args`` (``trainer.max_steps``
+    counts updates). Parsed, not read from grpo.yaml: arguments after ``--`` may change the mini-batches or epochs."""
+    from mmsr.cli import lightning_cli
+
+    # nothing runs, so nothing is seeded (the stage's own CLI seeds)
+    config = lightning_cli([*args, "--seed_everything", "false"], parse_only=True, run=False).config
+    return UpdateSettings.of(config.model.init_args).updates_per_step
 
 
 def sft_overrides(out: Path, reading_steps: int | None, sft_steps: int | None) -> list[str]:
@@ -144,10 +148,11 @@ def run(out: Path, seed: int, sft_steps: int | None, grpo_steps: int | None, eva
     grpo = out / "grpo"
     shutil.rmtree(grpo, ignore_errors=True)  # a rerun into the same --out: trajectories.jsonl would get both runs'
     with memory.stage("grpo_setup"):
-        updates = grpo_steps * updates_per_step() if grpo_steps else None
-        cli = lightning_cli(["-c", str(CONFIGS / "grpo.yaml"), *overrides(source, seed, updates),
-                             "--trainer.default_root_dir", str(grpo), "--trainer.logger.init_args.save_dir", str(grpo),
-                             "--model.init_args.policy.init_args.path", str(source / "sft" / "policy"), *grpo_args], run=False)  # fmt: skip
+        stage = ["--trainer.default_root_dir", str(grpo), "--trainer.logger.init_args.save_dir", str(grpo),
+                 "--model.init_args.policy.init_args.path", str(source / "sft" / "policy"), *grpo_args]  # fmt: skip
+        config = ["-c", str(CONFIGS / "grpo.yaml")]
+        updates = None if grpo_steps is None else grpo_steps * updates_per_step([*config, *overrides(source, seed, None), *stage])
+        cli = lightning_cli([*config, *overrides(source, seed, updates), *stage], run=False)
         held_out = first_of_each_kind(load_samples(source / "world" / "eval.parquet"), eval_limit)
         max_tokens = cli.model.loop.settings.max_tokens_per_turn
         cli.model.start_engine()  # evaluated before fit, whose setup hook would start it
@@ -228,8 +233,9 @@ def table(summary: dict) -> str:
     return "\n".join(rows)
 
 
-def write_outputs(out: Path, summary: dict) -> None:
-    """The summary files, ``demo.png`` and ``report.html`` (the GRPO run's ``mmsr report`` page)."""
+def write_outputs(out: Path, summary: dict) -> list[str]:
+    """The summary files, ``demo.png`` and ``report.html`` (the GRPO run's ``mmsr report`` page); returns the
+    names written."""
     from mmsr.report.cli import write_report
     from mmsr.report.plots import plot_panels
 
@@ -241,24 +247,40 @@ def write_outputs(out: Path, summary: dict) -> None:
                 writer.writerows([stage, kind, k, v] for k, v in metrics.items())
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     (out / "summary.md").write_text(table(summary) + "\n")
+    written = ["metrics.csv", "summary.json", "summary.md"]
+    if not Path(summary["grpo_metrics"]).is_file():  # --grpo-steps 0: no GRPO step logged, no curves to draw
+        return written
     plot_panels(summary["grpo_metrics"], out / "demo.png", KINDS)
     write_report(Path(summary["grpo_metrics"]).parent, page=out / "report.html")
+    return written + ["demo.png", "report.html"]
+
+
+def count(text: str) -> int:
+    """An argparse type: a step count, 0 or more."""
+    n = int(text)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{n} is negative: give 0 or more steps")
+    return n
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="mmsr demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("runs/demo"), help="run directory")
     ap.add_argument("--seed", type=int, default=None, help="default: 0, or the --warm-start run's seed")
-    ap.add_argument("--reading-steps", type=int, default=None, help="override the warm start config's reading_steps")
-    ap.add_argument("--sft-steps", type=int, default=None, help="imitation steps after reading (default: from the warm start config)")
-    ap.add_argument("--grpo-steps", type=int, default=None, help="GRPO training steps (default: the GRPO config's)")
-    ap.add_argument("--eval-limit", type=int, default=None, help="evaluate only the first N held-out questions")
+    ap.add_argument("--reading-steps", type=count, default=None, help="override the warm start config's reading_steps")
+    ap.add_argument("--sft-steps", type=count, default=None, help="imitation steps after reading (default: from the warm start config)")
+    ap.add_argument("--grpo-steps", type=count, default=None, help="GRPO training steps (default: the GRPO config's; 0 evaluates the warm start only)")
+    ap.add_argument("--eval-limit", type=int, default=None,
+                    help=f"evaluate only the first N held-out questions, the kinds in turn (N >= {len(KINDS)}: one of each)")
     ap.add_argument("--warm-start", type=Path, default=None, metavar="DIR",
                     help="reuse the world and warm start of an earlier run's --out DIR: only GRPO and the evaluations run")
     ap.add_argument("--check", action="store_true", help="exit with status 1, naming them, when claims are not met")
     ap.add_argument("grpo_args", nargs="*", metavar="-- GRPO_ARG",
                     help="after --: LightningCLI arguments for the GRPO stage (e.g. -- --model.init_args.lr 5e-5)")
     args = ap.parse_args(argv)
+    # checked before anything trains: the claims compare every kind, and a missing one failed only at the end
+    if args.eval_limit is not None and args.eval_limit < len(KINDS):
+        ap.error(f"--eval-limit {args.eval_limit}: at least {len(KINDS)}, one question of each kind ({', '.join(KINDS)})")
     if args.warm_start is not None and (args.reading_steps is not None or args.sft_steps is not None):
         ap.error("--reading-steps and --sft-steps shape the warm start, which --warm-start reuses")
     seed = args.seed if args.seed is not None else warm_start_seed(args.warm_start) if args.warm_start else 0
@@ -266,9 +288,9 @@ def main(argv: list[str] | None = None) -> dict:
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
     summary = run(args.out, seed, args.sft_steps, args.grpo_steps, args.eval_limit, args.reading_steps, args.warm_start,
                   args.grpo_args)  # fmt: skip
-    write_outputs(args.out, summary)
+    written = write_outputs(args.out, summary)
     print(table(summary))
-    print(f"\nseconds: {summary['seconds']}; outputs in {args.out}/ (metrics.csv, demo.png, summary.json, report.html)")
+    print(f"\nseconds: {summary['seconds']}; outputs in {args.out}/ ({', '.join(written)})")
     unmet = [f"{name} (measured {value})" for name, ok, value in checks(summary) if not ok]
     if args.check and unmet:
         raise SystemExit("mmsr demo --check: claims not met: " + "; ".join(unmet))

@@ -141,7 +141,7 @@ def test_check_exits_naming_the_unmet_claims(monkeypatch, tmp_path, accuracy, se
     import mmsr.demo.run as demo
 
     monkeypatch.setattr(demo, "run", lambda *a: _summary(accuracy, search_free, city))
-    monkeypatch.setattr(demo, "write_outputs", lambda *a: None)
+    monkeypatch.setattr(demo, "write_outputs", lambda *a: [])
     argv = ["--out", str(tmp_path), "--check"]
     if not unmet:
         demo.main(argv)
@@ -150,3 +150,69 @@ def test_check_exits_naming_the_unmet_claims(monkeypatch, tmp_path, accuracy, se
         demo.main(argv)
     assert all(name in str(exc.value) for name in unmet)
     demo.main(argv[:-1])  # without --check the claims are reported, not enforced
+
+
+def _earlier_run(root: Path) -> Path:
+    """A run directory that passes ``--warm-start``'s checks (empty files: nothing is built from them)."""
+    for path in ("world/train.parquet", "world/eval.parquet", "sft/policy/config.json", "sft/policy/model.safetensors"):
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_text("")
+    (root / "sft" / "csv").mkdir(parents=True)
+    (root / "sft" / "csv" / "config.yaml").write_text("seed_everything: 0\n")
+    return root
+
+
+@pytest.mark.parametrize(("argv", "max_steps"), [
+    (["--grpo-steps", "3"], "12"),  # grpo.yaml: 4 mini-batches, 1 epoch
+    (["--grpo-steps", "2", "--", "--model.init_args.mini_batches", "1"], "2"),
+    (["--grpo-steps", "2", "--", "--model.init_args.ppo_epochs", "2"], "16"),
+    (["--grpo-steps", "0"], "0"),  # the warm start evaluated twice, not the config's 80 steps
+    ([], None),  # the config's own max_steps
+])  # fmt: skip
+def test_grpo_steps_count_training_steps_under_the_grpo_arguments(monkeypatch, tmp_path, argv, max_steps):
+    """``--grpo-steps N`` is N training steps: ``trainer.max_steps`` (optimizer updates) is N times the updates a
+    step makes with the GRPO arguments given after ``--``, not with grpo.yaml's alone; 0 is 0."""
+    import mmsr.cli
+    import mmsr.demo.run as demo
+
+    source, real, calls = _earlier_run(tmp_path / "earlier"), mmsr.cli.lightning_cli, []
+
+    def cli(args, **kwargs):
+        if kwargs.get("parse_only"):  # reading the settings builds nothing
+            return real(args, **kwargs)
+        calls.append(args)
+        raise KeyboardInterrupt  # stop before building anything
+
+    monkeypatch.setattr(mmsr.cli, "lightning_cli", cli)
+    with pytest.raises(KeyboardInterrupt):
+        demo.main(["--out", str(tmp_path / "out"), "--warm-start", str(source), *argv])
+    (args,) = calls
+    given = [args[i + 1] for i, a in enumerate(args) if a == "--trainer.max_steps"]
+    assert given[-1:] == ([max_steps] if max_steps else [])
+
+
+@pytest.mark.parametrize("argv", [["--grpo-steps", "-1"], ["--sft-steps", "-2"], ["--reading-steps", "-1"],
+                                  ["--eval-limit", "2"], ["--eval-limit", "0"]])  # fmt: skip
+def test_arguments_the_run_could_not_honour_are_refused_before_it_starts(monkeypatch, capsys, argv):
+    """A negative step count, or too few held-out questions for one of each kind (the claims compare every kind:
+    ``--eval-limit 2`` trained the whole demo, then failed with a KeyError writing the summary)."""
+    import mmsr.demo.run as demo
+
+    monkeypatch.setattr(demo, "run", lambda *a: pytest.fail("the demo started"))
+    with pytest.raises(SystemExit) as exc:
+        demo.main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "negative" in err or "one question of each kind (search_free, image_search, text_search)" in err
+
+
+
+def test_a_run_without_grpo_steps_writes_its_summary_without_curves(tmp_path):
+    """``--grpo-steps 0`` logs no GRPO metrics: the summary files are written, the plot and report page (GRPO
+    curves) are left out, not failed on after both evaluations."""
+    import mmsr.demo.run as demo
+
+    summary = _summary(0.9, 0.0) | {"grpo_metrics": str(tmp_path / "grpo" / "csv" / "metrics.csv")}
+    assert demo.write_outputs(tmp_path, summary) == ["metrics.csv", "summary.json", "summary.md"]
+    assert json.loads((tmp_path / "summary.json").read_text())["grpo"]["all"]["accuracy"] == 0.9
+    assert not (tmp_path / "demo.png").exists() and not (tmp_path / "report.html").exists()
