@@ -1,8 +1,8 @@
 """``mmsr export --ckpt RUN/checkpoints/last.ckpt --out DIR``: a training checkpoint (a single file, or
 the distributed checkpoint directory ``ModelParallelStrategy`` writes) -> a Hugging Face directory
 (safetensors, config, tokenizer, image processor, chat template) that transformers and vLLM load
-directly (``PretrainedPolicy(path=DIR)`` in a config). The weights keep the checkpoint's dtype unless
-``--dtype`` asks for another."""
+directly (``PretrainedPolicy(path=DIR)`` in a config: tool images resized as in training). The weights
+keep the checkpoint's dtype unless ``--dtype`` asks for another."""
 
 from __future__ import annotations
 

