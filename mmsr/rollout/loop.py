@@ -17,6 +17,7 @@ budget is kept as sampled and marked truncated.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, wait
@@ -357,22 +358,41 @@ class RolloutLoop:
         self.stats.tool_calls[request.kind] += 1
         start = time.perf_counter()
         async with semaphore:
+            deadline = asyncio.timeout(self.settings.tool_timeout_s)
             try:
-                if tool is None:
-                    result = failure(request.kind, f"no {request.kind} tool is configured")
-                else:
-                    result = await asyncio.wait_for(tool(request), self.settings.tool_timeout_s)
+                result = await self._result(tool, request, deadline)
             except FatalToolError:
                 raise
-            except asyncio.TimeoutError:
-                result = failure(request.kind, f"timed out after {self.settings.tool_timeout_s:g} s")
+            except asyncio.CancelledError:
+                if asyncio.current_task().cancelling():
+                    raise  # the rollout itself is cancelled (it failed, or is shutting down)
+                # the tool cancelled a task of its own and let that escape: a tool bug like any other
+                result = failure(request.kind, "the tool's call was cancelled")
             except Exception as exc:  # a tool bug must not kill the rollout: the model sees a failure
-                result = failure(request.kind, f"{type(exc).__name__}: {exc}")
+                # only our deadline "timed out after"; a tool's own TimeoutError (its HTTP client) says why
+                ours = isinstance(exc, TimeoutError) and deadline.expired()
+                why = f"timed out after {self.settings.tool_timeout_s:g} s" if ours else f"{type(exc).__name__}: {exc}"
+                result = failure(request.kind, why)
         latency = time.perf_counter() - start
         self.stats.tool_failures += not result.ok
         self.stats.tool_latency_s.append(latency)
         self.stats.tool_spans.append((start, start + latency))
-        return result if result.latency_s else replace(result, latency_s=latency)
+        # a tool's own latency wins (a cache replaying the recorded one) unless it is unset or nonsense (NaN,
+        # inf, negative), which would reach the trajectory records
+        kept = isinstance(result.latency_s, (int, float)) and 0 < result.latency_s < math.inf
+        return result if kept else replace(result, latency_s=latency)
+
+    @staticmethod
+    async def _result(tool: SearchTool | None, request: ToolRequest, deadline: asyncio.Timeout) -> ToolResult:
+        """``tool(request)`` within ``deadline``. Anything but a ``ToolResult`` back (a missing ``return``)
+        raises TypeError, so the caller shows it as a failure like any other tool bug."""
+        if tool is None:
+            return failure(request.kind, f"no {request.kind} tool is configured")
+        async with deadline:
+            result = await tool(request)
+        if not isinstance(result, ToolResult):
+            raise TypeError(f"{type(tool).__name__} returned {type(result).__name__}, not a ToolResult")
+        return result
 
     def _observe(self, e: Episode, result: ToolResult) -> None:
         request, traj = e.pending, e.traj
