@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
@@ -57,7 +58,8 @@ class ToolResult:
         images: returned images (thumbnails), in the order of their markers.
         ok: False when the search failed; ``text`` then says so in words the model can use.
         latency_s: wall-clock seconds the call took.
-        cost: money spent (API backends), 0 for local ones.
+        cost: money spent (API backends), 0 for local ones. Both are finite and >= 0 (``ValueError`` otherwise:
+            a budget cannot count NaN or inf dollars), so a tool that computes a bad one fails its call.
         titles: titles of the returned items, for logs and tables.
         partial: a transient failure (the call's deadline, a timeout, 429/5xx, the network) cut the result
             short: it is shown, but never cached, so the next call may get the whole answer.
@@ -78,6 +80,10 @@ class ToolResult:
         # frozen: the one sanctioned way to clean a field
         object.__setattr__(self, "text", redact(_valid_utf8(self.text)))
         object.__setattr__(self, "titles", tuple(redact(_valid_utf8(t)) for t in self.titles))
+        for name in ("cost", "latency_s"):  # NaN is stored as NULL and refused; inf or < 0 would break a budget
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"ToolResult {name} must be a finite number >= 0, got {value!r}")
         if self.text.count(IMAGE_MARKER) != len(self.images):
             raise ValueError(
                 f"ToolResult has {len(self.images)} images but {self.text.count(IMAGE_MARKER)} "

@@ -11,12 +11,17 @@ API calls (spec §11 #8: SerpAPI is about $75 per 5k requests).
 ``CachedTool`` wraps any ``SearchTool``. Modes: ``off`` (always call), ``read_write`` (hit -> cached result;
 miss -> call, store successes not cut short by a transient failure, ``ToolResult.partial``), ``replay_only``
 (hit -> cached result; miss -> ``ReplayMiss``, never a call).
+In ``read_write`` mode a miss already being fetched on the same event loop is joined, not fetched again: the
+``num_generations`` episodes of a GRPO group search the same image at the same moment, and one call is paid.
+A joiner reserves nothing, gets the shared result (a partial one too), free unless it is the first caller
+left to get it, and is counted ``cache_joined``, neither a hit nor a miss; its own timeout leaves the call to
+the others (the last to leave cancels it).
 The budget counts the calls and dollars of one run in the same file, per tool kind and provider (image and
 text search have caps of their own), so every process of a run (same ``run_id``) shares it; past it, a miss
 returns a failure observation saying so instead of calling. A call is reserved with its provider's price
 (``provider.cost_per_call``) before it runs, so calls in flight count against ``max_cost`` too, and settled at
 its real cost after; a search that never went out (``ToolResult.sent`` False, or a ``ToolError`` with ``sent``
-False) gives its call back.
+False, or a caller cancelled while it waited to reserve) gives its call back.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import sqlite3
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -231,6 +236,40 @@ class ToolCache:
             self._db.close()
 
 
+@dataclass
+class _Miss:
+    """A miss being fetched, and how many callers wait for it."""
+
+    task: asyncio.Task
+    waiters: int = 0
+    answered: bool = False  # a caller got the result with its cost
+
+
+class _Claim:
+    """A budget reservation a worker thread makes for a caller that may leave before it is made: whichever of
+    ``made`` and ``leave`` comes second says True (give it back), so it is given back once."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._reserved = self._left = False
+
+    def made(self, reserved: bool) -> bool:
+        with self._lock:
+            self._reserved = reserved
+            return reserved and self._left
+
+    def leave(self) -> bool:
+        with self._lock:
+            self._left = True
+            return self._reserved
+
+
+def _forget(pending: dict, at: tuple[asyncio.AbstractEventLoop, CacheKey], miss: _Miss) -> None:
+    """Drop ``miss`` from ``pending`` unless a newer call of its key took its place."""
+    if pending.get(at) is miss:
+        del pending[at]
+
+
 class CachedTool:
     """A ``SearchTool`` served from a ``ToolCache`` first.
 
@@ -257,6 +296,9 @@ class CachedTool:
         self.path = path
         self._cache: ToolCache | None = None  # opened on first use: building a config touches no file
         self.counts: Counter[str] = Counter()
+        # misses in flight, per event loop (tasks die with their loop, and the rollout runs each step in a fresh
+        # one); empty when idle, so an unused tool still pickles
+        self._pending: dict[tuple[asyncio.AbstractEventLoop, CacheKey], _Miss] = {}
         self._kinds: set[str] = set()  # the tool kinds asked of it: its budget counters, for ``metrics``
 
     def check_budget(self, cap_s: float) -> None:
@@ -282,26 +324,59 @@ class CachedTool:
         start = time.perf_counter()
         key = CacheKey(request.kind, self.provider, request_key(request), self.version)
         self._kinds.add(request.kind)
-        if self.mode != "off":
-            hit = await asyncio.to_thread(self.cache.get, key)
-            self.counts[f"{request.kind}/cache_{'hits' if hit else 'misses'}"] += 1
-            if hit is not None:
-                return ToolResult(hit.text, hit.images, True, time.perf_counter() - start, 0.0, hit.titles)
-            if self.mode == "replay_only":
-                raise ReplayMiss(
-                    f"replay-only cache {self.cache.path} has no {request.kind} result for row "
-                    f"{request.sample_id!r} (provider {self.provider!r}, key {key.key[:80]!r}, "
-                    f"version {self.version!r})"
-                )
+        if self.mode == "off":
+            return await self._call_within_budget(request, start)
+        hit = await asyncio.to_thread(self.cache.get, key)
+        if hit is not None:
+            self.counts[f"{request.kind}/cache_hits"] += 1
+            return ToolResult(hit.text, hit.images, True, time.perf_counter() - start, 0.0, hit.titles)
+        if self.mode == "replay_only":
+            self.counts[f"{request.kind}/cache_misses"] += 1
+            raise ReplayMiss(
+                f"replay-only cache {self.cache.path} has no {request.kind} result for row "
+                f"{request.sample_id!r} (provider {self.provider!r}, key {key.key[:80]!r}, "
+                f"version {self.version!r})"
+            )
+        return await self._shared_miss(key, request, start)
+
+    async def _shared_miss(self, key: CacheKey, request: ToolRequest, start: float) -> ToolResult:
+        """The answer to the miss of ``key`` in flight on this event loop, started if none is: a GRPO group's
+        episodes search the same image at once, and one call is paid for, not ``num_generations``. A joiner
+        reserves nothing; one caller's answer carries the call's cost, the others' are free (cost 0, their own
+        latency), as a hit is. The call goes on while anyone waits for it; the last caller to give up cancels
+        it, as an unshared call is."""
+        pending, at = self._pending, (asyncio.get_running_loop(), key)
+        miss = pending.get(at)
+        self.counts[f"{request.kind}/cache_{'misses' if miss is None else 'joined'}"] += 1
+        if miss is None:
+            miss = pending[at] = _Miss(asyncio.ensure_future(self._miss(key, request, start)))
+            miss.task.add_done_callback(lambda t: (_forget(pending, at, miss), t.cancelled() or t.exception()))
+        miss.waiters += 1
+        try:
+            result = await asyncio.shield(miss.task)
+        finally:
+            miss.waiters -= 1
+            if not miss.waiters and not miss.task.done():
+                _forget(pending, at, miss)  # a caller arriving now starts a new call, never joins a cancelled one
+                miss.task.cancel()
+                await asyncio.wait({miss.task})  # settled in the budget before the caller leaves, as unshared
+        if not miss.answered:  # its cost is in one answer only: the first caller still waiting (the starter)
+            miss.answered = True
+            return result
+        images = tuple(image.copy() for image in result.images)  # each episode owns its images, as a hit's
+        return replace(result, images=images, latency_s=time.perf_counter() - start, cost=0.0)
+
+    async def _miss(self, key: CacheKey, request: ToolRequest, start: float) -> ToolResult:
+        """The backend's answer, stored unless it failed or was cut short (``partial``)."""
         result = await self._call_within_budget(request, start)
-        if result.ok and not result.partial and self.mode == "read_write":
+        if result.ok and not result.partial:
             await asyncio.to_thread(self.cache.put, key, result)
         return result
 
     async def _call_within_budget(self, request: ToolRequest, start: float) -> ToolResult:
         """The backend's answer to a miss, with its call reserved in the budget first and settled after."""
         budget, price = BudgetKey(self.run_id, request.kind, self.provider), self._price()
-        refusal = await asyncio.to_thread(self.cache.reserve, budget, self.max_calls, self.max_cost, price)
+        refusal = await self._reserve(budget, price)
         if refusal is not None:
             self.counts[f"{request.kind}/budget_refusals"] += 1
             return failure(request.kind, refusal, time.perf_counter() - start, sent=False)
@@ -317,6 +392,25 @@ class CachedTool:
             await asyncio.shield(asyncio.to_thread(self.cache.spend, budget, cost - price, calls))
         return result
 
+    async def _reserve(self, budget: BudgetKey, price: float) -> str | None:
+        """``ToolCache.reserve`` of one call holding ``price``, in a worker thread. A caller cancelled meanwhile
+        (another process holds the write lock and the rollout's timeout fires) never sends its call, yet the
+        thread still commits the reservation: it is given back then, whoever of the two comes second, without
+        waiting on the lock (the rollout's event loop may be closing)."""
+        claim = _Claim()
+        try:
+            return await asyncio.to_thread(self._reserve_for, budget, price, claim)
+        except asyncio.CancelledError:
+            if claim.leave():
+                threading.Thread(target=self.cache.spend, args=(budget, -price, -1), name="mmsr-budget").start()
+            raise
+
+    def _reserve_for(self, budget: BudgetKey, price: float, claim: _Claim) -> str | None:
+        refusal = self.cache.reserve(budget, self.max_calls, self.max_cost, price)
+        if claim.made(refusal is None):
+            self.cache.spend(budget, -price, -1)
+        return refusal
+
     def _price(self) -> float:
         """The backend's search provider's price per call (reserved before the call, so calls in flight count
         against ``max_cost``; also what a call that raised is charged), else nothing."""
@@ -324,8 +418,9 @@ class CachedTool:
         return float(getattr(provider, "cost_per_call", 0.0) or 0.0)
 
     def metrics(self) -> dict[str, float]:
-        """Cache hits/misses, budget refusals, this run's API calls and dollars with this tool, and the
-        backend's own metrics."""
+        """Cache hits, misses (calls to the backend or refused by the budget) and joined misses (module
+        docstring), budget refusals, this run's API calls and dollars with this tool, and the backend's own
+        metrics."""
         spent = [self.cache.spent(BudgetKey(self.run_id, kind, self.provider)) for kind in sorted(self._kinds)]
         calls, cost = sum(c for c, _ in spent), sum(d for _, d in spent)
         out = {f"tools/{k}": float(v) for k, v in sorted(self.counts.items())}

@@ -1,10 +1,13 @@
-"""Record/replay cache: modes, keys, image round trip, budget (also across processes), metrics."""
+"""Record/replay cache: modes, keys, image round trip, budget (also across processes), misses shared while in
+flight, metrics."""
 
 from __future__ import annotations
 
 import asyncio
 import multiprocessing
 import sqlite3
+import threading
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -337,3 +340,128 @@ def test_calls_in_flight_hold_their_price_against_max_cost(tmp_path):
     # $0, $0.40, $0.80 held when each of the first 3 starts (under $1); the 4th sees $1.20 held
     assert answered == backend.calls == 3
     assert tool.cache.spent(BudgetKey("r", "text_search", "counting")) == (3, pytest.approx(1.2))
+
+
+class SlowPaid(CountingTool):
+    """A paid web tool whose call takes a while, so that concurrent callers overlap; counts its starts and
+    cancellations."""
+
+    provider = SimpleNamespace(cost_per_call=0.25)
+
+    def __init__(self, delay_s: float = 0.05, partial: bool = False) -> None:
+        super().__init__(cost=0.25)
+        self.delay_s, self.partial, self.started, self.cancelled = delay_s, partial, 0, 0
+
+    async def __call__(self, request: ToolRequest) -> ToolResult:
+        self.started += 1
+        try:
+            await asyncio.sleep(self.delay_s)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        return replace(await super().__call__(request), partial=self.partial)
+
+
+def _together(tool, requests):
+    """Every request called at once; their results."""
+
+    async def main():
+        return await asyncio.gather(*(tool(r) for r in requests))
+
+    return asyncio.run(main())
+
+
+def test_a_groups_identical_misses_share_one_paid_call(tmp_path):
+    # The 8 episodes of a GRPO group image-search the same question image at the same moment.
+    backend = SlowPaid()
+    tool = CachedTool(backend, str(tmp_path / "c.sqlite"), max_calls=100, run_id="r")
+    group = [ToolRequest("image_search", image=Image.new("RGB", (16, 16), "red"), sample_id=f"ep{i}") for i in range(8)]
+    results = _together(tool, group)
+    assert backend.calls == 1 and tool.cache.spent(BudgetKey("r", "image_search", "counting")) == (1, 0.25)
+    assert len({(r.text, r.titles, r.images[0].tobytes(), r.ok) for r in results}) == 1 and results[0].ok
+    assert sorted(r.cost for r in results) == [0.0] * 7 + [0.25]  # the joiners paid nothing, as hits
+    assert len({id(r.images[0]) for r in results}) == 8  # each episode owns its images
+    m = tool.metrics()
+    assert m["tools/image_search/cache_misses"] == 1 and m["tools/image_search/cache_joined"] == 7
+    assert run(tool, group[0]).ok and backend.calls == 1 and len(tool.cache) == 1  # stored once
+
+
+def test_a_shared_result_cut_short_is_shown_to_every_caller_and_stored_by_none(tmp_path):
+    backend = SlowPaid(partial=True)
+    tool = CachedTool(backend, str(tmp_path / "c.sqlite"), run_id="r")
+    results = _together(tool, [text("q")] * 4)
+    assert backend.calls == 1 and all(r.partial and r.ok for r in results) and len(tool.cache) == 0
+    assert run(tool, text("q")).partial and backend.calls == 2  # the next call may get it whole
+
+
+def _first_gives_up(tool: CachedTool, backend: SlowPaid, queries: list[str]) -> list:
+    """Each query called at once; the first caller is cancelled once every caller is in a backend call or has
+    joined one (a rollout's timeout firing for one episode). Results, or the errors raised."""
+
+    def under_way() -> int:
+        return backend.started + tool.counts["text_search/cache_joined"]
+
+    async def main():
+        before, calls = under_way(), [asyncio.ensure_future(tool(text(q))) for q in queries]
+        while under_way() < before + len(queries):
+            await asyncio.sleep(0.005)
+        calls[0].cancel()
+        return await asyncio.gather(*calls, return_exceptions=True)
+
+    return asyncio.run(main())
+
+
+def test_a_caller_that_gives_up_leaves_the_shared_call_to_the_others(tmp_path):
+    backend = SlowPaid(delay_s=0.2)
+    tool = CachedTool(backend, str(tmp_path / "c.sqlite"), run_id="r")
+    gave_up, waited = _first_gives_up(tool, backend, ["q", "q"])
+    assert isinstance(gave_up, asyncio.CancelledError) and waited.ok and waited.cost == 0.25
+    assert backend.calls == 1 and backend.cancelled == 0 and len(tool.cache) == 1
+    # the last caller to give up cancels it, as an unshared call is cancelled; it is charged its price
+    (alone,) = _first_gives_up(tool, backend, ["other"])
+    assert isinstance(alone, asyncio.CancelledError) and backend.cancelled == 1 and len(tool.cache) == 1
+    assert tool.cache.spent(BudgetKey("r", "text_search", "counting")) == (2, 0.5)
+
+
+def test_off_mode_shares_nothing(tmp_path):
+    backend = SlowPaid()
+    _together(CachedTool(backend, str(tmp_path / "c.sqlite"), mode="off"), [text("q")] * 3)
+    assert backend.calls == 3  # off: always call
+
+
+def test_a_call_cancelled_while_it_waits_to_reserve_gives_its_reservation_back(tmp_path, monkeypatch):
+    # Another process of the run holds the write lock; the rollout's timeout fires while the worker thread waits
+    # for it. The call is never sent, yet the thread commits the reservation once the lock frees.
+    path = tmp_path / "c.sqlite"
+    backend = SlowPaid()
+    tool = CachedTool(backend, str(path), max_calls=5, run_id="r")
+    waiting, reserve = threading.Event(), tool.cache.reserve
+    monkeypatch.setattr(tool.cache, "reserve", lambda *args: (waiting.set(), reserve(*args))[1])
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+
+    async def main():
+        call = asyncio.ensure_future(tool(text("q")))
+        while not waiting.is_set():
+            await asyncio.sleep(0.005)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        other.execute("COMMIT")  # the reservation commits now, in its worker thread
+
+    asyncio.run(main())  # returns once the worker threads are done
+    assert backend.calls == 0 and tool.cache.spent(BudgetKey("r", "text_search", "counting")) == (0, 0.0)
+
+
+def test_a_tool_that_computes_a_nan_cost_fails_its_call_and_the_budget_stays_a_number(tmp_path):
+    class NaNCost(CountingTool):
+        provider = SimpleNamespace(cost_per_call=0.25)
+
+        async def __call__(self, request: ToolRequest) -> ToolResult:
+            return ToolResult("[Text Search Results] x", cost=float("nan"))
+
+    tool = CachedTool(NaNCost(), str(tmp_path / "c.sqlite"), max_cost=1.0, run_id="r")
+    for query in ("a", "b"):  # was an IntegrityError (NaN is stored as NULL), the call never settled
+        with pytest.raises(ValueError, match="ToolResult cost must be a finite number"):
+            run(tool, text(query))
+    assert tool.cache.spent(BudgetKey("r", "text_search", "counting")) == (2, 0.5)  # charged, as any call that raised

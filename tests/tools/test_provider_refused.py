@@ -5,6 +5,8 @@ ordinary failures; a site's 403/404 met while reading a page is one failed page.
 from __future__ import annotations
 
 import asyncio
+import gc
+import logging
 
 import pytest
 
@@ -170,3 +172,33 @@ def test_the_fake_web_sends_no_401_before_a_route_has_answered():
     draws = [fake.draw("serper") for _ in range(200)]
     first_401 = draws.index("echo_401")
     assert draws[:first_401].count(None) >= 3 and fake.stats()["injected"]["serper"]["echo_401"] > 20
+
+
+def test_pages_refused_together_raise_one_error_and_leave_no_asyncio_noise(monkeypatch, caplog):
+    # Every page's summary meets the refused key in the same instant: one ProviderRefused comes out, and no
+    # "Task exception was never retrieved" for the others.
+    async def main():
+        asked, together = [], asyncio.Event()
+
+        async def refused(text: str, query: str):
+            asked.append(query)
+            if len(asked) == 5:
+                together.set()
+            await together.wait()
+            raise ProviderRefused("summarizer at http://x refused the key (HTTP 401)")
+
+        async with serve([("POST", "/jina", Script((200, jina("P", "http://x", "Paris is in France. " * 5))))]) as url:
+            pages = [(f"Page {i}", f"https://site{i}.example/p", "") for i in range(5)]
+            async with serve([("POST", "/serper", Script((200, serper(pages))))]) as api:
+                llm = OpenAISummarizer(base_url=url + "/v1", model="m", limits=FAST)
+                monkeypatch.setattr(llm, "summarize", refused)
+                tool = WebTextSearch(Serper(api + "/serper", limits=FAST), JinaReader(endpoint=url + "/jina",
+                                     allow_private=True, limits=FAST), llm, top_k=5, max_candidates=5)  # fmt: skip
+                with pytest.raises(ProviderRefused, match="refused the key"):
+                    await tool(ToolRequest("text_search", "paris"))
+        return len(asked), [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        asked, left = asyncio.run(main())
+        gc.collect()  # an unretrieved task error is logged when the task is collected
+    assert asked == 5 and left == [] and not [r for r in caplog.records if r.name == "asyncio"]

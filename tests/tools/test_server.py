@@ -32,7 +32,7 @@ from mmsr.tools.server import (
     result_to_json,
 )
 from mmsr.tools.web.fake import serve
-from mmsr.tools.web.http import Limits
+from mmsr.tools.web.http import Limits, ToolError
 
 from ..conftest import FVQA, ROOT
 from .fake_web import Script, broken_png
@@ -352,3 +352,11 @@ def test_server_metrics_are_per_backend_and_never_sent_travels(monkeypatch, tmp_
     assert metrics["tools/text_search/api_calls"] == 2 and metrics["tools/image_search/api_calls"] == 0
     assert not result_from_json(result_to_json(failure("text_search", "circuit open", sent=False))).sent
     assert "sent" not in result_to_json(ToolResult("x"))
+
+
+@pytest.mark.parametrize("field", ["cost", "latency_s"])
+def test_an_answer_with_a_nan_cost_or_latency_is_not_a_tool_result(field):
+    # Python's json reads NaN: a server's bad number must fail the search (ToolError), not reach a budget
+    body = result_to_json(ToolResult("[Text Search Results] x", cost=0.5)) | {field: float("nan")}
+    with pytest.raises(ToolError, match=f"not a tool result.*ToolResult {field} must be a finite number"):
+        result_from_json(body)

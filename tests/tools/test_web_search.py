@@ -387,6 +387,18 @@ def test_an_unusable_summary_is_charged_its_tokens_and_an_unanswered_one_nothing
     assert result.cost == pytest.approx(dollars) and result.ok == ("Summary: Paris." in result.text)
 
 
+@pytest.mark.parametrize("total_tokens", [-1000, 10**400])
+def test_a_token_count_that_is_not_one_costs_nothing_and_keeps_the_summary(total_tokens):
+    # a negative count made a negative cost, which no result may have: the whole search failed
+    async def main():
+        answer = chat_completion("Summary: Paris.", total_tokens=total_tokens)
+        async with serve([("POST", "/v1/chat/completions", Script((200, answer)))]) as url:
+            llm = OpenAISummarizer(base_url=url + "/v1", model="qwen", limits=FAST, cost_per_million_tokens=1.0)
+            return await llm.summarize("page", "q")
+
+    assert asyncio.run(main()) == ("Summary: Paris.", 0.0)
+
+
 @pytest.mark.parametrize("snippet", ["web_text_search.yaml", "server.yaml"])
 def test_the_qwen3_snippets_ask_the_summarizer_not_to_think(snippet):
     """The snippet's ``extra_body`` (a nested mapping, parsed as LightningCLI parses the snippet) reaches the

@@ -134,8 +134,10 @@ class OpenAISummarizer:
     def _cost(self, usage: Any) -> float:
         """Dollars of a completion's ``usage.total_tokens`` (0 when the server sent no usable count)."""
         usage = usage if isinstance(usage, dict) else {}
-        tokens = usage.get("total_tokens", 0) if isinstance(usage.get("total_tokens", 0), int) else 0
-        return tokens * self.cost_per_million_tokens / 1e6
+        tokens = usage.get("total_tokens", 0)
+        # a negative count gives a cost no ToolResult takes, a huge one an OverflowError: either failed the search
+        usable = isinstance(tokens, int) and 0 <= tokens < 2**53
+        return (tokens if usable else 0) * self.cost_per_million_tokens / 1e6
 
     def metrics(self) -> dict[str, float]:
         return self.client.metrics()

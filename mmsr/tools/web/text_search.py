@@ -120,6 +120,10 @@ class WebTextSearch:
             refill()
             while running:
                 finished, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                # Several pages may meet the same refused key at once: retrieve every error, raise the first.
+                raised = [exc for task in finished if (exc := task.exception()) is not None]
+                if raised:
+                    raise raised[0]
                 for task in finished:
                     rank, summary, spent, error = task.result()
                     cost += spent
@@ -128,9 +132,10 @@ class WebTextSearch:
                     if summary is not None:
                         done[rank] = summary
                 refill()
-        finally:  # the caller gave up (cancelled): stop the pages too
+        finally:  # the caller gave up (cancelled) or a page raised: stop the other pages too
             for task in running:
                 task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)  # each error retrieved, no task left behind
         untried = len(done) < self.top_k and next(queue, None) is not None  # pages left untried for lack of time
         late += untried
         return [(results[rank], done[rank]) for rank in sorted(done)], cost, late, partial or untried
