@@ -248,7 +248,8 @@ def restore_rank_state(ranks: list[dict[str, Any]] | None, rank: int, world_size
     if len(ranks) != world_size:
         rank_zero_warn(f"checkpoint has RNG states of {len(ranks)} ranks, this run has a different number: "
                        "weights, optimizer and the data position are restored (the epoch's remaining prompts "
-                       "split over this run's ranks), random draws will differ")  # fmt: skip
+                       "split over this run's ranks, unless the data sampler warns that the checkpoint did not "
+                       "record its number of ranks), random draws will differ")  # fmt: skip
         return
     set_rng_state(ranks[rank]["rng"])
     if ranks[rank]["engine"] is not None and hasattr(engine, "load_state_dict"):

@@ -5,11 +5,12 @@ in the checkpoint (``loops.fit_loop.combined_loader``) and loads it before the f
 resume. A sized loader is not prefetched by Lightning, so when a checkpoint is written after batch
 ``b`` the sampler has handed out exactly the indices of batches ``0..b``: the resumed run continues
 with batch ``b + 1`` of the same permutation, never repeating or skipping a prompt, on any number of
-ranks.
+ranks (a checkpoint of an older mmsr, which did not record its number of ranks: on that number only).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -30,7 +31,8 @@ class ResumableSampler(Sampler[int]):
     handed out: the rest of that epoch's permutation is split over this run's ranks, so no prompt of the
     epoch is repeated or skipped (but the cut tail). Lightning still counts that epoch's batches as the old
     ranks did, so when the split leaves more batches than it expects, the extra ones make a short next
-    Lightning epoch. Checkpoints without ``num_replicas`` (older mmsr) are taken to be of this many ranks.
+    Lightning epoch. Checkpoints without ``num_replicas`` (older mmsr) are taken to be of this many ranks
+    (warned: saved on another number, they repeat or skip prompts of their epoch).
     A new ``iter()`` after a finished epoch starts the next one.
     """
 
@@ -83,9 +85,22 @@ class ResumableSampler(Sampler[int]):
             )
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         self.offset = int(state.get("offset", 0))
+        if "num_replicas" not in state:
+            self._warn_unknown_ranks()
         replicas = int(state.get("num_replicas", self.num_replicas))
         if replicas != self.num_replicas:
             self._split_rest(replicas, int(state["share"]))
+
+    def _warn_unknown_ranks(self) -> None:
+        """An older mmsr's ``position`` counts one rank's share without saying of how many ranks; taken to be
+        this run's, it goes on exactly on as many ranks only, and nothing here knows how many saved it."""
+        if self.position == 0 or self.rank != 0:  # nothing handed out in this epoch yet: exact on any number
+            return
+        warnings.warn(f"the checkpoint's data position (epoch {self.epoch}, {self.position} prompts into each rank's "
+                      f"share) is of an older mmsr that did not record its number of ranks: it is taken to be this "
+                      f"run's {self.num_replicas}. If it was saved on another number of ranks, the rest of epoch "
+                      f"{self.epoch} repeats (fewer ranks now) or skips (more) some of its prompts; resume it on "
+                      f"the number of ranks that saved it to go on exactly")  # fmt: skip
 
     def _split_rest(self, replicas: int, share: int) -> None:
         """Go on from a state of ``replicas`` ranks, each ``position`` into its ``share`` of the epoch: its

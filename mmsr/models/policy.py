@@ -115,7 +115,8 @@ class Policy:
             attention_mask: ``[N, T]``, 1 on real tokens.
             position_ids: ``[3, N, T]`` (vision) or ``[N, T]``.
             vision: every image of the batch, row-major in order of appearance.
-        Returns: the model output (``.logits`` ``[N, T', V]``).
+        Returns: the model output (``.logits`` ``[N, T', V]``). A vision-language policy given no images
+        beside other ranks still runs its vision tower (``idle_vision_tower``), at zero weight.
         """
         model = model if model is not None else self.model
         distinct, which = distinct_images(vision)
@@ -124,7 +125,8 @@ class Policy:
             kwargs["pixel_values"] = torch.cat([v.pixel_values for v in distinct]).to(dev, model.dtype)
             kwargs["image_grid_thw"] = torch.tensor([v.grid_thw for v in vision], device=dev)
         repeat = repeated_image_features(model, distinct, which) if len(distinct) < len(vision) else nullcontext()
-        with self.autocast(), repeat:
+        idle = idle_vision_tower(model) if self.is_vision and not vision and runs_beside_other_ranks() else nullcontext()
+        with self.autocast(), repeat, idle:
             out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
         return self.mask_banned(out)
 
@@ -166,6 +168,48 @@ def repeated_image_features(model: PreTrainedModel, distinct: Sequence[VisionInp
         yield
     finally:
         del inner.get_image_features
+
+
+def runs_beside_other_ranks() -> bool:
+    """Whether other processes run their forwards in step with this one (``torch.distributed``, several ranks).
+    Alone, a text-only forward leaves the tower out: zero gradients would still move it under AdamW (its step
+    count, bias correction and weight decay), so one process trains as it did before the blank image existed."""
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+@contextmanager
+def idle_vision_tower(model: PreTrainedModel) -> Iterator[None]:
+    """While inside, a forward of ``model`` without images encodes one blank image of ``merge x merge``
+    patches (one token's worth) and adds 0 x the sum of its features (Qwen3-VL's deepstack ones too) to
+    the text embeddings ``[N, T, D]``: the loss and every other gradient are unchanged, the tower's
+    gradients are zeros.
+
+    Every rank must run the same modules, whatever its micro-batch holds: DDP expects every parameter's
+    gradient (a text-only rank failed the step) and FSDP2 gathers and reduce-scatters the tower's blocks
+    only on the ranks that run them (the others hung). The encoding runs inside the root forward, between
+    the text embeddings and the language model, where images are encoded, so FSDP2's hooks and gradient
+    checkpointing see it as they see an image (veRL and EasyR1 add such a dummy image too).
+    """
+    inner, vision = model.model, model.config.vision_config
+    merge = vision.spatial_merge_size
+    width = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+
+    def encode_blank(module, args, kwargs):
+        embeds = kwargs["inputs_embeds"]
+        grid = torch.tensor([[1, merge, merge]], device=embeds.device)
+        out = inner.get_image_features(embeds.new_zeros(merge * merge, width), grid)
+        features = [*out.pooler_output, *(f for layer in getattr(out, "deepstack_features", None) or () for f in layer)]
+        # summed in fp32: an fp16 sum could overflow, and 0 x inf is NaN
+        kwargs["inputs_embeds"] = embeds + 0 * sum(f.float().sum() for f in features).to(embeds.dtype)
+        return args, kwargs
+
+    # prepended: before any hook of the language model's own, as the image encoding comes before them
+    handle = inner.language_model.register_forward_pre_hook(encode_blank, prepend=True, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def check_image_tokens(input_ids: Sequence[int], vision: Sequence[VisionInput], image_token_id: int) -> None:

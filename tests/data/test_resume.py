@@ -1,5 +1,7 @@
 """The train loader resumes mid-epoch: a resumed run sees exactly the prompts an uninterrupted one sees."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -69,7 +71,26 @@ def test_an_older_checkpoint_without_the_number_of_ranks_resumes_as_before():
     full = _steps(_ranks(2, 2), 2, 4)[0]
     first, state = _steps(_ranks(2, 2), 2, 1)
     old = {k: state[k] for k in ("epoch", "position", "size", "seed")}
-    assert first + _steps(_ranks(2, 2, old), 2, 3)[0] == full
+    with pytest.warns(UserWarning, match="did not record its number of ranks") as warned:
+        resumed = _ranks(2, 2, old)
+    assert len(warned) == 1  # rank 0's
+    assert first + _steps(resumed, 2, 3)[0] == full
+
+
+def test_an_older_checkpoint_on_another_number_of_ranks_is_warned_of_the_prompts_it_repeats():
+    """2 ranks x 2, one step, resumed on 1 rank x 4: the old ``position`` 2 is read as one rank's, so the rank
+    goes on from index 2 of the whole permutation, rolling out 2 of the 4 prompts trained in the first step
+    again. The warning says so; the restored RNG warning (of another number of ranks) says the rest of the
+    epoch is split over the new ranks, which holds for states that record their ranks only."""
+    first, state = _steps(_ranks(2, 2), 2, 1)
+    old = {k: state[k] for k in ("epoch", "position", "size", "seed")}
+    with pytest.warns(UserWarning, match=r"epoch 0, 2 prompts into each rank's share.*this run's 1.*repeats"):
+        resumed = _ranks(1, 4, old)
+    assert len(set(first) & set(_steps(resumed, 4, 1)[0])) == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _ranks(1, 4, state)  # it records its ranks: split exactly, nothing to warn of
+        _ranks(1, 4, {**old, "position": 0})  # nothing handed out yet in the epoch: exact on any number
 
 
 def _fit(root, max_steps, ckpt=None, drop_last=True):

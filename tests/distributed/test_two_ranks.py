@@ -59,6 +59,21 @@ def routes(run_dir: Path, devices: int) -> list[dict[str, int]]:
     return [json.loads((run_dir / f"routes_{r}.json").read_text()) for r in range(devices)]
 
 
+def with_text_only_rank(tmp: Path, seed: int) -> Path:
+    """FVQA dev as ``tmp/train.jsonl``, without the images of the two prompts rank 1 of 2 (2 prompts a rank,
+    data ``seed``) rolls out in the first step: that rank's forwards have no image while rank 0's have, and
+    the vision tower runs on both (``mmsr.models.policy.idle_vision_tower``; DDP failed the step, FSDP2 hung)."""
+    from mmsr.data.datamodule import WholeBatchSampler
+
+    rows = [json.loads(line) for line in (FVQA / "fvqa_dev.jsonl").read_text().splitlines()]
+    text_only = WholeBatchSampler(2, len(rows), True, seed, 2, 1).order(0)[:2]
+    for i, row in enumerate(rows):
+        row["image"] = None if i in text_only else str(FVQA / row["image"])
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return tmp / "train.jsonl"
+
+
 def run(tmp: Path, devices: int, strategy, checkpoint: bool = False, max_steps: int = 2, extra: list[str] = (),
         count_routes: bool = False) -> Path:  # fmt: skip
     cfg = yaml.safe_load((ROOT / "configs" / "smoke.yaml").read_text())
@@ -76,7 +91,7 @@ def run(tmp: Path, devices: int, strategy, checkpoint: bool = False, max_steps: 
     init = cfg["model"]["init_args"]
     init["engine"] = {"class_path": "mmsr.rollout.engine.ScriptedEngine", "init_args": {"script": script()}}
     init.update(export_dir=str(tmp / "hf"), entropy_coef=0.0, lr=1e-3)
-    cfg["data"]["prompts_per_step"] = 4 // devices
+    cfg["data"].update(prompts_per_step=4 // devices, train_files=[str(with_text_only_rank(tmp, cfg["data"]["seed"]))])
     return fitted(tmp, cfg, extra=extra)
 
 
@@ -96,7 +111,8 @@ def one_rank(tmp_path_factory) -> Path:
 def test_two_ranks_equal_one(tmp_path, one_rank, strategy, request):
     """One process shares each group's prompt through the KV cache; FSDP2 ranks, where the cache cannot carry
     gradients, share it in packed rows (``mmsr.train.packed``), DDP ranks through the cache. The FSDP2 run
-    is the recipes' (``sharded_run``: its sharded checkpoints change nothing it computes)."""
+    is the recipes' (``sharded_run``: its sharded checkpoints change nothing it computes). In the first step
+    rank 1's prompts are text-only (``with_text_only_rank``)."""
     one = one_rank
     two = run(tmp_path / "two", 2, "ddp", count_routes=True) if strategy == "ddp" else request.getfixturevalue("sharded_run")
     assert losses(two) == pytest.approx(losses(one), abs=1e-5)
