@@ -67,7 +67,12 @@ class Policy:
         return torch.tensor(sorted(set(ids) | set(range(len(self.tokenizer), vocab_size))), dtype=torch.long)
 
     def stop_token_ids(self) -> set[int]:
-        ids = {self.tokenizer.convert_tokens_to_ids(self.chat.end_of_turn), self.tokenizer.eos_token_id}
+        """The ids that end a turn: the chat's end of turn, the tokenizer's eos, and the eos ids of the model's
+        generation config (an int or a list: Qwen2.5-VL-Instruct's holds ``<|endoftext|>`` beside
+        ``<|im_end|>``), on which vLLM stops too (``SamplingParams.update_from_generation_config``)."""
+        eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        config = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        ids = {self.tokenizer.convert_tokens_to_ids(self.chat.end_of_turn), self.tokenizer.eos_token_id, *config}
         return {int(i) for i in ids if i is not None}
 
     def process_image(self, image: Image.Image, tool: bool = False) -> VisionInput:

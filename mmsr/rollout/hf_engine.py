@@ -49,15 +49,6 @@ def sample_tokens(logits: torch.Tensor, sampling: SamplingParams, seeds: torch.T
     return tokens, logp.gather(-1, tokens[:, None])[:, 0]
 
 
-def stop_token_ids(policy: Policy) -> set[int]:
-    """The ids that end a turn (finish "eos"): the policy's end-of-turn and end-of-text ids, and the eos ids of
-    the model's generation config (an int or a list: Qwen2.5-VL-Instruct's holds ``<|endoftext|>`` beside
-    ``<|im_end|>``), on which vLLM stops too (``SamplingParams.update_from_generation_config``)."""
-    eos = getattr(getattr(policy.model, "generation_config", None), "eos_token_id", None)
-    extra = [] if eos is None else [eos] if isinstance(eos, int) else eos
-    return policy.stop_token_ids() | {int(i) for i in extra}
-
-
 class HFEngine:
     """Batched, KV-cached sampling with transformers; finished rows leave the batch.
 
@@ -226,7 +217,7 @@ class HFEngine:
     def _decode(self, batch: DecodeBatch, logits: torch.Tensor, turns: list[_Turn], seeds: Sequence[int], sampling: SamplingParams) -> None:
         """Sample every turn to its end; rows decode in lockstep, each drawing its token number ``step``."""
         seed_t = torch.tensor(list(seeds), dtype=torch.long)
-        eos, candidates = stop_token_ids(self.policy), self._stop_candidates(sampling.stop)
+        eos, candidates = self.policy.stop_token_ids(), self._stop_candidates(sampling.stop)
         rows = list(range(len(turns)))  # batch row -> request index
         for step in itertools.count():
             tokens, logprobs = sample_tokens(logits, sampling, seed_t[rows], torch.full((len(rows),), step))

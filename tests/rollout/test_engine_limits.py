@@ -158,6 +158,8 @@ def test_hf_engine_stops_on_the_generation_config_eos_ids(tiny_policy, monkeypat
     monkeypatch.setattr(tiny_policy.model.generation_config, "eos_token_id", eos)
     (cut,) = engine.generate([request], sampling)
     assert cut.finish == "eos" and cut.token_ids == free.token_ids[: k + 1] and cut.logprobs == free.logprobs[: k + 1]
+    # one set of ids for every consumer (HFEngine, VLLMEngine's stop list, eval's forced turns): the policy's
+    assert set([eos] if form is int else eos) <= tiny_policy.stop_token_ids()
 
 
 def test_vllm_engine_names_the_request_whose_image_pads_disagree(tiny_policy, images):
