@@ -13,8 +13,11 @@ text into the assistant turn itself instead of asking the model:
   ``<answer>`` the model writes again (the direct-answer prompt asks for the tags) is kept once:
   ``<answer><answer>x</answer>`` would grade as ``<answer>x`` (spec extraction), not ``x``. A turn
   edited so is re-tokenized.
-The forced tokens count against the turn's budget (``turn_budget``): an opening that leaves the model no
-token is the whole turn, cut to the budget and truncated. Turns without a spec are the model's alone.
+The forced tokens count against the turn's budget (``turn_budget``), the opening's and the closing's: the
+model samples what they leave, and a turn the budget cuts is still closed, so its action runs (RAG makes its
+two searches whatever the query's length, spec §9: a cut query turn had ended the episode after one). An
+opening and closing that leave the model no token make the whole turn, the opening cut to the budget and
+truncated. Turns without a spec are the model's alone.
 Forced and re-tokenized tokens get log-prob 0; evaluation never trains on them (they would carry
 loss-mask 1 in a ``Trajectory``, so this engine is not for training).
 """
@@ -70,7 +73,7 @@ class ForcedTurnsEngine:
         by_stop: dict[tuple[str, ...], list[int]] = {}  # requests sampled together share stop strings
         for i, r in enumerate(requests):
             spec, budget, forced = self.turns.get(r.turn), turn_budget(r, sampling), self.ids.get(r.turn, [])
-            if spec is not None and (spec.close is None or len(forced) >= budget):  # the model has no token to add
+            if spec is not None and (spec.close is None or self._room(r.turn, budget) < 1):  # no token for the model
                 cut, whole = forced[:budget], spec.close is None and len(forced) <= budget
                 outputs[i] = GenerationOutput(cut, [0.0] * len(cut), "stop" if whole else "length")
             else:
@@ -81,13 +84,18 @@ class ForcedTurnsEngine:
                 outputs[i] = self._finish(requests[i].turn, out)
         return outputs  # type: ignore[return-value]
 
+    def _room(self, turn: int, budget: int) -> int:
+        """The model's tokens in a turn of ``budget``: what the forced opening and closing leave."""
+        return budget - len(self.ids.get(turn, [])) - len(self.close_ids.get(turn, []))
+
     def _continue(self, r: GenerationRequest, sampling: SamplingParams) -> GenerationRequest:
-        """``r`` after the turn's opening, capped at what the opening leaves of the turn's budget (at least 1)."""
+        """``r`` after the turn's opening, capped at what the opening and closing leave of its budget (>= 1)."""
         prefix = self.ids.get(r.turn, [])
-        return replace(r, input_ids=tuple(r.input_ids) + tuple(prefix), max_tokens=turn_budget(r, sampling) - len(prefix))
+        room = self._room(r.turn, turn_budget(r, sampling))
+        return replace(r, input_ids=tuple(r.input_ids) + tuple(prefix), max_tokens=room)
 
     def _finish(self, turn: int, out: GenerationOutput) -> GenerationOutput:
-        """The whole turn: the opening, the model's tokens without action tags, then ``close`` unless truncated."""
+        """The whole turn: the opening, the model's tokens without action tags, then ``close`` (room was kept)."""
         spec = self.turns.get(turn)
         if spec is None:
             return out
@@ -97,12 +105,11 @@ class ForcedTurnsEngine:
         text = self.tokenizer.decode(ids)
         content = text.split(spec.close, 1)[0] if out.finish == "stop" else text  # a token may run past the stop
         body = self.action_tag.sub("", content)
-        closing = self.close_ids[turn] if out.finish != "length" else []
+        closing = self.close_ids[turn]
         if out.finish == "stop" and text == body + spec.close:
             closing = []  # closed by the model, with no other tag: its tokens stay as sampled
         elif text != body:
             ids = self.tokenizer.encode(body, add_special_tokens=False)
             lps = [0.0] * len(ids)
         prefix = self.ids[turn]
-        finish = "length" if out.finish == "length" else "stop"
-        return GenerationOutput(prefix + ids + closing, [0.0] * len(prefix) + lps + [0.0] * len(closing), finish)
+        return GenerationOutput(prefix + ids + closing, [0.0] * len(prefix) + lps + [0.0] * len(closing), "stop")

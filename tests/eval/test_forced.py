@@ -42,3 +42,15 @@ def test_a_forced_turn_longer_than_the_budget_is_cut_and_truncated_without_askin
     outs = forced.generate(requests, SamplingParams(max_tokens=64))
     assert [(o.token_ids, o.finish) for o in outs] == [(forced.ids[0], "length"), (whole[:-1], "length"), (whole, "stop")]
     assert forced.inner.requests == []  # no room left for a token of the model's
+
+
+def test_a_query_the_budget_cuts_is_still_closed_so_the_workflow_searches_it(tiny_policy):
+    """RAG makes its two searches whatever the query's length (spec §9): a query turn cut by the budget had no
+    closing tag, so the loop ended the episode truncated after one search. The closing's tokens are kept free."""
+    turns = {0: ForcedTurn("<text_search>", "</text_search>")}
+    forced = ForcedTurnsEngine(FillingEngine(), tiny_policy.tokenizer, turns, tiny_policy.stop_token_ids())
+    (out,) = forced.generate([GenerationRequest((1, 2), turn=0, max_tokens=12)], SamplingParams(max_tokens=64))
+    opening, closing = forced.ids[0], forced.close_ids[0]
+    assert out.finish == "stop" and len(out.token_ids) == 12
+    assert out.token_ids == opening + [5] * (12 - len(opening) - len(closing)) + closing
+    assert forced.inner.requests[0].max_tokens == 12 - len(opening) - len(closing)
