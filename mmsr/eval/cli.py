@@ -119,6 +119,9 @@ def run_suite_args(args: argparse.Namespace) -> dict:
     work = EvalWork(Path(args.out) / WORK_FILE, run_arguments(args))
     table = run_suite(build_evaluator(args), sets, args.workflow, args.out, args.limit, accuracy, work)
     print((Path(args.out) / "suite.md").read_text(encoding="utf-8"))
+    if all(row["error"] is not None for row in table["rows"]):  # a script must not read this as success
+        raise SystemExit(f"mmsr eval: error: no set of the suite could be evaluated ({', '.join(table['sets'])}): "
+                         f"each set's error is in {Path(args.out) / 'suite.md'}")  # fmt: skip
     return table
 
 

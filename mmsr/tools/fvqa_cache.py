@@ -101,7 +101,9 @@ def _paths(paths: str | Path | list[str] | list[Path]) -> list[Path]:
 def _not_found(path: Path) -> str:
     download = DOWNLOAD.format(name=path.name, folder=path.parent)
     return (f"FVQA image-search cache {path} not found. Download it ({download}) or set the tool's path "
-            f"(model.init_args.image_search.init_args.path).")  # fmt: skip
+            f"(init_args.path of this FVQACacheSearch entry: model.init_args.image_search.init_args.path in a run config, "
+            f"server.image_search.init_args.path for mmsr serve-search, image_search.init_args.path in an eval tools file; "
+            f"deeper where it is the backend of a CachedTool or CropSearch).")  # fmt: skip
 
 
 def load_rows(paths: str | Path | list[str] | list[Path]) -> dict[str, CachedRow]:

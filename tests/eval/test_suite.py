@@ -181,3 +181,17 @@ def test_mmsr_eval_resumes_a_crashed_run_from_its_work_file(tmp_path, monkeypatc
     with pytest.raises(ValueError, match=r"--batch-size was 2, now 3"):  # the crashed run's file is not mixed in
         main([*argv[:-1], "3"])
 
+
+
+def test_a_suite_whose_every_set_failed_exits_with_an_error_after_writing_its_table(tmp_path):
+    """The shipped suite before its paths are filled in: every set an error row, and the exit status was 0."""
+    from mmsr.eval.cli import main
+
+    (tmp_path / "policy.yaml").write_text(yaml.safe_dump({"policy": TINY}))
+    suite = {"sets": {"missing": {"class_path": "mmsr.data.benchmarks.MMSearch", "init_args": {"path": str(tmp_path / "x.parquet")}}}}
+    (tmp_path / "suite.yaml").write_text(yaml.safe_dump(suite))
+    argv = ["--policy", str(tmp_path / "policy.yaml"), "--suite", str(tmp_path / "suite.yaml"), "--workflow", "direct",
+            "--out", str(tmp_path / "out")]  # fmt: skip
+    with pytest.raises(SystemExit, match=r"no set of the suite could be evaluated \(missing\)"):
+        main(argv)
+    assert "x.parquet not found" in (tmp_path / "out" / "suite.md").read_text()
