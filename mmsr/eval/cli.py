@@ -17,6 +17,8 @@ weights are synced into the engine and checked with the probe before the first q
 from __future__ import annotations
 
 import argparse
+import sys
+from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
 
@@ -90,6 +92,27 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The parsed arguments; ``--accuracy judge`` without a judge is refused here, before the model loads
+    (it would give a table of "–")."""
+    p = parser()
+    args = p.parse_args(argv)
+    if args.accuracy == "judge" and not args.judge_url:
+        p.error("--accuracy judge needs --judge-url (the judge's OpenAI-compatible endpoint); without one, use --accuracy em or subem")
+    return args
+
+
+def warn_unjudged(metrics: Iterable[dict], out: str | Path) -> None:
+    """One line on stderr when the judge gave no verdict for some episodes (``metrics``: a set x workflow's
+    ``report.metrics`` each): they count wrong, and an endpoint that was down must not pass for a low score."""
+    judged = [m for m in metrics if m.get("judge") is not None]
+    missing = sum(m["judge_unparsed"] for m in judged)
+    if missing:
+        print(f"mmsr eval: warning: {missing} of {sum(m['n'] for m in judged)} judged episodes got no verdict (endpoint "
+              f"down or reply unparsed) and count as wrong; see judge_reply in the trajectories.jsonl under {out}",
+              file=sys.stderr)  # fmt: skip
+
+
 def build_evaluator(args: argparse.Namespace):
     """The ``Evaluator`` of the loaded policy, with the judge if one is configured."""
     from mmsr.reward.judge import OpenAIJudge
@@ -119,6 +142,7 @@ def run_suite_args(args: argparse.Namespace) -> dict:
     work = EvalWork(Path(args.out) / WORK_FILE, run_arguments(args))
     table = run_suite(build_evaluator(args), sets, args.workflow, args.out, args.limit, accuracy, work)
     print((Path(args.out) / "suite.md").read_text(encoding="utf-8"))
+    warn_unjudged(table["rows"], args.out)
     if all(row["error"] is not None for row in table["rows"]):  # a script must not read this as success
         raise SystemExit(f"mmsr eval: error: no set of the suite could be evaluated ({', '.join(table['sets'])}): "
                          f"each set's error is in {Path(args.out) / 'suite.md'}")  # fmt: skip
@@ -126,7 +150,7 @@ def run_suite_args(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str]) -> dict:
-    args = parser().parse_args(argv)
+    args = parse_args(argv)
     if args.suite:
         return run_suite_args(args)
     sets = eval_sets(args.data)
@@ -140,4 +164,5 @@ def main(argv: list[str]) -> dict:
     summary = write_outputs(records, args.out)
     work.finish()
     print((Path(args.out) / "summary.md").read_text(encoding="utf-8"))
+    warn_unjudged((parts["all"] for workflows in summary.values() for parts in workflows.values()), args.out)
     return summary

@@ -105,8 +105,12 @@ _COLUMNS = ("n", "em", "subem", "judge", "search_ratio", "call_ratio", "image_on
 
 
 def markdown(summary: dict) -> str:
-    """One row per set x workflow x slice; rates in percent."""
-    head = ["set", "workflow", "slice", "n", "EM", "SubEM", "Judge", "SR (responses)", "SR (calls)", "image only", "text only", "mixed"]
+    """One row per set x workflow x slice; rates in percent. With a judge, the episodes it gave no verdict
+    (``judge_unparsed``: endpoint down, reply unparsed) follow its accuracy: they count wrong, and a judge
+    outage would otherwise only show as a low score."""
+    judged = any(parts["all"]["judge"] is not None for workflows in summary.values() for parts in workflows.values())
+    head = ["set", "workflow", "slice", "n", "EM", "SubEM", "Judge", *(["Judge unparsed"] if judged else []),
+            "SR (responses)", "SR (calls)", "image only", "text only", "mixed"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, workflows in summary.items():
         for workflow, parts in workflows.items():
@@ -114,5 +118,7 @@ def markdown(summary: dict) -> str:
             slices += [(f"category={k}", m) for k, m in parts["by_category"].items()]
             for label, m in slices:
                 cells = [str(m["n"])] + ["–" if m[c] is None else f"{100 * m[c]:.1f}" for c in _COLUMNS[1:]]
+                if judged:
+                    cells.insert(_COLUMNS.index("judge") + 1, "–" if m["judge"] is None else str(m["judge_unparsed"]))
                 lines.append("| " + " | ".join([name, workflow, label, *cells]) + " |")
     return "\n".join(lines) + "\n"

@@ -35,7 +35,8 @@ from mmsr.eval.run import Evaluator, write_outputs
 from mmsr.eval.work import EvalWork
 
 ACCURACY = ("judge", "em", "subem")
-_CSV = ("workflow", "set", "n", "accuracy_metric", "accuracy", "search_ratio", "call_ratio", "em", "subem", "judge", "error")
+_CSV = ("workflow", "set", "n", "accuracy_metric", "accuracy", "search_ratio", "call_ratio", "em", "subem", "judge",
+        "judge_unparsed", "error")  # fmt: skip
 
 
 def read_suite(path: str | Path) -> dict[str, EvalSet]:
@@ -103,10 +104,10 @@ def _row(workflow: str, name: str, result: dict, accuracy: str) -> dict:
     if m is None:
         return {"workflow": workflow, "set": name, "n": 0, "accuracy_metric": accuracy, "accuracy": None,
                 "search_ratio": None, "call_ratio": None, "em": None, "subem": None, "judge": None,
-                "error": result.get("error", "not run")}  # fmt: skip
+                "judge_unparsed": None, "error": result.get("error", "not run")}  # fmt: skip
     return {"workflow": workflow, "set": name, "n": m["n"], "accuracy_metric": accuracy, "accuracy": m[accuracy],
             "search_ratio": m["search_ratio"], "call_ratio": m["call_ratio"], "em": m["em"], "subem": m["subem"],
-            "judge": m["judge"], "error": None}  # fmt: skip
+            "judge": m["judge"], "judge_unparsed": m["judge_unparsed"], "error": None}  # fmt: skip
 
 
 def _mean(values: list) -> float | None:
@@ -132,17 +133,30 @@ def _pct(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.1f}"
 
 
+def _unparsed_line(workflow: str, rows: list[dict]) -> str:
+    """The episodes the judge gave no verdict, per set (one workflow's ``rows``) and in total."""
+    cells = ["error" if r["error"] else "–" if r["judge"] is None else str(r["judge_unparsed"]) for r in rows]
+    total = sum(r["judge_unparsed"] for r in rows if r["error"] is None and r["judge"] is not None)
+    return "| " + " | ".join([workflow, "Judge unparsed", str(total), *cells]) + " |"
+
+
 def markdown_table(table: dict) -> str:
-    """Two lines per workflow (Acc, SR), one column per set and the average, in percent."""
+    """Two lines per workflow (Acc, SR), one column per set and the average, in percent; with a judge, a third
+    (after Acc) counts the verdicts it never gave: they count wrong, so an outage shows as more than a low score."""
     names, rows = table["sets"], {(r["workflow"], r["set"]): r for r in table["rows"]}
     n = {name: max((r["n"] for r in table["rows"] if r["set"] == name), default=0) for name in names}
+    judged = any(r["judge"] is not None for r in table["rows"])
     head = ["workflow", "metric", "Avg", *[f"{name} (n={n[name]})" for name in names]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for wf, avg in table["average"].items():
         for label, key in (("Acc", "accuracy"), ("SR", "search_ratio")):
             cells = ["error" if rows[(wf, s)]["error"] else _pct(rows[(wf, s)][key]) for s in names]
             lines.append("| " + " | ".join([wf, label, _pct(avg[key]), *cells]) + " |")
+            if key == "accuracy" and judged:
+                lines.append(_unparsed_line(wf, [rows[(wf, s)] for s in names]))
     notes = [f"\nAcc: {table['accuracy']} (%). SR: share of responses that searched (%). Avg: mean over the sets that ran."]
+    if judged:
+        notes[0] += " Judge unparsed: episodes without a judge verdict (endpoint down, reply unparsed), counted wrong; Avg: their total."
     # each set's error once, whichever workflow it stopped in (a set can fail after its first workflow ran)
     notes += [f"- {s}: {e}" for s, e in dict.fromkeys((r["set"], r["error"]) for r in table["rows"] if r["error"])]
     return "\n".join(lines + notes) + "\n"

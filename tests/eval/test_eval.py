@@ -47,6 +47,7 @@ def test_scores_and_search_ratios_by_hand(tiny_policy, fvqa_samples, local_tools
     assert m["by_data_source"]["a"]["search_ratio"] == 0.5 and m["by_data_source"]["b"]["search_ratio"] == 1.0
     assert m["by_category"]["free"]["n"] == 1 and m["by_category"]["req"]["em"] == pytest.approx(1 / 3)
     assert m["all"]["judge"] is None and "| dev | on-demand | source=b | 2 | 0.0 | 50.0 | – | 100.0 |" in markdown(summarize(records))
+    assert "Judge unparsed" not in markdown(summarize(records))  # no judge: no column for its missing verdicts
 
 
 class SpyEngine(HFEngine):

@@ -3,9 +3,11 @@
 import asyncio
 import threading
 
+import yaml
 from aiohttp import web
 
 from mmsr.reward.judge import JudgeInput, OpenAIJudge, parse_verdict
+from tests.conftest import FVQA
 
 
 class FakeOpenAI:
@@ -149,3 +151,37 @@ def test_an_episode_without_an_answer_is_wrong_without_asking_the_judge(monkeypa
     assert [r.judge for r in records] == [False, True] and "not asked: the episode has no <answer>" in records[0].judge_reply
     assert len(server.bodies) == 1 and s[0].ground_truth not in server.bodies[0]["messages"][1]["content"]
     assert summarize(records)["d"]["on-demand"]["all"]["judge_unparsed"] == 0
+
+
+def test_missing_verdicts_are_counted_in_summary_md_and_suite_md_and_the_cli_warns(monkeypatch, tmp_path, tiny_policy,
+                                                                                   fvqa_samples, capsys):  # fmt: skip
+    """A judge that is down (503) or replies without a verdict: both count wrong, so its accuracy alone (33%)
+    cannot tell an outage from wrong answers; both markdown outputs count them and the command warns."""
+    from mmsr.eval import cli
+    from mmsr.eval.run import Evaluator
+    from mmsr.rollout.engine import ScriptedEngine
+
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    s = fvqa_samples[:3]
+    script = {s[0].id: [f"<reason>r</reason><answer>{s[0].ground_truth}</answer>"],
+              s[1].id: [f"<reason>r</reason><answer>down {s[1].ground_truth}</answer>"],
+              s[2].id: [f"<reason>r</reason><answer>garbled {s[2].ground_truth}</answer>"]}  # fmt: skip
+    dev = str(FVQA / "fvqa_dev.jsonl")
+    suite = {"sets": {"dev": {"class_path": "mmsr.data.benchmarks.MMSearchR1Parquet", "init_args": {"path": dev}}}}
+    (tmp_path / "suite.yaml").write_text(yaml.safe_dump(suite))
+    with FakeOpenAI({"down": 503, "garbled": "I think so"}) as server:
+        url = f"http://127.0.0.1:{server.port}/v1"
+        judge = OpenAIJudge(url, "m", retries=0, timeout_s=10)
+        evaluator = lambda args: Evaluator(tiny_policy, ScriptedEngine(script, tiny_policy.tokenizer), {}, judge=judge)  # noqa: E731
+        monkeypatch.setattr(cli, "build_evaluator", evaluator)
+        common = ["--policy", "unused.yaml", "--limit", "3", "--judge-url", url]
+        cli.main([*common, "--data", f"dev={dev}", "--out", str(tmp_path / "data")])
+        data_err = capsys.readouterr().err
+        cli.main([*common, "--suite", str(tmp_path / "suite.yaml"), "--out", str(tmp_path / "suite")])
+        suite_err = capsys.readouterr().err
+    summary = (tmp_path / "data" / "summary.md").read_text()
+    assert "| Judge | Judge unparsed | SR (responses) |" in summary and "| dev | on-demand | all | 3 | 33.3 | 100.0 | 33.3 | 2 | 0.0 |" in summary
+    suite_md = (tmp_path / "suite" / "suite.md").read_text()
+    assert "| on-demand | Acc | 33.3 | 33.3 |\n| on-demand | Judge unparsed | 2 | 2 |\n| on-demand | SR |" in suite_md
+    for err, out in ((data_err, "data"), (suite_err, "suite")):
+        assert "warning: 2 of 3 judged episodes got no verdict" in err and str(tmp_path / out) in err

@@ -48,7 +48,7 @@ def test_table_by_hand_and_a_set_that_does_not_load(tmp_path, tiny_policy, fvqa_
     md = (tmp_path / "suite.md").read_text()
     assert "| workflow | metric | Avg | a (n=2) | gone (n=0) | b (n=3) |" in md
     assert "| on-demand | Acc | 75.0 | 50.0 | error | 100.0 |" in md and "| on-demand | SR | 41.7 | 50.0 | error | 33.3 |" in md
-    assert "- gone: FileNotFoundError: gone.parquet not found" in md
+    assert "- gone: FileNotFoundError: gone.parquet not found" in md and "Judge unparsed" not in md  # no judge, no count
     lines = list(csv.DictReader((tmp_path / "suite.csv").open()))
     assert [(r["set"], r["accuracy"]) for r in lines] == [("a", "0.5"), ("gone", ""), ("b", "1.0"), ("average", "0.75")]
     assert json.loads((tmp_path / "suite.json").read_text())["rows"][1]["error"].startswith("FileNotFoundError")
@@ -195,3 +195,15 @@ def test_a_suite_whose_every_set_failed_exits_with_an_error_after_writing_its_ta
     with pytest.raises(SystemExit, match=r"no set of the suite could be evaluated \(missing\)"):
         main(argv)
     assert "x.parquet not found" in (tmp_path / "out" / "suite.md").read_text()
+
+
+def test_accuracy_judge_without_a_judge_url_is_refused_before_anything_loads(tmp_path, capsys):
+    """It was accepted, and after the model loaded gave a table of "–" (no judge, no judge accuracy)."""
+    from mmsr.eval.cli import main
+
+    argv = ["--model-dir", str(tmp_path / "no-model"), "--suite", str(tmp_path / "no-suite.yaml"), "--accuracy", "judge"]
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2 and "--accuracy judge needs --judge-url" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match="no-suite.yaml does not exist"):  # with a judge: parsed, then read
+        main([*argv, "--judge-url", "http://127.0.0.1:1/v1"])
