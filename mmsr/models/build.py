@@ -27,8 +27,8 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 from mmsr.data.paths import require_file, shared_mode
 from mmsr.models.policy import Policy
 from mmsr.models.tokenizer import TokenizerCorpus, train_bpe_tokenizer
+from mmsr.models.vision import pixel_bounds
 from mmsr.prompt.chat_template import chat_format
-from mmsr.rollout.vllm_inputs import pixel_bounds
 
 DType = Literal["float32", "bfloat16", "float16"]
 # What ``save_policy`` records beside the Hugging Face files (which transformers and vLLM ignore): the

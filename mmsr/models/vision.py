@@ -45,3 +45,24 @@ def distinct_images(vision: Sequence[VisionInput]) -> tuple[list[VisionInput], l
             distinct.append(v)
         which.append(k)
     return distinct, which
+
+
+def _bounds(image_processor) -> tuple[int | None, int | None]:
+    # transformers 5 keeps them in ``size.shortest_edge`` / ``size.longest_edge``; older versions as attributes
+    size = getattr(image_processor, "size", None)
+    low = getattr(image_processor, "min_pixels", None) or getattr(size, "shortest_edge", None)
+    high = getattr(image_processor, "max_pixels", None) or getattr(size, "longest_edge", None)
+    return low, high
+
+
+def pixel_bounds(*image_processors) -> dict[str, int]:
+    """``{"min_pixels", "max_pixels"}`` spanning every given Qwen2-VL image processor (question and
+    tool images), for vLLM's processor kwargs; empty for text-only policies (``None`` processors).
+
+    One prompt takes one set of kwargs for all its images. Every image reaches vLLM already resized to
+    its training grid (``grid_image``: sides multiples of the merged patch), which vLLM's resize keeps
+    as it is whenever its pixel count lies within the bounds: so the union of the bounds is safe.
+    """
+    pairs = [_bounds(p) for p in image_processors if p is not None]
+    lows, highs = [lo for lo, _ in pairs if lo], [hi for _, hi in pairs if hi]
+    return {k: int(v) for k, v in (("min_pixels", min(lows, default=None)), ("max_pixels", max(highs, default=None))) if v}

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-from mmsr.models.vision import VisionInput
+from mmsr.models.vision import VisionInput, pixel_bounds  # noqa: F401 - pixel_bounds: vLLM's processor kwargs, imported from here
 
 
 class ImageTokenMismatch(ValueError):
@@ -170,27 +170,6 @@ class GridImages:
 
     def __len__(self) -> int:
         return len(self._made)
-
-
-def _bounds(image_processor) -> tuple[int | None, int | None]:
-    # transformers 5 keeps them in ``size.shortest_edge`` / ``size.longest_edge``; older versions as attributes
-    size = getattr(image_processor, "size", None)
-    low = getattr(image_processor, "min_pixels", None) or getattr(size, "shortest_edge", None)
-    high = getattr(image_processor, "max_pixels", None) or getattr(size, "longest_edge", None)
-    return low, high
-
-
-def pixel_bounds(*image_processors) -> dict[str, int]:
-    """``{"min_pixels", "max_pixels"}`` spanning every given Qwen2-VL image processor (question and
-    tool images), for vLLM's processor kwargs; empty for text-only policies (``None`` processors).
-
-    One prompt takes one set of kwargs for all its images. Every image reaches vLLM already resized to
-    its training grid (``grid_image``: sides multiples of the merged patch), which vLLM's resize keeps
-    as it is whenever its pixel count lies within the bounds: so the union of the bounds is safe.
-    """
-    pairs = [_bounds(p) for p in image_processors if p is not None]
-    lows, highs = [lo for lo, _ in pairs if lo], [hi for _, hi in pairs if hi]
-    return {k: int(v) for k, v in (("min_pixels", min(lows, default=None)), ("max_pixels", max(highs, default=None))) if v}
 
 
 def engine_input(input_ids: Sequence[int], vision: Sequence[VisionInput], ids: ImageTokenIds | None,
