@@ -33,8 +33,12 @@ class ToolRunner:
         return self
 
     def submit(self, coro: Coroutine[Any, Any, T]) -> Future[T]:
-        """Schedule ``coro`` on the tools' loop; its result (or exception) arrives in the future."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+        """Schedule ``coro`` on the tools' loop; its result or exception arrives in the future, a
+        ``KeyboardInterrupt`` or ``SystemExit`` the coroutine raises included (``_settle``). Cancelling the
+        future does not cancel the call: leaving the runner does."""
+        future: Future[T] = Future()
+        asyncio.run_coroutine_threadsafe(_settle(coro, future), self.loop)
+        return future
 
     def __exit__(self, *exc: object) -> None:
         """Cancel what is still running (a failed rollout), stop the loop and close it."""
@@ -44,6 +48,23 @@ class ToolRunner:
         self.thread.join()
         self.loop.run_until_complete(self.loop.shutdown_asyncgens())
         self.loop.close()
+
+
+async def _settle(coro: Coroutine[Any, Any, T], future: Future[T]) -> None:
+    """``coro``'s outcome into ``future``. ``run_coroutine_threadsafe`` alone lets a ``KeyboardInterrupt`` or
+    ``SystemExit`` that a tool raises itself out of the task: it stops the tools' loop before the future hears
+    of it, and the caller waits forever. Here it reaches the caller's thread like any other exception."""
+    try:
+        result = await coro
+    except asyncio.CancelledError:
+        future.cancel()
+        raise
+    except BaseException as exc:  # noqa: BLE001 - KeyboardInterrupt and SystemExit included, see above
+        if future.set_running_or_notify_cancel():
+            future.set_exception(exc)
+    else:
+        if future.set_running_or_notify_cancel():
+            future.set_result(result)
 
 
 async def _cancel_others() -> None:

@@ -1,8 +1,10 @@
 """A faulty tool (a wrong return value, its own cancellation or timeout, a nonsense latency) costs one failed
-observation, never the rollout, and the loss mask stays exact around it."""
+observation, never the rollout, and the loss mask stays exact around it. A tool that raises
+``KeyboardInterrupt`` or ``SystemExit`` ends the rollout with it, never hangs it."""
 
 import asyncio
 import math
+import threading
 
 import pytest
 
@@ -109,3 +111,35 @@ def test_a_tools_own_latency_is_kept(tiny_policy, fvqa_samples):
 
     traj, _ = run_one(tiny_policy, fvqa_samples[0], Replayed())
     assert traj.turns[0].tool_call.result.latency_s == 7.5
+
+
+class Raises:
+    """A tool that raises ``exc`` itself (a library's ``sys.exit``, a stray ``KeyboardInterrupt``), not Ctrl-C,
+    which reaches the main thread."""
+
+    def __init__(self, exc: type[BaseException]) -> None:
+        self.exc = exc
+
+    async def __call__(self, request):
+        await asyncio.sleep(0.01)
+        raise self.exc
+
+
+@pytest.mark.parametrize("exc", [KeyboardInterrupt, SystemExit])
+def test_a_tools_own_keyboard_interrupt_or_system_exit_ends_the_rollout_with_it(tiny_policy, fvqa_samples, exc):
+    """It used to stop the tools' event loop before the call's future heard of it: the rollout waited forever."""
+    sample, raised = fvqa_samples[0], []
+    loop, _ = make_loop(tiny_policy, {f"{sample.id}#0": [TXT, ANS]}, text=Raises(exc))
+
+    def rollout():
+        try:
+            loop.run([sample], 1, SamplingParams())
+        except BaseException as e:  # noqa: BLE001 - the exception under test
+            raised.append(e)
+
+    caller = threading.Thread(target=rollout, daemon=True)  # a hang fails the test instead of the test run
+    caller.start()
+    caller.join(timeout=20)
+    assert not caller.is_alive(), "the rollout hangs"
+    assert [type(e) for e in raised] == [exc]
+    assert not [t for t in threading.enumerate() if t.name == "mmsr-tools"]  # the runner's thread was joined

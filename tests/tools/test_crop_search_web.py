@@ -1,6 +1,7 @@
 """Crop-then-search on the web backend: ``UploadHost`` publishes the region (a PUT to a local server that
 stores what it gets), Lens (a local fake in SerpAPI's format) is asked about the published URL, thumbnails
-come back. Upload failures are observations; the shipped snippet builds and fits the paper's time cap."""
+come back. Upload failures are observations, except a refusal before the host ever took an upload, which stops
+the run; the shipped snippet builds and fits the paper's time cap."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from mmsr.tools.base import SearchTool
 from mmsr.tools.crop import CropSearch
 from mmsr.tools.web.fake import png, serpapi_lens, serve
 from mmsr.tools.web.host import UploadHost
-from mmsr.tools.web.http import Limits
+from mmsr.tools.web.http import Limits, ProviderRefused
 from mmsr.tools.web.image_search import WebImageSearch
 from mmsr.tools.web.providers import SerpAPILens
 
@@ -138,19 +139,54 @@ def test_concurrent_searches_of_one_region_share_one_upload_and_other_regions_ge
     assert red[0] > 240 and red[1] < 15 and red[2] < 15  # JPEG: the region's colours, nearly exactly
 
 
-def test_a_failed_upload_is_a_failure_observation_without_the_credential_or_a_search():
-    bucket, lens = Bucket(status=403), Script()
+@pytest.mark.parametrize("status", [401, 403, 404])
+def test_a_host_that_refuses_before_it_ever_took_an_upload_stops_the_run_naming_url_and_variable(status):
+    """A wrong credential (or upload URL) would fail every web image search of the run as "could not be
+    published"."""
+    bucket, lens = Bucket(status=status), Script()
 
     async def main():
         async with serve(routes(bucket, lens)) as url:
-            return await crop_search(url)(request("[50, 25, 150, 75]"))
+            with pytest.raises(ProviderRefused) as refused:
+                await crop_search(url)(request("[50, 25, 150, 75]"))
+            return url, str(refused.value)
 
-    result = asyncio.run(main())
-    assert not result.ok and result.text.startswith("[Image Search Results] The search failed")
+    url, message = asyncio.run(main())
+    assert message.startswith(f"image_host at {url}/upload/") and "IMAGE_HOST_TOKEN" in message
+    assert ("refused the key" in message) == (status != 404) and TOKEN not in message and lens.requests == []
+
+
+def test_after_an_upload_a_refusal_is_a_failure_observation_without_the_credential_or_a_search():
+    bucket, lens = Bucket(), Script()
+
+    async def main():
+        async with serve(routes(bucket, lens)) as url:
+            lens.responses = [(200, serpapi_lens([("A red block", f"{url}/t1")]))]
+            tool = crop_search(url)
+            first = await tool(request("[50, 25, 150, 75]"))
+            bucket.status = 403  # a token revoked mid-run must not stop it
+            return first, await tool(request("[0, 0, 100, 50]")), len(lens.requests)
+
+    first, result, searches = asyncio.run(main())
+    assert first.ok and not result.ok and result.text.startswith("[Image Search Results] The search failed")
     assert "could not be published: image_host refused the request (HTTP 403" in result.text
-    assert TOKEN not in result.text and lens.requests == [] and result.cost == 0
+    assert TOKEN not in result.text and searches == 1 and result.cost == 0
     down = asyncio.run(crop_search("http://127.0.0.1:9")(request("[50, 25, 150, 75]")))  # nothing listens
     assert not down.ok and "could not be published: image_host connection failed" in down.text
+
+
+def test_a_host_without_a_credential_that_refuses_says_none_is_configured():
+    bucket, lens = Bucket(status=401), Script()
+
+    async def main():
+        async with serve(routes(bucket, lens)) as url:
+            host = UploadHost(f"{url}/upload/{{sha256}}.png", f"{url}/public/{{sha256}}.png", format="png", limits=FAST)
+            with pytest.raises(ProviderRefused, match="refused the request .*no key is configured"):
+                await host(request("[50, 25, 150, 75]"))
+            return bucket.puts
+
+    ((_, _, headers),) = asyncio.run(main())
+    assert "Authorization" not in headers
 
 
 def test_upload_host_checks_its_configuration(monkeypatch):

@@ -7,7 +7,9 @@ whoever asks, a repeated upload writes the same bytes under the same name (so re
 once published is remembered, so a region is uploaded once per process (concurrent requests for the same
 bytes share one upload). The upload runs through an ``HTTPClient`` (timeouts, retries, a byte cap on the
 answer), against the search call's deadline; a failed upload is a ``ToolError`` that ``WebImageSearch``
-turns into a failure observation.
+turns into a failure observation. One exception: a 401/403 (the credential) or 404 (the upload URL) before the
+host has ever taken an upload in this process stops the run (``ProviderRefused``, naming the URL and
+``auth_env``, never the credential), as a search provider's does: every web image search would fail.
 
 Endpoints: anything that stores the body of a plain ``PUT`` under the URL's path, authorised by one fixed
 header: a bucket behind a bearer token (Google Cloud Storage's XML API takes ``Authorization: Bearer
@@ -71,6 +73,7 @@ class UploadHost:
         if format not in CONTENT_TYPES:
             raise ValueError(f"UploadHost format must be one of {sorted(CONTENT_TYPES)}, got {format!r}")
         self.upload_url, self.public_url, self.format, self.quality = upload_url, public_url, format, quality
+        self.auth_env = auth_env
         self._headers = {"Content-Type": CONTENT_TYPES[format], **(headers or {})}
         if auth_env is not None:
             self._headers[auth_header] = auth_prefix + api_key(auth_env, "UploadHost")
@@ -84,7 +87,8 @@ class UploadHost:
         return [Stage("image_host", self.client.limits)]
 
     async def __call__(self, request: ToolRequest) -> str | None:
-        """The public URL of ``request.image`` (``None`` without an image); ``ToolError`` if the upload fails."""
+        """The public URL of ``request.image`` (``None`` without an image); ``ToolError`` if the upload fails,
+        ``ProviderRefused`` if the host refuses before it ever took one (module docstring)."""
         if request.image is None:
             return None
         data = await asyncio.to_thread(encode, request.image, self.format, self.quality)
@@ -108,7 +112,8 @@ class UploadHost:
 
     async def _upload(self, digest: str, data: bytes) -> str:
         url = self.upload_url.replace("{sha256}", digest)
-        await self.client.request("PUT", url, data=data, headers=self._headers, parse=lambda _body: None)
+        await self.client.request_endpoint("PUT", url, self.auth_env, data=data, headers=self._headers,
+                                           parse=lambda _body: None)  # fmt: skip
         self.counts["uploaded"] += 1
         self.published[digest] = self.public_url.replace("{sha256}", digest)
         return self.published[digest]

@@ -7,8 +7,9 @@ repeated failures, so a dead provider costs the rollout milliseconds, not minute
 JSON, an HTML error page sent with status 200, JSON without the expected fields: ``parse`` decides) is
 retried like a 5xx: providers send those under load, and the next attempt usually succeeds. Failures surface
 as ``ToolError`` (a reason the model can read, redacted of any key the provider quoted, and a metric kind),
-which the tools turn into observations. One exception: a provider's own API endpoint that refuses the key
-(401/403) or is not there (404) before it has ever answered stops the run (``ProviderRefused``).
+which the tools turn into observations. One exception: a provider's own API endpoint (or the image host's
+upload URL) that refuses the key (401/403) or is not there (404) before it has ever answered stops the run
+(``ProviderRefused``).
 
 Sessions are opened per call: the rollout runs each step in a fresh event loop (``asyncio.run``), and an
 aiohttp session or an asyncio primitive must not outlive its loop. Limits therefore hold per event loop;
@@ -68,13 +69,19 @@ class ProviderRefused(FatalToolError):
     (a key revoked or a proxy's hiccup mid-run must not stop a multi-day run)."""
 
 
-def _refusal(name: str, url: str, key_env: str, exc: ToolError) -> str:
+def _refusal(name: str, url: str, key_env: str | None, exc: ToolError) -> str:
     """What to fix: names the provider, its URL without user info or query (where keys go) and the key's
-    variable, never the key (``exc.reason`` is redacted already)."""
+    variable (``None``: no key is configured), never the key (``exc.reason`` is redacted already)."""
     shown = redact(str(URL(url).with_user(None).with_query(None).with_fragment(None)))
-    sent = "set" if os.environ.get(key_env, "").strip() else "unset, so no key was sent"
+    if key_env is None:
+        sent = "no key is configured, so none was sent"
+    else:
+        sent = "set" if os.environ.get(key_env, "").strip() else "unset, so no key was sent"
     if exc.status == 404:  # vLLM and OpenAI also answer 404 for a model they do not serve
-        what = f"was not found ({exc.reason}): check the URL and the model name; its key is in {key_env}"
+        what = f"was not found ({exc.reason}): check the URL and the model name"
+        what += f"; its key is in {key_env}" if key_env else ""
+    elif key_env is None:
+        what = f"refused the request ({exc.reason}): it may need a key"
     else:
         what = f"refused the key ({exc.reason}): check the key in the environment variable {key_env}"
     return f"{name} at {shown} {what} ({sent}). It had never answered in this process, so every call would fail."
@@ -262,9 +269,10 @@ class HTTPClient:
         self.answered = True
         return result
 
-    async def request_endpoint(self, method: str, url: str, key_env: str, **kwargs: Any) -> Any:
+    async def request_endpoint(self, method: str, url: str, key_env: str | None, **kwargs: Any) -> Any:
         """``request`` to the provider's own API (not a page it fetches for someone): a 401/403/404 before any
-        call of this client has succeeded raises ``ProviderRefused``, naming ``key_env`` (the key's variable)."""
+        call of this client has succeeded raises ``ProviderRefused``, naming ``key_env`` (the key's variable;
+        ``None``: the endpoint is called without a key)."""
         try:
             return await self.request(method, url, **kwargs)
         except ToolError as exc:
