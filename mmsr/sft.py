@@ -22,6 +22,7 @@ import lightning as L
 import torch
 
 from mmsr.algo import logprobs_and_entropy
+from mmsr.checkpoint import rank_states, restore_rank_state
 from mmsr.data.sample import Sample
 from mmsr.models.build import PolicyBuilder, save_policy
 from mmsr.metrics import forget_step_metrics
@@ -38,7 +39,11 @@ from mmsr.train.batch import collate, pack_by_tokens, rank_micro_batches, sample
 
 
 class Teacher(Protocol):
-    """Writes the assistant turns of one scripted episode for a sample (e.g. ``mmsr.demo.teacher.RAGTeacher``)."""
+    """Writes the assistant turns of one scripted episode for a sample (e.g. ``mmsr.demo.teacher.RAGTeacher``).
+
+    A teacher that draws at random also has ``state_dict()`` and ``load_state_dict(state)``: checkpoints keep
+    each rank's, so a resumed warm start writes the turns an uninterrupted one would.
+    """
 
     def turns(self, sample: Sample) -> list[str]: ...
 
@@ -101,7 +106,9 @@ class SFTModule(L.LightningModule):
                                 configured(tools, image_search, text_search), rollout)  # fmt: skip
         self._turns: dict[str, list[str]] = {}
         self._val_turns: dict[str, list[str]] = {}  # the held-out prompts' turns, drawn once
-        self._val_teacher: Teacher | None = None
+        # a copy before any training draw: the held-out turns do not depend on when validation first runs,
+        # nor on a resume (which restores the training teacher's draws, not this copy's)
+        self._val_teacher = copy.deepcopy(teacher)
         self._val_trajs: list[Trajectory] = []
 
     def _script(self, request: GenerationRequest) -> str:
@@ -152,10 +159,9 @@ class SFTModule(L.LightningModule):
     def validation_step(self, batch: list[Sample], batch_idx: int) -> None:
         """The teacher's episodes on held-out prompts, scored when the epoch ends (``on_validation_epoch_end``).
 
-        Their turns are drawn once, by a copy of the teacher: every validation scores the same targets (a
-        curve of one quantity), and the training teacher's draws stay as without validation.
+        Their turns are drawn once, by a copy of the teacher as configured: every validation scores the same
+        targets (a curve of one quantity), and the training teacher's draws stay as without validation.
         """
-        self._val_teacher = self._val_teacher or copy.deepcopy(self.teacher)
         for s in batch:
             if s.id not in self._val_turns:
                 self._val_turns[s.id] = self._written(self._val_teacher, s)
@@ -221,6 +227,15 @@ class SFTModule(L.LightningModule):
         opt.step()
         self.lr_schedulers().step()
         return grad_norm
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # each rank's teacher drew for its own prompts; without its state a resumed warm start redrew from the
+        # seed (another direct-answer choice per row), unlike GRPO's resume
+        checkpoint["mmsr_ranks"] = rank_states(self.teacher)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        world = self.trainer.world_size if self._trainer is not None else 1
+        restore_rank_state(checkpoint.get("mmsr_ranks"), self.global_rank, world, self.teacher)
 
     def setup(self, stage: str) -> None:
         refuse_true_precision(str(self.trainer.precision))  # before Lightning casts the policy or a batch

@@ -27,7 +27,8 @@ class RAGTeacher:
             sets none: its teacher decides alike for every kind; README, Performance, records a shorter
             recipe that answered colours at once twice as often). Each sample draws once whatever its
             rate, so the categories left alone get the episodes of ``direct_answer_rate`` alone.
-        seed: seeds the direct-answer draws.
+        seed: seeds the direct-answer draws (their position is ``state_dict()``, which ``SFTModule``
+            checkpoints: a resumed warm start draws on as an uninterrupted one).
         answer_reasons: per category, the reasoning of the answering turn after a search, with
             ``{answer}`` for the ground truth (default: ``DEFAULT_REASONS``). Stating the evidence
             before the answer ("...stands in the city of Harlow.") lets a small model copy the fact
@@ -60,6 +61,12 @@ class RAGTeacher:
         self.question_notes = question_notes or {}
         self.direct_answer_rate = direct_answer_rate
         self.rng = random.Random(seed)
+
+    def state_dict(self) -> dict[str, tuple]:
+        return {"rng": self.rng.getstate()}
+
+    def load_state_dict(self, state: dict[str, tuple]) -> None:
+        self.rng.setstate(state["rng"])
 
     def turns(self, sample: Sample) -> list[str]:
         answer = f"<answer> {sample.ground_truth}</answer>"
