@@ -139,6 +139,21 @@ def all_reduce(value: float, op: Literal["sum", "max"], device: torch.device) ->
     return float(t)
 
 
+def drop_idle_gradients(module: torch.nn.Module | None, used: bool, device: torch.device) -> None:
+    """Set ``module``'s gradients to None after a step that used it on no rank (``used``: this rank's micro-batches
+    held an image). On several ranks a text-only forward runs the vision tower at zero weight (``idle_vision_tower``)
+    and leaves zero gradients where one process leaves none; AdamW moves a parameter whose gradient is zero (its step
+    count and bias correction, weight decay), so N ranks updated otherwise than one process (the warm start's
+    reading steps). A collective on several ranks: every rank calls it once an optimizer step."""
+    import torch.distributed as dist
+
+    if module is None or not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    if not all_reduce(float(used), "max", device):
+        for p in module.parameters():
+            p.grad = None
+
+
 def memory_metrics(model: torch.nn.Module, reference: torch.nn.Module | None, device: torch.device) -> dict[str, float]:
     """``memory/``, the largest over ranks: MB of policy and reference weights a rank holds (its
     shards under FSDP2), and on CUDA the step's peak allocated GB (compare with ``mmsr plan``)."""

@@ -28,7 +28,7 @@ from mmsr.models.build import PolicyBuilder, save_policy
 from mmsr.metrics import forget_step_metrics
 from mmsr.models.policy import Policy
 from mmsr.optim import Schedule, adamw_with_schedule, check_schedule, optimizer_limits, refuse_out_of_range
-from mmsr.parallel import all_reduce, refuse_true_precision
+from mmsr.parallel import all_reduce, drop_idle_gradients, refuse_true_precision
 from mmsr.prompt.render import PromptBuilder
 from mmsr.rollout.engine import GenerationRequest, SamplingParams, ScriptedEngine
 from mmsr.rollout.loop import RolloutLoop, RolloutSettings
@@ -132,7 +132,7 @@ class SFTModule(L.LightningModule):
         opt = self.optimizers()
         opt.zero_grad()
         loss, total = self._imitate(trajs)
-        grad_norm = self._step(opt)
+        grad_norm = self._step(opt, used_images=any(t.vision for t in trajs))
         metrics = {"sft/loss": loss, "sft/tokens": total, "train/grad_norm": float(grad_norm),
                    "rollout/turns": sum(len(t.turns) for t in trajs) / len(trajs)}  # fmt: skip
         self.log_dict(metrics, batch_size=len(batch))
@@ -216,13 +216,15 @@ class SFTModule(L.LightningModule):
         total = all_reduce(float(count) if mine else 0.0, "sum", self.device)
         loss = nll / max(total, 1.0) * (world if mine else 0)  # DDP averages the ranks' gradients
         self.manual_backward(loss)
-        grad_norm = self._step(opt)
+        grad_norm = self._step(opt, used_images=False)
         loss = all_reduce(float(loss.detach()), "sum", self.device) / world
         self.log_dict({"reading/loss": loss, "train/grad_norm": float(grad_norm)}, batch_size=len(texts))
         self.log("loss", loss, prog_bar=True, batch_size=len(texts))
 
-    def _step(self, opt) -> torch.Tensor:
-        """Clip, step the optimizer and the schedule; returns the pre-clip gradient norm."""
+    def _step(self, opt, used_images: bool) -> torch.Tensor:
+        """Clip, step the optimizer and the schedule; returns the pre-clip gradient norm. The vision tower's
+        gradients are dropped when no rank's step held an image (``drop_idle_gradients``)."""
+        drop_idle_gradients(self.policy.vision_tower(), used_images, self.device)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.hparams.grad_clip)
         opt.step()
         self.lr_schedulers().step()

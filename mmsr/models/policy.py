@@ -66,6 +66,10 @@ class Policy:
         ids = [vocab[t] for t in BANNED_TOKENS if t in vocab]
         return torch.tensor(sorted(set(ids) | set(range(len(self.tokenizer), vocab_size))), dtype=torch.long)
 
+    def vision_tower(self) -> torch.nn.Module | None:
+        """The vision encoder (Qwen2.5-VL's and Qwen3-VL's ``model.visual``), ``None`` for a text-only policy."""
+        return self.model.model.visual if self.is_vision else None
+
     def stop_token_ids(self) -> set[int]:
         """The ids that end a turn: the chat's end of turn, the tokenizer's eos, and the eos ids of the model's
         generation config (an int or a list: Qwen2.5-VL-Instruct's holds ``<|endoftext|>`` beside

@@ -24,7 +24,7 @@ from mmsr.algo.correction import corrected_advantages, is_weights, logprob_misma
 from mmsr.algo.loss import AggMode
 from mmsr.metrics import extreme
 from mmsr.models.policy import Policy
-from mmsr.parallel import all_reduce
+from mmsr.parallel import all_reduce, drop_idle_gradients
 from mmsr.optim import refuse_out_of_range
 from mmsr.reference import ReferenceModel
 from mmsr.rollout.trajectory import Trajectory
@@ -179,6 +179,7 @@ class PolicyUpdate:
             # x world size: the rank mean taken by sync_dist is the global mean
             per_episode = n / ran * step.world_size if ran else None
             _add_weighted(metrics, m, per_episode, t / sampled * step.world_size if sampled else None)
+        drop_idle_gradients(self.policy.vision_tower(), any(trajs[i].vision for i in run), step.device)
         params = [p for p in step.model.parameters() if p.requires_grad]
         metrics["train/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, s.grad_clip))
         opt.step()
