@@ -256,4 +256,9 @@ def _one_stale_rank(rank: int, world: int, port: int, trainer: Policy) -> None:
 def test_a_probe_that_fails_on_one_rank_stops_every_rank(trainer):
     """Two CPU ranks (gloo), spawned: rank 1's engine is stale, rank 0's is current; both raise, where
     rank 0 used to return and wait in its next collective until the timeout."""
-    mp.spawn(_one_stale_rank, args=(2, _free_port(), trainer), nprocs=2)  # forked, a child hung in torch in the suite
+    # a model rebuilt from its config and weights pickles: the shared one can carry hooks other tests added (local
+    # functions, e.g. enable_input_require_grads). Spawned, not forked: a forked child hung in torch in the suite.
+    model = type(trainer.model)(trainer.model.config)
+    model.load_state_dict(trainer.model.state_dict())
+    clean = Policy(model, trainer.tokenizer, trainer.image_processor)
+    mp.spawn(_one_stale_rank, args=(2, _free_port(), clean), nprocs=2)
