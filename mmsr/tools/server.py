@@ -39,7 +39,7 @@ from mmsr.tools.base import FatalToolError, SearchTool, ToolRequest, ToolResult,
 from mmsr.tools.budget import BudgetError
 from mmsr.tools.cache import ReplayMiss
 from mmsr.tools.secrets import install_log_redaction, redact, register_secret_env
-from mmsr.tools.web.http import HTTPClient, Limits, ToolError
+from mmsr.tools.web.http import REFUSALS, HTTPClient, Limits, ToolError
 
 log = logging.getLogger(__name__)
 KINDS = ("image_search", "text_search")
@@ -279,7 +279,7 @@ class HTTPSearchTool:
         except ToolError as exc:
             if exc.status == 409:
                 raise (ReplayMiss if "ReplayMiss" in exc.reason else RemoteFatalError)(exc.reason) from None
-            if exc.status in (401, 403, 404):
+            if exc.status in REFUSALS:
                 raise ServerRefused(self._refusal(exc, request.kind)) from None
             return failure(request.kind, exc.reason, sent=exc.sent)
 
