@@ -128,7 +128,7 @@ def trainer_config(o: argparse.Namespace, out: Path, server: str) -> dict[str, A
     inner = {"class_path": "mmsr.rollout.hf_engine.HFEngine", "init_args": {"seed": 0}}
     model["engine"] = {"class_path": "benchmarks.soak_engine.AlwaysSearch", "init_args": {"inner": inner}}
     for kind in ("image_search", "text_search"):  # one dict each: a shared one would be dumped as a YAML alias
-        args = {"url": server, "token_env": TOKEN_ENV}
+        args = {"url": server, "token_env": TOKEN_ENV, "kind": kind}
         model[kind] = {"class_path": "mmsr.tools.server.HTTPSearchTool", "init_args": args}
     model["rollout"].update(tool_timeout_s=o.tool_timeout_s, max_tokens_per_turn=48)  # forced queries: <= 30 tokens
     return cfg

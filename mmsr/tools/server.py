@@ -5,7 +5,8 @@ Many trainer and evaluation processes then share one cache, one rate limit and o
 
 API (JSON): ``POST /v1/search`` with a ``ToolRequest`` (image as base64 PNG) -> a ``ToolResult`` (thumbnails
 as base64 PNG); ``GET /v1/metrics`` -> the backends' counters (``tools/<kind>/...``, as the trainer logs
-them); ``GET /health`` (no token needed). Errors are
+them); ``GET /health`` (no token needed); ``GET /v1/ready?kind=<kind>`` -> the clients' start-up check (the token,
+and that backend). Errors are
 ``{"error": message}`` with 400 (bad request, naming the field), 401 (token), 404 (no such backend) or 409
 (a backend's ``FatalToolError``: a replay-only miss, an unreadable FVQA cache file; the client raises it again, so a
 misconfigured server stops the trainer as a local backend would instead of training on failed searches). A 401,
@@ -29,6 +30,7 @@ import logging
 import math
 import os
 import signal
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
 
@@ -144,6 +146,7 @@ class SearchServer:
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.max_request_bytes, middlewares=[self._auth])
         app.router.add_get("/health", self._health)
+        app.router.add_get("/v1/ready", self._ready)
         app.router.add_get("/v1/metrics", self._metrics)
         app.router.add_post("/v1/search", self._search)
         return app
@@ -159,6 +162,14 @@ class SearchServer:
         return await handler(request)
 
     async def _health(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok", "backends": sorted(self.tools)})
+
+    async def _ready(self, request: web.Request) -> web.Response:
+        """A client's start-up check: the middleware has checked its token; ``?kind=`` names the backend it
+        asks for (absent: any). The same 404 as a search of a missing backend, so the client says the same."""
+        kind = request.query.get("kind")
+        if not self.tools or (kind is not None and kind not in self.tools):
+            return _error(f"no {kind or 'search':.40} backend is configured", 404)
         return web.json_response({"status": "ok", "backends": sorted(self.tools)})
 
     async def _metrics(self, request: web.Request) -> web.Response:
@@ -241,6 +252,11 @@ class ServerRefused(FatalToolError):
     search never works."""
 
 
+class ServerNotReady(FatalToolError):
+    """The start-up check got no good answer from the search server: nothing answers at the client's URL (not
+    started, a wrong host or port, too slow for a trivial request) or it failed that request (a 5xx ...)."""
+
+
 class HTTPSearchTool:
     """``SearchTool`` that asks a ``SearchServer``.
 
@@ -249,12 +265,16 @@ class HTTPSearchTool:
         token_env: environment variable with the bearer token (unset: none sent).
         limits: timeout (a text search reads and summarizes pages: allow minutes), retries, concurrency.
         reserve_s: seconds of the request's budget kept for the round trip; the server gets the rest.
+        kind: the backend this client's tool asks for (``image_search`` / ``text_search``): the start-up check
+            (``check_ready``) then checks the server configures it; ``None``: that it configures any.
     """
 
     def __init__(self, url: str = "http://127.0.0.1:8765", token_env: str | None = "MMSR_SEARCH_TOKEN",
                  limits: Limits = Limits(timeout_s=300.0, retries=2, concurrency=64, max_bytes=64_000_000),
-                 reserve_s: float = 1.0) -> None:  # fmt: skip
-        self.url, self.token_env, self.reserve_s = url.rstrip("/"), token_env, reserve_s
+                 reserve_s: float = 1.0, kind: str | None = None) -> None:  # fmt: skip
+        if kind is not None and kind not in KINDS:
+            raise ValueError(f"HTTPSearchTool.kind must be one of {KINDS} or null, got {kind!r}")
+        self.url, self.token_env, self.reserve_s, self.kind = url.rstrip("/"), token_env, reserve_s, kind
         self.provider_name = f"server:{self.url}"
         self.client = HTTPClient("search_server", limits)
         register_secret_env(token_env)
@@ -266,9 +286,34 @@ class HTTPSearchTool:
             raise BudgetError(f"HTTPSearchTool: rollout.tool_timeout_s={cap_s:g} s leaves the search server "
                               f"nothing after the {self.reserve_s:g} s round-trip reserve")  # fmt: skip
 
-    async def __call__(self, request: ToolRequest) -> ToolResult:
+    def check_ready(self) -> None:
+        """One ``GET /v1/ready`` at start-up, before the model loads: ``ServerRefused`` (as a search would raise
+        it) for a wrong token, URL or backend, ``ServerNotReady`` when nothing answers. Its own event loop in
+        a worker thread, so it runs whether or not the caller has a loop running (the search server's start)."""
+        with ThreadPoolExecutor(1) as pool:
+            pool.submit(asyncio.run, self._check_ready()).result()
+
+    async def _check_ready(self) -> None:
+        # a client of its own: the check must not count in the tool's metrics nor open its circuit breaker
+        limits = Limits(timeout_s=min(self.client.limits.timeout_s, 30.0), retries=0, breaker_failures=0)
+        params = {"kind": self.kind} if self.kind else {}
+        try:
+            await HTTPClient("search_server", limits).request("GET", f"{self.url}/v1/ready", params=params,
+                                                              headers=self._headers())  # fmt: skip
+        except ToolError as exc:
+            if exc.status in REFUSALS:
+                raise ServerRefused(self._refusal(exc, self.kind or "search")) from None
+            if exc.kind in ("network", "timeout", "bad_request"):
+                raise ServerNotReady(f"nothing answers at search server {self.url} ({exc.reason}): start "
+                                     "`mmsr serve-search` there or fix HTTPSearchTool.url") from None  # fmt: skip
+            raise ServerNotReady(f"search server {self.url} failed the start-up check ({exc.reason})") from None
+
+    def _headers(self) -> dict[str, str]:
         token = os.environ.get(self.token_env, "").strip() if self.token_env else ""
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return {"Authorization": f"Bearer {token}"} if token else {}
+
+    async def __call__(self, request: ToolRequest) -> ToolResult:
+        headers = self._headers()
         if request.budget_s is not None:
             request = replace(request, budget_s=max(request.budget_s - self.reserve_s, 0.001))
         try:

@@ -19,12 +19,13 @@ import yaml
 from PIL import Image
 
 from mmsr.tools import ToolRequest, ToolResult
-from mmsr.tools.base import FatalToolError, SearchTool
+from mmsr.tools.base import FatalToolError, SearchTool, check_ready
 from mmsr.tools.cache import ReplayMiss
 from mmsr.tools.replay import ReplaySearch
 from mmsr.tools.server import (
     HTTPSearchTool,
     SearchServer,
+    ServerNotReady,
     ServerRefused,
     request_from_json,
     request_to_json,
@@ -132,6 +133,72 @@ def test_a_refused_client_stops_the_run_naming_the_url_and_token_variable(monkey
     message = asyncio.run(main())
     assert isinstance(ServerRefused(""), FatalToolError) and len(script.requests) == 1  # not retried
     assert ("MMSR_SEARCH_TOKEN" in message) == (status != 404) and "t0ken-value" not in message
+
+
+async def _checked(tool: HTTPSearchTool) -> str:
+    """``tool.check_ready()`` from the loop that serves (in a thread, or it would wait on itself): its error as
+    ``"<type>: <message>"``, "" if it passed."""
+    try:
+        await asyncio.to_thread(tool.check_ready)
+    except FatalToolError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return ""
+
+
+def test_check_ready_passes_against_a_running_server_with_the_right_token(monkeypatch):
+    monkeypatch.setenv("MMSR_SEARCH_TOKEN", "s3cret")
+
+    async def body(url):
+        tools = [HTTPSearchTool(url, limits=FAST, kind="text_search"), HTTPSearchTool(url, limits=FAST)]  # None: any
+        return [await _checked(tool) for tool in tools], tools[0].metrics()
+
+    messages, metrics = asyncio.run(_with_server(SearchServer(text_search=SlowTool(0.0), port=0), body))
+    assert messages == ["", ""] and metrics == {}  # the check is no search: not counted as one
+
+
+def test_check_ready_refuses_a_wrong_token_naming_its_variable_not_the_token(monkeypatch):
+    monkeypatch.setenv("MMSR_SEARCH_TOKEN", "s3cret")
+    server = SearchServer(text_search=SlowTool(0.0), port=0)
+
+    async def body(url):
+        monkeypatch.setenv("MMSR_SEARCH_TOKEN", "wr0ng-t0ken")
+        wrong = await _checked(HTTPSearchTool(url, limits=FAST, kind="text_search"))
+        monkeypatch.delenv("MMSR_SEARCH_TOKEN")
+        unset = await _checked(HTTPSearchTool(url, limits=FAST, kind="text_search"))
+        return url, wrong, unset
+
+    url, wrong, unset = asyncio.run(_with_server(server, body))
+    for message in (wrong, unset):
+        assert message.startswith(f"ServerRefused: search server {url} refused the text_search request")
+        assert "HTTP 401" in message and "environment variable MMSR_SEARCH_TOKEN" in message
+        assert "s3cret" not in message and "wr0ng" not in message
+
+
+def test_check_ready_refuses_a_backend_the_server_lacks(monkeypatch):
+    monkeypatch.delenv("MMSR_SEARCH_TOKEN", raising=False)
+
+    async def body(url):
+        return await _checked(HTTPSearchTool(url, limits=FAST, kind="image_search"))
+
+    message = asyncio.run(_with_server(SearchServer(text_search=SlowTool(0.0), port=0), body))
+    assert message.startswith("ServerRefused:") and "HTTP 404: no image_search backend is configured" in message
+    assert "check HTTPSearchTool.url and that the server configures a image_search backend" in message
+    with pytest.raises(ValueError, match="HTTPSearchTool.kind must be one of"):
+        HTTPSearchTool(kind="video_search")
+
+
+def test_check_ready_names_the_url_when_nothing_listens(monkeypatch):
+    monkeypatch.delenv("MMSR_SEARCH_TOKEN", raising=False)
+    url = f"http://127.0.0.1:{_free_port()}"  # closed again: nothing listens there
+    tool = HTTPSearchTool(url, limits=FAST, kind="text_search")
+    with pytest.raises(ServerNotReady, match=f"nothing answers at search server {url} .*mmsr serve-search"):
+        check_ready({"image_search": None, "text_search": tool})  # as ``mmsr fit`` calls it, no event loop running
+
+    async def in_a_loop():  # as the search server's own start calls its backends' checks
+        with pytest.raises(ServerNotReady, match="connection failed"):
+            tool.check_ready()
+
+    asyncio.run(in_a_loop())
 
 
 @pytest.mark.parametrize("status", [429, 503, 400])
