@@ -148,7 +148,8 @@ def agree(error: StaleWeightsError | None, device: torch.device) -> None:
 def verify_sync(policy: Policy, engine, input_ids: Sequence[int], tolerance: float,
                 vision: Sequence[VisionInput] = ()) -> SyncCheck:  # fmt: skip
     """Compare ``engine.score(input_ids, vision)`` with the trainer's at the tokens that are not image
-    pads; raise ``StaleWeightsError`` if the mean absolute difference exceeds ``tolerance``.
+    pads; raise ``StaleWeightsError`` if the mean absolute difference exceeds ``tolerance``, or if the engine
+    scored another number of tokens.
 
     Pads are left out because training never scores one (off the loss mask, and banned); the vision
     tower still reaches every compared token after an image (first ``<|vision_end|>``, predicted from
@@ -157,8 +158,9 @@ def verify_sync(policy: Policy, engine, input_ids: Sequence[int], tolerance: flo
     mine = trainer_logprobs(policy, input_ids, vision)
     scored = engine.score(input_ids, tuple(vision)) if vision else engine.score(input_ids)
     theirs = torch.tensor(scored, dtype=torch.float32)
-    if theirs.shape != mine.shape:
-        raise ValueError(f"engine scored {theirs.numel()} tokens of the probe, trainer {mine.numel()}")
+    if theirs.shape != mine.shape:  # an error every rank hears of (``agree``), not a shape error raised alone
+        raise StaleWeightsError(f"engine scored {theirs.numel()} tokens of the probe where the trainer scored "
+                                f"{mine.numel()}: it does not serve the trainer's policy")  # fmt: skip
     pad = getattr(policy.model.config, "image_token_id", None) if vision else None
     compared = torch.tensor(list(input_ids)[1:]) != pad if pad is not None else slice(None)
     diff = (mine - theirs).abs()[compared]
@@ -184,11 +186,16 @@ def verify_sampling(policy: Policy, engine: Engine, input_ids: Sequence[int], to
     """The engine's greedy continuation of the probe against the trainer: the log-probs it reports for
     its ``tokens`` tokens (banned tokens masked, as it samples) must match the trainer's within
     ``tolerance``, and each token must be the trainer's argmax up to ``tolerance`` (a near-tie may
-    flip in lower precision). Raises ``StaleWeightsError`` otherwise."""
+    flip in lower precision). Raises ``StaleWeightsError`` otherwise, or if the engine returned no token or
+    not one log-prob per token."""
     request, sampling = _probe_request(input_ids, vision, tokens)
     (out,) = engine.generate([request], sampling)
     logp = torch.log_softmax(trainer_logits(policy, list(input_ids) + out.token_ids, vision, banned=True), -1)
     rows = logp[len(input_ids) - 1 : len(input_ids) - 1 + len(out.token_ids)]  # [K, V] predicting the K tokens
+    if not out.token_ids or len(out.logprobs) != len(out.token_ids):  # after the forward (FSDP2: collectives)
+        raise StaleWeightsError(f"engine continued the probe with {len(out.token_ids)} tokens and "
+                                f"{len(out.logprobs)} log-probs (one per token, at least one): it does not serve the "
+                                "trainer's policy")  # fmt: skip
     mine = rows.gather(-1, torch.tensor(out.token_ids)[:, None])[:, 0]
     diff = (mine - torch.tensor(out.logprobs, dtype=torch.float32)).abs()
     check = SyncCheck(float(diff.mean()), float(diff.max()), diff.numel())

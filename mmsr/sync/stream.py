@@ -92,7 +92,7 @@ def gather_bucket(tensors: Sequence[torch.Tensor], dtype: torch.dtype | None = N
     """
     tensors = [t.detach() for t in tensors]
     if not _row_sharded(tensors):
-        return [gather(t) if dtype is None else gather(t).to(dtype) for t in tensors]
+        return [gather(t if dtype is None else t.to(dtype)) for t in tensors]  # a DTensor casts its shard, then gathers
     world, group = tensors[0].device_mesh.size(), tensors[0].device_mesh.get_group()
     rows = [-(-t.shape[0] // world) for t in tensors]  # c per tensor
     flat = torch.cat([_padded(t.to_local(), c, dtype).reshape(-1) for t, c in zip(tensors, rows)])

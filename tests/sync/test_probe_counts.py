@@ -1,0 +1,64 @@
+"""The probe's checks against an engine that hands back the wrong number of values: a ``StaleWeightsError``
+(the engine is not serving the trainer's policy), which ``WeightSync`` puts through ``agree`` like any failed
+probe, never a shape error that one rank raises alone while the others wait in their next collective."""
+
+import copy
+import dataclasses
+
+import pytest
+
+import mmsr.sync
+from mmsr.models.policy import Policy
+from mmsr.sync import StaleWeightsError, WeightSync, probe_inputs, verify_sampling, verify_sync
+from tests.test_sync import CopyEngine
+
+
+class ShortScores(CopyEngine):
+    """Scores the probe one token short (e.g. an engine that drops a token of the prompt)."""
+
+    def score(self, input_ids, vision=()):
+        return super().score(input_ids, vision)[:-1]
+
+
+class ShortLogprobs(CopyEngine):
+    """Continues the probe with one log-prob fewer than tokens; keeps its last outputs."""
+
+    def generate(self, requests, sampling):
+        self.last = [dataclasses.replace(o, logprobs=o.logprobs[:-1]) for o in super().generate(requests, sampling)]
+        return self.last
+
+
+@pytest.fixture
+def trainer(tiny_policy):
+    return Policy(copy.deepcopy(tiny_policy.model), tiny_policy.tokenizer, tiny_policy.image_processor)
+
+
+def test_an_engine_that_scores_one_token_too_few_is_stale(trainer):
+    ids, vision = probe_inputs(trainer)
+    n = len(ids) - 1  # tokens 1.. are scored
+    with pytest.raises(StaleWeightsError, match=rf"engine scored {n - 1} tokens .* where the trainer scored {n}\b"):
+        verify_sync(trainer, ShortScores(trainer), ids, 1e-3, vision)
+
+
+def test_an_engine_with_fewer_logprobs_than_tokens_is_stale_after_the_trainers_forward(trainer):
+    engine = ShortLogprobs(trainer)  # copied before the hook: it counts the trainer's forwards only
+    forwards = []
+    trainer.model.register_forward_hook(lambda *_: forwards.append(1))
+    ids, vision = probe_inputs(trainer)
+    with pytest.raises(StaleWeightsError, match="log-probs") as raised:
+        verify_sampling(trainer, engine, ids, 1e-3, vision)
+    (out,) = engine.last
+    assert f"{len(out.token_ids)} tokens and {len(out.token_ids) - 1} log-probs" in str(raised.value)
+    assert forwards == [1]  # under FSDP2 the forward is collectives: every rank runs it, whatever it finds
+
+
+@pytest.mark.parametrize("engine_type", [ShortScores, ShortLogprobs])
+def test_weight_sync_puts_a_count_mismatch_through_agree(trainer, monkeypatch, engine_type):
+    verdicts, real = [], mmsr.sync.agree
+    monkeypatch.setattr(mmsr.sync, "agree", lambda error, device: verdicts.append(error) or real(error, device))
+    sync = WeightSync(verify_every=1)
+    with pytest.raises(StaleWeightsError) as raised:
+        sync(trainer, engine_type(trainer))
+    assert verdicts == [raised.value]  # all ranks learn of it, as of a stale probe
+    assert sync.last_sampling_check is not None or engine_type is ShortLogprobs  # both checks ran
+    assert sync.last_check is not None or engine_type is ShortScores
