@@ -3,7 +3,8 @@ reduction over ranks.
 
 Per-``data_source`` numbers are computed over that source's own rows (upstream computes every
 source's search ratio over the whole batch, spec §9). Over ranks, counts are summed, ratios are of the
-summed counts, maxima are maxima (``extreme``) and everything else is a mean.
+summed counts, maxima are maxima (``extreme``), a total every rank reads from one store is its largest reading
+(``run_wide``) and everything else is a mean.
 """
 
 from __future__ import annotations
@@ -164,9 +165,24 @@ def held_out_metrics(episodes: Sequence[dict]) -> dict[str, float]:
 def tool_metrics(stats: RolloutStats, tools: dict | None = None) -> dict[str, float]:
     """The tool calls of every rank's rollout (a collective; on one process its own): calls per tool, failure
     rate, latency and overlap (``tool_rates`` of the summed ``tool_sums``), and each tool's own counters (API
-    calls, cost, cache hits of cached/web tools) under ``tools/<kind>/``, summed: a step's totals."""
+    calls, cost, cache hits of cached/web tools) under ``tools/<kind>/``, summed: a step's totals (a run-wide
+    one, ``run_wide``, the largest rank's)."""
     ranks = gather_per_rank((tool_counters(tools), tool_sums(stats)))  # one collective for both
-    return _added(own for own, _ in ranks) | tool_rates(_added(sums for _, sums in ranks))
+    return _counters_over_ranks([own for own, _ in ranks]) | tool_rates(_added(sums for _, sums in ranks))
+
+
+def run_wide(key: str) -> bool:
+    """Whether a tool's counter is its run's (its last part starts with ``run_``: ``CachedTool``'s
+    ``run_api_calls`` and ``run_api_cost``, read from the budget a run's processes share in one file): every
+    rank reads the same total, which their sum would count once per rank."""
+    return key.rsplit("/", 1)[-1].startswith("run_")
+
+
+def _counters_over_ranks(per_rank: Sequence[dict[str, float]]) -> dict[str, float]:
+    """Each tool counter's sum over the ranks that have it, a run-wide one's largest value (``run_wide``: the
+    ranks read it at different moments, and it grows but for calls given back)."""
+    total = _added(per_rank)
+    return total | {k: max(rank[k] for rank in per_rank if k in rank) for k in total if run_wide(k)}
 
 
 def tool_counters(tools: dict | None) -> dict[str, float]:

@@ -210,3 +210,25 @@ def test_tools_own_counters_are_summed_over_ranks(monkeypatch):
     m = metrics.tool_metrics(stats[0], tools[0])
     assert m["tools/text_search/api_calls"] == 8.0 and m["tools/text_search_calls"] == 4.0
     assert m["tools/failure_rate"] == 0.25 and m["tools/latency_s"] == pytest.approx(7 / 4)
+
+
+def test_a_tools_run_wide_counter_is_the_largest_ranks_not_their_sum(monkeypatch):
+    """Two ranks and a third process share one run's budget: rank 0 made 2 API calls, rank 1 made 3 and the other
+    process 1; rank 0 read the budget before that one's call (5), rank 1 after it (6). The step's calls are 5
+    (2 + 3), the run's 6, the latest reading (their sum logged 11); a counter of this rank's own is summed."""
+    import mmsr.metrics as metrics
+
+    class Budgeted:
+        def __init__(self, calls, run_calls):
+            self.calls, self.run_calls = calls, run_calls
+
+        def metrics(self):
+            return {"tools/api_calls": self.calls, "tools/run_api_calls": self.run_calls}
+
+    stats = RolloutStats()
+    per_rank = [(metrics.tool_counters({"image_search": Budgeted(*c)}), metrics.tool_sums(stats))
+                for c in ((2.0, 5.0), (3.0, 6.0))]  # fmt: skip
+    monkeypatch.setattr(metrics, "gather_per_rank", lambda obj: per_rank)
+    m = metrics.tool_metrics(stats, {})
+    assert m["tools/image_search/api_calls"] == 5.0 and m["tools/image_search/run_api_calls"] == 6.0
+    assert metrics.run_wide("tools/image_search/run_api_cost") and not metrics.run_wide("tools/image_search/api_cost")

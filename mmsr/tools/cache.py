@@ -110,6 +110,8 @@ class CachedTool:
         # one); empty when idle, so an unused tool still pickles
         self._pending: dict[tuple[asyncio.AbstractEventLoop, CacheKey], _Miss] = {}
         self._kinds: set[str] = set()  # the tool kinds asked of it: its budget counters, for ``metrics``
+        # this process's API calls and dollars: the budget's counters are the run's, which its ranks share
+        self.api_calls, self.api_cost = 0, 0.0
 
     def check_budget(self, cap_s: float) -> None:
         """The wrapped tool's check (a hit costs milliseconds; a miss is the tool's call)."""
@@ -198,7 +200,8 @@ class CachedTool:
             if getattr(exc, "sent", True) is False:  # a ``ToolError`` that certainly never went out
                 calls, cost = -1, 0.0
             raise
-        finally:
+        finally:  # counted before the await: a caller cancelled while the budget settles still made its call
+            self.api_calls, self.api_cost = self.api_calls + 1 + calls, self.api_cost + cost
             await asyncio.shield(asyncio.to_thread(self.cache.spend, budget, cost - price, calls))
         return result
 
@@ -229,10 +232,13 @@ class CachedTool:
 
     def metrics(self) -> dict[str, float]:
         """Cache hits, misses (calls to the backend or refused by the budget) and joined misses (module
-        docstring), budget refusals, this run's API calls and dollars with this tool, and the backend's own
-        metrics."""
+        docstring), budget refusals, the API calls and dollars this process spent with this tool
+        (``api_calls``, ``api_cost``: a run's ranks add theirs up), its run's in the shared budget, calls in
+        flight included (``run_api_calls``, ``run_api_cost``: every rank of a run reads the same, so
+        ``mmsr.metrics.tool_metrics`` takes their largest), and the backend's own metrics."""
         spent = [self.cache.spent(BudgetKey(self.run_id, kind, self.provider)) for kind in sorted(self._kinds)]
         calls, cost = sum(c for c, _ in spent), sum(d for _, d in spent)
         out = {f"tools/{k}": float(v) for k, v in sorted(self.counts.items())}
-        out |= {"tools/api_calls": float(calls), "tools/api_cost": cost}
+        out |= {"tools/api_calls": float(self.api_calls), "tools/api_cost": self.api_cost}
+        out |= {"tools/run_api_calls": float(calls), "tools/run_api_cost": cost}
         return out | (self.tool.metrics() if hasattr(self.tool, "metrics") else {})

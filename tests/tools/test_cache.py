@@ -249,6 +249,41 @@ def test_each_tool_kind_and_provider_has_its_own_budget(tmp_path):
     assert words.metrics()["tools/api_calls"] == 1 and words.metrics()["tools/api_cost"] == pytest.approx(0.001)
 
 
+class PaidOrUnsent(CountingTool):
+    """A web tool at $0.25 a call whose search for "unsent" never goes out (an open circuit)."""
+
+    provider = SimpleNamespace(cost_per_call=0.25)
+
+    async def __call__(self, request: ToolRequest) -> ToolResult:
+        if request.query == "unsent":
+            return failure(request.kind, "circuit open", sent=False)
+        return await super().__call__(request)
+
+
+def test_ranks_sharing_a_run_id_each_report_their_own_api_calls_and_the_step_adds_them_up(tmp_path, monkeypatch):
+    # Two ranks of one run (one run_id, one budget file): rank 0 pays for "a", rank 1 for "b" and "c"; its hit on
+    # "a" and its search that never went out cost nothing. Each rank reported the run's 3 calls as its own, and
+    # the step's sum over ranks logged 6 calls and $1.50 (N ranks: N times the run's).
+    import mmsr.metrics as metrics
+    from mmsr.rollout.stats import RolloutStats
+
+    path = str(tmp_path / "c.sqlite")
+    ranks = [CachedTool(PaidOrUnsent(), path, max_calls=10, run_id="run") for _ in range(2)]
+    run(ranks[0], text("a"))
+    for query in ("b", "c", "a", "unsent"):
+        run(ranks[1], text(query))
+    own = [rank.metrics() for rank in ranks]
+    assert [(m["tools/api_calls"], m["tools/api_cost"]) for m in own] == [(1, 0.25), (2, 0.5)]
+    assert all((m["tools/run_api_calls"], m["tools/run_api_cost"]) == (3, 0.75) for m in own)  # the shared budget
+    sent = []  # what rank 1 hands the collective, then what rank 0 gets back from it
+    monkeypatch.setattr(metrics, "gather_per_rank", lambda obj: sent.append(obj) or [obj])
+    metrics.tool_metrics(RolloutStats(), {"text_search": ranks[1]})
+    monkeypatch.setattr(metrics, "gather_per_rank", lambda obj: [obj, sent.pop(0)])
+    step = metrics.tool_metrics(RolloutStats(), {"text_search": ranks[0]})
+    assert (step["tools/text_search/api_calls"], step["tools/text_search/api_cost"]) == (3, 0.75)
+    assert (step["tools/text_search/run_api_calls"], step["tools/text_search/run_api_cost"]) == (3, 0.75)
+
+
 # The schema before ae48d8b: one budget row per run, shared by every tool that used the file.
 OLD_SCHEMA = """
 CREATE TABLE results (
@@ -273,7 +308,8 @@ def test_a_cache_file_from_before_per_tool_budgets_carries_its_spent_calls_over(
     assert run(words, text("new")).ok and not run(words, text("newer")).ok
     assert run(image, ToolRequest("image_search", image=Image.new("RGB", (8, 8)))).ok and backend.calls == 2
     assert "(8 of 8 API calls)" in run(image, ToolRequest("image_search", image=Image.new("RGB", (9, 9)))).text
-    assert words.metrics()["tools/api_calls"] == 8 and words.metrics()["tools/api_cost"] == pytest.approx(1.5)
+    assert words.metrics()["tools/run_api_calls"] == 8 and words.metrics()["tools/run_api_cost"] == pytest.approx(1.5)
+    assert words.metrics()["tools/api_calls"] == 1  # its own: "new" (the old calls were another process's)
     dollars = CachedTool(backend, str(path), max_cost=1.5, run_id="r", provider="other")
     assert "$1.50 of $1.50" in run(dollars, text("dear")).text  # its dollars count too
     assert run(CachedTool(backend, str(path), max_calls=1, run_id="another"), text("else")).ok  # only run r's
