@@ -71,9 +71,30 @@ def describe(spec: ToolSpec) -> str:
         text = _read(spec.description)
     except FileNotFoundError as exc:
         raise ValueError(f"tool {spec.name!r}: description template not found: {exc}") from None
-    if IMAGE_MARKER in text or "{question}" in text or TOOLS_SLOT in text:
+    if _slots(text):
         raise ValueError(f"tool {spec.name!r}: description {spec.description!r} may not contain {IMAGE_MARKER!r}, "
                          f"'{{question}}' or {TOOLS_SLOT!r}")  # fmt: skip
+    return text
+
+
+def _slots(text: str) -> list[str]:
+    """The round-1 placeholders in ``text``: only a round-1 template may hold them."""
+    return [slot for slot in (IMAGE_MARKER, "{question}", TOOLS_SLOT) if slot in text]
+
+
+def read_instruction(name: str, what: str) -> str:
+    """Template ``name``, an instruction shown after a tool's results (``what`` names it in errors).
+
+    It may not hold a round-1 placeholder, and is checked when read, at start-up: a ``<image>`` would claim
+    one more image than the results carry (the rollout would fail at the first result, its error naming
+    neither template nor cause), and nothing fills ``{question}`` or ``{tools}`` there, so the model would
+    read them as written (``repeat_question`` restates the question).
+    """
+    text = _read(name)
+    if found := _slots(text):
+        raise ValueError(f"{what} template {name!r} may not contain {', '.join(map(repr, found))}: the results it "
+                         f"follows carry their own images' {IMAGE_MARKER!r} markers, and only the round-1 template's "
+                         "'{question}' and '{tools}' are filled (repeat_question restates the question)")  # fmt: skip
     return text
 
 
@@ -95,8 +116,10 @@ class PromptBuilder:
             hold a line ``{tools}`` that ``for_tools`` fills with the configured tools' descriptions (with no
             tools bound the line is dropped). The default is MMSearch-R1's ``round1.txt`` with that line:
             ``round1.txt`` itself stays byte-for-byte as it was, since the tiny tokenizers' BPE trains on it
-            (``mmsr.demo.tokenizer``), and a test keeps the two equal but for the line.
-        after_image_search: instruction appended after image-search results.
+            (``mmsr.demo.tokenizer``), and a test keeps the two equal but for the line and the space after
+            ``<image>`` (upstream writes ``<image> `` before the question, spec section 5).
+        after_image_search: instruction appended after image-search results; like ``after_text_search`` and a
+            tool's ``instruction``, it may not hold ``<image>``, ``{question}`` or ``{tools}`` (``read_instruction``).
         after_text_search: instruction appended after text-search results.
         repeat_question: restate the user's question after the results (MMSearch-R1 does).
     Templates are file names under ``mmsr/prompt/templates``, paths, or ``package:path`` (``template_path``).
@@ -116,26 +139,31 @@ class PromptBuilder:
         if self.template.count(TOOLS_SLOT) > (TOOLS_SLOT in self.template.split("\n")):
             raise ValueError(f"round-1 template {round1!r}: {TOOLS_SLOT!r} must be a line of its own, at most once")
         self.round1 = fill_tools(self.template, ())
-        self.after = {"image_search": _read(after_image_search), "text_search": _read(after_text_search)}
+        self.after = {"image_search": read_instruction(after_image_search, "after-image-search"),
+                      "text_search": read_instruction(after_text_search, "after-text-search")}  # fmt: skip
 
     def for_tools(self, specs: Sequence[ToolSpec]) -> PromptBuilder:
-        """A copy whose round-1 text describes ``specs`` (the loop's configured tools) in its ``{tools}`` line.
-        ValueError names a tool that needs a description and has none, or whose template is missing."""
+        """A copy whose round-1 text describes ``specs`` (the loop's configured tools) in its ``{tools}`` line,
+        their instructions read now, at start-up. ValueError names a tool that needs a description and has none,
+        or whose description or instruction template is missing or holds a round-1 placeholder."""
         bound = copy.copy(self)
         bound.round1, bound.after = fill_tools(self.template, specs), dict(self.after)
+        for spec in specs:
+            bound.instruction(spec)
         return bound
 
     def instruction(self, spec: ToolSpec) -> str:
         """The instruction after ``spec``'s results: this builder's own for the MMSearch-R1 pair (its
         ``after_*`` templates), else the tool's declared template (read once)."""
         if spec.name not in self.after:
-            self.after[spec.name] = _read(spec.instruction) if spec.instruction else ""
+            what = f"tool {spec.name!r}: instruction"
+            self.after[spec.name] = read_instruction(spec.instruction, what) if spec.instruction else ""
         return self.after[spec.name]
 
     def first_user_text(self, sample: Sample) -> str:
-        """The question message; the image marker is dropped when the sample has no image."""
+        """The question message; the image marker (and the space after it) is dropped when the sample has no image."""
         text = self.round1.replace("{question}", sample.question.strip())
-        return text if sample.image is not None else text.replace(IMAGE_MARKER, "")
+        return text if sample.image is not None else text.replace(f"{IMAGE_MARKER} ", "").replace(IMAGE_MARKER, "")
 
     def observation_text(self, sample: Sample, kind: str | ToolSpec, result: ToolResult) -> str:
         """The user message carrying a tool result back to the model (``kind``: the tool's spec, or the name

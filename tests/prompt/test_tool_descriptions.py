@@ -1,6 +1,7 @@
 """The round-1 prompt describes the configured tools: each tool's ``description`` template fills the
 template's ``{tools}`` line unless the template writes the tool's call itself. MMSearch-R1's prompts
-(the pair configured, the demo's) stay byte-for-byte what they were before tools could describe themselves."""
+(the pair configured, the demo's) stay byte-for-byte what they were before tools could describe themselves,
+but for the pair's space between the image and the question (upstream's ``<image> {question}``, spec section 5)."""
 
 import hashlib
 from dataclasses import replace
@@ -12,6 +13,7 @@ from mmsr.cli import lightning_cli
 from mmsr.prompt.render import TEMPLATES, PromptBuilder, template_path
 from mmsr.rollout.engine import SamplingParams, ScriptedEngine
 from mmsr.rollout.loop import RolloutLoop
+from mmsr.tools.base import IMAGE_MARKER
 from mmsr.tools.crop import Crop, CropSearch
 from mmsr.tools.spec import IMAGE_SEARCH, MMSEARCH_R1_TOOLS, ImageSearchTool, TextSearchTool, Tool, configured
 from tests.rollout.test_loop import ANS, FakeImageSearch, FakeTextSearch
@@ -28,8 +30,11 @@ def loop(policy, tools, prompts=None, script=None):
     return RolloutLoop(engine, policy, prompts or PromptBuilder(), tools)
 
 
-def digest(builder: PromptBuilder, samples) -> str:
-    return hashlib.sha256("\x00".join(builder.first_user_text(s) for s in samples).encode()).hexdigest()
+def digest(builder: PromptBuilder, samples, unspaced: bool = False) -> str:
+    """``unspaced``: with the space after the image taken out again, as the pair's prompt was rendered."""
+    texts = (builder.first_user_text(s) for s in samples)
+    texts = (t.replace(f"{IMAGE_MARKER} ", IMAGE_MARKER, 1) for t in texts) if unspaced else texts
+    return hashlib.sha256("\x00".join(texts).encode()).hexdigest()
 
 
 def description(name: str) -> str:
@@ -41,16 +46,20 @@ def test_the_pairs_round1_prompt_is_unchanged(tiny_policy, fvqa_samples, form):
     backends = {"image_search": FakeImageSearch(), "text_search": FakeTextSearch()}
     tools = backends if form == "backends" else configured([ImageSearchTool(backends["image_search"]),
                                                             TextSearchTool(backends["text_search"])])  # fmt: skip
-    assert digest(loop(tiny_policy, tools).prompts, fvqa_samples) == PAIR
+    pair = loop(tiny_policy, tools).prompts
+    assert all(f"{IMAGE_MARKER} {s.question.strip()}" in pair.first_user_text(s) for s in fvqa_samples)
+    assert digest(pair, fvqa_samples, unspaced=True) == PAIR
     demo = PromptBuilder(round1="mmsr.demo:templates/round1.txt")
     assert digest(loop(tiny_policy, tools, demo).prompts, fvqa_samples) == DEMO
 
 
 def test_the_default_template_is_round1_with_a_tools_line():
-    """round1.txt stays as it was (the tiny tokenizers train on it); the default adds only the line."""
+    """round1.txt stays as it was (the tiny tokenizers train on it); the default adds only the line and
+    upstream's space between the image and the question."""
     with_line = (TEMPLATES / "round1_tools.txt").read_text(encoding="utf-8")
-    assert with_line.count("{tools}\n") == 1
-    assert with_line.replace("{tools}\n", "") == (TEMPLATES / "round1.txt").read_text(encoding="utf-8")
+    assert with_line.count("{tools}\n") == 1 and with_line.count("<image> {question}") == 1
+    unspaced = with_line.replace("{tools}\n", "").replace("<image> {question}", "<image>{question}")
+    assert unspaced == (TEMPLATES / "round1.txt").read_text(encoding="utf-8")
 
 
 def test_configured_crop_tools_are_described_in_the_prompt_text_and_tokens(tiny_policy, fvqa_samples):
