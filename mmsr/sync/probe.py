@@ -186,17 +186,22 @@ def verify_sampling(policy: Policy, engine: Engine, input_ids: Sequence[int], to
     """The engine's greedy continuation of the probe against the trainer: the log-probs it reports for
     its ``tokens`` tokens (banned tokens masked, as it samples) must match the trainer's within
     ``tolerance``, and each token must be the trainer's argmax up to ``tolerance`` (a near-tie may
-    flip in lower precision). Raises ``StaleWeightsError`` otherwise, or if the engine returned no token or
-    not one log-prob per token."""
+    flip in lower precision). Raises ``StaleWeightsError`` otherwise, or if the engine returned no token, more
+    than ``tokens``, not one log-prob per token, or a token outside the trainer's vocabulary."""
     request, sampling = _probe_request(input_ids, vision, tokens)
     (out,) = engine.generate([request], sampling)
-    logp = torch.log_softmax(trainer_logits(policy, list(input_ids) + out.token_ids, vision, banned=True), -1)
-    rows = logp[len(input_ids) - 1 : len(input_ids) - 1 + len(out.token_ids)]  # [K, V] predicting the K tokens
-    if not out.token_ids or len(out.logprobs) != len(out.token_ids):  # after the forward (FSDP2: collectives)
-        raise StaleWeightsError(f"engine continued the probe with {len(out.token_ids)} tokens and "
-                                f"{len(out.logprobs)} log-probs (one per token, at least one): it does not serve the "
-                                "trainer's policy")  # fmt: skip
-    mine = rows.gather(-1, torch.tensor(out.token_ids)[:, None])[:, 0]
+    vocab = policy.model.get_input_embeddings().num_embeddings
+    # an id the embedding cannot look up is scored as id 0 and reported after the forward: raised inside it, on
+    # this rank alone, the other ranks would wait in the forward's all-gathers (FSDP2) until the timeout
+    known = [t if 0 <= t < vocab else 0 for t in out.token_ids]
+    logp = torch.log_softmax(trainer_logits(policy, list(input_ids) + known, vision, banned=True), -1)
+    rows = logp[len(input_ids) - 1 : len(input_ids) - 1 + len(known)]  # [K, V] predicting the K tokens
+    if not 0 < len(known) <= tokens or len(out.logprobs) != len(known) or known != list(out.token_ids):
+        raise StaleWeightsError(f"engine continued the probe with {len(known)} tokens and {len(out.logprobs)} "
+                                f"log-probs (asked for {tokens} at most, one log-prob per token, at least one; ids "
+                                f"{sorted(set(out.token_ids) - set(known))} outside the trainer's vocabulary of "
+                                f"{vocab}): it does not serve the trainer's policy")  # fmt: skip
+    mine = rows.gather(-1, torch.tensor(known)[:, None])[:, 0]
     diff = (mine - torch.tensor(out.logprobs, dtype=torch.float32)).abs()
     check = SyncCheck(float(diff.mean()), float(diff.max()), diff.numel())
     worse_than_argmax = float((rows.max(-1).values - mine).max())

@@ -28,6 +28,24 @@ class ShortLogprobs(CopyEngine):
         return self.last
 
 
+class OutOfVocabulary(CopyEngine):
+    """Continues the probe with its last token replaced by an id past the trainer's vocabulary."""
+
+    def generate(self, requests, sampling):
+        out = super().generate(requests, sampling)
+        vocab = self.copy.model.get_input_embeddings().num_embeddings
+        return [dataclasses.replace(o, token_ids=[*o.token_ids[:-1], vocab + 5]) for o in out]
+
+
+class TooMany(CopyEngine):
+    """Continues the probe one token (and log-prob) past what it was asked for."""
+
+    def generate(self, requests, sampling):
+        out = super().generate(requests, sampling)
+        return [dataclasses.replace(o, token_ids=[*o.token_ids, o.token_ids[-1]], logprobs=[*o.logprobs, o.logprobs[-1]])
+                for o in out]  # fmt: skip
+
+
 @pytest.fixture
 def trainer(tiny_policy):
     return Policy(copy.deepcopy(tiny_policy.model), tiny_policy.tokenizer, tiny_policy.image_processor)
@@ -62,3 +80,14 @@ def test_weight_sync_puts_a_count_mismatch_through_agree(trainer, monkeypatch, e
     assert verdicts == [raised.value]  # all ranks learn of it, as of a stale probe
     assert sync.last_sampling_check is not None or engine_type is ShortLogprobs  # both checks ran
     assert sync.last_check is not None or engine_type is ShortScores
+
+
+@pytest.mark.parametrize("engine_type, reason", [(OutOfVocabulary, r"ids \[\d+\] outside"), (TooMany, r"9 tokens and 9 log-probs \(asked for 8")])
+def test_an_out_of_vocabulary_or_extra_token_is_stale_after_the_trainers_forward(trainer, engine_type, reason):
+    engine = engine_type(trainer)
+    forwards = []
+    trainer.model.register_forward_hook(lambda *_: forwards.append(1))
+    ids, vision = probe_inputs(trainer)
+    with pytest.raises(StaleWeightsError, match=reason):  # not an IndexError in the embedding, on one rank
+        verify_sampling(trainer, engine, ids, 1e-3, vision, tokens=8)
+    assert forwards == [1]
