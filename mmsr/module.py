@@ -117,8 +117,9 @@ class GRPOModule(L.LightningModule):
             include their truncation) and ``is_correction="none"``. With several updates a step the
             ``train/mismatch_`` metrics then include the policy's drift over the step's earlier updates.
         is_correction, is_cap: importance-sampling correction of the engine/trainer log-prob mismatch
-            (per-token ratio truncated or masked at ``is_cap``); off by default, the mismatch is
-            logged every step (``train/mismatch_*``).
+            (per-token ratio truncated or masked at ``is_cap``); off by default; needs ``top_p=1`` and
+            ``top_k=0``. The mismatch is logged every step (``train/mismatch_*``) unless ``top_p < 1`` or
+            ``top_k > 0`` (``mmsr.train.update.UpdateSettings.truncated``).
         export_dir: when set, the trained policy is written there as a Hugging Face directory at the
             end of training (gathered from all ranks under FSDP2).
     """

@@ -8,7 +8,10 @@ contexts with their images and gets sampled ids with their log-probs back. What 
 - sampling: temperature / top-p / top-k, a per-request token budget, stop strings at the action
   tags (kept in the output), the policy's end-of-turn tokens, banned tokens (image specials) biased
   to -100, and the log-prob of every sampled token as the sampler drew it (``processed_logprobs``:
-  after temperature and the ban, as the trainer scores; with top-p/top-k on, after those too);
+  after temperature and the ban, as the trainer scores; with top-p/top-k on, after those too, the kept
+  tokens renormalized, which the trainer does not score: ``mmsr.train.update.UpdateSettings.truncated``
+  then logs no ``train/mismatch_*`` and refuses ``is_correction``. ``raw_logprobs`` come before the
+  temperature and the ban, and vLLM 0.32 has no mode in between);
 - weights: ``update_weights`` streams named tensors into the live model
   (``collective_rpc("reload_weights")``), then drops the prefix cache and the vision-encoder
   outputs, computed with the old weights; ``score`` gives the log-probs of a fixed probe (with its

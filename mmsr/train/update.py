@@ -41,6 +41,8 @@ class UpdateSettings:
     mini_batches: int = 1
     micro_batch_tokens: int = 8192
     temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
     kl_coef: float = 0.001
     kl_kind: Literal["k1", "k2", "k3", "low_var_kl"] = "low_var_kl"
     clip_low: float = 0.2
@@ -74,10 +76,24 @@ class UpdateSettings:
         if self.old_logprobs == "engine" and self.is_correction != "none":
             raise ValueError("old_logprobs='engine' already takes the PPO ratio against the engine's log-probs: "
                              "is_correction must be 'none' with it")
+        if s.truncated and (s.is_correction != "none" or s.old_logprobs == "engine"):
+            using = "old_logprobs='engine'" if s.old_logprobs == "engine" else f"is_correction={s.is_correction!r}"
+            raise ValueError(f"{using} needs top_p=1 and top_k=0 (got top_p={s.top_p}, top_k={s.top_k}): the "
+                             "engine's log-probs are then of the truncated, renormalized distribution, the trainer's "
+                             "of the whole one, so every ratio would carry the kept probability mass, not the "
+                             "engine/trainer mismatch")  # fmt: skip
         if self.skip_zero_advantage and (self.kl_coef > 0 or self.entropy_coef != 0):
             raise ValueError(f"skip_zero_advantage leaves out the episodes whose advantage is 0, which changes the update "
                              f"only if they carry a loss: it needs kl_coef=0 and entropy_coef=0 (got {self.kl_coef} and "
                              f"{self.entropy_coef})")  # fmt: skip
+
+    @property
+    def truncated(self) -> bool:
+        """Whether rollouts sample a top-p / top-k truncated distribution. vLLM then reports the log-probs of the
+        kept tokens renormalized (``processed_logprobs``; no mode of vLLM 0.32 gives them after temperature and the
+        ban but before the truncation), while the trainer scores ``softmax(logits / T)`` whole: the two differ by
+        the log of the kept mass at every token, a gap of sampling settings, not of engine and trainer."""
+        return self.top_p < 1 or self.top_k > 0
 
     @property
     def updates_per_step(self) -> int:
@@ -228,7 +244,8 @@ class PolicyUpdate:
             adv = corrected_advantages(adv, is_weights(old_lp, batch.engine_logprobs, mask, s.is_cap, s.is_correction))
         loss, m = policy_loss(logp, old_lp, adv, mask, s.clip_low, s.clip_high, s.loss_agg, max_len)
         out = {f"train/{k}": v for k, v in m.items()}
-        out |= logprob_mismatch(trainer_lp, batch.engine_logprobs, mask, s.is_cap).metrics("train/mismatch_")
+        if not s.truncated:  # else the engine's log-probs are of another distribution (``UpdateSettings.truncated``)
+            out |= logprob_mismatch(trainer_lp, batch.engine_logprobs, mask, s.is_cap).metrics("train/mismatch_")
         out["train/policy_loss"] = loss.detach()
         out["train/entropy"] = aggregate(entropy.detach(), mask, "token-mean")
         if ref is not None:

@@ -219,6 +219,38 @@ def test_sampled_logprobs_match_the_trainer(policy, engine, initial, prompts, fv
     assert (logp[m] - engine_lp[:, 1:][m]).abs().max() < 1e-4
 
 
+def nucleus(scaled: torch.Tensor, top_p: float, top_k: int) -> torch.Tensor:
+    """``[..., V]`` ``scaled`` with the tokens outside the top ``top_k`` and the top-``top_p`` mass set to -inf."""
+    sorted_logits, idx = torch.sort(scaled, -1, descending=True)
+    probs = torch.softmax(sorted_logits, -1)
+    drop = (torch.arange(scaled.shape[-1]) >= top_k) if top_k > 0 else torch.zeros(scaled.shape[-1], dtype=torch.bool)
+    drop = drop | (probs.cumsum(-1) - probs >= top_p)  # the token crossing top_p stays
+    return torch.full_like(scaled, float("-inf")).scatter(-1, idx, sorted_logits.masked_fill(drop, float("-inf")))
+
+
+@pytest.mark.parametrize(("top_p", "top_k"), [(0.5, 0), (1.0, 3)])
+def test_truncated_sampling_reports_the_kept_tokens_renormalized(policy, engine, initial, prompts, fvqa_samples,
+                                                                 top_p, top_k):  # fmt: skip
+    """With top-p / top-k on, vLLM's log-probs (``processed_logprobs``) are of the kept tokens renormalized, while
+    ``HFEngine`` and the trainer give the whole ``softmax(logits / T)``'s: vLLM's are higher by minus the log of the
+    kept mass (about log 2 at top_p=0.5 here). That gap is no engine/trainer mismatch, so ``UpdateSettings`` logs no
+    ``train/mismatch_*`` and refuses ``is_correction`` with truncation (before: mismatch_ratio_mean read 0.50)."""
+    use(policy, engine, initial)
+    requests = [first_request(policy, prompts, s) for s in fvqa_samples[:3]]
+    sampling = SamplingParams(temperature=0.7, top_p=top_p, top_k=top_k, max_tokens=8, stop=())
+    hf = HFEngine()
+    hf.bind(policy)
+    for eng, truncated in [(engine, True), (hf, False)]:
+        for r, o in zip(requests, eng.generate(requests, sampling)):
+            seq = torch.tensor([list(r.input_ids) + o.token_ids])
+            with torch.no_grad():
+                scaled = policy.forward(seq, torch.ones_like(seq), torch.arange(seq.shape[1])[None], []).logits[0] / 0.7
+            scaled = nucleus(scaled, top_p, top_k) if truncated else scaled
+            at = torch.arange(len(r.input_ids) - 1, seq.shape[1] - 1)  # the positions that drew the sampled tokens
+            expected = torch.log_softmax(scaled[at], -1).gather(-1, seq[0, at + 1, None])[:, 0]
+            assert (expected - torch.tensor(o.logprobs)).abs().max() < 1e-4, (eng, top_p, top_k)
+
+
 def test_verification_catches_a_skipped_sync(policy, engine, initial, taught):
     check = WeightSync(verify_every=1, tolerance=1e-3)
     load(policy, taught[0])

@@ -73,6 +73,16 @@ def test_token_diagnostics_do_not_depend_on_loss_agg_or_the_cut(rollout, token_m
         assert metrics[k] == pytest.approx(token_mean[k], rel=1e-5, abs=1e-7), k
 
 
+@pytest.mark.parametrize("truncation", [dict(top_p=0.5), dict(top_k=3)])
+def test_truncated_sampling_logs_no_mismatch(rollout, token_mean, truncation):
+    """With top-p / top-k on, vLLM's log-probs are of the kept tokens renormalized, the trainer's of the whole
+    distribution: their gap is the kept mass, not a mismatch (before: train/mismatch_ratio_mean read 0.50 with
+    vLLM at top_p=0.5, tests/rollout/test_vllm_engine.py). The update itself is the same."""
+    metrics, _ = update(rollout, EPISODES, loss_agg="token-mean", **truncation)
+    assert {k for k in token_mean if k.startswith("train/mismatch_")}  # logged without truncation
+    assert metrics == {k: v for k, v in token_mean.items() if not k.startswith("train/mismatch_")}
+
+
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
 def test_a_mini_batch_that_sampled_nothing_still_steps(rollout, agg):
     metrics, opt = update(rollout, [0, 1, 4, 5], loss_agg=agg, mini_batches=2)  # the second part sampled nothing

@@ -33,3 +33,21 @@ def test_an_infinite_grad_clip_turns_clipping_off():
     p.grad = torch.tensor([30.0, -40.0])
     assert float(torch.nn.utils.clip_grad_norm_([p], math.inf)) == 50.0  # the norm is still logged
     assert p.grad.tolist() == [30.0, -40.0]
+
+
+@pytest.mark.parametrize("truncation", [dict(top_p=0.9), dict(top_k=5)])
+@pytest.mark.parametrize("mode", ["truncate", "mask"])
+def test_is_correction_refuses_truncated_sampling(truncation, mode):
+    """With top-p / top-k on, vLLM's log-probs are of the kept tokens renormalized, the trainer's of the whole
+    distribution: every weight would be the kept mass (0.5 at top_p=0.5 on the tiny policy of
+    tests/rollout/test_vllm_engine.py), not the engine/trainer mismatch it is meant to correct."""
+    with pytest.raises(ValueError, match=rf"is_correction='{mode}' needs top_p=1 and top_k=0 \(got top_p="):
+        UpdateSettings(is_correction=mode, **truncation)
+    assert UpdateSettings(**truncation).truncated and not UpdateSettings(is_correction=mode).truncated
+
+
+def test_the_module_hands_its_sampling_truncation_to_the_update():
+    from tests.test_module import make_module
+
+    with pytest.raises(ValueError, match="is_correction='truncate' needs top_p=1 and top_k=0"):
+        make_module(is_correction="truncate", top_p=0.9)
