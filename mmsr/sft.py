@@ -26,7 +26,7 @@ from mmsr.checkpoint import rank_states, restore_rank_state
 from mmsr.data.sample import Sample
 from mmsr.models.build import PolicyBuilder, save_policy
 from mmsr.metrics import forget_step_metrics
-from mmsr.models.policy import Policy
+from mmsr.models.policy import Policy, runs_beside_other_ranks
 from mmsr.optim import Schedule, adamw_with_schedule, check_schedule, optimizer_limits, refuse_out_of_range
 from mmsr.parallel import all_reduce, drop_idle_gradients, refuse_true_precision
 from mmsr.prompt.render import PromptBuilder
@@ -243,13 +243,15 @@ class SFTModule(L.LightningModule):
         refuse_true_precision(str(self.trainer.precision))  # before Lightning casts the policy or a batch
 
     def on_fit_start(self) -> None:
-        # DDP's reducer expects a gradient for every parameter unless told otherwise; a reading step
-        # trains the language model alone, so the vision tower gets none and the next step's forward fails
-        # with a message that names neither reading nor the config key.
-        if self.hparams.reading_steps and self.policy.is_vision and not getattr(self.trainer.strategy.model,
-                                                                                "find_unused_parameters", True):  # fmt: skip
-            raise ValueError("reading_steps > 0 under DDP: the reading steps leave the vision tower without "
-                             "gradients; set trainer.strategy: ddp_find_unused_parameters_true")
+        # DDP's reducer expects a gradient for every parameter unless told otherwise. On several ranks a reading
+        # step runs the vision tower at zero weight (``idle_vision_tower``), so plain DDP gets them all (and skips
+        # find_unused's graph walk every backward); DDP on one rank leaves the tower out, and the next step's
+        # forward failed with a message that names neither reading nor the config key.
+        if (self.hparams.reading_steps and self.policy.is_vision and not runs_beside_other_ranks()
+                and not getattr(self.trainer.strategy.model, "find_unused_parameters", True)):  # fmt: skip
+            raise ValueError("reading_steps > 0 under DDP on one rank: the reading steps leave the vision tower "
+                             "without gradients (on several ranks it runs at zero weight); set trainer.strategy: "
+                             "auto or ddp_find_unused_parameters_true")
 
     def on_train_end(self) -> None:
         if self.hparams.export_dir and self.trainer.is_global_zero:

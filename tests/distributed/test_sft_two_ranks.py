@@ -1,7 +1,8 @@
-"""The warm start on two CPU processes (gloo, DDP) trains what one process trains on the same prompts:
-reading steps split over the ranks (3 texts: one rank reads two, the other one; 1 text: one rank reruns it
-at zero weight), then the token-mean over both ranks' teacher tokens, with as many passes on each rank although one rank's episodes pack into more
-micro-batches than the other's (unequal passes hang DDP's all-reduce)."""
+"""The warm start on two CPU processes (gloo, plain DDP: no find_unused_parameters) trains what one process trains
+on the same prompts: reading steps split over the ranks (3 texts: one rank reads two, the other one; 1 text: one
+rank reruns it at zero weight; text-only, they run the vision tower at zero weight, so DDP gets every gradient),
+then the token-mean over both ranks' teacher tokens, with as many passes on each rank although one rank's episodes
+pack into more micro-batches than the other's (unequal passes hang DDP's all-reduce)."""
 
 import csv
 import json
@@ -51,7 +52,7 @@ def held_out(tmp: Path, rows: int = 5) -> Path:
     return path
 
 
-def run(tmp: Path, devices: int, strategy: str = "ddp_find_unused_parameters_true") -> subprocess.CompletedProcess:
+def run(tmp: Path, devices: int, strategy: str | None = None) -> subprocess.CompletedProcess:
     # steps 0 and 1 read; unshuffled, rank r takes prompts r, r + 2, ...: step 2 gives rank 0 prompts 8 and 10
     # (short: one micro-batch), rank 1 prompts 9 and 11 (11 long: two); one process takes all four. Held-out
     # prompts are validated after step 2 (and in the sanity check before step 0).
@@ -59,9 +60,10 @@ def run(tmp: Path, devices: int, strategy: str = "ddp_find_unused_parameters_tru
     policy = {"class_path": "mmsr.models.build.TinyQwen2_5_VL", "init_args": {
         "tokenizer_texts": [DATA], "scaffold": {"class_path": "mmsr.demo.tokenizer.Scaffold"}, "hidden_size": 32,
         "num_layers": 1, "vision_depth": 1, "seed": 0}}  # fmt: skip
+    strategy = strategy or ("ddp" if devices > 1 else "auto")  # plain DDP: find_unused_parameters off
     cfg = {
         "seed_everything": 0,
-        "trainer": {"accelerator": "cpu", "devices": devices, "strategy": strategy if devices > 1 else "auto", "max_steps": 3,
+        "trainer": {"accelerator": "cpu", "devices": devices, "strategy": strategy, "max_steps": 3,
                     "log_every_n_steps": 1, "enable_model_summary": False, "enable_checkpointing": False,
                     "enable_progress_bar": False, "use_distributed_sampler": False, "default_root_dir": str(tmp),
                     "val_check_interval": 3,
@@ -101,10 +103,11 @@ def test_two_rank_warm_start_equals_one(tmp_path):
 
 
 @pytest.mark.slow
-def test_reading_under_ddp_without_unused_parameters_is_refused_at_start(tmp_path):
-    """Reading trains the language model alone: plain DDP would fail at the next step's forward with a message
-    naming neither; the warm start refuses it before its first step, naming the strategy to set."""
-    proc = run(tmp_path, 2, strategy="ddp")
+def test_reading_under_ddp_on_one_rank_is_refused_at_start(tmp_path):
+    """Alone, a text-only forward leaves the vision tower out (no rank waits for it): plain DDP on one device would
+    fail at the next step's forward with a message naming neither reading nor the key; the warm start refuses it
+    before its first step, naming the strategies to set."""
+    proc = run(tmp_path, 1, strategy="ddp")
     assert proc.returncode != 0
-    assert proc.stderr.strip().splitlines()[-1].endswith("set trainer.strategy: ddp_find_unused_parameters_true")
+    assert proc.stderr.strip().splitlines()[-1].endswith("set trainer.strategy: auto or ddp_find_unused_parameters_true")
     assert not (tmp_path / "csv" / "metrics.csv").exists() or not logged(tmp_path, "reading/loss")
