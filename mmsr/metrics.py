@@ -17,6 +17,7 @@ from mmsr.data.sample import Sample
 from mmsr.rollout.loop import RolloutSettings
 from mmsr.rollout.stats import RolloutStats
 from mmsr.rollout.trajectory import Trajectory
+from mmsr.tools.cache import filed_under
 from mmsr.tools.spec import MMSEARCH_R1_TOOLS, ToolSpec
 
 
@@ -186,11 +187,12 @@ def _counters_over_ranks(per_rank: Sequence[dict[str, float]]) -> dict[str, floa
 
 
 def tool_counters(tools: dict | None) -> dict[str, float]:
-    """Each tool's own counters (``tool.metrics()``, since the tool was built) under ``tools/<kind>/``."""
-    own = {}
-    for kind, tool in (tools or {}).items():
+    """Each tool's own counters (``tool.metrics()``, since the tool was built) under ``tools/<kind>/``, a
+    ``CachedTool``'s of each kind under that kind alone (``filed_under``: ``tools/<kind>/cache_hits``)."""
+    own, tools = {}, tools or {}
+    for kind, tool in tools.items():
         if hasattr(tool, "metrics"):
-            own |= {f"tools/{kind}/{k.removeprefix('tools/')}": float(v) for k, v in tool.metrics().items()}
+            own |= filed_under(kind, tool.metrics(), tools)
     return own
 
 

@@ -2,15 +2,19 @@
 their own rows (upstream computes them over the whole batch), tools' own counters, and how each
 kind of metric is reduced over ranks (counts summed, maxima maxed, the others averaged)."""
 
+import asyncio
+
 import pytest
 
 from mmsr.data.sample import Sample
-from mmsr.metrics import rollout_metrics, rollout_timings, search_ratios, tool_metrics, zero_std_groups
+from mmsr.metrics import rollout_metrics, rollout_timings, search_ratios, tool_counters, tool_metrics, zero_std_groups
 from mmsr.rollout.actions import Answer, ImageSearch, TextSearch
 from mmsr.rollout.loop import RolloutSettings
 from mmsr.rollout.stats import RolloutStats
 from mmsr.rollout.trajectory import ToolCall, Trajectory, Turn
-from mmsr.tools.base import ToolResult
+from mmsr.tools.base import ToolRequest, ToolResult
+from mmsr.tools.cache import CachedTool
+from mmsr.tools.spec import ImageSearchTool, TextSearchTool
 
 
 def traj(group, actions):
@@ -52,6 +56,61 @@ def test_tool_metrics_include_each_tools_counters():
     assert m["tools/text_search/api_calls"] == 3.0 and m["tools/text_search/cache_hits"] == 2.0
     assert m["tools/failure_rate"] == 0.5 and m["tools/latency_s"] == 1.0
     assert rollout_timings(stats) == {"timing/generate": 2.0, "timing/tools": 0.0, "rollout/tokens_per_s": 50.0}
+
+
+class Echo:
+    """A search backend that answers every request, at $0.25 a call."""
+
+    provider_name = "echo"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def __call__(self, request: ToolRequest) -> ToolResult:
+        self.calls += 1
+        return ToolResult(f"{request.kind}: {request.query}", cost=0.25)
+
+
+def _searched(tool, requests):
+    async def main():
+        for request in requests:
+            await tool(request)
+
+    asyncio.run(main())
+
+
+SPENT = ("api_calls", "api_cost", "run_api_calls", "run_api_cost")
+
+
+def test_a_cached_tools_counters_are_logged_under_its_kind_once(tmp_path):
+    # A budget of 3 API calls: "a" misses, "a" hits, "b" and "c" miss, "d" misses and the budget refuses it.
+    # They were logged as tools/text_search/text_search/cache_hits, unlike the README's tools/<kind>/cache_hits.
+    tool = CachedTool(Echo(), str(tmp_path / "c.sqlite"), max_calls=3)
+    assert tool_counters({"text_search": tool}) == {f"tools/text_search/{k}": 0.0 for k in SPENT}  # nothing asked yet
+    _searched(tool, [ToolRequest("text_search", q) for q in "aabcd"])
+    assert tool_counters({"text_search": tool}) == {
+        "tools/text_search/cache_hits": 1.0, "tools/text_search/cache_misses": 4.0, "tools/text_search/budget_refusals": 1.0,
+        "tools/text_search/api_calls": 3.0, "tools/text_search/api_cost": 0.75,
+        "tools/text_search/run_api_calls": 3.0, "tools/text_search/run_api_cost": 0.75,
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["bare", "in_tool_entries"])
+def test_one_cached_tool_serving_both_kinds_logs_each_kinds_counters_under_it_alone(tmp_path, wrapped):
+    # Text search "x" misses then hits, image search misses: 2 API calls, 1 per kind. Each kind logged both kinds'
+    # events (under tools/<kind>/<other kind>/...) and the tool's 2 calls, 4 in all.
+    backend = Echo()
+    tool = CachedTool(backend, str(tmp_path / "c.sqlite"))
+    x, image = ToolRequest("text_search", "x"), ToolRequest("image_search", image_url="https://img.example/1.jpg")
+    _searched(tool, [x, x, image])
+    both = {"image_search": ImageSearchTool(tool), "text_search": TextSearchTool(tool)} if wrapped else {
+        "image_search": tool, "text_search": tool}  # fmt: skip
+    m = tool_counters(both)
+    one_call = dict(zip(SPENT, (1.0, 0.25, 1.0, 0.25)))
+    assert m == {**{f"tools/image_search/{k}": v for k, v in one_call.items()}, "tools/image_search/cache_misses": 1.0,
+                 **{f"tools/text_search/{k}": v for k, v in one_call.items()}, "tools/text_search/cache_misses": 1.0,
+                 "tools/text_search/cache_hits": 1.0}  # fmt: skip
+    assert sum(v for k, v in m.items() if k.endswith("/api_calls")) == backend.calls == 2
 
 
 def test_zero_std_groups_counts_groups_without_a_learning_signal():

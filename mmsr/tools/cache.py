@@ -28,6 +28,7 @@ import os
 import threading
 import time
 from collections import Counter
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
@@ -38,6 +39,10 @@ from mmsr.tools.budget import with_budget_left
 from mmsr.tools.cache_store import BudgetKey, CacheKey, ToolCache, image_key, normalize_query, request_key  # noqa: F401
 
 CacheMode = Literal["off", "read_write", "replay_only"]
+# CachedTool's own counters, each kept per tool kind it served (``tools/<kind>/cache_hits``): one wrapper may serve
+# image and text search, and each kind's counters are logged under that kind alone (``filed_under``)
+KIND_COUNTERS = frozenset({"cache_hits", "cache_misses", "cache_joined", "budget_refusals", "api_calls", "api_cost",
+                           "run_api_calls", "run_api_cost"})  # fmt: skip
 # Processes of one run share a budget only if they share a run_id; by default a process is its own run.
 PROCESS_RUN_ID = f"pid{os.getpid()}-{int(time.time())}"
 
@@ -72,6 +77,22 @@ class _Claim:
         with self._lock:
             self._left = True
             return self._reserved
+
+
+def filed_under(kind: str, metrics: Mapping[str, float], kinds: Collection[str]) -> dict[str, float]:
+    """A tool's ``metrics`` as logged for the tool kind it is registered under, ``kind`` (``kinds``: every kind
+    registered beside it), each under ``tools/<kind>/``. A ``CachedTool`` counter already names the kind it counts
+    (``KIND_COUNTERS``): its own kind's keeps its name, not ``tools/<kind>/<kind>/...``; another registered kind's
+    is left to that kind's entry, so a wrapper registered under both counts each kind's searches once, there."""
+    out = {}
+    for key, value in metrics.items():
+        name = key.removeprefix("tools/")
+        counted, _, counter = name.partition("/")
+        if counter not in KIND_COUNTERS or counted not in kinds:
+            out[f"tools/{kind}/{name}"] = float(value)
+        elif counted == kind:
+            out[f"tools/{name}"] = float(value)
+    return out
 
 
 def _forget(pending: dict, at: tuple[asyncio.AbstractEventLoop, CacheKey], miss: _Miss) -> None:
@@ -109,9 +130,9 @@ class CachedTool:
         # misses in flight, per event loop (tasks die with their loop, and the rollout runs each step in a fresh
         # one); empty when idle, so an unused tool still pickles
         self._pending: dict[tuple[asyncio.AbstractEventLoop, CacheKey], _Miss] = {}
-        self._kinds: set[str] = set()  # the tool kinds asked of it: its budget counters, for ``metrics``
-        # this process's API calls and dollars: the budget's counters are the run's, which its ranks share
-        self.api_calls, self.api_cost = 0, 0.0
+        # the tool kinds asked of it, whose counters ``metrics`` reports: among them, per kind, this process's API
+        # calls and dollars (``<kind>/api_calls``, ``<kind>/api_cost``; the budget's counters are the run's)
+        self._kinds: set[str] = set()
 
     def check_budget(self, cap_s: float) -> None:
         """The wrapped tool's check (a hit costs milliseconds; a miss is the tool's call)."""
@@ -201,7 +222,8 @@ class CachedTool:
                 calls, cost = -1, 0.0
             raise
         finally:  # counted before the await: a caller cancelled while the budget settles still made its call
-            self.api_calls, self.api_cost = self.api_calls + 1 + calls, self.api_cost + cost
+            self.counts[f"{request.kind}/api_calls"] += 1 + calls
+            self.counts[f"{request.kind}/api_cost"] += cost
             await asyncio.shield(asyncio.to_thread(self.cache.spend, budget, cost - price, calls))
         return result
 
@@ -231,14 +253,19 @@ class CachedTool:
         return float(getattr(provider, "cost_per_call", 0.0) or 0.0)
 
     def metrics(self) -> dict[str, float]:
-        """Cache hits, misses (calls to the backend or refused by the budget) and joined misses (module
-        docstring), budget refusals, the API calls and dollars this process spent with this tool
-        (``api_calls``, ``api_cost``: a run's ranks add theirs up), its run's in the shared budget, calls in
-        flight included (``run_api_calls``, ``run_api_cost``: every rank of a run reads the same, so
-        ``mmsr.metrics.tool_metrics`` takes their largest), and the backend's own metrics."""
-        spent = [self.cache.spent(BudgetKey(self.run_id, kind, self.provider)) for kind in sorted(self._kinds)]
-        calls, cost = sum(c for c, _ in spent), sum(d for _, d in spent)
-        out = {f"tools/{k}": float(v) for k, v in sorted(self.counts.items())}
-        out |= {"tools/api_calls": float(self.api_calls), "tools/api_cost": self.api_cost}
-        out |= {"tools/run_api_calls": float(calls), "tools/run_api_cost": cost}
-        return out | (self.tool.metrics() if hasattr(self.tool, "metrics") else {})
+        """Per tool kind asked of it (``tools/<kind>/...``, ``KIND_COUNTERS``): cache hits, misses (calls to the
+        backend or refused by the budget) and joined misses (module docstring), budget refusals, the API calls and
+        dollars this process spent (``api_calls``, ``api_cost``: a run's ranks add theirs up), its run's in the
+        shared budget, calls in flight included (``run_api_calls``, ``run_api_cost``: every rank of a run reads
+        the same, so ``mmsr.metrics.tool_metrics`` takes their largest); then the backend's own metrics."""
+        own = {f"tools/{name}": 0.0 for name in ("api_calls", "api_cost", "run_api_calls", "run_api_cost")}
+        if self._kinds:  # else asked nothing yet: zeros of no kind, logged under its entry's (``filed_under``)
+            own = {k: v for kind in sorted(self._kinds) for k, v in self._kind_metrics(kind).items()}
+        return own | (self.tool.metrics() if hasattr(self.tool, "metrics") else {})
+
+    def _kind_metrics(self, kind: str) -> dict[str, float]:
+        """``kind``'s counters (``tools/<kind>/...``): this process's, then its run's in the shared budget."""
+        mine = {f"tools/{k}": float(v) for k, v in sorted(self.counts.items()) if k.startswith(f"{kind}/")}
+        calls, cost = self.cache.spent(BudgetKey(self.run_id, kind, self.provider))
+        return ({f"tools/{kind}/api_calls": 0.0, f"tools/{kind}/api_cost": 0.0} | mine
+                | {f"tools/{kind}/run_api_calls": float(calls), f"tools/{kind}/run_api_cost": float(cost)})  # fmt: skip

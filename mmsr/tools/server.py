@@ -39,7 +39,7 @@ from PIL import Image
 
 from mmsr.tools.base import FatalToolError, SearchTool, ToolRequest, ToolResult, check_ready, failure
 from mmsr.tools.budget import BudgetError
-from mmsr.tools.cache import ReplayMiss
+from mmsr.tools.cache import ReplayMiss, filed_under
 from mmsr.tools.secrets import install_log_redaction, redact, register_secret_env
 from mmsr.tools.web.http import REFUSALS, HTTPClient, Limits, ToolError
 
@@ -176,7 +176,7 @@ class SearchServer:
         out: dict[str, float] = {"server/requests": float(self.requests)}
         for kind, tool in self.tools.items():  # per kind, as the trainer logs them: both have tools/api_calls
             if hasattr(tool, "metrics"):
-                out |= {f"tools/{kind}/{k.removeprefix('tools/')}": v for k, v in tool.metrics().items()}
+                out |= filed_under(kind, tool.metrics(), self.tools)
         return web.json_response(out)
 
     async def _search(self, request: web.Request) -> web.Response:

@@ -118,7 +118,7 @@ def test_budget_in_calls_and_dollars(tmp_path):
     assert not over.ok and "budget is used up (2 of 2 API calls)" in over.text and backend.calls == 2
     assert run(tool, text("a")).ok  # cached results are still served past the budget
     m = tool.metrics()
-    assert m["tools/api_calls"] == 2 and m["tools/api_cost"] == pytest.approx(0.8)
+    assert m["tools/text_search/api_calls"] == 2 and m["tools/text_search/api_cost"] == pytest.approx(0.8)
     assert m["tools/text_search/budget_refusals"] == 1
     dollars = CachedTool(backend, str(tmp_path / "c.sqlite"), max_cost=0.5, run_id="run-b")
     assert run(dollars, text("d")).ok and run(dollars, text("e")).ok  # 0.4 spent < 0.5: one more call allowed
@@ -245,8 +245,10 @@ def test_each_tool_kind_and_provider_has_its_own_budget(tmp_path):
         run(image, ToolRequest("image_search", image=Image.new("RGB", (8, 8), (shade, 0, 0))))
     assert lens.calls == 2 and image.metrics()["tools/image_search/budget_refusals"] == 1
     assert run(words, text("capital of france")).ok and serper.calls == 1
-    assert image.metrics()["tools/api_calls"] == 2 and image.metrics()["tools/api_cost"] == pytest.approx(0.03)
-    assert words.metrics()["tools/api_calls"] == 1 and words.metrics()["tools/api_cost"] == pytest.approx(0.001)
+    assert image.metrics()["tools/image_search/api_calls"] == 2
+    assert image.metrics()["tools/image_search/api_cost"] == pytest.approx(0.03)
+    assert words.metrics()["tools/text_search/api_calls"] == 1
+    assert words.metrics()["tools/text_search/api_cost"] == pytest.approx(0.001)
 
 
 class PaidOrUnsent(CountingTool):
@@ -273,8 +275,9 @@ def test_ranks_sharing_a_run_id_each_report_their_own_api_calls_and_the_step_add
     for query in ("b", "c", "a", "unsent"):
         run(ranks[1], text(query))
     own = [rank.metrics() for rank in ranks]
-    assert [(m["tools/api_calls"], m["tools/api_cost"]) for m in own] == [(1, 0.25), (2, 0.5)]
-    assert all((m["tools/run_api_calls"], m["tools/run_api_cost"]) == (3, 0.75) for m in own)  # the shared budget
+    assert [(m["tools/text_search/api_calls"], m["tools/text_search/api_cost"]) for m in own] == [(1, 0.25), (2, 0.5)]
+    assert all((m["tools/text_search/run_api_calls"], m["tools/text_search/run_api_cost"]) == (3, 0.75)
+               for m in own)  # the shared budget
     sent = []  # what rank 1 hands the collective, then what rank 0 gets back from it
     monkeypatch.setattr(metrics, "gather_per_rank", lambda obj: sent.append(obj) or [obj])
     metrics.tool_metrics(RolloutStats(), {"text_search": ranks[1]})
@@ -308,8 +311,10 @@ def test_a_cache_file_from_before_per_tool_budgets_carries_its_spent_calls_over(
     assert run(words, text("new")).ok and not run(words, text("newer")).ok
     assert run(image, ToolRequest("image_search", image=Image.new("RGB", (8, 8)))).ok and backend.calls == 2
     assert "(8 of 8 API calls)" in run(image, ToolRequest("image_search", image=Image.new("RGB", (9, 9)))).text
-    assert words.metrics()["tools/run_api_calls"] == 8 and words.metrics()["tools/run_api_cost"] == pytest.approx(1.5)
-    assert words.metrics()["tools/api_calls"] == 1  # its own: "new" (the old calls were another process's)
+    spent = words.metrics()
+    assert spent["tools/text_search/run_api_calls"] == 8
+    assert spent["tools/text_search/run_api_cost"] == pytest.approx(1.5)
+    assert spent["tools/text_search/api_calls"] == 1  # its own: "new" (the old calls were another process's)
     dollars = CachedTool(backend, str(path), max_cost=1.5, run_id="r", provider="other")
     assert "$1.50 of $1.50" in run(dollars, text("dear")).text  # its dollars count too
     assert run(CachedTool(backend, str(path), max_calls=1, run_id="another"), text("else")).ok  # only run r's

@@ -421,6 +421,31 @@ def test_server_metrics_are_per_backend_and_never_sent_travels(monkeypatch, tmp_
     assert "sent" not in result_to_json(ToolResult("x"))
 
 
+def test_server_metrics_name_a_cached_backends_counters_as_the_trainer_does(monkeypatch, tmp_path):
+    # One CachedTool serves both kinds: text search "q" misses then hits, image search misses. The server named
+    # them tools/text_search/text_search/cache_hits, and filed both kinds' calls under each kind.
+    from mmsr.metrics import tool_counters
+    from mmsr.tools.cache import CachedTool
+
+    monkeypatch.delenv("MMSR_SEARCH_TOKEN", raising=False)
+    shared = CachedTool(SlowTool(0.0), str(tmp_path / "c.sqlite"), provider="a")
+    server = SearchServer(image_search=shared, text_search=shared, port=0)
+
+    async def body(url):
+        client = HTTPSearchTool(url, limits=FAST)
+        for request in (ToolRequest("text_search", "q"), ToolRequest("text_search", "q"),
+                        ToolRequest("image_search", image_url="https://img.example/1.jpg")):  # fmt: skip
+            assert (await client(request)).ok
+        async with aiohttp.ClientSession() as session, session.get(url + "/v1/metrics") as r:
+            return await r.json()
+
+    served = asyncio.run(_with_server(server, body))
+    assert served["tools/text_search/cache_misses"] == 1 and served["tools/text_search/cache_hits"] == 1
+    assert served["tools/image_search/cache_misses"] == 1 and "tools/image_search/cache_hits" not in served
+    assert served["tools/text_search/api_calls"] == 1 and served["tools/image_search/api_calls"] == 1
+    assert {k: v for k, v in served.items() if k != "server/requests"} == tool_counters(server.tools)
+
+
 @pytest.mark.parametrize("field", ["cost", "latency_s"])
 def test_an_answer_with_a_nan_cost_or_latency_is_not_a_tool_result(field):
     # Python's json reads NaN: a server's bad number must fail the search (ToolError), not reach a budget
