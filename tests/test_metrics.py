@@ -291,3 +291,16 @@ def test_a_tools_run_wide_counter_is_the_largest_ranks_not_their_sum(monkeypatch
     m = metrics.tool_metrics(stats, {})
     assert m["tools/image_search/api_calls"] == 5.0 and m["tools/image_search/run_api_calls"] == 6.0
     assert metrics.run_wide("tools/image_search/run_api_cost") and not metrics.run_wide("tools/image_search/api_cost")
+
+
+class WebCounters:
+    """A web search's counters: its own name their kind (``WebImageSearch``), its provider's do not."""
+
+    def metrics(self):
+        return {"tools/image_search/thumbnail_bad_image": 1.0, "tools/serper_lens/calls": 2.0}
+
+
+def test_a_web_tools_own_counters_are_not_filed_under_their_kind_twice():
+    # They were logged as tools/image_search/image_search/thumbnail_bad_image.
+    assert tool_counters({"image_search": WebCounters()}) == {
+        "tools/image_search/thumbnail_bad_image": 1.0, "tools/image_search/serper_lens/calls": 2.0}

@@ -81,17 +81,17 @@ class _Claim:
 
 def filed_under(kind: str, metrics: Mapping[str, float], kinds: Collection[str]) -> dict[str, float]:
     """A tool's ``metrics`` as logged for the tool kind it is registered under, ``kind`` (``kinds``: every kind
-    registered beside it), each under ``tools/<kind>/``. A ``CachedTool`` counter already names the kind it counts
-    (``KIND_COUNTERS``): its own kind's keeps its name, not ``tools/<kind>/<kind>/...``; another registered kind's
-    is left to that kind's entry, so a wrapper registered under both counts each kind's searches once, there."""
+    registered beside it), each under ``tools/<kind>/``. A counter that already names that kind (a ``CachedTool``'s
+    ``image_search/cache_hits``, a web search's ``image_search/thumbnail_bad_image``) keeps its name, not
+    ``tools/<kind>/<kind>/...``; a ``CachedTool`` counter of another registered kind (``KIND_COUNTERS``) is left to
+    that kind's entry, so a wrapper registered under both counts each kind's searches once, there."""
     out = {}
     for key, value in metrics.items():
         name = key.removeprefix("tools/")
         counted, _, counter = name.partition("/")
-        if counter not in KIND_COUNTERS or counted not in kinds:
-            out[f"tools/{kind}/{name}"] = float(value)
-        elif counted == kind:
-            out[f"tools/{name}"] = float(value)
+        if counted != kind and counter in KIND_COUNTERS and counted in kinds:
+            continue
+        out[f"tools/{name}" if counted == kind else f"tools/{kind}/{name}"] = float(value)
     return out
 
 
