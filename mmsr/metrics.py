@@ -11,12 +11,13 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import get_args
 
 from mmsr.checkpoint import gather_per_rank
 from mmsr.data.sample import Sample
 from mmsr.rollout.loop import RolloutSettings
 from mmsr.rollout.stats import RolloutStats
-from mmsr.rollout.trajectory import Trajectory
+from mmsr.rollout.trajectory import FinishReason, Trajectory
 from mmsr.tools.cache import filed_under
 from mmsr.tools.spec import MMSEARCH_R1_TOOLS, ToolSpec
 
@@ -65,6 +66,9 @@ def rollout_metrics(
         "rollout/truncated": _mean([t.finish_reason == "truncated" for t in trajs]),
         "rollout/context_cut": _mean([bool(getattr(t, "context", ())) for t in trajs]),  # the budget cut something
     }
+    # how episodes ended, every reason every step (a column that appears only when one happens leaves gaps):
+    # ``no_action`` is a turn with neither a valid tool call nor an answer, which a policy can drift into unseen
+    out |= {f"rollout/finish/{r}": _mean([t.finish_reason == r for t in trajs]) for r in get_args(FinishReason)}
     # a reward's own terms beyond these (``JudgedReward``'s ``judge_failed``): their step means
     extra = sorted(terms - {"correct", "format", "searched"})
     out |= {f"reward/{k}": _mean([d.get(k, 0.0) for d in details]) for k in extra}

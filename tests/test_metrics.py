@@ -45,6 +45,16 @@ def test_per_source_and_category_use_their_own_rows():
     assert m["reward/mean"] == pytest.approx(2.91 / 4)
 
 
+def test_every_finish_reason_is_logged_each_step_as_a_share_of_episodes():
+    trajs = [traj(0, [Answer("a")]) for _ in range(4)]
+    for t, reason in zip(trajs, ["answer", "no_action", "no_action", "truncated"]):
+        t.finish_reason = reason
+    m = rollout_metrics(trajs, [Sample("a", "q", None, "x")], [0.0] * 4, [{}] * 4, RolloutSettings())
+    assert {k: v for k, v in m.items() if k.startswith("rollout/finish/")} == {
+        "rollout/finish/answer": 0.25, "rollout/finish/no_action": 0.5, "rollout/finish/max_rounds": 0.0,
+        "rollout/finish/search_limit": 0.0, "rollout/finish/truncated": 0.25}
+
+
 def test_tool_metrics_include_each_tools_counters():
     class Counted:
         def metrics(self):
