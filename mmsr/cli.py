@@ -83,7 +83,9 @@ def lightning_cli(args: list[str] | None = None, parse_only: bool = False, **kwa
             config = self.config[self.subcommand] if self.subcommand else self.config  # run=False: not nested
             if not parse_only:
                 check_inputs_exist(config)
-            if not parse_only and self.subcommand == "fit":
+            # no subcommand (run=False): a run's config, parsed for its caller (`mmsr plan` sizes it, the demo
+            # fits it), so a run `mmsr fit` refuses is refused there too; reading the config builds nothing
+            if self.subcommand in ("fit", None):
                 check_step_settings(config)
             if ckpt and (runs := checkpoint_runs(ckpt)):
                 explicit_default_logger(config.trainer)

@@ -322,7 +322,7 @@ class GRPOModule(L.LightningModule):
         tools, groups = tool_metrics(self.loop.stats, self.loop.tools), group_sums(trajs, samples, details)
         metrics = reduced_over_ranks(metrics) | tools | group_metrics(summed_over_ranks(groups))
         self.log_dict(metrics, batch_size=len(samples), prog_bar=False)
-        self.log("reward", metrics["reward/mean"], prog_bar=True, batch_size=len(samples))
+        self.log("reward", metrics["reward/mean"], prog_bar=True, logger=False, batch_size=len(samples))
 
     # -- held-out evaluation: data.val_files in Lightning's validation loop -----------------------
     def on_validation_epoch_start(self) -> None:

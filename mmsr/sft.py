@@ -136,7 +136,7 @@ class SFTModule(L.LightningModule):
         metrics = {"sft/loss": loss, "sft/tokens": total, "train/grad_norm": float(grad_norm),
                    "rollout/turns": sum(len(t.turns) for t in trajs) / len(trajs)}  # fmt: skip
         self.log_dict(metrics, batch_size=len(batch))
-        self.log("loss", loss, prog_bar=True, batch_size=len(batch))
+        self.log("loss", loss, prog_bar=True, logger=False, batch_size=len(batch))
 
     def _written(self, teacher: Teacher, sample: Sample) -> list[str]:
         """``teacher``'s turns for ``sample``, written from the sample's text as the prompt shows it (``Encoder.plain``):
@@ -219,7 +219,7 @@ class SFTModule(L.LightningModule):
         grad_norm = self._step(opt, used_images=False)
         loss = all_reduce(float(loss.detach()), "sum", self.device) / world
         self.log_dict({"reading/loss": loss, "train/grad_norm": float(grad_norm)}, batch_size=len(texts))
-        self.log("loss", loss, prog_bar=True, batch_size=len(texts))
+        self.log("loss", loss, prog_bar=True, logger=False, batch_size=len(texts))
 
     def _step(self, opt, used_images: bool) -> torch.Tensor:
         """Clip, step the optimizer and the schedule; returns the pre-clip gradient norm. The vision tower's

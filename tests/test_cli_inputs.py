@@ -61,7 +61,7 @@ def fit(monkeypatch):
 COSINE = ("--model.init_args.lr_schedule", "cosine", "--trainer.max_steps", "4")
 
 
-@pytest.mark.parametrize(("flags", "message"), [
+REFUSED_STEPS = [
     # 2 prompts x 4 generations: 9 updates a step had 8 episodes to split, refused at the first step
     (("--model.init_args.mini_batches", "9"), r"model.mini_batches=9 .* 2 x 4 = 8 episodes on each rank"),
     # the schedule steps once a training step: lr 0 from step 3 on
@@ -69,10 +69,25 @@ COSINE = ("--model.init_args.lr_schedule", "cosine", "--trainer.max_steps", "4")
     # 4 updates in 2 training steps of 2
     ((*COSINE, "--model.init_args.mini_batches", "2", "--model.init_args.total_steps", "1"),
      r"model.total_steps=1 < 2 training steps \(trainer.max_steps=4 optimizer updates, 2 a step"),
-])  # fmt: skip
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("flags", "message"), REFUSED_STEPS)
 def test_step_settings_that_cannot_train_are_refused_before_the_policy_loads(fit, flags, message):
     with pytest.raises(ValueError, match=message):
         fit(*flags)
+
+
+@pytest.mark.parametrize(("flags", "message"), REFUSED_STEPS)
+def test_a_config_parsed_without_a_subcommand_is_refused_as_fit_refuses_it(fit, flags, message):
+    """``mmsr plan`` (parse only: nothing is built) sized, and the demo's GRPO stage (``run=False``) built, a run
+    that ``mmsr fit`` refuses."""
+    from mmsr.plan.config import parse_run_config
+
+    with pytest.raises(ValueError, match=message):
+        parse_run_config(["-c", "configs/smoke.yaml", *flags])
+    with pytest.raises(ValueError, match=message):
+        lightning_cli(["-c", "configs/smoke.yaml", "--trainer.logger", "false", *flags], run=False)
 
 
 def test_a_cosine_schedule_longer_than_the_run_is_warned_and_one_as_long_passes(fit):

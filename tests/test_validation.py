@@ -94,3 +94,32 @@ def test_validating_leaves_the_training_episodes_as_they_were(tmp_path, monkeypa
     validated = episodes(tmp_path / "val", "--data.val_files", "[data/fvqa_dev_20/fvqa_dev.jsonl]", "--trainer.val_check_interval",
                          "1", "--trainer.check_val_every_n_epoch", "null", "--trainer.num_sanity_val_steps", "0")  # fmt: skip
     assert {step for step, *_ in plain} == {0, 1} and validated == plain
+
+
+def test_mmsr_validate_of_a_checkpoint_logs_and_names_the_step_its_fit_did(tmp_path, monkeypatch, capsys):
+    """Lightning restores its step counters in fit only: ``mmsr validate --ckpt_path`` logged the checkpoint's
+    ``val/`` metrics at step 0 and printed ``validation at step 0``. The checkpoint of step 2 (2 updates a step)
+    is validated where the fit validated it: the same ``metrics.csv`` step (1, that step's row) and line."""
+    from mmsr.cli import lightning_cli
+    from tests.callbacks.scripted_run import CONFIG
+
+    val = ["--data.val_files", "[data/fvqa_dev_20/fvqa_dev.jsonl]", "--model.init_args.mini_batches", "2",
+           "--trainer.max_steps", "4", "--trainer.enable_progress_bar", "true"]  # fmt: skip
+    bar = {"class_path": "mmsr.callbacks.progress.StageProgressBar", "init_args": {"plain": True, "poll_s": 0}}
+    saver = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+             "init_args": {"dirpath": str(tmp_path / "ckpt"), "every_n_train_steps": 2, "save_top_k": -1}}  # fmt: skip
+    fit = run(tmp_path / "fit", *val, "--trainer.val_check_interval", "1", "--trainer.check_val_every_n_epoch", "null",
+              "--trainer.num_sanity_val_steps", "0", "--trainer.enable_checkpointing", "true",
+              "--trainer.callbacks", json.dumps([bar, saver]))  # fmt: skip
+    fitted = capsys.readouterr().out.splitlines()
+    fit_rows = [r for r in csv.DictReader((Path(fit.trainer.log_dir) / "metrics.csv").open()) if r.get("val/episodes")]
+    logger = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path / "val")}}
+    monkeypatch.chdir(ROOT)
+    cli = lightning_cli(["validate", "-c", str(CONFIG), *val, "--ckpt_path", str(tmp_path / "ckpt" / "epoch=0-step=4.ckpt"),
+                         "--trainer.logger", json.dumps(logger), "--trainer.callbacks", json.dumps([bar])])  # fmt: skip
+    validated = capsys.readouterr().out.splitlines()
+    (row,) = list(csv.DictReader((Path(cli.trainer.log_dir) / "metrics.csv").open()))
+    assert [r["step"] for r in fit_rows] == ["0", "1"] and row["step"] == "1"
+    assert row["val/reward/mean"] == fit_rows[1]["val/reward/mean"]
+    shown = [line.split(" | ")[0] for line in fitted + validated if line.startswith("grpo validation at")]
+    assert shown == ["grpo validation at step 1/2", "grpo validation at step 2/2", "grpo validation at step 2/2"]

@@ -51,11 +51,11 @@ class StepStatus:
         return {"stage": self.stage, "tok/s": f"{self.tokens_per_s:.0f}", "tools": str(self.tools_in_flight)}
 
 
-def training_steps(trainer: L.Trainer) -> tuple[int, int]:
-    """Training steps done and in the run (0: unbounded): Lightning's optimizer-update counts over the
-    module's ``updates_per_step`` (1 when it has none)."""
+def training_steps(trainer: L.Trainer, updates: int | None = None) -> tuple[int, int]:
+    """Training steps done (``updates`` optimizer updates; default ``trainer.global_step``) and in the run
+    (0: unbounded): Lightning's optimizer-update counts over the module's ``updates_per_step`` (1 when it has none)."""
     per_step = max(int(getattr(trainer.lightning_module, "updates_per_step", 1)), 1)
-    return trainer.global_step // per_step, max(trainer.max_steps, 0) // per_step
+    return (trainer.global_step if updates is None else updates) // per_step, max(trainer.max_steps, 0) // per_step
 
 
 def step_status(pl_module: L.LightningModule, fallback_stage: str = "idle") -> StepStatus:
@@ -93,7 +93,9 @@ class StageProgressBar(TQDMProgressBar):
         self._watcher: threading.Thread | None = None
         self._metrics: dict[str, int | str | float] = {}  # last batch-end metrics, reused live
         self._hook_stage = "idle"
+        self._phase = "the step"  # what the watcher's lines say is running: a validation runs between steps
         self._validation_t0 = time.monotonic()
+        self._loaded_updates = 0  # global_step of the checkpoint a validate / test run loaded (--ckpt_path)
 
     # Plain mode draws no bar at all: a log file would get every redraw, cursor-up escapes included,
     # glued to the plain lines.
@@ -149,13 +151,19 @@ class StageProgressBar(TQDMProgressBar):
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_validation_start(trainer, pl_module)
-        self._validation_t0 = time.monotonic()
+        self._validation_t0, self._phase = time.monotonic(), "validation"
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_validation_end(trainer, pl_module)
+        self._phase = "the step"
         if self.plain and self.is_enabled and not trainer.sanity_checking:  # the bar no longer shows it
             seconds = time.monotonic() - self._validation_t0
-            self._lines.validation(trainer, self.run_name(pl_module), seconds)
+            updates = None if trainer.state.fn == "fit" else self._loaded_updates
+            self._lines.validation(trainer, self.run_name(pl_module), seconds, updates)
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        # Lightning restores global_step in fit only: `mmsr validate --ckpt_path` validates the checkpoint's step
+        self._loaded_updates = checkpoint.get("global_step", 0)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
@@ -172,7 +180,7 @@ class StageProgressBar(TQDMProgressBar):
             if bar is not None and not bar.disable:
                 bar.set_postfix(live, refresh=True)
             elif self.plain:  # a long step: say what it is doing
-                self._lines.status(pl_module.trainer, self.run_name(pl_module), live)
+                self._lines.status(pl_module.trainer, self.run_name(pl_module), live, self._phase)
 
     def _stop_watching(self) -> None:
         self._stop.set()
@@ -218,11 +226,12 @@ class PlainLines:
         step, total = training_steps(trainer)
         self._print(self.line(trainer, name, metrics), force=step >= total > 0)
 
-    def status(self, trainer: L.Trainer, name: str, metrics: dict) -> None:
-        self._print(self.line(trainer, name, metrics) + " (in the step)")
+    def status(self, trainer: L.Trainer, name: str, metrics: dict, phase: str = "the step") -> None:
+        """A line while ``phase`` (``the step``, ``validation``) runs: the step count is of the steps done."""
+        self._print(self.line(trainer, name, metrics) + f" (in {phase})")
 
-    def validation(self, trainer: L.Trainer, name: str, seconds: float) -> None:
-        step, total = training_steps(trainer)
+    def validation(self, trainer: L.Trainer, name: str, seconds: float, updates: int | None = None) -> None:
+        step, total = training_steps(trainer, updates)
         at = f"{step}/{total if total > 0 else '?'}"
         self._print(f"{name} validation at step {at} | {_duration(seconds)}", force=True)
 

@@ -73,6 +73,8 @@ class RunDirectory(L.Callback):
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         self.resuming = trainer.state.fn == "fit"  # resuming a fit (not validating from a checkpoint)
+        if not self.resuming:
+            restore_logged_step(trainer, checkpoint)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         if not self.resuming:
@@ -149,6 +151,15 @@ def unlogged_row(trainer: L.Trainer) -> dict[str, Any] | None:
     metrics = convert_tensors_to_scalars(connector.metrics["log"])
     metrics.setdefault("epoch", trainer.current_epoch)
     return {"step": loop._batches_that_stepped, "metrics": metrics}
+
+
+def restore_logged_step(trainer: L.Trainer, checkpoint: dict[str, Any]) -> None:
+    """``mmsr validate`` (test, predict) ``--ckpt_path``: its metrics are logged at the checkpoint's step. Lightning
+    restores its step counters in ``fit`` only, so they were logged at step 0. Only the step Lightning logs at (the
+    fit loop's ``_batches_that_stepped``) is set: ``global_step``, which ends a later ``fit``, stays as it was."""
+    loop = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.state_dict", {})
+    if "_batches_that_stepped" in loop:  # Lightning's checkpoints have it (a hand-made one may not)
+        trainer.fit_loop.epoch_loop._batches_that_stepped = loop["_batches_that_stepped"]
 
 
 def append_missing_row(logger: CSVLogger, row: dict[str, Any]) -> None:

@@ -65,8 +65,10 @@ def updates_per_step(args: Sequence[str]) -> int:
     counts updates). Parsed, not read from grpo.yaml: arguments after ``--`` may change the mini-batches or epochs."""
     from mmsr.cli import lightning_cli
 
-    # nothing runs, so nothing is seeded (the stage's own CLI seeds)
-    config = lightning_cli([*args, "--seed_everything", "false"], parse_only=True, run=False).config
+    # nothing runs, so nothing is seeded (the stage's own CLI seeds); the run's length is unbounded here: it is
+    # made of this (--grpo-steps x updates), and the stage's own parse checks the schedule against it
+    unbounded = ["--seed_everything", "false", "--trainer.max_steps", "-1"]
+    config = lightning_cli([*args, *unbounded], parse_only=True, run=False).config
     return UpdateSettings.of(config.model.init_args).updates_per_step
 
 

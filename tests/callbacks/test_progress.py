@@ -2,6 +2,7 @@
 
 import asyncio
 import re
+import time
 
 import lightning as L
 import pytest
@@ -148,3 +149,27 @@ def test_plain_mode_draws_no_validation_bar_and_prints_a_line_per_validation(cap
     lines = [line.split(" | ")[0] for line in out.splitlines() if line.strip()]
     steps = ["linear step 1/2", "linear step 2/2"]
     assert lines == [steps[0], "linear validation at step 1/2", steps[1], "linear validation at step 2/2"]
+
+
+class SlowValidation(LinearModule):
+    """A validation long enough for the watcher to report on it."""
+
+    def validation_step(self, batch, batch_idx) -> None:
+        time.sleep(0.3)
+        super().validation_step(batch, batch_idx)
+
+
+def test_the_watcher_names_validation_while_a_validation_runs(capsys, tmp_path):
+    """A validation between the steps of a fit is no training step: the watcher's lines during it said
+    ``(in the step)``. From the first line that names the validation to the line that ends it, every line does."""
+    bar = StageProgressBar(poll_s=0.05, name="linear")
+    bar.plain_every_s = bar._lines.every_s = 0.0
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_model_summary=False, default_root_dir=tmp_path, callbacks=[bar], limit_val_batches=1,
+                        val_check_interval=1, check_val_every_n_epoch=None, num_sanity_val_steps=0)  # fmt: skip
+    trainer.fit(SlowValidation())
+    lines = capsys.readouterr().out.splitlines()
+    ended = next(i for i, line in enumerate(lines) if line.startswith("linear validation at step 1/1"))
+    watched = [line.rsplit(" (", 1)[1] for line in lines[:ended] if line.endswith(")")]
+    assert "in validation)" in watched, lines  # 0.3 s of validation, a line every 0.05 s
+    assert set(watched[watched.index("in validation)") :]) == {"in validation)"}, lines

@@ -32,6 +32,12 @@ def test_run_directory_holds_config_metrics_and_trajectories(scripted_run):
     assert [r.global_step for r in records] == [1] * 4 + [2] * 4
 
 
+def test_metrics_columns_carry_their_stage_prefix(scripted_run):
+    """The progress bar's ``reward`` (``reward/mean`` again) was logged as an unprefixed column beside it."""
+    header = (run_dir(scripted_run) / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {c for c in header if "/" not in c} == {"epoch", "step"}, header
+
+
 def test_records_hold_turns_tools_spans_and_scores(scripted_run):
     records = list(read_records(run_dir(scripted_run) / "trajectories.jsonl"))
     for r in records:

@@ -167,6 +167,8 @@ def _earlier_run(root: Path) -> Path:
     (["--grpo-steps", "2", "--", "--model.init_args.mini_batches", "1"], "2"),
     (["--grpo-steps", "2", "--", "--model.init_args.ppo_epochs", "2"], "16"),
     (["--grpo-steps", "0"], "0"),  # the warm start evaluated twice, not the config's 80 steps
+    # a cosine schedule as long as --grpo-steps, not as the config's 80 steps (read before the length is known)
+    (["--grpo-steps", "2", "--", "--model.init_args.lr_schedule", "cosine", "--model.init_args.total_steps", "2"], "8"),
     ([], None),  # the config's own max_steps
 ])  # fmt: skip
 def test_grpo_steps_count_training_steps_under_the_grpo_arguments(monkeypatch, tmp_path, argv, max_steps):
