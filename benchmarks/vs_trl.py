@@ -8,13 +8,15 @@ The workload (the same for both): a tiny random Qwen2 (2 layers, hidden 128, 4 h
 FFN 512) with a ~2,048-token BPE, 8 prompts x 4 generations x up to 64 sampled tokens, one turn, no
 tools, a toy reward (the fraction of digits in the completion), no KL (beta 0), lr 1e-4, one optimizer
 update per step, fp32 on the CPU (TRL's configs default to bf16 mixed precision, even on a CPU: it is
-turned off here, and the JSON reports what TRL's accelerator ran). Both start from the same weights and
-see the same prompt strings (mmsr's chat-formatted first turn, given to TRL as plain text prompts).
+turned off here, and the JSON reports what TRL's accelerator ran), no gradient checkpointing and a constant
+lr (TRL 1.16 defaults to checkpointing and a linear decay: both turned off, as mmsr trains by default, and
+reported). Both start from the same weights and see the same prompt strings (mmsr's chat-formatted first
+turn, given to TRL as plain text prompts).
 
 Prints one JSON object: the median seconds per step of each (steps after the first of each round, which
 warms caches up), their ratio, mmsr's stage breakdown (``timing/*``) and the arithmetic lower bound of a
-step: its matmul FLOPs (2 per parameter and token to generate, 6 to train) over this machine's
-measured fp32 matmul rate. Timings on shared CPUs are noisy, and drift over a minute: ``--rounds R``
+step: the least matmul FLOPs either trainer must do to sample and train it (``lower_bound_s``) over this
+machine's measured fp32 matmul rate. Timings on shared CPUs are noisy, and drift over a minute: ``--rounds R``
 alternates the two R times (TRL, mmsr, TRL, mmsr, ...; each round from the same weights and prompts),
 so a slow spell of the machine weighs on both.
 
@@ -86,11 +88,24 @@ def batches(samples: list[Sample], steps: int) -> list[Sample]:
     return [samples[i % len(samples)] for i in range(steps * PROMPTS)]
 
 
-def run_trl(policy, prompt_texts: list[str], steps: int, out: Path) -> tuple[list[float], str]:
-    """Seconds of each ``GRPOTrainer`` step, and the mixed precision its accelerator ran (``no``: fp32)."""
+def trl_config(out: Path, steps: int):
+    """TRL's ``GRPOConfig`` of the workload: fp32, no gradient checkpointing and a constant lr, as
+    ``GRPOModule`` trains by default (TRL 1.16 defaults to bf16, checkpointing and a linear decay)."""
+    from trl import GRPOConfig
+
+    return GRPOConfig(output_dir=str(out), per_device_train_batch_size=PROMPTS * GENERATIONS,
+                      num_generations=GENERATIONS, max_completion_length=MAX_TOKENS, beta=0.0, learning_rate=LR,
+                      max_steps=steps, logging_steps=1, report_to="none", use_cpu=True, save_strategy="no",
+                      temperature=1.0, seed=0, bf16=False, gradient_checkpointing=False,
+                      lr_scheduler_type="constant")  # fmt: skip
+
+
+def run_trl(policy, prompt_texts: list[str], steps: int, out: Path) -> tuple[list[float], dict]:
+    """Seconds of each ``GRPOTrainer`` step, and what it ran: ``trl_mixed_precision`` (its accelerator's,
+    ``no``: fp32), ``trl_gradient_checkpointing`` (its model's) and ``trl_lr_scheduler``."""
     from datasets import Dataset
     from transformers import TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOTrainer
 
     marks: list[float] = []
 
@@ -101,16 +116,15 @@ def run_trl(policy, prompt_texts: list[str], steps: int, out: Path) -> tuple[lis
         def on_step_end(self, *args, **kwargs):
             marks.append(time.perf_counter())
 
-    config = GRPOConfig(output_dir=str(out), per_device_train_batch_size=PROMPTS * GENERATIONS,
-                        num_generations=GENERATIONS, max_completion_length=MAX_TOKENS, beta=0.0, learning_rate=LR,
-                        max_steps=steps, logging_steps=1, report_to="none", use_cpu=True, save_strategy="no",
-                        temperature=1.0, seed=0, bf16=False)  # fmt: skip
     reward = lambda completions, **_: [digit_fraction(c) for c in completions]  # noqa: E731
-    trainer = GRPOTrainer(model=copy.deepcopy(policy.model), reward_funcs=[reward], args=config,
+    trainer = GRPOTrainer(model=copy.deepcopy(policy.model), reward_funcs=[reward], args=trl_config(out, steps),
                           train_dataset=Dataset.from_list([{"prompt": t} for t in prompt_texts]),
                           processing_class=policy.tokenizer, callbacks=[Clock()])  # fmt: skip
     trainer.train()
-    return [end - begin for begin, end in zip(marks[::2], marks[1::2])], str(trainer.accelerator.mixed_precision)
+    ran = {"trl_mixed_precision": str(trainer.accelerator.mixed_precision),
+           "trl_gradient_checkpointing": trainer.model.is_gradient_checkpointing,
+           "trl_lr_scheduler": trainer.args.lr_scheduler_type.value}  # fmt: skip
+    return [end - begin for begin, end in zip(marks[::2], marks[1::2])], ran
 
 
 def run_mmsr(policy, prompts: PromptBuilder, samples: list[Sample], steps: int) -> tuple[list[float], list[dict]]:
@@ -155,13 +169,46 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
+def matmul_params(model) -> tuple[int, int]:
+    """The weights of the decoder layers' matmuls and of the LM head (tied or not): the input embedding
+    is a lookup, biases and norms are not matmuls."""
+    embedding, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    layers = sum(p.numel() for p in model.parameters() if p.dim() >= 2 and p is not embedding and p is not head)
+    return layers, head.numel()
+
+
+def step_flops(layers: int, head: int, prompt_tokens: float, sampled: float) -> tuple[float, float]:
+    """The least matmul FLOPs to sample a step's ``sampled`` tokens (``PROMPTS x GENERATIONS`` rows after
+    ``PROMPTS`` distinct prompts of ``prompt_tokens`` in all) and to train on them: (generate, train).
+
+    Both need the same tokens through the layers and the same logits. Through the layers: each prompt
+    once (a group's rows share it: ``HFEngine`` prefills it once and fans its KV cache out, the CPU update
+    shares it through the KV cache) and every sampled token but each row's last (nothing is sampled after
+    it). Logits: only where a sampled token is predicted (``sampled_logprobs``), after each prompt once and
+    after every fed sampled token. A forward costs 2 FLOPs per weight and token, training 6 (forward and
+    backward): generate = 2 x (layers x fed + head x logits), train = 3 x generate. Attention's own matmuls
+    (query-key, attention-value) and everything elementwise are left out, which only lowers the bound."""
+    rows = PROMPTS * GENERATIONS
+    fed = prompt_tokens + sampled - rows
+    logits = sampled - rows + PROMPTS
+    forward = 2 * (layers * fed + head * logits)
+    return forward, 3 * forward
+
+
 def lower_bound_s(policy, metrics: list[dict], rate: float) -> dict[str, float]:
-    """Matmul FLOPs of a step (2 per parameter and token to generate, 6 to train) over ``rate``."""
-    params = sum(p.numel() for p in policy.model.parameters())
-    tokens = statistics.median(m["rollout/length"] for m in metrics) * PROMPTS * GENERATIONS
-    flops = 2 * params * tokens + 6 * params * tokens
-    return {"params": params, "tokens_per_step": tokens, "step_flops": flops, "matmul_flops_per_s": rate,
-            "seconds": flops / rate}  # fmt: skip
+    """``step_flops`` of the median step over ``rate`` (FLOP/s), from each step's logged mean episode
+    length and sampled tokens (one turn: a row is its group's prompt and its own sampled tokens)."""
+    layers, head = matmul_params(policy.model)
+    lengths = [m["rollout/length"] for m in metrics]
+    sampled = [m["rollout/response_tokens"] for m in metrics]
+    rows = PROMPTS * GENERATIONS
+    flops = [step_flops(layers, head, PROMPTS * (n - s), rows * s) for n, s in zip(lengths, sampled)]
+    generate, train = (statistics.median(f[i] for f in flops) for i in (0, 1))
+    return {"params": sum(p.numel() for p in policy.model.parameters()), "layer_matmul_params": layers,
+            "head_params": head, "tokens_per_step": statistics.median(lengths) * rows,
+            "sampled_per_step": statistics.median(sampled) * rows, "generate_flops": generate, "train_flops": train,
+            "step_flops": generate + train, "matmul_flops_per_s": rate,
+            "seconds": (generate + train) / rate}  # fmt: skip
 
 
 def after_first(values: list) -> list:
@@ -209,7 +256,7 @@ def main(argv: list[str] | None = None) -> dict:
         texts = [policy.chat.first_prompt(prompts.first_user_text(s)) for s in batches(samples, args.steps)]
         trl_s, mmsr_s, metrics = [], [], []
         for r in range(args.rounds):  # alternated: a drift of the machine's speed weighs on both
-            seconds, precision = run_trl(policy, texts, args.steps, Path(tmp) / f"trl{r}")
+            seconds, trl_ran = run_trl(policy, texts, args.steps, Path(tmp) / f"trl{r}")
             trl_s.append(seconds)
             seconds, logged = run_mmsr(policy, prompts, samples, args.steps)
             mmsr_s.append(seconds)
@@ -221,7 +268,7 @@ def main(argv: list[str] | None = None) -> dict:
                      "rounds": args.rounds},  # fmt: skip
         "trl_s_per_step": statistics.median(t for run in trl_s for t in after_first(run)),
         "mmsr_s_per_step": statistics.median(t for run in mmsr_s for t in after_first(run)),
-        "trl_mixed_precision": precision,
+        **trl_ran,
         "steps_timed": {"trl": sum(len(after_first(run)) for run in trl_s), "mmsr": len(steady)},
         "mmsr_stages_s": {s: statistics.median(m.get(f"timing/{s}", 0.0) for m in steady) for s in stages},
         "lower_bound": lower_bound_s(policy, steady, matmul_flops_per_s()),

@@ -1,12 +1,23 @@
 """The benchmarks keep working: each runs once on its smallest setting (timings are not tested)."""
 
+import importlib
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
 from tests.conftest import ROOT, import_optional, subprocess_env
+
+
+def benchmark(name: str):
+    """``benchmarks/<name>.py`` as a module (the scripts import their siblings from their own folder)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
 
 
 @pytest.mark.slow
@@ -20,10 +31,53 @@ def test_vs_trl_runs_both_trainers_for_one_step_alternated_twice():
     assert out["steps_timed"] == {"trl": 2, "mmsr": 2}  # one step of each in each of the two rounds
     # the same fp32 workload for both: TRL's configs default to bf16 autocast (5x slower a step on an AVX2-only CPU)
     assert out["trl_mixed_precision"] == "no"
+    # and the same passes at the same lr: TRL 1.16 defaults to gradient checkpointing and a linear lr decay
+    assert out["trl_gradient_checkpointing"] is False and out["trl_lr_scheduler"] == "constant"
     assert out["trl_over_mmsr"] == pytest.approx(out["trl_s_per_step"] / out["mmsr_s_per_step"])
     assert set(out["mmsr_stages_s"]) == {"rollout", "generate", "reward", "train", "sync"}
     bound = out["lower_bound"]
     assert 0 < bound["seconds"] < out["mmsr_s_per_step"] and bound["params"] > 500_000
+
+
+def test_vs_trl_configures_trl_as_mmsr_trains(tmp_path):
+    """No gradient checkpointing and a constant lr, as ``GRPOModule`` trains by default (TRL 1.16's
+    ``GRPOConfig`` defaults to checkpointing and a linear decay to 0)."""
+    import inspect
+
+    from mmsr.module import GRPOModule
+
+    import_optional("trl", 'pip install -e ".[bench]" to run the TRL comparison')
+    vs_trl = benchmark("vs_trl")
+    config = vs_trl.trl_config(tmp_path, steps=3)
+    mmsr = inspect.signature(GRPOModule.__init__).parameters
+    assert config.gradient_checkpointing is False and mmsr["gradient_checkpointing"].default is False
+    assert config.lr_scheduler_type == "constant" == mmsr["lr_schedule"].default
+    assert (config.bf16, config.learning_rate, config.max_steps, config.beta) == (False, vs_trl.LR, 3, 0.0)
+
+
+def test_vs_trl_lower_bound_counts_the_least_work_either_trainer_must_do():
+    """A hand count on a 2-layer Qwen2 of hidden 8 (2 heads of 4, 1 KV head), FFN 16, a tied 10-token head."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    vs_trl = benchmark("vs_trl")
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=10, hidden_size=8, intermediate_size=16, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)  # fmt: skip
+    model = Qwen2ForCausalLM(config)
+    # a layer's matrices: q and o 8 x 8, k and v 8 x 4, gate, up and down 8 x 16: 576 (biases and norms are
+    # not matmuls, the embedding is a lookup); the head (the tied embedding) 10 x 8
+    assert vs_trl.matmul_params(model) == (2 * 576, 80)
+    # 8 prompts x 4 rows (vs_trl's workload), each 6 prompt tokens + 4 sampled: through the layers go the 8
+    # prompts once (48) and each row's sampled tokens but its last (32 x 3 = 96), 144 tokens; logits at
+    # the 96 and after each prompt (8: a group's rows share them), 104 positions
+    forward = 2 * (1152 * 144 + 80 * 104)  # 348,416 FLOPs: generation's; training's is 3x (forward, backward)
+    steps = [{"rollout/length": 10.0, "rollout/response_tokens": 4.0},
+             {"rollout/length": 9.0, "rollout/response_tokens": 3.0},  # fewer: 2 x (1152 x 112 + 80 x 72)
+             {"rollout/length": 12.0, "rollout/response_tokens": 6.0}]  # fmt: skip
+    bound = vs_trl.lower_bound_s(SimpleNamespace(model=model), steps, rate=1e6)  # the median step's
+    assert (bound["generate_flops"], bound["train_flops"], bound["step_flops"]) == (forward, 3 * forward, 4 * forward)
+    assert bound["seconds"] == pytest.approx(4 * forward / 1e6)  # the old count, 8 x 1,304 params x 10 x 32: 2.4x
 
 
 def test_vs_trl_times_generation_alone_without_trl():
@@ -33,6 +87,34 @@ def test_vs_trl_times_generation_alone_without_trl():
     out = json.loads(proc.stdout)
     assert out["requests"] == 32 and 32 <= out["tokens"] <= 32 * 64
     assert 0 < out["wall_s"]["min"] <= out["wall_s"]["median"] and len(out["digest"]) == 16
+
+
+def test_rollout_engines_syncs_the_policy_into_vllm_before_timing_it(monkeypatch):
+    """vLLM starts from dummy weights: timed before a sync it would sample from random weights, not the
+    policy HF samples from. A stand-in engine records the order (no vLLM run here)."""
+    rollout_engines = benchmark("rollout_engines")
+    calls = []
+
+    class Recorder:
+        def __init__(self, **kwargs) -> None:
+            self.llm = SimpleNamespace(reset_prefix_cache=lambda: None)
+
+        def bind(self, policy) -> None:
+            calls.append("bind")
+
+        def update_weights(self, named_tensors) -> None:
+            calls.append(f"sync {len(list(named_tensors))} tensors")
+
+        def generate(self, requests, sampling):
+            calls.append("generate")
+            return [SimpleNamespace(token_ids=[0])] * len(requests)
+
+    monkeypatch.setattr(rollout_engines, "VLLMEngine", Recorder)
+    monkeypatch.setattr(rollout_engines, "bare_vllm", lambda llm, requests, max_tokens: lambda: len(requests))
+    rollout_engines.main(["--prompts", "1", "--n", "1", "--max-tokens", "2", "--hidden", "64", "--layers", "1",
+                          "--repeats", "1"])  # fmt: skip
+    # the whole policy: the tied embedding once, the layer's 12 (q, k, v with biases, o, MLP, 2 norms), the norm
+    assert calls[:3] == ["bind", "sync 14 tensors", "generate"]
 
 
 PACKED = ["--route", "packed", "--checkpointed", "--device", "cpu", "--hidden", "256", "--layers", "2"]
@@ -109,6 +191,21 @@ def test_the_gpu_checks_take_the_largest_peak_the_run_logged(tmp_path):
         logger.log_metrics(metrics, step=step)
     logger.save()
     assert logged_peak(tmp_path / "run") == 7.25 * 2**30
+
+
+def test_the_plan_check_on_a_gpu_fails_with_nothing_measured(monkeypatch, capsys):
+    """On CUDA the plan check compares the plan with bf16_mixed's measured peak: run without it (here
+    alone; a stand-in plan, no GPU needed) it has nothing to compare and must not report ok."""
+    import mmsr.plan
+
+    device_checks = benchmark("device_checks")
+    monkeypatch.setattr(device_checks, "run_args", lambda device, args, tmp: [])
+    planned = {"peak": 100, "memory": {"training": {"total": 100}, "rollout": {"total": 10}}}
+    monkeypatch.setattr(mmsr.plan, "main", lambda argv: planned)
+    with pytest.raises(SystemExit) as exit_:
+        device_checks.main(["--device", "cuda", "--checks", "plan"])
+    (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert exit_.value.code == 1 and not row["ok"] and "bf16_mixed" in row["error"]
 
 
 def test_a_failing_gpu_check_is_reported_and_the_others_still_run():

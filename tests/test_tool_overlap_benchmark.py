@@ -1,6 +1,7 @@
 """benchmarks/tool_overlap.py keeps working with the stepped vLLM engine and with repeatable batches (timings
 are not tested)."""
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -8,6 +9,31 @@ import sys
 import pytest
 
 from tests.conftest import ROOT, import_optional, subprocess_env
+
+
+def test_the_fake_search_draws_the_same_latencies_in_every_run():
+    """A/B runs face the same tool latencies: each call's jitter comes from ``--seed``, its episode and query
+    and how many times that episode asked before, not from the clock."""
+    from mmsr.tools.base import ToolRequest
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from tool_overlap import SlowSearch
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+    def latencies(seed: int, calls: int = 2) -> list[float]:
+        """The latencies (in L) one run's search draws for one episode's ``calls`` calls, one after another."""
+        search, drawn = SlowSearch(0.001, seed=seed), []
+        for _ in range(calls):
+            asyncio.run(search(ToolRequest("text_search", "fvqa_dev_0001#2", sample_id="fvqa_dev_0001")))
+            drawn.append(search.chains["fvqa_dev_0001#2"] / 0.001 - sum(drawn))
+        return drawn
+
+    first, second = latencies(seed=0)
+    assert latencies(seed=0) == pytest.approx([first, second], abs=1e-9)  # another run: the same draws
+    assert first != pytest.approx(second) and 0.5 <= min(first, second) <= max(first, second) <= 1.5
+    assert latencies(seed=1) != pytest.approx([first, second])  # --seed draws others
 
 
 def benchmark_row(*args: str) -> dict:
