@@ -4,6 +4,7 @@ on 80 GB GPUs, and the command line."""
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -77,13 +78,15 @@ def test_tiny_fsdp2_plan_is_the_hand_worked_arithmetic(tmp_path, capsys):
     assert m["adamw"] == 2 * 4 * P // 2  # exp_avg + exp_avg_sq
     assert m["reference"] == 2 * P // 2  # bf16, sharded like the policy, on the GPU
     assert m["gathered_params"] == 2 * (root + 2 * layer)  # bf16: root + 2 blocks in flight
-    assert m["unsharded_grads"] == 2 * (root + layer)  # bf16: root + the block being reduce-scattered
-    # per token and layer: 2 bytes x (7*64 + 2*32 + 4*128) + 2 norms x 4 bytes x 64 = 2560;
-    # checkpointed: 2 layer inputs 2*64*2 bytes + one layer recomputed + final norm (4 + 2*2) * 64, x 4096 tokens
-    assert m["activations"] == 4096 * (2 * 64 * 2 + 2560 + 8 * 64)
-    # 4 episodes of 1024 per micro-batch, one image each at 112*112 px = 16 tokens = 64 patches: 256 patches;
-    # per patch: block input 32*2 + block 2*(7*32 + 2*32 + 4*64) + 2*4*32 = 64 + 1344
-    assert m["vision_activations"] == 256 * (64 + 1344)
+    # bf16: root + the block being reduce-scattered; fp32: the block before's reduce-scatter input
+    assert m["unsharded_grads"] == 2 * (root + layer) + 4 * layer
+    # per token and layer (sdpa: K and V at all 4 heads' width, 64): 2 bytes x (7*64 + 2*64 + 4*128) + 2 norms x
+    # 4 bytes x 64 = 2688; checkpointed: 2 layer inputs 2*64*2 bytes + one layer recomputed + final norm
+    # (4 + 2*2) * 64, x 4096 tokens
+    assert m["activations"] == 4096 * (2 * 64 * 2 + 2688 + 8 * 64)
+    # a mini-batch of 6 episodes may share one micro-batch, one image each at 112*112 px = 16 tokens = 64 patches:
+    # 384 patches; per patch: block input 32*2 + block 2*(7*32 + 2*32 + 4*64) + 2*4*32 = 64 + 1344
+    assert m["vision_activations"] == 384 * (64 + 1344)
     # bf16 logits and their grad, [4096, V] each, + three fp32 [512, V] chunks
     assert m["logits"] == 2 * 2 * 4096 * V + 3 * 4 * 512 * V
     # shared prefixes in packed rows (FSDP2, sdpa): the bool mask of at most 4096^2 pairs and the recomputed
@@ -93,14 +96,18 @@ def test_tiny_fsdp2_plan_is_the_hand_worked_arithmetic(tmp_path, capsys):
     assert m["overhead"] == GiB // 2
     r = out["memory"]["rollout"]
     assert r["engine"] == GiB  # 0.5 x 2 GiB
-    assert r["sync_buffer"] == DEFAULT_BUCKET_MB * 2**20  # the largest tensor (V x 64 x 4 bytes) is smaller
+    # the sync probe's forward: bf16 root + 2 blocks, and [749, V] logits (511 + 230 bytes of probe text + 8 greedy
+    # tokens) in bf16, float32 and float32 again; smaller than the bucket (the largest tensor, V x 64 x 4 bytes, too)
+    probe = 2 * (root + 2 * layer) + 749 * V * (2 + 4 + 4)
+    assert r["weight_sync"] == DEFAULT_BUCKET_MB * 2**20 > probe
     e = out["engine"]
     assert e["weights"] == 2 * P  # bf16, tp 1
     assert e["kv_bytes_per_token"] == 2 * 2 * 2 * 16 * 2  # K and V x 2 layers x 2 KV heads x 16 dims x bf16
     assert e["kv_cache"] == GiB - 2 * P - GiB // 4
     assert e["kv_tokens"] == e["kv_cache"] // 256 and e["contexts"] == e["kv_tokens"] // 1024
     # fp32 (no sync dtype set), half of it all-gathered from the other rank
-    assert out["weight_sync"] == {"bytes_per_step": 4 * P, "all_gather_received_per_rank": 4 * P // 2}
+    assert out["weight_sync"] == {"bytes_per_step": 4 * P, "all_gather_received_per_rank": 4 * P // 2,
+                                  "buffer": DEFAULT_BUCKET_MB * 2**20, "probe_forward": probe}  # fmt: skip
     t = out["tokens"]
     # 3 prompts x 4 samples; <= 1024 context tokens and 3 rounds x 128 sampled tokens per episode
     assert t["per_rank"] == {"prompts": 3, "episodes": 12, "context_tokens": 12 * 1024, "sampled_tokens": 12 * 384}
@@ -125,13 +132,141 @@ def test_unsharded_plan_counts_full_copies():
     assert (m["reference"], m["reference_scoring"]) == (0, 2000)  # host memory; a full bf16 copy while it scores
     assert (m["gathered_params"], m["unsharded_grads"]) == (2000, 0)  # autocast's bf16 weight cache
     # an episode at the context bound (32 tokens) goes alone in a micro-batch (budget 10): T = 32
-    # 2 layers x 32 tokens x (2 x (7*8 + 2*4 + 4*16) + 2*4*8) + final norm (4 + 4) * 8 * 32
-    assert m["activations"] == 2 * 32 * (256 + 64) + 2048
+    # 2 layers x 32 tokens x (2 x (7*8 + 2*8 + 4*16) + 2*4*8 + autocast's float32 normalized inputs 2*2*8 and 3 more
+    # bf16 casts 3*2*8) + final norm (4 + 4 + 2) * 8 * 32; sdpa: K and V at full width (8)
+    assert m["activations"] == 2 * 32 * (272 + 64 + 32 + 48) + 2560
     assert m["logits"] == 2 * 2 * 32 * 50 + 3 * 4 * 32 * 50
     assert m["packed_mask"] == 0  # packed_rows unset (run_spec sets it on a GPU, checkpointed or under FSDP2)
     # HF engine: the trainer's module (no copy), autocast cache 2000 + KV 2 contexts x 32 tokens x (2*2*1*4*2 bytes)
-    assert out["memory"]["rollout"]["engine"] == 2000 + 2 * 32 * 32 and out["memory"]["rollout"]["sync_buffer"] == 0
+    assert out["memory"]["rollout"]["engine"] == 2000 + 2 * 32 * 32 and out["memory"]["rollout"]["weight_sync"] == 0
     assert out["weight_sync"]["all_gather_received_per_rank"] == 0
+
+
+# Hand-made shape and run for the terms below: 2 layers of hidden 8 (2 heads of 4, one KV head), MLP 16, V = 50;
+# a vision tower of one block of 4 (MLP 8), 4 patches per LM token, 784 pixels per LM token.
+SHAPE = ModelShape(params=1000, vision_params=0, root_params=200, block_params=400, largest_param=100, layers=2,
+                   hidden=8, kv_heads=1, head_dim=4, intermediate=16, vocab=50, vision_layers=1, vision_hidden=4,
+                   vision_intermediate=8, patches_per_token=4, patch_pixels=784)  # fmt: skip
+
+
+def spec(**changes) -> RunSpec:
+    """FSDP2 over 2 ranks, fp32 params, bf16 compute, checkpointed, flash-attention 2, vLLM (probe never checked),
+    16-token micro-batches, 12-token episodes, 2 prompts x 4 generations in one mini-batch, no image."""
+    base = RunSpec(world_size=2, fsdp=True, param_dtype="float32", compute_dtype="bfloat16", kl=False,
+                   ref_offload=False, gradient_checkpointing=True, micro_batch_tokens=16, engine="vllm",
+                   engine_dtype="bfloat16", gpu_memory_utilization=0.5, tp=1, sleep_mode=True, max_model_len=12,
+                   hf_batch=2, sync_dtype="bfloat16", bucket_mb=1e-6, prompts_per_rank=2, num_generations=4,
+                   max_rounds=1, max_tokens_per_turn=4, max_context_tokens=12, mini_batches=1, ppo_epochs=1,
+                   max_pixels=0, attention="flash_attention_2")  # fmt: skip
+    return replace(base, **changes)
+
+
+@pytest.mark.parametrize("verify_every, engine", [(10, "vllm"), (0, "vllm"), (10, "hf")])
+def test_the_sync_probes_trainer_forward_is_a_rollout_term(verify_every, engine):
+    """Right after a sync, vLLM awake, the probe's trainer forward holds FSDP2's bf16 root + 2 blocks and its
+    [L, V] logits in bf16, float32 and float32 again (index_fill): L = 511 + 10 bytes of text + 8 greedy tokens.
+    The bucket (1 byte; the largest tensor, 100 x 2 bytes) is freed before it: the larger of the two counts.
+    Only engines that score are probed (vLLM), and only with verify_every > 0."""
+    out = plan(SHAPE, spec(verify_every=verify_every, engine=engine, probe_text="<image>0123456789"), gpu_gib=1.0)
+    probe = (200 + 2 * 400) * 2 + (511 + 10 + 8) * 50 * (2 + 4 + 4)
+    expected = probe if (verify_every, engine) == (10, "vllm") else 200
+    r = out["memory"]["rollout"]
+    assert r["weight_sync"] == expected and out["weight_sync"]["buffer"] == 200
+    assert r["total"] == r["params"] + r["adamw"] + r["reference"] + r["engine"] + expected + r["overhead"]
+
+
+def test_the_sync_probe_without_fsdp2_runs_on_autocasts_weight_cache():
+    """One process with fp32 weights: the probe's forward caches a bf16 copy of every weight (autocast)."""
+    out = plan(SHAPE, spec(fsdp=False, world_size=1, verify_every=1, probe_text="ab"), gpu_gib=1.0)
+    assert out["memory"]["rollout"]["weight_sync"] == 1000 * 2 + (511 + 2 + 8) * 50 * (2 + 4 + 4)
+
+
+@pytest.mark.parametrize("budget, image_tokens", [(16, 16), (1000, 80)])
+def test_vision_activations_count_every_image_a_micro_batch_can_hold(budget, image_tokens):
+    """The packing can put a whole mini-batch (8 episodes, 2 groups' question images here) in one micro-batch,
+    not budget // context = 1 episode's: the images of 8 episodes, 10 tokens each at max_pixels (80 tokens), or
+    as many as the micro-batch's 16 tokens can hold. Per patch (4 per token): block input 4 x 2 bytes + one
+    block 2 x (7*4 + 2*4 + 4*8) + 2 norms x 4 x 4 = 8 + 168."""
+    out = plan(SHAPE, spec(micro_batch_tokens=budget, max_pixels=784 * 10), gpu_gib=1.0)
+    assert out["memory"]["training"]["vision_activations"] == image_tokens * 4 * (8 + 168)
+
+
+@pytest.mark.parametrize("param_dtype, reduce", [("float32", 400 * 4), ("bfloat16", 0)])
+def test_fsdp2_counts_the_float32_reduce_scatter_input(param_dtype, reduce):
+    """Gathering in bf16 below fp32 params, FSDP2 reduces in fp32: the block before's grads, copied to a fp32
+    reduce-scatter input, are alive through this block's backward (``mmsr.parallel.mixed_precision``; none
+    when params and compute share a dtype)."""
+    out = plan(SHAPE, spec(param_dtype=param_dtype), gpu_gib=1.0)
+    assert out["memory"]["training"]["unsharded_grads"] == (200 + 400) * 2 + reduce
+
+
+@pytest.mark.parametrize("fsdp, per_token", [(True, 2 * 8 * 2 + 320 + (4 + 2 + 2) * 8),
+                                             (False, 2 * 8 * 4 + 320 + 2 * 2 * 8 + 3 * 2 * 8 + (4 + 4 + 2) * 8)])
+def test_autocast_keeps_the_residual_stream_in_float32(fsdp, per_token):
+    """16 tokens, checkpointed, flash-attention 2 (K and V at the KV head's width, 4). A layer saves
+    2 x (7*8 + 2*4 + 4*16) + 2 norms x 4 x 8 = 320 bytes a token in bf16. Under FSDP2 the layers' inputs are bf16
+    (gathered bf16 weights); under autocast with fp32 params they are fp32 (4 bytes), as are each norm's
+    normalized input (2 x 2 bytes more) and the final norm's, and q, k, v and gate, up each save their own bf16
+    cast of the norm's fp32 output (3 more than one shared)."""
+    out = plan(SHAPE, spec(fsdp=fsdp, world_size=2 if fsdp else 1), gpu_gib=1.0)
+    assert out["memory"]["training"]["activations"] == 16 * per_token
+
+
+@pytest.mark.parametrize("attention, kv_width", [("flash_attention_2", 4), ("sdpa", 8), ("eager", 8), ("auto", 8)])
+def test_k_and_v_are_saved_at_every_heads_width_but_with_flash_attention(attention, kv_width):
+    """sdpa given a mask (packed rows, padded rows) and eager expand K and V to all heads (``repeat_kv``) before
+    they are saved: 2 x (7*8 + 2*kv_width + 4*16) + 2*4*8 bytes a token for the recomputed layer. ``auto`` is
+    planned as sdpa (what it falls back to without flash-attn)."""
+    out = plan(SHAPE, spec(attention=attention), gpu_gib=1.0)
+    layer = 2 * (7 * 8 + 2 * kv_width + 4 * 16) + 2 * 4 * 8
+    assert out["memory"]["training"]["activations"] == 16 * (2 * 8 * 2 + layer + (4 + 2 + 2) * 8)
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["bf16_residual", "autocast_fp32_residual"])
+@pytest.mark.parametrize("masked", [False, True], ids=["no_mask", "4d_mask"])
+def test_a_qwen2_5_vl_decoder_layer_saves_no_more_than_planned(masked, autocast):
+    """What ``lm_layer_bytes`` counts, measured: the bytes a Qwen2.5-VL decoder layer (sdpa, GQA 4:1) saves for
+    backward per token (the difference of 512 and 256 tokens, so weights and autocast's weight cache drop out),
+    with bf16 weights and residual (FSDP2) or fp32 ones under bf16 autocast (one process), with and without the
+    4-D mask of packed or padded rows (which makes sdpa repeat K and V to every head). The plan bounds each
+    within 3%, or by K and V at full width more where no mask lets sdpa take them at the KV heads' width. It
+    counted 6016 bytes (K and V at the KV heads' width, bf16 norms): 6248 and 7592 were saved with the mask,
+    7208 under autocast without it."""
+    from transformers import Qwen2_5_VLTextConfig
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLTextModel
+
+    from mmsr.plan.memory import lm_layer_bytes
+
+    h, heads, kv_heads, inter = 128, 8, 2, 384  # none of them 256 or 512 tokens: only the mask is [.., T, T]
+    config = Qwen2_5_VLTextConfig(hidden_size=h, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                                  intermediate_size=inter, num_hidden_layers=1, vocab_size=100,
+                                  rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]})  # fmt: skip
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = Qwen2_5_VLTextModel(config).to(torch.float32 if autocast else torch.bfloat16)
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def saved(T: int) -> int:
+        x = torch.randn(1, T, h, dtype=next(model.parameters()).dtype, requires_grad=True)
+        pos = torch.arange(T)[None].expand(3, 1, T)
+        mask = torch.ones(1, 1, T, T, dtype=torch.bool).tril() if masked else None
+        storages = {}
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in weights and t.shape[-2:] != (T, T):  # the mask is packed_mask's
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model.layers[0](x, attention_mask=mask, position_embeddings=model.rotary_emb(x, pos), position_ids=pos)
+        return sum(storages.values())
+
+    measured = (saved(512) - saved(256)) // 256
+    shape = ModelShape(params=0, vision_params=0, root_params=0, block_params=0, largest_param=0, layers=1, hidden=h,
+                       kv_heads=kv_heads, head_dim=h // heads, intermediate=inter, vocab=100)  # fmt: skip
+    planned = lm_layer_bytes(shape, spec(fsdp=not autocast, attention="sdpa"))
+    unmasked_gqa = 0 if masked else 2 * 2 * (h - kv_heads * h // heads)  # sdpa without a mask takes K, V unexpanded
+    assert measured <= planned <= 1.03 * measured + unmasked_gqa
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
@@ -163,6 +298,16 @@ def test_7b_without_checkpointing_or_on_24gb_does_not_fit(capsys):
     assert out["memory"]["training"]["activations"] > 80 * GiB  # every layer's activations for 16384 tokens
     out = run(capsys, "-c", recipe, "--gpu-gb", "24")
     assert not out["fits"] and out["engine"]["kv_tokens"] == 0  # 0.6 x 24 GiB cannot even hold the bf16 weights
+
+
+def test_the_7b_recipe_at_0_9_gpu_memory_utilization_does_not_fit_for_its_sync_probe(capsys):
+    """vLLM at 0.9 x 80 GiB: the rollout's other terms leave ~2 GiB, less than the probe's trainer forward right
+    after a sync (vLLM awake): bf16 root + 2 blocks gathered and [749, V] logits in bf16, float32 and float32."""
+    out = run(capsys, "-c", str(RECIPES[0]), "--model.init_args.engine.init_args.gpu_memory_utilization", "0.9")
+    p, r = out["params"], out["memory"]["rollout"]
+    probe = 2 * (p["root"] + 2 * p["largest_block"]) + 749 * 152064 * (2 + 4 + 4)  # Qwen2.5-VL-7B's vocabulary
+    assert not out["fits"] and out["peak"] == r["total"] > 80 * GiB > r["total"] - probe
+    assert r["weight_sync"] == probe
 
 
 @pytest.mark.parametrize("override, packed", [([], True), (["--model.init_args.share_prefix", "false"], False),

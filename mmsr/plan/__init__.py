@@ -27,13 +27,13 @@ ROWS = (
     ("reference", "reference model ({ref})"),
     ("reference_scoring", "reference, on the GPU to score"),
     ("gathered_params", "{gathered} ({compute_dtype})"),
-    ("unsharded_grads", "unsharded grads (root + 1 block)"),
+    ("unsharded_grads", "unsharded grads (root + 1 block{reduce})"),
     ("activations", "activations ({micro_tokens} tokens, {ckpt})"),
     ("vision_activations", "vision activations"),
     ("packed_mask", "packed rows' mask ({attention}{flash})"),
     ("logits", "logits + their grad"),
     ("engine", "{engine}"),
-    ("sync_buffer", "weight-sync buffer"),
+    ("weight_sync", "weight sync (bucket{probe})"),
     ("overhead", "overhead"),
 )
 
@@ -65,6 +65,8 @@ def labels(spec: RunSpec) -> dict[str, str]:
                                gathered="gathered params" if spec.fsdp else "autocast weight cache",
                                ckpt="checkpointed" if spec.gradient_checkpointing else "no checkpointing",
                                micro_tokens=micro_batch_tokens(spec),
+                               reduce=" + fp32 copy" if spec.fsdp and spec.compute_dtype != spec.param_dtype else "",
+                               probe=" or probe forward" if spec.engine == "vllm" and spec.verify_every else "",
                                flash="; 0 with flash-attn" if spec.attention == "auto" else "")  # fmt: skip
     return {key: label.format(**fields) for key, label in ROWS}
 

@@ -9,6 +9,7 @@ Qwen3-VL-8B-Instruct ship there, so the 7B and 8B recipes can be planned offline
 from __future__ import annotations
 
 import importlib
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -152,6 +153,8 @@ class RunSpec:
         kl: a reference model exists (``kl_coef > 0``); ref_offload: it waits in host memory.
         engine: ``vllm`` or ``hf``; engine_dtype: vLLM weights dtype; tp: vLLM tensor parallel size.
         sync_dtype: dtype the weights are cast to before they are gathered and streamed to the engine.
+        verify_every: syncs between the sync probe's checks (0: never); probe_text: its text
+            (``WeightSync.probe_text``).
         max_pixels: the policy's image resize bound; images_per_episode: images at that bound per episode
             whose vision activations count (``mmsr plan --images-per-episode``).
         attention: the policy's ``attn_implementation`` (``auto``: flash-attention 2 where flash-attn is
@@ -188,6 +191,8 @@ class RunSpec:
     images_per_episode: int = 1
     attention: str = "sdpa"
     packed_rows: bool = False
+    verify_every: int = 0
+    probe_text: str = ""
 
 
 def device_count(trainer: dict[str, Any]) -> tuple[int, int]:
@@ -242,15 +247,21 @@ def dtypes(model: dict[str, Any], trainer: dict[str, Any]) -> dict[str, str]:
 
 def engine_settings(model: dict[str, Any]) -> dict[str, Any]:
     """The rollout engine's memory settings (``HFEngine`` when none is configured)."""
-    from mmsr.sync import DEFAULT_BUCKET_MB
-
     engine = model.get("engine") or {"class_path": "mmsr.rollout.hf_engine.HFEngine"}
     args = engine.get("init_args") or {}
-    bucket = ((model.get("weight_sync") or {}).get("init_args") or {}).get("bucket_mb", DEFAULT_BUCKET_MB)
     return dict(engine="vllm" if engine["class_path"].endswith("VLLMEngine") else "hf",
                 gpu_memory_utilization=args.get("gpu_memory_utilization", 0.5), tp=args.get("tensor_parallel_size", 1),
                 sleep_mode=bool(args.get("enable_sleep_mode", False)), max_model_len=args.get("max_model_len", 8192),
-                hf_batch=args.get("max_batch_size", 64), bucket_mb=float(bucket))  # fmt: skip
+                hf_batch=args.get("max_batch_size", 64), **sync_settings(model))  # fmt: skip
+
+
+def sync_settings(model: dict[str, Any]) -> dict[str, Any]:
+    """The weight sync's bucket size and probe (``WeightSync``'s defaults where the config sets none)."""
+    from mmsr.sync import WeightSync
+
+    defaults = {k: v.default for k, v in inspect.signature(WeightSync).parameters.items()}
+    args = defaults | ((model.get("weight_sync") or {}).get("init_args") or {})
+    return dict(bucket_mb=float(args["bucket_mb"]), verify_every=args["verify_every"], probe_text=args["probe_text"])
 
 
 def run_spec(config: dict[str, Any]) -> RunSpec:

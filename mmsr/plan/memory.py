@@ -3,16 +3,18 @@
 A step has two phases that never overlap on a GPU:
 - rollout: sharded params + AdamW state (grads are freed after each optimizer step) + the reference model
   when it stays on the GPU + the engine (vLLM takes ``gpu_memory_utilization`` of the GPU; an HF engine
-  under FSDP2 keeps a full compute-dtype copy of the policy) + the weight-sync buffer + overhead;
+  under FSDP2 keeps a full compute-dtype copy of the policy) + the weight sync (its bucket, or the sync
+  probe's trainer forward that follows it, whichever is larger) + overhead;
 - training: params + grads + AdamW + reference + what FSDP2 gathers (root params and two blocks in flight,
-  in compute dtype) and the unsharded grads of the root and one block (compute dtype) + activations of
-  one micro-batch + its logits + the dense mask of shared prefixes in packed rows + the engine while
-  asleep (0 with vLLM sleep mode) + overhead.
+  in compute dtype) and the unsharded grads of the root and one block (compute dtype, plus the float32
+  reduce-scatter input of the block before) + activations of one micro-batch + its logits + the dense
+  mask of shared prefixes in packed rows + the engine while asleep (0 with vLLM sleep mode) + overhead.
 
 Not counted: FSDP2's padding of dim 0 to a multiple of W (0.004% of the 7B), DDP's gradient buckets,
 the float32 copy of the root grads FSDP2 reduce-scatters at the very end of the backward (after the
-activations are freed), the vision merger / patch embedding activations, and allocator fragmentation
-beyond ``overhead``. Every number is an upper bound for episodes at the rollout limits.
+activations are freed), the vision merger / patch embedding activations, the sync probe's own activations
+(one layer's at ~1,000 tokens), and allocator fragmentation beyond ``overhead``. Every number is an upper
+bound for episodes at the rollout limits.
 """
 
 from __future__ import annotations
@@ -22,9 +24,12 @@ from dataclasses import replace
 
 from mmsr.algo.logprobs import DEFAULT_CHUNK_SIZE
 from mmsr.plan.config import GiB, ModelShape, RunSpec
+from mmsr.sync.probe import PROBE_TOKENS, SAMPLING_PROBE_MIN_TOKENS
+from mmsr.tools.base import IMAGE_MARKER
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 NORM_BYTES = 4  # Qwen2 RMSNorm computes in float32 and saves its float32 input
+REDUCE_DTYPE = "float32"  # FSDP2's gradient reduction below fp32 params (mmsr.parallel.mixed_precision)
 
 
 def nbytes(dtype: str) -> int:
@@ -63,39 +68,63 @@ def gathered(shape: ModelShape, spec: RunSpec) -> dict[str, int]:
 
     FSDP2: the root params stay gathered from the forward to the end of the backward, plus two blocks in
     flight (the current one and the prefetched one); the root's and one block's unsharded grads wait to
-    be reduce-scattered. Without FSDP2, mixed precision caches a compute-dtype copy of every weight
-    (autocast) for the forward and backward.
+    be reduce-scattered, and where FSDP2 reduces in float32 (compute dtype below the params') the block
+    before's grads, copied into a float32 reduce-scatter input, stay alive through this block's backward.
+    Without FSDP2, mixed precision caches a compute-dtype copy of every weight (autocast) for the forward
+    and backward.
     """
     c = nbytes(spec.compute_dtype)
     if spec.fsdp:
         root, block = shape.root_params, shape.block_params
-        return {"params": (root + 2 * block) * c, "grads": (root + block) * c}
+        reduce = block * nbytes(REDUCE_DTYPE) if spec.compute_dtype != spec.param_dtype else 0
+        return {"params": (root + 2 * block) * c, "grads": (root + block) * c + reduce}
     return {"params": shape.params * c if spec.compute_dtype != spec.param_dtype else 0, "grads": 0}
 
 
-def layer_bytes(hidden: int, kv_dim: int, intermediate: int, c: int) -> int:
+def layer_bytes(hidden: int, kv_dim: int, intermediate: int, c: int, r: int | None = None) -> int:
     """Bytes per token one Qwen2 decoder (or vision) block saves for backward, flash/sdpa attention.
 
     In compute dtype (``c`` bytes): per RMSNorm its normalized input and its output, which feeds q/k/v
-    (or the MLP) (4h); q (h), k and v (2 kv_dim); the attention output (h) and o_proj's contiguous input
-    (h); MLP gate, up, act(gate), act(gate) * up (4 intermediate): ``c * (7h + 2 kv_dim + 4 I)``. Each
-    RMSNorm also saves its float32 input (2 x 4h). For 7B in bf16: 232,448 bytes per token and layer.
+    (or the MLP) (4h); q (h), k and v (2 kv_dim: the width SDPA is handed them at, ``lm_layer_bytes``);
+    the attention output (h) and o_proj's contiguous input (h); MLP gate, up, act(gate), act(gate) * up
+    (4 intermediate): ``c * (7h + 2 kv_dim + 4 I)``. Each RMSNorm also saves its float32 input (2 x 4h).
+    For 7B in bf16, K and V at full width: 244,736 bytes per token and layer.
+
+    ``r``: bytes of the residual stream when autocast keeps it above ``c`` (no FSDP2, float32 params): each
+    normalized input is saved at ``r``, and the norm's output, in ``r`` too, is cast once per projection it
+    feeds, each cast saved (q, k, v: 3; gate, up: 2; 3 more than one shared output): ``2 (r - c) h + 3 c h``.
     """
-    return c * (7 * hidden + 2 * kv_dim + 4 * intermediate) + 2 * NORM_BYTES * hidden
+    autocast = 2 * (r - c) * hidden + 3 * c * hidden if r is not None and r != c else 0
+    return c * (7 * hidden + 2 * kv_dim + 4 * intermediate) + 2 * NORM_BYTES * hidden + autocast
+
+
+def residual_bytes(spec: RunSpec) -> int:
+    """Bytes per element of the language model's residual stream (the layers' inputs). FSDP2 gathers the
+    weights in compute dtype, so every output is in it; autocast leaves the embedding, the norms' weight
+    products and the residual adds in the param dtype (float32 under ``bf16-mixed``)."""
+    return nbytes(spec.compute_dtype) if spec.fsdp else nbytes(spec.param_dtype)
+
+
+def lm_layer_bytes(shape: ModelShape, spec: RunSpec) -> int:
+    """``layer_bytes`` of one decoder layer of ``shape`` under ``spec``. K and V are saved at the KV heads' width
+    by flash-attention 2 only: transformers' sdpa path expands them to every head (``repeat_kv``) whenever it
+    is given a mask (packed rows' 4-D mask, padded whole rows), and eager always (q's width, taken as h)."""
+    kv_dim = shape.kv_heads * shape.head_dim if spec.attention == "flash_attention_2" else shape.hidden
+    return layer_bytes(shape.hidden, kv_dim, shape.intermediate, nbytes(spec.compute_dtype), residual_bytes(spec))
 
 
 def activations(shape: ModelShape, spec: RunSpec) -> int:
     """Language-model activations of one micro-batch of ``micro_batch_tokens(spec)`` padded tokens.
 
-    Without checkpointing every layer's saved tensors; with it, each layer's input (``layers x h x c``)
-    plus one layer's saved tensors while it is recomputed in backward. The final norm adds its float32
-    input, its normalized input and lm_head's input: ``(4 + 2c) h``.
+    Without checkpointing every layer's saved tensors; with it, each layer's input (``layers x h x r``,
+    ``residual_bytes``) plus one layer's saved tensors while it is recomputed in backward. The final norm
+    adds its float32 input, its normalized input (``r``) and lm_head's input: ``(4 + r + c) h``.
     """
-    c, t = nbytes(spec.compute_dtype), micro_batch_tokens(spec)
-    layer = layer_bytes(shape.hidden, shape.kv_heads * shape.head_dim, shape.intermediate, c) * t
-    final_norm = (NORM_BYTES + 2 * c) * shape.hidden * t
+    c, r, t = nbytes(spec.compute_dtype), residual_bytes(spec), micro_batch_tokens(spec)
+    layer = lm_layer_bytes(shape, spec) * t
+    final_norm = (NORM_BYTES + r + c) * shape.hidden * t
     if spec.gradient_checkpointing:
-        return shape.layers * shape.hidden * c * t + layer + final_norm
+        return shape.layers * shape.hidden * r * t + layer + final_norm
     return shape.layers * layer + final_norm
 
 
@@ -110,15 +139,30 @@ def episodes_per_micro_batch(spec: RunSpec) -> int:
     return max(1, spec.micro_batch_tokens // spec.max_context_tokens)
 
 
+def episodes_per_update(spec: RunSpec) -> int:
+    """Episodes of a rank's largest mini-batch (the ``tensor_split`` of ``mmsr.train.update``)."""
+    return math.ceil(spec.prompts_per_rank * spec.num_generations / spec.mini_batches)
+
+
+def image_tokens_per_micro_batch(shape: ModelShape, spec: RunSpec) -> int:
+    """LM image tokens of the distinct images one micro-batch runs through the vision tower.
+
+    Episodes shorter than the context bound pack many to a micro-batch (the packing keeps a whole
+    mini-batch's groups, each with its own question image, in one where the budget allows), so the images
+    are bounded by the update's episodes x ``images_per_episode`` at ``max_pixels``, and by the micro-batch's
+    tokens: every image it encodes has its pad tokens in its rows (whole or packed), which hold at most
+    ``micro_batch_tokens(spec)`` tokens whatever the images are (questions, tool thumbnails)."""
+    per_image = min(spec.max_pixels // shape.patch_pixels, spec.max_context_tokens)
+    return min(episodes_per_update(spec) * spec.images_per_episode * per_image, micro_batch_tokens(spec))
+
+
 def vision_activations(shape: ModelShape, spec: RunSpec) -> int:
-    """Vision tower activations of one micro-batch: ``images_per_episode`` images at ``max_pixels`` per
-    episode (merge² patches per LM image token), each vision block saving ``layer_bytes`` per patch
-    (q, k and v all ``vision_hidden`` wide); with checkpointing, block inputs plus one block. Tool
-    thumbnails (tens of tokens each) are left to ``images_per_episode``."""
+    """Vision tower activations of one micro-batch: the patches of ``image_tokens_per_micro_batch`` (merge²
+    per LM image token), each vision block saving ``layer_bytes`` per patch (q, k and v all
+    ``vision_hidden`` wide); with checkpointing, block inputs plus one block."""
     if not shape.vision_layers:
         return 0
-    tokens = min(spec.max_pixels // shape.patch_pixels, spec.max_context_tokens)
-    patches = episodes_per_micro_batch(spec) * spec.images_per_episode * tokens * shape.patches_per_token
+    patches = image_tokens_per_micro_batch(shape, spec) * shape.patches_per_token
     c, h = nbytes(spec.compute_dtype), shape.vision_hidden
     block = layer_bytes(h, h, shape.vision_intermediate, c) * patches
     if spec.gradient_checkpointing:
@@ -191,12 +235,38 @@ def sync_buffer(shape: ModelShape, spec: RunSpec) -> int:
     return max(int(spec.bucket_mb * 2**20), shape.largest_param * nbytes(spec.sync_dtype))
 
 
+def probe_tokens(spec: RunSpec) -> int:
+    """Tokens of the sync probe's longest trainer forward, the sampling check's (``mmsr.sync.probe``): its
+    prefix grows by whole fillers (the probe text without images) until it holds ``SAMPLING_PROBE_MIN_TOKENS``,
+    so it ends under that plus one filler, then ``PROBE_TOKENS`` greedy tokens follow. A filler has at most one
+    token per byte of its text (byte-level BPE). A probe already that long is not extended (its text and image
+    pads alone), so this holds while its images' pads and delimiters stay under ``SAMPLING_PROBE_MIN_TOKENS``
+    (the 112x84 probe image at the 7B recipes' min_pixels: 352 pads for Qwen2.5-VL, 266 for Qwen3-VL)."""
+    filler = len(spec.probe_text.replace(IMAGE_MARKER, "").encode())
+    return SAMPLING_PROBE_MIN_TOKENS - 1 + filler + PROBE_TOKENS
+
+
+def sync_probe(shape: ModelShape, spec: RunSpec) -> int:
+    """The trainer's forward of the sync probe (``trainer_logits``), right after the sync on its first and every
+    ``verify_every`` syncs, with vLLM awake (only engines that ``score`` are probed: vLLM): the weights as a
+    training forward holds them (``gathered``: FSDP2's root and two blocks, or autocast's weight cache) and
+    the ``[L, V]`` logits in compute dtype, their float32 copy (none if already float32) and the copy the
+    banned-token ``index_fill`` makes. The compute-dtype logits freed by ``.float()`` are smaller than either
+    float32 tensor, so the allocator cannot hand them on: all three count."""
+    if spec.engine != "vllm" or not spec.verify_every:
+        return 0
+    c = nbytes(spec.compute_dtype)
+    per_logit = c + (4 if c != 4 else 0) + 4
+    return gathered(shape, spec)["params"] + probe_tokens(spec) * shape.vocab * per_logit
+
+
 def weight_sync(shape: ModelShape, spec: RunSpec) -> dict[str, int]:
     """Per step: bytes each rank hands the engine (P x sync bytes) and, under FSDP2, the all-gather
-    traffic it receives for them ((W-1)/W of it)."""
+    traffic it receives for them ((W-1)/W of it); the two parts of the rollout's ``weight_sync`` term."""
     handed = shape.params * nbytes(spec.sync_dtype)
     received = handed * (spec.world_size - 1) // spec.world_size if spec.fsdp else 0
-    return {"bytes_per_step": handed, "all_gather_received_per_rank": received}
+    return {"bytes_per_step": handed, "all_gather_received_per_rank": received, "buffer": sync_buffer(shape, spec),
+            "probe_forward": sync_probe(shape, spec)}  # fmt: skip
 
 
 def tokens(spec: RunSpec) -> dict[str, dict[str, int] | int]:
@@ -206,7 +276,7 @@ def tokens(spec: RunSpec) -> dict[str, dict[str, int] | int]:
     sampled = min(spec.max_rounds * spec.max_tokens_per_turn, spec.max_context_tokens)
     per_rank["context_tokens"] = per_rank["episodes"] * spec.max_context_tokens
     per_rank["sampled_tokens"] = per_rank["episodes"] * sampled
-    per_update = math.ceil(per_rank["episodes"] / spec.mini_batches)  # the largest part of the update.py split (tensor_split)
+    per_update = episodes_per_update(spec)
     return dict(per_rank=per_rank, total={k: v * spec.world_size for k, v in per_rank.items()},
                 sampled_tokens_per_episode=sampled, updates_per_step=spec.ppo_epochs * spec.mini_batches,
                 episodes_per_update=per_update, episodes_per_micro_batch=episodes_per_micro_batch(spec),
@@ -217,7 +287,9 @@ def phases(shape: ModelShape, spec: RunSpec, engine: dict[str, int], overhead: i
     """Bytes per GPU of every term in the rollout and the training phase, and each phase's total."""
     state, ref, full = training_state(shape, spec), reference(shape, spec), gathered(shape, spec)
     common = dict(params=state["params"], adamw=state["adamw"], reference=ref["resident"])
-    rollout = common | dict(engine=engine["rollout"], sync_buffer=sync_buffer(shape, spec), overhead=overhead)
+    # the bucket is freed before the probe runs (WeightSync.__call__): never both
+    sync = max(sync_buffer(shape, spec), sync_probe(shape, spec))
+    rollout = common | dict(engine=engine["rollout"], weight_sync=sync, overhead=overhead)
     training = common | dict(grads=state["grads"], reference_scoring=ref["transient"], gathered_params=full["params"],
                              unsharded_grads=full["grads"], activations=activations(shape, spec),
                              vision_activations=vision_activations(shape, spec), packed_mask=packed_mask(shape, spec),
