@@ -21,8 +21,6 @@ row and field.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -32,12 +30,12 @@ from typing import Protocol
 
 from PIL import Image
 
+from mmsr.data.jsonl import jsonl_lines
 from mmsr.data.paths import missing
-from mmsr.data.rows import DataError, collect, encoded_image, row_error
+from mmsr.data.rows import URL_PREFIXES, DataError, collect, encoded_image, row_error, text_image
 from mmsr.data.sample import EncodedImage, Sample
 
 __all__ = ["ColumnMapping", "DataError", "EvalSet", "Fetched", "ImageFetcher", "answer_list", "read_rows"]
-URL_PREFIXES = ("http://", "https://")
 
 
 @dataclass(frozen=True)
@@ -84,7 +82,7 @@ def _jsonl_rows(path: Path) -> list[dict]:
     have had, the numbering every other error of this loader uses (blank lines are not rows), and by its
     1-based line."""
     rows = []
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for line_no, line in enumerate(jsonl_lines(path.read_text(encoding="utf-8")), start=1):
         if line.strip():
             try:
                 rows.append(json.loads(line))
@@ -94,7 +92,15 @@ def _jsonl_rows(path: Path) -> list[dict]:
 
 
 def read_rows(path: Path) -> list[dict]:
-    """The rows of a parquet file, a folder of parquet shards (sorted by name), a jsonl or a JSON file."""
+    """The rows of a parquet file, a folder of parquet shards (sorted by name), a jsonl or a JSON file; a
+    ``ValueError`` if there is none (a failed export or the wrong file, not a set of no questions)."""
+    rows = _stored_rows(path)
+    if not rows:
+        raise ValueError(f"{path}: no rows (an empty data file)")
+    return rows
+
+
+def _stored_rows(path: Path) -> list[dict]:
     import pyarrow.parquet as pq
 
     if path.is_dir():
@@ -133,16 +139,6 @@ def answer_list(value, where, row, field) -> list[str]:
     items = value if isinstance(value, list | tuple) else [value]
     answers = [_one_answer(item, where, row, field) for item in items]
     return list(dict.fromkeys(a for a in answers if a))
-
-
-def _base64_image(text: str) -> bytes | None:
-    payload = text.split(",", 1)[1] if text.startswith("data:image") else text
-    if len(payload) < 64:  # too short to be an image; a missing file name, more likely
-        return None
-    try:
-        return base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError):
-        return None
 
 
 class ColumnMapping(EvalSet):
@@ -228,15 +224,7 @@ class ColumnMapping(EvalSet):
             raise row_error(self.label, i, self.image, f"no image ({value!r:.40})")
         if image_url(value):
             return self.url_image(value.strip(), i)
-        files = self.image_files(value.strip()) if len(value) < 1024 else []  # longer: base64, not a name
-        found = next((f for f in files if f.is_file()), None)
-        if found is not None:
-            return encoded_image(found, self.label, i, self.image)
-        data = _base64_image(value)
-        if data is not None:
-            return encoded_image(data, self.label, i, self.image)
-        where = f"file {files[0]} does not exist" if files else "neither a file name nor base64 image data"
-        raise row_error(self.label, i, self.image, where)
+        return text_image(value, self.image_files(value.strip()), self.label, i, self.image)
 
     def url_image(self, url: str, i: int) -> Image.Image:
         """The downloaded image at ``url`` (row ``i``), or a ``DataError`` naming the row, field and URL."""

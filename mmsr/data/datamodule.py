@@ -7,6 +7,9 @@ ahead of the batches actually trained on.
 
 from __future__ import annotations
 
+import warnings
+from typing import Any
+
 import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
@@ -26,6 +29,25 @@ class SampleDataset(Dataset):
         return self.samples[i]
 
 
+def load_distinct(files: list[str], skip_invalid: bool, key: str) -> list[Sample]:
+    """The samples of ``files``, concatenated; an id met twice is refused, naming it and its files. Ids key
+    ``SFTModule``'s teacher turns, the rollout's sampling streams and replayed tool results: of two questions
+    with one id, SFT trained one on the other's answer, without a word (e.g. two exports that each number
+    their rows' ``data_id`` from 0)."""
+    samples, where = [], {}
+    for index, file in enumerate(files):
+        for sample in load_samples(file, skip_invalid):
+            if sample.id in where:  # a file listed twice says so: its name, twice
+                first = where[sample.id]
+                places = f"twice in {file}" if first == index else f"in {files[first]} and in {file}"
+                raise ValueError(f"data.{key}: sample id {sample.id!r} is {places}; ids key teacher turns, "
+                                 f"sampling streams and replayed searches, so they must differ: give each row its "
+                                 f"own data_id")  # fmt: skip
+            where[sample.id] = index
+            samples.append(sample)
+    return samples
+
+
 def collate_samples(samples: list[Sample]) -> list[Sample]:
     """Samples stay records: no tensors until the rollout has produced tokens."""
     return list(samples)
@@ -33,11 +55,16 @@ def collate_samples(samples: list[Sample]) -> list[Sample]:
 
 class WholeBatchSampler(ResumableSampler):
     """A ``ResumableSampler`` whose share of each epoch is cut to whole batches of ``batch_size``: the
-    permutation's tail past ``world x batch_size x (share // batch_size)`` is left out (verl's ``drop_last``).
+    permutation's tail past ``world x batch_size x (size // world // batch_size)`` is left out (verl's
+    ``drop_last``), nothing is padded.
 
     Not the ``DataLoader``'s ``drop_last``: Lightning ends an epoch after ``len(loader)`` batches without
     exhausting the iterator, so the cut tail would stay in the sampler, and the next ``iter()`` would hand
     out only those indices, all dropped: an empty Lightning epoch every other epoch.
+
+    A checkpoint of another ``batch_size`` (``data.prompts_per_step``; its state records it) keeps its
+    place: the rest of its epoch, from the prompts all its ranks had taken, is cut to whole batches of this
+    one, as a fresh epoch's tail is (warned). Going on in its share, cut to its batches, left a short step.
     """
 
     def __init__(self, batch_size: int, size: int, shuffle: bool, seed: int, num_replicas: int, rank: int) -> None:
@@ -45,7 +72,23 @@ class WholeBatchSampler(ResumableSampler):
         self.batch_size = batch_size
 
     def share(self, count: int) -> int:
-        return super().share(count) // self.batch_size * self.batch_size
+        return count // self.num_replicas // self.batch_size * self.batch_size
+
+    def state_dict(self) -> dict[str, int]:
+        return {**super().state_dict(), "batch_size": self.batch_size}
+
+    def _share_changed(self, state: dict[str, Any], share: int, midway: bool) -> bool:
+        """Another batch size changes the share; warned where it changes a step's prompts too (not 2 ranks x 2
+        resumed on 1 x 4, nor 1 x 4 on 2 x 4: the rest is split as on any other number of ranks)."""
+        saved = int(state.get("batch_size", self.batch_size))  # older mmsr: taken to be this one
+        replicas = int(state.get("num_replicas", self.num_replicas))
+        stepped = saved * replicas != self.batch_size * self.num_replicas
+        if saved != self.batch_size and stepped and midway and self.rank == 0:
+            warnings.warn(f"the checkpoint's steps are {saved} prompts x {replicas} rank(s), this run's "
+                          f"{self.batch_size} x {self.num_replicas} (data.prompts_per_step): the rest of epoch "
+                          f"{self.epoch} goes on in whole steps of this run's, leaving out the rows past the last "
+                          f"one, as every epoch does (data.drop_last)")  # fmt: skip
+        return saved != self.batch_size or super()._share_changed(state, share, midway)
 
 
 class MMSRDataModule(L.LightningDataModule):
@@ -60,9 +103,11 @@ class MMSRDataModule(L.LightningDataModule):
         prompts_per_step: prompts per training step (each is rolled out ``num_generations`` times).
         drop_last: train on whole steps only, as upstream verl (``drop_last=True``): each epoch leaves out the
             rows past the last whole step of every rank (FVQA-train's 4,856 rows on 32 ranks x 16: 248 rows,
-            a different 248 each epoch when shuffled). ``False`` trains them in a short last step (7 prompts
-            a rank there), which also makes that step's mini-batches smaller. The held-out loader keeps
-            every row either way.
+            a different 248 each epoch when shuffled). ``False`` trains them in a short last step (8 prompts
+            a rank there), which also makes that step's mini-batches smaller: on several ranks the epoch's
+            first rows fill it up to an equal share (152 a rank there: 8 rows trained twice), as torch's
+            ``DistributedSampler`` does, since ranks taking different numbers of steps hang in a collective.
+            The held-out loader keeps every row either way.
         shuffle: reshuffle every epoch (seeded by ``seed`` and the epoch).
         seed: shuffling seed.
         skip_invalid: drop invalid rows with a warning instead of failing.
@@ -88,8 +133,8 @@ class MMSRDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if not self.train:
-            self.train = [s for f in self.train_files for s in load_samples(f, self.skip_invalid)]
-            self.val = [s for f in self.val_files for s in load_samples(f, self.skip_invalid)]
+            self.train = load_distinct(self.train_files, self.skip_invalid, "train_files")
+            self.val = load_distinct(self.val_files, self.skip_invalid, "val_files")
         if not self.train:
             raise ValueError(f"no training samples in {self.train_files}")
 

@@ -30,6 +30,15 @@ def read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
     return rows
 
 
+def jsonl_lines(text: str) -> list[str]:
+    """The lines of JSON-lines ``text`` as ``Path.read_text`` returns it (CRLF and CR endings already read as
+    LF), split at LF alone: ``str.splitlines`` also splits at U+2028, U+2029 and U+0085, which
+    ``json.dumps(ensure_ascii=False)`` writes unescaped inside strings, and so cut valid lines in two. A final
+    LF ends the last line rather than starting an empty one, as with ``splitlines``: line numbers stay."""
+    lines = text.split("\n")
+    return lines[:-1] if lines[-1] == "" else lines
+
+
 def required_field(row: dict[str, Any], key: str, where: str, types: type | tuple[type, ...] = str) -> Any:
     """``row[key]``, checked for presence and type."""
     if key not in row:

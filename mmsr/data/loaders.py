@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
+from mmsr.data.jsonl import jsonl_lines
 from mmsr.data.paths import require_file
-from mmsr.data.rows import DataError, RowMaker, collect, jsonl_sample, parquet_sample, row_error
+from mmsr.data.rows import DataError, RowMaker, collect, default_id_stem, jsonl_sample, parquet_sample, row_error
 from mmsr.data.sample import Sample
 
 __all__ = ["DataError", "load_samples"]
@@ -42,7 +44,7 @@ def _parquet_rows(path: Path, batch_rows: int = 256) -> Iterator[dict]:
 def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:
     """(1-based line number, object) for each non-blank line. Errors name the line, as an editor numbers
     it: a row index would skip blank lines, and two numberings in one file's messages mislead."""
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for line_no, line in enumerate(jsonl_lines(path.read_text(encoding="utf-8")), start=1):
         if not line.strip():
             continue
         try:
@@ -51,18 +53,33 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:
             raise row_error(path, f"line {line_no}", "<line>", f"invalid JSON ({exc.msg})") from None
 
 
-def _jsonl_line_sample(numbered: tuple[int, dict], path: Path, i: int) -> Sample:
+def _jsonl_line_sample(numbered: tuple[int, dict], path: Path, i: int, id_stem: str | None = None) -> Sample:
     """``jsonl_sample`` of a (line number, object) pair: errors name the line, the default id keeps the
     row index ``i``."""
     line_no, r = numbered
-    return jsonl_sample(r, path, i, line_no)
+    return jsonl_sample(r, path, i, line_no, id_stem)
+
+
+def _not_empty(rows: Iterator, path: Path) -> Iterator:
+    """``rows``, then a ``ValueError`` if there was none: an empty file (a failed export, the wrong file) is
+    a mistake, not a set of no questions (an empty held-out file validated nothing, without a word)."""
+    empty = True
+    for row in rows:
+        empty = False
+        yield row
+    if empty:
+        raise ValueError(f"{path}: no rows (an empty data file)")
 
 
 def load_samples(path: str | Path, skip_invalid: bool = False) -> list[Sample]:
-    """Read and validate every row of a parquet or jsonl file.
+    """Read and validate every row of a parquet or jsonl file; a row without an id is ``{folder}/{stem}-{row}``
+    (``mmsr.data.rows.default_id_stem``).
 
     Args:
         skip_invalid: drop bad rows (with one warning saying how many and why) instead of raising.
+
+    Raises:
+        ValueError: the file holds no rows.
     """
     path = Path(path)
     if path.is_dir():
@@ -71,7 +88,7 @@ def load_samples(path: str | Path, skip_invalid: bool = False) -> list[Sample]:
         return load_dataset_dir(path, skip_invalid)
     require_file(path, "data file")
     rows, make = _reader(path)
-    return collect(rows, make, path, skip_invalid)
+    return collect(_not_empty(rows, path), partial(make, id_stem=default_id_stem(path)), path, skip_invalid)
 
 
 def _reader(path: Path) -> tuple[Iterator, RowMaker]:

@@ -4,23 +4,31 @@ Face ``datasets`` split): the two schemas and the errors that name the file, row
 - MMSearch-R1 / verl rows: ``prompt``, ``images``, ``reward_model``, ``data_source``, ``image_urls``,
   ``extra_info`` (spec §8);
 - flat rows: ``data_id``/``id``, ``question``, ``ground_truth``, ``candidate_answers``, ``image`` (a path
-  relative to the file, or image bytes / a PIL image), optional ``data_source``, ``category``, ``image_url``.
+  relative to the file, base64 text, or image bytes / a PIL image), optional ``data_source``, ``category``,
+  ``image_url``.
+
+A row without an id is ``{folder}/{stem}-{row}`` (``default_id_stem``). A ground truth may be a number (its
+``str``) or a list (the ground truth, then more candidate answers), as ``ColumnMapping`` reads answers.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
 import json
+import os
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from mmsr.data.sample import EncodedImage, Sample
 from mmsr.data.threads import in_order
 
 RowMaker = Callable[[dict, Path, int], Sample]
+URL_PREFIXES = ("http://", "https://")
 
 
 class DataError(ValueError):
@@ -34,14 +42,28 @@ def row_error(path, row: int | str, field, problem) -> DataError:
     return DataError(f"{path}: {where}, field {field!r}: {problem}")
 
 
-def decode_image(data: bytes | str | Path | Image.Image, path, row, field="image") -> Image.Image:
-    """Open image bytes, a file or a PIL image as RGB, or raise a ``DataError`` naming the row."""
+def decode_image(data: bytes | str | Path | Image.Image, path, row, field="image",
+                 file: Path | None = None) -> Image.Image:  # fmt: skip
+    """Open image bytes, a file or a PIL image as RGB, or raise a ``DataError`` naming the row and the image
+    file (``file``: the one ``data``'s bytes were read from, if any)."""
+    file = Path(data) if isinstance(data, str | Path) else file
     try:
         image = data if isinstance(data, Image.Image) else Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
         image.load()
         return image.convert("RGB")
-    except (OSError, ValueError) as exc:
-        raise row_error(path, row, field, f"cannot decode image ({exc})") from None
+    # Pillow's decoders raise more than OSError on bad data (SyntaxError for a broken PNG chunk, EOFError,
+    # struct.error, DecompressionBombError past ~179 MP, ...): whatever decoding raises, the row is bad
+    except Exception as exc:  # noqa: BLE001
+        what = "image" if file is None else f"image file {file}"
+        raise row_error(path, row, field, f"cannot decode {what} ({_decode_failure(exc, data)})") from None
+
+
+def _decode_failure(exc: Exception, data) -> str:
+    """Pillow's reason, but for bytes it cannot identify their first bytes instead of the buffer it names
+    (``<_io.BytesIO object at 0x...>``): an HTML error page saved as ``.jpg`` shows as ``b'<html>...'``."""
+    if isinstance(exc, UnidentifiedImageError):
+        return "not an image format Pillow reads" + (f"; it begins {data[:16]!r}" if isinstance(data, bytes) else "")
+    return f"{type(exc).__name__}: {exc}"
 
 
 def encoded_image(data: bytes | str | Path | Image.Image, path, row, field="image") -> EncodedImage | Image.Image:
@@ -50,12 +72,47 @@ def encoded_image(data: bytes | str | Path | Image.Image, path, row, field="imag
     a ``DataError`` naming the row."""
     if isinstance(data, Image.Image):
         return decode_image(data, path, row, field)
+    file = None if isinstance(data, bytes) else Path(data)
     try:
-        raw = data if isinstance(data, bytes) else Path(data).read_bytes()
-    except OSError as exc:
+        raw = data if file is None else file.read_bytes()
+    except (OSError, ValueError) as exc:  # ValueError: a name with a NUL character
         raise row_error(path, row, field, f"cannot read image ({exc})") from None
-    decode_image(raw, path, row, field)
+    decode_image(raw, path, row, field, file)
     return EncodedImage(raw)
+
+
+def base64_image(text: str) -> bytes | None:
+    """The bytes of base64 image text (with or without a ``data:image/...;base64,`` prefix), else ``None``."""
+    payload = text.split(",", 1)[1] if text.startswith("data:image") else text
+    if len(payload) < 64:  # too short to be an image; a missing file name, more likely
+        return None
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+
+
+def text_image(text: str, files: Sequence[Path], path, row, field) -> EncodedImage:
+    """An image cell's text that is not a URL: the first of ``files`` (where the name may be) that exists,
+    else base64 image data; a ``DataError`` naming the row otherwise."""
+    files = files if len(text) < 1024 else []  # longer: base64, not a name
+    found = next((f for f in files if _is_file(f)), None)
+    if found is not None:
+        return encoded_image(found, path, row, field)
+    data = base64_image(text)
+    if data is not None:
+        return encoded_image(data, path, row, field)
+    where = f"file {files[0]} does not exist" if files else "neither a file name nor base64 image data"
+    raise row_error(path, row, field, where)
+
+
+def _is_file(file: Path) -> bool:
+    """``Path.is_file``, but false for a name the system refuses as too long (base64 text of a small
+    image, a few hundred characters: ``is_file`` raises on it)."""
+    try:
+        return file.is_file()
+    except OSError:
+        return False
 
 
 def candidate_list(value, path, row) -> tuple[str, ...]:
@@ -83,6 +140,22 @@ def _text(value, path, row, field) -> str:
     if not isinstance(value, str) or not value.strip():
         raise row_error(path, row, field, f"missing or empty ({value!r:.40})")
     return value
+
+
+def _answers(value, candidates, path, row, field) -> tuple[str, tuple[str, ...]]:
+    """(ground truth, candidate answers) of a row, whose ground truth ``ColumnMapping`` would read alike: a
+    number (upstream JSON holds years as ints) is its ``str``, as ``candidate_list`` has it; a list is the
+    ground truth, then more candidates, before ``candidates`` (repeats dropped). A string is kept as written."""
+    if value is None or isinstance(value, str):
+        return _text(value, path, row, field), candidate_list(candidates, path, row)
+    items = list(value) if isinstance(value, list | tuple) else [value]
+    if not all(_is_candidate(v) for v in items):
+        raise row_error(path, row, field, f"expected a string, a number or a list of them, got {value!r:.60}")
+    answers = [str(v) for v in items if str(v).strip()]
+    if not answers:
+        raise row_error(path, row, field, f"missing or empty ({value!r:.40})")
+    more = candidate_list(candidates, path, row)
+    return answers[0], tuple(a for a in dict.fromkeys([*answers[1:], *more]) if a != answers[0])
 
 
 def _parquet_question(prompt, path, row) -> str:
@@ -115,6 +188,35 @@ def _parquet_image(images, path, row) -> EncodedImage | Image.Image:
     return _dict_image(first, path, row, "images")
 
 
+def default_id_stem(path: str | Path) -> str:
+    """What the ids of a data file's rows without one start with (``-{row}`` follows): the name of the file's
+    folder and its stem, ``fvqa/train``. The folder keeps ``fvqa/train.jsonl`` and ``infoseek/train.jsonl``
+    of one run apart (SFT looks teacher turns up by id; rollout seeds and tool caches are keyed by it); that
+    of the absolute path, so that how the path is written (``train.jsonl`` inside ``fvqa/``) changes nothing."""
+    path = Path(path)
+    folder = Path(os.path.abspath(path)).parent.name
+    return f"{folder}/{path.stem}" if folder else path.stem
+
+
+def _jsonl_image(value, path: Path, at) -> EncodedImage | Image.Image | None:
+    """The flat schema's ``image``: none, a ``datasets`` Image cell, decoded or raw bytes, a file name relative
+    to the data file or base64 text, as ``ColumnMapping`` reads a cell. A URL is refused (nothing here
+    downloads; ``image_url`` is the field for one), as is any other type: a list of several (LLaVA), an id."""
+    if value is None:
+        return None
+    if isinstance(value, dict):  # a datasets Image feature, undecoded
+        return _dict_image(value, path, at, "image")
+    if isinstance(value, Image.Image | bytes):  # decoded, or raw bytes
+        return encoded_image(value, path, at) if value else None
+    if not isinstance(value, str):
+        raise row_error(path, at, "image", f"expected a file name, base64 text or image bytes, got "
+                        f"{type(value).__name__} ({value!r:.60})")  # fmt: skip
+    if value.strip().startswith(URL_PREFIXES):
+        raise row_error(path, at, "image", f"is a URL ({value:.80}); download the image and name its file "
+                        "(a URL for web image search goes in 'image_url')")  # fmt: skip
+    return text_image(value, [path.parent / value], path, at, "image")
+
+
 def _sample_id(values, default: str) -> str:
     """The first id of ``values`` that is set: ``None`` (a null in a struct column such as verl's
     ``extra_info``) and ``""`` are unset, ``0`` is an id. Ids key caches, so unset ones must not become
@@ -132,18 +234,23 @@ def _extra_info(extra, path, row) -> dict:
     return extra
 
 
-def parquet_sample(r: dict, path: Path, i: int) -> Sample:
+def parquet_sample(r: dict, path: Path, i: int, id_stem: str | None = None) -> Sample:
+    """A verl-schema row; ``i`` is its row index. A row without an id gets ``{id_stem}-{i}`` (default: the
+    file's stem; ``load_samples`` gives ``default_id_stem``)."""
     question = _parquet_question(r.get("prompt"), path, i)
     reward = r.get("reward_model")
     if not isinstance(reward, dict):
         raise row_error(path, i, "reward_model", f"expected a dict with 'ground_truth', got {reward!r:.60}")
     extra = _extra_info(r.get("extra_info"), path, i)
+    image = _parquet_image(r.get("images"), path, i)
+    truth, candidates = _answers(reward.get("ground_truth"), reward.get("candidate_answers"), path, i,
+                                 "reward_model.ground_truth")  # fmt: skip
     return Sample(
-        id=_sample_id((r.get("data_id"), extra.get("index")), f"{path.stem}-{i}"),
+        id=_sample_id((r.get("data_id"), extra.get("index")), f"{id_stem or path.stem}-{i}"),
         question=question,
-        image=_parquet_image(r.get("images"), path, i),
-        ground_truth=_text(reward.get("ground_truth"), path, i, "reward_model.ground_truth"),
-        candidate_answers=candidate_list(reward.get("candidate_answers"), path, i),
+        image=image,
+        ground_truth=truth,
+        candidate_answers=candidates,
         data_source=r.get("data_source") or "mmsearch_r1",
         image_url=r.get("image_urls") or None,
         category=r.get("category"),
@@ -151,29 +258,21 @@ def parquet_sample(r: dict, path: Path, i: int) -> Sample:
     )
 
 
-def jsonl_sample(r: dict, path: Path, i: int, line: int | None = None) -> Sample:
-    """A flat-schema row; ``i`` is its row index (the default id's suffix), ``line`` its 1-based line in a
-    jsonl file, which errors then name instead."""
+def jsonl_sample(r: dict, path: Path, i: int, line: int | None = None, id_stem: str | None = None) -> Sample:
+    """A flat-schema row; ``i`` is its row index (the default id is ``{id_stem}-{i}``, ``id_stem`` as for
+    ``parquet_sample``), ``line`` its 1-based line in a jsonl file, which errors then name instead."""
     at = i if line is None else f"line {line}"
     if not isinstance(r, dict):  # a jsonl line such as [1, 2]: a bad row, skippable like any other
         raise row_error(path, at, "<row>", f"expected an object, got {type(r).__name__}")
-    image_rel = r.get("image")
-    image = None
-    if isinstance(image_rel, dict):  # a datasets Image feature, undecoded
-        image = _dict_image(image_rel, path, at, "image")
-    elif isinstance(image_rel, Image.Image | bytes):  # decoded, or raw bytes
-        image = encoded_image(image_rel, path, at) if image_rel else None
-    elif image_rel is not None:
-        file = path.parent / image_rel
-        if not file.is_file():
-            raise row_error(path, at, "image", f"file {file} does not exist")
-        image = encoded_image(file, path, at)
+    image = _jsonl_image(r.get("image"), path, at)
+    question = _text(r.get("question"), path, at, "question")
+    truth, candidates = _answers(r.get("ground_truth"), r.get("candidate_answers"), path, at, "ground_truth")
     return Sample(
-        id=_sample_id((r.get("data_id"), r.get("id")), f"{path.stem}-{i}"),
-        question=_text(r.get("question"), path, at, "question"),
+        id=_sample_id((r.get("data_id"), r.get("id")), f"{id_stem or path.stem}-{i}"),
+        question=question,
         image=image,
-        ground_truth=_text(r.get("ground_truth"), path, at, "ground_truth"),
-        candidate_answers=candidate_list(r.get("candidate_answers"), path, at),
+        ground_truth=truth,
+        candidate_answers=candidates,
         data_source=r.get("data_source") or "mmsearch_r1",
         image_url=r.get("image_url") or None,
         category=r.get("category"),

@@ -31,6 +31,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from mmsr.data.jsonl import jsonl_lines
 from mmsr.data.sample import Sample
 from mmsr.eval.work import parse_line, same_run
 from mmsr.rollout.loop import RolloutLoop
@@ -78,7 +79,7 @@ def read_work(path: Path, run: Mapping[str, object] | None = None) -> dict[str, 
     if not path.is_file():
         return {}
     done = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in jsonl_lines(path.read_text(encoding="utf-8")):
         if (row := parse_line(line)) is None:  # a line cut by a crash: that question is redone
             continue
         if "run" in row:

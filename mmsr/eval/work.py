@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
+from mmsr.data.jsonl import jsonl_lines
 from mmsr.eval.report import EvalRecord
 
 WORK_FILE = "episodes.partial.jsonl"
@@ -39,7 +40,7 @@ class EvalWork:
 
     def _read(self) -> None:
         text = self.path.read_text(encoding="utf-8")
-        lines = text.splitlines()
+        lines = jsonl_lines(text)
         header = parse_line(lines[0]) if lines else None
         if header is None or "run" not in header:  # the header itself was cut: nothing in the file counts
             self.path.unlink()

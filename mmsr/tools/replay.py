@@ -29,7 +29,9 @@ from typing import Any, Literal
 
 from PIL import Image
 
+from mmsr.data.jsonl import jsonl_lines
 from mmsr.data.loaders import load_samples
+from mmsr.data.rows import default_id_stem
 from mmsr.tools.base import ToolRequest, ToolResult, failure
 from mmsr.tools.cache import CacheKey, ReplayMiss, ToolCache, image_key, request_key
 from mmsr.tools.crop import Crop, crop
@@ -86,7 +88,7 @@ def recorded_results(path: str | Path, thumbnail_size: int = 64,
     path = Path(path)
     images = images if images is not None else {s.id: s.image for s in load_samples(path)}
     out: dict[tuple[str, str], ToolResult] = {}
-    lines = [(n, line) for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1) if line.strip()]
+    lines = [(n, line) for n, line in enumerate(jsonl_lines(path.read_text(encoding="utf-8")), start=1) if line.strip()]
     for index, (line_no, line) in enumerate(lines):
         try:
             row = json.loads(line)
@@ -99,9 +101,9 @@ def recorded_results(path: str | Path, thumbnail_size: int = 64,
 
 def _row_id(row: dict[str, Any], index: int, path: Path) -> str:
     """The row's id as ``load_samples`` gives it (``mmsr.data.rows``): ``data_id``, else ``id``, as a string
-    (``None`` and ``""`` unset), else the file's stem and the row's index among the non-blank lines."""
+    (``None`` and ``""`` unset), else ``default_id_stem`` and the row's index among the non-blank lines."""
     set_ids = (v for v in (row.get("data_id"), row.get("id")) if v is not None and v != "")
-    return str(next(set_ids, f"{path.stem}-{index}"))
+    return str(next(set_ids, f"{default_id_stem(path)}-{index}"))
 
 
 def _record_row(row: dict[str, Any], image: Image.Image | None, thumbnail_size: int, where: str,

@@ -1,6 +1,8 @@
 """Hugging Face ``datasets`` input and the extra validation of the MMSearch-R1 parquet schema."""
 
+import io
 import json
+from dataclasses import replace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -23,7 +25,10 @@ def _same(a, b):
 
 def test_parquet_schema_dataset_equals_the_file(tmp_path):
     ds = datasets.Dataset.from_parquet(str(MINI), cache_dir=str(tmp_path))
-    _same(samples_from_dataset(ds, name="mini_data"), load_samples(MINI))
+    from_dataset, from_file = samples_from_dataset(ds, name="mini_data"), load_samples(MINI)
+    # its rows have no id: a dataset's default ids start with its name, a file's with its folder and stem
+    assert [f"mmsearch_r1_mini/{s.id}" for s in from_dataset] == [s.id for s in from_file]
+    _same([replace(s, id=f.id, image=s.stored_image) for s, f in zip(from_dataset, from_file)], from_file)
 
 
 def test_decoded_pil_images_and_save_to_disk(tmp_path, fvqa_samples):
@@ -71,3 +76,47 @@ def test_malformed_parquet_columns(tmp_path, column, value, words):
     pq.write_table(pa.Table.from_pylist(rows[2:3]), path)  # one row: the bad value sets the column type
     with pytest.raises(DataError, match=rf"row 0, {words}"):
         load_samples(path)
+
+
+def _png() -> bytes:
+    """A 3x2 PNG whose six pixels all differ (a decode that mixed them up would show)."""
+    from PIL import Image
+
+    image = Image.new("RGB", (3, 2))
+    image.putdata([(250, 0, 0), (0, 250, 0), (0, 0, 250), (9, 99, 199), (200, 100, 50), (1, 2, 3)])
+    out = io.BytesIO()
+    image.save(out, "PNG")
+    return out.getvalue()
+
+
+def test_a_saved_image_dataset_keeps_its_question_images_encoded(tmp_path):
+    """``datasets`` decodes an ``Image`` column (and a list of them, verl's ``images``) to PIL images, which the
+    samples kept decoded: 200 1024x768 JPEGs took +605 MB of RAM against 62 MB encoded. They keep the stored
+    bytes, which decode to the same pixels; rows come in the dataset's order (a ``select``ed one's too)."""
+    from PIL import Image
+
+    from mmsr.data.sample import EncodedImage
+
+    png, cell = _png(), {"bytes": _png(), "path": None}
+    flat = datasets.Dataset.from_dict(
+        {"question": ["q0?", "q1?"], "ground_truth": ["a", "b"], "image": [cell, cell]},
+        features=datasets.Features({"question": datasets.Value("string"), "ground_truth": datasets.Value("string"),
+                                    "image": datasets.Image()}),
+    )  # fmt: skip
+    message = datasets.Features({"role": datasets.Value("string"), "content": datasets.Value("string")})
+    verl = datasets.Dataset.from_dict(
+        {"prompt": [[{"role": "user", "content": "q?"}]], "images": [[cell]], "reward_model": [{"ground_truth": "a"}],
+         "data_source": ["fvqa"]},
+        features=datasets.Features({"prompt": datasets.List(message), "images": datasets.List(datasets.Image()),
+                                    "reward_model": {"ground_truth": datasets.Value("string")},
+                                    "data_source": datasets.Value("string")}),
+    )  # fmt: skip
+    assert type(flat[0]["image"]).__module__.startswith("PIL") and type(verl[0]["images"][0]).__module__.startswith("PIL")
+    flat.save_to_disk(str(tmp_path / "flat"))
+    verl.save_to_disk(str(tmp_path / "verl"))
+    samples = load_samples(tmp_path / "flat") + load_samples(tmp_path / "verl")
+    pixels = Image.open(io.BytesIO(png)).convert("RGB").tobytes()
+    for s in samples:
+        assert isinstance(s.stored_image, EncodedImage) and s.stored_image.data == png
+        assert s.image.tobytes() == pixels
+    assert [s.question for s in samples_from_dataset(flat.select([1, 0]))] == ["q1?", "q0?"]

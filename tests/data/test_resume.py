@@ -25,7 +25,8 @@ def test_sampler_state_continues_the_same_permutation():
 
 def test_sampler_shards_by_rank_and_refuses_other_data():
     shards = [list(ResumableSampler(10, seed=1, num_replicas=3, rank=r)) for r in range(3)]
-    assert all(len(s) == 3 for s in shards) and len(set(sum(shards, []))) == 9
+    perm = ResumableSampler(10, seed=1).order(0)  # padded to 12 with its first two: 4 a rank, every row
+    assert all(len(s) == 4 for s in shards) and sorted(sum(shards, [])) == sorted(perm + perm[:2])
     with pytest.raises(ValueError, match="size 10 and seed 1, this run has 11 and 1"):
         ResumableSampler(11, seed=1).load_state_dict(ResumableSampler(10, seed=1).state_dict())
     assert list(ResumableSampler(4, shuffle=False)) == [0, 1, 2, 3]
@@ -146,8 +147,9 @@ def test_lightning_resumes_mid_epoch(tmp_path, drop_last):
 
 
 def test_every_step_of_the_paper_recipe_has_its_512_prompts():
-    """FVQA-train's 4,856 rows on the 4x8 recipe's 32 ranks x 16: each rank's share is 151 = 9 x 16 + 7, so
-    without ``drop_last`` every 10th step trained 7 prompts a rank (224 of 512). Whole steps only, as verl."""
+    """FVQA-train's 4,856 rows on the 4x8 recipe's 32 ranks x 16: 151.75 rows a rank, 9 whole steps, so without
+    ``drop_last`` every 10th step trains 8 prompts a rank (256 of 512; the shares are padded to 152, 8 rows
+    twice, so every rank takes 10 steps). Whole steps only, as verl."""
     from types import SimpleNamespace
 
     from mmsr.data.datamodule import MMSRDataModule
@@ -159,7 +161,7 @@ def test_every_step_of_the_paper_recipe_has_its_512_prompts():
         return len(loader), [len(b) for _ in range(3) for b in loader]
 
     assert sizes(0) == sizes(31) == (9, [16] * 27)
-    assert sizes(0, drop_last=False) == (10, ([16] * 9 + [7]) * 3)
+    assert sizes(0, drop_last=False) == sizes(31, drop_last=False) == (10, ([16] * 9 + [8]) * 3)
     dm = MMSRDataModule(["f.jsonl"], prompts_per_step=16)
     dm.train, dm.trainer = list(range(500)), SimpleNamespace(world_size=32, global_rank=0)  # 15 rows a rank
     with pytest.raises(ValueError, match=r"f.jsonl'\]: 500 row\(s\) for 32 rank\(s\) x 16 .* data.drop_last: false"):
@@ -197,3 +199,79 @@ def test_fewer_training_rows_than_ranks_are_refused_naming_the_files(drop_last):
         dm.train_dataloader()
     dm.trainer = SimpleNamespace(world_size=3, global_rank=2)  # one row each
     assert [len(b) for b in dm.train_dataloader()] == [1]
+
+
+def _loaders(size: int, world: int, batch: int, drop_last: bool, shuffle: bool = True, state: dict | None = None):
+    """Every rank's train loader of ``MMSRDataModule`` over rows ``0..size-1`` (seed 5), loaded from ``state``."""
+    from types import SimpleNamespace
+
+    from mmsr.data.datamodule import MMSRDataModule
+
+    loaders = []
+    for rank in range(world):
+        dm = MMSRDataModule(["rows.jsonl"], prompts_per_step=batch, shuffle=shuffle, seed=5, drop_last=drop_last)
+        dm.train, dm.trainer = list(range(size)), SimpleNamespace(world_size=world, global_rank=rank)
+        loaders.append(dm.train_dataloader())
+        if state is not None:
+            loaders[-1].load_state_dict(state)
+    return loaders
+
+
+def test_without_drop_last_every_rank_trains_as_many_steps_and_every_row_each_epoch():
+    """10 rows on 4 ranks: the cut tail (10 % 4) left rows 8 and 9 out of every unshuffled epoch. Padded with
+    the epoch's first rows, as torch's ``DistributedSampler``: 3 rows a rank, rows 0 and 1 twice. A checkpoint
+    after one step resumes exactly; resumed on 3 ranks, the rest (rows 8 and 9) is split over them, padded
+    with row 0."""
+    fresh = _loaders(10, 4, 2, drop_last=False, shuffle=False)
+    epochs = [[b for loader in fresh for b in loader] for _ in range(2)]
+    assert epochs[0] == epochs[1] == [[0, 4], [8], [1, 5], [9], [2, 6], [0], [3, 7], [1]]
+    shuffled = _loaders(11, 4, 1, drop_last=False)
+    perm = ResumableSampler(11, seed=5).order(0)
+    assert [len(loader) for loader in shuffled] == [3] * 4
+    assert sorted(i for loader in shuffled for b in loader for i in b) == sorted(perm + perm[:1])
+    ranks = _loaders(10, 4, 2, drop_last=False, shuffle=False)
+    head = [next(iter(loader)) for loader in ranks]
+    state = ranks[0].state_dict()
+    assert head + [b for loader in _loaders(10, 4, 2, False, False, state) for b in loader] == [
+        [0, 4], [1, 5], [2, 6], [3, 7], [8], [9], [0], [1]]  # fmt: skip
+    assert [b for loader in _loaders(10, 3, 2, False, False, state) for b in loader] == [[8], [9], [0]]
+
+
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_one_process_keeps_its_data_order(drop_last):
+    """One rank pads nothing: epoch ``e`` is ``randperm(size)`` seeded ``seed + e`` (cut to whole batches with
+    ``drop_last``), as before the padding (the demo's data order)."""
+    (loader,) = _loaders(23, 1, 4, drop_last=drop_last)
+    for epoch in range(3):
+        perm = torch.randperm(23, generator=torch.Generator().manual_seed(5 + epoch)).tolist()
+        expected = perm[:20] if drop_last else perm
+        assert [b for b in loader] == [expected[i : i + 4] for i in range(0, len(expected), 4)]
+
+
+def test_another_batch_size_on_resume_keeps_the_place_and_whole_steps():
+    """Saved at 4 prompts a step after one step, resumed at 6 (24 rows): the shares are equal (24), so only the
+    recorded batch size tells the position (4) is not one of whole 6-steps: the rest went [6, 6, 6, 2]. It is
+    the permutation's next 18 prompts in 3 steps (the last 2 are left out, as an epoch's tail), warned; the
+    next epoch is whole. At 3: the same 18 in 6 steps, where it went [3] * 6 + [2]."""
+    perm = ResumableSampler(24, seed=5).order(0)
+    (old,) = _loaders(24, 1, 4, drop_last=True)
+    assert next(iter(old)) == perm[:4]
+    for batch, rest in ((6, perm[4:22]), (3, perm[4:22])):
+        with pytest.warns(UserWarning, match=rf"steps are 4 prompts x 1 rank\(s\), this run's {batch} x 1"):
+            (new,) = _loaders(24, 1, batch, drop_last=True, state=old.state_dict())
+        steps = [b for b in new]
+        assert steps == [rest[i : i + batch] for i in range(0, len(rest), batch)]
+        assert [len(b) for b in new] == [batch] * (24 // batch)
+
+
+def test_another_shuffle_on_resume_finishes_the_epoch_in_the_checkpoints_order():
+    """A shuffled run saved after a step, resumed unshuffled: the rest of epoch 0 went on from index 4 of
+    ``0..19``, repeating and skipping prompts; it is the checkpoint's permutation's (warned), then in order."""
+    perm = ResumableSampler(20, seed=5).order(0)
+    (old,) = _loaders(20, 1, 4, drop_last=True)
+    next(iter(old))
+    with pytest.warns(UserWarning, match="data.shuffle is True, this run's False: the rest of epoch 0 goes on in"):
+        (new,) = _loaders(20, 1, 4, drop_last=True, shuffle=False, state=old.state_dict())
+    assert [i for b in new for i in b] == perm[4:]
+    assert [i for b in new for i in b] == list(range(20))
+    assert new.state_dict()["shuffle"] is False

@@ -40,10 +40,11 @@ def test_a_null_extra_info_index_falls_back_to_the_row_id(tmp_path):
     rows = [_verl_row([{"bytes": _png()}], extra) for extra in extras]
     rows.append(_verl_row([{"bytes": _png()}], {"index": 9, "split": "train"}, data_id="0"))
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "t.parquet")
-    assert [s.id for s in load_samples(tmp_path / "t.parquet")] == ["t-0", "t-1", "7", "0", "0"]
+    stem = f"{tmp_path.name}/t"  # a default id: the file's folder and stem, then the row
+    assert [s.id for s in load_samples(tmp_path / "t.parquet")] == [f"{stem}-0", f"{stem}-1", "7", "0", "0"]
     _jsonl(tmp_path / "t.jsonl", [{"id": 0, "question": "q", "ground_truth": "x"},
                                   {"data_id": None, "id": None, "question": "q", "ground_truth": "x"}])  # fmt: skip
-    assert [s.id for s in load_samples(tmp_path / "t.jsonl")] == ["0", "t-1"]
+    assert [s.id for s in load_samples(tmp_path / "t.jsonl")] == ["0", f"{stem}-1"]
 
 
 def test_a_relative_path_in_an_image_dict_resolves_against_the_data_file(tmp_path, monkeypatch):
@@ -78,7 +79,7 @@ def test_extra_info_that_is_not_an_object_is_a_row_error(tmp_path):
     with pytest.raises(DataError, match=r"t.parquet: row 1, field 'extra_info': expected an object, got str"):
         load_samples(path)
     with pytest.warns(UserWarning, match="skipped 1 invalid rows"):
-        assert [s.id for s in load_samples(path, skip_invalid=True)] == ["t-0"]
+        assert [s.id for s in load_samples(path, skip_invalid=True)] == [f"{tmp_path.name}/t-0"]
 
 
 def test_rows_that_are_not_objects_are_named_and_skippable(tmp_path):
@@ -122,7 +123,7 @@ def test_jsonl_errors_name_the_line_of_the_file(tmp_path):
     with pytest.raises(DataError, match=r"f.jsonl: line 4, field '<line>': invalid JSON"):
         load_samples(path)
     path.write_text(good + "\n\n" + good + "\n")
-    assert [s.id for s in load_samples(path)] == ["f-0", "f-1"]
+    assert [s.id for s in load_samples(path)] == [f"{tmp_path.name}/f-0", f"{tmp_path.name}/f-1"]
 
 
 def test_column_mapping_jsonl_errors_use_one_row_numbering(tmp_path):

@@ -138,3 +138,14 @@ def test_a_work_file_of_other_settings_is_refused_and_imageless_questions_before
     with pytest.raises(ValueError, match=f"1 questions have none \\(first: '{samples[1].id}'\\)"):
         curate(text_only, _loop(tiny_policy, engine), tmp_path / "d.parquet", k=1)
     assert engine.requests == []  # refused before any rollout
+
+
+def test_a_work_line_holding_a_unicode_line_separator_is_read(tmp_path):
+    """``str.splitlines`` cut a line at a raw U+2028 (as ``json.dumps(ensure_ascii=False)`` writes it in an id
+    or a setting): neither half is JSON, so the question was redone. This writer escapes it; others need not."""
+    from mmsr.eval.curate import read_work
+
+    work = tmp_path / "w.jsonl"
+    lines = ['{"run": {"k": 1, "tools": "a\u2028b"}}', '{"id": "q\u2029\u0085", "outcomes": [[true, false, true]]}']
+    work.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    assert read_work(work, {"k": 1, "tools": "a\u2028b"}) == {"q\u2029\u0085": [Outcome(True, False, True)]}

@@ -112,16 +112,31 @@ def _recording(path, rows: list[dict]) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("ids", ["numeric data_id", "id instead of data_id"])
+@pytest.mark.parametrize("ids", ["numeric data_id", "id instead of data_id", "no id"])
 def test_rows_are_identified_as_the_loader_identifies_them(tmp_path, ids):
-    # load_samples ids a row by data_id, else id, as a string: the replay looked up row["data_id"] as it was
+    # load_samples ids a row by data_id, else id, as a string: the replay looked up row["data_id"] as it was;
+    # a row without either is its folder, stem and index
     row = next(r for r in ROWS if _rounds(r)[0]["action"] == "image_search")
     if ids == "numeric data_id":
         changed, sample_id = dict(row, data_id=1000), "1000"
+    elif ids == "no id":
+        changed, sample_id = {k: v for k, v in row.items() if k != "data_id"}, f"{tmp_path.name}/rec-0"
     else:
         changed, sample_id = {("id" if k == "data_id" else k): v for k, v in row.items()}, row["data_id"]
     replay = ReplaySearch(_recording(tmp_path / "rec.jsonl", [changed]))
     by_id = asyncio.run(replay(ToolRequest("image_search", sample_id=sample_id)))
+    assert list(by_id.titles) == _rounds(row)[0]["tool"]["titles"]
+
+
+def test_a_recording_holding_a_unicode_line_separator_loads(tmp_path):
+    """``json.dumps(ensure_ascii=False)`` writes U+2028 raw inside strings; ``str.splitlines`` cut the line
+    there, and the recording was refused as malformed."""
+    row = next(r for r in ROWS if _rounds(r)[0]["action"] == "image_search")
+    path = tmp_path / "rec.jsonl"
+    path.write_text(json.dumps(dict(row, question=row["question"] + "\u2028(one word)", image=str(FVQA / row["image"])),
+                               ensure_ascii=False) + "\n", encoding="utf-8")  # fmt: skip
+    assert "\u2028" in path.read_text(encoding="utf-8")
+    by_id = asyncio.run(ReplaySearch(str(path))(ToolRequest("image_search", sample_id=row["data_id"])))
     assert list(by_id.titles) == _rounds(row)[0]["tool"]["titles"]
 
 
