@@ -35,7 +35,9 @@ def group_advantages(
 
     Returns:
         [N] advantages in the floating dtype of ``rewards`` (float32 for integer rewards).
-        A trajectory alone in its group has nothing to be compared with and gets 0.
+        A trajectory alone in its group has nothing to be compared with and gets 0, and so does every
+        trajectory of a group whose rewards are all equal: in float32 the mean of eight 0.91s is an ulp
+        off 0.91, and GRPO's ``dev / (std + eps)`` turned that rounding into +0.056 for every episode.
     """
     _check_inputs(rewards, group_ids, estimator)
     r = rewards if rewards.is_floating_point() else rewards.float()
@@ -53,7 +55,14 @@ def group_advantages(
         # Two-pass variance (deviations first) stays accurate when rewards share a large offset.
         var = _group_sum(dev * dev, inverse, n.numel()) / (n - 1).clamp(min=1)
         adv = dev / (var.sqrt()[inverse] + eps)
-    return torch.where(singleton, torch.zeros_like(adv), adv)
+    return torch.where(singleton | _uniform(r, inverse, n.numel())[inverse], torch.zeros_like(adv), adv)
+
+
+def _uniform(values: Tensor, inverse: Tensor, num_groups: int) -> Tensor:
+    """[G] whether every value of a group is the same (its min equals its max; exact, unlike the std)."""
+    lo = values.new_full((num_groups,), float("inf")).scatter_reduce(0, inverse, values, "amin")
+    hi = values.new_full((num_groups,), float("-inf")).scatter_reduce(0, inverse, values, "amax")
+    return lo == hi
 
 
 def _group_sum(values: Tensor, inverse: Tensor, num_groups: int) -> Tensor:

@@ -61,6 +61,16 @@ def test_all_equal_rewards_give_zero_not_nan(estimator):
     assert torch.equal(adv, torch.zeros(6))
 
 
+@pytest.mark.parametrize("estimator", ["grpo", "drgrpo", "rloo"])
+@pytest.mark.parametrize("reward, n", [(0.91, 8), (0.9, 8), (0.1, 8), (0.81, 16)])
+def test_a_group_of_equal_rewards_gets_zero_whatever_float32_rounds(estimator, reward, n):
+    # The mean of eight float32 0.91s is an ulp off 0.91; GRPO's dev / (std + eps) made it +0.056 for every
+    # episode (0.9: -0.056, 0.1: -0.0074), a push whose sign came from rounding, not from the rewards.
+    rewards = torch.full((n,), reward)
+    adv = group_advantages(torch.cat([rewards, torch.tensor([1.0, 0.0])]), torch.tensor([0] * n + [1, 1]), estimator)
+    assert torch.equal(adv[:n], torch.zeros(n)) and adv[n] > 0 > adv[n + 1]
+
+
 def test_grpo_large_offset_is_accurate_in_float32():
     # 1e4 + [0, 1]: deviations +-0.5, std sqrt(0.5) = 0.70711 -> +-0.70711
     adv = group_advantages(torch.tensor([1e4, 1e4 + 1]), torch.tensor([0, 0]))
