@@ -86,6 +86,9 @@ class GRPOModule(L.LightningModule):
         advantage_estimator: ``grpo``, ``drgrpo`` or ``rloo``.
         kl_coef, kl_kind: KL-loss weight and estimator (0 drops the reference model).
         clip_low, clip_high: PPO clip range (clip-higher when ``clip_high > clip_low``).
+        clip_ratio_c: veRL's dual-clip (``None``: off; else > 1): a token with negative advantage A
+            contributes at most -A * clip_ratio_c, and no gradient past it, however far its ratio grew
+            (``train/dual_clip_frac`` is the share capped). The MMSearch-R1 recipes set veRL's 3.0.
         loss_agg: how token losses are averaged.
         entropy_coef: entropy bonus weight.
         ppo_epochs, mini_batches: passes over a step's rollouts and optimizer updates per pass.
@@ -138,7 +141,7 @@ class GRPOModule(L.LightningModule):
         temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
         advantage_estimator: Literal["grpo", "drgrpo", "rloo"] = "grpo",
         kl_coef: float = 0.001, kl_kind: Literal["k1", "k2", "k3", "low_var_kl"] = "low_var_kl",
-        clip_low: float = 0.2, clip_high: float = 0.2,
+        clip_low: float = 0.2, clip_high: float = 0.2, clip_ratio_c: float | None = None,
         loss_agg: AggMode = "token-mean",
         entropy_coef: float = 0.0,
         ppo_epochs: int = 1, mini_batches: int = 1,

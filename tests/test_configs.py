@@ -48,3 +48,10 @@ def test_mmsearch_r1_recipes_bound_the_context_as_upstream(path):
     init = lightning_cli(["-c", str(path)], run=False, parse_only=True).config["model"]["init_args"]
     assert init["engine"]["init_args"]["max_model_len"] == init["rollout"]["max_context_tokens"] == 4096 + 2048
     assert init["rollout"]["max_tokens_per_turn"] == 2048
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "mmsearch_r1").glob("*.yaml")), ids=lambda p: p.stem)
+def test_mmsearch_r1_recipes_dual_clip_as_upstream(path):
+    """The veRL MMSearch-R1 pins caps a token with advantage A < 0 at -A * clip_ratio_c (3.0, its default)."""
+    init = lightning_cli(["-c", str(path)], run=False, parse_only=True).config["model"]["init_args"]
+    assert (init["clip_low"], init["clip_high"], init["clip_ratio_c"]) == (0.2, 0.2, 3.0)

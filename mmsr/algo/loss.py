@@ -75,8 +75,10 @@ def policy_loss(
     clip_high: float = 0.2,
     agg: AggMode = "token-mean",
     max_len: int | None = None,
+    clip_ratio_c: float | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """PPO clipped surrogate: per token max(-A*r, -A*clip(r, 1 - clip_low, 1 + clip_high)).
+    """PPO clipped surrogate: per token max(-A*r, -A*clip(r, 1 - clip_low, 1 + clip_high)), and with
+    ``clip_ratio_c`` where A < 0 at most -A*c (veRL's dual-clip).
 
     Args:
         logprobs: [N, T] log-probs of the sampled tokens under the current policy (with grad).
@@ -87,6 +89,9 @@ def policy_loss(
             clip_high is DAPO's "clip-higher".
         agg: aggregation mode, see :func:`aggregate`.
         max_len: normaliser for ``agg="seq-mean-token-sum-norm"``.
+        clip_ratio_c: dual-clip bound c > 1 (veRL's ``clip_ratio_c``; ``None``: off). With A < 0 the
+            unclipped branch -A*r grows without bound as r does, so one token whose ratio exploded
+            would dominate the loss and gradient; capped at -A*c, such a token gets no gradient.
 
     ``old_logprobs`` and ``advantages`` are detached: gradients must only flow through the
     current policy, and the on-policy idiom ``old_logprobs = logprobs`` (ratio 1 but the
@@ -98,33 +103,59 @@ def policy_loss(
         "clip_frac": fraction of tokens where the clipped branch is the strictly larger one
         (these tokens get no gradient); "approx_kl": mean k3 estimate
         r - 1 - log r of KL(old || current), >= 0; "ratio_mean", "ratio_max" of r
-        (0 when no token is valid).
+        (0 when no token is valid); with ``clip_ratio_c``, "dual_clip_frac": fraction of tokens
+        capped at -A*c (veRL's ``pg_clipfrac_lower``; no gradient either).
     """
     _check_same_shape(logprobs=logprobs, old_logprobs=old_logprobs, mask=mask)
     if clip_low < 0 or clip_high < 0:
         raise ValueError(f"clip_low and clip_high must be >= 0; got {clip_low}, {clip_high}")
+    if clip_ratio_c is not None and not clip_ratio_c > 1:  # `not >`: a NaN is refused too
+        raise ValueError(f"clip_ratio_c must be > 1 (or None: no dual-clip); got {clip_ratio_c}")
     adv = _broadcast_advantages(advantages.detach(), logprobs.shape)
     log_ratio = (logprobs - old_logprobs.detach()).clamp(-_LOG_RATIO_BOUND, _LOG_RATIO_BOUND)
     ratio = torch.exp(log_ratio)
     unclipped = -adv * ratio
     clipped = -adv * ratio.clamp(1 - clip_low, 1 + clip_high)
-    loss = aggregate(torch.maximum(unclipped, clipped), mask, agg, max_len)
-    return loss, _policy_metrics(ratio, log_ratio, clipped > unclipped, mask)
+    per_token = torch.maximum(unclipped, clipped)
+    capped = None
+    if clip_ratio_c is not None:
+        per_token, capped = _dual_clip(per_token, adv, clip_ratio_c)
+    loss = aggregate(per_token, mask, agg, max_len)
+    return loss, _policy_metrics(ratio, log_ratio, clipped > unclipped, mask, capped)
+
+
+def _dual_clip(per_token: Tensor, adv: Tensor, c: float) -> tuple[Tensor, Tensor]:
+    """veRL's dual-clip of [N, T] clipped token losses, ``adv`` [N, 1] or [N, T]: where A < 0, min(loss, -A*c).
+
+    Only where A < 0: there the loss -A*r grows with r and -A*c caps it; where A > 0, -A*c is negative and
+    (for c > 1 + clip_high) below every clipped loss, so a plain min would overwrite them all.
+
+    Returns:
+        ([N, T] losses, [N, T] bool: the tokens whose loss was capped).
+    """
+    bound = -adv * c
+    capped = (adv < 0) & (per_token > bound)
+    return torch.where(adv < 0, torch.minimum(per_token, bound), per_token), capped
 
 
 @torch.no_grad()
-def _policy_metrics(ratio: Tensor, log_ratio: Tensor, is_clipped: Tensor, mask: Tensor) -> dict[str, Tensor]:
-    """Diagnostics from [N, T] ratio, log-ratio, clip indicator and mask."""
+def _policy_metrics(
+    ratio: Tensor, log_ratio: Tensor, is_clipped: Tensor, mask: Tensor, dual_clipped: Tensor | None = None
+) -> dict[str, Tensor]:
+    """Diagnostics from [N, T] ratio, log-ratio, clip indicator, mask and dual-clip indicator (``None``: off)."""
     m = mask.to(ratio.dtype)
     valid = m.sum().clamp(min=1)
     # r > 0 everywhere, so zeroing invalid tokens cannot change the max of the valid ones.
     ratio_max = (ratio * m).max() if ratio.numel() else ratio.new_zeros(())
-    return {
+    metrics = {
         "clip_frac": (is_clipped.to(m.dtype) * m).sum() / valid,
         "approx_kl": ((ratio - 1 - log_ratio) * m).sum() / valid,
         "ratio_mean": (ratio * m).sum() / valid,
         "ratio_max": ratio_max,
     }
+    if dual_clipped is not None:
+        metrics["dual_clip_frac"] = (dual_clipped.to(m.dtype) * m).sum() / valid
+    return metrics
 
 
 def _broadcast_advantages(advantages: Tensor, shape: torch.Size) -> Tensor:

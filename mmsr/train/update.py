@@ -47,6 +47,7 @@ class UpdateSettings:
     kl_kind: Literal["k1", "k2", "k3", "low_var_kl"] = "low_var_kl"
     clip_low: float = 0.2
     clip_high: float = 0.2
+    clip_ratio_c: float | None = None
     loss_agg: AggMode = "token-mean"
     entropy_coef: float = 0.0
     grad_clip: float = 1.0
@@ -71,6 +72,7 @@ class UpdateSettings:
             ("kl_coef", s.kl_coef, s.kl_coef >= 0, ">= 0 (0 drops the KL term)"),
             ("clip_low", s.clip_low, s.clip_low >= 0, ">= 0"),
             ("clip_high", s.clip_high, s.clip_high >= 0, ">= 0"),
+            ("clip_ratio_c", s.clip_ratio_c, s.clip_ratio_c is None or s.clip_ratio_c > 1, "> 1 (None: off)"),
             ("entropy_coef", s.entropy_coef, s.entropy_coef == s.entropy_coef, "a number (< 0 minimizes entropy)"),
             ("is_cap", s.is_cap, s.is_cap > 0, "> 0")])  # fmt: skip
         if self.old_logprobs == "engine" and self.is_correction != "none":
@@ -242,7 +244,7 @@ class PolicyUpdate:
         old_lp = batch.engine_logprobs if s.old_logprobs == "engine" else trainer_lp
         if s.is_correction != "none":  # the rollout came from the engine's distribution, not old_lp's
             adv = corrected_advantages(adv, is_weights(old_lp, batch.engine_logprobs, mask, s.is_cap, s.is_correction))
-        loss, m = policy_loss(logp, old_lp, adv, mask, s.clip_low, s.clip_high, s.loss_agg, max_len)
+        loss, m = policy_loss(logp, old_lp, adv, mask, s.clip_low, s.clip_high, s.loss_agg, max_len, s.clip_ratio_c)
         out = {f"train/{k}": v for k, v in m.items()}
         if not s.truncated:  # else the engine's log-probs are of another distribution (``UpdateSettings.truncated``)
             out |= logprob_mismatch(trainer_lp, batch.engine_logprobs, mask, s.is_cap).metrics("train/mismatch_")

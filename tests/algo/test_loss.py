@@ -172,3 +172,60 @@ def test_policy_loss_errors():
         policy_loss(z, z, torch.zeros(2), z, clip_low=-0.1)
     with pytest.raises(ValueError, match="unknown aggregation mode"):
         policy_loss(z, z, torch.zeros(2), z, agg="sum")
+
+
+def _dual_clipped_token(adv, ratio, clip_ratio_c):
+    logp = torch.tensor([[math.log(ratio)]], requires_grad=True)
+    loss, metrics = policy_loss(logp, torch.zeros(1, 1), torch.tensor([adv]), torch.ones(1, 1), clip_ratio_c=clip_ratio_c)
+    loss.backward()
+    return loss.item(), metrics["dual_clip_frac"].item(), logp.grad.item()
+
+
+# veRL's dual-clip (clip_ratio_c=3), per token: with A < 0, min(max(-A*r, -A*clip(r, 0.8, 1.2)), -A*3)
+@pytest.mark.parametrize(
+    "adv, ratio, loss, capped, grad",
+    [
+        (-1.0, 5.0, 3.0, 1.0, 0.0),  # max(5, 1.2) = 5 > 3: capped at 3, no gradient (unclipped: 5, grad 5)
+        (1.0, 5.0, -1.2, 0.0, 0.0),  # A > 0: the ordinary clip alone, max(-5, -1.2) = -1.2
+        (-1.0, 2.0, 2.0, 0.0, 2.0),  # max(2, 1.2) = 2 < 3: as without the dual-clip, grad -A*r = 2
+        (-2.0, 0.5, 1.6, 0.0, 0.0),  # max(1, 1.6) = 1.6 (clipped low) < 6: unchanged
+    ],
+)
+def test_policy_loss_dual_clip_hand_worked(adv, ratio, loss, capped, grad):
+    assert _dual_clipped_token(adv, ratio, 3.0) == pytest.approx((loss, capped, grad), abs=1e-6)
+
+
+def test_policy_loss_dual_clip_batch_and_metrics_hand_worked():
+    # A = [-1, -1, +1, -2], r = [5, 2, 5, 4]; c = 3
+    # per token: min(5, 3) = 3 (capped), 2, max(-5, -1.2) = -1.2, min(8, 6) = 6 (capped) -> token-mean 9.8 / 4
+    # dual_clip_frac 2/4; clip_frac counts the ordinary clip only (token 2): 1/4
+    # d/dlogp: 0, -A*r / 4 = 0.5, 0, 0; the masked 5th token (A=-1, r=e^3 > 3) is neither counted nor capped
+    logp = torch.tensor([[5.0, 2.0, 5.0, 4.0, math.e**3]]).T.log().requires_grad_()
+    adv = torch.tensor([-1.0, -1.0, 1.0, -2.0, -1.0])
+    mask = torch.tensor([[1], [1], [1], [1], [0]])
+    loss, metrics = policy_loss(logp, torch.zeros(5, 1), adv, mask, clip_ratio_c=3.0)
+    loss.backward()
+    torch.testing.assert_close(loss, torch.tensor(9.8 / 4))
+    torch.testing.assert_close(logp.grad, torch.tensor([[0.0, 0.5, 0.0, 0.0, 0.0]]).T)
+    assert (metrics["dual_clip_frac"].item(), metrics["clip_frac"].item()) == (0.5, 0.25)
+    assert not metrics["dual_clip_frac"].requires_grad
+
+
+def test_policy_loss_without_dual_clip_is_unchanged():
+    # None (the default) is the loss it always was, bit for bit, and logs no dual_clip_frac
+    gen = torch.Generator().manual_seed(0)
+    logp, old = torch.randn(3, 5, generator=gen), torch.randn(3, 5, generator=gen)
+    adv, mask = torch.tensor([-1.0, 0.5, -0.3]), torch.rand(3, 5, generator=gen) > 0.3
+    ratio = (logp - old).exp()
+    expected = aggregate(torch.maximum(-adv[:, None] * ratio, -adv[:, None] * ratio.clamp(0.8, 1.2)), mask)
+    loss, metrics = policy_loss(logp, old, adv, mask, clip_ratio_c=None)
+    assert torch.equal(loss, expected) and "dual_clip_frac" not in metrics
+    # rows 0 and 2 (A < 0) have valid tokens with r > 3 (4.13, 4.31; 4.36, 3.07): there the dual-clip bites
+    assert policy_loss(logp, old, adv, mask, clip_ratio_c=3.0)[1]["dual_clip_frac"] > 0
+
+
+@pytest.mark.parametrize("c", [1.0, 0.5, -3.0, math.nan])
+def test_policy_loss_refuses_a_dual_clip_of_at_most_one(c):
+    z = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match=r"clip_ratio_c must be > 1 \(or None: no dual-clip\); got"):
+        policy_loss(z, z, torch.zeros(2), z, clip_ratio_c=c)

@@ -101,3 +101,21 @@ def test_maxima_are_the_largest_over_micro_batches_and_updates(rollout):
     cut, _ = update(rollout, EPISODES, old_logprobs="engine", micro_batch_tokens=1, mini_batches=2)
     for k in ("train/ratio_max", "train/mismatch_max_abs_diff"):
         assert cut[k] == pytest.approx(whole[k], rel=1e-5), k
+
+
+def test_the_dual_clip_reaches_the_loss(rollout):
+    """``clip_ratio_c`` goes from the settings to ``policy_loss``. Against engine log-probs 10 nats below the
+    policy's, every sampled token's ratio is far above 3 (e^10 times ~0.005, the scripted engine's gap): the
+    episodes with A > 0 are clipped at 1.2, those with A < 0 capped at -3A by the dual-clip, so no token has a
+    gradient; without it the A < 0 tokens pull with -A*r (veRL's ``clip_ratio_c`` default is 3)."""
+    policy, trajs = rollout
+    lowered = [replace(t, logprobs=[lp - 10.0 if m else lp for lp, m in zip(t.logprobs, t.loss_mask)]) for t in trajs]
+    n0, n1, n2 = (lowered[i].num_sampled_tokens for i in EPISODES[:3])  # advantages 1.0, -0.5, 0.3
+    capped, opt = update((policy, lowered), EPISODES, old_logprobs="engine", clip_ratio_c=3.0)
+    assert capped["train/ratio_mean"] > 3 and capped["train/dual_clip_frac"] == pytest.approx(n1 / (n0 + n1 + n2))
+    expected = (0.5 * 3 * n1 - 1.2 * (1.0 * n0 + 0.3 * n2)) / (n0 + n1 + n2)
+    assert capped["train/policy_loss"] == pytest.approx(expected, rel=1e-5)
+    assert capped["train/grad_norm"] == 0 and (opt.steps[0] == 0).all()
+    plain, opt = update((policy, lowered), EPISODES, old_logprobs="engine")
+    assert "train/dual_clip_frac" not in plain and plain["train/policy_loss"] > expected
+    assert plain["train/grad_norm"] > 0 and opt.steps[0].abs().sum() > 0

@@ -12,7 +12,8 @@ from mmsr.train.update import UpdateSettings
 @pytest.mark.parametrize(("field", "value"), [
     ("ppo_epochs", 0), ("mini_batches", 0), ("micro_batch_tokens", 0), ("max_context_tokens", 0),
     ("grad_clip", -1.0), ("grad_clip", 0.0), ("grad_clip", math.nan), ("kl_coef", -0.001), ("clip_low", -0.2),
-    ("clip_high", -0.2), ("entropy_coef", math.nan), ("is_cap", 0.0)])  # fmt: skip
+    ("clip_high", -0.2), ("clip_ratio_c", 1.0), ("clip_ratio_c", 0.5), ("clip_ratio_c", math.nan),
+    ("entropy_coef", math.nan), ("is_cap", 0.0)])  # fmt: skip
 def test_a_setting_out_of_range_is_refused_naming_it(field, value):
     with pytest.raises(ValueError, match=rf"UpdateSettings: {field}={value!r} \(must be"):
         UpdateSettings(**{field: value})
@@ -51,3 +52,14 @@ def test_the_module_hands_its_sampling_truncation_to_the_update():
 
     with pytest.raises(ValueError, match="is_correction='truncate' needs top_p=1 and top_k=0"):
         make_module(is_correction="truncate", top_p=0.9)
+
+
+def test_the_dual_clip_is_off_by_default_and_reaches_the_update():
+    """veRL's ``clip_ratio_c`` (the MMSearch-R1 recipes set its 3.0): off unless set, so nothing else changes; a
+    module's value is its update's, and one of at most 1 (a cap below the unclipped ratio 1) is refused by name."""
+    from tests.test_module import make_module
+
+    assert UpdateSettings().clip_ratio_c is None and UpdateSettings(clip_ratio_c=3.0).clip_ratio_c == 3.0
+    assert make_module(clip_ratio_c=3.0).policy_update.settings.clip_ratio_c == 3.0
+    with pytest.raises(ValueError, match=r"clip_ratio_c=1.0 \(must be > 1 \(None: off\)\)"):
+        make_module(clip_ratio_c=1.0)
