@@ -15,10 +15,11 @@ those of ``mmsr.data.rows`` (file, row, field), with the dataset's name standing
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 from collections.abc import Iterator
 from pathlib import Path
 
-from mmsr.data.rows import collect, jsonl_sample, parquet_sample
+from mmsr.data.rows import collect, default_id_stem, jsonl_sample, parquet_sample
 from mmsr.data.sample import Sample
 
 
@@ -30,13 +31,15 @@ def _require_datasets():
     return datasets
 
 
-def samples_from_dataset(dataset, name: str | None = None, skip_invalid: bool = False) -> list[Sample]:
+def samples_from_dataset(dataset, name: str | None = None, skip_invalid: bool = False,
+                         id_stem: str | None = None) -> list[Sample]:  # fmt: skip
     """Validate every row of a ``datasets.Dataset`` (one split) into ``Sample`` records.
 
     Args:
         dataset: a ``datasets.Dataset``; a ``DatasetDict`` must be indexed by split first.
         name: how errors name the dataset (default: its ``info.dataset_name`` or ``"dataset"``).
         skip_invalid: drop bad rows (one warning with the count) instead of raising.
+        id_stem: what the ids of rows without one start with (default: the stem of ``name``).
     """
     datasets = _require_datasets()
     if isinstance(dataset, datasets.DatasetDict):
@@ -54,6 +57,7 @@ def samples_from_dataset(dataset, name: str | None = None, skip_invalid: bool = 
             "(prompt, images, reward_model, data_source) or question / ground_truth / image"
         )
     label = Path(name or getattr(dataset.info, "dataset_name", None) or "dataset")
+    make = partial(make, id_stem=id_stem) if id_stem else make
     return collect(_undecoded_rows(dataset), make, label, skip_invalid)
 
 
@@ -89,4 +93,5 @@ def load_dataset_dir(path: Path, skip_invalid: bool = False) -> list[Sample]:
         raise FileNotFoundError(f"{path} is a directory but not a saved Hugging Face dataset ({exc})") from None
     if isinstance(dataset, datasets.DatasetDict):
         raise ValueError(f"{path} holds splits {sorted(dataset)}; pass the split's directory, e.g. {path / 'train'}")
-    return samples_from_dataset(dataset, str(path), skip_invalid)
+    # its folder's name too, as a data file's rows (``default_id_stem``): two splits saved as ``train`` apart
+    return samples_from_dataset(dataset, str(path), skip_invalid, default_id_stem(path))

@@ -120,3 +120,12 @@ def test_a_saved_image_dataset_keeps_its_question_images_encoded(tmp_path):
         assert isinstance(s.stored_image, EncodedImage) and s.stored_image.data == png
         assert s.image.tobytes() == pixels
     assert [s.question for s in samples_from_dataset(flat.select([1, 0]))] == ["q1?", "q0?"]
+
+
+def test_saved_datasets_without_ids_carry_their_folder_in_their_ids(tmp_path):
+    # Two splits saved as ``train`` in two folders both gave ``train-0``, as two data files did.
+    ds = datasets.Dataset.from_list(pq.read_table(MINI).to_pylist()[:2])
+    for folder in ("fvqa", "infoseek"):
+        ds.save_to_disk(str(tmp_path / folder / "train"))
+    ids = [s.id for folder in ("fvqa", "infoseek") for s in load_samples(tmp_path / folder / "train")]
+    assert ids == ["fvqa/train-0", "fvqa/train-1", "infoseek/train-0", "infoseek/train-1"]
