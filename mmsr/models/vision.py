@@ -59,10 +59,33 @@ def pixel_bounds(*image_processors) -> dict[str, int]:
     """``{"min_pixels", "max_pixels"}`` spanning every given Qwen2-VL image processor (question and
     tool images), for vLLM's processor kwargs; empty for text-only policies (``None`` processors).
 
-    One prompt takes one set of kwargs for all its images. Every image reaches vLLM already resized to
-    its training grid (``grid_image``: sides multiples of the merged patch), which vLLM's resize keeps
-    as it is whenever its pixel count lies within the bounds: so the union of the bounds is safe.
+    One prompt takes one set of kwargs for all its images: its own are these widened to its images'
+    grids (``covering_bounds``).
     """
     pairs = [_bounds(p) for p in image_processors if p is not None]
     lows, highs = [lo for lo, _ in pairs if lo], [hi for _, hi in pairs if hi]
     return {k: int(v) for k, v in (("min_pixels", min(lows, default=None)), ("max_pixels", max(highs, default=None))) if v}
+
+
+def covering_bounds(bounds: dict[str, int], vision: Sequence[VisionInput], patch_size: int) -> dict[str, int]:
+    """``bounds`` (``pixel_bounds``) widened so each image of one prompt lies within them at its training grid.
+
+    Every image reaches vLLM already resized to its training grid (``grid_image``: sides multiples of the
+    merged patch), which vLLM's resize keeps as it is only when its pixel count lies within the bounds. The
+    trainer's grid can lie outside its own processor's bounds (``smart_resize`` rounds each side up to a whole
+    merged patch: a 1000x10 banner under 56*56 .. 112*112 trains as 28x560, 15,680 pixels and 20 tokens),
+    and vLLM then resized it again to another grid (17 tokens) and the prompt no longer matched the training ids.
+    Images within the bounds leave them as they are: vLLM hashes an image with its prompt's processor kwargs
+    (encoder and prefix caches), so an ordinary image keeps its cache entries from turn to turn.
+
+    Args:
+        bounds: ``{"min_pixels", "max_pixels"}``, either may be missing (then the images' own).
+        vision: the prompt's images; none: ``bounds`` as given.
+        patch_size: the vision tower's patch side in pixels.
+    """
+    if not vision:
+        return bounds
+    pixels = [h * w * patch_size**2 for _, h, w in (v.grid_thw for v in vision)]
+    lows = pixels + [bounds["min_pixels"]] if "min_pixels" in bounds else pixels
+    highs = pixels + [bounds["max_pixels"]] if "max_pixels" in bounds else pixels
+    return {"min_pixels": min(lows), "max_pixels": max(highs)}

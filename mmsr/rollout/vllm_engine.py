@@ -4,7 +4,8 @@
 contexts with their images and gets sampled ids with their log-probs back. What it adds:
 
 - inputs: each context's expanded image pads are collapsed to one pad per image (vLLM expands them
-  again) after a per-image check (``vllm_inputs``), images resized to the trainer's patch grid;
+  again) after a per-image check (``vllm_inputs``), images resized to the trainer's patch grid, under
+  pixel bounds that hold each of them (``prompt_bounds``), so vLLM's own resize keeps that grid;
 - sampling: temperature / top-p / top-k, a per-request token budget, stop strings at the action
   tags (kept in the output), the policy's end-of-turn tokens, banned tokens (image specials) biased
   to -100, and the log-prob of every sampled token as the sampler drew it (``processed_logprobs``:
@@ -54,7 +55,7 @@ import torch
 
 from mmsr.models.build import save_policy
 from mmsr.models.policy import Policy
-from mmsr.models.vision import VisionInput
+from mmsr.models.vision import VisionInput, covering_bounds
 from mmsr.rollout.engine import GenerationOutput, GenerationRequest, SamplingParams, turn_budget
 from mmsr.rollout.sampling import request_seed
 from mmsr.rollout.vllm_inputs import (
@@ -224,7 +225,13 @@ class VLLMEngine:
             checked = engine_input(request.input_ids, request.vision, self.image_ids, grids=self.grid_images)
         except ImageTokenMismatch as e:
             raise ImageTokenMismatch(f"request {request.key!r}: {e}") from None
-        return checked.prompt(self.mm_kwargs)
+        return checked.prompt(self.prompt_bounds(request.vision))
+
+    def prompt_bounds(self, vision: Sequence[VisionInput]) -> dict:
+        """The processor kwargs of one prompt: the policy's pixel bounds, widened to hold each of its
+        images at its training grid (of the patches ``grid_images`` resized it to) so that vLLM's resize keeps
+        that grid (``covering_bounds``)."""
+        return covering_bounds(self.mm_kwargs, vision, self.grid_images.patch_size)
 
     def generate(self, requests: Sequence[GenerationRequest], sampling: SamplingParams) -> list[GenerationOutput]:
         llm = self._require()
@@ -286,7 +293,8 @@ class VLLMEngine:
         from vllm import SamplingParams as VSamplingParams
 
         llm = self._require()
-        prompt = engine_input(input_ids, vision, self.image_ids, grids=self.grid_images).prompt(self.mm_kwargs)
+        checked = engine_input(input_ids, vision, self.image_ids, grids=self.grid_images)
+        prompt = checked.prompt(self.prompt_bounds(vision))
         params = VSamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
         (out,) = llm.generate([prompt], params, use_tqdm=False)
         return expanded_prompt_logprobs(out, input_ids)

@@ -5,10 +5,11 @@ from dataclasses import replace
 
 import pytest
 import torch
+from PIL import Image
 from transformers import Qwen2VLImageProcessorPil
 
 from mmsr.demo.tokenizer import Scaffold
-from mmsr.models.build import POLICY_RECORD, PretrainedPolicy, save_policy
+from mmsr.models.build import POLICY_RECORD, PretrainedPolicy, TinyQwen2_5_VL, save_policy
 from mmsr.models.tiny_text import TinyQwen2
 from mmsr.rollout.engine import SamplingParams
 from mmsr.rollout.hf_engine import HFEngine
@@ -179,3 +180,85 @@ def test_a_text_only_policy_saves_no_tool_image_record(tmp_path):
     policy = TinyQwen2(tokenizer_texts=[str(FVQA / "fvqa_dev.jsonl")], scaffold=Scaffold(), hidden_size=64, num_heads=2).build()
     save_policy(policy, tmp_path)
     assert not (tmp_path / POLICY_RECORD).exists()
+
+
+def test_a_processor_saved_by_transformers_5_keeps_the_checkpoints_image_settings(vl_policy, tmp_path):
+    """transformers 5's ``processor.save_pretrained`` writes the image processor under ``image_processor`` in
+    ``processor_config.json`` and no ``preprocessor_config.json``: a Qwen3-VL was refused (14-pixel patches from the
+    defaults), a Qwen2.5-VL took the default pixel bounds (3136 .. 12,845,056) silently."""
+    import json
+
+    from mmsr.rollout.vllm_inputs import pixel_bounds
+
+    save_policy(vl_policy, tmp_path)
+    cfg = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    (tmp_path / "processor_config.json").write_text(json.dumps({"image_processor": cfg, "processor_class": "AnyProcessor"}))
+    (tmp_path / "preprocessor_config.json").unlink()
+    loaded = PretrainedPolicy(str(tmp_path)).build()
+    assert loaded.image_processor.patch_size == vl_policy.image_processor.patch_size
+    assert pixel_bounds(loaded.image_processor) == pixel_bounds(vl_policy.image_processor)
+    image = Image.new("RGB", (640, 480), "gray")
+    assert loaded.process_image(image).grid_thw == vl_policy.process_image(image).grid_thw
+
+
+def test_a_chat_template_kept_in_chat_template_json_is_the_policys(tiny_qwen3_vl, tmp_path):
+    """Processors saved by transformers 4.43 to 4.5x hold the template in ``chat_template.json`` alone: Qwen3-VL
+    (no default system message) got Qwen2.5-VL's system message, silently. With no template anywhere, the default
+    ChatML is kept, with a warning."""
+    import json
+
+    from mmsr.models.tokenizer import QWEN3_VL_CHAT_TEMPLATE
+    from mmsr.prompt.render import ChatFormat
+
+    save_policy(tiny_qwen3_vl, tmp_path)
+    assert tiny_qwen3_vl.chat.system is None
+    (tmp_path / "chat_template.jinja").unlink()  # where transformers 5 (save_policy) writes it; the tokenizer reads it
+    (tmp_path / "chat_template.json").write_text(json.dumps({"chat_template": QWEN3_VL_CHAT_TEMPLATE}))
+    assert PretrainedPolicy(str(tmp_path)).build().chat == tiny_qwen3_vl.chat
+    (tmp_path / "chat_template.json").unlink()
+    with pytest.warns(UserWarning, match="no chat template"):
+        assert PretrainedPolicy(str(tmp_path)).build().chat == ChatFormat()
+
+
+def test_inverted_pixel_bounds_are_refused_before_the_weights_load(tiny_policy, tmp_path):
+    """A tool bound left ``None`` is the question images': min 262,144 over a tool max of 65,536 made a tool
+    processor that resized a 200x150 thumbnail to 352 tokens, silently; an ``auto`` bound (the saved one, 112*112
+    here) was resolved only after the weights had loaded. Each is refused when the builder is made, naming the fields."""
+    save_policy(tiny_policy, tmp_path)
+    path = str(tmp_path)
+    with pytest.raises(ValueError, match="tool_image_min_pixels resolves to 262144 > tool_image_max_pixels 65536"):
+        PretrainedPolicy(path, min_pixels=262144, max_pixels=903168, tool_image_min_pixels=None, tool_image_max_pixels=65536)
+    with pytest.raises(ValueError, match="tool_image_min_pixels resolves to 100000 > tool_image_max_pixels 12544"):
+        PretrainedPolicy(path, tool_image_min_pixels=100000)
+    with pytest.raises(ValueError, match=r"\bmin_pixels resolves to 20000 > max_pixels 12544"):
+        PretrainedPolicy(path, min_pixels=20000)  # over the checkpoint's max_pixels
+    with pytest.raises(ValueError, match="TinyQwen2_5_VL: tool_image_min_pixels resolves to 3136 > tool_image_max_pixels 1000"):
+        TinyQwen2_5_VL(tool_image_max_pixels=1000)
+    assert PretrainedPolicy("acme/not-downloaded").tools is None  # a hub id: resolved when it builds (mmsr plan stays offline)
+
+
+def test_default_tool_image_bounds_are_4_to_64_tokens_for_either_patch_size(vl_policy, tmp_path):
+    """The defaults were 56*56 .. 224*224 pixels whatever the patches: 4 to 64 tokens with Qwen2.5-VL's 14-pixel
+    patches, but at most 49 with Qwen3-VL's 16-pixel ones (README: 256x256 and 64 tokens for Qwen3-VL)."""
+    save_policy(vl_policy, tmp_path)
+    from mmsr.rollout.vllm_inputs import pixel_bounds
+
+    (tmp_path / POLICY_RECORD).unlink()  # as a hub checkpoint
+    side = {14: 56, 16: 64}[vl_policy.image_processor.patch_size]  # 2x2 merged patches
+    policy = PretrainedPolicy(str(tmp_path)).build()
+    assert pixel_bounds(policy.tool_image_processor) == {"min_pixels": side * side, "max_pixels": 16 * side * side}
+    tokens = [policy.process_image(Image.new("RGB", size), tool=True).num_tokens for size in [(1024, 1024), (20, 20)]]
+    assert tokens == [64, 4]
+
+
+@pytest.mark.parametrize(("dtype", "expected"), [("float32", "sdpa"), ("bfloat16", "flash_attention_2"),
+                                                 ("float16", "flash_attention_2")])  # fmt: skip
+def test_auto_attention_takes_flash_attention_only_in_half_precision(monkeypatch, dtype, expected):
+    """flash-attn kernels take fp16/bf16 only: fp32 weights without autocast (``mmsr eval --model-dir``) got
+    flash_attention_2 whenever CUDA and flash-attn were there."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "flash_attn" else find_spec(name, *a))
+    assert PretrainedPolicy("acme/model", dtype=dtype).attention() == expected

@@ -161,3 +161,26 @@ def test_a_submit_that_fails_part_way_leaves_nothing_in_flight():
         engine.submit([GenerationRequest((1, 2, 3), key="a"), GenerationRequest(tuple(range(20)), key="b")], SamplingParams())
     assert engine.in_flight == set() and engine.llm.llm_engine.queued == []
     assert engine.submit([GenerationRequest((1, 2), key="c")], SamplingParams()) == ["mmsr-2"]
+
+
+def test_a_prompts_bounds_cover_an_image_whose_training_grid_lies_outside_the_policys(tiny_policy):
+    """``smart_resize`` keeps each side at least one merged patch: a 1000x10 banner trains as 28x560 pixels
+    (a 2x40 grid), above the policy's max_pixels 112*112; re-processed within those bounds (what vLLM did) it
+    became 2x34, three image tokens short. Within the prompt's covering bounds the grid image stays as it is."""
+    from transformers import Qwen2VLImageProcessorPil
+
+    from mmsr.models.vision import covering_bounds
+    from mmsr.rollout.vllm_inputs import grid_image
+
+    v = tiny_policy.process_image(Image.new("RGB", (1000, 10), "gray"))
+    bounds = pixel_bounds(tiny_policy.image_processor)
+    assert v.grid_thw == (1, 2, 40) and bounds == {"min_pixels": 56 * 56, "max_pixels": 112 * 112}
+
+    def grid_in_vllm(kwargs):
+        processor = Qwen2VLImageProcessorPil(patch_size=14, merge_size=2, temporal_patch_size=2, **kwargs)
+        return tuple(processor(images=[grid_image(v, 14)], return_tensors="pt")["image_grid_thw"][0].tolist())
+
+    assert grid_in_vllm(bounds) == (1, 2, 34)  # the policy's bounds alone
+    covering = covering_bounds(bounds, [v], 14)
+    assert covering == {"min_pixels": 56 * 56, "max_pixels": 28 * 560} and grid_in_vllm(covering) == (1, 2, 40)
+    assert covering_bounds(bounds, [], 14) == bounds  # a text-only prompt

@@ -208,3 +208,19 @@ def test_sync_verified_by_the_probe_image_catches_a_skipped_vision_tower(policy,
     sync(policy, engine)  # a full sync repairs it
     assert sync.last_check.max_abs_diff < PARITY
     use(policy, engine, initial)
+
+
+def test_a_banner_whose_training_grid_exceeds_the_pixel_bounds_keeps_its_tokens_in_vllm(policy, engine, initial, prompts,
+                                                                                       fvqa_samples):  # fmt: skip
+    """``smart_resize`` rounds a 1000x10 banner up to 28x560 pixels (a 2x40 grid, 20 tokens), above max_pixels
+    112*112: vLLM, told the policy's bounds alone, resized the grid image again to 17 tokens and scoring raised
+    ImageTokenMismatch (vLLM's prompt 3 tokens short of the training ids). Each prompt's bounds now cover its images."""
+    from dataclasses import replace
+
+    use(policy, engine, initial)
+    banner = replace(fvqa_samples[0], image=Image.new("RGB", (1000, 10), "gray"))
+    (traj,) = scripted(policy, prompts, [banner], [ANS])
+    assert traj.vision[0].grid_thw == (1, 2, 40) and traj.vision[0].num_tokens == 20
+    assert 28 * 560 > engine.mm_kwargs["max_pixels"] == 112 * 112
+    scored = torch.tensor(engine.score(traj.input_ids, traj.vision))  # vLLM's prompt is the training ids
+    assert (scored - trainer_logprobs(policy, traj.input_ids, traj.vision)).abs().max() < PARITY
