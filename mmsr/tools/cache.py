@@ -39,6 +39,7 @@ from mmsr.tools.budget import with_budget_left
 from mmsr.tools.cache_store import BudgetKey, CacheKey, ToolCache, image_key, normalize_query, request_key  # noqa: F401
 
 CacheMode = Literal["off", "read_write", "replay_only"]
+_OPENING = threading.Lock()  # one ToolCache per CachedTool, however many threads ask first
 # CachedTool's own counters, each kept per tool kind it served (``tools/<kind>/cache_hits``): one wrapper may serve
 # image and text search, and each kind's counters are logged under that kind alone (``filed_under``)
 KIND_COUNTERS = frozenset({"cache_hits", "cache_misses", "cache_joined", "budget_refusals", "api_calls", "api_cost",
@@ -149,8 +150,10 @@ class CachedTool:
 
     @property
     def cache(self) -> ToolCache:
-        if self._cache is None:
-            self._cache = ToolCache(self.path)
+        # concurrent first calls run in threads: each opened its own connection (and raced SQLite to set up the file)
+        with _OPENING:
+            if self._cache is None:
+                self._cache = ToolCache(self.path)
         return self._cache
 
     async def __call__(self, request: ToolRequest) -> ToolResult:

@@ -125,12 +125,26 @@ class ToolCache:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.path, timeout=timeout_s, check_same_thread=False, isolation_level=None)
         self._lock = threading.Lock()
+        deadline = time.monotonic() + timeout_s
         with self._lock:
+            while not self._set_up(deadline):
+                time.sleep(0.05)
+
+    def _set_up(self, deadline: float) -> bool:
+        """The WAL journal and the tables; False if another connection held the file. SQLite answers "locked"
+        at once, without its busy timeout, when connections open a new file together (ranks, threads) and one
+        turns it to WAL, so the attempt is repeated until ``deadline``."""
+        try:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(SCHEMA)
             legacy = "SELECT 1 FROM sqlite_master WHERE type='table' AND name='budget'"
             self._legacy = self._db.execute(legacy).fetchone() is not None
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise sqlite3.OperationalError(f"tool cache {self.path}: {e}") from e
+            return False
+        return True
 
     def get(self, key: CacheKey) -> ToolResult | None:
         with self._lock:

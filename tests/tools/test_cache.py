@@ -16,6 +16,7 @@ from PIL import Image
 from mmsr.tools import IMAGE_MARKER, ToolRequest, ToolResult
 from mmsr.tools.base import failure
 from mmsr.tools.cache import BudgetKey, CachedTool, ReplayMiss, ToolCache, image_key, request_key
+import mmsr.tools.cache as cache_module
 from mmsr.tools.crop import CropSearch
 from mmsr.tools.web.fake import serve
 from mmsr.tools.web.http import Limits, ToolError
@@ -148,6 +149,37 @@ def test_budget_is_shared_safely_by_processes(tmp_path):
     for w in workers:
         w.join(timeout=60)
     assert sum(granted) == 25 and ToolCache(path).spent(SHARED) == (25, 0.0)
+
+
+def _open_fresh(path: str, start, queue) -> None:
+    start.wait(timeout=60)
+    try:
+        ToolCache(path).close()
+        queue.put("ok")
+    except Exception as e:  # the parent asserts on what each worker reports
+        queue.put(repr(e))
+
+
+def test_processes_opening_a_new_cache_file_together_all_open_it(tmp_path):
+    # SQLite refused the WAL switch at once ("database is locked") to all but one of several ranks opening a new
+    # file; 8 rounds of 4 processes failed about one round in ten before the setup was retried
+    ctx = multiprocessing.get_context("fork")
+    for round_ in range(8):
+        path, start, queue = str(tmp_path / f"c{round_}.sqlite"), ctx.Event(), ctx.Queue()
+        workers = [ctx.Process(target=_open_fresh, args=(path, start, queue)) for _ in range(4)]
+        for w in workers:
+            w.start()
+        start.set()
+        assert [queue.get(timeout=60) for _ in workers] == ["ok"] * 4
+        for w in workers:
+            w.join(timeout=60)
+
+
+def test_concurrent_first_calls_share_one_connection(tmp_path, monkeypatch):
+    opened = []
+    monkeypatch.setattr(cache_module, "ToolCache", lambda path: opened.append(path) or ToolCache(path))
+    tool = CachedTool(SlowPaid(), str(tmp_path / "c.sqlite"), mode="off")
+    assert all(r.ok for r in _together(tool, [text("q")] * 4)) and len(opened) == 1
 
 
 def test_cache_file_is_wal_and_shared_between_connections(tmp_path):
