@@ -21,9 +21,20 @@ from tests.conftest import FVQA
 
 
 class SlowTextSearch(LocalTextSearch):
-    """The real local text search, slowed down like a web API so the calls are seen in flight."""
+    """The real local text search, slowed down like a web API so the calls are seen in flight. A step's two
+    searchers overlap however slowly the machine generates: each call waits (5 s at most) for the other to start,
+    then both take 0.4 s (a fixed 0.4 s missed the overlap on a loaded machine)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.started = 0
 
     async def __call__(self, request):
+        self.started += 1
+        for _ in range(250):
+            if self.started % 2 == 0:
+                break
+            await asyncio.sleep(0.02)
         await asyncio.sleep(0.4)
         return await super().__call__(request)
 
