@@ -192,7 +192,7 @@ def test_deadline_run_cuts_a_step_and_keeps_time_for_later_stages():
         start = time.perf_counter()
         with pytest.raises(ToolError, match="the read did not finish") as info:
             await deadline.run(asyncio.sleep(10), "the read", keep_s=0.3)
-        assert info.value.kind == "deadline" and 0.15 < time.perf_counter() - start < 0.35
+        assert info.value.kind == "deadline" and 0.15 < time.perf_counter() - start < 0.45  # 0.2 s, a slow wake-up
         with pytest.raises(ToolError, match="no time left for the summary"):
             await deadline.run(asyncio.sleep(0), "the summary", keep_s=0.4)
         assert await Deadline().run(asyncio.sleep(0, "done"), "anything") == "done"  # no budget: no limit
