@@ -159,9 +159,6 @@ class GRPOModule(L.LightningModule):
         super().__init__()
         tool_map = configured(tools, image_search, text_search)
         check_budgets(tool_map, rollout.tool_timeout_s)  # fail fast
-        if old_logprobs == "engine" and (top_p < 1 or top_k > 0):
-            raise ValueError(f"old_logprobs='engine' needs top_p=1 and top_k=0 (got top_p={top_p}, top_k={top_k}): "
-                             "the engine's log-probs are of the truncated distribution, the trainer's are not")
         check_schedule(lr_schedule, warmup_steps)
         # A group of one gets advantage 0 whatever its reward (every estimator), and greedy rollouts make a group's
         # episodes identical: either way the policy never moves. Validation is greedy on its own (validation_step).
