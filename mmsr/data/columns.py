@@ -32,7 +32,7 @@ from PIL import Image
 
 from mmsr.data.jsonl import jsonl_lines
 from mmsr.data.paths import missing
-from mmsr.data.rows import URL_PREFIXES, DataError, collect, encoded_image, row_error, text_image
+from mmsr.data.rows import DataError, collect, default_id_stem, encoded_image, image_url, row_error, text_image
 from mmsr.data.sample import EncodedImage, Sample
 
 __all__ = ["ColumnMapping", "DataError", "EvalSet", "Fetched", "ImageFetcher", "answer_list", "read_rows"]
@@ -150,7 +150,9 @@ class ColumnMapping(EvalSet):
         answer: the reference answer's column; a list cell gives the ground truth first, then aliases.
         aliases: the column with other accepted answers, if any.
         image: the image's column; ``None`` for a text-only set.
-        id: the row id's column (default: ``<file stem>-<row>``).
+        id: the row id's column; rows without one are ``<folder>/<file stem>-<row>``, as ``load_samples`` and the
+            replay tool's recordings name them (``default_id_stem``; ``<stem>-<row>`` gave ``fvqa/test.parquet``
+            and ``infoseek/test.parquet`` one set of ids, which key caches, sampling streams and replays).
         category: the column used as the per-category slice of the report, if any.
         data_source: the records' ``data_source`` (default: the loader's class name, lower case).
         image_root: the folder relative image paths resolve against (default: the data file's folder).
@@ -173,6 +175,7 @@ class ColumnMapping(EvalSet):
         self.where = {k: {str(v).lower() for v in vs} for k, vs in (where or {}).items()}
         self.skip_no_image, self.skip_invalid, self.download = skip_no_image, skip_invalid, download
         self.label = f"{type(self).__name__} {self.path}"
+        self.id_stem = default_id_stem(self.path)
         self._fetched: dict[str, Fetched] = {}  # this load's downloads, by URL
 
     def load(self) -> list[Sample]:
@@ -202,7 +205,7 @@ class ColumnMapping(EvalSet):
         category = r.get(self.category) if self.category else None
         url = image_url(r.get(self.image)) if self.image else None
         return Sample(
-            id=str(r[self.id]) if self.id and r.get(self.id) not in (None, "") else f"{self.path.stem}-{i}",
+            id=str(r[self.id]) if self.id and r.get(self.id) not in (None, "") else f"{self.id_stem}-{i}",
             question=question.strip(),
             image=self.cell_image(r.get(self.image), i) if self.image else None,
             ground_truth=answers[0],
@@ -239,13 +242,6 @@ class ColumnMapping(EvalSet):
     def image_files(self, name: str) -> list[Path]:
         """Where an image cell's file may be, first the path as written (relative to ``image_root``)."""
         return [(self.image_root or self.path.parent) / name]
-
-
-def image_url(cell) -> str | None:
-    """The http(s) URL an image cell holds (read as ``cell_image`` reads it), else ``None``."""
-    if isinstance(cell, dict):
-        cell = cell.get("bytes") or cell.get("path")
-    return cell.strip() if isinstance(cell, str) and cell.strip().startswith(URL_PREFIXES) else None
 
 
 def _empty(cell) -> bool:

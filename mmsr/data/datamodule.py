@@ -54,25 +54,32 @@ def collate_samples(samples: list[Sample]) -> list[Sample]:
 
 
 class WholeBatchSampler(ResumableSampler):
-    """A ``ResumableSampler`` whose share of each epoch is cut to whole batches of ``batch_size``: the
-    permutation's tail past ``world x batch_size x (size // world // batch_size)`` is left out (verl's
-    ``drop_last``), nothing is padded.
+    """A ``ResumableSampler`` whose share of each epoch is whole batches of ``batch_size``, so every step has
+    ``batch_size`` prompts on every rank. With ``drop_last`` the permutation's tail past ``world x batch_size
+    x (size // world // batch_size)`` is left out (verl's ``drop_last``); without, the permutation is topped up
+    to whole steps with its own first indices (wrapping around), as the base pads it to equal shares: the
+    short last step it left made each of ``GRPOModule``'s ``mini_batches`` updates of that step from a few
+    episodes at the full learning rate, and fewer episodes than ``mini_batches`` (1 prompt x 2 generations in
+    4 updates) raised at the end of the first epoch, hours into a run.
 
     Not the ``DataLoader``'s ``drop_last``: Lightning ends an epoch after ``len(loader)`` batches without
     exhausting the iterator, so the cut tail would stay in the sampler, and the next ``iter()`` would hand
     out only those indices, all dropped: an empty Lightning epoch every other epoch.
 
     A checkpoint of another ``batch_size`` (``data.prompts_per_step``; its state records it) keeps its
-    place: the rest of its epoch, from the prompts all its ranks had taken, is cut to whole batches of this
-    one, as a fresh epoch's tail is (warned). Going on in its share, cut to its batches, left a short step.
+    place: the rest of its epoch, from the prompts all its ranks had taken, is cut or topped up to whole
+    batches of this one, as a fresh epoch's tail is (warned). Going on in its share, cut to its batches,
+    left a short step.
     """
 
-    def __init__(self, batch_size: int, size: int, shuffle: bool, seed: int, num_replicas: int, rank: int) -> None:
+    def __init__(self, batch_size: int, size: int, shuffle: bool, seed: int, num_replicas: int, rank: int,
+                 drop_last: bool = True) -> None:  # fmt: skip
         super().__init__(size, shuffle, seed, num_replicas, rank)
-        self.batch_size = batch_size
+        self.batch_size, self.drop_last = batch_size, drop_last
 
     def share(self, count: int) -> int:
-        return count // self.num_replicas // self.batch_size * self.batch_size
+        step = self.num_replicas * self.batch_size
+        return (count // step if self.drop_last else -(-count // step)) * self.batch_size
 
     def state_dict(self) -> dict[str, int]:
         return {**super().state_dict(), "batch_size": self.batch_size}
@@ -84,10 +91,12 @@ class WholeBatchSampler(ResumableSampler):
         replicas = int(state.get("num_replicas", self.num_replicas))
         stepped = saved * replicas != self.batch_size * self.num_replicas
         if saved != self.batch_size and stepped and midway and self.rank == 0:
+            tail = ("leaving out the rows past the last one" if self.drop_last
+                    else "the last one topped up with the epoch's first rows")  # fmt: skip
             warnings.warn(f"the checkpoint's steps are {saved} prompts x {replicas} rank(s), this run's "
                           f"{self.batch_size} x {self.num_replicas} (data.prompts_per_step): the rest of epoch "
-                          f"{self.epoch} goes on in whole steps of this run's, leaving out the rows past the last "
-                          f"one, as every epoch does (data.drop_last)")  # fmt: skip
+                          f"{self.epoch} goes on in whole steps of this run's, {tail}, as every epoch does "
+                          f"(data.drop_last)")  # fmt: skip
         return saved != self.batch_size or super()._share_changed(state, share, midway)
 
 
@@ -103,11 +112,13 @@ class MMSRDataModule(L.LightningDataModule):
         prompts_per_step: prompts per training step (each is rolled out ``num_generations`` times).
         drop_last: train on whole steps only, as upstream verl (``drop_last=True``): each epoch leaves out the
             rows past the last whole step of every rank (FVQA-train's 4,856 rows on 32 ranks x 16: 248 rows,
-            a different 248 each epoch when shuffled). ``False`` trains them in a short last step (8 prompts
-            a rank there), which also makes that step's mini-batches smaller: on several ranks the epoch's
-            first rows fill it up to an equal share (152 a rank there: 8 rows trained twice), as torch's
-            ``DistributedSampler`` does, since ranks taking different numbers of steps hang in a collective.
-            The held-out loader keeps every row either way.
+            a different 248 each epoch when shuffled). ``False`` trains every row: the epoch is topped up to
+            whole steps with its first rows (wrapping around), as torch's ``DistributedSampler`` pads to equal
+            shares (there: 10 steps, 264 rows trained twice). Every step keeps ``prompts_per_step`` prompts a
+            rank either way, so each of ``mini_batches`` updates has the episodes it is sized for (a short last
+            step with fewer episodes than ``mini_batches`` raised at the end of the first epoch), and every
+            rank takes as many steps (ranks taking different numbers hang in a collective). The held-out
+            loader keeps every row, once, either way.
         shuffle: reshuffle every epoch (seeded by ``seed`` and the epoch).
         seed: shuffling seed.
         skip_invalid: drop invalid rows with a warning instead of failing.
@@ -152,9 +163,8 @@ class MMSRDataModule(L.LightningDataModule):
         if len(self.train) < replicas:  # every rank's share was empty: the run trained nothing and exited 0
             raise ValueError(f"data.train_files {self.train_files}: {len(self.train)} training row(s) for {replicas} "
                              f"ranks; every rank trains its share and needs at least one: add rows")  # fmt: skip
-        if not self.drop_last:
-            return ResumableSampler(len(self.train), self.shuffle, self.seed, replicas, rank)
-        sampler = WholeBatchSampler(self.prompts_per_step, len(self.train), self.shuffle, self.seed, replicas, rank)
+        sampler = WholeBatchSampler(self.prompts_per_step, len(self.train), self.shuffle, self.seed, replicas, rank,
+                                    self.drop_last)  # fmt: skip
         if len(sampler) == 0:
             raise ValueError(f"data.train_files {self.train_files}: {len(self.train)} row(s) for {replicas} rank(s) x "
                              f"{self.prompts_per_step} prompts_per_step make no whole step: add rows, lower "

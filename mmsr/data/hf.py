@@ -39,7 +39,8 @@ def samples_from_dataset(dataset, name: str | None = None, skip_invalid: bool = 
         dataset: a ``datasets.Dataset``; a ``DatasetDict`` must be indexed by split first.
         name: how errors name the dataset (default: its ``info.dataset_name`` or ``"dataset"``).
         skip_invalid: drop bad rows (one warning with the count) instead of raising.
-        id_stem: what the ids of rows without one start with (default: the stem of ``name``).
+        id_stem: what the ids of rows without one start with (default: ``name_id_stem`` of ``name``; unnamed,
+            the ``datasets`` builder's name, e.g. ``parquet`` for every parquet dataset: name two such).
     """
     datasets = _require_datasets()
     if isinstance(dataset, datasets.DatasetDict):
@@ -57,8 +58,17 @@ def samples_from_dataset(dataset, name: str | None = None, skip_invalid: bool = 
             "(prompt, images, reward_model, data_source) or question / ground_truth / image"
         )
     label = Path(name or getattr(dataset.info, "dataset_name", None) or "dataset")
-    make = partial(make, id_stem=id_stem) if id_stem else make
+    make = partial(make, id_stem=id_stem or name_id_stem(label))
     return collect(_undecoded_rows(dataset), make, label, skip_invalid)
+
+
+def name_id_stem(name: str | Path) -> str:
+    """A dataset's default id stem: the stem of its ``name`` and, where the name is written with one, its folder
+    (``fvqa/test.parquet``: ``fvqa/test``; a Hub id ``lmms-lab/FVQA`` stays whole), as a data file's rows carry
+    their folder (``default_id_stem``): ``fvqa/train`` and ``infoseek/train`` both gave ``train-0``. Not read
+    against the working directory, as a file's is: a name need not be a path."""
+    path = Path(name)
+    return f"{path.parent.name}/{path.stem}" if path.parent.name else path.stem
 
 
 def _undecoded_rows(dataset, batch_rows: int = 256) -> Iterator[dict]:

@@ -166,11 +166,32 @@ def _parquet_question(prompt, path, row) -> str:
     return _text(users[-1] if users else None, path, row, "prompt")
 
 
+def image_url(cell) -> str | None:
+    """The http(s) URL an image cell holds, stripped, else ``None``: a string, or the ``path`` of a ``{"bytes",
+    "path"}`` cell without bytes (a ``datasets`` Image column cast from URLs keeps them there). The scheme is
+    matched ignoring case, as URL schemes are (the downloader reads ``HTTPS://`` as ``https``). One test for
+    both: the schemas here refuse what it accepts, ``ColumnMapping`` downloads it."""
+    if isinstance(cell, dict):
+        cell = cell.get("bytes") or cell.get("path")
+    text = cell.strip() if isinstance(cell, str) else ""
+    return text if text[:8].lower().startswith(URL_PREFIXES) else None
+
+
+def _refuse_url(cell, path, row, field) -> None:
+    """A ``DataError`` if the image cell ``field`` is a URL: nothing here downloads, and read as a file name
+    it was "no such file" ``folder/https:/host/...``. The schema's URL field is named for it."""
+    if url := image_url(cell):
+        where = {"images": "image_urls"}.get(field, "image_url")
+        raise row_error(path, row, field, f"is a URL ({url:.80}); download the image and name its file "
+                        f"(a URL for web image search goes in {where!r})")  # fmt: skip
+
+
 def _dict_image(cell: dict, path, row, field) -> EncodedImage:
     """A ``{"bytes", "path"}`` cell (a ``datasets`` Image column, undecoded): the bytes, else the file, a
     relative name read against the data file's folder as a plain path cell is (not the working directory,
-    which would make the result depend on where ``mmsr`` runs). Neither is a ``DataError``: a row that
-    names an image it does not have is broken, not a text-only question."""
+    which would make the result depend on where ``mmsr`` runs). Neither, or a URL, is a ``DataError``: a
+    row that names an image it does not have is broken, not a text-only question."""
+    _refuse_url(cell, path, row, field)
     if cell.get("bytes"):
         return encoded_image(cell["bytes"], path, row, field)
     if cell.get("path"):
@@ -211,9 +232,7 @@ def _jsonl_image(value, path: Path, at) -> EncodedImage | Image.Image | None:
     if not isinstance(value, str):
         raise row_error(path, at, "image", f"expected a file name, base64 text or image bytes, got "
                         f"{type(value).__name__} ({value!r:.60})")  # fmt: skip
-    if value.strip().startswith(URL_PREFIXES):
-        raise row_error(path, at, "image", f"is a URL ({value:.80}); download the image and name its file "
-                        "(a URL for web image search goes in 'image_url')")  # fmt: skip
+    _refuse_url(value, path, at, "image")
     return text_image(value, [path.parent / value], path, at, "image")
 
 

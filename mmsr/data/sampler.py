@@ -30,7 +30,7 @@ class ResumableSampler(Sampler[int]):
     ``num_replicas`` with its own first indices, as torch's ``DistributedSampler`` does without
     ``drop_last``, so an epoch trains every row and up to ``num_replicas - 1`` of them twice (the cut
     tail left some rows out of every epoch: unshuffled, always the same ones). One rank pads nothing.
-    Subclasses take a ``share`` of fewer indices instead (``WholeBatchSampler``: the tail is cut).
+    Subclasses take another ``share`` (``WholeBatchSampler``: whole steps, the tail cut or topped up).
 
     State: ``epoch``, ``position`` (indices of this rank's share handed out in that epoch), ``offset``
     (where in the permutation that share starts: 0 but in an epoch resumed on another shape),

@@ -130,9 +130,10 @@ def _fit(root, max_steps, ckpt=None, drop_last=True):
 @pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.parametrize("drop_last", [True, False])
 def test_lightning_resumes_mid_epoch(tmp_path, drop_last):
-    """20 prompts, 3 per step: an epoch is 6 whole steps (18 prompts), or 7 with a last step of 2 without
-    ``drop_last``. Stopped mid-epoch 1, at the end of epoch 1 and mid-epoch 2, the resumed run goes on as the
-    uninterrupted one; no epoch is empty (the DataLoader's ``drop_last`` made every other one so)."""
+    """20 prompts, 3 per step: an epoch is 6 whole steps (18 prompts), or 7 without ``drop_last``, the last
+    topped up with the epoch's first prompt (it was a step of 2). Stopped mid-epoch 1, at the end of epoch 1
+    and mid-epoch 2, the resumed run goes on as the uninterrupted one; no epoch is empty (the DataLoader's
+    ``drop_last`` made every other one so)."""
     steps, per_epoch = 14, 6 if drop_last else 7
     reference, epochs = _fit(tmp_path / "ref", steps, drop_last=drop_last)
     for stop in (4, per_epoch, per_epoch + 3):
@@ -140,16 +141,16 @@ def test_lightning_resumes_mid_epoch(tmp_path, drop_last):
         (ckpt,) = (tmp_path / f"a{stop}").glob(f"epoch=*-step={stop}.ckpt")
         tail, _ = _fit(tmp_path / f"b{stop}", steps, ckpt=str(ckpt), drop_last=drop_last)
         assert head + tail == reference
-    assert [len(b) for b in reference[:per_epoch]] == [3] * 6 + [2] * (not drop_last)
+    assert [len(b) for b in reference[:per_epoch]] == [3] * per_epoch
     assert epochs == [e for e in range(3) for _ in range(per_epoch)][:steps]
     first = sum(reference[:per_epoch], [])
     assert len(set(first)) == (18 if drop_last else 20) and first != sum(reference[per_epoch : 2 * per_epoch], [])
 
 
 def test_every_step_of_the_paper_recipe_has_its_512_prompts():
-    """FVQA-train's 4,856 rows on the 4x8 recipe's 32 ranks x 16: 151.75 rows a rank, 9 whole steps, so without
-    ``drop_last`` every 10th step trains 8 prompts a rank (256 of 512; the shares are padded to 152, 8 rows
-    twice, so every rank takes 10 steps). Whole steps only, as verl."""
+    """FVQA-train's 4,856 rows on the 4x8 recipe's 32 ranks x 16: 151.75 rows a rank, 9 whole steps (as verl),
+    or without ``drop_last`` 10, the epoch topped up to 5,120 with its first 264 rows: every 10th step trained
+    8 prompts a rank (256 of 512), each of its mini-batches half the others'."""
     from types import SimpleNamespace
 
     from mmsr.data.datamodule import MMSRDataModule
@@ -161,7 +162,7 @@ def test_every_step_of_the_paper_recipe_has_its_512_prompts():
         return len(loader), [len(b) for _ in range(3) for b in loader]
 
     assert sizes(0) == sizes(31) == (9, [16] * 27)
-    assert sizes(0, drop_last=False) == sizes(31, drop_last=False) == (10, ([16] * 9 + [8]) * 3)
+    assert sizes(0, drop_last=False) == sizes(31, drop_last=False) == (10, [16] * 30)
     dm = MMSRDataModule(["f.jsonl"], prompts_per_step=16)
     dm.train, dm.trainer = list(range(500)), SimpleNamespace(world_size=32, global_rank=0)  # 15 rows a rank
     with pytest.raises(ValueError, match=r"f.jsonl'\]: 500 row\(s\) for 32 rank\(s\) x 16 .* data.drop_last: false"):
@@ -218,13 +219,12 @@ def _loaders(size: int, world: int, batch: int, drop_last: bool, shuffle: bool =
 
 
 def test_without_drop_last_every_rank_trains_as_many_steps_and_every_row_each_epoch():
-    """10 rows on 4 ranks: the cut tail (10 % 4) left rows 8 and 9 out of every unshuffled epoch. Padded with
-    the epoch's first rows, as torch's ``DistributedSampler``: 3 rows a rank, rows 0 and 1 twice. A checkpoint
-    after one step resumes exactly; resumed on 3 ranks, the rest (rows 8 and 9) is split over them, padded
-    with row 0."""
+    """10 rows on 4 ranks x 2: the cut tail (10 % 4) left rows 8 and 9 out of every unshuffled epoch. Padded with
+    the epoch's first rows to whole steps: 2 steps a rank, rows 0-5 twice. A checkpoint after one step resumes
+    exactly; resumed on 3 ranks, the rest (rows 8 and 9) is split over them, padded with rows 0-3."""
     fresh = _loaders(10, 4, 2, drop_last=False, shuffle=False)
     epochs = [[b for loader in fresh for b in loader] for _ in range(2)]
-    assert epochs[0] == epochs[1] == [[0, 4], [8], [1, 5], [9], [2, 6], [0], [3, 7], [1]]
+    assert epochs[0] == epochs[1] == [[0, 4], [8, 2], [1, 5], [9, 3], [2, 6], [0, 4], [3, 7], [1, 5]]
     shuffled = _loaders(11, 4, 1, drop_last=False)
     perm = ResumableSampler(11, seed=5).order(0)
     assert [len(loader) for loader in shuffled] == [3] * 4
@@ -233,18 +233,18 @@ def test_without_drop_last_every_rank_trains_as_many_steps_and_every_row_each_ep
     head = [next(iter(loader)) for loader in ranks]
     state = ranks[0].state_dict()
     assert head + [b for loader in _loaders(10, 4, 2, False, False, state) for b in loader] == [
-        [0, 4], [1, 5], [2, 6], [3, 7], [8], [9], [0], [1]]  # fmt: skip
-    assert [b for loader in _loaders(10, 3, 2, False, False, state) for b in loader] == [[8], [9], [0]]
+        [0, 4], [1, 5], [2, 6], [3, 7], [8, 2], [9, 3], [0, 4], [1, 5]]  # fmt: skip
+    assert [b for loader in _loaders(10, 3, 2, False, False, state) for b in loader] == [[8, 1], [9, 2], [0, 3]]
 
 
 @pytest.mark.parametrize("drop_last", [True, False])
 def test_one_process_keeps_its_data_order(drop_last):
-    """One rank pads nothing: epoch ``e`` is ``randperm(size)`` seeded ``seed + e`` (cut to whole batches with
-    ``drop_last``), as before the padding (the demo's data order)."""
+    """On one rank epoch ``e`` is ``randperm(size)`` seeded ``seed + e``, as before the padding (the demo's data
+    order), cut to whole batches with ``drop_last``, else topped up to them with its first rows."""
     (loader,) = _loaders(23, 1, 4, drop_last=drop_last)
     for epoch in range(3):
         perm = torch.randperm(23, generator=torch.Generator().manual_seed(5 + epoch)).tolist()
-        expected = perm[:20] if drop_last else perm
+        expected = perm[:20] if drop_last else perm + perm[:1]
         assert [b for b in loader] == [expected[i : i + 4] for i in range(0, len(expected), 4)]
 
 
@@ -275,3 +275,25 @@ def test_another_shuffle_on_resume_finishes_the_epoch_in_the_checkpoints_order()
     assert [i for b in new for i in b] == perm[4:]
     assert [i for b in new for i in b] == list(range(20))
     assert new.state_dict()["shuffle"] is False
+
+
+def test_without_drop_last_every_step_is_whole_on_any_shape():
+    """``drop_last: false`` trained the rows past the last whole step in a short step: 5 rows at 4 a step made a
+    step of 1 prompt, whose 2 episodes (``num_generations=2``) ``mini_batches=4`` refused at the end of the first
+    epoch. The epoch is topped up to whole steps with its first rows instead, on one rank or several, and so is
+    the rest of an epoch resumed on another number of ranks or another ``prompts_per_step`` (warned)."""
+    (one,) = _loaders(5, 1, 4, drop_last=False)
+    perm = ResumableSampler(5, seed=5).order(0)
+    assert [b for b in one] == [perm[:4], perm[4:] + perm[:3]]
+    two = [list(loader) for loader in _loaders(11, 2, 4, drop_last=False)]  # 16: 2 steps a rank
+    assert [[len(b) for b in steps] for steps in two] == [[4, 4], [4, 4]]
+    perm = ResumableSampler(11, seed=5).order(0)
+    assert sorted(i for steps in two for b in steps for i in b) == sorted(perm + perm[:5])  # 5 rows twice
+    (saved,) = _loaders(11, 1, 4, drop_last=False)
+    next(iter(saved))  # 4 of 11 taken: 7 left
+    for world, batch in ((3, 4), (1, 3), (2, 2)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # another batch size: warned, as tested above
+            resumed = _loaders(11, world, batch, drop_last=False, state=saved.state_dict())
+        sizes = [len(b) for loader in resumed for b in loader]
+        assert sizes == [batch] * len(sizes) and len(sizes) == world * -(-7 // (world * batch))
