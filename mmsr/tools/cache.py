@@ -9,7 +9,9 @@ Modes: ``off`` (always call), ``read_write`` (hit -> cached result; miss -> call
 by a transient failure, ``ToolResult.partial``), ``replay_only`` (hit -> cached result; miss -> ``ReplayMiss``,
 never a call).
 In ``read_write`` mode a miss already being fetched on the same event loop is joined, not fetched again: the
-``num_generations`` episodes of a GRPO group search the same image at the same moment, and one call is paid.
+``num_generations`` episodes of a GRPO group search the same image at the same moment, and one call is paid. Besides
+the key, a joiner must have the same question, except for image search (its backends answer the image alone): a text
+search's page summaries are focused on the question, so another question's answer is not handed to it.
 A joiner reserves nothing, gets the shared result (a partial one too), free unless it is the first caller
 left to get it, and is counted ``cache_joined``, neither a hit nor a miss; its own timeout leaves the call to
 the others (the last to leave cancels it).
@@ -41,7 +43,8 @@ from mmsr.tools.cache_store import BudgetKey, CacheKey, ToolCache, image_key, no
 CacheMode = Literal["off", "read_write", "replay_only"]
 _OPENING = threading.Lock()  # one ToolCache per CachedTool, however many threads ask first
 # CachedTool's own counters, each kept per tool kind it served (``tools/<kind>/cache_hits``): one wrapper may serve
-# image and text search, and each kind's counters are logged under that kind alone (``filed_under``)
+# image and text search, and each kind's counters are logged under that kind alone (``filed_under``); its backend's,
+# which are not per kind, under the kind it served first
 KIND_COUNTERS = frozenset({"cache_hits", "cache_misses", "cache_joined", "budget_refusals", "api_calls", "api_cost",
                            "run_api_calls", "run_api_cost"})  # fmt: skip
 # Processes of one run share a budget only if they share a run_id; by default a process is its own run.
@@ -84,19 +87,22 @@ def filed_under(kind: str, metrics: Mapping[str, float], kinds: Collection[str])
     """A tool's ``metrics`` as logged for the tool kind it is registered under, ``kind`` (``kinds``: every kind
     registered beside it), each under ``tools/<kind>/``. A counter that already names that kind (a ``CachedTool``'s
     ``image_search/cache_hits``, a web search's ``image_search/thumbnail_bad_image``) keeps its name, not
-    ``tools/<kind>/<kind>/...``; a ``CachedTool`` counter of another registered kind (``KIND_COUNTERS``) is left to
-    that kind's entry, so a wrapper registered under both counts each kind's searches once, there."""
+    ``tools/<kind>/<kind>/...``. A counter naming another registered kind that the tool's ``CachedTool`` served too
+    (its ``KIND_COUNTERS`` of that kind are in ``metrics``) is left to that kind's entry, which holds the same
+    wrapper: a wrapper registered under both kinds counts each kind's searches once, there, and its backend's
+    counters once, under the kind it served first (``CachedTool.metrics``)."""
+    names = {key: key.removeprefix("tools/") for key in metrics}
+    served = {n.partition("/")[0] for n in names.values() if n.partition("/")[2] in KIND_COUNTERS}
     out = {}
     for key, value in metrics.items():
-        name = key.removeprefix("tools/")
-        counted, _, counter = name.partition("/")
-        if counted != kind and counter in KIND_COUNTERS and counted in kinds:
+        counted = names[key].partition("/")[0]
+        if counted != kind and counted in kinds and counted in served:
             continue
-        out[f"tools/{name}" if counted == kind else f"tools/{kind}/{name}"] = float(value)
+        out[f"tools/{names[key]}" if counted == kind else f"tools/{kind}/{names[key]}"] = float(value)
     return out
 
 
-def _forget(pending: dict, at: tuple[asyncio.AbstractEventLoop, CacheKey], miss: _Miss) -> None:
+def _forget(pending: dict, at: tuple, miss: _Miss) -> None:
     """Drop ``miss`` from ``pending`` unless a newer call of its key took its place."""
     if pending.get(at) is miss:
         del pending[at]
@@ -129,11 +135,12 @@ class CachedTool:
         self._cache: ToolCache | None = None  # opened on first use: building a config touches no file
         self.counts: Counter[str] = Counter()
         # misses in flight, per event loop (tasks die with their loop, and the rollout runs each step in a fresh
-        # one); empty when idle, so an unused tool still pickles
-        self._pending: dict[tuple[asyncio.AbstractEventLoop, CacheKey], _Miss] = {}
-        # the tool kinds asked of it, whose counters ``metrics`` reports: among them, per kind, this process's API
-        # calls and dollars (``<kind>/api_calls``, ``<kind>/api_cost``; the budget's counters are the run's)
-        self._kinds: set[str] = set()
+        # one), key and question (``_shared_miss``); empty when idle, so an unused tool still pickles
+        self._pending: dict[tuple[asyncio.AbstractEventLoop, CacheKey, str], _Miss] = {}
+        # the tool kinds asked of it, in the order first asked, whose counters ``metrics`` reports: among them, per
+        # kind, this process's API calls and dollars (``<kind>/api_calls``, ``<kind>/api_cost``; the budget's
+        # counters are the run's); the first also gets the backend's counters
+        self._kinds: dict[str, None] = {}
 
     def check_budget(self, cap_s: float) -> None:
         """The wrapped tool's check (a hit costs milliseconds; a miss is the tool's call)."""
@@ -159,7 +166,7 @@ class CachedTool:
     async def __call__(self, request: ToolRequest) -> ToolResult:
         start = time.perf_counter()
         key = CacheKey(request.kind, self.provider, request_key(request), self.version)
-        self._kinds.add(request.kind)
+        self._kinds.setdefault(request.kind)
         if self.mode == "off":
             return await self._call_within_budget(request, start)
         hit = await asyncio.to_thread(self.cache.get, key)
@@ -177,11 +184,14 @@ class CachedTool:
 
     async def _shared_miss(self, key: CacheKey, request: ToolRequest, start: float) -> ToolResult:
         """The answer to the miss of ``key`` in flight on this event loop, started if none is: a GRPO group's
-        episodes search the same image at once, and one call is paid for, not ``num_generations``. A joiner
-        reserves nothing; one caller's answer carries the call's cost, the others' are free (cost 0, their own
-        latency), as a hit is. The call goes on while anyone waits for it; the last caller to give up cancels
-        it, as an unshared call is."""
-        pending, at = self._pending, (asyncio.get_running_loop(), key)
+        episodes search the same image at once, and one call is paid for, not ``num_generations``. The backend is
+        asked with the first caller's request, so only a caller of the same question joins (but for image search):
+        a text search's summaries are focused on it, and another question's search of the same query pays its own
+        call (both are stored under the key: the cache keeps the last). A joiner reserves nothing; one caller's
+        answer carries the call's cost, the others' are free (cost 0, their own latency), as a hit is. The call
+        goes on while anyone waits for it; the last caller to give up cancels it, as an unshared call is."""
+        question = "" if request.kind == "image_search" else request.question  # Lens, pHash, FVQA: the image alone
+        pending, at = self._pending, (asyncio.get_running_loop(), key, question)
         miss = pending.get(at)
         self.counts[f"{request.kind}/cache_{'misses' if miss is None else 'joined'}"] += 1
         if miss is None:
@@ -260,11 +270,24 @@ class CachedTool:
         backend or refused by the budget) and joined misses (module docstring), budget refusals, the API calls and
         dollars this process spent (``api_calls``, ``api_cost``: a run's ranks add theirs up), its run's in the
         shared budget, calls in flight included (``run_api_calls``, ``run_api_cost``: every rank of a run reads
-        the same, so ``mmsr.metrics.tool_metrics`` takes their largest); then the backend's own metrics."""
+        the same, so ``mmsr.metrics.tool_metrics`` takes their largest); then the backend's own metrics, which are
+        not per kind: under the kind asked first (``tools/<kind>/<backend counter>``, unless the counter names a
+        kind asked of it), so a wrapper registered under two kinds logs them once (``filed_under``)."""
         own = {f"tools/{name}": 0.0 for name in ("api_calls", "api_cost", "run_api_calls", "run_api_cost")}
         if self._kinds:  # else asked nothing yet: zeros of no kind, logged under its entry's (``filed_under``)
             own = {k: v for kind in sorted(self._kinds) for k, v in self._kind_metrics(kind).items()}
-        return own | (self.tool.metrics() if hasattr(self.tool, "metrics") else {})
+        return own | self._backend_metrics()
+
+    def _backend_metrics(self) -> dict[str, float]:
+        """The backend's counters, each under the kind asked first unless it names a kind asked of it."""
+        metrics = self.tool.metrics() if hasattr(self.tool, "metrics") else {}
+        if not self._kinds:
+            return metrics
+        first, out = next(iter(self._kinds)), {}
+        for key, value in metrics.items():
+            name = key.removeprefix("tools/")
+            out[key if name.partition("/")[0] in self._kinds else f"tools/{first}/{name}"] = value
+        return out
 
     def _kind_metrics(self, kind: str) -> dict[str, float]:
         """``kind``'s counters (``tools/<kind>/...``): this process's, then its run's in the shared budget."""

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import replace
 
 from PIL import Image
@@ -22,6 +23,9 @@ class Crop(Tool):
     back as a new image. A box that does not parse, is empty, leaves the image or is smaller than
     ``min_size`` on a side is a failure observation saying why.
 
+    ``metrics()``: ``tools/crop/cropped``, ``tools/crop/bad_box`` (a box refused) and ``tools/crop/no_image`` (a
+    question without an image), since the tool was built.
+
     Args:
         limit: overrides the spec's per-episode limit (2).
         min_size: smallest side of a box, in the policy's pixels (a vision patch is 14 or 16).
@@ -39,16 +43,30 @@ class Crop(Tool):
     def __init__(self, limit: int | None = None, min_size: int = 14, penalized: bool = True) -> None:
         super().__init__(None, limit)
         self.min_size = min_size
+        self.counts: Counter[str] = Counter()
         if not penalized:
             self.spec = replace(self.spec, penalized=False)
 
     async def __call__(self, request: ToolRequest) -> ToolResult:
         try:
-            box, region = self.region(request)
+            box, region = self.counted_region(request)
         except ValueError as exc:
             return failure(request.kind, str(exc))
+        self.counts["cropped"] += 1
         text = f"[Crop Results] region [{', '.join(f'{v:g}' for v in box)}]: {IMAGE_MARKER}"
         return ToolResult(text, (region,), titles=("crop",))
+
+    def counted_region(self, request: ToolRequest) -> tuple[tuple[float, float, float, float], Image.Image]:
+        """``region``, its ValueError counted (``no_image`` or ``bad_box``: how often the policy's boxes miss)."""
+        try:
+            return self.region(request)
+        except ValueError:
+            self.counts["no_image" if request.image is None else "bad_box"] += 1
+            raise
+
+    def metrics(self) -> dict[str, float]:
+        """This tool's counters, ``tools/<its name>/<counter>`` (class docstring)."""
+        return {f"tools/{self.spec.name}/{k}": float(v) for k, v in sorted(self.counts.items())}
 
     def region(self, request: ToolRequest) -> tuple[tuple[float, float, float, float], Image.Image]:
         """The request's box and that region of its image; ValueError says why there is none."""
@@ -92,6 +110,14 @@ class CropSearch(Crop):
     failure). Any other ``FatalToolError`` of the backend (an unreadable cache file, a refused server) stops
     the run as it would for image search.
 
+    ``metrics()``: ``tools/crop_search/`` ``bad_box`` and ``no_image`` (as ``Crop``'s), ``searched`` (regions sent to
+    the backend), ``search_failed`` (its answer was a failure) and ``unrecorded_region`` (a replay miss); then the
+    backend's own, its image search counters under ``crop_search`` (``tools/crop_search/cache_hits``,
+    ``tools/crop_search/api_calls``, ``tools/crop_search/thumbnail_bad_image``): every request it gets is a crop's
+    (but ``run_api_calls``/``run_api_cost``, a cache's run budget of image search, which crops spend too). Give it a
+    backend of its own (a config does: each entry builds its own); one shared with the ``image_search`` entry
+    reports the same counters under both.
+
     Args:
         backend: the image search (``LocalImageSearch``, ``CachedTool``, ``ReplaySearch``, ``WebImageSearch``).
         limit, min_size: as ``Crop``'s. It takes no ``penalized``: a crop that searches is a search, penalized
@@ -107,12 +133,25 @@ class CropSearch(Crop):
 
     async def __call__(self, request: ToolRequest) -> ToolResult:
         try:
-            _, region = self.region(request)
+            _, region = self.counted_region(request)
         except ValueError as exc:
             return failure(request.kind, str(exc))
         search = replace(request, kind="image_search", query="", image=region, image_url=None, sample_id="",
                          image_size=None)  # fmt: skip
+        self.counts["searched"] += 1
         try:
-            return await self.backend(search)
+            result = await self.backend(search)
         except ReplayMiss as exc:  # a box nobody recorded (the policy picks them freely); other fatal errors stop
+            self.counts["unrecorded_region"] += 1
             return failure(request.kind, f"no results for this region ({exc})")
+        if not result.ok:
+            self.counts["search_failed"] += 1
+        return result
+
+    def metrics(self) -> dict[str, float]:
+        """Its own counters, then the backend's, those of image search renamed to this tool's (class docstring)."""
+        out = super().metrics()
+        for key, value in (self.backend.metrics() if hasattr(self.backend, "metrics") else {}).items():
+            searched = key.removeprefix("tools/image_search/")
+            out[key if searched == key else f"tools/{self.spec.name}/{searched}"] = value
+        return out

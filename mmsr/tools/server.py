@@ -5,8 +5,9 @@ Many trainer and evaluation processes then share one cache, one rate limit and o
 
 API (JSON): ``POST /v1/search`` with a ``ToolRequest`` (image as base64 PNG) -> a ``ToolResult`` (thumbnails
 as base64 PNG); ``GET /v1/metrics`` -> the backends' counters (``tools/<kind>/...``, as the trainer logs
-them); ``GET /health`` (no token needed); ``GET /v1/ready?kind=<kind>`` -> the clients' start-up check (the token,
-and that backend). Errors are
+them); ``GET /health`` (no token needed; the backends' names); ``GET /v1/ready?kind=<kind>`` -> the clients' start-up
+check (the token, and that backend; a server from before it answers 404 there, and the client checks the backend with
+``/health`` and the token with ``/v1/metrics`` instead). Errors are
 ``{"error": message}`` with 400 (bad request, naming the field), 401 (token), 404 (no such backend) or 409
 (a backend's ``FatalToolError``: a replay-only miss, an unreadable FVQA cache file; the client raises it again, so a
 misconfigured server stops the trainer as a local backend would instead of training on failed searches). A 401,
@@ -288,25 +289,50 @@ class HTTPSearchTool:
 
     def check_ready(self) -> None:
         """One ``GET /v1/ready`` at start-up, before the model loads: ``ServerRefused`` (as a search would raise
-        it) for a wrong token, URL or backend, ``ServerNotReady`` when nothing answers. Its own event loop in
-        a worker thread, so it runs whether or not the caller has a loop running (the search server's start)."""
+        it) for a wrong token, URL or backend, ``ServerNotReady`` when nothing answers. A 404 there is checked with
+        ``GET /health`` (``_check_older``). Its own event loop in a worker thread, so it runs whether or not the
+        caller has a loop running (the search server's start)."""
         with ThreadPoolExecutor(1) as pool:
             pool.submit(asyncio.run, self._check_ready()).result()
 
     async def _check_ready(self) -> None:
         # a client of its own: the check must not count in the tool's metrics nor open its circuit breaker
         limits = Limits(timeout_s=min(self.client.limits.timeout_s, 30.0), retries=0, breaker_failures=0)
-        params = {"kind": self.kind} if self.kind else {}
+        client, params = HTTPClient("search_server", limits), {"kind": self.kind} if self.kind else {}
         try:
-            await HTTPClient("search_server", limits).request("GET", f"{self.url}/v1/ready", params=params,
-                                                              headers=self._headers())  # fmt: skip
+            await client.request("GET", f"{self.url}/v1/ready", params=params, headers=self._headers())
         except ToolError as exc:
-            if exc.status in REFUSALS:
-                raise ServerRefused(self._refusal(exc, self.kind or "search")) from None
-            if exc.kind in ("network", "timeout", "bad_request"):
-                raise ServerNotReady(f"nothing answers at search server {self.url} ({exc.reason}): start "
-                                     "`mmsr serve-search` there or fix HTTPSearchTool.url") from None  # fmt: skip
-            raise ServerNotReady(f"search server {self.url} failed the start-up check ({exc.reason})") from None
+            if exc.status != 404:
+                raise self._not_ready(exc) from None
+            await self._check_older(client, exc)
+
+    async def _check_older(self, client: HTTPClient, missing: ToolError) -> None:
+        """``/v1/ready`` answered 404 (``missing``): the server lacks the client's backend, or it predates that
+        route (``/health`` and ``/v1/metrics`` are older): its ``/health`` lists its backends, and ``/v1/metrics``
+        checks the token as ``/v1/ready`` does. Nothing there answering ``/health`` is no search server."""
+        try:
+            health = await client.request("GET", f"{self.url}/health")
+        except ToolError:  # not found, not JSON
+            health = None
+        backends = health.get("backends") if isinstance(health, dict) else None
+        if not isinstance(backends, list):
+            raise ServerRefused(f"{self.url} is no mmsr search server (GET /v1/ready: {missing.reason}; GET /health "
+                                "lists no backends): check HTTPSearchTool.url")  # fmt: skip
+        if not backends or (self.kind is not None and self.kind not in backends):
+            raise ServerRefused(self._refusal(missing, self.kind or "search"))
+        try:
+            await client.request("GET", f"{self.url}/v1/metrics", headers=self._headers())
+        except ToolError as exc:
+            raise self._not_ready(exc) from None
+
+    def _not_ready(self, exc: ToolError) -> FatalToolError:
+        """The start-up check's error for a failed request: a refusal, nothing listening, or another failure."""
+        if exc.status in REFUSALS:
+            return ServerRefused(self._refusal(exc, self.kind or "search"))
+        if exc.kind in ("network", "timeout", "bad_request"):
+            return ServerNotReady(f"nothing answers at search server {self.url} ({exc.reason}): start "
+                                  "`mmsr serve-search` there or fix HTTPSearchTool.url")  # fmt: skip
+        return ServerNotReady(f"search server {self.url} failed the start-up check ({exc.reason})")
 
     def _headers(self) -> dict[str, str]:
         token = os.environ.get(self.token_env, "").strip() if self.token_env else ""

@@ -538,3 +538,50 @@ def test_a_tool_that_computes_a_nan_cost_fails_its_call_and_the_budget_stays_a_n
         with pytest.raises(ValueError, match="ToolResult cost must be a finite number"):
             run(tool, text(query))
     assert tool.cache.spent(BudgetKey("r", "text_search", "counting")) == (2, 0.5)  # charged, as any call that raised
+
+
+class Metered(CountingTool):
+    """Counts its calls as a web backend's HTTP client does (``tools/<client>/calls``): not per tool kind."""
+
+    def metrics(self) -> dict[str, float]:
+        return {"tools/meter/calls": float(self.calls)}
+
+
+def test_a_cache_registered_under_two_kinds_logs_its_backends_counters_once(tmp_path):
+    # Text search "x", image search, text search "y": 3 backend calls. Each kind's entry logged the backend's
+    # counter (tools/image_search/meter/calls and tools/text_search/meter/calls, 3 each: 6 calls in the logs).
+    from mmsr.metrics import tool_counters
+
+    backend = Metered()
+    tool = CachedTool(backend, str(tmp_path / "c.sqlite"))
+    for request in (text("x"), ToolRequest("image_search", image_url="https://img.example/1.jpg"), text("y")):
+        assert run(tool, request).ok
+    logged = tool_counters({"image_search": tool, "text_search": tool})
+    assert {k: v for k, v in logged.items() if k.endswith("/meter/calls")} == {"tools/text_search/meter/calls": 3.0}
+    assert logged["tools/text_search/api_calls"] == 2 and logged["tools/image_search/api_calls"] == 1  # each its own
+    alone = tool_counters({"text_search": CachedTool(Metered(), str(tmp_path / "d.sqlite"))})
+    assert alone["tools/text_search/meter/calls"] == 0.0  # a cache under one kind logs them there, as before
+
+
+class Focused(SlowPaid):
+    """Answers a text search with the question its summaries would focus on."""
+
+    async def __call__(self, request: ToolRequest) -> ToolResult:
+        result = await super().__call__(request)
+        return replace(result, text=f"{result.text}summarized for: {request.question}\n")
+
+
+def test_a_miss_in_flight_is_joined_only_by_callers_of_the_same_question(tmp_path):
+    # Two rows' text searches of the same query at once: the second got the summaries written for the first's
+    # question (the backend is asked with the first caller's request). The same question still joins; image
+    # search, whose backends answer the image alone, joins across questions.
+    backend = Focused()
+    tool = CachedTool(backend, str(tmp_path / "c.sqlite"))
+    asked = [ToolRequest("text_search", "Eiffel  Tower height", sample_id=row, question=q)
+             for row, q in (("a", "How tall is it?"), ("b", "Who built it?"), ("c", "How tall is it?"))]  # fmt: skip
+    results = _together(tool, asked)
+    assert [r.text.rsplit(": ", 1)[1] for r in results] == ["How tall is it?\n", "Who built it?\n", "How tall is it?\n"]
+    assert backend.calls == 2 and tool.counts["text_search/cache_joined"] == 1
+    picture = Image.new("RGB", (8, 8), "blue")
+    images = [ToolRequest("image_search", image=picture, question=q) for q in ("How tall is it?", "Who built it?")]
+    assert all(r.ok for r in _together(tool, images)) and backend.calls == 3

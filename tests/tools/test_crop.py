@@ -180,3 +180,31 @@ def test_engine_and_trainer_log_probs_agree_with_the_crop_in_context(tiny_policy
     traj.vision[1] = mirrored
     (other,) = PolicyUpdate(tiny_policy, UpdateSettings()).score([traj], tiny_policy.model, torch.device("cpu"))
     assert (other[start - 1 : end - 1] - engine_lp).abs().max() > 1e-3
+
+
+def test_crop_and_crop_search_count_their_calls_and_log_their_backends_searches_under_crop_search(tmp_path):
+    # A crop, a bad box and a box of a question without image; then crop search through a cache: the same region
+    # twice (a miss, then a hit), a bad box and a region the replay never recorded. The crop tools reported
+    # nothing of their own, and a cache behind crop search (asked "image_search") had its counters dropped once an
+    # image_search entry was registered beside it, else logged as tools/crop_search/image_search/cache_hits.
+    from mmsr.metrics import tool_counters
+    from mmsr.tools.cache import CachedTool
+    from mmsr.tools.spec import ImageSearchTool
+
+    image = Image.new("RGB", (400, 200), "white")
+    crop = Crop()
+    for box, picture in (("[50, 25, 150, 75]", image), ("[0, 0, 500, 10]", image), ("[0, 0, 50, 50]", None)):
+        asyncio.run(crop(ToolRequest("crop", box, picture)))
+    assert crop.metrics() == {"tools/crop/bad_box": 1.0, "tools/crop/cropped": 1.0, "tools/crop/no_image": 1.0}
+    search = CropSearch(CachedTool(Recording(), str(tmp_path / "c.sqlite"), provider="rec"))
+    for box in ("[50, 25, 150, 75]", "[50, 25, 150, 75]", "[0, 0, 500, 10]"):
+        assert asyncio.run(search(ToolRequest("crop_search", box, image))).ok == (box != "[0, 0, 500, 10]")
+    unrecorded = CropSearch(Recording(fatal=ReplayMiss))
+    assert not asyncio.run(unrecorded(ToolRequest("crop_search", "[50, 25, 150, 75]", image))).ok
+    image_search = ImageSearchTool(CachedTool(Recording(), str(tmp_path / "i.sqlite"), provider="rec"))
+    logged = tool_counters({"image_search": image_search, "crop": crop, "crop_search": search})
+    mine = {k.removeprefix("tools/crop_search/"): v for k, v in logged.items() if k.startswith("tools/crop_search/")}
+    assert mine == {"bad_box": 1.0, "searched": 2.0, "cache_misses": 1.0, "cache_hits": 1.0, "api_calls": 1.0,
+                    "api_cost": 0.0, "run_api_calls": 1.0, "run_api_cost": 0.0}  # fmt: skip
+    assert logged["tools/image_search/api_calls"] == 0.0 and logged["tools/crop/cropped"] == 1.0
+    assert unrecorded.metrics() == {"tools/crop_search/searched": 1.0, "tools/crop_search/unrecorded_region": 1.0}

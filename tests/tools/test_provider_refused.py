@@ -202,3 +202,27 @@ def test_pages_refused_together_raise_one_error_and_leave_no_asyncio_noise(monke
         asked, left = asyncio.run(main())
         gc.collect()  # an unretrieved task error is logged when the task is collected
     assert asked == 5 and left == [] and not [r for r in caplog.records if r.name == "asyncio"]
+
+
+def test_a_403_from_the_jina_reader_before_any_answer_is_one_failed_page():
+    # Cloudflare in front of r.jina.ai refuses the first page's read with 403 (an HTML page), the next page is
+    # read. The 403 stopped the run as a refused key (ProviderRefused), since Jina had not answered yet; Jina
+    # refuses a bad key with 401, which still does (test_a_key_refused_before_any_answer_stops_the_run_...).
+    cloudflare = (403, "<html><title>Attention Required! | Cloudflare</title>Sorry, you have been blocked</html>")
+
+    async def main():
+        reads = Script(cloudflare, (200, jina("Tower", "https://b.example/p", "The Eiffel Tower is in Paris. " * 5)))
+        routes = [("POST", "/jina", reads), ("POST", "/summarizer/chat/completions",
+                                             Script((200, chat_completion("A tower in Paris."))))]  # fmt: skip
+        async with serve(routes) as url:
+            pages = [("Blocked", "https://a.example/p", ""), ("Tower", "https://b.example/p", "")]
+            found = Script((200, serper(pages)))
+            async with serve([("POST", "/serper", found)]) as api:
+                reader = JinaReader(endpoint=url + "/jina", allow_private=True, limits=FAST)
+                llm = OpenAISummarizer(base_url=url + "/summarizer", model="m", limits=FAST)
+                tool = WebTextSearch(Serper(api + "/serper", limits=FAST), reader, llm, top_k=1, max_candidates=2)
+                return await tool(ToolRequest("text_search", "eiffel")), tool.metrics(), len(reads.requests)
+
+    result, metrics, reads = asyncio.run(main())
+    assert result.ok and result.titles == ("Tower",) and reads == 2  # not retried: a 403 is no service trouble
+    assert metrics["tools/text_search/page_http_4xx"] == 1 and metrics["tools/jina_reader/http_4xx"] == 1

@@ -452,3 +452,44 @@ def test_an_answer_with_a_nan_cost_or_latency_is_not_a_tool_result(field):
     body = result_to_json(ToolResult("[Text Search Results] x", cost=0.5)) | {field: float("nan")}
     with pytest.raises(ToolError, match=f"not a tool result.*ToolResult {field} must be a finite number"):
         result_from_json(body)
+
+
+class OlderServer(SearchServer):
+    """A search server from before ``GET /v1/ready`` (its routes then: /health, /v1/metrics, /v1/search)."""
+
+    def app(self):
+        app = aiohttp.web.Application(client_max_size=self.max_request_bytes, middlewares=[self._auth])
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/v1/metrics", self._metrics)
+        app.router.add_post("/v1/search", self._search)
+        return app
+
+
+def test_check_ready_against_a_server_from_before_v1_ready_checks_its_health_and_token(monkeypatch):
+    # Its 404 for the unknown route was read as a wrong URL or a missing backend: a good client was refused.
+    monkeypatch.setenv("MMSR_SEARCH_TOKEN", "s3cret")
+
+    async def body(url):
+        good = [await _checked(HTTPSearchTool(url, limits=FAST, kind=kind)) for kind in ("text_search", None)]
+        missing = await _checked(HTTPSearchTool(url, limits=FAST, kind="image_search"))
+        monkeypatch.setenv("MMSR_SEARCH_TOKEN", "wr0ng-t0ken")
+        wrong = await _checked(HTTPSearchTool(url, limits=FAST, kind="text_search"))
+        return url, good, missing, wrong
+
+    url, good, missing, wrong = asyncio.run(_with_server(OlderServer(text_search=SlowTool(0.0), port=0), body))
+    assert good == ["", ""]
+    assert missing.startswith(f"ServerRefused: search server {url} refused the image_search request")
+    assert "check HTTPSearchTool.url and that the server configures a image_search backend" in missing
+    assert "HTTP 401" in wrong and "environment variable MMSR_SEARCH_TOKEN" in wrong and "wr0ng" not in wrong
+
+
+def test_check_ready_names_a_url_where_no_search_server_answers(monkeypatch):
+    monkeypatch.delenv("MMSR_SEARCH_TOKEN", raising=False)
+
+    async def main():
+        async with serve([("GET", "/other", Script((200, {})))]) as url:  # a web server, not a search server
+            return url, await _checked(HTTPSearchTool(url + "/api", limits=FAST, kind="text_search"))
+
+    url, message = asyncio.run(main())
+    assert message.startswith(f"ServerRefused: {url}/api is no mmsr search server (GET /v1/ready: ")
+    assert "HTTP 404" in message and message.endswith("lists no backends): check HTTPSearchTool.url")

@@ -9,7 +9,7 @@ retried like a 5xx: providers send those under load, and the next attempt usuall
 as ``ToolError`` (a reason the model can read, redacted of any key the provider quoted, and a metric kind),
 which the tools turn into observations. One exception: a provider's own API endpoint (or the image host's
 upload URL) that refuses the key (401/403) or is not there (404) before it has ever answered stops the run
-(``ProviderRefused``).
+(``ProviderRefused``); a page reader's 403 is about the page it was asked to read, one failed page.
 
 Sessions are opened per call: the rollout runs each step in a fresh event loop (``asyncio.run``), and an
 aiohttp session or an asyncio primitive must not outlive its loop. Limits therefore hold per event loop;
@@ -24,7 +24,7 @@ import os
 import time
 import weakref
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -269,14 +269,16 @@ class HTTPClient:
         self.answered = True
         return result
 
-    async def request_endpoint(self, method: str, url: str, key_env: str | None, **kwargs: Any) -> Any:
-        """``request`` to the provider's own API (not a page it fetches for someone): a 401/403/404 before any
-        call of this client has succeeded raises ``ProviderRefused``, naming ``key_env`` (the key's variable;
-        ``None``: the endpoint is called without a key)."""
+    async def request_endpoint(self, method: str, url: str, key_env: str | None,
+                               refusals: Collection[int] = REFUSALS, **kwargs: Any) -> Any:  # fmt: skip
+        """``request`` to the provider's own API (not a page it fetches for someone): a status of ``refusals``
+        (401/403/404) before any call of this client has succeeded raises ``ProviderRefused``, naming ``key_env``
+        (the key's variable; ``None``: the endpoint is called without a key). A service that answers some of them
+        about the page it fetches, not its key or URL, leaves those out."""
         try:
             return await self.request(method, url, **kwargs)
         except ToolError as exc:
-            if exc.status in REFUSALS and not self.answered:
+            if exc.status in refusals and not self.answered:
                 raise ProviderRefused(_refusal(self.name, url, key_env, exc)) from None
             raise
 

@@ -4,8 +4,10 @@
 page as Markdown; ``DirectReader`` fetches the page itself and extracts the main text with ``trafilatura``.
 Both refuse URLs the SSRF guard refuses (a self-hosted reader inside the network would otherwise fetch
 internal pages for the model), cap bytes and time, and raise ``ToolError`` on failure (a site's 403 or 404 is
-one failed page; the Jina service itself refusing its key or not found before it ever answered stops the run,
-``ProviderRefused``: Jina answers 200 for a page its site refused). Page text is
+one failed page; the Jina service itself refusing its key (401) or not found (404) before it ever answered stops
+the run, ``ProviderRefused``: Jina answers 200 for a page its site refused). A 403 from the Jina service is one
+failed page too: Jina refuses a bad key with 401, and a 403 is Cloudflare in front of ``r.jina.ai`` blocking that
+request, not the key, so stopping the run for it would stop it for one URL. Page text is
 redacted of configured keys before anyone sees it: a page may echo the URL or headers it was asked with,
 and the text goes on to a (possibly third-party) summarizer.
 """
@@ -21,6 +23,8 @@ from typing import Any, Protocol
 from mmsr.tools.secrets import redact, register_secret_env
 from mmsr.tools.web import guard
 from mmsr.tools.web.http import HTTPClient, Limits, Retryable, ToolError, parse_json
+
+JINA_REFUSALS = (401, 404)  # the key, the endpoint's URL; a 403 is one page's (module docstring)
 
 
 @dataclass(frozen=True)
@@ -93,8 +97,8 @@ class JinaReader:
         headers = {"Accept": "application/json", "X-Return-Format": self.return_format}
         if key := os.environ.get(self.api_key_env, "").strip():
             headers["Authorization"] = f"Bearer {key}"
-        data = await self.client.request_endpoint("POST", self.endpoint, self.api_key_env, json={"url": url},
-                                                  headers=headers, parse=jina_data)  # fmt: skip
+        data = await self.client.request_endpoint("POST", self.endpoint, self.api_key_env, JINA_REFUSALS,
+                                                  json={"url": url}, headers=headers, parse=jina_data)  # fmt: skip
         return _usable(Page(url, str(data.get("title") or ""), data["content"]), self.min_chars)
 
     def metrics(self) -> dict[str, float]:
