@@ -14,9 +14,9 @@ which URLs answer today: with the cache, the first run fetches each image once a
 the same pictures offline. A downloaded row keeps its URL as ``Sample.image_url`` (web image search then
 needs no image host). A URL that cannot be had, after the fetcher's retries, is a ``DataError`` naming the
 row, field and URL.
-Answer cells may be a string, a list, a JSON string of a list, or InfoSeek's numeric ``{"wikidata": x,
-"range": [lo, hi]}`` entries (the value is used). Bad rows raise ``DataError`` naming the loader, file,
-row and field.
+Answer cells may be a string, a number, a list, a JSON string of a list, or InfoSeek's numeric ``{"wikidata": x,
+"range": [lo, hi]}`` entries (the value is used), read by ``mmsr.data.rows.answer_list`` as ``load_samples`` reads
+them. Bad rows raise ``DataError`` naming the loader, file, row and field.
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ from PIL import Image
 
 from mmsr.data.jsonl import jsonl_lines
 from mmsr.data.paths import missing
-from mmsr.data.rows import DataError, collect, default_id_stem, encoded_image, image_url, row_error, text_image
+from mmsr.data.rows import (DataError, answer_list, collect, default_id_stem, encoded_image, image_url, other_answers,
+                            row_error, text_image)  # fmt: skip
 from mmsr.data.sample import EncodedImage, Sample
 
 __all__ = ["ColumnMapping", "DataError", "EvalSet", "Fetched", "ImageFetcher", "answer_list", "read_rows"]
@@ -119,28 +120,6 @@ def _stored_rows(path: Path) -> list[dict]:
     raise ValueError(f"{path}: unknown data format {path.suffix!r} (use .parquet, .pq, .jsonl, .json or a folder)")
 
 
-def _one_answer(item, where, row, field) -> str:
-    if isinstance(item, dict) and "wikidata" in item:  # InfoSeek numeric answers: value plus a tolerance range
-        item = item["wikidata"]
-    if isinstance(item, bool) or not isinstance(item, str | int | float):
-        raise row_error(where, row, field, f"expected answer strings, got {item!r:.80}")
-    return str(item).strip()
-
-
-def answer_list(value, where, row, field) -> list[str]:
-    """The non-empty answers a cell holds, in order, without repeats."""
-    if value is None:
-        return []
-    if isinstance(value, str) and value.strip().startswith("["):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            pass  # an answer that happens to start with '[' is still an answer
-    items = value if isinstance(value, list | tuple) else [value]
-    answers = [_one_answer(item, where, row, field) for item in items]
-    return list(dict.fromkeys(a for a in answers if a))
-
-
 class ColumnMapping(EvalSet):
     """Rows -> ``Sample`` records through the columns named here (see the module docstring).
 
@@ -209,7 +188,7 @@ class ColumnMapping(EvalSet):
             question=question.strip(),
             image=self.cell_image(r.get(self.image), i) if self.image else None,
             ground_truth=answers[0],
-            candidate_answers=tuple(a for a in dict.fromkeys(answers[1:] + extra) if a != answers[0]),
+            candidate_answers=other_answers(answers, extra),
             data_source=self.data_source,
             image_url=url,
             category=None if category in (None, "") else str(category),

@@ -19,7 +19,7 @@ from functools import partial
 from collections.abc import Iterator
 from pathlib import Path
 
-from mmsr.data.rows import collect, default_id_stem, jsonl_sample, parquet_sample
+from mmsr.data.rows import collect, data_stem, default_id_stem, jsonl_sample, parquet_sample
 from mmsr.data.sample import Sample
 
 
@@ -63,12 +63,13 @@ def samples_from_dataset(dataset, name: str | None = None, skip_invalid: bool = 
 
 
 def name_id_stem(name: str | Path) -> str:
-    """A dataset's default id stem: the stem of its ``name`` and, where the name is written with one, its folder
-    (``fvqa/test.parquet``: ``fvqa/test``; a Hub id ``lmms-lab/FVQA`` stays whole), as a data file's rows carry
-    their folder (``default_id_stem``): ``fvqa/train`` and ``infoseek/train`` both gave ``train-0``. Not read
-    against the working directory, as a file's is: a name need not be a path."""
+    """A dataset's default id stem: its ``name`` less a data format's extension (``data_stem``) and, where the
+    name is written with one, its folder (``fvqa/test.parquet``: ``fvqa/test``; a Hub id ``lmms-lab/FVQA`` and
+    ``org/data.v2`` stay whole), as a data file's rows carry their folder (``default_id_stem``): ``fvqa/train``
+    and ``infoseek/train`` both gave ``train-0``. Not read against the working directory, as a file's is: a
+    name need not be a path."""
     path = Path(name)
-    return f"{path.parent.name}/{path.stem}" if path.parent.name else path.stem
+    return f"{path.parent.name}/{data_stem(path)}" if path.parent.name else data_stem(path)
 
 
 def _undecoded_rows(dataset, batch_rows: int = 256) -> Iterator[dict]:

@@ -7,8 +7,8 @@ Face ``datasets`` split): the two schemas and the errors that name the file, row
   relative to the file, base64 text, or image bytes / a PIL image), optional ``data_source``, ``category``,
   ``image_url``.
 
-A row without an id is ``{folder}/{stem}-{row}`` (``default_id_stem``). A ground truth may be a number (its
-``str``) or a list (the ground truth, then more candidate answers), as ``ColumnMapping`` reads answers.
+A row without an id is ``{folder}/{stem}-{row}`` (``default_id_stem``). Answer cells are read by ``answer_list``,
+the one rule of every loader (``ColumnMapping`` too): the same cell gives the same ground truth and candidates.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from mmsr.data.threads import in_order
 
 RowMaker = Callable[[dict, Path, int], Sample]
 URL_PREFIXES = ("http://", "https://")
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".pq", ".arrow", ".csv")
 
 
 class DataError(ValueError):
@@ -115,25 +116,85 @@ def _is_file(file: Path) -> bool:
         return False
 
 
+def _plain(value):
+    """``value`` as Python objects: a numpy array or scalar (a list cell of parquet read by pandas, whose
+    ``==`` and ``bool`` act elementwise) as its ``tolist()``; anything else as it is."""
+    return value.tolist() if not isinstance(value, str | bytes) and callable(getattr(value, "tolist", None)) else value
+
+
+def distinct_answers(texts: Iterable[str]) -> list[str]:
+    """``texts`` stripped, without empty ones or repeats, in order: ``["Eiffel", "Eiffel "]`` is one answer
+    (the LLM judge's prompt and cache key list the candidates, so every loader must list them alike)."""
+    return list(dict.fromkeys(t for t in (text.strip() for text in texts) if t))
+
+
 def candidate_list(value, path, row) -> tuple[str, ...]:
-    """Candidate answers come as a list or as a JSON string of a list (upstream data). Numbers (upstream
-    JSON holds ints, e.g. years) are stringified, as the reward's ``parse_candidate_answers`` does: this
-    layer may not import ``mmsr.reward``, so the rule (``str(v)``) is repeated here and must stay the same."""
-    if value is None or value == "":
+    """Candidate answers come as a list or as a JSON string of a list (upstream data), cleaned as
+    ``distinct_answers``. Numbers (upstream JSON holds ints, e.g. years) are stringified, as the reward's
+    ``parse_candidate_answers`` does: this layer may not import ``mmsr.reward``, so the rule (``str(v)``) is
+    repeated here and must stay the same."""
+    value = _plain(value)
+    if value is None or (isinstance(value, str) and not value.strip()):
         return ()
     if isinstance(value, str):
         try:
             value = json.loads(value)
         except json.JSONDecodeError as exc:
             raise row_error(path, row, "candidate_answers", f"not a JSON list ({exc.msg})") from None
-    if not isinstance(value, list | tuple) or not all(_is_candidate(v) for v in value):
+    items = [_plain(v) for v in value] if isinstance(value, list | tuple) else None
+    if items is None or not all(_is_candidate(v) for v in items):
         raise row_error(path, row, "candidate_answers", f"expected a list of strings (or numbers), got {value!r:.80}")
-    return tuple(v if isinstance(v, str) else str(v) for v in value)
+    return tuple(distinct_answers(str(v) for v in items))
 
 
 def _is_candidate(value) -> bool:
     """A string or a number; a bool is a number to Python but no answer (a broken export, more likely)."""
     return isinstance(value, str) or (isinstance(value, int | float) and not isinstance(value, bool))
+
+
+def _answer_value(item):
+    """The string or number an answer item holds (InfoSeek's numeric ``{"wikidata": x, "range": [lo, hi]}``
+    entries: ``x``), else ``None``."""
+    item = _plain(item)
+    if isinstance(item, dict):
+        item = _plain(item.get("wikidata"))
+    return item if _is_candidate(item) else None
+
+
+def _answer_items(value) -> list:
+    """The items of an answer cell: a list's; a string's that is a JSON list of answers as a whole (a list
+    stored as text: ``'["a", "b"]'``, and ``'[1990]'``, numbers being answers as in a list cell); else the
+    cell itself, one answer (``[citation needed]``, ``'[1, [2]]'``: text that is no list of answers)."""
+    value = _plain(value)
+    if isinstance(value, list | tuple):
+        return list(value)
+    if isinstance(value, str) and value.strip().startswith("["):
+        try:
+            parsed = json.loads(value)
+        except (json.JSONDecodeError, RecursionError):  # RecursionError: "[[[[..." nested too deep
+            return [value]
+        if isinstance(parsed, list) and all(_answer_value(v) is not None for v in parsed):
+            return parsed
+    return [value]
+
+
+def answer_list(value, where, row, field) -> list[str]:
+    """The answers an answer cell holds (ground truth first), read alike by every loader: a string, a number
+    (its ``str``), a list (or numpy array) of them or a JSON-text list of them (``_answer_items``), InfoSeek's
+    numeric entries as their value; cleaned as ``distinct_answers``. ``None`` holds none; anything else is a
+    ``DataError`` naming ``where``, ``row`` and ``field``."""
+    if value is None:
+        return []
+    items = [_answer_value(v) for v in _answer_items(value)]
+    if any(v is None for v in items):
+        raise row_error(where, row, field, f"expected a string, a number or a list of them, got {value!r:.60}")
+    return distinct_answers(str(v) for v in items)
+
+
+def other_answers(answers: Sequence[str], more: Iterable[str]) -> tuple[str, ...]:
+    """The candidate answers beside the ground truth ``answers[0]``: the rest of ``answers``, then ``more``,
+    without repeats or the ground truth (``answers`` and ``more`` cleaned as ``distinct_answers``)."""
+    return tuple(a for a in dict.fromkeys([*answers[1:], *more]) if a != answers[0])
 
 
 def _text(value, path, row, field) -> str:
@@ -143,19 +204,11 @@ def _text(value, path, row, field) -> str:
 
 
 def _answers(value, candidates, path, row, field) -> tuple[str, tuple[str, ...]]:
-    """(ground truth, candidate answers) of a row, whose ground truth ``ColumnMapping`` would read alike: a
-    number (upstream JSON holds years as ints) is its ``str``, as ``candidate_list`` has it; a list is the
-    ground truth, then more candidates, before ``candidates`` (repeats dropped). A string is kept as written."""
-    if value is None or isinstance(value, str):
-        return _text(value, path, row, field), candidate_list(candidates, path, row)
-    items = list(value) if isinstance(value, list | tuple) else [value]
-    if not all(_is_candidate(v) for v in items):
-        raise row_error(path, row, field, f"expected a string, a number or a list of them, got {value!r:.60}")
-    answers = [str(v) for v in items if str(v).strip()]
+    """(ground truth, candidate answers) of a row, as ``ColumnMapping`` reads an answer and an alias cell."""
+    answers = answer_list(value, path, row, field)
     if not answers:
         raise row_error(path, row, field, f"missing or empty ({value!r:.40})")
-    more = candidate_list(candidates, path, row)
-    return answers[0], tuple(a for a in dict.fromkeys([*answers[1:], *more]) if a != answers[0])
+    return answers[0], other_answers(answers, candidate_list(candidates, path, row))
 
 
 def _parquet_question(prompt, path, row) -> str:
@@ -200,7 +253,9 @@ def _dict_image(cell: dict, path, row, field) -> EncodedImage:
 
 
 def _parquet_image(images, path, row) -> EncodedImage | Image.Image:
-    """The first entry of ``images``: ``{"bytes": ...}`` / ``{"path": ...}`` (parquet) or a PIL image (datasets)."""
+    """The first entry of ``images`` (a list, or a numpy array as pandas reads one): ``{"bytes": ...}`` /
+    ``{"path": ...}`` (parquet) or a PIL image (datasets)."""
+    images = _plain(images)
     first = images[0] if isinstance(images, list | tuple) and len(images) else None
     if isinstance(first, Image.Image):
         return encoded_image(first, path, row, "images")
@@ -216,7 +271,14 @@ def default_id_stem(path: str | Path) -> str:
     of the absolute path, so that how the path is written (``train.jsonl`` inside ``fvqa/``) changes nothing."""
     path = Path(path)
     folder = Path(os.path.abspath(path)).parent.name
-    return f"{folder}/{path.stem}" if folder else path.stem
+    return f"{folder}/{data_stem(path)}" if folder else data_stem(path)
+
+
+def data_stem(path: Path) -> str:
+    """``path``'s name without a data format's extension (``DATA_SUFFIXES``): ``train.jsonl`` is ``train``, but
+    a dot in a folder's or dataset's name ends no extension (``data.v2``, ``v1.0``: ``Path.stem`` gave ``data``
+    and ``v1``, one id stem for two sets)."""
+    return path.stem if path.suffix.lower() in DATA_SUFFIXES else path.name
 
 
 def _jsonl_image(value, path: Path, at) -> EncodedImage | Image.Image | None:

@@ -1,16 +1,20 @@
 """What the row loaders (``load_samples`` / ``samples_from_dataset``, ``mmsr.data.rows``) and ``ColumnMapping``
 must read alike: which image cells are URLs, the default ids of rows without one, and answers."""
 
+import io
 import json
 import re
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
 from mmsr.data.columns import ColumnMapping, Fetched
+from mmsr.data.hf import name_id_stem
 from mmsr.data.loaders import DataError, load_samples
+from mmsr.data.rows import parquet_sample
 from mmsr.reward.mmsearch_r1 import is_correct
 from tests.conftest import import_optional
 
@@ -84,15 +88,106 @@ def test_datasets_named_with_a_folder_carry_it_in_their_ids():
 
 
 def test_a_list_ground_truth_with_padded_items_scores_as_a_string_one(tmp_path):
-    """Items of a list ground truth are kept as written, as a string ground truth is; the reward normalizes
-    both alike (whitespace collapsed), so padding changes no score."""
+    """Items of a list ground truth are stripped, as a string ground truth is (``ColumnMapping`` always did); the
+    reward normalizes both alike (whitespace collapsed), so padding changes no score."""
     rows = [{"id": "s", "question": "q", "ground_truth": " Eiffel Tower "},
             {"id": "l", "question": "q", "ground_truth": [" Eiffel Tower ", "La Tour Eiffel\n"]}]  # fmt: skip
     _jsonl(tmp_path / "t.jsonl", rows)
     string, listed = load_samples(tmp_path / "t.jsonl")
-    assert (listed.ground_truth, listed.candidate_answers) == (string.ground_truth, ("La Tour Eiffel\n",))
+    assert (listed.ground_truth, listed.candidate_answers) == (string.ground_truth, ("La Tour Eiffel",))
+    assert string.ground_truth == "Eiffel Tower"
     for mode in ("EM", "SubEM"):
         for answer in ("eiffel tower", " Eiffel  Tower. ", "la tour eiffel"):
             assert is_correct([f"<answer>{answer}</answer>"], listed.ground_truth, listed.candidate_answers, mode)
         assert is_correct(["<answer>Eiffel Tower</answer>"], string.ground_truth, (), mode)
         assert not is_correct(["<answer>Eiffel</answer>"], listed.ground_truth, listed.candidate_answers, "EM")
+
+
+def _png() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (4, 4), "blue").save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _verl_row(truth, candidates=None) -> dict:
+    reward = {"ground_truth": truth} if candidates is None else {"ground_truth": truth, "candidate_answers": candidates}
+    return {"prompt": [{"role": "user", "content": "q"}], "images": [{"bytes": _png(), "path": None}],
+            "reward_model": reward}  # fmt: skip
+
+
+@pytest.mark.parametrize(("cell", "truth", "candidates"), [
+    ('["a","b"]', "a", ("b",)),  # a list stored as text (a string column)
+    (' ["a", "a ", "b"]\n', "a", ("b",)),
+    (["Eiffel", "Eiffel ", " Tower"], "Eiffel", ("Tower",)),  # repeats but for whitespace are one candidate
+    (" Eiffel Tower ", "Eiffel Tower", ()),
+    ("[1990]", "1990", ()),  # numbers are answers in a list cell, so in a JSON-text one
+    ('[1990, "1990s"]', "1990", ("1990s",)),
+    ('[{"wikidata": 12, "range": [11, 13]}]', "12", ()),  # InfoSeek's numeric entries, as ColumnMapping reads them
+    ("[citation needed]", "[citation needed]", ()),  # no JSON: one answer that starts with '['
+    ('["a", null]', '["a", null]', ()),  # JSON, but no list of answers: the text is the answer
+    ("[1, [2]]", "[1, [2]]", ()),
+])  # fmt: skip
+def test_both_loaders_read_a_ground_truth_cell_alike(tmp_path, cell, truth, candidates):
+    """``load_samples`` kept a JSON-text list as one literal answer (``a`` then failed EM against ``["a","b"]``)
+    and whitespace repeats as separate candidates, which ``ColumnMapping`` strips and drops: the judge's prompt
+    and cache key differed between the loaders of one file."""
+    _jsonl(tmp_path / "t.jsonl", [{"id": "r", "question": "q", "ground_truth": cell}])
+    loaders = {"load_samples": load_samples(tmp_path / "t.jsonl"),
+               "ColumnMapping": ColumnMapping(str(tmp_path / "t.jsonl"), answer="ground_truth", image=None).load()}
+    if isinstance(cell, str) or all(isinstance(c, str) for c in cell):  # what a parquet column can hold
+        pq.write_table(pa.Table.from_pylist([_verl_row(cell)]), tmp_path / "t.parquet")
+        loaders["verl parquet"] = load_samples(tmp_path / "t.parquet")
+    for name, (sample,) in loaders.items():
+        assert (name, sample.ground_truth, sample.candidate_answers) == (name, truth, candidates)
+    (sample,) = loaders["load_samples"]
+    for answer in (truth, *candidates):  # '["a","b"]': the answer "a" failed EM
+        assert is_correct([f"<answer>{answer}</answer>"], sample.ground_truth, sample.candidate_answers, "EM")
+
+
+def test_both_loaders_list_the_same_candidates(tmp_path):
+    """The ground truth and whitespace repeats among ``candidate_answers`` stayed there for ``load_samples``:
+    the judge's prompt (and so its cache key) listed ``Eiffel Tower `` and `` La Tour Eiffel`` besides."""
+    rows = [{"id": "r", "question": "q", "ground_truth": "Eiffel Tower",
+             "candidate_answers": '["Eiffel Tower ", " La Tour Eiffel", "La Tour Eiffel", "", 1889]'}]  # fmt: skip
+    _jsonl(tmp_path / "t.jsonl", rows)
+    (loaded,) = load_samples(tmp_path / "t.jsonl")
+    (mapped,) = ColumnMapping(str(tmp_path / "t.jsonl"), answer="ground_truth", aliases="candidate_answers",
+                              image=None).load()  # fmt: skip
+    assert loaded.candidate_answers == mapped.candidate_answers == ("La Tour Eiffel", "1889")
+    verl = _verl_row("Eiffel Tower", rows[0]["candidate_answers"])
+    pq.write_table(pa.Table.from_pylist([verl]), tmp_path / "t.parquet")
+    assert load_samples(tmp_path / "t.parquet")[0].answers == ("Eiffel Tower", "La Tour Eiffel", "1889")
+
+
+def test_verl_rows_with_numpy_answer_cells(tmp_path):
+    """A verl row read by pandas (``pd.read_parquet(...).to_dict("records")``) holds its list cells as numpy
+    arrays: a ground truth array was refused as no string, a candidates array raised numpy's "truth value of
+    an array is ambiguous", naming no row, and an ``images`` array was "no image bytes"."""
+    row = _verl_row(np.array(["Eiffel Tower", "Eiffel Tower "]), np.array([" La Tour Eiffel", "Eiffel Tower"]))
+    row["images"] = np.array(row["images"], dtype=object)
+    sample = parquet_sample(row, tmp_path / "t.parquet", 0)
+    assert (sample.ground_truth, sample.candidate_answers) == ("Eiffel Tower", ("La Tour Eiffel",))
+    years = parquet_sample(_verl_row(np.array([1889, 1890]), np.array([], dtype=object)), tmp_path / "t.parquet", 1)
+    assert years.answers == ("1889", "1890")
+    with pytest.raises(DataError, match=r"t.parquet: row 2, field 'reward_model.ground_truth': expected a string"):
+        parquet_sample(_verl_row(np.array([True])), tmp_path / "t.parquet", 2)
+
+
+def test_a_dot_in_a_dataset_or_folder_name_is_no_extension(tmp_path, monkeypatch):
+    """``org/data.v1`` and ``org/data.v2`` both gave ids ``org/data-0`` (``Path.stem``), as did folders of
+    parquet shards named so; only a data format's extension is dropped."""
+    stems = [name_id_stem(n) for n in ("org/data.v2", "fvqa/train.parquet", "mini.JSONL", "v1.0")]
+    assert stems == ["org/data.v2", "fvqa/train", "mini", "v1.0"]
+    for version in ("v1", "v2"):
+        shards = tmp_path / "hub" / f"data.{version}"
+        shards.mkdir(parents=True)
+        pq.write_table(pa.Table.from_pylist([{"question": "q", "answer": "x"}]), shards / "0.parquet")
+    monkeypatch.chdir(tmp_path / "hub")
+    ids = [ColumnMapping(f"data.{v}", image=None).load()[0].id for v in ("v1", "v2")]
+    assert ids == ["hub/data.v1-0", "hub/data.v2-0"]
+    datasets = import_optional("datasets", 'pip install -e ".[hf]" (or the dev extra) to run the datasets tests')
+    from mmsr.data.hf import samples_from_dataset
+
+    ds = datasets.Dataset.from_list([{"question": "q", "ground_truth": "x"}])
+    ids = [samples_from_dataset(ds, name=f"org/data.{v}")[0].id for v in ("v1", "v2")]
+    assert ids == ["org/data.v1-0", "org/data.v2-0"]
