@@ -32,7 +32,7 @@ from PIL import Image
 
 from mmsr.data.jsonl import jsonl_lines
 from mmsr.data.paths import missing
-from mmsr.data.rows import (DataError, answer_list, collect, default_id_stem, encoded_image, image_url, other_answers,
+from mmsr.data.rows import (DataError, answer_list, collect, default_id_stem, encoded_image, image_url, label, other_answers,
                             row_error, text_image)  # fmt: skip
 from mmsr.data.sample import EncodedImage, Sample
 
@@ -191,7 +191,7 @@ class ColumnMapping(EvalSet):
             candidate_answers=other_answers(answers, extra),
             data_source=self.data_source,
             image_url=url,
-            category=None if category in (None, "") else str(category),
+            category=label(category),
         )
 
     def cell_image(self, value, i: int) -> Image.Image | EncodedImage:

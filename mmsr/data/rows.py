@@ -7,8 +7,9 @@ Face ``datasets`` split): the two schemas and the errors that name the file, row
   relative to the file, base64 text, or image bytes / a PIL image), optional ``data_source``, ``category``,
   ``image_url``.
 
-A row without an id is ``{folder}/{stem}-{row}`` (``default_id_stem``). Answer cells are read by ``answer_list``,
-the one rule of every loader (``ColumnMapping`` too): the same cell gives the same ground truth and candidates.
+A row without an id is ``{folder}/{stem}-{row}`` (``default_id_stem``). Answer cells are read by
+``mmsr.data.answers``, the one rule of every loader (``ColumnMapping`` too): the same cell gives the same ground
+truth and candidates.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import json
 import os
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -24,23 +24,14 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from mmsr.data.answers import answer_list, answers_of, candidate_list, distinct_answers, other_answers, plain_value  # noqa: F401
+from mmsr.data.errors import DataError, row_error  # noqa: F401
 from mmsr.data.sample import EncodedImage, Sample
 from mmsr.data.threads import in_order
 
 RowMaker = Callable[[dict, Path, int], Sample]
 URL_PREFIXES = ("http://", "https://")
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".pq", ".arrow", ".csv")
-
-
-class DataError(ValueError):
-    """A row that cannot become a ``Sample``; the message names file, row and field."""
-
-
-def row_error(path, row: int | str, field, problem) -> DataError:
-    """The error for ``field`` of row ``row`` of ``path``: ``row`` is the 0-based row index, or a ready
-    label such as ``"line 4"`` (jsonl files, whose readers number lines as editors do)."""
-    where = row if isinstance(row, str) else f"row {row}"
-    return DataError(f"{path}: {where}, field {field!r}: {problem}")
 
 
 def decode_image(data: bytes | str | Path | Image.Image, path, row, field="image",
@@ -116,99 +107,16 @@ def _is_file(file: Path) -> bool:
         return False
 
 
-def _plain(value):
-    """``value`` as Python objects: a numpy array or scalar (a list cell of parquet read by pandas, whose
-    ``==`` and ``bool`` act elementwise) as its ``tolist()``; anything else as it is."""
-    return value.tolist() if not isinstance(value, str | bytes) and callable(getattr(value, "tolist", None)) else value
-
-
-def distinct_answers(texts: Iterable[str]) -> list[str]:
-    """``texts`` stripped, without empty ones or repeats, in order: ``["Eiffel", "Eiffel "]`` is one answer
-    (the LLM judge's prompt and cache key list the candidates, so every loader must list them alike)."""
-    return list(dict.fromkeys(t for t in (text.strip() for text in texts) if t))
-
-
-def candidate_list(value, path, row) -> tuple[str, ...]:
-    """Candidate answers come as a list or as a JSON string of a list (upstream data), cleaned as
-    ``distinct_answers``. Numbers (upstream JSON holds ints, e.g. years) are stringified, as the reward's
-    ``parse_candidate_answers`` does: this layer may not import ``mmsr.reward``, so the rule (``str(v)``) is
-    repeated here and must stay the same."""
-    value = _plain(value)
-    if value is None or (isinstance(value, str) and not value.strip()):
-        return ()
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as exc:
-            raise row_error(path, row, "candidate_answers", f"not a JSON list ({exc.msg})") from None
-    items = [_plain(v) for v in value] if isinstance(value, list | tuple) else None
-    if items is None or not all(_is_candidate(v) for v in items):
-        raise row_error(path, row, "candidate_answers", f"expected a list of strings (or numbers), got {value!r:.80}")
-    return tuple(distinct_answers(str(v) for v in items))
-
-
-def _is_candidate(value) -> bool:
-    """A string or a number; a bool is a number to Python but no answer (a broken export, more likely)."""
-    return isinstance(value, str) or (isinstance(value, int | float) and not isinstance(value, bool))
-
-
-def _answer_value(item):
-    """The string or number an answer item holds (InfoSeek's numeric ``{"wikidata": x, "range": [lo, hi]}``
-    entries: ``x``), else ``None``."""
-    item = _plain(item)
-    if isinstance(item, dict):
-        item = _plain(item.get("wikidata"))
-    return item if _is_candidate(item) else None
-
-
-def _answer_items(value) -> list:
-    """The items of an answer cell: a list's; a string's that is a JSON list of answers as a whole (a list
-    stored as text: ``'["a", "b"]'``, and ``'[1990]'``, numbers being answers as in a list cell); else the
-    cell itself, one answer (``[citation needed]``, ``'[1, [2]]'``: text that is no list of answers)."""
-    value = _plain(value)
-    if isinstance(value, list | tuple):
-        return list(value)
-    if isinstance(value, str) and value.strip().startswith("["):
-        try:
-            parsed = json.loads(value)
-        except (json.JSONDecodeError, RecursionError):  # RecursionError: "[[[[..." nested too deep
-            return [value]
-        if isinstance(parsed, list) and all(_answer_value(v) is not None for v in parsed):
-            return parsed
-    return [value]
-
-
-def answer_list(value, where, row, field) -> list[str]:
-    """The answers an answer cell holds (ground truth first), read alike by every loader: a string, a number
-    (its ``str``), a list (or numpy array) of them or a JSON-text list of them (``_answer_items``), InfoSeek's
-    numeric entries as their value; cleaned as ``distinct_answers``. ``None`` holds none; anything else is a
-    ``DataError`` naming ``where``, ``row`` and ``field``."""
-    if value is None:
-        return []
-    items = [_answer_value(v) for v in _answer_items(value)]
-    if any(v is None for v in items):
-        raise row_error(where, row, field, f"expected a string, a number or a list of them, got {value!r:.60}")
-    return distinct_answers(str(v) for v in items)
-
-
-def other_answers(answers: Sequence[str], more: Iterable[str]) -> tuple[str, ...]:
-    """The candidate answers beside the ground truth ``answers[0]``: the rest of ``answers``, then ``more``,
-    without repeats or the ground truth (``answers`` and ``more`` cleaned as ``distinct_answers``)."""
-    return tuple(a for a in dict.fromkeys([*answers[1:], *more]) if a != answers[0])
+def label(value) -> str | None:
+    """A ``category`` or ``data_source`` cell as the text ``Sample`` holds (``None`` if empty): a set's numeric
+    categories (``1``, ``2``) crashed the report and the step's metrics, which sort them beside strings."""
+    return None if value is None or value == "" else str(plain_value(value))
 
 
 def _text(value, path, row, field) -> str:
     if not isinstance(value, str) or not value.strip():
         raise row_error(path, row, field, f"missing or empty ({value!r:.40})")
     return value
-
-
-def _answers(value, candidates, path, row, field) -> tuple[str, tuple[str, ...]]:
-    """(ground truth, candidate answers) of a row, as ``ColumnMapping`` reads an answer and an alias cell."""
-    answers = answer_list(value, path, row, field)
-    if not answers:
-        raise row_error(path, row, field, f"missing or empty ({value!r:.40})")
-    return answers[0], other_answers(answers, candidate_list(candidates, path, row))
 
 
 def _parquet_question(prompt, path, row) -> str:
@@ -255,7 +163,7 @@ def _dict_image(cell: dict, path, row, field) -> EncodedImage:
 def _parquet_image(images, path, row) -> EncodedImage | Image.Image:
     """The first entry of ``images`` (a list, or a numpy array as pandas reads one): ``{"bytes": ...}`` /
     ``{"path": ...}`` (parquet) or a PIL image (datasets)."""
-    images = _plain(images)
+    images = plain_value(images)
     first = images[0] if isinstance(images, list | tuple) and len(images) else None
     if isinstance(first, Image.Image):
         return encoded_image(first, path, row, "images")
@@ -324,7 +232,7 @@ def parquet_sample(r: dict, path: Path, i: int, id_stem: str | None = None) -> S
         raise row_error(path, i, "reward_model", f"expected a dict with 'ground_truth', got {reward!r:.60}")
     extra = _extra_info(r.get("extra_info"), path, i)
     image = _parquet_image(r.get("images"), path, i)
-    truth, candidates = _answers(reward.get("ground_truth"), reward.get("candidate_answers"), path, i,
+    truth, candidates = answers_of(reward.get("ground_truth"), reward.get("candidate_answers"), path, i,
                                  "reward_model.ground_truth")  # fmt: skip
     return Sample(
         id=_sample_id((r.get("data_id"), extra.get("index")), f"{id_stem or path.stem}-{i}"),
@@ -332,9 +240,9 @@ def parquet_sample(r: dict, path: Path, i: int, id_stem: str | None = None) -> S
         image=image,
         ground_truth=truth,
         candidate_answers=candidates,
-        data_source=r.get("data_source") or "mmsearch_r1",
+        data_source=label(r.get("data_source")) or "mmsearch_r1",
         image_url=r.get("image_urls") or None,
-        category=r.get("category"),
+        category=label(r.get("category")),
         extra=dict(extra),
     )
 
@@ -347,16 +255,16 @@ def jsonl_sample(r: dict, path: Path, i: int, line: int | None = None, id_stem: 
         raise row_error(path, at, "<row>", f"expected an object, got {type(r).__name__}")
     image = _jsonl_image(r.get("image"), path, at)
     question = _text(r.get("question"), path, at, "question")
-    truth, candidates = _answers(r.get("ground_truth"), r.get("candidate_answers"), path, at, "ground_truth")
+    truth, candidates = answers_of(r.get("ground_truth"), r.get("candidate_answers"), path, at, "ground_truth")
     return Sample(
         id=_sample_id((r.get("data_id"), r.get("id")), f"{id_stem or path.stem}-{i}"),
         question=question,
         image=image,
         ground_truth=truth,
         candidate_answers=candidates,
-        data_source=r.get("data_source") or "mmsearch_r1",
+        data_source=label(r.get("data_source")) or "mmsearch_r1",
         image_url=r.get("image_url") or None,
-        category=r.get("category"),
+        category=label(r.get("category")),
     )
 
 

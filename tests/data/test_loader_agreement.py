@@ -14,7 +14,7 @@ from PIL import Image
 from mmsr.data.columns import ColumnMapping, Fetched
 from mmsr.data.hf import name_id_stem
 from mmsr.data.loaders import DataError, load_samples
-from mmsr.data.rows import parquet_sample
+from mmsr.data.rows import jsonl_sample, parquet_sample
 from mmsr.reward.mmsearch_r1 import is_correct
 from tests.conftest import import_optional
 
@@ -191,3 +191,13 @@ def test_a_dot_in_a_dataset_or_folder_name_is_no_extension(tmp_path, monkeypatch
     ds = datasets.Dataset.from_list([{"question": "q", "ground_truth": "x"}])
     ids = [samples_from_dataset(ds, name=f"org/data.{v}")[0].id for v in ("v1", "v2")]
     assert ids == ["org/data.v1-0", "org/data.v2-0"]
+
+
+@pytest.mark.parametrize("category, expected", [(1, "1"), ("", None), (None, None), ("art", "art")])
+def test_numeric_categories_and_sources_are_text_in_both_row_schemas(tmp_path, category, expected):
+    # ints from a jsonl set reached Sample.category (typed str | None), and sorting them beside strings crashed
+    # the evaluation's summary after every episode had run, and a training step's per-category metrics
+    flat = {"id": "a", "question": "q?", "ground_truth": "x", "image": None, "category": category, "data_source": 7}
+    verl = {**_verl_row("x", None), "data_source": 7, "category": category}
+    for sample in (jsonl_sample(flat, tmp_path / "f.jsonl", 0), parquet_sample(verl, tmp_path / "f.parquet", 0)):
+        assert (sample.category, sample.data_source) == (expected, "7")
