@@ -52,7 +52,15 @@ from mmsr.metrics import (
 )
 from mmsr.models.build import DType, PolicyBuilder, save_policy
 from mmsr.optim import Schedule, adamw_with_schedule, check_schedule, optimizer_limits, refuse_out_of_range
-from mmsr.parallel import compute_dtype, copy_to, gather_full, memory_metrics, mixed_precision, shard
+from mmsr.parallel import (
+    compute_dtype,
+    copy_to,
+    gather_full,
+    memory_metrics,
+    mixed_precision,
+    refuse_one_device_ddp,
+    shard,
+)
 from mmsr.prompt.render import PromptBuilder
 from mmsr.reference import ReferenceModel
 from mmsr.reward import MMSearchR1Reward, Reward
@@ -212,6 +220,11 @@ class GRPOModule(L.LightningModule):
         precision = str(self.trainer.precision) if self._trainer is not None else None
         self.policy.compute_dtype = compute_dtype(self.hparams.compute_dtype, self.param_dtype, precision)
         self.start_engine()
+
+    def on_fit_start(self) -> None:
+        """Refuse plain DDP on one device for a vision-language policy before the first rollout
+        (``refuse_one_device_ddp``: a step of text-only episodes failed DDP's next backward)."""
+        refuse_one_device_ddp(self.trainer.strategy.model, self.policy.vision_tower(), "GRPOModule")
 
     def start_engine(self) -> None:
         """Bind the engine to the policy (vLLM starts here, on this rank's device), once. vLLM seeds the

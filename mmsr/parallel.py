@@ -18,6 +18,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from mmsr.checkpoint import adopt_dtypes
+from mmsr.models.policy import runs_beside_other_ranks
 
 PRECISION_COMPUTE = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
@@ -25,11 +26,19 @@ PRECISION_COMPUTE = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 def compute_dtype(requested: str | None, param_dtype: torch.dtype, trainer_precision: str | None) -> torch.dtype:
     """The matmul dtype: the module's ``compute_dtype`` if set, else Lightning's mixed precision
     (``bf16-mixed`` -> bf16, ``16-mixed`` -> fp16), else the parameters' dtype. ``bf16-true`` /
-    ``16-true`` / ``64-true`` are refused (``refuse_true_precision``)."""
+    ``16-true`` / ``64-true`` are refused (``refuse_true_precision``), and so is a dtype wider than the
+    parameters' (``GRPOModule.setup`` calls this before the engine starts, ``mmsr plan`` before it sizes)."""
     refuse_true_precision(trainer_precision, param_dtype)
-    if requested:
-        return getattr(torch, requested)
-    return PRECISION_COMPUTE.get(str(trainer_precision), param_dtype)
+    compute = getattr(torch, requested) if requested else PRECISION_COMPUTE.get(str(trainer_precision), param_dtype)
+    # Autocast only lowers precision: torch turns an fp32 autocast over bf16 weights off with a warning, so the
+    # matmuls ran in bf16 while FSDP2 gathered fp32. ``Policy.autocast`` refused it, but at the first forward only.
+    if compute.itemsize > param_dtype.itemsize:
+        wide, params = (str(d).removeprefix("torch.") for d in (compute, param_dtype))
+        source = f"model.compute_dtype {requested!r}" if requested else f"trainer.precision {trainer_precision!r}"
+        raise ValueError(f"{source} is wider than model.param_dtype {params!r}: autocast only lowers "
+                         f"precision (the matmuls would run in {params}); for {wide} matmuls set model.param_dtype: "
+                         f"{wide}")  # fmt: skip
+    return compute
 
 
 def refuse_true_precision(trainer_precision: str | None, param_dtype: torch.dtype = torch.float32) -> None:
@@ -152,6 +161,23 @@ def drop_idle_gradients(module: torch.nn.Module | None, used: bool, device: torc
     if not all_reduce(float(used), "max", device):
         for p in module.parameters():
             p.grad = None
+
+
+def refuse_one_device_ddp(wrapped: torch.nn.Module, tower: torch.nn.Module | None, module: str) -> None:
+    """Refuse plain DDP (no ``find_unused_parameters``) on one device for a policy with a vision ``tower``, before the
+    first step. ``wrapped``: the strategy's model (the DDP wrapper under DDP).
+
+    A micro-batch without an image (a text-only row, a warm-start reading step) gives the tower no gradient. On
+    several ranks it runs at zero weight (``idle_vision_tower``), so DDP gets every gradient; alone it is left out, as
+    one process leaves it, and DDP failed the next backward with Lightning's "parameters that were not used in
+    producing the loss", naming neither the rows nor the tower (GRPO: after its first rollout). Called from
+    ``on_fit_start``, where the wrapper exists and no rollout has run."""
+    if tower is None or runs_beside_other_ranks() or getattr(wrapped, "find_unused_parameters", True):
+        return
+    raise ValueError(f"{module} under trainer.strategy ddp on one device: a micro-batch without an image (a text-only "
+                     "row, a reading step) leaves the vision tower without gradients, which plain DDP fails on (on "
+                     "several ranks the tower runs at zero weight); set trainer.strategy: auto or "
+                     "ddp_find_unused_parameters_true")  # fmt: skip
 
 
 def memory_metrics(model: torch.nn.Module, reference: torch.nn.Module | None, device: torch.device) -> dict[str, float]:

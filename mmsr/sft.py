@@ -26,9 +26,9 @@ from mmsr.checkpoint import rank_states, restore_rank_state
 from mmsr.data.sample import Sample
 from mmsr.models.build import PolicyBuilder, save_policy
 from mmsr.metrics import forget_step_metrics
-from mmsr.models.policy import Policy, runs_beside_other_ranks
+from mmsr.models.policy import Policy
 from mmsr.optim import Schedule, adamw_with_schedule, check_schedule, optimizer_limits, refuse_out_of_range
-from mmsr.parallel import all_reduce, drop_idle_gradients, refuse_true_precision
+from mmsr.parallel import all_reduce, drop_idle_gradients, refuse_one_device_ddp, refuse_true_precision
 from mmsr.prompt.render import PromptBuilder
 from mmsr.rollout.engine import GenerationRequest, SamplingParams, ScriptedEngine
 from mmsr.rollout.loop import RolloutLoop, RolloutSettings
@@ -243,15 +243,10 @@ class SFTModule(L.LightningModule):
         refuse_true_precision(str(self.trainer.precision))  # before Lightning casts the policy or a batch
 
     def on_fit_start(self) -> None:
-        # DDP's reducer expects a gradient for every parameter unless told otherwise. On several ranks a reading
-        # step runs the vision tower at zero weight (``idle_vision_tower``), so plain DDP gets them all (and skips
-        # find_unused's graph walk every backward); DDP on one rank leaves the tower out, and the next step's
-        # forward failed with a message that names neither reading nor the config key.
-        if (self.hparams.reading_steps and self.policy.is_vision and not runs_beside_other_ranks()
-                and not getattr(self.trainer.strategy.model, "find_unused_parameters", True)):  # fmt: skip
-            raise ValueError("reading_steps > 0 under DDP on one rank: the reading steps leave the vision tower "
-                             "without gradients (on several ranks it runs at zero weight); set trainer.strategy: "
-                             "auto or ddp_find_unused_parameters_true")
+        # DDP's reducer expects a gradient for every parameter unless told otherwise. On several ranks a text-only
+        # forward (a reading step, a row without an image) runs the vision tower at zero weight, so plain DDP gets
+        # them all (and skips find_unused's graph walk every backward); DDP on one device leaves the tower out.
+        refuse_one_device_ddp(self.trainer.strategy.model, self.policy.vision_tower(), "SFTModule")
 
     def on_train_end(self) -> None:
         if self.hparams.export_dir and self.trainer.is_global_zero:

@@ -13,7 +13,7 @@ import torch
 from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from mmsr.models.build import corpus_texts, text_config, tool_bounds, vision_token_ids
+from mmsr.models.build import check_bounds, corpus_texts, text_config, tool_bounds, vision_token_ids
 from mmsr.models.policy import Policy
 from mmsr.models.tokenizer import QWEN3_VL_CHAT_TEMPLATE, TokenizerCorpus, train_bpe_tokenizer
 from mmsr.prompt.chat_template import chat_format
@@ -81,6 +81,7 @@ class TinyQwen3VL:
                            deepstack_visual_indexes=list(deepstack_layers))  # fmt: skip
         self.pixels = dict(min_pixels=min_pixels, max_pixels=max_pixels)
         self.tool_pixels = tool_bounds(tool_image_min_pixels, tool_image_max_pixels)
+        check_bounds("TinyQwen3VL", self.pixels, self.tool_pixels)  # when the builder is made, before the build
         self.seed = seed
 
     def config(self, tokenizer) -> Qwen3VLConfig:

@@ -1,11 +1,13 @@
-"""``mmsr plan -c CONFIG [-c MORE.yaml ...] [--gpu-gb 80]``: does a run fit on its GPUs?
+"""``mmsr plan -c CONFIG [-c MORE.yaml ...] [--gpu-gb 79.1]``: does a run fit on its GPUs?
 
 Builds the configured policy on the meta device (no weights) and prints, per GPU, the memory of every
 term in the rollout and the training phase (``mmsr.plan.memory`` says what each one counts), the peak,
 whether it fits ``--gpu-gb`` (exit status 1 when it does not), the weight-sync bytes and the tokens per
-step the rollout limits allow. Dotted overrides work as in ``mmsr fit``. GiB = 2**30 bytes.
+step the rollout limits allow. Dotted overrides work as in ``mmsr fit``. GiB = 2**30 bytes; every size,
+``--gpu-gb`` included, is in GiB: a GPU's is what CUDA reports (79.1 for an H100 sold as 80 GB, the
+default; ``mmsr.plan.config.CARD_GIB``). Given a size cards are sold with (80), stderr says what CUDA gives.
 
-    mmsr plan -c configs/mmsearch_r1/qwen2_5_vl_7b_4x8.yaml --gpu-gb 80
+    mmsr plan -c configs/mmsearch_r1/qwen2_5_vl_7b_4x8.yaml
     mmsr plan -c configs/mmsearch_r1/qwen2_5_vl_7b_1x8.yaml --model.init_args.micro_batch_tokens 8192 --json
 
 Heavy imports (Lightning, transformers, torch) happen after argument parsing.
@@ -15,9 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import replace
 
-from mmsr.plan.config import GiB, RunSpec
+from mmsr.plan.config import CARD_GIB, GiB, RunSpec
 
 # table rows: (key in the phases, label); rows that are 0 in both phases are left out
 ROWS = (
@@ -43,7 +46,9 @@ def parser() -> argparse.ArgumentParser:
                                 epilog="Other arguments are dotted overrides of the run config "
                                        "(--model.init_args.micro_batch_tokens 8192).")  # fmt: skip
     p.add_argument("-c", "--config", action="append", required=True, help="run config; several merge in order")
-    p.add_argument("--gpu-gb", type=float, default=80.0, help="memory of one GPU (GiB)")
+    p.add_argument("--gpu-gb", type=float, default=CARD_GIB[80], metavar="GIB",
+                   help=f"memory of one GPU in GiB, as torch.cuda.mem_get_info() reports its total (default "
+                        f"{CARD_GIB[80]}: an H100 or A100 sold as 80 GB; an H200 {CARD_GIB[141]})")  # fmt: skip
     p.add_argument("--overhead-gb", type=float, default=2.0, help="CUDA context, NCCL buffers, fragmentation (GiB)")
     p.add_argument("--vllm-overhead-gb", type=float, default=4.0,
                    help="vLLM's activations, CUDA graphs and non-torch memory within gpu_memory_utilization (GiB)")
@@ -134,8 +139,19 @@ def render(spec: RunSpec, result: dict) -> str:
     return "\n".join([*lines, sync_line(spec, result["weight_sync"]), *token_lines(spec, result["tokens"])])
 
 
+def card_note(gpu_gib: float) -> str | None:
+    """What to say when ``--gpu-gb`` is a size cards are sold with (GB), which is more than CUDA gives: 80 GiB
+    planned a 79.1 GiB H100 as 0.9 GiB larger, and vLLM's share of it 0.5 GiB larger at 0.6."""
+    if gpu_gib not in CARD_GIB:
+        return None
+    return (f"mmsr plan: --gpu-gb {gpu_gib:g} is {gpu_gib:g} GiB; a GPU sold as {gpu_gib:g} GB gives CUDA "
+            f"{CARD_GIB[gpu_gib]} GiB (torch.cuda.mem_get_info): plan for it with --gpu-gb {CARD_GIB[gpu_gib]}")
+
+
 def main(argv: list[str] | None = None) -> dict:
     args, overrides = parser().parse_known_args(argv)
+    if note := card_note(args.gpu_gb):
+        print(note, file=sys.stderr)
     from mmsr.plan.config import instantiate, meta_model, model_shape, parse_run_config, policy_config, run_spec
     from mmsr.plan.memory import plan
 

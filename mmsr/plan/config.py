@@ -15,6 +15,10 @@ from pathlib import Path
 from typing import Any
 
 GiB = 2**30
+# GiB of one GPU as CUDA reports it (``torch.cuda.mem_get_info()``'s total, of which vLLM's ``gpu_memory_utilization``
+# is a share), by the GB a card is sold with: an H100 "80GB" gives 79.1 (nvidia-smi's 81,559 MiB is 79.6; an A100
+# 80GB 79.1-79.3), an H200 "141GB" 139.7-139.8. ``mmsr plan --gpu-gb`` takes the GiB; its default is an 80 GB card.
+CARD_GIB = {80: 79.1, 141: 139.7}
 KNOWN_CONFIGS = Path(__file__).resolve().parents[1] / "models" / "known_configs"
 QWEN_DEFAULT_MAX_PIXELS = 12845056  # Qwen2-VL image processor default (16384 tokens per image)
 

@@ -23,7 +23,7 @@ import math
 from dataclasses import replace
 
 from mmsr.algo.logprobs import DEFAULT_CHUNK_SIZE
-from mmsr.plan.config import GiB, ModelShape, RunSpec
+from mmsr.plan.config import CARD_GIB, GiB, ModelShape, RunSpec
 from mmsr.sync.probe import PROBE_TOKENS, SAMPLING_PROBE_MIN_TOKENS
 from mmsr.tools.base import IMAGE_MARKER
 
@@ -316,7 +316,7 @@ def problems(spec: RunSpec, engine: dict[str, int]) -> list[str]:
     return []
 
 
-def plan(shape: ModelShape, spec: RunSpec, gpu_gib: float = 80.0, overhead_gib: float = 2.0,
+def plan(shape: ModelShape, spec: RunSpec, gpu_gib: float = CARD_GIB[80], overhead_gib: float = 2.0,
          vllm_allowance_gib: float = 4.0) -> dict:  # fmt: skip
     """Everything ``mmsr plan`` reports, in bytes (the JSON of ``--json``); ``fits`` is the verdict."""
     gpu = int(gpu_gib * GiB)

@@ -148,3 +148,16 @@ def test_real_qwen_vocabulary_with_the_qwen3_vl_template(fvqa_samples):
     assert policy.chat == ChatFormat(system=None) and text.startswith("<|im_start|>user\n")
     assert tok.encode(text, add_special_tokens=False) == traj.input_ids
     assert traj.input_ids.count(151655) == sum(v.num_tokens for v in traj.vision) and len(traj.vision) == 3
+
+
+def test_inverted_pixel_bounds_are_refused_when_the_builder_is_made():
+    """As ``TinyQwen2_5_VL`` and ``PretrainedPolicy`` do: a tool max under the question images' min (64*64, the bound a
+    ``None`` tool min stands for) built a tool processor that resized a 200x150 thumbnail to one token, silently;
+    a question min over its max was taken as well. Each is refused before the tokenizer trains, naming the fields."""
+    tool = "TinyQwen3VL: tool_image_min_pixels resolves to 4096 > tool_image_max_pixels 1000 "
+    with pytest.raises(ValueError, match=tool):
+        TinyQwen3VL(tool_image_max_pixels=1000)
+    with pytest.raises(ValueError, match=r"TinyQwen3VL: min_pixels resolves to 20000 > max_pixels 10000"):
+        TinyQwen3VL(min_pixels=20000, max_pixels=10000)
+    accepted = TinyQwen3VL(tool_image_min_pixels=32 * 32, tool_image_max_pixels=64 * 64)  # tool bounds of their own
+    assert accepted.tool_pixels == {"min_pixels": 1024, "max_pixels": 4096}

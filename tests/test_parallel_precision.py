@@ -1,0 +1,41 @@
+"""fp32 matmuls over bf16 parameters are refused at setup, before the engine starts or a rollout runs, naming the
+two settings (``Policy.autocast`` refused them too, but only at the first forward: a rollout's worth of work in)."""
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from mmsr.models.build import TinyQwen2_5_VL
+from mmsr.module import GRPOModule
+from mmsr.parallel import compute_dtype
+from mmsr.rollout.engine import ScriptedEngine
+from tests.conftest import FVQA
+from tests.test_module import script
+
+WIDER = "model.compute_dtype 'float32' is wider than model.param_dtype 'bfloat16'"
+
+
+def test_a_compute_dtype_wider_than_the_parameters_is_refused():
+    with pytest.raises(ValueError, match=f"{WIDER}: autocast only lowers precision.*set model.param_dtype: float32$"):
+        compute_dtype("float32", torch.bfloat16, "32-true")
+    # bf16 weights under bf16-mixed (the same width) and fp32 masters with any compute are as before
+    assert compute_dtype(None, torch.bfloat16, "bf16-mixed") == torch.bfloat16
+    assert compute_dtype("float32", torch.float32, "bf16-mixed") == torch.float32
+
+
+def test_fit_refuses_fp32_compute_over_bf16_parameters_before_the_first_rollout(tmp_path, fvqa_samples):
+    turns = []
+
+    def counted(request):
+        turns.append(request.key)
+        return script(request)
+
+    model = GRPOModule(policy=TinyQwen2_5_VL(tokenizer_texts=[str(FVQA / "fvqa_dev.jsonl")], hidden_size=32, num_layers=1,
+                                             vision_depth=1, seed=0),
+                       engine=ScriptedEngine(counted), kl_coef=0.0, param_dtype="bfloat16", compute_dtype="float32")  # fmt: skip
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
+    with pytest.raises(ValueError, match=WIDER):
+        trainer.fit(model, DataLoader(fvqa_samples[:2], batch_size=2, collate_fn=list))
+    assert turns == []  # no episode was rolled out
