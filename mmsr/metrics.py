@@ -88,13 +88,14 @@ def group_sums(trajs: Sequence[Trajectory], samples: Sequence[Sample], details: 
 
 
 def _summed(episodes: Iterable[tuple[Mapping, float | None, float]]) -> GroupSums:
-    """``GroupSums`` of ``(the episode's data_source and category, its correctness or None, whether it searched)``."""
+    """``GroupSums`` of ``(the episode's data_source and category, its correctness or None, whether it searched)``;
+    a group is named by its text (a jsonl set's category ``1`` is group ``"1"``), one without a name is in none."""
     sums: GroupSums = {}
     for fields, correct, searched in episodes:
         for field in ("data_source", "category"):
-            if not fields[field]:
+            if fields[field] is None or fields[field] == "":  # in no group (a category 0 is one)
                 continue
-            key = (field, fields[field])
+            key = (field, str(fields[field]))  # a set's numbers next to its strings: sorted together, they raised
             n, total, searches, graded = sums.get(key, (0, 0.0, 0, 0))
             if correct is not None:
                 total, graded = total + correct, graded + 1

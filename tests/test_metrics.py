@@ -314,3 +314,16 @@ def test_a_web_tools_own_counters_are_not_filed_under_their_kind_twice():
     # They were logged as tools/image_search/image_search/thumbnail_bad_image.
     assert tool_counters({"image_search": WebCounters()}) == {
         "tools/image_search/thumbnail_bad_image": 1.0, "tools/image_search/serper_lens/calls": 2.0}
+
+
+def test_numeric_categories_and_sources_are_grouped_by_their_text():
+    """A jsonl set's ``category`` of numbers next to a string one and a row without any: sorting the group names
+    raised ``TypeError`` (str < int) after the step's episodes had run. Category ``0`` is a group, ``None`` none."""
+    samples = [Sample("a", "q", None, "x", data_source=7, category=1), Sample("b", "q", None, "x", data_source="s", category=0),
+               Sample("c", "q", None, "x", data_source="s", category="free"), Sample("d", "q", None, "x", data_source="s")]  # fmt: skip
+    trajs = [traj(i, [Answer("a")]) for i in range(4)]
+    details = [{"correct": c} for c in (1.0, 0.0, 1.0, 1.0)]
+    m = rollout_metrics(trajs, samples, [1.0, 0.0, 1.0, 1.0], details, RolloutSettings())
+    assert {k: v for k, v in m.items() if k.startswith("reward/accuracy/")} == {
+        "reward/accuracy/0": 0.0, "reward/accuracy/1": 1.0, "reward/accuracy/free": 1.0,
+        "reward/accuracy/data_source/7": 1.0, "reward/accuracy/data_source/s": 2 / 3}  # fmt: skip

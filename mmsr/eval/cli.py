@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -44,13 +44,38 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-invalid", action="store_true", help="drop invalid data rows with a warning")
 
 
-def load_from_args(args: argparse.Namespace):
-    """The ``Loaded`` policy/engine/tools/settings the arguments describe."""
+# The workflows that search, and the tools each must have (none named: any one). ``direct`` never searches.
+SEARCHING = {"on-demand": (), "rag": ("image_search", "text_search")}
+
+
+def missing_tools(workflows: Sequence[str], tools: Mapping[str, object]) -> str | None:
+    """Why ``workflows`` cannot run with ``tools`` (``{name: tool or None}``), or None: a workflow that searches
+    without its tools had every search fail ("no image_search tool is configured") and reported that as a result."""
+    have = sorted(name for name, tool in tools.items() if tool is not None)
+    for workflow in (w for w in workflows if w in SEARCHING):
+        need = SEARCHING[workflow]
+        if not have or not set(need) <= set(have):
+            wanted, configured = " and ".join(need) or "a search tool", f"only {', '.join(have)} is" if have else "no tool is"
+            return f"--workflow {workflow} searches with {wanted}, but {configured} configured"
+    return None
+
+
+def refuse_missing_tools(workflows: Sequence[str], tools: Mapping[str, object], where: str) -> None:
+    """Stop before any episode when ``workflows`` search without their tools (``missing_tools``)."""
+    if (reason := missing_tools(workflows, tools)) is not None:
+        raise SystemExit(f"mmsr eval: error: {reason} ({where}): give the tools with --tools TOOLS.yaml "
+                         "(image_search / text_search entries, e.g. configs/tools/), or run --workflow direct")  # fmt: skip
+
+
+def load_from_args(args: argparse.Namespace, workflows: Sequence[str] = ()):
+    """The ``Loaded`` policy/engine/tools/settings the arguments describe; ``workflows`` that search without
+    their tools are refused (``refuse_missing_tools``), before the policy loads when ``--tools`` names them."""
     from mmsr.eval import load
     from mmsr.tools.base import check_ready
 
     tools = load.load_tools(args.tools) if args.tools else None
     if tools:
+        refuse_missing_tools(workflows, tools, f"--tools {args.tools}")
         check_ready(tools)  # before the policy loads
     if args.ckpt:
         loaded = load.load_checkpoint(args.ckpt, args.run_config)
@@ -60,7 +85,9 @@ def load_from_args(args: argparse.Namespace):
         loaded = load.load_policy_yaml(args.policy, args.weights)
     if tools:
         loaded.tools = tools
-    else:
+    else:  # a checkpoint's run's own tools; the other sources bring none
+        where = "the tools of --ckpt's run config" if args.ckpt else f"--tools {args.tools}" if args.tools else "no --tools"
+        refuse_missing_tools(workflows, loaded.tools, where)
         check_ready(loaded.tools)
     overrides = {k: getattr(args, k) for k in ("max_rounds", "max_tokens_per_turn", "max_context_tokens")}
     loaded.settings = replace(loaded.settings, **{k: v for k, v in overrides.items() if v is not None})
@@ -93,12 +120,18 @@ def parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    """The parsed arguments; ``--accuracy judge`` without a judge is refused here, before the model loads
-    (it would give a table of "–")."""
+    """The parsed arguments; refused here, before the model loads: ``--accuracy judge`` without a judge (it would
+    give a table of "–"), and a workflow that searches (``SEARCHING``) from ``--model-dir`` / ``--policy`` without
+    ``--tools`` (every search would fail, reported as a result)."""
     p = parser()
     args = p.parse_args(argv)
     if args.accuracy == "judge" and not args.judge_url:
         p.error("--accuracy judge needs --judge-url (the judge's OpenAI-compatible endpoint); without one, use --accuracy em or subem")
+    searching = [w for w in args.workflow if w in SEARCHING]
+    if searching and not args.tools and not args.ckpt:  # a checkpoint's run names its own tools
+        p.error(f"--workflow {' '.join(searching)} searches, and --{'model-dir' if args.model_dir else 'policy'} brings no "
+                "tools: give them with --tools TOOLS.yaml (image_search / text_search entries, e.g. configs/tools/), "
+                "or run --workflow direct (without tools every search fails)")  # fmt: skip
     return args
 
 
@@ -118,16 +151,17 @@ def build_evaluator(args: argparse.Namespace):
     from mmsr.reward.judge import OpenAIJudge
     from mmsr.eval.run import Evaluator
 
-    loaded = load_from_args(args)
+    loaded = load_from_args(args, args.workflow)
     judge = OpenAIJudge(args.judge_url, args.judge_model, args.judge_key_env) if args.judge_url else None
-    return Evaluator(loaded.policy, loaded.engine, loaded.tools, loaded.settings, loaded.prompts, judge,
+    return Evaluator(loaded.policy, loaded.engine, loaded.tools, loaded.settings, loaded.prompts, judge, loaded.reward,
                      batch_size=args.batch_size)  # fmt: skip
 
 
 def run_arguments(args: argparse.Namespace) -> dict:
     """The arguments that decide an evaluation's episodes (``EvalWork``'s run): all but where it is written,
-    which workflows run and how many questions (a batch is the same slice of a set whatever the limit)."""
-    return {k: v for k, v in sorted(vars(args).items()) if k not in ("out", "workflow", "limit")}
+    which workflows run, how many questions (a batch is the same slice of a set whatever the limit) and which
+    score the suite's table shows (``--accuracy``: every record holds EM, SubEM and the judge's verdict)."""
+    return {k: v for k, v in sorted(vars(args).items()) if k not in ("out", "workflow", "limit", "accuracy")}
 
 
 def run_suite_args(args: argparse.Namespace) -> dict:

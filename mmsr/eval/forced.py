@@ -12,7 +12,10 @@ text into the assistant turn itself instead of asking the model:
   had ended RAG's episode after one call, where the workflow always makes both searches), and a forced
   ``<answer>`` the model writes again (the direct-answer prompt asks for the tags) is kept once:
   ``<answer><answer>x</answer>`` would grade as ``<answer>x`` (spec extraction), not ``x``. A turn
-  edited so is re-tokenized.
+  edited so is re-tokenized. A turn with ``question_if_empty`` (RAG's query turn) whose content is empty, or
+  only whitespace and action tags, gets the episode's question as its content instead (``questions``, cut to
+  the turn's budget): ``<text_search></text_search>`` parsed as an empty query and ended RAG's episode after
+  one call, where the workflow always makes two.
 The forced tokens count against the turn's budget (``turn_budget``), the opening's and the closing's: the
 model samples what they leave, and a turn the budget cuts is still closed, so its action runs (RAG makes its
 two searches whatever the query's length, spec §9: a cut query turn had ended the episode after one). An
@@ -35,10 +38,12 @@ from mmsr.rollout.engine import Engine, GenerationOutput, GenerationRequest, Sam
 
 @dataclass(frozen=True)
 class ForcedTurn:
-    """``text`` opens (or, with ``close=None``, is) the assistant turn; ``close`` ends the model's part."""
+    """``text`` opens (or, with ``close=None``, is) the assistant turn; ``close`` ends the model's part;
+    ``question_if_empty``: an empty part becomes the episode's question (an opening only)."""
 
     text: str
     close: str | None = None
+    question_if_empty: bool = False
 
 
 class ForcedTurnsEngine:
@@ -51,11 +56,15 @@ class ForcedTurnsEngine:
         eos_ids: end-of-turn token ids the inner engine may end a turn with.
         tags: the action tags the loop parses (``answer`` and the tools'); the model's part of a forced
             turn loses them.
+        questions: ``sample id -> question`` of the episodes (keys ``<sample id>#<k>``), for the turns with
+            ``question_if_empty``.
     """
 
     def __init__(self, inner: Engine, tokenizer, turns: Mapping[int, ForcedTurn], eos_ids: Iterable[int],
-                 tags: Iterable[str] = ("answer", "search", "text_search")) -> None:  # fmt: skip
+                 tags: Iterable[str] = ("answer", "search", "text_search"),
+                 questions: Mapping[str, str] | None = None) -> None:  # fmt: skip
         self.inner, self.turns, self.eos_ids, self.tokenizer = inner, dict(turns), set(eos_ids), tokenizer
+        self.questions = dict(questions or {})
         self.ids = {t: tokenizer.encode(f.text, add_special_tokens=False) for t, f in self.turns.items()}
         self.close_ids = {t: tokenizer.encode(f.close, add_special_tokens=False) for t, f in self.turns.items() if f.close}
         names = sorted({re.escape(tag) for tag in tags}, key=len, reverse=True)
@@ -81,7 +90,7 @@ class ForcedTurnsEngine:
         for stop, idx in by_stop.items():
             inner = [self._continue(requests[i], sampling) for i in idx]
             for i, out in zip(idx, self.inner.generate(inner, replace(sampling, stop=stop))):
-                outputs[i] = self._finish(requests[i].turn, out)
+                outputs[i] = self._finish(requests[i], sampling, out)
         return outputs  # type: ignore[return-value]
 
     def _room(self, turn: int, budget: int) -> int:
@@ -94,9 +103,10 @@ class ForcedTurnsEngine:
         room = self._room(r.turn, turn_budget(r, sampling))
         return replace(r, input_ids=tuple(r.input_ids) + tuple(prefix), max_tokens=room)
 
-    def _finish(self, turn: int, out: GenerationOutput) -> GenerationOutput:
-        """The whole turn: the opening, the model's tokens without action tags, then ``close`` (room was kept)."""
-        spec = self.turns.get(turn)
+    def _finish(self, r: GenerationRequest, sampling: SamplingParams, out: GenerationOutput) -> GenerationOutput:
+        """The whole turn: the opening, the model's tokens without action tags (or the question in their place,
+        ``question_if_empty``), then ``close`` (room was kept)."""
+        turn, spec = r.turn, self.turns.get(r.turn)
         if spec is None:
             return out
         ids, lps = list(out.token_ids), list(out.logprobs)
@@ -106,10 +116,21 @@ class ForcedTurnsEngine:
         content = text.split(spec.close, 1)[0] if out.finish == "stop" else text  # a token may run past the stop
         body = self.action_tag.sub("", content)
         closing = self.close_ids[turn]
-        if out.finish == "stop" and text == body + spec.close:
+        if spec.question_if_empty and not body.strip():
+            ids = self._question_ids(r)[: self._room(turn, turn_budget(r, sampling))]
+            lps = [0.0] * len(ids)
+        elif out.finish == "stop" and text == body + spec.close:
             closing = []  # closed by the model, with no other tag: its tokens stay as sampled
         elif text != body:
             ids = self.tokenizer.encode(body, add_special_tokens=False)
             lps = [0.0] * len(ids)
         prefix = self.ids[turn]
         return GenerationOutput(prefix + ids + closing, [0.0] * len(prefix) + lps + [0.0] * len(closing), "stop")
+
+    def _question_ids(self, r: GenerationRequest) -> list[int]:
+        """The tokens of the question of ``r``'s episode, its action tags dropped (it is a tag's content)."""
+        sample_id = r.key.rsplit("#", 1)[0]
+        if sample_id not in self.questions:
+            raise ValueError(f"episode {r.key!r}: no question for sample {sample_id!r} in ForcedTurnsEngine(questions=...), "
+                           f"which turn {r.turn} (question_if_empty) writes when the model's part is empty")  # fmt: skip
+        return self.tokenizer.encode(self.action_tag.sub("", self.questions[sample_id]), add_special_tokens=False)

@@ -13,7 +13,9 @@ Every source ends by binding the engine to the policy and syncing the policy's w
 probe check (``WeightSync(verify_every=1)``): an engine that holds its own weights (vLLM starts from
 the base model) evaluates the loaded weights, or ``StaleWeightsError`` says it does not.
 Tools come from a YAML with ``image_search`` / ``text_search`` ``class_path`` entries; with a
-checkpoint and no tools file, the run's own tools are used.
+checkpoint and no tools file, the run's own tools are used. A GRPO checkpoint also brings the run's reward,
+which scores the ``reward`` column (``scoring_reward``: an LLM-judged one grades by its fallback matching);
+the other sources, and the warm start's ``SFTModule`` (no reward), are scored by ``MMSearchR1Reward()``.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import yaml
 
 from mmsr.models.policy import Policy
 from mmsr.prompt.render import PromptBuilder
+from mmsr.reward.base import Reward, WeightedRewards
 from mmsr.rollout.engine import Engine
 from mmsr.rollout.loop import RolloutSettings
 from mmsr.sync import WeightSync
@@ -44,6 +47,7 @@ class Loaded:
     tools: dict[str, SearchTool | None] = field(default_factory=dict)
     settings: RolloutSettings = RolloutSettings()
     prompts: PromptBuilder | None = None
+    reward: Reward | None = None  # the run's (``scoring_reward``); None: the evaluator's default
 
 
 def _parse(arguments: dict[str, object], values: dict, where: Path):
@@ -185,4 +189,19 @@ def load_checkpoint(ckpt: str | Path, run_config: str | Path | None = None) -> L
     # SFTModule's engine replays its teacher's turns: the warm-started policy generates with HFEngine.
     engine = module.engine if isinstance(module, GRPOModule) else HFEngine()
     engine = _synced(module.policy, engine, getattr(module, "weight_sync", None))
-    return Loaded(module.policy, engine, dict(loop.tools), loop.settings, loop.prompts)
+    reward = scoring_reward(module.reward) if isinstance(module, GRPOModule) else None
+    return Loaded(module.policy, engine, dict(loop.tools), loop.settings, loop.prompts, reward)
+
+
+def scoring_reward(reward: Reward) -> Reward:
+    """A run's reward as ``mmsr eval`` scores episodes with it: itself, but a ``JudgedReward`` (also one of a
+    ``WeightedRewards``) is its table, the run's penalty, format weight and ``fallback`` matching. The judge is the
+    evaluation's own (``--judge-url``, the ``judge`` column): the run's would be asked, and paid, per episode
+    without being asked for, and an endpoint not reachable from the evaluation waits out its retries each time."""
+    from mmsr.reward.judged import JudgedReward
+
+    if isinstance(reward, JudgedReward):
+        return reward.table
+    if isinstance(reward, WeightedRewards):
+        return WeightedRewards([scoring_reward(r) for r in reward.rewards], reward.weights)
+    return reward

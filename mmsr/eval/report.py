@@ -4,7 +4,8 @@ Search ratio under both of the paper's definitions (spec §9): ``search_ratio`` 
 that made at least one search (§4.1 text), ``call_ratio`` = search calls made / the most allowed
 (Table 1 caption). Per search type: ``image_only``, ``text_only``, ``mixed`` (shares of responses).
 Each ``data_source`` and ``category`` is summarized over its own rows only (upstream computes every
-source's search ratio over the whole validation batch).
+source's search ratio over the whole validation batch), named by its text (``slice_name``: ``1`` and ``"1"`` are
+one slice, a row without one is in ``"none"``).
 """
 
 from __future__ import annotations
@@ -82,6 +83,13 @@ def metrics(records: Sequence[EvalRecord]) -> dict[str, float | int | None]:
     }
 
 
+def slice_name(value: object) -> str:
+    """A ``data_source`` or ``category`` as the summary's key: a set may hold numbers (a jsonl column of ints)
+    next to strings and rows without one, which sorted together raised ``TypeError`` after every episode had run;
+    a row without one is in ``"none"``."""
+    return "none" if value is None or value == "" else str(value)
+
+
 def summarize(records: Sequence[EvalRecord]) -> dict:
     """``{set: {workflow: {"all": m, "by_data_source": {src: m}, "by_category": {cat: m}}}}``."""
     groups: dict[tuple[str, str], list[EvalRecord]] = defaultdict(list)
@@ -91,8 +99,8 @@ def summarize(records: Sequence[EvalRecord]) -> dict:
     for (name, workflow), rows in groups.items():
         by_source, by_category = defaultdict(list), defaultdict(list)
         for r in rows:
-            by_source[r.data_source].append(r)
-            by_category[r.category or "none"].append(r)
+            by_source[slice_name(r.data_source)].append(r)
+            by_category[slice_name(r.category)].append(r)
         out.setdefault(name, {})[workflow] = {
             "all": metrics(rows),
             "by_data_source": {k: metrics(v) for k, v in sorted(by_source.items())},

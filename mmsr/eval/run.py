@@ -21,6 +21,7 @@ from mmsr.eval.workflows import Workflow, WorkflowSetup, setup
 from mmsr.models.policy import Policy
 from mmsr.prompt.render import PromptBuilder
 from mmsr.reward.answer import episode_answer, exact_match, sub_exact_match
+from mmsr.reward.base import Reward
 from mmsr.reward.format import format_ok
 from mmsr.reward.mmsearch_r1 import MMSearchR1Reward
 from mmsr.rollout.engine import Engine, SamplingParams
@@ -53,30 +54,34 @@ class Evaluator:
         settings: on-demand episode limits (``direct`` / ``rag`` derive theirs, see ``workflows``).
         prompts: on-demand templates (default: the MMSearch-R1 ones).
         judge: optional LLM judge.
-        reward: the training reward, reported per episode.
+        reward: the run's reward, reported per episode (``mmsr eval --ckpt``: the checkpoint's, see
+            ``load.scoring_reward``); default ``MMSearchR1Reward()``, the paper's.
         batch_size: questions per ``RolloutLoop.run`` call.
     """
 
     def __init__(self, policy: Policy, engine: Engine, tools: Mapping[str, SearchTool | None],
                  settings: RolloutSettings = RolloutSettings(), prompts: PromptBuilder | None = None,
-                 judge: OpenAIJudge | None = None, reward: MMSearchR1Reward | None = None, batch_size: int = 16) -> None:  # fmt: skip
+                 judge: OpenAIJudge | None = None, reward: Reward | None = None, batch_size: int = 16) -> None:  # fmt: skip
         self.policy, self.engine, self.tools = policy, engine, dict(tools)
         self.settings, self.prompts, self.judge = settings, prompts, judge
         self.reward = reward or MMSearchR1Reward()
         self.batch_size = batch_size
 
-    def loop(self, flow: WorkflowSetup) -> RolloutLoop:
+    def loop(self, flow: WorkflowSetup, samples: Sequence[Sample] = ()) -> RolloutLoop:
+        """The loop of ``flow``, for episodes of ``samples`` (whose questions RAG's empty query turn searches)."""
         engine, tools = self.engine, self.tools if flow.use_tools else {}
         if flow.forced:
             tags = ("answer", *(spec.tag for spec in declared(tools)))  # the loop's action grammar
-            engine = ForcedTurnsEngine(engine, self.policy.tokenizer, flow.forced, self.policy.stop_token_ids(), tags)
+            questions = {s.id: s.question for s in samples}
+            engine = ForcedTurnsEngine(engine, self.policy.tokenizer, flow.forced, self.policy.stop_token_ids(), tags,
+                                       questions)  # fmt: skip
         return RolloutLoop(engine, self.policy, flow.prompts, tools, flow.settings)
 
     def run(self, samples: Sequence[Sample], workflow: Workflow, name: str, work: EvalWork | None = None) -> list[EvalRecord]:
         """One greedy episode per sample; records in sample order. With ``work``, the batches it holds are taken
         from it, and every batch run (and judged) is added to it as soon as it finishes."""
         flow = setup(workflow, self.settings, self.prompts, declared(self.tools))
-        loop = self.loop(flow)
+        loop = self.loop(flow, samples)
         greedy = SamplingParams(temperature=0.0, top_p=1.0, top_k=0, max_tokens=flow.settings.max_tokens_per_turn)
         records = []
         for start in range(0, len(samples), self.batch_size):

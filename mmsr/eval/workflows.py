@@ -6,8 +6,9 @@
 - ``rag``: always image search, then text search (paper Table 5/6 baseline). Turn 1 is forced to
   ``<search><img></search>`` (the model is not asked); the image results come back with the RAG
   prompt asking for a query; turn 2 opens with a forced ``<text_search>`` and the model writes the
-  query; the text results come back and turn 3 opens with a forced ``<answer>`` and the model
-  writes the answer. Exactly 2 calls per question, so its search ratio is 100% by construction.
+  query (an empty one is replaced by the question itself, ``ForcedTurn.question_if_empty``); the text
+  results come back and turn 3 opens with a forced ``<answer>`` and the model writes the answer.
+  Exactly 2 calls per question, so its search ratio is 100% by construction.
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ def setup(workflow: Workflow, settings: RolloutSettings, prompts: PromptBuilder 
     if workflow == "rag":
         fixed = replace(settings, max_rounds=3, image_search_limit=1, text_search_limit=1)
         builder = PromptBuilder("rag_round1.txt", "rag_after_image_search.txt", "rag_after_text_search.txt")
-        forced = {0: ForcedTurn("<search><img></search>"), 1: ForcedTurn("<text_search>", "</text_search>"),
+        forced = {0: ForcedTurn("<search><img></search>"),
+                  1: ForcedTurn("<text_search>", "</text_search>", question_if_empty=True),
                   2: ForcedTurn("<answer>", "</answer>")}  # fmt: skip
         return WorkflowSetup(builder, fixed, forced, True, 2)
     raise ValueError(f"unknown workflow {workflow!r}; expected one of {WORKFLOWS}")

@@ -5,7 +5,8 @@ RUN_DIR is a run directory as the CSV logger makes it (``runs/smoke/csv/version_
 may hold ``held_out.jsonl`` (greedy episodes on held-out questions at evaluation points: ``mmsr demo``
 writes it before and after GRPO), shown side by side per question kind.
 The report goes to ``RUN_DIR/report/``: ``index.html`` (self-contained: images and plots inline,
-so it can be mailed or opened from anywhere) and the plots as PNG files.
+so it can be mailed or opened from anywhere) and the plots as PNG files. The accuracy plot is titled by what
+decided correctness under the run's reward in ``config.yaml`` (``accuracy_title``).
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import yaml
+
 from mmsr.report.html import render_html
-from mmsr.report.plots import plot_run
+from mmsr.report.plots import PLOTS, plot_run
 from mmsr.report.records import HELD_OUT_FILE, TRAJECTORIES_FILE, read_records
 
 
@@ -39,13 +42,52 @@ def write_report(
     # A record logged twice for one step and position keeps its later version (see plots.read_metrics).
     records = list({(r.step, r.index): r for r in read_records(traj_file)}.values()) if traj_file.exists() else []
     shown = records[-max_trajectories:] if max_trajectories > 0 else []
-    plots = plot_run(metrics, out) if metrics.exists() else {}
     text = config.read_text(encoding="utf-8") if config.exists() else None
+    plots = plot_run(metrics, out, {"accuracy": accuracy_title(text)}) if metrics.exists() else {}
     held_out = list(read_records(run_dir / HELD_OUT_FILE)) if (run_dir / HELD_OUT_FILE).exists() else []
     html = render_html(str(run_dir), shown, plots, text, omitted=len(records) - len(shown), held_out=held_out)
     index = Path(page) if page is not None else out / "index.html"
     index.write_text(html, encoding="utf-8")
     return index
+
+
+# How ``MMSearchR1Reward`` matches an answer, by ``mode``, and ``JudgedReward`` where the judge gave no verdict.
+_MATCHING = {"EM": "exact match", "SubEM": "SubEM: the answer contains a ground truth"}
+_FALLBACK = {"EM": "exact match", "SubEM": "SubEM"}
+
+
+def accuracy_title(config_text: str | None) -> str:
+    """The accuracy plot's title: what decided ``correct`` under the reward of the run's ``config.yaml`` (exact match,
+    SubEM, an LLM judge); where it cannot tell (another reward, a combination, no config) ``PLOTS``' neutral title.
+    It said "exact match" whatever the reward."""
+    entry = _reward_entry(config_text)
+    name, args = entry if entry is not None else ("", {})
+    if name == "MMSearchR1Reward" and (match := _MATCHING.get(args.get("mode", "EM"))):
+        return f"Accuracy ({match})"
+    if name == "JudgedReward" and (match := _FALLBACK.get(args.get("fallback", "EM"))):
+        return f"Accuracy (LLM judge; {match} where it gave no verdict)"
+    return next(spec.title for spec in PLOTS if spec.name == "accuracy")
+
+
+def _reward_entry(config_text: str | None) -> tuple[str, dict] | None:
+    """``(class name, init args)`` of a GRPO run's reward in its config (``GRPOModule``'s default when unset), or
+    None: no config, not YAML, or not a ``GRPOModule`` (a subclass may default to another reward)."""
+    try:
+        data = yaml.safe_load(config_text) if config_text else None
+    except yaml.YAMLError:
+        return None
+    model = data.get("model") if isinstance(data, dict) else None
+    if not isinstance(model, dict) or str(model.get("class_path", "GRPOModule")).rsplit(".", 1)[-1] != "GRPOModule":
+        return None
+    init = model.get("init_args") if "class_path" in model else model  # mmsr fit may write the init args bare
+    reward = init.get("reward") if isinstance(init, dict) else None
+    if reward is None:
+        return ("MMSearchR1Reward", {}) if isinstance(init, dict) else None
+    if isinstance(reward, str):
+        return reward.rsplit(".", 1)[-1], {}
+    if isinstance(reward, dict) and "class_path" in reward:
+        return str(reward["class_path"]).rsplit(".", 1)[-1], dict(reward.get("init_args") or {})
+    return None
 
 
 def main(argv: list[str] | None = None) -> None:

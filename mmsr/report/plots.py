@@ -10,7 +10,8 @@ import csv
 import io
 import math
 import warnings
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import matplotlib
@@ -41,7 +42,9 @@ class PlotSpec:
 
 PLOTS: tuple[PlotSpec, ...] = (
     PlotSpec("reward", "Reward", ("reward/mean", "reward/format")),
-    PlotSpec("accuracy", "Accuracy (exact match)", ("reward/accuracy",)),
+    # the reward decides what ``correct`` is (exact match, SubEM, an LLM judge): ``mmsr report`` names it from the
+    # run's config (``report.cli.accuracy_title``), this neutral title stands where it cannot tell
+    PlotSpec("accuracy", "Accuracy (share of episodes the reward counts correct)", ("reward/accuracy",)),
     PlotSpec(
         "search_ratio", "Search ratio by type (share of responses that search)",
         ("rollout/search_ratio/any", "rollout/search_ratio/image", "rollout/search_ratio/text"),
@@ -118,9 +121,10 @@ def kinds_in(curves: dict[str, Curve]) -> tuple[str, ...]:
     return tuple(k.removeprefix("reward/accuracy/") for k in curves if k.startswith("reward/accuracy/"))
 
 
-def plot_run(metrics_csv: str | Path, out_dir: str | Path) -> dict[str, Path]:
+def plot_run(metrics_csv: str | Path, out_dir: str | Path, titles: Mapping[str, str] | None = None) -> dict[str, Path]:
     """The PNGs of ``PLOTS`` whose metrics the run logged, by plot name; first ``kinds``, the panels
-    per question kind (``draw_panels``), when the run logged metrics per kind."""
+    per question kind (``draw_panels``), when the run logged metrics per kind. ``titles``: plot name -> the
+    title that replaces its spec's (the accuracy plot's, by what decided correctness)."""
     curves = read_metrics(metrics_csv)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -128,6 +132,8 @@ def plot_run(metrics_csv: str | Path, out_dir: str | Path) -> dict[str, Path]:
     if kinds := kinds_in(curves):
         pngs["kinds"] = draw_panels(curves, out_dir / "kinds.png", kinds)
     for spec in PLOTS:
+        if titles and spec.name in titles:
+            spec = replace(spec, title=titles[spec.name])
         if chosen := curves_for(spec, curves):
             pngs[spec.name] = plot(spec, chosen, out_dir / f"{spec.name}.png")
     return pngs

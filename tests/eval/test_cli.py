@@ -189,3 +189,57 @@ def test_policy_yaml_with_weights(tmp_path, tiny_policy):
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump({"policy": TINY, "typo": 1}))
     with pytest.raises(ValueError, match="unknown keys \\['typo'\\]"):
         load_policy_yaml(tmp_path / "bad.yaml")
+
+
+def test_a_workflow_that_searches_without_tools_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    """``--policy`` / ``--model-dir`` without ``--tools``: every search of on-demand and RAG failed ("no image_search
+    tool is configured"), reported as a real result with exit status 0. ``direct`` needs no tools."""
+    from mmsr.eval import load
+    from mmsr.eval.cli import main, parse_args
+
+    data = ["--data", str(FVQA / "fvqa_dev.jsonl"), "--out", str(tmp_path / "out")]
+    for source, workflows in ((["--policy", "p.yaml"], ["rag"]), (["--model-dir", "m"], ["direct", "on-demand"])):
+        with pytest.raises(SystemExit) as exit_:
+            main([*source, *data, "--workflow", *workflows])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and f"--workflow {workflows[-1]} searches, and {source[0]} brings no tools" in err
+        assert "give them with --tools" in err
+    assert parse_args(["--policy", "p.yaml", *data, "--workflow", "direct"]).workflow == ["direct"]
+    (tmp_path / "text.yaml").write_text(yaml.safe_dump({"text_search": TOOLS["text_search"]}))
+    with pytest.raises(SystemExit, match=rf"--workflow rag searches with image_search and text_search, but only text_search "
+                                         rf"is configured \(--tools {tmp_path / 'text.yaml'}\)"):  # fmt: skip
+        main(["--policy", str(tmp_path / "no-policy.yaml"), "--tools", str(tmp_path / "text.yaml"), *data, "--workflow", "rag"])
+    # a checkpoint whose run configured no tools (the policy is never needed: the refusal comes first)
+    no_tools = load.Loaded(None, None, {"image_search": None, "text_search": None})
+    monkeypatch.setattr(load, "load_checkpoint", lambda *a: no_tools)
+    with pytest.raises(SystemExit, match=r"on-demand searches with a search tool, but no tool is configured \(the tools of --ckpt"):
+        main(["--ckpt", "run.ckpt", *data])
+
+
+def test_a_checkpoints_reward_column_is_scored_by_the_runs_reward(tmp_path):
+    """``mmsr eval --ckpt`` scored the ``reward`` column with a default ``MMSearchR1Reward`` (EM, penalty 0.1), not
+    the run's: here SubEM with penalty 0.5, so an answer with extra words scored 0.1 where training gave it 1.0. A
+    judged reward is its table (the run's judge is not asked per episode); ``WeightedRewards`` keep their weights."""
+    from mmsr.data.loaders import load_samples
+    from mmsr.eval.cli import build_evaluator, parse_args
+    from mmsr.eval.load import load_module, scoring_reward
+    from mmsr.reward import MMSearchR1Reward, WeightedRewards
+    from mmsr.reward.judge import OpenAIJudge
+    from mmsr.reward.judged import JudgedReward
+    from mmsr.rollout.engine import ScriptedEngine
+
+    reward = {"class_path": "mmsr.reward.MMSearchR1Reward", "init_args": {"search_penalty": 0.5, "mode": "SubEM"}}
+    ckpt, _ = _run_dir(tmp_path, reward=reward)
+    argv = ["--ckpt", str(ckpt), "--data", str(FVQA / "fvqa_dev.jsonl"), "--max-tokens-per-turn", "64"]
+    evaluator = build_evaluator(parse_args(argv))  # the run's turns of 5 tokens: too short for the script's
+    assert vars(evaluator.reward) == vars(load_module(ckpt).reward) == vars(MMSearchR1Reward(0.5, mode="SubEM"))
+    s = load_samples(FVQA / "fvqa_dev.jsonl")[:2]
+    r = "<reason>r</reason>"
+    evaluator.engine = ScriptedEngine({s[0].id: [f"{r}<search><img></search>", f"{r}<answer>{s[0].ground_truth}</answer>"],
+                                       s[1].id: [f"{r}<answer>the {s[1].ground_truth} (probably)</answer>"]},
+                                      evaluator.policy.tokenizer)  # fmt: skip
+    assert [rec.reward for rec in evaluator.run(s, "on-demand", "dev")] == pytest.approx([0.55, 1.0])
+    judged = JudgedReward(OpenAIJudge("http://127.0.0.1:1/v1", "m"), search_penalty=0.3, fallback="SubEM")
+    assert scoring_reward(judged) is judged.table and vars(judged.table) == vars(MMSearchR1Reward(0.3, mode="SubEM"))
+    weighted = scoring_reward(WeightedRewards([judged, MMSearchR1Reward()], [0.5, 2.0]))
+    assert weighted.rewards[0] is judged.table and weighted.weights == [0.5, 2.0]

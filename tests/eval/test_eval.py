@@ -223,3 +223,34 @@ def test_a_forced_opening_the_model_writes_again_is_kept_once(tiny_policy, fvqa_
     assert rec.em and rec.answer == sample.ground_truth
     if workflow == "rag":
         assert rec.turns[1]["text"] == f"<text_search>{sample.ground_truth}</text_search>" and rec.text_searches == 1
+
+
+@pytest.mark.parametrize("query_turn", ["", "  \n", "<answer></answer>", "</text_search>"])
+def test_an_empty_rag_query_searches_the_question_so_rag_makes_both_calls(tiny_policy, fvqa_samples, local_tools,
+                                                                          query_turn):  # fmt: skip
+    """``<text_search></text_search>`` parsed as an empty query: the episode ended after one call (search ratio
+    and call ratio of RAG then under its 100% by construction)."""
+    sample = fvqa_samples[2]
+    turns = {1: query_turn, 2: f"{sample.ground_truth}</answer>"}
+    engine = ScriptedEngine(lambda r: turns[r.turn], tiny_policy.tokenizer)
+    text = RecordingText(str(FVQA / "search" / "corpus.jsonl"), top_k=2)
+    tools = {"image_search": local_tools["image_search"], "text_search": text}
+    (rec,) = Evaluator(tiny_policy, engine, tools).run([sample], "rag", "dev")
+    assert [t["action"] for t in rec.turns] == ["ImageSearch", "TextSearch", "Answer"] and rec.finish_reason == "answer"
+    assert text.queries == [" ".join(sample.question.split())] and (rec.image_searches, rec.text_searches) == (1, 1)
+    assert rec.em and summarize([rec])["dev"]["rag"]["all"]["call_ratio"] == 1.0
+
+
+def test_numeric_categories_and_sources_are_summarized_by_their_text(tmp_path):
+    """A jsonl set's ``category`` of numbers next to a row without one: ``summarize`` sorted ``"none"`` with ``1``
+    and raised ``TypeError`` after every (paid) episode had run, leaving no summary."""
+    from mmsr.eval.report import EvalRecord
+
+    def record(source, category, em):
+        return EvalRecord("dev", "direct", "q", source, category, "q?", "a", [], "a", em, em, float(em), True, 0, 0, 0, "answer", 3)
+
+    records = [record(3, 1, True), record("s", 0, False), record("s", None, True), record("s", 1, False)]
+    summary = write_outputs(records, tmp_path)["dev"]["direct"]
+    assert {k: m["n"] for k, m in summary["by_category"].items()} == {"0": 1, "1": 2, "none": 1}
+    assert {k: m["em"] for k, m in summary["by_data_source"].items()} == {"3": 1.0, "s": pytest.approx(1 / 3)}
+    assert "| dev | direct | category=1 | 2 | 50.0 |" in (tmp_path / "summary.md").read_text()

@@ -54,3 +54,32 @@ def test_a_query_the_budget_cuts_is_still_closed_so_the_workflow_searches_it(tin
     assert out.finish == "stop" and len(out.token_ids) == 12
     assert out.token_ids == opening + [5] * (12 - len(opening) - len(closing)) + closing
     assert forced.inner.requests[0].max_tokens == 12 - len(opening) - len(closing)
+
+
+class SilentEngine:
+    """Ends every turn at once: its end-of-turn token and nothing else."""
+
+    def __init__(self, eos):
+        self.eos = eos
+
+    def generate(self, requests, sampling):
+        return [GenerationOutput([self.eos], [-0.5], "eos") for _ in requests]
+
+
+def test_an_empty_query_becomes_the_question_cut_to_the_turns_budget(tiny_policy):
+    """RAG's query turn with nothing of the model's: the question is the query (``<text_search></text_search>`` had
+    ended the episode after one call), within the tokens the opening and closing leave; an episode whose question
+    the engine was not given is an error naming it, not an empty query."""
+    question = "What is the name of the group these characters belong to?"
+    turns = {0: ForcedTurn("<text_search>", "</text_search>", question_if_empty=True)}
+    eos = min(tiny_policy.stop_token_ids())
+    forced = ForcedTurnsEngine(SilentEngine(eos), tiny_policy.tokenizer, turns, [eos], questions={"q#7": question})
+    asked = tiny_policy.tokenizer.encode(question, add_special_tokens=False)
+    opening, closing = forced.ids[0], forced.close_ids[0]
+    (whole,) = forced.generate([GenerationRequest((1, 2), key="q#7#0", turn=0)], SamplingParams(max_tokens=64))
+    assert whole.token_ids == opening + asked + closing and whole.finish == "stop" and set(whole.logprobs) == {0.0}
+    (cut,) = forced.generate([GenerationRequest((1, 2), key="q#7#1", turn=0, max_tokens=len(opening) + len(closing) + 3)],
+                             SamplingParams(max_tokens=64))  # fmt: skip
+    assert cut.token_ids == opening + asked[:3] + closing
+    with pytest.raises(ValueError, match=r"episode 'other#0': no question for sample 'other'"):
+        forced.generate([GenerationRequest((1, 2), key="other#0", turn=0)], SamplingParams(max_tokens=64))

@@ -174,7 +174,7 @@ def test_missing_verdicts_are_counted_in_summary_md_and_suite_md_and_the_cli_war
         judge = OpenAIJudge(url, "m", retries=0, timeout_s=10)
         evaluator = lambda args: Evaluator(tiny_policy, ScriptedEngine(script, tiny_policy.tokenizer), {}, judge=judge)  # noqa: E731
         monkeypatch.setattr(cli, "build_evaluator", evaluator)
-        common = ["--policy", "unused.yaml", "--limit", "3", "--judge-url", url]
+        common = ["--policy", "unused.yaml", "--tools", "unused.yaml", "--limit", "3", "--judge-url", url]
         cli.main([*common, "--data", f"dev={dev}", "--out", str(tmp_path / "data")])
         data_err = capsys.readouterr().err
         cli.main([*common, "--suite", str(tmp_path / "suite.yaml"), "--out", str(tmp_path / "suite")])

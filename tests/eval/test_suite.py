@@ -201,7 +201,8 @@ def test_accuracy_judge_without_a_judge_url_is_refused_before_anything_loads(tmp
     """It was accepted, and after the model loaded gave a table of "–" (no judge, no judge accuracy)."""
     from mmsr.eval.cli import main
 
-    argv = ["--model-dir", str(tmp_path / "no-model"), "--suite", str(tmp_path / "no-suite.yaml"), "--accuracy", "judge"]
+    argv = ["--model-dir", str(tmp_path / "no-model"), "--tools", str(tmp_path / "no-tools.yaml"), "--suite",
+            str(tmp_path / "no-suite.yaml"), "--accuracy", "judge"]  # fmt: skip
     with pytest.raises(SystemExit) as exit_:
         main(argv)
     assert exit_.value.code == 2 and "--accuracy judge needs --judge-url" in capsys.readouterr().err

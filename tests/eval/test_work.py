@@ -1,5 +1,8 @@
 """The resumable evaluation's work file (``mmsr.eval.work``) read back as it was written."""
 
+import pytest
+
+from mmsr.eval.cli import parse_args, run_arguments
 from mmsr.eval.report import EvalRecord
 from mmsr.eval.work import EvalWork
 
@@ -20,3 +23,15 @@ def test_a_batch_whose_text_holds_a_unicode_line_separator_is_done_after_a_resta
     written = path.read_text(encoding="utf-8")
     assert EvalWork(path, {"limit": 1}).done(("s", "w", 0), ["a"]) == [_record(question)]
     assert path.read_text(encoding="utf-8") == written  # nothing was cut, so nothing rewritten
+
+
+def test_a_crashed_suite_resumes_under_another_accuracy_but_not_another_batch_size(tmp_path):
+    """``--accuracy`` only picks the suite table's column (every record holds EM, SubEM and the verdict): a rerun
+    choosing another was refused, its finished batches lost. ``--batch-size`` decides the batches: still refused."""
+    path = tmp_path / "episodes.partial.jsonl"
+    base = ["--policy", "p.yaml", "--tools", "t.yaml", "--suite", "suite.yaml", "--out", str(tmp_path)]
+    EvalWork(path, run_arguments(parse_args([*base, "--accuracy", "em"]))).add(("s", "w", 0), ["a"], [_record("q")])
+    resumed = EvalWork(path, run_arguments(parse_args([*base, "--accuracy", "subem"])))
+    assert resumed.done(("s", "w", 0), ["a"]) == [_record("q")]
+    with pytest.raises(ValueError, match=r"--batch-size was 16, now 8"):
+        EvalWork(path, run_arguments(parse_args([*base, "--accuracy", "subem", "--batch-size", "8"])))

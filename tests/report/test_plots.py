@@ -1,6 +1,7 @@
 """metrics.csv -> curves -> PNG plots."""
 
 import pytest
+import yaml
 from PIL import Image
 
 from mmsr.report.plots import PLOTS, curves_for, kinds_in, plot_run, read_metrics
@@ -78,3 +79,42 @@ def test_what_a_kill_mid_write_leaves_is_skipped_with_a_warning(tmp_path):
     path.write_text("")
     with pytest.warns(UserWarning, match="no complete line"):
         assert read_metrics(path) == {} and plot_run(path, tmp_path / "out") == {}
+
+
+def _config(reward) -> str:
+    init = {"policy": {"class_path": "mmsr.models.build.TinyQwen2_5_VL"}} | ({"reward": reward} if reward != "unset" else {})
+    return yaml.safe_dump({"model": {"class_path": "mmsr.module.GRPOModule", "init_args": init}})
+
+
+@pytest.mark.parametrize(("reward", "title"), [
+    ("unset", "Accuracy (exact match)"),  # GRPOModule's default MMSearchR1Reward
+    ({"class_path": "mmsr.reward.MMSearchR1Reward", "init_args": {"mode": "SubEM"}}, "Accuracy (SubEM: the answer contains a ground truth)"),
+    ({"class_path": "mmsr.reward.judged.JudgedReward", "init_args": {"fallback": "SubEM"}},
+     "Accuracy (LLM judge; SubEM where it gave no verdict)"),
+    ({"class_path": "mmsr.reward.WeightedRewards", "init_args": {"rewards": []}}, "Accuracy (share of episodes the reward counts correct)"),
+    (None, "Accuracy (exact match)"),  # reward: null, as LightningCLI writes the default
+])  # fmt: skip
+def test_the_accuracy_plot_is_titled_by_what_decided_correctness(tmp_path, monkeypatch, reward, title):
+    """It said "Accuracy (exact match)" under SubEM and an LLM judge too; the report reads the run's config.yaml."""
+    from mmsr.report import plots
+    from mmsr.report.cli import write_report
+
+    (tmp_path / "metrics.csv").write_text(CSV)
+    (tmp_path / "config.yaml").write_text(_config(reward))
+    titles, draw = {}, plots.plot
+
+    def noting_titles(spec, curves, out):
+        titles[spec.name] = spec.title
+        return draw(spec, curves, out)
+
+    monkeypatch.setattr(plots, "plot", noting_titles)
+    write_report(tmp_path)
+    assert titles["accuracy"] == title and titles["reward"] == "Reward"
+
+
+def test_without_a_config_the_accuracy_plot_has_a_neutral_title():
+    from mmsr.report.cli import accuracy_title
+
+    neutral = "Accuracy (share of episodes the reward counts correct)"
+    assert [accuracy_title(text) for text in (None, "", "model: [", "trainer: {}")] == [neutral] * 4
+    assert next(s.title for s in PLOTS if s.name == "accuracy") == neutral  # plot_run's own, without titles
