@@ -15,11 +15,11 @@ from mmsr.models.build import save_policy
 
 
 def export(ckpt: str | Path, out: str | Path, run_config: str | Path | None = None, dtype: str | None = None) -> Path:
-    """Rebuild the run's module from its config, load the checkpoint's weights, write the policy
-    (cast to ``dtype``, e.g. ``"bfloat16"``, when given)."""
+    """Rebuild the run's module from its config, without its engine and tools (their files need not be here), load
+    the checkpoint's weights, write the policy (cast to ``dtype``, e.g. ``"bfloat16"``, when given)."""
     from mmsr.eval.load import load_module
 
-    policy = load_module(ckpt, run_config).policy
+    policy = load_module(ckpt, run_config, episodes=False).policy
     if dtype is not None:
         policy.model.to(getattr(torch, dtype))
     return save_policy(policy, out)

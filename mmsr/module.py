@@ -51,7 +51,14 @@ from mmsr.metrics import (
     zero_std_groups,
 )
 from mmsr.models.build import DType, PolicyBuilder, save_policy
-from mmsr.optim import Schedule, adamw_with_schedule, check_schedule, optimizer_limits, refuse_out_of_range
+from mmsr.optim import (
+    Schedule,
+    adamw_with_schedule,
+    check_schedule,
+    optimizer_limits,
+    reapply_configured,
+    refuse_out_of_range,
+)
 from mmsr.parallel import (
     compute_dtype,
     copy_to,
@@ -225,6 +232,12 @@ class GRPOModule(L.LightningModule):
         """Refuse plain DDP on one device for a vision-language policy before the first rollout
         (``refuse_one_device_ddp``: a step of text-only episodes failed DDP's next backward)."""
         refuse_one_device_ddp(self.trainer.strategy.model, self.policy.vision_tower(), "GRPOModule")
+
+    def on_train_start(self) -> None:
+        """A resumed run trains at the configured lr and weight decay, not the checkpoint's (``reapply_configured``:
+        Lightning restored the optimizer and schedule after ``configure_optimizers``)."""
+        hp = self.hparams
+        reapply_configured(self.optimizers(use_pl_optimizer=False), self.lr_schedulers(), hp.lr, hp.weight_decay)
 
     def start_engine(self) -> None:
         """Bind the engine to the policy (vLLM starts here, on this rank's device), once. vLLM seeds the

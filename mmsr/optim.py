@@ -50,3 +50,18 @@ def adamw_with_schedule(params: Iterable[torch.nn.Parameter], lr: float, weight_
     kwargs = {"cosine": dict(warmup_steps=warmup_steps, total_steps=total_steps)}.get(schedule, {})
     sched = torch.optim.lr_scheduler.LambdaLR(opt, make_lr_lambda(schedule, **kwargs))
     return [opt], [{"scheduler": sched, "interval": "step"}]
+
+
+def reapply_configured(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR, lr: float,
+                       weight_decay: float) -> None:  # fmt: skip
+    """Set the configured ``lr`` and ``weight_decay`` on an optimizer and schedule restored from a checkpoint,
+    at the schedule's position: each group's rate becomes ``lr * lambda(last_epoch)``.
+
+    Lightning loads a checkpoint's optimizer state (each group's ``lr``, ``initial_lr``, ``weight_decay``) and
+    schedule state (``base_lrs``) after ``configure_optimizers``, so a run resumed with another lr trained at the
+    checkpoint's while its config.yaml and loggers showed the new one. The modules call this in ``on_train_start``,
+    which runs after the restore (and changes nothing in a fresh run)."""
+    scheduler.base_lrs = [lr] * len(optimizer.param_groups)
+    for group, lr_lambda in zip(optimizer.param_groups, scheduler.lr_lambdas, strict=True):
+        group.update(initial_lr=lr, weight_decay=weight_decay, lr=lr * lr_lambda(scheduler.last_epoch))
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]  # what get_last_lr() reports

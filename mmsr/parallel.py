@@ -124,8 +124,8 @@ def copy_to(model: torch.nn.Module, dtype: torch.dtype, device: torch.device | s
 
 
 def gather_full(model: torch.nn.Module, keep: bool) -> torch.nn.Module | None:
-    """An unsharded copy of the FSDP2-sharded ``model`` holding its full weights, on the ranks that
-    ``keep`` it (rank 0), ``None`` elsewhere. A collective: every rank calls it."""
+    """An unsharded copy of the FSDP2-sharded ``model`` holding its full weights and its generation config, on
+    the ranks that ``keep`` it (rank 0), ``None`` elsewhere. A collective: every rank calls it."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -134,6 +134,10 @@ def gather_full(model: torch.nn.Module, keep: bool) -> torch.nn.Module | None:
     unsharded = type(model)(model.config)  # built in the default dtype: given the trainer's, as a 1-rank run saves
     adopt_dtypes(unsharded, full)
     unsharded.load_state_dict(full)
+    # a model built from its config gets generation defaults derived from it; the policy's own (a pretrained
+    # model's eos id list, which ``Policy.stop_token_ids`` reads, its sampling defaults) would be lost on export
+    if getattr(model, "generation_config", None) is not None:
+        unsharded.generation_config = copy.deepcopy(model.generation_config)
     return unsharded
 
 

@@ -27,7 +27,14 @@ from mmsr.data.sample import Sample
 from mmsr.models.build import PolicyBuilder, save_policy
 from mmsr.metrics import forget_step_metrics
 from mmsr.models.policy import Policy
-from mmsr.optim import Schedule, adamw_with_schedule, check_schedule, optimizer_limits, refuse_out_of_range
+from mmsr.optim import (
+    Schedule,
+    adamw_with_schedule,
+    check_schedule,
+    optimizer_limits,
+    reapply_configured,
+    refuse_out_of_range,
+)
 from mmsr.parallel import all_reduce, drop_idle_gradients, refuse_one_device_ddp, refuse_true_precision
 from mmsr.prompt.render import PromptBuilder
 from mmsr.rollout.engine import GenerationRequest, SamplingParams, ScriptedEngine
@@ -247,6 +254,11 @@ class SFTModule(L.LightningModule):
         # forward (a reading step, a row without an image) runs the vision tower at zero weight, so plain DDP gets
         # them all (and skips find_unused's graph walk every backward); DDP on one device leaves the tower out.
         refuse_one_device_ddp(self.trainer.strategy.model, self.policy.vision_tower(), "SFTModule")
+
+    def on_train_start(self) -> None:
+        """A resumed warm start trains at the configured lr and weight decay, not the checkpoint's (as GRPO's)."""
+        hp = self.hparams
+        reapply_configured(self.optimizers(use_pl_optimizer=False), self.lr_schedulers(), hp.lr, hp.weight_decay)
 
     def on_train_end(self) -> None:
         if self.hparams.export_dir and self.trainer.is_global_zero:

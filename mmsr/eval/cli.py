@@ -67,15 +67,16 @@ def refuse_missing_tools(workflows: Sequence[str], tools: Mapping[str, object], 
                          "(image_search / text_search entries, e.g. configs/tools/), or run --workflow direct")  # fmt: skip
 
 
-def load_from_args(args: argparse.Namespace, workflows: Sequence[str] = ()):
+def load_from_args(args: argparse.Namespace, workflows: Sequence[str] = (), refuse=refuse_missing_tools):
     """The ``Loaded`` policy/engine/tools/settings the arguments describe; ``workflows`` that search without
-    their tools are refused (``refuse_missing_tools``), before the policy loads when ``--tools`` names them."""
+    their tools are refused (``refuse(workflows, tools, where)``; ``mmsr curate`` gives its own), before the
+    policy loads when ``--tools`` names them."""
     from mmsr.eval import load
     from mmsr.tools.base import check_ready
 
     tools = load.load_tools(args.tools) if args.tools else None
     if tools:
-        refuse_missing_tools(workflows, tools, f"--tools {args.tools}")
+        refuse(workflows, tools, f"--tools {args.tools}")
         check_ready(tools)  # before the policy loads
     if args.ckpt:
         loaded = load.load_checkpoint(args.ckpt, args.run_config)
@@ -87,7 +88,7 @@ def load_from_args(args: argparse.Namespace, workflows: Sequence[str] = ()):
         loaded.tools = tools
     else:  # a checkpoint's run's own tools; the other sources bring none
         where = "the tools of --ckpt's run config" if args.ckpt else f"--tools {args.tools}" if args.tools else "no --tools"
-        refuse_missing_tools(workflows, loaded.tools, where)
+        refuse(workflows, loaded.tools, where)
         check_ready(loaded.tools)
     overrides = {k: getattr(args, k) for k in ("max_rounds", "max_tokens_per_turn", "max_context_tokens")}
     loaded.settings = replace(loaded.settings, **{k: v for k, v in overrides.items() if v is not None})

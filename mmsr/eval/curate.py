@@ -16,7 +16,8 @@ Resumable: each question's outcomes are appended to a work file (``<out>.rollout
 as its batch finishes; a rerun skips the questions already there. The file's first line records the
 settings that decide the outcomes (k, temperature, the model and its tools and limits): a rerun with other
 ones is refused, naming the file. Steps 2-5 are deterministic. Questions need an image (the rows written
-carry it): one without is refused before any rollout.
+carry it): one without is refused before any rollout. So is curation without a search tool (``--tools``, or a
+checkpoint's run's own): every search would fail, and questions answered without it would be labelled search_free.
 
     mmsr curate --ckpt runs/x/checkpoints/last.ckpt --data fvqa_train.parquet --k 8 --size 5000 --out curated.parquet
 """
@@ -198,6 +199,19 @@ def curate(samples: Sequence[Sample], loop: RolloutLoop, out: str | Path, k: int
     return counts | {"dropped": len(samples) - len(labels), "selected": len(chosen)}
 
 
+GIVE_TOOLS = ("give them with --tools TOOLS.yaml (image_search / text_search entries, e.g. configs/tools/): without "
+              "tools every search fails, and a question the model answers correctly is labelled search_free")  # fmt: skip
+
+
+def refuse_without_tools(workflows: Sequence[str], tools: Mapping[str, object], where: str) -> None:
+    """Stop before any rollout when no search tool is configured (``mmsr.eval.cli.missing_tools``): the on-demand
+    rollouts would search in vain, and curation would label search-required questions search_free."""
+    from mmsr.eval.cli import missing_tools
+
+    if missing_tools(workflows, tools) is not None:
+        raise SystemExit(f"mmsr curate: error: curation's rollouts search, but no tool is configured ({where}): {GIVE_TOOLS}")
+
+
 def main(argv: list[str]) -> dict[str, int]:
     from mmsr.eval.cli import add_model_args, load_from_args
 
@@ -212,10 +226,12 @@ def main(argv: list[str]) -> dict[str, int]:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", help="resumable work file (default: <out>.rollouts.jsonl)")
     args = p.parse_args(argv)
+    if not args.tools and not args.ckpt:  # a checkpoint's run names its own tools (refused below if it has none)
+        p.error(f"curation's rollouts search, and --{'model-dir' if args.model_dir else 'policy'} brings no tools: {GIVE_TOOLS}")
     from mmsr.data.loaders import load_samples
 
     samples = [s for path in args.data for s in load_samples(path, args.skip_invalid)]
-    loaded = load_from_args(args)
+    loaded = load_from_args(args, ["on-demand"], refuse_without_tools)
     loop = RolloutLoop(loaded.engine, loaded.policy, loaded.prompts or _default_prompts(), loaded.tools, loaded.settings)
     # what decides the outcomes besides k and the temperature: the model, tools and episode limits
     run = {k: v for k, v in sorted(vars(args).items()) if k in MODEL_ARGS}

@@ -150,10 +150,16 @@ def find_run_config(ckpt: Path) -> Path:
     )
 
 
-def load_module(ckpt: str | Path, run_config: str | Path | None = None) -> LightningModule:
+# What only the run's episodes use: ``mmsr export`` builds the module without them (their files, an index or a
+# corpus, need not be on the exporting machine), with None (the module's default) in their place.
+EPISODE_ARGS = {"engine": None, "image_search": None, "text_search": None, "tools": None, "reward": None,
+                "reading": None, "reading_steps": 0}  # fmt: skip
+
+
+def load_module(ckpt: str | Path, run_config: str | Path | None = None, episodes: bool = True) -> LightningModule:
     """The run's module (``GRPOModule``, ``SFTModule`` or a subclass; no reference model) rebuilt from its
-    config, with the checkpoint's weights in the checkpoint's dtypes; its engine is not synced (``mmsr export``
-    needs no engine)."""
+    config, with the checkpoint's weights in the checkpoint's dtypes; its engine is not synced. ``episodes=False``
+    (``mmsr export``): built without the run's engine, tools, reward and reading corpus (``EPISODE_ARGS``)."""
     from lightning.pytorch import LightningModule  # only on this path
 
     import mmsr.module  # noqa: F401  a short class_path ("GRPOModule") names only an imported subclass
@@ -169,6 +175,9 @@ def load_module(ckpt: str | Path, run_config: str | Path | None = None) -> Light
     parser, parsed = _parsed({"model": LightningModule}, {"model": model_cfg}, config_path)
     if "kl_coef" in parsed.model.init_args:  # GRPO's: 0 leaves the reference model out; SFT has none
         parsed.model.init_args.kl_coef = 0.0
+    if not episodes:
+        for name in [n for n in EPISODE_ARGS if n in parsed.model.init_args]:
+            parsed.model.init_args[name] = EPISODE_ARGS[name]
     module = parser.instantiate(parsed).model
     if not hasattr(module, "policy"):
         raise ValueError(f"{config_path}: model {parsed.model.class_path} has no policy to load "

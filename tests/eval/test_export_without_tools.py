@@ -1,0 +1,45 @@
+"""``mmsr export`` writes no tool, so it builds the run's module without its engine, tools, reward and reading
+corpus: a run whose search index, corpus or reading files are not on the exporting machine is exported (it failed
+with "image search index ... not found")."""
+
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import FVQA
+from tests.eval.test_cli import TINY, _checkpointed
+
+
+def _files(tmp_path):
+    """A copy of the FVQA search data (index, corpus, the images the index names), which the test deletes."""
+    shutil.copytree(FVQA, tmp_path / "fvqa")
+    index, corpus = (tmp_path / "fvqa" / "search" / name for name in ("image_index.jsonl", "corpus.jsonl"))
+    tools = {
+        "image_search": {"class_path": "mmsr.tools.local.LocalImageSearch", "init_args": {"index": str(index), "top_k": 2}},
+        "text_search": {"class_path": "mmsr.tools.local.LocalTextSearch", "init_args": {"corpus": str(corpus), "top_k": 2}},
+    }
+    return tools, corpus
+
+
+def _grpo(tools, corpus):
+    return {"class_path": "mmsr.module.GRPOModule", "init_args": {"policy": TINY, **tools, "num_generations": 2}}
+
+
+def _sft(tools, corpus):
+    reading = {"class_path": "mmsr.demo.reading.ReadingCorpus", "init_args": {"files": [str(corpus)]}}
+    teacher = {"class_path": "mmsr.demo.teacher.RAGTeacher"}
+    return {"class_path": "mmsr.sft.SFTModule",
+            "init_args": {"policy": TINY, "teacher": teacher, **tools, "reading": reading, "reading_steps": 1}}  # fmt: skip
+
+
+@pytest.mark.parametrize("module", [_grpo, _sft], ids=["grpo", "sft"])
+def test_a_run_whose_tool_files_are_gone_is_exported(tmp_path, module):
+    from mmsr.export import main as export
+
+    tools, corpus = _files(tmp_path)
+    ckpt, trained = _checkpointed(tmp_path, module(tools, corpus))
+    shutil.rmtree(tmp_path / "fvqa")  # the index, corpus and reading files are not on this machine
+    exported = load_file(export(["--ckpt", str(ckpt), "--out", str(tmp_path / "hf")]) / "model.safetensors")
+    assert any(torch.equal(t, trained.model.lm_head.weight) for t in exported.values())  # the trained weights
