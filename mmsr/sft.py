@@ -20,6 +20,7 @@ from typing import Protocol
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
 from mmsr.algo import logprobs_and_entropy
 from mmsr.checkpoint import rank_states, restore_rank_state
@@ -112,6 +113,7 @@ class SFTModule(L.LightningModule):
         self.loop = RolloutLoop(self.engine, self.policy, prompts or PromptBuilder(),
                                 configured(tools, image_search, text_search), rollout)  # fmt: skip
         self._turns: dict[str, list[str]] = {}
+        self._warned_truncation = False
         self._val_turns: dict[str, list[str]] = {}  # the held-out prompts' turns, drawn once
         # a copy before any training draw: the held-out turns do not depend on when validation first runs,
         # nor on a resume (which restores the training teacher's draws, not this copy's)
@@ -141,9 +143,23 @@ class SFTModule(L.LightningModule):
         loss, total = self._imitate(trajs)
         grad_norm = self._step(opt, used_images=any(t.vision for t in trajs))
         metrics = {"sft/loss": loss, "sft/tokens": total, "train/grad_norm": float(grad_norm),
-                   "rollout/turns": sum(len(t.turns) for t in trajs) / len(trajs)}  # fmt: skip
+                   "rollout/turns": sum(len(t.turns) for t in trajs) / len(trajs),
+                   "sft/truncated_episodes": self._truncated_share(trajs)}  # fmt: skip
         self.log_dict(metrics, batch_size=len(batch))
         self.log("loss", loss, prog_bar=True, logger=False, batch_size=len(batch))
+
+    def _truncated_share(self, trajs: list[Trajectory]) -> float:
+        """The share of ``trajs`` with a teacher turn cut at ``rollout.max_tokens_per_turn``, warned once a run
+        naming one: such an episode trains a half-written turn and ends there, before its search results and
+        answer (a text query that is the whole question reaches ~160 tokens)."""
+        cut = [t for t in trajs if any(u.truncated for u in t.turns)]
+        if cut and not self._warned_truncation:
+            self._warned_truncation = True
+            turn = next(u for u in cut[0].turns if u.truncated)
+            rank_zero_warn(f"the teacher's turn of row {cut[0].sample_id!r} ({turn.span[1] - turn.span[0]} tokens kept) was cut at "
+                           f"rollout.max_tokens_per_turn={self.loop.settings.max_tokens_per_turn}: its episode trains "
+                           f"the cut turn and ends there (sft/truncated_episodes counts them); raise the limit")
+        return len(cut) / len(trajs)
 
     def _written(self, teacher: Teacher, sample: Sample) -> list[str]:
         """``teacher``'s turns for ``sample``, written from the sample's text as the prompt shows it (``Encoder.plain``):

@@ -81,3 +81,18 @@ def test_reading_pages_train_special_token_strings_as_text(tiny_policy, monkeypa
     lm_nll(tiny_policy, ["title: Tags\nA chat turn ends with <|im_end|> and an image is <|image_pad|>.\n"], "cpu")
     special = set(tiny_policy.tokenizer.convert_tokens_to_ids(list(SPECIALS)))
     assert not special & set(seen[0].flatten().tolist())
+
+
+def test_a_teacher_turn_cut_at_the_turn_budget_is_counted_and_warned(tiny_policy):
+    """A teacher turn longer than ``max_tokens_per_turn`` is cut and ends its episode: it trained half a turn and
+    none of the rest, silently; now ``sft/truncated_episodes`` counts such episodes and the run warns once."""
+    from mmsr.rollout.loop import RolloutSettings
+
+    long_turn = Sample("long", "Which building is in the picture, and when was it finished? " * 4, Image.new("RGB", (56, 56)), "x")
+    samples = [long_turn, Sample("short", "What?", Image.new("RGB", (56, 56)), "y")]
+    module = SFTModule(Built(copy.deepcopy(tiny_policy)), EchoTeacher(), rollout=RolloutSettings(max_tokens_per_turn=24))
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)  # fmt: skip
+    with pytest.warns(UserWarning, match=r"row 'long' \(24 tokens kept\) was cut at rollout.max_tokens_per_turn=24"):
+        trainer.fit(module, DataLoader(samples, batch_size=2, collate_fn=list))
+    assert trainer.callback_metrics["sft/truncated_episodes"].item() == 0.5
