@@ -8,6 +8,7 @@ commands are plain argparse programs, looked up in ``COMMANDS``; ``mmsr --help``
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import logging
 import re
@@ -47,6 +48,11 @@ NOT_APPLICABLE = (
     r"Using ModelCheckpoint with manual optimization and every_n_train_steps",
 )
 
+# Lightning's --optimizer / --lr_scheduler (``auto_configure_optimizers``) override a module's configure_optimizers,
+# and mmsr's modules step and re-apply their own AdamW and schedule: not offered. Run configs saved while they
+# were hold them as ``null``, so the keys stay, hidden, taking only that.
+OWN_OPTIMIZATION = ("optimizer", "lr_scheduler")
+
 # Lightning's names for a checkpoint it looks up itself (``--ckpt_path last``)
 LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")
 
@@ -74,6 +80,10 @@ def lightning_cli(args: list[str] | None = None, parse_only: bool = False, **kwa
         rank_zero_log.addFilter(_not_an_advert)
 
     class MMSRCLI(LightningCLI):
+        def add_arguments_to_parser(self, parser) -> None:
+            for key in OWN_OPTIMIZATION:  # hidden: a config's ``null`` passes, anything else is refused
+                parser.add_argument(f"--{key}", type=_null_only(key), default=None, help=argparse.SUPPRESS)
+
         def before_instantiate_classes(self) -> None:
             # `fit --ckpt_path` continues the checkpoint's run directory and wandb run (callbacks/run_dir.py).
             ckpt = self.config.fit.get("ckpt_path") if self.subcommand == "fit" else None
@@ -123,8 +133,21 @@ def lightning_cli(args: list[str] | None = None, parse_only: bool = False, **kwa
         parser_kwargs={"parser_mode": "omegaconf"},
         save_config_kwargs={"overwrite": True},
         args=args,
-        **{"save_config_callback": LoggedConfig, **kwargs},
+        **{"save_config_callback": LoggedConfig, "auto_configure_optimizers": False, **kwargs},
     )
+
+
+def _null_only(key: str):
+    """The type of the hidden ``--optimizer`` / ``--lr_scheduler``: ``null`` (in a config file), nothing else."""
+
+    def null_only(value):
+        if value is None:
+            return None
+        raise argparse.ArgumentTypeError(
+            f"mmsr does not take Lightning's {key}: the module configures its own optimizer and lr schedule "
+            "(mmsr's modules: model.lr, model.weight_decay, model.lr_schedule, model.warmup_steps, model.total_steps)")
+
+    return null_only
 
 
 def check_manual_optimization(trainer, module) -> None:
@@ -261,10 +284,20 @@ def console() -> None:
 
 
 def cause(exc: BaseException) -> str:
-    """``Type: message`` of the innermost exception in ``exc``'s chain (its first line only)."""
+    """``Type: message`` of the innermost exception in ``exc``'s chain (its first line only), the chain as Python
+    prints it: an error raised ``from None`` ends it, its message already says more than the one it hides (a
+    ``DataError`` naming the file and line, not the ``JSONDecodeError`` it replaced)."""
     seen = set()
-    while (inner := exc.__cause__ or exc.__context__) is not None and id(inner) not in seen:
+    while (inner := _shown_inner(exc)) is not None and id(inner) not in seen:
         seen.add(id(exc))
         exc = inner
     lines = str(exc).strip().splitlines() or [""]
     return f"{type(exc).__name__}: {lines[0]}"
+
+
+def _shown_inner(exc: BaseException) -> BaseException | None:
+    """The exception Python's traceback prints before ``exc``: its ``__cause__``, else its ``__context__`` unless
+    that was suppressed (``raise ... from None``)."""
+    if exc.__cause__ is not None:
+        return exc.__cause__
+    return None if exc.__suppress_context__ else exc.__context__

@@ -40,6 +40,8 @@ import yaml
 DEFAULT_COMMAND = ("${env}", "${interpreter}", "${program}", "${args}")  # wandb's default
 DISTRIBUTIONS = ("constant", "categorical", "uniform", "int_uniform", "log_uniform_values")
 _ENVVAR = re.compile(r"\$\{envvar:([A-Za-z0-9_]*)\}")
+# the macros that write a value as ``str(value)``, as wandb's agent does: ``None`` becomes ``None``
+STR_MACROS = ("${args}", "${args_no_equals}", "${args_no_hyphens}", "${args_no_boolean_flags}")
 
 
 @dataclass(frozen=True)
@@ -83,7 +85,12 @@ def _parameter(name: str, spec: Any, where: str) -> Parameter:
         return Parameter(name, "categorical", values, tuple(probs) if probs is not None else None)
     if "min" not in spec or "max" not in spec:
         raise ValueError(f"{where}: parameter {name!r} needs 'value', 'values' or 'min' and 'max'")
-    lo, hi = spec["min"], spec["max"]
+    return _range(name, spec, where)
+
+
+def _range(name: str, spec: dict, where: str) -> Parameter:
+    """A ``min``..``max`` parameter; YAML integers for both bounds make it ``int_uniform`` unless told."""
+    lo, hi = (_bound(name, key, spec[key], where) for key in ("min", "max"))
     default = "int_uniform" if isinstance(lo, int) and isinstance(hi, int) else "uniform"
     dist = spec.get("distribution", default)
     if dist not in DISTRIBUTIONS[2:]:
@@ -91,9 +98,24 @@ def _parameter(name: str, spec: Any, where: str) -> Parameter:
             f"{where}: parameter {name!r}: distribution {dist!r} is not supported offline "
             f"(supported: {', '.join(DISTRIBUTIONS)})"
         )
+    if dist == "int_uniform" and not (float(lo).is_integer() and float(hi).is_integer()):
+        raise ValueError(f"{where}: parameter {name!r}: int_uniform needs whole-number min and max, got {lo}, {hi}")
     if not lo < hi or (dist == "log_uniform_values" and lo <= 0):
         raise ValueError(f"{where}: parameter {name!r}: need 0 < min < max for log_uniform_values, min < max otherwise")
     return Parameter(name, dist, min=lo, max=hi)
+
+
+def _bound(name: str, key: str, value: Any, where: str) -> int | float:
+    """``min`` / ``max`` as a number: PyYAML (YAML 1.1) reads ``1e-5``, without a dot, as the string "1e-5"."""
+    number = value
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            pass
+    if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number):
+        raise ValueError(f"{where}: parameter {name!r}: {key} {value!r} is not a finite number")
+    return number
 
 
 def load_sweep(path: str | Path) -> Sweep:
@@ -114,7 +136,21 @@ def load_sweep(path: str | Path) -> Sweep:
     if method == "grid" and (bad := [p.name for p in params if p.min is not None]):
         raise ValueError(f"{where}: grid search needs 'value' or 'values', not a range, for {', '.join(bad)}")
     command = tuple(str(c) for c in raw.get("command", DEFAULT_COMMAND))
-    return Sweep(raw.get("name") or Path(path).stem, method, params, command, raw.get("program"), raw.get("run_cap"))
+    _check_nulls(params, command, where)
+    run_cap = raw.get("run_cap")
+    if run_cap is not None and (isinstance(run_cap, bool) or not isinstance(run_cap, int) or run_cap < 1):
+        raise ValueError(f"{where}: run_cap {run_cap!r}: a whole number of runs, at least 1")
+    return Sweep(raw.get("name") or Path(path).stem, method, params, command, raw.get("program"), run_cap)
+
+
+def _check_nulls(params: tuple[Parameter, ...], command: tuple[str, ...], where: str) -> None:
+    """A ``null`` value reaches the run as ``--key=None`` (wandb's agent writes ``str(value)``; so does this
+    runner, so a file that runs here runs online), which ``mmsr fit`` refuses: every run it is in would fail."""
+    macro = next((m for m in STR_MACROS if m in command), None)
+    for p in params:
+        if macro is not None and None in p.values:
+            raise ValueError(f"{where}: parameter {p.name!r}: a null value is written --{p.name}=None by {macro}, "
+                             "which mmsr fit refuses; leave the parameter out to keep the config's value")  # fmt: skip
 
 
 def grid(sweep: Sweep) -> list[dict[str, Any]]:
@@ -137,10 +173,11 @@ def draw(p: Parameter, rng: random.Random) -> Any:
 
 
 def parameter_sets(sweep: Sweep, count: int | None = None, seed: int = 0) -> list[dict[str, Any]]:
-    """The runs' parameters: the grid (first ``count``), or ``count`` (else ``run_cap``) random draws."""
+    """The runs' parameters: the grid's first ``n``, or ``n`` random draws, ``n`` the smaller of ``count`` and
+    ``run_cap`` (wandb's server stops any sweep at ``run_cap`` runs); a grid without either runs whole."""
+    n = min((c for c in (count, sweep.run_cap) if c is not None), default=None)
     if sweep.method == "grid":
-        return grid(sweep)[:count] if count is not None else grid(sweep)
-    n = count if count is not None else sweep.run_cap
+        return grid(sweep)[:n]
     if n is None:
         raise ValueError(f"random sweep {sweep.name!r} runs forever: give --count or run_cap")
     rng = random.Random(seed)
@@ -176,12 +213,14 @@ def command_for(sweep: Sweep, params: dict[str, Any], extra: list[str] = (), exp
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mmsr sweep", description=__doc__.split("\n")[0])
     parser.add_argument("sweep", help="sweep YAML (configs/sweeps/*.yaml)")
-    parser.add_argument("--count", type=int, default=None, help="number of runs (grid: the first N)")
+    parser.add_argument("--count", type=int, default=None, help="number of runs, at most run_cap (grid: the first N)")
     parser.add_argument("--seed", type=int, default=0, help="seed of random search")
     parser.add_argument("--dry-run", action="store_true", help="print the commands without running them")
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
     args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    if args.count is not None and args.count < 1:
+        parser.error(f"--count {args.count}: the number of runs, at least 1")
     try:
         sweep = load_sweep(args.sweep)
         runs = [(command_for(sweep, p, extra), command_for(sweep, p, extra, expand_env=False))
