@@ -14,7 +14,7 @@ when the function is called, after every module has loaded. These lazy imports a
 - mmsr.demo.run -> mmsr.cli, mmsr.demo.world, mmsr.report.cli, mmsr.report.plots (the demo's stages, when they run)
 - mmsr.eval.cli -> mmsr.data.loaders, mmsr.eval.load, mmsr.eval.run, mmsr.eval.suite, mmsr.reward.judge, mmsr.tools.base (after parsing)
 - mmsr.eval.curate -> mmsr.data.loaders, mmsr.eval.cli, mmsr.prompt.render, mmsr.reward.mmsearch_r1, mmsr.rollout.engine (after parsing)
-- mmsr.eval.load -> mmsr.checkpoint, mmsr.models.build, mmsr.module, mmsr.rollout.hf_engine (no Lightning for a Hugging Face directory)
+- mmsr.eval.load -> mmsr.checkpoint, mmsr.models.build, mmsr.module, mmsr.reward.judged, mmsr.rollout.hf_engine (no Lightning for a Hugging Face directory)
 - mmsr.export -> mmsr.eval.load (after parsing)
 - mmsr.plan -> mmsr.plan.config, mmsr.plan.memory (heavy imports after parsing)
 - mmsr.plan.config -> mmsr.cli, mmsr.models.build, mmsr.parallel, mmsr.sync (after parsing)
