@@ -8,9 +8,9 @@ it. The pieces, in the order a resume runs them:
    versions the run uses: the CSV / TensorBoard version and its directory, the wandb run id.
 2. ``repoint_loggers`` (``MMSRCLI.before_instantiate_classes``, given ``--ckpt_path``) reads that
    back and sets ``version`` in the logger configs before the loggers exist (wandb: the same run
-   id, with ``resume="allow"``); Lightning's default logger is first written out as such an entry
-   (``explicit_default_logger``). A logger whose directory moved (another ``save_dir``) starts a new
-   version, as before.
+   id, with ``resume="allow"``, or rewound to the checkpoint with ``RunDirectory(rewind_wandb=True)``);
+   Lightning's default logger is first written out as such an entry (``explicit_default_logger``). A
+   logger whose directory moved (another ``save_dir``) starts a new version, as before.
 3. ``continue_metrics`` (``MMSRCLI.before_fit``) keeps ``metrics.csv``, which the CSV logger would
    delete when it opens the directory, and appends to it (a header change rewrites it with every row).
 4. On the first training batch ``RunDirectory`` drops the rows of steps >= the first step the
@@ -22,6 +22,10 @@ it. The pieces, in the order a resume runs them:
    row for good. A checkpoint saved in that window carries the row (``on_save_checkpoint``), and a
    resumed run that logs to the checkpoint's own directory appends it after step 4 unless
    ``metrics.csv`` already has that step (a resume into a new directory starts without it).
+6. The validation Lightning runs after that step comes after the checkpoint too, and a resumed loop skips
+   it for good (it fast-forwards past it). The checkpoint records that it was due, and the resumed run
+   runs it before its first training batch, logged at that step, as the uninterrupted run did (the
+   killed run's rows of the step are replaced: its training row from the checkpoint, then the validation).
 
 The run's config goes with it: ``LoggedConfig`` (``mmsr.cli``'s ``SaveConfigCallback``) saves
 ``config.yaml`` in the run directory and logs the whole config to every logger (the wandb run's config).
@@ -40,12 +44,12 @@ import torch
 import yaml
 from jsonargparse import Namespace
 from lightning.fabric.loggers.tensorboard import _TENSORBOARD_AVAILABLE, _TENSORBOARDX_AVAILABLE
-from lightning.fabric.utilities.apply_func import convert_tensors_to_scalars
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.cli import SaveConfigCallback
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
+from mmsr.callbacks.resume_point import rewinds, run_validation, unlogged_row, validation_due, wandb_steps
 from mmsr.tools.secrets import redact_all
 
 METRICS_FILE = "metrics.csv"
@@ -53,12 +57,25 @@ METRICS_FILE = "metrics.csv"
 
 class RunDirectory(L.Callback):
     """Stores the run's logger versions (and a step row not yet written) in checkpoints; on resume cuts
-    ``metrics.csv`` back to the resumed step and puts back the checkpoint's row if it is missing."""
+    ``metrics.csv`` back to the resumed step, puts back the checkpoint's row if it is missing and runs the
+    validation that was due after the checkpoint's step.
 
-    def __init__(self) -> None:
+    Args:
+        rewind_wandb: record in each checkpoint the last history step of each online wandb run, and resume a run
+            from such a checkpoint with ``wandb.init(resume_from="<id>?_step=<n>")``: W&B drops what the killed run
+            logged after the checkpoint, which a resumed run otherwise logs a second time. Off by default: rewinding
+            is a W&B server preview that not every account or server has, and it refuses a run not yet marked
+            crashed or finished (right after a kill -9); there ``wandb.init`` fails and the run does not start.
+            Set it from the run's first start (add the callback to ``trainer.callbacks``); ``resume: allow`` in the
+            ``WandbLogger`` config resumes without a rewind.
+    """
+
+    def __init__(self, rewind_wandb: bool = False) -> None:
+        self.rewind_wandb = rewind_wandb
         self.loggers: list[dict[str, Any]] = []  # one entry per trainer logger, in order
         self.resuming = False
         self.unlogged_row: dict[str, Any] | None = None  # the loaded checkpoint's step row, if not yet written
+        self.validation_due = False  # the loaded checkpoint was saved before the validation after its step
         self.resumed_from: list[dict[str, Any]] = []  # the loaded checkpoint's loggers
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -68,29 +85,52 @@ class RunDirectory(L.Callback):
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         row = unlogged_row(trainer)  # on every rank: reading the metrics may sync them across ranks
-        if row is not None and trainer.is_global_zero:
-            checkpoint.setdefault("callbacks", {}).setdefault(self.state_key, {})["unlogged_row"] = row
+        if not trainer.is_global_zero:
+            return
+        state = checkpoint.setdefault("callbacks", {}).setdefault(self.state_key, {})
+        state["validation_due"] = validation_due(trainer)
+        if row is not None:
+            state["unlogged_row"] = row
+        if self.rewind_wandb:
+            state["wandb_steps"] = wandb_steps(trainer)
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         self.resuming = trainer.state.fn == "fit"  # resuming a fit (not validating from a checkpoint)
         if not self.resuming:
             restore_logged_step(trainer, checkpoint)
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not (self.resuming and self.validation_due and trainer.enable_validation):
+            return
+        self.validation_due = False
+        # The checkpoint's step, not yet counted done (the loop counts it on the first batch): the step the
+        # uninterrupted run logged this validation at.
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        if trainer.is_global_zero:
+            self.continue_logs(trainer, step)  # the killed run's rows of the step go, its training row comes back
+        run_validation(trainer)  # on every rank: the validation gathers every rank's episodes
+
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         if not self.resuming:
             return
         self.resuming = False
-        if not trainer.is_global_zero:
-            return
-        # The step Lightning logs this batch's metrics at; read here, after the loop restored it.
-        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        if trainer.is_global_zero:  # the step Lightning logs this batch's metrics at, now that the loop restored it
+            self.continue_logs(trainer, trainer.fit_loop.epoch_loop._batches_that_stepped)
+
+    def continue_logs(self, trainer: L.Trainer, step: int) -> None:
+        """Drop the ``metrics.csv`` rows of ``step`` and later, then put back the checkpoint's row (of a step before
+        the first one the resumed run trains) where it is missing: in ``metrics.csv``, and in a rewound wandb run.
+        The row belongs to the checkpoint's run: a resume that logs to a new directory or run does not get it."""
+        row, self.unlogged_row = self.unlogged_row, None
         for logger in trainer.loggers:
             if isinstance(logger, CSVLogger):
                 drop_rows_from(Path(logger.log_dir) / METRICS_FILE, step)
-                # The row belongs to the checkpoint's run: a resume that logs to a new directory does not get it.
-                continues = logger_run(logger) in self.resumed_from
-                if self.unlogged_row is not None and self.unlogged_row["step"] < step and continues:
-                    append_missing_row(logger, self.unlogged_row)
+            if row is None or logger_run(logger) not in self.resumed_from:
+                continue
+            if isinstance(logger, CSVLogger):
+                append_missing_row(logger, row)
+            elif isinstance(logger, WandbLogger) and logger.experiment.settings.resume_from is not None:
+                logger.log_metrics(row["metrics"], step=row["step"])  # the rewind dropped it with what came after
 
     def state_dict(self) -> dict[str, Any]:
         return {"loggers": self.loggers}
@@ -99,6 +139,7 @@ class RunDirectory(L.Callback):
         # ``self.loggers`` stays this run's (from ``setup``): later checkpoints name where this run logs.
         self.resumed_from = list(state_dict.get("loggers", []))
         self.unlogged_row = state_dict.get("unlogged_row")
+        self.validation_due = bool(state_dict.get("validation_due"))
 
 
 class LoggedConfig(SaveConfigCallback):
@@ -131,28 +172,6 @@ def cli_keys(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def unlogged_row(trainer: L.Trainer) -> dict[str, Any] | None:
-    """The metrics row Lightning will log for the current training step, while a checkpoint is saved
-    between the step's end and that row being written (``{"step": s, "metrics": {...}}``); else None.
-
-    Inside that window the batch is processed but not yet counted completed
-    (lightning/pytorch/loops/training_epoch_loop.py ``advance``); the row is what
-    ``update_train_step_metrics`` would log there: the step's logged metrics plus ``epoch``.
-    """
-    loop = trainer.fit_loop.epoch_loop
-    progress = loop.batch_progress.current
-    if not trainer.training or progress.processed != progress.completed + 1:
-        return None
-    connector = trainer._logger_connector
-    if loop._should_accumulate() and trainer.lightning_module.automatic_optimization:
-        return None  # no row is logged mid-accumulation
-    if not connector.should_update_logs:
-        return None
-    metrics = convert_tensors_to_scalars(connector.metrics["log"])
-    metrics.setdefault("epoch", trainer.current_epoch)
-    return {"step": loop._batches_that_stepped, "metrics": metrics}
-
-
 def restore_logged_step(trainer: L.Trainer, checkpoint: dict[str, Any]) -> None:
     """``mmsr validate`` (test, predict) ``--ckpt_path``: its metrics are logged at the checkpoint's step. Lightning
     restores its step counters in ``fit`` only, so they were logged at step 0. Only the step Lightning logs at (the
@@ -181,8 +200,9 @@ def logger_run(logger: Any) -> dict[str, Any]:
 
 
 def checkpoint_runs(ckpt_path: str | os.PathLike) -> list[dict[str, Any]] | None:
-    """The ``RunDirectory`` state of a checkpoint file or sharded checkpoint directory (Lightning keeps
-    a directory's non-tensor state in ``meta.pt``); None if it has none or cannot be read."""
+    """The loggers of the ``RunDirectory`` state of a checkpoint file or sharded checkpoint directory (Lightning
+    keeps a directory's non-tensor state in ``meta.pt``), a wandb run's with the ``rewind_step`` recorded for it
+    (``RunDirectory(rewind_wandb=True)``); None if it has none or cannot be read."""
     path = Path(ckpt_path)
     path = path / "meta.pt" if path.is_dir() else path
     if not path.is_file():
@@ -193,7 +213,11 @@ def checkpoint_runs(ckpt_path: str | os.PathLike) -> list[dict[str, Any]] | None
         warnings.warn(f"could not read the run directory from {path} ({type(e).__name__}); logging to a new one")
         return None
     state = ckpt.get("callbacks", {}).get(RunDirectory.__qualname__) if isinstance(ckpt, dict) else None
-    return state.get("loggers") if isinstance(state, dict) else None
+    if not isinstance(state, dict) or state.get("loggers") is None:
+        return None
+    steps = state.get("wandb_steps", {})  # by wandb run id
+    return [run | {"rewind_step": steps[run.get("version")]} if run.get("version") in steps else run
+            for run in state["loggers"]]  # fmt: skip
 
 
 def repoint_loggers(logger_config: Any, runs: list[dict[str, Any]]) -> None:
@@ -215,6 +239,8 @@ def repoint_loggers(logger_config: Any, runs: list[dict[str, Any]]) -> None:
         args.version = run["version"]
         if "resume" in args and args.get("resume") is None:  # WandbLogger: continue the same run
             args.resume = "allow"
+            if run.get("rewind_step") is not None and rewinds(args):  # without what the killed run logged after
+                args.resume, args.resume_from = None, f"{run['version']}?_step={run['rewind_step']}"
 
 
 def explicit_default_logger(trainer_config: Namespace) -> None:

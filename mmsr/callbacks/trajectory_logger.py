@@ -33,7 +33,8 @@ class TrajectoryLogger(L.Callback):
     """Dumps sampled trajectories every ``every_n_steps`` training steps (rank 0's on several ranks).
 
     Args:
-        every_n_steps: log on training steps 0, N, 2N, ... (steps, not optimizer updates).
+        every_n_steps: log on training steps 0, N, 2N, ... (steps, not optimizer updates), numbered as their
+            scalars are in ``metrics.csv`` and wandb (``logged_step``; a resumed run numbers on from its checkpoint).
         max_trajectories: trajectories kept per logged step, in rollout order.
         thumbnail_px: longest side of the stored image thumbnails.
         filename: JSONL file name inside the run directory.
@@ -52,8 +53,7 @@ class TrajectoryLogger(L.Callback):
             raise ValueError("TrajectoryLogger: every_n_steps and max_trajectories must be >= 1")
         self.every_n_steps, self.max_trajectories = every_n_steps, max_trajectories
         self.thumbnail_px, self.filename, self.wandb_key = thumbnail_px, filename, wandb_key
-        self.steps = 0  # training steps seen; checkpointed so "every N" survives a resume
-        self.resumed = False  # set by load_state_dict: the file is cut back to `steps` on train start
+        self.resuming = False  # a fit restored from a checkpoint: the file is cut back on its first step
 
     def run_dir(self, trainer: L.Trainer) -> Path:
         # The first logger's directory, read without `trainer.log_dir`: that one broadcasts, and only
@@ -63,15 +63,19 @@ class TrajectoryLogger(L.Callback):
         directory = logger and (logger.log_dir if isinstance(logger, CSVLogger | TensorBoardLogger) else logger.save_dir)
         return Path(directory or trainer.default_root_dir)
 
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # A resumed run logs steps `self.steps`.. again: drop the killed run's records of those steps
-        # (the rule of mmsr/callbacks/run_dir.py for metrics.csv).
-        if self.resumed and trainer.is_global_zero:
-            drop_records_from(self.run_dir(trainer) / self.filename, self.steps)
-        self.resumed = False
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # Called with or without a state of this callback in the checkpoint (one added at resume has none).
+        self.resuming = trainer.state.fn == "fit"
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        # A resumed run logs its first step and later ones again: drop the killed run's records of them (the
+        # rule of mmsr/callbacks/run_dir.py for metrics.csv). The step is read here, after the loop restored it.
+        if self.resuming and trainer.is_global_zero:
+            drop_records_from(self.run_dir(trainer) / self.filename, logged_step(trainer))
+        self.resuming = False
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
-        step, self.steps = self.steps, self.steps + 1
+        step = logged_step(trainer)
         rollout = getattr(pl_module, "last_rollout", None)
         if rollout is None or step % self.every_n_steps or not trainer.is_global_zero:
             return
@@ -84,9 +88,6 @@ class TrajectoryLogger(L.Callback):
             if isinstance(logger, WandbLogger):
                 from mmsr.callbacks.wandb_table import COLUMNS, turn_rows
 
-                # at the step Lightning logs this step's scalars at (its logger connector): global_step counts
-                # optimizer updates, already past this step's and several a step with mini_batches > 1
-                step = trainer.fit_loop.epoch_loop._batches_that_stepped
                 logger.log_table(self.wandb_key, columns=COLUMNS, data=turn_rows(records), step=step)
 
     def records(self, rollout: StepRollout, step: int, global_step: int) -> list[TrajectoryRecord]:
@@ -100,12 +101,13 @@ class TrajectoryLogger(L.Callback):
             for i, t in enumerate(rollout.trajectories[: self.max_trajectories])
         ]
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"steps": self.steps}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.steps = state_dict["steps"]
-        self.resumed = True
+def logged_step(trainer: L.Trainer) -> int:
+    """The step Lightning logs the current training step's scalars at (its logger connector): the batches that
+    stepped before it. ``global_step`` counts optimizer updates, already past this step's, several a step with
+    ``mini_batches`` > 1. The callback keeps no count of its own: a count restarted at 0 when the callback was added
+    at resume (a checkpoint's ``{"steps": n}`` state, from before, is ignored by ``Callback.load_state_dict``)."""
+    return trainer.fit_loop.epoch_loop._batches_that_stepped
 
 
 def drop_records_from(path: Path, step: int) -> None:

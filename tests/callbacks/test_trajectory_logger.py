@@ -97,19 +97,23 @@ def test_every_n_steps_counts_training_steps_and_survives_a_resume(scripted_run,
     # callback must not need wandb then (CSV / TensorBoard runs work without it).
     monkeypatch.setitem(sys.modules, "wandb", None)  # any `import wandb` now fails
     logger = CSVLogger(tmp_path)  # the callback writes to the first logger's directory, as trainer.log_dir does
-    trainer = SimpleNamespace(loggers=[logger], default_root_dir=str(tmp_path), global_step=7, is_global_zero=True)
+    # the step is Lightning's count of batches that stepped, which a resumed fit restores from its checkpoint
+    loop = SimpleNamespace(_batches_that_stepped=0)
+    trainer = SimpleNamespace(loggers=[logger], default_root_dir=str(tmp_path), global_step=7, is_global_zero=True,
+                              fit_loop=SimpleNamespace(epoch_loop=loop))  # fmt: skip
     out = Path(logger.log_dir)
     module = scripted_run.model
     cb = TrajectoryLogger(every_n_steps=2, max_trajectories=1, filename="t.jsonl")
-    for batch_idx in range(3):
-        cb.on_train_batch_end(trainer, module, None, None, batch_idx)
+    for step in range(3):
+        loop._batches_that_stepped = step
+        cb.on_train_batch_end(trainer, module, None, None, step)
     assert [(r.step, r.global_step, r.sample_id) for r in read_records(out / "t.jsonl")] == [
         (s, 7, module.last_rollout.trajectories[0].sample_id) for s in (0, 2)
     ]
     resumed = TrajectoryLogger(every_n_steps=2, max_trajectories=1, filename="t.jsonl")
-    resumed.load_state_dict(cb.state_dict())  # 3 steps done: the next one (3) is skipped, 4 is logged
-    for batch_idx in range(2):
-        resumed.on_train_batch_end(trainer, module, None, None, batch_idx)
+    for step in (3, 4):  # 3 steps done: the next one (3) is skipped, 4 is logged
+        loop._batches_that_stepped = step
+        resumed.on_train_batch_end(trainer, module, None, None, step - 3)
     assert [r.step for r in read_records(out / "t.jsonl")] == [0, 2, 4]
 
 

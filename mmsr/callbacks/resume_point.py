@@ -1,0 +1,92 @@
+"""What a checkpoint saved at a training step's end leaves for the run resumed from it to do (``RunDirectory``).
+
+Lightning saves a step's checkpoint (``ModelCheckpoint.on_train_batch_end``) inside the step: its metrics row, the
+validation Lightning runs after it and what the loggers get from then on all come after the checkpoint, so a run
+killed then and resumed from it would lose the row, skip the validation and (wandb) log its steps a second time
+into the same run. Each checkpoint records what it needs to put that right:
+- ``unlogged_row``: the step's metrics row, put back if the killed run did not write it;
+- ``validation_due``: whether the validation after the step was still to run; ``run_validation`` runs it;
+- ``wandb_steps``: the last wandb history step of each online run, to rewind it to (``rewinds``).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import lightning as L
+from jsonargparse import Namespace
+from lightning.fabric.utilities.apply_func import convert_tensors_to_scalars
+from lightning.pytorch.loggers import WandbLogger
+
+# wandb modes whose runs are not rewound: offline (whether `wandb sync` rewinds is unchecked), off, several writers
+WANDB_NO_REWIND = ("offline", "dryrun", "disabled", "shared")
+
+
+def inside_step(trainer: L.Trainer) -> bool:
+    """Whether the fit is inside a training step's end (where ``ModelCheckpoint`` saves): its batch is processed
+    but not yet counted completed (lightning/pytorch/loops/training_epoch_loop.py ``advance``)."""
+    progress = trainer.fit_loop.epoch_loop.batch_progress.current
+    return trainer.training and progress.processed == progress.completed + 1
+
+
+def unlogged_row(trainer: L.Trainer) -> dict[str, Any] | None:
+    """The metrics row Lightning will log for the current training step, while a checkpoint is saved
+    between the step's end and that row being written (``{"step": s, "metrics": {...}}``); else None.
+
+    The row is what ``update_train_step_metrics`` would log there: the step's logged metrics plus ``epoch``.
+    """
+    loop = trainer.fit_loop.epoch_loop
+    if not inside_step(trainer):
+        return None
+    connector = trainer._logger_connector
+    if loop._should_accumulate() and trainer.lightning_module.automatic_optimization:
+        return None  # no row is logged mid-accumulation
+    if not connector.should_update_logs:
+        return None
+    metrics = convert_tensors_to_scalars(connector.metrics["log"])
+    metrics.setdefault("epoch", trainer.current_epoch)
+    return {"step": loop._batches_that_stepped, "metrics": metrics}
+
+
+def validation_due(trainer: L.Trainer) -> bool:
+    """Whether Lightning validates after the training step whose end a checkpoint is being saved at (Lightning's
+    ``ModelCheckpoint(every_n_train_steps=...)``, in the window of ``unlogged_row``): a run resumed from that
+    checkpoint fast-forwards past that validation (lightning/pytorch/loops/training_epoch_loop.py ``advance``).
+    The same test as the loop's, at the same point: nothing it reads changes before the loop makes it."""
+    return inside_step(trainer) and trainer.fit_loop.epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher)
+
+
+def run_validation(trainer: L.Trainer) -> None:
+    """Run the fit's validation loop now, between training batches, as the training epoch loop does after a step
+    (``on_advance_end``): its metrics are logged at ``_batches_that_stepped``. The loop is restored from the
+    checkpoint as "restarting": it is told to run a whole validation, not to finish one."""
+    val_loop = trainer.fit_loop.epoch_loop.val_loop
+    val_loop.restarting = False
+    first_loop_iter = trainer._logger_connector._first_loop_iter  # the loop keeps it across its validations too
+    trainer.validating = True
+    val_loop.run()
+    trainer.training = True
+    trainer._logger_connector._first_loop_iter = first_loop_iter
+
+
+def wandb_steps(trainer: L.Trainer) -> dict[str, int]:
+    """The last history step (wandb's ``_step``, counting logged rows from 0) of each online wandb run the trainer
+    logs to, by run id; runs that logged nothing yet are left out (no step to rewind to). Rank 0 only."""
+    steps = {}
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            run = logger.experiment
+            if run.settings.mode not in WANDB_NO_REWIND and run.step > 0:  # `step`: that of the next log() call
+                steps[run.id] = run.step - 1
+    return steps
+
+
+def rewinds(wandb_args: Namespace) -> bool:
+    """Whether a ``WandbLogger`` configured with ``wandb_args`` can rewind its run: the installed wandb takes
+    ``resume_from`` (0.17.1 on), the config sets none, and the run is online (offline, the run file would be
+    numbered from the rewind on, but whether ``wandb sync`` rewinds the server's run could not be checked)."""
+    if "resume_from" not in wandb_args or wandb_args.get("resume_from") is not None:
+        return False
+    modes = (wandb_args.get("mode"), os.environ.get("WANDB_MODE"))
+    return not wandb_args.get("offline") and not any(mode in WANDB_NO_REWIND for mode in modes)
