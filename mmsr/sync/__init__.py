@@ -62,8 +62,9 @@ class WeightSync:
 
     def __init__(self, bucket_mb: float = DEFAULT_BUCKET_MB, verify_every: int = 10, tolerance: float = 1e-3,
                  probe_text: str = PROBE_TEXT, dtype: DType | None = None) -> None:  # fmt: skip
-        if verify_every < 0 or tolerance <= 0 or bucket_mb <= 0:
-            raise ValueError("verify_every must be >= 0, tolerance and bucket_mb > 0")
+        if verify_every < 0 or not 0 < tolerance < float("inf") or not bucket_mb > 0:  # a NaN turned both checks off
+            raise ValueError(f"verify_every must be >= 0, tolerance finite and > 0, bucket_mb > 0 (got {verify_every}, "
+                             f"{tolerance}, {bucket_mb})")
         self.bucket_mb, self.verify_every, self.tolerance = bucket_mb, verify_every, tolerance
         self.dtype = getattr(torch, dtype) if dtype else None
         self.probe_text = probe_text

@@ -165,7 +165,7 @@ def verify_sync(policy: Policy, engine, input_ids: Sequence[int], tolerance: flo
     compared = torch.tensor(list(input_ids)[1:]) != pad if pad is not None else slice(None)
     diff = (mine - theirs).abs()[compared]
     check = SyncCheck(float(diff.mean()), float(diff.max()), diff.numel())
-    if check.mean_abs_diff > tolerance:
+    if not check.mean_abs_diff <= tolerance:  # a NaN (weights left as garbage) is stale, not a pass
         raise _stale("scoring", check, tolerance)
     return check
 
@@ -205,7 +205,7 @@ def verify_sampling(policy: Policy, engine: Engine, input_ids: Sequence[int], to
     diff = (mine - torch.tensor(out.logprobs, dtype=torch.float32)).abs()
     check = SyncCheck(float(diff.mean()), float(diff.max()), diff.numel())
     worse_than_argmax = float((rows.max(-1).values - mine).max())
-    if check.mean_abs_diff > tolerance or worse_than_argmax > tolerance:
+    if not (check.mean_abs_diff <= tolerance and worse_than_argmax <= tolerance):  # NaN fails too
         raise _stale(f"greedy sampling from the cached probe prefix, tokens {worse_than_argmax:.3g} below "
                      "the trainer's argmax", check, tolerance)  # fmt: skip
     return check

@@ -91,3 +91,25 @@ def test_an_out_of_vocabulary_or_extra_token_is_stale_after_the_trainers_forward
     with pytest.raises(StaleWeightsError, match=reason):  # not an IndexError in the embedding, on one rank
         verify_sampling(trainer, engine, ids, 1e-3, vision, tokens=8)
     assert forwards == [1]
+
+
+class NaNScores(CopyEngine):
+    """Scores and samples the probe with NaN log-probs: weights loaded as garbage."""
+
+    def score(self, input_ids, vision=()):
+        return [float("nan")] * len(super().score(input_ids, vision))
+
+    def generate(self, requests, sampling):
+        return [dataclasses.replace(o, logprobs=[float("nan")] * len(o.logprobs)) for o in super().generate(requests, sampling)]
+
+
+def test_an_engine_answering_nan_is_stale_and_a_nan_tolerance_is_refused(trainer):
+    # ``nan > tolerance`` is False: both checks passed such an engine, and a NaN tolerance turned them off
+    ids, vision = probe_inputs(trainer)
+    with pytest.raises(StaleWeightsError, match="scoring"):
+        verify_sync(trainer, NaNScores(trainer), ids, 1e-3, vision)
+    with pytest.raises(StaleWeightsError, match="greedy sampling"):
+        verify_sampling(trainer, NaNScores(trainer), ids, 1e-3, vision, tokens=4)
+    for tolerance in (float("nan"), float("inf"), 0.0):
+        with pytest.raises(ValueError, match="tolerance finite and > 0"):
+            WeightSync(tolerance=tolerance)
