@@ -2,7 +2,9 @@
 
     python benchmarks/grpo_step.py [--steps 3] [--prompts 4] [--generations 4]
 
-Prints one JSON object. Timings on shared CPUs are noisy: compare runs made in one sitting, as ratios.
+Prints one JSON object: the medians over the steps after the first (which warms caches and first-call
+paths up; with ``--steps 1``, over that step), ``steps_timed`` of them, and the whole run's wall seconds.
+Timings on shared CPUs are noisy: compare runs made in one sitting, as ratios.
 """
 
 from __future__ import annotations
@@ -56,17 +58,22 @@ def main() -> None:
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[Record()])  # fmt: skip
     trainer.fit(module, loader)
     wall = time.perf_counter() - start
-    med = lambda k: statistics.median(s.get(k, 0.0) for s in steps)  # noqa: E731
-    tokens = lambda s: s["rollout/length"] * args.prompts * args.generations  # noqa: E731
-    out = {
-        "workload": vars(args),
+    out = {"workload": vars(args), **summary(steps, args.prompts * args.generations), "wall_seconds": wall}
+    print(json.dumps(out, indent=2))
+
+
+def summary(steps: list[dict[str, float]], episodes: int) -> dict:
+    """Medians of the steps' logged metrics (``steps``: one dict per training step, in order; ``episodes``
+    per step) over the steps after the first, which warms up (the one step of a 1-step run)."""
+    warm = steps[1:] or steps
+    med = lambda k: statistics.median(s.get(k, 0.0) for s in warm)  # noqa: E731
+    return {
+        "steps_timed": len(warm),
         "seconds_per_step": {k.split("/")[1]: med(k) for k in ("timing/rollout", "timing/generate", "timing/tools",
                                                                "timing/reward", "timing/train", "timing/sync")},  # fmt: skip
         "rollout_tokens_per_s": med("rollout/tokens_per_s"),
-        "train_tokens_per_s": statistics.median(tokens(s) / s["timing/train"] for s in steps),
-        "wall_seconds": wall,
+        "train_tokens_per_s": statistics.median(s["rollout/length"] * episodes / s["timing/train"] for s in warm),
     }
-    print(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":

@@ -185,8 +185,9 @@ def paper(policy, trajs, batches: dict, route: str) -> dict[str, float]:
 
 def alternated(passes, policy, batches, repeats: int) -> tuple[float, float, float]:
     """Median seconds of ``passes(policy, batches, False)`` and of ``passes(policy, batches, True)``, run in
-    turn ``repeats`` times after a warm-up, and the largest log-prob difference between the two ways."""
-    passes(policy, batches, True)  # warm-up (allocator, first-call paths)
+    turn ``repeats`` times after a warm-up of each, and the largest log-prob difference between the two ways."""
+    for way in (False, True):  # warm-up of both: each way has its own first-call paths (and shapes to allocate)
+        passes(policy, batches, way)
     times: dict[bool, list[float]] = {False: [], True: []}
     diff = 0.0
     for _ in range(repeats):

@@ -231,3 +231,49 @@ def test_generation_ab_times_a_revision_and_this_checkout_on_one_workload():
     assert all(before[k] > 0 and after[k] > 0 for k in ("step", "generate", "train"))
     assert out["before_over_after"]["generate"] == pytest.approx(before["generate"] / after["generate"])
     assert worktrees() == there  # the temporary one is gone
+
+
+def test_the_share_of_weights_moved_counts_weights_not_tensors():
+    """A 1-weight tensor that moved beside a 9-weight one that did not: a tenth of the weights moved (a mean of
+    per-tensor shares said half)."""
+    import torch
+
+    device_checks = benchmark("device_checks")
+    initial = {"norm": torch.zeros(1), "embed": torch.zeros(3, 3)}
+    after = {"norm": torch.ones(1), "embed": torch.zeros(3, 3)}
+    assert device_checks.share_moved(initial, after.items()) == pytest.approx(0.1)
+    after["embed"][0] = 1.0  # 3 of its 9 weights too: 4 of 10
+    assert device_checks.share_moved(initial, after.items()) == pytest.approx(0.4)
+
+
+def test_alternated_warms_both_ways_up_before_timing_either():
+    """A stand-in for the passes whose first call of each way is cold (100 s, then 1 s): neither way's median
+    may hold a cold call, and each way runs once before the timed turns."""
+    import torch
+
+    shared_prefix = benchmark("shared_prefix")
+    calls: list[bool] = []
+
+    def passes(policy, batches, shared):
+        calls.append(shared)
+        return (1.0 if calls.count(shared) > 1 else 100.0), [torch.zeros(2)]
+
+    whole, shared, diff = shared_prefix.alternated(passes, None, None, repeats=2)
+    assert (whole, shared, diff) == (1.0, 1.0, 0.0)
+    assert calls == [False, True] * 3  # the warm-up of each way, then 2 timed turns
+
+
+def test_grpo_step_medians_leave_the_warm_up_step_out():
+    """The first step (compiles, allocates, fills caches) is 10x slower here: the medians are the other steps'."""
+    grpo_step = benchmark("grpo_step")
+    timings = ("timing/rollout", "timing/generate", "timing/tools", "timing/reward", "timing/train", "timing/sync")
+
+    def step(seconds: float, tokens_per_s: float) -> dict[str, float]:
+        return {**dict.fromkeys(timings, seconds), "rollout/tokens_per_s": tokens_per_s, "rollout/length": 20.0}
+
+    out = grpo_step.summary([step(10.0, 5.0), step(1.0, 50.0), step(2.0, 40.0)], episodes=4)
+    assert out["steps_timed"] == 2 and out["seconds_per_step"]["train"] == 1.5  # not 2.0, the median of all 3
+    assert set(out["seconds_per_step"]) == {"rollout", "generate", "tools", "reward", "train", "sync"}
+    assert out["rollout_tokens_per_s"] == 45.0 and out["train_tokens_per_s"] == (80 / 1.0 + 80 / 2.0) / 2
+    one = grpo_step.summary([step(10.0, 5.0)], episodes=4)  # a 1-step run: that step, as nothing else is timed
+    assert one["steps_timed"] == 1 and one["seconds_per_step"]["train"] == 10.0

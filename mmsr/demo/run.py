@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import shutil
 import time
 import warnings
@@ -257,6 +258,17 @@ def write_outputs(out: Path, summary: dict) -> list[str]:
     return written + ["demo.png", "report.html"]
 
 
+def quiet_library_bars() -> None:
+    """Turn off transformers' and huggingface_hub's own tqdm bars ("Loading weights", "Writing model shards"):
+    under CI the demo's output is a file, where every redraw of a bar is one more line. The environment
+    variable reaches the processes the demo starts; a ``HF_HUB_DISABLE_PROGRESS_BARS`` the user set is kept.
+    mmsr's own progress lines (Lightning's bar, ``mmsr.callbacks.progress``) are another tqdm and stay."""
+    from transformers.utils import logging as hf_logging
+
+    if os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1") == "1":
+        hf_logging.disable_progress_bar()  # this process: transformers read the variable when it was imported
+
+
 def count(text: str) -> int:
     """An argparse type: a step count, 0 or more."""
     n = int(text)
@@ -288,6 +300,7 @@ def main(argv: list[str] | None = None) -> dict:
     seed = args.seed if args.seed is not None else warm_start_seed(args.warm_start) if args.warm_start else 0
     # the demo hands LightningCLI its own arguments on purpose; its warning about sys.argv is noise here
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+    quiet_library_bars()
     summary = run(args.out, seed, args.sft_steps, args.grpo_steps, args.eval_limit, args.reading_steps, args.warm_start,
                   args.grpo_args)  # fmt: skip
     written = write_outputs(args.out, summary)
