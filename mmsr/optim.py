@@ -8,6 +8,7 @@ from typing import Literal
 import torch
 
 from mmsr.algo import make_lr_lambda
+from mmsr.checks import Limit, refuse_out_of_range  # noqa: F401  (the modules import them from here)
 
 Schedule = Literal["constant", "cosine", "sigmoid"]
 
@@ -17,20 +18,6 @@ def check_schedule(schedule: Schedule, warmup_steps: int) -> None:
     the others too), and a ``warmup_steps`` that silently does nothing is a run that is not the one configured."""
     if warmup_steps > 0 and schedule != "cosine":
         raise ValueError(f"warmup_steps={warmup_steps} needs lr_schedule: cosine; the {schedule!r} schedule has no warmup")
-
-
-Limit = tuple[str, object, bool, str]  # (field, value, within range, the rule in words)
-
-
-def refuse_out_of_range(owner: str, limits: Iterable[Limit]) -> None:
-    """Raise one error naming every field out of range (a NaN fails every comparison, so it is refused too).
-
-    Raises:
-        ValueError: ``"<owner>: lr=0.0 (must be > 0); ..."``.
-    """
-    bad = [f"{name}={value!r} (must be {rule})" for name, value, ok, rule in limits if not ok]
-    if bad:
-        raise ValueError(f"{owner}: {'; '.join(bad)}")
 
 
 def optimizer_limits(lr: float, weight_decay: float, warmup_steps: int, total_steps: int) -> list[Limit]:

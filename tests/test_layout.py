@@ -29,7 +29,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# The stages in import order: a module may import its own layer and the layers before it. The order is
+# The stages in import order: a module may import its own layer and the layers before it (``checks``, the
+# settings' range refusal, comes first: every layer checks its settings). The order is
 # the data flow's (style guide: data -> prompt -> rollout -> tools -> reward -> algo -> module -> sync),
 # with a called service ahead of its callers: the search tools (called from the rollout, whose results
 # the prompt renders) before the prompt, the policy models (the rollout and the trainer feed them) before
@@ -37,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # the PPO update), then the observers (``report`` reads records, ``callbacks`` write them), the Lightning
 # modules, the command line and its commands, and the demo, a product that uses all of it.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("data",),
+    ("checks", "data"),
     ("tools",),
     ("prompt",),
     ("models",),

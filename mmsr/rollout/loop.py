@@ -26,6 +26,7 @@ from enum import Enum
 
 from mmsr.data.sample import Sample
 from mmsr.models.policy import Policy
+from mmsr.checks import refuse_out_of_range
 from mmsr.prompt.render import PromptBuilder
 from mmsr.rollout.actions import Answer, Invalid, stop_strings
 from mmsr.rollout.context import describe, fit
@@ -69,6 +70,9 @@ class RolloutSettings:
             alone, and two runs on ``HFEngine`` or ``VLLMEngine`` draw the same tokens bit for bit (tested
             with k = 0). With ``HFEngine``, whose step generates a whole submission, every ``k`` waits for each
             round's calls before it generates.
+
+    Raises:
+        ValueError: a field out of range (``max_rounds=0``, a negative limit), each named with its value.
     """
 
     max_rounds: int = 3
@@ -83,8 +87,20 @@ class RolloutSettings:
     tool_rejoin_steps: int | None = None
 
     def __post_init__(self) -> None:
-        if self.tool_rejoin_steps is not None and self.tool_rejoin_steps < 0:
-            raise ValueError(f"tool_rejoin_steps must be None or >= 0, got {self.tool_rejoin_steps}")
+        # Out of range, these run without a word: max_rounds=0 still samples a turn, a negative search limit ends
+        # every search as search_limit, tool_concurrency=0 waits forever on the first call, a timeout <= 0 times out
+        # every call that awaits anything. Refused here, before any rollout; a NaN fails every test.
+        s, rejoin = self, self.tool_rejoin_steps
+        searches = {"image_search_limit": s.image_search_limit, "text_search_limit": s.text_search_limit}
+        refuse_out_of_range("RolloutSettings", [
+            ("max_rounds", s.max_rounds, s.max_rounds >= 1, ">= 1"),
+            *[(name, n, n is None or n >= 0, ">= 0 (None: the tool's declared limit)") for name, n in searches.items()],
+            *[(f"tool_limits[{name!r}]", n, n >= 0, ">= 0") for name, n in s.tool_limits.items()],
+            ("max_tokens_per_turn", s.max_tokens_per_turn, s.max_tokens_per_turn >= 1, ">= 1"),
+            ("max_context_tokens", s.max_context_tokens, s.max_context_tokens >= 1, ">= 1"),
+            ("tool_concurrency", s.tool_concurrency, s.tool_concurrency >= 1, ">= 1"),
+            ("tool_timeout_s", s.tool_timeout_s, s.tool_timeout_s > 0, "> 0"),
+            ("tool_rejoin_steps", rejoin, rejoin is None or rejoin >= 0, ">= 0 (None: at once)")])  # fmt: skip
 
     def limit(self, spec: ToolSpec) -> int:
         """Most calls per episode of tool ``spec``."""
@@ -255,6 +271,9 @@ class RolloutLoop:
                           tools=self.specs)  # fmt: skip
         episode = Episode(sample, f"{sample.id}#{k}", traj)
         if len(ids) >= self.settings.max_context_tokens:
+            # no room for even one sampled token: say why the episode has no turns
+            traj.context.append(f"prompt of {len(ids)} tokens fills max_context_tokens={self.settings.max_context_tokens}: "
+                                "no turn generated, the episode ends (truncated)")  # fmt: skip
             episode.finish("truncated")
         return episode
 

@@ -25,7 +25,7 @@ from mmsr.algo.loss import AggMode
 from mmsr.metrics import extreme
 from mmsr.models.policy import Policy
 from mmsr.parallel import all_reduce, drop_idle_gradients
-from mmsr.optim import refuse_out_of_range
+from mmsr.checks import refuse_out_of_range
 from mmsr.reference import ReferenceModel
 from mmsr.rollout.trajectory import Trajectory
 from mmsr.train.batch import TrainBatch, collate, group_prompts, packs_rows, rank_micro_batches, sampled_logprobs
