@@ -357,12 +357,20 @@ class GRPOModule(L.LightningModule):
 
     def validation_step(self, batch: list[Sample], batch_idx: int) -> None:
         """One greedy episode per held-out prompt (``mmsr eval``'s protocol), scored by the reward."""
-        runs = self.loop.runs  # greedy draws no noise: training's sampling streams stay as without validation,
-        trajs = self.loop.run(batch, 1, replace(self.sampling, temperature=0.0))
-        self.loop.runs = runs  # so a run resumed from a checkpoint saved before it samples the same episodes
-        rewards = self.compute_rewards(trajs, batch).tolist()
-        for t, reward, detail in zip(trajs, rewards, self.reward_details(trajs, batch)):
-            self._val_episodes.append(episode_metrics(t, batch, reward, detail, self.loop.settings))
+        # the live stage (StageProgressBar) says these are held-out episodes, not a training step's
+        stage, runs = self.stage, self.loop.runs
+        try:
+            self.stage = "val rollout"
+            trajs = self.loop.run(batch, 1, replace(self.sampling, temperature=0.0))
+            # greedy draws no noise: training's sampling streams stay as without validation, so a run resumed
+            # from a checkpoint saved before it samples the same episodes
+            self.loop.runs = runs
+            self.stage = "val reward"
+            rewards = self.compute_rewards(trajs, batch).tolist()
+            for t, reward, detail in zip(trajs, rewards, self.reward_details(trajs, batch)):
+                self._val_episodes.append(episode_metrics(t, batch, reward, detail, self.loop.settings))
+        finally:
+            self.stage = stage
 
     def on_validation_epoch_end(self) -> None:
         if hasattr(self.engine, "sleep"):

@@ -5,11 +5,15 @@ bars only move when the step ends. ``StageProgressBar`` adds a watcher thread th
 bar's postfix every ``poll_s`` seconds with the current stage, the rollout's tokens/s and the tool
 calls in flight, read from the module:
 - the stage from ``GRPOModule.stage`` (``sync`` / ``rollout`` / ``reward`` / ``train``, set by
-  ``GRPOModule.timed``); during ``rollout``, ``tools`` while tool calls are in flight. A module
-  without ``stage`` gets a coarser stage from the callback hooks (rollout until the first backward);
+  ``GRPOModule.timed``; ``val rollout`` / ``val reward`` while a validation rolls out and scores the
+  held-out episodes); during a rollout, ``tools`` (``val tools``) while tool calls are in flight. A module
+  without ``stage``, or between its stages (``None``), gets a coarser stage from the callback hooks
+  (rollout until the first backward, ``validation`` during one);
 - tokens/s and calls in flight from the live ``RolloutLoop.stats`` (a call is in flight from when it
   is counted until its latency is recorded, waiting for the concurrency limit included).
-The thread only reads plain attributes and writes through tqdm, which locks its own refreshes.
+The thread only reads plain attributes and writes through tqdm, which locks its own refreshes. A
+validation outside the training loop (the sanity check, ``mmsr validate``) gets a watcher of its own,
+which writes to the validation bar (or lines), for as long as it runs.
 
 The bar counts training steps of the run under its name (``grpo 12/60``), not Lightning's epochs of
 an endless resumable loader: ``trainer.global_step`` / ``max_steps`` count optimizer updates, divided
@@ -38,7 +42,8 @@ class StepStatus:
     """What the step is doing now.
 
     Attributes:
-        stage: ``sync``, ``rollout``, ``tools``, ``reward``, ``train`` or ``idle`` (between steps).
+        stage: ``sync``, ``rollout``, ``tools``, ``reward``, ``train`` or ``idle`` (between steps); during a
+            validation ``val rollout``, ``val tools``, ``val reward`` (``validation`` from the hooks).
         tokens_per_s: sampled tokens / generation seconds of the current (or last) rollout.
         tools_in_flight: tool calls started and not yet finished.
     """
@@ -61,15 +66,16 @@ def training_steps(trainer: L.Trainer, updates: int | None = None) -> tuple[int,
 
 
 def step_status(pl_module: L.LightningModule, fallback_stage: str = "idle") -> StepStatus:
-    """The module's current status; ``fallback_stage`` is used when the module exposes no ``stage``."""
-    stage = getattr(pl_module, "stage", fallback_stage) or "idle"
+    """The module's current status; ``fallback_stage`` is used when the module exposes no ``stage``, or between
+    its stages (``None``: a validation's end is no ``idle``)."""
+    stage = getattr(pl_module, "stage", None) or fallback_stage or "idle"
     stats = getattr(getattr(pl_module, "loop", None), "stats", None)
     if stats is None:
         return StepStatus(stage, 0.0, 0)
     in_flight = sum(stats.tool_calls.values()) - len(stats.tool_latency_s)
     tokens_per_s = stats.sampled_tokens / stats.generate_s if stats.generate_s else 0.0
-    if stage == "rollout" and in_flight > 0:
-        stage = "tools"
+    if stage.endswith("rollout") and in_flight > 0:  # a training or a validation rollout
+        stage = stage.removesuffix("rollout") + "tools"
     return StepStatus(stage, tokens_per_s, in_flight)
 
 
@@ -98,6 +104,7 @@ class StageProgressBar(TQDMProgressBar):
         self._phase = "the step"  # what the watcher's lines say is running: a validation runs between steps
         self._validation_t0 = time.monotonic()
         self._loaded_updates = 0  # global_step of the checkpoint a validate / test run loaded (--ckpt_path)
+        self._watching_validation = False  # the watcher is a validation's own, not the training loop's
 
     # Plain mode draws no bar at all: a log file would get every redraw, cursor-up escapes included,
     # glued to the plain lines.
@@ -153,11 +160,15 @@ class StageProgressBar(TQDMProgressBar):
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_validation_start(trainer, pl_module)
-        self._validation_t0, self._phase = time.monotonic(), "validation"
+        self._validation_t0, self._phase, self._hook_stage = time.monotonic(), "validation", "validation"
+        if self._watcher is None:  # no training loop's watcher (sanity check, `mmsr validate`): one of its own
+            self._start_watching(pl_module, trainer.global_step if trainer.state.fn == "fit" else self._loaded_updates)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._watching_validation:  # before the bar it writes to closes
+            self._stop_watching()
         super().on_validation_end(trainer, pl_module)
-        self._phase = "the step"
+        self._phase, self._hook_stage = "the step", "idle"
         if self.plain and self.is_enabled and not trainer.sanity_checking:  # the bar no longer shows it
             seconds = time.monotonic() - self._validation_t0
             updates = None if trainer.state.fn == "fit" else self._loaded_updates
@@ -170,25 +181,32 @@ class StageProgressBar(TQDMProgressBar):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         self._lines.start(training_steps(trainer)[0])
+        self._start_watching(pl_module)
+
+    def _start_watching(self, pl_module: L.LightningModule, updates: int | None = None) -> None:
+        """Watch the training loop (``updates`` None), or a validation outside it, at ``updates`` optimizer updates."""
         if self.is_enabled and self.poll_s > 0:
             self._stop.clear()
-            self._watcher = threading.Thread(target=self._watch, args=(pl_module,), daemon=True, name="mmsr-progress")
+            self._watching_validation = updates is not None
+            args = (pl_module, updates)
+            self._watcher = threading.Thread(target=self._watch, args=args, daemon=True, name="mmsr-progress")
             self._watcher.start()
 
-    def _watch(self, pl_module: L.LightningModule) -> None:
+    def _watch(self, pl_module: L.LightningModule, updates: int | None) -> None:
         while not self._stop.wait(self.poll_s):
-            bar = self._train_progress_bar
+            bar = self._train_progress_bar if updates is None else self._val_progress_bar
             live = self._metrics | step_status(pl_module, self._hook_stage).postfix()
             if bar is not None and not bar.disable:
                 bar.set_postfix(live, refresh=True)
-            elif self.plain:  # a long step: say what it is doing
-                self._lines.status(pl_module.trainer, self.run_name(pl_module), live, self._phase)
+            elif self.plain:  # a long step or validation: say what it is doing
+                self._lines.status(pl_module.trainer, self.run_name(pl_module), live, self._phase, updates)
 
     def _stop_watching(self) -> None:
         self._stop.set()
         if self._watcher is not None:
             self._watcher.join()
             self._watcher = None
+        self._watching_validation = False
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._stop_watching()
@@ -217,20 +235,23 @@ class PlainLines:
     def start(self, step: int) -> None:
         self.t0, self.step0, self.last = time.monotonic(), step, float("-inf")
 
-    def line(self, trainer: L.Trainer, name: str, metrics: dict) -> str:
-        step, total = training_steps(trainer)
+    def line(self, trainer: L.Trainer, name: str, metrics: dict, updates: int | None = None) -> str:
+        """``updates``: the optimizer updates of a validation outside the training loop, whose line has no rate."""
+        step, total = training_steps(trainer, updates)
         rate = (step - self.step0) / max(time.monotonic() - self.t0, 1e-9)
         eta = f" | ETA {_duration((total - step) / rate)}" if rate > 0 and total > 0 else ""
         shown = " | ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items() if k != "v_num")
-        return f"{name} step {step}/{total if total > 0 else '?'} | {rate:.2g} steps/s{eta} | {shown}"
+        speed = "" if updates is not None else f" | {rate:.2g} steps/s{eta}"
+        return f"{name} step {step}/{total if total > 0 else '?'}{speed} | {shown}"
 
     def step(self, trainer: L.Trainer, name: str, metrics: dict) -> None:
         step, total = training_steps(trainer)
         self._print(self.line(trainer, name, metrics), force=step >= total > 0)
 
-    def status(self, trainer: L.Trainer, name: str, metrics: dict, phase: str = "the step") -> None:
+    def status(self, trainer: L.Trainer, name: str, metrics: dict, phase: str = "the step",
+               updates: int | None = None) -> None:  # fmt: skip
         """A line while ``phase`` (``the step``, ``validation``) runs: the step count is of the steps done."""
-        self._print(self.line(trainer, name, metrics) + f" (in {phase})")
+        self._print(self.line(trainer, name, metrics, updates) + f" (in {phase})")
 
     def validation(self, trainer: L.Trainer, name: str, seconds: float, updates: int | None = None) -> None:
         step, total = training_steps(trainer, updates)

@@ -2,12 +2,16 @@
 
 import asyncio
 import re
+import threading
 import time
+from collections import defaultdict
+from contextlib import contextmanager
 
 import lightning as L
 import pytest
 import torch
 
+import mmsr.callbacks.progress as progress
 from mmsr.callbacks.progress import StageProgressBar, StepStatus, step_status
 from mmsr.data.datamodule import MMSRDataModule
 from mmsr.demo.tokenizer import Scaffold
@@ -72,7 +76,20 @@ def test_status_reads_stage_tokens_per_second_and_calls_in_flight(module, monkey
     assert step_status(module).postfix() == {"stage": "idle", "tok/s": "150", "tools": "0"}
 
 
-def test_bar_shows_live_stages_during_a_step(module, capfd, tmp_path):
+def test_bar_shows_live_stages_during_a_step(module, capfd, tmp_path, monkeypatch):
+    # Each stage waits (5 s at most) until the bar's watcher has read it once: a stage shorter than the poll
+    # (a warm scripted rollout) was missed by it now and then, and the test failed on a loaded machine.
+    polled, real_status, real_timed = defaultdict(threading.Event), progress.step_status, module.timed
+    monkeypatch.setattr(progress, "step_status", lambda *a: (s := real_status(*a), polled[s.stage].set())[0])
+
+    @contextmanager
+    def timed(stage):
+        with real_timed(stage):
+            polled[stage].clear()
+            polled[stage].wait(5)
+            yield
+
+    monkeypatch.setattr(module, "timed", timed)
     trainer = L.Trainer(
         accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False, enable_model_summary=False,
         default_root_dir=tmp_path, callbacks=[StageProgressBar(poll_s=0.02, plain=False)],
