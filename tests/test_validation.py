@@ -123,3 +123,16 @@ def test_mmsr_validate_of_a_checkpoint_logs_and_names_the_step_its_fit_did(tmp_p
     assert row["val/reward/mean"] == fit_rows[1]["val/reward/mean"]
     shown = [line.split(" | ")[0] for line in fitted + validated if line.startswith("grpo validation at")]
     assert shown == ["grpo validation at step 1/2", "grpo validation at step 2/2", "grpo validation at step 2/2"]
+
+
+def test_mmsr_validate_of_a_checkpoint_logs_its_epoch_too():
+    """The ``epoch`` column of ``mmsr validate --ckpt_path`` was 0 whatever the checkpoint's epoch (Lightning
+    restores it in fit only); it is the epoch the fit logged that step with, as the step is."""
+    import lightning as L
+
+    from mmsr.callbacks.run_dir import restore_logged_step
+
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    loops = {"fit_loop": {"epoch_loop.state_dict": {"_batches_that_stepped": 11}}}
+    restore_logged_step(trainer, {"epoch": 1, "global_step": 24, "loops": loops})
+    assert (trainer.current_epoch, trainer.fit_loop.epoch_loop._batches_that_stepped, trainer.global_step) == (1, 11, 0)

@@ -174,11 +174,14 @@ def cli_keys(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def restore_logged_step(trainer: L.Trainer, checkpoint: dict[str, Any]) -> None:
     """``mmsr validate`` (test, predict) ``--ckpt_path``: its metrics are logged at the checkpoint's step. Lightning
-    restores its step counters in ``fit`` only, so they were logged at step 0. Only the step Lightning logs at (the
-    fit loop's ``_batches_that_stepped``) is set: ``global_step``, which ends a later ``fit``, stays as it was."""
+    restores its step counters in ``fit`` only, so they were logged at step 0 and epoch 0. Only the step Lightning
+    logs at (the fit loop's ``_batches_that_stepped``) and the epoch it writes beside it (``current_epoch``) are set:
+    ``global_step``, which ends a later ``fit``, stays as it was."""
     loop = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.state_dict", {})
     if "_batches_that_stepped" in loop:  # Lightning's checkpoints have it (a hand-made one may not)
         trainer.fit_loop.epoch_loop._batches_that_stepped = loop["_batches_that_stepped"]
+    if "epoch" in checkpoint:  # the current_epoch the fit logged that step's rows with
+        trainer.fit_loop.epoch_progress.current.completed = checkpoint["epoch"]
 
 
 def append_missing_row(logger: CSVLogger, row: dict[str, Any]) -> None:
