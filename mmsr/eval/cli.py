@@ -79,7 +79,7 @@ def load_from_args(args: argparse.Namespace, workflows: Sequence[str] = (), refu
         refuse(workflows, tools, f"--tools {args.tools}")
         check_ready(tools)  # before the policy loads
     if args.ckpt:
-        loaded = load.load_checkpoint(args.ckpt, args.run_config)
+        loaded = load.load_checkpoint(args.ckpt, args.run_config, run_tools=not tools)
     elif args.model_dir:
         loaded = load.load_model_dir(args.model_dir, args.min_pixels, args.max_pixels)
     else:

@@ -21,6 +21,7 @@ the other sources, and the warm start's ``SFTModule`` (no reward), are scored by
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -156,10 +157,12 @@ EPISODE_ARGS = {"engine": None, "image_search": None, "text_search": None, "tool
                 "reading": None, "reading_steps": 0}  # fmt: skip
 
 
-def load_module(ckpt: str | Path, run_config: str | Path | None = None, episodes: bool = True) -> LightningModule:
+def load_module(ckpt: str | Path, run_config: str | Path | None = None, episodes: bool = True,
+                leave_out: Sequence[str] = ()) -> LightningModule:  # fmt: skip
     """The run's module (``GRPOModule``, ``SFTModule`` or a subclass; no reference model) rebuilt from its
     config, with the checkpoint's weights in the checkpoint's dtypes; its engine is not synced. ``episodes=False``
-    (``mmsr export``): built without the run's engine, tools, reward and reading corpus (``EPISODE_ARGS``)."""
+    (``mmsr export``): built without the run's engine, tools, reward and reading corpus (``EPISODE_ARGS``);
+    ``leave_out``: without those of them (``mmsr eval --tools``: the run's tools)."""
     from lightning.pytorch import LightningModule  # only on this path
 
     import mmsr.module  # noqa: F401  a short class_path ("GRPOModule") names only an imported subclass
@@ -175,9 +178,8 @@ def load_module(ckpt: str | Path, run_config: str | Path | None = None, episodes
     parser, parsed = _parsed({"model": LightningModule}, {"model": model_cfg}, config_path)
     if "kl_coef" in parsed.model.init_args:  # GRPO's: 0 leaves the reference model out; SFT has none
         parsed.model.init_args.kl_coef = 0.0
-    if not episodes:
-        for name in [n for n in EPISODE_ARGS if n in parsed.model.init_args]:
-            parsed.model.init_args[name] = EPISODE_ARGS[name]
+    for name in [n for n in EPISODE_ARGS if n in parsed.model.init_args and (not episodes or n in leave_out)]:
+        parsed.model.init_args[name] = EPISODE_ARGS[name]
     module = parser.instantiate(parsed).model
     if not hasattr(module, "policy"):
         raise ValueError(f"{config_path}: model {parsed.model.class_path} has no policy to load "
@@ -187,13 +189,17 @@ def load_module(ckpt: str | Path, run_config: str | Path | None = None, episodes
     return module
 
 
-def load_checkpoint(ckpt: str | Path, run_config: str | Path | None = None) -> Loaded:
+RUN_TOOLS = ("image_search", "text_search", "tools")
+
+
+def load_checkpoint(ckpt: str | Path, run_config: str | Path | None = None, run_tools: bool = True) -> Loaded:
     """The checkpoint's policy (``load_module``) with the run's engine (``HFEngine`` for an ``SFTModule`` run),
-    synced to it, tools and limits."""
+    synced to it, tools and limits; ``run_tools=False`` (``mmsr eval --tools``): without the run's tools, which
+    are not built (their index or corpus need not be on this machine)."""
     from mmsr.module import GRPOModule
     from mmsr.rollout.hf_engine import HFEngine
 
-    module = load_module(ckpt, run_config)
+    module = load_module(ckpt, run_config, leave_out=() if run_tools else RUN_TOOLS)
     loop = module.loop
     # SFTModule's engine replays its teacher's turns: the warm-started policy generates with HFEngine.
     engine = module.engine if isinstance(module, GRPOModule) else HFEngine()

@@ -211,7 +211,7 @@ def test_a_workflow_that_searches_without_tools_is_refused_before_the_model_load
         main(["--policy", str(tmp_path / "no-policy.yaml"), "--tools", str(tmp_path / "text.yaml"), *data, "--workflow", "rag"])
     # a checkpoint whose run configured no tools (the policy is never needed: the refusal comes first)
     no_tools = load.Loaded(None, None, {"image_search": None, "text_search": None})
-    monkeypatch.setattr(load, "load_checkpoint", lambda *a: no_tools)
+    monkeypatch.setattr(load, "load_checkpoint", lambda *a, **k: no_tools)
     with pytest.raises(SystemExit, match=r"on-demand searches with a search tool, but no tool is configured \(the tools of --ckpt"):
         main(["--ckpt", "run.ckpt", *data])
 

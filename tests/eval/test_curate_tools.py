@@ -31,7 +31,7 @@ def test_a_tools_file_or_a_checkpoint_without_a_tool_is_refused(tmp_path, monkey
                                          rf"\(--tools {tmp_path / 'none.yaml'}\): give them"):  # fmt: skip
         main(["--policy", str(tmp_path / "no-policy.yaml"), "--tools", str(tmp_path / "none.yaml"), *DATA, *out])
     # a checkpoint whose run configured no tools (its policy is not needed here: the refusal comes before any rollout)
-    monkeypatch.setattr(load, "load_checkpoint", lambda *a: load.Loaded(None, None, {"image_search": None, "text_search": None}))
+    monkeypatch.setattr(load, "load_checkpoint", lambda *a, **k: load.Loaded(None, None, {"image_search": None, "text_search": None}))
     with pytest.raises(SystemExit, match=r"no tool is configured \(the tools of --ckpt's run config\)"):
         main(["--ckpt", "run.ckpt", *DATA, *out])
     assert not (tmp_path / "c.parquet.rollouts.jsonl").exists()

@@ -43,3 +43,21 @@ def test_a_run_whose_tool_files_are_gone_is_exported(tmp_path, module):
     shutil.rmtree(tmp_path / "fvqa")  # the index, corpus and reading files are not on this machine
     exported = load_file(export(["--ckpt", str(ckpt), "--out", str(tmp_path / "hf")]) / "model.safetensors")
     assert any(torch.equal(t, trained.model.lm_head.weight) for t in exported.values())  # the trained weights
+
+
+def test_an_eval_with_its_own_tools_does_not_build_the_runs(tmp_path):
+    """``mmsr eval --ckpt X --tools T`` built the run's tools first (then put T in their place), so it failed where
+    the run's index was gone; the run's tools are now left out when ``--tools`` gives them."""
+    import yaml
+
+    from mmsr.eval.cli import load_from_args, parse_args
+    from tests.eval.test_cli import TOOLS
+
+    tools, corpus = _files(tmp_path)
+    ckpt, trained = _checkpointed(tmp_path, _grpo(tools, corpus))
+    shutil.rmtree(tmp_path / "fvqa")
+    (tmp_path / "tools.yaml").write_text(yaml.safe_dump(TOOLS))
+    args = parse_args(["--ckpt", str(ckpt), "--tools", str(tmp_path / "tools.yaml"), "--data", str(FVQA / "fvqa_dev.jsonl")])
+    loaded = load_from_args(args, ["on-demand"])
+    assert str(loaded.tools["image_search"].index).startswith(str(FVQA))  # --tools', not the run's
+    assert torch.equal(loaded.policy.model.lm_head.weight, trained.model.lm_head.weight)
