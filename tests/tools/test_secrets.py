@@ -211,7 +211,8 @@ def test_trajectory_records_written_by_the_logger_carry_no_key(tmp_path):
     traj.finish_reason = "answer"
     sample = Sample("row1", f"what is {key}?", None, "paris")
     rollout = StepRollout([traj], [sample], torch.tensor([0.5]), torch.tensor([0.1]), [{"correct": 0.0}])
-    trainer = SimpleNamespace(loggers=[], default_root_dir=str(tmp_path), is_global_zero=True, global_step=1)
+    trainer = SimpleNamespace(loggers=[], default_root_dir=str(tmp_path), is_global_zero=True, global_step=1,
+                              fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(_batches_that_stepped=1)))  # fmt: skip
     TrajectoryLogger().on_train_batch_end(trainer, SimpleNamespace(last_rollout=rollout), None, None, 0)
     written = (tmp_path / "trajectories.jsonl").read_text()
     assert "[redacted OPENAI_API_KEY]" in written and json.loads(written)["turns"][0]["action"] == "text_search"
