@@ -15,7 +15,7 @@ the same pictures offline. A downloaded row keeps its URL as ``Sample.image_url`
 needs no image host). A URL that cannot be had, after the fetcher's retries, is a ``DataError`` naming the
 row, field and URL.
 Answer cells may be a string, a number, a list, a JSON string of a list, or InfoSeek's numeric ``{"wikidata": x,
-"range": [lo, hi]}`` entries (the value is used), read by ``mmsr.data.rows.answer_list`` as ``load_samples`` reads
+"range": [lo, hi]}`` entries (the value is used), read by ``mmsr.data.answers.answer_list`` as ``load_samples`` reads
 them. Bad rows raise ``DataError`` naming the loader, file, row and field.
 """
 
@@ -32,8 +32,9 @@ from PIL import Image
 
 from mmsr.data.jsonl import jsonl_lines
 from mmsr.data.paths import missing
-from mmsr.data.rows import (DataError, answer_list, collect, default_id_stem, encoded_image, image_url, label, other_answers,
-                            row_error, text_image)  # fmt: skip
+from mmsr.data.answers import answer_list, other_answers
+from mmsr.data.errors import DataError, row_error
+from mmsr.data.rows import collect, default_id_stem, encoded_image, image_url, label, text_image
 from mmsr.data.sample import EncodedImage, Sample
 
 __all__ = ["ColumnMapping", "DataError", "EvalSet", "Fetched", "ImageFetcher", "answer_list", "read_rows"]

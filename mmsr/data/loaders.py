@@ -21,7 +21,8 @@ from pathlib import Path
 
 from mmsr.data.jsonl import jsonl_lines
 from mmsr.data.paths import require_file
-from mmsr.data.rows import DataError, RowMaker, collect, default_id_stem, jsonl_sample, parquet_sample, row_error
+from mmsr.data.errors import DataError, row_error
+from mmsr.data.rows import RowMaker, collect, default_id_stem, jsonl_sample, parquet_sample
 from mmsr.data.sample import Sample
 
 __all__ = ["DataError", "load_samples"]

@@ -24,8 +24,8 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from mmsr.data.answers import answer_list, answers_of, candidate_list, distinct_answers, other_answers, plain_value  # noqa: F401
-from mmsr.data.errors import DataError, row_error  # noqa: F401
+from mmsr.data.answers import answers_of, plain_value
+from mmsr.data.errors import DataError, row_error
 from mmsr.data.sample import EncodedImage, Sample
 from mmsr.data.threads import in_order
 

@@ -12,7 +12,7 @@ from PIL import Image
 from mmsr.data.benchmarks import MMSearch
 from mmsr.data.columns import ColumnMapping
 from mmsr.data.loaders import DataError, load_samples
-from mmsr.data.rows import candidate_list
+from mmsr.data.answers import candidate_list
 from mmsr.reward.answer import parse_candidate_answers
 
 
