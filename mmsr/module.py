@@ -36,6 +36,7 @@ from mmsr.algo import group_advantages
 from mmsr.algo.loss import AggMode
 from mmsr.callbacks.rollout import RolloutCallback
 from mmsr.checkpoint import gather_per_rank, preserved_rng, rank_states, restore_rank_state
+from mmsr.checks import refuse_out_of_range
 from mmsr.data.sample import Sample
 from mmsr.metrics import (
     episode_metrics,
@@ -51,14 +52,7 @@ from mmsr.metrics import (
     zero_std_groups,
 )
 from mmsr.models.build import DType, PolicyBuilder, save_policy
-from mmsr.optim import (
-    Schedule,
-    adamw_with_schedule,
-    check_schedule,
-    optimizer_limits,
-    reapply_configured,
-    refuse_out_of_range,
-)
+from mmsr.optim import Schedule, adamw_with_schedule, check_schedule, optimizer_limits, reapply_configured
 from mmsr.parallel import (
     compute_dtype,
     copy_to,

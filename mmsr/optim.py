@@ -8,7 +8,7 @@ from typing import Literal
 import torch
 
 from mmsr.algo import make_lr_lambda
-from mmsr.checks import Limit, refuse_out_of_range  # noqa: F401  (the modules import them from here)
+from mmsr.checks import Limit
 
 Schedule = Literal["constant", "cosine", "sigmoid"]
 

@@ -24,18 +24,12 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from mmsr.algo import logprobs_and_entropy
 from mmsr.checkpoint import rank_states, restore_rank_state
+from mmsr.checks import refuse_out_of_range
 from mmsr.data.sample import Sample
 from mmsr.models.build import PolicyBuilder, save_policy
 from mmsr.metrics import forget_step_metrics
 from mmsr.models.policy import Policy
-from mmsr.optim import (
-    Schedule,
-    adamw_with_schedule,
-    check_schedule,
-    optimizer_limits,
-    reapply_configured,
-    refuse_out_of_range,
-)
+from mmsr.optim import Schedule, adamw_with_schedule, check_schedule, optimizer_limits, reapply_configured
 from mmsr.parallel import all_reduce, drop_idle_gradients, refuse_one_device_ddp, refuse_true_precision
 from mmsr.prompt.render import PromptBuilder
 from mmsr.rollout.engine import GenerationRequest, SamplingParams, ScriptedEngine
