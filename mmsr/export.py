@@ -17,9 +17,9 @@ from mmsr.models.build import save_policy
 def export(ckpt: str | Path, out: str | Path, run_config: str | Path | None = None, dtype: str | None = None) -> Path:
     """Rebuild the run's module from its config, without its engine and tools (their files need not be here), load
     the checkpoint's weights, write the policy (cast to ``dtype``, e.g. ``"bfloat16"``, when given)."""
-    from mmsr.eval.load import load_module
+    from mmsr.eval.load import EPISODE_ARGS, load_module
 
-    policy = load_module(ckpt, run_config, episodes=False).policy
+    policy = load_module(ckpt, run_config, leave_out=EPISODE_ARGS).policy
     if dtype is not None:
         policy.model.to(getattr(torch, dtype))
     return save_policy(policy, out)

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import get_args
 
 from mmsr.checkpoint import gather_per_rank
+from mmsr.data.rows import label
 from mmsr.data.sample import Sample
 from mmsr.rollout.loop import RolloutSettings
 from mmsr.rollout.stats import RolloutStats
@@ -93,9 +94,10 @@ def _summed(episodes: Iterable[tuple[Mapping, float | None, float]]) -> GroupSum
     sums: GroupSums = {}
     for fields, correct, searched in episodes:
         for field in ("data_source", "category"):
-            if fields[field] is None or fields[field] == "":  # in no group (a category 0 is one)
+            name = label(fields[field])  # a set's numbers next to its strings: sorted together, they raised
+            if name is None:  # in no group (a category 0 is one)
                 continue
-            key = (field, str(fields[field]))  # a set's numbers next to its strings: sorted together, they raised
+            key = (field, name)
             n, total, searches, graded = sums.get(key, (0, 0.0, 0, 0))
             if correct is not None:
                 total, graded = total + correct, graded + 1

@@ -17,7 +17,7 @@ def test_an_exported_policy_reloads_with_its_tool_image_bounds(tiny_policy, tmp_
     tools = Qwen2VLImageProcessorPil(patch_size=14, merge_size=2, temporal_patch_size=2, min_pixels=56 * 56,
                                      max_pixels=56 * 56 * 2)  # fmt: skip
     policy = replace(tiny_policy, tool_image_processor=tools)
-    monkeypatch.setattr(mmsr.eval.load, "load_module", lambda ckpt, run_config, episodes: SimpleNamespace(policy=policy))
+    monkeypatch.setattr(mmsr.eval.load, "load_module", lambda ckpt, run_config, leave_out: SimpleNamespace(policy=policy))
     out = export("run/checkpoints/last.ckpt", tmp_path / "hf")
     reloaded = PretrainedPolicy(str(out)).build()
     thumbnail = probe_image().resize((400, 300))  # 120k pixels: above every bound here, resized down

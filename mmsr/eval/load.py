@@ -21,7 +21,7 @@ the other sources, and the warm start's ``SFTModule`` (no reward), are scored by
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -157,12 +157,12 @@ EPISODE_ARGS = {"engine": None, "image_search": None, "text_search": None, "tool
                 "reading": None, "reading_steps": 0}  # fmt: skip
 
 
-def load_module(ckpt: str | Path, run_config: str | Path | None = None, episodes: bool = True,
-                leave_out: Sequence[str] = ()) -> LightningModule:  # fmt: skip
+def load_module(ckpt: str | Path, run_config: str | Path | None = None,
+                leave_out: Collection[str] = ()) -> LightningModule:  # fmt: skip
     """The run's module (``GRPOModule``, ``SFTModule`` or a subclass; no reference model) rebuilt from its
-    config, with the checkpoint's weights in the checkpoint's dtypes; its engine is not synced. ``episodes=False``
-    (``mmsr export``): built without the run's engine, tools, reward and reading corpus (``EPISODE_ARGS``);
-    ``leave_out``: without those of them (``mmsr eval --tools``: the run's tools)."""
+    config, with the checkpoint's weights in the checkpoint's dtypes; its engine is not synced. ``leave_out``:
+    the ``EPISODE_ARGS`` it is built without (``mmsr export``: all of them; ``mmsr eval --tools``: the run's
+    tools, ``RUN_TOOLS``)."""
     from lightning.pytorch import LightningModule  # only on this path
 
     import mmsr.module  # noqa: F401  a short class_path ("GRPOModule") names only an imported subclass
@@ -178,7 +178,7 @@ def load_module(ckpt: str | Path, run_config: str | Path | None = None, episodes
     parser, parsed = _parsed({"model": LightningModule}, {"model": model_cfg}, config_path)
     if "kl_coef" in parsed.model.init_args:  # GRPO's: 0 leaves the reference model out; SFT has none
         parsed.model.init_args.kl_coef = 0.0
-    for name in [n for n in EPISODE_ARGS if n in parsed.model.init_args and (not episodes or n in leave_out)]:
+    for name in [n for n in leave_out if n in parsed.model.init_args]:
         parsed.model.init_args[name] = EPISODE_ARGS[name]
     module = parser.instantiate(parsed).model
     if not hasattr(module, "policy"):
