@@ -120,9 +120,20 @@ def check_ready(tools: Mapping[str, object | None]) -> None:
 
 @runtime_checkable
 class SearchTool(Protocol):
-    """An async search backend. Implementations must not raise for ordinary failures."""
+    """An async search backend. Implementations must not raise for ordinary failures.
+
+    Optional: a ``question_focused = True`` attribute, for a backend whose text search results depend on the
+    request's question, not on its query alone (``depends_on_question``).
+    """
 
     async def __call__(self, request: ToolRequest) -> ToolResult: ...
+
+
+def depends_on_question(tool: object) -> bool:
+    """Whether ``tool``'s text search results depend on ``ToolRequest.question`` (a web text search summarizes
+    each page for it): its ``question_focused`` attribute, else False. A cache keys such a tool's text searches
+    on the question too, so one question's summaries are never served to another."""
+    return bool(getattr(tool, "question_focused", False))
 
 
 def quoted(text: str) -> str:

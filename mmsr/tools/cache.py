@@ -8,10 +8,12 @@ whose names are importable from here too). Reruns, evaluations and resumed runs 
 Modes: ``off`` (always call), ``read_write`` (hit -> cached result; miss -> call, store successes not cut short
 by a transient failure, ``ToolResult.partial``), ``replay_only`` (hit -> cached result; miss -> ``ReplayMiss``,
 never a call).
+A text search backend whose summaries focus on the question (``question_focused``) is keyed on the question too
+(``request_key``): another question's summaries are never served, from the cache or from a call in flight.
 In ``read_write`` mode a miss already being fetched on the same event loop is joined, not fetched again: the
 ``num_generations`` episodes of a GRPO group search the same image at the same moment, and one call is paid. Besides
-the key, a joiner must have the same question, except for image search (its backends answer the image alone): a text
-search's page summaries are focused on the question, so another question's answer is not handed to it.
+the key, a joiner must have the same row and image URL (``sample_id``, ``image_url``: the backend is asked with the
+first caller's request, and may read them), so a failure or error it shares is one its own call would have had.
 A joiner reserves nothing, gets the shared result (a partial one too), free unless it is the first caller
 left to get it, and is counted ``cache_joined``, neither a hit nor a miss; its own timeout leaves the call to
 the others (the last to leave cancels it).
@@ -35,7 +37,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
-from mmsr.tools.base import FatalToolError, SearchTool, ToolRequest, ToolResult, failure
+from mmsr.tools.base import FatalToolError, SearchTool, ToolRequest, ToolResult, depends_on_question, failure
 from mmsr.tools.budget import with_budget_left
 # the store's names stay importable from here (tests, scripts and the other tools import them so)
 from mmsr.tools.cache_store import BudgetKey, CacheKey, ToolCache, image_key, normalize_query, request_key  # noqa: F401
@@ -120,23 +122,28 @@ class CachedTool:
         max_calls, max_cost: the run's budget of API calls and dollars for this tool kind and provider
             (``None``: unlimited).
         run_id: processes with the same id share one budget; default: this process.
+        question_focused: key text searches on the question too; defaults to the tool's ``question_focused``
+            (``depends_on_question``). Set it for a ``replay_only`` cache without a tool whose entries a
+            question-focused backend recorded.
     """
 
     def __init__(self, tool: SearchTool | None = None, path: str = "runs/tool_cache.sqlite",
                  mode: CacheMode = "read_write", provider: str | None = None, version: str = "1",
                  max_calls: int | None = None, max_cost: float | None = None,
-                 run_id: str | None = None) -> None:  # fmt: skip
+                 run_id: str | None = None, question_focused: bool | None = None) -> None:  # fmt: skip
         if tool is None and mode != "replay_only":
             raise ValueError(f"CachedTool in mode {mode!r} needs a tool to call on a miss")
         self.tool, self.mode, self.version = tool, mode, version
         self.provider = provider or getattr(tool, "provider_name", None) or type(tool).__name__
         self.max_calls, self.max_cost, self.run_id = max_calls, max_cost, run_id or PROCESS_RUN_ID
         self.path = path
+        # as the tool's attribute too: a cache wrapped around this one keys on it alike
+        self.question_focused = depends_on_question(tool) if question_focused is None else question_focused
         self._cache: ToolCache | None = None  # opened on first use: building a config touches no file
         self.counts: Counter[str] = Counter()
         # misses in flight, per event loop (tasks die with their loop, and the rollout runs each step in a fresh
-        # one), key and question (``_shared_miss``); empty when idle, so an unused tool still pickles
-        self._pending: dict[tuple[asyncio.AbstractEventLoop, CacheKey, str], _Miss] = {}
+        # one), key, row and image URL (``_shared_miss``); empty when idle, so an unused tool still pickles
+        self._pending: dict[tuple[asyncio.AbstractEventLoop, CacheKey, str, str | None], _Miss] = {}
         # the tool kinds asked of it, in the order first asked, whose counters ``metrics`` reports: among them, per
         # kind, this process's API calls and dollars (``<kind>/api_calls``, ``<kind>/api_cost``; the budget's
         # counters are the run's); the first also gets the backend's counters
@@ -165,7 +172,7 @@ class CachedTool:
 
     async def __call__(self, request: ToolRequest) -> ToolResult:
         start = time.perf_counter()
-        key = CacheKey(request.kind, self.provider, request_key(request), self.version)
+        key = CacheKey(request.kind, self.provider, request_key(request, self.question_focused), self.version)
         self._kinds.setdefault(request.kind)
         if self.mode == "off":
             return await self._call_within_budget(request, start)
@@ -185,13 +192,13 @@ class CachedTool:
     async def _shared_miss(self, key: CacheKey, request: ToolRequest, start: float) -> ToolResult:
         """The answer to the miss of ``key`` in flight on this event loop, started if none is: a GRPO group's
         episodes search the same image at once, and one call is paid for, not ``num_generations``. The backend is
-        asked with the first caller's request, so only a caller of the same question joins (but for image search):
-        a text search's summaries are focused on it, and another question's search of the same query pays its own
-        call (both are stored under the key: the cache keeps the last). A joiner reserves nothing; one caller's
-        answer carries the call's cost, the others' are free (cost 0, their own latency), as a hit is. The call
-        goes on while anyone waits for it; the last caller to give up cancels it, as an unshared call is."""
-        question = "" if request.kind == "image_search" else request.question  # Lens, pHash, FVQA: the image alone
-        pending, at = self._pending, (asyncio.get_running_loop(), key, question)
+        asked with the first caller's request, so only a caller of the same row and image URL joins: what the key
+        leaves out may still change the answer (an FVQA cache row, a URL template host, an error naming the row),
+        and another row's search of the same key pays its own call. The question is in the key where it matters
+        (``question_focused``). A joiner reserves nothing; one caller's answer carries the call's cost, the
+        others' are free (cost 0, their own latency), as a hit is. The call goes on while anyone waits for it; the
+        last caller to give up cancels it, as an unshared call is."""
+        pending, at = self._pending, (asyncio.get_running_loop(), key, request.sample_id, request.image_url)
         miss = pending.get(at)
         self.counts[f"{request.kind}/cache_{'misses' if miss is None else 'joined'}"] += 1
         if miss is None:

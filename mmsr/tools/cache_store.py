@@ -4,10 +4,11 @@ there too.
 
 Results live in one SQLite file (WAL journal, busy timeout: several trainer, evaluation and server processes
 can share it), keyed by (tool kind, provider, request key, backend version). The request key is the
-normalized query for text search and a SHA-256 of the image's pixels for image search (so the same image
-re-read from disk hits, whatever its file name), else its URL. Any other tool (a custom text tool, a crop
-search) is keyed on both its normalized query and its image (or URL, and the size the query's coordinates
-refer to) when it has one: either may change the answer.
+normalized query for text search (``q:<query>``; ``q:<query>|question:<question>``, the question normalized
+too, for a backend whose summaries focus on it: ``mmsr.tools.base.depends_on_question``) and a SHA-256 of the
+image's pixels for image search (so the same image re-read from disk hits, whatever its file name), else its
+URL. Any other tool (a custom text tool, a crop search) is keyed on both its normalized query and its image
+(or URL, and the size the query's coordinates refer to) when it has one: either may change the answer.
 
 The budget table counts the calls and dollars of one run per tool kind and provider; a call is reserved in one
 transaction, so processes sharing the file cannot both take the last one.
@@ -49,11 +50,14 @@ def _image_part(request: ToolRequest) -> str | None:
     return None
 
 
-def request_key(request: ToolRequest) -> str:
-    """The cache key of a request (see the module docstring). The formats of ``text_search`` and
-    ``image_search`` keys never change: caches recorded with them must keep hitting."""
+def request_key(request: ToolRequest, by_question: bool = False) -> str:
+    """The cache key of a request (see the module docstring); ``by_question``: the backend's text search results
+    depend on the question. The formats of ``text_search`` and ``image_search`` keys never change: caches
+    recorded with them (replayed MMSearch-R1 outputs, the FVQA cache, local search) must keep hitting."""
     if request.kind == "text_search":
-        return "q:" + normalize_query(request.query)
+        query = "q:" + normalize_query(request.query)
+        # even an empty question: a plain ``q:`` entry may hold summaries written for some other question
+        return f"{query}|question:{normalize_query(request.question)}" if by_question else query
     image = _image_part(request)
     if request.kind == "image_search":
         if image is None:

@@ -445,10 +445,10 @@ def _together(tool, requests):
 
 
 def test_a_groups_identical_misses_share_one_paid_call(tmp_path):
-    # The 8 episodes of a GRPO group image-search the same question image at the same moment.
+    # The 8 episodes of a GRPO group (one row) image-search the question image at the same moment.
     backend = SlowPaid()
     tool = CachedTool(backend, str(tmp_path / "c.sqlite"), max_calls=100, run_id="r")
-    group = [ToolRequest("image_search", image=Image.new("RGB", (16, 16), "red"), sample_id=f"ep{i}") for i in range(8)]
+    group = [ToolRequest("image_search", image=Image.new("RGB", (16, 16), "red"), sample_id="row7")] * 8
     results = _together(tool, group)
     assert backend.calls == 1 and tool.cache.spent(BudgetKey("r", "image_search", "counting")) == (1, 0.25)
     assert len({(r.text, r.titles, r.images[0].tobytes(), r.ok) for r in results}) == 1 and results[0].ok
@@ -564,24 +564,90 @@ def test_a_cache_registered_under_two_kinds_logs_its_backends_counters_once(tmp_
 
 
 class Focused(SlowPaid):
-    """Answers a text search with the question its summaries would focus on."""
+    """A web text search: summaries written for the request's question."""
+
+    question_focused = True
 
     async def __call__(self, request: ToolRequest) -> ToolResult:
         result = await super().__call__(request)
         return replace(result, text=f"{result.text}summarized for: {request.question}\n")
 
 
+def _focus(result: ToolResult) -> str:
+    return result.text.rsplit(": ", 1)[1].strip()
+
+
+def _keys(path) -> list[str]:
+    with sqlite3.connect(path) as db:
+        return sorted(key for (key,) in db.execute("SELECT key FROM results"))
+
+
+def test_a_question_focused_search_serves_each_question_its_own_summaries_cold_and_warm(tmp_path):
+    # Two rows search the same query, one after the other: the second was served the summaries written for the
+    # first's question (both were keyed "q:<query>"), in this run and in the next one.
+    path, questions = tmp_path / "c.sqlite", ("How tall is it?", "Who built it?")
+    asked = [ToolRequest("text_search", "Eiffel  Tower height", sample_id="a", question=questions[0]),
+             ToolRequest("text_search", "eiffel tower height", sample_id="b", question=questions[1])]  # fmt: skip
+    backend = Focused(delay_s=0.0)
+    assert [_focus(run(CachedTool(backend, str(path)), r)) for r in asked] == list(questions)  # cold
+    assert backend.calls == 2
+    query = "q:eiffel tower height|question:"
+    assert _keys(path) == [query + "how tall is it?", query + "who built it?"]
+    warm = CachedTool(backend, str(path))
+    assert [_focus(run(warm, r)) for r in reversed(asked)] == list(reversed(questions))
+    replay = CachedTool(None, str(path), mode="replay_only", provider="counting", question_focused=True)
+    assert [_focus(run(replay, r)) for r in asked] == list(questions)
+    assert backend.calls == 2 and warm.counts["text_search/cache_hits"] == 2
+    with pytest.raises(ReplayMiss):  # a third question was never asked: its own summaries are not there
+        run(replay, replace(asked[0], question="When was it built?"))
+
+
+def test_a_search_that_ignores_the_question_keeps_its_recorded_key(tmp_path):
+    # Replayed MMSearch-R1 outputs, FVQA caches and local search were recorded under "q:<query>": still hit.
+    path = tmp_path / "c.sqlite"
+    backend = CountingTool()
+    tool = CachedTool(backend, str(path))
+    for question in ("How tall is it?", "Who built it?"):
+        assert run(tool, ToolRequest("text_search", "Eiffel  Tower", question=question)).ok
+    assert backend.calls == 1 and _keys(path) == ["q:eiffel tower"] and not tool.question_focused
+    replay = CachedTool(None, str(path), mode="replay_only", provider="counting")
+    assert run(replay, ToolRequest("text_search", "eiffel tower", question="Anything?")).ok
+
+
 def test_a_miss_in_flight_is_joined_only_by_callers_of_the_same_question(tmp_path):
-    # Two rows' text searches of the same query at once: the second got the summaries written for the first's
-    # question (the backend is asked with the first caller's request). The same question still joins; image
-    # search, whose backends answer the image alone, joins across questions.
+    # Two rows' text searches of the same query at once: each question pays its own call (its summaries focus
+    # on it); the same row's same question joins. Image search, whose backends answer the image alone, joins
+    # across questions.
     backend = Focused()
     tool = CachedTool(backend, str(tmp_path / "c.sqlite"))
     asked = [ToolRequest("text_search", "Eiffel  Tower height", sample_id=row, question=q)
-             for row, q in (("a", "How tall is it?"), ("b", "Who built it?"), ("c", "How tall is it?"))]  # fmt: skip
+             for row, q in (("a", "How tall is it?"), ("b", "Who built it?"), ("a", "How tall is it?"))]  # fmt: skip
     results = _together(tool, asked)
-    assert [r.text.rsplit(": ", 1)[1] for r in results] == ["How tall is it?\n", "Who built it?\n", "How tall is it?\n"]
+    assert [_focus(r) for r in results] == ["How tall is it?", "Who built it?", "How tall is it?"]
     assert backend.calls == 2 and tool.counts["text_search/cache_joined"] == 1
     picture = Image.new("RGB", (8, 8), "blue")
     images = [ToolRequest("image_search", image=picture, question=q) for q in ("How tall is it?", "Who built it?")]
     assert all(r.ok for r in _together(tool, images)) and backend.calls == 3
+
+
+class ByRow(SlowPaid):
+    """An FVQA-cache-like image search: looks the request's row up, a failure naming it when it has none."""
+
+    async def __call__(self, request: ToolRequest) -> ToolResult:
+        result = await super().__call__(request)
+        if request.sample_id == "gone":
+            return failure(request.kind, f"row {request.sample_id!r} has no cached search")
+        return replace(result, text=result.text.replace("title: T", f"title: row {request.sample_id}"))
+
+
+def test_a_joiner_of_another_row_gets_its_own_rows_answer_not_the_starters(tmp_path):
+    # Two rows with the same picture image-search at once; the backend was asked for the first row only, and the
+    # second row was shown "row 'gone' has no cached search" though its own row has results.
+    backend = ByRow()
+    tool = CachedTool(backend, str(tmp_path / "c.sqlite"))
+    picture = Image.new("RGB", (8, 8), "green")
+    gone, kept, kept_again = _together(tool, [ToolRequest("image_search", image=picture, sample_id=row)
+                                             for row in ("gone", "b", "b")])  # fmt: skip
+    assert not gone.ok and "'gone'" in gone.text
+    assert kept.ok and kept_again.ok and "title: row b" in kept.text and kept_again.text == kept.text
+    assert backend.calls == 2 and tool.counts["image_search/cache_joined"] == 1  # row b's episodes still join

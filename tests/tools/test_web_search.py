@@ -10,7 +10,7 @@ from aiohttp import web
 from PIL import Image
 
 from mmsr.tools import IMAGE_MARKER, ToolRequest
-from mmsr.tools.cache import CachedTool
+from mmsr.tools.cache import CachedTool, request_key
 from mmsr.tools.format import TEXT_NONE
 from mmsr.tools.web.fake import chat_completion, jina, png, serpapi_google, serpapi_lens, serper, serve
 from mmsr.tools.web.http import Limits, ToolError
@@ -72,6 +72,15 @@ def _pipeline(url: str, provider) -> WebTextSearch:
     reader = JinaReader(endpoint=url + "/jina", allow_private=True, limits=FAST, cost_per_call=0.01)
     llm = OpenAISummarizer(base_url=url + "/v1", model="qwen", limits=FAST, cost_per_million_tokens=1.0)
     return WebTextSearch(provider, reader, llm, top_k=4, max_candidates=8)
+
+
+def test_a_cache_keys_web_text_search_on_the_question_its_summaries_focus_on(tmp_path):
+    # Its summaries were keyed on the query alone: a later question searching it was served another's.
+    url = "http://127.0.0.1:1"
+    cached = CachedTool(_pipeline(url, Serper(endpoint=url + "/search", limits=FAST)), str(tmp_path / "c.sqlite"))
+    asked = ToolRequest("text_search", "Eiffel  Tower", question="How  tall is it?")
+    assert cached.question_focused
+    assert request_key(asked, cached.question_focused) == "q:eiffel tower|question:how tall is it?"
 
 
 @pytest.mark.parametrize("api", ["serper", "serpapi"])

@@ -41,6 +41,8 @@ class WebTextSearch:
         reserve_s: seconds of the caller's budget kept back to build the answer and return it in time.
     """
 
+    question_focused = True  # its summaries are written for the request's question: a cache keys on it too
+
     def __init__(self, provider: TextSearchProvider, reader: PageReader, summarizer: OpenAISummarizer,
                  top_k: int = 5, max_candidates: int = 10, max_chars: int = 1500,
                  reserve_s: float = 1.0) -> None:  # fmt: skip
