@@ -34,7 +34,7 @@ from mmsr.data.jsonl import jsonl_lines
 from mmsr.data.paths import missing
 from mmsr.data.answers import answer_list, other_answers
 from mmsr.data.errors import DataError, row_error
-from mmsr.data.rows import collect, default_id_stem, encoded_image, image_url, label, text_image
+from mmsr.data.rows import collect, default_id_stem, encoded_image, image_url, label, question_text, text_image
 from mmsr.data.sample import EncodedImage, Sample
 
 __all__ = ["ColumnMapping", "DataError", "EvalSet", "Fetched", "ImageFetcher", "answer_list", "read_rows"]
@@ -175,9 +175,7 @@ class ColumnMapping(EvalSet):
         """One row (``i``: its index in the file, for error messages) as a ``Sample``."""
         if not isinstance(r, dict):
             raise row_error(self.label, i, "<row>", f"expected an object, got {type(r).__name__}")
-        question = r.get(self.question)
-        if not isinstance(question, str) or not question.strip():
-            raise row_error(self.label, i, self.question, f"missing or empty ({question!r:.40})")
+        question = question_text(r.get(self.question), self.label, i, self.question)
         answers = answer_list(r.get(self.answer), self.label, i, self.answer)
         if not answers:
             raise row_error(self.label, i, self.answer, f"no answer ({r.get(self.answer)!r:.40})")
@@ -186,7 +184,7 @@ class ColumnMapping(EvalSet):
         url = image_url(r.get(self.image)) if self.image else None
         return Sample(
             id=str(r[self.id]) if self.id and r.get(self.id) not in (None, "") else f"{self.id_stem}-{i}",
-            question=question.strip(),
+            question=question,
             image=self.cell_image(r.get(self.image), i) if self.image else None,
             ground_truth=answers[0],
             candidate_answers=other_answers(answers, extra),

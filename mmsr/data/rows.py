@@ -9,7 +9,7 @@ Face ``datasets`` split): the two schemas and the errors that name the file, row
 
 A row without an id is ``{folder}/{stem}-{row}`` (``default_id_stem``). Answer cells are read by
 ``mmsr.data.answers``, the one rule of every loader (``ColumnMapping`` too): the same cell gives the same ground
-truth and candidates.
+truth and candidates; questions are stripped alike (``question_text``).
 """
 
 from __future__ import annotations
@@ -113,10 +113,13 @@ def label(value) -> str | None:
     return None if value is None or value == "" else str(plain_value(value))
 
 
-def _text(value, path, row, field) -> str:
+def question_text(value, path, row, field) -> str:
+    """A question cell's text, stripped: the one rule of every loader (``ColumnMapping`` too), as answers are
+    read alike (``mmsr.data.answers``). The prompt strips it anyway, but the judge's prompt and cache key, the
+    text search's question and the logs took it as stored: one file read by two loaders gave two questions."""
     if not isinstance(value, str) or not value.strip():
         raise row_error(path, row, field, f"missing or empty ({value!r:.40})")
-    return value
+    return value.strip()
 
 
 def _parquet_question(prompt, path, row) -> str:
@@ -124,7 +127,7 @@ def _parquet_question(prompt, path, row) -> str:
     if prompt is None or isinstance(prompt, str | bytes | dict) or not all(isinstance(m, dict) for m in prompt):
         raise row_error(path, row, "prompt", f"expected a list of {{role, content}} messages, got {prompt!r:.60}")
     users = [m.get("content") for m in prompt if m.get("role") == "user"]
-    return _text(users[-1] if users else None, path, row, "prompt")
+    return question_text(users[-1] if users else None, path, row, "prompt")
 
 
 def image_url(cell) -> str | None:
@@ -254,7 +257,7 @@ def jsonl_sample(r: dict, path: Path, i: int, line: int | None = None, id_stem: 
     if not isinstance(r, dict):  # a jsonl line such as [1, 2]: a bad row, skippable like any other
         raise row_error(path, at, "<row>", f"expected an object, got {type(r).__name__}")
     image = _jsonl_image(r.get("image"), path, at)
-    question = _text(r.get("question"), path, at, "question")
+    question = question_text(r.get("question"), path, at, "question")
     truth, candidates = answers_of(r.get("ground_truth"), r.get("candidate_answers"), path, at, "ground_truth")
     return Sample(
         id=_sample_id((r.get("data_id"), r.get("id")), f"{id_stem or path.stem}-{i}"),

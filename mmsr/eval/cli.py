@@ -160,9 +160,12 @@ def build_evaluator(args: argparse.Namespace):
 
 def run_arguments(args: argparse.Namespace) -> dict:
     """The arguments that decide an evaluation's episodes (``EvalWork``'s run): all but where it is written,
-    which workflows run, how many questions (a batch is the same slice of a set whatever the limit) and which
-    score the suite's table shows (``--accuracy``: every record holds EM, SubEM and the judge's verdict)."""
-    return {k: v for k, v in sorted(vars(args).items()) if k not in ("out", "workflow", "limit", "accuracy")}
+    which workflows run, how many questions (a batch is the same slice of a set whatever the limit), which
+    score the suite's table shows (``--accuracy``: every record holds EM, SubEM and the judge's verdict) and
+    the name of the variable the judge's key is read from (the judge is its URL and model: a renamed variable
+    holding a key to the same judge refused the rerun and lost its finished batches)."""
+    left_out = ("out", "workflow", "limit", "accuracy", "judge_key_env")
+    return {k: v for k, v in sorted(vars(args).items()) if k not in left_out}
 
 
 def run_suite_args(args: argparse.Namespace) -> dict:

@@ -119,6 +119,12 @@ class TrajectoryRecord:
     category: str | None = None
     context: list[str] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        # text, as ``Sample.category`` is: a number (a file written before loaders made it text, or a record built
+        # in Python) reached the page, whose kinds test it for truth, and ``0`` was shown as no category, "none"
+        if self.category is not None and not isinstance(self.category, str):
+            object.__setattr__(self, "category", str(self.category))
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), ensure_ascii=False)
 

@@ -201,3 +201,22 @@ def test_numeric_categories_and_sources_are_text_in_both_row_schemas(tmp_path, c
     verl = {**_verl_row("x", None), "data_source": 7, "category": category}
     for sample in (jsonl_sample(flat, tmp_path / "f.jsonl", 0), parquet_sample(verl, tmp_path / "f.parquet", 0)):
         assert (sample.category, sample.data_source) == (expected, "7")
+
+
+def test_every_loader_reads_a_question_cell_alike(tmp_path):
+    """``ColumnMapping`` stripped a question, ``load_samples`` kept it as stored (both schemas): the prompt strips
+    it anyway, but the judge's prompt and cache key and the text search took it whole, so one file read by the
+    two loaders gave two questions. Inner whitespace is the question's own and stays."""
+    padded = ["  What is this?\n", "\tWho built\n it? "]
+    _jsonl(tmp_path / "t.jsonl", [{"id": str(i), "question": q, "ground_truth": "x"} for i, q in enumerate(padded)])
+    verl = [{**_verl_row("x"), "prompt": [{"role": "user", "content": q}], "question": q, "answer": "x"}
+            for q in padded]  # fmt: skip
+    pq.write_table(pa.Table.from_pylist(verl), tmp_path / "t.parquet")
+    read = {
+        "load_samples jsonl": load_samples(tmp_path / "t.jsonl"),
+        "ColumnMapping jsonl": ColumnMapping(str(tmp_path / "t.jsonl"), answer="ground_truth", image=None).load(),
+        "load_samples verl": load_samples(tmp_path / "t.parquet"),
+        "ColumnMapping verl": ColumnMapping(str(tmp_path / "t.parquet"), image=None).load(),
+    }
+    for name, samples in read.items():
+        assert (name, [s.question for s in samples]) == (name, ["What is this?", "Who built\n it?"])

@@ -35,3 +35,20 @@ def test_a_crashed_suite_resumes_under_another_accuracy_but_not_another_batch_si
     assert resumed.done(("s", "w", 0), ["a"]) == [_record("q")]
     with pytest.raises(ValueError, match=r"--batch-size was 16, now 8"):
         EvalWork(path, run_arguments(parse_args([*base, "--accuracy", "subem", "--batch-size", "8"])))
+
+
+def test_a_crashed_evaluation_resumes_with_the_judge_key_in_another_variable(tmp_path, monkeypatch):
+    """``--judge-key-env`` names where the key is read from, not the judge (its URL and model): a rerun reading
+    the same judge's key from another variable was refused. Another judge model is still refused, and neither
+    key is in the work file."""
+    path = tmp_path / "episodes.partial.jsonl"
+    base = ["--policy", "p.yaml", "--tools", "t.yaml", "--data", "d.jsonl", "--judge-url", "http://judge/v1"]
+    monkeypatch.setenv("OLD_KEY", "sk-old-secret")
+    monkeypatch.setenv("NEW_KEY", "sk-new-secret")
+    first = EvalWork(path, run_arguments(parse_args([*base, "--judge-key-env", "OLD_KEY"])))
+    first.add(("s", "w", 0), ["a"], [_record("q")])
+    resumed = EvalWork(path, run_arguments(parse_args([*base, "--judge-key-env", "NEW_KEY"])))
+    assert resumed.done(("s", "w", 0), ["a"]) == [_record("q")]
+    with pytest.raises(ValueError, match=r"--judge-model was 'gpt-4o-2024-11-20', now 'other'"):
+        EvalWork(path, run_arguments(parse_args([*base, "--judge-key-env", "NEW_KEY", "--judge-model", "other"])))
+    assert "secret" not in path.read_text(encoding="utf-8")
