@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 
 import pytest
@@ -10,7 +11,7 @@ from aiohttp import web
 
 from mmsr.tools.web import guard
 from mmsr.tools.web.fake import serve
-from mmsr.tools.web.http import HTTPClient, Limits, Retryable, ToolError, parse_json
+from mmsr.tools.web.http import HTTPClient, Limits, Retryable, ToolError, parse_json, rate_limiter
 from mmsr.tools.web.reader import DirectReader
 
 from .fake_web import Script
@@ -148,6 +149,40 @@ def test_concurrency_and_rate_limits():
             assert time.perf_counter() - start > 0.6  # 2 at once, then one every 0.5 s
 
     asyncio.run(main())
+
+
+def test_a_rate_below_one_per_second_spaces_calls_by_its_period():
+    # Jina's anonymous 20 a minute is 0.33/s: aiolimiter refused every call from a bucket smaller than one.
+    started: list[float] = []
+
+    async def stamp(request):
+        started.append(time.monotonic())
+        return web.json_response({"ok": 1})
+
+    async def main():
+        async with serve([("GET", "/x", stamp)]) as url:
+            client = HTTPClient("slow", Limits(rate_per_s=0.5, breaker_failures=0))
+            return await asyncio.gather(*(client.request("GET", url + "/x") for _ in range(2)))
+
+    assert asyncio.run(main()) == [{"ok": 1}, {"ok": 1}]
+    assert 1.8 < started[1] - started[0] < 2.8  # one call per 1 / 0.5 = 2 s
+
+
+def test_rate_limiters_keep_bursts_from_one_per_second_up():
+    slow, fast, whole = rate_limiter(0.25), rate_limiter(2.5), rate_limiter(1.0)
+    assert (slow.max_rate, slow.time_period) == (1, 4.0)  # one call, then one every 4 s
+    assert (fast.max_rate, fast.time_period) == (2.5, 1.0) and (whole.max_rate, whole.time_period) == (1.0, 1.0)
+    assert rate_limiter(None) is None
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("rate_per_s", 0), ("rate_per_s", -1.0), ("rate_per_s", math.nan), ("rate_per_s", math.inf),
+     ("concurrency", 0), ("timeout_s", 0.0), ("max_bytes", -5), ("retries", -1), ("backoff_s", -0.1)],
+)  # fmt: skip
+def test_limits_no_call_could_work_with_are_refused_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=rf"Limits\.{field} must be"):
+        Limits(**{field: value})
 
 
 # --- SSRF guard ------------------------------------------------------------------------------------------

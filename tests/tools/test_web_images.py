@@ -15,7 +15,7 @@ from PIL import Image
 from mmsr.tools.budget import Deadline
 from mmsr.tools.web.fake import png
 from mmsr.tools.web.http import HTTPClient, Limits, ToolError
-from mmsr.tools.web.images import decode_checked, decode_thumbnail, fetch_image
+from mmsr.tools.web.images import decode_checked, decode_thumbnail, fetch_image, shrunk
 
 from .fake_web import broken_png
 
@@ -52,6 +52,16 @@ def test_images_come_back_rgb_and_thumbnails_shrunk() -> None:
     thumb = decode_thumbnail(png("red", (60, 40)), max_pixels=2400, max_side=30)
     assert (thumb.mode, thumb.size) == ("RGB", (30, 20))
     assert isinstance(thumb, Image.Image)
+
+
+def test_a_thumbnail_too_narrow_for_the_models_processor_is_a_bad_image() -> None:
+    # smart_resize refuses sides over 200 times apart, and the rollout then drops the whole search result.
+    with pytest.raises(ToolError, match=r"the image is 512x2, a shape the model cannot take") as info:
+        decode_thumbnail(png("red", (1000, 4)), max_pixels=1_000_000, max_side=512)  # shrunk: 512x2, 256 to 1
+    assert info.value.kind == "bad_image"
+    with pytest.raises(ToolError, match=r"the image is 3x700"):
+        shrunk(Image.new("RGB", (3, 700)), max_side=1024)  # the FVQA cache's inline thumbnails are shrunk too
+    assert decode_thumbnail(png("red", (400, 2)), max_pixels=1_000_000, max_side=512).size == (400, 2)  # just 200
 
 
 def test_refused_url_and_spent_deadline_are_tool_errors() -> None:

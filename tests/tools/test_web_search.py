@@ -200,6 +200,24 @@ def test_image_search_keeps_valid_thumbnails_in_rank_order():
     )
 
 
+def test_a_thumbnail_too_narrow_for_the_model_is_skipped_for_the_next_match():
+    thumbs = {"/t1": png("red"), "/t2": png("blue", (1000, 4)), "/t3": png("green")}  # /t2: 512x2 once shrunk
+
+    async def main():
+        routes = [("GET", path, Script((200, data))) for path, data in thumbs.items()]
+        routes.append(("GET", "/lens", lens := Script()))
+        async with serve(routes) as url:
+            lens.responses = [(200, serpapi_lens([(f"Match {i}", f"{url}/t{i}") for i in range(1, 4)]))]
+            tool = WebImageSearch(SerpAPILens(endpoint=url + "/lens", limits=FAST), top_k=2, allow_private=True,
+                                  thumbnail_limits=FAST)  # fmt: skip
+            request = ToolRequest("image_search", image=Image.new("RGB", (8, 8)), image_url="https://img.example/q.jpg")
+            return await tool(request), tool.metrics()
+
+    result, metrics = asyncio.run(main())
+    assert result.ok and result.titles == ("Match 1", "Match 3") and not result.partial
+    assert metrics["tools/image_search/thumbnail_bad_image"] == 1
+
+
 def test_image_search_needs_a_public_url_and_reports_provider_failures():
     lens = Script((500, "down"))
 

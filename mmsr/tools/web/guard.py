@@ -6,7 +6,12 @@ hosts that are, or resolve to, loopback, private, link-local, multicast, reserve
 refused unless ``allow_private`` is set (tests that serve pages on 127.0.0.1 set it). The check runs twice:
 before the request (IP literals and resolved names) and inside the connection's resolver, so a name that
 resolves to a public address for the check and to a private one for the connection (DNS rebinding) is caught.
-Redirects are followed by hand by the readers, each hop checked again.
+Both checks cover only what this process fetches itself (``DirectReader``, thumbnails, downloaded images): it
+follows their redirects by hand, each hop checked again. ``JinaReader`` can check only the URL it hands to the
+reader service, which then fetches the page and follows its redirects itself, unchecked: a public page that
+redirects inward reaches whatever that service can reach. A self-hosted reader must therefore run where it has no
+access to internal networks (its own container or VPC without routes to them, or an egress proxy that refuses
+private addresses).
 """
 
 from __future__ import annotations

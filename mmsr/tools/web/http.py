@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import time
 import weakref
@@ -103,10 +104,13 @@ class Limits:
         backoff_s: first backoff; doubles per attempt, with random jitter of the same size.
         backoff_max_s: longest single backoff (also caps a server's ``Retry-After``).
         concurrency: most calls in flight at once.
-        rate_per_s: most calls started per second (``None``: unlimited).
+        rate_per_s: most calls started per second (``None``: unlimited; below 1, one per ``1 / rate_per_s`` s).
         breaker_failures: consecutive failed calls that open the circuit (0 disables the breaker).
         breaker_reset_s: how long an open circuit refuses calls before letting one through.
         max_bytes: largest response body read; larger ones are refused.
+
+    Raises ``ValueError`` naming the field for a value no call could work with (a rate of 0, no concurrency ...):
+    a config's slip fails where the limits are built, not as every call of the run failing.
     """
 
     timeout_s: float = 30.0
@@ -119,6 +123,18 @@ class Limits:
     breaker_reset_s: float = 30.0
     max_bytes: int = 5_000_000
 
+    def __post_init__(self) -> None:
+        for name in ("timeout_s", "concurrency", "max_bytes"):
+            if not getattr(self, name) > 0:  # written so that NaN fails too
+                raise ValueError(f"Limits.{name} must be positive, got {getattr(self, name)!r}")
+        for name in ("retries", "backoff_s", "backoff_max_s", "breaker_failures", "breaker_reset_s"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"Limits.{name} must be 0 or more, got {getattr(self, name)!r}")
+        rate = self.rate_per_s
+        if rate is not None and not (rate > 0 and math.isfinite(rate)):
+            raise ValueError(f"Limits.rate_per_s must be a positive number of calls per second (None: unlimited), "
+                             f"got {rate!r}")  # fmt: skip
+
     def backoff_total_s(self) -> float:
         """The longest total wait between attempts (each wait: exponential plus jitter, capped)."""
         return sum(min(self.backoff_s * 2**i + self.backoff_s, self.backoff_max_s) for i in range(self.retries))
@@ -126,6 +142,15 @@ class Limits:
     def worst_case_s(self) -> float:
         """The longest one call can take: every attempt times out, every backoff is the longest."""
         return self.timeout_s * (self.retries + 1) + self.backoff_total_s()
+
+
+def rate_limiter(rate_per_s: float | None) -> AsyncLimiter | None:
+    """A limiter starting at most ``rate_per_s`` calls per second (``None``: no limiter). From 1 up: ``rate_per_s``
+    per second, in bursts of up to that many; below 1 (Jina's anonymous 20 a minute): one call per ``1 / rate_per_s``
+    seconds, since aiolimiter refuses every call from a bucket that holds less than one."""
+    if rate_per_s is None:
+        return None
+    return AsyncLimiter(rate_per_s, 1.0) if rate_per_s >= 1 else AsyncLimiter(1, 1.0 / rate_per_s)
 
 
 class CircuitBreaker:
@@ -147,7 +172,16 @@ class CircuitBreaker:
             self.open_until = time.monotonic() + self.reset_s
 
 
-async def read_capped(response: aiohttp.ClientResponse, max_bytes: int) -> bytes:
+class Body(bytes):
+    """A response body and what its ``Content-Type`` declared: ``content_type``, the media type in lower case
+    (aiohttp's ``application/octet-stream`` where none is sent), and ``charset`` (``None``: none declared), for a
+    ``parse`` that decodes text (the page reader). Any other ``parse`` takes it as plain bytes."""
+
+    content_type: str = "application/octet-stream"
+    charset: str | None = None
+
+
+async def read_capped(response: aiohttp.ClientResponse, max_bytes: int) -> Body:
     """The body, refusing (``ToolError``) bodies over ``max_bytes`` without reading them whole."""
     if response.content_length is not None and response.content_length > max_bytes:
         raise ToolError(f"response of {response.content_length} bytes is over the {max_bytes}-byte cap", "too_large")
@@ -156,7 +190,9 @@ async def read_capped(response: aiohttp.ClientResponse, max_bytes: int) -> bytes
         body += chunk
         if len(body) > max_bytes:
             raise ToolError(f"response is over the {max_bytes}-byte cap", "too_large")
-    return bytes(body)
+    out = Body(body)
+    out.content_type, out.charset = response.content_type, response.charset
+    return out
 
 
 def parse_json(body: bytes) -> Any:
@@ -222,8 +258,7 @@ class HTTPClient:
     def _gate(self) -> tuple[asyncio.Semaphore, AsyncLimiter | None]:
         loop = asyncio.get_running_loop()
         if loop not in self._gates:
-            rate = self.limits.rate_per_s
-            self._gates[loop] = (asyncio.Semaphore(self.limits.concurrency), AsyncLimiter(rate, 1.0) if rate else None)
+            self._gates[loop] = (asyncio.Semaphore(self.limits.concurrency), rate_limiter(self.limits.rate_per_s))
         return self._gates[loop]
 
     async def request(
@@ -285,13 +320,13 @@ class HTTPClient:
     def _count_retry(self, state) -> None:
         self.counts.update(["retries", f"retry_{getattr(state.outcome.exception(), 'kind', 'error')}"])
 
-    async def _attempt(self, method: str, url: str, check, **kwargs: Any) -> bytes:
+    async def _attempt(self, method: str, url: str, check, **kwargs: Any) -> Body:
         semaphore, limiter = self._gate()
         timeout = aiohttp.ClientTimeout(total=self.limits.timeout_s)
         async with semaphore:
-            if limiter is not None:
-                await limiter.acquire()
             try:
+                if limiter is not None:  # inside the try: whatever it raises is one failed call, never a crash
+                    await limiter.acquire()
                 connector = self._connector() if self._connector else None
                 async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
                     if check is None:
@@ -314,7 +349,7 @@ class HTTPClient:
                 # The exception text may hold the URL (and with it an API key in the query): name the type only.
                 raise Retryable(f"{self.name} connection failed ({type(exc).__name__})", "network") from None
 
-    async def _follow(self, session: aiohttp.ClientSession, method: str, url: str, check, **kwargs: Any) -> bytes:
+    async def _follow(self, session: aiohttp.ClientSession, method: str, url: str, check, **kwargs: Any) -> Body:
         for hop in range(MAX_REDIRECTS + 1):
             try:
                 await check(url)

@@ -52,15 +52,23 @@ def cut_short(outcomes: Sequence[Image.Image | ToolError], top_k: int) -> bool:
     return False
 
 
+# Qwen-VL's image processors (transformers' ``smart_resize``) refuse a longer side over 200 times the shorter one,
+# and the rollout then discards the whole tool result: such a thumbnail (a banner, a divider line) is skipped here.
+MAX_ASPECT = 200
+
+
 def shrunk(image: Image.Image, max_side: int) -> Image.Image:
-    """An RGB copy of ``image``, shrunk to ``max_side`` on its longest side (aspect kept)."""
+    """An RGB copy of ``image``, shrunk to ``max_side`` on its longest side (aspect kept); ``ToolError``
+    (``bad_image``) where the result's sides differ more than ``MAX_ASPECT`` times."""
     image = image.convert("RGB")
     image.thumbnail((max_side, max_side))
+    if max(image.size) > MAX_ASPECT * min(image.size):
+        raise ToolError(f"the image is {image.width}x{image.height}, a shape the model cannot take", "bad_image")
     return image
 
 
 def decode_thumbnail(data: bytes, max_pixels: int, max_side: int) -> Image.Image:
-    """``decode_checked``, ``shrunk`` to ``max_side``."""
+    """``decode_checked``, ``shrunk`` to ``max_side`` (``ToolError`` for an image too narrow for the model)."""
     return shrunk(decode_checked(data, max_pixels), max_side)
 
 

@@ -1,20 +1,25 @@
 """Page readers: URL -> page text, for the summarizer.
 
-``JinaReader`` asks a Jina-Reader-compatible service (hosted ``r.jina.ai`` or a self-hosted one) for the
-page as Markdown; ``DirectReader`` fetches the page itself and extracts the main text with ``trafilatura``.
-Both refuse URLs the SSRF guard refuses (a self-hosted reader inside the network would otherwise fetch
-internal pages for the model), cap bytes and time, and raise ``ToolError`` on failure (a site's 403 or 404 is
-one failed page; the Jina service itself refusing its key (401) or not found (404) before it ever answered stops
-the run, ``ProviderRefused``: Jina answers 200 for a page its site refused). A 403 from the Jina service is one
-failed page too: Jina refuses a bad key with 401, and a 403 is Cloudflare in front of ``r.jina.ai`` blocking that
-request, not the key, so stopping the run for it would stop it for one URL. Page text is
-redacted of configured keys before anyone sees it: a page may echo the URL or headers it was asked with,
-and the text goes on to a (possibly third-party) summarizer.
+``JinaReader`` asks a Jina-Reader-compatible service (hosted ``r.jina.ai`` or a self-hosted one) for the page as
+Markdown; ``DirectReader`` fetches the page itself and extracts the main text with ``trafilatura``. Both refuse
+URLs the SSRF guard refuses (see below for what that covers), cap bytes and time, and raise ``ToolError`` on
+failure (a site's 403 or 404 is one failed page; the Jina service itself refusing its key (401) or not found (404)
+before it ever answered stops the run, ``ProviderRefused``: Jina answers 200 for a page its site refused). A 403
+from the Jina service is one failed page too: Jina refuses a bad key with 401, and a 403 is Cloudflare in front of
+``r.jina.ai`` blocking that request, not the key, so stopping the run for it would stop it for one URL. Page text
+is redacted of configured keys before anyone sees it: a page may echo the URL or headers it was asked with, and the
+text goes on to a (possibly third-party) summarizer.
+
+What the guard covers differs: ``DirectReader`` fetches the page itself and checks every redirect hop and every
+connection's address; ``JinaReader`` checks only the URL it asks for, since the service fetches the page and
+follows its redirects itself (a public page may redirect to an internal one). A self-hosted reader must therefore
+run without access to internal networks (``mmsr.tools.web.guard``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import codecs
 import os
 from dataclasses import dataclass
 from functools import partial
@@ -22,7 +27,7 @@ from typing import Any, Protocol
 
 from mmsr.tools.secrets import redact, register_secret_env
 from mmsr.tools.web import guard
-from mmsr.tools.web.http import HTTPClient, Limits, Retryable, ToolError, parse_json
+from mmsr.tools.web.http import Body, HTTPClient, Limits, Retryable, ToolError, parse_json
 
 JINA_REFUSALS = (401, 404)  # the key, the endpoint's URL; a 403 is one page's (module docstring)
 
@@ -70,7 +75,8 @@ class JinaReader:
     ``{"code", "data": {"title", "url", "content"}}``.
 
     Args:
-        endpoint: the reader's URL (``https://r.jina.ai/`` or a self-hosted instance, which may be local).
+        endpoint: the reader's URL (``https://r.jina.ai/`` or a self-hosted instance, which may be local but must
+            not reach internal networks: it follows the pages' redirects unchecked, module docstring).
         api_key_env: environment variable with a bearer key; unset means anonymous (lower rate limits).
         return_format: ``X-Return-Format`` (``markdown``, ``text``, ``html``).
         allow_private: let page URLs point at loopback/private addresses (tests only).
@@ -105,8 +111,9 @@ class JinaReader:
         return self.client.metrics()
 
 
-def extract_text(html: bytes, url: str) -> tuple[str, str]:
-    """(title, main text) of an HTML page via trafilatura (boilerplate, menus and ads removed)."""
+def extract_text(html: bytes | str, url: str) -> tuple[str, str]:
+    """(title, main text) of an HTML page via trafilatura (boilerplate, menus and ads removed); bytes are decoded
+    as trafilatura guesses (UTF-8 when they are valid UTF-8, else a statistical guess)."""
     import trafilatura  # ~0.3 s to import; only paid by runs that read pages directly
 
     text = trafilatura.extract(html, url=url, include_comments=False, include_tables=True, favor_recall=True)
@@ -115,8 +122,53 @@ def extract_text(html: bytes, url: str) -> tuple[str, str]:
     return title, text or ""
 
 
+def declared_text(body: Body) -> str | None:
+    """The body decoded with the charset its response declared (HTTP's header outranks the page's own ``<meta>``,
+    as in browsers); ``None`` where none is declared, it is not a text encoding of the web, or the bytes are not in
+    it (the caller guesses). Bytes that are valid UTF-8 are read as UTF-8 whatever the label (unless UTF-16/32):
+    a server's default ISO-8859-1 on a UTF-8 page is a common slip, and other text is almost never valid UTF-8.
+    ISO-8859-1 and ASCII labels are read as windows-1252, their superset, as browsers read them: pages so labelled
+    are full of its curly quotes and dashes."""
+    try:  # the label is the site's: "zlib", "unicode_escape" or a NUL must not decompress, unescape or crash
+        name = codecs.lookup(body.charset).name if body.charset else ""
+    except (LookupError, ValueError):
+        return None
+    if not name or "escape" in name or name in ("idna", "punycode"):
+        return None
+    encodings = ("cp1252", name) if name in ("iso8859-1", "ascii") else (name,)
+    for encoding in encodings if name.startswith(("utf-16", "utf-32")) else ("utf-8", *encodings):
+        try:
+            return body.decode(encoding)
+        except (LookupError, ValueError):  # not a text codec (LookupError), bytes not in it (UnicodeError)
+            continue
+    return None
+
+
+def guessed_text(data: bytes) -> str:
+    """``data`` decoded as trafilatura guesses for HTML (UTF-8 if valid, else a statistical guess), but without
+    its decompression of compressed-looking bytes: a plain-text page stays within the reader's byte cap."""
+    from trafilatura.utils import detect_encoding
+
+    for encoding in detect_encoding(data):
+        try:
+            return data.decode(encoding)
+        except (LookupError, UnicodeDecodeError):
+            continue
+    return data.decode("utf-8", errors="replace")
+
+
+def page_text(body: Body, url: str) -> tuple[str, str]:
+    """(title, text) of a fetched page: a ``text/plain`` body is its own text (no title), anything else goes to
+    ``extract_text``; both decoded by ``declared_text``, else as trafilatura guesses."""
+    text = declared_text(body)
+    if body.content_type == "text/plain":
+        return "", text if text is not None else guessed_text(bytes(body))
+    return extract_text(text if text is not None else bytes(body), url)
+
+
 class DirectReader:
-    """Fetches the page itself (SSRF-guarded, redirects checked hop by hop) and extracts its text.
+    """Fetches the page itself (SSRF-guarded, redirects checked hop by hop) and extracts its text: the main text
+    of an HTML page, all of a plain-text one, decoded with the charset the response declares (``page_text``).
 
     Args:
         allow_private: let URLs point at loopback/private addresses (tests only).
@@ -134,8 +186,8 @@ class DirectReader:
     async def read(self, url: str) -> Page:
         check = partial(guard.check_url, allow_private=self.allow_private)
         headers = {"User-Agent": self.user_agent, "Accept": "text/html,application/xhtml+xml,text/plain"}
-        html = await self.client.request("GET", url, parse=bytes, check=check, headers=headers)
-        title, text = await asyncio.to_thread(extract_text, html, url)
+        body = await self.client.request("GET", url, parse=lambda body: body, check=check, headers=headers)
+        title, text = await asyncio.to_thread(page_text, body, url)
         return _usable(Page(url, title, text), self.min_chars)
 
     def metrics(self) -> dict[str, float]:
