@@ -155,8 +155,9 @@ def test_the_budget_travels_through_cache_client_and_server(tmp_path):
             await server.stop()
 
     assert asyncio.run(main()).ok
-    # 10 s, less the client's 0.5 s round-trip reserve and the two cache lookups; the question travels too
-    assert len(seen) == 1 and 9.0 < seen[0].budget_s < 9.5 and seen[0].question == "why?"
+    # 10 s, less the client's 0.5 s round-trip reserve and the two cache lookups (opening new SQLite files: up to
+    # seconds on a loaded machine); the question travels too
+    assert len(seen) == 1 and 6.0 < seen[0].budget_s < 9.5 and seen[0].question == "why?"
 
 
 # --- the start-up check ----------------------------------------------------------------------------------------
