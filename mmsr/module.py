@@ -75,7 +75,7 @@ from mmsr.tools.budget import check_budgets
 from mmsr.tools.spec import Tool, configured
 from mmsr.train.batch import TrainBatch
 from mmsr.train.step import StepRollout
-from mmsr.train.update import Backprop, PolicyUpdate, UpdateSettings
+from mmsr.train.update import Backprop, PolicyUpdate, UpdateSettings, choice_limits
 
 
 class GRPOModule(L.LightningModule):
@@ -174,6 +174,8 @@ class GRPOModule(L.LightningModule):
         refuse_out_of_range("GRPOModule", [
             ("num_generations", num_generations, num_generations >= 2, ">= 2, the GRPO group size"),
             ("temperature", temperature, temperature > 0, "> 0 for training rollouts; 0 is greedy"),
+            # a misspelt estimator failed at the first step, a rollout in (the update's choices: UpdateSettings)
+            *choice_limits(GRPOModule.__init__, dict(advantage_estimator=advantage_estimator, param_dtype=param_dtype)),
             *optimizer_limits(lr, weight_decay, warmup_steps, total_steps)])  # fmt: skip
         # Loggers cannot take the frozen RolloutSettings: they get its fields as a dict.
         self.save_hyperparameters(ignore=["policy", "engine", "image_search", "text_search", "tools", "reward", "prompts",
@@ -281,10 +283,13 @@ class GRPOModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["mmsr_ranks"] = rank_states(self.engine)
         checkpoint["mmsr_rollout"] = self.loop.state_dict()
+        checkpoint["mmsr_weight_sync"] = self.weight_sync.state_dict()  # the same count on every rank
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "mmsr_rollout" in checkpoint:
             self.loop.load_state_dict(checkpoint["mmsr_rollout"])
+        if "mmsr_weight_sync" in checkpoint:  # absent from older checkpoints: the count starts at 0, as it did
+            self.weight_sync.load_state_dict(checkpoint["mmsr_weight_sync"])
         world = self.trainer.world_size if self._trainer is not None else 1
         restore_rank_state(checkpoint.get("mmsr_ranks"), self.global_rank, world, self.engine)
 

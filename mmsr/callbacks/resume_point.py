@@ -5,19 +5,22 @@ validation Lightning runs after it and what the loggers get from then on all com
 killed then and resumed from it would lose the row, skip the validation and (wandb) log its steps a second time
 into the same run. Each checkpoint records what it needs to put that right:
 - ``unlogged_row``: the step's metrics row, put back if the killed run did not write it;
-- ``validation_due``: whether the validation after the step was still to run; ``run_validation`` runs it;
+- ``validation_due``: whether the validation after the step was still to run; ``run_validation`` runs it (after
+  the last step, where the resumed fit has no step left to train, from ``before_finished_fit``);
 - ``wandb_steps``: the last wandb history step of each online run, to rewind it to (``rewinds``).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
 from jsonargparse import Namespace
 from lightning.fabric.utilities.apply_func import convert_tensors_to_scalars
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.loops.utilities import _is_max_limit_reached
 
 # wandb modes whose runs are not rewound: offline (whether `wandb sync` rewinds is unchecked), off, several writers
 WANDB_NO_REWIND = ("offline", "dryrun", "disabled", "shared")
@@ -68,6 +71,22 @@ def run_validation(trainer: L.Trainer) -> None:
     val_loop.run()
     trainer.training = True
     trainer._logger_connector._first_loop_iter = first_loop_iter
+
+
+def before_finished_fit(trainer: L.Trainer, hook: Callable[[], None]) -> None:
+    """Call ``hook`` when the fit loop, restored from a checkpoint of the run's last step, finds ``max_steps`` reached:
+    it then returns without training and without ``on_train_start`` (lightning/pytorch/loops/fit_loop.py ``run``,
+    ``skip``), where a resumed run runs the validation due after its checkpoint's step, so a kill during the final
+    validation lost it for good. Call before the fit (``setup``): the loop's state is restored after ``on_fit_start``,
+    so ``hook`` runs from the loop's own ``run``, wrapped on this trainer (once: a later call replaces ``hook``)."""
+    loop = trainer.fit_loop
+
+    def run_or_hook() -> None:
+        if _is_max_limit_reached(loop.epoch_loop.global_step, loop.max_steps):  # the test of ``done`` that ``skip`` makes
+            hook()
+        type(loop).run(loop)
+
+    loop.run = run_or_hook
 
 
 def wandb_steps(trainer: L.Trainer) -> dict[str, int]:

@@ -49,7 +49,14 @@ from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from mmsr.callbacks.resume_point import rewinds, run_validation, unlogged_row, validation_due, wandb_steps
+from mmsr.callbacks.resume_point import (
+    before_finished_fit,
+    rewinds,
+    run_validation,
+    unlogged_row,
+    validation_due,
+    wandb_steps,
+)
 from mmsr.tools.secrets import redact_all
 
 METRICS_FILE = "metrics.csv"
@@ -82,6 +89,8 @@ class RunDirectory(L.Callback):
         # The loggers created their experiments just before this hook: versions and ids are known.
         if trainer.is_global_zero:
             self.loggers = [logger_run(logger) for logger in trainer.loggers]
+        if stage == "fit":  # resumed from the last step's checkpoint, the fit ends before ``on_train_start``
+            before_finished_fit(trainer, lambda: self.on_train_start(trainer, pl_module))
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         row = unlogged_row(trainer)  # on every rank: reading the metrics may sync them across ranks

@@ -84,6 +84,15 @@ class WeightSync:
             self._verify(policy, engine, cached)
         return stats
 
+    def state_dict(self) -> dict[str, int]:
+        """What a resumed run needs to probe at the syncs an uninterrupted one does: the count of syncs (a run resumed
+        with it at 0 probed at its first step and then in another phase, and the probe's engine calls with it).
+        ``last_check`` is not kept: the next sync, a resumed run's first act, resets it."""
+        return {"syncs": self.syncs}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.syncs = int(state["syncs"])
+
     def _verify(self, policy: Policy, engine: Engine, cached: tuple[list[int], tuple]) -> None:
         """Both checks, then one verdict over ranks (``agree``). Every rank runs both whatever the first
         found: under FSDP2 the trainer's forward of each is a sequence of collectives."""

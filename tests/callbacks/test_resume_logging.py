@@ -175,3 +175,17 @@ def test_a_wandb_run_is_rewound_only_online_and_when_the_config_leaves_resuming_
     offline = wandb_entry()
     repoint_loggers([offline], [run_])
     assert offline.init_args.resume == "allow"
+
+
+def test_the_final_validation_killed_after_the_last_checkpoint_runs_when_the_run_resumes(tmp_path):
+    """The last step's checkpoint is saved before the validation after it too, and a run resumed from it found
+    ``max_steps`` reached: Lightning skipped the fit loop (no ``on_train_start``) and the run ended unvalidated."""
+    kill = {"class_path": f"{__name__}.KillAtValidation", "init_args": {"step": 4}}
+    with pytest.raises(Killed):
+        fit(tmp_path, 4, [kill], *VALIDATION)
+    killed = [(0, "train"), (1, "train"), (1, "val"), (2, "train"), (3, "train")]
+    assert rows(tmp_path) == killed
+    fit(tmp_path, 4, [], *VALIDATION, resume="step=4.ckpt")
+    assert rows(tmp_path) == [*killed, (3, "val")]
+    fit(tmp_path, 4, [], *VALIDATION, resume="step=4.ckpt")  # again: the step's validation once, not twice
+    assert rows(tmp_path) == [*killed, (3, "val")]
