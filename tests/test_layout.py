@@ -12,7 +12,7 @@ when the function is called, after every module has loaded. These lazy imports a
 - mmsr.cli -> mmsr.callbacks.run_dir, mmsr.data.datamodule, mmsr.eval.load, mmsr.tools.base, mmsr.tools.spec (Lightning and the tools' start-up check only for ``fit``)
 - mmsr.data.loaders -> mmsr.data.hf (the optional ``datasets`` extra, for saved dataset directories)
 - mmsr.demo.run -> mmsr.cli, mmsr.demo.world, mmsr.report.cli, mmsr.report.plots (the demo's stages, when they run)
-- mmsr.eval.cli -> mmsr.data.loaders, mmsr.eval.load, mmsr.eval.run, mmsr.eval.suite, mmsr.reward.judge, mmsr.tools.base (after parsing)
+- mmsr.eval.cli -> mmsr.data.loaders, mmsr.eval.load, mmsr.eval.run, mmsr.eval.suite, mmsr.eval.workflows, mmsr.reward.judge, mmsr.tools.base (after parsing)
 - mmsr.eval.curate -> mmsr.data.loaders, mmsr.eval.cli, mmsr.prompt.render, mmsr.reward.mmsearch_r1, mmsr.rollout.engine (after parsing)
 - mmsr.eval.load -> mmsr.checkpoint, mmsr.models.build, mmsr.module, mmsr.reward.judged, mmsr.rollout.hf_engine (no Lightning for a Hugging Face directory)
 - mmsr.export -> mmsr.eval.load (after parsing)

@@ -73,6 +73,7 @@ def load_from_args(args: argparse.Namespace, workflows: Sequence[str] = (), refu
     policy loads when ``--tools`` names them."""
     from mmsr.eval import load
     from mmsr.tools.base import check_ready
+    from mmsr.eval.workflows import limits_for
 
     tools = load.load_tools(args.tools) if args.tools else None
     if tools:
@@ -85,7 +86,7 @@ def load_from_args(args: argparse.Namespace, workflows: Sequence[str] = (), refu
     else:
         loaded = load.load_policy_yaml(args.policy, args.weights)
     if tools:
-        loaded.tools = tools
+        loaded.tools, loaded.settings = tools, limits_for(loaded.settings, tools)
     else:  # a checkpoint's run's own tools; the other sources bring none
         where = "the tools of --ckpt's run config" if args.ckpt else f"--tools {args.tools}" if args.tools else "no --tools"
         refuse(workflows, loaded.tools, where)

@@ -19,7 +19,7 @@ from typing import Literal
 from mmsr.eval.forced import ForcedTurn
 from mmsr.prompt.render import PromptBuilder
 from mmsr.rollout.loop import RolloutSettings
-from mmsr.tools.spec import MMSEARCH_R1_TOOLS, ToolSpec
+from mmsr.tools.spec import MMSEARCH_R1_TOOLS, ToolSpec, declared
 
 Workflow = Literal["on-demand", "direct", "rag"]
 WORKFLOWS: tuple[Workflow, ...] = ("on-demand", "direct", "rag")
@@ -44,6 +44,13 @@ class WorkflowSetup:
     allowed_calls: int
 
 
+def limits_for(settings: RolloutSettings, tools: dict[str, object]) -> RolloutSettings:
+    """``settings`` whose ``tool_limits`` name only ``tools``' (``mmsr eval --ckpt ... --tools``): the run's limit of a
+    tool the evaluation does not load limits nothing, and the loop refuses a name it has not."""
+    names = {spec.name for spec in declared(tools)}
+    return replace(settings, tool_limits={k: v for k, v in settings.tool_limits.items() if k in names})
+
+
 def setup(workflow: Workflow, settings: RolloutSettings, prompts: PromptBuilder | None = None,
           specs: tuple[ToolSpec, ...] = MMSEARCH_R1_TOOLS) -> WorkflowSetup:  # fmt: skip
     """The prompts, limits and forced turns of ``workflow``; ``settings``/``prompts`` are on-demand's, ``specs``
@@ -52,11 +59,13 @@ def setup(workflow: Workflow, settings: RolloutSettings, prompts: PromptBuilder 
         allowed = min(settings.max_rounds - 1, sum(settings.limit(spec) for spec in specs))
         return WorkflowSetup(prompts or PromptBuilder(), settings, {}, True, max(allowed, 0))
     if workflow == "direct":
-        one_turn = replace(settings, max_rounds=1, image_search_limit=0, text_search_limit=0)
+        # no tools run, and a run's limit of a tool (``tool_limits``) names none the loop has
+        one_turn = replace(settings, max_rounds=1, image_search_limit=0, text_search_limit=0, tool_limits={})
         builder = PromptBuilder(round1="direct_answer.txt")
         return WorkflowSetup(builder, one_turn, {0: ForcedTurn("<answer>", "</answer>")}, False, 0)
     if workflow == "rag":
-        fixed = replace(settings, max_rounds=3, image_search_limit=1, text_search_limit=1)
+        # its fixed calls, not a run's ``tool_limits`` (which outrank the two fields)
+        fixed = replace(settings, max_rounds=3, image_search_limit=1, text_search_limit=1, tool_limits={})
         builder = PromptBuilder("rag_round1.txt", "rag_after_image_search.txt", "rag_after_text_search.txt")
         forced = {0: ForcedTurn("<search><img></search>"),
                   1: ForcedTurn("<text_search>", "</text_search>", question_if_empty=True),

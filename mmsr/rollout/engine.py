@@ -181,9 +181,11 @@ class ScriptedEngine:
     Args:
         script: ``script(request) -> text`` for the turn to produce, or a mapping
             ``key -> [turn texts]`` (key ``sample_id#k``, or ``sample_id`` for every k).
-            Text is cut after the first stop string, as a real engine would.
+            Text is cut after the first stop string, or before the first ``eos_token``, whichever comes
+            first, as a real engine would (an eos in the text is sampled there and ends the turn, "eos").
         tokenizer: turns scripted text into ids; ``bind(policy)`` sets it when omitted.
-        eos_token: appended (and counted as sampled) when the scripted turn has no stop string.
+        eos_token: ends the turn ("eos", counted as sampled): where the text first spells it, else appended
+            when the turn has no stop string.
         logprob: the log-prob reported for every scripted token.
         record: keep every request in ``requests`` (tests inspect them). A warm start turns it off: each
             request holds its context's pixel tensors, ~5 MB a step in the CPU demo, kept for the whole run.
@@ -209,7 +211,10 @@ class ScriptedEngine:
 
     def _one(self, request: GenerationRequest, sampling: SamplingParams) -> GenerationOutput:
         text = self.script(request)
-        cut = first_stop(text, sampling.stop)
+        cut, eos = first_stop(text, sampling.stop), text.find(self.eos_token)
+        if eos >= 0 and (cut is None or eos < cut):
+            # a real engine samples the eos token and stops there: what the script writes after it is never sampled
+            text, cut = text[:eos], None
         ids = self.tokenizer.encode(text[:cut] if cut else text, add_special_tokens=False)
         finish = "stop" if cut else "eos"
         if not cut:

@@ -67,10 +67,11 @@ class HFEngine:
         self.policy: Policy | None = None
         self.image_ids: ImageTokenIds | None = None  # None: a text-only policy
         self._candidates: dict[tuple[str, ...], frozenset[int]] = {}
+        self._silent: frozenset[int] | None = None  # ids that decode to nothing (special tokens)
 
     def bind(self, policy: Policy) -> None:
         """Generate with ``policy`` (colocated: no weights are copied, nothing starts)."""
-        self.policy, self._candidates = policy, {}
+        self.policy, self._candidates, self._silent = policy, {}, None
         self.image_ids = ImageTokenIds.from_tokenizer(policy.tokenizer) if policy.is_vision else None
 
     def state_dict(self) -> dict:
@@ -236,15 +237,38 @@ class HFEngine:
         """Why the turn ends with ``token`` (appended next), or None. A stop string can only be
         completed by a token whose text holds its last character, so only those tokens are decoded.
         Special tokens decode to nothing, as in vLLM (``skip_special_tokens``) and the loop's parser, so a tag
-        split by one stops the turn here too (it ran on past a tag that vLLM stops at and the loop executes)."""
+        split by any number of them stops the turn here too (it ran on past a tag that vLLM stops at and the loop
+        executes; ``_window``)."""
         if token in eos:
             return "eos"
         if token in candidates:
-            window = max(len(s) for s in stop) + 2
-            text = self.policy.tokenizer.decode([*turn.tokens[-window + 1 :], token], skip_special_tokens=True)
+            window = self._window(turn.tokens, token, max(len(s) for s in stop) + 2)
+            text = self.policy.tokenizer.decode(window, skip_special_tokens=True)
             if first_stop(text, stop) is not None:
                 return "stop"
         return "length" if len(turn.tokens) + 1 >= turn.budget else None
+
+    def _window(self, tokens: list[int], token: int, n: int) -> list[int]:
+        """The ids to decode for a stop completed by ``token``: the last ``n`` that decode to text, ``token``
+        included, and the special tokens among them. Each text token holds at least one character of a stop
+        string it is part of, so ``n`` = longest stop + 2 hold it whole. Counted with the special tokens, which
+        decode to nothing, ``n`` ids could start inside the tag (``</search>`` drawn a character a token with 8
+        special tokens in it) and the turn ran on past a tag vLLM stops at (it checks the detokenized text).
+        Without special tokens these are the last ``n`` ids, as before."""
+        silent, start, texts = self._silent_ids(), len(tokens), 1
+        while start > 0 and texts < n:
+            start -= 1
+            texts += tokens[start] not in silent
+        return [*tokens[start:], token]
+
+    def _silent_ids(self) -> frozenset[int]:
+        """Ids that decode to nothing (``skip_special_tokens``): special tokens, all of them added tokens."""
+        if self._silent is None:
+            tok = self.policy.tokenizer
+            added = sorted(tok.added_tokens_decoder)
+            texts = tok.batch_decode([[i] for i in added], skip_special_tokens=True)
+            self._silent = frozenset(i for i, t in zip(added, texts) if not t)
+        return self._silent
 
     def _stop_candidates(self, stop: Sequence[str]) -> frozenset[int]:
         """Ids whose decoded text contains the last character of a stop string (cached per stops)."""

@@ -51,7 +51,8 @@ class RolloutSettings:
         image_search_limit: most image searches per episode (``None``: the tool's declared limit, 1).
         text_search_limit: most text searches per episode (``None``: the tool's declared limit, 2).
         tool_limits: most calls per episode of the named tools, over the fields above and the tools'
-            declared limits (``ToolSpec.limit``, ``limit:`` of a ``tools:`` entry).
+            declared limits (``ToolSpec.limit``, ``limit:`` of a ``tools:`` entry). Each key must name one of
+            the loop's tools: ``RolloutLoop`` refuses others as it is built (``refuse_unknown_tools``).
         max_tokens_per_turn: most tokens sampled per turn.
         max_context_tokens: most tokens of the whole episode (images expanded).
         tool_concurrency: most tool calls in flight at once.
@@ -102,6 +103,19 @@ class RolloutSettings:
             ("tool_timeout_s", s.tool_timeout_s, s.tool_timeout_s > 0, "> 0"),
             ("tool_rejoin_steps", rejoin, rejoin is None or rejoin >= 0, ">= 0 (None: at once)")])  # fmt: skip
 
+    def refuse_unknown_tools(self, names: Sequence[str]) -> None:
+        """Refuse ``tool_limits`` keys that are not among ``names`` (the loop's declared tools): a misspelt one
+        (``imge_search``) limited nothing, without a word. The settings alone cannot know the tools; the loop
+        calls this as it is built.
+
+        Raises:
+            ValueError: naming each unknown key and the configured tools.
+        """
+        unknown = [name for name in self.tool_limits if name not in names]
+        if unknown:
+            raise ValueError(f"RolloutSettings.tool_limits names {', '.join(map(repr, unknown))}, not a configured tool "
+                             f"(configured: {', '.join(names)}): fix the name, or drop the entry")  # fmt: skip
+
     def limit(self, spec: ToolSpec) -> int:
         """Most calls per episode of tool ``spec``."""
         pair = {"image_search": self.image_search_limit, "text_search": self.text_search_limit}
@@ -141,7 +155,8 @@ class RolloutLoop:
         tools: ``{name: tool}``: ``Tool`` objects (``mmsr.tools.spec``), whose specs declare the action grammar,
             or plain backends for ``image_search`` / ``text_search`` (MMSearch-R1's pair, both declared); a
             declared tool that is ``None`` answers with a failure.
-        settings: episode limits.
+        settings: episode limits; ``tool_limits`` naming a tool that is not among ``tools``' declared ones
+            raises ValueError here.
 
     ``on_episode_end(trajectory, sample)``, when set, is called as each episode ends, while the others may
     still generate or wait on tools (``GRPOModule`` sets a reward's ``submit`` there: an LLM judge starts
@@ -155,6 +170,7 @@ class RolloutLoop:
         self.specs = declared(self.tools)
         self.prompts = prompts.for_tools(self.specs)  # round 1 describes the configured tools
         self._by_name = {spec.name: spec for spec in self.specs}
+        settings.refuse_unknown_tools(list(self._by_name))  # before any rollout: a misspelt name limits nothing
         self.parse = parser_for(self.specs)
         self.stops = stop_strings(self.specs)
         self.encoder = policy.encoder()

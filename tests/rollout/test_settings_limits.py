@@ -77,3 +77,14 @@ def test_a_prompt_with_room_for_a_token_is_not_noted(tiny_policy, fvqa_samples):
     # one sampled token, cut at the context limit: that turn's own note, not the prompt's
     assert len(traj.turns) == 1 and traj.turns[0].truncated and traj.finish_reason == "truncated"
     assert traj.context == ["turn 1: cut at the context limit after 1 tokens"]
+
+
+def test_a_tool_limit_naming_no_configured_tool_is_refused_as_the_loop_is_built(tiny_policy):
+    """``tool_limits={"imge_search": 1}`` (a typo) limited nothing, without a word: the settings cannot know the
+    tools, the loop refuses it, naming the key and the tools it has."""
+    engine, tools = ScriptedEngine({}, tiny_policy.tokenizer), {"image_search": None, "text_search": None}
+    with pytest.raises(ValueError, match=r"^RolloutSettings.tool_limits names 'imge_search', not a configured tool "
+                                         r"\(configured: image_search, text_search\)"):  # fmt: skip
+        RolloutLoop(engine, tiny_policy, PromptBuilder(), tools, RolloutSettings(tool_limits={"imge_search": 1}))
+    loop = RolloutLoop(engine, tiny_policy, PromptBuilder(), tools, RolloutSettings(tool_limits={"image_search": 0}))
+    assert loop.settings.tool_limits == {"image_search": 0}  # a configured tool's name is kept
