@@ -17,6 +17,7 @@ import traceback
 import warnings
 from pathlib import Path
 
+from mmsr.cli_errors import parse_error_line
 from mmsr.data.paths import missing
 
 # command -> ("module:function" taking the remaining argv, what it does: ``mmsr --help``)
@@ -66,7 +67,7 @@ def _not_an_advert(record) -> bool:
 
 def lightning_cli(args: list[str] | None = None, parse_only: bool = False, **kwargs):
     """LightningCLI over the module and data; ``parse_only`` validates a config without building it."""
-    from lightning.pytorch.cli import LightningCLI
+    from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
     from lightning.pytorch.loggers import CSVLogger
 
     from mmsr.callbacks.run_dir import (LoggedConfig, RunDirectory, checkpoint_runs, continue_metrics,
@@ -125,10 +126,19 @@ def lightning_cli(args: list[str] | None = None, parse_only: bool = False, **kwa
                     if isinstance(logger, CSVLogger):
                         continue_metrics(logger)
 
+    class MMSRParser(LightningArgumentParser):
+        def error(self, message: str, ex: Exception | None = None):
+            # jsonargparse nests a union's alternatives (``model`` is ``LightningModule | None``) and ends with a
+            # dump of the value given, not the key at fault: one more line names it. Only where the parser exits:
+            # a nested parser raises, and its message becomes part of its parent's.
+            brief = parse_error_line(message) if self.exit_on_error else None
+            super().error(message if brief is None else f"{message}\nerror: {brief}", ex)
+
     # Any LightningModule (GRPOModule, SFTModule, a user's subclass) by class_path.
     return MMSRCLI(
         None,
         MMSRDataModule,
+        parser_class=MMSRParser,
         subclass_mode_model=True,
         parser_kwargs={"parser_mode": "omegaconf"},
         save_config_kwargs={"overwrite": True},
@@ -137,13 +147,19 @@ def lightning_cli(args: list[str] | None = None, parse_only: bool = False, **kwa
     )
 
 
+class NotOffered(argparse.ArgumentTypeError, ValueError):
+    """A hidden key given a value. argparse reports an ``ArgumentTypeError`` from the command line as its parser
+    error; jsonargparse checks a config file's values itself and reports only ``TypeError`` / ``ValueError`` that
+    way (any other exception escaped as a traceback)."""
+
+
 def _null_only(key: str):
     """The type of the hidden ``--optimizer`` / ``--lr_scheduler``: ``null`` (in a config file), nothing else."""
 
     def null_only(value):
         if value is None:
             return None
-        raise argparse.ArgumentTypeError(
+        raise NotOffered(
             f"mmsr does not take Lightning's {key}: the module configures its own optimizer and lr schedule "
             "(mmsr's modules: model.lr, model.weight_decay, model.lr_schedule, model.warmup_steps, model.total_steps)")
 
@@ -286,13 +302,20 @@ def console() -> None:
 def cause(exc: BaseException) -> str:
     """``Type: message`` of the innermost exception in ``exc``'s chain (its first line only), the chain as Python
     prints it: an error raised ``from None`` ends it, its message already says more than the one it hides (a
-    ``DataError`` naming the file and line, not the ``JSONDecodeError`` it replaced)."""
-    seen = set()
-    while (inner := _shown_inner(exc)) is not None and id(inner) not in seen:
+    ``DataError`` naming the file and line, not the ``JSONDecodeError`` it replaced). A jsonargparse parse error
+    in the chain names itself by its outermost message's one line (``parse_error_line``): the inner ones lose
+    the key (``NSKeyError: Option 'top' is not accepted``)."""
+    seen, brief = set(), None
+    while True:
+        if brief is None and (line := parse_error_line(str(exc))) is not None:
+            brief = f"{type(exc).__name__}: {line}"
+        inner = _shown_inner(exc)
+        if inner is None or id(inner) in seen:
+            break
         seen.add(id(exc))
         exc = inner
     lines = str(exc).strip().splitlines() or [""]
-    return f"{type(exc).__name__}: {lines[0]}"
+    return brief or f"{type(exc).__name__}: {lines[0]}"
 
 
 def _shown_inner(exc: BaseException) -> BaseException | None:

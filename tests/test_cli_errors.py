@@ -75,6 +75,72 @@ def test_a_run_config_saved_with_null_optimizer_keys_still_loads(tmp_path, monke
     assert exit_.value.code == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["init_args"]["lr"] > 0 and "optimizer" not in printed and "lr_scheduler" not in printed
-    saved.write_text(yaml.safe_dump({"optimizer": {"class_path": "torch.optim.SGD"}}))
-    with pytest.raises(Exception, match="mmsr does not take Lightning's optimizer"):
+
+
+@pytest.mark.parametrize("key", ["optimizer", "lr_scheduler"])
+def test_a_config_files_optimizer_keys_are_refused_by_the_parser_too(key, tmp_path, monkeypatch, capsys):
+    """From a config file jsonargparse checks the value itself and let the refusal out as a traceback."""
+    monkeypatch.chdir(ROOT)
+    saved = tmp_path / "config.yaml"
+    saved.write_text(yaml.safe_dump({key: {"class_path": "torch.optim.SGD"}}))
+    with pytest.raises(SystemExit) as exit_:
         cli.lightning_cli(["fit", "-c", str(SMOKE), "-c", str(saved), "--print_config"])
+    assert exit_.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith(f'error: Parser key "{key}": mmsr does not take Lightning\'s {key}'), error
+
+
+ENGINE = {"class_path": "mmsr.rollout.hf_engine.HFEngine"}
+
+
+@pytest.mark.parametrize(("override", "last"), [
+    # ``image_search_limit: int | None`` in the dataclass argument ``rollout``, itself under ``model``'s union
+    ({"rollout": {"image_search_limit": "two"}},
+     "model.init_args.rollout.image_search_limit: expected int | None, given two"),
+    ({"rollout": {"max_round": 3}},
+     "model.init_args.rollout.max_round: not an argument of rollout (an argument of mmsr.module.GRPOModule)"),
+    ({"engine": {"class_path": "mmsr.rollout.hf_engine.HFEngin"}},
+     "model.init_args.engine.class_path: mmsr.rollout.hf_engine.HFEngin: "
+     "module 'mmsr.rollout.hf_engine' has no attribute 'HFEngin'"),
+    ({"engine": {**ENGINE, "init_args": {"sed": 0}}},
+     "model.init_args.engine.init_args.sed: not an argument of mmsr.rollout.hf_engine.HFEngine"),
+    ({"tools": [{"class_path": "mmsr.tools.spec.Tool"}, {"class_path": "mmsr.tools.nothere.X"}]},
+     "model.init_args.tools[1].class_path: mmsr.tools.nothere.X: module 'mmsr.tools' has no attribute 'nothere'"),
+])  # fmt: skip
+def test_a_nested_parse_error_ends_with_one_line_naming_the_key(override, last, tmp_path, monkeypatch, capsys):
+    """``model`` is ``LightningModule | None``: jsonargparse's error is the union's alternatives, nested, ending
+    with a dump of the dict given; mmsr adds one line naming the key as the config file writes it."""
+    monkeypatch.chdir(ROOT)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"model": {"init_args": override}}))
+    with pytest.raises(SystemExit) as exit_:
+        cli.lightning_cli(["fit", "-c", str(SMOKE), "-c", str(bad), "--print_config"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: {last}"
+
+
+def test_a_list_items_index_is_found_among_merged_items(tmp_path, monkeypatch, capsys):
+    """A list item of the first config's class merges with it: jsonargparse shows it as a Namespace, not a dict."""
+    monkeypatch.chdir(ROOT)
+    bad = tmp_path / "bad.yaml"
+    logger = {"class_path": "mmsr.callbacks.trajectory_logger.TrajectoryLogger", "init_args": {"every_n_steps": "x"}}
+    bad.write_text(yaml.safe_dump({"trainer": {"callbacks": [
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint"}, logger]}}))  # fmt: skip
+    with pytest.raises(SystemExit):
+        cli.lightning_cli(["fit", "-c", str(SMOKE), "-c", str(bad), "--print_config"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert any(line.startswith("  Given value: [Namespace(") for line in err)
+    assert err[-1] == "error: trainer.callbacks[1].init_args.every_n_steps: expected int, given x"
+
+
+def test_cause_names_a_parse_errors_key_not_its_innermost_message():
+    """``mmsr eval`` parses a run's tools with a parser that raises (``mmsr.eval.load``): the innermost
+    exception of the chain is jsonargparse's ``NSKeyError: Option 'top' is not accepted``, no key."""
+    from mmsr.eval.load import build_tools
+
+    search = {"class_path": "mmsr.tools.local.LocalTextSearch", "init_args": {"corpus": "c.jsonl"}}
+    for init_args, line in [({"top": 3}, "text_search.init_args.top: not an argument of " + search["class_path"]),
+                            ({"top_k": "many"}, "text_search.init_args.top_k: expected int, given many")]:  # fmt: skip
+        with pytest.raises(Exception) as error:
+            build_tools({"text_search": {**search, "init_args": {**search["init_args"], **init_args}}}, "x.yaml")
+        assert cli.cause(error.value) == f"ArgumentError: {line}"

@@ -51,6 +51,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("report",),
     ("callbacks",),
     ("module", "sft"),
+    ("cli_errors",),
     ("cli",),
     ("eval", "export", "plan", "sweep"),
     ("demo",),
