@@ -20,14 +20,24 @@ from torch.distributed.tensor import DTensor
 from mmsr.checkpoint import adopt_dtypes
 from mmsr.models.policy import runs_beside_other_ranks
 
-PRECISION_COMPUTE = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+PRECISION_COMPUTE = {"bf16-mixed": torch.bfloat16}
+# Lightning's short names (``trainer.precision`` reads them normalized; a config read by ``mmsr plan`` may not)
+PRECISION_ALIASES = {"16": "16-mixed", "bf16": "bf16-mixed", "32": "32-true", "64": "64-true"}
 
 
-def compute_dtype(requested: str | None, param_dtype: torch.dtype, trainer_precision: str | None) -> torch.dtype:
+def lightning_precision(trainer_precision: str | int | None) -> str | None:
+    """``trainer.precision`` as Lightning names it once it has normalized it (``16`` -> ``16-mixed``)."""
+    if trainer_precision is None:
+        return None
+    return PRECISION_ALIASES.get(str(trainer_precision), str(trainer_precision))
+
+
+def compute_dtype(requested: str | None, param_dtype: torch.dtype, trainer_precision: str | int | None) -> torch.dtype:
     """The matmul dtype: the module's ``compute_dtype`` if set, else Lightning's mixed precision
-    (``bf16-mixed`` -> bf16, ``16-mixed`` -> fp16), else the parameters' dtype. ``bf16-true`` /
-    ``16-true`` / ``64-true`` are refused (``refuse_true_precision``), and so is a dtype wider than the
+    (``bf16-mixed`` -> bf16), else the parameters' dtype. ``16-mixed`` / ``bf16-true`` / ``16-true`` /
+    ``64-true`` are refused (``refuse_true_precision``), and so is a dtype wider than the
     parameters' (``GRPOModule.setup`` calls this before the engine starts, ``mmsr plan`` before it sizes)."""
+    trainer_precision = lightning_precision(trainer_precision)
     refuse_true_precision(trainer_precision, param_dtype)
     compute = getattr(torch, requested) if requested else PRECISION_COMPUTE.get(str(trainer_precision), param_dtype)
     # Autocast only lowers precision: torch turns an fp32 autocast over bf16 weights off with a warning, so the
@@ -50,8 +60,11 @@ def refuse_true_precision(trainer_precision: str | None, param_dtype: torch.dtyp
     step's batch is frozen ``Sample`` records, which it cannot rebuild: the first step failed with
     Lightning's "frozen dataclass" error) and make their dtype the default of every tensor a step
     creates (rewards, advantages, loss normalizers). Low-precision weights on purpose are the policy's
-    own dtype (``GRPOModule``'s ``param_dtype: bfloat16``) under ``32-true``.
+    own dtype (``GRPOModule``'s ``param_dtype: bfloat16``) under ``32-true``. ``16-mixed`` is refused too
+    (``refuse_loss_scaling``).
     """
+    trainer_precision = lightning_precision(trainer_precision)
+    refuse_loss_scaling(trainer_precision)
     if trainer_precision == "64-true":
         raise ValueError("trainer.precision '64-true' casts the policy to float64 and converts every batch (frozen "
                          "Sample records it cannot rebuild): use '32-true' or 'bf16-mixed'")  # fmt: skip
@@ -64,6 +77,20 @@ def refuse_true_precision(trainer_precision: str | None, param_dtype: torch.dtyp
     raise ValueError(f"trainer.precision {trainer_precision!r} {why}: use 'bf16-mixed' (fp32 master weights, "
                      "bf16 matmuls), or to train bf16 weights on purpose model.param_dtype: bfloat16 (GRPOModule) "
                      "under trainer.precision '32-true'")
+
+
+def refuse_loss_scaling(trainer_precision: str | int | None) -> None:
+    """Refuse Lightning's ``16-mixed`` (fp16 autocast with a ``GradScaler``) before the first rollout.
+
+    Under manual optimization Lightning scales the loss in ``manual_backward`` and unscales the gradients only
+    inside ``optimizer.step()``, after ``PolicyUpdate`` / ``SFTModule`` have clipped them: the clip saw gradients
+    ~65,536x too large, so every update was ~65,000x too small and ``train/grad_norm`` was the scaled norm.
+    Unscaling before the clip fails too: the scaler refuses a second ``unscale_`` before its ``step``.
+    """
+    if lightning_precision(trainer_precision) == "16-mixed":
+        raise ValueError(f"trainer.precision {trainer_precision!r} scales the loss and unscales the gradients only "
+                         "inside optimizer.step(), after mmsr clips them (updates ~65,000x too small): use "
+                         "'bf16-mixed' (fp32 master weights, bf16 matmuls, no loss scaling) or '32-true'")  # fmt: skip
 
 
 def block_types(model: torch.nn.Module) -> set[str]:

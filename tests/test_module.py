@@ -207,6 +207,16 @@ def test_the_logged_learning_rate_is_the_one_the_step_used(sample, tmp_path):
     assert logged == pytest.approx(used.rates)
 
 
+def test_the_schedule_steps_once_per_training_step_not_per_update(sample):
+    """``mmsr.algo.schedule``: a step's ``ppo_epochs`` updates share one rate; ``trainer.max_steps`` counts updates."""
+    used = UsedRates()
+    trainer = L.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False, callbacks=[used],
+                        enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    module = make_module(lr_schedule="cosine", warmup_steps=4, total_steps=10, ppo_epochs=2)
+    trainer.fit(module, torch.utils.data.DataLoader([sample] * 2, batch_size=1, collate_fn=list))
+    assert used.rates == pytest.approx([1e-3 / 4, 1e-3 / 4, 2e-3 / 4, 2e-3 / 4])  # 2 training steps of 2 updates
+
+
 class Unbuildable:
     def build(self):
         raise AssertionError("the policy was built before the settings were checked")
@@ -229,5 +239,17 @@ def test_sampling_settings_out_of_range_are_refused_before_the_policy_is_built()
     ({"grad_clip": 0.0}, "grad_clip=0.0"), ({"kl_coef": -0.001}, "kl_coef=-0.001"),
     ({"clip_low": -1.0}, "clip_low=-1.0"), ({"clip_high": -1.0}, "clip_high=-1.0")])  # fmt: skip
 def test_settings_that_stall_or_reverse_training_are_refused_before_the_policy_is_built(setting, named):
+    with pytest.raises(ValueError, match=re.escape(named)):
+        make_module(policy=Unbuildable(), **setting)
+
+
+@pytest.mark.parametrize(("setting", "named"), [
+    ({"advantage_estimator": "GRPO"}, "GRPOModule: advantage_estimator='GRPO' (must be one of 'grpo', 'drgrpo', 'rloo')"),
+    ({"param_dtype": "float16"}, "GRPOModule: param_dtype='float16' (must be one of 'float32', 'bfloat16')"),
+    ({"old_logprobs": "recomputed", "ppo_epochs": 2}, "UpdateSettings: old_logprobs='recomputed' (must be one of"),
+    ({"loss_agg": "token_mean"}, "UpdateSettings: loss_agg='token_mean' (must be one of 'token-mean',")])  # fmt: skip
+def test_a_misspelt_choice_is_refused_before_the_policy_is_built(setting, named):
+    """A misspelt estimator or loss mode failed at the first update, after a rollout; old_logprobs='recomputed' never
+    failed: it scored no old policy, so every PPO ratio was 1 and nothing was clipped."""
     with pytest.raises(ValueError, match=re.escape(named)):
         make_module(policy=Unbuildable(), **setting)

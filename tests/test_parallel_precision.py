@@ -39,3 +39,42 @@ def test_fit_refuses_fp32_compute_over_bf16_parameters_before_the_first_rollout(
     with pytest.raises(ValueError, match=WIDER):
         trainer.fit(model, DataLoader(fvqa_samples[:2], batch_size=2, collate_fn=list))
     assert turns == []  # no episode was rolled out
+
+
+LOSS_SCALING = "trainer.precision '16-mixed' scales the loss .*: use 'bf16-mixed'"
+
+
+@pytest.mark.parametrize("precision", ["16-mixed", "16", 16])
+def test_fp16_with_loss_scaling_is_refused_saying_to_use_bf16_mixed(precision):
+    """Lightning unscales ``16-mixed`` gradients only inside ``optimizer.step()``, after mmsr clipped them: the clip
+    saw them 65,536x too large and each update was ~65,000x too small. ``mmsr plan`` reads the short names too."""
+    with pytest.raises(ValueError, match=LOSS_SCALING):
+        compute_dtype(None, torch.float32, precision)
+
+
+@pytest.mark.parametrize("module", ["grpo", "sft"])
+def test_fit_under_16_mixed_stops_before_the_first_rollout(module, tmp_path, fvqa_samples):
+    """On CPU Lightning turns ``precision='16-mixed'`` into bf16-mixed; the plugin given outright keeps its
+    ``GradScaler``, as ``16-mixed`` does on a GPU."""
+    from lightning.pytorch.plugins import MixedPrecision
+
+    from mmsr.sft import SFTModule
+    from tests.train.test_sft_loss import Answers
+
+    turns = []
+
+    def counted(request):
+        turns.append(request.key)
+        return script(request)
+
+    policy = TinyQwen2_5_VL(tokenizer_texts=[str(FVQA / "fvqa_dev.jsonl")], hidden_size=32, num_layers=1, vision_depth=1,
+                            seed=0)  # fmt: skip
+    model = GRPOModule(policy=policy, engine=ScriptedEngine(counted), kl_coef=0.0) if module == "grpo" else \
+        SFTModule(policy, Answers(), lr=1e-3)  # fmt: skip
+    trainer = L.Trainer(accelerator="cpu", plugins=[MixedPrecision("16-mixed", "cpu")], max_steps=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path)  # fmt: skip
+    assert trainer.precision_plugin.scaler is not None
+    with pytest.raises(ValueError, match=LOSS_SCALING):
+        trainer.fit(model, DataLoader(fvqa_samples[:2], batch_size=2, collate_fn=list))
+    assert turns == [] and trainer.global_step == 0  # no episode was rolled out, no update made

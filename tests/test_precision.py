@@ -109,7 +109,7 @@ def test_mixed_precision_follows_the_fp32_run(runs):
 
 
 @pytest.mark.parametrize(("requested", "precision", "expected"), [
-    (None, "bf16-mixed", torch.bfloat16), (None, "32-true", torch.float32), (None, "16-mixed", torch.float16),
+    (None, "bf16-mixed", torch.bfloat16), (None, "32-true", torch.float32), (None, "bf16", torch.bfloat16),
     ("bfloat16", "32-true", torch.bfloat16), ("float32", "bf16-mixed", torch.float32),
 ])  # fmt: skip
 def test_compute_dtype_follows_the_trainer_unless_set(requested, precision, expected):

@@ -1,7 +1,10 @@
 """Learning-rate multipliers for ``torch.optim.lr_scheduler.LambdaLR``.
 
-Each function maps an optimizer step (0 for the first update) to a multiplier of the base
-learning rate. ``make_lr_lambda`` binds the keyword arguments with ``functools.partial`` (not a
+Each function maps the schedule's step (0 for the first) to a multiplier of the base learning
+rate. ``GRPOModule`` steps the schedule once per training step (``update_policy``), so its
+``ppo_epochs x mini_batches`` optimizer updates share one rate and ``warmup_steps`` / ``total_steps``
+count training steps, not updates (``trainer.max_steps`` counts those); ``SFTModule`` steps it once per
+optimizer update. ``make_lr_lambda`` binds the keyword arguments with ``functools.partial`` (not a
 closure) so the result pickles for spawned workers and LambdaLR can checkpoint it.
 """
 
@@ -24,7 +27,7 @@ def cosine_with_warmup(step: int, warmup_steps: int, total_steps: int, min_ratio
     """Linear warmup to 1, then half a cosine down to ``min_ratio`` at ``total_steps``.
 
     Warmup gives (step + 1) / warmup_steps, so step 0 is 1/warmup_steps and step
-    warmup_steps - 1 reaches 1.0. LambdaLR uses the step-0 value for the very first update;
+    warmup_steps - 1 reaches 1.0. LambdaLR uses the step-0 value for the first step's updates;
     starting from exactly 0 would waste a whole rollout batch on an update of size zero.
     From warmup_steps on, the multiplier is min_ratio + (1 - min_ratio) * (1 + cos(pi * p)) / 2
     with p = (step - warmup_steps) / (total_steps - warmup_steps), held at min_ratio after.

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import torch
 
@@ -25,7 +25,7 @@ from mmsr.algo.loss import AggMode
 from mmsr.metrics import extreme
 from mmsr.models.policy import Policy
 from mmsr.parallel import all_reduce, drop_idle_gradients
-from mmsr.checks import refuse_out_of_range
+from mmsr.checks import Limit, refuse_out_of_range
 from mmsr.reference import ReferenceModel
 from mmsr.rollout.trajectory import Trajectory
 from mmsr.train.batch import TrainBatch, collate, group_prompts, packs_rows, rank_micro_batches, sampled_logprobs
@@ -74,7 +74,13 @@ class UpdateSettings:
             ("clip_high", s.clip_high, s.clip_high >= 0, ">= 0"),
             ("clip_ratio_c", s.clip_ratio_c, s.clip_ratio_c is None or s.clip_ratio_c > 1, "> 1 (None: off)"),
             ("entropy_coef", s.entropy_coef, s.entropy_coef == s.entropy_coef, "a number (< 0 minimizes entropy)"),
-            ("is_cap", s.is_cap, s.is_cap > 0, "> 0")])  # fmt: skip
+            ("is_cap", s.is_cap, s.is_cap > 0, "> 0"),
+            # the log-probs are scored at this temperature: 0 (greedy) was scored at 1, another distribution
+            ("temperature", s.temperature, s.temperature > 0, "> 0, the rollouts' sampling temperature"),
+            # a misspelt choice failed at the first update, a rollout in; an unknown old_logprobs (e.g.
+            # 'recomputed') never did: no old policy was scored, so every PPO epoch took its ratio against the
+            # current log-probs (always 1: no clipping)
+            *choice_limits(UpdateSettings, {f.name: getattr(s, f.name) for f in fields(s)})])  # fmt: skip
         if self.old_logprobs == "engine" and self.is_correction != "none":
             raise ValueError("old_logprobs='engine' already takes the PPO ratio against the engine's log-probs: "
                              "is_correction must be 'none' with it")
@@ -106,6 +112,19 @@ class UpdateSettings:
     def of(cls, args: Mapping[str, Any], **more: Any) -> UpdateSettings:
         """The settings named in ``args`` (e.g. a module's ``hparams``), with ``more`` on top."""
         return cls(**{f.name: args[f.name] for f in fields(cls) if f.name in args} | more)
+
+
+def choice_limits(owner: type | Callable, values: Mapping[str, Any]) -> list[Limit]:
+    """A ``refuse_out_of_range`` limit for each of ``values`` whose parameter or field of ``owner`` (a dataclass, a
+    function) is annotated ``Literal[...]``: it must be one of the Literal's values, read with ``typing.get_args``
+    so the check cannot drift from the annotation. Other names are skipped."""
+    hints = get_type_hints(owner)
+    out: list[Limit] = []
+    for name, value in values.items():
+        if get_origin(hints.get(name)) is Literal:
+            allowed = get_args(hints[name])
+            out.append((name, value, value in allowed, f"one of {', '.join(map(repr, allowed))}"))
+    return out
 
 
 @dataclass
@@ -260,9 +279,9 @@ class PolicyUpdate:
         return loss, out
 
     def token_logprobs(self, batch: TrainBatch, model: torch.nn.Module, with_entropy: bool = False):
-        """``sampled_logprobs`` of ``batch`` under ``model`` at the sampling temperature (1 if greedy)."""
-        temperature = self.settings.temperature if self.settings.temperature > 0 else 1.0
-        return sampled_logprobs(self.policy, batch, model, temperature, with_entropy, self.settings.share_prefix)
+        """``sampled_logprobs`` of ``batch`` under ``model`` at the sampling temperature."""
+        s = self.settings
+        return sampled_logprobs(self.policy, batch, model, s.temperature, with_entropy, s.share_prefix)
 
     def reference_scores(self, trajs: list[Trajectory], ref: ReferenceModel, device: torch.device) -> list[torch.Tensor]:
         with ref.on_device() as model:

@@ -2,6 +2,7 @@
 (before, ppo_epochs=0 rolled out forever without an update and grad_clip=-1 climbed the loss)."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -17,6 +18,24 @@ from mmsr.train.update import UpdateSettings
 def test_a_setting_out_of_range_is_refused_naming_it(field, value):
     with pytest.raises(ValueError, match=rf"UpdateSettings: {field}={value!r} \(must be"):
         UpdateSettings(**{field: value})
+
+
+@pytest.mark.parametrize(("field", "value", "allowed"), [
+    ("old_logprobs", "recomputed", "'recompute', 'engine'"),  # no old policy was scored: every PPO ratio was 1
+    ("loss_agg", "token_mean", "'token-mean', 'seq-mean-token-sum', 'seq-mean-token-mean', 'seq-mean-token-sum-norm'"),
+    ("is_correction", "truncated", "'none', 'truncate', 'mask'"), ("kl_kind", "low-var-kl", "'k1', 'k2', 'k3', 'low_var_kl'"),
+])  # fmt: skip
+def test_a_misspelt_choice_is_refused_naming_the_allowed_values(field, value, allowed):
+    """These failed at the first update, a rollout in, or (old_logprobs) never."""
+    with pytest.raises(ValueError, match=re.escape(f"UpdateSettings: {field}={value!r} (must be one of {allowed})")):
+        UpdateSettings(**{field: value}, ppo_epochs=2)
+
+
+@pytest.mark.parametrize("temperature", [0.0, -1.0])
+def test_a_temperature_that_is_not_positive_is_refused(temperature):
+    """The log-probs were scored at temperature 1 then, not at the rollouts' temperature."""
+    with pytest.raises(ValueError, match=re.escape(f"UpdateSettings: temperature={temperature} (must be > 0")):
+        UpdateSettings(temperature=temperature)
 
 
 def test_a_negative_entropy_coef_minimizes_entropy_on_purpose():
