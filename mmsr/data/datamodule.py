@@ -13,6 +13,7 @@ from typing import Any
 import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
+from mmsr.checks import refuse_out_of_range
 from mmsr.data.loaders import load_samples
 from mmsr.data.sample import Sample
 from mmsr.data.sampler import ResumableDataLoader, ResumableSampler
@@ -109,7 +110,8 @@ class MMSRDataModule(L.LightningDataModule):
         val_files: held-out files: ``GRPOModule`` rolls them out greedily in Lightning's validation loop
             (``trainer.val_check_interval``) and logs ``val/`` metrics, ``SFTModule`` scores its teacher's
             turns on them (``val/sft_loss``); split over the ranks, in order.
-        prompts_per_step: prompts per training step (each is rolled out ``num_generations`` times).
+        prompts_per_step: prompts per training step and rank (each is rolled out ``num_generations`` times).
+            Fewer training rows than one step of all ranks are refused.
         drop_last: train on whole steps only, as upstream verl (``drop_last=True``): each epoch leaves out the
             rows past the last whole step of every rank (FVQA-train's 4,856 rows on 32 ranks x 16: 248 rows,
             a different 248 each epoch when shuffled). ``False`` trains every row: the epoch is topped up to
@@ -135,12 +137,15 @@ class MMSRDataModule(L.LightningDataModule):
         drop_last: bool = True,
     ) -> None:
         super().__init__()
+        # 0 divided by it deep in the sampler; a negative count failed in torch
+        refuse_out_of_range("MMSRDataModule", [("prompts_per_step", prompts_per_step, prompts_per_step >= 1, ">= 1")])
         self.train_files, self.val_files = train_files, val_files or []
         self.prompts_per_step, self.shuffle, self.seed = prompts_per_step, shuffle, seed
         self.drop_last = drop_last
         self.skip_invalid = skip_invalid
         self.train: list[Sample] = []
         self.val: list[Sample] = []
+        self._train_sampler: tuple[Any, ResumableSampler] | None = None  # (its trainer, it): see ``_sampler``
 
     def setup(self, stage: str | None = None) -> None:
         if not self.train:
@@ -160,16 +165,30 @@ class MMSRDataModule(L.LightningDataModule):
                                    collate_fn=collate_samples, drop_last=False)  # fmt: skip
 
     def _sampler(self, replicas: int, rank: int) -> ResumableSampler:
-        if len(self.train) < replicas:  # every rank's share was empty: the run trained nothing and exited 0
-            raise ValueError(f"data.train_files {self.train_files}: {len(self.train)} training row(s) for {replicas} "
-                             f"ranks; every rank trains its share and needs at least one: add rows")  # fmt: skip
+        """This trainer's sampler, built once: ``trainer.reload_dataloaders_every_n_epochs`` asks for a new loader
+        every epoch, and a new sampler began at epoch 0, so every epoch repeated epoch 0's order. The kept one goes
+        on as a loader kept for the whole fit does (and from the state a checkpoint loaded into it)."""
+        if self._train_sampler is not None and self._train_sampler[0] is self.trainer:
+            kept = self._train_sampler[1]
+            if (kept.num_replicas, kept.rank) == (replicas, rank):
+                return kept
+        self._refuse_less_than_a_step(replicas)
         sampler = WholeBatchSampler(self.prompts_per_step, len(self.train), self.shuffle, self.seed, replicas, rank,
                                     self.drop_last)  # fmt: skip
-        if len(sampler) == 0:
-            raise ValueError(f"data.train_files {self.train_files}: {len(self.train)} row(s) for {replicas} rank(s) x "
-                             f"{self.prompts_per_step} prompts_per_step make no whole step: add rows, lower "
-                             f"data.prompts_per_step, or set data.drop_last: false")  # fmt: skip
+        self._train_sampler = (self.trainer, sampler)
         return sampler
+
+    def _refuse_less_than_a_step(self, replicas: int) -> None:
+        """Fewer rows than one step (``replicas x prompts_per_step``) are refused, ``drop_last`` or not: with it no
+        step is whole and nothing trains; without, the step was topped up by wrapping around the rows, so it held
+        a row twice, and both copies rolled out the same episodes (sampling streams are keyed by the row's id and
+        episode), counted twice in the update."""
+        step = replicas * self.prompts_per_step
+        if len(self.train) < step:
+            raise ValueError(f"data.train_files {self.train_files}: {len(self.train)} training row(s) for {replicas} "
+                             f"rank(s) x {self.prompts_per_step} data.prompts_per_step = {step} prompts a step; a step "
+                             f"needs {step} distinct rows: add rows, or lower data.prompts_per_step or the number of "
+                             f"ranks (trainer.devices x trainer.num_nodes)")  # fmt: skip
 
     def val_dataloader(self) -> DataLoader:
         """This rank's share of the held-out rows (rank r: rows r, r + world, ...), in order. Fewer rows than

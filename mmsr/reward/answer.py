@@ -50,7 +50,7 @@ def exact_match(pred: str, answers: str | Sequence[str]) -> bool:
 
     An answer that normalization erases ("A", "The The", "", "?") is compared without dropping articles
     (lowercase, no punctuation, whitespace collapsed) and never matches an empty prediction: else
-    ``<answer></answer>`` or ``<answer>the</answer>`` would be right for it (SubEM skips such answers).
+    ``<answer></answer>`` or ``<answer>the</answer>`` would be right for it (SubEM matches such answers so too).
     """
     norm_pred = normalize_answer(pred)
     return any(_equal(pred, norm_pred, a) for a in _as_list(answers))
@@ -70,11 +70,18 @@ def _with_articles(s: str) -> str:
 def sub_exact_match(pred: str, answers: str | Sequence[str]) -> bool:
     """Some normalized answer is a substring of the normalized prediction.
 
-    An answer that normalizes to "" is skipped: it would be a substring of every prediction.
+    An answer that normalization erases ("A", "The The") is matched as ``exact_match`` matches it (equal with
+    articles kept), so SubEM accepts every prediction EM accepts: as a substring "" is in every prediction,
+    and "a" in nearly every one. Skipped, "A" was wrong under SubEM where EM had it right.
     """
     norm_pred = normalize_answer(pred)
-    norm_answers = (normalize_answer(a) for a in _as_list(answers))
-    return any(a and a in norm_pred for a in norm_answers)
+    return any(_contains(pred, norm_pred, a) for a in _as_list(answers))
+
+
+def _contains(pred: str, norm_pred: str, answer: str) -> bool:
+    if norm := normalize_answer(answer):
+        return norm in norm_pred
+    return _equal(pred, norm_pred, answer)
 
 
 def parse_candidate_answers(candidate_answers: str | Sequence[str] | None) -> list[str]:

@@ -33,3 +33,9 @@ def test_repeated_sample_ids_are_refused_naming_the_id_and_its_files(tmp_path):
     dm = MMSRDataModule([distinct, fvqa], [distinct])
     dm.setup("fit")
     assert [s.id for s in dm.train] == ["x", "y", "0"] and [s.id for s in dm.val] == ["x", "y"]
+
+
+@pytest.mark.parametrize("count", [0, -2])
+def test_a_step_without_prompts_is_refused_naming_the_field(count):
+    with pytest.raises(ValueError, match=rf"MMSRDataModule: prompts_per_step={count} \(must be >= 1\)"):
+        MMSRDataModule(["train.jsonl"], prompts_per_step=count)

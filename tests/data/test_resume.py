@@ -94,8 +94,9 @@ def test_an_older_checkpoint_on_another_number_of_ranks_is_warned_of_the_prompts
         _ranks(1, 4, {**old, "position": 0})  # nothing handed out yet in the epoch: exact on any number
 
 
-def _fit(root, max_steps, ckpt=None, drop_last=True):
-    """Train a do-nothing module on ``MMSRDataModule``; returns the sample ids and the Lightning epoch of every step."""
+def _fit(root, max_steps, ckpt=None, drop_last=True, reload=0):
+    """Train a do-nothing module on ``MMSRDataModule`` (a new train loader every ``reload`` epochs); returns the
+    sample ids and the Lightning epoch of every step."""
     import lightning as L
 
     from mmsr.data.datamodule import MMSRDataModule
@@ -122,7 +123,8 @@ def _fit(root, max_steps, ckpt=None, drop_last=True):
     model = Recorder()
     save = L.pytorch.callbacks.ModelCheckpoint(dirpath=root, every_n_train_steps=1, save_top_k=-1)
     trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[save], default_root_dir=root)  # fmt: skip
+                        enable_model_summary=False, callbacks=[save], default_root_dir=root,
+                        reload_dataloaders_every_n_epochs=reload)  # fmt: skip
     trainer.fit(model, dm, ckpt_path=ckpt)
     return model.seen, model.epochs
 
@@ -147,6 +149,22 @@ def test_lightning_resumes_mid_epoch(tmp_path, drop_last):
     assert len(set(first)) == (18 if drop_last else 20) and first != sum(reference[per_epoch : 2 * per_epoch], [])
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_a_train_loader_reloaded_every_epoch_reshuffles_as_one_kept_for_the_fit(tmp_path):
+    """``trainer.reload_dataloaders_every_n_epochs: 1`` asks for a new train loader every epoch; its new sampler
+    began at epoch 0, so every epoch trained epoch 0's order. It goes on as the kept loader does, and resumes at
+    an epoch's end and mid-epoch as exactly (20 prompts, 3 a step: 6 steps an epoch)."""
+    reference, _ = _fit(tmp_path / "ref", 14)
+    reloaded, epochs = _fit(tmp_path / "reloaded", 14, reload=1)
+    assert epochs == [e for e in range(3) for _ in range(6)][:14]
+    assert sum(reloaded[:6], []) != sum(reloaded[6:12], []) and reloaded == reference
+    for stop in (6, 8):
+        head, _ = _fit(tmp_path / f"a{stop}", stop, reload=1)
+        (ckpt,) = (tmp_path / f"a{stop}").glob(f"epoch=*-step={stop}.ckpt")
+        tail, _ = _fit(tmp_path / f"b{stop}", 14, ckpt=str(ckpt), reload=1)
+        assert head + tail == reference
+
+
 def test_every_step_of_the_paper_recipe_has_its_512_prompts():
     """FVQA-train's 4,856 rows on the 4x8 recipe's 32 ranks x 16: 151.75 rows a rank, 9 whole steps (as verl),
     or without ``drop_last`` 10, the epoch topped up to 5,120 with its first 264 rows: every 10th step trained
@@ -163,10 +181,6 @@ def test_every_step_of_the_paper_recipe_has_its_512_prompts():
 
     assert sizes(0) == sizes(31) == (9, [16] * 27)
     assert sizes(0, drop_last=False) == sizes(31, drop_last=False) == (10, [16] * 30)
-    dm = MMSRDataModule(["f.jsonl"], prompts_per_step=16)
-    dm.train, dm.trainer = list(range(500)), SimpleNamespace(world_size=32, global_rank=0)  # 15 rows a rank
-    with pytest.raises(ValueError, match=r"f.jsonl'\]: 500 row\(s\) for 32 rank\(s\) x 16 .* data.drop_last: false"):
-        dm.train_dataloader()
 
 
 def test_fewer_held_out_rows_than_ranks_are_refused_naming_the_files():
@@ -187,19 +201,25 @@ def test_fewer_held_out_rows_than_ranks_are_refused_naming_the_files():
 
 
 @pytest.mark.parametrize("drop_last", [True, False])
-def test_fewer_training_rows_than_ranks_are_refused_naming_the_files(drop_last):
-    """Every rank's share was empty: the run trained nothing and exited 0 (``drop_last: false``; with it the
-    error asked to turn it off)."""
+def test_fewer_training_rows_than_one_step_are_refused_naming_the_files(drop_last):
+    """500 rows on 32 ranks x 16 (512 a step): with ``drop_last`` no step is whole; without, the step was topped up
+    by wrapping around, 12 rows twice in it, each copy rolling out the same episodes (sampling streams are keyed
+    by the row's id), counted twice. 3 rows on 1 rank x 4: step [r, s, t, r]; 3 rows on 4 ranks x 1: every rank's
+    share was empty (the run trained nothing and exited 0). Exactly one step trains every row once."""
     from types import SimpleNamespace
 
     from mmsr.data.datamodule import MMSRDataModule
 
-    dm = MMSRDataModule(["f.jsonl"], prompts_per_step=1, drop_last=drop_last)
-    dm.train, dm.trainer = list(range(3)), SimpleNamespace(world_size=4, global_rank=0)
-    with pytest.raises(ValueError, match=r"f.jsonl'\]: 3 training row\(s\) for 4 ranks; every rank .* at least one"):
-        dm.train_dataloader()
-    dm.trainer = SimpleNamespace(world_size=3, global_rank=2)  # one row each
-    assert [len(b) for b in dm.train_dataloader()] == [1]
+    for rows, world, batch in ((500, 32, 16), (3, 1, 4), (3, 4, 1)):
+        dm = MMSRDataModule(["f.jsonl", "g.jsonl"], prompts_per_step=batch, drop_last=drop_last)
+        dm.train, dm.trainer = list(range(rows)), SimpleNamespace(world_size=world, global_rank=0)
+        words = (rf"\['f.jsonl', 'g.jsonl'\]: {rows} training row\(s\) for {world} rank\(s\) x {batch} "
+                 rf"data.prompts_per_step = {world * batch} prompts a step.*lower data.prompts_per_step or the number "
+                 rf"of ranks \(trainer.devices x trainer.num_nodes\)")  # fmt: skip
+        with pytest.raises(ValueError, match=words):
+            dm.train_dataloader()
+    steps = [[b for b in loader] for loader in _loaders(8, 2, 4, drop_last=drop_last)]
+    assert [len(s) for s in steps] == [1, 1] and sorted(sum(sum(steps, []), [])) == list(range(8))
 
 
 def _loaders(size: int, world: int, batch: int, drop_last: bool, shuffle: bool = True, state: dict | None = None):
@@ -291,7 +311,7 @@ def test_without_drop_last_every_step_is_whole_on_any_shape():
     assert sorted(i for steps in two for b in steps for i in b) == sorted(perm + perm[:5])  # 5 rows twice
     (saved,) = _loaders(11, 1, 4, drop_last=False)
     next(iter(saved))  # 4 of 11 taken: 7 left
-    for world, batch in ((3, 4), (1, 3), (2, 2)):
+    for world, batch in ((3, 3), (1, 3), (2, 2)):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # another batch size: warned, as tested above
             resumed = _loaders(11, world, batch, drop_last=False, state=saved.state_dict())

@@ -83,8 +83,24 @@ def test_sub_exact_match() -> None:
     assert sub_exact_match("It is the Eiffel Tower in Paris.", ["eiffel tower"])
     assert sub_exact_match("paris", ["Lyon", "Paris"])
     assert not sub_exact_match("eiffel", ["Eiffel Tower"])
-    # an answer that normalizes to "" would match anything: skipped
+    # an answer that normalizes to "" is in every prediction: matched as exact_match matches it instead
     assert not sub_exact_match("anything", ["the", "..."])
+
+
+def test_sub_exact_match_accepts_what_exact_match_accepts_for_an_answer_normalization_erases() -> None:
+    """Ground truth "A" (normalized: "") was skipped by SubEM, so the prediction "A" was right under EM and wrong
+    under SubEM. It is compared with articles kept, equal as under EM: as a substring, "a" is in "paris"."""
+    for pred, answers in (("A", "A"), ("a.", ["A"]), ("The The", "The The"), (" THE the ", ["x", "The The"])):
+        assert exact_match(pred, answers) and sub_exact_match(pred, answers)
+    for pred in ("", " ", "the", ".", "an a", "paris", "it is a"):
+        assert not sub_exact_match(pred, ["A"]) and not sub_exact_match(pred, ["musketeers", "", "?"])
+    assert sub_exact_match("The Three Musketeers", ["musketeers", ""])
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(st.text(st.sampled_from("aAnNtThHeE .?x")), st.lists(st.text(st.sampled_from("aAnNtThHeE .?x")), max_size=3))
+def test_sub_exact_match_accepts_every_exact_match(pred: str, answers: list[str]) -> None:
+    assert sub_exact_match(pred, answers) or not exact_match(pred, answers)
 
 
 @pytest.mark.parametrize(
