@@ -9,8 +9,8 @@ rebuilt identically on resume.
 from __future__ import annotations
 
 import json
+import os
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal, Protocol
 
@@ -20,16 +20,18 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForImageTextToText,
     AutoTokenizer,
+    PreTrainedTokenizerBase,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
 )
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from mmsr.data.paths import require_file, shared_mode
+from mmsr.data.paths import missing, shared_mode
 from mmsr.models.policy import Policy
-from mmsr.models.tokenizer import TokenizerCorpus, train_bpe_tokenizer
-from mmsr.models.vision import pixel_bounds
+from mmsr.models.tokenizer import TokenizerCorpus, corpus_texts, train_bpe_tokenizer
+from mmsr.models.vision import pixel_bounds, require_pixels
 from mmsr.prompt.chat_template import chat_format
+from mmsr.prompt.render import ChatFormat
 
 DType = Literal["float32", "bfloat16", "float16"]
 # What ``save_policy`` records beside the Hugging Face files (which transformers and vLLM ignore): the
@@ -43,36 +45,6 @@ TOOL_TOKENS = {"min_pixels": 4, "max_pixels": 64}
 
 class PolicyBuilder(Protocol):
     def build(self) -> Policy: ...
-
-
-def _strings(obj) -> Iterator[str]:
-    if isinstance(obj, str):
-        yield obj
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            yield from _strings(v)
-    elif isinstance(obj, list):
-        for v in obj:
-            yield from _strings(v)
-
-
-def _file_texts(path: str) -> list[str]:
-    """Strings of a jsonl/text file, or the user messages of a question parquet (MMSearch-R1 schema)."""
-    if path.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        prompts = pq.read_table(require_file(path, "tokenizer text file"), columns=["prompt"]).column("prompt").to_pylist()
-        return [m["content"] for p in prompts for m in p if isinstance(m.get("content"), str)]
-    lines = require_file(path, "tokenizer text file").read_text(encoding="utf-8").splitlines()
-    if path.endswith(".jsonl"):
-        return [t for line in lines for t in _strings(json.loads(line))]
-    return lines
-
-
-def corpus_texts(paths: list[str], scaffold: TokenizerCorpus | None = None) -> list[str]:
-    """Tokenizer training text: ``scaffold``'s texts, then every string in ``paths`` (jsonl, text or
-    question parquet)."""
-    return (scaffold.texts() if scaffold is not None else []) + [t for path in paths for t in _file_texts(path)]
 
 
 def mrope_sections(head_dim: int) -> list[int]:
@@ -175,7 +147,9 @@ class PretrainedPolicy:
     entry of ``processor_config.json`` (transformers 5's ``processor.save_pretrained`` writes only that).
     Pixel bounds (the tool images' ``auto`` ones included) are resolved from the checkpoint's small JSON files
     and checked (``resolve_bounds``) before any weights load: for a directory when the builder is made, for a
-    hub id (whose files may have to be downloaded: ``mmsr plan`` makes builders offline) when it builds.
+    hub id (whose files may have to be downloaded: ``mmsr plan`` makes builders offline) when it builds. A path
+    that looks local (``looks_local``) but is no directory is refused when the builder is made; the tokenizer and
+    image processor are checked before the weights load.
 
     Args:
         path: directory or hub id.
@@ -205,8 +179,11 @@ class PretrainedPolicy:
         tool_image_max_pixels: int | None | Literal["auto"] = "auto",
         gguf_file: str | None = None,
     ) -> None:
+        if looks_local(path) and not Path(path).is_dir():  # a mistyped directory: the hub would be asked for it
+            raise missing(path, "PretrainedPolicy: model directory")
         self.path, self.dtype, self.attn, self.gguf_file = path, dtype, attn_implementation, gguf_file
-        self.pixels = {k: v for k, v in dict(min_pixels=min_pixels, max_pixels=max_pixels).items() if v}
+        self.pixels = {k: v for k, v in dict(min_pixels=min_pixels, max_pixels=max_pixels).items() if v is not None}
+        require_pixels(self.pixels, "PretrainedPolicy: ")
         self.tool_args = dict(min_pixels=tool_image_min_pixels, max_pixels=tool_image_max_pixels)
         tool_bounds(*(None if v == "auto" else v for v in self.tool_args.values()))  # an inverted explicit pair fails here
         self.tools: dict[str, int] | None = None  # the tool images' bounds, once resolved
@@ -233,17 +210,21 @@ class PretrainedPolicy:
         """The checkpoint's image-processor settings and the file they come from: ``preprocessor_config.json``,
         else the ``image_processor`` entry of ``processor_config.json`` (transformers 5's ``processor.save_pretrained``
         writes only that: a Qwen3-VL got Qwen2-VL's 14-pixel patches, a Qwen2.5-VL the default pixel bounds);
-        ``{}`` when neither exists (a text-only model: the processor's defaults)."""
+        ``{}`` when neither exists (a text-only model: the processor's defaults), from both files' names."""
         cfg = self.checkpoint_json("preprocessor_config.json")
         if cfg:
             return "preprocessor_config.json", cfg
-        return "processor_config.json", self.checkpoint_json("processor_config.json").get("image_processor", {})
+        processor = self.checkpoint_json("processor_config.json")
+        if not processor:
+            return "preprocessor_config.json or processor_config.json", {}
+        return "processor_config.json", processor.get("image_processor", {})
 
     def tool_pixels(self, question: Qwen2VLImageProcessorPil) -> dict[str, int]:
         """The tool images' bounds over ``question``'s (``None`` ones left out: the question images'): each ``auto``
         one is the saved policy's (``POLICY_RECORD``), else ``TOOL_TOKENS`` merged patches of ``question``'s size;
         an explicit one as given. Unchecked: ``check_bounds`` checks them over the question images'."""
         saved = self.checkpoint_json(POLICY_RECORD)
+        require_pixels({k: v for k, v in saved.items() if k.startswith("tool_image_")}, f"{self.path}/{POLICY_RECORD}: ")
         merged = question.patch_size * question.merge_size
         default = {k: tokens * merged**2 for k, tokens in TOOL_TOKENS.items()}
         bounds = {k: saved.get(f"tool_image_{k}", default[k]) if v == "auto" else v for k, v in self.tool_args.items()}
@@ -256,7 +237,7 @@ class PretrainedPolicy:
         from transformers.utils import cached_file
 
         file = cached_file(self.path, name, _raise_exceptions_for_missing_entries=False)
-        return json.loads(Path(file).read_text()) if file else {}
+        return json_object(file) if file else {}
 
     def chat_template(self, tokenizer) -> str | dict | None:
         """The tokenizer's chat template, else the processor's ``chat_template.json`` (transformers 4.43 to 4.5x
@@ -277,30 +258,76 @@ class PretrainedPolicy:
         kw = dict(dtype=getattr(torch, self.dtype), attn_implementation=self.attention())
         if self.gguf_file:
             kw["gguf_file"] = self.gguf_file
-        config = AutoConfig.from_pretrained(self.path, gguf_file=self.gguf_file) if self.gguf_file else AutoConfig.from_pretrained(self.path)
+        config = self.load_config()
         is_vision = hasattr(config, "vision_config")
         tool_pixels = self.resolve_bounds() if is_vision else {}
+        # everything but the weights first: a bad tokenizer or processor fails before minutes of loading
+        tokenizer, chat = self.load_tokenizer()
+        if is_vision:
+            processor, tools = self.image_processor(), self.image_processor(tool_pixels) if tool_pixels else None
+            self.check_patches(processor, config.vision_config.patch_size)
         auto = AutoModelForImageTextToText if is_vision else AutoModelForCausalLM
         model = auto.from_pretrained(self.path, **kw)
-        tok_kw = {"gguf_file": self.gguf_file} if self.gguf_file else {}
-        tokenizer = AutoTokenizer.from_pretrained(self.path, **tok_kw)
+        if not is_vision:
+            return Policy(model, tokenizer, chat=chat)
+        return Policy(model, tokenizer, processor, chat=chat, tool_image_processor=tools)
+
+    def load_config(self):
+        """The checkpoint's transformers config; a path that is no directory here and fails as a hub id is named (the
+        hub's own error named only huggingface.co)."""
+        try:
+            return AutoConfig.from_pretrained(self.path, **({"gguf_file": self.gguf_file} if self.gguf_file else {}))
+        except OSError as exc:
+            if Path(self.path).is_dir():
+                raise
+            raise OSError(f"{self.path}: no such directory (working directory {Path.cwd()}), and as a hub id: {exc}") from exc
+
+    def load_tokenizer(self) -> tuple[PreTrainedTokenizerBase, ChatFormat]:
+        """The checkpoint's tokenizer with its chat template, and that template's ChatML pieces. A directory
+        without tokenizer files gave transformers' empty tokenizer (1 token), which failed only when prompts were
+        encoded: refused unless the end-of-turn token is in its vocabulary."""
+        tokenizer = AutoTokenizer.from_pretrained(self.path, **({"gguf_file": self.gguf_file} if self.gguf_file else {}))
         tokenizer.chat_template = self.chat_template(tokenizer)
         if tokenizer.chat_template is None:
             warnings.warn(f"{self.path}: no chat template (tokenizer or chat_template.json): the prompts take "
                           "Qwen2.5-VL's ChatML with its default system message", stacklevel=2)  # fmt: skip
-        if not is_vision:
-            return Policy(model, tokenizer, chat=chat_format(tokenizer))
-        processor, tools = self.image_processor(), self.image_processor(tool_pixels) if tool_pixels else None
-        patch = model.config.vision_config.patch_size
-        if processor.patch_size != patch:  # patches of the wrong size would not fit the vision tower's embedding
-            source, _ = self.processor_config()
+        chat = chat_format(tokenizer)
+        if chat.end_of_turn not in tokenizer.get_vocab():
+            raise ValueError(f"{self.path}: the tokenizer ({len(tokenizer)} tokens) has no end-of-turn token "
+                             f"{chat.end_of_turn!r}: are the model's tokenizer files (tokenizer.json, "
+                             "tokenizer_config.json) in the directory?")  # fmt: skip
+        return tokenizer, chat
+
+    def check_patches(self, processor: Qwen2VLImageProcessorPil, patch: int) -> None:
+        """Refuse a processor whose patches would not fit the vision tower's ``patch``-pixel embedding."""
+        if processor.patch_size != patch:
+            source, cfg = self.processor_config()
+            why = f"is its {source} the model's?" if cfg else f"no settings in {source}: transformers' defaults"
             raise ValueError(f"{self.path}: the image processor cuts {processor.patch_size}-pixel patches, the model's "
-                             f"vision tower takes {patch} (is its {source} the model's?)")  # fmt: skip
-        return Policy(model, tokenizer, processor, chat=chat_format(tokenizer), tool_image_processor=tools)
+                             f"vision tower takes {patch} ({why})")  # fmt: skip
+
+
+def looks_local(path: str) -> bool:
+    """Whether ``path`` names a local directory rather than a hub id: it starts with ``.`` or holds a path separator
+    (as ``namespace/name`` does) and its parent directory exists here."""
+    local = path.startswith(".") or any(sep and sep in path for sep in (os.sep, os.altsep))
+    return local and Path(path).parent.is_dir()
+
+
+def json_object(file: str | Path) -> dict:
+    """The JSON object in ``file``; ValueError naming the file otherwise."""
+    try:
+        value = json.loads(Path(file).read_text(encoding="utf-8"))
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{file}: invalid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{file}: expected a JSON object, got {type(value).__name__}")
+    return value
 
 
 def tool_bounds(low: int | None, high: int | None) -> dict[str, int]:
-    """The processor overrides for tool images (empty: use the question images' bounds)."""
+    """The processor overrides for tool images (empty: use the question images' bounds); refuses a bound below 1."""
+    require_pixels({f"tool_image_{k}": v for k, v in dict(min_pixels=low, max_pixels=high).items() if v is not None})
     if low is not None and high is not None and low > high:
         raise ValueError(f"tool_image_min_pixels {low} > tool_image_max_pixels {high}")
     return {k: v for k, v in dict(min_pixels=low, max_pixels=high).items() if v is not None}
@@ -309,7 +336,9 @@ def tool_bounds(low: int | None, high: int | None) -> dict[str, int]:
 def check_bounds(where: str, question: dict[str, int], tools: dict[str, int]) -> None:
     """Refuse resolved pixel bounds whose min exceeds their max: the question images' (``question``) or the tool
     images' (``tools`` over ``question``: a bound left ``None`` is the question images'). The image processor
-    does not check: under min 262,144 > max 65,536 it resized a 200x150 thumbnail to 352 tokens, silently."""
+    does not check: under min 262,144 > max 65,536 it resized a 200x150 thumbnail to 352 tokens, silently. A bound
+    below 1 is refused too."""
+    require_pixels(question, f"{where}: ")
     notes = {"": "the config's over the checkpoint's image processor",
              "tool_image_": "None: the question images' bound, auto: the one save_policy recorded, else the default"}
     for prefix, bounds in (("", question), ("tool_image_", question | tools)):

@@ -13,9 +13,9 @@ import torch
 from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from mmsr.models.build import check_bounds, corpus_texts, text_config, tool_bounds, vision_token_ids
+from mmsr.models.build import check_bounds, text_config, tool_bounds, vision_token_ids
 from mmsr.models.policy import Policy
-from mmsr.models.tokenizer import QWEN3_VL_CHAT_TEMPLATE, TokenizerCorpus, train_bpe_tokenizer
+from mmsr.models.tokenizer import QWEN3_VL_CHAT_TEMPLATE, TokenizerCorpus, corpus_texts, train_bpe_tokenizer
 from mmsr.prompt.chat_template import chat_format
 
 # Qwen3-VL's image normalization and patch grid (preprocessor_config.json of the released models).

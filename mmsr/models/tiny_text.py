@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from mmsr.models.build import corpus_texts
+from mmsr.models.tokenizer import corpus_texts
 from mmsr.models.policy import Policy
 from mmsr.models.tokenizer import TokenizerCorpus, train_bpe_tokenizer
 

@@ -2,17 +2,22 @@
 
 Vocabulary size dominates CPU cost (a 152k-row embedding and LM head make a tiny model 14-40x
 slower), so tests and the demo train a few-hundred-token BPE in ~0.1 s while keeping the exact
-special tokens and template that real Qwen2.5-VL uses, so the same code path runs.
+special tokens and template that real Qwen2.5-VL uses, so the same code path runs. Their training text is
+every string of the given files (``corpus_texts``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import json
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Protocol
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
+
+from mmsr.data.jsonl import jsonl_lines
+from mmsr.data.paths import require_file
 
 QWEN_SPECIAL_TOKENS = (
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
@@ -81,3 +86,44 @@ def train_bpe_tokenizer(
     )
     fast.add_tokens(list(TAG_TOKENS))
     return fast
+
+
+def _strings(obj) -> Iterator[str]:
+    if isinstance(obj, str):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _strings(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _strings(v)
+
+
+def _jsonl_strings(path: str, text: str) -> Iterator[str]:
+    """Every string of each non-blank line of JSON-lines ``text``, split as the data readers split it
+    (``jsonl_lines``: a raw U+2028 inside a string ends no line); ValueError naming file and line otherwise."""
+    for line_no, line in enumerate(jsonl_lines(text), start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{line_no}: invalid JSON ({exc.msg})") from None
+        yield from _strings(value)
+
+
+def _file_texts(path: str) -> list[str]:
+    """Strings of a jsonl/text file, or the user messages of a question parquet (MMSearch-R1 schema)."""
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        prompts = pq.read_table(require_file(path, "tokenizer text file"), columns=["prompt"]).column("prompt").to_pylist()
+        return [m["content"] for p in prompts for m in p if isinstance(m.get("content"), str)]
+    text = require_file(path, "tokenizer text file").read_text(encoding="utf-8")
+    return list(_jsonl_strings(path, text)) if path.endswith(".jsonl") else text.splitlines()
+
+
+def corpus_texts(paths: list[str], scaffold: TokenizerCorpus | None = None) -> list[str]:
+    """Tokenizer training text: ``scaffold``'s texts, then every string in ``paths`` (jsonl, text or
+    question parquet)."""
+    return (scaffold.texts() if scaffold is not None else []) + [t for path in paths for t in _file_texts(path)]

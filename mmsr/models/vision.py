@@ -67,6 +67,14 @@ def pixel_bounds(*image_processors) -> dict[str, int]:
     return {k: int(v) for k, v in (("min_pixels", min(lows, default=None)), ("max_pixels", max(highs, default=None))) if v}
 
 
+def require_pixels(bounds: dict[str, object], where: str = "") -> None:
+    """Refuse a pixel bound (``bounds``: argument name -> value, ``where``: what holds them) that is not a whole number
+    >= 1: transformers reads a 0 bound as a missing one, so every image search failed at run time."""
+    for name, value in bounds.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{where}{name} must be a whole number of pixels >= 1, got {value!r}")
+
+
 def covering_bounds(bounds: dict[str, int], vision: Sequence[VisionInput], patch_size: int) -> dict[str, int]:
     """``bounds`` (``pixel_bounds``) widened so each image of one prompt lies within them at its training grid.
 
