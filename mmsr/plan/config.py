@@ -34,9 +34,12 @@ class ModelShape:
             from the forward to the end of the backward.
         block_params: parameters of the largest block; largest_param: elements of the largest tensor.
         layers, hidden, kv_heads, head_dim, intermediate, vocab: the language model.
-        vision_layers, vision_hidden, vision_intermediate: the vision tower (0 without one).
+        vision_layers, vision_hidden, vision_intermediate, vision_heads: the vision tower (0 layers without one).
+        vision_gated_mlp: its MLP saves gate, up, act(gate) and their product (Qwen2.5-VL), not fc1 and its
+            activation (Qwen3-VL); vision_deepstack: its deepstack mergers (Qwen3-VL).
         patches_per_token: vision patches merged into one LM image token (merge²); patch_pixels: pixels
-            of one LM image token ((patch x merge)²), 0 without a vision tower.
+            of one LM image token ((patch x merge)²), 0 without a vision tower; patch_values: values of one
+            patch (channels x temporal patch x patch²).
     """
 
     params: int
@@ -53,8 +56,12 @@ class ModelShape:
     vision_layers: int = 0
     vision_hidden: int = 0
     vision_intermediate: int = 0
+    vision_heads: int = 1
+    vision_gated_mlp: bool = True
+    vision_deepstack: int = 0
     patches_per_token: int = 0
     patch_pixels: int = 0
+    patch_values: int = 0
 
 
 def parse_run_config(args: list[str]) -> dict[str, Any]:
@@ -134,16 +141,22 @@ def model_shape(model) -> ModelShape:
                 head_dim=getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
                 intermediate=text.intermediate_size, vocab=text.vocab_size)  # fmt: skip
     return ModelShape(total, vision, total - sum(blocks), max(blocks, default=0), max(p.numel() for p in params),
-                      **dims, **vision_dims(getattr(model.config, "vision_config", None)))  # fmt: skip
+                      **dims, **vision_dims(getattr(model.config, "vision_config", None), model))  # fmt: skip
 
 
-def vision_dims(vision) -> dict[str, int]:
+def vision_dims(vision, model) -> dict[str, int]:
+    """The vision tower's dimensions from its config (none without one); ``model``: the tower, or a model whose
+    ``model.visual`` is the tower, where its MLP is looked at (gated: a ``gate_proj``)."""
     if vision is None:
         return {}
+    tower = getattr(getattr(model, "model", None), "visual", model)
     merge = vision.spatial_merge_size**2
     return dict(vision_layers=vision.depth, vision_hidden=vision.hidden_size,
-                vision_intermediate=vision.intermediate_size, patches_per_token=merge,
-                patch_pixels=vision.patch_size**2 * merge)  # fmt: skip
+                vision_intermediate=vision.intermediate_size, vision_heads=vision.num_heads,
+                vision_gated_mlp=any(hasattr(m, "gate_proj") for m in tower.modules()),
+                vision_deepstack=len(getattr(vision, "deepstack_visual_indexes", None) or ()), patches_per_token=merge,
+                patch_pixels=vision.patch_size**2 * merge,
+                patch_values=vision.in_channels * vision.temporal_patch_size * vision.patch_size**2)  # fmt: skip
 
 
 @dataclass(frozen=True)

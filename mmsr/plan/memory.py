@@ -12,7 +12,7 @@ A step has two phases that never overlap on a GPU:
 
 Not counted: FSDP2's padding of dim 0 to a multiple of W (0.004% of the 7B), DDP's gradient buckets,
 the float32 copy of the root grads FSDP2 reduce-scatters at the very end of the backward (after the
-activations are freed), the vision merger / patch embedding activations, the sync probe's own activations
+activations are freed), the float32 ``pixel_values`` during the forward, the sync probe's own activations
 (one layer's at ~1,000 tokens), and allocator fragmentation beyond ``overhead``. Every number is an upper
 bound for episodes at the rollout limits.
 """
@@ -82,7 +82,7 @@ def gathered(shape: ModelShape, spec: RunSpec) -> dict[str, int]:
 
 
 def layer_bytes(hidden: int, kv_dim: int, intermediate: int, c: int, r: int | None = None) -> int:
-    """Bytes per token one Qwen2 decoder (or vision) block saves for backward, flash/sdpa attention.
+    """Bytes per token one Qwen2 decoder layer saves for backward, flash/sdpa attention.
 
     In compute dtype (``c`` bytes): per RMSNorm its normalized input and its output, which feeds q/k/v
     (or the MLP) (4h); q (h), k and v (2 kv_dim: the width SDPA is handed them at, ``lm_layer_bytes``);
@@ -156,18 +156,66 @@ def image_tokens_per_micro_batch(shape: ModelShape, spec: RunSpec) -> int:
     return min(episodes_per_update(spec) * spec.images_per_episode * per_image, micro_batch_tokens(spec))
 
 
+def vision_block_bytes(shape: ModelShape, c: int, autocast: bool = False) -> int:
+    """Bytes per patch one vision block saves for backward, in compute dtype (``c`` bytes): each RMSNorm's
+    normalized input and output (4h), the whole qkv projection (3h: v is a view of it), the rotated q and k (2h),
+    attention's output and proj's concatenated input (2h), and the MLP's gate, up, act(gate) and their product
+    (4 I; ungated, Qwen3-VL: fc1 and its activation, 2 I). In float32: each norm's input and 1/rms (2 x (4h + 4))
+    and attention's log-sum-exp (4 bytes a head). Under autocast (float32 weights) the second norm's float32
+    output is cast once for gate and once for up (h more). 7B in bf16: 65,832 bytes."""
+    h, mlp = shape.vision_hidden, (4 if shape.vision_gated_mlp else 2) * shape.vision_intermediate
+    cast = c * h if autocast else 0
+    return c * (11 * h + mlp) + cast + 2 * (NORM_BYTES * h + NORM_BYTES) + NORM_BYTES * shape.vision_heads
+
+
+def vision_backward_bytes(shape: ModelShape, c: int) -> int:
+    """The most a vision block's backward holds per patch beyond what it saved: the MLP's (the residual's grad and two
+    I-wide grads) or, the MLP's saved tensors freed by then, an RMSNorm's (``norm_backward_bytes``)."""
+    h, mlp = shape.vision_hidden, (4 if shape.vision_gated_mlp else 2) * shape.vision_intermediate
+    return max(c * (h + 2 * shape.vision_intermediate), norm_backward_bytes(h, c) - c * mlp)
+
+
+def norm_backward_bytes(h: int, c: int) -> int:
+    """An RMSNorm's backward per row of ``h``: five float32 temporaries (the grad cast up, its products with 1/rms
+    and with the input, 2x and the mean's grad) and the residual's grad in compute dtype."""
+    return 5 * NORM_BYTES * h + c * h
+
+
+def merger_bytes(shape: ModelShape, c: int) -> int:
+    """The patch merger's peak per patch: its norm's float32 input and 1/rms, then either the normalized input,
+    output, fc1 output and activation it saved and two grads (6 ch), or its norm's backward."""
+    h = shape.vision_hidden
+    return NORM_BYTES * h + NORM_BYTES + max(6 * c * h, c * h + norm_backward_bytes(h, c))
+
+
+def vision_once_bytes(shape: ModelShape, c: int) -> int:
+    """Per patch, once for the tower: the rotary cos and sin (float32, ``head_dim`` each), four int64 indices
+    (Qwen3-VL's position-embedding interpolation, Qwen2.5-VL's window order), the patch embedding's input in compute
+    dtype, the merged features and their grad (LM width, ``patches_per_token`` patches a token) of the merger and of
+    each deepstack merger, and each deepstack merger's norm output, fc1 output and activation (and float32 mean,
+    1/std)."""
+    h, mergers = shape.vision_hidden, 1 + shape.vision_deepstack
+    rope, indices = 2 * NORM_BYTES * (h // shape.vision_heads), 4 * 8
+    features = mergers * 2 * c * shape.hidden // shape.patches_per_token
+    return rope + indices + c * shape.patch_values + features + shape.vision_deepstack * (3 * c * h + 2 * NORM_BYTES)
+
+
 def vision_activations(shape: ModelShape, spec: RunSpec) -> int:
-    """Vision tower activations of one micro-batch: the patches of ``image_tokens_per_micro_batch`` (merge²
-    per LM image token), each vision block saving ``layer_bytes`` per patch (q, k and v all
-    ``vision_hidden`` wide); with checkpointing, block inputs plus one block."""
+    """Vision tower activations of one micro-batch: the patches of ``image_tokens_per_micro_batch`` (merge² per LM
+    image token) at the peak of the tower's backward (measured on CPU, ``tests/test_plan.py``). Checkpointed: every
+    block's input, plus one block's saved tensors and backward or the merger's peak, whichever is larger;
+    otherwise every block's saved tensors, plus the larger of one block's backward and the merger's peak. The
+    residual stream is in compute dtype, under autocast too (the patch embedding's output is)."""
     if not shape.vision_layers:
         return 0
     patches = image_tokens_per_micro_batch(shape, spec) * shape.patches_per_token
-    c, h = nbytes(spec.compute_dtype), shape.vision_hidden
-    block = layer_bytes(h, h, shape.vision_intermediate, c) * patches
+    c, autocast = nbytes(spec.compute_dtype), residual_bytes(spec) != nbytes(spec.compute_dtype)
+    block, backward = vision_block_bytes(shape, c, autocast), vision_backward_bytes(shape, c)
     if spec.gradient_checkpointing:
-        return shape.vision_layers * h * c * patches + block
-    return shape.vision_layers * block
+        body = shape.vision_layers * shape.vision_hidden * c + max(block + backward, merger_bytes(shape, c))
+    else:
+        body = shape.vision_layers * block + max(backward, merger_bytes(shape, c))
+    return patches * (body + vision_once_bytes(shape, c))
 
 
 def logits(shape: ModelShape, spec: RunSpec) -> int:
