@@ -247,19 +247,25 @@ def _added(per_rank: Iterable[dict[str, float]]) -> dict[str, float]:
     return total
 
 
+# The metrics that are a maximum, by name: a key's words said it before, and ``rollout/finish/max_rounds`` (a share of
+# episodes, a mean) was taken as the largest rank's share, the finish shares then summing past 1. ``memory/``: each
+# rank's own reading, already the largest over ranks (``mmsr.parallel.memory_metrics``). No minimum is logged.
+MAXIMA = frozenset({
+    "train/ratio_max", "train/mismatch_max_abs_diff",  # mmsr.algo.loss._policy_metrics, mmsr.algo.correction.Mismatch
+    "memory/policy_mb", "memory/reference_mb", "memory/cuda_peak_gb",
+})  # fmt: skip
+
+
 def extreme(key: str) -> Callable[[Iterable[float]], float] | None:
-    """``max`` for a metric that is a maximum (``max`` a word of its last part: ``train/ratio_max``,
-    ``train/mismatch_max_abs_diff``), ``min`` for a minimum, ``None`` for the others: a mean of maxima is
-    no maximum, so these are reduced (over micro-batches, updates and ranks) by what they are."""
-    words = key.rsplit("/", 1)[-1].split("_")
-    return max if "max" in words else min if "min" in words else None
+    """``max`` for a metric that is a maximum (``MAXIMA``), ``None`` for the others: a mean of maxima is no
+    maximum, so these are reduced (over micro-batches, updates and ranks) by what they are."""
+    return max if key in MAXIMA else None
 
 
 def reduced_over_ranks(metrics: dict[str, float]) -> dict[str, float]:
-    """Each key's mean over the ranks that logged it, or for a maximum (minimum) the largest (smallest) value
-    (``extreme``). Ranks roll out different prompts, so their key sets can differ (a rank whose episodes
-    sampled nothing has no ``train/ratio_max``); Lightning's ``sync_dist`` would pair the reductions of
-    different keys across ranks."""
+    """Each key's mean over the ranks that logged it, or for a maximum the largest value (``extreme``). Ranks
+    roll out different prompts, so their key sets can differ (a rank whose episodes sampled nothing has no
+    ``train/ratio_max``); Lightning's ``sync_dist`` would pair the reductions of different keys across ranks."""
     per_rank = gather_per_rank({k: float(v) for k, v in metrics.items()})
     values = {k: [m[k] for m in per_rank if k in m] for k in sorted({k for m in per_rank for k in m})}
     return {k: (extreme(k) or _mean)(v) for k, v in values.items()}

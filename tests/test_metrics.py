@@ -250,11 +250,25 @@ def test_maxima_are_the_largest_over_ranks_and_the_others_means(monkeypatch):
     one rank lacks (its episodes sampled nothing) is reduced over the ranks that have it."""
     import mmsr.metrics as metrics
 
-    per_rank = [{"train/ratio_max": 3.0, "train/mismatch_max_abs_diff": 0.5, "train/ratio_mean": 1.5, "x/y_min": 2.0},
-                {"train/ratio_max": 1.0, "train/ratio_mean": 0.5, "x/y_min": -1.0}]  # fmt: skip
+    per_rank = [{"train/ratio_max": 3.0, "train/mismatch_max_abs_diff": 0.5, "train/ratio_mean": 1.5, "memory/cuda_peak_gb": 30.0},
+                {"train/ratio_max": 1.0, "train/ratio_mean": 0.5, "memory/cuda_peak_gb": 10.0}]  # fmt: skip
     monkeypatch.setattr(metrics, "gather_per_rank", lambda obj: per_rank)
     assert metrics.reduced_over_ranks(per_rank[0]) == {
-        "train/mismatch_max_abs_diff": 0.5, "train/ratio_max": 3.0, "train/ratio_mean": 1.0, "x/y_min": -1.0}
+        "memory/cuda_peak_gb": 30.0, "train/mismatch_max_abs_diff": 0.5, "train/ratio_max": 3.0, "train/ratio_mean": 1.0}
+
+
+def test_finish_shares_over_ranks_sum_to_one(monkeypatch):
+    """Rank 0's episodes all answered, half of rank 1's ran out of rounds: over both, 3/4 answered and 1/4 ran out.
+    ``max`` is a word of ``rollout/finish/max_rounds``, which took the largest rank's 1/2 (shares summing to 5/4);
+    a key with ``min`` in its words is no minimum either."""
+    import mmsr.metrics as metrics
+
+    per_rank = [{"rollout/finish/answer": 1.0, "rollout/finish/max_rounds": 0.0, "x/min_y": 2.0},
+                {"rollout/finish/answer": 0.5, "rollout/finish/max_rounds": 0.5, "x/min_y": 0.0}]  # fmt: skip
+    monkeypatch.setattr(metrics, "gather_per_rank", lambda obj: per_rank)
+    reduced = metrics.reduced_over_ranks(per_rank[0])
+    assert reduced == {"rollout/finish/answer": 0.75, "rollout/finish/max_rounds": 0.25, "x/min_y": 1.0}
+    assert sum(v for k, v in reduced.items() if k.startswith("rollout/finish/")) == 1.0
 
 
 def test_tools_own_counters_are_summed_over_ranks(monkeypatch):

@@ -43,9 +43,12 @@ def write_report(
     records = list({(r.step, r.index): r for r in read_records(traj_file)}.values()) if traj_file.exists() else []
     shown = records[-max_trajectories:] if max_trajectories > 0 else []
     text = config.read_text(encoding="utf-8") if config.exists() else None
-    plots = plot_run(metrics, out, {"accuracy": accuracy_title(text)}) if metrics.exists() else {}
+    title = accuracy_title(text)
+    titles = {"accuracy": title, "val_accuracy": f"Held-out {title[0].lower()}{title[1:]}"}
+    plots = plot_run(metrics, out, titles) if metrics.exists() else {}
     held_out = list(read_records(run_dir / HELD_OUT_FILE)) if (run_dir / HELD_OUT_FILE).exists() else []
-    html = render_html(str(run_dir), shown, plots, text, omitted=len(records) - len(shown), held_out=held_out)
+    found = [f.name for f in (traj_file, metrics) if f.exists()]  # an empty section says: no file, or nothing in it
+    html = render_html(str(run_dir), shown, plots, text, omitted=len(records) - len(shown), held_out=held_out, found=found)
     index = Path(page) if page is not None else out / "index.html"
     index.write_text(html, encoding="utf-8")
     return index

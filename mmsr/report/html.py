@@ -4,12 +4,15 @@ The page is rendered with Jinja2 (autoescaped: model text is untrusted and must 
 markup) from ``templates/report.html``. A tool observation is shown as the policy read it: its
 text with each image marker replaced by the returned thumbnail. Held-out episodes (the same
 questions evaluated at several steps, e.g. before and after GRPO) are laid out per question kind,
-one row per question and one column per step, with the same renderer as the sampled ones.
+one row per question and one column per step, with the same renderer as the sampled ones. What the
+context budget cut or dropped (the trajectory's ``context`` notes) is shown with the episode, and an
+observation the budget dropped is marked as one the policy never read.
 """
 
 from __future__ import annotations
 
 import base64
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -31,6 +34,16 @@ def observation(tool: ToolCallRecord) -> list[tuple[str, str]]:
         if i < len(chunks) - 1 and i < len(tool.images):
             parts.append(("image", tool.images[i]))
     return parts
+
+
+# ``mmsr.rollout.context.describe``'s line for an observation that did not fit at all: ``turn N`` is the turn (from 1)
+# whose tool call it answers. Its record still holds the whole result, which the policy never read.
+_DROPPED = re.compile(r"turn (\d+): \S+ observation of \d+ tokens, -?\d+ left for it: dropped, the episode ends")
+
+
+def dropped_turns(record: TrajectoryRecord) -> set[int]:
+    """The ``TurnRecord.index`` of each turn whose observation the context budget dropped (``record.context``)."""
+    return {int(m.group(1)) - 1 for note in record.context if (m := _DROPPED.match(note))}
 
 
 HeldOutRows = dict[str, list[list[TrajectoryRecord | None]]]
@@ -65,6 +78,7 @@ def render_html(
     config: str | None = None,
     omitted: int = 0,
     held_out: Sequence[TrajectoryRecord] = (),
+    found: Sequence[str] = (),
 ) -> str:
     """The report page.
 
@@ -75,6 +89,8 @@ def render_html(
         config: the run's resolved config text, shown collapsed.
         omitted: how many earlier records were left out (said on the page).
         held_out: episodes on held-out questions (``HELD_OUT_FILE``); their section appears when given.
+        found: the run directory's files that exist (``metrics.csv``, ``trajectories.jsonl``): where a section is
+            empty, the page says whether its file is missing or holds nothing to show.
     """
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True, undefined=jinja2.StrictUndefined
@@ -83,6 +99,7 @@ def render_html(
     held_steps, held_rows = held_out_rows(held_out)
     return env.get_template("report.html").render(
         title=title, records=records, steps=steps, omitted=omitted, config=config,
-        plots={name: png_data_uri(p) for name, p in plots.items()}, observation=observation,
+        plots={name: png_data_uri(p) for name, p in plots.items()}, observation=observation, found=set(found),
+        dropped_turns=dropped_turns,
         held_out=held_rows, held_steps=held_steps, held_stages=stage_names(held_steps), n_held_out=len(held_out),
     )  # fmt: skip

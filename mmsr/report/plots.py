@@ -51,6 +51,14 @@ PLOTS: tuple[PlotSpec, ...] = (
         prefix="rollout/search_ratio/any/",  # per data source
     ),
     PlotSpec("response_length", "Response length (sampled tokens per trajectory)", ("rollout/response_tokens",)),
+    # held-out evaluation (``mmsr.metrics.held_out_metrics``, logged at validation): overall, per category and source
+    PlotSpec("val_accuracy", "Held-out accuracy (share of episodes the reward counts correct)", ("val/reward/accuracy",),
+             prefix="val/reward/accuracy/"),  # fmt: skip
+    PlotSpec(
+        "val_search_ratio", "Held-out search ratio (share of responses that search)",
+        ("val/rollout/search_ratio/any", "val/rollout/search_ratio/image", "val/rollout/search_ratio/text"),
+        prefix="val/rollout/search_ratio/any/",
+    ),
 )
 
 
@@ -74,13 +82,19 @@ def read_metrics(path: str | Path) -> dict[str, Curve]:
         if row["step"] is None:
             warnings.warn(f"{path}:{lineno}: skipped a row that ends before its 'step' cell (torn)", stacklevel=2)
             continue
+        step = _number(row["step"], path, lineno, "step")  # parsed apart: its bad cell was blamed on a metric's
         for key, cell in row.items():
             if key in points and cell not in ("", None):
-                try:
-                    points[key][int(float(row["step"]))] = float(cell)
-                except ValueError:
-                    raise ValueError(f"{path}:{lineno}: column {key!r} holds {cell!r}, not a number") from None
+                points[key][int(step)] = _number(cell, path, lineno, key)
     return {k: Curve(k, sorted(p), [p[s] for s in sorted(p)]) for k, p in points.items() if p}
+
+
+def _number(cell: str, path: str | Path, lineno: int, column: str) -> float:
+    """``cell`` of ``column`` as a number; else a ValueError naming the file, line and column."""
+    try:
+        return float(cell)
+    except ValueError:
+        raise ValueError(f"{path}:{lineno}: column {column!r} holds {cell!r}, not a number") from None
 
 
 def _complete_lines(path: Path) -> str:
@@ -144,6 +158,17 @@ def plot_panels(metrics_csv: str | Path, out_png: str | Path, kinds: tuple[str, 
     return draw_panels(read_metrics(metrics_csv), out_png, kinds)
 
 
+def panel_label(key: str) -> str:
+    """A panel curve's legend: its question kind, ``source: <name>`` for a data source's (``data_source/<name>``,
+    ``mmsr.metrics.GROUP_KEYS``), else the key's last part. The last part alone named category ``search_free`` and
+    source ``mmsearch_r1/search_free`` alike."""
+    for prefix in ("reward/accuracy/", "rollout/search_ratio/any/"):
+        if key.startswith(prefix):
+            kind = key.removeprefix(prefix)
+            return f"source: {kind.removeprefix('data_source/')}" if kind.startswith("data_source/") else kind
+    return key.rsplit("/", 1)[-1]
+
+
 def draw_panels(curves: dict[str, Curve], out_png: str | Path, kinds: tuple[str, ...]) -> Path:
     """One figure of three panels against the step: reward, accuracy per question kind and search
     ratio per question kind."""
@@ -152,7 +177,7 @@ def draw_panels(curves: dict[str, Curve], out_png: str | Path, kinds: tuple[str,
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for ax, (title, keys) in zip(axes, panels):
         for c in (curves[k] for k in keys if k in curves):
-            ax.plot(c.steps, c.values, marker="o" if len(c.steps) < 20 else None, label=c.name.rsplit("/", 1)[-1])
+            ax.plot(c.steps, c.values, marker="o" if len(c.steps) < 20 else None, label=panel_label(c.name))
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))

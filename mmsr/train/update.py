@@ -313,8 +313,8 @@ def _add_weighted(metrics: dict[str, float], micro: Mapping[str, Any], per_episo
                   per_token: float | None) -> None:  # fmt: skip
     """Adds a micro-batch's metrics to the update's: the ``LOSS_TERMS`` times ``per_episode`` (its share of what
     loss_agg averages over), the others times ``per_token`` (its share of the sampled tokens). ``None``: the update
-    has nothing to average them over and logs none (not 0, which would pull the step's mean down). A maximum or
-    minimum (``extreme``) is the largest or smallest of the micro-batches that sampled a token, unweighted."""
+    has nothing to average them over and logs none (not 0, which would pull the step's mean down). A maximum
+    (``extreme``) is the largest of the micro-batches that sampled a token, unweighted."""
     for k, v in micro.items():
         weight = per_episode if k in LOSS_TERMS else per_token
         pick = extreme(k)

@@ -47,6 +47,35 @@ def test_a_run_with_metrics_per_kind_gets_the_panels_first(tmp_path):
         assert im.format == "PNG" and im.size == (1430, 396)  # three panels, 13 x 3.6 in at 110 dpi
 
 
+def test_a_data_source_and_a_category_of_one_name_have_their_own_legend_labels(tmp_path, monkeypatch):
+    """Category ``search_free`` and source ``mmsearch_r1/search_free``: both curves were labelled by the key's last
+    part, ``search_free``."""
+    from mmsr.report import plots
+
+    (tmp_path / "metrics.csv").write_text(
+        "reward/mean,reward/accuracy/search_free,reward/accuracy/data_source/mmsearch_r1/search_free,"
+        "rollout/search_ratio/any/search_free,rollout/search_ratio/any/data_source/mmsearch_r1/search_free,step\n"
+        "0.5,0.9,0.1,0.0,1.0,0\n"
+    )
+    figures, close = [], plots.plt.close
+    monkeypatch.setattr(plots.plt, "close", lambda fig: (figures.append(fig), close(fig)))
+    plots.plot_panels(tmp_path / "metrics.csv", tmp_path / "kinds.png", ("search_free", "data_source/mmsearch_r1/search_free"))
+    labels = [ax.get_legend_handles_labels()[1] for ax in figures[0].axes]
+    assert labels == [["mean"], *[["search_free", "source: mmsearch_r1/search_free"]] * 2]
+
+
+def test_held_out_columns_get_their_own_plots(tmp_path):
+    (tmp_path / "metrics.csv").write_text(
+        "epoch,step,val/reward/accuracy,val/reward/accuracy/search_free,val/rollout/search_ratio/any,val/episodes\n"
+        "0,0,0.5,1.0,0.2,4\n0,10,0.6,1.0,0.3,4\n"
+    )
+    pngs = plot_run(tmp_path / "metrics.csv", tmp_path / "out")
+    assert set(pngs) == {"val_accuracy", "val_search_ratio"}  # none of the training plots: no training curve
+    spec = next(s for s in PLOTS if s.name == "val_accuracy")
+    assert [c.name for c in curves_for(spec, read_metrics(tmp_path / "metrics.csv"))] == [
+        "val/reward/accuracy", "val/reward/accuracy/search_free"]
+
+
 def test_bad_metrics_files_name_the_problem(tmp_path):
     (tmp_path / "a.csv").write_text("epoch,reward\n0,1\n")
     with pytest.raises(ValueError, match="no 'step' column"):
@@ -54,6 +83,9 @@ def test_bad_metrics_files_name_the_problem(tmp_path):
     (tmp_path / "b.csv").write_text("step,reward/mean\n0,0.5\n1,oops\n")
     with pytest.raises(ValueError, match=r"b.csv:3: column 'reward/mean' holds 'oops'"):
         read_metrics(tmp_path / "b.csv")
+    (tmp_path / "c.csv").write_text("step,reward/mean\n0,0.5\n,0.6\n")  # it blamed column 'reward/mean'
+    with pytest.raises(ValueError, match=r"c.csv:3: column 'step' holds '', not a number"):
+        read_metrics(tmp_path / "c.csv")
 
 
 def test_a_step_logged_twice_keeps_its_later_value(tmp_path):
