@@ -13,10 +13,12 @@ from pathlib import Path
 
 from mmsr.data.sample import Sample
 from mmsr.tools.base import IMAGE_MARKER, ToolResult
-from mmsr.tools.spec import ToolSpec
+from mmsr.tools.spec import MMSEARCH_R1_TOOLS, ToolSpec
 
 TEMPLATES = Path(__file__).parent / "templates"
 TOOLS_SLOT = "{tools}"  # a round-1 template line that becomes the configured tools' descriptions
+ACTIONS_SLOT = "{actions}"  # in any template: the configured tools' calls, continuing a list (``list_actions``)
+PAIR_NAMES = frozenset(s.name for s in MMSEARCH_R1_TOOLS)
 
 
 @dataclass(frozen=True)
@@ -108,16 +110,33 @@ def fill_tools(template: str, specs: Sequence[ToolSpec]) -> str:
     return "\n".join(line for row in template.split("\n") for line in (lines if row == TOOLS_SLOT else [row]))
 
 
+def list_actions(specs: Sequence[ToolSpec]) -> str:
+    """The calls of ``specs`` (``ToolSpec.call``) continuing a list that names another action first (``an
+    answer{actions}``): ``", <a>, <b>, or <c>"``, ``" or <a>"`` for one tool, ``""`` for none."""
+    calls = [s.call for s in specs]
+    if len(calls) < 2:
+        return "".join(f" or {c}" for c in calls)
+    return f", {', '.join(calls[:-1])}, or {calls[-1]}"
+
+
+def fill_actions(template: str, specs: Sequence[ToolSpec]) -> str:
+    """``template`` with each ``{actions}`` replaced by ``list_actions(specs)``: a prompt offers only configured
+    tools (a call of another one parses as no action and ends the episode)."""
+    return template.replace(ACTIONS_SLOT, list_actions(specs))
+
+
 class PromptBuilder:
     """Writes the user-side texts of an MMSearch-R1 episode from plain-text templates.
 
     Args:
         round1: template of the first user message; must contain ``{question}`` and one ``<image>``, and may
-            hold a line ``{tools}`` that ``for_tools`` fills with the configured tools' descriptions (with no
-            tools bound the line is dropped). The default is MMSearch-R1's ``round1.txt`` with that line:
-            ``round1.txt`` itself stays byte-for-byte as it was, since the tiny tokenizers' BPE trains on it
-            (``mmsr.demo.tokenizer``), and a test keeps the two equal but for the line and the space after
-            ``<image>`` (upstream writes ``<image> `` before the question, spec section 5).
+            hold a line ``{tools}`` that ``for_tools`` fills with the configured tools' descriptions, and
+            ``{actions}`` that it fills with their calls (``fill_actions``; any template may hold it). Unbound,
+            a builder speaks of MMSearch-R1's pair (``MMSEARCH_R1_TOOLS``), as its ``after_*`` templates do.
+            The default, ``round1_tools.txt``, is MMSearch-R1's ``round1.txt`` with the pair's lines and calls
+            left to those slots: ``round1.txt`` itself stays byte-for-byte as it was, since the tiny tokenizers'
+            BPE trains on it (``mmsr.demo.tokenizer``), and a test keeps the two equal, the pair bound, but for
+            the space after ``<image>`` (upstream writes ``<image> `` before the question, spec section 5).
         after_image_search: instruction appended after image-search results; like ``after_text_search`` and a
             tool's ``instruction``, it may not hold ``<image>``, ``{question}`` or ``{tools}`` (``read_instruction``).
         after_text_search: instruction appended after text-search results.
@@ -138,27 +157,32 @@ class PromptBuilder:
             raise ValueError(f"round-1 template {round1!r} needs one '{{question}}' and one {IMAGE_MARKER!r}")
         if self.template.count(TOOLS_SLOT) > (TOOLS_SLOT in self.template.split("\n")):
             raise ValueError(f"round-1 template {round1!r}: {TOOLS_SLOT!r} must be a line of its own, at most once")
-        self.round1 = fill_tools(self.template, ())
+        self.specs: tuple[ToolSpec, ...] = MMSEARCH_R1_TOOLS
+        self.round1 = fill_actions(fill_tools(self.template, self.specs), self.specs)
         self.after = {"image_search": read_instruction(after_image_search, "after-image-search"),
                       "text_search": read_instruction(after_text_search, "after-text-search")}  # fmt: skip
 
     def for_tools(self, specs: Sequence[ToolSpec]) -> PromptBuilder:
-        """A copy whose round-1 text describes ``specs`` (the loop's configured tools) in its ``{tools}`` line,
-        their instructions read now, at start-up. ValueError names a tool that needs a description and has none,
-        or whose description or instruction template is missing or holds a round-1 placeholder."""
+        """A copy whose round-1 text describes ``specs`` (the loop's configured tools, MMSearch-R1's pair first) in
+        its ``{tools}`` line and lists their calls for each ``{actions}`` (so do the instructions), those
+        instructions read now, at start-up. ValueError names a tool that needs a description and has none, or
+        whose description or instruction template is missing or holds a round-1 placeholder."""
+        # MMSearch-R1's pair first: its lines are round1.txt's own, the others' say "You may also ..."
+        specs = sorted(specs, key=lambda s: s.name not in PAIR_NAMES)
         bound = copy.copy(self)
-        bound.round1, bound.after = fill_tools(self.template, specs), dict(self.after)
+        bound.specs, bound.after = tuple(specs), dict(self.after)
+        bound.round1 = fill_actions(fill_tools(self.template, specs), specs)
         for spec in specs:
             bound.instruction(spec)
         return bound
 
     def instruction(self, spec: ToolSpec) -> str:
-        """The instruction after ``spec``'s results: this builder's own for the MMSearch-R1 pair (its
-        ``after_*`` templates), else the tool's declared template (read once)."""
+        """The instruction after ``spec``'s results, its ``{actions}`` the bound tools' calls: this builder's own
+        for the MMSearch-R1 pair (its ``after_*`` templates), else the tool's declared template (read once)."""
         if spec.name not in self.after:
             what = f"tool {spec.name!r}: instruction"
             self.after[spec.name] = read_instruction(spec.instruction, what) if spec.instruction else ""
-        return self.after[spec.name]
+        return fill_actions(self.after[spec.name], self.specs)
 
     def first_user_text(self, sample: Sample) -> str:
         """The question message; the image marker (and the space after it) is dropped when the sample has no image."""
@@ -173,6 +197,6 @@ class PromptBuilder:
         """
         if not result.ok:
             return f"<information>{result.text}</information>"
-        after = self.instruction(kind) if isinstance(kind, ToolSpec) else self.after[kind]
+        after = self.instruction(kind) if isinstance(kind, ToolSpec) else fill_actions(self.after[kind], self.specs)
         question = f"Original user's question: {sample.question.strip()}\n" if self.repeat_question else ""
         return f"Searched results: <information>{result.text}</information>\n{question}{after}"

@@ -351,7 +351,7 @@ class RolloutLoop:
         over 200, a truncated file): a tool's bad image must not end the rollout."""
         try:
             for image in result.images if self.policy.is_vision else ():
-                self._images(image, tool=True)  # remembered: the observation's encoding reuses it
+                self._images(image, tool=self._thumbnails(kind))  # remembered: the observation's encoding reuses it
         except Exception as exc:  # noqa: BLE001 - whatever the processor raises, the model sees a failed call
             self.stats.tool_failures += result.ok
             return failure(kind, f"a returned image could not be read: {type(exc).__name__}: {exc}", result.latency_s)
@@ -360,11 +360,16 @@ class RolloutLoop:
     def _encode_observation(self, e: Episode, kind: str, result: ToolResult) -> tuple[list[int], list]:
         """The observation's token ids (``[n]``, images expanded) and its images' vision inputs. The result's
         text is from outside: a chat token it spells stays text (``Encoder.plain``)."""
-        vision = [self._images(im, tool=True) for im in result.images] if self.policy.is_vision else []
+        vision = [self._images(im, tool=self._thumbnails(kind)) for im in result.images] if self.policy.is_vision else []
         shown = replace(result, text=self.encoder.plain(result.text))
         text = self.policy.chat.observation(self.prompts.observation_text(self._seen(e.sample), self._by_name[kind], shown))
         ids = (self.eot_ids if e.needs_end_of_turn else []) + self.encoder.encode(text, [v.num_tokens for v in vision])
         return ids, vision
+
+    def _thumbnails(self, kind: str) -> bool:
+        """Whether tool ``kind``'s images are processed within the tool images' bounds (thumbnails): not a crop's
+        regions (``ToolSpec.region_images``), which would otherwise show less detail than the question image."""
+        return not self._by_name[kind].region_images
 
     def _fit(self, e: Episode, kind: str, result: ToolResult) -> tuple[ToolResult, list[int], list] | None:
         """``(shown, ids, vision)``: ``result`` as the context budget lets it in, whole if it fits, else

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import replace
+from typing import Literal
 
 from PIL import Image
 
@@ -15,13 +16,19 @@ from mmsr.tools.spec import Tool, ToolSpec
 
 _NUMBER = r"\s*(-?\d+(?:\.\d+)?)\s*"
 _BOX = re.compile(rf"\[?{_NUMBER},{_NUMBER},{_NUMBER},{_NUMBER}\]?")
+BoxUnits = Literal["pixels", "relative_1000"]
+RELATIVE = 1000  # the side of the coordinate space of "relative_1000" boxes
 
 
 class Crop(Tool):
-    """``<crop>[x1, y1, x2, y2]</crop>``: the box of the question image, in pixels of the image as the
-    policy sees it (``ToolRequest.image_size``: Qwen-VL models point in the resized image's pixels), comes
-    back as a new image. A box that does not parse, is empty, leaves the image or is smaller than
-    ``min_size`` on a side is a failure observation saying why.
+    """``<crop>[x1, y1, x2, y2]</crop>``: the box of the question image comes back as a new image, cut from the
+    image's own pixels and shown within the question image's pixel bounds (``ToolSpec.region_images``), not as a
+    thumbnail. A box that does not parse, is empty, leaves the image or is smaller than ``min_size`` on a side is
+    a failure observation saying why.
+
+    The box is in ``box_units``: ``"pixels"`` of the image as the policy sees it (``ToolRequest.image_size``:
+    Qwen2.5-VL grounds in the resized image's absolute pixels), or ``"relative_1000"``, 0 to 1000 on each axis
+    whatever the image's size (Qwen3-VL grounds in these); the round-1 description says which.
 
     ``metrics()``: ``tools/crop/cropped``, ``tools/crop/bad_box`` (a box refused) and ``tools/crop/no_image`` (a
     question without an image), since the tool was built.
@@ -30,22 +37,30 @@ class Crop(Tool):
         limit: overrides the spec's per-episode limit (2).
         min_size: smallest side of a box, in the policy's pixels (a vision patch is 14 or 16).
         penalized: whether a crop counts as a search for the reward's search penalty (``ToolSpec.penalized``).
+        box_units: ``"pixels"`` or ``"relative_1000"`` (above): match the policy's grounding, else its boxes
+            land elsewhere (a Qwen3-VL box [500, 500, 1000, 1000] in pixels is off a 640x480 image).
     """
 
     spec = ToolSpec("crop", "crop", "text", limit=2, instruction="after_crop.txt", metric="crop", with_image=True,
-                    description="describe_crop.txt")  # fmt: skip
+                    description="describe_crop.txt", placeholder="[x1, y1, x2, y2]", region_images=True)  # fmt: skip
+    relative_description = "describe_crop_relative.txt"
 
     # Penalized by default: crops were penalized before this flag existed, and none of the successors we
     # follow (DeepMMSearch-R1's crop-then-search, SenseNova-MARS and OpenSearch-VL's crop tools) is recorded
     # exempting them. The penalty prices API calls (MMSearch-R1 #8) and a crop makes none, but it also stops
     # calls made by habit (without it MMSearch-R1's search ratio went to ~100%) and a crop still costs a
     # round and an image's tokens: `penalized: false` is the researcher's choice.
-    def __init__(self, limit: int | None = None, min_size: int = 14, penalized: bool = True) -> None:
+    def __init__(self, limit: int | None = None, min_size: int = 14, penalized: bool = True,
+                 box_units: BoxUnits = "pixels") -> None:  # fmt: skip
+        if box_units not in ("pixels", "relative_1000"):
+            raise ValueError(f"{type(self).__name__}: box_units must be 'pixels' or 'relative_1000', got {box_units!r}")
         super().__init__(None, limit)
-        self.min_size = min_size
+        self.min_size, self.box_units = min_size, box_units
         self.counts: Counter[str] = Counter()
         if not penalized:
             self.spec = replace(self.spec, penalized=False)
+        if box_units == "relative_1000":  # the round-1 description tells the policy the unit
+            self.spec = replace(self.spec, description=self.relative_description)
 
     async def __call__(self, request: ToolRequest) -> ToolResult:
         try:
@@ -74,19 +89,23 @@ class Crop(Tool):
             raise ValueError("the question has no image to crop")
         size = request.image_size or request.image.size
         box = self.box(request.query, size)
-        return box, crop(request.image, box, size)
+        return box, crop(request.image, box, (RELATIVE, RELATIVE) if self.box_units == "relative_1000" else size)
 
     def box(self, query: str, size: tuple[int, int]) -> tuple[float, float, float, float]:
-        """The validated box ``(x1, y1, x2, y2)`` in a ``size = (width, height)`` image; ValueError says why not."""
+        """The validated box ``(x1, y1, x2, y2)``, in ``box_units``, of an image the policy sees at ``size =
+        (width, height)`` pixels; ValueError says why not (``min_size`` is checked in those pixels)."""
         match = _BOX.fullmatch(query.strip())
         if match is None:
             raise ValueError(f"the box {query!r} is not [x1, y1, x2, y2]")
         x1, y1, x2, y2 = (float(v) for v in match.groups())
-        w, h = size
+        relative = self.box_units == "relative_1000"
+        w, h = (RELATIVE, RELATIVE) if relative else size
         if not (0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h):
-            raise ValueError(f"the box [{x1:g}, {y1:g}, {x2:g}, {y2:g}] is not inside the {w}x{h} image with x1 < x2, y1 < y2")
-        if min(x2 - x1, y2 - y1) < self.min_size:
-            raise ValueError(f"the box [{x1:g}, {y1:g}, {x2:g}, {y2:g}] is smaller than {self.min_size} pixels on a side")
+            where = f"0..{RELATIVE} (coordinates relative to the image)" if relative else f"the {w}x{h} image"
+            raise ValueError(f"the box [{x1:g}, {y1:g}, {x2:g}, {y2:g}] is not inside {where} with x1 < x2, y1 < y2")
+        if min((x2 - x1) * size[0] / w, (y2 - y1) * size[1] / h) < self.min_size:
+            raise ValueError(f"the box [{x1:g}, {y1:g}, {x2:g}, {y2:g}] is smaller than {self.min_size} pixels on a side"
+                             + (f" of the {size[0]}x{size[1]} image" if relative else ""))  # fmt: skip
         return x1, y1, x2, y2
 
 
@@ -120,15 +139,20 @@ class CropSearch(Crop):
 
     Args:
         backend: the image search (``LocalImageSearch``, ``CachedTool``, ``ReplaySearch``, ``WebImageSearch``).
-        limit, min_size: as ``Crop``'s. It takes no ``penalized``: a crop that searches is a search, penalized
-            as image search is.
+        limit, min_size, box_units: as ``Crop``'s. It takes no ``penalized``: a crop that searches is a search,
+            penalized as image search is.
+
+    Its result images are the backend's thumbnails, not the region: its spec leaves ``region_images`` False.
     """
 
     spec = ToolSpec("crop_search", "crop_search", "text", limit=1, instruction="after_image_search.txt",
-                    metric="crop_search", with_image=True, description="describe_crop_search.txt")  # fmt: skip
+                    metric="crop_search", with_image=True, description="describe_crop_search.txt",
+                    placeholder="[x1, y1, x2, y2]")  # fmt: skip
+    relative_description = "describe_crop_search_relative.txt"
 
-    def __init__(self, backend: SearchTool, limit: int | None = None, min_size: int = 14) -> None:
-        super().__init__(limit, min_size)
+    def __init__(self, backend: SearchTool, limit: int | None = None, min_size: int = 14,
+                 box_units: BoxUnits = "pixels") -> None:  # fmt: skip
+        super().__init__(limit, min_size, box_units=box_units)
         self.backend = backend
 
     async def __call__(self, request: ToolRequest) -> ToolResult:

@@ -170,7 +170,11 @@ class LocalTextSearch:
     def search(self, query: str) -> list[tuple[Passage, float]]:
         """(passage, BM25 score) of the best passages with score > 0; ties keep corpus order."""
         with self._lock:
-            ids = self._tokenizer.tokenize([query], update_vocab=False, return_as="ids", show_progress=False)[0]
+            # allow_empty=False: a query of no corpus word would otherwise be the empty token, which bm25s
+            # keeps in its vocabulary and gives every passage that tokenized to nothing (a blank or all-stopword
+            # text), so a query matching nothing returned those passages with a score > 0
+            ids = self._tokenizer.tokenize([query], update_vocab=False, return_as="ids", show_progress=False,
+                                           allow_empty=False)[0]  # fmt: skip
             if not ids:  # every word unknown to the corpus
                 return []
             scores = self._bm25.get_scores(ids)  # [P]

@@ -44,6 +44,12 @@ class ToolSpec:
             MMSearch-R1 penalizes a correct answer reached by searching, to price search (each call an API fee)
             and keep the policy from searching when it need not. A local, free call (a crop) may set it
             ``False``; the search-ratio metrics count every tool whatever it says.
+        placeholder: the argument as a prompt writes a call (``call``), e.g. ``[x1, y1, x2, y2]``; ``""``: ``<img>``
+            for an ``"image"`` argument, ``query`` for a ``"text"`` one.
+        region_images: the result's images are regions of the question image (a crop): the loop processes them
+            within the question image's pixel bounds, so a zoom shows at least the detail of the question image.
+            ``False``: they are thumbnails (search results), within the tool images' bounds
+            (``Policy.tool_image_processor``, a few dozen tokens each).
     """
 
     name: str
@@ -56,6 +62,8 @@ class ToolSpec:
     format_max: int = 1
     description: str | None = None
     penalized: bool = True
+    placeholder: str = ""
+    region_images: bool = False
 
     def __post_init__(self) -> None:
         if self.argument not in ("image", "text"):
@@ -71,6 +79,12 @@ class ToolSpec:
     def stop(self) -> str:
         """The string generation stops at."""
         return f"</{self.tag}>"
+
+    @property
+    def call(self) -> str:
+        """A call as prompts write it, ``<tag>placeholder</tag>``: a template's ``{actions}`` lists the configured
+        tools' (``mmsr.prompt.render.list_actions``)."""
+        return f"<{self.tag}>{self.placeholder or ('<img>' if self.argument == 'image' else 'query')}{self.stop}"
 
 
 IMAGE_SEARCH = ToolSpec("image_search", "search", "image", 1, "after_image_search.txt", "image",

@@ -10,12 +10,13 @@ from pathlib import Path
 import pytest
 
 from mmsr.cli import lightning_cli
-from mmsr.prompt.render import TEMPLATES, PromptBuilder, template_path
+from mmsr.data.sample import Sample
+from mmsr.prompt.render import TEMPLATES, PromptBuilder, list_actions, template_path
 from mmsr.rollout.engine import SamplingParams, ScriptedEngine
 from mmsr.rollout.loop import RolloutLoop
-from mmsr.tools.base import IMAGE_MARKER
+from mmsr.tools.base import IMAGE_MARKER, ToolResult
 from mmsr.tools.crop import Crop, CropSearch
-from mmsr.tools.spec import IMAGE_SEARCH, MMSEARCH_R1_TOOLS, ImageSearchTool, TextSearchTool, Tool, configured
+from mmsr.tools.spec import IMAGE_SEARCH, MMSEARCH_R1_TOOLS, TEXT_SEARCH, ImageSearchTool, TextSearchTool, Tool, configured
 from tests.rollout.test_loop import ANS, FakeImageSearch, FakeTextSearch
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -53,13 +54,14 @@ def test_the_pairs_round1_prompt_is_unchanged(tiny_policy, fvqa_samples, form):
     assert digest(loop(tiny_policy, tools, demo).prompts, fvqa_samples) == DEMO
 
 
-def test_the_default_template_is_round1_with_a_tools_line():
-    """round1.txt stays as it was (the tiny tokenizers train on it); the default adds only the line and
-    upstream's space between the image and the question."""
-    with_line = (TEMPLATES / "round1_tools.txt").read_text(encoding="utf-8")
-    assert with_line.count("{tools}\n") == 1 and with_line.count("<image> {question}") == 1
-    unspaced = with_line.replace("{tools}\n", "").replace("<image> {question}", "<image>{question}")
-    assert unspaced == (TEMPLATES / "round1.txt").read_text(encoding="utf-8")
+def test_the_default_template_is_round1_with_the_pair_bound():
+    """round1.txt stays as it was (the tiny tokenizers train on it); the default, bound to the pair (as an
+    unbound builder is), differs only by upstream's space between the image and the question."""
+    template = (TEMPLATES / "round1_tools.txt").read_text(encoding="utf-8")
+    assert template.count("{tools}\n") == 1 and template.count("<image> {question}") == 1 and "<search>" not in template
+    round1 = (TEMPLATES / "round1.txt").read_text(encoding="utf-8").rstrip("\n")
+    for builder in (PromptBuilder(), PromptBuilder().for_tools(MMSEARCH_R1_TOOLS)):
+        assert builder.round1.replace("<image> {question}", "<image>{question}") == round1
 
 
 def test_configured_crop_tools_are_described_in_the_prompt_text_and_tokens(tiny_policy, fvqa_samples):
@@ -70,13 +72,34 @@ def test_configured_crop_tools_are_described_in_the_prompt_text_and_tokens(tiny_
     prompt = tiny_policy.tokenizer.decode(traj.input_ids[: traj.prompt_len])
     crop, crop_search = description("describe_crop.txt"), description("describe_crop_search.txt")
     assert crop in prompt and crop_search in prompt and "{tools}" not in prompt
-    # In the tools line: after the template's own actions, before its rules, in the tools' order.
-    assert prompt.index("<text_search>your query") < prompt.index(crop) < prompt.index(crop_search) < prompt.index("Rules:")
+    # In the tools line: MMSearch-R1's configured search first (round1.txt's own line), then the others in the
+    # tools' order, before the rules; text search is not configured, so neither described nor offered.
+    image = description("describe_image_search.txt")
+    assert prompt.index(image) < prompt.index(crop) < prompt.index(crop_search) < prompt.index("Rules:")
+    assert "<text_search>" not in prompt and prompt.count("<search><img></search> to run") == 1
+    assert "exactly one action: an answer, <search><img></search>, <crop>[x1, y1, x2, y2]</crop>, or " \
+           "<crop_search>[x1, y1, x2, y2]</crop_search>." in prompt  # fmt: skip
     # The prompt's tokens are the tokenization of that text (encoded once, not re-tokenized).
     text = tiny_policy.chat.first_prompt(rollout.prompts.first_user_text(sample))
     assert traj.input_ids[: traj.prompt_len] == rollout.encoder.encode(text, [traj.vision[0].num_tokens])
-    # The pair's own descriptions are not repeated: round1 writes their calls out.
-    assert prompt.count("<search><img></search> to run") == 1
+
+
+def test_prompts_offer_only_the_configured_tools():
+    """Crop with text search alone: round 1 and the after-crop instruction told the policy to end with
+    <search><img></search>, which then parsed as no action and ended the episode (no_action)."""
+    sample = Sample("a", "Who?", None, "x")
+    crop = ToolResult("[Crop Results] region [0, 0, 10, 10]: ")
+    two = PromptBuilder().for_tools((Crop.spec, TEXT_SEARCH))
+    for text in (two.round1, two.observation_text(sample, Crop.spec, crop)):
+        assert "<search>" not in text and "<text_search>" in text and "<crop>[x1, y1, x2, y2]</crop>" in text
+    assert two.observation_text(sample, Crop.spec, crop).endswith(
+        "an answer inside <answer> </answer>, <text_search>query</text_search>, or <crop>[x1, y1, x2, y2]</crop>.")
+    three = PromptBuilder().for_tools((Crop.spec, IMAGE_SEARCH, TEXT_SEARCH))
+    assert three.instruction(Crop.spec).endswith(", <search><img></search>, <text_search>query</text_search>, or "
+                                                 "<crop>[x1, y1, x2, y2]</crop>.")  # fmt: skip
+    assert "<search><img></search> to run" in three.round1 and "<text_search>your query" in three.round1
+    # One tool, or none: the list still reads.
+    assert list_actions((TEXT_SEARCH,)) == " or <text_search>query</text_search>" and list_actions(()) == ""
 
 
 def test_a_template_that_writes_the_call_describes_the_tool_itself(tmp_path):

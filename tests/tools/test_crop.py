@@ -99,6 +99,66 @@ def test_the_box_is_read_in_the_policys_pixels():
     assert not asyncio.run(Crop()(ToolRequest("crop", "0, 0, 50, 50"))).ok  # no image: a failure, not a crash
 
 
+def test_relative_1000_boxes_address_the_image_whatever_its_size():
+    """Qwen3-VL grounds in 0..1000 on each axis: [500, 500, 1000, 1000] is the bottom-right quarter of a 640x480
+    image (320x240 pixels), which in pixels is off the image."""
+    image = Image.new("RGB", (640, 480), "white")
+    image.paste((255, 0, 0), (320, 240, 640, 480))
+    request = ToolRequest("crop", "[500, 500, 1000, 1000]", image, image_size=(640, 480))
+    (region,) = asyncio.run(Crop(box_units="relative_1000")(request)).images
+    assert region.size == (320, 240) and region.getcolors() == [(320 * 240, (255, 0, 0))]
+    whole = asyncio.run(Crop(box_units="relative_1000")(replace(request, query="[0, 0, 1000, 1000]")))
+    assert whole.images[0].size == (640, 480)
+    assert "is not inside the 640x480 image" in asyncio.run(Crop()(request)).text  # pixels, the default
+    relative = Crop(box_units="relative_1000")
+    with pytest.raises(ValueError, match=r"not inside 0\.\.1000 \(coordinates relative to the image\)"):
+        relative.box("[0, 0, 1001, 500]", (640, 480))
+    # min_size is in the pixels the policy sees: 20/1000 of 640 is 12.8 < 14, 25/1000 of 640 is 16
+    with pytest.raises(ValueError, match="smaller than 14 pixels on a side of the 640x480 image"):
+        relative.box("[0, 0, 20, 500]", (640, 480))
+    assert relative.box("[0, 0, 25, 500]", (640, 480)) == (0, 0, 25, 500)
+    with pytest.raises(ValueError, match="box_units must be 'pixels' or 'relative_1000', got 'relative'"):
+        Crop(box_units="relative")
+
+
+def test_relative_boxes_are_described_as_such_and_crop_search_reads_them_too():
+    described = {n: PromptBuilder().for_tools((Crop(box_units=n).spec, CropSearch(None, box_units=n).spec)).round1
+                 for n in ("pixels", "relative_1000")}  # fmt: skip
+    assert described["pixels"].count("a box in pixels of the image as you see it") == 2 and "1000" not in described["pixels"]
+    assert described["relative_1000"].count("0 to 1000 on each axis") == 2 and "in pixels" not in described["relative_1000"]
+    backend = Recording()
+    image = Image.new("RGB", (400, 200))
+    request = ToolRequest("crop_search", "[0, 0, 500, 1000]", image, image_size=(200, 100))
+    assert asyncio.run(CropSearch(backend, box_units="relative_1000")(request)).ok
+    assert backend.requests[0].image.size == (200, 200)
+
+
+def test_a_crop_is_seen_within_the_question_images_bounds_and_search_thumbnails_within_the_tools(tiny_policy, fvqa_samples):
+    """With thumbnail bounds of 1 to 2 merged patches, a crop was shown as a 2-token thumbnail: less detail than
+    the question image had in the same region. Its region is now processed as a question image is."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from mmsr.tools.spec import ImageSearchTool
+    from tests.rollout.test_loop import FakeImageSearch
+
+    thumbnails = Qwen2VLImageProcessorPil(patch_size=14, merge_size=2, temporal_patch_size=2, min_pixels=28 * 28,
+                                          max_pixels=2 * 28 * 28)  # fmt: skip
+    policy = replace(tiny_policy, tool_image_processor=thumbnails)
+    sample = fvqa_samples[0]
+    w, h = seen_size(policy, sample.image)
+    script = [f"{R}<crop>[0, 0, {w // 2}, {h // 2}]</crop>", f"{R}<search><img></search>", ANS]
+    loop = RolloutLoop(ScriptedEngine({f"{sample.id}#0": script}, policy.tokenizer), policy, PromptBuilder(),
+                       configured([Crop(), ImageSearchTool(FakeImageSearch())]), RolloutSettings(max_rounds=3))  # fmt: skip
+    (traj,) = loop.run([sample], 1, SamplingParams())
+    assert traj.finish_reason == "answer" and not traj.context and len(traj.vision) == 1 + 1 + 2
+    crop, thumbs = traj.vision[1], traj.vision[2:]
+    assert crop.grid_thw == policy.process_image(crop.image).grid_thw != policy.process_image(crop.image, tool=True).grid_thw
+    assert crop.num_tokens > 2 and all(t.num_tokens <= 2 for t in thumbs)
+    assert [t.grid_thw for t in thumbs] == [policy.process_image(t.image, tool=True).grid_thw for t in thumbs]
+    # The context holds (and counted against max_context_tokens) each image's own tokens.
+    assert traj.input_ids.count(policy.model.config.image_token_id) == sum(v.num_tokens for v in traj.vision)
+
+
 class Recording:
     """An image search that records its requests; ``fatal``: it raises that, e.g. ``ReplayMiss`` as a replay
     of another region does."""
@@ -176,7 +236,7 @@ def test_engine_and_trainer_log_probs_agree_with_the_crop_in_context(tiny_policy
     engine_lp = torch.tensor(traj.logprobs[start:end])
     assert end > start and (trainer[start - 1 : end - 1] - engine_lp).abs().max() < 1e-4
     # The crop's pixels matter: the mirrored region (same size, same tokens) scores the turn differently.
-    mirrored = tiny_policy.process_image(traj.vision[1].image.transpose(Image.Transpose.FLIP_LEFT_RIGHT), tool=True)
+    mirrored = tiny_policy.process_image(traj.vision[1].image.transpose(Image.Transpose.FLIP_LEFT_RIGHT))
     traj.vision[1] = mirrored
     (other,) = PolicyUpdate(tiny_policy, UpdateSettings()).score([traj], tiny_policy.model, torch.device("cpu"))
     assert (other[start - 1 : end - 1] - engine_lp).abs().max() > 1e-3

@@ -171,6 +171,20 @@ def test_no_match_is_an_ok_empty_result(text_search: LocalTextSearch, query: str
     assert result.ok and result.titles == () and "nothing relevant" in result.text
 
 
+@pytest.mark.parametrize("query", ["zzzz", "the", "what is the answer", "東京"])
+def test_a_query_of_no_corpus_word_finds_nothing_beside_passages_of_no_words(tmp_path: Path, query: str) -> None:
+    """Passages 1 and 3 tokenize to nothing (stopwords, a one-letter word): bm25s indexed them under the empty
+    token, the one an unknown query became, so every query matching nothing returned them, score ~0.24."""
+    corpus = _write(tmp_path / "c.jsonl", [{"id": 1, "title": "", "text": "the a of"},
+                                           {"id": 2, "title": "Eiffel\nTower", "text": "Paris landmark"},
+                                           {"id": 3, "title": "x", "text": "é"}])  # fmt: skip
+    tool = LocalTextSearch(corpus=str(corpus), top_k=50)
+    assert tool.search(query) == []
+    assert [p.id for p, _ in tool.search(f"eiffel {query}")] == ["2"]  # a known word still finds its passage
+    result = _run(tool, ToolRequest(kind="text_search", query=query))
+    assert result.ok and result.titles == () and "nothing relevant" in result.text
+
+
 def test_flashrag_corpus_format(tmp_path: Path) -> None:
     corpus = _write(tmp_path / "wiki.jsonl", [
         {"id": "0", "contents": '"Aardvark"\nThe aardvark is a burrowing mammal native to Africa.'},
