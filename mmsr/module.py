@@ -54,8 +54,10 @@ from mmsr.metrics import (
 from mmsr.models.build import DType, PolicyBuilder, save_policy
 from mmsr.optim import Schedule, adamw_with_schedule, check_schedule, optimizer_limits, reapply_configured
 from mmsr.parallel import (
+    cast_parameters,
     compute_dtype,
     copy_to,
+    data_parallel_mesh,
     gather_full,
     memory_metrics,
     mixed_precision,
@@ -219,7 +221,10 @@ class GRPOModule(L.LightningModule):
         return adamw_with_schedule(self.model.parameters(), hp.lr, hp.weight_decay, hp.lr_schedule, hp.warmup_steps, hp.total_steps)
 
     def setup(self, stage: str) -> None:
-        """The process group and this rank's device exist: fix the compute dtype, start the engine."""
+        """The process group and this rank's device exist: refuse a tensor-parallel mesh
+        (``data_parallel_mesh``), fix the compute dtype, start the engine."""
+        if self.device_mesh is not None:  # ModelParallelStrategy's, set before this hook
+            data_parallel_mesh(self.device_mesh, "GRPOModule")
         precision = str(self.trainer.precision) if self._trainer is not None else None
         self.policy.compute_dtype = compute_dtype(self.hparams.compute_dtype, self.param_dtype, precision)
         self.start_engine()
@@ -257,12 +262,11 @@ class GRPOModule(L.LightningModule):
         compute, kl, offload = self.policy.compute_dtype or self.param_dtype, self.hparams.kl_coef > 0, self.hparams.ref_offload
         if self.device_mesh is None:
             self._ref = ReferenceModel.copy_of(self.model, compute, device, offload) if kl else None
-            for p in self.model.parameters():  # not Module.to: it rounds the rotary inv_freq buffers too (as copy_to)
-                p.data = p.data.to(self.param_dtype)
+            cast_parameters(self.model, self.param_dtype)
             return
         if isinstance(self.engine, HFEngine) and self.engine.generates_with(self.model):
             self.engine.bind(replace(self.policy, model=copy_to(self.model, compute, device)))
-        mesh, architecture = self.device_mesh["data_parallel"], type(self.model)
+        mesh, architecture = data_parallel_mesh(self.device_mesh, "GRPOModule"), type(self.model)
         shard(self.model, mesh, self.param_dtype, mp_policy=mixed_precision(compute, self.param_dtype))
         if kl:
             self._ref = ReferenceModel.sharded_like(self.model, architecture, mesh, compute, device, offload)

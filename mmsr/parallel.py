@@ -35,8 +35,9 @@ def lightning_precision(trainer_precision: str | int | None) -> str | None:
 def compute_dtype(requested: str | None, param_dtype: torch.dtype, trainer_precision: str | int | None) -> torch.dtype:
     """The matmul dtype: the module's ``compute_dtype`` if set, else Lightning's mixed precision
     (``bf16-mixed`` -> bf16), else the parameters' dtype. ``16-mixed`` / ``bf16-true`` / ``16-true`` /
-    ``64-true`` are refused (``refuse_true_precision``), and so is a dtype wider than the
-    parameters' (``GRPOModule.setup`` calls this before the engine starts, ``mmsr plan`` before it sizes)."""
+    ``64-true`` are refused (``refuse_true_precision``), and so is a dtype wider than the parameters'
+    or than the trainer's mixed precision (``GRPOModule.setup`` calls this before the engine starts,
+    ``mmsr plan`` before it sizes)."""
     trainer_precision = lightning_precision(trainer_precision)
     refuse_true_precision(trainer_precision, param_dtype)
     compute = getattr(torch, requested) if requested else PRECISION_COMPUTE.get(str(trainer_precision), param_dtype)
@@ -48,7 +49,23 @@ def compute_dtype(requested: str | None, param_dtype: torch.dtype, trainer_preci
         raise ValueError(f"{source} is wider than model.param_dtype {params!r}: autocast only lowers "
                          f"precision (the matmuls would run in {params}); for {wide} matmuls set model.param_dtype: "
                          f"{wide}")  # fmt: skip
+    refuse_wider_than_mixed(requested, compute, trainer_precision)
     return compute
+
+
+def refuse_wider_than_mixed(requested: str | None, compute: torch.dtype, trainer_precision: str | None) -> None:
+    """Refuse a ``model.compute_dtype`` wider than ``trainer.precision``'s mixed dtype (float32 under bf16-mixed).
+
+    Lightning's mixed-precision plugin autocasts every ``training_step`` to bf16, and an fp32 ``Policy.autocast``
+    is no autocast at all (the parameters are fp32): the update's matmuls ran in bf16 (the LM head's logits came
+    out bf16) while FSDP2 gathered the shards in fp32, paying fp32's memory and traffic for bf16 matmuls.
+    """
+    mixed = PRECISION_COMPUTE.get(str(trainer_precision))
+    if requested and mixed is not None and compute.itemsize > mixed.itemsize:
+        low = str(mixed).removeprefix("torch.")
+        raise ValueError(f"model.compute_dtype {requested!r} is wider than trainer.precision {trainer_precision!r}, "
+                         f"which autocasts every training step to {low} (the matmuls would run in {low}): for "
+                         f"{requested} matmuls set trainer.precision: 32-true")  # fmt: skip
 
 
 def refuse_true_precision(trainer_precision: str | None, param_dtype: torch.dtype = torch.float32) -> None:
@@ -60,8 +77,8 @@ def refuse_true_precision(trainer_precision: str | None, param_dtype: torch.dtyp
     step's batch is frozen ``Sample`` records, which it cannot rebuild: the first step failed with
     Lightning's "frozen dataclass" error) and make their dtype the default of every tensor a step
     creates (rewards, advantages, loss normalizers). Low-precision weights on purpose are the policy's
-    own dtype (``GRPOModule``'s ``param_dtype: bfloat16``) under ``32-true``. ``16-mixed`` is refused too
-    (``refuse_loss_scaling``).
+    own dtype (``param_dtype: bfloat16`` of ``GRPOModule`` or ``SFTModule``) under ``32-true``. ``16-mixed``
+    is refused too (``refuse_loss_scaling``).
     """
     trainer_precision = lightning_precision(trainer_precision)
     refuse_loss_scaling(trainer_precision)
@@ -75,7 +92,7 @@ def refuse_true_precision(trainer_precision: str | None, param_dtype: torch.dtyp
            "converts every batch (frozen Sample records it cannot rebuild) and makes the low precision the "
            "default dtype of every tensor a step creates (rewards, advantages)")  # fmt: skip
     raise ValueError(f"trainer.precision {trainer_precision!r} {why}: use 'bf16-mixed' (fp32 master weights, "
-                     "bf16 matmuls), or to train bf16 weights on purpose model.param_dtype: bfloat16 (GRPOModule) "
+                     "bf16 matmuls), or to train bf16 weights on purpose model.param_dtype: bfloat16 "
                      "under trainer.precision '32-true'")
 
 
@@ -91,6 +108,35 @@ def refuse_loss_scaling(trainer_precision: str | int | None) -> None:
         raise ValueError(f"trainer.precision {trainer_precision!r} scales the loss and unscales the gradients only "
                          "inside optimizer.step(), after mmsr clips them (updates ~65,000x too small): use "
                          "'bf16-mixed' (fp32 master weights, bf16 matmuls, no loss scaling) or '32-true'")  # fmt: skip
+
+
+def data_parallel_mesh(device_mesh, module: str):
+    """The ``data_parallel`` dimension of ``ModelParallelStrategy``'s ``device_mesh``, over which FSDP2 shards the
+    policy; a mesh with a ``tensor_parallel`` dimension of size > 1 is refused (``module``: the caller, named).
+
+    mmsr does no tensor parallelism, and Lightning's default sizes (``data_parallel_size`` auto: the number of
+    nodes; ``tensor_parallel_size`` auto: the devices per node) put one node's ranks in a tensor-parallel group:
+    FSDP2 then sharded over a data-parallel mesh of one rank, and each rank trained its own unsharded copy with
+    no gradient reduction (2 ranks ended one step with different weights). ``mmsr plan`` refuses such a config.
+    """
+    sizes = dict(zip(device_mesh.mesh_dim_names, device_mesh.shape))
+    if sizes.get("tensor_parallel", 1) != 1:
+        world = sizes["tensor_parallel"] * sizes.get("data_parallel", 1)
+        raise ValueError(f"{module} under ModelParallelStrategy with tensor_parallel_size {sizes['tensor_parallel']} "
+                         f"and data_parallel_size {sizes.get('data_parallel', 1)}: mmsr shards over data-parallel ranks "
+                         f"only (each rank would train its own copy, no gradients reduced); set "
+                         f"trainer.strategy.init_args.data_parallel_size: {world} (the world size) and "
+                         f"tensor_parallel_size: 1")  # fmt: skip
+    return device_mesh["data_parallel"]
+
+
+def cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """``model`` with its parameters in ``dtype`` (in place: the same ``Parameter`` objects); buffers keep theirs.
+    ``Module.to(bf16)`` would round the rotary ``inv_freq`` tables too, and positions drift (cos off by 0.15 at
+    position 1,000). A no-op for parameters already in ``dtype``."""
+    for p in model.parameters():
+        p.data = p.data.to(dtype)
+    return model
 
 
 def block_types(model: torch.nn.Module) -> set[str]:
@@ -144,10 +190,7 @@ def copy_to(model: torch.nn.Module, dtype: torch.dtype, device: torch.device | s
     """A frozen, unsharded copy of ``model`` with its parameters in ``dtype`` on ``device`` (eval mode, no
     grads). Buffers keep their dtype, as in ``model``: ``Module.to(bf16)`` would round the rotary ``inv_freq``
     tables too, and the copy's positions would drift from the model's (cos off by 0.15 at position 1,000)."""
-    twin = copy.deepcopy(model)
-    for p in twin.parameters():
-        p.data = p.data.to(dtype)
-    return twin.to(device).eval().requires_grad_(False)
+    return cast_parameters(copy.deepcopy(model), dtype).to(device).eval().requires_grad_(False)
 
 
 def gather_full(model: torch.nn.Module, keep: bool) -> torch.nn.Module | None:

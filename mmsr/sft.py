@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import asdict, replace
-from typing import Protocol
+from typing import Literal, Protocol
 
 import lightning as L
 import torch
@@ -30,7 +30,7 @@ from mmsr.models.build import PolicyBuilder, save_policy
 from mmsr.metrics import forget_step_metrics
 from mmsr.models.policy import Policy
 from mmsr.optim import Schedule, adamw_with_schedule, check_schedule, optimizer_limits, reapply_configured
-from mmsr.parallel import all_reduce, drop_idle_gradients, refuse_one_device_ddp, refuse_true_precision
+from mmsr.parallel import all_reduce, cast_parameters, drop_idle_gradients, refuse_one_device_ddp, refuse_true_precision
 from mmsr.prompt.render import PromptBuilder
 from mmsr.rollout.engine import GenerationRequest, SamplingParams, ScriptedEngine
 from mmsr.rollout.loop import RolloutLoop, RolloutSettings
@@ -38,6 +38,7 @@ from mmsr.rollout.trajectory import Trajectory
 from mmsr.tools.base import SearchTool
 from mmsr.tools.spec import Tool, configured
 from mmsr.train.batch import collate, pack_by_tokens, rank_micro_batches, sampled_logprobs
+from mmsr.train.update import choice_limits
 
 
 class Teacher(Protocol):
@@ -70,6 +71,9 @@ class SFTModule(L.LightningModule):
         share_prefix: the start the micro-batch's episodes share runs once (as ``GRPOModule``'s).
         reading, reading_steps: the first ``reading_steps`` optimizer steps train next-token prediction
             on ``reading``'s batches instead of teacher episodes (same optimizer).
+        param_dtype: dtype of the parameters, gradients and AdamW state (the master weights), as
+            ``GRPOModule``'s: a policy loaded in bf16 is upcast at setup. Keep float32 for small learning
+            rates (see ``mmsr.parallel``).
         export_dir: when set, the trained policy is written there as a Hugging Face directory at the
             end of training (``PretrainedPolicy(path=export_dir)`` loads it for GRPO).
     """
@@ -80,7 +84,8 @@ class SFTModule(L.LightningModule):
                  rollout: RolloutSettings = RolloutSettings(), lr: float = 1e-3, weight_decay: float = 0.0,
                  grad_clip: float = 1.0, lr_schedule: Schedule = "constant", warmup_steps: int = 0,
                  total_steps: int = 1000, micro_batch_tokens: int = 8192, export_dir: str | None = None,
-                 reading: TextBatches | None = None, reading_steps: int = 0, share_prefix: bool = True) -> None:  # fmt: skip
+                 reading: TextBatches | None = None, reading_steps: int = 0, share_prefix: bool = True,
+                 param_dtype: Literal["float32", "bfloat16"] = "float32") -> None:  # fmt: skip
         super().__init__()
         check_schedule(lr_schedule, warmup_steps)
         # as in GRPOModule: clip_grad_norm_ with max_norm < 0 flips every gradient (the loss climbs), 0 zeroes it
@@ -88,7 +93,8 @@ class SFTModule(L.LightningModule):
             *optimizer_limits(lr, weight_decay, warmup_steps, total_steps),
             ("grad_clip", grad_clip, grad_clip > 0, "> 0, the cap on the gradient norm; .inf: no clipping"),
             ("micro_batch_tokens", micro_batch_tokens, micro_batch_tokens >= 1, ">= 1"),
-            ("reading_steps", reading_steps, reading_steps >= 0, ">= 0")])  # fmt: skip
+            ("reading_steps", reading_steps, reading_steps >= 0, ">= 0"),
+            *choice_limits(SFTModule.__init__, dict(param_dtype=param_dtype))])  # fmt: skip
         # Loggers cannot take the frozen RolloutSettings (a CSV logger raised): they get its fields as a dict.
         self.save_hyperparameters(ignore=["policy", "teacher", "image_search", "text_search", "tools", "prompts", "reading",
                                           "rollout"])  # fmt: skip
@@ -101,6 +107,7 @@ class SFTModule(L.LightningModule):
         # from_pretrained returns a model in eval mode, where Hugging Face turns gradient checkpointing
         # off; Lightning no longer switches modes at fit start (it warned: "N modules in eval mode").
         self.model = self.policy.model.train()
+        self.param_dtype = getattr(torch, param_dtype)
         self.teacher = teacher
         self.engine = ScriptedEngine(self._script, record=False)
         self.engine.bind(self.policy)
@@ -257,7 +264,11 @@ class SFTModule(L.LightningModule):
         restore_rank_state(checkpoint.get("mmsr_ranks"), self.global_rank, world, self.teacher)
 
     def setup(self, stage: str) -> None:
-        refuse_true_precision(str(self.trainer.precision))  # before Lightning casts the policy or a batch
+        """Refuse a ``-true`` precision before Lightning casts the policy or a batch, and put the master weights in
+        ``param_dtype`` before the optimizer is built (here, not in ``configure_model``: the warm start does not
+        shard, and ``ModelParallelStrategy`` refuses a module without that hook)."""
+        refuse_true_precision(str(self.trainer.precision), self.param_dtype)
+        cast_parameters(self.model, self.param_dtype)
 
     def on_fit_start(self) -> None:
         # DDP's reducer expects a gradient for every parameter unless told otherwise. On several ranks a text-only

@@ -24,7 +24,8 @@ class Unbuildable:
     ({"grad_clip": float("nan")}, "grad_clip=nan"), ({"lr": 0.0}, "lr=0.0 (must be > 0"),
     ({"weight_decay": -0.1}, "weight_decay=-0.1"), ({"warmup_steps": -1}, "warmup_steps=-1"),
     ({"total_steps": 0}, "total_steps=0"), ({"micro_batch_tokens": 0}, "micro_batch_tokens=0"),
-    ({"reading_steps": -1}, "reading_steps=-1")])  # fmt: skip
+    ({"reading_steps": -1}, "reading_steps=-1"),
+    ({"param_dtype": "float16"}, "param_dtype='float16' (must be one of 'float32', 'bfloat16')")])  # fmt: skip
 def test_settings_out_of_range_are_refused_before_the_policy_is_built(setting, named):
     with pytest.raises(ValueError, match=re.escape(f"SFTModule: {named}")):
         SFTModule(Unbuildable(), teacher=object(), **setting)
