@@ -74,7 +74,7 @@ from mmsr.rollout.trajectory import Trajectory
 from mmsr.sync import WeightSync
 from mmsr.tools.base import SearchTool
 from mmsr.tools.budget import check_budgets
-from mmsr.tools.spec import Tool, configured
+from mmsr.tools.spec import Tool, configured, declared
 from mmsr.train.batch import TrainBatch
 from mmsr.train.step import StepRollout
 from mmsr.train.update import Backprop, PolicyUpdate, UpdateSettings, choice_limits
@@ -170,6 +170,7 @@ class GRPOModule(L.LightningModule):
         super().__init__()
         tool_map = configured(tools, image_search, text_search)
         check_budgets(tool_map, rollout.tool_timeout_s)  # fail fast
+        rollout.refuse_unknown_tools([spec.name for spec in declared(tool_map)])  # as the loop would, before the build
         check_schedule(lr_schedule, warmup_steps)
         # A group of one gets advantage 0 whatever its reward (every estimator), and greedy rollouts make a group's
         # episodes identical: either way the policy never moves. Validation is greedy on its own (validation_step).

@@ -253,3 +253,9 @@ def test_a_misspelt_choice_is_refused_before_the_policy_is_built(setting, named)
     failed: it scored no old policy, so every PPO ratio was 1 and nothing was clipped."""
     with pytest.raises(ValueError, match=re.escape(named)):
         make_module(policy=Unbuildable(), **setting)
+
+
+def test_a_tool_limit_naming_no_configured_tool_is_refused_before_the_policy_is_built():
+    """The loop refuses it too, but it is built after the policy: a 7B checkpoint loaded first."""
+    with pytest.raises(ValueError, match=r"tool_limits names 'imge_search', not a configured tool"):
+        make_module(policy=Unbuildable(), rollout=RolloutSettings(tool_limits={"imge_search": 1}))
