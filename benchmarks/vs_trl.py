@@ -6,19 +6,21 @@
 
 The workload (the same for both): a tiny random Qwen2 (2 layers, hidden 128, 4 heads, 2 KV heads,
 FFN 512) with a ~2,048-token BPE, 8 prompts x 4 generations x up to 64 sampled tokens, one turn, no
-tools, a toy reward (the fraction of digits in the completion), no KL (beta 0), lr 1e-4, one optimizer
-update per step, fp32 on the CPU (TRL's configs default to bf16 mixed precision, even on a CPU: it is
-turned off here, and the JSON reports what TRL's accelerator ran), no gradient checkpointing and a constant
-lr (TRL 1.16 defaults to checkpointing and a linear decay: both turned off, as mmsr trains by default, and
-reported). Both start from the same weights and see the same prompt strings (mmsr's chat-formatted first
-turn, given to TRL as plain text prompts).
+tools and no stop strings (a completion ends at eos or at 64 tokens, as TRL samples it), a toy reward
+(the fraction of digits in the completion), no KL (beta 0), lr 1e-4, one optimizer update per step, fp32
+on the CPU (TRL's configs default to bf16 mixed precision, even on a CPU: it is turned off here, and the
+JSON reports what TRL's accelerator ran), no gradient checkpointing and a constant lr (TRL 1.16 defaults
+to checkpointing and a linear decay: both turned off, as mmsr trains by default, and reported). Both
+start from the same weights and see the same prompt strings (mmsr's chat-formatted first turn, given to
+TRL as plain text prompts).
 
 Prints one JSON object: the median seconds per step of each (steps after the first of each round, which
-warms caches up), their ratio, mmsr's stage breakdown (``timing/*``) and the arithmetic lower bound of a
-step: the least matmul FLOPs either trainer must do to sample and train it (``lower_bound_s``) over this
-machine's measured fp32 matmul rate. Timings on shared CPUs are noisy, and drift over a minute: ``--rounds R``
-alternates the two R times (TRL, mmsr, TRL, mmsr, ...; each round from the same weights and prompts),
-so a slow spell of the machine weighs on both.
+warms caches up), their ratio, the mean tokens each sampled a timed step (``trl_sampled_tokens``,
+``mmsr_sampled_tokens``: the same work, up to sampling noise), mmsr's stage breakdown (``timing/*``) and
+the arithmetic lower bound of a step: the least matmul FLOPs either trainer must do to sample and train
+it (``lower_bound_s``) over this machine's measured fp32 matmul rate. Timings on shared CPUs are noisy,
+and drift over a minute: ``--rounds R`` alternates the two R times (TRL, mmsr, TRL, mmsr, ...; each
+round from the same weights and prompts), so a slow spell of the machine weighs on both.
 
 ``--generation N`` times ``HFEngine.generate`` alone on the first step's 8 x 4 requests, N times:
 median and best wall and CPU seconds, sampled tokens, and a digest of every token and log-prob (the
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import hashlib
 import json
 import statistics
@@ -100,9 +103,9 @@ def trl_config(out: Path, steps: int):
                       lr_scheduler_type="constant")  # fmt: skip
 
 
-def run_trl(policy, prompt_texts: list[str], steps: int, out: Path) -> tuple[list[float], dict]:
-    """Seconds of each ``GRPOTrainer`` step, and what it ran: ``trl_mixed_precision`` (its accelerator's,
-    ``no``: fp32), ``trl_gradient_checkpointing`` (its model's) and ``trl_lr_scheduler``."""
+def run_trl(policy, prompt_texts: list[str], steps: int, out: Path) -> tuple[list[float], dict, list[float]]:
+    """Seconds of each ``GRPOTrainer`` step, what it ran (``trl_mixed_precision``: its accelerator's, ``no``:
+    fp32; ``trl_gradient_checkpointing``: its model's; ``trl_lr_scheduler``) and the tokens each step sampled."""
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import GRPOTrainer
@@ -124,13 +127,18 @@ def run_trl(policy, prompt_texts: list[str], steps: int, out: Path) -> tuple[lis
     ran = {"trl_mixed_precision": str(trainer.accelerator.mixed_precision),
            "trl_gradient_checkpointing": trainer.model.is_gradient_checkpointing,
            "trl_lr_scheduler": trainer.args.lr_scheduler_type.value}  # fmt: skip
-    return [end - begin for begin, end in zip(marks[::2], marks[1::2])], ran
+    # a step's mean completion length over its 8 x 4 rows, its eos included (as mmsr counts it)
+    lengths = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
+    sampled = [n * PROMPTS * GENERATIONS for n in lengths]
+    return [end - begin for begin, end in zip(marks[::2], marks[1::2])], ran, sampled
 
 
-def run_mmsr(policy, prompts: PromptBuilder, samples: list[Sample], steps: int) -> tuple[list[float], list[dict]]:
-    """Seconds of each ``GRPOModule`` step (rollout included) and its logged metrics."""
-    import lightning as L
-
+def mmsr_module(policy, prompts: PromptBuilder, stops: bool = False):
+    """The workload's ``GRPOModule``, sampling as TRL does: to eos or ``MAX_TOKENS``, no stop string. The loop
+    adds ``</answer>`` and the tools' closing tags to any sampling (single tokens of this BPE, which a random
+    policy samples: ~7% fewer tokens a step than TRL's); one turn without tools never needs them. ``stops``: keep
+    them, as this benchmark did before it compared equal work (``generation_ab.py`` runs an older tree's
+    ``run_mmsr``, which keeps them, beside this one's: the same sampled work both ways)."""
     from mmsr.module import GRPOModule
     from mmsr.rollout.hf_engine import HFEngine
     from mmsr.rollout.loop import RolloutSettings
@@ -138,6 +146,18 @@ def run_mmsr(policy, prompts: PromptBuilder, samples: list[Sample], steps: int) 
     module = GRPOModule(policy=Prebuilt(policy), engine=HFEngine(seed=0), prompts=prompts, reward=DigitReward(),
                         rollout=RolloutSettings(max_rounds=1, max_tokens_per_turn=MAX_TOKENS),
                         num_generations=GENERATIONS, kl_coef=0.0, lr=LR)  # fmt: skip
+    if not stops:
+        module.loop.stops, module.sampling = (), dataclasses.replace(module.sampling, stop=())
+    return module
+
+
+def run_mmsr(policy, prompts: PromptBuilder, samples: list[Sample], steps: int, stops: bool = True
+             ) -> tuple[list[float], list[dict]]:  # fmt: skip
+    """Seconds of each ``GRPOModule`` step (rollout included) and its logged metrics; ``stops``: sample with the
+    loop's stop strings (``mmsr_module``; ``generation_ab.py`` calls every tree's ``run_mmsr`` so)."""
+    import lightning as L
+
+    module = mmsr_module(policy, prompts, stops)
     seconds, metrics = [], []
 
     class Clock(L.Callback):
@@ -254,11 +274,12 @@ def main(argv: list[str] | None = None) -> dict:
             print(json.dumps(out, indent=2))
             return out
         texts = [policy.chat.first_prompt(prompts.first_user_text(s)) for s in batches(samples, args.steps)]
-        trl_s, mmsr_s, metrics = [], [], []
+        trl_s, trl_sampled, mmsr_s, metrics = [], [], [], []
         for r in range(args.rounds):  # alternated: a drift of the machine's speed weighs on both
-            seconds, trl_ran = run_trl(policy, texts, args.steps, Path(tmp) / f"trl{r}")
+            seconds, trl_ran, sampled = run_trl(policy, texts, args.steps, Path(tmp) / f"trl{r}")
             trl_s.append(seconds)
-            seconds, logged = run_mmsr(policy, prompts, samples, args.steps)
+            trl_sampled.append(sampled)
+            seconds, logged = run_mmsr(policy, prompts, samples, args.steps, stops=False)  # as TRL samples
             mmsr_s.append(seconds)
             metrics.append(logged)
     stages = ("rollout", "generate", "reward", "train", "sync")
@@ -270,6 +291,9 @@ def main(argv: list[str] | None = None) -> dict:
         "mmsr_s_per_step": statistics.median(t for run in mmsr_s for t in after_first(run)),
         **trl_ran,
         "steps_timed": {"trl": sum(len(after_first(run)) for run in trl_s), "mmsr": len(steady)},
+        # the timed steps' sampled tokens: both trainers did the same work (lower_bound counts mmsr's)
+        "trl_sampled_tokens": statistics.mean(n for run in trl_sampled for n in after_first(run)),
+        "mmsr_sampled_tokens": statistics.mean(m["rollout/response_tokens"] * PROMPTS * GENERATIONS for m in steady),
         "mmsr_stages_s": {s: statistics.median(m.get(f"timing/{s}", 0.0) for m in steady) for s in stages},
         "lower_bound": lower_bound_s(policy, steady, matmul_flops_per_s()),
     }

@@ -37,6 +37,27 @@ def test_vs_trl_runs_both_trainers_for_one_step_alternated_twice():
     assert set(out["mmsr_stages_s"]) == {"rollout", "generate", "reward", "train", "sync"}
     bound = out["lower_bound"]
     assert 0 < bound["seconds"] < out["mmsr_s_per_step"] and bound["params"] > 500_000
+    # the same sampled work for both: 1,997 tokens each here; mmsr stopped at </answer> and the tools' closing
+    # tags, tokens a random policy samples (1,940: 2.9% fewer, ~7% over more steps)
+    assert out["mmsr_sampled_tokens"] == pytest.approx(out["trl_sampled_tokens"], rel=0.02)
+    assert bound["sampled_per_step"] <= 32 * 64
+
+
+def test_vs_trl_mmsr_samples_each_completion_to_eos_or_64_tokens_as_trl_does(tmp_path):
+    """TRL stops a completion only at eos; mmsr's loop adds the MMSearch-R1 stop strings to any sampling
+    (``</answer>``, ``</search>``, ``</text_search>``: single tokens of the workload's BPE). One rollout of
+    the first step's 8 x 4 rows: none may end before 64 tokens but on eos (3 ended on a stop string)."""
+    import torch
+
+    vs_trl = benchmark("vs_trl")
+    torch.manual_seed(0)
+    policy, prompts, samples = vs_trl.workload(tmp_path)
+    module = vs_trl.mmsr_module(policy, prompts)
+    module.start_engine()
+    trajs = module.loop.run(vs_trl.batches(samples, 1), vs_trl.GENERATIONS, module.sampling)
+    eos = module.policy.stop_token_ids()
+    early = [t.turns[0].text[-16:] for t in trajs if t.num_sampled_tokens < vs_trl.MAX_TOKENS and t.input_ids[-1] not in eos]
+    assert len(trajs) == 32 and early == []
 
 
 def test_vs_trl_configures_trl_as_mmsr_trains(tmp_path):

@@ -52,10 +52,16 @@ KINDS = ("search_free", "image_search", "text_search")
 EPISODES_PER_KIND = 3  # held-out episodes of each kind shown in report.html, before and after GRPO
 
 
+def paths(*files: Path) -> str:
+    """A list argument of ``files`` for LightningCLI, each quoted: it parses the value as YAML, where an unquoted
+    ``[/tmp/run,v2/world/train.parquet]`` is two paths and a ``: `` or `` #`` in a path breaks the list."""
+    return json.dumps([str(f) for f in files])
+
+
 def overrides(out: Path, seed: int, steps: int | None) -> list[str]:
     """CLI overrides that point a demo config at ``out`` (the YAMLs default to runs/demo)."""
     world = out / "world"
-    args = ["--seed_everything", str(seed), "--data.seed", str(seed), "--data.train_files", f"[{world / 'train.parquet'}]",
+    args = ["--seed_everything", str(seed), "--data.seed", str(seed), "--data.train_files", paths(world / "train.parquet"),
             "--model.init_args.image_search.init_args.index", str(world / "image_index.jsonl"),
             "--model.init_args.text_search.init_args.corpus", str(world / "corpus.jsonl")]  # fmt: skip
     return args + (["--trainer.max_steps", str(steps)] if steps is not None else [])
@@ -79,17 +85,22 @@ def sft_overrides(out: Path, reading_steps: int | None, sft_steps: int | None) -
     world, sft = out / "world", out / "sft"
     args = ["--trainer.default_root_dir", str(sft), "--trainer.logger.init_args.save_dir", str(sft),
             "--model.init_args.export_dir", str(sft / "policy"), "--model.init_args.policy.init_args.tokenizer_texts",
-            f"[{world / 'corpus.jsonl'}, {world / 'image_index.jsonl'}, {world / 'train.parquet'}, {world / 'reading.jsonl'}]",
-            "--model.init_args.reading.init_args.files", f"[{world / 'reading.jsonl'}]"]  # fmt: skip
+            paths(world / "corpus.jsonl", world / "image_index.jsonl", world / "train.parquet", world / "reading.jsonl"),
+            "--model.init_args.reading.init_args.files", paths(world / "reading.jsonl")]  # fmt: skip
     if reading_steps is None and sft_steps is None:
         return args
-    cfg = yaml.safe_load((CONFIGS / "sft.yaml").read_text())
-    default_reading = cfg["model"]["init_args"]["reading_steps"]
-    reading = default_reading if reading_steps is None else reading_steps
-    imitation = cfg["trainer"]["max_steps"] - default_reading if sft_steps is None else sft_steps
+    reading, imitation = warm_start_steps(reading_steps, sft_steps)
     total = str(reading + imitation)
     return args + ["--model.init_args.reading_steps", str(reading), "--trainer.max_steps", total,
                    "--model.init_args.total_steps", total]  # fmt: skip
+
+
+def warm_start_steps(reading_steps: int | None, sft_steps: int | None) -> tuple[int, int]:
+    """The warm start's (reading, imitation) steps: the ones given, else sft.yaml's."""
+    cfg = yaml.safe_load((CONFIGS / "sft.yaml").read_text())
+    default_reading = cfg["model"]["init_args"]["reading_steps"]
+    reading = default_reading if reading_steps is None else reading_steps
+    return reading, cfg["trainer"]["max_steps"] - default_reading if sft_steps is None else sft_steps
 
 
 def first_of_each_kind(samples: list, limit: int | None) -> list:
@@ -297,6 +308,10 @@ def main(argv: list[str] | None = None) -> dict:
         ap.error(f"--eval-limit {args.eval_limit}: at least {len(KINDS)}, one question of each kind ({', '.join(KINDS)})")
     if args.warm_start is not None and (args.reading_steps is not None or args.sft_steps is not None):
         ap.error("--reading-steps and --sft-steps shape the warm start, which --warm-start reuses")
+    # SFTModule refuses total_steps=0, but only once the world is built
+    if args.warm_start is None and sum(warm_start_steps(args.reading_steps, args.sft_steps)) == 0:
+        ap.error("--reading-steps 0 --sft-steps 0: the warm start would train no step; give either 1 or more "
+                 "(or --warm-start DIR to reuse an earlier run's)")
     seed = args.seed if args.seed is not None else warm_start_seed(args.warm_start) if args.warm_start else 0
     # the demo hands LightningCLI its own arguments on purpose; its warning about sys.argv is noise here
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")

@@ -93,7 +93,7 @@ def test_warm_start_arguments(monkeypatch, tmp_path):
     (args,) = calls
     assert args[-2:] == ["--model.init_args.lr", "5e-5"] and args[args.index("--seed_everything") + 1] == "3"
     assert args[args.index("--model.init_args.policy.init_args.path") + 1] == str(source / "sft" / "policy")
-    assert args[args.index("--data.train_files") + 1] == f"[{source / 'world' / 'train.parquet'}]"
+    assert args[args.index("--data.train_files") + 1] == f'["{source / "world" / "train.parquet"}"]'
     assert not (tmp_path / "out" / "world").exists() and not earlier.exists()  # GRPO starts a fresh directory
     with pytest.raises(SystemExit):
         demo.main(["--warm-start", str(source), "--sft-steps", "3"])
@@ -194,10 +194,12 @@ def test_grpo_steps_count_training_steps_under_the_grpo_arguments(monkeypatch, t
 
 
 @pytest.mark.parametrize("argv", [["--grpo-steps", "-1"], ["--sft-steps", "-2"], ["--reading-steps", "-1"],
-                                  ["--eval-limit", "2"], ["--eval-limit", "0"]])  # fmt: skip
+                                  ["--eval-limit", "2"], ["--eval-limit", "0"],
+                                  ["--reading-steps", "0", "--sft-steps", "0"]])  # fmt: skip
 def test_arguments_the_run_could_not_honour_are_refused_before_it_starts(monkeypatch, capsys, argv):
-    """A negative step count, or too few held-out questions for one of each kind (the claims compare every kind:
-    ``--eval-limit 2`` trained the whole demo, then failed with a KeyError writing the summary)."""
+    """A negative step count, too few held-out questions for one of each kind (the claims compare every kind:
+    ``--eval-limit 2`` trained the whole demo, then failed with a KeyError writing the summary), or a warm start of
+    no step (``SFTModule`` refused ``total_steps=0`` after the world was built)."""
     import mmsr.demo.run as demo
 
     monkeypatch.setattr(demo, "run", lambda *a: pytest.fail("the demo started"))
@@ -205,7 +207,24 @@ def test_arguments_the_run_could_not_honour_are_refused_before_it_starts(monkeyp
         demo.main(argv)
     assert exc.value.code == 2
     err = capsys.readouterr().err
-    assert "negative" in err or "one question of each kind (search_free, image_search, text_search)" in err
+    refusals = ("negative", "one question of each kind (search_free, image_search, text_search)",
+                "--reading-steps 0 --sft-steps 0: the warm start would train no step")  # fmt: skip
+    assert any(r in err for r in refusals)
+
+
+def test_run_directories_with_a_comma_reach_the_stages_whole(tmp_path):
+    """LightningCLI reads a list argument as YAML: ``[/tmp/run,v2/world/reading.jsonl]`` unquoted was two paths
+    (``--out`` or ``--warm-start`` with a comma). The warm start's arguments, parsed as its stage parses them."""
+    from mmsr.cli import lightning_cli
+    from mmsr.demo.run import CONFIGS, overrides, sft_overrides
+
+    out = tmp_path / "run,v2"
+    world = [str(out / "world" / f) for f in ("corpus.jsonl", "image_index.jsonl", "train.parquet", "reading.jsonl")]
+    args = ["-c", str(CONFIGS / "sft.yaml"), *overrides(out, 0, None), *sft_overrides(out, 0, 3)]
+    config = lightning_cli(args, parse_only=True, run=False).config
+    model = config.model.init_args
+    assert config.data.train_files == [world[2]] and model.reading.init_args.files == [world[3]]
+    assert model.policy.init_args.tokenizer_texts == world
 
 
 
