@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 from mmsr.data.paths import require_file
@@ -12,22 +13,28 @@ from mmsr.data.paths import require_file
 
 def read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
     """(line number, object) for each non-blank line; ValueError naming file and line otherwise."""
-    require_file(path, "JSON-lines file")
+    text = require_file(path, "JSON-lines file").read_text(encoding="utf-8")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{line_no}: invalid JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{line_no}: expected a JSON object")
-            rows.append((line_no, row))
+    for line_no, row in json_values(path, text):
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{line_no}: expected a JSON object")
+        rows.append((line_no, row))
     if not rows:
         raise ValueError(f"{path}: no entries")
     return rows
+
+
+def json_values(path: Path | str, text: str) -> Iterator[tuple[int, Any]]:
+    """(line number, value) for each non-blank line of JSON-lines ``text`` read from ``path`` (split by
+    ``jsonl_lines``); ValueError naming file and line for one that is not JSON."""
+    for line_no, line in enumerate(jsonl_lines(text), start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{line_no}: invalid JSON ({exc.msg})") from None
+        yield line_no, value
 
 
 def jsonl_lines(text: str) -> list[str]:

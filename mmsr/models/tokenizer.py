@@ -8,7 +8,6 @@ every string of the given files (``corpus_texts``).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Protocol
@@ -16,7 +15,7 @@ from typing import Protocol
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from mmsr.data.jsonl import jsonl_lines
+from mmsr.data.jsonl import json_values
 from mmsr.data.paths import require_file
 
 QWEN_SPECIAL_TOKENS = (
@@ -101,14 +100,8 @@ def _strings(obj) -> Iterator[str]:
 
 def _jsonl_strings(path: str, text: str) -> Iterator[str]:
     """Every string of each non-blank line of JSON-lines ``text``, split as the data readers split it
-    (``jsonl_lines``: a raw U+2028 inside a string ends no line); ValueError naming file and line otherwise."""
-    for line_no, line in enumerate(jsonl_lines(text), start=1):
-        if not line.strip():
-            continue
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{line_no}: invalid JSON ({exc.msg})") from None
+    (``json_values``: a raw U+2028 inside a string ends no line); ValueError naming file and line otherwise."""
+    for _, value in json_values(path, text):
         yield from _strings(value)
 
 

@@ -2,7 +2,6 @@
 image (and a search index's repeated thumbnails) reuse one encoding, with the log-probs, entropies and
 gradients of encoding every copy."""
 
-import pytest
 import torch
 from PIL import Image
 

@@ -10,7 +10,7 @@ import pytest
 from mmsr.reward.answer import episode_answer
 from mmsr.prompt.render import PromptBuilder
 from mmsr.rollout.engine import GenerationRequest, SamplingParams, ScriptedEngine, WholeBatches, incremental
-from mmsr.rollout.loop import RolloutLoop, RolloutSettings
+from mmsr.rollout.loop import RolloutLoop
 from mmsr.tools.base import FatalToolError, ToolResult
 from tests.rollout.test_loop import ANS, TXT, FakeImageSearch
 
