@@ -18,6 +18,8 @@ from mmsr.tools.spec import MMSEARCH_R1_TOOLS, ToolSpec
 TEMPLATES = Path(__file__).parent / "templates"
 TOOLS_SLOT = "{tools}"  # a round-1 template line that becomes the configured tools' descriptions
 ACTIONS_SLOT = "{actions}"  # in any template: the configured tools' calls, continuing a list (``list_actions``)
+COUNT_SLOT = "{tool_count}"  # in any template: how many tools are configured, e.g. "two search tools" (``count_tools``)
+NUMBERS = ("no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 PAIR_NAMES = frozenset(s.name for s in MMSEARCH_R1_TOOLS)
 
 
@@ -119,10 +121,19 @@ def list_actions(specs: Sequence[ToolSpec]) -> str:
     return f", {', '.join(calls[:-1])}, or {calls[-1]}"
 
 
+def count_tools(specs: Sequence[ToolSpec]) -> str:
+    """How many tools ``specs`` are, as a prompt says it: ``"two search tools"`` for MMSearch-R1's pair (round1.txt's
+    words; ``"one search tool"`` for either alone), else ``"two tools"``, ``"three tools"`` ... (a crop is no search)."""
+    number = NUMBERS[len(specs)] if len(specs) < len(NUMBERS) else str(len(specs))
+    search = "search " if specs and all(s.name in PAIR_NAMES for s in specs) else ""
+    return f"{number} {search}tool{'' if len(specs) == 1 else 's'}"
+
+
 def fill_actions(template: str, specs: Sequence[ToolSpec]) -> str:
-    """``template`` with each ``{actions}`` replaced by ``list_actions(specs)``: a prompt offers only configured
-    tools (a call of another one parses as no action and ends the episode)."""
-    return template.replace(ACTIONS_SLOT, list_actions(specs))
+    """``template`` with each ``{actions}`` replaced by ``list_actions(specs)`` and each ``{tool_count}`` by
+    ``count_tools(specs)``: a prompt offers only configured tools (a call of another one parses as no action and
+    ends the episode) and counts them right."""
+    return template.replace(ACTIONS_SLOT, list_actions(specs)).replace(COUNT_SLOT, count_tools(specs))
 
 
 class PromptBuilder:
@@ -131,7 +142,8 @@ class PromptBuilder:
     Args:
         round1: template of the first user message; must contain ``{question}`` and one ``<image>``, and may
             hold a line ``{tools}`` that ``for_tools`` fills with the configured tools' descriptions, and
-            ``{actions}`` that it fills with their calls (``fill_actions``; any template may hold it). Unbound,
+            ``{actions}`` that it fills with their calls and ``{tool_count}`` with their number (``fill_actions``;
+            any template may hold these two). Unbound,
             a builder speaks of MMSearch-R1's pair (``MMSEARCH_R1_TOOLS``), as its ``after_*`` templates do.
             The default, ``round1_tools.txt``, is MMSearch-R1's ``round1.txt`` with the pair's lines and calls
             left to those slots: ``round1.txt`` itself stays byte-for-byte as it was, since the tiny tokenizers'

@@ -145,7 +145,7 @@ class CropSearch(Crop):
     Its result images are the backend's thumbnails, not the region: its spec leaves ``region_images`` False.
     """
 
-    spec = ToolSpec("crop_search", "crop_search", "text", limit=1, instruction="after_image_search.txt",
+    spec = ToolSpec("crop_search", "crop_search", "text", limit=1, instruction="after_crop_search.txt",
                     metric="crop_search", with_image=True, description="describe_crop_search.txt",
                     placeholder="[x1, y1, x2, y2]")  # fmt: skip
     relative_description = "describe_crop_search_relative.txt"

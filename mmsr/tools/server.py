@@ -268,14 +268,20 @@ class HTTPSearchTool:
         reserve_s: seconds of the request's budget kept for the round trip; the server gets the rest.
         kind: the backend this client's tool asks for (``image_search`` / ``text_search``): the start-up check
             (``check_ready``) then checks the server configures it; ``None``: that it configures any.
+        question_focused: the server's text search writes its summaries for the request's question (a
+            ``WebTextSearch`` does), so a ``CachedTool`` around this client keys text searches on the question too
+            (``mmsr.tools.base.depends_on_question``) and never serves one question's summaries to another.
+            ``False`` only for a server whose text search reads the query alone (replay, local search, an FVQA
+            cache): its client cache then hits across questions. Image searches are keyed on the image either way.
     """
 
     def __init__(self, url: str = "http://127.0.0.1:8765", token_env: str | None = "MMSR_SEARCH_TOKEN",
                  limits: Limits = Limits(timeout_s=300.0, retries=2, concurrency=64, max_bytes=64_000_000),
-                 reserve_s: float = 1.0, kind: str | None = None) -> None:  # fmt: skip
+                 reserve_s: float = 1.0, kind: str | None = None, question_focused: bool = True) -> None:  # fmt: skip
         if kind is not None and kind not in KINDS:
             raise ValueError(f"HTTPSearchTool.kind must be one of {KINDS} or null, got {kind!r}")
         self.url, self.token_env, self.reserve_s, self.kind = url.rstrip("/"), token_env, reserve_s, kind
+        self.question_focused = question_focused  # read by a client-side cache (depends_on_question)
         self.provider_name = f"server:{self.url}"
         self.client = HTTPClient("search_server", limits)
         register_secret_env(token_env)

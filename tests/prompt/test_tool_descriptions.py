@@ -107,8 +107,26 @@ def test_a_template_that_writes_the_call_describes_the_tool_itself(tmp_path):
     bound = PromptBuilder(round1=str(tmp_path / "r1.txt")).for_tools((Crop.spec, CropSearch.spec))
     assert bound.round1.split("\n") == ["Zoom with <crop>[x1, y1, x2, y2]</crop>.", description("describe_crop_search.txt"),
                                          "<image>{question}"]  # fmt: skip
-    # round1_crop.txt writes every call out and has no tools line: it is used as written.
-    assert PromptBuilder(round1="round1_crop.txt").for_tools((Crop.spec,)).round1 == PromptBuilder(round1="round1_crop.txt").round1
+
+def test_no_prompt_offers_or_counts_a_search_that_is_not_configured():
+    """Crop with text search: round 1 said "You may use two search tools"; CropSearch without text search: its
+    instruction (after_image_search.txt) ended "end with <text_search>your query</text_search>"; round1_crop.txt
+    offered both searches whatever was configured, and its crop box "in pixels" for relative_1000 boxes too."""
+    sample, found = Sample("a", "Who?", None, "x"), ToolResult("[Image Search Results] ...")
+    crop_text = PromptBuilder().for_tools((Crop.spec, TEXT_SEARCH))
+    texts = [crop_text.round1, crop_text.instruction(Crop.spec)]
+    both = PromptBuilder().for_tools((Crop.spec, CropSearch.spec, TEXT_SEARCH))
+    texts += [both.round1, both.observation_text(sample, CropSearch.spec, found)]
+    assert all("<search>" not in t and "search tool" not in t for t in texts)
+    assert "You may use two tools," in texts[0] and "You may use three tools," in texts[2]
+    alone = PromptBuilder().for_tools((CropSearch.spec,))
+    for text in (alone.round1, alone.instruction(CropSearch.spec)):
+        assert "<text_search>" not in text and "<search>" not in text and text.endswith(
+            "an answer inside <answer> </answer> or <crop_search>[x1, y1, x2, y2]</crop_search>.") == (text != alone.round1)
+    # round1_crop.txt describes the configured tools, in the crop's own units.
+    zoom = PromptBuilder(round1="round1_crop.txt").for_tools((Crop(box_units="relative_1000").spec,)).round1
+    assert description("describe_crop_relative.txt") in zoom and "pixels" not in zoom and "search" not in zoom
+    assert "You may use one tool," in zoom and "one action: an answer or <crop>[x1, y1, x2, y2]</crop>." in zoom
 
 
 def test_a_template_of_only_a_tools_line_gets_the_pairs_own_lines(tmp_path):

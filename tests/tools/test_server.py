@@ -493,3 +493,32 @@ def test_check_ready_names_a_url_where_no_search_server_answers(monkeypatch):
     url, message = asyncio.run(main())
     assert message.startswith(f"ServerRefused: {url}/api is no mmsr search server (GET /v1/ready: ")
     assert "HTTP 404" in message and message.endswith("lists no backends): check HTTPSearchTool.url")
+
+
+class Summarizer(SlowTool):
+    """The server's web text search: summaries written for the request's question."""
+
+    def __init__(self) -> None:
+        super().__init__(0.0)
+
+    async def __call__(self, request: ToolRequest) -> ToolResult:
+        return ToolResult(f"[Text Search Results] {request.query} for: {request.question}")
+
+
+@pytest.mark.parametrize("focused", [True, False])
+def test_a_client_cache_keys_the_servers_text_search_by_question_unless_told_not_to(monkeypatch, tmp_path, focused):
+    # Two rows search the same query through a client-side cache: the second row got the summaries the server
+    # wrote for the first row's question (the client declared no question_focused, so the key was "q:<query>").
+    from mmsr.tools.cache import CachedTool
+
+    monkeypatch.delenv("MMSR_SEARCH_TOKEN", raising=False)
+    asked = [ToolRequest("text_search", "eiffel tower", question=q) for q in ("How tall?", "Who built it?")]
+
+    async def body(url):
+        client = HTTPSearchTool(url, limits=FAST) if focused else HTTPSearchTool(url, limits=FAST, question_focused=False)
+        cached = CachedTool(client, str(tmp_path / "c.sqlite"))
+        return cached.question_focused, [(await cached(r)).text for r in asked]
+
+    keyed, texts = asyncio.run(_with_server(SearchServer(text_search=Summarizer(), port=0), body))
+    served = ("How tall?", "Who built it?") if focused else ("How tall?", "How tall?")
+    assert keyed is focused and texts == [f"[Text Search Results] eiffel tower for: {q}" for q in served]
