@@ -308,10 +308,11 @@ class PretrainedPolicy:
 
 
 def looks_local(path: str) -> bool:
-    """Whether ``path`` names a local directory rather than a hub id: it starts with ``.`` or holds a path separator
-    (as ``namespace/name`` does) and its parent directory exists here."""
-    local = path.startswith(".") or any(sep and sep in path for sep in (os.sep, os.altsep))
-    return local and Path(path).parent.is_dir()
+    """Whether ``path`` can only name a local directory, never a hub id (``namespace/name``): it is absolute, starts
+    with ``.`` or ``~``, or has more than one part. ``runs/export`` could be either: a hub id that fails to load is
+    named with the directory it is not (``load_config``), and a ``Qwen/`` folder here must not hide the hub's
+    ``Qwen/Qwen2.5-VL-7B-Instruct``."""
+    return Path(path).is_absolute() or path.startswith((".", "~")) or len(Path(path).parts) > 2
 
 
 def json_object(file: str | Path) -> dict:

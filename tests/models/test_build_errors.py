@@ -95,10 +95,12 @@ def test_a_mistyped_local_path_is_refused_when_the_builder_is_made(tmp_path, mon
     """It passed, and the build failed on the hub ("couldn't connect to huggingface.co"), naming no path."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs").mkdir()
-    for path in ("runs/missing_export", "./missing_export", str(tmp_path / "missing_export") + "/"):
+    for path in ("runs/demo/missing_export", "./missing_export", str(tmp_path / "missing_export") + "/"):
         with pytest.raises(FileNotFoundError, match=f"model directory {re.escape(str(Path(path)))} not found"):
             PretrainedPolicy(path)
-    assert PretrainedPolicy("acme/missing_export").tools is None  # a hub id: no directory named acme here
+    (tmp_path / "Qwen").mkdir()  # a folder of other models named like a hub namespace does not hide the hub's
+    for hub_id in ("acme/missing_export", "Qwen/Qwen2.5-VL-7B-Instruct"):
+        assert PretrainedPolicy(hub_id).tools is None  # made (offline, nothing read yet); the build would ask the hub
 
 
 def test_a_hub_id_that_fails_to_load_is_named(monkeypatch):
