@@ -9,7 +9,6 @@ rebuilt identically on resume.
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from pathlib import Path
 from typing import Literal, Protocol
