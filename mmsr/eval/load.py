@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Collection
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -180,7 +180,10 @@ def load_module(ckpt: str | Path, run_config: str | Path | None = None,
         parsed.model.init_args.kl_coef = 0.0
     for name in [n for n in leave_out if n in parsed.model.init_args]:
         parsed.model.init_args[name] = EPISODE_ARGS[name]
+    limits = _set_aside_tool_limits(parsed.model.init_args, leave_out)
     module = parser.instantiate(parsed).model
+    if limits:  # kept for an evaluation's own tools (``mmsr.eval.workflows.limits_for`` keeps those it loads)
+        module.loop.settings = replace(module.loop.settings, tool_limits=limits)
     if not hasattr(module, "policy"):
         raise ValueError(f"{config_path}: model {parsed.model.class_path} has no policy to load "
                          "(expected mmsr.module.GRPOModule or mmsr.sft.SFTModule)")  # fmt: skip
@@ -190,6 +193,17 @@ def load_module(ckpt: str | Path, run_config: str | Path | None = None,
 
 
 RUN_TOOLS = ("image_search", "text_search", "tools")
+
+
+def _set_aside_tool_limits(init_args, leave_out: Collection[str]) -> dict[str, int]:
+    """The run's ``rollout.tool_limits``, emptied in ``init_args`` when its tools are left out: the module refuses a
+    limit of a tool it was not built with (a run's ``crop: 2`` without its ``tools``)."""
+    rollout = init_args.get("rollout") if hasattr(init_args, "get") else None
+    limits = dict(getattr(rollout, "tool_limits", None) or {})
+    if limits and any(name in RUN_TOOLS for name in leave_out):
+        rollout.tool_limits = {}
+        return limits
+    return {}
 
 
 def load_checkpoint(ckpt: str | Path, run_config: str | Path | None = None, run_tools: bool = True) -> Loaded:

@@ -52,8 +52,10 @@ def _image_part(request: ToolRequest) -> str | None:
 
 def request_key(request: ToolRequest, by_question: bool = False) -> str:
     """The cache key of a request (see the module docstring); ``by_question``: the backend's text search results
-    depend on the question. The formats of ``text_search`` and ``image_search`` keys never change: caches
-    recorded with them (replayed MMSearch-R1 outputs, the FVQA cache, local search) must keep hitting."""
+    depend on the question. The formats of ``image_search`` keys and of question-independent ``text_search`` keys
+    never change: caches recorded with them (replayed MMSearch-R1 outputs, the FVQA cache, local search) must keep
+    hitting. A question-focused backend's entries written under the query alone (before 2026-12-06) are missed on
+    purpose: they may hold another question's summaries."""
     if request.kind == "text_search":
         query = "q:" + normalize_query(request.query)
         # even an empty question: a plain ``q:`` entry may hold summaries written for some other question

@@ -61,3 +61,24 @@ def test_an_eval_with_its_own_tools_does_not_build_the_runs(tmp_path):
     loaded = load_from_args(args, ["on-demand"])
     assert str(loaded.tools["image_search"].index).startswith(str(FVQA))  # --tools', not the run's
     assert torch.equal(loaded.policy.model.lm_head.weight, trained.model.lm_head.weight)
+
+
+def test_a_run_with_a_limit_of_a_tool_it_is_rebuilt_without_is_exported_and_evaluated(tmp_path):
+    """A run's ``rollout.tool_limits: {crop: 2}``: rebuilt without its tools (export, ``eval --tools``), the module
+    refused a limit of a tool it did not have; the evaluation keeps the limits of the tools it loads."""
+    import yaml
+
+    from mmsr.eval.cli import load_from_args, parse_args
+    from mmsr.export import main as export
+    from tests.eval.test_cli import TOOLS
+
+    tools, corpus = _files(tmp_path)
+    crop = [{"class_path": "mmsr.tools.crop.Crop"}]
+    run = {"class_path": "mmsr.module.GRPOModule", "init_args": {
+        "policy": TINY, "tools": crop, **tools, "num_generations": 2, "rollout": {"tool_limits": {"crop": 2, "text_search": 1}}}}
+    ckpt, trained = _checkpointed(tmp_path, run)
+    exported = load_file(export(["--ckpt", str(ckpt), "--out", str(tmp_path / "hf")]) / "model.safetensors")
+    assert any(torch.equal(t, trained.model.lm_head.weight) for t in exported.values())
+    (tmp_path / "tools.yaml").write_text(yaml.safe_dump(TOOLS))
+    args = parse_args(["--ckpt", str(ckpt), "--tools", str(tmp_path / "tools.yaml"), "--data", str(FVQA / "fvqa_dev.jsonl")])
+    assert load_from_args(args, ["on-demand"]).settings.tool_limits == {"text_search": 1}
