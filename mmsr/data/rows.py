@@ -26,7 +26,7 @@ from PIL import Image, UnidentifiedImageError
 
 from mmsr.data.answers import answers_of, plain_value
 from mmsr.data.errors import DataError, row_error
-from mmsr.data.sample import EncodedImage, Sample
+from mmsr.data.sample import MAX_ASPECT, EncodedImage, Sample
 from mmsr.data.threads import in_order
 
 RowMaker = Callable[[dict, Path, int], Sample]
@@ -37,17 +37,22 @@ DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".pq", ".arrow", ".csv")
 def decode_image(data: bytes | str | Path | Image.Image, path, row, field="image",
                  file: Path | None = None) -> Image.Image:  # fmt: skip
     """Open image bytes, a file or a PIL image as RGB, or raise a ``DataError`` naming the row and the image
-    file (``file``: the one ``data``'s bytes were read from, if any)."""
+    file (``file``: the one ``data``'s bytes were read from, if any): one that does not decode, or whose sides
+    differ more than ``MAX_ASPECT`` times."""
     file = Path(data) if isinstance(data, str | Path) else file
+    what = "image" if file is None else f"image file {file}"
     try:
         image = data if isinstance(data, Image.Image) else Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
         image.load()
-        return image.convert("RGB")
+        rgb = image.convert("RGB")
     # Pillow's decoders raise more than OSError on bad data (SyntaxError for a broken PNG chunk, EOFError,
     # struct.error, DecompressionBombError past ~179 MP, ...): whatever decoding raises, the row is bad
     except Exception as exc:  # noqa: BLE001
-        what = "image" if file is None else f"image file {file}"
         raise row_error(path, row, field, f"cannot decode {what} ({_decode_failure(exc, data)})") from None
+    if max(rgb.size) > MAX_ASPECT * min(rgb.size):  # the run would fail whenever the row is drawn
+        raise row_error(path, row, field, f"the {what} is {rgb.width}x{rgb.height}: a side over {MAX_ASPECT} times the "
+                        "other, which the Qwen-VL image processors refuse")  # fmt: skip
+    return rgb
 
 
 def _decode_failure(exc: Exception, data) -> str:

@@ -15,6 +15,12 @@ from typing import Any
 from PIL import Image
 
 
+# Qwen-VL's image processors (transformers' ``smart_resize``) refuse an image whose longer side is over 200 times
+# its shorter one: the loaders refuse such a question image (the run would fail whenever its row is drawn), tools
+# skip such a thumbnail.
+MAX_ASPECT = 200
+
+
 class EncodedImage:
     """An image kept as its encoded file bytes (PNG, JPEG, ...), decoded to RGB when read.
 

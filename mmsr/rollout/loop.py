@@ -56,8 +56,8 @@ class RolloutSettings:
         max_tokens_per_turn: most tokens sampled per turn.
         max_context_tokens: most tokens of the whole episode (images expanded).
         tool_concurrency: most tool calls in flight at once.
-        fit_observations: an observation that does not fit the context is cut to leave room for a full turn
-            after it (its images dropped, then its text shortened; ``mmsr.rollout.context``) instead of
+        fit_observations: an observation that does not leave room in the context for a full turn after it
+            (``max_tokens_per_turn``) is cut to leave that room (its images dropped, then its text shortened; ``mmsr.rollout.context``) instead of
             ending the episode. Either way ``Trajectory.context`` says what was cut or dropped.
         tool_timeout_s: per-call cap; a timed-out call becomes a failure observation. Tools get it as
             ``ToolRequest.budget_s`` and plan their nested steps within it (``mmsr.tools.budget``);
@@ -297,10 +297,19 @@ class RolloutLoop:
         """The first prompt's ids and the question image's input, made once per sample in a rollout."""
         if id(sample) not in self._first:
             image = sample.image if self.policy.is_vision else None
-            vision = [self._images(image)] if image is not None else []
+            vision = [self._question_image(sample, image)] if image is not None else []
             text = self.policy.chat.first_prompt(self.prompts.first_user_text(self._seen(sample)))
             self._first[id(sample)] = (sample, self.encoder.encode(text, [v.num_tokens for v in vision]), vision)
         return self._first[id(sample)][1:]
+
+    def _question_image(self, sample: Sample, image) -> object:
+        """The question image's vision input; an image the processor refuses raises ``ValueError`` naming the
+        sample (the loaders refuse the shapes known to fail; a sample built in Python is not checked there)."""
+        try:
+            return self._images(image)
+        except Exception as exc:  # noqa: BLE001 - whatever the processor raises, the last line names the sample
+            raise ValueError(f"sample {sample.id!r}: the image processor refused its question image "
+                             f"({image.width}x{image.height}): {type(exc).__name__}: {exc}") from exc
 
     def _request(self, e: Episode) -> GenerationRequest:
         room = self.settings.max_context_tokens - len(e.traj)
@@ -372,15 +381,17 @@ class RolloutLoop:
         return not self._by_name[kind].region_images
 
     def _fit(self, e: Episode, kind: str, result: ToolResult) -> tuple[ToolResult, list[int], list] | None:
-        """``(shown, ids, vision)``: ``result`` as the context budget lets it in, whole if it fits, else
-        (``fit_observations``) cut so a full turn still fits after it; None: the episode ends. A cut or a
+        """``(shown, ids, vision)``: ``result`` as the context budget lets it in, whole if it fits (with
+        ``fit_observations``: with a full turn's room after it), else (``fit_observations``) cut so a full turn
+        still fits after it; None: the episode ends. A cut or a
         drop is noted in ``Trajectory.context``."""
         room = self.settings.max_context_tokens - len(e.traj)
         ids, vision = self._encode_observation(e, kind, result)
-        if len(ids) < room:
-            return result, ids, vision
         fitting = self.settings.fit_observations and room > self.settings.max_tokens_per_turn
+        # fitting: whole only where a full turn still fits after it (else the next turn is cut and ends unanswered)
         limit = room - self.settings.max_tokens_per_turn if fitting else room - 1
+        if len(ids) <= limit:
+            return result, ids, vision
         shown = fit(result, lambda r: len(self._encode_observation(e, kind, r)[0]), limit) if fitting else None
         e.traj.context.append(describe(len(e.traj.turns), kind, len(ids), limit, result, shown))
         return None if shown is None else (shown, *self._encode_observation(e, kind, shown))

@@ -136,3 +136,20 @@ def test_column_mapping_jsonl_errors_use_one_row_numbering(tmp_path):
     path.write_text(good + "\n\n\n{not json\n")
     with pytest.raises(DataError, match=r"c.jsonl: row 1, field '<line>': invalid JSON at line 4"):
         ColumnMapping(str(path), image=None).load()
+
+
+def test_an_image_too_narrow_for_the_processor_is_refused_naming_the_row(tmp_path):
+    """Qwen-VL's processors refuse sides over 200 times apart: the loader names the row and the file, where the
+    run failed with the processor's bare error whenever the row was drawn; 200 times apart is fine."""
+    (tmp_path / "banner.png").write_bytes(_png_of(2000, 8))
+    (tmp_path / "ok.png").write_bytes(_png_of(1600, 8))
+    _jsonl(tmp_path / "t.jsonl", [{"question": "q", "ground_truth": "x", "image": "ok.png"},
+                                  {"question": "q", "ground_truth": "x", "image": "banner.png"}])  # fmt: skip
+    with pytest.raises(DataError, match=r"t\.jsonl: line 2, field 'image': the image file .*banner\.png is 2000x8"):
+        load_samples(tmp_path / "t.jsonl")
+
+
+def _png_of(width: int, height: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), "red").save(buf, format="PNG")
+    return buf.getvalue()

@@ -91,3 +91,22 @@ def test_fit_drops_images_before_cutting_text():
     cut = fit(thumbs, tokens, 20)
     assert cut.text.endswith(CUT) and tokens(cut) <= 20 and tokens(ToolResult(cut.text[:-len(CUT)] + "xxxx" + CUT)) > 20
     assert fit(thumbs, tokens, 3) is None
+
+
+def test_an_observation_that_fits_but_leaves_no_full_turn_is_cut(tiny_policy, fvqa_samples):
+    """With fitting, an observation that would leave less than ``max_tokens_per_turn`` after it is cut too: kept
+    whole, the next turn was cut at the context limit and the episode ended unanswered, while a slightly longer
+    observation (cut) let it answer."""
+    sample = fvqa_samples[0]
+    tools = [TextSearchTool(Pages(3000))]
+    script = [f"{R}<text_search>capital</text_search>", ANS]
+    settings = RolloutSettings(max_tokens_per_turn=32, max_context_tokens=100_000)
+    whole = run(tiny_policy, sample, script, tools, settings)
+    budget = whole.turns[1].span[0] + 3  # the whole page leaves 3 tokens for the answer turn
+    traj = run(tiny_policy, sample, script, tools, RolloutSettings(max_tokens_per_turn=32, max_context_tokens=budget,
+                                                                   fit_observations=True))  # fmt: skip
+    assert traj.finish_reason == "answer" and traj.turns[1].text == ANS and len(traj) <= budget
+    assert traj.turns[0].tool_call.result.text.endswith(CUT)
+    assert traj.turns[1].span[0] <= budget - 32
+    (note,) = traj.context
+    assert note.startswith("turn 1: text_search observation of") and "text cut from" in note

@@ -143,3 +143,16 @@ def test_a_tools_own_keyboard_interrupt_or_system_exit_ends_the_rollout_with_it(
     assert not caller.is_alive(), "the rollout hangs"
     assert [type(e) for e in raised] == [exc]
     assert not [t for t in threading.enumerate() if t.name == "mmsr-tools"]  # the runner's thread was joined
+
+
+def test_a_question_image_the_processor_refuses_names_the_sample(tiny_policy, fvqa_samples):
+    """A sample built in Python (the loaders refuse such images) whose image the processor refuses ends the
+    rollout with an error naming the sample, not the processor's bare ``aspect ratio`` line."""
+    from dataclasses import replace
+
+    from PIL import Image
+
+    banner = replace(fvqa_samples[0], id="banner-row", image=Image.new("RGB", (2000, 8), "red"))
+    loop, _ = make_loop(tiny_policy, {"banner-row#0": [ANS]})
+    with pytest.raises(ValueError, match=r"sample 'banner-row': the image processor refused its question image \(2000x8\)"):
+        loop.run([banner], 1, SamplingParams(max_tokens=64))

@@ -16,6 +16,7 @@ from functools import partial
 
 from PIL import Image
 
+from mmsr.data.sample import MAX_ASPECT  # the rollout would discard the whole result: such a thumbnail is skipped
 from mmsr.tools.budget import Deadline
 from mmsr.tools.web import guard
 from mmsr.tools.web.http import HTTPClient, ToolError, transient
@@ -52,9 +53,6 @@ def cut_short(outcomes: Sequence[Image.Image | ToolError], top_k: int) -> bool:
     return False
 
 
-# Qwen-VL's image processors (transformers' ``smart_resize``) refuse a longer side over 200 times the shorter one,
-# and the rollout then discards the whole tool result: such a thumbnail (a banner, a divider line) is skipped here.
-MAX_ASPECT = 200
 
 
 def shrunk(image: Image.Image, max_side: int) -> Image.Image:
