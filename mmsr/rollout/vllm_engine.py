@@ -307,8 +307,11 @@ class VLLMEngine:
             self.asleep = True
 
     def wake(self) -> None:
-        """Undo ``sleep``; call before syncing weights into the engine."""
+        """Undo ``sleep``; call before syncing weights into the engine. Torch's allocator first hands back the
+        blocks the update freed (activations, gradient buffers): vLLM maps its weights and KV cache back outside
+        that allocator, which would otherwise keep them cached, unused, and leave the wake short of memory."""
         if self.asleep:
+            torch.cuda.empty_cache()
             self.llm.wake_up()
             self.asleep = False
 
