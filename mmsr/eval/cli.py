@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from mmsr.eval.work import WORK_FILE, EvalWork
+from mmsr.eval.work import CONTENTS, WORK_FILE, EvalWork, fingerprint
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -42,6 +42,43 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-context-tokens", type=int, help="override the episode token budget")
     parser.add_argument("--batch-size", type=int, default=16, help="questions per rollout batch")
     parser.add_argument("--skip-invalid", action="store_true", help="drop invalid data rows with a warning")
+
+
+# The arguments only one policy source reads (``load_from_args``): given with another, they were silently ignored.
+READ_ONLY_WITH = {"weights": "policy", "run_config": "ckpt", "min_pixels": "model_dir", "max_pixels": "model_dir"}
+
+
+def refuse_unread(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """A parser error for an argument the chosen policy source does not read (``READ_ONLY_WITH``): ``--weights``
+    with ``--model-dir`` evaluated the directory's weights, not the ones given."""
+    source = next(name for name in ("ckpt", "model_dir", "policy") if getattr(args, name) is not None)
+    for name, reader in READ_ONLY_WITH.items():
+        if getattr(args, name) is not None and reader != source:
+            p.error(f"{_flag(name)} is read only with {_flag(reader)}; with {_flag(source)} it would be ignored")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+# The arguments that name files or folders the episodes depend on (the work file keeps their ``fingerprint``)
+INPUTS = ("ckpt", "run_config", "weights", "model_dir", "policy", "tools", "suite")
+
+
+def input_contents(args: argparse.Namespace, data: Sequence[str] = (), outputs: Sequence[str] = ()) -> dict:
+    """The ``fingerprint`` of each file or folder the arguments name (``data``: the data paths), leaving out the
+    command's ``outputs``: a checkpoint overwritten since a crash has the same path, and resuming would mix the
+    two models' episodes."""
+    contents = {name: fingerprint(getattr(args, name), outputs) for name in INPUTS if getattr(args, name, None) is not None}
+    return contents | ({"data": [fingerprint(path, outputs) for path in data]} if data else {})
+
+
+def positive_int(text: str) -> int:
+    """``type`` of a count of questions: 0 or less evaluated nothing, or all but the last (a slice's -1)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 # The workflows that search, and the tools each must have (none named: any one). ``direct`` never searches.
@@ -113,7 +150,7 @@ def parser() -> argparse.ArgumentParser:
     sets.add_argument("--suite", help="YAML naming eval sets by loader (configs/eval/suite.yaml): one Table-1 table")
     p.add_argument("--workflow", nargs="+", default=["on-demand"], choices=["on-demand", "direct", "rag"])
     p.add_argument("--out", default="runs/eval", help="output directory")
-    p.add_argument("--limit", type=int, help="evaluate only the first N questions of each set")
+    p.add_argument("--limit", type=positive_int, help="evaluate only the first N questions of each set")
     p.add_argument("--judge-url", help="OpenAI-compatible API root for the LLM judge (e.g. .../v1)")
     p.add_argument("--judge-model", default="gpt-4o-2024-11-20")
     p.add_argument("--judge-key-env", default="OPENAI_API_KEY", help="environment variable with the judge's API key")
@@ -122,11 +159,15 @@ def parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    """The parsed arguments; refused here, before the model loads: ``--accuracy judge`` without a judge (it would
+    """The parsed arguments; refused here, before the model loads: an argument the policy source does not read
+    (``refuse_unread``), a workflow given twice, ``--accuracy judge`` without a judge (it would
     give a table of "–"), and a workflow that searches (``SEARCHING``) from ``--model-dir`` / ``--policy`` without
     ``--tools`` (every search would fail, reported as a result)."""
     p = parser()
     args = p.parse_args(argv)
+    refuse_unread(p, args)
+    if repeated := sorted({w for w in args.workflow if args.workflow.count(w) > 1}):
+        p.error(f"--workflow {' '.join(repeated)} is given twice: each workflow runs once")
     if args.accuracy == "judge" and not args.judge_url:
         p.error("--accuracy judge needs --judge-url (the judge's OpenAI-compatible endpoint); without one, use --accuracy em or subem")
     searching = [w for w in args.workflow if w in SEARCHING]
@@ -148,6 +189,27 @@ def warn_unjudged(metrics: Iterable[dict], out: str | Path) -> None:
               file=sys.stderr)  # fmt: skip
 
 
+def refuse_judge_failed(work: EvalWork) -> None:
+    """Exit with an error when the judge never replied for some episodes (``run.judge_failed``): they count
+    wrong, so a script must not read the outage as a result; the work file stays for the rerun."""
+    from mmsr.eval.run import judge_failed
+
+    if failed := judge_failed(work):
+        raise SystemExit(f"mmsr eval: error: the judge never replied for {failed} episode{'s' * (failed > 1)} (its "
+                         f"endpoint kept failing), counted wrong: {work.path} is kept, and running the same command "
+                         "again asks the judge only for those verdicts")  # fmt: skip
+
+
+def refuse_repeated_ids(data: Mapping[str, Sequence], sets: Sequence[tuple[str, str]]) -> None:
+    """Stop before the model loads when a set's sample id repeats (``data``: each set's samples)."""
+    from mmsr.eval.run import repeated_id
+
+    for name, path in sets:
+        if (sample_id := repeated_id(data[name])) is not None:
+            raise SystemExit(f"mmsr eval: error: sample id {sample_id!r} repeats in set {name} ({path}): each question "
+                             "needs its own id (an empty RAG query searches the question of its id)")  # fmt: skip
+
+
 def build_evaluator(args: argparse.Namespace):
     """The ``Evaluator`` of the loaded policy, with the judge if one is configured."""
     from mmsr.reward.judge import OpenAIJudge
@@ -164,9 +226,11 @@ def run_arguments(args: argparse.Namespace) -> dict:
     which workflows run, how many questions (a batch is the same slice of a set whatever the limit), which
     score the suite's table shows (``--accuracy``: every record holds EM, SubEM and the judge's verdict) and
     the name of the variable the judge's key is read from (the judge is its URL and model: a renamed variable
-    holding a key to the same judge refused the rerun and lost its finished batches)."""
+    holding a key to the same judge refused the rerun and lost its finished batches). The files and folders
+    named are recorded with their ``fingerprint`` (``input_contents``)."""
     left_out = ("out", "workflow", "limit", "accuracy", "judge_key_env")
-    return {k: v for k, v in sorted(vars(args).items()) if k not in left_out}
+    data = [path for _, path in eval_sets(args.data)] if args.data else []
+    return {k: v for k, v in sorted(vars(args).items()) if k not in left_out} | {CONTENTS: input_contents(args, data, [args.out])}
 
 
 def run_suite_args(args: argparse.Namespace) -> dict:
@@ -185,6 +249,7 @@ def run_suite_args(args: argparse.Namespace) -> dict:
     if all(row["error"] is not None for row in table["rows"]):  # a script must not read this as success
         raise SystemExit(f"mmsr eval: error: no set of the suite could be evaluated ({', '.join(table['sets'])}): "
                          f"each set's error is in {Path(args.out) / 'suite.md'}")  # fmt: skip
+    refuse_judge_failed(work)
     return table
 
 
@@ -194,14 +259,18 @@ def main(argv: list[str]) -> dict:
         return run_suite_args(args)
     sets = eval_sets(args.data)
     from mmsr.data.loaders import load_samples
-    from mmsr.eval.run import write_outputs
+    from mmsr.eval.run import judge_failed, write_outputs
 
-    data = {name: load_samples(path, args.skip_invalid)[: args.limit] for name, path in sets}
+    data = {name: load_samples(path, args.skip_invalid) for name, path in sets}
+    refuse_repeated_ids(data, sets)
+    data = {name: samples[: args.limit] for name, samples in data.items()}
     work = EvalWork(Path(args.out) / WORK_FILE, run_arguments(args))  # refused here, before the model loads
     evaluator = build_evaluator(args)
     records = [r for name, samples in data.items() for wf in args.workflow for r in evaluator.run(samples, wf, name, work)]
     summary = write_outputs(records, args.out)
-    work.finish()
+    if not judge_failed(work):  # else the rerun takes the file's episodes and asks the judge only for those
+        work.finish()
     print((Path(args.out) / "summary.md").read_text(encoding="utf-8"))
     warn_unjudged((parts["all"] for workflows in summary.values() for parts in workflows.values()), args.out)
+    refuse_judge_failed(work)
     return summary

@@ -14,8 +14,9 @@
 
 Resumable: each question's outcomes are appended to a work file (``<out>.rollouts.jsonl``) as soon
 as its batch finishes; a rerun skips the questions already there. The file's first line records the
-settings that decide the outcomes (k, temperature, the model and its tools and limits): a rerun with other
-ones is refused, naming the file. Steps 2-5 are deterministic. Questions need an image (the rows written
+settings that decide the outcomes (k, temperature, the model and its tools and limits, with a fingerprint of
+the files they name): a rerun with other ones, or after such a file changed, is refused, naming the file; a
+line cut by a crash goes from the file. Steps 2-5 are deterministic. Questions need an image (the rows written
 carry it): one without is refused before any rollout. So is curation without a search tool (``--tools``, or a
 checkpoint's run's own): every search would fail, and questions answered without it would be labelled search_free.
 
@@ -32,9 +33,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from mmsr.data.jsonl import jsonl_lines
 from mmsr.data.sample import Sample
-from mmsr.eval.work import parse_line, same_run
+from mmsr.eval.work import CONTENTS, read_rows, same_run
 from mmsr.rollout.loop import RolloutLoop
 from mmsr.rollout.trajectory import Trajectory
 
@@ -80,9 +80,7 @@ def read_work(path: Path, run: Mapping[str, object] | None = None) -> dict[str, 
     if not path.is_file():
         return {}
     done = {}
-    for line in jsonl_lines(path.read_text(encoding="utf-8")):
-        if (row := parse_line(line)) is None:  # a line cut by a crash: that question is redone
-            continue
+    for row in read_rows(path):  # without a line cut by a crash (that question is redone), which goes from the file
         if "run" in row:
             if run is not None:
                 same_run(path, row["run"], run, "the rollouts of another curation", "give another --work")
@@ -213,7 +211,7 @@ def refuse_without_tools(workflows: Sequence[str], tools: Mapping[str, object], 
 
 
 def main(argv: list[str]) -> dict[str, int]:
-    from mmsr.eval.cli import add_model_args, load_from_args
+    from mmsr.eval.cli import add_model_args, input_contents, load_from_args, refuse_unread
 
     p = argparse.ArgumentParser(prog="mmsr curate", description=__doc__.split("\n\n")[0])
     add_model_args(p)
@@ -226,6 +224,7 @@ def main(argv: list[str]) -> dict[str, int]:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", help="resumable work file (default: <out>.rollouts.jsonl)")
     args = p.parse_args(argv)
+    refuse_unread(p, args)
     if not args.tools and not args.ckpt:  # a checkpoint's run names its own tools (refused below if it has none)
         p.error(f"curation's rollouts search, and --{'model-dir' if args.model_dir else 'policy'} brings no tools: {GIVE_TOOLS}")
     from mmsr.data.loaders import load_samples
@@ -233,8 +232,10 @@ def main(argv: list[str]) -> dict[str, int]:
     samples = [s for path in args.data for s in load_samples(path, args.skip_invalid)]
     loaded = load_from_args(args, ["on-demand"], refuse_without_tools)
     loop = RolloutLoop(loaded.engine, loaded.policy, loaded.prompts or _default_prompts(), loaded.tools, loaded.settings)
-    # what decides the outcomes besides k and the temperature: the model, tools and episode limits
-    run = {k: v for k, v in sorted(vars(args).items()) if k in MODEL_ARGS}
+    # what decides the outcomes besides k and the temperature: the model, tools and episode limits, and what their
+    # files hold (a checkpoint overwritten since is another model); not --data: outcomes are kept by question id
+    outputs = [args.out, args.work or f"{args.out}.rollouts.jsonl"]
+    run = {k: v for k, v in sorted(vars(args).items()) if k in MODEL_ARGS} | {CONTENTS: input_contents(args, outputs=outputs)}
     report = curate(samples, loop, args.out, args.k, args.temperature, args.search_free_ratio, args.size, args.seed,
                     args.batch_size, args.work, run)  # fmt: skip
     print(json.dumps(report))

@@ -44,6 +44,17 @@ def turn_record(turn) -> dict:
     }
 
 
+def repeated_id(samples: Sequence[Sample]) -> str | None:
+    """The first sample id that occurs twice, or None: an episode is found by its question's id (RAG's empty
+    query turn searches the question of its id, the work file keys batches by ids)."""
+    seen = set()
+    for sample in samples:
+        if sample.id in seen:
+            return sample.id
+        seen.add(sample.id)
+    return None
+
+
 class Evaluator:
     """Runs workflows over eval sets and scores every episode.
 
@@ -79,7 +90,13 @@ class Evaluator:
 
     def run(self, samples: Sequence[Sample], workflow: Workflow, name: str, work: EvalWork | None = None) -> list[EvalRecord]:
         """One greedy episode per sample; records in sample order. With ``work``, the batches it holds are taken
-        from it, and every batch run (and judged) is added to it as soon as it finishes."""
+        from it, and every batch run (and judged) is added to it as soon as it finishes.
+
+        Raises:
+            ValueError: a sample id repeats (``repeated_id``), before any episode.
+        """
+        if (sample_id := repeated_id(samples)) is not None:
+            raise ValueError(f"sample id {sample_id!r} repeats in set {name}: each question needs its own id")
         flow = setup(workflow, self.settings, self.prompts, declared(self.tools))
         loop = self.loop(flow, samples)
         greedy = SamplingParams(temperature=0.0, top_p=1.0, top_k=0, max_tokens=flow.settings.max_tokens_per_turn)
@@ -123,6 +140,12 @@ class Evaluator:
         items = [JudgeInput(r.question, r.ground_truth, tuple(r.candidate_answers), r.answer) for r in asked]
         for record, verdict in zip(asked, self.judge.judge(items) if items else []):
             record.judge, record.judge_reply = verdict.correct, verdict.reply
+
+
+def judge_failed(work: EvalWork) -> int:
+    """Episodes of the batches this run took from ``work`` or added to it that the judge never replied for
+    (``request_failed``): while there are some, the work file stays, and the rerun asks again only for those."""
+    return sum(request_failed(record.judge_reply) for record in work.taken())
 
 
 def write_outputs(records: Sequence[EvalRecord], out_dir: str | Path) -> dict:

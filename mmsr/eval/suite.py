@@ -31,7 +31,7 @@ from pathlib import Path
 
 from mmsr.data.columns import EvalSet
 from mmsr.eval.load import _parse, _read_yaml
-from mmsr.eval.run import Evaluator, write_outputs
+from mmsr.eval.run import Evaluator, judge_failed, repeated_id, write_outputs
 from mmsr.eval.work import EvalWork
 
 ACCURACY = ("judge", "em", "subem")
@@ -57,18 +57,21 @@ def read_suite(path: str | Path) -> dict[str, EvalSet]:
 
 
 def _load(evalset: EvalSet, limit: int | None) -> tuple[list, str | None]:
-    """The set's samples, or the reason it could not be read."""
+    """The set's samples, or the reason it could not be read (a sample id that repeats is one)."""
     try:
-        samples = evalset.load()[:limit]
+        samples = evalset.load()
     except Exception as exc:  # noqa: BLE001 - whatever the cause (file, format, row), the set is reported, the suite goes on
         return [], f"{type(exc).__name__}: {exc}"
-    return samples, None if samples else "no rows"
+    if (sample_id := repeated_id(samples)) is not None:
+        return [], f"sample id {sample_id!r} repeats: each question needs its own id"
+    return samples[:limit], None if samples else "no rows"
 
 
 def run_suite(evaluator: Evaluator, sets: Mapping[str, EvalSet], workflows: Sequence[str], out: str | Path,
               limit: int | None = None, accuracy: str = "em", work: EvalWork | None = None) -> dict:  # fmt: skip
     """Evaluate every set under every workflow; returns the suite table (``suite_table``). With ``work``,
-    finished batches resume from it, and it goes when every set ran without an error."""
+    finished batches resume from it, and it goes when every set ran without an error and the judge replied for
+    every episode (``judge_failed``)."""
     out = Path(out)
     results: dict[str, dict] = {}
     for name, evalset in sets.items():
@@ -76,7 +79,7 @@ def run_suite(evaluator: Evaluator, sets: Mapping[str, EvalSet], workflows: Sequ
         results[name] = {"error": error} if error is not None else _evaluate(evaluator, samples, workflows, name, out, work)
         table = suite_table(results, workflows, accuracy)
         write_table(table, out)
-    if work is not None and not any("error" in r for r in results.values()):
+    if work is not None and not any("error" in r for r in results.values()) and not judge_failed(work):
         work.finish()
     return table
 

@@ -4,13 +4,17 @@ evaluation into the same ``--out`` takes those batches from it instead of runnin
 
 A batch is the same slice of a set's questions in every run (``--batch-size`` is part of the run), so a
 resumed evaluation gives the episodes an uninterrupted one gives, and a line cut by a crash is not valid
-JSON: that batch runs again. The file's first line names the arguments that decide the episodes; a rerun
-with other ones is refused, naming the file, rather than mixing two evaluations. The command removes the
-file once everything it wrote is complete (``trajectories.jsonl`` holds the same records).
+JSON: that batch runs again. The file's first line names the arguments that decide the episodes, with a
+fingerprint of the files and folders they name (``fingerprint``: a checkpoint overwritten by training is
+another model); a rerun with other ones is refused, naming the file, rather than mixing two evaluations. The
+command removes the file once everything it wrote is complete (``trajectories.jsonl`` holds the same
+records) and the judge gave a reply for every episode it was asked about: after an outage the file stays,
+and the rerun asks again only for those verdicts.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -21,6 +25,7 @@ from mmsr.data.jsonl import jsonl_lines
 from mmsr.eval.report import EvalRecord
 
 WORK_FILE = "episodes.partial.jsonl"
+CONTENTS = "contents"  # the run's key for the fingerprints of the files it reads (``fingerprint``)
 
 BatchKey = tuple[str, str, int]  # (set, workflow, index of the batch's first question)
 
@@ -35,31 +40,26 @@ class EvalWork:
     def __init__(self, path: str | Path, run: Mapping[str, object]) -> None:
         self.path, self.run = Path(path), as_json(run)
         self._done: dict[BatchKey, tuple[list[str], list[EvalRecord]]] = {}
+        self._used: set[BatchKey] = set()  # the batches this run took or added (another --limit leaves some out)
         if self.path.is_file():
             self._read()
 
     def _read(self) -> None:
-        text = self.path.read_text(encoding="utf-8")
-        lines = jsonl_lines(text)
-        header = parse_line(lines[0]) if lines else None
-        if header is None or "run" not in header:  # the header itself was cut: nothing in the file counts
+        rows = read_rows(self.path)
+        if not rows or "run" not in rows[0]:  # the header itself was cut: nothing in the file counts
             self.path.unlink()
             return
-        same_run(self.path, header["run"], self.run, "the episodes of another evaluation", "choose another --out")
-        kept = [lines[0]]
-        for line in lines[1:]:
-            if (row := parse_line(line)) is not None:
-                kept.append(line)
-                self._done[(row["set"], row["workflow"], row["start"])] = (row["ids"], [EvalRecord(**r) for r in row["records"]])
-        if len(kept) < len(lines) or not text.endswith("\n"):  # a cut line: the next batch must start a line of its own
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-            tmp.replace(self.path)
+        same_run(self.path, rows[0]["run"], self.run, "the episodes of another evaluation", "choose another --out")
+        for row in rows[1:]:
+            self._done[(row["set"], row["workflow"], row["start"])] = (row["ids"], [EvalRecord(**r) for r in row["records"]])
 
     def done(self, key: BatchKey, ids: Sequence[str]) -> list[EvalRecord] | None:
         """The records of batch ``key`` if it was finished on these questions (``ids``, in order), else None."""
         found = self._done.get(key)
-        return found[1] if found is not None and found[0] == list(ids) else None
+        if found is None or found[0] != list(ids):
+            return None
+        self._used.add(key)
+        return found[1]
 
     def add(self, key: BatchKey, ids: Sequence[str], records: Sequence[EvalRecord]) -> None:
         """Append a finished batch (one line, flushed to disk before the next batch starts)."""
@@ -73,10 +73,44 @@ class EvalWork:
             f.flush()
             os.fsync(f.fileno())
         self._done[key] = (list(ids), list(records))
+        self._used.add(key)
+
+    def taken(self) -> list[EvalRecord]:
+        """The records of the batches this run took from the file or added to it."""
+        return [record for key in sorted(self._used) for record in self._done[key][1]]
 
     def finish(self) -> None:
-        """Everything is written elsewhere: the work file goes."""
+        """Everything is written elsewhere: the work file goes (not after a judge outage: ``run.judge_failed``)."""
         self.path.unlink(missing_ok=True)
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The objects of work file ``path``, one a line. A line cut by a crash (not JSON) is dropped, and the file
+    rewritten without it, ending with a newline: the next line appended must not join the cut one."""
+    text = path.read_text(encoding="utf-8")
+    lines = jsonl_lines(text)
+    kept = [(line, row) for line in lines if (row := parse_line(line)) is not None]
+    if len(kept) < len(lines) or (text and not text.endswith("\n")):
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line, _ in kept), encoding="utf-8")
+        tmp.replace(path)
+    return [row for _, row in kept]
+
+
+def fingerprint(path: str | Path | None, outputs: Sequence[str | Path] = ()) -> dict | None:
+    """A cheap stand-in for the contents of file or folder ``path``: a file's size and modification time, or a
+    digest of a folder's files' (relative path, size, modification time); None when nothing is there. Files
+    within ``outputs`` (the command's own output folder or files) are left out: an ``--out`` inside a named
+    folder changes as the command writes, and every rerun would be refused."""
+    if path is None or not (path := Path(path)).exists():
+        return None
+    if path.is_file():
+        stat = path.stat()
+        return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    skip = [Path(o).resolve() for o in outputs]
+    files = sorted(f for f in path.rglob("*") if f.is_file() and not any(f.resolve().is_relative_to(o) for o in skip))
+    listing = [(f.relative_to(path).as_posix(), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    return {"files": len(files), "digest": hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]}
 
 
 def as_json(run: Mapping[str, object]) -> dict:
@@ -104,8 +138,15 @@ def parse_line(line: str) -> dict | None:
 
 
 def difference(before: Mapping[str, object], now: Mapping[str, object]) -> str:
-    """The first argument whose value differs, in words."""
-    for name in sorted(set(before) | set(now)):
+    """The first argument whose value differs, in words; then the first whose file or folder changed."""
+    for name in sorted((set(before) | set(now)) - {CONTENTS}):
         if before.get(name) != now.get(name):
             return f"--{name.replace('_', '-')} was {before.get(name)!r}, now {now.get(name)!r}"
+    if CONTENTS not in before:
+        return "it records no fingerprint of the files it read: an older mmsr wrote it"
+    was, new = before[CONTENTS], now.get(CONTENTS) or {}
+    for name in sorted(set(was) | set(new)):
+        if was.get(name) != new.get(name):
+            flag = "--" + name.replace("_", "-")
+            return f"the file or folder {flag} names has changed since: its size, modification time or files differ"
     return "the same arguments"

@@ -243,3 +243,37 @@ def test_a_checkpoints_reward_column_is_scored_by_the_runs_reward(tmp_path):
     assert scoring_reward(judged) is judged.table and vars(judged.table) == vars(MMSearchR1Reward(0.3, mode="SubEM"))
     weighted = scoring_reward(WeightedRewards([judged, MMSearchR1Reward()], [0.5, 2.0]))
     assert weighted.rewards[0] is judged.table and weighted.weights == [0.5, 2.0]
+
+
+@pytest.mark.parametrize("source, unread", [
+    (["--model-dir", "m"], ["--weights", "w.pt"]), (["--ckpt", "run.ckpt"], ["--weights", "w.pt"]),
+    (["--policy", "p.yaml"], ["--min-pixels", "3136"]), (["--ckpt", "run.ckpt"], ["--max-pixels", "12544"]),
+    (["--model-dir", "m"], ["--run-config", "config.yaml"]),
+])  # fmt: skip
+def test_an_argument_the_policy_source_does_not_read_is_refused(source, unread, capsys):
+    """``--weights`` with ``--model-dir`` evaluated the directory's weights, exit status 0, not a word said; the
+    same for ``mmsr curate``, which shares the arguments."""
+    from mmsr.eval import curate
+    from mmsr.eval.cli import parse_args
+
+    for parse in (lambda argv: parse_args([*argv, "--data", "d.jsonl", "--workflow", "direct"]),
+                  lambda argv: curate.main([*argv, "--tools", "t.yaml", "--data", "d.jsonl", "--out", "o.parquet"])):  # fmt: skip
+        with pytest.raises(SystemExit) as exit_:
+            parse([*source, *unread])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and f"error: {unread[0]} is read only with" in err
+        assert f"with {source[0]} it would be ignored" in err
+
+
+def test_a_limit_below_one_and_a_workflow_given_twice_are_refused(capsys):
+    """``--limit -1`` evaluated all but the last question, ``--limit 0`` wrote an empty summary, and ``--workflow
+    direct direct`` ran (and counted) every episode twice."""
+    from mmsr.eval.cli import parse_args
+
+    base = ["--policy", "p.yaml", "--data", "d.jsonl"]
+    for extra, said in ((["--limit", "-1"], "--limit: must be at least 1, got -1"), (["--limit", "0"], "got 0"),
+                        (["--workflow", "direct", "rag", "direct"], "--workflow direct is given twice")):  # fmt: skip
+        with pytest.raises(SystemExit) as exit_:
+            parse_args([*base, "--tools", "t.yaml", *extra])
+        assert exit_.value.code == 2 and said in capsys.readouterr().err
+    assert parse_args([*base, "--limit", "1", "--workflow", "direct"]).limit == 1

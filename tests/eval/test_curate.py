@@ -149,3 +149,19 @@ def test_a_work_line_holding_a_unicode_line_separator_is_read(tmp_path):
     lines = ['{"run": {"k": 1, "tools": "a\u2028b"}}', '{"id": "q\u2029\u0085", "outcomes": [[true, false, true]]}']
     work.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     assert read_work(work, {"k": 1, "tools": "a\u2028b"}) == {"q\u2029\u0085": [Outcome(True, False, True)]}
+
+
+def test_a_line_cut_by_a_crash_goes_so_the_next_appended_line_stands_alone(tmp_path, tiny_policy, fvqa_samples):
+    """Killed before the last row's newline (or mid-row): the resume skipped a cut line but left it, the next
+    batch's first line was appended to it, and the following resume lost both questions."""
+    from mmsr.eval.curate import read_work, roll_out
+
+    samples, script = fvqa_samples[:7], _script(fvqa_samples[:7])
+    work = tmp_path / "w.rollouts.jsonl"
+    roll_out(_loop(tiny_policy, Engine(tiny_policy, script)), samples[:2], 2, 1.0, work, batch_size=1)
+    for cut, n in ((1, 3), (20, 4)):  # the last row's newline never written; then killed mid-row (it is redone)
+        work.write_text(work.read_text()[:-cut])
+        assert len(read_work(work)) == 2
+        roll_out(_loop(tiny_policy, Engine(tiny_policy, script)), samples[:n], 2, 1.0, work, batch_size=1)
+        assert sorted(read_work(work)) == sorted(s.id for s in samples[:n])
+        assert work.read_text().endswith("\n") and len(work.read_text().splitlines()) == 1 + n

@@ -254,3 +254,24 @@ def test_numeric_categories_and_sources_are_summarized_by_their_text(tmp_path):
     assert {k: m["n"] for k, m in summary["by_category"].items()} == {"0": 1, "1": 2, "none": 1}
     assert {k: m["em"] for k, m in summary["by_data_source"].items()} == {"3": 1.0, "s": pytest.approx(1 / 3)}
     assert "| dev | direct | category=1 | 2 | 50.0 |" in (tmp_path / "summary.md").read_text()
+
+
+def test_a_sample_id_that_repeats_in_a_set_is_refused_before_any_episode(tmp_path, tiny_policy, fvqa_samples, capsys):
+    """Two questions under one id: RAG's empty query turn searched the other question (it finds the question by id),
+    where ``mmsr fit`` and ``mmsr curate`` refuse such a set. The command names the id, the set and its file."""
+    from mmsr.eval.cli import main
+
+    twice = [fvqa_samples[0], replace(fvqa_samples[1], id=fvqa_samples[0].id)]
+    engine = ScriptedEngine(lambda r: "</text_search>", tiny_policy.tokenizer)
+    with pytest.raises(ValueError, match=rf"sample id '{twice[0].id}' repeats in set dev"):
+        Evaluator(tiny_policy, engine, {}).run(twice, "rag", "dev")
+    assert engine.requests == []
+    rows = [json.loads(line) for line in (FVQA / "fvqa_dev.jsonl").read_text().splitlines()[:3]]
+    rows[2]["data_id"] = rows[0]["data_id"]  # beyond --limit 1: the set itself is wrong
+    for row in rows:
+        row["image"] = str(FVQA / row["image"])
+    (tmp_path / "dev.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    argv = ["--policy", "never-loaded.yaml", "--data", str(tmp_path / "dev.jsonl"), "--workflow", "direct", "--limit", "1"]
+    with pytest.raises(SystemExit, match=rf"sample id '{rows[0]['data_id']}' repeats in set dev \({tmp_path / 'dev.jsonl'}\)"):
+        main([*argv, "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()

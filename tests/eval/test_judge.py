@@ -3,6 +3,7 @@
 import asyncio
 import threading
 
+import pytest
 import yaml
 from aiohttp import web
 
@@ -175,9 +176,11 @@ def test_missing_verdicts_are_counted_in_summary_md_and_suite_md_and_the_cli_war
         evaluator = lambda args: Evaluator(tiny_policy, ScriptedEngine(script, tiny_policy.tokenizer), {}, judge=judge)  # noqa: E731
         monkeypatch.setattr(cli, "build_evaluator", evaluator)
         common = ["--policy", "unused.yaml", "--tools", "unused.yaml", "--limit", "3", "--judge-url", url]
-        cli.main([*common, "--data", f"dev={dev}", "--out", str(tmp_path / "data")])
+        with pytest.raises(SystemExit, match="the judge never replied for 1 episode "):  # "down"; "garbled" did reply
+            cli.main([*common, "--data", f"dev={dev}", "--out", str(tmp_path / "data")])
         data_err = capsys.readouterr().err
-        cli.main([*common, "--suite", str(tmp_path / "suite.yaml"), "--out", str(tmp_path / "suite")])
+        with pytest.raises(SystemExit, match="the judge never replied for 1 episode "):
+            cli.main([*common, "--suite", str(tmp_path / "suite.yaml"), "--out", str(tmp_path / "suite")])
         suite_err = capsys.readouterr().err
     summary = (tmp_path / "data" / "summary.md").read_text()
     assert "| Judge | Judge unparsed | SR (responses) |" in summary and "| dev | on-demand | all | 3 | 33.3 | 100.0 | 33.3 | 2 | 0.0 |" in summary
@@ -185,3 +188,37 @@ def test_missing_verdicts_are_counted_in_summary_md_and_suite_md_and_the_cli_war
     assert "| on-demand | Acc | 33.3 | 33.3 |\n| on-demand | Judge unparsed | 2 | 2 |\n| on-demand | SR |" in suite_md
     for err, out in ((data_err, "data"), (suite_err, "suite")):
         assert "warning: 2 of 3 judged episodes got no verdict" in err and str(tmp_path / out) in err
+
+
+def test_after_a_judge_outage_the_command_fails_keeping_its_work_file_and_the_rerun_asks_only_for_those(
+    monkeypatch, tmp_path, tiny_policy, fvqa_samples
+):
+    """The judge down for one episode: the command exited 0 and removed ``episodes.partial.jsonl``, so the rerun
+    README promises ("asking the judge again only for the verdicts it never gave") ran every episode again."""
+    from mmsr.eval import cli
+    from mmsr.eval.run import Evaluator
+    from mmsr.eval.work import WORK_FILE
+    from mmsr.rollout.engine import ScriptedEngine
+
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    s = fvqa_samples[:3]
+    script = {x.id: [f"<reason>r</reason><answer>{'down ' * (i == 1)}{x.ground_truth}</answer>"] for i, x in enumerate(s)}
+    engines = []
+
+    def evaluator(args):
+        engines.append(ScriptedEngine(script, tiny_policy.tokenizer))
+        judge = OpenAIJudge(args.judge_url, "m", retries=0, timeout_s=10)
+        return Evaluator(tiny_policy, engines[-1], {}, judge=judge, batch_size=2)
+
+    monkeypatch.setattr(cli, "build_evaluator", evaluator)
+    with FakeOpenAI({"down": 503}) as server:
+        argv = ["--policy", "unused.yaml", "--tools", "unused.yaml", "--data", f"dev={FVQA / 'fvqa_dev.jsonl'}", "--limit",
+                "3", "--judge-url", f"http://127.0.0.1:{server.port}/v1", "--out", str(tmp_path)]  # fmt: skip
+        with pytest.raises(SystemExit, match=rf"never replied for 1 episode .*{WORK_FILE} is kept, and running the same "
+                                             "command again asks the judge only for those verdicts$"):  # fmt: skip
+            cli.main(argv)
+        assert (tmp_path / WORK_FILE).is_file() and len(server.bodies) == 3
+        server.script.clear()  # the endpoint is back
+        summary = cli.main(argv)
+    assert len(server.bodies) == 4 and engines[1].requests == []  # one request more, no episode again
+    assert summary["dev"]["on-demand"]["all"]["judge"] == 1.0 and not (tmp_path / WORK_FILE).exists()

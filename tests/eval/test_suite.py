@@ -208,3 +208,15 @@ def test_accuracy_judge_without_a_judge_url_is_refused_before_anything_loads(tmp
     assert exit_.value.code == 2 and "--accuracy judge needs --judge-url" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="no-suite.yaml does not exist"):  # with a judge: parsed, then read
         main([*argv, "--judge-url", "http://127.0.0.1:1/v1"])
+
+
+def test_a_set_whose_sample_id_repeats_is_an_error_row_before_any_of_its_episodes(tmp_path, tiny_policy, fvqa_samples):
+    from dataclasses import replace
+
+    twice = [fvqa_samples[0], replace(fvqa_samples[1], id=fvqa_samples[0].id)]
+    engine = ScriptedEngine(lambda r: f"{R}<answer>x</answer>", tiny_policy.tokenizer)
+    table = run_suite(Evaluator(tiny_policy, engine, {}), {"twice": Given(twice), "ok": Given(fvqa_samples[2:3])},
+                      ["direct"], tmp_path)  # fmt: skip
+    rows = {r["set"]: r for r in table["rows"]}
+    assert rows["twice"]["error"] == f"sample id {twice[0].id!r} repeats: each question needs its own id"
+    assert rows["ok"]["error"] is None and len(engine.requests) == 1  # only the other set's question

@@ -52,3 +52,42 @@ def test_a_crashed_evaluation_resumes_with_the_judge_key_in_another_variable(tmp
     with pytest.raises(ValueError, match=r"--judge-model was 'gpt-4o-2024-11-20', now 'other'"):
         EvalWork(path, run_arguments(parse_args([*base, "--judge-key-env", "NEW_KEY", "--judge-model", "other"])))
     assert "secret" not in path.read_text(encoding="utf-8")
+
+
+def test_a_rerun_after_a_named_file_or_folder_changed_is_refused_naming_the_argument(tmp_path):
+    """The work file held only the paths: a ``--weights`` file overwritten since the crash (training rewrites
+    ``last.ckpt``) resumed with the old model's episodes. Unchanged files still resume; a folder counts its files."""
+    path, weights, model = tmp_path / "episodes.partial.jsonl", tmp_path / "w.pt", tmp_path / "hf"
+    weights.write_bytes(b"old weights")
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    policy = ["--policy", "p.yaml", "--weights", str(weights), "--data", f"dev={tmp_path / 'd.jsonl'}"]
+    run = lambda argv: run_arguments(parse_args([*argv, "--workflow", "direct"]))  # noqa: E731
+    EvalWork(path, run(policy)).add(("s", "w", 0), ["a"], [_record("q")])
+    assert EvalWork(path, run(policy)).done(("s", "w", 0), ["a"]) == [_record("q")]
+    weights.write_bytes(b"newer weights")
+    with pytest.raises(ValueError, match=r"another evaluation \(the file or folder --weights names has changed since"):
+        EvalWork(path, run(policy))
+    path.unlink()
+    EvalWork(path, run(["--model-dir", str(model), "--data", "d.jsonl"])).add(("s", "w", 0), ["a"], [_record("q")])
+    (model / "model.safetensors").write_bytes(b"w")  # a file added to the folder
+    with pytest.raises(ValueError, match=r"the file or folder --model-dir names has changed since"):
+        EvalWork(path, run(["--model-dir", str(model), "--data", "d.jsonl"]))
+    path.unlink()
+    (tmp_path / "d.jsonl").write_text("{}\n")
+    EvalWork(path, run(policy)).add(("s", "w", 0), ["a"], [_record("q")])
+    (tmp_path / "d.jsonl").write_text("{}\n{}\n")  # the eval set's file rewritten
+    with pytest.raises(ValueError, match=r"the file or folder --data names has changed since"):
+        EvalWork(path, run(policy))
+
+
+def test_an_out_folder_inside_a_named_folder_does_not_change_its_fingerprint(tmp_path):
+    """``--out`` inside ``--model-dir`` (an evaluation kept beside its model): the command's own writes must not
+    count as the model changing, or every rerun after a crash would be refused."""
+    path, model = tmp_path / "hf" / "eval" / "episodes.partial.jsonl", tmp_path / "hf"
+    (model / "eval").mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    argv = ["--model-dir", str(model), "--data", "d.jsonl", "--out", str(model / "eval"), "--workflow", "direct"]
+    EvalWork(path, run_arguments(parse_args(argv))).add(("s", "w", 0), ["a"], [_record("q")])
+    (model / "eval" / "summary.md").write_text("written by the command")
+    assert EvalWork(path, run_arguments(parse_args(argv))).done(("s", "w", 0), ["a"]) == [_record("q")]
