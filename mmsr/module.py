@@ -24,6 +24,7 @@ advantages and updates (``mmsr.train.update``: micro-batches, loss, optimizer st
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, replace
@@ -74,10 +75,21 @@ from mmsr.rollout.trajectory import Trajectory
 from mmsr.sync import WeightSync
 from mmsr.tools.base import SearchTool
 from mmsr.tools.budget import check_budgets
+from mmsr.tools.cache import assign_run_id
 from mmsr.tools.spec import Tool, configured, declared
 from mmsr.train.batch import TrainBatch
 from mmsr.train.step import StepRollout
 from mmsr.train.update import Backprop, PolicyUpdate, UpdateSettings, choice_limits
+
+
+def refuse_short_engine(engine: Engine | None, rollout: RolloutSettings) -> None:
+    """Refuse an engine whose context (``max_model_len``) is shorter than an episode's: it failed mid-rollout, at
+    the first context past it, in vLLM's words, naming neither the request nor either setting."""
+    limit = getattr(engine, "max_model_len", None)
+    if limit is not None and limit < rollout.max_context_tokens:
+        raise ValueError(f"{type(engine).__name__}(max_model_len={limit}) is below RolloutSettings.max_context_tokens="
+                         f"{rollout.max_context_tokens}: episodes would outgrow the engine's context mid-rollout; raise "
+                         "max_model_len or lower max_context_tokens")  # fmt: skip
 
 
 class GRPOModule(L.LightningModule):
@@ -171,6 +183,7 @@ class GRPOModule(L.LightningModule):
         tool_map = configured(tools, image_search, text_search)
         check_budgets(tool_map, rollout.tool_timeout_s)  # fail fast
         rollout.refuse_unknown_tools([spec.name for spec in declared(tool_map)])  # as the loop would, before the build
+        refuse_short_engine(engine, rollout)
         check_schedule(lr_schedule, warmup_steps)
         # A group of one gets advantage 0 whatever its reward (every estimator), and greedy rollouts make a group's
         # episodes identical: either way the policy never moves. Validation is greedy on its own (validation_step).
@@ -207,6 +220,7 @@ class GRPOModule(L.LightningModule):
         self._timings: dict[str, float] = {}
         self.stage: str | None = None  # the step's current stage, read live by StageProgressBar
         self._sharded = self._configured = self._engine_started = False
+        self._tool_run_id: str | None = None  # the run's id in the search caches' budget (on_fit_start)
 
     @property
     def updates_per_step(self) -> int:
@@ -234,6 +248,9 @@ class GRPOModule(L.LightningModule):
         """Refuse plain DDP on one device for a vision-language policy before the first rollout
         (``refuse_one_device_ddp``: a step of text-only episodes failed DDP's next backward)."""
         refuse_one_device_ddp(self.trainer.strategy.model, self.policy.vision_tower(), "GRPOModule")
+        # every rank's search caches spend one budget: rank 0's new id, or the resumed run's if already restored
+        self._tool_run_id = self._tool_run_id or self.trainer.strategy.broadcast(uuid.uuid4().hex)
+        assign_run_id(self.loop.tools, self._tool_run_id)
 
     def on_train_start(self) -> None:
         """A resumed run trains at the configured lr and weight decay, not the checkpoint's (``reapply_configured``:
@@ -289,6 +306,7 @@ class GRPOModule(L.LightningModule):
         checkpoint["mmsr_ranks"] = rank_states(self.engine)
         checkpoint["mmsr_rollout"] = self.loop.state_dict()
         checkpoint["mmsr_weight_sync"] = self.weight_sync.state_dict()  # the same count on every rank
+        checkpoint["mmsr_tool_run_id"] = self._tool_run_id
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "mmsr_rollout" in checkpoint:
@@ -297,6 +315,9 @@ class GRPOModule(L.LightningModule):
             self.weight_sync.load_state_dict(checkpoint["mmsr_weight_sync"])
         world = self.trainer.world_size if self._trainer is not None else 1
         restore_rank_state(checkpoint.get("mmsr_ranks"), self.global_rank, world, self.engine)
+        if checkpoint.get("mmsr_tool_run_id"):  # the resumed run spends its search budget on (here or in on_fit_start)
+            self._tool_run_id = checkpoint["mmsr_tool_run_id"]
+            assign_run_id(self.loop.tools, self._tool_run_id)
 
     # -- the step -----------------------------------------------------------------------------
     @contextmanager

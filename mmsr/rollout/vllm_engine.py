@@ -85,7 +85,8 @@ class VLLMEngine:
             starts from dummy weights that the first sync replaces (nothing is written but the
             config and tokenizer, to a temporary directory removed when the engine goes).
         dtype: engine weights dtype; ``None`` takes the policy's compute dtype (else its parameters').
-        max_model_len: longest context (images expanded); at least ``RolloutSettings.max_context_tokens``.
+        max_model_len: longest context (images expanded); at least ``RolloutSettings.max_context_tokens``
+            (``GRPOModule`` refuses less); a longer prompt is refused naming its request.
         max_num_seqs: most sequences decoded at once.
         gpu_memory_utilization: fraction of GPU memory vLLM may take (GPU only).
         cpu_kv_cache_gb: KV cache size on CPU (vLLM reads ``gpu_memory_utilization`` as a fraction of
@@ -180,6 +181,16 @@ class VLLMEngine:
             self.llm = LLM(**self.llm_kwargs(path, dtype, torch.cuda.is_available(), load_format, world))
 
     @property
+    def block_size(self) -> int | None:
+        """Tokens of a KV-cache block (vLLM's prefix cache holds whole blocks); ``None`` before ``bind``."""
+        return None if self.llm is None else self.llm.llm_engine.vllm_config.cache_config.block_size
+
+    @property
+    def weights_dtype(self) -> str | None:
+        """The dtype vLLM runs the weights in (``"bfloat16"`` ...); ``None`` before ``bind``."""
+        return None if self.llm is None else str(self.llm.llm_engine.model_config.dtype).removeprefix("torch.")
+
+    @property
     def sleep_enabled(self) -> bool:
         return self.enable_sleep_mode and torch.cuda.is_available()
 
@@ -218,9 +229,13 @@ class VLLMEngine:
         return [(prompt, self.sampling_params(sampling, budget, seed)) for prompt, budget, seed in zip(prompts, budgets, seeds)]
 
     def _prompt(self, request: GenerationRequest) -> dict:
-        """vLLM's prompt of one request, its image pads checked against its images (``engine_input``); a
-        mismatch names the request, as ``HFEngine`` and ``turn_budget`` do (in a batch of a whole rollout's
-        turns the bare message would not say whose context was wrong)."""
+        """vLLM's prompt of one request, its image pads checked against its images (``engine_input``), and within
+        ``max_model_len`` with room for a token; either refusal names the request, as ``HFEngine.request_budget``
+        does (vLLM's own names neither the request nor the setting, and in a batch of a whole rollout's turns the
+        bare message would not say whose context was wrong)."""
+        if len(request.input_ids) >= self.max_model_len:
+            raise ValueError(f"request {request.key!r}: its prompt of {len(request.input_ids)} tokens leaves no room for "
+                             f"a token in VLLMEngine's max_model_len={self.max_model_len}")  # fmt: skip
         try:
             checked = engine_input(request.input_ids, request.vision, self.image_ids, grids=self.grid_images)
         except ImageTokenMismatch as e:

@@ -19,6 +19,7 @@ from mmsr.sync.probe import (
     StaleWeightsError,
     SyncCheck,
     agree,
+    engine_dtype,
     probe_image,
     probe_inputs,
     sampling_probe,
@@ -41,7 +42,7 @@ from mmsr.sync.stream import (
 )
 
 __all__ = ["DEFAULT_BUCKET_MB", "PROBE_TEXT", "StaleWeightsError", "SyncCheck", "SyncStats", "WeightSync", "agree",
-           "engine_name", "full_nbytes", "gather", "gather_bucket", "probe_image", "probe_inputs", "sampling_probe", "stream_weights",
+           "engine_dtype", "engine_name", "full_nbytes", "gather", "gather_bucket", "probe_image", "probe_inputs", "sampling_probe", "stream_weights",
            "sync_weights", "trainer_logprobs", "verify_sampling", "verify_sync", "warm_probe", "weight_buckets"]  # fmt: skip
 
 
@@ -74,7 +75,7 @@ class WeightSync:
 
     def __call__(self, policy: Policy, engine: Engine) -> SyncStats:
         due = self.verify_every > 0 and self.syncs % self.verify_every == 0 and hasattr(engine, "score")
-        cached = sampling_probe(policy, self.probe_text) if due else None
+        cached = self.sampling_probe(policy, engine) if due else None
         if cached is not None:
             warm_probe(engine, *cached)  # its prefix cached with the weights the sync replaces
         stats = sync_weights(policy.model, engine, self.bucket_mb, self.dtype)
@@ -83,6 +84,11 @@ class WeightSync:
         if cached is not None:
             self._verify(policy, engine, cached)
         return stats
+
+    def sampling_probe(self, policy: Policy, engine: Engine) -> tuple[list[int], tuple]:
+        """``sampling_probe`` within the engine's ``max_model_len`` and over its KV ``block_size``, where it has them."""
+        limits = {name: getattr(engine, name) for name in ("max_model_len", "block_size") if getattr(engine, name, None)}
+        return sampling_probe(policy, self.probe_text, **limits)
 
     def state_dict(self) -> dict[str, int]:
         """What a resumed run needs to probe at the syncs an uninterrupted one does: the count of syncs (a run resumed

@@ -34,8 +34,11 @@ PROBE_TEXT = (
 PROBE_KEY = "mmsr-sync-probe"
 PROBE_TOKENS = 8  # greedy tokens the sampling check draws
 # The sampling check's prefix spans several KV blocks: vLLM caches whole blocks only (16 tokens on
-# GPU, 128 on CPU), and never the last token of a prompt.
+# GPU, 128 on CPU), and never the last token of a prompt. An engine of a shorter max_model_len gets
+# less (``sampling_probe``).
 SAMPLING_PROBE_MIN_TOKENS = 512
+# A correct sync to an engine in bfloat16 measures a mean |dlogp| of 1e-3..3e-2 on the probe.
+LOW_PRECISION_TOLERANCE = 0.05
 
 
 class StaleWeightsError(RuntimeError):
@@ -72,14 +75,28 @@ def probe_inputs(policy: Policy, text: str = PROBE_TEXT) -> tuple[list[int], tup
     return policy.encoder().encode(text, [v.num_tokens for v in vision]), vision
 
 
-def sampling_probe(policy: Policy, text: str = PROBE_TEXT) -> tuple[list[int], tuple[VisionInput, ...]]:
+def sampling_probe(policy: Policy, text: str = PROBE_TEXT, max_model_len: int | None = None,
+                   block_size: int | None = None) -> tuple[list[int], tuple[VisionInput, ...]]:  # fmt: skip
     """``probe_inputs`` followed by the probe's text (without images) repeated up to at least
-    ``SAMPLING_PROBE_MIN_TOKENS`` tokens: a prefix long enough for the engine to cache."""
+    ``SAMPLING_PROBE_MIN_TOKENS`` tokens: a prefix long enough for the engine to cache.
+
+    An engine's ``max_model_len`` cuts it to leave room for the ``PROBE_TOKENS`` it continues with (vLLM
+    refuses a longer prompt). Cut, it must still hold ``probe_inputs`` whole and more than one KV block of
+    ``block_size`` tokens (the prefix cache serves whole blocks, never a prompt's last token), or the check
+    could not see a stale prefix cache: ``ValueError`` naming ``max_model_len`` then.
+    """
     ids, vision = probe_inputs(policy, text)
     filler, _ = probe_inputs(policy, text.replace(IMAGE_MARKER, ""))
+    own, need = len(ids), max(len(ids), (block_size or 0) + 1)
     while len(ids) < SAMPLING_PROBE_MIN_TOKENS:
         ids = ids + filler
-    return ids, vision
+    room = len(ids) if max_model_len is None else max_model_len - PROBE_TOKENS
+    if room < need:
+        cache = f" and a KV block of {block_size} to cache with a token past it" if block_size else ""
+        raise ValueError(f"max_model_len={max_model_len} leaves {room} tokens for the weight-sync sampling probe (after "
+                         f"the {PROBE_TOKENS} it samples), which needs {need}: its own {own}{cache}; raise the engine's "
+                         "max_model_len")  # fmt: skip
+    return ids[:room], vision
 
 
 @torch.no_grad()
@@ -118,11 +135,23 @@ def trainer_logprobs(policy: Policy, input_ids: Sequence[int], vision: Sequence[
     return logp.gather(-1, torch.tensor(list(input_ids)[1:])[:, None])[:, 0]
 
 
-def _stale(what: str, check: SyncCheck, tolerance: float) -> StaleWeightsError:
+def engine_dtype(engine) -> str | None:
+    """The dtype the engine's weights run in (``weights_dtype``, e.g. ``"bfloat16"``), where it says."""
+    dtype = getattr(engine, "weights_dtype", None)
+    return None if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def _stale(what: str, check: SyncCheck, tolerance: float, dtype: str | None) -> StaleWeightsError:
+    """The error of a failed check; an engine in bf16/fp16 below ``LOW_PRECISION_TOLERANCE`` fails it
+    even when correct, so the message says which tolerance its precision needs."""
+    cause = f"the engine{f' (in {dtype})' if dtype else ''} is generating with stale or wrongly loaded weights"
+    if dtype in ("bfloat16", "float16") and tolerance < LOW_PRECISION_TOLERANCE:
+        cause = (f"the engine runs {dtype}, where a correct sync differs by up to ~3e-2: use WeightSync(tolerance="
+                 f"{LOW_PRECISION_TOLERANCE:g}) for it (above that, its weights are stale or wrongly loaded)")  # fmt: skip
     return StaleWeightsError(
         f"engine and trainer disagree on the probe after a weight sync ({what}): mean |dlogp| "
         f"{check.mean_abs_diff:.3g} (max {check.max_abs_diff:.3g}) over {check.tokens} tokens > "
-        f"tolerance {tolerance:g}; the engine is generating with stale or wrongly loaded weights"
+        f"tolerance {tolerance:g}; {cause}"
     )
 
 
@@ -166,7 +195,7 @@ def verify_sync(policy: Policy, engine, input_ids: Sequence[int], tolerance: flo
     diff = (mine - theirs).abs()[compared]
     check = SyncCheck(float(diff.mean()), float(diff.max()), diff.numel())
     if not check.mean_abs_diff <= tolerance:  # a NaN (weights left as garbage) is stale, not a pass
-        raise _stale("scoring", check, tolerance)
+        raise _stale("scoring", check, tolerance, engine_dtype(engine))
     return check
 
 
@@ -207,5 +236,5 @@ def verify_sampling(policy: Policy, engine: Engine, input_ids: Sequence[int], to
     worse_than_argmax = float((rows.max(-1).values - mine).max())
     if not (check.mean_abs_diff <= tolerance and worse_than_argmax <= tolerance):  # NaN fails too
         raise _stale(f"greedy sampling from the cached probe prefix, tokens {worse_than_argmax:.3g} below "
-                     "the trainer's argmax", check, tolerance)  # fmt: skip
+                     "the trainer's argmax", check, tolerance, engine_dtype(engine))  # fmt: skip
     return check

@@ -9,7 +9,8 @@ Modes: ``off`` (always call), ``read_write`` (hit -> cached result; miss -> call
 by a transient failure, ``ToolResult.partial``), ``replay_only`` (hit -> cached result; miss -> ``ReplayMiss``,
 never a call).
 A text search backend whose summaries focus on the question (``question_focused``) is keyed on the question too
-(``request_key``): another question's summaries are never served, from the cache or from a call in flight.
+(``request_key``), under whatever tool kind it serves but image search: another question's summaries are never
+served, from the cache or from a call in flight.
 In ``read_write`` mode a miss already being fetched on the same event loop is joined, not fetched again: the
 ``num_generations`` episodes of a GRPO group search the same image at the same moment, and one call is paid. Besides
 the key, a joiner must have the same row and image URL (``sample_id``, ``image_url``: the backend is asked with the
@@ -18,7 +19,9 @@ A joiner reserves nothing, gets the shared result (a partial one too), free unle
 left to get it, and is counted ``cache_joined``, neither a hit nor a miss; its own timeout leaves the call to
 the others (the last to leave cancels it).
 The budget counts the calls and dollars of one run in the same file, per tool kind and provider (image and
-text search have caps of their own), so every process of a run (same ``run_id``) shares it; past it, a miss
+text search have caps of their own), so every process of a run (same ``run_id``) shares it: ``GRPOModule`` gives
+its caches that have none one id per training run (``assign_run_id``), the same on every rank and kept by its
+checkpoints, so a resumed run goes on spending the same budget; past it, a miss
 returns a failure observation saying so instead of calling. A call is reserved with its provider's price
 (``provider.cost_per_call``) before it runs, so calls in flight count against ``max_cost`` too, and settled at
 its real cost after; a search that never went out (``ToolResult.sent`` False, or a ``ToolError`` with ``sent``
@@ -32,7 +35,7 @@ import os
 import threading
 import time
 from collections import Counter
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
@@ -49,7 +52,8 @@ _OPENING = threading.Lock()  # one ToolCache per CachedTool, however many thread
 # which are not per kind, under the kind it served first
 KIND_COUNTERS = frozenset({"cache_hits", "cache_misses", "cache_joined", "budget_refusals", "api_calls", "api_cost",
                            "run_api_calls", "run_api_cost"})  # fmt: skip
-# Processes of one run share a budget only if they share a run_id; by default a process is its own run.
+# Processes of one run share a budget only if they share a run_id; by default a process is its own run (until a
+# trainer gives its caches the run's: ``assign_run_id``).
 PROCESS_RUN_ID = f"pid{os.getpid()}-{int(time.time())}"
 
 
@@ -121,8 +125,9 @@ class CachedTool:
         version: part of the key; bump it when the backend's output changes (prompt, model, format).
         max_calls, max_cost: the run's budget of API calls and dollars for this tool kind and provider
             (``None``: unlimited).
-        run_id: processes with the same id share one budget; default: this process.
-        question_focused: key text searches on the question too; defaults to the tool's ``question_focused``
+        run_id: processes with the same id share one budget; default: this process, until ``GRPOModule`` gives the
+            training run's (``assign_run_id``: every rank and every resume of one run share its budget).
+        question_focused: key searches (all but image search) on the question too; defaults to the tool's ``question_focused``
             (``depends_on_question``). Set it for a ``replay_only`` cache without a tool whose entries a
             question-focused backend recorded.
     """
@@ -136,6 +141,7 @@ class CachedTool:
         self.tool, self.mode, self.version = tool, mode, version
         self.provider = provider or getattr(tool, "provider_name", None) or type(tool).__name__
         self.max_calls, self.max_cost, self.run_id = max_calls, max_cost, run_id or PROCESS_RUN_ID
+        self.run_id_given = run_id is not None  # a configured id is kept (``assign_run_id``)
         self.path = path
         # as the tool's attribute too: a cache wrapped around this one keys on it alike
         self.question_focused = depends_on_question(tool) if question_focused is None else question_focused
@@ -302,3 +308,28 @@ class CachedTool:
         calls, cost = self.cache.spent(BudgetKey(self.run_id, kind, self.provider))
         return ({f"tools/{kind}/api_calls": 0.0, f"tools/{kind}/api_cost": 0.0} | mine
                 | {f"tools/{kind}/run_api_calls": float(calls), f"tools/{kind}/run_api_cost": float(cost)})  # fmt: skip
+
+
+def cached_tools(tools: Mapping[str, object] | Iterable[object]) -> list[CachedTool]:
+    """Every ``CachedTool`` among ``tools`` (a ``{name: tool}`` mapping or tools) and the backends they wrap
+    (``Tool.backend``, ``CropSearch.backend``, a cache's own ``tool``), each once, in the order found."""
+    todo, seen, found = list(tools.values() if isinstance(tools, Mapping) else tools), set(), []
+    while todo:
+        tool = todo.pop(0)
+        if tool is None or id(tool) in seen:
+            continue
+        seen.add(id(tool))
+        if isinstance(tool, CachedTool):
+            found.append(tool)
+        todo.extend(getattr(tool, name, None) for name in ("backend", "tool"))
+    return found
+
+
+def assign_run_id(tools: Mapping[str, object] | Iterable[object], run_id: str) -> list[CachedTool]:
+    """Give ``run_id`` to every ``CachedTool`` among ``tools`` (``cached_tools``) not configured with one, so the
+    processes of one run spend one budget (by default each process is a run of its own: ``PROCESS_RUN_ID``);
+    returns the caches it set. Called again (a checkpoint's id restored), it replaces the id it gave before."""
+    assigned = [tool for tool in cached_tools(tools) if not tool.run_id_given]
+    for tool in assigned:
+        tool.run_id = run_id
+    return assigned

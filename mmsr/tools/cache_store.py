@@ -8,7 +8,8 @@ normalized query for text search (``q:<query>``; ``q:<query>|question:<question>
 too, for a backend whose summaries focus on it: ``mmsr.tools.base.depends_on_question``) and a SHA-256 of the
 image's pixels for image search (so the same image re-read from disk hits, whatever its file name), else its
 URL. Any other tool (a custom text tool, a crop search) is keyed on both its normalized query and its image
-(or URL, and the size the query's coordinates refer to) when it has one: either may change the answer.
+(or URL, and the size the query's coordinates refer to) when it has one: either may change the answer; and, for a
+question-focused backend, on the question too, as text search is (``|question:<question>``).
 
 The budget table counts the calls and dollars of one run per tool kind and provider; a call is reserved in one
 transaction, so processes sharing the file cannot both take the last one.
@@ -51,8 +52,8 @@ def _image_part(request: ToolRequest) -> str | None:
 
 
 def request_key(request: ToolRequest, by_question: bool = False) -> str:
-    """The cache key of a request (see the module docstring); ``by_question``: the backend's text search results
-    depend on the question. The formats of ``image_search`` keys and of question-independent ``text_search`` keys
+    """The cache key of a request (see the module docstring); ``by_question``: the backend's results depend on the
+    question (every kind but ``image_search``, whose key is the image alone). The formats of ``image_search`` keys and of question-independent ``text_search`` keys
     never change: caches recorded with them (replayed MMSearch-R1 outputs, the FVQA cache, local search) must keep
     hitting. A question-focused backend's entries written under the query alone (before 2026-12-06) are missed on
     purpose: they may hold another question's summaries."""
@@ -73,6 +74,8 @@ def request_key(request: ToolRequest, by_question: bool = False) -> str:
         parts.append(image)
     if image is not None and request.image_size is not None:  # a crop's box is in these pixels
         parts.append("size:{}x{}".format(*request.image_size))
+    if by_question:  # a question-focused text backend under another tool's name writes for the question too
+        parts.append("question:" + normalize_query(request.question))
     return "|".join(parts)
 
 

@@ -79,22 +79,40 @@ def request_from_json(body: Any) -> ToolRequest:
         raise ValueError("the body must be a JSON object")
     if body.get("kind") not in KINDS:
         raise ValueError(f"field 'kind': must be one of {KINDS}, got {body.get('kind')!r:.40}")
-    for field in ("query", "sample_id", "question"):
-        if not isinstance(body.get(field, ""), str):
-            raise ValueError(f"field {field!r}: must be a string")
-    budget = body.get("budget_s")
-    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int | float) or not budget > 0):
-        raise ValueError("field 'budget_s': must be a positive number or null")  # NaN included
-    if budget == math.inf:  # Python's json reads Infinity (and 1e400) as inf: no cap, as null
-        budget = None
-    if body.get("image_url") is not None and not isinstance(body["image_url"], str):
-        raise ValueError("field 'image_url': must be a string or null")
-    image = body.get("image")
-    if image is not None and not isinstance(image, str):
+    query, sample_id, question = (_text(body, field) for field in ("query", "sample_id", "question"))
+    image_url, budget = _text(body, "image_url", nullable=True), _budget(body.get("budget_s"))
+    data = body.get("image")
+    if data is not None and not isinstance(data, str):
         raise ValueError("field 'image': must be a base64 string or null")
-    return ToolRequest(body["kind"], body.get("query", ""), _image64(image, "image") if image else None,
-                       body.get("image_url"), body.get("sample_id", ""), body.get("question", ""),
-                       None if budget is None else float(budget))  # fmt: skip
+    image = _image64(data, "image") if data else None
+    return ToolRequest(body["kind"], query, image, image_url, sample_id, question, budget)
+
+
+def _text(body: dict, field: str, nullable: bool = False) -> str | None:
+    """``body[field]``, a string (absent: "", or None if ``nullable``); ``ValueError`` naming the field."""
+    value = body.get(field, None if nullable else "")
+    if value is None and nullable:
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"field {field!r}: must be a string{' or null' if nullable else ''}")
+    try:  # JSON may carry a lone surrogate ("\ud800"): no backend, HTTP call or cache could encode it
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"field {field!r}: not valid Unicode (lone surrogate at character {exc.start})") from None
+    return value
+
+
+def _budget(budget: Any) -> float | None:
+    """``budget_s`` as seconds, None for no cap; ``ValueError`` naming the field."""
+    if budget is None:
+        return None
+    if isinstance(budget, bool) or not isinstance(budget, int | float) or not budget > 0:
+        raise ValueError("field 'budget_s': must be a positive number or null")  # NaN included
+    try:
+        budget = float(budget)
+    except OverflowError:  # an integer of hundreds of digits: json reads it exactly, float() cannot hold it
+        raise ValueError("field 'budget_s': too large a number of seconds (null: no cap)") from None
+    return None if budget == math.inf else budget  # Python's json reads Infinity (and 1e400) as inf: no cap
 
 
 def result_to_json(result: ToolResult) -> dict[str, Any]:
@@ -186,6 +204,8 @@ class SearchServer:
             tool_request = request_from_json(await request.json())
         except ValueError as exc:  # also malformed JSON (json.JSONDecodeError is a ValueError)
             return _error(f"bad request: {exc}", 400)
+        except RecursionError:  # json's parser recurses once per level of nesting
+            return _error("bad request: the body's JSON is nested too deeply", 400)
         tool = self.tools.get(tool_request.kind)
         if tool is None:
             return _error(f"no {tool_request.kind} backend is configured", 404)

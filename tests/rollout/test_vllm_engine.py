@@ -282,6 +282,33 @@ def test_verification_catches_a_sync_that_keeps_the_prefix_cache(policy, engine,
     check(policy, engine)  # a sync that drops the cache passes
 
 
+def test_the_sync_probe_fits_an_engine_of_a_short_context(policy, engine, initial, taught, monkeypatch):
+    """The first sync always probes, and its probe was padded to 560 tokens: an engine of max_model_len 512 or less
+    failed it in vLLM's words, naming a prompt the user never sent. Cut to the engine's context, it still catches a
+    sync that keeps the prefix cache. (vLLM's limit cannot change live: the shared engine's own is set lower, which
+    the probe and the prompt check read.)"""
+    load(policy, initial)
+    monkeypatch.setattr(engine, "max_model_len", 256)
+    check = WeightSync(verify_every=1, tolerance=1e-3)
+    check(policy, engine)  # the 560-token probe was refused
+    ids, _ = sampling_probe(policy, max_model_len=256, block_size=engine.block_size)
+    assert len(ids) == 256 - 8 and engine.weights_dtype == "float32"
+    assert cached_tokens(engine, GenerationRequest(tuple(ids))) >= engine.block_size  # what the sampling check reads
+    load(policy, taught[0])
+    monkeypatch.setattr(engine.llm, "reset_prefix_cache", lambda *a, **k: True)  # the bug: the cache survives
+    with pytest.raises(StaleWeightsError, match="cached probe prefix"):
+        check(policy, engine)
+    monkeypatch.undo()
+    check(policy, engine)
+
+
+def test_a_prompt_over_max_model_len_is_refused_naming_its_request(engine):
+    """vLLM's own refusal names neither the request nor the setting (it ended a rollout part way)."""
+    with pytest.raises(ValueError, match=r"^request 'long#0': its prompt of 1030 tokens leaves no room for a token in "
+                                         r"VLLMEngine's max_model_len=1024$"):  # fmt: skip
+        engine.generate([GenerationRequest((5,) * 1030, key="long#0")], GREEDY)
+
+
 def test_sleep_and_wake_are_no_ops_on_cpu(policy, engine, initial, prompts, fvqa_samples):
     use(policy, engine, initial)
     request = first_request(policy, prompts, fvqa_samples[0])

@@ -602,6 +602,19 @@ def test_a_question_focused_search_serves_each_question_its_own_summaries_cold_a
         run(replay, replace(asked[0], question="When was it built?"))
 
 
+def test_a_question_focused_backend_under_another_tool_kind_serves_each_question_its_own_summaries(tmp_path):
+    # A custom text tool (a Tool named wiki_search) backed by a web text search: its key left the question out, so
+    # row b was served the summaries written for row a's question. Image search's key stays the image alone.
+    path, questions = tmp_path / "c.sqlite", ("How tall is it?", "Who built it?")
+    backend, image = Focused(delay_s=0.0), Image.new("RGB", (4, 4), "red")
+    tool = CachedTool(backend, str(path))
+    asked = [ToolRequest("wiki_search", "Eiffel Tower", sample_id=row, question=q) for row, q in zip("ab", questions)]
+    assert [_focus(run(tool, r)) for r in asked] == list(questions) and backend.calls == 2
+    assert _keys(path) == ["q:eiffel tower|question:how tall is it?", "q:eiffel tower|question:who built it?"]
+    assert [_focus(run(tool, r)) for r in asked] == list(questions) and backend.calls == 2  # warm: hits
+    assert request_key(ToolRequest("image_search", image=image, question="Who?"), True) == image_key(image)
+
+
 def test_a_search_that_ignores_the_question_keeps_its_recorded_key(tmp_path):
     # Replayed MMSearch-R1 outputs, FVQA caches and local search were recorded under "q:<query>": still hit.
     path = tmp_path / "c.sqlite"

@@ -371,6 +371,29 @@ def test_an_infinite_budget_is_no_cap_and_nan_is_a_bad_request(monkeypatch):
     assert request_to_json(ToolRequest("text_search", budget_s=float("inf")))["budget_s"] is None
 
 
+@pytest.mark.parametrize(
+    "data, field",
+    [(b'{"kind": "text_search", "query": "q", "budget_s": 1' + b"0" * 400 + b"}", "field 'budget_s'"),
+     (b'{"kind": "text_search", "query": "a\\ud800b"}', "field 'query'"),
+     (b'{"kind": "text_search", "query": "q", "question": "\\udfff"}', "field 'question'"),
+     (b'{"kind": "text_search", "image_url": "\\ud800"}', "field 'image_url'"),
+     (b"[" * 100_000 + b"]" * 100_000, "nested too deeply")],
+    ids=["huge_budget", "surrogate_query", "surrogate_question", "surrogate_image_url", "deep_nesting"],
+)  # fmt: skip
+def test_a_body_json_reads_but_no_request_holds_is_a_bad_request_naming_the_field(monkeypatch, caplog, data, field):
+    # a 400-digit budget_s overflowed float() and deep nesting overflowed json's recursion (both a 500); a lone
+    # surrogate reached the backend, whose HTTP call or cache raised UnicodeEncodeError (a failed search, logged)
+    monkeypatch.delenv("MMSR_SEARCH_TOKEN", raising=False)
+
+    async def post(url):
+        async with aiohttp.ClientSession() as session, session.post(url + "/v1/search", data=data) as response:
+            return response.status, await response.text()
+
+    status, answer = asyncio.run(_with_server(SearchServer(text_search=BudgetEcho(), port=0), post))
+    assert (status, json.loads(answer)["error"].startswith("bad request: ")) == (400, True) and field in answer
+    assert not [r for r in caplog.records if r.levelno >= 40]  # nothing logged as a server error
+
+
 def _status_with(port: int, authorization: bytes) -> str:
     """The status line of a search sent with raw ``Authorization`` header bytes (aiohttp's client refuses some)."""
     body = b'{"kind": "text_search", "query": "q"}'

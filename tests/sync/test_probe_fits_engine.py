@@ -1,0 +1,82 @@
+"""The probe against the engine it checks: within its ``max_model_len`` (the first sync always probes, and a
+probe padded to 512+ tokens crashed an engine of a shorter context in vLLM's words, naming a prompt the user
+never sent), and a failure message that says which tolerance an engine in bf16 / fp16 needs."""
+
+import copy
+
+import pytest
+
+from mmsr.models.policy import Policy
+from mmsr.sync import PROBE_TEXT, StaleWeightsError, WeightSync, probe_inputs, sampling_probe, verify_sync
+from mmsr.sync.probe import PROBE_TOKENS, SAMPLING_PROBE_MIN_TOKENS
+from tests.test_sync import CopyEngine
+
+
+class ShortContext(CopyEngine):
+    """As vLLM with ``max_model_len`` and a prefix cache of ``block_size``-token blocks: a longer prompt is refused."""
+
+    max_model_len, block_size = 300, 128
+
+    def generate(self, requests, sampling):
+        for r in requests:
+            if len(r.input_ids) > self.max_model_len:
+                raise ValueError(f"This model's maximum context length is {self.max_model_len} tokens. However, your "
+                                 f"prompt contains {len(r.input_ids)} input tokens")  # fmt: skip
+        return super().generate(requests, sampling)
+
+
+class Off(CopyEngine):
+    """Scores the probe 0.01 off the trainer (a correct bf16 sync measures 1e-3..3e-2), in ``weights_dtype``."""
+
+    def __init__(self, policy, dtype):
+        super().__init__(policy)
+        self.weights_dtype = dtype
+
+    def score(self, input_ids, vision=()):
+        return [x + 0.01 for x in super().score(input_ids, vision)]
+
+
+@pytest.fixture
+def trainer(tiny_policy):
+    return Policy(copy.deepcopy(tiny_policy.model), tiny_policy.tokenizer, tiny_policy.image_processor)
+
+
+def test_the_sampling_probe_is_cut_to_the_engines_context_and_kept_whole_otherwise(trainer):
+    whole, vision = sampling_probe(trainer)
+    assert len(whole) >= SAMPLING_PROBE_MIN_TOKENS
+    assert sampling_probe(trainer, PROBE_TEXT, max_model_len=8192, block_size=16)[0] == whole  # as before
+    cut, same = sampling_probe(trainer, PROBE_TEXT, max_model_len=300, block_size=128)
+    assert cut == whole[: 300 - PROBE_TOKENS] and len(same) == len(vision) == 1  # the probe's image kept
+
+
+def test_an_engine_too_short_for_the_probe_is_refused_naming_max_model_len(trainer):
+    """It needs the probe itself, and a whole KV block and one token past it (the prefix cache serves whole blocks,
+    never a prompt's last token: a shorter probe could not see a cache that kept the old weights' KV)."""
+    own = len(probe_inputs(trainer)[0])
+    assert 100 - PROBE_TOKENS < own < 130 - PROBE_TOKENS  # the cases test what they say
+    for max_model_len, block_size, need in [(100, 16, own), (130, 128, 129)]:
+        with pytest.raises(ValueError, match=rf"^max_model_len={max_model_len} leaves {max_model_len - PROBE_TOKENS} "
+                                             rf"tokens .* which needs {need}: .*; raise the engine's max_model_len$"):  # fmt: skip
+            sampling_probe(trainer, PROBE_TEXT, max_model_len, block_size)
+
+
+def test_the_first_sync_probes_an_engine_of_a_short_context_within_it(trainer):
+    engine = ShortContext(trainer)
+    sync = WeightSync(verify_every=1)
+    sync(trainer, engine)  # the probe of 560 tokens was refused by the engine
+    assert sync.last_sampling_check is not None and sync.last_check.max_abs_diff < 1e-5
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_a_failed_probe_of_a_low_precision_engine_names_its_dtype_and_the_tolerance_it_needs(trainer, dtype):
+    ids, vision = probe_inputs(trainer)
+    with pytest.raises(StaleWeightsError, match=rf"tolerance 0.001; the engine runs {dtype}, where a correct sync "
+                                                r"differs by up to ~3e-2: use WeightSync\(tolerance=0.05\)"):  # fmt: skip
+        verify_sync(trainer, Off(trainer, dtype), ids, 1e-3, vision)
+    assert verify_sync(trainer, Off(trainer, dtype), ids, 0.05, vision).mean_abs_diff == pytest.approx(0.01, abs=1e-4)
+
+
+def test_a_failed_probe_of_an_fp32_engine_says_stale(trainer):
+    ids, vision = probe_inputs(trainer)
+    with pytest.raises(StaleWeightsError, match=r"the engine \(in float32\) is generating with stale or wrongly loaded"):
+        verify_sync(trainer, Off(trainer, "float32"), ids, 1e-3, vision)
