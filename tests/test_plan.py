@@ -2,18 +2,26 @@
 on 80 GB GPUs, and the command line."""
 
 import json
+import os
 import subprocess
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
+import torch.multiprocessing as mp
+from torch.distributed.tensor import DTensor
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from mmsr.plan import main
 from mmsr.plan.config import ModelShape, RunSpec, world
 from mmsr.plan.memory import GiB, plan
 from mmsr.sync import DEFAULT_BUCKET_MB
 from tests.conftest import FVQA, ROOT, subprocess_env
+from tests.test_sync import _free_port
 
 RECIPES = [ROOT / "configs" / "mmsearch_r1" / f"qwen2_5_vl_7b_{n}.yaml" for n in ("4x8", "1x8")]
 TEXTS = [str(FVQA / "fvqa_dev.jsonl"), str(FVQA / "search" / "corpus.jsonl")]
@@ -62,7 +70,7 @@ def test_tiny_fsdp2_plan_is_the_hand_worked_arithmetic(tmp_path, capsys):
     from mmsr.models.build import TinyQwen2_5_VL
 
     (tmp_path / "tiny.yaml").write_text(TINY)
-    out = run(capsys, "-c", str(tmp_path / "tiny.yaml"), "--gpu-gb", "2", "--overhead-gb", "0.5",
+    out = run(capsys, "-c", str(tmp_path / "tiny.yaml"), "--gpu-gb", "2", "--overhead-gb", "0.125",
               "--vllm-overhead-gb", "0.25")  # fmt: skip
     V = len(TinyQwen2_5_VL(TEXTS, Scaffold()).train_tokenizer())  # the vocabulary is the trained tokenizer's
     # decoder layer: q 64*64+64, k and v 64*32+32 each, o 64*64, MLP 3*64*128, 2 norms of 64
@@ -97,13 +105,15 @@ def test_tiny_fsdp2_plan_is_the_hand_worked_arithmetic(tmp_path, capsys):
     # layer's bf16 additive bias
     assert m["packed_mask"] == 4096**2 * (1 + 2)
     assert m["engine"] == 0  # vLLM asleep
-    assert m["overhead"] == GiB // 2
+    assert m["overhead"] == GiB // 8
     r = out["memory"]["rollout"]
     assert r["engine"] == GiB  # 0.5 x 2 GiB
     # the sync probe's forward: bf16 root + 2 blocks, and [749, V] logits (511 + 230 bytes of probe text + 8 greedy
-    # tokens) in bf16, float32 and float32 again; smaller than the bucket (the largest tensor, V x 64 x 4 bytes, too)
+    # tokens) in bf16, float32 and float32 again; smaller than a bucket's gather: its flat input (1/2 of the fp32
+    # bucket), the gathered buffer and the tensors cut out of it (the largest tensor, V x 64 x 4 bytes, less)
     probe = 2 * (root + 2 * layer) + 749 * V * (2 + 4 + 4)
-    assert r["weight_sync"] == DEFAULT_BUCKET_MB * 2**20 > probe
+    bucket = int(DEFAULT_BUCKET_MB * 2**20)
+    assert r["weight_sync"] == 2 * bucket + bucket // 2 > probe
     e = out["engine"]
     assert e["weights"] == 2 * P  # bf16, tp 1
     assert e["kv_bytes_per_token"] == 2 * 2 * 2 * 16 * 2  # K and V x 2 layers x 2 KV heads x 16 dims x bf16
@@ -111,7 +121,7 @@ def test_tiny_fsdp2_plan_is_the_hand_worked_arithmetic(tmp_path, capsys):
     assert e["kv_tokens"] == e["kv_cache"] // 256 and e["contexts"] == e["kv_tokens"] // 1024
     # fp32 (no sync dtype set), half of it all-gathered from the other rank
     assert out["weight_sync"] == {"bytes_per_step": 4 * P, "all_gather_received_per_rank": 4 * P // 2,
-                                  "buffer": DEFAULT_BUCKET_MB * 2**20, "probe_forward": probe}  # fmt: skip
+                                  "buffer": 2 * bucket + bucket // 2, "probe_forward": probe}  # fmt: skip
     t = out["tokens"]
     # 3 prompts x 4 samples; <= 1024 context tokens and 3 rounds x 128 sampled tokens per episode
     assert t["per_rank"] == {"prompts": 3, "episodes": 12, "context_tokens": 12 * 1024, "sampled_tokens": 12 * 384}
@@ -143,7 +153,8 @@ def test_unsharded_plan_counts_full_copies():
     assert m["packed_mask"] == 0  # packed_rows unset (run_spec sets it on a GPU, checkpointed or under FSDP2)
     # HF engine: the trainer's module (no copy), autocast cache 2000 + KV 2 contexts x 32 tokens x (2*2*1*4*2 bytes)
     assert out["memory"]["rollout"]["engine"] == 2000 + 2 * 32 * 32 and out["memory"]["rollout"]["weight_sync"] == 0
-    assert out["weight_sync"]["all_gather_received_per_rank"] == 0
+    # it generates with the trainer's module: the sync sends it nothing (``sync_weights``)
+    assert out["weight_sync"]["bytes_per_step"] == out["weight_sync"]["all_gather_received_per_rank"] == 0
 
 
 # Hand-made shape and run for the terms below: 2 layers of hidden 8 (2 heads of 4, one KV head), MLP 16, V = 50;
@@ -171,13 +182,13 @@ def spec(**changes) -> RunSpec:
 def test_the_sync_probes_trainer_forward_is_a_rollout_term(verify_every, engine):
     """Right after a sync, vLLM awake, the probe's trainer forward holds FSDP2's bf16 root + 2 blocks and its
     [L, V] logits in bf16, float32 and float32 again (index_fill): L = 511 + 10 bytes of text + 8 greedy tokens.
-    The bucket (1 byte; the largest tensor, 100 x 2 bytes) is freed before it: the larger of the two counts.
-    Only engines that score are probed (vLLM), and only with verify_every > 0."""
+    The bucket (1 byte; the largest tensor, 100 x 2 bytes, gathered from halves of 100) is freed before it: the
+    larger of the two counts. Only engines that score are probed (vLLM), and only with verify_every > 0."""
     out = plan(SHAPE, spec(verify_every=verify_every, engine=engine, probe_text="<image>0123456789"), gpu_gib=1.0)
     probe = (200 + 2 * 400) * 2 + (511 + 10 + 8) * 50 * (2 + 4 + 4)
-    expected = probe if (verify_every, engine) == (10, "vllm") else 200
+    expected = probe if (verify_every, engine) == (10, "vllm") else 300
     r = out["memory"]["rollout"]
-    assert r["weight_sync"] == expected and out["weight_sync"]["buffer"] == 200
+    assert r["weight_sync"] == expected and out["weight_sync"]["buffer"] == 300
     assert r["total"] == r["params"] + r["adamw"] + r["reference"] + r["engine"] + expected + r["overhead"]
 
 
@@ -185,6 +196,68 @@ def test_the_sync_probe_without_fsdp2_runs_on_autocasts_weight_cache():
     """One process with fp32 weights: the probe's forward caches a bf16 copy of every weight (autocast)."""
     out = plan(SHAPE, spec(fsdp=False, world_size=1, verify_every=1, probe_text="ab"), gpu_gib=1.0)
     assert out["memory"]["rollout"]["weight_sync"] == 1000 * 2 + (511 + 2 + 8) * 50 * (2 + 4 + 4)
+
+
+class PlainLiveBytes(TorchDispatchMode):
+    """``peak``: the most bytes of plain tensors' storage, allocated by ops run under the mode, alive after any one
+    op; ``known`` storages (the shards that exist before) count 0, and a DTensor, whose ops the mode sees too,
+    holds its shard's storage, no storage of its own."""
+
+    def __init__(self, known: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.live = {StorageWeakRef(t.untyped_storage()).cdata: (StorageWeakRef(t.untyped_storage()), 0) for t in known}
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.live = {k: v for k, v in self.live.items() if not v[0].expired()}
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and not isinstance(t, DTensor):  # views share a storage: counted once
+                ref = StorageWeakRef(t.untyped_storage())
+                self.live.setdefault(ref.cdata, (ref, t.untyped_storage().nbytes()))
+        self.peak = max(self.peak, sum(n for _, n in self.live.values()))
+        return out
+
+
+def _gather_peaks(rank: int, world: int, port: int, out: Path) -> None:
+    """Rank 0 writes the peak bytes ``gather_bucket`` held for a 2 MiB bucket of 8 tensors of 512 x 256 and for a
+    tensor of 4096 x 256 that goes alone past a 1 MiB bucket (fp32 row shards, gathered in bf16)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from mmsr.sync.stream import gather_bucket, weight_buckets
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        mesh, peaks = init_device_mesh("cpu", (world,)), {}
+        for case, rows, count, mb in (("bucket", 512, 8, 2), ("alone", 4096, 1, 1)):
+            params = [distribute_tensor(torch.randn(rows, 256), mesh, [Shard(0)]) for _ in range(count)]
+            (bucket,) = weight_buckets([(str(i), p) for i, p in enumerate(params)], mb * 2**20, torch.bfloat16)
+            with PlainLiveBytes([p.to_local() for p in params]) as mode:
+                full = gather_bucket([p for _, p in bucket], torch.bfloat16)
+            assert [f.shape for f in full] == [(rows, 256)] * count
+            peaks[case] = mode.peak
+        if rank == 0:
+            out.write_text(json.dumps(peaks))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    os._exit(0)  # as tests/test_sync.py: no interpreter teardown under gloo's threads
+
+
+def test_the_sync_buffer_bounds_what_gather_bucket_holds_on_two_ranks(tmp_path):
+    """What ``sync_buffer`` counts, measured: a bucket of several tensors holds its flat input (B/2), the gathered
+    [2, L] buffer (B) and every tensor copied out of it (B: ``reshape`` of a column slice) at once; a tensor that
+    goes alone is a view of its buffer (T + T/2). The plan counted one bucket (B): 2.5x too little."""
+    from mmsr.plan.memory import sync_buffer
+
+    mp.spawn(_gather_peaks, args=(2, _free_port(), tmp_path / "peaks.json"), nprocs=2)
+    measured = json.loads((tmp_path / "peaks.json").read_text())
+    for case, largest, mb in (("bucket", 512 * 256, 2), ("alone", 4096 * 256, 1)):
+        planned = sync_buffer(replace(SHAPE, largest_param=largest), spec(bucket_mb=mb))
+        assert measured[case] <= planned <= 1.05 * measured[case], (case, measured[case], planned)
 
 
 @pytest.mark.parametrize("budget, image_tokens", [(16, 16), (1000, 80)])
@@ -230,28 +303,43 @@ def test_k_and_v_are_saved_at_every_heads_width_but_with_flash_attention(attenti
     assert out["memory"]["training"]["activations"] == 16 * (2 * 8 * 2 + layer + (4 + 2 + 2) * 8)
 
 
+def text_layer_model(family: str, h: int, heads: int, kv_heads: int, inter: int, dtype: torch.dtype):
+    """A one-layer Qwen2.5-VL or Qwen3-VL language model (sdpa; Qwen3-VL's per-head q and k norms)."""
+    if family == "qwen3_vl":
+        from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLTextConfig as Config
+        from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextModel as Model
+
+        rope = {"rope_type": "default", "mrope_section": [2, 3, 3], "mrope_interleaved": True}
+        extra = {"head_dim": h // heads}
+    else:
+        from transformers import Qwen2_5_VLTextConfig as Config
+        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLTextModel as Model
+
+        rope, extra = {"type": "mrope", "mrope_section": [2, 3, 3]}, {}
+    config = Config(hidden_size=h, num_attention_heads=heads, num_key_value_heads=kv_heads, intermediate_size=inter,
+                    num_hidden_layers=1, vocab_size=100, rope_scaling=rope, **extra)  # fmt: skip
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    return Model(config).to(dtype)
+
+
 @pytest.mark.parametrize("autocast", [False, True], ids=["bf16_residual", "autocast_fp32_residual"])
 @pytest.mark.parametrize("masked", [False, True], ids=["no_mask", "4d_mask"])
-def test_a_qwen2_5_vl_decoder_layer_saves_no_more_than_planned(masked, autocast):
-    """What ``lm_layer_bytes`` counts, measured: the bytes a Qwen2.5-VL decoder layer (sdpa, GQA 4:1) saves for
-    backward per token (the difference of 512 and 256 tokens, so weights and autocast's weight cache drop out),
-    with bf16 weights and residual (FSDP2) or fp32 ones under bf16 autocast (one process), with and without the
-    4-D mask of packed or padded rows (which makes sdpa repeat K and V to every head). The plan bounds each
-    within 3%, or by K and V at full width more where no mask lets sdpa take them at the KV heads' width. It
-    counted 6016 bytes (K and V at the KV heads' width, bf16 norms): 6248 and 7592 were saved with the mask,
-    7208 under autocast without it."""
-    from transformers import Qwen2_5_VLTextConfig
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLTextModel
-
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_a_decoder_layer_saves_no_more_than_planned(family, masked, autocast):
+    """What ``lm_layer_bytes`` counts, measured: the bytes a Qwen2.5-VL or Qwen3-VL decoder layer (sdpa, GQA 4:1)
+    saves for backward per token (the difference of 512 and 256 tokens, so weights and autocast's weight cache drop
+    out), with bf16 weights and residual (FSDP2) or fp32 ones under bf16 autocast (one process), with and without
+    the 4-D mask of packed or padded rows (which makes sdpa repeat K and V to every head), on the shape
+    ``model_shape`` reads off the model. The plan bounds each within 3%, or by K and V at full width more where no
+    mask lets sdpa take them at the KV heads' width. It counted 6016 bytes (K and V at the KV heads' width, bf16
+    norms): 6248 and 7592 were saved with the mask, 7208 under autocast without it. It planned Qwen3-VL's layers as
+    Qwen2's: 1000 bytes (its q and k norms', 1/7 of the layer) more were saved."""
+    from mmsr.plan.config import model_shape
     from mmsr.plan.memory import lm_layer_bytes
 
     h, heads, kv_heads, inter = 128, 8, 2, 384  # none of them 256 or 512 tokens: only the mask is [.., T, T]
-    config = Qwen2_5_VLTextConfig(hidden_size=h, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                                  intermediate_size=inter, num_hidden_layers=1, vocab_size=100,
-                                  rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]})  # fmt: skip
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    model = Qwen2_5_VLTextModel(config).to(torch.float32 if autocast else torch.bfloat16)
+    model = text_layer_model(family, h, heads, kv_heads, inter, torch.float32 if autocast else torch.bfloat16)
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
 
     def saved(T: int) -> int:
@@ -270,11 +358,25 @@ def test_a_qwen2_5_vl_decoder_layer_saves_no_more_than_planned(masked, autocast)
         return sum(storages.values())
 
     measured = (saved(512) - saved(256)) // 256
-    shape = ModelShape(params=0, vision_params=0, root_params=0, block_params=0, largest_param=0, layers=1, hidden=h,
-                       kv_heads=kv_heads, head_dim=h // heads, intermediate=inter, vocab=100)  # fmt: skip
+    shape = model_shape(model)
+    assert (shape.hidden, shape.kv_heads, shape.head_dim, shape.intermediate) == (h, kv_heads, h // heads, inter)
     planned = lm_layer_bytes(shape, spec(fsdp=not autocast, attention="sdpa"))
     unmasked_gqa = 0 if masked else 2 * 2 * (h - kv_heads * h // heads)  # sdpa without a mask takes K, V unexpanded
     assert measured <= planned <= 1.03 * measured + unmasked_gqa
+
+
+def test_qwen3_vl_layers_are_planned_with_their_q_and_k_norms():
+    """``model_shape`` finds Qwen3-VL-8B's per-head q and k norms on its meta model (32 heads, 8 KV heads of 128),
+    not in Qwen2.5-VL-7B's, nor in a vision tower: each adds (4 + 2) x (32 + 8) x 128 + 4 x (32 + 8) bytes a token
+    to a layer's saved tensors in bf16."""
+    from mmsr.plan.config import meta_model, model_shape, pretrained_config
+    from mmsr.plan.memory import qk_norm_bytes
+
+    qwen3, qwen2_5 = (model_shape(meta_model(pretrained_config(name)))
+                      for name in ("Qwen/Qwen3-VL-8B-Instruct", "Qwen/Qwen2.5-VL-7B-Instruct"))  # fmt: skip
+    assert (qwen3.qk_norm, qwen3.heads, qwen3.kv_heads, qwen3.head_dim) == (True, 32, 8, 128)
+    assert qk_norm_bytes(qwen3, 2) == 6 * 40 * 128 + 4 * 40 == 30880
+    assert (qwen2_5.qk_norm, qwen2_5.heads) == (False, 28) and qk_norm_bytes(qwen2_5, 2) == 0
 
 
 def vision_tower(family: str, depth: int, hidden: int, heads: int, intermediate: int, dtype: torch.dtype):
@@ -459,6 +561,22 @@ def test_world_size_must_match_fsdp2_data_parallel_size():
     assert world({"devices": 8, "num_nodes": 1, "strategy": strategy}) == (8, True)
     with pytest.raises(ValueError, match="data_parallel_size"):
         world({"devices": 8, "num_nodes": 4, "strategy": strategy})
+
+
+def test_a_tensor_parallel_vllm_engine_is_refused_as_the_engine_refuses_it():
+    """``VLLMEngine.llm_kwargs`` refuses ``tensor_parallel_size`` other than 1: the plan sized such a run (vLLM's
+    weights and KV heads split over 2) as if it could start."""
+    with pytest.raises(ValueError, match=r"model.engine.init_args.tensor_parallel_size must be 1 \(got 2\)") as e:
+        main(["-c", str(RECIPES[0]), "--model.init_args.engine.init_args.tensor_parallel_size", "2", "--json"])
+    assert "\n" not in str(e.value)
+
+
+def test_a_warm_start_config_is_refused_in_one_line():
+    """The demo's warm start (``SFTModule``) has no GRPO settings to plan: the plan ended in ``KeyError:
+    'num_generations'``."""
+    with pytest.raises(ValueError, match=r"not mmsr.sft.SFTModule: warm-start \(SFTModule\) configs are not") as e:
+        main(["-c", str(ROOT / "mmsr" / "demo" / "configs" / "sft.yaml"), "--json"])
+    assert "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("recipe", ["qwen2_5_vl_7b_4x8", "qwen3_vl_8b_4x8"])

@@ -33,7 +33,9 @@ class ModelShape:
             final norm, vision patch embedding and merger. The root ``fully_shard`` keeps them gathered
             from the forward to the end of the backward.
         block_params: parameters of the largest block; largest_param: elements of the largest tensor.
-        layers, hidden, kv_heads, head_dim, intermediate, vocab: the language model.
+        layers, hidden, kv_heads, head_dim, intermediate, vocab: the language model; heads: its attention
+            heads (0: hidden // head_dim); qk_norm: its layers normalize q and k per head (Qwen3-VL's ``q_norm``
+            and ``k_norm``, not in Qwen2.5-VL).
         vision_layers, vision_hidden, vision_intermediate, vision_heads: the vision tower (0 layers without one).
         vision_gated_mlp: its MLP saves gate, up, act(gate) and their product (Qwen2.5-VL), not fc1 and its
             activation (Qwen3-VL); vision_deepstack: its deepstack mergers (Qwen3-VL).
@@ -53,6 +55,8 @@ class ModelShape:
     head_dim: int
     intermediate: int
     vocab: int
+    heads: int = 0
+    qk_norm: bool = False
     vision_layers: int = 0
     vision_hidden: int = 0
     vision_intermediate: int = 0
@@ -139,7 +143,9 @@ def model_shape(model) -> ModelShape:
     text = model.config.get_text_config()
     dims = dict(layers=text.num_hidden_layers, hidden=text.hidden_size, kv_heads=text.num_key_value_heads,
                 head_dim=getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
-                intermediate=text.intermediate_size, vocab=text.vocab_size)  # fmt: skip
+                intermediate=text.intermediate_size, vocab=text.vocab_size, heads=text.num_attention_heads,
+                qk_norm=any(n.rpartition(".")[2] == "q_norm" and ".visual." not in f".{n}."
+                            for n, _ in model.named_modules()))  # fmt: skip
     return ModelShape(total, vision, total - sum(blocks), max(blocks, default=0), max(p.numel() for p in params),
                       **dims, **vision_dims(getattr(model.config, "vision_config", None), model))  # fmt: skip
 
@@ -168,7 +174,7 @@ class RunSpec:
         param_dtype: master weights, grads and AdamW state; compute_dtype: forward/backward (FSDP2 gathers
             in it; the reference model is stored in it).
         kl: a reference model exists (``kl_coef > 0``); ref_offload: it waits in host memory.
-        engine: ``vllm`` or ``hf``; engine_dtype: vLLM weights dtype; tp: vLLM tensor parallel size.
+        engine: ``vllm`` or ``hf``; engine_dtype: vLLM weights dtype; tp: vLLM tensor parallel size (only 1 runs).
         sync_dtype: dtype the weights are cast to before they are gathered and streamed to the engine.
         verify_every: syncs between the sync probe's checks (0: never); probe_text: its text
             (``WeightSync.probe_text``).
@@ -263,11 +269,15 @@ def dtypes(model: dict[str, Any], trainer: dict[str, Any]) -> dict[str, str]:
 
 
 def engine_settings(model: dict[str, Any]) -> dict[str, Any]:
-    """The rollout engine's memory settings (``HFEngine`` when none is configured)."""
+    """The rollout engine's memory settings (``HFEngine`` when none is configured); vLLM's tensor parallelism is
+    refused as ``VLLMEngine.llm_kwargs`` refuses it."""
     engine = model.get("engine") or {"class_path": "mmsr.rollout.hf_engine.HFEngine"}
     args = engine.get("init_args") or {}
+    if (tp := args.get("tensor_parallel_size", 1)) != 1:
+        raise ValueError(f"model.engine.init_args.tensor_parallel_size must be 1 (got {tp}): each rank runs its own "
+                         f"engine, {engine['class_path'].rpartition('.')[2]} has no tensor parallelism")  # fmt: skip
     return dict(engine="vllm" if engine["class_path"].endswith("VLLMEngine") else "hf",
-                gpu_memory_utilization=args.get("gpu_memory_utilization", 0.5), tp=args.get("tensor_parallel_size", 1),
+                gpu_memory_utilization=args.get("gpu_memory_utilization", 0.5), tp=tp,
                 sleep_mode=bool(args.get("enable_sleep_mode", False)), max_model_len=args.get("max_model_len", 8192),
                 hf_batch=args.get("max_batch_size", 64), **sync_settings(model))  # fmt: skip
 
@@ -282,7 +292,12 @@ def sync_settings(model: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_spec(config: dict[str, Any]) -> RunSpec:
-    """Read a parsed run config (``parse_run_config``) into the numbers the plan needs."""
+    """Read a parsed run config (``parse_run_config``) into the numbers the plan needs (a GRPO run's)."""
+    from mmsr.module import GRPOModule
+
+    if not issubclass(import_object(path := config["model"]["class_path"]), GRPOModule):
+        raise ValueError(f"mmsr plan sizes GRPO runs (model.class_path: mmsr.module.GRPOModule), not {path}: "
+                         f"warm-start (SFTModule) configs are not planned")  # fmt: skip
     trainer, model = config["trainer"], config["model"]["init_args"]
     size, fsdp = world(trainer)
     rollout, policy = model.get("rollout") or {}, model["policy"].get("init_args") or {}

@@ -3,7 +3,7 @@
 A step has two phases that never overlap on a GPU:
 - rollout: sharded params + AdamW state (grads are freed after each optimizer step) + the reference model
   when it stays on the GPU + the engine (vLLM takes ``gpu_memory_utilization`` of the GPU; an HF engine
-  under FSDP2 keeps a full compute-dtype copy of the policy) + the weight sync (its bucket, or the sync
+  under FSDP2 keeps a full compute-dtype copy of the policy) + the weight sync (a bucket's gather, or the sync
   probe's trainer forward that follows it, whichever is larger) + overhead;
 - training: params + grads + AdamW + reference + what FSDP2 gathers (root params and two blocks in flight,
   in compute dtype) and the unsharded grads of the root and one block (compute dtype, plus the float32
@@ -105,12 +105,26 @@ def residual_bytes(spec: RunSpec) -> int:
     return nbytes(spec.compute_dtype) if spec.fsdp else nbytes(spec.param_dtype)
 
 
+def qk_norm_bytes(shape: ModelShape, c: int) -> int:
+    """Bytes per token the per-head RMSNorms of q and k (Qwen3, Qwen3-VL; none in Qwen2) save in one layer: each
+    its float32 input and its normalized output in compute dtype (``c`` bytes, what its weight multiplies) at q's
+    and k's widths, and 1/rms (float32) per head: ``(4 + c)(q_dim + k_dim) + 4 (heads + kv_heads)``. They run
+    before ``repeat_kv``: k at the KV heads' width whatever the attention. Qwen3-VL-8B in bf16: 30,880 bytes."""
+    if not shape.qk_norm:
+        return 0
+    heads = shape.heads or shape.hidden // shape.head_dim
+    width = (heads + shape.kv_heads) * shape.head_dim
+    return (NORM_BYTES + c) * width + NORM_BYTES * (heads + shape.kv_heads)
+
+
 def lm_layer_bytes(shape: ModelShape, spec: RunSpec) -> int:
-    """``layer_bytes`` of one decoder layer of ``shape`` under ``spec``. K and V are saved at the KV heads' width
-    by flash-attention 2 only: transformers' sdpa path expands them to every head (``repeat_kv``) whenever it
-    is given a mask (packed rows' 4-D mask, padded whole rows), and eager always (q's width, taken as h)."""
+    """``layer_bytes`` of one decoder layer of ``shape`` under ``spec``, plus its q and k norms' (``qk_norm_bytes``).
+    K and V are saved at the KV heads' width by flash-attention 2 only: transformers' sdpa path expands them to
+    every head (``repeat_kv``) whenever it is given a mask (packed rows' 4-D mask, padded whole rows), and eager
+    always (q's width, taken as h)."""
+    c = nbytes(spec.compute_dtype)
     kv_dim = shape.kv_heads * shape.head_dim if spec.attention == "flash_attention_2" else shape.hidden
-    return layer_bytes(shape.hidden, kv_dim, shape.intermediate, nbytes(spec.compute_dtype), residual_bytes(spec))
+    return layer_bytes(shape.hidden, kv_dim, shape.intermediate, c, residual_bytes(spec)) + qk_norm_bytes(shape, c)
 
 
 def activations(shape: ModelShape, spec: RunSpec) -> int:
@@ -275,12 +289,24 @@ def hf_engine(shape: ModelShape, spec: RunSpec) -> dict[str, int]:
     return dict(rollout=copy + cast + kv, training=copy, weights=copy + cast, kv_cache=kv, contexts=contexts)
 
 
+def syncs_nothing(spec: RunSpec) -> bool:
+    """An HF engine without FSDP2 generates with the trainer's own module: the sync sends it nothing."""
+    return spec.engine == "hf" and not spec.fsdp
+
+
 def sync_buffer(shape: ModelShape, spec: RunSpec) -> int:
-    """Full tensors of one bucket, cast to the sync dtype, alive while the engine loads them (a tensor
-    bigger than ``bucket_mb`` goes alone). An HF engine on the trainer's own module needs none."""
-    if spec.engine == "hf" and not spec.fsdp:
+    """What ``gather_bucket`` holds for one bucket of ``bucket_mb`` B in the sync dtype (a tensor T bigger than it
+    goes alone). Under FSDP2: its flat ``[L]`` input (B/W), the gathered ``[W, L]`` buffer (B), and each tensor
+    cut out of it (B again: a column slice of several tensors' buffer is copied by ``reshape``), all alive when
+    it returns; a tensor alone is a view of the buffer: ``max(2B + B/W, T + T/W)``. Unsharded, each tensor is
+    cast on its own: ``max(B, T)``. An HF engine on the trainer's own module needs none."""
+    if syncs_nothing(spec):
         return 0
-    return max(int(spec.bucket_mb * 2**20), shape.largest_param * nbytes(spec.sync_dtype))
+    bucket, largest = int(spec.bucket_mb * 2**20), shape.largest_param * nbytes(spec.sync_dtype)
+    if not spec.fsdp:
+        return max(bucket, largest)
+    w = spec.world_size
+    return max(2 * bucket + math.ceil(bucket / w), largest + math.ceil(largest / w))
 
 
 def probe_tokens(spec: RunSpec) -> int:
@@ -309,9 +335,10 @@ def sync_probe(shape: ModelShape, spec: RunSpec) -> int:
 
 
 def weight_sync(shape: ModelShape, spec: RunSpec) -> dict[str, int]:
-    """Per step: bytes each rank hands the engine (P x sync bytes) and, under FSDP2, the all-gather
-    traffic it receives for them ((W-1)/W of it); the two parts of the rollout's ``weight_sync`` term."""
-    handed = shape.params * nbytes(spec.sync_dtype)
+    """Per step: bytes each rank hands the engine (P x sync bytes; none to an HF engine on the trainer's own
+    module) and, under FSDP2, the all-gather traffic it receives for them ((W-1)/W of it); the two parts of the
+    rollout's ``weight_sync`` term."""
+    handed = 0 if syncs_nothing(spec) else shape.params * nbytes(spec.sync_dtype)
     received = handed * (spec.world_size - 1) // spec.world_size if spec.fsdp else 0
     return {"bytes_per_step": handed, "all_gather_received_per_rank": received, "buffer": sync_buffer(shape, spec),
             "probe_forward": sync_probe(shape, spec)}  # fmt: skip
