@@ -265,10 +265,20 @@ def extreme(key: str) -> Callable[[Iterable[float]], float] | None:
 def reduced_over_ranks(metrics: dict[str, float]) -> dict[str, float]:
     """Each key's mean over the ranks that logged it, or for a maximum the largest value (``extreme``). Ranks
     roll out different prompts, so their key sets can differ (a rank whose episodes sampled nothing has no
-    ``train/ratio_max``); Lightning's ``sync_dist`` would pair the reductions of different keys across ranks."""
+    ``train/ratio_max``); Lightning's ``sync_dist`` would pair the reductions of different keys across ranks.
+    A reward term (``reward/accuracy``, ``reward/<term>``) is over every rank, 0 where a rank lacks it
+    (``absent_is_zero``)."""
     per_rank = gather_per_rank({k: float(v) for k, v in metrics.items()})
-    values = {k: [m[k] for m in per_rank if k in m] for k in sorted({k for m in per_rank for k in m})}
+    values = {k: [m.get(k, 0.0) for m in per_rank if k in m or absent_is_zero(k)]
+              for k in sorted({k for m in per_rank for k in m})}  # fmt: skip
     return {k: (extreme(k) or _mean)(v) for k, v in values.items()}
+
+
+def absent_is_zero(key: str) -> bool:
+    """Whether a rank without ``key`` counts 0 for it: a reward term, absent where none of the rank's episodes hold
+    it (``rollout_metrics``, which counts an episode without it 0). Over the ranks holding it, a term on one rank's
+    episodes alone read 1.0 where one process holding all the episodes read 0.5."""
+    return key.startswith("reward/")
 
 
 def forget_step_metrics(trainer) -> None:

@@ -68,6 +68,7 @@ from mmsr.parallel import (
 from mmsr.prompt.render import PromptBuilder
 from mmsr.reference import ReferenceModel
 from mmsr.reward import MMSearchR1Reward, Reward
+from mmsr.reward.base import callable_reward, scored
 from mmsr.rollout.engine import Engine, SamplingParams
 from mmsr.rollout.hf_engine import HFEngine
 from mmsr.rollout.loop import RolloutLoop, RolloutSettings
@@ -210,7 +211,7 @@ class GRPOModule(L.LightningModule):
         self.param_dtype = getattr(torch, param_dtype)
         self._ref: ReferenceModel | None = None  # built by configure_model, outside the state dict
         self.engine = engine if engine is not None else HFEngine()  # started by setup
-        self.reward = reward if reward is not None else MMSearchR1Reward()
+        self.reward = callable_reward(reward, "GRPOModule.reward") if reward is not None else MMSearchR1Reward()
         self.weight_sync = weight_sync if weight_sync is not None else WeightSync()
         self.loop = RolloutLoop(self.engine, self.policy, prompts or PromptBuilder(), tool_map, rollout)
         self.loop.on_episode_end = self._episode_ended
@@ -407,11 +408,10 @@ class GRPOModule(L.LightningModule):
     def compute_rewards(self, trajectories: Sequence[Trajectory], samples: Sequence[Sample]) -> torch.Tensor:
         """Override point for rewards: ``[N]`` float rewards, ``samples[t.group_id]`` is t's prompt. A reward
         with a ``batch(trajectories, samples)`` method scores the step's episodes in one call (an LLM judge's
-        requests run concurrently: ``mmsr.reward.judged``)."""
+        requests run concurrently: ``mmsr.reward.judged``). A value that is no finite number, or a reward that raises,
+        is a ValueError naming the reward, the episode and its sample (``mmsr.reward.base.scored``)."""
         prompts = [samples[t.group_id] for t in trajectories]
-        if hasattr(self.reward, "batch"):
-            return torch.tensor([float(r) for r in self.reward.batch(trajectories, prompts)])
-        return torch.tensor([float(self.reward(t, s)) for t, s in zip(trajectories, prompts)])
+        return torch.tensor(scored(self.reward, trajectories, prompts))
 
     def _episode_ended(self, trajectory: Trajectory, sample: Sample) -> None:
         """Hands an ended episode to a reward that starts on it early (an LLM judge's request then overlaps

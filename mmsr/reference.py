@@ -2,8 +2,11 @@
 
 It is built once per run from the freshly built policy, before any checkpoint is restored (a resumed
 run rebuilds the same reference), and kept out of the module's state dict. It is stored in the
-compute dtype: for fp32 master weights with bf16 compute that halves its memory and gives exactly
-the bf16 values the policy computes with at step 0.
+compute dtype: for fp32 master weights with bf16 compute that halves its memory. Under FSDP2 it then
+scores exactly as the step-0 policy (``MixedPrecisionPolicy`` gathers every parameter in bf16). On one
+device or DDP (``bf16-mixed`` autocast) it does not: autocast casts only the matmuls' operands, the policy
+keeps its embeddings, norms and residual stream in fp32 where the reference's are bf16, so the step-0
+log-probs differ by bf16 rounding and ``train/kl`` starts slightly above 0 (~3e-7 on the CPU test model).
 
 - One device / DDP: a full copy, on the device, or with ``offload`` in host memory (pinned when
   CUDA is there) and moved to the device only while it scores.

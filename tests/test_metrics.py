@@ -257,6 +257,21 @@ def test_maxima_are_the_largest_over_ranks_and_the_others_means(monkeypatch):
         "memory/cuda_peak_gb": 30.0, "train/mismatch_max_abs_diff": 0.5, "train/ratio_max": 3.0, "train/ratio_mean": 1.0}
 
 
+def test_a_reward_term_one_rank_lacks_counts_0_there(monkeypatch):
+    """Rank 0's 4 episodes are graded right with a bonus, rank 1's reward gave no terms: over both, as on one process
+    holding all 8, accuracy and bonus are 1/2 (reduced over the ranks holding them, they read 1.0)."""
+    import mmsr.metrics as metrics
+
+    samples, trajs, settings = [Sample("a", "q", None, "x")], [traj(0, [Answer("a")])] * 4, RolloutSettings()
+    graded, ungraded = [{"correct": 1.0, "bonus": 1.0}] * 4, [{}] * 4
+    one = rollout_metrics(trajs * 2, samples, [1.0] * 8, graded + ungraded, settings, by_group=False)
+    per_rank = [rollout_metrics(trajs, samples, [1.0] * 4, d, settings, by_group=False) for d in (graded, ungraded)]
+    monkeypatch.setattr(metrics, "gather_per_rank", lambda obj: per_rank)
+    reduced = metrics.reduced_over_ranks(per_rank[0])
+    assert reduced["reward/accuracy"] == reduced["reward/bonus"] == one["reward/accuracy"] == one["reward/bonus"] == 0.5
+    assert reduced.keys() == one.keys()
+
+
 def test_finish_shares_over_ranks_sum_to_one(monkeypatch):
     """Rank 0's episodes all answered, half of rank 1's ran out of rounds: over both, 3/4 answered and 1/4 ran out.
     ``max`` is a word of ``rollout/finish/max_rounds``, which took the largest rank's 1/2 (shares summing to 5/4);

@@ -1,9 +1,11 @@
-"""The reward protocol and a weighted combination of rewards."""
+"""The reward protocol, the checks of a reward and of its values, and a weighted combination of rewards."""
 
 from __future__ import annotations
 
+import inspect
+import math
 from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from mmsr.data.sample import Sample
 from mmsr.rollout.trajectory import Trajectory
@@ -11,9 +13,72 @@ from mmsr.rollout.trajectory import Trajectory
 
 @runtime_checkable
 class Reward(Protocol):
-    """Scores one finished trajectory of one sample."""
+    """Scores one finished trajectory of one sample: ``reward(trajectory: Trajectory, sample: Sample) -> float``.
 
-    def __call__(self, trajectory: Trajectory, sample: Sample) -> float: ...
+    Any object callable with those two arguments is one, whatever its parameters' names and annotations: they are
+    positional and unannotated here because jsonargparse checks a config's ``class_path`` against this protocol and
+    wants an implementation's names and annotations to match the protocol's exactly (it refused a reward written
+    ``__call__(self, trajectory, sample) -> float``, as the README shows). ``callable_reward`` checks the arity."""
+
+    def __call__(self, trajectory: Any, sample: Any, /) -> Any: ...
+
+
+def reward_name(reward: object) -> str:
+    """The reward's class (a function's own name): what the errors about it say."""
+    return reward.__qualname__ if inspect.isroutine(reward) else type(reward).__qualname__
+
+
+def callable_reward(reward: object, where: str) -> Reward:
+    """``reward`` itself when it can be called as ``reward(trajectory, sample)``; else a ValueError naming ``where``
+    it was given (built in Python, nothing checked it: it failed at the first step's reward)."""
+    try:
+        inspect.signature(reward).bind(None, None)  # type: ignore[arg-type]
+    except TypeError as exc:  # not callable, or its __call__ takes other arguments
+        raise ValueError(f"{where}: {reward_name(reward)} cannot be called as reward(trajectory, sample) ({exc}); "
+                         "a reward is an object with __call__(trajectory, sample) -> float") from exc  # fmt: skip
+    except ValueError:  # no signature to read (a builtin): called as it is
+        pass
+    return reward  # type: ignore[return-value]
+
+
+def scored(reward: Reward, trajectories: Sequence[Trajectory], samples: Sequence[Sample]) -> list[float]:
+    """``[N]`` ``reward``'s value of each ``trajectories[i]`` answering ``samples[i]`` (one ``batch`` call when it
+    has one), each a finite float. A reward that raises, gives something other than a number (None, NaN, inf) or a
+    batch of another length is a ValueError naming the reward, the episode and its sample: a NaN made every
+    advantage, the loss and then every weight NaN while the run went on."""
+    name = reward_name(reward)
+    if not hasattr(reward, "batch"):
+        values = [_called(reward, name, i, t, s) for i, (t, s) in enumerate(zip(trajectories, samples))]
+        return [_finite(name, i, s, v) for i, (s, v) in enumerate(zip(samples, values))]
+    try:
+        values = list(reward.batch(trajectories, samples))
+    except Exception as exc:  # a judge's error, a user's bug: which reward, on which step's samples
+        ids = sorted({s.id for s in samples})
+        raise ValueError(f"reward {name}.batch failed on {len(samples)} episodes (samples {ids}): "
+                         f"{type(exc).__name__}: {exc}") from exc  # fmt: skip
+    if len(values) != len(trajectories):
+        raise ValueError(f"reward {name}.batch returned {len(values)} values for {len(trajectories)} episodes; "
+                         "it returns one per trajectory, in their order")  # fmt: skip
+    return [_finite(name, i, s, v) for i, (s, v) in enumerate(zip(samples, values))]
+
+
+def _called(reward: Reward, name: str, i: int, trajectory: Trajectory, sample: Sample) -> Any:
+    try:
+        return reward(trajectory, sample)
+    except Exception as exc:
+        raise ValueError(f"reward {name} failed on episode {i} (sample {sample.id!r}): "
+                         f"{type(exc).__name__}: {exc}") from exc  # fmt: skip
+
+
+def _finite(name: str, i: int, sample: Sample, value: Any) -> float:
+    try:  # a bool, int, numpy or one-element tensor value is a number; a string is not
+        number = math.nan if isinstance(value, (str, bytes)) else float(value)
+    except (TypeError, ValueError, RuntimeError):
+        number = math.nan
+    if not math.isfinite(number):
+        raise ValueError(f"reward {name} gave episode {i} (sample {sample.id!r}) {value!r}, not a finite number; "
+                         "a reward returns a float for every episode")  # fmt: skip
+    return number
 
 
 class WeightedRewards:
@@ -26,7 +91,7 @@ class WeightedRewards:
                 f"WeightedRewards got {len(rewards)} rewards but {len(weights)} weights; "
                 "give one weight per reward (or none for all 1.0)"
             )
-        self.rewards = list(rewards)
+        self.rewards = [callable_reward(r, f"WeightedRewards.rewards[{i}]") for i, r in enumerate(rewards)]
         self.weights = weights
 
     def __call__(self, trajectory: Trajectory, sample: Sample) -> float:
@@ -35,10 +100,8 @@ class WeightedRewards:
     def batch(self, trajectories: Sequence[Trajectory], samples: Sequence[Sample]) -> list[float]:
         """The sums for ``trajectories[i]`` answering ``samples[i]``: a reward with a ``batch`` of its own (an
         LLM judge, ``mmsr.reward.judged``) scores them all in one call, any other one by one."""
-        pairs = list(zip(trajectories, samples))
-        columns = [r.batch(trajectories, samples) if hasattr(r, "batch") else [r(t, s) for t, s in pairs]
-                   for r in self.rewards]  # fmt: skip
-        return [float(sum(w * column[i] for column, w in zip(columns, self.weights))) for i in range(len(pairs))]
+        columns = [scored(r, trajectories, samples) for r in self.rewards]  # each checked: the errors name it
+        return [float(sum(w * column[i] for column, w in zip(columns, self.weights))) for i in range(len(trajectories))]
 
     def details(self, trajectory: Trajectory, sample: Sample) -> dict[str, float]:
         """The terms of the rewards that report them (``MMSearchR1Reward.details``, ``JudgedReward``'s
