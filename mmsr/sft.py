@@ -15,12 +15,12 @@ Teacher and documents are injected (``class_path`` entries): the CPU demo's are
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import asdict, replace
 from typing import Literal, Protocol
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 
 from mmsr.algo import logprobs_and_entropy
 from mmsr.checkpoint import rank_states, restore_rank_state
@@ -30,7 +30,7 @@ from mmsr.models.build import PolicyBuilder, save_policy
 from mmsr.metrics import forget_step_metrics
 from mmsr.models.policy import Policy
 from mmsr.optim import Schedule, adamw_with_schedule, check_schedule, optimizer_limits, reapply_configured
-from mmsr.parallel import all_reduce, cast_parameters, drop_idle_gradients, refuse_one_device_ddp, refuse_true_precision
+from mmsr.parallel import all_reduce, cast_parameters, compute_dtype, drop_idle_gradients, refuse_one_device_ddp
 from mmsr.prompt.render import PromptBuilder
 from mmsr.rollout.engine import GenerationRequest, SamplingParams, ScriptedEngine
 from mmsr.rollout.loop import RolloutLoop, RolloutSettings
@@ -48,7 +48,7 @@ class Teacher(Protocol):
     each rank's, so a resumed warm start writes the turns an uninterrupted one would.
     """
 
-    def turns(self, sample: Sample) -> list[str]: ...
+    def turns(self, sample: Sample) -> list[str]: ...  # at least one turn; anything else is refused, naming the row
 
 
 class TextBatches(Protocol):
@@ -114,7 +114,7 @@ class SFTModule(L.LightningModule):
         self.loop = RolloutLoop(self.engine, self.policy, prompts or PromptBuilder(),
                                 configured(tools, image_search, text_search), rollout)  # fmt: skip
         self._turns: dict[str, list[str]] = {}
-        self._warned_truncation = False
+        self._warned: set[str] = set()  # the causes of unfinished episodes this rank has warned of
         self._val_turns: dict[str, list[str]] = {}  # the held-out prompts' turns, drawn once
         # a copy before any training draw: the held-out turns do not depend on when validation first runs,
         # nor on a resume (which restores the training teacher's draws, not this copy's)
@@ -138,29 +138,69 @@ class SFTModule(L.LightningModule):
     def training_step(self, batch: list[Sample], batch_idx: int) -> None:
         if self.global_step < self.hparams.reading_steps:
             return self._reading_step()
-        trajs = self._episodes(batch, {s.id: self._written(self.teacher, s) for s in batch})
+        written = {s.id: self._written(self.teacher, s) for s in batch}
+        trajs = self._episodes(batch, written)
         opt = self.optimizers()
         opt.zero_grad()
         loss, total = self._imitate(trajs)
         grad_norm = self._step(opt, used_images=any(t.vision for t in trajs))
         metrics = {"sft/loss": loss, "sft/tokens": total, "train/grad_norm": float(grad_norm),
-                   "rollout/turns": sum(len(t.turns) for t in trajs) / len(trajs),
-                   "sft/truncated_episodes": self._truncated_share(trajs)}  # fmt: skip
+                   **self._episode_counts(trajs, written)}  # fmt: skip
         self.log_dict(metrics, batch_size=len(batch))
         self.log("loss", loss, prog_bar=True, logger=False, batch_size=len(batch))
 
-    def _truncated_share(self, trajs: list[Trajectory]) -> float:
-        """The share of ``trajs`` with a teacher turn cut at ``rollout.max_tokens_per_turn``, warned once a run
-        naming one: such an episode trains a half-written turn and ends there, before its search results and
-        answer (a text query that is the whole question reaches ~160 tokens)."""
-        cut = [t for t in trajs if any(u.truncated for u in t.turns)]
-        if cut and not self._warned_truncation:
-            self._warned_truncation = True
-            turn = next(u for u in cut[0].turns if u.truncated)
-            rank_zero_warn(f"the teacher's turn of row {cut[0].sample_id!r} ({turn.span[1] - turn.span[0]} tokens kept) was cut at "
-                           f"rollout.max_tokens_per_turn={self.loop.settings.max_tokens_per_turn}: its episode trains "
-                           f"the cut turn and ends there (sft/truncated_episodes counts them); raise the limit")
-        return len(cut) / len(trajs)
+    def _episode_counts(self, trajs: list[Trajectory], written: dict[str, list[str]]) -> dict[str, float]:
+        """``rollout/turns`` (turns an episode), ``sft/truncated_episodes`` (the share with a teacher turn cut at a
+        token limit) and ``sft/unfinished_episodes`` (the share that ended before the teacher's last turn was trained
+        whole, cut ones included), over every rank's episodes (rank 0's alone before). Each rank warns of the first
+        episode it meets of each cause, naming the row and the setting (``_unfinished``)."""
+        ended = [self._unfinished(t, len(written[t.sample_id])) for t in trajs]
+        for cause, message in filter(None, ended):
+            if cause not in self._warned:
+                self._warned.add(cause)
+                warnings.warn(message, stacklevel=2)
+        cut = sum(any(u.truncated for u in t.turns) for t in trajs)
+        local = (len(trajs), sum(len(t.turns) for t in trajs), cut, sum(e is not None for e in ended))
+        n, turns, cut, unfinished = (all_reduce(x, "sum", self.device) for x in local)
+        return {"rollout/turns": turns / n, "sft/truncated_episodes": cut / n, "sft/unfinished_episodes": unfinished / n}
+
+    def _unfinished(self, traj: Trajectory, written: int) -> tuple[str, str] | None:
+        """``(cause, warning)`` when ``traj`` ended before training the last of the ``written`` teacher turns whole:
+        a turn cut at a token limit, or the episode ending early (a rollout limit, an unparsed or early answering
+        turn); None when it trained them all."""
+        turns, s = traj.turns, self.loop.settings
+        if turns and turns[-1].truncated:
+            start, end = turns[-1].span
+            # the turn's budget is the smaller of its own and the context's room (RolloutLoop._request)
+            by_context = s.max_context_tokens - start < s.max_tokens_per_turn
+            cause = (f"rollout.max_context_tokens={s.max_context_tokens}" if by_context
+                     else f"rollout.max_tokens_per_turn={s.max_tokens_per_turn}")  # fmt: skip
+            return cause, (f"the teacher's turn {len(turns)} of {written} of row {traj.sample_id!r} ({end - start} tokens "
+                           f"kept) was cut at {cause}: its episode trains the cut turn and ends there "
+                           f"(sft/truncated_episodes and sft/unfinished_episodes count them); raise the limit")  # fmt: skip
+        if len(turns) >= written:
+            return None
+        cause, why = self._early_end(traj)
+        return cause, (f"row {traj.sample_id!r}: the teacher wrote {written} turns, its episode ended after {len(turns)} "
+                       f"({why}): the later turns are not trained (sft/unfinished_episodes counts such episodes)")  # fmt: skip
+
+    def _early_end(self, traj: Trajectory) -> tuple[str, str]:
+        """The cause (a setting, or what the teacher wrote) and account of an episode that ended before its teacher's
+        last turn, by ``traj.finish_reason``."""
+        turns, s, limit = traj.turns, self.loop.settings, f"rollout.max_context_tokens={self.loop.settings.max_context_tokens}"
+        if traj.finish_reason == "truncated":  # not a cut turn: the prompt, or an observation, did not fit the context
+            what = f"the observation of turn {len(turns)}'s {turns[-1].tool_call.kind} call" if turns else "the prompt"
+            return limit, f"{what} did not fit in {limit}, raise it"
+        if traj.finish_reason == "max_rounds":
+            return f"rollout.max_rounds={s.max_rounds}", f"rollout.max_rounds={s.max_rounds}, raise it"
+        action = turns[-1].action
+        if traj.finish_reason == "search_limit":
+            spec = next(spec for spec in self.loop.specs if spec.name == action.tool)
+            return f"{spec.name} limit", (f"turn {len(turns)} called {spec.name} over its limit of {s.limit(spec)} an episode, "
+                                          f"rollout.tool_limits or {spec.name}_limit")  # fmt: skip
+        if traj.finish_reason == "answer":
+            return "answer", f"turn {len(turns)} is an answer, which ends the episode"
+        return "no_action", f"turn {len(turns)} is no tool call or answer ({getattr(action, 'reason', action)}): fix the teacher"
 
     def _written(self, teacher: Teacher, sample: Sample) -> list[str]:
         """``teacher``'s turns for ``sample``, written from the sample's text as the prompt shows it (``Encoder.plain``):
@@ -168,9 +208,11 @@ class SFTModule(L.LightningModule):
         text, not as a special token among the targets. The teacher's own tags stay as it writes them."""
         plain = self.loop.encoder.plain
         extra = {k: plain(v) if isinstance(v, str) else v for k, v in sample.extra.items()}
-        return teacher.turns(replace(sample, image=sample.stored_image, question=plain(sample.question),
-                                     ground_truth=plain(sample.ground_truth), extra=extra,
-                                     candidate_answers=tuple(map(plain, sample.candidate_answers))))  # fmt: skip
+        turns = teacher.turns(replace(sample, image=sample.stored_image, question=plain(sample.question),
+                                      ground_truth=plain(sample.ground_truth), extra=extra,
+                                      candidate_answers=tuple(map(plain, sample.candidate_answers))))  # fmt: skip
+        refuse_bad_turns(turns, sample.id, teacher)
+        return turns
 
     def _episodes(self, samples: list[Sample], turns: dict[str, list[str]]) -> list[Trajectory]:
         """One episode per sample with the teacher's ``turns`` (by sample id), through the real loop and tools."""
@@ -230,18 +272,28 @@ class SFTModule(L.LightningModule):
 
     def _reading_step(self) -> None:
         """One step of next-token prediction on the step's texts, split over the ranks (rank r reads texts r,
-        r + world, ...): the token mean over all of them, as one process computes it. A rank left without a
-        text reruns the first at zero weight (every rank must run a backward pass, or DDP's all-reduce hangs)."""
+        r + world, ...): the token mean over all of them, as one process computes it. A rank's texts run in one
+        pass when their padded tokens fit ``micro_batch_tokens``, else in micro-batches (``reading_passes``). Every
+        rank runs as many passes, or DDP's all-reduce hangs: a rank left without a text, or with fewer passes,
+        reruns its first text at zero weight."""
         texts, world = self.reading.batch(self.global_step), self.trainer.world_size
         mine = texts[self.global_rank :: world]
+        rows = mine or texts[:1]
+        lengths = text_lengths(self.policy, rows)
+        passes: list[list[int] | None] = reading_passes(lengths, self.hparams.micro_batch_tokens)
+        passes += [None] * (int(all_reduce(len(passes), "max", self.device)) - len(passes))
+        # lm_nll's count: a text of n tokens has n - 1 targets; known before the first pass divides by it
+        total = all_reduce(float(sum(max(n - 1, 0) for n in lengths)) if mine else 0.0, "sum", self.device)
         opt = self.optimizers()
         opt.zero_grad()
-        nll, count = lm_nll(self.policy, mine or texts[:1], self.device)
-        total = all_reduce(float(count) if mine else 0.0, "sum", self.device)
-        loss = nll / max(total, 1.0) * (world if mine else 0)  # DDP averages the ranks' gradients
-        self.manual_backward(loss)
+        loss_sum = 0.0
+        for micro in passes:
+            nll, _ = lm_nll(self.policy, [rows[i] for i in micro or [0]], self.device)
+            loss = nll / max(total, 1.0) * (world if mine and micro else 0)  # DDP averages the ranks' gradients
+            self.manual_backward(loss)
+            loss_sum += float(loss.detach())
         grad_norm = self._step(opt, used_images=False)
-        loss = all_reduce(float(loss.detach()), "sum", self.device) / world
+        loss = all_reduce(loss_sum, "sum", self.device) / world
         self.log_dict({"reading/loss": loss, "train/grad_norm": float(grad_norm)}, batch_size=len(texts))
         self.log("loss", loss, prog_bar=True, logger=False, batch_size=len(texts))
 
@@ -264,10 +316,12 @@ class SFTModule(L.LightningModule):
         restore_rank_state(checkpoint.get("mmsr_ranks"), self.global_rank, world, self.teacher)
 
     def setup(self, stage: str) -> None:
-        """Refuse a ``-true`` precision before Lightning casts the policy or a batch, and put the master weights in
-        ``param_dtype`` before the optimizer is built (here, not in ``configure_model``: the warm start does not
-        shard, and ``ModelParallelStrategy`` refuses a module without that hook)."""
-        refuse_true_precision(str(self.trainer.precision), self.param_dtype)
+        """Refuse a ``-true`` precision before Lightning casts the policy or a batch, fix the compute dtype (as
+        ``GRPOModule.setup``) and put the master weights in ``param_dtype`` before the optimizer is built (here, not in
+        ``configure_model``: the warm start does not shard, and ``ModelParallelStrategy`` refuses a module without
+        that hook). ``Policy.autocast`` then runs every forward in it, ``val/sft_loss``'s too: Lightning's mixed
+        precision autocasts the training step only, and ``on_validation_epoch_end`` ran bf16-mixed in fp32."""
+        self.policy.compute_dtype = compute_dtype(None, self.param_dtype, str(self.trainer.precision))
         cast_parameters(self.model, self.param_dtype)
 
     def on_fit_start(self) -> None:
@@ -284,6 +338,33 @@ class SFTModule(L.LightningModule):
     def on_train_end(self) -> None:
         if self.hparams.export_dir and self.trainer.is_global_zero:
             save_policy(self.policy, self.hparams.export_dir)
+
+
+def refuse_bad_turns(turns: object, row: str, teacher: Teacher) -> None:
+    """Refuse what ``teacher.turns`` returned for row ``row`` unless it is a non-empty list of str: a str trained as
+    one turn a character (``_script`` indexes it), and an empty list failed the first step with a bare IndexError."""
+    if not isinstance(turns, list) or not all(isinstance(t, str) for t in turns):
+        inner = next((type(t).__name__ for t in turns if not isinstance(t, str)), "") if isinstance(turns, list) else ""
+        got = f"a list holding a {inner}" if inner else f"a {type(turns).__name__}"
+        raise TypeError(f"{type(teacher).__name__}.turns returned {got} for row {row!r}: a teacher returns a list of str, "
+                        "the episode's assistant turns in order")  # fmt: skip
+    if not turns:
+        raise ValueError(f"{type(teacher).__name__}.turns returned an empty list for row {row!r}: a teacher writes "
+                         "at least one assistant turn")  # fmt: skip
+
+
+def reading_passes(lengths: list[int], budget: int) -> list[list[int]]:
+    """The micro-batches (indices) of texts of token ``lengths``: all of them in order, in one pass, when their
+    padded size (texts x longest) fits ``budget``; else ``pack_by_tokens``'s (a text over it alone)."""
+    if len(lengths) * max(lengths, default=0) <= budget:
+        return [list(range(len(lengths)))]
+    return pack_by_tokens(lengths, budget)
+
+
+def text_lengths(policy: Policy, texts: list[str]) -> list[int]:
+    """Each of ``texts``' token count as ``lm_nll`` encodes it."""
+    ids = policy.tokenizer(list(map(policy.encoder().plain, texts)), add_special_tokens=False)["input_ids"]
+    return [len(i) for i in ids]
 
 
 def lm_loss(policy: Policy, texts: list[str], device: torch.device | str) -> torch.Tensor:

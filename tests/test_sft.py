@@ -97,3 +97,131 @@ def test_a_teacher_turn_cut_at_the_turn_budget_is_counted_and_warned(tiny_policy
     with pytest.warns(UserWarning, match=r"row 'long' \(24 tokens kept\) was cut at rollout.max_tokens_per_turn=24"):
         trainer.fit(module, DataLoader(samples, batch_size=2, collate_fn=list))
     assert trainer.callback_metrics["sft/truncated_episodes"].item() == 0.5
+
+
+class SearchesFor:
+    """Searches the web, then answers, for row ``a``; answers at once for the others."""
+
+    def turns(self, sample: Sample) -> list[str]:
+        answer = f"<reason>It is known.</reason><answer> {sample.ground_truth}</answer>"
+        return ["<reason>I search.</reason><text_search> the old tower</text_search>", answer] if sample.id == "a" else [answer]
+
+
+class FillingResults:
+    """A text search whose results (~4,000 tokens) fit no context of the tests."""
+
+    async def __call__(self, request):
+        from mmsr.tools.base import ToolResult
+
+        return ToolResult("[Text Search Results]\n1. " + "the old stone tower " * 1000)
+
+
+@pytest.mark.parametrize(("settings", "text_search", "why"), [
+    ({"max_rounds": 1}, None, r"rollout.max_rounds=1, raise it"),
+    ({"text_search_limit": 0}, None, r"turn 1 called text_search over its limit of 0 an episode"),
+    ({"max_context_tokens": 1024}, FillingResults(), r"the observation of turn 1's text_search call did not fit in "
+                                                     r"rollout.max_context_tokens=1024")])  # fmt: skip
+def test_teacher_turns_the_episode_never_reaches_are_counted_and_warned(tiny_policy, settings, text_search, why):
+    """An episode that ends before the teacher's last turn (a rollout limit, an observation dropped at the context
+    limit) trains none of the turns after it: it was left out without a word, only turns cut at
+    ``max_tokens_per_turn`` were counted; now ``sft/unfinished_episodes`` counts it and the run warns, naming the row
+    and the setting."""
+    from mmsr.rollout.loop import RolloutSettings
+
+    module = SFTModule(Built(copy.deepcopy(tiny_policy)), SearchesFor(), text_search=text_search,
+                       rollout=RolloutSettings(**settings))  # fmt: skip
+    image = Image.new("RGB", (56, 56))
+    samples = [Sample("a", "Where is the tower?", image, "x"), Sample("b", "What?", image, "y")]
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)  # fmt: skip
+    with pytest.warns(UserWarning, match=r"row 'a': the teacher wrote 2 turns, its episode ended after 1 \(" + why):
+        trainer.fit(module, DataLoader(samples, batch_size=2, collate_fn=list))
+    assert trainer.callback_metrics["sft/unfinished_episodes"].item() == 0.5
+    assert trainer.callback_metrics["sft/truncated_episodes"].item() == 0.0
+
+
+def test_a_teacher_turn_cut_at_the_context_limit_is_warned_naming_that_limit(tiny_policy):
+    """A teacher turn cut because the context had less room left than ``max_tokens_per_turn`` was warned as cut at
+    ``rollout.max_tokens_per_turn``, the setting that did not cut it; the warning names ``max_context_tokens``."""
+    from mmsr.rollout.loop import RolloutSettings
+
+    long_turn = Sample("long", "Which building is in the picture, and when was it finished? " * 4, Image.new("RGB", (56, 56)), "x")
+    prompt = SFTModule(Built(copy.deepcopy(tiny_policy)), EchoTeacher())._episodes([long_turn], {"long": ["x"]})[0].prompt_len
+    settings = RolloutSettings(max_tokens_per_turn=256, max_context_tokens=prompt + 24)
+    module = SFTModule(Built(copy.deepcopy(tiny_policy)), EchoTeacher(), rollout=settings)
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)  # fmt: skip
+    samples = [long_turn, Sample("short", "What?", Image.new("RGB", (56, 56)), "y")]
+    cut = rf"row 'long' \(24 tokens kept\) was cut at rollout.max_context_tokens={prompt + 24}:"
+    with pytest.warns(UserWarning, match=cut):
+        trainer.fit(module, DataLoader(samples, batch_size=2, collate_fn=list))
+    assert trainer.callback_metrics["sft/truncated_episodes"].item() == 0.5
+    assert trainer.callback_metrics["sft/unfinished_episodes"].item() == 0.5
+
+
+@pytest.mark.parametrize(("returned", "error", "said"), [
+    ("<answer> x</answer>", TypeError, "returned a str"), ([], ValueError, "returned an empty list"),
+    (["<answer> x</answer>", None], TypeError, "returned a list holding a NoneType")])  # fmt: skip
+def test_a_teacher_returning_anything_but_a_list_of_turns_is_refused_naming_the_row(tiny_policy, returned, error, said):
+    """A str was trained one character a turn (``_script`` indexed it); an empty list failed the step with a bare
+    IndexError. Both are refused, naming the teacher and the row."""
+
+    class Returns:
+        def turns(self, sample: Sample) -> list[str]:
+            return returned
+
+    module = SFTModule(Built(copy.deepcopy(tiny_policy)), Returns())
+    with pytest.raises(error, match=re.escape(f"Returns.turns {said} for row 'a'")):
+        module._written(module.teacher, Sample("a", "What?", Image.new("RGB", (56, 56)), "x"))
+
+
+@pytest.mark.parametrize(("precision", "autocast"), [("bf16-mixed", True), ("32-true", False)])
+def test_validation_forwards_run_in_the_training_precision(tiny_policy, precision, autocast):
+    """``val/sft_loss`` is computed in ``on_validation_epoch_end``, outside the autocast Lightning's mixed precision
+    puts around steps: under bf16-mixed it ran in fp32. The policy now autocasts every forward to the compute dtype
+    (as ``GRPOModule``'s); an fp32 run (the CPU demo's) still runs none."""
+    import torch
+
+    module = SFTModule(Built(copy.deepcopy(tiny_policy)), EchoTeacher(), lr=1e-9)
+    seen = []
+    module.model.register_forward_hook(lambda *_: seen.append((torch.is_grad_enabled(), torch.is_autocast_enabled("cpu"))))
+    samples = [Sample("a", "What?", Image.new("RGB", (56, 56)), "x"), Sample("b", "Which?", Image.new("RGB", (56, 56)), "y")]
+    trainer = L.Trainer(accelerator="cpu", precision=precision, max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=1)  # fmt: skip
+    loader = DataLoader(samples, batch_size=2, collate_fn=list)
+    trainer.fit(module, loader, loader)
+    validation = [on for grad, on in seen if not grad]
+    assert validation and set(validation) == {autocast}
+    assert "val/sft_loss" in trainer.callback_metrics
+
+
+def test_reading_steps_keep_to_micro_batch_tokens(tiny_policy, monkeypatch):
+    """A reading step ran all its texts in one forward whatever ``micro_batch_tokens`` said; over the budget it now
+    runs micro-batches within it, with the same loss and gradient (the NLL summed over them, divided by every
+    text's tokens); a step that fits still runs in one pass, as before."""
+    import torch
+
+    class Pages:
+        def batch(self, step: int) -> list[str]:
+            return [f"title: Ka Zu {i}\n" + "This is the old stone tower by the river. " * (2 + i) for i in range(6)]
+
+    runs = {}
+    for budget in (8192, 64):
+        module = SFTModule(Built(copy.deepcopy(tiny_policy)), EchoTeacher(), micro_batch_tokens=budget, reading=Pages(),
+                           reading_steps=1)  # fmt: skip
+        shapes, forward, grads, step = [], module.policy.forward, {}, module._step
+        monkeypatch.setattr(module.policy, "forward", lambda ids, *a, **k: shapes.append(tuple(ids.shape)) or forward(ids, *a, **k))
+        # the gradient before the optimizer step (AdamW's first step is about lr x its sign: float noise flips tiny ones)
+        monkeypatch.setattr(module, "_step", lambda opt, **k: grads.update(
+            {n: p.grad.clone() for n, p in module.model.named_parameters() if p.grad is not None}) or step(opt, **k))
+        trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False)  # fmt: skip
+        trainer.fit(module, DataLoader([Sample("a", "What?", None, "x")], batch_size=1, collate_fn=list))
+        runs[budget] = (shapes, trainer.callback_metrics["reading/loss"].item(), grads)
+    (whole, loss, grads), (split, split_loss, split_grads) = runs[8192], runs[64]
+    assert len(whole) == 1 and whole[0][0] == 6
+    assert len(split) > 1 and all(n == 1 or n * t <= 64 for n, t in split) and sum(n for n, _ in split) == 6
+    assert split_loss == pytest.approx(loss, rel=1e-5)
+    assert grads.keys() == split_grads.keys() and grads
+    for k in grads:
+        torch.testing.assert_close(split_grads[k], grads[k], atol=1e-6, rtol=1e-4, msg=k)

@@ -111,3 +111,59 @@ def test_reading_under_ddp_on_one_rank_is_refused_at_start(tmp_path):
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines()[-1].endswith("set trainer.strategy: auto or ddp_find_unused_parameters_true")
     assert not (tmp_path / "csv" / "metrics.csv").exists() or not logged(tmp_path, "reading/loss")
+
+
+class CutAndSearch:
+    """Answers at once, but with a ~300-token reason for row ``long_id`` (cut at the turn budget) and after a web search
+    for row ``search_id`` (two turns)."""
+
+    def __init__(self, long_id: str, search_id: str) -> None:
+        self.long_id, self.search_id = long_id, search_id
+
+    def turns(self, sample: Sample) -> list[str]:
+        reason = " ".join(["the photo shows it"] * 75) if sample.id == self.long_id else "It is known."
+        answer = f"<reason>{reason}</reason><answer>{sample.ground_truth}</answer>"
+        search = "<reason>I search.</reason><text_search> the tower</text_search>"
+        return [search, answer] if sample.id == self.search_id else [answer]
+
+
+def counted(tmp: Path, devices: int) -> subprocess.CompletedProcess:
+    # step 0 reads the 3 pages (249, 287 and 273 tokens): one process splits them into 3 passes of the 500-token
+    # budget, rank 0 its two into 2, rank 1 its one into 1 (and reruns it at zero weight). Step 1, unshuffled, gives
+    # rank 0 prompts 4 and 6 (one turn each), rank 1 prompts 5 (cut at 64 tokens) and 7 (two turns); one process
+    # takes all four.
+    rows = load_samples(ROOT / DATA)
+    policy = {"class_path": "mmsr.models.build.TinyQwen2_5_VL", "init_args": {
+        "tokenizer_texts": [DATA], "scaffold": {"class_path": "mmsr.demo.tokenizer.Scaffold"}, "hidden_size": 32,
+        "num_layers": 1, "vision_depth": 1, "seed": 0}}  # fmt: skip
+    cfg = {
+        "seed_everything": 0,
+        "trainer": {"accelerator": "cpu", "devices": devices, "strategy": "ddp" if devices > 1 else "auto", "max_steps": 2,
+                    "log_every_n_steps": 1, "enable_model_summary": False, "enable_checkpointing": False,
+                    "enable_progress_bar": False, "use_distributed_sampler": False, "default_root_dir": str(tmp),
+                    "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                               "init_args": {"save_dir": str(tmp), "name": "csv", "version": ""}}},
+        "model": {"class_path": "mmsr.sft.SFTModule", "init_args": {
+            "policy": policy, "teacher": {"class_path": f"{__name__}.CutAndSearch",
+                                          "init_args": {"long_id": rows[5].id, "search_id": rows[7].id}},
+            "rollout": {"max_tokens_per_turn": 64, "max_context_tokens": 4096}, "micro_batch_tokens": 500,
+            "reading_steps": 1, "reading": {"class_path": f"{__name__}.Pages", "init_args": {"files": [CORPUS]}}}},
+        "data": {"train_files": [DATA], "prompts_per_step": 4 // devices, "shuffle": False},
+    }  # fmt: skip
+    proc = fit(tmp, cfg, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+@pytest.mark.slow
+def test_two_rank_episode_counts_and_warnings_are_every_ranks(tmp_path):
+    """``rollout/turns``, ``sft/truncated_episodes`` and ``sft/unfinished_episodes`` were rank 0's alone, and so was the
+    warning of a cut teacher turn: a cut on rank 1 was neither counted nor warned. They are over every rank's
+    episodes now, warned by the rank that saw it; a reading step's texts over ``micro_batch_tokens`` split into as
+    many passes on each rank (unequal passes hang DDP), for the loss one process computes."""
+    one, two = counted(tmp_path / "one", 1), counted(tmp_path / "two", 2)
+    for key, value in {"rollout/turns": 1.25, "sft/truncated_episodes": 0.25, "sft/unfinished_episodes": 0.25}.items():
+        assert logged(tmp_path / "two", key) == logged(tmp_path / "one", key) == [value], key
+    assert logged(tmp_path / "two", "reading/loss")[:1] == pytest.approx(logged(tmp_path / "one", "reading/loss")[:1], abs=1e-5)
+    for proc in (one, two):
+        assert "was cut at rollout.max_tokens_per_turn=64" in proc.stderr
