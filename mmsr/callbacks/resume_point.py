@@ -8,6 +8,9 @@ into the same run. Each checkpoint records what it needs to put that right:
 - ``validation_due``: whether the validation after the step was still to run; ``run_validation`` runs it (after
   the last step, where the resumed fit has no step left to train, from ``before_finished_fit``);
 - ``wandb_steps``: the last wandb history step of each online run, to rewind it to (``rewinds``).
+
+A checkpoint saved outside a step (at an epoch's end) records ``next_step``: Lightning counts such a save's step again
+on restart, and the resumed run would number every later step one too high (see ``next_step``).
 """
 
 from __future__ import annotations
@@ -31,6 +34,20 @@ def inside_step(trainer: L.Trainer) -> bool:
     but not yet counted completed (lightning/pytorch/loops/training_epoch_loop.py ``advance``)."""
     progress = trainer.fit_loop.epoch_loop.batch_progress.current
     return trainer.training and progress.processed == progress.completed + 1
+
+
+def next_step(trainer: L.Trainer) -> int | None:
+    """The step the fit logs its next training batch at, for a checkpoint saved after the loop counted the last one
+    (``_batches_that_stepped``, at the end of the step's ``on_advance_end``): at an epoch's end; None inside a step or
+    the validation after it, which the loop counts later.
+
+    Restarted from such a checkpoint, Lightning replays the epoch's last batch, returns before training it (its
+    validation ran) and counts it a second time (lightning/pytorch/loops/training_epoch_loop.py ``advance``,
+    ``on_advance_end``): that is right for a save during that validation only, and the resumed run logged step
+    S as S + 1, its epoch-end checkpoint saving the inflated count. ``RunDirectory`` puts this one back."""
+    if not trainer.training or inside_step(trainer):
+        return None
+    return trainer.fit_loop.epoch_loop._batches_that_stepped
 
 
 def unlogged_row(trainer: L.Trainer) -> dict[str, Any] | None:

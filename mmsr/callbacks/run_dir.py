@@ -51,6 +51,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from mmsr.callbacks.resume_point import (
     before_finished_fit,
+    next_step,
     rewinds,
     run_validation,
     unlogged_row,
@@ -83,6 +84,7 @@ class RunDirectory(L.Callback):
         self.resuming = False
         self.unlogged_row: dict[str, Any] | None = None  # the loaded checkpoint's step row, if not yet written
         self.validation_due = False  # the loaded checkpoint was saved before the validation after its step
+        self.next_step: int | None = None  # the loaded checkpoint's next step, if saved outside a step (``next_step``)
         self.resumed_from: list[dict[str, Any]] = []  # the loaded checkpoint's loggers
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -98,6 +100,7 @@ class RunDirectory(L.Callback):
             return
         state = checkpoint.setdefault("callbacks", {}).setdefault(self.state_key, {})
         state["validation_due"] = validation_due(trainer)
+        state["next_step"] = next_step(trainer)
         if row is not None:
             state["unlogged_row"] = row
         if self.rewind_wandb:
@@ -119,12 +122,24 @@ class RunDirectory(L.Callback):
             self.continue_logs(trainer, step)  # the killed run's rows of the step go, its training row comes back
         run_validation(trainer)  # on every rank: the validation gathers every rank's episodes
 
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Before the checkpoint callbacks (Lightning calls them last): the replayed epoch end's checkpoint gets it too.
+        if self.resuming:
+            self.restore_next_step(trainer)
+
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         if not self.resuming:
             return
+        self.restore_next_step(trainer)
         self.resuming = False
         if trainer.is_global_zero:  # the step Lightning logs this batch's metrics at, now that the loop restored it
             self.continue_logs(trainer, trainer.fit_loop.epoch_loop._batches_that_stepped)
+
+    def restore_next_step(self, trainer: L.Trainer) -> None:
+        """Undo Lightning's second count of the step of a checkpoint saved outside a step (``next_step``): until the
+        resumed run's first training batch, the loop's count is the checkpoint's, on every rank."""
+        if self.next_step is not None:
+            trainer.fit_loop.epoch_loop._batches_that_stepped = self.next_step
 
     def continue_logs(self, trainer: L.Trainer, step: int) -> None:
         """Drop the ``metrics.csv`` rows of ``step`` and later, then put back the checkpoint's row (of a step before
@@ -149,6 +164,7 @@ class RunDirectory(L.Callback):
         self.resumed_from = list(state_dict.get("loggers", []))
         self.unlogged_row = state_dict.get("unlogged_row")
         self.validation_due = bool(state_dict.get("validation_due"))
+        self.next_step = state_dict.get("next_step")
 
 
 class LoggedConfig(SaveConfigCallback):

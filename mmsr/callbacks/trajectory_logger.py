@@ -4,7 +4,8 @@ Researchers debug RL runs by reading rollouts, so every ``every_n_steps`` traini
 callback takes the step's first ``max_trajectories`` trajectories (rollout order, so whole GRPO
 groups come first and their answers can be compared) from ``GRPOModule.last_rollout`` and
 - appends them as ``TrajectoryRecord`` lines to ``<run dir>/trajectories.jsonl`` (``trainer.log_dir``:
-  next to the resolved ``config.yaml`` and the CSV logger's ``metrics.csv``);
+  next to the resolved ``config.yaml`` and the CSV logger's ``metrics.csv``; under a first ``WandbLogger``,
+  ``<save_dir>/<project>/<run id>``, see ``run_dir``);
 - when a ``WandbLogger`` is attached, logs a ``wandb.Table`` with one row per turn.
 wandb is imported only in that case, so CSV / TensorBoard runs work without it.
 
@@ -60,6 +61,8 @@ class TrajectoryLogger(L.Callback):
         # rank 0 gets here (a collective on one rank hangs DDP / FSDP runs).
         # No logger, or one without a directory (fast_dev_run's DummyLogger): the run's root directory.
         logger = trainer.loggers[0] if trainer.loggers else None
+        if isinstance(logger, WandbLogger):
+            return wandb_run_dir(logger)
         directory = logger and (logger.log_dir if isinstance(logger, CSVLogger | TensorBoardLogger) else logger.save_dir)
         return Path(directory or trainer.default_root_dir)
 
@@ -100,6 +103,14 @@ class TrajectoryLogger(L.Callback):
             )
             for i, t in enumerate(rollout.trajectories[: self.max_trajectories])
         ]
+
+
+def wandb_run_dir(logger: WandbLogger) -> Path:
+    """``<save_dir>/<project>/<run id>``, the folder Lightning's ``ModelCheckpoint`` saves a wandb run's checkpoints
+    under: the run's own. ``save_dir`` is every run's there (each appended to one file, and a resume dropped the other
+    runs' records of its steps); a resumed run keeps its id, so its folder. Creates the run if not yet (rank 0)."""
+    run = logger.experiment
+    return Path(logger.save_dir or ".", logger.name or "", run.id)
 
 
 def logged_step(trainer: L.Trainer) -> int:

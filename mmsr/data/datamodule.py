@@ -7,6 +7,7 @@ ahead of the batches actually trained on.
 
 from __future__ import annotations
 
+import os
 import warnings
 from typing import Any
 
@@ -49,6 +50,12 @@ def load_distinct(files: list[str], skip_invalid: bool, key: str) -> list[Sample
     return samples
 
 
+def run_seed(seed: int | None) -> int:
+    """The data order's seed: ``seed``, or for None the run's ``seed_everything`` (``PL_GLOBAL_SEED``, which Lightning's
+    ``seed_everything`` sets; 0 in a run seeded by none), as ``mmsr.rollout.hf_engine.run_seed`` for the engines."""
+    return int(os.environ.get("PL_GLOBAL_SEED", 0)) if seed is None else seed
+
+
 def collate_samples(samples: list[Sample]) -> list[Sample]:
     """Samples stay records: no tensors until the rollout has produced tokens."""
     return list(samples)
@@ -71,12 +78,20 @@ class WholeBatchSampler(ResumableSampler):
     place: the rest of its epoch, from the prompts all its ranks had taken, is cut or topped up to whole
     batches of this one, as a fresh epoch's tail is (warned). Going on in its share, cut to its batches,
     left a short step.
+
+    A ``seed`` of None is the run's (``run_seed``), and a checkpoint's seed is kept: a run resumed under another
+    ``seed_everything`` goes on in the checkpoint's order.
     """
 
-    def __init__(self, batch_size: int, size: int, shuffle: bool, seed: int, num_replicas: int, rank: int,
+    def __init__(self, batch_size: int, size: int, shuffle: bool, seed: int | None, num_replicas: int, rank: int,
                  drop_last: bool = True) -> None:  # fmt: skip
-        super().__init__(size, shuffle, seed, num_replicas, rank)
-        self.batch_size, self.drop_last = batch_size, drop_last
+        super().__init__(size, shuffle, run_seed(seed), num_replicas, rank)
+        self.batch_size, self.drop_last, self.seed_of_run = batch_size, drop_last, seed is None
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.seed_of_run and "seed" in state:
+            self.seed = int(state["seed"])
+        super().load_state_dict(state)
 
     def share(self, count: int) -> int:
         step = self.num_replicas * self.batch_size
@@ -122,7 +137,8 @@ class MMSRDataModule(L.LightningDataModule):
             rank takes as many steps (ranks taking different numbers hang in a collective). The held-out
             loader keeps every row, once, either way.
         shuffle: reshuffle every epoch (seeded by ``seed`` and the epoch).
-        seed: shuffling seed.
+        seed: shuffling seed; None: the run's ``seed_everything`` (``run_seed``), as the engine's sampling seed.
+            A checkpoint keeps its seed.
         skip_invalid: drop invalid rows with a warning instead of failing.
     """
 
@@ -132,7 +148,7 @@ class MMSRDataModule(L.LightningDataModule):
         val_files: list[str] | None = None,
         prompts_per_step: int = 4,
         shuffle: bool = True,
-        seed: int = 0,
+        seed: int | None = None,
         skip_invalid: bool = False,
         drop_last: bool = True,
     ) -> None:

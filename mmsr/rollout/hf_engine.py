@@ -8,6 +8,7 @@ positions and vision inputs), so engine and trainer log-probs agree to float pre
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -18,6 +19,12 @@ from mmsr.rollout.engine import GenerationOutput, GenerationRequest, SamplingPar
 from mmsr.rollout.hf_decode import DecodeBatch, additive_mask, decode_attention_for, slab_cache
 from mmsr.rollout.sampling import gumbel_sample, request_seed
 from mmsr.rollout.vllm_inputs import ImageTokenIds, ImageTokenMismatch, collapse_image_tokens
+
+
+def run_seed(seed: int | None) -> int:
+    """An engine's sampling seed: ``seed``, or for None the run's ``seed_everything`` (``PL_GLOBAL_SEED``, which
+    Lightning's ``seed_everything`` sets; 0 in a run seeded by none), so that a run's seed changes its rollouts."""
+    return int(os.environ.get("PL_GLOBAL_SEED", 0)) if seed is None else seed
 
 
 def sample_tokens(logits: torch.Tensor, sampling: SamplingParams, seeds: torch.Tensor, positions: torch.Tensor):
@@ -58,10 +65,11 @@ class HFEngine:
 
     Args:
         max_batch_size: most contexts per forward pass.
-        seed: the sampling seed (rollouts are reproducible for a fixed seed).
+        seed: the sampling seed (rollouts are reproducible for a fixed seed); None: the run's
+            ``seed_everything`` (``run_seed``), fixed when the engine is bound and kept in checkpoints.
     """
 
-    def __init__(self, max_batch_size: int = 64, seed: int = 0) -> None:
+    def __init__(self, max_batch_size: int = 64, seed: int | None = None) -> None:
         self.max_batch_size, self.seed = max_batch_size, seed
         self.calls = 0  # generate() calls: the stream of requests that carry no episode key
         self.policy: Policy | None = None
@@ -72,18 +80,19 @@ class HFEngine:
     def bind(self, policy: Policy) -> None:
         """Generate with ``policy`` (colocated: no weights are copied, nothing starts)."""
         self.policy, self._candidates, self._silent = policy, {}, None
+        self.seed = run_seed(self.seed)
         self.image_ids = ImageTokenIds.from_tokenizer(policy.tokenizer) if policy.is_vision else None
 
     def state_dict(self) -> dict:
         """The sampler's state (saved in checkpoints so a resumed run draws the same tokens)."""
-        return {"seed": self.seed, "calls": self.calls}
+        return {"seed": run_seed(self.seed), "calls": self.calls}
 
     def load_state_dict(self, state: dict) -> None:
         self.seed, self.calls = state["seed"], state["calls"]
 
     def request_seeds(self, requests: Sequence[GenerationRequest]) -> list[int]:
         """One seed per request; requests without an episode key are told apart by call and index."""
-        self.calls += 1
+        self.calls, self.seed = self.calls + 1, run_seed(self.seed)
         return [request_seed(self.seed, r.stream, r.key or f"call{self.calls}/{i}", r.turn) for i, r in enumerate(requests)]
 
     def generates_with(self, model: torch.nn.Module) -> bool:

@@ -57,6 +57,7 @@ from mmsr.models.build import save_policy
 from mmsr.models.policy import Policy
 from mmsr.models.vision import VisionInput, covering_bounds
 from mmsr.rollout.engine import GenerationOutput, GenerationRequest, SamplingParams, turn_budget
+from mmsr.rollout.hf_engine import run_seed
 from mmsr.rollout.sampling import request_seed
 from mmsr.rollout.vllm_inputs import (
     GridImages,
@@ -100,7 +101,7 @@ class VLLMEngine:
         tensor_parallel_size: GPUs per engine. Only 1 is supported: with more, the ranks of a
             tensor-parallel group would have to roll out the same prompts in lockstep and share tool
             results, and mmsr's rollout is per rank; a larger value is refused at start.
-        seed: sampling seed.
+        seed: sampling seed; None: the run's ``seed_everything`` (``run_seed``), fixed at ``bind``, kept in checkpoints.
     """
 
     def __init__(
@@ -116,7 +117,7 @@ class VLLMEngine:
         sleep_level: Literal[1, 2] = 1,
         enforce_eager: bool = False,
         tensor_parallel_size: int = 1,
-        seed: int = 0,
+        seed: int | None = None,
     ) -> None:
         self.model, self.dtype, self.seed = model, dtype, seed
         self.tensor_parallel_size = tensor_parallel_size
@@ -160,7 +161,7 @@ class VLLMEngine:
         weights, or from dummy weights that the first sync replaces)."""
         if self.policy is policy and self.llm is not None:
             return
-        self.policy = policy
+        self.policy, self.seed = policy, run_seed(self.seed)
         self.image_ids = ImageTokenIds.from_tokenizer(policy.tokenizer) if policy.is_vision else None
         self.patch_size = getattr(policy.image_processor, "patch_size", 14)
         self.grid_images = GridImages(self.patch_size)
@@ -285,7 +286,7 @@ class VLLMEngine:
 
     def state_dict(self) -> dict:
         """The sampler's state (saved in checkpoints so a resumed run draws the same tokens)."""
-        return {"seed": self.seed, "calls": self.calls}
+        return {"seed": run_seed(self.seed), "calls": self.calls}
 
     def load_state_dict(self, state: dict) -> None:
         self.seed, self.calls = state["seed"], state["calls"]

@@ -189,3 +189,39 @@ def test_the_final_validation_killed_after_the_last_checkpoint_runs_when_the_run
     assert rows(tmp_path) == [*killed, (3, "val")]
     fit(tmp_path, 4, [], *VALIDATION, resume="step=4.ckpt")  # again: the step's validation once, not twice
     assert rows(tmp_path) == [*killed, (3, "val")]
+
+
+class KillAtStep(L.Callback):
+    """Dies as the training step logged at ``step`` starts."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.fit_loop.epoch_loop._batches_that_stepped == self.step:
+            raise Killed(self.step)
+
+
+def epoch_fit(root: Path, *callbacks: dict, resume: str | None = None):
+    """4 steps in epochs of 2, with a ``ModelCheckpoint(every_n_epochs=1)`` (saved at each epoch's end)."""
+    args = {"dirpath": str(root / "ckpt"), "every_n_epochs": 1, "save_top_k": -1, "filename": "{step}"}
+    checkpoint = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": args}
+    resumed = ["--ckpt_path", str(root / "ckpt" / resume)] if resume else []
+    return run(root, "--trainer.max_steps", "4", "--trainer.limit_train_batches", "2", "--trainer.enable_checkpointing",
+               "true", "--trainer.callbacks", json.dumps([checkpoint, TRAJECTORIES, *callbacks]), *resumed)  # fmt: skip
+
+
+def test_a_run_resumed_from_an_epoch_end_checkpoint_numbers_its_steps_as_the_uninterrupted_one(tmp_path):
+    """Restarted from a checkpoint saved at an epoch's end, Lightning counted the epoch's last step again: the
+    resumed run logged steps 2 and 3 as 3 and 4, kept the killed run's step 2, and saved the inflated count."""
+    epoch_fit(tmp_path / "whole")
+    with pytest.raises(Killed):  # after step 2, whose epoch-end checkpoint is step=2.ckpt
+        epoch_fit(tmp_path, {"class_path": f"{__name__}.KillAtStep", "init_args": {"step": 3}})
+    epoch_fit(tmp_path, resume="step=2.ckpt")
+    assert rows(tmp_path) == rows(tmp_path / "whole") == [(0, "train"), (1, "train"), (2, "train"), (3, "train")]
+    records = [r.step for r in read_records(tmp_path / "csv" / "version_0" / "trajectories.jsonl")]
+    assert records == [0, 0, 1, 1, 2, 2, 3, 3]
+    for step in (2, 4):  # the replayed epoch end saved step=2.ckpt again
+        for root in (tmp_path, tmp_path / "whole"):
+            loops = torch.load(root / "ckpt" / f"step={step}.ckpt", weights_only=False)["loops"]
+            assert loops["fit_loop"]["epoch_loop.state_dict"]["_batches_that_stepped"] == step

@@ -173,3 +173,31 @@ def test_the_wandb_table_sits_at_the_step_of_its_scalars(scripted_run, tmp_path)
     trainer.fit(TwoUpdatesAStep(scripted_run.model.last_rollout), torch.utils.data.DataLoader(torch.zeros(3, 1)))
     tables, scalars = ([s for kind, s in logger.calls if kind == k] for k in ("table", "scalars"))
     assert tables == scalars == [0, 1, 2]
+
+
+def test_wandb_runs_of_one_save_dir_keep_their_trajectories_apart(scripted_run, offline_wandb, tmp_path, monkeypatch):
+    """Under a first ``WandbLogger`` every run of a ``save_dir`` appended to ``<save_dir>/trajectories.jsonl``, and a
+    run resumed at step 1 dropped the other runs' records of steps 1 and later. Each run has its folder now."""
+    import wandb
+
+    for var in ("WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_ARTIFACT_DIR"):  # its tables apart from the session's
+        monkeypatch.setenv(var, str(tmp_path / "wandb_home" / var.lower()))
+    loop = SimpleNamespace(_batches_that_stepped=0)
+    files = []
+    for steps, resumed in ((range(3), False), (range(1, 2), True)):  # the second run resumes at step 1
+        logger = WandbLogger(project="p", save_dir=str(tmp_path))
+        trainer = SimpleNamespace(loggers=[logger], default_root_dir=str(tmp_path), global_step=0, is_global_zero=True,
+                                  fit_loop=SimpleNamespace(epoch_loop=loop), state=SimpleNamespace(fn="fit"))  # fmt: skip
+        cb = TrajectoryLogger(max_trajectories=1)
+        if resumed:
+            cb.on_load_checkpoint(trainer, scripted_run.model, {})
+        try:
+            for step in steps:
+                loop._batches_that_stepped = step
+                cb.on_train_batch_start(trainer, scripted_run.model, None, step)
+                cb.on_train_batch_end(trainer, scripted_run.model, None, None, step)
+            files.append(tmp_path / "p" / logger.version / "trajectories.jsonl")
+        finally:
+            wandb.finish()
+    assert [[r.step for r in read_records(f)] for f in files] == [[0, 1, 2], [1]]
+    assert not (tmp_path / "trajectories.jsonl").exists()

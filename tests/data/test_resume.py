@@ -317,3 +317,24 @@ def test_without_drop_last_every_step_is_whole_on_any_shape():
             resumed = _loaders(11, world, batch, drop_last=False, state=saved.state_dict())
         sizes = [len(b) for loader in resumed for b in loader]
         assert sizes == [batch] * len(sizes) and len(sizes) == world * -(-7 // (world * batch))
+
+
+def test_an_unset_data_seed_is_the_runs_seed_everything_and_a_checkpoints_is_kept(monkeypatch):
+    """``seed_everything`` changed no data order: ``data.seed`` was 0 unless set. Unset, it is the run's
+    (``PL_GLOBAL_SEED``, which ``seed_everything`` sets); a resumed run keeps the checkpoint's order."""
+    from mmsr.data.datamodule import MMSRDataModule
+
+    def sampler(run_seed: int, **data_args):
+        monkeypatch.setenv("PL_GLOBAL_SEED", str(run_seed))
+        dm = MMSRDataModule([str(FVQA / "fvqa_dev.jsonl")], prompts_per_step=2, **data_args)
+        dm.setup("fit")
+        return dm._sampler(1, 0)
+
+    assert list(sampler(0)) == list(sampler(0, seed=0)) == list(sampler(3, seed=0))
+    assert list(sampler(1)) != list(sampler(0))
+    killed = sampler(1)
+    taken = iter(killed)
+    head = [next(taken) for _ in range(4)]
+    resumed = sampler(2)  # resumed under another seed_everything
+    resumed.load_state_dict(killed.state_dict())
+    assert head + list(resumed) == list(sampler(1))

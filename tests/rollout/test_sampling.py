@@ -150,3 +150,27 @@ def test_hf_engine_stops_at_a_tag_split_by_a_special_token(tiny_policy):
     assert tok.decode(split, skip_special_tokens=True) == "<text_search>Paris</text_search>"
     eos, candidates = tiny_policy.stop_token_ids(), engine._stop_candidates(stop)
     assert engine._finish(_Turn(100, split[:-1]), split[-1], eos, candidates, stop) == "stop"
+
+
+def test_an_engine_seed_left_unset_is_the_runs_seed_everything(tiny_policy, monkeypatch):
+    """``seed_everything`` changed no rollout: an engine sampled from seed 0 unless its own ``seed`` was set. Unset, it
+    is the run's (``PL_GLOBAL_SEED``, which ``seed_everything`` sets), fixed at ``bind`` and kept in checkpoints."""
+    from mmsr.rollout.vllm_engine import VLLMEngine
+
+    prompt = tiny_policy.encoder().encode("<|im_start|>user\nWhat is this?<|im_end|>\n<|im_start|>assistant\n")
+    requests = [GenerationRequest(tuple(prompt), key=f"s1#{k}", stream=1) for k in range(4)]
+
+    def rollout(run_seed: int, **engine_args) -> tuple[list, int]:
+        monkeypatch.setenv("PL_GLOBAL_SEED", str(run_seed))
+        engine = HFEngine(**engine_args)
+        engine.bind(tiny_policy)
+        monkeypatch.setenv("PL_GLOBAL_SEED", "9")  # a later seed_everything: the run's seed is fixed already
+        outputs = engine.generate(requests, SamplingParams(max_tokens=8, stop=()))
+        return [o.token_ids for o in outputs], engine.state_dict()["seed"]
+
+    assert rollout(0) == rollout(0, seed=0) == rollout(5, seed=0)  # an explicit seed is kept, 0 is the old default
+    assert rollout(1)[1] == 1 and rollout(1)[0] != rollout(0)[0]
+    monkeypatch.setenv("PL_GLOBAL_SEED", "4")
+    assert (VLLMEngine().state_dict()["seed"], VLLMEngine(seed=2).state_dict()["seed"]) == (4, 2)
+    monkeypatch.delenv("PL_GLOBAL_SEED")
+    assert HFEngine().state_dict()["seed"] == 0  # a run seeded by none
