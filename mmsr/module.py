@@ -118,8 +118,11 @@ class GRPOModule(L.LightningModule):
         ppo_epochs, mini_batches: passes over a step's rollouts and optimizer updates per pass.
         micro_batch_tokens: padded-token budget of one forward/backward.
         share_prefix: a prompt the samples of a group share (and the start every episode shares) runs once
-            per micro-batch, its KV cache fanned out to the rows (``mmsr.train.prefix``); the same log-probs
-            up to float rounding. Skipped under FSDP2 and with gradient checkpointing.
+            per micro-batch where that saves enough tokens (``mmsr.train.batch.sampled_logprobs``): on the CPU its
+            KV cache fanned out to the rows (``mmsr.train.prefix``); on a GPU, under gradient checkpointing or
+            FSDP2, as packed rows (``mmsr.train.packed``: a group's episodes kept in one micro-batch, the token
+            budget counted on packed rows); whole rows with flash-attention 2. The same log-probs up to float
+            rounding.
         skip_zero_advantage: leave the episodes whose advantage is 0 (a group whose samples all got one
             reward: ``reward/zero_std_groups``) out of the update's passes (and out of the scoring pass
             that precedes several updates a step). With

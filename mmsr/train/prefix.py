@@ -12,7 +12,8 @@ with their own positions. The log-probs are those of the whole rows up to float 
 Not used where the cache cannot carry gradients: with gradient checkpointing (the recomputation would
 append to the cache again) or under FSDP2 (a second forward of the sharded root on one rank only, and
 tool images reaching the vision tower on some ranks and not others, would hang the collectives). There
-the same split runs as packed rows in one forward (``mmsr.train.packed``).
+rows of one GRPO group that start alike run as packed rows in one forward (``mmsr.train.packed``; a row that
+shares its prompt with no group-mate runs whole: ``plan_prefixes``' ``merge_alone``).
 """
 
 from __future__ import annotations

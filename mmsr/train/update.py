@@ -8,7 +8,9 @@ correction, aggregation) is pure torch in ``mmsr.algo``; this module batches the
 backward passes and optimizer steps through the trainer's hooks (``Backprop``).
 
 Under DDP / FSDP2 the token-mean denominator is the global one and every rank runs the same number of
-backward passes, so N ranks compute exactly the update one process would.
+backward passes, so N ranks compute exactly the update one process would with one mini-batch a pass. With
+``mini_batches`` > 1 each rank splits its own episodes (as veRL does): global mini-batch k is the union of every
+rank's k-th share, not one process's k-th contiguous part, so the optimizer steps see other episodes.
 """
 
 from __future__ import annotations
