@@ -196,8 +196,8 @@ def refuse_judge_failed(work: EvalWork) -> None:
 
     if failed := judge_failed(work):
         raise SystemExit(f"mmsr eval: error: the judge never replied for {failed} episode{'s' * (failed > 1)} (its "
-                         f"endpoint kept failing), counted wrong: {work.path} is kept, and running the same command "
-                         "again asks the judge only for those verdicts")  # fmt: skip
+                         f"endpoint kept failing, or refused them), counted wrong: {work.path} is kept, and running the same "
+                         "command again asks the judge only for those verdicts (delete it to keep them wrong)")  # fmt: skip
 
 
 def refuse_repeated_ids(data: Mapping[str, Sequence], sets: Sequence[tuple[str, str]]) -> None:

@@ -92,8 +92,14 @@ def build_tools(values: dict, where: str | Path) -> dict[str, SearchTool | None]
 
 
 def load_tools(path: str | Path) -> dict[str, SearchTool | None]:
-    """The tools of a YAML file's ``image_search`` / ``text_search`` / ``tools`` entries (``build_tools``)."""
-    return build_tools(_read_yaml(path), path)
+    """The tools of a YAML file's ``image_search`` / ``text_search`` / ``tools`` entries (``build_tools``), at its
+    top level or under ``model.init_args`` (a ``configs/tools/`` snippet merged over run configs: its other
+    ``init_args`` are the run's, not the tools')."""
+    values = _read_yaml(path)
+    if set(values) == {"model"} and isinstance(values["model"], dict):
+        init = values["model"].get("init_args") or {}
+        values = {k: v for k, v in init.items() if k in TOOL_ARGS} if isinstance(init, dict) else init
+    return build_tools(values, path)
 
 
 def _synced(policy: Policy, engine: Engine, weight_sync: WeightSync | None = None) -> Engine:
@@ -114,7 +120,7 @@ def load_model_dir(path: str, min_pixels: int | None = None, max_pixels: int | N
     from mmsr.rollout.hf_engine import HFEngine
 
     policy = PretrainedPolicy(path, min_pixels=min_pixels, max_pixels=max_pixels).build()
-    return Loaded(policy, _synced(policy, HFEngine()))
+    return Loaded(policy, _synced(policy, HFEngine(seed=0)))
 
 
 def load_policy_yaml(path: str | Path, weights: str | None = None) -> Loaded:
@@ -135,7 +141,7 @@ def load_policy_yaml(path: str | Path, weights: str | None = None) -> Loaded:
             state = inner
         adopt_dtypes(policy.model, state)
         policy.model.load_state_dict(state)
-    return Loaded(policy, _synced(policy, HFEngine()))
+    return Loaded(policy, _synced(policy, HFEngine(seed=0)))
 
 
 def find_run_config(ckpt: Path) -> Path:
@@ -216,7 +222,7 @@ def load_checkpoint(ckpt: str | Path, run_config: str | Path | None = None, run_
     module = load_module(ckpt, run_config, leave_out=() if run_tools else RUN_TOOLS)
     loop = module.loop
     # SFTModule's engine replays its teacher's turns: the warm-started policy generates with HFEngine.
-    engine = module.engine if isinstance(module, GRPOModule) else HFEngine()
+    engine = module.engine if isinstance(module, GRPOModule) else HFEngine(seed=0)
     engine = _synced(module.policy, engine, getattr(module, "weight_sync", None))
     reward = scoring_reward(module.reward) if isinstance(module, GRPOModule) else None
     return Loaded(module.policy, engine, dict(loop.tools), loop.settings, loop.prompts, reward)

@@ -98,19 +98,34 @@ def read_rows(path: Path) -> list[dict]:
 
 
 def fingerprint(path: str | Path | None, outputs: Sequence[str | Path] = ()) -> dict | None:
-    """A cheap stand-in for the contents of file or folder ``path``: a file's size and modification time, or a
-    digest of a folder's files' (relative path, size, modification time); None when nothing is there. Files
-    within ``outputs`` (the command's own output folder or files) are left out: an ``--out`` inside a named
-    folder changes as the command writes, and every rerun would be refused."""
+    """A cheap stand-in for the contents of file or folder ``path``: a file's size and ``sampled_digest``, or a
+    digest of a folder's files' (relative path, size, sampled digest); None when nothing is there. Not the
+    modification time: a checkpoint or data set copied afresh to a node's disk at each job start is the same
+    model. Files within ``outputs`` (the command's own output folder or files) are left out: an ``--out`` inside
+    a named folder changes as the command writes, and every rerun would be refused."""
     if path is None or not (path := Path(path)).exists():
         return None
     if path.is_file():
-        stat = path.stat()
-        return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+        return {"size": path.stat().st_size, "digest": sampled_digest(path)}
     skip = [Path(o).resolve() for o in outputs]
     files = sorted(f for f in path.rglob("*") if f.is_file() and not any(f.resolve().is_relative_to(o) for o in skip))
-    listing = [(f.relative_to(path).as_posix(), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    listing = [(f.relative_to(path).as_posix(), f.stat().st_size, sampled_digest(f)) for f in files]
     return {"files": len(files), "digest": hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]}
+
+
+SAMPLE_BYTES = 1 << 20
+
+
+def sampled_digest(file: Path) -> str:
+    """A digest of a file's first, middle and last MiB (all of a file up to 3 MiB): reading a 15 GB checkpoint
+    whole at every start would take minutes, and training moves nearly every weight, so an overwritten checkpoint
+    differs in each of them."""
+    size, digest = file.stat().st_size, hashlib.blake2b(digest_size=8)
+    with file.open("rb") as f:
+        for start in sorted({0, max(size // 2 - SAMPLE_BYTES // 2, 0), max(size - SAMPLE_BYTES, 0)}):
+            f.seek(start)
+            digest.update(f.read(SAMPLE_BYTES))
+    return digest.hexdigest()
 
 
 def as_json(run: Mapping[str, object]) -> dict:
@@ -148,5 +163,5 @@ def difference(before: Mapping[str, object], now: Mapping[str, object]) -> str:
     for name in sorted(set(was) | set(new)):
         if was.get(name) != new.get(name):
             flag = "--" + name.replace("_", "-")
-            return f"the file or folder {flag} names has changed since: its size, modification time or files differ"
+            return f"the file or folder {flag} names has changed since: its size, sampled bytes or files differ"
     return "the same arguments"

@@ -215,7 +215,7 @@ def test_after_a_judge_outage_the_command_fails_keeping_its_work_file_and_the_re
         argv = ["--policy", "unused.yaml", "--tools", "unused.yaml", "--data", f"dev={FVQA / 'fvqa_dev.jsonl'}", "--limit",
                 "3", "--judge-url", f"http://127.0.0.1:{server.port}/v1", "--out", str(tmp_path)]  # fmt: skip
         with pytest.raises(SystemExit, match=rf"never replied for 1 episode .*{WORK_FILE} is kept, and running the same "
-                                             "command again asks the judge only for those verdicts$"):  # fmt: skip
+                                             "command again asks the judge only for those verdicts \\(delete it to keep them wrong\\)$"):  # fmt: skip
             cli.main(argv)
         assert (tmp_path / WORK_FILE).is_file() and len(server.bodies) == 3
         server.script.clear()  # the endpoint is back

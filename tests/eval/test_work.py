@@ -1,5 +1,7 @@
 """The resumable evaluation's work file (``mmsr.eval.work``) read back as it was written."""
 
+import os
+
 import pytest
 
 from mmsr.eval.cli import parse_args, run_arguments
@@ -91,3 +93,17 @@ def test_an_out_folder_inside_a_named_folder_does_not_change_its_fingerprint(tmp
     EvalWork(path, run_arguments(parse_args(argv))).add(("s", "w", 0), ["a"], [_record("q")])
     (model / "eval" / "summary.md").write_text("written by the command")
     assert EvalWork(path, run_arguments(parse_args(argv))).done(("s", "w", 0), ["a"]) == [_record("q")]
+
+
+def test_a_fresh_copy_of_the_same_files_resumes_and_a_rewrite_of_one_size_does_not(tmp_path):
+    """A checkpoint copied afresh at each job start (new modification times, same bytes) is the same model; a
+    checkpoint overwritten by training with one of the same size is not."""
+    path, weights = tmp_path / "episodes.partial.jsonl", tmp_path / "w.pt"
+    weights.write_bytes(b"a" * 3_000_000)
+    argv = ["--policy", "p.yaml", "--weights", str(weights), "--data", "d.jsonl", "--workflow", "direct"]
+    EvalWork(path, run_arguments(parse_args(argv))).add(("s", "w", 0), ["a"], [_record("q")])
+    os.utime(weights, (1, 1))  # copied: other times, the same bytes
+    assert EvalWork(path, run_arguments(parse_args(argv))).done(("s", "w", 0), ["a"]) == [_record("q")]
+    weights.write_bytes(b"a" * 1_500_000 + b"b" + b"a" * 1_499_999)  # same size, a middle byte moved by training
+    with pytest.raises(ValueError, match=r"the file or folder --weights names has changed since"):
+        EvalWork(path, run_arguments(parse_args(argv)))

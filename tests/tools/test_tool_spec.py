@@ -148,3 +148,15 @@ def test_eval_tools_file_takes_tools_entries(tmp_path, calculator):
     tools = load_tools(path)
     assert list(tools) == ["image_search", "calculator"] and isinstance(tools["image_search"], ImageSearchTool)
     assert declared(tools) == (MMSEARCH_R1_TOOLS[0], type(calculator).spec)
+
+
+def test_eval_tools_file_takes_a_configs_tools_snippet(monkeypatch):
+    """The refusal without tools points at ``configs/tools/``, whose snippets hold the tools under
+    ``model.init_args`` (merged over run configs): ``--tools`` takes them as they are."""
+    from mmsr.eval.load import load_tools
+    from mmsr.tools.replay import ReplaySearch
+
+    monkeypatch.chdir(ROOT)
+    tools = load_tools(ROOT / "configs" / "tools" / "replay.yaml")
+    assert list(tools) == ["image_search", "text_search"]
+    assert all(isinstance(t, ReplaySearch) or isinstance(getattr(t, "backend", None), ReplaySearch) for t in tools.values())
