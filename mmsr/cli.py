@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import re
 import sys
 import traceback
@@ -103,6 +104,13 @@ def lightning_cli(args: list[str] | None = None, parse_only: bool = False, **kwa
                 repoint_loggers(config.trainer.logger, runs)
             if not parse_only:
                 check_tools_ready(config.model, config.get("config"))
+
+        def _set_seed(self) -> None:
+            # ``seed_everything: false`` seeds nothing, and the engines' and data's unset seeds are then 0: not a
+            # PL_GLOBAL_SEED left by a shell's export or an earlier run in this process (``hf_engine.run_seed``)
+            if self._get(self.config, "seed_everything") is False:
+                os.environ.pop("PL_GLOBAL_SEED", None)
+            super()._set_seed()
 
         def _parse_ckpt_path(self) -> None:
             """Nothing: the config wins on resume. Lightning merges a checkpoint file's hyper-parameters over it

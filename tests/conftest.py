@@ -51,6 +51,13 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     return dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ["PYTHONPATH"]]), **extra)
 
 
+@pytest.fixture(autouse=True)
+def no_run_seed(monkeypatch):
+    """No ``PL_GLOBAL_SEED`` left by an earlier test's ``seed_everything``: unset engine and data seeds read it
+    (``mmsr.rollout.hf_engine.run_seed``), so a test's draws would depend on which tests ran before it."""
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
+
+
 @pytest.fixture(scope="session")
 def tiny_policy():
     """A random-weight Qwen2.5-VL of the real architecture with a small BPE tokenizer (fp32)."""

@@ -98,3 +98,17 @@ def test_a_cosine_schedule_longer_than_the_run_is_warned_and_one_as_long_passes(
         warnings.simplefilter("always")
         fit(*COSINE, "--model.init_args.mini_batches", "2", "--model.init_args.total_steps", "2")
     assert not [str(w.message) for w in caught if "model.total_steps=" in str(w.message)]
+
+
+def test_seed_everything_false_leaves_no_stale_run_seed_for_the_unset_seeds(fit, monkeypatch):
+    """The engines' and data's unset seeds are the run's ``seed_everything`` (``PL_GLOBAL_SEED``): with
+    ``seed_everything: false`` a value a shell exported, or an earlier run in this process left, must not stand in."""
+    import os
+
+    monkeypatch.setenv("PL_GLOBAL_SEED", "5")
+    with pytest.raises(Exception, match=BUILT):
+        fit("--seed_everything", "false")
+    assert "PL_GLOBAL_SEED" not in os.environ
+    with pytest.raises(Exception, match=BUILT):
+        fit("--seed_everything", "3")
+    assert os.environ["PL_GLOBAL_SEED"] == "3"

@@ -58,6 +58,7 @@ from mmsr.callbacks.resume_point import (
     validation_due,
     wandb_steps,
 )
+from mmsr.callbacks.trajectory_logger import wandb_run_dir
 from mmsr.tools.secrets import redact_all
 
 METRICS_FILE = "metrics.csv"
@@ -181,6 +182,12 @@ class LoggedConfig(SaveConfigCallback):
         params = redact_all(cli_keys(yaml.safe_load(self.parser.dump(self.config, skip_unset=False))))
         for logger in trainer.loggers:
             logger.log_hyperparams(params)
+        if trainer.loggers and isinstance(trainer.loggers[0], WandbLogger):
+            # the run's own folder (its checkpoints, trajectories.jsonl): Lightning's config.yaml in save_dir is every
+            # run's, overwritten by each, and export / eval --ckpt / report look beside the run's files
+            folder = wandb_run_dir(trainer.loggers[0])
+            folder.mkdir(parents=True, exist_ok=True)
+            self.parser.save(self.config, folder / self.config_filename, skip_none=False, overwrite=True, multifile=self.multifile)
 
 
 def cli_keys(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:

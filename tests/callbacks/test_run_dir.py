@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import yaml
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
@@ -268,3 +269,21 @@ def test_a_kill_between_checkpoint_and_metrics_row_loses_no_row(tmp_path):
     # Resuming again from the same checkpoint (its row now written) does not repeat the row.
     checkpointed(tmp_path, 3, "lightning.pytorch.callbacks.ModelCheckpoint", "--ckpt_path", str(tmp_path / "ckpt" / "step=2.ckpt"))
     assert [r["step"] for r in rows(path)] == ["0", "1", "2"]
+
+
+def test_with_a_wandb_logger_first_the_runs_own_folder_holds_its_config(monkeypatch, tmp_path):
+    """Lightning writes config.yaml to the first logger's save_dir: for wandb every run's, overwritten by each, while
+    the run's checkpoints and trajectories are in ``<save_dir>/<project>/<run id>``, where export and report look."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    class Offline(WandbLogger):  # no wandb run: the folder a run of this id has
+        @property
+        def experiment(self):
+            return SimpleNamespace(id="run1", config=SimpleNamespace(update=lambda *args, **kwargs: None))
+
+    monkeypatch.chdir(ROOT)
+    cli = lightning_cli(["-c", "configs/smoke.yaml", "--model.reward.search_penalty=0.3"], run=False, parse_only=True)
+    logger = Offline(project="proj", save_dir=str(tmp_path))
+    LoggedConfig(cli.parser, cli.config).save_config(SimpleNamespace(loggers=[logger]), None, "fit")
+    saved = yaml.safe_load((tmp_path / "proj" / "run1" / "config.yaml").read_text())
+    assert saved["model"]["init_args"]["reward"]["init_args"]["search_penalty"] == 0.3
