@@ -212,7 +212,7 @@ class SFTModule(L.LightningModule):
                                       ground_truth=plain(sample.ground_truth), extra=extra,
                                       candidate_answers=tuple(map(plain, sample.candidate_answers))))  # fmt: skip
         refuse_bad_turns(turns, sample.id, teacher)
-        return turns
+        return list(turns)
 
     def _episodes(self, samples: list[Sample], turns: dict[str, list[str]]) -> list[Trajectory]:
         """One episode per sample with the teacher's ``turns`` (by sample id), through the real loop and tools."""
@@ -341,10 +341,11 @@ class SFTModule(L.LightningModule):
 
 
 def refuse_bad_turns(turns: object, row: str, teacher: Teacher) -> None:
-    """Refuse what ``teacher.turns`` returned for row ``row`` unless it is a non-empty list of str: a str trained as
-    one turn a character (``_script`` indexes it), and an empty list failed the first step with a bare IndexError."""
-    if not isinstance(turns, list) or not all(isinstance(t, str) for t in turns):
-        inner = next((type(t).__name__ for t in turns if not isinstance(t, str)), "") if isinstance(turns, list) else ""
+    """Refuse what ``teacher.turns`` returned for row ``row`` unless it is a non-empty list (or tuple) of str: a str
+    trained as one turn a character (``_script`` indexes it), and an empty list failed the first step with a bare
+    IndexError."""
+    if not isinstance(turns, list | tuple) or not all(isinstance(t, str) for t in turns):
+        inner = next((type(t).__name__ for t in turns if not isinstance(t, str)), "") if isinstance(turns, list | tuple) else ""
         got = f"a list holding a {inner}" if inner else f"a {type(turns).__name__}"
         raise TypeError(f"{type(teacher).__name__}.turns returned {got} for row {row!r}: a teacher returns a list of str, "
                         "the episode's assistant turns in order")  # fmt: skip

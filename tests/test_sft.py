@@ -225,3 +225,15 @@ def test_reading_steps_keep_to_micro_batch_tokens(tiny_policy, monkeypatch):
     assert grads.keys() == split_grads.keys() and grads
     for k in grads:
         torch.testing.assert_close(split_grads[k], grads[k], atol=1e-6, rtol=1e-4, msg=k)
+
+
+def test_a_teacher_returning_a_tuple_of_turns_is_taken_as_its_list(tiny_policy):
+    """A tuple of str trained as a list does (``_script`` indexes it): it is no mistake to refuse."""
+
+    class Returns:
+        def turns(self, sample: Sample) -> tuple[str, ...]:
+            return ("<reason>r</reason><answer>x</answer>",)
+
+    module = SFTModule(Built(copy.deepcopy(tiny_policy)), Returns())
+    assert module._written(module.teacher, Sample("a", "What?", Image.new("RGB", (56, 56)), "x")) == [
+        "<reason>r</reason><answer>x</answer>"]

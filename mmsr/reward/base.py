@@ -29,8 +29,11 @@ def reward_name(reward: object) -> str:
 
 
 def callable_reward(reward: object, where: str) -> Reward:
-    """``reward`` itself when it can be called as ``reward(trajectory, sample)``; else a ValueError naming ``where``
-    it was given (built in Python, nothing checked it: it failed at the first step's reward)."""
+    """``reward`` itself when it can be called as ``reward(trajectory, sample)`` or has a ``batch`` (``scored`` then
+    calls only that); else a ValueError naming ``where`` it was given (built in Python, nothing checked it: it
+    failed at the first step's reward)."""
+    if hasattr(reward, "batch"):
+        return reward  # type: ignore[return-value]
     try:
         inspect.signature(reward).bind(None, None)  # type: ignore[arg-type]
     except TypeError as exc:  # not callable, or its __call__ takes other arguments

@@ -383,8 +383,8 @@ class RolloutLoop:
     def _fit(self, e: Episode, kind: str, result: ToolResult) -> tuple[ToolResult, list[int], list] | None:
         """``(shown, ids, vision)``: ``result`` as the context budget lets it in, whole if it fits (with
         ``fit_observations``: with a full turn's room after it), else (``fit_observations``) cut so a full turn
-        still fits after it; None: the episode ends. A cut or a
-        drop is noted in ``Trajectory.context``."""
+        still fits after it, or whole where even the shortest cut would not leave that room but the whole one
+        fits; None: the episode ends. A cut or a drop is noted in ``Trajectory.context``."""
         room = self.settings.max_context_tokens - len(e.traj)
         ids, vision = self._encode_observation(e, kind, result)
         fitting = self.settings.fit_observations and room > self.settings.max_tokens_per_turn
@@ -393,6 +393,8 @@ class RolloutLoop:
         if len(ids) <= limit:
             return result, ids, vision
         shown = fit(result, lambda r: len(self._encode_observation(e, kind, r)[0]), limit) if fitting else None
+        if shown is None and len(ids) < room:  # as without fitting: the episode goes on with what room is left
+            return result, ids, vision
         e.traj.context.append(describe(len(e.traj.turns), kind, len(ids), limit, result, shown))
         return None if shown is None else (shown, *self._encode_observation(e, kind, shown))
 

@@ -234,7 +234,7 @@ class VLLMEngine:
         ``max_model_len`` with room for a token; either refusal names the request, as ``HFEngine.request_budget``
         does (vLLM's own names neither the request nor the setting, and in a batch of a whole rollout's turns the
         bare message would not say whose context was wrong)."""
-        if len(request.input_ids) >= self.max_model_len:
+        if self.max_model_len is not None and len(request.input_ids) >= self.max_model_len:
             raise ValueError(f"request {request.key!r}: its prompt of {len(request.input_ids)} tokens leaves no room for "
                              f"a token in VLLMEngine's max_model_len={self.max_model_len}")  # fmt: skip
         try:

@@ -195,3 +195,15 @@ def test_the_modules_rewards_are_checked_in_training_and_validation():
     assert module.compute_rewards(TRAJS, SAMPLES).tolist() == [1.0, 1.0, 2.0, 1.0]
     with pytest.raises(ValueError, match=r"GRPOModule.reward: NoCall cannot be called as reward\(trajectory, sample\)"):
         make_module(reward=NoCall())
+
+
+def test_a_reward_with_only_a_batch_method_is_accepted():
+    """``scored`` calls only ``batch`` where there is one: such a reward worked before the callable check and still does."""
+
+    class OnlyBatch:
+        def batch(self, trajectories, samples):
+            return [0.5] * len(trajectories)
+
+    reward = OnlyBatch()
+    assert callable_reward(reward, "GRPOModule.reward") is reward
+    assert scored(reward, TRAJS, SAMPLES) == [0.5] * 4

@@ -110,3 +110,21 @@ def test_an_observation_that_fits_but_leaves_no_full_turn_is_cut(tiny_policy, fv
     assert traj.turns[1].span[0] <= budget - 32
     (note,) = traj.context
     assert note.startswith("turn 1: text_search observation of") and "text cut from" in note
+
+
+def test_an_observation_no_cut_can_fit_with_a_full_turn_after_it_stays_whole_if_it_fits(tiny_policy, fvqa_samples):
+    """Where even the shortest cut (the wrapper and instructions) leaves less than a full turn, fitting does not
+    end an episode that the whole observation fits: it goes on as it does without fitting."""
+    sample = fvqa_samples[0]
+    tools = [TextSearchTool(Pages(60))]
+    script = [f"{R}<text_search>capital</text_search>", ANS]
+    whole = run(tiny_policy, sample, script, tools, RolloutSettings(max_context_tokens=100_000))
+    observation = whole.turns[1].span[0] - whole.turns[0].span[1]
+    turn = observation + 10  # a full turn longer than the observation: no cut of it leaves that room
+    budget = whole.turns[1].span[0] + 20  # the whole page fits, leaving 20 tokens
+    plain = run(tiny_policy, sample, script, tools, RolloutSettings(max_tokens_per_turn=turn, max_context_tokens=budget))
+    fitted = run(tiny_policy, sample, script, tools, RolloutSettings(max_tokens_per_turn=turn, max_context_tokens=budget,
+                                                                     fit_observations=True))  # fmt: skip
+    assert plain.turns[0].tool_call.result.text == whole.turns[0].tool_call.result.text
+    assert fitted.turns[0].tool_call.result.text == plain.turns[0].tool_call.result.text
+    assert fitted.input_ids == plain.input_ids and fitted.finish_reason == plain.finish_reason and fitted.context == []
