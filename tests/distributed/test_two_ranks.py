@@ -91,7 +91,7 @@ def run(tmp: Path, devices: int, strategy, checkpoint: bool = False, max_steps: 
     init = cfg["model"]["init_args"]
     init["engine"] = {"class_path": "mmsr.rollout.engine.ScriptedEngine", "init_args": {"script": script()}}
     init.update(export_dir=str(tmp / "hf"), entropy_coef=0.0, lr=1e-3)
-    cfg["data"].update(prompts_per_step=4 // devices, train_files=[str(with_text_only_rank(tmp, cfg["data"]["seed"]))])
+    cfg["data"].update(prompts_per_step=4 // devices, train_files=[str(with_text_only_rank(tmp, cfg["data"].get("seed", cfg["seed_everything"])))])
     return fitted(tmp, cfg, extra=extra)
 
 
