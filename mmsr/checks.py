@@ -3,9 +3,17 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 
 Limit = tuple[str, object, bool, str]  # (field, value, within range, the rule in words)
+
+
+def run_seed(seed: int | None) -> int:
+    """A seed setting: ``seed``, or for None the run's ``seed_everything`` (``PL_GLOBAL_SEED``, which Lightning's
+    ``seed_everything`` sets; 0 in a run seeded by none), so that a run's seed changes its rollouts (the engines'
+    sampling seed) and its prompt order (``data.seed``)."""
+    return int(os.environ.get("PL_GLOBAL_SEED", 0)) if seed is None else seed
 
 
 def refuse_out_of_range(owner: str, limits: Iterable[Limit]) -> None:

@@ -107,7 +107,7 @@ def lightning_cli(args: list[str] | None = None, parse_only: bool = False, **kwa
 
         def _set_seed(self) -> None:
             # ``seed_everything: false`` seeds nothing, and the engines' and data's unset seeds are then 0: not a
-            # PL_GLOBAL_SEED left by a shell's export or an earlier run in this process (``hf_engine.run_seed``)
+            # PL_GLOBAL_SEED left by a shell's export or an earlier run in this process (``mmsr.checks.run_seed``)
             if self._get(self.config, "seed_everything") is False:
                 os.environ.pop("PL_GLOBAL_SEED", None)
             super()._set_seed()

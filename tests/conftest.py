@@ -54,7 +54,7 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 @pytest.fixture(autouse=True)
 def no_run_seed(monkeypatch):
     """No ``PL_GLOBAL_SEED`` left by an earlier test's ``seed_everything``: unset engine and data seeds read it
-    (``mmsr.rollout.hf_engine.run_seed``), so a test's draws would depend on which tests ran before it."""
+    (``mmsr.checks.run_seed``), so a test's draws would depend on which tests ran before it."""
     monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
 
 

@@ -7,14 +7,13 @@ ahead of the batches actually trained on.
 
 from __future__ import annotations
 
-import os
 import warnings
 from typing import Any
 
 import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
-from mmsr.checks import refuse_out_of_range
+from mmsr.checks import refuse_out_of_range, run_seed
 from mmsr.data.loaders import load_samples
 from mmsr.data.sample import Sample
 from mmsr.data.sampler import ResumableDataLoader, ResumableSampler
@@ -48,12 +47,6 @@ def load_distinct(files: list[str], skip_invalid: bool, key: str) -> list[Sample
             where[sample.id] = index
             samples.append(sample)
     return samples
-
-
-def run_seed(seed: int | None) -> int:
-    """The data order's seed: ``seed``, or for None the run's ``seed_everything`` (``PL_GLOBAL_SEED``, which Lightning's
-    ``seed_everything`` sets; 0 in a run seeded by none), as ``mmsr.rollout.hf_engine.run_seed`` for the engines."""
-    return int(os.environ.get("PL_GLOBAL_SEED", 0)) if seed is None else seed
 
 
 def collate_samples(samples: list[Sample]) -> list[Sample]:

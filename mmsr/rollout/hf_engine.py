@@ -8,23 +8,17 @@ positions and vision inputs), so engine and trainer log-probs agree to float pre
 from __future__ import annotations
 
 import itertools
-import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
+from mmsr.checks import run_seed
 from mmsr.models.policy import Policy
 from mmsr.rollout.engine import GenerationOutput, GenerationRequest, SamplingParams, first_stop, turn_budget
 from mmsr.rollout.hf_decode import DecodeBatch, additive_mask, decode_attention_for, slab_cache
 from mmsr.rollout.sampling import gumbel_sample, request_seed
 from mmsr.rollout.vllm_inputs import ImageTokenIds, ImageTokenMismatch, collapse_image_tokens
-
-
-def run_seed(seed: int | None) -> int:
-    """An engine's sampling seed: ``seed``, or for None the run's ``seed_everything`` (``PL_GLOBAL_SEED``, which
-    Lightning's ``seed_everything`` sets; 0 in a run seeded by none), so that a run's seed changes its rollouts."""
-    return int(os.environ.get("PL_GLOBAL_SEED", 0)) if seed is None else seed
 
 
 def sample_tokens(logits: torch.Tensor, sampling: SamplingParams, seeds: torch.Tensor, positions: torch.Tensor):

@@ -53,11 +53,11 @@ from typing import Literal
 
 import torch
 
+from mmsr.checks import run_seed
 from mmsr.models.build import save_policy
 from mmsr.models.policy import Policy
 from mmsr.models.vision import VisionInput, covering_bounds
 from mmsr.rollout.engine import GenerationOutput, GenerationRequest, SamplingParams, turn_budget
-from mmsr.rollout.hf_engine import run_seed
 from mmsr.rollout.sampling import request_seed
 from mmsr.rollout.vllm_inputs import (
     GridImages,
