@@ -12,6 +12,7 @@ reduced in fp32), on one device through ``torch.autocast`` (``Policy.autocast``)
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -221,6 +222,18 @@ def all_reduce(value: float, op: Literal["sum", "max"], device: torch.device) ->
     dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
     return float(t)
 
+
+
+def all_reduce_sums(values: Sequence[float], device: torch.device) -> list[float]:
+    """Each of ``values`` summed over ranks, in one collective (``all_reduce``'s one a value costs a round trip
+    each); themselves outside distributed runs."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)  # [len(values)]
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
 
 def drop_idle_gradients(module: torch.nn.Module | None, used: bool, device: torch.device) -> None:
     """Set ``module``'s gradients to None after a step that used it on no rank (``used``: this rank's micro-batches

@@ -1,34 +1,19 @@
-"""``SFTModule``: supervised warm start on a scripted teacher's episodes.
-
-The injected teacher drives the real ``RolloutLoop`` through a ``ScriptedEngine`` with the
-real tools, so the trajectories carry the same contexts, observations, images and loss masks as GRPO
-rollouts. The loss is the token-mean negative log-likelihood of the teacher's turns (mask 1);
-prompts, observations and image tokens (mask 0) are context only, and the LM head runs only where a
-teacher's token is next (``mmsr.train.batch.sampled_logprobs``, as in the GRPO update). A random-weight
-model can first spend ``reading_steps`` on language modelling over packed documents (``reading``), so
-that it can copy names out of search results before it imitates the teacher.
-
-Teacher and documents are injected (``class_path`` entries): the CPU demo's are
-``mmsr.demo.teacher.RAGTeacher`` and ``mmsr.demo.reading.ReadingCorpus``.
-"""
+"""``SFTModule``, the warm start (the package docstring, ``mmsr.sft``, says what it trains)."""
 
 from __future__ import annotations
 
 import copy
-import warnings
 from dataclasses import asdict, replace
 from typing import Literal, Protocol
 
 import lightning as L
 import torch
 
-from mmsr.algo import logprobs_and_entropy
 from mmsr.checkpoint import rank_states, restore_rank_state
 from mmsr.checks import refuse_out_of_range
 from mmsr.data.sample import Sample
 from mmsr.models.build import PolicyBuilder, save_policy
 from mmsr.metrics import forget_step_metrics
-from mmsr.models.policy import Policy
 from mmsr.optim import Schedule, adamw_with_schedule, check_schedule, optimizer_limits, reapply_configured
 from mmsr.parallel import all_reduce, cast_parameters, compute_dtype, drop_idle_gradients, refuse_one_device_ddp
 from mmsr.prompt.render import PromptBuilder
@@ -37,6 +22,8 @@ from mmsr.rollout.loop import RolloutLoop, RolloutSettings
 from mmsr.rollout.trajectory import Trajectory
 from mmsr.tools.base import SearchTool
 from mmsr.tools.spec import Tool, configured
+from mmsr.sft.episodes import EpisodeAccounts
+from mmsr.sft.lm import encode_texts, ids_nll, reading_passes
 from mmsr.train.batch import collate, pack_by_tokens, rank_micro_batches, sampled_logprobs
 from mmsr.train.update import choice_limits
 
@@ -114,7 +101,7 @@ class SFTModule(L.LightningModule):
         self.loop = RolloutLoop(self.engine, self.policy, prompts or PromptBuilder(),
                                 configured(tools, image_search, text_search), rollout)  # fmt: skip
         self._turns: dict[str, list[str]] = {}
-        self._warned: set[str] = set()  # the causes of unfinished episodes this rank has warned of
+        self.accounts = EpisodeAccounts(self.loop)  # warns once a cause, per rank
         self._val_turns: dict[str, list[str]] = {}  # the held-out prompts' turns, drawn once
         # a copy before any training draw: the held-out turns do not depend on when validation first runs,
         # nor on a resume (which restores the training teacher's draws, not this copy's)
@@ -145,62 +132,9 @@ class SFTModule(L.LightningModule):
         loss, total = self._imitate(trajs)
         grad_norm = self._step(opt, used_images=any(t.vision for t in trajs))
         metrics = {"sft/loss": loss, "sft/tokens": total, "train/grad_norm": float(grad_norm),
-                   **self._episode_counts(trajs, written)}  # fmt: skip
+                   **self.accounts.counts(trajs, written, self.device)}  # fmt: skip
         self.log_dict(metrics, batch_size=len(batch))
         self.log("loss", loss, prog_bar=True, logger=False, batch_size=len(batch))
-
-    def _episode_counts(self, trajs: list[Trajectory], written: dict[str, list[str]]) -> dict[str, float]:
-        """``rollout/turns`` (turns an episode), ``sft/truncated_episodes`` (the share with a teacher turn cut at a
-        token limit) and ``sft/unfinished_episodes`` (the share that ended before the teacher's last turn was trained
-        whole, cut ones included), over every rank's episodes (rank 0's alone before). Each rank warns of the first
-        episode it meets of each cause, naming the row and the setting (``_unfinished``)."""
-        ended = [self._unfinished(t, len(written[t.sample_id])) for t in trajs]
-        for cause, message in filter(None, ended):
-            if cause not in self._warned:
-                self._warned.add(cause)
-                warnings.warn(message, stacklevel=2)
-        cut = sum(any(u.truncated for u in t.turns) for t in trajs)
-        local = (len(trajs), sum(len(t.turns) for t in trajs), cut, sum(e is not None for e in ended))
-        n, turns, cut, unfinished = (all_reduce(x, "sum", self.device) for x in local)
-        return {"rollout/turns": turns / n, "sft/truncated_episodes": cut / n, "sft/unfinished_episodes": unfinished / n}
-
-    def _unfinished(self, traj: Trajectory, written: int) -> tuple[str, str] | None:
-        """``(cause, warning)`` when ``traj`` ended before training the last of the ``written`` teacher turns whole:
-        a turn cut at a token limit, or the episode ending early (a rollout limit, an unparsed or early answering
-        turn); None when it trained them all."""
-        turns, s = traj.turns, self.loop.settings
-        if turns and turns[-1].truncated:
-            start, end = turns[-1].span
-            # the turn's budget is the smaller of its own and the context's room (RolloutLoop._request)
-            by_context = s.max_context_tokens - start < s.max_tokens_per_turn
-            cause = (f"rollout.max_context_tokens={s.max_context_tokens}" if by_context
-                     else f"rollout.max_tokens_per_turn={s.max_tokens_per_turn}")  # fmt: skip
-            return cause, (f"the teacher's turn {len(turns)} of {written} of row {traj.sample_id!r} ({end - start} tokens "
-                           f"kept) was cut at {cause}: its episode trains the cut turn and ends there "
-                           f"(sft/truncated_episodes and sft/unfinished_episodes count them); raise the limit")  # fmt: skip
-        if len(turns) >= written:
-            return None
-        cause, why = self._early_end(traj)
-        return cause, (f"row {traj.sample_id!r}: the teacher wrote {written} turns, its episode ended after {len(turns)} "
-                       f"({why}): the later turns are not trained (sft/unfinished_episodes counts such episodes)")  # fmt: skip
-
-    def _early_end(self, traj: Trajectory) -> tuple[str, str]:
-        """The cause (a setting, or what the teacher wrote) and account of an episode that ended before its teacher's
-        last turn, by ``traj.finish_reason``."""
-        turns, s, limit = traj.turns, self.loop.settings, f"rollout.max_context_tokens={self.loop.settings.max_context_tokens}"
-        if traj.finish_reason == "truncated":  # not a cut turn: the prompt, or an observation, did not fit the context
-            what = f"the observation of turn {len(turns)}'s {turns[-1].tool_call.kind} call" if turns else "the prompt"
-            return limit, f"{what} did not fit in {limit}, raise it"
-        if traj.finish_reason == "max_rounds":
-            return f"rollout.max_rounds={s.max_rounds}", f"rollout.max_rounds={s.max_rounds}, raise it"
-        action = turns[-1].action
-        if traj.finish_reason == "search_limit":
-            spec = next(spec for spec in self.loop.specs if spec.name == action.tool)
-            return f"{spec.name} limit", (f"turn {len(turns)} called {spec.name} over its limit of {s.limit(spec)} an episode, "
-                                          f"rollout.tool_limits or {spec.name}_limit")  # fmt: skip
-        if traj.finish_reason == "answer":
-            return "answer", f"turn {len(turns)} is an answer, which ends the episode"
-        return "no_action", f"turn {len(turns)} is no tool call or answer ({getattr(action, 'reason', action)}): fix the teacher"
 
     def _written(self, teacher: Teacher, sample: Sample) -> list[str]:
         """``teacher``'s turns for ``sample``, written from the sample's text as the prompt shows it (``Encoder.plain``):
@@ -279,16 +213,17 @@ class SFTModule(L.LightningModule):
         texts, world = self.reading.batch(self.global_step), self.trainer.world_size
         mine = texts[self.global_rank :: world]
         rows = mine or texts[:1]
-        lengths = text_lengths(self.policy, rows)
+        ids = encode_texts(self.policy, rows)
+        lengths = [len(i) for i in ids]
         passes: list[list[int] | None] = reading_passes(lengths, self.hparams.micro_batch_tokens)
         passes += [None] * (int(all_reduce(len(passes), "max", self.device)) - len(passes))
-        # lm_nll's count: a text of n tokens has n - 1 targets; known before the first pass divides by it
+        # ids_nll's count: a text of n tokens has n - 1 targets; known before the first pass divides by it
         total = all_reduce(float(sum(max(n - 1, 0) for n in lengths)) if mine else 0.0, "sum", self.device)
         opt = self.optimizers()
         opt.zero_grad()
         loss_sum = 0.0
         for micro in passes:
-            nll, _ = lm_nll(self.policy, [rows[i] for i in micro or [0]], self.device)
+            nll, _ = ids_nll(self.policy, [ids[i] for i in micro or [0]], self.device)
             loss = nll / max(total, 1.0) * (world if mine and micro else 0)  # DDP averages the ranks' gradients
             self.manual_backward(loss)
             loss_sum += float(loss.detach())
@@ -353,44 +288,3 @@ def refuse_bad_turns(turns: object, row: str, teacher: Teacher) -> None:
         raise ValueError(f"{type(teacher).__name__}.turns returned an empty list for row {row!r}: a teacher writes "
                          "at least one assistant turn")  # fmt: skip
 
-
-def reading_passes(lengths: list[int], budget: int) -> list[list[int]]:
-    """The micro-batches (indices) of texts of token ``lengths``: all of them in order, in one pass, when their
-    padded size (texts x longest) fits ``budget``; else ``pack_by_tokens``'s (a text over it alone)."""
-    if len(lengths) * max(lengths, default=0) <= budget:
-        return [list(range(len(lengths)))]
-    return pack_by_tokens(lengths, budget)
-
-
-def text_lengths(policy: Policy, texts: list[str]) -> list[int]:
-    """Each of ``texts``' token count as ``lm_nll`` encodes it."""
-    ids = policy.tokenizer(list(map(policy.encoder().plain, texts)), add_special_tokens=False)["input_ids"]
-    return [len(i) for i in ids]
-
-
-def lm_loss(policy: Policy, texts: list[str], device: torch.device | str) -> torch.Tensor:
-    """Token-mean next-token negative log-likelihood of ``texts`` (text only, right-padded).
-
-    Returns: a scalar tensor; padding (``attention_mask`` 0) is excluded.
-    """
-    nll, count = lm_nll(policy, texts, device)
-    return nll / count.clamp(min=1)
-
-
-def lm_nll(policy: Policy, texts: list[str], device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed next-token negative log-likelihood of ``texts`` (text only, right-padded) and its token count.
-
-    Returns: two scalar tensors; padding (``attention_mask`` 0) is excluded.
-    """
-    # pages are text from outside: one that quotes ``<|im_end|>`` or ``<|image_pad|>`` must not train a special token
-    texts = list(map(policy.encoder().plain, texts))
-    # right-padded whatever the tokenizer's default: the targets and positions below count from the left
-    enc = policy.tokenizer(texts, padding=True, padding_side="right", return_tensors="pt", add_special_tokens=False)
-    ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)  # [N, T] each
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [N, T]
-    if policy.is_vision:
-        positions = positions[None].expand(3, -1, -1)  # M-RoPE: text tokens share t = h = w
-    out = policy.forward(ids, mask, positions, [])
-    logp, _ = logprobs_and_entropy(out.logits[:, :-1], ids[:, 1:], with_entropy=False)  # [N, T-1]
-    target = mask[:, 1:].to(logp.dtype)
-    return -(logp * target).sum(), target.sum()
