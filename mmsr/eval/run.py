@@ -28,6 +28,7 @@ from mmsr.rollout.engine import Engine, SamplingParams
 from mmsr.rollout.loop import RolloutLoop, RolloutSettings
 from mmsr.rollout.trajectory import Trajectory
 from mmsr.tools.base import SearchTool
+from mmsr.tools.secrets import redact_all
 from mmsr.tools.spec import declared
 
 NOT_ASKED = "not asked: the episode has no <answer> (wrong, as the reward counts it)"  # a judge_reply
@@ -149,12 +150,13 @@ def judge_failed(work: EvalWork) -> int:
 
 
 def write_outputs(records: Sequence[EvalRecord], out_dir: str | Path) -> dict:
-    """``trajectories.jsonl`` (every episode), ``summary.json`` and ``summary.md``; returns the summary."""
+    """``trajectories.jsonl`` (every episode), ``summary.json`` and ``summary.md``; returns the summary. Every
+    record is masked (``redact_all``, as ``TrajectoryLogger`` does): a page or a reply may quote an API key."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with (out / "trajectories.jsonl").open("w", encoding="utf-8") as f:
         for r in records:
-            f.write(json.dumps(asdict(r), ensure_ascii=False) + "\n")
+            f.write(json.dumps(asdict(redact_all(r)), ensure_ascii=False) + "\n")
     summary = summarize(records)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     (out / "summary.md").write_text(markdown(summary), encoding="utf-8")

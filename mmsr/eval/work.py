@@ -23,6 +23,7 @@ from pathlib import Path
 
 from mmsr.data.jsonl import jsonl_lines
 from mmsr.eval.report import EvalRecord
+from mmsr.tools.secrets import redact_all
 
 WORK_FILE = "episodes.partial.jsonl"
 CONTENTS = "contents"  # the run's key for the fingerprints of the files it reads (``fingerprint``)
@@ -62,10 +63,12 @@ class EvalWork:
         return found[1]
 
     def add(self, key: BatchKey, ids: Sequence[str], records: Sequence[EvalRecord]) -> None:
-        """Append a finished batch (one line, flushed to disk before the next batch starts)."""
+        """Append a finished batch (one line, flushed to disk before the next batch starts), its records masked
+        (``redact_all``: a page or a reply may quote an API key)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         new = not self.path.is_file() or self.path.stat().st_size == 0
-        row = {"set": key[0], "workflow": key[1], "start": key[2], "ids": list(ids), "records": [asdict(r) for r in records]}
+        masked = [asdict(redact_all(r)) for r in records]
+        row = {"set": key[0], "workflow": key[1], "start": key[2], "ids": list(ids), "records": masked}
         with self.path.open("a", encoding="utf-8") as f:
             if new:
                 f.write(json.dumps({"run": self.run}) + "\n")

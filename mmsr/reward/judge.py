@@ -5,7 +5,13 @@ The rules are the paper's (Table 7), in our own words, in ``prompt/templates/jud
 paper's judge is GPT-4o with temperature 0 and top_p 0.1, the defaults here. The verdict is the last
 ``<judge>Yes|No</judge>`` in the reply; a reply without one, or a request that keeps failing, gives
 ``None`` (the evaluation counts it wrong and reports it as unparsed). The API key is read from an
-environment variable, sent only as the ``Authorization`` header and never logged or written out.
+environment variable (stripped: a key read from a file ends in a newline), sent only as the ``Authorization``
+header and never logged or written out; a reply quoting it is masked (``redact``).
+
+A 401/403 (the key) or 404 (the URL or model name) before the judge has ever replied in this process stops the
+run (``JudgeRefused``, naming the URL, the status and the key's variable), unretried: every request would fail
+the same way, and the run would go on without a judge. Once it has replied, those statuses are failed requests
+like any other (retried, then ``None``), as are timeouts, 5xx and connection errors at any time.
 """
 
 from __future__ import annotations
@@ -18,12 +24,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import aiohttp
+from yarl import URL
 
 from mmsr.prompt.render import TEMPLATES
 from mmsr.tools.secrets import redact, register_secret_env
 
 _VERDICT = re.compile(r"<judge>\s*(yes|no)\s*</judge>", re.IGNORECASE)
 REQUEST_FAILED = "judge request failed"  # how a verdict's reply starts when no reply came
+REFUSALS = (401, 403, 404)  # the key (401/403) or the URL / model name (404) is wrong
+
+
+class JudgeRefused(RuntimeError):
+    """The judge's endpoint refused its key (401/403) or was not found (404) before it had ever replied in this
+    process: the key, the URL or the model name is wrong (module docstring)."""
 
 
 def request_failed(reply: str | None) -> bool:
@@ -76,6 +89,7 @@ class OpenAIJudge:
         self.concurrency, self.timeout_s, self.retries = concurrency, timeout_s, retries
         self.system = (TEMPLATES / "judge_system.txt").read_text(encoding="utf-8").strip()
         self.user = (TEMPLATES / "judge_user.txt").read_text(encoding="utf-8").strip()
+        self.answered = False  # it has replied once in this process: a 401/403/404 is then a failed request
 
     def messages(self, item: JudgeInput) -> list[dict[str, str]]:
         candidates = ", ".join(item.candidate_answers) or "(none)"
@@ -94,7 +108,7 @@ class OpenAIJudge:
     def session(self) -> aiohttp.ClientSession:
         """An HTTP session with the key's header and the timeout; made inside the event loop that uses it,
         and shared by its requests so they reuse connections (``JudgedReward`` keeps one open)."""
-        key = os.environ.get(self.api_key_env)
+        key = os.environ.get(self.api_key_env, "").strip()  # a trailing newline is an invalid header value
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         return aiohttp.ClientSession(headers=headers, timeout=aiohttp.ClientTimeout(total=self.timeout_s))
 
@@ -109,11 +123,25 @@ class OpenAIJudge:
             try:
                 async with semaphore, session.post(self.url, json=body) as resp:
                     text = await resp.text()
+                    if resp.status in REFUSALS and not self.answered:
+                        raise JudgeRefused(self.refusal(resp.status, text))
                     if resp.status != 200:
                         error = f"HTTP {resp.status}: {text[:200]}"
                         continue
                     reply = json.loads(text)["choices"][0]["message"]["content"] or ""
-                return Verdict(parse_verdict(reply), reply)
+                self.answered = True
+                return Verdict(parse_verdict(reply), redact(reply))
             except (aiohttp.ClientError, asyncio.TimeoutError, KeyError, IndexError, TypeError, ValueError) as exc:
                 error = f"{type(exc).__name__}: {exc}"
         return Verdict(None, redact(f"{REQUEST_FAILED} after {self.retries + 1} attempts ({error})"))
+
+    def refusal(self, status: int, body: str) -> str:
+        """``JudgeRefused``'s one line: the URL (without user info or query, where keys go), the status, the
+        server's words (redacted, on one line) and the key's variable, whether set, never its value."""
+        url = redact(str(URL(self.url).with_user(None).with_query(None).with_fragment(None)))
+        detail = redact(" ".join(body.split()))[:200]  # masked whole: a cut could leave a key's head unmasked
+        sent = "set" if os.environ.get(self.api_key_env, "").strip() else "unset, so no key was sent"
+        where = f"the environment variable {self.api_key_env} ({sent})"
+        fix = f"the URL and the model name; its key is in {where}" if status == 404 else f"the key in {where}"
+        return (f"the judge at {url} answered HTTP {status} ({detail}) before it had ever replied: check {fix}. "
+                "Every request would fail the same way.")

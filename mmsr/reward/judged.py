@@ -39,7 +39,9 @@ class JudgedReward:
     An episode without an ``<answer>`` is wrong without asking. When no verdict comes (the requests keep
     failing, or the reply has none), correctness falls back to ``fallback`` matching, so a judge outage
     does not turn a step's rewards into zeros; ``details`` marks those episodes (``judge_failed``, logged
-    as ``reward/judge_failed``).
+    as ``reward/judge_failed``). A judge that refuses its key or is not found (401/403/404) before it has
+    ever replied is no outage: ``submit``, ``batch`` and ``details`` raise its ``JudgeRefused``, stopping the
+    run, rather than train the whole run on the fallback.
 
     Args:
         judge: the judge (``class_path: mmsr.reward.judge.OpenAIJudge``; its API key from an env var).
