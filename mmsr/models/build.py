@@ -8,7 +8,9 @@ rebuilt identically on resume.
 
 from __future__ import annotations
 
+import copy
 import json
+import os
 import warnings
 from pathlib import Path
 from typing import Literal, Protocol
@@ -19,6 +21,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForImageTextToText,
     AutoTokenizer,
+    GenerationConfig,
     PreTrainedTokenizerBase,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
@@ -178,6 +181,7 @@ class PretrainedPolicy:
         tool_image_max_pixels: int | None | Literal["auto"] = "auto",
         gguf_file: str | None = None,
     ) -> None:
+        path = os.path.expanduser(path)  # nothing else expands it: "~/ckpt" was refused as a missing relative directory
         if looks_local(path) and not Path(path).is_dir():  # a mistyped directory: the hub would be asked for it
             raise missing(path, "PretrainedPolicy: model directory")
         self.path, self.dtype, self.attn, self.gguf_file = path, dtype, attn_implementation, gguf_file
@@ -347,11 +351,22 @@ def check_bounds(where: str, question: dict[str, int], tools: dict[str, int]) ->
             raise ValueError(f"{where}: {prefix}min_pixels resolves to {low} > {prefix}max_pixels {high} ({notes[prefix]})")
 
 
+def banned_generation_config(policy: Policy) -> GenerationConfig:
+    """A copy of ``policy``'s generation config whose ``suppress_tokens`` are the ids ``Policy.mask_banned`` masks
+    (``BANNED_TOKENS`` and padded vocab rows): transformers' ``generate`` on the saved directory emitted them
+    (an ``<|image_pad|>`` in 9 of 16 samples). A copy: the live policy's config is left as it was."""
+    config = copy.deepcopy(policy.model.generation_config)
+    vocab = policy.model.get_output_embeddings().weight.shape[0]
+    config.suppress_tokens = policy.banned_token_ids(vocab).tolist()
+    return config
+
+
 def save_policy(policy: Policy, directory: str | Path, weights: bool = True) -> Path:
-    """Write a Hugging Face directory (safetensors, config, tokenizer, image processor) that
+    """Write a Hugging Face directory (safetensors, config, generation config, tokenizer, image processor) that
     ``PretrainedPolicy``, transformers and vLLM load directly, and for a vision policy the tool images'
     bounds (``POLICY_RECORD``); ``weights=False`` writes all but the weights (what an engine started
-    from dummy weights needs)."""
+    from dummy weights needs). The generation config's ``suppress_tokens`` hold the banned ids
+    (``banned_generation_config``), which transformers' ``generate`` honours; vLLM does not read them."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     if weights:
@@ -361,7 +376,7 @@ def save_policy(policy: Policy, directory: str | Path, weights: bool = True) -> 
     else:  # ``save_pretrained`` records the class; without it vLLM takes a VL model for a base model
         policy.model.config.architectures = [type(policy.model).__name__]
         policy.model.config.save_pretrained(directory)
-        policy.model.generation_config.save_pretrained(directory)
+    banned_generation_config(policy).save_pretrained(directory)  # over the one ``save_pretrained`` wrote
     policy.tokenizer.save_pretrained(directory)
     if policy.image_processor is not None:
         policy.image_processor.save_pretrained(directory)
