@@ -296,14 +296,18 @@ def console() -> None:
     but a script's return value becomes its exit status, so the script discards it.
 
     A failure ends with the traceback and then one line naming the cause: the innermost exception of
-    the chain (jsonargparse wraps a constructor's error in several screens of namespace dumps).
+    the chain (jsonargparse wraps a constructor's error in several screens of namespace dumps). Both have
+    secrets masked (``mmsr.tools.secrets.redact``).
     """
     try:
         main()
     except Exception as exc:  # noqa: BLE001 - the last line a user sees must name the cause
-        traceback.print_exc()
+        from mmsr.tools.secrets import redact
+
+        # masked as log records are: jsonargparse's errors quote the config given, a key pasted into it too
+        print(redact(traceback.format_exc()), end="", file=sys.stderr)
         command = next((a for a in sys.argv[1:] if not a.startswith("-")), "fit")
-        print(f"mmsr {command}: error: {cause(exc)}", file=sys.stderr)
+        print(redact(f"mmsr {command}: error: {cause(exc)}"), file=sys.stderr)
         raise SystemExit(1) from None
 
 

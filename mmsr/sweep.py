@@ -11,8 +11,10 @@ and runs the file's ``command`` once per parameter set, with wandb's command mac
 the agent fills them. Differences: ``${interpreter}`` is this Python (the agent uses ``python`` on
 PATH), ``bayes`` search and early termination need the server and are refused, and every run of one
 invocation shares ``WANDB_RUN_GROUP`` so offline runs can be compared once synced. Each command is
-printed with ``${envvar:NAME}`` as written, so a key the command takes from the environment stays out of
-the console and its logs.
+printed with ``${envvar:NAME}`` as written, so a value the command takes from the environment stays out of
+the console and its logs; but the run gets it on its command line, which wandb records in the run's metadata
+(its ``args``). Secrets therefore reach a run only through the environment variables its ``*_env`` settings
+name (``api_key_env: SERPER_API_KEY``, inherited by every run), never through ``${envvar:}`` in its arguments.
 
     mmsr sweep configs/sweeps/smoke.yaml --count 2 -- --trainer.max_steps 1
 

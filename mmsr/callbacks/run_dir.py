@@ -28,7 +28,8 @@ it. The pieces, in the order a resume runs them:
    killed run's rows of the step are replaced: its training row from the checkpoint, then the validation).
 
 The run's config goes with it: ``LoggedConfig`` (``mmsr.cli``'s ``SaveConfigCallback``) saves
-``config.yaml`` in the run directory and logs the whole config to every logger (the wandb run's config).
+``config.yaml`` in the run directory and logs the whole config to every logger (the wandb run's config), with
+secrets masked (``mmsr.tools.secrets``) there and in the hyperparameters Lightning logs and checkpoints.
 """
 
 from __future__ import annotations
@@ -44,10 +45,11 @@ import torch
 import yaml
 from jsonargparse import Namespace
 from lightning.fabric.loggers.tensorboard import _TENSORBOARD_AVAILABLE, _TENSORBOARDX_AVAILABLE
-from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
+from lightning.fabric.utilities.cloud_io import _is_local_file_protocol, get_filesystem
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.parsing import AttributeDict
 
 from mmsr.callbacks.resume_point import (
     before_finished_fit,
@@ -59,7 +61,7 @@ from mmsr.callbacks.resume_point import (
     wandb_steps,
 )
 from mmsr.callbacks.trajectory_logger import wandb_run_dir
-from mmsr.tools.secrets import redact_all
+from mmsr.tools.secrets import redact_all, redact_config
 
 METRICS_FILE = "metrics.csv"
 
@@ -174,11 +176,29 @@ class LoggedConfig(SaveConfigCallback):
 
     Lightning logs only the module's and data module's ``hparams``, and ``GRPOModule`` keeps its components
     (policy, engine, tools, reward) out of them: a sweep's runs could not be grouped in wandb by the
-    ``model.reward.search_penalty`` they swept."""
+    ``model.reward.search_penalty`` they swept.
+
+    Keys are configured by environment variable name (``api_key_env``); a secret in the config anyway (typed in,
+    or ``${oc.env:...}`` resolved by the omegaconf parser) is masked in every copy the run keeps: ``config.yaml``
+    (``redact_config``), what the loggers get (this config, and the hyperparameters Lightning logs after
+    ``setup``) and the checkpoints' hyperparameters. The module runs with the real values.
+    """
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        saving = self.save_to_log_dir and not self.already_saved
+        log_dir = trainer.log_dir if saving else None  # on every rank: it broadcasts
+        mask_logged_hparams(pl_module, trainer.datamodule)
+        super().setup(trainer, pl_module, stage)  # Lightning writes config.yaml, then calls ``save_config``
+        if saving and trainer.is_global_zero and log_dir is not None:
+            mask_saved_config(os.path.join(log_dir, self.config_filename))
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        for key in (L.LightningModule.CHECKPOINT_HYPER_PARAMS_KEY, L.LightningDataModule.CHECKPOINT_HYPER_PARAMS_KEY):
+            if isinstance(checkpoint.get(key), dict):  # Lightning's copy of the live ``hparams``
+                checkpoint[key] = redact_all(checkpoint[key])
 
     def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        # Rank 0 only. Keys are configured by environment variable name (``api_key_env``); a value written
-        # into the config anyway (a header, a URL) is masked, as in the tools' results.
+        # Rank 0 only.
         params = redact_all(cli_keys(yaml.safe_load(self.parser.dump(self.config, skip_unset=False))))
         for logger in trainer.loggers:
             logger.log_hyperparams(params)
@@ -188,6 +208,26 @@ class LoggedConfig(SaveConfigCallback):
             folder = wandb_run_dir(trainer.loggers[0])
             folder.mkdir(parents=True, exist_ok=True)
             self.parser.save(self.config, folder / self.config_filename, skip_none=False, overwrite=True, multifile=self.multifile)
+            mask_saved_config(str(folder / self.config_filename))
+
+
+def mask_logged_hparams(*holders: Any) -> None:
+    """Mask secrets in the hyperparameters Lightning logs of each module (``hparams_initial``, which only its
+    hyperparameter logging reads, after the ``setup`` hooks); the ``hparams`` the module runs with stay as they are."""
+    for holder in holders:
+        initial = getattr(holder, "_hparams_initial", None)
+        if initial:
+            holder._hparams_initial = AttributeDict(redact_all(dict(initial)))
+
+
+def mask_saved_config(path: str) -> None:
+    """Rewrite the config file at ``path`` (local or remote, as Lightning saves it) with its secrets masked, if any."""
+    fs = get_filesystem(path)
+    with fs.open(path, "r", encoding="utf-8") as f:
+        text = f.read()
+    if (masked := redact_config(text)) != text:
+        with fs.open(path, "w", encoding="utf-8") as f:
+            f.write(masked)
 
 
 def cli_keys(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:

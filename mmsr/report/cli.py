@@ -19,6 +19,7 @@ import yaml
 from mmsr.report.html import render_html
 from mmsr.report.plots import PLOTS, plot_run
 from mmsr.report.records import HELD_OUT_FILE, TRAJECTORIES_FILE, read_records
+from mmsr.tools.secrets import redact_config
 
 
 def write_report(
@@ -42,7 +43,7 @@ def write_report(
     # A record logged twice for one step and position keeps its later version (see plots.read_metrics).
     records = list({(r.step, r.index): r for r in read_records(traj_file)}.values()) if traj_file.exists() else []
     shown = records[-max_trajectories:] if max_trajectories > 0 else []
-    text = config.read_text(encoding="utf-8") if config.exists() else None
+    text = redact_config(config.read_text(encoding="utf-8")) if config.exists() else None  # a run saved before masking
     title = accuracy_title(text)
     titles = {"accuracy": title, "val_accuracy": f"Held-out {title[0].lower()}{title[1:]}"}
     plots = plot_run(metrics, out, titles) if metrics.exists() else {}

@@ -21,19 +21,27 @@ encodings (base64, JSON escapes of unusual characters), case changes, and runs s
 
 Where it applies: ``ToolResult`` (text, titles) and ``ToolError`` (reason) at construction; what one service
 hands the next (search results' titles, links and snippets before a reader fetches them, page text before a
-summarizer sees it); the search server's error answers; log records (``install_log_redaction``); and, as
-defense in depth, the trajectory records the ``TrajectoryLogger`` writes (``redact_all``). Metrics hold only
-counter names and numbers.
+summarizer sees it); the search server's error answers; log records (``install_log_redaction``); as
+defense in depth, the trajectory records the ``TrajectoryLogger`` writes (``redact_all``); and a run's config
+wherever it is written (``redact_config``: ``config.yaml``, the report; ``LoggedConfig``: the hyperparameters
+the loggers and checkpoints get). Metrics hold only counter names and numbers.
+
+A key pasted where a variable's name goes (``api_key_env: sk-...``) is refused by ``register_secret_env``, which
+every ``*_env`` setting passes through: used as a name it would send no key, or an error would quote it.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 from dataclasses import fields, is_dataclass, replace
 from functools import lru_cache
 from typing import TypeVar
 from urllib.parse import quote, quote_plus
+
+import yaml
 
 SECRET_ENVS: set[str] = {"SERPAPI_API_KEY", "SERPER_API_KEY", "JINA_API_KEY", "OPENAI_API_KEY", "MMSR_SEARCH_TOKEN"}
 SECRET_SUFFIXES = ("_API_KEY", "_TOKEN", "_SECRET", "_PASSWORD")
@@ -41,21 +49,42 @@ EXTRA_ENVS = "MMSR_SECRET_ENVS"
 MIN_CHARS = 8
 PARTIAL_CHARS = 12
 _ANCHOR = PARTIAL_CHARS // 2  # every run of >= 2*_ANCHOR-1 chars holds one of the value's aligned _ANCHOR-grams
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# a key's random part: 16+ letters and digits with both (jina_..., a 40-hex Serper key); no variable name has one
+_KEY_RUN = re.compile(r"(?=[A-Za-z0-9]*[0-9])(?=[A-Za-z0-9]*[A-Za-z])[A-Za-z0-9]{16,}")
 
 T = TypeVar("T")
+PASTED = "pasted key"  # the name a refused variable name is masked under (``register_secret_env``)
+_pasted: set[str] = set()
 
 
-def register_secret_env(name: str | None) -> None:
-    """Mask the value of environment variable ``name`` from now on (``None`` or empty: nothing to do)."""
-    if name:
+def register_secret_env(name: str | None, setting: str = "an api_key_env / token_env / auth_env setting") -> None:
+    """Mask the value of environment variable ``name`` from now on (``None`` or empty: nothing to do).
+
+    Raises ``ValueError`` naming ``setting`` (never ``name``) where ``name`` is not a variable's name, or looks
+    like a key and no variable of that name is set: a key pasted there would be sent nowhere, logged with the
+    config, or quoted by the next error. Such a ``name`` is masked from then on, as ``[redacted pasted key]``.
+    """
+    if not name:
+        return
+    if not ENV_NAME.fullmatch(name):
+        why = "is not an environment variable's name ([A-Za-z_][A-Za-z0-9_]*)"
+    elif _KEY_RUN.search(name) and name not in os.environ:
+        why = "is no variable set in the environment and has a long run of letters and digits, as a key has"
+    else:
         SECRET_ENVS.add(name)
+        return
+    _pasted.add(name.strip())  # masked from now on: jsonargparse's errors quote the whole config given
+    raise ValueError(f"{setting}: the value given ({len(name)} characters, not shown) {why}; it looks like a key "
+                     "pasted where the variable's name goes: put the key in an environment variable and give that "
+                     "variable's name (e.g. SERPER_API_KEY)")
 
 
 def secret_values() -> dict[str, str]:
     """value -> the name of a variable holding it, for every secret long enough to mask, longest first."""
     names = SECRET_ENVS | {n.strip() for n in os.environ.get(EXTRA_ENVS, "").split(",") if n.strip()}
     names |= {n for n in os.environ if n.endswith(SECRET_SUFFIXES)}
-    found = {os.environ.get(n, "").strip(): n for n in sorted(names)}
+    found = dict.fromkeys(_pasted, PASTED) | {os.environ.get(n, "").strip(): n for n in sorted(names)}
     return {v: found[v] for v in sorted(found, key=len, reverse=True) if len(v) >= MIN_CHARS}
 
 
@@ -122,6 +151,24 @@ def redact_all(value: T) -> T:
     if isinstance(value, dict):
         return {k: redact_all(v) for k, v in value.items()}  # type: ignore[return-value]
     return value
+
+
+def redact_config(text: str) -> str:
+    """A YAML or JSON config's ``text`` with every secret in it masked, still valid: parsed, ``redact_all``-ed and
+    written back (a masked plain scalar ``key: [redacted NAME]`` would read as a list). Unchanged (comments,
+    layout) when it holds no secret; text that does not parse, or a secret left in a key, is ``redact``-ed as text.
+    """
+    if redact(text) == text:
+        return text
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return redact(text)
+    if text.lstrip().startswith(("{", "[")):
+        out = json.dumps(redact_all(data), ensure_ascii=False, indent=2 if "\n" in text.strip() else None) + "\n"
+    else:
+        out = yaml.safe_dump(redact_all(data), sort_keys=False, allow_unicode=True, default_flow_style=False)
+    return redact(out)
 
 
 class RedactingFilter(logging.Filter):
