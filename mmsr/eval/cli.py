@@ -3,9 +3,19 @@
     mmsr eval --ckpt runs/smoke/csv/version_0/checkpoints/last.ckpt --data data/fvqa_dev_20/fvqa_dev.jsonl \\
         --workflow on-demand direct rag --out runs/eval
     mmsr eval --model-dir Qwen2.5-VL-7B-Instruct --tools configs/tools.yaml --data fvqa_test.parquet \\
-        --workflow rag --judge-url https://api.openai.com/v1 --judge-model gpt-4o-2024-11-20
+        --workflow rag --judge-url https://api.openai.com/v1 --judge-model gpt-4o-2024-11-20 \\
+        --min-pixels 262144 --max-pixels 903168          # the recipe's image bounds (configs/mmsearch_r1/)
     mmsr eval --model-dir Qwen2.5-VL-7B-Instruct --tools configs/tools.yaml --suite configs/eval/suite.yaml \\
         --workflow direct rag on-demand --out runs/suite     # one Table-1 table over the suite's sets
+
+Episode limits: ``--ckpt`` uses its run's; ``--model-dir`` the paper's (3 rounds, 1 image / 2 text searches,
+2048 tokens a turn within a 6144-token context, 120 s a tool call: ``mmsr.eval.load.MMSEARCH_R1_ROLLOUT``, as
+``configs/mmsearch_r1/``); ``--policy`` a run config's default, ``RolloutSettings()`` (CPU-sized: 256 tokens a turn,
+4096 a context, 30 s a tool call). ``--rollout`` gives them for ``--model-dir`` / ``--policy`` (a YAML of
+``RolloutSettings`` fields, or a run config: ``--rollout configs/mmsearch_r1/qwen3_vl_8b_1x8.yaml``), and
+``--max-rounds`` / ``--max-tokens-per-turn`` / ``--max-context-tokens`` override any of them. As ``mmsr fit``,
+the tools' nested timeouts must fit the per-call cap (``mmsr.tools.budget.check_budgets``), checked before the
+policy loads where the limits are known by then.
 
 A crashed or killed evaluation resumes: the same command again takes the batches it finished from
 ``<out>/episodes.partial.jsonl`` (``mmsr.eval.work``). Heavy imports (transformers, torch; Lightning
@@ -25,6 +35,13 @@ from pathlib import Path
 from mmsr.eval.work import CONTENTS, WORK_FILE, EvalWork, fingerprint
 
 
+ROLLOUT_HELP = ("with --model-dir / --policy: the episode limits, a YAML of RolloutSettings fields or a run config whose "
+                "model.init_args.rollout is used (e.g. configs/mmsearch_r1/qwen2_5_vl_7b_1x8.yaml). Default: --model-dir the "
+                "paper's (3 rounds, 1 image / 2 text searches, 2048 tokens a turn within a 6144-token context, 120 s a tool "
+                "call); --policy RolloutSettings() (256 tokens a turn, 4096 a context, 30 s a tool call); --ckpt its run's. "
+                "--max-rounds / --max-tokens-per-turn / --max-context-tokens override them")
+
+
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """The policy source, tools and episode-limit arguments shared by ``eval`` and ``curate``."""
     src = parser.add_mutually_exclusive_group(required=True)
@@ -37,6 +54,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tools", help="YAML with image_search / text_search class_path entries")
     parser.add_argument("--min-pixels", type=int, help="with --model-dir: image processor lower bound")
     parser.add_argument("--max-pixels", type=int, help="with --model-dir: image processor upper bound")
+    parser.add_argument("--rollout", metavar="YAML", help=ROLLOUT_HELP)
     parser.add_argument("--max-rounds", type=int, help="override the most assistant turns")
     parser.add_argument("--max-tokens-per-turn", type=int, help="override the per-turn token budget")
     parser.add_argument("--max-context-tokens", type=int, help="override the episode token budget")
@@ -44,17 +62,19 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-invalid", action="store_true", help="drop invalid data rows with a warning")
 
 
-# The arguments only one policy source reads (``load_from_args``): given with another, they were silently ignored.
-READ_ONLY_WITH = {"weights": "policy", "run_config": "ckpt", "min_pixels": "model_dir", "max_pixels": "model_dir"}
+# The arguments only some policy sources read (``load_from_args``): given with another, they were silently ignored.
+# ``--rollout`` with ``--ckpt``: its limits are its run's (``--run-config``).
+READ_ONLY_WITH = {"weights": ("policy",), "run_config": ("ckpt",), "min_pixels": ("model_dir",), "max_pixels": ("model_dir",),
+                  "rollout": ("model_dir", "policy")}  # fmt: skip
 
 
 def refuse_unread(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """A parser error for an argument the chosen policy source does not read (``READ_ONLY_WITH``): ``--weights``
     with ``--model-dir`` evaluated the directory's weights, not the ones given."""
     source = next(name for name in ("ckpt", "model_dir", "policy") if getattr(args, name) is not None)
-    for name, reader in READ_ONLY_WITH.items():
-        if getattr(args, name) is not None and reader != source:
-            p.error(f"{_flag(name)} is read only with {_flag(reader)}; with {_flag(source)} it would be ignored")
+    for name, readers in READ_ONLY_WITH.items():
+        if getattr(args, name) is not None and source not in readers:
+            p.error(f"{_flag(name)} is read only with {' or '.join(map(_flag, readers))}; with {_flag(source)} it would be ignored")
 
 
 def _flag(name: str) -> str:
@@ -62,7 +82,7 @@ def _flag(name: str) -> str:
 
 
 # The arguments that name files or folders the episodes depend on (the work file keeps their ``fingerprint``)
-INPUTS = ("ckpt", "run_config", "weights", "model_dir", "policy", "tools", "suite")
+INPUTS = ("ckpt", "run_config", "weights", "model_dir", "policy", "tools", "rollout", "suite")
 
 
 def input_contents(args: argparse.Namespace, data: Sequence[str] = (), outputs: Sequence[str] = ()) -> dict:
@@ -106,31 +126,55 @@ def refuse_missing_tools(workflows: Sequence[str], tools: Mapping[str, object], 
 
 def load_from_args(args: argparse.Namespace, workflows: Sequence[str] = (), refuse=refuse_missing_tools):
     """The ``Loaded`` policy/engine/tools/settings the arguments describe; ``workflows`` that search without
-    their tools are refused (``refuse(workflows, tools, where)``; ``mmsr curate`` gives its own), before the
-    policy loads when ``--tools`` names them."""
+    their tools are refused (``refuse(workflows, tools, where)``; ``mmsr curate`` gives its own), and tools that cannot
+    fit the per-call cap (``refuse_slow_tools``), before the policy loads when ``--tools`` names them and the limits
+    are known by then (``--model-dir`` / ``--policy``: ``load.episode_limits``; ``--ckpt``: its run's, once loaded)."""
     from mmsr.eval import load
     from mmsr.tools.base import check_ready
     from mmsr.eval.workflows import limits_for
 
     tools = load.load_tools(args.tools) if args.tools else None
+    limits = None if args.ckpt else overridden(load.episode_limits(args.rollout, bool(args.model_dir)), args)
     if tools:
         refuse(workflows, tools, f"--tools {args.tools}")
         check_ready(tools)  # before the policy loads
+        if limits is not None:
+            refuse_slow_tools(tools, limits, args)
     if args.ckpt:
         loaded = load.load_checkpoint(args.ckpt, args.run_config, run_tools=not tools)
     elif args.model_dir:
         loaded = load.load_model_dir(args.model_dir, args.min_pixels, args.max_pixels)
     else:
         loaded = load.load_policy_yaml(args.policy, args.weights)
+    loaded.settings = limits if limits is not None else overridden(loaded.settings, args)
     if tools:
         loaded.tools, loaded.settings = tools, limits_for(loaded.settings, tools)
     else:  # a checkpoint's run's own tools; the other sources bring none
         where = "the tools of --ckpt's run config" if args.ckpt else f"--tools {args.tools}" if args.tools else "no --tools"
         refuse(workflows, loaded.tools, where)
         check_ready(loaded.tools)
-    overrides = {k: getattr(args, k) for k in ("max_rounds", "max_tokens_per_turn", "max_context_tokens")}
-    loaded.settings = replace(loaded.settings, **{k: v for k, v in overrides.items() if v is not None})
+    refuse_slow_tools(loaded.tools, loaded.settings, args)
     return loaded
+
+
+def overridden(settings, args: argparse.Namespace):
+    """``settings`` (``RolloutSettings``) with the ``--max-rounds`` / ``--max-tokens-per-turn`` / ``--max-context-tokens``
+    given."""
+    overrides = {k: getattr(args, k) for k in ("max_rounds", "max_tokens_per_turn", "max_context_tokens")}
+    return replace(settings, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def refuse_slow_tools(tools: Mapping[str, object], settings, args: argparse.Namespace) -> None:
+    """``load.check_tool_budgets`` of the evaluation's tools against its per-call cap ``settings.tool_timeout_s``,
+    the ``BudgetError`` saying where the cap came from and how to change it."""
+    from mmsr.eval import load
+
+    if args.ckpt:
+        fix = "the cap is --ckpt's run's (its config.yaml, or --run-config)"
+    else:
+        where = f"--rollout {args.rollout}'s" if args.rollout else f"--{'model-dir' if args.model_dir else 'policy'}'s default"
+        fix = f"the cap is {where}: give tool_timeout_s with --rollout YAML"
+    load.check_tool_budgets(tools, settings.tool_timeout_s, f"mmsr eval: {fix}")
 
 
 def eval_sets(specs: list[str]) -> list[tuple[str, str]]:

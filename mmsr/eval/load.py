@@ -13,14 +13,18 @@ Every source ends by binding the engine to the policy and syncing the policy's w
 probe check (``WeightSync(verify_every=1)``): an engine that holds its own weights (vLLM starts from
 the base model) evaluates the loaded weights, or ``StaleWeightsError`` says it does not.
 Tools come from a YAML with ``image_search`` / ``text_search`` ``class_path`` entries; with a
-checkpoint and no tools file, the run's own tools are used. A GRPO checkpoint also brings the run's reward,
-which scores the ``reward`` column (``scoring_reward``: an LLM-judged one grades by its fallback matching);
+checkpoint and no tools file, the run's own tools are used. Episode limits (``episode_limits``): a checkpoint's
+are its run's; a Hugging Face directory is evaluated with the paper's (``MMSEARCH_R1_ROLLOUT``) and a policy YAML
+with a run config's default (``RolloutSettings()``), unless a ``--rollout`` file gives them (``load_rollout``); the
+tools must fit their per-call cap, as ``mmsr fit`` checks (``check_tool_budgets``). A GRPO checkpoint also brings
+the run's reward, which scores the ``reward`` column (``scoring_reward``: an LLM-judged one grades by its fallback matching);
 the other sources, and the warm start's ``SFTModule`` (no reward), are scored by ``MMSearchR1Reward()``.
 """
 
 from __future__ import annotations
 
 import copy
+from argparse import ArgumentError
 from collections.abc import Collection
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -35,6 +39,7 @@ from mmsr.rollout.engine import Engine
 from mmsr.rollout.loop import RolloutSettings
 from mmsr.sync import WeightSync
 from mmsr.tools.base import SearchTool
+from mmsr.tools.budget import BudgetError, check_budgets
 from mmsr.tools.spec import Tool, configured
 
 if TYPE_CHECKING:
@@ -113,6 +118,47 @@ def _synced(policy: Policy, engine: Engine, weight_sync: WeightSync | None = Non
     sync.verify_every, sync.syncs = 1, 0
     sync(policy, engine)
     return engine
+
+
+# The paper's episode limits, as every ``configs/mmsearch_r1/`` recipe resolves them (its evaluation runs training's loop and
+# limits): 3 rounds, 1 image / 2 text searches, 2048 tokens a turn within a 6144-token context, 120 s a tool call.
+MMSEARCH_R1_ROLLOUT = RolloutSettings(max_rounds=3, image_search_limit=1, text_search_limit=2, max_tokens_per_turn=2048,
+                                      max_context_tokens=6144, tool_concurrency=64, tool_timeout_s=120.0)  # fmt: skip
+
+
+def episode_limits(rollout: str | Path | None, model_dir: bool) -> RolloutSettings:
+    """The limits of a ``--model-dir`` / ``--policy`` evaluation: ``rollout``'s file (``load_rollout``), else the paper's
+    for a Hugging Face directory (a real model: the CPU-sized 256 tokens a turn cut its answers short) and a run
+    config's default, ``RolloutSettings()``, for a policy YAML (a ``TinyQwen2_5_VL`` on CPU)."""
+    if rollout is not None:
+        return load_rollout(rollout)
+    return MMSEARCH_R1_ROLLOUT if model_dir else RolloutSettings()
+
+
+def load_rollout(path: str | Path) -> RolloutSettings:
+    """The ``RolloutSettings`` of a YAML file: a mapping of its fields, or a run config of ``mmsr fit`` (a ``model``
+    section), whose ``model.init_args.rollout`` is used (none: the module's default, as the run had)."""
+    data = _read_yaml(path)
+    if "model" in data:
+        model = data["model"]
+        init = (model.get("init_args") or {}) if isinstance(model, dict) and "class_path" in model else model
+        if not isinstance(init, dict):
+            raise ValueError(f"{path}: 'model' is not a mapping (expected a run config or RolloutSettings fields)")
+        data = init.get("rollout") or {}
+    try:
+        return _parse({"rollout": RolloutSettings}, {"rollout": data}, Path(path)).rollout
+    except (ValueError, ArgumentError) as exc:  # jsonargparse's does not name the file
+        raise ValueError(f"{path}: rollout: {exc}") from None
+
+
+def check_tool_budgets(tools: dict[str, SearchTool | None], cap_s: float, hint: str) -> None:
+    """``mmsr fit``'s start-up check (``check_budgets``) of an evaluation's tools: a tool whose one attempt of each
+    nested stage cannot fit the per-call cap ``cap_s`` times out on every call, and each search would be scored as a
+    failed one. ``BudgetError`` names the tool, then ``hint`` (where the cap came from)."""
+    try:
+        check_budgets(tools, cap_s)
+    except BudgetError as exc:
+        raise BudgetError(f"{exc} {hint}") from None
 
 
 def load_model_dir(path: str, min_pixels: int | None = None, max_pixels: int | None = None) -> Loaded:

@@ -158,6 +158,8 @@ def parse_line(line: str) -> dict | None:
 def difference(before: Mapping[str, object], now: Mapping[str, object]) -> str:
     """The first argument whose value differs, in words; then the first whose file or folder changed."""
     for name in sorted((set(before) | set(now)) - {CONTENTS}):
+        if name not in before:  # an argument added since (its limits, say, may have changed with it)
+            return f"an older mmsr wrote it: it does not record --{name.replace('_', '-')}"
         if before.get(name) != now.get(name):
             return f"--{name.replace('_', '-')} was {before.get(name)!r}, now {now.get(name)!r}"
     if CONTENTS not in before:

@@ -107,3 +107,12 @@ def test_a_fresh_copy_of_the_same_files_resumes_and_a_rewrite_of_one_size_does_n
     weights.write_bytes(b"a" * 1_500_000 + b"b" + b"a" * 1_499_999)  # same size, a middle byte moved by training
     with pytest.raises(ValueError, match=r"the file or folder --weights names has changed since"):
         EvalWork(path, run_arguments(parse_args(argv)))
+
+
+def test_a_work_file_without_an_argument_added_since_is_refused_saying_an_older_mmsr_wrote_it(tmp_path):
+    """A work file from before ``--rollout`` existed holds no ``rollout`` key: the rerun is refused (its episodes
+    may have run under other limits), and the message said ``--rollout was None, now None``."""
+    path = tmp_path / "episodes.partial.jsonl"
+    EvalWork(path, {"limit": 1}).add(("s", "w", 0), ["a"], [_record("q")])
+    with pytest.raises(ValueError, match=r"an older mmsr wrote it: it does not record --rollout"):
+        EvalWork(path, {"limit": 1, "rollout": None})
