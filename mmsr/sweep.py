@@ -16,7 +16,7 @@ the console and its logs; but the run gets it on its command line, which wandb r
 (its ``args``). Secrets therefore reach a run only through the environment variables its ``*_env`` settings
 name (``api_key_env: SERPER_API_KEY``, inherited by every run), never through ``${envvar:}`` in its arguments.
 
-    mmsr sweep configs/sweeps/smoke.yaml --count 2 -- --trainer.max_steps 1
+    mmsr sweep configs/sweeps/smoke_kl_group.yaml --count 2 -- --trainer.max_steps 1
 
 Arguments after ``--`` are appended to every command (after ``${args}``, so they win).
 """
@@ -79,15 +79,38 @@ def _parameter(name: str, spec: Any, where: str) -> Parameter:
     if "value" in spec:
         return Parameter(name, "constant", (spec["value"],))
     if "values" in spec:
-        values, probs = tuple(spec["values"]), spec.get("probabilities")
-        if not values or (probs is not None and (len(probs) != len(values) or not math.isclose(sum(probs), 1.0))):
-            raise ValueError(
-                f"{where}: parameter {name!r}: 'values' must be non-empty, 'probabilities' match it and sum to 1"
-            )
-        return Parameter(name, "categorical", values, tuple(probs) if probs is not None else None)
+        return _categorical(name, spec, where)
     if "min" not in spec or "max" not in spec:
         raise ValueError(f"{where}: parameter {name!r} needs 'value', 'values' or 'min' and 'max'")
     return _range(name, spec, where)
+
+
+def _categorical(name: str, spec: dict, where: str) -> Parameter:
+    """A ``values`` parameter, optionally weighted by ``probabilities`` (both YAML lists)."""
+    values = tuple(_listed(spec["values"], f"parameter {name!r}: 'values'", where))
+    probs = spec.get("probabilities")
+    if probs is not None:
+        probs = tuple(_listed(probs, f"parameter {name!r}: 'probabilities'", where))
+        if not all(_weight(w) for w in probs):
+            raise ValueError(f"{where}: parameter {name!r}: 'probabilities' {list(probs)!r} must be numbers >= 0")
+    if not values or (probs is not None and (len(probs) != len(values) or not math.isclose(sum(probs), 1.0))):
+        raise ValueError(
+            f"{where}: parameter {name!r}: 'values' must be non-empty, 'probabilities' match it and sum to 1"
+        )
+    return Parameter(name, "categorical", values, probs)
+
+
+def _listed(value: Any, what: str, where: str) -> list:
+    """``value`` if it is a YAML list: a string or mapping would be split into its characters or keys."""
+    if not isinstance(value, list):
+        raise ValueError(f"{where}: {what} must be a YAML list ([a, b] or one '- item' a line), "
+                         f"got {type(value).__name__} {value!r}")  # fmt: skip
+    return value
+
+
+def _weight(w: Any) -> bool:
+    """Whether ``w`` can be a categorical probability (YAML ``true`` is a bool, not 1)."""
+    return isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w >= 0
 
 
 def _range(name: str, spec: dict, where: str) -> Parameter:
@@ -123,7 +146,12 @@ def _bound(name: str, key: str, value: Any, where: str) -> int | float:
 def load_sweep(path: str | Path) -> Sweep:
     """Parses and checks a sweep file; errors name the file and the offending key."""
     where = str(path)
-    raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:  # its own message names "<unicode string>" and ends on a caret line
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ValueError(f"{where}: not valid YAML{at}: {getattr(exc, 'problem', None) or exc}") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("parameters"), dict) or not raw["parameters"]:
         raise ValueError(f"{where}: a sweep file is a mapping with a non-empty 'parameters' mapping")
     method = raw.get("method")
@@ -137,7 +165,9 @@ def load_sweep(path: str | Path) -> Sweep:
     params = tuple(_parameter(k, v, where) for k, v in raw["parameters"].items())
     if method == "grid" and (bad := [p.name for p in params if p.min is not None]):
         raise ValueError(f"{where}: grid search needs 'value' or 'values', not a range, for {', '.join(bad)}")
-    command = tuple(str(c) for c in raw.get("command", DEFAULT_COMMAND))
+    command = tuple(str(c) for c in _listed(raw.get("command", list(DEFAULT_COMMAND)), "'command'", where))
+    if not command:
+        raise ValueError(f"{where}: 'command' is empty; leave it out to run wandb's default command")
     _check_nulls(params, command, where)
     run_cap = raw.get("run_cap")
     if run_cap is not None and (isinstance(run_cap, bool) or not isinstance(run_cap, int) or run_cap < 1):
@@ -234,9 +264,19 @@ def main(argv: list[str] | None = None) -> int:
     for i, (cmd, shown) in enumerate(runs, 1):
         print(f"[{i}/{len(runs)}] {' '.join(shown)}", flush=True)
         if not args.dry_run:
-            code = subprocess.run(cmd, env=env, check=False).returncode
+            code = _run(cmd, env, f"[{i}/{len(runs)}]")
             failed += code != 0
             print(f"[{i}/{len(runs)}] exit code {code}", flush=True)
     if failed:
-        parser.exit(1, f"mmsr sweep: {failed} of {len(runs)} runs failed\n")
+        parser.exit(1, f"mmsr sweep: {failed} of {len(runs)} runs of {args.sweep} failed\n")
     return 0
+
+
+def _run(cmd: list[str], env: dict[str, str], tag: str) -> int:
+    """One run's exit code; a program that cannot be started (not on PATH, not executable) fails that run
+    with 127, the shell's "command not found", and the sweep goes on to the next."""
+    try:
+        return subprocess.run(cmd, env=env, check=False).returncode
+    except OSError as exc:
+        print(f"{tag} cannot start {cmd[0]}: {exc.strerror or exc}", file=sys.stderr, flush=True)
+        return 127
