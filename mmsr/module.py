@@ -32,6 +32,7 @@ from typing import Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
 from mmsr.algo import group_advantages
 from mmsr.algo.loss import AggMode
@@ -93,13 +94,38 @@ def refuse_short_engine(engine: Engine | None, rollout: RolloutSettings) -> None
                          "max_model_len or lower max_context_tokens")  # fmt: skip
 
 
+def unserved_tools(loop: RolloutLoop) -> list[str]:
+    """The tools the prompt offers (declared, with a per-episode limit above 0) that nothing answers: ``None``, or a
+    ``Tool`` with neither a backend nor a ``__call__`` of its own. Each of their calls is a failure observation."""
+    def served(tool: object) -> bool:
+        bare = isinstance(tool, Tool) and tool.backend is None and type(tool).__call__ is Tool.__call__
+        return tool is not None and not bare
+
+    return [s.name for s in loop.specs if loop.settings.limit(s) > 0 and not served(loop.tools.get(s.name))]
+
+
+def warn_unserved_tools(loop: RolloutLoop) -> None:
+    """Warn (rank 0, once a fit) of ``unserved_tools``, naming the setting to add. Not refused: tests and ablations
+    train on the failure observations on purpose; but a recipe launched without its tool snippet trained for
+    hours on "The search failed (no text_search tool is configured)" without a word."""
+    for name in unserved_tools(loop):
+        if loop.tools.get(name) is None:  # MMSearch-R1's pair, declared from the module's own two arguments
+            snippet = " (e.g. -c configs/tools/web_text_search.yaml)" if name == "text_search" else ""
+            fix = f"set model.{name}{snippet}, or model.rollout.{name}_limit: 0"
+        else:
+            fix = f"give its model.tools entry a backend, or set model.rollout.tool_limits: {{{name}: 0}}"
+        rank_zero_warn(f"GRPOModule: the prompt offers {name}, but no backend serves it: every {name} call the "
+                       f"policy makes comes back as a failed search and the run trains on that; {fix}")  # fmt: skip
+
+
 class GRPOModule(L.LightningModule):
     """Trains a policy to answer visual questions, searching only when it must.
 
     Args:
         policy: builds the policy model, tokenizer and image processor.
         engine: rollout engine (default: ``HFEngine`` on the policy itself).
-        image_search, text_search: MMSearch-R1's search backends (``None``: a call gets a failure observation).
+        image_search, text_search: MMSearch-R1's search backends (``None``: a call gets a failure observation,
+            and a fit warns at start while the tool's limit is above 0: ``warn_unserved_tools``).
         tools: tools as data (``mmsr.tools.spec.Tool`` entries, each declaring its tag, argument, limit and
             prompt); when set, only these tools (plus the two above if given) are declared to the policy.
         reward: scores a trajectory (override ``compute_rewards`` for batch-level rewards).
@@ -112,7 +138,7 @@ class GRPOModule(L.LightningModule):
         clip_low, clip_high: PPO clip range (clip-higher when ``clip_high > clip_low``).
         clip_ratio_c: veRL's dual-clip (``None``: off; else > 1): a token with negative advantage A
             contributes at most -A * clip_ratio_c, and no gradient past it, however far its ratio grew
-            (``train/dual_clip_frac`` is the share capped). The MMSearch-R1 recipes set veRL's 3.0.
+            (``train/dual_clip_frac`` is the share capped). veRL's default is 3.0; MMSearch-R1 has none.
         loss_agg: how token losses are averaged.
         entropy_coef: entropy bonus weight.
         ppo_epochs, mini_batches: passes over a step's rollouts and optimizer updates per pass.
@@ -250,11 +276,13 @@ class GRPOModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         """Refuse plain DDP on one device for a vision-language policy before the first rollout
-        (``refuse_one_device_ddp``: a step of text-only episodes failed DDP's next backward)."""
+        (``refuse_one_device_ddp``: a step of text-only episodes failed DDP's next backward); warn of an offered
+        tool that no backend serves (``warn_unserved_tools``)."""
         refuse_one_device_ddp(self.trainer.strategy.model, self.policy.vision_tower(), "GRPOModule")
         # every rank's search caches spend one budget: rank 0's new id, or the resumed run's if already restored
         self._tool_run_id = self._tool_run_id or self.trainer.strategy.broadcast(uuid.uuid4().hex)
         assign_run_id(self.loop.tools, self._tool_run_id)
+        warn_unserved_tools(self.loop)
 
     def on_train_start(self) -> None:
         """A resumed run trains at the configured lr and weight decay, not the checkpoint's (``reapply_configured``:

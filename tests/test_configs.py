@@ -1,5 +1,6 @@
 """Every training config in configs/ parses through the real CLI; CPU-sized ones build their objects."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -51,7 +52,28 @@ def test_mmsearch_r1_recipes_bound_the_context_as_upstream(path):
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs" / "mmsearch_r1").glob("*.yaml")), ids=lambda p: p.stem)
-def test_mmsearch_r1_recipes_dual_clip_as_upstream(path):
-    """The veRL MMSearch-R1 pins caps a token with advantage A < 0 at -A * clip_ratio_c (3.0, its default)."""
+def test_mmsearch_r1_recipes_clip_and_decay_as_upstream(path):
+    """Upstream's policy loss (mmsearch_r1/trainer/multimodal/core_algos.py @583c6b4) clips at 0.2 both ways and has
+    no dual-clip (the recipes set veRL's clip_ratio_c 3.0 "as upstream": a token with A < 0 past ratio 3 lost its
+    gradient); its AdamW takes weight_decay 0.01, fsdp_workers.py's default, which its script leaves (ours: 0.0)."""
     init = lightning_cli(["-c", str(path)], run=False, parse_only=True).config["model"]["init_args"]
-    assert (init["clip_low"], init["clip_high"], init["clip_ratio_c"]) == (0.2, 0.2, 3.0)
+    assert (init["clip_low"], init["clip_high"], init["clip_ratio_c"]) == (0.2, 0.2, None)
+    assert init["weight_decay"] == 0.01
+
+
+RECIPE_LAUNCH = re.compile(r"mmsr fit -c (configs/mmsearch_r1/\w+\.yaml)((?: -c [\w/.]+)*)")
+
+
+def test_mmsearch_r1_launch_commands_add_the_text_search_snippet(monkeypatch):
+    """The recipes leave ``text_search`` to ``configs/tools/web_text_search.yaml`` (it needs API keys); README's
+    commands left it out, so every text search failed ("no text_search tool is configured") all run long."""
+    recipes = sorted((ROOT / "configs" / "mmsearch_r1").glob("*.yaml"))
+    texts = [(ROOT / "README.md").read_text()] + [p.read_text() for p in recipes]
+    launches = [m for text in texts for m in RECIPE_LAUNCH.finditer(text)]
+    monkeypatch.chdir(ROOT)
+    assert len(launches) >= 6  # README's two, and each recipe's header
+    for m in launches:
+        assert "-c configs/tools/web_text_search.yaml" in m.group(2), m.group(0)
+        config = lightning_cli(["-c", m.group(1), *m.group(2).split()], run=False, parse_only=True).config
+        init = config["model"]["init_args"]
+        assert init["text_search"] is not None and init["image_search"] is not None, m.group(0)

@@ -145,10 +145,12 @@ class PromptBuilder:
             ``{actions}`` that it fills with their calls and ``{tool_count}`` with their number (``fill_actions``;
             any template may hold these two). Unbound,
             a builder speaks of MMSearch-R1's pair (``MMSEARCH_R1_TOOLS``), as its ``after_*`` templates do.
-            The default, ``round1_tools.txt``, is MMSearch-R1's ``round1.txt`` with the pair's lines and calls
-            left to those slots: ``round1.txt`` itself stays byte-for-byte as it was, since the tiny tokenizers'
-            BPE trains on it (``mmsr.demo.tokenizer``), and a test keeps the two equal, the pair bound, but for
-            the space after ``<image>`` (upstream writes ``<image> `` before the question, spec section 5).
+            The default, ``round1_tools.txt``, is our ``round1.txt`` with the pair's lines and calls left to
+            those slots: ``round1.txt`` itself stays byte-for-byte as it was, since the tiny tokenizers' BPE
+            trains on it (``mmsr.demo.tokenizer``), and a test keeps the two equal, the pair bound, but for the
+            space after ``<image>`` (upstream writes ``<image> `` before the question, spec section 5). These
+            templates, ``after_*`` included, follow MMSearch-R1's prompts in structure and tags (spec section 5)
+            in our own wording, not upstream's text: for GRPO without SFT the wording shapes what the policy does.
         after_image_search: instruction appended after image-search results; like ``after_text_search`` and a
             tool's ``instruction``, it may not hold ``<image>``, ``{question}`` or ``{tools}`` (``read_instruction``).
         after_text_search: instruction appended after text-search results.
