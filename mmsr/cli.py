@@ -214,6 +214,10 @@ def check_step_settings(config) -> None:
         raise ValueError(f"model.mini_batches={mini} splits each step's episodes into {mini} updates, but a step has "
                          f"data.prompts_per_step x model.num_generations = {prompts} x {group} = {prompts * group} "
                          "episodes on each rank: lower model.mini_batches or raise the others")  # fmt: skip
+    if None not in (init.get("lr_schedule"), init.get("warmup_steps"), init.get("total_steps")):
+        from mmsr.optim import check_schedule  # torch and Lightning: loaded by fit by now
+
+        check_schedule(init["lr_schedule"], init["warmup_steps"], init["total_steps"])  # else refused once built
     check_schedule_length(init, config.trainer.get("max_steps"))
 
 

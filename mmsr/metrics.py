@@ -253,6 +253,7 @@ def _added(per_rank: Iterable[dict[str, float]]) -> dict[str, float]:
 MAXIMA = frozenset({
     "train/ratio_max", "train/mismatch_max_abs_diff",  # mmsr.algo.loss._policy_metrics, mmsr.algo.correction.Mismatch
     "memory/policy_mb", "memory/reference_mb", "memory/cuda_peak_gb",
+    "train/nonfinite_grad_steps",  # a count every rank shares (the norm is global): over ranks, exact as it is
 })  # fmt: skip
 
 

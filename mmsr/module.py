@@ -214,7 +214,7 @@ class GRPOModule(L.LightningModule):
         check_budgets(tool_map, rollout.tool_timeout_s)  # fail fast
         rollout.refuse_unknown_tools([spec.name for spec in declared(tool_map)])  # as the loop would, before the build
         refuse_short_engine(engine, rollout)
-        check_schedule(lr_schedule, warmup_steps)
+        check_schedule(lr_schedule, warmup_steps, total_steps)
         # A group of one gets advantage 0 whatever its reward (every estimator), and greedy rollouts make a group's
         # episodes identical: either way the policy never moves. Validation is greedy on its own (validation_step).
         refuse_out_of_range("GRPOModule", [
@@ -463,7 +463,8 @@ class GRPOModule(L.LightningModule):
         schedule's step. ``advantages``: ``[N]``; returns ``train/`` metrics averaged over updates (a maximum:
         the largest), and ``train/lr``, the rate these updates used (read before the schedule moves on to the
         next step's)."""
-        step = Backprop(self.model, self.optimizers(), self.manual_backward, self.device, self.trainer.world_size)
+        step = Backprop(self.model, self.optimizers(), self.manual_backward, self.device, self.trainer.world_size,
+                        self.global_step)
         metrics = self.policy_update.update(trajs, advantages, self._ref, step)
         metrics["train/lr"] = self.optimizers().param_groups[0]["lr"]
         self.lr_schedulers().step()

@@ -36,9 +36,9 @@ def lightning_precision(trainer_precision: str | int | None) -> str | None:
 def compute_dtype(requested: str | None, param_dtype: torch.dtype, trainer_precision: str | int | None) -> torch.dtype:
     """The matmul dtype: the module's ``compute_dtype`` if set, else Lightning's mixed precision
     (``bf16-mixed`` -> bf16), else the parameters' dtype. ``16-mixed`` / ``bf16-true`` / ``16-true`` /
-    ``64-true`` are refused (``refuse_true_precision``), and so is a dtype wider than the parameters'
-    or than the trainer's mixed precision (``GRPOModule.setup`` calls this before the engine starts,
-    ``mmsr plan`` before it sizes)."""
+    ``64-true`` are refused (``refuse_true_precision``), and so are fp16 matmuls over wider parameters
+    (``refuse_fp16_compute``) and a dtype wider than the parameters' or than the trainer's mixed precision
+    (``GRPOModule.setup`` calls this before the engine starts, ``mmsr plan`` before it sizes)."""
     trainer_precision = lightning_precision(trainer_precision)
     refuse_true_precision(trainer_precision, param_dtype)
     compute = getattr(torch, requested) if requested else PRECISION_COMPUTE.get(str(trainer_precision), param_dtype)
@@ -51,7 +51,18 @@ def compute_dtype(requested: str | None, param_dtype: torch.dtype, trainer_preci
                          f"precision (the matmuls would run in {params}); for {wide} matmuls set model.param_dtype: "
                          f"{wide}")  # fmt: skip
     refuse_wider_than_mixed(requested, compute, trainer_precision)
+    refuse_fp16_compute(requested, compute, param_dtype)
     return compute
+
+
+def refuse_fp16_compute(requested: str | None, compute: torch.dtype, param_dtype: torch.dtype) -> None:
+    """Refuse ``model.compute_dtype: float16`` over wider parameters: an fp16 autocast (FSDP2: an fp16
+    ``MixedPrecisionPolicy``) with no loss scaling, so small gradients underflow to 0 in the fp16 backward. Lightning's
+    ``16-mixed`` scales the loss for that, and is refused too (``refuse_loss_scaling``)."""
+    if compute == torch.float16 and param_dtype != torch.float16:
+        raise ValueError(f"model.compute_dtype {requested!r} runs the matmuls in float16 with no loss scaling (small "
+                         "gradients underflow to 0): use trainer.precision 'bf16-mixed' (fp32 master weights, bf16 "
+                         "matmuls, model.compute_dtype: bfloat16 or unset) or '32-true'")  # fmt: skip
 
 
 def refuse_wider_than_mixed(requested: str | None, compute: torch.dtype, trainer_precision: str | None) -> None:

@@ -69,6 +69,9 @@ REFUSED_STEPS = [
     # 4 updates in 2 training steps of 2
     ((*COSINE, "--model.init_args.mini_batches", "2", "--model.init_args.total_steps", "1"),
      r"model.total_steps=1 < 2 training steps \(trainer.max_steps=4 optimizer updates, 2 a step"),
+    # a warmup longer than the cosine schedule: refused once the module was built, not by the parse
+    ((*COSINE, "--model.init_args.warmup_steps", "6", "--model.init_args.total_steps", "5"),
+     r"model.warmup_steps=6 > model.total_steps=5"),
 ]  # fmt: skip
 
 

@@ -14,7 +14,8 @@ from mmsr.checks import refuse_out_of_range
 from mmsr.data.sample import Sample
 from mmsr.models.build import PolicyBuilder, save_policy
 from mmsr.metrics import forget_step_metrics
-from mmsr.optim import Schedule, adamw_with_schedule, check_schedule, optimizer_limits, reapply_configured
+from mmsr.optim import (NonfiniteGuard, Schedule, adamw_with_schedule, check_schedule, optimizer_limits,
+                        reapply_configured)
 from mmsr.parallel import all_reduce, cast_parameters, compute_dtype, drop_idle_gradients, refuse_one_device_ddp
 from mmsr.prompt.render import PromptBuilder
 from mmsr.rollout.engine import GenerationRequest, SamplingParams, ScriptedEngine
@@ -74,7 +75,7 @@ class SFTModule(L.LightningModule):
                  reading: TextBatches | None = None, reading_steps: int = 0, share_prefix: bool = True,
                  param_dtype: Literal["float32", "bfloat16"] = "float32") -> None:  # fmt: skip
         super().__init__()
-        check_schedule(lr_schedule, warmup_steps)
+        check_schedule(lr_schedule, warmup_steps, total_steps)
         # as in GRPOModule: clip_grad_norm_ with max_norm < 0 flips every gradient (the loss climbs), 0 zeroes it
         refuse_out_of_range("SFTModule", [
             *optimizer_limits(lr, weight_decay, warmup_steps, total_steps),
@@ -90,6 +91,7 @@ class SFTModule(L.LightningModule):
             raise ValueError("reading_steps > 0 needs a reading corpus")
         self.reading = reading
         self.automatic_optimization = False
+        self.nonfinite = NonfiniteGuard("SFTModule", "the data (an outlier text or teacher turn)")
         self.policy = policy.build()
         # from_pretrained returns a model in eval mode, where Hugging Face turns gradient checkpointing
         # off; Lightning no longer switches modes at fit start (it warned: "N modules in eval mode").
@@ -130,8 +132,7 @@ class SFTModule(L.LightningModule):
         opt = self.optimizers()
         opt.zero_grad()
         loss, total = self._imitate(trajs)
-        grad_norm = self._step(opt, used_images=any(t.vision for t in trajs))
-        metrics = {"sft/loss": loss, "sft/tokens": total, "train/grad_norm": float(grad_norm),
+        metrics = {"sft/loss": loss, "sft/tokens": total, **self._step(opt, used_images=any(t.vision for t in trajs)),
                    **self.accounts.counts(trajs, written, self.device)}  # fmt: skip
         self.log_dict(metrics, batch_size=len(batch))
         self.log("loss", loss, prog_bar=True, logger=False, batch_size=len(batch))
@@ -227,19 +228,20 @@ class SFTModule(L.LightningModule):
             loss = nll / max(total, 1.0) * (world if mine and micro else 0)  # DDP averages the ranks' gradients
             self.manual_backward(loss)
             loss_sum += float(loss.detach())
-        grad_norm = self._step(opt, used_images=False)
+        stepped = self._step(opt, used_images=False)
         loss = all_reduce(loss_sum, "sum", self.device) / world
-        self.log_dict({"reading/loss": loss, "train/grad_norm": float(grad_norm)}, batch_size=len(texts))
+        self.log_dict({"reading/loss": loss, **stepped}, batch_size=len(texts))
         self.log("loss", loss, prog_bar=True, logger=False, batch_size=len(texts))
 
-    def _step(self, opt, used_images: bool) -> torch.Tensor:
-        """Clip, step the optimizer and the schedule; returns the pre-clip gradient norm. The vision tower's
-        gradients are dropped when no rank's step held an image (``drop_idle_gradients``)."""
+    def _step(self, opt, used_images: bool) -> dict[str, float]:
+        """Clip, step the optimizer (unless the gradient norm is not finite: ``NonfiniteGuard``) and the schedule;
+        returns ``train/grad_norm`` (pre-clip) and ``train/nonfinite_grad_steps`` (1: the update was skipped). The
+        vision tower's gradients are dropped when no rank's step held an image (``drop_idle_gradients``)."""
         drop_idle_gradients(self.policy.vision_tower(), used_images, self.device)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.hparams.grad_clip)
-        opt.step()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.hparams.grad_clip))
+        skipped = self.nonfinite.step(opt, grad_norm, self.global_step)
         self.lr_schedulers().step()
-        return grad_norm
+        return {"train/grad_norm": grad_norm, "train/nonfinite_grad_steps": float(skipped)}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # each rank's teacher drew for its own prompts; without its state a resumed warm start redrew from the

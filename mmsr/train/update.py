@@ -26,6 +26,7 @@ from mmsr.algo.correction import corrected_advantages, is_weights, logprob_misma
 from mmsr.algo.loss import AggMode
 from mmsr.metrics import extreme
 from mmsr.models.policy import Policy
+from mmsr.optim import NonfiniteGuard
 from mmsr.parallel import all_reduce, drop_idle_gradients
 from mmsr.checks import Limit, refuse_out_of_range
 from mmsr.reference import ReferenceModel
@@ -140,6 +141,8 @@ class Backprop:
         backward: ``manual_backward`` (precision plugins, DDP gradient sync).
         device: where micro-batches go.
         world_size: number of ranks; gradients are averaged over them.
+        global_step: ``trainer.global_step`` before the step's first update (the k-th is ``global_step + k``),
+            named by the warning of a skipped update (``NonfiniteGuard``).
     """
 
     model: torch.nn.Module
@@ -147,6 +150,7 @@ class Backprop:
     backward: Callable[[torch.Tensor], None]
     device: torch.device
     world_size: int = 1
+    global_step: int = 0
 
 
 class PolicyUpdate:
@@ -159,6 +163,7 @@ class PolicyUpdate:
 
     def __init__(self, policy: Policy, settings: UpdateSettings) -> None:
         self.policy, self.settings = policy, settings
+        self.nonfinite = NonfiniteGuard("GRPOModule", "the rewards and advantages (an outlier)")
 
     def update(self, trajs: list[Trajectory], advantages: torch.Tensor, ref: ReferenceModel | None,
                step: Backprop) -> dict[str, float]:  # fmt: skip
@@ -168,7 +173,8 @@ class PolicyUpdate:
             advantages: ``[N]`` one per trajectory, broadcast over its sampled tokens.
             ref: the frozen reference model (``None``: no KL term).
         Returns: ``train/`` metrics averaged over updates; a maximum (``train/ratio_max``,
-            ``train/mismatch_max_abs_diff``) is the largest over them.
+            ``train/mismatch_max_abs_diff``) is the largest over them, and ``train/nonfinite_grad_steps``
+            the number of updates skipped for a non-finite gradient norm (``NonfiniteGuard``).
         """
         s = self.settings
         if s.kl_coef > 0 and ref is None:
@@ -187,17 +193,20 @@ class PolicyUpdate:
         old = self.score(trajs, step.model, step.device, scored) if multi and s.old_logprobs == "recompute" else None
         ref_scores = self.reference_scores(trajs, ref, step.device) if ref is not None else None
         reported: dict[str, list[float]] = {}
-        for _ in range(s.ppo_epochs):
-            for part, run in zip(parts, runs):
-                for k, v in self._optimizer_step(trajs, part, run, advantages, old, ref_scores, step).items():
-                    reported.setdefault(k, []).append(v)
+        for epoch in range(s.ppo_epochs):
+            for k, (part, run) in enumerate(zip(parts, runs)):
+                at = step.global_step + epoch * s.mini_batches + k
+                for key, v in self._optimizer_step(trajs, part, run, advantages, old, ref_scores, step, at).items():
+                    reported.setdefault(key, []).append(v)
         # each over the updates that have it: one whose episodes sampled nothing has no token means (not 0s)
-        return {k: (extreme(k) or _mean)(values) for k, values in reported.items()}
+        out = {k: (extreme(k) or _mean)(values) for k, values in reported.items()}
+        out[NONFINITE] = sum(reported[NONFINITE])  # a count, not a mean: 0 on every healthy step
+        return out
 
-    def _optimizer_step(self, trajs, idx: list[int], run: list[int], advantages, old, ref, step: Backprop
-                        ) -> dict[str, float]:  # fmt: skip
+    def _optimizer_step(self, trajs, idx: list[int], run: list[int], advantages, old, ref, step: Backprop,
+                        at: int) -> dict[str, float]:  # fmt: skip
         """One optimizer step over trajectories ``idx``, accumulated over packed micro-batches of those of
-        them that run (``episodes_to_run``)."""
+        them that run (``episodes_to_run``); skipped if the gradient norm is not finite (``at``: its global step)."""
         s, opt = self.settings, step.optimizer
         count, tokens = self._counter(trajs), self._counter(trajs, "token-mean")
         denom = all_reduce(count(idx), "sum", step.device)  # the loss's normalizer: every episode, run or not
@@ -221,7 +230,7 @@ class PolicyUpdate:
         drop_idle_gradients(self.policy.vision_tower(), any(trajs[i].vision for i in run), step.device)
         params = [p for p in step.model.parameters() if p.requires_grad]
         metrics["train/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, s.grad_clip))
-        opt.step()
+        metrics[NONFINITE] = float(self.nonfinite.step(opt, metrics["train/grad_norm"], at))
         opt.zero_grad(set_to_none=True)  # gradients need no memory while the engine rolls out
         return metrics
 
@@ -309,6 +318,8 @@ class PolicyUpdate:
 # micro-batch's sampled tokens whatever loss_agg is, so it is weighted by those (by episodes, the logged
 # ratio_mean of an on-policy update read 0.75 under seq-mean-token-sum-norm and changed with the micro-batch cut)
 LOSS_TERMS = ("train/policy_loss", "train/kl", "train/loss")
+# the updates skipped for a non-finite gradient norm (``NonfiniteGuard``): summed over a step's updates
+NONFINITE = "train/nonfinite_grad_steps"
 
 
 def _add_weighted(metrics: dict[str, float], micro: Mapping[str, Any], per_episode: float | None,
