@@ -36,7 +36,8 @@ class MMSearchR1Parquet(EvalSet):
     ``mmsr.data.loaders.load_samples``, which also takes the project's jsonl + image folder.
 
     Args:
-        path: the parquet file (or a jsonl / saved ``datasets`` directory in the same schema).
+        path: the parquet file, a saved ``datasets`` directory in the same schema, or a jsonl file in the flat
+            jsonl schema (``mmsr.data.loaders``: ``question``, ``ground_truth``, ``image``, ...; not this one).
         data_source: overrides the rows' ``data_source`` (default: as the file says).
         skip_invalid: drop bad rows (one warning with the count) instead of raising.
     """
@@ -110,6 +111,8 @@ class SimpleVQA(ColumnMapping):
     English rows, so ``languages`` (compared ignoring case) defaults to the likely spellings. Set it to
     ``null`` for every row, or to the values your copy holds.
     """
+
+    where_setting = "`languages:` to the values your copy holds (null keeps every row)"
 
     def __init__(self, path: str, languages: tuple[str, ...] | None = ("en", "english"), question: str = "question",
                  answer: str = "answer", image: str = "image", id: str | None = "data_id",

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,7 @@ from PIL import Image
 from mmsr.data.jsonl import jsonl_lines
 from mmsr.data.paths import missing
 from mmsr.data.answers import answer_list, other_answers
-from mmsr.data.errors import DataError, row_error
+from mmsr.data.errors import DataError, data_text, row_error, unreadable
 from mmsr.data.rows import collect, default_id_stem, encoded_image, image_url, label, question_text, text_image
 from mmsr.data.sample import EncodedImage, Sample
 
@@ -71,7 +72,10 @@ class EvalSet(ABC):
 
 def _json_rows(path: Path) -> list[dict]:
     """A JSON list of objects, or an object holding one under ``data`` / ``samples`` / ``qa``."""
-    data = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        data = json.loads(data_text(path))
+    except json.JSONDecodeError as exc:  # its message names the line and column, not the file
+        raise unreadable(path, exc) from None
     if isinstance(data, dict):
         data = next((data[k] for k in ("data", "samples", "qa") if isinstance(data.get(k), list)), None)
     if not isinstance(data, list):
@@ -84,13 +88,25 @@ def _jsonl_rows(path: Path) -> list[dict]:
     have had, the numbering every other error of this loader uses (blank lines are not rows), and by its
     1-based line."""
     rows = []
-    for line_no, line in enumerate(jsonl_lines(path.read_text(encoding="utf-8")), start=1):
+    for line_no, line in enumerate(jsonl_lines(data_text(path)), start=1):
         if line.strip():
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as exc:
                 raise row_error(path, len(rows), "<line>", f"invalid JSON at line {line_no} ({exc.msg})") from None
     return rows
+
+
+def _parquet_rows(path: Path) -> list[dict]:
+    """A parquet file's rows; one pyarrow cannot read (not parquet: a Git LFS pointer, a truncated download) is
+    a ``DataError`` naming it, as ``load_samples`` names it, and a Git LFS pointer as one."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path).to_pylist()
+    except (OSError, pa.ArrowException) as exc:
+        raise unreadable(path, exc) from None
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -103,17 +119,15 @@ def read_rows(path: Path) -> list[dict]:
 
 
 def _stored_rows(path: Path) -> list[dict]:
-    import pyarrow.parquet as pq
-
     if path.is_dir():
         shards = sorted(path.rglob("*.parquet"))
         if not shards:
             raise FileNotFoundError(f"{path} is a folder without .parquet files")
-        return [row for shard in shards for row in pq.read_table(shard).to_pylist()]
+        return [row for shard in shards for row in _parquet_rows(shard)]
     if not path.is_file():
         raise missing(path, "data file")
     if path.suffix in (".parquet", ".pq"):
-        return pq.read_table(path).to_pylist()
+        return _parquet_rows(path)
     if path.suffix == ".jsonl":
         return _jsonl_rows(path)
     if path.suffix == ".json":
@@ -143,6 +157,8 @@ class ColumnMapping(EvalSet):
             rows are refused (see the module docstring for why this is opt-in).
     """
 
+    where_setting = "`where:` to the values to keep"  # what a filter that keeps no row tells to change
+
     def __init__(self, path: str, question: str = "question", answer: str = "answer", aliases: str | None = None,
                  image: str | None = "image", id: str | None = None, category: str | None = None,
                  data_source: str | None = None, image_root: str | None = None,
@@ -163,13 +179,24 @@ class ColumnMapping(EvalSet):
         # The filters keep a row that is not an object: ``sample`` rejects it with an error naming the row,
         # which ``skip_invalid`` can skip (``.get`` here would fail with an AttributeError naming nothing).
         for column, accepted in self.where.items():
-            rows = [(i, r) for i, r in rows if not isinstance(r, dict) or str(r.get(column, "")).lower() in accepted]
+            kept = [(i, r) for i, r in rows if not isinstance(r, dict) or str(r.get(column, "")).lower() in accepted]
+            if not kept:  # "no rows" named neither the filter nor what the file holds
+                raise self.filtered_out(column, rows)
+            rows = kept
         if self.skip_no_image and self.image is not None:
             rows = [(i, r) for i, r in rows if not isinstance(r, dict) or not _empty(r.get(self.image))]
         if self.download is not None and self.image is not None:  # one batch: downloads run concurrently
             urls = [u for _, r in rows if isinstance(r, dict) and (u := image_url(r.get(self.image)))]
             self._fetched = self.download.fetch(list(dict.fromkeys(urls))) if urls else {}
         return collect(rows, lambda pair, _where, _i: self.sample(pair[1], pair[0]), self.label, self.skip_invalid)
+
+    def filtered_out(self, column: str, rows: list[tuple[int, dict]]) -> DataError:
+        """The error of a ``where`` filter that keeps none of ``rows``: the column, the values it accepts and
+        the (most common) values the file holds, and the setting that changes it (``where_setting``)."""
+        found = Counter(repr(r[column]) if column in r else "<no such column>" for _, r in rows)
+        shown = ", ".join(f"{v} ({n})" for v, n in found.most_common(10))
+        return DataError(f"{self.label}: no row's {column!r} is one of {sorted(self.where[column])} (compared "
+                         f"ignoring case); values found (rows): {shown}. Set {self.where_setting}")  # fmt: skip
 
     def sample(self, r: dict, i: int) -> Sample:
         """One row (``i``: its index in the file, for error messages) as a ``Sample``."""

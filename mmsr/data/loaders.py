@@ -21,7 +21,7 @@ from pathlib import Path
 
 from mmsr.data.jsonl import jsonl_lines
 from mmsr.data.paths import require_file
-from mmsr.data.errors import DataError, row_error
+from mmsr.data.errors import DataError, data_text, row_error, unreadable
 from mmsr.data.rows import RowMaker, collect, default_id_stem, jsonl_sample, parquet_sample
 from mmsr.data.sample import Sample
 
@@ -34,9 +34,13 @@ def _parquet_rows(path: Path, batch_rows: int = 256) -> Iterator[dict]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    file, batch = pq.ParquetFile(path), None
-    for batch in file.iter_batches(batch_size=batch_rows):
-        yield from batch.to_pylist()
+    file = batch = None
+    try:  # a file that is no parquet fails on opening, a damaged one in a batch: pyarrow names neither
+        file = pq.ParquetFile(path)
+        for batch in file.iter_batches(batch_size=batch_rows):
+            yield from batch.to_pylist()
+    except (OSError, pa.ArrowException) as exc:
+        raise unreadable(path, exc) from None
     del file, batch  # they hold the last row group's buffers
     # Arrow's allocator keeps freed buffers for reuse: ~400 MB after the CPU demo's train.parquet
     pa.default_memory_pool().release_unused()
@@ -45,7 +49,7 @@ def _parquet_rows(path: Path, batch_rows: int = 256) -> Iterator[dict]:
 def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:
     """(1-based line number, object) for each non-blank line. Errors name the line, as an editor numbers
     it: a row index would skip blank lines, and two numberings in one file's messages mislead."""
-    for line_no, line in enumerate(jsonl_lines(path.read_text(encoding="utf-8")), start=1):
+    for line_no, line in enumerate(jsonl_lines(data_text(path)), start=1):
         if not line.strip():
             continue
         try:

@@ -214,6 +214,29 @@ def _jsonl_image(value, path: Path, at) -> EncodedImage | Image.Image | None:
     return text_image(value, [path.parent / value], path, at, "image")
 
 
+def _unread_image_key(r: dict, path, at) -> None:
+    """A ``DataError`` if the row has no ``image`` key but another that may hold its image (a name with
+    ``image`` or ``img`` in it, holding text, bytes or an object: ``image_path``, ``img``, verl's ``images``):
+    such a row loaded as a text-only question, its picture silently dropped. A text-only row says so with
+    ``"image": null``, or has no such key; ``image_url`` is read (for web image search), and a number or a
+    list (``original_image_size``) holds no image."""
+    if "image" in r:
+        return
+    for key, value in r.items():
+        lower = str(key).lower()
+        if ("image" in lower or "img" in lower) and key != "image_url" and _may_be_image(value):
+            raise row_error(path, at, key, f"the flat schema reads a row's image from 'image' only: rename {key!r} "
+                            "to 'image' (or add \"image\": null to load the row as a text-only question)")  # fmt: skip
+
+
+def _may_be_image(value) -> bool:
+    """Whether a cell may hold an image: non-empty text or bytes, an object, a PIL image, or a list of such
+    (verl's ``images``, LLaVA's file names); not a number, nor a list of numbers."""
+    if isinstance(value, list | tuple):
+        return any(_may_be_image(v) for v in value)
+    return isinstance(value, Image.Image | dict) or (isinstance(value, str | bytes) and bool(value.strip()))
+
+
 def _sample_id(values, default: str) -> str:
     """The first id of ``values`` that is set: ``None`` (a null in a struct column such as verl's
     ``extra_info``) and ``""`` are unset, ``0`` is an id. Ids key caches, so unset ones must not become
@@ -261,6 +284,7 @@ def jsonl_sample(r: dict, path: Path, i: int, line: int | None = None, id_stem: 
     at = i if line is None else f"line {line}"
     if not isinstance(r, dict):  # a jsonl line such as [1, 2]: a bad row, skippable like any other
         raise row_error(path, at, "<row>", f"expected an object, got {type(r).__name__}")
+    _unread_image_key(r, path, at)
     image = _jsonl_image(r.get("image"), path, at)
     question = question_text(r.get("question"), path, at, "question")
     truth, candidates = answers_of(r.get("ground_truth"), r.get("candidate_answers"), path, at, "ground_truth")
