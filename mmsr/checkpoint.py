@@ -242,7 +242,8 @@ def rank_states(engine: Any) -> list[dict[str, Any]]:
 
 def restore_rank_state(ranks: list[dict[str, Any]] | None, rank: int, world_size: int, engine: Any) -> None:
     """Put back this rank's entry of ``rank_states``. A checkpoint of another number of ranks restores
-    weights and optimizer only (warned); one without the states (older mmsr), nothing."""
+    weights and optimizer only (warned); one without the states (older mmsr), nothing; an engine state
+    that ``engine`` has no ``load_state_dict`` for, nothing of it (warned, on rank 0: once a resume)."""
     if not ranks:
         return
     if len(ranks) != world_size:
@@ -252,5 +253,11 @@ def restore_rank_state(ranks: list[dict[str, Any]] | None, rank: int, world_size
                        "record its number of ranks), random draws will differ")  # fmt: skip
         return
     set_rng_state(ranks[rank]["rng"])
-    if ranks[rank]["engine"] is not None and hasattr(engine, "load_state_dict"):
+    if ranks[rank]["engine"] is None:
+        return
+    if hasattr(engine, "load_state_dict"):
         engine.load_state_dict(ranks[rank]["engine"])
+    else:  # an engine with state_dict() alone saved its state and silently never got it back
+        name = type(engine).__qualname__
+        rank_zero_warn(f"the checkpoint holds the state of {name} (its state_dict()), but {name} has no "
+                       "load_state_dict(state): not restored, the resumed run goes on with it as built")  # fmt: skip

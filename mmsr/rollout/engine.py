@@ -6,9 +6,9 @@ log-probs. It never sees text it must re-tokenize, so the ids it returns are the
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence, Sized
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 
@@ -83,15 +83,22 @@ class GenerationOutput:
 
 
 class Engine(Protocol):
-    """What the loop needs from a generation engine."""
+    """What the loop needs from a generation engine:
 
-    def generate(self, requests: Sequence[GenerationRequest], sampling: SamplingParams) -> list[GenerationOutput]:
-        """One batched generation over all requests."""
-        ...
+    - ``generate(requests: Sequence[GenerationRequest], sampling: SamplingParams) -> list[GenerationOutput]``: one
+      batched generation, one output per request in their order (``generated`` checks what comes back);
+    - ``update_weights(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None``: load the trainer's weights.
 
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Load the trainer's current weights."""
-        ...
+    Any class with these two methods is one, whatever its parameters' names and annotations: they are positional
+    and ``Any`` here because jsonargparse checks a config's ``class_path`` against this protocol and wants an
+    implementation's names and annotations to equal the protocol's (it refused the README's
+    ``generate(self, requests, sampling) -> list[GenerationOutput]``, and the exact annotations above in a module
+    without ``from __future__ import annotations``). The typed view is the checked one: ``generated`` and
+    ``checked_output`` return ``list[GenerationOutput]`` / ``GenerationOutput``."""
+
+    def generate(self, requests: Any, sampling: Any, /) -> Any: ...
+
+    def update_weights(self, named_tensors: Any, /) -> Any: ...
 
 
 class IncrementalEngine(Protocol):
@@ -131,12 +138,49 @@ class WholeBatches:
     def step(self) -> list[tuple[str, GenerationOutput]]:
         queued, self.queue = [q for q in self.queue if q[1]], []
         return [pair for tickets, requests, sampling in queued
-                for pair in zip(tickets, self.engine.generate(requests, sampling), strict=True)]  # fmt: skip
+                for pair in zip(tickets, generated(self.engine, requests, sampling), strict=True)]  # fmt: skip
 
     def cancel(self, tickets: Iterable[str]) -> None:
         drop = set(tickets)
         self.queue = [([t for t in ts if t not in drop], [r for t, r in zip(ts, rs) if t not in drop], sampling)
                       for ts, rs, sampling in self.queue]  # fmt: skip
+
+
+def engine_name(engine: object) -> str:
+    """The engine's class: what the errors about what it returned say."""
+    return type(engine).__qualname__
+
+
+def generated(engine: Engine, requests: Sequence[GenerationRequest],
+              sampling: SamplingParams) -> list[GenerationOutput]:  # fmt: skip
+    """``[len(requests)]`` ``engine.generate(requests, sampling)``, checked (``checked_output``): anything but a list
+    of one ``GenerationOutput`` per request is a ValueError naming the engine and a request. A user's engine that
+    returned one output short failed in the loop as ``zip() argument 2 is shorter than argument 1``."""
+    outputs, name = engine.generate(requests, sampling), engine_name(engine)
+    if not isinstance(outputs, (list, tuple)):
+        raise ValueError(f"engine {name}.generate returned a {type(outputs).__name__}, not a list of one "
+                         f"GenerationOutput per request ({len(requests)} requests)")  # fmt: skip
+    if len(outputs) != len(requests):
+        missing = f"; request {requests[len(outputs)].key!r} has none" if len(outputs) < len(requests) else ""
+        raise ValueError(f"engine {name}.generate returned {len(outputs)} outputs for {len(requests)} requests"
+                         f"{missing}: it returns one GenerationOutput per request, in their order")  # fmt: skip
+    return [checked_output(engine, r.key, out) for r, out in zip(requests, outputs)]
+
+
+def checked_output(engine: object, key: str, output: object) -> GenerationOutput:
+    """``output``, which ``engine`` returned for request ``key``, if it is a ``GenerationOutput`` with one log-prob
+    per token id; else a ValueError naming both. A tuple failed in the loop as ``'tuple' object has no attribute
+    'token_ids'``, log-probs one short as a tensor size error in the trainer's batch, neither naming the engine."""
+    where = f"engine {engine_name(engine)} on request {key!r}"
+    if not isinstance(output, GenerationOutput):
+        raise ValueError(f"{where}: returned a {type(output).__name__}, not a "
+                         "GenerationOutput(token_ids, logprobs, finish) (mmsr.rollout.engine)")  # fmt: skip
+    ids, lps = output.token_ids, output.logprobs
+    if not isinstance(ids, Sized) or not isinstance(lps, Sized) or len(lps) != len(ids):
+        count = [len(v) if isinstance(v, Sized) else repr(v) for v in (ids, lps)]
+        raise ValueError(f"{where}: returned {count[0]} token ids and {count[1]} log-probs; "
+                         "a GenerationOutput has the log-prob of each sampled token, in their order")  # fmt: skip
+    return output
 
 
 def incremental(engine: Engine | IncrementalEngine) -> IncrementalEngine:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field, replace
 from enum import Enum
@@ -30,7 +30,8 @@ from mmsr.checks import refuse_out_of_range
 from mmsr.prompt.render import PromptBuilder
 from mmsr.rollout.actions import Answer, Invalid, stop_strings
 from mmsr.rollout.context import describe, fit
-from mmsr.rollout.engine import Engine, GenerationOutput, GenerationRequest, IncrementalEngine, SamplingParams, incremental
+from mmsr.rollout.engine import (Engine, GenerationOutput, GenerationRequest, IncrementalEngine, SamplingParams,
+                                 checked_output, engine_name, incremental)
 from mmsr.rollout.images import ProcessedImages
 from mmsr.rollout.parse import parser_for
 from mmsr.rollout.stats import RolloutStats, covered_seconds
@@ -241,12 +242,27 @@ class RolloutLoop:
         start = time.perf_counter()
         finished = engine.step()
         self.stats.generate_s += time.perf_counter() - start
+        if not isinstance(finished, (list, tuple)):
+            raise ValueError(f"engine {engine_name(self.engine)}.step returned a {type(finished).__name__}, not a list "
+                             "of (ticket, GenerationOutput)")  # fmt: skip
         ended = []
-        for ticket, output in finished:
-            ended.append(turns.pop(ticket))
-            self._on_generated(ended[-1], output)
-            self._report_if_done(ended[-1])
+        for item in finished:
+            episode, output = self._finished_turn(item, turns)
+            ended.append(episode)
+            self._on_generated(episode, output)
+            self._report_if_done(episode)
         return ended
+
+    def _finished_turn(self, item: object, turns: dict[str, Episode]) -> tuple[Episode, GenerationOutput]:
+        """The episode and output of one ``(ticket, output)`` of an engine step, taken from ``turns``: a pair of
+        another shape or ticket, or an output that is no ``GenerationOutput`` with a log-prob per token
+        (``checked_output``), is a ValueError naming the engine (and the request), not an error deeper down."""
+        pair = tuple(item) if isinstance(item, (tuple, list)) else ()
+        if len(pair) != 2 or not isinstance(pair[0], Hashable) or pair[0] not in turns:
+            raise ValueError(f"engine {engine_name(self.engine)}.step returned {item!r:.100}: not a (ticket, "
+                             f"GenerationOutput) of one of the {len(turns)} requests in flight (each returned once)")  # fmt: skip
+        episode = turns.pop(pair[0])
+        return episode, checked_output(self.engine, episode.key, pair[1])
 
     def _collect(self, calls: dict[Future, Episode], due: dict[Future, int] | None, step: int, block: bool) -> list[Episode]:
         """The episodes that generate next, their calls observed. Without ``due``: every finished call
