@@ -320,12 +320,14 @@ def cause(exc: BaseException) -> str:
     prints it: an error raised ``from None`` ends it, its message already says more than the one it hides (a
     ``DataError`` naming the file and line, not the ``JSONDecodeError`` it replaced). A jsonargparse parse error
     in the chain names itself by its outermost message's one line (``parse_error_line``): the inner ones lose
-    the key (``NSKeyError: Option 'top' is not accepted``)."""
+    the key (``NSKeyError: Option 'top' is not accepted``). An exception whose class sets ``names_its_cause``
+    ends the chain too (``mmsr.reward.base.RewardError``): its message names where the error came from, then the
+    inner one's type and message, which alone said ``KeyError: 'oops'`` and not which reward raised it."""
     seen, brief = set(), None
     while True:
         if brief is None and (line := parse_error_line(str(exc))) is not None:
             brief = f"{type(exc).__name__}: {line}"
-        inner = _shown_inner(exc)
+        inner = None if getattr(exc, "names_its_cause", False) else _shown_inner(exc)
         if inner is None or id(inner) in seen:
             break
         seen.add(id(exc))

@@ -69,7 +69,7 @@ from mmsr.parallel import (
 from mmsr.prompt.render import PromptBuilder
 from mmsr.reference import ReferenceModel
 from mmsr.reward import MMSearchR1Reward, Reward
-from mmsr.reward.base import callable_reward, scored
+from mmsr.reward.base import callable_reward, scored, scored_details
 from mmsr.rollout.engine import Engine, SamplingParams
 from mmsr.rollout.hf_engine import HFEngine
 from mmsr.rollout.loop import RolloutLoop, RolloutSettings
@@ -389,12 +389,12 @@ class GRPOModule(L.LightningModule):
         trajs, samples = self._pending
         self._pending = None
         with self.timed("reward"):
-            rewards = self.compute_rewards(trajs, samples)
+            rewards = self.checked_rewards(trajs, samples)
             group_ids = torch.tensor([t.group_id for t in trajs])
             advantages = group_advantages(rewards, group_ids, self.hparams.advantage_estimator)
+        details = self.reward_details(trajs, samples)  # before the update: a reward's faulty details stop no later
         with self.timed("train"):
             train_metrics = self.update_policy(trajs, advantages)
-        details = self.reward_details(trajs, samples)
         self.last_rollout = StepRollout(trajs, samples, rewards, advantages, details)
         metrics = rollout_metrics(trajs, samples, rewards.tolist(), details, self.loop.settings, by_group=False)
         metrics["reward/zero_std_groups"] = zero_std_groups(rewards.tolist(), group_ids.tolist())
@@ -423,7 +423,7 @@ class GRPOModule(L.LightningModule):
             # from a checkpoint saved before it samples the same episodes
             self.loop.runs = runs
             self.stage = "val reward"
-            rewards = self.compute_rewards(trajs, batch).tolist()
+            rewards = self.checked_rewards(trajs, batch).tolist()
             for t, reward, detail in zip(trajs, rewards, self.reward_details(trajs, batch)):
                 self._val_episodes.append(episode_metrics(t, batch, reward, detail, self.loop.settings))
         finally:
@@ -444,6 +444,22 @@ class GRPOModule(L.LightningModule):
         prompts = [samples[t.group_id] for t in trajectories]
         return torch.tensor(scored(self.reward, trajectories, prompts))
 
+    def checked_rewards(self, trajectories: Sequence[Trajectory], samples: Sequence[Sample]) -> torch.Tensor:
+        """``compute_rewards``, its result checked: an override's that is not an ``[N]`` tensor of finite numbers is a
+        TypeError or ValueError naming its class (a list ended in ``'list' object has no attribute 'dim'`` inside the
+        advantages, after the rollout, naming no override)."""
+        rewards, n = self.compute_rewards(trajectories, samples), len(trajectories)
+        owner, wanted = f"{type(self).__qualname__}.compute_rewards", f"a [N] tensor, one reward per trajectory (N = {n})"
+        if not isinstance(rewards, torch.Tensor):
+            raise TypeError(f"{owner} returned a {type(rewards).__name__}, not a tensor; it returns {wanted}")
+        if tuple(rewards.shape) != (n,):
+            raise ValueError(f"{owner} returned a tensor of shape {tuple(rewards.shape)}; it returns {wanted}")
+        if not torch.isfinite(rewards).all():  # a NaN made every advantage of its group, then every weight, NaN
+            i = int((~torch.isfinite(rewards)).nonzero()[0])
+            raise ValueError(f"{owner} returned {float(rewards[i])} for episode {i} (sample "
+                             f"{trajectories[i].sample_id!r}); rewards are finite numbers")  # fmt: skip
+        return rewards
+
     def _episode_ended(self, trajectory: Trajectory, sample: Sample) -> None:
         """Hands an ended episode to a reward that starts on it early (an LLM judge's request then overlaps
         the rest of the rollout); looked up per episode, so a reward swapped in after ``__init__`` is told."""
@@ -452,10 +468,9 @@ class GRPOModule(L.LightningModule):
             submit(trajectory, sample)
 
     def reward_details(self, trajectories: Sequence[Trajectory], samples: Sequence[Sample]) -> list[dict[str, float]]:
-        """Each trajectory's reward terms (``correct``, ``format``, ...; empty if the reward gives none)."""
-        if not hasattr(self.reward, "details"):
-            return [{} for _ in trajectories]
-        return [self.reward.details(t, samples[t.group_id]) for t in trajectories]
+        """Each trajectory's reward terms (``correct``, ``format``, ...; empty if the reward gives none), each a
+        finite number (``mmsr.reward.base.scored_details``: an error names the reward, the episode and its sample)."""
+        return scored_details(self.reward, trajectories, [samples[t.group_id] for t in trajectories])
 
     # -- the policy update (mmsr.train.update) -----------------------------------------------
     def update_policy(self, trajs: list[Trajectory], advantages: torch.Tensor) -> dict[str, float]:

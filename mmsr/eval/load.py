@@ -17,15 +17,16 @@ checkpoint and no tools file, the run's own tools are used. Episode limits (``ep
 are its run's; a Hugging Face directory is evaluated with the paper's (``MMSEARCH_R1_ROLLOUT``) and a policy YAML
 with a run config's default (``RolloutSettings()``), unless a ``--rollout`` file gives them (``load_rollout``); the
 tools must fit their per-call cap, as ``mmsr fit`` checks (``check_tool_budgets``). A GRPO checkpoint also brings
-the run's reward, which scores the ``reward`` column (``scoring_reward``: an LLM-judged one grades by its fallback matching);
-the other sources, and the warm start's ``SFTModule`` (no reward), are scored by ``MMSearchR1Reward()``.
+the run's reward, which scores the ``reward`` column (``scoring_reward``: an LLM-judged one grades by its fallback matching;
+a module overriding ``compute_rewards`` scores it with that override, ``RunRewards``); the other sources, and the
+warm start's ``SFTModule`` (no reward), are scored by ``MMSearchR1Reward()``.
 """
 
 from __future__ import annotations
 
 import copy
 from argparse import ArgumentError
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -45,6 +46,10 @@ from mmsr.tools.spec import Tool, configured
 if TYPE_CHECKING:
     from lightning.pytorch import LightningModule
 
+    from mmsr.data.sample import Sample
+    from mmsr.module import GRPOModule
+    from mmsr.rollout.trajectory import Trajectory
+
 
 @dataclass
 class Loaded:
@@ -53,7 +58,7 @@ class Loaded:
     tools: dict[str, SearchTool | None] = field(default_factory=dict)
     settings: RolloutSettings = RolloutSettings()
     prompts: PromptBuilder | None = None
-    reward: Reward | None = None  # the run's (``scoring_reward``); None: the evaluator's default
+    reward: Reward | RunRewards | None = None  # the run's (``scoring_reward``, ``run_rewards``); None: the evaluator's
 
 
 def _parse(arguments: dict[str, object], values: dict, where: Path):
@@ -270,8 +275,30 @@ def load_checkpoint(ckpt: str | Path, run_config: str | Path | None = None, run_
     # SFTModule's engine replays its teacher's turns: the warm-started policy generates with HFEngine.
     engine = module.engine if isinstance(module, GRPOModule) else HFEngine(seed=0)
     engine = _synced(module.policy, engine, getattr(module, "weight_sync", None))
-    reward = scoring_reward(module.reward) if isinstance(module, GRPOModule) else None
+    reward = run_rewards(module) if isinstance(module, GRPOModule) else None
     return Loaded(module.policy, engine, dict(loop.tools), loop.settings, loop.prompts, reward)
+
+
+@dataclass(frozen=True)
+class RunRewards:
+    """A run module's ``compute_rewards`` override (the README's batch-level reward) scoring the ``reward`` column:
+    over one evaluation batch's episodes, one per question, as over a training step's (``mmsr.eval.run.
+    BatchRewards``); the module's ``reward``, which an override may call, is the scoring one."""
+
+    module: GRPOModule
+
+    def episode_rewards(self, trajectories: Sequence[Trajectory], samples: Sequence[Sample]) -> list[float]:
+        return self.module.checked_rewards(trajectories, samples).tolist()
+
+
+def run_rewards(module: GRPOModule) -> Reward | RunRewards:
+    """What scores a GRPO run's episodes in ``mmsr eval``: its module's ``compute_rewards`` where a subclass overrides
+    it (the ``reward`` alone had scored the column of a batch-level reward), else its ``scoring_reward``."""
+    from mmsr.module import GRPOModule
+
+    module.reward = scoring_reward(module.reward)  # an override calling the base's scores by it, too
+    overridden = type(module).compute_rewards is not GRPOModule.compute_rewards
+    return RunRewards(module) if overridden else module.reward
 
 
 def scoring_reward(reward: Reward) -> Reward:

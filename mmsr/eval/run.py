@@ -11,6 +11,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
+from typing import Protocol
 
 from mmsr.data.sample import Sample
 from mmsr.eval.forced import ForcedTurnsEngine
@@ -21,7 +22,7 @@ from mmsr.eval.workflows import Workflow, WorkflowSetup, setup
 from mmsr.models.policy import Policy
 from mmsr.prompt.render import PromptBuilder
 from mmsr.reward.answer import episode_answer, exact_match, sub_exact_match
-from mmsr.reward.base import Reward
+from mmsr.reward.base import Reward, scored
 from mmsr.reward.format import format_ok
 from mmsr.reward.mmsearch_r1 import MMSearchR1Reward
 from mmsr.rollout.engine import Engine, SamplingParams
@@ -43,6 +44,13 @@ def turn_record(turn) -> dict:
         "tool_ok": call.result.ok if call else None,
         "titles": list(call.result.titles) if call else [],
     }
+
+
+class BatchRewards(Protocol):
+    """A run's own ``compute_rewards`` (``mmsr.eval.load.RunRewards``): ``[N]`` one batch's rewards at once, a
+    trajectory ``t``'s question ``samples[t.group_id]``, as a training step's are."""
+
+    def episode_rewards(self, trajectories: Sequence[Trajectory], samples: Sequence[Sample]) -> list[float]: ...
 
 
 def repeated_id(samples: Sequence[Sample]) -> str | None:
@@ -67,13 +75,15 @@ class Evaluator:
         prompts: on-demand templates (default: the MMSearch-R1 ones).
         judge: optional LLM judge.
         reward: the run's reward, reported per episode (``mmsr eval --ckpt``: the checkpoint's, see
-            ``load.scoring_reward``); default ``MMSearchR1Reward()``, the paper's.
+            ``load.scoring_reward``, or its module's ``compute_rewards`` override, ``load.RunRewards``); default
+            ``MMSearchR1Reward()``, the paper's.
         batch_size: questions per ``RolloutLoop.run`` call.
     """
 
     def __init__(self, policy: Policy, engine: Engine, tools: Mapping[str, SearchTool | None],
                  settings: RolloutSettings = RolloutSettings(), prompts: PromptBuilder | None = None,
-                 judge: OpenAIJudge | None = None, reward: Reward | None = None, batch_size: int = 16) -> None:  # fmt: skip
+                 judge: OpenAIJudge | None = None, reward: Reward | BatchRewards | None = None,
+                 batch_size: int = 16) -> None:  # fmt: skip
         self.policy, self.engine, self.tools = policy, engine, dict(tools)
         self.settings, self.prompts, self.judge = settings, prompts, judge
         self.reward = reward or MMSearchR1Reward()
@@ -107,7 +117,9 @@ class Evaluator:
             key, ids = (name, workflow, start), [s.id for s in batch]
             done = work.done(key, ids) if work is not None else None
             if done is None:
-                done = new = [self.record(t, batch[t.group_id], workflow, name, flow.allowed_calls) for t in loop.run(batch, 1, greedy)]
+                trajs = loop.run(batch, 1, greedy)
+                done = new = [self.record(t, batch[t.group_id], workflow, name, flow.allowed_calls, reward)
+                              for t, reward in zip(trajs, self.rewards(trajs, batch))]  # fmt: skip
             else:  # from the work file: the verdicts a judge that never replied did not give are asked for again
                 new = [r for r in done if request_failed(r.judge_reply)]
             if new and self.judge is not None:
@@ -117,7 +129,16 @@ class Evaluator:
             records += done
         return records
 
-    def record(self, traj: Trajectory, sample: Sample, workflow: str, name: str, allowed: int) -> EvalRecord:
+    def rewards(self, trajs: Sequence[Trajectory], batch: Sequence[Sample]) -> list[float]:
+        """The ``reward`` column of one batch's episodes, ``batch[t.group_id]`` each one's question: a run's own
+        ``compute_rewards`` over them all (``load.RunRewards``), else the reward's values, checked as in training
+        (``scored``: an error names the reward, the episode and its sample)."""
+        if hasattr(self.reward, "episode_rewards"):
+            return self.reward.episode_rewards(trajs, batch)
+        return scored(self.reward, trajs, [batch[t.group_id] for t in trajs])
+
+    def record(self, traj: Trajectory, sample: Sample, workflow: str, name: str, allowed: int,
+               reward: float) -> EvalRecord:  # fmt: skip
         answer = episode_answer(traj.assistant_texts)  # what the reward column grades, too
         return EvalRecord(
             set=name, workflow=workflow, sample_id=sample.id, data_source=sample.data_source,
@@ -125,7 +146,7 @@ class Evaluator:
             candidate_answers=list(sample.candidate_answers), answer=answer,
             em=answer is not None and exact_match(answer, sample.answers),
             subem=answer is not None and sub_exact_match(answer, sample.answers),
-            reward=float(self.reward(traj, sample)), format_ok=format_ok(traj.assistant_texts, traj.tools),
+            reward=reward, format_ok=format_ok(traj.assistant_texts, traj.tools),
             image_searches=traj.num_image_searches, text_searches=traj.num_text_searches, allowed_calls=allowed,
             finish_reason=traj.finish_reason, num_tokens=len(traj), turns=[turn_record(t) for t in traj.turns],
             tool_calls={spec.name: traj.num_calls(spec.name) for spec in traj.tools},

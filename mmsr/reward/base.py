@@ -11,6 +11,14 @@ from mmsr.data.sample import Sample
 from mmsr.rollout.trajectory import Trajectory
 
 
+class RewardError(ValueError):
+    """A reward (or its ``batch`` or ``details``) raised: the message names the reward, the episode and its sample,
+    then the original error's type and message, which is its ``__cause__``. ``mmsr``'s last line ends the chain
+    here (``mmsr.cli.cause``): the innermost error alone, ``KeyError: 'oops'``, named no reward."""
+
+    names_its_cause = True
+
+
 @runtime_checkable
 class Reward(Protocol):
     """Scores one finished trajectory of one sample: ``reward(trajectory: Trajectory, sample: Sample) -> float``.
@@ -47,8 +55,8 @@ def callable_reward(reward: object, where: str) -> Reward:
 def scored(reward: Reward, trajectories: Sequence[Trajectory], samples: Sequence[Sample]) -> list[float]:
     """``[N]`` ``reward``'s value of each ``trajectories[i]`` answering ``samples[i]`` (one ``batch`` call when it
     has one), each a finite float. A reward that raises, gives something other than a number (None, NaN, inf) or a
-    batch of another length is a ValueError naming the reward, the episode and its sample: a NaN made every
-    advantage, the loss and then every weight NaN while the run went on."""
+    batch of another length is a ValueError naming the reward, the episode and its sample (a ``RewardError`` when
+    it raised): a NaN made every advantage, the loss and then every weight NaN while the run went on."""
     name = reward_name(reward)
     if not hasattr(reward, "batch"):
         values = [_called(reward, name, i, t, s) for i, (t, s) in enumerate(zip(trajectories, samples))]
@@ -57,7 +65,7 @@ def scored(reward: Reward, trajectories: Sequence[Trajectory], samples: Sequence
         values = list(reward.batch(trajectories, samples))
     except Exception as exc:  # a judge's error, a user's bug: which reward, on which step's samples
         ids = sorted({s.id for s in samples})
-        raise ValueError(f"reward {name}.batch failed on {len(samples)} episodes (samples {ids}): "
+        raise RewardError(f"reward {name}.batch failed on {len(samples)} episodes (samples {ids}): "
                          f"{type(exc).__name__}: {exc}") from exc  # fmt: skip
     if len(values) != len(trajectories):
         raise ValueError(f"reward {name}.batch returned {len(values)} values for {len(trajectories)} episodes; "
@@ -69,19 +77,55 @@ def _called(reward: Reward, name: str, i: int, trajectory: Trajectory, sample: S
     try:
         return reward(trajectory, sample)
     except Exception as exc:
-        raise ValueError(f"reward {name} failed on episode {i} (sample {sample.id!r}): "
+        raise RewardError(f"reward {name} failed on episode {i} (sample {sample.id!r}): "
                          f"{type(exc).__name__}: {exc}") from exc  # fmt: skip
 
 
 def _finite(name: str, i: int, sample: Sample, value: Any) -> float:
-    try:  # a bool, int, numpy or one-element tensor value is a number; a string is not
-        number = math.nan if isinstance(value, (str, bytes)) else float(value)
-    except (TypeError, ValueError, RuntimeError):
-        number = math.nan
+    number = _number(value)
     if not math.isfinite(number):
         raise ValueError(f"reward {name} gave episode {i} (sample {sample.id!r}) {value!r}, not a finite number; "
                          "a reward returns a float for every episode")  # fmt: skip
     return number
+
+
+def _number(value: Any) -> float:
+    """``value`` as a float, NaN when it is none: a bool, int, numpy or one-element tensor value is a number, a
+    string is not."""
+    try:
+        return math.nan if isinstance(value, (str, bytes)) else float(value)
+    except (TypeError, ValueError, RuntimeError):
+        return math.nan
+
+
+def scored_details(reward: Reward, trajectories: Sequence[Trajectory],
+                   samples: Sequence[Sample]) -> list[dict[str, float]]:  # fmt: skip
+    """``[N]`` the terms ``reward.details`` gives each ``trajectories[i]`` answering ``samples[i]`` (empty without a
+    ``details``), as it gave them. A ``details`` that raises (a ``RewardError``) or gives something other than a
+    dict of finite numbers (a ValueError) is named with the episode and its sample: a bare ``KeyError``, or a
+    ``None`` term's ``TypeError`` in the step's metrics, came after the optimizer step and named neither."""
+    if not hasattr(reward, "details"):
+        return [{} for _ in trajectories]
+    episodes = enumerate(zip(trajectories, samples))
+    return [_terms(reward, t, s, f"episode {i} (sample {s.id!r})") for i, (t, s) in episodes]
+
+
+def _terms(reward: Reward, trajectory: Trajectory, sample: Sample, episode: str) -> dict[str, float]:
+    """``reward.details(trajectory, sample)``, checked; ``episode`` says which one the errors are about."""
+    name = f"{reward_name(reward)}.details"
+    try:
+        terms = reward.details(trajectory, sample)  # type: ignore[attr-defined]
+    except RewardError:  # one of a ``WeightedRewards``' rewards: named already
+        raise
+    except Exception as exc:
+        raise RewardError(f"reward {name} failed on {episode}: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(terms, dict):
+        raise ValueError(f"reward {name} gave {episode} {terms!r}; details returns a dict of term -> float")
+    for term, value in terms.items():
+        if not math.isfinite(_number(value)):
+            raise ValueError(f"reward {name} gave {episode} term {term!r} = {value!r}, not a finite number; "
+                             "details returns a dict of term -> float")  # fmt: skip
+    return terms
 
 
 class WeightedRewards:
@@ -112,8 +156,8 @@ class WeightedRewards:
         step logged ``reward/accuracy`` 0 and no ``reward/judge_failed``."""
         merged: dict[str, float] = {}
         for reward in self.rewards:
-            if hasattr(reward, "details"):
-                merged = reward.details(trajectory, sample) | merged
+            if hasattr(reward, "details"):  # checked here: an error names the reward of these that gave it
+                merged = _terms(reward, trajectory, sample, f"sample {sample.id!r}") | merged
         return merged
 
     def submit(self, trajectory: Trajectory, sample: Sample) -> None:
