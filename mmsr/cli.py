@@ -125,6 +125,7 @@ def lightning_cli(args: list[str] | None = None, parse_only: bool = False, **kwa
             trainer = super().instantiate_trainer(**kwargs)
             if not any(isinstance(c, RunDirectory) for c in trainer.callbacks):
                 trainer.callbacks.append(RunDirectory())  # every checkpoint records its run directory
+            add_final_checkpoint(trainer)
             return trainer
 
         def before_fit(self) -> None:
@@ -188,10 +189,20 @@ def check_manual_optimization(trainer, module) -> None:
                          "model.grad_clip (default 1.0)")
 
 
+def add_final_checkpoint(trainer) -> None:
+    """``FinalCheckpoint`` on a trainer whose checkpoint callbacks keep ``last``: ``last.ckpt`` then holds the
+    run's last step, not the last one the interval hit (the CPU demo checkpoints nothing: it gets none)."""
+    from mmsr.callbacks.final_checkpoint import FinalCheckpoint, saves_last
+
+    if saves_last(trainer) and not any(isinstance(c, FinalCheckpoint) for c in trainer.callbacks):
+        trainer.callbacks.append(FinalCheckpoint())
+
+
 def check_inputs_exist(config) -> None:
     """The data files and the checkpoint a command reads exist, checked before anything is built: Lightning
     looks for them only after the policy loads (data) or even the engine starts and FSDP shards the model
-    (``ckpt_path``), minutes into a 7B run. Lightning's own checkpoint names and remote paths are left to it."""
+    (``ckpt_path``), minutes into a 7B run. Lightning's own checkpoint names and remote paths are left to it.
+    ``model.export_dir``, written at the end of training, is checked too: a file there failed the finished run."""
     from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
     from lightning.pytorch.utilities.model_registry import _is_registry
 
@@ -199,11 +210,57 @@ def check_inputs_exist(config) -> None:
         for i, path in enumerate(config.get(key) or []):
             if not Path(path).exists():  # a file, or a saved ``datasets`` directory
                 raise missing(path, f"{key}[{i}]: data file")
+    check_export_dir(config)
     ckpt = config.get("ckpt_path")
     if not ckpt or str(ckpt) in LIGHTNING_CKPT_NAMES or _is_registry(ckpt) or not _is_local_file_protocol(ckpt):
         return
     if not Path(ckpt).exists():  # a file, or a sharded checkpoint's directory
         raise missing(ckpt, "ckpt_path: checkpoint")
+    check_is_checkpoint(Path(ckpt))
+
+
+def check_export_dir(config) -> None:
+    """``model.export_dir`` can become a directory: neither it nor a folder above it is a file (``save_policy``
+    makes the directory after the last step, and a file there stopped the finished run with ``FileExistsError``)."""
+    export_dir = ((config.get("model") or {}).get("init_args") or {}).get("export_dir")
+    if not export_dir:
+        return
+    path = Path(export_dir)
+    taken = next((p for p in (path, *path.parents) if p.exists() or p.is_symlink()), None)
+    if taken is not None and not taken.is_dir():
+        where = "" if taken == path else f" ({taken} in its path)"
+        raise FileExistsError(f"model.export_dir {path}{where}: exists and is not a directory")
+
+
+# The first bytes of a file ``torch.save`` wrote: a zip archive (since torch 1.6), or a pickle (the legacy format)
+TORCH_SAVE_MAGIC = (b"PK\x03\x04", b"\x80")
+
+
+def check_is_checkpoint(ckpt: Path) -> None:
+    """``ckpt_path`` is a checkpoint: a file ``torch.save`` wrote (its first bytes), or a sharded checkpoint's
+    directory (its ``meta.pt``, as Lightning tells one). A run's folder or config file failed only once the model
+    was built (``IsADirectoryError``, ``UnpicklingError``), leaving a new, empty run directory behind."""
+    from lightning.fabric.utilities.load import _METADATA_FILENAME
+
+    if ckpt.is_dir():
+        if not (ckpt / _METADATA_FILENAME).is_file():
+            raise ValueError(f"ckpt_path {ckpt}: a directory, not a checkpoint (a sharded checkpoint's directory has "
+                             f"a {_METADATA_FILENAME}); {_checkpoint_hint(ckpt)}")  # fmt: skip
+        return
+    with ckpt.open("rb") as file:
+        head = file.read(4)
+    if not head.startswith(TORCH_SAVE_MAGIC):
+        raise ValueError(f"ckpt_path {ckpt}: not a checkpoint (not a file torch.save wrote); "
+                         f"{_checkpoint_hint(ckpt)}")  # fmt: skip
+
+
+def _checkpoint_hint(ckpt: Path) -> str:
+    """What to give instead of ``ckpt``: the ``last.ckpt`` of the run folder it is or is in, if there is one."""
+    folder = ckpt if ckpt.is_dir() else ckpt.parent
+    for candidate in (folder / "last.ckpt", folder / "checkpoints" / "last.ckpt"):
+        if candidate.exists():
+            return f"give the checkpoint, e.g. {candidate}"
+    return "give the checkpoint, e.g. runs/x/csv/version_0/checkpoints/last.ckpt"
 
 
 def check_step_settings(config) -> None:
@@ -219,6 +276,28 @@ def check_step_settings(config) -> None:
 
         check_schedule(init["lr_schedule"], init["warmup_steps"], init["total_steps"])  # else refused once built
     check_schedule_length(init, config.trainer.get("max_steps"))
+    check_distributed_sampler(config.trainer)
+
+
+def check_distributed_sampler(trainer) -> None:
+    """A run of several processes sets ``trainer.use_distributed_sampler: false``, refused before the policy is
+    built and the engine started (the data module refused it only when the first batch was asked for)."""
+    from mmsr.data.datamodule import DISTRIBUTED_SAMPLER
+
+    devices, nodes = trainer.get("devices"), trainer.get("num_nodes") or 1
+    if trainer.get("use_distributed_sampler") is not False and _fewest_devices(devices) * nodes > 1:
+        raise ValueError(f"trainer.devices={devices} x trainer.num_nodes={nodes}: {DISTRIBUTED_SAMPLER}")
+
+
+def _fewest_devices(devices) -> int:
+    """The fewest devices a node runs under Lightning's ``trainer.devices``: a count, a list of ids, ``"0,1"`` (ids),
+    ``"2"``; 1 for ``"auto"``, ``-1`` (all: maybe one) and anything else left to Lightning to read or refuse."""
+    if isinstance(devices, (list, tuple)):
+        return len(devices)
+    text = str(devices).strip()
+    if "," in text:  # ids, ``"1,"`` is device 1
+        return len([i for i in text.split(",") if i.strip()])
+    return int(text) if text.isdigit() and int(text) > 1 else 1
 
 
 def check_schedule_length(init, max_steps: int | None) -> None:

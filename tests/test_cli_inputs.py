@@ -37,6 +37,7 @@ def test_directories_and_checkpoints_lightning_finds_itself_pass(tmp_path):
     and a remote path (Lightning checks those itself)."""
     (tmp_path / "saved_dataset").mkdir()
     (tmp_path / "sharded.ckpt").mkdir()
+    (tmp_path / "sharded.ckpt" / "meta.pt").write_bytes(b"")  # what tells a sharded checkpoint directory
     data = Namespace(train_files=[str(tmp_path / "saved_dataset")], val_files=None)
     for ckpt in (None, str(tmp_path / "sharded.ckpt"), "best", "registry:model:v1", "s3://bucket/last.ckpt"):
         check_inputs_exist(Namespace(data=data, ckpt_path=ckpt))

@@ -30,6 +30,7 @@ TEXTS = [str(FVQA / "fvqa_dev.jsonl"), str(FVQA / "search" / "corpus.jsonl")]
 TINY = f"""
 trainer:
   devices: 2
+  use_distributed_sampler: false
   strategy:
     class_path: lightning.pytorch.strategies.ModelParallelStrategy
     init_args: {{data_parallel_size: 2, tensor_parallel_size: 1}}

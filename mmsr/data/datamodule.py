@@ -18,6 +18,10 @@ from mmsr.data.loaders import load_samples
 from mmsr.data.sample import Sample
 from mmsr.data.sampler import ResumableDataLoader, ResumableSampler
 
+# Lightning's distributed sampler would stand in for the module's own: refused here, and by ``mmsr fit`` at start
+DISTRIBUTED_SAMPLER = ("multi-process training needs `trainer.use_distributed_sampler: false`: the data module "
+                       "splits prompts over ranks itself (and resumes mid-epoch)")
+
 
 class SampleDataset(Dataset):
     def __init__(self, samples: list[Sample]) -> None:
@@ -167,8 +171,7 @@ class MMSRDataModule(L.LightningDataModule):
         replicas, rank = self._ranks()
         connector = getattr(self.trainer, "_accelerator_connector", None)
         if replicas > 1 and getattr(connector, "use_distributed_sampler", False):
-            raise ValueError("multi-process training needs `trainer.use_distributed_sampler: false`: the data "
-                             "module splits prompts over ranks itself (and resumes mid-epoch)")  # fmt: skip
+            raise ValueError(DISTRIBUTED_SAMPLER)
         sampler = self._sampler(replicas, rank)
         return ResumableDataLoader(SampleDataset(self.train), sampler, batch_size=self.prompts_per_step,
                                    collate_fn=collate_samples, drop_last=False)  # fmt: skip

@@ -1,0 +1,77 @@
+"""``last.ckpt`` holds a run's last step when the checkpoint interval does not divide ``max_steps`` (Lightning kept
+the last interval's: a 100-step recipe saving every 40 steps ended with ``last.ckpt`` at step 80)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.demos.boring_classes import BoringModel
+
+from mmsr.callbacks.final_checkpoint import FinalCheckpoint
+from tests.conftest import subprocess_env
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class SavedSteps(L.Callback):
+    """The step of every checkpoint saved, in order."""
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        self.steps.append(trainer.global_step)
+
+
+def fit(tmp_path: Path, max_steps: int, **checkpoint) -> list[int]:
+    """A tiny fit of ``max_steps`` with ``ModelCheckpoint(every_n_train_steps=2, **checkpoint)``: the saves' steps."""
+    saved = SavedSteps()
+    callbacks = [ModelCheckpoint(tmp_path, every_n_train_steps=2, **checkpoint), FinalCheckpoint(), saved]
+    trainer = L.Trainer(max_steps=max_steps, callbacks=callbacks, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, accelerator="cpu")  # fmt: skip
+    trainer.fit(BoringModel())
+    return saved.steps
+
+
+def step_of(path: Path) -> int:
+    return torch.load(path, map_location="cpu", weights_only=False)["global_step"]
+
+
+def test_the_last_step_is_saved_in_last_ckpt(tmp_path):
+    assert fit(tmp_path, 3, save_last=True) == [2, 2, 3]  # step 2: its checkpoint and last; step 3: last
+    assert step_of(tmp_path / "last.ckpt") == 3
+    assert step_of(tmp_path / "epoch=0-step=2.ckpt") == 2  # the interval's checkpoint stays as it was
+
+
+def test_an_interval_that_divides_max_steps_saves_nothing_more(tmp_path):
+    assert fit(tmp_path, 4, save_last=True) == [2, 2, 4, 4]
+    assert step_of(tmp_path / "last.ckpt") == 4
+
+
+def test_a_linked_last_points_to_the_last_steps_checkpoint(tmp_path):
+    assert fit(tmp_path, 3, save_last="link") == [2, 3]  # each interval's file, last.ckpt a link to it
+    last = tmp_path / "last.ckpt"
+    # saved after the loop counted the epoch done, as Lightning's own end-of-training saves: named epoch=1
+    assert last.is_symlink() and last.resolve().name.endswith("step=3.ckpt") and step_of(last) == 3
+
+
+def test_without_save_last_nothing_more_is_saved(tmp_path):
+    assert fit(tmp_path, 3) == [2]
+    assert not (tmp_path / "last.ckpt").exists()
+
+
+@pytest.mark.slow
+def test_mmsr_fit_saves_its_last_step_in_last_ckpt(tmp_path):
+    """A real ``mmsr fit`` of the smoke config (checkpoint every 2 steps, ``save_last``) for 3 steps: ``mmsr fit``
+    adds ``FinalCheckpoint`` itself, the config names none."""
+    cmd = [sys.executable, "-m", "mmsr", "fit", "-c", "configs/smoke.yaml", "--trainer.max_steps", "3",
+           "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path)]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (checkpoints,) = tmp_path.glob("csv/version_*/checkpoints")
+    assert step_of(checkpoints / "last.ckpt") == 3
+    assert step_of(checkpoints / "epoch=0-step=2.ckpt") == 2

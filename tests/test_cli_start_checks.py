@@ -1,0 +1,122 @@
+"""``mmsr fit`` refuses, before the policy loads, what failed only later: an ``export_dir`` that is a file (after the
+whole run), a ``ckpt_path`` that is a run's folder or another file (once the model was built), several processes
+without ``use_distributed_sampler: false`` (once the engine started); and every recipe's checkpoint interval
+divides its ``max_steps``."""
+
+import functools
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from jsonargparse import Namespace
+
+from mmsr.cli import _fewest_devices, check_inputs_exist, lightning_cli
+from mmsr.models.build import TinyQwen2_5_VL
+
+ROOT = Path(__file__).resolve().parents[1]
+BUILT = "the policy is built"  # every check before the build passed (jsonargparse wraps what the build raises)
+
+
+@pytest.fixture
+def fit(monkeypatch):
+    """``mmsr fit`` on the smoke config with extra flags, stopped where the policy would be built."""
+
+    @functools.wraps(TinyQwen2_5_VL.build)  # its signature: the config's protocol check reads it
+    def no_policy(self):
+        raise RuntimeError(BUILT)
+
+    monkeypatch.setattr(TinyQwen2_5_VL, "build", no_policy)
+    monkeypatch.chdir(ROOT)
+    return lambda *flags: lightning_cli(["fit", "-c", "configs/smoke.yaml", "--trainer.logger", "false", *flags])
+
+
+def test_an_export_dir_that_is_a_file_is_refused_before_the_policy_loads(fit, tmp_path):
+    (tmp_path / "afile").write_text("")
+    afile = re.escape(str(tmp_path / "afile"))
+    with pytest.raises(FileExistsError, match=rf"^model.export_dir {afile}: exists and is not a directory$"):
+        fit("--model.init_args.export_dir", str(tmp_path / "afile"))
+    with pytest.raises(FileExistsError, match=rf"^model.export_dir {afile}/hf \({afile} in its path\): exists and"):
+        fit("--model.init_args.export_dir", str(tmp_path / "afile" / "hf"))
+    (tmp_path / "done").mkdir()
+    for fine in ("new/hf", "done"):  # made at the end, or there already
+        with pytest.raises(Exception, match=BUILT):
+            fit("--model.init_args.export_dir", str(tmp_path / fine))
+
+
+@pytest.fixture
+def run_folder(tmp_path) -> Path:
+    """A run's version folder: its config and its checkpoints."""
+    version = tmp_path / "csv" / "version_0"
+    (version / "checkpoints").mkdir(parents=True)
+    (version / "config.yaml").write_text("trainer: {}\n")
+    torch.save({"global_step": 2}, version / "checkpoints" / "last.ckpt")
+    return version
+
+
+@pytest.mark.parametrize(("given", "kind"), [
+    ("", "a directory, not a checkpoint"),
+    ("checkpoints", "a directory, not a checkpoint"),
+    ("config.yaml", "not a checkpoint"),
+])  # fmt: skip
+def test_a_ckpt_path_that_is_no_checkpoint_is_refused_before_the_policy_loads(fit, run_folder, given, kind):
+    path = run_folder / given if given else run_folder
+    shown, last = re.escape(str(path)), re.escape(str(run_folder / "checkpoints" / "last.ckpt"))
+    with pytest.raises(ValueError, match=rf"^ckpt_path {shown}: {kind} .*; give the checkpoint, e.g. {last}$"):
+        fit("--ckpt_path", str(path))
+
+
+def test_checkpoint_files_and_sharded_directories_pass(tmp_path):
+    """A ``torch.save`` file (zip, or the legacy pickle) and a sharded checkpoint's directory (its ``meta.pt``)."""
+    torch.save({"state_dict": {}}, tmp_path / "zip.ckpt")
+    torch.save({"state_dict": {}}, tmp_path / "legacy.ckpt", _use_new_zipfile_serialization=False)
+    (tmp_path / "sharded.ckpt").mkdir()
+    torch.save({}, tmp_path / "sharded.ckpt" / "meta.pt")
+    data = Namespace(train_files=[], val_files=None)
+    for name in ("zip.ckpt", "legacy.ckpt", "sharded.ckpt"):
+        check_inputs_exist(Namespace(data=data, ckpt_path=str(tmp_path / name)))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"a directory, not a checkpoint .* e.g. runs/x/csv/version_0/checkpoints/"):
+        check_inputs_exist(Namespace(data=data, ckpt_path=str(tmp_path / "empty")))
+
+
+SAMPLER = r"multi-process training needs `trainer.use_distributed_sampler: false`"
+
+
+@pytest.mark.parametrize("flags", [
+    ("--trainer.devices", "2"),
+    ("--trainer.devices", "[0, 1]"),
+    ("--trainer.devices", "0,1"),
+    ("--trainer.num_nodes", "2"),
+    ("--trainer.devices", "auto", "--trainer.num_nodes", "2"),  # at least one device on each of 2 nodes
+])  # fmt: skip
+def test_several_processes_without_use_distributed_sampler_false_are_refused_before_the_policy_loads(fit, flags):
+    with pytest.raises(ValueError, match=rf"^trainer.devices=.* x trainer.num_nodes=\d: {SAMPLER}"):
+        fit(*flags)
+
+
+@pytest.mark.parametrize("flags", [
+    ("--trainer.devices", "2", "--trainer.use_distributed_sampler", "false"),
+    ("--trainer.devices", "auto"),  # maybe several, maybe one: the data module refuses it once it knows
+    ("--trainer.devices", "-1"),
+])  # fmt: skip
+def test_one_or_an_unknown_number_of_processes_pass(fit, flags):
+    with pytest.raises(Exception, match=BUILT):
+        fit(*flags)
+
+
+def test_the_fewest_devices_lightning_runs_on_a_node():
+    given = {2: 2, 1: 1, -1: 1, 0: 1, "auto": 1, "2": 2, "-1": 1, "0,1": 2, "1,": 1, "0, 1, 2": 3, (0, 1): 2, "gpu": 1}
+    assert {k: _fewest_devices(list(k) if isinstance(k, tuple) else k) for k in given} == given
+
+
+def test_every_recipe_checkpoints_its_last_step():
+    """A checkpoint interval that divides ``max_steps`` saves the last step as an interval's checkpoint (the
+    1x8 recipes ran 100 steps saving every 40: their last.ckpt was step 80 until ``FinalCheckpoint``)."""
+    for path in sorted((ROOT / "configs").rglob("*.yaml")):
+        trainer = (yaml.safe_load(path.read_text()) or {}).get("trainer") or {}
+        for callback in trainer.get("callbacks") or []:
+            every = (callback.get("init_args") or {}).get("every_n_train_steps")
+            if callback["class_path"].endswith("ModelCheckpoint") and every and trainer.get("max_steps"):
+                assert trainer["max_steps"] % every == 0, f"{path.relative_to(ROOT)}: every_n_train_steps {every}"
