@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import logging
 import os
 import re
@@ -18,7 +19,7 @@ import traceback
 import warnings
 from pathlib import Path
 
-from mmsr.cli_errors import parse_error_line
+from mmsr.cli_errors import config_syntax_line, parse_error_line
 from mmsr.data.paths import missing
 
 # command -> ("module:function" taking the remaining argv, what it does: ``mmsr --help``)
@@ -93,6 +94,7 @@ def lightning_cli(args: list[str] | None = None, parse_only: bool = False, **kwa
                 raise ValueError(f"--ckpt_path {ckpt}: give the checkpoint file (e.g. runs/x/csv/version_0/checkpoints/"
                                  "last.ckpt): a resumed run continues its run directory and metrics, read from that file")  # fmt: skip
             config = self.config[self.subcommand] if self.subcommand else self.config  # run=False: not nested
+            refuse_functions(config.model)
             if not parse_only:
                 check_inputs_exist(config)
             # no subcommand (run=False): a run's config, parsed for its caller (`mmsr plan` sizes it, the demo
@@ -108,8 +110,11 @@ def lightning_cli(args: list[str] | None = None, parse_only: bool = False, **kwa
         def _set_seed(self) -> None:
             # ``seed_everything: false`` seeds nothing, and the engines' and data's unset seeds are then 0: not a
             # PL_GLOBAL_SEED left by a shell's export or an earlier run in this process (``mmsr.checks.run_seed``)
-            if self._get(self.config, "seed_everything") is False:
+            seed = self._get(self.config, "seed_everything")
+            if seed is False:
                 os.environ.pop("PL_GLOBAL_SEED", None)
+            if type(seed) is int and not 0 <= seed <= 2**32 - 1:  # numpy's range; Lightning's error named no key
+                raise ValueError(f"seed_everything={seed}: must be 0..2**32-1, or true for a random seed")
             super()._set_seed()
 
         def _parse_ckpt_path(self) -> None:
@@ -139,10 +144,15 @@ def lightning_cli(args: list[str] | None = None, parse_only: bool = False, **kwa
         def error(self, message: str, ex: Exception | None = None):
             # jsonargparse nests a union's alternatives (``model`` is ``LightningModule | None``) and ends with a
             # dump of the value given, not the key at fault: one more line names it. Only where the parser exits:
-            # a nested parser raises, and its message becomes part of its parent's.
-            brief = parse_error_line(message) if self.exit_on_error else None
+            # a nested parser raises, and its message becomes part of its parent's. A config file's YAML syntax
+            # error names no file: that line names it.
+            brief = None
+            if self.exit_on_error:
+                argv = sys.argv[1:] if args is None else args
+                brief = parse_error_line(message) or config_syntax_line(message, argv, cwd)
             super().error(message if brief is None else f"{message}\nerror: {brief}", ex)
 
+    cwd = os.getcwd()  # the command line's relative paths: jsonargparse enters a config's folder to parse it
     # Any LightningModule (GRPOModule, SFTModule, a user's subclass) by class_path.
     return MMSRCLI(
         None,
@@ -267,6 +277,7 @@ def check_step_settings(config) -> None:
     """Step settings that only conflict once training runs, checked before the policy and engine are built."""
     init, data = config.model.get("init_args") or {}, config.get("data") or {}
     mini, prompts, group = init.get("mini_batches"), data.get("prompts_per_step"), init.get("num_generations")
+    check_counts(config.model.get("class_path"), group, prompts)  # a step of 0 episodes: not too many mini-batches
     if None not in (mini, prompts, group) and mini > prompts * group:  # else refused at the first step
         raise ValueError(f"model.mini_batches={mini} splits each step's episodes into {mini} updates, but a step has "
                          f"data.prompts_per_step x model.num_generations = {prompts} x {group} = {prompts * group} "
@@ -277,6 +288,33 @@ def check_step_settings(config) -> None:
         check_schedule(init["lr_schedule"], init["warmup_steps"], init["total_steps"])  # else refused once built
     check_schedule_length(init, config.trainer.get("max_steps"))
     check_distributed_sampler(config.trainer)
+
+
+def check_counts(class_path: str | None, group: int | None, prompts: int | None) -> None:
+    """A step's counts, refused in their owners' words (``GRPOModule``, ``MMSRDataModule``) before their product is."""
+    from mmsr.checks import refuse_out_of_range
+    from mmsr.module import GRPOModule
+
+    if prompts is not None:
+        refuse_out_of_range("MMSRDataModule", [("prompts_per_step", prompts, prompts >= 1, ">= 1")])
+    if group is not None and isinstance(class_path, str) and issubclass(_imported(class_path), GRPOModule):
+        refuse_out_of_range(class_path.rpartition(".")[2], [
+            ("num_generations", group, group >= 2, ">= 2, the GRPO group size")])  # fmt: skip
+
+
+def refuse_functions(value, key: str = "model") -> None:
+    """No ``class_path`` in the model's config names a function: jsonargparse passes a function itself where a
+    protocol is taken (``reward: Reward``), dropping its ``init_args``; it failed at the first step's reward."""
+    from jsonargparse import Namespace
+
+    if inspect.isroutine(value):
+        raise ValueError(f"{key}.class_path {value.__module__}.{value.__qualname__} is a function, not a class: "
+                         "its init_args would be dropped (give a class)")
+    if isinstance(value, (Namespace, dict)):
+        for name, item in (vars(value) if isinstance(value, Namespace) else value).items():
+            refuse_functions(item, f"{key}.{name}")
+    for i, item in enumerate(value if isinstance(value, list) else ()):
+        refuse_functions(item, f"{key}[{i}]")
 
 
 def check_distributed_sampler(trainer) -> None:

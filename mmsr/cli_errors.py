@@ -9,12 +9,17 @@ know gives ``None`` and the message is shown as jsonargparse wrote it.
 from __future__ import annotations
 
 import re
+from pathlib import Path
+
+import yaml
 
 # jsonargparse's nested parse errors: a key or a class_path opens a block of the lines indented under it
 _KEY = re.compile(r'(?:- )?Parser key "([^"]+)":$')
 _CLASS = re.compile(r"(?:- )?Problem with given class_path '([^']+)':$")
 _GOT = re.compile(r"(?:- )?Expected an? (.+?)\. Got value: (.*)$")
 _NOT_TAKEN = re.compile(r"Option '([^']+)' is not accepted$|Group '([^']+)' does not accept option '([^']+)'$")
+# jsonargparse's (libyaml's where installed): its wording of a syntax error, not the pure-Python parser's
+LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 def parse_error_line(message: str) -> str | None:
@@ -34,6 +39,8 @@ def parse_error_line(message: str) -> str | None:
     if wrong:  # a misspelled argument of the class, or a field of a dataclass argument of it
         where = name if wrong[1] else f"{wrong[2]} (an argument of {name})"
         return f"{_dotted([*keys, wrong[1] or f'{wrong[2]}.{wrong[3]}'])}: not an argument of {where}"
+    if block[:1] == ["'NoneType' object has no attribute 'keys'"]:  # ``init_args:`` with nothing under it: null
+        return f"{_dotted(keys)} is empty: remove it or give arguments"
     keys[-1] = keys[-1].removesuffix("init_args") + "class_path"  # the class itself: not found, or not a subclass
     return f"{_dotted(keys)}: {name}: {block[0] if block else 'not accepted'}"
 
@@ -110,3 +117,35 @@ def _split_top(text: str) -> list[str]:
             parts.append(text[start:i].strip())
             start = i + 1
     return [*parts, text[start:].strip()]
+
+
+def config_syntax_line(message: str, args: list[str], cwd: str) -> str | None:
+    """``FILE:LINE:COLUMN: YAML syntax: problem`` for jsonargparse's ``Problems parsing config``, which says
+    ``in "<unicode string>"``, never the file (``-c recipe -c snippet``: which one?): the first ``-c`` /
+    ``--config`` file in ``args`` (relative to ``cwd``: jsonargparse is in a config's folder by now) that PyYAML
+    cannot read, read again here; None when none is such a file."""
+    if not message.startswith("Problems parsing config"):
+        return None
+    for path in _config_files(args):
+        try:
+            yaml.load((Path(cwd) / path).read_text(), Loader=LOADER)
+        except yaml.MarkedYAMLError as exc:
+            mark = exc.problem_mark or exc.context_mark
+            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
+            opened = exc.context_mark if exc.context and exc.context_mark else None
+            context = f" ({exc.context} at {opened.line + 1}:{opened.column + 1})" if opened else ""
+            return f"{where}: YAML syntax: {exc.problem or exc.context}{context}"
+        except (OSError, yaml.YAMLError):  # jsonargparse reports a missing file itself
+            continue
+    return None
+
+
+def _config_files(args: list[str]) -> list[str]:
+    """The files given to ``-c`` / ``--config`` (``--config=FILE`` too), in order."""
+    files = []
+    for flag, value in zip(args, [*args[1:], None]):
+        if flag in ("-c", "--config") and value is not None:
+            files.append(value)
+        elif flag.startswith("--config="):
+            files.append(flag.split("=", 1)[1])
+    return files

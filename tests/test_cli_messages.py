@@ -1,0 +1,104 @@
+"""``mmsr fit``'s last line names the file or key at fault: a config file's YAML syntax error (jsonargparse said
+``in "<unicode string>"``), an empty ``init_args:``, a step of 0 prompts or a group of 0 (blamed on
+``model.mini_batches``), a seed out of numpy's range, a class_path naming a function (its init_args dropped)."""
+
+import functools
+import re
+
+import pytest
+import yaml
+
+from mmsr.cli import lightning_cli
+from mmsr.models.build import TinyQwen2_5_VL
+from tests.conftest import ROOT
+
+SMOKE = str(ROOT / "configs" / "smoke.yaml")
+BUILT = "the policy is built"
+REWARD = "mmsr.reward.MMSearchR1Reward"
+
+
+@pytest.fixture
+def fit(monkeypatch):
+    """``mmsr fit`` on the smoke config with extra flags, stopped where the policy would be built."""
+
+    @functools.wraps(TinyQwen2_5_VL.build)  # its signature: the config's protocol check reads it
+    def no_policy(self):
+        raise RuntimeError(BUILT)
+
+    monkeypatch.setattr(TinyQwen2_5_VL, "build", no_policy)
+    monkeypatch.chdir(ROOT)
+    return lambda *flags: lightning_cli(["fit", "-c", SMOKE, "--trainer.logger", "false", *flags])
+
+
+def _last_parse_error(capsys, *args) -> str:
+    with pytest.raises(SystemExit) as exit_:
+        lightning_cli(["fit", *args, "--print_config"])
+    assert exit_.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize(("text", "last"), [
+    ("model:\n  init_args:\n    top_k: [5\n    kl_coef: 0.1\n",
+     "4:12: YAML syntax: did not find expected ',' or ']' (while parsing a flow sequence at 3:12)"),
+    ("model:\n  init_args:\n    top_k: 5\n\tkl_coef: 0.1\n",
+     "4:1: YAML syntax: found a tab character that violates indentation (while scanning a plain scalar at 3:12)"),
+    ("model:\n  init_args:\n    top_k 5\n    kl_coef: 0.1\n",
+     "4:12: YAML syntax: mapping values are not allowed in this context"),
+])  # fmt: skip
+def test_a_yaml_syntax_error_names_the_file_line_and_column(text, last, tmp_path, monkeypatch, capsys):
+    """The second of two ``-c`` files is broken: the last line says which, where, and what."""
+    monkeypatch.chdir(ROOT)
+    snippet = tmp_path / "snippet.yaml"
+    snippet.write_text(text)
+    assert _last_parse_error(capsys, "-c", SMOKE, "-c", str(snippet)) == f"error: {snippet}:{last}"
+    assert _last_parse_error(capsys, "-c", SMOKE, f"--config={snippet}") == f"error: {snippet}:{last}"
+    monkeypatch.chdir(tmp_path)  # a relative path: jsonargparse parses it from the smoke config's folder
+    assert _last_parse_error(capsys, "-c", SMOKE, "-c", "snippet.yaml") == f"error: snippet.yaml:{last}"
+
+
+@pytest.mark.parametrize(("override", "key"), [
+    ({"reward": {"class_path": REWARD, "init_args": None}}, "model.init_args.reward.init_args"),
+    ({"engine": {"class_path": "mmsr.rollout.hf_engine.HFEngine", "init_args": None}},
+     "model.init_args.engine.init_args"),
+])  # fmt: skip
+def test_an_empty_init_args_names_its_key(override, key, tmp_path, monkeypatch, capsys):
+    """``init_args:`` with nothing under it is YAML's null: jsonargparse said ``'NoneType' object has no attribute
+    'keys'`` under the class_path."""
+    monkeypatch.chdir(ROOT)
+    snippet = tmp_path / "snippet.yaml"
+    snippet.write_text(yaml.safe_dump({"model": {"init_args": override}}))
+    last = _last_parse_error(capsys, "-c", SMOKE, "-c", str(snippet))
+    assert last == f"error: {key} is empty: remove it or give arguments"
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (("--model.init_args.num_generations", "0"), "GRPOModule: num_generations=0 (must be >= 2, the GRPO group size)"),
+    (("--data.prompts_per_step", "0"), "MMSRDataModule: prompts_per_step=0 (must be >= 1)"),
+    (("--seed_everything", "-1"), "seed_everything=-1: must be 0..2**32-1, or true for a random seed"),
+    (("--seed_everything", str(2**32)), f"seed_everything={2**32}: must be 0..2**32-1, or true for a random seed"),
+])  # fmt: skip
+def test_a_count_or_seed_out_of_range_names_its_own_key(fit, flags, message):
+    """Not ``model.mini_batches=1 ... lower model.mini_batches`` (a step of 0 episodes), not numpy's bounds."""
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        fit(*flags)
+
+
+def test_a_seed_in_range_or_true_passes(fit):
+    for seed in ("0", str(2**32 - 1), "true"):
+        with pytest.raises(Exception, match=BUILT):
+            fit("--seed_everything", seed)
+
+
+@pytest.mark.parametrize("init_args", [{"mode": "EM"}, None])
+def test_a_class_path_naming_a_function_is_refused_at_parse(init_args, fit, tmp_path):
+    """jsonargparse passes the function itself as the reward, its init_args dropped: it failed after the first
+    rollout, ``'Trajectory' object is not subscriptable``."""
+    reward = {"class_path": "mmsr.reward.mmsearch_r1.mmsearch_r1_reward"}
+    if init_args:
+        reward["init_args"] = init_args
+    snippet = tmp_path / "snippet.yaml"
+    snippet.write_text(yaml.safe_dump({"model": {"init_args": {"reward": reward}}}))
+    message = ("model.init_args.reward.class_path mmsr.reward.mmsearch_r1.mmsearch_r1_reward is a function, not a "
+               "class: its init_args would be dropped (give a class)")  # fmt: skip
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        fit("-c", str(snippet))
