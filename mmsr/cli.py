@@ -19,6 +19,7 @@ import traceback
 import warnings
 from pathlib import Path
 
+from mmsr.checks import refuse_out_of_range
 from mmsr.cli_errors import config_syntax_line, parse_error_line
 from mmsr.data.paths import missing
 
@@ -292,7 +293,6 @@ def check_step_settings(config) -> None:
 
 def check_counts(class_path: str | None, group: int | None, prompts: int | None) -> None:
     """A step's counts, refused in their owners' words (``GRPOModule``, ``MMSRDataModule``) before their product is."""
-    from mmsr.checks import refuse_out_of_range
     from mmsr.module import GRPOModule
 
     if prompts is not None:
