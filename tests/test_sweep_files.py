@@ -3,7 +3,6 @@ characters or keys, scalars and YAML syntax errors end in one line naming the fi
 program cannot start fails that run only, and the module's example names a sweep file that exists."""
 
 import re
-import sys
 
 import pytest
 
