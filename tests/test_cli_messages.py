@@ -2,32 +2,17 @@
 ``in "<unicode string>"``), an empty ``init_args:``, a step of 0 prompts or a group of 0 (blamed on
 ``model.mini_batches``), a seed out of numpy's range, a class_path naming a function (its init_args dropped)."""
 
-import functools
 import re
 
 import pytest
 import yaml
 
 from mmsr.cli import lightning_cli
-from mmsr.models.build import TinyQwen2_5_VL
 from tests.conftest import ROOT
+from tests.test_cli_inputs import BUILT, fit  # noqa: F401 - the fixture, shared
 
 SMOKE = str(ROOT / "configs" / "smoke.yaml")
-BUILT = "the policy is built"
 REWARD = "mmsr.reward.MMSearchR1Reward"
-
-
-@pytest.fixture
-def fit(monkeypatch):
-    """``mmsr fit`` on the smoke config with extra flags, stopped where the policy would be built."""
-
-    @functools.wraps(TinyQwen2_5_VL.build)  # its signature: the config's protocol check reads it
-    def no_policy(self):
-        raise RuntimeError(BUILT)
-
-    monkeypatch.setattr(TinyQwen2_5_VL, "build", no_policy)
-    monkeypatch.chdir(ROOT)
-    return lambda *flags: lightning_cli(["fit", "-c", SMOKE, "--trainer.logger", "false", *flags])
 
 
 def _last_parse_error(capsys, *args) -> str:

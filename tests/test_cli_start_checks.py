@@ -3,7 +3,6 @@ whole run), a ``ckpt_path`` that is a run's folder or another file (once the mod
 without ``use_distributed_sampler: false`` (once the engine started); and every recipe's checkpoint interval
 divides its ``max_steps``."""
 
-import functools
 import re
 from pathlib import Path
 
@@ -12,24 +11,10 @@ import torch
 import yaml
 from jsonargparse import Namespace
 
-from mmsr.cli import _fewest_devices, check_inputs_exist, lightning_cli
-from mmsr.models.build import TinyQwen2_5_VL
+from mmsr.cli import _fewest_devices, check_inputs_exist
+from tests.test_cli_inputs import BUILT, fit  # noqa: F401 - the fixture, shared
 
 ROOT = Path(__file__).resolve().parents[1]
-BUILT = "the policy is built"  # every check before the build passed (jsonargparse wraps what the build raises)
-
-
-@pytest.fixture
-def fit(monkeypatch):
-    """``mmsr fit`` on the smoke config with extra flags, stopped where the policy would be built."""
-
-    @functools.wraps(TinyQwen2_5_VL.build)  # its signature: the config's protocol check reads it
-    def no_policy(self):
-        raise RuntimeError(BUILT)
-
-    monkeypatch.setattr(TinyQwen2_5_VL, "build", no_policy)
-    monkeypatch.chdir(ROOT)
-    return lambda *flags: lightning_cli(["fit", "-c", "configs/smoke.yaml", "--trainer.logger", "false", *flags])
 
 
 def test_an_export_dir_that_is_a_file_is_refused_before_the_policy_loads(fit, tmp_path):
