@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import inspect
 import logging
 import os
 import re
@@ -95,7 +94,6 @@ def lightning_cli(args: list[str] | None = None, parse_only: bool = False, **kwa
                 raise ValueError(f"--ckpt_path {ckpt}: give the checkpoint file (e.g. runs/x/csv/version_0/checkpoints/"
                                  "last.ckpt): a resumed run continues its run directory and metrics, read from that file")  # fmt: skip
             config = self.config[self.subcommand] if self.subcommand else self.config  # run=False: not nested
-            refuse_functions(config.model)
             if not parse_only:
                 check_inputs_exist(config)
             # no subcommand (run=False): a run's config, parsed for its caller (`mmsr plan` sizes it, the demo
@@ -300,21 +298,6 @@ def check_counts(class_path: str | None, group: int | None, prompts: int | None)
     if group is not None and isinstance(class_path, str) and issubclass(_imported(class_path), GRPOModule):
         refuse_out_of_range(class_path.rpartition(".")[2], [
             ("num_generations", group, group >= 2, ">= 2, the GRPO group size")])  # fmt: skip
-
-
-def refuse_functions(value, key: str = "model") -> None:
-    """No ``class_path`` in the model's config names a function: jsonargparse passes a function itself where a
-    protocol is taken (``reward: Reward``), dropping its ``init_args``; it failed at the first step's reward."""
-    from jsonargparse import Namespace
-
-    if inspect.isroutine(value):
-        raise ValueError(f"{key}.class_path {value.__module__}.{value.__qualname__} is a function, not a class: "
-                         "its init_args would be dropped (give a class)")
-    if isinstance(value, (Namespace, dict)):
-        for name, item in (vars(value) if isinstance(value, Namespace) else value).items():
-            refuse_functions(item, f"{key}.{name}")
-    for i, item in enumerate(value if isinstance(value, list) else ()):
-        refuse_functions(item, f"{key}[{i}]")
 
 
 def check_distributed_sampler(trainer) -> None:

@@ -1,6 +1,6 @@
 """``mmsr fit``'s last line names the file or key at fault: a config file's YAML syntax error (jsonargparse said
 ``in "<unicode string>"``), an empty ``init_args:``, a step of 0 prompts or a group of 0 (blamed on
-``model.mini_batches``), a seed out of numpy's range, a class_path naming a function (its init_args dropped)."""
+``model.mini_batches``), a seed out of numpy's range."""
 
 import re
 
@@ -74,16 +74,3 @@ def test_a_seed_in_range_or_true_passes(fit):
             fit("--seed_everything", seed)
 
 
-@pytest.mark.parametrize("init_args", [{"mode": "EM"}, None])
-def test_a_class_path_naming_a_function_is_refused_at_parse(init_args, fit, tmp_path):
-    """jsonargparse passes the function itself as the reward, its init_args dropped: it failed after the first
-    rollout, ``'Trajectory' object is not subscriptable``."""
-    reward = {"class_path": "mmsr.reward.mmsearch_r1.mmsearch_r1_reward"}
-    if init_args:
-        reward["init_args"] = init_args
-    snippet = tmp_path / "snippet.yaml"
-    snippet.write_text(yaml.safe_dump({"model": {"init_args": {"reward": reward}}}))
-    message = ("model.init_args.reward.class_path mmsr.reward.mmsearch_r1.mmsearch_r1_reward is a function, not a "
-               "class: its init_args would be dropped (give a class)")  # fmt: skip
-    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
-        fit("-c", str(snippet))
