@@ -215,8 +215,8 @@ def _jsonl_image(value, path: Path, at) -> EncodedImage | Image.Image | None:
 
 
 def _unread_image_key(r: dict, path, at) -> None:
-    """A ``DataError`` if the row has no ``image`` key but another that may hold its image (a name with
-    ``image`` or ``img`` in it, holding text, bytes or an object: ``image_path``, ``img``, verl's ``images``):
+    """A ``DataError`` if the row has no ``image`` key but another that holds an image (a name with ``image`` or
+    ``img`` in it, ``_may_be_image``: ``image_path``, ``img``, verl's ``images``):
     such a row loaded as a text-only question, its picture silently dropped. A text-only row says so with
     ``"image": null``, or has no such key; ``image_url`` is read (for web image search), and a number or a
     list (``original_image_size``) holds no image."""
@@ -229,12 +229,18 @@ def _unread_image_key(r: dict, path, at) -> None:
                             "to 'image' (or add \"image\": null to load the row as a text-only question)")  # fmt: skip
 
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+
+
 def _may_be_image(value) -> bool:
-    """Whether a cell may hold an image: non-empty text or bytes, an object, a PIL image, or a list of such
-    (verl's ``images``, LLaVA's file names); not a number, nor a list of numbers."""
+    """Whether a cell holds an image: bytes, an object (``{"bytes": ..., "path": ...}``), a PIL image, a file name
+    or URL ending in an image suffix, or a list of such (verl's ``images``, LLaVA's file names); not other text
+    (``image_caption``, ``needs_image_search: "no"``, an ``image_id``), numbers or lists of numbers."""
     if isinstance(value, list | tuple):
         return any(_may_be_image(v) for v in value)
-    return isinstance(value, Image.Image | dict) or (isinstance(value, str | bytes) and bool(value.strip()))
+    if isinstance(value, str):
+        return value.strip().lower().split("?")[0].endswith(IMAGE_SUFFIXES)
+    return isinstance(value, Image.Image | dict) or (isinstance(value, bytes) and bool(value))
 
 
 def _sample_id(values, default: str) -> str:

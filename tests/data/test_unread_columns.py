@@ -56,10 +56,13 @@ def test_text_only_rows_still_load(tmp_path):
     rows = [{"id": "a", "question": "q", "ground_truth": "x"},
             {"id": "b", "question": "q", "ground_truth": "x", "image": None, "image_path": "x.jpg"},
             {"id": "c", "question": "q", "ground_truth": "x", "image_url": "https://example.com/c.jpg",
-             "original_image_size": [640, 480], "image_count": 0, "img_note": ""}]  # fmt: skip
+             "original_image_size": [640, 480], "image_count": 0, "img_note": ""},
+            # text about an image is no image: a caption, a label, an id (refused at first as "rename it to 'image'")
+            {"id": "d", "question": "q", "ground_truth": "x", "image_caption": "a red door",
+             "needs_image_search": "no", "image_id": "Q12345"}]  # fmt: skip
     _jsonl(tmp_path / "t.jsonl", rows)
     loaded = load_samples(tmp_path / "t.jsonl")
-    assert [(s.id, s.image) for s in loaded] == [("a", None), ("b", None), ("c", None)]
+    assert [(s.id, s.image) for s in loaded] == [("a", None), ("b", None), ("c", None), ("d", None)]
     assert loaded[2].image_url == "https://example.com/c.jpg"
 
 
