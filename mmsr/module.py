@@ -78,6 +78,7 @@ from mmsr.sync import WeightSync
 from mmsr.tools.base import SearchTool
 from mmsr.tools.budget import check_budgets
 from mmsr.tools.cache import assign_run_id
+from mmsr.tools.secrets import redact_checkpoint_hparams
 from mmsr.tools.spec import Tool, configured, declared
 from mmsr.train.batch import TrainBatch
 from mmsr.train.step import StepRollout
@@ -339,6 +340,7 @@ class GRPOModule(L.LightningModule):
         checkpoint["mmsr_rollout"] = self.loop.state_dict()
         checkpoint["mmsr_weight_sync"] = self.weight_sync.state_dict()  # the same count on every rank
         checkpoint["mmsr_tool_run_id"] = self._tool_run_id
+        redact_checkpoint_hparams(checkpoint)  # here, not only in LoggedConfig: weights-only saves skip callbacks
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "mmsr_rollout" in checkpoint:

@@ -61,7 +61,7 @@ from mmsr.callbacks.resume_point import (
     wandb_steps,
 )
 from mmsr.callbacks.trajectory_logger import wandb_run_dir
-from mmsr.tools.secrets import redact_all, redact_config
+from mmsr.tools.secrets import redact_all, redact_checkpoint_hparams, redact_config
 
 METRICS_FILE = "metrics.csv"
 
@@ -193,9 +193,7 @@ class LoggedConfig(SaveConfigCallback):
             mask_saved_config(os.path.join(log_dir, self.config_filename))
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
-        for key in (L.LightningModule.CHECKPOINT_HYPER_PARAMS_KEY, L.LightningDataModule.CHECKPOINT_HYPER_PARAMS_KEY):
-            if isinstance(checkpoint.get(key), dict):  # Lightning's copy of the live ``hparams``
-                checkpoint[key] = redact_all(checkpoint[key])
+        redact_checkpoint_hparams(checkpoint)  # Lightning's copy of the live ``hparams`` (modules not mmsr's too)
 
     def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # Rank 0 only.

@@ -22,6 +22,7 @@ from mmsr.rollout.engine import GenerationRequest, SamplingParams, ScriptedEngin
 from mmsr.rollout.loop import RolloutLoop, RolloutSettings
 from mmsr.rollout.trajectory import Trajectory
 from mmsr.tools.base import SearchTool
+from mmsr.tools.secrets import redact_checkpoint_hparams
 from mmsr.tools.spec import Tool, configured
 from mmsr.sft.episodes import EpisodeAccounts
 from mmsr.sft.lm import encode_texts, ids_nll, reading_passes
@@ -247,6 +248,7 @@ class SFTModule(L.LightningModule):
         # each rank's teacher drew for its own prompts; without its state a resumed warm start redrew from the
         # seed (another direct-answer choice per row), unlike GRPO's resume
         checkpoint["mmsr_ranks"] = rank_states(self.teacher)
+        redact_checkpoint_hparams(checkpoint)  # here, not only in LoggedConfig: weights-only saves skip callbacks
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         world = self.trainer.world_size if self._trainer is not None else 1

@@ -153,6 +153,15 @@ def redact_all(value: T) -> T:
     return value
 
 
+def redact_checkpoint_hparams(checkpoint: dict) -> None:
+    """Mask, in place, the hyperparameters Lightning copies into a ``checkpoint`` (the module's and the data
+    module's): the modules call it from their ``on_save_checkpoint``, which Lightning runs for weights-only
+    checkpoints too (callbacks' hooks it skips there)."""
+    for key in ("hyper_parameters", "datamodule_hyper_parameters"):  # Lightning's CHECKPOINT_HYPER_PARAMS_KEYs
+        if isinstance(checkpoint.get(key), dict):
+            checkpoint[key] = redact_all(checkpoint[key])
+
+
 def redact_config(text: str) -> str:
     """A YAML or JSON config's ``text`` with every secret in it masked, still valid: parsed, ``redact_all``-ed and
     written back (a masked plain scalar ``key: [redacted NAME]`` would read as a list). Unchanged (comments,

@@ -54,3 +54,18 @@ def test_the_report_masks_the_config_of_a_run_saved_before(tmp_path, monkeypatch
     (tmp_path / "config.yaml").write_text(f"trainer:\n  default_root_dir: {KEY}\nmodel:\n  class_path: GRPOModule\n")
     page = write_report(tmp_path).read_text()
     assert KEY not in page and KEY[8:] not in page and "[redacted MMSR_TEST_API_KEY]" in page
+
+
+def test_a_weights_only_checkpoint_masks_its_hyperparameters_too(tmp_path, monkeypatch):
+    """Lightning writes the hyperparameters into every checkpoint but runs callbacks' ``on_save_checkpoint`` only
+    for full ones: with ``save_weights_only`` the key stayed in ``hyper_parameters`` (the module's hook masks it)."""
+    from tests.callbacks.scripted_run import run
+
+    monkeypatch.setenv("MMSR_TEST_API_KEY", KEY)
+    export = tmp_path / f"export_{KEY}"
+    ckpt = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+            "init_args": {"dirpath": str(tmp_path / "ckpt"), "every_n_train_steps": 1, "save_weights_only": True}}
+    run(tmp_path, "--trainer.max_steps", "1", "--trainer.enable_checkpointing", "true",
+        "--trainer.callbacks", json.dumps([ckpt]), "--model.init_args.export_dir", str(export))
+    (saved,) = (tmp_path / "ckpt").glob("*.ckpt")
+    assert torch.load(saved, weights_only=False)["hyper_parameters"]["export_dir"] == str(tmp_path / f"export_{MASK}")
