@@ -234,7 +234,6 @@ def all_reduce(value: float, op: Literal["sum", "max"], device: torch.device) ->
     return float(t)
 
 
-
 def all_reduce_sums(values: Sequence[float], device: torch.device) -> list[float]:
     """Each of ``values`` summed over ranks, in one collective (``all_reduce``'s one a value costs a round trip
     each); themselves outside distributed runs."""
