@@ -200,7 +200,8 @@ class PolicyUpdate:
                     reported.setdefault(key, []).append(v)
         # each over the updates that have it: one whose episodes sampled nothing has no token means (not 0s)
         out = {k: (extreme(k) or _mean)(values) for k, values in reported.items()}
-        out[NONFINITE] = sum(reported[NONFINITE])  # a count, not a mean: 0 on every healthy step
+        if NONFINITE in reported:  # a count, not a mean: 0 on every healthy step
+            out[NONFINITE] = sum(reported[NONFINITE])
         return out
 
     def _optimizer_step(self, trajs, idx: list[int], run: list[int], advantages, old, ref, step: Backprop,

@@ -1,6 +1,8 @@
 """A step makes exactly ``ppo_epochs x mini_batches`` optimizer updates (what ``trainer.max_steps`` and the
 progress count), each on a near-equal part of the step's episodes, or says why it cannot."""
 
+from types import SimpleNamespace
+
 import pytest
 
 from mmsr.train.update import PolicyUpdate, UpdateSettings
@@ -11,7 +13,7 @@ def parts(episodes: int, mini_batches: int, ppo_epochs: int = 1) -> list[list[in
                                                old_logprobs="engine"))  # fmt: skip
     seen = []
     update._optimizer_step = lambda trajs, idx, *rest: seen.append(idx) or {"train/loss": 1.0}
-    totals = update.update([object()] * episodes, None, None, None)
+    totals = update.update([object()] * episodes, None, None, SimpleNamespace(global_step=0))  # names skipped updates
     assert totals == {"train/loss": 1.0}  # the mean over updates
     return seen
 
