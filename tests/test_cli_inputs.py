@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from jsonargparse import Namespace
 
-from mmsr.cli import check_inputs_exist, lightning_cli
+from mmsr.cli import lightning_cli
+from mmsr.cli_checks import check_inputs_exist
 from mmsr.models.build import TinyQwen2_5_VL
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,7 +11,7 @@ import torch
 import yaml
 from jsonargparse import Namespace
 
-from mmsr.cli import _fewest_devices, check_inputs_exist
+from mmsr.cli_checks import _fewest_devices, check_inputs_exist
 from tests.test_cli_inputs import BUILT, fit  # noqa: F401 - the fixture, shared
 
 ROOT = Path(__file__).resolve().parents[1]

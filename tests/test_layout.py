@@ -9,7 +9,8 @@ when the function is called, after every module has loaded. These lazy imports a
 (a new one is added here, with its reason):
 
 - mmsr.callbacks.trajectory_logger -> mmsr.callbacks.wandb_table (wandb only when a WandbLogger is attached)
-- mmsr.cli -> mmsr.callbacks.final_checkpoint, mmsr.callbacks.run_dir, mmsr.data.datamodule, mmsr.eval.load, mmsr.module, mmsr.optim, mmsr.tools.base, mmsr.tools.secrets, mmsr.tools.spec (Lightning, the schedule's, the group size's and the tools' start-up checks only for ``fit``; the secrets' masking only for a failure's output: ``mmsr.tools`` loads PIL, numpy and imagehash, ~0.3 s of every command)
+- mmsr.cli -> mmsr.callbacks.run_dir, mmsr.data.datamodule, mmsr.tools.secrets (Lightning only for ``fit``; the secrets' masking only for a failure's output: ``mmsr.tools`` loads PIL, numpy and imagehash, ~0.3 s of every command)
+- mmsr.cli_checks -> mmsr.callbacks.final_checkpoint, mmsr.data.datamodule, mmsr.eval.load, mmsr.module, mmsr.optim, mmsr.tools.base, mmsr.tools.spec (the schedule's, the group size's and the tools' start-up checks, only for ``fit``)
 - mmsr.data.loaders -> mmsr.data.hf (the optional ``datasets`` extra, for saved dataset directories)
 - mmsr.demo.run -> mmsr.cli, mmsr.demo.world, mmsr.report.cli, mmsr.report.plots (the demo's stages, when they run)
 - mmsr.eval.cli -> mmsr.data.loaders, mmsr.eval.load, mmsr.eval.run, mmsr.eval.suite, mmsr.eval.workflows, mmsr.reward.judge, mmsr.tools.base (after parsing)
@@ -51,7 +52,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("report",),
     ("callbacks",),
     ("module", "sft"),
-    ("cli_errors",),
+    ("cli_errors", "cli_checks"),
     ("cli",),
     ("eval", "export", "plan", "sweep"),
     ("demo",),

@@ -15,7 +15,7 @@ class FinalCheckpoint(L.Callback):
     """At the end of training, saves ``last`` of each ``ModelCheckpoint`` with ``save_last`` whose last save was
     at an earlier step (none at all: Lightning's own ``on_train_end`` saves it). ``save_last: link`` first saves
     the step's checkpoint, as an interval's save does: the link needs a file of that step to point to.
-    ``mmsr``'s LightningCLI adds it to every trainer with such a checkpoint callback (``cli.add_final_checkpoint``)."""
+    ``mmsr``'s LightningCLI adds it to every trainer with such a checkpoint callback (``cli_checks.add_final_checkpoint``)."""
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         for checkpoint in trainer.checkpoint_callbacks:

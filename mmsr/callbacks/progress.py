@@ -60,7 +60,7 @@ def training_steps(trainer: L.Trainer, updates: int | None = None) -> tuple[int,
     """Training steps done (``updates`` optimizer updates; default ``trainer.global_step``) and in the run
     (0: unbounded): Lightning's optimizer-update counts over the module's ``updates_per_step`` (1 when it has none).
     The run's steps round up: Lightning stops once ``max_steps`` is reached, after the step's last update (3 updates
-    at 2 a step are 2 steps, as ``mmsr.cli.check_schedule_length`` counts them)."""
+    at 2 a step are 2 steps, as ``mmsr.cli_checks.check_schedule_length`` counts them)."""
     per_step = max(int(getattr(trainer.lightning_module, "updates_per_step", 1)), 1)
     return (trainer.global_step if updates is None else updates) // per_step, -(-max(trainer.max_steps, 0) // per_step)
 

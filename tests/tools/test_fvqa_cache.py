@@ -344,7 +344,7 @@ def test_fit_eval_and_the_search_server_check_the_cache_before_anything_loads(tm
 def test_tools_that_check_nothing_themselves_are_not_built_twice(tmp_path):
     """``LocalTextSearch`` reads its corpus when built (seconds for the demo's image index): a config of such
     tools only is not built for the start-up check; one with a checking class is (the FVQA cache, in a list)."""
-    from mmsr.cli import check_tools_ready
+    from mmsr.cli_checks import check_tools_ready
 
     local = {"class_path": "mmsr.tools.local.LocalTextSearch", "init_args": {"corpus": str(tmp_path / "none.jsonl")}}
     check_tools_ready({"init_args": {"text_search": local}}, None)  # built, it would raise FileNotFoundError
