@@ -6,9 +6,13 @@ find them only once built."""
 from __future__ import annotations
 
 import importlib
+import inspect
 from pathlib import Path
 
+import yaml
+
 from mmsr.checks import refuse_out_of_range
+from mmsr.cli_errors import config_files
 from mmsr.data.paths import missing
 
 # Lightning's names for a checkpoint it looks up itself (``--ckpt_path last``)
@@ -200,3 +204,39 @@ def _class_paths(value) -> list[str]:
 def _imported(class_path: str) -> type:
     module, _, name = class_path.rpartition(".")
     return getattr(importlib.import_module(module), name)
+
+
+def refuse_function_init_args(args: list[str], cwd: str) -> None:
+    """No ``class_path`` in a ``-c`` file names a function and gives it ``init_args``: jsonargparse passes the
+    function itself where a protocol is taken (``reward: Reward``) and drops its ``init_args`` without a word,
+    so the run failed at the first step's reward, or scored with the function's defaults. Read from the files
+    (relative to ``cwd``): the parsed config no longer holds them. A function without ``init_args`` is a
+    callable reward or script, as meant."""
+    for path in config_files(args):
+        try:
+            tree = yaml.safe_load((Path(cwd) / path).read_text())
+        except (OSError, yaml.YAMLError):  # jsonargparse reports these itself
+            continue
+        for key, class_path, names in _function_entries(tree, ""):
+            raise ValueError(f"{path}: {key}class_path {class_path} is a function, not a class: its init_args "
+                             f"({', '.join(names)}) would be dropped; give a class whose __init__ takes them")
+
+
+def _function_entries(value, key: str):
+    """``(key, class_path, init_args' names)`` of every entry in a nested config whose class_path imports as a
+    function and has init_args (a class_path that does not import is left to jsonargparse to name)."""
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from _function_entries(item, f"{key[:-1]}[{i}].")
+        return
+    if not isinstance(value, dict):
+        return
+    class_path, init = value.get("class_path"), value.get("init_args")
+    if isinstance(class_path, str) and isinstance(init, dict) and init:
+        try:
+            if inspect.isroutine(_imported(class_path)):
+                yield key, class_path, [str(name) for name in init]
+        except (ImportError, AttributeError, ValueError):
+            pass
+    for name, item in value.items():
+        yield from _function_entries(item, f"{key}{name}.")

@@ -126,7 +126,7 @@ def config_syntax_line(message: str, args: list[str], cwd: str) -> str | None:
     cannot read, read again here; None when none is such a file."""
     if not message.startswith("Problems parsing config"):
         return None
-    for path in _config_files(args):
+    for path in config_files(args):
         try:
             yaml.load((Path(cwd) / path).read_text(), Loader=LOADER)
         except yaml.MarkedYAMLError as exc:
@@ -140,7 +140,7 @@ def config_syntax_line(message: str, args: list[str], cwd: str) -> str | None:
     return None
 
 
-def _config_files(args: list[str]) -> list[str]:
+def config_files(args: list[str]) -> list[str]:
     """The files given to ``-c`` / ``--config`` (``--config=FILE`` too), in order."""
     files = []
     for flag, value in zip(args, [*args[1:], None]):

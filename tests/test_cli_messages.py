@@ -74,3 +74,37 @@ def test_a_seed_in_range_or_true_passes(fit):
             fit("--seed_everything", seed)
 
 
+
+
+def scaled_reward(trajectory, sample, scale: float = 1.0) -> float:
+    """A reward that is a function, for the class_path below."""
+    return scale
+
+
+@pytest.mark.parametrize(("override", "key"), [
+    ({"reward": {"class_path": "tests.test_cli_messages.scaled_reward", "init_args": {"scale": 3.0}}},
+     "model.init_args.reward."),
+    ({"tools": [{"class_path": REWARD}, {"class_path": "tests.test_cli_messages.scaled_reward",
+                                         "init_args": {"scale": 3.0}}]}, "model.init_args.tools[1]."),
+])  # fmt: skip
+def test_a_function_given_init_args_is_refused_naming_file_and_key(override, key, tmp_path, monkeypatch):
+    """jsonargparse passed the function and dropped ``scale`` without a word (the parsed config said only
+    ``reward: tests.test_cli_messages.scaled_reward``): the run scored with ``scale=1.0``."""
+    monkeypatch.chdir(ROOT)
+    snippet = tmp_path / "snippet.yaml"
+    snippet.write_text(yaml.safe_dump({"model": {"init_args": override}}))
+    message = (f"{snippet}: {key}class_path tests.test_cli_messages.scaled_reward is a function, not a class: its "
+               "init_args (scale) would be dropped; give a class whose __init__ takes them")
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        lightning_cli(["fit", "-c", SMOKE, "-c", str(snippet), "--print_config"])
+
+
+def test_a_function_without_init_args_is_a_reward_as_meant(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    snippet = tmp_path / "snippet.yaml"
+    snippet.write_text(yaml.safe_dump({"model": {"init_args": {"reward": {
+        "class_path": "tests.test_cli_messages.scaled_reward"}}}}))
+    with pytest.raises(SystemExit) as exit_:
+        lightning_cli(["fit", "-c", SMOKE, "-c", str(snippet), "--print_config"])
+    assert exit_.value.code == 0
+    assert "reward: tests.test_cli_messages.scaled_reward" in capsys.readouterr().out
