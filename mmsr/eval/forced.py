@@ -33,7 +33,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from mmsr.rollout.engine import Engine, GenerationOutput, GenerationRequest, SamplingParams, turn_budget
+from mmsr.rollout.engine import (Engine, GenerationOutput, GenerationRequest, SamplingParams, generated,
+                                 turn_budget)
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,7 @@ class ForcedTurnsEngine:
                 by_stop.setdefault((spec.close,) if spec else sampling.stop, []).append(i)
         for stop, idx in by_stop.items():
             inner = [self._continue(requests[i], sampling) for i in idx]
-            for i, out in zip(idx, self.inner.generate(inner, replace(sampling, stop=stop))):
+            for i, out in zip(idx, generated(self.inner, inner, replace(sampling, stop=stop))):  # checked: one each
                 outputs[i] = self._finish(requests[i], sampling, out)
         return outputs  # type: ignore[return-value]
 

@@ -83,3 +83,20 @@ def test_an_empty_query_becomes_the_question_cut_to_the_turns_budget(tiny_policy
     assert cut.token_ids == opening + asked[:3] + closing
     with pytest.raises(ValueError, match=r"episode 'other#0': no question for sample 'other'"):
         forced.generate([GenerationRequest((1, 2), key="other#0", turn=0)], SamplingParams(max_tokens=64))
+
+
+class OneShortEngine(FillingEngine):
+    """Returns one output fewer than it was asked for (a user's engine with an off-by-one)."""
+
+    def generate(self, requests, sampling):
+        return super().generate(requests, sampling)[:-1]
+
+
+def test_an_inner_engine_one_output_short_is_named_not_a_silently_missing_turn(tiny_policy):
+    """``zip`` stopped at the shorter list: the last request's turn stayed ``None`` and failed later, unnamed."""
+    forced = ForcedTurnsEngine(OneShortEngine(), tiny_policy.tokenizer, {0: ForcedTurn("<answer>", "</answer>")},
+                               tiny_policy.stop_token_ids())  # fmt: skip
+    requests = [GenerationRequest((1, 2), turn=0, key="q0"), GenerationRequest((1, 2), turn=0, key="q1")]
+    with pytest.raises(ValueError, match=r"engine OneShortEngine\.generate returned 1 outputs for 2 requests; "
+                                         r"request 'q1' has none"):  # fmt: skip
+        forced.generate(requests, SamplingParams(max_tokens=8))
