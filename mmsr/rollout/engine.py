@@ -6,7 +6,7 @@ log-probs. It never sees text it must re-tokenize, so the ids it returns are the
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence, Sized
+from collections.abc import Callable, Container, Hashable, Iterable, Sequence, Sized
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -165,6 +165,25 @@ def generated(engine: Engine, requests: Sequence[GenerationRequest],
         raise ValueError(f"engine {name}.generate returned {len(outputs)} outputs for {len(requests)} requests"
                          f"{missing}: it returns one GenerationOutput per request, in their order")  # fmt: skip
     return [checked_output(engine, r.key, out) for r, out in zip(requests, outputs)]
+
+
+def submitted(engine: IncrementalEngine, requests: Sequence[GenerationRequest], sampling: SamplingParams,
+              in_flight: Container) -> list[Hashable]:  # fmt: skip
+    """``engine.submit(requests, sampling)``'s tickets, checked: one per request, each hashable, none repeated nor
+    among those ``in_flight``; else a ValueError naming the engine. Tickets one short failed as ``zip() argument 2
+    is shorter than argument 1``, and a repeated ticket lost an episode without a word (its turn never came back)."""
+    tickets, name = engine.submit(requests, sampling), engine_name(engine)
+    if not isinstance(tickets, (list, tuple)) or len(tickets) != len(requests):
+        got = len(tickets) if isinstance(tickets, (list, tuple)) else f"a {type(tickets).__name__}, not a list of"
+        raise ValueError(f"engine {name}.submit returned {got} tickets for {len(requests)} requests: it returns "
+                         "one ticket per request, in their order")  # fmt: skip
+    seen: set[Hashable] = set()
+    for ticket in tickets:
+        if not isinstance(ticket, Hashable) or ticket in seen or ticket in in_flight:
+            raise ValueError(f"engine {name}.submit returned ticket {ticket!r:.60}, unhashable or already taken: each "
+                             "ticket names one request among those in flight")  # fmt: skip
+        seen.add(ticket)
+    return list(tickets)
 
 
 def checked_output(engine: object, key: str, output: object) -> GenerationOutput:

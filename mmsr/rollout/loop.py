@@ -31,7 +31,7 @@ from mmsr.prompt.render import PromptBuilder
 from mmsr.rollout.actions import Answer, Invalid, stop_strings
 from mmsr.rollout.context import describe, fit
 from mmsr.rollout.engine import (Engine, GenerationOutput, GenerationRequest, IncrementalEngine, SamplingParams,
-                                 checked_output, engine_name, incremental)
+                                 checked_output, engine_name, incremental, submitted)
 from mmsr.rollout.images import ProcessedImages
 from mmsr.rollout.parse import parser_for
 from mmsr.rollout.stats import RolloutStats, covered_seconds
@@ -221,7 +221,7 @@ class RolloutLoop:
         try:
             while ready or turns or calls:
                 if ready:
-                    turns |= zip(engine.submit([self._request(e) for e in ready], sampling), ready, strict=True)
+                    turns |= zip(submitted(engine, [self._request(e) for e in ready], sampling, turns), ready)
                 ended, steps = (self._step(engine, turns), steps + 1) if turns else ([], steps)
                 started = {runner.submit(self._call_tool(e, semaphore)): e for e in ended if e.phase is Phase.CALL_TOOL}
                 calls |= started

@@ -132,6 +132,27 @@ class UnknownTicketStep(Stepping):
         return [(f"x{t}", o) for t, o in super().step()]
 
 
+class ShortSubmit(Stepping):
+    def submit(self, requests, sampling):
+        return super().submit(requests, sampling)[:-1]
+
+
+class RepeatedTicket(Stepping):
+    def submit(self, requests, sampling):
+        return ["same" for _ in super().submit(requests, sampling)]
+
+
+@pytest.mark.parametrize(("cls", "message"), [
+    (ShortSubmit, r"engine ShortSubmit.submit returned 1 tickets for 2 requests: it returns one ticket per request"),
+    (RepeatedTicket, r"engine RepeatedTicket.submit returned ticket 'same', unhashable or already taken"),
+], ids=["one_short", "repeated"])  # fmt: skip
+def test_a_broken_submit_is_named_where_the_loop_receives_it(tiny_policy, fvqa_samples, cls, message):
+    # before: zip() argument 2 is shorter than argument 1; a repeated ticket dropped the first episode's turn
+    engine = cls({s.id: [ANS] for s in fvqa_samples[:2]}, tiny_policy.tokenizer, step_s=0)
+    with pytest.raises(ValueError, match=message):
+        rollout(engine, tiny_policy, fvqa_samples[:2], Recording())
+
+
 @pytest.mark.parametrize(("cls", "message"), [
     (BadOutputStep, r"engine BadOutputStep on request '{0}#0': returned a tuple, not a GenerationOutput"),
     (UnknownTicketStep, r"engine UnknownTicketStep.step returned \('xt0', .*not a \(ticket, GenerationOutput\)"),
