@@ -18,7 +18,8 @@ import traceback
 import warnings
 
 from mmsr.cli_checks import (LIGHTNING_CKPT_NAMES, add_final_checkpoint, check_inputs_exist, check_manual_optimization,
-                             check_step_settings, check_tools_ready, refuse_function_init_args)
+                             check_step_settings, check_tools_ready, check_wandb_login,
+                             refuse_function_init_args)
 from mmsr.cli_errors import config_syntax_line, parse_error_line
 
 # command -> ("module:function" taking the remaining argv, what it does: ``mmsr --help``)
@@ -101,6 +102,8 @@ def lightning_cli(args: list[str] | None = None, parse_only: bool = False, **kwa
                 repoint_loggers(config.trainer.logger, runs)
             if not parse_only:
                 check_tools_ready(config.model, config.get("config"))
+                if self.subcommand == "fit":
+                    check_wandb_login(config.trainer)
 
         def parse_arguments(self, parser, args) -> None:
             refuse_function_init_args(sys.argv[1:] if args is None else list(args or []), cwd)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
 from pathlib import Path
 
 import yaml
@@ -240,3 +241,32 @@ def _function_entries(value, key: str):
             pass
     for name, item in value.items():
         yield from _function_entries(item, f"{key}{name}.")
+
+
+# wandb's modes that log nothing to a server (``WANDB_MODE``, ``mode``): no key is needed
+WANDB_LOCAL_MODES = ("offline", "dryrun", "disabled")
+
+
+def check_wandb_login(trainer) -> None:
+    """A ``WandbLogger`` that logs online has a wandb key (``wandb.login`` without the network round trip: a key
+    from ``WANDB_API_KEY`` or ``wandb login``; at a terminal wandb asks for one, as it would have later), before
+    the policy loads: wandb's ``No API key configured`` came only once the module was built (a 7B policy loaded)."""
+    loggers = trainer.get("logger")
+    online = [e for e in (loggers if isinstance(loggers, list) else [loggers]) if _online_wandb(e)]
+    if not online or os.environ.get("WANDB_MODE") in WANDB_LOCAL_MODES or os.environ.get("WANDB_DISABLED") == "true":
+        return
+    import wandb
+
+    try:
+        wandb.login(verify=False)
+    except wandb.errors.UsageError as exc:
+        raise ValueError(f"trainer.logger WandbLogger: {exc} (or export WANDB_API_KEY), or log offline: "
+                         "WANDB_MODE=offline (`wandb sync` the run later)") from None
+
+
+def _online_wandb(entry) -> bool:
+    """Whether a ``trainer.logger`` entry is a ``WandbLogger`` that is not set to log offline itself."""
+    if not callable(getattr(entry, "get", None)) or not str(entry.get("class_path", "")).endswith(".WandbLogger"):
+        return False
+    init = entry.get("init_args") or {}
+    return not init.get("offline") and init.get("mode") not in WANDB_LOCAL_MODES

@@ -105,3 +105,27 @@ def test_every_recipe_checkpoints_its_last_step():
             every = (callback.get("init_args") or {}).get("every_n_train_steps")
             if callback["class_path"].endswith("ModelCheckpoint") and every and trainer.get("max_steps"):
                 assert trainer["max_steps"] % every == 0, f"{path.relative_to(ROOT)}: every_n_train_steps {every}"
+
+
+def _wandb_logged(tmp_path, **init_args) -> str:
+    snippet = tmp_path / "wandb.yaml"
+    entry = {"class_path": "lightning.pytorch.loggers.WandbLogger",
+             "init_args": {"project": "mmsr-tests", "save_dir": str(tmp_path), **init_args}}  # fmt: skip
+    snippet.write_text(yaml.safe_dump({"trainer": {"logger": [entry]}}))
+    return str(snippet)
+
+
+def test_online_wandb_without_a_key_is_refused_before_the_policy_loads(fit, tmp_path, monkeypatch):
+    """wandb's ``No API key configured`` came once the module was built: after a 7B policy had loaded."""
+    for name in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_DISABLED"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc login
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    with pytest.raises(ValueError, match=r"^trainer.logger WandbLogger: No API key configured.* WANDB_MODE=offline"):
+        fit("-c", _wandb_logged(tmp_path))
+    for offline in ({"offline": True}, {"mode": "offline"}):
+        with pytest.raises(Exception, match=BUILT):
+            fit("-c", _wandb_logged(tmp_path, **offline))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    with pytest.raises(Exception, match=BUILT):
+        fit("-c", _wandb_logged(tmp_path))
