@@ -216,29 +216,36 @@ def test_a_workflow_that_searches_without_tools_is_refused_before_the_model_load
         main(["--ckpt", "run.ckpt", *data])
 
 
+def scripted_evaluation(ckpt) -> tuple[object, list[float]]:
+    """``mmsr eval --ckpt ckpt`` on two FVQA questions with a scripted engine: the first searches, then answers
+    right; the second answers right with extra words (SubEM's, not EM's). The evaluator and the reward column."""
+    from mmsr.data.loaders import load_samples
+    from mmsr.eval.cli import build_evaluator, parse_args
+    from mmsr.rollout.engine import ScriptedEngine
+
+    argv = ["--ckpt", str(ckpt), "--data", str(FVQA / "fvqa_dev.jsonl"), "--max-tokens-per-turn", "64"]
+    evaluator = build_evaluator(parse_args(argv))  # the run's turns of 5 tokens: too short for the script's
+    s, r = load_samples(FVQA / "fvqa_dev.jsonl")[:2], "<reason>r</reason>"
+    evaluator.engine = ScriptedEngine({s[0].id: [f"{r}<search><img></search>", f"{r}<answer>{s[0].ground_truth}</answer>"],
+                                       s[1].id: [f"{r}<answer>the {s[1].ground_truth} (probably)</answer>"]},
+                                      evaluator.policy.tokenizer)  # fmt: skip
+    return evaluator, [rec.reward for rec in evaluator.run(s, "on-demand", "dev")]
+
+
 def test_a_checkpoints_reward_column_is_scored_by_the_runs_reward(tmp_path):
     """``mmsr eval --ckpt`` scored the ``reward`` column with a default ``MMSearchR1Reward`` (EM, penalty 0.1), not
     the run's: here SubEM with penalty 0.5, so an answer with extra words scored 0.1 where training gave it 1.0. A
     judged reward is its table (the run's judge is not asked per episode); ``WeightedRewards`` keep their weights."""
-    from mmsr.data.loaders import load_samples
-    from mmsr.eval.cli import build_evaluator, parse_args
     from mmsr.eval.load import load_module, scoring_reward
     from mmsr.reward import MMSearchR1Reward, WeightedRewards
     from mmsr.reward.judge import OpenAIJudge
     from mmsr.reward.judged import JudgedReward
-    from mmsr.rollout.engine import ScriptedEngine
 
     reward = {"class_path": "mmsr.reward.MMSearchR1Reward", "init_args": {"search_penalty": 0.5, "mode": "SubEM"}}
     ckpt, _ = _run_dir(tmp_path, reward=reward)
-    argv = ["--ckpt", str(ckpt), "--data", str(FVQA / "fvqa_dev.jsonl"), "--max-tokens-per-turn", "64"]
-    evaluator = build_evaluator(parse_args(argv))  # the run's turns of 5 tokens: too short for the script's
+    evaluator, rewards = scripted_evaluation(ckpt)
     assert vars(evaluator.reward) == vars(load_module(ckpt).reward) == vars(MMSearchR1Reward(0.5, mode="SubEM"))
-    s = load_samples(FVQA / "fvqa_dev.jsonl")[:2]
-    r = "<reason>r</reason>"
-    evaluator.engine = ScriptedEngine({s[0].id: [f"{r}<search><img></search>", f"{r}<answer>{s[0].ground_truth}</answer>"],
-                                       s[1].id: [f"{r}<answer>the {s[1].ground_truth} (probably)</answer>"]},
-                                      evaluator.policy.tokenizer)  # fmt: skip
-    assert [rec.reward for rec in evaluator.run(s, "on-demand", "dev")] == pytest.approx([0.55, 1.0])
+    assert rewards == pytest.approx([0.55, 1.0])
     judged = JudgedReward(OpenAIJudge("http://127.0.0.1:1/v1", "m"), search_penalty=0.3, fallback="SubEM")
     assert scoring_reward(judged) is judged.table and vars(judged.table) == vars(MMSearchR1Reward(0.3, mode="SubEM"))
     weighted = scoring_reward(WeightedRewards([judged, MMSearchR1Reward()], [0.5, 2.0]))

@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from mmsr.module import GRPOModule
-from tests.conftest import FVQA
-from tests.eval.test_cli import TINY, TOOLS, _checkpointed
+from tests.eval.test_cli import TINY, TOOLS, _checkpointed, scripted_evaluation
 
 
 class BonusModule(GRPOModule):
@@ -24,20 +23,10 @@ class BonusModule(GRPOModule):
 
 
 def test_a_checkpoints_compute_rewards_override_scores_the_reward_column(tmp_path):
-    from mmsr.data.loaders import load_samples
-    from mmsr.eval.cli import build_evaluator, parse_args
-    from mmsr.rollout.engine import ScriptedEngine
-
     init = {"policy": TINY, **TOOLS, "num_generations": 2, "kl_coef": 0.001, "bonus": 100.0,
             "rollout": {"max_rounds": 2, "max_tokens_per_turn": 5, "max_context_tokens": 1500}}  # fmt: skip
     ckpt, _ = _checkpointed(tmp_path, {"class_path": f"{__name__}.BonusModule", "init_args": init})
-    argv = ["--ckpt", str(ckpt), "--data", str(FVQA / "fvqa_dev.jsonl"), "--max-tokens-per-turn", "64"]
-    evaluator = build_evaluator(parse_args(argv))
-    s = load_samples(FVQA / "fvqa_dev.jsonl")[:2]
-    r = "<reason>r</reason>"
-    evaluator.engine = ScriptedEngine({s[0].id: [f"{r}<search><img></search>", f"{r}<answer>{s[0].ground_truth}</answer>"],
-                                       s[1].id: [f"{r}<answer>the {s[1].ground_truth} (probably)</answer>"]},
-                                      evaluator.policy.tokenizer)  # fmt: skip
+    evaluator, rewards = scripted_evaluation(ckpt)
     # MMSearchR1Reward(): 0.91 (right after a search), 0.1 (EM fails, format kept); the override's bonus and rank
-    assert [rec.reward for rec in evaluator.run(s, "on-demand", "dev")] == pytest.approx([100.91, 110.1])
+    assert rewards == pytest.approx([100.91, 110.1])
     assert type(evaluator.reward.module) is BonusModule  # ``mmsr.eval.load.RunRewards``
