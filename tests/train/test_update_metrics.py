@@ -96,11 +96,18 @@ def test_maxima_are_the_largest_over_micro_batches_and_updates(rollout):
     """The PPO ratio against the engine's log-probs (the scripted engine's, not the policy's) and the mismatch: their
     maxima over the step's tokens are those of one update of one micro-batch, whatever the cut (here 2 updates of
     one episode a micro-batch: a token-weighted mean of the micro-batches' maxima, then a mean over updates, read
-    less)."""
+    less). Both are pinned to the largest gap of the policy's log-probs to the engine's: equal values alone passed
+    with the maximum zeroed."""
     whole, _ = update(rollout, EPISODES, old_logprobs="engine", micro_batch_tokens=100_000)
     cut, _ = update(rollout, EPISODES, old_logprobs="engine", micro_batch_tokens=1, mini_batches=2)
+    policy, trajs = rollout
+    scored = PolicyUpdate(policy, UpdateSettings(kl_coef=0.0)).score(trajs, policy.model, torch.device("cpu"), EPISODES)
+    gaps = torch.cat([(scored[i] - torch.tensor(trajs[i].logprobs[1:]))[torch.tensor(trajs[i].loss_mask[1:]) == 1]
+                      for i in EPISODES])  # fmt: skip
+    want = {"train/ratio_max": float(gaps.max().exp()), "train/mismatch_max_abs_diff": float(gaps.abs().max())}
+    assert want["train/mismatch_max_abs_diff"] > 1  # the scripted engine's -1 against a random policy's ~-6
     for k in ("train/ratio_max", "train/mismatch_max_abs_diff"):
-        assert cut[k] == pytest.approx(whole[k], rel=1e-5), k
+        assert cut[k] == pytest.approx(want[k], rel=1e-5) and whole[k] == pytest.approx(want[k], rel=1e-5), k
 
 
 def test_the_dual_clip_reaches_the_loss(rollout):
