@@ -60,6 +60,7 @@ from mmsr.parallel import (
     compute_dtype,
     copy_to,
     data_parallel_mesh,
+    first_error,
     gather_full,
     memory_metrics,
     mixed_precision,
@@ -70,6 +71,7 @@ from mmsr.prompt.render import PromptBuilder
 from mmsr.reference import ReferenceModel
 from mmsr.reward import MMSearchR1Reward, Reward
 from mmsr.reward.base import callable_reward, scored, scored_details
+from mmsr.reward.judge import JudgeRefused, refusal_in
 from mmsr.rollout.engine import Engine, SamplingParams
 from mmsr.rollout.hf_engine import HFEngine
 from mmsr.rollout.loop import RolloutLoop, RolloutSettings
@@ -391,7 +393,7 @@ class GRPOModule(L.LightningModule):
         trajs, samples = self._pending
         self._pending = None
         with self.timed("reward"):
-            rewards = self.checked_rewards(trajs, samples)
+            rewards = self.agreed_rewards(trajs, samples)
             group_ids = torch.tensor([t.group_id for t in trajs])
             advantages = group_advantages(rewards, group_ids, self.hparams.advantage_estimator)
         details = self.reward_details(trajs, samples)  # before the update: a reward's faulty details stop no later
@@ -460,6 +462,27 @@ class GRPOModule(L.LightningModule):
             i = int((~torch.isfinite(rewards)).nonzero()[0])
             raise ValueError(f"{owner} returned {float(rewards[i])} for episode {i} (sample "
                              f"{trajectories[i].sample_id!r}); rewards are finite numbers")  # fmt: skip
+        return rewards
+
+    def agreed_rewards(self, trajectories: Sequence[Trajectory], samples: Sequence[Sample]) -> torch.Tensor:
+        """``checked_rewards``, every rank stopping when a rank's judge refused (``JudgeRefused``): only the ranks
+        whose episodes answered ask the judge, and a rank that stopped alone left the others waiting in the step's
+        collectives (gloo: "Connection closed by peer"; NCCL: its timeout). That rank raises its error, the others
+        a ``JudgeRefused`` naming it. A collective on several ranks (``first_error``): ``training_step`` calls it
+        once a step on every rank (validation's ranks may run different numbers of batches)."""
+        error, message = None, None
+        try:
+            rewards = self.checked_rewards(trajectories, samples)
+        except Exception as exc:  # a judge's refusal, however a reward wrapped it; any other error raises here
+            if (refusal := refusal_in(exc)) is None:
+                raise
+            error, message = exc, str(refusal)
+        first = first_error(message, self.device)
+        if error is not None:
+            raise error
+        if first is not None:
+            rank, message = first
+            raise JudgeRefused(f"rank {rank}'s judge refused, so every rank stops: {message}")
         return rewards
 
     def _episode_ended(self, trajectory: Trajectory, sample: Sample) -> None:

@@ -18,7 +18,7 @@ from typing import Literal
 import torch
 from torch.distributed.tensor import DTensor
 
-from mmsr.checkpoint import adopt_dtypes
+from mmsr.checkpoint import adopt_dtypes, gather_per_rank
 from mmsr.models.policy import runs_beside_other_ranks
 
 PRECISION_COMPUTE = {"bf16-mixed": torch.bfloat16}
@@ -244,6 +244,22 @@ def all_reduce_sums(values: Sequence[float], device: torch.device) -> list[float
     t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)  # [len(values)]
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.tolist()
+
+
+def first_error(message: str | None, device: torch.device) -> tuple[int, str] | None:
+    """``(rank, message)`` of the lowest rank with a ``message`` (the error it stops on), None where no rank has
+    one: a rank that stops alone leaves the others waiting in the step's next collective (NCCL: until its timeout).
+    A collective on several ranks (every rank calls it at the same point): one all_reduce of one number, and the
+    messages gathered only when a rank has one. This rank's own outside distributed runs."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return None if message is None else (0, message)
+    if not all_reduce(float(message is not None), "max", device):
+        return None
+    messages = gather_per_rank(message)
+    return next((rank, m) for rank, m in enumerate(messages) if m is not None)
+
 
 def drop_idle_gradients(module: torch.nn.Module | None, used: bool, device: torch.device) -> None:
     """Set ``module``'s gradients to None after a step that used it on no rank (``used``: this rank's micro-batches

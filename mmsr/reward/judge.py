@@ -10,7 +10,8 @@ header and never logged or written out; a reply quoting it is masked (``redact``
 
 A 401/403 (the key) or 404 (the URL or model name) before the judge has ever replied in this process stops the
 run (``JudgeRefused``, naming the URL, the status and the key's variable), unretried: every request would fail
-the same way, and the run would go on without a judge. Once it has replied, those statuses are failed requests
+the same way, and the run would go on without a judge. On several ranks every rank stops, those that asked nothing
+too (``GRPOModule.agreed_rewards``). Once it has replied, those statuses are failed requests
 like any other (retried, then ``None``), as are timeouts, 5xx and connection errors at any time.
 """
 
@@ -37,6 +38,18 @@ REFUSALS = (401, 403, 404)  # the key (401/403) or the URL / model name (404) is
 class JudgeRefused(RuntimeError):
     """The judge's endpoint refused its key (401/403) or was not found (404) before it had ever replied in this
     process: the key, the URL or the model name is wrong (module docstring)."""
+
+
+def refusal_in(error: BaseException) -> JudgeRefused | None:
+    """The ``JudgeRefused`` in ``error``'s chain (``error`` itself, or what it was raised from or while handling:
+    ``mmsr.reward.base.scored`` wraps a reward's error in a ``RewardError``), None where there is none."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, JudgeRefused):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def request_failed(reply: str | None) -> bool:

@@ -40,8 +40,8 @@ class JudgedReward:
     failing, or the reply has none), correctness falls back to ``fallback`` matching, so a judge outage
     does not turn a step's rewards into zeros; ``details`` marks those episodes (``judge_failed``, logged
     as ``reward/judge_failed``). A judge that refuses its key or is not found (401/403/404) before it has
-    ever replied is no outage: ``submit``, ``batch`` and ``details`` raise its ``JudgeRefused``, stopping the
-    run, rather than train the whole run on the fallback.
+    ever replied is no outage: ``batch`` and ``details`` raise its ``JudgeRefused`` (a refused ``submit``'s too),
+    stopping the run, rather than train the whole run on the fallback.
 
     Args:
         judge: the judge (``class_path: mmsr.reward.judge.OpenAIJudge``; its API key from an env var).
@@ -101,8 +101,10 @@ class JudgedReward:
 
     def _harvest(self) -> None:
         """Moves the verdicts that came in to the cache, so ``_pending`` holds only requests in flight, even
-        when no ``batch`` takes them (a ``compute_rewards`` override that scores episodes one by one)."""
-        done = [k for k, future in self._pending.items() if future.done()]
+        when no ``batch`` takes them (a ``compute_rewards`` override that scores episodes one by one). A request
+        that raised (``JudgeRefused``) stays for ``batch`` to raise: raised here, mid-rollout, on one rank, the
+        other ranks went on into the step and waited for it (``GRPOModule.agreed_rewards`` stops them all)."""
+        done = [k for k, future in self._pending.items() if future.done() and future.exception() is None]
         self._remember({k: self._pending.pop(k).result() for k in done})
 
     def _ask(self, keys: Sequence[Key | None]) -> dict[Key, bool | None]:
