@@ -138,7 +138,8 @@ def failure_share(rows: list[dict], records: list[dict], stats: dict[str, Any], 
     the calls that reached the providers (a cache hit cannot fail)."""
     pred, outcomes = predicted_failure(stats, retries), tool_outcomes(records)
     calls = [float(r["tools/image_search_calls"]) + float(r["tools/text_search_calls"]) for r in rows]
-    failed = sum(float(r["tools/failure_rate"]) * n for r, n in zip(rows, calls))  # the logged rate, per step
+    # the logged rate, per step; a step without calls logs none (an empty cell, or no column at all)
+    failed = sum(float(r.get("tools/failure_rate") or 0.0) * n for r, n in zip(rows, calls))
     reached = {k: c["calls"] - c["cache_hits"] for k, c in outcomes.items()}
     expected = sum(reached[k] * pred[k] for k in pred)
     sigma = math.sqrt(sum(reached[k] * pred[k] * (1 - pred[k]) for k in pred))
@@ -150,13 +151,10 @@ def failure_share(rows: list[dict], records: list[dict], stats: dict[str, Any], 
 
 
 def logged_counters(rows: list[dict]) -> dict[str, int]:
-    """The trainer's ``tools/<kind>/search_server/*`` counters over the whole run: each trainer process counts
-    from 0, so the totals add the last value before every restart (a drop) and the final one."""
-    out = {}
-    for key in (k for k in rows[0] if "/search_server/" in k) if rows else ():
-        values = [float(r[key] or 0) for r in rows]
-        out[key] = int(sum(v for v, nxt in zip(values, values[1:] + [0.0]) if nxt < v))
-    return out
+    """The trainer's ``tools/<kind>/search_server/*`` counters over the whole run: each step's row holds what
+    that step added (``mmsr.metrics.ToolCounters``), so the totals are their sums."""
+    keys = [k for k in rows[0] if "/search_server/" in k] if rows else []
+    return {key: int(sum(float(r[key] or 0) for r in rows)) for key in keys}
 
 
 def slope(xs: list[float], ys: list[float]) -> float:

@@ -170,13 +170,33 @@ def held_out_metrics(episodes: Sequence[dict]) -> dict[str, float]:
     return out | {f"val/{k}": v for k, v in group_metrics(sums).items()} | {"val/episodes": float(len(episodes))}
 
 
-def tool_metrics(stats: RolloutStats, tools: dict | None = None) -> dict[str, float]:
+def tool_metrics(stats: RolloutStats, tools: dict | None = None,
+                 counters: ToolCounters | None = None) -> dict[str, float]:  # fmt: skip
     """The tool calls of every rank's rollout (a collective; on one process its own): calls per tool, failure
     rate, latency and overlap (``tool_rates`` of the summed ``tool_sums``), and each tool's own counters (API
-    calls, cost, cache hits of cached/web tools) under ``tools/<kind>/``, summed: a step's totals (a run-wide
-    one, ``run_wide``, the largest rank's)."""
-    ranks = gather_per_rank((tool_counters(tools), tool_sums(stats)))  # one collective for both
+    calls, cost, cache hits of cached/web tools) under ``tools/<kind>/``, summed: a step's totals, what each
+    process's tools added since ``counters``' previous reading (``ToolCounters.step``; without ``counters``,
+    since they were built; a run-wide one, ``run_wide``, the largest rank's reading)."""
+    own = (counters or ToolCounters()).step(tools)
+    ranks = gather_per_rank((own, tool_sums(stats)))  # one collective for both
     return _counters_over_ranks([own for own, _ in ranks]) | tool_rates(_added(sums for _, sums in ranks))
+
+
+class ToolCounters:
+    """This process's tool counters a step added: a tool counts from when it was built (from 0 again in a resumed
+    process), and a step's row logged that running total, the step's calls read 1, 2, 3 over three steps of one.
+    Keep one across steps (``GRPOModule``); held-out episodes' calls between two readings fall in the next one."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, float] = {}  # the previous reading (``tool_counters``)
+
+    def step(self, tools: dict | None) -> dict[str, float]:
+        """``tool_counters(tools)`` less the previous reading, key by key, but for a run-wide counter (``run_wide``:
+        its run's shared total, logged as read)."""
+        now = tool_counters(tools)
+        added = {k: v if run_wide(k) else v - self._last.get(k, 0.0) for k, v in now.items()}
+        self._last = now
+        return added
 
 
 def run_wide(key: str) -> bool:
@@ -223,14 +243,19 @@ def tool_sums(stats: RolloutStats) -> dict[str, float]:
 
 def tool_rates(sums: dict[str, float]) -> dict[str, float]:
     """Calls per tool, ``tools/failure_rate``, ``tools/latency_s`` and ``rollout/overlap`` of ``tool_sums``:
-    ratios of the sums, so that every call weighs the same whichever rank made it."""
+    ratios of the sums, so that every call weighs the same whichever rank made it. A ratio of nothing (no call, no
+    timed call, no second a tool ran) is left out: a step without calls logged a failure rate and latency of 0 and
+    an overlap of 1, which a plot or a mean over steps read as measured."""
     counts = {k: v for k, v in sums.items() if k.startswith("tools/")}
     calls, waits = sum(counts.values()), RolloutStats(tools_s=sums["tools_s"], tool_busy_s=sums["tool_busy_s"])
-    return counts | {
-        "tools/failure_rate": sums["failures"] / calls if calls else 0.0,
-        "tools/latency_s": sums["latency_s"] / sums["timed_calls"] if sums["timed_calls"] else 0.0,
-        "rollout/overlap": waits.overlap,  # share of tool time the rollout did not wait for
+    ratios = {
+        "tools/failure_rate": (sums["failures"], calls),
+        "tools/latency_s": (sums["latency_s"], sums["timed_calls"]),
     }
+    out = counts | {k: n / d for k, (n, d) in ratios.items() if d}
+    if waits.tool_busy_s > 0:
+        out["rollout/overlap"] = waits.overlap  # share of tool time the rollout did not wait for
+    return out
 
 
 def totals_over_ranks(sums: dict[str, float]) -> dict[str, float]:

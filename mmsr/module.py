@@ -25,10 +25,10 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, replace
-from typing import Literal
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -50,6 +50,7 @@ from mmsr.metrics import (
     rollout_metrics,
     rollout_timings,
     summed_over_ranks,
+    ToolCounters,
     tool_metrics,
     zero_std_groups,
 )
@@ -90,9 +91,14 @@ from mmsr.train.update import Backprop, PolicyUpdate, UpdateSettings, choice_lim
 def refuse_short_engine(engine: Engine | None, rollout: RolloutSettings) -> None:
     """Refuse an engine whose context (``max_model_len``) is shorter than an episode's: it failed mid-rollout, at
     the first context past it, in vLLM's words, naming neither the request nor either setting."""
-    limit = getattr(engine, "max_model_len", None)
+    refuse_short_context(type(engine).__name__, getattr(engine, "max_model_len", None), rollout)
+
+
+def refuse_short_context(engine: str, limit: int | None, rollout: RolloutSettings) -> None:
+    """``refuse_short_engine`` on an engine's class name and ``max_model_len`` (``None``: no such limit), which
+    ``mmsr plan`` reads from a config without starting the engine."""
     if limit is not None and limit < rollout.max_context_tokens:
-        raise ValueError(f"{type(engine).__name__}(max_model_len={limit}) is below RolloutSettings.max_context_tokens="
+        raise ValueError(f"{engine}(max_model_len={limit}) is below RolloutSettings.max_context_tokens="
                          f"{rollout.max_context_tokens}: episodes would outgrow the engine's context mid-rollout; raise "
                          "max_model_len or lower max_context_tokens")  # fmt: skip
 
@@ -217,23 +223,12 @@ class GRPOModule(L.LightningModule):
         check_budgets(tool_map, rollout.tool_timeout_s)  # fail fast
         rollout.refuse_unknown_tools([spec.name for spec in declared(tool_map)])  # as the loop would, before the build
         refuse_short_engine(engine, rollout)
-        check_schedule(lr_schedule, warmup_steps, total_steps)
-        # A group of one gets advantage 0 whatever its reward (every estimator), and greedy rollouts make a group's
-        # episodes identical: either way the policy never moves. Validation is greedy on its own (validation_step).
-        refuse_out_of_range("GRPOModule", [
-            ("num_generations", num_generations, num_generations >= 2, ">= 2, the GRPO group size"),
-            ("temperature", temperature, temperature > 0, "> 0 for training rollouts; 0 is greedy"),
-            # a misspelt estimator failed at the first step, a rollout in (the update's choices: UpdateSettings)
-            *choice_limits(GRPOModule.__init__, dict(advantage_estimator=advantage_estimator, param_dtype=param_dtype)),
-            *optimizer_limits(lr, weight_decay, warmup_steps, total_steps)])  # fmt: skip
         # Loggers cannot take the frozen RolloutSettings: they get its fields as a dict.
         self.save_hyperparameters(ignore=["policy", "engine", "image_search", "text_search", "tools", "reward", "prompts",
                                           "rollout", "weight_sync"])  # fmt: skip
         self.hparams["rollout"] = asdict(rollout)
         self.automatic_optimization = False
-        # both refuse values out of range, before the (slow) build
-        self.sampling = SamplingParams(temperature, top_p, top_k, rollout.max_tokens_per_turn)
-        update = UpdateSettings.of(self.hparams, max_context_tokens=rollout.max_context_tokens)
+        self.sampling, update = self.checked_settings(self.hparams, rollout)  # before the (slow) build
         self.policy = policy.build()
         # from_pretrained returns a model in eval mode, where Hugging Face turns gradient checkpointing
         # off; Lightning no longer switches modes at fit start (it warned: "N modules in eval mode").
@@ -251,9 +246,28 @@ class GRPOModule(L.LightningModule):
         self._pending: tuple[list[Trajectory], list[Sample]] | None = None
         self.last_rollout: StepRollout | None = None  # for observers (loggers, trajectory dumps)
         self._timings: dict[str, float] = {}
+        self._tool_counters = ToolCounters()  # what the tools' own counters added at each step
         self.stage: str | None = None  # the step's current stage, read live by StageProgressBar
         self._sharded = self._configured = self._engine_started = False
         self._tool_run_id: str | None = None  # the run's id in the search caches' budget (on_fit_start)
+
+    @classmethod
+    def checked_settings(cls, hp: Mapping[str, Any], rollout: RolloutSettings) -> tuple[SamplingParams, UpdateSettings]:
+        """The rollouts' sampling and the update's settings of the ``__init__`` arguments ``hp`` (by name, as
+        ``hparams`` holds them), refusing values out of range from the values alone: ``__init__`` calls it before
+        the build, and ``mmsr plan`` on a config's ``model.init_args``, building nothing."""
+        check_schedule(hp["lr_schedule"], hp["warmup_steps"], hp["total_steps"])
+        # A group of one gets advantage 0 whatever its reward (every estimator), and greedy rollouts make a group's
+        # episodes identical: either way the policy never moves. Validation is greedy on its own (validation_step).
+        refuse_out_of_range("GRPOModule", [
+            ("num_generations", hp["num_generations"], hp["num_generations"] >= 2, ">= 2, the GRPO group size"),
+            ("temperature", hp["temperature"], hp["temperature"] > 0, "> 0 for training rollouts; 0 is greedy"),
+            # a misspelt estimator failed at the first step, a rollout in (the update's choices: UpdateSettings)
+            *choice_limits(GRPOModule.__init__, {k: hp[k] for k in ("advantage_estimator", "param_dtype")}),
+            *optimizer_limits(hp["lr"], hp["weight_decay"], hp["warmup_steps"], hp["total_steps"])])  # fmt: skip
+        # both refuse values out of range
+        sampling = SamplingParams(hp["temperature"], hp["top_p"], hp["top_k"], rollout.max_tokens_per_turn)
+        return sampling, UpdateSettings.of(hp, max_context_tokens=rollout.max_context_tokens)
 
     @property
     def updates_per_step(self) -> int:
@@ -406,7 +420,7 @@ class GRPOModule(L.LightningModule):
         metrics |= rollout_timings(self.loop.stats) | train_metrics | self._timings | memory
         # counts and ratios of tool calls and of groups over every rank's calls and episodes (a mean of per-rank
         # ratios weighed a rank's one failed call like another's nine good ones)
-        tools, groups = tool_metrics(self.loop.stats, self.loop.tools), group_sums(trajs, samples, details)
+        tools, groups = tool_metrics(self.loop.stats, self.loop.tools, self._tool_counters), group_sums(trajs, samples, details)
         metrics = reduced_over_ranks(metrics) | tools | group_metrics(summed_over_ranks(groups))
         self.log_dict(metrics, batch_size=len(samples), prog_bar=False)
         self.log("reward", metrics["reward/mean"], prog_bar=True, logger=False, batch_size=len(samples))

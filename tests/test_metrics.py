@@ -185,6 +185,39 @@ def test_tool_rates_of_one_process_are_its_own_ratios_bit_for_bit():
     assert tool_rates(totals_over_ranks(tool_sums(stats))).items() <= m.items()  # what training_step logs
 
 
+def test_tool_rates_of_a_step_without_calls_leave_out_the_ratios_of_nothing(monkeypatch):
+    """No rank called a tool: a failure rate and latency of 0 and an overlap of 1 were logged, read as measured. A
+    rank without calls whose peer had some logs the peer's ratios (every rank decides on the summed counts)."""
+    import mmsr.metrics as metrics
+
+    idle = metrics.tool_sums(RolloutStats(generate_s=1.0))
+    assert metrics.tool_rates(idle) == {"tools/image_search_calls": 0.0, "tools/text_search_calls": 0.0}
+    busy = RolloutStats(tools_s=0.5, tool_busy_s=1.0, tool_latency_s=[1.0])
+    busy.tool_calls["text_search"] = 1
+    monkeypatch.setattr(metrics, "gather_per_rank", lambda obj: [obj, ({}, metrics.tool_sums(busy))])
+    m = metrics.tool_metrics(RolloutStats())
+    assert (m["tools/failure_rate"], m["tools/latency_s"], m["rollout/overlap"]) == (0.0, 1.0, 0.5)
+
+
+def test_tool_counters_log_what_each_step_added_and_a_run_wide_total_as_read():
+    """A tool counts from when it was built: each reading less the previous one, the run's shared total as it is,
+    and the first reading whole (a resumed process counts from 0 again)."""
+    from mmsr.metrics import ToolCounters
+
+    class Growing:
+        readings = iter([(2.0, 0.5, 7.0), (2.0, 0.5, 7.0), (5.0, 1.25, 11.0)])
+
+        def metrics(self):
+            calls, cost, run_calls = next(self.readings)
+            return {"tools/api_calls": calls, "tools/api_cost": cost, "tools/run_api_calls": run_calls}
+
+    counters, tools = ToolCounters(), {"text_search": Growing()}
+    steps = [counters.step(tools) for _ in range(3)]
+    assert [s["tools/text_search/api_calls"] for s in steps] == [2.0, 0.0, 3.0]
+    assert [s["tools/text_search/api_cost"] for s in steps] == [0.5, 0.0, 0.75]
+    assert [s["tools/text_search/run_api_calls"] for s in steps] == [7.0, 7.0, 11.0]
+
+
 def test_a_reward_without_details_logs_no_accuracy_or_format():
     """The README's reward with ``__call__`` alone: no term measures correctness, so no ``reward/accuracy`` (nor
     per source, nor held-out) rather than a constant 0 that reads "never right"; search ratios stay."""

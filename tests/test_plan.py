@@ -623,3 +623,33 @@ def test_fp32_compute_over_bf16_parameters_is_refused_as_fit_refuses_it():
     with pytest.raises(ValueError, match="model.compute_dtype 'float32' is wider than model.param_dtype 'bfloat16'"):
         main(["-c", str(RECIPES[0]), "--model.init_args.param_dtype", "bfloat16", "--model.init_args.compute_dtype",
               "float32", "--json"])  # fmt: skip
+
+
+@pytest.mark.parametrize("override, built", [
+    (["--model.num_generations", "1"], dict(num_generations=1)),
+    (["--model.init_args.temperature", "0"], dict(temperature=0.0)),
+    (["--model.init_args.top_p", "0"], dict(top_p=0.0)),
+    (["--model.init_args.lr", "0"], dict(lr=0.0)),
+    (["--model.init_args.clip_ratio_c", "1"], dict(clip_ratio_c=1.0)),
+    (["--model.init_args.ppo_epochs", "0"], dict(ppo_epochs=0)),
+    (["--model.init_args.rollout.max_rounds", "0"], None),  # RolloutSettings refuses it as it is made
+    (["--model.init_args.engine.init_args.max_model_len", "4096"], dict(engine="vllm")),
+], ids=["num_generations", "temperature", "top_p", "lr", "clip_ratio_c", "ppo_epochs", "max_rounds",
+        "short_engine"])  # fmt: skip
+def test_a_run_fit_would_refuse_once_built_is_refused_in_its_words(override, built):
+    """``GRPOModule.__init__`` (and the settings it makes) refuse these before the build, but ``mmsr fit`` gets
+    there only once the config is parsed into objects, which the plan never does: it said "fits" for a run that
+    could not start. Refused by the same checks, in the same one line (the module's, built with the same value)."""
+    from mmsr.module import GRPOModule
+    from mmsr.rollout.loop import RolloutSettings
+    from mmsr.rollout.vllm_engine import VLLMEngine
+
+    with pytest.raises(ValueError) as planned:
+        main(["-c", str(RECIPES[0]), *override, "--json"])
+    rollout = dict(max_tokens_per_turn=2048, max_context_tokens=6144)  # the recipe's
+    with pytest.raises(ValueError) as refused:
+        if built is None:
+            RolloutSettings(**rollout, max_rounds=0)
+        engine = VLLMEngine(max_model_len=4096) if built.pop("engine", None) else None
+        GRPOModule(None, engine=engine, rollout=RolloutSettings(**rollout), **built)
+    assert str(planned.value) == str(refused.value) and "\n" not in str(planned.value)

@@ -1,12 +1,15 @@
 """What GRPOModule logs at a step: only what that step measured, and over ranks counts summed, ratios of sums."""
 
+import lightning as L
+import torch
+
 import mmsr.metrics
 import mmsr.sync
 from mmsr.metrics import tool_rates, tool_sums
 from mmsr.rollout.engine import ScriptedEngine
 from mmsr.sync import SyncCheck, WeightSync
 from tests.rollout.test_loop import FakeImageSearch
-from tests.test_module import fit_one_step, make_module, script
+from tests.test_module import RIGHT, WRONG, fit_one_step, make_module, script
 
 
 class ProbedEngine(ScriptedEngine):
@@ -64,3 +67,42 @@ def test_two_ranks_log_summed_counts_and_ratios_of_the_summed_counts(monkeypatch
     assert not [s for s in sent if "tools/failure_rate" in s or "tools/latency_s" in s or "rollout/overlap" in s]
     category, source = fvqa_samples[0].category, fvqa_samples[0].data_source
     assert f"reward/accuracy/{category}" in logged and f"reward/accuracy/data_source/{source}" in logged
+
+
+class CallCounted(FakeImageSearch):
+    """The fake image search counting its calls since it was built, as a web or cached tool does: this process's
+    (``api_calls``) and its run's shared budget's (``run_api_calls``)."""
+
+    calls = 0
+
+    async def __call__(self, request):
+        self.calls += 1
+        return await super().__call__(request)
+
+    def metrics(self):
+        return {"tools/api_calls": float(self.calls), "tools/run_api_calls": float(self.calls)}
+
+
+def test_a_tools_own_counters_log_what_each_step_added(fvqa_samples):
+    """Three steps of one image search each: ``api_calls`` read 1, 2, 3 (the tool's running total, not the
+    step's); the run-wide total is logged as read."""
+    module, logged = make_module(image_search=CallCounted()), []
+    log_dict = module.log_dict
+    module.log_dict = lambda metrics, **kw: logged.append(dict(metrics)) or log_dict(metrics, **kw)
+    loader = torch.utils.data.DataLoader(fvqa_samples[:3], batch_size=1, collate_fn=list)
+    L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False).fit(module, loader)  # fmt: skip
+    assert [m["tools/image_search_calls"] for m in logged] == [1.0, 1.0, 1.0]
+    assert [m["tools/image_search/api_calls"] for m in logged] == [1.0, 1.0, 1.0]
+    assert [m["tools/image_search/run_api_calls"] for m in logged] == [1.0, 2.0, 3.0]
+
+
+def test_a_step_without_tool_calls_logs_no_tool_ratios(fvqa_samples):
+    """No episode searched: a failure rate and latency of 0 and an overlap of 1 were logged, read as measured."""
+    logged = {}
+    module = make_module(engine=ScriptedEngine(lambda r: [RIGHT, WRONG][int(r.key.rsplit("#", 1)[1]) % 2]))
+    log_dict = module.log_dict
+    module.log_dict = lambda metrics, **kw: logged.update(metrics) or log_dict(metrics, **kw)
+    fit_one_step(module, fvqa_samples[:1])
+    assert logged["tools/image_search_calls"] == logged["tools/text_search_calls"] == 0.0
+    assert not {"tools/failure_rate", "tools/latency_s", "rollout/overlap"} & logged.keys()

@@ -291,14 +291,41 @@ def sync_settings(model: dict[str, Any]) -> dict[str, Any]:
     return dict(bucket_mb=float(args["bucket_mb"]), verify_every=args["verify_every"], probe_text=args["probe_text"])
 
 
+def engine_context(engine: dict[str, Any] | None) -> tuple[str, int | None]:
+    """The configured engine's class name and ``max_model_len`` (its ``init_args``', else its class's default;
+    ``None`` for an engine without one, as ``HFEngine``, the default): what ``refuse_short_engine`` reads off the
+    started engine, read without starting it."""
+    cls = import_object((engine or {}).get("class_path") or "mmsr.rollout.hf_engine.HFEngine")
+    defaults = {k: p.default for k, p in inspect.signature(cls).parameters.items() if p.default is not p.empty}
+    return cls.__name__, (defaults | ((engine or {}).get("init_args") or {})).get("max_model_len")
+
+
+def refuse_unstartable(module: type, model: dict[str, Any]) -> None:
+    """Refuse a GRPO config ``mmsr fit`` would refuse once the module (``module``, a ``GRPOModule``) is built, by
+    the same checks on ``model.init_args`` alone: ``RolloutSettings``' ranges, an engine shorter than an episode
+    (``refuse_short_context``) and the module's and update's ranges (``GRPOModule.checked_settings``). Nothing is
+    built: the tools' checks (budgets, ``tool_limits`` names) are left to ``mmsr fit``."""
+    from mmsr.module import GRPOModule, refuse_short_context
+    from mmsr.rollout.loop import RolloutSettings
+
+    defaults = {k: p.default for k, p in inspect.signature(GRPOModule).parameters.items() if p.default is not p.empty}
+    args = defaults | model
+    rollout = args["rollout"]
+    rollout = rollout if isinstance(rollout, RolloutSettings) else RolloutSettings(**rollout)
+    refuse_short_context(*engine_context(args.get("engine")), rollout)
+    module.checked_settings(args, rollout)
+
+
 def run_spec(config: dict[str, Any]) -> RunSpec:
-    """Read a parsed run config (``parse_run_config``) into the numbers the plan needs (a GRPO run's)."""
+    """Read a parsed run config (``parse_run_config``) into the numbers the plan needs (a GRPO run's), refusing
+    one that could not start (``refuse_unstartable``)."""
     from mmsr.module import GRPOModule
 
-    if not issubclass(import_object(path := config["model"]["class_path"]), GRPOModule):
+    if not issubclass(module := import_object(path := config["model"]["class_path"]), GRPOModule):
         raise ValueError(f"mmsr plan sizes GRPO runs (model.class_path: mmsr.module.GRPOModule), not {path}: "
                          f"warm-start (SFTModule) configs are not planned")  # fmt: skip
     trainer, model = config["trainer"], config["model"]["init_args"]
+    refuse_unstartable(module, model)
     size, fsdp = world(trainer)
     rollout, policy = model.get("rollout") or {}, model["policy"].get("init_args") or {}
     attention = policy.get("attn_implementation") or "sdpa"  # the tiny builders take transformers' default

@@ -425,8 +425,10 @@ class RolloutLoop:
     async def _call_tool(self, e: Episode, semaphore: asyncio.Semaphore) -> ToolResult:
         request, tool = e.pending, self.tools.get(e.pending.kind)
         self.stats.tool_calls[request.kind] += 1
-        start = time.perf_counter()
         async with semaphore:
+            # timed from when the call may run: a wait behind ``tool_concurrency`` is no tool's latency, and a
+            # span is when the tool ran (``tool_busy_s``, which calls queued behind others cover anyway)
+            start = time.perf_counter()
             deadline = asyncio.timeout(self.settings.tool_timeout_s)
             try:
                 result = await self._result(tool, request, deadline)
