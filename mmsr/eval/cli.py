@@ -18,7 +18,8 @@ the tools' nested timeouts must fit the per-call cap (``mmsr.tools.budget.check_
 policy loads where the limits are known by then.
 
 A crashed or killed evaluation resumes: the same command again takes the batches it finished from
-``<out>/episodes.partial.jsonl`` (``mmsr.eval.work``). Heavy imports (transformers, torch; Lightning
+``<out>/episodes.partial.jsonl`` (``mmsr.eval.work``); under ``--suite``, those of the sets whose entry and data
+file are unchanged (``suite.set_identities``). Heavy imports (transformers, torch; Lightning
 only for ``--ckpt`` and ``--weights``) happen after argument parsing. Whatever the source, the loaded
 weights are synced into the engine and checked with the probe before the first question
 (``mmsr.eval.load``).
@@ -32,7 +33,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from mmsr.eval.work import CONTENTS, WORK_FILE, EvalWork, fingerprint
+from mmsr.eval.work import CONTENTS, SETS, WORK_FILE, EvalWork, fingerprint
 
 
 ROLLOUT_HELP = ("with --model-dir / --policy: the episode limits, a YAML of RolloutSettings fields or a run config whose "
@@ -58,7 +59,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-rounds", type=int, help="override the most assistant turns")
     parser.add_argument("--max-tokens-per-turn", type=int, help="override the per-turn token budget")
     parser.add_argument("--max-context-tokens", type=int, help="override the episode token budget")
-    parser.add_argument("--batch-size", type=int, default=16, help="questions per rollout batch")
+    parser.add_argument("--batch-size", type=positive_int, default=16, help="questions per rollout batch")
     parser.add_argument("--skip-invalid", action="store_true", help="drop invalid data rows with a warning")
 
 
@@ -81,8 +82,9 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-# The arguments that name files or folders the episodes depend on (the work file keeps their ``fingerprint``)
-INPUTS = ("ckpt", "run_config", "weights", "model_dir", "policy", "tools", "rollout", "suite")
+# The arguments that name files or folders the episodes depend on (the work file keeps their ``fingerprint``);
+# not ``--suite``: its sets are recorded one by one (``suite.set_identities``), so fixing one keeps the others
+INPUTS = ("ckpt", "run_config", "weights", "model_dir", "policy", "tools", "rollout")
 
 
 def input_contents(args: argparse.Namespace, data: Sequence[str] = (), outputs: Sequence[str] = ()) -> dict:
@@ -94,7 +96,9 @@ def input_contents(args: argparse.Namespace, data: Sequence[str] = (), outputs: 
 
 
 def positive_int(text: str) -> int:
-    """``type`` of a count of questions: 0 or less evaluated nothing, or all but the last (a slice's -1)."""
+    """``type`` of a count (``--limit``, ``--batch-size``, curate's ``--k``): 0 or less evaluated nothing, or all
+    but the last (a slice's -1); a batch size of 0 failed only after the model loaded, a ``--k`` of 0 dropped
+    every question."""
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
@@ -271,22 +275,25 @@ def run_arguments(args: argparse.Namespace) -> dict:
     score the suite's table shows (``--accuracy``: every record holds EM, SubEM and the judge's verdict) and
     the name of the variable the judge's key is read from (the judge is its URL and model: a renamed variable
     holding a key to the same judge refused the rerun and lost its finished batches). The files and folders
-    named are recorded with their ``fingerprint`` (``input_contents``)."""
+    named are recorded with their ``fingerprint`` (``input_contents``); ``--suite``'s sets each with its own batches
+    (``SETS``: ``suite.set_identities``), not here."""
     left_out = ("out", "workflow", "limit", "accuracy", "judge_key_env")
     data = [path for _, path in eval_sets(args.data)] if args.data else []
-    return {k: v for k, v in sorted(vars(args).items()) if k not in left_out} | {CONTENTS: input_contents(args, data, [args.out])}
+    per_set = {SETS: "with each batch"} if args.suite else {}
+    return ({k: v for k, v in sorted(vars(args).items()) if k not in left_out} | per_set
+            | {CONTENTS: input_contents(args, data, [args.out])})  # fmt: skip
 
 
 def run_suite_args(args: argparse.Namespace) -> dict:
     """``--suite``: the sets are built (config errors stop here) before the model is loaded."""
-    from mmsr.eval.suite import read_suite, run_suite
+    from mmsr.eval.suite import read_suite, run_suite, set_identities
 
     sets = read_suite(args.suite)
     if args.skip_invalid:
         for evalset in sets.values():
             evalset.skip_invalid = True
     accuracy = args.accuracy or ("judge" if args.judge_url else "em")
-    work = EvalWork(Path(args.out) / WORK_FILE, run_arguments(args))
+    work = EvalWork(Path(args.out) / WORK_FILE, run_arguments(args), set_identities(args.suite, [args.out]))
     table = run_suite(build_evaluator(args), sets, args.workflow, args.out, args.limit, accuracy, work)
     print((Path(args.out) / "suite.md").read_text(encoding="utf-8"))
     warn_unjudged(table["rows"], args.out)

@@ -211,13 +211,13 @@ def refuse_without_tools(workflows: Sequence[str], tools: Mapping[str, object], 
 
 
 def main(argv: list[str]) -> dict[str, int]:
-    from mmsr.eval.cli import add_model_args, input_contents, load_from_args, refuse_unread
+    from mmsr.eval.cli import add_model_args, input_contents, load_from_args, positive_int, refuse_unread
 
     p = argparse.ArgumentParser(prog="mmsr curate", description=__doc__.split("\n\n")[0])
     add_model_args(p)
     p.add_argument("--data", nargs="+", required=True, help="question pool: parquet / jsonl / datasets dirs")
     p.add_argument("--out", required=True, help="output parquet (MMSearch-R1 schema)")
-    p.add_argument("--k", type=int, default=8, help="rollouts per question")
+    p.add_argument("--k", type=positive_int, default=8, help="rollouts per question")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--search-free-ratio", type=float, default=0.32, help="paper: 1.6k of 5k")
     p.add_argument("--size", type=int, help="rows to select (default: the most the pools allow)")

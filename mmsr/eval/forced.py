@@ -13,9 +13,10 @@ text into the assistant turn itself instead of asking the model:
   ``<answer>`` the model writes again (the direct-answer prompt asks for the tags) is kept once:
   ``<answer><answer>x</answer>`` would grade as ``<answer>x`` (spec extraction), not ``x``. A turn
   edited so is re-tokenized. A turn with ``question_if_empty`` (RAG's query turn) whose content is empty, or
-  only whitespace and action tags, gets the episode's question as its content instead (``questions``, cut to
-  the turn's budget): ``<text_search></text_search>`` parsed as an empty query and ended RAG's episode after
-  one call, where the workflow always makes two.
+  only whitespace, action tags and an image tool's argument (``<img>``, ``IMAGE_ARGUMENT``), gets the episode's
+  question as its content instead (``questions``, cut to the turn's budget): ``<text_search></text_search>``
+  parsed as an empty query and ended RAG's episode after one call, where the workflow always makes two, and a
+  query turn of ``<search><img></search>`` searched the text ``<img>``.
 The forced tokens count against the turn's budget (``turn_budget``), the opening's and the closing's: the
 model samples what they leave, and a turn the budget cuts is still closed, so its action runs (RAG makes its
 two searches whatever the query's length, spec §9: a cut query turn had ended the episode after one). An
@@ -35,6 +36,17 @@ import torch
 
 from mmsr.rollout.engine import (Engine, GenerationOutput, GenerationRequest, SamplingParams, generated,
                                  turn_budget)
+from mmsr.tools.spec import IMAGE_SEARCH, ToolSpec
+
+
+def call_argument(spec: ToolSpec) -> str:
+    """The argument of ``spec``'s call as prompts write it (``ToolSpec.call`` without its tags)."""
+    return spec.call.removeprefix(f"<{spec.tag}>").removesuffix(spec.stop)
+
+
+# what an image tool's tag holds (``<img>``, the parser's grammar for every ``"image"`` argument): in a query it is
+# no text, so a query of nothing else is empty
+IMAGE_ARGUMENT = call_argument(IMAGE_SEARCH)
 
 
 @dataclass(frozen=True)
@@ -70,6 +82,7 @@ class ForcedTurnsEngine:
         self.close_ids = {t: tokenizer.encode(f.close, add_special_tokens=False) for t, f in self.turns.items() if f.close}
         names = sorted({re.escape(tag) for tag in tags}, key=len, reverse=True)
         self.action_tag = re.compile(rf"</?(?:{'|'.join(names)})>")
+        self.no_text = re.compile(rf"(?:{re.escape(IMAGE_ARGUMENT)}|\s)*")  # a body of only these is empty
 
     def bind(self, policy) -> None:
         if hasattr(self.inner, "bind"):
@@ -117,7 +130,7 @@ class ForcedTurnsEngine:
         content = text.split(spec.close, 1)[0] if out.finish == "stop" else text  # a token may run past the stop
         body = self.action_tag.sub("", content)
         closing = self.close_ids[turn]
-        if spec.question_if_empty and not body.strip():
+        if spec.question_if_empty and self.no_text.fullmatch(body):
             ids = self._question_ids(r)[: self._room(turn, turn_budget(r, sampling))]
             lps = [0.0] * len(ids)
         elif out.finish == "stop" and text == body + spec.close:

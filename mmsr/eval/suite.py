@@ -14,7 +14,9 @@ Every set's episodes are written as ``mmsr eval`` writes them (``<out>/<set>/tra
 ``suite.csv``, ``suite.json``) is rewritten after each set; within a set, each finished batch goes to the
 work file (``mmsr.eval.work``), so a crash loses nothing computed. A set that cannot be loaded (missing
 file, bad row), or whose evaluation raises, is a row marked as an error (the workflows it finished before
-are kept); the others still run, and the work file stays for the rerun.
+are kept); the others still run, and the work file stays for the rerun. Each batch there records its set's
+identity (``set_identities``): the rerun after a set's entry or data file was fixed runs that set again and
+takes the others' batches.
 Accuracy is one metric for the whole table (``judge``: the LLM judge, as the paper; ``em`` / ``subem``
 without one). SR is the share of responses that searched (paper §4.1); ``call_ratio`` (calls / allowed,
 Table 1's caption) is in the CSV and JSON.
@@ -30,9 +32,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from mmsr.data.columns import EvalSet
-from mmsr.eval.load import _parse, _read_yaml
+from mmsr.eval.load import _parse, _parsed, _read_yaml
 from mmsr.eval.run import Evaluator, judge_failed, repeated_id, write_outputs
-from mmsr.eval.work import EvalWork
+from mmsr.eval.work import EvalWork, fingerprint
 
 ACCURACY = ("judge", "em", "subem")
 _CSV = ("workflow", "set", "n", "accuracy_metric", "accuracy", "search_ratio", "call_ratio", "em", "subem", "judge",
@@ -54,6 +56,20 @@ def read_suite(path: str | Path) -> dict[str, EvalSet]:
         except Exception as exc:  # jsonargparse raises its own types: say which set's entry is wrong
             raise ValueError(f"{path}: set {name!r}: {exc}") from exc
     return sets
+
+
+def set_identities(path: str | Path, outputs: Sequence[str | Path] = ()) -> dict[str, dict]:
+    """Each set of suite file ``path`` (read by ``read_suite`` first) by what its episodes depend on besides the
+    run (``EvalWork``'s ``sets``): ``entry``, its entry as parsed (defaults filled in, so writing one out changes
+    nothing), and ``data``, the ``fingerprint`` of the file or folder its ``path`` names, as ``--data``'s (files
+    within ``outputs`` left out)."""
+    identities = {}
+    for name, entry in _read_yaml(path)["sets"].items():
+        parsed = _parsed({"set": EvalSet}, {"set": entry}, Path(path))[1].set.as_dict()
+        parsed = json.loads(json.dumps(parsed, default=str))  # as the work file reads it back (a Path argument: text)
+        data = (parsed.get("init_args") or {}).get("path")
+        identities[str(name)] = {"entry": parsed, "data": fingerprint(data, outputs)}
+    return identities
 
 
 def _load(evalset: EvalSet, limit: int | None) -> tuple[list, str | None]:

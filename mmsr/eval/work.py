@@ -6,7 +6,10 @@ A batch is the same slice of a set's questions in every run (``--batch-size`` is
 resumed evaluation gives the episodes an uninterrupted one gives, and a line cut by a crash is not valid
 JSON: that batch runs again. The file's first line names the arguments that decide the episodes, with a
 fingerprint of the files and folders they name (``fingerprint``: a checkpoint overwritten by training is
-another model); a rerun with other ones is refused, naming the file, rather than mixing two evaluations. The
+another model); a rerun with other ones is refused, naming the file, rather than mixing two evaluations. Under
+``--suite`` each batch also records its set's identity (``EvalWork``'s ``sets``: the set's suite entry and the
+fingerprint of its data): a set fixed or re-annotated since runs again alone, its old batches dropped (said in
+one line), while the other sets resume, and the suite file itself is not fingerprinted. The
 command removes the file once everything it wrote is complete (``trajectories.jsonl`` holds the same
 records) and the judge gave a reply for every episode it was asked about: after an outage the file stays,
 and the rerun asks again only for those verdicts.
@@ -17,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -27,19 +31,23 @@ from mmsr.tools.secrets import redact_all
 
 WORK_FILE = "episodes.partial.jsonl"
 CONTENTS = "contents"  # the run's key for the fingerprints of the files it reads (``fingerprint``)
+# the run's key saying each batch records its set's identity (``--suite``): a file without it predates that
+SETS = "set_identity"
 
 BatchKey = tuple[str, str, int]  # (set, workflow, index of the batch's first question)
 
 
 class EvalWork:
-    """The work file ``path`` of the evaluation described by ``run`` (JSON-able arguments).
+    """The work file ``path`` of the evaluation described by ``run`` (JSON-able arguments); ``sets``: each set's
+    identity (``--suite``: ``mmsr.eval.suite.set_identities``), recorded with its batches. A set whose identity
+    changed since has its batches dropped from the file (one line on stderr names it) and runs again.
 
     Raises:
         ValueError: ``path`` holds the batches of an evaluation with other arguments.
     """
 
-    def __init__(self, path: str | Path, run: Mapping[str, object]) -> None:
-        self.path, self.run = Path(path), as_json(run)
+    def __init__(self, path: str | Path, run: Mapping[str, object], sets: Mapping[str, object] | None = None) -> None:
+        self.path, self.run, self.sets = Path(path), as_json(run), as_json(sets or {})
         self._done: dict[BatchKey, tuple[list[str], list[EvalRecord]]] = {}
         self._used: set[BatchKey] = set()  # the batches this run took or added (another --limit leaves some out)
         if self.path.is_file():
@@ -51,8 +59,24 @@ class EvalWork:
             self.path.unlink()
             return
         same_run(self.path, rows[0]["run"], self.run, "the episodes of another evaluation", "choose another --out")
-        for row in rows[1:]:
+        for row in self._unchanged(rows)[1:]:
             self._done[(row["set"], row["workflow"], row["start"])] = (row["ids"], [EvalRecord(**r) for r in row["records"]])
+
+    def _unchanged(self, rows: list[dict]) -> list[dict]:
+        """``rows`` without the batches of the sets whose identity changed (``self.sets``), which go from the file
+        too, each such set named on stderr: its entry or data differs, so its old episodes must not be mixed in."""
+        changed = {row["set"]: row.get("identity") for row in rows[1:]
+                   if row["set"] in self.sets and row.get("identity") != self.sets[row["set"]]}  # fmt: skip
+        if not changed:
+            return rows
+        kept = [row for row in rows if row.get("set") not in changed]
+        rewrite(self.path, [json.dumps(row, ensure_ascii=False) for row in kept])
+        for name, before in changed.items():
+            dropped = sum(row.get("set") == name for row in rows)
+            print(f"mmsr eval: set {name}: {what_changed(before, self.sets[name])} since {self.path} was written: its "
+                  f"{dropped} finished batch{'es' * (dropped > 1)} there {'are' if dropped > 1 else 'is'} dropped, "
+                  "and it is evaluated again", file=sys.stderr)  # fmt: skip
+        return kept
 
     def done(self, key: BatchKey, ids: Sequence[str]) -> list[EvalRecord] | None:
         """The records of batch ``key`` if it was finished on these questions (``ids``, in order), else None."""
@@ -68,7 +92,9 @@ class EvalWork:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         new = not self.path.is_file() or self.path.stat().st_size == 0
         masked = [asdict(redact_all(r)) for r in records]
-        row = {"set": key[0], "workflow": key[1], "start": key[2], "ids": list(ids), "records": masked}
+        row = {"set": key[0], "workflow": key[1], "start": key[2], "ids": list(ids)}
+        row |= {"identity": self.sets[key[0]]} if key[0] in self.sets else {}
+        row["records"] = masked
         with self.path.open("a", encoding="utf-8") as f:
             if new:
                 f.write(json.dumps({"run": self.run}) + "\n")
@@ -94,10 +120,27 @@ def read_rows(path: Path) -> list[dict]:
     lines = jsonl_lines(text)
     kept = [(line, row) for line in lines if (row := parse_line(line)) is not None]
     if len(kept) < len(lines) or (text and not text.endswith("\n")):
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line, _ in kept), encoding="utf-8")
-        tmp.replace(path)
+        rewrite(path, [line for line, _ in kept])
     return [row for _, row in kept]
+
+
+def rewrite(path: Path, lines: Sequence[str]) -> None:
+    """Replace work file ``path`` by ``lines`` (one object each), whole or not at all (a crash mid-write leaves
+    the old file)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    tmp.replace(path)
+
+
+IDENTITY_PARTS = {"entry": "its suite entry", "data": "the file or folder its path names"}
+
+
+def what_changed(before: object, now: Mapping[str, object]) -> str:
+    """Which part of a set's identity (``mmsr.eval.suite.set_identities``) differs, in words."""
+    if not isinstance(before, dict):
+        return "its batches record no identity"
+    parts = [words for part, words in IDENTITY_PARTS.items() if before.get(part) != now.get(part)]
+    return (" and ".join(parts) or "its identity") + " changed"
 
 
 def fingerprint(path: str | Path | None, outputs: Sequence[str | Path] = ()) -> dict | None:
@@ -159,7 +202,8 @@ def difference(before: Mapping[str, object], now: Mapping[str, object]) -> str:
     """The first argument whose value differs, in words; then the first whose file or folder changed."""
     for name in sorted((set(before) | set(now)) - {CONTENTS}):
         if name not in before:  # an argument added since (its limits, say, may have changed with it)
-            return f"an older mmsr wrote it: it does not record --{name.replace('_', '-')}"
+            recorded = "each suite set's identity with its batches" if name == SETS else f"--{name.replace('_', '-')}"
+            return f"an older mmsr wrote it: it does not record {recorded}"
         if before.get(name) != now.get(name):
             return f"--{name.replace('_', '-')} was {before.get(name)!r}, now {now.get(name)!r}"
     if CONTENTS not in before:
