@@ -61,12 +61,12 @@ from mmsr.parallel import (
     compute_dtype,
     copy_to,
     data_parallel_mesh,
-    first_error,
     gather_full,
     memory_metrics,
     mixed_precision,
     refuse_one_device_ddp,
     shard,
+    stop_together,
 )
 from mmsr.prompt.render import PromptBuilder
 from mmsr.reference import ReferenceModel
@@ -78,7 +78,7 @@ from mmsr.rollout.hf_engine import HFEngine
 from mmsr.rollout.loop import RolloutLoop, RolloutSettings
 from mmsr.rollout.trajectory import Trajectory
 from mmsr.sync import WeightSync
-from mmsr.tools.base import SearchTool
+from mmsr.tools.base import FatalToolError, SearchTool
 from mmsr.tools.budget import check_budgets
 from mmsr.tools.cache import assign_run_id
 from mmsr.tools.secrets import redact_checkpoint_hparams
@@ -392,8 +392,17 @@ class GRPOModule(L.LightningModule):
         self._timings |= self.weight_sync.metrics(stats)
 
     def generate_rollouts(self, samples: list[Sample]) -> None:
+        """The step's rollout on every rank; a tool's ``FatalToolError`` (a refused key, a replay miss) stops every
+        rank (``stop_together``, a collective): only ranks whose episodes called that tool raise it, and a rank
+        that stopped alone left the others waiting in the step's collectives (NCCL: until its timeout)."""
+        error = None
         with self.timed("rollout"):
-            trajs = self.loop.run(samples, self.hparams.num_generations, self.sampling)
+            try:
+                trajs = self.loop.run(samples, self.hparams.num_generations, self.sampling)
+            except FatalToolError as exc:
+                error = exc
+        stop_together(error, self.device, lambda rank, message: FatalToolError(
+            f"rank {rank}'s tool stopped the run, so every rank stops: {message}"))  # fmt: skip
         if hasattr(self.engine, "sleep"):  # free the engine's GPU memory for the update
             self.engine.sleep()
         self._pending = (trajs, samples)
@@ -491,12 +500,8 @@ class GRPOModule(L.LightningModule):
             if (refusal := refusal_in(exc)) is None:
                 raise
             error, message = exc, str(refusal)
-        first = first_error(message, self.device)
-        if error is not None:
-            raise error
-        if first is not None:
-            rank, message = first
-            raise JudgeRefused(f"rank {rank}'s judge refused, so every rank stops: {message}")
+        stop_together(error, self.device, message=message, other=lambda rank, message: JudgeRefused(
+            f"rank {rank}'s judge refused, so every rank stops: {message}"))  # fmt: skip
         return rewards
 
     def _episode_ended(self, trajectory: Trajectory, sample: Sample) -> None:

@@ -12,7 +12,7 @@ reduced in fp32), on one device through ``torch.autocast`` (``Policy.autocast``)
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
@@ -259,6 +259,21 @@ def first_error(message: str | None, device: torch.device) -> tuple[int, str] | 
         return None
     messages = gather_per_rank(message)
     return next((rank, m) for rank, m in enumerate(messages) if m is not None)
+
+
+def stop_together(error: Exception | None, device: torch.device, other: Callable[[int, str], Exception],
+                  message: str | None = None) -> None:  # fmt: skip
+    """Raise ``error`` on its rank, and on every other rank ``other(rank, message)`` of the lowest rank that has
+    one (``first_error``; ``message``: what the others are told, by default ``Type: error``): an error that would
+    stop one rank alone leaves the others waiting in the next collective. Nothing where no rank has one. A
+    collective on several ranks, as ``first_error``."""
+    if error is not None and message is None:
+        message = f"{type(error).__name__}: {error}"
+    first = first_error(message if error is not None else None, device)
+    if error is not None:
+        raise error
+    if first is not None:
+        raise other(*first)
 
 
 def drop_idle_gradients(module: torch.nn.Module | None, used: bool, device: torch.device) -> None:
