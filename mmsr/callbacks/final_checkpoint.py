@@ -7,6 +7,9 @@ of training only when it never saved one (lightning/pytorch/callbacks/model_chec
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -18,6 +21,11 @@ class FinalCheckpoint(L.Callback):
     ``mmsr``'s LightningCLI adds it to every trainer with such a checkpoint callback (``cli_checks.add_final_checkpoint``)."""
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        with epoch_in_progress(trainer):
+            self._save_last(trainer)
+
+    @staticmethod
+    def _save_last(trainer: L.Trainer) -> None:
         for checkpoint in trainer.checkpoint_callbacks:
             if not isinstance(checkpoint, ModelCheckpoint) or not checkpoint.save_last:
                 continue
@@ -33,3 +41,24 @@ class FinalCheckpoint(L.Callback):
 def saves_last(trainer: L.Trainer) -> bool:
     """Whether one of the trainer's checkpoint callbacks keeps a ``last`` checkpoint (``FinalCheckpoint``'s work)."""
     return any(isinstance(c, ModelCheckpoint) and c.save_last for c in trainer.checkpoint_callbacks)
+
+
+@contextmanager
+def epoch_in_progress(trainer: L.Trainer) -> Iterator[None]:
+    """While the run's last checkpoint is saved: an epoch that ``max_steps``, ``max_time`` or a stop cut short
+    counted as still running, as an interval's save inside it records it. Lightning's fit loop counts the epoch
+    done before ``on_train_end``, so a run resumed from that ``last.ckpt`` began the next epoch: under
+    ``max_epochs`` it trained the cut epoch's remaining steps nowhere (and epoch-based triggers fired an epoch late)."""
+    progress = trainer.fit_loop.epoch_progress
+    cut = not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch and progress.current.completed > 0
+    if cut:
+        for counts in (progress.current, progress.total):
+            counts.completed -= 1
+            counts.processed -= 1
+    try:
+        yield
+    finally:
+        if cut:
+            for counts in (progress.current, progress.total):
+                counts.completed += 1
+                counts.processed += 1

@@ -55,8 +55,24 @@ def test_an_interval_that_divides_max_steps_saves_nothing_more(tmp_path):
 def test_a_linked_last_points_to_the_last_steps_checkpoint(tmp_path):
     assert fit(tmp_path, 3, save_last="link") == [2, 3]  # each interval's file, last.ckpt a link to it
     last = tmp_path / "last.ckpt"
-    # saved after the loop counted the epoch done, as Lightning's own end-of-training saves: named epoch=1
-    assert last.is_symlink() and last.resolve().name.endswith("step=3.ckpt") and step_of(last) == 3
+    assert last.is_symlink() and last.resolve().name == "epoch=0-step=3.ckpt" and step_of(last) == 3
+
+
+def test_a_run_resumed_from_a_cut_epochs_last_ckpt_trains_that_epochs_rest(tmp_path):
+    """Lightning counts the epoch ``max_steps`` cut short done before ``on_train_end``: saved so, the resumed run
+    began the next epoch, and under ``max_epochs`` 2 epochs of 4 batches it trained 7 steps, not 8."""
+    def trainer(max_steps: int) -> L.Trainer:
+        callbacks = [ModelCheckpoint(tmp_path, every_n_train_steps=2, save_last=True), FinalCheckpoint()]
+        return L.Trainer(max_epochs=2, max_steps=max_steps, limit_train_batches=4, callbacks=callbacks, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, accelerator="cpu")  # fmt: skip
+
+    trainer(3).fit(BoringModel())
+    saved = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=False)
+    assert (saved["global_step"], saved["epoch"]) == (3, 0)
+    resumed = trainer(-1)
+    resumed.fit(BoringModel(), ckpt_path=tmp_path / "last.ckpt")
+    assert (resumed.global_step, resumed.current_epoch) == (8, 2)
+    assert step_of(tmp_path / "last.ckpt") == 8
 
 
 def test_without_save_last_nothing_more_is_saved(tmp_path):
