@@ -255,6 +255,8 @@ def check_wandb_login(trainer) -> None:
     online = [e for e in (loggers if isinstance(loggers, list) else [loggers]) if _online_wandb(e)]
     if not online or os.environ.get("WANDB_MODE") in WANDB_LOCAL_MODES or os.environ.get("WANDB_DISABLED") == "true":
         return
+    if launch_rank() != 0:  # only rank 0 logs: the other ranks' nodes need no key
+        return
     import wandb
 
     try:
@@ -262,6 +264,15 @@ def check_wandb_login(trainer) -> None:
     except wandb.errors.UsageError as exc:
         raise ValueError(f"trainer.logger WandbLogger: {exc} (or export WANDB_API_KEY), or log offline: "
                          "WANDB_MODE=offline (`wandb sync` the run later)") from None
+
+
+def launch_rank() -> int:
+    """This process's rank as its launcher set it (torchrun's ``RANK``, ``LOCAL_RANK`` of the processes Lightning
+    starts, SLURM's), as Lightning reads it; 0 where none is set (the process that starts the others)."""
+    for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return 0
 
 
 def _online_wandb(entry) -> bool:

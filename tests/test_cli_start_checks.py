@@ -3,7 +3,10 @@ whole run), a ``ckpt_path`` that is a run's folder or another file (once the mod
 without ``use_distributed_sampler: false`` (once the engine started); and every recipe's checkpoint interval
 divides its ``max_steps``."""
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -115,17 +118,39 @@ def _wandb_logged(tmp_path, **init_args) -> str:
     return str(snippet)
 
 
+NO_KEY = "No API key configured. Use `wandb login` to log in."
+
+
 def test_online_wandb_without_a_key_is_refused_before_the_policy_loads(fit, tmp_path, monkeypatch):
-    """wandb's ``No API key configured`` came once the module was built: after a 7B policy had loaded."""
-    for name in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_DISABLED"):
+    """wandb's ``No API key configured`` came once the module was built: after a 7B policy had loaded. (wandb's own
+    answer without a key is checked in a fresh process below: this process's wandb may be set up by other tests.)"""
+    import wandb
+
+    def no_key(**_):
+        raise wandb.errors.UsageError(NO_KEY)
+
+    for name in ("WANDB_MODE", "WANDB_DISABLED", "RANK", "LOCAL_RANK", "SLURM_PROCID"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc login
-    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    monkeypatch.setattr(wandb, "login", no_key)
     with pytest.raises(ValueError, match=r"^trainer.logger WandbLogger: No API key configured.* WANDB_MODE=offline"):
         fit("-c", _wandb_logged(tmp_path))
     for offline in ({"offline": True}, {"mode": "offline"}):
         with pytest.raises(Exception, match=BUILT):
             fit("-c", _wandb_logged(tmp_path, **offline))
+    monkeypatch.setenv("LOCAL_RANK", "1")  # a rank that logs nothing
+    with pytest.raises(Exception, match=BUILT):
+        fit("-c", _wandb_logged(tmp_path))
+    monkeypatch.delenv("LOCAL_RANK")
     monkeypatch.setenv("WANDB_MODE", "offline")
     with pytest.raises(Exception, match=BUILT):
         fit("-c", _wandb_logged(tmp_path))
+
+
+def test_wandb_login_without_a_key_raises_the_usage_error_the_check_reads(tmp_path):
+    """The check relies on ``wandb.login(verify=False)`` raising ``UsageError`` without a key and a terminal."""
+    code = ("import wandb\ntry:\n    wandb.login(verify=False)\nexcept wandb.errors.UsageError as e:\n    print('usage:', e)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env |= {"HOME": str(tmp_path), "WANDB_CONFIG_DIR": str(tmp_path / "config"), "WANDB_SILENT": "true"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, stdin=subprocess.DEVNULL, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert proc.stdout.strip() == f"usage: {NO_KEY}", proc.stdout + proc.stderr[-2000:]

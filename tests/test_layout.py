@@ -18,7 +18,7 @@ when the function is called, after every module has loaded. These lazy imports a
 - mmsr.eval.load -> mmsr.checkpoint, mmsr.models.build, mmsr.module, mmsr.reward.judged, mmsr.rollout.hf_engine (no Lightning for a Hugging Face directory)
 - mmsr.export -> mmsr.eval.load (after parsing)
 - mmsr.plan -> mmsr.plan.config, mmsr.plan.memory (heavy imports after parsing)
-- mmsr.plan.config -> mmsr.cli, mmsr.models.build, mmsr.module, mmsr.parallel, mmsr.sync (after parsing; the module to refuse other runs)
+- mmsr.plan.config -> mmsr.cli, mmsr.models.build, mmsr.module, mmsr.parallel, mmsr.rollout.loop, mmsr.sync (after parsing; the module to refuse other runs and run its checks, ``RolloutSettings``' ranges)
 """
 
 from __future__ import annotations
