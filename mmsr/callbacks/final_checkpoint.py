@@ -24,6 +24,16 @@ class FinalCheckpoint(L.Callback):
         with epoch_in_progress(trainer):
             self._save_last(trainer)
 
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        """A save at the end of an epoch ``max_steps`` or a stop cut short (``ModelCheckpoint``'s default interval,
+        ``on_train_epoch_end``) records the epoch as still running: Lightning counts it processed before that hook,
+        and a run resumed from it began the next epoch (under ``max_epochs``, the cut epoch's rest never trained)."""
+        progress = trainer.fit_loop.epoch_progress.current
+        if cut_short(trainer) and progress.processed > progress.completed and "loops" in checkpoint:
+            saved = checkpoint["loops"]["fit_loop"]["epoch_progress"]
+            for part in ("current", "total"):
+                saved[part]["processed"] -= 1
+
     @staticmethod
     def _save_last(trainer: L.Trainer) -> None:
         for checkpoint in trainer.checkpoint_callbacks:
@@ -50,7 +60,7 @@ def epoch_in_progress(trainer: L.Trainer) -> Iterator[None]:
     done before ``on_train_end``, so a run resumed from that ``last.ckpt`` began the next epoch: under
     ``max_epochs`` it trained the cut epoch's remaining steps nowhere (and epoch-based triggers fired an epoch late)."""
     progress = trainer.fit_loop.epoch_progress
-    cut = not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch and progress.current.completed > 0
+    cut = cut_short(trainer) and progress.current.completed > 0
     if cut:
         for counts in (progress.current, progress.total):
             counts.completed -= 1
@@ -62,3 +72,8 @@ def epoch_in_progress(trainer: L.Trainer) -> Iterator[None]:
             for counts in (progress.current, progress.total):
                 counts.completed += 1
                 counts.processed += 1
+
+
+def cut_short(trainer: L.Trainer) -> bool:
+    """Whether the fit's current epoch ended, or ends, before its last batch (``max_steps``, ``max_time``, a stop)."""
+    return not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch

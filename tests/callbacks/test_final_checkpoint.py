@@ -58,11 +58,13 @@ def test_a_linked_last_points_to_the_last_steps_checkpoint(tmp_path):
     assert last.is_symlink() and last.resolve().name == "epoch=0-step=3.ckpt" and step_of(last) == 3
 
 
-def test_a_run_resumed_from_a_cut_epochs_last_ckpt_trains_that_epochs_rest(tmp_path):
-    """Lightning counts the epoch ``max_steps`` cut short done before ``on_train_end``: saved so, the resumed run
-    began the next epoch, and under ``max_epochs`` 2 epochs of 4 batches it trained 7 steps, not 8."""
+@pytest.mark.parametrize("interval", [{"every_n_train_steps": 2}, {}], ids=["steps", "epoch_end"])
+def test_a_run_resumed_from_a_cut_epochs_last_ckpt_trains_that_epochs_rest(tmp_path, interval):
+    """Lightning counts the epoch ``max_steps`` cut short done before ``on_train_end`` (processed before the
+    ``on_train_epoch_end`` save, the default interval's): saved so, the resumed run began the next epoch, and under
+    ``max_epochs`` 2 epochs of 4 batches it trained 7 steps, not 8."""
     def trainer(max_steps: int) -> L.Trainer:
-        callbacks = [ModelCheckpoint(tmp_path, every_n_train_steps=2, save_last=True), FinalCheckpoint()]
+        callbacks = [ModelCheckpoint(tmp_path, save_last=True, **interval), FinalCheckpoint()]
         return L.Trainer(max_epochs=2, max_steps=max_steps, limit_train_batches=4, callbacks=callbacks, logger=False,
                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, accelerator="cpu")  # fmt: skip
 
