@@ -67,16 +67,21 @@ def decode_attention_for(model) -> Iterator[bool]:
 
 class SlabLayer(DynamicLayer):
     """One layer's keys and values in buffers ``[B, KV, capacity, D]`` allocated on the first write;
-    ``keys``/``values`` are views of the filled prefix (what ``DynamicLayer`` exposes, without copies)."""
+    ``keys``/``values`` are views of the filled prefix (what ``DynamicLayer`` exposes, without copies).
+
+    Both slabs take the values' dtype, the compute dtype: under autocast on float32 weights the rotary
+    tables stay float32, so rotated keys come in float32 while values are bf16. Every attention kernel
+    casts the keys to the compute dtype anyway (autocast's SDPA and matmuls; flash-attention casts float32
+    inputs to it), so storing them rounded once gives the same logits, at the bytes ``mmsr plan`` counts."""
 
     def __init__(self, capacity: int) -> None:
         super().__init__()
         self.capacity = capacity
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.dtype, self.device = key_states.dtype, key_states.device
+        self.dtype, self.device = value_states.dtype, key_states.device
         b, h, _, _ = key_states.shape
-        self.key_slab = key_states.new_zeros(b, h, self.capacity, key_states.shape[-1])
+        self.key_slab = key_states.new_zeros(b, h, self.capacity, key_states.shape[-1], dtype=self.dtype)
         self.value_slab = value_states.new_zeros(b, h, self.capacity, value_states.shape[-1])
         self.length, self.is_initialized = 0, True
         self._views()

@@ -9,6 +9,7 @@ import copy
 
 import pytest
 import torch
+from transformers.cache_utils import Cache
 
 from mmsr.rollout.engine import GenerationRequest, SamplingParams
 from mmsr.rollout.hf_decode import DECODE_ATTENTION, LAYER_STEP_MODELS, SlabLayer, additive_mask, decode_attention, decode_attention_for
@@ -84,6 +85,63 @@ def test_bf16_autocast_decodes_as_transformers_does(text_policy):
         assert_same_as_dynamic(text_policy, text_contexts(text_policy), SamplingParams(temperature=1.0, max_tokens=8, stop=()))
     finally:
         text_policy.compute_dtype = None
+
+
+class KeysAsTheyCome(SlabLayer):
+    """The slab as it was: keys held in the dtype they arrive in (float32 under autocast on float32 weights)."""
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self.key_slab = torch.zeros_like(self.key_slab, dtype=key_states.dtype)
+        self._views()
+
+
+def generate_text(policy, attention: str) -> list:
+    config = policy.model.config.get_text_config()
+    config._attn_implementation = attention
+    try:
+        engine = HFEngine(seed=5)
+        engine.bind(policy)
+        requests = [GenerationRequest(ids, vision, key=f"q{i}#{k}") for i, (ids, vision) in enumerate(text_contexts(policy)) for k in range(2)]
+        return engine.generate(requests, SamplingParams(temperature=1.0, max_tokens=16, stop=()))
+    finally:
+        config._attn_implementation = "sdpa"
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_bf16_autocast_holds_keys_in_compute_dtype(text_policy, monkeypatch, attention):
+    """fp32 weights under bf16 autocast: the rotary tables stay fp32, so keys arrive fp32 while values are bf16.
+    The key slab holds bf16 (the bytes per token ``mmsr plan`` counts), and tokens and log-probs equal bit for
+    bit those of a slab keeping fp32 keys: every kernel rounds the keys to bf16 anyway."""
+    from mmsr.plan.config import model_shape
+    from mmsr.plan.memory import kv_bytes_per_token
+    from mmsr.rollout import hf_engine
+
+    text_policy.compute_dtype = torch.bfloat16
+    engine = HFEngine(seed=0)
+    engine.bind(text_policy)
+    text_policy.model.eval()
+    try:
+        with torch.no_grad(), text_policy.autocast(), decode_attention_for(text_policy.model) as additive:
+            layers = engine.prefill([GenerationRequest(text_contexts(text_policy)[0][0], ())], 4, additive)[0].cache.layers
+        assert next(text_policy.model.parameters()).dtype == torch.float32
+        assert {(layer.key_slab.dtype, layer.value_slab.dtype) for layer in layers} == {(torch.bfloat16, torch.bfloat16)}
+        held = sum((layer.key_slab[0, :, 0].nbytes + layer.value_slab[0, :, 0].nbytes) for layer in layers)
+        assert held == kv_bytes_per_token(model_shape(text_policy.model), "bfloat16")
+        outs = generate_text(text_policy, attention)
+        old_slabs = []
+
+        def old_cache(model, capacity: int) -> Cache:
+            old_slabs.extend(KeysAsTheyCome(capacity) for _ in layers)
+            return Cache(layers=old_slabs[-len(layers) :])
+
+        monkeypatch.setattr(hf_engine, "slab_cache", old_cache)
+        before = generate_text(text_policy, attention)
+    finally:
+        text_policy.compute_dtype = None
+    assert old_slabs and {s.key_slab.dtype for s in old_slabs} == {torch.float32}  # the reference kept fp32 keys
+    assert [o.token_ids for o in outs] == [o.token_ids for o in before]
+    assert [o.logprobs for o in outs] == [o.logprobs for o in before]
 
 
 def test_other_attention_decodes_with_2d_masks(text_policy):
