@@ -127,6 +127,26 @@ def warn_unserved_tools(loop: RolloutLoop) -> None:
                        f"policy makes comes back as a failed search and the run trains on that; {fix}")  # fmt: skip
 
 
+def told_other_ranks(error: Exception) -> tuple[str, str]:
+    """What the other ranks are told of the ``error`` this rank stops on (``stopped_elsewhere`` rebuilds it there):
+    ``("judge", the refusal)`` for a judge's refusal however a reward wrapped it, ``("tool", "Type: error")`` for a
+    tool's ``FatalToolError``, ``("other", "Type: error")`` for any other."""
+    if (refusal := refusal_in(error)) is not None:
+        return "judge", str(refusal)
+    return "tool" if isinstance(error, FatalToolError) else "other", f"{type(error).__name__}: {error}"
+
+
+def stopped_elsewhere(rank: int, told: tuple[str, str]) -> Exception:
+    """The error a rank stops on when ``rank`` stopped on one (``told_other_ranks``): of the same kind where it has
+    one (a refused judge, a tool's fatal error), naming ``rank`` and its message."""
+    kind, message = told
+    if kind == "judge":
+        return JudgeRefused(f"rank {rank}'s judge refused, so every rank stops: {message}")
+    if kind == "tool":
+        return FatalToolError(f"rank {rank}'s tool stopped the run, so every rank stops: {message}")
+    return RuntimeError(f"rank {rank} stopped: {message}")
+
+
 class GRPOModule(L.LightningModule):
     """Trains a policy to answer visual questions, searching only when it must.
 
@@ -218,6 +238,9 @@ class GRPOModule(L.LightningModule):
         is_correction: Literal["none", "truncate", "mask"] = "none", is_cap: float = 2.0,
         export_dir: str | None = None,
     ) -> None:  # fmt: skip
+        # the values this __init__ received: a subclass's own __init__ may pass others than its arguments, which
+        # save_hyperparameters records (a subclass doubling the temperature sampled at the one it was given)
+        received = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
         tool_map = configured(tools, image_search, text_search)
         check_budgets(tool_map, rollout.tool_timeout_s)  # fail fast
@@ -228,7 +251,7 @@ class GRPOModule(L.LightningModule):
                                           "rollout", "weight_sync"])  # fmt: skip
         self.hparams["rollout"] = asdict(rollout)
         self.automatic_optimization = False
-        self.sampling, update = self.checked_settings(self.hparams, rollout)  # before the (slow) build
+        self.sampling, update = self.checked_settings(received, rollout)  # before the (slow) build
         self.policy = policy.build()
         # from_pretrained returns a model in eval mode, where Hugging Face turns gradient checkpointing
         # off; Lightning no longer switches modes at fit start (it warned: "N modules in eval mode").
@@ -391,18 +414,25 @@ class GRPOModule(L.LightningModule):
             stats = self.weight_sync(self.policy, self.engine)
         self._timings |= self.weight_sync.metrics(stats)
 
+    def stop_every_rank(self, error: Exception | None) -> None:
+        """Raise ``error`` on this rank, and on every other rank ``stopped_elsewhere``'s error naming this one (the
+        lowest rank with an error): a rank that stopped alone left the others waiting in the next collective (gloo:
+        "Connection closed by peer"; NCCL: its timeout). Nothing where no rank has one. A collective on several
+        ranks (``stop_together``: one all_reduce), none on one process, which raises ``error`` itself."""
+        told = told_other_ranks(error) if error is not None else None
+        stop_together(error, self.device, stopped_elsewhere, message=told)
+
     def generate_rollouts(self, samples: list[Sample]) -> None:
-        """The step's rollout on every rank; a tool's ``FatalToolError`` (a refused key, a replay miss) stops every
-        rank (``stop_together``, a collective): only ranks whose episodes called that tool raise it, and a rank
-        that stopped alone left the others waiting in the step's collectives (NCCL: until its timeout)."""
+        """The step's rollout on every rank; an error of any rank (a tool's ``FatalToolError``: a refused key, a
+        replay miss) stops every rank (``stop_every_rank``, a collective): only ranks whose episodes called that
+        tool raise it."""
         error = None
         with self.timed("rollout"):
             try:
                 trajs = self.loop.run(samples, self.hparams.num_generations, self.sampling)
-            except FatalToolError as exc:
+            except Exception as exc:  # not BaseException: an interrupt stops this process at once
                 error = exc
-        stop_together(error, self.device, lambda rank, message: FatalToolError(
-            f"rank {rank}'s tool stopped the run, so every rank stops: {message}"))  # fmt: skip
+        self.stop_every_rank(error)
         if hasattr(self.engine, "sleep"):  # free the engine's GPU memory for the update
             self.engine.sleep()
         self._pending = (trajs, samples)
@@ -438,9 +468,15 @@ class GRPOModule(L.LightningModule):
     def on_validation_epoch_start(self) -> None:
         self.sync_weights()  # the engine holds the last rollout's weights, from before that step's updates
         self._val_episodes: list[dict] = []
+        self._val_error: Exception | None = None  # raised at the epoch's end, on every rank (validation_step)
 
     def validation_step(self, batch: list[Sample], batch_idx: int) -> None:
-        """One greedy episode per held-out prompt (``mmsr eval``'s protocol), scored by the reward."""
+        """One greedy episode per held-out prompt (``mmsr eval``'s protocol), scored by the reward. An error (a
+        tool's, a judge's) is kept, the rank's later batches skipped, and every rank stops on it at the epoch's end
+        (``on_validation_epoch_end``): ranks may run different numbers of batches, so none can agree per batch, and
+        a rank that stopped alone left the others waiting in the epoch's gather."""
+        if self._val_error is not None:
+            return
         # the live stage (StageProgressBar) says these are held-out episodes, not a training step's
         stage, runs = self.stage, self.loop.runs
         try:
@@ -453,10 +489,13 @@ class GRPOModule(L.LightningModule):
             rewards = self.checked_rewards(trajs, batch).tolist()
             for t, reward, detail in zip(trajs, rewards, self.reward_details(trajs, batch)):
                 self._val_episodes.append(episode_metrics(t, batch, reward, detail, self.loop.settings))
+        except Exception as exc:  # not BaseException: an interrupt stops this process at once
+            self._val_error = exc
         finally:
             self.stage = stage
 
     def on_validation_epoch_end(self) -> None:
+        self.stop_every_rank(self._val_error)  # before the gather, where a rank that stopped alone left the others
         if hasattr(self.engine, "sleep"):
             self.engine.sleep()
         episodes = [e for rank in gather_per_rank(self._val_episodes) for e in rank]
@@ -474,7 +513,8 @@ class GRPOModule(L.LightningModule):
     def checked_rewards(self, trajectories: Sequence[Trajectory], samples: Sequence[Sample]) -> torch.Tensor:
         """``compute_rewards``, its result checked: an override's that is not an ``[N]`` tensor of finite numbers is a
         TypeError or ValueError naming its class (a list ended in ``'list' object has no attribute 'dim'`` inside the
-        advantages, after the rollout, naming no override)."""
+        advantages, after the rollout, naming no override). Returned on the CPU in float32: an override's CUDA or
+        bf16 rewards (a reward model under bf16 autocast) failed the advantages' ``index_add`` or ran them in bf16."""
         rewards, n = self.compute_rewards(trajectories, samples), len(trajectories)
         owner, wanted = f"{type(self).__qualname__}.compute_rewards", f"a [N] tensor, one reward per trajectory (N = {n})"
         if not isinstance(rewards, torch.Tensor):
@@ -485,23 +525,19 @@ class GRPOModule(L.LightningModule):
             i = int((~torch.isfinite(rewards)).nonzero()[0])
             raise ValueError(f"{owner} returned {float(rewards[i])} for episode {i} (sample "
                              f"{trajectories[i].sample_id!r}); rewards are finite numbers")  # fmt: skip
-        return rewards
+        return rewards.detach().to("cpu", torch.float32)  # the default's already are: the same tensor
 
     def agreed_rewards(self, trajectories: Sequence[Trajectory], samples: Sequence[Sample]) -> torch.Tensor:
-        """``checked_rewards``, every rank stopping when a rank's judge refused (``JudgeRefused``): only the ranks
-        whose episodes answered ask the judge, and a rank that stopped alone left the others waiting in the step's
-        collectives (gloo: "Connection closed by peer"; NCCL: its timeout). That rank raises its error, the others
-        a ``JudgeRefused`` naming it. A collective on several ranks (``first_error``): ``training_step`` calls it
-        once a step on every rank (validation's ranks may run different numbers of batches)."""
-        error, message = None, None
+        """``checked_rewards``, every rank stopping when a rank's reward raised (``stop_every_rank``): a judge's
+        refusal (``JudgeRefused``) is raised only where episodes answered and asked the judge. That rank raises its
+        error, the others one naming it. A collective on several ranks: ``training_step`` calls it once a step on
+        every rank (validation's ranks may run different numbers of batches: ``validation_step``)."""
+        error = None
         try:
             rewards = self.checked_rewards(trajectories, samples)
-        except Exception as exc:  # a judge's refusal, however a reward wrapped it; any other error raises here
-            if (refusal := refusal_in(exc)) is None:
-                raise
-            error, message = exc, str(refusal)
-        stop_together(error, self.device, message=message, other=lambda rank, message: JudgeRefused(
-            f"rank {rank}'s judge refused, so every rank stops: {message}"))  # fmt: skip
+        except Exception as exc:  # not BaseException: an interrupt stops this process at once
+            error = exc
+        self.stop_every_rank(error)
         return rewards
 
     def _episode_ended(self, trajectory: Trajectory, sample: Sample) -> None:

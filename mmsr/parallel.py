@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -246,11 +246,12 @@ def all_reduce_sums(values: Sequence[float], device: torch.device) -> list[float
     return t.tolist()
 
 
-def first_error(message: str | None, device: torch.device) -> tuple[int, str] | None:
-    """``(rank, message)`` of the lowest rank with a ``message`` (the error it stops on), None where no rank has
-    one: a rank that stops alone leaves the others waiting in the step's next collective (NCCL: until its timeout).
-    A collective on several ranks (every rank calls it at the same point): one all_reduce of one number, and the
-    messages gathered only when a rank has one. This rank's own outside distributed runs."""
+def first_error(message: Any | None, device: torch.device) -> tuple[int, Any] | None:
+    """``(rank, message)`` of the lowest rank with a ``message`` (what it stops on: a picklable object, e.g. the
+    error's text), None where no rank has one: a rank that stops alone leaves the others waiting in the step's next
+    collective (NCCL: until its timeout). A collective on several ranks (every rank calls it at the same point): one
+    all_reduce of one number, and the messages gathered only when a rank has one. This rank's own outside
+    distributed runs."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
@@ -261,8 +262,8 @@ def first_error(message: str | None, device: torch.device) -> tuple[int, str] | 
     return next((rank, m) for rank, m in enumerate(messages) if m is not None)
 
 
-def stop_together(error: Exception | None, device: torch.device, other: Callable[[int, str], Exception],
-                  message: str | None = None) -> None:  # fmt: skip
+def stop_together(error: Exception | None, device: torch.device, other: Callable[[int, Any], Exception],
+                  message: Any = None) -> None:  # fmt: skip
     """Raise ``error`` on its rank, and on every other rank ``other(rank, message)`` of the lowest rank that has
     one (``first_error``; ``message``: what the others are told, by default ``Type: error``): an error that would
     stop one rank alone leaves the others waiting in the next collective. Nothing where no rank has one. A

@@ -259,3 +259,81 @@ def test_a_tool_limit_naming_no_configured_tool_is_refused_before_the_policy_is_
     """The loop refuses it too, but it is built after the policy: a 7B checkpoint loaded first."""
     with pytest.raises(ValueError, match=r"tool_limits names 'imge_search', not a configured tool"):
         make_module(policy=Unbuildable(), rollout=RolloutSettings(tool_limits={"imge_search": 1}))
+
+
+class HotterModule(GRPOModule):
+    """A subclass that samples at twice the temperature it is given (save_hyperparameters records its argument)."""
+
+    def __init__(self, temperature: float = 1.0, **kwargs):
+        super().__init__(temperature=temperature * 2, **kwargs)
+
+
+def test_a_subclass_samples_at_the_temperature_it_passes_on_not_the_one_it_was_given():
+    args = dict(policy=TinyQwen2_5_VL(tokenizer_texts=[str(FVQA / "fvqa_dev.jsonl")], scaffold=Scaffold(), seed=0),
+                engine=ScriptedEngine(script), num_generations=4, kl_coef=0.0)  # fmt: skip
+    module = HotterModule(temperature=0.7, **args)
+    assert module.hparams.temperature == 0.7  # what Lightning records: the subclass's own argument
+    assert module.sampling.temperature == pytest.approx(1.4)
+    assert module.policy_update.settings.temperature == pytest.approx(1.4)  # the trainer scores logits / 1.4
+
+
+BF16_REWARDS = [1.0, 0.3, 0.7, 0.1]  # not one of them a bf16 number but 1.0
+
+
+class BF16Rewards(GRPOModule):
+    """A reward model's scores under bf16 autocast: a bf16 tensor."""
+
+    def compute_rewards(self, trajectories, samples):
+        return torch.tensor(BF16_REWARDS[: len(trajectories)], dtype=torch.bfloat16)
+
+
+def test_an_override_s_bf16_rewards_come_back_on_the_cpu_in_float32_and_the_advantages_too(sample):
+    """bf16 rewards ran the advantages in bf16 (and CUDA ones failed their index_add on the device)."""
+    from mmsr.algo import group_advantages
+
+    module = make_module()
+    module.__class__ = BF16Rewards
+    fit_one_step(module, [sample])
+    got = module.last_rollout
+    assert got.rewards.dtype == torch.float32 and got.rewards.device.type == "cpu"
+    values = torch.tensor(BF16_REWARDS, dtype=torch.bfloat16).float()
+    assert torch.equal(got.rewards, values)
+    assert got.advantages.dtype == torch.float32
+    assert torch.equal(got.advantages, group_advantages(values, torch.zeros(4, dtype=torch.long)))
+
+
+def test_rewards_already_on_the_cpu_in_float32_are_checked_without_a_copy():
+    """The default's rewards are already CPU float32: checking them copies nothing (the demo's numbers stay)."""
+    module = make_module()
+    rewards = torch.tensor([1.0, 0.0, 0.5, 0.25])
+    module.compute_rewards = lambda trajectories, samples: rewards
+    from tests.reward.test_reward_errors import SAMPLES, TRAJS
+
+    checked = module.checked_rewards(TRAJS, SAMPLES)
+    assert checked.data_ptr() == rewards.data_ptr() and checked.dtype == torch.float32 and torch.equal(checked, rewards)
+
+
+@pytest.mark.parametrize("sanity", [True, False], ids=["sanity_check", "after_a_step"])
+def test_a_validation_error_is_raised_itself_and_skips_the_rank_s_later_batches(sample, sanity):
+    """One process: the error a held-out episode raised is raised (the same object) at the validation epoch's end,
+    where several ranks agree to stop (``on_validation_epoch_end``), the rank's later batches not rolled out."""
+    from mmsr.tools.base import FatalToolError
+
+    module, error, val_runs = make_module(), FatalToolError("replay miss"), []
+    run = module.loop.run
+
+    def failing(batch, n, sampling):
+        if sampling.temperature != 0.0:  # training's rollouts
+            return run(batch, n, sampling)
+        val_runs.append(batch)  # validation's greedy episodes
+        raise error
+
+    module.loop.run = failing
+    loader = torch.utils.data.DataLoader([sample] * 3, batch_size=1, collate_fn=list)
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, val_check_interval=1,
+                        check_val_every_n_epoch=None, num_sanity_val_steps=2 if sanity else 0)  # fmt: skip
+    with pytest.raises(FatalToolError) as info:
+        trainer.fit(module, loader, loader)
+    assert info.value is error and len(val_runs) == 1
+    assert trainer.global_step == (0 if sanity else 1)
