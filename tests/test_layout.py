@@ -18,7 +18,7 @@ when the function is called, after every module has loaded. These lazy imports a
 - mmsr.eval.load -> mmsr.checkpoint, mmsr.models.build, mmsr.module, mmsr.reward.judged, mmsr.rollout.hf_engine (no Lightning for a Hugging Face directory)
 - mmsr.export -> mmsr.eval.load (after parsing)
 - mmsr.plan -> mmsr.plan.config, mmsr.plan.memory (heavy imports after parsing)
-- mmsr.plan.config -> mmsr.cli, mmsr.models.build, mmsr.module, mmsr.parallel, mmsr.rollout.loop, mmsr.sync (after parsing; the module to refuse other runs and run its checks, ``RolloutSettings``' ranges)
+- mmsr.plan.config -> mmsr.cli, mmsr.models.build, mmsr.module, mmsr.module_checks, mmsr.parallel, mmsr.rollout.loop, mmsr.sync (after parsing; the module to refuse other runs and run its checks, ``RolloutSettings``' ranges)
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("train",),
     ("report",),
     ("callbacks",),
+    ("module_checks",),
     ("module", "sft"),
     ("cli_errors", "cli_checks"),
     ("cli",),

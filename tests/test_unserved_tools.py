@@ -1,4 +1,4 @@
-"""A tool the prompt offers that no backend serves is warned of at fit start (``mmsr.module.warn_unserved_tools``).
+"""A tool the prompt offers that no backend serves is warned of at fit start (``mmsr.module_checks.warn_unserved_tools``).
 
 The MMSearch-R1 recipes leave ``text_search`` to a snippet (``-c configs/tools/web_text_search.yaml``); launched
 without it, every text search came back "The search failed (no text_search tool is configured)" and the run
@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from mmsr.module import unserved_tools, warn_unserved_tools
+from mmsr.module_checks import unserved_tools, warn_unserved_tools
 from mmsr.rollout.loop import RolloutSettings
 from mmsr.tools.crop import Crop
 from mmsr.tools.spec import ImageSearchTool, TextSearchTool, configured, declared
@@ -57,7 +57,7 @@ def test_the_warning_names_the_setting_to_add():
 def test_a_fit_without_text_search_warns_once_at_start(fvqa_samples, monkeypatch):
     sample = [s for s in fvqa_samples if s.ground_truth == "musketeers"][0]
     warned: list[str] = []
-    monkeypatch.setattr("mmsr.module.rank_zero_warn", warned.append)  # what the fit warns, whatever the filters
+    monkeypatch.setattr("mmsr.module_checks.rank_zero_warn", warned.append)  # what the fit warns, whatever the filters
     fit_one_step(make_module(), [sample], max_steps=2)  # image search only: text search offered, unserved
     assert len(warned) == 1 and warned[0].endswith(RECIPE_FIX)
     warned.clear()

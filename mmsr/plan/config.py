@@ -305,7 +305,8 @@ def refuse_unstartable(module: type, model: dict[str, Any]) -> None:
     the same checks on ``model.init_args`` alone: ``RolloutSettings``' ranges, an engine shorter than an episode
     (``refuse_short_context``) and the module's and update's ranges (``GRPOModule.checked_settings``). Nothing is
     built: the tools' checks (budgets, ``tool_limits`` names) are left to ``mmsr fit``."""
-    from mmsr.module import GRPOModule, refuse_short_context
+    from mmsr.module import GRPOModule
+    from mmsr.module_checks import refuse_short_context
     from mmsr.rollout.loop import RolloutSettings
 
     defaults = {k: p.default for k, p in inspect.signature(GRPOModule).parameters.items() if p.default is not p.empty}
