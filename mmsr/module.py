@@ -386,10 +386,9 @@ class GRPOModule(L.LightningModule):
         trajs, samples = self._pending
         self._pending = None
         with self.timed("reward"):
-            rewards = self.agreed_rewards(trajs, samples)
+            rewards, details = self.agreed_scores(trajs, samples)  # details before the update: faulty ones stop it
             group_ids = torch.tensor([t.group_id for t in trajs])
             advantages = group_advantages(rewards, group_ids, self.hparams.advantage_estimator)
-        details = self.reward_details(trajs, samples)  # before the update: a reward's faulty details stop no later
         with self.timed("train"):
             train_metrics = self.update_policy(trajs, advantages)
         self.last_rollout = StepRollout(trajs, samples, rewards, advantages, details)
@@ -467,18 +466,21 @@ class GRPOModule(L.LightningModule):
                              f"{trajectories[i].sample_id!r}); rewards are finite numbers")  # fmt: skip
         return rewards.detach().to("cpu", torch.float32)  # the default's already are: the same tensor
 
-    def agreed_rewards(self, trajectories: Sequence[Trajectory], samples: Sequence[Sample]) -> torch.Tensor:
-        """``checked_rewards``, every rank stopping when a rank's reward raised (``stop_every_rank``): a judge's
-        refusal (``JudgeRefused``) is raised only where episodes answered and asked the judge. That rank raises its
-        error, the others one naming it. A collective on several ranks: ``training_step`` calls it once a step on
-        every rank (validation's ranks may run different numbers of batches: ``validation_step``)."""
+    def agreed_scores(self, trajectories: Sequence[Trajectory],
+                      samples: Sequence[Sample]) -> tuple[torch.Tensor, list[dict[str, float]]]:  # fmt: skip
+        """``checked_rewards`` (``[N]``) and ``reward_details``, every rank stopping when a rank's reward raised in
+        either (``stop_every_rank``): a judge's refusal (``JudgeRefused``) is raised only where episodes answered and
+        asked the judge. That rank raises its error, the others one naming it. A collective on several ranks:
+        ``training_step`` calls it once a step on every rank (validation's ranks may run different numbers of
+        batches: ``validation_step``)."""
         error = None
         try:
             rewards = self.checked_rewards(trajectories, samples)
+            details = self.reward_details(trajectories, samples)
         except Exception as exc:  # not BaseException: an interrupt stops this process at once
             error = exc
         self.stop_every_rank(error)
-        return rewards
+        return rewards, details
 
     def _episode_ended(self, trajectory: Trajectory, sample: Sample) -> None:
         """Hands an ended episode to a reward that starts on it early (an LLM judge's request then overlaps

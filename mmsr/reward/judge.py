@@ -11,7 +11,7 @@ header and never logged or written out; a reply quoting it is masked (``redact``
 A 401/403 (the key) or 404 (the URL or model name) before the judge has ever replied in this process stops the
 run (``JudgeRefused``, naming the URL, the status and the key's variable), unretried: every request would fail
 the same way, and the run would go on without a judge. On several ranks every rank stops, those that asked nothing
-too (``GRPOModule.agreed_rewards``). Once it has replied, those statuses are failed requests
+too (``GRPOModule.agreed_scores``). Once it has replied, those statuses are failed requests
 like any other (retried, then ``None``), as are timeouts, 5xx and connection errors at any time.
 """
 

@@ -103,7 +103,7 @@ class JudgedReward:
         """Moves the verdicts that came in to the cache, so ``_pending`` holds only requests in flight, even
         when no ``batch`` takes them (a ``compute_rewards`` override that scores episodes one by one). A request
         that raised (``JudgeRefused``) stays for ``batch`` to raise: raised here, mid-rollout, on one rank, the
-        other ranks went on into the step and waited for it (``GRPOModule.agreed_rewards`` stops them all)."""
+        other ranks went on into the step and waited for it (``GRPOModule.agreed_scores`` stops them all)."""
         done = [k for k, future in self._pending.items() if future.done() and future.exception() is None]
         self._remember({k: self._pending.pop(k).result() for k in done})
 

@@ -28,6 +28,18 @@ class BrokenOnRankZero:
         return 1.0
 
 
+class DetailsBrokenOnRankZero:
+    """A reward whose score works everywhere but whose ``details`` fail on rank 0 only."""
+
+    def __call__(self, trajectory, sample) -> float:
+        return 1.0
+
+    def details(self, trajectory, sample) -> dict[str, float]:
+        if dist.get_rank() == 0:
+            raise ValueError(BROKEN)
+        return {"correct": 1.0}
+
+
 def config(tmp, script: dict[str, list[str]], **init) -> dict:
     """The smoke config on 2 DDP ranks for one step, the engine scripted, ``init``: more of the module's arguments."""
     cfg = yaml.safe_load((ROOT / "configs" / "smoke.yaml").read_text())
@@ -49,13 +61,15 @@ def error_lines(status: int | None, stderr: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_a_reward_failing_on_one_rank_stops_every_rank(tmp_path):
-    """Rank 0 raises its reward's error, rank 1 a RuntimeError naming rank 0 and that error."""
+@pytest.mark.parametrize("reward", ["BrokenOnRankZero", "DetailsBrokenOnRankZero"])
+def test_a_reward_failing_on_one_rank_stops_every_rank(tmp_path, reward):
+    """Rank 0 raises its reward's error (its score's, or its details' before the update), rank 1 a RuntimeError
+    naming rank 0 and that error."""
     script = {s.id: [ANSWER.format(s.ground_truth)] for s in load_samples(FVQA / "fvqa_dev.jsonl")}
-    reward = {"class_path": f"{__name__}.BrokenOnRankZero"}
-    errors = error_lines(*fit_until(tmp_path, config(tmp_path, script, reward=reward), TIMEOUT_S))
+    cfg = config(tmp_path, script, reward={"class_path": f"{__name__}.{reward}"})
+    errors = error_lines(*fit_until(tmp_path, cfg, TIMEOUT_S))
     assert all(BROKEN in line for line in errors), errors
-    assert any(line.startswith("mmsr fit: error: RewardError: reward BrokenOnRankZero failed") for line in errors), errors
+    assert any(line.startswith(f"mmsr fit: error: RewardError: reward {reward}") for line in errors), errors
     assert any(line.startswith("mmsr fit: error: RuntimeError: rank 0 stopped: RewardError: ") for line in errors), errors
 
 
