@@ -35,11 +35,12 @@ def check_manual_optimization(trainer, module) -> None:
 
 
 def add_final_checkpoint(trainer) -> None:
-    """``FinalCheckpoint`` on a trainer whose checkpoint callbacks keep ``last``: ``last.ckpt`` then holds the
-    run's last step, not the last one the interval hit (the CPU demo checkpoints nothing: it gets none)."""
-    from mmsr.callbacks.final_checkpoint import FinalCheckpoint, saves_last
+    """``FinalCheckpoint`` on a trainer with a ``ModelCheckpoint``: ``last.ckpt`` then holds the run's last step, not
+    the last one the interval hit, and a save at the end of a cut epoch records it running (the CPU demo checkpoints
+    nothing: it gets none)."""
+    from mmsr.callbacks.final_checkpoint import FinalCheckpoint, checkpoints
 
-    if saves_last(trainer) and not any(isinstance(c, FinalCheckpoint) for c in trainer.callbacks):
+    if checkpoints(trainer) and not any(isinstance(c, FinalCheckpoint) for c in trainer.callbacks):
         trainer.callbacks.append(FinalCheckpoint())
 
 

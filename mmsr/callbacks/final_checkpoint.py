@@ -18,7 +18,8 @@ class FinalCheckpoint(L.Callback):
     """At the end of training, saves ``last`` of each ``ModelCheckpoint`` with ``save_last`` whose last save was
     at an earlier step (none at all: Lightning's own ``on_train_end`` saves it). ``save_last: link`` first saves
     the step's checkpoint, as an interval's save does: the link needs a file of that step to point to.
-    ``mmsr``'s LightningCLI adds it to every trainer with such a checkpoint callback (``cli_checks.add_final_checkpoint``)."""
+    ``mmsr``'s LightningCLI adds it to every trainer with a ``ModelCheckpoint`` (``cli_checks.add_final_checkpoint``):
+    its ``on_save_checkpoint`` mends their saves at the end of a cut epoch too."""
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         with epoch_in_progress(trainer):
@@ -48,9 +49,10 @@ class FinalCheckpoint(L.Callback):
             checkpoint._save_last_checkpoint(trainer, metrics)
 
 
-def saves_last(trainer: L.Trainer) -> bool:
-    """Whether one of the trainer's checkpoint callbacks keeps a ``last`` checkpoint (``FinalCheckpoint``'s work)."""
-    return any(isinstance(c, ModelCheckpoint) and c.save_last for c in trainer.checkpoint_callbacks)
+def checkpoints(trainer: L.Trainer) -> bool:
+    """Whether the trainer has a ``ModelCheckpoint`` (``FinalCheckpoint``'s work: its ``last``, and any save at the
+    end of a cut epoch)."""
+    return any(isinstance(c, ModelCheckpoint) for c in trainer.checkpoint_callbacks)
 
 
 @contextmanager

@@ -58,23 +58,24 @@ def test_a_linked_last_points_to_the_last_steps_checkpoint(tmp_path):
     assert last.is_symlink() and last.resolve().name == "epoch=0-step=3.ckpt" and step_of(last) == 3
 
 
-@pytest.mark.parametrize("interval", [{"every_n_train_steps": 2}, {}], ids=["steps", "epoch_end"])
-def test_a_run_resumed_from_a_cut_epochs_last_ckpt_trains_that_epochs_rest(tmp_path, interval):
+@pytest.mark.parametrize(("interval", "resume"), [({"every_n_train_steps": 2, "save_last": True}, "last.ckpt"),
+                                                  ({"save_last": True}, "last.ckpt"), ({}, "epoch=0-step=3.ckpt")],
+                         ids=["steps", "epoch_end", "epoch_end_without_last"])  # fmt: skip
+def test_a_run_resumed_from_a_cut_epochs_last_ckpt_trains_that_epochs_rest(tmp_path, interval, resume):
     """Lightning counts the epoch ``max_steps`` cut short done before ``on_train_end`` (processed before the
     ``on_train_epoch_end`` save, the default interval's): saved so, the resumed run began the next epoch, and under
     ``max_epochs`` 2 epochs of 4 batches it trained 7 steps, not 8."""
     def trainer(max_steps: int) -> L.Trainer:
-        callbacks = [ModelCheckpoint(tmp_path, save_last=True, **interval), FinalCheckpoint()]
+        callbacks = [ModelCheckpoint(tmp_path, **interval), FinalCheckpoint()]
         return L.Trainer(max_epochs=2, max_steps=max_steps, limit_train_batches=4, callbacks=callbacks, logger=False,
                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, accelerator="cpu")  # fmt: skip
 
     trainer(3).fit(BoringModel())
-    saved = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=False)
+    saved = torch.load(tmp_path / resume, map_location="cpu", weights_only=False)
     assert (saved["global_step"], saved["epoch"]) == (3, 0)
     resumed = trainer(-1)
-    resumed.fit(BoringModel(), ckpt_path=tmp_path / "last.ckpt")
+    resumed.fit(BoringModel(), ckpt_path=tmp_path / resume)
     assert (resumed.global_step, resumed.current_epoch) == (8, 2)
-    assert step_of(tmp_path / "last.ckpt") == 8
 
 
 def test_without_save_last_nothing_more_is_saved(tmp_path):
@@ -93,3 +94,14 @@ def test_mmsr_fit_saves_its_last_step_in_last_ckpt(tmp_path):
     (checkpoints,) = tmp_path.glob("csv/version_*/checkpoints")
     assert step_of(checkpoints / "last.ckpt") == 3
     assert step_of(checkpoints / "epoch=0-step=2.ckpt") == 2
+
+
+def test_mmsr_fit_adds_it_beside_any_model_checkpoint():
+    """Its ``on_save_checkpoint`` mends a cut epoch's save of a ``ModelCheckpoint`` without ``save_last`` too."""
+    from mmsr.cli_checks import add_final_checkpoint
+
+    for checkpointing, added in ((ModelCheckpoint(), True), (ModelCheckpoint(save_last=True), True), (None, False)):
+        trainer = L.Trainer(callbacks=[checkpointing] if checkpointing else [], enable_checkpointing=bool(checkpointing),
+                            logger=False, accelerator="cpu")  # fmt: skip
+        add_final_checkpoint(trainer)
+        assert any(isinstance(c, FinalCheckpoint) for c in trainer.callbacks) == added
