@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -52,23 +54,47 @@ def config(tmp: Path, port: int) -> dict:
 
 
 def fit_until(tmp: Path, cfg: dict, timeout: float) -> tuple[int | None, str]:
-    """``mmsr fit`` on ``cfg`` with its rank processes in a session of their own: (exit status, stderr of every
-    rank), the status None when it ran past ``timeout`` (every rank then killed)."""
+    """``mmsr fit`` on ``cfg``, one process a rank as torchrun starts them (each in a session of its own), as on a
+    cluster: (the worst exit status, stderr of every rank), the status None when a rank ran past ``timeout`` (every
+    rank then killed). Not Lightning's own launcher: its first process SIGKILLs the others when it fails, so whether
+    they said why raced with that kill (and on a cluster nothing kills them: they waited in NCCL)."""
     tmp.mkdir(parents=True, exist_ok=True)
     (tmp / "config.yaml").write_text(yaml.safe_dump(cfg))
-    env = subprocess_env() | {KEY_ENV: "sk-wrong-0123456789abcdef"}
-    with open(tmp / "stderr.txt", "w+") as err:  # rank 1 (Lightning's child) writes to the same stderr
-        proc = subprocess.Popen([sys.executable, "-m", "mmsr", "fit", "-c", str(tmp / "config.yaml")], cwd=ROOT,
-                                env=env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)  # fmt: skip
-        try:
-            status = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            status = None
-        finally:
-            _kill_group(proc.pid)  # a rank left waiting outlives the first's exit
+    world = {"TORCHELASTIC_RUN_ID": "test", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "0",
+             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}  # fmt: skip
+    procs, files = [], [open(tmp / f"stderr{rank}.txt", "w+") for rank in range(2)]
+    try:
+        for rank, err in enumerate(files):
+            env = subprocess_env() | world | {"RANK": str(rank), "LOCAL_RANK": str(rank), KEY_ENV: "sk-wrong-0123456789abcdef"}
+            procs.append(subprocess.Popen([sys.executable, "-m", "mmsr", "fit", "-c", str(tmp / "config.yaml")],
+                                          cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True))  # fmt: skip
+        status = _wait_all(procs, timeout)
+        texts = []
+        for err in files:
+            err.seek(0)
+            texts.append(err.read())
+        return status, "".join(texts)
+    finally:
+        for proc in procs:
+            _kill_group(proc.pid)
             proc.wait()
-        err.seek(0)
-        return status, err.read()
+        for err in files:
+            err.close()
+
+
+def _wait_all(procs: list[subprocess.Popen], timeout: float) -> int | None:
+    """The worst exit status of ``procs``, None if one is still running after ``timeout`` seconds in all."""
+    deadline = time.monotonic() + timeout
+    try:
+        return max(abs(proc.wait(timeout=max(0.0, deadline - time.monotonic()))) for proc in procs)
+    except subprocess.TimeoutExpired:
+        return None
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _kill_group(pgid: int) -> None:
