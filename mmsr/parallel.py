@@ -263,13 +263,11 @@ def first_error(message: Any | None, device: torch.device) -> tuple[int, Any] | 
 
 
 def stop_together(error: Exception | None, device: torch.device, other: Callable[[int, Any], Exception],
-                  message: Any = None) -> None:  # fmt: skip
+                  message: Any) -> None:  # fmt: skip
     """Raise ``error`` on its rank, and on every other rank ``other(rank, message)`` of the lowest rank that has
-    one (``first_error``; ``message``: what the others are told, by default ``Type: error``): an error that would
-    stop one rank alone leaves the others waiting in the next collective. Nothing where no rank has one. A
-    collective on several ranks, as ``first_error``."""
-    if error is not None and message is None:
-        message = f"{type(error).__name__}: {error}"
+    one (``first_error``; ``message``: what the others are told of this rank's ``error``, ignored without one): an
+    error that would stop one rank alone leaves the others waiting in the next collective. Nothing where no rank
+    has one. A collective on several ranks, as ``first_error``."""
     first = first_error(message if error is not None else None, device)
     if error is not None:
         raise error

@@ -282,12 +282,16 @@ def engine_settings(model: dict[str, Any]) -> dict[str, Any]:
                 hf_batch=args.get("max_batch_size", 64), **sync_settings(model))  # fmt: skip
 
 
+def signature_defaults(cls: type) -> dict[str, Any]:
+    """``cls``'s constructor arguments that have a default, with it: what a config that omits them gets."""
+    return {k: p.default for k, p in inspect.signature(cls).parameters.items() if p.default is not p.empty}
+
+
 def sync_settings(model: dict[str, Any]) -> dict[str, Any]:
     """The weight sync's bucket size and probe (``WeightSync``'s defaults where the config sets none)."""
     from mmsr.sync import WeightSync
 
-    defaults = {k: v.default for k, v in inspect.signature(WeightSync).parameters.items()}
-    args = defaults | ((model.get("weight_sync") or {}).get("init_args") or {})
+    args = signature_defaults(WeightSync) | ((model.get("weight_sync") or {}).get("init_args") or {})
     return dict(bucket_mb=float(args["bucket_mb"]), verify_every=args["verify_every"], probe_text=args["probe_text"])
 
 
@@ -296,8 +300,7 @@ def engine_context(engine: dict[str, Any] | None) -> tuple[str, int | None]:
     ``None`` for an engine without one, as ``HFEngine``, the default): what ``refuse_short_engine`` reads off the
     started engine, read without starting it."""
     cls = import_object((engine or {}).get("class_path") or "mmsr.rollout.hf_engine.HFEngine")
-    defaults = {k: p.default for k, p in inspect.signature(cls).parameters.items() if p.default is not p.empty}
-    return cls.__name__, (defaults | ((engine or {}).get("init_args") or {})).get("max_model_len")
+    return cls.__name__, (signature_defaults(cls) | ((engine or {}).get("init_args") or {})).get("max_model_len")
 
 
 def refuse_unstartable(module: type, model: dict[str, Any]) -> None:
@@ -309,8 +312,7 @@ def refuse_unstartable(module: type, model: dict[str, Any]) -> None:
     from mmsr.module_checks import refuse_short_context
     from mmsr.rollout.loop import RolloutSettings
 
-    defaults = {k: p.default for k, p in inspect.signature(GRPOModule).parameters.items() if p.default is not p.empty}
-    args = defaults | model
+    args = signature_defaults(GRPOModule) | model
     rollout = args["rollout"]
     rollout = rollout if isinstance(rollout, RolloutSettings) else RolloutSettings(**rollout)
     refuse_short_context(*engine_context(args.get("engine")), rollout)
