@@ -319,6 +319,7 @@ class GRPOModule(L.LightningModule):
         checkpoint["mmsr_rollout"] = self.loop.state_dict()
         checkpoint["mmsr_weight_sync"] = self.weight_sync.state_dict()  # the same count on every rank
         checkpoint["mmsr_tool_run_id"] = self._tool_run_id
+        checkpoint["mmsr_nonfinite"] = self.policy_update.nonfinite.state_dict()
         redact_checkpoint_hparams(checkpoint)  # here, not only in LoggedConfig: weights-only saves skip callbacks
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -326,6 +327,7 @@ class GRPOModule(L.LightningModule):
             self.loop.load_state_dict(checkpoint["mmsr_rollout"])
         if "mmsr_weight_sync" in checkpoint:  # absent from older checkpoints: the count starts at 0, as it did
             self.weight_sync.load_state_dict(checkpoint["mmsr_weight_sync"])
+        self.policy_update.nonfinite.load_state_dict(checkpoint.get("mmsr_nonfinite"))
         world = self.trainer.world_size if self._trainer is not None else 1
         restore_rank_state(checkpoint.get("mmsr_ranks"), self.global_rank, world, self.engine)
         if checkpoint.get("mmsr_tool_run_id"):  # the resumed run spends its search budget on (here or in on_fit_start)

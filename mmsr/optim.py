@@ -81,6 +81,15 @@ class NonfiniteGuard:
         self.owner, self.outlier, self.limit = owner, outlier, limit
         self.in_a_row = 0  # non-finite norms since the last applied update
 
+    def state_dict(self) -> dict[str, int]:
+        """The count a resume continues: a run stopped in the middle of a streak restarted it at 0 and ran on for up
+        to ``limit`` more skipped updates (the same on every rank: the norm is the global one)."""
+        return {"in_a_row": self.in_a_row}
+
+    def load_state_dict(self, state: dict[str, int] | None) -> None:
+        """Absent from checkpoints written before the count was saved: it starts at 0, as it did."""
+        self.in_a_row = int((state or {}).get("in_a_row", 0))
+
     def step(self, optimizer: Any, grad_norm: float, global_step: int) -> bool:
         """``optimizer.step()`` if ``grad_norm`` is finite (nothing else: the finite path is unchanged); else drop
         the gradients and warn, naming ``global_step``. Returns whether the update was skipped.

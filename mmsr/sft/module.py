@@ -248,11 +248,13 @@ class SFTModule(L.LightningModule):
         # each rank's teacher drew for its own prompts; without its state a resumed warm start redrew from the
         # seed (another direct-answer choice per row), unlike GRPO's resume
         checkpoint["mmsr_ranks"] = rank_states(self.teacher)
+        checkpoint["mmsr_nonfinite"] = self.nonfinite.state_dict()
         redact_checkpoint_hparams(checkpoint)  # here, not only in LoggedConfig: weights-only saves skip callbacks
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         world = self.trainer.world_size if self._trainer is not None else 1
         restore_rank_state(checkpoint.get("mmsr_ranks"), self.global_rank, world, self.teacher)
+        self.nonfinite.load_state_dict(checkpoint.get("mmsr_nonfinite"))
 
     def setup(self, stage: str) -> None:
         """Refuse a ``-true`` precision before Lightning casts the policy or a batch, fix the compute dtype (as

@@ -153,3 +153,28 @@ def test_sft_skips_an_inf_gradient_and_trains_on(tiny_policy, fvqa_samples):
 
 def said(warned, pattern: str) -> bool:
     return any(re.match(pattern, str(w.message)) for w in warned)
+
+
+def test_a_resumed_run_continues_the_count_of_skipped_updates_in_a_row(fvqa_samples):
+    """A run stopped after 4 skipped updates in a row resumed at 0 and skipped 4 more before stopping: the count
+    is in the checkpoint (GRPO's and the warm start's)."""
+    module = make_module()
+    module.policy_update.nonfinite.in_a_row = 4
+    checkpoint = {}
+    module.on_save_checkpoint(checkpoint)
+    resumed = make_module()
+    resumed.on_load_checkpoint(checkpoint)
+    poison(next(iter(resumed.model.parameters())), times=100)
+    with pytest.raises(FloatingPointError, match="5 optimizer updates in a row, the last at global_step 0"):
+        fit_one_step(resumed, fvqa_samples[:1], max_steps=3)
+    make_module().on_load_checkpoint({})  # a checkpoint from before the count was saved starts at 0
+
+
+def test_a_resumed_warm_start_continues_the_count_too(tiny_policy):
+    module = SFTModule(Built(copy.deepcopy(tiny_policy)), EchoTeacher())
+    module.nonfinite.in_a_row = 3
+    checkpoint = {}
+    module.on_save_checkpoint(checkpoint)
+    resumed = SFTModule(Built(copy.deepcopy(tiny_policy)), EchoTeacher())
+    resumed.on_load_checkpoint(checkpoint)
+    assert resumed.nonfinite.in_a_row == 3
