@@ -31,6 +31,7 @@ from dataclasses import asdict, replace
 from typing import Any, Literal
 
 import lightning as L
+from lightning.pytorch.utilities.parsing import AttributeDict
 import torch
 
 from mmsr.algo import group_advantages
@@ -190,6 +191,7 @@ class GRPOModule(L.LightningModule):
         self.save_hyperparameters(ignore=["policy", "engine", "image_search", "text_search", "tools", "reward", "prompts",
                                           "rollout", "weight_sync"])  # fmt: skip
         self.hparams["rollout"] = asdict(rollout)
+        self.init_args = AttributeDict(received)  # what the module runs with; hparams rebuild the (sub)class
         self.automatic_optimization = False
         self.sampling, update = self.checked_settings(received, rollout)  # before the (slow) build
         self.policy = policy.build()
@@ -242,7 +244,7 @@ class GRPOModule(L.LightningModule):
         return [RolloutCallback()]
 
     def configure_optimizers(self):
-        hp = self.hparams
+        hp = self.init_args
         return adamw_with_schedule(self.model.parameters(), hp.lr, hp.weight_decay, hp.lr_schedule, hp.warmup_steps, hp.total_steps)
 
     def setup(self, stage: str) -> None:
@@ -251,7 +253,7 @@ class GRPOModule(L.LightningModule):
         if self.device_mesh is not None:  # ModelParallelStrategy's, set before this hook
             data_parallel_mesh(self.device_mesh, "GRPOModule")
         precision = str(self.trainer.precision) if self._trainer is not None else None
-        self.policy.compute_dtype = compute_dtype(self.hparams.compute_dtype, self.param_dtype, precision)
+        self.policy.compute_dtype = compute_dtype(self.init_args.compute_dtype, self.param_dtype, precision)
         self.start_engine()
 
     def on_fit_start(self) -> None:
@@ -267,7 +269,7 @@ class GRPOModule(L.LightningModule):
     def on_train_start(self) -> None:
         """A resumed run trains at the configured lr and weight decay, not the checkpoint's (``reapply_configured``:
         Lightning restored the optimizer and schedule after ``configure_optimizers``)."""
-        hp = self.hparams
+        hp = self.init_args
         reapply_configured(self.optimizers(use_pl_optimizer=False), self.lr_schedulers(), hp.lr, hp.weight_decay)
 
     def start_engine(self) -> None:
@@ -289,7 +291,7 @@ class GRPOModule(L.LightningModule):
             return
         self._configured = True
         device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
-        compute, kl, offload = self.policy.compute_dtype or self.param_dtype, self.hparams.kl_coef > 0, self.hparams.ref_offload
+        compute, kl, offload = self.policy.compute_dtype or self.param_dtype, self.init_args.kl_coef > 0, self.init_args.ref_offload
         if self.device_mesh is None:
             self._ref = ReferenceModel.copy_of(self.model, compute, device, offload) if kl else None
             cast_parameters(self.model, self.param_dtype)
@@ -303,13 +305,13 @@ class GRPOModule(L.LightningModule):
         self._sharded = True
 
     def on_train_end(self) -> None:
-        if not self.hparams.export_dir:
+        if not self.init_args.export_dir:
             return
         # FSDP2: every rank gathers, rank 0 writes an unsharded copy (the layout of an unsharded run's)
         rank0 = self.trainer.is_global_zero
         policy = replace(self.policy, model=gather_full(self.model, rank0)) if self._sharded else self.policy
         if rank0:
-            save_policy(policy, self.hparams.export_dir)
+            save_policy(policy, self.init_args.export_dir)
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
         return batch  # list[Sample] holds PIL images; tensors are made after the rollout
@@ -371,7 +373,7 @@ class GRPOModule(L.LightningModule):
         error = None
         with self.timed("rollout"):
             try:
-                trajs = self.loop.run(samples, self.hparams.num_generations, self.sampling)
+                trajs = self.loop.run(samples, self.init_args.num_generations, self.sampling)
             except Exception as exc:  # not BaseException: an interrupt stops this process at once
                 error = exc
         self.stop_every_rank(error)
@@ -390,7 +392,7 @@ class GRPOModule(L.LightningModule):
         with self.timed("reward"):
             rewards, details = self.agreed_scores(trajs, samples)  # details before the update: faulty ones stop it
             group_ids = torch.tensor([t.group_id for t in trajs])
-            advantages = group_advantages(rewards, group_ids, self.hparams.advantage_estimator)
+            advantages = group_advantages(rewards, group_ids, self.init_args.advantage_estimator)
         with self.timed("train"):
             train_metrics = self.update_policy(trajs, advantages)
         self.last_rollout = StepRollout(trajs, samples, rewards, advantages, details)

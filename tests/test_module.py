@@ -277,6 +277,28 @@ def test_a_subclass_samples_at_the_temperature_it_passes_on_not_the_one_it_was_g
     assert module.policy_update.settings.temperature == pytest.approx(1.4)  # the trainer scores logits / 1.4
 
 
+class Adjusting(GRPOModule):
+    """A subclass that trains at ten times the lr it is given, into its own export directory, with 8 generations."""
+
+    def __init__(self, lr: float = 1e-3, export_dir: str | None = None, **kwargs):
+        super().__init__(lr=lr * 10, export_dir=f"{export_dir}/own", num_generations=8, **kwargs)
+
+
+def test_a_subclass_runs_with_what_it_passes_on_everywhere_not_its_own_arguments(tmp_path):
+    """Every setting the module reads came from ``hparams``, save_hyperparameters' record of the subclass's own
+    arguments: the optimizer took the lr it was given, not the one passed on."""
+    args = dict(policy=TinyQwen2_5_VL(tokenizer_texts=[str(FVQA / "fvqa_dev.jsonl")], scaffold=Scaffold(), seed=0),
+                engine=ScriptedEngine(script), kl_coef=0.0)  # fmt: skip
+    module = Adjusting(lr=1e-3, export_dir=str(tmp_path), **args)
+    assert module.hparams.lr == 1e-3  # what rebuilds the subclass
+    [optimizer], _ = module.configure_optimizers()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-2)
+    assert module.init_args.num_generations == 8
+    module.trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False)
+    module.on_train_end()
+    assert (tmp_path / "own" / "config.json").exists()
+
+
 BF16_REWARDS = [1.0, 0.3, 0.7, 0.1]  # not one of them a bf16 number but 1.0
 
 

@@ -237,3 +237,17 @@ def test_a_teacher_returning_a_tuple_of_turns_is_taken_as_its_list(tiny_policy):
     module = SFTModule(Built(copy.deepcopy(tiny_policy)), Returns())
     assert module._written(module.teacher, Sample("a", "What?", Image.new("RGB", (56, 56)), "x")) == [
         "<reason>r</reason><answer>x</answer>"]
+
+
+class Adjusting(SFTModule):
+    """A warm start that reads for 3 steps whatever it is given, at ten times the lr it is given."""
+
+    def __init__(self, policy, teacher, lr: float = 1e-3, **kwargs):
+        super().__init__(policy, teacher, lr=lr * 10, reading_steps=3, **kwargs)
+
+
+def test_a_subclass_warm_starts_with_what_it_passes_on_not_its_own_arguments(tiny_policy):
+    module = Adjusting(Built(copy.deepcopy(tiny_policy)), EchoTeacher(), lr=1e-3, reading=object())
+    [optimizer], _ = module.configure_optimizers()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-2)
+    assert module.init_args.reading_steps == 3

@@ -7,6 +7,7 @@ from dataclasses import asdict, replace
 from typing import Literal, Protocol
 
 import lightning as L
+from lightning.pytorch.utilities.parsing import AttributeDict
 import torch
 
 from mmsr.checkpoint import rank_states, restore_rank_state
@@ -75,6 +76,7 @@ class SFTModule(L.LightningModule):
                  total_steps: int = 1000, micro_batch_tokens: int = 8192, export_dir: str | None = None,
                  reading: TextBatches | None = None, reading_steps: int = 0, share_prefix: bool = True,
                  param_dtype: Literal["float32", "bfloat16"] = "float32") -> None:  # fmt: skip
+        received = {k: v for k, v in locals().items() if k not in ("self", "__class__")}  # as GRPOModule's
         super().__init__()
         check_schedule(lr_schedule, warmup_steps, total_steps)
         # as in GRPOModule: clip_grad_norm_ with max_norm < 0 flips every gradient (the loss climbs), 0 zeroes it
@@ -88,6 +90,7 @@ class SFTModule(L.LightningModule):
         self.save_hyperparameters(ignore=["policy", "teacher", "image_search", "text_search", "tools", "prompts", "reading",
                                           "rollout"])  # fmt: skip
         self.hparams["rollout"] = asdict(rollout)
+        self.init_args = AttributeDict(received)  # what the module runs with; hparams rebuild the (sub)class
         if reading_steps and reading is None:
             raise ValueError("reading_steps > 0 needs a reading corpus")
         self.reading = reading
@@ -116,7 +119,7 @@ class SFTModule(L.LightningModule):
         return turns[min(request.turn, len(turns) - 1)]
 
     def configure_optimizers(self):
-        hp = self.hparams
+        hp = self.init_args
         return adamw_with_schedule(self.model.parameters(), hp.lr, hp.weight_decay, hp.lr_schedule, hp.warmup_steps, hp.total_steps)
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
@@ -126,7 +129,7 @@ class SFTModule(L.LightningModule):
         forget_step_metrics(self.trainer)  # an imitation step's row has no reading loss, and vice versa
 
     def training_step(self, batch: list[Sample], batch_idx: int) -> None:
-        if self.global_step < self.hparams.reading_steps:
+        if self.global_step < self.init_args.reading_steps:
             return self._reading_step()
         written = {s.id: self._written(self.teacher, s) for s in batch}
         trajs = self._episodes(batch, written)
@@ -176,7 +179,7 @@ class SFTModule(L.LightningModule):
         one process computes it (``val/sft_tokens``: their count). Forward passes only, outside DDP's wrapper:
         ranks may hold different numbers of episodes."""
         nll = 0.0
-        trajs, budget = self._val_trajs, self.hparams.micro_batch_tokens
+        trajs, budget = self._val_trajs, self.init_args.micro_batch_tokens
         with torch.no_grad():
             for micro in pack_by_tokens([len(t) for t in trajs], budget):
                 nll += float(self._teacher_nll(trajs, micro))
@@ -193,7 +196,7 @@ class SFTModule(L.LightningModule):
         world = self.trainer.world_size
         total = all_reduce(sum(t.num_sampled_tokens for t in trajs), "sum", self.device)
         loss_sum = 0.0
-        for micro in rank_micro_batches([len(t) for t in trajs], self.hparams.micro_batch_tokens, self.device):
+        for micro in rank_micro_batches([len(t) for t in trajs], self.init_args.micro_batch_tokens, self.device):
             loss = self._teacher_nll(trajs, micro or [0]) / max(total, 1) * (world if micro else 0)
             self.manual_backward(loss)
             loss_sum += float(loss.detach())
@@ -203,7 +206,7 @@ class SFTModule(L.LightningModule):
         """The summed NLL (a scalar) of the teacher's tokens in micro-batch ``trajs[micro]``."""
         mb = collate([trajs[i] for i in micro], micro, self.policy, self.device)
         # [n, T-1], the LM head only where the teacher wrote
-        logp, _ = sampled_logprobs(self.policy, mb, self.model, share_prefix=self.hparams.share_prefix)
+        logp, _ = sampled_logprobs(self.policy, mb, self.model, share_prefix=self.init_args.share_prefix)
         return -(logp * mb.loss_mask).sum()
 
     def _reading_step(self) -> None:
@@ -217,7 +220,7 @@ class SFTModule(L.LightningModule):
         rows = mine or texts[:1]
         ids = encode_texts(self.policy, rows)
         lengths = [len(i) for i in ids]
-        passes: list[list[int] | None] = reading_passes(lengths, self.hparams.micro_batch_tokens)
+        passes: list[list[int] | None] = reading_passes(lengths, self.init_args.micro_batch_tokens)
         passes += [None] * (int(all_reduce(len(passes), "max", self.device)) - len(passes))
         # ids_nll's count: a text of n tokens has n - 1 targets; known before the first pass divides by it
         total = all_reduce(float(sum(max(n - 1, 0) for n in lengths)) if mine else 0.0, "sum", self.device)
@@ -239,7 +242,7 @@ class SFTModule(L.LightningModule):
         returns ``train/grad_norm`` (pre-clip) and ``train/nonfinite_grad_steps`` (1: the update was skipped). The
         vision tower's gradients are dropped when no rank's step held an image (``drop_idle_gradients``)."""
         drop_idle_gradients(self.policy.vision_tower(), used_images, self.device)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.hparams.grad_clip))
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.init_args.grad_clip))
         skipped = self.nonfinite.step(opt, grad_norm, self.global_step)
         self.lr_schedulers().step()
         return {"train/grad_norm": grad_norm, "train/nonfinite_grad_steps": float(skipped)}
@@ -273,12 +276,12 @@ class SFTModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         """A resumed warm start trains at the configured lr and weight decay, not the checkpoint's (as GRPO's)."""
-        hp = self.hparams
+        hp = self.init_args
         reapply_configured(self.optimizers(use_pl_optimizer=False), self.lr_schedulers(), hp.lr, hp.weight_decay)
 
     def on_train_end(self) -> None:
-        if self.hparams.export_dir and self.trainer.is_global_zero:
-            save_policy(self.policy, self.hparams.export_dir)
+        if self.init_args.export_dir and self.trainer.is_global_zero:
+            save_policy(self.policy, self.init_args.export_dir)
 
 
 def refuse_bad_turns(turns: object, row: str, teacher: Teacher) -> None:
