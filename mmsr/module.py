@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, replace
 from typing import Any, Literal
@@ -37,15 +37,13 @@ import torch
 from mmsr.algo import group_advantages
 from mmsr.algo.loss import AggMode
 from mmsr.callbacks.rollout import RolloutCallback
-from mmsr.checkpoint import gather_per_rank, preserved_rng, rank_states, restore_rank_state
+from mmsr.checkpoint import preserved_rng, rank_states, restore_rank_state
 from mmsr.checks import refuse_out_of_range
 from mmsr.data.sample import Sample
 from mmsr.metrics import (
-    episode_metrics,
     forget_step_metrics,
     group_metrics,
     group_sums,
-    held_out_metrics,
     reduced_over_ranks,
     rollout_metrics,
     rollout_timings,
@@ -56,6 +54,8 @@ from mmsr.metrics import (
 )
 from mmsr.models.build import DType, PolicyBuilder, save_policy
 from mmsr.module_checks import refuse_short_engine, stopped_elsewhere, told_other_ranks, warn_unserved_tools
+from mmsr.module_rewards import RewardStage
+from mmsr.module_validation import HeldOutValidation
 from mmsr.optim import Schedule, adamw_with_schedule, check_schedule, optimizer_limits, reapply_configured
 from mmsr.parallel import (
     cast_parameters,
@@ -72,7 +72,7 @@ from mmsr.parallel import (
 from mmsr.prompt.render import PromptBuilder
 from mmsr.reference import ReferenceModel
 from mmsr.reward import MMSearchR1Reward, Reward
-from mmsr.reward.base import callable_reward, scored, scored_details
+from mmsr.reward.base import callable_reward
 from mmsr.rollout.engine import Engine, SamplingParams
 from mmsr.rollout.hf_engine import HFEngine
 from mmsr.rollout.loop import RolloutLoop, RolloutSettings
@@ -88,7 +88,7 @@ from mmsr.train.step import StepRollout
 from mmsr.train.update import Backprop, PolicyUpdate, UpdateSettings, choice_limits
 
 
-class GRPOModule(L.LightningModule):
+class GRPOModule(RewardStage, HeldOutValidation, L.LightningModule):
     """Trains a policy to answer visual questions, searching only when it must.
 
     Args:
@@ -406,97 +406,6 @@ class GRPOModule(L.LightningModule):
         metrics = reduced_over_ranks(metrics) | tools | group_metrics(summed_over_ranks(groups))
         self.log_dict(metrics, batch_size=len(samples), prog_bar=False)
         self.log("reward", metrics["reward/mean"], prog_bar=True, logger=False, batch_size=len(samples))
-
-    # -- held-out evaluation: data.val_files in Lightning's validation loop -----------------------
-    def on_validation_epoch_start(self) -> None:
-        self.sync_weights()  # the engine holds the last rollout's weights, from before that step's updates
-        self._val_episodes: list[dict] = []
-        self._val_error: Exception | None = None  # raised at the epoch's end, on every rank (validation_step)
-
-    def validation_step(self, batch: list[Sample], batch_idx: int) -> None:
-        """One greedy episode per held-out prompt (``mmsr eval``'s protocol), scored by the reward. An error (a
-        tool's, a judge's) is kept, the rank's later batches skipped, and every rank stops on it at the epoch's end
-        (``on_validation_epoch_end``): ranks may run different numbers of batches, so none can agree per batch, and
-        a rank that stopped alone left the others waiting in the epoch's gather."""
-        if self._val_error is not None:
-            return
-        # the live stage (StageProgressBar) says these are held-out episodes, not a training step's
-        stage, runs = self.stage, self.loop.runs
-        try:
-            self.stage = "val rollout"
-            trajs = self.loop.run(batch, 1, replace(self.sampling, temperature=0.0))
-            # greedy draws no noise: training's sampling streams stay as without validation, so a run resumed
-            # from a checkpoint saved before it samples the same episodes
-            self.loop.runs = runs
-            self.stage = "val reward"
-            rewards = self.checked_rewards(trajs, batch).tolist()
-            for t, reward, detail in zip(trajs, rewards, self.reward_details(trajs, batch)):
-                self._val_episodes.append(episode_metrics(t, batch, reward, detail, self.loop.settings))
-        except Exception as exc:  # not BaseException: an interrupt stops this process at once
-            self._val_error = exc
-        finally:
-            self.stage = stage
-
-    def on_validation_epoch_end(self) -> None:
-        self.stop_every_rank(self._val_error)  # before the gather, where a rank that stopped alone left the others
-        if hasattr(self.engine, "sleep"):
-            self.engine.sleep()
-        episodes = [e for rank in gather_per_rank(self._val_episodes) for e in rank]
-        if episodes:  # the same values on every rank (pooled before the means)
-            self.log_dict(held_out_metrics(episodes), batch_size=len(episodes), sync_dist=True)
-
-    def compute_rewards(self, trajectories: Sequence[Trajectory], samples: Sequence[Sample]) -> torch.Tensor:
-        """Override point for rewards: ``[N]`` float rewards, ``samples[t.group_id]`` is t's prompt. A reward
-        with a ``batch(trajectories, samples)`` method scores the step's episodes in one call (an LLM judge's
-        requests run concurrently: ``mmsr.reward.judged``). A value that is no finite number, or a reward that raises,
-        is a ValueError naming the reward, the episode and its sample (``mmsr.reward.base.scored``)."""
-        prompts = [samples[t.group_id] for t in trajectories]
-        return torch.tensor(scored(self.reward, trajectories, prompts))
-
-    def checked_rewards(self, trajectories: Sequence[Trajectory], samples: Sequence[Sample]) -> torch.Tensor:
-        """``compute_rewards``, its result checked: an override's that is not an ``[N]`` tensor of finite numbers is a
-        TypeError or ValueError naming its class (a list ended in ``'list' object has no attribute 'dim'`` inside the
-        advantages, after the rollout, naming no override). Returned on the CPU in float32: an override's CUDA or
-        bf16 rewards (a reward model under bf16 autocast) failed the advantages' ``index_add`` or ran them in bf16."""
-        rewards, n = self.compute_rewards(trajectories, samples), len(trajectories)
-        owner, wanted = f"{type(self).__qualname__}.compute_rewards", f"a [N] tensor, one reward per trajectory (N = {n})"
-        if not isinstance(rewards, torch.Tensor):
-            raise TypeError(f"{owner} returned a {type(rewards).__name__}, not a tensor; it returns {wanted}")
-        if tuple(rewards.shape) != (n,):
-            raise ValueError(f"{owner} returned a tensor of shape {tuple(rewards.shape)}; it returns {wanted}")
-        if not torch.isfinite(rewards).all():  # a NaN made every advantage of its group, then every weight, NaN
-            i = int((~torch.isfinite(rewards)).nonzero()[0])
-            raise ValueError(f"{owner} returned {float(rewards[i])} for episode {i} (sample "
-                             f"{trajectories[i].sample_id!r}); rewards are finite numbers")  # fmt: skip
-        return rewards.detach().to("cpu", torch.float32)  # the default's already are: the same tensor
-
-    def agreed_scores(self, trajectories: Sequence[Trajectory],
-                      samples: Sequence[Sample]) -> tuple[torch.Tensor, list[dict[str, float]]]:  # fmt: skip
-        """``checked_rewards`` (``[N]``) and ``reward_details``, every rank stopping when a rank's reward raised in
-        either (``stop_every_rank``): a judge's refusal (``JudgeRefused``) is raised only where episodes answered and
-        asked the judge. That rank raises its error, the others one naming it. A collective on several ranks:
-        ``training_step`` calls it once a step on every rank (validation's ranks may run different numbers of
-        batches: ``validation_step``)."""
-        error = None
-        try:
-            rewards = self.checked_rewards(trajectories, samples)
-            details = self.reward_details(trajectories, samples)
-        except Exception as exc:  # not BaseException: an interrupt stops this process at once
-            error = exc
-        self.stop_every_rank(error)
-        return rewards, details
-
-    def _episode_ended(self, trajectory: Trajectory, sample: Sample) -> None:
-        """Hands an ended episode to a reward that starts on it early (an LLM judge's request then overlaps
-        the rest of the rollout); looked up per episode, so a reward swapped in after ``__init__`` is told."""
-        submit = getattr(self.reward, "submit", None)
-        if submit is not None:
-            submit(trajectory, sample)
-
-    def reward_details(self, trajectories: Sequence[Trajectory], samples: Sequence[Sample]) -> list[dict[str, float]]:
-        """Each trajectory's reward terms (``correct``, ``format``, ...; empty if the reward gives none), each a
-        finite number (``mmsr.reward.base.scored_details``: an error names the reward, the episode and its sample)."""
-        return scored_details(self.reward, trajectories, [samples[t.group_id] for t in trajectories])
 
     # -- the policy update (mmsr.train.update) -----------------------------------------------
     def update_policy(self, trajs: list[Trajectory], advantages: torch.Tensor) -> dict[str, float]:

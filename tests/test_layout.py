@@ -51,7 +51,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("train",),
     ("report",),
     ("callbacks",),
-    ("module_checks",),
+    ("module_checks", "module_rewards", "module_validation"),
     ("module", "sft"),
     ("cli_errors", "cli_checks"),
     ("cli",),
