@@ -11,6 +11,7 @@ import yaml
 
 from mmsr.data.loaders import load_samples
 from tests.distributed.runs import ROOT
+from tests.distributed.test_engines_two_ranks import FSDP2, HF
 from tests.distributed.test_judge_refused_ranks import TIMEOUT_S, fit_until
 from tests.distributed.test_tool_refused_ranks import REFUSAL
 from tests.distributed.test_two_ranks import FVQA
@@ -28,6 +29,18 @@ class BrokenOnRankZero:
         return 1.0
 
 
+class SubmitBrokenOnRankZero:
+    """A reward that starts judging as each episode ends (``submit``) and fails there on rank 0 only: mid-rollout,
+    while rank 1 still decodes."""
+
+    def __call__(self, trajectory, sample) -> float:
+        return 1.0
+
+    def submit(self, trajectory, sample) -> None:
+        if dist.get_rank() == 0:
+            raise ValueError(BROKEN)
+
+
 class DetailsBrokenOnRankZero:
     """A reward whose score works everywhere but whose ``details`` fail on rank 0 only."""
 
@@ -41,14 +54,15 @@ class DetailsBrokenOnRankZero:
 
 
 def config(tmp, script: dict[str, list[str]], **init) -> dict:
-    """The smoke config on 2 DDP ranks for one step, the engine scripted, ``init``: more of the module's arguments."""
+    """The smoke config on 2 DDP ranks for one step, the engine scripted unless ``init`` (more of the module's
+    arguments) names another."""
     cfg = yaml.safe_load((ROOT / "configs" / "smoke.yaml").read_text())
     cfg["trainer"].update(max_steps=1, devices=2, strategy="ddp", default_root_dir=str(tmp), plugins=None,
                           use_distributed_sampler=False, enable_checkpointing=False, enable_progress_bar=False,
                           callbacks=None)  # fmt: skip
     cfg["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp)
     engine = {"class_path": "mmsr.rollout.engine.ScriptedEngine", "init_args": {"script": script}}
-    cfg["model"]["init_args"].update(engine=engine, **init)
+    cfg["model"]["init_args"].update({"engine": engine} | init)
     return cfg
 
 
@@ -85,3 +99,15 @@ def test_a_tool_refused_in_one_rank_s_validation_stops_every_rank(tmp_path):
     errors = error_lines(*fit_until(tmp_path, cfg, TIMEOUT_S))
     assert all(line.startswith("mmsr fit: error: FatalToolError: ") and REFUSAL in line for line in errors), errors
     assert any("rank 0's tool stopped the run" in line for line in errors), errors
+
+
+@pytest.mark.slow
+def test_an_error_mid_rollout_on_one_fsdp2_rank_with_the_hf_engine_stops_every_rank(tmp_path):
+    """FSDP2 with a real ``HFEngine`` (random tiny policy, sampled episodes): rank 0's rollout raises as its first
+    episode ends, rank 1 decodes on (the engine's unsharded copy: no collective) and both stop at the rollout's
+    agreement, rank 1 naming rank 0's error; neither waits in an FSDP2 gather."""
+    cfg = config(tmp_path, {}, reward={"class_path": f"{__name__}.SubmitBrokenOnRankZero"}, engine=HF)
+    cfg["trainer"]["strategy"] = FSDP2
+    errors = error_lines(*fit_until(tmp_path, cfg, TIMEOUT_S))
+    assert any(line == f"mmsr fit: error: ValueError: {BROKEN}" for line in errors), errors
+    assert any(line == f"mmsr fit: error: RuntimeError: rank 0 stopped: ValueError: {BROKEN}" for line in errors), errors
