@@ -154,20 +154,26 @@ def episode_metrics(traj: Trajectory, samples: Sequence[Sample], reward: float, 
     (``samples[traj.group_id]``): what ``held_out_metrics`` pools over episodes and ranks."""
     sample = samples[traj.group_id]
     metrics = rollout_metrics([traj], samples, [reward], [detail], settings, by_group=False)  # pooled later
-    return {"metrics": metrics, "data_source": sample.data_source, "category": sample.category}
+    calls = [t.tool_call for t in traj.turns if t.tool_call is not None]
+    return {"metrics": metrics, "data_source": sample.data_source, "category": sample.category,
+            "calls": len(calls), "failed_calls": sum(not call.result.ok for call in calls)}  # fmt: skip
 
 
 def held_out_metrics(episodes: Sequence[dict]) -> dict[str, float]:
     """``val/`` metrics of held-out episodes (``episode_metrics`` of each, every rank's): each key's mean
     over the episodes, and accuracy and search ratio per data source and per category, computed over that
-    group's own episodes (``group_metrics``, as for a step)."""
+    group's own episodes (``group_metrics``, as for a step); ``val/tools/failure_rate``, failed calls over calls
+    (absent without any)."""
     # every episode's keys: a reward's own terms may be in some episodes' details only (a step's metrics count
     # them 0 where absent, as here; taking the first episode's keys dropped some and raised on others)
     keys = dict.fromkeys(k for e in episodes for k in e["metrics"])
     out = {f"val/{k}": _mean([e["metrics"].get(k, 0.0) for e in episodes]) for k in keys}
     sums = _summed((e, e["metrics"].get("reward/accuracy"), e["metrics"].get("rollout/search_ratio/any", 0.0))
                    for e in episodes)  # fmt: skip
-    return out | {f"val/{k}": v for k, v in group_metrics(sums).items()} | {"val/episodes": float(len(episodes))}
+    out |= {f"val/{k}": v for k, v in group_metrics(sums).items()} | {"val/episodes": float(len(episodes))}
+    # a tool that cannot serve the held-out rows (a cache keyed on the training rows) showed only as lower accuracy
+    calls = sum(e.get("calls", 0) for e in episodes)
+    return out | ({"val/tools/failure_rate": sum(e.get("failed_calls", 0) for e in episodes) / calls} if calls else {})
 
 
 def tool_metrics(stats: RolloutStats, tools: dict | None = None,

@@ -58,6 +58,7 @@ def test_a_run_with_val_files_logs_greedy_held_out_metrics_on_synced_weights(tmp
                     "rollout/search_ratio/image", "rollout/search_ratio/text", "reward/format"):  # fmt: skip
             assert float(row[f"val/{key}"]) == 1.0, key
         assert float(row["val/rollout/turns"]) == 3.0
+        assert float(row["val/tools/failure_rate"]) == 0.0
     assert cli.model.engine.weight_updates == 4  # synced before each step's rollout and each validation
     assert set(cli.model.engine.temperatures) == {0.0, cli.model.sampling.temperature} and cli.model.sampling.temperature > 0
 
@@ -136,3 +137,18 @@ def test_mmsr_validate_of_a_checkpoint_logs_its_epoch_too():
     loops = {"fit_loop": {"epoch_loop.state_dict": {"_batches_that_stepped": 11}}}
     restore_logged_step(trainer, {"epoch": 1, "global_step": 24, "loops": loops})
     assert (trainer.current_epoch, trainer.fit_loop.epoch_loop._batches_that_stepped, trainer.global_step) == (1, 11, 0)
+
+
+def test_held_out_episodes_log_the_share_of_their_tool_calls_that_failed(tiny_policy, fvqa_samples):
+    """A tool that cannot serve the held-out rows (a cache keyed on the training rows) showed only as a lower
+    ``val/reward/accuracy``: ``val/tools/failure_rate`` is the failed calls over all calls, absent without any."""
+    from mmsr.metrics import episode_metrics
+    from tests.rollout.test_loop import ANS, IMG, TXT, FakeTextSearch, make_loop
+
+    samples = fvqa_samples[:2]
+    script = {f"{samples[0].id}#0": [IMG, TXT, ANS], f"{samples[1].id}#0": [ANS]}
+    loop, _ = make_loop(tiny_policy, script, text=FakeTextSearch(fail=True))
+    trajs = loop.run(samples, 1, SamplingParams())
+    episodes = [episode_metrics(t, samples, 1.0, {}, loop.settings) for t in trajs]
+    assert held_out_metrics(episodes)["val/tools/failure_rate"] == 0.5  # the image search's call went through
+    assert "val/tools/failure_rate" not in held_out_metrics(episodes[1:])

@@ -15,7 +15,10 @@ Episode limits: ``--ckpt`` uses its run's; ``--model-dir`` the paper's (3 rounds
 ``RolloutSettings`` fields, or a run config: ``--rollout configs/mmsearch_r1/qwen3_vl_8b_1x8.yaml``), and
 ``--max-rounds`` / ``--max-tokens-per-turn`` / ``--max-context-tokens`` override any of them. As ``mmsr fit``,
 the tools' nested timeouts must fit the per-call cap (``mmsr.tools.budget.check_budgets``), checked before the
-policy loads where the limits are known by then.
+policy loads where the limits are known by then. A ``--model-dir`` that
+mmsr did not export (Qwen2.5-VL-7B-Instruct, the MMSearch-R1 authors' checkpoint) also resizes question images to the
+recipes' bounds, 512*512 pixels to 1,152 tokens (``load.recipe_pixels``), unless ``--min-pixels`` / ``--max-pixels``
+give them; an mmsr export keeps the bounds it was trained with.
 
 A crashed or killed evaluation resumes: the same command again takes the batches it finished from
 ``<out>/episodes.partial.jsonl`` (``mmsr.eval.work``); under ``--suite``, those of the sets whose entry and data
@@ -53,7 +56,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run-config", help="the run's config.yaml (default: found next to --ckpt)")
     parser.add_argument("--weights", help="with --policy: a checkpoint (file or distributed directory) or state-dict file")
     parser.add_argument("--tools", help="YAML with image_search / text_search class_path entries")
-    parser.add_argument("--min-pixels", type=int, help="with --model-dir: image processor lower bound")
+    parser.add_argument("--min-pixels", type=int, help="with --model-dir: image processor lower bound (without it and "
+                        "--max-pixels: the recipes' 512*512 to 1,152 tokens for a model mmsr did not export, an mmsr "
+                        "export's own)")  # fmt: skip
     parser.add_argument("--max-pixels", type=int, help="with --model-dir: image processor upper bound")
     parser.add_argument("--rollout", metavar="YAML", help=ROLLOUT_HELP)
     parser.add_argument("--max-rounds", type=int, help="override the most assistant turns")
@@ -237,6 +242,19 @@ def warn_unjudged(metrics: Iterable[dict], out: str | Path) -> None:
               file=sys.stderr)  # fmt: skip
 
 
+def warn_failed_calls(metrics: Iterable[dict], out: str | Path) -> None:
+    """One line on stderr when tool calls failed (``metrics``: a set x workflow's ``report.metrics`` each): their
+    episodes went on with the failure as the observation, so a tool that cannot serve the set (a cache keyed on
+    other rows, e.g. FVQA's training cache on FVQA-test; a provider down) must not pass for a low score."""
+    metrics = [m for m in metrics if m.get("tool_calls")]  # a suite's set that failed has none
+    failed = sum(m["failed_calls"] for m in metrics)
+    if failed:
+        print(f"mmsr eval: warning: {failed} of {sum(m['tool_calls'] for m in metrics)} tool calls failed and their "
+              f"episodes went on without results (a tool that cannot serve this data, e.g. a cache of other rows, or a "
+              f"provider down?); see tool_ok and the observations in the trajectories.jsonl under {out}",
+              file=sys.stderr)  # fmt: skip
+
+
 def refuse_judge_failed(work: EvalWork) -> None:
     """Exit with an error when the judge never replied for some episodes (``run.judge_failed``): they count
     wrong, so a script must not read the outage as a result; the work file stays for the rerun."""
@@ -297,6 +315,7 @@ def run_suite_args(args: argparse.Namespace) -> dict:
     table = run_suite(build_evaluator(args), sets, args.workflow, args.out, args.limit, accuracy, work)
     print((Path(args.out) / "suite.md").read_text(encoding="utf-8"))
     warn_unjudged(table["rows"], args.out)
+    warn_failed_calls(table["rows"], args.out)
     if all(row["error"] is not None for row in table["rows"]):  # a script must not read this as success
         raise SystemExit(f"mmsr eval: error: no set of the suite could be evaluated ({', '.join(table['sets'])}): "
                          f"each set's error is in {Path(args.out) / 'suite.md'}")  # fmt: skip
@@ -322,6 +341,8 @@ def main(argv: list[str]) -> dict:
     if not judge_failed(work):  # else the rerun takes the file's episodes and asks the judge only for those
         work.finish()
     print((Path(args.out) / "summary.md").read_text(encoding="utf-8"))
-    warn_unjudged((parts["all"] for workflows in summary.values() for parts in workflows.values()), args.out)
+    overall = [parts["all"] for workflows in summary.values() for parts in workflows.values()]
+    warn_unjudged(overall, args.out)
+    warn_failed_calls(overall, args.out)
     refuse_judge_failed(work)
     return summary

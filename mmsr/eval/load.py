@@ -166,12 +166,36 @@ def check_tool_budgets(tools: dict[str, SearchTool | None], cap_s: float, hint: 
         raise BudgetError(f"{exc} {hint}") from None
 
 
+# The recipes' question-image bounds (upstream's evaluation resized every image into them first): 512*512 pixels
+# up to 1,152 tokens, 672*672*2 pixels of Qwen2.5-VL's 28-pixel tokens (32-pixel ones for Qwen3-VL's 16-pixel patches).
+RECIPE_MIN_PIXELS, RECIPE_IMAGE_TOKENS = 512 * 512, 1152
+
+
 def load_model_dir(path: str, min_pixels: int | None = None, max_pixels: int | None = None) -> Loaded:
+    """A Hugging Face directory's policy; without ``min_pixels`` and ``max_pixels``, a directory mmsr did not export
+    resizes question images to the recipes' bounds (``recipe_pixels``), as its episode limits are the paper's."""
     from mmsr.models.build import PretrainedPolicy
     from mmsr.rollout.hf_engine import HFEngine
 
-    policy = PretrainedPolicy(path, min_pixels=min_pixels, max_pixels=max_pixels).build()
+    builder = PretrainedPolicy(path, min_pixels=min_pixels, max_pixels=max_pixels)
+    if min_pixels is None and max_pixels is None:
+        builder = PretrainedPolicy(path, **recipe_pixels(builder))
+    policy = builder.build()
     return Loaded(policy, _synced(policy, HFEngine(seed=0)))
+
+
+def recipe_pixels(builder) -> dict[str, int]:
+    """``RECIPE_MIN_PIXELS`` up to ``RECIPE_IMAGE_TOKENS`` tokens of ``builder``'s (a ``PretrainedPolicy``) patch and
+    merge sizes, for a vision model mmsr did not export (Qwen2.5-VL-7B-Instruct's processor allows 3,136 to 12.8M
+    pixels: a 2400x1800 photo took 5,504 tokens of the 6,144-token context instead of 1,131); ``{}`` for an mmsr
+    export (its ``mmsr_policy.json``: its processor holds the bounds it was trained with) and a text-only model."""
+    from mmsr.models.build import POLICY_RECORD
+
+    _, cfg = builder.processor_config()
+    if not cfg or builder.checkpoint_json(POLICY_RECORD):
+        return {}
+    side = cfg.get("patch_size", 14) * cfg.get("merge_size", 2)
+    return {"min_pixels": RECIPE_MIN_PIXELS, "max_pixels": RECIPE_IMAGE_TOKENS * side * side}
 
 
 def load_policy_yaml(path: str | Path, weights: str | None = None) -> Loaded:

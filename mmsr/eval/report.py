@@ -3,7 +3,9 @@
 Search ratio under both of the paper's definitions (spec §9): ``search_ratio`` = share of responses
 that made at least one search (§4.1 text), ``call_ratio`` = search calls made / the most allowed
 (Table 1 caption). Per search type: ``image_only``, ``text_only``, ``mixed`` (shares of responses).
-Each ``data_source`` and ``category`` is summarized over its own rows only (upstream computes every
+``tool_calls`` counts the calls made, ``failed_calls`` those whose result was a failure (the episode went on with
+it as the observation): a tool that cannot serve the set (a cache keyed on other rows, a provider down) would
+otherwise pass for a low accuracy. Each ``data_source`` and ``category`` is summarized over its own rows only (upstream computes every
 source's search ratio over the whole validation batch), named by its text (``slice_name``: ``1`` and ``"1"`` are
 one slice, a row without one is in ``"none"``).
 """
@@ -80,6 +82,8 @@ def metrics(records: Sequence[EvalRecord]) -> dict[str, float | int | None]:
         "text_only": _mean([t and not i for i, t in zip(img, txt)]),
         "mixed": _mean([i and t for i, t in zip(img, txt)]),
         "turns": _mean([len(r.turns) for r in records]),
+        "tool_calls": sum(t.get("tool_ok") is not None for r in records for t in r.turns),
+        "failed_calls": sum(t.get("tool_ok") is False for r in records for t in r.turns),
     }
 
 
@@ -115,10 +119,11 @@ _COLUMNS = ("n", "em", "subem", "judge", "search_ratio", "call_ratio", "image_on
 def markdown(summary: dict) -> str:
     """One row per set x workflow x slice; rates in percent. With a judge, the episodes it gave no verdict
     (``judge_unparsed``: endpoint down, reply unparsed) follow its accuracy: they count wrong, and a judge
-    outage would otherwise only show as a low score."""
-    judged = any(parts["all"]["judge"] is not None for workflows in summary.values() for parts in workflows.values())
+    outage would otherwise only show as a low score; so do failed tool calls, in a last column where any failed."""
+    alls = [parts["all"] for workflows in summary.values() for parts in workflows.values()]
+    judged, failed = any(m["judge"] is not None for m in alls), any(m["failed_calls"] for m in alls)
     head = ["set", "workflow", "slice", "n", "EM", "SubEM", "Judge", *(["Judge unparsed"] if judged else []),
-            "SR (responses)", "SR (calls)", "image only", "text only", "mixed"]  # fmt: skip
+            "SR (responses)", "SR (calls)", "image only", "text only", "mixed", *(["failed calls"] if failed else [])]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, workflows in summary.items():
         for workflow, parts in workflows.items():
@@ -128,5 +133,7 @@ def markdown(summary: dict) -> str:
                 cells = [str(m["n"])] + ["–" if m[c] is None else f"{100 * m[c]:.1f}" for c in _COLUMNS[1:]]
                 if judged:
                     cells.insert(_COLUMNS.index("judge") + 1, "–" if m["judge"] is None else str(m["judge_unparsed"]))
+                if failed:
+                    cells.append(f"{m['failed_calls']} of {m['tool_calls']}")
                 lines.append("| " + " | ".join([name, workflow, label, *cells]) + " |")
     return "\n".join(lines) + "\n"

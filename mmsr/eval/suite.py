@@ -38,7 +38,7 @@ from mmsr.eval.work import EvalWork, fingerprint
 
 ACCURACY = ("judge", "em", "subem")
 _CSV = ("workflow", "set", "n", "accuracy_metric", "accuracy", "search_ratio", "call_ratio", "em", "subem", "judge",
-        "judge_unparsed", "error")  # fmt: skip
+        "judge_unparsed", "tool_calls", "failed_calls", "error")  # fmt: skip
 
 
 def read_suite(path: str | Path) -> dict[str, EvalSet]:
@@ -123,10 +123,11 @@ def _row(workflow: str, name: str, result: dict, accuracy: str) -> dict:
     if m is None:
         return {"workflow": workflow, "set": name, "n": 0, "accuracy_metric": accuracy, "accuracy": None,
                 "search_ratio": None, "call_ratio": None, "em": None, "subem": None, "judge": None,
-                "judge_unparsed": None, "error": result.get("error", "not run")}  # fmt: skip
+                "judge_unparsed": None, "tool_calls": None, "failed_calls": None, "error": result.get("error", "not run")}  # fmt: skip
     return {"workflow": workflow, "set": name, "n": m["n"], "accuracy_metric": accuracy, "accuracy": m[accuracy],
             "search_ratio": m["search_ratio"], "call_ratio": m["call_ratio"], "em": m["em"], "subem": m["subem"],
-            "judge": m["judge"], "judge_unparsed": m["judge_unparsed"], "error": None}  # fmt: skip
+            "judge": m["judge"], "judge_unparsed": m["judge_unparsed"], "tool_calls": m["tool_calls"],
+            "failed_calls": m["failed_calls"], "error": None}  # fmt: skip
 
 
 def _mean(values: list) -> float | None:

@@ -106,3 +106,30 @@ def test_the_papers_cap_fits_the_web_tools_and_a_ckpts_is_checked_once_loaded(mo
     with pytest.raises(BudgetError, match=r"tool_timeout_s=30 s.*the cap is --ckpt's run's"):
         load_from_args(parse_args(["--ckpt", "run.ckpt", "--tools", WEB_TEXT, *DATA]), ["on-demand"])
 
+
+
+def test_a_model_dir_mmsr_did_not_export_takes_the_recipes_image_bounds_and_an_export_its_own(tmp_path, tiny_policy):
+    """``--model-dir`` ran the paper's episode limits with the directory's own image bounds: Qwen2.5-VL-7B-Instruct's
+    3,136 to 12.8M pixels gave a 2400x1800 photo 5,504 tokens of the 6,144-token context, not the recipes' 1,131."""
+    import json
+
+    from PIL import Image
+
+    from mmsr.eval.load import load_model_dir
+    from mmsr.models.build import POLICY_RECORD, save_policy
+
+    export, foreign = tmp_path / "export", tmp_path / "foreign"
+    save_policy(tiny_policy, export)
+    save_policy(tiny_policy, foreign)
+    (foreign / POLICY_RECORD).unlink()  # as a checkpoint from the hub
+    cfg = json.loads((foreign / "preprocessor_config.json").read_text())
+    cfg.update(min_pixels=3136, max_pixels=12845056, size={"shortest_edge": 3136, "longest_edge": 12845056})
+    (foreign / "preprocessor_config.json").write_text(json.dumps(cfg))
+    photo = Image.new("RGB", (2400, 1800), "red")
+
+    def tokens(path, *bounds):
+        return load_model_dir(str(path), *bounds).policy.process_image(photo).num_tokens
+
+    assert tokens(foreign) == tokens(foreign, 512 * 512, 1152 * 28 * 28) == 1131
+    assert tokens(foreign, None, 12845056) == 5504  # a bound given: the directory's other one
+    assert tokens(export) == tiny_policy.process_image(photo).num_tokens <= 16  # as trained (its 112*112 pixels)
