@@ -186,6 +186,7 @@ class GRPOModule(RewardStage, HeldOutValidation, L.LightningModule):
         tool_map = configured(tools, image_search, text_search)
         check_budgets(tool_map, rollout.tool_timeout_s)  # fail fast
         rollout.refuse_unknown_tools([spec.name for spec in declared(tool_map)])  # as the loop would, before the build
+        rollout.refuse_overridden_limits(tool_map)
         refuse_short_engine(engine, rollout)
         # Loggers cannot take the frozen RolloutSettings: they get its fields as a dict.
         self.save_hyperparameters(ignore=["policy", "engine", "image_search", "text_search", "tools", "reward", "prompts",

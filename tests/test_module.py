@@ -261,6 +261,13 @@ def test_a_tool_limit_naming_no_configured_tool_is_refused_before_the_policy_is_
         make_module(policy=Unbuildable(), rollout=RolloutSettings(tool_limits={"imge_search": 1}))
 
 
+def test_an_overridden_tool_entry_limit_is_refused_before_the_policy_is_built():
+    from mmsr.tools.spec import TextSearchTool
+
+    with pytest.raises(ValueError, match=r"the text_search entry of tools sets limit: 10, and rollout.text_search_limit: 2"):
+        make_module(policy=Unbuildable(), tools=[TextSearchTool(limit=10)], rollout=RolloutSettings(text_search_limit=2))
+
+
 class HotterModule(GRPOModule):
     """A subclass that samples at twice the temperature it is given (save_hyperparameters records its argument)."""
 

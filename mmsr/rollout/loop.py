@@ -117,6 +117,21 @@ class RolloutSettings:
             raise ValueError(f"RolloutSettings.tool_limits names {', '.join(map(repr, unknown))}, not a configured tool "
                              f"(configured: {', '.join(names)}): fix the name, or drop the entry")  # fmt: skip
 
+    def refuse_overridden_limits(self, tools: Mapping[str, object]) -> None:
+        """Refuse a ``tools:`` entry of image or text search whose own ``limit:`` the pair's setting
+        (``image_search_limit`` / ``text_search_limit``, which every shipped config sets) would override: the entry's
+        ``limit: 10`` gave 2 calls an episode without a word. Equal values, and a name in ``tool_limits`` (which
+        overrides both), pass.
+
+        Raises:
+            ValueError: naming the entry's limit and the setting, and how to keep either.
+        """
+        for name, setting in (("image_search", "image_search_limit"), ("text_search", "text_search_limit")):
+            given, pair = getattr(tools.get(name), "limit_given", None), getattr(self, setting)
+            if given is not None and pair is not None and given != pair and name not in self.tool_limits:
+                raise ValueError(f"the {name} entry of tools sets limit: {given}, and rollout.{setting}: {pair} would "
+                                 f"override it: set rollout.{setting}: null to keep the entry's, or give one value")  # fmt: skip
+
     def limit(self, spec: ToolSpec) -> int:
         """Most calls per episode of tool ``spec``."""
         pair = {"image_search": self.image_search_limit, "text_search": self.text_search_limit}
@@ -172,6 +187,7 @@ class RolloutLoop:
         self.prompts = prompts.for_tools(self.specs)  # round 1 describes the configured tools
         self._by_name = {spec.name: spec for spec in self.specs}
         settings.refuse_unknown_tools(list(self._by_name))  # before any rollout: a misspelt name limits nothing
+        settings.refuse_overridden_limits(self.tools)
         self.parse = parser_for(self.specs)
         self.stops = stop_strings(self.specs)
         self.encoder = policy.encoder()

@@ -111,6 +111,7 @@ class Tool:
     def __init__(self, backend: SearchTool | None = None, limit: int | None = None,
                  format_max: int | None = None) -> None:  # fmt: skip
         self.backend = backend
+        self.limit_given = limit  # the rollout's pair limits must not override it unseen (RolloutSettings)
         given = {k: v for k, v in (("limit", limit), ("format_max", format_max)) if v is not None}
         if given:
             self.spec = replace(type(self).spec, **given)  # instance attribute shadows the class's

@@ -59,6 +59,26 @@ def test_ten_text_searches_in_twelve_rounds(tiny_policy, fvqa_samples):
     assert refused.finish_reason == "search_limit" and refused.num_calls("text_search") == 10
 
 
+def test_an_entry_s_limit_that_the_pair_s_setting_would_override_is_refused_naming_both(tiny_policy, fvqa_samples):
+    """Every shipped config sets ``rollout.text_search_limit: 2``: a ``tools:`` entry's ``limit: 10`` gave 2 calls an
+    episode without a word (the pair's setting won). Refused as the loop (and ``GRPOModule``) is built; the setting
+    null, an equal value or a ``tool_limits`` entry (which overrides both) pass, and an entry without a limit keeps
+    the setting's."""
+    import pytest
+
+    tools = [TextSearchTool(Pages(), limit=10, format_max=10)]
+    searches = [f"{R}<text_search>fact {k}</text_search>" for k in range(4)]
+    with pytest.raises(ValueError, match=r"the text_search entry of tools sets limit: 10, and rollout.text_search_limit: 2 "
+                                         r"would override it: set rollout.text_search_limit: null"):  # fmt: skip
+        run(tiny_policy, fvqa_samples[0], [*searches, ANS], tools, RolloutSettings(max_rounds=6, text_search_limit=2))
+    for ok in (dict(text_search_limit=None), dict(text_search_limit=10), dict(text_search_limit=2, tool_limits={"text_search": 3})):
+        traj = run(tiny_policy, fvqa_samples[0], [*searches, ANS], tools, RolloutSettings(max_rounds=6, **ok))
+        assert traj.num_calls("text_search") == (3 if ok.get("tool_limits") else 4), ok
+    plain = run(tiny_policy, fvqa_samples[0], [*searches, ANS], [TextSearchTool(Pages())],
+                RolloutSettings(max_rounds=6, text_search_limit=2))  # fmt: skip
+    assert plain.num_calls("text_search") == 2 and plain.finish_reason == "search_limit"
+
+
 def test_an_observation_that_does_not_fit_is_cut_and_logged(tiny_policy, fvqa_samples):
     sample = fvqa_samples[0]
     tools = [ImageSearchTool(Thumbnails()), TextSearchTool(Pages(4000))]
