@@ -2,13 +2,14 @@
 
 Reads the cache pickle(s) as training does (``mmsr.tools.fvqa_cache``: the restricted unpickler, the same
 thumbnail fetching with the SSRF guard and caps), tries every thumbnail of every row (or of ``--ids``), and
-writes one JSON line per row with a dead thumbnail::
+writes one JSON line per row with a thumbnail that is gone (``dead``: a 404, a file that is no image) or that a
+transient failure kept (``unreachable``: a 429 or 5xx, a timeout; worth another try later)::
 
-    {"data_id": "fvqa_train_17", "dead": [{"rank": 5, "url": "https://...", "reason": "HTTP 404 ..."}], "kept": 4}
+    {"data_id": "fvqa_train_17", "dead": [{"rank": 5, "url": "https://...", "reason": "HTTP 404 ..."}], "unreachable": [], "kept": 4}
 
-then a summary line ``{"rows": ..., "rows_with_dead_thumbnails": ..., "dead_thumbnails": ..., "rows_empty": ...}``
-(``rows_empty``: rows where no thumbnail could be had, which training sees as a failed search). Nothing is
-written to the tool cache.
+then a summary line ``{"rows": ..., "rows_with_dead_thumbnails": ..., "dead_thumbnails": ...,
+"rows_with_unreachable_thumbnails": ..., "rows_empty": ...}`` (``rows_empty``: rows where no thumbnail could be
+had, which training sees as a failed search). Nothing is written to the tool cache.
 
 Usage: ``python tools/check_fvqa_cache.py data/fvqa/fvqa_train_image_search_results_cache.pkl [--ids a b]
 [--out dead.jsonl]``
@@ -42,12 +43,13 @@ async def check(tool: FVQACacheSearch, ids: Sequence[str], batch: int = 64) -> l
 
 def report(tool: FVQACacheSearch, ids: Sequence[str], empty: list[str], out: TextIO) -> dict[str, int]:
     """Write the dead rows and the summary (module docstring) to ``out``; returns the summary."""
-    dead = tool.dead_thumbnails()
-    for data_id, thumbnails in dead.items():
-        kept = len(tool.rows[data_id].thumbnails) - len(thumbnails)
-        out.write(json.dumps({"data_id": data_id, "dead": [asdict(t) for t in thumbnails], "kept": kept}) + "\n")
-    summary = {"rows": len(ids), "rows_with_dead_thumbnails": len(dead),
-               "dead_thumbnails": sum(len(t) for t in dead.values()), "rows_empty": len(empty)}  # fmt: skip
+    dead, unreachable = tool.dead_thumbnails(), tool.dead_thumbnails(unreachable=True)
+    for data_id in sorted(dead.keys() | unreachable.keys()):
+        lost = {"dead": dead.get(data_id, []), "unreachable": unreachable.get(data_id, [])}
+        kept = len(tool.rows[data_id].thumbnails) - sum(len(t) for t in lost.values())
+        out.write(json.dumps({"data_id": data_id} | {k: [asdict(t) for t in v] for k, v in lost.items()} | {"kept": kept}) + "\n")
+    summary = {"rows": len(ids), "rows_with_dead_thumbnails": len(dead), "dead_thumbnails": sum(len(t) for t in dead.values()),
+               "rows_with_unreachable_thumbnails": len(unreachable), "rows_empty": len(empty)}  # fmt: skip
     out.write(json.dumps(summary) + "\n")
     return summary
 

@@ -18,8 +18,9 @@ URLs now answer 404 (known since the files were released).
 the files hold pickled objects); a missing or refused file is fatal (``FVQACacheError``), not an observation. A request is looked up by ``ToolRequest.sample_id`` (``Sample.id``, the parquet's
 ``data_id``). URL thumbnails are fetched as the web image search fetches them (``HTTPClient`` behind the
 SSRF guard, byte and pixel caps, against the call's deadline); pickled images are used as they are. A
-thumbnail that cannot be had is skipped and its row is recorded in ``dead`` (metrics count them;
-``tools/check_fvqa_cache.py`` lists them for a whole file). An unknown ``data_id`` is a failure observation.
+thumbnail that cannot be had is skipped and its row recorded: in ``dead`` when it is gone (a 404, a file that is no
+image), in ``unreachable`` while only a transient failure kept it (a 429 or 5xx, a timeout, the call's deadline) until
+a later call fetches it (metrics count both; ``tools/check_fvqa_cache.py`` lists them for a whole file). An unknown ``data_id`` is a failure observation.
 Results with fetched thumbnails are stored in the tool cache (SQLite, ``mmsr.tools.cache.ToolCache``) under
 the row's id, so a row's URLs are fetched once per cache file, whatever process asks; a result cut short by a
 transient failure (the call's deadline, a timeout, 429/5xx) is shown but not stored, so a later call tries the
@@ -45,7 +46,7 @@ from mmsr.tools.cache import CacheKey, ToolCache
 from mmsr.tools.format import image_results
 from mmsr.tools.fvqa_pickle import PickledImage, safe_load
 from mmsr.tools.web import guard
-from mmsr.tools.web.http import HTTPClient, Limits, ToolError
+from mmsr.tools.web.http import HTTPClient, Limits, ToolError, transient
 from mmsr.tools.web.images import cut_short, fetch_image, shrunk
 
 PROVIDER = "fvqa_cache"
@@ -155,7 +156,8 @@ class FVQACacheSearch:
         self.allow_private, self.reserve_s, self.tool_cache_path = allow_private, reserve_s, tool_cache
         self.thumbnails = HTTPClient("thumbnails", thumbnail_limits, connector=partial(guard.connector, allow_private))
         self._store: ToolCache | None = None  # opened on first use
-        self.dead: dict[str, dict[int, DeadThumbnail]] = {}  # data_id -> rank -> why
+        self.dead: dict[str, dict[int, DeadThumbnail]] = {}  # data_id -> rank -> why: gone
+        self.unreachable: dict[str, dict[int, DeadThumbnail]] = {}  # the same, transient: until a call fetches it
         self.counts: Counter[str] = Counter()
 
     def check_budget(self, cap_s: float) -> None:
@@ -234,17 +236,28 @@ class FVQACacheSearch:
             image = await fetch_image(self.thumbnails, thumbnail, self.max_pixels, self.allow_private, deadline,
                                       self.max_side)  # fmt: skip
             self.counts["thumbnails_fetched"] += 1
+            self._reached(data_id, rank)
             return image
         except ToolError as exc:
             self.counts[f"thumbnail_{exc.kind}"] += 1
             url = thumbnail if isinstance(thumbnail, str) else ""
-            self.dead.setdefault(data_id, {})[rank] = DeadThumbnail(rank, url, exc.reason)
+            # a 503 or a timeout is no gone thumbnail: listed as one, it stayed listed after the next call fetched it
+            where = self.unreachable if transient(exc) else self.dead
+            where.setdefault(data_id, {})[rank] = DeadThumbnail(rank, url, exc.reason)
             return exc
 
-    def dead_thumbnails(self) -> dict[str, list[DeadThumbnail]]:
-        """``data_id -> thumbnails that could not be had`` for the rows looked up so far (tool-cache hits are
-        not re-fetched, so a row is reported by the call that fetched it)."""
-        return {data_id: [dead[r] for r in sorted(dead)] for data_id, dead in sorted(self.dead.items())}
+    def _reached(self, data_id: str, rank: int) -> None:
+        row = self.unreachable.get(data_id, {})
+        row.pop(rank, None)
+        if not row:
+            self.unreachable.pop(data_id, None)
+
+    def dead_thumbnails(self, unreachable: bool = False) -> dict[str, list[DeadThumbnail]]:
+        """``data_id -> thumbnails that are gone`` (``unreachable``: that a transient failure kept, and no later call
+        fetched) for the rows looked up so far (tool-cache hits are not re-fetched, so a row is reported by the call
+        that fetched it)."""
+        rows = self.unreachable if unreachable else self.dead
+        return {data_id: [dead[r] for r in sorted(dead)] for data_id, dead in sorted(rows.items())}
 
     def metrics(self) -> dict[str, float]:
         own = {f"tools/{PROVIDER}/{k}": float(v) for k, v in sorted(self.counts.items())}

@@ -262,9 +262,32 @@ def test_check_script_lists_rows_with_dead_thumbnails(tmp_path):
 
     summary = asyncio.run(main())
     lines = [json.loads(line) for line in out.read_text().splitlines()]
-    assert summary == lines[-1] == {"rows": 3, "rows_with_dead_thumbnails": 2, "dead_thumbnails": 3, "rows_empty": 1}
-    assert [(r["data_id"], [d["rank"] for d in r["dead"]], r["kept"]) for r in lines[:-1]] == [
-        ("fvqa_train_1", [3], 3), ("fvqa_train_3", [1, 2], 0)]  # fmt: skip
+    assert summary == lines[-1] == {"rows": 3, "rows_with_dead_thumbnails": 2, "dead_thumbnails": 3,
+                                    "rows_with_unreachable_thumbnails": 0, "rows_empty": 1}  # fmt: skip
+    assert [(r["data_id"], [d["rank"] for d in r["dead"]], r["unreachable"], r["kept"]) for r in lines[:-1]] == [
+        ("fvqa_train_1", [3], [], 3), ("fvqa_train_3", [1, 2], [], 0)]  # fmt: skip
+
+
+def test_a_thumbnail_a_transient_failure_kept_is_unreachable_not_gone_until_a_call_fetches_it(tmp_path):
+    """A 503 (a rate limit, a server's bad minute) was recorded as a gone thumbnail: the row was counted in
+    ``rows_with_dead_thumbnails`` and listed by the check script, and stayed so after the next call fetched it."""
+    scripts = {"/busy.png": Script((503, "busy"), (200, png("red")))}
+    rows = {"fvqa_train_1": {"tool_returned_web_title_list": ["Busy"], "tool_returned_images_urls": ["{url}/busy.png"]}}
+
+    async def main():
+        async with serve([("GET", p, sc) for p, sc in scripts.items()]) as url:
+            rows["fvqa_train_1"]["tool_returned_images_urls"] = [f"{url}/busy.png"]
+            (tmp_path / "cache.pkl").write_bytes(pickle.dumps(rows))
+            tool = tool_for(tmp_path / "cache.pkl", None)
+            first = await tool(request("fvqa_train_1"))
+            seen = (tool.dead_thumbnails(), list(tool.dead_thumbnails(unreachable=True)), tool.metrics())
+            second = await tool(request("fvqa_train_1"))
+            return first, seen, second, tool
+
+    first, (dead, unreachable, metrics), second, tool = asyncio.run(main())
+    assert not first.ok and dead == {} and unreachable == ["fvqa_train_1"]
+    assert metrics["tools/fvqa_cache/rows_with_dead_thumbnails"] == 0 and metrics["tools/fvqa_cache/thumbnail_http_5xx"] == 1
+    assert second.ok and tool.dead_thumbnails(unreachable=True) == {} and tool.dead_thumbnails() == {}
 
 
 @pytest.mark.parametrize("recipe", ["qwen2_5_vl_7b_1x8", "qwen2_5_vl_7b_4x8"])
