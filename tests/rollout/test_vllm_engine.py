@@ -7,6 +7,7 @@ are taught in a few dozen Adam steps to answer one question with a text search, 
 
 import gc
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -300,6 +301,14 @@ def test_the_sync_probe_fits_an_engine_of_a_short_context(policy, engine, initia
         check(policy, engine)
     monkeypatch.undo()
     check(policy, engine)
+
+
+def test_the_engine_starts_from_dummy_weights_with_no_weights_written(engine):
+    """vLLM starts from the config and tokenizer alone (``load_format`` dummy); the first sync brings the weights.
+    The 2-rank test looks for weight files under TMPDIR only after its run, when the temporary directory is gone."""
+    files = [p.name for p in Path(engine._config_dir.name).iterdir()]
+    assert "config.json" in files and not [f for f in files if f.endswith((".safetensors", ".bin", ".pt"))], files
+    assert str(engine.llm.llm_engine.vllm_config.load_config.load_format) in ("dummy", "LoadFormat.DUMMY")
 
 
 def test_a_prompt_over_max_model_len_is_refused_naming_its_request(engine):
