@@ -11,6 +11,7 @@ import warnings
 from typing import Any
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader, Dataset
 
 from mmsr.checks import refuse_out_of_range, run_seed
@@ -113,6 +114,14 @@ class WholeBatchSampler(ResumableSampler):
         return saved != self.batch_size or super()._share_changed(state, share, midway)
 
 
+def own_generator() -> torch.Generator:
+    """A loader's own generator: every iterator a ``DataLoader`` starts draws its workers' base seed from it, from the
+    global torch generator without one. A resumed run started its epoch's iterator after the checkpoint's RNG states
+    were put back, so a reward or engine drawing from ``torch`` went on one draw ahead of the run it resumes (and each
+    validation moved the training's draws). The loaders run in this process (no workers): the seed is unused."""
+    return torch.Generator().manual_seed(0)
+
+
 class MMSRDataModule(L.LightningDataModule):
     """Serves the training prompts.
 
@@ -174,7 +183,7 @@ class MMSRDataModule(L.LightningDataModule):
             raise ValueError(DISTRIBUTED_SAMPLER)
         sampler = self._sampler(replicas, rank)
         return ResumableDataLoader(SampleDataset(self.train), sampler, batch_size=self.prompts_per_step,
-                                   collate_fn=collate_samples, drop_last=False)  # fmt: skip
+                                   collate_fn=collate_samples, drop_last=False, generator=own_generator())  # fmt: skip
 
     def _sampler(self, replicas: int, rank: int) -> ResumableSampler:
         """This trainer's sampler, built once: ``trainer.reload_dataloaders_every_n_epochs`` asks for a new loader
@@ -211,7 +220,7 @@ class MMSRDataModule(L.LightningDataModule):
             raise ValueError(f"data.val_files {self.val_files}: {len(self.val)} held-out row(s) for {replicas} ranks; "
                              f"every rank validates its share and needs at least one: add rows or drop val_files")  # fmt: skip
         return DataLoader(SampleDataset(self.val[rank::replicas]), batch_size=self.prompts_per_step,
-                          collate_fn=collate_samples)  # fmt: skip
+                          collate_fn=collate_samples, generator=own_generator())  # fmt: skip
 
     def _ranks(self) -> tuple[int, int]:
         """(world size, this rank) of the trainer; (1, 0) outside one."""
