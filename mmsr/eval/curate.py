@@ -8,7 +8,8 @@
    ``mixed_search_required``; with other configured tools (crop, ...) among them, their names and the
    searches', sorted and joined by ``+``, then ``_required`` (``crop+image_search_required``);
 4. a subset is sampled (seeded) at the target search-free share: the largest one the pools allow,
-   or ``size`` rows;
+   or ``size`` rows; a subset of none (every question dropped, or a pool the share needs empty) is an
+   error naming the pools and the settings, and nothing is written;
 5. it is written in the MMSearch-R1 parquet schema (readable by ``load_samples``); the label is the
    ``category`` column (per-category metrics) and ``extra_info.search_label``.
 
@@ -192,9 +193,29 @@ def curate(samples: Sequence[Sample], loop: RolloutLoop, out: str | Path, k: int
     outcomes = roll_out(loop, samples, k, temperature, work, batch_size, run=run)
     labels = {s.id: lab for s in samples if (lab := label(outcomes[s.id])) is not None}
     chosen = set(select(labels, search_free_ratio, size, seed))
-    write_parquet([s for s in samples if s.id in chosen], labels, outcomes, out)
     counts = {name: sum(v == name for v in labels.values()) for name in PAIR_LABELS + tuple(sorted(set(labels.values())))}
-    return counts | {"dropped": len(samples) - len(labels), "selected": len(chosen)}
+    counts |= {"dropped": len(samples) - len(labels)}
+    if not chosen:  # before writing: a parquet without rows exited 0, and ``mmsr fit`` refused it later
+        settings = {"k": k, "temperature": temperature, "search_free_ratio": search_free_ratio, "size": size}
+        raise ValueError(nothing_selected(counts, settings, out, work))
+    write_parquet([s for s in samples if s.id in chosen], labels, outcomes, out)
+    return counts | {"selected": len(chosen)}
+
+
+def nothing_selected(counts: Mapping[str, int], settings: Mapping[str, object], out: Path, work: Path) -> str:
+    """Why curation selected no question, in one line: every question was dropped, or the search-free share and
+    ``size`` of ``settings`` select none from the pools ``counts`` (each label's, and ``dropped``) hold."""
+    free, dropped = counts["search_free"], counts["dropped"]
+    required = sum(n for name, n in counts.items() if name not in ("search_free", "dropped"))
+    pools = ", ".join(f"{name} {n}" for name, n in counts.items())
+    rollouts = f"k={settings['k']} rollouts at temperature={settings['temperature']}"
+    head = f"curate selected no question, so {out} was not written: "
+    if free + required == 0:
+        return (f"{head}none of the {dropped} questions was answered correctly in {rollouts} ({pools}); the rollouts "
+                f"stay in {work}")
+    return (f"{head}search_free_ratio={settings['search_free_ratio']} and size={settings['size']} select none from "
+            f"{free} search-free and {required} search-required questions ({pools}; {rollouts}); the rollouts stay "
+            f"in {work}, which a rerun with another --search-free-ratio or --size reuses")
 
 
 GIVE_TOOLS = ("give them with --tools TOOLS.yaml (image_search / text_search entries, e.g. configs/tools/): without "

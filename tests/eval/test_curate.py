@@ -127,8 +127,9 @@ def test_a_work_file_of_other_settings_is_refused_and_imageless_questions_before
     from dataclasses import replace
 
     samples, script = fvqa_samples[:3], _script(fvqa_samples[:7])
+    # at k=1 none of the three is search-free: a search-free share of 0 selects them all
     curate(samples, _loop(tiny_policy, Engine(tiny_policy, script)), tmp_path / "c.parquet", k=1,
-           search_free_ratio=0.4, run={"ckpt": "a.ckpt"})  # fmt: skip
+           search_free_ratio=0.0, run={"ckpt": "a.ckpt"})  # fmt: skip
     engine = Engine(tiny_policy, script)
     with pytest.raises(ValueError, match=r"c.parquet.rollouts.jsonl holds the rollouts of another curation \(--k was 1, now 3\)"):
         curate(samples, _loop(tiny_policy, engine), tmp_path / "c.parquet", k=3, search_free_ratio=0.4, run={"ckpt": "a.ckpt"})
@@ -165,3 +166,86 @@ def test_a_line_cut_by_a_crash_goes_so_the_next_appended_line_stands_alone(tmp_p
         roll_out(_loop(tiny_policy, Engine(tiny_policy, script)), samples[:n], 2, 1.0, work, batch_size=1)
         assert sorted(read_work(work)) == sorted(s.id for s in samples[:n])
         assert work.read_text().endswith("\n") and len(work.read_text().splitlines()) == 1 + n
+
+
+class SpyEngine(Engine):
+    """``Engine`` that notes the temperature of every generate call."""
+
+    def __init__(self, policy, script):
+        super().__init__(policy, script)
+        self.temperatures = []
+
+    def generate(self, requests, sampling):
+        self.temperatures.append(sampling.temperature)
+        return super().generate(requests, sampling)
+
+
+def test_rollouts_sample_at_the_curate_temperature_and_rows_keep_source_url_and_label(tmp_path, tiny_policy, fvqa_samples):
+    """Curation samples (greedy rollouts would label each question by one path); a written row keeps its question's
+    ``data_source`` and ``image_urls`` (web image search needs the URL) and its label in ``extra_info``."""
+    import pyarrow.parquet as pq
+    from dataclasses import replace
+
+    samples = [replace(s, data_source=f"src{i % 2}", image_url=f"https://img.example/{s.id}.jpg")
+               for i, s in enumerate(fvqa_samples[:7])]  # fmt: skip
+    engine = SpyEngine(tiny_policy, _script(samples))
+    curate(samples, _loop(tiny_policy, engine), tmp_path / "c.parquet", k=2, temperature=0.7, search_free_ratio=0.4)
+    assert engine.temperatures and set(engine.temperatures) == {0.7}
+    rows = pq.read_table(tmp_path / "c.parquet").to_pylist()
+    by_id, expected = {s.id: s for s in samples}, dict(zip([s.id for s in samples], [
+        "search_free", "image_search_required", "text_search_required", "mixed_search_required",
+        "mixed_search_required", None, "search_free"]))  # fmt: skip
+    assert len(rows) == 5
+    for row in rows:
+        sample = by_id[row["data_id"]]
+        assert (row["data_source"], row["image_urls"]) == (sample.data_source, sample.image_url)
+        assert row["extra_info"]["search_label"] == row["category"] == expected[sample.id]
+
+
+def test_a_selection_of_no_question_is_refused_before_writing_naming_the_pools(tmp_path, tiny_policy, fvqa_samples):
+    """One pool empty (no search-required question at a 0.4 search-free share), or ``size=0``: curate wrote a parquet
+    without rows and returned, and ``mmsr fit`` refused that file later."""
+    s = fvqa_samples[:7]
+    samples, script = [s[0], s[5], s[6]], _script(s)  # search_free, dropped, search_free
+    out = tmp_path / "c.parquet"
+    with pytest.raises(ValueError, match=rf"^curate selected no question, so {out} was not written: "
+                                         r"search_free_ratio=0\.4 and size=None select none from 2 search-free and 0 "
+                                         r"search-required questions \(search_free 2, image_search_required 0, "
+                                         r"text_search_required 0, mixed_search_required 0, dropped 1; k=2 rollouts at "
+                                         r"temperature=1\.0\); the rollouts stay in .*c\.parquet\.rollouts\.jsonl, which "
+                                         r"a rerun with another --search-free-ratio or --size reuses$"):  # fmt: skip
+        curate(samples, _loop(tiny_policy, Engine(tiny_policy, script)), out, k=2, search_free_ratio=0.4)
+    assert not out.exists()
+    engine = Engine(tiny_policy, script)
+    with pytest.raises(ValueError, match=r"search_free_ratio=1\.0 and size=0 select none from 2 search-free"):
+        curate(samples, _loop(tiny_policy, engine), out, k=2, search_free_ratio=1.0, size=0)
+    assert not out.exists()
+    report = curate(samples, _loop(tiny_policy, engine), out, k=2, search_free_ratio=1.0)  # as the error says
+    assert report["selected"] == 2 and engine.requests == []  # from the rollouts kept
+
+
+def test_mmsr_curate_with_every_question_dropped_ends_with_the_error_and_writes_nothing(tmp_path, tiny_policy, monkeypatch,
+                                                                                       capsys):  # fmt: skip
+    import mmsr.cli as cli
+    from mmsr.eval import cli as eval_cli
+    from mmsr.eval.load import Loaded
+    from mmsr.rollout.loop import RolloutSettings
+    from tests.conftest import FVQA
+
+    data = FVQA / "fvqa_dev.jsonl"
+    n = len(load_samples(data))
+    engine = ScriptedEngine(lambda r: f"{R}<answer>no idea at all</answer>", tiny_policy.tokenizer)
+    tools = {"image_search": FakeImageSearch(), "text_search": FakeTextSearch()}
+    monkeypatch.setattr(eval_cli, "load_from_args", lambda *a, **k: Loaded(tiny_policy, engine, tools, RolloutSettings()))
+    (tmp_path / "tools.yaml").write_text("{}\n")
+    out = tmp_path / "c.parquet"
+    monkeypatch.setattr(cli.sys, "argv", ["mmsr", "curate", "--policy", "p.yaml", "--tools", str(tmp_path / "tools.yaml"),
+                                          "--data", str(data), "--k", "1", "--out", str(out)])  # fmt: skip
+    with pytest.raises(SystemExit) as exit_:
+        cli.console()
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_.value.code == 1 and not out.exists()
+    assert last.startswith(f"mmsr curate: error: ValueError: curate selected no question, so {out} was not written: "
+                           f"none of the {n} questions was answered correctly in k=1 rollouts at temperature=1.0 "
+                           f"(search_free 0, image_search_required 0, text_search_required 0, mixed_search_required 0, "
+                           f"dropped {n}); the rollouts stay in {out}.rollouts.jsonl"), last  # fmt: skip
