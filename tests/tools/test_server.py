@@ -91,6 +91,23 @@ def test_client_round_trip_equals_the_backend(monkeypatch):
     assert [im.tobytes() for im in remote.images] == [im.tobytes() for im in local.images]
 
 
+def test_the_server_listens_on_loopback_unless_told_otherwise(monkeypatch):
+    """Whoever reaches a search server spends the run's API budget: by default (the class, and ``mmsr serve-search``
+    without ``--server.host``) it binds 127.0.0.1 only."""
+    from jsonargparse import ArgumentParser
+
+    monkeypatch.delenv("MMSR_SEARCH_TOKEN", raising=False)
+    parser = ArgumentParser()
+    parser.add_class_arguments(SearchServer, "server")
+    assert parser.get_defaults().server.host == "127.0.0.1"
+    server = SearchServer(text_search=SlowTool(0.0), port=0)
+
+    async def body(url):
+        return list(server._runner.addresses)
+
+    assert [address[0] for address in asyncio.run(_with_server(server, body))] == ["127.0.0.1"]
+
+
 def test_bearer_token_and_missing_backends(monkeypatch):
     monkeypatch.setenv("MMSR_SEARCH_TOKEN", "s3cret")
     server = SearchServer(text_search=SlowTool(0.0), port=0)

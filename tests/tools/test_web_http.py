@@ -52,6 +52,32 @@ def test_retry_after_is_honoured_within_the_cap():
     assert result == {"ok": 1} and time.perf_counter() - start >= 0.25
 
 
+@pytest.mark.parametrize("jitter", ["random", "largest"])
+def test_retries_back_off_exponentially_with_a_jitter_of_up_to_backoff_s(monkeypatch, jitter):
+    """Two 429s without Retry-After: retry i waits backoff_s * 2**i plus a jitter in [0, backoff_s] (so that clients
+    a rate limit turned away together do not all come back at once); "largest" pins the jitter at its top. The waits
+    the client chose are read, not timed: a busy machine only ever lengthens a sleep."""
+    import random
+
+    if jitter == "largest":
+        monkeypatch.setattr(random, "uniform", lambda low, high: high)
+    waits, built = [], HTTPClient.__init__
+
+    def recording(self, *args, **kwargs):
+        built(self, *args, **kwargs)
+        chosen = self._wait
+        self._wait = lambda state: waits.append(chosen(state)) or waits[-1]
+
+    monkeypatch.setattr(HTTPClient, "__init__", recording)
+    backoff = 0.01
+    result, _ = call(Script((429, {}), (429, {}), (200, {"ok": 1})),
+                     Limits(retries=2, backoff_s=backoff, backoff_max_s=1.0, breaker_failures=0))  # fmt: skip
+    assert result == {"ok": 1} and len(waits) == 2
+    for i, wait in enumerate(waits):
+        least = backoff * 2**i + (backoff if jitter == "largest" else 0.0)
+        assert least <= wait <= backoff * 2**i + backoff, (i, wait)
+
+
 def test_timeout_is_retried_then_reported():
     script = Script(("sleep", 3.0))
     error, client = call(script, Limits(timeout_s=0.2, retries=1, backoff_s=0.01, breaker_failures=0))

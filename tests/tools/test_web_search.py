@@ -218,6 +218,25 @@ def test_a_thumbnail_too_narrow_for_the_model_is_skipped_for_the_next_match():
     assert metrics["tools/image_search/thumbnail_bad_image"] == 1
 
 
+def test_image_search_returns_at_most_top_k_thumbnails_when_more_are_valid():
+    # each image costs the policy's context hundreds of tokens: the first top_k valid ones, not all that loaded
+    colours = ["red", "blue", "green", "white", "black"]
+
+    async def main():
+        routes = [("GET", f"/t{i}", Script((200, png(c)))) for i, c in enumerate(colours)]
+        routes.append(("GET", "/lens", lens := Script()))
+        async with serve(routes) as url:
+            lens.responses = [(200, serpapi_lens([(f"Match {i}", f"{url}/t{i}") for i in range(len(colours))]))]
+            tool = WebImageSearch(SerpAPILens(endpoint=url + "/lens", limits=FAST), top_k=2, allow_private=True,
+                                  thumbnail_limits=FAST)  # fmt: skip
+            request = ToolRequest("image_search", image=Image.new("RGB", (8, 8)), image_url="https://img.example/q.jpg")
+            return await tool(request)
+
+    result = asyncio.run(main())
+    assert result.ok and result.titles == ("Match 0", "Match 1") and len(result.images) == 2
+    assert result.text.count(IMAGE_MARKER) == 2 and result.images[1].getpixel((0, 0)) == (0, 0, 255)
+
+
 def test_image_search_needs_a_public_url_and_reports_provider_failures():
     lens = Script((500, "down"))
 
@@ -344,6 +363,28 @@ def test_the_summary_prompt_fills_each_field_once():
     before, after = USER_PROMPT.split("{question}")
     assert prompt == before + question + after.replace("{page}", page)  # the question's "{page}" stays text
     assert prompt.count(page) == 1
+
+
+def test_the_summarizer_gets_the_question_and_the_pages_first_30000_characters_for_5_sentences():
+    """Spec §5 / paper Table 4: each page is summarized, focused on the user's question (the query only says what
+    "this" refers to), from its first 30,000 characters, into at most 5 sentences."""
+    page = " ".join(f"w{i:06d}" for i in range(5000))  # 40,000 characters, none alike
+    asked = Script((200, chat_completion("A summary.")))
+
+    async def main():
+        routes = [("*", "/search", Script((200, serper([("Tower", "http://127.0.0.1:1/p1", "")])))),
+                  ("POST", "/jina", Script((200, jina("Tower", "/p1", page)))), ("POST", "/v1/chat/completions", asked)]  # fmt: skip
+        async with serve(routes) as url:
+            reader = JinaReader(endpoint=url + "/jina", allow_private=True, limits=FAST)
+            llm = OpenAISummarizer(base_url=url + "/v1", model="qwen", limits=FAST)  # the defaults under test
+            tool = WebTextSearch(Serper(endpoint=url + "/search", limits=FAST), reader, llm, top_k=1)
+            return await tool(ToolRequest("text_search", "eiffel  tower", question="How tall is it?"))
+
+    assert asyncio.run(main()).ok and len(asked.requests) == 1
+    system, user = (m["content"] for m in asked.requests[0]["json"]["messages"])
+    assert user.startswith("Question: How tall is it? (search query: eiffel tower)\n\n")
+    assert user.split("Web page:\n", 1)[1] == page[:30_000]
+    assert "at most 5 sentences" in system
 
 
 # --- reasoning summarizers (Qwen3 thinks before it answers by default) -------------------------------------
