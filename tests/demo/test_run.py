@@ -152,6 +152,20 @@ def test_check_exits_naming_the_unmet_claims(monkeypatch, tmp_path, accuracy, se
     demo.main(argv[:-1])  # without --check the claims are reported, not enforced
 
 
+@pytest.mark.parametrize("kind", ["text_search", "image_search"])
+def test_check_names_a_search_required_kind_that_searched_too_little(monkeypatch, tmp_path, kind):
+    """The claim holds for the kind that searched least: one kind at 85% fails it however the other did."""
+    import mmsr.demo.run as demo
+
+    summary = _summary(0.97, 0.0)
+    summary["grpo"][kind]["search_ratio"] = 0.85
+    monkeypatch.setattr(demo, "run", lambda *a: summary)
+    monkeypatch.setattr(demo, "write_outputs", lambda *a: [])
+    with pytest.raises(SystemExit, match="claims not met") as exc:
+        demo.main(["--out", str(tmp_path), "--check"])
+    assert str(exc.value).endswith("claims not met: search-required search ratio >= 90% (measured 85.0%)")
+
+
 def _earlier_run(root: Path) -> Path:
     """A run directory that passes ``--warm-start``'s checks (empty files: nothing is built from them)."""
     for path in ("world/train.parquet", "world/eval.parquet", "sft/policy/config.json", "sft/policy/model.safetensors"):

@@ -24,6 +24,8 @@ RIGHT = "<reason>The results name him.</reason>\n<answer>Gustave Eiffel</answer>
 WRONG = "<reason>I think it was him.</reason>\n<answer>Victor Hugo</answer>"
 RIGHT_NO_REASON = "<answer>Gustave Eiffel</answer>"
 GT = "Gustave Eiffel"
+# an answer with a search after it: the rollout parser reads a text search, so the episode goes on
+ANSWERED_THEN_SEARCHED = "<reason>r</reason><answer>Gustave Eiffel</answer><text_search>q</text_search>"
 
 
 @pytest.mark.parametrize(
@@ -40,6 +42,7 @@ GT = "Gustave Eiffel"
         ("wrong, bad format", ["<answer>Victor Hugo</answer>"], 0.0),
         ("warning, no answer", [IMG, TXT, "Unable to answer due to lack of relevant information"], 0),
         ("truncated search, no answer", [IMG, TXT], 0.0),
+        ("right answer in a turn that searched on, none last", [ANSWERED_THEN_SEARCHED, TXT], 0.0),
         ("no turns", [], 0.0),
     ],
 )
@@ -121,6 +124,7 @@ def _sample(ground_truth: str = GT, candidates: tuple[str, ...] = ()) -> Sample:
         ((IMG, RIGHT), 0.91, {"correct": 1.0, "format": 1.0, "searched": 1.0}),
         ((TXT, RIGHT_NO_REASON), 0.81, {"correct": 1.0, "format": 0.0, "searched": 1.0}),
         ((IMG, TXT, WRONG), 0.1, {"correct": 0.0, "format": 1.0, "searched": 1.0}),
+        ((ANSWERED_THEN_SEARCHED, TXT), 0.0, {"correct": 0.0, "format": 0.0, "searched": 1.0}),
         ((), 0.0, {"correct": 0.0, "format": 0.0, "searched": 0.0}),
     ],
 )
@@ -130,6 +134,13 @@ def test_reward_class(texts: tuple[str, ...], reward: float, details: dict[str, 
     assert isinstance(fn, Reward)
     assert fn(traj, sample) == pytest.approx(reward)
     assert fn.details(traj, sample) == details
+
+
+def test_reward_class_weights() -> None:
+    """The class passes its own format weight and search penalty on: (1 - 0.5) * 0.8 + 0.5 and 0 + 0.5."""
+    fn = MMSearchR1Reward(format_weight=0.5, search_penalty=0.2)
+    assert fn(_trajectory(IMG, RIGHT), _sample()) == pytest.approx(0.9)
+    assert fn(_trajectory(WRONG), _sample()) == pytest.approx(0.5)
 
 
 def test_reward_class_config_and_candidates() -> None:

@@ -54,6 +54,17 @@ def test_filtered_tokens_are_never_drawn():
     torch.testing.assert_close(logp, full.gather(-1, tokens[:, None])[:, 0])  # unfiltered log-probs, as the trainer scores
 
 
+def test_top_p_keeps_the_token_that_crosses_it():
+    """p = [0.5, 0.3, 0.2], top_p 0.6: 0.5 alone falls short, so token 1 (cumulative 0.8) stays and only token 2
+    goes; the kept two are drawn renormalized, 5/8 and 3/8."""
+    n = 4000
+    logits = torch.tensor([0.5, 0.3, 0.2]).log().expand(n, 3)
+    tokens, _ = sample_tokens(logits, SamplingParams(top_p=0.6), torch.arange(n, dtype=torch.long) * 7919,
+                              torch.zeros(n, dtype=torch.long))  # fmt: skip
+    assert set(tokens.tolist()) == {0, 1}
+    assert float((tokens == 1).double().mean()) == pytest.approx(3 / 8, abs=0.03)
+
+
 def test_hf_engine_draws_do_not_depend_on_the_batch(tiny_policy):
     engine = HFEngine(seed=5)
     engine.bind(tiny_policy)
