@@ -4,11 +4,13 @@ import copy
 import csv
 import re
 from dataclasses import replace
+from typing import get_args
 
 import lightning as L
 import pytest
 import torch
 
+from mmsr.algo.loss import AggMode
 from mmsr.demo.tokenizer import Scaffold
 from mmsr.models.build import TinyQwen2_5_VL
 from mmsr.module import GRPOModule
@@ -94,8 +96,10 @@ def test_step_raises_rewarded_and_lowers_punished_trajectories(sample):
     assert metrics["train/grad_norm"] > 0 and metrics["train/clip_frac"] == 0  # on-policy: ratio 1
 
 
-def test_micro_batching_does_not_change_the_update(sample):
-    a, b = make_module(micro_batch_tokens=1), make_module(micro_batch_tokens=100_000)
+@pytest.mark.parametrize("agg", get_args(AggMode))
+def test_micro_batching_does_not_change_the_update(sample, agg):
+    """Under every loss_agg (Dr. GRPO's normaliser is max_context_tokens, not a micro-batch's padded length)."""
+    a, b = make_module(micro_batch_tokens=1, loss_agg=agg), make_module(micro_batch_tokens=100_000, loss_agg=agg)
     b.model.load_state_dict(a.model.state_dict())
     grads_a, grads_b = Gradients(), Gradients()
     fit_one_step(a, [sample], callbacks=[grads_a])
@@ -366,3 +370,45 @@ def test_a_validation_error_is_raised_itself_and_skips_the_rank_s_later_batches(
         trainer.fit(module, loader, loader)
     assert info.value is error and len(val_runs) == 1
     assert trainer.global_step == (0 if sanity else 1)
+
+
+class SleepingEngine(ScriptedEngine):
+    """Sleeps like vLLM's sleep mode: every wake, weight load, generate and sleep call in order."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.calls: list[str] = []
+
+    def wake(self):
+        self.calls.append("wake")
+
+    def sleep(self):
+        self.calls.append("sleep")
+
+    def update_weights(self, named_tensors):
+        self.calls.append("sync")
+        super().update_weights(named_tensors)
+
+    def generate(self, requests, sampling):
+        self.calls.append("generate")
+        return super().generate(requests, sampling)
+
+
+def test_the_engine_wakes_for_the_sync_and_rollout_and_sleeps_before_the_update(sample):
+    """The update needs the GPU memory the sleeping engine frees: sleep comes after the step's last generate
+    and before its update, every step."""
+    engine = SleepingEngine(script)
+    module = make_module(engine=engine)
+    update_policy = module.update_policy
+
+    def recorded_update(trajs, advantages):
+        engine.calls.append("update")
+        return update_policy(trajs, advantages)
+
+    module.update_policy = recorded_update
+    fit_one_step(module, [sample], max_steps=2)
+    steps = [step.strip(",").split(",") for step in ",".join(engine.calls).split("wake")[1:]]
+    assert len(steps) == 2 and ",".join(engine.calls).startswith("wake,"), engine.calls
+    for step in steps:
+        generates = step.count("generate")
+        assert generates >= 1 and step == ["sync"] + ["generate"] * generates + ["sleep", "update"], engine.calls
