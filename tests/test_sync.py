@@ -96,6 +96,16 @@ def test_sync_streams_every_parameter_once_and_reports_bytes(trainer):
         assert torch.equal(p, params[name])
 
 
+def test_the_sync_metrics_report_the_bytes_streamed_to_an_engine_with_its_own_copy(trainer):
+    engine = CopyEngine(trainer)
+    sync = WeightSync(verify_every=0, bucket_mb=0.05)
+    stats = sync(trainer, engine)
+    streamed = sum(p.numel() * p.element_size() for p in trainer.model.parameters())
+    metrics = sync.metrics(stats)
+    assert metrics["sync/bytes"] == float(stats.bytes) == streamed > 0
+    assert metrics["sync/buckets"] == stats.buckets > 3 and metrics["sync/seconds"] == stats.seconds
+
+
 def test_wrapper_segments_are_stripped():
     name = "model._orig_mod.layers.0._checkpoint_wrapped_module.mlp.up_proj.weight"
     assert engine_name(name) == "model.layers.0.mlp.up_proj.weight"

@@ -1,7 +1,9 @@
 """``turn_rows``: the per-turn wandb table's rows, an episode without turns included."""
 
+from dataclasses import replace
+
 from mmsr.callbacks.wandb_table import COLUMNS, turn_rows
-from mmsr.report.records import TrajectoryRecord, TurnRecord
+from mmsr.report.records import ToolCallRecord, TrajectoryRecord, TurnRecord, read_records, write_records
 
 NOTE = "prompt of 50 tokens fills max_context_tokens=50: no turn generated, the episode ends (truncated)"
 
@@ -26,3 +28,17 @@ def test_an_episode_without_turns_has_a_row_with_its_finish_reason():
     assert (empty["sample_id"], empty["reward"], empty["advantage"]) == ("s1", 0.0, -0.5)
     assert (empty["model_text"], empty["action"], empty["loss_mask_span"], empty["sampled_tokens"]) == ("", "", "", 0)
     assert rows[0]["loss_mask_span"] == "[50, 56)" and rows[0]["sampled_tokens"] == 6
+
+
+def test_each_row_holds_its_turn_s_text_and_its_episode_s_reward_as_the_jsonl_records_do(tmp_path):
+    """The table is read beside the run's ``trajectories.jsonl``: a row's model text and reward are its record's."""
+    search = TurnRecord(0, "<search>who?</search>", "text_search", "who?", (50, 58), False,
+                        ToolCallRecord("text_search", "who?", True, 0.25, 0.0, ["t"], "text", []))  # fmt: skip
+    answer = TurnRecord(1, "<answer>gt</answer>", "answer", "gt", (70, 76), False, None)
+    right = replace(_record(0, [search, answer], "answer"), reward=0.75, advantage=0.5, correct=True, answer="gt")
+    write_records(tmp_path / "t.jsonl", [right, replace(_record(1, [answer], "answer"), reward=-0.25)])
+    records = list(read_records(tmp_path / "t.jsonl"))
+    rows = [dict(zip(COLUMNS, row)) for row in turn_rows(records)]
+    expected = [(r.index, t.text, r.reward) for r in records for t in r.turns]
+    assert [(row["trajectory"], row["model_text"], row["reward"]) for row in rows] == expected
+    assert expected == [(0, search.text, 0.75), (0, answer.text, 0.75), (1, answer.text, -0.25)]

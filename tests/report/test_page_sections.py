@@ -41,6 +41,18 @@ def test_a_dropped_observation_is_marked_as_not_shown_to_the_policy():
     assert notes == [cut, dropped]
 
 
+def test_each_tool_call_shows_its_tool_query_outcome_and_latency_in_its_turn():
+    """A reader tells a slow or failed search from the page: each call's line names it, its query, ok or FAILED,
+    and its latency, in the turn that made it."""
+    ok = ToolCallRecord("text_search", "capital of France", True, 0.125, 0.0, ["t"], "Paris", [])
+    failed = ToolCallRecord("image_search", "", False, 2.5, 0.0, [], "error: timeout", [])
+    turns = [TurnRecord(0, "text 0", "text_search", "capital of France", (0, 1), False, ok),
+             TurnRecord(1, "text 1", "image_search", "", (2, 3), False, failed)]  # fmt: skip
+    _, first, second = render_html("run", [_record(turns)], {}).split('<li class="turn')
+    lines = [re.findall(r'<div class="tool[^"]*">\s*<div class="meta">(.*?)</div>', turn) for turn in (first, second)]
+    assert lines == [["text_search “capital of France” · ok · 0.125 s"], ["image_search · FAILED · 2.500 s"]]
+
+
 CURVES = "epoch,step,val/reward/accuracy,val/rollout/search_ratio/any\n0,0,0.5,0.2\n0,10,0.6,0.3\n"
 
 

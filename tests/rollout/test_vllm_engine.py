@@ -283,6 +283,26 @@ def test_verification_catches_a_sync_that_keeps_the_prefix_cache(policy, engine,
     check(policy, engine)  # a sync that drops the cache passes
 
 
+def test_a_probe_prefix_evicted_between_checks_is_cached_again_before_the_checked_sync(policy, engine, initial, taught,
+                                                                                     monkeypatch):  # fmt: skip
+    """verify_every=2: the prefix the last check cached can be evicted (by rollouts) before the next check. The check
+    caches it again with the weights the sync replaces, else its continuation ran on a prefix computed after the sync
+    and passed a sync that keeps the prefix cache."""
+    load(policy, initial)
+    check = WeightSync(verify_every=2, tolerance=1e-3)
+    check(policy, engine)  # 1st sync: checked, passes
+    assert check.last_sampling_check is not None
+    assert engine.llm.reset_prefix_cache()  # the probe's prefix is gone
+    monkeypatch.setattr(engine.llm, "reset_prefix_cache", lambda *a, **k: True)  # the bug: the cache survives syncs
+    check(policy, engine)  # 2nd: not checked
+    assert check.last_sampling_check is None
+    load(policy, taught[0])
+    with pytest.raises(StaleWeightsError, match="cached probe prefix"):
+        check(policy, engine)  # 3rd: checked
+    monkeypatch.undo()
+    check(policy, engine)  # a sync that drops the cache (unchecked: the 4th)
+
+
 def test_the_sync_probe_fits_an_engine_of_a_short_context(policy, engine, initial, taught, monkeypatch):
     """The first sync always probes, and its probe was padded to 560 tokens: an engine of max_model_len 512 or less
     failed it in vLLM's words, naming a prompt the user never sent. Cut to the engine's context, it still catches a

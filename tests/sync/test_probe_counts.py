@@ -4,12 +4,16 @@ probe, never a shape error that one rank raises alone while the others wait in t
 
 import copy
 import dataclasses
+import re
 
 import pytest
+import torch
 
 import mmsr.sync
 from mmsr.models.policy import Policy
+from mmsr.rollout.engine import GenerationOutput
 from mmsr.sync import StaleWeightsError, WeightSync, probe_inputs, verify_sampling, verify_sync
+from mmsr.sync.probe import trainer_logits
 from tests.test_sync import CopyEngine
 
 
@@ -113,3 +117,25 @@ def test_an_engine_answering_nan_is_stale_and_a_nan_tolerance_is_refused(trainer
     for tolerance in (float("nan"), float("inf"), 0.0):
         with pytest.raises(ValueError, match="tolerance finite and > 0"):
             WeightSync(tolerance=tolerance)
+
+
+class NotGreedy(CopyEngine):
+    """Reports each token's log-prob under the synced weights, right, but samples the 5th likeliest token, not the
+    argmax: e.g. a sampler that ignores ``temperature=0``."""
+
+    def generate(self, requests, sampling):
+        (request,) = requests
+        ids, logprobs = list(request.input_ids), []
+        for _ in range(sampling.max_tokens):
+            logp = torch.log_softmax(trainer_logits(self.copy, ids, request.vision, banned=True)[-1], -1)
+            token = int(logp.topk(5).indices[-1])
+            ids, logprobs = ids + [token], logprobs + [float(logp[token])]
+        return [GenerationOutput(ids[len(request.input_ids) :], logprobs, "length")]
+
+
+def test_an_engine_with_the_right_log_probs_but_not_the_greedy_token_is_stale(trainer):
+    ids, vision = probe_inputs(trainer)
+    with pytest.raises(StaleWeightsError, match=r"greedy sampling .* below the trainer's argmax") as raised:
+        verify_sampling(trainer, NotGreedy(trainer), ids, 1e-3, vision, tokens=3)
+    mean_diff = float(re.search(r"mean \|dlogp\| (\S+)", str(raised.value)).group(1))
+    assert mean_diff < 1e-5  # its log-probs are right: only the argmax clause catches it
