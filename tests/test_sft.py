@@ -251,3 +251,12 @@ def test_a_subclass_warm_starts_with_what_it_passes_on_not_its_own_arguments(tin
     [optimizer], _ = module.configure_optimizers()
     assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-2)
     assert module.init_args.reading_steps == 3
+
+
+def test_an_overridden_tool_entry_limit_is_refused_before_the_warm_start_s_policy_is_built():
+    from mmsr.rollout.loop import RolloutSettings
+    from mmsr.tools.spec import ImageSearchTool
+
+    with pytest.raises(ValueError, match=r"the image_search entry of tools sets limit: 3, and rollout.image_search_limit: 1"):
+        SFTModule(Unbuildable(), teacher=object(), tools=[ImageSearchTool(limit=3)],
+                  rollout=RolloutSettings(image_search_limit=1))  # fmt: skip

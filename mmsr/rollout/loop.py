@@ -121,7 +121,8 @@ class RolloutSettings:
         """Refuse a ``tools:`` entry of image or text search whose own ``limit:`` the pair's setting
         (``image_search_limit`` / ``text_search_limit``, which every shipped config sets) would override: the entry's
         ``limit: 10`` gave 2 calls an episode without a word. Equal values, and a name in ``tool_limits`` (which
-        overrides both), pass.
+        overrides both), pass. The training modules check their configured settings (``GRPOModule``, ``SFTModule``);
+        the loop does not, since evaluation's workflows derive theirs (RAG: one search of each kind).
 
         Raises:
             ValueError: naming the entry's limit and the setting, and how to keep either.
@@ -187,7 +188,6 @@ class RolloutLoop:
         self.prompts = prompts.for_tools(self.specs)  # round 1 describes the configured tools
         self._by_name = {spec.name: spec for spec in self.specs}
         settings.refuse_unknown_tools(list(self._by_name))  # before any rollout: a misspelt name limits nothing
-        settings.refuse_overridden_limits(self.tools)
         self.parse = parser_for(self.specs)
         self.stops = stop_strings(self.specs)
         self.encoder = policy.encoder()

@@ -96,6 +96,7 @@ class SFTModule(L.LightningModule):
         self.reading = reading
         self.automatic_optimization = False
         self.nonfinite = NonfiniteGuard("SFTModule", "the data (an outlier text or teacher turn)")
+        rollout.refuse_overridden_limits(configured(tools, image_search, text_search))  # before the build
         self.policy = policy.build()
         # from_pretrained returns a model in eval mode, where Hugging Face turns gradient checkpointing
         # off; Lightning no longer switches modes at fit start (it warned: "N modules in eval mode").

@@ -61,19 +61,23 @@ def test_ten_text_searches_in_twelve_rounds(tiny_policy, fvqa_samples):
 
 def test_an_entry_s_limit_that_the_pair_s_setting_would_override_is_refused_naming_both(tiny_policy, fvqa_samples):
     """Every shipped config sets ``rollout.text_search_limit: 2``: a ``tools:`` entry's ``limit: 10`` gave 2 calls an
-    episode without a word (the pair's setting won). Refused as the loop (and ``GRPOModule``) is built; the setting
-    null, an equal value or a ``tool_limits`` entry (which overrides both) pass, and an entry without a limit keeps
-    the setting's."""
+    episode without a word (the pair's setting won). Refused (the training modules call it before the build); the
+    setting null, an equal value or a ``tool_limits`` entry (which overrides both) pass, and an entry without a limit
+    keeps the setting's. The loop itself does not refuse: evaluation's RAG workflow sets one search of each kind."""
     import pytest
 
     tools = [TextSearchTool(Pages(), limit=10, format_max=10)]
     searches = [f"{R}<text_search>fact {k}</text_search>" for k in range(4)]
     with pytest.raises(ValueError, match=r"the text_search entry of tools sets limit: 10, and rollout.text_search_limit: 2 "
                                          r"would override it: set rollout.text_search_limit: null"):  # fmt: skip
-        run(tiny_policy, fvqa_samples[0], [*searches, ANS], tools, RolloutSettings(max_rounds=6, text_search_limit=2))
+        RolloutSettings(text_search_limit=2).refuse_overridden_limits(configured(tools))
     for ok in (dict(text_search_limit=None), dict(text_search_limit=10), dict(text_search_limit=2, tool_limits={"text_search": 3})):
-        traj = run(tiny_policy, fvqa_samples[0], [*searches, ANS], tools, RolloutSettings(max_rounds=6, **ok))
+        settings = RolloutSettings(max_rounds=6, **ok)
+        settings.refuse_overridden_limits(configured(tools))
+        traj = run(tiny_policy, fvqa_samples[0], [*searches, ANS], tools, settings)
         assert traj.num_calls("text_search") == (3 if ok.get("tool_limits") else 4), ok
+    derived = run(tiny_policy, fvqa_samples[0], [*searches, ANS], tools, RolloutSettings(max_rounds=6, text_search_limit=1))
+    assert derived.num_calls("text_search") == 1  # as RAG's one search: the loop takes the setting
     plain = run(tiny_policy, fvqa_samples[0], [*searches, ANS], [TextSearchTool(Pages())],
                 RolloutSettings(max_rounds=6, text_search_limit=2))  # fmt: skip
     assert plain.num_calls("text_search") == 2 and plain.finish_reason == "search_limit"
