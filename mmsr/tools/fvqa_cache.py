@@ -242,11 +242,15 @@ class FVQACacheSearch:
             self.counts[f"thumbnail_{exc.kind}"] += 1
             url = thumbnail if isinstance(thumbnail, str) else ""
             # a 503 or a timeout is no gone thumbnail: listed as one, it stayed listed after the next call fetched it
-            where = self.unreachable if transient(exc) else self.dead
-            where.setdefault(data_id, {})[rank] = DeadThumbnail(rank, url, exc.reason)
+            if transient(exc):
+                self.unreachable.setdefault(data_id, {})[rank] = DeadThumbnail(rank, url, exc.reason)
+                return exc
+            self._reached(data_id, rank)  # gone now: no longer merely unreachable
+            self.dead.setdefault(data_id, {})[rank] = DeadThumbnail(rank, url, exc.reason)
             return exc
 
     def _reached(self, data_id: str, rank: int) -> None:
+        """Forget ``rank`` of ``data_id`` among the unreachable thumbnails (fetched since, or found gone)."""
         row = self.unreachable.get(data_id, {})
         row.pop(rank, None)
         if not row:

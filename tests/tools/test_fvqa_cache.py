@@ -290,6 +290,22 @@ def test_a_thumbnail_a_transient_failure_kept_is_unreachable_not_gone_until_a_ca
     assert second.ok and tool.dead_thumbnails(unreachable=True) == {} and tool.dead_thumbnails() == {}
 
 
+def test_an_unreachable_thumbnail_found_gone_later_is_listed_as_gone_only(tmp_path):
+    scripts = {"/going.png": Script((503, "busy"), (404, "Not Found"))}
+
+    async def main():
+        async with serve([("GET", p, sc) for p, sc in scripts.items()]) as url:
+            rows = {"fvqa_train_1": {"tool_returned_web_title_list": ["Going"], "tool_returned_images_urls": [f"{url}/going.png"]}}
+            (tmp_path / "cache.pkl").write_bytes(pickle.dumps(rows))
+            tool = tool_for(tmp_path / "cache.pkl", None)
+            await tool(request("fvqa_train_1"))
+            await tool(request("fvqa_train_1"))
+            return tool
+
+    tool = asyncio.run(main())
+    assert list(tool.dead_thumbnails()) == ["fvqa_train_1"] and tool.dead_thumbnails(unreachable=True) == {}
+
+
 @pytest.mark.parametrize("recipe", ["qwen2_5_vl_7b_1x8", "qwen2_5_vl_7b_4x8"])
 def test_7b_recipes_search_images_in_the_fvqa_cache(recipe, tmp_path, monkeypatch):
     """The recipe's entry builds this backend, and a recipe run without the download says what to fetch (the
