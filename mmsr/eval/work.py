@@ -12,7 +12,8 @@ fingerprint of its data): a set fixed or re-annotated since runs again alone, it
 one line), while the other sets resume, and the suite file itself is not fingerprinted. The
 command removes the file once everything it wrote is complete (``trajectories.jsonl`` holds the same
 records) and the judge gave a reply for every episode it was asked about: after an outage the file stays,
-and the rerun asks again only for those verdicts.
+and the rerun asks again only for those verdicts. It stays too while it holds batches the run did not take
+(a rerun with a smaller ``--limit`` or fewer workflows), which are written nowhere else.
 """
 
 from __future__ import annotations
@@ -109,8 +110,16 @@ class EvalWork:
         return [record for key in sorted(self._used) for record in self._done[key][1]]
 
     def finish(self) -> None:
-        """Everything is written elsewhere: the work file goes (not after a judge outage: ``run.judge_failed``)."""
-        self.path.unlink(missing_ok=True)
+        """Everything this run took is written elsewhere: the work file goes (not after a judge outage:
+        ``run.judge_failed``), unless it holds finished batches this run did not take (a rerun with a smaller
+        ``--limit`` or fewer workflows: they are written nowhere else), which it keeps, saying so on stderr."""
+        unused = len(self._done.keys() - self._used)
+        if not unused:
+            self.path.unlink(missing_ok=True)
+            return
+        print(f"mmsr eval: {self.path} is kept: it holds {unused} finished batch{'es' * (unused > 1)} this run did not "
+              "take (another --limit or --workflow), which a rerun with them takes from it; delete it if they are "
+              "not needed", file=sys.stderr)  # fmt: skip
 
 
 def read_rows(path: Path) -> list[dict]:

@@ -183,11 +183,29 @@ def test_a_crashed_evaluation_resumes_from_its_finished_batches_and_equals_an_un
     assert engine.generated[0] == {samples[2].id, samples[3].id}  # on-demand's first batch was not run again
     lines = path.read_text().splitlines()
     path.write_text("\n".join(lines[:-1] + [lines[-1][:100]]))  # killed while writing rag's last batch
-    engine = CrashingEngine()
-    assert _evaluate(tiny_policy, local_tools, samples, engine, EvalWork(path, run)) == whole
+    engine, work = CrashingEngine(), EvalWork(path, run)
+    assert _evaluate(tiny_policy, local_tools, samples, engine, work) == whole
     assert set().union(*engine.generated) == {samples[4].id}  # only the batch whose line was cut
     assert [json.loads(line)["start"] for line in path.read_text().splitlines()[1:]] == [0, 2, 4, 0, 2, 4]
-    EvalWork(path, run).finish()
+    work.finish()
+    assert not path.exists()
+
+
+def test_a_rerun_on_fewer_questions_keeps_the_batches_it_did_not_take(tmp_path, tiny_policy, fvqa_samples, local_tools,
+                                                                      capsys):  # fmt: skip
+    """A rerun with a smaller ``--limit`` takes its batches from the work file; the others are written nowhere
+    else, so finishing keeps the file (said on stderr), and a rerun on every question still runs none again."""
+    samples, path, run = fvqa_samples[:4], tmp_path / WORK_FILE, {"model_dir": "m", "batch_size": 2}
+    whole = _evaluate(tiny_policy, local_tools, samples, CrashingEngine(), EvalWork(path, run))
+    engine, work = CrashingEngine(), EvalWork(path, run)
+    assert _evaluate(tiny_policy, local_tools, samples[:2], engine, work) == [r for r in whole if r["sample_id"] in
+                                                                              {samples[0].id, samples[1].id}]
+    work.finish()
+    assert engine.generated == [] and path.is_file()
+    assert f"{path} is kept: it holds 2 finished batches this run did not take" in capsys.readouterr().err
+    engine, work = CrashingEngine(), EvalWork(path, run)
+    assert _evaluate(tiny_policy, local_tools, samples, engine, work) == whole and engine.generated == []
+    work.finish()
     assert not path.exists()
 
 
