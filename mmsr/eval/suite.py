@@ -38,7 +38,7 @@ from mmsr.eval.work import EvalWork, fingerprint
 
 ACCURACY = ("judge", "em", "subem")
 _CSV = ("workflow", "set", "n", "accuracy_metric", "accuracy", "search_ratio", "call_ratio", "em", "subem", "judge",
-        "judge_unparsed", "tool_calls", "failed_calls", "error")  # fmt: skip
+        "judge_unparsed", "tool_calls", "failed_calls", "error", "sets")  # fmt: skip
 
 
 def read_suite(path: str | Path) -> dict[str, EvalSet]:
@@ -183,7 +183,8 @@ def markdown_table(table: dict) -> str:
 
 
 def write_table(table: dict, out: str | Path) -> None:
-    """``suite.md``, ``suite.csv`` (one line per workflow x set, then the averages) and ``suite.json``."""
+    """``suite.md``, ``suite.csv`` (one line per workflow x set, then the averages: ``n`` the questions of the
+    sets that ran, ``sets`` their count) and ``suite.json``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "suite.md").write_text(markdown_table(table), encoding="utf-8")
@@ -193,5 +194,6 @@ def write_table(table: dict, out: str | Path) -> None:
         writer.writeheader()
         writer.writerows(table["rows"])
         for wf, avg in table["average"].items():
-            writer.writerow({"workflow": wf, "set": "average", "n": avg["sets"], "accuracy_metric": table["accuracy"],
+            n = sum(r["n"] for r in table["rows"] if r["workflow"] == wf and r["error"] is None)
+            writer.writerow({"workflow": wf, "set": "average", "n": n, "sets": avg["sets"], "accuracy_metric": table["accuracy"],
                              **{k: avg[k] for k in ("accuracy", "search_ratio", "call_ratio")}})  # fmt: skip

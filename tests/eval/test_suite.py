@@ -51,6 +51,8 @@ def test_table_by_hand_and_a_set_that_does_not_load(tmp_path, tiny_policy, fvqa_
     assert "- gone: FileNotFoundError: gone.parquet not found" in md and "Judge unparsed" not in md  # no judge, no count
     lines = list(csv.DictReader((tmp_path / "suite.csv").open()))
     assert [(r["set"], r["accuracy"]) for r in lines] == [("a", "0.5"), ("gone", ""), ("b", "1.0"), ("average", "0.75")]
+    # the average's n counts questions, as every row's (a script weighting by n); its sets, the sets that ran
+    assert [(r["n"], r["sets"]) for r in lines] == [("2", ""), ("0", ""), ("3", ""), ("5", "2")]
     assert json.loads((tmp_path / "suite.json").read_text())["rows"][1]["error"].startswith("FileNotFoundError")
     per_set = json.loads((tmp_path / "b" / "summary.json").read_text())  # each set's outputs as mmsr eval writes them
     assert per_set["b"]["on-demand"]["all"]["n"] == 3 and len((tmp_path / "a" / "trajectories.jsonl").read_text().splitlines()) == 2
