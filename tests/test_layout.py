@@ -217,3 +217,22 @@ def test_moved_modules_name_their_new_place(old, new):
 
     with pytest.raises(ImportError, match=new.replace(".", r"\.")):
         importlib.import_module(old)
+
+
+def _readme_tree() -> list[str]:
+    """The lines of README's "Where things are" sketch (the first code block under that heading)."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8").split("\n### Where things are\n", 1)[1]
+    return text.split("```\n", 2)[1].splitlines()
+
+
+def test_the_readme_sketch_names_every_folder_of_the_package_and_nothing_that_is_gone():
+    """Every package folder of ``mmsr/`` (but the moved modules' shims, which only name the new place) is in the
+    README's sketch, and every folder or file the sketch names at a line's start is there."""
+    lines = _readme_tree()
+    named = {word.strip("(),;") for line in lines for word in line.split() if word.strip("(),;").endswith("/")}
+    packages = {f"{p.parent.name}/" for p in (ROOT / "mmsr").glob("*/__init__.py") if p.parent.name != "worlds"}
+    assert packages - named == set()
+    top = [line.split()[0] for line in lines[1:] if line and not line.startswith(" ")]
+    inside = [line.split()[0] for line in lines if line.startswith("  ") and line[2] != " "]
+    assert [t for t in top if not (ROOT / t).exists()] == []
+    assert [t for t in inside if not (ROOT / "mmsr" / t).exists()] == []
