@@ -121,7 +121,9 @@ def test_plain_lines_when_stdout_is_not_a_terminal(module, capsys, tmp_path):
     lines = [line for line in out.splitlines() if line.startswith("grpo step")]
     assert "Training" not in out  # no bar drawn
     assert [line.split(" | ")[0] for line in lines] == ["grpo step 1/2", "grpo step 2/2"]
-    assert all(re.search(r"steps/s \| (ETA \d+m\d\ds \| )?reward [\d.]+$", line) for line in lines), lines
+    # a step done, the rate and so the ETA are known on every line: the last one has none left
+    etas = [re.search(r"steps/s \| ETA (\d+h\d\dm|\d+m\d\ds) \| reward [\d.]+$", line) for line in lines]
+    assert all(etas) and etas[-1][1] == "0m00s", lines
 
 
 def test_lines_count_training_steps_when_a_step_makes_several_updates(capsys, tmp_path):
@@ -131,6 +133,14 @@ def test_lines_count_training_steps_when_a_step_makes_several_updates(capsys, tm
     trainer = fit(scripted_module(mini_batches=2), tmp_path, bar, steps=4)
     lines = [line.split(" | ")[0] for line in capsys.readouterr().out.splitlines() if line.startswith("grpo step")]
     assert trainer.global_step == 4 and lines == ["grpo step 1/2", "grpo step 2/2"]
+
+
+def test_bar_counts_training_steps_when_a_step_makes_several_updates(tmp_path):
+    """The bar's total is the run's training steps too: 4 updates at 2 a step are 2 steps, not 4."""
+    bar = StageProgressBar(poll_s=0, plain=False)
+    trainer = fit(scripted_module(mini_batches=2), tmp_path, bar, steps=4)
+    tqdm = bar.train_progress_bar
+    assert trainer.global_step == 4 and (tqdm.n, tqdm.total) == (2, 2)
 
 
 def test_bar_counts_steps_of_the_run_under_its_name(module, tmp_path):

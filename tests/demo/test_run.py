@@ -152,6 +152,40 @@ def test_check_exits_naming_the_unmet_claims(monkeypatch, tmp_path, accuracy, se
     demo.main(argv[:-1])  # without --check the claims are reported, not enforced
 
 
+def _unmet_claims(monkeypatch, tmp_path, summary: dict) -> list[str]:
+    """The claims ``mmsr demo --check`` names as unmet for ``summary`` (nothing trained), measured values dropped."""
+    import mmsr.demo.run as demo
+
+    monkeypatch.setattr(demo, "run", lambda *a: summary)
+    monkeypatch.setattr(demo, "write_outputs", lambda *a: [])
+    try:
+        demo.main(["--out", str(tmp_path), "--check"])
+    except SystemExit as exc:
+        message = str(exc).removeprefix("mmsr demo --check: claims not met: ")
+        return [claim.rsplit(" (measured ", 1)[0] for claim in message.split("; ")]
+    return []
+
+
+KIND, OVERALL = "every question kind >= 75% after GRPO", "accuracy after GRPO >= 80%"
+WARM = "accuracy within 5 points of the warm start"
+
+
+@pytest.mark.parametrize(("warm", "after", "kinds", "unmet"), [
+    *[(0.97, 0.97, {k: 0.74}, [KIND]) for k in KINDS],  # each kind in turn, the others at 100%
+    (0.97, 0.97, dict.fromkeys(KINDS, 0.75), []),
+    (0.8, 0.79, {}, [OVERALL]), (0.8, 0.8, {}, []),  # every kind at 100%: only the overall threshold
+    (0.97, 0.91, {}, [WARM]), (0.97, 0.93, {}, []),  # 6 points below the warm start, then 4
+])  # fmt: skip
+def test_check_holds_each_accuracy_claim_at_its_threshold(monkeypatch, tmp_path, warm, after, kinds, unmet):
+    """Just under a threshold the claim alone is unmet, at it (or within it) every claim is met: every kind is
+    checked, not the city kind alone, against 75%; the overall accuracy against 80%; the drop against 5 points."""
+    summary = _summary(after, 0.0)
+    summary["warm_start"]["all"]["accuracy"] = warm
+    for kind, accuracy in kinds.items():
+        summary["grpo"][kind]["accuracy"] = accuracy
+    assert _unmet_claims(monkeypatch, tmp_path, summary) == unmet
+
+
 @pytest.mark.parametrize("kind", ["text_search", "image_search"])
 def test_check_names_a_search_required_kind_that_searched_too_little(monkeypatch, tmp_path, kind):
     """The claim holds for the kind that searched least: one kind at 85% fails it however the other did."""
