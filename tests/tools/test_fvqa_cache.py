@@ -391,3 +391,47 @@ def test_tools_that_check_nothing_themselves_are_not_built_twice(tmp_path):
         "class_path": "mmsr.tools.fvqa_cache.FVQACacheSearch", "init_args": {"path": str(tmp_path / "x.pkl")}}}}
     with pytest.raises(FVQACacheError, match="x.pkl not found"):
         check_tools_ready({"init_args": {"tools": [fvqa]}}, None)
+
+
+def test_a_thumbnail_host_a_dns_outage_could_not_resolve_is_unreachable_and_asked_again(tmp_path, monkeypatch):
+    """A lookup that failed for now (``EAI_AGAIN``: the DNS server down) was a refused URL: the thumbnail was listed
+    as gone, not retried, and the row cut short by it stored in the tool cache for good."""
+    import socket
+
+    lookups = []
+
+    async def dns_down(self, host, *args, **kwargs):
+        lookups.append(host)
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(asyncio.BaseEventLoop, "getaddrinfo", dns_down)
+    inline = jpeg_file("blue")
+    rows = {"fvqa_train_1": {"tool_returned_web_title_list": ["Far", "Inline"],
+                             "tool_returned_images_urls": ["https://thumbs.example.org/a.png", inline]}}  # fmt: skip
+    (tmp_path / "c.pkl").write_bytes(pickle.dumps(rows))
+
+    def tool():
+        return FVQACacheSearch(str(tmp_path / "c.pkl"), tool_cache=str(tmp_path / "tools.sqlite"), max_side=64,
+                               thumbnail_limits=Limits(timeout_s=2.0, retries=1, backoff_s=0.0, breaker_failures=0))  # fmt: skip
+
+    first = tool()
+    short = asyncio.run(first(request("fvqa_train_1")))
+    assert short.titles == ("Inline",) and short.partial and lookups == ["thumbs.example.org"] * 2  # retried
+    assert first.dead_thumbnails() == {} and list(first.dead_thumbnails(unreachable=True)) == ["fvqa_train_1"]
+    asyncio.run(tool()(request("fvqa_train_1")))  # a later process: the short row was not stored
+    assert len(lookups) == 4
+
+
+@pytest.mark.parametrize(("errno", "raised"), [("EAI_NONAME", "BlockedURL"), ("EAI_AGAIN", "UnresolvedHost"),
+                                               ("EAI_FAIL", "UnresolvedHost")])  # fmt: skip
+def test_a_name_that_does_not_exist_is_refused_and_a_lookup_that_failed_for_now_is_not(monkeypatch, errno, raised):
+    import socket
+
+    from mmsr.tools.web import guard
+
+    async def lookup(self, host, *args, **kwargs):
+        raise socket.gaierror(getattr(socket, errno), "lookup failed")
+
+    monkeypatch.setattr(asyncio.BaseEventLoop, "getaddrinfo", lookup)
+    with pytest.raises(getattr(guard, raised), match="cannot resolve 'thumbs.example.org'"):
+        asyncio.run(guard.check_url("https://thumbs.example.org/a.png"))

@@ -61,3 +61,20 @@ def test_a_plain_text_page_is_its_own_text_within_the_byte_cap():
     assert read(GERMAN.encode("utf-8"), "text/plain").text == GERMAN  # no charset: guessed (UTF-8)
     with pytest.raises(ToolError, match="byte cap"):
         read(text.encode() * 100, "text/plain", Limits(max_bytes=1000, breaker_failures=0))
+
+
+def test_jina_reader_a_page_host_the_dns_could_not_resolve_for_now_is_a_transient_failure(monkeypatch):
+    """A page URL whose host lookup failed for now (``EAI_AGAIN``) was refused like a blocked URL: not transient,
+    so a text search it cut short was cached for good. The reader service is not asked."""
+    import socket
+
+    from mmsr.tools.web.http import Retryable, transient
+    from mmsr.tools.web.reader import JinaReader
+
+    async def dns_down(self, host, *args, **kwargs):
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(asyncio.BaseEventLoop, "getaddrinfo", dns_down)
+    with pytest.raises(Retryable, match="cannot resolve 'pages.example.org' now") as exc:
+        asyncio.run(JinaReader(endpoint="http://127.0.0.1:9/jina").read("https://pages.example.org/a"))
+    assert transient(exc.value) and exc.value.kind == "network" and not exc.value.sent

@@ -35,6 +35,16 @@ class BlockedAddress(OSError):
     """Raised inside the connection's resolver when a name resolves only to non-public addresses."""
 
 
+class UnresolvedHost(OSError):
+    """A name the resolver could not look up this time (a DNS server down or slow: ``EAI_AGAIN``, ...), unlike
+    one that does not exist (``BlockedURL``): the next call may well resolve it, so callers retry it and never
+    cache what it cut short."""
+
+
+# lookups that say the name has no address (NXDOMAIN, no record): asking again gives the same answer
+_NO_SUCH_NAME = {getattr(socket, name) for name in ("EAI_NONAME", "EAI_NODATA", "EAI_ADDRFAMILY") if hasattr(socket, name)}
+
+
 def _blocked_ip(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
@@ -74,7 +84,9 @@ async def check_url(url: str, allow_private: bool = False) -> URL:
         try:
             infos = await asyncio.get_running_loop().getaddrinfo(host, parsed.port, type=socket.SOCK_STREAM)
         except OSError as exc:
-            raise BlockedURL(f"cannot resolve {host!r} ({exc.strerror or exc})") from None
+            if isinstance(exc, socket.gaierror) and exc.errno in _NO_SUCH_NAME:
+                raise BlockedURL(f"cannot resolve {host!r} ({exc.strerror or exc})") from None
+            raise UnresolvedHost(f"cannot resolve {host!r} now ({exc.strerror or exc})") from None
         except ValueError as exc:  # a name IDNA cannot encode (an empty or over-long label ...)
             raise _malformed(exc) from None
         addresses = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]

@@ -36,7 +36,7 @@ from yarl import URL
 
 from mmsr.tools.base import FatalToolError
 from mmsr.tools.secrets import install_log_redaction, redact
-from mmsr.tools.web.guard import BlockedAddress, BlockedURL
+from mmsr.tools.web.guard import BlockedAddress, BlockedURL, UnresolvedHost
 
 MAX_REDIRECTS = 5
 REFUSALS = (401, 403, 404)  # the key (401/403) or the endpoint's URL (404) is wrong
@@ -355,6 +355,8 @@ class HTTPClient:
                 await check(url)
             except BlockedURL as exc:
                 raise ToolError(f"{self.name}: {exc}", "refused", sent=hop > 0) from None
+            except UnresolvedHost as exc:  # a DNS outage: retried, and what it cuts short is not cached
+                raise Retryable(f"{self.name}: {exc}", "network", sent=hop > 0) from None
             async with session.request(method, url, allow_redirects=False, **kwargs) as response:
                 location = response.headers.get("Location")
                 if response.status not in (301, 302, 303, 307, 308) or not location:

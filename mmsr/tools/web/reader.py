@@ -100,6 +100,8 @@ class JinaReader:
             await guard.check_url(url, self.allow_private)
         except guard.BlockedURL as exc:
             raise ToolError(str(exc), "refused", sent=False) from None  # refused before asking the reader
+        except guard.UnresolvedHost as exc:  # a DNS outage here: a failed page that the next call may read
+            raise Retryable(str(exc), "network", sent=False) from None
         headers = {"Accept": "application/json", "X-Return-Format": self.return_format}
         if key := os.environ.get(self.api_key_env, "").strip():
             headers["Authorization"] = f"Bearer {key}"
