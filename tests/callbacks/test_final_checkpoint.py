@@ -105,3 +105,17 @@ def test_mmsr_fit_adds_it_beside_any_model_checkpoint():
                             logger=False, accelerator="cpu")  # fmt: skip
         add_final_checkpoint(trainer)
         assert any(isinstance(c, FinalCheckpoint) for c in trainer.callbacks) == added
+
+
+def test_a_run_resumed_from_an_earlier_interval_checkpoint_keeps_saving_its_last_step_in_last_ckpt(tmp_path):
+    """The interval's checkpoint is saved before ``last.ckpt``, so it records no last file: resumed from it,
+    Lightning found ``last.ckpt`` taken and wrote the run's last step to ``last-v1.ckpt``, ``last.ckpt`` left at
+    the old step."""
+    fit(tmp_path, 4, save_last=True, save_top_k=-1)
+    saved = SavedSteps()
+    callbacks = [ModelCheckpoint(tmp_path, every_n_train_steps=2, save_last=True, save_top_k=-1), FinalCheckpoint(), saved]
+    trainer = L.Trainer(max_steps=7, callbacks=callbacks, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, accelerator="cpu")  # fmt: skip
+    trainer.fit(BoringModel(), ckpt_path=tmp_path / "epoch=0-step=2.ckpt")
+    assert saved.steps == [4, 4, 6, 6, 7] and step_of(tmp_path / "last.ckpt") == 7
+    assert not list(tmp_path.glob("last-v*.ckpt"))
