@@ -31,6 +31,7 @@ import importlib.util
 import io
 import json
 import math
+import os
 import tempfile
 import traceback
 from pathlib import Path
@@ -167,13 +168,18 @@ CHECKS = {"environment": environment, "engine_parity": engine_parity, "bf16_mixe
 
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default=None, help="default: cuda, refused where no CUDA device is visible (the checks "
+                    "exist for the GPU; --device cpu runs them on the CPU, as the test suite does)")
     ap.add_argument("--steps", type=int, default=3, help="training steps of the bf16-mixed run")
     ap.add_argument("--hidden", type=int, default=64, help="the policy's hidden size (intermediate: twice it)")
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--checks", nargs="+", choices=list(CHECKS), default=list(CHECKS))
     args = ap.parse_args(argv)
-    device, rows = torch.device(args.device), []
+    if args.device is None and not torch.cuda.is_available():  # run on a GPU node, they passed without checking it
+        ap.error(f"no CUDA device is visible (torch {torch.__version__}, CUDA_VISIBLE_DEVICES="
+                 f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')!r}): these checks are for the GPU; --device cpu "
+                 "runs them on the CPU")  # fmt: skip
+    device, rows = torch.device(args.device or "cuda"), []
     args.peak_allocated = None
     with tempfile.TemporaryDirectory() as tmp:
         args.tmp = Path(tmp)

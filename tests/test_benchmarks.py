@@ -298,3 +298,13 @@ def test_grpo_step_medians_leave_the_warm_up_step_out():
     assert out["rollout_tokens_per_s"] == 45.0 and out["train_tokens_per_s"] == (80 / 1.0 + 80 / 2.0) / 2
     one = grpo_step.summary([step(10.0, 5.0)], episodes=4)  # a 1-step run: that step, as nothing else is timed
     assert one["steps_timed"] == 1 and one["seconds_per_step"]["train"] == 10.0
+
+
+def test_the_gpu_checks_refuse_to_pass_on_the_cpu_unless_asked(capsys):
+    """Run as the README says on a node whose CUDA is not visible, the checks fell back to the CPU and passed,
+    checking nothing they exist for; ``--device cpu`` (the tests') still runs them there."""
+    device_checks = benchmark("device_checks")
+    with pytest.raises(SystemExit) as exit_:
+        device_checks.main(["--checks", "environment"])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_.value.code == 2 and "no CUDA device is visible" in last and "--device cpu" in last
