@@ -69,8 +69,9 @@ def lightning_cli(args: list[str] | None = None, parse_only: bool = False, **kwa
     from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
     from lightning.pytorch.loggers import CSVLogger
 
+    from mmsr.callbacks.requeue import StepBoundaryRequeue
     from mmsr.callbacks.run_dir import (LoggedConfig, RunDirectory, checkpoint_runs, continue_metrics,
-                                        explicit_default_logger, repoint_loggers)
+                                        explicit_default_logger, hpc_resume_path, repoint_loggers)
     from mmsr.data.datamodule import MMSRDataModule
 
     for message in NOT_APPLICABLE:
@@ -80,6 +81,8 @@ def lightning_cli(args: list[str] | None = None, parse_only: bool = False, **kwa
         rank_zero_log.addFilter(_not_an_advert)
 
     class MMSRCLI(LightningCLI):
+        hpc_ckpt: str | None = None  # the hpc checkpoint a fit without --ckpt_path resumes from (SLURM requeue)
+
         def add_arguments_to_parser(self, parser) -> None:
             for key in OWN_OPTIMIZATION:  # hidden: a config's ``null`` passes, anything else is refused
                 parser.add_argument(f"--{key}", type=_null_only(key), default=None, help=argparse.SUPPRESS)
@@ -97,6 +100,9 @@ def lightning_cli(args: list[str] | None = None, parse_only: bool = False, **kwa
             # fits it), so a run `mmsr fit` refuses is refused there too; reading the config builds nothing
             if self.subcommand in ("fit", None):
                 check_step_settings(config)
+            # a requeued SLURM job's fit (no --ckpt_path): Lightning resumes from the hpc checkpoint, continued alike
+            if self.subcommand == "fit" and not ckpt and not parse_only:
+                ckpt = self.hpc_ckpt = hpc_resume_path(config.trainer)
             if ckpt and (runs := checkpoint_runs(ckpt)):
                 explicit_default_logger(config.trainer)
                 repoint_loggers(config.trainer.logger, runs)
@@ -132,12 +138,15 @@ def lightning_cli(args: list[str] | None = None, parse_only: bool = False, **kwa
             trainer = super().instantiate_trainer(**kwargs)
             if not any(isinstance(c, RunDirectory) for c in trainer.callbacks):
                 trainer.callbacks.append(RunDirectory())  # every checkpoint records its run directory
+            if not any(isinstance(c, StepBoundaryRequeue) for c in trainer.callbacks):
+                trainer.callbacks.append(StepBoundaryRequeue())  # SLURM's requeue saves at the end of a step
             add_final_checkpoint(trainer)
             return trainer
 
         def before_fit(self) -> None:
             check_manual_optimization(self.trainer, self.model)
-            if self.config.fit.get("ckpt_path"):  # before the CSV logger opens (and empties) its directory
+            # before the CSV logger opens (and empties) its directory
+            if self.config.fit.get("ckpt_path") or self.hpc_ckpt:
                 for logger in self.trainer.loggers:
                     if isinstance(logger, CSVLogger):
                         continue_metrics(logger)

@@ -9,7 +9,7 @@ when the function is called, after every module has loaded. These lazy imports a
 (a new one is added here, with its reason):
 
 - mmsr.callbacks.trajectory_logger -> mmsr.callbacks.wandb_table (wandb only when a WandbLogger is attached)
-- mmsr.cli -> mmsr.callbacks.run_dir, mmsr.data.datamodule, mmsr.tools.secrets (Lightning only for ``fit``; the secrets' masking only for a failure's output: ``mmsr.tools`` loads PIL, numpy and imagehash, ~0.3 s of every command)
+- mmsr.cli -> mmsr.callbacks.requeue, mmsr.callbacks.run_dir, mmsr.data.datamodule, mmsr.tools.secrets (Lightning only for ``fit``; the secrets' masking only for a failure's output: ``mmsr.tools`` loads PIL, numpy and imagehash, ~0.3 s of every command)
 - mmsr.cli_checks -> mmsr.callbacks.final_checkpoint, mmsr.data.datamodule, mmsr.eval.load, mmsr.module, mmsr.optim, mmsr.tools.base, mmsr.tools.spec (the schedule's, the group size's and the tools' start-up checks, only for ``fit``)
 - mmsr.data.loaders -> mmsr.data.hf (the optional ``datasets`` extra, for saved dataset directories)
 - mmsr.demo.run -> mmsr.cli, mmsr.demo.world, mmsr.report.cli, mmsr.report.plots (the demo's stages, when they run)

@@ -1,0 +1,75 @@
+"""SLURM's requeue signal acted on at the end of a step, not wherever it lands.
+
+Under SLURM Lightning keeps auto-requeue on: on the requeue signal (``sbatch --signal=USR1@N``) its handler
+saves ``hpc_ckpt_N.ckpt`` in ``default_root_dir`` at once, then rank 0 runs ``scontrol requeue``, and the
+requeued job resumes from that file (lightning/pytorch/trainer/connectors/signal_connector.py). In
+``GRPOModule`` one training batch is one GRPO step: a rollout, then ``mini_batches`` optimizer updates. A
+checkpoint from the middle of a step holds some of its updates but counts the batch as not done, so the
+resumed run skipped that step's prompts, shifted every later step and trained one step more.
+
+``StepBoundaryRequeue`` (added to every trainer by ``mmsr.cli``) swaps Lightning's handler for one that only
+notes the signal; at the end of the step the signal came in, the ranks agree (any rank got it, SLURM signals
+each task) and every rank runs Lightning's own handler there: the same save and requeue, at a step boundary.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from typing import Any
+
+import lightning as L
+from lightning.fabric.plugins.environments import SLURMEnvironment
+
+
+class StepBoundaryRequeue(L.Callback):
+    """Defers Lightning's SLURM auto-requeue (save ``hpc_ckpt_N.ckpt``, ``scontrol requeue``) to the end of the
+    training batch (the GRPO step) the requeue signal arrives in. Outside SLURM, with ``auto_requeue`` off, or
+    with a handler of the user's on the signal (Lightning then sets none), it does nothing."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None  # the requeue signal, while this callback's handler is installed
+        self.replaced: Any = None  # Lightning's handler, put back at the end of training
+        self.received = False  # the signal came since the last step's end
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        env = trainer._accelerator_connector.cluster_environment
+        if not (isinstance(env, SLURMEnvironment) and env.auto_requeue and hasattr(signal, "SIGUSR1")):
+            return
+        signum, handler = env.requeue_signal, signal.getsignal(env.requeue_signal)
+        if threading.current_thread() is not threading.main_thread() or not _lightning_requeue(trainer, handler):
+            return  # Lightning registers signal handlers in the main thread only
+        self.signum, self.replaced, self.received = signum, handler, False
+        signal.signal(signum, self.note)
+
+    def note(self, signum: int, frame: Any) -> None:
+        """The signal handler: only remembers that the signal came (the step goes on)."""
+        self.received = True
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:  # fmt: skip
+        if self.signum is None:
+            return  # not under SLURM auto-requeue: no collective per step
+        # on every rank: the save is collective, and SLURM may signal only some ranks before the step ends
+        if trainer.strategy.reduce_boolean_decision(self.received, all=False):
+            self.received = False
+            trainer._signal_connector._slurm_sigusr_handler_fn(self.signum, None)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.restore()
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.restore()  # after an exception: Lightning has put back the handlers it found, so ours is gone
+
+    def restore(self) -> None:
+        """Put Lightning's handler back if this callback's is still the one installed."""
+        if self.signum is not None and signal.getsignal(self.signum) == self.note:
+            signal.signal(self.signum, self.replaced)
+        self.signum, self.replaced = None, None
+
+
+def _lightning_requeue(trainer: L.Trainer, handler: Any) -> bool:
+    """Whether ``handler`` is the one Lightning registered for the requeue signal (its ``_HandlersCompose``
+    holding this trainer's ``_slurm_sigusr_handler_fn``), not one of the user's."""
+    own = trainer._signal_connector._slurm_sigusr_handler_fn
+    return any(h == own for h in getattr(handler, "signal_handlers", ()))
