@@ -300,10 +300,11 @@ def test_grpo_step_medians_leave_the_warm_up_step_out():
     assert one["steps_timed"] == 1 and one["seconds_per_step"]["train"] == 10.0
 
 
-def test_the_gpu_checks_refuse_to_pass_on_the_cpu_unless_asked(capsys):
+def test_the_gpu_checks_refuse_to_pass_on_the_cpu_unless_asked(capsys, monkeypatch):
     """Run as the README says on a node whose CUDA is not visible, the checks fell back to the CPU and passed,
     checking nothing they exist for; ``--device cpu`` (the tests') still runs them there."""
     device_checks = benchmark("device_checks")
+    monkeypatch.setattr(device_checks.torch.cuda, "is_available", lambda: False)  # as here, also where a GPU is visible
     with pytest.raises(SystemExit) as exit_:
         device_checks.main(["--checks", "environment"])
     last = capsys.readouterr().err.strip().splitlines()[-1]

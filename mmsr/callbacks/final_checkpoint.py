@@ -23,16 +23,17 @@ class FinalCheckpoint(L.Callback):
     its ``on_save_checkpoint`` mends their saves at the end of a cut epoch too."""
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """A run resumed from a checkpoint saved before its ``last.ckpt`` (the interval's own file, saved first) or
-        in another directory restores no ``last_model_path``: Lightning then found ``last.ckpt`` taken and wrote
-        this run's last step to ``last-v1.ckpt``, leaving ``last.ckpt`` at the old step (``mmsr eval --ckpt
-        last.ckpt`` evaluated it). The resumed run continues that file, so its saves replace it."""
+        """A run resumed from an interval's checkpoint (saved before ``last.ckpt``, so it records no last file)
+        restores no ``last_model_path``: Lightning then found ``last.ckpt`` taken and wrote this run's last step to
+        ``last-v1.ckpt``, leaving ``last.ckpt`` at the old step (``mmsr eval --ckpt last.ckpt`` evaluated it). The
+        resumed run continues the ``last.ckpt`` beside that checkpoint; one of another folder is not this run's."""
         if trainer.ckpt_path is None:
             return
         for checkpoint in trainer.checkpoint_callbacks:
             if isinstance(checkpoint, ModelCheckpoint) and checkpoint.save_last and not checkpoint.last_model_path:
                 last = Path(checkpoint.dirpath or "") / f"{checkpoint.CHECKPOINT_NAME_LAST}{checkpoint.FILE_EXTENSION}"
-                if checkpoint.dirpath and "{" not in checkpoint.CHECKPOINT_NAME_LAST and last.exists():
+                beside = checkpoint.dirpath and Path(trainer.ckpt_path).resolve().parent == last.resolve().parent
+                if beside and "{" not in checkpoint.CHECKPOINT_NAME_LAST and last.exists():
                     checkpoint.last_model_path = str(last)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -10,16 +10,25 @@ resumed run skipped that step's prompts, shifted every later step and trained on
 ``StepBoundaryRequeue`` (added to every trainer by ``mmsr.cli``) swaps Lightning's handler for one that only
 notes the signal; at the end of the step the signal came in, the ranks agree (any rank got it, SLURM signals
 each task) and every rank runs Lightning's own handler there: the same save and requeue, at a step boundary.
+A signal that lands after a step's end (in its validation or checkpoint save) waits for the end of the next step,
+so ``--signal=USR1@N`` needs N above two steps with their validation and saves. A run that trains to its end
+deletes its hpc checkpoints (``on_train_end``).
 """
 
 from __future__ import annotations
 
+import re
+import shutil
 import signal
 import threading
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 from lightning.fabric.plugins.environments import SLURMEnvironment
+
+
+HPC_CHECKPOINT = re.compile(r"hpc_ckpt_\d+\.ckpt")  # what Lightning's requeue saves (a file, or a distributed folder)
 
 
 class StepBoundaryRequeue(L.Callback):
@@ -56,6 +65,12 @@ class StepBoundaryRequeue(L.Callback):
             trainer._signal_connector._slurm_sigusr_handler_fn(self.signum, None)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """The run trained to its end: its hpc checkpoints go, or the next run of this ``default_root_dir`` (another
+        seed, another lr) would be resumed from them by Lightning and continue this run's directory."""
+        if self.signum is not None and trainer.is_global_zero:
+            for path in Path(trainer.default_root_dir).glob("hpc_ckpt_*.ckpt"):
+                if HPC_CHECKPOINT.fullmatch(path.name):
+                    shutil.rmtree(path) if path.is_dir() else path.unlink()
         self.restore()
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:

@@ -118,8 +118,8 @@ class EvalWork:
             self.path.unlink(missing_ok=True)
             return
         print(f"mmsr eval: {self.path} is kept: it holds {unused} finished batch{'es' * (unused > 1)} this run did not "
-              "take (another --limit or --workflow), which a rerun with them takes from it; delete it if they are "
-              "not needed", file=sys.stderr)  # fmt: skip
+              "take (another --limit or --workflow, a suite without their set), which a rerun with them takes from "
+              "it; delete it if they are not needed", file=sys.stderr)  # fmt: skip
 
 
 def read_rows(path: Path) -> list[dict]:

@@ -119,3 +119,15 @@ def test_a_run_resumed_from_an_earlier_interval_checkpoint_keeps_saving_its_last
     trainer.fit(BoringModel(), ckpt_path=tmp_path / "epoch=0-step=2.ckpt")
     assert saved.steps == [4, 4, 6, 6, 7] and step_of(tmp_path / "last.ckpt") == 7
     assert not list(tmp_path.glob("last-v*.ckpt"))
+
+
+def test_a_run_resumed_from_another_folders_checkpoint_leaves_this_folders_last_ckpt_alone(tmp_path):
+    """Another run's ``last.ckpt`` in the folder a resumed run saves to is not the resumed run's: Lightning's
+    ``last-v1.ckpt`` takes its last step, as without ``FinalCheckpoint``."""
+    fit(tmp_path / "a", 4, save_last=True, save_top_k=-1)
+    fit(tmp_path / "b", 3, save_last=True)  # another run's last.ckpt at step 3
+    callbacks = [ModelCheckpoint(tmp_path / "b", every_n_train_steps=2, save_last=True), FinalCheckpoint()]
+    trainer = L.Trainer(max_steps=5, callbacks=callbacks, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, accelerator="cpu")  # fmt: skip
+    trainer.fit(BoringModel(), ckpt_path=tmp_path / "a" / "epoch=0-step=2.ckpt")
+    assert step_of(tmp_path / "b" / "last.ckpt") == 3 and step_of(tmp_path / "b" / "last-v1.ckpt") == 5
