@@ -40,6 +40,7 @@ class StepBoundaryRequeue(L.Callback):
         self.signum: int | None = None  # the requeue signal, while this callback's handler is installed
         self.replaced: Any = None  # Lightning's handler, put back at the end of training
         self.received = False  # the signal came since the last step's end
+        self.requeued = False  # this run saved an hpc checkpoint and asked SLURM to requeue it
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         env = trainer._accelerator_connector.cluster_environment
@@ -61,13 +62,14 @@ class StepBoundaryRequeue(L.Callback):
             return  # not under SLURM auto-requeue: no collective per step
         # on every rank: the save is collective, and SLURM may signal only some ranks before the step ends
         if trainer.strategy.reduce_boolean_decision(self.received, all=False):
-            self.received = False
+            self.received, self.requeued = False, True
             trainer._signal_connector._slurm_sigusr_handler_fn(self.signum, None)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """The run trained to its end: its hpc checkpoints go, or the next run of this ``default_root_dir`` (another
-        seed, another lr) would be resumed from them by Lightning and continue this run's directory."""
-        if self.signum is not None and trainer.is_global_zero:
+        seed, another lr) would be resumed from them by Lightning and continue this run's directory. Not when the
+        last step's end saved one and requeued the job: the requeued job resumes from it (and finds nothing to do)."""
+        if self.signum is not None and trainer.is_global_zero and not self.requeued:
             for path in Path(trainer.default_root_dir).glob("hpc_ckpt_*.ckpt"):
                 if HPC_CHECKPOINT.fullmatch(path.name):
                     shutil.rmtree(path) if path.is_dir() else path.unlink()

@@ -128,9 +128,8 @@ def test_outside_slurm_auto_requeue_it_registers_nothing_and_adds_no_collective(
     assert trainer.strategy.calls == []
 
 
-def test_under_slurm_the_signal_is_acted_on_at_the_step_end_and_lightnings_handler_put_back():
+def test_under_slurm_the_signal_is_acted_on_at_the_step_end_and_lightnings_handler_put_back(tmp_path):
     trainer, before = fake_trainer(SLURMEnvironment()), signal.getsignal(signal.SIGUSR1)
-    trainer.is_global_zero, trainer.default_root_dir = False, "."  # rank 0 deletes the hpc checkpoints (slow test)
     lightning = _HandlersCompose([trainer._signal_connector._slurm_sigusr_handler_fn])
     signal.signal(signal.SIGUSR1, lightning)
     try:
@@ -142,7 +141,10 @@ def test_under_slurm_the_signal_is_acted_on_at_the_step_end_and_lightnings_handl
         callback.on_train_batch_end(trainer, None, None, None, 1)
         assert trainer._signal_connector.saves == [signal.SIGUSR1]  # once, at the end of the step it came in
         assert trainer.strategy.calls == [True, False]
+        (tmp_path / "hpc_ckpt_1.ckpt").write_text("the save at the last step's end")
+        trainer.is_global_zero, trainer.default_root_dir = True, str(tmp_path)
         callback.on_train_end(trainer, None)
         assert signal.getsignal(signal.SIGUSR1) is lightning
+        assert (tmp_path / "hpc_ckpt_1.ckpt").exists()  # requeued from it: the requeued job resumes from it
     finally:
         signal.signal(signal.SIGUSR1, before)
