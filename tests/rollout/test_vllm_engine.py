@@ -348,6 +348,20 @@ def test_sleep_and_wake_are_no_ops_on_cpu(policy, engine, initial, prompts, fvqa
     assert engine.generate([request], GREEDY)[0].token_ids == before.token_ids
 
 
+def test_the_samples_of_a_group_and_the_turns_of_an_episode_draw_apart_and_repeat(policy, engine, initial, prompts,
+                                                                                fvqa_samples):  # fmt: skip
+    """One context, sampled as the 4 samples of a GRPO group (``id#0`` .. ``id#3``) and as turn 1 of sample 0: each
+    draws its own tokens (one stream for the group made every advantage 0; turn 0's stream reused replays its draws),
+    and a second call draws them again."""
+    use(policy, engine, initial)
+    context, sid = first_request(policy, prompts, fvqa_samples[0]).input_ids, fvqa_samples[0].id
+    requests = [GenerationRequest(context, key=f"{sid}#{k}") for k in range(4)]
+    requests.append(GenerationRequest(context, key=f"{sid}#0", turn=1))
+    sampling = SamplingParams(temperature=1.0, max_tokens=8, stop=())
+    first, again = ([o.token_ids for o in engine.generate(requests, sampling)] for _ in range(2))
+    assert first == again
+    assert len({tuple(t) for t in first[:4]}) == 4 and first[4] != first[0], first
+
 
 class BatchOnly:
     """The engine seen through ``generate`` alone: the loop batches each round's turns (``WholeBatches``)."""

@@ -166,6 +166,19 @@ def test_vllm_expands_the_collapsed_pads_to_the_training_ids(policy, engine, ini
         assert (torch.tensor(engine.score(traj.input_ids, other)) - mine).abs().max() > 1e-2
 
 
+def test_images_of_one_grid_reach_vllm_in_context_order(policy, engine, initial, prompts, fvqa_samples):
+    """Two searches bring two 56x56 thumbnails (images 1 and 3, one grid); made to differ, vLLM's prompt log-probs
+    are still the trainer's, so each reached its own pads (the fake search's thumbnails are alike, which hid a swap)."""
+    use(policy, engine, initial)
+    (traj,) = scripted(policy, prompts, fvqa_samples[1:2], [IMG, TXT, IMG, ANS])
+    vision = list(traj.vision)
+    vision[3] = policy.process_image(Image.new("RGB", vision[3].image.size, "green"))
+    assert vision[3].grid_thw == vision[1].grid_thw and vision[1].image.getpixel((0, 0)) == (255, 0, 0)
+    mine = trainer_logprobs(policy, traj.input_ids, vision)
+    assert (torch.tensor(engine.score(traj.input_ids, vision)) - mine).abs().max() < PARITY
+    assert (trainer_logprobs(policy, traj.input_ids, traj.vision) - mine).abs().max() > 1e-2  # the content counts
+
+
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_sampled_logprobs_match_the_trainer_after_tool_images(policy, engine, initial, prompts, fvqa_samples,
                                                               temperature):  # fmt: skip
