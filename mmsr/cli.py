@@ -69,9 +69,9 @@ def lightning_cli(args: list[str] | None = None, parse_only: bool = False, **kwa
     from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
     from lightning.pytorch.loggers import CSVLogger
 
-    from mmsr.callbacks.requeue import StepBoundaryRequeue
+    from mmsr.callbacks.requeue import StepBoundaryRequeue, hpc_resume_path
     from mmsr.callbacks.run_dir import (LoggedConfig, RunDirectory, checkpoint_runs, continue_metrics,
-                                        explicit_default_logger, hpc_resume_path, repoint_loggers)
+                                        explicit_default_logger, repoint_loggers)
     from mmsr.data.datamodule import MMSRDataModule
 
     for message in NOT_APPLICABLE:

@@ -29,12 +29,14 @@ class FinalCheckpoint(L.Callback):
         resumed run continues the ``last.ckpt`` beside that checkpoint; one of another folder is not this run's."""
         if trainer.ckpt_path is None:
             return
+        resumed_from = Path(trainer.ckpt_path).resolve().parent
         for checkpoint in trainer.checkpoint_callbacks:
-            if isinstance(checkpoint, ModelCheckpoint) and checkpoint.save_last and not checkpoint.last_model_path:
-                last = Path(checkpoint.dirpath or "") / f"{checkpoint.CHECKPOINT_NAME_LAST}{checkpoint.FILE_EXTENSION}"
-                beside = checkpoint.dirpath and Path(trainer.ckpt_path).resolve().parent == last.resolve().parent
-                if beside and "{" not in checkpoint.CHECKPOINT_NAME_LAST and last.exists():
-                    checkpoint.last_model_path = str(last)
+            if not (isinstance(checkpoint, ModelCheckpoint) and checkpoint.save_last and checkpoint.dirpath):
+                continue
+            last = Path(checkpoint.dirpath) / f"{checkpoint.CHECKPOINT_NAME_LAST}{checkpoint.FILE_EXTENSION}"
+            named = "{" not in checkpoint.CHECKPOINT_NAME_LAST  # a template's name depends on the step's metrics
+            if not checkpoint.last_model_path and named and last.resolve().parent == resumed_from and last.exists():
+                checkpoint.last_model_path = str(last)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         with epoch_in_progress(trainer):

@@ -17,6 +17,7 @@ deletes its hpc checkpoints (``on_train_end``).
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import signal
@@ -26,9 +27,28 @@ from typing import Any
 
 import lightning as L
 from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
+
+HPC_CHECKPOINT = re.compile(r"hpc_ckpt_(\d+)\.ckpt")  # what Lightning's requeue saves (a file, or a distributed folder)
 
 
-HPC_CHECKPOINT = re.compile(r"hpc_ckpt_\d+\.ckpt")  # what Lightning's requeue saves (a file, or a distributed folder)
+def hpc_checkpoints(root: str | os.PathLike) -> dict[int, Path]:
+    """The hpc checkpoints in folder ``root`` by their number (none where it is no folder)."""
+    if not os.path.isdir(root):
+        return {}
+    return {int(m[1]): Path(root, name) for name in os.listdir(root) if (m := HPC_CHECKPOINT.fullmatch(name))}
+
+
+def hpc_resume_path(trainer_config: Any) -> str | None:
+    """The ``hpc_ckpt_N.ckpt`` (highest N) a ``fit`` without ``--ckpt_path`` resumes from under SLURM, as Lightning
+    picks it (``_CheckpointConnector._hpc_resume_path``: in ``default_root_dir``, else the working directory), so
+    that a requeued job continues its run directory as ``--ckpt_path`` does; None elsewhere or if there is none.
+    ``trainer_config``: the parsed ``trainer:`` section."""
+    root = trainer_config.get("default_root_dir") or os.getcwd()
+    if not SLURMEnvironment.detect() or not _is_local_file_protocol(root):
+        return None
+    found = hpc_checkpoints(root)
+    return str(found[max(found)]) if found else None
 
 
 class StepBoundaryRequeue(L.Callback):
@@ -70,9 +90,8 @@ class StepBoundaryRequeue(L.Callback):
         seed, another lr) would be resumed from them by Lightning and continue this run's directory. Not when the
         last step's end saved one and requeued the job: the requeued job resumes from it (and finds nothing to do)."""
         if self.signum is not None and trainer.is_global_zero and not self.requeued:
-            for path in Path(trainer.default_root_dir).glob("hpc_ckpt_*.ckpt"):
-                if HPC_CHECKPOINT.fullmatch(path.name):
-                    shutil.rmtree(path) if path.is_dir() else path.unlink()
+            for path in hpc_checkpoints(trainer.default_root_dir).values():
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
         self.restore()
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:

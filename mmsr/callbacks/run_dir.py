@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import csv
 import os
-import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -292,19 +291,6 @@ def checkpoint_runs(ckpt_path: str | os.PathLike) -> list[dict[str, Any]] | None
     steps = state.get("wandb_steps", {})  # by wandb run id
     return [run | {"rewind_step": steps[run.get("version")]} if run.get("version") in steps else run
             for run in state["loggers"]]  # fmt: skip
-
-
-def hpc_resume_path(trainer_config: Namespace) -> str | None:
-    """The ``hpc_ckpt_N.ckpt`` (highest N) a ``fit`` without ``--ckpt_path`` resumes from under SLURM, as Lightning
-    picks it (``_CheckpointConnector._hpc_resume_path``: in ``default_root_dir``, else the working directory), so
-    that a requeued job continues its run directory as ``--ckpt_path`` does; None elsewhere or if there is none."""
-    from lightning.fabric.plugins.environments import SLURMEnvironment
-
-    root = trainer_config.get("default_root_dir") or os.getcwd()
-    if not SLURMEnvironment.detect() or not _is_local_file_protocol(root) or not os.path.isdir(root):
-        return None
-    numbers = [int(m[1]) for name in os.listdir(root) if (m := re.fullmatch(r"hpc_ckpt_(\d+)\.ckpt", name))]
-    return os.path.join(root, f"hpc_ckpt_{max(numbers)}.ckpt") if numbers else None
 
 
 def repoint_loggers(logger_config: Any, runs: list[dict[str, Any]]) -> None:
