@@ -99,7 +99,9 @@ def test_a_requeue_signal_mid_step_saves_and_resumes_at_the_step_boundary(tmp_pa
     assert (tmp_path / "scontrol.log").read_text() == "requeue 123\n"
     hpc = torch.load(cut / "hpc_ckpt_1.ckpt", map_location="cpu", weights_only=False)
     assert hpc["global_step"] == 2 * MINI_BATCHES  # the end of the step the signal came in, not update 3
-    requeued = fit(cut / "config.yaml", env)  # the same command: Lightning resumes from hpc_ckpt_1.ckpt
+    # a torn temporary of a later save killed mid-write: Lightning's own pick reads its digits (hpc_ckpt_21234.ckpt)
+    (cut / ".hpc_ckpt_2.ckpt.a1b2c3d4.tmp").write_bytes(b"torn")
+    requeued = fit(cut / "config.yaml", env)  # the same command: it resumes from hpc_ckpt_1.ckpt
     assert requeued.returncode == 0, requeued.stderr[-3000:]
     assert learning_rows(cut) == learning_rows(whole)
     assert not (cut / "hpc_ckpt_1.ckpt").exists()  # the run ended: a next run of this root must not resume from it
