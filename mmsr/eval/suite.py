@@ -137,7 +137,8 @@ def _mean(values: list) -> float | None:
 
 def suite_table(results: Mapping[str, dict], workflows: Sequence[str], accuracy: str = "em") -> dict:
     """``{"accuracy", "rows": [one per workflow x set], "average": {workflow: {...}}}``; the average is
-    the unweighted mean over the sets that ran (as the paper's Avg column), with their count."""
+    the unweighted mean over the sets that ran (as the paper's Avg column), with their count (``sets``) and
+    questions (``n``)."""
     if accuracy not in ACCURACY:
         raise ValueError(f"accuracy must be one of {ACCURACY}, got {accuracy!r}")
     rows = [_row(wf, name, result, accuracy) for wf in workflows for name, result in results.items()]
@@ -145,7 +146,7 @@ def suite_table(results: Mapping[str, dict], workflows: Sequence[str], accuracy:
     for wf in workflows:
         ran = [r for r in rows if r["workflow"] == wf and r["error"] is None]
         average[wf] = {k: _mean([r[k] for r in ran]) for k in ("accuracy", "search_ratio", "call_ratio")}
-        average[wf]["sets"] = len(ran)
+        average[wf].update(n=sum(r["n"] for r in ran), sets=len(ran))
     return {"accuracy": accuracy, "sets": list(results), "rows": rows, "average": average}
 
 
@@ -194,6 +195,5 @@ def write_table(table: dict, out: str | Path) -> None:
         writer.writeheader()
         writer.writerows(table["rows"])
         for wf, avg in table["average"].items():
-            n = sum(r["n"] for r in table["rows"] if r["workflow"] == wf and r["error"] is None)
-            writer.writerow({"workflow": wf, "set": "average", "n": n, "sets": avg["sets"], "accuracy_metric": table["accuracy"],
+            writer.writerow({"workflow": wf, "set": "average", "n": avg["n"], "sets": avg["sets"], "accuracy_metric": table["accuracy"],
                              **{k: avg[k] for k in ("accuracy", "search_ratio", "call_ratio")}})  # fmt: skip

@@ -44,7 +44,7 @@ def test_table_by_hand_and_a_set_that_does_not_load(tmp_path, tiny_policy, fvqa_
     assert (rows["a"]["accuracy"], rows["a"]["search_ratio"], rows["b"]["accuracy"]) == (0.5, 0.5, 1.0)
     assert rows["b"]["search_ratio"] == pytest.approx(1 / 3) and rows["gone"]["error"] == "FileNotFoundError: gone.parquet not found"
     avg = table["average"]["on-demand"]
-    assert avg["sets"] == 2 and avg["accuracy"] == 0.75 and avg["search_ratio"] == pytest.approx((0.5 + 1 / 3) / 2)
+    assert (avg["sets"], avg["n"]) == (2, 5) and avg["accuracy"] == 0.75 and avg["search_ratio"] == pytest.approx((0.5 + 1 / 3) / 2)
     md = (tmp_path / "suite.md").read_text()
     assert "| workflow | metric | Avg | a (n=2) | gone (n=0) | b (n=3) |" in md
     assert "| on-demand | Acc | 75.0 | 50.0 | error | 100.0 |" in md and "| on-demand | SR | 41.7 | 50.0 | error | 33.3 |" in md
