@@ -74,6 +74,16 @@ def test_default_ids_of_two_files_with_one_name_differ(tmp_path, monkeypatch):
     assert [s.id for s in load_samples("train.jsonl")] == ["fvqa/train-0", "fvqa/train-1"]
 
 
+def test_a_mapped_id_of_0_is_the_id_not_unset(tmp_path):
+    """``0`` is an id, as ``load_samples`` reads ``data_id: 0``; only a missing or empty cell gets the default
+    ``{folder}/{stem}-{row}`` (a 0 read as unset named the row ``set/qa-1`` here and ``0`` there: two cache keys)."""
+    path = tmp_path / "set" / "qa.jsonl"
+    _jsonl(path, [_row(qid=7), _row(qid=0), _row(qid=""), _row(qid=None), _row(data_id=0)])
+    loaded = ColumnMapping(str(path), answer="ground_truth", image=None, id="qid").load()
+    assert [s.id for s in loaded] == ["7", "0", "set/qa-2", "set/qa-3", "set/qa-4"]
+    assert load_samples(path)[4].id == "0"
+
+
 @pytest.mark.parametrize("kind", ["broken png", "decompression bomb", "html page"])
 def test_undecodable_image_files_are_row_errors_naming_the_file(tmp_path, monkeypatch, kind):
     """Pillow raises SyntaxError on a broken PNG and DecompressionBombError past twice its pixel limit (made

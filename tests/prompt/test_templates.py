@@ -24,6 +24,19 @@ def test_round1_puts_a_space_between_the_image_and_the_question(fvqa_samples):
         assert builder.first_user_text(replace(sample, image=None)).endswith(f"{TAIL}{sample.question}")
 
 
+@pytest.mark.parametrize("kind", ["text_search", "image_search"])
+def test_repeat_question_decides_whether_an_observation_restates_the_question(fvqa_samples, kind):
+    """MMSearch-R1 restates the question after the results; ``repeat_question=False`` is the setting that leaves
+    it out, and both must hold (a builder that always restated it made the setting do nothing)."""
+    from mmsr.tools.base import ToolResult
+
+    sample, result = fvqa_samples[0], ToolResult(text="page")
+    restated = f"Original user's question: {sample.question.strip()}\n"
+    repeated = PromptBuilder(repeat_question=True).observation_text(sample, kind, result)
+    assert repeated.startswith("Searched results: <information>page</information>\n" + restated)
+    assert "Original user's question" not in PromptBuilder(repeat_question=False).observation_text(sample, kind, result)
+
+
 def write(tmp_path: Path, text: str) -> str:
     path = tmp_path / "after.txt"
     path.write_text(text, encoding="utf-8")
