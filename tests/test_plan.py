@@ -273,6 +273,42 @@ def test_vision_activations_count_every_image_a_micro_batch_can_hold(budget, ima
     assert out["memory"]["training"]["vision_activations"] == image_tokens * 4 * (8 + 200 + 40 + 16 + 32 + 24 + 8)
 
 
+def test_an_uneven_mini_batch_split_plans_its_larger_part():
+    """3 prompts x 3 generations in 2 mini-batches: ``tensor_split`` (``mmsr.train.update``) gives 5 and 4
+    episodes, so the images of 5 (10 tokens each at max_pixels, under the 1000-token budget) are planned, not
+    9 // 2 = 4's. 4 patches a token, 328 bytes a patch (the test above)."""
+    assert [len(part) for part in torch.arange(9).tensor_split(2)] == [5, 4]
+    run_spec = spec(micro_batch_tokens=1000, max_pixels=784 * 10, prompts_per_rank=3, num_generations=3, mini_batches=2)
+    out = plan(SHAPE, run_spec, gpu_gib=1.0)
+    assert out["tokens"]["episodes_per_update"] == 5
+    assert out["memory"]["training"]["vision_activations"] == 5 * 10 * 4 * 328
+
+
+def test_vision_activations_count_every_image_of_an_episode():
+    """2 images an episode (the question's and a tool's): 8 episodes x 2 x 10 tokens = 160 of the 1000-token
+    budget, 4 patches a token, 328 bytes a patch (the test above), twice one image's 80 tokens."""
+    out = plan(SHAPE, spec(micro_batch_tokens=1000, max_pixels=784 * 10, images_per_episode=2), gpu_gib=1.0)
+    assert out["memory"]["training"]["vision_activations"] == 160 * 4 * 328
+
+
+@pytest.mark.parametrize("sleep_mode, training", [(True, 0), (False, GiB // 2)])
+def test_vllm_holds_its_memory_through_training_unless_it_sleeps(sleep_mode, training):
+    """vLLM takes 0.5 x 1 GiB in the rollout; asleep (level 1) it frees it for training, awake it keeps it."""
+    m = plan(SHAPE, spec(sleep_mode=sleep_mode), gpu_gib=1.0)["memory"]
+    assert m["rollout"]["engine"] == GiB // 2 and m["training"]["engine"] == training
+
+
+def test_a_run_with_a_problem_does_not_fit_under_any_peak():
+    """vLLM's 0.5 x 1 GiB less its 0.6 GiB allowance and 1000 x 2 bytes of bf16 weights leaves a negative KV
+    cache: not one 12-token context, so vLLM cannot start, though the peak (that 0.5 GiB and a few KB) is under
+    the GPU."""
+    out = plan(SHAPE, spec(), gpu_gib=1.0, overhead_gib=0.0, vllm_allowance_gib=0.6)
+    assert out["engine"]["kv_cache"] == GiB // 2 - int(0.6 * GiB) - 2000 and out["engine"]["kv_tokens"] == 0
+    assert out["peak"] <= out["gpu_bytes"] and len(out["problems"]) == 1
+    assert out["problems"][0].startswith("vLLM's KV cache (-0.1 GiB = 0 tokens) cannot hold one max_model_len")
+    assert not out["fits"]
+
+
 @pytest.mark.parametrize("param_dtype, reduce", [("float32", 400 * 4), ("bfloat16", 0)])
 def test_fsdp2_counts_the_float32_reduce_scatter_input(param_dtype, reduce):
     """Gathering in bf16 below fp32 params, FSDP2 reduces in fp32: the block before's grads, copied to a fp32
@@ -519,6 +555,16 @@ def test_an_uncheckpointed_single_process_run_packs_on_a_gpu_only(accelerator, p
     out = run(capsys, "-c", str(ROOT / "configs" / "smoke.yaml"), "--trainer.accelerator", accelerator,
               "--trainer.precision", "bf16-mixed")  # fmt: skip
     assert out["memory"]["training"]["packed_mask"] == (8192**2 * 5 if packed else 0)
+
+
+@pytest.mark.parametrize("kl_coef, bytes_per_param", [("0.001", 2), ("0", 0)])
+def test_a_run_without_kl_plans_no_reference_model(kl_coef, bytes_per_param, capsys):
+    """smoke.yaml in one process under bf16-mixed, not offloaded: with ``kl_coef`` > 0 the frozen reference is
+    a full bf16 copy on the GPU (2 bytes a parameter); at 0 ``GRPOModule`` builds none, so none is planned."""
+    out = run(capsys, "-c", str(ROOT / "configs" / "smoke.yaml"), "--trainer.accelerator", "gpu",
+              "--trainer.precision", "bf16-mixed", "--model.init_args.kl_coef", kl_coef)  # fmt: skip
+    m = out["memory"]["training"]
+    assert m["reference"] == bytes_per_param * out["params"]["total"] and m["reference_scoring"] == 0
 
 
 @pytest.mark.parametrize("max_batch_size, contexts", [(64, 8), (4, 4)])

@@ -9,7 +9,7 @@ from PIL import Image
 from transformers import Qwen2VLImageProcessorPil
 
 from mmsr.demo.tokenizer import Scaffold
-from mmsr.models.build import POLICY_RECORD, PretrainedPolicy, TinyQwen2_5_VL, save_policy
+from mmsr.models.build import POLICY_RECORD, PretrainedPolicy, TinyQwen2_5_VL, mrope_sections, save_policy
 from mmsr.models.tiny_text import TinyQwen2
 from mmsr.rollout.engine import SamplingParams
 from mmsr.rollout.hf_engine import HFEngine
@@ -262,3 +262,10 @@ def test_auto_attention_takes_flash_attention_only_in_half_precision(monkeypatch
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "flash_attn" else find_spec(name, *a))
     assert PretrainedPolicy("acme/model", dtype=dtype).attention() == expected
+
+
+@pytest.mark.parametrize("head_dim, sections", [(128, [16, 24, 24]), (16, [2, 3, 3])])
+def test_mrope_splits_half_the_rotary_dims_a_quarter_to_time_as_qwen2_5_vl_does(head_dim, sections):
+    """Qwen2.5-VL-7B (head_dim 128) ships ``mrope_section`` [16, 24, 24]: half the dims (64), a quarter (16) to
+    time, the rest split evenly over height and width. The tiny models' 16 give 8: 2 to time, 3 and 3."""
+    assert mrope_sections(head_dim) == sections and sum(sections) == head_dim // 2
