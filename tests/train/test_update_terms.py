@@ -49,13 +49,13 @@ def update(rollout, ref=False, **settings) -> tuple[dict[str, float], torch.Tens
     return metrics, opt.steps[0]
 
 
-def hand(rollout, terms) -> tuple[list[float], torch.Tensor | None]:
+def hand(rollout, terms, **settings) -> tuple[list[float], torch.Tensor | None]:
     """``terms(logp, entropy, engine_logp, ref_logp, adv, mask)`` (each ``[N, T-1]`` but ``adv`` ``[N, 1]``), a loss
     and metrics (0-dim tensors), and the loss's flat gradient (``None``: it has none), from one forward pass of the
-    4 episodes: none of the update's loss code runs."""
+    4 episodes scored as ``settings`` say (the temperature): none of the update's loss code runs."""
     policy, trajs, reference = rollout
     batch = collate(trajs, range(len(trajs)), policy, torch.device("cpu"))
-    scorer = PolicyUpdate(policy, UpdateSettings(**BASE))
+    scorer = PolicyUpdate(policy, UpdateSettings(**BASE | settings))
     logp, entropy = scorer.token_logprobs(batch, policy.model, with_entropy=True)
     with torch.no_grad():
         ref_logp, _ = scorer.token_logprobs(batch, reference.model)
@@ -75,6 +75,21 @@ def on_policy(logp, adv):
 
 def mean(x, mask):
     return (x * mask).sum() / mask.sum()
+
+
+SEQ_MEANS = ["seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
+MAX_LEN = 1024  # max_context_tokens, seq-mean-token-sum-norm's normalizer (above the 637 positions of the episodes)
+
+
+def seq_mean(x, mask, agg):
+    """``x`` ``[N, T]`` aggregated as ``loss_agg`` ``agg`` says, every episode having sampled tokens: the mean over
+    episodes of each one's token mean, token sum or token sum / MAX_LEN. E.g. x [[1, 1, 1, 1], [3, 0, 0, 0]], mask
+    [[1, 1, 1, 1], [1, 0, 0, 0]]: 2, 3.5 and 0.875 with MAX_LEN 4, where the token mean is 1.4."""
+    sums, tokens = (x * mask).sum(-1), mask.sum(-1)
+    assert tokens.min() > 0
+    per_episode = {"seq-mean-token-mean": sums / tokens, "seq-mean-token-sum": sums,
+                   "seq-mean-token-sum-norm": sums / MAX_LEN}  # fmt: skip
+    return per_episode[agg].mean()
 
 
 def assert_grad(got: torch.Tensor, want: torch.Tensor) -> None:
@@ -112,6 +127,42 @@ def test_the_entropy_bonus_raises_entropy(rollout):
     assert metrics["train/entropy"] == pytest.approx(want_h, rel=1e-4) and want_h > 1
     assert metrics["train/loss"] == pytest.approx(want, rel=1e-4)
     assert_grad(got, grad)
+
+
+@pytest.mark.parametrize("agg", SEQ_MEANS)
+def test_the_kl_term_follows_loss_agg(rollout, agg):
+    """Under a seq-mean loss_agg the KL (train/kl, added to the loss times kl_coef) is averaged over the episodes
+    as the policy loss is, not over their tokens: the episodes' KLs (0.03 to 0.12) and lengths (8 to 20 sampled
+    tokens) differ, so the token mean is another number (by 4% under seq-mean-token-mean). The values pin the
+    aggregation (the gradients are checked under token-mean above; here they would double the test's time)."""
+    def terms(lp, h, e, ref, a, m):
+        lp = lp.detach()
+        k = torch.exp(ref - lp) - (ref - lp) - 1
+        pg, kl = seq_mean(on_policy(lp, a), m, agg), seq_mean(k, m, agg)
+        return pg + 0.5 * kl, kl, mean(k, m)
+
+    (want, want_kl, token_mean), _ = hand(rollout, terms)
+    metrics, _ = update(rollout, ref=True, kl_coef=0.5, loss_agg=agg, max_context_tokens=MAX_LEN)
+    assert want_kl != pytest.approx(token_mean, rel=0.02)
+    assert metrics["train/kl"] == pytest.approx(want_kl, rel=1e-4)
+    assert metrics["train/loss"] == pytest.approx(want, rel=1e-4)
+
+
+@pytest.mark.parametrize("agg", SEQ_MEANS)
+def test_the_entropy_bonus_follows_loss_agg(rollout, agg):
+    """Under a seq-mean loss_agg the entropy bonus is averaged over the episodes as the policy loss is, while
+    train/entropy stays a token mean. At temperature 0.1 the episodes' mean entropies differ (0.15 to 0.19; at 1
+    all are 6.232), so under seq-mean-token-mean too the loss with a token-mean bonus is off by over 1%."""
+    def terms(lp, h, e, ref, a, m):
+        lp, h = lp.detach(), h.detach()
+        pg = seq_mean(on_policy(lp, a), m, agg)
+        return pg - 0.1 * seq_mean(h, m, agg), pg - 0.1 * mean(h, m), mean(h, m)
+
+    (want, token_mean_loss, want_h), _ = hand(rollout, terms, temperature=0.1)
+    metrics, _ = update(rollout, entropy_coef=0.1, loss_agg=agg, max_context_tokens=MAX_LEN, temperature=0.1)
+    assert want != pytest.approx(token_mean_loss, rel=0.01)
+    assert metrics["train/entropy"] == pytest.approx(want_h, rel=1e-4)
+    assert metrics["train/loss"] == pytest.approx(want, rel=1e-4)
 
 
 @pytest.mark.parametrize("mode", ["truncate", "mask"])
