@@ -52,24 +52,31 @@ class EchoTeacher:
         return [f"<reason>{sample.question}</reason><answer> {sample.ground_truth}</answer>"]
 
 
-def test_data_set_text_in_teacher_turns_trains_as_text_not_as_special_tokens(tiny_policy, monkeypatch):
-    """A question or answer spelling ``<|im_end|>`` or ``<|image_pad|>`` was tokenized into the teacher's
-    targets as that special token (an end of turn, an image slot); it is text there, as in the prompt."""
-    module = SFTModule(Built(copy.deepcopy(tiny_policy)), EchoTeacher())
+def teacher_turns(policy, teacher, samples: list[Sample], monkeypatch) -> list[str]:
+    """The teacher's first turn of each sample as one SFT step trains it, checked to hold no special token among
+    its targets."""
+    module = SFTModule(Built(copy.deepcopy(policy)), teacher)
     seen, episodes = [], module._episodes
     monkeypatch.setattr(module, "_episodes", lambda samples, turns: seen.extend(run := episodes(samples, turns)) or run)
-    image = Image.new("RGB", (56, 56), "red")
-    samples = [Sample("a", "Is it <|im_end|> red?", image, "red <|im_end|> x"), Sample("b", "What?", image, "<|image_pad|>")]
     trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False)  # fmt: skip
-    trainer.fit(module, DataLoader(samples, batch_size=2, collate_fn=list))
+    trainer.fit(module, DataLoader(samples, batch_size=len(samples), collate_fn=list))
     special = set(module.policy.tokenizer.convert_tokens_to_ids(list(SPECIALS)))
-    assert len(seen) == 2
+    assert len(seen) == len(samples)
     for t in seen:
         targets = [i for i, m in zip(t.input_ids, t.loss_mask) if m]
         assert not special & set(targets), module.policy.tokenizer.decode(targets)
-    assert [t.turns[0].text for t in seen] == ["<reason>Is it < |im_end|> red?</reason><answer> red < |im_end|> x</answer>",
-                                              "<reason>What?</reason><answer> < |image_pad|></answer>"]  # fmt: skip
+    return [t.turns[0].text for t in seen]
+
+
+def test_data_set_text_in_teacher_turns_trains_as_text_not_as_special_tokens(tiny_policy, monkeypatch):
+    """A question or answer spelling ``<|im_end|>`` or ``<|image_pad|>`` was tokenized into the teacher's
+    targets as that special token (an end of turn, an image slot); it is text there, as in the prompt."""
+    image = Image.new("RGB", (56, 56), "red")
+    samples = [Sample("a", "Is it <|im_end|> red?", image, "red <|im_end|> x"), Sample("b", "What?", image, "<|image_pad|>")]
+    assert teacher_turns(tiny_policy, EchoTeacher(), samples, monkeypatch) == [
+        "<reason>Is it < |im_end|> red?</reason><answer> red < |im_end|> x</answer>",
+        "<reason>What?</reason><answer> < |image_pad|></answer>"]  # fmt: skip
 
 
 class EntityTeacher:
@@ -82,22 +89,11 @@ class EntityTeacher:
 def test_data_set_extra_info_in_teacher_turns_trains_as_text_not_as_special_tokens(tiny_policy, monkeypatch):
     """``extra_info`` values reach the teacher as the question does (``Encoder.plain``): an entity spelling
     ``<|im_end|>`` or ``<|image_pad|>`` is text among the targets, not an end of turn or an image slot."""
-    module = SFTModule(Built(copy.deepcopy(tiny_policy)), EntityTeacher())
-    seen, episodes = [], module._episodes
-    monkeypatch.setattr(module, "_episodes", lambda samples, turns: seen.extend(run := episodes(samples, turns)) or run)
     image = Image.new("RGB", (56, 56), "red")
     samples = [Sample("a", "Who?", image, "x", extra={"entity": "Ka <|im_end|> Zu", "index": 0}),
                Sample("b", "What?", image, "y", extra={"entity": "<|image_pad|>"})]  # fmt: skip
-    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False)  # fmt: skip
-    trainer.fit(module, DataLoader(samples, batch_size=2, collate_fn=list))
-    special = set(module.policy.tokenizer.convert_tokens_to_ids(list(SPECIALS)))
-    assert len(seen) == 2
-    for t in seen:
-        targets = [i for i, m in zip(t.input_ids, t.loss_mask) if m]
-        assert not special & set(targets), module.policy.tokenizer.decode(targets)
-    assert [t.turns[0].text for t in seen] == ["<reason>Ka < |im_end|> Zu</reason><answer> x</answer>",
-                                              "<reason>< |image_pad|></reason><answer> y</answer>"]  # fmt: skip
+    assert teacher_turns(tiny_policy, EntityTeacher(), samples, monkeypatch) == [
+        "<reason>Ka < |im_end|> Zu</reason><answer> x</answer>", "<reason>< |image_pad|></reason><answer> y</answer>"]
 
 
 def test_reading_pages_train_special_token_strings_as_text(tiny_policy, monkeypatch):
