@@ -124,11 +124,14 @@ def test_a_teacher_turn_cut_at_the_turn_budget_is_counted_and_warned(tiny_policy
 
 
 class SearchesFor:
-    """Searches the web, then answers, for row ``a``; answers at once for the others."""
+    """Calls ``call`` (a text search), then answers, for row ``a``; answers at once for the others."""
+
+    def __init__(self, call: str = "<text_search> the old tower</text_search>") -> None:
+        self.call = call
 
     def turns(self, sample: Sample) -> list[str]:
         answer = f"<reason>It is known.</reason><answer> {sample.ground_truth}</answer>"
-        return ["<reason>I search.</reason><text_search> the old tower</text_search>", answer] if sample.id == "a" else [answer]
+        return [f"<reason>I search.</reason>{self.call}", answer] if sample.id == "a" else [answer]
 
 
 class FillingResults:
@@ -140,19 +143,31 @@ class FillingResults:
         return ToolResult("[Text Search Results]\n1. " + "the old stone tower " * 1000)
 
 
-@pytest.mark.parametrize(("settings", "text_search", "why"), [
-    ({"max_rounds": 1}, None, r"rollout.max_rounds=1, raise it"),
-    ({"text_search_limit": 0}, None, r"turn 1 called text_search over its limit of 0 an episode"),
-    ({"max_context_tokens": 1024}, FillingResults(), r"the observation of turn 1's text_search call did not fit in "
-                                                     r"rollout.max_context_tokens=1024")])  # fmt: skip
-def test_teacher_turns_the_episode_never_reaches_are_counted_and_warned(tiny_policy, settings, text_search, why):
+def crop_args() -> dict:
+    """A teacher that crops and a crop tool allowed none (there is no ``rollout.crop_limit`` to name)."""
+    from mmsr.tools.crop import Crop
+
+    return {"tools": [Crop(limit=0)], "teacher": SearchesFor("<crop>[0, 0, 28, 28]</crop>")}
+
+
+@pytest.mark.parametrize(("settings", "args", "why"), [
+    ({"max_rounds": 1}, {}, r"rollout.max_rounds=1, raise it"),
+    ({"text_search_limit": 0}, {}, r"turn 1 called text_search over its limit of 0 an episode, raise it: limit: in its "
+                                   r"tools entry, rollout.tool_limits: \{text_search: N\} or rollout.text_search_limit\)"),
+    ({}, crop_args(), r"turn 1 called crop over its limit of 0 an episode, raise it: limit: in its tools entry or "
+                      r"rollout.tool_limits: \{crop: N\}\)"),
+    ({"max_context_tokens": 1024}, {"text_search": FillingResults()},
+     r"the observation of turn 1's text_search call did not fit in rollout.max_context_tokens=1024")])  # fmt: skip
+def test_teacher_turns_the_episode_never_reaches_are_counted_and_warned(tiny_policy, settings, args, why):
     """An episode that ends before the teacher's last turn (a rollout limit, an observation dropped at the context
     limit) trains none of the turns after it: it was left out without a word, only turns cut at
     ``max_tokens_per_turn`` were counted; now ``sft/unfinished_episodes`` counts it and the run warns, naming the row
-    and the setting."""
+    and the setting (for a tool over its limit, only settings that exist for that tool: a crop has no
+    ``rollout.crop_limit``)."""
     from mmsr.rollout.loop import RolloutSettings
 
-    module = SFTModule(Built(copy.deepcopy(tiny_policy)), SearchesFor(), text_search=text_search,
+    args = {"teacher": SearchesFor(), **args}
+    module = SFTModule(Built(copy.deepcopy(tiny_policy)), args.pop("teacher"), **args,
                        rollout=RolloutSettings(**settings))  # fmt: skip
     image = Image.new("RGB", (56, 56))
     samples = [Sample("a", "Where is the tower?", image, "x"), Sample("b", "What?", image, "y")]

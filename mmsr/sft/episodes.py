@@ -72,7 +72,17 @@ class EpisodeAccounts:
         if traj.finish_reason == "search_limit":
             spec = next(spec for spec in self.loop.specs if spec.name == action.tool)
             return f"{spec.name} limit", (f"turn {len(turns)} called {spec.name} over its limit of {s.limit(spec)} an episode, "
-                                          f"rollout.tool_limits or {spec.name}_limit")  # fmt: skip
+                                          f"raise it: {self._limit_settings(spec.name)}")  # fmt: skip
         if traj.finish_reason == "answer":
             return "answer", f"turn {len(turns)} is an answer, which ends the episode"
         return "no_action", f"turn {len(turns)} is no tool call or answer ({getattr(action, 'reason', action)}): fix the teacher"
+
+    def _limit_settings(self, name: str) -> str:
+        """The settings that set tool ``name``'s calls an episode (``RolloutSettings.limit``): its ``tools`` entry's
+        ``limit:``, ``rollout.tool_limits`` and, for MMSearch-R1's pair alone, ``rollout.<name>_limit`` (a field of
+        those two only: naming ``rollout.crop_limit`` sent the user to a setting that does not exist)."""
+        pair = f"{name}_limit"
+        settings = ["limit: in its tools entry", f"rollout.tool_limits: {{{name}: N}}"]
+        if hasattr(self.loop.settings, pair):
+            settings.append(f"rollout.{pair}")
+        return ", ".join(settings[:-1]) + f" or {settings[-1]}"

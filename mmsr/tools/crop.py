@@ -35,14 +35,19 @@ class Crop(Tool):
 
     Args:
         limit: overrides the spec's per-episode limit (2).
+        format_max: overrides the spec's most crops in a well-formed trajectory (the format reward; default: the
+            limit, given or the spec's 2).
         min_size: smallest side of a box, in the policy's pixels (a vision patch is 14 or 16).
         penalized: whether a crop counts as a search for the reward's search penalty (``ToolSpec.penalized``).
         box_units: ``"pixels"`` or ``"relative_1000"`` (above): match the policy's grounding, else its boxes
             land elsewhere (a Qwen3-VL box [500, 500, 1000, 1000] in pixels is off a 640x480 image).
     """
 
+    # format_max = limit: a well-formed trajectory may crop as often as the rollout lets it (with format_max 1 a
+    # policy that used both allowed crops got format reward 0).
     spec = ToolSpec("crop", "crop", "text", limit=2, instruction="after_crop.txt", metric="crop", with_image=True,
-                    description="describe_crop.txt", placeholder="[x1, y1, x2, y2]", region_images=True)  # fmt: skip
+                    format_max=2, description="describe_crop.txt", placeholder="[x1, y1, x2, y2]",
+                    region_images=True)  # fmt: skip
     relative_description = "describe_crop_relative.txt"
 
     # Penalized by default: crops were penalized before this flag existed, and none of the successors we
@@ -51,10 +56,12 @@ class Crop(Tool):
     # calls made by habit (without it MMSearch-R1's search ratio went to ~100%) and a crop still costs a
     # round and an image's tokens: `penalized: false` is the researcher's choice.
     def __init__(self, limit: int | None = None, min_size: int = 14, penalized: bool = True,
-                 box_units: BoxUnits = "pixels") -> None:  # fmt: skip
+                 box_units: BoxUnits = "pixels", format_max: int | None = None) -> None:  # fmt: skip
         if box_units not in ("pixels", "relative_1000"):
             raise ValueError(f"{type(self).__name__}: box_units must be 'pixels' or 'relative_1000', got {box_units!r}")
-        super().__init__(None, limit)
+        # a crop's format_max follows a given limit: with limit 1 a second crop is no well-formed turn either
+        format_max = limit if format_max is None else format_max
+        super().__init__(None, limit, format_max)  # the replaces below start from this instance's spec: both survive
         self.min_size, self.box_units = min_size, box_units
         self.counts: Counter[str] = Counter()
         if not penalized:
@@ -141,6 +148,7 @@ class CropSearch(Crop):
         backend: the image search (``LocalImageSearch``, ``CachedTool``, ``ReplaySearch``, ``WebImageSearch``).
         limit, min_size, box_units: as ``Crop``'s. It takes no ``penalized``: a crop that searches is a search,
             penalized as image search is.
+        format_max: overrides the spec's most crop searches in a well-formed trajectory (default: the limit).
 
     Its result images are the backend's thumbnails, not the region: its spec leaves ``region_images`` False.
     """
@@ -151,8 +159,8 @@ class CropSearch(Crop):
     relative_description = "describe_crop_search_relative.txt"
 
     def __init__(self, backend: SearchTool, limit: int | None = None, min_size: int = 14,
-                 box_units: BoxUnits = "pixels") -> None:  # fmt: skip
-        super().__init__(limit, min_size, box_units=box_units)
+                 box_units: BoxUnits = "pixels", format_max: int | None = None) -> None:  # fmt: skip
+        super().__init__(limit, min_size, box_units=box_units, format_max=format_max)
         self.backend = backend
 
     async def __call__(self, request: ToolRequest) -> ToolResult:

@@ -68,8 +68,10 @@ class ToolSpec:
     def __post_init__(self) -> None:
         if self.argument not in ("image", "text"):
             raise ValueError(f"tool {self.name!r}: argument must be 'image' or 'text', got {self.argument!r}")
-        if not self.tag.replace("_", "").isalnum() or self.tag in ("answer", "reason", "img", "information"):
-            raise ValueError(f"tool {self.name!r}: tag {self.tag!r} must be a word that is not answer/reason/img/information")
+        # <image> is the image marker (IMAGE_MARKER): a prompt writing the tool's call would hold one image too many
+        if not self.tag.replace("_", "").isalnum() or self.tag in ("answer", "reason", "img", "information", "image"):
+            raise ValueError(f"tool {self.name!r}: tag {self.tag!r} must be a word that is not "
+                             "answer/reason/img/information/image")  # fmt: skip
         if not self.metric:
             object.__setattr__(self, "metric", self.name)  # frozen: default the metric to the name
         if self.with_image is None:
@@ -153,7 +155,7 @@ def declared(tools: dict[str, object]) -> tuple[ToolSpec, ...]:
     """The specs of a ``{name: tool}`` mapping: a ``Tool``'s own, else the MMSearch-R1 spec of that name.
 
     A mapping of plain backends (no ``Tool``) declares both MMSearch-R1 tools, configured or not, so a call
-    of a missing one is a failure observation as before.
+    of a missing one is a failure observation as before. Two tools with one tag are refused (``_distinct_tags``).
     """
     if not any(isinstance(t, Tool) for t in tools.values()):
         unknown = sorted(set(tools) - {s.name for s in MMSEARCH_R1_TOOLS})
@@ -169,6 +171,17 @@ def declared(tools: dict[str, object]) -> tuple[ToolSpec, ...]:
         if tool.spec.name != name:
             raise ValueError(f"tool entry {name!r} holds a tool whose spec is named {tool.spec.name!r}")
         specs.append(tool.spec)
+    return _distinct_tags(specs)
+
+
+def _distinct_tags(specs: list[ToolSpec]) -> tuple[ToolSpec, ...]:
+    """``specs``, refused when two share a tag: every call would parse as the first's and the other never run."""
+    seen: dict[str, str] = {}
+    for spec in specs:
+        if spec.tag in seen:
+            raise ValueError(f"tools {seen[spec.tag]!r} and {spec.name!r} both declare the tag <{spec.tag}>: "
+                             "give one of them a tag of its own")  # fmt: skip
+        seen[spec.tag] = spec.name
     return tuple(specs)
 
 

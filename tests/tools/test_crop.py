@@ -268,3 +268,27 @@ def test_crop_and_crop_search_count_their_calls_and_log_their_backends_searches_
                     "api_cost": 0.0, "run_api_calls": 1.0, "run_api_cost": 0.0}  # fmt: skip
     assert logged["tools/image_search/api_calls"] == 0.0 and logged["tools/crop/cropped"] == 1.0
     assert unrecorded.metrics() == {"tools/crop_search/searched": 1.0, "tools/crop_search/unrecorded_region": 1.0}
+
+
+def test_crop_takes_format_max_and_by_default_accepts_the_crops_its_limit_allows(tmp_path):
+    """README says every tool entry takes ``format_max:``; Crop and CropSearch took none, and Crop's spec allowed 2
+    crops an episode but 1 in a well-formed trajectory: a policy using both got format reward 0."""
+    import yaml
+
+    from mmsr.eval.load import load_tools
+    from mmsr.reward.format import format_ok
+
+    def ok(spec, crops: int) -> bool:
+        return format_ok([f"{R}<crop>[0, 0, 50, 50]</crop>"] * crops + [ANS], (spec,))
+
+    assert ok(Crop().spec, 2) and not ok(Crop().spec, 3)
+    assert ok(Crop(limit=1).spec, 1) and not ok(Crop(limit=1).spec, 2)  # format_max follows a given limit
+    assert (Crop(limit=1, format_max=2).spec.format_max, CropSearch(None, limit=2).spec.format_max) == (2, 2)
+    path = tmp_path / "tools.yaml"
+    entry = {"class_path": "mmsr.tools.crop.Crop", "init_args": {"limit": 3, "format_max": 3}}
+    path.write_text(yaml.safe_dump({"tools": [entry]}))
+    for crop in (Crop(limit=3, format_max=3), load_tools(path)["crop"]):
+        assert crop.spec.limit == 3 and ok(crop.spec, 3) and not ok(crop.spec, 4)
+    # the override survives the replaces of penalized and box_units, and CropSearch passes it on
+    assert Crop(format_max=4, penalized=False, box_units="relative_1000").spec.format_max == 4
+    assert CropSearch(None, format_max=3, box_units="relative_1000").spec.format_max == 3

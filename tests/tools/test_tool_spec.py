@@ -18,7 +18,8 @@ from mmsr.rollout.actions import Answer, Invalid, ToolUse, stop_strings
 from mmsr.rollout.engine import SamplingParams, ScriptedEngine
 from mmsr.rollout.loop import RolloutLoop, RolloutSettings
 from mmsr.rollout.parse import parse_action
-from mmsr.tools.spec import IMAGE_SEARCH, MMSEARCH_R1_TOOLS, TEXT_SEARCH, ImageSearchTool, Tool, configured, declared
+from mmsr.tools.spec import (IMAGE_SEARCH, MMSEARCH_R1_TOOLS, TEXT_SEARCH, ImageSearchTool, TextSearchTool, Tool, ToolSpec,
+                             configured, declared)
 
 ROOT = Path(__file__).resolve().parents[2]
 R = "<reason>add</reason>"
@@ -111,6 +112,24 @@ def test_declarations_are_checked(calculator):
         configured([ImageSearchTool()], image_search=object())
     with pytest.raises(ValueError, match="tag 'answer' must be a word"):
         type(calculator.spec)("x", "answer")
+
+
+def test_the_image_marker_is_no_tool_tag():
+    """``<image>`` is the image marker (``IMAGE_MARKER``): a tool tagged ``image`` was accepted and its call, written
+    in the round-1 prompt, made the first rollout die with "text has 2 image markers but 1 images"."""
+    with pytest.raises(ValueError, match=r"tool 'zoom': tag 'image' must be a word that is not .*/image"):
+        ToolSpec("zoom", "image")
+
+
+def test_two_tools_with_one_tag_are_refused_naming_both(calculator):
+    """Every call parses as the first tool's, so the second never ran, without a word."""
+
+    class Wiki(Tool):
+        spec = ToolSpec("wiki", "text_search", "text")
+
+    with pytest.raises(ValueError, match=r"tools 'text_search' and 'wiki' both declare the tag <text_search>"):
+        declared(configured([TextSearchTool(), Wiki()]))
+    assert [s.tag for s in declared(configured([TextSearchTool(), calculator]))] == ["text_search", "calc"]
 
 
 def test_a_config_with_tools_parses_through_the_cli(tmp_path, calculator):
