@@ -139,7 +139,7 @@ class OpenAIJudge:
                     if resp.status in REFUSALS and not self.answered:
                         raise JudgeRefused(self.refusal(resp.status, text))
                     if resp.status != 200:
-                        error = f"HTTP {resp.status}: {text[:200]}"
+                        error = f"HTTP {resp.status}: {redact(text)[:200]}"  # masked whole, then cut
                         continue
                     reply = json.loads(text)["choices"][0]["message"]["content"] or ""
                 self.answered = True

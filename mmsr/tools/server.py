@@ -7,8 +7,11 @@ API (JSON): ``POST /v1/search`` with a ``ToolRequest`` (image as base64 PNG) -> 
 as base64 PNG); ``GET /v1/metrics`` -> the backends' counters (``tools/<kind>/...``, as the trainer logs
 them); ``GET /health`` (no token needed; the backends' names); ``GET /v1/ready?kind=<kind>`` -> the clients' start-up
 check (the token, and that backend; a server from before it answers 404 there, and the client checks the backend with
-``/health`` and the token with ``/v1/metrics`` instead). Errors are
-``{"error": message}`` with 400 (bad request, naming the field), 401 (token), 404 (no such backend) or 409
+``/health`` and the token with ``/v1/metrics`` instead); with ``&budget_s=<s>`` it also checks that the backend's
+nested timeouts fit the budget the client's requests will bring (422 naming the backend and the seconds it needs:
+the client raises ``BudgetError`` at start-up, as ``mmsr fit`` does for a local tool). Errors are
+``{"error": message}`` with 400 (bad request, naming the field), 401 (token), 404 (no such backend), 422 (a budget
+too small) or 409
 (a backend's ``FatalToolError``: a replay-only miss, an unreadable FVQA cache file; the client raises it again, so a
 misconfigured server stops the trainer as a local backend would instead of training on failed searches). A 401,
 403 or 404 stops the trainer too (``ServerRefused``: the client's token, URL or backend is wrong). Binds
@@ -31,15 +34,15 @@ import logging
 import math
 import os
 import signal
+import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 from typing import Any
 
 from aiohttp import web
 from PIL import Image
 
 from mmsr.tools.base import FatalToolError, SearchTool, ToolRequest, ToolResult, check_ready, failure
-from mmsr.tools.budget import BudgetError
+from mmsr.tools.budget import BudgetError, check_budgets, with_budget_left
 from mmsr.tools.cache import ReplayMiss, filed_under
 from mmsr.tools.secrets import install_log_redaction, redact, register_secret_env
 from mmsr.tools.web.http import REFUSALS, HTTPClient, Limits, ToolError
@@ -115,6 +118,17 @@ def _budget(budget: Any) -> float | None:
     return None if budget == math.inf else budget  # Python's json reads Infinity (and 1e400) as inf: no cap
 
 
+def _query_budget(text: str | None) -> float | None:
+    """``?budget_s=`` as seconds, None when absent or infinite (no cap); ``ValueError`` naming the field."""
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"field 'budget_s': must be a positive number, got {text!r:.40}") from None
+    return _budget(value)
+
+
 def result_to_json(result: ToolResult) -> dict[str, Any]:
     body = {"text": result.text, "images": [_png64(i) for i in result.images], "ok": result.ok,
             "latency_s": result.latency_s, "cost": result.cost, "titles": list(result.titles)}  # fmt: skip
@@ -185,10 +199,22 @@ class SearchServer:
 
     async def _ready(self, request: web.Request) -> web.Response:
         """A client's start-up check: the middleware has checked its token; ``?kind=`` names the backend it
-        asks for (absent: any). The same 404 as a search of a missing backend, so the client says the same."""
+        asks for (absent: any). The same 404 as a search of a missing backend, so the client says the same.
+        ``?budget_s=`` (a client's cap less its round-trip reserve; absent, as older clients send it: not checked):
+        422 with the backend's ``BudgetError`` (naming it and the seconds it needs) when its nested timeouts cannot
+        fit, as ``mmsr fit`` refuses a local tool; only the server knows its backends' limits."""
         kind = request.query.get("kind")
         if not self.tools or (kind is not None and kind not in self.tools):
             return _error(f"no {kind or 'search':.40} backend is configured", 404)
+        try:
+            budget = _query_budget(request.query.get("budget_s"))
+        except ValueError as exc:
+            return _error(f"bad request: {exc}", 400)
+        if budget is not None:
+            try:
+                check_budgets({k: tool for k, tool in self.tools.items() if kind in (None, k)}, budget)
+            except BudgetError as exc:
+                return _error(str(exc), 422)
         return web.json_response({"status": "ok", "backends": sorted(self.tools)})
 
     async def _metrics(self, request: web.Request) -> web.Response:
@@ -307,11 +333,30 @@ class HTTPSearchTool:
         register_secret_env(token_env)
 
     def check_budget(self, cap_s: float) -> None:
-        """Only the round trip's reserve is known here; the server's backends answer within the rest (their
-        own limits live in the server's config, checked there against the budget each request brings)."""
+        """``BudgetError`` when ``cap_s`` leaves the server nothing after the round trip's reserve, or when the
+        server's backend cannot fit the rest: the backends' limits live in the server's config, so the server
+        checks them (``GET /v1/ready?budget_s=``), naming the backend and the seconds it needs. A server that
+        cannot be asked (not running, a wrong token, from before the check) passes here: ``check_ready``, run at
+        start-up too, says what is wrong with it; an older server ignores ``budget_s`` and says ready."""
         if cap_s <= self.reserve_s:
             raise BudgetError(f"HTTPSearchTool: rollout.tool_timeout_s={cap_s:g} s leaves the search server "
                               f"nothing after the {self.reserve_s:g} s round-trip reserve")  # fmt: skip
+        if math.isinf(cap_s):  # no cap: nothing to fit
+            return
+        with ThreadPoolExecutor(1) as pool:  # its own loop, as ``check_ready``
+            pool.submit(asyncio.run, self._check_budget(cap_s)).result()
+
+    async def _check_budget(self, cap_s: float) -> None:
+        budget = cap_s - self.reserve_s  # what each request will bring (``__call__``)
+        params = {"budget_s": repr(budget)} | ({"kind": self.kind} if self.kind else {})
+        try:
+            await self._check_client().request("GET", f"{self.url}/v1/ready", params=params, headers=self._headers())
+        except ToolError as exc:
+            if exc.status == 422:
+                raise BudgetError(f"search server {self.url} cannot answer within rollout.tool_timeout_s={cap_s:g} s "
+                                  f"(its backends get {budget:g} s after the {self.reserve_s:g} s round-trip "
+                                  f"reserve): {exc.detail or exc.reason}") from None  # fmt: skip
+            log.debug("budget check of search server %s skipped (%s): check_ready reports it", self.url, exc.reason)
 
     def check_ready(self) -> None:
         """One ``GET /v1/ready`` at start-up, before the model loads: ``ServerRefused`` (as a search would raise
@@ -321,10 +366,13 @@ class HTTPSearchTool:
         with ThreadPoolExecutor(1) as pool:
             pool.submit(asyncio.run, self._check_ready()).result()
 
-    async def _check_ready(self) -> None:
-        # a client of its own: the check must not count in the tool's metrics nor open its circuit breaker
+    def _check_client(self) -> HTTPClient:
+        """A client of the start-up checks' own: they must not count in the tool's metrics nor open its breaker."""
         limits = Limits(timeout_s=min(self.client.limits.timeout_s, 30.0), retries=0, breaker_failures=0)
-        client, params = HTTPClient("search_server", limits), {"kind": self.kind} if self.kind else {}
+        return HTTPClient("search_server", limits)
+
+    async def _check_ready(self) -> None:
+        client, params = self._check_client(), {"kind": self.kind} if self.kind else {}
         try:
             await client.request("GET", f"{self.url}/v1/ready", params=params, headers=self._headers())
         except ToolError as exc:
@@ -365,20 +413,30 @@ class HTTPSearchTool:
         return {"Authorization": f"Bearer {token}"} if token else {}
 
     async def __call__(self, request: ToolRequest) -> ToolResult:
-        headers = self._headers()
-        if request.budget_s is not None:
-            request = replace(request, budget_s=max(request.budget_s - self.reserve_s, 0.001))
+        started, body = time.perf_counter(), request_to_json(request)  # the image is encoded once, for all attempts
+
+        def with_time_left() -> dict[str, Any]:  # each attempt: a retry must not aim past the caller's cap
+            return {"json": body | {"budget_s": self._budget_left(request, started)}}
+
         try:
-            body = await self.client.request(
-                "POST", f"{self.url}/v1/search", json=request_to_json(request), headers=headers
+            answer = await self.client.request(
+                "POST", f"{self.url}/v1/search", headers=self._headers(), fresh=with_time_left
             )
-            return result_from_json(body)
+            return result_from_json(answer)
         except ToolError as exc:
             if exc.status == 409:
                 raise (ReplayMiss if "ReplayMiss" in exc.reason else RemoteFatalError)(exc.reason) from None
             if exc.status in REFUSALS:
                 raise ServerRefused(self._refusal(exc, request.kind)) from None
             return failure(request.kind, exc.reason, sent=exc.sent)
+
+    def _budget_left(self, request: ToolRequest, started: float) -> float | None:
+        """The server's ``budget_s`` now: the request's budget less the time spent since ``started``
+        (``time.perf_counter()``: earlier attempts, their backoff) and the round trip's reserve; None: no cap."""
+        budget = with_budget_left(request, started).budget_s
+        if budget is None or math.isinf(budget):  # JSON has no infinity
+            return None
+        return max(budget - self.reserve_s, 0.001)
 
     def _refusal(self, exc: ToolError, kind: str) -> str:
         """What to fix for a 401/403/404 (``exc.reason`` is already redacted; the token is never named)."""

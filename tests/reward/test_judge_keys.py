@@ -18,14 +18,19 @@ ANSWERED = _trajectory("<reason>r</reason><answer>It was Gustave Eiffel, the eng
 
 class KeyedOpenAI(FakeOpenAI):
     """FakeOpenAI that answers ``status`` (401 by default), quoting the key it got, unless it got ``Bearer KEY``;
-    a reply it gives quotes the Authorization header when the response asks it to ("echo")."""
+    a reply it gives quotes the Authorization header when the response asks it to ("echo"); with ``key_at`` set,
+    every request fails, its body quoting the key."""
 
     def __init__(self, script=None, status: int = 401):
         super().__init__(script)
         self.status = status
+        self.key_at: int | None = None  # set: answer 503 with the key it got at this character of the body
 
     async def chat(self, request):
         auth = request.headers.get("Authorization")
+        if self.key_at is not None:
+            self.bodies.append(await request.json())
+            return web.Response(status=503, text="x" * self.key_at + auth.removeprefix("Bearer "))
         if auth != f"Bearer {KEY}":
             self.bodies.append(await request.json())
             return web.json_response({"error": {"message": f"Incorrect API key provided: {auth}"}}, status=self.status)
@@ -86,3 +91,16 @@ def test_a_reply_quoting_the_key_is_masked(monkeypatch):
     with KeyedOpenAI() as server:
         verdict = _judge(server, retries=0).judge([JudgeInput("Who?", "Jinnah", (), "echo Jinnah")])[0]
     assert verdict.correct is True and KEY not in verdict.reply and f"[redacted {KEY_ENV}]" in verdict.reply
+
+
+def test_a_failure_cut_inside_the_quoted_key_keeps_none_of_it(monkeypatch):
+    """The failed request's body is masked whole, then cut to 200 characters: a cut keeping fewer than
+    ``PARTIAL_CHARS`` of the key's characters would leave them unrecognizable to the masker."""
+    monkeypatch.setenv(KEY_ENV, KEY)
+    replies = []
+    with KeyedOpenAI() as server:
+        for at in range(200 - 11, 200 - 2):  # the cut keeps 11 down to 3 of the key's characters
+            server.key_at = at
+            replies.append(_judge(server, retries=0).judge([ITEM])[0].reply)
+    for reply in replies:
+        assert "HTTP 503: xxx" in reply and "x" + KEY[:3] not in reply, f"the key's head leaked: {reply[-40:]!r}"

@@ -24,7 +24,7 @@ from mmsr.tools import ToolRequest, ToolResult
 from mmsr.tools import secrets
 from mmsr.tools.secrets import install_log_redaction, redact, redact_all, register_secret_env
 from mmsr.tools.server import HTTPSearchTool, SearchServer
-from mmsr.tools.web.fake import echo_200_error, echo_401, echo_page, echo_results, echo_summary, serve
+from mmsr.tools.web.fake import echo_200_error, echo_401, echo_page, echo_results, echo_summary, sent_key, serve
 from mmsr.tools.web.http import Limits, ProviderRefused, ToolError
 from mmsr.tools.web.providers import SerpAPIGoogle, Serper
 from mmsr.tools.web.reader import JinaReader
@@ -162,6 +162,34 @@ def test_web_text_search_never_returns_a_key(caplog):
     assert pages_seen and "[redacted JINA_API_KEY]" in pages_seen[0]  # redacted before the summarizer saw it
     assert urls_seen and "[redacted SERPER_API_KEY]" in urls_seen[-1]
     assert_clean(pages_seen, urls_seen)
+
+
+async def echo_error_at(request: web.Request) -> web.Response:
+    """An ``{"error": ...}`` answer (``?status=``) quoting the sent key at character ``?at=`` of its message, so
+    a cut of the message at a fixed length can land inside the key."""
+    message = "x" * int(request.query["at"]) + sent_key(request)
+    return web.json_response({"error": message}, status=int(request.query["status"]))
+
+
+@pytest.mark.parametrize(("status", "cut"), [(400, 300), (200, 200)])  # HTTPClient's 4xx detail; an API's error
+def test_an_error_cut_inside_an_echoed_key_keeps_none_of_it(status, cut):
+    """Error texts are masked whole, then cut: a cut keeping fewer than ``PARTIAL_CHARS`` of the key's characters
+    would leave them unrecognizable to the masker."""
+    key = KEYS["SERPER_API_KEY"]
+
+    async def main():
+        reasons = []
+        async with serve([("POST", "/search", echo_error_at)]) as url:
+            for at in range(cut - 11, cut - 2):  # the cut keeps 11 down to 3 of the key's characters
+                provider = Serper(endpoint=f"{url}/search?status={status}&at={at}", limits=FAST)
+                with pytest.raises(ToolError) as caught:
+                    await provider.search("q")
+                reasons.append(caught.value.reason)
+        return reasons
+
+    for reason in asyncio.run(main()):
+        assert "x" + key[:3] not in reason, f"the key's head leaked: {reason[-40:]!r}"
+        assert reason.count("x") > cut - 15  # the cut landed where the key was
 
 
 def test_search_server_answers_carry_no_key(caplog):

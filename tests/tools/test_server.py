@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import signal
 import socket
@@ -20,6 +21,7 @@ from PIL import Image
 
 from mmsr.tools import ToolRequest, ToolResult
 from mmsr.tools.base import FatalToolError, SearchTool, check_ready
+from mmsr.tools.budget import BudgetError, Stage, check_budgets, check_stages
 from mmsr.tools.cache import ReplayMiss
 from mmsr.tools.replay import ReplaySearch
 from mmsr.tools.server import (
@@ -362,6 +364,80 @@ class BudgetEcho(SlowTool):
 
     def check_budget(self, cap_s: float) -> None:
         pass
+
+
+def test_a_retry_sends_the_time_left_not_the_first_attempts_budget(monkeypatch):
+    # the budget was computed once: a retry after a slow 502 re-sent it, and the server aimed past the caller's cap
+    monkeypatch.delenv("MMSR_SEARCH_TOKEN", raising=False)
+    attempts: list[tuple[float, float]] = []  # (budget_s sent, seconds the server held the attempt)
+
+    async def slow_502_then_ok(request: aiohttp.web.Request) -> aiohttp.web.Response:
+        arrived, budget = time.perf_counter(), (await request.json())["budget_s"]
+        if not attempts:
+            await asyncio.sleep(0.3)
+        attempts.append((budget, time.perf_counter() - arrived))
+        if len(attempts) == 1:
+            return aiohttp.web.Response(status=502, text="bad gateway")
+        return aiohttp.web.json_response(result_to_json(ToolResult("[Text Search Results] ok")))
+
+    async def main():
+        limits = Limits(timeout_s=10.0, retries=1, backoff_s=0.01, backoff_max_s=0.02, breaker_failures=0)
+        async with serve([("POST", "/v1/search", slow_502_then_ok)]) as url:
+            return await HTTPSearchTool(url, limits=limits)(ToolRequest("text_search", "q", budget_s=10.0))
+
+    assert asyncio.run(main()).ok and len(attempts) == 2
+    (first, held), (second, _) = attempts
+    # the first budget was computed before the first attempt arrived, the second after it was answered
+    assert first <= 9.0 and first - second >= held > 0.0
+
+
+class NeedsTime(SlowTool):
+    """A backend whose one attempt needs 20 s, plus a 1 s reserve: 21 s (``check_budget`` as a web tool's)."""
+
+    def __init__(self) -> None:
+        super().__init__(0.0)
+
+    def check_budget(self, cap_s: float) -> None:
+        check_stages("SlowSearch", [Stage("slow_api", Limits(timeout_s=20.0))], 1.0, cap_s)
+
+
+async def _budget_refusal(tool: HTTPSearchTool, cap_s: float) -> str:
+    """``check_budgets`` of ``tool`` as ``mmsr fit`` calls it (in a thread: this loop serves): its error, or ""."""
+    try:
+        await asyncio.to_thread(check_budgets, {"text_search": tool}, cap_s)
+    except BudgetError as exc:
+        return str(exc)
+    return ""
+
+
+def test_the_clients_budget_check_refuses_a_cap_the_servers_backend_cannot_fit(monkeypatch):
+    # the client checked only its round-trip reserve: a cap too small for the server's backend passed, and every
+    # search then failed at once with "no time left"
+    monkeypatch.setenv("MMSR_SEARCH_TOKEN", "s3cret")
+
+    async def body(url):
+        tool = HTTPSearchTool(url, limits=FAST, reserve_s=1.0, kind="text_search")
+        refusals = [await _budget_refusal(tool, cap) for cap in (15.0, 22.0, math.inf)]
+        async with aiohttp.ClientSession(headers={"Authorization": "Bearer s3cret"}) as session:
+            answers = []
+            for params in ({"kind": "text_search"}, {"budget_s": "NaN"}):  # an older client's check; a bad budget
+                async with session.get(url + "/v1/ready", params=params) as response:
+                    answers.append((response.status, await response.json()))
+        return url, refusals, answers
+
+    url, (too_small, fits, no_cap), (older, bad) = asyncio.run(_with_server(SearchServer(text_search=NeedsTime(),
+                                                                                         port=0), body))  # fmt: skip
+    assert too_small.startswith(f"text_search (HTTPSearchTool): search server {url} cannot answer within "
+                                "rollout.tool_timeout_s=15 s (its backends get 14 s after the 1 s round-trip reserve)")
+    assert "text_search (NeedsTime): SlowSearch cannot fit" in too_small and "= 21 s > 14 s" in too_small
+    assert fits == no_cap == ""
+    assert older == (200, {"status": "ok", "backends": ["text_search"]})
+    assert bad[0] == 400 and "field 'budget_s'" in bad[1]["error"]
+
+    async def against_an_older_server(url):  # no /v1/ready: nothing to ask, check_ready checks the rest
+        return await _budget_refusal(HTTPSearchTool(url, limits=FAST, reserve_s=1.0, kind="text_search"), 15.0)
+
+    assert asyncio.run(_with_server(OlderServer(text_search=NeedsTime(), port=0), against_an_older_server)) == ""
 
 
 def test_an_infinite_budget_is_no_cap_and_nan_is_a_bad_request(monkeypatch):

@@ -49,6 +49,8 @@ class ToolError(Exception):
     ``sent`` is False only where the call certainly never reached the provider (an open circuit, no time left,
     a refused URL), so it cannot have been billed; anything else may have been, and is charged. ``cost``: the
     dollars a failed call is known to have spent (a summary that came back unusable still used its tokens).
+    ``detail``: the server's own error message, whole (the reason quotes it cut short), for a caller that shows it
+    to a person rather than to the model (a start-up check); "" when it sent none.
     """
 
     def __init__(self, reason: str, kind: str = "error", retry_after: float | None = None, status: int | None = None,
@@ -56,7 +58,7 @@ class ToolError(Exception):
         reason = redact(reason)
         super().__init__(reason)
         self.reason, self.kind, self.retry_after, self.status, self.sent = reason, kind, retry_after, status, sent
-        self.cost = cost
+        self.cost, self.detail = cost, ""
 
 
 class Retryable(ToolError):
@@ -210,8 +212,8 @@ def _retry_after(response: aiohttp.ClientResponse) -> float | None:
         return None
 
 
-async def _error_detail(response: aiohttp.ClientResponse) -> str:
-    """``: <message>`` from a JSON ``{"error": ...}`` body (SerpAPI, OpenAI and our server use it), else empty."""
+async def _error_message(response: aiohttp.ClientResponse) -> str:
+    """The message of a JSON ``{"error": ...}`` body (SerpAPI, OpenAI and our server use it), masked; else empty."""
     try:
         payload = json.loads(await response.content.read(4096))
     except (ValueError, aiohttp.ClientError, asyncio.TimeoutError):
@@ -219,7 +221,7 @@ async def _error_detail(response: aiohttp.ClientResponse) -> str:
     error = payload.get("error") if isinstance(payload, dict) else None
     if isinstance(error, dict):  # OpenAI: {"error": {"message": ...}}
         error = error.get("message")
-    return f": {str(error)[:300]}" if error else ""
+    return redact(str(error)) if error else ""
 
 
 def _redirect_target(name: str, base: URL, location: str) -> str:
@@ -267,11 +269,15 @@ class HTTPClient:
         url: str,
         parse: Callable[[bytes], Any] = parse_json,
         check: Callable[[str], Awaitable[Any]] | None = None,
+        fresh: Callable[[], dict[str, Any]] | None = None,
         **kwargs: Any,
     ) -> Any:
         """One call with retries; ``parse(body)`` turns the body into the result. Raises ``ToolError``.
 
         ``parse`` runs inside each attempt: a ``Retryable`` from it (a malformed answer) is retried.
+
+        ``fresh()``, called before each attempt, gives the keyword arguments that change between attempts (over
+        ``kwargs``): a body carrying the caller's budget must carry the time left, not what the first attempt had.
 
         ``check(url)`` (an SSRF guard) vets ``url`` and every redirect target before it is requested; with
         it, redirects are followed here (at most ``MAX_REDIRECTS``) rather than by aiohttp.
@@ -292,7 +298,8 @@ class HTTPClient:
         try:
             async for attempt in retrying:
                 with attempt:
-                    result = parse(await self._attempt(method, url, check, **kwargs))
+                    sent = kwargs if fresh is None else kwargs | fresh()
+                    result = parse(await self._attempt(method, url, check, **sent))
         except ToolError as exc:
             if retrying.statistics.get("attempt_number", 1) > 1:
                 exc.sent = True  # whatever stopped the last attempt, an earlier one went out
@@ -372,8 +379,11 @@ class HTTPClient:
         if status >= 500:
             raise Retryable(f"{self.name} server error (HTTP {status})", "http_5xx", _retry_after(response), status)
         if status >= 400:
-            raise ToolError(f"{self.name} refused the request (HTTP {status}{await _error_detail(response)})",
-                            "http_4xx", status=status)  # fmt: skip
+            message = await _error_message(response)
+            detail = f": {message[:300]}" if message else ""  # cut once masked: a cut could leave a key's head unmasked
+            error = ToolError(f"{self.name} refused the request (HTTP {status}{detail})", "http_4xx", status=status)
+            error.detail = message
+            raise error
 
     def metrics(self) -> dict[str, float]:
         """``tools/<name>/<outcome>`` counters since construction."""

@@ -67,7 +67,7 @@ def _items(payload: Any, field: str, who: str) -> list[dict[str, Any]]:
     if error and "hasn't returned any results" in str(error):  # SerpAPI's way of saying "empty"
         return []
     if error:
-        raise ToolError(f"{who} error: {str(error)[:200]}", "api_error")
+        raise ToolError(f"{who} error: {redact(str(error))[:200]}", "api_error")  # masked whole, then cut
     items = payload.get(field, [])
     if not isinstance(items, list):
         raise Retryable(f"{who} returned {field!r} as {type(items).__name__}, not a list", "bad_response")
