@@ -31,6 +31,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
 import yaml
 
 from mmsr.models.policy import Policy
@@ -114,7 +115,9 @@ def load_tools(path: str | Path) -> dict[str, SearchTool | None]:
 
 def _synced(policy: Policy, engine: Engine, weight_sync: WeightSync | None = None) -> Engine:
     """Bind ``engine`` to ``policy`` and load the policy's weights into it, checked with the probe:
-    ``weight_sync`` (the run's: its tolerance, buckets, dtype; the defaults otherwise) verifying now."""
+    ``weight_sync`` (the run's: its tolerance, buckets, dtype; the defaults otherwise) verifying now. First, where
+    flash-attn cannot run the policy as loaded, its attention becomes sdpa (``runnable_attention``)."""
+    runnable_attention(policy)
     if hasattr(engine, "bind"):
         engine.bind(policy)
     if hasattr(engine, "wake"):
@@ -123,6 +126,24 @@ def _synced(policy: Policy, engine: Engine, weight_sync: WeightSync | None = Non
     sync.verify_every, sync.syncs = 1, 0
     sync(policy, engine)
     return engine
+
+
+def runnable_attention(policy: Policy) -> None:
+    """Switch the policy's flash-attention to sdpa (the model's config and each sub-config using it: a Qwen-VL's
+    vision tower has its own) unless flash-attn can run it: CUDA parameters computing in fp16/bf16. Every evaluation
+    source leaves the model where it was loaded, on the CPU, in its weights' dtype: a GPU recipe's builder picks
+    flash-attention 2 for its bf16 weights, the checkpoint's fp32 master weights then replace them, and the probe's
+    first forward failed in flash-attn. The same attention, another kernel."""
+    from transformers.utils.generic import is_flash_attention_requested
+
+    param = next(policy.model.parameters())
+    if param.is_cuda and (policy.compute_dtype or param.dtype) in (torch.float16, torch.bfloat16):
+        return
+    config = policy.model.config
+    configs = {"": config} | {key: getattr(config, key, None) for key in config.sub_configs}
+    flash = {key: "sdpa" for key, sub in configs.items() if sub is not None and is_flash_attention_requested(sub)}
+    if flash:  # only those: an explicit eager one stays
+        policy.model.set_attn_implementation(flash)
 
 
 # The paper's episode limits, as every ``configs/mmsearch_r1/`` recipe resolves them (its evaluation runs training's loop and
