@@ -60,7 +60,7 @@ from mmsr.callbacks.resume_point import (
     validation_due,
     wandb_steps,
 )
-from mmsr.callbacks.trajectory_logger import wandb_run_dir
+from mmsr.callbacks.trajectory_logger import later_csv_dirs, wandb_run_dir
 from mmsr.tools.secrets import redact_all, redact_checkpoint_hparams, redact_config
 
 METRICS_FILE = "metrics.csv"
@@ -200,10 +200,12 @@ class LoggedConfig(SaveConfigCallback):
         params = redact_all(cli_keys(yaml.safe_load(self.parser.dump(self.config, skip_unset=False))))
         for logger in trainer.loggers:
             logger.log_hyperparams(params)
-        if trainer.loggers and isinstance(trainer.loggers[0], WandbLogger):
-            # the run's own folder (its checkpoints, trajectories.jsonl): Lightning's config.yaml in save_dir is every
-            # run's, overwritten by each, and export / eval --ckpt / report look beside the run's files
-            folder = wandb_run_dir(trainer.loggers[0])
+        # A first wandb logger: the run's own folder (its checkpoints, trajectories.jsonl); Lightning's config.yaml in
+        # save_dir is every run's, overwritten by each, and export / eval --ckpt / report look beside the run's files.
+        # A later CSV logger's folder holds metrics.csv, and report reads the config beside it (Lightning wrote the
+        # first logger's).
+        first = trainer.loggers[0] if trainer.loggers else None
+        for folder in ([wandb_run_dir(first)] if isinstance(first, WandbLogger) else []) + later_csv_dirs(trainer):
             folder.mkdir(parents=True, exist_ok=True)
             self.parser.save(self.config, folder / self.config_filename, skip_none=False, overwrite=True, multifile=self.multifile)
             mask_saved_config(str(folder / self.config_filename))

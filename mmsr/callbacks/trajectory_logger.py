@@ -1,11 +1,12 @@
 """Keeps sampled trajectories of a run: JSON lines in the run directory, and a per-turn wandb table.
 
-Researchers debug RL runs by reading rollouts, so every ``every_n_steps`` training steps the
-callback takes the step's first ``max_trajectories`` trajectories (rollout order, so whole GRPO
-groups come first and their answers can be compared) from ``GRPOModule.last_rollout`` and
+Researchers debug RL runs by reading rollouts, so every ``every_n_steps`` training steps (at the steps
+Lightning logs scalars at, see ``logs_scalars``) the callback takes the step's first ``max_trajectories``
+trajectories (rollout order, so whole GRPO groups come first and their answers can be compared) from
+``GRPOModule.last_rollout`` and
 - appends them as ``TrajectoryRecord`` lines to ``<run dir>/trajectories.jsonl`` (``trainer.log_dir``:
   next to the resolved ``config.yaml`` and the CSV logger's ``metrics.csv``; under a first ``WandbLogger``,
-  ``<save_dir>/<project>/<run id>``, see ``run_dir``);
+  ``<save_dir>/<project>/<run id>``, and then again in each later ``CSVLogger``'s directory, see ``run_dirs``);
 - when a ``WandbLogger`` is attached, logs a ``wandb.Table`` with one row per turn.
 wandb is imported only in that case, so CSV / TensorBoard runs work without it.
 
@@ -34,8 +35,11 @@ class TrajectoryLogger(L.Callback):
     """Dumps sampled trajectories every ``every_n_steps`` training steps (rank 0's on several ranks).
 
     Args:
-        every_n_steps: log on training steps 0, N, 2N, ... (steps, not optimizer updates), numbered as their
-            scalars are in ``metrics.csv`` and wandb (``logged_step``; a resumed run numbers on from its checkpoint).
+        every_n_steps: log on training steps N-1, 2N-1, ... (steps, not optimizer updates), counted as Lightning
+            counts ``log_every_n_steps`` (``logs_scalars``), and on step 0 where Lightning logs its scalars
+            (``log_every_n_steps: 1``): the untrained policy, the baseline, which a run shorter than N steps has. Steps
+            are numbered as their scalars are in ``metrics.csv`` and wandb (``logged_step``; a resumed run numbers on
+            from its checkpoint). A multiple of ``log_every_n_steps`` puts every table at a step with its scalars.
         max_trajectories: trajectories kept per logged step, in rollout order.
         thumbnail_px: longest side of the stored image thumbnails.
         filename: JSONL file name inside the run directory.
@@ -56,16 +60,6 @@ class TrajectoryLogger(L.Callback):
         self.thumbnail_px, self.filename, self.wandb_key = thumbnail_px, filename, wandb_key
         self.resuming = False  # a fit restored from a checkpoint: the file is cut back on its first step
 
-    def run_dir(self, trainer: L.Trainer) -> Path:
-        # The first logger's directory, read without `trainer.log_dir`: that one broadcasts, and only
-        # rank 0 gets here (a collective on one rank hangs DDP / FSDP runs).
-        # No logger, or one without a directory (fast_dev_run's DummyLogger): the run's root directory.
-        logger = trainer.loggers[0] if trainer.loggers else None
-        if isinstance(logger, WandbLogger):
-            return wandb_run_dir(logger)
-        directory = logger and (logger.log_dir if isinstance(logger, CSVLogger | TensorBoardLogger) else logger.save_dir)
-        return Path(directory or trainer.default_root_dir)
-
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         # Called with or without a state of this callback in the checkpoint (one added at resume has none).
         self.resuming = trainer.state.fn == "fit"
@@ -74,24 +68,33 @@ class TrajectoryLogger(L.Callback):
         # A resumed run logs its first step and later ones again: drop the killed run's records of them (the
         # rule of mmsr/callbacks/run_dir.py for metrics.csv). The step is read here, after the loop restored it.
         if self.resuming and trainer.is_global_zero:
-            drop_records_from(self.run_dir(trainer) / self.filename, logged_step(trainer))
+            for directory in run_dirs(trainer):  # each copy of the file
+                drop_records_from(directory / self.filename, logged_step(trainer))
         self.resuming = False
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
         step = logged_step(trainer)
         rollout = getattr(pl_module, "last_rollout", None)
-        if rollout is None or step % self.every_n_steps or not trainer.is_global_zero:
+        if rollout is None or not self.due(trainer, step) or not trainer.is_global_zero:
             return
         records = redact_all(self.records(rollout, step, trainer.global_step))  # no API key in files or tables
-        path = self.run_dir(trainer) / self.filename
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("a", encoding="utf-8") as f:
-            f.writelines(r.to_json() + "\n" for r in records)
+        for directory in run_dirs(trainer):
+            directory.mkdir(parents=True, exist_ok=True)
+            with (directory / self.filename).open("a", encoding="utf-8") as f:
+                f.writelines(r.to_json() + "\n" for r in records)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 from mmsr.callbacks.wandb_table import COLUMNS, turn_rows
 
                 logger.log_table(self.wandb_key, columns=COLUMNS, data=turn_rows(records), step=step)
+
+    def due(self, trainer: L.Trainer, step: int) -> bool:
+        """Whether training step ``step``'s trajectories are logged: on the steps Lightning would log scalars at
+        every ``every_n_steps``, and on step 0 if Lightning logs its scalars there. Steps 0, N, 2N put each table one
+        step off its reward and accuracy under ``log_every_n_steps: N``: wandb never showed them side by side."""
+        if logs_scalars(trainer, step, self.every_n_steps):
+            return True
+        return step == 0 and logs_scalars(trainer, step, trainer.log_every_n_steps)
 
     def records(self, rollout: StepRollout, step: int, global_step: int) -> list[TrajectoryRecord]:
         """The records of the step's first ``max_trajectories`` trajectories."""
@@ -103,6 +106,37 @@ class TrajectoryLogger(L.Callback):
             )
             for i, t in enumerate(rollout.trajectories[: self.max_trajectories])
         ]
+
+
+def run_dirs(trainer: L.Trainer) -> list[Path]:
+    """Where the run's files go: the first logger's directory, then each later ``CSVLogger``'s (with a first
+    ``WandbLogger`` the ``metrics.csv`` is only there, and ``mmsr report`` of it needs the other files beside it).
+    Read without ``trainer.log_dir``: that one broadcasts, and only rank 0 gets here (a collective on one rank hangs
+    DDP / FSDP runs). No logger, or one without a directory (fast_dev_run's DummyLogger): the run's root directory."""
+    return list(dict.fromkeys([first_logger_dir(trainer), *later_csv_dirs(trainer)]))  # in order, each once
+
+
+def later_csv_dirs(trainer: L.Trainer) -> list[Path]:
+    """The directories of the ``CSVLogger``s after the first logger."""
+    return [Path(logger.log_dir) for logger in trainer.loggers[1:] if isinstance(logger, CSVLogger)]
+
+
+def first_logger_dir(trainer: L.Trainer) -> Path:
+    """The first logger's directory (a ``WandbLogger``'s: its run's folder, ``wandb_run_dir``)."""
+    logger = trainer.loggers[0] if trainer.loggers else None
+    if isinstance(logger, WandbLogger):
+        return wandb_run_dir(logger)
+    directory = logger and (logger.log_dir if isinstance(logger, CSVLogger | TensorBoardLogger) else logger.save_dir)
+    return Path(directory or trainer.default_root_dir)
+
+
+def logs_scalars(trainer: L.Trainer, step: int, every_n_steps: int) -> bool:
+    """Whether Lightning logs training step ``step``'s scalars under ``log_every_n_steps: every_n_steps`` (its logger
+    connector's ``should_update_logs``, checked after the step's ``on_train_batch_end`` with the step not yet counted,
+    and ``update_train_step_metrics``): steps N-1, 2N-1, ..., the step a run is stopped at (``trainer.should_stop``:
+    early stopping; reaching ``max_steps`` does not set it) and every step of a ``fast_dev_run``; none with 0."""
+    on_phase = every_n_steps > 0 and ((step + 1) % every_n_steps == 0 or trainer.should_stop)
+    return on_phase or bool(trainer.fast_dev_run)
 
 
 def wandb_run_dir(logger: WandbLogger) -> Path:
