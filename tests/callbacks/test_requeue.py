@@ -4,6 +4,7 @@ and the requeued job (the same command, no ``--ckpt_path``) ends where an uninte
 SLURM is emulated: its environment variables (Lightning then picks ``SLURMEnvironment``, auto-requeue on) and an
 ``scontrol`` on ``PATH`` that records its call and kills the job, as ``scontrol requeue`` does."""
 
+import builtins
 import csv
 import os
 import re
@@ -109,11 +110,17 @@ def test_a_requeue_signal_mid_step_saves_and_resumes_at_the_step_boundary(tmp_pa
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def fake_trainer(environment) -> SimpleNamespace:
+def fake_trainer(environment, others: tuple[bool, ...] = ()) -> SimpleNamespace:
     """What the callback reads of a trainer: its cluster environment, signal connector and strategy (which records
-    each collective it is asked for)."""
+    each collective it is asked for). ``others``: the flags the other ranks bring to ``reduce_boolean_decision``
+    (none: one process, where any and all agree)."""
     calls = []
-    strategy = SimpleNamespace(reduce_boolean_decision=lambda flag, all: calls.append(flag) or flag, calls=calls)
+
+    def reduce_boolean_decision(flag: bool, all: bool) -> bool:
+        calls.append(flag)
+        return (builtins.all if all else any)([flag, *others])
+
+    strategy = SimpleNamespace(reduce_boolean_decision=reduce_boolean_decision, calls=calls)
     saves = []
     connector = SimpleNamespace(_slurm_sigusr_handler_fn=lambda signum, frame: saves.append(signum), saves=saves)
     return SimpleNamespace(_accelerator_connector=SimpleNamespace(cluster_environment=environment),
@@ -149,4 +156,20 @@ def test_under_slurm_the_signal_is_acted_on_at_the_step_end_and_lightnings_handl
         assert signal.getsignal(signal.SIGUSR1) is lightning
         assert (tmp_path / "hpc_ckpt_1.ckpt").exists()  # requeued from it: the requeued job resumes from it
     finally:
+        signal.signal(signal.SIGUSR1, before)
+
+
+def test_a_signal_only_another_rank_got_requeues_this_rank_too():
+    """SLURM may signal some ranks only: the save is collective, so a rank that got no signal still runs Lightning's
+    handler at the end of the step when another rank got it (any rank, not all ranks)."""
+    trainer, before = fake_trainer(SLURMEnvironment(), others=(True,)), signal.getsignal(signal.SIGUSR1)
+    signal.signal(signal.SIGUSR1, _HandlersCompose([trainer._signal_connector._slurm_sigusr_handler_fn]))
+    callback = StepBoundaryRequeue()
+    try:
+        callback.on_train_start(trainer, None)
+        callback.on_train_batch_end(trainer, None, None, None, 0)
+        assert trainer.strategy.calls == [False]  # this rank got no signal
+        assert trainer._signal_connector.saves == [signal.SIGUSR1] and callback.requeued
+    finally:
+        callback.restore()
         signal.signal(signal.SIGUSR1, before)

@@ -15,12 +15,17 @@ from lightning.pytorch import Callback
 from safetensors.torch import load_file
 
 import mmsr.train.batch
+import mmsr.train.update
 from mmsr.data.loaders import load_samples
 from tests.conftest import subprocess_env
 from tests.distributed.runs import ROOT, assert_same_weights, fitted
 
 FVQA = ROOT / "data" / "fvqa_dev_20"
 R = "<reason>r</reason>"
+# the padded-token budget of a forward/backward, for 2 ranks cutting their episodes into unequal numbers of
+# micro-batches (a rank pads with empty passes: ``rank_micro_batches``): 3 and 2 in DDP's first step (whole rows),
+# 2 and 1, then 1 and 2 under FSDP2 (packed rows); the 1-rank run takes the same budget, its gradients summed alike
+MICRO_BATCH_TOKENS = 2300
 
 
 def script() -> dict[str, list[str]]:
@@ -35,14 +40,30 @@ def script() -> dict[str, list[str]]:
 
 class CountRoutes(Callback):
     """Counts this rank's passes that share prefixes through the KV cache and through packed rows
-    (``mmsr.train.batch``'s two routes) and writes them to ``out/routes_<rank>.json`` when the fit ends."""
+    (``mmsr.train.batch``'s two routes), and records each cut of episodes into micro-batches as
+    ``[packed, run]`` (``pack_by_tokens``' micro-batches, those ``rank_micro_batches`` runs after padding);
+    writes them to ``out/routes_<rank>.json`` when the fit ends."""
 
     def __init__(self, out: str) -> None:
         self.out, self.counts = Path(out), {"cache": 0, "packed": 0}
+        self.cuts: list[list[int]] = []
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         for route, name in (("cache", "shared_logprobs"), ("packed", "packed_logprobs")):
             setattr(mmsr.train.batch, name, self._counted(route, getattr(mmsr.train.batch, name)))
+        pack, ranked = mmsr.train.batch.pack_by_tokens, mmsr.train.update.rank_micro_batches
+
+        def packed(*args, **kwargs):
+            micros = pack(*args, **kwargs)
+            self.cuts.append([len(micros)])
+            return micros
+
+        def padded(*args, **kwargs):
+            micros = ranked(*args, **kwargs)
+            self.cuts[-1].append(len(micros))
+            return micros
+
+        mmsr.train.batch.pack_by_tokens, mmsr.train.update.rank_micro_batches = packed, padded
 
     def _counted(self, route: str, fn):
         def counted(*args, **kwargs):
@@ -52,10 +73,10 @@ class CountRoutes(Callback):
         return counted
 
     def on_fit_end(self, trainer, pl_module) -> None:
-        (self.out / f"routes_{trainer.global_rank}.json").write_text(json.dumps(self.counts))
+        (self.out / f"routes_{trainer.global_rank}.json").write_text(json.dumps(self.counts | {"cuts": self.cuts}))
 
 
-def routes(run_dir: Path, devices: int) -> list[dict[str, int]]:
+def routes(run_dir: Path, devices: int) -> list[dict]:
     return [json.loads((run_dir / f"routes_{r}.json").read_text()) for r in range(devices)]
 
 
@@ -90,7 +111,7 @@ def run(tmp: Path, devices: int, strategy, checkpoint: bool = False, max_steps: 
     cfg["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp)
     init = cfg["model"]["init_args"]
     init["engine"] = {"class_path": "mmsr.rollout.engine.ScriptedEngine", "init_args": {"script": script()}}
-    init.update(export_dir=str(tmp / "hf"), entropy_coef=0.0, lr=1e-3)
+    init.update(export_dir=str(tmp / "hf"), entropy_coef=0.0, lr=1e-3, micro_batch_tokens=MICRO_BATCH_TOKENS)
     cfg["data"].update(prompts_per_step=4 // devices, train_files=[str(with_text_only_rank(tmp, cfg["data"].get("seed", cfg["seed_everything"])))])
     return fitted(tmp, cfg, extra=extra)
 
@@ -112,7 +133,8 @@ def test_two_ranks_equal_one(tmp_path, one_rank, strategy, request):
     """One process shares each group's prompt through the KV cache; FSDP2 ranks, where the cache cannot carry
     gradients, share it in packed rows (``mmsr.train.packed``), DDP ranks through the cache. The FSDP2 run
     is the recipes' (``sharded_run``: its sharded checkpoints change nothing it computes). In the first step
-    rank 1's prompts are text-only (``with_text_only_rank``)."""
+    rank 1's prompts are text-only (``with_text_only_rank``). The ranks cut their episodes into unequal numbers of
+    micro-batches (``MICRO_BATCH_TOKENS``) and pad to as many passes: unpadded, DDP failed the step."""
     one = one_rank
     two = run(tmp_path / "two", 2, "ddp", count_routes=True) if strategy == "ddp" else request.getfixturevalue("sharded_run")
     assert losses(two) == pytest.approx(losses(one), abs=1e-5)
@@ -123,7 +145,10 @@ def test_two_ranks_equal_one(tmp_path, one_rank, strategy, request):
     (alone,) = routes(one, 1)
     assert alone["cache"] > 0 and alone["packed"] == 0
     route = "cache" if strategy == "ddp" else "packed"
-    assert all(r[route] > 0 and sum(r.values()) == r[route] for r in routes(two, 2))
+    assert all(r[route] > 0 and r["cache"] + r["packed"] == r[route] for r in routes(two, 2))
+    cuts = [r["cuts"] for r in routes(two, 2)]
+    assert [n for _, n in cuts[0]] == [n for _, n in cuts[1]]  # every rank runs as many passes
+    assert any(a != b for (a, _), (b, _) in zip(*cuts))  # though some cut packed fewer micro-batches on a rank
 
 
 def fsdp(n: int, strategy: str = "lightning.pytorch.strategies.ModelParallelStrategy") -> dict:

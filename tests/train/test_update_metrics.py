@@ -46,12 +46,12 @@ def rollout(fvqa_samples):
     return module.policy, trajs[:4] + [emptied(t) for t in trajs[4:]]
 
 
-def update(rollout, episodes: list[int], **settings) -> tuple[dict[str, float], KeepGradients]:
+def update(rollout, episodes: list[int], world_size: int = 1, **settings) -> tuple[dict[str, float], KeepGradients]:
     policy, trajs = rollout
     opt = KeepGradients(policy.model.parameters())
     settings = UpdateSettings(**{"kl_coef": 0.0, "share_prefix": False, "grad_clip": 1e9} | settings)
     advantages = torch.tensor([1.0, -0.5, 0.3, -0.8, 0.0, 0.0, 0.0, 0.0])[episodes]
-    step = Backprop(policy.model, opt, torch.Tensor.backward, torch.device("cpu"), 1)
+    step = Backprop(policy.model, opt, torch.Tensor.backward, torch.device("cpu"), world_size)
     return PolicyUpdate(policy, settings).update([trajs[i] for i in episodes], advantages, None, step), opt
 
 
@@ -71,6 +71,25 @@ def test_token_diagnostics_do_not_depend_on_loss_agg_or_the_cut(rollout, token_m
     metrics, _ = update(rollout, EPISODES, loss_agg=agg, micro_batch_tokens=budget)
     for k in DIAGNOSTICS:  # before: ratio_mean 0.75 (sum-norm, one episode a pass); mismatch_kl 1e-3 off
         assert metrics[k] == pytest.approx(token_mean[k], rel=1e-5, abs=1e-7), k
+
+
+@pytest.mark.parametrize("agg", ["seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_token_diagnostics_weigh_this_ranks_tokens_by_every_ranks(rollout, agg, monkeypatch):
+    """Under a ``seq-mean-*`` loss_agg the token-weighted metrics still weigh each rank's tokens by the tokens of
+    every rank: a second rank rolled out episodes 3 and 5 (one sampled, one not). The PPO ratio is 1 at every token,
+    so this rank logs 2 x its share of the two ranks' tokens, and Lightning's mean over the ranks is 1 (its own
+    tokens times the world size, as if each rank sampled as many, read 1 here)."""
+    policy, trajs = rollout
+    other = [3, 5]
+    sums = {}  # what each of this rank's sums over the ranks reads: its value plus the other rank's
+    for agg_of in (agg, "token-mean"):
+        count = PolicyUpdate(policy, UpdateSettings(loss_agg=agg))._counter(trajs, agg_of)
+        sums[float(count(EPISODES))] = float(count(EPISODES) + count(other))
+    monkeypatch.setattr("mmsr.train.update.all_reduce", lambda value, op, device: sums[float(value)])
+    metrics, _ = update(rollout, EPISODES, world_size=2, loss_agg=agg)
+    mine, theirs = (sum(trajs[i].num_sampled_tokens for i in ids) for ids in (EPISODES, other))
+    assert theirs > 0 and theirs != mine  # the other rank's tokens count, and not as this rank's again
+    assert metrics["train/ratio_mean"] == pytest.approx(2 * mine / (mine + theirs), rel=1e-5)
 
 
 @pytest.mark.parametrize("truncation", [dict(top_p=0.5), dict(top_k=3)])
