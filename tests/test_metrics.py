@@ -55,6 +55,14 @@ def test_every_finish_reason_is_logged_each_step_as_a_share_of_episodes():
         "rollout/finish/search_limit": 0.0, "rollout/finish/truncated": 0.25}
 
 
+def test_an_episode_that_ran_out_of_rounds_is_not_counted_truncated():
+    """``rollout/truncated`` is the share cut by the token budget alone: an episode that used every round ended on
+    a complete turn (``rollout/finish/max_rounds``), and counting it there read as a budget too small."""
+    ended = traj(0, [ImageSearch(), Answer("a")])
+    ended.finish_reason = "max_rounds"
+    m = rollout_metrics([ended], [Sample("a", "q", None, "x")], [0.0], [{}], RolloutSettings())
+    assert m["rollout/truncated"] == 0.0 and m["rollout/finish/max_rounds"] == 1.0
+
 def test_tool_metrics_include_each_tools_counters():
     class Counted:
         def metrics(self):
@@ -157,6 +165,15 @@ def test_held_out_metrics_take_every_episodes_keys():
     m = held_out_metrics(episodes)
     assert m["val/reward/mean"] == 0.5 and m["val/reward/judge_failed"] == pytest.approx(1 / 3) and m["val/episodes"] == 3
 
+
+def test_the_held_out_tool_failure_rate_is_over_calls_not_episodes():
+    """Failed calls over every episode's calls: 1 of 4 calls failed is 0.25, whichever episode made them (over the
+    2 episodes it read 0.5)."""
+    from mmsr.metrics import held_out_metrics
+
+    episodes = [{"metrics": {}, "data_source": "a", "category": None, "calls": 3, "failed_calls": 1},
+                {"metrics": {}, "data_source": "a", "category": None, "calls": 1, "failed_calls": 0}]  # fmt: skip
+    assert held_out_metrics(episodes)["val/tools/failure_rate"] == 0.25
 
 def test_tool_rates_of_several_ranks_are_over_every_ranks_calls(monkeypatch):
     """Rank 0's one call failed after 20 s, rank 1's nine took 1 s each: 1 failure in 10 calls, 2.9 s a call

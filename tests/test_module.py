@@ -117,6 +117,7 @@ def test_multiple_updates_use_old_logprobs_and_kl_reference(sample):
     assert metrics["train/kl"] > 0 and metrics["train/clip_frac"] > 0  # later updates are off-policy
     ref = module._ref.model
     assert all(p.device.type == "cpu" for p in ref.parameters())  # offloaded between uses
+    assert not any(m.training for m in ref.modules())  # after fit too: its log-probs are the KL's fixed target
     for k, v in ref.state_dict().items():  # the reference is the initial policy and never trains
         assert torch.equal(v, initial[k])
     assert any(not torch.equal(v, initial[k]) for k, v in module.model.state_dict().items())

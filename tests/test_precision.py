@@ -183,3 +183,17 @@ def test_the_warm_start_of_a_bf16_policy_trains_fp32_master_weights(param_dtype,
     assert {p.dtype for p in module.model.parameters()} == {master}
     assert {s["exp_avg"].dtype for s in module.optimizers().optimizer.state.values()} == {master}
     assert (changed_share(module, initial) > 0.9) is moved  # bf16 on purpose: most updates below half a rounding step
+
+
+def test_the_reference_of_an_fp32_policy_computes_in_the_compute_dtype_frozen_in_eval_mode():
+    """The reference runs only forwards: it is held in ``compute_dtype`` (bf16 under ``bf16-mixed``), not the fp32
+    master weights' dtype (twice the memory for the same bf16 matmuls), and in eval mode (dropout off: its
+    log-probs are the KL's fixed target)."""
+    module = GRPOModule(policy=TinyQwen2_5_VL(tokenizer_texts=[str(FVQA / "fvqa_dev.jsonl")], hidden_size=32, num_layers=1,
+                                              vision_depth=1, seed=0),
+                        engine=ScriptedEngine(script), kl_coef=0.001, compute_dtype="bfloat16")  # fmt: skip
+    module.setup("fit")
+    module.configure_model()
+    assert {p.dtype for p in module.model.parameters()} == {torch.float32}
+    assert {p.dtype for p in module._ref.model.parameters()} == {torch.bfloat16}
+    assert not any(m.training for m in module._ref.model.modules())

@@ -207,3 +207,22 @@ def test_a_reward_with_only_a_batch_method_is_accepted():
     reward = OnlyBatch()
     assert callable_reward(reward, "GRPOModule.reward") is reward
     assert scored(reward, TRAJS, SAMPLES) == [0.5] * 4
+
+
+class ModelRewards(GRPOModule):
+    """A reward model's scores, as an override returns them under bf16 autocast: bf16, in its graph."""
+
+    def compute_rewards(self, trajectories, samples):
+        return torch.tensor([1.0, 0.5, 0.0, 0.25], dtype=torch.bfloat16, requires_grad=True)
+
+
+def test_an_overrides_bf16_rewards_are_checked_into_float32_on_the_cpu_out_of_its_graph():
+    """bf16 rewards ran the advantages in bf16 (about 3 significant digits) and CUDA ones failed their ``index_add``:
+    ``checked_rewards`` hands the advantages float32 CPU values, detached from the override's graph."""
+    from tests.test_module import make_module
+
+    module = make_module()
+    module.__class__ = ModelRewards
+    rewards = module.checked_rewards(TRAJS, SAMPLES)
+    assert (rewards.dtype, rewards.device.type, rewards.requires_grad) == (torch.float32, "cpu", False)
+    assert rewards.tolist() == [1.0, 0.5, 0.0, 0.25]
