@@ -152,8 +152,9 @@ def crop_args() -> dict:
 
 @pytest.mark.parametrize(("settings", "args", "why"), [
     ({"max_rounds": 1}, {}, r"rollout.max_rounds=1, raise it"),
-    ({"text_search_limit": 0}, {}, r"turn 1 called text_search over its limit of 0 an episode, raise it: limit: in its "
-                                   r"tools entry, rollout.tool_limits: \{text_search: N\} or rollout.text_search_limit\)"),
+    # set, the pair's setting overrides (and refuses) an entry's limit: the entry is not named
+    ({"text_search_limit": 0}, {}, r"turn 1 called text_search over its limit of 0 an episode, raise it: "
+                                   r"rollout.text_search_limit or rollout.tool_limits: \{text_search: N\}\)"),
     ({}, crop_args(), r"turn 1 called crop over its limit of 0 an episode, raise it: limit: in its tools entry or "
                       r"rollout.tool_limits: \{crop: N\}\)"),
     ({"max_context_tokens": 1024}, {"text_search": FillingResults()},

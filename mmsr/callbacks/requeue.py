@@ -47,8 +47,18 @@ def hpc_resume_path(trainer_config: Any) -> str | None:
     root = trainer_config.get("default_root_dir") or os.getcwd()
     if not SLURMEnvironment.detect() or not _is_local_file_protocol(root):
         return None
+    drop_torn_saves(root)
     found = hpc_checkpoints(root)
     return str(found[max(found)]) if found else None
+
+
+def drop_torn_saves(root: str | os.PathLike) -> None:
+    """Delete the temporaries of killed hpc saves in ``root`` (``mmsr.checkpoint``'s ``.hpc_ckpt_N.ckpt.<id>.tmp``
+    files and ``.hpc_ckpt_N.ckpt.tmp-<id>`` folders): with none complete, Lightning's own pick read their digits
+    (``hpc_ckpt_11234.ckpt``) and the requeued job failed on a file that does not exist. The save that would delete
+    them comes after the resume. Every rank may run it: a file another rank deleted first is skipped."""
+    for path in Path(root).glob(".hpc_ckpt_*.tmp*"):
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
 
 class StepBoundaryRequeue(L.Callback):

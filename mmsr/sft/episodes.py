@@ -78,11 +78,11 @@ class EpisodeAccounts:
         return "no_action", f"turn {len(turns)} is no tool call or answer ({getattr(action, 'reason', action)}): fix the teacher"
 
     def _limit_settings(self, name: str) -> str:
-        """The settings that set tool ``name``'s calls an episode (``RolloutSettings.limit``): its ``tools`` entry's
-        ``limit:``, ``rollout.tool_limits`` and, for MMSearch-R1's pair alone, ``rollout.<name>_limit`` (a field of
-        those two only: naming ``rollout.crop_limit`` sent the user to a setting that does not exist)."""
+        """The settings that set tool ``name``'s calls an episode (``RolloutSettings.limit``): ``rollout.tool_limits``,
+        and ``rollout.<name>_limit`` where it is set (MMSearch-R1's pair alone has one: naming ``rollout.crop_limit``
+        sent the user to a setting that does not exist; set, it overrides the entry's ``limit:``), else the entry's."""
         pair = f"{name}_limit"
-        settings = ["limit: in its tools entry", f"rollout.tool_limits: {{{name}: N}}"]
-        if hasattr(self.loop.settings, pair):
-            settings.append(f"rollout.{pair}")
-        return ", ".join(settings[:-1]) + f" or {settings[-1]}"
+        tool_limits = f"rollout.tool_limits: {{{name}: N}}"
+        if getattr(self.loop.settings, pair, None) is not None:  # set, it overrides the entry's (and refuses one)
+            return f"rollout.{pair} or {tool_limits}"
+        return f"limit: in its tools entry or {tool_limits}"

@@ -173,3 +173,19 @@ def test_a_signal_only_another_rank_got_requeues_this_rank_too():
     finally:
         callback.restore()
         signal.signal(signal.SIGUSR1, before)
+
+
+def test_a_requeued_fit_after_a_torn_first_save_starts_over_instead_of_resuming_from_a_missing_file(tmp_path, monkeypatch):
+    """The job was killed inside its first hpc save: only its temporaries are there. Lightning's own pick reads every
+    digit of a name holding ``hpc_ckpt_`` (``hpc_ckpt_11234.ckpt``, which does not exist); they are deleted first."""
+    from lightning.pytorch.trainer.connectors.checkpoint_connector import _CheckpointConnector
+
+    from mmsr.callbacks.requeue import hpc_resume_path
+
+    monkeypatch.setattr(SLURMEnvironment, "detect", staticmethod(lambda: True))
+    (tmp_path / ".hpc_ckpt_1.ckpt.a1b2c3d4.tmp").write_bytes(b"torn")  # a single-file save's temporary
+    (tmp_path / ".hpc_ckpt_1.ckpt.tmp-0badc0de").mkdir()  # a distributed save's
+    (tmp_path / "last.ckpt").write_bytes(b"kept")
+    assert hpc_resume_path({"default_root_dir": str(tmp_path)}) is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+    assert _CheckpointConnector._CheckpointConnector__max_ckpt_version_in_folder(tmp_path, "hpc_ckpt_") is None
