@@ -59,6 +59,7 @@ class TrajectoryLogger(L.Callback):
         self.every_n_steps, self.max_trajectories = every_n_steps, max_trajectories
         self.thumbnail_px, self.filename, self.wandb_key = thumbnail_px, filename, wandb_key
         self.resuming = False  # a fit restored from a checkpoint: the file is cut back on its first step
+        self.unlogged: int | None = None  # the last step, when it was not due (logged if the run then stops there)
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         # Called with or without a state of this callback in the checkpoint (one added at resume has none).
@@ -75,8 +76,22 @@ class TrajectoryLogger(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
         step = logged_step(trainer)
         rollout = getattr(pl_module, "last_rollout", None)
-        if rollout is None or not self.due(trainer, step) or not trainer.is_global_zero:
+        self.unlogged = None
+        if rollout is None or not trainer.is_global_zero:
             return
+        if self.due(trainer, step):
+            return self.write(trainer, rollout, step)
+        self.unlogged = step
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # A callback after this one stopped the run in the same hook (Lightning's Timer, ``max_time``, is appended
+        # last): Lightning logged that step's scalars, ``due`` could not yet see the stop.
+        if self.unlogged is not None and trainer.should_stop and trainer.is_global_zero:
+            self.write(trainer, pl_module.last_rollout, self.unlogged)
+        self.unlogged = None
+
+    def write(self, trainer: L.Trainer, rollout: StepRollout, step: int) -> None:
+        """Write step ``step``'s records to every run directory and, with wandb, its table (rank 0)."""
         records = redact_all(self.records(rollout, step, trainer.global_step))  # no API key in files or tables
         for directory in run_dirs(trainer):
             directory.mkdir(parents=True, exist_ok=True)

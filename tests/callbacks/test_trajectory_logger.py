@@ -220,6 +220,35 @@ def test_every_n_steps_tables_sit_at_steps_lightning_logs_scalars_at(scripted_ru
     assert tables == [3, 7, 9]
 
 
+class StopsAfter(L.Callback):
+    """Stops the run in ``on_train_batch_end`` at training step ``step``, after the callbacks before it, as Lightning's
+    ``Timer`` (``max_time``), appended after the user's callbacks, does."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx == self.step:
+            trainer.should_stop = True
+
+
+def test_the_step_a_later_callback_stops_the_run_at_has_its_table(scripted_run, tmp_path):
+    """Lightning logs the scalars of the step a run stops at; a stop set by a callback after this one (``max_time``)
+    came after ``due`` looked, and that step's trajectories were never logged."""
+    import wandb
+
+    logger = StepsOfWandb(str(tmp_path))
+    trainer = L.Trainer(max_steps=99, accelerator="cpu", logger=logger, log_every_n_steps=4, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[TrajectoryLogger(every_n_steps=4, max_trajectories=1), StopsAfter(5)])  # fmt: skip
+    try:
+        trainer.fit(TwoUpdatesAStep(scripted_run.model.last_rollout), torch.utils.data.DataLoader(torch.zeros(20, 1)))
+    finally:
+        wandb.finish()
+    tables, scalars = ([s for kind, s in logger.calls if kind == k] for k in ("table", "scalars"))
+    assert scalars == [3, 5] and tables == [3, 5]
+
+
 def test_wandb_runs_of_one_save_dir_keep_their_trajectories_apart(scripted_run, offline_wandb, tmp_path, monkeypatch):
     """Under a first ``WandbLogger`` every run of a ``save_dir`` appended to ``<save_dir>/trajectories.jsonl``, and a
     run resumed at step 1 dropped the other runs' records of steps 1 and later. Each run has its folder now."""
