@@ -47,7 +47,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return super().save_checkpoint(checkpoint, path, storage_options)
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
-        _remove_killed_temporaries(target.parent)
+        remove_torn_saves(target.parent)
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
         try:
             os.fchmod(fd, shared_mode())  # mkstemp makes it 0600: others' eval jobs could not read the checkpoint
@@ -62,15 +62,21 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise
 
 
-# What ``tempfile.mkstemp(prefix=".NAME.", suffix=".tmp")`` names: 8 random characters.
-_TEMPORARY = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
+# What the atomic saves below name their temporaries: ``tempfile.mkstemp(prefix=".NAME.", suffix=".tmp")``'s
+# 8 random characters (a file), ``.NAME.tmp-<8 hex>`` (a sharded save's folder).
+_TORN_FILE = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
+_TORN_FOLDER = re.compile(r"\..+\.tmp-[0-9a-f]{8}")
 
 
-def _remove_killed_temporaries(folder: Path) -> None:
-    """Delete ``AtomicCheckpointIO``'s temporaries in ``folder``: a save killed with SIGKILL never
-    reaches its ``except`` and leaves a checkpoint-sized hidden file for good."""
-    for stale in folder.glob(".*.tmp"):
-        if _TEMPORARY.fullmatch(stale.name) and stale.is_file():
+def remove_torn_saves(folder: str | os.PathLike, name: str = "*") -> None:
+    """Delete the temporaries of killed saves of ``name`` (a glob: every checkpoint by default) in ``folder``:
+    a save killed with SIGKILL never reaches its ``except`` and leaves a checkpoint-sized hidden file (of
+    ``AtomicCheckpointIO``) or folder (of ``AtomicModelParallelStrategy``) for good. Several ranks may run it
+    at once: what another rank deleted first is skipped."""
+    for stale in Path(folder).glob(f".{name}.tmp*"):
+        if stale.is_dir() and _TORN_FOLDER.fullmatch(stale.name):
+            shutil.rmtree(stale, ignore_errors=True)
+        elif stale.is_file() and _TORN_FILE.fullmatch(stale.name):
             stale.unlink(missing_ok=True)
 
 
@@ -93,8 +99,7 @@ class AtomicModelParallelStrategy(ModelParallelStrategy):
         target = Path(self.broadcast(filepath))
         if self.global_rank == 0:
             target.parent.mkdir(parents=True, exist_ok=True)
-            for stale in target.parent.glob(".*.tmp-*"):  # torn temporaries of killed saves
-                shutil.rmtree(stale, ignore_errors=True)
+            remove_torn_saves(target.parent)
         tmp = Path(self.broadcast(str(target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")))
         try:
             super().save_checkpoint(checkpoint, tmp)

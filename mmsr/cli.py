@@ -103,9 +103,6 @@ def lightning_cli(args: list[str] | None = None, parse_only: bool = False, **kwa
             # a requeued SLURM job's fit (no --ckpt_path): Lightning resumes from the hpc checkpoint, continued alike
             if self.subcommand == "fit" and not ckpt and not parse_only:
                 ckpt = self.hpc_ckpt = hpc_resume_path(config.trainer)
-                # named, not left to Lightning's pick: it reads every digit of each name holding ``hpc_ckpt_``,
-                # and a torn temporary of a killed save (``.hpc_ckpt_2.ckpt.a1b2c3d4.tmp``) named a missing file
-                config.ckpt_path = ckpt
             if ckpt and (runs := checkpoint_runs(ckpt)):
                 explicit_default_logger(config.trainer)
                 repoint_loggers(config.trainer.logger, runs)

@@ -29,6 +29,8 @@ import lightning as L
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 
+from mmsr.checkpoint import remove_torn_saves
+
 HPC_CHECKPOINT = re.compile(r"hpc_ckpt_(\d+)\.ckpt")  # what Lightning's requeue saves (a file, or a distributed folder)
 
 
@@ -47,18 +49,12 @@ def hpc_resume_path(trainer_config: Any) -> str | None:
     root = trainer_config.get("default_root_dir") or os.getcwd()
     if not SLURMEnvironment.detect() or not _is_local_file_protocol(root):
         return None
-    drop_torn_saves(root)
+    # a killed save's temporary (``.hpc_ckpt_2.ckpt.a1b2c3d4.tmp``): Lightning's pick reads every digit of each name
+    # holding ``hpc_ckpt_`` and would name ``hpc_ckpt_21234.ckpt``, which does not exist. The save that would
+    # delete it comes after the resume.
+    remove_torn_saves(root, "hpc_ckpt_*")
     found = hpc_checkpoints(root)
     return str(found[max(found)]) if found else None
-
-
-def drop_torn_saves(root: str | os.PathLike) -> None:
-    """Delete the temporaries of killed hpc saves in ``root`` (``mmsr.checkpoint``'s ``.hpc_ckpt_N.ckpt.<id>.tmp``
-    files and ``.hpc_ckpt_N.ckpt.tmp-<id>`` folders): with none complete, Lightning's own pick read their digits
-    (``hpc_ckpt_11234.ckpt``) and the requeued job failed on a file that does not exist. The save that would delete
-    them comes after the resume. Every rank may run it: a file another rank deleted first is skipped."""
-    for path in Path(root).glob(".hpc_ckpt_*.tmp*"):
-        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
 
 class StepBoundaryRequeue(L.Callback):
