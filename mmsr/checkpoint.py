@@ -63,21 +63,27 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 # What the atomic saves below name their temporaries: ``tempfile.mkstemp(prefix=".NAME.", suffix=".tmp")``'s
-# 8 random characters (a file), ``.NAME.tmp-<8 hex>`` (a sharded save's folder).
+# 8 random characters (a file), ``.NAME.tmp-<8 hex>`` (a sharded save's folder), ``.NAME.old-<8 hex>`` (the
+# sharded checkpoint a save of NAME replaced, renamed aside until deleted).
 _TORN_FILE = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
 _TORN_FOLDER = re.compile(r"\..+\.tmp-[0-9a-f]{8}")
+_REPLACED = re.compile(r"\.(.+)\.old-[0-9a-f]{8}")
 
 
 def remove_torn_saves(folder: str | os.PathLike, name: str = "*") -> None:
     """Delete the temporaries of killed saves of ``name`` (a glob: every checkpoint by default) in ``folder``:
     a save killed with SIGKILL never reaches its ``except`` and leaves a checkpoint-sized hidden file (of
-    ``AtomicCheckpointIO``) or folder (of ``AtomicModelParallelStrategy``) for good. Several ranks may run it
-    at once: what another rank deleted first is skipped."""
+    ``AtomicCheckpointIO``) or folder (of ``AtomicModelParallelStrategy``) for good; so does a kill while a
+    replaced checkpoint is deleted (``.NAME.old-<id>``, deleted only once ``NAME`` is back: before that it is the
+    one whole checkpoint). Several ranks may run it at once: what another rank deleted first is skipped."""
     for stale in Path(folder).glob(f".{name}.tmp*"):
         if stale.is_dir() and _TORN_FOLDER.fullmatch(stale.name):
             shutil.rmtree(stale, ignore_errors=True)
         elif stale.is_file() and _TORN_FILE.fullmatch(stale.name):
             stale.unlink(missing_ok=True)
+    for old in Path(folder).glob(f".{name}.old-*"):
+        if (kept := _REPLACED.fullmatch(old.name)) and old.is_dir() and (old.parent / kept[1]).exists():
+            shutil.rmtree(old, ignore_errors=True)
 
 
 class AtomicModelParallelStrategy(ModelParallelStrategy):

@@ -98,8 +98,12 @@ def test_distributed_save_replaces_the_previous_one_and_a_failed_save_keeps_it(t
     assert torch.equal(load_weights(target)["model.w"], torch.full((4, 3), 2.0))  # the previous one, whole
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary left behind
     (tmp_path / ".step=9.ckpt.tmp-deadbeef").mkdir()  # what a kill -9 during a save leaves
+    # a kill while the replaced last.ckpt was deleted (a 7B one holds ~100 GB): half of it stays aside
+    (tmp_path / ".last.ckpt.old-0badc0de").mkdir()
+    # a kill between the two renames: the previous step=8.ckpt is whole only here, and is kept
+    (tmp_path / ".step=8.ckpt.old-0badc0de").mkdir()
     _save_dir(tmp_path / "step=10.ckpt", 4.0)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "step=10.ckpt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".step=8.ckpt.old-0badc0de", "last.ckpt", "step=10.ckpt"]
 
 
 def test_file_save_removes_temporaries_of_killed_saves_and_syncs_the_folder(tmp_path, monkeypatch):
