@@ -232,6 +232,32 @@ def test_guard_allows_public_literals_and_private_only_when_told():
         asyncio.run(guard.check_url("file:///etc/passwd", allow_private=True))  # scheme is never allowed
 
 
+# IPv6 forms that carry or hide an IPv4 address, and ones Python's ``is_global`` misses on some versions.
+# Teredo 2001:0:<server>:<flags>:<port>:<client XOR ffffffff>; 2001:0:808:808::f5ff:fffe: client 10.0.0.1.
+@pytest.mark.parametrize(
+    "host",
+    ["fec0::1", "feff::1",                                         # site-local fec0::/10
+     "2002:a9fe:a9fe::", "2002:7f00:1::1", "2002:a00:1::", "2002:6440:1::",  # 6to4 of link-local, ...
+     "2001:0:808:808::f5ff:fffe", "2001:0:a00:1::f7f7:f7f7",      # Teredo, private client / server
+     "::7f00:1", "::808:808",                                     # IPv4-compatible, refused outright
+     "64:ff9b::a9fe:a9fe", "64:ff9b::7f00:1", "64:ff9b::a00:1",   # NAT64 well-known, private IPv4
+     "64:ff9b:1::808:808", "64:ff9b:1:ffff::1"],                  # local-use NAT64, refused outright
+)  # fmt: skip
+def test_guard_refuses_ipv6_forms_that_reach_non_public_hosts(host):
+    with pytest.raises(guard.BlockedURL, match="non-public"):
+        asyncio.run(guard.check_url(f"http://[{host}]/latest/meta-data"))
+
+
+@pytest.mark.parametrize(
+    "host",
+    ["2606:4700:4700::1111", "2a00:1450:4001:82b::200e",  # public IPv6
+     "2002:808:808::", "2002:5db8:d70e::1",                 # 6to4 of 8.8.8.8 and 93.184.215.14
+     "64:ff9b::808:808", "::ffff:808:808"],                 # NAT64 well-known and IPv4-mapped of 8.8.8.8
+)  # fmt: skip
+def test_guard_allows_ipv6_forms_that_reach_public_hosts(host):
+    assert asyncio.run(guard.check_url(f"http://[{host}]/")).host == host
+
+
 def test_guarded_resolver_refuses_names_of_private_addresses():
     async def main():
         resolver = guard.PublicOnlyResolver()

@@ -2,10 +2,13 @@
 
 A text search reads pages whose URLs come from the web, and the model writes the query that picks them, so
 a reader must never become a way into the trainer's own network. Only ``http``/``https`` are fetched, and
-hosts that are, or resolve to, loopback, private, link-local, multicast, reserved or unspecified addresses are
-refused unless ``allow_private`` is set (tests that serve pages on 127.0.0.1 set it). The check runs twice:
-before the request (IP literals and resolved names) and inside the connection's resolver, so a name that
-resolves to a public address for the check and to a private one for the connection (DNS rebinding) is caught.
+hosts that are, or resolve to, loopback, private, link-local, site-local, multicast, reserved or unspecified
+addresses are refused unless ``allow_private`` is set (tests that serve pages on 127.0.0.1 set it). An IPv6
+address that carries an IPv4 one is judged by it (IPv4-mapped, 6to4, NAT64 well-known prefix: by the host it
+reaches; Teredo: refused if either address it carries is), and the deprecated IPv4-compatible form and
+local-use NAT64 are refused outright. The check runs twice: before the request (IP literals and resolved
+names) and inside the connection's resolver, so a name that resolves to a public address for the check and to
+a private one for the connection (DNS rebinding) is caught.
 Both checks cover only what this process fetches itself (``DirectReader``, thumbnails, downloaded images): it
 follows their redirects by hand, each hop checked again. ``JinaReader`` can check only the URL it hands to the
 reader service, which then fetches the page and follows its redirects itself, unchecked: a public page that
@@ -45,9 +48,40 @@ class UnresolvedHost(OSError):
 _NO_SUCH_NAME = {getattr(socket, name) for name in ("EAI_NONAME", "EAI_NODATA", "EAI_ADDRFAMILY") if hasattr(socket, name)}
 
 
+# IPv6 forms refused whatever follows the prefix: ``is_global`` does not flag them on every Python.
+# fec0::/10: deprecated site-local (RFC 3879), still routed inside some networks; ::/96: deprecated
+# IPv4-compatible ::a.b.c.d (also holds :: and ::1); 64:ff9b:1::/48: local-use NAT64 (RFC 8215), which
+# translates to whatever IPv4 addresses its operator picks, private ones included.
+_REFUSED_V6 = tuple(ipaddress.IPv6Network(n) for n in ("fec0::/10", "::/96", "64:ff9b:1::/48"))
+# NAT64 well-known prefix (RFC 6052): the last 32 bits are the IPv4 host the translator connects to
+_NAT64_WELL_KNOWN = ipaddress.IPv6Network("64:ff9b::/96")
+
+
+def _carried_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 host a packet to ``ip`` ends up at, for the forms that only carry one (IPv4-mapped, 6to4,
+    NAT64 well-known prefix); None for other addresses."""
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip.sixtofour is not None:  # 2002:a.b.c.d::/48: a relay tunnels it to a.b.c.d
+        return ip.sixtofour
+    if ip in _NAT64_WELL_KNOWN:
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return None
+
+
 def _blocked_ip(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    """True for an address the guard refuses; IPv6 forms that carry an IPv4 address are judged by it, so
+    ``2002:a9fe:a9fe::`` is as refused as 169.254.169.254 and ``2002:808:808::`` as public as 8.8.8.8."""
+    if isinstance(ip, ipaddress.IPv6Address):
+        if any(ip in net for net in _REFUSED_V6):
+            return True
+        carried = _carried_ipv4(ip)
+        if carried is not None:
+            return _blocked_ip(carried)
+        # Teredo (2001::/32) carries a server and a client address: either one non-public refuses it, and
+        # both public still leaves the address itself to the rule below
+        if ip.teredo is not None and any(_blocked_ip(v4) for v4 in ip.teredo):
+            return True
     return not ip.is_global or ip.is_multicast or ip.is_reserved or ip.is_unspecified
 
 
