@@ -22,9 +22,9 @@ def distinct_answers(texts: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(t for t in (text.strip() for text in texts) if t))
 
 
-def candidate_list(value, path, row) -> tuple[str, ...]:
+def candidate_list(value, path, row, field: str = "candidate_answers") -> tuple[str, ...]:
     """Candidate answers come as a list or as a JSON string of a list (upstream data), cleaned as
-    ``distinct_answers``. Numbers (upstream JSON holds ints, e.g. years) are stringified, as the reward's
+    ``distinct_answers``; errors name ``field`` (where the row's schema keeps them). Numbers (upstream JSON holds ints, e.g. years) are stringified, as the reward's
     ``parse_candidate_answers`` does: this layer may not import ``mmsr.reward``, so the rule (``str(v)``) is
     repeated here and must stay the same."""
     value = plain_value(value)
@@ -34,10 +34,10 @@ def candidate_list(value, path, row) -> tuple[str, ...]:
         try:
             value = json.loads(value)
         except json.JSONDecodeError as exc:
-            raise row_error(path, row, "candidate_answers", f"not a JSON list ({exc.msg})") from None
+            raise row_error(path, row, field, f"not a JSON list ({exc.msg})") from None
     items = [plain_value(v) for v in value] if isinstance(value, list | tuple) else None
     if items is None or not all(_is_candidate(v) for v in items):
-        raise row_error(path, row, "candidate_answers", f"expected a list of strings (or numbers), got {value!r:.80}")
+        raise row_error(path, row, field, f"expected a list of strings (or numbers), got {value!r:.80}")
     return tuple(distinct_answers(str(v) for v in items))
 
 
@@ -91,9 +91,10 @@ def other_answers(answers: Sequence[str], more: Iterable[str]) -> tuple[str, ...
     return tuple(a for a in dict.fromkeys([*answers[1:], *more]) if a != answers[0])
 
 
-def answers_of(value, candidates, path, row, field) -> tuple[str, tuple[str, ...]]:
-    """(ground truth, candidate answers) of a row, as ``ColumnMapping`` reads an answer and an alias cell."""
+def answers_of(value, candidates, path, row, field, candidates_field: str = "candidate_answers") -> tuple[str, tuple[str, ...]]:
+    """(ground truth, candidate answers) of a row, as ``ColumnMapping`` reads an answer and an alias cell; errors
+    name ``field`` and ``candidates_field``."""
     answers = answer_list(value, path, row, field)
     if not answers:
         raise row_error(path, row, field, f"missing or empty ({value!r:.40})")
-    return answers[0], other_answers(answers, candidate_list(candidates, path, row))
+    return answers[0], other_answers(answers, candidate_list(candidates, path, row, candidates_field))

@@ -270,7 +270,7 @@ def parquet_sample(r: dict, path: Path, i: int, id_stem: str | None = None) -> S
     extra = _extra_info(r.get("extra_info"), path, i)
     image = _parquet_image(r.get("images"), path, i)
     truth, candidates = answers_of(reward.get("ground_truth"), reward.get("candidate_answers"), path, i,
-                                 "reward_model.ground_truth")  # fmt: skip
+                                   "reward_model.ground_truth", "reward_model.candidate_answers")  # fmt: skip
     return Sample(
         id=_sample_id((r.get("data_id"), extra.get("index")), f"{id_stem or path.stem}-{i}"),
         question=question,

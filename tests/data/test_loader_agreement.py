@@ -171,6 +171,9 @@ def test_verl_rows_with_numpy_answer_cells(tmp_path):
     assert years.answers == ("1889", "1890")
     with pytest.raises(DataError, match=r"t.parquet: row 2, field 'reward_model.ground_truth': expected a string"):
         parquet_sample(_verl_row(np.array([True])), tmp_path / "t.parquet", 2)
+    # verl keeps the candidates under reward_model too: the error named a top-level field no parquet has
+    with pytest.raises(DataError, match=r"t.parquet: row 3, field 'reward_model.candidate_answers': not a JSON list"):
+        parquet_sample(_verl_row("Eiffel Tower", "[not json"), tmp_path / "t.parquet", 3)
 
 
 def test_a_dot_in_a_dataset_or_folder_name_is_no_extension(tmp_path, monkeypatch):
