@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import math
 import time
 
@@ -11,7 +12,7 @@ from aiohttp import web
 
 from mmsr.tools.web import guard
 from mmsr.tools.web.fake import serve
-from mmsr.tools.web.http import HTTPClient, Limits, Retryable, ToolError, parse_json, rate_limiter
+from mmsr.tools.web.http import HTTPClient, Limits, RateSlots, Retryable, ToolError, parse_json
 from mmsr.tools.web.reader import DirectReader
 
 from .fake_web import Script
@@ -161,6 +162,57 @@ def test_circuit_breaker_opens_fails_fast_and_half_opens():
     asyncio.run(main())
 
 
+def test_after_its_reset_the_breaker_lets_one_trial_call_through():
+    """After ``breaker_reset_s`` one call tries the provider while concurrent ones are refused: its failure opens
+    the circuit for another ``breaker_reset_s``, its success closes it (every call had reached a dead server)."""
+    script = Script((503, "down"))
+    reset = 0.2
+    limits = Limits(retries=0, breaker_failures=1, breaker_reset_s=reset)
+
+    async def main():
+        async with serve([("GET", "/x", script)]) as url:
+            client = HTTPClient("fake", limits)
+
+            async def kinds(n: int) -> list[str]:
+                results = await asyncio.gather(*(client.request("GET", url + "/x") for _ in range(n)),
+                                               return_exceptions=True)  # fmt: skip
+                return sorted(getattr(r, "kind", "ok") for r in results)
+
+            assert await kinds(1) == ["http_5xx"]  # opens the circuit
+            await asyncio.sleep(reset + 0.05)
+            before = time.monotonic()
+            assert await kinds(8) == ["circuit_open"] * 7 + ["http_5xx"]
+            assert len(script.requests) == 2 and client.breaker.open_until >= before + reset  # re-opened
+            await asyncio.sleep(client.breaker.open_until - time.monotonic() + 0.05)
+            script.responses = [(200, {"ok": 1})]
+            assert await kinds(4) == ["circuit_open"] * 3 + ["ok"]
+            assert await kinds(4) == ["ok"] * 4  # closed
+            assert len(script.requests) == 7
+
+    asyncio.run(main())
+
+
+def test_a_trial_call_cut_short_by_its_deadline_lets_the_next_call_try():
+    # A cancelled trial has no outcome: were it to keep the circuit half-open, every later call would be refused.
+    script = Script((503, "down"), ("sleep", 5.0), (200, {"ok": 1}))
+
+    async def main():
+        async with serve([("GET", "/x", script)]) as url:
+            client = HTTPClient("fake", Limits(retries=0, breaker_failures=1, breaker_reset_s=0.1))
+            with pytest.raises(ToolError, match="HTTP 503"):
+                await client.request("GET", url + "/x")
+            await asyncio.sleep(0.15)
+            trial = asyncio.create_task(client.request("GET", url + "/x"))
+            while len(script.requests) < 2:  # cut short once it reached the server
+                await asyncio.sleep(0.01)
+            trial.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await trial
+            assert await client.request("GET", url + "/x") == {"ok": 1}
+
+    asyncio.run(main())
+
+
 def test_concurrency_and_rate_limits():
     script = Script(("sleep", 0.1))
 
@@ -172,13 +224,13 @@ def test_concurrency_and_rate_limits():
             limited = HTTPClient("fake", Limits(rate_per_s=2.0))
             start = time.perf_counter()
             await asyncio.gather(*(limited.request("GET", url + "/x") for _ in range(4)))
-            assert time.perf_counter() - start > 0.6  # 2 at once, then one every 0.5 s
+            assert time.perf_counter() - start > 1.4  # one every 0.5 s
 
     asyncio.run(main())
 
 
 def test_a_rate_below_one_per_second_spaces_calls_by_its_period():
-    # Jina's anonymous 20 a minute is 0.33/s: aiolimiter refused every call from a bucket smaller than one.
+    # Jina's anonymous 20 a minute is 0.33/s (a token bucket smaller than one call refused every call)
     started: list[float] = []
 
     async def stamp(request):
@@ -194,11 +246,38 @@ def test_a_rate_below_one_per_second_spaces_calls_by_its_period():
     assert 1.8 < started[1] - started[0] < 2.8  # one call per 1 / 0.5 = 2 s
 
 
-def test_rate_limiters_keep_bursts_from_one_per_second_up():
-    slow, fast, whole = rate_limiter(0.25), rate_limiter(2.5), rate_limiter(1.0)
-    assert (slow.max_rate, slow.time_period) == (1, 4.0)  # one call, then one every 4 s
-    assert (fast.max_rate, fast.time_period) == (2.5, 1.0) and (whole.max_rate, whole.time_period) == (1.0, 1.0)
-    assert rate_limiter(None) is None
+def test_rate_slots_space_starts_by_the_period_without_bursts():
+    slow, fast = RateSlots(0.25), RateSlots(2.5)
+    assert (slow.period, fast.period) == (4.0, 0.4)
+    assert slow.claim() == 0.0 and 0.0 < slow.claim() <= 4.0  # the first starts at once, the next waits its turn
+    assert fast.claim() == 0.0 and 0.0 < fast.claim() <= 0.4  # from 1/s up too: no burst of 2.5 at once
+
+
+def test_the_rate_spaces_calls_across_rollout_steps():
+    """Each rollout step runs its calls in a fresh event loop (``asyncio.run``): the spacing must carry over from
+    one step to the next, not restart with the loop (consecutive steps' calls came 15 ms apart, 3 s asked)."""
+    period, started = 0.3, []
+
+    async def stamp(request):
+        started.append(time.monotonic())
+        return web.json_response({"ok": 1})
+
+    client = HTTPClient("slow", Limits(rate_per_s=1 / period, breaker_failures=0))
+
+    async def step():
+        async with serve([("GET", "/x", stamp)]) as url:
+            return await client.request("GET", url + "/x")
+
+    assert asyncio.run(step()) == asyncio.run(step()) == {"ok": 1}
+    assert started[1] - started[0] >= period / 2  # not the whole period: the first request's latency eats into it
+
+
+def test_a_client_copies_with_limits_of_its_own():
+    # Checkpoint hyper-parameters deep-copy the tools: the rate's and the breaker's locks must not stop that.
+    client = HTTPClient("fake", Limits(rate_per_s=1.0))
+    twin = copy.deepcopy(client)
+    assert twin._slots is not client._slots and twin.breaker is not client.breaker
+    assert twin._slots.claim() == 0.0 and twin.breaker.check("fake") is False
 
 
 @pytest.mark.parametrize(

@@ -2,18 +2,21 @@
 
 Every call of a provider goes through one ``HTTPClient``: a per-call timeout; retries on 429, 5xx, timeouts
 and connection errors with exponential backoff and full jitter (``tenacity``), honouring ``Retry-After``; a
-concurrency cap and a rate limit (``aiolimiter``) per provider; and a circuit breaker that fails fast after
-repeated failures, so a dead provider costs the rollout milliseconds, not minutes. A malformed answer (broken
-JSON, an HTML error page sent with status 200, JSON without the expected fields: ``parse`` decides) is
-retried like a 5xx: providers send those under load, and the next attempt usually succeeds. Failures surface
-as ``ToolError`` (a reason the model can read, redacted of any key the provider quoted, and a metric kind),
-which the tools turn into observations. One exception: a provider's own API endpoint (or the image host's
-upload URL) that refuses the key (401/403) or is not there (404) before it has ever answered stops the run
-(``ProviderRefused``); a page reader's 403 is about the page it was asked to read, one failed page.
+concurrency cap and a rate limit per provider; and a circuit breaker that fails fast after repeated failures
+(then lets one trial call through), so a dead provider costs the rollout milliseconds, not minutes. A
+malformed answer (broken JSON, an HTML error page sent with status 200, JSON without the expected fields:
+``parse`` decides) is retried like a 5xx: providers send those under load, and the next attempt usually
+succeeds. Failures surface as ``ToolError`` (a reason the model can read, redacted of any key the provider
+quoted, and a metric kind), which the tools turn into observations. One exception: a provider's own API
+endpoint (or the image host's upload URL) that refuses the key (401/403) or is not there (404) before it has
+ever answered stops the run (``ProviderRefused``); a page reader's 403 is about the page it was asked to
+read, one failed page.
 
 Sessions are opened per call: the rollout runs each step in a fresh event loop (``asyncio.run``), and an
-aiohttp session or an asyncio primitive must not outlive its loop. Limits therefore hold per event loop;
-the search server (one long-lived loop) is where several trainer processes share one limit.
+aiohttp session or an asyncio primitive must not outlive its loop. The concurrency cap therefore holds per
+event loop; the rate and the breaker are plain state under a thread lock, shared by every loop and thread
+that uses the client, so a new step neither restarts the rate's spacing nor lets a dead provider be called
+again early. The search server (one long-lived loop) is where several trainer processes share one limit.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import asyncio
 import json
 import math
 import os
+import threading
 import time
 import weakref
 from collections import Counter
@@ -30,7 +34,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
-from aiolimiter import AsyncLimiter
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 from yarl import URL
 
@@ -106,7 +109,8 @@ class Limits:
         backoff_s: first backoff; doubles per attempt, with random jitter of the same size.
         backoff_max_s: longest single backoff (also caps a server's ``Retry-After``).
         concurrency: most calls in flight at once.
-        rate_per_s: most calls started per second (``None``: unlimited; below 1, one per ``1 / rate_per_s`` s).
+        rate_per_s: most calls started per second: starts are at least ``1 / rate_per_s`` s apart, in one
+            rollout step or across steps (``None``: unlimited).
         breaker_failures: consecutive failed calls that open the circuit (0 disables the breaker).
         breaker_reset_s: how long an open circuit refuses calls before letting one through.
         max_bytes: largest response body read; larger ones are refused.
@@ -146,32 +150,82 @@ class Limits:
         return self.timeout_s * (self.retries + 1) + self.backoff_total_s()
 
 
-def rate_limiter(rate_per_s: float | None) -> AsyncLimiter | None:
-    """A limiter starting at most ``rate_per_s`` calls per second (``None``: no limiter). From 1 up: ``rate_per_s``
-    per second, in bursts of up to that many; below 1 (Jina's anonymous 20 a minute): one call per ``1 / rate_per_s``
-    seconds, since aiolimiter refuses every call from a bucket that holds less than one."""
-    if rate_per_s is None:
-        return None
-    return AsyncLimiter(rate_per_s, 1.0) if rate_per_s >= 1 else AsyncLimiter(1, 1.0 / rate_per_s)
+class _Locked:
+    """State under a thread lock; a copy (checkpoint hyper-parameters, a deepcopy) gets a lock of its own."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
 
-class CircuitBreaker:
-    """Opens after ``failures`` consecutive failures; after ``reset_s`` lets calls through again (half-open),
-    and one more failure re-opens it at once."""
+class RateSlots(_Locked):
+    """Calls started at least ``1 / rate_per_s`` s apart, whichever event loop or thread they run in (the rollout
+    runs each step in a fresh loop: a per-loop limiter let the next step's first call start at once).
+
+    A start is taken only by a call that starts: one cancelled while it waits (its deadline) costs no slot.
+    Waiting calls are not served in arrival order; their own deadlines bound how long one may wait.
+    """
+
+    def __init__(self, rate_per_s: float) -> None:
+        super().__init__()
+        self.period, self._next = 1.0 / rate_per_s, -math.inf
+
+    def claim(self) -> float:
+        """0 when a call may start now (the slot is then taken); else the seconds until the next free slot."""
+        with self._lock:
+            now = time.monotonic()
+            if now >= self._next:
+                self._next = now + self.period
+                return 0.0
+            return self._next - now
+
+    async def wait(self) -> None:
+        """Return once this call has taken a slot."""
+        while (delay := self.claim()) > 0:
+            await asyncio.sleep(delay)
+
+
+class CircuitBreaker(_Locked):
+    """Opens after ``failures`` consecutive failures and refuses calls for ``reset_s``; then lets one call through
+    (half-open) and refuses the others while it runs: its success closes the circuit, its failure re-opens it for
+    another ``reset_s``. Shared by every event loop and thread of the client."""
 
     def __init__(self, failures: int, reset_s: float) -> None:
+        super().__init__()
         self.failures, self.reset_s = failures, reset_s
-        self.consecutive, self.open_until = 0, 0.0
+        self.consecutive, self.open_until, self.probing = 0, 0.0, False
 
-    def check(self, name: str) -> None:
-        if self.failures and time.monotonic() < self.open_until:
+    def check(self, name: str) -> bool:
+        """Whether this call is the half-open trial (pass it to ``record``/``abandon``); ``ToolError``
+        (``circuit_open``) when the circuit refuses it."""
+        with self._lock:
+            if not self.failures or self.consecutive < self.failures:
+                return False
             wait = self.open_until - time.monotonic()
-            raise ToolError(f"{name} is unavailable (circuit open for {wait:.0f} more s)", "circuit_open", sent=False)
+            if wait <= 0 and not self.probing:
+                self.probing = True
+                return True
+        state = f"for {wait:.0f} more s" if wait > 0 else "while a trial call runs"
+        raise ToolError(f"{name} is unavailable (circuit open {state})", "circuit_open", sent=False)
 
-    def record(self, ok: bool) -> None:
-        self.consecutive = 0 if ok else self.consecutive + 1
-        if self.failures and self.consecutive >= self.failures:
-            self.open_until = time.monotonic() + self.reset_s
+    def record(self, ok: bool, probe: bool = False) -> None:
+        with self._lock:
+            self.consecutive = 0 if ok else self.consecutive + 1
+            self.probing = self.probing and not probe
+            if self.failures and self.consecutive >= self.failures:
+                self.open_until = time.monotonic() + self.reset_s
+
+    def abandon(self, probe: bool) -> None:
+        """A call that ended without an outcome (cancelled by its deadline): a trial it was lets the next call try."""
+        if probe:
+            with self._lock:
+                self.probing = False
 
 
 class Body(bytes):
@@ -246,7 +300,8 @@ class HTTPClient:
         self.counts: Counter[str] = Counter()
         self.answered = False  # a call has succeeded: from then on a refusal is an ordinary failure
         install_log_redaction()  # a process that calls providers logs their errors: keep keys out of them
-        self._gates: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # event loop -> (semaphore, limiter)
+        self._semaphores: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # event loop -> its semaphore
+        self._slots = RateSlots(limits.rate_per_s) if limits.rate_per_s is not None else None
         exponential = wait_exponential_jitter(
             multiplier=limits.backoff_s, max=limits.backoff_max_s, jitter=limits.backoff_s
         )
@@ -257,11 +312,11 @@ class HTTPClient:
         after = getattr(error, "retry_after", None) or 0.0
         return min(after, self.limits.backoff_max_s)
 
-    def _gate(self) -> tuple[asyncio.Semaphore, AsyncLimiter | None]:
+    def _semaphore(self) -> asyncio.Semaphore:
         loop = asyncio.get_running_loop()
-        if loop not in self._gates:
-            self._gates[loop] = (asyncio.Semaphore(self.limits.concurrency), rate_limiter(self.limits.rate_per_s))
-        return self._gates[loop]
+        if loop not in self._semaphores:
+            self._semaphores[loop] = asyncio.Semaphore(self.limits.concurrency)
+        return self._semaphores[loop]
 
     async def request(
         self,
@@ -284,7 +339,7 @@ class HTTPClient:
         """
         self.counts["calls"] += 1
         try:
-            self.breaker.check(self.name)
+            probe = self.breaker.check(self.name)
         except ToolError as exc:
             self.counts[exc.kind] += 1
             raise
@@ -305,9 +360,12 @@ class HTTPClient:
                 exc.sent = True  # whatever stopped the last attempt, an earlier one went out
             self.counts[exc.kind] += 1
             # Only service trouble opens the circuit; a 404 or an unreadable page says nothing about it.
-            self.breaker.record(not isinstance(exc, Retryable))
+            self.breaker.record(not isinstance(exc, Retryable), probe)
             raise
-        self.breaker.record(True)
+        except BaseException:  # cancelled (the call's deadline): no outcome, but a trial call must not hold the circuit
+            self.breaker.abandon(probe)
+            raise
+        self.breaker.record(True, probe)
         self.answered = True
         return result
 
@@ -328,12 +386,11 @@ class HTTPClient:
         self.counts.update(["retries", f"retry_{getattr(state.outcome.exception(), 'kind', 'error')}"])
 
     async def _attempt(self, method: str, url: str, check, **kwargs: Any) -> Body:
-        semaphore, limiter = self._gate()
         timeout = aiohttp.ClientTimeout(total=self.limits.timeout_s)
-        async with semaphore:
+        async with self._semaphore():
             try:
-                if limiter is not None:  # inside the try: whatever it raises is one failed call, never a crash
-                    await limiter.acquire()
+                if self._slots is not None:  # inside the semaphore: a slot is taken only by a call about to start
+                    await self._slots.wait()
                 connector = self._connector() if self._connector else None
                 async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
                     if check is None:
