@@ -2,8 +2,9 @@
 
 ``CachedTool`` wraps any ``SearchTool`` and serves it from a ``ToolCache``: one SQLite file that several
 processes can share, keyed by tool kind, provider, request key and backend version (``mmsr.tools.cache_store``,
-whose names are importable from here too). Reruns, evaluations and resumed runs then cost no API calls
-(spec §11 #8: SerpAPI is about $75 per 5k requests).
+whose names are importable from here too). The version is the one configured, plus a hash of the backend's settings
+that shape its results where any differ from their defaults (``settings_version``). Reruns, evaluations and resumed
+runs then cost no API calls (spec §11 #8: SerpAPI is about $75 per 5k requests).
 
 Modes: ``off`` (always call), ``read_write`` (hit -> cached result; miss -> call, store successes not cut short
 by a transient failure, ``ToolResult.partial``), ``replay_only`` (hit -> cached result; miss -> ``ReplayMiss``,
@@ -31,6 +32,9 @@ False, or a caller cancelled while it waited to reserve) gives its call back.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import inspect
+import json
 import os
 import threading
 import time
@@ -38,7 +42,7 @@ from collections import Counter
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from mmsr.tools.base import FatalToolError, SearchTool, ToolRequest, ToolResult, depends_on_question, failure
 from mmsr.tools.budget import with_budget_left
@@ -55,6 +59,33 @@ KIND_COUNTERS = frozenset({"cache_hits", "cache_misses", "cache_joined", "budget
 # Processes of one run share a budget only if they share a run_id; by default a process is its own run (until a
 # trainer gives its caches the run's: ``assign_run_id``).
 PROCESS_RUN_ID = f"pid{os.getpid()}-{int(time.time())}"
+
+
+def changed_settings(owner: object, **settings: Any) -> dict[str, Any]:
+    """Those of ``settings`` (``owner``'s ``__init__`` argument name -> its value) that differ from the argument's
+    default, and its parts' settings (dicts, ``part_settings``) that are not empty: what a backend's
+    ``cache_settings`` returns, so a backend configured as by default keys as it did before settings were keyed."""
+    params = inspect.signature(type(owner).__init__).parameters
+    return {name: value for name, value in settings.items()
+            if value != {} and (name not in params or value != params[name].default)}  # fmt: skip
+
+
+def part_settings(part: object) -> dict[str, Any]:
+    """``part.cache_settings()`` (a backend, or its provider, reader or summarizer); ``{}`` for one without."""
+    return part.cache_settings() if hasattr(part, "cache_settings") else {}
+
+
+def settings_version(version: str, tool: object) -> str:
+    """The key's version: ``version``, and a hash of ``tool``'s non-default result-shaping settings if it has any
+    (``1+3f2a9c0d1e4b``). Sorted JSON hashed by SHA-256: the same in every process, as Python's ``hash`` is not."""
+    settings = part_settings(tool)
+    if not settings:  # configured as by default: the key of caches recorded before settings were keyed
+        return version
+    try:
+        text = json.dumps(settings, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{type(tool).__name__}.cache_settings() is not plain JSON ({exc}): {settings}") from None
+    return f"{version}+{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
 
 class ReplayMiss(FatalToolError, LookupError):
@@ -122,7 +153,13 @@ class CachedTool:
         path: the cache database file.
         mode: ``off``, ``read_write`` or ``replay_only`` (see the module docstring).
         provider: part of the key; defaults to the tool's ``provider_name`` attribute, else its class name.
-        version: part of the key; bump it when the backend's output changes (prompt, model, format).
+        version: part of the key; bump it when the backend's output changes in a way its settings do not say (its
+            code, the served model's weights). The settings that shape its results (its ``cache_settings()``:
+            ``WebTextSearch``'s ``top_k``, its summarizer's prompts and ``max_sentences``, ``WebImageSearch``'s
+            ``max_side`` ...; not keys, endpoints, timeouts or retries) are keyed by themselves, hashed after
+            ``version`` (``key_version``, ``settings_version``), but only those that differ from their defaults:
+            a backend configured as by default keeps the keys it had before settings were keyed. A ``replay_only``
+            cache without a tool knows no settings: give it the recorded ``key_version`` as ``version``.
         max_calls, max_cost: the run's budget of API calls and dollars for this tool kind and provider
             (``None``: unlimited).
         run_id: processes with the same id share one budget; default: this process, until ``GRPOModule`` gives the
@@ -169,6 +206,12 @@ class CachedTool:
             self.tool.check_ready()
 
     @property
+    def key_version(self) -> str:
+        """The version in this cache's keys: ``version`` and the backend's non-default settings
+        (``settings_version``); read on each call, so a setting changed after wrapping is keyed too."""
+        return settings_version(self.version, self.tool)
+
+    @property
     def cache(self) -> ToolCache:
         # concurrent first calls run in threads: each opened its own connection (and raced SQLite to set up the file)
         with _OPENING:
@@ -178,7 +221,7 @@ class CachedTool:
 
     async def __call__(self, request: ToolRequest) -> ToolResult:
         start = time.perf_counter()
-        key = CacheKey(request.kind, self.provider, request_key(request, self.question_focused), self.version)
+        key = CacheKey(request.kind, self.provider, request_key(request, self.question_focused), self.key_version)
         self._kinds.setdefault(request.kind)
         if self.mode == "off":
             return await self._call_within_budget(request, start)
@@ -191,7 +234,7 @@ class CachedTool:
             raise ReplayMiss(
                 f"replay-only cache {self.cache.path} has no {request.kind} result for row "
                 f"{request.sample_id!r} (provider {self.provider!r}, key {key.key[:80]!r}, "
-                f"version {self.version!r})"
+                f"version {key.version!r})"
             )
         return await self._shared_miss(key, request, start)
 

@@ -11,6 +11,7 @@ from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
+from aiohttp import web
 from PIL import Image
 
 from mmsr.tools import IMAGE_MARKER, ToolRequest, ToolResult
@@ -18,10 +19,13 @@ from mmsr.tools.base import failure
 from mmsr.tools.cache import BudgetKey, CachedTool, ReplayMiss, ToolCache, image_key, request_key
 import mmsr.tools.cache as cache_module
 from mmsr.tools.crop import CropSearch
-from mmsr.tools.web.fake import serve
+from mmsr.tools.web.fake import chat_completion, jina, serper, serve
 from mmsr.tools.web.http import Limits, ToolError
 from mmsr.tools.web.image_search import WebImageSearch
-from mmsr.tools.web.providers import SerpAPILens
+from mmsr.tools.web.providers import SerpAPILens, Serper
+from mmsr.tools.web.reader import JinaReader
+from mmsr.tools.web.summarizer import OpenAISummarizer
+from mmsr.tools.web.text_search import WebTextSearch
 
 from .fake_web import Script
 
@@ -664,3 +668,79 @@ def test_a_joiner_of_another_row_gets_its_own_rows_answer_not_the_starters(tmp_p
     assert not gone.ok and "'gone'" in gone.text
     assert kept.ok and kept_again.ok and "title: row b" in kept.text and kept_again.text == kept.text
     assert backend.calls == 2 and tool.counts["image_search/cache_joined"] == 1  # row b's episodes still join
+
+
+FAST = Limits(timeout_s=2.0, retries=1, backoff_s=0.01, backoff_max_s=0.02, breaker_failures=0)
+
+
+class TinyWeb:
+    """Serper, Jina and summarizer routes: 8 results, and summaries of as many sentences as the prompt allows."""
+
+    def __init__(self) -> None:
+        self.searches = 0
+
+    async def search(self, request: web.Request) -> web.Response:
+        self.searches += 1
+        return web.json_response(serper([(f"Page {i}", f"http://example.com/p{i}", "") for i in range(1, 9)]))
+
+    async def read(self, request: web.Request) -> web.Response:
+        return web.json_response(jina("T", (await request.json())["url"], "Paris is the capital of France. " * 10))
+
+    async def summarize(self, request: web.Request) -> web.Response:
+        system = (await request.json())["messages"][0]["content"]
+        most = int(system.split("at most ", 1)[1].split()[0])
+        return web.json_response(chat_completion(" ".join(f"Sentence {i}." for i in range(1, most + 1))))
+
+    def routes(self) -> list:
+        return [("*", "/search", self.search), ("POST", "/jina", self.read),
+                ("POST", "/v1/chat/completions", self.summarize)]  # fmt: skip
+
+
+def _web_text(url: str, **settings) -> WebTextSearch:
+    """A web text search of ``TinyWeb`` at ``url``, configured as by default but ``top_k`` and the summarizer's
+    ``max_sentences`` in ``settings`` (endpoints, ``allow_private`` and limits only say where and how fast)."""
+    llm = OpenAISummarizer(base_url=url + "/v1", model="qwen", limits=FAST, **settings.pop("summarizer", {}))
+    reader = JinaReader(endpoint=url + "/jina", allow_private=True, limits=FAST)
+    return WebTextSearch(Serper(endpoint=url + "/search", limits=FAST), reader, llm, **settings)
+
+
+def _record(path, tiny: TinyWeb, *configured: dict) -> list[ToolResult]:
+    """The answers of a fresh ``CachedTool`` per configuration to the same request, one after the other."""
+
+    async def main():
+        async with serve(tiny.routes()) as url:
+            asked = ToolRequest("text_search", "capital of france", question="Which city?")
+            return [await CachedTool(_web_text(url, **dict(settings)), str(path))(asked) for settings in configured]
+
+    return asyncio.run(main())
+
+
+def test_a_web_search_configured_otherwise_pays_its_own_call_and_the_same_settings_hit(tmp_path, monkeypatch):
+    # The key was kind + provider name + request + version: a run asking for top_k=2 and 2-sentence summaries was
+    # served the 4 results of 5 sentences a top_k=4 run recorded, and made no call.
+    monkeypatch.setenv("SERPER_API_KEY", "sk-test")
+    tiny, wide, narrow = TinyWeb(), {"top_k": 4}, {"top_k": 2, "summarizer": {"max_sentences": 2}}
+    recorded, asked, hit, hit_again = _record(tmp_path / "c.sqlite", tiny, wide, narrow, wide, narrow)
+    assert len(recorded.titles) == 4 and "Sentence 5." in recorded.text
+    assert asked.titles == ("Page 1", "Page 2") and "Sentence 2." in asked.text and "Sentence 3." not in asked.text
+    assert tiny.searches == 2 and (hit.text, hit_again.text) == (recorded.text, asked.text)  # the same settings hit
+    assert asked.cost > 0 and hit.cost == hit_again.cost == 0.0
+
+
+def test_a_web_search_configured_as_by_default_keeps_its_key_from_before_settings_were_keyed(tmp_path, monkeypatch):
+    # Caches already paid for must keep hitting: only settings that differ from the defaults are keyed, and a
+    # setting's hash is the same in every process (sorted JSON + SHA-256, never Python's salted ``hash``).
+    monkeypatch.setenv("SERPER_API_KEY", "sk-test")
+    monkeypatch.setenv("SERPAPI_API_KEY", "sk-test")
+    path, tiny = tmp_path / "c.sqlite", TinyWeb()
+    assert _record(path, tiny, {})[0].ok
+    with sqlite3.connect(path) as db:
+        rows = db.execute("SELECT tool, provider, key, version FROM results").fetchall()
+    assert rows == [("text_search", "serper+jina_reader+qwen", "q:capital of france|question:which city?", "1")]
+    url = "http://127.0.0.1:1"
+    narrow = CachedTool(_web_text(url, top_k=2, summarizer={"max_sentences": 2}), str(path))
+    assert narrow.key_version == "1+c10587b910c0"  # sha256(b'{"summarizer":{"max_sentences":2},"top_k":2}')[:12]
+    lens = SerpAPILens(endpoint=url, api_key_env="SERPAPI_API_KEY", limits=FAST, cost_per_call=0.5)  # no result shaped
+    assert CachedTool(WebImageSearch(lens, allow_private=True, thumbnail_limits=FAST), version="3").key_version == "3"
+    small = WebImageSearch(SerpAPILens(hl="fr"), max_side=256)
+    assert CachedTool(small).key_version == "1+4ddbf0adb20f"  # sha256(b'{"max_side":256,"provider":{"hl":"fr"}}')

@@ -17,12 +17,13 @@ import asyncio
 import time
 from collections import Counter
 from functools import partial
-from typing import Protocol
+from typing import Any, Protocol
 
 from PIL import Image
 
 from mmsr.tools.base import ToolRequest, ToolResult, failure
 from mmsr.tools.budget import Deadline, Stage, check_stages
+from mmsr.tools.cache import changed_settings, part_settings
 from mmsr.tools.format import image_results
 from mmsr.tools.web import guard
 from mmsr.tools.web.http import HTTPClient, Limits, ToolError
@@ -88,6 +89,12 @@ class WebImageSearch:
         host = self.image_host.stages() if hasattr(self.image_host, "stages") else []
         lens = Stage(self.provider.name, self.provider.client.limits)
         return [*host, lens, Stage("thumbnails", self.thumbnails.limits)]
+
+    def cache_settings(self) -> dict[str, Any]:
+        """Its settings and its provider's that shape its answers, where not the default: a ``CachedTool`` keys on
+        them (``mmsr.tools.cache.settings_version``). Not the image host: the cache keys on the image itself."""
+        return changed_settings(self, top_k=self.top_k, max_candidates=self.max_candidates, max_pixels=self.max_pixels,
+                                max_side=self.max_side, provider=part_settings(self.provider))  # fmt: skip
 
     def check_budget(self, cap_s: float) -> None:
         """``BudgetError`` unless one Lens attempt and one thumbnail attempt fit in ``cap_s``."""

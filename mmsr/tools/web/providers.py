@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from mmsr.tools.cache import changed_settings
 from mmsr.tools.secrets import redact, register_secret_env
 from mmsr.tools.web.http import HTTPClient, Limits, Retryable, ToolError, parse_json
 
@@ -122,6 +123,10 @@ class SerpAPIGoogle:
         items = await self.client.request_endpoint("GET", self.endpoint, self.api_key_env, params=params, parse=parse)
         return _web_results(items)
 
+    def cache_settings(self) -> dict[str, Any]:
+        """What it asks for that shapes its results, where not the default (``mmsr.tools.cache.settings_version``)."""
+        return changed_settings(self, num=self.num, hl=self.hl, gl=self.gl)
+
     def metrics(self) -> dict[str, float]:
         return self.client.metrics()
 
@@ -147,6 +152,10 @@ class Serper:
         items = await self.client.request_endpoint("POST", self.endpoint, self.api_key_env, json=body,
                                                    headers=headers, parse=parse)  # fmt: skip
         return _web_results(items)
+
+    def cache_settings(self) -> dict[str, Any]:
+        """As ``SerpAPIGoogle.cache_settings``."""
+        return changed_settings(self, num=self.num, hl=self.hl, gl=self.gl)
 
     def metrics(self) -> dict[str, float]:
         return self.client.metrics()
@@ -184,6 +193,10 @@ class SerpAPILens:
             if isinstance(title, str) and title.strip() and isinstance(thumbnail, str) and thumbnail:
                 out.append(VisualMatch(redact(title), redact(thumbnail), redact(str(item.get("link") or ""))))
         return out
+
+    def cache_settings(self) -> dict[str, Any]:
+        """As ``SerpAPIGoogle.cache_settings``."""
+        return changed_settings(self, hl=self.hl, country=self.country)
 
     def metrics(self) -> dict[str, float]:
         return self.client.metrics()

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Protocol
 
+from mmsr.tools.cache import changed_settings
 from mmsr.tools.secrets import redact, register_secret_env
 from mmsr.tools.web import guard
 from mmsr.tools.web.http import Body, HTTPClient, Limits, Retryable, ToolError, parse_json
@@ -109,6 +110,11 @@ class JinaReader:
                                                   json={"url": url}, headers=headers, parse=jina_data)  # fmt: skip
         return _usable(Page(url, str(data.get("title") or ""), data["content"]), self.min_chars)
 
+    def cache_settings(self) -> dict[str, Any]:
+        """What shapes the pages it reads, where not the default (``mmsr.tools.cache.settings_version``); not
+        ``allow_private``, for tests only."""
+        return changed_settings(self, return_format=self.return_format, min_chars=self.min_chars)
+
     def metrics(self) -> dict[str, float]:
         return self.client.metrics()
 
@@ -191,6 +197,10 @@ class DirectReader:
         body = await self.client.request("GET", url, parse=lambda body: body, check=check, headers=headers)
         title, text = await asyncio.to_thread(page_text, body, url)
         return _usable(Page(url, title, text), self.min_chars)
+
+    def cache_settings(self) -> dict[str, Any]:
+        """As ``JinaReader.cache_settings`` (a site may answer another user agent otherwise)."""
+        return changed_settings(self, min_chars=self.min_chars, user_agent=self.user_agent)
 
     def metrics(self) -> dict[str, float]:
         return self.client.metrics()

@@ -11,6 +11,7 @@ import os
 import re
 from typing import Any, NamedTuple
 
+from mmsr.tools.cache import changed_settings
 from mmsr.tools.secrets import register_secret_env
 from mmsr.tools.web.http import HTTPClient, Limits, Retryable, ToolError, parse_json
 
@@ -90,10 +91,18 @@ class OpenAISummarizer:
         self.model, self.api_key_env, self.max_chars, self.max_tokens = model, api_key_env, max_chars, max_tokens
         self.temperature, self.cost_per_million_tokens = temperature, cost_per_million_tokens
         self.system = system_prompt.replace("{max_sentences}", str(max_sentences))
-        self.user_prompt = user_prompt
+        self.max_sentences, self.system_prompt, self.user_prompt = max_sentences, system_prompt, user_prompt
         self.name = "summarizer"
         self.client = HTTPClient(self.name, limits)
         register_secret_env(api_key_env)
+
+    def cache_settings(self) -> dict[str, Any]:
+        """What shapes its summaries, where not the default (``mmsr.tools.cache.settings_version``); the model is in
+        the cache's provider name already, and ``base_url`` says where it is served, not what it writes."""
+        return changed_settings(self, max_chars=self.max_chars, max_sentences=self.max_sentences,
+                                max_tokens=self.max_tokens, temperature=self.temperature,
+                                system_prompt=self.system_prompt, user_prompt=self.user_prompt,
+                                extra_body=self.extra_body)  # fmt: skip
 
     def _body(self, page: str, question: str) -> dict:
         # One pass: a question (or the model's query in it) that contains "{page}" must stay text, not paste

@@ -16,9 +16,11 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
+from typing import Any
 
 from mmsr.tools.base import ToolRequest, ToolResult, failure
 from mmsr.tools.budget import Deadline, Stage, check_stages
+from mmsr.tools.cache import changed_settings, part_settings
 from mmsr.tools.format import WEB_TEXT_HEADER, page_entry, text_results
 from mmsr.tools.web.http import ToolError, transient
 from mmsr.tools.web.providers import TextSearchProvider, WebResult
@@ -56,6 +58,13 @@ class WebTextSearch:
     def stages(self) -> list[Stage]:
         """The nested steps of one call, in order, with their limits."""
         return [Stage(c.name, c.client.limits) for c in (self.provider, self.reader, self.summarizer)]
+
+    def cache_settings(self) -> dict[str, Any]:
+        """Its settings and its parts' that shape its answers, where not the default: a ``CachedTool`` keys on them
+        (``mmsr.tools.cache.settings_version``), so a run asking for ``top_k=2`` is never served 5 recorded results."""
+        return changed_settings(self, top_k=self.top_k, max_candidates=self.max_candidates, max_chars=self.max_chars,
+                                provider=part_settings(self.provider), reader=part_settings(self.reader),
+                                summarizer=part_settings(self.summarizer))  # fmt: skip
 
     def check_budget(self, cap_s: float) -> None:
         """``BudgetError`` unless one search, one page read and one summary attempt fit in ``cap_s``."""
