@@ -84,3 +84,20 @@ def test_unknown_format_and_missing_file(tmp_path):
     (tmp_path / "x.csv").write_text("a,b")
     with pytest.raises(ValueError, match="unknown data format"):
         load_samples(tmp_path / "x.csv")
+
+
+def test_a_file_whose_rows_are_partly_without_image_warns_once(tmp_path, recwarn):
+    """A row with no ``image`` loads as a text-only question, by design; a file where only some rows have none is
+    more likely an export that dropped their images: a vision policy was then scored without the picture, silently."""
+
+    def drop(rows):
+        del rows[2]["image"]
+        rows[5]["image"] = None
+
+    with pytest.warns(UserWarning, match=r"2 of 20 rows of .*bad.jsonl have no image .*first: 'fvqa_train_\w+'"):
+        samples = load_samples(_copy_fvqa(tmp_path / "some", drop))
+    assert [s.image is None for s in samples].count(True) == 2
+    recwarn.clear()
+    load_samples(_copy_fvqa(tmp_path / "all", lambda rows: [r.update(image=None) for r in rows]))  # text-only data
+    load_samples(FVQA / "fvqa_dev.jsonl")  # every row with its image
+    assert not [w for w in recwarn if "no image" in str(w.message)]
