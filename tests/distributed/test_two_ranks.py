@@ -13,9 +13,11 @@ import torch
 import yaml
 from lightning.pytorch import Callback
 from safetensors.torch import load_file
+from torch.distributed.tensor import DTensor
 
 import mmsr.train.batch
 import mmsr.train.update
+from mmsr.checkpoint import load_weights
 from mmsr.data.loaders import load_samples
 from tests.conftest import subprocess_env
 from tests.distributed.runs import ROOT, assert_same_weights, fitted
@@ -74,6 +76,37 @@ class CountRoutes(Callback):
 
     def on_fit_end(self, trainer, pl_module) -> None:
         (self.out / f"routes_{trainer.global_rank}.json").write_text(json.dumps(self.counts | {"cuts": self.cuts}))
+
+
+class RecordStart(Callback):
+    """Writes what this rank starts training from to ``out/start_<rank>.pt`` (``on_train_start``: after a resume
+    restored the checkpoint): the LightningModule's full weights (FSDP2's DTensor shards gathered) and the AdamW
+    state of each parameter, keyed by the state-dict names a checkpoint stores them under."""
+
+    def __init__(self, out: str) -> None:
+        self.out = Path(out)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        full = lambda t: t.full_tensor() if isinstance(t, DTensor) else t  # noqa: E731
+        names = {p: n for n, p in pl_module.named_parameters()}
+        (optimizer,) = trainer.optimizers
+        adam = {names[p]: {k: full(v).detach().clone() for k, v in s.items()} for p, s in optimizer.state.items()}
+        weights = {k: full(v).detach().clone() for k, v in pl_module.state_dict().items()}
+        torch.save({"weights": weights, "adam": adam}, self.out / f"start_{trainer.global_rank}.pt")
+
+
+def checkpoint_adam(ckpt: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """The AdamW state a ``ModelParallelStrategy`` distributed checkpoint holds (its ``optimizer_0``), per
+    parameter name, read in this process without a process group (as ``mmsr.checkpoint.load_weights`` reads
+    the weights)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    state: dict = {}
+    planner = _EmptyStateDictLoadPlanner(keys={"optimizer_0"})
+    _load_state_dict(state, storage_reader=FileSystemReader(ckpt), planner=planner, no_dist=True)
+    return state["optimizer_0"]["state"]
 
 
 def routes(run_dir: Path, devices: int) -> list[dict]:
@@ -165,12 +198,22 @@ def sharded_run(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_sharded_checkpoint_resumes_on_one_rank(tmp_path, sharded_run):
-    """An FSDP2 run on 2 ranks writes a sharded (distributed) checkpoint; a 1-rank run resumes from it."""
+    """An FSDP2 run on 2 ranks writes a sharded (distributed) checkpoint; a 1-rank run resumes from it: it starts
+    from the checkpoint's weights and AdamW state (two updates' moments), not fresh ones, at step 3."""
     two = sharded_run
     (ckpt,) = (two / "ckpt").glob("step=2*")
     assert ckpt.is_dir()  # a distributed checkpoint: one shard file per rank plus metadata
-    one = run(tmp_path / "one", 1, fsdp(1), max_steps=3, extra=["--ckpt_path", str(ckpt)])
+    record = {"class_path": f"{__name__}.RecordStart", "init_args": {"out": str(tmp_path / "one")}}
+    one = run(tmp_path / "one", 1, fsdp(1), max_steps=3, extra=["--ckpt_path", str(ckpt), "--trainer.callbacks+",
+                                                                json.dumps(record)])  # fmt: skip
     assert len(losses(one)) == 1  # resumed at step 2, trained step 3 only
+    start, saved, adam = torch.load(one / "start_0.pt"), load_weights(ckpt), checkpoint_adam(ckpt)
+    off = [k for k in saved if not torch.equal(start["weights"][k], saved[k])]
+    assert start["weights"].keys() == saved.keys() and not off, off  # the step-2 weights, gathered from 2 shards
+    assert start["adam"].keys() == adam.keys() == saved.keys() - {"model.lm_head.weight"}  # tied to the embeddings
+    for name, state in adam.items():  # a fresh AdamW has no state at all; a reset one, step 0 and zero moments
+        assert start["adam"][name].keys() == state.keys() and float(state["step"]) == 2, name
+        assert all(torch.equal(start["adam"][name][k], v) for k, v in state.items()), name
     # rank 0's prompts of steps 1-2 (only rank 0 logs): the sampler's position counted one rank's share, and
     # the one rank went on from the 5th index of its own order, rolling out 4 prompts trained in this epoch
     seen, resumed = ({json.loads(line)["sample_id"] for line in next(d.glob("csv/version_*/trajectories.jsonl")).open()}
