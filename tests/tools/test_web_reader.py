@@ -4,6 +4,7 @@ trafilatura's guess), and a plain-text page is its own text."""
 from __future__ import annotations
 
 import asyncio
+import random
 
 import pytest
 from aiohttp import web
@@ -61,6 +62,12 @@ def test_a_plain_text_page_is_its_own_text_within_the_byte_cap():
     assert read(GERMAN.encode("utf-8"), "text/plain").text == GERMAN  # no charset: guessed (UTF-8)
     with pytest.raises(ToolError, match="byte cap"):
         read(text.encode() * 100, "text/plain", Limits(max_bytes=1000, breaker_failures=0))
+    noise = random.Random(0).randbytes(20_000)  # an archive served as text/plain: no text to summarize, nor pay for
+    for kind in ("text/plain", "text/plain; charset=utf-8", "text/plain; charset=windows-1252"):
+        with pytest.raises(ToolError, match="no readable text"):
+            read(noise, kind)
+    with pytest.raises(ToolError, match="no readable text"):
+        read(noise.replace(b"\x00", b"\x01"), "text/plain; charset=windows-1252")  # no NUL: control characters
 
 
 def test_jina_reader_a_page_host_the_dns_could_not_resolve_for_now_is_a_transient_failure(monkeypatch):

@@ -166,12 +166,23 @@ def guessed_text(data: bytes) -> str:
 
 
 def page_text(body: Body, url: str) -> tuple[str, str]:
-    """(title, text) of a fetched page: a ``text/plain`` body is its own text (no title), anything else goes to
-    ``extract_text``; both decoded by ``declared_text``, else as trafilatura guesses."""
+    """(title, text) of a fetched page: a ``text/plain`` body is its own text (no title; none if it is binary,
+    ``looks_binary``), anything else goes to ``extract_text``; both decoded by ``declared_text``, else as
+    trafilatura guesses."""
     text = declared_text(body)
     if body.content_type == "text/plain":
-        return "", text if text is not None else guessed_text(bytes(body))
+        text = text if text is not None else guessed_text(bytes(body))
+        return "", "" if looks_binary(text) else text
     return extract_text(text if text is not None else bytes(body), url)
+
+
+def looks_binary(text: str, sample: int = 4096) -> bool:
+    """Whether decoded ``text`` is bytes no decoding made readable (an archive or image served as ``text/plain``):
+    a NUL, or over 5% control characters or U+FFFD in its first ``sample`` characters; real text has next to none.
+    The summarizer was sent ~19,000 characters of such noise, paid for, as a page."""
+    head = text[:sample]
+    odd = sum(1 for c in head if c == "\ufffd" or (c < " " and c not in "\t\n\r\f"))
+    return "\x00" in head or odd > 0.05 * len(head)
 
 
 class DirectReader:
