@@ -88,6 +88,8 @@ def request_from_json(body: Any) -> ToolRequest:
     if data is not None and not isinstance(data, str):
         raise ValueError("field 'image': must be a base64 string or null")
     image = _image64(data, "image") if data else None
+    if body["kind"] == "image_search" and image is None and not image_url:  # a client's fault: no backend traceback
+        raise ValueError("fields 'image' and 'image_url': an image_search needs one of them")
     return ToolRequest(body["kind"], query, image, image_url, sample_id, question, budget)
 
 

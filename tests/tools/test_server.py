@@ -83,8 +83,11 @@ def test_client_round_trip_equals_the_backend(monkeypatch):
                 assert r.status == 400 and "field 'kind'" in (await r.json())["error"]
             async with session.post(url + "/v1/search", json={"kind": "text_search", "query": 3}) as r:
                 assert r.status == 400 and "field 'query'" in (await r.json())["error"]
+            # a backend raised on it and the server logged a traceback at ERROR, for a client's mistake
+            async with session.post(url + "/v1/search", json={"kind": "image_search", "sample_id": "r0"}) as r:
+                assert r.status == 400 and "an image_search needs one of them" in (await r.json())["error"]
             async with session.get(url + "/v1/metrics") as r:
-                assert (await r.json())["server/requests"] == 5
+                assert (await r.json())["server/requests"] == 6
         return remote
 
     remote = asyncio.run(_with_server(SearchServer(replay, replay, port=0), body))
