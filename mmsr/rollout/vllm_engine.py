@@ -68,6 +68,7 @@ from mmsr.rollout.vllm_inputs import (
 )
 from mmsr.rollout.vllm_startup import (
     launcher_env,
+    reload_covering,
     repack_cpu_lm_head,
     tolerant_kernel_scan,
 )
@@ -293,15 +294,21 @@ class VLLMEngine:
 
     # -- weights --------------------------------------------------------------------------------
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Load checkpoint-named tensors into the running model, then forget cached prefixes."""
+        """Load checkpoint-named tensors into the running model, then forget cached prefixes. An engine parameter
+        that no tensor reached (a renamed parameter, another architecture's names) stops it (``ValueError`` naming
+        them): vLLM only logs it, and the engine would sample with that parameter stale."""
         llm = self._require()
-        llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(named_tensors)})
+        missed = llm.collective_rpc(reload_covering, kwargs={"weights_iterator": iter(named_tensors)})
         llm.collective_rpc(repack_cpu_lm_head)
         llm.reset_prefix_cache()
         # vLLM 0.32's reload clears the worker's cached vision-encoder outputs but not the scheduler's
         # record of them, so the next request with an image seen before fails with "Encoder cache
         # miss"; resetting both also drops embeddings made with the old weights (tiny Qwen2.5-VL test).
         llm.llm_engine.reset_encoder_cache()
+        if unloaded := sorted({name for names in missed if names for name in names}):
+            raise ValueError(f"VLLMEngine.update_weights: no tensor of the sync reached {len(unloaded)} of the engine's "
+                             f"parameters ({', '.join(unloaded[:5])}{', ...' if len(unloaded) > 5 else ''}): they would "
+                             "stay stale (a renamed parameter, or another architecture)")  # fmt: skip
 
     def score(self, input_ids: Sequence[int], vision: Sequence[VisionInput] = ()) -> list[float]:
         """``[L-1]`` log-probs of tokens 1.. of one sequence, images expanded as in training (raw model,

@@ -68,3 +68,26 @@ def repack_cpu_lm_head(worker) -> int:
             module.quant_method.process_weights_after_loading(module)
             n += 1
     return n
+
+
+def reload_covering(worker, weights_iterator) -> list[str] | None:
+    """``worker.reload_weights(weights_iterator=...)``, returning the engine model's parameters that no tensor
+    reached: vLLM 0.32 only logs them ("Following weights were not loaded"), and the engine then samples with their
+    old values, which the sync's probe may not see (a bias, a norm, a lowered learning rate's small steps). None
+    where the model's ``load_weights`` does not say what it loaded."""
+    model, loaded = worker.model_runner.get_model(), []
+    own = model.load_weights
+
+    def load_weights(weights):
+        names = own(weights)
+        loaded.append(None if names is None else set(names))
+        return names
+
+    model.load_weights = load_weights  # over the class's method, for this reload only
+    try:
+        worker.reload_weights(weights_iterator=weights_iterator)
+    finally:
+        del model.load_weights
+    if not loaded or loaded[-1] is None:
+        return None
+    return sorted({name for name, _ in model.named_parameters()} - loaded[-1])

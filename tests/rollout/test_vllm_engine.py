@@ -265,6 +265,20 @@ def test_verification_catches_a_skipped_sync(policy, engine, initial, taught):
     check(policy, engine)  # a real sync repairs it
 
 
+def test_a_sync_that_reaches_not_every_engine_parameter_is_refused_naming_them(policy, engine, initial, taught):
+    """vLLM's reload only logs the parameters no tensor reached, and samples with their old values: a layer norm
+    left out moved the log-probs by less than the recipes' probe tolerance lets through."""
+    from mmsr.sync import stream_weights
+
+    load(policy, taught[0])
+    left_out = "model.norm.weight"
+    named = [(n, t) for n, t in stream_weights(policy.model, 2**20) if n != left_out]
+    assert len(named) == len(list(stream_weights(policy.model, 2**20))) - 1
+    with pytest.raises(ValueError, match=r"no tensor of the sync reached 1 of the engine's parameters \(model\.norm\.weight\)"):
+        engine.update_weights(iter(named))
+    use(policy, engine, initial)  # a whole sync is accepted
+
+
 def test_verification_catches_a_sync_that_keeps_the_prefix_cache(policy, engine, initial, taught, monkeypatch):
     """vLLM's prompt log-probs bypass its prefix cache, so scoring alone misses a sync that keeps the
     cached KV of the old weights; the greedy continuation of the cached probe prefix catches it."""

