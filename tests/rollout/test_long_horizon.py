@@ -4,6 +4,7 @@ enforced (observations cut to fit, or the episode ends) and logged in the trajec
 import asyncio
 import json
 
+import pytest
 from PIL import Image
 
 from mmsr.metrics import rollout_metrics
@@ -152,3 +153,58 @@ def test_an_observation_no_cut_can_fit_with_a_full_turn_after_it_stays_whole_if_
     assert plain.turns[0].tool_call.result.text == whole.turns[0].tool_call.result.text
     assert fitted.turns[0].tool_call.result.text == plain.turns[0].tool_call.result.text
     assert fitted.input_ids == plain.input_ids and fitted.finish_reason == plain.finish_reason and fitted.context == []
+
+
+
+@pytest.mark.parametrize("fitting", ["off", "turn equals room", "cut cannot fit"])
+def test_an_observation_exactly_filling_the_context_is_dropped_and_one_token_more_room_keeps_it(
+        tiny_policy, fvqa_samples, fitting):  # fmt: skip
+    """An observation of exactly the room left would leave the next request 0 tokens: it is dropped (the episode
+    ends, truncated, and says so), with or without fitting; one token more room keeps it, and the next turn gets
+    that token. Fitting: ``max_tokens_per_turn`` equal to the room turns it off (no full turn fits after anything:
+    the plain rule, ``room - 1`` left); one less leaves 1 token, which no cut fits."""
+    sample, tools = fvqa_samples[0], [TextSearchTool(Pages(60))]
+    script = [f"{R}<text_search>capital</text_search>", ANS]
+    whole = run(tiny_policy, sample, script, tools, RolloutSettings(max_context_tokens=100_000))
+    start = whole.turns[0].span[1]
+    observation = whole.turns[1].span[0] - start  # the end of turn before it included
+    turn = {"off": 32, "turn equals room": observation, "cut cannot fit": observation - 1}[fitting]
+    assert whole.turns[0].span[1] - whole.turns[0].span[0] <= min(turn, 32)  # the first turn is never cut here
+    for room in (observation, observation + 1):
+        settings = RolloutSettings(max_tokens_per_turn=turn, max_context_tokens=start + room,
+                                   fit_observations=fitting != "off")  # fmt: skip
+        traj = run(tiny_policy, sample, script, tools, settings)
+        assert traj.finish_reason == "truncated" and traj.input_ids == whole.input_ids[: len(traj)], room
+        assert sampled_only(traj), room
+        if room == observation:  # dropped: none of it is in the sequence, and the log says so
+            left = 1 if fitting == "cut cannot fit" else room - 1
+            assert len(traj.turns) == 1 and len(traj) == start
+            assert traj.turns[0].tool_call.result.text == whole.turns[0].tool_call.result.text
+            assert traj.context == [f"turn 1: text_search observation of {observation} tokens, {left} left for it: "
+                                    "dropped, the episode ends (truncated)"]  # fmt: skip
+        else:  # kept whole: the answer turn gets the one token left, and is cut at the context limit
+            assert len(traj.turns) == 2 and traj.turns[1].span == (start + observation, start + room)
+            assert traj.context == ["turn 2: cut at the context limit after 1 tokens"]
+
+def test_fit_returns_the_fullest_version_that_fits_for_every_small_size_and_limit():
+    """Against a brute force over every text length, image count and limit: ``fit`` returns the first of the whole
+    result, the result without its images, or its text cut to ``k`` characters (``k`` from the longest down) whose
+    tokens are within the limit, or None. The edges: the whole result at exactly the limit (images kept), the bare
+    cut marker at exactly the limit, and the longest cut that fits, not one a character shorter."""
+    image = Image.new("RGB", (8, 8), "red")
+    tokens = lambda r: len(r.text) + 30 * len(r.images)  # noqa: E731 - an image costs more than its marker's note
+
+    def brute(text: str, images: int, limit: int) -> tuple[str, int] | None:
+        """``(text, images)`` of the expected answer: plain strings, as a ``ToolResult`` redacts as it is built."""
+        bare = text.replace(IMAGE_MARKER, DROPPED_IMAGE)
+        cuts = [(bare[:k] + CUT, 0) for k in range(len(bare) - 1, -1, -1)]
+        return next((v for v in [(text, images), (bare, 0), *cuts] if len(v[0]) + 30 * v[1] <= limit), None)
+
+    for n in range(16):
+        for images in range(3):
+            result = ToolResult(IMAGE_MARKER * images + "x" * n, (image,) * images)
+            for limit in range(tokens(result) + 2):
+                got, want = fit(result, tokens, limit), brute(result.text, images, limit)
+                where = f"n={n} images={images} limit={limit}"
+                assert (got if got is None else (got.text, len(got.images))) == want, where
+                assert got is result or tokens(result) > limit, where  # whole, it is returned as is

@@ -47,10 +47,10 @@ def test_the_smallest_limits_in_range_are_accepted():
     assert (s.max_rounds, s.text_search_limit, s.tool_limits) == (1, 0, {"crop": 0})
 
 
-def _run(policy, sample, max_context_tokens):
+def _run(policy, sample, max_context_tokens, **settings):
     engine = ScriptedEngine({f"{sample.id}#0": [ANS]}, policy.tokenizer)
     loop = RolloutLoop(engine, policy, PromptBuilder(), {"image_search": None, "text_search": None},
-                       RolloutSettings(max_context_tokens=max_context_tokens))  # fmt: skip
+                       RolloutSettings(max_context_tokens=max_context_tokens, **settings))  # fmt: skip
     (traj,) = loop.run([sample], 1, SamplingParams())
     return traj, engine
 
@@ -78,6 +78,19 @@ def test_a_prompt_with_room_for_a_token_is_not_noted(tiny_policy, fvqa_samples):
     assert len(traj.turns) == 1 and traj.turns[0].truncated and traj.finish_reason == "truncated"
     assert traj.context == ["turn 1: cut at the context limit after 1 tokens"]
 
+
+
+def test_a_turn_cut_by_its_own_cap_where_the_room_left_equals_it_is_not_a_context_cut(tiny_policy, fvqa_samples):
+    """A turn that stops at ``max_tokens_per_turn`` is cut by its cap, not the context, even where the room left
+    is exactly that cap; one token less room and the same turn is cut at the context limit, and noted."""
+    sample = fvqa_samples[0]
+    whole, _ = _run(tiny_policy, sample, 4096)
+    prompt, (start, end) = whole.prompt_len, whole.turns[0].span
+    cap = end - start - 2  # the answer turn no longer fits its cap
+    for room, context in ((cap, []), (cap - 1, [f"turn 1: cut at the context limit after {cap - 1} tokens"])):
+        traj, _ = _run(tiny_policy, sample, prompt + room, max_tokens_per_turn=cap)
+        assert traj.finish_reason == "truncated" and traj.turns[0].truncated and len(traj) == prompt + room, room
+        assert traj.context == context, room
 
 def test_a_tool_limit_naming_no_configured_tool_is_refused_as_the_loop_is_built(tiny_policy):
     """``tool_limits={"imge_search": 1}`` (a typo) limited nothing, without a word: the settings cannot know the
