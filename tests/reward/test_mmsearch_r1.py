@@ -179,3 +179,11 @@ def test_weighted_rewards() -> None:
 def test_weighted_rewards_length_mismatch() -> None:
     with pytest.raises(ValueError, match="2 rewards but 1 weights"):
         WeightedRewards([_Const(1.0), _Const(2.0)], [1.0])
+
+
+def test_an_episode_without_turns_earns_nothing_even_judged_correct():
+    """A judge (or a custom correctness) may call an empty episode right: no turn is no answer and no format."""
+    from mmsr.reward.mmsearch_r1 import shaped_reward
+
+    assert shaped_reward([], True) == 0.0 and shaped_reward([], True, format_weight=0.0) == 0.0
+    assert shaped_reward(["<reason>r</reason><answer>x</answer>"], True) == 1.0
