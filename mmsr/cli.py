@@ -247,18 +247,28 @@ def cause(exc: BaseException) -> str:
     in the chain names itself by its outermost message's one line (``parse_error_line``): the inner ones lose
     the key (``NSKeyError: Option 'top' is not accepted``). An exception whose class sets ``names_its_cause``
     ends the chain too (``mmsr.reward.base.RewardError``): its message names where the error came from, then the
-    inner one's type and message, which alone said ``KeyError: 'oops'`` and not which reward raised it."""
+    inner one's type and message, which alone said ``KeyError: 'oops'`` and not which reward raised it. So does an
+    exception whose message quotes the one it was raised from (``_embeds``): it names the file that one did not."""
     seen, brief = set(), None
     while True:
         if brief is None and (line := parse_error_line(str(exc))) is not None:
             brief = f"{type(exc).__name__}: {line}"
         inner = None if getattr(exc, "names_its_cause", False) else _shown_inner(exc)
-        if inner is None or id(inner) in seen:
+        if inner is None or id(inner) in seen or _embeds(exc, inner):
             break
         seen.add(id(exc))
         exc = inner
     lines = str(exc).strip().splitlines() or [""]
     return brief or f"{type(exc).__name__}: {lines[0]}"
+
+
+def _embeds(outer: BaseException, inner: BaseException) -> bool:
+    """Whether ``outer``'s message holds ``inner``'s (its parse error's line, else its first line): mmsr's own
+    error raised ``from`` the one it explains, naming the file or row that one did not (``x.ckpt is not a checkpoint
+    torch.load can read: [Errno 22] Invalid argument`` ended as ``OSError: [Errno 22] Invalid argument``)."""
+    text = str(inner).strip()
+    said = parse_error_line(text) or (text.splitlines()[0].strip() if text else "")
+    return len(said) >= 4 and said in str(outer)
 
 
 def _shown_inner(exc: BaseException) -> BaseException | None:

@@ -43,6 +43,19 @@ def test_an_explicit_cause_and_an_unsuppressed_context_are_still_followed():
     assert cli.cause(chained(True)) == "ValueError: outer"
 
 
+def test_an_error_quoting_the_one_it_was_raised_from_is_shown_naming_the_file(tmp_path):
+    """``raise ValueError(f"{path} ...: {e}") from e`` ended as the inner ``OSError: [Errno 22] Invalid argument`` (or
+    torch's mmap complaint), naming no file; an outer error that does not quote its cause still gives way to it."""
+    from mmsr.checkpoint import load_weights
+
+    for content in (b"", b"not a checkpoint"):
+        (tmp_path / "bad.ckpt").write_bytes(content)
+        with pytest.raises(ValueError) as error:
+            load_weights(tmp_path / "bad.ckpt")
+        assert error.value.__cause__ is not None
+        assert cli.cause(error.value).startswith(f"ValueError: {tmp_path / 'bad.ckpt'} is not a checkpoint"), content
+
+
 def test_lightnings_optimizer_options_are_refused_by_the_parser(monkeypatch, capsys):
     monkeypatch.chdir(ROOT)
     for flags in (["--optimizer", "torch.optim.AdamW", "--optimizer.lr", "0.01"],

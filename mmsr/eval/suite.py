@@ -31,6 +31,7 @@ import traceback
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from mmsr.cli_errors import parse_error_line
 from mmsr.data.columns import EvalSet
 from mmsr.eval.load import _parse, _parsed, _read_yaml
 from mmsr.eval.run import Evaluator, judge_failed, repeated_id, write_outputs
@@ -54,7 +55,7 @@ def read_suite(path: str | Path) -> dict[str, EvalSet]:
         try:
             sets[str(name)] = _parse({"set": EvalSet}, {"set": entry}, Path(path)).set
         except Exception as exc:  # jsonargparse raises its own types: say which set's entry is wrong
-            raise ValueError(f"{path}: set {name!r}: {exc}") from exc
+            raise ValueError(f"{path}: set {name!r}: {parse_error_line(str(exc)) or exc}") from exc
     return sets
 
 

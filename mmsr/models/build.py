@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Literal, Protocol
 
 import torch
+from safetensors import SafetensorError
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -270,7 +271,11 @@ class PretrainedPolicy:
             processor, tools = self.image_processor(), self.image_processor(tool_pixels) if tool_pixels else None
             self.check_patches(processor, config.vision_config.patch_size)
         auto = AutoModelForImageTextToText if is_vision else AutoModelForCausalLM
-        model = auto.from_pretrained(self.path, **kw)
+        try:
+            model = auto.from_pretrained(self.path, **kw)
+        except (OSError, ValueError, SafetensorError) as exc:  # a torn copy's SafetensorError named no file
+            kind = ValueError if isinstance(exc, ValueError) else OSError
+            raise kind(f"{self.path}: its weights could not be loaded: {type(exc).__name__}: {exc}") from exc
         if not is_vision:
             return Policy(model, tokenizer, chat=chat)
         return Policy(model, tokenizer, processor, chat=chat, tool_image_processor=tools)

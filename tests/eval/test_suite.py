@@ -10,6 +10,7 @@ import yaml
 from mmsr.data.columns import EvalSet
 from mmsr.eval.run import Evaluator
 from mmsr.eval.work import WORK_FILE, EvalWork
+from mmsr.cli import cause
 from mmsr.eval.suite import read_suite, run_suite
 from mmsr.rollout.engine import ScriptedEngine
 from tests.conftest import FVQA
@@ -99,6 +100,13 @@ def test_suite_file_errors_name_the_set(tmp_path):
     (tmp_path / "s.yaml").write_text(yaml.safe_dump({"sets": {"x": {"class_path": "mmsr.data.benchmarks.NoSuchSet"}}}))
     with pytest.raises(ValueError, match="s.yaml: set 'x'"):
         read_suite(tmp_path / "s.yaml")
+    # a misspelt argument: the line mmsr fit shows (cli.cause) names the file, the set and the key (it named the key alone)
+    typo = {"class_path": "mmsr.data.benchmarks.MMSearchR1Parquet", "init_args": {"data_sorce": "x"}}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump({"sets": {"a": typo}}))
+    with pytest.raises(ValueError) as error:
+        read_suite(tmp_path / "s.yaml")
+    shown = cause(error.value)
+    assert shown.startswith(f"ValueError: {tmp_path / 's.yaml'}: set 'a': ") and "data_sorce" in shown, shown
     (tmp_path / "s.yaml").write_text(yaml.safe_dump({"data": ["x.parquet"]}))
     with pytest.raises(ValueError, match="expected one key 'sets'"):
         read_suite(tmp_path / "s.yaml")

@@ -112,3 +112,16 @@ def test_a_hub_id_that_fails_to_load_is_named(monkeypatch):
     monkeypatch.setattr(build, "AutoConfig", Unreachable)
     with pytest.raises(OSError, match="^acme/missing_export: no such directory .* as a hub id: We couldn't connect"):
         PretrainedPolicy("acme/missing_export").build()
+
+
+def test_a_torn_weights_file_is_named(tiny_policy, tmp_path):
+    """An export or copy cut short leaves a ``model.safetensors`` whose header cannot be read: the error named no file
+    (``SafetensorError: Error while deserializing header``), and it was the last line ``mmsr eval`` printed."""
+    import mmsr.cli as cli
+
+    save_policy(tiny_policy, tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5])
+    with pytest.raises(OSError) as error:
+        PretrainedPolicy(str(tmp_path)).build()
+    assert cli.cause(error.value).startswith(f"OSError: {tmp_path}: its weights could not be loaded: SafetensorError")
