@@ -15,6 +15,7 @@ by Lightning / fsspec as usual, without these guarantees.
 
 from __future__ import annotations
 
+import glob
 import os
 import random
 import re
@@ -114,6 +115,8 @@ class AtomicModelParallelStrategy(ModelParallelStrategy):
             self.barrier("atomic_checkpoint_written")  # every rank's shards are on disk
             if self.global_rank == 0:
                 _replace(tmp, target)
+                # a checkpoint a crash left aside while NAME was missing (kept by the sweep above): NAME is back now
+                remove_torn_saves(target.parent, glob.escape(target.name))
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

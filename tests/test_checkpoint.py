@@ -106,6 +106,29 @@ def test_distributed_save_replaces_the_previous_one_and_a_failed_save_keeps_it(t
     assert sorted(p.name for p in tmp_path.iterdir()) == [".step=8.ckpt.old-0badc0de", "last.ckpt", "step=10.ckpt"]
 
 
+def test_a_save_failing_to_rename_the_new_one_in_keeps_the_previous_one_whole(tmp_path, monkeypatch):
+    """The old NAME is renamed aside before the new one comes in and deleted only after: a crash between the two
+    renames leaves it whole at ``.NAME.old-<id>``, kept by later saves until NAME is back."""
+    target = tmp_path / "last.ckpt"
+    _save_dir(target, 1.0)
+    replace = mmsr.checkpoint.os.replace
+
+    def dies(src, dst):  # the rename of the new checkpoint in
+        if str(src).startswith(str(tmp_path / ".last.ckpt.tmp-")):
+            raise OSError("killed between the renames")
+        return replace(src, dst)
+
+    monkeypatch.setattr(mmsr.checkpoint.os, "replace", dies)
+    with pytest.raises(OSError, match="killed between the renames"):
+        _save_dir(target, 2.0)
+    monkeypatch.undo()
+    (aside,) = tmp_path.glob(".last.ckpt.old-*")
+    assert not target.exists() and torch.equal(load_weights(aside)["model.w"], torch.full((4, 3), 1.0))
+    _save_dir(target, 3.0)  # kept while NAME was missing, deleted once the new one is in (not a save later: ~100 GB)
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+    assert torch.equal(load_weights(target)["model.w"], torch.full((4, 3), 3.0))
+
+
 def test_file_save_removes_temporaries_of_killed_saves_and_syncs_the_folder(tmp_path, monkeypatch):
     killed = [tmp_path / ".last.ckpt.k1ll3d_0.tmp", tmp_path / ".step=9.ckpt.x9y8z7w6.tmp"]  # what SIGKILL leaves
     for f in killed:

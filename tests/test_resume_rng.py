@@ -57,6 +57,15 @@ def test_each_rank_gets_its_own_states_back():
         assert (torch.rand(1).item(), float(np.random.rand()), random.random()) == expected
 
 
+def test_a_rank_state_without_an_engine_state_restores_silently_into_an_engine_that_cannot_load_one(recwarn):
+    """An engine without ``state_dict`` saved ``None``: restoring it into one without ``load_state_dict`` (the
+    scripted engine, every resume of such a run) has nothing to warn of. A state it cannot load is warned."""
+    restore_rank_state([{"rng": rng_state(), "engine": None}], 0, 1, ScriptedEngine(script))
+    assert [str(w.message) for w in recwarn] == []
+    restore_rank_state([{"rng": rng_state(), "engine": {"calls": 3}}], 0, 1, ScriptedEngine(script))
+    assert "ScriptedEngine has no load_state_dict(state): not restored" in str(recwarn.pop(UserWarning).message)
+
+
 def test_the_vllm_engine_s_sampler_state_round_trips_without_starting_vllm():
     engine = VLLMEngine(seed=5)
     engine.calls = 3

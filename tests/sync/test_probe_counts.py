@@ -139,3 +139,33 @@ def test_an_engine_with_the_right_log_probs_but_not_the_greedy_token_is_stale(tr
         verify_sampling(trainer, NotGreedy(trainer), ids, 1e-3, vision, tokens=3)
     mean_diff = float(re.search(r"mean \|dlogp\| (\S+)", str(raised.value)).group(1))
     assert mean_diff < 1e-5  # its log-probs are right: only the argmax clause catches it
+
+
+
+class GreedyButOnce(CopyEngine):
+    """Greedy, with each token's log-prob right, except at its 2nd token: there the likeliest token more than
+    ``below`` under the argmax (that gap kept in ``gap``). One flipped token of a continuation: a mean hides it."""
+
+    def __init__(self, policy, below: float):
+        super().__init__(policy)
+        self.below, self.gap = below, None
+
+    def generate(self, requests, sampling):
+        (request,) = requests
+        ids, logprobs = list(request.input_ids), []
+        for i in range(sampling.max_tokens):
+            logp = torch.log_softmax(trainer_logits(self.copy, ids, request.vision, banned=True)[-1], -1)
+            gaps = logp.max() - logp
+            token = int(gaps.masked_fill(gaps <= self.below, float("inf")).argmin()) if i == 1 else int(logp.argmax())
+            self.gap = float(gaps[token]) if i == 1 else self.gap
+            ids, logprobs = ids + [token], logprobs + [float(logp[token])]
+        return [GenerationOutput(ids[len(request.input_ids) :], logprobs, "length")]
+
+
+def test_one_token_off_the_argmax_by_more_than_the_tolerance_is_stale(trainer):
+    ids, vision = probe_inputs(trainer)
+    tolerance = 0.2  # the tiny model's runner-up tokens lie ~0.5 under its argmax
+    engine = GreedyButOnce(trainer, below=tolerance)
+    with pytest.raises(StaleWeightsError, match=r"greedy sampling .* below the trainer's argmax"):
+        verify_sampling(trainer, engine, ids, tolerance, vision, tokens=4)
+    assert tolerance < engine.gap <= 4 * tolerance  # the flip's gap averaged over the 4 tokens is within it

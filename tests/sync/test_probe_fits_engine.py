@@ -36,6 +36,18 @@ class Off(CopyEngine):
         return [x + 0.01 for x in super().score(input_ids, vision)]
 
 
+class Spiked(CopyEngine):
+    """Scores the probe ``by`` off the trainer at its last token only, or (``every``) at every token."""
+
+    def __init__(self, policy, by: float, every: bool = False):
+        super().__init__(policy)
+        self.by, self.every = by, every
+
+    def score(self, input_ids, vision=()):
+        scores = super().score(input_ids, vision)
+        return [x + self.by for x in scores] if self.every else [*scores[:-1], scores[-1] + self.by]
+
+
 @pytest.fixture
 def trainer(tiny_policy):
     return Policy(copy.deepcopy(tiny_policy.model), tiny_policy.tokenizer, tiny_policy.image_processor)
@@ -80,3 +92,13 @@ def test_a_failed_probe_of_an_fp32_engine_says_stale(trainer):
     ids, vision = probe_inputs(trainer)
     with pytest.raises(StaleWeightsError, match=r"the engine \(in float32\) is generating with stale or wrongly loaded"):
         verify_sync(trainer, Off(trainer, "float32"), ids, 1e-3, vision)
+
+
+def test_scoring_compares_the_mean_gap_a_single_rounding_spike_passes(trainer):
+    """bf16 rounding moves single tokens' log-probs by far more than the mean: one token 0.2 off passes the bf16
+    tolerance, every token 0.06 off fails it."""
+    ids, vision = probe_inputs(trainer)
+    check = verify_sync(trainer, Spiked(trainer, 0.2), ids, 0.05, vision)  # the last token is text, never a pad
+    assert check.max_abs_diff == pytest.approx(0.2, abs=1e-4) and check.mean_abs_diff < 0.05
+    with pytest.raises(StaleWeightsError, match=r"\(scoring\): mean \|dlogp\| 0.06 "):
+        verify_sync(trainer, Spiked(trainer, 0.06, every=True), ids, 0.05, vision)
