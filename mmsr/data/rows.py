@@ -328,7 +328,7 @@ def _warn_some_without_image(samples: list[Sample], path: Path) -> None:
     """One warning when some rows of a file have an image and others none: a text-only question is a row of its
     own choosing (``"image": null``, or no such key), but an export that dropped a few rows' images reads alike,
     and a vision policy then trains and is scored on those questions without their picture, with no error."""
-    without = [s.id for s in samples if s.image is None]
+    without = [s.id for s in samples if s.stored_image is None]  # ``image`` would decode every row's
     if without and len(without) < len(samples):
         warnings.warn(f"{len(without)} of {len(samples)} rows of {path} have no image and load as text-only questions "
                       f"(first: {without[0]!r}); if they should have one, its 'image' field is missing or null",

@@ -86,7 +86,7 @@ def test_unknown_format_and_missing_file(tmp_path):
         load_samples(tmp_path / "x.csv")
 
 
-def test_a_file_whose_rows_are_partly_without_image_warns_once(tmp_path, recwarn):
+def test_a_file_whose_rows_are_partly_without_image_warns_once(tmp_path, recwarn, monkeypatch):
     """A row with no ``image`` loads as a text-only question, by design; a file where only some rows have none is
     more likely an export that dropped their images: a vision policy was then scored without the picture, silently."""
 
@@ -94,8 +94,14 @@ def test_a_file_whose_rows_are_partly_without_image_warns_once(tmp_path, recwarn
         del rows[2]["image"]
         rows[5]["image"] = None
 
+    from mmsr.data.sample import EncodedImage
+
+    decoded = []
+    monkeypatch.setattr(EncodedImage, "decode", lambda self: decoded.append(self))
     with pytest.warns(UserWarning, match=r"2 of 20 rows of .*bad.jsonl have no image .*first: 'fvqa_train_\w+'"):
         samples = load_samples(_copy_fvqa(tmp_path / "some", drop))
+    assert not decoded  # question images stay encoded until read: the check decoded every row's (3x the load time)
+    monkeypatch.undo()
     assert [s.image is None for s in samples].count(True) == 2
     recwarn.clear()
     load_samples(_copy_fvqa(tmp_path / "all", lambda rows: [r.update(image=None) for r in rows]))  # text-only data

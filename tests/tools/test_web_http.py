@@ -12,7 +12,7 @@ from aiohttp import web
 
 from mmsr.tools.web import guard
 from mmsr.tools.web.fake import serve
-from mmsr.tools.web.http import HTTPClient, Limits, RateSlots, Retryable, ToolError, parse_json
+from mmsr.tools.web.http import CircuitBreaker, HTTPClient, Limits, RateSlots, Retryable, ToolError, parse_json
 from mmsr.tools.web.reader import DirectReader
 
 from .fake_web import Script
@@ -278,6 +278,11 @@ def test_a_client_copies_with_limits_of_its_own():
     twin = copy.deepcopy(client)
     assert twin._slots is not client._slots and twin.breaker is not client.breaker
     assert twin._slots.claim() == 0.0 and twin.breaker.check("fake") is False
+    # copied while a trial call of an open circuit ran: the copy's calls never end that trial, so it is not copied
+    breaker = CircuitBreaker(failures=1, reset_s=0.0)
+    breaker.record(False)
+    assert breaker.check("fake") is True  # the trial, still running
+    assert copy.deepcopy(breaker).check("fake") is True
 
 
 @pytest.mark.parametrize(

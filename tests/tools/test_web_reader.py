@@ -68,6 +68,8 @@ def test_a_plain_text_page_is_its_own_text_within_the_byte_cap():
             read(noise, kind)
     with pytest.raises(ToolError, match="no readable text"):
         read(noise.replace(b"\x00", b"\x01"), "text/plain; charset=windows-1252")  # no NUL: control characters
+    log = "".join(f"\x1b[36mstep {i}\x1b[0m \x1b[32mok\x1b[0m\vdone\n" for i in range(40))  # a CI log is text
+    assert read(log.encode(), "text/plain").text == log
 
 
 def test_jina_reader_a_page_host_the_dns_could_not_resolve_for_now_is_a_transient_failure(monkeypatch):

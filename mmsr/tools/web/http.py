@@ -214,6 +214,10 @@ class CircuitBreaker(_Locked):
         state = f"for {wait:.0f} more s" if wait > 0 else "while a trial call runs"
         raise ToolError(f"{name} is unavailable (circuit open {state})", "circuit_open", sent=False)
 
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.probing = False  # a copy made while a trial call ran: no call of the copy would ever end that trial
+
     def record(self, ok: bool, probe: bool = False) -> None:
         with self._lock:
             self.consecutive = 0 if ok else self.consecutive + 1

@@ -178,10 +178,11 @@ def page_text(body: Body, url: str) -> tuple[str, str]:
 
 def looks_binary(text: str, sample: int = 4096) -> bool:
     """Whether decoded ``text`` is bytes no decoding made readable (an archive or image served as ``text/plain``):
-    a NUL, or over 5% control characters or U+FFFD in its first ``sample`` characters; real text has next to none.
-    The summarizer was sent ~19,000 characters of such noise, paid for, as a page."""
+    a NUL, or over 5% control characters or U+FFFD in its first ``sample`` characters; real text has next to none
+    (a log's ANSI colour escapes and vertical tabs are text). The summarizer was sent ~19,000 characters of such
+    noise, paid for, as a page."""
     head = text[:sample]
-    odd = sum(1 for c in head if c == "\ufffd" or (c < " " and c not in "\t\n\r\f"))
+    odd = sum(1 for c in head if c == "\ufffd" or (c < " " and c not in "\t\n\r\f\v\x1b"))
     return "\x00" in head or odd > 0.05 * len(head)
 
 
