@@ -664,6 +664,17 @@ def test_the_default_gpu_is_an_80gb_card_as_cuda_reports_it(capsys):
     assert capsys.readouterr().err == ""
 
 
+@pytest.mark.parametrize("value", ["-3", "0", "nan", "inf"])
+def test_a_gpu_of_no_memory_is_refused_naming_the_flag(value, capsys):
+    """``--gpu-gb -3`` planned "peak 2.1 GiB of -3.0 GiB per GPU: does not fit by 5.1 GiB": a parser error now,
+    before the config is read."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["-c", "no-such.yaml", "--gpu-gb", value])
+    assert exit_.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == f"mmsr plan: error: argument --gpu-gb: must be a GPU's memory in GiB, more than 0, got {value}"
+
+
 def test_fp32_compute_over_bf16_parameters_is_refused_as_fit_refuses_it():
     """``mmsr.parallel.compute_dtype`` refuses it (``GRPOModule.setup``): the plan sized it as if it could run."""
     with pytest.raises(ValueError, match="model.compute_dtype 'float32' is wider than model.param_dtype 'bfloat16'"):

@@ -201,12 +201,13 @@ def warm_start_stage(out: Path, seed: int, memory: StageMemory, reading_steps: i
 
 
 def reused(source: Path) -> Path:
-    """``source``, an earlier demo's run directory, once it is known to hold the world and the warm start
-    GRPO starts from (a missing one is named, with the command that makes it)."""
+    """``source``, an earlier demo's run directory (its ``--out``), once it is known to hold the world and the warm
+    start GRPO starts from; else the files it lacks are named (an empty or missing folder, a fit run's)."""
     world, policy = source / "world", source / "sft" / "policy"
-    for need in (world / "train.parquet", world / "eval.parquet", policy / "config.json", policy / "model.safetensors"):
-        if not need.is_file():
-            raise FileNotFoundError(f"--warm-start {source}: {need} is missing (`mmsr demo --out {source}` makes it)")
+    needs = (world / "train.parquet", world / "eval.parquet", policy / "config.json", policy / "model.safetensors")
+    if missing := [str(need) for need in needs if not need.is_file()]:
+        raise FileNotFoundError(f"--warm-start {source} is not a demo run folder (no {', '.join(missing)}): "
+                                f"give the --out of an earlier `mmsr demo`")  # fmt: skip
     return source
 
 
@@ -215,7 +216,22 @@ def warm_start_seed(source: Path) -> int:
     config = source / "sft" / "csv" / "config.yaml"
     if not config.is_file():
         raise FileNotFoundError(f"--warm-start {source}: {config} is missing (it names the seed); pass --seed")
-    return int(yaml.safe_load(config.read_text())["seed_everything"])
+    try:
+        loaded = yaml.safe_load(config.read_text())
+    except yaml.YAMLError as e:  # yaml's own message spans lines and names no file
+        raise ValueError(f"--warm-start {source}: {config} is not valid YAML ({yaml_problem(e)}); pass --seed") from e
+    seed = loaded.get("seed_everything") if isinstance(loaded, dict) else None
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"--warm-start {source}: {config} names no seed_everything (got {seed!r}); pass --seed")
+    return seed
+
+
+def yaml_problem(e: yaml.YAMLError) -> str:
+    """``e`` in one line: what the parser was doing, what it found, and where."""
+    if not isinstance(e, yaml.MarkedYAMLError):
+        return str(e).splitlines()[0] if str(e) else type(e).__name__
+    where = f" at line {e.problem_mark.line + 1}" if e.problem_mark else ""
+    return ": ".join(filter(None, (e.context, e.problem))) + where
 
 
 def checks(summary: dict) -> list[tuple[str, bool, str]]:
@@ -312,6 +328,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.warm_start is None and sum(warm_start_steps(args.reading_steps, args.sft_steps)) == 0:
         ap.error("--reading-steps 0 --sft-steps 0: the warm start would train no step; give either 1 or more "
                  "(or --warm-start DIR to reuse an earlier run's)")
+    if args.warm_start is not None:  # before its seed is read: a folder of another kind was told to pass --seed
+        reused(args.warm_start)
     seed = args.seed if args.seed is not None else warm_start_seed(args.warm_start) if args.warm_start else 0
     # the demo hands LightningCLI its own arguments on purpose; its warning about sys.argv is noise here
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")

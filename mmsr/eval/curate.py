@@ -231,6 +231,14 @@ def refuse_without_tools(workflows: Sequence[str], tools: Mapping[str, object], 
         raise SystemExit(f"mmsr curate: error: curation's rollouts search, but no tool is configured ({where}): {GIVE_TOOLS}")
 
 
+def share(text: str) -> float:
+    """``type`` of ``--search-free-ratio``: a share in [0, 1] (NaN is none)."""
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
 def main(argv: list[str]) -> dict[str, int]:
     from mmsr.eval.cli import add_model_args, input_contents, load_from_args, positive_int, refuse_unread
 
@@ -240,8 +248,9 @@ def main(argv: list[str]) -> dict[str, int]:
     p.add_argument("--out", required=True, help="output parquet (MMSearch-R1 schema)")
     p.add_argument("--k", type=positive_int, default=8, help="rollouts per question")
     p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--search-free-ratio", type=float, default=0.32, help="paper: 1.6k of 5k")
-    p.add_argument("--size", type=int, help="rows to select (default: the most the pools allow)")
+    p.add_argument("--search-free-ratio", type=share, default=0.32, help="paper: 1.6k of 5k")
+    # checked here: ``select`` refused either only after every rollout ran (a --size below 1 in ``random.sample``)
+    p.add_argument("--size", type=positive_int, help="rows to select (default: the most the pools allow)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", help="resumable work file (default: <out>.rollouts.jsonl)")
     args = p.parse_args(argv)

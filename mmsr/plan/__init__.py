@@ -41,12 +41,20 @@ ROWS = (
 )
 
 
+def gpu_gib(text: str) -> float:
+    """``type`` of ``--gpu-gb``: a GPU's memory, more than 0 GiB and finite (-3 planned "does not fit by 5.1 GiB")."""
+    value = float(text)
+    if not 0.0 < value < float("inf"):  # NaN too
+        raise argparse.ArgumentTypeError(f"must be a GPU's memory in GiB, more than 0, got {text}")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmsr plan", description=__doc__.split("\n\n")[0], allow_abbrev=False,
                                 epilog="Other arguments are dotted overrides of the run config "
                                        "(--model.init_args.micro_batch_tokens 8192).")  # fmt: skip
     p.add_argument("-c", "--config", action="append", required=True, help="run config; several merge in order")
-    p.add_argument("--gpu-gb", type=float, default=CARD_GIB[80], metavar="GIB",
+    p.add_argument("--gpu-gb", type=gpu_gib, default=CARD_GIB[80], metavar="GIB",
                    help=f"memory of one GPU in GiB, as torch.cuda.mem_get_info() reports its total (default "
                         f"{CARD_GIB[80]}: an H100 or A100 sold as 80 GB; an H200 {CARD_GIB[141]})")  # fmt: skip
     p.add_argument("--overhead-gb", type=float, default=2.0, help="CUDA context, NCCL buffers, fragmentation (GiB)")

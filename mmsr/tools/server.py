@@ -168,6 +168,9 @@ class SearchServer:
     def __init__(self, image_search: SearchTool | None = None, text_search: SearchTool | None = None,
                  host: str = "127.0.0.1", port: int = 8765, token_env: str | None = "MMSR_SEARCH_TOKEN",
                  max_request_mb: float = 32.0, shutdown_timeout_s: float = 30.0) -> None:  # fmt: skip
+        # here, not at bind: serve() built its backends first, then ended in socket's OverflowError naming no setting
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+            raise ValueError(f"SearchServer.port must be in 0..65535 (0: any free port), got {port!r}")
         self.tools = {k: t for k, t in zip(KINDS, (image_search, text_search)) if t is not None}
         self.host, self.port, self.shutdown_timeout_s = host, port, shutdown_timeout_s
         self.max_request_bytes = int(max_request_mb * 2**20)

@@ -69,7 +69,7 @@ def test_warm_start_arguments(monkeypatch, tmp_path):
     import mmsr.demo.run as demo
 
     source = tmp_path / "earlier"
-    with pytest.raises(FileNotFoundError, match=r"world/train.parquet is missing \(`mmsr demo --out"):
+    with pytest.raises(FileNotFoundError, match=r"is not a demo run folder \(no .*world/train.parquet"):
         demo.reused(source)
     for path in ("world/train.parquet", "world/eval.parquet", "sft/policy/config.json", "sft/policy/model.safetensors"):
         (source / path).parent.mkdir(parents=True, exist_ok=True)
@@ -208,6 +208,53 @@ def _earlier_run(root: Path) -> Path:
     (root / "sft" / "csv").mkdir(parents=True)
     (root / "sft" / "csv" / "config.yaml").write_text("seed_everything: 0\n")
     return root
+
+
+@pytest.mark.parametrize("kind", ["empty", "missing", "fit run", "half a demo"])
+@pytest.mark.parametrize("seed", [[], ["--seed", "3"]])
+def test_a_warm_start_folder_that_is_no_demo_run_is_named_before_anything(monkeypatch, tmp_path, kind, seed):
+    """An empty folder, a missing one or a fit run's was told its ``sft/csv/config.yaml`` is missing, "pass
+    --seed", and with ``--seed`` it failed on the world: the folder is checked first, naming what it lacks."""
+    import mmsr.cli
+    import mmsr.demo.run as demo
+
+    source = tmp_path / "notdemo"
+    if kind != "missing":
+        source.mkdir()
+    if kind == "fit run":  # what `mmsr fit` leaves: its logger's config and checkpoints, no world
+        (source / "csv").mkdir()
+        (source / "csv" / "config.yaml").write_text("seed_everything: 0\n")
+        (source / "checkpoints").mkdir()
+    if kind == "half a demo":  # the world built, the warm start cut before it saved
+        _earlier_run(source)
+        (source / "sft" / "policy" / "model.safetensors").unlink()
+    monkeypatch.setattr(mmsr.cli, "lightning_cli", lambda *a, **k: pytest.fail("the demo ran"))
+    with pytest.raises(FileNotFoundError) as exc:
+        demo.main(["--out", str(tmp_path / "out"), "--warm-start", str(source), *seed])
+    lacks = f"{source}/sft/policy/model.safetensors" if kind == "half a demo" else f"{source}/world/train.parquet, "
+    assert str(exc.value).startswith(f"--warm-start {source} is not a demo run folder (no ") and lacks in str(exc.value)
+    assert str(exc.value).endswith("): give the --out of an earlier `mmsr demo`")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("text", "why"), [
+    ("seed_everything: {3\n", "while parsing a flow mapping: expected ',' or '}', but got '<stream end>' at line 2"),
+    ("seed_everything: [3\n", "while parsing a flow sequence: expected ',' or ']', but got '<stream end>' at line 2"),
+])  # fmt: skip
+def test_a_damaged_warm_start_config_is_named(tmp_path, text, why):
+    """A damaged ``sft/csv/config.yaml`` in a demo run ended in yaml's ``ParserError``, naming no file."""
+    import mmsr.demo.run as demo
+
+    source = _earlier_run(tmp_path / "earlier")
+    config = source / "sft" / "csv" / "config.yaml"
+    config.write_text(text)
+    with pytest.raises(ValueError) as exc:
+        demo.main(["--out", str(tmp_path / "out"), "--warm-start", str(source)])
+    assert str(exc.value) == f"--warm-start {source}: {config} is not valid YAML ({why}); pass --seed"
+    for other in ("- 3\n", "trainer: {}\n", "seed_everything: true\n"):  # YAML, but naming no seed
+        config.write_text(other)
+        with pytest.raises(ValueError, match=r"names no seed_everything \(got (None|True)\); pass --seed$"):
+            demo.warm_start_seed(source)
 
 
 @pytest.mark.parametrize(("argv", "max_steps"), [

@@ -209,6 +209,20 @@ def test_check_ready_refuses_a_backend_the_server_lacks(monkeypatch):
         HTTPSearchTool(kind="video_search")
 
 
+@pytest.mark.parametrize("port", [70000, -1, 65536])
+def test_a_port_outside_0_65535_is_refused_naming_it(port):
+    """``--server.port 70000`` ended in socket's ``OverflowError: bind(): port must be 0-65535`` once serving
+    began, naming no setting; the server refuses it when built (``mmsr serve-search``: before serving)."""
+    from mmsr.tools.server import main as server_main
+
+    named = rf"SearchServer.port must be in 0\.\.65535 \(0: any free port\), got {port}$"
+    with pytest.raises(ValueError, match=named):
+        SearchServer(port=port)
+    with pytest.raises(ValueError, match=named):
+        server_main(["--server.port", str(port)])
+    assert SearchServer(port=65535).port == 65535 and SearchServer(port=0).port == 0
+
+
 def test_check_ready_names_the_url_when_nothing_listens(monkeypatch):
     monkeypatch.delenv("MMSR_SEARCH_TOKEN", raising=False)
     url = f"http://127.0.0.1:{_free_port()}"  # closed again: nothing listens there
