@@ -263,12 +263,14 @@ def cause(exc: BaseException) -> str:
 
 
 def _embeds(outer: BaseException, inner: BaseException) -> bool:
-    """Whether ``outer``'s message holds ``inner``'s (its parse error's line, else its first line): mmsr's own
-    error raised ``from`` the one it explains, naming the file or row that one did not (``x.ckpt is not a checkpoint
-    torch.load can read: [Errno 22] Invalid argument`` ended as ``OSError: [Errno 22] Invalid argument``)."""
-    text = str(inner).strip()
+    """Whether ``outer``'s first line, the one shown, holds ``inner``'s (its parse error's line, else its first
+    line): mmsr's own error raised ``from`` the one it explains, naming the file or row that one did not (``x.ckpt is
+    not a checkpoint torch.load can read: [Errno 22] Invalid argument`` ended as ``OSError: [Errno 22] Invalid
+    argument``). A message that only dumps it further down, or says no more than it (jsonargparse's nested unions
+    of alternatives all begin alike), gives way."""
+    text, shown = str(inner).strip(), (str(outer).strip().splitlines() or [""])[0].strip()
     said = parse_error_line(text) or (text.splitlines()[0].strip() if text else "")
-    return len(said) >= 4 and said in str(outer)
+    return len(said) >= 4 and said in shown and len(shown) > len(said)
 
 
 def _shown_inner(exc: BaseException) -> BaseException | None:
