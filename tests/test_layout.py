@@ -78,7 +78,8 @@ def imports(path: Path, name: str, modules: set[str]) -> tuple[set[str], set[str
 
     def visit(nodes, in_function: bool) -> None:
         for node in nodes:
-            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            # ``if TYPE_CHECKING:`` only: its body never runs (``if not TYPE_CHECKING:`` always does)
+            if isinstance(node, ast.If) and ast.unparse(node.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING"):
                 visit(node.orelse, in_function)
                 continue
             found: list[str] = []
