@@ -744,3 +744,32 @@ def test_a_web_search_configured_as_by_default_keeps_its_key_from_before_setting
     assert CachedTool(WebImageSearch(lens, allow_private=True, thumbnail_limits=FAST), version="3").key_version == "3"
     small = WebImageSearch(SerpAPILens(hl="fr"), max_side=256)
     assert CachedTool(small).key_version == "1+4ddbf0adb20f"  # sha256(b'{"max_side":256,"provider":{"hl":"fr"}}')
+
+
+class EchoURL:
+    """An image search whose answer names the image URL it was asked about."""
+
+    provider_name = "echo_url"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def __call__(self, request: ToolRequest) -> ToolResult:
+        self.calls += 1
+        await asyncio.sleep(0.05)
+        return ToolResult(f"[Image Search Results] for {request.image_url}", cost=0.1)
+
+
+def test_a_miss_in_flight_is_joined_only_by_a_request_for_the_same_image_url(tmp_path):
+    """Two searches of one row's pixels under two URLs (a Lens upload is by URL): the second joined the first's call
+    and got the answer for the other URL when the in-flight key left the URL out (a mutant no test caught)."""
+    backend, picture = EchoURL(), Image.new("RGB", (8, 8), "blue")
+    tool = CachedTool(backend, str(tmp_path / "c.sqlite"))
+    urls = ("http://a.example/1.jpg", "http://b.example/2.jpg")
+    requests = [ToolRequest("image_search", image=picture, sample_id="r", image_url=u) for u in urls]
+
+    async def both():
+        return await asyncio.gather(*(tool(r) for r in requests))
+
+    answers = asyncio.run(both())
+    assert [u in a.text for a, u in zip(answers, urls)] == [True, True] and backend.calls == 2
