@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from PIL import Image
 
@@ -152,3 +153,17 @@ def failure(kind: str, reason: str, latency_s: float = 0.0, sent: bool = True) -
         latency_s=latency_s,
         sent=sent,
     )
+
+
+def changed_settings(owner: object, **settings: Any) -> dict[str, Any]:
+    """Those of ``settings`` (``owner``'s ``__init__`` argument name -> its value) that differ from the argument's
+    default, and its parts' settings (dicts, ``part_settings``) that are not empty: what a backend's
+    ``cache_settings`` returns, so a backend configured as by default keys as it did before settings were keyed."""
+    params = inspect.signature(type(owner).__init__).parameters
+    return {name: value for name, value in settings.items()
+            if value != {} and (name not in params or value != params[name].default)}  # fmt: skip
+
+
+def part_settings(part: object) -> dict[str, Any]:
+    """``part.cache_settings()`` (a backend, or its provider, reader or summarizer); ``{}`` for one without."""
+    return part.cache_settings() if hasattr(part, "cache_settings") else {}

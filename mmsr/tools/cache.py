@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import inspect
 import json
 import os
 import threading
@@ -44,7 +43,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from mmsr.tools.base import FatalToolError, SearchTool, ToolRequest, ToolResult, depends_on_question, failure
+from mmsr.tools.base import (FatalToolError, SearchTool, ToolRequest, ToolResult, depends_on_question, failure,
+                             part_settings)
 from mmsr.tools.budget import with_budget_left
 # the store's names stay importable from here (tests, scripts and the other tools import them so)
 from mmsr.tools.cache_store import BudgetKey, CacheKey, ToolCache, image_key, normalize_query, request_key  # noqa: F401
@@ -59,20 +59,6 @@ KIND_COUNTERS = frozenset({"cache_hits", "cache_misses", "cache_joined", "budget
 # Processes of one run share a budget only if they share a run_id; by default a process is its own run (until a
 # trainer gives its caches the run's: ``assign_run_id``).
 PROCESS_RUN_ID = f"pid{os.getpid()}-{int(time.time())}"
-
-
-def changed_settings(owner: object, **settings: Any) -> dict[str, Any]:
-    """Those of ``settings`` (``owner``'s ``__init__`` argument name -> its value) that differ from the argument's
-    default, and its parts' settings (dicts, ``part_settings``) that are not empty: what a backend's
-    ``cache_settings`` returns, so a backend configured as by default keys as it did before settings were keyed."""
-    params = inspect.signature(type(owner).__init__).parameters
-    return {name: value for name, value in settings.items()
-            if value != {} and (name not in params or value != params[name].default)}  # fmt: skip
-
-
-def part_settings(part: object) -> dict[str, Any]:
-    """``part.cache_settings()`` (a backend, or its provider, reader or summarizer); ``{}`` for one without."""
-    return part.cache_settings() if hasattr(part, "cache_settings") else {}
 
 
 def settings_version(version: str, tool: object) -> str:

@@ -21,9 +21,8 @@ from typing import Any, Protocol
 
 from PIL import Image
 
-from mmsr.tools.base import ToolRequest, ToolResult, failure
+from mmsr.tools.base import ToolRequest, ToolResult, changed_settings, failure, part_settings
 from mmsr.tools.budget import Deadline, Stage, check_stages
-from mmsr.tools.cache import changed_settings, part_settings
 from mmsr.tools.format import image_results
 from mmsr.tools.web import guard
 from mmsr.tools.web.http import HTTPClient, Limits, ToolError

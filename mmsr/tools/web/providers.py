@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from mmsr.tools.cache import changed_settings
+from mmsr.tools.base import changed_settings
 from mmsr.tools.secrets import redact, register_secret_env
 from mmsr.tools.web.http import HTTPClient, Limits, Retryable, ToolError, parse_json
 

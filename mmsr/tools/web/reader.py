@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Protocol
 
-from mmsr.tools.cache import changed_settings
+from mmsr.tools.base import changed_settings
 from mmsr.tools.secrets import redact, register_secret_env
 from mmsr.tools.web import guard
 from mmsr.tools.web.http import Body, HTTPClient, Limits, Retryable, ToolError, parse_json

@@ -11,7 +11,7 @@ import os
 import re
 from typing import Any, NamedTuple
 
-from mmsr.tools.cache import changed_settings
+from mmsr.tools.base import changed_settings
 from mmsr.tools.secrets import register_secret_env
 from mmsr.tools.web.http import HTTPClient, Limits, Retryable, ToolError, parse_json
 

@@ -18,9 +18,8 @@ import time
 from collections import Counter
 from typing import Any
 
-from mmsr.tools.base import ToolRequest, ToolResult, failure
+from mmsr.tools.base import ToolRequest, ToolResult, changed_settings, failure, part_settings
 from mmsr.tools.budget import Deadline, Stage, check_stages
-from mmsr.tools.cache import changed_settings, part_settings
 from mmsr.tools.format import WEB_TEXT_HEADER, page_entry, text_results
 from mmsr.tools.web.http import ToolError, transient
 from mmsr.tools.web.providers import TextSearchProvider, WebResult
