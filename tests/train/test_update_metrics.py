@@ -145,3 +145,15 @@ def test_the_dual_clip_reaches_the_loss(rollout):
     plain, opt = update((policy, lowered), EPISODES, old_logprobs="engine")
     assert "train/dual_clip_frac" not in plain and plain["train/policy_loss"] > expected
     assert plain["train/grad_norm"] > 0 and opt.steps[0].abs().sum() > 0
+
+
+def test_each_ranks_gradient_is_scaled_by_the_world_size(rollout, monkeypatch):
+    """DDP and FSDP2 average the ranks' gradients, so a rank's share of the loss is its tokens over every rank's
+    times the world size. A second rank with as many tokens as this one: this rank's gradient is the one-rank
+    gradient x 2 x 1/2, the one-rank gradient (without the world size, half of it: ``grad_clip`` caps too little
+    and ``train/grad_norm`` logs half)."""
+    _, one = update(rollout, EPISODES, loss_agg="token-mean")
+    monkeypatch.setattr("mmsr.train.update.all_reduce", lambda value, op, device: 2 * value)  # the other rank alike
+    _, two = update(rollout, EPISODES, world_size=2, loss_agg="token-mean")
+    assert one.steps[0].abs().max() > 0
+    torch.testing.assert_close(two.steps[0], one.steps[0], rtol=1e-5, atol=1e-8)
