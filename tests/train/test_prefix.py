@@ -13,8 +13,9 @@ import mmsr.train.update
 from mmsr.demo.tokenizer import Scaffold
 from mmsr.models.build import TinyQwen2_5_VL
 from mmsr.models.tiny_text import TinyQwen2
+from mmsr.models.vision import VisionInput
 from mmsr.rollout.engine import SamplingParams
-from mmsr.train.batch import collate, sampled_logprobs
+from mmsr.train.batch import TrainBatch, collate, sampled_logprobs
 from mmsr.train.prefix import _outside_images, can_share, plan_prefixes, shared_logprobs
 from mmsr.train.update import Backprop, PolicyUpdate, UpdateSettings
 from tests.conftest import FVQA
@@ -121,6 +122,21 @@ def test_a_prefix_never_cuts_an_image():
     row = [1, 2, 3, pad, pad, pad, 4, 5]
     assert [_outside_images(row, p, pad) for p in range(1, 8)] == [1, 2, 3, 3, 3, 6, 7]
     assert _outside_images(row, 5, None) == 5
+
+
+def test_the_planner_stops_a_shared_prefix_before_an_image():
+    """Row B copies row A but ends inside A's image (a zero-weight row: collate would refuse it, this builds
+    the batch by hand): the ids and images agree through B's end, the planned prefix still stops at the image."""
+    pad, zero = 7, 0
+    a, b = [1, 2, 3, pad, pad, pad, pad, 4, 5, 6], [1, 2, 3, pad, pad, pad, zero, zero, zero, zero]
+    ids = torch.tensor([a, b])
+    attn = (torch.arange(10) < torch.tensor([[10], [6]])).long()
+    loss = torch.zeros(2, 9)
+    loss[0, 7:] = 1  # A sampled its last two tokens; B sampled none
+    images = [VisionInput(Image.new("RGB", (56, 56)), torch.zeros(16, 8), (1, 4, 4), 4) for _ in range(2)]  # equal pixels
+    batch = TrainBatch(ids, attn, torch.arange(10).expand(2, 10), loss, torch.zeros(2, 9), images, torch.arange(2))
+    split = plan_prefixes(batch, pad, min_saved=0)
+    assert split.group == [0, 0] and split.lengths == [3]  # the image's first pad, not B's last token (5)
 
 
 def test_nothing_is_shared_when_it_saves_little(tiny_policy, fvqa_samples):
