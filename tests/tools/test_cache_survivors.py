@@ -18,6 +18,7 @@ from mmsr.tools.base import check_ready
 from mmsr.tools.cache import BudgetKey, CachedTool, ReplayMiss
 
 PRICE = 0.25
+WAIT_S = 30  # bounds a wait that only a broken change leaves waiting; never reached when the code is right
 
 
 class Paid:
@@ -46,25 +47,28 @@ def _cancel_while_reserving(tool: CachedTool, order: str) -> None:
     (``cancel_first``) or before the event loop hears of it (``answer_first``); waits for every thread started."""
     entered, go, answered = threading.Event(), threading.Event(), threading.Event()
     reserve, reserve_for = tool.cache.reserve, tool._reserve_for
-    tool.cache.reserve = lambda *args: (entered.set(), go.wait(), reserve(*args))[2]
+    # every wait is bounded: a change that never reaches the patched step fails here instead of hanging the suite
+    tool.cache.reserve = lambda *args: (entered.set(), go.wait(WAIT_S), reserve(*args))[2]
     tool._reserve_for = lambda *args: (reserve_for(*args), answered.set())[0]  # set once ``_Claim.made`` ran
 
     async def main() -> None:
         call = asyncio.ensure_future(tool(_text("over the cap")))
-        await asyncio.to_thread(entered.wait)
-        if order == "answer_first":
+        try:
+            assert await asyncio.to_thread(entered.wait, WAIT_S), "the reservation never reached the worker thread"
+            if order == "answer_first":
+                go.set()
+                assert answered.wait(WAIT_S), "the refused reservation never answered"  # blocks the loop meanwhile
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call  # the caller has left (``_Claim.leave``)
+        finally:
             go.set()
-            answered.wait()  # blocks the loop: the thread's answer is not delivered before the cancel
-        call.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await call  # the caller has left (``_Claim.leave``)
-        go.set()
 
     before = set(threading.enumerate())
     asyncio.run(main())  # returns once its worker threads are done
     for thread in set(threading.enumerate()) - before:  # a give-back thread (``CachedTool._reserve``)
-        thread.join()
-
+        thread.join(WAIT_S)
+        assert not thread.is_alive(), f"{thread.name} still running"
 
 @pytest.mark.parametrize("order", ["cancel_first", "answer_first"])
 def test_a_caller_cancelled_while_its_reservation_is_refused_gives_no_call_back(tmp_path, order):
