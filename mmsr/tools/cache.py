@@ -41,7 +41,7 @@ from collections import Counter
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from mmsr.tools.base import (FatalToolError, SearchTool, ToolRequest, ToolResult, depends_on_question, failure,
                              part_settings)

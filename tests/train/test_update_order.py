@@ -19,15 +19,9 @@ from mmsr.train.batch import TrainBatch
 from mmsr.train.update import Backprop, PolicyUpdate, UpdateSettings, pad_rows
 from tests.test_module import make_module
 from tests.train.test_update_metrics import KeepGradients
+from tests.train.test_update_terms import ADV, BASE, sample  # noqa: F401 - fixture
 
-ADV = torch.tensor([1.0, -0.5, 0.3, -0.8])
-BASE = dict(kl_coef=0.0, share_prefix=False, grad_clip=1e9, micro_batch_tokens=100_000)
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="module")
-def sample(fvqa_samples):
-    return next(s for s in fvqa_samples if s.ground_truth == "musketeers")
 
 
 @pytest.fixture(scope="module")
