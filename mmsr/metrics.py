@@ -319,7 +319,7 @@ def forget_step_metrics(trainer) -> None:
     later row of the epoch: a step without a text-search question repeated the previous step's
     ``reward/accuracy/text_search``, the warm start's imitation rows its last reading loss. Epoch-level
     metrics are left to accumulate. Call before the step logs (``on_train_batch_start``)."""
-    results = trainer._results  # Lightning's collection of logged values (private; tests/test_metrics.py)
+    results = trainer._results  # Lightning's collection of logged values (private: tests/test_module.py checks the rows)
     for metric in results.values() if results is not None else ():
         if metric.meta.on_step and not metric.meta.on_epoch:
             metric.reset()
