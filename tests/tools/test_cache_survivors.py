@@ -70,6 +70,7 @@ def _cancel_while_reserving(tool: CachedTool, order: str) -> None:
         thread.join(WAIT_S)
         assert not thread.is_alive(), f"{thread.name} still running"
 
+
 @pytest.mark.parametrize("order", ["cancel_first", "answer_first"])
 def test_a_caller_cancelled_while_its_reservation_is_refused_gives_no_call_back(tmp_path, order):
     backend = Paid()
