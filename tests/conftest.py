@@ -1,3 +1,4 @@
+import functools
 import importlib
 import os
 import runpy
@@ -8,6 +9,12 @@ from typing import NoReturn
 
 # mmsr is not necessarily pip-installed; make `import mmsr` resolve to this checkout.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# Under pytest-xdist (the README's `-n 2`) each worker and the processes it starts get one intra-op thread:
+# two workers on 2 cores with two threads each oversubscribe them and each runs several times slower, while
+# these tiny models gain little from a second thread. Set before anything in the worker imports torch.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 
@@ -87,3 +94,31 @@ def short_demo(tmp_path_factory):
     run = run_demo(out, 0, SHORT)
     assert run.status == 0, run.stderr[-4000:]
     return out, run, report(out, 0, SHORT, run)
+
+
+def file_scheduling() -> type:
+    """pytest-xdist's scope scheduling with a test file as the scope: each file goes to one worker whole (its module
+    fixtures are built once), and the files that use ``short_demo`` go together (that session fixture, a ~1 min
+    demo, runs once). pytest 9.2 ignores xdist 3.8's ``xdist_group`` marks (its ``loadgroup`` renames
+    ``item._nodeid``, which pytest no longer reads), so the grouping is done here."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FileScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return "short_demo" if uses_short_demo(path) else path
+
+    return FileScheduling
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """Under ``-n`` (the README's test command): ``file_scheduling``."""
+    return file_scheduling()(config, log)
+
+
+@functools.cache
+def uses_short_demo(path: str) -> bool:
+    """Whether the test file at ``path`` (relative to the checkout) asks for the ``short_demo`` fixture."""
+    file = ROOT / path
+    return file.is_file() and "short_demo" in file.read_text()

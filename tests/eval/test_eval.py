@@ -39,6 +39,8 @@ def test_scores_and_search_ratios_by_hand(tiny_policy, fvqa_samples, local_tools
     assert [r.em for r in records] == [True, True, False, False]
     assert [r.subem for r in records] == [True, True, True, False]
     assert [r.reward for r in records] == pytest.approx([1.0, 0.91, 0.1, 0.1])
+    # per record, each kind where it was called (a swap keeps every pooled ratio above: they are symmetric)
+    assert [(r.image_searches, r.text_searches) for r in records] == [(0, 0), (1, 0), (0, 1), (1, 1)]
     m = summarize(records)["dev"]["on-demand"]
     assert m["all"]["search_ratio"] == 0.75  # 3 of 4 responses searched
     assert m["all"]["call_ratio"] == pytest.approx((0 + 1 + 1 + 2) / 2 / 4)  # calls / 2 allowed
