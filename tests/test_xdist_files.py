@@ -3,7 +3,6 @@ worker whole, the files that share the ``short_demo`` fixture go together, and a
 processes it starts get one intra-op thread (``tests/conftest.py``)."""
 
 import ast
-import os
 import subprocess
 import sys
 
