@@ -1,3 +1,4 @@
+import ast
 import functools
 import importlib
 import os
@@ -96,6 +97,7 @@ def short_demo(tmp_path_factory):
     return out, run, report(out, 0, SHORT, run)
 
 
+@functools.cache
 def file_scheduling() -> type:
     """pytest-xdist's scope scheduling with a test file as the scope: each file goes to one worker whole (its module
     fixtures are built once), and the files that use ``short_demo`` go together (that session fixture, a ~1 min
@@ -113,12 +115,19 @@ def file_scheduling() -> type:
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
-    """Under ``-n`` (the README's test command): ``file_scheduling``."""
+    """``-n`` without ``--dist`` (the README's test command, xdist's ``load``): ``file_scheduling``. Another
+    ``--dist`` given is xdist's own."""
+    if config.getvalue("dist") != "load":
+        return None
     return file_scheduling()(config, log)
 
 
 @functools.cache
 def uses_short_demo(path: str) -> bool:
-    """Whether the test file at ``path`` (relative to the checkout) asks for the ``short_demo`` fixture."""
+    """Whether the test file at ``path`` (relative to the checkout) has a function (a test or a fixture) that takes
+    the ``short_demo`` fixture."""
     file = ROOT / path
-    return file.is_file() and "short_demo" in file.read_text()
+    if not file.is_file():
+        return False
+    functions = (n for n in ast.walk(ast.parse(file.read_text())) if isinstance(n, ast.FunctionDef))
+    return any(arg.arg == "short_demo" for f in functions for arg in f.args.args)

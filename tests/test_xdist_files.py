@@ -2,35 +2,38 @@
 worker whole, the files that share the ``short_demo`` fixture go together, and a worker's torch and the
 processes it starts get one intra-op thread (``tests/conftest.py``)."""
 
-import ast
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
-from tests.conftest import ROOT, file_scheduling, subprocess_env
+from tests.conftest import (ROOT, file_scheduling, import_optional, pytest_xdist_make_scheduler, subprocess_env,
+                            uses_short_demo)
 
-pytest.importorskip("xdist", reason="pytest-xdist is in the dev extra")
-
-
-def short_demo_users() -> set[str]:
-    """The test files with a test function that asks for ``short_demo`` (read from their syntax trees)."""
-    users = set()
-    for path in (ROOT / "tests").rglob("test_*.py"):
-        tree = ast.parse(path.read_text())
-        funcs = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name.startswith("test")]
-        if any(a.arg == "short_demo" for f in funcs for a in f.args.args):
-            users.add(str(path.relative_to(ROOT)))
-    return users
+import_optional("xdist", "pytest-xdist is in the dev extra: pip install -e '.[dev]'")
 
 
 def test_a_file_is_one_scope_and_the_short_demo_users_are_one():
     scope = file_scheduling()._split_scope  # reads only the node id
-    users = short_demo_users()
-    assert {"tests/demo/test_memory.py", "tests/test_install.py"} <= users
+    files = [str(p.relative_to(ROOT)) for p in (ROOT / "tests").rglob("test_*.py")]
+    users = {path for path in files if uses_short_demo(path)}
+    assert users == {"tests/demo/test_memory.py", "tests/demo/test_run.py", "tests/test_install.py"}
     assert {scope(None, f"{path}::test_x[a-b]") for path in users} == {"short_demo"}
+    # this file names the fixture in its text without taking it: its own scope
+    assert scope(None, "tests/test_xdist_files.py::test_a") == "tests/test_xdist_files.py"
     assert scope(None, "tests/test_plan.py::test_recipes[qwen::x]") == "tests/test_plan.py"
     assert scope(None, "tests/algo/test_kl.py::TestK::test_k1") == "tests/algo/test_kl.py"
+
+
+@pytest.mark.parametrize(("dist", "ours"), [("load", True), ("each", False), ("worksteal", False)])
+def test_the_file_scheduler_serves_plain_n_and_leaves_other_dist_modes_to_xdist(dist, ours):
+    config = SimpleNamespace(getvalue={"dist": dist, "tx": ["2*popen"]}.get)  # what `-n 2 --dist <dist>` sets
+    scheduler = pytest_xdist_make_scheduler(config, None)
+    if ours:
+        assert isinstance(scheduler, file_scheduling()) and scheduler.numnodes == 2
+    else:
+        assert scheduler is None
 
 
 def test_a_worker_and_its_subprocesses_get_one_thread():
