@@ -40,7 +40,10 @@ def test_a_worker_and_its_subprocesses_get_one_thread():
     """Set by conftest when it is imported in a worker, before torch: inherited by every subprocess a test starts.
     Outside a worker nothing is set (a serial run keeps torch's default)."""
     code = "import os, tests.conftest, torch; print(os.environ.get('OMP_NUM_THREADS'), torch.get_num_threads())"
-    env = {k: v for k, v in subprocess_env().items() if k not in ("OMP_NUM_THREADS", "PYTEST_XDIST_WORKER")}
+    # a fresh worker's environment: without LD_PRELOAD too, which an in-process vLLM engine sets in os.environ
+    # (tcmalloc and torch's libgomp), and a libgomp loaded at start reads OMP_NUM_THREADS before conftest sets it
+    dropped = ("OMP_NUM_THREADS", "PYTEST_XDIST_WORKER", "LD_PRELOAD")
+    env = {k: v for k, v in subprocess_env().items() if k not in dropped}
     worker = subprocess.run([sys.executable, "-c", code], env=env | {"PYTEST_XDIST_WORKER": "gw1"}, cwd=ROOT,
                             capture_output=True, text=True, check=True)  # fmt: skip
     assert worker.stdout.split() == ["1", "1"], worker.stderr[-2000:]
