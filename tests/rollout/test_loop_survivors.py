@@ -2,10 +2,12 @@
 loop's count of sampled tokens, the union of tool spans, the name of the last unclosed tag, and the words of a
 text-only cut note. Each test's docstring says what a user would lose if its rule broke."""
 
+from dataclasses import replace
+
 from mmsr.prompt.render import PromptBuilder
 from mmsr.rollout.actions import Answer, Invalid
 from mmsr.rollout.context import CUT, describe
-from mmsr.rollout.engine import GenerationOutput, SamplingParams, ScriptedEngine
+from mmsr.rollout.engine import SamplingParams, ScriptedEngine
 from mmsr.rollout.loop import RolloutLoop, RolloutSettings
 from mmsr.rollout.parse import parse_action
 from mmsr.rollout.stats import covered_seconds
@@ -21,8 +23,7 @@ class LengthOnEveryTurn(ScriptedEngine):
     out on the last token of its tag (the scripted engine proper says "stop" there)."""
 
     def _one(self, request, sampling):
-        ids = self.tokenizer.encode(self.script(request), add_special_tokens=False)
-        return GenerationOutput(ids, [self.logprob] * len(ids), "length")
+        return replace(super()._one(request, sampling), finish="length")
 
 
 def test_a_truncated_turn_is_recorded_as_invalid_turn_truncated_even_if_its_text_parses(tiny_policy, fvqa_samples):
