@@ -165,7 +165,8 @@ class DecodeBatch:
 
 
 # Families whose forward, for text tokens, is exactly embed -> rotary -> layers -> norm -> lm_head (checked
-# bit for bit in tests/models/test_hf_decode.py); others (e.g. Granite scales its embeddings and logits outside the layers) keep their forward.
+# bit for bit in tests/models/test_hf_decode.py); others (e.g. Granite scales its embeddings and logits outside
+# the layers) keep their forward.
 LAYER_STEP_MODELS = frozenset({"qwen2", "qwen2_5_vl", "qwen3_vl"})
 
 
