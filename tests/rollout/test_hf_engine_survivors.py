@@ -44,7 +44,7 @@ def assert_as_alone(policy, requests, sampling=SAMPLED) -> list:
 
 def test_greedy_draws_the_argmax_with_the_log_softmax():
     """T = 0 is greedy: divided by 0 the logits were inf and NaN, and so were the log-probs."""
-    logits = torch.randn(3, 11)
+    logits = torch.randn(3, 11, generator=torch.Generator().manual_seed(0))
     tokens, logp = sample_tokens(logits, SamplingParams(temperature=0.0), torch.tensor([1, 2, 3]), torch.zeros(3, dtype=torch.long))
     assert torch.equal(tokens, logits.argmax(-1)) and torch.isfinite(logp).all()
     assert torch.equal(logp, torch.log_softmax(logits, -1).gather(-1, tokens[:, None])[:, 0])

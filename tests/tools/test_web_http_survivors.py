@@ -63,8 +63,8 @@ def test_a_name_with_any_private_address_is_refused_whatever_its_order(fake_dns)
 
 
 def test_the_guarded_connector_refuses_a_name_that_resolves_private_at_connect_time(fake_dns):
-    """DNS rebinding: the name passed the check, and resolves to loopback only when the connection is made. The
-    connector's own resolver must refuse it, so nothing reaches the server behind it."""
+    """The connector's own resolver refuses a private address (no check runs before it here), so nothing reaches
+    the server behind it; the rebinding case, a check passed on a public address first, is the test below."""
     script = Script((200, "internal"))
     fake_dns["rebind.test"] = ["127.0.0.1"]
 
@@ -79,6 +79,32 @@ def test_the_guarded_connector_refuses_a_name_that_resolves_private_at_connect_t
     error = asyncio.run(main())
     assert isinstance(error.os_error, guard.BlockedAddress), repr(error)
     assert script.requests == []
+
+
+def test_a_name_rebound_to_a_private_address_after_the_check_is_refused(monkeypatch):
+    """DNS rebinding: the name resolves to a public address for the check, to loopback when the connection is
+    made. The guarded connector refuses it there; nothing reaches the server, nothing is retried."""
+    answers, real = iter([PUBLIC]), socket.getaddrinfo
+
+    def getaddrinfo(host, port, *args, **kwargs):
+        if host != "rebind.test":
+            return real(host, port, *args, **kwargs)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (next(answers, "127.0.0.1"), int(port or 0)))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    script = Script((200, "internal"))
+
+    async def main():
+        async with serve([("GET", "/x", script)]) as url:
+            client = HTTPClient("fake", FAST, connector=partial(guard.connector, False))
+            with pytest.raises(ToolError) as info:
+                await client.request("GET", f"http://rebind.test:{url.rsplit(':', 1)[1]}/x", parse=bytes,
+                                     check=guard.check_url)  # fmt: skip
+            return info.value, client
+
+    error, client = asyncio.run(main())
+    assert next(answers, None) is None  # the check took the public answer
+    assert error.kind == "refused" and client.counts["retries"] == 0 and script.requests == []
 
 
 def test_a_blocked_address_is_refused_at_once_not_retried(fake_dns):
@@ -231,7 +257,7 @@ def test_a_servers_retry_after_is_capped_at_backoff_max_s(monkeypatch):
     script = Script((429, {}), (200, {"ok": 1}), headers={"Retry-After": "3600"})
     result, _ = call(script, Limits(retries=1, backoff_s=0.01, backoff_max_s=0.5, breaker_failures=0))
     assert result == {"ok": 1} and len(waits) == 1
-    assert 0.01 <= waits[0] <= 0.5
+    assert waits == [pytest.approx(0.5)]  # the server's wait, capped (the client's own backoff is ~0.01 s)
 
 
 def _not_the_answer(body: bytes):
