@@ -7,11 +7,12 @@ import asyncio
 import json
 
 from aiohttp import web
+from multidict import CIMultiDict
 
 
 class Script:
     """A handler that answers with the next scripted response each time (the last one repeats) and records
-    what it was asked. A response is ``(status, body)``: a dict/list body is sent as JSON, bytes/str as is;
+    what it was asked (headers by case-insensitive name, as HTTP reads them). A response is ``(status, body)``: a dict/list body is sent as JSON, bytes/str as is;
     ``("sleep", seconds)`` waits before answering 200 ``{}``."""
 
     def __init__(self, *responses, headers: dict[str, str] | None = None) -> None:
@@ -22,7 +23,7 @@ class Script:
     async def __call__(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         parsed = json.loads(body) if body and request.content_type == "application/json" else None
-        self.requests.append({"query": dict(request.query), "headers": dict(request.headers), "json": parsed})
+        self.requests.append({"query": dict(request.query), "headers": CIMultiDict(request.headers), "json": parsed})
         status, payload = self.responses[min(len(self.requests) - 1, len(self.responses) - 1)]
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)

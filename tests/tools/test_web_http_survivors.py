@@ -29,14 +29,21 @@ PUBLIC, PRIVATE = "93.184.215.14", "10.0.0.5"
 @pytest.fixture
 def fake_dns(monkeypatch):
     """``names[host] = [ip, ...]`` makes ``host`` resolve to those IPv4 addresses (asyncio's ``getaddrinfo`` and
-    aiohttp's resolver both call ``socket.getaddrinfo``); other names resolve as before."""
-    names: dict[str, list[str]] = {}
-    real = socket.getaddrinfo
+    aiohttp's resolver both call ``socket.getaddrinfo``); ``names[host] = iter([[ip, ...], ...])`` answers each
+    look-up with the next list, the last one for good. Other names resolve as before."""
+    names: dict = {}
+    real, last = socket.getaddrinfo, {}
+
+    def addresses(host: str) -> list[str]:
+        if isinstance(names[host], list):
+            return names[host]
+        last[host] = next(names[host], last.get(host))
+        return last[host]
 
     def getaddrinfo(host, port, *args, **kwargs):
         if host not in names:
             return real(host, port, *args, **kwargs)
-        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, int(port or 0))) for ip in names[host]]
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, int(port or 0))) for ip in addresses(host)]
 
     monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
     return names
@@ -81,44 +88,33 @@ def test_the_guarded_connector_refuses_a_name_that_resolves_private_at_connect_t
     assert script.requests == []
 
 
-def test_a_name_rebound_to_a_private_address_after_the_check_is_refused(monkeypatch):
-    """DNS rebinding: the name resolves to a public address for the check, to loopback when the connection is
-    made. The guarded connector refuses it there; nothing reaches the server, nothing is retried."""
-    answers, real = iter([PUBLIC]), socket.getaddrinfo
-
-    def getaddrinfo(host, port, *args, **kwargs):
-        if host != "rebind.test":
-            return real(host, port, *args, **kwargs)
-        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (next(answers, "127.0.0.1"), int(port or 0)))]
-
-    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+def _guarded_request(check):
+    """A GET of ``rebind.test`` through the guarded connector (``check``: the URL check before the request, or
+    None); returns the ToolError, the client and the script of the local server that the name should reach."""
     script = Script((200, "internal"))
 
     async def main():
         async with serve([("GET", "/x", script)]) as url:
             client = HTTPClient("fake", FAST, connector=partial(guard.connector, False))
             with pytest.raises(ToolError) as info:
-                await client.request("GET", f"http://rebind.test:{url.rsplit(':', 1)[1]}/x", parse=bytes,
-                                     check=guard.check_url)  # fmt: skip
+                await client.request("GET", f"http://rebind.test:{url.rsplit(':', 1)[1]}/x", parse=bytes, check=check)
             return info.value, client
 
-    error, client = asyncio.run(main())
-    assert next(answers, None) is None  # the check took the public answer
+    return (*asyncio.run(main()), script)
+
+
+def test_a_name_rebound_to_a_private_address_after_the_check_is_refused(fake_dns):
+    """DNS rebinding: the name resolves to a public address for the check, to loopback when the connection is
+    made. The guarded connector refuses it there; nothing reaches the server, nothing is retried."""
+    fake_dns["rebind.test"] = answers = iter([[PUBLIC], ["127.0.0.1"]])
+    error, client, script = _guarded_request(guard.check_url)
+    assert next(answers, None) is None  # the check took the public answer, the connection the loopback one
     assert error.kind == "refused" and client.counts["retries"] == 0 and script.requests == []
 
 
 def test_a_blocked_address_is_refused_at_once_not_retried(fake_dns):
-    script = Script((200, "internal"))
     fake_dns["rebind.test"] = ["127.0.0.1"]
-
-    async def main():
-        async with serve([("GET", "/x", script)]) as url:
-            client = HTTPClient("fake", FAST, connector=partial(guard.connector, False))
-            with pytest.raises(ToolError) as info:
-                await client.request("GET", f"http://rebind.test:{url.rsplit(':', 1)[1]}/x", parse=bytes)
-            return info.value, client
-
-    error, client = asyncio.run(main())
+    error, client, script = _guarded_request(None)
     assert error.kind == "refused" and "non-public" in error.reason and not isinstance(error, Retryable)
     assert client.counts["retries"] == 0 and script.requests == []
 
