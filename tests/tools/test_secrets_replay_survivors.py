@@ -11,12 +11,14 @@ from types import SimpleNamespace
 from typing import NamedTuple
 
 import pytest
+from PIL import Image
 
 from mmsr.tools import ToolRequest
 from mmsr.tools import secrets
 from mmsr.tools.cache import request_key
 from mmsr.tools.replay import ReplaySearch, record_into_cache, recorded_results
 from mmsr.tools.secrets import redact, redact_all
+from tests.conftest import FVQA
 
 from .test_crop_search_replay import record
 from .test_replay import ROWS, _recording, _rounds
@@ -77,6 +79,17 @@ def test_a_caller_changing_a_replayed_image_does_not_change_the_next_replay(tmp_
     before = first.getpixel((0, 0))
     first.putpixel((0, 0), tuple(255 - c for c in before))
     assert asyncio.run(replay(request)).images[0].getpixel((0, 0)) == before
+
+
+def test_an_image_sent_with_the_request_is_searched_not_its_rows_image(tmp_path):
+    """A request that carries an image (a region, another picture) is answered for that image even when it also
+    names a row: the row's own image stands in only for a request without one."""
+    other = next(r for r in ROWS if _rounds(r)[0]["action"] == "image_search" and r["image"] != IMAGE_ROW["image"])
+    b = _image_row("b", ["row b"]) | {"image": other["image"]}
+    replay = ReplaySearch(_recording(tmp_path / "rec.jsonl", [_image_row("a", ["row a"]), b]))
+    image_b = Image.open(FVQA / other["image"]).convert("RGB")
+    assert asyncio.run(replay(ToolRequest("image_search", sample_id="a"))).titles == ("row a",)
+    assert asyncio.run(replay(ToolRequest("image_search", image=image_b, sample_id="a"))).titles == ("row b",)
 
 
 # --- secrets ---------------------------------------------------------------------------------------------------
