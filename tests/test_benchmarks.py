@@ -309,3 +309,37 @@ def test_the_gpu_checks_refuse_to_pass_on_the_cpu_unless_asked(capsys, monkeypat
         device_checks.main(["--checks", "environment"])
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert exit_.value.code == 2 and "no CUDA device is visible" in last and "--device cpu" in last
+
+
+def test_reading_probe_trains_reading_alone_and_probes_fresh_pages(tmp_path):
+    """Two reading steps on a small world, then the probe: the JSON's keys, rates in [0, 1], the loss logged."""
+    from mmsr.demo.world import build_world
+
+    world = build_world(tmp_path / "world", seed=0, train_landmarks=12, eval_landmarks=3, reading_pages=30, cities=20)
+    args = ["--world", str(world), "--out", str(tmp_path / "r"), "--steps", "2", "--pages", "6"]
+    proc = subprocess.run([sys.executable, "benchmarks/reading_probe.py", *args], cwd=ROOT, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout[proc.stdout.rindex('{\n "seconds"'):])
+    assert list(out["reading_loss"]) == ["0"] and out["reading_loss"]["0"] > 0 and out["seconds"] > 0
+    rates = [out[packing][kind] for packing in ("one_page", "three_pages") for kind in ("name", "city")]
+    assert all(0.0 <= r <= 1.0 for r in rates)
+
+
+def test_reading_probe_pages_are_new_and_their_answers_are_the_landmarks(tmp_path):
+    """Probe pages name no landmark of the world or of its reading pages, and the probe's patterns find exactly
+    each page's own name and city (what ``copy_rates`` scores)."""
+    from mmsr.demo.world import build_world
+
+    probe = benchmark("reading_probe")
+    world = build_world(tmp_path / "world", seed=0, train_landmarks=12, eval_landmarks=3, reading_pages=30, cities=20)
+    reading = [json.loads(line)["title"].removesuffix(" - photo gallery") for line in (world / "reading.jsonl").open()]
+    seen = {row["name"] for row in json.loads((world / "world.json").read_text())} | set(reading)
+    # seed 0 draws the world's landmarks first, seed 3 the reading pages' (``build_world``): both must be skipped
+    pages = probe.fresh_pages(world, 40, seed=0) + probe.fresh_pages(world, 40, seed=3)
+    names = [page.split("\n")[0].removeprefix("title: ").removesuffix(" - photo gallery") for page in pages]
+    assert len(set(names[:40])) == len(set(names[40:])) == 40 and not set(names) & seen and len(reading) == 30
+    for page, name in zip(pages, names):
+        assert [m.group(1) for m in probe.NAME.finditer(page)] == [name]
+        (city,) = [m.group(1) for m in probe.CITY.finditer(page)]
+        assert f"{name} stands in the city of {city}." in page  # the fact the answer copies

@@ -31,18 +31,24 @@ class ReadingCorpus:
             right document among several.
         sequences_per_step: sequences per optimizer step.
         seed: the packing draws; step ``k`` always gets the same batch (resumable, deterministic).
+        single_page_steps: the first steps pack one document a sequence, a third of the tokens of three. On the
+            CPU demo's pages copying within a page comes ~50 steps later that way (of ~400; README,
+            Performance) at a third of the cost a step; finding the right page among several is learned only
+            in the packed steps after them.
     """
 
-    def __init__(self, files: list[str], docs_per_sequence: int = 6, sequences_per_step: int = 16, seed: int = 0) -> None:
-        if docs_per_sequence < 1 or sequences_per_step < 1:
-            raise ValueError("docs_per_sequence and sequences_per_step must be >= 1")
+    def __init__(self, files: list[str], docs_per_sequence: int = 6, sequences_per_step: int = 16, seed: int = 0,
+                 single_page_steps: int = 0) -> None:  # fmt: skip
+        if docs_per_sequence < 1 or sequences_per_step < 1 or single_page_steps < 0:
+            raise ValueError("docs_per_sequence and sequences_per_step must be >= 1, single_page_steps >= 0")
         self.docs = [doc for path in files for doc in _read_documents(Path(path))]
         self.docs_per_sequence, self.sequences_per_step, self.seed = docs_per_sequence, sequences_per_step, seed
+        self.single_page_steps = single_page_steps
 
     def batch(self, step: int) -> list[str]:
         """The packed texts of training step ``step``."""
         rng = random.Random(self.seed * 1_000_003 + step)
-        k = min(self.docs_per_sequence, len(self.docs))
+        k = 1 if step < self.single_page_steps else min(self.docs_per_sequence, len(self.docs))
         return ["".join(rng.sample(self.docs, k)) for _ in range(self.sequences_per_step)]
 
 

@@ -169,7 +169,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
 
 
-def _reading_text(landmark: Landmark, rng: random.Random) -> str:
+def reading_text(landmark: Landmark, rng: random.Random) -> str:
     """``page_text`` between filler sentences, closing on two visitors' questions and their answers, the
     name and the city in a random order: which fact to look up depends on the question, and both sit at a
     varying distance, as in an episode's results. A city is answered as ``CITY_ANSWER`` (the demo
@@ -197,7 +197,7 @@ def write_reading_corpus(landmarks: list[Landmark], n: int, seed: int, cities: l
     others = make_landmarks(n, seed, cities, exclude={lm.name for lm in landmarks})
     rng = random.Random(seed)
     rows = [{"id": f"r{lm.id}", "title": f"{lm.name} - photo gallery",
-             "text": _reading_text(lm, rng)} for lm in others]  # fmt: skip
+             "text": reading_text(lm, rng)} for lm in others]  # fmt: skip
     _write_jsonl(out / "reading.jsonl", rows)
 
 

@@ -1,0 +1,114 @@
+"""Reading alone: the CPU demo's reading steps (``mmsr.demo.reading``) trained by themselves, then a probe of the
+exported policy -- how often it copies a page's name and city answers, teacher-forced, on fresh pages, each page
+alone and three packed to a sequence as the reading steps pack them. It measures a reading recipe in minutes
+instead of a full demo (README, Performance): a recipe that copies as well in fewer seconds is then worth the five
+seeds' demos.
+
+    PYTHONPATH=tests/cpu_shim .venv/bin/python benchmarks/reading_probe.py --out runs/reading --steps 500
+    PYTHONPATH=tests/cpu_shim .venv/bin/python benchmarks/reading_probe.py --out runs/reading_sp --steps 550 \\
+        -- --model.init_args.reading.init_args.single_page_steps 400
+    PYTHONPATH=tests/cpu_shim .venv/bin/python benchmarks/reading_probe.py --policy runs/reading/sft/policy \\
+        --world runs/reading/world                 # probe an exported policy again, no training
+
+Arguments after ``--`` go to the warm start's LightningCLI (``mmsr/demo/configs/sft.yaml``). Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import random
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from mmsr.demo.world import Landmark, make_landmarks, reading_text
+
+NAME = re.compile(r"Question: What is the name of this landmark\? Answer: ([^.]+)\.")
+CITY = re.compile(r"Answer: It stands in the city of (\w+)\.")
+
+
+def train(out: Path, world: Path, seed: int, steps: int, extra: list[str]) -> dict:
+    """Reading steps only into ``out/sft`` (the policy exported to ``out/sft/policy``), seeded as ``mmsr demo --seed``
+    seeds its warm start; their seconds and the mean reading loss of every 50 steps' first 25."""
+    from mmsr.cli import lightning_cli
+    from mmsr.demo.run import CONFIGS, overrides, sft_overrides
+
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / "world").exists():
+        (out / "world").symlink_to(world.resolve())
+    start = time.perf_counter()
+    config = ["-c", str(CONFIGS / "sft.yaml"), *overrides(out, seed, None), *sft_overrides(out, steps, 0)]
+    lightning_cli(["fit", *config, *extra])
+    with open(out / "sft" / "csv" / "metrics.csv", newline="") as f:
+        losses = [float(row["reading/loss"]) for row in csv.DictReader(f) if row.get("reading/loss")]
+    means = {i: round(sum(losses[i:i + 25]) / len(losses[i:i + 25]), 3) for i in range(0, len(losses), 50)}
+    return {"seconds": round(time.perf_counter() - start, 1), "reading_loss": means}
+
+
+def fresh_pages(world: Path, n: int, seed: int) -> list[str]:
+    """``n`` reading pages (as the reading steps read them) about landmarks in neither the world nor its reading
+    corpus: a name or city the policy saw with its page cannot be recalled instead of copied."""
+    landmarks = [Landmark(**{k: v for k, v in row.items() if k != "split"})
+                 for row in json.loads((world / "world.json").read_text(encoding="utf-8"))]  # fmt: skip
+    reading = (world / "reading.jsonl").read_text(encoding="utf-8").splitlines()
+    seen = {json.loads(line)["title"].removesuffix(" - photo gallery") for line in reading}
+    seen |= {lm.name for lm in landmarks}
+    rng = random.Random(seed)
+    return [f"title: {lm.name} - photo gallery\n{reading_text(lm, rng)}\n"
+            for lm in make_landmarks(n, seed, sorted({lm.city for lm in landmarks}), exclude=seen)]  # fmt: skip
+
+
+def copy_rates(policy_dir: Path, pages: list[str], per_sequence: int) -> dict[str, float]:
+    """Share of pages whose name (city) answer the policy predicts token by token (argmax, teacher-forced), the
+    pages packed ``per_sequence`` to a sequence in order."""
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
+    model = AutoModelForImageTextToText.from_pretrained(policy_dir).eval()
+    right = {"name": 0, "city": 0}
+    packs = [pages[i:i + per_sequence] for i in range(0, len(pages) - per_sequence + 1, per_sequence)]
+    for pack in packs:
+        text = "".join(pack)
+        enc = tokenizer(text, return_offsets_mapping=True)
+        ids = torch.tensor([enc["input_ids"]])  # [1, T]
+        with torch.no_grad():
+            predicted = model(input_ids=ids).logits[0].argmax(-1).tolist()  # [T]: the next token after each
+        spans = [(kind, m.span(1)) for kind, rx in (("name", NAME), ("city", CITY)) for m in rx.finditer(text)]
+        for kind, (a, b) in spans:
+            at = [j for j, (s, e) in enumerate(enc["offset_mapping"]) if s < b and e > a and j > 0]
+            right[kind] += all(predicted[j - 1] == enc["input_ids"][j] for j in at)
+    n = len(packs) * per_sequence
+    return {kind: round(hits / n, 3) for kind, hits in right.items()}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=Path("runs/reading_probe"))
+    ap.add_argument("--world", type=Path, default=None, help="an existing demo world (default: build one into --out)")
+    ap.add_argument("--seed", type=int, default=0, help="the warm start's seed, and the world's when one is built")
+    ap.add_argument("--steps", type=int, default=500, help="reading steps")
+    ap.add_argument("--policy", type=Path, default=None, help="probe this exported policy instead of training one")
+    ap.add_argument("--pages", type=int, default=201, help="fresh pages probed (a multiple of 3 probes each)")
+    args = ap.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    world = args.world or args.out / "world"
+    if args.world is None:
+        from mmsr.demo.world import build_world
+
+        build_world(world, seed=args.seed)
+    report = {} if args.policy else train(args.out, world, args.seed, args.steps, extra)
+    pages = fresh_pages(world, args.pages, seed=10_007)
+    policy = args.policy or args.out / "sft" / "policy"
+    report |= {"one_page": copy_rates(policy, pages, 1), "three_pages": copy_rates(policy, pages, 3)}
+    print(json.dumps(report, indent=1))
+    return report
+
+
+if __name__ == "__main__":
+    main()
