@@ -41,7 +41,9 @@ import yaml
 
 DEFAULT_COMMAND = ("${env}", "${interpreter}", "${program}", "${args}")  # wandb's default
 DISTRIBUTIONS = ("constant", "categorical", "uniform", "int_uniform", "log_uniform_values")
-_ENVVAR = re.compile(r"\$\{envvar:([A-Za-z0-9_]*)\}")
+RANGE_DISTRIBUTIONS = DISTRIBUTIONS[2:]  # those of a min..max parameter: the others take 'value' / 'values'
+# wandb's agent's pattern (``SWEEP_COMMAND_ENV_VAR_REGEX``): ``${envvar:lower}`` is not filled, left as written
+_ENVVAR = re.compile(r"\$\{envvar:([A-Z0-9_]*)\}")
 # the macros that write a value as ``str(value)``, as wandb's agent does: ``None`` becomes ``None``
 STR_MACROS = ("${args}", "${args_no_equals}", "${args_no_hyphens}", "${args_no_boolean_flags}")
 
@@ -118,10 +120,10 @@ def _range(name: str, spec: dict, where: str) -> Parameter:
     lo, hi = (_bound(name, key, spec[key], where) for key in ("min", "max"))
     default = "int_uniform" if isinstance(lo, int) and isinstance(hi, int) else "uniform"
     dist = spec.get("distribution", default)
-    if dist not in DISTRIBUTIONS[2:]:
+    if dist not in RANGE_DISTRIBUTIONS:
         raise ValueError(
             f"{where}: parameter {name!r}: distribution {dist!r} is not supported offline "
-            f"(supported: {', '.join(DISTRIBUTIONS)})"
+            f"(supported: {', '.join(RANGE_DISTRIBUTIONS)})"
         )
     if dist == "int_uniform" and not (float(lo).is_integer() and float(hi).is_integer()):
         raise ValueError(f"{where}: parameter {name!r}: int_uniform needs whole-number min and max, got {lo}, {hi}")
@@ -235,7 +237,8 @@ def command_for(sweep: Sweep, params: dict[str, Any], extra: list[str] = (), exp
             chunk = _ENVVAR.sub(lambda m: os.environ.get(m.group(1), m.group(1)), chunk)
         if chunk.startswith("${") and chunk.endswith("}") and not _ENVVAR.fullmatch(chunk):
             if chunk[2:-1] not in macros:
-                raise ValueError(f"sweep {sweep.name!r}: unknown command macro {chunk} (known: {', '.join(macros)})")
+                raise ValueError(f"sweep {sweep.name!r}: unknown command macro {chunk} (known: {', '.join(macros)}, "
+                                 "and envvar:NAME, NAME of A-Z, 0-9 and _ as wandb's agent reads it)")  # fmt: skip
             out += macros[chunk[2:-1]]
         else:
             out.append(chunk)
