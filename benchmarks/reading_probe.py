@@ -63,13 +63,16 @@ def fresh_pages(world: Path, n: int, seed: int) -> list[str]:
             for lm in make_landmarks(n, seed, sorted({lm.city for lm in landmarks}), exclude=seen)]  # fmt: skip
 
 
-def copy_rates(policy_dir: Path, pages: list[str], per_sequence: int) -> dict[str, float]:
-    """Share of pages whose name (city) answer the policy predicts token by token (argmax, teacher-forced), the
-    pages packed ``per_sequence`` to a sequence in order."""
+def load_policy(policy_dir: Path) -> tuple:
+    """(tokenizer, model) of an exported policy, the model in eval mode."""
     from transformers import AutoModelForImageTextToText, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
-    model = AutoModelForImageTextToText.from_pretrained(policy_dir).eval()
+    return AutoTokenizer.from_pretrained(policy_dir), AutoModelForImageTextToText.from_pretrained(policy_dir).eval()
+
+
+def copy_rates(tokenizer, model, pages: list[str], per_sequence: int) -> dict[str, float]:
+    """Share of pages whose name (city) answer ``model`` predicts token by token (argmax, teacher-forced), the
+    pages packed ``per_sequence`` to a sequence in order."""
     right = {"name": 0, "city": 0}
     packs = [pages[i:i + per_sequence] for i in range(0, len(pages) - per_sequence + 1, per_sequence)]
     for pack in packs:
@@ -89,8 +92,11 @@ def copy_rates(policy_dir: Path, pages: list[str], per_sequence: int) -> dict[st
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=Path, default=Path("runs/reading_probe"))
+    epilog = ("SFT_ARGS after -- go to the warm start's LightningCLI (mmsr/demo/configs/sft.yaml), e.g. "
+              "-- --model.init_args.reading.init_args.single_page_steps 400")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], usage="%(prog)s [options] [-- SFT_ARGS ...]",
+                                 epilog=epilog)  # fmt: skip
+    ap.add_argument("--out", type=Path, default=Path("runs/reading_probe"), help="the run's folder (world, sft/)")
     ap.add_argument("--world", type=Path, default=None, help="an existing demo world (default: build one into --out)")
     ap.add_argument("--seed", type=int, default=0, help="the warm start's seed, and the world's when one is built")
     ap.add_argument("--steps", type=int, default=500, help="reading steps")
@@ -104,8 +110,8 @@ def main(argv: list[str] | None = None) -> dict:
         build_world(world, seed=args.seed)
     report = {} if args.policy else train(args.out, world, args.seed, args.steps, extra)
     pages = fresh_pages(world, args.pages, seed=10_007)
-    policy = args.policy or args.out / "sft" / "policy"
-    report |= {"one_page": copy_rates(policy, pages, 1), "three_pages": copy_rates(policy, pages, 3)}
+    tokenizer, model = load_policy(args.policy or args.out / "sft" / "policy")
+    report |= {packing: copy_rates(tokenizer, model, pages, n) for packing, n in (("one_page", 1), ("three_pages", 3))}
     print(json.dumps(report, indent=1))
     return report
 

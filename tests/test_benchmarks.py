@@ -343,3 +343,44 @@ def test_reading_probe_pages_are_new_and_their_answers_are_the_landmarks(tmp_pat
         assert [m.group(1) for m in probe.NAME.finditer(page)] == [name]
         (city,) = [m.group(1) for m in probe.CITY.finditer(page)]
         assert f"{name} stands in the city of {city}." in page  # the fact the answer copies
+
+
+
+class CharTokenizer:
+    """One token a character (its code point), with offsets, as a fast tokenizer gives them."""
+
+    def __call__(self, text: str, return_offsets_mapping: bool) -> dict:
+        return {"input_ids": [ord(c) for c in text], "offset_mapping": [(i, i + 1) for i in range(len(text))]}
+
+
+class Reader:
+    """Predicts each next character of its input (teacher-forced copying at 100%), but the first character of each
+    mention of ``wrong``."""
+
+    def __init__(self, wrong: str = "") -> None:
+        self.wrong = wrong
+
+    def __call__(self, input_ids):
+        import torch
+
+        ids = input_ids[0].tolist()  # [T]
+        text = "".join(map(chr, ids))
+        missed = [bool(self.wrong) and text.startswith(self.wrong, j + 1) for j in range(len(ids) - 1)]
+        nxt = [ids[j + 1] + miss for j, miss in enumerate(missed)] + [0]
+        return SimpleNamespace(logits=torch.nn.functional.one_hot(torch.tensor([nxt]), 256).float())  # [1, T, 256]
+
+
+def test_reading_probe_scores_an_answer_right_only_when_every_token_is_predicted(tmp_path):
+    """A reader that copies every token scores 1.0; one wrong character of a page's city makes that city wrong and
+    leaves its name right, each page alone and three packed alike."""
+    from mmsr.demo.world import build_world
+
+    probe = benchmark("reading_probe")
+    world = build_world(tmp_path / "world", seed=0, train_landmarks=12, eval_landmarks=3, reading_pages=30, cities=20)
+    pages = probe.fresh_pages(world, 6, seed=5)
+    cities = [probe.CITY.search(page).group(1) for page in pages]
+    wrong = round(1 - cities.count(cities[1]) / 6, 3)  # the pages in that city (a small world's 20 cities repeat)
+    assert wrong < 1 and not any(cities[1] in probe.NAME.search(page).group(1) for page in pages)
+    for per_sequence in (1, 3):
+        assert probe.copy_rates(CharTokenizer(), Reader(), pages, per_sequence) == {"name": 1.0, "city": 1.0}
+        assert probe.copy_rates(CharTokenizer(), Reader(cities[1]), pages, per_sequence) == {"name": 1.0, "city": wrong}

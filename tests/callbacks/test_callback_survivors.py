@@ -36,9 +36,9 @@ def test_a_requeued_job_resumes_from_the_latest_hpc_checkpoint(tmp_path, monkeyp
     """Each requeue of a job saves the next ``hpc_ckpt_N.ckpt``: the one with the highest N holds the latest step.
     Resuming from an older one retrains the steps since, and the run directory gets their rows twice."""
     monkeypatch.setattr(SLURMEnvironment, "detect", staticmethod(lambda: True))
-    for n in (1, 2):
+    for n in (2, 10):  # 10 after 9, as a number: "10" < "2" as text
         (tmp_path / f"hpc_ckpt_{n}.ckpt").write_bytes(b"a requeue's save")
-    assert hpc_resume_path({"default_root_dir": str(tmp_path)}) == str(tmp_path / "hpc_ckpt_2.ckpt")
+    assert hpc_resume_path({"default_root_dir": str(tmp_path)}) == str(tmp_path / "hpc_ckpt_10.ckpt")
 
 
 def test_a_stop_min_steps_overrides_logs_each_later_step_s_table(scripted_run, tmp_path):
