@@ -8,7 +8,7 @@ seeds' demos.
     PYTHONPATH=tests/cpu_shim .venv/bin/python benchmarks/reading_probe.py --out runs/reading_sp --steps 550 \\
         -- --model.init_args.reading.init_args.single_page_steps 400
     PYTHONPATH=tests/cpu_shim .venv/bin/python benchmarks/reading_probe.py --policy runs/reading/sft/policy \\
-        --world runs/reading/world                 # probe an exported policy again, no training
+        --out runs/reading                         # probe an exported policy again (the world of --out), no training
 
 Arguments after ``--`` go to the warm start's LightningCLI (``mmsr/demo/configs/sft.yaml``). Prints one JSON object.
 """
@@ -18,15 +18,16 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import random
 import re
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from mmsr.demo.world import Landmark, make_landmarks, reading_text
+from mmsr.demo.reading import ReadingCorpus
+from mmsr.demo.world import READING_TITLE_SUFFIX, write_reading_corpus
 
 NAME = re.compile(r"Question: What is the name of this landmark\? Answer: ([^.]+)\.")
 CITY = re.compile(r"Answer: It stands in the city of (\w+)\.")
@@ -51,16 +52,16 @@ def train(out: Path, world: Path, seed: int, steps: int, extra: list[str]) -> di
 
 
 def fresh_pages(world: Path, n: int, seed: int) -> list[str]:
-    """``n`` reading pages (as the reading steps read them) about landmarks in neither the world nor its reading
-    corpus: a name or city the policy saw with its page cannot be recalled instead of copied."""
-    landmarks = [Landmark(**{k: v for k, v in row.items() if k != "split"})
-                 for row in json.loads((world / "world.json").read_text(encoding="utf-8"))]  # fmt: skip
+    """``n`` reading pages (as the reading steps read them: ``write_reading_corpus``'s rows, ``ReadingCorpus``'s
+    layout) about landmarks in neither the world nor its reading corpus: a name or city the policy saw with its page
+    cannot be recalled instead of copied."""
+    landmarks = json.loads((world / "world.json").read_text(encoding="utf-8"))
     reading = (world / "reading.jsonl").read_text(encoding="utf-8").splitlines()
-    seen = {json.loads(line)["title"].removesuffix(" - photo gallery") for line in reading}
-    seen |= {lm.name for lm in landmarks}
-    rng = random.Random(seed)
-    return [f"title: {lm.name} - photo gallery\n{reading_text(lm, rng)}\n"
-            for lm in make_landmarks(n, seed, sorted({lm.city for lm in landmarks}), exclude=seen)]  # fmt: skip
+    seen = {json.loads(line)["title"].removesuffix(READING_TITLE_SUFFIX) for line in reading}
+    seen |= {row["name"] for row in landmarks}
+    with tempfile.TemporaryDirectory() as tmp:
+        write_reading_corpus(seen, n, seed, sorted({row["city"] for row in landmarks}), Path(tmp))
+        return ReadingCorpus([str(Path(tmp) / "reading.jsonl")]).docs
 
 
 def load_policy(policy_dir: Path) -> tuple:
@@ -97,14 +98,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], usage="%(prog)s [options] [-- SFT_ARGS ...]",
                                  epilog=epilog)  # fmt: skip
     ap.add_argument("--out", type=Path, default=Path("runs/reading_probe"), help="the run's folder (world, sft/)")
-    ap.add_argument("--world", type=Path, default=None, help="an existing demo world (default: build one into --out)")
+    ap.add_argument("--world", type=Path, default=None,
+                    help="an existing demo world (default: --out's world, built with --seed if missing)")
     ap.add_argument("--seed", type=int, default=0, help="the warm start's seed, and the world's when one is built")
     ap.add_argument("--steps", type=int, default=500, help="reading steps")
     ap.add_argument("--policy", type=Path, default=None, help="probe this exported policy instead of training one")
     ap.add_argument("--pages", type=int, default=201, help="fresh pages probed (a multiple of 3 probes each)")
     args = ap.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     world = args.world or args.out / "world"
-    if args.world is None:
+    if args.world is None and not (world / "world.json").exists():
         from mmsr.demo.world import build_world
 
         build_world(world, seed=args.seed)

@@ -384,3 +384,18 @@ def test_reading_probe_scores_an_answer_right_only_when_every_token_is_predicted
     for per_sequence in (1, 3):
         assert probe.copy_rates(CharTokenizer(), Reader(), pages, per_sequence) == {"name": 1.0, "city": 1.0}
         assert probe.copy_rates(CharTokenizer(), Reader(cities[1]), pages, per_sequence) == {"name": 1.0, "city": wrong}
+
+
+def test_reading_probe_of_a_policy_reuses_the_world_in_its_out_folder(tmp_path, monkeypatch, capsys):
+    """``--policy`` again on a run's folder probes against the world already there (building one is ~a minute of
+    the demo's and, with another ``--seed``, would exclude another world's names)."""
+    import mmsr.demo.world as world_module
+
+    probe = benchmark("reading_probe")
+    world = world_module.build_world(tmp_path / "r" / "world", seed=0, train_landmarks=12, eval_landmarks=3,
+                                     reading_pages=30, cities=20)  # fmt: skip
+    monkeypatch.setattr(world_module, "build_world", lambda *a, **k: pytest.fail("the world was built again"))
+    monkeypatch.setattr(probe, "load_policy", lambda path: (CharTokenizer(), Reader()))
+    out = probe.main(["--out", str(tmp_path / "r"), "--policy", str(tmp_path / "policy"), "--pages", "6"])
+    assert out == {"one_page": {"name": 1.0, "city": 1.0}, "three_pages": {"name": 1.0, "city": 1.0}}
+    assert json.loads(capsys.readouterr().out) == out and (world / "world.json").exists()

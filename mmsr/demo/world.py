@@ -169,6 +169,9 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
 
 
+READING_TITLE_SUFFIX = " - photo gallery"  # a reading page's title is its landmark's name and this
+
+
 def reading_text(landmark: Landmark, rng: random.Random) -> str:
     """``page_text`` between filler sentences, closing on two visitors' questions and their answers, the
     name and the city in a random order: which fact to look up depends on the question, and both sit at a
@@ -187,16 +190,17 @@ def reading_text(landmark: Landmark, rng: random.Random) -> str:
     return " ".join([*before, page_text(landmark), *after, *faq])
 
 
-def write_reading_corpus(landmarks: list[Landmark], n: int, seed: int, cities: list[str], out: Path) -> None:
-    """``reading.jsonl``: pages (search-corpus schema) about ``n`` other landmarks, none of the world's.
+def write_reading_corpus(exclude: set[str], n: int, seed: int, cities: list[str], out: Path) -> None:
+    """``reading.jsonl``: pages (search-corpus schema) about ``n`` other landmarks, none named in ``exclude`` (the
+    world's names; ``benchmarks/reading_probe.py`` also excludes the reading pages' own).
 
     A random-weight model cannot read yet; real VLMs learned to on web text. These pages are the tiny
     model's stand-in for that pretraining (``mmsr.demo.reading``): they teach finding a name or a city in a
     page and copying it, and, holding no world landmark, leak no answer.
     """
-    others = make_landmarks(n, seed, cities, exclude={lm.name for lm in landmarks})
+    others = make_landmarks(n, seed, cities, exclude=exclude)
     rng = random.Random(seed)
-    rows = [{"id": f"r{lm.id}", "title": f"{lm.name} - photo gallery",
+    rows = [{"id": f"r{lm.id}", "title": f"{lm.name}{READING_TITLE_SUFFIX}",
              "text": reading_text(lm, rng)} for lm in others]  # fmt: skip
     _write_jsonl(out / "reading.jsonl", rows)
 
@@ -239,7 +243,7 @@ def build_world(out: str | Path, seed: int = 0, train_landmarks: int = 1200, eva
                        row_group_size=256)  # fmt: skip
     pa.default_memory_pool().release_unused()  # Arrow's allocator would keep the tables' ~200 MB
     write_search_backends(landmarks, out)
-    write_reading_corpus(landmarks, reading_pages, seed + 3, city_names, out)
+    write_reading_corpus({lm.name for lm in landmarks}, reading_pages, seed + 3, city_names, out)
     world = [{**lm.__dict__, "split": "train" if i < train_landmarks else "eval"} for i, lm in enumerate(landmarks)]
     (out / "world.json").write_text(json.dumps(world, indent=1), encoding="utf-8")
     return out
