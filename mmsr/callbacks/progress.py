@@ -125,6 +125,10 @@ class StageProgressBar(TQDMProgressBar):
 
     def on_train_epoch_start(self, trainer: L.Trainer, *args) -> None:
         super().on_train_epoch_start(trainer, *args)
+        self._steps_bar(trainer)
+
+    def _steps_bar(self, trainer: L.Trainer) -> None:
+        """The training bar counts the run's steps, from those already done, under the run's name."""
         if trainer.max_steps > 0:  # steps of the run, not batches of a (resumable, endless) epoch
             step, self.train_progress_bar.total = training_steps(trainer)
             self.train_progress_bar.initial = self.train_progress_bar.n = step
@@ -180,6 +184,8 @@ class StageProgressBar(TQDMProgressBar):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
+        # A resume within an epoch (every GRPO resume: one endless epoch) gets no on_train_epoch_start
+        self._steps_bar(trainer)
         self._lines.start(training_steps(trainer)[0])
         self._start_watching(pl_module)
 
