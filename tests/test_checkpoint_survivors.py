@@ -47,12 +47,15 @@ class WithCounter(torch.nn.Module):
 
 def test_adopt_dtypes_keeps_integer_buffers_dtype():
     """Only floating tensors take the checkpoint's dtype (its precision): an integer buffer saved as int32 (or one the
-    checkpoint holds as float) keeps the module's integer dtype, which the code indexing with it relies on."""
+    checkpoint holds as float) keeps the module's integer dtype, which the code indexing with it relies on, and a
+    floating parameter the checkpoint holds as integers stays floating (load_state_dict converts the values)."""
     module = WithCounter()
     adopt_dtypes(module, {"w": torch.ones(2, dtype=torch.float64), "count": torch.tensor([3, 4], dtype=torch.int32)})
     assert (module.w.dtype, module.count.dtype) == (torch.float64, torch.int64)
     adopt_dtypes(module, {"count": torch.tensor([3.0, 4.0])})
     assert module.count.dtype == torch.int64
+    adopt_dtypes(module, {"w": torch.tensor([1, 2])})
+    assert module.w.dtype == torch.float64
 
 
 def test_rng_state_does_not_initialize_cuda(monkeypatch):
