@@ -1,18 +1,27 @@
 """What ``mmsr report`` does that a mutation audit found untested: which trajectories it keeps, the plot titles it
-reads from a run's config, how it fails on bad files, and how the page lays out observations and held-out kinds."""
+reads from a run's config, how it fails on bad files, how the page lays out observations, steps and held-out kinds,
+which points of ``metrics.csv`` are drawn, and what a trajectory record keeps and reads back."""
 
 import inspect
+import math
 import re
+import warnings
 from dataclasses import replace
 
 import pytest
 import yaml
+from matplotlib.axes import Axes
 
+from mmsr.data.sample import Sample
 from mmsr.report import cli
 from mmsr.report.cli import accuracy_title, write_report
-from mmsr.report.html import observation, render_html
-from mmsr.report.records import ToolCallRecord, TurnRecord, write_records
+from mmsr.report.html import observation, render_html, stage_names
+from mmsr.report.plots import PLOTS, Curve, plot, plot_run, read_metrics
+from mmsr.report.records import ToolCallRecord, TurnRecord, read_records, trajectory_record, write_records
 from mmsr.reward.judged import JudgedReward
+from mmsr.rollout.actions import Answer, TextSearch
+from mmsr.rollout.trajectory import ToolCall, Trajectory, Turn
+from mmsr.tools.base import ToolResult
 from tests.report.browser import Page
 from tests.report.test_held_out_kinds import _record as _held_out
 from tests.report.test_page_sections import _record, _turn
@@ -127,3 +136,126 @@ def test_held_out_episodes_are_grouped_by_question_kind_not_data_source():
     assert re.findall(r'<h3 class="kind" id="held-out-([^"]*)">', html) == ["free", "required", "none"]
     episodes = [(e.attrs["data-sample-id"], e.attrs["data-step"]) for e in Page(html).episodes]
     assert episodes == [("a", "0"), ("a", "5"), ("c", "0"), ("c", "5"), ("b", "0"), ("b", "5"), ("d", "0"), ("d", "5")]
+
+
+def test_held_out_columns_run_from_before_grpo_to_after_it_in_step_order():
+    """Whatever order the file holds them in, the held-out columns are the evaluated steps ascending: the first is
+    headed "before GRPO", the last "after GRPO", a step between them by its number; each episode under its own."""
+    records = [replace(_held_out("a", "free"), step=step) for step in (10, 0, 5)]
+    html = render_html("run", [], {}, held_out=records)
+    stages = re.findall(r'<div class="stage">([^<]*)</div>', html)
+    assert stages == ["before GRPO (step 0)", "step 5 (step 5)", "after GRPO (step 10)"]
+    episodes = [(e.attrs["data-step"], e.attrs["data-stage"]) for e in Page(html).episodes]
+    assert episodes == [("0", "before GRPO"), ("5", "step 5"), ("10", "after GRPO")]
+    assert "held-out episodes at steps 0, 5, 10." in html
+
+
+def test_a_held_out_set_evaluated_at_one_step_is_not_called_before_or_after_grpo():
+    """One evaluation (a run stopped before its second validation) compares nothing: its column is named by its
+    step, not "before GRPO" nor "after GRPO", and the section's heading claims no before/after."""
+    assert stage_names([3]) == ["step 3"]
+    html = render_html("run", [], {}, held_out=[replace(_held_out("a", "free"), step=3)])
+    assert re.findall(r'<div class="stage">([^<]*)</div>', html) == ["step 3 (step 3)"]
+    assert [e.attrs["data-stage"] for e in Page(html).episodes] == ["step 3"]
+    assert "GRPO" not in html
+
+
+def test_training_steps_are_shown_in_ascending_order():
+    """The page reads as the run went: its steps' sections ascend whatever the order of the records given."""
+    records = [replace(_record([_turn(0, None)]), step=s) for s in (2, 0, 1)]
+    html = render_html("run", records, {})
+    assert re.findall(r'<h2 class="step">Step (\d+)</h2>', html) == ["0", "1", "2"]
+    assert [a["id"] for a in Page(html).trajectories] == ["step0-traj0", "step1-traj0", "step2-traj0"]
+
+
+@pytest.fixture
+def drawn(monkeypatch) -> list[tuple[list, list, str]]:
+    """What each ``Axes.plot`` call draws: its x values, y values and legend label (drawn as well, unchanged)."""
+    calls = []
+    draw = Axes.plot
+
+    def record(ax, xs, ys, *args, **kwargs):
+        calls.append((list(xs), list(ys), kwargs.get("label")))
+        return draw(ax, xs, ys, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "plot", record)
+    return calls
+
+
+def test_non_finite_values_are_left_out_of_a_plot(tmp_path, drawn):
+    """A step whose metric is nan or inf (a diverged loss, a ratio of nothing) is not a point: matplotlib would
+    break the line there or stretch the axis to infinity; the finite points are drawn, joined."""
+    curve = Curve("reward/mean", [0, 1, 2, 3, 4], [0.5, math.nan, math.inf, -math.inf, 0.7])
+    plot(PLOTS[0], [curve], tmp_path / "reward.png")
+    assert drawn == [([0, 4], [0.5, 0.7], "reward/mean")]
+
+
+def test_per_source_curves_follow_the_named_ones_sorted_by_name(tmp_path, drawn):
+    """The search-ratio plot's legend lists its named curves, then the per-source ones sorted by name, whatever
+    the order of the file's columns: the same source keeps its place (and colour) from run to run."""
+    any_ = "rollout/search_ratio/any"
+    (tmp_path / "metrics.csv").write_text(f"step,{any_}/zeta,{any_}/alpha,{any_}/mid,{any_}\n0,0.1,0.2,0.3,0.4\n")
+    plot_run(tmp_path / "metrics.csv", tmp_path / "plots")
+    assert [label for _, _, label in drawn] == [any_, f"{any_}/alpha", f"{any_}/mid", f"{any_}/zeta"]
+
+
+def test_a_row_shorter_than_the_header_gives_no_points_for_its_missing_cells(tmp_path):
+    """A row with fewer cells than the header (``csv`` fills the missing ones with ``None``) has points for the
+    cells it has, none for those it lacks; it raised TypeError on ``float(None)``."""
+    (tmp_path / "metrics.csv").write_text("step,a,b\n0,1.5\n1,2.5,3.5\n")
+    curves = read_metrics(tmp_path / "metrics.csv")
+    assert curves == {"a": Curve("a", [0, 1], [1.5, 2.5]), "b": Curve("b", [1], [3.5])}
+
+
+def test_a_torn_metrics_file_keeps_exactly_its_complete_lines(tmp_path):
+    """A kill mid-write tears only what follows the last newline: a complete file is read without a warning,
+    and a torn one's warning shows the torn text alone (not the newline before it), its complete rows kept."""
+    path = tmp_path / "metrics.csv"
+    path.write_text("step,a\n0,1.5\n1,2.5\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert read_metrics(path) == {"a": Curve("a", [0, 1], [1.5, 2.5])}
+    path.write_text("step,a\n0,1.5\n1,2.")
+    with pytest.warns(UserWarning) as caught:
+        assert read_metrics(path) == {"a": Curve("a", [0], [1.5])}
+    assert [str(w.message).rsplit(": ", 1)[-1] for w in caught] == ["b'1,2.'"]
+
+
+def _episode(context: list[str]) -> tuple[Trajectory, Sample]:
+    """A two-turn episode, a text search then an answer, and its question."""
+    search = Turn("<text_search>capital</text_search>", TextSearch("capital"), (3, 6),
+                  tool_call=ToolCall("text_search", "capital", ToolResult("Paris is the capital", titles=("t",))))
+    answer = Turn("<answer>Paris</answer>", Answer("Paris"), (9, 12))
+    traj = Trajectory("s", 0, list(range(12)), [0] * 12, [0.0] * 12, [], 3, [search, answer], "answer", context=context)
+    return traj, Sample("s", "capital of France?", None, "Paris", category="free")  # fmt: skip
+
+
+def test_a_record_numbers_its_turns_from_0_and_keeps_the_trajectorys_context_notes():
+    """``TurnRecord.index`` is the turn's position in ``Trajectory.turns`` (what the page's dropped-observation
+    marks count from), and the context budget's notes are recorded: the page shows them with the episode."""
+    notes = ["turn 1: text_search observation of 900 tokens, 500 left for it: cut to fit"]
+    record = trajectory_record(*_episode(notes), step=0, global_step=0, index=0, reward=1.0, advantage=0.5,
+                               reward_terms={"correct": 1.0})  # fmt: skip
+    turns = [(t.index, t.action, t.argument) for t in record.turns]
+    assert turns == [(0, "text_search", "capital"), (1, "answer", "Paris")]
+    assert record.context == notes and record.correct is True
+
+
+def test_a_reward_without_a_correct_term_records_correctness_as_unknown():
+    """A reward that reports no ``correct`` term (no details) did not say the answer was wrong: ``correct`` is
+    ``None``, which the page and the wandb table show as unknown, not as a wrong answer."""
+    record = trajectory_record(*_episode([]), step=0, global_step=0, index=0, reward=1.0, advantage=0.0,
+                               reward_terms={"format": 1.0})  # fmt: skip
+    assert record.correct is None
+
+
+def test_a_record_read_back_equals_the_record_written(tmp_path):
+    """What ``mmsr report`` reads is what was written: the turns' spans come back as tuples (JSON has only lists),
+    the context notes too; blank lines between records (a file joined or edited by hand) are skipped."""
+    record = trajectory_record(*_episode(["a note"]), step=2, global_step=1, index=0, reward=1.0, advantage=0.5,
+                               reward_terms={"correct": 1.0})  # fmt: skip
+    other = replace(record, index=1)
+    (tmp_path / "trajectories.jsonl").write_text(f"\n{record.to_json()}\n  \n{other.to_json()}\n\n")
+    read = list(read_records(tmp_path / "trajectories.jsonl"))
+    assert read == [record, other]
+    assert read[0].turns[0].span == (3, 6) and read[0].context == ["a note"]
