@@ -52,13 +52,16 @@ def template_path(name: str) -> Path:
     if path.is_file():
         return path
     package, sep, inner = name.partition(":")
+    hint = "a template inside another package is written 'package:path', e.g. 'mmsr.demo:templates/round1.txt'"
     try:
         path = Path(str(importlib.resources.files(package).joinpath(inner))) if sep else TEMPLATES / name
     except ModuleNotFoundError:
         path = TEMPLATES / name
+    except (TypeError, ValueError) as exc:  # a module that is no package ('mmsr.export:x'), none at all (':x')
+        why = exc if package else "nothing before the ':' names a package"
+        raise FileNotFoundError(f"prompt template {name!r} not found: {why}; {hint}") from None
     if not path.is_file():
-        raise FileNotFoundError(f"prompt template {name!r} not found ({path}); a template inside another package is "
-                                "written 'package:path', e.g. 'mmsr.demo:templates/round1.txt'")  # fmt: skip
+        raise FileNotFoundError(f"prompt template {name!r} not found ({path}); {hint}")
     return path
 
 
