@@ -3,7 +3,8 @@ on the hand-made shape and run of ``tests/test_plan.py`` (``SHAPE``, ``spec``)."
 
 import pytest
 
-from mmsr.plan.memory import plan
+from mmsr.plan.config import dtypes, world
+from mmsr.plan.memory import plan, problems
 from tests.test_plan import SHAPE, spec
 
 
@@ -47,3 +48,55 @@ def test_eager_attention_takes_a_float32_mask_of_the_packed_rows(checkpointed):
     sdpa's: 256 x (1 + 2) = 768 checkpointed, 256 x (1 + 2 layers x 2) = 1280 not)."""
     run_spec = spec(attention="eager", packed_rows=True, gradient_checkpointing=checkpointed)
     assert plan(SHAPE, run_spec, gpu_gib=1.0)["memory"]["training"]["packed_mask"] == 1024
+
+
+@pytest.mark.parametrize(("offload", "resident"), [(True, 0), (False, 1000)])
+def test_an_offloaded_fsdp2_reference_holds_nothing_on_the_gpu_between_its_scorings(offload, resident):
+    """KL on, FSDP2 over 2 ranks: the reference's 1000 bf16 params (2000 bytes) sit sharded on the GPU, 1000 a
+    rank, unless offloaded to the CPU; offloaded, it only gathers blocks while it scores (the policy's gathered
+    term bounds them), so the rollout phase counts none of it."""
+    out = plan(SHAPE, spec(kl=True, ref_offload=offload), gpu_gib=1.0)
+    assert out["memory"]["rollout"]["reference"] == out["memory"]["training"]["reference"] == resident
+    assert out["memory"]["training"]["reference_scoring"] == 0
+
+
+def test_the_hf_engine_under_fsdp2_holds_a_full_copy_of_the_policy_in_both_phases():
+    """Under FSDP2 the HF engine generates with an unsharded bf16 copy (1000 params x 2 bytes) that stays on the
+    GPU while training too; its KV cache is 2 contexts (hf_batch) x 12 tokens x 16 bytes (K and V, 1 head of 4,
+    2 layers, bf16)."""
+    out = plan(SHAPE, spec(engine="hf"), gpu_gib=1.0)
+    assert out["memory"]["training"]["engine"] == 2000
+    assert out["memory"]["rollout"]["engine"] == 2000 + 2 * 12 * (2 * 2 * 1 * 4 * 2)
+
+
+@pytest.mark.parametrize(("kv_tokens", "refused"), [(11, True), (12, False)])
+def test_a_vllm_cache_short_of_one_context_is_a_problem(kv_tokens, refused):
+    """vLLM refuses to start when its KV cache cannot hold one max_model_len (12-token) context; one token short
+    is already too few, not only an empty cache."""
+    found = problems(spec(), {"kv_tokens": kv_tokens, "kv_cache": kv_tokens * 16})
+    assert bool(found) is refused
+    assert not found or "cannot hold one max_model_len context (12 tokens)" in found[0]
+
+
+def test_an_episode_samples_at_most_its_context():
+    """3 rounds of up to 8 tokens could sample 24, but an episode ends at its 12-token context bound."""
+    t = plan(SHAPE, spec(max_rounds=3, max_tokens_per_turn=8), gpu_gib=1.0)["tokens"]
+    assert t["sampled_tokens_per_episode"] == 12 and t["per_rank"]["sampled_tokens"] == 8 * 12
+
+
+def test_fsdp2_s_auto_data_parallel_size_is_lightning_s_number_of_nodes():
+    """Lightning's ModelParallelStrategy resolves data_parallel_size "auto" to num_nodes (tensor_parallel_size
+    "auto" to the devices): with tensor_parallel_size 1 on 8 devices of one node, "auto" is 1 of 8 ranks and
+    Lightning refuses the run; sizing it as 8-way FSDP2 would plan a run that cannot start."""
+    strategy = {"class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
+                "init_args": {"tensor_parallel_size": 1}}  # fmt: skip
+    with pytest.raises(ValueError, match=r"data_parallel_size \(1\) must equal the world size"):
+        world({"devices": 8, "num_nodes": 1, "strategy": strategy})
+    assert world({"devices": 1, "num_nodes": 4, "strategy": strategy}) == (4, True)
+
+
+def test_master_weights_are_float32_unless_the_config_says_otherwise():
+    """GRPOModule's param_dtype default keeps fp32 master weights, grads and AdamW state (a config leaving it out or
+    null): sized in bf16, the plan would halve the largest training terms."""
+    assert dtypes({}, {})["param_dtype"] == dtypes({"param_dtype": None}, {})["param_dtype"] == "float32"
+    assert dtypes({"param_dtype": "bfloat16"}, {})["param_dtype"] == "bfloat16"
