@@ -58,6 +58,8 @@ def test_the_recipe_settings_on_two_ranks_train_as_one_rank_does(tmp_path):
     assert losses(two) == pytest.approx(losses(one), abs=1e-5)
     # the gradient both ranks reduced in fp32: a rank stepping on its own half, or a sum over ranks, is far off
     assert losses(two, "train/grad_norm") == pytest.approx(losses(one, "train/grad_norm"), rel=1e-3)
+    # the second step's KL is of the updated policy, whose weights the ranks' bf16 rounding moves ~1e-3 apart (above):
+    # rel 1e-4 held where bf16 matmuls are emulated in fp32 (AVX2), not with AMX-BF16 kernels (2.3e-4 apart)
     kl = losses(two, "train/kl")
-    assert kl == pytest.approx(losses(one, "train/kl"), rel=1e-4, abs=1e-7)
+    assert kl == pytest.approx(losses(one, "train/kl"), rel=1e-3, abs=1e-7)
     assert kl[0] < 1e-6 < kl[1]  # the reference is the first step's policy; the update moved the policy off it
