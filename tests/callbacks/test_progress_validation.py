@@ -15,6 +15,7 @@ from mmsr.module import GRPOModule
 from mmsr.rollout.engine import ScriptedEngine
 from mmsr.tools.local import LocalImageSearch, LocalTextSearch
 from tests.callbacks.scripted_run import turn_text
+from tests.callbacks.test_callback_survivors2 import recorded
 from tests.conftest import FVQA
 
 ROWS = str(FVQA / "fvqa_dev.jsonl")
@@ -106,10 +107,8 @@ def test_mmsr_validate_shows_the_validation_stage(tmp_path, plain):
     held-out episodes rolled out. Its own watcher now shows the stage in the validation bar, or in plain lines
     (at the step validated: 0 here, no checkpoint loaded). Each search waits until the bar or lines show it."""
     module, search = recording_module()
-    bar = StageProgressBar(poll_s=0.02, plain=plain, plain_every_s=0.0)
-    lines: list[str] = []
-    print_line = bar._lines._print
-    bar._lines._print = lambda text, force=False: (lines.append(text), print_line(text, force))
+    bar = recorded(StageProgressBar(poll_s=0.02, plain=plain, plain_every_s=0.0))
+    lines = bar.printed
     if plain:
         search.shown = lambda: any(line.startswith("grpo step 0/? | stage val tools | tok/s ") for line in lines)
     else:
