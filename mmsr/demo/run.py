@@ -308,7 +308,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="mmsr demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("runs/demo"), help="run directory")
     ap.add_argument("--seed", type=int, default=None, help="default: 0, or the --warm-start run's seed")
-    ap.add_argument("--reading-steps", type=count, default=None, help="override the warm start config's reading_steps")
+    ap.add_argument("--reading-steps", type=count, default=None,
+                    help="override the warm start config's reading_steps (the first of them, as many as its "
+                         "reading's single_page_steps, still read one page a sequence)")
     ap.add_argument("--sft-steps", type=count, default=None, help="imitation steps after reading (default: from the warm start config)")
     ap.add_argument("--grpo-steps", type=count, default=None, help="GRPO training steps (default: the GRPO config's; 0 evaluates the warm start only)")
     ap.add_argument("--eval-limit", type=int, default=None,
