@@ -4,9 +4,9 @@ alone and three packed to a sequence as the reading steps pack them. It measures
 instead of a full demo (README, Performance): a recipe that copies as well in fewer seconds is then worth the five
 seeds' demos.
 
-    PYTHONPATH=tests/cpu_shim .venv/bin/python benchmarks/reading_probe.py --out runs/reading --steps 500
-    PYTHONPATH=tests/cpu_shim .venv/bin/python benchmarks/reading_probe.py --out runs/reading_sp --steps 550 \\
-        -- --model.init_args.reading.init_args.single_page_steps 400
+    PYTHONPATH=tests/cpu_shim .venv/bin/python benchmarks/reading_probe.py --out runs/reading   # the demo's recipe
+    PYTHONPATH=tests/cpu_shim .venv/bin/python benchmarks/reading_probe.py --out runs/reading_3p --steps 500 \\
+        -- --model.init_args.reading.init_args.single_page_steps 0         # the previous one: three pages a sequence
     PYTHONPATH=tests/cpu_shim .venv/bin/python benchmarks/reading_probe.py --policy runs/reading/sft/policy \\
         --out runs/reading                         # probe an exported policy again (the world of --out), no training
 
@@ -33,16 +33,18 @@ NAME = re.compile(r"Question: What is the name of this landmark\? Answer: ([^.]+
 CITY = re.compile(r"Answer: It stands in the city of (\w+)\.")
 
 
-def train(out: Path, world: Path, seed: int, steps: int, extra: list[str]) -> dict:
-    """Reading steps only into ``out/sft`` (the policy exported to ``out/sft/policy``), seeded as ``mmsr demo --seed``
-    seeds its warm start; their seconds and the mean reading loss of every 50 steps' first 25."""
+def train(out: Path, world: Path, seed: int, steps: int | None, extra: list[str]) -> dict:
+    """``steps`` reading steps (None: sft.yaml's) and nothing else into ``out/sft`` (the policy exported to
+    ``out/sft/policy``), seeded as ``mmsr demo --seed`` seeds its warm start; their seconds and the mean reading loss of
+    every 50 steps' first 25."""
     from mmsr.cli import lightning_cli
-    from mmsr.demo.run import CONFIGS, overrides, sft_overrides
+    from mmsr.demo.run import CONFIGS, overrides, sft_overrides, warm_start_steps
 
     out.mkdir(parents=True, exist_ok=True)
     if not (out / "world").exists():
         (out / "world").symlink_to(world.resolve())
     start = time.perf_counter()
+    steps = warm_start_steps(None, None)[0] if steps is None else steps
     config = ["-c", str(CONFIGS / "sft.yaml"), *overrides(out, seed, None), *sft_overrides(out, steps, 0)]
     lightning_cli(["fit", *config, *extra])
     with open(out / "sft" / "csv" / "metrics.csv", newline="") as f:
@@ -94,14 +96,14 @@ def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     epilog = ("SFT_ARGS after -- go to the warm start's LightningCLI (mmsr/demo/configs/sft.yaml), e.g. "
-              "-- --model.init_args.reading.init_args.single_page_steps 400")
+              "-- --model.init_args.reading.init_args.single_page_steps 0")
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], usage="%(prog)s [options] [-- SFT_ARGS ...]",
                                  epilog=epilog)  # fmt: skip
     ap.add_argument("--out", type=Path, default=Path("runs/reading_probe"), help="the run's folder (world, sft/)")
     ap.add_argument("--world", type=Path, default=None,
                     help="an existing demo world (default: --out's world, built with --seed if missing)")
     ap.add_argument("--seed", type=int, default=0, help="the warm start's seed, and the world's when one is built")
-    ap.add_argument("--steps", type=int, default=500, help="reading steps")
+    ap.add_argument("--steps", type=int, default=None, help="reading steps (default: sft.yaml's reading_steps)")
     ap.add_argument("--policy", type=Path, default=None, help="probe this exported policy instead of training one")
     ap.add_argument("--pages", type=int, default=201, help="fresh pages probed (a multiple of 3 probes each)")
     args = ap.parse_args(argv[:argv.index("--")] if "--" in argv else argv)

@@ -399,3 +399,21 @@ def test_reading_probe_of_a_policy_reuses_the_world_in_its_out_folder(tmp_path, 
     out = probe.main(["--out", str(tmp_path / "r"), "--policy", str(tmp_path / "policy"), "--pages", "6"])
     assert out == {"one_page": {"name": 1.0, "city": 1.0}, "three_pages": {"name": 1.0, "city": 1.0}}
     assert json.loads(capsys.readouterr().out) == out and (world / "world.json").exists()
+
+
+def test_reading_probe_trains_the_demo_recipes_reading_steps_by_default(tmp_path, monkeypatch):
+    """Without ``--steps`` the probe trains as many reading steps as sft.yaml's (a fixed 500 would now stop 150
+    steps short of the demo's reading, within its three-page steps)."""
+    import yaml
+
+    import mmsr.cli
+    from mmsr.demo.run import CONFIGS
+
+    probe, seen = benchmark("reading_probe"), []
+    monkeypatch.setattr(mmsr.cli, "lightning_cli", lambda args: (seen.append(args), pytest.fail("stop here"))[1])
+    with pytest.raises(pytest.fail.Exception, match="stop here"):
+        probe.train(tmp_path / "r", tmp_path / "world", 0, None, [])
+    init_args = yaml.safe_load((CONFIGS / "sft.yaml").read_text())["model"]["init_args"]
+    args = seen[0]
+    assert args[args.index("--model.init_args.reading_steps") + 1] == str(init_args["reading_steps"])
+    assert args[args.index("--trainer.max_steps") + 1] == str(init_args["reading_steps"])  # no imitation step
