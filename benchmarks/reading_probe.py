@@ -38,13 +38,12 @@ def train(out: Path, world: Path, seed: int, steps: int | None, extra: list[str]
     ``out/sft/policy``), seeded as ``mmsr demo --seed`` seeds its warm start; their seconds and the mean reading loss of
     every 50 steps' first 25."""
     from mmsr.cli import lightning_cli
-    from mmsr.demo.run import CONFIGS, overrides, sft_overrides, warm_start_steps
+    from mmsr.demo.run import CONFIGS, overrides, sft_overrides
 
     out.mkdir(parents=True, exist_ok=True)
     if not (out / "world").exists():
         (out / "world").symlink_to(world.resolve())
     start = time.perf_counter()
-    steps = warm_start_steps(None, None)[0] if steps is None else steps
     config = ["-c", str(CONFIGS / "sft.yaml"), *overrides(out, seed, None), *sft_overrides(out, steps, 0)]
     lightning_cli(["fit", *config, *extra])
     with open(out / "sft" / "csv" / "metrics.csv", newline="") as f:

@@ -412,7 +412,7 @@ def test_reading_probe_trains_the_demo_recipes_reading_steps_by_default(tmp_path
     probe, seen = benchmark("reading_probe"), []
     monkeypatch.setattr(mmsr.cli, "lightning_cli", lambda args: (seen.append(args), pytest.fail("stop here"))[1])
     with pytest.raises(pytest.fail.Exception, match="stop here"):
-        probe.train(tmp_path / "r", tmp_path / "world", 0, None, [])
+        probe.main(["--out", str(tmp_path / "r"), "--world", str(tmp_path / "world")])
     init_args = yaml.safe_load((CONFIGS / "sft.yaml").read_text())["model"]["init_args"]
     args = seen[0]
     assert args[args.index("--model.init_args.reading_steps") + 1] == str(init_args["reading_steps"])

@@ -82,7 +82,7 @@ def test_of_several_non_finite_rewards_the_first_episode_is_named(returning):
         returning.checked_rewards(TRAJS, SAMPLES)
 
 
-@pytest.mark.parametrize("shape", [(4, 1), (1, 4)], ids=str)
+@pytest.mark.parametrize("shape", [(4, 1), (1, 4)], ids=["column", "row"])
 def test_an_override_s_column_or_row_of_rewards_is_refused_naming_it(returning, shape):
     """Mutants: the shape check weakened to a count (``numel``) or to the first dimension (``len``). An ``[N, 1]``
     tensor broadcast against the ``[N]`` group means in the advantages (an ``[N, N]`` result, or an index error far

@@ -46,8 +46,8 @@ FILLER = ("The photos on this page were taken by visitors.", "Many people come h
 # that, like a name, a city cannot be guessed. With 10 cities the tiny model settled on the 10-way
 # prior (its city distribution was the same whatever the page said) and never learned to read the
 # city (chance after reading and imitation); with 400, a reading page's city answer is copied right in
-# 92% of probes after the 500 reading steps, and held-out cities teacher-forced in 95% of episodes
-# after 300 imitation steps (seed 0).
+# 92% of probes after the previous recipe's 500 packed reading steps, and held-out cities teacher-forced in
+# 95% of episodes after 300 imitation steps (seed 0).
 CITY_ENDINGS = ("ton", "ford", "burg", "dale", "mere", "wick", "port", "field")
 QUESTIONS = {
     "color": "What color is the shape in this picture?",
