@@ -12,13 +12,13 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from mmsr.algo import logprobs_and_entropy
 from mmsr.data.sample import Sample
 from mmsr.rollout.loop import RolloutSettings
 from mmsr.sft import SFTModule, lm_nll
 from mmsr.sft.lm import reading_passes
 from mmsr.train.batch import collate
 from tests.test_sft import Built, EchoTeacher, Unbuildable
+from tests.train.test_sft_loss import ANSWERS, Answers, full_logit_logprobs
 
 IMAGE = Image.new("RGB", (56, 56), "red")
 
@@ -30,13 +30,6 @@ def trainer(max_steps: int = 1, **kwargs) -> L.Trainer:
 
 def loader(samples: list[Sample], batch_size: int | None = None) -> DataLoader:
     return DataLoader(samples, batch_size=batch_size or len(samples), collate_fn=list)
-
-
-class Answers:
-    """Answers at once with the ground truth (a different length per sample: ragged masks and padding)."""
-
-    def turns(self, sample: Sample) -> list[str]:
-        return [f"<reason>It is known.</reason><answer>{sample.ground_truth}</answer>"]
 
 
 class Pages:
@@ -68,13 +61,12 @@ def test_whole_rows_imitation_loss_is_the_nll_of_the_teacher_tokens_only(tiny_po
     some row's next token is the teacher's: the other rows' prompt and pad tokens there must stay out of the loss."""
     module = SFTModule(Built(copy.deepcopy(tiny_policy)), Answers(), share_prefix=False)
     samples = [Sample(s.id, s.question, s.image, truth, category="search_free")
-               for s, truth in zip(fvqa_samples, ["Ka Zu", "the old stone tower by the river", "Zu"])]  # fmt: skip
+               for s, truth in zip(fvqa_samples, ANSWERS)]  # fmt: skip
     trajs = module._episodes(samples, {s.id: Answers().turns(s) for s in samples})
     batch = collate(trajs, range(len(trajs)), module.policy, "cpu")
     assert len({len(t) for t in trajs}) == 3
     with torch.no_grad():
-        out = module.policy.forward(batch.input_ids, batch.attention_mask, batch.position_ids, batch.vision)
-        full = logprobs_and_entropy(out.logits[:, :-1], batch.labels, with_entropy=False)[0]
+        full = full_logit_logprobs(module.policy, batch)
     expected = float(-(full * batch.loss_mask).sum() / batch.loss_mask.sum())
     fit = trainer()
     fit.fit(module, loader(samples))
