@@ -234,6 +234,12 @@ def yaml_problem(e: yaml.YAMLError) -> str:
     return ": ".join(filter(None, (e.context, e.problem))) + where
 
 
+def at_least(value: float, threshold: float) -> bool:
+    """``value >= threshold`` for ratios of counts, up to float rounding: a claim met exactly must pass, and in
+    floats 38/40 - 18/40 is 0.49999999999999994, a drop of 50 points that was reported as "+50.0 points" and NO."""
+    return value >= threshold - 1e-9
+
+
 def checks(summary: dict) -> list[tuple[str, bool, str]]:
     """The demo's claims, each with what was measured (reported as is, never tuned to pass)."""
     w, g = summary["warm_start"], summary["grpo"]
@@ -241,12 +247,13 @@ def checks(summary: dict) -> list[tuple[str, bool, str]]:
     req = min(g[k]["search_ratio"] for k in ("image_search", "text_search"))
     weakest = min(KINDS, key=lambda k: g[k]["accuracy"])
     return [
-        ("accuracy after GRPO >= 80%", g["all"]["accuracy"] >= 0.8, f"{g['all']['accuracy']:.1%}"),
-        ("every question kind >= 75% after GRPO", g[weakest]["accuracy"] >= 0.75, f"{weakest} {g[weakest]['accuracy']:.1%}"),
-        ("accuracy within 5 points of the warm start", g["all"]["accuracy"] >= w["all"]["accuracy"] - 0.05,
+        ("accuracy after GRPO >= 80%", at_least(g["all"]["accuracy"], 0.8), f"{g['all']['accuracy']:.1%}"),
+        ("every question kind >= 75% after GRPO", at_least(g[weakest]["accuracy"], 0.75),
+         f"{weakest} {g[weakest]['accuracy']:.1%}"),
+        ("accuracy within 5 points of the warm start", at_least(g["all"]["accuracy"], w["all"]["accuracy"] - 0.05),
          f"{g['all']['accuracy']:.1%} vs {w['all']['accuracy']:.1%}"),
-        ("search-free search ratio drops >= 50 points", sf_drop >= 0.5, f"{sf_drop * 100:+.1f} points"),
-        ("search-required search ratio >= 90%", req >= 0.9, f"{req:.1%}"),
+        ("search-free search ratio drops >= 50 points", at_least(sf_drop, 0.5), f"{sf_drop * 100:+.1f} points"),
+        ("search-required search ratio >= 90%", at_least(req, 0.9), f"{req:.1%}"),
     ]  # fmt: skip
 
 
