@@ -65,7 +65,6 @@ def test_warm_start_arguments(monkeypatch, tmp_path):
     """What reaches the GRPO stage: the warm start's files and seed, and the LightningCLI arguments after
     ``--``; a missing file is named; options that shape the warm start are refused beside ``--warm-start``; the
     GRPO directory of an earlier run into the same ``--out`` goes (its trajectories would mix with the new)."""
-    import mmsr.cli
     import mmsr.demo.run as demo
 
     source = tmp_path / "earlier"
@@ -78,19 +77,11 @@ def test_warm_start_arguments(monkeypatch, tmp_path):
         demo.main(["--warm-start", str(source)])
     (source / "sft" / "csv").mkdir(parents=True)
     (source / "sft" / "csv" / "config.yaml").write_text("seed_everything: 3\n")
-    calls = []
-
-    def cli(args, **kwargs):
-        calls.append(args)
-        raise KeyboardInterrupt  # stop before building anything
-
-    monkeypatch.setattr(mmsr.cli, "lightning_cli", cli)
     earlier = tmp_path / "out" / "grpo" / "csv" / "trajectories.jsonl"  # a run into the same --out before
     earlier.parent.mkdir(parents=True)
     earlier.write_text("{}\n")
-    with pytest.raises(KeyboardInterrupt):
-        demo.main(["--out", str(tmp_path / "out"), "--warm-start", str(source), "--", "--model.init_args.lr", "5e-5"])
-    (args,) = calls
+    argv = ["--out", str(tmp_path / "out"), "--warm-start", str(source), "--", "--model.init_args.lr", "5e-5"]
+    (args,) = stage_args(monkeypatch, argv)
     assert args[-2:] == ["--model.init_args.lr", "5e-5"] and args[args.index("--seed_everything") + 1] == "3"
     assert args[args.index("--model.init_args.policy.init_args.path") + 1] == str(source / "sft" / "policy")
     assert args[args.index("--data.train_files") + 1] == f'["{source / "world" / "train.parquet"}"]'
@@ -210,6 +201,26 @@ def _earlier_run(root: Path) -> Path:
     return root
 
 
+def stage_args(monkeypatch, argv: list[str]) -> list[list[str]]:
+    """The LightningCLI arguments ``mmsr demo argv`` hands its stages, each call's, stopped at the first stage
+    (reading settings with ``parse_only`` builds nothing and goes through)."""
+    import mmsr.cli
+    import mmsr.demo.run as demo
+
+    real, calls = mmsr.cli.lightning_cli, []
+
+    def cli(args, **kwargs):
+        if kwargs.get("parse_only"):
+            return real(args, **kwargs)
+        calls.append(args)
+        raise KeyboardInterrupt  # stop before building anything
+
+    monkeypatch.setattr(mmsr.cli, "lightning_cli", cli)
+    with pytest.raises(KeyboardInterrupt):
+        demo.main(argv)
+    return calls
+
+
 @pytest.mark.parametrize("kind", ["empty", "missing", "fit run", "half a demo"])
 @pytest.mark.parametrize("seed", [[], ["--seed", "3"]])
 def test_a_warm_start_folder_that_is_no_demo_run_is_named_before_anything(monkeypatch, tmp_path, kind, seed):
@@ -269,21 +280,8 @@ def test_a_damaged_warm_start_config_is_named(tmp_path, text, why):
 def test_grpo_steps_count_training_steps_under_the_grpo_arguments(monkeypatch, tmp_path, argv, max_steps):
     """``--grpo-steps N`` is N training steps: ``trainer.max_steps`` (optimizer updates) is N times the updates a
     step makes with the GRPO arguments given after ``--``, not with grpo.yaml's alone; 0 is 0."""
-    import mmsr.cli
-    import mmsr.demo.run as demo
-
-    source, real, calls = _earlier_run(tmp_path / "earlier"), mmsr.cli.lightning_cli, []
-
-    def cli(args, **kwargs):
-        if kwargs.get("parse_only"):  # reading the settings builds nothing
-            return real(args, **kwargs)
-        calls.append(args)
-        raise KeyboardInterrupt  # stop before building anything
-
-    monkeypatch.setattr(mmsr.cli, "lightning_cli", cli)
-    with pytest.raises(KeyboardInterrupt):
-        demo.main(["--out", str(tmp_path / "out"), "--warm-start", str(source), *argv])
-    (args,) = calls
+    source = _earlier_run(tmp_path / "earlier")
+    (args,) = stage_args(monkeypatch, ["--out", str(tmp_path / "out"), "--warm-start", str(source), *argv])
     given = [args[i + 1] for i, a in enumerate(args) if a == "--trainer.max_steps"]
     assert given[-1:] == ([max_steps] if max_steps else [])
 

@@ -18,7 +18,7 @@ from mmsr.rollout.actions import Answer, ImageSearch, TextSearch
 from mmsr.rollout.loop import RolloutSettings
 from mmsr.rollout.trajectory import ToolCall, Trajectory, Turn
 from mmsr.tools.base import ToolResult
-from tests.demo.test_run import KIND, OVERALL, WARM, _earlier_run, _summary
+from tests.demo.test_run import KIND, OVERALL, WARM, _earlier_run, _summary, stage_args
 
 DROP, REQUIRED = "search-free search ratio drops >= 50 points", "search-required search ratio >= 90%"
 
@@ -111,17 +111,9 @@ def _flag(args: list[str], flag: str) -> str:
 def test_the_grpo_stage_gets_the_seed_given_else_the_warm_starts(monkeypatch, tmp_path, seed, used):
     """``--seed`` seeds the GRPO stage and its data order, 0 included (not the warm start's 3); without it the
     warm start's seed; the stage searches the warm start's world."""
-    source, calls = _earlier_run(tmp_path / "earlier"), []
+    source = _earlier_run(tmp_path / "earlier")
     (source / "sft" / "csv" / "config.yaml").write_text("seed_everything: 3\n")
-
-    def cli(args, **kwargs):
-        calls.append(args)
-        raise KeyboardInterrupt  # stop before building anything
-
-    monkeypatch.setattr(mmsr.cli, "lightning_cli", cli)
-    with pytest.raises(KeyboardInterrupt):
-        demo.main(["--out", str(tmp_path / "out"), "--warm-start", str(source), *seed])
-    (args,) = calls
+    (args,) = stage_args(monkeypatch, ["--out", str(tmp_path / "out"), "--warm-start", str(source), *seed])
     assert _flag(args, "--seed_everything") == _flag(args, "--data.seed") == used
     world = source / "world"
     assert _flag(args, "--model.init_args.image_search.init_args.index") == str(world / "image_index.jsonl")
@@ -133,18 +125,10 @@ def test_a_new_run_builds_its_world_and_warm_start_with_the_seed_given(monkeypat
     ``--reading-steps`` reaches the warm start."""
     import mmsr.demo.world
 
-    worlds, calls = [], []
+    worlds = []
     monkeypatch.setattr(mmsr.demo.world, "build_world", lambda root, seed: worlds.append((root, seed)))
-
-    def cli(args, **kwargs):
-        calls.append(args)
-        raise KeyboardInterrupt  # stop before training
-
-    monkeypatch.setattr(mmsr.cli, "lightning_cli", cli)
-    with pytest.raises(KeyboardInterrupt):
-        demo.main(["--out", str(tmp_path), "--seed", "5", "--reading-steps", "2"])
+    (args,) = stage_args(monkeypatch, ["--out", str(tmp_path), "--seed", "5", "--reading-steps", "2"])
     assert worlds == [(tmp_path / "world", 5)]
-    (args,) = calls
     assert args[0] == "fit" and _flag(args, "--seed_everything") == _flag(args, "--data.seed") == "5"
     assert _flag(args, "--model.init_args.reading_steps") == "2"
 
