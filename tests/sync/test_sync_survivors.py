@@ -183,14 +183,24 @@ def test_weight_sync_probes_within_the_engines_kv_block_size(trainer):
         WeightSync(verify_every=1)(trainer, ShorterContext(trainer))
 
 
-def test_when_both_checks_fail_the_scoring_error_is_raised(trainer):
+def test_when_both_checks_fail_the_scoring_error_is_raised(trainer, monkeypatch):
     """Both checks run whatever the first found (the forwards are collectives); the first failure is the report."""
-    engine = CopyEngine(trainer, drop_updates=True)
+    import mmsr.sync
+
+    engine, sampled = CopyEngine(trainer, drop_updates=True), []
     perturb(trainer.model)
-    sync = WeightSync(verify_every=1)
+
+    def recorded(*args, **kwargs):
+        try:
+            return verify_sampling(*args, **kwargs)
+        except StaleWeightsError as e:
+            sampled.append(e)
+            raise
+
+    monkeypatch.setattr(mmsr.sync, "verify_sampling", recorded)
     with pytest.raises(StaleWeightsError, match=r"\(scoring\)"):
-        sync(trainer, engine)
-    assert sync.last_check is None and sync.last_sampling_check is None  # both failed
+        WeightSync(verify_every=1)(trainer, engine)
+    assert len(sampled) == 1  # the sampling check ran after the scoring one failed, and failed too
 
 
 @pytest.mark.parametrize("verify_every, bucket_mb", [(-1, 1.0), (10, 0.0), (10, -1.0)])
