@@ -10,6 +10,8 @@ import pytest
 
 from tests.conftest import ROOT, import_optional, subprocess_env
 
+BEFORE = "7653dff"  # README's generation_ab.py --before: the commit that added vs_trl.py, before issue #15's speed work
+
 
 def benchmark(name: str):
     """``benchmarks/<name>.py`` as a module (the scripts import their siblings from their own folder)."""
@@ -252,6 +254,29 @@ def test_generation_ab_times_a_revision_and_this_checkout_on_one_workload():
     assert all(before[k] > 0 and after[k] > 0 for k in ("step", "generate", "train"))
     assert out["before_over_after"]["generate"] == pytest.approx(before["generate"] / after["generate"])
     assert worktrees() == there  # the temporary one is gone
+
+
+def test_the_revision_the_readme_times_generation_against_imports_in_this_environment():
+    """README's ``generation_ab.py --before 7653dff`` runs that commit's mmsr in this virtualenv: every package it
+    required must be installed here at a version it accepts (it needed aiolimiter, which mmsr later dropped, and
+    the command failed on import; the ``bench`` extra pins it)."""
+    import configparser
+    from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.requirements import Requirement
+
+    shown = subprocess.run(["git", "show", f"{BEFORE}:setup.cfg"], cwd=ROOT, capture_output=True, text=True, check=True)
+    cfg = configparser.ConfigParser()
+    cfg.read_string(shown.stdout)
+    missing = []
+    for line in filter(None, cfg["options"]["install_requires"].splitlines()):
+        req = Requirement(line)
+        try:
+            if not req.specifier.contains(version(req.name), prereleases=True):
+                missing.append(f"{line} (installed {version(req.name)})")
+        except PackageNotFoundError:
+            missing.append(line)
+    assert not missing and BEFORE in (ROOT / "README.md").read_text()
 
 
 def test_the_share_of_weights_moved_counts_weights_not_tensors():
