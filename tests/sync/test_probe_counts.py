@@ -2,7 +2,6 @@
 (the engine is not serving the trainer's policy), which ``WeightSync`` puts through ``agree`` like any failed
 probe, never a shape error that one rank raises alone while the others wait in their next collective."""
 
-import copy
 import dataclasses
 import re
 
@@ -10,7 +9,6 @@ import pytest
 import torch
 
 import mmsr.sync
-from mmsr.models.policy import Policy
 from mmsr.rollout.engine import GenerationOutput
 from mmsr.sync import StaleWeightsError, WeightSync, probe_inputs, verify_sampling, verify_sync
 from mmsr.sync.probe import trainer_logits
@@ -24,6 +22,13 @@ class ShortScores(CopyEngine):
         return super().score(input_ids, vision)[:-1]
 
 
+class LongScores(CopyEngine):
+    """Scores the probe one token too many (e.g. an engine that adds a token to the prompt)."""
+
+    def score(self, input_ids, vision=()):
+        return [*super().score(input_ids, vision), 0.0]
+
+
 class ShortLogprobs(CopyEngine):
     """Continues the probe with one log-prob fewer than tokens; keeps its last outputs."""
 
@@ -33,12 +38,27 @@ class ShortLogprobs(CopyEngine):
 
 
 class OutOfVocabulary(CopyEngine):
-    """Continues the probe with its last token replaced by an id past the trainer's vocabulary."""
+    """Continues the probe with its last token replaced by an id ``past`` the trainer's last (``vocab - 1``)."""
+
+    past = 6
 
     def generate(self, requests, sampling):
         out = super().generate(requests, sampling)
         vocab = self.copy.model.get_input_embeddings().num_embeddings
-        return [dataclasses.replace(o, token_ids=[*o.token_ids[:-1], vocab + 5]) for o in out]
+        return [dataclasses.replace(o, token_ids=[*o.token_ids[:-1], vocab - 1 + self.past]) for o in out]
+
+
+class AtVocabulary(OutOfVocabulary):
+    """The first id outside: ids run 0 .. vocab - 1, the embedding cannot look up ``vocab`` itself."""
+
+    past = 1
+
+
+class NoTokens(CopyEngine):
+    """Continues the probe with nothing: nothing compared is no proof."""
+
+    def generate(self, requests, sampling):
+        return [dataclasses.replace(o, token_ids=[], logprobs=[]) for o in super().generate(requests, sampling)]
 
 
 class TooMany(CopyEngine):
@@ -50,16 +70,12 @@ class TooMany(CopyEngine):
                 for o in out]  # fmt: skip
 
 
-@pytest.fixture
-def trainer(tiny_policy):
-    return Policy(copy.deepcopy(tiny_policy.model), tiny_policy.tokenizer, tiny_policy.image_processor)
-
-
-def test_an_engine_that_scores_one_token_too_few_is_stale(trainer):
+@pytest.mark.parametrize("engine_type, off", [(ShortScores, -1), (LongScores, 1)])
+def test_an_engine_that_scores_one_token_too_few_or_many_is_stale(trainer, engine_type, off):
     ids, vision = probe_inputs(trainer)
     n = len(ids) - 1  # tokens 1.. are scored
-    with pytest.raises(StaleWeightsError, match=rf"engine scored {n - 1} tokens .* where the trainer scored {n}\b"):
-        verify_sync(trainer, ShortScores(trainer), ids, 1e-3, vision)
+    with pytest.raises(StaleWeightsError, match=rf"engine scored {n + off} tokens .* where the trainer scored {n}\b"):
+        verify_sync(trainer, engine_type(trainer), ids, 1e-3, vision)
 
 
 def test_an_engine_with_fewer_logprobs_than_tokens_is_stale_after_the_trainers_forward(trainer):
@@ -86,8 +102,13 @@ def test_weight_sync_puts_a_count_mismatch_through_agree(trainer, monkeypatch, e
     assert sync.last_check is not None or engine_type is ShortScores
 
 
-@pytest.mark.parametrize("engine_type, reason", [(OutOfVocabulary, r"ids \[\d+\] outside"), (TooMany, r"9 tokens and 9 log-probs \(asked for 8")])
-def test_an_out_of_vocabulary_or_extra_token_is_stale_after_the_trainers_forward(trainer, engine_type, reason):
+@pytest.mark.parametrize("engine_type, reason", [
+    (OutOfVocabulary, r"ids \[\d+\] outside"),
+    (AtVocabulary, r"ids \[(\d+)\] outside the trainer's vocabulary of \1\)"),
+    (TooMany, r"9 tokens and 9 log-probs \(asked for 8"),
+    (NoTokens, "continued the probe with 0 tokens and 0 log-probs"),
+])  # fmt: skip
+def test_an_out_of_vocabulary_extra_or_missing_token_is_stale_after_the_trainers_forward(trainer, engine_type, reason):
     engine = engine_type(trainer)
     forwards = []
     trainer.model.register_forward_hook(lambda *_: forwards.append(1))

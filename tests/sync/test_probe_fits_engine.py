@@ -2,12 +2,12 @@
 probe padded to 512+ tokens crashed an engine of a shorter context in vLLM's words, naming a prompt the user
 never sent), and a failure message that says which tolerance an engine in bf16 / fp16 needs."""
 
-import copy
+import dataclasses
 
 import pytest
 
-from mmsr.models.policy import Policy
-from mmsr.sync import PROBE_TEXT, StaleWeightsError, WeightSync, probe_inputs, sampling_probe, verify_sync
+from mmsr.sync import (PROBE_TEXT, StaleWeightsError, WeightSync, probe_inputs, sampling_probe, verify_sampling,
+                       verify_sync)
 from mmsr.sync.probe import PROBE_TOKENS, SAMPLING_PROBE_MIN_TOKENS
 from tests.test_sync import CopyEngine
 
@@ -25,6 +25,12 @@ class ShortContext(CopyEngine):
         return super().generate(requests, sampling)
 
 
+class ShorterContext(ShortContext):
+    """Room for the probe itself (under 122 tokens) but not for a 128-token KV block and a token past it."""
+
+    max_model_len, block_size = 130, 128
+
+
 class Off(CopyEngine):
     """Scores the probe 0.01 off the trainer (a correct bf16 sync measures 1e-3..3e-2), in ``weights_dtype``."""
 
@@ -37,7 +43,8 @@ class Off(CopyEngine):
 
 
 class Spiked(CopyEngine):
-    """Scores the probe ``by`` off the trainer at its last token only, or (``every``) at every token."""
+    """Scores the probe ``by`` off the trainer at its last token only, or (``every``) at every token; reports the
+    last token of its greedy continuation ``by`` off too."""
 
     def __init__(self, policy, by: float, every: bool = False):
         super().__init__(policy)
@@ -47,10 +54,9 @@ class Spiked(CopyEngine):
         scores = super().score(input_ids, vision)
         return [x + self.by for x in scores] if self.every else [*scores[:-1], scores[-1] + self.by]
 
-
-@pytest.fixture
-def trainer(tiny_policy):
-    return Policy(copy.deepcopy(tiny_policy.model), tiny_policy.tokenizer, tiny_policy.image_processor)
+    def generate(self, requests, sampling):
+        return [dataclasses.replace(o, logprobs=[*o.logprobs[:-1], o.logprobs[-1] + self.by])
+                for o in super().generate(requests, sampling)]  # fmt: skip
 
 
 def test_the_sampling_probe_is_cut_to_the_engines_context_and_kept_whole_otherwise(trainer):
@@ -70,6 +76,8 @@ def test_an_engine_too_short_for_the_probe_is_refused_naming_max_model_len(train
         with pytest.raises(ValueError, match=rf"^max_model_len={max_model_len} leaves {max_model_len - PROBE_TOKENS} "
                                              rf"tokens .* which needs {need}: .*; raise the engine's max_model_len$"):  # fmt: skip
             sampling_probe(trainer, PROBE_TEXT, max_model_len, block_size)
+        # one token more is enough: the probe and its PROBE_TOKENS fill max_model_len exactly, which vLLM serves
+        assert len(sampling_probe(trainer, PROBE_TEXT, need + PROBE_TOKENS, block_size)[0]) == need
 
 
 def test_the_first_sync_probes_an_engine_of_a_short_context_within_it(trainer):
@@ -77,6 +85,13 @@ def test_the_first_sync_probes_an_engine_of_a_short_context_within_it(trainer):
     sync = WeightSync(verify_every=1)
     sync(trainer, engine)  # the probe of 560 tokens was refused by the engine
     assert sync.last_sampling_check is not None and sync.last_check.max_abs_diff < 1e-5
+
+
+def test_weight_sync_probes_within_the_engines_kv_block_size(trainer):
+    """``WeightSync`` hands the probe the engine's ``block_size`` too: a prefix shorter than a block and a token is
+    never served from the prefix cache, so the check could not see a cache holding the old weights' KV."""
+    with pytest.raises(ValueError, match=r"max_model_len=130 leaves 122 tokens .* needs 129: .* KV block of 128"):
+        WeightSync(verify_every=1)(trainer, ShorterContext(trainer))
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
@@ -102,3 +117,11 @@ def test_scoring_compares_the_mean_gap_a_single_rounding_spike_passes(trainer):
     assert check.max_abs_diff == pytest.approx(0.2, abs=1e-4) and check.mean_abs_diff < 0.05
     with pytest.raises(StaleWeightsError, match=r"\(scoring\): mean \|dlogp\| 0.06 "):
         verify_sync(trainer, Spiked(trainer, 0.06, every=True), ids, 0.05, vision)
+
+
+def test_sampling_compares_the_mean_gap_a_single_rounding_spike_passes(trainer):
+    """As the scoring check: one continued token 0.1 off among 4 (mean 0.025) passes the bf16 tolerance of 0.05."""
+    ids, vision = probe_inputs(trainer)
+    check = verify_sampling(trainer, Spiked(trainer, 0.1), ids, 0.05, vision, tokens=4)
+    assert check.tokens == 4 and check.max_abs_diff == pytest.approx(0.1, abs=1e-4)
+    assert check.mean_abs_diff == pytest.approx(0.025, abs=1e-4)

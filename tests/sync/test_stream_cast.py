@@ -1,22 +1,10 @@
 """``gather_bucket`` off its one-collective path (DTensors that are not FSDP2 row shards): each tensor is cast to
 the sync's dtype before it is all-gathered, so bf16 travels rather than the fp32 master weights (one gloo rank)."""
 
-import pytest
 import torch
-import torch.distributed as dist
-from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 from mmsr.sync import gather_bucket
-
-
-@pytest.fixture
-def mesh():
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        yield init_device_mesh("cpu", (1,))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_tensors_that_are_not_row_shards_travel_in_the_sync_dtype(mesh, monkeypatch):

@@ -1,9 +1,8 @@
-"""Weight-sync behaviour no other fast test pinned (a mutation audit of ``mmsr/sync/``): the trainer's train mode
-after a verified sync, the bucket budget over a whole bucket and a dtype change between buckets, the checkpoint
-names under wrapper modules, the probe's refusals of a malformed engine answer, the sampling check's mean, the
-engine limits ``WeightSync`` hands the probe, which of two failed checks is reported, and the refused arguments."""
+"""Weight-sync behaviour no other fast test pinned (a mutation audit of ``mmsr/sync/``; the probe's cases joined
+their twins in test_probe_counts and test_probe_fits_engine): the trainer's train mode after a verified sync, the
+bucket budget over a whole bucket and a dtype change between buckets, the checkpoint names under wrapper modules,
+which of two failed checks is reported, and the refused arguments."""
 
-import dataclasses
 
 import pytest
 import torch
@@ -11,22 +10,9 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
-from mmsr.sync import (
-    StaleWeightsError,
-    WeightSync,
-    gather_bucket,
-    probe_inputs,
-    sampling_probe,
-    stream_weights,
-    sync_weights,
-    verify_sampling,
-    verify_sync,
-    weight_buckets,
-)
-from mmsr.sync.probe import PROBE_TEXT, PROBE_TOKENS
-from tests.sync.test_probe_fits_engine import ShortContext
-from tests.sync.test_stream_cast import mesh  # noqa: F401 - fixture: one gloo rank
-from tests.test_sync import CopyEngine, perturb, trainer  # noqa: F401 - trainer is a fixture
+from mmsr.sync import (StaleWeightsError, WeightSync, gather_bucket, stream_weights, sync_weights, verify_sampling,
+                       weight_buckets)
+from tests.test_sync import CopyEngine, perturb
 
 
 class Received:
@@ -71,7 +57,7 @@ def test_wrapper_segments_leave_the_streamed_names():
     assert torch.equal(streamed["1.weight"], fsdp1._fsdp_wrapped_module.weight)
 
 
-def test_a_dtype_change_starts_a_bucket_and_each_tensor_keeps_its_dtype(mesh):  # noqa: F811
+def test_a_dtype_change_starts_a_bucket_and_each_tensor_keeps_its_dtype(mesh):
     """A bucket of FSDP2 shards travels as one flat buffer: fp32 and bf16 shards concatenated into one would come
     back promoted to fp32, and the engine's bf16 weights loaded from fp32 tensors of another dtype."""
     named = [("a", torch.zeros(4)), ("b", torch.zeros(4, dtype=torch.bfloat16))]
@@ -89,98 +75,12 @@ def test_a_dtype_change_starts_a_bucket_and_each_tensor_keeps_its_dtype(mesh):  
     assert all(torch.equal(engine.tensors[k], full[k]) for k in full)
 
 
-def test_a_bucket_of_shards_and_plain_tensors_is_gathered_tensor_by_tensor(mesh):  # noqa: F811
+def test_a_bucket_of_shards_and_plain_tensors_is_gathered_tensor_by_tensor(mesh):
     """Only a bucket of row shards alone takes the one-collective path: a plain tensor has no mesh to gather on."""
     full = torch.arange(6.0).reshape(3, 2)
     out = gather_bucket([distribute_tensor(full, mesh, [Shard(0)]), torch.ones(2)])
     assert not any(isinstance(o, DTensor) for o in out)
     assert torch.equal(out[0], full) and torch.equal(out[1], torch.ones(2))
-
-
-class LongScores(CopyEngine):
-    """Scores the probe one token too many (e.g. an engine that adds a token to the prompt)."""
-
-    def score(self, input_ids, vision=()):
-        return [*super().score(input_ids, vision), 0.0]
-
-
-def test_an_engine_that_scores_one_token_too_many_is_stale(trainer):
-    """Too many is as wrong as too few: a ``StaleWeightsError`` all ranks hear of, not a shape error on one."""
-    ids, vision = probe_inputs(trainer)
-    n = len(ids) - 1
-    with pytest.raises(StaleWeightsError, match=rf"engine scored {n + 1} tokens .* where the trainer scored {n}\b"):
-        verify_sync(trainer, LongScores(trainer), ids, 1e-3, vision)
-
-
-class Continues(CopyEngine):
-    """Continues the probe with ``token_ids`` (and as many log-probs) in place of its greedy tokens."""
-
-    def __init__(self, policy, token_ids):
-        super().__init__(policy)
-        self.token_ids = token_ids
-
-    def generate(self, requests, sampling):
-        return [dataclasses.replace(o, token_ids=list(self.token_ids), logprobs=[0.0] * len(self.token_ids))
-                for o in super().generate(requests, sampling)]  # fmt: skip
-
-
-def test_a_token_id_equal_to_the_vocabulary_size_is_outside_it(trainer):
-    """Ids run 0 .. vocab-1: the embedding cannot look up ``vocab`` itself (an IndexError inside the forward, on
-    one rank, while the others wait in its all-gathers)."""
-    vocab = trainer.model.get_input_embeddings().num_embeddings
-    ids, vision = probe_inputs(trainer)
-    with pytest.raises(StaleWeightsError, match=rf"ids \[{vocab}\] outside the trainer's vocabulary of {vocab}\)"):
-        verify_sampling(trainer, Continues(trainer, [5, vocab]), ids, 1e-3, vision, tokens=4)
-
-
-def test_an_engine_that_continues_with_no_token_is_stale(trainer):
-    """Nothing compared is no proof: an empty continuation fails the check rather than passing on no tokens."""
-    ids, vision = probe_inputs(trainer)
-    with pytest.raises(StaleWeightsError, match="continued the probe with 0 tokens and 0 log-probs"):
-        verify_sampling(trainer, Continues(trainer, []), ids, 1e-3, vision, tokens=4)
-
-
-class SpikedSampling(CopyEngine):
-    """Greedy and right, but reports its last token's log-prob ``by`` off (a bf16 rounding spike)."""
-
-    def __init__(self, policy, by: float):
-        super().__init__(policy)
-        self.by = by
-
-    def generate(self, requests, sampling):
-        return [dataclasses.replace(o, logprobs=[*o.logprobs[:-1], o.logprobs[-1] + self.by])
-                for o in super().generate(requests, sampling)]  # fmt: skip
-
-
-def test_sampling_compares_the_mean_gap_a_single_rounding_spike_passes(trainer):
-    """As the scoring check: bf16 rounding moves single tokens' log-probs by more than the mean, so one token 0.1
-    off among 4 (mean 0.025) passes the bf16 tolerance of 0.05."""
-    ids, vision = probe_inputs(trainer)
-    check = verify_sampling(trainer, SpikedSampling(trainer, 0.1), ids, 0.05, vision, tokens=4)
-    assert check.tokens == 4 and check.max_abs_diff == pytest.approx(0.1, abs=1e-4)
-    assert check.mean_abs_diff == pytest.approx(0.025, abs=1e-4)
-
-
-def test_an_engine_whose_context_fits_the_probe_exactly_is_not_refused(trainer):
-    """The probe and its ``PROBE_TOKENS`` fill ``max_model_len`` exactly: vLLM serves that, so it is no error."""
-    own = len(probe_inputs(trainer)[0])
-    ids, _ = sampling_probe(trainer, PROBE_TEXT, max_model_len=own + PROBE_TOKENS, block_size=16)
-    assert len(ids) == own  # the probe whole, nothing of the filler
-    ids, _ = sampling_probe(trainer, PROBE_TEXT, max_model_len=129 + PROBE_TOKENS, block_size=128)
-    assert len(ids) == 129  # a KV block of 128 and the token past it
-
-
-class ShorterContext(ShortContext):
-    """Room for the probe itself (under 122 tokens) but not for a 128-token KV block and a token past it."""
-
-    max_model_len, block_size = 130, 128
-
-
-def test_weight_sync_probes_within_the_engines_kv_block_size(trainer):
-    """``WeightSync`` hands the probe the engine's ``block_size`` too: a prefix shorter than a block and a token is
-    never served from the prefix cache, so the check could not see a cache holding the old weights' KV."""
-    with pytest.raises(ValueError, match=r"max_model_len=130 leaves 122 tokens .* needs 129: .* KV block of 128"):
-        WeightSync(verify_every=1)(trainer, ShorterContext(trainer))
 
 
 def test_when_both_checks_fail_the_scoring_error_is_raised(trainer, monkeypatch):
